@@ -1,0 +1,144 @@
+//! The one error type of the storage crate.
+//!
+//! Variants are the decisions a caller makes: a wrong secret is the
+//! operator's mistake, an integrity failure means the data dir cannot be
+//! trusted (and names the first bad seq), an I/O or sled error is the
+//! machine's, and a closed or poisoned vault must be reopened.
+
+use std::fmt;
+
+/// Why an integrity check failed. Stable names (see [`Reason::code`]) are
+/// printed by `vault-verify` and matched by tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// The stored chunk's CRC32 does not match its bytes: storage corruption.
+    CrcMismatch,
+    /// The chunk or entry does not decode (bad magic, lengths, version).
+    Malformed(String),
+    /// `entry.prev_hash` is not the hash of the entry before it.
+    BadLink,
+    /// A signed head's signature does not verify under the pinned key.
+    BadSignature,
+    /// A signed head does not match the entries it claims to cover.
+    HeadMismatch,
+    /// A sequence number is missing.
+    Gap,
+    /// A sequence number appears before one that is lower or equal.
+    Reordered,
+    /// A sequence number appears twice.
+    Duplicate,
+    /// The log ends with entries that no signed head covers.
+    UnsignedTail,
+    /// The first entry is not a well-formed genesis entry.
+    BadGenesis(String),
+    /// Derived state (indexes) does not match a rebuild from the log.
+    IndexMismatch(String),
+    /// The key store does not match what the log committed to.
+    KeyMismatch(String),
+    /// Vault metadata does not match what the genesis entry committed to.
+    MetaMismatch(String),
+    /// The log is shorter than the derived state says it was.
+    Truncated,
+}
+
+impl Reason {
+    /// A stable machine-readable name for the reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::CrcMismatch => "crc_mismatch",
+            Reason::Malformed(_) => "malformed",
+            Reason::BadLink => "bad_link",
+            Reason::BadSignature => "bad_signature",
+            Reason::HeadMismatch => "head_mismatch",
+            Reason::Gap => "gap",
+            Reason::Reordered => "reordered",
+            Reason::Duplicate => "duplicate",
+            Reason::UnsignedTail => "unsigned_tail",
+            Reason::BadGenesis(_) => "bad_genesis",
+            Reason::IndexMismatch(_) => "index_mismatch",
+            Reason::KeyMismatch(_) => "key_mismatch",
+            Reason::MetaMismatch(_) => "meta_mismatch",
+            Reason::Truncated => "truncated",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Malformed(s)
+            | Reason::BadGenesis(s)
+            | Reason::IndexMismatch(s)
+            | Reason::KeyMismatch(s)
+            | Reason::MetaMismatch(s) => write!(f, "{}: {s}", self.code()),
+            other => f.write_str(other.code()),
+        }
+    }
+}
+
+/// Errors of the storage crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The log (or the data dir around it) failed an integrity check at `seq`.
+    #[error("integrity failure at seq {seq}: {reason}")]
+    Integrity { seq: u64, reason: Reason },
+    /// The passphrase or key file does not open the sealed master key.
+    #[error("wrong passphrase or key file: the master key does not unseal")]
+    WrongSecret,
+    /// Argon2 parameters below the documented floor.
+    #[error("key derivation parameters below the floor: {0}")]
+    WeakKdf(String),
+    /// There is no vault in the directory.
+    #[error("no vault at {0}")]
+    NotFound(String),
+    /// `create` was asked to overwrite an existing vault.
+    #[error("a vault already exists at {0}")]
+    AlreadyExists(String),
+    /// The subject's data key was destroyed by a shred entry.
+    #[error("subject {0} has been shredded")]
+    SubjectShredded(String),
+    /// A caller-supplied value is out of range (too large, bad subject id, …).
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// A stored value does not decode (used outside full verification).
+    #[error("malformed data: {0}")]
+    Malformed(&'static str),
+    /// A ciphertext does not decrypt under the key that should open it.
+    #[error("decryption failed at seq {0}")]
+    Decrypt(u64),
+    /// The vault stopped accepting writes after a durability failure; reopen it.
+    #[error("vault is poisoned after a failed commit; reopen it")]
+    Poisoned,
+    /// The vault is shutting down.
+    #[error("vault is closed")]
+    Closed,
+    /// The data dir is locked by another process.
+    #[error("data dir is in use by another process")]
+    Locked,
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("sled error: {0}")]
+    Sled(#[source] sled::Error),
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            // sled reports a held lock as a plain I/O error with this text.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                Error::Locked
+            }
+            sled::Error::Io(io) => Error::Io(io),
+            other => Error::Sled(other),
+        }
+    }
+}
+
+impl Error {
+    pub(crate) fn integrity(seq: u64, reason: Reason) -> Self {
+        Error::Integrity { seq, reason }
+    }
+}
+
+/// Result alias of the storage crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

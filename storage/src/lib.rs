@@ -1,0 +1,47 @@
+//! The storage engine of fintrust-vault: an append-only log on sled in
+//! which every entry is encrypted (records), BLAKE3 hash-chained to the one
+//! before, covered by an ed25519-signed head, and CRC32-checked.
+//!
+//! Modules, in the order data flows through them:
+//!
+//! - [`entry`]: an entry's canonical encoding and hash (`entry_hash`).
+//! - [`crypto`]: master key sealing (argon2id or key file), subject data
+//!   keys, AES-256-GCM-SIV with context bound as associated data.
+//! - [`chunk`]: how a commit group is stored (chunks with a CRC32), the
+//!   signed head over the group's Merkle root, and receipts.
+//! - `store`: the sled trees and durable flushing (flush + fdatasync).
+//! - [`state`]: derived state, a pure function of each entry.
+//! - [`vault`]: create/open, the group committer, reads.
+//! - [`verify`]: checks a data dir with nothing but a public key.
+//!
+//! Invariants: entries are never rewritten; seqs are contiguous from 0;
+//! `entry[n].prev_hash == hash(entry[n-1])`; every entry is covered by
+//! exactly one signed head (the one closing its commit group); an append is
+//! acknowledged only once durable; derived state and the key store are
+//! functions of the log and are checked against it by `verify`.
+//!
+//! ```no_run
+//! # async fn demo() -> storage::Result<()> {
+//! use storage::{Append, Options, Unlock, Vault};
+//! let unlock = Unlock::passphrase(b"correct horse battery staple".to_vec());
+//! let created = Vault::create("vault-data".as_ref(), &unlock, Options::default())?;
+//! let receipt = created.vault.append(Append::record("cust-1", br#"{"name":"Ada"}"#.to_vec())).await?;
+//! receipt.verify(&created.vault.public_key()).expect("a receipt checks out");
+//! # Ok(()) }
+//! ```
+
+pub mod chunk;
+pub mod crypto;
+pub mod entry;
+pub mod error;
+pub mod state;
+mod store;
+pub mod vault;
+pub mod verify;
+
+pub use chunk::{Receipt, ReceiptError, SignedHead};
+pub use crypto::{KdfParams, Unlock};
+pub use entry::{Hash, Kind};
+pub use error::{Error, Reason, Result};
+pub use vault::{api_key_hash, generate_api_key, Append, Created, Credential, Options, Record, StoredEntry, Vault};
+pub use verify::{verify, Report, VerifyOptions};

@@ -1,0 +1,221 @@
+//! Derived state: what the log implies, kept in the `state` tree so that
+//! lookups need not scan the log.
+//!
+//! Every mutation is a pure function of one entry ([`mutations`]), so the
+//! state can be rebuilt from the log at any time and `verify` can replay the
+//! log into a model and compare it with the tree byte for byte. The
+//! committer writes an entry's mutations in the same sled batch as the
+//! `applied` marker (the seq of the last entry applied); at open, entries
+//! after the marker are replayed.
+//!
+//! Keys of the `state` tree:
+//!
+//! ```text
+//! "applied"            u64 BE: last seq whose mutations are in the tree
+//! "s/" subject         latest record: u64 BE seq || u32 BE key_version
+//! "k/" subject         subject data key: u32 BE current version || u8 shredded (0/1)
+//! "c/" credential id   credential: JSON {"role", "key_hash", "name", "seq"}
+//! "h/" key hash (hex)  credential id (UTF-8): lookup by presented API key
+//! ```
+//!
+//! The expected content of the `keys` tree is derived the same way
+//! ([`key_commitments`]): each key name with the BLAKE3 hash of its bytes.
+
+use serde::Deserialize;
+
+use crate::entry::{EntryRef, Kind};
+use crate::error::{Error, Result};
+
+/// Key of the applied marker.
+pub const APPLIED: &[u8] = b"applied";
+
+/// One change to the state tree: set a key, or remove it.
+pub type Mutation = (Vec<u8>, Option<Vec<u8>>);
+
+pub(crate) fn key(prefix: &str, rest: &str) -> Vec<u8> {
+    [prefix.as_bytes(), rest.as_bytes()].concat()
+}
+
+/// Payload of a `credential_created` entry.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialCreated {
+    /// Public, non-secret identifier of the credential.
+    pub id: String,
+    /// Role granted (admin, writer, gateway, partner, auditor).
+    pub role: String,
+    /// Hex BLAKE3 of the API key; the key itself is never stored.
+    pub key_hash: String,
+    /// Human label (e.g. the partner id).
+    #[serde(default)]
+    pub name: String,
+}
+
+/// Payload of a `credential_revoked` entry.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRevoked {
+    pub id: String,
+    pub key_hash: String,
+}
+
+/// Payload of a `subject_key` entry.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectKeyCommit {
+    pub version: u32,
+    /// Hex BLAKE3 of the wrapped key as stored in the `keys` tree.
+    pub wrapped_hash: String,
+}
+
+/// Payload of the genesis entry.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Genesis {
+    /// Format version of the data dir.
+    pub format: u32,
+    /// Hex of the 16-byte vault id.
+    pub vault_id: String,
+    /// Hex of the ed25519 verifying key (key id 0).
+    pub public_key: String,
+    /// Hex BLAKE3 of the sealed master key.
+    pub sealed_master_hash: String,
+    /// Hex BLAKE3 of the wrapped signing key (key id 0).
+    pub signing_key_hash: String,
+}
+
+fn parse<'a, T: Deserialize<'a>>(e: &EntryRef<'a>) -> Result<T> {
+    serde_json::from_slice(e.payload)
+        .map_err(|_| Error::Invalid(format!("{} payload does not match its schema", e.kind.name())))
+}
+
+/// The state mutations one entry implies. Errors mean the payload does not
+/// fit its kind's schema: the committer refuses such an append, and verify
+/// reports it as malformed.
+pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
+    Ok(match e.kind {
+        Kind::Record => {
+            let mut v = e.seq.to_be_bytes().to_vec();
+            v.extend_from_slice(&e.key_version.to_be_bytes());
+            vec![(key("s/", e.subject), Some(v))]
+        }
+        Kind::SubjectKey => {
+            let c: SubjectKeyCommit = parse(e)?;
+            let mut v = c.version.to_be_bytes().to_vec();
+            v.push(0);
+            vec![(key("k/", e.subject), Some(v))]
+        }
+        Kind::SubjectShredded => {
+            // The current version is carried over from the key entry; a
+            // shredded subject keeps its key record with the flag set.
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Shred {
+                version: u32,
+            }
+            let s: Shred = parse(e)?;
+            let mut v = s.version.to_be_bytes().to_vec();
+            v.push(1);
+            vec![(key("k/", e.subject), Some(v))]
+        }
+        Kind::CredentialCreated => {
+            let c: CredentialCreated = parse(e)?;
+            let json = serde_json::json!({
+                "role": c.role, "key_hash": c.key_hash, "name": c.name, "seq": e.seq,
+            });
+            vec![
+                (key("c/", &c.id), Some(json.to_string().into_bytes())),
+                (key("h/", &c.key_hash), Some(c.id.into_bytes())),
+            ]
+        }
+        Kind::CredentialRevoked => {
+            let c: CredentialRevoked = parse(e)?;
+            vec![(key("c/", &c.id), None), (key("h/", &c.key_hash), None)]
+        }
+        Kind::Genesis => {
+            let _: Genesis = parse(e)?;
+            Vec::new()
+        }
+        // Kinds whose derived state later layers define; until then they
+        // are audit events only.
+        Kind::ConsentGranted
+        | Kind::ConsentRevoked
+        | Kind::PolicyChanged
+        | Kind::TokenMinted
+        | Kind::TokenRedeemed
+        | Kind::AccessDenied
+        | Kind::KeyRotated
+        | Kind::Checkpoint => {
+            if e.key_version == 0 && serde_json::from_slice::<serde::de::IgnoredAny>(e.payload).is_err() {
+                return Err(Error::Invalid(format!("{} payload is not JSON", e.kind.name())));
+            }
+            Vec::new()
+        }
+    })
+}
+
+/// Key-store entries one log entry commits to: `(name, Some(blake3))` to
+/// expect a key, `(prefix, None)` to expect every key under it gone.
+pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<(Vec<u8>, Option<[u8; 32]>)>> {
+    fn hash_of(hex_str: &str) -> Result<[u8; 32]> {
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(hex_str, &mut h).map_err(|_| Error::Malformed("bad key hash"))?;
+        Ok(h)
+    }
+    Ok(match e.kind {
+        Kind::Genesis => {
+            let g: Genesis = parse(e)?;
+            vec![
+                (b"master".to_vec(), Some(hash_of(&g.sealed_master_hash)?)),
+                (signing_key_name(0), Some(hash_of(&g.signing_key_hash)?)),
+            ]
+        }
+        Kind::SubjectKey => {
+            let c: SubjectKeyCommit = parse(e)?;
+            vec![(data_key_name(e.subject, c.version), Some(hash_of(&c.wrapped_hash)?))]
+        }
+        Kind::SubjectShredded => vec![(data_key_prefix(e.subject), None)],
+        _ => Vec::new(),
+    })
+}
+
+/// Name of a wrapped data key in the `keys` tree: `"dk/" subject 0x00 version(u32 BE)`.
+pub fn data_key_name(subject: &str, version: u32) -> Vec<u8> {
+    let mut k = data_key_prefix(subject);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// Prefix of every data key of a subject.
+pub fn data_key_prefix(subject: &str) -> Vec<u8> {
+    let mut k = b"dk/".to_vec();
+    k.extend_from_slice(subject.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Name of a wrapped signing key: `"signing/" key_id(u32 BE)`.
+pub fn signing_key_name(key_id: u32) -> Vec<u8> {
+    let mut k = b"signing/".to_vec();
+    k.extend_from_slice(&key_id.to_be_bytes());
+    k
+}
+
+/// A subject's data key state, decoded from `"k/" subject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyState {
+    pub version: u32,
+    pub shredded: bool,
+}
+
+impl KeyState {
+    pub(crate) fn decode(v: &[u8]) -> Result<Self> {
+        if v.len() != 5 || v[4] > 1 {
+            return Err(Error::Malformed("key state"));
+        }
+        Ok(KeyState {
+            version: u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
+            shredded: v[4] == 1,
+        })
+    }
+}

@@ -1,0 +1,1079 @@
+//! The vault: creating and opening a data dir, the group committer, and
+//! reads.
+//!
+//! Writers hand appends to one **committer** thread through a bounded
+//! channel. The committer takes everything queued (up to
+//! `Options::max_group_entries`) as one commit group: it assigns seqs,
+//! encrypts records under their subject's data key with the seq bound as
+//! associated data, chains and hashes the entries, signs one head over the
+//! group's Merkle root, and writes the group's chunks in one sled batch. A
+//! second **syncer** thread then makes everything written so far durable
+//! (`Store::sync`) and only then answers the writers with their receipts,
+//! while the committer already builds the next group. One fsync thus
+//! serves every append that arrived while the previous one ran.
+//!
+//! Invariants (asserted on the write path, checked by verify on reads):
+//! - seqs are contiguous from 0 and never reused; entry n's `prev_hash` is
+//!   the hash of entry n-1;
+//! - entries are never rewritten; an append is acknowledged only after the
+//!   sync that follows its write succeeded;
+//! - after a failed write or sync the vault is poisoned: it refuses every
+//!   later append until it is reopened, so nothing that may not be durable
+//!   is ever acknowledged.
+//!
+//! Write order within a group, with sled recovering a prefix of its writes
+//! after a crash: (1) a `pending` marker naming the new data keys, (2) the
+//! wrapped keys, (3) the log chunks (one atomic batch), (4) the derived
+//! state with the applied marker, dropping the pending marker. Opening
+//! replays entries past the applied marker and deletes the keys of a
+//! pending group that never reached the log.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use tokio::sync::{mpsc, oneshot};
+use zeroize::Zeroizing;
+
+use crate::chunk::{encode_chunk, MerkleTree, Receipt, SignedHead, CHUNK_TARGET_BYTES, MAX_CHUNK_ENTRIES};
+use crate::crypto::{
+    self, data_key_aad, record_aad, signing_key_aad, KdfParams, SealedMaster, SecretKey, Unlock,
+};
+use crate::entry::{entry_hash, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN};
+use crate::error::{Error, Reason, Result};
+use crate::state::{self, CredentialCreated, Genesis, KeyState, SubjectKeyCommit};
+use crate::store::{Store, FORMAT};
+use crate::verify::scan_chain;
+
+/// Options of [`Vault::create`] and [`Vault::open`], with documented defaults.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Argon2id parameters for a new passphrase-sealed master key
+    /// (default: the floor, m = 19 MiB, t = 2, p = 1).
+    pub kdf: KdfParams,
+    /// Most entries in one commit group (default 8192).
+    pub max_group_entries: usize,
+    /// Appends that may wait for the committer before writers block (default 65536).
+    pub queue_depth: usize,
+    /// Sled page cache in bytes (default 256 MiB).
+    pub cache_bytes: u64,
+    /// Unwrapped subject data keys kept in memory by the committer (default 100,000).
+    pub key_cache: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            kdf: KdfParams::default(),
+            max_group_entries: 8192,
+            queue_depth: 65536,
+            cache_bytes: 256 * 1024 * 1024,
+            key_cache: 100_000,
+        }
+    }
+}
+
+/// One thing to append.
+pub enum Append {
+    /// Personal data of a subject; encrypted under the subject's data key.
+    Record {
+        subject: String,
+        plaintext: Zeroizing<Vec<u8>>,
+    },
+    /// An audit or admin event with a plain JSON payload.
+    Event {
+        kind: Kind,
+        subject: String,
+        payload: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for Append {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Never print personal data, not even its subject id.
+            Append::Record { plaintext, .. } => {
+                write!(f, "Append::Record({} bytes)", plaintext.len())
+            }
+            Append::Event { kind, .. } => write!(f, "Append::Event({})", kind.name()),
+        }
+    }
+}
+
+impl Append {
+    /// A record from plaintext bytes.
+    pub fn record(subject: impl Into<String>, plaintext: impl Into<Vec<u8>>) -> Self {
+        Append::Record {
+            subject: subject.into(),
+            plaintext: Zeroizing::new(plaintext.into()),
+        }
+    }
+
+    /// An event with a JSON payload.
+    pub fn event(kind: Kind, subject: impl Into<String>, payload: &serde_json::Value) -> Self {
+        Append::Event {
+            kind,
+            subject: subject.into(),
+            payload: payload.to_string().into_bytes(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            Append::Record { subject, plaintext } => {
+                validate_subject(subject, true)?;
+                if plaintext.len() > MAX_PAYLOAD_LEN - 16 {
+                    return Err(Error::Invalid(format!(
+                        "record of {} bytes exceeds the maximum of {}",
+                        plaintext.len(),
+                        MAX_PAYLOAD_LEN - 16
+                    )));
+                }
+            }
+            Append::Event { kind, subject, payload } => {
+                validate_subject(subject, false)?;
+                if payload.len() > MAX_PAYLOAD_LEN {
+                    return Err(Error::Invalid("event payload too large".into()));
+                }
+                match kind {
+                    Kind::Genesis | Kind::Record | Kind::SubjectKey | Kind::SubjectShredded | Kind::KeyRotated => {
+                        return Err(Error::Invalid(format!(
+                            "{} entries are written by the vault itself",
+                            kind.name()
+                        )))
+                    }
+                    _ => {}
+                }
+                let probe = EntryRef {
+                    kind: *kind,
+                    seq: 0,
+                    timestamp_ms: 0,
+                    prev_hash: [0; 32],
+                    key_version: 0,
+                    nonce: [0; 12],
+                    subject,
+                    payload,
+                };
+                state::mutations(&probe)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Subject ids: 1 to 256 bytes of printable ASCII without spaces, so that
+/// they are safe in keys, logs and URLs.
+pub fn validate_subject(subject: &str, required: bool) -> Result<()> {
+    if subject.is_empty() {
+        return if required {
+            Err(Error::Invalid("subject id is empty".into()))
+        } else {
+            Ok(())
+        };
+    }
+    if subject.len() > MAX_SUBJECT_LEN {
+        return Err(Error::Invalid(format!("subject id longer than {MAX_SUBJECT_LEN} bytes")));
+    }
+    if !subject.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::Invalid("subject id must be printable ASCII without spaces".into()));
+    }
+    Ok(())
+}
+
+/// A decrypted record.
+pub struct Record {
+    pub seq: u64,
+    pub key_version: u32,
+    pub timestamp_ms: u64,
+    pub plaintext: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("seq", &self.seq)
+            .field("key_version", &self.key_version)
+            .field("plaintext", &format_args!("{} bytes", self.plaintext.len()))
+            .finish()
+    }
+}
+
+/// An entry as stored, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    pub kind: Kind,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub prev_hash: Hash,
+    pub key_version: u32,
+    pub nonce: [u8; 12],
+    pub subject: String,
+    pub payload: Vec<u8>,
+    /// The entry's hash.
+    pub hash: Hash,
+    /// The canonical encoding.
+    pub encoded: Vec<u8>,
+}
+
+/// A credential derived from the log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Credential {
+    #[serde(skip)]
+    pub id: String,
+    pub role: String,
+    pub key_hash: String,
+    pub name: String,
+    pub seq: u64,
+}
+
+/// What [`Vault::create`] returns besides the vault.
+pub struct Created {
+    pub vault: Vault,
+    /// The initial admin API key: shown once, stored only as a hash.
+    pub admin_api_key: Zeroizing<String>,
+    pub admin_credential_id: String,
+}
+
+impl std::fmt::Debug for Created {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Created").field("vault", &self.vault).finish_non_exhaustive()
+    }
+}
+
+/// Prefix of API keys, so that secret scanners can spot leaked ones.
+pub const API_KEY_PREFIX: &str = "fvk_";
+
+/// A new random API key: the prefix and 256 random bits in hex.
+pub fn generate_api_key() -> Zeroizing<String> {
+    let mut b = Zeroizing::new([0u8; 32]);
+    crypto::random_bytes(b.as_mut());
+    Zeroizing::new(format!("{API_KEY_PREFIX}{}", hex::encode(b.as_ref())))
+}
+
+/// Hex BLAKE3 of an API key: the only form in which keys are stored. The
+/// keys carry 256 random bits, so a fast hash is enough.
+pub fn api_key_hash(key: &str) -> String {
+    hex::encode(blake3::hash(key.as_bytes()).as_bytes())
+}
+
+type Reply = oneshot::Sender<Result<Vec<Receipt>>>;
+
+struct Request {
+    items: Vec<Append>,
+    reply: Reply,
+}
+
+struct Synced {
+    replies: Vec<(Reply, Result<Vec<Receipt>>)>,
+    head: Option<SignedHead>,
+}
+
+/// The append-only, encrypted, hash-chained and signed log of one data dir.
+///
+/// Cheap to share behind an `Arc`; dropping the last handle stops the
+/// committer after it has finished what was queued.
+pub struct Vault {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("dir", &self.inner.store.dir)
+            .field("public_key", &hex::encode(self.inner.public_key.as_bytes()))
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    store: Arc<Store>,
+    master: Arc<SecretKey>,
+    public_key: VerifyingKey,
+    vault_id: [u8; 16],
+    tx: RwLock<Option<mpsc::Sender<Request>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+}
+
+/// State the committer and syncer share with readers.
+struct Shared {
+    poisoned: AtomicBool,
+    /// Latest durable signed head.
+    head: RwLock<Option<SignedHead>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Inner {
+    fn shutdown(&self) {
+        if let Ok(mut tx) = self.tx.write() {
+            tx.take();
+        }
+        let threads = match self.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => return,
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Vault {
+    /// Creates a vault in `dir`: master key sealed under `unlock`, signing
+    /// key, genesis entry, and an initial admin credential.
+    pub fn create(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Created> {
+        let store = Store::create(dir, opts.cache_bytes)?;
+        let mut vault_id = [0u8; 16];
+        crypto::random_bytes(&mut vault_id);
+        let master = SecretKey::generate();
+        let sealed = SealedMaster::seal(&master, unlock, opts.kdf, &vault_id)?.encode();
+        let signing = SigningKey::generate(&mut rand_core::OsRng);
+        let public_key = signing.verifying_key();
+        let wrapped_signing = crypto::wrap(&master, &signing_key_aad(0), signing.as_bytes());
+
+        let mut keys = sled::Batch::default();
+        keys.insert(b"master".to_vec(), sealed.clone());
+        keys.insert(state::signing_key_name(0), wrapped_signing.clone());
+        store.keys.apply_batch(keys)?;
+        store.write_meta(&vault_id, &public_key)?;
+        store.sync()?;
+
+        let genesis = Genesis {
+            format: FORMAT,
+            vault_id: hex::encode(vault_id),
+            public_key: hex::encode(public_key.as_bytes()),
+            sealed_master_hash: hex::encode(blake3::hash(&sealed).as_bytes()),
+            signing_key_hash: hex::encode(blake3::hash(&wrapped_signing).as_bytes()),
+        };
+        let genesis_payload = serde_json::to_vec(&genesis).map_err(|e| Error::Invalid(e.to_string()))?;
+        let admin_api_key = generate_api_key();
+        let admin_credential_id = format!("admin-{}", &api_key_hash(&admin_api_key)[..8]);
+        let admin = CredentialCreated {
+            id: admin_credential_id.clone(),
+            role: "admin".into(),
+            key_hash: api_key_hash(&admin_api_key),
+            name: "initial admin".into(),
+        };
+        let admin_payload = serde_json::to_vec(&admin).map_err(|e| Error::Invalid(e.to_string()))?;
+
+        // Genesis goes through the committer like every other entry, so
+        // that it is chained, signed and durable in the same way.
+        let initial = vec![
+            Append::Event {
+                kind: Kind::Genesis,
+                subject: String::new(),
+                payload: genesis_payload,
+            },
+            Append::Event {
+                kind: Kind::CredentialCreated,
+                subject: String::new(),
+                payload: admin_payload,
+            },
+        ];
+        let (vault, _) = Self::start(store, master, signing, vault_id, ChainPos::default(), &opts, initial)?;
+        Ok(Created {
+            vault,
+            admin_api_key,
+            admin_credential_id,
+        })
+    }
+
+    /// Opens an existing vault. Fails with `WrongSecret` before anything is
+    /// written when `unlock` is wrong, and refuses to open (fail closed)
+    /// when the chain does not verify, naming the seq and the reason.
+    pub fn open(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Vault> {
+        let store = Store::open_existing_with(dir, opts.cache_bytes)?;
+        let vault_id = store.vault_id()?;
+        let sealed = store.keys.get("master")?.ok_or(Error::Malformed("no sealed master key"))?;
+        let master = SealedMaster::decode(&sealed)?.unseal(unlock, &vault_id)?;
+        let public_key = store
+            .stored_public_key()
+            .ok_or(Error::Malformed("no public key"))?;
+        let wrapped = store
+            .keys
+            .get(state::signing_key_name(0))?
+            .ok_or(Error::Malformed("no signing key"))?;
+        let signing_bytes = crypto::unwrap_key(&master, &signing_key_aad(0), &wrapped)
+            .ok_or(Error::integrity(0, Reason::KeyMismatch("signing key does not unwrap".into())))?;
+        let signing = SigningKey::from_bytes(signing_bytes.as_bytes());
+        if signing.verifying_key() != public_key {
+            return Err(Error::integrity(0, Reason::KeyMismatch("signing key does not match public key".into())));
+        }
+
+        // Recovery: verify the chain, replay derived state past the applied
+        // marker, drop keys of a group that never reached the log.
+        let applied = store.applied()?;
+        let mut batch = sled::Batch::default();
+        let mut pending = 0usize;
+        let mut replay_err = None;
+        let noop = |_: u64| {};
+        let tip = scan_chain(&store.log, &public_key, &noop, |e, _| {
+            if applied.is_some_and(|a| e.seq <= a) {
+                return Ok(());
+            }
+            match state::mutations(e) {
+                Ok(muts) => {
+                    for (k, v) in muts {
+                        match v {
+                            Some(v) => batch.insert(k, v),
+                            None => batch.remove(k),
+                        }
+                        pending += 1;
+                    }
+                }
+                Err(err) => return Err((e.seq, Reason::Malformed(err.to_string()))),
+            }
+            if pending >= 10_000 {
+                batch.insert(state::APPLIED, &e.seq.to_be_bytes());
+                if let Err(err) = store.state.apply_batch(std::mem::take(&mut batch)) {
+                    replay_err = Some(err);
+                }
+                pending = 0;
+            }
+            Ok(())
+        })?
+        .map_err(Error::from)?;
+        if let Some(err) = replay_err {
+            return Err(err.into());
+        }
+        let last = tip.entries.checked_sub(1);
+        if let (Some(a), l) = (applied, last) {
+            if l.is_none_or(|l| a > l) {
+                return Err(Error::integrity(tip.entries, Reason::Truncated));
+            }
+        }
+        if let Some(l) = last {
+            if applied != Some(l) {
+                tracing::info!(from = applied.map_or(0, |a| a + 1), to = l, "replayed derived state");
+                batch.insert(state::APPLIED, &l.to_be_bytes());
+            }
+        }
+        recover_pending(&store, &mut batch, tip.entries)?;
+        store.state.apply_batch(batch)?;
+        store.sync()?;
+
+        let pos = ChainPos {
+            next_seq: tip.entries,
+            last_hash: tip.last_hash.unwrap_or([0; 32]),
+            last_ts: tip.head.map_or(0, |h| h.timestamp_ms),
+        };
+        let (vault, _) = Self::start(store, master, signing, vault_id, pos, &opts, Vec::new())?;
+        if let Ok(mut h) = vault.inner.shared.head.write() {
+            *h = tip.head;
+        }
+        Ok(vault)
+    }
+
+    fn start(
+        store: Store,
+        master: SecretKey,
+        signing: SigningKey,
+        vault_id: [u8; 16],
+        pos: ChainPos,
+        opts: &Options,
+        initial: Vec<Append>,
+    ) -> Result<(Vault, Vec<Receipt>)> {
+        let store = Arc::new(store);
+        let master = Arc::new(master);
+        let shared = Arc::new(Shared {
+            poisoned: AtomicBool::new(false),
+            head: RwLock::new(None),
+        });
+        let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let mut committer = Committer {
+            store: store.clone(),
+            master: master.clone(),
+            signing,
+            pos,
+            keys: HashMap::new(),
+            key_cache: opts.key_cache.max(1),
+            max_group: opts.max_group_entries.clamp(1, 1 << 20),
+            shared: shared.clone(),
+        };
+        let mut receipts = Vec::new();
+        if !initial.is_empty() {
+            // Committed on this thread before the committer starts, so that
+            // creating a vault needs no runtime.
+            let (reply, mut rx) = oneshot::channel();
+            let synced = committer.commit(vec![Request { items: initial, reply }]);
+            store.sync()?;
+            for (reply, r) in synced.replies {
+                let _ = reply.send(r);
+            }
+            receipts = rx.try_recv().map_err(|_| Error::Closed)??;
+            if let Ok(mut h) = shared.head.write() {
+                *h = synced.head;
+            }
+        }
+        let c = std::thread::Builder::new()
+            .name("vault-committer".into())
+            .spawn(move || committer.run(rx, sync_tx))?;
+        let syncer_store = store.clone();
+        let syncer_shared = shared.clone();
+        let s = std::thread::Builder::new()
+            .name("vault-syncer".into())
+            .spawn(move || run_syncer(&syncer_store, &syncer_shared, sync_rx))?;
+        let pk = store.stored_public_key().ok_or(Error::Malformed("no public key"))?;
+        let vault = Vault {
+            inner: Arc::new(Inner {
+                store,
+                master,
+                public_key: pk,
+                vault_id,
+                tx: RwLock::new(Some(tx)),
+                threads: Mutex::new(vec![c, s]),
+                shared,
+            }),
+        };
+        Ok((vault, receipts))
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Request>> {
+        if self.inner.shared.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        self.inner
+            .tx
+            .read()
+            .map_err(|_| Error::Closed)?
+            .clone()
+            .ok_or(Error::Closed)
+    }
+
+    fn submit_raw(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .blocking_send(Request { items, reply })
+            .map_err(|_| Error::Closed)?;
+        rx.blocking_recv().map_err(|_| Error::Closed)?
+    }
+
+    /// Appends one item; resolves when it is durable, with its receipt.
+    pub async fn append(&self, item: Append) -> Result<Receipt> {
+        let mut r = self.append_batch(vec![item]).await?;
+        r.pop().ok_or(Error::Closed)
+    }
+
+    /// Appends several items atomically (all or none) in order; resolves
+    /// when they are durable.
+    pub async fn append_batch(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        for i in &items {
+            i.validate()?;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Request { items, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Blocking form of [`Vault::append_batch`], for threads outside an
+    /// async runtime (it panics inside one, as tokio's blocking calls do).
+    pub fn append_batch_blocking(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        for i in &items {
+            i.validate()?;
+        }
+        self.submit_raw(items)
+    }
+
+    /// Blocking form of [`Vault::append`].
+    pub fn append_blocking(&self, item: Append) -> Result<Receipt> {
+        let mut r = self.append_batch_blocking(vec![item])?;
+        r.pop().ok_or(Error::Closed)
+    }
+
+    /// The vault's ed25519 public key (key id 0).
+    pub fn public_key(&self) -> VerifyingKey {
+        self.inner.public_key
+    }
+
+    /// The 16-byte vault id.
+    pub fn vault_id(&self) -> [u8; 16] {
+        self.inner.vault_id
+    }
+
+    /// The latest durable signed head.
+    pub fn head(&self) -> Option<SignedHead> {
+        self.inner.shared.head.read().ok().and_then(|h| *h)
+    }
+
+    /// Whether a failed commit has poisoned the vault.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// The entry at `seq`, if the log holds it.
+    pub fn entry(&self, seq: u64) -> Result<Option<StoredEntry>> {
+        let log = &self.inner.store.log;
+        let Some((_, v)) = log.range(..=seq.to_be_bytes()).next_back().transpose()? else {
+            return Ok(None);
+        };
+        let chunk = crate::chunk::Chunk::decode(&v).map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
+        let Some(idx) = seq.checked_sub(chunk.first_seq) else {
+            return Ok(None);
+        };
+        let Some(bytes) = chunk.entries.get(idx as usize) else {
+            return Ok(None);
+        };
+        let e = EntryRef::decode(bytes)?;
+        if e.seq != seq {
+            return Err(Error::integrity(seq, Reason::Reordered));
+        }
+        Ok(Some(StoredEntry {
+            kind: e.kind,
+            seq: e.seq,
+            timestamp_ms: e.timestamp_ms,
+            prev_hash: e.prev_hash,
+            key_version: e.key_version,
+            nonce: e.nonce,
+            subject: e.subject.to_string(),
+            payload: e.payload.to_vec(),
+            hash: entry_hash(bytes),
+            encoded: bytes.to_vec(),
+        }))
+    }
+
+    /// The latest record of `subject`, decrypted; `SubjectShredded` when its
+    /// key was destroyed.
+    pub fn latest_record(&self, subject: &str) -> Result<Option<Record>> {
+        validate_subject(subject, true)?;
+        let st = &self.inner.store.state;
+        if let Some(k) = st.get(state::key("k/", subject))? {
+            if KeyState::decode(&k)?.shredded {
+                return Err(Error::SubjectShredded(subject.to_string()));
+            }
+        }
+        let Some(ptr) = st.get(state::key("s/", subject))? else {
+            return Ok(None);
+        };
+        if ptr.len() != 12 {
+            return Err(Error::Malformed("record pointer"));
+        }
+        let seq = u64::from_be_bytes(ptr[..8].try_into().map_err(|_| Error::Malformed("record pointer"))?);
+        let e = self.entry(seq)?.ok_or(Error::integrity(seq, Reason::Truncated))?;
+        if e.kind != Kind::Record || e.subject != subject {
+            return Err(Error::integrity(seq, Reason::IndexMismatch("record pointer".into())));
+        }
+        let dk = self.data_key(subject, e.key_version)?;
+        let plaintext = dk
+            .open(&e.nonce, &record_aad(subject, seq, e.key_version), &e.payload)
+            .ok_or(Error::Decrypt(seq))?;
+        Ok(Some(Record {
+            seq,
+            key_version: e.key_version,
+            timestamp_ms: e.timestamp_ms,
+            plaintext,
+        }))
+    }
+
+    fn data_key(&self, subject: &str, version: u32) -> Result<SecretKey> {
+        let wrapped = self
+            .inner
+            .store
+            .keys
+            .get(state::data_key_name(subject, version))?
+            .ok_or_else(|| Error::SubjectShredded(subject.to_string()))?;
+        crypto::unwrap_key(&self.inner.master, &data_key_aad(subject, version), &wrapped)
+            .ok_or(Error::integrity(0, Reason::KeyMismatch(format!("data key of a subject does not unwrap (version {version})"))))
+    }
+
+    /// Looks up a credential by the hash of a presented API key.
+    pub fn credential_by_key_hash(&self, key_hash: &str) -> Result<Option<Credential>> {
+        let st = &self.inner.store.state;
+        let Some(id) = st.get(state::key("h/", key_hash))? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8(id.to_vec()).map_err(|_| Error::Malformed("credential id"))?;
+        let Some(v) = st.get(state::key("c/", &id))? else {
+            return Ok(None);
+        };
+        let mut c: Credential = serde_json::from_slice(&v).map_err(|_| Error::Malformed("credential"))?;
+        c.id = id;
+        Ok(Some(c))
+    }
+
+    /// Number of entries in the log (the next seq), including any not yet durable.
+    pub fn len_hint(&self) -> u64 {
+        self.inner.store.entry_count_hint()
+    }
+
+    /// Stops the committer after the queued appends and makes them durable.
+    pub fn close(self) -> Result<()> {
+        self.inner.shutdown();
+        self.inner.store.sync()
+    }
+}
+
+/// Drops keys that a crashed group wrote but whose entries never reached
+/// the log, and the pending marker.
+fn recover_pending(store: &Store, batch: &mut sled::Batch, next_seq: u64) -> Result<()> {
+    let Some(p) = store.state.get(PENDING)? else {
+        return Ok(());
+    };
+    let (first_seq, names) = decode_pending(&p)?;
+    if first_seq >= next_seq {
+        let mut kb = sled::Batch::default();
+        for n in &names {
+            kb.remove(n.as_slice());
+        }
+        store.keys.apply_batch(kb)?;
+        tracing::warn!(keys = names.len(), "removed data keys of a commit group that did not reach the log");
+    }
+    batch.remove(PENDING);
+    Ok(())
+}
+
+const PENDING: &[u8] = b"pending";
+
+fn encode_pending(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
+    let mut v = first_seq.to_be_bytes().to_vec();
+    for n in names {
+        v.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        v.extend_from_slice(n);
+    }
+    v
+}
+
+fn decode_pending(v: &[u8]) -> Result<(u64, Vec<Vec<u8>>)> {
+    let mut r = crate::entry::Reader::new(v);
+    let first = r.u64()?;
+    let mut names = Vec::new();
+    while !r.is_empty() {
+        let n = r.u16()? as usize;
+        names.push(r.take(n)?.to_vec());
+    }
+    Ok((first, names))
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ChainPos {
+    next_seq: u64,
+    last_hash: Hash,
+    last_ts: u64,
+}
+
+struct Committer {
+    store: Arc<Store>,
+    master: Arc<SecretKey>,
+    signing: SigningKey,
+    pos: ChainPos,
+    /// Unwrapped data keys by subject: (version, key).
+    keys: HashMap<String, (u32, SecretKey)>,
+    key_cache: usize,
+    max_group: usize,
+    shared: Arc<Shared>,
+}
+
+/// A group being built.
+#[derive(Default)]
+struct Group {
+    encoded: Vec<Vec<u8>>,
+    hashes: Vec<Hash>,
+    state: Vec<state::Mutation>,
+    new_keys: Vec<(Vec<u8>, Vec<u8>)>,
+    /// For each request: its reply and the group indices of its items.
+    requests: Vec<(Reply, Result<Vec<usize>>)>,
+}
+
+impl Committer {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>, sync_tx: std::sync::mpsc::Sender<Synced>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut n = first.items.len();
+            let mut reqs = vec![first];
+            while n < self.max_group {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        n += r.items.len();
+                        reqs.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.shared.poisoned.load(Ordering::Acquire) {
+                for r in reqs {
+                    let _ = r.reply.send(Err(Error::Poisoned));
+                }
+                continue;
+            }
+            let synced = self.commit(reqs);
+            if sync_tx.send(synced).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn commit(&mut self, reqs: Vec<Request>) -> Synced {
+        if self.keys.len() > self.key_cache {
+            self.keys.clear();
+        }
+        let first_seq = self.pos.next_seq;
+        let start = self.pos;
+        let mut g = Group::default();
+        for req in reqs {
+            let indices = self.add_request(&mut g, req.items);
+            g.requests.push((req.reply, indices));
+        }
+        if g.encoded.is_empty() {
+            let replies = g
+                .requests
+                .into_iter()
+                .map(|(reply, r)| (reply, r.map(|_| Vec::new())))
+                .collect();
+            return Synced { replies, head: None };
+        }
+        let tree = MerkleTree::new(&g.hashes);
+        let last_seq = self.pos.next_seq - 1;
+        let head = SignedHead::sign(
+            &self.signing,
+            0,
+            first_seq,
+            last_seq,
+            self.pos.last_hash,
+            tree.root(),
+            self.pos.last_ts,
+        );
+        match self.write(&g, first_seq, &head) {
+            Ok(()) => {
+                let replies = g
+                    .requests
+                    .into_iter()
+                    .map(|(reply, r)| {
+                        let receipts = r.map(|idx| {
+                            idx.into_iter()
+                                .map(|i| Receipt {
+                                    seq: first_seq + i as u64,
+                                    entry_hash: g.hashes[i],
+                                    path: tree.path(i),
+                                    head,
+                                })
+                                .collect()
+                        });
+                        (reply, receipts)
+                    })
+                    .collect();
+                Synced {
+                    replies,
+                    head: Some(head),
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
+                self.shared.poisoned.store(true, Ordering::Release);
+                self.pos = start;
+                let replies = g
+                    .requests
+                    .into_iter()
+                    .map(|(reply, _)| (reply, Err(Error::Poisoned)))
+                    .collect();
+                Synced { replies, head: None }
+            }
+        }
+    }
+
+    /// Adds a request's items to the group, all or none.
+    fn add_request(&mut self, g: &mut Group, items: Vec<Append>) -> Result<Vec<usize>> {
+        let mark = (g.encoded.len(), g.hashes.len(), g.state.len(), g.new_keys.len(), self.pos);
+        let r = self.try_add(g, items);
+        if r.is_err() {
+            // Roll back this request's part of the group; drop cached keys
+            // it created, since their creation is rolled back too.
+            g.new_keys.truncate(mark.3);
+            g.encoded.truncate(mark.0);
+            g.hashes.truncate(mark.1);
+            g.state.truncate(mark.2);
+            self.pos = mark.4;
+            self.keys.clear();
+        }
+        r
+    }
+
+    fn try_add(&mut self, g: &mut Group, items: Vec<Append>) -> Result<Vec<usize>> {
+        let mut idx = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Append::Record { subject, plaintext } => {
+                    let (version, key) = self.data_key(g, &subject)?;
+                    let seq = self.pos.next_seq;
+                    let (nonce, ct) = key.seal(&record_aad(&subject, seq, version), &plaintext);
+                    idx.push(self.push(g, Kind::Record, &subject, version, nonce, &ct)?);
+                }
+                Append::Event { kind, subject, payload } => {
+                    idx.push(self.push(g, kind, &subject, 0, [0; 12], &payload)?);
+                }
+            }
+        }
+        Ok(idx)
+    }
+
+    fn push(
+        &mut self,
+        g: &mut Group,
+        kind: Kind,
+        subject: &str,
+        key_version: u32,
+        nonce: [u8; 12],
+        payload: &[u8],
+    ) -> Result<usize> {
+        let ts = now_ms().max(self.pos.last_ts);
+        let e = EntryRef {
+            kind,
+            seq: self.pos.next_seq,
+            timestamp_ms: ts,
+            prev_hash: self.pos.last_hash,
+            key_version,
+            nonce,
+            subject,
+            payload,
+        };
+        g.state.extend(state::mutations(&e)?);
+        let bytes = e.encode();
+        let h = entry_hash(&bytes);
+        g.encoded.push(bytes);
+        g.hashes.push(h);
+        self.pos.next_seq += 1;
+        self.pos.last_hash = h;
+        self.pos.last_ts = ts;
+        Ok(g.encoded.len() - 1)
+    }
+
+    /// The subject's current data key, creating (and committing) one for a
+    /// new subject.
+    fn data_key(&mut self, g: &mut Group, subject: &str) -> Result<(u32, SecretKey)> {
+        if let Some((v, k)) = self.keys.get(subject) {
+            return Ok((*v, k.clone()));
+        }
+        let st = &self.store.state;
+        if let Some(ks) = st.get(state::key("k/", subject))? {
+            let ks = KeyState::decode(&ks)?;
+            if ks.shredded {
+                return Err(Error::SubjectShredded(subject.to_string()));
+            }
+            let wrapped = self
+                .store
+                .keys
+                .get(state::data_key_name(subject, ks.version))?
+                .ok_or_else(|| Error::SubjectShredded(subject.to_string()))?;
+            let key = crypto::unwrap_key(&self.master, &data_key_aad(subject, ks.version), &wrapped)
+                .ok_or(Error::Decrypt(0))?;
+            self.keys.insert(subject.to_string(), (ks.version, key.clone()));
+            return Ok((ks.version, key));
+        }
+        let version = 1;
+        let key = SecretKey::generate();
+        let wrapped = crypto::wrap(&self.master, &data_key_aad(subject, version), key.as_bytes());
+        let commit = SubjectKeyCommit {
+            version,
+            wrapped_hash: hex::encode(blake3::hash(&wrapped).as_bytes()),
+        };
+        let payload = serde_json::to_vec(&commit).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.push(g, Kind::SubjectKey, subject, 0, [0; 12], &payload)?;
+        g.new_keys.push((state::data_key_name(subject, version), wrapped));
+        self.keys.insert(subject.to_string(), (version, key.clone()));
+        Ok((version, key))
+    }
+
+    fn write(&self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
+        let s = &self.store;
+        if !g.new_keys.is_empty() {
+            let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
+            s.state.insert(PENDING, encode_pending(first_seq, &names))?;
+            let mut kb = sled::Batch::default();
+            for (n, w) in &g.new_keys {
+                kb.insert(n.as_slice(), w.as_slice());
+            }
+            s.keys.apply_batch(kb)?;
+        }
+        let mut lb = sled::Batch::default();
+        let mut chunk_first = first_seq;
+        let mut start = 0usize;
+        let mut bytes = 0usize;
+        for i in 0..g.encoded.len() {
+            bytes += g.encoded[i].len() + 4;
+            let last = i + 1 == g.encoded.len();
+            let full = bytes >= CHUNK_TARGET_BYTES || (i + 1 - start) as u32 >= MAX_CHUNK_ENTRIES;
+            if last || full {
+                let entries: Vec<&[u8]> = g.encoded[start..=i].iter().map(Vec::as_slice).collect();
+                let chunk = encode_chunk(chunk_first, &entries, last.then_some(head));
+                lb.insert(&chunk_first.to_be_bytes(), chunk);
+                chunk_first = first_seq + i as u64 + 1;
+                start = i + 1;
+                bytes = 0;
+            }
+        }
+        s.log.apply_batch(lb)?;
+        let mut sb = sled::Batch::default();
+        for (k, v) in &g.state {
+            match v {
+                Some(v) => sb.insert(k.as_slice(), v.as_slice()),
+                None => sb.remove(k.as_slice()),
+            }
+        }
+        sb.insert(state::APPLIED, &(first_seq + g.encoded.len() as u64 - 1).to_be_bytes());
+        if !g.new_keys.is_empty() {
+            sb.remove(PENDING);
+        }
+        s.state.apply_batch(sb)?;
+        Ok(())
+    }
+}
+
+fn run_syncer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<Synced>) {
+    while let Ok(first) = rx.recv() {
+        let mut all = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            all.push(more);
+        }
+        let result = if shared.poisoned.load(Ordering::Acquire) {
+            Err(Error::Poisoned)
+        } else {
+            store.sync()
+        };
+        match result {
+            Ok(()) => {
+                if let Some(h) = all.iter().rev().find_map(|s| s.head) {
+                    if let Ok(mut w) = shared.head.write() {
+                        *w = Some(h);
+                    }
+                }
+                for s in all {
+                    for (reply, r) in s.replies {
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sync failed; the vault refuses writes until reopened");
+                shared.poisoned.store(true, Ordering::Release);
+                for s in all {
+                    for (reply, _) in s.replies {
+                        let _ = reply.send(Err(Error::Poisoned));
+                    }
+                }
+            }
+        }
+    }
+}
