@@ -1,1 +1,37 @@
-//! server
+//! `vaultd` and the admin tools of fintrust-vault.
+//!
+//! The binaries in `src/bin/` are thin: they parse arguments into the typed
+//! options of this library, call one function, and map its error to an
+//! exit code. Modules:
+//!
+//! - [`secrets`]: reading passphrase and key files.
+//! - [`init`]: `vaultd init`, creating a vault.
+//! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
+//! - [`verify`]: `vault-verify`'s report and its exit codes.
+
+pub mod dev;
+pub mod init;
+pub mod secrets;
+pub mod verify;
+
+/// Prefix of every environment variable the tools read. `VAULT_` belongs to
+/// HashiCorp Vault and is never used.
+pub const ENV_PREFIX: &str = "FINTRUST_";
+
+/// Errors of the server crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Result alias of the server crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -305,7 +305,13 @@ impl MerkleTree {
         while let Some(last) = levels.last().filter(|l| l.len() > 1) {
             let next = last
                 .chunks(2)
-                .map(|p| if p.len() == 2 { node_hash(&p[0], &p[1]) } else { p[0] })
+                .map(|p| {
+                    if p.len() == 2 {
+                        node_hash(&p[0], &p[1])
+                    } else {
+                        p[0]
+                    }
+                })
                 .collect();
             levels.push(next);
         }
@@ -396,8 +402,13 @@ impl Receipt {
             return Err(ReceiptError::NotCovered);
         }
         let size = h.last_seq - h.group_first_seq + 1;
-        let root = root_from_path(&self.entry_hash, self.seq - h.group_first_seq, size, &self.path)
-            .ok_or(ReceiptError::BadPath)?;
+        let root = root_from_path(
+            &self.entry_hash,
+            self.seq - h.group_first_seq,
+            size,
+            &self.path,
+        )
+        .ok_or(ReceiptError::BadPath)?;
         if root != h.group_root {
             return Err(ReceiptError::BadPath);
         }
@@ -453,7 +464,9 @@ mod tests {
     use super::*;
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| *blake3::hash(&(i as u64).to_be_bytes()).as_bytes()).collect()
+        (0..n)
+            .map(|i| *blake3::hash(&(i as u64).to_be_bytes()).as_bytes())
+            .collect()
     }
 
     /// RFC 6962's recursive definition, as the model.
@@ -475,13 +488,17 @@ mod tests {
             let tree = MerkleTree::new(&l);
             let root = tree.root();
             assert_eq!(root, rfc6962_root(&l), "n={n}");
-            for i in 0..n {
+            for (i, leaf) in l.iter().enumerate() {
                 let p = tree.path(i);
-                assert_eq!(root_from_path(&l[i], i as u64, n as u64, &p), Some(root), "n={n} i={i}");
+                assert_eq!(
+                    root_from_path(leaf, i as u64, n as u64, &p),
+                    Some(root),
+                    "n={n} i={i}"
+                );
                 // A wrong index or size never verifies to the same root.
                 if n > 1 {
                     let j = (i + 1) % n;
-                    assert_ne!(root_from_path(&l[i], j as u64, n as u64, &p), Some(root));
+                    assert_ne!(root_from_path(leaf, j as u64, n as u64, &p), Some(root));
                 }
             }
         }
@@ -534,7 +551,10 @@ mod tests {
         forged[14..18].copy_from_slice(&u32::MAX.to_be_bytes());
         let crc = crc32fast::hash(&forged);
         forged.extend_from_slice(&crc.to_be_bytes());
-        assert!(matches!(Chunk::decode(&forged), Err(ChunkError::Malformed(_))));
+        assert!(matches!(
+            Chunk::decode(&forged),
+            Err(ChunkError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -257,7 +257,14 @@ impl SealedMaster {
         out.push(1);
         let (kind, p) = match self.kdf {
             Some(p) => (1u8, p),
-            None => (2u8, KdfParams { m_kib: 0, t: 0, p: 0 }),
+            None => (
+                2u8,
+                KdfParams {
+                    m_kib: 0,
+                    t: 0,
+                    p: 0,
+                },
+            ),
         };
         out.push(kind);
         out.extend_from_slice(&p.m_kib.to_be_bytes());
@@ -362,13 +369,18 @@ mod tests {
         assert_eq!(enc.len(), SEALED_MASTER_LEN);
         let dec = SealedMaster::decode(&enc).expect("decode");
         assert_eq!(dec, sealed);
-        let back = dec.unseal(&Unlock::passphrase(b"correct horse".to_vec()), &id).expect("unseal");
+        let back = dec
+            .unseal(&Unlock::passphrase(b"correct horse".to_vec()), &id)
+            .expect("unseal");
         assert_eq!(back.as_bytes(), master.as_bytes());
         assert!(matches!(
             dec.unseal(&Unlock::passphrase(b"wrong".to_vec()), &id),
             Err(Error::WrongSecret)
         ));
-        assert!(matches!(dec.unseal(&unlock, &[8u8; 16]), Err(Error::WrongSecret)));
+        assert!(matches!(
+            dec.unseal(&unlock, &[8u8; 16]),
+            Err(Error::WrongSecret)
+        ));
         for n in 0..enc.len() {
             assert!(SealedMaster::decode(&enc[..n]).is_err());
         }
@@ -376,7 +388,11 @@ mod tests {
 
     #[test]
     fn weak_kdf_refused() {
-        let weak = KdfParams { m_kib: 1024, t: 1, p: 1 };
+        let weak = KdfParams {
+            m_kib: 1024,
+            t: 1,
+            p: 1,
+        };
         assert!(matches!(weak.check_floor(), Err(Error::WeakKdf(_))));
         let master = SecretKey::generate();
         let r = SealedMaster::seal(&master, &Unlock::passphrase(b"x".to_vec()), weak, &[0; 16]);
@@ -387,7 +403,8 @@ mod tests {
     fn key_file_round_trip() {
         let kf = Unlock::key_file(hex::encode([3u8; 32]).as_bytes()).expect("hex key file");
         let master = SecretKey::generate();
-        let sealed = SealedMaster::seal(&master, &kf, KdfParams::default(), &[1; 16]).expect("seal");
+        let sealed =
+            SealedMaster::seal(&master, &kf, KdfParams::default(), &[1; 16]).expect("seal");
         assert!(sealed.kdf.is_none());
         let raw = Unlock::key_file(&[3u8; 32]).expect("raw key file");
         assert_eq!(

@@ -9,7 +9,7 @@
 //!   keys, AES-256-GCM-SIV with context bound as associated data.
 //! - [`chunk`]: how a commit group is stored (chunks with a CRC32), the
 //!   signed head over the group's Merkle root, and receipts.
-//! - `store`: the sled trees and durable flushing (flush + fdatasync).
+//! - [`store`]: the sled trees and durable flushing (flush + fdatasync).
 //! - [`state`]: derived state, a pure function of each entry.
 //! - [`vault`]: create/open, the group committer, reads.
 //! - [`verify`]: checks a data dir with nothing but a public key.
@@ -35,7 +35,7 @@ pub mod crypto;
 pub mod entry;
 pub mod error;
 pub mod state;
-mod store;
+pub mod store;
 pub mod vault;
 pub mod verify;
 
@@ -43,5 +43,9 @@ pub use chunk::{Receipt, ReceiptError, SignedHead};
 pub use crypto::{KdfParams, Unlock};
 pub use entry::{Hash, Kind};
 pub use error::{Error, Reason, Result};
-pub use vault::{api_key_hash, generate_api_key, Append, Created, Credential, Options, Record, StoredEntry, Vault};
+pub use store::RawStore;
+pub use vault::{
+    api_key_hash, generate_api_key, Append, Created, Credential, Options, Record, StoredEntry,
+    Vault,
+};
 pub use verify::{verify, Report, VerifyOptions};

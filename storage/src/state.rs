@@ -85,8 +85,12 @@ pub struct Genesis {
 }
 
 fn parse<'a, T: Deserialize<'a>>(e: &EntryRef<'a>) -> Result<T> {
-    serde_json::from_slice(e.payload)
-        .map_err(|_| Error::Invalid(format!("{} payload does not match its schema", e.kind.name())))
+    serde_json::from_slice(e.payload).map_err(|_| {
+        Error::Invalid(format!(
+            "{} payload does not match its schema",
+            e.kind.name()
+        ))
+    })
 }
 
 /// The state mutations one entry implies. Errors mean the payload does not
@@ -146,17 +150,26 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
         | Kind::AccessDenied
         | Kind::KeyRotated
         | Kind::Checkpoint => {
-            if e.key_version == 0 && serde_json::from_slice::<serde::de::IgnoredAny>(e.payload).is_err() {
-                return Err(Error::Invalid(format!("{} payload is not JSON", e.kind.name())));
+            if e.key_version == 0
+                && serde_json::from_slice::<serde::de::IgnoredAny>(e.payload).is_err()
+            {
+                return Err(Error::Invalid(format!(
+                    "{} payload is not JSON",
+                    e.kind.name()
+                )));
             }
             Vec::new()
         }
     })
 }
 
+/// A key name with the BLAKE3 of its stored bytes, or a prefix whose keys
+/// must all be gone.
+pub type KeyCommitment = (Vec<u8>, Option<[u8; 32]>);
+
 /// Key-store entries one log entry commits to: `(name, Some(blake3))` to
 /// expect a key, `(prefix, None)` to expect every key under it gone.
-pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<(Vec<u8>, Option<[u8; 32]>)>> {
+pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<KeyCommitment>> {
     fn hash_of(hex_str: &str) -> Result<[u8; 32]> {
         let mut h = [0u8; 32];
         hex::decode_to_slice(hex_str, &mut h).map_err(|_| Error::Malformed("bad key hash"))?;
@@ -172,7 +185,10 @@ pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<(Vec<u8>, Option<[u8; 32]
         }
         Kind::SubjectKey => {
             let c: SubjectKeyCommit = parse(e)?;
-            vec![(data_key_name(e.subject, c.version), Some(hash_of(&c.wrapped_hash)?))]
+            vec![(
+                data_key_name(e.subject, c.version),
+                Some(hash_of(&c.wrapped_hash)?),
+            )]
         }
         Kind::SubjectShredded => vec![(data_key_prefix(e.subject), None)],
         _ => Vec::new(),

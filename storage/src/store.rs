@@ -32,6 +32,7 @@ pub(crate) const TREES: [&[u8]; 4] = [b"log", b"state", b"keys", b"meta"];
 pub const FORMAT: u32 = 1;
 const SEGMENT_SIZE: usize = 16 * 1024 * 1024;
 
+/// The open database of a vault.
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) db: sled::Db,
@@ -105,8 +106,13 @@ impl Store {
     }
 
     pub(crate) fn vault_id(&self) -> Result<[u8; 16]> {
-        let v = self.meta.get("vault_id")?.ok_or(Error::Malformed("no vault id"))?;
-        v.as_ref().try_into().map_err(|_| Error::Malformed("vault id"))
+        let v = self
+            .meta
+            .get("vault_id")?
+            .ok_or(Error::Malformed("no vault id"))?;
+        v.as_ref()
+            .try_into()
+            .map_err(|_| Error::Malformed("vault id"))
     }
 
     pub(crate) fn write_meta(&self, vault_id: &[u8; 16], public_key: &VerifyingKey) -> Result<()> {
@@ -122,7 +128,10 @@ impl Store {
     pub(crate) fn check_meta(&self, g: &Genesis) -> Result<Option<String>> {
         let expected: [(&[u8], Vec<u8>); 3] = [
             (b"format", g.format.to_be_bytes().to_vec()),
-            (b"public_key", hex::decode(&g.public_key).unwrap_or_default()),
+            (
+                b"public_key",
+                hex::decode(&g.public_key).unwrap_or_default(),
+            ),
             (b"vault_id", hex::decode(&g.vault_id).unwrap_or_default()),
         ];
         let mut actual = Vec::new();
@@ -135,7 +144,10 @@ impl Store {
         }
         for ((ak, av), (ek, ev)) in actual.iter().zip(expected.iter()) {
             if ak.as_slice() != *ek || av != ev {
-                return Ok(Some(format!("metadata {:?} differs from genesis", String::from_utf8_lossy(ek))));
+                return Ok(Some(format!(
+                    "metadata {:?} differs from genesis",
+                    String::from_utf8_lossy(ek)
+                )));
             }
         }
         if g.format != FORMAT {
@@ -149,7 +161,9 @@ impl Store {
         match self.state.get(state::APPLIED)? {
             None => Ok(None),
             Some(v) => Ok(Some(u64::from_be_bytes(
-                v.as_ref().try_into().map_err(|_| Error::Malformed("applied marker"))?,
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| Error::Malformed("applied marker"))?,
             ))),
         }
     }
@@ -170,4 +184,36 @@ impl Store {
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+/// Direct access to a data dir's sled trees, bypassing every invariant of
+/// the vault: for tooling (reindexing, inspection) and for tests that
+/// tamper with stored bytes. Never use it to write in a live vault.
+#[derive(Debug)]
+pub struct RawStore {
+    pub db: sled::Db,
+    pub log: sled::Tree,
+    pub state: sled::Tree,
+    pub keys: sled::Tree,
+    pub meta: sled::Tree,
+}
+
+impl RawStore {
+    /// Opens the trees of the vault in `dir` (the vault must be closed).
+    pub fn open(dir: &Path) -> Result<RawStore> {
+        let s = Store::open_existing(dir)?;
+        Ok(RawStore {
+            db: s.db,
+            log: s.log,
+            state: s.state,
+            keys: s.keys,
+            meta: s.meta,
+        })
+    }
+
+    /// Flushes and fdatasyncs what was written through the raw trees.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
 }

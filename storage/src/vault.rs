@@ -39,7 +39,9 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
-use crate::chunk::{encode_chunk, MerkleTree, Receipt, SignedHead, CHUNK_TARGET_BYTES, MAX_CHUNK_ENTRIES};
+use crate::chunk::{
+    encode_chunk, MerkleTree, Receipt, SignedHead, CHUNK_TARGET_BYTES, MAX_CHUNK_ENTRIES,
+};
 use crate::crypto::{
     self, data_key_aad, record_aad, signing_key_aad, KdfParams, SealedMaster, SecretKey, Unlock,
 };
@@ -134,13 +136,21 @@ impl Append {
                     )));
                 }
             }
-            Append::Event { kind, subject, payload } => {
+            Append::Event {
+                kind,
+                subject,
+                payload,
+            } => {
                 validate_subject(subject, false)?;
                 if payload.len() > MAX_PAYLOAD_LEN {
                     return Err(Error::Invalid("event payload too large".into()));
                 }
                 match kind {
-                    Kind::Genesis | Kind::Record | Kind::SubjectKey | Kind::SubjectShredded | Kind::KeyRotated => {
+                    Kind::Genesis
+                    | Kind::Record
+                    | Kind::SubjectKey
+                    | Kind::SubjectShredded
+                    | Kind::KeyRotated => {
                         return Err(Error::Invalid(format!(
                             "{} entries are written by the vault itself",
                             kind.name()
@@ -176,10 +186,14 @@ pub fn validate_subject(subject: &str, required: bool) -> Result<()> {
         };
     }
     if subject.len() > MAX_SUBJECT_LEN {
-        return Err(Error::Invalid(format!("subject id longer than {MAX_SUBJECT_LEN} bytes")));
+        return Err(Error::Invalid(format!(
+            "subject id longer than {MAX_SUBJECT_LEN} bytes"
+        )));
     }
     if !subject.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::Invalid("subject id must be printable ASCII without spaces".into()));
+        return Err(Error::Invalid(
+            "subject id must be printable ASCII without spaces".into(),
+        ));
     }
     Ok(())
 }
@@ -240,7 +254,9 @@ pub struct Created {
 
 impl std::fmt::Debug for Created {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Created").field("vault", &self.vault).finish_non_exhaustive()
+        f.debug_struct("Created")
+            .field("vault", &self.vault)
+            .finish_non_exhaustive()
     }
 }
 
@@ -361,7 +377,8 @@ impl Vault {
             sealed_master_hash: hex::encode(blake3::hash(&sealed).as_bytes()),
             signing_key_hash: hex::encode(blake3::hash(&wrapped_signing).as_bytes()),
         };
-        let genesis_payload = serde_json::to_vec(&genesis).map_err(|e| Error::Invalid(e.to_string()))?;
+        let genesis_payload =
+            serde_json::to_vec(&genesis).map_err(|e| Error::Invalid(e.to_string()))?;
         let admin_api_key = generate_api_key();
         let admin_credential_id = format!("admin-{}", &api_key_hash(&admin_api_key)[..8]);
         let admin = CredentialCreated {
@@ -370,7 +387,8 @@ impl Vault {
             key_hash: api_key_hash(&admin_api_key),
             name: "initial admin".into(),
         };
-        let admin_payload = serde_json::to_vec(&admin).map_err(|e| Error::Invalid(e.to_string()))?;
+        let admin_payload =
+            serde_json::to_vec(&admin).map_err(|e| Error::Invalid(e.to_string()))?;
 
         // Genesis goes through the committer like every other entry, so
         // that it is chained, signed and durable in the same way.
@@ -386,7 +404,15 @@ impl Vault {
                 payload: admin_payload,
             },
         ];
-        let (vault, _) = Self::start(store, master, signing, vault_id, ChainPos::default(), &opts, initial)?;
+        let (vault, _) = Self::start(
+            store,
+            master,
+            signing,
+            vault_id,
+            ChainPos::default(),
+            &opts,
+            initial,
+        )?;
         Ok(Created {
             vault,
             admin_api_key,
@@ -400,7 +426,10 @@ impl Vault {
     pub fn open(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Vault> {
         let store = Store::open_existing_with(dir, opts.cache_bytes)?;
         let vault_id = store.vault_id()?;
-        let sealed = store.keys.get("master")?.ok_or(Error::Malformed("no sealed master key"))?;
+        let sealed = store
+            .keys
+            .get("master")?
+            .ok_or(Error::Malformed("no sealed master key"))?;
         let master = SealedMaster::decode(&sealed)?.unseal(unlock, &vault_id)?;
         let public_key = store
             .stored_public_key()
@@ -409,11 +438,15 @@ impl Vault {
             .keys
             .get(state::signing_key_name(0))?
             .ok_or(Error::Malformed("no signing key"))?;
-        let signing_bytes = crypto::unwrap_key(&master, &signing_key_aad(0), &wrapped)
-            .ok_or(Error::integrity(0, Reason::KeyMismatch("signing key does not unwrap".into())))?;
+        let signing_bytes = crypto::unwrap_key(&master, &signing_key_aad(0), &wrapped).ok_or(
+            Error::integrity(0, Reason::KeyMismatch("signing key does not unwrap".into())),
+        )?;
         let signing = SigningKey::from_bytes(signing_bytes.as_bytes());
         if signing.verifying_key() != public_key {
-            return Err(Error::integrity(0, Reason::KeyMismatch("signing key does not match public key".into())));
+            return Err(Error::integrity(
+                0,
+                Reason::KeyMismatch("signing key does not match public key".into()),
+            ));
         }
 
         // Recovery: verify the chain, replay derived state past the applied
@@ -460,7 +493,11 @@ impl Vault {
         }
         if let Some(l) = last {
             if applied != Some(l) {
-                tracing::info!(from = applied.map_or(0, |a| a + 1), to = l, "replayed derived state");
+                tracing::info!(
+                    from = applied.map_or(0, |a| a + 1),
+                    to = l,
+                    "replayed derived state"
+                );
                 batch.insert(state::APPLIED, &l.to_be_bytes());
             }
         }
@@ -512,7 +549,10 @@ impl Vault {
             // Committed on this thread before the committer starts, so that
             // creating a vault needs no runtime.
             let (reply, mut rx) = oneshot::channel();
-            let synced = committer.commit(vec![Request { items: initial, reply }]);
+            let synced = committer.commit(vec![Request {
+                items: initial,
+                reply,
+            }]);
             store.sync()?;
             for (reply, r) in synced.replies {
                 let _ = reply.send(r);
@@ -530,7 +570,9 @@ impl Vault {
         let s = std::thread::Builder::new()
             .name("vault-syncer".into())
             .spawn(move || run_syncer(&syncer_store, &syncer_shared, sync_rx))?;
-        let pk = store.stored_public_key().ok_or(Error::Malformed("no public key"))?;
+        let pk = store
+            .stored_public_key()
+            .ok_or(Error::Malformed("no public key"))?;
         let vault = Vault {
             inner: Arc::new(Inner {
                 store,
@@ -632,7 +674,8 @@ impl Vault {
         let Some((_, v)) = log.range(..=seq.to_be_bytes()).next_back().transpose()? else {
             return Ok(None);
         };
-        let chunk = crate::chunk::Chunk::decode(&v).map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
+        let chunk = crate::chunk::Chunk::decode(&v)
+            .map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
         let Some(idx) = seq.checked_sub(chunk.first_seq) else {
             return Ok(None);
         };
@@ -673,14 +716,27 @@ impl Vault {
         if ptr.len() != 12 {
             return Err(Error::Malformed("record pointer"));
         }
-        let seq = u64::from_be_bytes(ptr[..8].try_into().map_err(|_| Error::Malformed("record pointer"))?);
-        let e = self.entry(seq)?.ok_or(Error::integrity(seq, Reason::Truncated))?;
+        let seq = u64::from_be_bytes(
+            ptr[..8]
+                .try_into()
+                .map_err(|_| Error::Malformed("record pointer"))?,
+        );
+        let e = self
+            .entry(seq)?
+            .ok_or(Error::integrity(seq, Reason::Truncated))?;
         if e.kind != Kind::Record || e.subject != subject {
-            return Err(Error::integrity(seq, Reason::IndexMismatch("record pointer".into())));
+            return Err(Error::integrity(
+                seq,
+                Reason::IndexMismatch("record pointer".into()),
+            ));
         }
         let dk = self.data_key(subject, e.key_version)?;
         let plaintext = dk
-            .open(&e.nonce, &record_aad(subject, seq, e.key_version), &e.payload)
+            .open(
+                &e.nonce,
+                &record_aad(subject, seq, e.key_version),
+                &e.payload,
+            )
             .ok_or(Error::Decrypt(seq))?;
         Ok(Some(Record {
             seq,
@@ -697,8 +753,17 @@ impl Vault {
             .keys
             .get(state::data_key_name(subject, version))?
             .ok_or_else(|| Error::SubjectShredded(subject.to_string()))?;
-        crypto::unwrap_key(&self.inner.master, &data_key_aad(subject, version), &wrapped)
-            .ok_or(Error::integrity(0, Reason::KeyMismatch(format!("data key of a subject does not unwrap (version {version})"))))
+        crypto::unwrap_key(
+            &self.inner.master,
+            &data_key_aad(subject, version),
+            &wrapped,
+        )
+        .ok_or(Error::integrity(
+            0,
+            Reason::KeyMismatch(format!(
+                "data key of a subject does not unwrap (version {version})"
+            )),
+        ))
     }
 
     /// Looks up a credential by the hash of a presented API key.
@@ -711,7 +776,8 @@ impl Vault {
         let Some(v) = st.get(state::key("c/", &id))? else {
             return Ok(None);
         };
-        let mut c: Credential = serde_json::from_slice(&v).map_err(|_| Error::Malformed("credential"))?;
+        let mut c: Credential =
+            serde_json::from_slice(&v).map_err(|_| Error::Malformed("credential"))?;
         c.id = id;
         Ok(Some(c))
     }
@@ -741,7 +807,10 @@ fn recover_pending(store: &Store, batch: &mut sled::Batch, next_seq: u64) -> Res
             kb.remove(n.as_slice());
         }
         store.keys.apply_batch(kb)?;
-        tracing::warn!(keys = names.len(), "removed data keys of a commit group that did not reach the log");
+        tracing::warn!(
+            keys = names.len(),
+            "removed data keys of a commit group that did not reach the log"
+        );
     }
     batch.remove(PENDING);
     Ok(())
@@ -843,7 +912,10 @@ impl Committer {
                 .into_iter()
                 .map(|(reply, r)| (reply, r.map(|_| Vec::new())))
                 .collect();
-            return Synced { replies, head: None };
+            return Synced {
+                replies,
+                head: None,
+            };
         }
         let tree = MerkleTree::new(&g.hashes);
         let last_seq = self.pos.next_seq - 1;
@@ -889,14 +961,23 @@ impl Committer {
                     .into_iter()
                     .map(|(reply, _)| (reply, Err(Error::Poisoned)))
                     .collect();
-                Synced { replies, head: None }
+                Synced {
+                    replies,
+                    head: None,
+                }
             }
         }
     }
 
     /// Adds a request's items to the group, all or none.
     fn add_request(&mut self, g: &mut Group, items: Vec<Append>) -> Result<Vec<usize>> {
-        let mark = (g.encoded.len(), g.hashes.len(), g.state.len(), g.new_keys.len(), self.pos);
+        let mark = (
+            g.encoded.len(),
+            g.hashes.len(),
+            g.state.len(),
+            g.new_keys.len(),
+            self.pos,
+        );
         let r = self.try_add(g, items);
         if r.is_err() {
             // Roll back this request's part of the group; drop cached keys
@@ -921,7 +1002,11 @@ impl Committer {
                     let (nonce, ct) = key.seal(&record_aad(&subject, seq, version), &plaintext);
                     idx.push(self.push(g, Kind::Record, &subject, version, nonce, &ct)?);
                 }
-                Append::Event { kind, subject, payload } => {
+                Append::Event {
+                    kind,
+                    subject,
+                    payload,
+                } => {
                     idx.push(self.push(g, kind, &subject, 0, [0; 12], &payload)?);
                 }
             }
@@ -977,22 +1062,30 @@ impl Committer {
                 .keys
                 .get(state::data_key_name(subject, ks.version))?
                 .ok_or_else(|| Error::SubjectShredded(subject.to_string()))?;
-            let key = crypto::unwrap_key(&self.master, &data_key_aad(subject, ks.version), &wrapped)
-                .ok_or(Error::Decrypt(0))?;
-            self.keys.insert(subject.to_string(), (ks.version, key.clone()));
+            let key =
+                crypto::unwrap_key(&self.master, &data_key_aad(subject, ks.version), &wrapped)
+                    .ok_or(Error::Decrypt(0))?;
+            self.keys
+                .insert(subject.to_string(), (ks.version, key.clone()));
             return Ok((ks.version, key));
         }
         let version = 1;
         let key = SecretKey::generate();
-        let wrapped = crypto::wrap(&self.master, &data_key_aad(subject, version), key.as_bytes());
+        let wrapped = crypto::wrap(
+            &self.master,
+            &data_key_aad(subject, version),
+            key.as_bytes(),
+        );
         let commit = SubjectKeyCommit {
             version,
             wrapped_hash: hex::encode(blake3::hash(&wrapped).as_bytes()),
         };
         let payload = serde_json::to_vec(&commit).map_err(|e| Error::Invalid(e.to_string()))?;
         self.push(g, Kind::SubjectKey, subject, 0, [0; 12], &payload)?;
-        g.new_keys.push((state::data_key_name(subject, version), wrapped));
-        self.keys.insert(subject.to_string(), (version, key.clone()));
+        g.new_keys
+            .push((state::data_key_name(subject, version), wrapped));
+        self.keys
+            .insert(subject.to_string(), (version, key.clone()));
         Ok((version, key))
     }
 
@@ -1032,7 +1125,10 @@ impl Committer {
                 None => sb.remove(k.as_slice()),
             }
         }
-        sb.insert(state::APPLIED, &(first_seq + g.encoded.len() as u64 - 1).to_be_bytes());
+        sb.insert(
+            state::APPLIED,
+            &(first_seq + g.encoded.len() as u64 - 1).to_be_bytes(),
+        );
         if !g.new_keys.is_empty() {
             sb.remove(PENDING);
         }

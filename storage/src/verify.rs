@@ -178,7 +178,10 @@ pub struct VerifyOptions<'a> {
 impl std::fmt::Debug for VerifyOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerifyOptions")
-            .field("public_key", &self.public_key.map(|k| hex::encode(k.as_bytes())))
+            .field(
+                "public_key",
+                &self.public_key.map(|k| hex::encode(k.as_bytes())),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -252,7 +255,8 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
         } else if e.kind == Kind::Genesis {
             return Err((e.seq, Reason::BadGenesis("second genesis entry".into())));
         }
-        let muts = state::mutations(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
+        let muts =
+            state::mutations(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
         for (k, v) in muts {
             match v {
                 Some(v) => model.insert(k, v),
@@ -294,7 +298,10 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
         return Ok(report);
     };
     if g.public_key != hex::encode(key.as_bytes()) {
-        report.failure = Some((0, Reason::BadGenesis("genesis names another public key".into())));
+        report.failure = Some((
+            0,
+            Reason::BadGenesis("genesis names another public key".into()),
+        ));
         return Ok(report);
     }
     if let Some(t) = unexpected_tree(&store.db.tree_names()) {
@@ -314,14 +321,15 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
             return Ok(report);
         }
     }
-    if let Some(m) = compare(&store.state, model.iter().map(|(k, v)| (k.clone(), v.clone())))? {
+    if let Some(m) = compare(
+        &store.state,
+        model.iter().map(|(k, v)| (k.clone(), v.clone())),
+    )? {
         report.failure = fail(Reason::IndexMismatch(m));
         return Ok(report);
     }
     // Key store against the commitments.
-    let expected = keys
-        .iter()
-        .map(|(k, h)| (k.clone(), h.to_vec()));
+    let expected = keys.iter().map(|(k, h)| (k.clone(), h.to_vec()));
     let actual: Vec<(Vec<u8>, Vec<u8>)> = store
         .keys
         .iter()

@@ -1,0 +1,129 @@
+//! `vaultd`: the fintrust-vault server. Subcommands: `init`, `dev`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vaultd",
+    version,
+    about = "fintrust-vault: a privacy vault for financial data sharing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a vault: signing key, sealed master key, genesis entry, admin credential.
+    Init {
+        /// Directory of the new vault.
+        #[arg(long, env = "FINTRUST_DATA_DIR")]
+        data_dir: PathBuf,
+        /// File holding the passphrase that seals the master key.
+        #[arg(long, env = "FINTRUST_PASSPHRASE_FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// File holding a 32-byte key (raw or hex) instead of a passphrase.
+        #[arg(long, env = "FINTRUST_KEY_FILE")]
+        key_file: Option<PathBuf>,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Output format (`--format json` is the same as `--json`).
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        format: String,
+    },
+    /// Embedded demo: create a vault in a local data dir with a dev
+    /// passphrase, write demo records, and verify it.
+    Dev {
+        /// Data dir (default: ./vault-data).
+        #[arg(long, env = "FINTRUST_DATA_DIR", default_value = "vault-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        format: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FINTRUST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init {
+            data_dir,
+            passphrase_file,
+            key_file,
+            json,
+            format,
+        } => {
+            let unlock =
+                server::secrets::unlock_from(passphrase_file.as_deref(), key_file.as_deref())?;
+            let (vault, out) = server::init::init(data_dir, &unlock, storage::Options::default())?;
+            vault.close()?;
+            if json || format == "json" {
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!(
+                    "Created vault {} in {}",
+                    out.vault_id,
+                    out.data_dir.display()
+                );
+                println!("Public key (pin it for vault-verify): {}", out.public_key);
+                println!(
+                    "Admin API key (shown once, stored only as a hash): {}",
+                    out.admin_api_key
+                );
+            }
+        }
+        Command::Dev {
+            data_dir,
+            json,
+            format,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let out = rt.block_on(server::dev::run(&data_dir))?;
+            if json || format == "json" {
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!("Dev vault in {}", out.data_dir.display());
+                println!("  passphrase file: {}", out.passphrase_file.display());
+                println!("  public key:      {}", out.public_key);
+                println!("  admin API key:   {}", out.admin_api_key);
+                println!(
+                    "  entries:         {} (verified: {})",
+                    out.entries, out.verified
+                );
+                println!();
+                println!("Verify it yourself:");
+                println!(
+                    "  cargo run --release --bin vault-verify -- --data-dir {} --public-key {}",
+                    out.data_dir.display(),
+                    out.public_key
+                );
+            }
+            if !out.verified {
+                anyhow::bail!("the dev vault did not verify");
+            }
+        }
+    }
+    Ok(())
+}

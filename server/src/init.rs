@@ -1,0 +1,32 @@
+//! `vaultd init`: create a vault in a data dir.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use storage::{Options, Unlock, Vault};
+
+use crate::Result;
+
+/// What `vaultd init` prints (`--json`). The admin API key is shown once.
+#[derive(Debug, Serialize)]
+pub struct InitOutput {
+    pub data_dir: PathBuf,
+    /// Hex of the ed25519 verifying key: pin it for `vault-verify`.
+    pub public_key: String,
+    pub vault_id: String,
+    pub admin_api_key: String,
+    pub admin_credential_id: String,
+}
+
+/// Creates a vault; refuses an existing one. Returns the open vault too.
+pub fn init(data_dir: PathBuf, unlock: &Unlock, opts: Options) -> Result<(Vault, InitOutput)> {
+    let created = Vault::create(&data_dir, unlock, opts)?;
+    let out = InitOutput {
+        data_dir,
+        public_key: hex::encode(created.vault.public_key().as_bytes()),
+        vault_id: hex::encode(created.vault.vault_id()),
+        admin_api_key: created.admin_api_key.to_string(),
+        admin_credential_id: created.admin_credential_id.clone(),
+    };
+    Ok((created.vault, out))
+}

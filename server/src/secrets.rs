@@ -1,0 +1,47 @@
+//! Reading the secret that unseals the master key.
+//!
+//! A passphrase file holds the passphrase (a trailing newline is ignored);
+//! a key file holds 32 raw bytes or 64 hex digits. Contents live only in
+//! zeroized buffers.
+
+use std::path::Path;
+
+use storage::Unlock;
+use zeroize::Zeroizing;
+
+use crate::{Error, Result};
+
+fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|source| Error::File {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// Builds the [`Unlock`] from exactly one of a passphrase file or a key file.
+pub fn unlock_from(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> Result<Unlock> {
+    match (passphrase_file, key_file) {
+        (Some(p), None) => {
+            let bytes = read(p)?;
+            let unlock = Unlock::passphrase(bytes.to_vec());
+            if let Unlock::Passphrase(ref v) = unlock {
+                if v.is_empty() {
+                    return Err(Error::Usage(format!(
+                        "{}: the passphrase is empty",
+                        p.display()
+                    )));
+                }
+            }
+            Ok(unlock)
+        }
+        (None, Some(k)) => Ok(Unlock::key_file(&read(k)?)?),
+        (Some(_), Some(_)) => Err(Error::Usage(
+            "give either --passphrase-file or --key-file, not both".into(),
+        )),
+        (None, None) => Err(Error::Usage(
+            "a passphrase file (--passphrase-file) or key file (--key-file) is required".into(),
+        )),
+    }
+}

@@ -1,0 +1,377 @@
+//! The vault through its public API: appends, receipts, restarts, group
+//! commit under concurrency, secrets.
+
+use std::sync::Arc;
+
+use storage::{verify, Append, Error, Kind, Options, Unlock, Vault, VerifyOptions};
+
+fn unlock() -> Unlock {
+    Unlock::passphrase(b"test passphrase".to_vec())
+}
+
+fn new_vault(dir: &std::path::Path) -> Vault {
+    Vault::create(dir, &unlock(), Options::default())
+        .expect("create")
+        .vault
+}
+
+fn verify_ok(dir: &std::path::Path, key: ed25519_dalek::VerifyingKey) -> storage::Report {
+    let r = verify(
+        dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+    .expect("verify runs");
+    assert!(r.ok(), "verify failed: {:?}", r.failure);
+    r
+}
+
+#[tokio::test]
+async fn round_trip_across_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    let r1 = vault
+        .append(Append::record("alice", b"{\"n\":1}".to_vec()))
+        .await
+        .expect("append");
+    let r2 = vault
+        .append(Append::record("alice", b"{\"n\":2}".to_vec()))
+        .await
+        .expect("append");
+    let r3 = vault
+        .append(Append::record("bob", b"{\"n\":3}".to_vec()))
+        .await
+        .expect("append");
+    for r in [&r1, &r2, &r3] {
+        r.verify(&key).expect("receipt verifies");
+    }
+    assert!(r1.seq < r2.seq && r2.seq < r3.seq);
+    vault.close().expect("close");
+
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen");
+    assert_eq!(vault.public_key(), key);
+    let alice = vault
+        .latest_record("alice")
+        .expect("read")
+        .expect("present");
+    assert_eq!(alice.plaintext.as_slice(), b"{\"n\":2}");
+    assert_eq!(alice.seq, r2.seq);
+    let bob = vault.latest_record("bob").expect("read").expect("present");
+    assert_eq!(bob.plaintext.as_slice(), b"{\"n\":3}");
+    assert!(vault.latest_record("carol").expect("read").is_none());
+    // Entries read back hash to what the receipts said.
+    let e = vault.entry(r3.seq).expect("read").expect("present");
+    assert_eq!(e.hash, r3.entry_hash);
+    assert_eq!(e.kind, Kind::Record);
+    // The chain continues where it stopped.
+    let r4 = vault
+        .append(Append::record("bob", b"4".to_vec()))
+        .await
+        .expect("append");
+    assert_eq!(r4.seq, r3.seq + 1);
+    assert_eq!(vault.head().expect("head").last_seq, r4.seq);
+    vault.close().expect("close");
+    let report = verify_ok(&dir, key);
+    assert_eq!(report.entries, r4.seq + 1);
+}
+
+#[tokio::test]
+async fn group_commit_under_concurrency_loses_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = Arc::new(new_vault(&dir));
+    let key = vault.public_key();
+    let mut tasks = Vec::new();
+    for t in 0..32u32 {
+        let v = vault.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..40u32 {
+                let subject = format!("s-{}", (t * 7 + i) % 50);
+                let body = format!("{{\"t\":{t},\"i\":{i}}}");
+                let r = v
+                    .append(Append::record(subject.clone(), body.clone().into_bytes()))
+                    .await
+                    .expect("append");
+                acked.push((r, subject, body));
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("task"));
+    }
+    // Groups really were shared: fewer signed heads than appends.
+    let heads: std::collections::HashSet<u64> =
+        acked.iter().map(|(r, _, _)| r.head.last_seq).collect();
+    assert!(heads.len() < acked.len(), "no group commit happened");
+    let vault = Arc::try_unwrap(vault).expect("sole owner");
+    vault.close().expect("close");
+
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen");
+    let mut seqs: Vec<u64> = acked.iter().map(|(r, _, _)| r.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), acked.len(), "a seq was acknowledged twice");
+    for (r, subject, _) in &acked {
+        r.verify(&key).expect("receipt verifies");
+        let e = vault
+            .entry(r.seq)
+            .expect("read")
+            .expect("acknowledged entry present");
+        assert_eq!(e.hash, r.entry_hash);
+        assert_eq!(&e.subject, subject);
+    }
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
+#[tokio::test]
+async fn batch_is_atomic_and_ordered() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let rs = vault
+        .append_batch(vec![
+            Append::record("a", b"1".to_vec()),
+            Append::event(
+                Kind::ConsentGranted,
+                "a",
+                &serde_json::json!({"partner_id": "p"}),
+            ),
+            Append::record("a", b"2".to_vec()),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(rs.len(), 3);
+    assert!(rs.windows(2).all(|w| w[0].seq < w[1].seq));
+    // An invalid item refuses the whole batch.
+    let err = vault
+        .append_batch(vec![
+            Append::record("a", b"3".to_vec()),
+            Append::record("", b"x".to_vec()),
+        ])
+        .await
+        .expect_err("invalid subject");
+    assert!(matches!(err, Error::Invalid(_)));
+    assert_eq!(
+        vault
+            .latest_record("a")
+            .expect("read")
+            .expect("present")
+            .plaintext
+            .as_slice(),
+        b"2"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_typed_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vault = new_vault(&tmp.path().join("v"));
+    let too_big = vec![0u8; storage::entry::MAX_PAYLOAD_LEN];
+    assert!(matches!(
+        vault.append(Append::record("a", too_big)).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        vault.append(Append::record("a b", b"x".to_vec())).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        vault
+            .append(Append::record("x".repeat(257), b"x".to_vec()))
+            .await,
+        Err(Error::Invalid(_))
+    ));
+    // The vault writes genesis, key and record entries itself.
+    for kind in [
+        Kind::Genesis,
+        Kind::Record,
+        Kind::SubjectKey,
+        Kind::SubjectShredded,
+    ] {
+        let r = vault
+            .append(Append::event(kind, "a", &serde_json::json!({})))
+            .await;
+        assert!(matches!(r, Err(Error::Invalid(_))), "{kind:?} accepted");
+    }
+    // Payloads must fit their kind's schema.
+    let r = vault
+        .append(Append::Event {
+            kind: Kind::CredentialCreated,
+            subject: String::new(),
+            payload: b"{\"id\": 1}".to_vec(),
+        })
+        .await;
+    assert!(matches!(r, Err(Error::Invalid(_))));
+    let r = vault
+        .append(Append::Event {
+            kind: Kind::AccessDenied,
+            subject: String::new(),
+            payload: b"not json".to_vec(),
+        })
+        .await;
+    assert!(matches!(r, Err(Error::Invalid(_))));
+    // None of it reached the log, and the vault still works.
+    vault
+        .append(Append::record("a", b"ok".to_vec()))
+        .await
+        .expect("append");
+}
+
+#[test]
+fn wrong_passphrase_is_clear_and_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault
+        .append_blocking(Append::record("a", b"x".to_vec()))
+        .expect("append");
+    vault.close().expect("close");
+    let before = snapshot(&dir);
+    let err = Vault::open(
+        &dir,
+        &Unlock::passphrase(b"wrong".to_vec()),
+        Options::default(),
+    )
+    .expect_err("wrong passphrase");
+    assert!(matches!(err, Error::WrongSecret), "{err}");
+    assert!(err.to_string().contains("wrong passphrase"));
+    let kf = Unlock::key_file(&[7u8; 32]).expect("key file");
+    assert!(Vault::open(&dir, &kf, Options::default()).is_err());
+    assert_eq!(snapshot(&dir), before, "a failed open changed the data");
+    verify_ok(&dir, key);
+    Vault::open(&dir, &unlock(), Options::default()).expect("right passphrase opens");
+}
+
+/// Every key and value of every tree.
+fn snapshot(dir: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    let raw = storage::RawStore::open(dir).expect("raw open");
+    let mut out = Vec::new();
+    for name in raw.db.tree_names() {
+        let t = raw.db.open_tree(&name).expect("tree");
+        for kv in t.iter() {
+            let (k, v) = kv.expect("kv");
+            out.push((name.to_vec(), k.to_vec(), v.to_vec()));
+        }
+    }
+    out
+}
+
+#[test]
+fn create_refuses_existing_vault_and_open_refuses_missing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    drop(new_vault(&dir));
+    assert!(matches!(
+        Vault::create(&dir, &unlock(), Options::default()),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        Vault::open(&tmp.path().join("nothing"), &unlock(), Options::default()),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[test]
+fn second_open_is_refused_while_locked() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let _vault = new_vault(&dir);
+    let err = verify(&dir, &VerifyOptions::default()).expect_err("locked");
+    assert!(matches!(err, Error::Locked), "{err}");
+}
+
+#[test]
+fn key_file_vault_round_trip() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let kf = Unlock::key_file(hex::encode([5u8; 32]).as_bytes()).expect("key file");
+    let created = Vault::create(&dir, &kf, Options::default()).expect("create");
+    created
+        .vault
+        .append_blocking(Append::record("a", b"x".to_vec()))
+        .expect("append");
+    created.vault.close().expect("close");
+    assert!(matches!(
+        Vault::open(&dir, &unlock(), Options::default()),
+        Err(Error::Invalid(_))
+    ));
+    let v = Vault::open(
+        &dir,
+        &Unlock::key_file(&[5u8; 32]).expect("raw"),
+        Options::default(),
+    )
+    .expect("open");
+    assert_eq!(
+        v.latest_record("a")
+            .expect("read")
+            .expect("present")
+            .plaintext
+            .as_slice(),
+        b"x"
+    );
+}
+
+#[test]
+fn admin_credential_is_stored_as_hash_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let key = created.admin_api_key.to_string();
+    assert!(key.starts_with("fvk_"));
+    let cred = created
+        .vault
+        .credential_by_key_hash(&storage::api_key_hash(&key))
+        .expect("lookup")
+        .expect("present");
+    assert_eq!(cred.role, "admin");
+    created.vault.close().expect("close");
+    for (_, k, v) in snapshot(&dir) {
+        assert!(
+            !contains(&k, key.as_bytes()) && !contains(&v, key.as_bytes()),
+            "API key stored in clear"
+        );
+    }
+}
+
+#[test]
+fn ciphertexts_are_bound_to_subject_and_position() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let secret = b"IBAN GB33BUKB20201555555555";
+    vault
+        .append_blocking(Append::record("alice", secret.to_vec()))
+        .expect("append");
+    vault.close().expect("close");
+    // The plaintext appears nowhere in the stored bytes.
+    for (_, k, v) in snapshot(&dir) {
+        assert!(
+            !contains(&k, secret) && !contains(&v, secret),
+            "plaintext stored"
+        );
+    }
+    let files = std::fs::read_dir(dir.join("db")).expect("dir");
+    for f in files {
+        let p = f.expect("entry").path();
+        if p.is_file() {
+            assert!(
+                !contains(&std::fs::read(&p).expect("read"), secret),
+                "plaintext in {}",
+                p.display()
+            );
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
