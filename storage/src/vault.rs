@@ -21,12 +21,19 @@
 //!   later append until it is reopened, so nothing that may not be durable
 //!   is ever acknowledged.
 //!
+//! Derived state is kept off the commit path: the committer publishes each
+//! group's state mutations to an in-memory **overlay** that every reader
+//! consults first, and an **indexer** thread writes the overlay to the
+//! `state` tree in large batches (one write per key however often it
+//! changed), each with the `applied` marker of the last group it covers.
+//! The state tree is thus always the model of the log at `applied`; opening
+//! replays the entries after it.
+//!
 //! Write order within a group, with sled recovering a prefix of its writes
-//! after a crash: (1) a `pending` marker naming the new data keys, (2) the
-//! wrapped keys, (3) the log chunks (one atomic batch), (4) the derived
-//! state with the applied marker, dropping the pending marker. Opening
-//! replays entries past the applied marker and deletes the keys of a
-//! pending group that never reached the log.
+//! after a crash: (1) the wrapped keys of new subjects together with a
+//! `pending` marker naming them (one batch of the `keys` tree), (2) the log
+//! chunks (one batch). Opening deletes the keys named by a pending marker
+//! whose group never reached the log.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -65,6 +72,9 @@ pub struct Options {
     pub cache_bytes: u64,
     /// Unwrapped subject data keys kept in memory by the committer (default 100,000).
     pub key_cache: usize,
+    /// The indexer writes derived state once this many entries are waiting
+    /// (default 50,000), and at least every 100 ms.
+    pub index_batch: u64,
 }
 
 impl Default for Options {
@@ -75,6 +85,7 @@ impl Default for Options {
             queue_depth: 65536,
             cache_bytes: 256 * 1024 * 1024,
             key_cache: 100_000,
+            index_batch: 50_000,
         }
     }
 }
@@ -315,11 +326,39 @@ struct Inner {
     shared: Arc<Shared>,
 }
 
-/// State the committer and syncer share with readers.
+/// State the committer, syncer and indexer share with readers.
 struct Shared {
     poisoned: AtomicBool,
     /// Latest durable signed head.
     head: RwLock<Option<SignedHead>>,
+    overlay: Mutex<Overlay>,
+    /// Wakes the indexer early when the overlay is large.
+    overlay_full: std::sync::Condvar,
+    /// Tells the indexer to write everything and stop.
+    stopping: AtomicBool,
+}
+
+/// Derived-state mutations in the log but not yet in the state tree.
+#[derive(Default)]
+struct Overlay {
+    /// Key → (seq of the group that set it, value or removal).
+    map: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    /// Last seq whose mutations are in the overlay (or already in the tree).
+    last_seq: Option<u64>,
+    /// Entries published since the last index write.
+    waiting: u64,
+}
+
+impl Shared {
+    /// A derived-state value: the overlay first, then the tree.
+    fn state_get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<sled::IVec>> {
+        if let Ok(o) = self.overlay.lock() {
+            if let Some((_, v)) = o.map.get(key) {
+                return Ok(v.as_deref().map(sled::IVec::from));
+            }
+        }
+        Ok(tree.get(key)?)
+    }
 }
 
 impl Drop for Inner {
@@ -337,6 +376,14 @@ impl Inner {
             Ok(mut t) => std::mem::take(&mut *t),
             Err(_) => return,
         };
+        // Committer and syncer end when the channel closes; the indexer,
+        // last, writes what they left in the overlay.
+        let mut threads = threads.into_iter();
+        for t in threads.by_ref().take(2) {
+            let _ = t.join();
+        }
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.overlay_full.notify_all();
         for t in threads {
             let _ = t.join();
         }
@@ -457,6 +504,12 @@ impl Vault {
         let mut replay_err = None;
         let noop = |_: u64| {};
         let tip = scan_chain(&store.log, &public_key, &noop, |e, _| {
+            if (e.seq == 0) != (e.kind == Kind::Genesis) {
+                return Err((
+                    e.seq,
+                    Reason::BadGenesis("genesis must be the first entry and only it".into()),
+                ));
+            }
             if applied.is_some_and(|a| e.seq <= a) {
                 return Ok(());
             }
@@ -485,6 +538,12 @@ impl Vault {
         if let Some(err) = replay_err {
             return Err(err.into());
         }
+        if tip.entries == 0 {
+            return Err(Error::integrity(
+                0,
+                Reason::BadGenesis("the log is empty: the vault was never fully created".into()),
+            ));
+        }
         let last = tip.entries.checked_sub(1);
         if let (Some(a), l) = (applied, last) {
             if l.is_none_or(|l| a > l) {
@@ -501,8 +560,8 @@ impl Vault {
                 batch.insert(state::APPLIED, &l.to_be_bytes());
             }
         }
-        recover_pending(&store, &mut batch, tip.entries)?;
         store.state.apply_batch(batch)?;
+        recover_pending(&store, tip.entries)?;
         store.sync()?;
 
         let pos = ChainPos {
@@ -531,6 +590,12 @@ impl Vault {
         let shared = Arc::new(Shared {
             poisoned: AtomicBool::new(false),
             head: RwLock::new(None),
+            overlay: Mutex::new(Overlay {
+                last_seq: pos.next_seq.checked_sub(1),
+                ..Overlay::default()
+            }),
+            overlay_full: std::sync::Condvar::new(),
+            stopping: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
@@ -542,6 +607,8 @@ impl Vault {
             keys: HashMap::new(),
             key_cache: opts.key_cache.max(1),
             max_group: opts.max_group_entries.clamp(1, 1 << 20),
+            index_batch: opts.index_batch.max(1),
+            nonces: crypto::NonceSource::default(),
             shared: shared.clone(),
         };
         let mut receipts = Vec::new();
@@ -558,6 +625,7 @@ impl Vault {
                 let _ = reply.send(r);
             }
             receipts = rx.try_recv().map_err(|_| Error::Closed)??;
+            write_index(&store, &shared)?;
             if let Ok(mut h) = shared.head.write() {
                 *h = synced.head;
             }
@@ -570,6 +638,11 @@ impl Vault {
         let s = std::thread::Builder::new()
             .name("vault-syncer".into())
             .spawn(move || run_syncer(&syncer_store, &syncer_shared, sync_rx))?;
+        let indexer_store = store.clone();
+        let indexer_shared = shared.clone();
+        let i = std::thread::Builder::new()
+            .name("vault-indexer".into())
+            .spawn(move || run_indexer(&indexer_store, &indexer_shared))?;
         let pk = store
             .stored_public_key()
             .ok_or(Error::Malformed("no public key"))?;
@@ -580,7 +653,7 @@ impl Vault {
                 public_key: pk,
                 vault_id,
                 tx: RwLock::new(Some(tx)),
-                threads: Mutex::new(vec![c, s]),
+                threads: Mutex::new(vec![c, s, i]),
                 shared,
             }),
         };
@@ -704,13 +777,13 @@ impl Vault {
     /// key was destroyed.
     pub fn latest_record(&self, subject: &str) -> Result<Option<Record>> {
         validate_subject(subject, true)?;
-        let st = &self.inner.store.state;
-        if let Some(k) = st.get(state::key("k/", subject))? {
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        if let Some(k) = sh.state_get(st, &state::key("k/", subject))? {
             if KeyState::decode(&k)?.shredded {
                 return Err(Error::SubjectShredded(subject.to_string()));
             }
         }
-        let Some(ptr) = st.get(state::key("s/", subject))? else {
+        let Some(ptr) = sh.state_get(st, &state::key("s/", subject))? else {
             return Ok(None);
         };
         if ptr.len() != 12 {
@@ -768,12 +841,12 @@ impl Vault {
 
     /// Looks up a credential by the hash of a presented API key.
     pub fn credential_by_key_hash(&self, key_hash: &str) -> Result<Option<Credential>> {
-        let st = &self.inner.store.state;
-        let Some(id) = st.get(state::key("h/", key_hash))? else {
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        let Some(id) = sh.state_get(st, &state::key("h/", key_hash))? else {
             return Ok(None);
         };
         let id = String::from_utf8(id.to_vec()).map_err(|_| Error::Malformed("credential id"))?;
-        let Some(v) = st.get(state::key("c/", &id))? else {
+        let Some(v) = sh.state_get(st, &state::key("c/", &id))? else {
             return Ok(None);
         };
         let mut c: Credential =
@@ -796,8 +869,8 @@ impl Vault {
 
 /// Drops keys that a crashed group wrote but whose entries never reached
 /// the log, and the pending marker.
-fn recover_pending(store: &Store, batch: &mut sled::Batch, next_seq: u64) -> Result<()> {
-    let Some(p) = store.state.get(PENDING)? else {
+fn recover_pending(store: &Store, next_seq: u64) -> Result<()> {
+    let Some(p) = store.keys.get(PENDING)? else {
         return Ok(());
     };
     let (first_seq, names) = decode_pending(&p)?;
@@ -806,17 +879,19 @@ fn recover_pending(store: &Store, batch: &mut sled::Batch, next_seq: u64) -> Res
         for n in &names {
             kb.remove(n.as_slice());
         }
+        kb.remove(PENDING);
         store.keys.apply_batch(kb)?;
         tracing::warn!(
             keys = names.len(),
             "removed data keys of a commit group that did not reach the log"
         );
     }
-    batch.remove(PENDING);
     Ok(())
 }
 
-const PENDING: &[u8] = b"pending";
+/// Name of the pending marker in the `keys` tree: u64 BE first seq of the
+/// group, then for each new key u16 BE length and its name.
+pub const PENDING: &[u8] = b"pending";
 
 fn encode_pending(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
     let mut v = first_seq.to_be_bytes().to_vec();
@@ -827,7 +902,8 @@ fn encode_pending(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
     v
 }
 
-fn decode_pending(v: &[u8]) -> Result<(u64, Vec<Vec<u8>>)> {
+/// Decodes a pending marker.
+pub fn decode_pending(v: &[u8]) -> Result<(u64, Vec<Vec<u8>>)> {
     let mut r = crate::entry::Reader::new(v);
     let first = r.u64()?;
     let mut names = Vec::new();
@@ -850,10 +926,12 @@ struct Committer {
     master: Arc<SecretKey>,
     signing: SigningKey,
     pos: ChainPos,
-    /// Unwrapped data keys by subject: (version, key).
-    keys: HashMap<String, (u32, SecretKey)>,
+    /// Expanded data keys by subject: (version, cipher).
+    keys: HashMap<String, (u32, crypto::Cipher)>,
     key_cache: usize,
     max_group: usize,
+    index_batch: u64,
+    nonces: crypto::NonceSource,
     shared: Arc<Shared>,
 }
 
@@ -930,6 +1008,7 @@ impl Committer {
         );
         match self.write(&g, first_seq, &head) {
             Ok(()) => {
+                self.publish(&mut g, last_seq);
                 let replies = g
                     .requests
                     .into_iter()
@@ -997,9 +1076,10 @@ impl Committer {
         for item in items {
             match item {
                 Append::Record { subject, plaintext } => {
-                    let (version, key) = self.data_key(g, &subject)?;
+                    let (version, cipher) = self.data_key(g, &subject)?;
                     let seq = self.pos.next_seq;
-                    let (nonce, ct) = key.seal(&record_aad(&subject, seq, version), &plaintext);
+                    let nonce = self.nonces.next_nonce();
+                    let ct = cipher.seal(&nonce, &record_aad(&subject, seq, version), &plaintext);
                     idx.push(self.push(g, Kind::Record, &subject, version, nonce, &ct)?);
                 }
                 Append::Event {
@@ -1047,12 +1127,17 @@ impl Committer {
 
     /// The subject's current data key, creating (and committing) one for a
     /// new subject.
-    fn data_key(&mut self, g: &mut Group, subject: &str) -> Result<(u32, SecretKey)> {
-        if let Some((v, k)) = self.keys.get(subject) {
-            return Ok((*v, k.clone()));
+    fn data_key(&mut self, g: &mut Group, subject: &str) -> Result<(u32, crypto::Cipher)> {
+        if let Some((v, c)) = self.keys.get(subject) {
+            return Ok((*v, c.clone()));
         }
-        let st = &self.store.state;
-        if let Some(ks) = st.get(state::key("k/", subject))? {
+        // Keys created earlier in this group are in the cache (which is
+        // cleared only between groups); anything older is in the overlay or
+        // the state tree.
+        let ks = self
+            .shared
+            .state_get(&self.store.state, &state::key("k/", subject))?;
+        if let Some(ks) = ks {
             let ks = KeyState::decode(&ks)?;
             if ks.shredded {
                 return Err(Error::SubjectShredded(subject.to_string()));
@@ -1065,9 +1150,10 @@ impl Committer {
             let key =
                 crypto::unwrap_key(&self.master, &data_key_aad(subject, ks.version), &wrapped)
                     .ok_or(Error::Decrypt(0))?;
+            let c = key.cipher_handle();
             self.keys
-                .insert(subject.to_string(), (ks.version, key.clone()));
-            return Ok((ks.version, key));
+                .insert(subject.to_string(), (ks.version, c.clone()));
+            return Ok((ks.version, c));
         }
         let version = 1;
         let key = SecretKey::generate();
@@ -1084,17 +1170,17 @@ impl Committer {
         self.push(g, Kind::SubjectKey, subject, 0, [0; 12], &payload)?;
         g.new_keys
             .push((state::data_key_name(subject, version), wrapped));
-        self.keys
-            .insert(subject.to_string(), (version, key.clone()));
-        Ok((version, key))
+        let c = key.cipher_handle();
+        self.keys.insert(subject.to_string(), (version, c.clone()));
+        Ok((version, c))
     }
 
     fn write(&self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
         let s = &self.store;
         if !g.new_keys.is_empty() {
             let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
-            s.state.insert(PENDING, encode_pending(first_seq, &names))?;
             let mut kb = sled::Batch::default();
+            kb.insert(PENDING, encode_pending(first_seq, &names));
             for (n, w) in &g.new_keys {
                 kb.insert(n.as_slice(), w.as_slice());
             }
@@ -1118,22 +1204,81 @@ impl Committer {
             }
         }
         s.log.apply_batch(lb)?;
-        let mut sb = sled::Batch::default();
-        for (k, v) in &g.state {
-            match v {
-                Some(v) => sb.insert(k.as_slice(), v.as_slice()),
-                None => sb.remove(k.as_slice()),
+        Ok(())
+    }
+
+    /// Makes a written group's derived state visible to readers.
+    fn publish(&self, g: &mut Group, last_seq: u64) {
+        let Ok(mut o) = self.shared.overlay.lock() else {
+            self.shared.poisoned.store(true, Ordering::Release);
+            return;
+        };
+        for (k, v) in g.state.drain(..) {
+            o.map.insert(k, (last_seq, v));
+        }
+        o.last_seq = Some(last_seq);
+        o.waiting += g.encoded.len() as u64;
+        if o.waiting >= self.index_batch {
+            self.shared.overlay_full.notify_one();
+        }
+    }
+}
+
+/// Writes the overlay to the state tree in one batch with its applied
+/// marker, then drops from the overlay what did not change meanwhile.
+fn write_index(store: &Store, shared: &Shared) -> Result<()> {
+    let (snapshot, applied) = {
+        let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
+        if o.waiting == 0 {
+            return Ok(());
+        }
+        o.waiting = 0;
+        let snap: Vec<(Vec<u8>, u64, Option<Vec<u8>>)> = o
+            .map
+            .iter()
+            .map(|(k, (s, v))| (k.clone(), *s, v.clone()))
+            .collect();
+        (snap, o.last_seq)
+    };
+    let Some(applied) = applied else {
+        return Ok(());
+    };
+    let mut batch = sled::Batch::default();
+    for (k, _, v) in &snapshot {
+        match v {
+            Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+            None => batch.remove(k.as_slice()),
+        }
+    }
+    batch.insert(state::APPLIED, &applied.to_be_bytes());
+    store.state.apply_batch(batch)?;
+    let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
+    for (k, seq, _) in snapshot {
+        if o.map.get(&k).is_some_and(|(s, _)| *s == seq) {
+            o.map.remove(&k);
+        }
+    }
+    Ok(())
+}
+
+fn run_indexer(store: &Store, shared: &Shared) {
+    loop {
+        let stopping = shared.stopping.load(Ordering::Acquire);
+        if let Ok(o) = shared.overlay.lock() {
+            if !stopping && o.waiting == 0 {
+                let _ = shared
+                    .overlay_full
+                    .wait_timeout(o, std::time::Duration::from_millis(100));
             }
         }
-        sb.insert(
-            state::APPLIED,
-            &(first_seq + g.encoded.len() as u64 - 1).to_be_bytes(),
-        );
-        if !g.new_keys.is_empty() {
-            sb.remove(PENDING);
+        if let Err(e) = write_index(store, shared) {
+            tracing::error!(error = %e, "writing derived state failed; the vault refuses writes until reopened");
+            shared.poisoned.store(true, Ordering::Release);
+            return;
         }
-        s.state.apply_batch(sb)?;
-        Ok(())
+        if stopping {
+            return;
+        }
     }
 }
 

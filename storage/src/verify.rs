@@ -73,6 +73,14 @@ pub(crate) fn scan_chain(
             if chunk_key != Some(chunk.first_seq) {
                 return Ok(Err((tip.entries, Reason::Reordered)));
             }
+            // The key must also name the seq of the chunk's first entry:
+            // reads by seq find a chunk by its key, so a chunk moved under
+            // another key (header rewritten to match) would hide entries
+            // that the chain itself still accounts for.
+            if chunk.first_seq != tip.entries {
+                let reason = seq_reason(chunk.first_seq, tip.entries);
+                return Ok(Err((tip.entries, reason)));
+            }
             for (bytes, hash) in chunk.entries.iter().zip(&hashes) {
                 let e = match EntryRef::decode(bytes) {
                     Ok(e) => e,
@@ -80,14 +88,7 @@ pub(crate) fn scan_chain(
                 };
                 let expected = tip.entries;
                 if e.seq != expected {
-                    let reason = if e.seq > expected {
-                        Reason::Gap
-                    } else if e.seq + 1 == expected {
-                        Reason::Duplicate
-                    } else {
-                        Reason::Reordered
-                    };
-                    return Ok(Err((expected, reason)));
+                    return Ok(Err((expected, seq_reason(e.seq, expected))));
                 }
                 let prev = tip.last_hash.unwrap_or([0; 32]);
                 if e.prev_hash != prev {
@@ -127,6 +128,17 @@ pub(crate) fn scan_chain(
         return Ok(Err((group_first, Reason::UnsignedTail)));
     }
     Ok(Ok(tip))
+}
+
+/// Names an out-of-place seq: `found` where `expected` should be.
+fn seq_reason(found: u64, expected: u64) -> Reason {
+    if found > expected {
+        Reason::Gap
+    } else if found + 1 == expected {
+        Reason::Duplicate
+    } else {
+        Reason::Reordered
+    }
 }
 
 type Decoded<'a> = std::result::Result<(Option<u64>, Chunk<'a>, Vec<Hash>), Reason>;
@@ -201,6 +213,9 @@ pub struct Report {
     pub used_stored_key: bool,
     /// Subjects whose data keys were shredded (and are gone from the store).
     pub shredded: Vec<String>,
+    /// Entries past the derived state's applied marker (after a crash),
+    /// replayed into the state tree at the next open.
+    pub unindexed: u64,
 }
 
 impl Report {
@@ -226,6 +241,7 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
         failure: None,
         used_stored_key,
         shredded: Vec::new(),
+        unindexed: 0,
     };
     let key = match opts.public_key.or(stored_key) {
         Some(k) => k,
@@ -240,7 +256,11 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
     let noop = |_: u64| {};
     let progress = opts.progress.unwrap_or(&noop);
 
+    // The state tree is the model of the log at its `applied` marker (the
+    // indexer writes it behind the log): remember the model at that seq.
+    let applied = store.applied()?;
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut model_at_applied: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
     let mut keys: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
     let mut shredded = Vec::new();
     let mut genesis: Option<Genesis> = None;
@@ -262,6 +282,9 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
                 Some(v) => model.insert(k, v),
                 None => model.remove(&k),
             };
+        }
+        if applied == Some(e.seq) {
+            model_at_applied = Some(model.clone());
         }
         let commits =
             state::key_commitments(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
@@ -313,26 +336,47 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
         return Ok(report);
     }
 
-    // Derived state against the replayed model.
-    model.insert(state::APPLIED.to_vec(), last.to_be_bytes().to_vec());
-    if let Some(applied) = store.applied()? {
-        if applied > last {
-            report.failure = fail(Reason::Truncated);
-            return Ok(report);
-        }
+    // Derived state against the replayed model at the applied marker.
+    if applied.is_some_and(|a| a > last) {
+        report.failure = fail(Reason::Truncated);
+        return Ok(report);
     }
+    let mut expected_state = model_at_applied.unwrap_or_default();
+    if let Some(a) = applied {
+        expected_state.insert(state::APPLIED.to_vec(), a.to_be_bytes().to_vec());
+    }
+    report.unindexed = applied.map_or(tip.entries, |a| last - a);
     if let Some(m) = compare(
         &store.state,
-        model.iter().map(|(k, v)| (k.clone(), v.clone())),
+        expected_state.iter().map(|(k, v)| (k.clone(), v.clone())),
     )? {
         report.failure = fail(Reason::IndexMismatch(m));
         return Ok(report);
     }
-    // Key store against the commitments.
+    // Key store against the commitments. Keys named by a pending marker
+    // whose group never reached the log were written by a commit that a
+    // crash interrupted; the next open deletes them, and nothing uses them.
+    let mut uncommitted: Vec<Vec<u8>> = Vec::new();
+    if let Some(p) = store.keys.get(crate::vault::PENDING)? {
+        match crate::vault::decode_pending(&p) {
+            Ok((first, names)) if first >= tip.entries => uncommitted = names,
+            Ok(_) => {}
+            Err(_) => {
+                report.failure = fail(Reason::KeyMismatch("malformed pending marker".into()));
+                return Ok(report);
+            }
+        }
+    }
     let expected = keys.iter().map(|(k, h)| (k.clone(), h.to_vec()));
     let actual: Vec<(Vec<u8>, Vec<u8>)> = store
         .keys
         .iter()
+        .filter(|kv| {
+            kv.as_ref().map_or(true, |(k, _)| {
+                k.as_ref() != crate::vault::PENDING
+                    && !uncommitted.iter().any(|n| n.as_slice() == k.as_ref())
+            })
+        })
         .map(|kv| kv.map(|(k, v)| (k.to_vec(), blake3::hash(&v).as_bytes().to_vec())))
         .collect::<std::result::Result<_, _>>()?;
     if let Some(m) = compare_iters(actual.into_iter(), expected) {

@@ -26,7 +26,9 @@ fn crash_child() {
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let vault = std::sync::Arc::new(Vault::open(Path::new(&dir), &unlock(), Options::default()).expect("child open"));
+        let vault = std::sync::Arc::new(
+            Vault::open(Path::new(&dir), &unlock(), Options::default()).expect("child open"),
+        );
         let mut tasks = Vec::new();
         for t in 0..16u64 {
             let v = vault.clone();
@@ -35,7 +37,10 @@ fn crash_child() {
                     // New subjects keep appearing, so key creation is under test too.
                     let subject = format!("c{t}-{}", i / 3);
                     let body = format!("t{t}i{i}");
-                    let r = v.append(Append::record(subject.clone(), body.into_bytes())).await.expect("append");
+                    let r = v
+                        .append(Append::record(subject.clone(), body.into_bytes()))
+                        .await
+                        .expect("append");
                     println!("ack {} {} {}", r.seq, hex::encode(r.entry_hash), subject);
                 }
             }));
@@ -65,7 +70,13 @@ fn acknowledged_appends_survive_sigkill() {
         rng ^= rng << 17;
         let kill_after = 50 + (rng % 400) as usize;
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(CHILD_ENV, &dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -92,7 +103,9 @@ fn acknowledged_appends_survive_sigkill() {
         for line in lines.map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("ack ") {
                 let mut parts = rest.split(' ');
-                if let (Some(seq), Some(hash), Some(subject)) = (parts.next(), parts.next(), parts.next()) {
+                if let (Some(seq), Some(hash), Some(subject)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
                     if let Ok(seq) = seq.parse() {
                         acked.push((seq, hash.to_string(), subject.to_string()));
                     }
@@ -107,7 +120,11 @@ fn acknowledged_appends_survive_sigkill() {
                 .entry(*seq)
                 .expect("read")
                 .unwrap_or_else(|| panic!("cycle {cycle}: acknowledged seq {seq} lost"));
-            assert_eq!(&hex::encode(e.hash), hash, "cycle {cycle}: seq {seq} changed");
+            assert_eq!(
+                &hex::encode(e.hash),
+                hash,
+                "cycle {cycle}: seq {seq} changed"
+            );
             assert_eq!(&e.subject, subject);
             assert!(vault.latest_record(subject).expect("decrypts").is_some());
         }
