@@ -8,7 +8,9 @@
 //! - [`init`]: `vaultd init`, creating a vault.
 //! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
 //! - [`verify`]: `vault-verify`'s report and its exit codes.
+//! - [`bench`]: `vault-bench`, throughput and latency of the storage engine.
 
+pub mod bench;
 pub mod dev;
 pub mod init;
 pub mod secrets;

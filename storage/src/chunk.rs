@@ -130,11 +130,6 @@ impl SignedHead {
             .is_ok()
     }
 
-    /// The message and signature, for batch verification.
-    pub(crate) fn batch_parts(&self) -> (Vec<u8>, Signature) {
-        (self.message(), Signature::from_bytes(&self.signature))
-    }
-
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.signed_bytes());
         out.extend_from_slice(&self.signature);

@@ -8,9 +8,10 @@
 //! master key --wrap(AAD = key id)-----------> ed25519 signing key
 //! ```
 //!
-//! Every seal and wrap is AES-256-GCM-SIV with a random 96-bit nonce and
+//! Every seal and wrap is AES-256-GCM-SIV with a 96-bit nonce and
 //! associated data that names what is sealed, so a wrapped key moved to
-//! another subject or version fails to unwrap. Key material lives in
+//! another subject or version fails to unwrap. Key sealing and wrapping
+//! take nonces from the OS; records take them from a [`NonceSource`]. Key material lives in
 //! [`zeroize::Zeroizing`] buffers and no type here prints a secret.
 
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
@@ -26,6 +27,13 @@ pub const KDF_MIN_M_KIB: u32 = 19 * 1024;
 pub const KDF_MIN_T: u32 = 2;
 /// Argon2id lanes floor.
 pub const KDF_MIN_P: u32 = 1;
+/// Ceilings, so that a tampered store cannot make opening take unbounded
+/// memory or time: 4 GiB, 64 iterations, 64 lanes.
+pub const KDF_MAX_M_KIB: u32 = 4 * 1024 * 1024;
+/// Argon2id iteration ceiling.
+pub const KDF_MAX_T: u32 = 64;
+/// Argon2id lanes ceiling.
+pub const KDF_MAX_P: u32 = 64;
 
 /// Fills `buf` with random bytes from the OS.
 pub fn random_bytes(buf: &mut [u8]) {
@@ -218,8 +226,15 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
-    /// Refuses parameters below the floor (a tampered or careless store).
+    /// Refuses parameters below the floor or above the ceiling (a tampered
+    /// or careless store).
     pub fn check_floor(&self) -> Result<()> {
+        if self.m_kib > KDF_MAX_M_KIB || self.t > KDF_MAX_T || self.p > KDF_MAX_P {
+            return Err(Error::WeakKdf(format!(
+                "m={} KiB t={} p={} above the ceiling (m={KDF_MAX_M_KIB} t={KDF_MAX_T} p={KDF_MAX_P})",
+                self.m_kib, self.t, self.p
+            )));
+        }
         if self.m_kib < KDF_MIN_M_KIB || self.t < KDF_MIN_T || self.p < KDF_MIN_P {
             return Err(Error::WeakKdf(format!(
                 "m={} KiB t={} p={} (floor m={KDF_MIN_M_KIB} t={KDF_MIN_T} p={KDF_MIN_P})",

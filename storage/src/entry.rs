@@ -63,7 +63,7 @@ pub enum Kind {
     KeyRotated = 12,
     /// A subject's data key was destroyed.
     SubjectShredded = 13,
-    /// A checkpoint of the chain head (e.g. written at clean shutdown).
+    /// A checkpoint of the chain head (reserved for key rotation and export).
     Checkpoint = 14,
 }
 

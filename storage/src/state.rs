@@ -4,9 +4,9 @@
 //! Every mutation is a pure function of one entry ([`mutations`]), so the
 //! state can be rebuilt from the log at any time and `verify` can replay the
 //! log into a model and compare it with the tree byte for byte. The
-//! committer writes an entry's mutations in the same sled batch as the
-//! `applied` marker (the seq of the last entry applied); at open, entries
-//! after the marker are replayed.
+//! vault's indexer writes mutations in batches, each with the `applied`
+//! marker (the seq of the last entry it covers), so the tree is always the
+//! model of the log at `applied`; at open, entries after it are replayed.
 //!
 //! Keys of the `state` tree:
 //!
@@ -49,6 +49,15 @@ pub struct CredentialCreated {
     /// Human label (e.g. the partner id).
     #[serde(default)]
     pub name: String,
+}
+
+/// The stored value of `"c/" id`.
+#[derive(serde::Serialize)]
+struct CredentialState<'a> {
+    role: &'a str,
+    key_hash: &'a str,
+    name: &'a str,
+    seq: u64,
 }
 
 /// Payload of a `credential_revoked` entry.
@@ -124,11 +133,17 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
         }
         Kind::CredentialCreated => {
             let c: CredentialCreated = parse(e)?;
-            let json = serde_json::json!({
-                "role": c.role, "key_hash": c.key_hash, "name": c.name, "seq": e.seq,
-            });
+            // A struct, not a map, so that field order (and thus the bytes
+            // verify compares) never depends on serde_json's features.
+            let value = CredentialState {
+                role: &c.role,
+                key_hash: &c.key_hash,
+                name: &c.name,
+                seq: e.seq,
+            };
+            let bytes = serde_json::to_vec(&value).map_err(|e| Error::Invalid(e.to_string()))?;
             vec![
-                (key("c/", &c.id), Some(json.to_string().into_bytes())),
+                (key("c/", &c.id), Some(bytes)),
                 (key("h/", &c.key_hash), Some(c.id.into_bytes())),
             ]
         }

@@ -6,7 +6,9 @@
 //!   log     u64 BE first seq -> chunk (see `chunk`)
 //!   state   derived state (see `state`)
 //!   keys    "master" -> sealed master key, "signing/" id -> wrapped signing
-//!           key, "dk/" subject 0x00 version -> wrapped subject data key
+//!           key, "dk/" subject 0x00 version -> wrapped subject data key,
+//!           "pending" -> the new keys of the last group that created any
+//!           (see `vault`)
 //!   meta    "format" -> u32 BE 1, "vault_id" -> 16 B, "public_key" -> 32 B
 //! ```
 //!
@@ -50,12 +52,27 @@ fn db_dir(dir: &Path) -> PathBuf {
 
 impl Store {
     fn open_at(dir: &Path, cache_bytes: u64) -> Result<Store> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(db_dir(dir))
             .segment_size(SEGMENT_SIZE)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            .open()?;
+            // The vault flushes (and fsyncs) after every commit group itself.
+            .flush_every_ms(None);
+        // Sled's I/O threads hold the directory lock for a moment after the
+        // last handle is dropped, so a reopen in the same process (close,
+        // then verify) can find it still held: wait a little for it before
+        // reporting the directory as in use.
+        let mut waited = 0;
+        let db = loop {
+            match config.open().map_err(Error::from) {
+                Err(Error::Locked) if waited < 2000 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    waited += 20;
+                }
+                other => break other?,
+            }
+        };
         let data_file = File::open(db_dir(dir).join("db"))?;
         Ok(Store {
             log: db.open_tree("log")?,
@@ -211,7 +228,8 @@ impl RawStore {
         })
     }
 
-    /// Flushes and fdatasyncs what was written through the raw trees.
+    /// Flushes sled's buffers to the file (not an fsync: enough for a
+    /// following open on this machine, not for power loss).
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())

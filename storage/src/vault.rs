@@ -56,7 +56,7 @@ use crate::entry::{entry_hash, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJEC
 use crate::error::{Error, Reason, Result};
 use crate::state::{self, CredentialCreated, Genesis, KeyState, SubjectKeyCommit};
 use crate::store::{Store, FORMAT};
-use crate::verify::scan_chain;
+use crate::verify::ChainTip;
 
 /// Options of [`Vault::create`] and [`Vault::open`], with documented defaults.
 #[derive(Debug, Clone)]
@@ -496,71 +496,26 @@ impl Vault {
             ));
         }
 
-        // Recovery: verify the chain, replay derived state past the applied
-        // marker, drop keys of a group that never reached the log.
-        let applied = store.applied()?;
-        let mut batch = sled::Batch::default();
-        let mut pending = 0usize;
-        let mut replay_err = None;
-        let noop = |_: u64| {};
-        let tip = scan_chain(&store.log, &public_key, &noop, |e, _| {
-            if (e.seq == 0) != (e.kind == Kind::Genesis) {
-                return Err((
-                    e.seq,
-                    Reason::BadGenesis("genesis must be the first entry and only it".into()),
-                ));
-            }
-            if applied.is_some_and(|a| e.seq <= a) {
-                return Ok(());
-            }
-            match state::mutations(e) {
-                Ok(muts) => {
-                    for (k, v) in muts {
-                        match v {
-                            Some(v) => batch.insert(k, v),
-                            None => batch.remove(k),
-                        }
-                        pending += 1;
-                    }
-                }
-                Err(err) => return Err((e.seq, Reason::Malformed(err.to_string()))),
-            }
-            if pending >= 10_000 {
-                batch.insert(state::APPLIED, &e.seq.to_be_bytes());
-                if let Err(err) = store.state.apply_batch(std::mem::take(&mut batch)) {
-                    replay_err = Some(err);
-                }
-                pending = 0;
-            }
-            Ok(())
-        })?
-        .map_err(Error::from)?;
-        if let Some(err) = replay_err {
-            return Err(err.into());
+        // Recovery: verify everything (chain, genesis and metadata, derived
+        // state at its applied marker, key store) and refuse to serve on any
+        // failure; then replay derived state past the applied marker and
+        // drop keys of a group that never reached the log.
+        let report = crate::verify::verify_store(
+            &store,
+            &crate::verify::VerifyOptions {
+                public_key: Some(public_key),
+                ..Default::default()
+            },
+        )?;
+        if let Some((seq, reason)) = report.failure {
+            return Err(Error::integrity(seq, reason));
         }
-        if tip.entries == 0 {
-            return Err(Error::integrity(
-                0,
-                Reason::BadGenesis("the log is empty: the vault was never fully created".into()),
-            ));
-        }
-        let last = tip.entries.checked_sub(1);
-        if let (Some(a), l) = (applied, last) {
-            if l.is_none_or(|l| a > l) {
-                return Err(Error::integrity(tip.entries, Reason::Truncated));
-            }
-        }
-        if let Some(l) = last {
-            if applied != Some(l) {
-                tracing::info!(
-                    from = applied.map_or(0, |a| a + 1),
-                    to = l,
-                    "replayed derived state"
-                );
-                batch.insert(state::APPLIED, &l.to_be_bytes());
-            }
-        }
-        store.state.apply_batch(batch)?;
+        let tip = ChainTip {
+            entries: report.entries,
+            last_hash: report.head,
+            head: report.signed_head,
+        };
+        replay_tail(&store, tip.entries)?;
         recover_pending(&store, tip.entries)?;
         store.sync()?;
 
@@ -855,9 +810,9 @@ impl Vault {
         Ok(Some(c))
     }
 
-    /// Number of entries in the log (the next seq), including any not yet durable.
-    pub fn len_hint(&self) -> u64 {
-        self.inner.store.entry_count_hint()
+    /// Number of durable entries: the seq after the latest signed head.
+    pub fn durable_len(&self) -> u64 {
+        self.head().map_or(0, |h| h.last_seq + 1)
     }
 
     /// Stops the committer after the queued appends and makes them durable.
@@ -867,8 +822,49 @@ impl Vault {
     }
 }
 
+/// Writes the derived state of the entries after the applied marker (those
+/// whose state a crash left in the overlay). The chain was verified before.
+fn replay_tail(store: &Store, entries: u64) -> Result<()> {
+    let start = store.applied()?.map_or(0, |a| a + 1);
+    if start >= entries {
+        return Ok(());
+    }
+    let first_chunk = match store.log.range(..=start.to_be_bytes()).next_back() {
+        Some(kv) => kv?.0,
+        None => return Ok(()),
+    };
+    let mut batch = sled::Batch::default();
+    let mut waiting = 0usize;
+    for kv in store.log.range(first_chunk..) {
+        let (_, v) = kv?;
+        let chunk = crate::chunk::Chunk::decode(&v)
+            .map_err(|_| Error::integrity(start, Reason::CrcMismatch))?;
+        for bytes in chunk.entries {
+            let e = EntryRef::decode(bytes)?;
+            if e.seq < start {
+                continue;
+            }
+            for (k, v) in state::mutations(&e)? {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+                waiting += 1;
+            }
+            if waiting >= 10_000 || e.seq + 1 == entries {
+                batch.insert(state::APPLIED, &e.seq.to_be_bytes());
+                store.state.apply_batch(std::mem::take(&mut batch))?;
+                waiting = 0;
+            }
+        }
+    }
+    tracing::info!(from = start, to = entries - 1, "replayed derived state");
+    Ok(())
+}
+
 /// Drops keys that a crashed group wrote but whose entries never reached
-/// the log, and the pending marker.
+/// the log, and the pending marker. Verification has already refused a
+/// marker that names a key the log commits to.
 fn recover_pending(store: &Store, next_seq: u64) -> Result<()> {
     let Some(p) = store.keys.get(PENDING)? else {
         return Ok(());

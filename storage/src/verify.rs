@@ -2,11 +2,13 @@
 //! the log was not altered, and that derived state and the key store match
 //! what the log says.
 //!
-//! The scan reads chunks in windows; each window is decoded, CRC-checked
-//! and hashed in parallel (every entry stores its predecessor's hash, so
-//! entry hashes are independent), then walked in order to check seqs,
-//! links and group heads, whose signatures are batch-verified in parallel.
-//! Nothing here needs a passphrase or a data key, and nothing writes.
+//! The scan reads chunks in windows; each window is decoded, CRC-checked,
+//! hashed and its head signatures checked (`verify_strict`) in parallel
+//! (every entry stores its predecessor's hash, so entry hashes are
+//! independent), then walked in order to check seqs, links and group
+//! heads, while the next window is decoded. Nothing here needs a
+//! passphrase or a data key, and nothing here writes (opening sled runs
+//! sled's own recovery).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,97 +39,167 @@ pub struct ChainTip {
 /// An integrity failure: the first bad seq and why.
 pub type Failure = (u64, Reason);
 
-/// Scans the log tree: CRC, decoding, contiguous seqs, hash links, group
-/// Merkle roots and head signatures. `visit` sees each entry, in order,
-/// after its own checks passed. Returns `Ok(Err(failure))` for an
-/// integrity failure and `Err` only for I/O.
-pub(crate) fn scan_chain(
-    log: &sled::Tree,
+/// One chunk after the parallel phase: its bytes, where its entries lie in
+/// them, their hashes, and whether its head's signature verified.
+struct Decoded {
+    key: Option<u64>,
+    value: sled::IVec,
+    first_seq: u64,
+    ranges: Vec<std::ops::Range<usize>>,
+    hashes: Vec<Hash>,
+    head: Option<SignedHead>,
+    head_signature_ok: bool,
+}
+
+fn decode_one(
+    k: &sled::IVec,
+    v: sled::IVec,
     key: &VerifyingKey,
-    progress: &(dyn Fn(u64) + Sync),
-    mut visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure>,
-) -> Result<std::result::Result<ChainTip, Failure>> {
-    let mut tip = ChainTip::default();
-    let mut group: Vec<Hash> = Vec::new();
-    let mut group_first = 0u64;
-    let mut iter = log.iter();
-    loop {
-        let mut window = Vec::with_capacity(WINDOW_CHUNKS);
-        for item in iter.by_ref().take(WINDOW_CHUNKS) {
-            window.push(item?);
-        }
-        if window.is_empty() {
-            break;
-        }
-        // Parallel: CRC, decode, hash every entry.
-        let decoded: Vec<_> = window
-            .par_iter()
-            .map(|(k, v)| decode_and_hash(k, v))
-            .collect();
-        let mut heads = Vec::new();
-        for d in decoded {
-            let (chunk_key, chunk, hashes) = match d {
-                Ok(x) => x,
-                Err(reason) => return Ok(Err((tip.entries, reason))),
-            };
-            if chunk_key != Some(chunk.first_seq) {
-                return Ok(Err((tip.entries, Reason::Reordered)));
+) -> std::result::Result<Decoded, Reason> {
+    let (first_seq, ranges, head) = {
+        let chunk = Chunk::decode(&v).map_err(|e| match e {
+            ChunkError::Crc => Reason::CrcMismatch,
+            ChunkError::Malformed(m) => Reason::Malformed(m.into()),
+        })?;
+        let base = v.as_ptr() as usize;
+        let ranges = chunk
+            .entries
+            .iter()
+            .map(|e| {
+                let start = e.as_ptr() as usize - base;
+                start..start + e.len()
+            })
+            .collect::<Vec<_>>();
+        (chunk.first_seq, ranges, chunk.head)
+    };
+    let hashes = ranges.iter().map(|r| entry_hash(&v[r.clone()])).collect();
+    Ok(Decoded {
+        key: <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes),
+        first_seq,
+        ranges,
+        hashes,
+        head_signature_ok: head.is_some_and(|h| h.verify(key)),
+        head,
+        value: v,
+    })
+}
+
+type Window = Vec<std::result::Result<Decoded, Reason>>;
+
+/// Reads the next window of chunks and decodes, hashes and checks the
+/// signatures of its chunks in parallel.
+fn next_window(iter: &mut sled::Iter, key: &VerifyingKey) -> Result<Window> {
+    let mut raw = Vec::with_capacity(WINDOW_CHUNKS);
+    for item in iter.by_ref().take(WINDOW_CHUNKS) {
+        raw.push(item?);
+    }
+    Ok(raw
+        .into_par_iter()
+        .map(|(k, v)| decode_one(&k, v, key))
+        .collect())
+}
+
+/// The in-order part of a scan: seqs, links, groups and heads.
+struct Walk {
+    tip: ChainTip,
+    group: Vec<Hash>,
+    group_first: u64,
+}
+
+impl Walk {
+    fn window(
+        &mut self,
+        window: Window,
+        visit: &mut impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure>,
+    ) -> std::result::Result<(), Failure> {
+        let tip = &mut self.tip;
+        for d in window {
+            let d = d.map_err(|reason| (tip.entries, reason))?;
+            if d.key != Some(d.first_seq) {
+                return Err((tip.entries, Reason::Reordered));
             }
             // The key must also name the seq of the chunk's first entry:
             // reads by seq find a chunk by its key, so a chunk moved under
             // another key (header rewritten to match) would hide entries
             // that the chain itself still accounts for.
-            if chunk.first_seq != tip.entries {
-                let reason = seq_reason(chunk.first_seq, tip.entries);
-                return Ok(Err((tip.entries, reason)));
+            if d.first_seq != tip.entries {
+                return Err((tip.entries, seq_reason(d.first_seq, tip.entries)));
             }
-            for (bytes, hash) in chunk.entries.iter().zip(&hashes) {
-                let e = match EntryRef::decode(bytes) {
-                    Ok(e) => e,
-                    Err(_) => return Ok(Err((tip.entries, Reason::Malformed("entry".into())))),
-                };
+            for (range, hash) in d.ranges.iter().zip(&d.hashes) {
+                let e = EntryRef::decode(&d.value[range.clone()])
+                    .map_err(|_| (tip.entries, Reason::Malformed("entry".into())))?;
                 let expected = tip.entries;
                 if e.seq != expected {
-                    return Ok(Err((expected, seq_reason(e.seq, expected))));
+                    return Err((expected, seq_reason(e.seq, expected)));
                 }
-                let prev = tip.last_hash.unwrap_or([0; 32]);
-                if e.prev_hash != prev {
-                    return Ok(Err((e.seq, Reason::BadLink)));
+                if e.prev_hash != tip.last_hash.unwrap_or([0; 32]) {
+                    return Err((e.seq, Reason::BadLink));
                 }
-                if group.is_empty() {
-                    group_first = e.seq;
+                if self.group.is_empty() {
+                    self.group_first = e.seq;
                 }
-                group.push(*hash);
-                if let Err(f) = visit(&e, hash) {
-                    return Ok(Err(f));
-                }
+                self.group.push(*hash);
+                visit(&e, hash)?;
                 tip.entries += 1;
                 tip.last_hash = Some(*hash);
             }
-            if let Some(h) = chunk.head {
+            if let Some(h) = d.head {
                 let last = tip.entries - 1;
-                let ok = h.group_first_seq == group_first
+                let ok = h.group_first_seq == self.group_first
                     && h.last_seq == last
                     && Some(h.last_hash) == tip.last_hash
                     && h.key_id == 0
-                    && h.group_root == MerkleTree::new(&group).root();
+                    && h.group_root == MerkleTree::new(&self.group).root();
                 if !ok {
-                    return Ok(Err((last, Reason::HeadMismatch)));
+                    return Err((last, Reason::HeadMismatch));
                 }
-                heads.push(h);
+                if !d.head_signature_ok {
+                    return Err((last, Reason::BadSignature));
+                }
                 tip.head = Some(h);
-                group.clear();
+                self.group.clear();
             }
         }
-        if let Some(bad) = first_bad_signature(&heads, key) {
-            return Ok(Err((bad, Reason::BadSignature)));
+        Ok(())
+    }
+}
+
+/// Scans the log tree: CRC, decoding, contiguous seqs, hash links, group
+/// Merkle roots and head signatures. `visit` sees each entry, in order,
+/// after its own checks passed. Returns `Ok(Err(failure))` for the first
+/// integrity failure in log order and `Err` only for I/O.
+///
+/// Pipelined on two cores: while one walks window n in order, the other
+/// reads window n+1 and decodes, hashes and checks it in parallel.
+pub(crate) fn scan_chain(
+    log: &sled::Tree,
+    key: &VerifyingKey,
+    progress: &(dyn Fn(u64) + Sync),
+    mut visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
+) -> Result<std::result::Result<ChainTip, Failure>> {
+    let mut walk = Walk {
+        tip: ChainTip::default(),
+        group: Vec::new(),
+        group_first: 0,
+    };
+    let mut iter = log.iter();
+    let mut next = next_window(&mut iter, key)?;
+    while !next.is_empty() {
+        let current = std::mem::take(&mut next);
+        let (walked, read) = rayon::join(
+            || walk.window(current, &mut visit),
+            || next_window(&mut iter, key),
+        );
+        if let Err(f) = walked {
+            return Ok(Err(f));
         }
-        progress(tip.entries);
+        next = read?;
+        progress(walk.tip.entries);
     }
-    if !group.is_empty() {
-        return Ok(Err((group_first, Reason::UnsignedTail)));
+    if !walk.group.is_empty() {
+        return Ok(Err((walk.group_first, Reason::UnsignedTail)));
     }
-    Ok(Ok(tip))
+    Ok(Ok(walk.tip))
 }
 
 /// Names an out-of-place seq: `found` where `expected` should be.
@@ -139,40 +211,6 @@ fn seq_reason(found: u64, expected: u64) -> Reason {
     } else {
         Reason::Reordered
     }
-}
-
-type Decoded<'a> = std::result::Result<(Option<u64>, Chunk<'a>, Vec<Hash>), Reason>;
-
-fn decode_and_hash<'a>(k: &sled::IVec, v: &'a sled::IVec) -> Decoded<'a> {
-    let chunk = Chunk::decode(v).map_err(|e| match e {
-        ChunkError::Crc => Reason::CrcMismatch,
-        ChunkError::Malformed(m) => Reason::Malformed(m.into()),
-    })?;
-    let key = <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes);
-    let hashes = chunk.entries.iter().map(|e| entry_hash(e)).collect();
-    Ok((key, chunk, hashes))
-}
-
-fn first_bad_signature(heads: &[SignedHead], key: &VerifyingKey) -> Option<u64> {
-    if heads.is_empty() {
-        return None;
-    }
-    // Batch verification is all-or-nothing and does not say which failed;
-    // when it fails, fall back to one at a time to name the first bad seq.
-    let batch_ok = heads.par_chunks(64).all(|hs| {
-        let parts: Vec<_> = hs.iter().map(SignedHead::batch_parts).collect();
-        let msgs: Vec<&[u8]> = parts.iter().map(|(m, _)| m.as_slice()).collect();
-        let sigs: Vec<_> = parts.iter().map(|(_, s)| *s).collect();
-        let keys = vec![*key; hs.len()];
-        ed25519_dalek::verify_batch(&msgs, &sigs, &keys).is_ok()
-            // verify_batch is not strict about small-order components:
-            // confirm with verify_strict, which is what receipts use.
-            && hs.iter().all(|h| h.verify(key))
-    });
-    if batch_ok {
-        return None;
-    }
-    heads.iter().find(|h| !h.verify(key)).map(|h| h.last_seq)
 }
 
 /// Options of [`verify`].
@@ -258,7 +296,14 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
 
     // The state tree is the model of the log at its `applied` marker (the
     // indexer writes it behind the log): remember the model at that seq.
-    let applied = store.applied()?;
+    let applied = match store.applied() {
+        Ok(a) => a,
+        Err(Error::Malformed(_)) => {
+            report.failure = Some((0, Reason::IndexMismatch("malformed applied marker".into())));
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut model_at_applied: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
     let mut keys: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();

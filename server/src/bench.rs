@@ -1,0 +1,1139 @@
+//! `vault-bench`: throughput and latency of the storage engine, in the
+//! spirit of redis-benchmark and pgbench.
+//!
+//! A run is a [`Target`] (today the engine embedded in this process; a
+//! running `vaultd` over the network later) and a [`Workload`]:
+//!
+//! - [`Workload::Append`]: `clients` tasks, each keeping `pipeline` appends
+//!   of `batch` records in flight, every append awaited until the vault
+//!   acknowledges it durable. Reports records/s and the latency of each
+//!   append call in an HDR histogram. With `baseline`, raw sled inserts the
+//!   same number of records of the same size, one writer thread, made
+//!   durable the way the vault makes them durable (`flush` + `fdatasync`
+//!   of sled's data file) after every record and after every 256.
+//! - [`Workload::Verify`]: builds a vault of `entries` records, closes it,
+//!   and times `storage::verify` with the pinned public key. With
+//!   `baseline`, the one-core rates of BLAKE3 over entry-sized buffers and
+//!   of ed25519 `verify_strict`, the two costs verify cannot avoid.
+//!
+//! The machines this runs on are shared and noisy, so absolute figures
+//! move between runs; the baselines are measured in the same run so that
+//! the ratios mean something.
+//!
+//! Data layout under the bench dir (a fresh temporary dir by default,
+//! removed at the end; a dir given by the caller is left in place):
+//!
+//! ```text
+//! DIR/vault/           the bench vault (passphrase BENCH_PASSPHRASE)
+//! DIR/sled-every-1/    raw sled baseline, durable after every insert
+//! DIR/sled-every-256/  raw sled baseline, durable after every 256 inserts
+//! ```
+
+use std::fs::File;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::{Signer, SigningKey};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use storage::{Append, Options, Unlock, Vault, VerifyOptions};
+use tokio::task::JoinSet;
+
+use crate::{Error, Result};
+
+/// Passphrase of every bench vault. A bench vault holds random bytes only;
+/// the fixed passphrase keeps runs reproducible and scriptable.
+pub const BENCH_PASSPHRASE: &[u8] = b"vault-bench: not a secret";
+
+/// The sled baselines: durable after every this many inserts. One is the
+/// fair comparison, since every vault append is acknowledged durable.
+pub const BASELINE_SYNC_EVERY: [u64; 2] = [1, 256];
+
+/// Where the workload runs.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The storage engine inside this process, in `dir` (a fresh temporary
+    /// dir, removed afterwards, when `None`).
+    Embedded { dir: Option<PathBuf> },
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub enum Workload {
+    Append(AppendParams),
+    Verify(VerifyParams),
+}
+
+/// Parameters of [`Workload::Append`].
+#[derive(Debug, Clone, Serialize)]
+pub struct AppendParams {
+    /// Records to append (default 200,000); the run ends when all are durable.
+    pub records: u64,
+    /// Plaintext bytes per record (default 512).
+    pub size: usize,
+    /// Concurrent clients (default 64).
+    pub clients: usize,
+    /// Appends each client keeps in flight (default 8).
+    pub pipeline: usize,
+    /// Records per `append_batch` call (default 1: one `append` per record).
+    pub batch: usize,
+    /// Distinct subjects the records are spread over (default 10,000).
+    pub subjects: usize,
+    /// Stop claiming new records after this long, even if fewer than
+    /// `records` were appended (default: no limit).
+    #[serde(rename = "duration_s", serialize_with = "secs_opt")]
+    pub duration: Option<Duration>,
+    /// Also measure raw sled at the same durability (default false).
+    pub baseline: bool,
+}
+
+impl Default for AppendParams {
+    fn default() -> Self {
+        AppendParams {
+            records: 200_000,
+            size: 512,
+            clients: 64,
+            pipeline: 8,
+            batch: 1,
+            subjects: 10_000,
+            duration: None,
+            baseline: false,
+        }
+    }
+}
+
+/// Parameters of [`Workload::Verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyParams {
+    /// Records to write before verifying (default 1,000,000). The log also
+    /// holds one key entry per subject and two initial entries.
+    pub entries: u64,
+    /// Plaintext bytes per record (default 512).
+    pub size: usize,
+    /// Distinct subjects (default 10,000).
+    pub subjects: usize,
+    /// Tasks appending while the vault is built (default 8).
+    pub build_clients: usize,
+    /// Records per `append_batch` call while building (default 1024).
+    pub build_batch: usize,
+    /// Also measure BLAKE3 and ed25519 on one core (default false).
+    pub baseline: bool,
+}
+
+impl Default for VerifyParams {
+    fn default() -> Self {
+        VerifyParams {
+            entries: 1_000_000,
+            size: 512,
+            subjects: 10_000,
+            build_clients: 8,
+            build_batch: 1024,
+            baseline: false,
+        }
+    }
+}
+
+/// Largest record plaintext: the vault adds a 16-byte tag.
+const MAX_SIZE: usize = storage::entry::MAX_PAYLOAD_LEN - 16;
+/// Bounds on the knobs, so that a typo fails at once rather than after an
+/// hour or with an allocation failure.
+const MAX_CLIENTS: usize = 100_000;
+const MAX_BATCH: usize = 65_536;
+const MAX_SUBJECTS: usize = 10_000_000;
+
+fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(msg()))
+    }
+}
+
+fn check_common(records: u64, size: usize, subjects: usize) -> Result<()> {
+    check(records > 0, || "the record count must be at least 1".into())?;
+    check(size <= MAX_SIZE, || {
+        format!("--size {size} exceeds the largest record, {MAX_SIZE} bytes")
+    })?;
+    check((1..=MAX_SUBJECTS).contains(&subjects), || {
+        format!("--subjects must be between 1 and {MAX_SUBJECTS}")
+    })
+}
+
+fn check_clients(clients: usize, pipeline: usize, batch: usize) -> Result<()> {
+    check((1..=MAX_CLIENTS).contains(&clients), || {
+        format!("--clients must be between 1 and {MAX_CLIENTS}")
+    })?;
+    check((1..=MAX_CLIENTS).contains(&pipeline), || {
+        format!("--pipeline must be between 1 and {MAX_CLIENTS}")
+    })?;
+    check((1..=MAX_BATCH).contains(&batch), || {
+        format!("--batch must be between 1 and {MAX_BATCH}")
+    })
+}
+
+impl AppendParams {
+    fn validate(&self) -> Result<()> {
+        check_common(self.records, self.size, self.subjects)?;
+        check_clients(self.clients, self.pipeline, self.batch)
+    }
+}
+
+impl VerifyParams {
+    fn validate(&self) -> Result<()> {
+        check_common(self.entries, self.size, self.subjects)?;
+        check_clients(self.build_clients, 1, self.build_batch)
+    }
+}
+
+/// The outcome of a run; serialized as one JSON object whose `workload`
+/// field names the variant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "workload", rename_all = "snake_case")]
+pub enum Report {
+    Append(AppendReport),
+    Verify(VerifyReport),
+}
+
+/// Where a run went.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetInfo {
+    /// "embedded".
+    pub kind: &'static str,
+    pub dir: String,
+    /// True when the dir was a temporary one, removed after the run.
+    pub temporary: bool,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        Latency {
+            count: h.len(),
+            mean: h.mean(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// Result of [`Workload::Append`].
+#[derive(Debug, Clone, Serialize)]
+pub struct AppendReport {
+    pub target: TargetInfo,
+    pub params: AppendParams,
+    pub throughput: AppendThroughput,
+    /// Per append call, from submission until it resolved durable.
+    pub latency_us: Latency,
+    pub baseline: Option<Vec<SledRun>>,
+}
+
+/// Throughput of the vault in an append run.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppendThroughput {
+    /// Records acknowledged durable.
+    pub records: u64,
+    /// `append`/`append_batch` calls.
+    pub appends: u64,
+    /// Entries in the log at the end: records, one key entry per new
+    /// subject, and the two initial entries.
+    pub log_entries: u64,
+    /// Commit groups (signed heads, one fsync each) the records went in.
+    pub commit_groups: u64,
+    pub elapsed_s: f64,
+    pub records_per_s: f64,
+    pub appends_per_s: f64,
+}
+
+/// Raw sled at the vault's durability.
+#[derive(Debug, Clone, Serialize)]
+pub struct SledRun {
+    /// Inserts between two `flush` + `fdatasync`.
+    pub sync_every: u64,
+    pub records: u64,
+    pub elapsed_s: f64,
+    pub records_per_s: f64,
+    /// Per `flush` + `fdatasync`.
+    pub sync_latency_us: Latency,
+    /// The vault's records/s divided by this run's.
+    pub vault_ratio: f64,
+}
+
+/// Result of [`Workload::Verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub target: TargetInfo,
+    pub params: VerifyParams,
+    pub build: BuildStats,
+    pub throughput: VerifyThroughput,
+    pub baseline: Option<VerifyBaseline>,
+}
+
+/// How the vault under test was built.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildStats {
+    pub records: u64,
+    pub commit_groups: u64,
+    pub elapsed_s: f64,
+    pub records_per_s: f64,
+}
+
+/// `storage::verify` on the built vault.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyThroughput {
+    /// Entries verified (records, subject key entries, initial entries).
+    pub entries: u64,
+    /// Signed heads checked: one per commit group.
+    pub signed_heads: u64,
+    /// Wall time of `storage::verify`, opening sled included.
+    pub elapsed_s: f64,
+    pub entries_per_s: f64,
+}
+
+/// One-core rates of what verify cannot avoid.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyBaseline {
+    /// Length of each hashed buffer: a record entry's encoded length.
+    pub blake3_input_bytes: usize,
+    pub blake3_hashes: u64,
+    pub blake3_per_s: f64,
+    pub verify_strict_calls: u64,
+    pub verify_strict_per_s: f64,
+    /// One core hashing every entry once and checking every head once.
+    pub one_core_floor_s: f64,
+    /// Verify's entries/s divided by BLAKE3's hashes/s.
+    pub ratio_vs_blake3: f64,
+    /// The floor divided by verify's time: above 1 means verify beat one
+    /// core doing nothing but the unavoidable work.
+    pub ratio_vs_floor: f64,
+}
+
+/// Progress on stderr while a run goes, one bar per phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    visible: bool,
+}
+
+impl Progress {
+    /// No progress output (tests, JSON output, stderr not a terminal).
+    pub fn hidden() -> Self {
+        Progress { visible: false }
+    }
+
+    /// Draws bars on stderr; the caller checks that it is a terminal.
+    pub fn stderr() -> Self {
+        Progress { visible: true }
+    }
+
+    fn phase(&self, what: &str, total: u64) -> ProgressBar {
+        if !self.visible {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:<20} {bar:32} {pos}/{len} ({per_sec}, eta {eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_string());
+        bar
+    }
+}
+
+/// Runs `workload` against `target`.
+pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Result<Report> {
+    match workload {
+        Workload::Append(p) => p.validate()?,
+        Workload::Verify(p) => p.validate()?,
+    }
+    let Target::Embedded { dir } = target;
+    // Held until the end of the run: dropping it removes the dir.
+    let (tmp, dir) = match dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("vault-bench-")
+                .tempdir()
+                .map_err(|source| Error::File {
+                    path: std::env::temp_dir().display().to_string(),
+                    source,
+                })?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(|source| Error::File {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let info = TargetInfo {
+        kind: "embedded",
+        dir: dir.display().to_string(),
+        temporary: tmp.is_some(),
+    };
+    match workload {
+        Workload::Append(p) => run_append(&dir, info, p, progress)
+            .await
+            .map(Report::Append),
+        Workload::Verify(p) => run_verify(&dir, info, p, progress)
+            .await
+            .map(Report::Verify),
+    }
+}
+
+fn sled_dir(dir: &Path, sync_every: u64) -> PathBuf {
+    dir.join(format!("sled-every-{sync_every}"))
+}
+
+/// Refuses to write over an earlier run's data, which would skew it.
+fn ensure_fresh(paths: &[PathBuf]) -> Result<()> {
+    for p in paths {
+        check(!p.exists(), || {
+            format!(
+                "{} already exists: give the bench an empty or new dir",
+                p.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+async fn run_append(
+    dir: &Path,
+    target: TargetInfo,
+    p: &AppendParams,
+    progress: Progress,
+) -> Result<AppendReport> {
+    let vault_dir = dir.join("vault");
+    let mut fresh = vec![vault_dir.clone()];
+    if p.baseline {
+        fresh.extend(BASELINE_SYNC_EVERY.iter().map(|k| sled_dir(dir, *k)));
+    }
+    ensure_fresh(&fresh)?;
+    let vault = create_vault(vault_dir).await?;
+    let bar = progress.phase("vault append", p.records);
+    let work = Arc::new(Work::new(
+        vault, p.records, p.size, p.batch, p.subjects, bar,
+    ));
+    let deadline = p.duration.map(|d| Instant::now() + d);
+    let start = Instant::now();
+    let stats = drive(&work, p.clients, p.pipeline, deadline).await?;
+    let elapsed = start.elapsed();
+    work.bar.finish_and_clear();
+    let work =
+        Arc::try_unwrap(work).map_err(|_| Error::Usage("bench tasks outlived the run".into()))?;
+    let log_entries = work.vault.head().map_or(0, |h| h.last_seq + 1);
+    close_vault(work.vault).await?;
+
+    let secs = elapsed.as_secs_f64();
+    let records_per_s = stats.records as f64 / secs;
+    let throughput = AppendThroughput {
+        records: stats.records,
+        appends: stats.appends,
+        log_entries,
+        commit_groups: stats.groups(),
+        elapsed_s: secs,
+        records_per_s,
+        appends_per_s: stats.appends as f64 / secs,
+    };
+    let baseline = if p.baseline {
+        let mut runs = Vec::new();
+        for k in BASELINE_SYNC_EVERY {
+            let bar = progress.phase(&format!("sled, sync every {k}"), stats.records);
+            let sdir = sled_dir(dir, k);
+            let (records, size, payloads) = (stats.records, p.size, work.payloads.clone());
+            let mut run = tokio::task::spawn_blocking(move || {
+                let r = sled_baseline(&sdir, records, size, k, &payloads, &bar);
+                bar.finish_and_clear();
+                r
+            })
+            .await
+            .map_err(join_error)??;
+            run.vault_ratio = records_per_s / run.records_per_s;
+            runs.push(run);
+        }
+        Some(runs)
+    } else {
+        None
+    };
+    Ok(AppendReport {
+        target,
+        params: p.clone(),
+        throughput,
+        latency_us: Latency::of(&stats.hist),
+        baseline,
+    })
+}
+
+async fn run_verify(
+    dir: &Path,
+    target: TargetInfo,
+    p: &VerifyParams,
+    progress: Progress,
+) -> Result<VerifyReport> {
+    let vault_dir = dir.join("vault");
+    ensure_fresh(std::slice::from_ref(&vault_dir))?;
+    let vault = create_vault(vault_dir.clone()).await?;
+    let public_key = vault.public_key();
+    let bar = progress.phase("building vault", p.entries);
+    let work = Arc::new(Work::new(
+        vault,
+        p.entries,
+        p.size,
+        p.build_batch,
+        p.subjects,
+        bar,
+    ));
+    let start = Instant::now();
+    // Two batches in flight per task, so that the committer fills the next
+    // group while the syncer makes the last one durable.
+    let stats = drive(&work, p.build_clients, 2, None).await?;
+    let build_secs = start.elapsed().as_secs_f64();
+    work.bar.finish_and_clear();
+    let work =
+        Arc::try_unwrap(work).map_err(|_| Error::Usage("bench tasks outlived the run".into()))?;
+    close_vault(work.vault).await?;
+    let build = BuildStats {
+        records: stats.records,
+        commit_groups: stats.groups(),
+        elapsed_s: build_secs,
+        records_per_s: stats.records as f64 / build_secs,
+    };
+
+    let bar = progress.phase("storage::verify", 0);
+    let (elapsed, report) = tokio::task::spawn_blocking(move || {
+        let set = |n: u64| bar.set_position(n);
+        let total = |n: u64| bar.set_length(n);
+        let opts = VerifyOptions {
+            public_key: Some(public_key),
+            progress: Some(&set),
+            total_hint: Some(&total),
+        };
+        let start = Instant::now();
+        let report = storage::verify(&vault_dir, &opts);
+        let elapsed = start.elapsed();
+        bar.finish_and_clear();
+        (elapsed, report)
+    })
+    .await
+    .map_err(join_error)?;
+    let report = report?;
+    if let Some(f) = report.failure {
+        return Err(storage::Error::from(f).into());
+    }
+    let secs = elapsed.as_secs_f64();
+    let entries_per_s = report.entries as f64 / secs;
+    let throughput = VerifyThroughput {
+        entries: report.entries,
+        signed_heads: build.commit_groups,
+        elapsed_s: secs,
+        entries_per_s,
+    };
+
+    let baseline = if p.baseline {
+        let input = record_entry_len(p.size, p.subjects);
+        let hashes = report.entries;
+        let verifies = (hashes / 100).clamp(100, 10_000);
+        let bar = progress.phase("baseline, 1 core", 0);
+        bar.tick();
+        let payloads = work.payloads.clone();
+        let (blake3_per_s, verify_strict_per_s) = tokio::task::spawn_blocking(move || {
+            let r = (
+                blake3_rate(&payloads, input, hashes),
+                verify_strict_rate(verifies),
+            );
+            bar.finish_and_clear();
+            r
+        })
+        .await
+        .map_err(join_error)?;
+        let floor =
+            hashes as f64 / blake3_per_s + throughput.signed_heads as f64 / verify_strict_per_s;
+        Some(VerifyBaseline {
+            blake3_input_bytes: input,
+            blake3_hashes: hashes,
+            blake3_per_s,
+            verify_strict_calls: verifies,
+            verify_strict_per_s,
+            one_core_floor_s: floor,
+            ratio_vs_blake3: entries_per_s / blake3_per_s,
+            ratio_vs_floor: floor / secs,
+        })
+    } else {
+        None
+    };
+    Ok(VerifyReport {
+        target,
+        params: p.clone(),
+        build,
+        throughput,
+        baseline,
+    })
+}
+
+async fn create_vault(dir: PathBuf) -> Result<Vault> {
+    // Key derivation (argon2id) blocks for tens of milliseconds.
+    let created = tokio::task::spawn_blocking(move || {
+        Vault::create(
+            &dir,
+            &Unlock::passphrase(BENCH_PASSPHRASE.to_vec()),
+            Options::default(),
+        )
+    })
+    .await
+    .map_err(join_error)??;
+    Ok(created.vault)
+}
+
+async fn close_vault(vault: Vault) -> Result<()> {
+    tokio::task::spawn_blocking(move || vault.close())
+        .await
+        .map_err(join_error)??;
+    Ok(())
+}
+
+/// A bench task panicking is a bug: let the panic through. Tasks are never
+/// aborted while awaited, so cancellation cannot happen either.
+fn join_error(e: tokio::task::JoinError) -> Error {
+    if e.is_panic() {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    Error::Usage(format!("a bench task was cancelled: {e}"))
+}
+
+/// Subject ids of the bench: `bench-` and six digits (more digits past a million).
+fn subject_id(i: usize) -> String {
+    format!("bench-{i:06}")
+}
+
+/// Encoded length of a record entry: fixed part, subject, payload length,
+/// ciphertext (plaintext and a 16-byte tag).
+fn record_entry_len(size: usize, subjects: usize) -> usize {
+    let subject = subject_id(subjects.saturating_sub(1)).len();
+    storage::entry::FIXED_LEN + subject + 4 + size + 16
+}
+
+/// What the append tasks share.
+struct Work {
+    vault: Vault,
+    subjects: Vec<String>,
+    payloads: Arc<Payloads>,
+    /// Records not yet claimed by any task.
+    remaining: AtomicU64,
+    size: usize,
+    batch: u64,
+    bar: ProgressBar,
+}
+
+impl Work {
+    fn new(
+        vault: Vault,
+        records: u64,
+        size: usize,
+        batch: usize,
+        subjects: usize,
+        bar: ProgressBar,
+    ) -> Self {
+        Work {
+            vault,
+            subjects: (0..subjects).map(subject_id).collect(),
+            payloads: Arc::new(Payloads::new(size)),
+            remaining: AtomicU64::new(records),
+            size,
+            batch: batch as u64,
+            bar,
+        }
+    }
+
+    /// Claims up to one batch of records; 0 when none are left.
+    fn claim(&self, deadline: Option<Instant>) -> u64 {
+        claim(&self.remaining, self.batch, deadline)
+    }
+
+    fn record(&self, rng: &mut Rng) -> Append {
+        let subject = &self.subjects[rng.below(self.subjects.len())];
+        Append::record(subject.clone(), self.payloads.pick(rng, self.size).to_vec())
+    }
+}
+
+/// Takes up to `batch` from `remaining`; 0 when it is empty or the
+/// deadline passed.
+fn claim(remaining: &AtomicU64, batch: u64, deadline: Option<Instant>) -> u64 {
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return 0;
+    }
+    remaining
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+            (r > 0).then(|| r - r.min(batch))
+        })
+        .map_or(0, |r| r.min(batch))
+}
+
+/// What the append tasks measured.
+struct Stats {
+    hist: Histogram<u64>,
+    records: u64,
+    appends: u64,
+    /// The last seq of each acknowledged append's group; distinct values
+    /// count the groups.
+    group_ends: Vec<u64>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            hist: new_histogram(),
+            records: 0,
+            appends: 0,
+            group_ends: Vec::new(),
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        // Both histograms have the same bounds, so adding cannot fail;
+        // counting the other's values one by one would only hide a bug.
+        self.hist
+            .add(&other.hist)
+            .expect("histograms with identical bounds");
+        self.records += other.records;
+        self.appends += other.appends;
+        self.group_ends.extend(other.group_ends);
+    }
+
+    fn groups(&self) -> u64 {
+        let mut ends = self.group_ends.clone();
+        ends.sort_unstable();
+        ends.dedup();
+        ends.len() as u64
+    }
+}
+
+/// Latencies in microseconds, from 1 µs to an hour, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Runs `clients` tasks, each keeping `pipeline` appends in flight until
+/// no records are left to claim or the deadline passed.
+async fn drive(
+    work: &Arc<Work>,
+    clients: usize,
+    pipeline: usize,
+    deadline: Option<Instant>,
+) -> Result<Stats> {
+    let mut set = JoinSet::new();
+    for id in 0..clients {
+        set.spawn(client(work.clone(), id as u64, pipeline, deadline));
+    }
+    let mut total = Stats::new();
+    // An error drops the set, which aborts the other clients.
+    while let Some(joined) = set.join_next().await {
+        total.merge(joined.map_err(join_error)??);
+    }
+    Ok(total)
+}
+
+/// One client: `pipeline` appends in flight, each its own task so that it
+/// is timed from submission to durable acknowledgement alone.
+async fn client(
+    work: Arc<Work>,
+    id: u64,
+    pipeline: usize,
+    deadline: Option<Instant>,
+) -> Result<Stats> {
+    let mut stats = Stats::new();
+    let mut rng = Rng::new(id);
+    let mut in_flight = JoinSet::new();
+    let mut exhausted = false;
+    loop {
+        while !exhausted && in_flight.len() < pipeline {
+            let n = work.claim(deadline);
+            if n == 0 {
+                exhausted = true;
+                break;
+            }
+            let items: Vec<Append> = (0..n).map(|_| work.record(&mut rng)).collect();
+            let w = work.clone();
+            in_flight.spawn(async move {
+                let start = Instant::now();
+                let r = w.vault.append_batch(items).await;
+                (start.elapsed(), r)
+            });
+        }
+        let Some(joined) = in_flight.join_next().await else {
+            break;
+        };
+        let (latency, receipts) = joined.map_err(join_error)?;
+        let receipts = receipts?;
+        stats.hist.saturating_record(micros(latency));
+        stats.appends += 1;
+        stats.records += receipts.len() as u64;
+        // A request is never split between groups: its receipts share a head.
+        if let Some(r) = receipts.last() {
+            stats.group_ends.push(r.head.last_seq);
+        }
+        work.bar.inc(receipts.len() as u64);
+    }
+    Ok(stats)
+}
+
+/// A pool of random bytes that payloads are sliced from: random enough for
+/// a storage bench (no compression or dedup applies), without spending CPU
+/// on a generator while the vault is measured.
+#[derive(Debug)]
+struct Payloads(Vec<u8>);
+
+impl Payloads {
+    fn new(size: usize) -> Self {
+        let mut pool = vec![0u8; (1 << 20).max(4 * size)];
+        storage::crypto::random_bytes(&mut pool);
+        Payloads(pool)
+    }
+
+    fn pick(&self, rng: &mut Rng, len: usize) -> &[u8] {
+        let off = rng.below(self.0.len() - len + 1);
+        &self.0[off..off + len]
+    }
+}
+
+/// splitmix64: a tiny, fast generator for picking subjects and offsets.
+#[derive(Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough below `n` (> 0) for a bench.
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Raw sled, one writer thread: `records` inserts of `size` bytes under
+/// big-endian u64 keys, with `flush` + `fdatasync` of sled's data file
+/// after every `sync_every` inserts and after the last, which is how the
+/// vault's syncer makes a group durable. Sled is configured like the
+/// vault's store (segment size, cache, mode), so the difference between
+/// the two runs is what the vault does on top of sled.
+fn sled_baseline(
+    dir: &Path,
+    records: u64,
+    size: usize,
+    sync_every: u64,
+    payloads: &Payloads,
+    bar: &ProgressBar,
+) -> Result<SledRun> {
+    let io = |source: std::io::Error| Error::File {
+        path: dir.display().to_string(),
+        source,
+    };
+    let db = sled::Config::new()
+        .path(dir)
+        .segment_size(16 * 1024 * 1024)
+        .cache_capacity(Options::default().cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|e| io(e.into()))?;
+    let data = File::open(dir.join("db")).map_err(io)?;
+    let mut rng = Rng::new(sync_every);
+    let mut hist = new_histogram();
+    let mut unsynced = 0u64;
+    let start = Instant::now();
+    for i in 0..records {
+        db.insert(i.to_be_bytes(), payloads.pick(&mut rng, size))
+            .map_err(|e| io(e.into()))?;
+        unsynced += 1;
+        if unsynced == sync_every || i + 1 == records {
+            unsynced = 0;
+            let t = Instant::now();
+            db.flush().map_err(|e| io(e.into()))?;
+            data.sync_data().map_err(io)?;
+            hist.saturating_record(micros(t.elapsed()));
+            bar.set_position(i + 1);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(SledRun {
+        sync_every,
+        records,
+        elapsed_s: secs,
+        records_per_s: records as f64 / secs,
+        sync_latency_us: Latency::of(&hist),
+        vault_ratio: 0.0,
+    })
+}
+
+/// BLAKE3 hashes per second of `len`-byte buffers on this thread.
+fn blake3_rate(payloads: &Payloads, len: usize, n: u64) -> f64 {
+    let pool = &payloads.0;
+    let span = pool.len() - len + 1;
+    let mut acc = 0u8;
+    let start = Instant::now();
+    let mut off = 0usize;
+    for _ in 0..n {
+        let h = blake3::hash(black_box(&pool[off..off + len]));
+        acc ^= h.as_bytes()[0];
+        // Step through the pool so that every input is a different buffer.
+        off = (off + 4099) % span;
+    }
+    black_box(acc);
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// ed25519 `verify_strict` calls per second on this thread, over a message
+/// as long as a signed head's (domain tag and 93 bytes).
+fn verify_strict_rate(n: u64) -> f64 {
+    let mut seed = [0u8; 32];
+    storage::crypto::random_bytes(&mut seed);
+    let key = SigningKey::from_bytes(&seed);
+    let public = key.verifying_key();
+    let msg = [0x5au8; 116];
+    let sig = key.sign(&msg);
+    let start = Instant::now();
+    for _ in 0..n {
+        let ok = public
+            .verify_strict(black_box(&msg), black_box(&sig))
+            .is_ok();
+        assert!(ok, "verify_strict rejected a signature made here");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn secs_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let lead = match digits.len() % 3 {
+        0 => 3.min(digits.len()),
+        r => r,
+    };
+    let mut out = digits[..lead].to_string();
+    for group in digits.as_bytes()[lead..].chunks(3) {
+        out.push(',');
+        out.extend(group.iter().map(|&b| char::from(b)));
+    }
+    out
+}
+
+fn rate(r: f64) -> String {
+    thousands(r.round() as u64)
+}
+
+impl Report {
+    /// The human table `vault-bench` prints by default.
+    pub fn table(&self) -> String {
+        match self {
+            Report::Append(r) => r.table(),
+            Report::Verify(r) => r.table(),
+        }
+    }
+}
+
+impl AppendReport {
+    fn table(&self) -> String {
+        use std::fmt::Write;
+        let p = &self.params;
+        let t = &self.throughput;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "vault-bench append: embedded, {}{}",
+            self.target.dir,
+            if self.target.temporary {
+                " (temporary)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  {} records x {} B over {} subjects; {} clients x pipeline {}, batch {}",
+            thousands(t.records),
+            p.size,
+            thousands(p.subjects as u64),
+            p.clients,
+            p.pipeline,
+            p.batch
+        );
+        let _ = writeln!(
+            s,
+            "  {} log entries in {} commit groups ({:.0} entries/group), {:.2} s",
+            thousands(t.log_entries),
+            thousands(t.commit_groups),
+            t.log_entries as f64 / t.commit_groups.max(1) as f64,
+            t.elapsed_s
+        );
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "  {:<28} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "", "records/s", "vault/x", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+        );
+        let row = |s: &mut String, name: &str, per_s: f64, ratio: &str, l: &Latency| {
+            let _ = writeln!(
+                s,
+                "  {:<28} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+                name,
+                rate(per_s),
+                ratio,
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max
+            );
+        };
+        row(
+            &mut s,
+            "vault append (durable)",
+            t.records_per_s,
+            "",
+            &self.latency_us,
+        );
+        for b in self.baseline.iter().flatten() {
+            row(
+                &mut s,
+                &format!("sled, sync every {}", b.sync_every),
+                b.records_per_s,
+                &format!("{:.2}x", b.vault_ratio),
+                &b.sync_latency_us,
+            );
+        }
+        let _ = writeln!(s);
+        let _ = write!(
+            s,
+            "  latency: vault = one append call until durable; sled = one flush + fdatasync"
+        );
+        s
+    }
+}
+
+impl VerifyReport {
+    fn table(&self) -> String {
+        use std::fmt::Write;
+        let b = &self.build;
+        let t = &self.throughput;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "vault-bench verify: embedded, {}{}",
+            self.target.dir,
+            if self.target.temporary {
+                " (temporary)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  built {} records x {} B in {} commit groups: {:.1} s ({} records/s)",
+            thousands(b.records),
+            self.params.size,
+            thousands(b.commit_groups),
+            b.elapsed_s,
+            rate(b.records_per_s)
+        );
+        let _ = writeln!(s);
+        let _ = writeln!(s, "  {:<38} {:>12} {:>10}", "", "per s", "time s");
+        let _ = writeln!(
+            s,
+            "  {:<38} {:>12} {:>10.3}",
+            format!("storage::verify, {} entries", thousands(t.entries)),
+            rate(t.entries_per_s),
+            t.elapsed_s
+        );
+        if let Some(base) = &self.baseline {
+            let _ = writeln!(
+                s,
+                "  {:<38} {:>12} {:>10.3}",
+                format!("BLAKE3 of {} B, 1 core", base.blake3_input_bytes),
+                rate(base.blake3_per_s),
+                base.blake3_hashes as f64 / base.blake3_per_s
+            );
+            let _ = writeln!(
+                s,
+                "  {:<38} {:>12} {:>10.3}",
+                "ed25519 verify_strict, 1 core",
+                rate(base.verify_strict_per_s),
+                base.verify_strict_calls as f64 / base.verify_strict_per_s
+            );
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "  verify / BLAKE3: {:.2}x; one-core floor (hash every entry, check every head once): {:.3} s",
+                base.ratio_vs_blake3, base.one_core_floor_s
+            );
+            let _ = write!(s, "  floor / verify time: {:.2}x", base.ratio_vs_floor);
+        }
+        s.trim_end().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn claims_never_exceed_the_records() {
+        let remaining = AtomicU64::new(10);
+        let claims: Vec<u64> = (0..5).map(|_| claim(&remaining, 4, None)).collect();
+        assert_eq!(claims, vec![4, 4, 2, 0, 0]);
+        let past = Instant::now();
+        assert_eq!(claim(&AtomicU64::new(10), 4, Some(past)), 0);
+    }
+
+    #[test]
+    fn picks_stay_in_the_pool() {
+        let pool = Payloads::new(100);
+        let mut rng = Rng::new(1);
+        for _ in 0..1000 {
+            assert_eq!(pool.pick(&mut rng, 100).len(), 100);
+            assert!(rng.below(7) < 7);
+        }
+        assert_eq!(record_entry_len(512, 10_000), 68 + 12 + 4 + 512 + 16);
+    }
+}

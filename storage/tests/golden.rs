@@ -1,0 +1,460 @@
+//! Golden vectors: exact bytes of every stored and exchanged format, from
+//! fixed keys, hashes and timestamps. A failure here means a format
+//! changed; update `docs/storage.md` together with these constants, and
+//! only when the change is deliberate. The docs carry a Python script that
+//! recomputes the same bytes outside Rust.
+
+use ed25519_dalek::SigningKey;
+use storage::chunk::{
+    encode_chunk, merkle_root, root_from_path, Chunk, MerkleTree, Receipt, SignedHead, HEAD_LEN,
+};
+use storage::crypto::{
+    self, data_key_aad, record_aad, signing_key_aad, KdfParams, SealedMaster, SecretKey, Unlock,
+    SEALED_MASTER_LEN,
+};
+use storage::entry::{entry_hash, EntryRef, Hash, Kind};
+use storage::state;
+
+/// 2025-11-24T16:00:00Z in unix milliseconds, as in `entry::tests`.
+const T0: u64 = 1_764_000_000_000;
+
+fn signing_key() -> SigningKey {
+    SigningKey::from_bytes(&[7u8; 32])
+}
+
+/// The data key of subject "cust-42" in these vectors.
+fn data_key() -> SecretKey {
+    SecretKey::from_bytes([1u8; 32])
+}
+
+const RECORD_NONCE: [u8; 12] = [2u8; 12];
+const EVENT_PAYLOAD: &[u8] = br#"{"partner":"lender-1"}"#;
+
+/// The ciphertext of the record at seq 7: "hello" under the data key,
+/// bound to subject "cust-42", seq 7, key version 1.
+fn record_ciphertext() -> Vec<u8> {
+    data_key().seal_with_nonce(&RECORD_NONCE, &record_aad("cust-42", 7, 1), b"hello")
+}
+
+/// Entry 6: a plaintext consent event, after an entry whose hash is 0xab × 32.
+fn entry6() -> Vec<u8> {
+    EntryRef {
+        kind: Kind::ConsentGranted,
+        seq: 6,
+        timestamp_ms: T0,
+        prev_hash: [0xab; 32],
+        key_version: 0,
+        nonce: [0; 12],
+        subject: "cust-42",
+        payload: EVENT_PAYLOAD,
+    }
+    .encode()
+}
+
+/// Entry 7: an encrypted record, chained to entry 6.
+fn entry7() -> Vec<u8> {
+    let ct = record_ciphertext();
+    EntryRef {
+        kind: Kind::Record,
+        seq: 7,
+        timestamp_ms: T0 + 1,
+        prev_hash: entry_hash(&entry6()),
+        key_version: 1,
+        nonce: RECORD_NONCE,
+        subject: "cust-42",
+        payload: &ct,
+    }
+    .encode()
+}
+
+/// The head closing the commit group of entries 6 and 7.
+fn head() -> SignedHead {
+    let hashes = [entry_hash(&entry6()), entry_hash(&entry7())];
+    SignedHead::sign(
+        &signing_key(),
+        0,
+        6,
+        7,
+        hashes[1],
+        merkle_root(&hashes),
+        T0 + 1,
+    )
+}
+
+#[test]
+fn record_ciphertext_vector() {
+    let ct = record_ciphertext();
+    assert_eq!(hex::encode(&ct), RECORD_CT);
+    let pt = data_key()
+        .open(&RECORD_NONCE, &record_aad("cust-42", 7, 1), &ct)
+        .expect("opens with the AAD it was sealed with");
+    assert_eq!(pt.as_slice(), b"hello");
+    // The same ciphertext presented at another seq does not open.
+    assert!(data_key()
+        .open(&RECORD_NONCE, &record_aad("cust-42", 8, 1), &ct)
+        .is_none());
+}
+
+#[test]
+fn entry_vectors() {
+    let e6 = entry6();
+    let e7 = entry7();
+    assert_eq!(hex::encode(&e6), ENTRY6);
+    assert_eq!(hex::encode(entry_hash(&e6)), ENTRY6_HASH);
+    assert_eq!(hex::encode(&e7), ENTRY7);
+    assert_eq!(hex::encode(entry_hash(&e7)), ENTRY7_HASH);
+    assert_eq!(
+        EntryRef::decode(&e7).expect("decodes").payload,
+        record_ciphertext().as_slice()
+    );
+}
+
+#[test]
+fn signed_head_vector() {
+    let h = head();
+    let enc = h.encode();
+    assert_eq!(enc.len(), HEAD_LEN);
+    assert_eq!(
+        hex::encode(signing_key().verifying_key().as_bytes()),
+        PUBLIC_KEY
+    );
+    assert_eq!(hex::encode(&enc), HEAD);
+    assert!(h.verify(&signing_key().verifying_key()));
+    assert_eq!(SignedHead::decode(&enc).expect("decodes"), h);
+}
+
+#[test]
+fn chunk_vector() {
+    let e6 = entry6();
+    let e7 = entry7();
+    let h = head();
+    let enc = encode_chunk(6, &[&e6, &e7], Some(&h));
+    assert_eq!(hex::encode(&enc), CHUNK);
+    let crc = crc32fast::hash(&enc[..enc.len() - 4]);
+    assert_eq!(hex::encode(crc.to_be_bytes()), CHUNK_CRC);
+    let c = Chunk::decode(&enc).expect("decodes");
+    assert_eq!(c.first_seq, 6);
+    assert_eq!(c.entries, vec![e6.as_slice(), e7.as_slice()]);
+    assert_eq!(c.head, Some(h));
+}
+
+fn three_leaves() -> [Hash; 3] {
+    [[0x11; 32], [0x22; 32], [0x33; 32]]
+}
+
+#[test]
+fn merkle_vector() {
+    let leaves = three_leaves();
+    let tree = MerkleTree::new(&leaves);
+    assert_eq!(hex::encode(tree.root()), MERKLE_ROOT_3);
+    let path = tree.path(1);
+    let path_hex: Vec<String> = path.iter().map(hex::encode).collect();
+    assert_eq!(path_hex, MERKLE_PATH_3_1);
+    assert_eq!(
+        root_from_path(&leaves[1], 1, 3, &path),
+        Some(tree.root()),
+        "the path leads to the root"
+    );
+    // The root of the two-entry group in the chunk vector.
+    let group = [entry_hash(&entry6()), entry_hash(&entry7())];
+    assert_eq!(hex::encode(merkle_root(&group)), GROUP_ROOT);
+}
+
+#[test]
+fn receipt_vector() {
+    let group = [entry_hash(&entry6()), entry_hash(&entry7())];
+    let r = Receipt {
+        seq: 7,
+        entry_hash: group[1],
+        path: MerkleTree::new(&group).path(1),
+        head: head(),
+    };
+    assert_eq!(r.verify(&signing_key().verifying_key()), Ok(()));
+    let enc = r.encode();
+    assert_eq!(hex::encode(&enc), RECEIPT);
+    assert_eq!(Receipt::decode(&enc).expect("decodes"), r);
+}
+
+#[test]
+fn aad_vectors() {
+    assert_eq!(hex::encode(data_key_aad("cust-42", 1)), DATA_KEY_AAD);
+    assert_eq!(hex::encode(record_aad("cust-42", 7, 1)), RECORD_AAD);
+    assert_eq!(hex::encode(signing_key_aad(0)), SIGNING_KEY_AAD);
+}
+
+#[test]
+fn key_name_vectors() {
+    assert_eq!(
+        hex::encode(state::data_key_name("cust-42", 1)),
+        DATA_KEY_NAME
+    );
+    assert_eq!(hex::encode(state::signing_key_name(0)), SIGNING_KEY_NAME);
+}
+
+/// Layout of a passphrase-sealed master key (the ciphertext is a stand-in:
+/// a real one needs a full argon2id run).
+#[test]
+fn sealed_master_passphrase_layout() {
+    let s = SealedMaster {
+        kdf: Some(KdfParams::default()),
+        salt: [0x5a; 16],
+        nonce: [0xa5; 12],
+        ciphertext: vec![0xcc; 48],
+    };
+    let enc = s.encode();
+    assert_eq!(enc.len(), SEALED_MASTER_LEN);
+    assert_eq!(hex::encode(&enc), SEALED_MASTER_PASSPHRASE);
+    assert_eq!(SealedMaster::decode(&enc).expect("decodes"), s);
+}
+
+/// A key-file-sealed master key with a real ciphertext: master key
+/// 0x04 × 32 for vault id 0x06 × 16 under the key file 0x03 × 32.
+#[test]
+fn sealed_master_key_file_vector() {
+    let vault_id = [0x06u8; 16];
+    let mut aad = b"fintrust-vault/master/v1\0".to_vec();
+    aad.extend_from_slice(&vault_id);
+    let nonce = [0xa5u8; 12];
+    let s = SealedMaster {
+        kdf: None,
+        salt: [0x5a; 16],
+        nonce,
+        ciphertext: SecretKey::from_bytes([3u8; 32]).seal_with_nonce(&nonce, &aad, &[4u8; 32]),
+    };
+    let enc = s.encode();
+    assert_eq!(enc.len(), SEALED_MASTER_LEN);
+    assert_eq!(hex::encode(&enc), SEALED_MASTER_KEY_FILE);
+    let unlock = Unlock::key_file(&[3u8; 32]).expect("a 32-byte key file");
+    let decoded = SealedMaster::decode(&enc).expect("decodes");
+    let master = decoded.unseal(&unlock, &vault_id).expect("unseals");
+    // The unsealed key is the one sealed: it opens what [4; 32] sealed.
+    let probe = SecretKey::from_bytes([4u8; 32]).seal_with_nonce(&[0; 12], b"", b"probe");
+    assert!(master.open(&[0; 12], b"", &probe).is_some());
+    assert!(matches!(
+        decoded.unseal(&unlock, &[0x07; 16]),
+        Err(storage::Error::WrongSecret)
+    ));
+}
+
+/// A wrapped subject data key: `nonce || AES-256-GCM-SIV(master, nonce,
+/// data key, data_key_aad)`. `crypto::wrap` draws a random nonce, so the
+/// vector builds the same bytes with a fixed one and checks that
+/// `unwrap_key` opens them.
+#[test]
+fn wrapped_data_key_vector() {
+    let master = SecretKey::from_bytes([4u8; 32]);
+    let nonce = [0x0bu8; 12];
+    let aad = data_key_aad("cust-42", 1);
+    let wrapped = [
+        nonce.as_slice(),
+        &master.seal_with_nonce(&nonce, &aad, &[1u8; 32]),
+    ]
+    .concat();
+    assert_eq!(wrapped.len(), crypto::WRAPPED_LEN);
+    assert_eq!(hex::encode(&wrapped), WRAPPED_DATA_KEY);
+    let dk = crypto::unwrap_key(&master, &aad, &wrapped).expect("unwraps");
+    assert_eq!(
+        dk.seal_with_nonce(&RECORD_NONCE, &record_aad("cust-42", 7, 1), b"hello"),
+        record_ciphertext(),
+        "the unwrapped key is the data key of the record vector"
+    );
+    assert!(crypto::unwrap_key(&master, &data_key_aad("cust-43", 1), &wrapped).is_none());
+}
+
+/// docs/storage.md lists every vector as a `NAME hex` line (the output of
+/// its Python script): the page must keep showing the bytes pinned here.
+#[test]
+fn docs_show_the_vectors() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/storage.md");
+    let docs = std::fs::read_to_string(path).expect("docs/storage.md is readable");
+    let vectors: [(&str, String); 21] = [
+        ("RECORD_CT", RECORD_CT.into()),
+        ("ENTRY6", ENTRY6.into()),
+        ("ENTRY6_HASH", ENTRY6_HASH.into()),
+        ("ENTRY7", ENTRY7.into()),
+        ("ENTRY7_HASH", ENTRY7_HASH.into()),
+        ("PUBLIC_KEY", PUBLIC_KEY.into()),
+        ("GROUP_ROOT", GROUP_ROOT.into()),
+        ("HEAD", HEAD.into()),
+        ("CHUNK", CHUNK.into()),
+        ("CHUNK_CRC", CHUNK_CRC.into()),
+        ("MERKLE_ROOT_3", MERKLE_ROOT_3.into()),
+        ("MERKLE_PATH_3_1", MERKLE_PATH_3_1.join(" ")),
+        ("RECEIPT", RECEIPT.into()),
+        ("DATA_KEY_AAD", DATA_KEY_AAD.into()),
+        ("RECORD_AAD", RECORD_AAD.into()),
+        ("SIGNING_KEY_AAD", SIGNING_KEY_AAD.into()),
+        ("DATA_KEY_NAME", DATA_KEY_NAME.into()),
+        ("SIGNING_KEY_NAME", SIGNING_KEY_NAME.into()),
+        ("SEALED_MASTER_PASSPHRASE", SEALED_MASTER_PASSPHRASE.into()),
+        ("SEALED_MASTER_KEY_FILE", SEALED_MASTER_KEY_FILE.into()),
+        ("WRAPPED_DATA_KEY", WRAPPED_DATA_KEY.into()),
+    ];
+    for (name, hex) in vectors {
+        let line = format!("{name} {hex}");
+        assert!(
+            docs.lines().any(|l| l == line),
+            "docs/storage.md does not show {name}: expected the line\n{line}"
+        );
+    }
+}
+
+// The vectors. docs/storage.md shows the same bytes; its Python script
+// recomputes them independently.
+
+/// "hello" sealed for subject "cust-42", seq 7, key version 1.
+const RECORD_CT: &str = "6cbc8b76941d957d26e254ce730fafc378b670669a";
+const ENTRY6_HASH: &str = "3765fe6516eafab8712eb0e38e0a0b507652280876cbe90bd8a0ed422e0468a1";
+const ENTRY7_HASH: &str = "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776";
+/// ed25519 public key of the seed 0x07 × 32.
+const PUBLIC_KEY: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
+/// Merkle root of [ENTRY6_HASH, ENTRY7_HASH].
+const GROUP_ROOT: &str = "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae";
+const CHUNK_CRC: &str = "003821c4";
+/// Merkle root of the leaves 0x11 × 32, 0x22 × 32, 0x33 × 32.
+const MERKLE_ROOT_3: &str = "837c5b1d77b8bfb02d2cd23a50360cad6a76f18917f6cd6490629f5ea23eded9";
+/// Audit path of leaf 1 of those three: leaf hash of leaf 0, then leaf hash of leaf 2.
+const MERKLE_PATH_3_1: [&str; 2] = [
+    "54ae36309b7aad630bf4ae6c7ade960bad283d3545023747b84e36fb944b787c",
+    "c998ac9e5b6fc08376ddbb311d14605d3ff1c4cfae2c196bf66433953d85d0ee",
+];
+const DATA_KEY_AAD: &str =
+    "66696e74727573742d7661756c742f646174612d6b65792f76310000000001637573742d3432";
+const RECORD_AAD: &str =
+    "66696e74727573742d7661756c742f7265636f72642f763100000000000000000700000001637573742d3432";
+const SIGNING_KEY_AAD: &str =
+    "66696e74727573742d7661756c742f7369676e696e672d6b65792f76310000000000";
+/// "dk/cust-42" 0x00 u32 1.
+const DATA_KEY_NAME: &str = "646b2f637573742d34320000000001";
+/// "signing/" u32 0.
+const SIGNING_KEY_NAME: &str = "7369676e696e672f00000000";
+/// nonce 0x0b × 12 || AES-256-GCM-SIV(0x04 × 32, nonce, 0x01 × 32, DATA_KEY_AAD).
+const WRAPPED_DATA_KEY: &str = "0b0b0b0b0b0b0b0b0b0b0b0b4fd9237190c24274a5af56aacf007660d2e794d21938324f9b0fc64076866e60cc636216d25ae440e850c62ba5892cb8";
+
+/// Entry 6.
+const ENTRY6: &str = concat!(
+    "01",                                                               // version
+    "03",               // kind = consent_granted (3)
+    "0000000000000006", // seq
+    "0000019ab697e800", // timestamp_ms
+    "abababababababababababababababababababababababababababababababab", // prev_hash
+    "00000000",         // key_version
+    "000000000000000000000000", // nonce
+    "0007",             // subject_len
+    "637573742d3432",   // "cust-42"
+    "00000016",         // payload_len
+    "7b22706172746e6572223a226c656e6465722d31227d", // {"partner":"lender-1"}
+);
+
+/// Entry 7.
+const ENTRY7: &str = concat!(
+    "01",                                                               // version
+    "02",                                                               // kind = record (2)
+    "0000000000000007",                                                 // seq
+    "0000019ab697e801",                                                 // timestamp_ms
+    "3765fe6516eafab8712eb0e38e0a0b507652280876cbe90bd8a0ed422e0468a1", // prev_hash = ENTRY6_HASH
+    "00000001",                                                         // key_version
+    "020202020202020202020202",                                         // nonce
+    "0007",                                                             // subject_len
+    "637573742d3432",                                                   // "cust-42"
+    "00000015",                                                         // payload_len
+    "6cbc8b76941d957d26e254ce730fafc378b670669a",                       // payload = RECORD_CT
+);
+
+/// The signed head of the group 6..=7.
+const HEAD: &str = concat!(
+    "01",                                                               // version
+    "00000000",                                                         // key_id
+    "0000000000000006",                                                 // group_first_seq
+    "0000000000000007",                                                 // last_seq
+    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // last_hash = ENTRY7_HASH
+    "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae", // group_root = GROUP_ROOT
+    "0000019ab697e801",                                                 // timestamp_ms
+    "80b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346a", // signature R
+    "cefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808", // signature S
+);
+
+/// The chunk of entries 6 and 7 with their head.
+const CHUNK: &str = concat!(
+    "46564c43",                                                         // magic "FVLC"
+    "01",                                                               // version
+    "01",                                                               // flags: head follows
+    "0000000000000006",                                                 // first_seq
+    "00000002",                                                         // entry_count
+    "00000065",                                                         // entry length (101)
+    "01",                                                               // entry 6: version
+    "03",               // entry 6: kind = consent_granted (3)
+    "0000000000000006", // entry 6: seq
+    "0000019ab697e800", // entry 6: timestamp_ms
+    "abababababababababababababababababababababababababababababababab", // entry 6: prev_hash
+    "00000000",         // entry 6: key_version
+    "000000000000000000000000", // entry 6: nonce
+    "0007",             // entry 6: subject_len
+    "637573742d3432",   // entry 6: "cust-42"
+    "00000016",         // entry 6: payload_len
+    "7b22706172746e6572223a226c656e6465722d31227d", // entry 6: {"partner":"lender-1"}
+    "00000064",         // entry length (100)
+    "01",               // entry 7: version
+    "02",               // entry 7: kind = record (2)
+    "0000000000000007", // entry 7: seq
+    "0000019ab697e801", // entry 7: timestamp_ms
+    "3765fe6516eafab8712eb0e38e0a0b507652280876cbe90bd8a0ed422e0468a1", // entry 7: prev_hash = ENTRY6_HASH
+    "00000001",                                                         // entry 7: key_version
+    "020202020202020202020202",                                         // entry 7: nonce
+    "0007",                                                             // entry 7: subject_len
+    "637573742d3432",                                                   // entry 7: "cust-42"
+    "00000015",                                                         // entry 7: payload_len
+    "6cbc8b76941d957d26e254ce730fafc378b670669a", // entry 7: payload = RECORD_CT
+    "01",                                         // head: version
+    "00000000",                                   // head: key_id
+    "0000000000000006",                           // head: group_first_seq
+    "0000000000000007",                           // head: last_seq
+    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // head: last_hash = ENTRY7_HASH
+    "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae", // head: group_root = GROUP_ROOT
+    "0000019ab697e801",                                                 // head: timestamp_ms
+    "80b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346a", // head: signature R
+    "cefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808", // head: signature S
+    "003821c4", // CRC32 of everything before
+);
+
+/// The receipt of entry 7.
+const RECEIPT: &str = concat!(
+    "01",                                                               // version
+    "0000000000000007",                                                 // seq
+    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // entry_hash = ENTRY7_HASH
+    "01",                                                               // path_len
+    "699917a7059bf59c564274c03e9cab29f918f9da830a866dba3324123f913fe6", // path[0] = leaf hash of entry 6
+    "01",                                                               // head: version
+    "00000000",                                                         // head: key_id
+    "0000000000000006",                                                 // head: group_first_seq
+    "0000000000000007",                                                 // head: last_seq
+    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // head: last_hash = ENTRY7_HASH
+    "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae", // head: group_root = GROUP_ROOT
+    "0000019ab697e801",                                                 // head: timestamp_ms
+    "80b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346a", // head: signature R
+    "cefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808", // head: signature S
+);
+
+/// A passphrase-sealed master key (stand-in ciphertext).
+const SEALED_MASTER_PASSPHRASE: &str = concat!(
+    "01", // version
+    "01", // kdf = 1, argon2id
+    "00004c00", // m_kib = 19456
+    "00000002", // t = 2
+    "00000001", // p = 1
+    "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a", // salt
+    "a5a5a5a5a5a5a5a5a5a5a5a5", // nonce
+    "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc", // ciphertext (stand-in)
+);
+
+/// A key-file-sealed master key.
+const SEALED_MASTER_KEY_FILE: &str = concat!(
+    "01", // version
+    "02", // kdf = 2, key file
+    "00000000", // m_kib = 0
+    "00000000", // t = 0
+    "00000000", // p = 0
+    "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a", // salt (unused with a key file)
+    "a5a5a5a5a5a5a5a5a5a5a5a5", // nonce
+    "d6f996b272703a773f976e99e271922b9ac1b40684967e1e1be3df1ba5752631705cbc0204db68e939908a201acdd309", // AES-256-GCM-SIV(0x03 × 32, nonce, 0x04 × 32, master AAD)
+);

@@ -1,0 +1,420 @@
+//! End-to-end tests of the command-line tools, driven as real processes
+//! through their public interface: arguments, exit codes, JSON on stdout
+//! and messages on stderr.
+//!
+//! - `vaultd init` creates a vault and prints its public key once;
+//! - `vaultd dev` creates (then reopens) a demo vault and verifies it;
+//! - `vault-verify` exits 0 for an intact vault, 1 for an integrity failure
+//!   (naming the seq and the reason), 2 when it cannot run.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// The profile dir (`target/debug`) holding the `fintrust-server` binaries.
+///
+/// They belong to another package, so `CARGO_BIN_EXE_*` does not name
+/// them; they sit beside this test's own profile dir
+/// (`target/debug/deps/cli-…` → `target/debug`). They are built here once
+/// per run, which cargo makes a no-op when they are fresh, so that a stale
+/// binary is never tested.
+fn profile_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("path of the test executable");
+        let profile = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in <target>/<profile>/deps")
+            .to_path_buf();
+        let target = profile.parent().expect("the profile dir has a parent");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "-p", "fintrust-server", "--bins"])
+            .arg("--target-dir")
+            .arg(target);
+        match profile.file_name().and_then(OsStr::to_str) {
+            Some("debug") => {}
+            Some("release") => {
+                cargo.arg("--release");
+            }
+            Some(other) => {
+                cargo.args(["--profile", other]);
+            }
+            None => panic!("unexpected profile dir {}", profile.display()),
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p fintrust-server --bins failed"
+        );
+        profile
+    })
+}
+
+/// What a finished process left behind.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Stdout as exactly one JSON object on one line.
+    fn json(&self) -> Value {
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line of JSON: {self:?}");
+        let v: Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
+        assert!(v.is_object(), "stdout is not a JSON object: {v}");
+        v
+    }
+}
+
+/// Runs one of the server's binaries with `args`, with no `FINTRUST_*`
+/// variable inherited from the environment.
+fn run<I, S>(bin: &str, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let path = profile_dir().join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    let mut cmd = Command::new(&path);
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") {
+            cmd.env_remove(name);
+        }
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
+    Run {
+        code: out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("{bin} was killed by a signal")),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn vault_verify<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run("vault-verify", args)
+}
+
+/// A temp dir with a passphrase file in it.
+struct Scratch {
+    tmp: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            tmp.path().join("passphrase"),
+            "correct horse battery staple\n",
+        )
+        .expect("write the passphrase file");
+        Scratch { tmp }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// `vaultd init --json` into `name`; returns the printed object.
+    fn init(&self, name: &str) -> Value {
+        let out = self.init_run(name);
+        assert_eq!(out.code, 0, "init failed: {out:?}");
+        out.json()
+    }
+
+    fn init_run(&self, name: &str) -> Run {
+        let dir = self.path(name);
+        let pass = self.path("passphrase");
+        run(
+            "vaultd",
+            [
+                OsStr::new("init"),
+                OsStr::new("--data-dir"),
+                dir.as_os_str(),
+                OsStr::new("--passphrase-file"),
+                pass.as_os_str(),
+                OsStr::new("--json"),
+            ],
+        )
+    }
+}
+
+fn str_field<'a>(v: &'a Value, name: &str) -> &'a str {
+    v[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string field {name:?} in {v}"))
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Blocks until this process no longer holds sled's lock on the data dir:
+/// sled's background threads may keep its file open for a moment after
+/// the last handle is dropped, and a child opening the dir in that window
+/// would fail with "locked".
+fn wait_unlocked(dir: &Path) {
+    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
+    f.lock().expect("wait for sled's lock");
+}
+
+#[test]
+fn init_prints_one_json_object_and_refuses_a_second_init() {
+    let s = Scratch::new();
+    let out = s.init("v");
+    assert!(is_hex(str_field(&out, "public_key"), 64), "{out}");
+    assert!(is_hex(str_field(&out, "vault_id"), 32), "{out}");
+    let api_key = str_field(&out, "admin_api_key");
+    assert!(api_key.starts_with("fvk_"), "{out}");
+    assert!(is_hex(&api_key["fvk_".len()..], 64), "{out}");
+
+    let again = s.init_run("v");
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stdout.is_empty(), "{again:?}");
+    assert!(
+        again.stderr.contains("error:") && again.stderr.contains("already exists"),
+        "{again:?}"
+    );
+    // The refused init left the vault as it was.
+    let v = vault_verify([
+        OsStr::new("--data-dir"),
+        s.path("v").as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(str_field(&out, "public_key")),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(v.code, 0, "{v:?}");
+}
+
+#[test]
+fn verify_accepts_an_intact_vault() {
+    let s = Scratch::new();
+    let init = s.init("v");
+    let dir = s.path("v");
+    let key = str_field(&init, "public_key");
+    let base = [
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(key),
+    ];
+
+    let with = |extra: &[&'static str]| {
+        let mut args = base.to_vec();
+        args.extend(extra.iter().map(OsStr::new));
+        vault_verify(args)
+    };
+
+    let json = with(&["--json"]);
+    assert_eq!(json.code, 0, "{json:?}");
+    let report = json.json();
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["failure"], Value::Null, "{report}");
+    assert!(
+        report["entries"].as_u64().is_some_and(|n| n >= 2),
+        "{report}"
+    );
+    assert!(report.get("warning").is_none(), "{report}");
+    assert!(!json.stderr.contains("warning"), "{json:?}");
+
+    let format = with(&["--format", "json"]);
+    assert_eq!(format.code, 0, "{format:?}");
+    assert_eq!(format.json(), report);
+
+    let text = with(&[]);
+    assert_eq!(text.code, 0, "{text:?}");
+    assert!(text.stdout.starts_with("OK: "), "{text:?}");
+}
+
+#[test]
+fn verify_names_a_corrupted_chunk() {
+    let s = Scratch::new();
+    let dev = vaultd_dev(&s.path("dev"));
+    let dir = s.path("dev");
+    let key = str_field(&dev, "public_key").to_string();
+    // Flip a byte in the middle of the demo records' chunk, leaving its
+    // CRC stale: storage corruption.
+    let seq = {
+        let raw = storage::RawStore::open(&dir).expect("open the raw trees");
+        let (k, v) = raw
+            .log
+            .iter()
+            .nth(1)
+            .expect("a second chunk")
+            .expect("read the log");
+        let mut v = v.to_vec();
+        let mid = v.len() / 2;
+        v[mid] ^= 0x20;
+        raw.log.insert(&k, v).expect("write the log");
+        raw.flush().expect("flush");
+        u64::from_be_bytes(k.as_ref().try_into().expect("8-byte log key"))
+    };
+    wait_unlocked(&dir);
+
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(&key),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let report = out.json();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["failure"]["reason"], "crc_mismatch", "{report}");
+    assert_eq!(report["failure"]["seq"].as_u64(), Some(seq), "{report}");
+
+    let text = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(&key),
+    ]);
+    assert_eq!(text.code, 1, "{text:?}");
+    assert!(
+        text.stdout
+            .contains(&format!("INTEGRITY FAILURE at seq {seq}: crc_mismatch")),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn verify_with_another_vaults_key_is_an_integrity_failure() {
+    let s = Scratch::new();
+    s.init("a");
+    let b = s.init("b");
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        s.path("a").as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(str_field(&b, "public_key")),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let reason = out.json()["failure"]["reason"].clone();
+    assert!(
+        reason == "bad_signature" || reason == "bad_genesis",
+        "{out:?}"
+    );
+}
+
+#[test]
+fn verify_that_cannot_run_exits_2() {
+    let s = Scratch::new();
+    let init = s.init("v");
+    let dir = s.path("v");
+    let key = str_field(&init, "public_key");
+
+    for bad in ["zz", "abcd", &key[..62], "not hex at all"] {
+        let out = vault_verify([
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--public-key"),
+            OsStr::new(bad),
+            OsStr::new("--json"),
+        ]);
+        assert_eq!(out.code, 2, "key {bad:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "key {bad:?}: {out:?}");
+        assert!(out.stderr.contains("--public-key"), "key {bad:?}: {out:?}");
+    }
+
+    let missing = s.path("no-such-vault");
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        missing.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(key),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(out.stderr.contains("error:"), "{out:?}");
+    assert!(!missing.exists(), "verify created the data dir");
+
+    let out = vault_verify(["--format", "yaml"]);
+    assert_eq!(out.code, 2, "{out:?}");
+}
+
+#[test]
+fn verify_without_a_pinned_key_warns() {
+    let s = Scratch::new();
+    s.init("v");
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        s.path("v").as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("warning:"), "{out:?}");
+    let report = out.json();
+    assert_eq!(report["ok"], true, "{report}");
+    let warning = str_field(&report, "warning");
+    assert!(warning.contains("--public-key"), "{report}");
+}
+
+/// `vaultd dev --data-dir DIR --format json`; returns the printed object.
+fn vaultd_dev(dir: &Path) -> Value {
+    let out = run(
+        "vaultd",
+        [
+            OsStr::new("dev"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--format"),
+            OsStr::new("json"),
+        ],
+    );
+    assert_eq!(out.code, 0, "vaultd dev failed: {out:?}");
+    out.json()
+}
+
+#[test]
+fn dev_creates_verifies_and_reopens_its_vault() {
+    let s = Scratch::new();
+    let dir = s.path("dev");
+    let first = vaultd_dev(&dir);
+    assert_eq!(first["verified"], true, "{first}");
+    let entries = first["entries"].as_u64().expect("entries");
+    assert!(entries > 2, "{first}");
+    assert!(
+        Path::new(str_field(&first, "passphrase_file")).exists(),
+        "{first}"
+    );
+    let key = str_field(&first, "public_key");
+
+    // A second run reopens the same vault with the dev passphrase and
+    // appends to the same chain.
+    let second = vaultd_dev(&dir);
+    assert_eq!(second["verified"], true, "{second}");
+    assert_eq!(str_field(&second, "public_key"), key);
+    assert!(
+        second["entries"].as_u64().is_some_and(|n| n > entries),
+        "{second}"
+    );
+
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(key),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["entries"], second["entries"]);
+}
