@@ -5,12 +5,12 @@
 //! channel. The committer takes everything queued (up to
 //! `Options::max_group_entries`) as one commit group: it assigns seqs,
 //! encrypts records under their subject's data key with the seq bound as
-//! associated data, chains and hashes the entries, signs one head over the
-//! group's Merkle root, and writes the group's chunks in one sled batch. A
-//! second **syncer** thread then makes everything written so far durable
-//! (`Store::sync`) and only then answers the writers with their receipts,
-//! while the committer already builds the next group. One fsync thus
-//! serves every append that arrived while the previous one ran.
+//! associated data, chains and hashes the entries, and signs one head over
+//! the group's Merkle root. A **writer** thread writes the group's chunks
+//! in one sled batch, and a **syncer** thread then makes everything written
+//! so far durable (`Store::sync`) and only then answers the writers with
+//! their receipts. The three stages overlap, so one fsync serves every
+//! append that arrived while the previous one ran.
 //!
 //! Invariants (asserted on the write path, checked by verify on reads):
 //! - seqs are contiguous from 0 and never reused; entry n's `prev_hash` is
@@ -73,7 +73,7 @@ pub struct Options {
     /// Unwrapped subject data keys kept in memory by the committer (default 100,000).
     pub key_cache: usize,
     /// The indexer writes derived state once this many entries are waiting
-    /// (default 50,000), and at least every 100 ms.
+    /// (default 500,000), and at least once a second.
     pub index_batch: u64,
 }
 
@@ -85,7 +85,7 @@ impl Default for Options {
             queue_depth: 65536,
             cache_bytes: 256 * 1024 * 1024,
             key_cache: 100_000,
-            index_batch: 50_000,
+            index_batch: 500_000,
         }
     }
 }
@@ -376,10 +376,10 @@ impl Inner {
             Ok(mut t) => std::mem::take(&mut *t),
             Err(_) => return,
         };
-        // Committer and syncer end when the channel closes; the indexer,
-        // last, writes what they left in the overlay.
+        // Committer, writer and syncer end in turn when the channel closes;
+        // the indexer, last, writes what they left in the overlay.
         let mut threads = threads.into_iter();
-        for t in threads.by_ref().take(2) {
+        for t in threads.by_ref().take(3) {
             let _ = t.join();
         }
         self.shared.stopping.store(true, Ordering::Release);
@@ -562,19 +562,28 @@ impl Vault {
             keys: HashMap::new(),
             key_cache: opts.key_cache.max(1),
             max_group: opts.max_group_entries.clamp(1, 1 << 20),
-            index_batch: opts.index_batch.max(1),
             nonces: crypto::NonceSource::default(),
             shared: shared.clone(),
+        };
+        let writer = Writer {
+            store: store.clone(),
+            shared: shared.clone(),
+            index_batch: opts.index_batch.max(1),
         };
         let mut receipts = Vec::new();
         if !initial.is_empty() {
             // Committed on this thread before the committer starts, so that
             // creating a vault needs no runtime.
             let (reply, mut rx) = oneshot::channel();
-            let synced = committer.commit(vec![Request {
-                items: initial,
-                reply,
-            }]);
+            let (unused, _) = std::sync::mpsc::sync_channel(1);
+            let built = committer.build(
+                vec![Request {
+                    items: initial,
+                    reply,
+                }],
+                &unused,
+            );
+            let synced = writer.finish(built);
             store.sync()?;
             for (reply, r) in synced.replies {
                 let _ = reply.send(r);
@@ -585,9 +594,15 @@ impl Vault {
                 *h = synced.head;
             }
         }
+        // Bounded, so that the committer runs at most a few groups ahead
+        // of the writer.
+        let (writer_tx, writer_rx) = std::sync::mpsc::sync_channel(4);
         let c = std::thread::Builder::new()
             .name("vault-committer".into())
-            .spawn(move || committer.run(rx, sync_tx))?;
+            .spawn(move || committer.run(rx, writer_tx))?;
+        let w = std::thread::Builder::new()
+            .name("vault-writer".into())
+            .spawn(move || writer.run(writer_rx, sync_tx))?;
         let syncer_store = store.clone();
         let syncer_shared = shared.clone();
         let s = std::thread::Builder::new()
@@ -608,7 +623,7 @@ impl Vault {
                 public_key: pk,
                 vault_id,
                 tx: RwLock::new(Some(tx)),
-                threads: Mutex::new(vec![c, s, i]),
+                threads: Mutex::new(vec![c, w, s, i]),
                 shared,
             }),
         };
@@ -926,7 +941,6 @@ struct Committer {
     keys: HashMap<String, (u32, crypto::Cipher)>,
     key_cache: usize,
     max_group: usize,
-    index_batch: u64,
     nonces: crypto::NonceSource,
     shared: Arc<Shared>,
 }
@@ -943,7 +957,11 @@ struct Group {
 }
 
 impl Committer {
-    fn run(mut self, mut rx: mpsc::Receiver<Request>, sync_tx: std::sync::mpsc::Sender<Synced>) {
+    fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        writer: std::sync::mpsc::SyncSender<ToWriter>,
+    ) {
         while let Some(first) = rx.blocking_recv() {
             let mut n = first.items.len();
             let mut reqs = vec![first];
@@ -962,85 +980,61 @@ impl Committer {
                 }
                 continue;
             }
-            let synced = self.commit(reqs);
-            if sync_tx.send(synced).is_err() {
+            if self.keys.len() > self.key_cache {
+                self.clear_key_cache(&writer);
+            }
+            let built = self.build(reqs, &writer);
+            if writer.send(ToWriter::Group(built)).is_err() {
                 break;
             }
         }
     }
 
-    fn commit(&mut self, reqs: Vec<Request>) -> Synced {
-        if self.keys.len() > self.key_cache {
-            self.keys.clear();
+    /// Empties the key cache once the writer has published every group
+    /// built so far: until then, keys created by those groups are known
+    /// only to the cache, and a lookup would create a second key.
+    fn clear_key_cache(&mut self, writer: &std::sync::mpsc::SyncSender<ToWriter>) {
+        let (done, wait) = std::sync::mpsc::channel();
+        if writer.send(ToWriter::Barrier(done)).is_ok() {
+            let _ = wait.recv();
         }
+        self.keys.clear();
+    }
+
+    /// Builds a commit group: seqs, encryption, chaining, Merkle root and
+    /// signed head.
+    fn build(
+        &mut self,
+        reqs: Vec<Request>,
+        writer: &std::sync::mpsc::SyncSender<ToWriter>,
+    ) -> Built {
         let first_seq = self.pos.next_seq;
-        let start = self.pos;
         let mut g = Group::default();
         for req in reqs {
             let indices = self.add_request(&mut g, req.items);
+            if indices.is_err() {
+                // The failed request's keys were rolled back with it.
+                self.clear_key_cache(writer);
+            }
             g.requests.push((req.reply, indices));
         }
-        if g.encoded.is_empty() {
-            let replies = g
-                .requests
-                .into_iter()
-                .map(|(reply, r)| (reply, r.map(|_| Vec::new())))
-                .collect();
-            return Synced {
-                replies,
-                head: None,
-            };
-        }
-        let tree = MerkleTree::new(&g.hashes);
-        let last_seq = self.pos.next_seq - 1;
-        let head = SignedHead::sign(
-            &self.signing,
-            0,
+        let signed = (!g.encoded.is_empty()).then(|| {
+            let tree = MerkleTree::new(&g.hashes);
+            let head = SignedHead::sign(
+                &self.signing,
+                0,
+                first_seq,
+                self.pos.next_seq - 1,
+                self.pos.last_hash,
+                tree.root(),
+                self.pos.last_ts,
+            );
+            (tree, head)
+        });
+        Built {
+            g,
             first_seq,
-            last_seq,
-            self.pos.last_hash,
-            tree.root(),
-            self.pos.last_ts,
-        );
-        match self.write(&g, first_seq, &head) {
-            Ok(()) => {
-                self.publish(&mut g, last_seq);
-                let replies = g
-                    .requests
-                    .into_iter()
-                    .map(|(reply, r)| {
-                        let receipts = r.map(|idx| {
-                            idx.into_iter()
-                                .map(|i| Receipt {
-                                    seq: first_seq + i as u64,
-                                    entry_hash: g.hashes[i],
-                                    path: tree.path(i),
-                                    head,
-                                })
-                                .collect()
-                        });
-                        (reply, receipts)
-                    })
-                    .collect();
-                Synced {
-                    replies,
-                    head: Some(head),
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
-                self.shared.poisoned.store(true, Ordering::Release);
-                self.pos = start;
-                let replies = g
-                    .requests
-                    .into_iter()
-                    .map(|(reply, _)| (reply, Err(Error::Poisoned)))
-                    .collect();
-                Synced {
-                    replies,
-                    head: None,
-                }
-            }
+            signed,
         }
     }
 
@@ -1055,14 +1049,13 @@ impl Committer {
         );
         let r = self.try_add(g, items);
         if r.is_err() {
-            // Roll back this request's part of the group; drop cached keys
-            // it created, since their creation is rolled back too.
+            // Roll back this request's part of the group; the caller then
+            // drops the cached keys it created.
             g.new_keys.truncate(mark.3);
             g.encoded.truncate(mark.0);
             g.hashes.truncate(mark.1);
             g.state.truncate(mark.2);
             self.pos = mark.4;
-            self.keys.clear();
         }
         r
     }
@@ -1170,6 +1163,110 @@ impl Committer {
         self.keys.insert(subject.to_string(), (version, c.clone()));
         Ok((version, c))
     }
+}
+
+/// What the committer hands to the writer.
+enum ToWriter {
+    Group(Built),
+    /// Answered once every group sent before it is published.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
+
+/// A built commit group, ready to be written.
+struct Built {
+    g: Group,
+    first_seq: u64,
+    /// The group's Merkle tree and signed head (none when every request failed).
+    signed: Option<(MerkleTree, SignedHead)>,
+}
+
+/// Writes built groups to sled and publishes their derived state, on its
+/// own thread so that building the next group overlaps the sled writes.
+struct Writer {
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    index_batch: u64,
+}
+
+impl Writer {
+    fn run(
+        self,
+        rx: std::sync::mpsc::Receiver<ToWriter>,
+        sync_tx: std::sync::mpsc::Sender<Synced>,
+    ) {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                ToWriter::Group(built) => {
+                    if sync_tx.send(self.finish(built)).is_err() {
+                        break;
+                    }
+                }
+                ToWriter::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// Writes a group and prepares its receipts for the syncer.
+    fn finish(&self, built: Built) -> Synced {
+        let Built {
+            mut g,
+            first_seq,
+            signed,
+        } = built;
+        let Some((tree, head)) = signed else {
+            let replies = g
+                .requests
+                .into_iter()
+                .map(|(reply, r)| (reply, r.map(|_| Vec::new())))
+                .collect();
+            return Synced {
+                replies,
+                head: None,
+            };
+        };
+        let result = if self.shared.poisoned.load(Ordering::Acquire) {
+            Err(Error::Poisoned)
+        } else {
+            self.write(&g, first_seq, &head)
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
+            self.shared.poisoned.store(true, Ordering::Release);
+            let replies = g
+                .requests
+                .into_iter()
+                .map(|(reply, _)| (reply, Err(Error::Poisoned)))
+                .collect();
+            return Synced {
+                replies,
+                head: None,
+            };
+        }
+        self.publish(&mut g, head.last_seq);
+        let replies = g
+            .requests
+            .into_iter()
+            .map(|(reply, r)| {
+                let receipts = r.map(|idx| {
+                    idx.into_iter()
+                        .map(|i| Receipt {
+                            seq: first_seq + i as u64,
+                            entry_hash: g.hashes[i],
+                            path: tree.path(i),
+                            head,
+                        })
+                        .collect()
+                });
+                (reply, receipts)
+            })
+            .collect();
+        Synced {
+            replies,
+            head: Some(head),
+        }
+    }
 
     fn write(&self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
         let s = &self.store;
@@ -1264,7 +1361,7 @@ fn run_indexer(store: &Store, shared: &Shared) {
             if !stopping && o.waiting == 0 {
                 let _ = shared
                     .overlay_full
-                    .wait_timeout(o, std::time::Duration::from_millis(100));
+                    .wait_timeout(o, std::time::Duration::from_millis(1000));
             }
         }
         if let Err(e) = write_index(store, shared) {
