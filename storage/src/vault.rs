@@ -583,7 +583,7 @@ impl Vault {
                 }],
                 &unused,
             );
-            let synced = writer.finish(built);
+            let synced = writer.finish(Box::new(built));
             store.sync()?;
             for (reply, r) in synced.replies {
                 let _ = reply.send(r);
@@ -983,7 +983,7 @@ impl Committer {
             if self.keys.len() > self.key_cache {
                 self.clear_key_cache(&writer);
             }
-            let built = self.build(reqs, &writer);
+            let built = Box::new(self.build(reqs, &writer));
             if writer.send(ToWriter::Group(built)).is_err() {
                 break;
             }
@@ -1167,7 +1167,7 @@ impl Committer {
 
 /// What the committer hands to the writer.
 enum ToWriter {
-    Group(Built),
+    Group(Box<Built>),
     /// Answered once every group sent before it is published.
     Barrier(std::sync::mpsc::Sender<()>),
 }
@@ -1209,7 +1209,7 @@ impl Writer {
     }
 
     /// Writes a group and prepares its receipts for the syncer.
-    fn finish(&self, built: Built) -> Synced {
+    fn finish(&self, built: Box<Built>) -> Synced {
         let Built {
             mut g,
             first_seq,
