@@ -1214,7 +1214,7 @@ impl Writer {
             mut g,
             first_seq,
             signed,
-        } = built;
+        } = *built;
         let Some((tree, head)) = signed else {
             let replies = g
                 .requests
