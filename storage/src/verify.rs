@@ -49,6 +49,9 @@ struct Decoded {
     hashes: Vec<Hash>,
     head: Option<SignedHead>,
     head_signature_ok: bool,
+    /// The Merkle root of this chunk's entries, computed in the parallel
+    /// phase when the chunk holds a whole commit group (the common case).
+    root: Option<Hash>,
 }
 
 fn decode_one(
@@ -72,8 +75,11 @@ fn decode_one(
             .collect::<Vec<_>>();
         (chunk.first_seq, ranges, chunk.head)
     };
-    let hashes = ranges.iter().map(|r| entry_hash(&v[r.clone()])).collect();
+    let hashes: Vec<Hash> = ranges.iter().map(|r| entry_hash(&v[r.clone()])).collect();
+    let whole_group = head.is_some_and(|h| h.group_first_seq == first_seq);
+    let root = (whole_group && !hashes.is_empty()).then(|| MerkleTree::new(&hashes).root());
     Ok(Decoded {
+        root,
         key: <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes),
         first_seq,
         ranges,
@@ -125,6 +131,7 @@ impl Walk {
             if d.first_seq != tip.entries {
                 return Err((tip.entries, seq_reason(d.first_seq, tip.entries)));
             }
+            let group_starts_here = self.group.is_empty();
             for (range, hash) in d.ranges.iter().zip(&d.hashes) {
                 let e = EntryRef::decode(&d.value[range.clone()])
                     .map_err(|_| (tip.entries, Reason::Malformed("entry".into())))?;
@@ -149,7 +156,11 @@ impl Walk {
                     && h.last_seq == last
                     && Some(h.last_hash) == tip.last_hash
                     && h.key_id == 0
-                    && h.group_root == MerkleTree::new(&self.group).root();
+                    && h.group_root
+                        == match d.root {
+                            Some(root) if group_starts_here => root,
+                            _ => MerkleTree::new(&self.group).root(),
+                        };
                 if !ok {
                     return Err((last, Reason::HeadMismatch));
                 }
