@@ -107,11 +107,10 @@ fn parse<'a, T: Deserialize<'a>>(e: &EntryRef<'a>) -> Result<T> {
 /// reports it as malformed.
 pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
     Ok(match e.kind {
-        Kind::Record => {
-            let mut v = e.seq.to_be_bytes().to_vec();
-            v.extend_from_slice(&e.key_version.to_be_bytes());
-            vec![(key("s/", e.subject), Some(v))]
-        }
+        Kind::Record => vec![(
+            key("s/", e.subject),
+            Some(record_pointer(e.seq, e.key_version).to_vec()),
+        )],
         Kind::SubjectKey => {
             let c: SubjectKeyCommit = parse(e)?;
             let mut v = c.version.to_be_bytes().to_vec();
@@ -181,6 +180,15 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
 /// A key name with the BLAKE3 of its stored bytes, or a prefix whose keys
 /// must all be gone.
 pub type KeyCommitment = (Vec<u8>, Option<[u8; 32]>);
+
+/// The value of `"s/" subject`: the seq and key version of the subject's
+/// latest record.
+pub fn record_pointer(seq: u64, key_version: u32) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..8].copy_from_slice(&seq.to_be_bytes());
+    v[8..].copy_from_slice(&key_version.to_be_bytes());
+    v
+}
 
 /// Key-store entries one log entry commits to: `(name, Some(blake3))` to
 /// expect a key, `(prefix, None)` to expect every key under it gone.

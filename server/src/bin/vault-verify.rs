@@ -3,6 +3,9 @@
 //!
 //! Exit codes: 0 intact, 1 integrity failure, 2 could not run.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;

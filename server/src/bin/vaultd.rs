@@ -1,5 +1,8 @@
 //! `vaultd`: the fintrust-vault server. Subcommands: `init`, `dev`.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
