@@ -112,11 +112,49 @@ struct Walk {
     group_first: u64,
 }
 
+/// A group spanning several chunks whose Merkle root and signature are
+/// checked after the window's walk, in parallel.
+struct Deferred {
+    hashes: Vec<Hash>,
+    head: SignedHead,
+    signature_ok: bool,
+}
+
 impl Walk {
+    /// Walks a window, then checks the groups it deferred; reports the
+    /// failure with the lowest seq, so the order stays that of the log.
     fn window(
         &mut self,
         window: Window,
         visit: &mut impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure>,
+    ) -> std::result::Result<(), Failure> {
+        let mut deferred = Vec::new();
+        let walked = self.walk(window, visit, &mut deferred);
+        let bad = deferred
+            .par_iter()
+            .filter_map(|d| {
+                if MerkleTree::new(&d.hashes).root() != d.head.group_root {
+                    Some((d.head.last_seq, Reason::HeadMismatch))
+                } else if !d.signature_ok {
+                    Some((d.head.last_seq, Reason::BadSignature))
+                } else {
+                    None
+                }
+            })
+            .min_by_key(|f| f.0);
+        match (walked, bad) {
+            (Err(e), Some(b)) if b.0 < e.0 => Err(b),
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(b)) => Err(b),
+            (Ok(()), None) => Ok(()),
+        }
+    }
+
+    fn walk(
+        &mut self,
+        window: Window,
+        visit: &mut impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure>,
+        deferred: &mut Vec<Deferred>,
     ) -> std::result::Result<(), Failure> {
         let tip = &mut self.tip;
         for d in window {
@@ -155,20 +193,27 @@ impl Walk {
                 let ok = h.group_first_seq == self.group_first
                     && h.last_seq == last
                     && Some(h.last_hash) == tip.last_hash
-                    && h.key_id == 0
-                    && h.group_root
-                        == match d.root {
-                            Some(root) if group_starts_here => root,
-                            _ => MerkleTree::new(&self.group).root(),
-                        };
+                    && h.key_id == 0;
                 if !ok {
                     return Err((last, Reason::HeadMismatch));
                 }
-                if !d.head_signature_ok {
-                    return Err((last, Reason::BadSignature));
+                match d.root {
+                    Some(root) if group_starts_here => {
+                        if h.group_root != root {
+                            return Err((last, Reason::HeadMismatch));
+                        }
+                        if !d.head_signature_ok {
+                            return Err((last, Reason::BadSignature));
+                        }
+                        self.group.clear();
+                    }
+                    _ => deferred.push(Deferred {
+                        hashes: std::mem::take(&mut self.group),
+                        head: h,
+                        signature_ok: d.head_signature_ok,
+                    }),
                 }
                 tip.head = Some(h);
-                self.group.clear();
             }
         }
         Ok(())

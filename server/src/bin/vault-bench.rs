@@ -11,6 +11,9 @@
 //!
 //! Exit codes: 0 done, 1 error (bad flags included).
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
