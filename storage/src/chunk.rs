@@ -269,19 +269,19 @@ impl<'a> Chunk<'a> {
     }
 }
 
+// One-shot hashes of a stack buffer: for inputs this small, setting up an
+// incremental `Hasher` costs more than the compression itself.
 fn leaf_hash(entry_hash: &Hash) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(&[0]);
-    h.update(entry_hash);
-    *h.finalize().as_bytes()
+    let mut b = [0u8; 33];
+    b[1..].copy_from_slice(entry_hash);
+    *blake3::hash(&b).as_bytes()
 }
 
 fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(&[1]);
-    h.update(left);
-    h.update(right);
-    *h.finalize().as_bytes()
+    let mut b = [1u8; 65];
+    b[1..33].copy_from_slice(left);
+    b[33..].copy_from_slice(right);
+    *blake3::hash(&b).as_bytes()
 }
 
 /// A Merkle tree over a commit group, built once so that every entry's
