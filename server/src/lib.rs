@@ -7,13 +7,17 @@
 //! - [`secrets`]: reading passphrase and key files.
 //! - [`init`]: `vaultd init`, creating a vault.
 //! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
+//! - [`mask`]: the masking operators a partner's redemption applies.
+//! - [`serve`]: the protocol server of port 9999 (`vaultd serve`).
 //! - [`verify`]: `vault-verify`'s report and its exit codes.
 //! - [`bench`]: `vault-bench`, throughput and latency of the storage engine.
 
 pub mod bench;
 pub mod dev;
 pub mod init;
+pub mod mask;
 pub mod secrets;
+pub mod serve;
 pub mod verify;
 
 /// Prefix of every environment variable the tools read. `VAULT_` belongs to

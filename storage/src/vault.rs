@@ -743,6 +743,105 @@ impl Vault {
         }))
     }
 
+    /// Creates an API-key credential with `role`: a `credential_created`
+    /// entry holding only the key's hash. Returns the credential id and the
+    /// key, which is shown once and never stored.
+    pub async fn create_credential(
+        &self,
+        role: &str,
+        name: &str,
+    ) -> Result<(String, Zeroizing<String>)> {
+        let key = generate_api_key();
+        let key_hash = api_key_hash(&key);
+        let id = format!("{role}-{}", &key_hash[..12]);
+        let payload = CredentialCreated {
+            id: id.clone(),
+            role: role.to_string(),
+            key_hash,
+            name: name.to_string(),
+        };
+        let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.append(Append::Event {
+            kind: Kind::CredentialCreated,
+            subject: String::new(),
+            payload,
+        })
+        .await?;
+        Ok((id, key))
+    }
+
+    /// Encoded entries from `from_seq` on, at most `max`, in seq order.
+    pub fn entries_from(&self, from_seq: u64, max: usize) -> Result<Vec<Vec<u8>>> {
+        let log = &self.inner.store.log;
+        let start = match log.range(..=from_seq.to_be_bytes()).next_back() {
+            Some(kv) => kv?.0,
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for kv in log.range(start..) {
+            let (_, v) = kv?;
+            let chunk = crate::chunk::Chunk::decode(&v)
+                .map_err(|_| Error::integrity(from_seq, Reason::CrcMismatch))?;
+            for (i, bytes) in chunk.entries.iter().enumerate() {
+                if chunk.first_seq + i as u64 >= from_seq {
+                    if out.len() == max {
+                        return Ok(out);
+                    }
+                    out.push(bytes.to_vec());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The receipt of the entry at `seq`: its hash, its Merkle path in its
+    /// commit group, and the group's signed head. `None` past the end.
+    pub fn receipt(&self, seq: u64) -> Result<Option<Receipt>> {
+        let log = &self.inner.store.log;
+        let Some(first_key) = log
+            .range(..=seq.to_be_bytes())
+            .next_back()
+            .transpose()?
+            .map(|kv| kv.0)
+        else {
+            return Ok(None);
+        };
+        // Find the head that closes seq's group, then hash the whole group.
+        let mut head = None;
+        for kv in log.range(first_key..) {
+            let (_, v) = kv?;
+            let chunk = crate::chunk::Chunk::decode(&v)
+                .map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
+            if let Some(h) = chunk.head.filter(|h| h.last_seq >= seq) {
+                head = Some(h);
+                break;
+            }
+        }
+        let Some(head) = head else {
+            return Ok(None);
+        };
+        if seq < head.group_first_seq {
+            return Err(Error::integrity(seq, Reason::HeadMismatch));
+        }
+        let n = (head.last_seq - head.group_first_seq + 1) as usize;
+        let hashes: Vec<Hash> = self
+            .entries_from(head.group_first_seq, n)?
+            .iter()
+            .map(|e| entry_hash(e))
+            .collect();
+        if hashes.len() != n {
+            return Err(Error::integrity(head.last_seq, Reason::Truncated));
+        }
+        let tree = MerkleTree::new(&hashes);
+        let index = (seq - head.group_first_seq) as usize;
+        Ok(Some(Receipt {
+            seq,
+            entry_hash: hashes[index],
+            path: tree.path(index),
+            head,
+        }))
+    }
+
     /// The latest record of `subject`, decrypted; `SubjectShredded` when its
     /// key was destroyed.
     pub fn latest_record(&self, subject: &str) -> Result<Option<Record>> {

@@ -39,6 +39,24 @@ enum Command {
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
+    /// Serve the wire protocol (port 9999) for an existing vault.
+    Serve {
+        /// The vault's data dir.
+        #[arg(long, env = "FINTRUST_DATA_DIR")]
+        data_dir: PathBuf,
+        /// File holding the passphrase that seals the master key.
+        #[arg(long, env = "FINTRUST_PASSPHRASE_FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// File holding a 32-byte key (raw or hex) instead of a passphrase.
+        #[arg(long, env = "FINTRUST_KEY_FILE")]
+        key_file: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long, env = "FINTRUST_LISTEN", default_value = "127.0.0.1:9999")]
+        listen: String,
+        /// Serve without TLS. Only for loopback tests and development.
+        #[arg(long)]
+        insecure_plaintext: bool,
+    },
     /// Embedded demo: create a vault in a local data dir with a dev
     /// passphrase, write demo records, and verify it.
     Dev {
@@ -55,6 +73,7 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FINTRUST_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -97,6 +116,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Serve {
+            data_dir,
+            passphrase_file,
+            key_file,
+            listen,
+            insecure_plaintext,
+        } => {
+            if !insecure_plaintext {
+                anyhow::bail!(
+                    "TLS serving is not available yet; pass --insecure-plaintext to serve without TLS (loopback and development only)"
+                );
+            }
+            let unlock =
+                server::secrets::unlock_from(passphrase_file.as_deref(), key_file.as_deref())?;
+            let vault = storage::Vault::open(&data_dir, &unlock, storage::Options::default())?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve(vault, &listen))?;
+        }
         Command::Dev {
             data_dir,
             json,
@@ -127,6 +164,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("the dev vault did not verify");
             }
         }
+    }
+    Ok(())
+}
+
+async fn serve(vault: storage::Vault, listen: &str) -> anyhow::Result<()> {
+    let vault = std::sync::Arc::new(vault);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::warn!(addr = %listener.local_addr()?, "serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    server::serve::run(
+        listener,
+        vault.clone(),
+        server::serve::ServeConfig::default(),
+        shutdown,
+    )
+    .await?;
+    // Let in-flight requests finish and drop their handles, then flush.
+    for _ in 0..100 {
+        if std::sync::Arc::strong_count(&vault) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    match std::sync::Arc::try_unwrap(vault) {
+        Ok(v) => v.close()?,
+        Err(_) => tracing::warn!(
+            "requests still running at shutdown; the log is flushed as the process exits"
+        ),
     }
     Ok(())
 }

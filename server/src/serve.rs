@@ -1,0 +1,484 @@
+//! The protocol server of port 9999: connections, authentication, roles,
+//! pipelined requests.
+//!
+//! ```text
+//! accept ──(connection limit)──> connection task
+//!   read half:  frames ─> Hello? ─> role check ─> one task per request
+//!                                   (at most `max_in_flight` at once)
+//!   write half: responses in completion order, each with its request id
+//! ```
+//!
+//! Rules (docs/protocol.md): the first frame must be `Hello` with an API
+//! key, which is looked up by its BLAKE3 hash (keys are never stored) and
+//! fixes the connection's role; each request is checked against the role;
+//! a frame that does not decode is answered with an `Error` of its code and
+//! the connection is closed; a connection idle for `idle_timeout` (the
+//! handshake included) is closed. Nothing a client sends makes the server
+//! allocate beyond `max_frame_len` per frame and `max_in_flight` requests
+//! per connection.
+//!
+//! `run` takes the listener and a shutdown future, so that tests bind port
+//! 0 and stop the server when they are done.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{ErrorCode, Frame, FrameCodec, Message};
+use storage::{Append, Vault};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// Options of [`run`], with documented defaults.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Most connections served at once; more wait in the accept queue (default 1024).
+    pub max_connections: usize,
+    /// Requests of one connection handled at once; further frames are not
+    /// read until one finishes (default 64).
+    pub max_in_flight: usize,
+    /// A connection that sends nothing for this long is closed (default 30 s).
+    pub idle_timeout: Duration,
+    /// Largest frame accepted (default 1 MiB).
+    pub max_frame_len: usize,
+    /// Most entries one `Entries` request returns (default 10,000).
+    pub max_entries: u32,
+    /// Name sent in `HelloOk`.
+    pub server_name: String,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_connections: 1024,
+            max_in_flight: 64,
+            idle_timeout: Duration::from_secs(30),
+            max_frame_len: protocol::MAX_FRAME_LEN,
+            max_entries: 10_000,
+            server_name: format!("vaultd/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// A role and what it may ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Writer,
+    Gateway,
+    Partner,
+    Auditor,
+}
+
+impl Role {
+    /// Parses a stored role name.
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "admin" => Role::Admin,
+            "writer" => Role::Writer,
+            "gateway" => Role::Gateway,
+            "partner" => Role::Partner,
+            "auditor" => Role::Auditor,
+            _ => return None,
+        })
+    }
+
+    /// The stored name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Writer => "writer",
+            Role::Gateway => "gateway",
+            Role::Partner => "partner",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    /// Whether this role may send `m`. Admins may do everything but redeem
+    /// (a token is for the partner it was minted for).
+    pub fn may(self, m: &Message) -> bool {
+        match m {
+            Message::Ping | Message::Health => true,
+            Message::Append { .. } | Message::AppendBatch { .. } => {
+                matches!(self, Role::Writer | Role::Admin)
+            }
+            Message::Mint { .. } => matches!(self, Role::Gateway | Role::Admin),
+            Message::Redeem { .. } => self == Role::Partner,
+            Message::Head | Message::Entries { .. } | Message::Proof { .. } => {
+                matches!(self, Role::Auditor | Role::Admin)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Serves the protocol on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    vault: Arc<Vault>,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let config = Arc::new(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Ok(()),
+            },
+        };
+        let (socket, peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let vault = vault.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let (r, w) = socket.into_split();
+            if let Err(e) = serve_connection(r, w, vault, config).await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("idle timeout")]
+    Idle,
+    #[error("protocol error: {0}")]
+    Protocol(#[from] protocol::Error),
+    #[error("not authenticated")]
+    Unauthenticated,
+}
+
+/// Serves one connection over any byte stream (plain TCP or TLS).
+pub async fn serve_connection<R, W>(
+    reader: R,
+    writer: W,
+    vault: Arc<Vault>,
+    config: Arc<ServeConfig>,
+) -> Result<(), ConnectionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let codec = FrameCodec::with_max_frame_len(config.max_frame_len);
+    let mut frames = FramedRead::new(reader, codec.clone());
+    let mut sink = FramedWrite::new(writer, codec);
+
+    // Authentication: the first frame, within the idle timeout.
+    let first = next_frame(&mut frames, config.idle_timeout).await;
+    let (hello_id, hello) = match first {
+        Ok(Some(f)) => (f.request_id, Message::from_frame(&f)),
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            refuse(&mut sink, 0, &e).await;
+            return Err(e);
+        }
+    };
+    let role = match hello {
+        Ok(Message::Hello { api_key, .. }) => authenticate(&vault, &api_key),
+        Ok(_) => None,
+        Err(e) => {
+            let e = ConnectionError::Protocol(e);
+            refuse(&mut sink, hello_id, &e).await;
+            return Err(e);
+        }
+    };
+    let Some(role) = role else {
+        let msg = error(
+            ErrorCode::Unauthenticated,
+            "the first frame must be Hello with a valid API key",
+        );
+        send(&mut sink, hello_id, &msg).await;
+        return Err(ConnectionError::Unauthenticated);
+    };
+    let ok = Message::HelloOk {
+        role: role.name().into(),
+        server: config.server_name.clone(),
+    };
+    if !send(&mut sink, hello_id, &ok).await {
+        return Ok(());
+    }
+
+    // Responses go out in completion order through one writer task.
+    let (tx, mut rx) = mpsc::channel::<(u32, Message, u16)>(config.max_in_flight.max(1));
+    let writer = tokio::spawn(async move {
+        while let Some((id, m, flags)) = rx.recv().await {
+            let frame = match m.to_frame(id, flags) {
+                Ok(f) => f,
+                Err(_) => match error(ErrorCode::Internal, "response too large").to_frame(id, 0) {
+                    Ok(f) => f,
+                    Err(_) => break,
+                },
+            };
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = SinkExt::<Frame>::close(&mut sink).await;
+    });
+    let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+    let result = loop {
+        // Back-pressure: read the next frame only when a slot is free.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let frame = match next_frame(&mut frames, config.idle_timeout).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                if let Some(code) = wire_code(&e) {
+                    let _ = tx.send((0, error(code, &e.to_string()), 0)).await;
+                }
+                break Err(e);
+            }
+        };
+        let id = frame.request_id;
+        let message = match Message::from_frame(&frame) {
+            Ok(m) => m,
+            Err(e) => {
+                let code = e.wire_code().unwrap_or(ErrorCode::Malformed);
+                let _ = tx.send((id, error(code, &e.to_string()), 0)).await;
+                break Err(e.into());
+            }
+        };
+        if !role.may(&message) {
+            let m = error(
+                ErrorCode::Forbidden,
+                &format!("the {} role may not send this request", role.name()),
+            );
+            if tx.send((id, m, 0)).await.is_err() {
+                break Ok(());
+            }
+            continue;
+        }
+        let vault = vault.clone();
+        let tx = tx.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            handle(id, message, &vault, &config, &tx).await;
+            drop(permit);
+        });
+    };
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn next_frame<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, FrameCodec>,
+    idle: Duration,
+) -> Result<Option<Frame>, ConnectionError> {
+    match tokio::time::timeout(idle, frames.next()).await {
+        Err(_) => Err(ConnectionError::Idle),
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(f))) => Ok(Some(f)),
+        Ok(Some(Err(e))) => Err(e.into()),
+    }
+}
+
+fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
+    match e {
+        ConnectionError::Protocol(p) => p.wire_code(),
+        ConnectionError::Unauthenticated => Some(ErrorCode::Unauthenticated),
+        ConnectionError::Idle => None,
+    }
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(
+    sink: &mut FramedWrite<W, FrameCodec>,
+    id: u32,
+    e: &ConnectionError,
+) {
+    if let Some(code) = wire_code(e) {
+        send(sink, id, &error(code, &e.to_string())).await;
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(
+    sink: &mut FramedWrite<W, FrameCodec>,
+    id: u32,
+    m: &Message,
+) -> bool {
+    match m.to_frame(id, 0) {
+        Ok(f) => sink.send(f).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn error(code: ErrorCode, message: &str) -> Message {
+    Message::Error {
+        code,
+        message: message.to_string(),
+    }
+}
+
+/// The role of an API key, or `None`. The key is looked up by its hash, and
+/// the stored hash is compared again in constant time.
+pub fn authenticate(vault: &Vault, api_key: &str) -> Option<Role> {
+    let hash = storage::api_key_hash(api_key);
+    let cred = vault.credential_by_key_hash(&hash).ok()??;
+    if !bool::from(cred.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
+        return None;
+    }
+    Role::parse(&cred.role)
+}
+
+/// Maps a storage error to a wire error without leaking internals.
+pub fn storage_error(e: &storage::Error) -> Message {
+    use storage::Error as E;
+    match e {
+        E::Invalid(m) => error(ErrorCode::Invalid, m),
+        E::SubjectShredded(_) => error(ErrorCode::SubjectShredded, "the subject has been shredded"),
+        E::Poisoned | E::Closed | E::Locked => {
+            error(ErrorCode::Unavailable, "the vault is not accepting writes")
+        }
+        other => {
+            tracing::error!(error = %other, "request failed");
+            error(ErrorCode::Internal, "internal error")
+        }
+    }
+}
+
+/// A record's fields as the JSON object that is encrypted and stored.
+pub fn record_json(fields: &[(String, String)]) -> Result<Vec<u8>, Message> {
+    let mut map = serde_json::Map::with_capacity(fields.len());
+    for (k, v) in fields {
+        if map
+            .insert(k.clone(), serde_json::Value::String(v.clone()))
+            .is_some()
+        {
+            return Err(error(
+                ErrorCode::Invalid,
+                &format!("field {k:?} appears twice"),
+            ));
+        }
+    }
+    serde_json::to_vec(&map).map_err(|_| error(ErrorCode::Internal, "encoding failed"))
+}
+
+async fn handle(
+    id: u32,
+    message: Message,
+    vault: &Vault,
+    config: &ServeConfig,
+    tx: &mpsc::Sender<(u32, Message, u16)>,
+) {
+    let reply = match message {
+        Message::Ping => Message::Pong,
+        Message::Health => Message::HealthInfo {
+            status: if vault.is_poisoned() {
+                "degraded"
+            } else {
+                "ok"
+            }
+            .into(),
+            entries: vault.durable_len(),
+        },
+        Message::Head => Message::HeadInfo {
+            public_key: vault.public_key().to_bytes(),
+            entries: vault.durable_len(),
+            signed_head: vault.head().map(|h| h.encode()).unwrap_or_default(),
+        },
+        Message::Append { subject, fields } => match record_json(&fields) {
+            Err(m) => m,
+            Ok(json) => match vault.append(Append::record(subject, json)).await {
+                Ok(r) => Message::Receipt {
+                    receipt: r.encode(),
+                },
+                Err(e) => storage_error(&e),
+            },
+        },
+        Message::AppendBatch { items } => {
+            let mut appends = Vec::with_capacity(items.len());
+            let mut bad = None;
+            for item in items {
+                match record_json(&item.fields) {
+                    Ok(json) => appends.push(Append::record(item.subject, json)),
+                    Err(m) => {
+                        bad = Some(m);
+                        break;
+                    }
+                }
+            }
+            match bad {
+                Some(m) => m,
+                None => match vault.append_batch(appends).await {
+                    Ok(rs) => Message::Receipts {
+                        receipts: rs.iter().map(|r| r.encode()).collect(),
+                    },
+                    Err(e) => storage_error(&e),
+                },
+            }
+        }
+        Message::Entries { from_seq, max } => {
+            let max = max.min(config.max_entries) as usize;
+            match vault.entries_from(from_seq, max) {
+                Err(e) => storage_error(&e),
+                Ok(entries) => {
+                    // Batches that stay well inside the frame limit.
+                    let mut batches: Vec<Vec<Vec<u8>>> = Vec::new();
+                    let mut size = 0usize;
+                    for e in entries {
+                        if batches.is_empty() || size + e.len() + 8 > config.max_frame_len / 2 {
+                            batches.push(Vec::new());
+                            size = 0;
+                        }
+                        size += e.len() + 8;
+                        if let Some(b) = batches.last_mut() {
+                            b.push(e);
+                        }
+                    }
+                    if batches.is_empty() {
+                        batches.push(Vec::new());
+                    }
+                    let n = batches.len();
+                    for (i, entries) in batches.into_iter().enumerate() {
+                        let flags = if i + 1 == n { protocol::FLAG_LAST } else { 0 };
+                        if tx
+                            .send((id, Message::EntryBatch { entries }, flags))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        Message::Proof { seq } => match vault.receipt(seq) {
+            Ok(Some(r)) => Message::ProofInfo {
+                receipt: r.encode(),
+            },
+            Ok(None) => error(ErrorCode::NotFound, "no such entry"),
+            Err(e) => storage_error(&e),
+        },
+        Message::Mint { .. } | Message::Redeem { .. } => error(
+            ErrorCode::Unavailable,
+            "tokens are not served by this version",
+        ),
+        _ => error(ErrorCode::Malformed, "a response sent as a request"),
+    };
+    let _ = tx.send((id, reply, 0)).await;
+}

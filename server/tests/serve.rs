@@ -1,0 +1,406 @@
+//! The protocol server over real TCP on a port the OS chose: authentication,
+//! roles, pipelined appends with receipts the client checks, auditor reads,
+//! and hostile input (garbage, oversized lengths, idle clients).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{ErrorCode, FrameCodec, Message, Record};
+use server::serve::{run, ServeConfig};
+use storage::{Options, Receipt, Unlock, Vault};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+struct Server {
+    addr: std::net::SocketAddr,
+    vault: Arc<Vault>,
+    admin: String,
+    writer: String,
+    partner: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn start(config: ServeConfig) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let created = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"serve test".to_vec()),
+        Options::default(),
+    )
+    .expect("create");
+    let vault = Arc::new(created.vault);
+    let (_, writer) = vault
+        .create_credential("writer", "test service")
+        .await
+        .expect("writer");
+    let (_, partner) = vault
+        .create_credential("partner", "demo-lender")
+        .await
+        .expect("partner");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run(listener, vault.clone(), config, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        vault,
+        admin: created.admin_api_key.to_string(),
+        writer: writer.to_string(),
+        partner: partner.to_string(),
+        stop: Some(stop),
+        _dir: dir,
+    }
+}
+
+type Conn = Framed<TcpStream, FrameCodec>;
+
+async fn connect(s: &Server, key: &str) -> (Conn, Message) {
+    let tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let mut conn = Framed::new(tcp, FrameCodec::new());
+    let hello = Message::Hello {
+        api_key: key.into(),
+        client: "test".into(),
+    };
+    conn.send(hello.to_frame(1, 0).expect("frame"))
+        .await
+        .expect("send");
+    let reply = recv(&mut conn).await.expect("a reply to Hello").1;
+    (conn, reply)
+}
+
+async fn recv(conn: &mut Conn) -> Option<(u32, Message, bool)> {
+    let f = conn.next().await?.ok()?;
+    let m = Message::from_frame(&f).expect("server frames decode");
+    Some((f.request_id, m, f.is_last()))
+}
+
+async fn request(conn: &mut Conn, id: u32, m: &Message) -> Message {
+    conn.send(m.to_frame(id, 0).expect("frame"))
+        .await
+        .expect("send");
+    let (rid, reply, _) = recv(conn).await.expect("reply");
+    assert_eq!(rid, id);
+    reply
+}
+
+fn code(m: &Message) -> Option<ErrorCode> {
+    match m {
+        Message::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn hello_authenticates_with_the_role_of_the_key() {
+    let s = start(ServeConfig::default()).await;
+    let (_, reply) = connect(&s, &s.writer).await;
+    assert!(
+        matches!(reply, Message::HelloOk { ref role, .. } if role == "writer"),
+        "{reply:?}"
+    );
+    let (mut conn, reply) = connect(&s, "fvk_not-a-key").await;
+    assert_eq!(code(&reply), Some(ErrorCode::Unauthenticated));
+    assert!(
+        recv(&mut conn).await.is_none(),
+        "the server closes after a failed Hello"
+    );
+    // A first frame other than Hello is refused the same way.
+    let tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let mut conn = Framed::new(tcp, FrameCodec::new());
+    let reply = request(&mut conn, 3, &Message::Ping).await;
+    assert_eq!(code(&reply), Some(ErrorCode::Unauthenticated));
+}
+
+#[tokio::test]
+async fn pipelined_appends_get_receipts_that_verify() {
+    let s = start(ServeConfig::default()).await;
+    let key = s.vault.public_key();
+    let (mut conn, _) = connect(&s, &s.writer).await;
+    for id in 10..60u32 {
+        let m = Message::Append {
+            subject: format!("cust-{}", id % 7),
+            fields: vec![
+                ("name".into(), format!("Person {id}")),
+                ("iban".into(), "GB33BUKB20201555555555".into()),
+            ],
+        };
+        conn.send(m.to_frame(id, 0).expect("frame"))
+            .await
+            .expect("send");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 10..60 {
+        let (id, reply, _) = recv(&mut conn).await.expect("reply");
+        let Message::Receipt { receipt } = reply else {
+            panic!("request {id}: {reply:?}");
+        };
+        let r = Receipt::decode(&receipt).expect("receipt decodes");
+        r.verify(&key)
+            .expect("receipt verifies with the public key");
+        assert!(seen.insert(id), "request {id} answered twice");
+    }
+    assert_eq!(seen.len(), 50);
+    let rec = s
+        .vault
+        .latest_record("cust-3")
+        .expect("read")
+        .expect("present");
+    let v: serde_json::Value = serde_json::from_slice(&rec.plaintext).expect("json");
+    assert_eq!(v["iban"], "GB33BUKB20201555555555");
+
+    let batch = Message::AppendBatch {
+        items: (0..5)
+            .map(|i| Record {
+                subject: format!("b-{i}"),
+                fields: vec![("n".into(), i.to_string())],
+            })
+            .collect(),
+    };
+    let Message::Receipts { receipts } = request(&mut conn, 99, &batch).await else {
+        panic!("no receipts");
+    };
+    assert_eq!(receipts.len(), 5);
+    // A record naming a field twice is refused, and nothing is written.
+    let dup = Message::Append {
+        subject: "c".into(),
+        fields: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+    };
+    assert_eq!(
+        code(&request(&mut conn, 100, &dup).await),
+        Some(ErrorCode::Invalid)
+    );
+    let bad_subject = Message::Append {
+        subject: "has space".into(),
+        fields: vec![],
+    };
+    assert_eq!(
+        code(&request(&mut conn, 101, &bad_subject).await),
+        Some(ErrorCode::Invalid)
+    );
+}
+
+#[tokio::test]
+async fn roles_are_enforced_per_message() {
+    let s = start(ServeConfig::default()).await;
+    let (mut partner, _) = connect(&s, &s.partner).await;
+    let append = Message::Append {
+        subject: "x".into(),
+        fields: vec![],
+    };
+    assert_eq!(
+        code(&request(&mut partner, 2, &append).await),
+        Some(ErrorCode::Forbidden)
+    );
+    assert_eq!(
+        code(&request(&mut partner, 3, &Message::Head).await),
+        Some(ErrorCode::Forbidden)
+    );
+    // The connection stays usable after a refusal.
+    assert_eq!(
+        request(&mut partner, 4, &Message::Ping).await,
+        Message::Pong
+    );
+    let (mut writer, _) = connect(&s, &s.writer).await;
+    assert_eq!(
+        code(
+            &request(
+                &mut writer,
+                2,
+                &Message::Entries {
+                    from_seq: 0,
+                    max: 10
+                }
+            )
+            .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+}
+
+#[tokio::test]
+async fn auditor_reads_head_entries_and_proofs() {
+    let s = start(ServeConfig::default()).await;
+    let (mut writer, _) = connect(&s, &s.writer).await;
+    let append = Message::Append {
+        subject: "a".into(),
+        fields: vec![("k".into(), "v".into())],
+    };
+    let Message::Receipt { receipt } = request(&mut writer, 2, &append).await else {
+        panic!("no receipt");
+    };
+    let appended = Receipt::decode(&receipt).expect("decodes");
+    let (mut admin, _) = connect(&s, &s.admin).await;
+    let Message::HeadInfo {
+        public_key,
+        entries,
+        signed_head,
+    } = request(&mut admin, 2, &Message::Head).await
+    else {
+        panic!("no head");
+    };
+    assert_eq!(public_key, s.vault.public_key().to_bytes());
+    assert_eq!(entries, appended.seq + 1);
+    let head = storage::SignedHead::decode(&signed_head).expect("head decodes");
+    assert!(head.verify(&s.vault.public_key()));
+    assert_eq!(head.last_seq, appended.seq);
+
+    admin
+        .send(
+            Message::Entries {
+                from_seq: 0,
+                max: 1000,
+            }
+            .to_frame(3, 0)
+            .expect("frame"),
+        )
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    loop {
+        let (id, m, last) = recv(&mut admin).await.expect("batch");
+        assert_eq!(id, 3);
+        let Message::EntryBatch { entries } = m else {
+            panic!("{m:?}");
+        };
+        got.extend(entries);
+        if last {
+            break;
+        }
+    }
+    assert_eq!(got.len() as u64, entries);
+    assert_eq!(
+        storage::entry::entry_hash(&got[appended.seq as usize]),
+        appended.entry_hash
+    );
+
+    let Message::ProofInfo { receipt } =
+        request(&mut admin, 4, &Message::Proof { seq: appended.seq }).await
+    else {
+        panic!("no proof");
+    };
+    let proof = Receipt::decode(&receipt).expect("decodes");
+    proof.verify(&s.vault.public_key()).expect("proof verifies");
+    assert_eq!(proof.entry_hash, appended.entry_hash);
+    assert_eq!(
+        code(&request(&mut admin, 5, &Message::Proof { seq: 1 << 40 }).await),
+        Some(ErrorCode::NotFound)
+    );
+}
+
+async fn raw_exchange(s: &Server, authenticate: bool, bytes: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+    if authenticate {
+        let hello = protocol::encode_frame(
+            1,
+            &Message::Hello {
+                api_key: s.writer.clone(),
+                client: "raw".into(),
+            },
+            0,
+        )
+        .expect("frame");
+        tcp.write_all(&hello).await.expect("write");
+    }
+    tcp.write_all(bytes).await.expect("write");
+    // Half-close: the server sees the end of the stream after these bytes.
+    tcp.shutdown().await.expect("shutdown");
+    let mut out = Vec::new();
+    // The server answers and closes: read to the end.
+    let _ = tcp.read_to_end(&mut out).await;
+    out
+}
+
+fn frames(mut bytes: &[u8]) -> Vec<Message> {
+    let mut out = Vec::new();
+    while let Ok(Some((f, used))) = protocol::frame::decode(bytes) {
+        out.push(Message::from_frame(&f).expect("decodes"));
+        bytes = &bytes[used..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_get_a_typed_error_and_a_close() {
+    let s = start(ServeConfig::default()).await;
+    // Garbage before Hello, and after it.
+    for auth in [false, true] {
+        let out = frames(&raw_exchange(&s, auth, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await);
+        let last = out.last().expect("an answer");
+        assert_eq!(code(last), Some(ErrorCode::Malformed), "{out:?}");
+    }
+    // A header claiming 2^32-1 and max+1 bytes: refused from the header alone.
+    for len in [u32::MAX, protocol::MAX_FRAME_LEN as u32 + 1] {
+        let mut header = protocol::encode_frame(9, &Message::Ping, 0).expect("frame");
+        header[10..14].copy_from_slice(&len.to_be_bytes());
+        let out = frames(&raw_exchange(&s, true, &header[..protocol::HEADER_LEN]).await);
+        assert_eq!(
+            code(out.last().expect("an answer")),
+            Some(ErrorCode::FrameTooLarge),
+            "{out:?}"
+        );
+    }
+    // A frame whose CRC does not match.
+    let mut ping = protocol::encode_frame(9, &Message::Ping, 0).expect("frame");
+    ping[14] ^= 1;
+    let out = frames(&raw_exchange(&s, true, &ping).await);
+    assert_eq!(
+        code(out.last().expect("an answer")),
+        Some(ErrorCode::Malformed)
+    );
+    // Every truncation of an append, then EOF: no reply but a close, and the
+    // server keeps serving.
+    let append = protocol::encode_frame(
+        5,
+        &Message::Append {
+            subject: "t".into(),
+            fields: vec![("a".into(), "b".into())],
+        },
+        0,
+    )
+    .expect("frame");
+    for n in 0..append.len() {
+        let out = frames(&raw_exchange(&s, true, &append[..n]).await);
+        assert!(
+            out.iter().all(|m| !matches!(m, Message::Receipt { .. })),
+            "prefix {n}"
+        );
+    }
+    let (mut conn, _) = connect(&s, &s.writer).await;
+    assert_eq!(request(&mut conn, 2, &Message::Ping).await, Message::Pong);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_a_frame_is_closed() {
+    let s = start(ServeConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..ServeConfig::default()
+    })
+    .await;
+    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+    // Half a header, then silence: the server closes the connection.
+    tcp.write_all(&[0x46, 0x56, 1]).await.expect("write");
+    let mut buf = Vec::new();
+    let n = tcp
+        .read_to_end(&mut buf)
+        .await
+        .expect("closed by the server");
+    assert_eq!(n, 0);
+    // Authenticated but idle: closed too.
+    let (mut conn, _) = connect(&s, &s.writer).await;
+    assert!(recv(&mut conn).await.is_none());
+}
