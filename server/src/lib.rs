@@ -9,6 +9,7 @@
 //! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
 //! - [`mask`]: the masking operators a partner's redemption applies.
 //! - [`serve`]: the protocol server of port 9999 (`vaultd serve`).
+//! - [`tls`]: rustls configuration of that port, mutual TLS optional.
 //! - [`verify`]: `vault-verify`'s report and its exit codes.
 //! - [`bench`]: `vault-bench`, throughput and latency of the storage engine.
 
@@ -18,6 +19,7 @@ pub mod init;
 pub mod mask;
 pub mod secrets;
 pub mod serve;
+pub mod tls;
 pub mod verify;
 
 /// Prefix of every environment variable the tools read. `VAULT_` belongs to

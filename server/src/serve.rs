@@ -116,13 +116,16 @@ impl Role {
     }
 }
 
-/// Serves the protocol on `listener` until `shutdown` resolves.
+/// Serves the protocol on `listener` until `shutdown` resolves: over TLS
+/// with `tls`, in plaintext without it.
 pub async fn run(
     listener: TcpListener,
     vault: Arc<Vault>,
     config: ServeConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     tokio::pin!(shutdown);
@@ -149,9 +152,26 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let vault = vault.clone();
         let config = config.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let (r, w) = socket.into_split();
-            if let Err(e) = serve_connection(r, w, vault, config).await {
+            let result = match acceptor {
+                None => {
+                    let (r, w) = socket.into_split();
+                    serve_connection(r, w, vault, config).await
+                }
+                Some(acceptor) => {
+                    // The handshake counts against the idle timeout too.
+                    match tokio::time::timeout(config.idle_timeout, acceptor.accept(socket)).await {
+                        Err(_) => Err(ConnectionError::Idle),
+                        Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
+                        Ok(Ok(stream)) => {
+                            let (r, w) = tokio::io::split(stream);
+                            serve_connection(r, w, vault, config).await
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
             drop(permit);
@@ -168,6 +188,8 @@ pub enum ConnectionError {
     Protocol(#[from] protocol::Error),
     #[error("not authenticated")]
     Unauthenticated,
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
 }
 
 /// Serves one connection over any byte stream (plain TCP or TLS).
@@ -301,7 +323,7 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
     match e {
         ConnectionError::Protocol(p) => p.wire_code(),
         ConnectionError::Unauthenticated => Some(ErrorCode::Unauthenticated),
-        ConnectionError::Idle => None,
+        ConnectionError::Idle | ConnectionError::Tls(_) => None,
     }
 }
 

@@ -53,7 +53,7 @@ async fn start(config: ServeConfig) -> Server {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(listener, vault.clone(), config, async {
+    tokio::spawn(run(listener, vault.clone(), config, None, async {
         let _ = stopped.await;
     }));
     Server {

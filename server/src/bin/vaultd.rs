@@ -53,6 +53,15 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "FINTRUST_LISTEN", default_value = "127.0.0.1:9999")]
         listen: String,
+        /// PEM certificate chain of the server.
+        #[arg(long, env = "FINTRUST_TLS_CERT")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of the server.
+        #[arg(long, env = "FINTRUST_TLS_KEY")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA certificates: require client certificates issued by them.
+        #[arg(long, env = "FINTRUST_TLS_CLIENT_CA")]
+        tls_client_ca: Option<PathBuf>,
         /// Serve without TLS. Only for loopback tests and development.
         #[arg(long)]
         insecure_plaintext: bool,
@@ -121,18 +130,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             passphrase_file,
             key_file,
             listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
             insecure_plaintext,
         } => {
-            if !insecure_plaintext {
-                anyhow::bail!(
-                    "TLS serving is not available yet; pass --insecure-plaintext to serve without TLS (loopback and development only)"
-                );
-            }
+            let tls = match (tls_cert, tls_key, insecure_plaintext) {
+                (Some(cert), Some(key), false) => Some(server::tls::server_config(&server::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: tls_client_ca,
+                })?),
+                (None, None, true) => None,
+                (_, _, true) => anyhow::bail!("--insecure-plaintext excludes the TLS options"),
+                _ => anyhow::bail!(
+                    "give --tls-cert and --tls-key (or --insecure-plaintext for loopback development without TLS)"
+                ),
+            };
             let unlock =
                 server::secrets::unlock_from(passphrase_file.as_deref(), key_file.as_deref())?;
             let vault = storage::Vault::open(&data_dir, &unlock, storage::Options::default())?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(serve(vault, &listen))?;
+            rt.block_on(serve(vault, &listen, tls))?;
         }
         Command::Dev {
             data_dir,
@@ -168,10 +187,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(vault: storage::Vault, listen: &str) -> anyhow::Result<()> {
+async fn serve(
+    vault: storage::Vault,
+    listen: &str,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     let vault = std::sync::Arc::new(vault);
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::warn!(addr = %listener.local_addr()?, "serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
+    let addr = listener.local_addr()?;
+    if tls.is_none() {
+        tracing::warn!(%addr, "serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
+    } else {
+        tracing::info!(%addr, "serving over TLS");
+    }
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -188,6 +216,7 @@ async fn serve(vault: storage::Vault, listen: &str) -> anyhow::Result<()> {
         listener,
         vault.clone(),
         server::serve::ServeConfig::default(),
+        tls,
         shutdown,
     )
     .await?;

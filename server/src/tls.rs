@@ -1,0 +1,73 @@
+//! TLS for port 9999 (rustls, ring provider): the server's certificate
+//! chain and key from PEM files, and optionally a CA whose client
+//! certificates are then required (mutual TLS). Client certificates
+//! authenticate the connection at the TLS layer; the `Hello` API key still
+//! decides the role.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::{Error, Result};
+
+/// Where the TLS material lives.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates; when given, clients must present a certificate
+    /// issued by one of them.
+    pub client_ca: Option<PathBuf>,
+}
+
+fn pem_error(path: &Path, what: &str) -> Error {
+    Error::Usage(format!("{}: {what}", path.display()))
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, &format!("cannot read certificates: {e}")))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, &format!("bad certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// The server configuration for `files`: TLS 1.3 and 1.2, no client
+/// certificates unless a client CA is given.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = certs(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| pem_error(&files.key, &format!("cannot read the private key: {e}")))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Usage(format!("TLS: {e}")))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in certs(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| pem_error(ca, &format!("bad CA certificate: {e}")))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| pem_error(ca, &format!("client verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| pem_error(&files.cert, &format!("certificate and key do not fit: {e}")))?;
+    Ok(Arc::new(config))
+}
