@@ -4,7 +4,7 @@
 //! read the signed head and entries.
 //!
 //! This crate does no I/O and knows nothing of storage or the server: it
-//! turns bytes into typed messages and back. Modules, in the order data
+//! turns bytes into typed messages and back, and checks receipts. Modules, in the order data
 //! flows through them:
 //!
 //! - [`frame`]: the 18-byte header (magic, version, type, flags, request
@@ -18,6 +18,8 @@
 //! - [`error`]: the one [`Error`] type, and the [`ErrorCode`] a server
 //!   answers each with.
 //! - [`mask`]: the masking operators a `Mint` request names.
+//! - [`receipt`]: signed heads, Merkle trees and receipts, which clients
+//!   verify with the vault's public key.
 //!
 //! The format, byte by byte, with a golden vector per message and the
 //! rules of a connection, is in `docs/protocol.md`.
@@ -42,6 +44,7 @@ pub mod error;
 pub mod frame;
 pub mod mask;
 pub mod message;
+pub mod receipt;
 mod wire;
 
 pub use codec::{Envelope, FrameCodec, MessageCodec};

@@ -34,6 +34,9 @@
 //! `leaf = BLAKE3(0x00 || entry_hash)`, `node = BLAKE3(0x01 || left || right)`,
 //! split at the largest power of two below the size.
 //!
+//! Signed heads, the Merkle tree and receipts are defined in
+//! `protocol::receipt` (clients verify them) and re-exported here.
+//!
 //! A **receipt** proves, to anyone holding the public key, that an entry
 //! with this hash sits at this seq in a group the vault signed:
 //!
@@ -47,9 +50,12 @@
 //!          signed head (HEAD_LEN bytes)
 //! ```
 
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+pub use protocol::receipt::{
+    merkle_root, root_from_path, MerkleTree, Receipt, ReceiptError, SignedHead, HEAD_DOMAIN,
+    HEAD_LEN,
+};
 
-use crate::entry::{Hash, Reader};
+use crate::entry::Reader;
 use crate::error::{Error, Result};
 
 /// Magic bytes that open every chunk.
@@ -66,110 +72,6 @@ pub const MAX_CHUNK_ENTRIES: u32 = 4096;
 /// quarter segment to a separate blob file that its flush does not sync, so
 /// the vault opens sled with 16 MiB segments to keep every node inline.
 pub const CHUNK_TARGET_BYTES: usize = 64 * 1024;
-/// Length of an encoded signed head.
-pub const HEAD_LEN: usize = 157;
-/// Domain tag of head signatures.
-pub const HEAD_DOMAIN: &[u8] = b"fintrust-vault/head/v1\0";
-
-/// A signed commitment to the chain up to `last_seq`, and to the group
-/// `group_first_seq..=last_seq` by its Merkle root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SignedHead {
-    pub key_id: u32,
-    pub group_first_seq: u64,
-    pub last_seq: u64,
-    pub last_hash: Hash,
-    pub group_root: Hash,
-    pub timestamp_ms: u64,
-    pub signature: [u8; 64],
-}
-
-impl SignedHead {
-    fn signed_bytes(&self) -> [u8; 93] {
-        let mut b = [0u8; 93];
-        b[0] = 1;
-        b[1..5].copy_from_slice(&self.key_id.to_be_bytes());
-        b[5..13].copy_from_slice(&self.group_first_seq.to_be_bytes());
-        b[13..21].copy_from_slice(&self.last_seq.to_be_bytes());
-        b[21..53].copy_from_slice(&self.last_hash);
-        b[53..85].copy_from_slice(&self.group_root);
-        b[85..93].copy_from_slice(&self.timestamp_ms.to_be_bytes());
-        b
-    }
-
-    fn message(&self) -> Vec<u8> {
-        [HEAD_DOMAIN, &self.signed_bytes()].concat()
-    }
-
-    /// Builds and signs a head.
-    pub fn sign(
-        key: &SigningKey,
-        key_id: u32,
-        group_first_seq: u64,
-        last_seq: u64,
-        last_hash: Hash,
-        group_root: Hash,
-        timestamp_ms: u64,
-    ) -> Self {
-        let mut h = SignedHead {
-            key_id,
-            group_first_seq,
-            last_seq,
-            last_hash,
-            group_root,
-            timestamp_ms,
-            signature: [0; 64],
-        };
-        h.signature = key.sign(&h.message()).to_bytes();
-        h
-    }
-
-    /// Checks the signature with `verify_strict`.
-    pub fn verify(&self, key: &VerifyingKey) -> bool {
-        key.verify_strict(&self.message(), &Signature::from_bytes(&self.signature))
-            .is_ok()
-    }
-
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.signed_bytes());
-        out.extend_from_slice(&self.signature);
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEAD_LEN);
-        self.encode_into(&mut v);
-        v
-    }
-
-    pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(buf);
-        let h = Self::read(&mut r)?;
-        if !r.is_empty() {
-            return Err(Error::Malformed("trailing bytes after head"));
-        }
-        Ok(h)
-    }
-
-    pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self> {
-        if r.u8()? != 1 {
-            return Err(Error::Malformed("unknown head version"));
-        }
-        let h = SignedHead {
-            key_id: r.u32()?,
-            group_first_seq: r.u64()?,
-            last_seq: r.u64()?,
-            last_hash: r.array()?,
-            group_root: r.array()?,
-            timestamp_ms: r.u64()?,
-            signature: r.array()?,
-        };
-        if h.group_first_seq > h.last_seq {
-            return Err(Error::Malformed("head covers an empty group"));
-        }
-        Ok(h)
-    }
-}
-
 /// A chunk decoded over borrowed bytes.
 #[derive(Debug, Clone)]
 pub struct Chunk<'a> {
@@ -254,7 +156,7 @@ impl<'a> Chunk<'a> {
             entries.push(r.take(len)?);
         }
         let head = if flags & 1 == 1 {
-            Some(SignedHead::read(&mut r)?)
+            Some(SignedHead::decode(r.take(HEAD_LEN)?).map_err(|_| Error::Malformed("bad head"))?)
         } else {
             None
         };
@@ -269,234 +171,16 @@ impl<'a> Chunk<'a> {
     }
 }
 
-// One-shot hashes of a stack buffer: for inputs this small, setting up an
-// incremental `Hasher` costs more than the compression itself.
-fn leaf_hash(entry_hash: &Hash) -> Hash {
-    let mut b = [0u8; 33];
-    b[1..].copy_from_slice(entry_hash);
-    *blake3::hash(&b).as_bytes()
-}
-
-fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    let mut b = [1u8; 65];
-    b[1..33].copy_from_slice(left);
-    b[33..].copy_from_slice(right);
-    *blake3::hash(&b).as_bytes()
-}
-
-/// A Merkle tree over a commit group, built once so that every entry's
-/// audit path costs O(log n). Building level by level and promoting a lone
-/// right node unchanged gives exactly RFC 6962's tree hash.
-#[derive(Debug, Clone)]
-pub struct MerkleTree {
-    levels: Vec<Vec<Hash>>,
-}
-
-impl MerkleTree {
-    /// Builds the tree. Panics on an empty slice: a group is never empty.
-    pub fn new(entry_hashes: &[Hash]) -> Self {
-        assert!(!entry_hashes.is_empty(), "merkle tree of nothing");
-        let mut levels = vec![entry_hashes.iter().map(leaf_hash).collect::<Vec<_>>()];
-        while let Some(last) = levels.last().filter(|l| l.len() > 1) {
-            let next = last
-                .chunks(2)
-                .map(|p| {
-                    if p.len() == 2 {
-                        node_hash(&p[0], &p[1])
-                    } else {
-                        p[0]
-                    }
-                })
-                .collect();
-            levels.push(next);
-        }
-        MerkleTree { levels }
-    }
-
-    /// The root hash.
-    pub fn root(&self) -> Hash {
-        self.levels[self.levels.len() - 1][0]
-    }
-
-    /// The audit path of leaf `index`, leaf to root.
-    pub fn path(&self, mut index: usize) -> Vec<Hash> {
-        let mut path = Vec::with_capacity(self.levels.len());
-        for level in &self.levels[..self.levels.len() - 1] {
-            let sibling = index ^ 1;
-            if sibling < level.len() {
-                path.push(level[sibling]);
-            }
-            index >>= 1;
-        }
-        path
-    }
-}
-
-/// RFC 6962 Merkle tree hash over entry hashes. Panics on an empty slice.
-pub fn merkle_root(leaves: &[Hash]) -> Hash {
-    MerkleTree::new(leaves).root()
-}
-
-/// Recomputes the root from a leaf, its index, the tree size and the path.
-pub fn root_from_path(entry_hash: &Hash, index: u64, size: u64, path: &[Hash]) -> Option<Hash> {
-    if index >= size {
-        return None;
-    }
-    // Iterative form of RFC 9162 §2.1.3.2 inclusion verification.
-    let (mut fn_, mut sn) = (index, size - 1);
-    let mut r = leaf_hash(entry_hash);
-    for p in path {
-        if sn == 0 {
-            return None;
-        }
-        if fn_ & 1 == 1 || fn_ == sn {
-            r = node_hash(p, &r);
-            if fn_ & 1 == 0 {
-                while fn_ & 1 == 0 && fn_ != 0 {
-                    fn_ >>= 1;
-                    sn >>= 1;
-                }
-            }
-        } else {
-            r = node_hash(&r, p);
-        }
-        fn_ >>= 1;
-        sn >>= 1;
-    }
-    (sn == 0).then_some(r)
-}
-
-/// Proof that an acknowledged entry is in the signed log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receipt {
-    pub seq: u64,
-    pub entry_hash: Hash,
-    pub path: Vec<Hash>,
-    pub head: SignedHead,
-}
-
-/// Why a receipt does not check out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ReceiptError {
-    #[error("the head's signature does not verify")]
-    BadSignature,
-    #[error("the entry is not in the group the head covers")]
-    NotCovered,
-    #[error("the Merkle path does not lead to the signed root")]
-    BadPath,
-}
-
-impl Receipt {
-    /// Checks the receipt against the vault's public key.
-    pub fn verify(&self, key: &VerifyingKey) -> Result<(), ReceiptError> {
-        if !self.head.verify(key) {
-            return Err(ReceiptError::BadSignature);
-        }
-        let h = &self.head;
-        if self.seq < h.group_first_seq || self.seq > h.last_seq {
-            return Err(ReceiptError::NotCovered);
-        }
-        let size = h.last_seq - h.group_first_seq + 1;
-        let root = root_from_path(
-            &self.entry_hash,
-            self.seq - h.group_first_seq,
-            size,
-            &self.path,
-        )
-        .ok_or(ReceiptError::BadPath)?;
-        if root != h.group_root {
-            return Err(ReceiptError::BadPath);
-        }
-        if self.seq == h.last_seq && self.entry_hash != h.last_hash {
-            return Err(ReceiptError::BadPath);
-        }
-        Ok(())
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(42 + 32 * self.path.len() + HEAD_LEN);
-        out.push(1);
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&self.entry_hash);
-        out.push(self.path.len() as u8);
-        for p in &self.path {
-            out.extend_from_slice(p);
-        }
-        self.head.encode_into(&mut out);
-        out
-    }
-
-    pub fn decode(buf: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(buf);
-        if r.u8()? != 1 {
-            return Err(Error::Malformed("unknown receipt version"));
-        }
-        let seq = r.u64()?;
-        let entry_hash = r.array()?;
-        let n = r.u8()?;
-        if n > 32 {
-            return Err(Error::Malformed("receipt path too long"));
-        }
-        let mut path = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            path.push(r.array()?);
-        }
-        let head = SignedHead::read(&mut r)?;
-        if !r.is_empty() {
-            return Err(Error::Malformed("trailing bytes after receipt"));
-        }
-        Ok(Receipt {
-            seq,
-            entry_hash,
-            path,
-            head,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entry::Hash;
+    use ed25519_dalek::SigningKey;
 
     fn leaves(n: usize) -> Vec<Hash> {
         (0..n)
             .map(|i| *blake3::hash(&(i as u64).to_be_bytes()).as_bytes())
             .collect()
-    }
-
-    /// RFC 6962's recursive definition, as the model.
-    fn rfc6962_root(l: &[Hash]) -> Hash {
-        if l.len() == 1 {
-            return leaf_hash(&l[0]);
-        }
-        let mut k = 1;
-        while k * 2 < l.len() {
-            k *= 2;
-        }
-        node_hash(&rfc6962_root(&l[..k]), &rfc6962_root(&l[k..]))
-    }
-
-    #[test]
-    fn every_merkle_path_verifies() {
-        for n in 1..=40 {
-            let l = leaves(n);
-            let tree = MerkleTree::new(&l);
-            let root = tree.root();
-            assert_eq!(root, rfc6962_root(&l), "n={n}");
-            for (i, leaf) in l.iter().enumerate() {
-                let p = tree.path(i);
-                assert_eq!(
-                    root_from_path(leaf, i as u64, n as u64, &p),
-                    Some(root),
-                    "n={n} i={i}"
-                );
-                // A wrong index or size never verifies to the same root.
-                if n > 1 {
-                    let j = (i + 1) % n;
-                    assert_ne!(root_from_path(leaf, j as u64, n as u64, &p), Some(root));
-                }
-            }
-        }
     }
 
     fn key() -> SigningKey {
@@ -506,21 +190,6 @@ mod tests {
     fn head() -> SignedHead {
         let l = leaves(5);
         SignedHead::sign(&key(), 0, 10, 14, l[4], merkle_root(&l), 1_764_000_000_000)
-    }
-
-    #[test]
-    fn head_round_trip_and_truncation() {
-        let h = head();
-        let enc = h.encode();
-        assert_eq!(enc.len(), HEAD_LEN);
-        assert_eq!(SignedHead::decode(&enc).expect("decodes"), h);
-        assert!(h.verify(&key().verifying_key()));
-        for n in 0..enc.len() {
-            assert!(SignedHead::decode(&enc[..n]).is_err());
-        }
-        let mut bad = h;
-        bad.last_seq += 1;
-        assert!(!bad.verify(&key().verifying_key()));
     }
 
     #[test]
@@ -552,42 +221,10 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn receipt_round_trip_and_checks() {
-        let l = leaves(5);
-        let k = key();
-        let h = SignedHead::sign(&k, 0, 10, 14, l[4], merkle_root(&l), 5);
-        let r = Receipt {
-            seq: 12,
-            entry_hash: l[2],
-            path: MerkleTree::new(&l).path(2),
-            head: h,
-        };
-        let vk = k.verifying_key();
-        assert_eq!(r.verify(&vk), Ok(()));
-        let enc = r.encode();
-        assert_eq!(Receipt::decode(&enc).expect("decodes"), r);
-        for n in 0..enc.len() {
-            assert!(Receipt::decode(&enc[..n]).is_err());
-        }
-        let mut wrong = r.clone();
-        wrong.entry_hash[0] ^= 1;
-        assert_eq!(wrong.verify(&vk), Err(ReceiptError::BadPath));
-        let mut moved = r.clone();
-        moved.seq = 13;
-        assert_eq!(moved.verify(&vk), Err(ReceiptError::BadPath));
-        let mut outside = r.clone();
-        outside.seq = 20;
-        assert_eq!(outside.verify(&vk), Err(ReceiptError::NotCovered));
-        let other = SigningKey::from_bytes(&[1u8; 32]).verifying_key();
-        assert_eq!(r.verify(&other), Err(ReceiptError::BadSignature));
-    }
-
     proptest::proptest! {
         #[test]
         fn chunk_decode_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
             let _ = Chunk::decode(&bytes);
-            let _ = Receipt::decode(&bytes);
         }
     }
 }
