@@ -49,6 +49,10 @@ pub struct ServeConfig {
     pub max_entries: u32,
     /// Name sent in `HelloOk`.
     pub server_name: String,
+    /// Lifetime of a token minted with `ttl_secs = 0` (default 5 minutes).
+    pub default_token_ttl: Duration,
+    /// Longest lifetime a `Mint` may ask for (default 1 hour).
+    pub max_token_ttl: Duration,
 }
 
 impl Default for ServeConfig {
@@ -60,6 +64,8 @@ impl Default for ServeConfig {
             max_frame_len: protocol::MAX_FRAME_LEN,
             max_entries: 10_000,
             server_name: format!("vaultd/{}", env!("CARGO_PKG_VERSION")),
+            default_token_ttl: Duration::from_secs(300),
+            max_token_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -217,7 +223,7 @@ where
             return Err(e);
         }
     };
-    let role = match hello {
+    let identity = match hello {
         Ok(Message::Hello { api_key, .. }) => authenticate(&vault, &api_key),
         Ok(_) => None,
         Err(e) => {
@@ -226,7 +232,7 @@ where
             return Err(e);
         }
     };
-    let Some(role) = role else {
+    let Some((role, name)) = identity else {
         let msg = error(
             ErrorCode::Unauthenticated,
             "the first frame must be Hello with a valid API key",
@@ -294,6 +300,12 @@ where
             }
             continue;
         }
+        if let Message::Redeem { token } = message {
+            // Terminal: one data frame (or error), then the server closes.
+            let reply = redeem(&vault, &token, &name).await;
+            let _ = tx.send((id, reply, 0)).await;
+            break Ok(());
+        }
         let vault = vault.clone();
         let tx = tx.clone();
         let config = config.clone();
@@ -355,15 +367,16 @@ fn error(code: ErrorCode, message: &str) -> Message {
     }
 }
 
-/// The role of an API key, or `None`. The key is looked up by its hash, and
-/// the stored hash is compared again in constant time.
-pub fn authenticate(vault: &Vault, api_key: &str) -> Option<Role> {
+/// The role and name (for partners: the partner id) of an API key, or
+/// `None`. The key is looked up by its hash, and the stored hash is
+/// compared again in constant time.
+pub fn authenticate(vault: &Vault, api_key: &str) -> Option<(Role, String)> {
     let hash = storage::api_key_hash(api_key);
     let cred = vault.credential_by_key_hash(&hash).ok()??;
     if !bool::from(cred.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
         return None;
     }
-    Role::parse(&cred.role)
+    Some((Role::parse(&cred.role)?, cred.name))
 }
 
 /// Maps a storage error to a wire error without leaking internals.
@@ -496,11 +509,116 @@ async fn handle(
             Ok(None) => error(ErrorCode::NotFound, "no such entry"),
             Err(e) => storage_error(&e),
         },
-        Message::Mint { .. } | Message::Redeem { .. } => error(
-            ErrorCode::Unavailable,
-            "tokens are not served by this version",
-        ),
+        Message::Mint {
+            partner_id,
+            subject,
+            purpose,
+            fields,
+            ttl_secs,
+        } => {
+            mint(
+                vault, config, partner_id, subject, purpose, fields, ttl_secs,
+            )
+            .await
+        }
         _ => error(ErrorCode::Malformed, "a response sent as a request"),
     };
     let _ = tx.send((id, reply, 0)).await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn mint(
+    vault: &Vault,
+    config: &ServeConfig,
+    partner_id: String,
+    subject: String,
+    purpose: String,
+    fields: Vec<(String, protocol::MaskOp)>,
+    ttl_secs: u32,
+) -> Message {
+    let ttl = if ttl_secs == 0 {
+        config.default_token_ttl
+    } else {
+        Duration::from_secs(u64::from(ttl_secs))
+    };
+    if ttl > config.max_token_ttl {
+        return error(
+            ErrorCode::Invalid,
+            &format!(
+                "ttl_secs exceeds the maximum of {}",
+                config.max_token_ttl.as_secs()
+            ),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    if fields.iter().any(|(f, _)| !seen.insert(f.as_str())) {
+        return error(ErrorCode::Invalid, "a field is named twice");
+    }
+    let expires_at_ms = now_ms().saturating_add(ttl.as_millis() as u64);
+    let fields = fields
+        .into_iter()
+        .map(|(f, op)| (f, op.name().to_string()))
+        .collect();
+    match vault
+        .mint(&partner_id, &subject, &purpose, fields, expires_at_ms)
+        .await
+    {
+        Ok(token) => Message::Minted {
+            token: token.to_string(),
+            expires_at_ms,
+        },
+        Err(e) => storage_error(&e),
+    }
+}
+
+/// Burns the token (durably) and returns the masked segment it grants.
+async fn redeem(vault: &Vault, token: &str, partner_id: &str) -> Message {
+    let (terms, _) = match vault.redeem(token, partner_id, now_ms()).await {
+        Ok(t) => t,
+        Err(storage::Error::TokenRefused(r)) => {
+            let code = ErrorCode::from_name(r.code()).unwrap_or(ErrorCode::Forbidden);
+            return error(code, "the token cannot be redeemed");
+        }
+        Err(e) => return storage_error(&e),
+    };
+    // The token is spent from here on, whatever happens below: data may be
+    // lost to the partner, never delivered twice.
+    let record = match vault.latest_record(&terms.subject) {
+        Ok(Some(r)) => r,
+        Ok(None) => return error(ErrorCode::NotFound, "the subject has no record"),
+        Err(e) => return storage_error(&e),
+    };
+    let parsed: serde_json::Map<String, serde_json::Value> =
+        match serde_json::from_slice(&record.plaintext) {
+            Ok(m) => m,
+            Err(_) => return error(ErrorCode::Internal, "the record is not a set of fields"),
+        };
+    let fields: Vec<(String, String)> = parsed
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect();
+    let mut wanted = Vec::with_capacity(terms.fields.len());
+    for (f, op) in &terms.fields {
+        match protocol::MaskOp::from_name(op) {
+            Some(op) => wanted.push((f.clone(), op)),
+            None => return error(ErrorCode::Internal, "the token names an unknown operator"),
+        }
+    }
+    let keys = crate::mask::MaskKeys::derive_from(vault.mask_secret().as_ref());
+    match crate::mask::apply_all(&wanted, &fields, &keys, partner_id) {
+        Ok(masked) => Message::Data {
+            subject: terms.subject,
+            seq: record.seq,
+            fields: masked,
+        },
+        Err(e) => error(ErrorCode::Invalid, &e.to_string()),
+    }
 }

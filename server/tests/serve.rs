@@ -19,6 +19,7 @@ struct Server {
     admin: String,
     writer: String,
     partner: String,
+    gateway: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
 }
@@ -48,6 +49,10 @@ async fn start(config: ServeConfig) -> Server {
         .create_credential("partner", "demo-lender")
         .await
         .expect("partner");
+    let (_, gateway) = vault
+        .create_credential("gateway", "http shim")
+        .await
+        .expect("gateway");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -62,6 +67,7 @@ async fn start(config: ServeConfig) -> Server {
         admin: created.admin_api_key.to_string(),
         writer: writer.to_string(),
         partner: partner.to_string(),
+        gateway: gateway.to_string(),
         stop: Some(stop),
         _dir: dir,
     }
@@ -403,4 +409,170 @@ async fn a_client_that_never_finishes_a_frame_is_closed() {
     // Authenticated but idle: closed too.
     let (mut conn, _) = connect(&s, &s.writer).await;
     assert!(recv(&mut conn).await.is_none());
+}
+
+async fn mint(s: &Server, partner: &str, subject: &str, ttl_secs: u32) -> String {
+    let (mut gw, _) = connect(s, &s.gateway).await;
+    let m = Message::Mint {
+        partner_id: partner.into(),
+        subject: subject.into(),
+        purpose: "credit_check".into(),
+        fields: vec![
+            ("email".into(), protocol::MaskOp::Partial),
+            ("iban".into(), protocol::MaskOp::Partial),
+            ("name".into(), protocol::MaskOp::Redact),
+            ("income".into(), protocol::MaskOp::Generalize),
+        ],
+        ttl_secs,
+    };
+    match request(&mut gw, 2, &m).await {
+        Message::Minted { token, .. } => token,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn seed(s: &Server, subject: &str) {
+    let (mut w, _) = connect(s, &s.writer).await;
+    let append = Message::Append {
+        subject: subject.into(),
+        fields: vec![
+            ("name".into(), "Jane Doe".into()),
+            ("email".into(), "jane.doe@example.com".into()),
+            ("iban".into(), "GB33BUKB20201555555555".into()),
+            ("income".into(), "84000".into()),
+            ("dob".into(), "1980-02-03".into()),
+        ],
+    };
+    assert!(matches!(
+        request(&mut w, 2, &append).await,
+        Message::Receipt { .. }
+    ));
+}
+
+async fn redeem(s: &Server, key: &str, token: &str) -> Message {
+    let (mut p, _) = connect(s, key).await;
+    let reply = request(
+        &mut p,
+        7,
+        &Message::Redeem {
+            token: token.into(),
+        },
+    )
+    .await;
+    assert!(
+        recv(&mut p).await.is_none(),
+        "the server closes after a redemption"
+    );
+    reply
+}
+
+#[tokio::test]
+async fn a_token_reveals_one_masked_segment_once() {
+    let s = start(ServeConfig::default()).await;
+    seed(&s, "cust-7").await;
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    assert!(token.starts_with("fvt_"));
+    let Message::Data {
+        subject, fields, ..
+    } = redeem(&s, &s.partner, &token).await
+    else {
+        panic!("no data");
+    };
+    assert_eq!(subject, "cust-7");
+    assert_eq!(
+        fields,
+        vec![
+            ("email".to_string(), "j***@example.com".to_string()),
+            ("iban".to_string(), "******************5555".to_string()),
+            ("name".to_string(), "[redacted]".to_string()),
+            ("income".to_string(), "50000-99999".to_string()),
+        ],
+        "exactly the minted fields, masked, in order; dob is never sent"
+    );
+    assert_eq!(
+        code(&redeem(&s, &s.partner, &token).await),
+        Some(ErrorCode::TokenSpent)
+    );
+    assert_eq!(
+        code(&redeem(&s, &s.partner, "fvt_0000").await),
+        Some(ErrorCode::TokenUnknown)
+    );
+    // The token's secret never reaches the log: only its hash.
+    let entries = s.vault.entries_from(0, 10_000).expect("entries");
+    assert!(entries
+        .iter()
+        .all(|e| !e.windows(token.len()).any(|w| w == token.as_bytes())));
+}
+
+#[tokio::test]
+async fn a_token_is_bound_to_its_partner_and_refusals_are_audited() {
+    let s = start(ServeConfig::default()).await;
+    seed(&s, "cust-8").await;
+    let token = mint(&s, "another-lender", "cust-8", 0).await;
+    assert_eq!(
+        code(&redeem(&s, &s.partner, &token).await),
+        Some(ErrorCode::WrongPartner)
+    );
+    // Only partners redeem, and a gateway cannot mint beyond the maximum TTL.
+    let (mut w, _) = connect(&s, &s.writer).await;
+    assert_eq!(
+        code(
+            &request(
+                &mut w,
+                3,
+                &Message::Redeem {
+                    token: token.clone()
+                }
+            )
+            .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+    let (mut gw, _) = connect(&s, &s.gateway).await;
+    let long = Message::Mint {
+        partner_id: "demo-lender".into(),
+        subject: "cust-8".into(),
+        purpose: "p".into(),
+        fields: vec![("name".into(), protocol::MaskOp::Reveal)],
+        ttl_secs: 86_400,
+    };
+    assert_eq!(
+        code(&request(&mut gw, 4, &long).await),
+        Some(ErrorCode::Invalid)
+    );
+    let denials = s
+        .vault
+        .entries_from(0, 10_000)
+        .expect("entries")
+        .iter()
+        .filter(|e| {
+            storage::entry::EntryRef::decode(e).is_ok_and(|e| e.kind == storage::Kind::AccessDenied)
+        })
+        .count();
+    assert_eq!(denials, 1, "the wrong-partner refusal is in the log");
+}
+
+#[tokio::test]
+async fn concurrent_redemptions_of_one_token_deliver_once() {
+    let s = Arc::new(start(ServeConfig::default()).await);
+    seed(&s, "cust-9").await;
+    let token = mint(&s, "demo-lender", "cust-9", 0).await;
+    let mut tasks = Vec::new();
+    for _ in 0..120 {
+        let s = s.clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(
+            async move { redeem(&s, &s.partner, &token).await },
+        ));
+    }
+    let mut data = 0;
+    let mut spent = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Message::Data { .. } => data += 1,
+            m if code(&m) == Some(ErrorCode::TokenSpent) => spent += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((data, spent), (1, 119));
 }

@@ -94,6 +94,9 @@ pub enum Error {
     /// `create` was asked to overwrite an existing vault.
     #[error("a vault already exists at {0}")]
     AlreadyExists(String),
+    /// A token redemption was refused (and the refusal is in the log).
+    #[error("token refused: {}", .0.code())]
+    TokenRefused(TokenRefusal),
     /// The subject's data key was destroyed by a shred entry.
     #[error("subject {0} has been shredded")]
     SubjectShredded(String),
@@ -137,6 +140,35 @@ impl From<sled::Error> for Error {
 impl Error {
     pub(crate) fn integrity(seq: u64, reason: Reason) -> Self {
         Error::Integrity { seq, reason }
+    }
+}
+
+/// Why a token redemption was refused. Each is written to the log as an
+/// `access_denied` entry before the caller hears of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No token with this hash was minted.
+    Unknown,
+    /// The token's expiry has passed.
+    Expired,
+    /// The token was already redeemed.
+    Spent,
+    /// The token was minted for another partner.
+    WrongPartner,
+    /// The token's subject has been shredded.
+    SubjectShredded,
+}
+
+impl TokenRefusal {
+    /// Stable name, the same as the wire error code.
+    pub fn code(self) -> &'static str {
+        match self {
+            TokenRefusal::Unknown => "token_unknown",
+            TokenRefusal::Expired => "token_expired",
+            TokenRefusal::Spent => "token_spent",
+            TokenRefusal::WrongPartner => "wrong_partner",
+            TokenRefusal::SubjectShredded => "subject_shredded",
+        }
     }
 }
 

@@ -42,7 +42,7 @@ pub mod verify;
 pub use chunk::{Receipt, ReceiptError, SignedHead};
 pub use crypto::{KdfParams, Unlock};
 pub use entry::{Hash, Kind};
-pub use error::{Error, Reason, Result};
+pub use error::{Error, Reason, Result, TokenRefusal};
 pub use store::RawStore;
 pub use vault::{
     api_key_hash, generate_api_key, Append, Created, Credential, Options, Record, StoredEntry,

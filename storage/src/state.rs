@@ -16,6 +16,8 @@
 //! "k/" subject         subject data key: u32 BE current version || u8 shredded (0/1)
 //! "c/" credential id   credential: JSON {"role", "key_hash", "name", "seq"}
 //! "h/" key hash (hex)  credential id (UTF-8): lookup by presented API key
+//! "t/" token hash      a minted token: the `token_minted` payload (JSON)
+//! "u/" token hash      u64 BE seq of the `token_redeemed` entry that spent it
 //! ```
 //!
 //! The expected content of the `keys` tree is derived the same way
@@ -66,6 +68,28 @@ struct CredentialState<'a> {
 pub struct CredentialRevoked {
     pub id: String,
     pub key_hash: String,
+}
+
+/// Payload of a `token_minted` entry, and the value of `"t/" token_hash`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenMinted {
+    /// Hex BLAKE3 of the token; the token itself is never stored.
+    pub token_hash: String,
+    pub partner_id: String,
+    pub subject: String,
+    pub purpose: String,
+    /// (field, masking operator name), in the order they are revealed.
+    pub fields: Vec<(String, String)>,
+    pub expires_at_ms: u64,
+}
+
+/// Payload of a `token_redeemed` entry; `"u/" token_hash` holds its seq.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRedeemed {
+    pub token_hash: String,
+    pub partner_id: String,
 }
 
 /// Payload of a `subject_key` entry.
@@ -154,13 +178,20 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
             let _: Genesis = parse(e)?;
             Vec::new()
         }
+        Kind::TokenMinted => {
+            let t: TokenMinted = parse(e)?;
+            // The payload as written is the token's state.
+            vec![(key("t/", &t.token_hash), Some(e.payload.to_vec()))]
+        }
+        Kind::TokenRedeemed => {
+            let t: TokenRedeemed = parse(e)?;
+            vec![(key("u/", &t.token_hash), Some(e.seq.to_be_bytes().to_vec()))]
+        }
         // Kinds whose derived state later layers define; until then they
         // are audit events only.
         Kind::ConsentGranted
         | Kind::ConsentRevoked
         | Kind::PolicyChanged
-        | Kind::TokenMinted
-        | Kind::TokenRedeemed
         | Kind::AccessDenied
         | Kind::KeyRotated
         | Kind::Checkpoint => {

@@ -53,7 +53,7 @@ use crate::crypto::{
     self, data_key_aad, record_aad, signing_key_aad, KdfParams, SealedMaster, SecretKey, Unlock,
 };
 use crate::entry::{entry_hash, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN};
-use crate::error::{Error, Reason, Result};
+use crate::error::{Error, Reason, Result, TokenRefusal};
 use crate::state::{self, CredentialCreated, Genesis, KeyState, SubjectKeyCommit};
 use crate::store::{Store, FORMAT};
 use crate::verify::ChainTip;
@@ -103,6 +103,14 @@ pub enum Append {
         subject: String,
         payload: Vec<u8>,
     },
+    /// Spend a one-time token: checked and burned by the committer in
+    /// log order, so that of concurrent redemptions exactly one wins. Made
+    /// by [`Vault::redeem`] only.
+    Redeem {
+        token_hash: String,
+        partner_id: String,
+        now_ms: u64,
+    },
 }
 
 impl std::fmt::Debug for Append {
@@ -113,6 +121,7 @@ impl std::fmt::Debug for Append {
                 write!(f, "Append::Record({} bytes)", plaintext.len())
             }
             Append::Event { kind, .. } => write!(f, "Append::Event({})", kind.name()),
+            Append::Redeem { .. } => f.write_str("Append::Redeem(..)"),
         }
     }
 }
@@ -137,6 +146,11 @@ impl Append {
 
     fn validate(&self) -> Result<()> {
         match self {
+            Append::Redeem { .. } => {
+                return Err(Error::Invalid(
+                    "redemptions go through Vault::redeem".into(),
+                ))
+            }
             Append::Record { subject, plaintext } => {
                 validate_subject(subject, true)?;
                 if plaintext.len() > MAX_PAYLOAD_LEN - 16 {
@@ -270,6 +284,9 @@ impl std::fmt::Debug for Created {
             .finish_non_exhaustive()
     }
 }
+
+/// Prefix of one-time tokens, so that secret scanners can spot leaked ones.
+pub const TOKEN_PREFIX: &str = "fvt_";
 
 /// Prefix of API keys, so that secret scanners can spot leaked ones.
 pub const API_KEY_PREFIX: &str = "fvk_";
@@ -563,6 +580,7 @@ impl Vault {
             key_cache: opts.key_cache.max(1),
             max_group: opts.max_group_entries.clamp(1, 1 << 20),
             nonces: crypto::NonceSource::default(),
+            refusal: None,
             shared: shared.clone(),
         };
         let writer = Writer {
@@ -768,6 +786,89 @@ impl Vault {
         })
         .await?;
         Ok((id, key))
+    }
+
+    /// Mints a one-time token for `partner_id` to read `fields` (with their
+    /// masking operators) of `subject`'s latest record for `purpose`, valid
+    /// until `expires_at_ms`. The token (prefix `fvt_` and 256 random bits)
+    /// is returned once; only its hash is written, in a `token_minted` entry.
+    pub async fn mint(
+        &self,
+        partner_id: &str,
+        subject: &str,
+        purpose: &str,
+        fields: Vec<(String, String)>,
+        expires_at_ms: u64,
+    ) -> Result<Zeroizing<String>> {
+        validate_subject(subject, true)?;
+        if partner_id.is_empty() || purpose.is_empty() || fields.is_empty() {
+            return Err(Error::Invalid(
+                "a token needs a partner, a purpose and fields".into(),
+            ));
+        }
+        let mut raw = Zeroizing::new([0u8; 32]);
+        crypto::random_bytes(raw.as_mut());
+        let token = Zeroizing::new(format!("{TOKEN_PREFIX}{}", hex::encode(raw.as_ref())));
+        let payload = state::TokenMinted {
+            token_hash: api_key_hash(&token),
+            partner_id: partner_id.to_string(),
+            subject: subject.to_string(),
+            purpose: purpose.to_string(),
+            fields,
+            expires_at_ms,
+        };
+        let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.append(Append::Event {
+            kind: Kind::TokenMinted,
+            subject: subject.to_string(),
+            payload,
+        })
+        .await?;
+        Ok(token)
+    }
+
+    /// Spends `token` for `partner_id`: on success the `token_redeemed`
+    /// entry is durable before this returns, and the token's terms come
+    /// back; otherwise `TokenRefused`, with an `access_denied` entry durable.
+    /// A token burned just before a crash stays burned after it.
+    pub async fn redeem(
+        &self,
+        token: &str,
+        partner_id: &str,
+        now_ms: u64,
+    ) -> Result<(state::TokenMinted, Receipt)> {
+        let token_hash = api_key_hash(token);
+        let (reply, rx) = oneshot::channel();
+        let items = vec![Append::Redeem {
+            token_hash: token_hash.clone(),
+            partner_id: partner_id.to_string(),
+            now_ms,
+        }];
+        self.sender()?
+            .send(Request { items, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        let receipt = rx
+            .await
+            .map_err(|_| Error::Closed)??
+            .pop()
+            .ok_or(Error::Closed)?;
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        let minted = sh
+            .state_get(st, &state::key("t/", &token_hash))?
+            .ok_or(Error::Malformed("redeemed token has no state"))?;
+        let minted =
+            serde_json::from_slice(&minted).map_err(|_| Error::Malformed("token state"))?;
+        Ok((minted, receipt))
+    }
+
+    /// A secret for keyed masking (tokenize, hash), derived from the master
+    /// key so that it survives restarts and never leaves the process.
+    pub fn mask_secret(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(blake3::derive_key(
+            "fintrust-vault 2026 mask secret v1",
+            self.inner.master.as_bytes(),
+        ))
     }
 
     /// Encoded entries from `from_seq` on, at most `max`, in seq order.
@@ -1041,6 +1142,8 @@ struct Committer {
     key_cache: usize,
     max_group: usize,
     nonces: crypto::NonceSource,
+    /// Set by a refused redemption of the request being added.
+    refusal: Option<TokenRefusal>,
     shared: Arc<Shared>,
 }
 
@@ -1110,11 +1213,18 @@ impl Committer {
         let first_seq = self.pos.next_seq;
         let mut g = Group::default();
         for req in reqs {
+            self.refusal = None;
             let indices = self.add_request(&mut g, req.items);
             if indices.is_err() {
                 // The failed request's keys were rolled back with it.
                 self.clear_key_cache(writer);
             }
+            // A refused redemption keeps its audit entry in the group and
+            // answers with the refusal once that entry is durable.
+            let indices = match (indices, self.refusal.take()) {
+                (Ok(_), Some(r)) => Err(Error::TokenRefused(r)),
+                (other, _) => other,
+            };
             g.requests.push((req.reply, indices));
         }
         let signed = (!g.encoded.is_empty()).then(|| {
@@ -1177,9 +1287,90 @@ impl Committer {
                 } => {
                     idx.push(self.push(g, kind, &subject, 0, [0; 12], &payload)?);
                 }
+                Append::Redeem {
+                    token_hash,
+                    partner_id,
+                    now_ms,
+                } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms)?),
             }
         }
         Ok(idx)
+    }
+
+    /// A derived-state value as of this point of the group being built:
+    /// the group's own mutations first, then the overlay and the tree.
+    fn state_now(&self, g: &Group, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some((_, v)) = g.state.iter().rev().find(|(k, _)| k.as_slice() == key) {
+            return Ok(v.clone());
+        }
+        Ok(self
+            .shared
+            .state_get(&self.store.state, key)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Checks a token and burns it (a `token_redeemed` entry), or records
+    /// the refusal (an `access_denied` entry) and remembers it for the
+    /// reply. Runs in log order, so two redemptions of one token in any
+    /// interleaving find the first one's burn.
+    fn redeem(
+        &mut self,
+        g: &mut Group,
+        token_hash: &str,
+        partner_id: &str,
+        now_ms: u64,
+    ) -> Result<usize> {
+        let minted: Option<state::TokenMinted> =
+            match self.state_now(g, &state::key("t/", token_hash))? {
+                Some(v) => {
+                    Some(serde_json::from_slice(&v).map_err(|_| Error::Malformed("token state"))?)
+                }
+                None => None,
+            };
+        let spent = self.state_now(g, &state::key("u/", token_hash))?.is_some();
+        let refusal = match &minted {
+            None => Some(TokenRefusal::Unknown),
+            Some(_) if spent => Some(TokenRefusal::Spent),
+            Some(t) if t.partner_id != partner_id => Some(TokenRefusal::WrongPartner),
+            Some(t) if now_ms >= t.expires_at_ms => Some(TokenRefusal::Expired),
+            Some(t) => match self.state_now(g, &state::key("k/", &t.subject))? {
+                Some(k) if KeyState::decode(&k)?.shredded => Some(TokenRefusal::SubjectShredded),
+                _ => None,
+            },
+        };
+        let subject = minted
+            .as_ref()
+            .map_or("", |t| t.subject.as_str())
+            .to_string();
+        match refusal {
+            None => {
+                let payload = serde_json::to_vec(&state::TokenRedeemed {
+                    token_hash: token_hash.to_string(),
+                    partner_id: partner_id.to_string(),
+                })
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+                self.push(g, Kind::TokenRedeemed, &subject, 0, [0; 12], &payload)
+            }
+            Some(r) => {
+                let payload = serde_json::json!({
+                    "action": "redeem",
+                    "reason": r.code(),
+                    "token_hash": token_hash,
+                    "partner_id": partner_id,
+                })
+                .to_string();
+                let i = self.push(
+                    g,
+                    Kind::AccessDenied,
+                    &subject,
+                    0,
+                    [0; 12],
+                    payload.as_bytes(),
+                )?;
+                self.refusal = Some(r);
+                Ok(i)
+            }
+        }
     }
 
     fn push(

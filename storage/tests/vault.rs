@@ -375,3 +375,58 @@ fn ciphertexts_are_bound_to_subject_and_position() {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[tokio::test]
+async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault
+        .append(Append::record("s1", b"{\"name\":\"x\"}".to_vec()))
+        .await
+        .expect("append");
+    let fields = vec![("name".to_string(), "reveal".to_string())];
+    let token = vault
+        .mint("p1", "s1", "credit_check", fields.clone(), 1_000_000)
+        .await
+        .expect("mint");
+    // Expired: the redeemer's clock is past the expiry.
+    let expired = vault.redeem(&token, "p1", 1_000_000).await;
+    assert!(
+        matches!(
+            expired,
+            Err(Error::TokenRefused(storage::TokenRefusal::Expired))
+        ),
+        "{expired:?}"
+    );
+    let token = vault
+        .mint("p1", "s1", "credit_check", fields, u64::MAX)
+        .await
+        .expect("mint");
+    let (terms, receipt) = vault.redeem(&token, "p1", 5).await.expect("redeem");
+    assert_eq!(terms.subject, "s1");
+    receipt.verify(&key).expect("the burn has a receipt");
+    vault.close().expect("close");
+    // Reopened (the burn was durable before redeem returned): still spent.
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen");
+    let again = vault.redeem(&token, "p1", 6).await;
+    assert!(
+        matches!(
+            again,
+            Err(Error::TokenRefused(storage::TokenRefusal::Spent))
+        ),
+        "{again:?}"
+    );
+    // Redemptions are not appendable by hand.
+    let forged = vault
+        .append(Append::Redeem {
+            token_hash: storage::api_key_hash(&token),
+            partner_id: "p1".into(),
+            now_ms: 0,
+        })
+        .await;
+    assert!(matches!(forged, Err(Error::Invalid(_))));
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
