@@ -122,6 +122,62 @@ impl Role {
     }
 }
 
+/// Slows down peers that keep failing to redeem tokens (guessing, or
+/// replaying spent ones): after `FREE_FAILURES` refusals from one IP
+/// address, each further redemption from it waits twice as long as the
+/// previous, up to `MAX_DELAY`; a success, or an hour without failures,
+/// forgives the address. The refusals themselves are in the audit log.
+#[derive(Debug, Default)]
+pub struct FailureThrottle {
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl FailureThrottle {
+    const FREE_FAILURES: u32 = 5;
+    const BASE_DELAY: Duration = Duration::from_millis(50);
+    const MAX_DELAY: Duration = Duration::from_secs(5);
+    const FORGET_AFTER: Duration = Duration::from_secs(3600);
+    /// Peers tracked at most; the table is cleared beyond (a flood of
+    /// addresses must not grow memory without bound).
+    const MAX_PEERS: usize = 100_000;
+
+    /// How long a redemption from `ip` must wait first.
+    pub fn delay(&self, ip: std::net::IpAddr) -> Duration {
+        let Ok(peers) = self.peers.lock() else {
+            return Duration::ZERO;
+        };
+        match peers.get(&ip) {
+            Some((n, last)) if *n > Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER => {
+                let exp = (*n - Self::FREE_FAILURES).min(16);
+                Self::BASE_DELAY
+                    .saturating_mul(1 << exp)
+                    .min(Self::MAX_DELAY)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Records the outcome of a redemption from `ip`.
+    pub fn record(&self, ip: std::net::IpAddr, refused: bool) {
+        let Ok(mut peers) = self.peers.lock() else {
+            return;
+        };
+        if !refused {
+            peers.remove(&ip);
+            return;
+        }
+        if peers.len() >= Self::MAX_PEERS && !peers.contains_key(&ip) {
+            peers.clear();
+        }
+        let e = peers.entry(ip).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() >= Self::FORGET_AFTER {
+            e.0 = 0;
+        }
+        e.0 = e.0.saturating_add(1);
+        e.1 = std::time::Instant::now();
+    }
+}
+
 /// Serves the protocol on `listener` until `shutdown` resolves: over TLS
 /// with `tls`, in plaintext without it.
 pub async fn run(
@@ -132,6 +188,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let throttle = Arc::new(FailureThrottle::default());
     let config = Arc::new(config);
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     tokio::pin!(shutdown);
@@ -159,20 +216,29 @@ pub async fn run(
         let vault = vault.clone();
         let config = config.clone();
         let acceptor = acceptor.clone();
+        let throttle = throttle.clone();
         tokio::spawn(async move {
+            let conn = Conn {
+                vault,
+                config,
+                throttle,
+                peer: peer.ip(),
+            };
             let result = match acceptor {
                 None => {
                     let (r, w) = socket.into_split();
-                    serve_connection(r, w, vault, config).await
+                    serve_connection(r, w, conn).await
                 }
                 Some(acceptor) => {
                     // The handshake counts against the idle timeout too.
-                    match tokio::time::timeout(config.idle_timeout, acceptor.accept(socket)).await {
+                    match tokio::time::timeout(conn.config.idle_timeout, acceptor.accept(socket))
+                        .await
+                    {
                         Err(_) => Err(ConnectionError::Idle),
                         Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
                         Ok(Ok(stream)) => {
                             let (r, w) = tokio::io::split(stream);
-                            serve_connection(r, w, vault, config).await
+                            serve_connection(r, w, conn).await
                         }
                     }
                 }
@@ -198,17 +264,27 @@ pub enum ConnectionError {
     Tls(String),
 }
 
+/// What a connection is served with.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub vault: Arc<Vault>,
+    pub config: Arc<ServeConfig>,
+    pub throttle: Arc<FailureThrottle>,
+    pub peer: std::net::IpAddr,
+}
+
 /// Serves one connection over any byte stream (plain TCP or TLS).
-pub async fn serve_connection<R, W>(
-    reader: R,
-    writer: W,
-    vault: Arc<Vault>,
-    config: Arc<ServeConfig>,
-) -> Result<(), ConnectionError>
+pub async fn serve_connection<R, W>(reader: R, writer: W, conn: Conn) -> Result<(), ConnectionError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Conn {
+        vault,
+        config,
+        throttle,
+        peer,
+    } = conn;
     let codec = FrameCodec::with_max_frame_len(config.max_frame_len);
     let mut frames = FramedRead::new(reader, codec.clone());
     let mut sink = FramedWrite::new(writer, codec);
@@ -302,7 +378,12 @@ where
         }
         if let Message::Redeem { token } = message {
             // Terminal: one data frame (or error), then the server closes.
+            let wait = throttle.delay(peer);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
             let reply = redeem(&vault, &token, &name).await;
+            throttle.record(peer, matches!(reply, Message::Error { .. }));
             let _ = tx.send((id, reply, 0)).await;
             break Ok(());
         }
@@ -620,5 +701,33 @@ async fn redeem(vault: &Vault, token: &str, partner_id: &str) -> Message {
             fields: masked,
         },
         Err(e) => error(ErrorCode::Invalid, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_refusals_slow_a_peer_down_and_success_forgives() {
+        let t = FailureThrottle::default();
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        let b: std::net::IpAddr = [10, 0, 0, 2].into();
+        for _ in 0..FailureThrottle::FREE_FAILURES {
+            t.record(a, true);
+        }
+        assert_eq!(t.delay(a), Duration::ZERO, "a few mistakes are free");
+        t.record(a, true);
+        let first = t.delay(a);
+        assert!(first > Duration::ZERO);
+        t.record(a, true);
+        assert!(t.delay(a) > first, "each refusal doubles the wait");
+        for _ in 0..40 {
+            t.record(a, true);
+        }
+        assert_eq!(t.delay(a), FailureThrottle::MAX_DELAY);
+        assert_eq!(t.delay(b), Duration::ZERO, "other peers are not affected");
+        t.record(a, false);
+        assert_eq!(t.delay(a), Duration::ZERO);
     }
 }

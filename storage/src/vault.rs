@@ -581,6 +581,7 @@ impl Vault {
             max_group: opts.max_group_entries.clamp(1, 1 << 20),
             nonces: crypto::NonceSource::default(),
             refusal: None,
+            burned: HashMap::new(),
             shared: shared.clone(),
         };
         let writer = Writer {
@@ -1144,6 +1145,9 @@ struct Committer {
     nonces: crypto::NonceSource,
     /// Set by a refused redemption of the request being added.
     refusal: Option<TokenRefusal>,
+    /// Tokens this committer burned, with their expiry: the overlay learns
+    /// of a burn only when the writer publishes its group.
+    burned: HashMap<String, u64>,
     shared: Arc<Shared>,
 }
 
@@ -1327,7 +1331,10 @@ impl Committer {
                 }
                 None => None,
             };
-        let spent = self.state_now(g, &state::key("u/", token_hash))?.is_some();
+        // Burns of groups still on their way to the writer are not in the
+        // overlay yet: the committer's own record of burns covers them.
+        let spent = self.burned.contains_key(token_hash)
+            || self.state_now(g, &state::key("u/", token_hash))?.is_some();
         let refusal = match &minted {
             None => Some(TokenRefusal::Unknown),
             Some(_) if spent => Some(TokenRefusal::Spent),
@@ -1344,6 +1351,12 @@ impl Committer {
             .to_string();
         match refusal {
             None => {
+                if self.burned.len() >= 100_000 {
+                    // Expired tokens cannot be redeemed anyway.
+                    self.burned.retain(|_, expires| *expires > now_ms);
+                }
+                let expires = minted.as_ref().map_or(0, |t| t.expires_at_ms);
+                self.burned.insert(token_hash.to_string(), expires);
                 let payload = serde_json::to_vec(&state::TokenRedeemed {
                     token_hash: token_hash.to_string(),
                     partner_id: partner_id.to_string(),

@@ -430,3 +430,42 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
     vault.close().expect("close");
     verify_ok(&dir, key);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_redemptions_burn_exactly_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vault = Arc::new(new_vault(&tmp.path().join("v")));
+    vault
+        .append(Append::record("s", b"{}".to_vec()))
+        .await
+        .expect("append");
+    for round in 0..5u64 {
+        let fields = vec![("a".to_string(), "reveal".to_string())];
+        let token = vault
+            .mint("p", "s", "x", fields, u64::MAX)
+            .await
+            .expect("mint");
+        let mut tasks = Vec::new();
+        for i in 0..100u64 {
+            let (v, t) = (vault.clone(), token.to_string());
+            tasks.push(tokio::spawn(async move {
+                // Spread the redemptions over several commit groups, so
+                // that some land while an earlier burn is still on its way
+                // to the writer.
+                for _ in 0..(i * 7 + round) % 5 {
+                    tokio::task::yield_now().await;
+                }
+                v.redeem(&t, "p", 1).await
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(_) => ok += 1,
+                Err(Error::TokenRefused(storage::TokenRefusal::Spent)) => {}
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        assert_eq!(ok, 1, "round {round}");
+    }
+}
