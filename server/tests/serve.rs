@@ -576,3 +576,66 @@ async fn concurrent_redemptions_of_one_token_deliver_once() {
     }
     assert_eq!((data, spent), (1, 119));
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_does_not_hold_up_others() {
+    let s = start(ServeConfig::default()).await;
+    let (conn, _) = connect(&s, &s.writer).await;
+    let mut tcp = conn.into_inner();
+    // 20,000 pings (~360 KB) and never a read: the server stops reading
+    // once its in-flight limit and the socket buffers are full.
+    let ping = protocol::encode_frame(2, &Message::Ping, 0).expect("frame");
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 20_000)
+        .collect();
+    let writer = tokio::spawn(async move {
+        let _ = tcp.write_all(&burst).await;
+        tcp
+    });
+    // Meanwhile everyone else is served.
+    for i in 0..20u32 {
+        let (mut other, _) = connect(&s, &s.writer).await;
+        assert_eq!(
+            request(&mut other, i + 1, &Message::Ping).await,
+            Message::Pong
+        );
+    }
+    writer.abort();
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    let s = start(ServeConfig {
+        max_connections: 2,
+        ..ServeConfig::default()
+    })
+    .await;
+    let (first, _) = connect(&s, &s.writer).await;
+    let (_second, _) = connect(&s, &s.writer).await;
+    let third = tokio::spawn({
+        let addr = s.addr;
+        let key = s.writer.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let mut conn = Framed::new(tcp, FrameCodec::new());
+            let hello = Message::Hello {
+                api_key: key,
+                client: "third".into(),
+            };
+            conn.send(hello.to_frame(1, 0).expect("frame"))
+                .await
+                .expect("send");
+            recv(&mut conn).await.map(|r| r.1)
+        }
+    });
+    // Not served while two connections are open...
+    tokio::task::yield_now().await;
+    assert!(!third.is_finished());
+    // ...and served as soon as one closes.
+    drop(first);
+    let reply = third.await.expect("task");
+    assert!(matches!(reply, Some(Message::HelloOk { .. })), "{reply:?}");
+}
