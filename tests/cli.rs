@@ -418,3 +418,143 @@ fn dev_creates_verifies_and_reopens_its_vault() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["entries"], second["entries"]);
 }
+
+/// A running `vaultd serve` child, killed with SIGKILL when dropped.
+struct Served {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `vaultd serve` in plaintext on a port the OS chooses, and reads
+/// the address from its log.
+fn serve(s: &Scratch, name: &str) -> Served {
+    use std::io::BufRead;
+    let mut child = Command::new(profile_dir().join("vaultd"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(s.path(name))
+        .arg("--passphrase-file")
+        .arg(s.path("passphrase"))
+        .args(["--insecure-plaintext", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vaultd serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            _ => panic!("vaultd serve exited before listening"),
+        };
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("an address")
+                .to_string();
+        }
+    };
+    // Keep draining the log so that the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Served { child, addr }
+}
+
+/// One request on a fresh authenticated connection.
+async fn ask(addr: &str, key: &str, m: protocol::Message) -> protocol::Message {
+    use futures_util::{SinkExt, StreamExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut conn = tokio_util::codec::Framed::new(tcp, protocol::FrameCodec::new());
+    let hello = protocol::Message::Hello {
+        api_key: key.into(),
+        client: "cli test".into(),
+    };
+    for (id, m) in [(1, hello), (2, m)] {
+        conn.send(m.to_frame(id, 0).expect("frame"))
+            .await
+            .expect("send");
+    }
+    let mut last = None;
+    for _ in 0..2 {
+        let f = conn.next().await.expect("a reply").expect("a frame");
+        last = Some(protocol::Message::from_frame(&f).expect("decodes"));
+    }
+    last.expect("two replies")
+}
+
+#[test]
+fn a_token_redeemed_before_kill_9_stays_spent() {
+    let s = Scratch::new();
+    let init = s.init("v");
+    let dir = s.path("v");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // Credentials and a record, written offline before serving.
+    let (gateway, partner) = rt.block_on(async {
+        let unlock = storage::Unlock::passphrase(b"correct horse battery staple".to_vec());
+        let vault = storage::Vault::open(&dir, &unlock, storage::Options::default()).expect("open");
+        let (_, gw) = vault
+            .create_credential("gateway", "gw")
+            .await
+            .expect("gateway");
+        let (_, p) = vault
+            .create_credential("partner", "lender-1")
+            .await
+            .expect("partner");
+        vault
+            .append(storage::Append::record(
+                "cust-1",
+                br#"{"name":"Ada","email":"ada@example.com"}"#.to_vec(),
+            ))
+            .await
+            .expect("record");
+        vault.close().expect("close");
+        (gw.to_string(), p.to_string())
+    });
+    wait_unlocked(&dir);
+    let server = serve(&s, "v");
+    let mint = protocol::Message::Mint {
+        partner_id: "lender-1".into(),
+        subject: "cust-1".into(),
+        purpose: "kyc".into(),
+        fields: vec![("email".into(), protocol::MaskOp::Partial)],
+        ttl_secs: 0,
+    };
+    let token = match rt.block_on(ask(&server.addr, &gateway, mint)) {
+        protocol::Message::Minted { token, .. } => token,
+        other => panic!("{other:?}"),
+    };
+    let redeem = protocol::Message::Redeem {
+        token: token.clone(),
+    };
+    let data = rt.block_on(ask(&server.addr, &partner, redeem.clone()));
+    assert!(matches!(data, protocol::Message::Data { .. }), "{data:?}");
+    drop(server); // SIGKILL
+    wait_unlocked(&dir);
+    let server = serve(&s, "v");
+    let again = rt.block_on(ask(&server.addr, &partner, redeem));
+    assert!(
+        matches!(
+            again,
+            protocol::Message::Error {
+                code: protocol::ErrorCode::TokenSpent,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    drop(server);
+    wait_unlocked(&dir);
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(str_field(&init, "public_key")),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
