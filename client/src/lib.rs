@@ -1,1 +1,65 @@
-//! placeholder
+//! The client of fintrust-vault: a thin async library that services embed
+//! to append records and get receipts, auditors use to read the signed head,
+//! entries and proofs, gateways use to mint tokens and partners to redeem
+//! them. It speaks the wire protocol of [`protocol`] (`docs/protocol.md`)
+//! over TCP, inside TLS, and depends on nothing of the server or storage.
+//!
+//! Modules, in the order a request flows through them:
+//!
+//! - [`config`]: [`ClientConfig`] and [`Tls`]: address, CA-pinned TLS with
+//!   an optional client certificate (or explicit plaintext for loopback
+//!   development), API key, timeout. Validated before any I/O.
+//! - [`connection`]: [`Client`]: connect, `Hello`, then requests numbered
+//!   and pipelined on one connection. A writer task sends frames; a reader
+//!   task routes each answer by request id to the caller waiting for it,
+//!   so many tasks can share one `Client` and answers may come in any
+//!   order. Every call honours the timeout.
+//! - [`verify`]: what the client checks without trusting the server:
+//!   [`verify_receipt`] against the vault's public key, and
+//!   [`HeadTracker`], which notices a vault rolled back to an older copy
+//!   or forked.
+//! - [`error`]: the one [`ClientError`], whose variants are the decisions
+//!   a caller makes (retry, reconnect, fix the request, stop trusting).
+//!
+//! The `vault-client` binary (`src/bin/vault-client.rs`) is these calls
+//! plus argument parsing and printing.
+//!
+//! ```no_run
+//! use client::{Client, ClientConfig, HeadTracker, Tls, Zeroizing};
+//!
+//! # async fn demo() -> client::Result<()> {
+//! let config = ClientConfig {
+//!     addr: "127.0.0.1:9999".into(),
+//!     tls: Tls::Plaintext, // loopback development only
+//!     api_key: Zeroizing::new("fvk_...".to_string()),
+//!     ..ClientConfig::default()
+//! };
+//! let client = Client::connect(config).await?;
+//! let receipt = client
+//!     .append("cust-42", vec![("name".into(), "Ada".into())])
+//!     .await?;
+//! let head = client.head().await?; // admin and auditor roles
+//! client::verify_receipt(&receipt, &head.public_key)?;
+//! let mut tracker = HeadTracker::new();
+//! tracker.observe(&receipt.head)?;
+//! if let Some(h) = &head.signed_head {
+//!     tracker.observe(h)?;
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod verify;
+
+pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
+pub use connection::{Client, HeadInfo, Health, Redeemed};
+pub use error::{ClientError, Result};
+pub use verify::{verify_receipt, HeadTracker};
+
+pub use protocol::receipt::{Receipt, ReceiptError, SignedHead};
+pub use protocol::{ErrorCode, MaskOp, Record};
+/// The wrapper of [`ClientConfig::api_key`], re-exported so that callers
+/// need not depend on `zeroize`.
+pub use zeroize::Zeroizing;

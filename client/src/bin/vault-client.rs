@@ -1,0 +1,371 @@
+//! `vault-client`: append a record, read the signed head, redeem a token or
+//! ping a running vault from the shell. Each subcommand is one call of the
+//! `client` library plus printing.
+//!
+//! Data goes to stdout (text, or one JSON object with `--format json`;
+//! `redeem` always prints JSON), diagnostics to stderr. Exit codes: 0
+//! success, 1 local error (arguments, files, connection, TLS, a receipt
+//! that does not verify), 2 refused by the server (`error: <code>: <message>`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use client::{
+    verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt, Tls,
+    Zeroizing,
+};
+use serde_json::{json, Value};
+
+/// Exit code of a local failure.
+const EXIT_LOCAL: u8 = 1;
+/// Exit code of a request the server refused with an `Error` frame.
+const EXIT_REFUSED: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "vault-client",
+    version,
+    about = "Talk to a fintrust-vault server (port 9999)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Address of the vault, host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "FINTRUST_ADDR",
+        default_value = "127.0.0.1:9999"
+    )]
+    addr: String,
+    /// API key; prefer the environment variable, which `ps` does not show.
+    #[arg(long, global = true, env = "FINTRUST_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// PEM file of the CA that signed the server's certificate: connect
+    /// over TLS, trusting only this CA.
+    #[arg(long, global = true, env = "FINTRUST_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Name the server's certificate must carry.
+    #[arg(
+        long,
+        global = true,
+        env = "FINTRUST_SERVER_NAME",
+        default_value = "localhost"
+    )]
+    server_name: String,
+    /// PEM client certificate chain, for a server that requires mutual TLS.
+    #[arg(long, global = true, env = "FINTRUST_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, global = true, env = "FINTRUST_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
+    /// Connect without TLS: the API key and data cross the network in the
+    /// clear. Only for a server on loopback during development.
+    #[arg(long, global = true)]
+    insecure_plaintext: bool,
+    /// Hex of the vault's public key (printed by `vaultd init`): receipts
+    /// are checked against it instead of the key the server reports.
+    #[arg(long, global = true, env = "FINTRUST_PUBLIC_KEY")]
+    public_key: Option<String>,
+    /// Seconds allowed to connect and for each request.
+    #[arg(
+        long,
+        global = true,
+        env = "FINTRUST_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    timeout_secs: u64,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Append one record and print its receipt, verified when the public
+    /// key is known (--public-key, or a role that may read the head).
+    Append {
+        /// The data subject (e.g. a customer id).
+        #[arg(long)]
+        subject: String,
+        /// JSON file holding one object whose values are all strings.
+        #[arg(long)]
+        record_file: PathBuf,
+    },
+    /// Print the vault's public key, entry count and signed head.
+    Head,
+    /// Spend a token and print the masked record as one JSON object.
+    Redeem {
+        #[arg(long)]
+        token: String,
+    },
+    /// Check that the vault answers, and with which role.
+    Ping,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_LOCAL)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_LOCAL);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Server { code, message }) => {
+                eprintln!("error: {code}: {message}");
+                ExitCode::from(EXIT_REFUSED)
+            }
+            _ => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_LOCAL)
+            }
+        },
+    }
+}
+
+/// The library's config from the flags, refusing plaintext unless asked
+/// for by name.
+fn config(cli: &Cli) -> anyhow::Result<ClientConfig> {
+    let tls = match (&cli.cacert, cli.insecure_plaintext) {
+        (Some(_), true) => bail!("--cacert and --insecure-plaintext exclude each other"),
+        (None, false) => bail!(
+            "refusing to connect without TLS: pass --cacert FILE (or set FINTRUST_CACERT), \
+             or --insecure-plaintext for a development server on loopback"
+        ),
+        (None, true) => {
+            if cli.client_cert.is_some() || cli.client_key.is_some() {
+                bail!("--client-cert and --client-key need TLS (--cacert)");
+            }
+            Tls::Plaintext
+        }
+        (Some(ca), false) => Tls::Ca {
+            ca_pem_file: ca.clone(),
+            server_name: cli.server_name.clone(),
+            client_cert: match (&cli.client_cert, &cli.client_key) {
+                (None, None) => None,
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                _ => bail!("--client-cert and --client-key go together"),
+            },
+        },
+    };
+    let Some(api_key) = cli.api_key.clone() else {
+        bail!("an API key is needed: set FINTRUST_API_KEY or pass --api-key");
+    };
+    let config = ClientConfig {
+        addr: cli.addr.clone(),
+        tls,
+        api_key: Zeroizing::new(api_key),
+        client_name: format!("vault-client/{}", env!("CARGO_PKG_VERSION")),
+        timeout: Duration::from_secs(cli.timeout_secs),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let config = config(cli)?;
+    let addr = config.addr.clone();
+    match Client::connect(config).await {
+        Ok(c) => Ok(c),
+        // The server's own refusal keeps its type for the exit code.
+        Err(e @ ClientError::Server { .. }) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}"))),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Append {
+            subject,
+            record_file,
+        } => {
+            let fields = read_record(record_file)?;
+            let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
+            let client = connect(&cli).await?;
+            let receipt = client.append(subject.as_str(), fields).await?;
+            let verified = verify(&client, &receipt, pinned).await?;
+            print(
+                cli.format,
+                &json!({
+                    "seq": receipt.seq,
+                    "entry_hash": hex::encode(receipt.entry_hash),
+                    "verified": verified,
+                }),
+                &format!(
+                    "seq: {}\nentry_hash: {}\nverified: {verified}",
+                    receipt.seq,
+                    hex::encode(receipt.entry_hash)
+                ),
+            );
+        }
+        Command::Head => {
+            let client = connect(&cli).await?;
+            let head = client.head().await?;
+            let signed = head.signed_head.map(|h| {
+                json!({
+                    "key_id": h.key_id,
+                    "group_first_seq": h.group_first_seq,
+                    "last_seq": h.last_seq,
+                    "last_hash": hex::encode(h.last_hash),
+                    "group_root": hex::encode(h.group_root),
+                    "timestamp_ms": h.timestamp_ms,
+                })
+            });
+            let mut text = format!(
+                "public_key: {}\nentries: {}",
+                hex::encode(head.public_key),
+                head.entries
+            );
+            match &head.signed_head {
+                Some(h) => text.push_str(&format!(
+                    "\nlast_seq: {}\nlast_hash: {}\ntimestamp_ms: {}",
+                    h.last_seq,
+                    hex::encode(h.last_hash),
+                    h.timestamp_ms
+                )),
+                None => text.push_str("\nsigned_head: none (empty log)"),
+            }
+            print(
+                cli.format,
+                &json!({
+                    "public_key": hex::encode(head.public_key),
+                    "entries": head.entries,
+                    "signed_head": signed,
+                }),
+                &text,
+            );
+        }
+        Command::Redeem { token } => {
+            let client = connect(&cli).await?;
+            let r = client.redeem(token).await?;
+            let fields: serde_json::Map<String, Value> = r
+                .fields
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            // Always JSON: the record is data for another program.
+            println!(
+                "{}",
+                json!({ "subject": r.subject, "seq": r.seq, "fields": fields })
+            );
+        }
+        Command::Ping => {
+            let client = connect(&cli).await?;
+            let start = Instant::now();
+            client.ping().await?;
+            let rtt_ms = start.elapsed().as_secs_f64() * 1000.0;
+            print(
+                cli.format,
+                &json!({
+                    "pong": true,
+                    "server": client.server(),
+                    "role": client.role(),
+                    "rtt_ms": rtt_ms,
+                }),
+                &format!(
+                    "pong from {} (role {}) in {rtt_ms:.1} ms",
+                    client.server(),
+                    client.role()
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print(format: Format, json: &Value, text: &str) {
+    match format {
+        Format::Json => println!("{json}"),
+        Format::Text => println!("{text}"),
+    }
+}
+
+/// Verifies `receipt` with the pinned key, or else with the key the
+/// server reports when the role may read the head. `Ok(false)` when no key
+/// could be had; an `Err` when a check fails.
+async fn verify(
+    client: &Client,
+    receipt: &Receipt,
+    pinned: Option<[u8; 32]>,
+) -> anyhow::Result<bool> {
+    if let Some(key) = pinned {
+        verify_receipt(receipt, &key).context("the receipt does not verify with --public-key")?;
+        return Ok(true);
+    }
+    let head = match client.head().await {
+        Ok(head) => head,
+        Err(ClientError::Server {
+            code: ErrorCode::Forbidden,
+            ..
+        }) => {
+            eprintln!(
+                "note: receipt not verified: the {} role may not read the public key; \
+                 pass --public-key to verify",
+                client.role()
+            );
+            return Ok(false);
+        }
+        Err(e) => {
+            eprintln!("note: receipt not verified: cannot read the public key: {e}");
+            return Ok(false);
+        }
+    };
+    verify_receipt(receipt, &head.public_key).context("the receipt does not verify")?;
+    // A head older than the receipt's own would mean the server went back.
+    let mut tracker = HeadTracker::new();
+    tracker.observe(&receipt.head)?;
+    if let Some(h) = &head.signed_head {
+        tracker.observe(h)?;
+    }
+    Ok(true)
+}
+
+/// The fields of a JSON object whose values are all strings.
+fn read_record(path: &PathBuf) -> anyhow::Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let Value::Object(map) = value else {
+        bail!("{} must hold one JSON object", path.display());
+    };
+    map.into_iter()
+        .map(|(name, v)| match v {
+            Value::String(s) => Ok((name, s)),
+            _ => bail!("{}: field {name:?} is not a string", path.display()),
+        })
+        .collect()
+}
+
+fn parse_key(s: &str) -> anyhow::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut key)
+        .map_err(|_| anyhow::anyhow!("--public-key takes 64 hex digits"))?;
+    Ok(key)
+}

@@ -1,0 +1,255 @@
+//! What a [`Client`](crate::Client) connects to and how: the address, the
+//! transport ([`Tls`]), the API key, and the time allowed per request.
+//!
+//! The library reads no environment variables and no configuration files of
+//! its own; only the PEM files a [`Tls::Ca`] names, when connecting. The
+//! `vault-client` binary fills a `ClientConfig` from its flags and the
+//! `FINTRUST_*` environment.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::{ClientConfig as RustlsConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use zeroize::Zeroizing;
+
+use crate::error::{ClientError, Result};
+
+/// Default time allowed for connecting and for each request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the byte stream to the server is protected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// No TLS: API keys and personal data cross the network in the clear.
+    /// Only for a server on the loopback interface during development; it
+    /// has to be chosen by name, so that it is never the result of a
+    /// forgotten setting.
+    Plaintext,
+    /// TLS 1.3 or 1.2 with the server's certificate checked against this
+    /// CA only (not the system's roots: a vault's certificate comes from
+    /// the operator's own CA).
+    Ca {
+        /// PEM file with the CA certificate(s) to trust.
+        ca_pem_file: PathBuf,
+        /// The name the server's certificate must carry (DNS name or IP).
+        server_name: String,
+        /// PEM certificate chain and PEM private key presented to a server
+        /// that requires client certificates (mutual TLS).
+        client_cert: Option<(PathBuf, PathBuf)>,
+    },
+}
+
+/// Options of [`Client::connect`](crate::Client::connect).
+///
+/// `Debug` never shows the API key, and the key is zeroized when the
+/// config is dropped. The client does not keep the config: the key is
+/// sent once, in `Hello`.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the vault (its port is 9999 by default).
+    pub addr: String,
+    pub tls: Tls,
+    /// The API key that authenticates the connection and fixes its role.
+    pub api_key: Zeroizing<String>,
+    /// A name for this client, sent in `Hello` for the server's logs.
+    pub client_name: String,
+    /// Time allowed to connect (TCP, TLS and `Hello` together) and for each
+    /// request to be answered (default [`DEFAULT_TIMEOUT`], 30 s).
+    pub timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    /// `127.0.0.1:9999` in plaintext with no key: [`ClientConfig::validate`]
+    /// refuses it until a key is set.
+    fn default() -> Self {
+        ClientConfig {
+            addr: format!("127.0.0.1:{}", protocol::DEFAULT_PORT),
+            tls: Tls::Plaintext,
+            api_key: Zeroizing::new(String::new()),
+            client_name: format!("fintrust-client/{}", env!("CARGO_PKG_VERSION")),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls)
+            .field("api_key", &"..")
+            .field("client_name", &self.client_name)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Longest string the protocol's `str` encoding carries.
+const MAX_STR: usize = u16::MAX as usize;
+
+impl ClientConfig {
+    /// Checks what can be checked without touching the network or the
+    /// files: a non-empty address and key, a non-zero timeout, strings the
+    /// protocol can carry, and a valid TLS server name.
+    pub fn validate(&self) -> Result<()> {
+        if self.addr.trim().is_empty() {
+            return Err(ClientError::Config("the server address is empty".into()));
+        }
+        if self.api_key.is_empty() {
+            return Err(ClientError::Config("the API key is empty".into()));
+        }
+        if self.api_key.len() > MAX_STR || self.client_name.len() > MAX_STR {
+            return Err(ClientError::Config(
+                "the API key and client name must be under 64 KiB".into(),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(ClientError::Config("the timeout is zero".into()));
+        }
+        if let Tls::Ca { server_name, .. } = &self.tls {
+            server_name_of(server_name)?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn server_name_of(name: &str) -> Result<ServerName<'static>> {
+    ServerName::try_from(name.to_string())
+        .map_err(|_| ClientError::Config(format!("{name:?} is not a valid TLS server name")))
+}
+
+fn file_error(path: &Path, what: &str) -> ClientError {
+    ClientError::Config(format!("{}: {what}", path.display()))
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, &format!("cannot read certificates: {e}")))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, &format!("bad certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// The rustls configuration of a [`Tls::Ca`]: the ring provider, safe
+/// default versions, only `ca_pem_file` as roots.
+pub(crate) fn rustls_config(
+    ca_pem_file: &Path,
+    client_cert: Option<&(PathBuf, PathBuf)>,
+) -> Result<Arc<RustlsConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in certs(ca_pem_file)? {
+        roots
+            .add(cert)
+            .map_err(|e| file_error(ca_pem_file, &format!("bad CA certificate: {e}")))?;
+    }
+    let builder = RustlsConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| file_error(key, &format!("cannot read the private key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| file_error(cert, &format!("certificate and key do not fit: {e}")))?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> ClientConfig {
+        ClientConfig {
+            api_key: Zeroizing::new("fvk_test".into()),
+            ..ClientConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_documented_ones() {
+        let c = ClientConfig::default();
+        assert_eq!(c.addr, "127.0.0.1:9999");
+        assert_eq!(c.timeout, Duration::from_secs(30));
+        assert_eq!(c.tls, Tls::Plaintext);
+    }
+
+    #[test]
+    fn a_valid_config_passes() {
+        assert!(valid().validate().is_ok());
+        let tls = ClientConfig {
+            tls: Tls::Ca {
+                ca_pem_file: "ca.pem".into(),
+                server_name: "vault.internal".into(),
+                client_cert: None,
+            },
+            ..valid()
+        };
+        assert!(tls.validate().is_ok());
+    }
+
+    #[test]
+    fn unusable_configs_are_refused() {
+        let cases = [
+            ClientConfig::default(),
+            ClientConfig {
+                addr: " ".into(),
+                ..valid()
+            },
+            ClientConfig {
+                timeout: Duration::ZERO,
+                ..valid()
+            },
+            ClientConfig {
+                api_key: Zeroizing::new("k".repeat(70_000)),
+                ..valid()
+            },
+            ClientConfig {
+                tls: Tls::Ca {
+                    ca_pem_file: "ca.pem".into(),
+                    server_name: "not a name!".into(),
+                    client_cert: None,
+                },
+                ..valid()
+            },
+        ];
+        for c in cases {
+            assert!(
+                matches!(c.validate(), Err(ClientError::Config(_))),
+                "{c:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_api_key() {
+        let c = ClientConfig {
+            api_key: Zeroizing::new("fvk_secret-value".into()),
+            ..ClientConfig::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("secret-value"), "{shown}");
+    }
+
+    #[test]
+    fn missing_pem_files_are_config_errors() {
+        let missing = Path::new("/nonexistent/fintrust-ca.pem");
+        assert!(matches!(
+            rustls_config(missing, None),
+            Err(ClientError::Config(_))
+        ));
+    }
+}

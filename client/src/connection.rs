@@ -1,0 +1,899 @@
+//! One connection to the vault, shared by every task that holds the
+//! [`Client`]: requests are numbered, pipelined, and matched to their
+//! answers by request id, whatever order the server answers in.
+//!
+//! ```text
+//! caller tasks ──register(id → oneshot)──> pending map <──deliver── reader task <── socket
+//!      │                                   (one mutex)               (FramedRead,
+//!      └──encoded frame──> mpsc ──> writer task ──> socket            MessageCodec)
+//!                                  (coalesces queued frames into one flush)
+//! ```
+//!
+//! A caller registers its request id in the pending map, encodes its frame
+//! itself (so an unencodable request fails only that caller), queues it
+//! for the writer, and waits on its oneshot within the timeout. The reader
+//! task decodes each response and hands it to the sender registered under
+//! its request id; an `Entries` answer is collected there until the frame
+//! flagged `LAST`. When the connection fails or closes, every waiting
+//! caller gets the error and later calls fail at once with
+//! [`ClientError::Closed`]; there is no automatic reconnect, because which
+//! requests took effect is the caller's decision to make.
+//!
+//! A caller that times out removes its id from the map; a late answer to it
+//! is dropped, so it can never be delivered to another request.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use protocol::receipt::{Receipt, SignedHead};
+use protocol::{encode_frame, Envelope, MaskOp, Message, MessageCodec, Record};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::config::{rustls_config, server_name_of, ClientConfig, Tls};
+use crate::error::{ClientError, Result};
+use crate::verify::verifying_key;
+
+/// The request id of `Hello`; later requests are numbered from 2 on.
+const HELLO_ID: u32 = 1;
+
+/// Frames queued for the writer before callers wait for room. Pipelining
+/// depth is not limited here: the server reads at most its `max_in_flight`
+/// requests ahead and TCP back-pressure does the rest.
+const OUTGOING_QUEUE: usize = 256;
+
+/// What `Head` answers: the vault's public key, how many entries are
+/// durable, and the newest signed head (`None` for an empty log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadInfo {
+    /// The key the server says signs its heads. Compare it with a key
+    /// pinned out of band before trusting receipts checked with it.
+    pub public_key: [u8; 32],
+    pub entries: u64,
+    /// Checked against `public_key` by [`Client::head`].
+    pub signed_head: Option<SignedHead>,
+}
+
+/// What `Health` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `ok`, or `degraded` when the vault stopped accepting writes.
+    pub status: String,
+    pub entries: u64,
+}
+
+/// The one masked segment a token reveals. `Debug` shows field names only:
+/// the values are personal data.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    pub subject: String,
+    pub seq: u64,
+    /// (name, masked value), in the order the server sent them.
+    pub fields: Vec<(String, String)>,
+}
+
+impl fmt::Debug for Redeemed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.fields.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Redeemed")
+            .field("subject", &self.subject)
+            .field("seq", &self.seq)
+            .field("fields", &names)
+            .finish()
+    }
+}
+
+/// A connection to the vault, authenticated by `Hello`.
+///
+/// Methods take `&self` and may be called concurrently from many tasks
+/// (share the client in an `Arc`): their requests are pipelined on the one
+/// connection. Each waits at most [`ClientConfig::timeout`]. Dropping the
+/// client closes the connection once queued frames are written.
+///
+/// ```no_run
+/// use client::{Client, ClientConfig, Tls, Zeroizing};
+///
+/// # async fn demo() -> client::Result<()> {
+/// let client = Client::connect(ClientConfig {
+///     addr: "vault.internal:9999".into(),
+///     tls: Tls::Ca {
+///         ca_pem_file: "/etc/fintrust/ca.pem".into(),
+///         server_name: "vault.internal".into(),
+///         client_cert: None,
+///     },
+///     api_key: Zeroizing::new(std::env::var("FINTRUST_API_KEY").unwrap_or_default()),
+///     ..ClientConfig::default()
+/// })
+/// .await?;
+/// let receipt = client
+///     .append("cust-42", vec![("iban".into(), "GB33BUKB20201555555555".into())])
+///     .await?;
+/// let pinned_key = [0u8; 32]; // printed by `vaultd init`
+/// client::verify_receipt(&receipt, &pinned_key)?;
+/// # Ok(()) }
+/// ```
+pub struct Client {
+    shared: Arc<Shared>,
+    outgoing: mpsc::Sender<Vec<u8>>,
+    role: String,
+    server: String,
+    timeout: Duration,
+    reader: JoinHandle<()>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("role", &self.role)
+            .field("server", &self.server)
+            .field("timeout", &self.timeout)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // The writer ends by itself when `outgoing` is dropped, after
+        // writing what is queued and closing the stream; the reader would
+        // wait for the server to close, so it is stopped here.
+        self.reader.abort();
+    }
+}
+
+impl Client {
+    /// Connects (TCP, then TLS unless [`Tls::Plaintext`]), sends `Hello`
+    /// and waits for `HelloOk`, all within `config.timeout`. A key the
+    /// server refuses is [`ClientError::Server`] with code
+    /// `unauthenticated`.
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        config.validate()?;
+        // Local files are read before anything touches the network, so a
+        // bad path fails the same with or without a server.
+        let tls = match &config.tls {
+            Tls::Plaintext => None,
+            Tls::Ca {
+                ca_pem_file,
+                server_name,
+                client_cert,
+            } => Some((
+                rustls_config(ca_pem_file, client_cert.as_ref())?,
+                server_name_of(server_name)?,
+            )),
+        };
+        let connecting = async {
+            let tcp = TcpStream::connect(config.addr.as_str()).await?;
+            // Requests are small and latency matters more than packet count.
+            tcp.set_nodelay(true)?;
+            match tls {
+                None => {
+                    let (r, w) = tcp.into_split();
+                    Client::hello(r, w, &config).await
+                }
+                Some((tls, name)) => {
+                    let stream = tokio_rustls::TlsConnector::from(tls)
+                        .connect(name, tcp)
+                        .await?;
+                    let (r, w) = tokio::io::split(stream);
+                    Client::hello(r, w, &config).await
+                }
+            }
+        };
+        tokio::time::timeout(config.timeout, connecting)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
+    /// Authenticates on an established byte stream and starts the reader
+    /// and writer tasks.
+    pub(crate) async fn hello<R, W>(
+        reader: R,
+        mut writer: W,
+        config: &ClientConfig,
+    ) -> Result<Client>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut frames = FramedRead::new(reader, MessageCodec::new());
+        let mut hello = Message::Hello {
+            api_key: config.api_key.as_str().to_owned(),
+            client: config.client_name.clone(),
+        };
+        let encoded = encode_frame(HELLO_ID, &hello, 0);
+        if let Message::Hello { api_key, .. } = &mut hello {
+            api_key.zeroize();
+        }
+        let encoded = Zeroizing::new(encoded?);
+        writer.write_all(&encoded).await?;
+        writer.flush().await?;
+        drop(encoded);
+
+        let reply = match frames.next().await {
+            None => return Err(ClientError::Closed),
+            Some(reply) => reply?,
+        };
+        if reply.request_id != HELLO_ID && reply.request_id != 0 {
+            return Err(ClientError::UnexpectedResponse("HelloOk"));
+        }
+        let (role, server) = match reply.message {
+            Message::HelloOk { role, server } => (role, server),
+            other => return Err(refusal(other, "HelloOk")),
+        };
+
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                last_id: HELLO_ID,
+                closed: false,
+            }),
+        });
+        let (outgoing, queued) = mpsc::channel(OUTGOING_QUEUE);
+        tokio::spawn(write_loop(writer, queued, shared.clone(), config.timeout));
+        let reader = tokio::spawn(read_loop(frames, shared.clone()));
+        Ok(Client {
+            shared,
+            outgoing,
+            role,
+            server,
+            timeout: config.timeout,
+            reader,
+        })
+    }
+
+    /// The role of the API key, as `HelloOk` named it (`writer`, `admin`,
+    /// `gateway`, `partner`, `auditor`).
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
+    /// The server's name and version, as `HelloOk` named it.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// True once the connection has failed or been closed; every request
+    /// then fails with [`ClientError::Closed`].
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed
+    }
+
+    /// Appends one record and returns its receipt, once it is durable.
+    /// Check the receipt with [`verify_receipt`](crate::verify_receipt).
+    pub async fn append(
+        &self,
+        subject: impl Into<String>,
+        fields: Vec<(String, String)>,
+    ) -> Result<Receipt> {
+        let m = Message::Append {
+            subject: subject.into(),
+            fields,
+        };
+        match self.call(m).await? {
+            Message::Receipt { receipt } => Ok(Receipt::decode(&receipt)?),
+            other => Err(refusal(other, "Receipt")),
+        }
+    }
+
+    /// Appends several records in one commit; receipts in item order.
+    pub async fn append_batch(&self, items: Vec<Record>) -> Result<Vec<Receipt>> {
+        let n = items.len();
+        match self.call(Message::AppendBatch { items }).await? {
+            Message::Receipts { receipts } if receipts.len() == n => {
+                receipts.iter().map(|r| Ok(Receipt::decode(r)?)).collect()
+            }
+            Message::Receipts { .. } => Err(ClientError::UnexpectedResponse(
+                "one receipt per appended record",
+            )),
+            other => Err(refusal(other, "Receipts")),
+        }
+    }
+
+    /// The vault's public key, entry count and signed head. The head's
+    /// signature is checked against the key sent with it, which proves
+    /// only that the two agree: compare the key with a pinned one, and
+    /// feed the head to a [`HeadTracker`](crate::HeadTracker).
+    pub async fn head(&self) -> Result<HeadInfo> {
+        match self.call(Message::Head).await? {
+            Message::HeadInfo {
+                public_key,
+                entries,
+                signed_head,
+            } => {
+                let signed_head = if signed_head.is_empty() {
+                    None
+                } else {
+                    let head = SignedHead::decode(&signed_head)?;
+                    if !head.verify(&verifying_key(&public_key)?) {
+                        return Err(protocol::receipt::ReceiptError::BadSignature.into());
+                    }
+                    Some(head)
+                };
+                Ok(HeadInfo {
+                    public_key,
+                    entries,
+                    signed_head,
+                })
+            }
+            other => Err(refusal(other, "HeadInfo")),
+        }
+    }
+
+    /// The receipt proving the entry at `seq`.
+    pub async fn proof(&self, seq: u64) -> Result<Receipt> {
+        match self.call(Message::Proof { seq }).await? {
+            Message::ProofInfo { receipt } => {
+                let receipt = Receipt::decode(&receipt)?;
+                if receipt.seq != seq {
+                    return Err(ClientError::UnexpectedResponse(
+                        "a receipt for the seq asked",
+                    ));
+                }
+                Ok(receipt)
+            }
+            other => Err(refusal(other, "ProofInfo")),
+        }
+    }
+
+    /// Up to `max` encoded entries from `from_seq` on, in seq order. The
+    /// server may return fewer than `max` (it caps one request), so page
+    /// on until an empty answer. More than `max` is a protocol violation.
+    pub async fn entries(&self, from_seq: u64, max: u32) -> Result<Vec<Vec<u8>>> {
+        let (tx, rx) = oneshot::channel();
+        let stream = Some(Vec::new());
+        let max_len = usize::try_from(max).unwrap_or(usize::MAX);
+        let id = self.shared.register(Pending {
+            reply: tx,
+            stream,
+            max: max_len,
+        })?;
+        match self
+            .exchange(id, rx, Message::Entries { from_seq, max })
+            .await?
+        {
+            Reply::Entries(entries) => Ok(entries),
+            Reply::Message(other) => Err(refusal(other, "EntryBatch")),
+        }
+    }
+
+    /// Round trip to the server.
+    pub async fn ping(&self) -> Result<()> {
+        match self.call(Message::Ping).await? {
+            Message::Pong => Ok(()),
+            other => Err(refusal(other, "Pong")),
+        }
+    }
+
+    /// The server's status and entry count.
+    pub async fn health(&self) -> Result<Health> {
+        match self.call(Message::Health).await? {
+            Message::HealthInfo { status, entries } => Ok(Health { status, entries }),
+            other => Err(refusal(other, "HealthInfo")),
+        }
+    }
+
+    /// Asks for a one-time token that shows `fields` of `subject`, masked
+    /// as given, to `partner_id` for `purpose`, valid `ttl_secs`. Returns
+    /// the token (a secret: hand it to the partner only) and when it
+    /// expires, in unix milliseconds. Gateway and admin roles.
+    pub async fn mint(
+        &self,
+        partner_id: impl Into<String>,
+        subject: impl Into<String>,
+        purpose: impl Into<String>,
+        fields: Vec<(String, MaskOp)>,
+        ttl_secs: u32,
+    ) -> Result<(String, u64)> {
+        let m = Message::Mint {
+            partner_id: partner_id.into(),
+            subject: subject.into(),
+            purpose: purpose.into(),
+            fields,
+            ttl_secs,
+        };
+        match self.call(m).await? {
+            Message::Minted {
+                token,
+                expires_at_ms,
+            } => Ok((token, expires_at_ms)),
+            other => Err(refusal(other, "Minted")),
+        }
+    }
+
+    /// Spends `token` for the masked segment it reveals. The server closes
+    /// the connection after answering a redemption, so this consumes the
+    /// client. Partner role.
+    pub async fn redeem(self, token: &str) -> Result<Redeemed> {
+        let m = Message::Redeem {
+            token: token.to_owned(),
+        };
+        match self.call(m).await? {
+            Message::Data {
+                subject,
+                seq,
+                fields,
+            } => Ok(Redeemed {
+                subject,
+                seq,
+                fields,
+            }),
+            other => Err(refusal(other, "Data")),
+        }
+    }
+
+    /// Sends a request answered by one frame and returns that frame's
+    /// message (an `Error` included).
+    async fn call(&self, message: Message) -> Result<Message> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.shared.register(Pending {
+            reply: tx,
+            stream: None,
+            max: 0,
+        })?;
+        match self.exchange(id, rx, message).await? {
+            Reply::Message(m) => Ok(m),
+            Reply::Entries(_) => Err(ClientError::UnexpectedResponse("one response frame")),
+        }
+    }
+
+    /// Encodes and queues the request registered under `id`, then waits
+    /// for its answer, all within the timeout. On any early return the id
+    /// is unregistered.
+    async fn exchange(
+        &self,
+        id: u32,
+        rx: oneshot::Receiver<Result<Reply>>,
+        message: Message,
+    ) -> Result<Reply> {
+        let _registered = Registered {
+            shared: &self.shared,
+            id,
+        };
+        let frame = encode_frame(id, &message, 0)?;
+        drop(message);
+        let answered = async {
+            self.outgoing
+                .send(frame)
+                .await
+                .map_err(|_| ClientError::Closed)?;
+            rx.await.map_err(|_| ClientError::Closed)?
+        };
+        tokio::time::timeout(self.timeout, answered)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+}
+
+/// The error an answer of the wrong kind stands for: the server's own
+/// words for an `Error`, otherwise what was expected.
+fn refusal(m: Message, expected: &'static str) -> ClientError {
+    match m {
+        Message::Error { code, message } => ClientError::Server { code, message },
+        _ => ClientError::UnexpectedResponse(expected),
+    }
+}
+
+/// What the reader hands a waiting caller.
+#[derive(Debug)]
+enum Reply {
+    /// The one frame answering a request (or the `Error` ending a stream).
+    Message(Message),
+    /// Every entry of an `Entries` stream, once `LAST` arrived.
+    Entries(Vec<Vec<u8>>),
+}
+
+/// A caller waiting for its answer.
+struct Pending {
+    reply: oneshot::Sender<Result<Reply>>,
+    /// `Some` for an `Entries` request: entries collected so far.
+    stream: Option<Vec<Vec<u8>>>,
+    /// Most entries the stream may carry (what was asked for).
+    max: usize,
+}
+
+/// State shared by callers and the reader task.
+struct Shared {
+    state: Mutex<State>,
+}
+
+/// Invariant: `closed` implies `pending` is empty, and no id is ever in
+/// `pending` twice (ids are allocated under the same lock that inserts them).
+struct State {
+    pending: HashMap<u32, Pending>,
+    /// The last request id handed out; ids wrap around, skipping 0 (the
+    /// server's id for errors it cannot tie to a request) and ids in use.
+    last_id: u32,
+    closed: bool,
+}
+
+impl Shared {
+    /// Critical sections are a few map operations that cannot panic, so a
+    /// poisoned lock holds consistent state and is used as is.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Allocates a request id and registers `pending` under it.
+    fn register(&self, pending: Pending) -> Result<u32> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(ClientError::Closed);
+        }
+        let mut id = state.last_id;
+        loop {
+            id = id.wrapping_add(1);
+            if id != 0 && !state.pending.contains_key(&id) {
+                break;
+            }
+        }
+        state.last_id = id;
+        state.pending.insert(id, pending);
+        Ok(id)
+    }
+
+    /// Routes one response to the caller waiting for it.
+    fn deliver(&self, envelope: Envelope) {
+        if envelope.request_id == 0 {
+            // An error the server could not tie to a request: it closes
+            // the connection after it, and every waiting caller is told why.
+            let why = refusal(envelope.message, "an Error for request id 0");
+            self.close(&why);
+            return;
+        }
+        let mut state = self.lock();
+        let id = envelope.request_id;
+        let Some(pending) = state.pending.get_mut(&id) else {
+            // The answer to a request its caller gave up on.
+            return;
+        };
+        let outcome = match (&mut pending.stream, envelope.message) {
+            (Some(entries), Message::EntryBatch { entries: batch }) => {
+                entries.extend(batch);
+                if entries.len() > pending.max {
+                    Some(Err(ClientError::UnexpectedResponse(
+                        "at most the number of entries asked for",
+                    )))
+                } else if envelope.last {
+                    Some(Ok(Reply::Entries(std::mem::take(entries))))
+                } else {
+                    None
+                }
+            }
+            (_, m) => Some(Ok(Reply::Message(m))),
+        };
+        if let Some(outcome) = outcome {
+            if let Some(pending) = state.pending.remove(&id) {
+                // The caller may have stopped waiting; nothing to do then.
+                let _ = pending.reply.send(outcome);
+            }
+        }
+    }
+
+    /// Marks the connection closed and fails every waiting caller with `why`.
+    fn close(&self, why: &ClientError) {
+        let pending: Vec<Pending> = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.pending.drain().map(|(_, p)| p).collect()
+        };
+        for p in pending {
+            let _ = p.reply.send(Err(replicate(why)));
+        }
+    }
+}
+
+/// Unregisters a request when its caller stops waiting (answered, timed
+/// out, or its future dropped).
+struct Registered<'a> {
+    shared: &'a Shared,
+    id: u32,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().pending.remove(&self.id);
+    }
+}
+
+/// A copy of `e` for each of several waiting callers (`io::Error` is not
+/// `Clone`; its kind and text are kept).
+fn replicate(e: &ClientError) -> ClientError {
+    use protocol::Error as P;
+    match e {
+        ClientError::Io(io) => ClientError::Io(std::io::Error::new(io.kind(), io.to_string())),
+        ClientError::Tls(s) => ClientError::Tls(s.clone()),
+        ClientError::Protocol(p) => ClientError::Protocol(match p {
+            P::FrameTooLarge { len, max } => P::FrameTooLarge {
+                len: *len,
+                max: *max,
+            },
+            P::BadMagic => P::BadMagic,
+            P::UnsupportedVersion(v) => P::UnsupportedVersion(*v),
+            P::UnknownType(t) => P::UnknownType(*t),
+            P::BadFlags => P::BadFlags,
+            P::CrcMismatch => P::CrcMismatch,
+            P::Malformed(m) => P::Malformed(m),
+            P::TrailingBytes => P::TrailingBytes,
+            P::Io(io) => P::Io(std::io::Error::new(io.kind(), io.to_string())),
+        }),
+        ClientError::Server { code, message } => ClientError::Server {
+            code: *code,
+            message: message.clone(),
+        },
+        ClientError::UnexpectedResponse(s) => ClientError::UnexpectedResponse(s),
+        ClientError::Timeout => ClientError::Timeout,
+        ClientError::Closed => ClientError::Closed,
+        ClientError::BadReceipt(r) => ClientError::BadReceipt(*r),
+        ClientError::Rollback { kept, got } => ClientError::Rollback {
+            kept: *kept,
+            got: *got,
+        },
+        ClientError::Config(s) => ClientError::Config(s.clone()),
+    }
+}
+
+/// Decodes responses until the stream ends or fails, then closes.
+async fn read_loop<R>(mut frames: FramedRead<R, MessageCodec>, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+{
+    loop {
+        match frames.next().await {
+            Some(Ok(envelope)) => shared.deliver(envelope),
+            Some(Err(e)) => {
+                // A frame that does not decode: the stream is out of step.
+                shared.close(&ClientError::from(e));
+                return;
+            }
+            None => {
+                shared.close(&ClientError::Closed);
+                return;
+            }
+        }
+    }
+}
+
+/// Writes queued frames, flushing once per burst of frames that were
+/// queued together. A write or flush that cannot finish within `timeout`
+/// means the server stopped reading: the connection is closed rather than
+/// left to hang. (The limit is per frame, not per burst, so a long burst
+/// to a slow but live server is not cut off.)
+async fn write_loop<W>(
+    writer: W,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+    shared: Arc<Shared>,
+    timeout: Duration,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let mut w = BufWriter::new(writer);
+    while let Some(first) = queued.recv().await {
+        let mut next = Some(first);
+        let mut result = Ok(());
+        while let Some(frame) = next.take() {
+            result = within(timeout, w.write_all(&frame)).await;
+            if result.is_err() {
+                break;
+            }
+            next = queued.try_recv().ok();
+        }
+        if result.is_ok() {
+            result = within(timeout, w.flush()).await;
+        }
+        if let Err(why) = result {
+            shared.close(&why);
+            return;
+        }
+    }
+    // Every sender is gone (the client was dropped): end the stream
+    // cleanly, with a TLS close_notify where there is TLS.
+    let _ = tokio::time::timeout(timeout, w.shutdown()).await;
+}
+
+/// An I/O step that must finish within `timeout`.
+async fn within(
+    timeout: Duration,
+    step: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<()> {
+    match tokio::time::timeout(timeout, step).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ClientError::Timeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::SinkExt;
+    use protocol::ErrorCode;
+    use tokio::io::DuplexStream;
+    use tokio_util::codec::Framed;
+
+    type Peer = Framed<DuplexStream, MessageCodec>;
+
+    /// A client over an in-memory pipe, and the server's end of it, past
+    /// a `HelloOk` for role `admin`.
+    async fn pair(timeout: Duration) -> (Client, Peer) {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let mut peer = Framed::new(far, MessageCodec::new());
+        let config = ClientConfig {
+            api_key: Zeroizing::new("fvk_test".into()),
+            timeout,
+            ..ClientConfig::default()
+        };
+        let (r, w) = tokio::io::split(near);
+        let connecting = tokio::spawn(async move { Client::hello(r, w, &config).await });
+        let hello = peer.next().await.expect("a frame").expect("decodes");
+        assert_eq!(hello.request_id, HELLO_ID);
+        assert!(
+            matches!(hello.message, Message::Hello { ref api_key, .. } if api_key == "fvk_test")
+        );
+        let ok = Message::HelloOk {
+            role: "admin".into(),
+            server: "fake".into(),
+        };
+        peer.send((HELLO_ID, ok)).await.expect("send");
+        let client = connecting.await.expect("join").expect("hello");
+        assert_eq!(client.role(), "admin");
+        (client, peer)
+    }
+
+    async fn next_request(peer: &mut Peer) -> Envelope {
+        peer.next().await.expect("a request").expect("decodes")
+    }
+
+    #[tokio::test]
+    async fn answers_out_of_order_reach_their_callers() {
+        let (client, mut peer) = pair(Duration::from_secs(5)).await;
+        let client = Arc::new(client);
+        let a = tokio::spawn({
+            let c = client.clone();
+            async move { c.health().await }
+        });
+        let first = next_request(&mut peer).await;
+        let b = tokio::spawn({
+            let c = client.clone();
+            async move { c.ping().await }
+        });
+        let second = next_request(&mut peer).await;
+        assert_ne!(first.request_id, second.request_id);
+        // Answer the second request first.
+        peer.send((second.request_id, Message::Pong))
+            .await
+            .expect("send");
+        let health = Message::HealthInfo {
+            status: "ok".into(),
+            entries: 3,
+        };
+        peer.send((first.request_id, health)).await.expect("send");
+        b.await.expect("join").expect("pong");
+        let h = a.await.expect("join").expect("health");
+        assert_eq!((h.status.as_str(), h.entries), ("ok", 3));
+    }
+
+    #[tokio::test]
+    async fn an_entries_stream_is_collected_until_last() {
+        let (client, mut peer) = pair(Duration::from_secs(5)).await;
+        let server = tokio::spawn(async move {
+            let req = next_request(&mut peer).await;
+            assert_eq!(
+                req.message,
+                Message::Entries {
+                    from_seq: 0,
+                    max: 3
+                }
+            );
+            let id = req.request_id;
+            let batch = |e: &[&[u8]]| Message::EntryBatch {
+                entries: e.iter().map(|b| b.to_vec()).collect(),
+            };
+            peer.send((id, batch(&[b"a", b"b"]))).await.expect("send");
+            peer.send(Envelope::last(id, batch(&[b"c"])))
+                .await
+                .expect("send");
+            // A stream longer than asked for is refused.
+            let req = next_request(&mut peer).await;
+            peer.send(Envelope::last(req.request_id, batch(&[b"x", b"y"])))
+                .await
+                .expect("send");
+            peer
+        });
+        let got = client.entries(0, 3).await.expect("entries");
+        assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        assert!(matches!(
+            client.entries(5, 1).await,
+            Err(ClientError::UnexpectedResponse(_))
+        ));
+        drop(server.await.expect("join"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_without_an_answer_times_out_and_its_late_answer_is_dropped() {
+        let (client, mut peer) = pair(Duration::from_secs(2)).await;
+        assert!(matches!(client.ping().await, Err(ClientError::Timeout)));
+        let late = next_request(&mut peer).await;
+        peer.send((late.request_id, Message::Pong))
+            .await
+            .expect("send");
+        // The next request gets its own answer, not the late one.
+        let health = tokio::spawn(async move { client.health().await });
+        let req = next_request(&mut peer).await;
+        assert_ne!(req.request_id, late.request_id);
+        let answer = Message::HealthInfo {
+            status: "ok".into(),
+            entries: 1,
+        };
+        peer.send((req.request_id, answer)).await.expect("send");
+        assert!(health.await.expect("join").is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_error_for_request_zero_fails_every_waiting_caller_and_closes() {
+        let (client, mut peer) = pair(Duration::from_secs(5)).await;
+        let client = Arc::new(client);
+        let waiting = tokio::spawn({
+            let c = client.clone();
+            async move { c.ping().await }
+        });
+        let _ = next_request(&mut peer).await;
+        let error = Message::Error {
+            code: ErrorCode::Malformed,
+            message: "bad frame".into(),
+        };
+        peer.send((0, error)).await.expect("send");
+        drop(peer);
+        match waiting.await.expect("join") {
+            Err(ClientError::Server {
+                code: ErrorCode::Malformed,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(client.is_closed());
+        assert!(matches!(client.ping().await, Err(ClientError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_refused_hello_is_a_server_error() {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let mut peer = Framed::new(far, MessageCodec::new());
+        let config = ClientConfig {
+            api_key: Zeroizing::new("fvk_wrong".into()),
+            ..ClientConfig::default()
+        };
+        let (r, w) = tokio::io::split(near);
+        let connecting = tokio::spawn(async move { Client::hello(r, w, &config).await });
+        let hello = next_request(&mut peer).await;
+        let error = Message::Error {
+            code: ErrorCode::Unauthenticated,
+            message: "no".into(),
+        };
+        peer.send((hello.request_id, error)).await.expect("send");
+        match connecting.await.expect("join") {
+            Err(ClientError::Server {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn redeemed_debug_hides_values() {
+        let r = Redeemed {
+            subject: "cust-1".into(),
+            seq: 4,
+            fields: vec![("iban".into(), "GB33BUKB20201555555555".into())],
+        };
+        let shown = format!("{r:?}");
+        assert!(shown.contains("iban") && !shown.contains("GB33"), "{shown}");
+    }
+}

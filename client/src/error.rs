@@ -1,0 +1,96 @@
+//! The one error type of the client crate.
+//!
+//! Variants are the decisions a caller makes: `Server` is a refusal the
+//! server put into words (retry on `rate_limited` and `unavailable`, fix the
+//! request on `invalid`, give up on `forbidden`); `Timeout` and `Closed`
+//! mean the connection should be replaced; `BadReceipt` and `Rollback`
+//! mean the vault cannot be trusted and must not be retried silently;
+//! `Config` and `Tls` are local set-up errors that no retry will fix.
+//!
+//! `Io` and `Protocol` keep the underlying error as `source()` and do not
+//! repeat it in their own message; print the chain (`{:#}` with anyhow, or
+//! walk `source()`) to see both.
+
+use protocol::receipt::ReceiptError;
+use protocol::ErrorCode;
+
+/// Errors of the client crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed: connection refused, reset, or a read or write error.
+    #[error("I/O error")]
+    Io(#[source] std::io::Error),
+    /// The TLS handshake or session failed (untrusted certificate, wrong
+    /// name, a client certificate the server refused).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The server sent bytes that do not decode: the stream cannot be
+    /// trusted past them, and the connection is closed.
+    #[error("protocol error")]
+    Protocol(#[source] protocol::Error),
+    /// The server answered with an `Error` frame.
+    #[error("{code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    /// A well-formed answer of the wrong kind; names what was expected.
+    #[error("unexpected response: expected {0}")]
+    UnexpectedResponse(&'static str),
+    /// No answer within [`ClientConfig::timeout`](crate::ClientConfig::timeout).
+    #[error("timed out")]
+    Timeout,
+    /// The connection is closed (by the server, after an error, or after a
+    /// redemption); connect again.
+    #[error("connection closed")]
+    Closed,
+    /// A receipt or signed head does not verify with the vault's public key.
+    #[error("receipt does not verify")]
+    BadReceipt(#[from] ReceiptError),
+    /// The server presented a head at `got` that does not extend the head
+    /// already seen at `kept`: lower, or the same seq with another hash.
+    /// The vault was rolled back to an older copy, or forked.
+    #[error(
+        "the vault presented a signed head at seq {got} that does not extend the head \
+         already seen at seq {kept}: rolled back or forked"
+    )]
+    Rollback { kept: u64, got: u64 },
+    /// The configuration is not usable (empty key, unreadable PEM file, ...).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// The server's error code, for an `Error` frame.
+    pub fn server_code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    /// rustls reports handshake and alert failures through the I/O error of
+    /// the stream; those become [`ClientError::Tls`], the rest `Io`.
+    fn from(e: std::io::Error) -> Self {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => ClientError::Tls(tls.to_string()),
+            None => ClientError::Io(e),
+        }
+    }
+}
+
+impl From<protocol::Error> for ClientError {
+    /// The codec's transport errors are I/O (or TLS) errors, not protocol
+    /// violations.
+    fn from(e: protocol::Error) -> Self {
+        match e {
+            protocol::Error::Io(io) => io.into(),
+            other => ClientError::Protocol(other),
+        }
+    }
+}
+
+/// Result alias of the client crate.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

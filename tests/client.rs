@@ -1,0 +1,801 @@
+//! The client library and the `vault-client` binary against a real server
+//! on a port the OS chose: authentication and roles, receipts the client
+//! verifies, 200 appends pipelined from 20 tasks on one connection, the
+//! auditor's reads, tokens, TLS (and mutual TLS) with certificates made
+//! here, timeouts, and the binary's exit codes.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use client::{
+    verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, MaskOp, Record, Tls,
+    Zeroizing,
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use server::serve::{run, ServeConfig};
+use server::tls::{server_config, TlsFiles};
+use storage::{Options, Unlock, Vault};
+
+/// The partner credential's name, which is the partner id tokens name.
+const PARTNER: &str = "demo-lender";
+
+struct Server {
+    addr: std::net::SocketAddr,
+    vault: Arc<Vault>,
+    admin: String,
+    writer: String,
+    partner: String,
+    dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Server {
+    fn public_key(&self) -> [u8; 32] {
+        self.vault.public_key().to_bytes()
+    }
+
+    /// A plaintext config for `key` (the server is on loopback).
+    fn plain(&self, key: &str) -> ClientConfig {
+        ClientConfig {
+            addr: self.addr.to_string(),
+            tls: Tls::Plaintext,
+            api_key: Zeroizing::new(key.to_string()),
+            client_name: "client test".into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    async fn connect(&self, key: &str) -> Client {
+        Client::connect(self.plain(key)).await.expect("connect")
+    }
+}
+
+async fn start(config: ServeConfig, tls: Option<TlsFiles>) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let created = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"client test".to_vec()),
+        Options::default(),
+    )
+    .expect("create");
+    let vault = Arc::new(created.vault);
+    let (_, writer) = vault
+        .create_credential("writer", "test service")
+        .await
+        .expect("writer");
+    let (_, partner) = vault
+        .create_credential("partner", PARTNER)
+        .await
+        .expect("partner");
+    let tls = tls.map(|files| server_config(&files).expect("server TLS config"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run(listener, vault.clone(), config, tls, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        vault,
+        admin: created.admin_api_key.to_string(),
+        writer: writer.to_string(),
+        partner: partner.to_string(),
+        dir,
+        _stop: stop,
+    }
+}
+
+fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Server { code, .. }) => code,
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn connect_append_and_verify_the_receipt() {
+    let s = start(ServeConfig::default(), None).await;
+    let c = s.connect(&s.writer).await;
+    assert_eq!(c.role(), "writer");
+    c.ping().await.expect("ping");
+    let receipt = c
+        .append(
+            "cust-1",
+            fields(&[("name", "Ada"), ("iban", "GB33BUKB20201555555555")]),
+        )
+        .await
+        .expect("append");
+    verify_receipt(&receipt, &s.public_key()).expect("the receipt verifies");
+    let health = c.health().await.expect("health");
+    assert_eq!(health.status, "ok");
+    assert_eq!(health.entries, receipt.seq + 1);
+    // A receipt does not verify with another vault's key.
+    let other = ed25519_dalek::SigningKey::from_bytes(&[5; 32])
+        .verifying_key()
+        .to_bytes();
+    assert!(matches!(
+        verify_receipt(&receipt, &other),
+        Err(ClientError::BadReceipt(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_appends_from_twenty_tasks_share_one_client() {
+    let s = start(ServeConfig::default(), None).await;
+    let c = Arc::new(s.connect(&s.writer).await);
+    let tasks: Vec<_> = (0..20)
+        .map(|t| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut receipts = Vec::new();
+                for i in 0..10 {
+                    let r = c
+                        .append(format!("cust-{t}"), fields(&[("n", &format!("{t}/{i}"))]))
+                        .await
+                        .expect("append");
+                    receipts.push(r);
+                }
+                receipts
+            })
+        })
+        .collect();
+    let mut seqs = HashSet::new();
+    for t in tasks {
+        for r in t.await.expect("task") {
+            verify_receipt(&r, &s.public_key()).expect("verifies");
+            assert!(seqs.insert(r.seq), "seq {} acknowledged twice", r.seq);
+        }
+    }
+    assert_eq!(seqs.len(), 200);
+}
+
+#[tokio::test]
+async fn head_proof_and_entries_match_what_was_appended() {
+    // A small frame maximum makes the server split the entries stream.
+    let s = start(
+        ServeConfig {
+            max_frame_len: 4096,
+            ..ServeConfig::default()
+        },
+        None,
+    )
+    .await;
+    let writer = s.connect(&s.writer).await;
+    let mut receipts = Vec::new();
+    for i in 0..30 {
+        let value = format!("value {i} {}", "x".repeat(100));
+        receipts.push(
+            writer
+                .append(format!("cust-{}", i % 4), fields(&[("note", &value)]))
+                .await
+                .expect("append"),
+        );
+    }
+    let batch: Vec<Record> = (0..3)
+        .map(|i| Record {
+            subject: format!("batch-{i}"),
+            fields: fields(&[("k", "v")]),
+        })
+        .collect();
+    let batch_receipts = writer.append_batch(batch).await.expect("batch");
+    assert_eq!(batch_receipts.len(), 3);
+    receipts.extend(batch_receipts);
+    // A writer may not read the head.
+    assert_eq!(code(writer.head().await), ErrorCode::Forbidden);
+
+    let admin = s.connect(&s.admin).await;
+    let head = admin.head().await.expect("head");
+    assert_eq!(head.public_key, s.public_key());
+    let last = receipts.last().expect("receipts");
+    assert_eq!(head.entries, last.seq + 1);
+    let signed = head.signed_head.expect("a signed head");
+    assert_eq!(signed.last_seq, last.seq);
+
+    // Heads only move forward; an older one is a rollback.
+    let mut tracker = HeadTracker::new();
+    for r in &receipts {
+        verify_receipt(r, &head.public_key).expect("verifies");
+        tracker
+            .observe(&r.head)
+            .expect("receipts in order move forward");
+    }
+    tracker.observe(&signed).expect("the head is the newest");
+    assert!(matches!(
+        tracker.check_not_rolled_back(&receipts[0].head),
+        Err(ClientError::Rollback { .. })
+    ));
+
+    let proof = admin.proof(receipts[7].seq).await.expect("proof");
+    verify_receipt(&proof, &head.public_key).expect("the proof verifies");
+    assert_eq!(proof.entry_hash, receipts[7].entry_hash);
+    assert_eq!(code(admin.proof(1 << 40).await), ErrorCode::NotFound);
+
+    let entries = admin.entries(0, 1000).await.expect("entries");
+    assert_eq!(entries.len() as u64, head.entries);
+    for r in &receipts {
+        assert_eq!(
+            storage::entry::entry_hash(&entries[r.seq as usize]),
+            r.entry_hash,
+            "entry {}",
+            r.seq
+        );
+    }
+    let window = admin.entries(5, 3).await.expect("entries");
+    assert_eq!(window, entries[5..8].to_vec());
+    assert!(admin
+        .entries(head.entries, 10)
+        .await
+        .expect("empty range")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_api_key_is_unauthenticated() {
+    let s = start(ServeConfig::default(), None).await;
+    let refused = Client::connect(s.plain("fvk_not-a-key")).await;
+    assert_eq!(code(refused), ErrorCode::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_partner_appending_is_forbidden_and_the_connection_stays_usable() {
+    let s = start(ServeConfig::default(), None).await;
+    let c = s.connect(&s.partner).await;
+    assert_eq!(c.role(), "partner");
+    assert_eq!(
+        code(c.append("cust-1", fields(&[("a", "b")])).await),
+        ErrorCode::Forbidden
+    );
+    c.ping().await.expect("still connected");
+    // A record naming a field twice is invalid, not a connection error.
+    let w = s.connect(&s.writer).await;
+    assert_eq!(
+        code(w.append("cust-1", fields(&[("a", "1"), ("a", "2")])).await),
+        ErrorCode::Invalid
+    );
+    w.ping().await.expect("still connected");
+}
+
+#[tokio::test]
+async fn a_minted_token_is_redeemed_once_by_its_partner() {
+    let s = start(ServeConfig::default(), None).await;
+    let writer = s.connect(&s.writer).await;
+    let appended = writer
+        .append(
+            "cust-7",
+            fields(&[("name", "Ada Lovelace"), ("iban", "GB33BUKB20201555555555")]),
+        )
+        .await
+        .expect("append");
+    let admin = s.connect(&s.admin).await;
+    let rules = vec![
+        ("name".to_string(), MaskOp::Reveal),
+        ("iban".to_string(), MaskOp::Redact),
+    ];
+    let (token, expires_at_ms) = admin
+        .mint(PARTNER, "cust-7", "kyc", rules.clone(), 60)
+        .await
+        .expect("mint");
+    assert!(expires_at_ms > 0);
+    assert_eq!(
+        code(
+            s.connect(&s.writer)
+                .await
+                .mint(PARTNER, "cust-7", "kyc", rules, 60)
+                .await
+        ),
+        ErrorCode::Forbidden
+    );
+
+    let redeemed = s
+        .connect(&s.partner)
+        .await
+        .redeem(&token)
+        .await
+        .expect("redeem");
+    assert_eq!(redeemed.subject, "cust-7");
+    assert_eq!(redeemed.seq, appended.seq);
+    let name = redeemed.fields.iter().find(|(k, _)| k == "name");
+    assert_eq!(name.map(|(_, v)| v.as_str()), Some("Ada Lovelace"));
+    assert!(
+        redeemed.fields.iter().all(|(_, v)| !v.contains("GB33")),
+        "the redacted IBAN leaked"
+    );
+    let again = s.connect(&s.partner).await.redeem(&token).await;
+    assert_eq!(code(again), ErrorCode::TokenSpent);
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out() {
+    // Accepts, then never answers the Hello.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hold = tokio::spawn(async move { listener.accept().await });
+    let config = ClientConfig {
+        addr: addr.to_string(),
+        api_key: Zeroizing::new("fvk_x".into()),
+        timeout: Duration::from_millis(300),
+        ..ClientConfig::default()
+    };
+    assert!(matches!(
+        Client::connect(config).await,
+        Err(ClientError::Timeout)
+    ));
+    hold.abort();
+}
+
+// ---- TLS ----
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(vec![name.to_string()]).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA")
+}
+
+/// A leaf for `name` signed by `issuer`, written as `<file>.pem` and
+/// `<file>.key` in `dir`.
+fn leaf(
+    dir: &Path,
+    file: &str,
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    name: &str,
+) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate().expect("key");
+    let params = CertificateParams::new(vec![name.to_string()]).expect("params");
+    let cert = params.signed_by(&key, issuer).expect("sign");
+    (
+        write(dir, &format!("{file}.pem"), &cert.pem()),
+        write(dir, &format!("{file}.key"), &key.serialize_pem()),
+    )
+}
+
+fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).expect("write");
+    p
+}
+
+struct TlsSetup {
+    server: Server,
+    ca_file: PathBuf,
+    other_ca_file: PathBuf,
+    client_cert: (PathBuf, PathBuf),
+    pki: tempfile::TempDir,
+}
+
+async fn start_tls(mutual: bool) -> TlsSetup {
+    let pki = tempfile::tempdir().expect("tempdir");
+    let dir = pki.path();
+    let server_ca = ca("fintrust test CA");
+    let client_ca = ca("fintrust test client CA");
+    let (cert, key) = leaf(dir, "server", &server_ca, "localhost");
+    let files = TlsFiles {
+        cert,
+        key,
+        client_ca: mutual.then(|| write(dir, "client-ca.pem", &client_ca.pem())),
+    };
+    TlsSetup {
+        ca_file: write(dir, "ca.pem", &server_ca.pem()),
+        other_ca_file: write(dir, "other-ca.pem", &ca("another CA").pem()),
+        client_cert: leaf(dir, "client", &client_ca, "svc"),
+        server: start(ServeConfig::default(), Some(files)).await,
+        pki,
+    }
+}
+
+fn tls_config(
+    s: &TlsSetup,
+    ca_pem_file: &Path,
+    client_cert: Option<(PathBuf, PathBuf)>,
+) -> ClientConfig {
+    ClientConfig {
+        tls: Tls::Ca {
+            ca_pem_file: ca_pem_file.to_path_buf(),
+            server_name: "localhost".into(),
+            client_cert,
+        },
+        ..s.server.plain(&s.server.writer)
+    }
+}
+
+#[tokio::test]
+async fn tls_works_with_the_servers_ca_and_fails_with_another() {
+    let s = start_tls(false).await;
+    let c = Client::connect(tls_config(&s, &s.ca_file, None))
+        .await
+        .expect("TLS connect");
+    let r = c
+        .append("cust-1", fields(&[("email", "jane@example.com")]))
+        .await
+        .expect("append");
+    verify_receipt(&r, &s.server.public_key()).expect("verifies");
+
+    match Client::connect(tls_config(&s, &s.other_ca_file, None)).await {
+        Err(ClientError::Tls(_)) => {}
+        other => panic!("trusting another CA: {other:?}"),
+    }
+    // Plaintext to the TLS port never authenticates.
+    assert!(Client::connect(s.server.plain(&s.server.writer))
+        .await
+        .is_err());
+    // The wrong name on the certificate is a TLS failure too.
+    let mut wrong_name = tls_config(&s, &s.ca_file, None);
+    wrong_name.tls = Tls::Ca {
+        ca_pem_file: s.ca_file.clone(),
+        server_name: "vault.example".into(),
+        client_cert: None,
+    };
+    assert!(matches!(
+        Client::connect(wrong_name).await,
+        Err(ClientError::Tls(_))
+    ));
+}
+
+#[tokio::test]
+async fn mutual_tls_needs_the_client_certificate() {
+    let s = start_tls(true).await;
+    let with_cert = tls_config(&s, &s.ca_file, Some(s.client_cert.clone()));
+    let c = Client::connect(with_cert).await.expect("mutual TLS");
+    c.ping().await.expect("ping");
+    match Client::connect(tls_config(&s, &s.ca_file, None)).await {
+        Err(ClientError::Tls(_)) => {}
+        other => panic!("no client certificate: {other:?}"),
+    }
+    let missing = (s.pki.path().join("none.pem"), s.pki.path().join("none.key"));
+    assert!(matches!(
+        Client::connect(tls_config(&s, &s.ca_file, Some(missing))).await,
+        Err(ClientError::Config(_))
+    ));
+}
+
+// ---- the vault-client binary ----
+
+/// The profile dir (`target/debug`) holding `vault-client`, built here once
+/// per run (a no-op when fresh) so that a stale binary is never tested. It
+/// belongs to another package, so `CARGO_BIN_EXE_*` does not name it.
+fn profile_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("path of the test executable");
+        let profile = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in <target>/<profile>/deps")
+            .to_path_buf();
+        let target = profile.parent().expect("the profile dir has a parent");
+        let mut cargo = StdCommand::new(env!("CARGO"));
+        cargo
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "-p", "fintrust-client", "--bins"])
+            .arg("--target-dir")
+            .arg(target);
+        match profile.file_name().and_then(OsStr::to_str) {
+            Some("debug") => {}
+            Some("release") => {
+                cargo.arg("--release");
+            }
+            Some(other) => {
+                cargo.args(["--profile", other]);
+            }
+            None => panic!("unexpected profile dir {}", profile.display()),
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build -p fintrust-client --bins failed"
+        );
+        profile
+    })
+}
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> serde_json::Value {
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line of JSON: {self:?}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
+        assert!(v.is_object(), "not a JSON object: {v}");
+        v
+    }
+}
+
+/// Runs `vault-client` with `args` and `env`, and no other `FINTRUST_*`
+/// variable, without blocking the runtime serving it.
+async fn vault_client(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let path = tokio::task::spawn_blocking(|| {
+        profile_dir().join(format!("vault-client{}", std::env::consts::EXE_SUFFIX))
+    })
+    .await
+    .expect("build");
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().await.expect("run vault-client");
+    Run {
+        code: out
+            .status
+            .code()
+            .expect("vault-client was killed by a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_client_binary_exit_codes() {
+    let s = start(ServeConfig::default(), None).await;
+    let addr = s.addr.to_string();
+    let record = write(
+        s.dir.path(),
+        "record.json",
+        r#"{"name": "Ada", "iban": "GB33BUKB20201555555555"}"#,
+    );
+    let record = record.to_str().expect("utf-8 path");
+
+    // A writer appends; it may not read the public key, so it says so.
+    let r = vault_client(
+        &[
+            "append",
+            "--subject",
+            "cust-1",
+            "--record-file",
+            record,
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+        ],
+        &[("FINTRUST_API_KEY", &s.writer)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("seq: ") && r.stdout.contains("entry_hash: "),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("not verified"), "{r:?}");
+
+    // An admin's receipt is verified with the key from `head`.
+    let r = vault_client(
+        &[
+            "append",
+            "--subject",
+            "cust-2",
+            "--record-file",
+            record,
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+            "--format",
+            "json",
+            "--api-key",
+            &s.admin,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["verified"], true, "{r:?}");
+    let seq = v["seq"].as_u64().expect("seq");
+
+    // A writer with the pinned key verifies too.
+    let key = hex::encode(s.public_key());
+    let r = vault_client(
+        &[
+            "append",
+            "--subject",
+            "cust-3",
+            "--record-file",
+            record,
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+            "--format",
+            "json",
+            "--public-key",
+            &key,
+        ],
+        &[("FINTRUST_API_KEY", &s.writer)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["verified"], true);
+
+    let r = vault_client(
+        &["head", "--format", "json", "--insecure-plaintext"],
+        &[("FINTRUST_ADDR", &addr), ("FINTRUST_API_KEY", &s.admin)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["public_key"], key);
+    let entries = v["entries"].as_u64().expect("entries");
+    assert!(entries >= seq + 2, "{v}");
+    assert_eq!(v["signed_head"]["last_seq"].as_u64(), Some(entries - 1));
+
+    let r = vault_client(
+        &["ping", "--addr", &addr, "--insecure-plaintext"],
+        &[("FINTRUST_API_KEY", &s.writer)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("pong"), "{r:?}");
+
+    // Refused by the server: exit 2 with its code on stderr.
+    let r = vault_client(
+        &[
+            "head",
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+            "--api-key",
+            "fvk_wrong",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.starts_with("error: unauthenticated: "), "{r:?}");
+    assert!(r.stdout.is_empty());
+    let r = vault_client(
+        &[
+            "head",
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+            "--api-key",
+            &s.writer,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.starts_with("error: forbidden: "), "{r:?}");
+
+    // Local errors: exit 1.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let r = vault_client(
+        &[
+            "ping",
+            "--addr",
+            &closed,
+            "--insecure-plaintext",
+            "--api-key",
+            &s.writer,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 1, "no server listening: {r:?}");
+    let r = vault_client(&["ping", "--addr", &addr, "--api-key", &s.writer], &[]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("--insecure-plaintext"), "{r:?}");
+    let r = vault_client(&["ping", "--addr", &addr, "--insecure-plaintext"], &[]).await;
+    assert_eq!(r.code, 1, "no API key: {r:?}");
+    let bad = write(s.dir.path(), "bad.json", r#"{"name": "Ada", "age": 36}"#);
+    let r = vault_client(
+        &[
+            "append",
+            "--subject",
+            "cust-1",
+            "--record-file",
+            bad.to_str().expect("utf-8"),
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+            "--api-key",
+            &s.writer,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("\"age\" is not a string"), "{r:?}");
+    let r = vault_client(&["append", "--subject", "x"], &[]).await;
+    assert_eq!(r.code, 1, "bad arguments: {r:?}");
+    let r = vault_client(
+        &[
+            "ping",
+            "--addr",
+            &addr,
+            "--cacert",
+            "/nonexistent/ca.pem",
+            "--api-key",
+            &s.writer,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_client_redeems_a_token_as_one_json_object() {
+    let s = start(ServeConfig::default(), None).await;
+    let addr = s.addr.to_string();
+    let writer = s.connect(&s.writer).await;
+    let appended = writer
+        .append(
+            "cust-9",
+            fields(&[("name", "Grace"), ("city", "Arlington")]),
+        )
+        .await
+        .expect("append");
+    let admin = s.connect(&s.admin).await;
+    let (token, _) = admin
+        .mint(
+            PARTNER,
+            "cust-9",
+            "kyc",
+            vec![("name".into(), MaskOp::Reveal)],
+            60,
+        )
+        .await
+        .expect("mint");
+    let env = [("FINTRUST_API_KEY", s.partner.as_str())];
+    let args = [
+        "redeem",
+        "--token",
+        &token,
+        "--addr",
+        &addr,
+        "--insecure-plaintext",
+    ];
+    let r = vault_client(&args, &env).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["subject"], "cust-9");
+    assert_eq!(v["seq"].as_u64(), Some(appended.seq));
+    assert_eq!(v["fields"]["name"], "Grace");
+    assert!(v["fields"].get("city").is_none(), "{v}");
+    let r = vault_client(&args, &env).await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.starts_with("error: token_spent: "), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_client_speaks_tls_with_cacert() {
+    let s = start_tls(false).await;
+    let addr = s.server.addr.to_string();
+    let ca = s.ca_file.to_str().expect("utf-8");
+    let other = s.other_ca_file.to_str().expect("utf-8");
+    let env = [("FINTRUST_API_KEY", s.server.writer.as_str())];
+    let r = vault_client(
+        &["ping", "--addr", &addr, "--cacert", ca, "--format", "json"],
+        &env,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["role"], "writer");
+    let r = vault_client(&["ping", "--addr", &addr, "--cacert", other], &env).await;
+    assert_eq!(r.code, 1, "another CA: {r:?}");
+    assert!(r.stderr.contains("TLS"), "{r:?}");
+}
