@@ -7,54 +7,13 @@
 //! - `vault-verify` exits 0 for an intact vault, 1 for an integrity failure
 //!   (naming the seq and the reason), 2 when it cannot run.
 
+mod support;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use serde_json::Value;
-
-/// The profile dir (`target/debug`) holding the `fintrust-server` binaries.
-///
-/// They belong to another package, so `CARGO_BIN_EXE_*` does not name
-/// them; they sit beside this test's own profile dir
-/// (`target/debug/deps/cli-…` → `target/debug`). They are built here once
-/// per run, which cargo makes a no-op when they are fresh, so that a stale
-/// binary is never tested.
-fn profile_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("path of the test executable");
-        let profile = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lives in <target>/<profile>/deps")
-            .to_path_buf();
-        let target = profile.parent().expect("the profile dir has a parent");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "-p", "fintrust-server", "--bins"])
-            .arg("--target-dir")
-            .arg(target);
-        match profile.file_name().and_then(OsStr::to_str) {
-            Some("debug") => {}
-            Some("release") => {
-                cargo.arg("--release");
-            }
-            Some(other) => {
-                cargo.args(["--profile", other]);
-            }
-            None => panic!("unexpected profile dir {}", profile.display()),
-        }
-        let status = cargo.status().expect("run cargo build");
-        assert!(
-            status.success(),
-            "cargo build -p fintrust-server --bins failed"
-        );
-        profile
-    })
-}
 
 /// What a finished process left behind.
 #[derive(Debug)]
@@ -82,7 +41,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let path = profile_dir().join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    let path = support::binary("fintrust-server", bin);
     let mut cmd = Command::new(&path);
     cmd.args(args);
     for (name, _) in std::env::vars_os() {
@@ -436,7 +395,7 @@ impl Drop for Served {
 /// the address from its log.
 fn serve(s: &Scratch, name: &str) -> Served {
     use std::io::BufRead;
-    let mut child = Command::new(profile_dir().join("vaultd"))
+    let mut child = Command::new(support::binary("fintrust-server", "vaultd"))
         .arg("serve")
         .arg("--data-dir")
         .arg(s.path(name))

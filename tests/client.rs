@@ -4,11 +4,11 @@
 //! auditor's reads, tokens, TLS (and mutual TLS) with certificates made
 //! here, timeouts, and the binary's exit codes.
 
+mod support;
+
 use std::collections::HashSet;
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command as StdCommand;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use client::{
@@ -464,44 +464,6 @@ async fn mutual_tls_needs_the_client_certificate() {
 
 // ---- the vault-client binary ----
 
-/// The profile dir (`target/debug`) holding `vault-client`, built here once
-/// per run (a no-op when fresh) so that a stale binary is never tested. It
-/// belongs to another package, so `CARGO_BIN_EXE_*` does not name it.
-fn profile_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("path of the test executable");
-        let profile = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lives in <target>/<profile>/deps")
-            .to_path_buf();
-        let target = profile.parent().expect("the profile dir has a parent");
-        let mut cargo = StdCommand::new(env!("CARGO"));
-        cargo
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "-p", "fintrust-client", "--bins"])
-            .arg("--target-dir")
-            .arg(target);
-        match profile.file_name().and_then(OsStr::to_str) {
-            Some("debug") => {}
-            Some("release") => {
-                cargo.arg("--release");
-            }
-            Some(other) => {
-                cargo.args(["--profile", other]);
-            }
-            None => panic!("unexpected profile dir {}", profile.display()),
-        }
-        let status = cargo.status().expect("run cargo build");
-        assert!(
-            status.success(),
-            "cargo build -p fintrust-client --bins failed"
-        );
-        profile
-    })
-}
-
 #[derive(Debug)]
 struct Run {
     code: i32,
@@ -522,11 +484,9 @@ impl Run {
 /// Runs `vault-client` with `args` and `env`, and no other `FINTRUST_*`
 /// variable, without blocking the runtime serving it.
 async fn vault_client(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let path = tokio::task::spawn_blocking(|| {
-        profile_dir().join(format!("vault-client{}", std::env::consts::EXE_SUFFIX))
-    })
-    .await
-    .expect("build");
+    let path = tokio::task::spawn_blocking(|| support::binary("fintrust-client", "vault-client"))
+        .await
+        .expect("build");
     let mut cmd = tokio::process::Command::new(&path);
     cmd.args(args);
     for (name, _) in std::env::vars_os() {
