@@ -45,7 +45,7 @@ pub mod frame;
 pub mod mask;
 pub mod message;
 pub mod receipt;
-mod wire;
+pub mod wire;
 
 pub use codec::{Envelope, FrameCodec, MessageCodec};
 pub use error::{Error, Result};

@@ -24,6 +24,8 @@
 //! Invariants: the encoding has no trailing bytes; `seq` of entry n is n;
 //! `prev_hash` of entry n is the hash of entry n-1.
 
+pub(crate) use protocol::wire::Reader;
+
 use crate::error::{Error, Result};
 
 /// Version byte of the entry encoding.
@@ -211,50 +213,6 @@ pub fn entry_hash(encoded: &[u8]) -> Hash {
     h.update(ENTRY_DOMAIN);
     h.update(encoded);
     *h.finalize().as_bytes()
-}
-
-/// A bounds-checked big-endian reader over a byte slice. Every read that
-/// would run past the end is `Err(Malformed("truncated"))`, never a panic.
-#[derive(Debug)]
-pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Reader { buf }
-    }
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-    pub(crate) fn remaining(&self) -> usize {
-        self.buf.len()
-    }
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if n > self.buf.len() {
-            return Err(Error::Malformed("truncated"));
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-    pub(crate) fn u8(&mut self) -> Result<u8> {
-        Ok(self.array::<1>()?[0])
-    }
-    pub(crate) fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-    pub(crate) fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-    pub(crate) fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_be_bytes(self.array()?))
-    }
 }
 
 #[cfg(test)]

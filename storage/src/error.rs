@@ -137,6 +137,18 @@ impl From<sled::Error> for Error {
     }
 }
 
+impl From<protocol::Error> for Error {
+    /// The storage formats share the protocol crate's bounds-checked
+    /// reader; its errors are malformed stored bytes here.
+    fn from(e: protocol::Error) -> Self {
+        match e {
+            protocol::Error::Malformed(m) => Error::Malformed(m),
+            protocol::Error::TrailingBytes => Error::Malformed("trailing bytes"),
+            _ => Error::Malformed("malformed"),
+        }
+    }
+}
+
 impl Error {
     pub(crate) fn integrity(seq: u64, reason: Reason) -> Self {
         Error::Integrity { seq, reason }
