@@ -19,19 +19,32 @@ struct Cli {
     command: Command,
 }
 
+/// Where a vault is and what unseals it (`init` and `serve`).
+#[derive(clap::Args)]
+struct VaultArgs {
+    /// The vault's data dir.
+    #[arg(long, env = "FINTRUST_DATA_DIR")]
+    data_dir: PathBuf,
+    /// File holding the passphrase that seals the master key.
+    #[arg(long, env = "FINTRUST_PASSPHRASE_FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// File holding a 32-byte key (raw or hex) instead of a passphrase.
+    #[arg(long, env = "FINTRUST_KEY_FILE")]
+    key_file: Option<PathBuf>,
+}
+
+impl VaultArgs {
+    fn unlock(&self) -> server::Result<storage::Unlock> {
+        server::secrets::unlock_from(self.passphrase_file.as_deref(), self.key_file.as_deref())
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create a vault: signing key, sealed master key, genesis entry, admin credential.
     Init {
-        /// Directory of the new vault.
-        #[arg(long, env = "FINTRUST_DATA_DIR")]
-        data_dir: PathBuf,
-        /// File holding the passphrase that seals the master key.
-        #[arg(long, env = "FINTRUST_PASSPHRASE_FILE")]
-        passphrase_file: Option<PathBuf>,
-        /// File holding a 32-byte key (raw or hex) instead of a passphrase.
-        #[arg(long, env = "FINTRUST_KEY_FILE")]
-        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        vault: VaultArgs,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -41,15 +54,8 @@ enum Command {
     },
     /// Serve the wire protocol (port 9999) for an existing vault.
     Serve {
-        /// The vault's data dir.
-        #[arg(long, env = "FINTRUST_DATA_DIR")]
-        data_dir: PathBuf,
-        /// File holding the passphrase that seals the master key.
-        #[arg(long, env = "FINTRUST_PASSPHRASE_FILE")]
-        passphrase_file: Option<PathBuf>,
-        /// File holding a 32-byte key (raw or hex) instead of a passphrase.
-        #[arg(long, env = "FINTRUST_KEY_FILE")]
-        key_file: Option<PathBuf>,
+        #[command(flatten)]
+        vault: VaultArgs,
         /// Address to listen on.
         #[arg(long, env = "FINTRUST_LISTEN", default_value = "127.0.0.1:9999")]
         listen: String,
@@ -100,15 +106,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init {
-            data_dir,
-            passphrase_file,
-            key_file,
+            vault,
             json,
             format,
         } => {
-            let unlock =
-                server::secrets::unlock_from(passphrase_file.as_deref(), key_file.as_deref())?;
-            let (vault, out) = server::init::init(data_dir, &unlock, storage::Options::default())?;
+            let unlock = vault.unlock()?;
+            let (vault, out) =
+                server::init::init(vault.data_dir, &unlock, storage::Options::default())?;
             vault.close()?;
             if json || format == "json" {
                 println!("{}", serde_json::to_string(&out)?);
@@ -126,9 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Serve {
-            data_dir,
-            passphrase_file,
-            key_file,
+            vault,
             listen,
             tls_cert,
             tls_key,
@@ -147,9 +149,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "give --tls-cert and --tls-key (or --insecure-plaintext for loopback development without TLS)"
                 ),
             };
-            let unlock =
-                server::secrets::unlock_from(passphrase_file.as_deref(), key_file.as_deref())?;
-            let vault = storage::Vault::open(&data_dir, &unlock, storage::Options::default())?;
+            let unlock = vault.unlock()?;
+            let vault =
+                storage::Vault::open(&vault.data_dir, &unlock, storage::Options::default())?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(serve(vault, &listen, tls))?;
         }
