@@ -759,3 +759,103 @@ async fn vault_client_speaks_tls_with_cacert() {
     assert_eq!(r.code, 1, "another CA: {r:?}");
     assert!(r.stderr.contains("TLS"), "{r:?}");
 }
+
+#[tokio::test]
+async fn policies_consents_and_credentials_through_the_gateway_requests() {
+    let s = start(ServeConfig::default(), None).await;
+    let admin = s.connect(&s.admin).await;
+    let (gateway_id, gateway_key) = admin
+        .create_credential("gateway", "http-shim")
+        .await
+        .expect("create gateway");
+    assert!(gateway_key.starts_with("fvk_"));
+    let gw = s.connect(&gateway_key).await;
+    assert_eq!(gw.role(), "gateway");
+
+    // Whois by the hash of a presented key; unknown keys are `None`.
+    let hash = *blake3::hash(s.partner.as_bytes()).as_bytes();
+    let who = gw.whois(hash).await.expect("whois").expect("known");
+    assert_eq!((who.role.as_str(), who.name.as_str()), ("partner", PARTNER));
+    assert_eq!(gw.whois([7; 32]).await.expect("whois"), None);
+
+    // Policies and consents: events in the log, then readable state.
+    let policy = serde_json::json!({"partner_id": PARTNER, "policy": {"active": true}});
+    gw.event(5, "", policy.to_string().into_bytes())
+        .await
+        .expect("policy");
+    let got = gw.policy(PARTNER).await.expect("policy").expect("set");
+    assert_eq!(got.kind, 5);
+    let got: serde_json::Value = serde_json::from_slice(&got.value).expect("json");
+    assert_eq!(got["policy"]["active"], true);
+    assert_eq!(
+        got["recorded_by"],
+        gateway_id.as_str(),
+        "the vault names the writer"
+    );
+    assert_eq!(gw.policy("nobody").await.expect("policy"), None);
+
+    let w = s.connect(&s.writer).await;
+    let consent = serde_json::json!({"partner_id": PARTNER, "purposes": ["credit_check"]});
+    w.event(3, "cust-1", consent.to_string().into_bytes())
+        .await
+        .expect("consent");
+    let got = gw
+        .consent("cust-1", PARTNER)
+        .await
+        .expect("consent")
+        .expect("set");
+    assert_eq!(got.kind, 3);
+    assert_eq!(gw.consent("cust-2", PARTNER).await.expect("consent"), None);
+
+    // Roles: writers may not set policies, gateways may not create keys,
+    // nobody appends token or credential entries as events.
+    let refused = [
+        code(w.event(5, "", policy.to_string().into_bytes()).await),
+        code(gw.create_credential("admin", "x").await),
+        code(gw.event(9, "", b"{}".to_vec()).await),
+        code(admin.event(6, "", b"{}".to_vec()).await),
+        code(w.whois(hash).await),
+    ];
+    assert!(
+        refused.iter().all(|c| *c == ErrorCode::Forbidden),
+        "{refused:?}"
+    );
+    // Bad input: not an object, unknown kind, bad role, bad partner id.
+    assert_eq!(
+        code(gw.event(5, "", b"[1]".to_vec()).await),
+        ErrorCode::Invalid
+    );
+    assert_eq!(
+        code(admin.event(200, "", b"{}".to_vec()).await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(
+            gw.event(3, "cust-1", br#"{"partner_id": "a b"}"#.to_vec())
+                .await
+        ),
+        ErrorCode::Invalid
+    );
+    assert_eq!(
+        code(admin.create_credential("root", "x").await),
+        ErrorCode::Invalid
+    );
+
+    // Revocation: the key stops working; revoking twice finds nothing.
+    assert!(admin
+        .revoke_credential(gateway_id.as_str())
+        .await
+        .expect("revoke")
+        .is_some());
+    assert_eq!(
+        admin.revoke_credential(gateway_id).await.expect("again"),
+        None
+    );
+    assert!(matches!(
+        Client::connect(s.plain(&gateway_key)).await,
+        Err(ClientError::Server {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+}

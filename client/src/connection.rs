@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use protocol::receipt::{Receipt, SignedHead};
-use protocol::{encode_frame, Envelope, MaskOp, Message, MessageCodec, Record};
+use protocol::{encode_frame, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -67,6 +67,24 @@ pub struct Health {
     /// `ok`, or `degraded` when the vault stopped accepting writes.
     pub status: String,
     pub entries: u64,
+}
+
+/// A credential as `Whois` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub id: String,
+    /// admin, writer, gateway, partner or auditor.
+    pub role: String,
+    /// For partners, the partner id.
+    pub name: String,
+}
+
+/// A derived-state value: the kind byte of the entry that set it (see
+/// `docs/storage.md`) and its JSON payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateValue {
+    pub kind: u8,
+    pub value: Vec<u8>,
 }
 
 /// The one masked segment a token reveals. `Debug` shows field names only:
@@ -363,6 +381,92 @@ impl Client {
         }
     }
 
+    /// Appends an audit or admin event of entry kind `kind` (a storage
+    /// kind byte: consent, policy, access denied) with a JSON object as
+    /// payload; the server adds the caller's credential id to it.
+    pub async fn event(
+        &self,
+        kind: u8,
+        subject: impl Into<String>,
+        payload: Vec<u8>,
+    ) -> Result<Receipt> {
+        let m = Message::Event {
+            kind,
+            subject: subject.into(),
+            payload,
+        };
+        match self.call(m).await? {
+            Message::Receipt { receipt } => Ok(Receipt::decode(&receipt)?),
+            other => Err(refusal(other, "Receipt")),
+        }
+    }
+
+    /// Who holds the API key whose BLAKE3 hash is `key_hash`; `None` when
+    /// no credential has it. Gateway and admin roles.
+    pub async fn whois(&self, key_hash: [u8; 32]) -> Result<Option<Identity>> {
+        match self.call(Message::Whois { key_hash }).await? {
+            Message::Identity { id, role, name } => Ok(Some(Identity { id, role, name })),
+            other => not_found_or(other, "Identity"),
+        }
+    }
+
+    /// The current policy of `partner_id`, if one was set.
+    pub async fn policy(&self, partner_id: impl Into<String>) -> Result<Option<StateValue>> {
+        let m = Message::GetPolicy {
+            partner_id: partner_id.into(),
+        };
+        self.state_value(m).await
+    }
+
+    /// The latest consent event of `subject` for `partner_id`, if any.
+    pub async fn consent(
+        &self,
+        subject: impl Into<String>,
+        partner_id: impl Into<String>,
+    ) -> Result<Option<StateValue>> {
+        let m = Message::GetConsent {
+            subject: subject.into(),
+            partner_id: partner_id.into(),
+        };
+        self.state_value(m).await
+    }
+
+    async fn state_value(&self, m: Message) -> Result<Option<StateValue>> {
+        match self.call(m).await? {
+            Message::StateValue { kind, value } => Ok(Some(StateValue { kind, value })),
+            other => not_found_or(other, "StateValue"),
+        }
+    }
+
+    /// Creates an API key with `role`; returns its id and the key, which
+    /// is shown this once. Admin role.
+    pub async fn create_credential(
+        &self,
+        role: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Result<(String, Zeroizing<String>)> {
+        let m = Message::CreateCredential {
+            role: role.into(),
+            name: name.into(),
+        };
+        match self.call(m).await? {
+            Message::CredentialKey { id, api_key } => Ok((id, Zeroizing::new(api_key))),
+            other => Err(refusal(other, "CredentialKey")),
+        }
+    }
+
+    /// Revokes a credential; `None` when there is no such credential.
+    /// Admin role.
+    pub async fn revoke_credential(&self, id: impl Into<String>) -> Result<Option<Receipt>> {
+        match self
+            .call(Message::RevokeCredential { id: id.into() })
+            .await?
+        {
+            Message::Receipt { receipt } => Ok(Some(Receipt::decode(&receipt)?)),
+            other => not_found_or(other, "Receipt"),
+        }
+    }
+
     /// Round trip to the server.
     pub async fn ping(&self) -> Result<()> {
         match self.call(Message::Ping).await? {
@@ -473,6 +577,17 @@ impl Client {
 
 /// The error an answer of the wrong kind stands for: the server's own
 /// words for an `Error`, otherwise what was expected.
+/// `Ok(None)` for a `not_found` error, otherwise as [`refusal`].
+fn not_found_or<T>(m: Message, expected: &'static str) -> Result<Option<T>> {
+    match m {
+        Message::Error {
+            code: ErrorCode::NotFound,
+            ..
+        } => Ok(None),
+        other => Err(refusal(other, expected)),
+    }
+}
+
 fn refusal(m: Message, expected: &'static str) -> ClientError {
     match m {
         Message::Error { code, message } => ClientError::Server { code, message },

@@ -54,7 +54,7 @@ pub mod error;
 pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
-pub use connection::{Client, HeadInfo, Health, Redeemed};
+pub use connection::{Client, HeadInfo, Health, Identity, Redeemed, StateValue};
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};
 

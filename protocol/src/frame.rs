@@ -68,6 +68,12 @@ pub enum MessageType {
     Entries = 0x08,
     Proof = 0x09,
     Health = 0x0A,
+    Event = 0x0B,
+    Whois = 0x0C,
+    GetPolicy = 0x0D,
+    GetConsent = 0x0E,
+    CreateCredential = 0x0F,
+    RevokeCredential = 0x10,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -78,12 +84,15 @@ pub enum MessageType {
     EntryBatch = 0x88,
     ProofInfo = 0x89,
     HealthInfo = 0x8A,
+    Identity = 0x8B,
+    StateValue = 0x8C,
+    CredentialKey = 0x8D,
     Error = 0xFF,
 }
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 21] = [
+    pub const ALL: [MessageType; 30] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -94,6 +103,12 @@ impl MessageType {
         MessageType::Entries,
         MessageType::Proof,
         MessageType::Health,
+        MessageType::Event,
+        MessageType::Whois,
+        MessageType::GetPolicy,
+        MessageType::GetConsent,
+        MessageType::CreateCredential,
+        MessageType::RevokeCredential,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -104,6 +119,9 @@ impl MessageType {
         MessageType::EntryBatch,
         MessageType::ProofInfo,
         MessageType::HealthInfo,
+        MessageType::Identity,
+        MessageType::StateValue,
+        MessageType::CredentialKey,
         MessageType::Error,
     ];
 
@@ -130,6 +148,12 @@ impl MessageType {
             MessageType::Entries => "entries",
             MessageType::Proof => "proof",
             MessageType::Health => "health",
+            MessageType::Event => "event",
+            MessageType::Whois => "whois",
+            MessageType::GetPolicy => "get_policy",
+            MessageType::GetConsent => "get_consent",
+            MessageType::CreateCredential => "create_credential",
+            MessageType::RevokeCredential => "revoke_credential",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -140,6 +164,9 @@ impl MessageType {
             MessageType::EntryBatch => "entry_batch",
             MessageType::ProofInfo => "proof_info",
             MessageType::HealthInfo => "health_info",
+            MessageType::Identity => "identity",
+            MessageType::StateValue => "state_value",
+            MessageType::CredentialKey => "credential_key",
             MessageType::Error => "error",
         }
     }
@@ -455,8 +482,8 @@ pub(crate) mod tests {
         ));
         assert!(matches!(decode(b"FV\x01\x00"), Err(Error::UnknownType(0))));
         assert!(matches!(
-            decode(b"FV\x01\x0b"),
-            Err(Error::UnknownType(0x0b))
+            decode(b"FV\x01\x11"),
+            Err(Error::UnknownType(0x11))
         ));
         assert!(matches!(
             decode(b"FV\x01\x80"),
@@ -546,8 +573,9 @@ pub(crate) mod tests {
         assert_eq!(
             known,
             [
-                0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x81, 0x82, 0x83, 0x84,
-                0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0xff
+                0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
+                0x0f, 0x10, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c,
+                0x8d, 0xff
             ]
         );
         let unknown = (0..=255u8)

@@ -37,6 +37,20 @@
 //! 0x09 Proof       u64 seq
 //!                  0000000000000007
 //! 0x0A Health      empty
+//! 0x0B Event       u8 kind, str subject, blob payload (JSON)
+//!                  03 0007 637573742d3432 00000002 7b7d              (consent_granted, "{}")
+//! 0x0C Whois       [u8; 32] key_hash
+//!                  cdcd..cd (32 bytes)
+//! 0x0D GetPolicy   str partner_id
+//!                  0002 7031
+//! 0x0E GetConsent  str subject, str partner_id
+//!                  0007 637573742d3432 0002 7031
+//! 0x0F CreateCredential
+//!                  str role, str name
+//!                  0007 706172746e6572 0002 7031                     ("partner", "p1")
+//! 0x10 RevokeCredential
+//!                  str id
+//!                  0004 69642d31                                     ("id-1")
 //! 0x81 HelloOk     str role, str server
 //!                  0007 73657276696365 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
@@ -56,6 +70,13 @@
 //!                  00000001 09
 //! 0x8A HealthInfo  str status, u64 entries
 //!                  0002 6f6b 0000000000000008
+//! 0x8B Identity    str id, str role, str name
+//!                  0004 69642d31 0007 706172746e6572 0002 7031
+//! 0x8C StateValue  u8 kind, blob value (JSON)
+//!                  05 00000002 7b7d                                  (policy_changed, "{}")
+//! 0x8D CredentialKey
+//!                  str id, str api_key
+//!                  0004 69642d31 0003 6b6579
 //! 0xFF Error       u16 code (see ErrorCode), str message
 //!                  0008 0005 7370656e74                             (token_spent, "spent")
 //! ```
@@ -244,6 +265,37 @@ pub enum Message {
         seq: u64,
     },
     Health,
+    /// Appends an audit or admin event: `kind` is the storage layer's
+    /// entry kind byte, `payload` its JSON. Which kinds a role may append
+    /// is the server's rule.
+    Event {
+        kind: u8,
+        subject: String,
+        payload: Vec<u8>,
+    },
+    /// Who holds the API key whose BLAKE3 hash this is (a gateway checking
+    /// the key a caller presented to it); answered by `Identity`.
+    Whois {
+        key_hash: [u8; 32],
+    },
+    /// The current policy of a partner; answered by `StateValue`.
+    GetPolicy {
+        partner_id: String,
+    },
+    /// The subject's current consent for a partner; answered by `StateValue`.
+    GetConsent {
+        subject: String,
+        partner_id: String,
+    },
+    /// Creates an API key with a role; answered by `CredentialKey`.
+    CreateCredential {
+        role: String,
+        name: String,
+    },
+    /// Revokes a credential by id; answered by `Receipt`.
+    RevokeCredential {
+        id: String,
+    },
 
     // Responses.
     /// Authentication succeeded; `role` names what this key may do.
@@ -290,6 +342,23 @@ pub enum Message {
         status: String,
         entries: u64,
     },
+    /// A credential: its id, role and name (for a partner, the partner id).
+    Identity {
+        id: String,
+        role: String,
+        name: String,
+    },
+    /// A derived-state value: the kind of the entry that set it and its
+    /// JSON payload.
+    StateValue {
+        kind: u8,
+        value: Vec<u8>,
+    },
+    /// A new credential: its id and its API key, shown this once.
+    CredentialKey {
+        id: String,
+        api_key: String,
+    },
     /// Any request can be answered by an error.
     Error {
         code: ErrorCode,
@@ -318,6 +387,15 @@ impl Message {
             Message::Entries { .. } => MessageType::Entries,
             Message::Proof { .. } => MessageType::Proof,
             Message::Health => MessageType::Health,
+            Message::Event { .. } => MessageType::Event,
+            Message::Whois { .. } => MessageType::Whois,
+            Message::GetPolicy { .. } => MessageType::GetPolicy,
+            Message::GetConsent { .. } => MessageType::GetConsent,
+            Message::CreateCredential { .. } => MessageType::CreateCredential,
+            Message::RevokeCredential { .. } => MessageType::RevokeCredential,
+            Message::Identity { .. } => MessageType::Identity,
+            Message::StateValue { .. } => MessageType::StateValue,
+            Message::CredentialKey { .. } => MessageType::CredentialKey,
             Message::HelloOk { .. } => MessageType::HelloOk,
             Message::Pong => MessageType::Pong,
             Message::Receipt { .. } => MessageType::Receipt,
@@ -416,6 +494,42 @@ impl Message {
                 w.string(status)?;
                 w.u64(*entries);
             }
+            Message::Event {
+                kind,
+                subject,
+                payload,
+            } => {
+                w.u8(*kind);
+                w.string(subject)?;
+                w.blob(payload)?;
+            }
+            Message::Whois { key_hash } => w.raw(key_hash),
+            Message::GetPolicy { partner_id } => w.string(partner_id)?,
+            Message::GetConsent {
+                subject,
+                partner_id,
+            } => {
+                w.string(subject)?;
+                w.string(partner_id)?;
+            }
+            Message::CreateCredential { role, name } => {
+                w.string(role)?;
+                w.string(name)?;
+            }
+            Message::RevokeCredential { id } => w.string(id)?,
+            Message::Identity { id, role, name } => {
+                w.string(id)?;
+                w.string(role)?;
+                w.string(name)?;
+            }
+            Message::StateValue { kind, value } => {
+                w.u8(*kind);
+                w.blob(value)?;
+            }
+            Message::CredentialKey { id, api_key } => {
+                w.string(id)?;
+                w.string(api_key)?;
+            }
             Message::Error { code, message } => {
                 w.u16(*code as u16);
                 w.string(message)?;
@@ -467,6 +581,39 @@ impl Message {
             },
             MessageType::Proof => Message::Proof { seq: r.u64()? },
             MessageType::Health => Message::Health,
+            MessageType::Event => Message::Event {
+                kind: r.u8()?,
+                subject: r.string()?,
+                payload: r.blob()?,
+            },
+            MessageType::Whois => Message::Whois {
+                key_hash: r.array()?,
+            },
+            MessageType::GetPolicy => Message::GetPolicy {
+                partner_id: r.string()?,
+            },
+            MessageType::GetConsent => Message::GetConsent {
+                subject: r.string()?,
+                partner_id: r.string()?,
+            },
+            MessageType::CreateCredential => Message::CreateCredential {
+                role: r.string()?,
+                name: r.string()?,
+            },
+            MessageType::RevokeCredential => Message::RevokeCredential { id: r.string()? },
+            MessageType::Identity => Message::Identity {
+                id: r.string()?,
+                role: r.string()?,
+                name: r.string()?,
+            },
+            MessageType::StateValue => Message::StateValue {
+                kind: r.u8()?,
+                value: r.blob()?,
+            },
+            MessageType::CredentialKey => Message::CredentialKey {
+                id: r.string()?,
+                api_key: r.string()?,
+            },
             MessageType::HelloOk => Message::HelloOk {
                 role: r.string()?,
                 server: r.string()?,
@@ -647,6 +794,46 @@ impl fmt::Debug for Message {
                 .finish(),
             Message::Proof { seq } => f.debug_struct("Proof").field("seq", seq).finish(),
             Message::Health => f.write_str("Health"),
+            // Event payloads may name subjects and partners but hold no
+            // personal data values; still, only their size is shown.
+            Message::Event { kind, payload, .. } => f
+                .debug_struct("Event")
+                .field("kind", kind)
+                .field("payload", &Opaque(payload))
+                .finish(),
+            Message::Whois { .. } => f.debug_struct("Whois").field("key_hash", &Hidden).finish(),
+            Message::GetPolicy { partner_id } => f
+                .debug_struct("GetPolicy")
+                .field("partner_id", partner_id)
+                .finish(),
+            Message::GetConsent { partner_id, .. } => f
+                .debug_struct("GetConsent")
+                .field("partner_id", partner_id)
+                .finish(),
+            Message::CreateCredential { role, name } => f
+                .debug_struct("CreateCredential")
+                .field("role", role)
+                .field("name", name)
+                .finish(),
+            Message::RevokeCredential { id } => {
+                f.debug_struct("RevokeCredential").field("id", id).finish()
+            }
+            Message::Identity { id, role, name } => f
+                .debug_struct("Identity")
+                .field("id", id)
+                .field("role", role)
+                .field("name", name)
+                .finish(),
+            Message::StateValue { kind, value } => f
+                .debug_struct("StateValue")
+                .field("kind", kind)
+                .field("value", &Opaque(value))
+                .finish(),
+            Message::CredentialKey { id, .. } => f
+                .debug_struct("CredentialKey")
+                .field("id", id)
+                .field("api_key", &Hidden)
+                .finish(),
             Message::HelloOk { role, server } => f
                 .debug_struct("HelloOk")
                 .field("role", role)
@@ -805,6 +992,42 @@ pub(crate) mod tests {
             g(Message::Proof { seq: 7 }, 0, "46560109000000000001000000081aa0dad9", "0000000000000007"),
             g(Message::Health, 0, "4656010a0000000000010000000085c51077", ""),
             g(
+                Message::Event {
+                    kind: 3,
+                    subject: s("cust-42"),
+                    payload: b"{}".to_vec(),
+                },
+                0,
+                "4656010b000000000001000000107f3e47bc",
+                "030007637573742d3432000000027b7d",
+            ),
+            g(
+                Message::Whois { key_hash: [0xcd; 32] },
+                0,
+                "4656010c00000000000100000020a8d2ed78",
+                "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+            ),
+            g(Message::GetPolicy { partner_id: s("p1") }, 0, "4656010d00000000000100000004f331b495", "00027031"),
+            g(
+                Message::GetConsent {
+                    subject: s("cust-42"),
+                    partner_id: s("p1"),
+                },
+                0,
+                "4656010e0000000000010000000d113a1162",
+                "0007637573742d343200027031",
+            ),
+            g(
+                Message::CreateCredential {
+                    role: s("partner"),
+                    name: s("p1"),
+                },
+                0,
+                "4656010f0000000000010000000d74f70fa1",
+                "0007706172746e657200027031",
+            ),
+            g(Message::RevokeCredential { id: s("id-1") }, 0, "4656011000000000000100000006aa419879", "000469642d31"),
+            g(
                 Message::HelloOk {
                     role: s("service"),
                     server: s("vaultd/0.1"),
@@ -876,6 +1099,34 @@ pub(crate) mod tests {
                 0,
                 "4656018a0000000000010000000c0ee610d6",
                 "00026f6b0000000000000008",
+            ),
+            g(
+                Message::Identity {
+                    id: s("id-1"),
+                    role: s("partner"),
+                    name: s("p1"),
+                },
+                0,
+                "4656018b0000000000010000001338991fdf",
+                "000469642d310007706172746e657200027031",
+            ),
+            g(
+                Message::StateValue {
+                    kind: 5,
+                    value: b"{}".to_vec(),
+                },
+                0,
+                "4656018c000000000001000000075516178a",
+                "05000000027b7d",
+            ),
+            g(
+                Message::CredentialKey {
+                    id: s("id-1"),
+                    api_key: s("key"),
+                },
+                0,
+                "4656018d0000000000010000000b82bf0989",
+                "000469642d3100036b6579",
             ),
             g(
                 Message::Error {

@@ -105,10 +105,34 @@ impl Role {
     }
 
     /// Whether this role may send `m`. Admins may do everything but redeem
-    /// (a token is for the partner it was minted for).
+    /// (a token is for the partner it was minted for). The gateway (the
+    /// HTTP policy shim) records policy changes, consents and denials on
+    /// behalf of the callers it has authenticated; writers record consents.
     pub fn may(self, m: &Message) -> bool {
+        use storage::Kind;
         match m {
             Message::Ping | Message::Health => true,
+            Message::Event { kind, .. } => match Kind::from_u8(*kind) {
+                Some(Kind::ConsentGranted | Kind::ConsentRevoked) => {
+                    matches!(self, Role::Admin | Role::Writer | Role::Gateway)
+                }
+                Some(Kind::PolicyChanged | Kind::AccessDenied) => {
+                    matches!(self, Role::Admin | Role::Gateway)
+                }
+                // Tokens, credentials and keys have their own requests.
+                _ => false,
+            },
+            Message::Whois { .. } => matches!(self, Role::Gateway | Role::Admin),
+            Message::GetPolicy { .. } => {
+                matches!(self, Role::Gateway | Role::Admin | Role::Auditor)
+            }
+            Message::GetConsent { .. } => matches!(
+                self,
+                Role::Gateway | Role::Admin | Role::Writer | Role::Auditor
+            ),
+            Message::CreateCredential { .. } | Message::RevokeCredential { .. } => {
+                self == Role::Admin
+            }
             Message::Append { .. } | Message::AppendBatch { .. } => {
                 matches!(self, Role::Writer | Role::Admin)
             }
@@ -308,7 +332,7 @@ where
             return Err(e);
         }
     };
-    let Some((role, name)) = identity else {
+    let Some(caller) = identity else {
         let msg = error(
             ErrorCode::Unauthenticated,
             "the first frame must be Hello with a valid API key",
@@ -316,6 +340,8 @@ where
         send(&mut sink, hello_id, &msg).await;
         return Err(ConnectionError::Unauthenticated);
     };
+    let role = caller.role;
+    let caller = Arc::new(caller);
     let ok = Message::HelloOk {
         role: role.name().into(),
         server: config.server_name.clone(),
@@ -382,7 +408,7 @@ where
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let reply = redeem(&vault, &token, &name).await;
+            let reply = redeem(&vault, &token, &caller.name).await;
             throttle.record(peer, matches!(reply, Message::Error { .. }));
             let _ = tx.send((id, reply, 0)).await;
             break Ok(());
@@ -390,8 +416,9 @@ where
         let vault = vault.clone();
         let tx = tx.clone();
         let config = config.clone();
+        let caller = caller.clone();
         tokio::spawn(async move {
-            handle(id, message, &vault, &config, &tx).await;
+            handle(id, message, &vault, &config, &caller, &tx).await;
             drop(permit);
         });
     };
@@ -448,16 +475,29 @@ fn error(code: ErrorCode, message: &str) -> Message {
     }
 }
 
-/// The role and name (for partners: the partner id) of an API key, or
-/// `None`. The key is looked up by its hash, and the stored hash is
-/// compared again in constant time.
-pub fn authenticate(vault: &Vault, api_key: &str) -> Option<(Role, String)> {
+/// Who a connection speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub role: Role,
+    /// The credential's name: for partners, the partner id.
+    pub name: String,
+    /// The credential's id, written into the events it records.
+    pub id: String,
+}
+
+/// The caller an API key authenticates, or `None`. The key is looked up by
+/// its hash, and the stored hash is compared again in constant time.
+pub fn authenticate(vault: &Vault, api_key: &str) -> Option<Caller> {
     let hash = storage::api_key_hash(api_key);
     let cred = vault.credential_by_key_hash(&hash).ok()??;
     if !bool::from(cred.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
         return None;
     }
-    Some((Role::parse(&cred.role)?, cred.name))
+    Some(Caller {
+        role: Role::parse(&cred.role)?,
+        name: cred.name,
+        id: cred.id,
+    })
 }
 
 /// Maps a storage error to a wire error without leaking internals.
@@ -498,6 +538,7 @@ async fn handle(
     message: Message,
     vault: &Vault,
     config: &ServeConfig,
+    caller: &Caller,
     tx: &mpsc::Sender<(u32, Message, u16)>,
 ) {
     let reply = match message {
@@ -602,9 +643,111 @@ async fn handle(
             )
             .await
         }
+        Message::Event {
+            kind,
+            subject,
+            payload,
+        } => event(vault, caller, kind, subject, &payload).await,
+        Message::Whois { key_hash } => match vault.credential_by_key_hash(&hex::encode(key_hash)) {
+            Ok(Some(c)) => Message::Identity {
+                id: c.id,
+                role: c.role,
+                name: c.name,
+            },
+            Ok(None) => error(ErrorCode::NotFound, "no such credential"),
+            Err(e) => storage_error(&e),
+        },
+        Message::GetPolicy { partner_id } => match vault.policy(&partner_id) {
+            Ok(Some(value)) => Message::StateValue {
+                kind: storage::Kind::PolicyChanged as u8,
+                value,
+            },
+            Ok(None) => error(ErrorCode::NotFound, "no policy for this partner"),
+            Err(e) => storage_error(&e),
+        },
+        Message::GetConsent {
+            subject,
+            partner_id,
+        } => match vault.consent(&subject, &partner_id) {
+            Ok(Some((kind, value))) => Message::StateValue {
+                kind: kind as u8,
+                value,
+            },
+            Ok(None) => error(ErrorCode::NotFound, "no consent recorded"),
+            Err(e) => storage_error(&e),
+        },
+        Message::CreateCredential { role, name } => {
+            if Role::parse(&role).is_none() {
+                error(ErrorCode::Invalid, "unknown role")
+            } else if let Err(e) = storage::vault::validate_subject(&name, true) {
+                error(ErrorCode::Invalid, &format!("credential name: {e}"))
+            } else {
+                match vault.create_credential(&role, &name).await {
+                    Ok((id, key)) => Message::CredentialKey {
+                        id,
+                        api_key: key.to_string(),
+                    },
+                    Err(e) => storage_error(&e),
+                }
+            }
+        }
+        Message::RevokeCredential { id: cred } => {
+            if cred == caller.id {
+                error(ErrorCode::Invalid, "a credential cannot revoke itself")
+            } else {
+                match vault.revoke_credential(&cred).await {
+                    Ok(Some(r)) => Message::Receipt {
+                        receipt: r.encode(),
+                    },
+                    Ok(None) => error(ErrorCode::NotFound, "no such credential"),
+                    Err(e) => storage_error(&e),
+                }
+            }
+        }
         _ => error(ErrorCode::Malformed, "a response sent as a request"),
     };
     let _ = tx.send((id, reply, 0)).await;
+}
+
+/// Appends an audit or admin event. The payload must be a JSON object;
+/// the vault sets its `recorded_by` member to the caller's credential id,
+/// so that the log says which credential wrote every event.
+async fn event(
+    vault: &Vault,
+    caller: &Caller,
+    kind: u8,
+    subject: String,
+    payload: &[u8],
+) -> Message {
+    let Some(kind) = storage::Kind::from_u8(kind) else {
+        return error(ErrorCode::Invalid, "unknown entry kind");
+    };
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        match serde_json::from_slice(payload) {
+            Ok(o) => o,
+            Err(_) => return error(ErrorCode::Invalid, "the payload is not a JSON object"),
+        };
+    object.insert(
+        "recorded_by".into(),
+        serde_json::Value::String(caller.id.clone()),
+    );
+    let payload = match serde_json::to_vec(&object) {
+        Ok(p) => p,
+        Err(_) => return error(ErrorCode::Internal, "encoding failed"),
+    };
+    match vault
+        .append(Append::Event {
+            kind,
+            subject,
+            payload,
+        })
+        .await
+    {
+        Ok(r) => Message::Receipt {
+            receipt: r.encode(),
+        },
+        Err(e) => storage_error(&e),
+    }
 }
 
 fn now_ms() -> u64 {

@@ -18,6 +18,10 @@
 //! "h/" key hash (hex)  credential id (UTF-8): lookup by presented API key
 //! "t/" token hash      a minted token: the `token_minted` payload (JSON)
 //! "u/" token hash      u64 BE seq of the `token_redeemed` entry that spent it
+//! "p/" partner id      a partner's policy: the `policy_changed` payload (JSON)
+//! "g/" subject 0x00 partner id
+//!                      the subject's consent for that partner: u8 kind
+//!                      (3 granted, 4 revoked) || the entry's payload (JSON)
 //! ```
 //!
 //! The expected content of the `keys` tree is derived the same way
@@ -90,6 +94,44 @@ pub struct TokenMinted {
 pub struct TokenRedeemed {
     pub token_hash: String,
     pub partner_id: String,
+}
+
+/// Payload of a `consent_granted` or `consent_revoked` entry (the entry's
+/// subject is the data subject). Fields the vault does not interpret (who
+/// asked, from where) may follow; the stored state is the payload as
+/// written.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct ConsentChange {
+    pub partner_id: String,
+    /// Purposes consented to (empty in a revocation).
+    #[serde(default)]
+    pub purposes: Vec<String>,
+    /// When the consent lapses (unix milliseconds), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Payload of a `policy_changed` entry: the partner and its whole new
+/// policy, whose schema belongs to the layer that enforces it.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub partner_id: String,
+    pub policy: serde_json::Value,
+}
+
+/// Partner ids: the rules of subject ids (printable ASCII, no spaces, at
+/// most 256 bytes), and not empty.
+fn check_partner(kind: Kind, partner_id: &str) -> Result<()> {
+    crate::vault::validate_subject(partner_id, true)
+        .map_err(|_| Error::Invalid(format!("{} names an invalid partner id", kind.name())))
+}
+
+/// Key of a subject's consent for a partner: `"g/" subject 0x00 partner`.
+pub fn consent_key(subject: &str, partner_id: &str) -> Vec<u8> {
+    let mut k = key("g/", subject);
+    k.push(0);
+    k.extend_from_slice(partner_id.as_bytes());
+    k
 }
 
 /// Payload of a `subject_key` entry.
@@ -187,14 +229,24 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
             let t: TokenRedeemed = parse(e)?;
             vec![(key("u/", &t.token_hash), Some(e.seq.to_be_bytes().to_vec()))]
         }
-        // Kinds whose derived state later layers define; until then they
-        // are audit events only.
-        Kind::ConsentGranted
-        | Kind::ConsentRevoked
-        | Kind::PolicyChanged
-        | Kind::AccessDenied
-        | Kind::KeyRotated
-        | Kind::Checkpoint => {
+        Kind::ConsentGranted | Kind::ConsentRevoked => {
+            let c: ConsentChange = parse(e)?;
+            check_partner(e.kind, &c.partner_id)?;
+            if e.subject.is_empty() {
+                return Err(Error::Invalid(format!("{} needs a subject", e.kind.name())));
+            }
+            let mut v = Vec::with_capacity(1 + e.payload.len());
+            v.push(e.kind as u8);
+            v.extend_from_slice(e.payload);
+            vec![(consent_key(e.subject, &c.partner_id), Some(v))]
+        }
+        Kind::PolicyChanged => {
+            let p: PolicyChange = parse(e)?;
+            check_partner(e.kind, &p.partner_id)?;
+            vec![(key("p/", &p.partner_id), Some(e.payload.to_vec()))]
+        }
+        // Audit events only.
+        Kind::AccessDenied | Kind::KeyRotated | Kind::Checkpoint => {
             if e.key_version == 0
                 && serde_json::from_slice::<serde::de::IgnoredAny>(e.payload).is_err()
             {

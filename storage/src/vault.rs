@@ -1026,6 +1026,66 @@ impl Vault {
         Ok(Some(c))
     }
 
+    /// A credential by its id.
+    pub fn credential(&self, id: &str) -> Result<Option<Credential>> {
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        let Some(v) = sh.state_get(st, &state::key("c/", id))? else {
+            return Ok(None);
+        };
+        let mut c: Credential =
+            serde_json::from_slice(&v).map_err(|_| Error::Malformed("credential"))?;
+        c.id = id.to_string();
+        Ok(Some(c))
+    }
+
+    /// Revokes the credential `id`: a `credential_revoked` entry, after
+    /// which its key no longer authenticates. `NotFound`-like `Ok(None)`
+    /// when there is no such credential.
+    pub async fn revoke_credential(&self, id: &str) -> Result<Option<Receipt>> {
+        let Some(c) = self.credential(id)? else {
+            return Ok(None);
+        };
+        let payload = state::CredentialRevoked {
+            id: c.id,
+            key_hash: c.key_hash,
+        };
+        let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.append(Append::Event {
+            kind: Kind::CredentialRevoked,
+            subject: String::new(),
+            payload,
+        })
+        .await
+        .map(Some)
+    }
+
+    /// The latest consent event of `subject` for `partner_id`: its kind
+    /// (granted or revoked) and JSON payload.
+    pub fn consent(&self, subject: &str, partner_id: &str) -> Result<Option<(Kind, Vec<u8>)>> {
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        let Some(v) = sh.state_get(st, &state::consent_key(subject, partner_id))? else {
+            return Ok(None);
+        };
+        match v.split_first() {
+            Some((&k, rest)) => match Kind::from_u8(k) {
+                Some(kind @ (Kind::ConsentGranted | Kind::ConsentRevoked)) => {
+                    Ok(Some((kind, rest.to_vec())))
+                }
+                _ => Err(Error::Malformed("consent state")),
+            },
+            None => Err(Error::Malformed("consent state")),
+        }
+    }
+
+    /// The current policy of `partner_id`: the payload of its latest
+    /// `policy_changed` entry.
+    pub fn policy(&self, partner_id: &str) -> Result<Option<Vec<u8>>> {
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        Ok(sh
+            .state_get(st, &state::key("p/", partner_id))?
+            .map(|v| v.to_vec()))
+    }
+
     /// Number of durable entries: the seq after the latest signed head.
     pub fn durable_len(&self) -> u64 {
         self.head().map_or(0, |h| h.last_seq + 1)

@@ -469,3 +469,94 @@ async fn concurrent_redemptions_burn_exactly_once() {
         assert_eq!(ok, 1, "round {round}");
     }
 }
+
+#[tokio::test]
+async fn consents_policies_and_credentials_are_derived_state() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let grant = serde_json::json!({"partner_id": "lender-1", "purposes": ["credit_check"], "actor": "admin-1"});
+    let policy = serde_json::json!({"partner_id": "lender-1", "policy": {"active": true}});
+    vault
+        .append_batch(vec![
+            Append::event(Kind::ConsentGranted, "alice", &grant),
+            Append::event(Kind::PolicyChanged, "", &policy),
+        ])
+        .await
+        .expect("append");
+    let (kind, payload) = vault
+        .consent("alice", "lender-1")
+        .expect("read")
+        .expect("some");
+    assert_eq!(kind, Kind::ConsentGranted);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&payload).expect("json"),
+        grant
+    );
+    assert!(vault.consent("alice", "lender-2").expect("read").is_none());
+    assert!(vault.consent("bob", "lender-1").expect("read").is_none());
+    assert!(vault.policy("lender-1").expect("read").is_some());
+    assert!(vault.policy("lender-2").expect("read").is_none());
+
+    let (id, key) = vault
+        .create_credential("partner", "lender-1")
+        .await
+        .expect("create");
+    let hash = storage::api_key_hash(&key);
+    assert!(vault.credential_by_key_hash(&hash).expect("read").is_some());
+    assert!(vault
+        .revoke_credential(&id)
+        .await
+        .expect("revoke")
+        .is_some());
+    assert!(vault.credential_by_key_hash(&hash).expect("read").is_none());
+    assert!(vault
+        .revoke_credential(&id)
+        .await
+        .expect("revoke")
+        .is_none());
+
+    let revoke = serde_json::json!({"partner_id": "lender-1"});
+    vault
+        .append(Append::event(Kind::ConsentRevoked, "alice", &revoke))
+        .await
+        .expect("append");
+    // Malformed consent and policy events are refused.
+    for (kind, subject, payload) in [
+        (
+            Kind::ConsentGranted,
+            "alice",
+            serde_json::json!({"purposes": []}),
+        ),
+        (
+            Kind::ConsentGranted,
+            "",
+            serde_json::json!({"partner_id": "p"}),
+        ),
+        (
+            Kind::ConsentGranted,
+            "alice",
+            serde_json::json!({"partner_id": "a b"}),
+        ),
+        (
+            Kind::PolicyChanged,
+            "",
+            serde_json::json!({"partner_id": "p"}),
+        ),
+    ] {
+        let r = vault.append(Append::event(kind, subject, &payload)).await;
+        assert!(matches!(r, Err(Error::Invalid(_))), "{payload} accepted");
+    }
+    let public_key = vault.public_key();
+    vault.close().expect("close");
+    verify_ok(&dir, public_key);
+
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
+    let (kind, _) = vault
+        .consent("alice", "lender-1")
+        .expect("read")
+        .expect("some");
+    assert_eq!(kind, Kind::ConsentRevoked);
+    assert!(vault.policy("lender-1").expect("read").is_some());
+    assert!(vault.credential(&id).expect("read").is_none());
+}
