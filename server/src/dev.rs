@@ -1,12 +1,19 @@
-//! `vaultd dev`: the newcomer's first command. It creates a vault in a local
-//! data dir with a generated dev passphrase, writes demo records and
-//! events, and verifies the result with the public key.
+//! `vaultd dev`: the newcomer's first command. It creates a vault in a
+//! fresh data dir (under the system's temp dir unless told otherwise)
+//! with a generated dev passphrase, writes demo records, consents and a
+//! demo policy, creates one API key per role, and serves the protocol and
+//! the HTTP shim on loopback, in plaintext, until interrupted. The data dir
+//! stays after exit so that `vault-verify` can check it.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use storage::{Append, Kind, Options, Unlock, VerifyOptions};
+use storage::{Append, Kind, Options, Unlock};
 
+use crate::daemon::{self, Bound, Daemon};
+use crate::serve::ServeConfig;
+use crate::shim::{PoliciesFile, ShimConfig};
 use crate::{Error, Result};
 
 /// Demo subjects and their records (fictitious people).
@@ -25,80 +32,198 @@ pub const DEMO_RECORDS: &[(&str, &str)] = &[
     ),
 ];
 
-/// What `vaultd dev` reports.
-#[derive(Debug, Serialize)]
-pub struct DevOutput {
-    pub data_dir: PathBuf,
-    pub passphrase_file: PathBuf,
-    pub public_key: String,
-    pub admin_api_key: String,
-    pub demo_subject_id: String,
-    pub entries: u64,
-    pub verified: bool,
+/// The demo partner, its purpose, and its policy.
+pub const DEMO_PARTNER: &str = "demo-lender";
+pub const DEMO_PURPOSE: &str = "credit_check";
+pub const DEMO_POLICIES: &str = r#"
+[partners.demo-lender]
+max_token_ttl_secs = 300
+rate_limit_per_minute = 600
+
+[partners.demo-lender.purposes.credit_check.fields]
+name = "partial"
+email = "partial"
+iban = "partial"
+dob = "generalize"
+income = "generalize"
+
+[partners.demo-lender.purposes.fraud_check.fields]
+name = "reveal"
+dob = "reveal"
+iban = "hash"
+"#;
+
+/// Options of `vaultd dev`.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Default: a new folder under the system temp dir.
+    pub data_dir: Option<PathBuf>,
+    pub listen: String,
+    pub http_listen: String,
 }
 
-/// Creates (or reopens) the dev vault in `data_dir`, appends the demo data
-/// and verifies the log with the vault's public key.
-pub async fn run(data_dir: &Path) -> Result<DevOutput> {
+/// What `vaultd dev` prints (one JSON object with `--json`). The keys are
+/// development keys, shown once.
+#[derive(Debug, Serialize)]
+pub struct DevOutput {
+    pub vault_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub public_key: String,
+    pub data_dir: PathBuf,
+    pub passphrase_file: PathBuf,
+    pub admin_api_key: String,
+    pub writer_api_key: String,
+    pub partner_api_key: String,
+    pub auditor_api_key: String,
+    pub partner_id: String,
+    pub demo_subject_id: String,
+    pub demo_purpose: String,
+    pub tls: bool,
+}
+
+/// Creates (or reopens) the dev vault, loads the demo data, and serves it
+/// until `shutdown`; `ready` gets what to print once both ports listen.
+pub async fn run(
+    opts: DevOptions,
+    ready: impl FnOnce(DevOutput),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let data_dir = match opts.data_dir {
+        Some(d) => d,
+        None => {
+            let mut b = [0u8; 4];
+            storage::crypto::random_bytes(&mut b);
+            std::env::temp_dir().join(format!("fintrust-dev-{}", hex::encode(b)))
+        }
+    };
     let passphrase_file = data_dir.join("dev-passphrase");
     let fresh = !data_dir.join("db").exists();
     let (vault, admin_api_key) = if fresh {
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::File {
+        std::fs::create_dir_all(&data_dir).map_err(|source| Error::File {
             path: data_dir.display().to_string(),
             source,
         })?;
         let pass = storage::generate_api_key();
         write_private(&passphrase_file, pass.as_bytes())?;
         let unlock = Unlock::passphrase(pass.as_bytes().to_vec());
-        let created = storage::Vault::create(data_dir, &unlock, Options::default())?;
+        let created = storage::Vault::create(&data_dir, &unlock, Options::default())?;
         (created.vault, created.admin_api_key.to_string())
     } else {
         let unlock = crate::secrets::unlock_from(Some(&passphrase_file), None)?;
-        let dir = data_dir.to_path_buf();
+        let dir = data_dir.clone();
         let vault = tokio::task::spawn_blocking(move || {
             storage::Vault::open(&dir, &unlock, Options::default())
         })
         .await
         .map_err(|e| Error::Usage(e.to_string()))??;
-        (vault, "(shown when the dev vault was created)".into())
+        let (_, key) = vault.create_credential("admin", "dev-admin").await?;
+        (vault, key.to_string())
     };
-    let mut items: Vec<Append> = DEMO_RECORDS
-        .iter()
-        .map(|(s, r)| Append::record(*s, r.as_bytes().to_vec()))
-        .collect();
-    items.push(Append::event(
-        Kind::ConsentGranted,
-        DEMO_RECORDS[0].0,
-        &serde_json::json!({"partner_id": "demo-lender", "purposes": ["credit_check"]}),
-    ));
-    let receipts = vault.append_batch(items).await?;
-    let public_key = vault.public_key();
-    for r in &receipts {
-        r.verify(&public_key)
-            .map_err(|e| Error::Usage(format!("a receipt failed to verify: {e}")))?;
+    let (_, writer) = vault.create_credential("writer", "demo-service").await?;
+    let (_, partner) = vault.create_credential("partner", DEMO_PARTNER).await?;
+    let (_, auditor) = vault.create_credential("auditor", "demo-auditor").await?;
+    if fresh {
+        let mut items: Vec<Append> = DEMO_RECORDS
+            .iter()
+            .map(|(s, r)| Append::record(*s, r.as_bytes().to_vec()))
+            .collect();
+        let consent = |subject: &str, purposes: &[&str]| {
+            Append::event(
+                Kind::ConsentGranted,
+                subject,
+                &serde_json::json!({"partner_id": DEMO_PARTNER, "purposes": purposes, "recorded_by": "vaultd-dev"}),
+            )
+        };
+        items.push(consent(DEMO_RECORDS[0].0, &[DEMO_PURPOSE, "fraud_check"]));
+        items.push(consent(DEMO_RECORDS[1].0, &[DEMO_PURPOSE]));
+        vault.append_batch(items).await?;
     }
-    vault.close()?;
-    let dir = data_dir.to_path_buf();
-    let report = tokio::task::spawn_blocking(move || {
-        storage::verify(
-            &dir,
-            &VerifyOptions {
-                public_key: Some(public_key),
-                ..Default::default()
-            },
-        )
-    })
-    .await
-    .map_err(|e| Error::Usage(e.to_string()))??;
-    Ok(DevOutput {
-        data_dir: data_dir.to_path_buf(),
+    let policies = PoliciesFile::parse(DEMO_POLICIES, 3600).map_err(Error::Usage)?;
+    let bind = |addr: String| async move {
+        tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| Error::File { path: addr, source })
+    };
+    let protocol = bind(opts.listen).await?;
+    let http = bind(opts.http_listen).await?;
+    let public_key = hex::encode(vault.public_key().as_bytes());
+    tracing::warn!("vaultd dev serves WITHOUT TLS on loopback: development only");
+    let d = Daemon {
+        protocol,
+        http: Some(http),
+        tls: None,
+        serve: ServeConfig::default(),
+        shim: ShimConfig::default(),
+        policies: Some(policies),
+    };
+    let mut shim_config = d.shim.clone();
+    let output = move |b: Bound| DevOutput {
+        vault_addr: b.protocol,
+        http_addr: b.http.unwrap_or(b.protocol),
+        public_key,
+        data_dir,
         passphrase_file,
-        public_key: hex::encode(public_key.as_bytes()),
         admin_api_key,
-        demo_subject_id: DEMO_RECORDS[0].0.to_string(),
-        entries: report.entries,
-        verified: report.ok(),
-    })
+        writer_api_key: writer.to_string(),
+        partner_api_key: partner.to_string(),
+        auditor_api_key: auditor.to_string(),
+        partner_id: DEMO_PARTNER.into(),
+        demo_subject_id: DEMO_RECORDS[0].0.into(),
+        demo_purpose: DEMO_PURPOSE.into(),
+        tls: false,
+    };
+    // Partners redeem where the protocol port actually listens.
+    shim_config.vault_addr = d
+        .protocol
+        .local_addr()
+        .map_or_else(|_| shim_config.vault_addr.clone(), |a| a.to_string());
+    let d = Daemon {
+        shim: shim_config,
+        ..d
+    };
+    daemon::run(vault, d, |b| ready(output(b)), shutdown).await
+}
+
+/// Copy-paste commands for the whole flow, for the text output.
+pub fn walkthrough(o: &DevOutput) -> String {
+    format!(
+        r#"fintrust-vault dev server (plaintext, loopback only)
+  protocol:   {vault}   HTTP shim: http://{http}
+  data dir:   {dir}
+  public key: {pk}
+  API keys (development only, shown once):
+    admin    {admin}
+    writer   {writer}
+    partner  {partner}   (partner id {partner_id})
+    auditor  {auditor}
+
+1. A partner asks for {subject}'s data for {purpose}:
+   curl -s -X POST http://{http}/v1/authorize \
+     -H 'Authorization: Bearer {partner}' -H 'Content-Type: application/json' \
+     -d '{{"subject_id": "{subject}", "purpose": "{purpose}"}}'
+
+2. It redeems the token from the answer, once:
+   cargo run -q --bin vault-client -- redeem --addr {vault} --insecure-plaintext \
+     --api-key {partner} --token <token>
+
+3. Without consent (cust-0003) the answer is 403 consent_missing; the audit trail:
+   curl -s 'http://{http}/v1/logs?partner={partner_id}' -H 'Authorization: Bearer {auditor}'
+
+4. After Ctrl-C, check the whole log with the public key alone:
+   cargo run -q --bin vault-verify -- --data-dir {dir} --public-key {pk}
+"#,
+        vault = o.vault_addr,
+        http = o.http_addr,
+        dir = o.data_dir.display(),
+        pk = o.public_key,
+        admin = o.admin_api_key,
+        writer = o.writer_api_key,
+        partner = o.partner_api_key,
+        partner_id = o.partner_id,
+        auditor = o.auditor_api_key,
+        subject = o.demo_subject_id,
+        purpose = o.demo_purpose,
+    )
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -7,18 +7,25 @@
 //! - [`secrets`]: reading passphrase and key files.
 //! - [`init`]: `vaultd init`, creating a vault.
 //! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
+//! - [`daemon`]: one `vaultd` process: protocol server and shim together.
 //! - [`mask`]: the masking operators a partner's redemption applies.
 //! - [`serve`]: the protocol server of port 9999 (`vaultd serve`).
 //! - [`tls`]: rustls configuration of that port, mutual TLS optional.
+//! - [`shim`]: the HTTP policy shim of port 8080 (authorize, policies,
+//!   consents, credentials, logs, health).
+//! - [`metrics`]: the Prometheus metrics both servers keep.
 //! - [`verify`]: `vault-verify`'s report and its exit codes.
 //! - [`bench`]: `vault-bench`, throughput and latency of the storage engine.
 
 pub mod bench;
+pub mod daemon;
 pub mod dev;
 pub mod init;
 pub mod mask;
+pub mod metrics;
 pub mod secrets;
 pub mod serve;
+pub mod shim;
 pub mod tls;
 pub mod verify;
 

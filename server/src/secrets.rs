@@ -1,4 +1,4 @@
-//! Reading the secret that unseals the master key.
+//! Reading secrets from files: what unseals the master key, API keys.
 //!
 //! A passphrase file holds the passphrase (a trailing newline is ignored);
 //! a key file holds 32 raw bytes or 64 hex digits. Contents live only in
@@ -44,4 +44,20 @@ pub fn unlock_from(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> R
             "a passphrase file (--passphrase-file) or key file (--key-file) is required".into(),
         )),
     }
+}
+
+/// Reads an API key from a file: its content with surrounding whitespace
+/// removed, which must not be empty.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
+    let bytes = read(path)?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| Error::Usage(format!("{}: not UTF-8", path.display())))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: the file is empty",
+            path.display()
+        )));
+    }
+    Ok(Zeroizing::new(key.to_string()))
 }

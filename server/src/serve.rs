@@ -408,8 +408,21 @@ where
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
+            let started = std::time::Instant::now();
             let reply = redeem(&vault, &token, &caller.name).await;
             throttle.record(peer, matches!(reply, Message::Error { .. }));
+            let metrics = crate::metrics::global();
+            let outcome = match &reply {
+                Message::Error { code, .. } => code.name(),
+                _ => {
+                    metrics.commit("redeem", started.elapsed());
+                    "ok"
+                }
+            };
+            metrics
+                .redemptions
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+                .inc();
             let _ = tx.send((id, reply, 0)).await;
             break Ok(());
         }
@@ -541,6 +554,14 @@ async fn handle(
     caller: &Caller,
     tx: &mpsc::Sender<(u32, Message, u16)>,
 ) {
+    let started = std::time::Instant::now();
+    let op = match &message {
+        Message::Append { .. } => Some("append"),
+        Message::AppendBatch { .. } => Some("append_batch"),
+        Message::Event { .. } => Some("event"),
+        Message::Mint { .. } => Some("mint"),
+        _ => None,
+    };
     let reply = match message {
         Message::Ping => Message::Pong,
         Message::Health => Message::HealthInfo {
@@ -706,6 +727,9 @@ async fn handle(
         }
         _ => error(ErrorCode::Malformed, "a response sent as a request"),
     };
+    if let (Some(op), false) = (op, matches!(reply, Message::Error { .. })) {
+        crate::metrics::global().commit(op, started.elapsed());
+    }
     let _ = tx.send((id, reply, 0)).await;
 }
 

@@ -1,4 +1,5 @@
-//! `vaultd`: the fintrust-vault server. Subcommands: `init`, `dev`.
+//! `vaultd`: the fintrust-vault server. Subcommands: `init`, `serve`,
+//! `shim`, `dev`.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -6,6 +7,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -52,37 +54,119 @@ enum Command {
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
-    /// Serve the wire protocol (port 9999) for an existing vault.
+    /// Serve an existing vault: the wire protocol (port 9999) and the HTTP
+    /// policy shim (port 8080).
     Serve {
         #[command(flatten)]
         vault: VaultArgs,
-        /// Address to listen on.
+        /// Address of the wire protocol.
         #[arg(long, env = "FINTRUST_LISTEN", default_value = "127.0.0.1:9999")]
         listen: String,
-        /// PEM certificate chain of the server.
-        #[arg(long, env = "FINTRUST_TLS_CERT")]
-        tls_cert: Option<PathBuf>,
-        /// PEM private key of the server.
-        #[arg(long, env = "FINTRUST_TLS_KEY")]
-        tls_key: Option<PathBuf>,
-        /// PEM CA certificates: require client certificates issued by them.
-        #[arg(long, env = "FINTRUST_TLS_CLIENT_CA")]
-        tls_client_ca: Option<PathBuf>,
-        /// Serve without TLS. Only for loopback tests and development.
+        /// Address of the HTTP shim.
+        #[arg(long, env = "FINTRUST_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+        http_listen: String,
+        /// Do not serve the HTTP shim.
         #[arg(long)]
-        insecure_plaintext: bool,
+        no_http: bool,
+        /// The vault address `/v1/authorize` tells partners (default: --listen).
+        #[arg(long, env = "FINTRUST_PUBLIC_VAULT_ADDR")]
+        public_vault_addr: Option<String>,
+        /// TOML file of partner policies, written to the log at start where they differ.
+        #[arg(long, env = "FINTRUST_POLICIES")]
+        policies: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
-    /// Embedded demo: create a vault in a local data dir with a dev
-    /// passphrase, write demo records, and verify it.
+    /// Serve only the HTTP policy shim, in front of a vault in another process.
+    Shim {
+        /// The vault's protocol address.
+        #[arg(long, env = "FINTRUST_ADDR", default_value = "127.0.0.1:9999")]
+        vault: String,
+        /// File holding the gateway API key the shim uses with the vault.
+        #[arg(long, env = "FINTRUST_API_KEY_FILE")]
+        api_key_file: PathBuf,
+        /// PEM CA certificate of the vault's TLS certificate.
+        #[arg(long, env = "FINTRUST_CACERT")]
+        cacert: Option<PathBuf>,
+        /// Name the vault's certificate carries (default: the host of --vault).
+        #[arg(long)]
+        tls_server_name: Option<String>,
+        /// Address of the HTTP shim.
+        #[arg(long, env = "FINTRUST_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+        http_listen: String,
+        /// The vault address `/v1/authorize` tells partners (default: --vault).
+        #[arg(long, env = "FINTRUST_PUBLIC_VAULT_ADDR")]
+        public_vault_addr: Option<String>,
+        #[arg(long, env = "FINTRUST_POLICIES")]
+        policies: Option<PathBuf>,
+        /// TLS of the HTTP port (and, with --insecure-plaintext, plaintext to the vault too).
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Development server: a fresh vault with demo data, keys and policy,
+    /// serving both ports on loopback until interrupted.
     Dev {
-        /// Data dir (default: ./vault-data).
-        #[arg(long, env = "FINTRUST_DATA_DIR", default_value = "vault-data")]
-        data_dir: PathBuf,
+        /// Data dir (default: a new folder under the system temp dir).
+        #[arg(long, env = "FINTRUST_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:9999")]
+        listen: String,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_listen: String,
+        /// Print one JSON object on the first line of stdout.
         #[arg(long)]
         json: bool,
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
+}
+
+/// TLS of the served ports.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// PEM certificate chain of the server.
+    #[arg(long, env = "FINTRUST_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the server.
+    #[arg(long, env = "FINTRUST_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require client certificates issued by them.
+    #[arg(long, env = "FINTRUST_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS. Only for loopback tests and development.
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    fn config(self) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+        Ok(match (self.tls_cert, self.tls_key, self.insecure_plaintext) {
+            (Some(cert), Some(key), false) => {
+                Some(server::tls::server_config(&server::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                })?)
+            }
+            (None, None, true) => {
+                tracing::warn!("serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
+                None
+            }
+            (_, _, true) => anyhow::bail!("--insecure-plaintext excludes the TLS options"),
+            _ => anyhow::bail!(
+                "give --tls-cert and --tls-key (or --insecure-plaintext for loopback development without TLS)"
+            ),
+        })
+    }
+}
+
+fn read_policies(path: Option<PathBuf>) -> anyhow::Result<Option<server::shim::PoliciesFile>> {
+    let Some(path) = path else { return Ok(None) };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file = server::shim::PoliciesFile::parse(&text, 3600)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Some(file))
 }
 
 fn main() -> ExitCode {
@@ -132,108 +216,141 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             vault,
             listen,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
-            insecure_plaintext,
+            http_listen,
+            no_http,
+            public_vault_addr,
+            policies,
+            tls,
         } => {
-            let tls = match (tls_cert, tls_key, insecure_plaintext) {
-                (Some(cert), Some(key), false) => Some(server::tls::server_config(&server::tls::TlsFiles {
-                    cert,
-                    key,
-                    client_ca: tls_client_ca,
-                })?),
-                (None, None, true) => None,
-                (_, _, true) => anyhow::bail!("--insecure-plaintext excludes the TLS options"),
-                _ => anyhow::bail!(
-                    "give --tls-cert and --tls-key (or --insecure-plaintext for loopback development without TLS)"
-                ),
-            };
+            let tls = tls.config()?;
+            let policies = read_policies(policies)?;
             let unlock = vault.unlock()?;
             let vault =
                 storage::Vault::open(&vault.data_dir, &unlock, storage::Options::default())?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(serve(vault, &listen, tls))?;
+            rt.block_on(async {
+                let protocol = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("listening on {listen}"))?;
+                let http = if no_http {
+                    None
+                } else {
+                    Some(
+                        tokio::net::TcpListener::bind(&http_listen)
+                            .await
+                            .with_context(|| format!("listening on {http_listen}"))?,
+                    )
+                };
+                let shim = server::shim::ShimConfig {
+                    vault_addr: public_vault_addr.unwrap_or(listen),
+                    ..Default::default()
+                };
+                let d = server::daemon::Daemon {
+                    protocol,
+                    http,
+                    tls,
+                    serve: server::serve::ServeConfig::default(),
+                    shim,
+                    policies,
+                };
+                server::daemon::run(
+                    vault,
+                    d,
+                    |b| tracing::info!(protocol = %b.protocol, http = ?b.http, "vaultd ready"),
+                    server::daemon::signal(),
+                )
+                .await?;
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Shim {
+            vault,
+            api_key_file,
+            cacert,
+            tls_server_name,
+            http_listen,
+            public_vault_addr,
+            policies,
+            tls,
+        } => {
+            let plaintext = tls.insecure_plaintext;
+            let http_tls = tls.config()?;
+            let policies = read_policies(policies)?;
+            let key = server::secrets::read_secret_file(&api_key_file)?;
+            let vault_tls = match (cacert, plaintext) {
+                (Some(ca), _) => client::Tls::Ca {
+                    ca_pem_file: ca,
+                    server_name: tls_server_name.unwrap_or_else(|| {
+                        vault
+                            .rsplit_once(':')
+                            .map_or(vault.clone(), |(h, _)| h.to_string())
+                    }),
+                    client_cert: None,
+                },
+                (None, true) => client::Tls::Plaintext,
+                (None, false) => {
+                    anyhow::bail!("give --cacert for the vault's TLS (or --insecure-plaintext)")
+                }
+            };
+            let link = server::shim::VaultLink::new(client::ClientConfig {
+                addr: vault.clone(),
+                tls: vault_tls,
+                api_key: key,
+                client_name: "vaultd-shim".into(),
+                timeout: std::time::Duration::from_secs(10),
+            });
+            let shim = server::shim::Shim::new(
+                link,
+                server::shim::ShimConfig {
+                    vault_addr: public_vault_addr.unwrap_or(vault),
+                    ..Default::default()
+                },
+            );
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                if let Some(file) = &policies {
+                    server::shim::apply_policies(&shim, file)
+                        .await
+                        .context("loading the policies file")?;
+                }
+                let listener = tokio::net::TcpListener::bind(&http_listen)
+                    .await
+                    .with_context(|| format!("listening on {http_listen}"))?;
+                tracing::info!(http = %http_listen, "shim ready");
+                server::shim::serve(listener, shim, http_tls, server::daemon::signal()).await?;
+                anyhow::Ok(())
+            })?;
         }
         Command::Dev {
             data_dir,
+            listen,
+            http_listen,
             json,
             format,
         } => {
+            let json = json || format == "json";
             let rt = tokio::runtime::Runtime::new()?;
-            let out = rt.block_on(server::dev::run(&data_dir))?;
-            if json || format == "json" {
-                println!("{}", serde_json::to_string(&out)?);
-            } else {
-                println!("Dev vault in {}", out.data_dir.display());
-                println!("  passphrase file: {}", out.passphrase_file.display());
-                println!("  public key:      {}", out.public_key);
-                println!("  admin API key:   {}", out.admin_api_key);
-                println!(
-                    "  entries:         {} (verified: {})",
-                    out.entries, out.verified
-                );
-                println!();
-                println!("Verify it yourself:");
-                println!(
-                    "  cargo run --release --bin vault-verify -- --data-dir {} --public-key {}",
-                    out.data_dir.display(),
-                    out.public_key
-                );
-            }
-            if !out.verified {
-                anyhow::bail!("the dev vault did not verify");
-            }
+            rt.block_on(server::dev::run(
+                server::dev::DevOptions {
+                    data_dir,
+                    listen,
+                    http_listen,
+                },
+                |out| {
+                    if json {
+                        match serde_json::to_string(&out) {
+                            Ok(line) => println!("{line}"),
+                            Err(e) => eprintln!("error: {e}"),
+                        }
+                    } else {
+                        println!("{}", server::dev::walkthrough(&out));
+                    }
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                },
+                server::daemon::signal(),
+            ))?;
         }
-    }
-    Ok(())
-}
-
-async fn serve(
-    vault: storage::Vault,
-    listen: &str,
-    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-) -> anyhow::Result<()> {
-    let vault = std::sync::Arc::new(vault);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
-    if tls.is_none() {
-        tracing::warn!(%addr, "serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
-    } else {
-        tracing::info!(%addr, "serving over TLS");
-    }
-    let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-    };
-    server::serve::run(
-        listener,
-        vault.clone(),
-        server::serve::ServeConfig::default(),
-        tls,
-        shutdown,
-    )
-    .await?;
-    // Let in-flight requests finish and drop their handles, then flush.
-    for _ in 0..100 {
-        if std::sync::Arc::strong_count(&vault) == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    match std::sync::Arc::try_unwrap(vault) {
-        Ok(v) => v.close()?,
-        Err(_) => tracing::warn!(
-            "requests still running at shutdown; the log is flushed as the process exits"
-        ),
     }
     Ok(())
 }

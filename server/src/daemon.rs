@@ -1,0 +1,161 @@
+//! One `vaultd` process: the protocol server (port 9999) and the HTTP
+//! policy shim (port 8080) in front of it, started and stopped together.
+//!
+//! ```text
+//! partners, services ──TLS──> :9999  serve::run ─┐
+//!                     loopback :0    serve::run ─┤── Vault
+//! partners, admins ──HTTP(S)─> :8080 shim ───────┘   (shim → loopback, gateway key)
+//! ```
+//!
+//! The shim reaches the vault through the client crate, like a shim in its
+//! own process would, over a plaintext listener bound to 127.0.0.1 on a
+//! port the OS chooses. Its gateway key is created at start and lives only
+//! in memory; it is revoked at a clean shutdown (after a crash, it is
+//! useless: only its hash was ever stored).
+//!
+//! Shutdown: stop accepting, let the requests in flight finish, revoke the
+//! shim's key, then close the vault (which flushes and syncs the log).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::{ClientConfig, Tls, Zeroizing};
+use storage::Vault;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::serve::{self, ServeConfig};
+use crate::shim::{self, PoliciesFile, Shim, ShimConfig, VaultLink};
+use crate::{Error, Result};
+
+/// What [`run`] serves and how.
+#[derive(Debug)]
+pub struct Daemon {
+    pub protocol: TcpListener,
+    /// `None`: no HTTP shim.
+    pub http: Option<TcpListener>,
+    /// TLS of both ports; `None` serves both in plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub serve: ServeConfig,
+    pub shim: ShimConfig,
+    /// Policies to write at start when they differ from the vault's.
+    pub policies: Option<PoliciesFile>,
+}
+
+/// Where a running daemon listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub protocol: SocketAddr,
+    pub http: Option<SocketAddr>,
+}
+
+/// Serves until `shutdown` resolves, then stops cleanly and closes the
+/// vault. `ready` is called once everything listens.
+pub async fn run(
+    vault: Vault,
+    d: Daemon,
+    ready: impl FnOnce(Bound),
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let vault = Arc::new(vault);
+    let io = |source| Error::File {
+        path: "listener".into(),
+        source,
+    };
+    let bound = Bound {
+        protocol: d.protocol.local_addr().map_err(io)?,
+        http: d
+            .http
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(io)?,
+    };
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (vault, config, tls, stop) =
+            (vault.clone(), d.serve.clone(), d.tls.clone(), stop.clone());
+        tasks.spawn(async move {
+            serve::run(d.protocol, vault, config, tls, stop.cancelled_owned()).await
+        });
+    }
+    let mut gateway_id = None;
+    if let Some(http) = d.http {
+        let internal = TcpListener::bind("127.0.0.1:0").await.map_err(io)?;
+        let internal_addr = internal.local_addr().map_err(io)?;
+        {
+            let (vault, config, stop) = (vault.clone(), d.serve.clone(), stop.clone());
+            tasks.spawn(async move {
+                serve::run(internal, vault, config, None, stop.cancelled_owned()).await
+            });
+        }
+        let (id, key) = vault.create_credential("gateway", "vaultd-shim").await?;
+        gateway_id = Some(id);
+        let link = VaultLink::new(ClientConfig {
+            addr: internal_addr.to_string(),
+            tls: Tls::Plaintext,
+            api_key: Zeroizing::new(key.to_string()),
+            client_name: "vaultd-shim".into(),
+            timeout: Duration::from_secs(10),
+        });
+        let shim = Shim::new(link, d.shim);
+        if let Some(file) = &d.policies {
+            let n = shim::apply_policies(&shim, file)
+                .await
+                .map_err(|e| Error::Usage(format!("loading the policies file: {e}")))?;
+            tracing::info!(changed = n, "policies file applied");
+        }
+        let (tls, stop) = (d.tls.clone(), stop.clone());
+        tasks.spawn(async move { shim::serve(http, shim, tls, stop.cancelled_owned()).await });
+    }
+    ready(bound);
+    tokio::select! {
+        _ = shutdown => {}
+        // A server that stops on its own (it should not) stops the rest.
+        Some(r) = tasks.join_next() => {
+            if let Ok(Err(e)) = r {
+                tracing::error!(error = %e, "a listener failed");
+            }
+        }
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    if let Some(id) = gateway_id {
+        if let Err(e) = vault.revoke_credential(&id).await {
+            tracing::warn!(error = %e, "could not revoke the shim's gateway key");
+        }
+    }
+    // Connection tasks drop their handles as their clients go away.
+    for _ in 0..250 {
+        if Arc::strong_count(&vault) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match Arc::try_unwrap(vault) {
+        Ok(v) => v.close()?,
+        Err(_) => tracing::warn!(
+            "connections still open at shutdown; the log is flushed as the process exits"
+        ),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

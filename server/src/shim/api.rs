@@ -1,0 +1,812 @@
+//! The routes of the HTTP shim and the JSON they speak.
+//!
+//! Every error is `{"error": "<stable code>", "message": "..."}` with a
+//! 4xx or 5xx status, including malformed JSON, unknown fields and wrong
+//! types (axum's rejections are mapped here), unknown routes and methods.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use client::{Client, ClientError, ErrorCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use storage::Kind;
+
+use super::link::is_transport;
+use super::policy::{self, Consent, Denial, Policy};
+use super::Shim;
+use crate::metrics::{DecisionLabels, OpLabels, RouteLabels, RouteOnly};
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    fn unauthenticated() -> Self {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send a valid API key as `Authorization: Bearer <key>`",
+        )
+    }
+
+    fn unavailable() -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "vault_unavailable",
+            "the vault cannot be reached; nothing was done",
+        )
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            axum::Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// Maps a vault error to an HTTP error.
+fn vault_error(e: &ClientError) -> ApiError {
+    match e {
+        ClientError::Server { code, message } => {
+            let status = match code {
+                ErrorCode::Unauthenticated => return ApiError::unauthenticated(),
+                ErrorCode::Forbidden | ErrorCode::WrongPartner => StatusCode::FORBIDDEN,
+                ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ErrorCode::Invalid | ErrorCode::Malformed => StatusCode::BAD_REQUEST,
+                ErrorCode::SubjectShredded => StatusCode::GONE,
+                ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            ApiError::new(status, code.name(), message.clone())
+        }
+        ClientError::Config(m) => ApiError::internal(m.clone()),
+        _ => ApiError::unavailable(),
+    }
+}
+
+/// JSON bodies with the error shape above for every rejection.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(json_rejection(r)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    match r {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send `Content-Type: application/json`",
+        ),
+        JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is over the limit",
+            )
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.body_text())
+        }
+        JsonRejection::JsonDataError(e) => ApiError::bad_request(e.body_text()),
+        other => ApiError::bad_request(other.body_text()),
+    }
+}
+
+/// Path parameters with the error shape above.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(|r: PathRejection| ApiError::bad_request(r.body_text()))
+    }
+}
+
+/// Query strings with the error shape above.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|r: QueryRejection| ApiError::bad_request(r.body_text()))
+    }
+}
+
+/// The bearer key of a request: `fvk_` keys of at most 128 bytes.
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(ApiError::unauthenticated)?;
+    let key = value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .ok_or_else(ApiError::unauthenticated)?;
+    if !key.starts_with(storage::vault::API_KEY_PREFIX) || key.len() > 128 {
+        return Err(ApiError::unauthenticated());
+    }
+    Ok(key)
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
+    storage::vault::validate_subject(id, true).map_err(|_| {
+        ApiError::bad_request(format!(
+            "{what}: 1 to 256 printable ASCII characters without spaces"
+        ))
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// RFC 3339 (UTC, milliseconds) of unix milliseconds.
+pub fn rfc3339(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn parse_rfc3339(what: &str, s: &str) -> Result<u64, ApiError> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| ApiError::bad_request(format!("{what}: not an RFC 3339 time")))?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| ApiError::bad_request(format!("{what}: before 1970")))
+}
+
+impl Shim {
+    /// Runs `f` on the gateway connection, timing it; a transport failure
+    /// drops the connection (the next request reconnects) and is a 503.
+    async fn gw<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(Arc<Client>) -> Fut,
+        Fut: std::future::Future<Output = client::Result<T>>,
+    {
+        let started = Instant::now();
+        let c = self.link.gateway().await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot reach the vault");
+            vault_error(&e)
+        })?;
+        let r = f(c.clone()).await;
+        self.metrics
+            .vault_seconds
+            .get_or_create(&OpLabels { op })
+            .observe(started.elapsed().as_secs_f64());
+        r.map_err(|e| {
+            if is_transport(&e) {
+                tracing::warn!(error = %e, op, "vault connection failed");
+                let link = self.link.clone();
+                tokio::spawn(async move { link.reset(&c).await });
+            }
+            vault_error(&e)
+        })
+    }
+
+    /// A connection as the caller whose bearer key is in `headers`.
+    async fn caller(&self, headers: &HeaderMap) -> Result<Client, ApiError> {
+        let key = bearer(headers)?;
+        self.link.as_caller(key).await.map_err(|e| vault_error(&e))
+    }
+}
+
+/// Body of `POST /v1/authorize`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeRequest {
+    pub subject_id: String,
+    pub purpose: String,
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+}
+
+/// Answer of a granted authorization.
+#[derive(Debug, Serialize)]
+pub struct AuthorizeResponse {
+    pub token: String,
+    pub vault_addr: String,
+    pub expires_at: String,
+    pub fields: serde_json::Map<String, Value>,
+}
+
+pub async fn authorize(
+    State(shim): State<Arc<Shim>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<AuthorizeRequest>,
+) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
+    let key = bearer(&headers)?;
+    check_id("subject_id", &req.subject_id)?;
+    if req.purpose.is_empty() || req.purpose.len() > 128 {
+        return Err(ApiError::bad_request("purpose: 1 to 128 characters"));
+    }
+    if req.fields.as_ref().is_some_and(|f| f.len() > 256) {
+        return Err(ApiError::bad_request("at most 256 fields"));
+    }
+    let hash = *blake3::hash(key.as_bytes()).as_bytes();
+    let who = shim
+        .gw("whois", |c| async move { c.whois(hash).await })
+        .await?
+        .ok_or_else(ApiError::unauthenticated)?;
+    if who.role != "partner" {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only partner keys may authorize",
+        ));
+    }
+    let partner = who.name;
+    let now = now_ms();
+    match decide(&shim, &partner, &req, now, peer.ip()).await? {
+        Ok((policy, fields)) => {
+            let ttl = policy
+                .max_token_ttl_secs
+                .min(shim.config.max_token_ttl_secs);
+            let (p, s, pur, f) = (
+                partner.clone(),
+                req.subject_id.clone(),
+                req.purpose.clone(),
+                fields.clone(),
+            );
+            // The token_minted entry is the grant's audit record: the
+            // token exists for no one until it is durable.
+            let (token, expires_at_ms) = shim
+                .gw("mint", |c| async move { c.mint(p, s, pur, f, ttl).await })
+                .await?;
+            shim.metrics
+                .authorizations
+                .get_or_create(&DecisionLabels {
+                    outcome: "granted",
+                    reason: "none",
+                })
+                .inc();
+            Ok(axum::Json(AuthorizeResponse {
+                token,
+                vault_addr: shim.config.vault_addr.clone(),
+                expires_at: rfc3339(expires_at_ms),
+                fields: fields
+                    .into_iter()
+                    .map(|(f, op)| (f, Value::String(op.name().to_string())))
+                    .collect(),
+            }))
+        }
+        Err(denial) => {
+            let audit = json!({
+                "partner_id": partner,
+                "purpose": req.purpose,
+                "reason": denial.code(),
+                "fields": req.fields,
+                "source_ip": peer.ip().to_string(),
+            });
+            let subject = req.subject_id.clone();
+            // Fail closed: without a durable record of the denial, the
+            // answer is 503, never a silent refusal.
+            shim.gw("audit", |c| async move {
+                c.event(
+                    Kind::AccessDenied as u8,
+                    subject,
+                    audit.to_string().into_bytes(),
+                )
+                .await
+            })
+            .await?;
+            shim.metrics
+                .authorizations
+                .get_or_create(&DecisionLabels {
+                    outcome: "denied",
+                    reason: denial.code(),
+                })
+                .inc();
+            let status = if denial == Denial::RateLimited {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            Err(ApiError::new(status, denial.code(), denial.message()))
+        }
+    }
+}
+
+/// The policy checks, in the documented order. `Ok(Err(_))` is a denial;
+/// `Err(_)` is a failure to decide (the vault unreachable).
+async fn decide(
+    shim: &Shim,
+    partner: &str,
+    req: &AuthorizeRequest,
+    now: u64,
+    source: IpAddr,
+) -> Result<Result<(Policy, Vec<(String, client::MaskOp)>), Denial>, ApiError> {
+    let p = partner.to_string();
+    let Some(stored) = shim
+        .gw("policy", |c| async move { c.policy(p).await })
+        .await?
+    else {
+        return Ok(Err(Denial::PartnerInactive));
+    };
+    let policy = parse_stored_policy(&stored.value)?;
+    let fields = match policy::fields_for(&policy, &req.purpose, req.fields.as_deref()) {
+        Ok(f) => f,
+        Err(d) => return Ok(Err(d)),
+    };
+    let (s, p) = (req.subject_id.clone(), partner.to_string());
+    let consent = shim
+        .gw("consent", |c| async move { c.consent(s, p).await })
+        .await?;
+    let consent = match consent {
+        None => None,
+        Some(v) => Some((
+            v.kind,
+            serde_json::from_slice::<Consent>(&v.value)
+                .map_err(|_| ApiError::internal("a stored consent does not parse"))?,
+        )),
+    };
+    if let Err(d) = policy::check_consent(consent.as_ref().map(|(k, c)| (*k, c)), &req.purpose, now)
+    {
+        return Ok(Err(d));
+    }
+    if let Err(d) = policy::check_conditions(&policy, now, source) {
+        return Ok(Err(d));
+    }
+    if let Some(n) = policy.rate_limit_per_minute {
+        if !shim.limiter.take(partner, n, now) {
+            return Ok(Err(Denial::RateLimited));
+        }
+    }
+    Ok(Ok((policy, fields)))
+}
+
+/// The `policy` member of a stored `policy_changed` payload.
+fn parse_stored_policy(bytes: &[u8]) -> Result<Policy, ApiError> {
+    #[derive(Deserialize)]
+    struct Stored {
+        policy: Policy,
+    }
+    serde_json::from_slice::<Stored>(bytes)
+        .map(|s| s.policy)
+        .map_err(|_| ApiError::internal("a stored policy does not parse"))
+}
+
+pub async fn get_policy(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    ApiPath(partner): ApiPath<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_id("partner_id", &partner)?;
+    let c = shim.caller(&headers).await?;
+    require_role(&c, &["admin", "auditor"])?;
+    let stored = c
+        .policy(partner)
+        .await
+        .map_err(|e| vault_error(&e))?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no policy for this partner",
+            )
+        })?;
+    let v: Value = serde_json::from_slice(&stored.value)
+        .map_err(|_| ApiError::internal("a stored policy does not parse"))?;
+    Ok(axum::Json(v))
+}
+
+pub async fn put_policy(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    ApiPath(partner): ApiPath<String>,
+    ApiJson(policy): ApiJson<Policy>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_id("partner_id", &partner)?;
+    policy
+        .validate(shim.config.max_token_ttl_secs)
+        .map_err(ApiError::bad_request)?;
+    let c = shim.caller(&headers).await?;
+    require_role(&c, &["admin"])?;
+    let payload = json!({"partner_id": partner, "policy": policy});
+    let r = c
+        .event(
+            Kind::PolicyChanged as u8,
+            "",
+            payload.to_string().into_bytes(),
+        )
+        .await
+        .map_err(|e| vault_error(&e))?;
+    Ok(axum::Json(receipt_json(&r)))
+}
+
+/// Body of `PUT /v1/subjects/{subject_id}/consents/{partner_id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentRequest {
+    pub purposes: Vec<String>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+pub async fn put_consent(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    ApiPath((subject, partner)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<ConsentRequest>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_id("subject_id", &subject)?;
+    check_id("partner_id", &partner)?;
+    if req.purposes.is_empty() || req.purposes.len() > 256 {
+        return Err(ApiError::bad_request("purposes: 1 to 256 purposes"));
+    }
+    let expires_at_ms = match &req.expires_at {
+        Some(s) => Some(parse_rfc3339("expires_at", s)?),
+        None => None,
+    };
+    let c = shim.caller(&headers).await?;
+    require_role(&c, &["admin", "writer"])?;
+    let consent = Consent {
+        partner_id: partner,
+        purposes: req.purposes,
+        expires_at_ms,
+    };
+    let payload = serde_json::to_vec(&consent).map_err(|e| ApiError::internal(e.to_string()))?;
+    let r = c
+        .event(Kind::ConsentGranted as u8, subject, payload)
+        .await
+        .map_err(|e| vault_error(&e))?;
+    Ok(axum::Json(receipt_json(&r)))
+}
+
+pub async fn delete_consent(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    ApiPath((subject, partner)): ApiPath<(String, String)>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_id("subject_id", &subject)?;
+    check_id("partner_id", &partner)?;
+    let c = shim.caller(&headers).await?;
+    require_role(&c, &["admin", "writer"])?;
+    let payload = json!({"partner_id": partner});
+    let r = c
+        .event(
+            Kind::ConsentRevoked as u8,
+            subject,
+            payload.to_string().into_bytes(),
+        )
+        .await
+        .map_err(|e| vault_error(&e))?;
+    Ok(axum::Json(receipt_json(&r)))
+}
+
+/// Body of `POST /v1/credentials`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialRequest {
+    pub role: String,
+    pub name: String,
+}
+
+pub async fn create_credential(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<CredentialRequest>,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    check_id("name", &req.name)?;
+    let c = shim.caller(&headers).await?;
+    require_role(&c, &["admin"])?;
+    let (id, key) = c
+        .create_credential(req.role.clone(), req.name.clone())
+        .await
+        .map_err(|e| vault_error(&e))?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"id": id, "role": req.role, "name": req.name, "api_key": key.as_str()})),
+    ))
+}
+
+pub async fn revoke_credential(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    check_id("id", &id)?;
+    let c = shim.caller(&headers).await?;
+    require_role(&c, &["admin"])?;
+    let r = c
+        .revoke_credential(id)
+        .await
+        .map_err(|e| vault_error(&e))?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such credential"))?;
+    Ok(axum::Json(receipt_json(&r)))
+}
+
+fn require_role(c: &Client, roles: &[&str]) -> Result<(), ApiError> {
+    if roles.contains(&c.role()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this needs one of the roles {}", roles.join(", ")),
+        ))
+    }
+}
+
+fn receipt_json(r: &client::Receipt) -> Value {
+    json!({"seq": r.seq, "entry_hash": hex::encode(r.entry_hash)})
+}
+
+/// Query of `GET /v1/logs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    pub subject: Option<String>,
+    pub partner: Option<String>,
+    pub kind: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Continue after this seq (the `next_after` of the previous page).
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+    /// `json` (default) or `jsonl`.
+    pub format: Option<String>,
+}
+
+/// Entries one `/v1/logs` request reads at most; a page may hold fewer
+/// than `limit` events, and `next_after` says where to continue.
+const MAX_SCAN: u64 = 100_000;
+
+pub async fn logs(
+    State(shim): State<Arc<Shim>>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<LogQuery>,
+) -> Result<Response, ApiError> {
+    let kind = match &q.kind {
+        Some(k) => Some(
+            Kind::from_name(k)
+                .ok_or_else(|| ApiError::bad_request(format!("unknown kind {k:?}")))?,
+        ),
+        None => None,
+    };
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| parse_rfc3339("since", s))
+        .transpose()?;
+    let until = q
+        .until
+        .as_deref()
+        .map(|s| parse_rfc3339("until", s))
+        .transpose()?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request("limit: 1 to 1000"));
+    }
+    let jsonl = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("jsonl") => true,
+        Some(_) => return Err(ApiError::bad_request("format: json or jsonl")),
+    };
+    let c = shim.caller(&headers).await?;
+    require_role(&c, &["admin", "auditor"])?;
+    let start = q.after.map_or(Ok(0), |a| {
+        a.checked_add(1)
+            .ok_or_else(|| ApiError::bad_request("after: too large"))
+    })?;
+    let mut from = start;
+    let mut events = Vec::new();
+    let mut last_scanned = None;
+    let mut at_end = false;
+    'scan: while from - start < MAX_SCAN {
+        let batch = c.entries(from, 1000).await.map_err(|e| vault_error(&e))?;
+        if batch.is_empty() {
+            at_end = true;
+            break;
+        }
+        for bytes in &batch {
+            let e = storage::entry::EntryRef::decode(bytes)
+                .map_err(|_| ApiError::internal("the vault sent an entry that does not decode"))?;
+            last_scanned = Some(e.seq);
+            from = e.seq + 1;
+            if kind.is_some_and(|k| k != e.kind)
+                || q.subject.as_deref().is_some_and(|s| s != e.subject)
+                || since.is_some_and(|t| e.timestamp_ms < t)
+                || until.is_some_and(|t| e.timestamp_ms >= t)
+            {
+                continue;
+            }
+            // Records are ciphertext: only their metadata is shown.
+            let payload: Value = if e.kind == Kind::Record || e.key_version != 0 {
+                Value::Null
+            } else {
+                serde_json::from_slice(e.payload).unwrap_or(Value::Null)
+            };
+            if let Some(p) = &q.partner {
+                if payload.get("partner_id").and_then(Value::as_str) != Some(p.as_str()) {
+                    continue;
+                }
+            }
+            events.push(json!({
+                "seq": e.seq,
+                "time": rfc3339(e.timestamp_ms),
+                "kind": e.kind.name(),
+                "subject": e.subject,
+                "entry_hash": hex::encode(storage::entry::entry_hash(bytes)),
+                "payload": payload,
+            }));
+            if events.len() == limit {
+                break 'scan;
+            }
+        }
+    }
+    let next_after = if at_end { None } else { last_scanned };
+    if jsonl {
+        let mut body = String::new();
+        for e in &events {
+            body.push_str(&e.to_string());
+            body.push('\n');
+        }
+        let mut r = body.into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        if let Some(n) = next_after {
+            if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
+                r.headers_mut().insert("x-next-after", v);
+            }
+        }
+        return Ok(r);
+    }
+    Ok(axum::Json(json!({"events": events, "next_after": next_after})).into_response())
+}
+
+pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
+    match shim.gw("health", |c| async move { c.health().await }).await {
+        Ok(h) => {
+            shim.metrics.log_entries.set(h.entries as i64);
+            let status = if h.status == "ok" {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (
+                status,
+                axum::Json(json!({"status": h.status, "vault": "reachable", "entries": h.entries})),
+            )
+                .into_response()
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "vault": "unreachable"})),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn metrics(State(shim): State<Arc<Shim>>) -> Response {
+    if let Ok(h) = shim.gw("health", |c| async move { c.health().await }).await {
+        shim.metrics.log_entries.set(h.entries as i64);
+    }
+    let mut r = shim.metrics.render().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+pub async fn openapi() -> Response {
+    let mut r = super::OPENAPI.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+/// Counts and times every request by matched route and status.
+pub async fn observe(
+    State(shim): State<Arc<Shim>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let started = Instant::now();
+    let timeout = shim.config.request_timeout;
+    let response = match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the request took too long",
+        )
+        .into_response(),
+    };
+    shim.metrics
+        .http_requests
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    shim.metrics
+        .http_seconds
+        .get_or_create(&RouteOnly { route })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,268 @@
+//! The HTTP policy shim (port 8080): the control plane partners talk to
+//! first.
+//!
+//! ```text
+//! partner ──HTTP──> shim ──(gateway key, one pipelined connection)──> vault :9999
+//!                     │   whois key → policy → fields → consent → hours/IP → rate
+//!                     │   granted: Mint (token_minted is durable first)
+//!                     │   denied:  Event access_denied (durable first), then 403
+//! admin/writer/auditor ──HTTP──> shim ──(the caller's own key)──> vault
+//!                         policies, consents, credentials, logs
+//! ```
+//!
+//! Invariants:
+//! - The shim keeps no personal data: no cache, no copies. Policies,
+//!   consents and credentials are read from the vault for every decision,
+//!   so a revocation takes effect at the next request.
+//! - Every decision is in the log before its answer leaves: a grant is the
+//!   `token_minted` entry, a denial an `access_denied` entry. If the log
+//!   cannot be written, the answer is 503 (fail closed).
+//! - Requests made with a caller's authority go to the vault with the
+//!   caller's own key, so the vault checks the role and the log names the
+//!   caller's credential (`recorded_by`).
+//! - Slow clients are cut off: headers within `header_timeout`, the whole
+//!   request within `request_timeout`, bodies up to `max_body_bytes`.
+//!
+//! The routes and their JSON are in `openapi.json` (served at
+//! `/v1/openapi.json`) and `docs/http.md`.
+
+pub mod api;
+pub mod link;
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+pub use link::VaultLink;
+pub use policy::Policy;
+
+use crate::metrics::Metrics;
+
+/// The OpenAPI document of the routes.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Options of the shim, with documented defaults.
+#[derive(Debug, Clone)]
+pub struct ShimConfig {
+    /// The vault address `/v1/authorize` tells partners to redeem at.
+    pub vault_addr: String,
+    /// Ceiling of any policy's token lifetime (default 3600 s, the
+    /// protocol server's own ceiling).
+    pub max_token_ttl_secs: u32,
+    /// Largest request body (default 64 KiB).
+    pub max_body_bytes: usize,
+    /// Time allowed for a request's headers (default 10 s).
+    pub header_timeout: Duration,
+    /// Time allowed for a whole request, body included (default 15 s).
+    pub request_timeout: Duration,
+    /// Connections served at once (default 1024).
+    pub max_connections: usize,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        ShimConfig {
+            vault_addr: format!("127.0.0.1:{}", protocol::DEFAULT_PORT),
+            max_token_ttl_secs: 3600,
+            max_body_bytes: 64 * 1024,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// The shim's state, shared by every request.
+#[derive(Debug)]
+pub struct Shim {
+    pub link: Arc<VaultLink>,
+    pub config: ShimConfig,
+    limiter: policy::RateLimiter,
+    metrics: &'static Metrics,
+}
+
+impl Shim {
+    pub fn new(link: VaultLink, config: ShimConfig) -> Arc<Self> {
+        Arc::new(Shim {
+            link: Arc::new(link),
+            config,
+            limiter: policy::RateLimiter::default(),
+            metrics: crate::metrics::global(),
+        })
+    }
+}
+
+/// The routes.
+pub fn router(shim: Arc<Shim>) -> Router {
+    Router::new()
+        .route("/v1/authorize", post(api::authorize))
+        .route(
+            "/v1/policies/{partner_id}",
+            get(api::get_policy).put(api::put_policy),
+        )
+        .route(
+            "/v1/subjects/{subject_id}/consents/{partner_id}",
+            put(api::put_consent).delete(api::delete_consent),
+        )
+        .route("/v1/credentials", post(api::create_credential))
+        .route(
+            "/v1/credentials/{id}",
+            axum::routing::delete(api::revoke_credential),
+        )
+        .route("/v1/logs", get(api::logs))
+        .route("/v1/health", get(api::health))
+        .route("/v1/openapi.json", get(api::openapi))
+        .route("/metrics", get(api::metrics))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            shim.clone(),
+            api::observe,
+        ))
+        .layer(DefaultBodyLimit::max(shim.config.max_body_bytes))
+        .with_state(shim)
+}
+
+/// Serves the shim on `listener` until `shutdown` resolves, over TLS with
+/// `tls`; then waits for the requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    shim: Arc<Shim>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let app = router(shim.clone());
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        shim.config.max_connections.max(1),
+    ));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        let header_timeout = shim.config.header_timeout;
+        tokio::spawn(async move {
+            let svc = tower::ServiceExt::map_request(
+                app,
+                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+                    req
+                },
+            );
+            let svc = TowerToHyperService::new(svc);
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Requests in flight finish; idle keep-alive connections close.
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    Ok(())
+}
+
+/// A policies file: `[partners.<partner_id>]` tables in TOML, each a
+/// [`Policy`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesFile {
+    #[serde(default)]
+    pub partners: BTreeMap<String, Policy>,
+}
+
+impl PoliciesFile {
+    /// Parses and validates a policies file.
+    pub fn parse(text: &str, max_ttl_secs: u32) -> Result<Self, String> {
+        let f: PoliciesFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (partner, p) in &f.partners {
+            storage::vault::validate_subject(partner, true)
+                .map_err(|e| format!("partner {partner:?}: {e}"))?;
+            p.validate(max_ttl_secs)
+                .map_err(|e| format!("partner {partner:?}: {e}"))?;
+        }
+        Ok(f)
+    }
+}
+
+/// Writes the file's policies that differ from the vault's current ones
+/// (a `policy_changed` entry each, through the gateway connection).
+/// Returns how many changed.
+pub async fn apply_policies(
+    shim: &Shim,
+    file: &PoliciesFile,
+) -> Result<usize, client::ClientError> {
+    let c = shim.link.gateway().await?;
+    let mut changed = 0;
+    for (partner, policy) in &file.partners {
+        let current = c.policy(partner.clone()).await?;
+        let same = current
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.value).ok())
+            .and_then(|v| v.get("policy").cloned())
+            .and_then(|v| serde_json::from_value::<Policy>(v).ok())
+            .is_some_and(|p| &p == policy);
+        if same {
+            continue;
+        }
+        let payload =
+            serde_json::json!({"partner_id": partner, "policy": policy, "source": "policies file"});
+        c.event(
+            storage::Kind::PolicyChanged as u8,
+            "",
+            payload.to_string().into_bytes(),
+        )
+        .await?;
+        changed += 1;
+    }
+    Ok(changed)
+}

@@ -1,0 +1,468 @@
+//! Partner policies and subject consents, and the checks `/v1/authorize`
+//! makes with them. Pure functions of their inputs (the time and source
+//! address are arguments), so every rule is tested here without a vault.
+//!
+//! A policy is stored in the log as the `policy` member of a
+//! `policy_changed` entry; a consent is the payload of the subject's latest
+//! `consent_granted` or `consent_revoked` entry for the partner.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use protocol::MaskOp;
+use serde::{Deserialize, Serialize};
+
+/// What a partner may ask for, and under which conditions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// An inactive partner is refused everything.
+    #[serde(default = "yes")]
+    pub active: bool,
+    /// Purpose → the fields it may reveal and the masking of each.
+    pub purposes: BTreeMap<String, Purpose>,
+    /// Longest token lifetime, in seconds (default 300).
+    #[serde(default = "default_ttl", skip_serializing_if = "is_default_ttl")]
+    pub max_token_ttl_secs: u32,
+    /// Authorizations per minute; absent means unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_minute: Option<u32>,
+    /// Source addresses or CIDR networks allowed to authorize; empty
+    /// means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<String>,
+    /// Hours of the day (UTC) in which authorizations are allowed:
+    /// `[from, to)`, wrapping past midnight when `from > to`; absent means
+    /// all day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_hours_utc: Option<[u8; 2]>,
+}
+
+/// One purpose of a policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Purpose {
+    /// Field name → masking operator name (`reveal`, `redact`, `partial`,
+    /// `tokenize`, `hash`, `generalize`).
+    pub fields: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Default and ceiling of a token's lifetime.
+pub const DEFAULT_TOKEN_TTL_SECS: u32 = 300;
+
+fn default_ttl() -> u32 {
+    DEFAULT_TOKEN_TTL_SECS
+}
+
+fn is_default_ttl(v: &u32) -> bool {
+    *v == DEFAULT_TOKEN_TTL_SECS
+}
+
+/// Largest number of purposes, and of fields per purpose, a policy may hold.
+const MAX_ITEMS: usize = 256;
+
+impl Policy {
+    /// Checks what serde cannot: names, operators, networks, hours, limits.
+    pub fn validate(&self, max_ttl_secs: u32) -> Result<(), String> {
+        if self.purposes.len() > MAX_ITEMS {
+            return Err(format!("at most {MAX_ITEMS} purposes"));
+        }
+        for (name, p) in &self.purposes {
+            check_name("purpose", name)?;
+            if p.fields.is_empty() || p.fields.len() > MAX_ITEMS {
+                return Err(format!(
+                    "purpose {name:?} needs between 1 and {MAX_ITEMS} fields"
+                ));
+            }
+            for (field, op) in &p.fields {
+                check_name("field", field)?;
+                if MaskOp::from_name(op).is_none() {
+                    return Err(format!(
+                        "field {field:?} of purpose {name:?}: unknown masking operator {op:?}"
+                    ));
+                }
+            }
+        }
+        if self.max_token_ttl_secs == 0 || self.max_token_ttl_secs > max_ttl_secs {
+            return Err(format!(
+                "max_token_ttl_secs must be between 1 and {max_ttl_secs}"
+            ));
+        }
+        if self.rate_limit_per_minute == Some(0) {
+            return Err("rate_limit_per_minute must be at least 1 (omit it for no limit)".into());
+        }
+        if self.source_ips.len() > MAX_ITEMS {
+            return Err(format!("at most {MAX_ITEMS} source_ips"));
+        }
+        self.networks()?;
+        if let Some([from, to]) = self.allowed_hours_utc {
+            if from > 23 || to > 24 || from == to {
+                return Err("allowed_hours_utc is [from, to) with 0 <= from <= 23, 0 <= to <= 24, from != to".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The allowed source networks (a bare address is a host network).
+    pub fn networks(&self) -> Result<Vec<IpNet>, String> {
+        self.source_ips
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("source_ips: {s:?} is not an address or CIDR network"))
+            })
+            .collect()
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{what} names are 1 to 128 printable ASCII characters without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// A subject's consent for one partner, as the shim writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub partner_id: String,
+    #[serde(default)]
+    pub purposes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Why an authorization was refused: the stable `error` code of the HTTP
+/// answer and of the audit entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Denial {
+    PartnerInactive,
+    PurposeNotAllowed,
+    FieldNotAllowed,
+    ConsentMissing,
+    ConsentRevoked,
+    ConsentExpired,
+    OutsideAllowedHours,
+    SourceNotAllowed,
+    RateLimited,
+}
+
+impl Denial {
+    /// Every reason, for metrics.
+    pub const ALL: [Denial; 9] = [
+        Denial::PartnerInactive,
+        Denial::PurposeNotAllowed,
+        Denial::FieldNotAllowed,
+        Denial::ConsentMissing,
+        Denial::ConsentRevoked,
+        Denial::ConsentExpired,
+        Denial::OutsideAllowedHours,
+        Denial::SourceNotAllowed,
+        Denial::RateLimited,
+    ];
+
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Denial::PartnerInactive => "partner_inactive",
+            Denial::PurposeNotAllowed => "purpose_not_allowed",
+            Denial::FieldNotAllowed => "field_not_allowed",
+            Denial::ConsentMissing => "consent_missing",
+            Denial::ConsentRevoked => "consent_revoked",
+            Denial::ConsentExpired => "consent_expired",
+            Denial::OutsideAllowedHours => "outside_allowed_hours",
+            Denial::SourceNotAllowed => "source_not_allowed",
+            Denial::RateLimited => "rate_limited",
+        }
+    }
+
+    /// A human message for the partner.
+    pub fn message(self) -> &'static str {
+        match self {
+            Denial::PartnerInactive => "the partner has no active policy",
+            Denial::PurposeNotAllowed => "the purpose is not allowed for this partner",
+            Denial::FieldNotAllowed => "a requested field is not allowed for this purpose",
+            Denial::ConsentMissing => {
+                "the subject has not consented to this partner for this purpose"
+            }
+            Denial::ConsentRevoked => "the subject revoked its consent",
+            Denial::ConsentExpired => "the subject's consent has expired",
+            Denial::OutsideAllowedHours => "authorizations are not allowed at this hour",
+            Denial::SourceNotAllowed => "requests from this address are not allowed",
+            Denial::RateLimited => "the partner's rate limit is exhausted",
+        }
+    }
+}
+
+/// The checks of `/v1/authorize` that need only the policy: purpose and
+/// fields. Returns the fields to reveal with their operators, in the
+/// order asked (all of the purpose's fields when none are named).
+pub fn fields_for(
+    policy: &Policy,
+    purpose: &str,
+    asked: Option<&[String]>,
+) -> Result<Vec<(String, MaskOp)>, Denial> {
+    if !policy.active {
+        return Err(Denial::PartnerInactive);
+    }
+    let p = policy
+        .purposes
+        .get(purpose)
+        .ok_or(Denial::PurposeNotAllowed)?;
+    let op = |name: &str| {
+        p.fields
+            .get(name)
+            .and_then(|op| MaskOp::from_name(op))
+            .ok_or(Denial::FieldNotAllowed)
+    };
+    match asked {
+        None => p.fields.keys().map(|f| Ok((f.clone(), op(f)?))).collect(),
+        Some(list) => {
+            let mut out: Vec<(String, MaskOp)> = Vec::with_capacity(list.len());
+            for f in list {
+                if !out.iter().any(|(g, _)| g == f) {
+                    out.push((f.clone(), op(f)?));
+                }
+            }
+            if out.is_empty() {
+                return Err(Denial::FieldNotAllowed);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Whether the subject's latest consent event (kind byte 3 granted, 4
+/// revoked, and its payload) allows `purpose` at `now_ms`.
+pub fn check_consent(
+    latest: Option<(u8, &Consent)>,
+    purpose: &str,
+    now_ms: u64,
+) -> Result<(), Denial> {
+    match latest {
+        None => Err(Denial::ConsentMissing),
+        Some((4, _)) => Err(Denial::ConsentRevoked),
+        Some((_, c)) => {
+            if !c.purposes.iter().any(|p| p == purpose) {
+                return Err(Denial::ConsentMissing);
+            }
+            match c.expires_at_ms {
+                Some(t) if t <= now_ms => Err(Denial::ConsentExpired),
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// Time-of-day and source-address restrictions.
+pub fn check_conditions(policy: &Policy, now_ms: u64, source: IpAddr) -> Result<(), Denial> {
+    if let Some([from, to]) = policy.allowed_hours_utc {
+        let hour = ((now_ms / 3_600_000) % 24) as u8;
+        let inside = if from < to {
+            hour >= from && hour < to
+        } else {
+            hour >= from || hour < to
+        };
+        if !inside {
+            return Err(Denial::OutsideAllowedHours);
+        }
+    }
+    let nets = policy.networks().map_err(|_| Denial::SourceNotAllowed)?;
+    if !nets.is_empty() && !nets.iter().any(|n| n.contains(&canonical(source))) {
+        return Err(Denial::SourceNotAllowed);
+    }
+    Ok(())
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so that `10.0.0.0/8` matches them.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Per-partner token buckets: `per_minute` authorizations a minute, in
+/// bursts of at most that many.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, u64)>>,
+}
+
+impl RateLimiter {
+    /// Partners tracked at most; beyond, the table is cleared (memory must
+    /// not grow without bound).
+    const MAX_PARTNERS: usize = 100_000;
+
+    /// Takes one authorization from `partner`'s bucket at `now_ms`.
+    pub fn take(&self, partner: &str, per_minute: u32, now_ms: u64) -> bool {
+        let Ok(mut b) = self.buckets.lock() else {
+            return false;
+        };
+        if b.len() >= Self::MAX_PARTNERS && !b.contains_key(partner) {
+            b.clear();
+        }
+        let cap = f64::from(per_minute);
+        let (tokens, last) = b.entry(partner.to_string()).or_insert((cap, now_ms));
+        let elapsed = now_ms.saturating_sub(*last) as f64 / 60_000.0;
+        *tokens = (*tokens + elapsed * cap).min(cap);
+        *last = now_ms.max(*last);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        serde_json::from_value(serde_json::json!({
+            "purposes": {
+                "credit_check": {"fields": {"name": "partial", "income": "generalize", "iban": "redact"}}
+            },
+            "rate_limit_per_minute": 2,
+            "source_ips": ["10.0.0.0/8", "127.0.0.1"],
+            "allowed_hours_utc": [22, 6]
+        }))
+        .expect("policy")
+    }
+
+    const H: u64 = 3_600_000;
+
+    #[test]
+    fn policies_parse_strictly_and_validate() {
+        let p = policy();
+        assert!(p.active);
+        assert_eq!(p.max_token_ttl_secs, 300);
+        assert_eq!(p.validate(3600), Ok(()));
+        let bad = [
+            serde_json::json!({"purposes": {}, "extra": 1}),
+            serde_json::json!({"purposes": {"x": {"fields": {"a": "reveal"}, "more": 1}}}),
+            serde_json::json!({"purposes": "no"}),
+        ];
+        for b in bad {
+            assert!(serde_json::from_value::<Policy>(b).is_err());
+        }
+        let mut q = p.clone();
+        q.purposes
+            .get_mut("credit_check")
+            .expect("purpose")
+            .fields
+            .insert("x".into(), "shout".into());
+        assert!(q.validate(3600).is_err());
+        let mut q = p.clone();
+        q.source_ips.push("not-an-ip".into());
+        assert!(q.validate(3600).is_err());
+        let mut q = p.clone();
+        q.max_token_ttl_secs = 7200;
+        assert!(q.validate(3600).is_err());
+        let mut q = p.clone();
+        q.allowed_hours_utc = Some([5, 5]);
+        assert!(q.validate(3600).is_err());
+        let mut q = p;
+        q.purposes.insert(
+            "bad purpose".into(),
+            Purpose {
+                fields: BTreeMap::new(),
+            },
+        );
+        assert!(q.validate(3600).is_err());
+    }
+
+    #[test]
+    fn fields_follow_the_purpose() {
+        let p = policy();
+        let all = fields_for(&p, "credit_check", None).expect("all");
+        assert_eq!(all.len(), 3);
+        let some =
+            fields_for(&p, "credit_check", Some(&["name".into(), "name".into()])).expect("some");
+        assert_eq!(some, vec![("name".to_string(), MaskOp::Partial)]);
+        assert_eq!(
+            fields_for(&p, "marketing", None),
+            Err(Denial::PurposeNotAllowed)
+        );
+        assert_eq!(
+            fields_for(&p, "credit_check", Some(&["dob".into()])),
+            Err(Denial::FieldNotAllowed)
+        );
+        assert_eq!(
+            fields_for(&p, "credit_check", Some(&[])),
+            Err(Denial::FieldNotAllowed)
+        );
+        let mut off = p;
+        off.active = false;
+        assert_eq!(
+            fields_for(&off, "credit_check", None),
+            Err(Denial::PartnerInactive)
+        );
+    }
+
+    #[test]
+    fn consent_must_be_granted_for_the_purpose_and_in_force() {
+        let c = Consent {
+            partner_id: "p".into(),
+            purposes: vec!["credit_check".into()],
+            expires_at_ms: Some(1_000),
+        };
+        assert_eq!(check_consent(Some((3, &c)), "credit_check", 999), Ok(()));
+        assert_eq!(
+            check_consent(Some((3, &c)), "credit_check", 1_000),
+            Err(Denial::ConsentExpired)
+        );
+        assert_eq!(
+            check_consent(Some((3, &c)), "marketing", 0),
+            Err(Denial::ConsentMissing)
+        );
+        assert_eq!(
+            check_consent(Some((4, &c)), "credit_check", 0),
+            Err(Denial::ConsentRevoked)
+        );
+        assert_eq!(
+            check_consent(None, "credit_check", 0),
+            Err(Denial::ConsentMissing)
+        );
+    }
+
+    #[test]
+    fn hours_wrap_past_midnight_and_sources_match_networks() {
+        let p = policy();
+        let local: IpAddr = [127, 0, 0, 1].into();
+        assert_eq!(check_conditions(&p, 23 * H, local), Ok(()));
+        assert_eq!(check_conditions(&p, 24 * H + 5 * H, local), Ok(()));
+        assert_eq!(
+            check_conditions(&p, 12 * H, local),
+            Err(Denial::OutsideAllowedHours)
+        );
+        assert_eq!(check_conditions(&p, 23 * H, [10, 1, 2, 3].into()), Ok(()));
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
+        assert_eq!(check_conditions(&p, 23 * H, mapped), Ok(()));
+        assert_eq!(
+            check_conditions(&p, 23 * H, [192, 168, 0, 1].into()),
+            Err(Denial::SourceNotAllowed)
+        );
+    }
+
+    #[test]
+    fn rate_limit_refills_over_a_minute() {
+        let r = RateLimiter::default();
+        assert!(r.take("p", 2, 0));
+        assert!(r.take("p", 2, 0));
+        assert!(!r.take("p", 2, 1));
+        assert!(r.take("q", 2, 1), "partners have their own buckets");
+        assert!(r.take("p", 2, 30_001), "half a minute refills one of two");
+        assert!(!r.take("p", 2, 30_002));
+    }
+}
