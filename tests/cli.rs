@@ -3,7 +3,7 @@
 //! and messages on stderr.
 //!
 //! - `vaultd init` creates a vault and prints its public key once;
-//! - `vaultd dev` creates (then reopens) a demo vault and verifies it;
+//! - `vaultd dev` serves a demo vault, stops cleanly on SIGTERM, and reopens it;
 //! - `vault-verify` exits 0 for an intact vault, 1 for an integrity failure
 //!   (naming the seq and the reason), 2 when it cannot run.
 
@@ -327,46 +327,21 @@ fn verify_without_a_pinned_key_warns() {
     assert!(warning.contains("--public-key"), "{report}");
 }
 
-/// `vaultd dev --data-dir DIR --format json`; returns the printed object.
+/// Runs `vaultd dev` on `dir` until it is ready, stops it cleanly, and
+/// returns the object it printed.
 fn vaultd_dev(dir: &Path) -> Value {
-    let out = run(
-        "vaultd",
-        [
-            OsStr::new("dev"),
-            OsStr::new("--data-dir"),
-            dir.as_os_str(),
-            OsStr::new("--format"),
-            OsStr::new("json"),
-        ],
+    let dev = support::DevServer::start(dir);
+    let info = dev.info.clone();
+    let status = dev.stop();
+    assert!(
+        status.success(),
+        "vaultd dev did not shut down cleanly: {status}"
     );
-    assert_eq!(out.code, 0, "vaultd dev failed: {out:?}");
-    out.json()
+    wait_unlocked(dir);
+    info
 }
 
-#[test]
-fn dev_creates_verifies_and_reopens_its_vault() {
-    let s = Scratch::new();
-    let dir = s.path("dev");
-    let first = vaultd_dev(&dir);
-    assert_eq!(first["verified"], true, "{first}");
-    let entries = first["entries"].as_u64().expect("entries");
-    assert!(entries > 2, "{first}");
-    assert!(
-        Path::new(str_field(&first, "passphrase_file")).exists(),
-        "{first}"
-    );
-    let key = str_field(&first, "public_key");
-
-    // A second run reopens the same vault with the dev passphrase and
-    // appends to the same chain.
-    let second = vaultd_dev(&dir);
-    assert_eq!(second["verified"], true, "{second}");
-    assert_eq!(str_field(&second, "public_key"), key);
-    assert!(
-        second["entries"].as_u64().is_some_and(|n| n > entries),
-        "{second}"
-    );
-
+fn verified_entries(dir: &Path, key: &str) -> u64 {
     let out = vault_verify([
         OsStr::new("--data-dir"),
         dir.as_os_str(),
@@ -375,7 +350,38 @@ fn dev_creates_verifies_and_reopens_its_vault() {
         OsStr::new("--json"),
     ]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(out.json()["entries"], second["entries"]);
+    out.json()["entries"].as_u64().expect("entries")
+}
+
+#[test]
+fn dev_creates_serves_and_reopens_its_vault() {
+    let s = Scratch::new();
+    let dir = s.path("dev");
+    let first = vaultd_dev(&dir);
+    for name in [
+        "vault_addr",
+        "http_addr",
+        "admin_api_key",
+        "partner_api_key",
+        "writer_api_key",
+        "demo_subject_id",
+        "demo_purpose",
+    ] {
+        assert!(!str_field(&first, name).is_empty(), "{name}: {first}");
+    }
+    assert!(
+        Path::new(str_field(&first, "passphrase_file")).exists(),
+        "{first}"
+    );
+    let key = str_field(&first, "public_key").to_string();
+    let entries = verified_entries(&dir, &key);
+    assert!(entries > 5, "demo data is in the log");
+
+    // A second run reopens the same vault with the dev passphrase and
+    // appends to the same chain.
+    let second = vaultd_dev(&dir);
+    assert_eq!(str_field(&second, "public_key"), key);
+    assert!(verified_entries(&dir, &key) > entries);
 }
 
 /// A running `vaultd serve` child, killed with SIGKILL when dropped.
@@ -401,7 +407,13 @@ fn serve(s: &Scratch, name: &str) -> Served {
         .arg(s.path(name))
         .arg("--passphrase-file")
         .arg(s.path("passphrase"))
-        .args(["--insecure-plaintext", "--listen", "127.0.0.1:0"])
+        .args([
+            "--insecure-plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start vaultd serve");
@@ -412,7 +424,7 @@ fn serve(s: &Scratch, name: &str) -> Served {
             Some(Ok(l)) => l,
             _ => panic!("vaultd serve exited before listening"),
         };
-        if let Some(rest) = line.split("addr=").nth(1) {
+        if let Some(rest) = line.split("protocol=").nth(1) {
             break rest
                 .split_whitespace()
                 .next()

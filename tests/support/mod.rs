@@ -49,3 +49,82 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     }
     profile.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX))
 }
+
+/// A running `vaultd dev` on ports the OS chose, stopped with SIGTERM
+/// (a clean shutdown) by [`DevServer::stop`], or SIGKILL when dropped.
+pub struct DevServer {
+    child: Option<std::process::Child>,
+    /// The JSON object `vaultd dev --json` printed on its first line.
+    pub info: serde_json::Value,
+}
+
+#[allow(dead_code)] // each test binary uses part of it
+impl DevServer {
+    /// Starts `vaultd dev --json` with its data under `dir`.
+    pub fn start(dir: &Path) -> DevServer {
+        use std::io::BufRead;
+        let mut child = Command::new(binary("fintrust-server", "vaultd"))
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--json",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start vaultd dev");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = match lines.next() {
+            Some(Ok(l)) => l,
+            other => {
+                let _ = child.kill();
+                panic!("vaultd dev printed no first line: {other:?}");
+            }
+        };
+        let info = serde_json::from_str(&first).expect("the first line is one JSON object");
+        std::thread::spawn(move || for _ in lines {});
+        DevServer {
+            child: Some(child),
+            info,
+        }
+    }
+
+    /// A string member of the printed object.
+    pub fn get(&self, name: &str) -> String {
+        self.info[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no string {name:?} in {}", self.info))
+            .to_string()
+    }
+
+    /// `http://` + the shim's address.
+    pub fn http(&self) -> String {
+        format!("http://{}", self.get("http_addr"))
+    }
+
+    /// SIGTERM, then waits: the exit status of a clean shutdown.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        child.wait().expect("wait for vaultd dev")
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -316,8 +316,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(&http_listen)
                     .await
                     .with_context(|| format!("listening on {http_listen}"))?;
+                let shutdown = server::daemon::signal();
                 tracing::info!(http = %http_listen, "shim ready");
-                server::shim::serve(listener, shim, http_tls, server::daemon::signal()).await?;
+                server::shim::serve(listener, shim, http_tls, shutdown).await?;
                 anyhow::Ok(())
             })?;
         }
@@ -330,6 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let json = json || format == "json";
             let rt = tokio::runtime::Runtime::new()?;
+            let _runtime = rt.enter();
             rt.block_on(server::dev::run(
                 server::dev::DevOptions {
                     data_dir,

@@ -335,6 +335,7 @@ pub async fn authorize(
         }
         Err(denial) => {
             let audit = json!({
+                "action": "authorize",
                 "partner_id": partner,
                 "purpose": req.purpose,
                 "reason": denial.code(),
@@ -788,14 +789,30 @@ pub async fn observe(
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let started = Instant::now();
     let timeout = shim.config.request_timeout;
-    let response = match tokio::time::timeout(timeout, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "timeout",
-            "the request took too long",
+    // A declared length over the limit is refused before any of the body is
+    // read (the extractors would otherwise wait for it to arrive).
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let response = if declared.is_some_and(|n| n > shim.config.max_body_bytes as u64) {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is over the limit",
         )
-        .into_response(),
+        .into_response()
+    } else {
+        match tokio::time::timeout(timeout, next.run(req)).await {
+            Ok(r) => r,
+            Err(_) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request took too long",
+            )
+            .into_response(),
+        }
     };
     shim.metrics
         .http_requests

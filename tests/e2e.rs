@@ -1,0 +1,458 @@
+//! The whole flow through the real binaries: `vaultd dev` serves a demo
+//! vault; partners authorize over HTTP and redeem with `vault-client`;
+//! admins, writers and auditors use the HTTP API; every decision is in the
+//! audit log in order; after a clean shutdown `vault-verify` passes.
+
+mod support;
+
+use std::ffi::OsStr;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use support::DevServer;
+
+/// Status and JSON body of an HTTP request (4xx and 5xx included).
+fn call(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let mut req = ureq::request(method, url);
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let result = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().expect("body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// Writes `request` on a new connection and reads until the server closes
+/// it, a JSON body has arrived, or 10 s pass in silence.
+fn raw_http(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+struct Flow {
+    dev: DevServer,
+}
+
+impl Flow {
+    fn authorize(&self, key: &str, body: Value) -> (u16, Value) {
+        call(
+            "POST",
+            &format!("{}/v1/authorize", self.dev.http()),
+            Some(key),
+            Some(&body.to_string()),
+        )
+    }
+
+    fn partner_authorize(&self, subject: &str, purpose: &str) -> (u16, Value) {
+        self.authorize(
+            &self.dev.get("partner_api_key"),
+            json!({"subject_id": subject, "purpose": purpose}),
+        )
+    }
+
+    /// Asserts a refusal with `status` and `code`.
+    fn refused(&self, (status, body): (u16, Value), want_status: u16, code: &str) {
+        assert_eq!(status, want_status, "{body}");
+        assert_eq!(body["error"], code, "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+
+    /// `vault-client redeem`: exit code, stdout, stderr.
+    fn redeem(&self, key: &str, token: &str) -> (i32, String, String) {
+        let out = Command::new(support::binary("fintrust-client", "vault-client"))
+            .args(["redeem", "--insecure-plaintext", "--addr"])
+            .arg(self.dev.get("vault_addr"))
+            .args(["--api-key", key, "--token", token])
+            .env_remove("FINTRUST_API_KEY")
+            .output()
+            .expect("run vault-client");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[test]
+fn authorize_redeem_deny_audit_and_verify() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("dev");
+    let f = Flow {
+        dev: DevServer::start(&dir),
+    };
+    let http = f.dev.http();
+    let (admin, writer, partner, auditor) = (
+        f.dev.get("admin_api_key"),
+        f.dev.get("writer_api_key"),
+        f.dev.get("partner_api_key"),
+        f.dev.get("auditor_api_key"),
+    );
+    let subject = f.dev.get("demo_subject_id");
+    let purpose = f.dev.get("demo_purpose");
+
+    let (status, health) = call("GET", &format!("{http}/v1/health"), None, None);
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["vault"], "reachable");
+
+    // Granted: the token and the masking the demo policy names.
+    let (status, grant) = f.partner_authorize(&subject, &purpose);
+    assert_eq!(status, 200, "{grant}");
+    assert_eq!(grant["vault_addr"], f.dev.get("vault_addr").as_str());
+    assert!(grant["expires_at"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    let (_, policy) = call(
+        "GET",
+        &format!("{http}/v1/policies/demo-lender"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(
+        grant["fields"],
+        policy["policy"]["purposes"][purpose.as_str()]["fields"],
+        "the answer names the policy's operator for each field"
+    );
+    let token = grant["token"].as_str().expect("token").to_string();
+    assert!(token.starts_with("fvt_"));
+
+    // Redeemed once, masked exactly as the policy says; then spent.
+    let (code, stdout, stderr) = f.redeem(&partner, &token);
+    assert_eq!(code, 0, "{stderr}");
+    let data: Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(
+        data["fields"],
+        json!({
+            "name": "A***",
+            "email": "a***@example.com",
+            "iban": "******************5555",
+            "dob": "1815",
+            "income": "50000-99999"
+        }),
+        "{data}"
+    );
+    let (code, _, stderr) = f.redeem(&partner, &token);
+    assert_eq!(code, 2, "a second redemption is refused by the server");
+    assert!(stderr.contains("token_spent"), "{stderr}");
+
+    // Only the fields asked for, with the purpose's operators.
+    let (status, some) = f.authorize(
+        &partner,
+        json!({"subject_id": subject, "purpose": "fraud_check", "fields": ["name"]}),
+    );
+    assert_eq!(status, 200, "{some}");
+    assert_eq!(some["fields"], json!({"name": "reveal"}));
+
+    // Denials, each recorded.
+    f.refused(
+        f.partner_authorize("cust-0003", &purpose),
+        403,
+        "consent_missing",
+    );
+    f.refused(
+        f.partner_authorize(&subject, "marketing"),
+        403,
+        "purpose_not_allowed",
+    );
+    f.refused(
+        f.authorize(
+            &partner,
+            json!({"subject_id": subject, "purpose": purpose, "fields": ["name", "ssn"]}),
+        ),
+        403,
+        "field_not_allowed",
+    );
+    // cust-0002 consented, then revokes.
+    assert_eq!(f.partner_authorize("cust-0002", &purpose).0, 200);
+    let consent_url = format!("{http}/v1/subjects/cust-0002/consents/demo-lender");
+    let (status, body) = call("DELETE", &consent_url, Some(&writer), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["seq"].is_u64() && body["entry_hash"].is_string(),
+        "{body}"
+    );
+    f.refused(
+        f.partner_authorize("cust-0002", &purpose),
+        403,
+        "consent_revoked",
+    );
+    // cust-0003 consents until a time already past.
+    let (status, body) = call(
+        "PUT",
+        &format!("{http}/v1/subjects/cust-0003/consents/demo-lender"),
+        Some(&writer),
+        Some(r#"{"purposes": ["credit_check"], "expires_at": "2020-01-01T00:00:00Z"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    f.refused(
+        f.partner_authorize("cust-0003", &purpose),
+        403,
+        "consent_expired",
+    );
+
+    // A second partner with a rate limit of 2 a minute.
+    let (status, cred) = call(
+        "POST",
+        &format!("{http}/v1/credentials"),
+        Some(&admin),
+        Some(r#"{"role": "partner", "name": "tight-lender"}"#),
+    );
+    assert_eq!(status, 201, "{cred}");
+    let tight = cred["api_key"].as_str().expect("key").to_string();
+    let policy = json!({
+        "purposes": {"credit_check": {"fields": {"income": "generalize"}}},
+        "rate_limit_per_minute": 2
+    });
+    let (status, body) = call(
+        "PUT",
+        &format!("{http}/v1/policies/tight-lender"),
+        Some(&admin),
+        Some(&policy.to_string()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(
+        "PUT",
+        &format!("{http}/v1/subjects/{subject}/consents/tight-lender"),
+        Some(&admin),
+        Some(r#"{"purposes": ["credit_check"]}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let ask = json!({"subject_id": subject, "purpose": "credit_check"});
+    assert_eq!(f.authorize(&tight, ask.clone()).0, 200);
+    assert_eq!(f.authorize(&tight, ask.clone()).0, 200);
+    f.refused(f.authorize(&tight, ask.clone()), 429, "rate_limited");
+    // Its token is not the demo partner's to redeem.
+    let (_, other) = f.partner_authorize(&subject, &purpose);
+    let other_token = other["token"].as_str().expect("token").to_string();
+    let (code, _, stderr) = f.redeem(&tight, &other_token);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("wrong_partner"), "{stderr}");
+
+    // Bad input: the JSON error shape, nothing granted.
+    let url = format!("{http}/v1/authorize");
+    let bad = [
+        (
+            Some(partner.as_str()),
+            Some("{\"subject_id\": "),
+            400,
+            "malformed_json",
+        ),
+        (
+            Some(partner.as_str()),
+            Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check", "extra": 1}"#),
+            400,
+            "invalid_request",
+        ),
+        (
+            Some(partner.as_str()),
+            Some(r#"{"subject_id": 7, "purpose": "x"}"#),
+            400,
+            "invalid_request",
+        ),
+        (
+            None,
+            Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+            401,
+            "unauthenticated",
+        ),
+        (
+            Some("fvk_0000000000000000000000000000000000000000000000000000000000000000"),
+            Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+            401,
+            "unauthenticated",
+        ),
+        (
+            Some(writer.as_str()),
+            Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+            403,
+            "forbidden",
+        ),
+    ];
+    for (key, body, status, code) in bad {
+        f.refused(call("POST", &url, key, body), status, code);
+    }
+    // A declared length over the limit is refused before the body is read.
+    let answer = raw_http(
+        &f.dev.get("http_addr"),
+        &format!(
+            "POST /v1/authorize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {partner}\r\n\
+             Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{{"
+        ),
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    // Garbage instead of HTTP is answered with 400 or closed, never hangs.
+    let answer = raw_http(&f.dev.get("http_addr"), "\x00\x01 garbage\r\n\r\n");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    f.refused(
+        call(
+            "PUT",
+            &format!("{http}/v1/policies/demo-lender"),
+            Some(&partner),
+            Some(&policy.to_string()),
+        ),
+        403,
+        "forbidden",
+    );
+    f.refused(
+        call(
+            "PUT",
+            &format!("{http}/v1/policies/demo-lender"),
+            Some(&admin),
+            Some(r#"{"purposes": {"x": {"fields": {"a": "shout"}}}}"#),
+        ),
+        400,
+        "invalid_request",
+    );
+    f.refused(
+        call("GET", &format!("{http}/v1/nothing"), None, None),
+        404,
+        "not_found",
+    );
+    f.refused(
+        call("GET", &url, Some(&partner), None),
+        405,
+        "method_not_allowed",
+    );
+    f.refused(
+        call("GET", &format!("{http}/v1/logs"), Some(&partner), None),
+        403,
+        "forbidden",
+    );
+
+    // The audit trail of the demo partner, in log order.
+    let (status, logs) = call(
+        "GET",
+        &format!("{http}/v1/logs?partner=demo-lender&limit=1000"),
+        Some(&auditor),
+        None,
+    );
+    assert_eq!(status, 200, "{logs}");
+    let steps: Vec<String> = logs["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] != "consent_granted" && e["kind"] != "consent_revoked")
+        .map(|e| match e["payload"]["reason"].as_str() {
+            Some(r) => format!("{}:{r}", e["kind"].as_str().unwrap_or("?")),
+            None => e["kind"].as_str().unwrap_or("?").to_string(),
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "policy_changed",
+            "token_minted",
+            "token_redeemed",
+            "access_denied:token_spent",
+            "token_minted",
+            "access_denied:consent_missing",
+            "access_denied:purpose_not_allowed",
+            "access_denied:field_not_allowed",
+            "token_minted",
+            "access_denied:consent_revoked",
+            "access_denied:consent_expired",
+            "token_minted",
+        ],
+        "{logs}"
+    );
+    let seqs: Vec<u64> = logs["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "oldest first");
+    // The rate-limited partner's denial is in the log too, and the
+    // policy change names the admin who made it.
+    let (_, tight_logs) = call(
+        "GET",
+        &format!("{http}/v1/logs?partner=tight-lender&kind=access_denied"),
+        Some(&auditor),
+        None,
+    );
+    assert_eq!(tight_logs["events"][0]["payload"]["reason"], "rate_limited");
+    let (_, changes) = call(
+        "GET",
+        &format!("{http}/v1/logs?partner=tight-lender&kind=policy_changed&format=jsonl"),
+        Some(&auditor),
+        None,
+    );
+    // One event is one line, which the helper already parsed as JSON.
+    let change = match changes {
+        Value::String(lines) => {
+            let first = lines.lines().next().expect("one line");
+            serde_json::from_str(first).expect("a JSON event per line")
+        }
+        one => one,
+    };
+    assert!(
+        change["payload"]["recorded_by"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("admin-")),
+        "{change}"
+    );
+
+    let (_, metrics) = call("GET", &format!("{http}/metrics"), None, None);
+    let metrics = metrics.as_str().expect("text").to_string();
+    assert!(
+        metrics.contains(
+            r#"fintrust_authorizations_total{outcome="denied",reason="consent_missing"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"fintrust_redemptions_total{outcome="token_spent"} 1"#));
+
+    // A clean shutdown leaves a log that verifies with the public key.
+    let public_key = f.dev.get("public_key");
+    let status = f.dev.stop();
+    assert!(status.success(), "{status}");
+    let mut verified = None;
+    for _ in 0..100 {
+        let out = Command::new(support::binary("fintrust-server", "vault-verify"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .args([OsStr::new("--public-key"), OsStr::new(&public_key)])
+            .output()
+            .expect("run vault-verify");
+        if String::from_utf8_lossy(&out.stderr).contains("in use") {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        verified = Some(out);
+        break;
+    }
+    let out = verified.expect("the data dir was released");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
