@@ -456,3 +456,130 @@ fn authorize_redeem_deny_audit_and_verify() {
     let out = verified.expect("the data dir was released");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
+
+/// `vaultd shim` as its own process in front of a vault in another one:
+/// it authenticates to the vault with a gateway key from a file, loads a
+/// policies file, and the flow works through it; a stopped vault makes it
+/// answer 503 and write nothing.
+#[test]
+fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dev = DevServer::start(&tmp.path().join("dev"));
+    let admin = dev.get("admin_api_key");
+    let (status, created) = call(
+        "POST",
+        &format!("{}/v1/credentials", dev.http()),
+        Some(&admin),
+        Some(r#"{"role": "gateway", "name": "edge-shim"}"#),
+    );
+    assert_eq!(status, 201, "{created}");
+    let key_file = tmp.path().join("gateway.key");
+    std::fs::write(&key_file, created["api_key"].as_str().expect("api_key")).expect("write key");
+    // The file's policy gives the demo partner a narrower purpose.
+    let policies = tmp.path().join("policies.toml");
+    std::fs::write(
+        &policies,
+        "[partners.demo-lender.purposes.credit_check.fields]\nname = \"redact\"\n",
+    )
+    .expect("write policies");
+
+    let mut shim = Command::new(support::binary("fintrust-server", "vaultd"))
+        .args([
+            "shim",
+            "--insecure-plaintext",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--vault")
+        .arg(dev.get("vault_addr"))
+        .arg("--api-key-file")
+        .arg(&key_file)
+        .arg("--policies")
+        .arg(&policies)
+        .env("FINTRUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vaultd shim");
+    let stderr = shim.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let http = loop {
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            other => {
+                let _ = shim.kill();
+                panic!("vaultd shim ended before it was ready: {other:?}");
+            }
+        };
+        if let Some(rest) = line.split("http=").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let base = format!("http://{http}");
+
+    let (status, health) = call("GET", &format!("{base}/v1/health"), None, None);
+    assert_eq!(status, 200, "{health}");
+    let partner = dev.get("partner_api_key");
+    let (status, granted) = call(
+        "POST",
+        &format!("{base}/v1/authorize"),
+        Some(&partner),
+        Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+    );
+    assert_eq!(status, 200, "{granted}");
+    assert_eq!(granted["fields"], json!({"name": "redact"}));
+    assert_eq!(granted["vault_addr"], dev.get("vault_addr").as_str());
+    let out = Command::new(support::binary("fintrust-client", "vault-client"))
+        .args(["redeem", "--insecure-plaintext", "--addr"])
+        .arg(dev.get("vault_addr"))
+        .args(["--api-key", &partner, "--token"])
+        .arg(granted["token"].as_str().expect("token"))
+        .env_remove("FINTRUST_API_KEY")
+        .output()
+        .expect("run vault-client");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let record: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let fields = record.get("fields").unwrap_or(&record);
+    assert!(fields.get("email").is_none(), "{record}");
+    assert!(
+        !fields.to_string().contains("Ada Lovelace"),
+        "name must be redacted: {record}"
+    );
+
+    // The policy change was recorded through the gateway key.
+    let (_, logs) = call(
+        "GET",
+        &format!("{base}/v1/logs?kind=policy_changed&partner=demo-lender"),
+        Some(&dev.get("auditor_api_key")),
+        None,
+    );
+    let events = logs["events"].as_array().expect("events");
+    let last = events.last().expect("a policy_changed event");
+    assert_eq!(last["payload"]["source"], "policies file", "{logs}");
+    assert_eq!(last["payload"]["recorded_by"], created["id"], "{logs}");
+
+    // Without the vault the shim fails closed.
+    assert!(dev.stop().success());
+    let (status, body) = call(
+        "POST",
+        &format!("{base}/v1/authorize"),
+        Some(&partner),
+        Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "vault_unavailable", "{body}");
+    let (status, _) = call("GET", &format!("{base}/v1/health"), None, None);
+    assert_eq!(status, 503);
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &shim.id().to_string()])
+        .status();
+    let status = shim.wait().expect("wait for vaultd shim");
+    assert!(
+        status.success(),
+        "vaultd shim did not stop cleanly: {status}"
+    );
+}

@@ -316,8 +316,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(&http_listen)
                     .await
                     .with_context(|| format!("listening on {http_listen}"))?;
+                let bound = listener.local_addr()?;
                 let shutdown = server::daemon::signal();
-                tracing::info!(http = %http_listen, "shim ready");
+                tracing::info!(http = %bound, vault = %shim.config.vault_addr, "shim ready");
                 server::shim::serve(listener, shim, http_tls, shutdown).await?;
                 anyhow::Ok(())
             })?;
