@@ -583,3 +583,62 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
         "vaultd shim did not stop cleanly: {status}"
     );
 }
+
+/// `vaultd dev --tls`: both ports over TLS with a generated dev CA whose
+/// certificate file it names; the flow works for clients that trust it,
+/// and plaintext to either port gets nothing.
+#[test]
+fn dev_with_tls_serves_both_ports_with_a_dev_certificate() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dev = DevServer::start_with(&tmp.path().join("dev"), &["--tls"]);
+    assert_eq!(dev.info["tls"], true, "{}", dev.info);
+    let ca = dev.get("ca_cert");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_file_iter(&ca)
+            .expect("read the CA file")
+    {
+        roots.add(cert.expect("a PEM certificate")).expect("add");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let agent = ureq::AgentBuilder::new().tls_config(Arc::new(tls)).build();
+    let http = dev.get("http_addr");
+    let partner = dev.get("partner_api_key");
+    let granted: Value = agent
+        .post(&format!("https://{http}/v1/authorize"))
+        .set("Authorization", &format!("Bearer {partner}"))
+        .send_json(
+            json!({"subject_id": dev.get("demo_subject_id"), "purpose": dev.get("demo_purpose")}),
+        )
+        .expect("authorize over https")
+        .into_json()
+        .expect("JSON");
+    let out = Command::new(support::binary("fintrust-client", "vault-client"))
+        .args(["redeem", "--addr"])
+        .arg(dev.get("vault_addr"))
+        .args(["--cacert", &ca, "--api-key", &partner, "--token"])
+        .arg(granted["token"].as_str().expect("token"))
+        .env_remove("FINTRUST_API_KEY")
+        .output()
+        .expect("run vault-client");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("a***@example.com"));
+    // Plaintext HTTP to the TLS port: no HTTP answer.
+    let mut s = std::net::TcpStream::connect(&http).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(!got.starts_with(b"HTTP/"), "{got:?}");
+    assert!(dev.stop().success());
+}

@@ -2,8 +2,11 @@
 //! fresh data dir (under the system's temp dir unless told otherwise)
 //! with a generated dev passphrase, writes demo records, consents and a
 //! demo policy, creates one API key per role, and serves the protocol and
-//! the HTTP shim on loopback, in plaintext, until interrupted. The data dir
-//! stays after exit so that `vault-verify` can check it.
+//! the HTTP shim on loopback until interrupted: in plaintext (with a
+//! warning), or with `tls` over a certificate for `localhost` and
+//! `127.0.0.1` issued by a dev CA generated into the data dir
+//! (`dev-ca.pem`, which clients trust with `--cacert`). The data dir stays
+//! after exit so that `vault-verify` can check it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,6 +63,8 @@ pub struct DevOptions {
     pub data_dir: Option<PathBuf>,
     pub listen: String,
     pub http_listen: String,
+    /// Serve both ports over TLS with a generated dev certificate.
+    pub tls: bool,
 }
 
 /// What `vaultd dev` prints (one JSON object with `--json`). The keys are
@@ -79,6 +84,9 @@ pub struct DevOutput {
     pub demo_subject_id: String,
     pub demo_purpose: String,
     pub tls: bool,
+    /// The dev CA certificate (PEM) clients trust, when `tls` is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Creates (or reopens) the dev vault, loads the demo data, and serves it
@@ -147,11 +155,19 @@ pub async fn run(
     let protocol = bind(opts.listen).await?;
     let http = bind(opts.http_listen).await?;
     let public_key = hex::encode(vault.public_key().as_bytes());
-    tracing::warn!("vaultd dev serves WITHOUT TLS on loopback: development only");
+    let (tls, ca_cert) = if opts.tls {
+        let (config, ca) = dev_tls(&data_dir)?;
+        (Some(config), Some(ca))
+    } else {
+        tracing::warn!(
+            "vaultd dev serves WITHOUT TLS on loopback: development only (--tls for a dev certificate)"
+        );
+        (None, None)
+    };
     let d = Daemon {
         protocol,
         http: Some(http),
-        tls: None,
+        tls,
         serve: ServeConfig::default(),
         shim: ShimConfig::default(),
         policies: Some(policies),
@@ -170,7 +186,8 @@ pub async fn run(
         partner_id: DEMO_PARTNER.into(),
         demo_subject_id: DEMO_RECORDS[0].0.into(),
         demo_purpose: DEMO_PURPOSE.into(),
-        tls: false,
+        tls: ca_cert.is_some(),
+        ca_cert,
     };
     // Partners redeem where the protocol port actually listens.
     shim_config.vault_addr = d
@@ -184,11 +201,68 @@ pub async fn run(
     daemon::run(vault, d, |b| ready(output(b)), shutdown).await
 }
 
+/// The dev CA, and a certificate for `localhost` and `127.0.0.1` it
+/// issued, in `data_dir` (made on first use, reused after): the server's
+/// TLS configuration and the CA file clients trust.
+fn dev_tls(data_dir: &Path) -> Result<(std::sync::Arc<rustls::ServerConfig>, PathBuf)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
+        KeyPair,
+    };
+    let named = |cn: &str| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn
+    };
+    let ca_file = data_dir.join("dev-ca.pem");
+    let files = crate::tls::TlsFiles {
+        cert: data_dir.join("dev-cert.pem"),
+        key: data_dir.join("dev-key.pem"),
+        client_ca: None,
+    };
+    if !(ca_file.exists() && files.cert.exists() && files.key.exists()) {
+        let tls_err = |e: rcgen::Error| Error::Usage(format!("making the dev certificate: {e}"));
+        let mut params =
+            CertificateParams::new(vec!["fintrust-vault dev CA".to_string()]).map_err(tls_err)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.distinguished_name = named("fintrust-vault dev CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().map_err(tls_err)?)
+            .map_err(tls_err)?;
+        let key = KeyPair::generate().map_err(tls_err)?;
+        let mut leaf =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .map_err(tls_err)?;
+        leaf.distinguished_name = named("localhost");
+        let cert = leaf.signed_by(&key, &ca).map_err(tls_err)?;
+        for f in [&ca_file, &files.cert, &files.key] {
+            let _ = std::fs::remove_file(f);
+        }
+        write_private(&files.key, key.serialize_pem().as_bytes())?;
+        write_private(&files.cert, cert.pem().as_bytes())?;
+        write_private(&ca_file, ca.pem().as_bytes())?;
+    }
+    Ok((crate::tls::server_config(&files)?, ca_file))
+}
+
 /// Copy-paste commands for the whole flow, for the text output.
 pub fn walkthrough(o: &DevOutput) -> String {
+    let (scheme, curl_tls, client_tls, mode) = match &o.ca_cert {
+        Some(ca) => (
+            "https",
+            format!(" --cacert {}", ca.display()),
+            format!("--cacert {}", ca.display()),
+            "TLS with a dev certificate",
+        ),
+        None => (
+            "http",
+            String::new(),
+            "--insecure-plaintext".to_string(),
+            "plaintext, loopback only",
+        ),
+    };
     format!(
-        r#"fintrust-vault dev server (plaintext, loopback only)
-  protocol:   {vault}   HTTP shim: http://{http}
+        r#"fintrust-vault dev server ({mode})
+  protocol:   {vault}   HTTP shim: {scheme}://{http}
   data dir:   {dir}
   public key: {pk}
   API keys (development only, shown once):
@@ -198,16 +272,16 @@ pub fn walkthrough(o: &DevOutput) -> String {
     auditor  {auditor}
 
 1. A partner asks for {subject}'s data for {purpose}:
-   curl -s -X POST http://{http}/v1/authorize \
+   curl -s{curl_tls} -X POST {scheme}://{http}/v1/authorize \
      -H 'Authorization: Bearer {partner}' -H 'Content-Type: application/json' \
      -d '{{"subject_id": "{subject}", "purpose": "{purpose}"}}'
 
 2. It redeems the token from the answer, once:
-   cargo run -q --bin vault-client -- redeem --addr {vault} --insecure-plaintext \
+   cargo run -q --bin vault-client -- redeem --addr {vault} {client_tls} \
      --api-key {partner} --token <token>
 
 3. Without consent (cust-0003) the answer is 403 consent_missing; the audit trail:
-   curl -s 'http://{http}/v1/logs?partner={partner_id}' -H 'Authorization: Bearer {auditor}'
+   curl -s{curl_tls} '{scheme}://{http}/v1/logs?partner={partner_id}' -H 'Authorization: Bearer {auditor}'
 
 4. After Ctrl-C, check the whole log with the public key alone:
    cargo run -q --bin vault-verify -- --data-dir {dir} --public-key {pk}

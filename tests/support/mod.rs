@@ -62,6 +62,12 @@ pub struct DevServer {
 impl DevServer {
     /// Starts `vaultd dev --json` with its data under `dir`.
     pub fn start(dir: &Path) -> DevServer {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts `vaultd dev --json` with its data under `dir` and `extra`
+    /// arguments.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> DevServer {
         use std::io::BufRead;
         let mut child = Command::new(binary("fintrust-server", "vaultd"))
             .arg("dev")
@@ -74,6 +80,7 @@ impl DevServer {
                 "127.0.0.1:0",
                 "--json",
             ])
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -113,6 +113,10 @@ enum Command {
         listen: String,
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_listen: String,
+        /// Serve both ports over TLS with a generated dev certificate
+        /// (its CA is written to DATA_DIR/dev-ca.pem).
+        #[arg(long)]
+        tls: bool,
         /// Print one JSON object on the first line of stdout.
         #[arg(long)]
         json: bool,
@@ -327,6 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             listen,
             http_listen,
+            tls,
             json,
             format,
         } => {
@@ -338,6 +343,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     data_dir,
                     listen,
                     http_listen,
+                    tls,
                 },
                 |out| {
                     if json {
