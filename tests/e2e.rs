@@ -642,3 +642,131 @@ fn dev_with_tls_serves_both_ports_with_a_dev_certificate() {
     assert!(!got.starts_with(b"HTTP/"), "{got:?}");
     assert!(dev.stop().success());
 }
+
+/// Secrets hygiene: after the whole flow, with the log at debug level, no
+/// token, API key or planted personal value appears in any file of the
+/// data dir (outside ciphertext), in the server's log, or in the audit
+/// output. The dev passphrase and TLS key are files the dev server keeps
+/// in its data dir by design, so they are left out of the search and only
+/// the passphrase's absence from everything else is checked.
+#[test]
+fn no_secret_or_personal_value_reaches_disk_logs_or_audit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("dev");
+    let log = tmp.path().join("vaultd.log");
+    let dev = DevServer::start_logged(&dir, &[], &log);
+    let f = Flow { dev };
+    let http = f.dev.http();
+    let mut secrets: Vec<String> = [
+        "admin_api_key",
+        "writer_api_key",
+        "partner_api_key",
+        "auditor_api_key",
+    ]
+    .iter()
+    .map(|k| f.dev.get(k))
+    .collect();
+    secrets.push(
+        std::fs::read_to_string(dir.join("dev-passphrase"))
+            .expect("passphrase")
+            .trim()
+            .to_string(),
+    );
+    // Planted personal values, in a record a writer appends.
+    let planted = [
+        "Zebulon Quarterfield",
+        "zebulon.q@example.org",
+        "NL91ABNA0417164300",
+        "4111111111111111",
+    ];
+    let record = tmp.path().join("record.json");
+    std::fs::write(
+        &record,
+        json!({"name": planted[0], "email": planted[1], "iban": planted[2], "card": planted[3]})
+            .to_string(),
+    )
+    .expect("record");
+    let out = Command::new(support::binary("fintrust-client", "vault-client"))
+        .args([
+            "append",
+            "--insecure-plaintext",
+            "--subject",
+            "cust-0002",
+            "--addr",
+        ])
+        .arg(f.dev.get("vault_addr"))
+        .args(["--api-key", &f.dev.get("writer_api_key"), "--record-file"])
+        .arg(&record)
+        .env_remove("FINTRUST_API_KEY")
+        .output()
+        .expect("vault-client append");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // Tokens: one redeemed, one left unredeemed, one refused.
+    let partner = f.dev.get("partner_api_key");
+    for _ in 0..2 {
+        let (status, grant) = f.partner_authorize("cust-0002", "credit_check");
+        assert_eq!(status, 200, "{grant}");
+        secrets.push(grant["token"].as_str().expect("token").to_string());
+    }
+    let (code, stdout, stderr) = f.redeem(&partner, &secrets[secrets.len() - 2]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains(planted[0]), "masked: {stdout}");
+    let (code, _, _) = f.redeem(&partner, &secrets[secrets.len() - 2]);
+    assert_eq!(code, 2, "a spent token is refused");
+    let (status, _) = f.partner_authorize("cust-0003", "credit_check");
+    assert_eq!(status, 403);
+    // A credential made over HTTP: its key is shown once, then only hashed.
+    let (status, created) = call(
+        "POST",
+        &format!("{http}/v1/credentials"),
+        Some(&f.dev.get("admin_api_key")),
+        Some(r#"{"role": "partner", "name": "other-lender"}"#),
+    );
+    assert_eq!(status, 201, "{created}");
+    secrets.push(created["api_key"].as_str().expect("api_key").to_string());
+
+    let auditor = f.dev.get("auditor_api_key");
+    let mut audit = String::new();
+    for format in ["json", "jsonl"] {
+        let (status, body) = call(
+            "GET",
+            &format!("{http}/v1/logs?limit=1000&format={format}"),
+            Some(&auditor),
+            None,
+        );
+        assert_eq!(status, 200);
+        audit.push_str(&body.to_string());
+    }
+    assert!(f.dev.stop().success());
+
+    let mut haystacks: Vec<(String, Vec<u8>)> = vec![
+        ("vaultd log".into(), std::fs::read(&log).expect("log")),
+        ("audit output".into(), audit.into_bytes()),
+    ];
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != "dev-passphrase") {
+                haystacks.push((p.display().to_string(), std::fs::read(&p).expect("read")));
+            }
+        }
+    }
+    assert!(
+        haystacks.len() > 3,
+        "the data dir has files: {}",
+        haystacks.len()
+    );
+    let log_text = String::from_utf8_lossy(&haystacks[0].1).into_owned();
+    assert!(log_text.contains("DEBUG"), "the log ran at debug level");
+    for needle in secrets.iter().map(String::as_str).chain(planted) {
+        for (name, bytes) in &haystacks {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{needle:?} found in {name}"
+            );
+        }
+    }
+}

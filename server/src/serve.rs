@@ -853,8 +853,15 @@ async fn redeem(vault: &Vault, token: &str, partner_id: &str) -> Message {
             other => (k, other.to_string()),
         })
         .collect();
+    // A field the token names but the subject's record does not hold is
+    // left out of the answer (a policy lists what a partner may see, not
+    // what every record has); the token is spent either way.
+    let present: std::collections::HashSet<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
     let mut wanted = Vec::with_capacity(terms.fields.len());
     for (f, op) in &terms.fields {
+        if !present.contains(f.as_str()) {
+            continue;
+        }
         match protocol::MaskOp::from_name(op) {
             Some(op) => wanted.push((f.clone(), op)),
             None => return error(ErrorCode::Internal, "the token names an unknown operator"),

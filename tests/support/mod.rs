@@ -68,7 +68,21 @@ impl DevServer {
     /// Starts `vaultd dev --json` with its data under `dir` and `extra`
     /// arguments.
     pub fn start_with(dir: &Path, extra: &[&str]) -> DevServer {
+        Self::spawn(dir, extra, None)
+    }
+
+    /// Like [`DevServer::start_with`], with its log at debug level written
+    /// to `log`.
+    pub fn start_logged(dir: &Path, extra: &[&str], log: &Path) -> DevServer {
+        Self::spawn(dir, extra, Some(log))
+    }
+
+    fn spawn(dir: &Path, extra: &[&str], log: Option<&Path>) -> DevServer {
         use std::io::BufRead;
+        let stderr = match log {
+            Some(path) => std::process::Stdio::from(std::fs::File::create(path).expect("log file")),
+            None => std::process::Stdio::null(),
+        };
         let mut child = Command::new(binary("fintrust-server", "vaultd"))
             .arg("dev")
             .arg("--data-dir")
@@ -81,8 +95,9 @@ impl DevServer {
                 "--json",
             ])
             .args(extra)
+            .env("FINTRUST_LOG", if log.is_some() { "debug" } else { "info" })
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start vaultd dev");
         let stdout = child.stdout.take().expect("stdout");
