@@ -18,7 +18,7 @@ use client::{
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use server::serve::ServeConfig;
 use server::tls::TlsFiles;
-use support::{start, Run, PARTNER};
+use support::{start, Run, Server, PARTNER};
 
 fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs

@@ -137,6 +137,7 @@ impl Drop for DevServer {
 
 /// What a finished tool process left behind.
 #[derive(Debug)]
+#[allow(dead_code)] // each test binary uses part of it
 pub struct Run {
     pub code: i32,
     pub stdout: String,
@@ -193,6 +194,7 @@ pub const PARTNER: &str = "demo-lender";
 /// A vault served on 127.0.0.1 on a port the OS chose, in this process,
 /// with writer, partner and auditor credentials besides the admin's.
 /// Dropping it stops the server.
+#[allow(dead_code)] // each test binary uses part of it
 pub struct Server {
     pub addr: std::net::SocketAddr,
     pub vault: Arc<Vault>,
