@@ -171,7 +171,12 @@ async fn refusals_and_unreachable_servers_cannot_run() {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         l.local_addr().expect("addr").to_string()
     };
-    let r = verify(&closed, &["--public-key", &key, "--api-key", &s.auditor], &[]).await;
+    let r = verify(
+        &closed,
+        &["--public-key", &key, "--api-key", &s.auditor],
+        &[],
+    )
+    .await;
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("could not verify"), "{r:?}");
 
@@ -180,7 +185,14 @@ async fn refusals_and_unreachable_servers_cannot_run() {
     assert_eq!(r.code, 2, "{r:?}");
     let r = verify(
         &addr,
-        &["--public-key", &key, "--api-key", &s.auditor, "--data-dir", "x"],
+        &[
+            "--public-key",
+            &key,
+            "--api-key",
+            &s.auditor,
+            "--data-dir",
+            "x",
+        ],
         &[],
     )
     .await;
@@ -212,7 +224,13 @@ impl Recorded {
         let n = head.last_seq + 1;
         let entries = s.vault.entries_from(0, n as usize).expect("entries");
         let receipts = (0..n)
-            .map(|seq| s.vault.receipt(seq).expect("read").expect("a receipt").encode())
+            .map(|seq| {
+                s.vault
+                    .receipt(seq)
+                    .expect("read")
+                    .expect("a receipt")
+                    .encode()
+            })
             .collect();
         Recorded {
             public_key: s.public_key(),
@@ -249,7 +267,9 @@ async fn fake_server(log: Recorded, how: Fake) -> String {
 
 async fn serve_fake(mut tcp: TcpStream, log: Arc<Recorded>, how: Fake) {
     if let Fake::Garbage = how {
-        let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot a vault").await;
+        let _ = tcp
+            .write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot a vault")
+            .await;
         return;
     }
     let mut conn = Framed::new(tcp, MessageCodec::new());
@@ -262,7 +282,9 @@ async fn serve_fake(mut tcp: TcpStream, log: Arc<Recorded>, how: Fake) {
             },
             _ if matches!(how, Fake::GarbageAfterHello) => {
                 let mut tcp = conn.into_inner();
-                let _ = tcp.write_all(&[0x46, 0x56, 0x01, 0x87, 0xff, 0xff, 1, 2, 3]).await;
+                let _ = tcp
+                    .write_all(&[0x46, 0x56, 0x01, 0x87, 0xff, 0xff, 1, 2, 3])
+                    .await;
                 return;
             }
             Message::Head => Message::HeadInfo {

@@ -273,4 +273,3 @@ pub async fn start(config: ServeConfig, tls: Option<TlsFiles>) -> Server {
         _stop: stop,
     }
 }
-

@@ -14,9 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use client::cli::ConnectArgs;
-use client::{
-    verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt,
-};
+use client::{verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt};
 use serde_json::{json, Value};
 
 /// Exit code of a local failure.
