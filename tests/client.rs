@@ -16,80 +16,9 @@ use client::{
     Zeroizing,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use server::serve::{run, ServeConfig};
-use server::tls::{server_config, TlsFiles};
-use storage::{Options, Unlock, Vault};
-
-/// The partner credential's name, which is the partner id tokens name.
-const PARTNER: &str = "demo-lender";
-
-struct Server {
-    addr: std::net::SocketAddr,
-    vault: Arc<Vault>,
-    admin: String,
-    writer: String,
-    partner: String,
-    dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Server {
-    fn public_key(&self) -> [u8; 32] {
-        self.vault.public_key().to_bytes()
-    }
-
-    /// A plaintext config for `key` (the server is on loopback).
-    fn plain(&self, key: &str) -> ClientConfig {
-        ClientConfig {
-            addr: self.addr.to_string(),
-            tls: Tls::Plaintext,
-            api_key: Zeroizing::new(key.to_string()),
-            client_name: "client test".into(),
-            timeout: Duration::from_secs(10),
-        }
-    }
-
-    async fn connect(&self, key: &str) -> Client {
-        Client::connect(self.plain(key)).await.expect("connect")
-    }
-}
-
-async fn start(config: ServeConfig, tls: Option<TlsFiles>) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let created = Vault::create(
-        &dir.path().join("v"),
-        &Unlock::passphrase(b"client test".to_vec()),
-        Options::default(),
-    )
-    .expect("create");
-    let vault = Arc::new(created.vault);
-    let (_, writer) = vault
-        .create_credential("writer", "test service")
-        .await
-        .expect("writer");
-    let (_, partner) = vault
-        .create_credential("partner", PARTNER)
-        .await
-        .expect("partner");
-    let tls = tls.map(|files| server_config(&files).expect("server TLS config"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(listener, vault.clone(), config, tls, async {
-        let _ = stopped.await;
-    }));
-    Server {
-        addr,
-        vault,
-        admin: created.admin_api_key.to_string(),
-        writer: writer.to_string(),
-        partner: partner.to_string(),
-        dir,
-        _stop: stop,
-    }
-}
+use server::serve::ServeConfig;
+use server::tls::TlsFiles;
+use support::{start, Run, Server, PARTNER};
 
 fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -464,46 +393,10 @@ async fn mutual_tls_needs_the_client_certificate() {
 
 // ---- the vault-client binary ----
 
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> serde_json::Value {
-        let lines: Vec<&str> = self.stdout.lines().collect();
-        assert_eq!(lines.len(), 1, "expected one line of JSON: {self:?}");
-        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
-        assert!(v.is_object(), "not a JSON object: {v}");
-        v
-    }
-}
-
 /// Runs `vault-client` with `args` and `env`, and no other `FINTRUST_*`
 /// variable, without blocking the runtime serving it.
 async fn vault_client(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let path = tokio::task::spawn_blocking(|| support::binary("fintrust-client", "vault-client"))
-        .await
-        .expect("build");
-    let mut cmd = tokio::process::Command::new(&path);
-    cmd.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    let out = cmd.output().await.expect("run vault-client");
-    Run {
-        code: out
-            .status
-            .code()
-            .expect("vault-client was killed by a signal"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    support::run_tool("fintrust-client", "vault-client", args, env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

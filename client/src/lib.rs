@@ -22,7 +22,8 @@
 //!   a caller makes (retry, reconnect, fix the request, stop trusting).
 //!
 //! The `vault-client` binary (`src/bin/vault-client.rs`) is these calls
-//! plus argument parsing and printing.
+//! plus argument parsing and printing; [`cli::ConnectArgs`] holds the
+//! connection flags it shares with `vault-verify --remote`.
 //!
 //! ```no_run
 //! use client::{Client, ClientConfig, HeadTracker, Tls, Zeroizing};
@@ -48,6 +49,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod error;

@@ -15,6 +15,8 @@
 //!   consents, credentials, logs, health).
 //! - [`metrics`]: the Prometheus metrics both servers keep.
 //! - [`verify`]: `vault-verify`'s report and its exit codes.
+//! - [`remote`]: `vault-verify --remote`, the same checks of a live
+//!   server's log over the wire protocol.
 //! - [`bench`]: `vault-bench`, throughput and latency of the storage engine.
 
 pub mod bench;
@@ -23,6 +25,7 @@ pub mod dev;
 pub mod init;
 pub mod mask;
 pub mod metrics;
+pub mod remote;
 pub mod secrets;
 pub mod serve;
 pub mod shim;
@@ -46,6 +49,10 @@ pub enum Error {
     },
     #[error("{0}")]
     Usage(String),
+    /// Talking to a vault failed: unreachable, TLS, refused by the server,
+    /// a timeout, or answers that do not decode.
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
 }
 
 /// Result alias of the server crate.

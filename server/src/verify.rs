@@ -1,7 +1,10 @@
-//! `vault-verify`: run [`storage::verify`] and describe the outcome.
+//! `vault-verify`: run [`storage::verify`] (or, with `--remote`,
+//! [`crate::remote::verify_remote`]) and describe the outcome.
 
 use serde::Serialize;
 use storage::Report;
+
+use crate::remote::RemoteReport;
 
 /// Exit code: the vault is intact.
 pub const EXIT_OK: i32 = 0;
@@ -26,6 +29,28 @@ pub struct VerifyJson {
     pub shredded: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<&'static str>,
+    /// `"remote"` for `--remote`; absent for a data dir.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<&'static str>,
+    /// Remote mode: the address verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Remote mode: the seq of the signed head verified against (the
+    /// server's head when the run started), also on failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_head_seq: Option<u64>,
+    /// Remote mode: the signed head's timestamp (unix ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head_timestamp_ms: Option<u64>,
+    /// Remote mode: commit groups whose root and signature were checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<u64>,
+    /// Remote mode: receipts checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receipts_checked: Option<u64>,
+    /// Remote mode: wall time of the run in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -49,7 +74,50 @@ impl From<&Report> for VerifyJson {
             }),
             shredded: r.shredded.clone(),
             warning: r.used_stored_key.then_some(STORED_KEY_WARNING),
+            mode: None,
+            server: None,
+            signed_head_seq: None,
+            head_timestamp_ms: None,
+            groups: None,
+            receipts_checked: None,
+            elapsed_ms: None,
         }
+    }
+}
+
+impl From<&RemoteReport> for VerifyJson {
+    fn from(r: &RemoteReport) -> Self {
+        VerifyJson {
+            mode: Some("remote"),
+            server: Some(r.addr.clone()),
+            signed_head_seq: r.report.signed_head.map(|h| h.last_seq),
+            head_timestamp_ms: r.report.signed_head.map(|h| h.timestamp_ms),
+            groups: Some(r.groups),
+            receipts_checked: Some(r.receipts_checked),
+            elapsed_ms: Some(u64::try_from(r.elapsed.as_millis()).unwrap_or(u64::MAX)),
+            ..VerifyJson::from(&r.report)
+        }
+    }
+}
+
+/// A one-line human summary of a remote run.
+pub fn remote_summary(r: &RemoteReport) -> String {
+    match &r.report.failure {
+        None => format!(
+            "OK: {} entries verified at {}; head seq {} hash {} (signed at {} ms); \
+             {} commit groups, {} receipts, in {:.1} s",
+            r.report.entries,
+            r.addr,
+            r.report.entries.saturating_sub(1),
+            r.report.head.map(hex::encode).unwrap_or_else(|| "-".into()),
+            r.report
+                .signed_head
+                .map_or_else(|| "-".into(), |h| h.timestamp_ms.to_string()),
+            r.groups,
+            r.receipts_checked,
+            r.elapsed.as_secs_f64()
+        ),
+        Some(_) => summary(&r.report),
     }
 }
 

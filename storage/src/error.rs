@@ -37,8 +37,12 @@ pub enum Reason {
     KeyMismatch(String),
     /// Vault metadata does not match what the genesis entry committed to.
     MetaMismatch(String),
-    /// The log is shorter than the derived state says it was.
+    /// The log is shorter than the derived state says it was, or (remote
+    /// verification) than the signed head the server presented.
     Truncated,
+    /// Remote verification: a receipt the server sent for an entry does
+    /// not prove the entry it served at that seq.
+    BadReceipt(String),
 }
 
 impl Reason {
@@ -59,6 +63,7 @@ impl Reason {
             Reason::KeyMismatch(_) => "key_mismatch",
             Reason::MetaMismatch(_) => "meta_mismatch",
             Reason::Truncated => "truncated",
+            Reason::BadReceipt(_) => "bad_receipt",
         }
     }
 }
@@ -70,7 +75,8 @@ impl fmt::Display for Reason {
             | Reason::BadGenesis(s)
             | Reason::IndexMismatch(s)
             | Reason::KeyMismatch(s)
-            | Reason::MetaMismatch(s) => write!(f, "{}: {s}", self.code()),
+            | Reason::MetaMismatch(s)
+            | Reason::BadReceipt(s) => write!(f, "{}: {s}", self.code()),
             other => f.write_str(other.code()),
         }
     }

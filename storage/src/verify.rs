@@ -105,11 +105,152 @@ fn next_window(iter: &mut sled::Iter, key: &VerifyingKey) -> Result<Window> {
         .collect())
 }
 
-/// The in-order part of a scan: seqs, links, groups and heads.
-struct Walk {
+/// The in-order checks of a log, fed one entry and one head at a time:
+/// contiguous seqs from 0, hash links, and a head's fields against the
+/// group it closes. Pure (no I/O, no key), so that the local scan and
+/// `vault-verify --remote`, which streams entries over the wire, run the
+/// very same checks.
+///
+/// Invariant: `group` holds the hashes of the entries since the last head
+/// (the open commit group), `group_first` the seq of the first of them.
+#[derive(Debug, Default)]
+pub struct ChainCheck {
     tip: ChainTip,
     group: Vec<Hash>,
     group_first: u64,
+}
+
+impl ChainCheck {
+    /// A check expecting seq 0 next.
+    pub fn new() -> Self {
+        ChainCheck::default()
+    }
+
+    /// Entries accepted so far, the last one's hash and the last head.
+    pub fn tip(&self) -> &ChainTip {
+        &self.tip
+    }
+
+    /// The seq the next entry must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.tip.entries
+    }
+
+    /// The first seq of the open group, when entries follow the last head.
+    pub fn open_group(&self) -> Option<u64> {
+        (!self.group.is_empty()).then_some(self.group_first)
+    }
+
+    /// Checks that `e` (whose encoding hashes to `hash`) is the next entry
+    /// and links to the previous one, then adds it to the open group.
+    pub fn entry(&mut self, e: &EntryRef<'_>, hash: &Hash) -> std::result::Result<(), Failure> {
+        let expected = self.tip.entries;
+        if e.seq != expected {
+            return Err((expected, seq_reason(e.seq, expected)));
+        }
+        if e.prev_hash != self.tip.last_hash.unwrap_or([0; 32]) {
+            return Err((e.seq, Reason::BadLink));
+        }
+        if self.group.is_empty() {
+            self.group_first = e.seq;
+        }
+        self.group.push(*hash);
+        self.tip.entries += 1;
+        self.tip.last_hash = Some(*hash);
+        Ok(())
+    }
+
+    /// Closes the open group with `head`: its first and last seq, last
+    /// hash and key id must be those of the entries since the last head.
+    /// Returns the group's entry hashes for [`check_group`] (which the
+    /// local scan may run later, in parallel).
+    pub fn close_group(&mut self, head: &SignedHead) -> std::result::Result<Vec<Hash>, Failure> {
+        let last = self.tip.entries.saturating_sub(1);
+        let ok = !self.group.is_empty()
+            && head.group_first_seq == self.group_first
+            && head.last_seq == last
+            && Some(head.last_hash) == self.tip.last_hash
+            && head.key_id == 0;
+        if !ok {
+            return Err((last, Reason::HeadMismatch));
+        }
+        self.tip.head = Some(*head);
+        Ok(std::mem::take(&mut self.group))
+    }
+}
+
+/// Checks a closed group's Merkle root against its head, then the head's
+/// signature (`signature_ok`: [`SignedHead::verify`] with the pinned key,
+/// which the caller may have computed ahead, in parallel). Failures name
+/// the head's last seq.
+pub fn check_group(
+    hashes: &[Hash],
+    head: &SignedHead,
+    signature_ok: bool,
+) -> std::result::Result<(), Failure> {
+    if hashes.is_empty() {
+        return Err((head.last_seq, Reason::HeadMismatch));
+    }
+    group_verdict(MerkleTree::new(hashes).root(), head, signature_ok)
+}
+
+fn group_verdict(
+    root: Hash,
+    head: &SignedHead,
+    signature_ok: bool,
+) -> std::result::Result<(), Failure> {
+    if head.group_root != root {
+        return Err((head.last_seq, Reason::HeadMismatch));
+    }
+    if !signature_ok {
+        return Err((head.last_seq, Reason::BadSignature));
+    }
+    Ok(())
+}
+
+/// The checks of one entry's content that need no other entry: seq 0 is
+/// a well-formed genesis and no other entry is one (its payload is
+/// returned), and the payload fits its kind's schema (section 3 of
+/// `docs/storage.md`). The local scan does the schema part as it replays
+/// derived state; remote verification calls this.
+pub fn check_entry_content(e: &EntryRef<'_>) -> std::result::Result<Option<Genesis>, Failure> {
+    let genesis = check_genesis_position(e)?;
+    state::mutations(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
+    state::key_commitments(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
+    Ok(genesis)
+}
+
+/// Seq 0 must be a genesis entry whose payload parses; no other entry may
+/// be one.
+fn check_genesis_position(e: &EntryRef<'_>) -> std::result::Result<Option<Genesis>, Failure> {
+    if e.seq == 0 {
+        if e.kind != Kind::Genesis {
+            return Err((0, Reason::BadGenesis("first entry is not genesis".into())));
+        }
+        let g: Genesis = serde_json::from_slice(e.payload)
+            .map_err(|_| (0, Reason::BadGenesis("payload".into())))?;
+        return Ok(Some(g));
+    }
+    if e.kind == Kind::Genesis {
+        return Err((e.seq, Reason::BadGenesis("second genesis entry".into())));
+    }
+    Ok(None)
+}
+
+/// The genesis entry must name the key the log was verified with.
+pub fn check_genesis_key(g: &Genesis, key: &VerifyingKey) -> std::result::Result<(), Failure> {
+    if g.public_key != hex::encode(key.as_bytes()) {
+        return Err((
+            0,
+            Reason::BadGenesis("genesis names another public key".into()),
+        ));
+    }
+    Ok(())
+}
+
+/// The in-order part of a scan: [`ChainCheck`] over decoded windows.
+struct Walk {
+    chain: ChainCheck,
 }
 
 /// A group spanning several chunks whose Merkle root and signature are
@@ -132,15 +273,7 @@ impl Walk {
         let walked = self.walk(window, visit, &mut deferred);
         let bad = deferred
             .par_iter()
-            .filter_map(|d| {
-                if MerkleTree::new(&d.hashes).root() != d.head.group_root {
-                    Some((d.head.last_seq, Reason::HeadMismatch))
-                } else if !d.signature_ok {
-                    Some((d.head.last_seq, Reason::BadSignature))
-                } else {
-                    None
-                }
-            })
+            .filter_map(|d| check_group(&d.hashes, &d.head, d.signature_ok).err())
             .min_by_key(|f| f.0);
         match (walked, bad) {
             (Err(e), Some(b)) if b.0 < e.0 => Err(b),
@@ -156,64 +289,38 @@ impl Walk {
         visit: &mut impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure>,
         deferred: &mut Vec<Deferred>,
     ) -> std::result::Result<(), Failure> {
-        let tip = &mut self.tip;
+        let chain = &mut self.chain;
         for d in window {
-            let d = d.map_err(|reason| (tip.entries, reason))?;
+            let d = d.map_err(|reason| (chain.next_seq(), reason))?;
             if d.key != Some(d.first_seq) {
-                return Err((tip.entries, Reason::Reordered));
+                return Err((chain.next_seq(), Reason::Reordered));
             }
             // The key must also name the seq of the chunk's first entry:
             // reads by seq find a chunk by its key, so a chunk moved under
             // another key (header rewritten to match) would hide entries
             // that the chain itself still accounts for.
-            if d.first_seq != tip.entries {
-                return Err((tip.entries, seq_reason(d.first_seq, tip.entries)));
+            if d.first_seq != chain.next_seq() {
+                return Err((chain.next_seq(), seq_reason(d.first_seq, chain.next_seq())));
             }
-            let group_starts_here = self.group.is_empty();
+            let group_starts_here = chain.open_group().is_none();
             for (range, hash) in d.ranges.iter().zip(&d.hashes) {
                 let e = EntryRef::decode(&d.value[range.clone()])
-                    .map_err(|_| (tip.entries, Reason::Malformed("entry".into())))?;
-                let expected = tip.entries;
-                if e.seq != expected {
-                    return Err((expected, seq_reason(e.seq, expected)));
-                }
-                if e.prev_hash != tip.last_hash.unwrap_or([0; 32]) {
-                    return Err((e.seq, Reason::BadLink));
-                }
-                if self.group.is_empty() {
-                    self.group_first = e.seq;
-                }
-                self.group.push(*hash);
+                    .map_err(|_| (chain.next_seq(), Reason::Malformed("entry".into())))?;
+                chain.entry(&e, hash)?;
                 visit(&e, hash)?;
-                tip.entries += 1;
-                tip.last_hash = Some(*hash);
             }
             if let Some(h) = d.head {
-                let last = tip.entries - 1;
-                let ok = h.group_first_seq == self.group_first
-                    && h.last_seq == last
-                    && Some(h.last_hash) == tip.last_hash
-                    && h.key_id == 0;
-                if !ok {
-                    return Err((last, Reason::HeadMismatch));
-                }
+                let hashes = chain.close_group(&h)?;
                 match d.root {
                     Some(root) if group_starts_here => {
-                        if h.group_root != root {
-                            return Err((last, Reason::HeadMismatch));
-                        }
-                        if !d.head_signature_ok {
-                            return Err((last, Reason::BadSignature));
-                        }
-                        self.group.clear();
+                        group_verdict(root, &h, d.head_signature_ok)?;
                     }
                     _ => deferred.push(Deferred {
-                        hashes: std::mem::take(&mut self.group),
+                        hashes,
                         head: h,
                         signature_ok: d.head_signature_ok,
                     }),
                 }
-                tip.head = Some(h);
             }
         }
         Ok(())
@@ -234,9 +341,7 @@ pub(crate) fn scan_chain(
     mut visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
 ) -> Result<std::result::Result<ChainTip, Failure>> {
     let mut walk = Walk {
-        tip: ChainTip::default(),
-        group: Vec::new(),
-        group_first: 0,
+        chain: ChainCheck::new(),
     };
     let mut iter = log.iter();
     let mut next = next_window(&mut iter, key)?;
@@ -250,12 +355,12 @@ pub(crate) fn scan_chain(
             return Ok(Err(f));
         }
         next = read?;
-        progress(walk.tip.entries);
+        progress(walk.chain.next_seq());
     }
-    if !walk.group.is_empty() {
-        return Ok(Err((walk.group_first, Reason::UnsignedTail)));
+    if let Some(first) = walk.chain.open_group() {
+        return Ok(Err((first, Reason::UnsignedTail)));
     }
-    Ok(Ok(walk.tip))
+    Ok(Ok(walk.chain.tip().clone()))
 }
 
 /// Names an out-of-place seq: `found` where `expected` should be.
@@ -367,15 +472,8 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
     let mut shredded = Vec::new();
     let mut genesis: Option<Genesis> = None;
     let scan = scan_chain(&store.log, &key, progress, |e, _| {
-        if e.seq == 0 {
-            if e.kind != Kind::Genesis {
-                return Err((0, Reason::BadGenesis("first entry is not genesis".into())));
-            }
-            let g: Genesis = serde_json::from_slice(e.payload)
-                .map_err(|_| (0, Reason::BadGenesis("payload".into())))?;
+        if let Some(g) = check_genesis_position(e)? {
             genesis = Some(g);
-        } else if e.kind == Kind::Genesis {
-            return Err((e.seq, Reason::BadGenesis("second genesis entry".into())));
         }
         if e.kind == Kind::Record {
             // The hot path, without allocation: the same mutation as
@@ -440,11 +538,8 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
         report.failure = Some((0, Reason::BadGenesis("empty log".into())));
         return Ok(report);
     };
-    if g.public_key != hex::encode(key.as_bytes()) {
-        report.failure = Some((
-            0,
-            Reason::BadGenesis("genesis names another public key".into()),
-        ));
+    if let Err(f) = check_genesis_key(&g, &key) {
+        report.failure = Some(f);
         return Ok(report);
     }
     if let Some(t) = unexpected_tree(&store.db.tree_names()) {

@@ -4,7 +4,13 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use client::{Client, ClientConfig, Tls, Zeroizing};
+use server::serve::{run, ServeConfig};
+use server::tls::{server_config, TlsFiles};
+use storage::{Options, Unlock, Vault};
 
 /// The path of binary `bin` of workspace package `package`, built first.
 ///
@@ -148,5 +154,144 @@ impl Drop for DevServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// What a finished tool process left behind.
+#[derive(Debug)]
+#[allow(dead_code)] // each test binary uses part of it
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[allow(dead_code)]
+impl Run {
+    /// Stdout as exactly one JSON object on one line.
+    pub fn json(&self) -> serde_json::Value {
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line of JSON: {self:?}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
+        assert!(v.is_object(), "not a JSON object: {v}");
+        v
+    }
+}
+
+/// Runs binary `bin` of `package` with `args` and `env`, and no other
+/// `FINTRUST_*` variable, without blocking the runtime (which may be
+/// serving the vault the tool talks to).
+#[allow(dead_code)]
+pub async fn run_tool(package: &str, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let (package_owned, bin_owned) = (package.to_string(), bin.to_string());
+    let path = tokio::task::spawn_blocking(move || binary(&package_owned, &bin_owned))
+        .await
+        .expect("build");
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    Run {
+        code: out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("{bin} was killed by a signal")),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The partner credential's name, which is the partner id tokens name.
+#[allow(dead_code)]
+pub const PARTNER: &str = "demo-lender";
+
+/// A vault served on 127.0.0.1 on a port the OS chose, in this process,
+/// with writer, partner and auditor credentials besides the admin's.
+/// Dropping it stops the server.
+#[allow(dead_code)] // each test binary uses part of it
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub vault: Arc<Vault>,
+    pub admin: String,
+    pub writer: String,
+    pub partner: String,
+    /// An auditor's API key: may read the head, entries and proofs.
+    pub auditor: String,
+    pub dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+#[allow(dead_code)] // each test binary uses part of it
+impl Server {
+    pub fn public_key(&self) -> [u8; 32] {
+        self.vault.public_key().to_bytes()
+    }
+
+    /// A plaintext config for `key` (the server is on loopback).
+    pub fn plain(&self, key: &str) -> ClientConfig {
+        ClientConfig {
+            addr: self.addr.to_string(),
+            tls: Tls::Plaintext,
+            api_key: Zeroizing::new(key.to_string()),
+            client_name: "client test".into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub async fn connect(&self, key: &str) -> Client {
+        Client::connect(self.plain(key)).await.expect("connect")
+    }
+}
+
+#[allow(dead_code)]
+/// Creates a vault in a temp dir and serves it with `config` (and TLS
+/// when `tls` names the files).
+pub async fn start(config: ServeConfig, tls: Option<TlsFiles>) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let created = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"client test".to_vec()),
+        Options::default(),
+    )
+    .expect("create");
+    let vault = Arc::new(created.vault);
+    let (_, writer) = vault
+        .create_credential("writer", "test service")
+        .await
+        .expect("writer");
+    let (_, partner) = vault
+        .create_credential("partner", PARTNER)
+        .await
+        .expect("partner");
+    let (_, auditor) = vault
+        .create_credential("auditor", "test auditor")
+        .await
+        .expect("auditor");
+    let tls = tls.map(|files| server_config(&files).expect("server TLS config"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run(listener, vault.clone(), config, tls, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        vault,
+        admin: created.admin_api_key.to_string(),
+        writer: writer.to_string(),
+        partner: partner.to_string(),
+        auditor: auditor.to_string(),
+        dir,
+        _stop: stop,
     }
 }

@@ -1,5 +1,7 @@
 //! `vault-verify`: prove, with nothing but the public key, that a vault's
-//! log, derived state and key store were not altered.
+//! log, derived state and key store were not altered (`--data-dir`), or
+//! that the log a live server serves is the one its signed head and key
+//! commit to (`--remote`).
 //!
 //! Exit codes: 0 intact, 1 integrity failure, 2 could not run.
 
@@ -10,20 +12,41 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use server::verify::{exit_code, summary, VerifyJson, EXIT_ERROR, STORED_KEY_WARNING};
+use clap::{ArgGroup, Parser};
+use client::cli::ConnectArgs;
+use server::remote::{RemoteOptions, DEFAULT_PAGE_ENTRIES, DEFAULT_SAMPLE_RECEIPTS};
+use server::verify::{
+    exit_code, remote_summary, summary, VerifyJson, EXIT_ERROR, EXIT_INTEGRITY, EXIT_OK,
+    STORED_KEY_WARNING,
+};
 
 #[derive(Parser)]
 #[command(
     name = "vault-verify",
     version,
-    about = "Verify a fintrust-vault data dir"
+    about = "Verify a fintrust-vault data dir, or a running vault over the wire",
+    group(ArgGroup::new("source").required(true).args(["data_dir", "remote"]))
 )]
 struct Cli {
-    /// The vault's data dir.
+    /// The vault's data dir (stop vaultd first, or verify a copy).
     #[arg(long, env = "FINTRUST_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Hex of the vault's ed25519 public key, as `vaultd init` printed it.
+    data_dir: Option<PathBuf>,
+    /// host:port of a running vault: verify the log it serves, with an
+    /// auditor (or admin) API key.
+    #[arg(long, env = "FINTRUST_REMOTE", value_name = "HOST:PORT")]
+    remote: Option<String>,
+    /// Remote mode: TLS, API key and timeout, as for vault-client.
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Remote mode: entries asked for per request.
+    #[arg(long, default_value_t = DEFAULT_PAGE_ENTRIES, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    page_size: u32,
+    /// Remote mode: receipts of random entries to check, besides one per
+    /// commit group.
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_RECEIPTS)]
+    sample_receipts: usize,
+    /// Hex of the vault's ed25519 public key, as `vaultd init` printed it
+    /// (required with --remote).
     #[arg(long, env = "FINTRUST_PUBLIC_KEY")]
     public_key: Option<String>,
     /// Print one JSON object on stdout.
@@ -50,19 +73,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR as u8);
         }
     };
+    if let Some(addr) = &cli.remote {
+        let Some(public_key) = public_key else {
+            eprintln!("error: --remote needs the pinned --public-key (or FINTRUST_PUBLIC_KEY)");
+            return ExitCode::from(EXIT_ERROR as u8);
+        };
+        return remote(&cli, addr, public_key, json);
+    }
+    let Some(data_dir) = &cli.data_dir else {
+        eprintln!("error: pass --data-dir DIR or --remote HOST:PORT");
+        return ExitCode::from(EXIT_ERROR as u8);
+    };
     if public_key.is_none() {
         eprintln!("warning: {STORED_KEY_WARNING}");
     }
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} entries ({per_sec}, {eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
+    let bar = progress_bar(json);
     let progress = |n: u64| {
         if let Some(b) = &bar {
             b.set_position(n);
@@ -78,7 +103,7 @@ fn main() -> ExitCode {
         progress: Some(&progress),
         total_hint: Some(&total),
     };
-    let report = storage::verify(&cli.data_dir, &opts);
+    let report = storage::verify(data_dir, &opts);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -98,7 +123,7 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&r) as u8)
         }
         Err(e) => {
-            eprintln!("error: could not verify {}: {e}", cli.data_dir.display());
+            eprintln!("error: could not verify {}: {e}", data_dir.display());
             ExitCode::from(EXIT_ERROR as u8)
         }
     }
@@ -110,4 +135,96 @@ fn parse_key(s: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
         .map_err(|_| "--public-key takes 64 hex digits".to_string())?;
     ed25519_dalek::VerifyingKey::from_bytes(&b)
         .map_err(|_| "--public-key is not a valid ed25519 key".to_string())
+}
+
+/// A progress bar on an interactive stderr, for text output only.
+fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
+    (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} entries ({per_sec}, {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    })
+}
+
+/// `--remote`: verify a live server's log over the wire protocol.
+fn remote(cli: &Cli, addr: &str, public_key: ed25519_dalek::VerifyingKey, json: bool) -> ExitCode {
+    let name = format!("vault-verify/{}", env!("CARGO_PKG_VERSION"));
+    let config = match cli.connect.config(addr, name) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_ERROR as u8);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_ERROR as u8);
+        }
+    };
+    let bar = progress_bar(json);
+    let progress = |n: u64| {
+        if let Some(b) = &bar {
+            b.set_position(n);
+        }
+    };
+    let total = |n: u64| {
+        if let Some(b) = &bar {
+            b.set_length(n);
+        }
+    };
+    let opts = RemoteOptions {
+        client: config,
+        public_key,
+        page_entries: cli.page_size,
+        sample_receipts: cli.sample_receipts,
+        progress: Some(&progress),
+        total_hint: Some(&total),
+    };
+    let outcome = runtime.block_on(server::remote::verify_remote(&opts));
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: could not verify {addr}: {}", chain(&e));
+            return ExitCode::from(EXIT_ERROR as u8);
+        }
+    };
+    if json {
+        match serde_json::to_string(&VerifyJson::from(&report)) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_ERROR as u8);
+            }
+        }
+    } else {
+        println!("{}", remote_summary(&report));
+    }
+    let code = if report.ok() { EXIT_OK } else { EXIT_INTEGRITY };
+    ExitCode::from(code as u8)
+}
+
+/// An error and its sources, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
 }

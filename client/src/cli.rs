@@ -1,0 +1,195 @@
+//! The connection flags of the command-line tools that talk to a vault
+//! (`vault-client`, `vault-verify --remote`), in one clap [`ConnectArgs`]
+//! that each binary flattens into its own arguments, so that the flags,
+//! their `FINTRUST_*` environment variables and the refusal of implicit
+//! plaintext are the same everywhere.
+//!
+//! This is the edge of a binary: it reads the API key file it is given.
+//! Libraries take a [`ClientConfig`] and never read flags or files.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use zeroize::Zeroizing;
+
+use crate::config::{ClientConfig, Tls};
+use crate::error::{ClientError, Result};
+
+/// How to reach and authenticate to a vault: everything but the address,
+/// which each tool names in its own way (`--addr`, `--remote`).
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// API key; prefer the environment variable or --api-key-file, which
+    /// `ps` does not show.
+    #[arg(
+        long,
+        global = true,
+        env = "FINTRUST_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
+    pub api_key: Option<String>,
+    /// File holding the API key (surrounding whitespace is ignored).
+    #[arg(long, global = true, env = "FINTRUST_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate: connect
+    /// over TLS, trusting only this CA.
+    #[arg(long, global = true, env = "FINTRUST_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Name the server's certificate must carry.
+    #[arg(
+        long,
+        global = true,
+        env = "FINTRUST_SERVER_NAME",
+        default_value = "localhost"
+    )]
+    pub server_name: String,
+    /// PEM client certificate chain, for a server that requires mutual TLS.
+    #[arg(long, global = true, env = "FINTRUST_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, global = true, env = "FINTRUST_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+    /// Connect without TLS: the API key and data cross the network in the
+    /// clear. Only for a server on loopback during development.
+    #[arg(long, global = true)]
+    pub insecure_plaintext: bool,
+    /// Seconds allowed to connect and for each request.
+    #[arg(
+        long,
+        global = true,
+        env = "FINTRUST_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub timeout_secs: u64,
+}
+
+impl ConnectArgs {
+    /// The library's config for `addr`, refusing plaintext unless it was
+    /// asked for by name. Reads `--api-key-file`; touches no network.
+    pub fn config(&self, addr: &str, client_name: String) -> Result<ClientConfig> {
+        let config = ClientConfig {
+            addr: addr.to_string(),
+            tls: self.tls()?,
+            api_key: self.api_key()?,
+            client_name,
+            timeout: Duration::from_secs(self.timeout_secs),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn tls(&self) -> Result<Tls> {
+        let bad = |m: &str| Err(ClientError::Config(m.to_string()));
+        match (&self.cacert, self.insecure_plaintext) {
+            (Some(_), true) => bad("--cacert and --insecure-plaintext exclude each other"),
+            (None, false) => bad(
+                "refusing to connect without TLS: pass --cacert FILE (or set FINTRUST_CACERT), \
+                 or --insecure-plaintext for a development server on loopback",
+            ),
+            (None, true) => {
+                if self.client_cert.is_some() || self.client_key.is_some() {
+                    return bad("--client-cert and --client-key need TLS (--cacert)");
+                }
+                Ok(Tls::Plaintext)
+            }
+            (Some(ca), false) => Ok(Tls::Ca {
+                ca_pem_file: ca.clone(),
+                server_name: self.server_name.clone(),
+                client_cert: match (&self.client_cert, &self.client_key) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                    _ => return bad("--client-cert and --client-key go together"),
+                },
+            }),
+        }
+    }
+
+    fn api_key(&self) -> Result<Zeroizing<String>> {
+        match (&self.api_key, &self.api_key_file) {
+            (Some(key), None) => Ok(Zeroizing::new(key.clone())),
+            (None, Some(path)) => {
+                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                    ClientError::Config(format!("{}: cannot read the API key: {e}", path.display()))
+                })?);
+                Ok(Zeroizing::new(text.trim().to_string()))
+            }
+            (Some(_), Some(_)) => Err(ClientError::Config(
+                "--api-key and --api-key-file exclude each other".into(),
+            )),
+            (None, None) => Err(ClientError::Config(
+                "an API key is needed: set FINTRUST_API_KEY or pass --api-key or --api-key-file"
+                    .into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    }
+
+    fn parse(args: &[&str]) -> ConnectArgs {
+        Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .expect("parses")
+            .connect
+    }
+
+    #[test]
+    fn plaintext_must_be_asked_for() {
+        let a = parse(&["--api-key", "fvk_x"]);
+        assert!(matches!(
+            a.config("127.0.0.1:1", "t".into()),
+            Err(ClientError::Config(m)) if m.contains("without TLS")
+        ));
+        let a = parse(&["--api-key", "fvk_x", "--insecure-plaintext"]);
+        let c = a.config("127.0.0.1:1", "t".into()).expect("config");
+        assert_eq!(c.tls, Tls::Plaintext);
+        assert_eq!(c.api_key.as_str(), "fvk_x");
+    }
+
+    #[test]
+    fn the_api_key_file_is_read_and_trimmed() {
+        let dir = std::env::temp_dir().join(format!("fintrust-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("key");
+        std::fs::write(&file, "fvk_from_file\n").expect("write");
+        let path = file.to_str().expect("utf-8");
+        let a = parse(&["--api-key-file", path, "--insecure-plaintext"]);
+        let c = a.config("127.0.0.1:1", "t".into()).expect("config");
+        assert_eq!(c.api_key.as_str(), "fvk_from_file");
+        let _ = std::fs::remove_dir_all(&dir);
+        let missing = parse(&["--api-key-file", path, "--insecure-plaintext"]);
+        assert!(matches!(
+            missing.config("127.0.0.1:1", "t".into()),
+            Err(ClientError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn client_certificates_need_tls_and_each_other() {
+        let a = parse(&[
+            "--api-key",
+            "k",
+            "--insecure-plaintext",
+            "--client-cert",
+            "c.pem",
+        ]);
+        assert!(a.config("h:1", "t".into()).is_err());
+        let a = parse(&["--api-key", "k", "--cacert", "ca.pem", "--client-cert", "c"]);
+        assert!(a.config("h:1", "t".into()).is_err());
+        let a = parse(&["--api-key", "k", "--cacert", "ca.pem"]);
+        assert!(matches!(
+            a.config("h:1", "t".into()).map(|c| c.tls),
+            Ok(Tls::Ca { .. })
+        ));
+    }
+}

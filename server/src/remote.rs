@@ -1,0 +1,428 @@
+//! `vault-verify --remote`: verify a running vault over the wire protocol,
+//! with nothing but its pinned public key and an auditor (or admin) API key.
+//!
+//! ```text
+//!            ┌─ head() ───────────────── signed head H (the target: seqs 0..=H.last_seq)
+//!  Client ───┼─ entries(from, page) ──> page task ──(2 pages)──┐
+//!  (one      └─ proof(group start) ──> proof task ──(64)───────┼─> walk (this task):
+//!   connection,  one per commit group, next start              │   ChainCheck, check_group,
+//!   pipelined)   = previous head's last_seq + 1                │   check_entry_content
+//!                                                              └─ then proof(random seqs)
+//! ```
+//!
+//! The `Entries` answer carries entries only, not the heads that close
+//! their commit groups, so the group heads come from `Proof`: the receipt
+//! of a group's first entry carries that group's signed head, whose
+//! `last_seq` names where the next group starts. The proof task walks
+//! these heads ahead of the entries; the walk checks every entry and
+//! closes each group with the same pure functions as the local scan
+//! (`storage::verify::{ChainCheck, check_group, check_entry_content}`).
+//!
+//! Memory is bounded by two pages of entries, 64 receipts, and the entry
+//! hashes of one commit group (32 bytes per entry; a group holds at most
+//! `max_group_entries`, 8,192 by default). The whole log is never held.
+//!
+//! Cost: one `Proof` round trip per commit group, overlapped with the
+//! entry pages, and the server rehashes each group to answer it. A log of
+//! many tiny groups (one append each, on an idle vault) is verified at
+//! the round-trip rate; a protocol request answering heads in bulk would
+//! remove that limit.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client::{verify_receipt, Client, ClientConfig, ClientError, ErrorCode, Receipt};
+use ed25519_dalek::VerifyingKey;
+use storage::entry::{entry_hash, EntryRef};
+use storage::verify::{check_entry_content, check_genesis_key, check_group, ChainCheck, Failure};
+use storage::{Hash, Kind, Reason, Report, SignedHead};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::Result;
+
+/// Default entries asked for per `Entries` request. The server caps a
+/// request at 10,000; 1,000 entries of at most 48 KiB keep a page, which
+/// the client collects whole, under 50 MiB.
+pub const DEFAULT_PAGE_ENTRIES: u32 = 1_000;
+/// Default number of random entries whose receipts are checked besides
+/// the one per commit group.
+pub const DEFAULT_SAMPLE_RECEIPTS: usize = 8;
+
+/// Pages fetched ahead of the walk.
+const PAGES_AHEAD: usize = 2;
+/// Group receipts fetched ahead of the walk.
+const RECEIPTS_AHEAD: usize = 64;
+
+/// Options of [`verify_remote`].
+pub struct RemoteOptions<'a> {
+    /// Where and how to connect; the key's role must be auditor or admin.
+    pub client: ClientConfig,
+    /// The pinned public key: the only thing trusted.
+    pub public_key: VerifyingKey,
+    /// Entries asked for per request (at least 1).
+    pub page_entries: u32,
+    /// Receipts of random entries to check besides the group ones.
+    pub sample_receipts: usize,
+    /// Called with the number of entries checked so far.
+    pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
+    /// Called once with the number of entries to check.
+    pub total_hint: Option<&'a (dyn Fn(u64) + Sync)>,
+}
+
+impl std::fmt::Debug for RemoteOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteOptions")
+            .field("client", &self.client)
+            .field("public_key", &hex::encode(self.public_key.as_bytes()))
+            .field("page_entries", &self.page_entries)
+            .field("sample_receipts", &self.sample_receipts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of a remote verification that ran.
+#[derive(Debug, Clone)]
+pub struct RemoteReport {
+    /// What the local mode reports too: entries, last hash, signed head,
+    /// the first failure, shredded subjects. `used_stored_key` is always
+    /// false (the key is pinned) and `unindexed` 0 (no derived state is
+    /// seen over the wire).
+    pub report: Report,
+    /// The address verified.
+    pub addr: String,
+    /// Commit groups whose Merkle root and signature were checked.
+    pub groups: u64,
+    /// Receipts checked (one per group, plus the random ones).
+    pub receipts_checked: u64,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+}
+
+impl RemoteReport {
+    pub fn ok(&self) -> bool {
+        self.report.ok()
+    }
+}
+
+/// Aborts the helper tasks when the walk ends, however it ends.
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Verifies the log a live server serves, up to the signed head it
+/// presents first (appends that continue meanwhile are not looked at).
+///
+/// `Err` means the check could not run: unreachable, TLS, a key the server
+/// refuses or whose role may not read the log, a timeout, or frames that
+/// do not decode. Everything the server says that contradicts its signed
+/// head or the pinned key is an integrity failure in the report.
+pub async fn verify_remote(opts: &RemoteOptions<'_>) -> Result<RemoteReport> {
+    let started = Instant::now();
+    let addr = opts.client.addr.clone();
+    let client = Arc::new(Client::connect(opts.client.clone()).await?);
+    let mut out = RemoteReport {
+        report: Report {
+            entries: 0,
+            head: None,
+            signed_head: None,
+            failure: None,
+            used_stored_key: false,
+            shredded: Vec::new(),
+            unindexed: 0,
+        },
+        addr,
+        groups: 0,
+        receipts_checked: 0,
+        elapsed: Duration::ZERO,
+    };
+    let outcome = run(&client, opts, &mut out).await;
+    out.elapsed = started.elapsed();
+    match outcome {
+        Ok(Ok(())) => Ok(out),
+        Ok(Err(failure)) => {
+            out.report.failure = Some(failure);
+            Ok(out)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The head, then the walk. `Ok(Err(_))` is an integrity failure.
+async fn run(
+    client: &Arc<Client>,
+    opts: &RemoteOptions<'_>,
+    out: &mut RemoteReport,
+) -> Result<std::result::Result<(), Failure>> {
+    let key = &opts.public_key;
+    let info = match client.head().await {
+        Ok(info) => info,
+        // The head does not verify even under the key the server names.
+        Err(ClientError::BadReceipt(_)) => return Ok(Err((0, Reason::BadSignature))),
+        Err(e) => return Err(e.into()),
+    };
+    if info.public_key != key.to_bytes() {
+        return Ok(Err((
+            0,
+            Reason::MetaMismatch(format!(
+                "the server's public key {} is not the pinned key",
+                hex::encode(info.public_key)
+            )),
+        )));
+    }
+    let Some(head) = info.signed_head else {
+        return Ok(Err((0, Reason::BadGenesis("empty log".into()))));
+    };
+    if !head.verify(key) {
+        return Ok(Err((head.last_seq, Reason::BadSignature)));
+    }
+    if head.key_id != 0 {
+        return Ok(Err((head.last_seq, Reason::HeadMismatch)));
+    }
+    let target = head.last_seq.saturating_add(1);
+    if let Some(total) = opts.total_hint {
+        total(target);
+    }
+    out.report.signed_head = Some(head);
+
+    let (page_tx, mut pages) = mpsc::channel(PAGES_AHEAD);
+    let (receipt_tx, mut receipts) = mpsc::channel(RECEIPTS_AHEAD);
+    let _tasks = Tasks(vec![
+        tokio::spawn(fetch_pages(
+            client.clone(),
+            target,
+            opts.page_entries.max(1),
+            page_tx,
+        )),
+        tokio::spawn(fetch_group_receipts(client.clone(), target, receipt_tx)),
+    ]);
+    let samples = sample_seqs(target, opts.sample_receipts);
+    let mut sampled: Vec<(u64, Hash, SignedHead)> = Vec::new();
+
+    let mut chain = ChainCheck::new();
+    // The receipt of the open group's first entry, and that entry's hash.
+    let mut group: Option<(Receipt, Hash)> = None;
+    while chain.next_seq() < target {
+        let page = match pages.recv().await {
+            Some(Ok(page)) => page,
+            Some(Err(e)) => return Err(e.into()),
+            // The reader ended without a word: only if it panicked.
+            None => return Err(ClientError::Closed.into()),
+        };
+        if page.is_empty() {
+            // The server signed a head it cannot serve the entries of.
+            return Ok(Err((chain.next_seq(), Reason::Truncated)));
+        }
+        for bytes in &page {
+            let expected = chain.next_seq();
+            let hash = entry_hash(bytes);
+            let e = match EntryRef::decode(bytes) {
+                Ok(e) => e,
+                Err(_) => return Ok(Err((expected, Reason::Malformed("entry".into())))),
+            };
+            if let Err(f) = chain.entry(&e, &hash) {
+                return Ok(Err(f));
+            }
+            match check_entry_content(&e) {
+                Ok(Some(genesis)) => {
+                    if let Err(f) = check_genesis_key(&genesis, key) {
+                        return Ok(Err(f));
+                    }
+                }
+                Ok(None) => {}
+                Err(f) => return Ok(Err(f)),
+            }
+            if e.kind == Kind::SubjectShredded {
+                out.report.shredded.push(e.subject.to_string());
+            }
+            if group.is_none() {
+                let r = match receipts.recv().await {
+                    Some(Ok(r)) => r,
+                    Some(Err(ClientError::Server {
+                        code: ErrorCode::NotFound,
+                        ..
+                    })) => return Ok(Err((expected, Reason::Truncated))),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(ClientError::Closed.into()),
+                };
+                let h = &r.head;
+                if r.seq != expected || h.group_first_seq != expected || h.last_seq < expected {
+                    return Ok(Err((expected, Reason::HeadMismatch)));
+                }
+                group = Some((r, hash));
+            }
+            if let Some((r, _)) = &group {
+                if samples.contains(&e.seq) {
+                    sampled.push((e.seq, hash, r.head));
+                }
+                if r.head.last_seq == e.seq {
+                    if let Some((r, first_hash)) = group.take() {
+                        if let Err(f) = close_group(&mut chain, &r, &first_hash, key) {
+                            return Ok(Err(f));
+                        }
+                        out.groups += 1;
+                        out.receipts_checked += 1;
+                    }
+                }
+            }
+        }
+        if let Some(progress) = opts.progress {
+            progress(chain.next_seq());
+        }
+    }
+    // The last group must be the one the signed head closes.
+    let tip = chain.tip();
+    if group.is_some() || tip.head != Some(head) || tip.last_hash != Some(head.last_hash) {
+        return Ok(Err((head.last_seq, Reason::HeadMismatch)));
+    }
+    out.report.entries = tip.entries;
+    out.report.head = tip.last_hash;
+
+    for (seq, hash, group_head) in sampled {
+        let r = match client.proof(seq).await {
+            Ok(r) => r,
+            Err(ClientError::Server {
+                code: ErrorCode::NotFound,
+                ..
+            }) => return Ok(Err((seq, Reason::Truncated))),
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(f) = check_receipt(&r, &hash, key) {
+            return Ok(Err(f));
+        }
+        if r.head != group_head {
+            return Ok(Err((
+                seq,
+                Reason::BadReceipt("signed by another head than its group's".into()),
+            )));
+        }
+        out.receipts_checked += 1;
+    }
+    Ok(Ok(()))
+}
+
+/// Closes a group with the head its first entry's receipt carries: the
+/// head's fields against the entries ([`ChainCheck::close_group`]), its
+/// Merkle root and signature ([`check_group`]), then the receipt itself.
+fn close_group(
+    chain: &mut ChainCheck,
+    r: &Receipt,
+    first_hash: &Hash,
+    key: &VerifyingKey,
+) -> std::result::Result<(), Failure> {
+    let hashes = chain.close_group(&r.head)?;
+    check_group(&hashes, &r.head, r.head.verify(key))?;
+    check_receipt(r, first_hash, key)
+}
+
+/// A receipt verifies with the pinned key ([`verify_receipt`]) and names
+/// the hash of the entry that was served at its seq.
+fn check_receipt(
+    r: &Receipt,
+    served: &Hash,
+    key: &VerifyingKey,
+) -> std::result::Result<(), Failure> {
+    if let Err(e) = verify_receipt(r, key.as_bytes()) {
+        return Err((r.seq, Reason::BadReceipt(e.to_string())));
+    }
+    if &r.entry_hash != served {
+        return Err((
+            r.seq,
+            Reason::BadReceipt("names another entry hash than the entry served".into()),
+        ));
+    }
+    Ok(())
+}
+
+/// Pages of entries `0..target`, in order, until the target or an error.
+async fn fetch_pages(
+    client: Arc<Client>,
+    target: u64,
+    page: u32,
+    tx: mpsc::Sender<std::result::Result<Vec<Vec<u8>>, ClientError>>,
+) {
+    let mut from = 0u64;
+    while from < target {
+        let max = u32::try_from(target - from).map_or(page, |left| left.min(page));
+        let got = client.entries(from, max).await;
+        let stop = match &got {
+            Ok(entries) => entries.is_empty(),
+            Err(_) => true,
+        };
+        if let Ok(entries) = &got {
+            from += entries.len() as u64;
+        }
+        if tx.send(got).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// The receipt of each commit group's first entry below `target`, in
+/// order: the group starting at 0, then at each head's `last_seq + 1`.
+async fn fetch_group_receipts(
+    client: Arc<Client>,
+    target: u64,
+    tx: mpsc::Sender<std::result::Result<Receipt, ClientError>>,
+) {
+    let mut start = 0u64;
+    while start < target {
+        let got = client.proof(start).await;
+        let next = match &got {
+            // A head that does not move forward is refused by the walk;
+            // stop here rather than ask for the same group again.
+            Ok(r) if r.head.last_seq >= start => Some(r.head.last_seq.saturating_add(1)),
+            _ => None,
+        };
+        if tx.send(got).await.is_err() {
+            return;
+        }
+        match next {
+            Some(n) => start = n,
+            None => return,
+        }
+    }
+}
+
+/// Up to `n` distinct seqs below `target`, drawn from the OS's random
+/// source so that a server cannot tell in advance which entries will be
+/// asked to prove themselves.
+fn sample_seqs(target: u64, n: usize) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    if target == 0 {
+        return out;
+    }
+    let want = u64::try_from(n).unwrap_or(u64::MAX).min(target);
+    let mut tries = 0u64;
+    while (out.len() as u64) < want && tries < want.saturating_mul(16) {
+        tries += 1;
+        let mut b = [0u8; 8];
+        if getrandom::getrandom(&mut b).is_err() {
+            break;
+        }
+        out.insert(u64::from_be_bytes(b) % target);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_distinct_and_below_the_target() {
+        assert!(sample_seqs(0, 8).is_empty());
+        let s = sample_seqs(3, 8);
+        assert!(s.len() <= 3 && s.iter().all(|&k| k < 3));
+        let s = sample_seqs(1_000_000, 8);
+        assert!(s.len() <= 8 && s.iter().all(|&k| k < 1_000_000));
+        assert!(!s.is_empty());
+    }
+}

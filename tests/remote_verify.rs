@@ -1,0 +1,397 @@
+//! `vault-verify --remote` as a real process against servers on ports the
+//! OS chose: a live vault (intact, also while appends continue; wrong
+//! pinned key; wrong API key or role; nothing listening), and a fake
+//! server speaking the protocol codec that serves a recorded log with one
+//! entry altered or missing, or answers with garbage.
+//!
+//! Exit codes: 0 intact, 1 integrity failure, 2 could not run.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{Envelope, ErrorCode, Message, MessageCodec};
+use server::serve::ServeConfig;
+use storage::Append;
+use support::{start, Run, Server};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
+
+/// Runs `vault-verify --remote ADDR --insecure-plaintext` plus `args`.
+async fn verify(addr: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut all = vec!["--remote", addr, "--insecure-plaintext"];
+    all.extend_from_slice(args);
+    support::run_tool("fintrust-server", "vault-verify", &all, env).await
+}
+
+fn hex_key(s: &Server) -> String {
+    hex::encode(s.public_key())
+}
+
+/// Appends `n` records one by one (one commit group each, as nothing else
+/// is queued), then one batch of five (one group).
+async fn fill(s: &Server, n: usize) {
+    for i in 0..n {
+        let payload = format!(r#"{{"name":"Ada {i}"}}"#).into_bytes();
+        s.vault
+            .append(Append::record(format!("cust-{i}"), payload))
+            .await
+            .expect("append");
+    }
+    let batch = (0..5)
+        .map(|i| Append::record(format!("batch-{i}"), br#"{"a":"1"}"#.to_vec()))
+        .collect();
+    s.vault.append_batch(batch).await.expect("batch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intact_live_server_verifies() {
+    let s = start(ServeConfig::default(), None).await;
+    fill(&s, 12).await;
+    let addr = s.addr.to_string();
+    let key = hex_key(&s);
+    let expected = s.vault.head().expect("a head").last_seq + 1;
+
+    let r = verify(
+        &addr,
+        &["--public-key", &key, "--format", "json"],
+        &[("FINTRUST_API_KEY", &s.auditor)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["ok"], true, "{j}");
+    assert_eq!(j["mode"], "remote", "{j}");
+    assert_eq!(j["entries"], expected, "{j}");
+    assert_eq!(j["head_seq"], expected - 1, "{j}");
+    assert_eq!(j["failure"], serde_json::Value::Null, "{j}");
+    assert!(j["groups"].as_u64().is_some_and(|g| g >= 14), "{j}");
+    assert!(j["head"].as_str().is_some_and(|h| h.len() == 64), "{j}");
+
+    // Text output, a small page size (many pages), the key from a file,
+    // and the admin role, which may read the log too.
+    let key_file = s.dir.path().join("admin.key");
+    std::fs::write(&key_file, format!("{}\n", s.admin)).expect("write key file");
+    let r = verify(
+        &addr,
+        &[
+            "--page-size",
+            "3",
+            "--api-key-file",
+            key_file.to_str().expect("utf-8 path"),
+        ],
+        &[("FINTRUST_PUBLIC_KEY", &key)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .starts_with(&format!("OK: {expected} entries verified")),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifying_while_appends_continue_checks_up_to_the_first_head() {
+    let s = start(ServeConfig::default(), None).await;
+    fill(&s, 20).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let appender = tokio::spawn({
+        let vault = s.vault.clone();
+        let stop = stop.clone();
+        async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let payload = format!(r#"{{"n":"{n}"}}"#).into_bytes();
+                vault
+                    .append(Append::record("busy", payload))
+                    .await
+                    .expect("append");
+                n += 1;
+            }
+            n
+        }
+    });
+    let key = hex_key(&s);
+    for _ in 0..3 {
+        let r = verify(
+            &s.addr.to_string(),
+            &["--public-key", &key, "--json", "--page-size", "7"],
+            &[("FINTRUST_API_KEY", &s.auditor)],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(r.json()["ok"], true, "{r:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let appended = appender.await.expect("join");
+    assert!(appended > 0, "the appender made progress");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pinned_key_is_an_integrity_failure() {
+    let s = start(ServeConfig::default(), None).await;
+    let other = ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]).verifying_key();
+    let r = verify(
+        &s.addr.to_string(),
+        &["--public-key", &hex::encode(other.as_bytes()), "--json"],
+        &[("FINTRUST_API_KEY", &s.auditor)],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["ok"], false, "{j}");
+    assert_eq!(j["mode"], "remote", "{j}");
+    assert_eq!(j["failure"]["reason"], "meta_mismatch", "{j}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_unreachable_servers_cannot_run() {
+    let s = start(ServeConfig::default(), None).await;
+    let addr = s.addr.to_string();
+    let key = hex_key(&s);
+
+    // An API key the server does not know.
+    let r = verify(&addr, &["--public-key", &key, "--api-key", "fvk_nope"], &[]).await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("unauthenticated"), "{r:?}");
+
+    // A role that may not read the log.
+    for api_key in [&s.writer, &s.partner] {
+        let r = verify(&addr, &["--public-key", &key, "--api-key", api_key], &[]).await;
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains("forbidden"), "{r:?}");
+    }
+
+    // Nothing listening: a port the OS gave and took back.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let r = verify(
+        &closed,
+        &["--public-key", &key, "--api-key", &s.auditor],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("could not verify"), "{r:?}");
+
+    // No pinned key, or both sources at once, are usage errors.
+    let r = verify(&addr, &["--api-key", &s.auditor], &[]).await;
+    assert_eq!(r.code, 2, "{r:?}");
+    let r = verify(
+        &addr,
+        &[
+            "--public-key",
+            &key,
+            "--api-key",
+            &s.auditor,
+            "--data-dir",
+            "x",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:?}");
+    // TLS is required unless plaintext is asked for by name.
+    let r = support::run_tool(
+        "fintrust-server",
+        "vault-verify",
+        &["--remote", &addr, "--public-key", &key],
+        &[("FINTRUST_API_KEY", &s.auditor)],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--insecure-plaintext"), "{r:?}");
+}
+
+/// A log recorded from a real vault, served back by [`fake_server`].
+#[derive(Clone)]
+struct Recorded {
+    public_key: [u8; 32],
+    head: Vec<u8>,
+    entries: Vec<Vec<u8>>,
+    receipts: Vec<Vec<u8>>,
+}
+
+impl Recorded {
+    async fn from_vault(s: &Server) -> Recorded {
+        let head = s.vault.head().expect("a head");
+        let n = head.last_seq + 1;
+        let entries = s.vault.entries_from(0, n as usize).expect("entries");
+        let receipts = (0..n)
+            .map(|seq| {
+                s.vault
+                    .receipt(seq)
+                    .expect("read")
+                    .expect("a receipt")
+                    .encode()
+            })
+            .collect();
+        Recorded {
+            public_key: s.public_key(),
+            head: head.encode(),
+            entries,
+            receipts,
+        }
+    }
+}
+
+/// What the fake server does wrong.
+#[derive(Clone, Copy)]
+enum Fake {
+    /// Serves the recorded log as it is.
+    Faithful,
+    /// Answers anything with bytes that are not a frame.
+    Garbage,
+    /// Answers `Hello` properly, then garbage.
+    GarbageAfterHello,
+}
+
+/// A server speaking the protocol codec that serves `log` to anyone.
+async fn fake_server(log: Recorded, how: Fake) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let log = Arc::new(log);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve_fake(tcp, log.clone(), how));
+        }
+    });
+    addr
+}
+
+async fn serve_fake(mut tcp: TcpStream, log: Arc<Recorded>, how: Fake) {
+    if let Fake::Garbage = how {
+        let _ = tcp
+            .write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot a vault")
+            .await;
+        return;
+    }
+    let mut conn = Framed::new(tcp, MessageCodec::new());
+    while let Some(Ok(request)) = conn.next().await {
+        let id = request.request_id;
+        let reply = match request.message {
+            Message::Hello { .. } => Message::HelloOk {
+                role: "auditor".into(),
+                server: "fake".into(),
+            },
+            _ if matches!(how, Fake::GarbageAfterHello) => {
+                let mut tcp = conn.into_inner();
+                let _ = tcp
+                    .write_all(&[0x46, 0x56, 0x01, 0x87, 0xff, 0xff, 1, 2, 3])
+                    .await;
+                return;
+            }
+            Message::Head => Message::HeadInfo {
+                public_key: log.public_key,
+                entries: log.entries.len() as u64,
+                signed_head: log.head.clone(),
+            },
+            Message::Entries { from_seq, max } => {
+                let from = usize::try_from(from_seq).unwrap_or(usize::MAX);
+                let entries: Vec<Vec<u8>> = log
+                    .entries
+                    .iter()
+                    .skip(from)
+                    .take(max as usize)
+                    .cloned()
+                    .collect();
+                let answer = Envelope::last(id, Message::EntryBatch { entries });
+                if conn.send(answer).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Message::Proof { seq } => match log.receipts.get(seq as usize) {
+                Some(r) => Message::ProofInfo { receipt: r.clone() },
+                None => Message::Error {
+                    code: ErrorCode::NotFound,
+                    message: "no such entry".into(),
+                },
+            },
+            _ => Message::Error {
+                code: ErrorCode::Forbidden,
+                message: "fake".into(),
+            },
+        };
+        if conn.send((id, reply)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_log_with_an_altered_or_missing_entry_fails_at_its_seq() {
+    let s = start(ServeConfig::default(), None).await;
+    fill(&s, 10).await;
+    let log = Recorded::from_vault(&s).await;
+    let key = hex_key(&s);
+    let auditor = [("FINTRUST_API_KEY", "fvk_fake")];
+
+    // The recording, served faithfully, verifies: the fake is a fair one.
+    let addr = fake_server(log.clone(), Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 0, "{r:?}");
+
+    // One payload byte flipped in entry k (a record: its ciphertext).
+    let k = log.entries.len() / 2;
+    let mut altered = log.clone();
+    if let Some(byte) = altered.entries[k].last_mut() {
+        *byte ^= 0x01;
+    }
+    let addr = fake_server(altered, Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    let seq = j["failure"]["seq"].as_u64().expect("a failing seq");
+    assert!(seq == k as u64 || seq == k as u64 + 1, "k={k}: {j}");
+    assert_eq!(j["ok"], false, "{j}");
+    assert!(r.stdout.contains("\"mode\":\"remote\""), "{r:?}");
+
+    // The text output names the seq too.
+    let r = verify(&addr, &["--public-key", &key], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.starts_with("INTEGRITY FAILURE at seq "), "{r:?}");
+
+    // Entry k left out: the chain has a gap where k should be.
+    let mut missing = log.clone();
+    missing.entries.remove(k);
+    let addr = fake_server(missing, Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["failure"]["seq"], k as u64, "{j}");
+    assert_eq!(j["failure"]["reason"], "gap", "{j}");
+
+    // The log stops short of the signed head.
+    let mut short = log.clone();
+    short.entries.truncate(k);
+    let addr = fake_server(short, Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(r.json()["failure"]["reason"], "truncated", "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_sending_garbage_cannot_be_verified() {
+    let s = start(ServeConfig::default(), None).await;
+    let log = Recorded::from_vault(&s).await;
+    let key = hex_key(&s);
+    for how in [Fake::Garbage, Fake::GarbageAfterHello] {
+        let addr = fake_server(log.clone(), how).await;
+        let r = verify(
+            &addr,
+            &["--public-key", &key, "--timeout-secs", "5"],
+            &[("FINTRUST_API_KEY", "fvk_fake")],
+        )
+        .await;
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(r.stderr.contains("could not verify"), "{r:?}");
+        assert!(r.stdout.is_empty(), "{r:?}");
+    }
+}
