@@ -15,7 +15,8 @@
 //!   consents, credentials, logs, health).
 //! - [`metrics`]: the Prometheus metrics both servers keep.
 //! - [`verify`]: `vault-verify`'s report and its exit codes.
-//! - [`bench`]: `vault-bench`, throughput and latency of the storage engine.
+//! - [`bench`]: `vault-bench`, throughput and latency of the storage
+//!   engine, the protocol server and the HTTP shim.
 
 pub mod bench;
 pub mod daemon;
@@ -46,6 +47,10 @@ pub enum Error {
     },
     #[error("{0}")]
     Usage(String),
+    /// A request to a vault made through the client crate (`vault-bench`
+    /// driving a server) failed.
+    #[error("vault client: {0}")]
+    Client(#[from] client::ClientError),
 }
 
 /// Result alias of the server crate.
