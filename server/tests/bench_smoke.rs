@@ -148,7 +148,9 @@ fn positive(v: &serde_json::Value, path: &[&str]) -> f64 {
     for p in path {
         at = &at[*p];
     }
-    let n = at.as_f64().unwrap_or_else(|| panic!("{path:?} is a number in {v}"));
+    let n = at
+        .as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is a number in {v}"));
     assert!(n > 0.0, "{path:?} is {n} in {v}");
     n
 }

@@ -19,6 +19,7 @@
 //! The audit entries written are counted from the vault's entry count
 //! (read through `/v1/health`) before and after the authorize phase.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
@@ -88,6 +89,12 @@ pub struct AuthorizeReport {
     /// Log entries written during the authorize phase (one `token_minted`
     /// per grant).
     pub audit_entries: u64,
+    /// Where an authorization's time goes, from the process's metrics over
+    /// the authorize phase: mean µs of each shim → vault request by
+    /// operation (`whois`, `policy`, `consent`, `mint`), and
+    /// `server:mint`, the protocol server's own time for a mint (request
+    /// to durable receipt).
+    pub vault_mean_us: BTreeMap<String, f64>,
 }
 
 /// One timed phase.
@@ -130,7 +137,7 @@ pub(super) async fn run(
     let stopped = server.stop().await;
     let report = measured?;
     stopped?;
-    let (health, authorize, audit_entries) = report;
+    let (health, authorize, audit_entries, vault_mean_us) = report;
     Ok(AuthorizeReport {
         target: info,
         params: p.clone(),
@@ -138,6 +145,7 @@ pub(super) async fn run(
         authorize,
         health,
         audit_entries,
+        vault_mean_us,
     })
 }
 
@@ -146,7 +154,7 @@ async fn measure(
     partner_key: &str,
     p: &AuthorizeParams,
     progress: Progress,
-) -> Result<(HttpRun, HttpRun, u64)> {
+) -> Result<(HttpRun, HttpRun, u64, BTreeMap<String, f64>)> {
     let addr = server
         .http
         .ok_or_else(|| Error::Usage("the shim did not start".into()))?;
@@ -169,6 +177,7 @@ async fn measure(
         bearer: Some(format!("Bearer {partner_key}")),
         body: Bytes::from(body.to_string()),
     };
+    let ops_before = op_times(&crate::metrics::global().render());
     let (conns, auth_run) = phase(
         "POST /v1/authorize",
         conns,
@@ -177,10 +186,52 @@ async fn measure(
         progress,
     )
     .await?;
+    let ops_after = op_times(&crate::metrics::global().render());
     drop(conns);
     let after = entries(addr).await?;
     tracing::debug!(partner = DEMO_PARTNER, before, after, "authorize phase");
-    Ok((health_run, auth_run, after.saturating_sub(before)))
+    let means = ops_after
+        .iter()
+        .filter_map(|(op, (sum, n))| {
+            let (sum0, n0) = ops_before.get(op).copied().unwrap_or((0.0, 0));
+            (*n > n0).then(|| (op.clone(), (sum - sum0) / (n - n0) as f64 * 1e6))
+        })
+        .collect();
+    Ok((health_run, auth_run, after.saturating_sub(before), means))
+}
+
+/// (sum of seconds, count) by operation of the shim's vault requests
+/// (`op`) and of the protocol server's durable writes (`server:op`), from
+/// the Prometheus text of the process's metrics.
+fn op_times(text: &str) -> BTreeMap<String, (f64, u64)> {
+    let mut out: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    for line in text.lines() {
+        for (family, prefix) in [
+            ("fintrust_vault_request_seconds", ""),
+            ("fintrust_commit_seconds", "server:"),
+        ] {
+            let Some(rest) = line.strip_prefix(family) else {
+                continue;
+            };
+            let (is_sum, rest) = if let Some(r) = rest.strip_prefix("_sum{op=\"") {
+                (true, r)
+            } else if let Some(r) = rest.strip_prefix("_count{op=\"") {
+                (false, r)
+            } else {
+                continue;
+            };
+            let Some((op, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let e = out.entry(format!("{prefix}{op}")).or_default();
+            if is_sum {
+                e.0 = value.trim().parse().unwrap_or(0.0);
+            } else {
+                e.1 = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    out
 }
 
 /// One request shape, sent many times.
@@ -358,6 +409,18 @@ impl AuthorizeReport {
             thousands(self.audit_entries),
             thousands(self.authorize.requests)
         );
+        if !self.vault_mean_us.is_empty() {
+            let parts: Vec<String> = self
+                .vault_mean_us
+                .iter()
+                .map(|(op, us)| format!("{op} {us:.0}"))
+                .collect();
+            let _ = write!(
+                s,
+                "\n  mean µs per vault request during authorize: {}",
+                parts.join(", ")
+            );
+        }
         s
     }
 }
