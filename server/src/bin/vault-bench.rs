@@ -80,13 +80,9 @@ struct ServerArgs {
     /// With --protocol: serve TLS with a CA and certificate made for the run.
     #[arg(long, requires = "protocol")]
     tls: bool,
-    /// Append to a running vaultd at HOST:PORT instead.
-    #[arg(
-        long,
-        value_name = "HOST:PORT",
-        env = "FINTRUST_ADDR",
-        requires = "api_key"
-    )]
+    /// Append to a running vaultd at HOST:PORT instead (a flag only: a
+    /// FINTRUST_ADDR in the environment never redirects a benchmark).
+    #[arg(long, value_name = "HOST:PORT", requires = "api_key")]
     addr: Option<String>,
     /// A writer API key of the vaultd at --addr.
     #[arg(
