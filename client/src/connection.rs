@@ -30,6 +30,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use protocol::receipt::{Receipt, SignedHead};
 use protocol::{encode_frame, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record};
+use rustls::ClientConfig as RustlsConfig;
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -144,6 +146,8 @@ pub struct Client {
     server: String,
     timeout: Duration,
     reader: JoinHandle<()>,
+    /// True when the TLS handshake resumed an earlier session.
+    resumed: bool,
 }
 
 impl fmt::Debug for Client {
@@ -166,12 +170,32 @@ impl Drop for Client {
     }
 }
 
-impl Client {
-    /// Connects (TCP, then TLS unless [`Tls::Plaintext`]), sends `Hello`
-    /// and waits for `HelloOk`, all within `config.timeout`. A key the
-    /// server refuses is [`ClientError::Server`] with code
-    /// `unauthenticated`.
-    pub async fn connect(config: ClientConfig) -> Result<Client> {
+/// Opens connections with one [`ClientConfig`], its TLS files read and its
+/// TLS configuration built once.
+///
+/// Every connection made through one connector shares one rustls
+/// `ClientConfig`, and with it the TLS session cache: after a full
+/// handshake with a server, later connections resume the session (TLS 1.3
+/// tickets), skipping the certificate check and the server's signature.
+/// Clone it freely: clones share the configuration and the cache.
+#[derive(Clone)]
+pub struct Connector {
+    config: ClientConfig,
+    tls: Option<(Arc<RustlsConfig>, ServerName<'static>)>,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Connector {
+    /// Validates `config` and reads its TLS files; touches no network.
+    pub fn new(config: ClientConfig) -> Result<Connector> {
         config.validate()?;
         // Local files are read before anything touches the network, so a
         // bad path fails the same with or without a server.
@@ -186,27 +210,67 @@ impl Client {
                 server_name_of(server_name)?,
             )),
         };
+        Ok(Connector { config, tls })
+    }
+
+    /// The same connector with TLS session resumption turned off: every
+    /// connection makes a full handshake (for measuring what resumption
+    /// saves). The session cache is not shared with `self`.
+    pub fn without_resumption(&self) -> Connector {
+        let tls = self.tls.as_ref().map(|(config, name)| {
+            let mut config = RustlsConfig::clone(config);
+            config.resumption = rustls::client::Resumption::disabled();
+            (Arc::new(config), name.clone())
+        });
+        Connector {
+            config: self.config.clone(),
+            tls,
+        }
+    }
+
+    /// Connects and authenticates as [`Client::connect`] does.
+    pub async fn connect(&self) -> Result<Client> {
+        let config = &self.config;
         let connecting = async {
             let tcp = TcpStream::connect(config.addr.as_str()).await?;
             // Requests are small and latency matters more than packet count.
             tcp.set_nodelay(true)?;
-            match tls {
+            match &self.tls {
                 None => {
                     let (r, w) = tcp.into_split();
-                    Client::hello(r, w, &config).await
+                    Client::hello(r, w, config).await
                 }
                 Some((tls, name)) => {
-                    let stream = tokio_rustls::TlsConnector::from(tls)
-                        .connect(name, tcp)
+                    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                        .connect(name.clone(), tcp)
                         .await?;
+                    let resumed =
+                        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                     let (r, w) = tokio::io::split(stream);
-                    Client::hello(r, w, &config).await
+                    let mut client = Client::hello(r, w, config).await?;
+                    client.resumed = resumed;
+                    Ok(client)
                 }
             }
         };
         tokio::time::timeout(config.timeout, connecting)
             .await
             .map_err(|_| ClientError::Timeout)?
+    }
+}
+
+impl Client {
+    /// Connects (TCP, then TLS unless [`Tls::Plaintext`]), sends `Hello`
+    /// and waits for `HelloOk`, all within `config.timeout`. A key the
+    /// server refuses is [`ClientError::Server`] with code
+    /// `unauthenticated`.
+    ///
+    /// This reads the TLS files and builds a TLS configuration for this one
+    /// connection. A caller that opens many connections (one per
+    /// redemption, say) should make one [`Connector`] and connect through
+    /// it, so that TLS sessions are resumed.
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        Connector::new(config)?.connect().await
     }
 
     /// Authenticates on an established byte stream and starts the reader
@@ -263,6 +327,7 @@ impl Client {
             server,
             timeout: config.timeout,
             reader,
+            resumed: false,
         })
     }
 
@@ -270,6 +335,12 @@ impl Client {
     /// `gateway`, `partner`, `auditor`).
     pub fn role(&self) -> &str {
         &self.role
+    }
+
+    /// True when this connection's TLS handshake resumed an earlier
+    /// session (see [`Connector`]); false for a full handshake or plaintext.
+    pub fn tls_resumed(&self) -> bool {
+        self.resumed
     }
 
     /// The server's name and version, as `HelloOk` named it.

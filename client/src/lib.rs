@@ -9,7 +9,8 @@
 //! - [`config`]: [`ClientConfig`] and [`Tls`]: address, CA-pinned TLS with
 //!   an optional client certificate (or explicit plaintext for loopback
 //!   development), API key, timeout. Validated before any I/O.
-//! - [`connection`]: [`Client`]: connect, `Hello`, then requests numbered
+//! - [`connection`]: [`Connector`] and [`Client`]: connect (one TLS
+//!   configuration and session cache per connector), `Hello`, then requests numbered
 //!   and pipelined on one connection. A writer task sends frames; a reader
 //!   task routes each answer by request id to the caller waiting for it,
 //!   so many tasks can share one `Client` and answers may come in any
@@ -56,7 +57,7 @@ pub mod error;
 pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
-pub use connection::{Client, HeadInfo, Health, Identity, Redeemed, StateValue};
+pub use connection::{Client, Connector, HeadInfo, Health, Identity, Redeemed, StateValue};
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};
 

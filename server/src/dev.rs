@@ -127,26 +127,12 @@ pub async fn run(
         let (_, key) = vault.create_credential("admin", "dev-admin").await?;
         (vault, key.to_string())
     };
-    let (_, writer) = vault.create_credential("writer", "demo-service").await?;
-    let (_, partner) = vault.create_credential("partner", DEMO_PARTNER).await?;
-    let (_, auditor) = vault.create_credential("auditor", "demo-auditor").await?;
-    if fresh {
-        let mut items: Vec<Append> = DEMO_RECORDS
-            .iter()
-            .map(|(s, r)| Append::record(*s, r.as_bytes().to_vec()))
-            .collect();
-        let consent = |subject: &str, purposes: &[&str]| {
-            Append::event(
-                Kind::ConsentGranted,
-                subject,
-                &serde_json::json!({"partner_id": DEMO_PARTNER, "purposes": purposes, "recorded_by": "vaultd-dev"}),
-            )
-        };
-        items.push(consent(DEMO_RECORDS[0].0, &[DEMO_PURPOSE, "fraud_check"]));
-        items.push(consent(DEMO_RECORDS[1].0, &[DEMO_PURPOSE]));
-        vault.append_batch(items).await?;
-    }
-    let policies = PoliciesFile::parse(DEMO_POLICIES, 3600).map_err(Error::Usage)?;
+    let DemoKeys {
+        writer,
+        partner,
+        auditor,
+    } = seed(&vault, fresh).await?;
+    let policies = demo_policies()?;
     let bind = |addr: String| async move {
         tokio::net::TcpListener::bind(&addr)
             .await
@@ -180,9 +166,9 @@ pub async fn run(
         data_dir,
         passphrase_file,
         admin_api_key,
-        writer_api_key: writer.to_string(),
-        partner_api_key: partner.to_string(),
-        auditor_api_key: auditor.to_string(),
+        writer_api_key: writer,
+        partner_api_key: partner,
+        auditor_api_key: auditor,
         partner_id: DEMO_PARTNER.into(),
         demo_subject_id: DEMO_RECORDS[0].0.into(),
         demo_purpose: DEMO_PURPOSE.into(),
@@ -242,6 +228,49 @@ fn dev_tls(data_dir: &Path) -> Result<(std::sync::Arc<rustls::ServerConfig>, Pat
         write_private(&ca_file, ca.pem().as_bytes())?;
     }
     Ok((crate::tls::server_config(&files)?, ca_file))
+}
+
+/// API keys of the demo's roles (development keys, shown once).
+#[derive(Debug)]
+pub struct DemoKeys {
+    pub writer: String,
+    pub partner: String,
+    pub auditor: String,
+}
+
+/// Creates one API key per demo role and, in a `fresh` vault, writes the
+/// demo records and the consents of [`DEMO_RECORDS`]' first two subjects
+/// for [`DEMO_PARTNER`]. The third subject has a record and no consent.
+pub async fn seed(vault: &storage::Vault, fresh: bool) -> Result<DemoKeys> {
+    let (_, writer) = vault.create_credential("writer", "demo-service").await?;
+    let (_, partner) = vault.create_credential("partner", DEMO_PARTNER).await?;
+    let (_, auditor) = vault.create_credential("auditor", "demo-auditor").await?;
+    if fresh {
+        let mut items: Vec<Append> = DEMO_RECORDS
+            .iter()
+            .map(|(s, r)| Append::record(*s, r.as_bytes().to_vec()))
+            .collect();
+        let consent = |subject: &str, purposes: &[&str]| {
+            Append::event(
+                Kind::ConsentGranted,
+                subject,
+                &serde_json::json!({"partner_id": DEMO_PARTNER, "purposes": purposes, "recorded_by": "vaultd-dev"}),
+            )
+        };
+        items.push(consent(DEMO_RECORDS[0].0, &[DEMO_PURPOSE, "fraud_check"]));
+        items.push(consent(DEMO_RECORDS[1].0, &[DEMO_PURPOSE]));
+        vault.append_batch(items).await?;
+    }
+    Ok(DemoKeys {
+        writer: writer.to_string(),
+        partner: partner.to_string(),
+        auditor: auditor.to_string(),
+    })
+}
+
+/// [`DEMO_POLICIES`], parsed and validated.
+pub fn demo_policies() -> Result<PoliciesFile> {
+    PoliciesFile::parse(DEMO_POLICIES, 3600).map_err(Error::Usage)
 }
 
 /// Copy-paste commands for the whole flow, for the text output.

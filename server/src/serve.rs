@@ -351,17 +351,30 @@ where
     }
 
     // Responses go out in completion order through one writer task.
+    // Responses ready together leave in one write: frames are fed while
+    // more are queued and flushed once the queue is empty, so a pipelined
+    // client costs one write per burst, not one per response (the codec's
+    // buffer still flushes on its own past its high-water mark).
     let (tx, mut rx) = mpsc::channel::<(u32, Message, u16)>(config.max_in_flight.max(1));
     let writer = tokio::spawn(async move {
-        while let Some((id, m, flags)) = rx.recv().await {
-            let frame = match m.to_frame(id, flags) {
-                Ok(f) => f,
-                Err(_) => match error(ErrorCode::Internal, "response too large").to_frame(id, 0) {
+        'out: while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some((id, m, flags)) = next.take() {
+                let frame = match m.to_frame(id, flags) {
                     Ok(f) => f,
-                    Err(_) => break,
-                },
-            };
-            if sink.send(frame).await.is_err() {
+                    Err(_) => {
+                        match error(ErrorCode::Internal, "response too large").to_frame(id, 0) {
+                            Ok(f) => f,
+                            Err(_) => break 'out,
+                        }
+                    }
+                };
+                if sink.feed(frame).await.is_err() {
+                    break 'out;
+                }
+                next = rx.try_recv().ok();
+            }
+            if SinkExt::<Frame>::flush(&mut sink).await.is_err() {
                 break;
             }
         }

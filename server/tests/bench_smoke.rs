@@ -123,3 +123,187 @@ async fn bad_parameters_are_usage_errors() {
         assert!(matches!(run(p).await, Err(server::Error::Usage(_))));
     }
 }
+
+/// Runs the `vault-bench` binary with `args` and `--format json`; returns
+/// the one JSON object it printed.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .expect("vault-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "vault-bench {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object on stdout: {stdout}");
+    serde_json::from_str(lines[0]).expect("stdout is JSON")
+}
+
+fn positive(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut at = v;
+    for p in path {
+        at = &at[*p];
+    }
+    let n = at
+        .as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is a number in {v}"));
+    assert!(n > 0.0, "{path:?} is {n} in {v}");
+    n
+}
+
+#[test]
+fn protocol_appends_with_the_embedded_baseline() {
+    for tls in [false, true] {
+        let mut args = vec![
+            "append",
+            "--protocol",
+            "--baseline",
+            "--records",
+            "300",
+            "--clients",
+            "3",
+            "--pipeline",
+            "4",
+            "--subjects",
+            "20",
+            "--size",
+            "100",
+        ];
+        if tls {
+            args.push("--tls");
+        }
+        let v = bench_json(&args);
+        assert_eq!(v["workload"], "append");
+        assert_eq!(v["target"]["kind"], "in-process");
+        assert_eq!(v["target"]["tls"], tls);
+        assert_eq!(v["throughput"]["records"], 300);
+        positive(&v, &["throughput", "records_per_s"]);
+        positive(&v, &["latency_us", "p99"]);
+        assert_eq!(v["embedded"]["records"], 300);
+        positive(&v, &["embedded", "protocol_ratio"]);
+    }
+}
+
+#[test]
+fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
+    // `--addr` with a server this test starts: an in-process run's JSON
+    // gives no key, so the library starts one and the binary targets it.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, key, stop) = rt.block_on(async {
+        let vault = storage::Vault::create(
+            &dir.path().join("v"),
+            &storage::Unlock::passphrase(b"bench smoke".to_vec()),
+            storage::Options::default(),
+        )
+        .expect("create")
+        .vault;
+        let vault = std::sync::Arc::new(vault);
+        let (_, key) = vault
+            .create_credential("writer", "bench")
+            .await
+            .expect("writer");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(server::serve::run(
+            listener,
+            vault,
+            server::serve::ServeConfig::default(),
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (addr.to_string(), key.to_string(), stop)
+    });
+    let v = bench_json(&[
+        "append",
+        "--addr",
+        &addr,
+        "--api-key",
+        &key,
+        "--insecure-plaintext",
+        "--records",
+        "200",
+        "--batch",
+        "7",
+        "--clients",
+        "2",
+    ]);
+    assert_eq!(v["target"]["kind"], "remote");
+    assert_eq!(v["throughput"]["records"], 200);
+    assert_eq!(v["throughput"]["appends"], 200_u64.div_ceil(7));
+    positive(&v, &["throughput", "records_per_s"]);
+    let _ = stop.send(());
+}
+
+#[test]
+fn redeem_plaintext_and_tls_with_resumption() {
+    let v = bench_json(&["redeem", "--tokens", "40", "--clients", "4"]);
+    assert_eq!(v["workload"], "redeem");
+    assert_eq!(v["setup"]["tokens"], 40);
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["mode"], "plaintext");
+    assert_eq!(runs[0]["redemptions"], 40);
+    positive(&runs[0], &["redemptions_per_s"]);
+    positive(&runs[0], &["latency_us", "p50"]);
+
+    let v = bench_json(&["redeem", "--tls", "--tokens", "40", "--clients", "2"]);
+    let runs = v["runs"].as_array().expect("runs");
+    let modes: Vec<&str> = runs.iter().filter_map(|r| r["mode"].as_str()).collect();
+    assert_eq!(modes, ["tls-full-handshake", "tls-resumed"]);
+    assert_eq!(runs[0]["resumed_handshakes"], 0);
+    // One shared client configuration resumes sessions: after the first
+    // full handshakes, connections resume.
+    positive(&runs[1], &["resumed_handshakes"]);
+    for r in runs {
+        assert_eq!(r["redemptions"], 40);
+        positive(r, &["redemptions_per_s"]);
+    }
+}
+
+#[test]
+fn redeem_next_to_redis_getdel_when_redis_is_installed() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if server::bench::redis::find_on_path("redis-server", &path).is_none() {
+        eprintln!("note: redis-server is not on PATH; the Redis baseline test is skipped");
+        return;
+    }
+    let v = bench_json(&["redeem", "--redis", "--tokens", "50", "--clients", "3"]);
+    assert_eq!(v["redis"]["ops"], 50);
+    positive(&v, &["redis", "ops_per_s"]);
+    positive(&v["runs"][0], &["p99_vs_redis"]);
+}
+
+#[test]
+fn redis_flag_without_redis_on_path_fails_clearly() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args(["redeem", "--redis", "--tokens", "10"])
+        .env("PATH", "")
+        .output()
+        .expect("vault-bench runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("redis-server on PATH"));
+}
+
+#[test]
+fn authorize_against_health_writes_one_audit_entry_per_grant() {
+    let v = bench_json(&["authorize", "--requests", "60", "--clients", "4"]);
+    assert_eq!(v["workload"], "authorize");
+    assert_eq!(v["authorize"]["requests"], 60);
+    assert_eq!(v["health"]["requests"], 60);
+    positive(&v, &["authorize", "requests_per_s"]);
+    positive(&v, &["health", "requests_per_s"]);
+    positive(&v, &["ratio_vs_health"]);
+    // One token_minted entry per grant, nothing else.
+    assert_eq!(v["audit_entries"], 60);
+}

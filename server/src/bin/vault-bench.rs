@@ -1,12 +1,17 @@
 //! `vault-bench`: throughput and latency of the fintrust-vault storage
-//! engine, in the spirit of redis-benchmark and pgbench. The workloads live
-//! in `server::bench`; this binary parses flags, runs one, and prints a
-//! table (or one JSON object with `--format json`).
+//! engine, protocol server and HTTP shim, in the spirit of redis-benchmark
+//! and pgbench. The workloads live in `server::bench`; this binary parses
+//! flags, runs one, and prints a table (or one JSON object with
+//! `--format json`). Diagnostics go to stderr.
 //!
 //! ```text
 //! vault-bench append [--embedded DIR] [--records N] [--size BYTES] [--clients C]
 //!                    [--pipeline P] [--batch B] [--subjects S] [--duration SECS] [--baseline]
+//!                    [--protocol [--tls]]
+//!                    [--addr HOST:PORT --api-key KEY (--cacert FILE | --insecure-plaintext)]
 //! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline]
+//! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis]
+//! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N]
 //! ```
 //!
 //! Exit codes: 0 done, 1 error (bad flags included).
@@ -21,13 +26,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use server::bench::{self, AppendParams, Progress, Target, VerifyParams, Workload};
+use server::bench::{
+    self, AppendParams, AuthorizeParams, Progress, RedeemParams, Target, VerifyParams, Workload,
+};
 
 #[derive(Parser)]
 #[command(
     name = "vault-bench",
     version,
-    about = "Benchmark the fintrust-vault storage engine"
+    about = "Benchmark the fintrust-vault storage engine, protocol server and HTTP shim"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +50,10 @@ enum Command {
     Append(AppendArgs),
     /// Build a vault, then time `storage::verify` with the pinned key.
     Verify(VerifyArgs),
+    /// Redemptions over the protocol, a new connection per token.
+    Redeem(RedeemArgs),
+    /// POST /v1/authorize through the HTTP shim, against GET /v1/health.
+    Authorize(AuthorizeArgs),
 }
 
 #[derive(Args)]
@@ -59,10 +70,90 @@ impl TargetArgs {
     }
 }
 
+/// Where appends go when not to the embedded engine.
+#[derive(Args)]
+struct ServerArgs {
+    /// Append over the protocol to a vaultd started in this process on
+    /// 127.0.0.1 (its data under --embedded DIR, or a temporary dir).
+    #[arg(long, conflicts_with = "addr")]
+    protocol: bool,
+    /// With --protocol: serve TLS with a CA and certificate made for the run.
+    #[arg(long, requires = "protocol")]
+    tls: bool,
+    /// Append to a running vaultd at HOST:PORT instead (a flag only: a
+    /// FINTRUST_ADDR in the environment never redirects a benchmark).
+    #[arg(long, value_name = "HOST:PORT", requires = "api_key")]
+    addr: Option<String>,
+    /// A writer API key of the vaultd at --addr.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "FINTRUST_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// PEM CA certificate the vaultd at --addr is checked against.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FINTRUST_CACERT",
+        conflicts_with = "insecure_plaintext"
+    )]
+    cacert: Option<PathBuf>,
+    /// TLS server name of --addr [default: its host].
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// Talk to --addr without TLS (loopback development only).
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+impl ServerArgs {
+    /// The target these flags name, given the embedded dir flag.
+    fn target(self, embedded: TargetArgs) -> anyhow::Result<Target> {
+        if self.protocol {
+            return Ok(Target::InProcess {
+                dir: embedded.embedded,
+                tls: self.tls,
+            });
+        }
+        let Some(addr) = self.addr else {
+            return Ok(embedded.target());
+        };
+        let api_key = self.api_key.context("--addr needs --api-key")?;
+        let tls = match (self.cacert, self.insecure_plaintext) {
+            (Some(ca), false) => {
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string();
+                client::Tls::Ca {
+                    ca_pem_file: ca,
+                    server_name: self.server_name.unwrap_or(host),
+                    client_cert: None,
+                }
+            }
+            (None, true) => client::Tls::Plaintext,
+            _ => anyhow::bail!("--addr needs --cacert FILE, or --insecure-plaintext"),
+        };
+        Ok(Target::Remote(client::ClientConfig {
+            addr,
+            tls,
+            api_key: client::Zeroizing::new(api_key),
+            client_name: "vault-bench".into(),
+            ..client::ClientConfig::default()
+        }))
+    }
+}
+
 #[derive(Args)]
 struct AppendArgs {
     #[command(flatten)]
     target: TargetArgs,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Records to append [default: 200000].
     #[arg(long, value_name = "N")]
     records: Option<u64>,
@@ -84,9 +175,41 @@ struct AppendArgs {
     /// Stop after SECS even if fewer records were appended.
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
-    /// Also measure raw sled at the same durability.
+    /// Also measure a baseline in the same run: raw sled at the same
+    /// durability; with --protocol or --addr, the embedded engine.
     #[arg(long)]
     baseline: bool,
+}
+
+#[derive(Args)]
+struct RedeemArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Serve TLS; then measure full handshakes and resumed sessions.
+    #[arg(long)]
+    tls: bool,
+    /// Concurrent partner clients [default: 50].
+    #[arg(long, value_name = "C")]
+    clients: Option<usize>,
+    /// Tokens redeemed per run [default: 20000].
+    #[arg(long, value_name = "N")]
+    tokens: Option<u64>,
+    /// Also run Redis GETDEL (appendfsync always) on as many keys; needs
+    /// redis-server on PATH.
+    #[arg(long)]
+    redis: bool,
+}
+
+#[derive(Args)]
+struct AuthorizeArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Concurrent keep-alive HTTP connections [default: 50].
+    #[arg(long, value_name = "C")]
+    clients: Option<usize>,
+    /// Requests per phase (authorize, and the health baseline) [default: 20000].
+    #[arg(long, value_name = "N")]
+    requests: Option<u64>,
 }
 
 #[derive(Args)]
@@ -133,7 +256,40 @@ impl Command {
                     duration,
                     baseline: a.baseline,
                 };
-                (a.target.target(), Workload::Append(p))
+                (a.server.target(a.target)?, Workload::Append(p))
+            }
+            Command::Redeem(r) => {
+                let d = RedeemParams::default();
+                let redis = if r.redis {
+                    let path = std::env::var_os("PATH").unwrap_or_default();
+                    Some(bench::redis::find_on_path("redis-server", &path).context(
+                        "--redis needs redis-server on PATH (Debian: apt-get install redis-server)",
+                    )?)
+                } else {
+                    None
+                };
+                let p = RedeemParams {
+                    clients: r.clients.unwrap_or(d.clients),
+                    tokens: r.tokens.unwrap_or(d.tokens),
+                    redis,
+                };
+                let target = Target::InProcess {
+                    dir: r.target.embedded,
+                    tls: r.tls,
+                };
+                (target, Workload::Redeem(p))
+            }
+            Command::Authorize(a) => {
+                let d = AuthorizeParams::default();
+                let p = AuthorizeParams {
+                    clients: a.clients.unwrap_or(d.clients),
+                    requests: a.requests.unwrap_or(d.requests),
+                };
+                let target = Target::InProcess {
+                    dir: a.target.embedded,
+                    tls: false,
+                };
+                (target, Workload::Authorize(p))
             }
             Command::Verify(v) => {
                 let d = VerifyParams::default();

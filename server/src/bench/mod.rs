@@ -1,8 +1,10 @@
-//! `vault-bench`: throughput and latency of the storage engine, in the
-//! spirit of redis-benchmark and pgbench.
+//! `vault-bench`: throughput and latency of the storage engine, the
+//! protocol server and the HTTP shim, in the spirit of redis-benchmark and
+//! pgbench.
 //!
-//! A run is a [`Target`] (today the engine embedded in this process; a
-//! running `vaultd` over the network later) and a [`Workload`]:
+//! A run is a [`Target`] (the engine embedded in this process, `vaultd`
+//! started in this process on loopback, or a running `vaultd`) and a
+//! [`Workload`]:
 //!
 //! - [`Workload::Append`]: `clients` tasks, each keeping `pipeline` appends
 //!   of `batch` records in flight, every append awaited until the vault
@@ -15,6 +17,18 @@
 //!   and times `storage::verify` with the pinned public key. With
 //!   `baseline`, the one-core rates of BLAKE3 over entry-sized buffers and
 //!   of ed25519 `verify_strict`, the two costs verify cannot avoid.
+//! - Appends over the protocol ([`protocol`]): [`Workload::Append`] against
+//!   [`Target::InProcess`] or [`Target::Remote`]; one client connection per
+//!   client task, appends pipelined on it. With `baseline`, the embedded
+//!   engine runs the same parameters in the same invocation.
+//! - [`Workload::Redeem`] ([`redeem`]): one new connection per token
+//!   (TCP, TLS, `Hello`, `Redeem`, data, close), with and without TLS
+//!   session resumption; optionally next to Redis `GETDEL` ([`redis`]).
+//! - [`Workload::Authorize`] ([`http`]): keep-alive HTTP/1.1 clients
+//!   posting `/v1/authorize` to the shim, next to `GET /v1/health`.
+//!
+//! Submodules, in the order a run uses them: [`inproc`] (vaultd in this
+//! process, TLS material made for the run), then one per workload.
 //!
 //! The machines this runs on are shared and noisy, so absolute figures
 //! move between runs; the baselines are measured in the same run so that
@@ -45,6 +59,15 @@ use tokio::task::JoinSet;
 
 use crate::{Error, Result};
 
+pub mod http;
+pub mod inproc;
+pub mod protocol;
+pub mod redeem;
+pub mod redis;
+
+pub use http::{AuthorizeParams, AuthorizeReport};
+pub use redeem::{RedeemParams, RedeemReport};
+
 /// Passphrase of every bench vault. A bench vault holds random bytes only;
 /// the fixed passphrase keeps runs reproducible and scriptable.
 pub const BENCH_PASSPHRASE: &[u8] = b"vault-bench: not a secret";
@@ -59,6 +82,14 @@ pub enum Target {
     /// The storage engine inside this process, in `dir` (a fresh temporary
     /// dir, removed afterwards, when `None`).
     Embedded { dir: Option<PathBuf> },
+    /// `vaultd` (the protocol server, and the HTTP shim for `authorize`)
+    /// started in this process on 127.0.0.1 with a port the OS chooses,
+    /// its vault under `dir` as above; over TLS with a CA and certificate
+    /// made for the run when `tls`.
+    InProcess { dir: Option<PathBuf>, tls: bool },
+    /// A running `vaultd`: its address, transport and an API key (a writer
+    /// key for appends).
+    Remote(client::ClientConfig),
 }
 
 /// What to measure.
@@ -66,6 +97,8 @@ pub enum Target {
 pub enum Workload {
     Append(AppendParams),
     Verify(VerifyParams),
+    Redeem(RedeemParams),
+    Authorize(AuthorizeParams),
 }
 
 /// Parameters of [`Workload::Append`].
@@ -87,7 +120,9 @@ pub struct AppendParams {
     /// `records` were appended (default: no limit).
     #[serde(rename = "duration_s", serialize_with = "secs_opt")]
     pub duration: Option<Duration>,
-    /// Also measure raw sled at the same durability (default false).
+    /// Also measure a baseline in the same run (default false): raw sled
+    /// at the same durability for the embedded engine; the embedded engine
+    /// itself for a protocol target.
     pub baseline: bool,
 }
 
@@ -196,16 +231,46 @@ impl VerifyParams {
 pub enum Report {
     Append(AppendReport),
     Verify(VerifyReport),
+    Redeem(RedeemReport),
+    Authorize(AuthorizeReport),
 }
 
 /// Where a run went.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetInfo {
-    /// "embedded".
+    /// "embedded", "in-process" (vaultd in this process, on loopback) or
+    /// "remote".
     pub kind: &'static str,
+    /// The data dir (empty for a remote target).
     pub dir: String,
     /// True when the dir was a temporary one, removed after the run.
     pub temporary: bool,
+    /// Whether the protocol connections used TLS.
+    pub tls: bool,
+    /// The protocol server's address, for a server target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+}
+
+impl TargetInfo {
+    fn describe(&self) -> String {
+        let mut s = self.kind.to_string();
+        if let Some(a) = &self.addr {
+            s.push_str(&format!(" {a}"));
+        }
+        if self.tls {
+            s.push_str(", TLS");
+        } else if self.kind != "embedded" {
+            s.push_str(", plaintext");
+        }
+        if !self.dir.is_empty() {
+            s.push_str(&format!(", {}", self.dir));
+            if self.temporary {
+                s.push_str(" (temporary)");
+            }
+        }
+        s
+    }
 }
 
 /// Latency percentiles in microseconds.
@@ -243,6 +308,21 @@ pub struct AppendReport {
     /// Per append call, from submission until it resolved durable.
     pub latency_us: Latency,
     pub baseline: Option<Vec<SledRun>>,
+    /// For a protocol target with `baseline`: the embedded engine with the
+    /// same parameters, in the same invocation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded: Option<EmbeddedRun>,
+}
+
+/// The embedded engine as the baseline of a protocol run.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddedRun {
+    pub records: u64,
+    pub elapsed_s: f64,
+    pub records_per_s: f64,
+    pub latency_us: Latency,
+    /// The protocol run's records/s divided by this run's.
+    pub protocol_ratio: f64,
 }
 
 /// Throughput of the vault in an append run.
@@ -361,11 +441,60 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
     match workload {
         Workload::Append(p) => p.validate()?,
         Workload::Verify(p) => p.validate()?,
+        Workload::Redeem(p) => p.validate()?,
+        Workload::Authorize(p) => p.validate()?,
     }
-    let Target::Embedded { dir } = target;
-    // Held until the end of the run: dropping it removes the dir.
+    match (target, workload) {
+        (Target::Embedded { dir }, Workload::Append(p)) => {
+            let (_tmp, dir, info) = scratch(dir.as_deref(), "embedded", false)?;
+            run_append(&dir, info, p, progress)
+                .await
+                .map(Report::Append)
+        }
+        (Target::Embedded { dir }, Workload::Verify(p)) => {
+            let (_tmp, dir, info) = scratch(dir.as_deref(), "embedded", false)?;
+            run_verify(&dir, info, p, progress)
+                .await
+                .map(Report::Verify)
+        }
+        (Target::InProcess { .. } | Target::Remote(_), Workload::Append(p)) => {
+            protocol::run_append(target, p, progress)
+                .await
+                .map(Report::Append)
+        }
+        (Target::InProcess { dir, tls }, Workload::Redeem(p)) => {
+            let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", *tls)?;
+            redeem::run(&dir, info, p, progress)
+                .await
+                .map(Report::Redeem)
+        }
+        (Target::InProcess { dir, tls: false }, Workload::Authorize(p)) => {
+            let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", false)?;
+            http::run(&dir, info, p, progress)
+                .await
+                .map(Report::Authorize)
+        }
+        (Target::InProcess { tls: true, .. }, Workload::Authorize(_)) => Err(Error::Usage(
+            "authorize measures the shim in plaintext: drop --tls".into(),
+        )),
+        (_, Workload::Verify(_)) => Err(Error::Usage(
+            "verify runs on the embedded engine only".into(),
+        )),
+        (_, Workload::Redeem(_) | Workload::Authorize(_)) => Err(Error::Usage(
+            "redeem and authorize start vaultd in this process: no --addr".into(),
+        )),
+    }
+}
+
+/// The run's data dir: `dir`, created if needed and kept afterwards, or a
+/// fresh temporary dir, removed when the returned guard is dropped.
+fn scratch(
+    dir: Option<&Path>,
+    kind: &'static str,
+    tls: bool,
+) -> Result<(Option<tempfile::TempDir>, PathBuf, TargetInfo)> {
     let (tmp, dir) = match dir {
-        Some(d) => (None, d.clone()),
+        Some(d) => (None, d.to_path_buf()),
         None => {
             let t = tempfile::Builder::new()
                 .prefix("vault-bench-")
@@ -383,18 +512,13 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         source,
     })?;
     let info = TargetInfo {
-        kind: "embedded",
+        kind,
         dir: dir.display().to_string(),
         temporary: tmp.is_some(),
+        tls,
+        addr: None,
     };
-    match workload {
-        Workload::Append(p) => run_append(&dir, info, p, progress)
-            .await
-            .map(Report::Append),
-        Workload::Verify(p) => run_verify(&dir, info, p, progress)
-            .await
-            .map(Report::Verify),
-    }
+    Ok((tmp, dir, info))
 }
 
 fn sled_dir(dir: &Path, sync_every: u64) -> PathBuf {
@@ -478,6 +602,7 @@ async fn run_append(
         throughput,
         latency_us: Latency::of(&stats.hist),
         baseline,
+        embedded: None,
     })
 }
 
@@ -961,6 +1086,8 @@ impl Report {
         match self {
             Report::Append(r) => r.table(),
             Report::Verify(r) => r.table(),
+            Report::Redeem(r) => r.table(),
+            Report::Authorize(r) => r.table(),
         }
     }
 }
@@ -971,16 +1098,7 @@ impl AppendReport {
         let p = &self.params;
         let t = &self.throughput;
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "vault-bench append: embedded, {}{}",
-            self.target.dir,
-            if self.target.temporary {
-                " (temporary)"
-            } else {
-                ""
-            }
-        );
+        let _ = writeln!(s, "vault-bench append: {}", self.target.describe());
         let _ = writeln!(
             s,
             "  {} records x {} B over {} subjects; {} clients x pipeline {}, batch {}",
@@ -1019,13 +1137,21 @@ impl AppendReport {
                 l.max
             );
         };
-        row(
-            &mut s,
-            "vault append (durable)",
-            t.records_per_s,
-            "",
-            &self.latency_us,
-        );
+        let name = if self.target.kind == "embedded" {
+            "vault append (durable)"
+        } else {
+            "protocol append (durable)"
+        };
+        row(&mut s, name, t.records_per_s, "", &self.latency_us);
+        if let Some(e) = &self.embedded {
+            row(
+                &mut s,
+                "embedded engine, same params",
+                e.records_per_s,
+                &format!("{:.2}x", e.protocol_ratio),
+                &e.latency_us,
+            );
+        }
         for b in self.baseline.iter().flatten() {
             row(
                 &mut s,
@@ -1040,6 +1166,12 @@ impl AppendReport {
             s,
             "  latency: vault = one append call until durable; sled = one flush + fdatasync"
         );
+        if self.embedded.is_some() {
+            let _ = write!(
+                s,
+                "\n  ratio column: protocol records/s divided by the embedded engine's"
+            );
+        }
         s
     }
 }
@@ -1050,16 +1182,7 @@ impl VerifyReport {
         let b = &self.build;
         let t = &self.throughput;
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "vault-bench verify: embedded, {}{}",
-            self.target.dir,
-            if self.target.temporary {
-                " (temporary)"
-            } else {
-                ""
-            }
-        );
+        let _ = writeln!(s, "vault-bench verify: {}", self.target.describe());
         let _ = writeln!(
             s,
             "  built {} records x {} B in {} commit groups: {:.1} s ({} records/s)",

@@ -1,0 +1,426 @@
+//! `POST /v1/authorize` through the HTTP shim, next to `GET /v1/health`.
+//!
+//! Setup (not timed): a vault seeded as `vaultd dev` seeds it
+//! ([`crate::dev::seed`]: demo records, consents, one key per role) and
+//! `vaultd` with its shim in this process, the demo policies applied at
+//! start with one change: the demo partner's rate limit (600 per minute)
+//! is lifted, since a benchmark of grants would otherwise measure denials.
+//!
+//! Timed, in this order, with the same `clients` keep-alive HTTP/1.1
+//! connections (hyper's client), one request at a time on each:
+//!
+//! 1. baseline: `GET /v1/health`, `requests` times. The shim asks the
+//!    vault for its health over its gateway connection; nothing is written.
+//! 2. `POST /v1/authorize` for the demo partner, subject and purpose,
+//!    `requests` times. Each grant looks up the key, the policy and the
+//!    consent, and mints a token: a durable `token_minted` entry in the
+//!    log before the answer leaves.
+//!
+//! The audit entries written are counted from the vault's entry count
+//! (read through `/v1/health`) before and after the authorize phase.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper::{header, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use super::inproc::{self, InProcess};
+use super::{
+    check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, Progress,
+    TargetInfo,
+};
+use crate::dev::{self, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
+use crate::{Error, Result};
+
+/// Parameters of [`super::Workload::Authorize`].
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthorizeParams {
+    /// Concurrent keep-alive connections (default 50).
+    pub clients: usize,
+    /// Requests per phase (default 20,000).
+    pub requests: u64,
+}
+
+impl Default for AuthorizeParams {
+    fn default() -> Self {
+        AuthorizeParams {
+            clients: 50,
+            requests: 20_000,
+        }
+    }
+}
+
+/// The shim serves at most this many connections by default.
+const MAX_HTTP_CLIENTS: usize = 1024;
+
+impl AuthorizeParams {
+    pub(super) fn validate(&self) -> Result<()> {
+        check((1..=MAX_HTTP_CLIENTS).contains(&self.clients), || {
+            format!("--clients must be between 1 and {MAX_HTTP_CLIENTS}")
+        })?;
+        check((1..=100_000_000).contains(&self.requests), || {
+            "--requests must be between 1 and 100,000,000".into()
+        })
+    }
+}
+
+/// Result of [`super::Workload::Authorize`].
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthorizeReport {
+    pub target: TargetInfo,
+    pub params: AuthorizeParams,
+    /// `POST /v1/authorize`, every answer a grant (200).
+    pub authorize: HttpRun,
+    /// `GET /v1/health` with the same clients, before the authorize phase.
+    pub health: HttpRun,
+    /// Authorizations/s over health requests/s.
+    pub ratio_vs_health: f64,
+    /// Log entries written during the authorize phase (one `token_minted`
+    /// per grant).
+    pub audit_entries: u64,
+    /// Where an authorization's time goes, from the process's metrics over
+    /// the authorize phase: mean µs of each shim → vault request by
+    /// operation (`whois`, `policy`, `consent`, `mint`), and
+    /// `server:mint`, the protocol server's own time for a mint (request
+    /// to durable receipt).
+    pub vault_mean_us: BTreeMap<String, f64>,
+}
+
+/// One timed phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRun {
+    pub requests: u64,
+    pub elapsed_s: f64,
+    pub requests_per_s: f64,
+    /// From sending the request until the whole body is read.
+    pub latency_us: Latency,
+}
+
+/// Runs the workload against a `vaultd` started here, data under `dir`.
+pub(super) async fn run(
+    dir: &Path,
+    mut info: TargetInfo,
+    p: &AuthorizeParams,
+    progress: Progress,
+) -> Result<AuthorizeReport> {
+    let vault_dir = dir.join("vault");
+    super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
+    let vault = create_vault(vault_dir).await?;
+    let keys = dev::seed(&vault, true).await?;
+    let mut policies = dev::demo_policies()?;
+    for policy in policies.partners.values_mut() {
+        policy.rate_limit_per_minute = None;
+    }
+    let server = InProcess::start(
+        vault,
+        dir,
+        inproc::Options {
+            tls: false,
+            http: true,
+            policies: Some(policies),
+        },
+    )
+    .await?;
+    info.addr = server.http.map(|a| a.to_string());
+    let measured = measure(&server, &keys.partner, p, progress).await;
+    let stopped = server.stop().await;
+    let report = measured?;
+    stopped?;
+    let (health, authorize, audit_entries, vault_mean_us) = report;
+    Ok(AuthorizeReport {
+        target: info,
+        params: p.clone(),
+        ratio_vs_health: authorize.requests_per_s / health.requests_per_s,
+        authorize,
+        health,
+        audit_entries,
+        vault_mean_us,
+    })
+}
+
+async fn measure(
+    server: &InProcess,
+    partner_key: &str,
+    p: &AuthorizeParams,
+    progress: Progress,
+) -> Result<(HttpRun, HttpRun, u64, BTreeMap<String, f64>)> {
+    let addr = server
+        .http
+        .ok_or_else(|| Error::Usage("the shim did not start".into()))?;
+    let mut conns = Vec::with_capacity(p.clients);
+    for _ in 0..p.clients {
+        conns.push(connect(addr).await?);
+    }
+    let health = Call {
+        method: Method::GET,
+        path: "/v1/health",
+        bearer: None,
+        body: Bytes::new(),
+    };
+    let (conns, health_run) = phase("GET /v1/health", conns, &health, p.requests, progress).await?;
+    let before = entries(addr).await?;
+    let body = serde_json::json!({"subject_id": DEMO_RECORDS[0].0, "purpose": DEMO_PURPOSE});
+    let authorize = Call {
+        method: Method::POST,
+        path: "/v1/authorize",
+        bearer: Some(format!("Bearer {partner_key}")),
+        body: Bytes::from(body.to_string()),
+    };
+    let ops_before = op_times(&crate::metrics::global().render());
+    let (conns, auth_run) = phase(
+        "POST /v1/authorize",
+        conns,
+        &authorize,
+        p.requests,
+        progress,
+    )
+    .await?;
+    let ops_after = op_times(&crate::metrics::global().render());
+    drop(conns);
+    let after = entries(addr).await?;
+    tracing::debug!(partner = DEMO_PARTNER, before, after, "authorize phase");
+    let means = ops_after
+        .iter()
+        .filter_map(|(op, (sum, n))| {
+            let (sum0, n0) = ops_before.get(op).copied().unwrap_or((0.0, 0));
+            (*n > n0).then(|| (op.clone(), (sum - sum0) / (n - n0) as f64 * 1e6))
+        })
+        .collect();
+    Ok((health_run, auth_run, after.saturating_sub(before), means))
+}
+
+/// (sum of seconds, count) by operation of the shim's vault requests
+/// (`op`) and of the protocol server's durable writes (`server:op`), from
+/// the Prometheus text of the process's metrics.
+fn op_times(text: &str) -> BTreeMap<String, (f64, u64)> {
+    let mut out: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+    for line in text.lines() {
+        for (family, prefix) in [
+            ("fintrust_vault_request_seconds", ""),
+            ("fintrust_commit_seconds", "server:"),
+        ] {
+            let Some(rest) = line.strip_prefix(family) else {
+                continue;
+            };
+            let (is_sum, rest) = if let Some(r) = rest.strip_prefix("_sum{op=\"") {
+                (true, r)
+            } else if let Some(r) = rest.strip_prefix("_count{op=\"") {
+                (false, r)
+            } else {
+                continue;
+            };
+            let Some((op, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let e = out.entry(format!("{prefix}{op}")).or_default();
+            if is_sum {
+                e.0 = value.trim().parse().unwrap_or(0.0);
+            } else {
+                e.1 = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+/// One request shape, sent many times.
+#[derive(Debug, Clone)]
+struct Call {
+    method: Method,
+    path: &'static str,
+    bearer: Option<String>,
+    body: Bytes,
+}
+
+type Conn = SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Result<Conn> {
+    let io = |source| Error::File {
+        path: format!("http://{addr}"),
+        source,
+    };
+    let tcp = TcpStream::connect(addr).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(http_error)?;
+    // Drives the connection until the sender is dropped.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+fn http_error(e: impl std::fmt::Display) -> Error {
+    Error::Usage(format!("HTTP client: {e}"))
+}
+
+/// Sends `call` and reads the whole answer; a status other than 200 is
+/// an error naming the answer.
+async fn send(conn: &mut Conn, addr: &str, call: &Call) -> Result<Bytes> {
+    let mut req = Request::builder()
+        .method(call.method.clone())
+        .uri(call.path)
+        .header(header::HOST, addr);
+    if let Some(b) = &call.bearer {
+        req = req
+            .header(header::AUTHORIZATION, b.as_str())
+            .header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(Full::new(call.body.clone())).map_err(http_error)?;
+    conn.ready().await.map_err(http_error)?;
+    let resp = conn.send_request(req).await.map_err(http_error)?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(http_error)?
+        .to_bytes();
+    if status != StatusCode::OK {
+        return Err(Error::Usage(format!(
+            "{} {} answered {status}: {}",
+            call.method,
+            call.path,
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    Ok(body)
+}
+
+/// The vault's entry count, from `/v1/health`.
+async fn entries(addr: SocketAddr) -> Result<u64> {
+    let mut c = connect(addr).await?;
+    let call = Call {
+        method: Method::GET,
+        path: "/v1/health",
+        bearer: None,
+        body: Bytes::new(),
+    };
+    let body = send(&mut c, &addr.to_string(), &call).await?;
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("entries").and_then(serde_json::Value::as_u64))
+        .ok_or_else(|| Error::Usage("/v1/health did not give an entry count".into()))
+}
+
+/// Every connection sends `call` until `requests` were sent; gives the
+/// connections back for the next phase.
+async fn phase(
+    name: &str,
+    conns: Vec<Conn>,
+    call: &Call,
+    requests: u64,
+    progress: Progress,
+) -> Result<(Vec<Conn>, HttpRun)> {
+    let bar = progress.phase(name, requests);
+    let remaining = Arc::new(AtomicU64::new(requests));
+    let call = Arc::new(call.clone());
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for mut c in conns {
+        let (remaining, call, bar) = (remaining.clone(), call.clone(), bar.clone());
+        set.spawn(async move {
+            let mut hist = new_histogram();
+            let host = "localhost";
+            while super::claim(&remaining, 1, None) == 1 {
+                let t = Instant::now();
+                send(&mut c, host, &call).await?;
+                hist.saturating_record(micros(t.elapsed()));
+                bar.inc(1);
+            }
+            Ok::<_, Error>((c, hist))
+        });
+    }
+    let mut hist = new_histogram();
+    let mut back = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (c, h) = r.map_err(join_error)??;
+        hist.add(&h).expect("histograms with identical bounds");
+        back.push(c);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok((
+        back,
+        HttpRun {
+            requests: hist.len(),
+            elapsed_s: secs,
+            requests_per_s: hist.len() as f64 / secs,
+            latency_us: Latency::of(&hist),
+        },
+    ))
+}
+
+impl AuthorizeReport {
+    pub(super) fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "vault-bench authorize: {}", self.target.describe());
+        let _ = writeln!(
+            s,
+            "  {} clients on keep-alive HTTP/1.1 connections, {} requests per phase",
+            self.params.clients,
+            thousands(self.params.requests)
+        );
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "  {:<24} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "", "per s", "ratio", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+        );
+        let row = |s: &mut String, name: &str, r: &HttpRun, ratio: &str| {
+            let l = &r.latency_us;
+            let _ = writeln!(
+                s,
+                "  {:<24} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+                name,
+                rate(r.requests_per_s),
+                ratio,
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max
+            );
+        };
+        row(
+            &mut s,
+            "POST /v1/authorize",
+            &self.authorize,
+            &format!("{:.2}x", self.ratio_vs_health),
+        );
+        row(&mut s, "GET /v1/health", &self.health, "");
+        let _ = writeln!(s);
+        let _ = write!(
+            s,
+            "  audit entries written: {} for {} grants; ratio: authorize per s over health per s",
+            thousands(self.audit_entries),
+            thousands(self.authorize.requests)
+        );
+        if !self.vault_mean_us.is_empty() {
+            let parts: Vec<String> = self
+                .vault_mean_us
+                .iter()
+                .map(|(op, us)| format!("{op} {us:.0}"))
+                .collect();
+            let _ = write!(
+                s,
+                "\n  mean µs per vault request during authorize: {}",
+                parts.join(", ")
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,266 @@
+//! Appends over the wire protocol: `clients` tasks, each with its own
+//! connection ([`client::Client`]), keeping `pipeline` appends of `batch`
+//! records in flight on it, each awaited until its receipt (durable).
+//!
+//! A record is one field, `v`, whose value is ASCII chosen so that the
+//! JSON object the server stores (`{"v":"..."}`) is exactly `size` bytes:
+//! the same plaintext size as the embedded workload's records, which is
+//! what the `baseline` comparison needs.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use client::{Client, Connector, Record};
+use indicatif::ProgressBar;
+use tokio::task::JoinSet;
+
+use super::inproc::{self, InProcess};
+use super::{
+    claim, create_vault, join_error, micros, run_append as run_embedded, scratch, subject_id,
+    AppendParams, AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress, Rng, Stats,
+    Target,
+};
+use crate::{Error, Result};
+
+/// Bytes `{"v":""}` adds around a value.
+const JSON_OVERHEAD: usize = 8;
+
+/// Runs the append workload against a protocol target, then, with
+/// `baseline`, the embedded engine with the same parameters.
+pub(super) async fn run_append(
+    target: &Target,
+    p: &AppendParams,
+    progress: Progress,
+) -> Result<AppendReport> {
+    let (tmp, dir, mut info) = match target {
+        Target::InProcess { dir, tls } => scratch(dir.as_deref(), "in-process", *tls)?,
+        Target::Remote(config) => {
+            // The embedded baseline, if any, still needs a scratch dir.
+            let (tmp, dir, mut info) = scratch(None, "remote", false)?;
+            info.dir = String::new();
+            info.tls = config.tls != client::Tls::Plaintext;
+            info.addr = Some(config.addr.clone());
+            (tmp, dir, info)
+        }
+        Target::Embedded { .. } => {
+            return Err(Error::Usage("not a protocol target".into()));
+        }
+    };
+    let (server, config) = match target {
+        Target::InProcess { tls, .. } => {
+            let vault_dir = dir.join("vault");
+            super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
+            let vault = create_vault(vault_dir).await?;
+            let (_, key) = vault.create_credential("writer", "vault-bench").await?;
+            let server = InProcess::start(
+                vault,
+                &dir,
+                inproc::Options {
+                    tls: *tls,
+                    http: false,
+                    policies: None,
+                },
+            )
+            .await?;
+            info.addr = Some(server.addr.to_string());
+            let config = server.client_config(&key);
+            (Some(server), config)
+        }
+        Target::Remote(config) => (None, config.clone()),
+        Target::Embedded { .. } => return Err(Error::Usage("not a protocol target".into())),
+    };
+    let connector = Connector::new(config)?;
+
+    let measured = measure(&connector, p, progress).await;
+    // Stop the server whatever happened, then report the first error.
+    let stopped = match server {
+        Some(s) => s.stop().await,
+        None => Ok(()),
+    };
+    let (stats, elapsed) = measured?;
+    stopped?;
+
+    let secs = elapsed.as_secs_f64();
+    let records_per_s = stats.records as f64 / secs;
+    let log_entries = stats.group_ends.iter().max().map_or(0, |s| s + 1);
+    let throughput = AppendThroughput {
+        records: stats.records,
+        appends: stats.appends,
+        log_entries,
+        commit_groups: stats.groups(),
+        elapsed_s: secs,
+        records_per_s,
+        appends_per_s: stats.appends as f64 / secs,
+    };
+    let embedded = if p.baseline {
+        let edir = dir.join("embedded");
+        let (_, _, einfo) = scratch(Some(&edir), "embedded", false)?;
+        let ep = AppendParams {
+            records: stats.records,
+            duration: None,
+            baseline: false,
+            ..p.clone()
+        };
+        let e = run_embedded(&edir, einfo, &ep, progress).await?;
+        Some(EmbeddedRun {
+            records: e.throughput.records,
+            elapsed_s: e.throughput.elapsed_s,
+            records_per_s: e.throughput.records_per_s,
+            latency_us: e.latency_us,
+            protocol_ratio: records_per_s / e.throughput.records_per_s,
+        })
+    } else {
+        None
+    };
+    drop(tmp);
+    Ok(AppendReport {
+        target: info,
+        params: p.clone(),
+        throughput,
+        latency_us: Latency::of(&stats.hist),
+        baseline: None,
+        embedded,
+    })
+}
+
+/// What the client tasks share.
+struct Work {
+    subjects: Vec<String>,
+    /// ASCII letters and digits that values are sliced from.
+    pool: String,
+    value_len: usize,
+    remaining: AtomicU64,
+    batch: u64,
+    bar: ProgressBar,
+}
+
+impl Work {
+    fn record(&self, rng: &mut Rng) -> (String, Vec<(String, String)>) {
+        let subject = self.subjects[rng.below(self.subjects.len())].clone();
+        let off = rng.below(self.pool.len() - self.value_len + 1);
+        // The pool is ASCII, so every offset is a char boundary.
+        let value = self.pool[off..off + self.value_len].to_string();
+        (subject, vec![("v".to_string(), value)])
+    }
+}
+
+/// Connects every client, then times the appends.
+async fn measure(
+    connector: &Connector,
+    p: &AppendParams,
+    progress: Progress,
+) -> Result<(Stats, std::time::Duration)> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let value_len = p.size.saturating_sub(JSON_OVERHEAD);
+    let mut raw = vec![0u8; (1 << 20).max(4 * value_len)];
+    storage::crypto::random_bytes(&mut raw);
+    let pool: String = raw
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(b & 63)]))
+        .collect();
+    let work = Arc::new(Work {
+        subjects: (0..p.subjects).map(subject_id).collect(),
+        pool,
+        value_len,
+        remaining: AtomicU64::new(p.records),
+        batch: p.batch as u64,
+        bar: progress.phase("protocol append", p.records),
+    });
+
+    // Connections are made before the clock starts: the workload is the
+    // appends, not the handshakes.
+    let mut connecting = JoinSet::new();
+    for _ in 0..p.clients {
+        let c = connector.clone();
+        connecting.spawn(async move { c.connect().await });
+    }
+    let mut clients = Vec::with_capacity(p.clients);
+    while let Some(c) = connecting.join_next().await {
+        let c = c.map_err(join_error)??;
+        if c.role() != "writer" && c.role() != "admin" {
+            return Err(Error::Usage(format!(
+                "the API key has role {}; appends need a writer key",
+                c.role()
+            )));
+        }
+        clients.push(Arc::new(c));
+    }
+
+    let deadline = p.duration.map(|d| Instant::now() + d);
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for (id, c) in clients.into_iter().enumerate() {
+        set.spawn(client_task(
+            work.clone(),
+            c,
+            id as u64,
+            p.pipeline,
+            deadline,
+        ));
+    }
+    let mut total = Stats::new();
+    while let Some(joined) = set.join_next().await {
+        total.merge(joined.map_err(join_error)??);
+    }
+    let elapsed = start.elapsed();
+    work.bar.finish_and_clear();
+    Ok((total, elapsed))
+}
+
+/// One connection with `pipeline` appends in flight.
+async fn client_task(
+    work: Arc<Work>,
+    c: Arc<Client>,
+    id: u64,
+    pipeline: usize,
+    deadline: Option<Instant>,
+) -> Result<Stats> {
+    let mut stats = Stats::new();
+    let mut rng = Rng::new(id);
+    let mut in_flight = JoinSet::new();
+    let mut exhausted = false;
+    loop {
+        while !exhausted && in_flight.len() < pipeline {
+            let n = claim(&work.remaining, work.batch, deadline);
+            if n == 0 {
+                exhausted = true;
+                break;
+            }
+            let c = c.clone();
+            if work.batch == 1 {
+                let (subject, fields) = work.record(&mut rng);
+                in_flight.spawn(async move {
+                    let start = Instant::now();
+                    let r = c.append(subject, fields).await.map(|r| vec![r]);
+                    (start.elapsed(), r)
+                });
+            } else {
+                let items: Vec<Record> = (0..n)
+                    .map(|_| {
+                        let (subject, fields) = work.record(&mut rng);
+                        Record { subject, fields }
+                    })
+                    .collect();
+                in_flight.spawn(async move {
+                    let start = Instant::now();
+                    let r = c.append_batch(items).await;
+                    (start.elapsed(), r)
+                });
+            }
+        }
+        let Some(joined) = in_flight.join_next().await else {
+            break;
+        };
+        let (latency, receipts) = joined.map_err(join_error)?;
+        let receipts = receipts?;
+        stats.hist.saturating_record(micros(latency));
+        stats.appends += 1;
+        stats.records += receipts.len() as u64;
+        if let Some(r) = receipts.last() {
+            stats.group_ends.push(r.head.last_seq);
+        }
+        work.bar.inc(receipts.len() as u64);
+    }
+    Ok(stats)
+}

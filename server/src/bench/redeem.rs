@@ -1,0 +1,377 @@
+//! Redemptions, one new connection per token, as partners make them.
+//!
+//! Setup (not timed): a vault with one subject and its record, a partner
+//! credential and a gateway credential; `vaultd` in this process; the
+//! gateway mints the tokens over the protocol, pipelined on one connection.
+//!
+//! Timed: `clients` tasks, each looping: connect (TCP, and TLS), `Hello`,
+//! `Redeem` one token, read the `Data` frame, close. Latency is from the
+//! connect call to the data in hand. Every redemption burns its token
+//! durably (a `token_redeemed` entry, fsynced in a commit group) before
+//! the data leaves.
+//!
+//! With TLS the workload runs twice on fresh tokens: every connection a
+//! full handshake (resumption off), then through one shared
+//! [`Connector`], whose rustls configuration resumes sessions.
+//!
+//! With a Redis binary, the same number of keys is deleted with `GETDEL`
+//! by the same number of clients on persistent connections ([`super::redis`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use client::{Connector, MaskOp};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use storage::Append;
+use tokio::task::JoinSet;
+
+use super::inproc::{self, InProcess};
+use super::redis::{self, RedisRun};
+use super::{
+    check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, Progress,
+    TargetInfo,
+};
+use crate::{Error, Result};
+
+/// The one subject whose record every token reveals.
+pub const SUBJECT: &str = "bench-subject-000001";
+/// The partner the tokens are minted for.
+pub const PARTNER: &str = "bench-partner";
+/// Mints the gateway keeps in flight on its connection while setting up.
+const MINT_PIPELINE: usize = 256;
+
+/// Parameters of [`super::Workload::Redeem`].
+#[derive(Debug, Clone, Serialize)]
+pub struct RedeemParams {
+    /// Concurrent partner clients (default 50).
+    pub clients: usize,
+    /// Tokens redeemed per run (default 20,000); with TLS, two runs.
+    pub tokens: u64,
+    /// The Redis server binary for the `GETDEL` baseline, if asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<PathBuf>,
+}
+
+impl Default for RedeemParams {
+    fn default() -> Self {
+        RedeemParams {
+            clients: 50,
+            tokens: 20_000,
+            redis: None,
+        }
+    }
+}
+
+/// Most tokens one run redeems: each connection leaves a socket in
+/// TIME_WAIT for a minute, and loopback has about 28,000 ephemeral ports.
+const MAX_TOKENS: u64 = 1_000_000;
+
+impl RedeemParams {
+    pub(super) fn validate(&self) -> Result<()> {
+        check((1..=super::MAX_CLIENTS).contains(&self.clients), || {
+            format!("--clients must be between 1 and {}", super::MAX_CLIENTS)
+        })?;
+        check((1..=MAX_TOKENS).contains(&self.tokens), || {
+            format!("--tokens must be between 1 and {MAX_TOKENS}")
+        })
+    }
+}
+
+/// Result of [`super::Workload::Redeem`].
+#[derive(Debug, Clone, Serialize)]
+pub struct RedeemReport {
+    pub target: TargetInfo,
+    pub params: RedeemParams,
+    pub setup: MintStats,
+    /// One run without TLS; with TLS, full handshakes then resumed ones.
+    pub runs: Vec<RedeemRun>,
+    pub redis: Option<RedisRun>,
+}
+
+/// How the tokens were minted (over the protocol, gateway role).
+#[derive(Debug, Clone, Serialize)]
+pub struct MintStats {
+    pub tokens: u64,
+    pub elapsed_s: f64,
+    pub mints_per_s: f64,
+}
+
+/// One timed pass over `tokens` tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedeemRun {
+    /// "plaintext", "tls-full-handshake" or "tls-resumed".
+    pub mode: &'static str,
+    pub redemptions: u64,
+    /// Connections whose TLS handshake resumed a session.
+    pub resumed_handshakes: u64,
+    pub elapsed_s: f64,
+    pub redemptions_per_s: f64,
+    /// From the connect call until the data frame is decoded.
+    pub latency_us: Latency,
+    /// With the Redis baseline: this run's p99 over Redis `GETDEL`'s p99.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_vs_redis: Option<f64>,
+    /// With the Redis baseline: this run's rate over Redis `GETDEL`'s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_vs_redis: Option<f64>,
+}
+
+/// Runs the workload against a `vaultd` started here, data under `dir`.
+pub(super) async fn run(
+    dir: &Path,
+    mut info: TargetInfo,
+    p: &RedeemParams,
+    progress: Progress,
+) -> Result<RedeemReport> {
+    let vault_dir = dir.join("vault");
+    super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
+    let vault = create_vault(vault_dir).await?;
+    let (_, partner_key) = vault.create_credential("partner", PARTNER).await?;
+    let (_, gateway_key) = vault.create_credential("gateway", "vault-bench").await?;
+    let record = crate::dev::DEMO_RECORDS[0].1;
+    vault
+        .append(Append::record(SUBJECT, record.as_bytes().to_vec()))
+        .await?;
+    let tls = info.tls;
+    let server = InProcess::start(
+        vault,
+        dir,
+        inproc::Options {
+            tls,
+            http: false,
+            policies: None,
+        },
+    )
+    .await?;
+    info.addr = Some(server.addr.to_string());
+    let measured = measure(&server, &gateway_key, &partner_key, p, progress).await;
+    let stopped = server.stop().await;
+    let (setup, mut runs) = measured?;
+    stopped?;
+
+    let redis = match &p.redis {
+        None => None,
+        Some(bin) => {
+            let r = redis::run(bin, &dir.join("redis"), p.tokens, p.clients, progress).await?;
+            for run in &mut runs {
+                run.p99_vs_redis = Some(run.latency_us.p99 as f64 / r.latency_us.p99.max(1) as f64);
+                run.rate_vs_redis = Some(run.redemptions_per_s / r.ops_per_s);
+            }
+            Some(r)
+        }
+    };
+    Ok(RedeemReport {
+        target: info,
+        params: p.clone(),
+        setup,
+        runs,
+        redis,
+    })
+}
+
+async fn measure(
+    server: &InProcess,
+    gateway_key: &str,
+    partner_key: &str,
+    p: &RedeemParams,
+    progress: Progress,
+) -> Result<(MintStats, Vec<RedeemRun>)> {
+    let tls = server.client_config("x").tls != client::Tls::Plaintext;
+    let runs = if tls { 2 } else { 1 };
+    let setup = Connector::new(server.client_config(gateway_key))?;
+    let (setup_stats, tokens) = mint(&setup, p.tokens * runs, progress).await?;
+    let mut tokens = tokens.into_iter();
+    let shared = Connector::new(server.client_config(partner_key))?;
+    let modes: Vec<(&'static str, Connector)> = if tls {
+        vec![
+            ("tls-full-handshake", shared.without_resumption()),
+            ("tls-resumed", shared),
+        ]
+    } else {
+        vec![("plaintext", shared)]
+    };
+    let mut out = Vec::new();
+    for (mode, connector) in modes {
+        let batch: Vec<String> = tokens.by_ref().take(p.tokens as usize).collect();
+        out.push(redeem_all(mode, &connector, batch, p.clients, progress).await?);
+    }
+    Ok((setup_stats, out))
+}
+
+/// Mints `n` tokens for [`PARTNER`] on one gateway connection.
+async fn mint(
+    connector: &Connector,
+    n: u64,
+    progress: Progress,
+) -> Result<(MintStats, Vec<String>)> {
+    let gw = connector.connect().await?;
+    let bar = progress.phase("minting tokens", n);
+    let fields = vec![
+        ("name".to_string(), MaskOp::Partial),
+        ("iban".to_string(), MaskOp::Partial),
+        ("dob".to_string(), MaskOp::Generalize),
+        ("income".to_string(), MaskOp::Generalize),
+    ];
+    let start = Instant::now();
+    let mut minted = futures_util::stream::iter(0..n)
+        .map(|_| gw.mint(PARTNER, SUBJECT, "bench", fields.clone(), 3600))
+        .buffer_unordered(MINT_PIPELINE);
+    let mut tokens = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    while let Some(r) = minted.next().await {
+        tokens.push(r?.0);
+        bar.inc(1);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok((
+        MintStats {
+            tokens: n,
+            elapsed_s: secs,
+            mints_per_s: n as f64 / secs,
+        },
+        tokens,
+    ))
+}
+
+/// `clients` tasks redeeming `tokens`, one connection each.
+async fn redeem_all(
+    mode: &'static str,
+    connector: &Connector,
+    tokens: Vec<String>,
+    clients: usize,
+    progress: Progress,
+) -> Result<RedeemRun> {
+    let n = tokens.len() as u64;
+    let bar = progress.phase(&format!("redeem, {mode}"), n);
+    let tokens = Arc::new(tokens);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..clients {
+        let (c, tokens, next, bar) = (connector.clone(), tokens.clone(), next.clone(), bar.clone());
+        set.spawn(async move {
+            let mut hist = new_histogram();
+            let mut resumed = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(token) = tokens.get(i) else {
+                    break;
+                };
+                let t = Instant::now();
+                let client = c.connect().await?;
+                resumed += u64::from(client.tls_resumed());
+                let data = client.redeem(token).await?;
+                hist.saturating_record(micros(t.elapsed()));
+                if data.fields.is_empty() {
+                    return Err(Error::Usage("a redemption returned no fields".into()));
+                }
+                bar.inc(1);
+            }
+            Ok::<(Histogram<u64>, u64), Error>((hist, resumed))
+        });
+    }
+    let mut hist = new_histogram();
+    let mut resumed = 0;
+    while let Some(joined) = set.join_next().await {
+        let (h, r) = joined.map_err(join_error)??;
+        hist.add(&h).expect("histograms with identical bounds");
+        resumed += r;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok(RedeemRun {
+        mode,
+        redemptions: hist.len(),
+        resumed_handshakes: resumed,
+        elapsed_s: secs,
+        redemptions_per_s: hist.len() as f64 / secs,
+        latency_us: Latency::of(&hist),
+        p99_vs_redis: None,
+        rate_vs_redis: None,
+    })
+}
+
+impl RedeemReport {
+    pub(super) fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "vault-bench redeem: {}", self.target.describe());
+        let _ = writeln!(
+            s,
+            "  {} clients, a new connection per token; {} tokens minted over the protocol in {:.2} s ({}/s)",
+            self.params.clients,
+            thousands(self.setup.tokens),
+            self.setup.elapsed_s,
+            rate(self.setup.mints_per_s)
+        );
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "  {:<28} {:>10} {:>9} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "", "per s", "resumed", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+        );
+        let row = |s: &mut String, name: &str, per_s: f64, resumed: &str, l: &Latency| {
+            let _ = writeln!(
+                s,
+                "  {:<28} {:>10} {:>9} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+                name,
+                rate(per_s),
+                resumed,
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max
+            );
+        };
+        for r in &self.runs {
+            let resumed = if self.target.tls {
+                thousands(r.resumed_handshakes)
+            } else {
+                "-".into()
+            };
+            row(
+                &mut s,
+                &format!("redeem, {}", r.mode),
+                r.redemptions_per_s,
+                &resumed,
+                &r.latency_us,
+            );
+        }
+        if let Some(r) = &self.redis {
+            row(
+                &mut s,
+                "redis GETDEL (persistent)",
+                r.ops_per_s,
+                "-",
+                &r.latency_us,
+            );
+            let _ = writeln!(s);
+            for run in &self.runs {
+                let _ = writeln!(
+                    s,
+                    "  {}: {:.2}x Redis's rate, p99 {:.2}x Redis's",
+                    run.mode,
+                    run.rate_vs_redis.unwrap_or(0.0),
+                    run.p99_vs_redis.unwrap_or(0.0)
+                );
+            }
+            let _ = write!(
+                s,
+                "  redis {}: appendfsync always, {} clients on persistent connections",
+                r.version, self.params.clients
+            );
+        } else {
+            let _ = write!(
+                s,
+                "  latency: connect (TCP{}, Hello) until the data frame is decoded",
+                if self.target.tls { ", TLS" } else { "" }
+            );
+        }
+        s
+    }
+}
