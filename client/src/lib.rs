@@ -21,8 +21,10 @@
 //! - [`error`]: the one [`ClientError`], whose variants are the decisions
 //!   a caller makes (retry, reconnect, fix the request, stop trusting).
 //!
-//! The `vault-client` binary (`src/bin/vault-client.rs`) is these calls
-//! plus argument parsing and printing.
+//! The `vault-client` binary (`src/bin/vault-client.rs`) for partners and
+//! services, and `vault-admin` (`src/bin/vault-admin.rs`) for operators
+//! (shred, key rotation and status, credentials), are these calls plus
+//! argument parsing ([`cli`]: the connection flags they share) and printing.
 //!
 //! ```no_run
 //! use client::{Client, ClientConfig, HeadTracker, Tls, Zeroizing};
@@ -48,18 +50,21 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod error;
 pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
-pub use connection::{Client, HeadInfo, Health, Identity, Redeemed, StateValue};
+pub use connection::{
+    Client, HeadInfo, Health, Identity, KeyStatus, Redeemed, Rotated, StateValue,
+};
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};
 
 pub use protocol::receipt::{Receipt, ReceiptError, SignedHead};
-pub use protocol::{ErrorCode, MaskOp, Record};
+pub use protocol::{ErrorCode, KeyLife, MaskOp, Record, SubjectKey};
 /// The wrapper of [`ClientConfig::api_key`], re-exported so that callers
 /// need not depend on `zeroize`.
 pub use zeroize::Zeroizing;

@@ -9,20 +9,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
-use client::{
-    verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt, Tls,
-    Zeroizing,
-};
+use clap::{Parser, Subcommand};
+use client::cli::{ConnectArgs, Format, EXIT_LOCAL, EXIT_REFUSED};
+use client::{verify_receipt, Client, ClientError, ErrorCode, HeadTracker, Receipt};
 use serde_json::{json, Value};
-
-/// Exit code of a local failure.
-const EXIT_LOCAL: u8 = 1;
-/// Exit code of a request the server refused with an `Error` frame.
-const EXIT_REFUSED: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -33,60 +26,15 @@ const EXIT_REFUSED: u8 = 2;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Address of the vault, host:port.
-    #[arg(
-        long,
-        global = true,
-        env = "FINTRUST_ADDR",
-        default_value = "127.0.0.1:9999"
-    )]
-    addr: String,
-    /// API key; prefer the environment variable, which `ps` does not show.
-    #[arg(long, global = true, env = "FINTRUST_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// PEM file of the CA that signed the server's certificate: connect
-    /// over TLS, trusting only this CA.
-    #[arg(long, global = true, env = "FINTRUST_CACERT")]
-    cacert: Option<PathBuf>,
-    /// Name the server's certificate must carry.
-    #[arg(
-        long,
-        global = true,
-        env = "FINTRUST_SERVER_NAME",
-        default_value = "localhost"
-    )]
-    server_name: String,
-    /// PEM client certificate chain, for a server that requires mutual TLS.
-    #[arg(long, global = true, env = "FINTRUST_CLIENT_CERT")]
-    client_cert: Option<PathBuf>,
-    /// PEM private key of --client-cert.
-    #[arg(long, global = true, env = "FINTRUST_CLIENT_KEY")]
-    client_key: Option<PathBuf>,
-    /// Connect without TLS: the API key and data cross the network in the
-    /// clear. Only for a server on loopback during development.
-    #[arg(long, global = true)]
-    insecure_plaintext: bool,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Hex of the vault's public key (printed by `vaultd init`): receipts
     /// are checked against it instead of the key the server reports.
     #[arg(long, global = true, env = "FINTRUST_PUBLIC_KEY")]
     public_key: Option<String>,
-    /// Seconds allowed to connect and for each request.
-    #[arg(
-        long,
-        global = true,
-        env = "FINTRUST_TIMEOUT_SECS",
-        default_value_t = 30
-    )]
-    timeout_secs: u64,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -149,47 +97,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The library's config from the flags, refusing plaintext unless asked
-/// for by name.
-fn config(cli: &Cli) -> anyhow::Result<ClientConfig> {
-    let tls = match (&cli.cacert, cli.insecure_plaintext) {
-        (Some(_), true) => bail!("--cacert and --insecure-plaintext exclude each other"),
-        (None, false) => bail!(
-            "refusing to connect without TLS: pass --cacert FILE (or set FINTRUST_CACERT), \
-             or --insecure-plaintext for a development server on loopback"
-        ),
-        (None, true) => {
-            if cli.client_cert.is_some() || cli.client_key.is_some() {
-                bail!("--client-cert and --client-key need TLS (--cacert)");
-            }
-            Tls::Plaintext
-        }
-        (Some(ca), false) => Tls::Ca {
-            ca_pem_file: ca.clone(),
-            server_name: cli.server_name.clone(),
-            client_cert: match (&cli.client_cert, &cli.client_key) {
-                (None, None) => None,
-                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-                _ => bail!("--client-cert and --client-key go together"),
-            },
-        },
-    };
-    let Some(api_key) = cli.api_key.clone() else {
-        bail!("an API key is needed: set FINTRUST_API_KEY or pass --api-key");
-    };
-    let config = ClientConfig {
-        addr: cli.addr.clone(),
-        tls,
-        api_key: Zeroizing::new(api_key),
-        client_name: format!("vault-client/{}", env!("CARGO_PKG_VERSION")),
-        timeout: Duration::from_secs(cli.timeout_secs),
-    };
-    config.validate()?;
-    Ok(config)
-}
-
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    let config = config(cli)?;
+    let config = cli
+        .connect
+        .config(&format!("vault-client/{}", env!("CARGO_PKG_VERSION")))?;
     let addr = config.addr.clone();
     match Client::connect(config).await {
         Ok(c) => Ok(c),
