@@ -10,11 +10,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use zeroize::Zeroizing;
 
 use crate::config::{ClientConfig, Tls};
 use crate::error::{ClientError, Result};
+
+/// Exit code of a local failure (arguments, files, connection, TLS).
+pub const EXIT_LOCAL: u8 = 1;
+/// Exit code of a request the server refused with an `Error` frame.
+pub const EXIT_REFUSED: u8 = 2;
+
+/// Output format of the tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
 
 /// How to reach and authenticate to a vault: everything but the address,
 /// which each tool names in its own way (`--addr`, `--remote`).

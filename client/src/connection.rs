@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use protocol::receipt::{Receipt, SignedHead};
-use protocol::{encode_frame, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record};
+use protocol::{
+    encode_frame, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record, SubjectKey,
+};
 use rustls::ClientConfig as RustlsConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -69,6 +71,35 @@ pub struct Health {
     /// `ok`, or `degraded` when the vault stopped accepting writes.
     pub status: String,
     pub entries: u64,
+}
+
+/// What [`Client::rotate_subject_key`] did.
+#[derive(Debug, Clone)]
+pub struct Rotated {
+    /// The subject's new key version.
+    pub version: u32,
+    /// Receipt of the `key_rotated` entry.
+    pub receipt: Receipt,
+    /// Receipt of the re-encrypted record, if one was asked for and the
+    /// subject had a record.
+    pub reencrypted: Option<Receipt>,
+}
+
+/// The vault's keys, from [`Client::key_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// When the master key was committed (the genesis entry, unix ms).
+    pub master_created_ms: u64,
+    /// Keys wrapped under the master key (signing key and subject keys).
+    pub master_wraps: u64,
+    /// When signing key 0 was committed (unix ms).
+    pub signing_created_ms: u64,
+    /// Records one subject key may encrypt before the vault rotates it.
+    pub encryption_limit: u64,
+    /// Subject data keys in (subject, version) order.
+    pub keys: Vec<SubjectKey>,
+    /// More keys follow (a single page only).
+    pub more: bool,
 }
 
 /// A credential as `Whois` names it.
@@ -536,6 +567,109 @@ impl Client {
             Message::Receipt { receipt } => Ok(Some(Receipt::decode(&receipt)?)),
             other => not_found_or(other, "Receipt"),
         }
+    }
+
+    /// Crypto-shreds `subject`: the vault destroys its data keys, so its
+    /// records open under no key any more. Returns the receipt of the
+    /// `subject_shredded` entry, once durable with the keys gone. Admin role.
+    pub async fn shred(&self, subject: impl Into<String>) -> Result<Receipt> {
+        let m = Message::Shred {
+            subject: subject.into(),
+        };
+        match self.call(m).await? {
+            Message::Receipt { receipt } => Ok(Receipt::decode(&receipt)?),
+            other => Err(refusal(other, "Receipt")),
+        }
+    }
+
+    /// Gives `subject` a new data key version; with `reencrypt`, its
+    /// latest record is appended again under the new key. Admin role.
+    pub async fn rotate_subject_key(
+        &self,
+        subject: impl Into<String>,
+        reencrypt: bool,
+    ) -> Result<Rotated> {
+        let m = Message::RotateSubjectKey {
+            subject: subject.into(),
+            reencrypt,
+        };
+        match self.call(m).await? {
+            Message::Rotated {
+                version,
+                receipt,
+                reencrypted,
+            } => Ok(Rotated {
+                version,
+                receipt: Receipt::decode(&receipt)?,
+                reencrypted: if reencrypted.is_empty() {
+                    None
+                } else {
+                    Some(Receipt::decode(&reencrypted)?)
+                },
+            }),
+            other => Err(refusal(other, "Rotated")),
+        }
+    }
+
+    /// One page of the vault's key status: at most `max` subject keys
+    /// after `after` (subject, version), in order. Admin role.
+    pub async fn key_status_page(
+        &self,
+        after: Option<(String, u32)>,
+        max: u16,
+    ) -> Result<KeyStatus> {
+        let (after_subject, after_version) = after.unwrap_or_default();
+        let m = Message::KeyStatus {
+            after_subject,
+            after_version,
+            max,
+        };
+        match self.call(m).await? {
+            Message::KeyStatusInfo {
+                master_created_ms,
+                master_wraps,
+                signing_created_ms,
+                encryption_limit,
+                keys,
+                more,
+            } => Ok(KeyStatus {
+                master_created_ms,
+                master_wraps,
+                signing_created_ms,
+                encryption_limit,
+                keys,
+                more,
+            }),
+            other => Err(refusal(other, "KeyStatusInfo")),
+        }
+    }
+
+    /// The whole key status, page after page. Admin role.
+    pub async fn key_status(&self) -> Result<KeyStatus> {
+        let mut all = self.key_status_page(None, 0).await?;
+        while all.more {
+            let Some(last) = all.keys.last() else {
+                return Err(ClientError::UnexpectedResponse(
+                    "keys in a page that says more follow",
+                ));
+            };
+            let cursor = (last.subject.clone(), last.version);
+            let page = self.key_status_page(Some(cursor.clone()), 0).await?;
+            // Each page must start after the last one ended, or paging
+            // would never end.
+            if page
+                .keys
+                .first()
+                .is_some_and(|k| (k.subject.as_str(), k.version) <= (cursor.0.as_str(), cursor.1))
+            {
+                return Err(ClientError::UnexpectedResponse(
+                    "a page after the previous one",
+                ));
+            }
+            all.more = page.more;
+            all.keys.extend(page.keys);
+        }
+        Ok(all)
     }
 
     /// Round trip to the server.

@@ -22,9 +22,11 @@
 //! - [`error`]: the one [`ClientError`], whose variants are the decisions
 //!   a caller makes (retry, reconnect, fix the request, stop trusting).
 //!
-//! The `vault-client` binary (`src/bin/vault-client.rs`) is these calls
-//! plus argument parsing and printing; [`cli::ConnectArgs`] holds the
-//! connection flags it shares with `vault-verify --remote`.
+//! The `vault-client` binary (`src/bin/vault-client.rs`) for partners and
+//! services, and `vault-admin` (`src/bin/vault-admin.rs`) for operators
+//! (shred, key rotation and status, credentials), are these calls plus
+//! argument parsing and printing; [`cli`] holds the connection flags they
+//! share with `vault-verify --remote`.
 //!
 //! ```no_run
 //! use client::{Client, ClientConfig, HeadTracker, Tls, Zeroizing};
@@ -57,12 +59,14 @@ pub mod error;
 pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
-pub use connection::{Client, Connector, HeadInfo, Health, Identity, Redeemed, StateValue};
+pub use connection::{
+    Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed, Rotated, StateValue,
+};
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};
 
 pub use protocol::receipt::{Receipt, ReceiptError, SignedHead};
-pub use protocol::{ErrorCode, MaskOp, Record};
+pub use protocol::{ErrorCode, KeyLife, MaskOp, Record, SubjectKey};
 /// The wrapper of [`ClientConfig::api_key`], re-exported so that callers
 /// need not depend on `zeroize`.
 pub use zeroize::Zeroizing;

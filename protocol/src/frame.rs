@@ -74,6 +74,9 @@ pub enum MessageType {
     GetConsent = 0x0E,
     CreateCredential = 0x0F,
     RevokeCredential = 0x10,
+    Shred = 0x11,
+    RotateSubjectKey = 0x12,
+    KeyStatus = 0x13,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -87,12 +90,14 @@ pub enum MessageType {
     Identity = 0x8B,
     StateValue = 0x8C,
     CredentialKey = 0x8D,
+    Rotated = 0x8E,
+    KeyStatusInfo = 0x8F,
     Error = 0xFF,
 }
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 30] = [
+    pub const ALL: [MessageType; 35] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -109,6 +114,9 @@ impl MessageType {
         MessageType::GetConsent,
         MessageType::CreateCredential,
         MessageType::RevokeCredential,
+        MessageType::Shred,
+        MessageType::RotateSubjectKey,
+        MessageType::KeyStatus,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -122,6 +130,8 @@ impl MessageType {
         MessageType::Identity,
         MessageType::StateValue,
         MessageType::CredentialKey,
+        MessageType::Rotated,
+        MessageType::KeyStatusInfo,
         MessageType::Error,
     ];
 
@@ -154,6 +164,9 @@ impl MessageType {
             MessageType::GetConsent => "get_consent",
             MessageType::CreateCredential => "create_credential",
             MessageType::RevokeCredential => "revoke_credential",
+            MessageType::Shred => "shred",
+            MessageType::RotateSubjectKey => "rotate_subject_key",
+            MessageType::KeyStatus => "key_status",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -167,6 +180,8 @@ impl MessageType {
             MessageType::Identity => "identity",
             MessageType::StateValue => "state_value",
             MessageType::CredentialKey => "credential_key",
+            MessageType::Rotated => "rotated",
+            MessageType::KeyStatusInfo => "key_status_info",
             MessageType::Error => "error",
         }
     }
@@ -482,8 +497,8 @@ pub(crate) mod tests {
         ));
         assert!(matches!(decode(b"FV\x01\x00"), Err(Error::UnknownType(0))));
         assert!(matches!(
-            decode(b"FV\x01\x11"),
-            Err(Error::UnknownType(0x11))
+            decode(b"FV\x01\x14"),
+            Err(Error::UnknownType(0x14))
         ));
         assert!(matches!(
             decode(b"FV\x01\x80"),
@@ -574,8 +589,8 @@ pub(crate) mod tests {
             known,
             [
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
-                0x0f, 0x10, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c,
-                0x8d, 0xff
+                0x0f, 0x10, 0x11, 0x12, 0x13, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89,
+                0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0xff
             ]
         );
         let unknown = (0..=255u8)

@@ -51,7 +51,7 @@ pub use codec::{Envelope, FrameCodec, MessageCodec};
 pub use error::{Error, Result};
 pub use frame::{Frame, MessageType, FLAG_LAST, HEADER_LEN, MAX_FRAME_LEN};
 pub use mask::MaskOp;
-pub use message::{encode_frame, ErrorCode, Message, Record};
+pub use message::{encode_frame, ErrorCode, KeyLife, Message, Record, SubjectKey};
 
 /// The TCP port the vault listens on.
 pub const DEFAULT_PORT: u16 = 9999;

@@ -51,6 +51,14 @@
 //! 0x10 RevokeCredential
 //!                  str id
 //!                  0004 69642d31                                     ("id-1")
+//! 0x11 Shred       str subject
+//!                  0007 637573742d3432                               ("cust-42")
+//! 0x12 RotateSubjectKey
+//!                  str subject, u8 reencrypt (0 or 1)
+//!                  0007 637573742d3432 01
+//! 0x13 KeyStatus   str after_subject, u32 after_version, u16 max (a page of
+//!                  subject keys after that key; "" and 0 from the start)
+//!                  0007 637573742d3432 00000001 0064
 //! 0x81 HelloOk     str role, str server
 //!                  0007 73657276696365 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
@@ -77,6 +85,20 @@
 //! 0x8D CredentialKey
 //!                  str id, str api_key
 //!                  0004 69642d31 0003 6b6579
+//! 0x8E Rotated     u32 version, blob receipt, blob reencrypted (empty: none)
+//!                  00000002 00000003 010203 00000001 04
+//! 0x8F KeyStatusInfo
+//!                  u64 master_created_ms, u64 master_wraps,
+//!                  u64 signing_created_ms, u64 encryption_limit,
+//!                  list<subject_key> keys, u8 more (0 or 1)
+//!                  subject_key = str subject, u32 version, u64 created_seq,
+//!                  u64 created_ms, u64 encryptions, u8 life (see KeyLife)
+//!                  0000019ab697e800 0000000000000003 0000019ab697e800
+//!                  0000000100000000 0002
+//!                  0007 637573742d3432 00000001 0000000000000002
+//!                  0000019ab697e801 0000000000000005 02
+//!                  0007 637573742d3432 00000002 0000000000000009
+//!                  0000019ab697e802 0000000000000000 01 00
 //! 0xFF Error       u16 code (see ErrorCode), str message
 //!                  0008 0005 7370656e74                             (token_spent, "spent")
 //! ```
@@ -296,6 +318,24 @@ pub enum Message {
     RevokeCredential {
         id: String,
     },
+    /// Crypto-shreds a subject (destroys its data keys); answered by the
+    /// `Receipt` of the `subject_shredded` entry.
+    Shred {
+        subject: String,
+    },
+    /// Gives a subject a new data key version, and with `reencrypt`
+    /// appends its latest record again under it; answered by `Rotated`.
+    RotateSubjectKey {
+        subject: String,
+        reencrypt: bool,
+    },
+    /// A page of the vault's key status: at most `max` subject keys after
+    /// (`after_subject`, `after_version`); answered by `KeyStatusInfo`.
+    KeyStatus {
+        after_subject: String,
+        after_version: u32,
+        max: u16,
+    },
 
     // Responses.
     /// Authentication succeeded; `role` names what this key may do.
@@ -359,11 +399,75 @@ pub enum Message {
         id: String,
         api_key: String,
     },
+    /// A subject's new key version, the receipt of its `key_rotated`
+    /// entry, and the receipt of the re-encrypted record (empty if none).
+    Rotated {
+        version: u32,
+        receipt: Vec<u8>,
+        reencrypted: Vec<u8>,
+    },
+    /// The master and signing keys, and a page of subject data keys.
+    KeyStatusInfo {
+        master_created_ms: u64,
+        master_wraps: u64,
+        signing_created_ms: u64,
+        encryption_limit: u64,
+        keys: Vec<SubjectKey>,
+        /// More keys follow the page's last.
+        more: bool,
+    },
     /// Any request can be answered by an error.
     Error {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// Where a subject data key stands. The discriminant is the wire byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum KeyLife {
+    /// The subject's current key: new records are encrypted under it.
+    Active = 1,
+    /// An older version: it still opens the records written under it.
+    Retired = 2,
+    /// Destroyed by a shred.
+    Shredded = 3,
+}
+
+impl KeyLife {
+    /// Decodes the wire byte.
+    pub fn from_u8(b: u8) -> Option<KeyLife> {
+        match b {
+            1 => Some(KeyLife::Active),
+            2 => Some(KeyLife::Retired),
+            3 => Some(KeyLife::Shredded),
+            _ => None,
+        }
+    }
+
+    /// Stable name: `active`, `retired`, `shredded`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyLife::Active => "active",
+            KeyLife::Retired => "retired",
+            KeyLife::Shredded => "shredded",
+        }
+    }
+}
+
+/// One subject data key version in a `KeyStatusInfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectKey {
+    pub subject: String,
+    pub version: u32,
+    /// Seq of the entry that committed to the key.
+    pub created_seq: u64,
+    /// Its timestamp (unix ms).
+    pub created_ms: u64,
+    /// Records encrypted under the key.
+    pub encryptions: u64,
+    pub life: KeyLife,
 }
 
 /// Smallest encodings of list items, used to bound a list count by the
@@ -372,6 +476,7 @@ const MIN_FIELD_LEN: usize = 2 + 2;
 const MIN_RULE_LEN: usize = 2 + 1;
 const MIN_RECORD_LEN: usize = 2 + 2;
 const MIN_BLOB_LEN: usize = 4;
+const MIN_SUBJECT_KEY_LEN: usize = 2 + 4 + 8 + 8 + 8 + 1;
 
 impl Message {
     /// The type byte this message travels under.
@@ -393,6 +498,11 @@ impl Message {
             Message::GetConsent { .. } => MessageType::GetConsent,
             Message::CreateCredential { .. } => MessageType::CreateCredential,
             Message::RevokeCredential { .. } => MessageType::RevokeCredential,
+            Message::Shred { .. } => MessageType::Shred,
+            Message::RotateSubjectKey { .. } => MessageType::RotateSubjectKey,
+            Message::KeyStatus { .. } => MessageType::KeyStatus,
+            Message::Rotated { .. } => MessageType::Rotated,
+            Message::KeyStatusInfo { .. } => MessageType::KeyStatusInfo,
             Message::Identity { .. } => MessageType::Identity,
             Message::StateValue { .. } => MessageType::StateValue,
             Message::CredentialKey { .. } => MessageType::CredentialKey,
@@ -530,6 +640,52 @@ impl Message {
                 w.string(id)?;
                 w.string(api_key)?;
             }
+            Message::Shred { subject } => w.string(subject)?,
+            Message::RotateSubjectKey { subject, reencrypt } => {
+                w.string(subject)?;
+                w.u8(u8::from(*reencrypt));
+            }
+            Message::KeyStatus {
+                after_subject,
+                after_version,
+                max,
+            } => {
+                w.string(after_subject)?;
+                w.u32(*after_version);
+                w.u16(*max);
+            }
+            Message::Rotated {
+                version,
+                receipt,
+                reencrypted,
+            } => {
+                w.u32(*version);
+                w.blob(receipt)?;
+                w.blob(reencrypted)?;
+            }
+            Message::KeyStatusInfo {
+                master_created_ms,
+                master_wraps,
+                signing_created_ms,
+                encryption_limit,
+                keys,
+                more,
+            } => {
+                w.u64(*master_created_ms);
+                w.u64(*master_wraps);
+                w.u64(*signing_created_ms);
+                w.u64(*encryption_limit);
+                w.list(keys, |w, k| {
+                    w.string(&k.subject)?;
+                    w.u32(k.version);
+                    w.u64(k.created_seq);
+                    w.u64(k.created_ms);
+                    w.u64(k.encryptions);
+                    w.u8(k.life as u8);
+                    Ok(())
+                })?;
+                w.u8(u8::from(*more));
+            }
             Message::Error { code, message } => {
                 w.u16(*code as u16);
                 w.string(message)?;
@@ -601,6 +757,41 @@ impl Message {
                 name: r.string()?,
             },
             MessageType::RevokeCredential => Message::RevokeCredential { id: r.string()? },
+            MessageType::Shred => Message::Shred {
+                subject: r.string()?,
+            },
+            MessageType::RotateSubjectKey => Message::RotateSubjectKey {
+                subject: r.string()?,
+                reencrypt: read_bool(r)?,
+            },
+            MessageType::KeyStatus => Message::KeyStatus {
+                after_subject: r.string()?,
+                after_version: r.u32()?,
+                max: r.u16()?,
+            },
+            MessageType::Rotated => Message::Rotated {
+                version: r.u32()?,
+                receipt: r.blob()?,
+                reencrypted: r.blob()?,
+            },
+            MessageType::KeyStatusInfo => Message::KeyStatusInfo {
+                master_created_ms: r.u64()?,
+                master_wraps: r.u64()?,
+                signing_created_ms: r.u64()?,
+                encryption_limit: r.u64()?,
+                keys: r.list(MIN_SUBJECT_KEY_LEN, |r| {
+                    Ok(SubjectKey {
+                        subject: r.string()?,
+                        version: r.u32()?,
+                        created_seq: r.u64()?,
+                        created_ms: r.u64()?,
+                        encryptions: r.u64()?,
+                        life: KeyLife::from_u8(r.u8()?)
+                            .ok_or(Error::Malformed("unknown key state"))?,
+                    })
+                })?,
+                more: read_bool(r)?,
+            },
             MessageType::Identity => Message::Identity {
                 id: r.string()?,
                 role: r.string()?,
@@ -697,6 +888,16 @@ fn write_fields(w: &mut Writer, fields: &[(String, String)]) -> Result<()> {
         w.string(name)?;
         w.string(value)
     })
+}
+
+/// A flag byte: 0 or 1, anything else malformed (so that a decoded
+/// message re-encodes to the same bytes).
+fn read_bool(r: &mut Reader<'_>) -> Result<bool> {
+    match r.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Error::Malformed("flag is not 0 or 1")),
+    }
 }
 
 fn read_fields(r: &mut Reader<'_>) -> Result<Vec<(String, String)>> {
@@ -889,6 +1090,40 @@ impl fmt::Debug for Message {
                 .field("status", status)
                 .field("entries", entries)
                 .finish(),
+            Message::Shred { subject } => {
+                f.debug_struct("Shred").field("subject", subject).finish()
+            }
+            Message::RotateSubjectKey { subject, reencrypt } => f
+                .debug_struct("RotateSubjectKey")
+                .field("subject", subject)
+                .field("reencrypt", reencrypt)
+                .finish(),
+            Message::KeyStatus {
+                after_subject,
+                after_version,
+                max,
+            } => f
+                .debug_struct("KeyStatus")
+                .field("after_subject", after_subject)
+                .field("after_version", after_version)
+                .field("max", max)
+                .finish(),
+            Message::Rotated {
+                version,
+                receipt,
+                reencrypted,
+            } => f
+                .debug_struct("Rotated")
+                .field("version", version)
+                .field("receipt", &Opaque(receipt))
+                .field("reencrypted", &Opaque(reencrypted))
+                .finish(),
+            // Subject ids of a whole page are not worth a log line: counts only.
+            Message::KeyStatusInfo { keys, more, .. } => f
+                .debug_struct("KeyStatusInfo")
+                .field("keys", &keys.len())
+                .field("more", more)
+                .finish(),
             Message::Error { code, message } => f
                 .debug_struct("Error")
                 .field("code", code)
@@ -915,6 +1150,9 @@ pub(crate) mod tests {
     fn s(v: &str) -> String {
         v.to_owned()
     }
+
+    /// 2025-11-24T16:00:00Z in unix ms, the timestamp of storage's vectors.
+    const T0: u64 = 1_764_000_000_000;
 
     fn field(name: &str, value: &str) -> (String, String) {
         (s(name), s(value))
@@ -1027,6 +1265,26 @@ pub(crate) mod tests {
                 "0007706172746e657200027031",
             ),
             g(Message::RevokeCredential { id: s("id-1") }, 0, "4656011000000000000100000006aa419879", "000469642d31"),
+            g(Message::Shred { subject: s("cust-42") }, 0, "465601110000000000010000000902babc4a", "0007637573742d3432"),
+            g(
+                Message::RotateSubjectKey {
+                    subject: s("cust-42"),
+                    reencrypt: true,
+                },
+                0,
+                "465601120000000000010000000ad1f229cb",
+                "0007637573742d343201",
+            ),
+            g(
+                Message::KeyStatus {
+                    after_subject: s("cust-42"),
+                    after_version: 1,
+                    max: 100,
+                },
+                0,
+                "465601130000000000010000000fb6bbfad1",
+                "0007637573742d3432000000010064",
+            ),
             g(
                 Message::HelloOk {
                     role: s("service"),
@@ -1127,6 +1385,46 @@ pub(crate) mod tests {
                 0,
                 "4656018d0000000000010000000b82bf0989",
                 "000469642d3100036b6579",
+            ),
+            g(
+                Message::Rotated {
+                    version: 2,
+                    receipt: vec![1, 2, 3],
+                    reencrypted: vec![4],
+                },
+                0,
+                "4656018e00000000000100000010034ac290",
+                "00000002000000030102030000000104",
+            ),
+            g(
+                Message::KeyStatusInfo {
+                    master_created_ms: T0,
+                    master_wraps: 3,
+                    signing_created_ms: T0,
+                    encryption_limit: 1 << 32,
+                    keys: vec![
+                        SubjectKey {
+                            subject: s("cust-42"),
+                            version: 1,
+                            created_seq: 2,
+                            created_ms: T0 + 1,
+                            encryptions: 5,
+                            life: KeyLife::Retired,
+                        },
+                        SubjectKey {
+                            subject: s("cust-42"),
+                            version: 2,
+                            created_seq: 9,
+                            created_ms: T0 + 2,
+                            encryptions: 0,
+                            life: KeyLife::Active,
+                        },
+                    ],
+                    more: false,
+                },
+                0,
+                "4656018f0000000000010000006ff0708b91",
+                "0000019ab697e80000000000000000030000019ab697e800000000010000000000020007637573742d34320000000100000000000000020000019ab697e8010000000000000005020007637573742d34320000000200000000000000090000019ab697e80200000000000000000100",
             ),
             g(
                 Message::Error {
@@ -1276,6 +1574,32 @@ pub(crate) mod tests {
                 Err(Error::Malformed("unknown error code"))
             ));
         }
+    }
+
+    #[test]
+    fn flags_and_key_states_outside_their_range_are_errors() {
+        for b in [2u8, 255] {
+            assert!(matches!(
+                Message::decode(MessageType::RotateSubjectKey, &[0, 1, b'x', b]),
+                Err(Error::Malformed("flag is not 0 or 1"))
+            ));
+        }
+        let mut info = vec![0u8; 32];
+        info.extend_from_slice(&[0, 1, 0, 1, b'x']);
+        info.extend_from_slice(&[0; 28]);
+        for (life, ok) in [(0u8, false), (1, true), (3, true), (4, false)] {
+            let mut bytes = info.clone();
+            bytes.extend_from_slice(&[life, 0]);
+            let r = Message::decode(MessageType::KeyStatusInfo, &bytes);
+            assert_eq!(r.is_ok(), ok, "life {life}: {r:?}");
+        }
+        assert!(matches!(
+            Message::decode(
+                MessageType::KeyStatusInfo,
+                &[&[0u8; 32][..], &[0xff, 0xff, 0]].concat()
+            ),
+            Err(Error::Malformed("list count exceeds the bytes left"))
+        ));
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub async fn verify_remote(opts: &RemoteOptions<'_>) -> Result<RemoteReport> {
             failure: None,
             used_stored_key: false,
             shredded: Vec::new(),
+            shred_pending: Vec::new(),
             unindexed: 0,
         },
         addr,

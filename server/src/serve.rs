@@ -130,9 +130,11 @@ impl Role {
                 self,
                 Role::Gateway | Role::Admin | Role::Writer | Role::Auditor
             ),
-            Message::CreateCredential { .. } | Message::RevokeCredential { .. } => {
-                self == Role::Admin
-            }
+            Message::CreateCredential { .. }
+            | Message::RevokeCredential { .. }
+            | Message::Shred { .. }
+            | Message::RotateSubjectKey { .. }
+            | Message::KeyStatus { .. } => self == Role::Admin,
             Message::Append { .. } | Message::AppendBatch { .. } => {
                 matches!(self, Role::Writer | Role::Admin)
             }
@@ -532,6 +534,7 @@ pub fn storage_error(e: &storage::Error) -> Message {
     match e {
         E::Invalid(m) => error(ErrorCode::Invalid, m),
         E::SubjectShredded(_) => error(ErrorCode::SubjectShredded, "the subject has been shredded"),
+        E::NoSuchSubject(_) => error(ErrorCode::NotFound, "no such subject"),
         E::Poisoned | E::Closed | E::Locked => {
             error(ErrorCode::Unavailable, "the vault is not accepting writes")
         }
@@ -738,12 +741,72 @@ async fn handle(
                 }
             }
         }
+        Message::Shred { subject } => match vault.shred(&subject).await {
+            Ok(r) => Message::Receipt {
+                receipt: r.encode(),
+            },
+            Err(e) => storage_error(&e),
+        },
+        Message::RotateSubjectKey { subject, reencrypt } => {
+            match vault.rotate_subject_key(&subject, reencrypt).await {
+                Ok(r) => Message::Rotated {
+                    version: r.version,
+                    receipt: r.receipt.encode(),
+                    reencrypted: r.reencrypted.map(|r| r.encode()).unwrap_or_default(),
+                },
+                Err(e) => storage_error(&e),
+            }
+        }
+        Message::KeyStatus {
+            after_subject,
+            after_version,
+            max,
+        } => key_status(vault, &after_subject, after_version, max),
         _ => error(ErrorCode::Malformed, "a response sent as a request"),
     };
     if let (Some(op), false) = (op, matches!(reply, Message::Error { .. })) {
         crate::metrics::global().commit(op, started.elapsed());
     }
     let _ = tx.send((id, reply, 0)).await;
+}
+
+/// Most subject keys in one `KeyStatusInfo`: 1,000 keys of at most 256-byte
+/// subjects stay far below the frame limit.
+const MAX_KEY_STATUS_PAGE: u16 = 1000;
+
+/// A page of the vault's key status.
+fn key_status(vault: &Vault, after_subject: &str, after_version: u32, max: u16) -> Message {
+    let max = match max {
+        0 => MAX_KEY_STATUS_PAGE,
+        m => m.min(MAX_KEY_STATUS_PAGE),
+    };
+    let after = (!after_subject.is_empty()).then_some((after_subject, after_version));
+    match vault.key_status(after, usize::from(max)) {
+        Ok(s) => Message::KeyStatusInfo {
+            master_created_ms: s.master_created_ms,
+            master_wraps: s.master_wraps,
+            signing_created_ms: s.signing_created_ms,
+            encryption_limit: s.encryption_limit,
+            keys: s
+                .subject_keys
+                .into_iter()
+                .map(|k| protocol::SubjectKey {
+                    subject: k.subject,
+                    version: k.version,
+                    created_seq: k.created_seq,
+                    created_ms: k.created_ms,
+                    encryptions: k.encryptions,
+                    life: match k.life {
+                        storage::KeyLife::Active => protocol::KeyLife::Active,
+                        storage::KeyLife::Retired => protocol::KeyLife::Retired,
+                        storage::KeyLife::Shredded => protocol::KeyLife::Shredded,
+                    },
+                })
+                .collect(),
+            more: s.more,
+        },
+        Err(e) => storage_error(&e),
+    }
 }
 
 /// Appends an audit or admin event. The payload must be a JSON object;

@@ -106,6 +106,9 @@ pub enum Error {
     /// The subject's data key was destroyed by a shred entry.
     #[error("subject {0} has been shredded")]
     SubjectShredded(String),
+    /// The subject has no data key: it never had a record.
+    #[error("no subject {0} in the vault")]
+    NoSuchSubject(String),
     /// A caller-supplied value is out of range (too large, bad subject id, …).
     #[error("invalid input: {0}")]
     Invalid(String),

@@ -11,7 +11,8 @@
 //!   signed head over the group's Merkle root, and receipts.
 //! - [`store`]: the sled trees and durable flushing (flush + fdatasync).
 //! - [`state`]: derived state, a pure function of each entry.
-//! - [`vault`]: create/open, the group committer, reads.
+//! - [`vault`]: create/open, the group committer, reads; crypto-shredding
+//!   and subject key rotation (docs/keys.md).
 //! - [`verify`]: checks a data dir with nothing but a public key.
 //!
 //! Invariants: entries are never rewritten; seqs are contiguous from 0;
@@ -45,7 +46,7 @@ pub use entry::{Hash, Kind};
 pub use error::{Error, Reason, Result, TokenRefusal};
 pub use store::RawStore;
 pub use vault::{
-    api_key_hash, generate_api_key, Append, Created, Credential, Options, Record, StoredEntry,
-    Vault,
+    api_key_hash, generate_api_key, Append, Created, Credential, KeyLife, KeyStatus, KeyUse,
+    Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault, MAX_ENCRYPTIONS_PER_KEY,
 };
 pub use verify::{verify, Report, VerifyOptions};

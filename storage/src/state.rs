@@ -13,7 +13,9 @@
 //! ```text
 //! "applied"            u64 BE: last seq whose mutations are in the tree
 //! "s/" subject         latest record: u64 BE seq || u32 BE key_version
-//! "k/" subject         subject data key: u32 BE current version || u8 shredded (0/1)
+//! "k/" subject         subject data key: u32 BE current version || u8 shredded (0/1);
+//!                      set by `subject_key` (version 1), `key_rotated` (the
+//!                      new version) and `subject_shredded` (flag set)
 //! "c/" credential id   credential: JSON {"role", "key_hash", "name", "seq"}
 //! "h/" key hash (hex)  credential id (UTF-8): lookup by presented API key
 //! "t/" token hash      a minted token: the `token_minted` payload (JSON)
@@ -143,6 +145,56 @@ pub struct SubjectKeyCommit {
     pub wrapped_hash: String,
 }
 
+/// Payload of a `subject_shredded` entry: the subject's current data key
+/// version when it was shredded (every version up to it is destroyed).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShredCommit {
+    pub version: u32,
+}
+
+/// What a `key_rotated` entry's `"key"` member says was rotated. Only
+/// subject data keys are rotated today; master and signing key rotation
+/// will add their own values.
+pub const ROTATED_SUBJECT_KEY: &str = "subject";
+
+/// Payload of a `key_rotated` entry for a subject data key: the new
+/// version, committed to like `subject_key` commits to version 1.
+///
+/// `{"key":"subject","subject":"…","version":N,"wrapped_hash":"<64 hex>"}`;
+/// `subject` repeats the entry's subject (they must be equal), so that the
+/// payload alone names the key.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotation {
+    pub key: String,
+    pub subject: String,
+    pub version: u32,
+    /// Hex BLAKE3 of the new wrapped key as stored in the `keys` tree.
+    pub wrapped_hash: String,
+}
+
+impl KeyRotation {
+    fn parse(e: &EntryRef<'_>) -> Result<Self> {
+        let r: KeyRotation = parse(e)?;
+        if r.key != ROTATED_SUBJECT_KEY {
+            return Err(Error::Invalid(format!(
+                "key_rotated of an unknown key {:?}",
+                r.key
+            )));
+        }
+        if e.subject.is_empty() || r.subject != e.subject {
+            return Err(Error::Invalid(
+                "key_rotated names another subject than its entry".into(),
+            ));
+        }
+        if r.version < 2 {
+            return Err(Error::Invalid("key_rotated to a version below 2".into()));
+        }
+        Ok(r)
+    }
+}
+
 /// Payload of the genesis entry.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -186,14 +238,18 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
         Kind::SubjectShredded => {
             // The current version is carried over from the key entry; a
             // shredded subject keeps its key record with the flag set.
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Shred {
-                version: u32,
+            let s: ShredCommit = parse(e)?;
+            if e.subject.is_empty() {
+                return Err(Error::Invalid("subject_shredded needs a subject".into()));
             }
-            let s: Shred = parse(e)?;
             let mut v = s.version.to_be_bytes().to_vec();
             v.push(1);
+            vec![(key("k/", e.subject), Some(v))]
+        }
+        Kind::KeyRotated => {
+            let r = KeyRotation::parse(e)?;
+            let mut v = r.version.to_be_bytes().to_vec();
+            v.push(0);
             vec![(key("k/", e.subject), Some(v))]
         }
         Kind::CredentialCreated => {
@@ -246,7 +302,7 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
             vec![(key("p/", &p.partner_id), Some(e.payload.to_vec()))]
         }
         // Audit events only.
-        Kind::AccessDenied | Kind::KeyRotated | Kind::Checkpoint => {
+        Kind::AccessDenied | Kind::Checkpoint => {
             if e.key_version == 0
                 && serde_json::from_slice::<serde::de::IgnoredAny>(e.payload).is_err()
             {
@@ -294,6 +350,13 @@ pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<KeyCommitment>> {
             vec![(
                 data_key_name(e.subject, c.version),
                 Some(hash_of(&c.wrapped_hash)?),
+            )]
+        }
+        Kind::KeyRotated => {
+            let r = KeyRotation::parse(e)?;
+            vec![(
+                data_key_name(e.subject, r.version),
+                Some(hash_of(&r.wrapped_hash)?),
             )]
         }
         Kind::SubjectShredded => vec![(data_key_prefix(e.subject), None)],

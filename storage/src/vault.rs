@@ -35,7 +35,7 @@
 //! chunks (one batch). Opening deletes the keys named by a pending marker
 //! whose group never reached the log.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -54,7 +54,9 @@ use crate::crypto::{
 };
 use crate::entry::{entry_hash, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN};
 use crate::error::{Error, Reason, Result, TokenRefusal};
-use crate::state::{self, CredentialCreated, Genesis, KeyState, SubjectKeyCommit};
+use crate::state::{
+    self, CredentialCreated, Genesis, KeyRotation, KeyState, ShredCommit, SubjectKeyCommit,
+};
 use crate::store::{Store, FORMAT};
 use crate::verify::ChainTip;
 
@@ -75,7 +77,19 @@ pub struct Options {
     /// The indexer writes derived state once this many entries are waiting
     /// (default 1,000,000), and at least every 5 s. Writing derived state is the costliest part of a commit (one sled insert per changed key), so it is batched widely; a crash replays at most this much at the next open.
     pub index_batch: u64,
+    /// Records one subject data key may encrypt before the committer
+    /// rotates the subject to a new key version by itself (default
+    /// [`MAX_ENCRYPTIONS_PER_KEY`], 2^32; at least 1). See docs/keys.md.
+    pub max_encryptions_per_key: u64,
 }
+
+/// Default per-key encryption limit: 2^32 records. AES-256-GCM-SIV takes
+/// 96-bit nonces; the vault's nonces are unique per process and random
+/// across restarts, and a bound of 2^32 messages per key keeps the chance
+/// of any repeat under a key negligible (and GCM-SIV would leak only the
+/// equality of identical records on one). The committer's count may lag by
+/// the records of one commit group (docs/keys.md).
+pub const MAX_ENCRYPTIONS_PER_KEY: u64 = 1 << 32;
 
 impl Default for Options {
     fn default() -> Self {
@@ -86,6 +100,7 @@ impl Default for Options {
             cache_bytes: 256 * 1024 * 1024,
             key_cache: 100_000,
             index_batch: 1_000_000,
+            max_encryptions_per_key: MAX_ENCRYPTIONS_PER_KEY,
         }
     }
 }
@@ -111,6 +126,13 @@ pub enum Append {
         partner_id: String,
         now_ms: u64,
     },
+    /// Destroy every data key of a subject: a `subject_shredded` entry,
+    /// then the wrapped keys are deleted. Made by [`Vault::shred`] only.
+    Shred { subject: String },
+    /// A new data key version for a subject (a `key_rotated` entry); with
+    /// `reencrypt`, the subject's latest record appended again under it.
+    /// Made by [`Vault::rotate_subject_key`] only.
+    Rotate { subject: String, reencrypt: bool },
 }
 
 impl std::fmt::Debug for Append {
@@ -122,6 +144,8 @@ impl std::fmt::Debug for Append {
             }
             Append::Event { kind, .. } => write!(f, "Append::Event({})", kind.name()),
             Append::Redeem { .. } => f.write_str("Append::Redeem(..)"),
+            Append::Shred { .. } => f.write_str("Append::Shred(..)"),
+            Append::Rotate { reencrypt, .. } => write!(f, "Append::Rotate(reencrypt: {reencrypt})"),
         }
     }
 }
@@ -149,6 +173,11 @@ impl Append {
             Append::Redeem { .. } => {
                 return Err(Error::Invalid(
                     "redemptions go through Vault::redeem".into(),
+                ))
+            }
+            Append::Shred { .. } | Append::Rotate { .. } => {
+                return Err(Error::Invalid(
+                    "key changes go through Vault::shred and Vault::rotate_subject_key".into(),
                 ))
             }
             Append::Record { subject, plaintext } => {
@@ -341,6 +370,7 @@ struct Inner {
     tx: RwLock<Option<mpsc::Sender<Request>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     shared: Arc<Shared>,
+    max_encryptions: u64,
 }
 
 /// State the committer, syncer and indexer share with readers.
@@ -353,6 +383,135 @@ struct Shared {
     overlay_full: std::sync::Condvar,
     /// Tells the indexer to write everything and stop.
     stopping: AtomicBool,
+    /// Creation and use of every subject data key, as of the groups the
+    /// writer has published.
+    key_uses: Mutex<KeyUses>,
+}
+
+/// When a subject data key was created and how many records it encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyUse {
+    /// Seq of the `subject_key` or `key_rotated` entry that committed it.
+    pub created_seq: u64,
+    /// Timestamp of that entry (unix ms).
+    pub created_ms: u64,
+    /// Records encrypted under the key (reencryptions included).
+    pub encryptions: u64,
+}
+
+#[derive(Debug, Default)]
+struct SubjectKeys {
+    versions: BTreeMap<u32, KeyUse>,
+    shredded: bool,
+}
+
+/// Every subject data key the log created, kept in memory (about 100
+/// bytes per key): built by the verification at open, then kept up by the
+/// writer as it publishes groups.
+#[derive(Debug, Default)]
+pub(crate) struct KeyUses {
+    subjects: BTreeMap<String, SubjectKeys>,
+    total: u64,
+}
+
+impl KeyUses {
+    pub(crate) fn created(&mut self, subject: &str, version: u32, seq: u64, ts: u64) {
+        let k = self.subjects.entry(subject.to_string()).or_default();
+        let new = KeyUse {
+            created_seq: seq,
+            created_ms: ts,
+            encryptions: 0,
+        };
+        if k.versions.insert(version, new).is_none() {
+            self.total += 1;
+        }
+    }
+
+    pub(crate) fn encrypted(&mut self, subject: &str, version: u32) {
+        if let Some(k) = self
+            .subjects
+            .get_mut(subject)
+            .and_then(|s| s.versions.get_mut(&version))
+        {
+            k.encryptions += 1;
+        }
+    }
+
+    pub(crate) fn shredded(&mut self, subject: &str) {
+        if let Some(s) = self.subjects.get_mut(subject) {
+            s.shredded = true;
+        }
+    }
+
+    fn encryptions(&self, subject: &str, version: u32) -> u64 {
+        self.subjects
+            .get(subject)
+            .and_then(|s| s.versions.get(&version))
+            .map_or(0, |k| k.encryptions)
+    }
+}
+
+/// Where a subject data key stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyLife {
+    /// The subject's current version: new records are encrypted under it.
+    Active,
+    /// An older version: still opens the records written under it.
+    Retired,
+    /// Destroyed by a shred: nothing opens its records any more.
+    Shredded,
+}
+
+impl KeyLife {
+    /// Stable name: `active`, `retired`, `shredded`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyLife::Active => "active",
+            KeyLife::Retired => "retired",
+            KeyLife::Shredded => "shredded",
+        }
+    }
+}
+
+/// One subject data key version in [`KeyStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectKeyStatus {
+    pub subject: String,
+    pub version: u32,
+    pub created_seq: u64,
+    pub created_ms: u64,
+    pub encryptions: u64,
+    pub life: KeyLife,
+}
+
+/// The vault's keys: the master and signing keys, and a page of subject
+/// data keys in (subject, version) order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// Timestamp of the genesis entry, which committed to the master key.
+    pub master_created_ms: u64,
+    /// Keys wrapped under the master key: the signing key and every
+    /// subject data key ever created (shredded ones included).
+    pub master_wraps: u64,
+    /// Timestamp of the genesis entry, which committed to signing key 0.
+    pub signing_created_ms: u64,
+    /// The per-key encryption limit in force.
+    pub encryption_limit: u64,
+    pub subject_keys: Vec<SubjectKeyStatus>,
+    /// More subject keys follow the last one in `subject_keys`.
+    pub more: bool,
+}
+
+/// What [`Vault::rotate_subject_key`] did.
+#[derive(Debug, Clone)]
+pub struct Rotated {
+    /// The subject's new key version.
+    pub version: u32,
+    /// Receipt of the `key_rotated` entry.
+    pub receipt: Receipt,
+    /// Receipt of the re-encrypted copy of the latest record, if asked
+    /// for (and the subject had a record).
+    pub reencrypted: Option<Receipt>,
 }
 
 /// Derived-state mutations in the log but not yet in the state tree.
@@ -476,6 +635,7 @@ impl Vault {
             ChainPos::default(),
             &opts,
             initial,
+            KeyUses::default(),
         )?;
         Ok(Created {
             vault,
@@ -517,12 +677,14 @@ impl Vault {
         // state at its applied marker, key store) and refuse to serve on any
         // failure; then replay derived state past the applied marker and
         // drop keys of a group that never reached the log.
-        let report = crate::verify::verify_store(
+        let mut uses = KeyUses::default();
+        let report = crate::verify::verify_store_with(
             &store,
             &crate::verify::VerifyOptions {
                 public_key: Some(public_key),
                 ..Default::default()
             },
+            Some(&mut uses),
         )?;
         if let Some((seq, reason)) = report.failure {
             return Err(Error::integrity(seq, reason));
@@ -534,6 +696,7 @@ impl Vault {
         };
         replay_tail(&store, tip.entries)?;
         recover_pending(&store, tip.entries)?;
+        recover_shredding(&store, tip.entries)?;
         store.sync()?;
 
         let pos = ChainPos {
@@ -541,13 +704,23 @@ impl Vault {
             last_hash: tip.last_hash.unwrap_or([0; 32]),
             last_ts: tip.head.map_or(0, |h| h.timestamp_ms),
         };
-        let (vault, _) = Self::start(store, master, signing, vault_id, pos, &opts, Vec::new())?;
+        let (vault, _) = Self::start(
+            store,
+            master,
+            signing,
+            vault_id,
+            pos,
+            &opts,
+            Vec::new(),
+            uses,
+        )?;
         if let Ok(mut h) = vault.inner.shared.head.write() {
             *h = tip.head;
         }
         Ok(vault)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start(
         store: Store,
         master: SecretKey,
@@ -556,6 +729,7 @@ impl Vault {
         pos: ChainPos,
         opts: &Options,
         initial: Vec<Append>,
+        uses: KeyUses,
     ) -> Result<(Vault, Vec<Receipt>)> {
         let store = Arc::new(store);
         let master = Arc::new(master);
@@ -568,6 +742,7 @@ impl Vault {
             }),
             overlay_full: std::sync::Condvar::new(),
             stopping: AtomicBool::new(false),
+            key_uses: Mutex::new(uses),
         });
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
@@ -577,6 +752,8 @@ impl Vault {
             signing,
             pos,
             keys: HashMap::new(),
+            shredded: HashSet::new(),
+            max_encryptions: opts.max_encryptions_per_key.max(1),
             key_cache: opts.key_cache.max(1),
             max_group: opts.max_group_entries.clamp(1, 1 << 20),
             nonces: crypto::NonceSource::default(),
@@ -644,6 +821,7 @@ impl Vault {
                 tx: RwLock::new(Some(tx)),
                 threads: Mutex::new(vec![c, w, s, i]),
                 shared,
+                max_encryptions: opts.max_encryptions_per_key.max(1),
             }),
         };
         Ok((vault, receipts))
@@ -732,33 +910,156 @@ impl Vault {
 
     /// The entry at `seq`, if the log holds it.
     pub fn entry(&self, seq: u64) -> Result<Option<StoredEntry>> {
-        let log = &self.inner.store.log;
-        let Some((_, v)) = log.range(..=seq.to_be_bytes()).next_back().transpose()? else {
-            return Ok(None);
-        };
-        let chunk = crate::chunk::Chunk::decode(&v)
-            .map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
-        let Some(idx) = seq.checked_sub(chunk.first_seq) else {
-            return Ok(None);
-        };
-        let Some(bytes) = chunk.entries.get(idx as usize) else {
-            return Ok(None);
-        };
-        let e = EntryRef::decode(bytes)?;
-        if e.seq != seq {
-            return Err(Error::integrity(seq, Reason::Reordered));
+        read_entry(&self.inner.store, seq)
+    }
+
+    /// Sends items to the committer without the checks callers' appends
+    /// get (for the vault's own kinds), and waits until they are durable.
+    async fn submit(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(Request { items, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Crypto-shreds `subject`: appends a signed `subject_shredded` entry
+    /// and deletes every wrapped data key of the subject from the key
+    /// store. Resolves once both are durable. Afterwards the subject's
+    /// records (which stay in the log) open under no key the vault holds,
+    /// its appends, mints and redemptions are refused with
+    /// `SubjectShredded`, and `verify` lists it as shredded.
+    ///
+    /// `NoSuchSubject` when the subject never had a record, and
+    /// `SubjectShredded` when it already was shredded. After a crash
+    /// before this returns, the shred may or may not have happened; if its
+    /// entry is in the log, the next open finishes deleting the keys
+    /// (docs/keys.md).
+    pub async fn shred(&self, subject: &str) -> Result<Receipt> {
+        validate_subject(subject, true)?;
+        let mut r = self
+            .submit(vec![Append::Shred {
+                subject: subject.to_string(),
+            }])
+            .await?;
+        r.pop().ok_or(Error::Closed)
+    }
+
+    /// Gives `subject` a new data key version: a `key_rotated` entry
+    /// commits to the new wrapped key, and later records are encrypted
+    /// under it; older versions stay and still open the records written
+    /// under them. With `reencrypt`, the subject's latest record is
+    /// decrypted and appended again under the new key, in the same commit
+    /// (a new `record` entry: the old one stays in the log).
+    pub async fn rotate_subject_key(&self, subject: &str, reencrypt: bool) -> Result<Rotated> {
+        validate_subject(subject, true)?;
+        let mut r = self
+            .submit(vec![Append::Rotate {
+                subject: subject.to_string(),
+                reencrypt,
+            }])
+            .await?
+            .into_iter();
+        let receipt = r.next().ok_or(Error::Closed)?;
+        let reencrypted = r.next();
+        let e = self
+            .entry(receipt.seq)?
+            .ok_or(Error::integrity(receipt.seq, Reason::Truncated))?;
+        let rotation: KeyRotation = serde_json::from_slice(&e.payload)
+            .map_err(|_| Error::Malformed("key_rotated payload"))?;
+        Ok(Rotated {
+            version: rotation.version,
+            receipt,
+            reencrypted,
+        })
+    }
+
+    /// The vault's keys: master and signing key, and up to `max` subject
+    /// data keys after `after` (a subject and version, exclusive; `None`
+    /// from the start), in (subject, version) order. Reflects every group
+    /// written so far.
+    pub fn key_status(&self, after: Option<(&str, u32)>, max: usize) -> Result<KeyStatus> {
+        let genesis = self
+            .entry(0)?
+            .ok_or(Error::integrity(0, Reason::BadGenesis("empty log".into())))?;
+        let uses = self
+            .inner
+            .shared
+            .key_uses
+            .lock()
+            .map_err(|_| Error::Poisoned)?;
+        let mut keys = Vec::new();
+        let mut more = false;
+        let start = after.map_or(String::new(), |(s, _)| s.to_string());
+        'subjects: for (subject, k) in uses.subjects.range(start..) {
+            let current = k.versions.keys().next_back().copied();
+            for (&version, u) in &k.versions {
+                if let Some((s, v)) = after {
+                    if subject.as_str() == s && version <= v {
+                        continue;
+                    }
+                }
+                if keys.len() == max {
+                    more = true;
+                    break 'subjects;
+                }
+                let life = if k.shredded {
+                    KeyLife::Shredded
+                } else if Some(version) == current {
+                    KeyLife::Active
+                } else {
+                    KeyLife::Retired
+                };
+                keys.push(SubjectKeyStatus {
+                    subject: subject.clone(),
+                    version,
+                    created_seq: u.created_seq,
+                    created_ms: u.created_ms,
+                    encryptions: u.encryptions,
+                    life,
+                });
+            }
         }
-        Ok(Some(StoredEntry {
-            kind: e.kind,
-            seq: e.seq,
-            timestamp_ms: e.timestamp_ms,
-            prev_hash: e.prev_hash,
+        Ok(KeyStatus {
+            master_created_ms: genesis.timestamp_ms,
+            master_wraps: uses.total + 1,
+            signing_created_ms: genesis.timestamp_ms,
+            encryption_limit: self.inner.max_encryptions,
+            subject_keys: keys,
+            more,
+        })
+    }
+
+    /// The record at `seq`, decrypted under the key version it names;
+    /// `None` when `seq` is past the end or not a record, and
+    /// `SubjectShredded` when its subject was shredded.
+    pub fn record_at(&self, seq: u64) -> Result<Option<Record>> {
+        let Some(e) = self.entry(seq)? else {
+            return Ok(None);
+        };
+        if e.kind != Kind::Record {
+            return Ok(None);
+        }
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        if let Some(k) = sh.state_get(st, &state::key("k/", &e.subject))? {
+            if KeyState::decode(&k)?.shredded {
+                return Err(Error::SubjectShredded(e.subject));
+            }
+        }
+        let dk = self.data_key(&e.subject, e.key_version)?;
+        let plaintext = dk
+            .open(
+                &e.nonce,
+                &record_aad(&e.subject, seq, e.key_version),
+                &e.payload,
+            )
+            .ok_or(Error::Decrypt(seq))?;
+        Ok(Some(Record {
+            seq,
             key_version: e.key_version,
-            nonce: e.nonce,
-            subject: e.subject.to_string(),
-            payload: e.payload.to_vec(),
-            hash: entry_hash(bytes),
-            encoded: bytes.to_vec(),
+            timestamp_ms: e.timestamp_ms,
+            plaintext,
         }))
     }
 
@@ -1098,6 +1399,42 @@ impl Vault {
     }
 }
 
+/// The entry at `seq` in the log tree, if any.
+fn read_entry(store: &Store, seq: u64) -> Result<Option<StoredEntry>> {
+    let Some((_, v)) = store
+        .log
+        .range(..=seq.to_be_bytes())
+        .next_back()
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    let chunk =
+        crate::chunk::Chunk::decode(&v).map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
+    let Some(idx) = seq.checked_sub(chunk.first_seq) else {
+        return Ok(None);
+    };
+    let Some(bytes) = chunk.entries.get(idx as usize) else {
+        return Ok(None);
+    };
+    let e = EntryRef::decode(bytes)?;
+    if e.seq != seq {
+        return Err(Error::integrity(seq, Reason::Reordered));
+    }
+    Ok(Some(StoredEntry {
+        kind: e.kind,
+        seq: e.seq,
+        timestamp_ms: e.timestamp_ms,
+        prev_hash: e.prev_hash,
+        key_version: e.key_version,
+        nonce: e.nonce,
+        subject: e.subject.to_string(),
+        payload: e.payload.to_vec(),
+        hash: entry_hash(bytes),
+        encoded: bytes.to_vec(),
+    }))
+}
+
 /// Writes the derived state of the entries after the applied marker (those
 /// whose state a crash left in the overlay). The chain was verified before.
 fn replay_tail(store: &Store, entries: u64) -> Result<()> {
@@ -1161,6 +1498,61 @@ fn recover_pending(store: &Store, next_seq: u64) -> Result<()> {
     Ok(())
 }
 
+/// Finishes a shred that a crash interrupted: if the `shredding` marker's
+/// group reached the log, deletes every key left under the subjects it
+/// names; then drops the marker. Verification has already refused a
+/// marker naming a subject the log does not shred, so a forged marker
+/// cannot make open delete a live subject's keys.
+fn recover_shredding(store: &Store, next_seq: u64) -> Result<()> {
+    let Some(m) = store.keys.get(SHREDDING)? else {
+        return Ok(());
+    };
+    let (first_seq, subjects) = decode_shredding(&m)?;
+    let mut kb = sled::Batch::default();
+    let mut deleted = 0usize;
+    if first_seq < next_seq {
+        for subject in &subjects {
+            for kv in store.keys.scan_prefix(state::data_key_prefix(subject)) {
+                let (k, _) = kv?;
+                kb.remove(k);
+                deleted += 1;
+            }
+        }
+    }
+    kb.remove(SHREDDING);
+    store.keys.apply_batch(kb)?;
+    if deleted > 0 {
+        // Subject ids are personal data: counts only.
+        tracing::warn!(
+            subjects = subjects.len(),
+            keys = deleted,
+            "finished a shred that a crash interrupted: deleted the remaining data keys"
+        );
+    }
+    Ok(())
+}
+
+/// Name of the shredding marker in the `keys` tree: u64 BE first seq of
+/// the group that shreds, then for each subject u16 BE length and the
+/// subject id. Written with the group's keys (step 1), removed with the
+/// shredded keys (step 3).
+pub const SHREDDING: &[u8] = b"shredding";
+
+fn encode_shredding(first_seq: u64, subjects: &[String]) -> Vec<u8> {
+    let names: Vec<Vec<u8>> = subjects.iter().map(|s| s.as_bytes().to_vec()).collect();
+    encode_pending(first_seq, &names)
+}
+
+/// Decodes a shredding marker.
+pub fn decode_shredding(v: &[u8]) -> Result<(u64, Vec<String>)> {
+    let (first, names) = decode_pending(v)?;
+    let subjects = names
+        .into_iter()
+        .map(|n| String::from_utf8(n).map_err(|_| Error::Malformed("shredding marker")))
+        .collect::<Result<_>>()?;
+    Ok((first, subjects))
+}
+
 /// Name of the pending marker in the `keys` tree: u64 BE first seq of the
 /// group, then for each new key u16 BE length and its name.
 pub const PENDING: &[u8] = b"pending";
@@ -1198,8 +1590,15 @@ struct Committer {
     master: Arc<SecretKey>,
     signing: SigningKey,
     pos: ChainPos,
-    /// Expanded data keys by subject: (version, cipher).
-    keys: HashMap<String, (u32, crypto::Cipher)>,
+    /// Subjects' current data keys, expanded. Cleared only after a barrier
+    /// (every group built before it is published), so a subject missing
+    /// here has no key change in a group still on its way to the writer.
+    keys: HashMap<String, CachedKey>,
+    /// Subjects this committer shredded since the last barrier: their
+    /// shreds may not be published yet, so the overlay cannot tell.
+    shredded: HashSet<String>,
+    /// Records a data key may encrypt before the committer rotates it.
+    max_encryptions: u64,
     key_cache: usize,
     max_group: usize,
     nonces: crypto::NonceSource,
@@ -1211,13 +1610,43 @@ struct Committer {
     shared: Arc<Shared>,
 }
 
+/// A subject's current data key in the committer's cache.
+struct CachedKey {
+    version: u32,
+    cipher: crypto::Cipher,
+    /// Records encrypted under it: the published count when it was loaded,
+    /// plus what this committer encrypted since (a failed request's
+    /// records included, so never an undercount of what it saw).
+    encryptions: u64,
+}
+
+/// A change to the key use that the writer publishes with its group.
+enum Usage {
+    Created {
+        subject: String,
+        version: u32,
+        seq: u64,
+        ts: u64,
+    },
+    Encrypted {
+        subject: String,
+        version: u32,
+    },
+    Shredded(String),
+}
+
 /// A group being built.
 #[derive(Default)]
 struct Group {
+    first_seq: u64,
     encoded: Vec<Vec<u8>>,
     hashes: Vec<Hash>,
     state: Vec<state::Mutation>,
     new_keys: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Subjects shredded by this group: their keys are deleted after the
+    /// log write (step 3).
+    shreds: Vec<String>,
+    usage: Vec<Usage>,
     /// For each request: its reply and the group indices of its items.
     requests: Vec<(Reply, Result<Vec<usize>>)>,
 }
@@ -1260,11 +1689,19 @@ impl Committer {
     /// built so far: until then, keys created by those groups are known
     /// only to the cache, and a lookup would create a second key.
     fn clear_key_cache(&mut self, writer: &std::sync::mpsc::SyncSender<ToWriter>) {
+        Self::barrier(writer);
+        self.keys.clear();
+        // Every shred built so far is published now, or in the group
+        // being built (whose own mutations `state_now` sees).
+        self.shredded.clear();
+    }
+
+    /// Waits until the writer has published every group built so far.
+    fn barrier(writer: &std::sync::mpsc::SyncSender<ToWriter>) {
         let (done, wait) = std::sync::mpsc::channel();
         if writer.send(ToWriter::Barrier(done)).is_ok() {
             let _ = wait.recv();
         }
-        self.keys.clear();
     }
 
     /// Builds a commit group: seqs, encryption, chaining, Merkle root and
@@ -1275,14 +1712,13 @@ impl Committer {
         writer: &std::sync::mpsc::SyncSender<ToWriter>,
     ) -> Built {
         let first_seq = self.pos.next_seq;
-        let mut g = Group::default();
+        let mut g = Group {
+            first_seq,
+            ..Group::default()
+        };
         for req in reqs {
             self.refusal = None;
-            let indices = self.add_request(&mut g, req.items);
-            if indices.is_err() {
-                // The failed request's keys were rolled back with it.
-                self.clear_key_cache(writer);
-            }
+            let indices = self.add_request(&mut g, req.items, writer);
             // A refused redemption keeps its audit entry in the group and
             // answers with the refusal once that entry is durable.
             let indices = match (indices, self.refusal.take()) {
@@ -1312,43 +1748,63 @@ impl Committer {
     }
 
     /// Adds a request's items to the group, all or none.
-    fn add_request(&mut self, g: &mut Group, items: Vec<Append>) -> Result<Vec<usize>> {
+    fn add_request(
+        &mut self,
+        g: &mut Group,
+        items: Vec<Append>,
+        writer: &std::sync::mpsc::SyncSender<ToWriter>,
+    ) -> Result<Vec<usize>> {
         let mark = (
             g.encoded.len(),
             g.hashes.len(),
             g.state.len(),
             g.new_keys.len(),
             self.pos,
+            g.shreds.len(),
+            g.usage.len(),
         );
-        let r = self.try_add(g, items);
+        let r = self.try_add(g, items, writer);
         if r.is_err() {
-            // Roll back this request's part of the group; the caller then
-            // drops the cached keys it created.
+            // Roll back this request's part of the group.
+            let made_keys = g.new_keys.len() > mark.3;
             g.new_keys.truncate(mark.3);
             g.encoded.truncate(mark.0);
             g.hashes.truncate(mark.1);
             g.state.truncate(mark.2);
             self.pos = mark.4;
+            g.shreds.truncate(mark.5);
+            g.usage.truncate(mark.6);
+            if made_keys {
+                // The cache may hold keys that were rolled back.
+                self.clear_key_cache(writer);
+            }
         }
         r
     }
 
-    fn try_add(&mut self, g: &mut Group, items: Vec<Append>) -> Result<Vec<usize>> {
+    fn try_add(
+        &mut self,
+        g: &mut Group,
+        items: Vec<Append>,
+        writer: &std::sync::mpsc::SyncSender<ToWriter>,
+    ) -> Result<Vec<usize>> {
         let mut idx = Vec::with_capacity(items.len());
         for item in items {
             match item {
                 Append::Record { subject, plaintext } => {
-                    let (version, cipher) = self.data_key(g, &subject)?;
-                    let seq = self.pos.next_seq;
-                    let nonce = self.nonces.next_nonce();
-                    let ct = cipher.seal(&nonce, &record_aad(&subject, seq, version), &plaintext);
-                    idx.push(self.push(g, Kind::Record, &subject, version, nonce, &ct)?);
+                    idx.push(self.encrypt_record(g, subject, &plaintext)?);
                 }
                 Append::Event {
                     kind,
                     subject,
                     payload,
                 } => {
+                    if kind == Kind::TokenMinted
+                        && !subject.is_empty()
+                        && self.key_state_now(g, &subject)?.is_some_and(|k| k.shredded)
+                    {
+                        return Err(Error::SubjectShredded(subject));
+                    }
                     idx.push(self.push(g, kind, &subject, 0, [0; 12], &payload)?);
                 }
                 Append::Redeem {
@@ -1356,9 +1812,174 @@ impl Committer {
                     partner_id,
                     now_ms,
                 } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms)?),
+                Append::Shred { subject } => idx.push(self.shred(g, subject)?),
+                Append::Rotate { subject, reencrypt } => {
+                    idx.extend(self.rotate(g, subject, reencrypt, writer)?)
+                }
             }
         }
         Ok(idx)
+    }
+
+    /// Encrypts a record under the subject's current key (creating the
+    /// subject's first key, or rotating at the encryption limit).
+    fn encrypt_record(
+        &mut self,
+        g: &mut Group,
+        subject: String,
+        plaintext: &[u8],
+    ) -> Result<usize> {
+        let (mut version, mut cipher, used) = self.data_key(g, &subject)?;
+        if used >= self.max_encryptions {
+            let next = version
+                .checked_add(1)
+                .ok_or_else(|| Error::Invalid("no key version left".into()))?;
+            self.new_key(g, &subject, next)?;
+            (version, cipher) = self.data_key(g, &subject).map(|(v, c, _)| (v, c))?;
+        }
+        let seq = self.pos.next_seq;
+        let nonce = self.nonces.next_nonce();
+        let ct = cipher.seal(&nonce, &record_aad(&subject, seq, version), plaintext);
+        let i = self.push(g, Kind::Record, &subject, version, nonce, &ct)?;
+        if let Some(c) = self.keys.get_mut(&subject) {
+            c.encryptions += 1;
+        }
+        g.usage.push(Usage::Encrypted { subject, version });
+        Ok(i)
+    }
+
+    /// A subject's key state as of this point of the group being built.
+    fn key_state_now(&self, g: &Group, subject: &str) -> Result<Option<KeyState>> {
+        if self.shredded.contains(subject) {
+            return Ok(Some(KeyState {
+                version: 0,
+                shredded: true,
+            }));
+        }
+        if let Some(c) = self.keys.get(subject) {
+            return Ok(Some(KeyState {
+                version: c.version,
+                shredded: false,
+            }));
+        }
+        match self.state_now(g, &state::key("k/", subject))? {
+            Some(v) => Ok(Some(KeyState::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends `subject_shredded` for the subject's current version; the
+    /// writer deletes its keys after the log write.
+    fn shred(&mut self, g: &mut Group, subject: String) -> Result<usize> {
+        let ks = self
+            .key_state_now(g, &subject)?
+            .ok_or_else(|| Error::NoSuchSubject(subject.clone()))?;
+        if ks.shredded {
+            return Err(Error::SubjectShredded(subject));
+        }
+        let payload = serde_json::to_vec(&ShredCommit {
+            version: ks.version,
+        })
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let i = self.push(g, Kind::SubjectShredded, &subject, 0, [0; 12], &payload)?;
+        self.keys.remove(&subject);
+        self.shredded.insert(subject.clone());
+        g.shreds.push(subject.clone());
+        g.usage.push(Usage::Shredded(subject));
+        Ok(i)
+    }
+
+    /// A new key version for the subject; with `reencrypt`, its latest
+    /// record appended again under it.
+    fn rotate(
+        &mut self,
+        g: &mut Group,
+        subject: String,
+        reencrypt: bool,
+        writer: &std::sync::mpsc::SyncSender<ToWriter>,
+    ) -> Result<Vec<usize>> {
+        let ks = self
+            .key_state_now(g, &subject)?
+            .ok_or_else(|| Error::NoSuchSubject(subject.clone()))?;
+        if ks.shredded {
+            return Err(Error::SubjectShredded(subject));
+        }
+        let plaintext = if reencrypt {
+            // The latest record may be in a group still on its way to the
+            // writer: wait until every earlier group is in the log.
+            Self::barrier(writer);
+            self.latest_plaintext(g, &subject)?
+        } else {
+            None
+        };
+        let next = ks
+            .version
+            .checked_add(1)
+            .ok_or_else(|| Error::Invalid("no key version left".into()))?;
+        let mut idx = vec![self.new_key(g, &subject, next)?];
+        if let Some(p) = plaintext {
+            idx.push(self.encrypt_record(g, subject, &p)?);
+        }
+        Ok(idx)
+    }
+
+    /// The subject's latest record, decrypted; every group before this one
+    /// must be published (a barrier).
+    fn latest_plaintext(&self, g: &Group, subject: &str) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let Some(ptr) = self.state_now(g, &state::key("s/", subject))? else {
+            return Ok(None);
+        };
+        let seq = ptr
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+            .ok_or(Error::Malformed("record pointer"))?;
+        let e = if seq >= g.first_seq {
+            let bytes = usize::try_from(seq - g.first_seq)
+                .ok()
+                .and_then(|i| g.encoded.get(i))
+                .ok_or(Error::Malformed("record pointer"))?;
+            let e = EntryRef::decode(bytes)?;
+            (
+                e.kind,
+                e.subject.to_string(),
+                e.key_version,
+                e.nonce,
+                e.payload.to_vec(),
+            )
+        } else {
+            let e =
+                read_entry(&self.store, seq)?.ok_or(Error::integrity(seq, Reason::Truncated))?;
+            (e.kind, e.subject, e.key_version, e.nonce, e.payload)
+        };
+        let (kind, entry_subject, version, nonce, payload) = e;
+        if kind != Kind::Record || entry_subject != subject {
+            return Err(Error::integrity(
+                seq,
+                Reason::IndexMismatch("record pointer".into()),
+            ));
+        }
+        let key = self.unwrap_data_key(g, subject, version)?;
+        key.open(&nonce, &record_aad(subject, seq, version), &payload)
+            .ok_or(Error::Decrypt(seq))
+            .map(Some)
+    }
+
+    /// A subject's wrapped key of `version`, unwrapped: from this group's
+    /// new keys, or the key store.
+    fn unwrap_data_key(&self, g: &Group, subject: &str, version: u32) -> Result<SecretKey> {
+        let name = state::data_key_name(subject, version);
+        let wrapped = match g.new_keys.iter().rev().find(|(n, _)| *n == name) {
+            Some((_, w)) => w.clone(),
+            None => self
+                .store
+                .keys
+                .get(&name)?
+                .ok_or_else(|| Error::SubjectShredded(subject.to_string()))?
+                .to_vec(),
+        };
+        crypto::unwrap_key(&self.master, &data_key_aad(subject, version), &wrapped)
+            .ok_or(Error::Decrypt(0))
     }
 
     /// A derived-state value as of this point of the group being built:
@@ -1400,8 +2021,8 @@ impl Committer {
             Some(_) if spent => Some(TokenRefusal::Spent),
             Some(t) if t.partner_id != partner_id => Some(TokenRefusal::WrongPartner),
             Some(t) if now_ms >= t.expires_at_ms => Some(TokenRefusal::Expired),
-            Some(t) => match self.state_now(g, &state::key("k/", &t.subject))? {
-                Some(k) if KeyState::decode(&k)?.shredded => Some(TokenRefusal::SubjectShredded),
+            Some(t) => match self.key_state_now(g, &t.subject)? {
+                Some(k) if k.shredded => Some(TokenRefusal::SubjectShredded),
                 _ => None,
             },
         };
@@ -1477,54 +2098,91 @@ impl Committer {
         Ok(g.encoded.len() - 1)
     }
 
-    /// The subject's current data key, creating (and committing) one for a
-    /// new subject.
-    fn data_key(&mut self, g: &mut Group, subject: &str) -> Result<(u32, crypto::Cipher)> {
-        if let Some((v, c)) = self.keys.get(subject) {
-            return Ok((*v, c.clone()));
+    /// The subject's current data key and how many records it encrypted,
+    /// creating (and committing) a first key for a new subject.
+    fn data_key(&mut self, g: &mut Group, subject: &str) -> Result<(u32, crypto::Cipher, u64)> {
+        if let Some(c) = self.keys.get(subject) {
+            return Ok((c.version, c.cipher.clone(), c.encryptions));
         }
-        // Keys created earlier in this group are in the cache (which is
-        // cleared only between groups); anything older is in the overlay or
-        // the state tree.
-        let ks = self
-            .shared
-            .state_get(&self.store.state, &state::key("k/", subject))?;
-        if let Some(ks) = ks {
-            let ks = KeyState::decode(&ks)?;
-            if ks.shredded {
-                return Err(Error::SubjectShredded(subject.to_string()));
+        match self.key_state_now(g, subject)? {
+            Some(ks) if ks.shredded => Err(Error::SubjectShredded(subject.to_string())),
+            Some(ks) => {
+                let key = self.unwrap_data_key(g, subject, ks.version)?;
+                // Not in the cache: no group in flight used this key, so
+                // the published count is current but for this group's own
+                // records before a mid-group cache clear (docs/keys.md).
+                let used = self
+                    .shared
+                    .key_uses
+                    .lock()
+                    .map_err(|_| Error::Poisoned)?
+                    .encryptions(subject, ks.version);
+                let c = key.cipher_handle();
+                self.keys.insert(
+                    subject.to_string(),
+                    CachedKey {
+                        version: ks.version,
+                        cipher: c.clone(),
+                        encryptions: used,
+                    },
+                );
+                Ok((ks.version, c, used))
             }
-            let wrapped = self
-                .store
-                .keys
-                .get(state::data_key_name(subject, ks.version))?
-                .ok_or_else(|| Error::SubjectShredded(subject.to_string()))?;
-            let key =
-                crypto::unwrap_key(&self.master, &data_key_aad(subject, ks.version), &wrapped)
-                    .ok_or(Error::Decrypt(0))?;
-            let c = key.cipher_handle();
-            self.keys
-                .insert(subject.to_string(), (ks.version, c.clone()));
-            return Ok((ks.version, c));
+            None => {
+                self.new_key(g, subject, 1)?;
+                self.data_key(g, subject)
+            }
         }
-        let version = 1;
+    }
+
+    /// Creates data key `version` of a subject: wraps it under the master
+    /// key and commits to it, with a `subject_key` entry for version 1 and
+    /// a `key_rotated` entry for later ones. The wrapped key is written
+    /// before the group's chunks (step 1); the key becomes the subject's
+    /// current one.
+    fn new_key(&mut self, g: &mut Group, subject: &str, version: u32) -> Result<usize> {
         let key = SecretKey::generate();
         let wrapped = crypto::wrap(
             &self.master,
             &data_key_aad(subject, version),
             key.as_bytes(),
         );
-        let commit = SubjectKeyCommit {
-            version,
-            wrapped_hash: hex::encode(blake3::hash(&wrapped).as_bytes()),
+        let wrapped_hash = hex::encode(blake3::hash(&wrapped).as_bytes());
+        let (kind, payload) = if version == 1 {
+            let c = SubjectKeyCommit {
+                version,
+                wrapped_hash,
+            };
+            (Kind::SubjectKey, serde_json::to_vec(&c))
+        } else {
+            let r = KeyRotation {
+                key: state::ROTATED_SUBJECT_KEY.to_string(),
+                subject: subject.to_string(),
+                version,
+                wrapped_hash,
+            };
+            (Kind::KeyRotated, serde_json::to_vec(&r))
         };
-        let payload = serde_json::to_vec(&commit).map_err(|e| Error::Invalid(e.to_string()))?;
-        self.push(g, Kind::SubjectKey, subject, 0, [0; 12], &payload)?;
+        let payload = payload.map_err(|e| Error::Invalid(e.to_string()))?;
+        let seq = self.pos.next_seq;
+        let i = self.push(g, kind, subject, 0, [0; 12], &payload)?;
         g.new_keys
             .push((state::data_key_name(subject, version), wrapped));
-        let c = key.cipher_handle();
-        self.keys.insert(subject.to_string(), (version, c.clone()));
-        Ok((version, c))
+        g.usage.push(Usage::Created {
+            subject: subject.to_string(),
+            version,
+            seq,
+            ts: self.pos.last_ts,
+        });
+        self.keys.insert(
+            subject.to_string(),
+            CachedKey {
+                version,
+                cipher: key.cipher_handle(),
+                encryptions: 0,
+            },
+        );
+        Ok(i)
     }
 }
 
@@ -1633,12 +2291,17 @@ impl Writer {
 
     fn write(&self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
         let s = &self.store;
-        if !g.new_keys.is_empty() {
-            let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
+        if !g.new_keys.is_empty() || !g.shreds.is_empty() {
             let mut kb = sled::Batch::default();
-            kb.insert(PENDING, encode_pending(first_seq, &names));
-            for (n, w) in &g.new_keys {
-                kb.insert(n.as_slice(), w.as_slice());
+            if !g.new_keys.is_empty() {
+                let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
+                kb.insert(PENDING, encode_pending(first_seq, &names));
+                for (n, w) in &g.new_keys {
+                    kb.insert(n.as_slice(), w.as_slice());
+                }
+            }
+            if !g.shreds.is_empty() {
+                kb.insert(SHREDDING, encode_shredding(first_seq, &g.shreds));
             }
             s.keys.apply_batch(kb)?;
         }
@@ -1660,11 +2323,44 @@ impl Writer {
             }
         }
         s.log.apply_batch(lb)?;
+        if !g.shreds.is_empty() {
+            // Step 3: the shredded subjects' keys go only once their shred
+            // entries are in the log; sled recovers a prefix of its
+            // writes, so after a crash the keys are gone only if the
+            // entries are there, and open finishes an interrupted step 3.
+            let mut kb = sled::Batch::default();
+            for subject in &g.shreds {
+                for kv in s.keys.scan_prefix(state::data_key_prefix(subject)) {
+                    kb.remove(kv?.0);
+                }
+            }
+            kb.remove(SHREDDING);
+            s.keys.apply_batch(kb)?;
+        }
         Ok(())
     }
 
-    /// Makes a written group's derived state visible to readers.
+    /// Makes a written group's derived state (and key use) visible to
+    /// readers.
     fn publish(&self, g: &mut Group, last_seq: u64) {
+        if !g.usage.is_empty() {
+            let Ok(mut u) = self.shared.key_uses.lock() else {
+                self.shared.poisoned.store(true, Ordering::Release);
+                return;
+            };
+            for change in g.usage.drain(..) {
+                match change {
+                    Usage::Created {
+                        subject,
+                        version,
+                        seq,
+                        ts,
+                    } => u.created(&subject, version, seq, ts),
+                    Usage::Encrypted { subject, version } => u.encrypted(&subject, version),
+                    Usage::Shredded(subject) => u.shredded(&subject),
+                }
+            }
+        }
         let Ok(mut o) = self.shared.overlay.lock() else {
             self.shared.poisoned.store(true, Ordering::Release);
             return;

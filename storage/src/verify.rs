@@ -19,8 +19,9 @@ use rayon::prelude::*;
 use crate::chunk::{Chunk, ChunkError, MerkleTree, SignedHead};
 use crate::entry::{entry_hash, EntryRef, Hash, Kind};
 use crate::error::{Error, Reason, Result};
-use crate::state::{self, Genesis};
+use crate::state::{self, Genesis, KeyState};
 use crate::store::{Store, TREES};
+use crate::vault::KeyUses;
 
 /// Chunks decoded together in one parallel window.
 const WINDOW_CHUNKS: usize = 256;
@@ -415,6 +416,11 @@ pub struct Report {
     /// Entries past the derived state's applied marker (after a crash),
     /// replayed into the state tree at the next open.
     pub unindexed: u64,
+    /// Shredded subjects whose wrapped keys are still in the key store: a
+    /// crash came between the durable `subject_shredded` entry and the
+    /// deletion of the keys, and the `shredding` marker names them. The
+    /// next open deletes them (docs/keys.md).
+    pub shred_pending: Vec<String>,
 }
 
 impl Report {
@@ -431,6 +437,17 @@ pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
 }
 
 pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Report> {
+    verify_store_with(store, opts, None)
+}
+
+/// [`verify_store`], also collecting every subject data key's creation and
+/// use into `usage` (what `Vault::open` needs for key status and the
+/// per-key encryption limit).
+pub(crate) fn verify_store_with(
+    store: &Store,
+    opts: &VerifyOptions<'_>,
+    mut usage: Option<&mut KeyUses>,
+) -> Result<Report> {
     let stored_key = store.stored_public_key();
     let used_stored_key = opts.public_key.is_none();
     let mut report = Report {
@@ -441,6 +458,7 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
         used_stored_key,
         shredded: Vec::new(),
         unindexed: 0,
+        shred_pending: Vec::new(),
     };
     let key = match opts.public_key.or(stored_key) {
         Some(k) => k,
@@ -469,6 +487,8 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
     let mut model_at_applied: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
     let mut key_buf: Vec<u8> = Vec::with_capacity(64);
     let mut keys: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
+    // Keys the log committed to and a later shred destroyed.
+    let mut destroyed: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
     let mut shredded = Vec::new();
     let mut genesis: Option<Genesis> = None;
     let scan = scan_chain(&store.log, &key, progress, |e, _| {
@@ -491,7 +511,19 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
                     model.insert(key_buf.clone(), value.to_vec());
                 }
             }
+            if let Some(u) = usage.as_deref_mut() {
+                u.encrypted(e.subject, e.key_version);
+            }
         } else {
+            if matches!(
+                e.kind,
+                Kind::KeyRotated | Kind::SubjectShredded | Kind::SubjectKey
+            ) {
+                check_key_entry(e, &model)?;
+                if let Some(u) = usage.as_deref_mut() {
+                    key_usage(u, e);
+                }
+            }
             let muts =
                 state::mutations(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
             for (k, v) in muts {
@@ -512,7 +544,16 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
                     keys.insert(name, h);
                 }
                 None => {
-                    keys.retain(|k, _| !k.starts_with(&name));
+                    let gone: Vec<Vec<u8>> = keys
+                        .range(name.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&name))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in gone {
+                        if let Some(h) = keys.remove(&k) {
+                            destroyed.insert(k, h);
+                        }
+                    }
                     shredded.push(e.subject.to_string());
                 }
             }
@@ -582,23 +623,119 @@ pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Re
             }
         }
     }
+    // A shred whose entry is in the log but whose keys a crash kept from
+    // being deleted: the `shredding` marker names its subjects. Their keys
+    // are accepted (and reported) if the log committed to them and then
+    // shredded them; the next open deletes them.
+    let mut finishing: Vec<String> = Vec::new();
+    if let Some(m) = store.keys.get(crate::vault::SHREDDING)? {
+        match crate::vault::decode_shredding(&m) {
+            Ok((first, subjects)) if first < tip.entries => {
+                if let Some(s) = subjects.iter().find(|s| !report.shredded.contains(s)) {
+                    report.failure = fail(Reason::KeyMismatch(format!(
+                        "shredding marker names {s:?}, which the log does not shred"
+                    )));
+                    return Ok(report);
+                }
+                finishing = subjects;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                report.failure = fail(Reason::KeyMismatch("malformed shredding marker".into()));
+                return Ok(report);
+            }
+        }
+    }
     let expected = keys.iter().map(|(k, h)| (k.clone(), h.to_vec()));
-    let actual: Vec<(Vec<u8>, Vec<u8>)> = store
-        .keys
-        .iter()
-        .filter(|kv| {
-            kv.as_ref().map_or(true, |(k, _)| {
-                k.as_ref() != crate::vault::PENDING
-                    && !uncommitted.iter().any(|n| n.as_slice() == k.as_ref())
-            })
-        })
-        .map(|kv| kv.map(|(k, v)| (k.to_vec(), blake3::hash(&v).as_bytes().to_vec())))
-        .collect::<std::result::Result<_, _>>()?;
+    let mut actual: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for kv in store.keys.iter() {
+        let (k, v) = kv?;
+        if k.as_ref() == crate::vault::PENDING
+            || k.as_ref() == crate::vault::SHREDDING
+            || uncommitted.iter().any(|n| n.as_slice() == k.as_ref())
+        {
+            continue;
+        }
+        let h = *blake3::hash(&v).as_bytes();
+        if let Some(s) = finishing
+            .iter()
+            .find(|s| k.starts_with(&state::data_key_prefix(s)))
+        {
+            if destroyed.get(k.as_ref()) == Some(&h) {
+                if !report.shred_pending.contains(s) {
+                    report.shred_pending.push(s.clone());
+                }
+                continue;
+            }
+        }
+        actual.push((k.to_vec(), h.to_vec()));
+    }
     if let Some(m) = compare_iters(actual.into_iter(), expected) {
         report.failure = fail(Reason::KeyMismatch(m));
         return Ok(report);
     }
     Ok(report)
+}
+
+/// Checks a key entry against the subject's key state before it: a
+/// rotation moves a live key to the next version, a shred names the
+/// current version of a live key.
+fn check_key_entry(
+    e: &EntryRef<'_>,
+    model: &BTreeMap<Vec<u8>, Vec<u8>>,
+) -> std::result::Result<(), Failure> {
+    let bad = |m: &str| (e.seq, Reason::Malformed(format!("{}: {m}", e.kind.name())));
+    let current = match model.get(&state::key("k/", e.subject)) {
+        Some(v) => Some(KeyState::decode(v).map_err(|_| bad("key state"))?),
+        None => None,
+    };
+    let version = match e.kind {
+        Kind::KeyRotated => {
+            serde_json::from_slice::<state::KeyRotation>(e.payload)
+                .map_err(|_| bad("payload"))?
+                .version
+        }
+        Kind::SubjectShredded => {
+            serde_json::from_slice::<state::ShredCommit>(e.payload)
+                .map_err(|_| bad("payload"))?
+                .version
+        }
+        // A first key: nothing to check against (older logs are not
+        // held to more than their schema).
+        _ => return Ok(()),
+    };
+    let Some(current) = current else {
+        return Err(bad("subject has no data key"));
+    };
+    if current.shredded {
+        return Err(bad("subject already shredded"));
+    }
+    let expected = match e.kind {
+        Kind::KeyRotated => current.version.checked_add(1),
+        _ => Some(current.version),
+    };
+    if Some(version) != expected {
+        return Err(bad("version does not follow the subject's key"));
+    }
+    Ok(())
+}
+
+/// Adds a key entry to the collected key use.
+fn key_usage(u: &mut KeyUses, e: &EntryRef<'_>) {
+    match e.kind {
+        Kind::SubjectKey => {
+            if let Ok(c) = serde_json::from_slice::<state::SubjectKeyCommit>(e.payload) {
+                u.created(e.subject, c.version, e.seq, e.timestamp_ms);
+            }
+        }
+        Kind::KeyRotated => {
+            if let Ok(r) = serde_json::from_slice::<state::KeyRotation>(e.payload) {
+                u.created(e.subject, r.version, e.seq, e.timestamp_ms);
+            }
+        }
+        Kind::SubjectShredded => u.shredded(e.subject),
+        _ => {}
+    }
 }
 
 fn compare(

@@ -1,0 +1,373 @@
+//! `vault-admin`: the operator's tool for a running vault (admin API key):
+//! crypto-shred a subject, rotate a subject's data key, list the keys and
+//! their ages, show the vault's status, and create or revoke credentials.
+//! Each subcommand is one or two calls of the `client` library plus
+//! printing; procedures and guarantees are in docs/keys.md.
+//!
+//! Data goes to stdout (text, or one JSON object with `--format json`),
+//! diagnostics to stderr. Exit codes: 0 success, 1 local error (arguments,
+//! connection, TLS, a receipt that does not verify), 2 refused by the
+//! server (`error: <code>: <message>`, e.g. `subject_shredded`, `not_found`,
+//! `forbidden` for a key that is not an admin's).
+
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use client::cli::{ConnectArgs, Format, EXIT_LOCAL, EXIT_REFUSED};
+use client::{verify_receipt, Client, ClientError, ErrorCode, KeyLife, Receipt};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "vault-admin",
+    version,
+    about = "Administer a running fintrust-vault: shred, key rotation, key status, credentials"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Address of the vault, host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "FINTRUST_ADDR",
+        default_value = "127.0.0.1:9999"
+    )]
+    addr: String,
+    /// TLS, API key and timeout, shared with `vault-client`.
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Hex of the vault's public key (printed by `vaultd init`): receipts
+    /// are checked against it instead of the key the server reports.
+    #[arg(long, global = true, env = "FINTRUST_PUBLIC_KEY")]
+    public_key: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Crypto-shred a subject: destroy every data key of it, so that its
+    /// records (which stay in the log) open under no key. Irreversible;
+    /// old backups of the key store still hold the keys (docs/keys.md).
+    Shred {
+        #[arg(long)]
+        subject: String,
+    },
+    /// Give a subject a new data key version; new records use it.
+    RotateSubjectKey {
+        #[arg(long)]
+        subject: String,
+        /// Also append the subject's latest record again under the new key.
+        #[arg(long)]
+        reencrypt: bool,
+    },
+    /// List every key: master, signing key, and each subject data key
+    /// with its age, its use and whether it is active, retired or shredded.
+    Keys,
+    /// The signed head, the entry count and the ages of the keys.
+    Status,
+    /// Create or revoke API-key credentials.
+    Credentials {
+        #[command(subcommand)]
+        command: Credentials,
+    },
+}
+
+#[derive(Subcommand)]
+enum Credentials {
+    /// Create a credential; its API key is printed this once.
+    Create {
+        /// admin, writer, gateway, partner or auditor.
+        #[arg(long)]
+        role: String,
+        /// A label; for a partner, the partner id.
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke a credential by id.
+    Revoke {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_LOCAL)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_LOCAL);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Server { code, message }) => {
+                eprintln!("error: {code}: {message}");
+                ExitCode::from(EXIT_REFUSED)
+            }
+            _ => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_LOCAL)
+            }
+        },
+    }
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let config = cli.connect.config(
+        &cli.addr,
+        format!("vault-admin/{}", env!("CARGO_PKG_VERSION")),
+    )?;
+    let addr = config.addr.clone();
+    match Client::connect(config).await {
+        Ok(c) => Ok(c),
+        // The server's own refusal keeps its type for the exit code.
+        Err(e @ ClientError::Server { .. }) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}"))),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
+    let client = connect(&cli).await?;
+    let now = now_ms();
+    let (json, text) = match &cli.command {
+        Command::Shred { subject } => {
+            let r = client.shred(subject.as_str()).await?;
+            check(&client, &r, pinned).await?;
+            (
+                json!({"subject": subject, "shredded": true, "seq": r.seq,
+                       "entry_hash": hex::encode(r.entry_hash)}),
+                format!(
+                    "shredded {subject}: its data keys are destroyed\nseq: {}\nentry_hash: {}",
+                    r.seq,
+                    hex::encode(r.entry_hash)
+                ),
+            )
+        }
+        Command::RotateSubjectKey { subject, reencrypt } => {
+            let r = client
+                .rotate_subject_key(subject.as_str(), *reencrypt)
+                .await?;
+            check(&client, &r.receipt, pinned).await?;
+            if let Some(re) = &r.reencrypted {
+                check(&client, re, pinned).await?;
+            }
+            let re_seq = r.reencrypted.as_ref().map(|re| re.seq);
+            let mut text = format!(
+                "{subject}: data key version {}\nseq: {}",
+                r.version, r.receipt.seq
+            );
+            match re_seq {
+                Some(s) => text.push_str(&format!("\nre-encrypted latest record at seq {s}")),
+                None if *reencrypt => text.push_str("\nno record to re-encrypt"),
+                None => {}
+            }
+            (
+                json!({"subject": subject, "version": r.version, "seq": r.receipt.seq,
+                       "entry_hash": hex::encode(r.receipt.entry_hash),
+                       "reencrypted_seq": re_seq}),
+                text,
+            )
+        }
+        Command::Keys => {
+            let s = client.key_status().await?;
+            let keys: Vec<Value> = s
+                .keys
+                .iter()
+                .map(|k| {
+                    json!({"subject": k.subject, "version": k.version,
+                           "created_seq": k.created_seq, "created_ms": k.created_ms,
+                           "age_secs": age_secs(now, k.created_ms),
+                           "encryptions": k.encryptions, "state": k.life.name()})
+                })
+                .collect();
+            let mut text = format!(
+                "master   created {}  wraps {}\nsigning  key id 0  created {}\nlimit    {} encryptions per subject key\n",
+                age(now, s.master_created_ms),
+                s.master_wraps,
+                age(now, s.signing_created_ms),
+                s.encryption_limit
+            );
+            text.push_str("SUBJECT\tVERSION\tSTATE\tCREATED_SEQ\tAGE\tENCRYPTIONS");
+            for k in &s.keys {
+                text.push_str(&format!(
+                    "\n{}\t{}\t{}\t{}\t{}\t{}",
+                    k.subject,
+                    k.version,
+                    k.life.name(),
+                    k.created_seq,
+                    age(now, k.created_ms),
+                    k.encryptions
+                ));
+            }
+            (
+                json!({
+                    "master": {"created_ms": s.master_created_ms,
+                               "age_secs": age_secs(now, s.master_created_ms),
+                               "wraps": s.master_wraps},
+                    "signing": {"key_id": 0, "created_ms": s.signing_created_ms,
+                                "age_secs": age_secs(now, s.signing_created_ms)},
+                    "encryption_limit": s.encryption_limit,
+                    "keys": keys,
+                }),
+                text,
+            )
+        }
+        Command::Status => {
+            let head = client.head().await?;
+            let keys = client.key_status().await?;
+            let count = |l: KeyLife| keys.keys.iter().filter(|k| k.life == l).count();
+            let oldest_active = keys
+                .keys
+                .iter()
+                .filter(|k| k.life == KeyLife::Active)
+                .map(|k| k.created_ms)
+                .min();
+            let signed = head.signed_head.as_ref();
+            let mut text = format!(
+                "public_key: {}\nentries: {}",
+                hex::encode(head.public_key),
+                head.entries
+            );
+            match signed {
+                Some(h) => text.push_str(&format!(
+                    "\nhead: seq {} {} ({})",
+                    h.last_seq,
+                    hex::encode(h.last_hash),
+                    age(now, h.timestamp_ms)
+                )),
+                None => text.push_str("\nhead: none (empty log)"),
+            }
+            text.push_str(&format!(
+                "\nmaster key: created {}\nsigning key 0: created {}\nsubject keys: {} active, {} retired, {} shredded",
+                age(now, keys.master_created_ms),
+                age(now, keys.signing_created_ms),
+                count(KeyLife::Active),
+                count(KeyLife::Retired),
+                count(KeyLife::Shredded)
+            ));
+            if let Some(ms) = oldest_active {
+                text.push_str(&format!(
+                    "\noldest active subject key: created {}",
+                    age(now, ms)
+                ));
+            }
+            (
+                json!({
+                    "public_key": hex::encode(head.public_key),
+                    "entries": head.entries,
+                    "head": signed.map(|h| json!({"last_seq": h.last_seq,
+                        "last_hash": hex::encode(h.last_hash), "timestamp_ms": h.timestamp_ms})),
+                    "master_key_age_secs": age_secs(now, keys.master_created_ms),
+                    "signing_key_age_secs": age_secs(now, keys.signing_created_ms),
+                    "subject_keys": {"active": count(KeyLife::Active),
+                                     "retired": count(KeyLife::Retired),
+                                     "shredded": count(KeyLife::Shredded)},
+                    "oldest_active_subject_key_age_secs": oldest_active.map(|ms| age_secs(now, ms)),
+                    "encryption_limit": keys.encryption_limit,
+                }),
+                text,
+            )
+        }
+        Command::Credentials {
+            command: Credentials::Create { role, name },
+        } => {
+            let (id, key) = client
+                .create_credential(role.as_str(), name.as_str())
+                .await?;
+            (
+                json!({"id": id, "role": role, "name": name, "api_key": key.as_str()}),
+                format!(
+                    "id: {id}\nrole: {role}\napi_key: {} (shown once; store it now)",
+                    key.as_str()
+                ),
+            )
+        }
+        Command::Credentials {
+            command: Credentials::Revoke { id },
+        } => match client.revoke_credential(id.as_str()).await? {
+            Some(r) => {
+                check(&client, &r, pinned).await?;
+                (
+                    json!({"id": id, "revoked": true, "seq": r.seq}),
+                    format!("revoked {id}\nseq: {}", r.seq),
+                )
+            }
+            // The library reports "no such credential" as None; for the
+            // operator it is the server's refusal.
+            None => {
+                return Err(ClientError::Server {
+                    code: ErrorCode::NotFound,
+                    message: "no such credential".into(),
+                }
+                .into())
+            }
+        },
+    };
+    match cli.format {
+        Format::Json => println!("{json}"),
+        Format::Text => println!("{text}"),
+    }
+    Ok(())
+}
+
+/// Checks a receipt with the pinned key, or else the key the server
+/// reports (an admin may read the head).
+async fn check(client: &Client, receipt: &Receipt, pinned: Option<[u8; 32]>) -> anyhow::Result<()> {
+    let key = match pinned {
+        Some(k) => k,
+        None => client.head().await?.public_key,
+    };
+    verify_receipt(receipt, &key).context("the receipt does not verify")?;
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn age_secs(now_ms: u64, then_ms: u64) -> u64 {
+    now_ms.saturating_sub(then_ms) / 1000
+}
+
+/// "3d 4h ago" style age of a unix-ms timestamp.
+fn age(now_ms: u64, then_ms: u64) -> String {
+    let s = age_secs(now_ms, then_ms);
+    let (d, h, m) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s ago"),
+        (0, 0, m) => format!("{m}m ago"),
+        (0, h, m) => format!("{h}h {m}m ago"),
+        (d, h, _) => format!("{d}d {h}h ago"),
+    }
+}
+
+fn parse_key(s: &str) -> anyhow::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut key)
+        .map_err(|_| anyhow::anyhow!("--public-key takes 64 hex digits"))?;
+    Ok(key)
+}

@@ -1,0 +1,768 @@
+//! The key lifecycle through the public API: crypto-shredding (before and
+//! after, across reopen, after a crash between the shred entry and the key
+//! deletion), subject key rotation with and without re-encryption, the
+//! per-key encryption limit, and key status.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster, SecretKey};
+use storage::state::{data_key_name, data_key_prefix};
+use storage::{
+    verify, Append, Error, KeyLife, Kind, Options, RawStore, Reason, Report, TokenRefusal, Unlock,
+    Vault, VerifyOptions,
+};
+
+fn unlock() -> Unlock {
+    Unlock::passphrase(b"key lifecycle".to_vec())
+}
+
+fn report(dir: &Path, key: ed25519_dalek::VerifyingKey) -> Report {
+    wait_unlocked(dir);
+    verify(
+        dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+    .expect("verify runs")
+}
+
+fn verify_ok(dir: &Path, key: ed25519_dalek::VerifyingKey) -> Report {
+    let r = report(dir, key);
+    assert!(r.ok(), "verify failed: {:?}", r.failure);
+    r
+}
+
+/// Waits until sled's background threads of a closed vault have let go of
+/// the data dir's lock (see tamper.rs).
+fn wait_unlocked(dir: &Path) {
+    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
+    f.lock().expect("wait for sled's lock");
+    drop(f);
+}
+
+fn reopen(dir: &Path) -> Vault {
+    wait_unlocked(dir);
+    Vault::open(dir, &unlock(), Options::default()).expect("reopen")
+}
+
+fn raw(dir: &Path) -> RawStore {
+    wait_unlocked(dir);
+    RawStore::open(dir).expect("raw open")
+}
+
+/// The master key, unsealed from a closed data dir.
+fn master_of(raw: &RawStore) -> SecretKey {
+    let vault_id: [u8; 16] = raw
+        .meta
+        .get("vault_id")
+        .expect("read meta")
+        .expect("vault id")
+        .as_ref()
+        .try_into()
+        .expect("16 bytes");
+    let sealed = raw.keys.get("master").expect("read keys").expect("master");
+    SealedMaster::decode(&sealed)
+        .expect("decodes")
+        .unseal(&unlock(), &vault_id)
+        .expect("unseals")
+}
+
+/// Every data key left in the key store, unwrapped: (subject, version, key).
+fn remaining_data_keys(raw: &RawStore, master: &SecretKey) -> Vec<(String, u32, SecretKey)> {
+    let mut out = Vec::new();
+    for kv in raw.keys.scan_prefix(b"dk/") {
+        let (name, wrapped) = kv.expect("read keys");
+        let rest = &name[3..];
+        let nul = rest
+            .iter()
+            .position(|&b| b == 0)
+            .expect("0x00 after subject");
+        let subject = String::from_utf8(rest[..nul].to_vec()).expect("utf-8 subject");
+        let version = u32::from_be_bytes(rest[nul + 1..].try_into().expect("u32 version"));
+        let key = unwrap_key(master, &data_key_aad(&subject, version), &wrapped)
+            .expect("every remaining key unwraps");
+        out.push((subject, version, key));
+    }
+    out
+}
+
+#[tokio::test]
+async fn shred_destroys_every_key_of_the_subject_and_only_those() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = Vault::create(&dir, &unlock(), Options::default())
+        .expect("create")
+        .vault;
+    let key = vault.public_key();
+    let a1 = vault
+        .append(Append::record("alice", b"{\"n\":1}".to_vec()))
+        .await
+        .expect("append");
+    let b1 = vault
+        .append(Append::record("bob", b"{\"n\":2}".to_vec()))
+        .await
+        .expect("append");
+    // Two key versions, so that the shred has more than one key to destroy.
+    let rotated = vault
+        .rotate_subject_key("alice", false)
+        .await
+        .expect("rotate");
+    assert_eq!(rotated.version, 2);
+    let a2 = vault
+        .append(Append::record("alice", b"{\"n\":3}".to_vec()))
+        .await
+        .expect("append");
+    assert_eq!(
+        vault
+            .latest_record("alice")
+            .expect("read")
+            .expect("some")
+            .key_version,
+        2
+    );
+    let fields = vec![("n".to_string(), "reveal".to_string())];
+    let far = u64::MAX / 2;
+    let token = vault
+        .mint("lender-1", "alice", "kyc", fields.clone(), far)
+        .await
+        .expect("mint before the shred");
+
+    let shred = vault.shred("alice").await.expect("shred");
+    shred.verify(&key).expect("the shred's receipt verifies");
+    let e = vault.entry(shred.seq).expect("read").expect("present");
+    assert_eq!(e.kind, Kind::SubjectShredded);
+    assert_eq!(e.payload, br#"{"version":2}"#);
+
+    // Refusals, each with its typed error.
+    assert!(matches!(
+        vault.latest_record("alice"),
+        Err(Error::SubjectShredded(_))
+    ));
+    assert!(matches!(
+        vault.record_at(a1.seq),
+        Err(Error::SubjectShredded(_))
+    ));
+    assert!(matches!(
+        vault.append(Append::record("alice", b"{}".to_vec())).await,
+        Err(Error::SubjectShredded(_))
+    ));
+    assert!(matches!(
+        vault
+            .mint("lender-1", "alice", "kyc", fields.clone(), far)
+            .await,
+        Err(Error::SubjectShredded(_))
+    ));
+    assert!(matches!(
+        vault.redeem(&token, "lender-1", 0).await,
+        Err(Error::TokenRefused(TokenRefusal::SubjectShredded))
+    ));
+    assert!(matches!(
+        vault.shred("alice").await,
+        Err(Error::SubjectShredded(_))
+    ));
+    assert!(matches!(
+        vault.rotate_subject_key("alice", true).await,
+        Err(Error::SubjectShredded(_))
+    ));
+    assert!(matches!(
+        vault.shred("nobody").await,
+        Err(Error::NoSuchSubject(_))
+    ));
+    assert!(matches!(
+        vault.shred("has space").await,
+        Err(Error::Invalid(_))
+    ));
+    // Other subjects are untouched.
+    let bob = vault.latest_record("bob").expect("read").expect("bob");
+    assert_eq!(bob.plaintext.as_slice(), b"{\"n\":2}");
+    vault
+        .append(Append::record("bob", b"{\"n\":4}".to_vec()))
+        .await
+        .expect("bob still appends");
+    let status = vault.key_status(None, 100).expect("status");
+    let alice: Vec<_> = status
+        .subject_keys
+        .iter()
+        .filter(|k| k.subject == "alice")
+        .collect();
+    assert_eq!(alice.len(), 2);
+    assert!(alice.iter().all(|k| k.life == KeyLife::Shredded));
+    vault.close().expect("close");
+
+    // The log still holds alice's ciphertexts and verifies; verify names her.
+    let r = verify_ok(&dir, key);
+    assert_eq!(r.shredded, vec!["alice".to_string()]);
+    assert!(r.shred_pending.is_empty());
+    {
+        let raw = raw(&dir);
+        assert_eq!(raw.keys.scan_prefix(data_key_prefix("alice")).count(), 0);
+        assert!(raw.keys.get("shredding").expect("read").is_none());
+        let master = master_of(&raw);
+        let keys = remaining_data_keys(&raw, &master);
+        assert!(keys.iter().any(|(s, _, _)| s == "bob"), "bob's key remains");
+        drop(raw);
+        let vault = reopen(&dir);
+        for seq in [a1.seq, a2.seq] {
+            let e = vault.entry(seq).expect("read").expect("ciphertext stays");
+            assert_eq!((e.kind, e.subject.as_str()), (Kind::Record, "alice"));
+            let aad = record_aad("alice", seq, e.key_version);
+            for (subject, version, k) in &keys {
+                assert!(
+                    k.open(&e.nonce, &aad, &e.payload).is_none(),
+                    "seq {seq} opened under {subject} v{version}"
+                );
+            }
+            assert!(master.open(&e.nonce, &aad, &e.payload).is_none());
+        }
+        // Reopened, alice stays shredded and bob stays readable.
+        assert!(matches!(
+            vault.latest_record("alice"),
+            Err(Error::SubjectShredded(_))
+        ));
+        assert!(matches!(
+            vault.append(Append::record("alice", b"{}".to_vec())).await,
+            Err(Error::SubjectShredded(_))
+        ));
+        assert_eq!(
+            vault
+                .record_at(b1.seq)
+                .expect("read")
+                .expect("bob")
+                .plaintext
+                .as_slice(),
+            b"{\"n\":2}"
+        );
+        let status = vault.key_status(None, 100).expect("status");
+        assert!(status
+            .subject_keys
+            .iter()
+            .filter(|k| k.subject == "alice")
+            .all(|k| k.life == KeyLife::Shredded));
+        vault.close().expect("close");
+    }
+    let r = verify_ok(&dir, key);
+    assert_eq!(r.shredded, vec!["alice".to_string()]);
+}
+
+#[tokio::test]
+async fn rotation_with_and_without_reencryption_across_reopen() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = Vault::create(&dir, &unlock(), Options::default())
+        .expect("create")
+        .vault;
+    let key = vault.public_key();
+    let r1 = vault
+        .append(Append::record("alice", b"{\"n\":1}".to_vec()))
+        .await
+        .expect("append");
+    vault
+        .append(Append::record("bob", b"{\"b\":1}".to_vec()))
+        .await
+        .expect("append");
+
+    // Without re-encryption: the old record stays under version 1.
+    let rot = vault
+        .rotate_subject_key("alice", false)
+        .await
+        .expect("rotate");
+    assert_eq!(rot.version, 2);
+    assert!(rot.reencrypted.is_none());
+    rot.receipt.verify(&key).expect("receipt");
+    let e = vault.entry(rot.receipt.seq).expect("read").expect("entry");
+    assert_eq!(e.kind, Kind::KeyRotated);
+    let payload: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+    assert_eq!(payload["key"], "subject");
+    assert_eq!(payload["subject"], "alice");
+    assert_eq!(payload["version"], 2);
+    assert_eq!(payload["wrapped_hash"].as_str().map(str::len), Some(64));
+    let latest = vault.latest_record("alice").expect("read").expect("some");
+    assert_eq!((latest.seq, latest.key_version), (r1.seq, 1));
+    let r2 = vault
+        .append(Append::record("alice", b"{\"n\":2}".to_vec()))
+        .await
+        .expect("append");
+    let rec2 = vault.record_at(r2.seq).expect("read").expect("record");
+    assert_eq!(rec2.key_version, 2, "new records use the new version");
+
+    // With re-encryption: the latest record is appended again under v3.
+    let rot = vault
+        .rotate_subject_key("alice", true)
+        .await
+        .expect("rotate and re-encrypt");
+    assert_eq!(rot.version, 3);
+    let re = rot.reencrypted.expect("a re-encrypted record");
+    assert_eq!(re.seq, rot.receipt.seq + 1);
+    re.verify(&key).expect("receipt");
+    let latest = vault.latest_record("alice").expect("read").expect("some");
+    assert_eq!((latest.seq, latest.key_version), (re.seq, 3));
+    assert_eq!(latest.plaintext.as_slice(), b"{\"n\":2}");
+    // Old versions still open the old records.
+    let check_old = |v: &Vault| {
+        let old1 = v.record_at(r1.seq).expect("read").expect("record");
+        assert_eq!(
+            (old1.key_version, old1.plaintext.as_slice()),
+            (1, &b"{\"n\":1}"[..])
+        );
+        let old2 = v.record_at(r2.seq).expect("read").expect("record");
+        assert_eq!(
+            (old2.key_version, old2.plaintext.as_slice()),
+            (2, &b"{\"n\":2}"[..])
+        );
+    };
+    check_old(&vault);
+    assert!(matches!(
+        vault.rotate_subject_key("nobody", false).await,
+        Err(Error::NoSuchSubject(_))
+    ));
+    // A rotation with re-encryption racing appends of the same subject,
+    // which may share its commit group or be on their way to the writer.
+    let v2 = std::sync::Arc::new(vault);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let v = v2.clone();
+        tasks.push(tokio::spawn(async move {
+            v.append(Append::record(
+                "carol",
+                format!("{{\"i\":{i}}}").into_bytes(),
+            ))
+            .await
+            .expect("append carol")
+        }));
+    }
+    let rot_carol = {
+        // carol may not exist yet when the rotation is committed.
+        loop {
+            match v2.rotate_subject_key("carol", true).await {
+                Ok(r) => break r,
+                Err(Error::NoSuchSubject(_)) => tokio::task::yield_now().await,
+                Err(e) => panic!("rotate carol: {e}"),
+            }
+        }
+    };
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert!(rot_carol.version >= 2);
+    let vault = std::sync::Arc::try_unwrap(v2).expect("sole owner");
+
+    let status = vault.key_status(None, 100).expect("status");
+    let alice: Vec<(u32, u64, KeyLife)> = status
+        .subject_keys
+        .iter()
+        .filter(|k| k.subject == "alice")
+        .map(|k| (k.version, k.encryptions, k.life))
+        .collect();
+    assert_eq!(
+        alice,
+        vec![
+            (1, 1, KeyLife::Retired),
+            (2, 1, KeyLife::Retired),
+            (3, 1, KeyLife::Active)
+        ]
+    );
+    let before = status.clone();
+    vault.close().expect("close");
+    let r = verify_ok(&dir, key);
+    assert!(r.shredded.is_empty());
+
+    // Across reopen: the same key status, rebuilt from the log; old
+    // records readable; new ones under the latest version.
+    let vault = reopen(&dir);
+    assert_eq!(vault.key_status(None, 100).expect("status"), before);
+    check_old(&vault);
+    let carol = vault.latest_record("carol").expect("read").expect("carol");
+    assert!(carol.key_version >= 2);
+    let r4 = vault
+        .append(Append::record("alice", b"{\"n\":4}".to_vec()))
+        .await
+        .expect("append");
+    assert_eq!(
+        vault
+            .record_at(r4.seq)
+            .expect("read")
+            .expect("r")
+            .key_version,
+        3
+    );
+    // Paging through key status by (subject, version).
+    let first = vault.key_status(None, 2).expect("page");
+    assert_eq!(first.subject_keys.len(), 2);
+    assert!(first.more);
+    let last = first.subject_keys.last().expect("last");
+    let next = vault
+        .key_status(Some((&last.subject, last.version)), 100)
+        .expect("page");
+    assert!(!next.more);
+    let all = vault.key_status(None, 100).expect("all");
+    assert_eq!(
+        first.subject_keys.len() + next.subject_keys.len(),
+        all.subject_keys.len()
+    );
+    assert_eq!(all.master_wraps, 1 + all.subject_keys.len() as u64);
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
+#[tokio::test]
+async fn the_encryption_limit_rotates_keys_by_itself() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let opts = || Options {
+        max_encryptions_per_key: 3,
+        ..Options::default()
+    };
+    let vault = Vault::create(&dir, &unlock(), opts())
+        .expect("create")
+        .vault;
+    let key = vault.public_key();
+    let mut versions = Vec::new();
+    for i in 0..7 {
+        let r = vault
+            .append(Append::record("alice", format!("{i}").into_bytes()))
+            .await
+            .expect("append");
+        versions.push(
+            vault
+                .record_at(r.seq)
+                .expect("read")
+                .expect("r")
+                .key_version,
+        );
+    }
+    assert_eq!(versions, vec![1, 1, 1, 2, 2, 2, 3]);
+    // A batch crossing the limit rotates inside the group.
+    let batch: Vec<Append> = (0..4)
+        .map(|i| Append::record("bob", vec![b'0' + i]))
+        .collect();
+    let rs = vault.append_batch(batch).await.expect("batch");
+    let bob: Vec<u32> = rs
+        .iter()
+        .map(|r| {
+            vault
+                .record_at(r.seq)
+                .expect("read")
+                .expect("r")
+                .key_version
+        })
+        .collect();
+    assert_eq!(bob, vec![1, 1, 1, 2]);
+    let status = vault.key_status(None, 100).expect("status");
+    assert_eq!(status.encryption_limit, 3);
+    assert!(status.subject_keys.iter().all(|k| k.encryptions <= 3));
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+
+    // The count survives a reopen: v3 has 1 record, so two more fit.
+    wait_unlocked(&dir);
+    let vault = Vault::open(&dir, &unlock(), opts()).expect("reopen");
+    let mut versions = Vec::new();
+    for i in 0..3 {
+        let r = vault
+            .append(Append::record("alice", format!("again {i}").into_bytes()))
+            .await
+            .expect("append");
+        versions.push(
+            vault
+                .record_at(r.seq)
+                .expect("read")
+                .expect("r")
+                .key_version,
+        );
+    }
+    assert_eq!(versions, vec![3, 3, 4]);
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
+/// A vault with alice (two key versions) and bob, closed; returns its key.
+async fn two_subjects(dir: &Path) -> ed25519_dalek::VerifyingKey {
+    let vault = Vault::create(dir, &unlock(), Options::default())
+        .expect("create")
+        .vault;
+    vault
+        .append(Append::record("alice", b"{\"n\":1}".to_vec()))
+        .await
+        .expect("append");
+    vault
+        .rotate_subject_key("alice", true)
+        .await
+        .expect("rotate");
+    vault
+        .append(Append::record("bob", b"{\"n\":2}".to_vec()))
+        .await
+        .expect("append");
+    let key = vault.public_key();
+    vault.close().expect("close");
+    key
+}
+
+fn shredding_marker(first_seq: u64, subjects: &[&str]) -> Vec<u8> {
+    let mut v = first_seq.to_be_bytes().to_vec();
+    for s in subjects {
+        v.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        v.extend_from_slice(s.as_bytes());
+    }
+    v
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).expect("copy");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_shred_interrupted_before_its_keys_were_deleted_is_finished_at_open() {
+    // The crash window of a shred: its entry is durable in the log, but a
+    // crash came before step 3 deleted the keys. Built here by putting the
+    // keys (and the marker written in step 1) back after a completed shred.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let key = two_subjects(&dir).await;
+    let saved: Vec<(Vec<u8>, Vec<u8>)> = raw(&dir)
+        .keys
+        .scan_prefix(data_key_prefix("alice"))
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("read"))
+        .collect();
+    assert_eq!(saved.len(), 2);
+    let vault = reopen(&dir);
+    let shred = vault.shred("alice").await.expect("shred");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+    let shredded = tmp.path().join("shredded");
+    wait_unlocked(&dir);
+    copy_tree(&dir, &shredded);
+
+    let put_back = |name: &str, marker: Option<Vec<u8>>| {
+        let d = tmp.path().join(name);
+        copy_tree(&shredded, &d);
+        let r = raw(&d);
+        for (k, v) in &saved {
+            r.keys.insert(k.as_slice(), v.as_slice()).expect("write");
+        }
+        if let Some(m) = marker {
+            r.keys.insert("shredding", m).expect("write");
+        }
+        r.flush().expect("flush");
+        drop(r);
+        d
+    };
+
+    // With the marker: verify accepts and reports it, open finishes it.
+    let crashed = put_back("crashed", Some(shredding_marker(shred.seq, &["alice"])));
+    let r = verify_ok(&crashed, key);
+    assert_eq!(r.shred_pending, vec!["alice".to_string()]);
+    let vault = reopen(&crashed);
+    assert!(matches!(
+        vault.latest_record("alice"),
+        Err(Error::SubjectShredded(_))
+    ));
+    assert_eq!(
+        vault
+            .latest_record("bob")
+            .expect("read")
+            .expect("bob")
+            .plaintext
+            .as_slice(),
+        b"{\"n\":2}"
+    );
+    vault.close().expect("close");
+    let r = verify_ok(&crashed, key);
+    assert!(r.shred_pending.is_empty());
+    let after = raw(&crashed);
+    assert_eq!(after.keys.scan_prefix(data_key_prefix("alice")).count(), 0);
+    assert!(after.keys.get("shredding").expect("read").is_none());
+    drop(after);
+
+    // Without the marker, a shredded key back in the store is tampering.
+    let no_marker = put_back("no-marker", None);
+    let r = report(&no_marker, key);
+    assert!(
+        matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+        "{:?}",
+        r.failure
+    );
+    wait_unlocked(&no_marker);
+    assert!(matches!(
+        Vault::open(&no_marker, &unlock(), Options::default()),
+        Err(Error::Integrity {
+            reason: Reason::KeyMismatch(_),
+            ..
+        })
+    ));
+
+    // A forged marker naming a live subject must not make open delete its keys.
+    let forged = tmp.path().join("forged");
+    copy_tree(&shredded, &forged);
+    {
+        let r = raw(&forged);
+        r.keys
+            .insert("shredding", shredding_marker(shred.seq, &["bob"]))
+            .expect("write");
+        r.flush().expect("flush");
+    }
+    let r = report(&forged, key);
+    assert!(
+        matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+        "{:?}",
+        r.failure
+    );
+    wait_unlocked(&forged);
+    assert!(Vault::open(&forged, &unlock(), Options::default()).is_err());
+    assert!(raw(&forged)
+        .keys
+        .get(data_key_name("bob", 1))
+        .expect("read")
+        .is_some());
+}
+
+#[tokio::test]
+async fn a_shred_that_never_reached_the_log_did_not_happen() {
+    // Crash after step 1 (the marker) and before the log write: the next
+    // open drops the marker and the subject is as it was.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let key = two_subjects(&dir).await;
+    let entries = verify_ok(&dir, key).entries;
+    {
+        let r = raw(&dir);
+        r.keys
+            .insert("shredding", shredding_marker(entries, &["alice"]))
+            .expect("write");
+        r.flush().expect("flush");
+    }
+    let r = verify_ok(&dir, key);
+    assert!(r.shred_pending.is_empty() && r.shredded.is_empty());
+    let vault = reopen(&dir);
+    assert!(vault.latest_record("alice").expect("read").is_some());
+    vault.close().expect("close");
+    assert!(raw(&dir).keys.get("shredding").expect("read").is_none());
+    verify_ok(&dir, key);
+}
+
+const CHILD_ENV: &str = "FINTRUST_TEST_SHRED_CHILD_DIR";
+
+/// Runs only as the child: appends and shreds until killed.
+#[test]
+fn shred_child() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let vault = std::sync::Arc::new(
+            Vault::open(Path::new(&dir), &unlock(), Options::default()).expect("child open"),
+        );
+        let pid = std::process::id();
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let v = vault.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0u64.. {
+                    // Records for subjects that are being shredded meanwhile.
+                    let subject = format!("p{pid}-s{}", (i + t) % 50);
+                    match v.append(Append::record(subject, vec![b'x'; 40])).await {
+                        Ok(_) | Err(Error::SubjectShredded(_)) => {}
+                        Err(e) => panic!("append: {e}"),
+                    }
+                }
+            }));
+        }
+        for i in 0u64.. {
+            let subject = format!("p{pid}-s{}", i % 50);
+            vault
+                .append(Append::record(subject.clone(), b"{}".to_vec()))
+                .await
+                .ok();
+            match vault.shred(&subject).await {
+                Ok(_) => println!("shredded {subject}"),
+                Err(Error::SubjectShredded(_)) => {}
+                Err(e) => panic!("shred: {e}"),
+            }
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+    });
+}
+
+#[test]
+fn acknowledged_shreds_survive_sigkill() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let key = created.vault.public_key();
+    created.vault.close().expect("close");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut acked: Vec<String> = Vec::new();
+    for (cycle, kill_after) in [3usize, 11, 7].into_iter().enumerate() {
+        wait_unlocked(&dir);
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "shred_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_ENV, &dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut seen = 0;
+        while seen < kill_after {
+            let Some(Ok(line)) = lines.next() else { break };
+            if let Some(s) = line.strip_prefix("shredded ") {
+                acked.push(s.to_string());
+                seen += 1;
+            }
+        }
+        // SIGKILL: no destructors, no flush.
+        child.kill().expect("kill");
+        let _ = child.wait();
+        for line in lines.map_while(Result::ok) {
+            if let Some(s) = line.strip_prefix("shredded ") {
+                acked.push(s.to_string());
+            }
+        }
+        assert!(seen > 0, "cycle {cycle}: the child acknowledged no shred");
+
+        // Open finishes any interrupted shred; every acknowledged one holds.
+        wait_unlocked(&dir);
+        let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen after kill");
+        for s in &acked {
+            assert!(
+                matches!(vault.latest_record(s), Err(Error::SubjectShredded(_))),
+                "cycle {cycle}: acknowledged shred lost"
+            );
+        }
+        vault.close().expect("close");
+        let r = verify_ok(&dir, key);
+        assert!(r.shred_pending.is_empty());
+        for s in &acked {
+            assert!(r.shredded.contains(s));
+        }
+        let raw = raw(&dir);
+        for s in &r.shredded {
+            assert_eq!(raw.keys.scan_prefix(data_key_prefix(s)).count(), 0);
+        }
+    }
+}

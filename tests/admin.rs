@@ -1,0 +1,243 @@
+//! `vault-admin` end to end: a real `vaultd dev` on ports the OS chose,
+//! the binary run as a process, its exit codes (0 success, 1 local error,
+//! 2 refused by the server), its JSON, and what the log says afterwards
+//! (`vault-verify` lists the shredded subject).
+
+mod support;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        assert_eq!(self.code, 0, "{self:?}");
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line of JSON: {self:?}");
+        serde_json::from_str(lines[0]).expect("stdout is JSON")
+    }
+}
+
+/// Runs a workspace binary with `args` and `env`, and nothing inherited
+/// from the environment's `FINTRUST_*` variables.
+fn run_bin<I, S>(package: &str, bin: &str, args: I, env: &[(&str, &str)]) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(support::binary(package, bin));
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") {
+            cmd.env_remove(name);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run the binary");
+    Run {
+        code: out.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `vault-admin` with the connection flags after the subcommand (they
+/// are global), JSON output.
+fn admin(addr: &str, key: &str, args: &[&str]) -> Run {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend([
+        "--addr",
+        addr,
+        "--api-key",
+        key,
+        "--insecure-plaintext",
+        "--format",
+        "json",
+    ]);
+    run_bin("fintrust-client", "vault-admin", all, &[])
+}
+
+fn refused(r: &Run, code: &str) {
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains(code), "expected {code}: {r:?}");
+}
+
+fn wait_unlocked(dir: &Path) {
+    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
+    f.lock().expect("wait for sled's lock");
+}
+
+#[test]
+fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("dev");
+    let dev = support::DevServer::start(&dir);
+    let addr = dev.get("vault_addr");
+    let key = dev.get("admin_api_key");
+    let subject = dev.get("demo_subject_id");
+    let public_key = dev.get("public_key");
+
+    // Status and keys: every demo subject has an active version 1.
+    let status = admin(&addr, &key, &["status"]).json();
+    assert!(status["entries"].as_u64().expect("entries") > 5, "{status}");
+    assert_eq!(status["public_key"], public_key.as_str());
+    assert!(status["subject_keys"]["active"].as_u64().expect("active") >= 1);
+    let keys = admin(&addr, &key, &["keys"]).json();
+    let demo: Vec<&Value> = keys["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter(|k| k["subject"] == subject.as_str())
+        .collect();
+    assert_eq!(demo.len(), 1, "{keys}");
+    assert_eq!(demo[0]["state"], "active");
+    assert_eq!(demo[0]["version"], 1);
+    assert_eq!(keys["encryption_limit"], 1u64 << 32);
+
+    // Rotate with re-encryption; the env vars work as well as the flags.
+    let r = run_bin(
+        "fintrust-client",
+        "vault-admin",
+        [
+            "rotate-subject-key",
+            "--subject",
+            &subject,
+            "--reencrypt",
+            "--insecure-plaintext",
+            "--format",
+            "json",
+        ],
+        &[("FINTRUST_ADDR", &addr), ("FINTRUST_API_KEY", &key)],
+    )
+    .json();
+    assert_eq!(r["version"], 2);
+    assert_eq!(
+        r["reencrypted_seq"].as_u64(),
+        r["seq"].as_u64().map(|s| s + 1)
+    );
+    let keys = admin(&addr, &key, &["keys"]).json();
+    let states: Vec<(u64, String)> = keys["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter(|k| k["subject"] == subject.as_str())
+        .map(|k| {
+            (
+                k["version"].as_u64().expect("version"),
+                k["state"].as_str().expect("state").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(states, vec![(1, "retired".into()), (2, "active".into())]);
+
+    // Shred, then every refusal exits 2 with its code.
+    let shred = admin(&addr, &key, &["shred", "--subject", &subject]).json();
+    assert_eq!(shred["shredded"], true);
+    refused(
+        &admin(&addr, &key, &["shred", "--subject", &subject]),
+        "subject_shredded",
+    );
+    refused(
+        &admin(&addr, &key, &["rotate-subject-key", "--subject", &subject]),
+        "subject_shredded",
+    );
+    refused(
+        &admin(&addr, &key, &["shred", "--subject", "nobody-at-all"]),
+        "not_found",
+    );
+    let keys = admin(&addr, &key, &["keys"]).json();
+    assert!(keys["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter(|k| k["subject"] == subject.as_str())
+        .all(|k| k["state"] == "shredded"));
+
+    // Other roles are refused.
+    let partner = dev.get("partner_api_key");
+    refused(
+        &admin(&addr, &partner, &["shred", "--subject", "cust-0002"]),
+        "forbidden",
+    );
+
+    // Credentials: create an auditor, which may not see key status;
+    // revoke it; a second revocation is not found.
+    let created = admin(
+        &addr,
+        &key,
+        &[
+            "credentials",
+            "create",
+            "--role",
+            "auditor",
+            "--name",
+            "ops-audit",
+        ],
+    )
+    .json();
+    let id = created["id"].as_str().expect("id").to_string();
+    let auditor = created["api_key"].as_str().expect("api key").to_string();
+    refused(&admin(&addr, &auditor, &["keys"]), "forbidden");
+    let revoked = admin(&addr, &key, &["credentials", "revoke", "--id", &id]).json();
+    assert_eq!(revoked["revoked"], true);
+    refused(
+        &admin(&addr, &key, &["credentials", "revoke", "--id", &id]),
+        "not_found",
+    );
+
+    // Local errors exit 1: no TLS choice, no key, nothing listening.
+    let no_tls = run_bin(
+        "fintrust-client",
+        "vault-admin",
+        ["status", "--addr", &addr, "--api-key", &key],
+        &[],
+    );
+    assert_eq!(no_tls.code, 1, "{no_tls:?}");
+    let no_key = run_bin(
+        "fintrust-client",
+        "vault-admin",
+        ["status", "--addr", &addr, "--insecure-plaintext"],
+        &[],
+    );
+    assert_eq!(no_key.code, 1, "{no_key:?}");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = l.local_addr().expect("addr").to_string();
+        drop(l);
+        admin(&a, &key, &["status"])
+    };
+    assert_eq!(closed.code, 1, "{closed:?}");
+    let usage = run_bin("fintrust-client", "vault-admin", ["shred"], &[]);
+    assert_eq!(usage.code, 1, "{usage:?}");
+
+    // After a clean stop the log verifies and names the shredded subject.
+    let status = dev.stop();
+    assert!(status.success(), "{status}");
+    wait_unlocked(&dir);
+    let v = run_bin(
+        "fintrust-server",
+        "vault-verify",
+        [
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--public-key"),
+            OsStr::new(&public_key),
+            OsStr::new("--json"),
+        ],
+        &[],
+    )
+    .json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["shredded"], serde_json::json!([subject]));
+}
