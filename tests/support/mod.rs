@@ -123,6 +123,11 @@ impl DevServer {
         }
     }
 
+    /// The process id of the running `vaultd dev`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
     /// A string member of the printed object.
     pub fn get(&self, name: &str) -> String {
         self.info[name]

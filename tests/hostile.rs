@@ -1,0 +1,104 @@
+//! Hostile clients against the real `vaultd` binary: frame headers that
+//! declare 2^32-1 bytes or one byte over the maximum are refused before
+//! anything is allocated for them, so a thousand such connections at once
+//! leave the server's memory where it was, and the server keeps serving.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::DevServer;
+
+/// The server's resident memory, from /proc (Linux), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A `Hello` frame header that declares `len` payload bytes (the CRC does
+/// not matter: the length is checked first).
+fn header(len: u32) -> [u8; 18] {
+    let mut h = [0u8; 18];
+    h[..4].copy_from_slice(&[0x46, 0x56, 0x01, 0x01]);
+    h[10..14].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
+/// Opens `n` connections at once, sends each a header declaring `len`,
+/// then reads every answer until the server closes the connection.
+/// Returns the answers.
+fn storm(addr: &str, n: usize, len: u32) -> Vec<Vec<u8>> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(&header(len)).expect("write");
+        conns.push(s);
+    }
+    conns
+        .into_iter()
+        .map(|mut s| {
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            answer
+        })
+        .collect()
+}
+
+#[test]
+fn oversized_length_prefixes_are_refused_without_allocating() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dev = DevServer::start(&tmp.path().join("dev"));
+    let addr = dev.get("vault_addr");
+    let max_plus_one = u32::try_from(protocol::MAX_FRAME_LEN + 1).expect("fits");
+    // Warm up: the first connections size the runtime's pools.
+    storm(&addr, 100, u32::MAX);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(dev.pid());
+    let mut answers = Vec::new();
+    for round in 0..4 {
+        let len = if round % 2 == 0 {
+            u32::MAX
+        } else {
+            max_plus_one
+        };
+        answers.extend(storm(&addr, 250, len));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(dev.pid());
+    assert_eq!(answers.len(), 1000);
+    for a in &answers {
+        // Each got a typed error frame (type 0xFF) or, at worst, a close;
+        // never a hang (the read timeout would have failed the read) and
+        // never data.
+        assert!(
+            a.is_empty() || (a.len() >= 18 && a[..2] == *b"FV" && a[3] == 0xFF),
+            "{a:?}"
+        );
+    }
+    assert!(
+        answers.iter().filter(|a| !a.is_empty()).count() >= 900,
+        "the server explains its refusals"
+    );
+    assert!(
+        after.saturating_sub(before) < 1024,
+        "1,000 oversized frames grew the server's RSS from {before} KiB to {after} KiB"
+    );
+    // It still serves.
+    let out = std::process::Command::new(support::binary("fintrust-client", "vault-client"))
+        .args(["head", "--insecure-plaintext", "--addr", &addr, "--api-key"])
+        .arg(dev.get("admin_api_key"))
+        .env_remove("FINTRUST_API_KEY")
+        .output()
+        .expect("vault-client head");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(dev.stop().success());
+}
