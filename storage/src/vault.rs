@@ -34,6 +34,14 @@
 //! `pending` marker naming them (one batch of the `keys` tree), (2) the log
 //! chunks (one batch). Opening deletes the keys named by a pending marker
 //! whose group never reached the log.
+//!
+//! A master key rotation is a group of its own: (1) the new sealed master
+//! and every re-wrapped key staged under `"next/"` names with a `rotating`
+//! marker, (2) the log (`rewrap` and `master` key_rotated entries), (3) one
+//! batch moving the staged keys over the old ones, with the readers'
+//! master switched under its lock. Opening finishes a rotation whose group
+//! is in the log (the new secret opens it) and drops one whose group is not
+//! (the old secret opens it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
