@@ -187,7 +187,11 @@ fn rotate_master_key_offline_then_only_the_new_secret_opens() {
     };
     let out = rotate(&s.path("passphrase"), &new);
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(out.json()["seq"], 3, "genesis, admin, rewrap, master: {out:?}");
+    assert_eq!(
+        out.json()["seq"],
+        3,
+        "genesis, admin, rewrap, master: {out:?}"
+    );
     // The old passphrase no longer opens the vault.
     wait_unlocked(&dir);
     let again = rotate(&s.path("passphrase"), &new);
