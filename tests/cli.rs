@@ -162,6 +162,56 @@ fn init_prints_one_json_object_and_refuses_a_second_init() {
 }
 
 #[test]
+fn rotate_master_key_offline_then_only_the_new_secret_opens() {
+    let s = Scratch::new();
+    let init = s.init("v");
+    let dir = s.path("v");
+    wait_unlocked(&dir);
+    let new = s.path("new-passphrase");
+    std::fs::write(&new, "a new passphrase\n").expect("write the new passphrase");
+    let rotate = |current: &Path, next: &Path| {
+        run(
+            "vaultd",
+            [
+                OsStr::new("rotate-master-key"),
+                OsStr::new("--data-dir"),
+                dir.as_os_str(),
+                OsStr::new("--passphrase-file"),
+                current.as_os_str(),
+                OsStr::new("--new-passphrase-file"),
+                next.as_os_str(),
+                OsStr::new("--format"),
+                OsStr::new("json"),
+            ],
+        )
+    };
+    let out = rotate(&s.path("passphrase"), &new);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        out.json()["seq"],
+        3,
+        "genesis, admin, rewrap, master: {out:?}"
+    );
+    // The old passphrase no longer opens the vault.
+    wait_unlocked(&dir);
+    let again = rotate(&s.path("passphrase"), &new);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(again.stderr.contains("wrong passphrase"), "{again:?}");
+    wait_unlocked(&dir);
+    let v = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(str_field(&init, "public_key")),
+    ]);
+    assert_eq!(v.code, 0, "{v:?}");
+    // And the new one does (rotating back to the first passphrase).
+    wait_unlocked(&dir);
+    let back = rotate(&new, &s.path("passphrase"));
+    assert_eq!(back.code, 0, "{back:?}");
+}
+
+#[test]
 fn verify_accepts_an_intact_vault() {
     let s = Scratch::new();
     let init = s.init("v");

@@ -30,3 +30,37 @@ pub fn init(data_dir: PathBuf, unlock: &Unlock, opts: Options) -> Result<(Vault,
     };
     Ok((created.vault, out))
 }
+
+/// What `vaultd rotate-master-key` prints.
+#[derive(Debug, Serialize)]
+pub struct RotateMasterOutput {
+    pub data_dir: PathBuf,
+    /// Seq of the `key_rotated` entry `{"key":"master",…}`.
+    pub seq: u64,
+    /// Hex of that entry's hash.
+    pub entry_hash: String,
+}
+
+/// Rotates the master key of a stopped vault: opens it with `old`
+/// (refused with `WrongSecret` otherwise), re-wraps every key under a new
+/// master sealed by `new`, and closes it. Afterwards only `new` opens it
+/// (docs/keys.md). A running vault does the same through
+/// [`Vault::rotate_master_key`].
+pub fn rotate_master_key(
+    data_dir: PathBuf,
+    old: &Unlock,
+    new: &Unlock,
+    opts: Options,
+) -> Result<RotateMasterOutput> {
+    let vault = Vault::open(&data_dir, old, opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(storage::Error::Io)?;
+    let receipt = rt.block_on(vault.rotate_master_key(new))?;
+    vault.close()?;
+    Ok(RotateMasterOutput {
+        data_dir,
+        seq: receipt.seq,
+        entry_hash: hex::encode(receipt.entry_hash),
+    })
+}

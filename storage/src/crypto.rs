@@ -405,6 +405,11 @@ pub fn signing_key_aad(key_id: u32) -> Vec<u8> {
     aad
 }
 
+/// AAD of the wrapped masking secret (`keys/"mask"`).
+pub fn mask_key_aad() -> Vec<u8> {
+    b"fintrust-vault/mask-key/v1\0".to_vec()
+}
+
 /// AAD binding a record's ciphertext to its subject, position and key version.
 pub fn record_aad(subject: &str, seq: u64, key_version: u32) -> Vec<u8> {
     let mut aad = b"fintrust-vault/record/v1\0".to_vec();

@@ -153,10 +153,15 @@ pub struct ShredCommit {
     pub version: u32,
 }
 
-/// What a `key_rotated` entry's `"key"` member says was rotated. Only
-/// subject data keys are rotated today; master and signing key rotation
-/// will add their own values.
+/// What a `key_rotated` entry's `"key"` member says was rotated: a
+/// subject data key ([`KeyRotation`]), the master key ([`MasterRotation`]),
+/// or a batch of keys re-wrapped under the new master key ([`Rewrap`]),
+/// which precede the master rotation in its commit group.
 pub const ROTATED_SUBJECT_KEY: &str = "subject";
+/// `"key"` of a master key rotation.
+pub const ROTATED_MASTER_KEY: &str = "master";
+/// `"key"` of a batch of keys re-wrapped by a master key rotation.
+pub const REWRAPPED_KEYS: &str = "rewrap";
 
 /// Payload of a `key_rotated` entry for a subject data key: the new
 /// version, committed to like `subject_key` commits to version 1.
@@ -174,24 +179,89 @@ pub struct KeyRotation {
     pub wrapped_hash: String,
 }
 
-impl KeyRotation {
-    fn parse(e: &EntryRef<'_>) -> Result<Self> {
-        let r: KeyRotation = parse(e)?;
-        if r.key != ROTATED_SUBJECT_KEY {
-            return Err(Error::Invalid(format!(
-                "key_rotated of an unknown key {:?}",
-                r.key
-            )));
+/// Payload of a `key_rotated` entry that re-wraps keys under a new master
+/// key: `{"key":"rewrap","keys":[["<hex of the key name>","<64 hex>"],…]}`,
+/// each name with the BLAKE3 of its new wrapped bytes. A rotation writes
+/// as many of these as its keys need (each payload stays under 48 KiB),
+/// then one [`MasterRotation`]; the entry's subject is empty.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrap {
+    pub key: String,
+    pub keys: Vec<(String, String)>,
+}
+
+/// Payload of the `key_rotated` entry that ends a master key rotation:
+/// `{"key":"master","sealed_master_hash":"<64 hex>","rewrapped":N}` and,
+/// on a vault's first master rotation only, `"mask_key_hash":"<64 hex>"`.
+/// It commits to the new sealed master (`keys/"master"`); `rewrapped`
+/// counts the keys the [`Rewrap`] entries before it re-wrapped, which must
+/// be every key the master wraps. The entry's subject is empty.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MasterRotation {
+    pub key: String,
+    /// Hex BLAKE3 of the new sealed master key (90 bytes).
+    pub sealed_master_hash: String,
+    /// Keys re-wrapped under the new master by this rotation.
+    pub rewrapped: u64,
+    /// Hex BLAKE3 of the wrapped masking secret (`keys/"mask"`), written by
+    /// the first master rotation: until then the masking secret is derived
+    /// from the master key, and it must survive the master's change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_key_hash: Option<String>,
+}
+
+/// A parsed `key_rotated` payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    Subject(KeyRotation),
+    Rewrap(Rewrap),
+    Master(MasterRotation),
+}
+
+#[derive(Deserialize)]
+struct RotationTag {
+    key: String,
+}
+
+impl Rotation {
+    /// Parses and checks a `key_rotated` entry's payload against its entry.
+    pub fn parse(e: &EntryRef<'_>) -> Result<Self> {
+        let tag: RotationTag = parse(e)?;
+        match tag.key.as_str() {
+            ROTATED_SUBJECT_KEY => {
+                let r: KeyRotation = parse(e)?;
+                if e.subject.is_empty() || r.subject != e.subject {
+                    return Err(Error::Invalid(
+                        "key_rotated names another subject than its entry".into(),
+                    ));
+                }
+                if r.version < 2 {
+                    return Err(Error::Invalid("key_rotated to a version below 2".into()));
+                }
+                Ok(Rotation::Subject(r))
+            }
+            REWRAPPED_KEYS => {
+                let r: Rewrap = parse(e)?;
+                if !e.subject.is_empty() || r.keys.is_empty() {
+                    return Err(Error::Invalid(
+                        "a key re-wrap has no subject and names at least one key".into(),
+                    ));
+                }
+                Ok(Rotation::Rewrap(r))
+            }
+            ROTATED_MASTER_KEY => {
+                let r: MasterRotation = parse(e)?;
+                if !e.subject.is_empty() {
+                    return Err(Error::Invalid("a master rotation has no subject".into()));
+                }
+                Ok(Rotation::Master(r))
+            }
+            other => Err(Error::Invalid(format!(
+                "key_rotated of an unknown key {other:?}"
+            ))),
         }
-        if e.subject.is_empty() || r.subject != e.subject {
-            return Err(Error::Invalid(
-                "key_rotated names another subject than its entry".into(),
-            ));
-        }
-        if r.version < 2 {
-            return Err(Error::Invalid("key_rotated to a version below 2".into()));
-        }
-        Ok(r)
     }
 }
 
@@ -246,12 +316,15 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
             v.push(1);
             vec![(key("k/", e.subject), Some(v))]
         }
-        Kind::KeyRotated => {
-            let r = KeyRotation::parse(e)?;
-            let mut v = r.version.to_be_bytes().to_vec();
-            v.push(0);
-            vec![(key("k/", e.subject), Some(v))]
-        }
+        Kind::KeyRotated => match Rotation::parse(e)? {
+            Rotation::Subject(r) => {
+                let mut v = r.version.to_be_bytes().to_vec();
+                v.push(0);
+                vec![(key("k/", e.subject), Some(v))]
+            }
+            // The key store changes; derived state does not.
+            Rotation::Rewrap(_) | Rotation::Master(_) => Vec::new(),
+        },
         Kind::CredentialCreated => {
             let c: CredentialCreated = parse(e)?;
             // A struct, not a map, so that field order (and thus the bytes
@@ -341,7 +414,7 @@ pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<KeyCommitment>> {
         Kind::Genesis => {
             let g: Genesis = parse(e)?;
             vec![
-                (b"master".to_vec(), Some(hash_of(&g.sealed_master_hash)?)),
+                (MASTER.to_vec(), Some(hash_of(&g.sealed_master_hash)?)),
                 (signing_key_name(0), Some(hash_of(&g.signing_key_hash)?)),
             ]
         }
@@ -352,17 +425,37 @@ pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<KeyCommitment>> {
                 Some(hash_of(&c.wrapped_hash)?),
             )]
         }
-        Kind::KeyRotated => {
-            let r = KeyRotation::parse(e)?;
-            vec![(
+        Kind::KeyRotated => match Rotation::parse(e)? {
+            Rotation::Subject(r) => vec![(
                 data_key_name(e.subject, r.version),
                 Some(hash_of(&r.wrapped_hash)?),
-            )]
-        }
+            )],
+            Rotation::Rewrap(r) => r
+                .keys
+                .iter()
+                .map(|(name, h)| {
+                    let name = hex::decode(name).map_err(|_| Error::Malformed("bad key name"))?;
+                    Ok((name, Some(hash_of(h)?)))
+                })
+                .collect::<Result<_>>()?,
+            Rotation::Master(r) => {
+                let mut v = vec![(MASTER.to_vec(), Some(hash_of(&r.sealed_master_hash)?))];
+                if let Some(m) = &r.mask_key_hash {
+                    v.push((MASK.to_vec(), Some(hash_of(m)?)));
+                }
+                v
+            }
+        },
         Kind::SubjectShredded => vec![(data_key_prefix(e.subject), None)],
         _ => Vec::new(),
     })
 }
+
+/// Name of the sealed master key in the `keys` tree.
+pub const MASTER: &[u8] = b"master";
+/// Name of the wrapped masking secret, written by the first master
+/// rotation (before it, the secret is derived from the master key).
+pub const MASK: &[u8] = b"mask";
 
 /// Name of a wrapped data key in the `keys` tree: `"dk/" subject 0x00 version(u32 BE)`.
 pub fn data_key_name(subject: &str, version: u32) -> Vec<u8> {

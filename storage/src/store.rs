@@ -7,8 +7,10 @@
 //!   state   derived state (see `state`)
 //!   keys    "master" -> sealed master key, "signing/" id -> wrapped signing
 //!           key, "dk/" subject 0x00 version -> wrapped subject data key,
-//!           "pending" -> the new keys of the last group that created any
-//!           (see `vault`)
+//!           "pending" -> the new keys of the last group that created any,
+//!           "shredding", "rotating" and "next/" name -> a shred's or master
+//!           rotation's marker and staged keys, "mask" -> the wrapped
+//!           masking secret (see `vault`)
 //!   meta    "format" -> u32 BE 1, "vault_id" -> 16 B, "public_key" -> 32 B
 //! ```
 //!

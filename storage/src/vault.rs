@@ -34,6 +34,14 @@
 //! `pending` marker naming them (one batch of the `keys` tree), (2) the log
 //! chunks (one batch). Opening deletes the keys named by a pending marker
 //! whose group never reached the log.
+//!
+//! A master key rotation is a group of its own: (1) the new sealed master
+//! and every re-wrapped key staged under `"next/"` names with a `rotating`
+//! marker, (2) the log (`rewrap` and `master` key_rotated entries), (3) one
+//! batch moving the staged keys over the old ones, with the readers'
+//! master switched under its lock. Opening finishes a rotation whose group
+//! is in the log (the new secret opens it) and drops one whose group is not
+//! (the old secret opens it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -133,6 +141,24 @@ pub enum Append {
     /// `reencrypt`, the subject's latest record appended again under it.
     /// Made by [`Vault::rotate_subject_key`] only.
     Rotate { subject: String, reencrypt: bool },
+    /// Re-wrap every key under a new master key and swap it in. Made by
+    /// [`Vault::rotate_master_key`] only; the committer builds it as a
+    /// commit group of its own.
+    RotateMaster(Box<MasterChange>),
+}
+
+/// A new master key, sealed under the new secret, and the masking secret
+/// to keep (see [`Vault::mask_secret`]). Made by [`Vault::rotate_master_key`].
+pub struct MasterChange {
+    master: Arc<SecretKey>,
+    sealed: Vec<u8>,
+    mask: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for MasterChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterChange(..)")
+    }
 }
 
 impl std::fmt::Debug for Append {
@@ -146,6 +172,7 @@ impl std::fmt::Debug for Append {
             Append::Redeem { .. } => f.write_str("Append::Redeem(..)"),
             Append::Shred { .. } => f.write_str("Append::Shred(..)"),
             Append::Rotate { reencrypt, .. } => write!(f, "Append::Rotate(reencrypt: {reencrypt})"),
+            Append::RotateMaster(_) => f.write_str("Append::RotateMaster(..)"),
         }
     }
 }
@@ -175,7 +202,7 @@ impl Append {
                     "redemptions go through Vault::redeem".into(),
                 ))
             }
-            Append::Shred { .. } | Append::Rotate { .. } => {
+            Append::Shred { .. } | Append::Rotate { .. } | Append::RotateMaster(_) => {
                 return Err(Error::Invalid(
                     "key changes go through Vault::shred and Vault::rotate_subject_key".into(),
                 ))
@@ -364,7 +391,15 @@ impl std::fmt::Debug for Vault {
 
 struct Inner {
     store: Arc<Store>,
-    master: Arc<SecretKey>,
+    /// The master key the key store is wrapped under. Readers hold the
+    /// read lock from reading a wrapped key to unwrapping it; the writer
+    /// holds the write lock while it swaps a rotation's keys in, so a
+    /// reader never pairs a key with the other master.
+    master: Arc<RwLock<Arc<SecretKey>>>,
+    /// The masking secret: derived from the vault's first master key and
+    /// kept across master rotations (`keys/"mask"` after the first one).
+    mask: Zeroizing<[u8; 32]>,
+    kdf: KdfParams,
     public_key: VerifyingKey,
     vault_id: [u8; 16],
     tx: RwLock<Option<mpsc::Sender<Request>>>,
@@ -412,6 +447,8 @@ struct SubjectKeys {
 pub(crate) struct KeyUses {
     subjects: BTreeMap<String, SubjectKeys>,
     total: u64,
+    /// Seq and timestamp of the latest master rotation.
+    master_rotated: Option<(u64, u64)>,
 }
 
 impl KeyUses {
@@ -425,6 +462,10 @@ impl KeyUses {
         if k.versions.insert(version, new).is_none() {
             self.total += 1;
         }
+    }
+
+    pub(crate) fn master_rotated(&mut self, seq: u64, ts: u64) {
+        self.master_rotated = Some((seq, ts));
     }
 
     pub(crate) fn encrypted(&mut self, subject: &str, version: u32) {
@@ -488,7 +529,8 @@ pub struct SubjectKeyStatus {
 /// data keys in (subject, version) order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyStatus {
-    /// Timestamp of the genesis entry, which committed to the master key.
+    /// Timestamp of the entry that committed to the current master key:
+    /// genesis, or the latest master rotation.
     pub master_created_ms: u64,
     /// Keys wrapped under the master key: the signing key and every
     /// subject data key ever created (shredded ones included).
@@ -627,9 +669,10 @@ impl Vault {
                 payload: admin_payload,
             },
         ];
+        let mask = derive_mask(&master);
         let (vault, _) = Self::start(
             store,
-            master,
+            (master, mask),
             signing,
             vault_id,
             ChainPos::default(),
@@ -650,18 +693,33 @@ impl Vault {
     pub fn open(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Vault> {
         let store = Store::open_existing_with(dir, opts.cache_bytes)?;
         let vault_id = store.vault_id()?;
-        let sealed = store
-            .keys
-            .get("master")?
-            .ok_or(Error::Malformed("no sealed master key"))?;
+        // A master rotation that reached the log but whose swap a crash
+        // interrupted: its staged keys are the committed ones, so the new
+        // secret opens the vault and the old one does not (docs/keys.md).
+        let staged = rotation_committed(&store)?;
+        let stored = |name: &[u8]| -> Result<Option<sled::IVec>> {
+            if staged {
+                Ok(store.keys.get([STAGED, name].concat())?)
+            } else {
+                Ok(store.keys.get(name)?)
+            }
+        };
+        let sealed = stored(state::MASTER)?.ok_or(Error::Malformed("no sealed master key"))?;
         let master = SealedMaster::decode(&sealed)?.unseal(unlock, &vault_id)?;
         let public_key = store
             .stored_public_key()
             .ok_or(Error::Malformed("no public key"))?;
-        let wrapped = store
-            .keys
-            .get(state::signing_key_name(0))?
-            .ok_or(Error::Malformed("no signing key"))?;
+        let mask = match stored(state::MASK)? {
+            Some(w) => {
+                let k = crypto::unwrap_key(&master, &crypto::mask_key_aad(), &w).ok_or(
+                    Error::integrity(0, Reason::KeyMismatch("mask key does not unwrap".into())),
+                )?;
+                Zeroizing::new(*k.as_bytes())
+            }
+            None => derive_mask(&master),
+        };
+        let wrapped =
+            stored(&state::signing_key_name(0))?.ok_or(Error::Malformed("no signing key"))?;
         let signing_bytes = crypto::unwrap_key(&master, &signing_key_aad(0), &wrapped).ok_or(
             Error::integrity(0, Reason::KeyMismatch("signing key does not unwrap".into())),
         )?;
@@ -697,6 +755,7 @@ impl Vault {
         replay_tail(&store, tip.entries)?;
         recover_pending(&store, tip.entries)?;
         recover_shredding(&store, tip.entries)?;
+        recover_rotation(&store, tip.entries)?;
         store.sync()?;
 
         let pos = ChainPos {
@@ -706,7 +765,7 @@ impl Vault {
         };
         let (vault, _) = Self::start(
             store,
-            master,
+            (master, mask),
             signing,
             vault_id,
             pos,
@@ -723,7 +782,7 @@ impl Vault {
     #[allow(clippy::too_many_arguments)]
     fn start(
         store: Store,
-        master: SecretKey,
+        (master, mask): (SecretKey, Zeroizing<[u8; 32]>),
         signing: SigningKey,
         vault_id: [u8; 16],
         pos: ChainPos,
@@ -733,6 +792,7 @@ impl Vault {
     ) -> Result<(Vault, Vec<Receipt>)> {
         let store = Arc::new(store);
         let master = Arc::new(master);
+        let shared_master = Arc::new(RwLock::new(master.clone()));
         let shared = Arc::new(Shared {
             poisoned: AtomicBool::new(false),
             head: RwLock::new(None),
@@ -763,6 +823,7 @@ impl Vault {
         };
         let writer = Writer {
             store: store.clone(),
+            master: shared_master.clone(),
             shared: shared.clone(),
             index_batch: opts.index_batch.max(1),
         };
@@ -815,7 +876,9 @@ impl Vault {
         let vault = Vault {
             inner: Arc::new(Inner {
                 store,
-                master,
+                master: shared_master,
+                mask,
+                kdf: opts.kdf,
                 public_key: pk,
                 vault_id,
                 tx: RwLock::new(Some(tx)),
@@ -975,6 +1038,31 @@ impl Vault {
         })
     }
 
+    /// Rotates the master key online: a new random master key, sealed
+    /// under `new_unlock` (argon2id with this vault's KDF options, or a key
+    /// file), re-wraps every key the old one wrapped (signing key, subject
+    /// data keys, masking secret) without re-encrypting any record, and is
+    /// swapped in atomically. Appends wait while the rotation's commit
+    /// group is written; reads go on. Resolves with the receipt of the
+    /// `key_rotated` entry `{"key":"master",…}` once it is durable; from
+    /// then on only `new_unlock` opens the vault. A crash before that
+    /// leaves a vault that opens with exactly one of the two secrets
+    /// (docs/keys.md, section 5).
+    pub async fn rotate_master_key(&self, new_unlock: &Unlock) -> Result<Receipt> {
+        let master = SecretKey::generate();
+        let sealed =
+            SealedMaster::seal(&master, new_unlock, self.inner.kdf, &self.inner.vault_id)?.encode();
+        let change = MasterChange {
+            master: Arc::new(master),
+            sealed,
+            mask: self.inner.mask.clone(),
+        };
+        let mut r = self
+            .submit(vec![Append::RotateMaster(Box::new(change))])
+            .await?;
+        r.pop().ok_or(Error::Closed)
+    }
+
     /// The vault's keys: master and signing key, and up to `max` subject
     /// data keys after `after` (a subject and version, exclusive; `None`
     /// from the start), in (subject, version) order. Reflects every group
@@ -1022,7 +1110,9 @@ impl Vault {
             }
         }
         Ok(KeyStatus {
-            master_created_ms: genesis.timestamp_ms,
+            master_created_ms: uses
+                .master_rotated
+                .map_or(genesis.timestamp_ms, |(_, ts)| ts),
             master_wraps: uses.total + 1,
             signing_created_ms: genesis.timestamp_ms,
             encryption_limit: self.inner.max_encryptions,
@@ -1166,11 +1256,10 @@ impl Vault {
 
     /// A secret for keyed masking (tokenize, hash), derived from the master
     /// key so that it survives restarts and never leaves the process.
+    /// It does not change when the master key is rotated: the first
+    /// rotation keeps it wrapped under the new master (`keys/"mask"`).
     pub fn mask_secret(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(blake3::derive_key(
-            "fintrust-vault 2026 mask secret v1",
-            self.inner.master.as_bytes(),
-        ))
+        self.inner.mask.clone()
     }
 
     /// Encoded entries from `from_seq` on, at most `max`, in seq order.
@@ -1292,23 +1381,23 @@ impl Vault {
     }
 
     fn data_key(&self, subject: &str, version: u32) -> Result<SecretKey> {
+        // Held from the read to the unwrap: a master rotation swaps the
+        // wrapped keys and the master under the write lock.
+        let master = self.inner.master.read().map_err(|_| Error::Poisoned)?;
         let wrapped = self
             .inner
             .store
             .keys
             .get(state::data_key_name(subject, version))?
             .ok_or_else(|| Error::SubjectShredded(subject.to_string()))?;
-        crypto::unwrap_key(
-            &self.inner.master,
-            &data_key_aad(subject, version),
-            &wrapped,
+        crypto::unwrap_key(&master, &data_key_aad(subject, version), &wrapped).ok_or(
+            Error::integrity(
+                0,
+                Reason::KeyMismatch(format!(
+                    "data key of a subject does not unwrap (version {version})"
+                )),
+            ),
         )
-        .ok_or(Error::integrity(
-            0,
-            Reason::KeyMismatch(format!(
-                "data key of a subject does not unwrap (version {version})"
-            )),
-        ))
     }
 
     /// Looks up a credential by the hash of a presented API key.
@@ -1532,6 +1621,94 @@ fn recover_shredding(store: &Store, next_seq: u64) -> Result<()> {
     Ok(())
 }
 
+/// The associated data a key in the `keys` tree is wrapped with, from its
+/// name; `None` for a name that is not a wrapped key.
+fn key_aad(name: &[u8]) -> Option<Vec<u8>> {
+    if name == state::MASK {
+        return Some(crypto::mask_key_aad());
+    }
+    if let Some(id) = name.strip_prefix(b"signing/") {
+        return Some(signing_key_aad(u32::from_be_bytes(id.try_into().ok()?)));
+    }
+    let rest = name.strip_prefix(b"dk/")?;
+    let (subject, version) = rest.split_at_checked(rest.len().checked_sub(5)?)?;
+    let version = version.strip_prefix(&[0u8])?;
+    let subject = std::str::from_utf8(subject).ok()?;
+    Some(data_key_aad(
+        subject,
+        u32::from_be_bytes(version.try_into().ok()?),
+    ))
+}
+
+/// The masking secret of a vault that never rotated its master key.
+fn derive_mask(master: &SecretKey) -> Zeroizing<[u8; 32]> {
+    Zeroizing::new(blake3::derive_key(
+        "fintrust-vault 2026 mask secret v1",
+        master.as_bytes(),
+    ))
+}
+
+/// Name of the master rotation marker in the `keys` tree: u64 BE first seq
+/// of the rotation's group. Written with the staged keys (step 1), removed
+/// by the swap (step 3).
+pub const ROTATING: &[u8] = b"rotating";
+/// Prefix of a master rotation's staged keys: `"next/" name` holds the new
+/// value of `name` (the sealed master, every re-wrapped key) until the swap.
+pub const STAGED: &[u8] = b"next/";
+
+/// Number of entries in the log, from its last chunk (before verification:
+/// a chunk that does not decode counts as nothing, and verify fails later).
+fn log_len(store: &Store) -> Result<u64> {
+    let Some((_, v)) = store.log.last()? else {
+        return Ok(0);
+    };
+    Ok(crate::chunk::Chunk::decode(&v)
+        .map(|c| c.first_seq + c.entries.len() as u64)
+        .unwrap_or(0))
+}
+
+/// Whether a master rotation's staged keys are the committed ones: its
+/// marker names a group that reached the log (and verify then checks the
+/// staged keys against the log's commitments).
+fn rotation_committed(store: &Store) -> Result<bool> {
+    let Some(m) = store.keys.get(ROTATING)? else {
+        return Ok(false);
+    };
+    let first = <[u8; 8]>::try_from(m.as_ref())
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Malformed("rotating marker"))?;
+    Ok(first < log_len(store)?)
+}
+
+/// Finishes or undoes a master rotation that a crash interrupted: if its
+/// group reached the log, moves every staged key over the key it replaces
+/// (the swap of step 3); otherwise deletes the staged keys. One batch, so
+/// a crash here leaves either state.
+fn recover_rotation(store: &Store, next_seq: u64) -> Result<()> {
+    let Some(m) = store.keys.get(ROTATING)? else {
+        return Ok(());
+    };
+    let committed = <[u8; 8]>::try_from(m.as_ref())
+        .map(u64::from_be_bytes)
+        .is_ok_and(|first| first < next_seq);
+    let mut kb = sled::Batch::default();
+    for kv in store.keys.scan_prefix(STAGED) {
+        let (k, v) = kv?;
+        if committed {
+            kb.insert(&k[STAGED.len()..], v);
+        }
+        kb.remove(k);
+    }
+    kb.remove(ROTATING);
+    store.keys.apply_batch(kb)?;
+    if committed {
+        tracing::warn!("finished a master key rotation that a crash interrupted");
+    } else {
+        tracing::warn!("dropped a master key rotation that did not reach the log");
+    }
+    Ok(())
+}
+
 /// Name of the shredding marker in the `keys` tree: u64 BE first seq of
 /// the group that shreds, then for each subject u16 BE length and the
 /// subject id. Written with the group's keys (step 1), removed with the
@@ -1633,6 +1810,18 @@ enum Usage {
         version: u32,
     },
     Shredded(String),
+    MasterRotated {
+        seq: u64,
+        ts: u64,
+    },
+}
+
+/// A master rotation's new keys, written by the writer in three steps.
+struct MasterSwap {
+    master: Arc<SecretKey>,
+    /// Every key name with its new value: the re-wrapped keys, the
+    /// masking secret, and the sealed master.
+    staged: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A group being built.
@@ -1646,6 +1835,8 @@ struct Group {
     /// Subjects shredded by this group: their keys are deleted after the
     /// log write (step 3).
     shreds: Vec<String>,
+    /// A master rotation's keys (the group holds nothing else).
+    master_swap: Option<MasterSwap>,
     usage: Vec<Usage>,
     /// For each request: its reply and the group indices of its items.
     requests: Vec<(Reply, Result<Vec<usize>>)>,
@@ -1678,9 +1869,44 @@ impl Committer {
             if self.keys.len() > self.key_cache {
                 self.clear_key_cache(&writer);
             }
-            let built = Box::new(self.build(reqs, &writer));
-            if writer.send(ToWriter::Group(built)).is_err() {
-                break;
+            // A master rotation is a commit group of its own, built after
+            // every earlier group is written (so that the key store holds
+            // every key it must re-wrap) and swapped in before any later
+            // group is built (so that later keys are wrapped under the new
+            // master, and unwrapped from the store with it).
+            let mut normal = Vec::new();
+            for r in reqs {
+                let is_rotation = matches!(r.items.as_slice(), [Append::RotateMaster(_)]);
+                if !is_rotation {
+                    normal.push(r);
+                    continue;
+                }
+                if !normal.is_empty() {
+                    let built = Box::new(self.build(std::mem::take(&mut normal), &writer));
+                    if writer.send(ToWriter::Group(built)).is_err() {
+                        return;
+                    }
+                }
+                Self::barrier(&writer);
+                let built = Box::new(self.build(vec![r], &writer));
+                let new_master = built.g.master_swap.as_ref().map(|m| m.master.clone());
+                if writer.send(ToWriter::Group(built)).is_err() {
+                    return;
+                }
+                if let Some(m) = new_master {
+                    Self::barrier(&writer);
+                    // A failed write poisons the vault: nothing is built
+                    // after it, so the old master can stay.
+                    if !self.shared.poisoned.load(Ordering::Acquire) {
+                        self.master = m;
+                    }
+                }
+            }
+            if !normal.is_empty() {
+                let built = Box::new(self.build(normal, &writer));
+                if writer.send(ToWriter::Group(built)).is_err() {
+                    break;
+                }
             }
         }
     }
@@ -1774,6 +2000,7 @@ impl Committer {
             self.pos = mark.4;
             g.shreds.truncate(mark.5);
             g.usage.truncate(mark.6);
+            g.master_swap = None;
             if made_keys {
                 // The cache may hold keys that were rolled back.
                 self.clear_key_cache(writer);
@@ -1816,6 +2043,7 @@ impl Committer {
                 Append::Rotate { subject, reencrypt } => {
                     idx.extend(self.rotate(g, subject, reencrypt, writer)?)
                 }
+                Append::RotateMaster(change) => idx.push(self.rotate_master(g, *change)?),
             }
         }
         Ok(idx)
@@ -1921,6 +2149,104 @@ impl Committer {
             idx.push(self.encrypt_record(g, subject, &p)?);
         }
         Ok(idx)
+    }
+
+    /// Re-wraps every key in the store under the new master: `rewrap`
+    /// entries committing to the new wrapped keys, then the `master`
+    /// entry committing to the new sealed master. The group must be empty
+    /// and every earlier group written (the caller's barrier); the writer
+    /// stages the keys, writes the log, then swaps them in (steps 1 to 3).
+    fn rotate_master(&mut self, g: &mut Group, change: MasterChange) -> Result<usize> {
+        if !g.encoded.is_empty() {
+            return Err(Error::Invalid(
+                "a master rotation is a commit group of its own".into(),
+            ));
+        }
+        let MasterChange {
+            master,
+            sealed,
+            mask,
+        } = change;
+        let mut staged: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut has_mask = false;
+        for kv in self.store.keys.iter() {
+            let (name, wrapped) = kv?;
+            let name = name.as_ref();
+            if name == state::MASTER || name == PENDING || name == SHREDDING {
+                continue;
+            }
+            let aad = key_aad(name).ok_or_else(|| {
+                Error::integrity(
+                    self.pos.next_seq,
+                    Reason::KeyMismatch(format!(
+                        "unexpected key {:?} in the key store",
+                        String::from_utf8_lossy(name)
+                    )),
+                )
+            })?;
+            has_mask |= name == state::MASK;
+            let key = crypto::unwrap_key(&self.master, &aad, &wrapped).ok_or_else(|| {
+                Error::integrity(
+                    self.pos.next_seq,
+                    Reason::KeyMismatch("a key does not unwrap under the master key".into()),
+                )
+            })?;
+            staged.push((name.to_vec(), crypto::wrap(&master, &aad, key.as_bytes())));
+        }
+        let mut mask_key_hash = None;
+        if !has_mask {
+            let wrapped = crypto::wrap(&master, &crypto::mask_key_aad(), &mask);
+            mask_key_hash = Some(hex::encode(blake3::hash(&wrapped).as_bytes()));
+            staged.push((state::MASK.to_vec(), wrapped));
+        }
+        // Rewrap entries of at most ~32 KiB of payload each (the maximum
+        // is 48 KiB; a pair takes at most ~600 bytes).
+        let mut batch: Vec<(String, String)> = Vec::new();
+        let mut bytes = 0usize;
+        let rewrapped = staged
+            .iter()
+            .filter(|(n, _)| mask_key_hash.is_none() || n != state::MASK);
+        let mut count = 0u64;
+        let flush = |this: &mut Self, g: &mut Group, batch: &mut Vec<(String, String)>| {
+            let payload = serde_json::to_vec(&state::Rewrap {
+                key: state::REWRAPPED_KEYS.to_string(),
+                keys: std::mem::take(batch),
+            })
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+            this.push(g, Kind::KeyRotated, "", 0, [0; 12], &payload)
+        };
+        for (name, wrapped) in rewrapped {
+            let pair = (
+                hex::encode(name),
+                hex::encode(blake3::hash(wrapped).as_bytes()),
+            );
+            bytes += pair.0.len() + pair.1.len() + 8;
+            batch.push(pair);
+            count += 1;
+            if bytes >= 32 * 1024 {
+                flush(self, g, &mut batch)?;
+                bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            flush(self, g, &mut batch)?;
+        }
+        let payload = serde_json::to_vec(&state::MasterRotation {
+            key: state::ROTATED_MASTER_KEY.to_string(),
+            sealed_master_hash: hex::encode(blake3::hash(&sealed).as_bytes()),
+            rewrapped: count,
+            mask_key_hash,
+        })
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let seq = self.pos.next_seq;
+        let i = self.push(g, Kind::KeyRotated, "", 0, [0; 12], &payload)?;
+        g.usage.push(Usage::MasterRotated {
+            seq,
+            ts: self.pos.last_ts,
+        });
+        staged.push((state::MASTER.to_vec(), sealed));
+        g.master_swap = Some(MasterSwap { master, staged });
+        Ok(i)
     }
 
     /// The subject's latest record, decrypted; every group before this one
@@ -2205,6 +2531,8 @@ struct Built {
 /// own thread so that building the next group overlaps the sled writes.
 struct Writer {
     store: Arc<Store>,
+    /// The readers' master key, swapped by a master rotation's step 3.
+    master: Arc<RwLock<Arc<SecretKey>>>,
     shared: Arc<Shared>,
     index_batch: u64,
 }
@@ -2305,6 +2633,16 @@ impl Writer {
             }
             s.keys.apply_batch(kb)?;
         }
+        if let Some(m) = &g.master_swap {
+            // Step 1 of a master rotation: stage the new keys beside the
+            // old ones, with the marker naming the group.
+            let mut kb = sled::Batch::default();
+            kb.insert(ROTATING, &first_seq.to_be_bytes());
+            for (n, v) in &m.staged {
+                kb.insert([STAGED, n.as_slice()].concat(), v.as_slice());
+            }
+            s.keys.apply_batch(kb)?;
+        }
         let mut lb = sled::Batch::default();
         let mut chunk_first = first_seq;
         let mut start = 0usize;
@@ -2337,6 +2675,19 @@ impl Writer {
             kb.remove(SHREDDING);
             s.keys.apply_batch(kb)?;
         }
+        if let Some(m) = &g.master_swap {
+            // Step 3: swap the new keys in, in one batch, under the
+            // readers' lock, and the master with them.
+            let mut readers = self.master.write().map_err(|_| Error::Poisoned)?;
+            let mut kb = sled::Batch::default();
+            for (n, v) in &m.staged {
+                kb.insert(n.as_slice(), v.as_slice());
+                kb.remove([STAGED, n.as_slice()].concat());
+            }
+            kb.remove(ROTATING);
+            s.keys.apply_batch(kb)?;
+            *readers = m.master.clone();
+        }
         Ok(())
     }
 
@@ -2358,6 +2709,7 @@ impl Writer {
                     } => u.created(&subject, version, seq, ts),
                     Usage::Encrypted { subject, version } => u.encrypted(&subject, version),
                     Usage::Shredded(subject) => u.shredded(&subject),
+                    Usage::MasterRotated { seq, ts } => u.master_rotated(seq, ts),
                 }
             }
         }

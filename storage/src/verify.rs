@@ -490,8 +490,10 @@ pub(crate) fn verify_store_with(
     // Keys the log committed to and a later shred destroyed.
     let mut destroyed: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
     let mut shredded = Vec::new();
+    let mut rotations = RotationCheck::default();
     let mut genesis: Option<Genesis> = None;
     let scan = scan_chain(&store.log, &key, progress, |e, _| {
+        rotations.entry(e, &keys)?;
         if let Some(g) = check_genesis_position(e)? {
             genesis = Some(g);
         }
@@ -567,6 +569,13 @@ pub(crate) fn verify_store_with(
             return Ok(report);
         }
     };
+    if !rotations.pending.is_empty() {
+        report.failure = Some((
+            tip.entries.saturating_sub(1),
+            Reason::Malformed("key_rotated: re-wrapped keys without a master rotation".into()),
+        ));
+        return Ok(report);
+    }
     report.entries = tip.entries;
     report.head = tip.last_hash;
     report.signed_head = tip.head;
@@ -646,17 +655,65 @@ pub(crate) fn verify_store_with(
             }
         }
     }
+    // A master rotation's staged keys (`"next/"` names, with the
+    // `rotating` marker): ignored when the marker's group never reached
+    // the log (open deletes them), and standing in for the keys they
+    // replace when it did (a crash came before the swap; open finishes it),
+    // the replaced keys then being exactly those the rotation superseded.
+    let mut staged_committed = false;
+    if let Some(m) = store.keys.get(crate::vault::ROTATING)? {
+        match <[u8; 8]>::try_from(m.as_ref()).map(u64::from_be_bytes) {
+            Ok(first) if first < tip.entries => {
+                if rotations.last_master.is_none_or(|s| s < first) {
+                    report.failure = fail(Reason::KeyMismatch(
+                        "rotating marker names no master rotation".into(),
+                    ));
+                    return Ok(report);
+                }
+                staged_committed = true;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                report.failure = fail(Reason::KeyMismatch("malformed rotating marker".into()));
+                return Ok(report);
+            }
+        }
+    }
+    let has_marker = store.keys.contains_key(crate::vault::ROTATING)?;
     let expected = keys.iter().map(|(k, h)| (k.clone(), h.to_vec()));
-    let mut actual: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut actual: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     for kv in store.keys.iter() {
         let (k, v) = kv?;
         if k.as_ref() == crate::vault::PENDING
             || k.as_ref() == crate::vault::SHREDDING
+            || k.as_ref() == crate::vault::ROTATING
             || uncommitted.iter().any(|n| n.as_slice() == k.as_ref())
         {
             continue;
         }
         let h = *blake3::hash(&v).as_bytes();
+        if has_marker {
+            if let Some(name) = k.strip_prefix(crate::vault::STAGED) {
+                if staged_committed {
+                    actual.insert(name.to_vec(), h.to_vec());
+                }
+                continue;
+            }
+            if staged_committed
+                && store
+                    .keys
+                    .contains_key([crate::vault::STAGED, k.as_ref()].concat())?
+            {
+                if rotations.superseded.get(k.as_ref()) != Some(&h) {
+                    report.failure = fail(Reason::KeyMismatch(format!(
+                        "key {:?} is not one the master rotation replaced",
+                        String::from_utf8_lossy(&k)
+                    )));
+                    return Ok(report);
+                }
+                continue;
+            }
+        }
         if let Some(s) = finishing
             .iter()
             .find(|s| k.starts_with(&state::data_key_prefix(s)))
@@ -668,13 +725,86 @@ pub(crate) fn verify_store_with(
                 continue;
             }
         }
-        actual.push((k.to_vec(), h.to_vec()));
+        actual.insert(k.to_vec(), h.to_vec());
     }
     if let Some(m) = compare_iters(actual.into_iter(), expected) {
         report.failure = fail(Reason::KeyMismatch(m));
         return Ok(report);
     }
     Ok(report)
+}
+
+/// The checks of master key rotations, in log order: the `rewrap`
+/// entries of a rotation name only keys the log committed to and still
+/// holds (each once), nothing else comes between them and their `master`
+/// entry, and that entry counts them and finds every key the master wraps
+/// re-wrapped. So after a rotation no key is left under the old master,
+/// and the key store must hold what the latest rotation committed to.
+#[derive(Default)]
+struct RotationCheck {
+    /// Keys re-wrapped by the rotation in progress, with their old hashes.
+    pending: BTreeMap<Vec<u8>, [u8; 32]>,
+    /// The keys the latest completed rotation replaced (the sealed master
+    /// included), with their old hashes.
+    superseded: BTreeMap<Vec<u8>, [u8; 32]>,
+    /// Seq of the latest `master` rotation entry.
+    last_master: Option<u64>,
+}
+
+impl RotationCheck {
+    /// Called before `e`'s commitments are applied to `keys`.
+    fn entry(
+        &mut self,
+        e: &EntryRef<'_>,
+        keys: &BTreeMap<Vec<u8>, [u8; 32]>,
+    ) -> std::result::Result<(), Failure> {
+        let bad = |m: &str| (e.seq, Reason::Malformed(format!("key_rotated: {m}")));
+        let rotation = match e.kind {
+            Kind::KeyRotated => state::Rotation::parse(e).map_err(|_| bad("payload"))?,
+            _ => {
+                if !self.pending.is_empty() {
+                    return Err(bad("re-wrapped keys without a master rotation"));
+                }
+                return Ok(());
+            }
+        };
+        match rotation {
+            state::Rotation::Subject(_) if !self.pending.is_empty() => {
+                Err(bad("re-wrapped keys without a master rotation"))
+            }
+            state::Rotation::Subject(_) => Ok(()),
+            state::Rotation::Rewrap(r) => {
+                for (name, _) in &r.keys {
+                    let name = hex::decode(name).map_err(|_| bad("key name"))?;
+                    let old = match keys.get(&name) {
+                        Some(h) if name != state::MASTER => *h,
+                        _ => return Err(bad("re-wraps a key the log does not hold")),
+                    };
+                    if self.pending.insert(name, old).is_some() {
+                        return Err(bad("re-wraps a key twice"));
+                    }
+                }
+                Ok(())
+            }
+            state::Rotation::Master(m) => {
+                let wrapped = keys.len().saturating_sub(1);
+                let first_mask = m.mask_key_hash.is_some();
+                if self.pending.len() != wrapped
+                    || m.rewrapped != self.pending.len() as u64
+                    || first_mask == keys.contains_key(state::MASK)
+                {
+                    return Err(bad("the master rotation does not re-wrap every key"));
+                }
+                let mut superseded = std::mem::take(&mut self.pending);
+                if let Some(h) = keys.get(state::MASTER) {
+                    superseded.insert(state::MASTER.to_vec(), *h);
+                }
+                self.superseded = superseded;
+                self.last_master = Some(e.seq);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Checks a key entry against the subject's key state before it: a
@@ -690,11 +820,12 @@ fn check_key_entry(
         None => None,
     };
     let version = match e.kind {
-        Kind::KeyRotated => {
-            serde_json::from_slice::<state::KeyRotation>(e.payload)
-                .map_err(|_| bad("payload"))?
-                .version
-        }
+        Kind::KeyRotated => match state::Rotation::parse(e).map_err(|_| bad("payload"))? {
+            state::Rotation::Subject(r) => r.version,
+            // Master rotations are checked against the key store's
+            // commitments by `RotationCheck`.
+            _ => return Ok(()),
+        },
         Kind::SubjectShredded => {
             serde_json::from_slice::<state::ShredCommit>(e.payload)
                 .map_err(|_| bad("payload"))?
@@ -728,11 +859,13 @@ fn key_usage(u: &mut KeyUses, e: &EntryRef<'_>) {
                 u.created(e.subject, c.version, e.seq, e.timestamp_ms);
             }
         }
-        Kind::KeyRotated => {
-            if let Ok(r) = serde_json::from_slice::<state::KeyRotation>(e.payload) {
-                u.created(e.subject, r.version, e.seq, e.timestamp_ms);
+        Kind::KeyRotated => match state::Rotation::parse(e) {
+            Ok(state::Rotation::Subject(r)) => {
+                u.created(e.subject, r.version, e.seq, e.timestamp_ms)
             }
-        }
+            Ok(state::Rotation::Master(_)) => u.master_rotated(e.seq, e.timestamp_ms),
+            _ => {}
+        },
         Kind::SubjectShredded => u.shredded(e.subject),
         _ => {}
     }

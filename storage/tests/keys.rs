@@ -766,3 +766,329 @@ fn acknowledged_shreds_survive_sigkill() {
         }
     }
 }
+
+// ---- Master key rotation ----
+
+fn new_unlock() -> Unlock {
+    Unlock::passphrase(b"the new master passphrase".to_vec())
+}
+
+fn open_with(dir: &Path, unlock: &Unlock) -> storage::Result<Vault> {
+    wait_unlocked(dir);
+    Vault::open(dir, unlock, Options::default())
+}
+
+fn latest(vault: &Vault, subject: &str) -> Vec<u8> {
+    vault
+        .latest_record(subject)
+        .expect("read")
+        .expect("a record")
+        .plaintext
+        .to_vec()
+}
+
+/// Every key of the store, sorted: (name, value).
+fn key_tree(dir: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    raw(dir)
+        .keys
+        .iter()
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).expect("read"))
+        .collect()
+}
+
+/// A vault with alice (two key versions), bob, and carol shredded.
+async fn three_subjects(dir: &Path) -> ed25519_dalek::VerifyingKey {
+    let key = two_subjects(dir).await;
+    let vault = reopen(dir);
+    vault
+        .append(Append::record("carol", b"{\"n\":3}".to_vec()))
+        .await
+        .expect("append");
+    vault.shred("carol").await.expect("shred");
+    vault.close().expect("close");
+    key
+}
+
+#[tokio::test]
+async fn master_rotation_rewraps_every_key_and_only_the_new_secret_opens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let key = three_subjects(&dir).await;
+    let vault = reopen(&dir);
+    let mask = vault.mask_secret();
+    let receipt = vault
+        .rotate_master_key(&new_unlock())
+        .await
+        .expect("rotate");
+    let e = vault.entry(receipt.seq).expect("read").expect("entry");
+    assert_eq!(e.kind, Kind::KeyRotated);
+    let payload: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+    assert_eq!(payload["key"], "master");
+    assert_eq!(
+        payload["rewrapped"], 4,
+        "signing key 0, alice 1 and 2, bob 1"
+    );
+    assert!(payload["mask_key_hash"].is_string());
+    // The running vault reads with the new master, and wraps new keys with it.
+    assert_eq!(latest(&vault, "alice"), b"{\"n\":1}");
+    assert_eq!(latest(&vault, "bob"), b"{\"n\":2}");
+    vault
+        .append(Append::record("dave", b"{\"n\":4}".to_vec()))
+        .await
+        .expect("append after the rotation");
+    assert_eq!(*vault.mask_secret(), *mask, "masking survives the rotation");
+    let status = vault.key_status(None, 100).expect("status");
+    assert_eq!(status.master_created_ms, e.timestamp_ms);
+    vault.close().expect("close");
+    let r = verify_ok(&dir, key);
+    assert_eq!(r.shredded, vec!["carol".to_string()]);
+    let tree = key_tree(&dir);
+    assert!(
+        tree.iter()
+            .all(|(k, _)| !k.starts_with(b"next/") && k.as_slice() != b"rotating"),
+        "no staged key or marker is left"
+    );
+
+    // The old secret is refused with the typed error; the new one opens.
+    assert!(matches!(
+        open_with(&dir, &unlock()),
+        Err(Error::WrongSecret)
+    ));
+    let vault = open_with(&dir, &new_unlock()).expect("open with the new secret");
+    for (s, v) in [("alice", "1"), ("bob", "2"), ("dave", "4")] {
+        assert_eq!(latest(&vault, s), format!("{{\"n\":{v}}}").as_bytes());
+    }
+    assert!(matches!(
+        vault.latest_record("carol"),
+        Err(Error::SubjectShredded(_))
+    ));
+    assert_eq!(*vault.mask_secret(), *mask);
+    // The old alice record, under key version 1, still opens.
+    let first_alice = (0..vault.durable_len())
+        .find_map(|s| {
+            let e = vault.entry(s).ok()??;
+            (e.kind == Kind::Record && e.subject == "alice" && e.key_version == 1).then_some(s)
+        })
+        .expect("alice's first record");
+    assert!(vault.record_at(first_alice).expect("read").is_some());
+
+    // A second rotation, to a key file: the mask key is re-wrapped too.
+    let kf = Unlock::key_file(&[9u8; 32]).expect("key file");
+    let receipt = vault.rotate_master_key(&kf).await.expect("rotate again");
+    let e = vault.entry(receipt.seq).expect("read").expect("entry");
+    let payload: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+    assert_eq!(
+        payload["rewrapped"], 6,
+        "signing, alice 1-2, bob, dave, mask"
+    );
+    assert!(payload.get("mask_key_hash").is_none());
+    vault
+        .append(Append::record("bob", b"{\"n\":5}".to_vec()))
+        .await
+        .expect("append");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+    assert!(matches!(
+        open_with(&dir, &new_unlock()),
+        Err(Error::Invalid(_) | Error::WrongSecret)
+    ));
+    let vault = open_with(&dir, &Unlock::key_file(&[9u8; 32]).expect("kf")).expect("open");
+    assert_eq!(latest(&vault, "bob"), b"{\"n\":5}");
+    assert_eq!(latest(&vault, "dave"), b"{\"n\":4}");
+    assert_eq!(*vault.mask_secret(), *mask);
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_rotation_under_concurrent_appends() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let key = created.vault.public_key();
+    let vault = std::sync::Arc::new(created.vault);
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let v = vault.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                // New subjects keep creating keys that the master must wrap.
+                let subject = format!("s{t}-{}", i % 10);
+                v.append(Append::record(
+                    subject,
+                    format!("{{\"i\":{i}}}").into_bytes(),
+                ))
+                .await
+                .expect("append during rotation");
+            }
+        }));
+    }
+    for _ in 0..2 {
+        vault
+            .rotate_master_key(&new_unlock())
+            .await
+            .expect("rotate");
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let vault = std::sync::Arc::into_inner(vault).expect("last handle");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+    let vault = open_with(&dir, &new_unlock()).expect("open with the new secret");
+    for t in 0..4 {
+        for i in 30..40 {
+            assert_eq!(
+                latest(&vault, &format!("s{t}-{}", i % 10)),
+                format!("{{\"i\":{i}}}").as_bytes()
+            );
+        }
+    }
+    vault.close().expect("close");
+}
+
+/// The keys of `rotated` (the vault after a completed master rotation)
+/// staged over those of `before` (the same vault just before it), as a
+/// crash between the rotation's steps leaves them: every value of
+/// `rotated` under `"next/" name`, every value of `before` under its name,
+/// and the marker naming the rotation's group.
+fn stage(dir: &Path, before: &[(Vec<u8>, Vec<u8>)], rotated: &[(Vec<u8>, Vec<u8>)], first: u64) {
+    let r = raw(dir);
+    r.keys.clear().expect("clear");
+    for (k, v) in before {
+        r.keys.insert(k.as_slice(), v.as_slice()).expect("write");
+    }
+    for (k, v) in rotated {
+        r.keys
+            .insert([b"next/".as_slice(), k].concat(), v.as_slice())
+            .expect("write");
+    }
+    r.keys
+        .insert("rotating", &first.to_be_bytes())
+        .expect("write");
+    r.flush().expect("flush");
+}
+
+#[tokio::test]
+async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let key = three_subjects(&dir).await;
+    let before_dir = tmp.path().join("before");
+    wait_unlocked(&dir);
+    copy_tree(&dir, &before_dir);
+    let before = key_tree(&dir);
+    let vault = reopen(&dir);
+    let first = vault.durable_len();
+    vault
+        .rotate_master_key(&new_unlock())
+        .await
+        .expect("rotate");
+    vault.close().expect("close");
+    let rotated: Vec<(Vec<u8>, Vec<u8>)> = key_tree(&dir)
+        .into_iter()
+        .filter(|(k, _)| k.as_slice() != b"pending")
+        .collect();
+
+    let check_reads = |vault: &Vault| {
+        assert_eq!(latest(vault, "alice"), b"{\"n\":1}");
+        assert_eq!(latest(vault, "bob"), b"{\"n\":2}");
+        assert!(matches!(
+            vault.latest_record("carol"),
+            Err(Error::SubjectShredded(_))
+        ));
+    };
+
+    // Crash after step 1 (staged keys written, the log not): the rotation
+    // did not happen. Only the old secret opens; open drops the staging.
+    let step1 = tmp.path().join("step1");
+    copy_tree(&before_dir, &step1);
+    stage(&step1, &before, &rotated, first);
+    verify_ok(&step1, key);
+    assert!(matches!(
+        open_with(&step1, &new_unlock()),
+        Err(Error::WrongSecret)
+    ));
+    let vault = open_with(&step1, &unlock()).expect("old secret opens");
+    check_reads(&vault);
+    vault.close().expect("close");
+    assert_eq!(
+        key_tree(&step1),
+        before,
+        "staging dropped, nothing else changed"
+    );
+    verify_ok(&step1, key);
+
+    // Crash after step 2 (the log holds the rotation, the swap did not
+    // happen): the rotation is committed. Only the new secret opens; open
+    // finishes the swap.
+    let step2 = tmp.path().join("step2");
+    copy_tree(&dir, &step2);
+    stage(&step2, &before, &rotated, first);
+    verify_ok(&step2, key);
+    assert!(matches!(
+        open_with(&step2, &unlock()),
+        Err(Error::WrongSecret)
+    ));
+    let vault = open_with(&step2, &new_unlock()).expect("new secret opens");
+    check_reads(&vault);
+    vault
+        .append(Append::record("erin", b"{\"n\":6}".to_vec()))
+        .await
+        .expect("append");
+    vault.close().expect("close");
+    let after: Vec<(Vec<u8>, Vec<u8>)> = key_tree(&step2);
+    assert!(after
+        .iter()
+        .all(|(k, _)| !k.starts_with(b"next/") && k.as_slice() != b"rotating"));
+    for (k, v) in &rotated {
+        assert!(after.contains(&(k.clone(), v.clone())), "swapped in: {k:?}");
+    }
+    verify_ok(&step2, key);
+
+    // After step 3 (the completed rotation): the new secret only.
+    assert!(matches!(
+        open_with(&dir, &unlock()),
+        Err(Error::WrongSecret)
+    ));
+    let vault = open_with(&dir, &new_unlock()).expect("open");
+    check_reads(&vault);
+    vault.close().expect("close");
+
+    // In the committed state, an old key that is not the one the rotation
+    // replaced is tampering.
+    let forged = tmp.path().join("forged");
+    copy_tree(&dir, &forged);
+    let mut tampered = before.clone();
+    for (k, v) in tampered.iter_mut() {
+        if k.starts_with(b"signing/") {
+            v[20] ^= 1;
+        }
+    }
+    stage(&forged, &tampered, &rotated, first);
+    let r = report(&forged, key);
+    assert!(
+        matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+        "{:?}",
+        r.failure
+    );
+    // A key left wrapped under the old master after a completed rotation is
+    // a mismatch too (the log committed to the re-wrapped one).
+    let stale = tmp.path().join("stale");
+    copy_tree(&dir, &stale);
+    {
+        let r = raw(&stale);
+        let (k, v) = before
+            .iter()
+            .find(|(k, _)| k.starts_with(b"dk/bob"))
+            .expect("bob's key");
+        r.keys.insert(k.as_slice(), v.as_slice()).expect("write");
+        r.flush().expect("flush");
+    }
+    let r = report(&stale, key);
+    assert!(
+        matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+        "{:?}",
+        r.failure
+    );
+}

@@ -1,5 +1,5 @@
 //! `vaultd`: the fintrust-vault server. Subcommands: `init`, `serve`,
-//! `shim`, `dev`.
+//! `shim`, `dev`, and `rotate-master-key` (offline).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -51,6 +51,22 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Output format (`--format json` is the same as `--json`).
+        #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+        format: String,
+    },
+    /// Rotate the master key of a stopped vault: re-wrap every key under a
+    /// new master key sealed by the new passphrase or key file (records are
+    /// not re-encrypted). Afterwards only the new secret opens the vault.
+    RotateMasterKey {
+        /// The data dir and the current secret.
+        #[command(flatten)]
+        vault: VaultArgs,
+        /// File holding the new passphrase.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+        /// File holding the new 32-byte key (raw or hex) instead.
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
@@ -214,6 +230,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "Admin API key (shown once, stored only as a hash): {}",
                     out.admin_api_key
+                );
+            }
+        }
+        Command::RotateMasterKey {
+            vault,
+            new_passphrase_file,
+            new_key_file,
+            format,
+        } => {
+            let old = vault.unlock()?;
+            let new = server::secrets::unlock_from(
+                new_passphrase_file.as_deref(),
+                new_key_file.as_deref(),
+            )
+            .context("the new secret (--new-passphrase-file or --new-key-file)")?;
+            let out = server::init::rotate_master_key(
+                vault.data_dir,
+                &old,
+                &new,
+                storage::Options::default(),
+            )?;
+            if format == "json" {
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!(
+                    "Rotated the master key of {} (key_rotated entry at seq {}); only the new secret opens it now",
+                    out.data_dir.display(),
+                    out.seq
                 );
             }
         }
