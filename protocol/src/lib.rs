@@ -20,6 +20,9 @@
 //! - [`mask`]: the masking operators a `Mint` request names.
 //! - [`receipt`]: signed heads, Merkle trees and receipts, which clients
 //!   verify with the vault's public key.
+//! - [`fuzzing`]: the decoders above on arbitrary bytes, with the
+//!   properties that must hold; shared by the fuzz targets in `fuzz/` and
+//!   the proptests.
 //!
 //! The format, byte by byte, with a golden vector per message and the
 //! rules of a connection, is in `docs/protocol.md`.
@@ -42,6 +45,7 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod fuzzing;
 pub mod mask;
 pub mod message;
 pub mod receipt;

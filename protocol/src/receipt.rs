@@ -266,7 +266,12 @@ impl Receipt {
         if self.seq < h.group_first_seq || self.seq > h.last_seq {
             return Err(ReceiptError::NotCovered);
         }
-        let size = h.last_seq - h.group_first_seq + 1;
+        // `first <= seq <= last` here, so the subtraction holds; the + 1
+        // overflows for a head over every seq (0..=u64::MAX), which no real
+        // group is, and which must be a refusal rather than a panic.
+        let size = (h.last_seq - h.group_first_seq)
+            .checked_add(1)
+            .ok_or(ReceiptError::BadPath)?;
         let root = root_from_path(
             &self.entry_hash,
             self.seq - h.group_first_seq,
@@ -422,6 +427,24 @@ mod tests {
         assert_eq!(outside.verify(&vk), Err(ReceiptError::NotCovered));
         let other = SigningKey::from_bytes(&[1u8; 32]).verifying_key();
         assert_eq!(r.verify(&other), Err(ReceiptError::BadSignature));
+    }
+
+    /// A correctly signed head over every seq (0..=u64::MAX): the group size
+    /// overflowed u64 and verification panicked with overflow checks on.
+    #[test]
+    fn head_over_every_seq_is_refused_without_overflow() {
+        let key = SigningKey::from_bytes(&[3u8; 32]);
+        let leaf = [0x11; 32];
+        let head = SignedHead::sign(&key, 0, 0, u64::MAX, leaf, merkle_root(&[leaf]), 0);
+        for seq in [0, 5, u64::MAX] {
+            let r = Receipt {
+                seq,
+                entry_hash: leaf,
+                path: Vec::new(),
+                head,
+            };
+            assert_eq!(r.verify(&key.verifying_key()), Err(ReceiptError::BadPath));
+        }
     }
 
     proptest::proptest! {

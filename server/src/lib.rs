@@ -9,6 +9,8 @@
 //! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
 //! - [`daemon`]: one `vaultd` process: protocol server and shim together.
 //! - [`mask`]: the masking operators a partner's redemption applies.
+//! - [`fuzzing`]: policy parsing and masking on arbitrary input, shared by
+//!   the fuzz targets in `fuzz/` and the proptests.
 //! - [`serve`]: the protocol server of port 9999 (`vaultd serve`).
 //! - [`tls`]: rustls configuration of that port, mutual TLS optional.
 //! - [`shim`]: the HTTP policy shim of port 8080 (authorize, policies,
@@ -23,6 +25,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod dev;
+pub mod fuzzing;
 pub mod init;
 pub mod mask;
 pub mod metrics;

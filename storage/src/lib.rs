@@ -14,6 +14,8 @@
 //! - [`vault`]: create/open, the group committer, reads; crypto-shredding
 //!   and subject key rotation (docs/keys.md).
 //! - [`verify`]: checks a data dir with nothing but a public key.
+//! - [`fuzzing`]: the entry and chunk decoders on arbitrary bytes, shared
+//!   by the fuzz targets in `fuzz/` and the proptests.
 //!
 //! Invariants: entries are never rewritten; seqs are contiguous from 0;
 //! `entry[n].prev_hash == hash(entry[n-1])`; every entry is covered by
@@ -35,6 +37,7 @@ pub mod chunk;
 pub mod crypto;
 pub mod entry;
 pub mod error;
+pub mod fuzzing;
 pub mod state;
 pub mod store;
 pub mod vault;
