@@ -1,19 +1,24 @@
-//! The connection flags of the command-line tools that talk to a vault
-//! (`vault-client`, `vault-verify --remote`), in one clap [`ConnectArgs`]
-//! that each binary flattens into its own arguments, so that the flags,
-//! their `FINTRUST_*` environment variables and the refusal of implicit
-//! plaintext are the same everywhere.
+//! What the command-line tools that talk to a vault (`vault-client`,
+//! `vault-admin`, `vault-verify --remote`) share: the connection flags in
+//! one clap [`ConnectArgs`] that each binary flattens into its own
+//! arguments, so that the flags, their `FINTRUST_*` environment variables
+//! and the refusal of implicit plaintext are the same everywhere; and
+//! [`main`] and [`connect`], so that every tool maps errors to the same
+//! exit codes (0 success, 1 local error, 2 refused by the server).
 //!
 //! This is the edge of a binary: it reads the API key file it is given.
 //! Libraries take a [`ClientConfig`] and never read flags or files.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use zeroize::Zeroizing;
 
 use crate::config::{ClientConfig, Tls};
+use crate::connection::Client;
 use crate::error::{ClientError, Result};
 
 /// Exit code of a local failure (arguments, files, connection, TLS).
@@ -135,6 +140,62 @@ impl ConnectArgs {
                     .into(),
             )),
         }
+    }
+}
+
+/// The `main` of a tool: parses `C` (help and version exit 0, bad flags
+/// exit 1), runs `run` on a current-thread runtime, and maps its error to
+/// the exit code: [`EXIT_REFUSED`] for a refusal by the server (printed as
+/// `error: <code>: <message>`), [`EXIT_LOCAL`] for everything else.
+pub fn main<C, F>(run: impl FnOnce(C) -> F) -> ExitCode
+where
+    C: clap::Parser,
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let cli = match C::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_LOCAL)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_LOCAL);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<ClientError>() {
+            Some(ClientError::Server { code, message }) => {
+                eprintln!("error: {code}: {message}");
+                ExitCode::from(EXIT_REFUSED)
+            }
+            _ => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_LOCAL)
+            }
+        },
+    }
+}
+
+/// Connects with `config`. A refusal by the server keeps its type (so
+/// [`main`] exits [`EXIT_REFUSED`]); other failures name the address.
+pub async fn connect(config: ClientConfig) -> anyhow::Result<Client> {
+    let addr = config.addr.clone();
+    match Client::connect(config).await {
+        Ok(c) => Ok(c),
+        Err(e @ ClientError::Server { .. }) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}"))),
     }
 }
 

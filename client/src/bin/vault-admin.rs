@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use client::cli::{ConnectArgs, Format, EXIT_LOCAL, EXIT_REFUSED};
+use client::cli::{ConnectArgs, Format};
 use client::{verify_receipt, Client, ClientError, ErrorCode, KeyLife, Receipt};
 use serde_json::{json, Value};
 
@@ -96,40 +96,7 @@ enum Credentials {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_LOCAL)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_LOCAL);
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => match e.downcast_ref::<ClientError>() {
-            Some(ClientError::Server { code, message }) => {
-                eprintln!("error: {code}: {message}");
-                ExitCode::from(EXIT_REFUSED)
-            }
-            _ => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(EXIT_LOCAL)
-            }
-        },
-    }
+    client::cli::main(run)
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
@@ -137,13 +104,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         &cli.addr,
         format!("vault-admin/{}", env!("CARGO_PKG_VERSION")),
     )?;
-    let addr = config.addr.clone();
-    match Client::connect(config).await {
-        Ok(c) => Ok(c),
-        // The server's own refusal keeps its type for the exit code.
-        Err(e @ ClientError::Server { .. }) => Err(e.into()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}"))),
-    }
+    client::cli::connect(config).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

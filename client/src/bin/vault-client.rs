@@ -17,11 +17,6 @@ use client::cli::ConnectArgs;
 use client::{verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt};
 use serde_json::{json, Value};
 
-/// Exit code of a local failure.
-const EXIT_LOCAL: u8 = 1;
-/// Exit code of a request the server refused with an `Error` frame.
-const EXIT_REFUSED: u8 = 2;
-
 #[derive(Parser)]
 #[command(
     name = "vault-client",
@@ -81,40 +76,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_LOCAL)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_LOCAL);
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => match e.downcast_ref::<ClientError>() {
-            Some(ClientError::Server { code, message }) => {
-                eprintln!("error: {code}: {message}");
-                ExitCode::from(EXIT_REFUSED)
-            }
-            _ => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(EXIT_LOCAL)
-            }
-        },
-    }
+    client::cli::main(run)
 }
 
 /// The library's config from the shared connection flags.
@@ -124,14 +86,7 @@ fn config(cli: &Cli) -> anyhow::Result<ClientConfig> {
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    let config = config(cli)?;
-    let addr = config.addr.clone();
-    match Client::connect(config).await {
-        Ok(c) => Ok(c),
-        // The server's own refusal keeps its type for the exit code.
-        Err(e @ ClientError::Server { .. }) => Err(e.into()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}"))),
-    }
+    client::cli::connect(config(cli)?).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
