@@ -830,6 +830,18 @@ impl Stats {
         }
     }
 
+    /// Counts one acknowledged append request of `records` records that
+    /// took `latency`, whose group ends at `group_end` (a request is never
+    /// split between groups: its receipts share a head).
+    fn record(&mut self, latency: Duration, records: usize, group_end: Option<u64>) {
+        self.hist.saturating_record(micros(latency));
+        self.appends += 1;
+        self.records += records as u64;
+        if let Some(end) = group_end {
+            self.group_ends.push(end);
+        }
+    }
+
     fn merge(&mut self, other: Stats) {
         // Both histograms have the same bounds, so adding cannot fail;
         // counting the other's values one by one would only hide a bug.
@@ -910,13 +922,11 @@ async fn client(
         };
         let (latency, receipts) = joined.map_err(join_error)?;
         let receipts = receipts?;
-        stats.hist.saturating_record(micros(latency));
-        stats.appends += 1;
-        stats.records += receipts.len() as u64;
-        // A request is never split between groups: its receipts share a head.
-        if let Some(r) = receipts.last() {
-            stats.group_ends.push(r.head.last_seq);
-        }
+        stats.record(
+            latency,
+            receipts.len(),
+            receipts.last().map(|r| r.head.last_seq),
+        );
         work.bar.inc(receipts.len() as u64);
     }
     Ok(stats)

@@ -17,9 +17,8 @@ use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::{
-    claim, create_vault, join_error, micros, run_append as run_embedded, scratch, subject_id,
-    AppendParams, AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress, Rng, Stats,
-    Target,
+    claim, create_vault, join_error, run_append as run_embedded, scratch, subject_id, AppendParams,
+    AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress, Rng, Stats, Target,
 };
 use crate::{Error, Result};
 
@@ -254,12 +253,11 @@ async fn client_task(
         };
         let (latency, receipts) = joined.map_err(join_error)?;
         let receipts = receipts?;
-        stats.hist.saturating_record(micros(latency));
-        stats.appends += 1;
-        stats.records += receipts.len() as u64;
-        if let Some(r) = receipts.last() {
-            stats.group_ends.push(r.head.last_seq);
-        }
+        stats.record(
+            latency,
+            receipts.len(),
+            receipts.last().map(|r| r.head.last_seq),
+        );
         work.bar.inc(receipts.len() as u64);
     }
     Ok(stats)
