@@ -65,7 +65,7 @@ fn admin(addr: &str, key: &str, args: &[&str]) -> Run {
         "--format",
         "json",
     ]);
-    run_bin("fintrust-client", "vault-admin", all, &[])
+    run_bin("fintrust-server", "vault-admin", all, &[])
 }
 
 fn refused(r: &Run, code: &str) {
@@ -107,7 +107,7 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
 
     // Rotate with re-encryption; the env vars work as well as the flags.
     let r = run_bin(
-        "fintrust-client",
+        "fintrust-server",
         "vault-admin",
         [
             "rotate-subject-key",
@@ -198,14 +198,14 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
 
     // Local errors exit 1: no TLS choice, no key, nothing listening.
     let no_tls = run_bin(
-        "fintrust-client",
+        "fintrust-server",
         "vault-admin",
         ["status", "--addr", &addr, "--api-key", &key],
         &[],
     );
     assert_eq!(no_tls.code, 1, "{no_tls:?}");
     let no_key = run_bin(
-        "fintrust-client",
+        "fintrust-server",
         "vault-admin",
         ["status", "--addr", &addr, "--insecure-plaintext"],
         &[],
@@ -218,7 +218,7 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
         admin(&a, &key, &["status"])
     };
     assert_eq!(closed.code, 1, "{closed:?}");
-    let usage = run_bin("fintrust-client", "vault-admin", ["shred"], &[]);
+    let usage = run_bin("fintrust-server", "vault-admin", ["shred"], &[]);
     assert_eq!(usage.code, 1, "{usage:?}");
 
     // After a clean stop the log verifies and names the shredded subject.

@@ -23,8 +23,8 @@
 //!   a caller makes (retry, reconnect, fix the request, stop trusting).
 //!
 //! The `vault-client` binary (`src/bin/vault-client.rs`) for partners and
-//! services, and `vault-admin` (`src/bin/vault-admin.rs`) for operators
-//! (shred, key rotation and status, credentials), are these calls plus
+//! services, and `vault-admin` (in the server crate, which it needs for
+//! its offline `--data-dir` mode) for operators, are these calls plus
 //! argument parsing and printing; [`cli`] holds the connection flags they
 //! share with `vault-verify --remote`.
 //!
