@@ -26,6 +26,21 @@
 //!
 //! The Merkle tree is RFC 6962's over the entry hashes as leaves:
 //! `leaf = BLAKE3(0x00 || entry_hash)`, `node = BLAKE3(0x01 || left || right)`.
+//!
+//! Signing keys rotate: key 0 is the one genesis names (the key clients
+//! pin); key n+1 is introduced by a `key_rotated` entry carrying a
+//! [`KeyEndorsement`], which key n signs. A head carries the id of the key
+//! that signed it, and a [`KeyChain`] (the pinned key plus the
+//! endorsements, checked in order) turns ids into keys.
+//!
+//! ```text
+//! key endorsement (ENDORSEMENT_LEN = 108 bytes)
+//! 0     4  key id         n + 1
+//! 4    32  public key     ed25519 verifying key n + 1
+//! 36    8  seq            seq of the key_rotated entry that carries it
+//! 44   64  ed25519 signature by key n over
+//!          "fintrust-vault/key-endorsement/v1\0" || bytes 0..44
+//! ```
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
@@ -236,6 +251,179 @@ pub fn root_from_path(entry_hash: &Hash, index: u64, size: u64, path: &[Hash]) -
     (sn == 0).then_some(r)
 }
 
+/// Length of an encoded key endorsement.
+pub const ENDORSEMENT_LEN: usize = 108;
+/// Domain tag of key endorsements.
+pub const ENDORSEMENT_DOMAIN: &[u8] = b"fintrust-vault/key-endorsement/v1\0";
+
+/// Signing key `key_id - 1` vouching for key `key_id`, from the log entry
+/// at `seq` on: every head after the commit group holding that entry is
+/// signed by the new key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyEndorsement {
+    pub key_id: u32,
+    pub public_key: [u8; 32],
+    pub seq: u64,
+    pub signature: [u8; 64],
+}
+
+impl KeyEndorsement {
+    fn signed_bytes(&self) -> [u8; 44] {
+        let mut b = [0u8; 44];
+        b[..4].copy_from_slice(&self.key_id.to_be_bytes());
+        b[4..36].copy_from_slice(&self.public_key);
+        b[36..44].copy_from_slice(&self.seq.to_be_bytes());
+        b
+    }
+
+    fn message(&self) -> Vec<u8> {
+        [ENDORSEMENT_DOMAIN, &self.signed_bytes()].concat()
+    }
+
+    /// `old` (key `key_id - 1`) endorses `new` as key `key_id`.
+    pub fn sign(old: &SigningKey, key_id: u32, new: &VerifyingKey, seq: u64) -> Self {
+        let mut e = KeyEndorsement {
+            key_id,
+            public_key: new.to_bytes(),
+            seq,
+            signature: [0; 64],
+        };
+        e.signature = old.sign(&e.message()).to_bytes();
+        e
+    }
+
+    /// Checks the signature of the previous key with `verify_strict`.
+    pub fn verify(&self, previous: &VerifyingKey) -> bool {
+        previous
+            .verify_strict(&self.message(), &Signature::from_bytes(&self.signature))
+            .is_ok()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(ENDORSEMENT_LEN);
+        v.extend_from_slice(&self.signed_bytes());
+        v.extend_from_slice(&self.signature);
+        v
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(buf);
+        let e = KeyEndorsement {
+            key_id: r.u32()?,
+            public_key: r.array()?,
+            seq: r.u64()?,
+            signature: r.array()?,
+        };
+        if r.remaining() != 0 {
+            return Err(Error::Malformed("trailing bytes after key endorsement"));
+        }
+        Ok(e)
+    }
+}
+
+/// The signing keys of a vault by id, from the pinned key 0 through each
+/// endorsement in turn.
+///
+/// Invariant: `keys[n]` is key id `n`; each key after the first was
+/// endorsed by the one before it, with strictly increasing seqs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChain {
+    keys: Vec<VerifyingKey>,
+    endorsements: Vec<KeyEndorsement>,
+}
+
+/// Why a chain of endorsements does not lead from the pinned key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("endorsement {index} names key id {found}, not {expected}")]
+    OutOfOrder {
+        index: usize,
+        found: u32,
+        expected: u32,
+    },
+    #[error("endorsement of key {key_id} is not signed by the key before it")]
+    BadSignature { key_id: u32 },
+    #[error("endorsement of key {key_id} holds no valid public key")]
+    BadKey { key_id: u32 },
+    #[error("endorsement of key {key_id} does not follow the previous one in the log")]
+    SeqOrder { key_id: u32 },
+}
+
+impl KeyChain {
+    /// A chain holding only the pinned key 0.
+    pub fn new(pinned: VerifyingKey) -> Self {
+        KeyChain {
+            keys: vec![pinned],
+            endorsements: Vec::new(),
+        }
+    }
+
+    /// The pinned key, then every endorsement checked in order.
+    pub fn from_endorsements(
+        pinned: VerifyingKey,
+        endorsements: &[KeyEndorsement],
+    ) -> std::result::Result<Self, ChainError> {
+        let mut chain = KeyChain::new(pinned);
+        for (index, e) in endorsements.iter().enumerate() {
+            chain.push(index, e)?;
+        }
+        Ok(chain)
+    }
+
+    /// Adds the next endorsement, checked against the current key.
+    pub fn push(
+        &mut self,
+        index: usize,
+        e: &KeyEndorsement,
+    ) -> std::result::Result<(), ChainError> {
+        let expected = self.current_id().saturating_add(1);
+        if e.key_id != expected {
+            return Err(ChainError::OutOfOrder {
+                index,
+                found: e.key_id,
+                expected,
+            });
+        }
+        if self.endorsements.last().is_some_and(|p| p.seq >= e.seq) {
+            return Err(ChainError::SeqOrder { key_id: e.key_id });
+        }
+        if !e.verify(self.current()) {
+            return Err(ChainError::BadSignature { key_id: e.key_id });
+        }
+        let key = VerifyingKey::from_bytes(&e.public_key)
+            .map_err(|_| ChainError::BadKey { key_id: e.key_id })?;
+        self.keys.push(key);
+        self.endorsements.push(*e);
+        Ok(())
+    }
+
+    /// The key of `key_id`, if the chain reaches it.
+    pub fn key(&self, key_id: u32) -> Option<&VerifyingKey> {
+        self.keys.get(usize::try_from(key_id).ok()?)
+    }
+
+    /// The newest key.
+    pub fn current(&self) -> &VerifyingKey {
+        // `keys` always holds the pinned key.
+        &self.keys[self.keys.len() - 1]
+    }
+
+    /// The newest key's id.
+    pub fn current_id(&self) -> u32 {
+        u32::try_from(self.keys.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    /// The endorsements, in order.
+    pub fn endorsements(&self) -> &[KeyEndorsement] {
+        &self.endorsements
+    }
+
+    /// Checks `head` with the key its id names.
+    pub fn verify_head(&self, head: &SignedHead) -> bool {
+        self.key(head.key_id).is_some_and(|k| head.verify(k))
+    }
+}
+
 /// Proof that an acknowledged entry is in the signed log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
@@ -254,14 +442,29 @@ pub enum ReceiptError {
     NotCovered,
     #[error("the Merkle path does not lead to the signed root")]
     BadPath,
+    #[error("the head is signed by key {0}, which the key chain does not reach")]
+    UnknownKey(u32),
 }
 
 impl Receipt {
-    /// Checks the receipt against the vault's public key.
+    /// Checks the receipt against the vault's public key (a head signed by
+    /// a rotated key needs [`Receipt::verify_chain`]).
     pub fn verify(&self, key: &VerifyingKey) -> Result<(), ReceiptError> {
         if !self.head.verify(key) {
             return Err(ReceiptError::BadSignature);
         }
+        self.verify_path()
+    }
+
+    /// Checks the receipt with the key of the chain its head names.
+    pub fn verify_chain(&self, chain: &KeyChain) -> Result<(), ReceiptError> {
+        let key = chain
+            .key(self.head.key_id)
+            .ok_or(ReceiptError::UnknownKey(self.head.key_id))?;
+        self.verify(key)
+    }
+
+    fn verify_path(&self) -> Result<(), ReceiptError> {
         let h = &self.head;
         if self.seq < h.group_first_seq || self.seq > h.last_seq {
             return Err(ReceiptError::NotCovered);

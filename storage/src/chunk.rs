@@ -51,8 +51,8 @@
 //! ```
 
 pub use protocol::receipt::{
-    merkle_root, root_from_path, MerkleTree, Receipt, ReceiptError, SignedHead, HEAD_DOMAIN,
-    HEAD_LEN,
+    merkle_root, root_from_path, ChainError, KeyChain, KeyEndorsement, MerkleTree, Receipt,
+    ReceiptError, SignedHead, HEAD_DOMAIN, HEAD_LEN,
 };
 
 use crate::entry::Reader;

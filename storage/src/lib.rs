@@ -43,7 +43,7 @@ pub mod store;
 pub mod vault;
 pub mod verify;
 
-pub use chunk::{Receipt, ReceiptError, SignedHead};
+pub use chunk::{KeyChain, KeyEndorsement, Receipt, ReceiptError, SignedHead};
 pub use crypto::{KdfParams, Unlock};
 pub use entry::{Hash, Kind};
 pub use error::{Error, Reason, Result, TokenRefusal};

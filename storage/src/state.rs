@@ -29,6 +29,7 @@
 //! The expected content of the `keys` tree is derived the same way
 //! ([`key_commitments`]): each key name with the BLAKE3 hash of its bytes.
 
+use protocol::receipt::KeyEndorsement;
 use serde::Deserialize;
 
 use crate::entry::{EntryRef, Kind};
@@ -162,6 +163,8 @@ pub const ROTATED_SUBJECT_KEY: &str = "subject";
 pub const ROTATED_MASTER_KEY: &str = "master";
 /// `"key"` of a batch of keys re-wrapped by a master key rotation.
 pub const REWRAPPED_KEYS: &str = "rewrap";
+/// `"key"` of a signing key rotation.
+pub const ROTATED_SIGNING_KEY: &str = "signing";
 
 /// Payload of a `key_rotated` entry for a subject data key: the new
 /// version, committed to like `subject_key` commits to version 1.
@@ -212,12 +215,51 @@ pub struct MasterRotation {
     pub mask_key_hash: Option<String>,
 }
 
+/// Payload of the `key_rotated` entry that introduces signing key
+/// `key_id` (the one before it is retired):
+/// `{"key":"signing","key_id":N,"public_key":"<64 hex>","wrapped_hash":"<64 hex>","endorsement":"<128 hex>"}`.
+/// `endorsement` is key `N - 1`'s signature of a
+/// [`protocol::receipt::KeyEndorsement`] for the new key at this entry's
+/// seq; every head after this entry's commit group is signed by key `N`.
+/// The entry's subject is empty.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SigningRotation {
+    pub key: String,
+    pub key_id: u32,
+    /// Hex of the new ed25519 verifying key.
+    pub public_key: String,
+    /// Hex BLAKE3 of the new wrapped signing key (`keys/"signing/" N`).
+    pub wrapped_hash: String,
+    /// Hex of the 64-byte endorsement signature by the previous key.
+    pub endorsement: String,
+}
+
+impl SigningRotation {
+    /// The endorsement this payload carries, for the entry at `seq`.
+    pub fn endorsement(&self, seq: u64) -> Result<KeyEndorsement> {
+        let mut public_key = [0u8; 32];
+        hex::decode_to_slice(&self.public_key, &mut public_key)
+            .map_err(|_| Error::Malformed("signing rotation public key"))?;
+        let mut signature = [0u8; 64];
+        hex::decode_to_slice(&self.endorsement, &mut signature)
+            .map_err(|_| Error::Malformed("signing rotation endorsement"))?;
+        Ok(KeyEndorsement {
+            key_id: self.key_id,
+            public_key,
+            seq,
+            signature,
+        })
+    }
+}
+
 /// A parsed `key_rotated` payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rotation {
     Subject(KeyRotation),
     Rewrap(Rewrap),
     Master(MasterRotation),
+    Signing(SigningRotation),
 }
 
 #[derive(Deserialize)]
@@ -257,6 +299,16 @@ impl Rotation {
                     return Err(Error::Invalid("a master rotation has no subject".into()));
                 }
                 Ok(Rotation::Master(r))
+            }
+            ROTATED_SIGNING_KEY => {
+                let r: SigningRotation = parse(e)?;
+                if !e.subject.is_empty() || r.key_id == 0 {
+                    return Err(Error::Invalid(
+                        "a signing rotation has no subject and a key id above 0".into(),
+                    ));
+                }
+                r.endorsement(e.seq)?;
+                Ok(Rotation::Signing(r))
             }
             other => Err(Error::Invalid(format!(
                 "key_rotated of an unknown key {other:?}"
@@ -323,7 +375,7 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
                 vec![(key("k/", e.subject), Some(v))]
             }
             // The key store changes; derived state does not.
-            Rotation::Rewrap(_) | Rotation::Master(_) => Vec::new(),
+            Rotation::Rewrap(_) | Rotation::Master(_) | Rotation::Signing(_) => Vec::new(),
         },
         Kind::CredentialCreated => {
             let c: CredentialCreated = parse(e)?;
@@ -403,7 +455,8 @@ pub fn record_pointer(seq: u64, key_version: u32) -> [u8; 12] {
 }
 
 /// Key-store entries one log entry commits to: `(name, Some(blake3))` to
-/// expect a key, `(prefix, None)` to expect every key under it gone.
+/// expect a key, `(prefix, None)` to expect every key under it gone (a
+/// shredded subject's data keys, a retired signing key).
 pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<KeyCommitment>> {
     fn hash_of(hex_str: &str) -> Result<[u8; 32]> {
         let mut h = [0u8; 32];
@@ -445,6 +498,11 @@ pub fn key_commitments(e: &EntryRef<'_>) -> Result<Vec<KeyCommitment>> {
                 }
                 v
             }
+            // The new key is expected; the retired one must be gone.
+            Rotation::Signing(r) => vec![
+                (signing_key_name(r.key_id), Some(hash_of(&r.wrapped_hash)?)),
+                (signing_key_name(r.key_id - 1), None),
+            ],
         },
         Kind::SubjectShredded => vec![(data_key_prefix(e.subject), None)],
         _ => Vec::new(),

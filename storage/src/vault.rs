@@ -55,7 +55,8 @@ use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
 use crate::chunk::{
-    encode_chunk, MerkleTree, Receipt, SignedHead, CHUNK_TARGET_BYTES, MAX_CHUNK_ENTRIES,
+    encode_chunk, KeyChain, KeyEndorsement, MerkleTree, Receipt, SignedHead, CHUNK_TARGET_BYTES,
+    MAX_CHUNK_ENTRIES,
 };
 use crate::crypto::{
     self, data_key_aad, record_aad, signing_key_aad, KdfParams, SealedMaster, SecretKey, Unlock,
@@ -145,6 +146,10 @@ pub enum Append {
     /// [`Vault::rotate_master_key`] only; the committer builds it as a
     /// commit group of its own.
     RotateMaster(Box<MasterChange>),
+    /// A new signing key, endorsed by the current one in a `key_rotated`
+    /// entry; heads after that entry's group are signed by it and the
+    /// old key is destroyed. Made by [`Vault::rotate_signing_key`] only.
+    RotateSigning,
 }
 
 /// A new master key, sealed under the new secret, and the masking secret
@@ -173,6 +178,7 @@ impl std::fmt::Debug for Append {
             Append::Shred { .. } => f.write_str("Append::Shred(..)"),
             Append::Rotate { reencrypt, .. } => write!(f, "Append::Rotate(reencrypt: {reencrypt})"),
             Append::RotateMaster(_) => f.write_str("Append::RotateMaster(..)"),
+            Append::RotateSigning => f.write_str("Append::RotateSigning"),
         }
     }
 }
@@ -202,9 +208,12 @@ impl Append {
                     "redemptions go through Vault::redeem".into(),
                 ))
             }
-            Append::Shred { .. } | Append::Rotate { .. } | Append::RotateMaster(_) => {
+            Append::Shred { .. }
+            | Append::Rotate { .. }
+            | Append::RotateMaster(_)
+            | Append::RotateSigning => {
                 return Err(Error::Invalid(
-                    "key changes go through Vault::shred and Vault::rotate_subject_key".into(),
+                    "key changes go through Vault::shred and the Vault::rotate_* methods".into(),
                 ))
             }
             Append::Record { subject, plaintext } => {
@@ -421,6 +430,9 @@ struct Shared {
     /// Creation and use of every subject data key, as of the groups the
     /// writer has published.
     key_uses: Mutex<KeyUses>,
+    /// The endorsements of signing keys 1.. as of the groups the writer
+    /// has published (key 0 is the genesis key).
+    signing_chain: RwLock<Vec<KeyEndorsement>>,
 }
 
 /// When a subject data key was created and how many records it encrypted.
@@ -449,6 +461,8 @@ pub(crate) struct KeyUses {
     total: u64,
     /// Seq and timestamp of the latest master rotation.
     master_rotated: Option<(u64, u64)>,
+    /// Timestamp of the latest signing key rotation.
+    signing_rotated: Option<u64>,
 }
 
 impl KeyUses {
@@ -466,6 +480,10 @@ impl KeyUses {
 
     pub(crate) fn master_rotated(&mut self, seq: u64, ts: u64) {
         self.master_rotated = Some((seq, ts));
+    }
+
+    pub(crate) fn signing_rotated(&mut self, ts: u64) {
+        self.signing_rotated = Some(ts);
     }
 
     pub(crate) fn encrypted(&mut self, subject: &str, version: u32) {
@@ -535,7 +553,10 @@ pub struct KeyStatus {
     /// Keys wrapped under the master key: the signing key and every
     /// subject data key ever created (shredded ones included).
     pub master_wraps: u64,
-    /// Timestamp of the genesis entry, which committed to signing key 0.
+    /// Id of the current signing key (0 until the first rotation).
+    pub signing_key_id: u32,
+    /// Timestamp of the entry that committed to the current signing key:
+    /// genesis, or the latest signing rotation.
     pub signing_created_ms: u64,
     /// The per-key encryption limit in force.
     pub encryption_limit: u64,
@@ -673,7 +694,7 @@ impl Vault {
         let (vault, _) = Self::start(
             store,
             (master, mask),
-            signing,
+            (signing, Vec::new()),
             vault_id,
             ChainPos::default(),
             &opts,
@@ -718,18 +739,6 @@ impl Vault {
             }
             None => derive_mask(&master),
         };
-        let wrapped =
-            stored(&state::signing_key_name(0))?.ok_or(Error::Malformed("no signing key"))?;
-        let signing_bytes = crypto::unwrap_key(&master, &signing_key_aad(0), &wrapped).ok_or(
-            Error::integrity(0, Reason::KeyMismatch("signing key does not unwrap".into())),
-        )?;
-        let signing = SigningKey::from_bytes(signing_bytes.as_bytes());
-        if signing.verifying_key() != public_key {
-            return Err(Error::integrity(
-                0,
-                Reason::KeyMismatch("signing key does not match public key".into()),
-            ));
-        }
 
         // Recovery: verify everything (chain, genesis and metadata, derived
         // state at its applied marker, key store) and refuse to serve on any
@@ -756,7 +765,30 @@ impl Vault {
         recover_pending(&store, tip.entries)?;
         recover_shredding(&store, tip.entries)?;
         recover_rotation(&store, tip.entries)?;
+        for id in &report.retired_signing_pending {
+            store.keys.remove(state::signing_key_name(*id))?;
+        }
         store.sync()?;
+
+        // The current signing key: the last one of the log's chain, which
+        // verify found committed to in the key store.
+        let chain = KeyChain::from_endorsements(public_key, &report.signing_keys)
+            .map_err(|e| Error::integrity(0, Reason::KeyMismatch(e.to_string())))?;
+        let signing_id = chain.current_id();
+        let wrapped = store
+            .keys
+            .get(state::signing_key_name(signing_id))?
+            .ok_or(Error::Malformed("no signing key"))?;
+        let seed = crypto::unwrap_key(&master, &signing_key_aad(signing_id), &wrapped).ok_or(
+            Error::integrity(0, Reason::KeyMismatch("signing key does not unwrap".into())),
+        )?;
+        let signing = SigningKey::from_bytes(seed.as_bytes());
+        if signing.verifying_key() != *chain.current() {
+            return Err(Error::integrity(
+                0,
+                Reason::KeyMismatch("signing key does not match the log's key chain".into()),
+            ));
+        }
 
         let pos = ChainPos {
             next_seq: tip.entries,
@@ -766,7 +798,7 @@ impl Vault {
         let (vault, _) = Self::start(
             store,
             (master, mask),
-            signing,
+            (signing, report.signing_keys),
             vault_id,
             pos,
             &opts,
@@ -783,7 +815,7 @@ impl Vault {
     fn start(
         store: Store,
         (master, mask): (SecretKey, Zeroizing<[u8; 32]>),
-        signing: SigningKey,
+        (signing, signing_chain): (SigningKey, Vec<KeyEndorsement>),
         vault_id: [u8; 16],
         pos: ChainPos,
         opts: &Options,
@@ -791,6 +823,7 @@ impl Vault {
         uses: KeyUses,
     ) -> Result<(Vault, Vec<Receipt>)> {
         let store = Arc::new(store);
+        let signing_chain_len = signing_chain.len();
         let master = Arc::new(master);
         let shared_master = Arc::new(RwLock::new(master.clone()));
         let shared = Arc::new(Shared {
@@ -803,12 +836,14 @@ impl Vault {
             overlay_full: std::sync::Condvar::new(),
             stopping: AtomicBool::new(false),
             key_uses: Mutex::new(uses),
+            signing_chain: RwLock::new(signing_chain),
         });
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let mut committer = Committer {
             store: store.clone(),
             master: master.clone(),
+            signing_id: u32::try_from(signing_chain_len).unwrap_or(u32::MAX),
             signing,
             pos,
             keys: HashMap::new(),
@@ -951,9 +986,70 @@ impl Vault {
         r.pop().ok_or(Error::Closed)
     }
 
-    /// The vault's ed25519 public key (key id 0).
+    /// The vault's ed25519 public key: signing key 0, which genesis names
+    /// and clients pin. Later signing keys chain from it
+    /// ([`Vault::key_chain`]).
     pub fn public_key(&self) -> VerifyingKey {
         self.inner.public_key
+    }
+
+    /// The endorsements of signing keys 1.. (each signed by the key
+    /// before it), as of the groups written so far: with the pinned key,
+    /// a client turns them into a [`KeyChain`] and checks any receipt.
+    pub fn key_chain(&self) -> Vec<KeyEndorsement> {
+        self.inner
+            .shared
+            .signing_chain
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// Id of the signing key that signs new heads, as of the groups
+    /// written so far.
+    pub fn signing_key_id(&self) -> u32 {
+        self.inner
+            .shared
+            .signing_chain
+            .read()
+            .map(|c| c.last().map_or(0, |e| e.key_id))
+            .unwrap_or(0)
+    }
+
+    /// Rotates the signing key online: a new ed25519 key, wrapped under
+    /// the master key, introduced by a `key_rotated` entry
+    /// `{"key":"signing",…}` whose endorsement the current key signs, in a
+    /// commit group the current key signs; every later head is signed by
+    /// the new key, and the old key is destroyed. Appends go on
+    /// throughout. Resolves with the receipt of the rotation entry (signed
+    /// by the old key) and the new key's endorsement once it is durable;
+    /// a crash before that leaves the old key in force (docs/keys.md).
+    pub async fn rotate_signing_key(&self) -> Result<(Receipt, KeyEndorsement)> {
+        let receipt = self
+            .submit(vec![Append::RotateSigning])
+            .await?
+            .pop()
+            .ok_or(Error::Closed)?;
+        let endorsement = self
+            .key_chain()
+            .into_iter()
+            .find(|e| e.seq == receipt.seq)
+            .ok_or(Error::Closed)?;
+        Ok((receipt, endorsement))
+    }
+
+    /// Blocking [`Vault::rotate_signing_key`], for callers outside a
+    /// runtime.
+    pub fn rotate_signing_key_blocking(&self) -> Result<(Receipt, KeyEndorsement)> {
+        let receipt = self
+            .submit_raw(vec![Append::RotateSigning])?
+            .pop()
+            .ok_or(Error::Closed)?;
+        self.key_chain()
+            .into_iter()
+            .find(|e| e.seq == receipt.seq)
+            .map(|e| (receipt, e))
+            .ok_or(Error::Closed)
     }
 
     /// The 16-byte vault id.
@@ -1114,7 +1210,8 @@ impl Vault {
                 .master_rotated
                 .map_or(genesis.timestamp_ms, |(_, ts)| ts),
             master_wraps: uses.total + 1,
-            signing_created_ms: genesis.timestamp_ms,
+            signing_key_id: self.signing_key_id(),
+            signing_created_ms: uses.signing_rotated.unwrap_or(genesis.timestamp_ms),
             encryption_limit: self.inner.max_encryptions,
             subject_keys: keys,
             more,
@@ -1766,6 +1863,7 @@ struct Committer {
     store: Arc<Store>,
     master: Arc<SecretKey>,
     signing: SigningKey,
+    signing_id: u32,
     pos: ChainPos,
     /// Subjects' current data keys, expanded. Cleared only after a barrier
     /// (every group built before it is published), so a subject missing
@@ -1814,6 +1912,10 @@ enum Usage {
         seq: u64,
         ts: u64,
     },
+    SigningRotated {
+        ts: u64,
+        endorsement: KeyEndorsement,
+    },
 }
 
 /// A master rotation's new keys, written by the writer in three steps.
@@ -1837,6 +1939,10 @@ struct Group {
     shreds: Vec<String>,
     /// A master rotation's keys (the group holds nothing else).
     master_swap: Option<MasterSwap>,
+    /// A signing rotation in this group: the new key and its id, which
+    /// sign the groups after this one, and the retired key's name, which
+    /// the writer deletes after the log write.
+    signing_swap: Option<(u32, SigningKey, Vec<u8>)>,
     usage: Vec<Usage>,
     /// For each request: its reply and the group indices of its items.
     requests: Vec<(Reply, Result<Vec<usize>>)>,
@@ -1957,7 +2063,7 @@ impl Committer {
             let tree = MerkleTree::new(&g.hashes);
             let head = SignedHead::sign(
                 &self.signing,
-                0,
+                self.signing_id,
                 first_seq,
                 self.pos.next_seq - 1,
                 self.pos.last_hash,
@@ -1966,6 +2072,12 @@ impl Committer {
             );
             (tree, head)
         });
+        if let Some((id, key, _)) = &g.signing_swap {
+            // The group just signed holds the rotation: later ones are
+            // signed by the new key.
+            self.signing = key.clone();
+            self.signing_id = *id;
+        }
         Built {
             g,
             first_seq,
@@ -1988,6 +2100,7 @@ impl Committer {
             self.pos,
             g.shreds.len(),
             g.usage.len(),
+            g.signing_swap.is_some(),
         );
         let r = self.try_add(g, items, writer);
         if r.is_err() {
@@ -2001,6 +2114,9 @@ impl Committer {
             g.shreds.truncate(mark.5);
             g.usage.truncate(mark.6);
             g.master_swap = None;
+            if !mark.7 {
+                g.signing_swap = None;
+            }
             if made_keys {
                 // The cache may hold keys that were rolled back.
                 self.clear_key_cache(writer);
@@ -2044,6 +2160,7 @@ impl Committer {
                     idx.extend(self.rotate(g, subject, reencrypt, writer)?)
                 }
                 Append::RotateMaster(change) => idx.push(self.rotate_master(g, *change)?),
+                Append::RotateSigning => idx.push(self.rotate_signing(g)?),
             }
         }
         Ok(idx)
@@ -2246,6 +2363,44 @@ impl Committer {
         });
         staged.push((state::MASTER.to_vec(), sealed));
         g.master_swap = Some(MasterSwap { master, staged });
+        Ok(i)
+    }
+
+    /// A new signing key: wrapped under the master and written before the
+    /// group (step 1, like a new data key), endorsed by the current key in
+    /// a `key_rotated` entry of this group, which the current key signs;
+    /// the committer signs later groups with the new key, and the writer
+    /// deletes the old one after the log write (docs/keys.md).
+    fn rotate_signing(&mut self, g: &mut Group) -> Result<usize> {
+        if g.signing_swap.is_some() {
+            return Err(Error::Invalid(
+                "one signing key rotation per commit group".into(),
+            ));
+        }
+        let key_id = self
+            .signing_id
+            .checked_add(1)
+            .ok_or_else(|| Error::Invalid("no signing key id left".into()))?;
+        let new = SigningKey::generate(&mut rand_core::OsRng);
+        let seed = Zeroizing::new(new.to_bytes());
+        let wrapped = crypto::wrap(&self.master, &signing_key_aad(key_id), &seed);
+        let seq = self.pos.next_seq;
+        let endorsement = KeyEndorsement::sign(&self.signing, key_id, &new.verifying_key(), seq);
+        let payload = serde_json::to_vec(&state::SigningRotation {
+            key: state::ROTATED_SIGNING_KEY.to_string(),
+            key_id,
+            public_key: hex::encode(endorsement.public_key),
+            wrapped_hash: hex::encode(blake3::hash(&wrapped).as_bytes()),
+            endorsement: hex::encode(endorsement.signature),
+        })
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let i = self.push(g, Kind::KeyRotated, "", 0, [0; 12], &payload)?;
+        g.new_keys.push((state::signing_key_name(key_id), wrapped));
+        g.usage.push(Usage::SigningRotated {
+            ts: self.pos.last_ts,
+            endorsement,
+        });
+        g.signing_swap = Some((key_id, new, state::signing_key_name(self.signing_id)));
         Ok(i)
     }
 
@@ -2675,6 +2830,11 @@ impl Writer {
             kb.remove(SHREDDING);
             s.keys.apply_batch(kb)?;
         }
+        if let Some((_, _, retired)) = &g.signing_swap {
+            // The retired signing key goes once the rotation is in the
+            // log; after a crash in between, open deletes it.
+            s.keys.remove(retired.as_slice())?;
+        }
         if let Some(m) = &g.master_swap {
             // Step 3: swap the new keys in, in one batch, under the
             // readers' lock, and the master with them.
@@ -2710,6 +2870,13 @@ impl Writer {
                     Usage::Encrypted { subject, version } => u.encrypted(&subject, version),
                     Usage::Shredded(subject) => u.shredded(&subject),
                     Usage::MasterRotated { seq, ts } => u.master_rotated(seq, ts),
+                    Usage::SigningRotated { ts, endorsement } => {
+                        u.signing_rotated(ts);
+                        match self.shared.signing_chain.write() {
+                            Ok(mut c) => c.push(endorsement),
+                            Err(_) => self.shared.poisoned.store(true, Ordering::Release),
+                        }
+                    }
                 }
             }
         }

@@ -16,7 +16,7 @@ use std::path::Path;
 use ed25519_dalek::VerifyingKey;
 use rayon::prelude::*;
 
-use crate::chunk::{Chunk, ChunkError, MerkleTree, SignedHead};
+use crate::chunk::{Chunk, ChunkError, KeyChain, KeyEndorsement, MerkleTree, SignedHead};
 use crate::entry::{entry_hash, EntryRef, Hash, Kind};
 use crate::error::{Error, Reason, Result};
 use crate::state::{self, Genesis, KeyState};
@@ -49,7 +49,9 @@ struct Decoded {
     ranges: Vec<std::ops::Range<usize>>,
     hashes: Vec<Hash>,
     head: Option<SignedHead>,
-    head_signature_ok: bool,
+    /// `None` when the head's key id is beyond the chain known when the
+    /// window was read.
+    head_signature_ok: Option<bool>,
     /// The Merkle root of this chunk's entries, computed in the parallel
     /// phase when the chunk holds a whole commit group (the common case).
     root: Option<Hash>,
@@ -58,7 +60,7 @@ struct Decoded {
 fn decode_one(
     k: &sled::IVec,
     v: sled::IVec,
-    key: &VerifyingKey,
+    keys: &KeyChain,
 ) -> std::result::Result<Decoded, Reason> {
     let (first_seq, ranges, head) = {
         let chunk = Chunk::decode(&v).map_err(|e| match e {
@@ -85,7 +87,9 @@ fn decode_one(
         first_seq,
         ranges,
         hashes,
-        head_signature_ok: head.is_some_and(|h| h.verify(key)),
+        // A head signed by a key this window introduces is checked by the
+        // walk, once the chain reaches the key.
+        head_signature_ok: head.and_then(|h| keys.key(h.key_id).map(|k| h.verify(k))),
         head,
         value: v,
     })
@@ -95,41 +99,66 @@ type Window = Vec<std::result::Result<Decoded, Reason>>;
 
 /// Reads the next window of chunks and decodes, hashes and checks the
 /// signatures of its chunks in parallel.
-fn next_window(iter: &mut sled::Iter, key: &VerifyingKey) -> Result<Window> {
+fn next_window(iter: &mut sled::Iter, keys: &KeyChain) -> Result<Window> {
     let mut raw = Vec::with_capacity(WINDOW_CHUNKS);
     for item in iter.by_ref().take(WINDOW_CHUNKS) {
         raw.push(item?);
     }
     Ok(raw
         .into_par_iter()
-        .map(|(k, v)| decode_one(&k, v, key))
+        .map(|(k, v)| decode_one(&k, v, keys))
         .collect())
 }
 
 /// The in-order checks of a log, fed one entry and one head at a time:
-/// contiguous seqs from 0, hash links, and a head's fields against the
-/// group it closes. Pure (no I/O, no key), so that the local scan and
-/// `vault-verify --remote`, which streams entries over the wire, run the
-/// very same checks.
+/// contiguous seqs from 0, hash links, a head's fields against the group
+/// it closes, and the chain of signing keys. Pure (no I/O), so that the
+/// local scan and `vault-verify --remote`, which streams entries over the
+/// wire, run the very same checks.
 ///
-/// Invariant: `group` holds the hashes of the entries since the last head
-/// (the open commit group), `group_first` the seq of the first of them.
-#[derive(Debug, Default)]
+/// Invariants: `group` holds the hashes of the entries since the last
+/// head (the open commit group), `group_first` the seq of the first of
+/// them; `keys` holds the signing keys from the pinned key 0 through
+/// every rotation in a closed group, and `rotation` the endorsement of a
+/// signing rotation in the open group, which takes effect when the group
+/// closes (the group itself is signed by the key it retires).
+#[derive(Debug)]
 pub struct ChainCheck {
     tip: ChainTip,
     group: Vec<Hash>,
     group_first: u64,
+    keys: KeyChain,
+    rotation: Option<KeyEndorsement>,
+}
+
+/// A group [`ChainCheck::close_group`] closed: its entry hashes, and the
+/// key its head's signature must verify under.
+#[derive(Debug)]
+pub struct ClosedGroup {
+    pub hashes: Vec<Hash>,
+    pub key: VerifyingKey,
 }
 
 impl ChainCheck {
-    /// A check expecting seq 0 next.
-    pub fn new() -> Self {
-        ChainCheck::default()
+    /// A check expecting seq 0 next, pinned to signing key 0.
+    pub fn new(pinned: VerifyingKey) -> Self {
+        ChainCheck {
+            tip: ChainTip::default(),
+            group: Vec::new(),
+            group_first: 0,
+            keys: KeyChain::new(pinned),
+            rotation: None,
+        }
     }
 
     /// Entries accepted so far, the last one's hash and the last head.
     pub fn tip(&self) -> &ChainTip {
         &self.tip
+    }
+
+    /// The signing keys of every closed group's rotations.
+    pub fn keys(&self) -> &KeyChain {
+        &self.keys
     }
 
     /// The seq the next entry must carry.
@@ -143,7 +172,9 @@ impl ChainCheck {
     }
 
     /// Checks that `e` (whose encoding hashes to `hash`) is the next entry
-    /// and links to the previous one, then adds it to the open group.
+    /// and links to the previous one, then adds it to the open group. A
+    /// signing rotation must endorse the next key id with the current key,
+    /// at most one per group.
     pub fn entry(&mut self, e: &EntryRef<'_>, hash: &Hash) -> std::result::Result<(), Failure> {
         let expected = self.tip.entries;
         if e.seq != expected {
@@ -151,6 +182,9 @@ impl ChainCheck {
         }
         if e.prev_hash != self.tip.last_hash.unwrap_or([0; 32]) {
             return Err((e.seq, Reason::BadLink));
+        }
+        if e.kind == Kind::KeyRotated {
+            self.signing_rotation(e)?;
         }
         if self.group.is_empty() {
             self.group_first = e.seq;
@@ -161,28 +195,59 @@ impl ChainCheck {
         Ok(())
     }
 
+    fn signing_rotation(&mut self, e: &EntryRef<'_>) -> std::result::Result<(), Failure> {
+        let bad = |m: &str| (e.seq, Reason::KeyMismatch(format!("signing rotation: {m}")));
+        let r = match state::Rotation::parse(e) {
+            Ok(state::Rotation::Signing(r)) => r,
+            // Other rotations, and malformed payloads, which the content
+            // checks report.
+            _ => return Ok(()),
+        };
+        let endorsement = r.endorsement(e.seq).map_err(|_| bad("malformed"))?;
+        if self.rotation.is_some() {
+            return Err(bad("a second rotation in one commit group"));
+        }
+        let mut next = self.keys.clone();
+        next.push(0, &endorsement)
+            .map_err(|err| bad(&err.to_string()))?;
+        self.rotation = Some(endorsement);
+        Ok(())
+    }
+
     /// Closes the open group with `head`: its first and last seq, last
-    /// hash and key id must be those of the entries since the last head.
-    /// Returns the group's entry hashes for [`check_group`] (which the
-    /// local scan may run later, in parallel).
-    pub fn close_group(&mut self, head: &SignedHead) -> std::result::Result<Vec<Hash>, Failure> {
+    /// hash and key id (the current signing key's) must be those of the
+    /// entries since the last head. Returns the group's entry hashes and
+    /// the key for [`check_group`] (which the local scan may run later, in
+    /// parallel); a rotation in the group takes effect after it.
+    pub fn close_group(&mut self, head: &SignedHead) -> std::result::Result<ClosedGroup, Failure> {
         let last = self.tip.entries.saturating_sub(1);
         let ok = !self.group.is_empty()
             && head.group_first_seq == self.group_first
             && head.last_seq == last
             && Some(head.last_hash) == self.tip.last_hash
-            && head.key_id == 0;
+            && head.key_id == self.keys.current_id();
         if !ok {
             return Err((last, Reason::HeadMismatch));
         }
+        let key = *self.keys.current();
+        if let Some(r) = self.rotation.take() {
+            let index = self.keys.endorsements().len();
+            self.keys
+                .push(index, &r)
+                .map_err(|err| (r.seq, Reason::KeyMismatch(err.to_string())))?;
+        }
         self.tip.head = Some(*head);
-        Ok(std::mem::take(&mut self.group))
+        Ok(ClosedGroup {
+            hashes: std::mem::take(&mut self.group),
+            key,
+        })
     }
 }
 
 /// Checks a closed group's Merkle root against its head, then the head's
-/// signature (`signature_ok`: [`SignedHead::verify`] with the pinned key,
-/// which the caller may have computed ahead, in parallel). Failures name
+/// signature (`signature_ok`: [`SignedHead::verify`] with the key
+/// [`ChainCheck::close_group`] named, which the caller may have computed
+/// ahead, in parallel). Failures name
 /// the head's last seq.
 pub fn check_group(
     hashes: &[Hash],
@@ -311,15 +376,18 @@ impl Walk {
                 visit(&e, hash)?;
             }
             if let Some(h) = d.head {
-                let hashes = chain.close_group(&h)?;
+                let closed = chain.close_group(&h)?;
+                // Checked ahead with the key of the chain at the window's
+                // start, which the chain only extends.
+                let signature_ok = d.head_signature_ok.unwrap_or_else(|| h.verify(&closed.key));
                 match d.root {
                     Some(root) if group_starts_here => {
-                        group_verdict(root, &h, d.head_signature_ok)?;
+                        group_verdict(root, &h, signature_ok)?;
                     }
                     _ => deferred.push(Deferred {
-                        hashes,
+                        hashes: closed.hashes,
                         head: h,
-                        signature_ok: d.head_signature_ok,
+                        signature_ok,
                     }),
                 }
             }
@@ -340,17 +408,18 @@ pub(crate) fn scan_chain(
     key: &VerifyingKey,
     progress: &(dyn Fn(u64) + Sync),
     mut visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
-) -> Result<std::result::Result<ChainTip, Failure>> {
+) -> Result<std::result::Result<(ChainTip, KeyChain), Failure>> {
     let mut walk = Walk {
-        chain: ChainCheck::new(),
+        chain: ChainCheck::new(*key),
     };
     let mut iter = log.iter();
-    let mut next = next_window(&mut iter, key)?;
+    let mut next = next_window(&mut iter, walk.chain.keys())?;
     while !next.is_empty() {
         let current = std::mem::take(&mut next);
+        let keys = walk.chain.keys().clone();
         let (walked, read) = rayon::join(
             || walk.window(current, &mut visit),
-            || next_window(&mut iter, key),
+            || next_window(&mut iter, &keys),
         );
         if let Err(f) = walked {
             return Ok(Err(f));
@@ -361,7 +430,7 @@ pub(crate) fn scan_chain(
     if let Some(first) = walk.chain.open_group() {
         return Ok(Err((first, Reason::UnsignedTail)));
     }
-    Ok(Ok(walk.chain.tip().clone()))
+    Ok(Ok((walk.chain.tip().clone(), walk.chain.keys().clone())))
 }
 
 /// Names an out-of-place seq: `found` where `expected` should be.
@@ -421,6 +490,13 @@ pub struct Report {
     /// deletion of the keys, and the `shredding` marker names them. The
     /// next open deletes them (docs/keys.md).
     pub shred_pending: Vec<String>,
+    /// The endorsements of every signing key after key 0, in order: the
+    /// log's chain of signing keys (the last one signs new heads).
+    pub signing_keys: Vec<KeyEndorsement>,
+    /// Retired signing keys still in the key store: a crash came between
+    /// the rotation's durable entry and the key's deletion. The next open
+    /// deletes them.
+    pub retired_signing_pending: Vec<u32>,
 }
 
 impl Report {
@@ -459,6 +535,8 @@ pub(crate) fn verify_store_with(
         shredded: Vec::new(),
         unindexed: 0,
         shred_pending: Vec::new(),
+        signing_keys: Vec::new(),
+        retired_signing_pending: Vec::new(),
     };
     let key = match opts.public_key.or(stored_key) {
         Some(k) => k,
@@ -498,7 +576,30 @@ pub(crate) fn verify_store_with(
             genesis = Some(g);
         }
         if e.kind == Kind::Record {
-            // The hot path, without allocation: the same mutation as
+            // The hot path, without allocation. The record must be
+            // encrypted under its subject's current data key, which a
+            // shred has not destroyed (the write path's rules)...
+            key_buf.clear();
+            key_buf.extend_from_slice(b"k/");
+            key_buf.extend_from_slice(e.subject.as_bytes());
+            match model.get(key_buf.as_slice()).map(|v| KeyState::decode(v)) {
+                Some(Ok(k)) if k.shredded => {
+                    return Err((
+                        e.seq,
+                        Reason::KeyMismatch("a record after its subject's shred".into()),
+                    ))
+                }
+                Some(Ok(k)) if k.version == e.key_version => {}
+                _ => {
+                    return Err((
+                        e.seq,
+                        Reason::KeyMismatch(
+                            "a record not under its subject's current data key".into(),
+                        ),
+                    ))
+                }
+            }
+            // ... and it moves the subject's pointer: the same mutation as
             // `state::mutations` gives for a record.
             key_buf.clear();
             key_buf.extend_from_slice(b"s/");
@@ -556,14 +657,19 @@ pub(crate) fn verify_store_with(
                             destroyed.insert(k, h);
                         }
                     }
-                    shredded.push(e.subject.to_string());
+                    if e.kind == Kind::SubjectShredded {
+                        shredded.push(e.subject.to_string());
+                    }
                 }
             }
         }
         Ok(())
     })?;
     let tip = match scan {
-        Ok(tip) => tip,
+        Ok((tip, chain)) => {
+            report.signing_keys = chain.endorsements().to_vec();
+            tip
+        }
         Err(f) => {
             report.failure = Some(f);
             return Ok(report);
@@ -714,6 +820,16 @@ pub(crate) fn verify_store_with(
                 continue;
             }
         }
+        if let Some(id) = k
+            .strip_prefix(b"signing/".as_slice())
+            .and_then(|id| <[u8; 4]>::try_from(id).ok())
+            .map(u32::from_be_bytes)
+        {
+            if destroyed.get(k.as_ref()) == Some(&h) {
+                report.retired_signing_pending.push(id);
+                continue;
+            }
+        }
         if let Some(s) = finishing
             .iter()
             .find(|s| k.starts_with(&state::data_key_prefix(s)))
@@ -769,10 +885,12 @@ impl RotationCheck {
             }
         };
         match rotation {
-            state::Rotation::Subject(_) if !self.pending.is_empty() => {
+            state::Rotation::Subject(_) | state::Rotation::Signing(_)
+                if !self.pending.is_empty() =>
+            {
                 Err(bad("re-wrapped keys without a master rotation"))
             }
-            state::Rotation::Subject(_) => Ok(()),
+            state::Rotation::Subject(_) | state::Rotation::Signing(_) => Ok(()),
             state::Rotation::Rewrap(r) => {
                 for (name, _) in &r.keys {
                     let name = hex::decode(name).map_err(|_| bad("key name"))?;

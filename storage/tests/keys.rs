@@ -1092,3 +1092,158 @@ async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
         r.failure
     );
 }
+
+// ---- Signing key rotation ----
+
+/// The key chain a client builds from the pinned key and the vault's
+/// endorsements.
+fn chain_of(vault: &Vault, pinned: ed25519_dalek::VerifyingKey) -> storage::KeyChain {
+    storage::KeyChain::from_endorsements(pinned, &vault.key_chain()).expect("the chain verifies")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_rotation_chains_keys_and_every_receipt_still_verifies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let pinned = created.vault.public_key();
+    let before = created
+        .vault
+        .append(Append::record("alice", b"{\"n\":1}".to_vec()))
+        .await
+        .expect("append");
+    created.vault.close().expect("close");
+    let signing0 = key_tree(&dir)
+        .into_iter()
+        .find(|(k, _)| k.as_slice() == b"signing/\0\0\0\0")
+        .expect("signing key 0")
+        .1;
+    let vault = std::sync::Arc::new(reopen(&dir));
+
+    // Rotations while four tasks append.
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let v = vault.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut receipts = Vec::new();
+            for i in 0..30 {
+                let subject = format!("s{t}-{}", i % 5);
+                let r = v
+                    .append(Append::record(
+                        subject,
+                        format!("{{\"i\":{i}}}").into_bytes(),
+                    ))
+                    .await
+                    .expect("append during a signing rotation");
+                receipts.push(r);
+            }
+            receipts
+        }));
+    }
+    let (rotation, endorsement) = vault.rotate_signing_key().await.expect("rotate");
+    assert_eq!(endorsement.key_id, 1);
+    assert_eq!(endorsement.seq, rotation.seq);
+    assert_eq!(rotation.head.key_id, 0, "the old key signs the rotation");
+    rotation
+        .verify(&pinned)
+        .expect("the rotation verifies with the pinned key");
+    assert!(endorsement.verify(&pinned));
+    let (second, e2) = vault.rotate_signing_key().await.expect("rotate again");
+    assert_eq!((e2.key_id, second.head.key_id), (2, 1));
+    let mut receipts = vec![before];
+    for t in tasks {
+        receipts.extend(t.await.expect("task"));
+    }
+    let after = vault
+        .append(Append::record("alice", b"{\"n\":2}".to_vec()))
+        .await
+        .expect("append");
+    receipts.push(after.clone());
+    assert_eq!(after.head.key_id, 2);
+    assert_eq!(vault.signing_key_id(), 2);
+    assert!(
+        after.verify(&pinned).is_err(),
+        "a head of key 2 does not verify with key 0"
+    );
+    let chain = chain_of(&vault, pinned);
+    assert_eq!(chain.current_id(), 2);
+    for r in &receipts {
+        r.verify_chain(&chain)
+            .expect("every receipt verifies with the chain");
+    }
+    assert_eq!(
+        storage::KeyChain::from_endorsements(pinned, &vault.key_chain()[1..]).err(),
+        Some(storage::chunk::ChainError::OutOfOrder {
+            index: 0,
+            found: 2,
+            expected: 1
+        }),
+        "a chain that skips a key is refused"
+    );
+    let status = vault.key_status(None, 10).expect("status");
+    assert_eq!(status.signing_key_id, 2);
+
+    // A master rotation re-wraps the current signing key only: the retired
+    // ones are gone.
+    vault
+        .rotate_master_key(&new_unlock())
+        .await
+        .expect("master rotation");
+    let vault = std::sync::Arc::into_inner(vault).expect("last handle");
+    vault.close().expect("close");
+    let r = verify_ok(&dir, pinned);
+    assert_eq!(r.signing_keys.len(), 2);
+    assert!(r.retired_signing_pending.is_empty());
+    let names: Vec<Vec<u8>> = key_tree(&dir)
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(b"signing/"))
+        .collect();
+    assert_eq!(names, vec![b"signing/\0\0\0\x02".to_vec()]);
+
+    // Reopened, the vault signs with key 2 and reads everything.
+    let vault = open_with(&dir, &new_unlock()).expect("reopen");
+    assert_eq!(vault.signing_key_id(), 2);
+    let r = vault
+        .append(Append::record("bob", b"{}".to_vec()))
+        .await
+        .expect("append");
+    assert_eq!(r.head.key_id, 2);
+    r.verify_chain(&chain_of(&vault, pinned)).expect("verifies");
+    assert_eq!(latest(&vault, "alice"), b"{\"n\":2}");
+    vault.close().expect("close");
+
+    // A crash between the rotation's log write and the old key's deletion
+    // leaves the retired key behind: verify accepts it, open deletes it.
+    let leftover = raw(&dir);
+    leftover
+        .keys
+        .insert(b"signing/\0\0\0\0".as_slice(), signing0.as_slice())
+        .expect("put the retired key back");
+    drop(leftover);
+    // Key 0's wrapped bytes were re-wrapped by no rotation, so they are the
+    // ones the log committed to destroying.
+    let r = verify_ok(&dir, pinned);
+    assert_eq!(r.retired_signing_pending, vec![0]);
+    let vault = open_with(&dir, &new_unlock()).expect("open");
+    vault.close().expect("close");
+    let r = verify_ok(&dir, pinned);
+    assert!(r.retired_signing_pending.is_empty());
+    assert!(key_tree(&dir)
+        .iter()
+        .all(|(k, _)| k.as_slice() != b"signing/\0\0\0\0"));
+
+    // Any other signing key in the store is a key-store mismatch.
+    let forged = raw(&dir);
+    forged
+        .keys
+        .insert(b"signing/\0\0\0\x03".as_slice(), signing0.as_slice())
+        .expect("plant a key");
+    drop(forged);
+    let r = report(&dir, pinned);
+    assert!(
+        matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+        "{:?}",
+        r.failure
+    );
+}
