@@ -28,9 +28,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use protocol::receipt::{Receipt, SignedHead};
+use protocol::receipt::{KeyChain, KeyEndorsement, Receipt, SignedHead};
 use protocol::{
-    encode_frame, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record, SubjectKey,
+    encode_frame, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record, SecretKind,
+    SubjectKey,
 };
 use rustls::ClientConfig as RustlsConfig;
 use rustls_pki_types::ServerName;
@@ -92,7 +93,7 @@ pub struct KeyStatus {
     pub master_created_ms: u64,
     /// Keys wrapped under the master key (signing key and subject keys).
     pub master_wraps: u64,
-    /// When signing key 0 was committed (unix ms).
+    /// When the current signing key was committed (unix ms).
     pub signing_created_ms: u64,
     /// Records one subject key may encrypt before the vault rotates it.
     pub encryption_limit: u64,
@@ -100,6 +101,19 @@ pub struct KeyStatus {
     pub keys: Vec<SubjectKey>,
     /// More keys follow (a single page only).
     pub more: bool,
+    /// The current signing key's id.
+    pub signing_key_id: u32,
+    /// The server's rotation policy: maximum key ages in seconds (0: none).
+    pub max_signing_key_age_secs: u64,
+    pub max_subject_key_age_secs: u64,
+}
+
+/// What a signing key rotation did: the receipt of its `key_rotated`
+/// entry (signed by the old key) and the new key's endorsement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningRotated {
+    pub receipt: Receipt,
+    pub endorsement: KeyEndorsement,
 }
 
 /// A credential as `Whois` names it.
@@ -431,7 +445,13 @@ impl Client {
                     None
                 } else {
                     let head = SignedHead::decode(&signed_head)?;
-                    if !head.verify(&verifying_key(&public_key)?) {
+                    let key = verifying_key(&public_key)?;
+                    let ok = if head.key_id == 0 {
+                        head.verify(&key)
+                    } else {
+                        self.key_chain(&public_key).await?.verify_head(&head)
+                    };
+                    if !ok {
                         return Err(protocol::receipt::ReceiptError::BadSignature.into());
                     }
                     Some(head)
@@ -611,6 +631,67 @@ impl Client {
         }
     }
 
+    /// Rotates the vault's signing key: the current key endorses a new one
+    /// in a `key_rotated` entry and signs its group; later heads are
+    /// signed by the new key. Admin role.
+    pub async fn rotate_signing_key(&self) -> Result<SigningRotated> {
+        match self.call(Message::RotateSigningKey).await? {
+            Message::SigningRotated {
+                receipt,
+                endorsement,
+            } => Ok(SigningRotated {
+                receipt: Receipt::decode(&receipt)?,
+                endorsement: KeyEndorsement::decode(&endorsement)?,
+            }),
+            other => Err(refusal(other, "SigningRotated")),
+        }
+    }
+
+    /// Rotates the master key online to one sealed under `secret` (a
+    /// passphrase, or a key file's contents); returns the receipt of the
+    /// rotation's `master` entry. From then on only the new secret opens
+    /// the vault. The secret crosses the connection: use TLS. Admin role.
+    pub async fn rotate_master_key(&self, kind: SecretKind, secret: &[u8]) -> Result<Receipt> {
+        let m = Message::RotateMasterKey {
+            kind,
+            secret: secret.to_vec(),
+        };
+        let reply = self.call(m).await;
+        match reply? {
+            Message::Receipt { receipt } => Ok(Receipt::decode(&receipt)?),
+            other => Err(refusal(other, "Receipt")),
+        }
+    }
+
+    /// The vault's signing keys, checked from `pinned` (key 0, printed by
+    /// `vaultd init`) through every endorsement the server sends. Any
+    /// role.
+    pub async fn key_chain(&self, pinned: &[u8; 32]) -> Result<KeyChain> {
+        match self.call(Message::KeyChain).await? {
+            Message::KeyChainInfo { endorsements } => {
+                let endorsements = endorsements
+                    .iter()
+                    .map(|e| KeyEndorsement::decode(e))
+                    .collect::<protocol::Result<Vec<_>>>()?;
+                Ok(KeyChain::from_endorsements(
+                    verifying_key(pinned)?,
+                    &endorsements,
+                )?)
+            }
+            other => Err(refusal(other, "KeyChainInfo")),
+        }
+    }
+
+    /// Checks a receipt with the pinned key, following the vault's key
+    /// chain when a rotated key signed it.
+    pub async fn verify_receipt(&self, receipt: &Receipt, pinned: &[u8; 32]) -> Result<()> {
+        if receipt.head.key_id == 0 {
+            return crate::verify_receipt(receipt, pinned);
+        }
+        receipt.verify_chain(&self.key_chain(pinned).await?)?;
+        Ok(())
+    }
+
     /// One page of the vault's key status: at most `max` subject keys
     /// after `after` (subject, version), in order. Admin role.
     pub async fn key_status_page(
@@ -632,6 +713,9 @@ impl Client {
                 encryption_limit,
                 keys,
                 more,
+                signing_key_id,
+                max_signing_key_age_secs,
+                max_subject_key_age_secs,
             } => Ok(KeyStatus {
                 master_created_ms,
                 master_wraps,
@@ -639,6 +723,9 @@ impl Client {
                 encryption_limit,
                 keys,
                 more,
+                signing_key_id,
+                max_signing_key_age_secs,
+                max_subject_key_age_secs,
             }),
             other => Err(refusal(other, "KeyStatusInfo")),
         }
@@ -951,6 +1038,7 @@ fn replicate(e: &ClientError) -> ClientError {
         ClientError::Timeout => ClientError::Timeout,
         ClientError::Closed => ClientError::Closed,
         ClientError::BadReceipt(r) => ClientError::BadReceipt(*r),
+        ClientError::BadKeyChain(c) => ClientError::BadKeyChain(*c),
         ClientError::Rollback { kept, got } => ClientError::Rollback {
             kept: *kept,
             got: *got,

@@ -44,6 +44,10 @@ pub enum ClientError {
     /// A receipt or signed head does not verify with the vault's public key.
     #[error("receipt does not verify")]
     BadReceipt(#[from] ReceiptError),
+    /// The endorsements the server sent do not lead from the pinned key to
+    /// the signing key they claim: a forged or broken key chain.
+    #[error("the key chain does not verify from the pinned key: {0}")]
+    BadKeyChain(#[from] protocol::receipt::ChainError),
     /// The server presented a head at `got` that does not extend the head
     /// already seen at `kept`: lower, or the same seq with another hash.
     /// The vault was rolled back to an older copy, or forked.

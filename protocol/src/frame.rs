@@ -77,6 +77,9 @@ pub enum MessageType {
     Shred = 0x11,
     RotateSubjectKey = 0x12,
     KeyStatus = 0x13,
+    RotateSigningKey = 0x14,
+    KeyChain = 0x15,
+    RotateMasterKey = 0x16,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -92,12 +95,14 @@ pub enum MessageType {
     CredentialKey = 0x8D,
     Rotated = 0x8E,
     KeyStatusInfo = 0x8F,
+    SigningRotated = 0x90,
+    KeyChainInfo = 0x91,
     Error = 0xFF,
 }
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 35] = [
+    pub const ALL: [MessageType; 40] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -117,6 +122,9 @@ impl MessageType {
         MessageType::Shred,
         MessageType::RotateSubjectKey,
         MessageType::KeyStatus,
+        MessageType::RotateSigningKey,
+        MessageType::KeyChain,
+        MessageType::RotateMasterKey,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -132,6 +140,8 @@ impl MessageType {
         MessageType::CredentialKey,
         MessageType::Rotated,
         MessageType::KeyStatusInfo,
+        MessageType::SigningRotated,
+        MessageType::KeyChainInfo,
         MessageType::Error,
     ];
 
@@ -167,6 +177,9 @@ impl MessageType {
             MessageType::Shred => "shred",
             MessageType::RotateSubjectKey => "rotate_subject_key",
             MessageType::KeyStatus => "key_status",
+            MessageType::RotateSigningKey => "rotate_signing_key",
+            MessageType::KeyChain => "key_chain",
+            MessageType::RotateMasterKey => "rotate_master_key",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -182,6 +195,8 @@ impl MessageType {
             MessageType::CredentialKey => "credential_key",
             MessageType::Rotated => "rotated",
             MessageType::KeyStatusInfo => "key_status_info",
+            MessageType::SigningRotated => "signing_rotated",
+            MessageType::KeyChainInfo => "key_chain_info",
             MessageType::Error => "error",
         }
     }
@@ -497,8 +512,8 @@ pub(crate) mod tests {
         ));
         assert!(matches!(decode(b"FV\x01\x00"), Err(Error::UnknownType(0))));
         assert!(matches!(
-            decode(b"FV\x01\x14"),
-            Err(Error::UnknownType(0x14))
+            decode(b"FV\x01\x7f"),
+            Err(Error::UnknownType(0x7f))
         ));
         assert!(matches!(
             decode(b"FV\x01\x80"),
@@ -589,8 +604,8 @@ pub(crate) mod tests {
             known,
             [
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
-                0x0f, 0x10, 0x11, 0x12, 0x13, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89,
-                0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0xff
+                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86,
+                0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90, 0x91, 0xff
             ]
         );
         let unknown = (0..=255u8)

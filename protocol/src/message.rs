@@ -59,6 +59,12 @@
 //! 0x13 KeyStatus   str after_subject, u32 after_version, u16 max (a page of
 //!                  subject keys after that key; "" and 0 from the start)
 //!                  0007 637573742d3432 00000001 0064
+//! 0x14 RotateSigningKey
+//!                  empty
+//! 0x15 KeyChain    empty
+//! 0x16 RotateMasterKey
+//!                  u8 secret kind (1 passphrase, 2 key file), blob secret
+//!                  01 00000003 707721                                ("pw!")
 //! 0x81 HelloOk     str role, str server
 //!                  0007 73657276696365 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
@@ -99,6 +105,15 @@
 //!                  0000019ab697e801 0000000000000005 02
 //!                  0007 637573742d3432 00000002 0000000000000009
 //!                  0000019ab697e802 0000000000000000 01 00
+//!                  then u32 signing_key_id, u64 max_signing_key_age_secs,
+//!                  u64 max_subject_key_age_secs (0: no maximum)
+//!                  00000001 0000000000093a80 0000000000000000
+//! 0x90 SigningRotated
+//!                  blob receipt, blob endorsement (the new key's)
+//!                  00000001 01 00000002 0203
+//! 0x91 KeyChainInfo
+//!                  list<blob> endorsements (of keys 1.., in order)
+//!                  0001 00000002 0203
 //! 0xFF Error       u16 code (see ErrorCode), str message
 //!                  0008 0005 7370656e74                             (token_spent, "spent")
 //! ```
@@ -336,6 +351,18 @@ pub enum Message {
         after_version: u32,
         max: u16,
     },
+    /// Rotates the signing key; answered by `SigningRotated`.
+    RotateSigningKey,
+    /// The endorsements of every signing key after key 0; answered by
+    /// `KeyChainInfo`.
+    KeyChain,
+    /// Rotates the master key to one sealed under `secret` (a passphrase,
+    /// or a 32-byte key file's contents); answered by the `Receipt` of the
+    /// rotation's `master` entry.
+    RotateMasterKey {
+        kind: SecretKind,
+        secret: Vec<u8>,
+    },
 
     // Responses.
     /// Authentication succeeded; `role` names what this key may do.
@@ -415,6 +442,21 @@ pub enum Message {
         keys: Vec<SubjectKey>,
         /// More keys follow the page's last.
         more: bool,
+        /// The signing key that signs new heads.
+        signing_key_id: u32,
+        /// The rotation policy: maximum ages, 0 for none.
+        max_signing_key_age_secs: u64,
+        max_subject_key_age_secs: u64,
+    },
+    /// The receipt of a signing rotation's `key_rotated` entry (signed by
+    /// the old key) and the new key's endorsement.
+    SigningRotated {
+        receipt: Vec<u8>,
+        endorsement: Vec<u8>,
+    },
+    /// Endorsements of signing keys 1.., in order (receipt formats).
+    KeyChainInfo {
+        endorsements: Vec<Vec<u8>>,
     },
     /// Any request can be answered by an error.
     Error {
@@ -452,6 +494,26 @@ impl KeyLife {
             KeyLife::Active => "active",
             KeyLife::Retired => "retired",
             KeyLife::Shredded => "shredded",
+        }
+    }
+}
+
+/// What the secret of a `RotateMasterKey` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SecretKind {
+    /// A passphrase (argon2id with the vault's parameters).
+    Passphrase = 1,
+    /// The 32 bytes of a key file.
+    KeyFile = 2,
+}
+
+impl SecretKind {
+    pub fn from_u8(b: u8) -> Option<SecretKind> {
+        match b {
+            1 => Some(SecretKind::Passphrase),
+            2 => Some(SecretKind::KeyFile),
+            _ => None,
         }
     }
 }
@@ -501,6 +563,11 @@ impl Message {
             Message::Shred { .. } => MessageType::Shred,
             Message::RotateSubjectKey { .. } => MessageType::RotateSubjectKey,
             Message::KeyStatus { .. } => MessageType::KeyStatus,
+            Message::RotateSigningKey => MessageType::RotateSigningKey,
+            Message::KeyChain => MessageType::KeyChain,
+            Message::RotateMasterKey { .. } => MessageType::RotateMasterKey,
+            Message::SigningRotated { .. } => MessageType::SigningRotated,
+            Message::KeyChainInfo { .. } => MessageType::KeyChainInfo,
             Message::Rotated { .. } => MessageType::Rotated,
             Message::KeyStatusInfo { .. } => MessageType::KeyStatusInfo,
             Message::Identity { .. } => MessageType::Identity,
@@ -670,6 +737,9 @@ impl Message {
                 encryption_limit,
                 keys,
                 more,
+                signing_key_id,
+                max_signing_key_age_secs,
+                max_subject_key_age_secs,
             } => {
                 w.u64(*master_created_ms);
                 w.u64(*master_wraps);
@@ -685,7 +755,23 @@ impl Message {
                     Ok(())
                 })?;
                 w.u8(u8::from(*more));
+                w.u32(*signing_key_id);
+                w.u64(*max_signing_key_age_secs);
+                w.u64(*max_subject_key_age_secs);
             }
+            Message::RotateSigningKey | Message::KeyChain => {}
+            Message::RotateMasterKey { kind, secret } => {
+                w.u8(*kind as u8);
+                w.blob(secret)?;
+            }
+            Message::SigningRotated {
+                receipt,
+                endorsement,
+            } => {
+                w.blob(receipt)?;
+                w.blob(endorsement)?;
+            }
+            Message::KeyChainInfo { endorsements } => w.list(endorsements, |w, e| w.blob(e))?,
             Message::Error { code, message } => {
                 w.u16(*code as u16);
                 w.string(message)?;
@@ -791,6 +877,23 @@ impl Message {
                     })
                 })?,
                 more: read_bool(r)?,
+                signing_key_id: r.u32()?,
+                max_signing_key_age_secs: r.u64()?,
+                max_subject_key_age_secs: r.u64()?,
+            },
+            MessageType::RotateSigningKey => Message::RotateSigningKey,
+            MessageType::KeyChain => Message::KeyChain,
+            MessageType::RotateMasterKey => Message::RotateMasterKey {
+                kind: SecretKind::from_u8(r.u8()?)
+                    .ok_or(Error::Malformed("unknown secret kind"))?,
+                secret: r.blob()?,
+            },
+            MessageType::SigningRotated => Message::SigningRotated {
+                receipt: r.blob()?,
+                endorsement: r.blob()?,
+            },
+            MessageType::KeyChainInfo => Message::KeyChainInfo {
+                endorsements: r.list(4, |r| r.blob())?,
             },
             MessageType::Identity => Message::Identity {
                 id: r.string()?,
@@ -1124,6 +1227,25 @@ impl fmt::Debug for Message {
                 .field("keys", &keys.len())
                 .field("more", more)
                 .finish(),
+            Message::RotateSigningKey => f.write_str("RotateSigningKey"),
+            Message::KeyChain => f.write_str("KeyChain"),
+            Message::RotateMasterKey { kind, secret: _ } => f
+                .debug_struct("RotateMasterKey")
+                .field("kind", kind)
+                .field("secret", &Hidden)
+                .finish(),
+            Message::SigningRotated {
+                receipt,
+                endorsement,
+            } => f
+                .debug_struct("SigningRotated")
+                .field("receipt", &Opaque(receipt))
+                .field("endorsement", &Opaque(endorsement))
+                .finish(),
+            Message::KeyChainInfo { endorsements } => f
+                .debug_struct("KeyChainInfo")
+                .field("endorsements", &endorsements.len())
+                .finish(),
             Message::Error { code, message } => f
                 .debug_struct("Error")
                 .field("code", code)
@@ -1285,6 +1407,17 @@ pub(crate) mod tests {
                 "465601130000000000010000000fb6bbfad1",
                 "0007637573742d3432000000010064",
             ),
+            g(Message::RotateSigningKey, 0, "46560114000000000001000000007945ffba", ""),
+            g(Message::KeyChain, 0, "4656011500000000000100000000b8cb207a", ""),
+            g(
+                Message::RotateMasterKey {
+                    kind: SecretKind::Passphrase,
+                    secret: b"pw!".to_vec(),
+                },
+                0,
+                "465601160000000000010000000872e0daf1",
+                "0100000003707721",
+            ),
             g(
                 Message::HelloOk {
                     role: s("service"),
@@ -1421,10 +1554,30 @@ pub(crate) mod tests {
                         },
                     ],
                     more: false,
+                    signing_key_id: 1,
+                    max_signing_key_age_secs: 604_800,
+                    max_subject_key_age_secs: 0,
                 },
                 0,
-                "4656018f0000000000010000006ff0708b91",
-                "0000019ab697e80000000000000000030000019ab697e800000000010000000000020007637573742d34320000000100000000000000020000019ab697e8010000000000000005020007637573742d34320000000200000000000000090000019ab697e80200000000000000000100",
+                "4656018f00000000000100000083a330036b",
+                "0000019ab697e80000000000000000030000019ab697e800000000010000000000020007637573742d34320000000100000000000000020000019ab697e8010000000000000005020007637573742d34320000000200000000000000090000019ab697e80200000000000000000100000000010000000000093a800000000000000000",
+            ),
+            g(
+                Message::SigningRotated {
+                    receipt: vec![1],
+                    endorsement: vec![2, 3],
+                },
+                0,
+                "465601900000000000010000000bb04616b1",
+                "0000000101000000020203",
+            ),
+            g(
+                Message::KeyChainInfo {
+                    endorsements: vec![vec![2, 3]],
+                },
+                0,
+                "46560191000000000001000000080afa5d47",
+                "0001000000020203",
             ),
             g(
                 Message::Error {
@@ -1590,8 +1743,13 @@ pub(crate) mod tests {
         for (life, ok) in [(0u8, false), (1, true), (3, true), (4, false)] {
             let mut bytes = info.clone();
             bytes.extend_from_slice(&[life, 0]);
+            bytes.extend_from_slice(&[0; 20]);
             let r = Message::decode(MessageType::KeyStatusInfo, &bytes);
             assert_eq!(r.is_ok(), ok, "life {life}: {r:?}");
+        }
+        for (kind, ok) in [(0u8, false), (1, true), (2, true), (3, false)] {
+            let r = Message::decode(MessageType::RotateMasterKey, &[kind, 0, 0, 0, 1, 7]);
+            assert_eq!(r.is_ok(), ok, "secret kind {kind}: {r:?}");
         }
         assert!(matches!(
             Message::decode(

@@ -73,6 +73,9 @@ pub async fn run(
             .transpose()
             .map_err(io)?,
     };
+    for warning in d.serve.rotation.check(&vault)? {
+        tracing::warn!("rotation policy: {warning}");
+    }
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     {

@@ -154,7 +154,15 @@ pub async fn run(
         protocol,
         http: Some(http),
         tls,
-        serve: ServeConfig::default(),
+        // A demonstration of the rotation policy: `vault-admin status`
+        // reports keys older than these.
+        serve: ServeConfig {
+            rotation: crate::serve::RotationPolicy {
+                max_signing_key_age: Some(std::time::Duration::from_secs(90 * 86_400)),
+                max_subject_key_age: Some(std::time::Duration::from_secs(365 * 86_400)),
+            },
+            ..ServeConfig::default()
+        },
         shim: ShimConfig::default(),
         policies: Some(policies),
     };

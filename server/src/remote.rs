@@ -32,7 +32,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client::{verify_receipt, Client, ClientConfig, ClientError, ErrorCode, Receipt};
+use client::{Client, ClientConfig, ClientError, ErrorCode, KeyChain, Receipt};
 use ed25519_dalek::VerifyingKey;
 use storage::entry::{entry_hash, EntryRef};
 use storage::verify::{check_entry_content, check_genesis_key, check_group, ChainCheck, Failure};
@@ -138,6 +138,8 @@ pub async fn verify_remote(opts: &RemoteOptions<'_>) -> Result<RemoteReport> {
             shredded: Vec::new(),
             shred_pending: Vec::new(),
             unindexed: 0,
+            signing_keys: Vec::new(),
+            retired_signing_pending: Vec::new(),
         },
         addr,
         groups: 0,
@@ -181,11 +183,17 @@ async fn run(
     let Some(head) = info.signed_head else {
         return Ok(Err((0, Reason::BadGenesis("empty log".into()))));
     };
-    if !head.verify(key) {
+    // The server's key chain, checked from the pinned key; the walk
+    // rebuilds it from the log and must find the same endorsements.
+    let served_chain = match client.key_chain(key.as_bytes()).await {
+        Ok(c) => c,
+        Err(ClientError::BadKeyChain(e)) => {
+            return Ok(Err((0, Reason::KeyMismatch(e.to_string()))))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !served_chain.verify_head(&head) {
         return Ok(Err((head.last_seq, Reason::BadSignature)));
-    }
-    if head.key_id != 0 {
-        return Ok(Err((head.last_seq, Reason::HeadMismatch)));
     }
     let target = head.last_seq.saturating_add(1);
     if let Some(total) = opts.total_hint {
@@ -207,7 +215,7 @@ async fn run(
     let samples = sample_seqs(target, opts.sample_receipts);
     let mut sampled: Vec<(u64, Hash, SignedHead)> = Vec::new();
 
-    let mut chain = ChainCheck::new();
+    let mut chain = ChainCheck::new(*key);
     // The receipt of the open group's first entry, and that entry's hash.
     let mut group: Option<(Receipt, Hash)> = None;
     while chain.next_seq() < target {
@@ -265,7 +273,7 @@ async fn run(
                 }
                 if r.head.last_seq == e.seq {
                     if let Some((r, first_hash)) = group.take() {
-                        if let Err(f) = close_group(&mut chain, &r, &first_hash, key) {
+                        if let Err(f) = close_group(&mut chain, &r, &first_hash) {
                             return Ok(Err(f));
                         }
                         out.groups += 1;
@@ -285,6 +293,14 @@ async fn run(
     }
     out.report.entries = tip.entries;
     out.report.head = tip.last_hash;
+    let walked = chain.keys().endorsements();
+    if served_chain.endorsements().get(..walked.len()) != Some(walked) {
+        return Ok(Err((
+            head.last_seq,
+            Reason::KeyMismatch("the served key chain is not the log's".into()),
+        )));
+    }
+    out.report.signing_keys = walked.to_vec();
 
     for (seq, hash, group_head) in sampled {
         let r = match client.proof(seq).await {
@@ -295,7 +311,7 @@ async fn run(
             }) => return Ok(Err((seq, Reason::Truncated))),
             Err(e) => return Err(e.into()),
         };
-        if let Err(f) = check_receipt(&r, &hash, key) {
+        if let Err(f) = check_receipt(&r, &hash, chain.keys()) {
             return Ok(Err(f));
         }
         if r.head != group_head {
@@ -316,21 +332,16 @@ fn close_group(
     chain: &mut ChainCheck,
     r: &Receipt,
     first_hash: &Hash,
-    key: &VerifyingKey,
 ) -> std::result::Result<(), Failure> {
-    let hashes = chain.close_group(&r.head)?;
-    check_group(&hashes, &r.head, r.head.verify(key))?;
-    check_receipt(r, first_hash, key)
+    let closed = chain.close_group(&r.head)?;
+    check_group(&closed.hashes, &r.head, r.head.verify(&closed.key))?;
+    check_receipt(r, first_hash, chain.keys())
 }
 
-/// A receipt verifies with the pinned key ([`verify_receipt`]) and names
+/// A receipt verifies with the key chain from the pinned key and names
 /// the hash of the entry that was served at its seq.
-fn check_receipt(
-    r: &Receipt,
-    served: &Hash,
-    key: &VerifyingKey,
-) -> std::result::Result<(), Failure> {
-    if let Err(e) = verify_receipt(r, key.as_bytes()) {
+fn check_receipt(r: &Receipt, served: &Hash, keys: &KeyChain) -> std::result::Result<(), Failure> {
+    if let Err(e) = r.verify_chain(keys) {
         return Err((r.seq, Reason::BadReceipt(e.to_string())));
     }
     if &r.entry_hash != served {

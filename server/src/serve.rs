@@ -53,6 +53,80 @@ pub struct ServeConfig {
     pub default_token_ttl: Duration,
     /// Longest lifetime a `Mint` may ask for (default 1 hour).
     pub max_token_ttl: Duration,
+    /// The rotation policy `KeyStatus` reports, for `vault-admin status`
+    /// to warn about keys older than it (default: none).
+    pub rotation: RotationPolicy,
+}
+
+/// Maximum ages of keys before they should be rotated (`None`: no
+/// maximum). The vault does not rotate by itself: `vaultd` warns at start
+/// and `vault-admin status` warns (docs/keys.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RotationPolicy {
+    pub max_signing_key_age: Option<Duration>,
+    pub max_subject_key_age: Option<Duration>,
+}
+
+impl RotationPolicy {
+    /// What is overdue at `now_ms`, one line per finding: the signing key
+    /// (its id and creation time) and the active subject keys (their
+    /// creation times).
+    pub fn overdue(
+        &self,
+        now_ms: u64,
+        (signing_key_id, signing_created_ms): (u32, u64),
+        active_subject_keys_created_ms: impl Iterator<Item = u64>,
+    ) -> Vec<String> {
+        let age = |created_ms: u64| Duration::from_millis(now_ms.saturating_sub(created_ms));
+        let days = |d: Duration| d.as_secs() / 86_400;
+        let mut out = Vec::new();
+        if let Some(max) = self.max_signing_key_age {
+            if age(signing_created_ms) > max {
+                out.push(format!(
+                    "signing key {signing_key_id} is older than the maximum of {} days: rotate it (vault-admin rotate-signing-key)",
+                    days(max)
+                ));
+            }
+        }
+        if let Some(max) = self.max_subject_key_age {
+            let old = active_subject_keys_created_ms
+                .filter(|ms| age(*ms) > max)
+                .count();
+            if old > 0 {
+                out.push(format!(
+                    "{old} active subject key(s) are older than the maximum of {} days: rotate them (vault-admin rotate-subject-key)",
+                    days(max)
+                ));
+            }
+        }
+        out
+    }
+
+    /// [`RotationPolicy::overdue`] for every key of `vault`, now.
+    pub fn check(&self, vault: &Vault) -> storage::Result<Vec<String>> {
+        if self.max_signing_key_age.is_none() && self.max_subject_key_age.is_none() {
+            return Ok(Vec::new());
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut active = Vec::new();
+        let mut after: Option<(String, u32)> = None;
+        let signing = loop {
+            let page = vault.key_status(after.as_ref().map(|(s, v)| (s.as_str(), *v)), 1000)?;
+            active.extend(
+                page.subject_keys
+                    .iter()
+                    .filter(|k| k.life == storage::KeyLife::Active)
+                    .map(|k| k.created_ms),
+            );
+            match (page.more, page.subject_keys.last()) {
+                (true, Some(k)) => after = Some((k.subject.clone(), k.version)),
+                _ => break (page.signing_key_id, page.signing_created_ms),
+            }
+        };
+        Ok(self.overdue(now_ms, signing, active.into_iter()))
+    }
 }
 
 impl Default for ServeConfig {
@@ -66,6 +140,7 @@ impl Default for ServeConfig {
             server_name: format!("vaultd/{}", env!("CARGO_PKG_VERSION")),
             default_token_ttl: Duration::from_secs(300),
             max_token_ttl: Duration::from_secs(3600),
+            rotation: RotationPolicy::default(),
         }
     }
 }
@@ -111,7 +186,7 @@ impl Role {
     pub fn may(self, m: &Message) -> bool {
         use storage::Kind;
         match m {
-            Message::Ping | Message::Health => true,
+            Message::Ping | Message::Health | Message::KeyChain => true,
             Message::Event { kind, .. } => match Kind::from_u8(*kind) {
                 Some(Kind::ConsentGranted | Kind::ConsentRevoked) => {
                     matches!(self, Role::Admin | Role::Writer | Role::Gateway)
@@ -134,6 +209,8 @@ impl Role {
             | Message::RevokeCredential { .. }
             | Message::Shred { .. }
             | Message::RotateSubjectKey { .. }
+            | Message::RotateSigningKey
+            | Message::RotateMasterKey { .. }
             | Message::KeyStatus { .. } => self == Role::Admin,
             Message::Append { .. } | Message::AppendBatch { .. } => {
                 matches!(self, Role::Writer | Role::Admin)
@@ -761,7 +838,48 @@ async fn handle(
             after_subject,
             after_version,
             max,
-        } => key_status(vault, &after_subject, after_version, max),
+        } => key_status(vault, &config.rotation, &after_subject, after_version, max),
+        Message::RotateSigningKey => match vault.rotate_signing_key().await {
+            Ok((r, e)) => {
+                tracing::info!(key_id = e.key_id, admin = %caller.id, "signing key rotated");
+                Message::SigningRotated {
+                    receipt: r.encode(),
+                    endorsement: e.encode(),
+                }
+            }
+            Err(e) => storage_error(&e),
+        },
+        Message::KeyChain => Message::KeyChainInfo {
+            endorsements: vault.key_chain().iter().map(|e| e.encode()).collect(),
+        },
+        Message::RotateMasterKey { kind, secret } => {
+            let secret = zeroize::Zeroizing::new(secret);
+            let unlock = match kind {
+                protocol::SecretKind::Passphrase if secret.is_empty() => {
+                    Err(error(ErrorCode::Invalid, "the passphrase is empty"))
+                }
+                protocol::SecretKind::Passphrase => {
+                    Ok(storage::Unlock::passphrase(secret.to_vec()))
+                }
+                protocol::SecretKind::KeyFile => storage::Unlock::key_file(&secret)
+                    .map_err(|e| error(ErrorCode::Invalid, &e.to_string())),
+            };
+            match unlock {
+                Err(m) => m,
+                Ok(unlock) => match vault.rotate_master_key(&unlock).await {
+                    Ok(r) => {
+                        tracing::warn!(
+                            admin = %caller.id,
+                            "master key rotated: the next start of vaultd needs the new secret"
+                        );
+                        Message::Receipt {
+                            receipt: r.encode(),
+                        }
+                    }
+                    Err(e) => storage_error(&e),
+                },
+            }
+        }
         _ => error(ErrorCode::Malformed, "a response sent as a request"),
     };
     if let (Some(op), false) = (op, matches!(reply, Message::Error { .. })) {
@@ -775,7 +893,13 @@ async fn handle(
 const MAX_KEY_STATUS_PAGE: u16 = 1000;
 
 /// A page of the vault's key status.
-fn key_status(vault: &Vault, after_subject: &str, after_version: u32, max: u16) -> Message {
+fn key_status(
+    vault: &Vault,
+    policy: &RotationPolicy,
+    after_subject: &str,
+    after_version: u32,
+    max: u16,
+) -> Message {
     let max = match max {
         0 => MAX_KEY_STATUS_PAGE,
         m => m.min(MAX_KEY_STATUS_PAGE),
@@ -804,6 +928,9 @@ fn key_status(vault: &Vault, after_subject: &str, after_version: u32, max: u16) 
                 })
                 .collect(),
             more: s.more,
+            signing_key_id: s.signing_key_id,
+            max_signing_key_age_secs: policy.max_signing_key_age.map_or(0, |d| d.as_secs()),
+            max_subject_key_age_secs: policy.max_subject_key_age.map_or(0, |d| d.as_secs()),
         },
         Err(e) => storage_error(&e),
     }

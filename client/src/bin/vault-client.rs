@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use client::cli::ConnectArgs;
-use client::{verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt};
+use client::{Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -205,7 +205,10 @@ async fn verify(
     pinned: Option<[u8; 32]>,
 ) -> anyhow::Result<bool> {
     if let Some(key) = pinned {
-        verify_receipt(receipt, &key).context("the receipt does not verify with --public-key")?;
+        client
+            .verify_receipt(receipt, &key)
+            .await
+            .context("the receipt does not verify with --public-key")?;
         return Ok(true);
     }
     let head = match client.head().await {
@@ -226,7 +229,10 @@ async fn verify(
             return Ok(false);
         }
     };
-    verify_receipt(receipt, &head.public_key).context("the receipt does not verify")?;
+    client
+        .verify_receipt(receipt, &head.public_key)
+        .await
+        .context("the receipt does not verify")?;
     // A head older than the receipt's own would mean the server went back.
     let mut tracker = HeadTracker::new();
     tracker.observe(&receipt.head)?;

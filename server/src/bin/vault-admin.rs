@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use client::cli::{ConnectArgs, Format};
-use client::{verify_receipt, Client, ClientError, ErrorCode, KeyLife, Receipt};
+use client::{Client, ClientError, ErrorCode, KeyLife, Receipt};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -299,7 +299,10 @@ async fn check(client: &Client, receipt: &Receipt, pinned: Option<[u8; 32]>) -> 
         Some(k) => k,
         None => client.head().await?.public_key,
     };
-    verify_receipt(receipt, &key).context("the receipt does not verify")?;
+    client
+        .verify_receipt(receipt, &key)
+        .await
+        .context("the receipt does not verify")?;
     Ok(())
 }
 

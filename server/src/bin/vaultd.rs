@@ -92,6 +92,8 @@ enum Command {
         policies: Option<PathBuf>,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        rotation: RotationArgs,
     },
     /// Serve only the HTTP policy shim, in front of a vault in another process.
     Shim {
@@ -139,6 +141,29 @@ enum Command {
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
     },
+}
+
+/// The rotation policy: `vaultd` warns at start, and `vault-admin status`
+/// warns, about keys older than these.
+#[derive(clap::Args)]
+struct RotationArgs {
+    /// Maximum age of the signing key, in days (0: none).
+    #[arg(long, env = "FINTRUST_MAX_SIGNING_KEY_AGE_DAYS", default_value_t = 0)]
+    max_signing_key_age_days: u64,
+    /// Maximum age of an active subject data key, in days (0: none).
+    #[arg(long, env = "FINTRUST_MAX_SUBJECT_KEY_AGE_DAYS", default_value_t = 0)]
+    max_subject_key_age_days: u64,
+}
+
+impl RotationArgs {
+    fn policy(&self) -> server::serve::RotationPolicy {
+        let days =
+            |d: u64| (d > 0).then(|| std::time::Duration::from_secs(d.saturating_mul(86_400)));
+        server::serve::RotationPolicy {
+            max_signing_key_age: days(self.max_signing_key_age_days),
+            max_subject_key_age: days(self.max_subject_key_age_days),
+        }
+    }
 }
 
 /// TLS of the served ports.
@@ -269,6 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             public_vault_addr,
             policies,
             tls,
+            rotation,
         } => {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
@@ -297,7 +323,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     protocol,
                     http,
                     tls,
-                    serve: server::serve::ServeConfig::default(),
+                    serve: server::serve::ServeConfig {
+                        rotation: rotation.policy(),
+                        ..Default::default()
+                    },
                     shim,
                     policies,
                 };
