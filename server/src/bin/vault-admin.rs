@@ -1,8 +1,11 @@
 //! `vault-admin`: the operator's tool for a running vault (admin API key):
-//! crypto-shred a subject, rotate a subject's data key, list the keys and
-//! their ages, show the vault's status, and create or revoke credentials.
-//! Each subcommand is one or two calls of the `client` library plus
-//! printing; procedures and guarantees are in docs/keys.md.
+//! crypto-shred a subject, rotate the signing key, the master key or a
+//! subject's data key, list the keys and their ages, show the vault's
+//! status (with the rotation policy's warnings), and create or revoke
+//! credentials. Each subcommand is one or two calls of the `client`
+//! library plus printing; procedures and guarantees are in docs/keys.md.
+//! The key rotations also work on a stopped vault (`--data-dir` and its
+//! current secret), through the `storage` library.
 //!
 //! Data goes to stdout (text, or one JSON object with `--format json`),
 //! diagnostics to stderr. Exit codes: 0 success, 1 local error (arguments,
@@ -10,6 +13,7 @@
 //! server (`error: <code>: <message>`, e.g. `subject_shredded`, `not_found`,
 //! `forbidden` for a key that is not an admin's).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -65,6 +69,27 @@ enum Command {
         #[arg(long)]
         reencrypt: bool,
     },
+    /// Rotate the signing key: the current key endorses a new one in a
+    /// `key_rotated` entry; later heads are signed by the new key, and the
+    /// old key is destroyed. Old receipts still verify through the key
+    /// chain from the pinned key.
+    RotateSigningKey {
+        #[command(flatten)]
+        offline: Offline,
+    },
+    /// Rotate the master key: every key is re-wrapped under a new master
+    /// key sealed by the new secret (records are not re-encrypted). From
+    /// then on only the new secret opens the vault.
+    RotateMasterKey {
+        /// File holding the new passphrase.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+        /// File holding the new 32-byte key (raw or hex) instead.
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        offline: Offline,
+    },
     /// List every key: master, signing key, and each subject data key
     /// with its age, its use and whether it is active, retired or shredded.
     Keys,
@@ -75,6 +100,32 @@ enum Command {
         #[command(subcommand)]
         command: Credentials,
     },
+}
+
+/// A stopped vault to work on directly instead of a running one.
+#[derive(clap::Args)]
+struct Offline {
+    /// Work on the stopped vault in this data dir (no server).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// With --data-dir: the file of the current passphrase.
+    #[arg(long, env = "FINTRUST_PASSPHRASE_FILE", requires = "data_dir")]
+    passphrase_file: Option<PathBuf>,
+    /// With --data-dir: the current key file instead.
+    #[arg(long, env = "FINTRUST_KEY_FILE", requires = "data_dir")]
+    key_file: Option<PathBuf>,
+}
+
+impl Offline {
+    /// The stopped vault, opened with its current secret.
+    fn open(&self, dir: &Path) -> anyhow::Result<storage::Vault> {
+        let unlock = server::secrets::unlock_from(
+            self.passphrase_file.as_deref(),
+            self.key_file.as_deref(),
+        )?;
+        storage::Vault::open(dir, &unlock, storage::Options::default())
+            .with_context(|| format!("opening the vault in {}", dir.display()))
+    }
 }
 
 #[derive(Subcommand)]
@@ -109,9 +160,44 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
+    if let Some(out) = offline(&cli)? {
+        return print(cli.format, out);
+    }
     let client = connect(&cli).await?;
     let now = now_ms();
     let (json, text) = match &cli.command {
+        Command::RotateSigningKey { .. } => {
+            let r = client.rotate_signing_key().await?;
+            check(&client, &r.receipt, pinned).await?;
+            // The new key must chain from the pinned one.
+            let key = match pinned {
+                Some(k) => k,
+                None => client.head().await?.public_key,
+            };
+            let chain = client.key_chain(&key).await?;
+            if chain.key(r.endorsement.key_id).map(|k| k.to_bytes())
+                != Some(r.endorsement.public_key)
+            {
+                anyhow::bail!("the new signing key is not in the vault's key chain");
+            }
+            signing_rotated(&r.receipt, &r.endorsement)
+        }
+        Command::RotateMasterKey {
+            new_passphrase_file,
+            new_key_file,
+            ..
+        } => {
+            if cli.connect.insecure_plaintext && !is_loopback(&cli.addr) {
+                anyhow::bail!(
+                    "the new secret would cross the network in plaintext: use TLS (--cacert), or run vault-admin on the vault's host"
+                );
+            }
+            let (kind, secret) =
+                new_secret(new_passphrase_file.as_deref(), new_key_file.as_deref())?;
+            let r = client.rotate_master_key(kind, &secret).await?;
+            check(&client, &r, pinned).await?;
+            master_rotated(r.seq, &r.entry_hash)
+        }
         Command::Shred { subject } => {
             let r = client.shred(subject.as_str()).await?;
             check(&client, &r, pinned).await?;
@@ -163,9 +249,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .collect();
             let mut text = format!(
-                "master   created {}  wraps {}\nsigning  key id 0  created {}\nlimit    {} encryptions per subject key\n",
+                "master   created {}  wraps {}\nsigning  key id {}  created {}\nlimit    {} encryptions per subject key\n",
                 age(now, s.master_created_ms),
                 s.master_wraps,
+                s.signing_key_id,
                 age(now, s.signing_created_ms),
                 s.encryption_limit
             );
@@ -186,7 +273,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "master": {"created_ms": s.master_created_ms,
                                "age_secs": age_secs(now, s.master_created_ms),
                                "wraps": s.master_wraps},
-                    "signing": {"key_id": 0, "created_ms": s.signing_created_ms,
+                    "signing": {"key_id": s.signing_key_id, "created_ms": s.signing_created_ms,
                                 "age_secs": age_secs(now, s.signing_created_ms)},
                     "encryption_limit": s.encryption_limit,
                     "keys": keys,
@@ -220,8 +307,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => text.push_str("\nhead: none (empty log)"),
             }
             text.push_str(&format!(
-                "\nmaster key: created {}\nsigning key 0: created {}\nsubject keys: {} active, {} retired, {} shredded",
+                "\nmaster key: created {}\nsigning key {}: created {}\nsubject keys: {} active, {} retired, {} shredded",
                 age(now, keys.master_created_ms),
+                keys.signing_key_id,
                 age(now, keys.signing_created_ms),
                 count(KeyLife::Active),
                 count(KeyLife::Retired),
@@ -233,6 +321,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     age(now, ms)
                 ));
             }
+            let policy = server::serve::RotationPolicy {
+                max_signing_key_age: secs(keys.max_signing_key_age_secs),
+                max_subject_key_age: secs(keys.max_subject_key_age_secs),
+            };
+            let warnings = policy.overdue(
+                now,
+                (keys.signing_key_id, keys.signing_created_ms),
+                keys.keys
+                    .iter()
+                    .filter(|k| k.life == KeyLife::Active)
+                    .map(|k| k.created_ms),
+            );
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
             (
                 json!({
                     "public_key": hex::encode(head.public_key),
@@ -240,7 +343,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "head": signed.map(|h| json!({"last_seq": h.last_seq,
                         "last_hash": hex::encode(h.last_hash), "timestamp_ms": h.timestamp_ms})),
                     "master_key_age_secs": age_secs(now, keys.master_created_ms),
+                    "signing_key_id": keys.signing_key_id,
                     "signing_key_age_secs": age_secs(now, keys.signing_created_ms),
+                    "rotation_policy": {
+                        "max_signing_key_age_secs": keys.max_signing_key_age_secs,
+                        "max_subject_key_age_secs": keys.max_subject_key_age_secs},
+                    "warnings": warnings,
                     "subject_keys": {"active": count(KeyLife::Active),
                                      "retired": count(KeyLife::Retired),
                                      "shredded": count(KeyLife::Shredded)},
@@ -285,11 +393,114 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     };
-    match cli.format {
+    print(cli.format, (json, text))
+}
+
+fn print(format: Format, (json, text): (Value, String)) -> anyhow::Result<()> {
+    match format {
         Format::Json => println!("{json}"),
         Format::Text => println!("{text}"),
     }
     Ok(())
+}
+
+/// The subcommands run on a stopped vault (`--data-dir`), if this is one.
+fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
+    match &cli.command {
+        Command::RotateSigningKey { offline } => {
+            let Some(dir) = &offline.data_dir else {
+                return Ok(None);
+            };
+            let vault = offline.open(dir)?;
+            let (receipt, endorsement) = vault.rotate_signing_key_blocking()?;
+            vault.close()?;
+            Ok(Some(signing_rotated(&receipt, &endorsement)))
+        }
+        Command::RotateMasterKey {
+            new_passphrase_file,
+            new_key_file,
+            offline,
+        } => {
+            let Some(dir) = &offline.data_dir else {
+                return Ok(None);
+            };
+            let old = server::secrets::unlock_from(
+                offline.passphrase_file.as_deref(),
+                offline.key_file.as_deref(),
+            )
+            .context("the current secret (--passphrase-file or --key-file)")?;
+            let new = server::secrets::unlock_from(
+                new_passphrase_file.as_deref(),
+                new_key_file.as_deref(),
+            )
+            .context("the new secret (--new-passphrase-file or --new-key-file)")?;
+            let out = server::init::rotate_master_key(
+                dir.clone(),
+                &old,
+                &new,
+                storage::Options::default(),
+            )?;
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&out.entry_hash, &mut hash)?;
+            Ok(Some(master_rotated(out.seq, &hash)))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn signing_rotated(receipt: &Receipt, e: &client::KeyEndorsement) -> (Value, String) {
+    (
+        json!({"key_id": e.key_id, "public_key": hex::encode(e.public_key),
+               "seq": receipt.seq, "entry_hash": hex::encode(receipt.entry_hash),
+               "endorsement": hex::encode(e.encode())}),
+        format!(
+            "signing key {} is in force: heads after seq {} are signed by it\npublic_key: {}\nentry_hash: {}\nthe old key is destroyed; receipts it signed still verify through the key chain",
+            e.key_id,
+            receipt.seq,
+            hex::encode(e.public_key),
+            hex::encode(receipt.entry_hash)
+        ),
+    )
+}
+
+fn master_rotated(seq: u64, entry_hash: &[u8; 32]) -> (Value, String) {
+    (
+        json!({"rotated": "master", "seq": seq, "entry_hash": hex::encode(entry_hash)}),
+        format!(
+            "master key rotated (key_rotated entry at seq {seq}): only the new secret opens the vault now; start vaultd with it\nentry_hash: {}",
+            hex::encode(entry_hash)
+        ),
+    )
+}
+
+/// The new master secret, as the protocol carries it.
+fn new_secret(
+    passphrase_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> anyhow::Result<(client::SecretKind, client::Zeroizing<Vec<u8>>)> {
+    let read = |p: &Path| {
+        std::fs::read(p)
+            .map(client::Zeroizing::new)
+            .with_context(|| format!("reading {}", p.display()))
+    };
+    // The same checks as the server's, so that a bad file fails here.
+    server::secrets::unlock_from(passphrase_file, key_file)
+        .context("the new secret (--new-passphrase-file or --new-key-file)")?;
+    match (passphrase_file, key_file) {
+        (Some(p), None) => Ok((client::SecretKind::Passphrase, read(p)?)),
+        (None, Some(k)) => Ok((client::SecretKind::KeyFile, read(k)?)),
+        _ => anyhow::bail!("give --new-passphrase-file or --new-key-file"),
+    }
+}
+
+/// Whether `addr` (host:port) names this machine.
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Checks a receipt with the pinned key, or else the key the server
@@ -304,6 +515,11 @@ async fn check(client: &Client, receipt: &Receipt, pinned: Option<[u8; 32]>) -> 
         .await
         .context("the receipt does not verify")?;
     Ok(())
+}
+
+/// A policy's maximum age: 0 seconds means none.
+fn secs(s: u64) -> Option<std::time::Duration> {
+    (s > 0).then(|| std::time::Duration::from_secs(s))
 }
 
 fn now_ms() -> u64 {
