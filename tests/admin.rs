@@ -241,3 +241,140 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["shredded"], serde_json::json!([subject]));
 }
+
+#[test]
+fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("dev");
+    let dev = support::DevServer::start(&dir);
+    let addr = dev.get("vault_addr");
+    let key = dev.get("admin_api_key");
+    let writer = dev.get("writer_api_key");
+    let public_key = dev.get("public_key");
+
+    // Signing key: the receipt is signed by key 0, the new key is 1.
+    let r = admin(
+        &addr,
+        &key,
+        &["rotate-signing-key", "--public-key", &public_key],
+    )
+    .json();
+    assert_eq!(r["key_id"], 1, "{r}");
+    let status = admin(&addr, &key, &["status"]).json();
+    assert_eq!(status["signing_key_id"], 1, "{status}");
+    assert_eq!(
+        status["rotation_policy"]["max_signing_key_age_secs"],
+        90 * 86_400,
+        "vaultd dev's rotation policy"
+    );
+    assert_eq!(status["warnings"], serde_json::json!([]));
+    // A record appended now is signed by key 1; vault-client checks its
+    // receipt through the key chain from the pinned key 0.
+    let record = tmp.path().join("record.json");
+    std::fs::write(&record, r#"{"name":"Ada"}"#).expect("write");
+    let append = run_bin(
+        "fintrust-client",
+        "vault-client",
+        [
+            "append",
+            "--subject",
+            "after-rotation",
+            "--record-file",
+            record.to_str().expect("utf-8"),
+            "--addr",
+            &addr,
+            "--api-key",
+            &writer,
+            "--insecure-plaintext",
+            "--public-key",
+            &public_key,
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(append.code, 0, "{append:?}");
+
+    // Master key, online, to a new passphrase file.
+    let new_pass = tmp.path().join("new-passphrase");
+    std::fs::write(&new_pass, "a new master passphrase\n").expect("write");
+    let r = admin(
+        &addr,
+        &key,
+        &[
+            "rotate-master-key",
+            "--new-passphrase-file",
+            new_pass.to_str().expect("utf-8"),
+        ],
+    )
+    .json();
+    assert_eq!(r["rotated"], "master", "{r}");
+    // Without a new secret: a local error, nothing sent.
+    let none = admin(&addr, &key, &["rotate-master-key"]);
+    assert_eq!(none.code, 1, "{none:?}");
+    let status = dev.stop();
+    assert!(status.success(), "{status}");
+
+    // Offline, on the stopped data dir: the old dev passphrase is refused,
+    // the new one opens it; then a key file.
+    wait_unlocked(&dir);
+    let dev_pass = dir.join("dev-passphrase");
+    let offline = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+            "--format",
+            "json",
+        ]);
+        run_bin("fintrust-server", "vault-admin", all, &[])
+    };
+    let old = offline(&[
+        "rotate-signing-key",
+        "--passphrase-file",
+        dev_pass.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(old.code, 1, "the old passphrase no longer opens: {old:?}");
+    let r = offline(&[
+        "rotate-signing-key",
+        "--passphrase-file",
+        new_pass.to_str().expect("utf-8"),
+    ])
+    .json();
+    assert_eq!(r["key_id"], 2, "{r}");
+    wait_unlocked(&dir);
+    let key_file = tmp.path().join("master.key");
+    std::fs::write(&key_file, hex_key()).expect("write");
+    let r = offline(&[
+        "rotate-master-key",
+        "--passphrase-file",
+        new_pass.to_str().expect("utf-8"),
+        "--new-key-file",
+        key_file.to_str().expect("utf-8"),
+    ])
+    .json();
+    assert_eq!(r["rotated"], "master", "{r}");
+
+    // The log verifies from the pinned genesis key through keys 1 and 2.
+    wait_unlocked(&dir);
+    let v = run_bin(
+        "fintrust-server",
+        "vault-verify",
+        [
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--public-key"),
+            OsStr::new(&public_key),
+            OsStr::new("--json"),
+        ],
+        &[],
+    )
+    .json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["signing_key_id"], 2, "{v}");
+}
+
+/// 64 hex digits of a key file.
+fn hex_key() -> String {
+    "0f".repeat(32)
+}

@@ -27,6 +27,11 @@ pub struct VerifyJson {
     pub head_seq: Option<u64>,
     pub failure: Option<FailureJson>,
     pub shredded: Vec<String>,
+    /// The signing key in force at the end of the log: the pinned key is
+    /// key 0, and each rotation's endorsement was followed from it.
+    pub signing_key_id: u32,
+    /// Public keys of signing keys 1.., in order (hex).
+    pub signing_keys: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<&'static str>,
     /// `"remote"` for `--remote`; absent for a data dir.
@@ -73,6 +78,12 @@ impl From<&Report> for VerifyJson {
                 detail: reason.to_string(),
             }),
             shredded: r.shredded.clone(),
+            signing_key_id: r.signing_keys.last().map_or(0, |e| e.key_id),
+            signing_keys: r
+                .signing_keys
+                .iter()
+                .map(|e| hex::encode(e.public_key))
+                .collect(),
             warning: r.used_stored_key.then_some(STORED_KEY_WARNING),
             mode: None,
             server: None,
@@ -125,9 +136,10 @@ pub fn remote_summary(r: &RemoteReport) -> String {
 pub fn summary(r: &Report) -> String {
     match &r.failure {
         None => format!(
-            "OK: {} entries verified; head {}",
+            "OK: {} entries verified; head {}; signing key {}",
             r.entries,
-            r.head.map(hex::encode).unwrap_or_else(|| "-".into())
+            r.head.map(hex::encode).unwrap_or_else(|| "-".into()),
+            r.signing_keys.last().map_or(0, |e| e.key_id)
         ),
         Some((seq, reason)) => format!("INTEGRITY FAILURE at seq {seq}: {reason}"),
     }

@@ -1038,20 +1038,6 @@ impl Vault {
         Ok((receipt, endorsement))
     }
 
-    /// Blocking [`Vault::rotate_signing_key`], for callers outside a
-    /// runtime.
-    pub fn rotate_signing_key_blocking(&self) -> Result<(Receipt, KeyEndorsement)> {
-        let receipt = self
-            .submit_raw(vec![Append::RotateSigning])?
-            .pop()
-            .ok_or(Error::Closed)?;
-        self.key_chain()
-            .into_iter()
-            .find(|e| e.seq == receipt.seq)
-            .map(|e| (receipt, e))
-            .ok_or(Error::Closed)
-    }
-
     /// The 16-byte vault id.
     pub fn vault_id(&self) -> [u8; 16] {
         self.inner.vault_id

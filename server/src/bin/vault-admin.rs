@@ -109,10 +109,10 @@ struct Offline {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// With --data-dir: the file of the current passphrase.
-    #[arg(long, env = "FINTRUST_PASSPHRASE_FILE", requires = "data_dir")]
+    #[arg(long, env = "FINTRUST_PASSPHRASE_FILE")]
     passphrase_file: Option<PathBuf>,
     /// With --data-dir: the current key file instead.
-    #[arg(long, env = "FINTRUST_KEY_FILE", requires = "data_dir")]
+    #[arg(long, env = "FINTRUST_KEY_FILE")]
     key_file: Option<PathBuf>,
 }
 
@@ -160,7 +160,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
-    if let Some(out) = offline(&cli)? {
+    if let Some(out) = offline(&cli).await? {
         return print(cli.format, out);
     }
     let client = connect(&cli).await?;
@@ -405,14 +405,14 @@ fn print(format: Format, (json, text): (Value, String)) -> anyhow::Result<()> {
 }
 
 /// The subcommands run on a stopped vault (`--data-dir`), if this is one.
-fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
+async fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
     match &cli.command {
         Command::RotateSigningKey { offline } => {
             let Some(dir) = &offline.data_dir else {
                 return Ok(None);
             };
             let vault = offline.open(dir)?;
-            let (receipt, endorsement) = vault.rotate_signing_key_blocking()?;
+            let (receipt, endorsement) = vault.rotate_signing_key().await?;
             vault.close()?;
             Ok(Some(signing_rotated(&receipt, &endorsement)))
         }
@@ -424,25 +424,15 @@ fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
             let Some(dir) = &offline.data_dir else {
                 return Ok(None);
             };
-            let old = server::secrets::unlock_from(
-                offline.passphrase_file.as_deref(),
-                offline.key_file.as_deref(),
-            )
-            .context("the current secret (--passphrase-file or --key-file)")?;
             let new = server::secrets::unlock_from(
                 new_passphrase_file.as_deref(),
                 new_key_file.as_deref(),
             )
             .context("the new secret (--new-passphrase-file or --new-key-file)")?;
-            let out = server::init::rotate_master_key(
-                dir.clone(),
-                &old,
-                &new,
-                storage::Options::default(),
-            )?;
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(&out.entry_hash, &mut hash)?;
-            Ok(Some(master_rotated(out.seq, &hash)))
+            let vault = offline.open(dir)?;
+            let receipt = vault.rotate_master_key(&new).await?;
+            vault.close()?;
+            Ok(Some(master_rotated(receipt.seq, &receipt.entry_hash)))
         }
         _ => Ok(None),
     }
