@@ -5,8 +5,10 @@
 //! recomputes the same bytes outside Rust.
 
 use ed25519_dalek::SigningKey;
+use protocol::receipt::ENDORSEMENT_LEN;
 use storage::chunk::{
-    encode_chunk, merkle_root, root_from_path, Chunk, MerkleTree, Receipt, SignedHead, HEAD_LEN,
+    encode_chunk, merkle_root, root_from_path, Chunk, KeyChain, KeyEndorsement, MerkleTree,
+    Receipt, SignedHead, HEAD_LEN,
 };
 use storage::crypto::{
     self, data_key_aad, record_aad, signing_key_aad, KdfParams, SealedMaster, SecretKey, Unlock,
@@ -261,13 +263,42 @@ fn wrapped_data_key_vector() {
     assert!(crypto::unwrap_key(&master, &data_key_aad("cust-43", 1), &wrapped).is_none());
 }
 
+/// Signing key 0 (the seed 0x07 × 32) endorses key 1 (the seed 0x08 × 32)
+/// in the `key_rotated` entry at seq 9.
+#[test]
+fn key_endorsement_vector() {
+    let new = SigningKey::from_bytes(&[8u8; 32]).verifying_key();
+    let e = KeyEndorsement::sign(&signing_key(), 1, &new, 9);
+    assert_eq!(hex::encode(e.encode()), ENDORSEMENT);
+    assert_eq!(e.encode().len(), ENDORSEMENT_LEN);
+    assert_eq!(KeyEndorsement::decode(&e.encode()).expect("decodes"), e);
+    assert!(e.verify(&signing_key().verifying_key()));
+    assert!(!e.verify(&new), "only the previous key endorses");
+    let chain = KeyChain::from_endorsements(signing_key().verifying_key(), &[e]).expect("chains");
+    assert_eq!(chain.key(1), Some(&new));
+    // Any changed byte breaks the endorsement.
+    let bytes = e.encode();
+    for i in 0..bytes.len() {
+        let mut b = bytes.clone();
+        b[i] ^= 1;
+        let Ok(forged) = KeyEndorsement::decode(&b) else {
+            continue;
+        };
+        assert!(
+            KeyChain::from_endorsements(signing_key().verifying_key(), &[forged]).is_err(),
+            "byte {i}"
+        );
+    }
+    assert!(KeyEndorsement::decode(&bytes[..ENDORSEMENT_LEN - 1]).is_err());
+}
+
 /// docs/storage.md lists every vector as a `NAME hex` line (the output of
 /// its Python script): the page must keep showing the bytes pinned here.
 #[test]
 fn docs_show_the_vectors() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/storage.md");
     let docs = std::fs::read_to_string(path).expect("docs/storage.md is readable");
-    let vectors: [(&str, String); 21] = [
+    let vectors: [(&str, String); 22] = [
         ("RECORD_CT", RECORD_CT.into()),
         ("ENTRY6", ENTRY6.into()),
         ("ENTRY6_HASH", ENTRY6_HASH.into()),
@@ -289,6 +320,7 @@ fn docs_show_the_vectors() {
         ("SEALED_MASTER_PASSPHRASE", SEALED_MASTER_PASSPHRASE.into()),
         ("SEALED_MASTER_KEY_FILE", SEALED_MASTER_KEY_FILE.into()),
         ("WRAPPED_DATA_KEY", WRAPPED_DATA_KEY.into()),
+        ("ENDORSEMENT", ENDORSEMENT.into()),
     ];
     for (name, hex) in vectors {
         let line = format!("{name} {hex}");
@@ -326,6 +358,8 @@ const SIGNING_KEY_AAD: &str =
     "66696e74727573742d7661756c742f7369676e696e672d6b65792f76310000000000";
 /// "dk/cust-42" 0x00 u32 1.
 const DATA_KEY_NAME: &str = "646b2f637573742d34320000000001";
+const ENDORSEMENT: &str =
+    "000000011398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca00000000000000098de5f68a3fc4becd4201ed770e36dfaf50cecb0015929a992117d2174dc581846197a190f31840732a2aa27009ce936fc733f32c62b57db967cbb74dfd63af0c";
 /// "signing/" u32 0.
 const SIGNING_KEY_NAME: &str = "7369676e696e672f00000000";
 /// nonce 0x0b × 12 || AES-256-GCM-SIV(0x04 × 32, nonce, 0x01 × 32, DATA_KEY_AAD).

@@ -1247,3 +1247,188 @@ async fn signing_rotation_chains_keys_and_every_receipt_still_verifies() {
         r.failure
     );
 }
+
+// ---- Every rotation under SIGKILL ----
+
+const ROTATION_CHILD_ENV: &str = "FINTRUST_TEST_ROTATION_CHILD_DIR";
+
+/// The vault in `dir`, opened with whichever of the two test secrets
+/// opens it (true: the new one). With `exactly_one`, also checks that the
+/// other one is refused.
+fn open_either(dir: &Path, exactly_one: bool) -> (Vault, bool) {
+    let (first, on_new) = match open_with(dir, &unlock()) {
+        Ok(v) => (v, false),
+        Err(Error::WrongSecret) => (open_with(dir, &new_unlock()).expect("open"), true),
+        Err(e) => panic!("open: {e}"),
+    };
+    if !exactly_one {
+        return (first, on_new);
+    }
+    first.close().expect("close");
+    let other = if on_new { unlock() } else { new_unlock() };
+    assert!(
+        matches!(open_with(dir, &other), Err(Error::WrongSecret)),
+        "both secrets open the vault"
+    );
+    let mine = if on_new { new_unlock() } else { unlock() };
+    (open_with(dir, &mine).expect("reopen"), on_new)
+}
+
+/// Runs only as the child: appends from three tasks while the main task
+/// rotates the signing key, a subject key (re-encrypting) and the master
+/// key (between the two test secrets) in turn, until killed. Prints each
+/// acknowledgement.
+#[test]
+fn rotation_child() {
+    let Ok(dir) = std::env::var(ROTATION_CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let (vault, mut on_new) = open_either(Path::new(&dir), false);
+        let vault = std::sync::Arc::new(vault);
+        // Each child's own subjects: values restart at 0 in each.
+        let pid = std::process::id();
+        for t in 0..3u64 {
+            let v = vault.clone();
+            tokio::spawn(async move {
+                for i in 0u64.. {
+                    let subject = format!("p{pid}-r{t}-{}", i % 20);
+                    let value = format!("{{\"i\":{i}}}");
+                    match v
+                        .append(Append::record(subject.clone(), value.into_bytes()))
+                        .await
+                    {
+                        Ok(_) => println!("appended {subject} {i}"),
+                        Err(e) => panic!("append: {e}"),
+                    }
+                }
+            });
+        }
+        for n in 0u64.. {
+            match n % 3 {
+                0 => {
+                    let (_, e) = vault.rotate_signing_key().await.expect("signing");
+                    println!("signing {}", e.key_id);
+                }
+                1 => {
+                    let subject = format!("p{pid}-r{}-{}", n % 3, n % 20);
+                    match vault.rotate_subject_key(&subject, true).await {
+                        Ok(r) => println!("subject {subject} {}", r.version),
+                        Err(Error::NoSuchSubject(_)) => {}
+                        Err(e) => panic!("subject rotation: {e}"),
+                    }
+                }
+                _ => {
+                    let next = if on_new { unlock() } else { new_unlock() };
+                    vault.rotate_master_key(&next).await.expect("master");
+                    on_new = !on_new;
+                    println!("master {}", if on_new { "new" } else { "old" });
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn acknowledged_rotations_survive_sigkill() {
+    if std::env::var(ROTATION_CHILD_ENV).is_ok() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let key = created.vault.public_key();
+    created.vault.close().expect("close");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut appended: std::collections::HashMap<String, u64> = Default::default();
+    let mut subject_versions: std::collections::HashMap<String, u32> = Default::default();
+    let mut signing_id = 0u32;
+    let mut masters = 0u32;
+    for (cycle, kill_after) in [4usize, 9, 2, 7].into_iter().enumerate() {
+        wait_unlocked(&dir);
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "rotation_child",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(ROTATION_CHILD_ENV, &dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut rotations = 0;
+        let mut note = |line: &str, rotations: &mut usize| {
+            let words: Vec<&str> = line.split(' ').collect();
+            match words.as_slice() {
+                ["appended", s, i] => {
+                    let i: u64 = i.parse().expect("number");
+                    let e = appended.entry(s.to_string()).or_default();
+                    *e = (*e).max(i);
+                }
+                ["signing", id] => {
+                    signing_id = id.parse().expect("number");
+                    *rotations += 1;
+                }
+                ["subject", s, v] => {
+                    subject_versions.insert(s.to_string(), v.parse().expect("number"));
+                    *rotations += 1;
+                }
+                ["master", _] => {
+                    masters += 1;
+                    *rotations += 1;
+                }
+                _ => {}
+            }
+        };
+        while rotations < kill_after {
+            let Some(Ok(line)) = lines.next() else { break };
+            note(&line, &mut rotations);
+        }
+        // SIGKILL: no destructors, no flush; then what it still printed.
+        child.kill().expect("kill");
+        let _ = child.wait();
+        for line in lines.map_while(Result::ok) {
+            note(&line, &mut rotations);
+        }
+        assert!(rotations > 0, "cycle {cycle}: no rotation acknowledged");
+
+        // Exactly one secret opens the vault, and every acknowledged
+        // rotation and append holds.
+        // (A master rotation in flight may have become durable without its
+        // acknowledgement, so either secret may be the one.)
+        let (vault, _) = open_either(&dir, true);
+        assert!(
+            vault.signing_key_id() >= signing_id,
+            "cycle {cycle}: acknowledged signing rotation lost"
+        );
+        let status = vault.key_status(None, 100_000).expect("key status");
+        for (s, v) in &subject_versions {
+            let current = status
+                .subject_keys
+                .iter()
+                .filter(|k| &k.subject == s)
+                .map(|k| k.version)
+                .max()
+                .unwrap_or(0);
+            assert!(current >= *v, "cycle {cycle}: rotation of {s} lost");
+        }
+        for (s, i) in &appended {
+            let got = latest(&vault, s);
+            let got: serde_json::Value = serde_json::from_slice(&got).expect("json");
+            assert!(
+                got["i"].as_u64().expect("i") >= *i,
+                "cycle {cycle}: acknowledged append to {s} lost"
+            );
+        }
+        vault.close().expect("close");
+        let r = verify_ok(&dir, key);
+        assert!(r.signing_keys.len() as u32 >= signing_id);
+    }
+    assert!(masters > 0 && signing_id > 0 && !subject_versions.is_empty());
+}
