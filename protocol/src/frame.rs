@@ -77,6 +77,8 @@ pub enum MessageType {
     Shred = 0x11,
     RotateSubjectKey = 0x12,
     KeyStatus = 0x13,
+    ListCredentials = 0x17,
+    Reindex = 0x18,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -92,12 +94,14 @@ pub enum MessageType {
     CredentialKey = 0x8D,
     Rotated = 0x8E,
     KeyStatusInfo = 0x8F,
+    CredentialList = 0x92,
+    ReindexReport = 0x93,
     Error = 0xFF,
 }
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 35] = [
+    pub const ALL: [MessageType; 39] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -117,6 +121,8 @@ impl MessageType {
         MessageType::Shred,
         MessageType::RotateSubjectKey,
         MessageType::KeyStatus,
+        MessageType::ListCredentials,
+        MessageType::Reindex,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -132,6 +138,8 @@ impl MessageType {
         MessageType::CredentialKey,
         MessageType::Rotated,
         MessageType::KeyStatusInfo,
+        MessageType::CredentialList,
+        MessageType::ReindexReport,
         MessageType::Error,
     ];
 
@@ -167,6 +175,8 @@ impl MessageType {
             MessageType::Shred => "shred",
             MessageType::RotateSubjectKey => "rotate_subject_key",
             MessageType::KeyStatus => "key_status",
+            MessageType::ListCredentials => "list_credentials",
+            MessageType::Reindex => "reindex",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -182,6 +192,8 @@ impl MessageType {
             MessageType::CredentialKey => "credential_key",
             MessageType::Rotated => "rotated",
             MessageType::KeyStatusInfo => "key_status_info",
+            MessageType::CredentialList => "credential_list",
+            MessageType::ReindexReport => "reindex_report",
             MessageType::Error => "error",
         }
     }
@@ -589,8 +601,8 @@ pub(crate) mod tests {
             known,
             [
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
-                0x0f, 0x10, 0x11, 0x12, 0x13, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89,
-                0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0xff
+                0x0f, 0x10, 0x11, 0x12, 0x13, 0x17, 0x18, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87,
+                0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x92, 0x93, 0xff
             ]
         );
         let unknown = (0..=255u8)
