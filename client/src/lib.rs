@@ -60,13 +60,14 @@ pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
 pub use connection::{
-    Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed, Rotated, StateValue,
+    Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed, ReindexReport, Rotated,
+    StateValue,
 };
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};
 
 pub use protocol::receipt::{Receipt, ReceiptError, SignedHead};
-pub use protocol::{ErrorCode, KeyLife, MaskOp, Record, SubjectKey};
+pub use protocol::{CredentialInfo, ErrorCode, KeyLife, MaskOp, Record, SubjectKey};
 /// The wrapper of [`ClientConfig::api_key`], re-exported so that callers
 /// need not depend on `zeroize`.
 pub use zeroize::Zeroizing;
