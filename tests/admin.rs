@@ -378,3 +378,326 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
 fn hex_key() -> String {
     "0f".repeat(32)
 }
+
+/// The JSON lines of an `audit` run.
+fn lines(r: &Run) -> Vec<Value> {
+    assert_eq!(r.code, 0, "{r:?}");
+    r.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect()
+}
+
+/// `vault-verify` with `args`: its exit code and output.
+fn verify(args: &[&OsStr]) -> Run {
+    run_bin("fintrust-server", "vault-verify", args, &[])
+}
+
+/// `vault-verify --file FILE --public-key KEY --json`.
+fn verify_file(file: &Path, key: &str) -> Run {
+    verify(&[
+        OsStr::new("--file"),
+        file.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(key),
+        OsStr::new("--json"),
+    ])
+}
+
+/// (offset, tag, end) of each record of an export file.
+fn export_records(file: &[u8]) -> Vec<(usize, u8, usize)> {
+    let mut out = Vec::new();
+    let mut at = storage::export::EXPORT_HEADER_LEN;
+    while at + 5 <= file.len() {
+        let len = u32::from_be_bytes(file[at + 1..at + 5].try_into().expect("4 bytes")) as usize;
+        out.push((at, file[at], at + 5 + len));
+        at += 5 + len;
+    }
+    out
+}
+
+#[test]
+fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("dev");
+    let dev = support::DevServer::start(&dir);
+    let addr = dev.get("vault_addr");
+    let key = dev.get("admin_api_key");
+    let subject = dev.get("demo_subject_id");
+    let public_key = dev.get("public_key");
+
+    // Credentials: a revoked auditor is listed as revoked, a live one as
+    // live; no key hash is ever printed.
+    let create = |role: &str, name: &str| {
+        admin(
+            &addr,
+            &key,
+            &["credentials", "create", "--role", role, "--name", name],
+        )
+        .json()
+    };
+    let gone = create("auditor", "old-audit");
+    let gone_id = gone["id"].as_str().expect("id").to_string();
+    admin(&addr, &key, &["credentials", "revoke", "--id", &gone_id]).json();
+    let auditor = create("auditor", "ops-audit");
+    let auditor_key = auditor["api_key"].as_str().expect("key").to_string();
+    let listed = admin(&addr, &key, &["credentials", "list"]);
+    assert!(!listed.stdout.contains("key_hash"), "{listed:?}");
+    let listed = listed.json();
+    let creds = listed["credentials"].as_array().expect("credentials");
+    let by_id = |id: &str| {
+        creds
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {listed}"))
+    };
+    let old = by_id(&gone_id);
+    assert_eq!(old["revoked"], true);
+    assert_eq!(old["role"], "auditor");
+    assert_eq!(old["name"], "old-audit");
+    assert!(old["revoked_seq"].as_u64() > old["created_seq"].as_u64());
+    let live = by_id(auditor["id"].as_str().expect("id"));
+    assert_eq!(live["revoked"], false);
+    assert!(live["created_ms"].as_u64().expect("created_ms") > 0);
+    assert!(creds.iter().any(|c| c["role"] == "admin"));
+    let ids: Vec<&str> = creds.iter().filter_map(|c| c["id"].as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted);
+    refused(
+        &admin(&addr, &auditor_key, &["credentials", "list"]),
+        "forbidden",
+    );
+
+    // Audit: JSON lines of every event, no records, no personal data.
+    let all = admin(&addr, &auditor_key, &["audit"]);
+    for pii in ["Ada Lovelace", "GB33BUKB20201555555555", "ada@example.com"] {
+        assert!(!all.stdout.contains(pii), "{pii} in the audit output");
+    }
+    let all = lines(&all);
+    assert!(all.len() > 5, "{all:?}");
+    assert_eq!(all[0]["kind"], "genesis");
+    assert_eq!(all[0]["seq"], 0);
+    assert!(all[0]["payload"]["public_key"] == public_key.as_str());
+    assert!(all.iter().all(|l| l["kind"] != "record"));
+    let seqs: Vec<u64> = all.iter().filter_map(|l| l["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(all.iter().all(|l| l["timestamp_ms"].as_u64().is_some()));
+    let revoked = lines(&admin(
+        &addr,
+        &key,
+        &["audit", "--kind", "credential_revoked"],
+    ));
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0]["payload"]["id"], gone_id.as_str());
+    let two_kinds = lines(&admin(
+        &addr,
+        &key,
+        &["audit", "--kind", "credential_revoked", "--kind", "genesis"],
+    ));
+    assert_eq!(two_kinds.len(), 2);
+    let limited = lines(&admin(
+        &addr,
+        &key,
+        &["audit", "--from-seq", "1", "--limit", "3"],
+    ));
+    assert_eq!(limited.len(), 3);
+    assert!(limited.iter().all(|l| l["seq"].as_u64() >= Some(1)));
+    let records = admin(
+        &addr,
+        &key,
+        &["audit", "--include-records", "--subject", &subject],
+    );
+    for pii in ["Ada Lovelace", "GB33BUKB20201555555555"] {
+        assert!(!records.stdout.contains(pii), "{pii} in the audit output");
+    }
+    let records = lines(&records);
+    assert!(records.iter().all(|l| l["subject"] == subject.as_str()));
+    let recs: Vec<&Value> = records.iter().filter(|l| l["kind"] == "record").collect();
+    assert!(!recs.is_empty(), "{records:?}");
+    for r in recs {
+        assert!(r["key_version"].as_u64() >= Some(1), "{r}");
+        assert!(r.get("payload").is_none(), "{r}");
+    }
+    let bad = admin(&addr, &key, &["audit", "--kind", "no_such_kind"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    let bad = admin(&addr, &key, &["audit", "--kind", "record"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+
+    // Export online; vault-verify --file checks it.
+    let file = tmp.path().join("vault.export");
+    let exported = admin(
+        &addr,
+        &key,
+        &["export", "--out", file.to_str().expect("utf-8")],
+    )
+    .json();
+    assert!(exported["entries"].as_u64() > Some(5), "{exported}");
+    let v = verify_file(&file, &public_key);
+    let j = v.json();
+    assert_eq!(v.code, 0, "{v:?}");
+    assert_eq!(j["ok"], true);
+    assert_eq!(j["mode"], "file");
+    assert_eq!(j["entries"], exported["entries"]);
+    let bytes = std::fs::read(&file).expect("read the export");
+    let damaged = |name: &str, content: &[u8]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, content).expect("write");
+        p
+    };
+    let mut flipped = bytes.clone();
+    let mid = bytes.len() / 2;
+    flipped[mid] ^= 0x01;
+    for (name, content) in [
+        ("flipped", flipped),
+        ("truncated", bytes[..bytes.len() - 10].to_vec()),
+        ("headless", bytes[..bytes.len() / 3].to_vec()),
+    ] {
+        let r = verify_file(&damaged(name, &content), &public_key);
+        assert_eq!(r.code, 1, "{name}: {r:?}");
+        let j: Value = serde_json::from_str(r.stdout.trim()).expect("json");
+        assert_eq!(j["ok"], false, "{name}: {j}");
+    }
+    let entry = export_records(&bytes)
+        .into_iter()
+        .filter(|r| r.1 == storage::export::TAG_ENTRY)
+        .nth(4)
+        .expect("a fifth entry");
+    let missing = [&bytes[..entry.0], &bytes[entry.2..]].concat();
+    let r = verify_file(&damaged("missing", &missing), &public_key);
+    assert_eq!(r.code, 1, "{r:?}");
+    let other = hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+            .verifying_key()
+            .as_bytes(),
+    );
+    let r = verify_file(&file, &other);
+    assert_eq!(r.code, 1, "{r:?}");
+    let r = verify_file(
+        &damaged("garbage", b"this is not an export at all"),
+        &public_key,
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    let r = verify_file(&tmp.path().join("no-such-file"), &public_key);
+    assert_eq!(r.code, 2, "{r:?}");
+
+    // Reindex online: the served state is the log's.
+    let online = admin(&addr, &key, &["reindex"]).json();
+    assert_eq!(online["differences"], 0, "{online}");
+    assert_eq!(online["mode"], "online");
+    // The state tree is compared at its `applied` marker: on a young
+    // vault the indexer may not have written past the first commit yet.
+    assert!(online["entries"].as_u64() >= Some(1), "{online}");
+    assert!(online["keys_compared"].as_u64() >= Some(1), "{online}");
+    refused(&admin(&addr, &auditor_key, &["reindex"]), "forbidden");
+
+    // Offline, on the stopped vault.
+    let status = dev.stop();
+    assert!(status.success(), "{status}");
+    wait_unlocked(&dir);
+    let dir_s = dir.to_str().expect("utf-8").to_string();
+    let offline = lines(&admin(
+        &addr,
+        &key,
+        &[
+            "audit",
+            "--data-dir",
+            &dir_s,
+            "--kind",
+            "credential_revoked",
+        ],
+    ));
+    // The same events (the dev server revoked its shim's key on the way out).
+    assert_eq!(offline.get(..revoked.len()), Some(revoked.as_slice()));
+    let file2 = tmp.path().join("offline.export");
+    let exported2 = admin(
+        &addr,
+        &key,
+        &[
+            "export",
+            "--data-dir",
+            &dir_s,
+            "--out",
+            file2.to_str().expect("utf-8"),
+        ],
+    )
+    .json();
+    assert_eq!(exported2["mode"], "offline");
+    assert!(exported2["entries"].as_u64() >= exported["entries"].as_u64());
+    assert_eq!(verify_file(&file2, &public_key).code, 0);
+
+    // A state tree altered by hand: reindex reports it (exit 1), repairs
+    // it with --repair, and the data dir verifies again.
+    {
+        let raw = storage::RawStore::open(&dir).expect("raw trees");
+        let k = format!("s/{subject}");
+        let mut v = raw
+            .state
+            .get(k.as_bytes())
+            .expect("get")
+            .expect("pointer")
+            .to_vec();
+        v[7] ^= 1;
+        raw.state.insert(k.as_bytes(), v).expect("insert");
+        raw.flush().expect("flush");
+    }
+    let pass = dir.join("dev-passphrase");
+    let pass_s = pass.to_str().expect("utf-8");
+    let found = admin(
+        &addr,
+        &key,
+        &["reindex", "--data-dir", &dir_s, "--passphrase-file", pass_s],
+    );
+    assert_eq!(found.code, 1, "{found:?}");
+    let report: Value = serde_json::from_str(found.stdout.trim()).expect("json");
+    assert_eq!(report["differences"], 1, "{report}");
+    assert_eq!(report["repaired"], false);
+    assert!(report["sample"][0]
+        .as_str()
+        .is_some_and(|s| s.contains(&subject)));
+    let wrong = tmp.path().join("wrong-pass");
+    std::fs::write(&wrong, "not the passphrase").expect("write");
+    let refused_secret = admin(
+        &addr,
+        &key,
+        &[
+            "reindex",
+            "--data-dir",
+            &dir_s,
+            "--passphrase-file",
+            wrong.to_str().expect("utf-8"),
+            "--repair",
+        ],
+    );
+    assert_eq!(refused_secret.code, 1, "{refused_secret:?}");
+    let repaired = admin(
+        &addr,
+        &key,
+        &[
+            "reindex",
+            "--data-dir",
+            &dir_s,
+            "--passphrase-file",
+            pass_s,
+            "--repair",
+        ],
+    )
+    .json();
+    assert_eq!(repaired["repaired"], true, "{repaired}");
+    let again = admin(
+        &addr,
+        &key,
+        &["reindex", "--data-dir", &dir_s, "--passphrase-file", pass_s],
+    )
+    .json();
+    assert_eq!(again["differences"], 0, "{again}");
+    let v = verify(&[
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(&public_key),
+        OsStr::new("--json"),
+    ])
+    .json();
+    assert_eq!(v["ok"], true, "{v}");
+}

@@ -30,8 +30,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use protocol::receipt::{KeyChain, KeyEndorsement, Receipt, SignedHead};
 use protocol::{
-    encode_frame, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record, SecretKind,
-    SubjectKey,
+    encode_frame, CredentialInfo, Envelope, ErrorCode, MaskOp, Message, MessageCodec, Record,
+    SecretKind, SubjectKey,
 };
 use rustls::ClientConfig as RustlsConfig;
 use rustls_pki_types::ServerName;
@@ -114,6 +114,21 @@ pub struct KeyStatus {
 pub struct SigningRotated {
     pub receipt: Receipt,
     pub endorsement: KeyEndorsement,
+}
+
+/// What [`Client::reindex`] found: the server rebuilt its derived state
+/// from the log (up to the state tree's `applied` marker) and compared it
+/// with the stored state, changing nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReindexReport {
+    /// Entries replayed.
+    pub entries: u64,
+    /// State keys compared.
+    pub keys_compared: u64,
+    /// Keys that differ (0: the stored state is the log's).
+    pub differences: u64,
+    /// Descriptions of the first differences (at most 20).
+    pub sample: Vec<String>,
 }
 
 /// A credential as `Whois` names it.
@@ -757,6 +772,66 @@ impl Client {
             all.keys.extend(page.keys);
         }
         Ok(all)
+    }
+
+    /// One page of credentials: at most `max` (0: the server's maximum)
+    /// after `after_id`, in id order, revoked ones included; and whether
+    /// more follow. Admin role.
+    pub async fn credentials_page(
+        &self,
+        after_id: Option<String>,
+        max: u16,
+    ) -> Result<(Vec<CredentialInfo>, bool)> {
+        let m = Message::ListCredentials {
+            after_id: after_id.unwrap_or_default(),
+            max,
+        };
+        match self.call(m).await? {
+            Message::CredentialList { credentials, more } => Ok((credentials, more)),
+            other => Err(refusal(other, "CredentialList")),
+        }
+    }
+
+    /// Every credential, page after page, in id order. Admin role.
+    pub async fn credentials(&self) -> Result<Vec<CredentialInfo>> {
+        let (mut all, mut more) = self.credentials_page(None, 0).await?;
+        while more {
+            let Some(last) = all.last().map(|c| c.id.clone()) else {
+                return Err(ClientError::UnexpectedResponse(
+                    "credentials in a page that says more follow",
+                ));
+            };
+            let (page, next) = self.credentials_page(Some(last.clone()), 0).await?;
+            // Each page must start after the last one ended, or paging
+            // would never end.
+            if page.first().is_none_or(|c| c.id <= last) {
+                return Err(ClientError::UnexpectedResponse(
+                    "a page after the previous one",
+                ));
+            }
+            all.extend(page);
+            more = next;
+        }
+        Ok(all)
+    }
+
+    /// Asks the server to rebuild its derived state from the log and
+    /// compare it with the stored state; it changes nothing. Admin role.
+    pub async fn reindex(&self) -> Result<ReindexReport> {
+        match self.call(Message::Reindex).await? {
+            Message::ReindexReport {
+                entries,
+                keys_compared,
+                differences,
+                sample,
+            } => Ok(ReindexReport {
+                entries,
+                keys_compared,
+                differences,
+                sample,
+            }),
+            other => Err(refusal(other, "ReindexReport")),
+        }
     }
 
     /// Round trip to the server.

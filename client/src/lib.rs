@@ -60,8 +60,8 @@ pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
 pub use connection::{
-    Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed, Rotated, SigningRotated,
-    StateValue,
+    Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed, ReindexReport, Rotated,
+    SigningRotated, StateValue,
 };
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};
@@ -69,7 +69,7 @@ pub use verify::{verify_receipt, HeadTracker};
 pub use protocol::receipt::{
     ChainError, KeyChain, KeyEndorsement, Receipt, ReceiptError, SignedHead,
 };
-pub use protocol::{ErrorCode, KeyLife, MaskOp, Record, SecretKind, SubjectKey};
+pub use protocol::{CredentialInfo, ErrorCode, KeyLife, MaskOp, Record, SecretKind, SubjectKey};
 /// The wrapper of [`ClientConfig::api_key`], re-exported so that callers
 /// need not depend on `zeroize`.
 pub use zeroize::Zeroizing;

@@ -80,6 +80,8 @@ pub enum MessageType {
     RotateSigningKey = 0x14,
     KeyChain = 0x15,
     RotateMasterKey = 0x16,
+    ListCredentials = 0x17,
+    Reindex = 0x18,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -97,12 +99,14 @@ pub enum MessageType {
     KeyStatusInfo = 0x8F,
     SigningRotated = 0x90,
     KeyChainInfo = 0x91,
+    CredentialList = 0x92,
+    ReindexReport = 0x93,
     Error = 0xFF,
 }
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 40] = [
+    pub const ALL: [MessageType; 44] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -125,6 +129,8 @@ impl MessageType {
         MessageType::RotateSigningKey,
         MessageType::KeyChain,
         MessageType::RotateMasterKey,
+        MessageType::ListCredentials,
+        MessageType::Reindex,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -142,6 +148,8 @@ impl MessageType {
         MessageType::KeyStatusInfo,
         MessageType::SigningRotated,
         MessageType::KeyChainInfo,
+        MessageType::CredentialList,
+        MessageType::ReindexReport,
         MessageType::Error,
     ];
 
@@ -180,6 +188,8 @@ impl MessageType {
             MessageType::RotateSigningKey => "rotate_signing_key",
             MessageType::KeyChain => "key_chain",
             MessageType::RotateMasterKey => "rotate_master_key",
+            MessageType::ListCredentials => "list_credentials",
+            MessageType::Reindex => "reindex",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -197,6 +207,8 @@ impl MessageType {
             MessageType::KeyStatusInfo => "key_status_info",
             MessageType::SigningRotated => "signing_rotated",
             MessageType::KeyChainInfo => "key_chain_info",
+            MessageType::CredentialList => "credential_list",
+            MessageType::ReindexReport => "reindex_report",
             MessageType::Error => "error",
         }
     }
@@ -604,8 +616,9 @@ pub(crate) mod tests {
             known,
             [
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
-                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86,
-                0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90, 0x91, 0xff
+                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x81, 0x82, 0x83, 0x84,
+                0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90, 0x91, 0x92,
+                0x93, 0xff
             ]
         );
         let unknown = (0..=255u8)

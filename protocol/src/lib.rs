@@ -55,7 +55,10 @@ pub use codec::{Envelope, FrameCodec, MessageCodec};
 pub use error::{Error, Result};
 pub use frame::{Frame, MessageType, FLAG_LAST, HEADER_LEN, MAX_FRAME_LEN};
 pub use mask::MaskOp;
-pub use message::{encode_frame, ErrorCode, KeyLife, Message, Record, SecretKind, SubjectKey};
+pub use message::{
+    encode_frame, CredentialInfo, ErrorCode, KeyLife, Message, Record, SecretKind, SubjectKey,
+    MAX_REINDEX_SAMPLE,
+};
 
 /// The TCP port the vault listens on.
 pub const DEFAULT_PORT: u16 = 9999;

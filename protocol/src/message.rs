@@ -65,6 +65,11 @@
 //! 0x16 RotateMasterKey
 //!                  u8 secret kind (1 passphrase, 2 key file), blob secret
 //!                  01 00000003 707721                                ("pw!")
+//! 0x17 ListCredentials
+//!                  str after_id, u16 max (a page of credentials after that id;
+//!                  "" from the start)
+//!                  0004 69642d31 0064                                ("id-1", 100)
+//! 0x18 Reindex     empty
 //! 0x81 HelloOk     str role, str server
 //!                  0007 73657276696365 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
@@ -114,6 +119,20 @@
 //! 0x91 KeyChainInfo
 //!                  list<blob> endorsements (of keys 1.., in order)
 //!                  0001 00000002 0203
+//! 0x92 CredentialList
+//!                  list<credential> credentials, u8 more (0 or 1)
+//!                  credential = str id, str role, str name, u64 created_seq,
+//!                  u64 created_ms, u64 revoked_seq (0: not revoked)
+//!                  0002
+//!                  0004 69642d31 0007 706172746e6572 0002 7031
+//!                  0000000000000002 0000019ab697e800 0000000000000000
+//!                  0004 69642d32 0007 61756469746f72 0003 6f7073
+//!                  0000000000000005 0000019ab697e801 0000000000000009 00
+//! 0x93 ReindexReport
+//!                  u64 entries, u64 keys_compared, u64 differences,
+//!                  list<str> sample (at most 20 descriptions)
+//!                  0000000000000009 0000000000000007 0000000000000001
+//!                  0001 0012 6d697373696e67206b65792022732f633122
 //! 0xFF Error       u16 code (see ErrorCode), str message
 //!                  0008 0005 7370656e74                             (token_spent, "spent")
 //! ```
@@ -363,6 +382,16 @@ pub enum Message {
         kind: SecretKind,
         secret: Vec<u8>,
     },
+    /// A page of the vault's credentials, revoked ones included: at most
+    /// `max` after `after_id` in id order (`""` from the start); answered
+    /// by `CredentialList`.
+    ListCredentials {
+        after_id: String,
+        max: u16,
+    },
+    /// Rebuild derived state from the log and compare it with the stored
+    /// state, changing nothing; answered by `ReindexReport`.
+    Reindex,
 
     // Responses.
     /// Authentication succeeded; `role` names what this key may do.
@@ -458,6 +487,21 @@ pub enum Message {
     KeyChainInfo {
         endorsements: Vec<Vec<u8>>,
     },
+    /// A page of credentials in id order. Never carries key hashes.
+    CredentialList {
+        credentials: Vec<CredentialInfo>,
+        /// More credentials follow the page's last.
+        more: bool,
+    },
+    /// What a `Reindex` found: entries replayed, state keys compared, how
+    /// many differ, and a description of the first few (at most
+    /// [`MAX_REINDEX_SAMPLE`]).
+    ReindexReport {
+        entries: u64,
+        keys_compared: u64,
+        differences: u64,
+        sample: Vec<String>,
+    },
     /// Any request can be answered by an error.
     Error {
         code: ErrorCode,
@@ -532,6 +576,28 @@ pub struct SubjectKey {
     pub life: KeyLife,
 }
 
+/// One credential in a `CredentialList`: what the log says of it, never
+/// its key hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialInfo {
+    pub id: String,
+    /// admin, writer, gateway, partner or auditor.
+    pub role: String,
+    /// A label; for a partner, the partner id.
+    pub name: String,
+    /// Seq of the `credential_created` entry.
+    pub created_seq: u64,
+    /// Its timestamp (unix ms).
+    pub created_ms: u64,
+    /// Seq of the `credential_revoked` entry, if it was revoked. On the
+    /// wire 0 stands for `None`: seq 0 is the genesis entry, never a
+    /// revocation.
+    pub revoked_seq: Option<u64>,
+}
+
+/// Most difference descriptions a `ReindexReport` carries.
+pub const MAX_REINDEX_SAMPLE: usize = 20;
+
 /// Smallest encodings of list items, used to bound a list count by the
 /// bytes left before allocating.
 const MIN_FIELD_LEN: usize = 2 + 2;
@@ -539,6 +605,8 @@ const MIN_RULE_LEN: usize = 2 + 1;
 const MIN_RECORD_LEN: usize = 2 + 2;
 const MIN_BLOB_LEN: usize = 4;
 const MIN_SUBJECT_KEY_LEN: usize = 2 + 4 + 8 + 8 + 8 + 1;
+const MIN_CREDENTIAL_LEN: usize = 2 + 2 + 2 + 8 + 8 + 8;
+const MIN_STR_LEN: usize = 2;
 
 impl Message {
     /// The type byte this message travels under.
@@ -568,6 +636,10 @@ impl Message {
             Message::RotateMasterKey { .. } => MessageType::RotateMasterKey,
             Message::SigningRotated { .. } => MessageType::SigningRotated,
             Message::KeyChainInfo { .. } => MessageType::KeyChainInfo,
+            Message::ListCredentials { .. } => MessageType::ListCredentials,
+            Message::Reindex => MessageType::Reindex,
+            Message::CredentialList { .. } => MessageType::CredentialList,
+            Message::ReindexReport { .. } => MessageType::ReindexReport,
             Message::Rotated { .. } => MessageType::Rotated,
             Message::KeyStatusInfo { .. } => MessageType::KeyStatusInfo,
             Message::Identity { .. } => MessageType::Identity,
@@ -598,7 +670,7 @@ impl Message {
     pub fn encode_payload(&self) -> Result<Vec<u8>> {
         let mut w = Writer::new();
         match self {
-            Message::Ping | Message::Head | Message::Health | Message::Pong => {}
+            Message::Ping | Message::Head | Message::Health | Message::Pong | Message::Reindex => {}
             Message::Hello { api_key, client } => {
                 w.string(api_key)?;
                 w.string(client)?;
@@ -772,6 +844,33 @@ impl Message {
                 w.blob(endorsement)?;
             }
             Message::KeyChainInfo { endorsements } => w.list(endorsements, |w, e| w.blob(e))?,
+            Message::ListCredentials { after_id, max } => {
+                w.string(after_id)?;
+                w.u16(*max);
+            }
+            Message::CredentialList { credentials, more } => {
+                w.list(credentials, |w, c| {
+                    w.string(&c.id)?;
+                    w.string(&c.role)?;
+                    w.string(&c.name)?;
+                    w.u64(c.created_seq);
+                    w.u64(c.created_ms);
+                    w.u64(c.revoked_seq.unwrap_or(0));
+                    Ok(())
+                })?;
+                w.u8(u8::from(*more));
+            }
+            Message::ReindexReport {
+                entries,
+                keys_compared,
+                differences,
+                sample,
+            } => {
+                w.u64(*entries);
+                w.u64(*keys_compared);
+                w.u64(*differences);
+                w.list(sample, |w, d| w.string(d))?;
+            }
             Message::Error { code, message } => {
                 w.u16(*code as u16);
                 w.string(message)?;
@@ -894,6 +993,30 @@ impl Message {
             },
             MessageType::KeyChainInfo => Message::KeyChainInfo {
                 endorsements: r.list(4, |r| r.blob())?,
+            },
+            MessageType::ListCredentials => Message::ListCredentials {
+                after_id: r.string()?,
+                max: r.u16()?,
+            },
+            MessageType::Reindex => Message::Reindex,
+            MessageType::CredentialList => Message::CredentialList {
+                credentials: r.list(MIN_CREDENTIAL_LEN, |r| {
+                    Ok(CredentialInfo {
+                        id: r.string()?,
+                        role: r.string()?,
+                        name: r.string()?,
+                        created_seq: r.u64()?,
+                        created_ms: r.u64()?,
+                        revoked_seq: Some(r.u64()?).filter(|&s| s != 0),
+                    })
+                })?,
+                more: read_bool(r)?,
+            },
+            MessageType::ReindexReport => Message::ReindexReport {
+                entries: r.u64()?,
+                keys_compared: r.u64()?,
+                differences: r.u64()?,
+                sample: r.list(MIN_STR_LEN, Reader::string)?,
             },
             MessageType::Identity => Message::Identity {
                 id: r.string()?,
@@ -1246,6 +1369,30 @@ impl fmt::Debug for Message {
                 .debug_struct("KeyChainInfo")
                 .field("endorsements", &endorsements.len())
                 .finish(),
+            Message::ListCredentials { after_id, max } => f
+                .debug_struct("ListCredentials")
+                .field("after_id", after_id)
+                .field("max", max)
+                .finish(),
+            Message::Reindex => f.write_str("Reindex"),
+            Message::CredentialList { credentials, more } => f
+                .debug_struct("CredentialList")
+                .field("credentials", &credentials.len())
+                .field("more", more)
+                .finish(),
+            // State keys name subjects: counts only.
+            Message::ReindexReport {
+                entries,
+                keys_compared,
+                differences,
+                sample,
+            } => f
+                .debug_struct("ReindexReport")
+                .field("entries", entries)
+                .field("keys_compared", keys_compared)
+                .field("differences", differences)
+                .field("sample", &sample.len())
+                .finish(),
             Message::Error { code, message } => f
                 .debug_struct("Error")
                 .field("code", code)
@@ -1419,6 +1566,21 @@ pub(crate) mod tests {
                 "0100000003707721",
             ),
             g(
+                Message::ListCredentials {
+                    after_id: s("id-1"),
+                    max: 100,
+                },
+                0,
+                "465601170000000000010000000889d394ef",
+                "000469642d310064",
+            ),
+            g(
+                Message::Reindex,
+                0,
+                "4656011800000000000100000000735f6d7d",
+                "",
+            ),
+            g(
                 Message::HelloOk {
                     role: s("service"),
                     server: s("vaultd/0.1"),
@@ -1578,6 +1740,43 @@ pub(crate) mod tests {
                 0,
                 "46560191000000000001000000080afa5d47",
                 "0001000000020203",
+            ),
+            g(
+                Message::CredentialList {
+                    credentials: vec![
+                        CredentialInfo {
+                            id: s("id-1"),
+                            role: s("partner"),
+                            name: s("p1"),
+                            created_seq: 2,
+                            created_ms: T0,
+                            revoked_seq: None,
+                        },
+                        CredentialInfo {
+                            id: s("id-2"),
+                            role: s("auditor"),
+                            name: s("ops"),
+                            created_seq: 5,
+                            created_ms: T0 + 1,
+                            revoked_seq: Some(9),
+                        },
+                    ],
+                    more: false,
+                },
+                0,
+                "465601920000000000010000005a270ab311",
+                "0002000469642d310007706172746e65720002703100000000000000020000019ab697e8000000000000000000000469642d32000761756469746f7200036f707300000000000000050000019ab697e801000000000000000900",
+            ),
+            g(
+                Message::ReindexReport {
+                    entries: 9,
+                    keys_compared: 7,
+                    differences: 1,
+                    sample: vec![s("missing key \"s/c1\"")],
+                },
+                0,
+                "465601930000000000010000002e55444091",
+                "000000000000000900000000000000070000000000000001000100126d697373696e67206b65792022732f633122",
             ),
             g(
                 Message::Error {
@@ -1761,6 +1960,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn reindex_samples_are_bounded_and_revocations_round_trip() {
+        let mut bytes = vec![0u8; 24];
+        bytes.extend_from_slice(&[0xff, 0xff, 0, 0, 0]);
+        assert!(matches!(
+            Message::decode(MessageType::ReindexReport, &bytes),
+            Err(Error::Malformed("list count exceeds the bytes left"))
+        ));
+        // A revoked_seq of 0 is "not revoked", and decodes as None.
+        let live = CredentialInfo {
+            id: s("a"),
+            role: s("admin"),
+            name: s("n"),
+            created_seq: 1,
+            created_ms: T0,
+            revoked_seq: None,
+        };
+        let m = Message::CredentialList {
+            credentials: vec![live],
+            more: true,
+        };
+        let bytes = payload(&m);
+        assert_eq!(
+            Message::decode(MessageType::CredentialList, &bytes).ok(),
+            Some(m)
+        );
+    }
+
+    #[test]
     fn invalid_utf8_is_an_error() {
         let bytes = [0x00, 0x02, 0xff, 0xfe];
         assert!(matches!(
@@ -1775,6 +2002,7 @@ pub(crate) mod tests {
             MessageType::AppendBatch,
             MessageType::Receipts,
             MessageType::EntryBatch,
+            MessageType::CredentialList,
         ] {
             assert!(
                 matches!(

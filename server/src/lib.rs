@@ -5,6 +5,8 @@
 //! exit code. Modules:
 //!
 //! - [`secrets`]: reading passphrase and key files.
+//! - [`admin`]: `vault-admin`'s log tools: `audit` (events as JSON lines)
+//!   and `export` (a signed, portable log file), online and offline.
 //! - [`init`]: `vaultd init`, creating a vault.
 //! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
 //! - [`daemon`]: one `vaultd` process: protocol server and shim together.
@@ -22,6 +24,7 @@
 //! - [`bench`]: `vault-bench`, throughput and latency of the storage
 //!   engine, the protocol server and the HTTP shim.
 
+pub mod admin;
 pub mod bench;
 pub mod daemon;
 pub mod dev;

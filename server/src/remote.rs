@@ -15,8 +15,10 @@
 //! of a group's first entry carries that group's signed head, whose
 //! `last_seq` names where the next group starts. The proof task walks
 //! these heads ahead of the entries; the walk checks every entry and
-//! closes each group with the same pure functions as the local scan
-//! (`storage::verify::{ChainCheck, check_group, check_entry_content}`).
+//! closes each group with `storage::verify::StreamCheck`, which runs the
+//! same pure functions as the local scan (`ChainCheck`, `check_group`,
+//! `check_entry_content`, `check_genesis_key`) and also checks export
+//! files (`vault-verify --file`).
 //!
 //! Memory is bounded by two pages of entries, 64 receipts, and the entry
 //! hashes of one commit group (32 bytes per entry; a group holds at most
@@ -34,9 +36,8 @@ use std::time::{Duration, Instant};
 
 use client::{Client, ClientConfig, ClientError, ErrorCode, KeyChain, Receipt};
 use ed25519_dalek::VerifyingKey;
-use storage::entry::{entry_hash, EntryRef};
-use storage::verify::{check_entry_content, check_genesis_key, check_group, ChainCheck, Failure};
-use storage::{Hash, Kind, Reason, Report, SignedHead};
+use storage::verify::{Failure, StreamCheck};
+use storage::{Hash, Reason, Report, SignedHead};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -107,7 +108,7 @@ impl RemoteReport {
 }
 
 /// Aborts the helper tasks when the walk ends, however it ends.
-struct Tasks(Vec<JoinHandle<()>>);
+pub(crate) struct Tasks(pub(crate) Vec<JoinHandle<()>>);
 
 impl Drop for Tasks {
     fn drop(&mut self) {
@@ -215,85 +216,32 @@ async fn run(
     let samples = sample_seqs(target, opts.sample_receipts);
     let mut sampled: Vec<(u64, Hash, SignedHead)> = Vec::new();
 
-    let mut chain = ChainCheck::new(*key);
+    let mut walk = StreamCheck::new(*key);
     // The receipt of the open group's first entry, and that entry's hash.
     let mut group: Option<(Receipt, Hash)> = None;
-    while chain.next_seq() < target {
-        let page = match pages.recv().await {
-            Some(Ok(page)) => page,
-            Some(Err(e)) => return Err(e.into()),
-            // The reader ended without a word: only if it panicked.
-            None => return Err(ClientError::Closed.into()),
-        };
-        if page.is_empty() {
-            // The server signed a head it cannot serve the entries of.
-            return Ok(Err((chain.next_seq(), Reason::Truncated)));
-        }
-        for bytes in &page {
-            let expected = chain.next_seq();
-            let hash = entry_hash(bytes);
-            let e = match EntryRef::decode(bytes) {
-                Ok(e) => e,
-                Err(_) => return Ok(Err((expected, Reason::Malformed("entry".into())))),
-            };
-            if let Err(f) = chain.entry(&e, &hash) {
-                return Ok(Err(f));
-            }
-            match check_entry_content(&e) {
-                Ok(Some(genesis)) => {
-                    if let Err(f) = check_genesis_key(&genesis, key) {
-                        return Ok(Err(f));
-                    }
-                }
-                Ok(None) => {}
-                Err(f) => return Ok(Err(f)),
-            }
-            if e.kind == Kind::SubjectShredded {
-                out.report.shredded.push(e.subject.to_string());
-            }
-            if group.is_none() {
-                let r = match receipts.recv().await {
-                    Some(Ok(r)) => r,
-                    Some(Err(ClientError::Server {
-                        code: ErrorCode::NotFound,
-                        ..
-                    })) => return Ok(Err((expected, Reason::Truncated))),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(ClientError::Closed.into()),
-                };
-                let h = &r.head;
-                if r.seq != expected || h.group_first_seq != expected || h.last_seq < expected {
-                    return Ok(Err((expected, Reason::HeadMismatch)));
-                }
-                group = Some((r, hash));
-            }
-            if let Some((r, _)) = &group {
-                if samples.contains(&e.seq) {
-                    sampled.push((e.seq, hash, r.head));
-                }
-                if r.head.last_seq == e.seq {
-                    if let Some((r, first_hash)) = group.take() {
-                        if let Err(f) = close_group(&mut chain, &r, &first_hash) {
-                            return Ok(Err(f));
-                        }
-                        out.groups += 1;
-                        out.receipts_checked += 1;
-                    }
-                }
-            }
-        }
-        if let Some(progress) = opts.progress {
-            progress(chain.next_seq());
-        }
+    let outcome = walk_entries(
+        &mut walk,
+        &mut group,
+        (&mut pages, &mut receipts),
+        target,
+        &samples,
+        &mut sampled,
+        (opts, &mut *out),
+    )
+    .await;
+    out.report.shredded = walk.shredded().to_vec();
+    match outcome {
+        Ok(Ok(())) => {}
+        failed => return failed,
     }
     // The last group must be the one the signed head closes.
-    let tip = chain.tip();
+    let tip = walk.tip();
     if group.is_some() || tip.head != Some(head) || tip.last_hash != Some(head.last_hash) {
         return Ok(Err((head.last_seq, Reason::HeadMismatch)));
     }
     out.report.entries = tip.entries;
     out.report.head = tip.last_hash;
-    let walked = chain.keys().endorsements();
+    let walked = walk.keys().endorsements();
     if served_chain.endorsements().get(..walked.len()) != Some(walked) {
         return Ok(Err((
             head.last_seq,
@@ -311,7 +259,7 @@ async fn run(
             }) => return Ok(Err((seq, Reason::Truncated))),
             Err(e) => return Err(e.into()),
         };
-        if let Err(f) = check_receipt(&r, &hash, chain.keys()) {
+        if let Err(f) = check_receipt(&r, &hash, walk.keys()) {
             return Ok(Err(f));
         }
         if r.head != group_head {
@@ -325,17 +273,86 @@ async fn run(
     Ok(Ok(()))
 }
 
-/// Closes a group with the head its first entry's receipt carries: the
-/// head's fields against the entries ([`ChainCheck::close_group`]), its
-/// Merkle root and signature ([`check_group`]), then the receipt itself.
+type Pages = mpsc::Receiver<std::result::Result<Vec<Vec<u8>>, ClientError>>;
+type Receipts = mpsc::Receiver<std::result::Result<Receipt, ClientError>>;
+
+/// The walk over the entries `0..target`: each entry through the stream
+/// check, each group closed by the head its first entry's receipt carries.
+#[allow(clippy::too_many_arguments)]
+async fn walk_entries(
+    walk: &mut StreamCheck,
+    group: &mut Option<(Receipt, Hash)>,
+    (pages, receipts): (&mut Pages, &mut Receipts),
+    target: u64,
+    samples: &BTreeSet<u64>,
+    sampled: &mut Vec<(u64, Hash, SignedHead)>,
+    (opts, out): (&RemoteOptions<'_>, &mut RemoteReport),
+) -> Result<std::result::Result<(), Failure>> {
+    while walk.next_seq() < target {
+        let page = match pages.recv().await {
+            Some(Ok(page)) => page,
+            Some(Err(e)) => return Err(e.into()),
+            // The reader ended without a word: only if it panicked.
+            None => return Err(ClientError::Closed.into()),
+        };
+        if page.is_empty() {
+            // The server signed a head it cannot serve the entries of.
+            return Ok(Err((walk.next_seq(), Reason::Truncated)));
+        }
+        for bytes in &page {
+            let expected = walk.next_seq();
+            let hash = match walk.entry(bytes) {
+                Ok(h) => h,
+                Err(f) => return Ok(Err(f)),
+            };
+            if group.is_none() {
+                let r = match receipts.recv().await {
+                    Some(Ok(r)) => r,
+                    Some(Err(ClientError::Server {
+                        code: ErrorCode::NotFound,
+                        ..
+                    })) => return Ok(Err((expected, Reason::Truncated))),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(ClientError::Closed.into()),
+                };
+                let h = &r.head;
+                if r.seq != expected || h.group_first_seq != expected || h.last_seq < expected {
+                    return Ok(Err((expected, Reason::HeadMismatch)));
+                }
+                *group = Some((r, hash));
+            }
+            if let Some((r, _)) = &*group {
+                if samples.contains(&expected) {
+                    sampled.push((expected, hash, r.head));
+                }
+                if r.head.last_seq == expected {
+                    if let Some((r, first_hash)) = group.take() {
+                        if let Err(f) = close_group(walk, &r, &first_hash) {
+                            return Ok(Err(f));
+                        }
+                        out.groups += 1;
+                        out.receipts_checked += 1;
+                    }
+                }
+            }
+        }
+        if let Some(progress) = opts.progress {
+            progress(walk.next_seq());
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Closes a group with the head its first entry's receipt carries
+/// ([`StreamCheck::head`]: its fields, Merkle root and signature), then
+/// checks the receipt itself.
 fn close_group(
-    chain: &mut ChainCheck,
+    walk: &mut StreamCheck,
     r: &Receipt,
     first_hash: &Hash,
 ) -> std::result::Result<(), Failure> {
-    let closed = chain.close_group(&r.head)?;
-    check_group(&closed.hashes, &r.head, r.head.verify(&closed.key))?;
-    check_receipt(r, first_hash, chain.keys())
+    walk.head(&r.head)?;
+    check_receipt(r, first_hash, walk.keys())
 }
 
 /// A receipt verifies with the key chain from the pinned key and names
@@ -354,7 +371,7 @@ fn check_receipt(r: &Receipt, served: &Hash, keys: &KeyChain) -> std::result::Re
 }
 
 /// Pages of entries `0..target`, in order, until the target or an error.
-async fn fetch_pages(
+pub(crate) async fn fetch_pages(
     client: Arc<Client>,
     target: u64,
     page: u32,
@@ -379,7 +396,7 @@ async fn fetch_pages(
 
 /// The receipt of each commit group's first entry below `target`, in
 /// order: the group starting at 0, then at each head's `last_seq + 1`.
-async fn fetch_group_receipts(
+pub(crate) async fn fetch_group_receipts(
     client: Arc<Client>,
     target: u64,
     tx: mpsc::Sender<std::result::Result<Receipt, ClientError>>,

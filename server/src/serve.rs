@@ -211,7 +211,9 @@ impl Role {
             | Message::RotateSubjectKey { .. }
             | Message::RotateSigningKey
             | Message::RotateMasterKey { .. }
-            | Message::KeyStatus { .. } => self == Role::Admin,
+            | Message::KeyStatus { .. }
+            | Message::ListCredentials { .. }
+            | Message::Reindex => self == Role::Admin,
             Message::Append { .. } | Message::AppendBatch { .. } => {
                 matches!(self, Role::Writer | Role::Admin)
             }
@@ -642,7 +644,7 @@ pub fn record_json(fields: &[(String, String)]) -> Result<Vec<u8>, Message> {
 async fn handle(
     id: u32,
     message: Message,
-    vault: &Vault,
+    vault: &Arc<Vault>,
     config: &ServeConfig,
     caller: &Caller,
     tx: &mpsc::Sender<(u32, Message, u16)>,
@@ -880,6 +882,8 @@ async fn handle(
                 },
             }
         }
+        Message::ListCredentials { after_id, max } => list_credentials(vault, &after_id, max),
+        Message::Reindex => reindex(vault.clone()).await,
         _ => error(ErrorCode::Malformed, "a response sent as a request"),
     };
     if let (Some(op), false) = (op, matches!(reply, Message::Error { .. })) {
@@ -933,6 +937,60 @@ fn key_status(
             max_subject_key_age_secs: policy.max_subject_key_age.map_or(0, |d| d.as_secs()),
         },
         Err(e) => storage_error(&e),
+    }
+}
+
+/// Most credentials in one `CredentialList`: 1,000 credentials of at most
+/// 256-byte names stay far below the frame limit.
+const MAX_CREDENTIAL_PAGE: u16 = 1000;
+
+/// A page of the vault's credentials, revoked ones included.
+fn list_credentials(vault: &Vault, after_id: &str, max: u16) -> Message {
+    let max = match max {
+        0 => MAX_CREDENTIAL_PAGE,
+        m => m.min(MAX_CREDENTIAL_PAGE),
+    };
+    let after = (!after_id.is_empty()).then_some(after_id);
+    match vault.credentials(after, usize::from(max)) {
+        Ok((page, more)) => Message::CredentialList {
+            credentials: page
+                .into_iter()
+                .map(|c| protocol::CredentialInfo {
+                    id: c.id,
+                    role: c.role,
+                    name: c.name,
+                    created_seq: c.created_seq,
+                    created_ms: c.created_ms,
+                    revoked_seq: c.revoked_seq,
+                })
+                .collect(),
+            more,
+        },
+        Err(e) => storage_error(&e),
+    }
+}
+
+/// Rebuilds the derived state from the log and compares it with the
+/// stored state, on a blocking thread (it reads the whole log); changes
+/// nothing.
+async fn reindex(vault: Arc<Vault>) -> Message {
+    match tokio::task::spawn_blocking(move || vault.check_derived_state()).await {
+        Ok(Ok(r)) => Message::ReindexReport {
+            entries: r.entries,
+            keys_compared: r.keys_compared,
+            differences: r.differences,
+            sample: r
+                .sample
+                .into_iter()
+                .take(protocol::MAX_REINDEX_SAMPLE)
+                .collect(),
+        },
+        Ok(Err(storage::Error::Closed)) => error(
+            ErrorCode::Unavailable,
+            "the derived state kept changing during the comparison; retry",
+        ),
+        Ok(Err(e)) => storage_error(&e),
+        Err(_) => error(ErrorCode::Internal, "the comparison failed"),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `vault-verify`: run [`storage::verify`] (or, with `--remote`,
-//! [`crate::remote::verify_remote`]) and describe the outcome.
+//! [`crate::remote::verify_remote`], or with `--file`,
+//! [`storage::export::verify_export`]) and describe the outcome.
 
 use serde::Serialize;
+use storage::export::ExportReport;
 use storage::Report;
 
 use crate::remote::RemoteReport;
@@ -34,7 +36,8 @@ pub struct VerifyJson {
     pub signing_keys: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<&'static str>,
-    /// `"remote"` for `--remote`; absent for a data dir.
+    /// `"remote"` for `--remote`, `"file"` for `--file`; absent for a
+    /// data dir.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<&'static str>,
     /// Remote mode: the address verified.
@@ -47,7 +50,11 @@ pub struct VerifyJson {
     /// Remote mode: the signed head's timestamp (unix ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head_timestamp_ms: Option<u64>,
-    /// Remote mode: commit groups whose root and signature were checked.
+    /// File mode: the vault id the export's header names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vault_id: Option<String>,
+    /// Remote and file modes: commit groups whose root and signature were
+    /// checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub groups: Option<u64>,
     /// Remote mode: receipts checked.
@@ -87,6 +94,7 @@ impl From<&Report> for VerifyJson {
             warning: r.used_stored_key.then_some(STORED_KEY_WARNING),
             mode: None,
             server: None,
+            vault_id: None,
             signed_head_seq: None,
             head_timestamp_ms: None,
             groups: None,
@@ -108,6 +116,34 @@ impl From<&RemoteReport> for VerifyJson {
             elapsed_ms: Some(u64::try_from(r.elapsed.as_millis()).unwrap_or(u64::MAX)),
             ..VerifyJson::from(&r.report)
         }
+    }
+}
+
+impl From<&ExportReport> for VerifyJson {
+    fn from(r: &ExportReport) -> Self {
+        VerifyJson {
+            mode: Some("file"),
+            vault_id: Some(hex::encode(r.vault_id)),
+            signed_head_seq: r.report.signed_head.map(|h| h.last_seq),
+            head_timestamp_ms: r.report.signed_head.map(|h| h.timestamp_ms),
+            groups: Some(r.groups),
+            ..VerifyJson::from(&r.report)
+        }
+    }
+}
+
+/// A one-line human summary of an export file's check.
+pub fn file_summary(r: &ExportReport) -> String {
+    match &r.report.failure {
+        None => format!(
+            "OK: {} entries verified in the export of vault {}; head seq {} hash {}; {} commit groups",
+            r.report.entries,
+            hex::encode(r.vault_id),
+            r.report.entries.saturating_sub(1),
+            r.report.head.map(hex::encode).unwrap_or_else(|| "-".into()),
+            r.groups
+        ),
+        Some(_) => summary(&r.report),
     }
 }
 

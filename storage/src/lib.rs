@@ -13,7 +13,12 @@
 //! - [`state`]: derived state, a pure function of each entry.
 //! - [`vault`]: create/open, the group committer, reads; crypto-shredding
 //!   and subject key rotation (docs/keys.md).
-//! - [`verify`]: checks a data dir with nothing but a public key.
+//! - [`verify`]: checks a data dir with nothing but a public key; its
+//!   [`verify::StreamCheck`] checks a log read as a stream (remote, files).
+//! - [`export`]: export files, the whole log in one signed, portable file,
+//!   and their verification with nothing but the public key.
+//! - [`reindex`]: rebuilds derived state from the log and compares it
+//!   with the stored state (and, offline, repairs it).
 //! - [`fuzzing`]: the entry and chunk decoders on arbitrary bytes, shared
 //!   by the fuzz targets in `fuzz/` and the proptests.
 //!
@@ -37,7 +42,9 @@ pub mod chunk;
 pub mod crypto;
 pub mod entry;
 pub mod error;
+pub mod export;
 pub mod fuzzing;
+pub mod reindex;
 pub mod state;
 pub mod store;
 pub mod vault;
@@ -49,7 +56,8 @@ pub use entry::{Hash, Kind};
 pub use error::{Error, Reason, Result, TokenRefusal};
 pub use store::RawStore;
 pub use vault::{
-    api_key_hash, generate_api_key, Append, Created, Credential, KeyLife, KeyStatus, KeyUse,
-    Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault, MAX_ENCRYPTIONS_PER_KEY,
+    api_key_hash, generate_api_key, Append, Created, Credential, CredentialInfo, KeyLife,
+    KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault,
+    MAX_ENCRYPTIONS_PER_KEY,
 };
 pub use verify::{verify, Report, VerifyOptions};

@@ -334,6 +334,69 @@ pub struct Credential {
     pub seq: u64,
 }
 
+/// A credential as the log tells it: its `credential_created` entry and,
+/// if it was revoked, its `credential_revoked` entry. Never the key hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialInfo {
+    pub id: String,
+    /// admin, writer, gateway, partner or auditor.
+    pub role: String,
+    /// A label; for a partner, the partner id.
+    pub name: String,
+    /// Seq of the `credential_created` entry.
+    pub created_seq: u64,
+    /// Its timestamp (unix ms).
+    pub created_ms: u64,
+    /// Seq of the `credential_revoked` entry, if revoked.
+    pub revoked_seq: Option<u64>,
+}
+
+/// Every credential the log created, revoked ones included, up to
+/// `scanned`. The derived state keeps live credentials only (a revocation
+/// removes `"c/" id`), so listing them all needs the log; credentials are
+/// few, so they are kept in memory and [`Vault::credentials`] brings the
+/// index up to the durable log before each answer. Only that method
+/// touches it: the commit path does not pay for it.
+///
+/// Invariant: `by_id` is the fold of entries `0..scanned`.
+#[derive(Debug, Default)]
+struct CredentialIndex {
+    scanned: u64,
+    by_id: BTreeMap<String, CredentialInfo>,
+}
+
+impl CredentialIndex {
+    fn apply(&mut self, e: &EntryRef<'_>) -> Result<()> {
+        match e.kind {
+            Kind::CredentialCreated => {
+                let c: CredentialCreated = serde_json::from_slice(e.payload)
+                    .map_err(|_| Error::integrity(e.seq, Reason::Malformed("credential".into())))?;
+                let info = CredentialInfo {
+                    id: c.id.clone(),
+                    role: c.role,
+                    name: c.name,
+                    created_seq: e.seq,
+                    created_ms: e.timestamp_ms,
+                    revoked_seq: None,
+                };
+                self.by_id.insert(c.id, info);
+            }
+            Kind::CredentialRevoked => {
+                let c: state::CredentialRevoked = serde_json::from_slice(e.payload)
+                    .map_err(|_| Error::integrity(e.seq, Reason::Malformed("credential".into())))?;
+                if let Some(info) = self.by_id.get_mut(&c.id) {
+                    info.revoked_seq.get_or_insert(e.seq);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Entries read per step while the credential index catches up.
+const CREDENTIAL_SCAN_PAGE: u64 = 10_000;
+
 /// What [`Vault::create`] returns besides the vault.
 pub struct Created {
     pub vault: Vault,
@@ -415,6 +478,8 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     shared: Arc<Shared>,
     max_encryptions: u64,
+    /// Credentials from the log, for [`Vault::credentials`].
+    credentials: Mutex<CredentialIndex>,
 }
 
 /// State the committer, syncer and indexer share with readers.
@@ -920,6 +985,7 @@ impl Vault {
                 threads: Mutex::new(vec![c, w, s, i]),
                 shared,
                 max_encryptions: opts.max_encryptions_per_key.max(1),
+                credentials: Mutex::new(CredentialIndex::default()),
             }),
         };
         Ok((vault, receipts))
@@ -1511,6 +1577,52 @@ impl Vault {
         Ok(Some(c))
     }
 
+    /// Up to `max` credentials after `after_id` (exclusive; `None` from
+    /// the start) in id order, revoked ones included, as the durable log
+    /// tells them; and whether more follow. The first call reads every
+    /// entry once; later calls read only the entries made since.
+    pub fn credentials(
+        &self,
+        after_id: Option<&str>,
+        max: usize,
+    ) -> Result<(Vec<CredentialInfo>, bool)> {
+        use std::ops::Bound;
+        let mut index = self.inner.credentials.lock().map_err(|_| Error::Poisoned)?;
+        let end = self.durable_len();
+        while index.scanned < end {
+            let want = (end - index.scanned).min(CREDENTIAL_SCAN_PAGE) as usize;
+            let page = self.entries_from(index.scanned, want)?;
+            if page.is_empty() {
+                return Err(Error::integrity(index.scanned, Reason::Truncated));
+            }
+            for bytes in &page {
+                let e = EntryRef::decode(bytes)?;
+                if e.seq != index.scanned {
+                    return Err(Error::integrity(index.scanned, Reason::Reordered));
+                }
+                index.apply(&e)?;
+                index.scanned += 1;
+            }
+        }
+        let start = after_id.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page: Vec<CredentialInfo> = index
+            .by_id
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(max.saturating_add(1))
+            .map(|(_, c)| c.clone())
+            .collect();
+        let more = page.len() > max;
+        page.truncate(max);
+        Ok((page, more))
+    }
+
+    /// Rebuilds the derived state from the log, in memory, up to the state
+    /// tree's `applied` marker and compares it with the tree, key by key;
+    /// changes nothing (see [`crate::reindex`]).
+    pub fn check_derived_state(&self) -> Result<crate::reindex::ReindexReport> {
+        crate::reindex::check_live(&self.inner.store)
+    }
+
     /// Revokes the credential `id`: a `credential_revoked` entry, after
     /// which its key no longer authenticates. `NotFound`-like `Ok(None)`
     /// when there is no such credential.
@@ -1605,6 +1717,26 @@ fn read_entry(store: &Store, seq: u64) -> Result<Option<StoredEntry>> {
         hash: entry_hash(bytes),
         encoded: bytes.to_vec(),
     }))
+}
+
+/// Checks that `unlock` opens the sealed master key of the vault in
+/// `store` (the staged one when a master rotation reached the log but a
+/// crash kept it from being swapped in, as [`Vault::open`] does), without
+/// starting anything: `WrongSecret` otherwise. Offline tools that write
+/// in a data dir without opening the vault ask for the secret this way.
+pub(crate) fn check_unlock(store: &Store, unlock: &Unlock) -> Result<()> {
+    let vault_id = store.vault_id()?;
+    let name = if rotation_committed(store)? {
+        [STAGED, state::MASTER].concat()
+    } else {
+        state::MASTER.to_vec()
+    };
+    let sealed = store
+        .keys
+        .get(name)?
+        .ok_or(Error::Malformed("no sealed master key"))?;
+    SealedMaster::decode(&sealed)?.unseal(unlock, &vault_id)?;
+    Ok(())
 }
 
 /// Writes the derived state of the entries after the applied marker (those

@@ -314,6 +314,148 @@ pub fn check_genesis_key(g: &Genesis, key: &VerifyingKey) -> std::result::Result
     Ok(())
 }
 
+/// The in-order checks of a log read as a stream of encoded entries and
+/// signed heads, with a pinned key: what `vault-verify --remote` reads
+/// over the wire and `vault-verify --file` from an export file. Each
+/// entry goes through [`ChainCheck::entry`] and [`check_entry_content`]
+/// (and seq 0 through [`check_genesis_key`]); each head closes the open
+/// group through [`ChainCheck::close_group`] and [`check_group`], so the
+/// rules are those of the local scan, written once.
+///
+/// Invariant: every entry accepted so far passed those checks, in order;
+/// every group closed so far has a matching root and a valid signature.
+#[derive(Debug)]
+pub struct StreamCheck {
+    chain: ChainCheck,
+    key: VerifyingKey,
+    genesis: Option<Genesis>,
+    shredded: Vec<String>,
+    groups: u64,
+}
+
+impl StreamCheck {
+    /// A check expecting seq 0 next, against the pinned `key`.
+    pub fn new(key: VerifyingKey) -> Self {
+        StreamCheck {
+            chain: ChainCheck::new(key),
+            key,
+            genesis: None,
+            shredded: Vec::new(),
+            groups: 0,
+        }
+    }
+
+    /// Checks the next entry, as encoded; returns its hash.
+    pub fn entry(&mut self, bytes: &[u8]) -> std::result::Result<Hash, Failure> {
+        let expected = self.chain.next_seq();
+        let hash = entry_hash(bytes);
+        let e =
+            EntryRef::decode(bytes).map_err(|_| (expected, Reason::Malformed("entry".into())))?;
+        self.chain.entry(&e, &hash)?;
+        if let Some(g) = check_entry_content(&e)? {
+            check_genesis_key(&g, &self.key)?;
+            self.genesis = Some(g);
+        }
+        if e.kind == Kind::SubjectShredded {
+            self.shredded.push(e.subject.to_string());
+        }
+        Ok(hash)
+    }
+
+    /// Closes the open group with `head`: its fields, Merkle root and
+    /// signature (under the signing key in force, from the chain of
+    /// rotations) must be those of the entries since the last head.
+    pub fn head(&mut self, head: &SignedHead) -> std::result::Result<(), Failure> {
+        let closed = self.chain.close_group(head)?;
+        check_group(&closed.hashes, head, head.verify(&closed.key))?;
+        self.groups += 1;
+        Ok(())
+    }
+
+    /// The end of the stream: the log is not empty and its last group is
+    /// closed by a head. Returns what was checked.
+    pub fn finish(&self) -> std::result::Result<&ChainTip, Failure> {
+        if let Some(first) = self.chain.open_group() {
+            return Err((first, Reason::UnsignedTail));
+        }
+        if self.genesis.is_none() {
+            return Err((0, Reason::BadGenesis("empty log".into())));
+        }
+        Ok(self.chain.tip())
+    }
+
+    /// The seq the next entry must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.chain.next_seq()
+    }
+
+    /// Whether entries follow the last head.
+    pub fn group_open(&self) -> bool {
+        self.chain.open_group().is_some()
+    }
+
+    /// Entries accepted, the last one's hash and the last head.
+    pub fn tip(&self) -> &ChainTip {
+        self.chain.tip()
+    }
+
+    /// The genesis payload, once entry 0 was accepted.
+    pub fn genesis(&self) -> Option<&Genesis> {
+        self.genesis.as_ref()
+    }
+
+    /// Subjects of the `subject_shredded` entries accepted so far.
+    pub fn shredded(&self) -> &[String] {
+        &self.shredded
+    }
+
+    /// Groups closed so far.
+    pub fn groups(&self) -> u64 {
+        self.groups
+    }
+
+    /// The signing keys of the rotations in the groups closed so far.
+    pub fn keys(&self) -> &KeyChain {
+        self.chain.keys()
+    }
+}
+
+/// Applies one entry's derived-state mutations to `model` (the state tree
+/// as a sorted map): what the local scan replays and `reindex` rebuilds.
+/// `key_buf` is scratch space, so that the hot path (records) does not
+/// allocate.
+pub(crate) fn replay_entry(
+    model: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+    e: &EntryRef<'_>,
+    key_buf: &mut Vec<u8>,
+) -> std::result::Result<(), Failure> {
+    if e.kind == Kind::Record {
+        // The same mutation as `state::mutations` gives for a record.
+        key_buf.clear();
+        key_buf.extend_from_slice(b"s/");
+        key_buf.extend_from_slice(e.subject.as_bytes());
+        let value = state::record_pointer(e.seq, e.key_version);
+        match model.get_mut(key_buf.as_slice()) {
+            Some(v) => {
+                v.clear();
+                v.extend_from_slice(&value);
+            }
+            None => {
+                model.insert(key_buf.clone(), value.to_vec());
+            }
+        }
+        return Ok(());
+    }
+    let muts = state::mutations(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
+    for (k, v) in muts {
+        match v {
+            Some(v) => model.insert(k, v),
+            None => model.remove(&k),
+        };
+    }
+    Ok(())
+}
+
 /// The in-order part of a scan: [`ChainCheck`] over decoded windows.
 struct Walk {
     chain: ChainCheck,
@@ -578,7 +720,7 @@ pub(crate) fn verify_store_with(
         if e.kind == Kind::Record {
             // The hot path, without allocation. The record must be
             // encrypted under its subject's current data key, which a
-            // shred has not destroyed (the write path's rules)...
+            // shred has not destroyed (the write path's rules).
             key_buf.clear();
             key_buf.extend_from_slice(b"k/");
             key_buf.extend_from_slice(e.subject.as_bytes());
@@ -599,43 +741,20 @@ pub(crate) fn verify_store_with(
                     ))
                 }
             }
-            // ... and it moves the subject's pointer: the same mutation as
-            // `state::mutations` gives for a record.
-            key_buf.clear();
-            key_buf.extend_from_slice(b"s/");
-            key_buf.extend_from_slice(e.subject.as_bytes());
-            let value = state::record_pointer(e.seq, e.key_version);
-            match model.get_mut(key_buf.as_slice()) {
-                Some(v) => {
-                    v.clear();
-                    v.extend_from_slice(&value);
-                }
-                None => {
-                    model.insert(key_buf.clone(), value.to_vec());
-                }
-            }
             if let Some(u) = usage.as_deref_mut() {
                 u.encrypted(e.subject, e.key_version);
             }
-        } else {
-            if matches!(
-                e.kind,
-                Kind::KeyRotated | Kind::SubjectShredded | Kind::SubjectKey
-            ) {
-                check_key_entry(e, &model)?;
-                if let Some(u) = usage.as_deref_mut() {
-                    key_usage(u, e);
-                }
-            }
-            let muts =
-                state::mutations(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
-            for (k, v) in muts {
-                match v {
-                    Some(v) => model.insert(k, v),
-                    None => model.remove(&k),
-                };
+        } else if matches!(
+            e.kind,
+            Kind::KeyRotated | Kind::SubjectShredded | Kind::SubjectKey
+        ) {
+            // Against the key state before this entry's own mutation.
+            check_key_entry(e, &model)?;
+            if let Some(u) = usage.as_deref_mut() {
+                key_usage(u, e);
             }
         }
+        replay_entry(&mut model, e, &mut key_buf)?;
         if applied == Some(e.seq) {
             model_at_applied = Some(model.clone());
         }
@@ -993,38 +1112,88 @@ fn compare(
     tree: &sled::Tree,
     expected: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
 ) -> Result<Option<String>> {
-    let actual: Vec<(Vec<u8>, Vec<u8>)> = tree
-        .iter()
-        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(compare_iters(actual.into_iter(), expected))
+    Ok(diff_tree(tree, expected, 1)?.sample.into_iter().next())
 }
 
 /// Compares two sorted key/value streams; describes the first difference.
 fn compare_iters(
-    mut actual: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
-    mut expected: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
+    actual: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
+    expected: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
 ) -> Option<String> {
+    diff_iters(actual, expected, 1).sample.into_iter().next()
+}
+
+/// What a comparison of a stored tree with its expected content found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Distinct keys looked at (stored or expected), up to where it stopped.
+    pub compared: u64,
+    /// Keys that are missing, unexpected or hold another value.
+    pub differences: u64,
+    /// Descriptions of the first differences (at most the `sample` asked
+    /// for): `missing key "…"`, `unexpected key "…"`, `value of "…" differs`.
+    pub sample: Vec<String>,
+}
+
+/// Compares the content of `tree` with `expected` (sorted by key).
+/// Stops once `stop_after` differences were found (`u64::MAX`: never),
+/// and describes at most that many (and never more than
+/// [`MAX_DIFF_SAMPLE`]).
+pub(crate) fn diff_tree(
+    tree: &sled::Tree,
+    expected: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
+    stop_after: u64,
+) -> Result<Diff> {
+    let actual: Vec<(Vec<u8>, Vec<u8>)> = tree
+        .iter()
+        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(diff_iters(actual.into_iter(), expected, stop_after))
+}
+
+/// Most difference descriptions a [`Diff`] keeps.
+pub const MAX_DIFF_SAMPLE: usize = 20;
+
+/// Merges two sorted key/value streams and counts their differences.
+pub(crate) fn diff_iters(
+    actual: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
+    expected: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
+    stop_after: u64,
+) -> Diff {
     let show = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
-    loop {
-        match (actual.next(), expected.next()) {
-            (None, None) => return None,
-            (Some((k, _)), None) => return Some(format!("unexpected key {:?}", show(&k))),
-            (None, Some((k, _))) => return Some(format!("missing key {:?}", show(&k))),
-            (Some((ak, av)), Some((ek, ev))) => {
-                if ak != ek {
-                    return Some(if ak < ek {
-                        format!("unexpected key {:?}", show(&ak))
-                    } else {
-                        format!("missing key {:?}", show(&ek))
-                    });
+    let mut diff = Diff::default();
+    let mut actual = actual.peekable();
+    let mut expected = expected.peekable();
+    while diff.differences < stop_after {
+        let order = match (actual.peek(), expected.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((ak, _)), Some((ek, _))) => ak.cmp(ek),
+        };
+        let found = match order {
+            std::cmp::Ordering::Less => actual
+                .next()
+                .map(|(k, _)| format!("unexpected key {:?}", show(&k))),
+            std::cmp::Ordering::Greater => expected
+                .next()
+                .map(|(k, _)| format!("missing key {:?}", show(&k))),
+            std::cmp::Ordering::Equal => match (actual.next(), expected.next()) {
+                (Some((k, av)), Some((_, ev))) if av != ev => {
+                    Some(format!("value of {:?} differs", show(&k)))
                 }
-                if av != ev {
-                    return Some(format!("value of {:?} differs", show(&ak)));
-                }
+                _ => None,
+            },
+        };
+        diff.compared += 1;
+        if let Some(d) = found {
+            diff.differences += 1;
+            if (diff.sample.len() as u64) < stop_after.min(MAX_DIFF_SAMPLE as u64) {
+                diff.sample.push(d);
             }
         }
     }
+    diff
 }
 
 /// Names of the trees a vault may hold; any other is an integrity failure.

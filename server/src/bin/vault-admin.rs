@@ -1,20 +1,49 @@
-//! `vault-admin`: the operator's tool for a running vault (admin API key):
-//! crypto-shred a subject, rotate the signing key, the master key or a
-//! subject's data key, list the keys and their ages, show the vault's
-//! status (with the rotation policy's warnings), and create or revoke
-//! credentials. Each subcommand is one or two calls of the `client`
-//! library plus printing; procedures and guarantees are in docs/keys.md.
-//! The key rotations also work on a stopped vault (`--data-dir` and its
-//! current secret), through the `storage` library.
+//! `vault-admin`: the operator's tool for a vault, over the protocol with
+//! an admin API key, or (where it says so) offline on a stopped vault's
+//! data dir. Subcommands:
+//!
+//! - `shred --subject S`: crypto-shred a subject.
+//! - `rotate-subject-key --subject S [--reencrypt]`: a new data key version.
+//! - `rotate-signing-key [--data-dir DIR …]`: a new signing key, endorsed
+//!   by the current one; old receipts verify through the key chain.
+//! - `rotate-master-key --new-passphrase-file F|--new-key-file F
+//!   [--data-dir DIR …]`: re-wrap every key under a new master key (the
+//!   secret crosses the connection: TLS or loopback only).
+//! - `keys`: every key, its age, use and state.
+//! - `status`: the signed head, the entry count, key ages, and warnings
+//!   when a key is older than the server's rotation policy allows.
+//! - `credentials create|revoke|list`: API-key credentials; `list` shows
+//!   every credential, revoked ones included, never a key hash.
+//! - `audit [--from-seq N] [--kind K]… [--subject S] [--limit N]
+//!   [--include-records] [--data-dir DIR]`: the log's events as JSON lines
+//!   (one object per line, whatever `--format`); records only with
+//!   `--include-records`, and then as metadata (never ciphertext). An
+//!   auditor key works too. Offline with `--data-dir` (no secret needed).
+//! - `export --out FILE [--data-dir DIR]`: the whole log with every commit
+//!   group's signed head in one portable file (docs/storage.md, section
+//!   11), checked while written and written atomically; `vault-verify
+//!   --file FILE --public-key HEX` checks it with nothing else.
+//! - `reindex [--data-dir DIR --passphrase-file F|--key-file F [--repair]]`:
+//!   rebuild the derived state from the log and compare it with the stored
+//!   one; offline with `--repair`, replace it when it differs.
+//!
+//! Each online subcommand is one or two calls of the `client` library plus
+//! printing; the log tools are `server::admin` and `storage::{export,
+//! reindex}`; the offline rotations open the vault with its current
+//! secret through `storage`. Procedures and guarantees are in docs/keys.md.
 //!
 //! Data goes to stdout (text, or one JSON object with `--format json`),
 //! diagnostics to stderr. Exit codes: 0 success, 1 local error (arguments,
-//! connection, TLS, a receipt that does not verify), 2 refused by the
-//! server (`error: <code>: <message>`, e.g. `subject_shredded`, `not_found`,
-//! `forbidden` for a key that is not an admin's).
+//! connection, TLS, a receipt that does not verify, an export of a log that
+//! does not verify, a reindex that found differences it did not repair), 2
+//! refused by the server (`error: <code>: <message>`, e.g.
+//! `subject_shredded`, `not_found`, `forbidden` for a key whose role may
+//! not do this).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -22,12 +51,13 @@ use clap::{Parser, Subcommand};
 use client::cli::{ConnectArgs, Format};
 use client::{Client, ClientError, ErrorCode, KeyLife, Receipt};
 use serde_json::{json, Value};
+use server::admin::AuditFilter;
 
 #[derive(Parser)]
 #[command(
     name = "vault-admin",
     version,
-    about = "Administer a running fintrust-vault: shred, key rotation, key status, credentials"
+    about = "Administer a fintrust-vault: shred, key rotation, key status, credentials, audit, export, reindex"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -95,10 +125,60 @@ enum Command {
     Keys,
     /// The signed head, the entry count and the ages of the keys.
     Status,
-    /// Create or revoke API-key credentials.
+    /// Create, revoke or list API-key credentials.
     Credentials {
         #[command(subcommand)]
         command: Credentials,
+    },
+    /// Print the log's events as JSON lines (one object per line): every
+    /// entry but personal-data records, whose metadata only
+    /// --include-records adds. Admin or auditor key.
+    Audit {
+        /// First seq to look at.
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        /// Only entries of this kind (repeatable), e.g. credential_created.
+        #[arg(long = "kind", value_name = "NAME")]
+        kinds: Vec<String>,
+        /// Only entries of this subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Print at most this many lines.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Also records, as metadata (seq, time, subject, key version).
+        #[arg(long)]
+        include_records: bool,
+        /// Read the stopped vault in DIR instead of asking a server.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Write the whole log, with every commit group's signed head, to a
+    /// portable file that `vault-verify --file` checks offline.
+    Export {
+        /// The file to write (atomically: replaced only once complete).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Export the stopped vault in DIR instead of asking a server.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Rebuild the derived state from the log and compare it with the
+    /// stored one (exit 1 when they differ and were not repaired).
+    Reindex {
+        /// Work on the stopped vault in DIR (needs its secret).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Offline: the file holding the vault's passphrase.
+        #[arg(long, env = "FINTRUST_PASSPHRASE_FILE", requires = "data_dir")]
+        passphrase_file: Option<PathBuf>,
+        /// Offline: the vault's key file instead of a passphrase.
+        #[arg(long, env = "FINTRUST_KEY_FILE", requires = "data_dir")]
+        key_file: Option<PathBuf>,
+        /// Offline: replace the stored derived state with the rebuilt one
+        /// when they differ.
+        #[arg(long, requires = "data_dir")]
+        repair: bool,
     },
 }
 
@@ -144,6 +224,9 @@ enum Credentials {
         #[arg(long)]
         id: String,
     },
+    /// List every credential: id, role, name, when it was created, and
+    /// whether it was revoked (never its key hash).
+    List,
 }
 
 fn main() -> ExitCode {
@@ -160,8 +243,142 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
-    if let Some(out) = offline(&cli).await? {
-        return print(cli.format, out);
+    if let Some((json, text)) = offline(&cli).await? {
+        print(cli.format, &json, &text);
+        return Ok(());
+    }
+    // The log tools print as they go, and may need no server at all.
+    match &cli.command {
+        Command::Audit {
+            from_seq,
+            kinds,
+            subject,
+            limit,
+            include_records,
+            data_dir,
+        } => {
+            let filter = AuditFilter {
+                from_seq: *from_seq,
+                kinds: kinds
+                    .iter()
+                    .map(|k| {
+                        storage::Kind::from_name(k)
+                            .ok_or_else(|| anyhow::anyhow!("--kind {k:?} is not an entry kind"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+                subject: subject.clone(),
+                limit: *limit,
+                include_records: *include_records,
+            };
+            filter.validate()?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut print = |line: &Value| -> server::Result<()> {
+                writeln!(out, "{line}").map_err(|source| server::Error::File {
+                    path: "stdout".into(),
+                    source,
+                })
+            };
+            match data_dir {
+                Some(dir) => server::admin::audit_local(dir, &filter, &mut print)?,
+                None => {
+                    let client = connect(&cli).await?;
+                    server::admin::audit_remote(&client, &filter, &mut print).await?
+                }
+            };
+            out.flush()?;
+            return Ok(());
+        }
+        Command::Export { out, data_dir } => {
+            let key = pinned
+                .map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k))
+                .transpose()
+                .map_err(|_| anyhow::anyhow!("--public-key is not a valid ed25519 key"))?;
+            let (done, mode) = match data_dir {
+                Some(dir) => (server::admin::export_local(dir, out, key)?, "offline"),
+                None => {
+                    let client = Arc::new(connect(&cli).await?);
+                    (
+                        server::admin::export_remote(client, key, out).await?,
+                        "online",
+                    )
+                }
+            };
+            let json = json!({"out": out, "mode": mode, "entries": done.entries,
+                              "heads": done.heads});
+            let text = format!(
+                "exported {} entries and {} signed heads to {}",
+                done.entries,
+                done.heads,
+                out.display()
+            );
+            print(cli.format, &json, &text);
+            return Ok(());
+        }
+        Command::Reindex {
+            data_dir,
+            passphrase_file,
+            key_file,
+            repair,
+        } => {
+            let (r, mode) = match data_dir {
+                Some(dir) => {
+                    let unlock = server::secrets::unlock_from(
+                        passphrase_file.as_deref(),
+                        key_file.as_deref(),
+                    )?;
+                    let key = pinned
+                        .map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k))
+                        .transpose()
+                        .map_err(|_| anyhow::anyhow!("--public-key is not a valid ed25519 key"))?;
+                    let opts = storage::reindex::ReindexOptions {
+                        repair: *repair,
+                        public_key: key,
+                    };
+                    (storage::reindex::reindex(dir, &unlock, &opts)?, "offline")
+                }
+                None => {
+                    let client = connect(&cli).await?;
+                    let r = client.reindex().await?;
+                    let report = storage::reindex::ReindexReport {
+                        entries: r.entries,
+                        keys_compared: r.keys_compared,
+                        differences: r.differences,
+                        sample: r.sample,
+                        repaired: false,
+                    };
+                    (report, "online")
+                }
+            };
+            let json = json!({"mode": mode, "entries": r.entries,
+                              "keys_compared": r.keys_compared,
+                              "differences": r.differences, "sample": r.sample,
+                              "repaired": r.repaired});
+            let mut text = format!(
+                "replayed {} entries, compared {} state keys: {} differences{}",
+                r.entries,
+                r.keys_compared,
+                r.differences,
+                if r.repaired { " (repaired)" } else { "" }
+            );
+            for d in &r.sample {
+                text.push_str(&format!("\n  {d}"));
+            }
+            print(cli.format, &json, &text);
+            if r.differences > 0 && !r.repaired {
+                anyhow::bail!(
+                    "the stored derived state differs from the log in {} keys{}",
+                    r.differences,
+                    if data_dir.is_some() {
+                        "; run again with --repair to replace it"
+                    } else {
+                        "; stop the vault and run `vault-admin reindex --data-dir DIR --repair`"
+                    }
+                );
+            }
+            return Ok(());
+        }
+        _ => {}
     }
     let client = connect(&cli).await?;
     let now = now_ms();
@@ -373,6 +590,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Credentials {
+            command: Credentials::List,
+        } => {
+            let all = client.credentials().await?;
+            let list: Vec<Value> = all
+                .iter()
+                .map(|c| {
+                    json!({"id": c.id, "role": c.role, "name": c.name,
+                           "created_seq": c.created_seq, "created_ms": c.created_ms,
+                           "revoked": c.revoked_seq.is_some(),
+                           "revoked_seq": c.revoked_seq})
+                })
+                .collect();
+            let mut text = String::from("ID\tROLE\tNAME\tCREATED_SEQ\tCREATED\tSTATE");
+            for c in &all {
+                let state = match c.revoked_seq {
+                    Some(s) => format!("revoked at seq {s}"),
+                    None => "live".into(),
+                };
+                text.push_str(&format!(
+                    "\n{}\t{}\t{}\t{}\t{}\t{}",
+                    c.id,
+                    c.role,
+                    c.name,
+                    c.created_seq,
+                    age(now, c.created_ms),
+                    state
+                ));
+            }
+            (json!({ "credentials": list }), text)
+        }
+        // Printed as they ran, above.
+        Command::Audit { .. } | Command::Export { .. } | Command::Reindex { .. } => return Ok(()),
+        Command::Credentials {
             command: Credentials::Revoke { id },
         } => match client.revoke_credential(id.as_str()).await? {
             Some(r) => {
@@ -393,15 +643,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     };
-    print(cli.format, (json, text))
+    print(cli.format, &json, &text);
+    Ok(())
 }
 
-fn print(format: Format, (json, text): (Value, String)) -> anyhow::Result<()> {
+fn print(format: Format, json: &Value, text: &str) {
     match format {
         Format::Json => println!("{json}"),
         Format::Text => println!("{text}"),
     }
-    Ok(())
 }
 
 /// The subcommands run on a stopped vault (`--data-dir`), if this is one.

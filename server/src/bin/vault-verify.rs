@@ -1,7 +1,8 @@
 //! `vault-verify`: prove, with nothing but the public key, that a vault's
 //! log, derived state and key store were not altered (`--data-dir`), or
 //! that the log a live server serves is the one its signed head and key
-//! commit to (`--remote`).
+//! commit to (`--remote`), or that an export file (`vault-admin export`)
+//! holds a log the key signed, whole (`--file`).
 //!
 //! Exit codes: 0 intact, 1 integrity failure, 2 could not run.
 
@@ -16,8 +17,8 @@ use clap::{ArgGroup, Parser};
 use client::cli::ConnectArgs;
 use server::remote::{RemoteOptions, DEFAULT_PAGE_ENTRIES, DEFAULT_SAMPLE_RECEIPTS};
 use server::verify::{
-    exit_code, remote_summary, summary, VerifyJson, EXIT_ERROR, EXIT_INTEGRITY, EXIT_OK,
-    STORED_KEY_WARNING,
+    exit_code, file_summary, remote_summary, summary, VerifyJson, EXIT_ERROR, EXIT_INTEGRITY,
+    EXIT_OK, STORED_KEY_WARNING,
 };
 
 #[derive(Parser)]
@@ -25,7 +26,7 @@ use server::verify::{
     name = "vault-verify",
     version,
     about = "Verify a fintrust-vault data dir, or a running vault over the wire",
-    group(ArgGroup::new("source").required(true).args(["data_dir", "remote"]))
+    group(ArgGroup::new("source").required(true).args(["data_dir", "remote", "file"]))
 )]
 struct Cli {
     /// The vault's data dir (stop vaultd first, or verify a copy).
@@ -35,6 +36,10 @@ struct Cli {
     /// auditor (or admin) API key.
     #[arg(long, env = "FINTRUST_REMOTE", value_name = "HOST:PORT")]
     remote: Option<String>,
+    /// An export file written by `vault-admin export`: verify it offline
+    /// against the pinned --public-key.
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
     /// Remote mode: TLS, API key and timeout, as for vault-client.
     #[command(flatten)]
     connect: ConnectArgs,
@@ -79,6 +84,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR as u8);
         };
         return remote(&cli, addr, public_key, json);
+    }
+    if let Some(file) = &cli.file {
+        let Some(public_key) = public_key else {
+            eprintln!("error: --file needs the pinned --public-key (or FINTRUST_PUBLIC_KEY)");
+            return ExitCode::from(EXIT_ERROR as u8);
+        };
+        return export_file(file, &public_key, json);
     }
     let Some(data_dir) = &cli.data_dir else {
         eprintln!("error: pass --data-dir DIR or --remote HOST:PORT");
@@ -149,6 +161,34 @@ fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
         );
         b
     })
+}
+
+/// `--file`: verify an export file. A file that cannot be read, is not
+/// an export or is of an unknown version could not be checked (exit 2);
+/// damage past its magic is an integrity failure (exit 1).
+fn export_file(path: &std::path::Path, key: &ed25519_dalek::VerifyingKey, json: bool) -> ExitCode {
+    let outcome = std::fs::File::open(path)
+        .map_err(storage::Error::from)
+        .and_then(|f| storage::export::verify_export(f, key));
+    let report = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: could not verify {}: {e}", path.display());
+            return ExitCode::from(EXIT_ERROR as u8);
+        }
+    };
+    if json {
+        match serde_json::to_string(&VerifyJson::from(&report)) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_ERROR as u8);
+            }
+        }
+    } else {
+        println!("{}", file_summary(&report));
+    }
+    ExitCode::from(exit_code(&report.report) as u8)
 }
 
 /// `--remote`: verify a live server's log over the wire protocol.

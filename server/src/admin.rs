@@ -1,0 +1,377 @@
+//! What `vault-admin`'s log tools do, as library functions: `audit` (the
+//! log's events as JSON lines), `export` (a signed, portable log file)
+//! and the atomic file writing they need. Each works online, over the
+//! protocol with a [`Client`], or offline on a stopped vault's data dir.
+//!
+//! ```text
+//! online:  Entries pages ──┐                       ┌─> AuditFilter::line ─> JSON lines
+//!          Proof per group ┴─> StreamCheck ──┬─────┘
+//! offline: log chunks ─────────────────────> └─> ExportWriter ─> temp file ─fsync─> rename
+//! ```
+//!
+//! Neither needs a secret: audit payloads are plain JSON, records are
+//! shown as metadata only (never their ciphertext), and an export holds
+//! the log as it is stored (records stay encrypted in it).
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use client::{Client, ClientError, ErrorCode, Receipt};
+use ed25519_dalek::VerifyingKey;
+use serde_json::{json, Value};
+use storage::chunk::Chunk;
+use storage::entry::EntryRef;
+use storage::export::ExportWriter;
+use storage::verify::StreamCheck;
+use storage::{Kind, Reason};
+use tokio::sync::mpsc;
+
+use crate::{Error, Result};
+
+/// Entries asked for per `Entries` request by `audit` and `export`.
+pub const PAGE_ENTRIES: u32 = 1_000;
+
+/// Which entries `audit` prints.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// First seq looked at.
+    pub from_seq: u64,
+    /// Only these kinds (empty: every kind but records, unless
+    /// `include_records`).
+    pub kinds: Vec<Kind>,
+    /// Only entries of this subject.
+    pub subject: Option<String>,
+    /// At most this many lines.
+    pub limit: Option<u64>,
+    /// Records too, as metadata only.
+    pub include_records: bool,
+}
+
+impl AuditFilter {
+    /// Checks the filter: asking for the `record` kind needs
+    /// `include_records`, which says that record metadata may be shown.
+    pub fn validate(&self) -> Result<()> {
+        if self.kinds.contains(&Kind::Record) && !self.include_records {
+            return Err(Error::Usage(
+                "--kind record lists personal-data records: add --include-records".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The JSON line of `e`, or `None` when the filter leaves it out.
+    ///
+    /// Every kind but records: `{"seq","timestamp_ms","kind","subject",
+    /// "payload"}` with the payload parsed (`null` and `"encrypted":true`
+    /// for an event whose payload is not plain). Records, with
+    /// `include_records`: `{"seq","timestamp_ms","kind":"record",
+    /// "subject","key_version"}`, never the ciphertext.
+    pub fn line(&self, e: &EntryRef<'_>) -> Option<Value> {
+        if e.seq < self.from_seq {
+            return None;
+        }
+        if e.kind == Kind::Record && !self.include_records {
+            return None;
+        }
+        if !self.kinds.is_empty() && !self.kinds.contains(&e.kind) {
+            return None;
+        }
+        if self.subject.as_deref().is_some_and(|s| s != e.subject) {
+            return None;
+        }
+        let mut line = json!({
+            "seq": e.seq,
+            "timestamp_ms": e.timestamp_ms,
+            "kind": e.kind.name(),
+            "subject": e.subject,
+        });
+        if e.kind == Kind::Record {
+            line["key_version"] = json!(e.key_version);
+        } else if e.key_version != 0 {
+            line["payload"] = Value::Null;
+            line["encrypted"] = json!(true);
+        } else {
+            line["payload"] = serde_json::from_slice(e.payload).unwrap_or(Value::Null);
+        }
+        Some(line)
+    }
+}
+
+/// Prints the entries the filter selects, in log order, through `out`;
+/// returns how many. Stops at the limit or the end of the log (the entries
+/// durable when each page was asked for). Auditor or admin role.
+pub async fn audit_remote(
+    client: &Client,
+    filter: &AuditFilter,
+    mut out: impl FnMut(&Value) -> Result<()>,
+) -> Result<u64> {
+    let mut printed = 0u64;
+    let mut from = filter.from_seq;
+    loop {
+        let page = client.entries(from, PAGE_ENTRIES).await?;
+        if page.is_empty() {
+            return Ok(printed);
+        }
+        for bytes in &page {
+            let e = EntryRef::decode(bytes)?;
+            if e.seq != from {
+                return Err(storage::Error::Integrity {
+                    seq: from,
+                    reason: Reason::Reordered,
+                }
+                .into());
+            }
+            from += 1;
+            if filter.limit.is_some_and(|l| printed >= l) {
+                return Ok(printed);
+            }
+            if let Some(line) = filter.line(&e) {
+                out(&line)?;
+                printed += 1;
+            }
+        }
+        if filter.limit.is_some_and(|l| printed >= l) {
+            return Ok(printed);
+        }
+    }
+}
+
+/// [`audit_remote`] on the stopped vault in `dir`, reading its chunks.
+pub fn audit_local(
+    dir: &Path,
+    filter: &AuditFilter,
+    mut out: impl FnMut(&Value) -> Result<()>,
+) -> Result<u64> {
+    let store = storage::RawStore::open(dir)?;
+    let mut printed = 0u64;
+    let start = match store
+        .log
+        .range(..=filter.from_seq.to_be_bytes())
+        .next_back()
+    {
+        Some(kv) => kv.map_err(storage::Error::from)?.0,
+        None => return Ok(0),
+    };
+    let mut next: Option<u64> = None;
+    for kv in store.log.range(start..) {
+        let (_, v) = kv.map_err(storage::Error::from)?;
+        let seq = next.unwrap_or(0);
+        let chunk = Chunk::decode(&v).map_err(|_| storage::Error::Integrity {
+            seq,
+            reason: Reason::CrcMismatch,
+        })?;
+        for bytes in chunk.entries {
+            let e = EntryRef::decode(bytes)?;
+            if next.is_some_and(|n| n != e.seq) {
+                return Err(storage::Error::Integrity {
+                    seq,
+                    reason: Reason::Reordered,
+                }
+                .into());
+            }
+            next = Some(e.seq + 1);
+            if filter.limit.is_some_and(|l| printed >= l) {
+                return Ok(printed);
+            }
+            if let Some(line) = filter.line(&e) {
+                out(&line)?;
+                printed += 1;
+            }
+        }
+    }
+    Ok(printed)
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    pub entries: u64,
+    pub heads: u64,
+}
+
+/// A file written atomically: filled as a temporary file beside its
+/// path, then [`AtomicFile::commit`] fsyncs it, renames it over the path
+/// and fsyncs the directory. Dropped without a commit, the temporary file
+/// is removed and the path left as it was: a reader sees the old file or
+/// the whole new one, never a part.
+#[derive(Debug)]
+pub struct AtomicFile {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file in `path`'s directory.
+    pub fn create(path: &Path) -> Result<AtomicFile> {
+        let dir: PathBuf = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(".vault-export-")
+            .tempfile_in(&dir)
+            .map_err(|source| file_error(&dir, source))?;
+        Ok(AtomicFile {
+            tmp,
+            path: path.to_path_buf(),
+            dir,
+        })
+    }
+
+    /// A buffered writer into the temporary file.
+    pub fn writer(&self) -> BufWriter<&File> {
+        BufWriter::new(self.tmp.as_file())
+    }
+
+    /// Makes the file durable under its path.
+    pub fn commit(self) -> Result<()> {
+        let AtomicFile { tmp, path, dir } = self;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|source| file_error(&path, source))?;
+        tmp.persist(&path).map_err(|e| file_error(&path, e.error))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| file_error(&dir, source))?;
+        Ok(())
+    }
+}
+
+fn file_error(path: &Path, source: std::io::Error) -> Error {
+    Error::File {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Flushes a writer of the temporary file.
+fn flush(w: BufWriter<&File>) -> Result<()> {
+    w.into_inner()
+        .map_err(|e| file_error(Path::new("export"), e.into_error()))?;
+    Ok(())
+}
+
+/// Exports the stopped vault in `dir` to `out` (see
+/// [`storage::export::export_dir`]), atomically.
+pub fn export_local(dir: &Path, out: &Path, key: Option<VerifyingKey>) -> Result<Exported> {
+    let file = AtomicFile::create(out)?;
+    let (w, entries, heads) = storage::export::export_dir(dir, file.writer(), key)?;
+    flush(w)?;
+    file.commit()?;
+    Ok(Exported { entries, heads })
+}
+
+/// Exports the log a running vault serves, up to the signed head it
+/// presents first, to `out`, atomically: entries in pages, and each commit
+/// group's signed head from the receipt of the group's first entry (as
+/// `vault-verify --remote` gets them). Everything is checked on the way
+/// with `key` (the pinned key, or else the one the server reports): an
+/// integrity failure stops the export and leaves `out` untouched.
+pub async fn export_remote(
+    client: Arc<Client>,
+    key: Option<VerifyingKey>,
+    out: &Path,
+) -> Result<Exported> {
+    let info = client.head().await?;
+    let key = match key {
+        Some(k) if k.to_bytes() != info.public_key => {
+            return Err(Error::Usage(format!(
+                "the server's public key {} is not the pinned key",
+                hex::encode(info.public_key)
+            )))
+        }
+        Some(k) => k,
+        None => VerifyingKey::from_bytes(&info.public_key)
+            .map_err(|_| Error::Usage("the server reports an invalid public key".into()))?,
+    };
+    let Some(head) = info.signed_head else {
+        return Err(Error::Usage("the vault's log is empty".into()));
+    };
+    let target = head.last_seq.saturating_add(1);
+    let (page_tx, mut pages) = mpsc::channel(2);
+    let (receipt_tx, mut receipts) = mpsc::channel(64);
+    let _tasks = crate::remote::Tasks(vec![
+        tokio::spawn(crate::remote::fetch_pages(
+            client.clone(),
+            target,
+            PAGE_ENTRIES,
+            page_tx,
+        )),
+        tokio::spawn(crate::remote::fetch_group_receipts(
+            client.clone(),
+            target,
+            receipt_tx,
+        )),
+    ]);
+    let file = AtomicFile::create(out)?;
+    let mut first_writer = Some(file.writer());
+    let mut walk = StreamCheck::new(key);
+    let mut writer: Option<ExportWriter<BufWriter<&File>>> = None;
+    let mut group: Option<Receipt> = None;
+    while walk.next_seq() < target {
+        let page = match pages.recv().await {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ClientError::Closed.into()),
+        };
+        if page.is_empty() {
+            return Err(integrity(walk.next_seq(), Reason::Truncated));
+        }
+        for bytes in &page {
+            let seq = walk.next_seq();
+            if group.is_none() {
+                let r = match receipts.recv().await {
+                    Some(Ok(r)) => r,
+                    Some(Err(ClientError::Server {
+                        code: ErrorCode::NotFound,
+                        ..
+                    })) => return Err(integrity(seq, Reason::Truncated)),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(ClientError::Closed.into()),
+                };
+                if r.seq != seq || r.head.group_first_seq != seq || r.head.last_seq < seq {
+                    return Err(integrity(seq, Reason::HeadMismatch));
+                }
+                group = Some(r);
+            }
+            walk.entry(bytes).map_err(storage::Error::from)?;
+            let w = match &mut writer {
+                Some(w) => w,
+                None => {
+                    // Entry 0 passed the walk: its genesis names the vault.
+                    let id = walk
+                        .genesis()
+                        .and_then(|g| hex::decode(&g.vault_id).ok())
+                        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                        .ok_or_else(|| integrity(0, Reason::BadGenesis("vault id".into())))?;
+                    let out = first_writer
+                        .take()
+                        .ok_or_else(|| integrity(seq, Reason::Reordered))?;
+                    writer.insert(ExportWriter::new(out, &id)?)
+                }
+            };
+            w.entry(bytes)?;
+            if let Some(r) = group.take_if(|r| r.head.last_seq == seq) {
+                walk.head(&r.head).map_err(storage::Error::from)?;
+                w.head(&r.head)?;
+            }
+        }
+    }
+    walk.finish().map_err(storage::Error::from)?;
+    if walk.tip().head != Some(head) {
+        return Err(integrity(head.last_seq, Reason::HeadMismatch));
+    }
+    let writer = writer.ok_or_else(|| integrity(0, Reason::Truncated))?;
+    let (w, entries, heads) = writer.finish()?;
+    flush(w)?;
+    drop(first_writer);
+    file.commit()?;
+    Ok(Exported { entries, heads })
+}
+
+fn integrity(seq: u64, reason: Reason) -> Error {
+    storage::Error::Integrity { seq, reason }.into()
+}

@@ -1,0 +1,377 @@
+//! Export files: a vault's whole log, entries and signed heads in order,
+//! in one portable file that anyone holding the pinned public key can
+//! check offline (`vault-verify --file`), with the same rules as a data
+//! dir ([`crate::verify::StreamCheck`]).
+//!
+//! ```text
+//! export file (all integers big-endian; docs/storage.md, section 11)
+//! 0     8  magic "FVEXPORT"
+//! 8     1  version = 1
+//! 9    16  vault id (as the genesis entry names it)
+//! 25       records, each: u8 tag, u32 len, len bytes
+//!            tag 0x01 entry: an entry's encoding (1..=MAX_ENTRY_LEN bytes)
+//!            tag 0x02 head:  a signed head (HEAD_LEN = 157 bytes), closing
+//!                            the commit group of the entries before it
+//!            tag 0xFF end:   u64 entries, u64 heads (len = 16); the last
+//!                            record, followed by nothing
+//! ```
+//!
+//! The order is the log's: each group's entries, then its head. Lengths
+//! are checked against their maximum before anything is read or
+//! allocated, so a hostile file costs at most one entry's buffer.
+//!
+//! A file whose first 8 bytes are not the magic is not an export (the
+//! check cannot run); so is one of another version. Past the magic, any
+//! fault is damage to an export and an integrity failure at the next
+//! expected seq: a truncation (`truncated`), a bad tag, length or count
+//! (`malformed`), or whatever the chain checks find.
+
+use std::io::{self, Read, Write};
+
+use ed25519_dalek::VerifyingKey;
+
+use crate::chunk::{SignedHead, HEAD_LEN};
+use crate::entry::{FIXED_LEN, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN};
+use crate::error::{Error, Reason, Result};
+use crate::verify::{Failure, Report, StreamCheck};
+
+/// The first bytes of every export file.
+pub const EXPORT_MAGIC: &[u8; 8] = b"FVEXPORT";
+/// The version this crate writes and reads.
+pub const EXPORT_VERSION: u8 = 1;
+/// Length of the header: magic, version, vault id.
+pub const EXPORT_HEADER_LEN: usize = 8 + 1 + 16;
+/// Record tag of an entry.
+pub const TAG_ENTRY: u8 = 0x01;
+/// Record tag of a signed head.
+pub const TAG_HEAD: u8 = 0x02;
+/// Record tag of the end marker.
+pub const TAG_END: u8 = 0xFF;
+/// Longest entry encoding: the fixed part, the longest subject, the
+/// payload length and the largest payload.
+pub const MAX_ENTRY_LEN: usize = FIXED_LEN + MAX_SUBJECT_LEN + 4 + MAX_PAYLOAD_LEN;
+/// Length of the end record's body.
+const END_LEN: usize = 16;
+
+/// Writes an export file record by record. The caller feeds the log in
+/// order (the export drivers check it with [`StreamCheck`] as they go);
+/// [`ExportWriter::finish`] writes the end marker.
+#[derive(Debug)]
+pub struct ExportWriter<W: Write> {
+    out: W,
+    entries: u64,
+    heads: u64,
+}
+
+impl<W: Write> ExportWriter<W> {
+    /// Writes the header.
+    pub fn new(mut out: W, vault_id: &[u8; 16]) -> Result<Self> {
+        out.write_all(EXPORT_MAGIC)?;
+        out.write_all(&[EXPORT_VERSION])?;
+        out.write_all(vault_id)?;
+        Ok(ExportWriter {
+            out,
+            entries: 0,
+            heads: 0,
+        })
+    }
+
+    fn record(&mut self, tag: u8, body: &[u8]) -> Result<()> {
+        let len =
+            u32::try_from(body.len()).map_err(|_| Error::Invalid("record too long".into()))?;
+        self.out.write_all(&[tag])?;
+        self.out.write_all(&len.to_be_bytes())?;
+        self.out.write_all(body)?;
+        Ok(())
+    }
+
+    /// Writes an entry's encoding.
+    pub fn entry(&mut self, encoded: &[u8]) -> Result<()> {
+        if encoded.is_empty() || encoded.len() > MAX_ENTRY_LEN {
+            return Err(Error::Invalid("entry length out of range".into()));
+        }
+        self.record(TAG_ENTRY, encoded)?;
+        self.entries += 1;
+        Ok(())
+    }
+
+    /// Writes the head closing the group of the entries written since the
+    /// last one.
+    pub fn head(&mut self, head: &SignedHead) -> Result<()> {
+        self.record(TAG_HEAD, &head.encode())?;
+        self.heads += 1;
+        Ok(())
+    }
+
+    /// Writes the end marker; returns the output and the counts.
+    pub fn finish(mut self) -> Result<(W, u64, u64)> {
+        let mut end = [0u8; END_LEN];
+        end[..8].copy_from_slice(&self.entries.to_be_bytes());
+        end[8..].copy_from_slice(&self.heads.to_be_bytes());
+        self.record(TAG_END, &end)?;
+        self.out.flush()?;
+        Ok((self.out, self.entries, self.heads))
+    }
+}
+
+/// What [`verify_export`] found. `report.failure` is the first integrity
+/// failure; `report.used_stored_key` is always false (the key is pinned).
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub report: Report,
+    /// The vault id the header names.
+    pub vault_id: [u8; 16],
+    /// Commit groups whose root and signature were checked.
+    pub groups: u64,
+}
+
+/// Reads exactly `buf.len()` bytes: `Ok(false)` when the input ends first
+/// (a truncated export), `Err` for any other I/O error.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Verifies an export file read from `input` against the pinned `key`:
+/// the chain (contiguous seqs from 0, links), the genesis entry naming
+/// `key` and the header's vault id, every group's Merkle root and
+/// signature, every payload's schema, and an end marker that counts what
+/// came before and follows a head covering the last entry.
+///
+/// `Err` means the check could not run: an I/O error, a file that is not
+/// an export (`Malformed`: wrong magic) or of an unknown version. Every
+/// other fault is an integrity failure in the report.
+pub fn verify_export(input: impl Read, key: &VerifyingKey) -> Result<ExportReport> {
+    let mut r = io::BufReader::new(input);
+    let mut magic = [0u8; 8];
+    if !read_full(&mut r, &mut magic)? || &magic != EXPORT_MAGIC {
+        return Err(Error::Malformed("not a fintrust-vault export file"));
+    }
+    let mut version = [0u8; 1];
+    if read_full(&mut r, &mut version)? && version[0] != EXPORT_VERSION {
+        return Err(Error::Malformed("unsupported export file version"));
+    }
+    let mut walk = StreamCheck::new(*key);
+    let mut vault_id = [0u8; 16];
+    let outcome = if version == [EXPORT_VERSION] && read_full(&mut r, &mut vault_id)? {
+        walk_records(&mut r, &mut walk, &vault_id)?
+    } else {
+        Err((0, Reason::Truncated))
+    };
+    let mut report = Report {
+        entries: 0,
+        head: None,
+        signed_head: None,
+        failure: None,
+        used_stored_key: false,
+        shredded: walk.shredded().to_vec(),
+        unindexed: 0,
+        shred_pending: Vec::new(),
+        signing_keys: Vec::new(),
+        retired_signing_pending: Vec::new(),
+    };
+    match outcome {
+        Ok(()) => {
+            report.signing_keys = walk.keys().endorsements().to_vec();
+            let tip = walk.tip();
+            report.entries = tip.entries;
+            report.head = tip.last_hash;
+            report.signed_head = tip.head;
+        }
+        Err(f) => report.failure = Some(f),
+    }
+    Ok(ExportReport {
+        report,
+        vault_id,
+        groups: walk.groups(),
+    })
+}
+
+/// Reads records until the end marker. `Ok(Err(_))` is an integrity
+/// failure; `Err` an I/O error.
+fn walk_records(
+    r: &mut impl Read,
+    walk: &mut StreamCheck,
+    vault_id: &[u8; 16],
+) -> Result<std::result::Result<(), Failure>> {
+    let mut buf = Vec::new();
+    let (mut entries, mut heads) = (0u64, 0u64);
+    loop {
+        let at = walk.next_seq();
+        let bad = |m: &str| Ok(Err((at, Reason::Malformed(format!("export file: {m}")))));
+        let mut tag_len = [0u8; 5];
+        if !read_full(r, &mut tag_len)? {
+            return Ok(Err((at, Reason::Truncated)));
+        }
+        let tag = tag_len[0];
+        let len = u32::from_be_bytes([tag_len[1], tag_len[2], tag_len[3], tag_len[4]]) as usize;
+        let max = match tag {
+            TAG_ENTRY => MAX_ENTRY_LEN,
+            TAG_HEAD => HEAD_LEN,
+            TAG_END => END_LEN,
+            _ => return bad("unknown record tag"),
+        };
+        // Checked before a byte of the body is read or allocated.
+        if len > max || len == 0 || (tag != TAG_ENTRY && len != max) {
+            return bad("record length out of range");
+        }
+        buf.resize(len, 0);
+        if !read_full(r, &mut buf)? {
+            return Ok(Err((at, Reason::Truncated)));
+        }
+        match tag {
+            TAG_ENTRY => {
+                if let Err(f) = walk.entry(&buf) {
+                    return Ok(Err(f));
+                }
+                entries += 1;
+                if at == 0 {
+                    let named = walk.genesis().map(|g| g.vault_id.as_str());
+                    if named != Some(hex::encode(vault_id).as_str()) {
+                        return Ok(Err((
+                            0,
+                            Reason::MetaMismatch(
+                                "the export header names another vault id than genesis".into(),
+                            ),
+                        )));
+                    }
+                }
+            }
+            TAG_HEAD => {
+                let Ok(head) = SignedHead::decode(&buf) else {
+                    return bad("head does not decode");
+                };
+                if let Err(f) = walk.head(&head) {
+                    return Ok(Err(f));
+                }
+                heads += 1;
+            }
+            _ => {
+                let counted = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                let counted_heads = u64::from_be_bytes(buf[8..].try_into().unwrap_or_default());
+                if counted != entries || counted_heads != heads {
+                    return bad("end marker counts differ from the records");
+                }
+                if let Err(f) = walk.finish() {
+                    return Ok(Err(f));
+                }
+                let mut extra = [0u8; 1];
+                if read_full(r, &mut extra)? {
+                    return bad("bytes after the end marker");
+                }
+                return Ok(Ok(()));
+            }
+        }
+    }
+}
+
+/// Writes the log of the stopped vault in `dir` to `out` as an export
+/// file, checking it as it goes with `key` (or, without one, the key
+/// stored in the data dir): an integrity failure stops the export with
+/// `Error::Integrity`, so that no export of a damaged log is written.
+/// Needs no secret. Returns the output and the entry and head counts.
+pub fn export_dir<W: Write>(
+    dir: &std::path::Path,
+    out: W,
+    key: Option<VerifyingKey>,
+) -> Result<(W, u64, u64)> {
+    use crate::chunk::{Chunk, ChunkError};
+    let store = crate::store::Store::open_existing(dir)?;
+    let key = key
+        .or_else(|| store.stored_public_key())
+        .ok_or(Error::Malformed("no public key"))?;
+    let mut writer = ExportWriter::new(out, &store.vault_id()?)?;
+    let mut walk = StreamCheck::new(key);
+    for kv in store.log.iter() {
+        let (_, v) = kv?;
+        let next = walk.next_seq();
+        let chunk = Chunk::decode(&v).map_err(|e| {
+            let reason = match e {
+                ChunkError::Crc => Reason::CrcMismatch,
+                ChunkError::Malformed(m) => Reason::Malformed(m.into()),
+            };
+            Error::integrity(next, reason)
+        })?;
+        for e in &chunk.entries {
+            walk.entry(e)?;
+            writer.entry(e)?;
+        }
+        if let Some(h) = &chunk.head {
+            walk.head(h)?;
+            writer.head(h)?;
+        }
+    }
+    walk.finish()?;
+    writer.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// HEAD of docs/storage.md, section 10.
+    const HEAD: &str = "0100000000000000000000000600000000000000070ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae0000019ab697e80180b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346acefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808";
+
+    /// The framing vector of docs/storage.md, section 11: vault id
+    /// 0x06 × 16, one entry record holding the stand-in bytes 01 02 03
+    /// (framing only: not a decodable entry), HEAD, and the end marker.
+    const GOLDEN: &str = concat!(
+        "46564558504f5254",                 // "FVEXPORT"
+        "01",                               // version
+        "06060606060606060606060606060606", // vault id
+        "01",
+        "00000003",
+        "010203", // entry record
+        "02",
+        "0000009d", // head record, 157 bytes:
+        "0100000000000000000000000600000000000000070ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae0000019ab697e80180b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346acefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808",
+        "ff",
+        "00000010",
+        "0000000000000001",
+        "0000000000000001", // end: 1 entry, 1 head
+    );
+
+    #[test]
+    fn golden_vector() {
+        let head_bytes = hex::decode(HEAD).expect("hex");
+        let head = SignedHead::decode(&head_bytes).expect("head");
+        let mut w = ExportWriter::new(Vec::new(), &[6; 16]).expect("header");
+        w.entry(&[1, 2, 3]).expect("entry");
+        w.head(&head).expect("head");
+        let (bytes, entries, heads) = w.finish().expect("end");
+        assert_eq!((entries, heads), (1, 1));
+        assert_eq!(
+            hex::encode(&bytes),
+            GOLDEN,
+            "export format changed: update docs/storage.md only if it changed on purpose"
+        );
+        let docs = include_str!("../../docs/storage.md");
+        assert!(
+            docs.contains(GOLDEN),
+            "docs/storage.md lacks the export vector"
+        );
+    }
+
+    #[test]
+    fn the_writer_refuses_entries_out_of_range() {
+        let mut w = ExportWriter::new(Vec::new(), &[0; 16]).expect("header");
+        assert!(matches!(w.entry(&[]), Err(Error::Invalid(_))));
+        assert!(matches!(
+            w.entry(&vec![0; MAX_ENTRY_LEN + 1]),
+            Err(Error::Invalid(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn verify_never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+            let mut file = hex::decode(&GOLDEN[..50]).expect("hex");
+            file.extend_from_slice(&tail);
+            let _ = verify_export(file.as_slice(), &key);
+        }
+    }
+}

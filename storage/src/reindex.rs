@@ -1,0 +1,218 @@
+//! Reindexing: rebuild the derived state (the `state` tree) from the log
+//! and compare it with the stored one; offline, replace the stored one.
+//!
+//! The rebuild is the replay `verify` does ([`crate::verify`]'s
+//! `replay_entry` over every entry, `state::mutations` underneath), held
+//! in memory as a sorted map (as verify holds it when a vault opens); the
+//! comparison is verify's too (`diff_tree`), counting every difference
+//! instead of stopping at the first.
+//!
+//! - [`check_live`] (a running vault, `Reindex` on the wire) compares the
+//!   tree with the log replayed up to the tree's `applied` marker: entries
+//!   after it are in the vault's in-memory overlay, not yet in the tree.
+//!   It reads only, and never blocks the committer: if the indexer writes
+//!   a batch during the comparison (the marker moved), the rebuild is
+//!   extended to the new marker and the comparison run again.
+//! - [`reindex`] (a stopped vault, `vault-admin reindex --data-dir`)
+//!   checks the chain first (a rebuild from a log that does not verify
+//!   would launder it), rebuilds the state of the whole log, compares, and
+//!   with `repair` replaces the tree's content in one sled batch: a crash
+//!   leaves either the old state or the new one, never a mix.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ed25519_dalek::VerifyingKey;
+
+use crate::chunk::Chunk;
+use crate::crypto::Unlock;
+use crate::entry::EntryRef;
+use crate::error::{Error, Reason, Result};
+use crate::state;
+use crate::store::Store;
+use crate::verify::{diff_tree, replay_entry, scan_chain, Diff};
+
+/// Comparisons [`check_live`] runs before giving up on a stable view.
+const LIVE_ATTEMPTS: usize = 5;
+
+/// What a reindex found (and did).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReindexReport {
+    /// Entries replayed into the rebuilt state.
+    pub entries: u64,
+    /// State keys compared (the union of the stored and rebuilt keys).
+    pub keys_compared: u64,
+    /// Keys missing, unexpected or holding another value in the stored
+    /// state, the `applied` marker included.
+    pub differences: u64,
+    /// Descriptions of the first differences (at most
+    /// [`crate::verify::MAX_DIFF_SAMPLE`]), e.g. `value of "s/c1" differs`.
+    pub sample: Vec<String>,
+    /// Offline: the stored state was replaced by the rebuilt one.
+    pub repaired: bool,
+}
+
+impl ReindexReport {
+    fn from_diff(entries: u64, d: Diff) -> Self {
+        ReindexReport {
+            entries,
+            keys_compared: d.compared,
+            differences: d.differences,
+            sample: d.sample,
+            repaired: false,
+        }
+    }
+}
+
+/// Options of [`reindex`].
+#[derive(Debug, Clone, Default)]
+pub struct ReindexOptions {
+    /// Replace the stored state with the rebuilt one when they differ.
+    pub repair: bool,
+    /// The key the chain is checked with; `None` uses the one stored in
+    /// the data dir (the secret was checked, so the directory is the
+    /// operator's own).
+    pub public_key: Option<VerifyingKey>,
+}
+
+/// The expected content of the state tree: the model and its marker.
+fn expected(
+    model: &BTreeMap<Vec<u8>, Vec<u8>>,
+    applied: Option<u64>,
+) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
+    // "applied" sorts among the model's keys: merge it in its place.
+    let marker = applied.map(|a| (state::APPLIED.to_vec(), a.to_be_bytes().to_vec()));
+    let (before, after): (Vec<_>, Vec<_>) = model
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .partition(|(k, _)| k.as_slice() < state::APPLIED);
+    before.into_iter().chain(marker).chain(after)
+}
+
+/// Replays entries `from..=to` of the log into `model`. The log of a
+/// running vault was verified when it opened, and the vault wrote the rest
+/// itself; a chunk or entry that does not decode is still an integrity
+/// error, never a panic.
+fn replay_range(
+    store: &Store,
+    model: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+    from: u64,
+    to: u64,
+) -> Result<()> {
+    let start = match store.log.range(..=from.to_be_bytes()).next_back() {
+        Some(kv) => kv?.0,
+        None => return Err(Error::integrity(from, Reason::Truncated)),
+    };
+    let mut key_buf = Vec::with_capacity(64);
+    let mut next = from;
+    for kv in store.log.range(start..) {
+        let (_, v) = kv?;
+        let chunk = Chunk::decode(&v).map_err(|_| Error::integrity(next, Reason::CrcMismatch))?;
+        for bytes in chunk.entries {
+            let e = EntryRef::decode(bytes)?;
+            if e.seq < from {
+                continue;
+            }
+            if e.seq != next {
+                return Err(Error::integrity(next, Reason::Reordered));
+            }
+            replay_entry(model, &e, &mut key_buf)?;
+            if e.seq == to {
+                return Ok(());
+            }
+            next += 1;
+        }
+    }
+    Err(Error::integrity(next, Reason::Truncated))
+}
+
+/// Compares the state tree of a running vault with the log replayed up to
+/// the tree's `applied` marker. Reads only; `Closed` when the indexer kept
+/// moving the marker through every attempt (retry later).
+pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
+    let mut model = BTreeMap::new();
+    let mut replayed: Option<u64> = None;
+    for _ in 0..LIVE_ATTEMPTS {
+        let applied = store.applied()?;
+        if let Some(a) = applied {
+            let from = replayed.map_or(0, |r| r + 1);
+            if a + 1 > from {
+                replay_range(store, &mut model, from, a)?;
+            }
+            replayed = Some(a.max(replayed.unwrap_or(0)));
+        }
+        let diff = diff_tree(&store.state, expected(&model, applied), u64::MAX)?;
+        // The indexer writes a batch and its new marker atomically, and the
+        // marker only grows: an unchanged marker means the tree did not
+        // change while it was read.
+        if store.applied()? == applied {
+            return Ok(ReindexReport::from_diff(applied.map_or(0, |a| a + 1), diff));
+        }
+    }
+    Err(Error::Closed)
+}
+
+/// Reindexes the stopped vault in `dir`: checks that `unlock` opens it
+/// (`WrongSecret` otherwise) and that its chain verifies (an integrity
+/// error otherwise: nothing is rebuilt from a log that does not), rebuilds
+/// the derived state of the whole log, compares it with the stored one,
+/// and with `opts.repair` replaces the stored one if they differ.
+///
+/// A state tree that lags the log (a crash before the indexer caught up)
+/// counts as different here: the rebuild covers every entry, and a repair
+/// brings the tree up to the last one.
+pub fn reindex(dir: &Path, unlock: &Unlock, opts: &ReindexOptions) -> Result<ReindexReport> {
+    let store = Store::open_existing(dir)?;
+    crate::vault::check_unlock(&store, unlock)?;
+    let key = opts
+        .public_key
+        .or_else(|| store.stored_public_key())
+        .ok_or(Error::Malformed("no public key"))?;
+    let mut model = BTreeMap::new();
+    let mut key_buf = Vec::with_capacity(64);
+    let (tip, _) = scan_chain(&store.log, &key, &|_| {}, |e, _| {
+        replay_entry(&mut model, e, &mut key_buf)
+    })?
+    .map_err(Error::from)?;
+    let last = tip.entries.checked_sub(1);
+    let diff = diff_tree(&store.state, expected(&model, last), u64::MAX)?;
+    let mut report = ReindexReport::from_diff(tip.entries, diff);
+    if opts.repair && report.differences > 0 {
+        replace_state(&store, &model, last)?;
+        let after = diff_tree(&store.state, expected(&model, last), 1)?;
+        if after.differences > 0 {
+            return Err(Error::integrity(
+                last.unwrap_or(0),
+                Reason::IndexMismatch("the state tree differs after its repair".into()),
+            ));
+        }
+        report.repaired = true;
+    }
+    Ok(report)
+}
+
+/// Makes the state tree exactly `model` plus the marker, in one sled batch
+/// (atomic across a crash), then makes it durable.
+fn replace_state(
+    store: &Store,
+    model: &BTreeMap<Vec<u8>, Vec<u8>>,
+    applied: Option<u64>,
+) -> Result<()> {
+    let mut batch = sled::Batch::default();
+    for kv in store.state.iter() {
+        let (k, _) = kv?;
+        let wanted = k.as_ref() == state::APPLIED && applied.is_some();
+        if !wanted && !model.contains_key(k.as_ref()) {
+            batch.remove(k);
+        }
+    }
+    for (k, v) in expected(model, applied) {
+        if store.state.get(&k)?.as_deref() != Some(v.as_slice()) {
+            batch.insert(k, v);
+        }
+    }
+    store.state.apply_batch(batch)?;
+    store.sync()?;
+    tracing::warn!("replaced the derived state with the one rebuilt from the log");
+    Ok(())
+}

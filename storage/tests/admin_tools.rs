@@ -1,0 +1,348 @@
+//! The storage side of the operator's log tools: listing credentials
+//! (revoked ones included) from the log, reindexing (a state tree altered
+//! by hand is reported, and repaired offline), and export files (written
+//! from a data dir, verified with nothing but the public key, and every
+//! kind of damage to them named).
+
+use std::path::Path;
+
+use ed25519_dalek::VerifyingKey;
+use storage::export::{export_dir, verify_export, EXPORT_HEADER_LEN, MAX_ENTRY_LEN, TAG_ENTRY};
+use storage::reindex::{reindex, ReindexOptions};
+use storage::{
+    verify, Append, Error, Kind, Options, RawStore, Reason, Unlock, Vault, VerifyOptions,
+};
+
+fn passphrase() -> Unlock {
+    Unlock::passphrase(b"admin tools passphrase".to_vec())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+}
+
+fn wait_unlocked(dir: &Path) {
+    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
+    f.lock().expect("wait for sled's lock");
+}
+
+/// A closed vault with records, consents, and three credentials besides
+/// the admin's, one of them revoked. Returns its public key.
+fn build(dir: &Path) -> VerifyingKey {
+    let vault = Vault::create(dir, &passphrase(), Options::default())
+        .expect("create")
+        .vault;
+    let rt = runtime();
+    rt.block_on(async {
+        for i in 0..5 {
+            vault
+                .append(Append::record(
+                    format!("cust-{i}"),
+                    br#"{"name":"Ada"}"#.to_vec(),
+                ))
+                .await
+                .expect("record");
+        }
+        vault
+            .append(Append::event(
+                Kind::ConsentGranted,
+                "cust-1",
+                &serde_json::json!({"partner_id": "p1", "purposes": ["kyc"]}),
+            ))
+            .await
+            .expect("consent");
+        vault
+            .create_credential("writer", "svc")
+            .await
+            .expect("writer");
+        let (auditor, _) = vault
+            .create_credential("auditor", "ops")
+            .await
+            .expect("auditor");
+        vault
+            .create_credential("partner", "p1")
+            .await
+            .expect("partner");
+        vault
+            .revoke_credential(&auditor)
+            .await
+            .expect("revoke")
+            .expect("exists");
+    });
+    let key = vault.public_key();
+    vault.close().expect("close");
+    wait_unlocked(dir);
+    key
+}
+
+#[test]
+fn credentials_are_listed_in_id_order_with_revocations_and_pages() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    build(&dir);
+    let vault = Vault::open(&dir, &passphrase(), Options::default()).expect("open");
+    let (all, more) = vault.credentials(None, 100).expect("list");
+    assert!(!more);
+    let ids: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted, "id order");
+    let roles: Vec<&str> = all.iter().map(|c| c.role.as_str()).collect();
+    assert_eq!(roles.len(), 4, "{all:?}");
+    for role in ["admin", "writer", "auditor", "partner"] {
+        assert!(roles.contains(&role), "{role} in {all:?}");
+    }
+    for c in &all {
+        let entry = vault.entry(c.created_seq).expect("read").expect("entry");
+        assert_eq!(entry.kind, Kind::CredentialCreated);
+        assert_eq!(entry.timestamp_ms, c.created_ms);
+        match c.role.as_str() {
+            "auditor" => {
+                let revoked = c.revoked_seq.expect("the auditor was revoked");
+                let e = vault.entry(revoked).expect("read").expect("entry");
+                assert_eq!(e.kind, Kind::CredentialRevoked);
+                assert!(vault.credential(&c.id).expect("read").is_none());
+            }
+            _ => {
+                assert_eq!(c.revoked_seq, None, "{c:?}");
+                assert!(vault.credential(&c.id).expect("read").is_some());
+            }
+        }
+    }
+    // Pages of two: the same credentials, in the same order.
+    let (first, more) = vault.credentials(None, 2).expect("page 1");
+    assert!(more);
+    let (second, more) = vault
+        .credentials(first.last().map(|c| c.id.as_str()), 2)
+        .expect("page 2");
+    assert!(!more);
+    assert_eq!([first, second].concat(), all);
+    // A credential created after the first listing shows up in the next.
+    let rt = runtime();
+    let (id, _) = rt
+        .block_on(vault.create_credential("gateway", "shim"))
+        .expect("gateway");
+    let (all2, _) = vault.credentials(None, 100).expect("list");
+    assert_eq!(all2.len(), 5);
+    assert!(all2.iter().any(|c| c.id == id && c.role == "gateway"));
+    vault.close().expect("close");
+}
+
+#[test]
+fn reindex_finds_a_state_tree_altered_by_hand_and_repairs_it_offline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let key = build(&dir);
+    let opts = ReindexOptions {
+        repair: false,
+        public_key: Some(key),
+    };
+
+    // Intact: nothing differs, online and offline.
+    let clean = reindex(&dir, &passphrase(), &opts).expect("reindex");
+    assert_eq!(clean.differences, 0, "{clean:?}");
+    assert!(clean.keys_compared > 5 && clean.entries > 10, "{clean:?}");
+    let vault = Vault::open(&dir, &passphrase(), Options::default()).expect("open");
+    let live = vault.check_derived_state().expect("check");
+    assert_eq!(live.differences, 0, "{live:?}");
+    assert_eq!(live.entries, clean.entries);
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+
+    // A wrong secret is refused before anything is read.
+    assert!(matches!(
+        reindex(&dir, &Unlock::passphrase(b"wrong".to_vec()), &opts),
+        Err(Error::WrongSecret)
+    ));
+
+    // Alter the state by hand: a changed pointer, a dropped consent, a
+    // key that the log never made.
+    {
+        let raw = RawStore::open(&dir).expect("raw");
+        let mut pointer = raw
+            .state
+            .get(b"s/cust-0")
+            .expect("get")
+            .expect("pointer")
+            .to_vec();
+        pointer[7] ^= 1;
+        raw.state.insert(b"s/cust-0", pointer).expect("insert");
+        let consent: Vec<u8> = [&b"g/cust-1\0"[..], b"p1"].concat();
+        assert!(raw.state.remove(consent).expect("remove").is_some());
+        raw.state.insert(b"s/nobody", &[0u8; 12]).expect("insert");
+        raw.flush().expect("flush");
+    }
+    // Vault::open refuses the altered state; reindex describes it.
+    assert!(matches!(
+        Vault::open(&dir, &passphrase(), Options::default()),
+        Err(Error::Integrity {
+            reason: Reason::IndexMismatch(_),
+            ..
+        })
+    ));
+    wait_unlocked(&dir);
+    let found = reindex(&dir, &passphrase(), &opts).expect("reindex");
+    assert_eq!(found.differences, 3, "{found:?}");
+    assert!(!found.repaired);
+    let sample = found.sample.join("\n");
+    assert!(
+        sample.contains(r#"value of "s/cust-0" differs"#),
+        "{sample}"
+    );
+    assert!(sample.contains(r#"missing key "g/cust-1"#), "{sample}");
+    assert!(sample.contains(r#"unexpected key "s/nobody""#), "{sample}");
+    // Still there: a check repairs nothing.
+    assert_eq!(
+        reindex(&dir, &passphrase(), &opts)
+            .expect("again")
+            .differences,
+        3
+    );
+
+    // Repair: afterwards the vault opens and verifies.
+    let repaired = reindex(
+        &dir,
+        &passphrase(),
+        &ReindexOptions {
+            repair: true,
+            public_key: Some(key),
+        },
+    )
+    .expect("repair");
+    assert!(
+        repaired.repaired && repaired.differences == 3,
+        "{repaired:?}"
+    );
+    assert_eq!(
+        reindex(&dir, &passphrase(), &opts)
+            .expect("after")
+            .differences,
+        0
+    );
+    let report = verify(
+        &dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+    .expect("verify");
+    assert!(report.ok(), "{:?}", report.failure);
+    let vault = Vault::open(&dir, &passphrase(), Options::default()).expect("opens again");
+    assert_eq!(vault.check_derived_state().expect("check").differences, 0);
+    vault.close().expect("close");
+}
+
+/// The records of an export file: (offset, tag, body range).
+fn records(file: &[u8]) -> Vec<(usize, u8, std::ops::Range<usize>)> {
+    let mut out = Vec::new();
+    let mut at = EXPORT_HEADER_LEN;
+    while at < file.len() {
+        let len = u32::from_be_bytes(file[at + 1..at + 5].try_into().expect("4 bytes")) as usize;
+        out.push((at, file[at], at + 5..at + 5 + len));
+        at += 5 + len;
+    }
+    out
+}
+
+fn check(file: &[u8], key: &VerifyingKey) -> Result<Option<(u64, Reason)>, Error> {
+    verify_export(file, key).map(|r| r.report.failure)
+}
+
+#[test]
+fn an_export_verifies_and_every_kind_of_damage_is_named() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let key = build(&dir);
+    let (file, entries, heads) = export_dir(&dir, Vec::new(), Some(key)).expect("export");
+    let report = verify_export(file.as_slice(), &key).expect("verify");
+    assert_eq!(report.report.failure, None);
+    assert_eq!(report.report.entries, entries);
+    assert_eq!(report.groups, heads);
+    let dir_report = verify(
+        &dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+    .expect("verify dir");
+    assert_eq!(report.report.head, dir_report.head);
+    assert_eq!(report.report.signed_head, dir_report.signed_head);
+
+    // Another key: the genesis names another (or a signature fails).
+    let other = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+    assert!(check(&file, &other).expect("runs").is_some());
+
+    // Every truncation past the magic is an integrity failure; shorter
+    // files are not exports at all. Never a panic.
+    for n in 0..file.len() {
+        match check(&file[..n], &key) {
+            Ok(Some(_)) => assert!(n >= 8, "prefix {n}"),
+            Err(Error::Malformed(_)) => assert!(n < 8, "prefix {n}"),
+            other => panic!("prefix {n}: {other:?}"),
+        }
+    }
+    // Every flipped byte is caught.
+    for i in 0..file.len() {
+        let mut bad = file.clone();
+        bad[i] ^= 0x01;
+        match check(&bad, &key) {
+            Ok(Some(_)) => {}
+            Err(Error::Malformed(_)) => assert!(i < 9, "flip at {i}"),
+            other => panic!("flip at {i}: {other:?}"),
+        }
+    }
+    // A missing entry, and two entries swapped.
+    let recs = records(&file);
+    let entry_recs: Vec<_> = recs.iter().filter(|r| r.1 == TAG_ENTRY).collect();
+    let third = entry_recs[3];
+    let mut missing = file[..third.0].to_vec();
+    missing.extend_from_slice(&file[third.2.end..]);
+    // Entry 3 ends its group: the head that follows no longer matches.
+    assert!(
+        matches!(
+            check(&missing, &key).expect("runs"),
+            Some((2..=3, Reason::Gap | Reason::HeadMismatch))
+        ),
+        "{:?}",
+        check(&missing, &key)
+    );
+    let (a, b) = (entry_recs[5], entry_recs[6]);
+    if b.0 == a.2.end {
+        let mut swapped = file[..a.0].to_vec();
+        swapped.extend_from_slice(&file[b.0..b.2.end]);
+        swapped.extend_from_slice(&file[a.0..a.2.end]);
+        swapped.extend_from_slice(&file[b.2.end..]);
+        assert!(matches!(
+            check(&swapped, &key).expect("runs"),
+            Some((5, Reason::Gap | Reason::HeadMismatch))
+        ));
+    }
+    // A length over the maximum is refused before anything is allocated.
+    let mut huge = file[..EXPORT_HEADER_LEN].to_vec();
+    huge.push(TAG_ENTRY);
+    huge.extend_from_slice(&u32::MAX.to_be_bytes());
+    assert!(matches!(
+        check(&huge, &key).expect("runs"),
+        Some((0, Reason::Malformed(_)))
+    ));
+    let mut over = file[..EXPORT_HEADER_LEN].to_vec();
+    over.push(TAG_ENTRY);
+    over.extend_from_slice(&((MAX_ENTRY_LEN + 1) as u32).to_be_bytes());
+    assert!(check(&over, &key).expect("runs").is_some());
+    // Bytes after the end marker.
+    let mut trailing = file.clone();
+    trailing.push(0);
+    assert!(check(&trailing, &key).expect("runs").is_some());
+    // Garbage and other versions are not exports: the check cannot run.
+    assert!(matches!(
+        check(b"hello, world", &key),
+        Err(Error::Malformed(_))
+    ));
+    let mut v2 = file.clone();
+    v2[8] = 2;
+    assert!(matches!(check(&v2, &key), Err(Error::Malformed(_))));
+}
