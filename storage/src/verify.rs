@@ -1209,3 +1209,160 @@ impl From<Failure> for Error {
         Error::integrity(seq, reason)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+
+    /// A small log built by hand, group by group, through a `ChainCheck`.
+    struct Log {
+        chain: ChainCheck,
+        prev: Hash,
+        seq: u64,
+        group: Vec<Hash>,
+        first: u64,
+    }
+
+    impl Log {
+        fn new(pinned: &SigningKey) -> Self {
+            Log {
+                chain: ChainCheck::new(pinned.verifying_key()),
+                prev: [0; 32],
+                seq: 0,
+                group: Vec::new(),
+                first: 0,
+            }
+        }
+
+        fn push(&mut self, kind: Kind, payload: &[u8]) -> std::result::Result<(), Failure> {
+            let bytes = EntryRef {
+                kind,
+                seq: self.seq,
+                timestamp_ms: 1,
+                prev_hash: self.prev,
+                key_version: 0,
+                nonce: [0; 12],
+                subject: "",
+                payload,
+            }
+            .encode();
+            let hash = entry_hash(&bytes);
+            let e = EntryRef::decode(&bytes).expect("decodes");
+            if self.group.is_empty() {
+                self.first = self.seq;
+            }
+            self.chain.entry(&e, &hash)?;
+            self.group.push(hash);
+            self.prev = hash;
+            self.seq += 1;
+            Ok(())
+        }
+
+        /// Closes the group with a head of `key_id` signed by `key`; the
+        /// whole verdict, signature included.
+        fn close(&mut self, key: &SigningKey, key_id: u32) -> std::result::Result<(), Failure> {
+            let root = MerkleTree::new(&self.group).root();
+            let head = SignedHead::sign(key, key_id, self.first, self.seq - 1, self.prev, root, 1);
+            self.group.clear();
+            let closed = self.chain.close_group(&head)?;
+            check_group(&closed.hashes, &head, head.verify(&closed.key))
+        }
+    }
+
+    fn rotation(by: &SigningKey, key_id: u32, new: &SigningKey, seq: u64) -> Vec<u8> {
+        let e = KeyEndorsement::sign(by, key_id, &new.verifying_key(), seq);
+        serde_json::to_vec(&state::SigningRotation {
+            key: state::ROTATED_SIGNING_KEY.into(),
+            key_id,
+            public_key: hex::encode(e.public_key),
+            wrapped_hash: hex::encode([0u8; 32]),
+            endorsement: hex::encode(e.signature),
+        })
+        .expect("json")
+    }
+
+    fn keys() -> [SigningKey; 3] {
+        [1u8, 2, 3].map(|b| SigningKey::from_bytes(&[b; 32]))
+    }
+
+    #[test]
+    fn heads_follow_the_chain_of_signing_keys() {
+        let [k0, k1, k2] = keys();
+        let mut log = Log::new(&k0);
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        log.close(&k0, 0).expect("key 0 signs");
+        log.push(Kind::KeyRotated, &rotation(&k0, 1, &k1, 1))
+            .expect("rotation");
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        // The rotation's own group is signed by the key it retires.
+        log.close(&k0, 0).expect("key 0 signs the rotation's group");
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        log.close(&k1, 1).expect("key 1 signs after it");
+        log.push(Kind::KeyRotated, &rotation(&k1, 2, &k2, 4))
+            .expect("second rotation");
+        log.close(&k1, 1).expect("key 1 signs it");
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        log.close(&k2, 2).expect("key 2");
+        assert_eq!(log.chain.keys().current_id(), 2);
+        assert_eq!(log.chain.keys().endorsements().len(), 2);
+    }
+
+    #[test]
+    fn a_retired_key_or_a_forged_rotation_is_refused() {
+        let [k0, k1, k2] = keys();
+        // After the rotation, a head by the retired key 0 (a thief of the
+        // old key extending the log) does not match the chain.
+        let mut log = Log::new(&k0);
+        log.push(Kind::KeyRotated, &rotation(&k0, 1, &k1, 0))
+            .expect("rotation");
+        log.close(&k0, 0).expect("rotation group");
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        assert_eq!(log.close(&k0, 0), Err((1, Reason::HeadMismatch)));
+
+        // A head claiming key 1 but signed by key 0.
+        let mut log = Log::new(&k0);
+        log.push(Kind::KeyRotated, &rotation(&k0, 1, &k1, 0))
+            .expect("rotation");
+        log.close(&k0, 0).expect("rotation group");
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        assert_eq!(log.close(&k0, 1), Err((1, Reason::BadSignature)));
+
+        // Key 1 used before the group holding its rotation is closed.
+        let mut log = Log::new(&k0);
+        log.push(Kind::KeyRotated, &rotation(&k0, 1, &k1, 0))
+            .expect("rotation");
+        assert_eq!(log.close(&k1, 1), Err((0, Reason::HeadMismatch)));
+
+        // An endorsement not signed by the current key, a skipped id, two
+        // rotations in one group.
+        let mut log = Log::new(&k0);
+        let forged = log.push(Kind::KeyRotated, &rotation(&k2, 1, &k1, 0));
+        assert!(
+            matches!(forged, Err((0, Reason::KeyMismatch(_)))),
+            "{forged:?}"
+        );
+        let mut log = Log::new(&k0);
+        let skipped = log.push(Kind::KeyRotated, &rotation(&k0, 2, &k2, 0));
+        assert!(
+            matches!(skipped, Err((0, Reason::KeyMismatch(_)))),
+            "{skipped:?}"
+        );
+        let mut log = Log::new(&k0);
+        log.push(Kind::KeyRotated, &rotation(&k0, 1, &k1, 0))
+            .expect("rotation");
+        let twice = log.push(Kind::KeyRotated, &rotation(&k1, 2, &k2, 1));
+        assert!(
+            matches!(twice, Err((1, Reason::KeyMismatch(_)))),
+            "{twice:?}"
+        );
+        // An endorsement for another seq than its entry's.
+        let mut log = Log::new(&k0);
+        let moved = log.push(Kind::KeyRotated, &rotation(&k0, 1, &k1, 5));
+        assert!(
+            matches!(moved, Err((0, Reason::KeyMismatch(_)))),
+            "{moved:?}"
+        );
+    }
+}
