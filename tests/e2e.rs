@@ -725,8 +725,42 @@ fn no_secret_or_personal_value_reaches_disk_logs_or_audit() {
     assert_eq!(status, 201, "{created}");
     secrets.push(created["api_key"].as_str().expect("api_key").to_string());
 
+    // A master rotation over the wire: the new passphrase crosses the
+    // connection and must be found nowhere either.
+    let new_pass = "correct horse battery staple 7e1f";
+    let new_pass_file = tmp.path().join("new-passphrase");
+    std::fs::write(&new_pass_file, new_pass).expect("write");
+    secrets.push(new_pass.to_string());
+    let out = Command::new(support::binary("fintrust-server", "vault-admin"))
+        .args(["rotate-master-key", "--insecure-plaintext", "--addr"])
+        .arg(f.dev.get("vault_addr"))
+        .args([
+            "--api-key",
+            &f.dev.get("admin_api_key"),
+            "--new-passphrase-file",
+        ])
+        .arg(&new_pass_file)
+        .env_remove("FINTRUST_API_KEY")
+        .output()
+        .expect("vault-admin rotate-master-key");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
     let auditor = f.dev.get("auditor_api_key");
     let mut audit = String::new();
+    let out = Command::new(support::binary("fintrust-server", "vault-admin"))
+        .args([
+            "audit",
+            "--include-records",
+            "--insecure-plaintext",
+            "--addr",
+        ])
+        .arg(f.dev.get("vault_addr"))
+        .args(["--api-key", &auditor])
+        .env_remove("FINTRUST_API_KEY")
+        .output()
+        .expect("vault-admin audit");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    audit.push_str(&String::from_utf8_lossy(&out.stdout));
     for format in ["json", "jsonl"] {
         let (status, body) = call(
             "GET",

@@ -1,0 +1,191 @@
+//! The tamper case no check inside a data dir can catch: the whole
+//! directory rolled back to an older copy (or that copy extended into a
+//! fork). The older copy is internally consistent, so `vault-verify` and
+//! open accept it; a client that kept the newest signed head it saw
+//! (`client::HeadTracker`) detects it at the next head the server
+//! presents.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::{Client, ClientConfig, ClientError, HeadTracker, Tls, Zeroizing};
+use server::serve::{run, ServeConfig};
+use storage::{verify, Append, Options, Unlock, Vault, VerifyOptions};
+
+fn unlock() -> Unlock {
+    Unlock::passphrase(b"rollback test".to_vec())
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).expect("copy");
+        }
+    }
+}
+
+/// Waits until sled's threads of a closed vault let go of the lock.
+fn wait_unlocked(dir: &Path) {
+    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
+    f.lock().expect("wait for sled's lock");
+}
+
+/// Serves the vault in `dir` until the returned sender is dropped, and
+/// connects an auditor to it.
+async fn serve(dir: &Path) -> (Client, tokio::sync::oneshot::Sender<()>, Arc<Vault>) {
+    wait_unlocked(dir);
+    let vault = Arc::new(Vault::open(dir, &unlock(), Options::default()).expect("open"));
+    let (_, auditor) = vault
+        .create_credential("auditor", "held-head client")
+        .await
+        .expect("auditor");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run(
+        listener,
+        vault.clone(),
+        ServeConfig::default(),
+        None,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let client = Client::connect(ClientConfig {
+        addr: addr.to_string(),
+        tls: Tls::Plaintext,
+        api_key: Zeroizing::new(auditor.to_string()),
+        client_name: "rollback test".into(),
+        timeout: Duration::from_secs(10),
+    })
+    .await
+    .expect("connect");
+    (client, stop, vault)
+}
+
+async fn append(vault: &Vault, n: usize, tag: &str) {
+    for i in 0..n {
+        vault
+            .append(Append::record(
+                format!("cust-{i}"),
+                format!("{{\"v\":\"{tag}-{i}\"}}").into_bytes(),
+            ))
+            .await
+            .expect("append");
+    }
+}
+
+/// Stops a served vault and closes it.
+async fn shut(client: Client, stop: tokio::sync::oneshot::Sender<()>, vault: Arc<Vault>) {
+    drop(client);
+    drop(stop);
+    // The server task lets go of its handle once it has stopped.
+    let mut vault = vault;
+    let vault = loop {
+        match Arc::try_unwrap(vault) {
+            Ok(v) => break v,
+            Err(v) => {
+                vault = v;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    vault.close().expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let old = tmp.path().join("old");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let pinned = created.vault.public_key();
+    append(&created.vault, 3, "a").await;
+    created.vault.close().expect("close");
+    wait_unlocked(&dir);
+    copy_dir(&dir, &old);
+
+    // The client sees the vault grow, and keeps the newest head.
+    let mut tracker = HeadTracker::new();
+    let (client, stop, vault) = serve(&dir).await;
+    append(&vault, 3, "b").await;
+    let newest = client
+        .head()
+        .await
+        .expect("head")
+        .signed_head
+        .expect("a head");
+    tracker.observe(&newest).expect("the first head");
+    shut(client, stop, vault).await;
+
+    // Roll the directory back to the older copy: it verifies on its own.
+    wait_unlocked(&dir);
+    std::fs::remove_dir_all(&dir).expect("remove");
+    copy_dir(&old, &dir);
+    let report = verify(
+        &dir,
+        &VerifyOptions {
+            public_key: Some(pinned),
+            ..Default::default()
+        },
+    )
+    .expect("verify runs");
+    assert!(
+        report.ok(),
+        "an older copy is consistent: {:?}",
+        report.failure
+    );
+
+    // Served again, its head is older than the one held: a rollback.
+    let (client, stop, vault) = serve(&dir).await;
+    let head = client
+        .head()
+        .await
+        .expect("head")
+        .signed_head
+        .expect("a head");
+    assert!(head.last_seq < newest.last_seq);
+    assert!(matches!(
+        tracker.observe(&head),
+        Err(ClientError::Rollback { kept, got }) if kept == newest.last_seq && got == head.last_seq
+    ));
+
+    // Extended past the held head with other entries: a fork. Its heads
+    // verify and do not go back, but the entry at the held seq is not the
+    // one the held head names: a client that asks the proof of its held
+    // seq catches it.
+    append(&vault, 6, "fork").await;
+    let forked = client
+        .head()
+        .await
+        .expect("head")
+        .signed_head
+        .expect("a head");
+    assert!(forked.last_seq >= newest.last_seq);
+    let at_held = client.proof(newest.last_seq).await.expect("proof");
+    at_held
+        .verify(&pinned)
+        .expect("the fork is signed by the vault's own key");
+    assert_ne!(
+        at_held.entry_hash, newest.last_hash,
+        "the fork holds another entry at the held seq"
+    );
+    // Never a wrong plaintext: every record is one this copy was given.
+    for i in 0..6 {
+        let r = vault
+            .latest_record(&format!("cust-{i}"))
+            .expect("read")
+            .expect("a record");
+        let v: serde_json::Value = serde_json::from_slice(&r.plaintext).expect("json");
+        assert_eq!(v["v"], format!("fork-{i}"));
+    }
+    shut(client, stop, vault).await;
+}
