@@ -224,20 +224,7 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
     // After a clean stop the log verifies and names the shredded subject.
     let status = dev.stop();
     assert!(status.success(), "{status}");
-    wait_unlocked(&dir);
-    let v = run_bin(
-        "fintrust-server",
-        "vault-verify",
-        [
-            OsStr::new("--data-dir"),
-            dir.as_os_str(),
-            OsStr::new("--public-key"),
-            OsStr::new(&public_key),
-            OsStr::new("--json"),
-        ],
-        &[],
-    )
-    .json();
+    let v = verify_dir(&dir, &public_key).json();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["shredded"], serde_json::json!([subject]));
 }
@@ -356,20 +343,7 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
     assert_eq!(r["rotated"], "master", "{r}");
 
     // The log verifies from the pinned genesis key through keys 1 and 2.
-    wait_unlocked(&dir);
-    let v = run_bin(
-        "fintrust-server",
-        "vault-verify",
-        [
-            OsStr::new("--data-dir"),
-            dir.as_os_str(),
-            OsStr::new("--public-key"),
-            OsStr::new(&public_key),
-            OsStr::new("--json"),
-        ],
-        &[],
-    )
-    .json();
+    let v = verify_dir(&dir, &public_key).json();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["signing_key_id"], 2, "{v}");
 }
@@ -391,6 +365,19 @@ fn lines(r: &Run) -> Vec<Value> {
 /// `vault-verify` with `args`: its exit code and output.
 fn verify(args: &[&OsStr]) -> Run {
     run_bin("fintrust-server", "vault-verify", args, &[])
+}
+
+/// `vault-verify --data-dir DIR --public-key KEY --json`, once the
+/// stopped vault's lock is free.
+fn verify_dir(dir: &Path, key: &str) -> Run {
+    wait_unlocked(dir);
+    verify(&[
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(key),
+        OsStr::new("--json"),
+    ])
 }
 
 /// `vault-verify --file FILE --public-key KEY --json`.
@@ -691,13 +678,6 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     )
     .json();
     assert_eq!(again["differences"], 0, "{again}");
-    let v = verify(&[
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(&public_key),
-        OsStr::new("--json"),
-    ])
-    .json();
+    let v = verify_dir(&dir, &public_key).json();
     assert_eq!(v["ok"], true, "{v}");
 }

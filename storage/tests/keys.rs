@@ -698,6 +698,28 @@ fn shred_child() {
     });
 }
 
+/// Runs the test `name` of this binary as a child process working on
+/// `dir` (passed in the variable `env`), with its stdout as lines.
+fn spawn_child(
+    exe: &Path,
+    name: &str,
+    env: &str,
+    dir: &Path,
+) -> (
+    std::process::Child,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut child = Command::new(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env(env, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    (child, BufReader::new(stdout).lines())
+}
+
 #[test]
 fn acknowledged_shreds_survive_sigkill() {
     if std::env::var(CHILD_ENV).is_ok() {
@@ -712,21 +734,7 @@ fn acknowledged_shreds_survive_sigkill() {
     let mut acked: Vec<String> = Vec::new();
     for (cycle, kill_after) in [3usize, 11, 7].into_iter().enumerate() {
         wait_unlocked(&dir);
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "shred_child",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(CHILD_ENV, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
+        let (mut child, mut lines) = spawn_child(&exe, "shred_child", CHILD_ENV, &dir);
         let mut seen = 0;
         while seen < kill_after {
             let Some(Ok(line)) = lines.next() else { break };
@@ -1347,21 +1355,7 @@ fn acknowledged_rotations_survive_sigkill() {
     let mut masters = 0u32;
     for (cycle, kill_after) in [4usize, 9, 2, 7].into_iter().enumerate() {
         wait_unlocked(&dir);
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "rotation_child",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(ROTATION_CHILD_ENV, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
+        let (mut child, mut lines) = spawn_child(&exe, "rotation_child", ROTATION_CHILD_ENV, &dir);
         let mut rotations = 0;
         let mut note = |line: &str, rotations: &mut usize| {
             let words: Vec<&str> = line.split(' ').collect();
