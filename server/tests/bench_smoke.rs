@@ -2,7 +2,9 @@
 //! they complete and count what they did. No timing is asserted; CI
 //! machines are too noisy for that, and the figures belong to real runs.
 
-use server::bench::{self, AppendParams, Progress, Report, Target, VerifyParams, Workload};
+use server::bench::{
+    self, AppendParams, MixedParams, Progress, Report, Target, VerifyParams, Workload,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_with_baseline_completes_and_counts() {
@@ -17,6 +19,7 @@ async fn append_with_baseline_completes_and_counts() {
         subjects: 50,
         duration: None,
         baseline: true,
+        redis: None,
     };
     let target = Target::Embedded {
         dir: Some(dir.path().to_path_buf()),
@@ -306,4 +309,197 @@ fn authorize_against_health_writes_one_audit_entry_per_grant() {
     positive(&v, &["ratio_vs_health"]);
     // One token_minted entry per grant, nothing else.
     assert_eq!(v["audit_entries"], 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_with_baseline_counts_each_kind_in_the_ratio() {
+    let params = MixedParams {
+        ratio: "2:1:1".parse().expect("valid ratio"),
+        clients: 3,
+        requests: 40,
+        duration: None,
+        size: 64,
+        subjects: 10,
+        baseline: true,
+    };
+    let report = bench::run(
+        &Target::InProcess {
+            dir: None,
+            tls: false,
+        },
+        &Workload::Mixed(params),
+        Progress::hidden(),
+    )
+    .await
+    .expect("mixed bench runs");
+    let Report::Mixed(r) = &report else {
+        panic!("a mixed run reports a mixed report");
+    };
+    let counts: Vec<(&str, u64)> = r.ops.iter().map(|o| (o.op, o.count)).collect();
+    assert_eq!(
+        counts,
+        [
+            ("append", 20),
+            ("redeem", 10),
+            ("authorize", 10),
+            ("all", 40)
+        ]
+    );
+    for o in &r.ops {
+        assert_eq!(o.latency_us.count, o.count, "{}", o.op);
+        assert!(o.per_s > 0.0, "{}", o.op);
+    }
+    assert!(r.append_commit_groups >= 1);
+    assert_eq!(r.mint_latency_us.map(|l| l.count), Some(10));
+    let pure = r.baseline.as_ref().expect("baseline was asked for");
+    let pure: Vec<(&str, u64, usize)> = pure.iter().map(|b| (b.op, b.count, b.clients)).collect();
+    assert_eq!(
+        pure,
+        [("append", 20, 3), ("redeem", 10, 3), ("authorize", 10, 3)]
+    );
+    assert!(r.ops[..3]
+        .iter()
+        .all(|o| o.vs_pure.is_some_and(|x| x > 0.0)));
+
+    let json = serde_json::to_value(&report).expect("report serializes");
+    assert_eq!(json["workload"], "mixed");
+    assert_eq!(json["params"]["ratio"]["append"], 2);
+    assert_eq!(json["ops"][3]["op"], "all");
+    let table = report.table();
+    assert!(
+        table.contains("vs pure") && table.contains("its mint"),
+        "{table}"
+    );
+}
+
+#[test]
+fn mixed_redemptions_alone_over_tls() {
+    let v = bench_json(&[
+        "mixed",
+        "--ratio",
+        "0:1:0",
+        "--tls",
+        "--requests",
+        "12",
+        "--clients",
+        "2",
+    ]);
+    assert_eq!(v["workload"], "mixed");
+    assert_eq!(v["target"]["tls"], true);
+    let ops = v["ops"].as_array().expect("ops");
+    let names: Vec<&str> = ops.iter().filter_map(|o| o["op"].as_str()).collect();
+    assert_eq!(names, ["redeem", "all"]);
+    assert_eq!(ops[0]["count"], 12);
+    positive(&ops[0], &["latency_us", "p50"]);
+    assert!(v["baseline"].is_null());
+}
+
+#[test]
+fn mixed_appends_for_a_duration() {
+    let v = bench_json(&[
+        "mixed",
+        "--ratio",
+        "1:0:0",
+        "--duration",
+        "0.3",
+        "--clients",
+        "2",
+        "--size",
+        "64",
+    ]);
+    let ops = v["ops"].as_array().expect("ops");
+    assert_eq!(ops[0]["op"], "append");
+    positive(&ops[0], &["count"]);
+    assert_eq!(ops[0]["count"], ops[1]["count"]);
+    assert!(v["mint_latency_us"].is_null());
+}
+
+#[test]
+fn bad_mixed_ratios_and_tls_with_authorize_fail_clearly() {
+    for (args, expected) in [
+        (&["mixed", "--ratio", "a:b"][..], "three parts"),
+        (&["mixed", "--ratio", "0:0:0"][..], "runs nothing"),
+        (&["mixed", "--ratio", "1:x:1"][..], "not a whole number"),
+        (&["mixed", "--ratio", "1:1:1:1"][..], "three parts"),
+        (&["mixed", "--tls", "--requests", "5"][..], "drop --tls"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+            .args(args)
+            .output()
+            .expect("vault-bench runs");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn single_client_appends_next_to_redis_set_when_redis_is_installed() {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if server::bench::redis::find_on_path("redis-server", &path).is_none() {
+        eprintln!("note: redis-server is not on PATH; the Redis SET baseline test is skipped");
+        return;
+    }
+    let v = bench_json(&[
+        "append",
+        "--protocol",
+        "--redis",
+        "--clients",
+        "1",
+        "--pipeline",
+        "1",
+        "--records",
+        "40",
+        "--size",
+        "100",
+    ]);
+    assert_eq!(v["throughput"]["records"], 40);
+    assert_eq!(v["redis"]["command"], "SET");
+    assert_eq!(v["redis"]["ops"], 40);
+    assert_eq!(v["redis"]["value_bytes"], 100);
+    positive(&v, &["redis", "latency_us", "p50"]);
+    positive(&v, &["redis", "p50_ratio"]);
+    positive(&v, &["redis", "p99_ratio"]);
+}
+
+#[test]
+fn append_redis_baseline_is_skipped_with_a_note_without_redis() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args([
+            "append",
+            "--protocol",
+            "--redis",
+            "--clients",
+            "1",
+            "--pipeline",
+            "1",
+            "--records",
+            "10",
+            "--format",
+            "json",
+        ])
+        .env("PATH", "")
+        .output()
+        .expect("vault-bench runs");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Redis SET baseline is skipped"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["throughput"]["records"], 10);
+    assert!(v["redis"].is_null());
+
+    // Pipelined appends are not compared with one SET at a time.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args([
+            "append",
+            "--protocol",
+            "--redis",
+            "--pipeline",
+            "8",
+            "--records",
+            "10",
+        ])
+        .output()
+        .expect("vault-bench runs");
+    assert_eq!(out.status.code(), Some(1));
 }

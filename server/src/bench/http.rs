@@ -32,15 +32,17 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use storage::Vault;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::{
-    check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, Progress,
-    TargetInfo,
+    check, create_vault, join_error, micros, new_histogram, thousands, Latency, LatencyTable,
+    Progress, TargetInfo,
 };
-use crate::dev::{self, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
+use crate::dev::{self, DemoKeys, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
+use crate::shim::PoliciesFile;
 use crate::{Error, Result};
 
 /// Parameters of [`super::Workload::Authorize`].
@@ -117,11 +119,7 @@ pub(super) async fn run(
     let vault_dir = dir.join("vault");
     super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
     let vault = create_vault(vault_dir).await?;
-    let keys = dev::seed(&vault, true).await?;
-    let mut policies = dev::demo_policies()?;
-    for policy in policies.partners.values_mut() {
-        policy.rate_limit_per_minute = None;
-    }
+    let (keys, policies) = prepare(&vault).await?;
     let server = InProcess::start(
         vault,
         dir,
@@ -149,6 +147,29 @@ pub(super) async fn run(
     })
 }
 
+/// Seeds `vault` as `vaultd dev` does; returns the demo keys and the demo
+/// policies without their rate limits, for the shim to apply at start.
+pub(super) async fn prepare(vault: &Vault) -> Result<(DemoKeys, PoliciesFile)> {
+    let keys = dev::seed(vault, true).await?;
+    let mut policies = dev::demo_policies()?;
+    for policy in policies.partners.values_mut() {
+        policy.rate_limit_per_minute = None;
+    }
+    Ok((keys, policies))
+}
+
+/// `POST /v1/authorize` for the demo partner (API key `partner_key`),
+/// subject and purpose: a grant, and a durable `token_minted` entry.
+pub(super) fn authorize_call(partner_key: &str) -> Call {
+    let body = serde_json::json!({"subject_id": DEMO_RECORDS[0].0, "purpose": DEMO_PURPOSE});
+    Call {
+        method: Method::POST,
+        path: "/v1/authorize",
+        bearer: Some(format!("Bearer {partner_key}")),
+        body: Bytes::from(body.to_string()),
+    }
+}
+
 async fn measure(
     server: &InProcess,
     partner_key: &str,
@@ -170,13 +191,7 @@ async fn measure(
     };
     let (conns, health_run) = phase("GET /v1/health", conns, &health, p.requests, progress).await?;
     let before = entries(addr).await?;
-    let body = serde_json::json!({"subject_id": DEMO_RECORDS[0].0, "purpose": DEMO_PURPOSE});
-    let authorize = Call {
-        method: Method::POST,
-        path: "/v1/authorize",
-        bearer: Some(format!("Bearer {partner_key}")),
-        body: Bytes::from(body.to_string()),
-    };
+    let authorize = authorize_call(partner_key);
     let ops_before = op_times(&crate::metrics::global().render());
     let (conns, auth_run) = phase(
         "POST /v1/authorize",
@@ -236,16 +251,16 @@ fn op_times(text: &str) -> BTreeMap<String, (f64, u64)> {
 
 /// One request shape, sent many times.
 #[derive(Debug, Clone)]
-struct Call {
+pub(super) struct Call {
     method: Method,
     path: &'static str,
     bearer: Option<String>,
     body: Bytes,
 }
 
-type Conn = SendRequest<Full<Bytes>>;
+pub(super) type Conn = SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> Result<Conn> {
+pub(super) async fn connect(addr: SocketAddr) -> Result<Conn> {
     let io = |source| Error::File {
         path: format!("http://{addr}"),
         source,
@@ -268,7 +283,7 @@ fn http_error(e: impl std::fmt::Display) -> Error {
 
 /// Sends `call` and reads the whole answer; a status other than 200 is
 /// an error naming the answer.
-async fn send(conn: &mut Conn, addr: &str, call: &Call) -> Result<Bytes> {
+pub(super) async fn send(conn: &mut Conn, addr: &str, call: &Call) -> Result<Bytes> {
     let mut req = Request::builder()
         .method(call.method.clone())
         .uri(call.path)
@@ -375,25 +390,10 @@ impl AuthorizeReport {
             thousands(self.params.requests)
         );
         let _ = writeln!(s);
-        let _ = writeln!(
-            s,
-            "  {:<24} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "", "per s", "ratio", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
-        );
+        let table = LatencyTable { name: 24, extra: 8 };
+        table.header(&mut s, "per s", "ratio");
         let row = |s: &mut String, name: &str, r: &HttpRun, ratio: &str| {
-            let l = &r.latency_us;
-            let _ = writeln!(
-                s,
-                "  {:<24} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
-                name,
-                rate(r.requests_per_s),
-                ratio,
-                l.p50,
-                l.p90,
-                l.p99,
-                l.p999,
-                l.max
-            );
+            table.row(s, name, r.requests_per_s, ratio, &r.latency_us);
         };
         row(
             &mut s,

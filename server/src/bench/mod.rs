@@ -26,9 +26,17 @@
 //!   session resumption; optionally next to Redis `GETDEL` ([`redis`]).
 //! - [`Workload::Authorize`] ([`http`]): keep-alive HTTP/1.1 clients
 //!   posting `/v1/authorize` to the shim, next to `GET /v1/health`.
+//! - [`Workload::Mixed`] ([`mixed`]): the three above against one vaultd,
+//!   each client picking protocol appends, mint+redeem cycles and
+//!   authorizations in a given ratio; with `baseline`, each of them alone
+//!   at the same client count in the same run.
+//! - Protocol appends next to Redis `SET` with `appendfsync always`
+//!   ([`AppendParams::redis`], [`redis`]): one durable write each, the
+//!   single-client latency comparison.
 //!
 //! Submodules, in the order a run uses them: [`inproc`] (vaultd in this
-//! process, TLS material made for the run), then one per workload.
+//! process, TLS material made for the run), then one per workload, then
+//! [`mixed`] (which drives the others' operations) and [`redis`].
 //!
 //! The machines this runs on are shared and noisy, so absolute figures
 //! move between runs; the baselines are measured in the same run so that
@@ -61,11 +69,13 @@ use crate::{Error, Result};
 
 pub mod http;
 pub mod inproc;
+pub mod mixed;
 pub mod protocol;
 pub mod redeem;
 pub mod redis;
 
 pub use http::{AuthorizeParams, AuthorizeReport};
+pub use mixed::{MixedParams, MixedReport, Ratio, RatioError};
 pub use redeem::{RedeemParams, RedeemReport};
 
 /// Passphrase of every bench vault. A bench vault holds random bytes only;
@@ -99,6 +109,7 @@ pub enum Workload {
     Verify(VerifyParams),
     Redeem(RedeemParams),
     Authorize(AuthorizeParams),
+    Mixed(MixedParams),
 }
 
 /// Parameters of [`Workload::Append`].
@@ -124,6 +135,13 @@ pub struct AppendParams {
     /// at the same durability for the embedded engine; the embedded engine
     /// itself for a protocol target.
     pub baseline: bool,
+    /// For a protocol target: the `redis-server` binary to run the same
+    /// number of `SET`s of `size`-byte values against, with `appendfsync
+    /// always`, from as many clients, one command at a time each (default
+    /// none). Needs `pipeline` and `batch` 1, so that both sides time one
+    /// durable write per round trip.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<PathBuf>,
 }
 
 impl Default for AppendParams {
@@ -137,6 +155,7 @@ impl Default for AppendParams {
             subjects: 10_000,
             duration: None,
             baseline: false,
+            redis: None,
         }
     }
 }
@@ -213,7 +232,14 @@ fn check_clients(clients: usize, pipeline: usize, batch: usize) -> Result<()> {
 impl AppendParams {
     fn validate(&self) -> Result<()> {
         check_common(self.records, self.size, self.subjects)?;
-        check_clients(self.clients, self.pipeline, self.batch)
+        check_clients(self.clients, self.pipeline, self.batch)?;
+        check(
+            self.redis.is_none() || (self.pipeline == 1 && self.batch == 1),
+            || {
+                "the Redis SET baseline times one write per round trip: use --pipeline 1 --batch 1"
+                    .into()
+            },
+        )
     }
 }
 
@@ -233,6 +259,7 @@ pub enum Report {
     Verify(VerifyReport),
     Redeem(RedeemReport),
     Authorize(AuthorizeReport),
+    Mixed(MixedReport),
 }
 
 /// Where a run went.
@@ -312,6 +339,24 @@ pub struct AppendReport {
     /// same parameters, in the same invocation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedded: Option<EmbeddedRun>,
+    /// With [`AppendParams::redis`]: Redis `SET`, appendfsync always, in
+    /// the same run; `null` when not asked for or skipped.
+    pub redis: Option<RedisSetRun>,
+}
+
+/// Redis `SET` as the baseline of protocol appends.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisSetRun {
+    #[serde(flatten)]
+    pub run: redis::RedisRun,
+    /// Bytes of each `SET` value: the record size.
+    pub value_bytes: usize,
+    /// Protocol append p50 over Redis `SET` p50 (the goal: at most 1.2).
+    pub p50_ratio: f64,
+    /// Protocol append p99 over Redis `SET` p99.
+    pub p99_ratio: f64,
+    /// Protocol records/s over Redis `SET`s/s.
+    pub rate_ratio: f64,
 }
 
 /// The embedded engine as the baseline of a protocol run.
@@ -443,8 +488,12 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         Workload::Verify(p) => p.validate()?,
         Workload::Redeem(p) => p.validate()?,
         Workload::Authorize(p) => p.validate()?,
+        Workload::Mixed(p) => p.validate()?,
     }
     match (target, workload) {
+        (Target::Embedded { .. }, Workload::Append(p)) if p.redis.is_some() => Err(Error::Usage(
+            "the Redis SET baseline compares protocol appends: add --protocol or --addr".into(),
+        )),
         (Target::Embedded { dir }, Workload::Append(p)) => {
             let (_tmp, dir, info) = scratch(dir.as_deref(), "embedded", false)?;
             run_append(&dir, info, p, progress)
@@ -477,12 +526,18 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         (Target::InProcess { tls: true, .. }, Workload::Authorize(_)) => Err(Error::Usage(
             "authorize measures the shim in plaintext: drop --tls".into(),
         )),
+        (Target::InProcess { dir, tls }, Workload::Mixed(p)) => {
+            let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", *tls)?;
+            mixed::run(&dir, info, p, progress).await.map(Report::Mixed)
+        }
         (_, Workload::Verify(_)) => Err(Error::Usage(
             "verify runs on the embedded engine only".into(),
         )),
-        (_, Workload::Redeem(_) | Workload::Authorize(_)) => Err(Error::Usage(
-            "redeem and authorize start vaultd in this process: no --addr".into(),
-        )),
+        (_, Workload::Redeem(_) | Workload::Authorize(_) | Workload::Mixed(_)) => {
+            Err(Error::Usage(
+                "redeem, authorize and mixed start vaultd in this process: no --addr".into(),
+            ))
+        }
     }
 }
 
@@ -603,6 +658,7 @@ async fn run_append(
         latency_us: Latency::of(&stats.hist),
         baseline,
         embedded: None,
+        redis: None,
     })
 }
 
@@ -1090,6 +1146,50 @@ fn rate(r: f64) -> String {
     thousands(r.round() as u64)
 }
 
+/// The latency table every workload prints: a name column, a rate, one
+/// column of the workload's choosing (a ratio, a count), then the
+/// percentiles of a [`Latency`], all in µs.
+#[derive(Debug, Clone, Copy)]
+struct LatencyTable {
+    /// Width of the name column.
+    name: usize,
+    /// Width of the free column.
+    extra: usize,
+}
+
+impl LatencyTable {
+    fn header(&self, s: &mut String, rate_title: &str, extra_title: &str) {
+        self.line(
+            s,
+            "",
+            rate_title,
+            extra_title,
+            ["p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"].map(String::from),
+        );
+    }
+
+    fn row(&self, s: &mut String, name: &str, per_s: f64, extra: &str, l: &Latency) {
+        self.line(
+            s,
+            name,
+            &rate(per_s),
+            extra,
+            [l.p50, l.p90, l.p99, l.p999, l.max].map(|v| v.to_string()),
+        );
+    }
+
+    fn line(&self, s: &mut String, name: &str, per_s: &str, extra: &str, cols: [String; 5]) {
+        use std::fmt::Write;
+        let [p50, p90, p99, p999, max] = cols;
+        let _ = writeln!(
+            s,
+            "  {name:<nw$} {per_s:>10} {extra:>ew$} | {p50:>8} {p90:>8} {p99:>8} {p999:>8} {max:>8}",
+            nw = self.name,
+            ew = self.extra,
+        );
+    }
+}
+
 impl Report {
     /// The human table `vault-bench` prints by default.
     pub fn table(&self) -> String {
@@ -1098,6 +1198,7 @@ impl Report {
             Report::Verify(r) => r.table(),
             Report::Redeem(r) => r.table(),
             Report::Authorize(r) => r.table(),
+            Report::Mixed(r) => r.table(),
         }
     }
 }
@@ -1128,24 +1229,10 @@ impl AppendReport {
             t.elapsed_s
         );
         let _ = writeln!(s);
-        let _ = writeln!(
-            s,
-            "  {:<28} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "", "records/s", "vault/x", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
-        );
+        let table = LatencyTable { name: 28, extra: 8 };
+        table.header(&mut s, "records/s", "vault/x");
         let row = |s: &mut String, name: &str, per_s: f64, ratio: &str, l: &Latency| {
-            let _ = writeln!(
-                s,
-                "  {:<28} {:>10} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
-                name,
-                rate(per_s),
-                ratio,
-                l.p50,
-                l.p90,
-                l.p99,
-                l.p999,
-                l.max
-            );
+            table.row(s, name, per_s, ratio, l);
         };
         let name = if self.target.kind == "embedded" {
             "vault append (durable)"
@@ -1171,11 +1258,35 @@ impl AppendReport {
                 &b.sync_latency_us,
             );
         }
+        if let Some(r) = &self.redis {
+            row(
+                &mut s,
+                "redis SET (appendfsync always)",
+                r.run.ops_per_s,
+                &format!("{:.2}x", r.rate_ratio),
+                &r.run.latency_us,
+            );
+        }
         let _ = writeln!(s);
+        if let Some(r) = &self.redis {
+            let _ = writeln!(
+                s,
+                "  protocol append over Redis SET: p50 {:.2}x, p99 {:.2}x (goal: p50 at most 1.2x)",
+                r.p50_ratio, r.p99_ratio
+            );
+            let _ = writeln!(
+                s,
+                "  redis {}: appendfsync always, {} client(s) on persistent connections, one SET of {} B at a time",
+                r.run.version, p.clients, r.value_bytes
+            );
+        }
         let _ = write!(
             s,
             "  latency: vault = one append call until durable; sled = one flush + fdatasync"
         );
+        if self.redis.is_some() {
+            let _ = write!(s, "; redis = one SET round trip");
+        }
         if self.embedded.is_some() {
             let _ = write!(
                 s,

@@ -6,19 +6,26 @@
 //! JSON object the server stores (`{"v":"..."}`) is exactly `size` bytes:
 //! the same plaintext size as the embedded workload's records, which is
 //! what the `baseline` comparison needs.
+//!
+//! With [`AppendParams::redis`], Redis `SET`s of `size`-byte values follow
+//! in the same run, from as many clients, one at a time each
+//! ([`super::redis::run_set`]): the single-client durable-write latency
+//! comparison.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use client::{Client, Connector, Record};
+use client::{Client, Connector, Receipt, Record};
 use indicatif::ProgressBar;
 use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
+use super::redis;
 use super::{
     claim, create_vault, join_error, run_append as run_embedded, scratch, subject_id, AppendParams,
-    AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress, Rng, Stats, Target,
+    AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress, RedisSetRun, Rng, Stats,
+    Target,
 };
 use crate::{Error, Result};
 
@@ -99,6 +106,7 @@ pub(super) async fn run_append(
             records: stats.records,
             duration: None,
             baseline: false,
+            redis: None,
             ..p.clone()
         };
         let e = run_embedded(&edir, einfo, &ep, progress).await?;
@@ -112,29 +120,65 @@ pub(super) async fn run_append(
     } else {
         None
     };
+    let latency_us = Latency::of(&stats.hist);
+    let redis = match &p.redis {
+        None => None,
+        Some(bin) => {
+            let rdir = dir.join("redis");
+            super::ensure_fresh(std::slice::from_ref(&rdir))?;
+            let r = redis::run_set(bin, &rdir, stats.records, p.clients, p.size, progress).await?;
+            let l = &r.latency_us;
+            Some(RedisSetRun {
+                value_bytes: p.size,
+                p50_ratio: latency_us.p50 as f64 / l.p50.max(1) as f64,
+                p99_ratio: latency_us.p99 as f64 / l.p99.max(1) as f64,
+                rate_ratio: records_per_s / r.ops_per_s,
+                run: r,
+            })
+        }
+    };
     drop(tmp);
     Ok(AppendReport {
         target: info,
         params: p.clone(),
         throughput,
-        latency_us: Latency::of(&stats.hist),
+        latency_us,
         baseline: None,
         embedded,
+        redis,
     })
 }
 
-/// What the client tasks share.
-struct Work {
+/// Record contents of protocol appends, shared by the pure append workload
+/// and [`super::mixed`].
+#[derive(Debug)]
+pub(super) struct Records {
     subjects: Vec<String>,
     /// ASCII letters and digits that values are sliced from.
     pool: String,
     value_len: usize,
-    remaining: AtomicU64,
-    batch: u64,
-    bar: ProgressBar,
 }
 
-impl Work {
+impl Records {
+    /// Records whose stored JSON object is `size` bytes, spread over
+    /// `subjects` subjects.
+    pub(super) fn new(size: usize, subjects: usize) -> Self {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let value_len = size.saturating_sub(JSON_OVERHEAD);
+        let mut raw = vec![0u8; (1 << 20).max(4 * value_len)];
+        storage::crypto::random_bytes(&mut raw);
+        let pool: String = raw
+            .iter()
+            .map(|b| char::from(ALPHABET[usize::from(b & 63)]))
+            .collect();
+        Records {
+            subjects: (0..subjects).map(subject_id).collect(),
+            pool,
+            value_len,
+        }
+    }
+
     fn record(&self, rng: &mut Rng) -> (String, Vec<(String, String)>) {
         let subject = self.subjects[rng.below(self.subjects.len())].clone();
         let off = rng.below(self.pool.len() - self.value_len + 1);
@@ -142,6 +186,47 @@ impl Work {
         let value = self.pool[off..off + self.value_len].to_string();
         (subject, vec![("v".to_string(), value)])
     }
+
+    /// One append request of `n` records: an `Append` when `batch` is 1,
+    /// else an `AppendBatch` (even of fewer records, the last claim).
+    pub(super) fn request(&self, rng: &mut Rng, n: u64, batch: u64) -> Request {
+        if batch == 1 {
+            let (subject, fields) = self.record(rng);
+            Request::One(subject, fields)
+        } else {
+            Request::Batch(
+                (0..n)
+                    .map(|_| {
+                        let (subject, fields) = self.record(rng);
+                        Record { subject, fields }
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// An append request, built before its clock starts.
+#[derive(Debug)]
+pub(super) enum Request {
+    One(String, Vec<(String, String)>),
+    Batch(Vec<Record>),
+}
+
+/// Sends one append request and waits for its receipts (durable).
+pub(super) async fn send(c: &Client, request: Request) -> client::Result<Vec<Receipt>> {
+    match request {
+        Request::One(subject, fields) => c.append(subject, fields).await.map(|r| vec![r]),
+        Request::Batch(items) => c.append_batch(items).await,
+    }
+}
+
+/// What the client tasks share.
+struct Work {
+    records: Records,
+    remaining: AtomicU64,
+    batch: u64,
+    bar: ProgressBar,
 }
 
 /// Connects every client, then times the appends.
@@ -150,18 +235,8 @@ async fn measure(
     p: &AppendParams,
     progress: Progress,
 ) -> Result<(Stats, std::time::Duration)> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let value_len = p.size.saturating_sub(JSON_OVERHEAD);
-    let mut raw = vec![0u8; (1 << 20).max(4 * value_len)];
-    storage::crypto::random_bytes(&mut raw);
-    let pool: String = raw
-        .iter()
-        .map(|b| char::from(ALPHABET[usize::from(b & 63)]))
-        .collect();
     let work = Arc::new(Work {
-        subjects: (0..p.subjects).map(subject_id).collect(),
-        pool,
-        value_len,
+        records: Records::new(p.size, p.subjects),
         remaining: AtomicU64::new(p.records),
         batch: p.batch as u64,
         bar: progress.phase("protocol append", p.records),
@@ -227,26 +302,12 @@ async fn client_task(
                 break;
             }
             let c = c.clone();
-            if work.batch == 1 {
-                let (subject, fields) = work.record(&mut rng);
-                in_flight.spawn(async move {
-                    let start = Instant::now();
-                    let r = c.append(subject, fields).await.map(|r| vec![r]);
-                    (start.elapsed(), r)
-                });
-            } else {
-                let items: Vec<Record> = (0..n)
-                    .map(|_| {
-                        let (subject, fields) = work.record(&mut rng);
-                        Record { subject, fields }
-                    })
-                    .collect();
-                in_flight.spawn(async move {
-                    let start = Instant::now();
-                    let r = c.append_batch(items).await;
-                    (start.elapsed(), r)
-                });
-            }
+            let request = work.records.request(&mut rng, n, work.batch);
+            in_flight.spawn(async move {
+                let start = Instant::now();
+                let r = send(&c, request).await;
+                (start.elapsed(), r)
+            });
         }
         let Some(joined) = in_flight.join_next().await else {
             break;

@@ -22,18 +22,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use client::{Connector, MaskOp};
+use client::{Client, Connector, MaskOp};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use storage::Append;
+use storage::{Append, Vault};
 use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::redis::{self, RedisRun};
 use super::{
-    check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, Progress,
-    TargetInfo,
+    check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, LatencyTable,
+    Progress, TargetInfo,
 };
 use crate::{Error, Result};
 
@@ -130,12 +130,7 @@ pub(super) async fn run(
     let vault_dir = dir.join("vault");
     super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
     let vault = create_vault(vault_dir).await?;
-    let (_, partner_key) = vault.create_credential("partner", PARTNER).await?;
-    let (_, gateway_key) = vault.create_credential("gateway", "vault-bench").await?;
-    let record = crate::dev::DEMO_RECORDS[0].1;
-    vault
-        .append(Append::record(SUBJECT, record.as_bytes().to_vec()))
-        .await?;
+    let (partner_key, gateway_key) = prepare(&vault).await?;
     let tls = info.tls;
     let server = InProcess::start(
         vault,
@@ -171,6 +166,42 @@ pub(super) async fn run(
         runs,
         redis,
     })
+}
+
+/// Writes what redemptions need: a partner and a gateway credential
+/// (their API keys returned in that order) and [`SUBJECT`]'s record.
+pub(super) async fn prepare(vault: &Vault) -> Result<(String, String)> {
+    let (_, partner_key) = vault.create_credential("partner", PARTNER).await?;
+    let (_, gateway_key) = vault.create_credential("gateway", "vault-bench").await?;
+    let record = crate::dev::DEMO_RECORDS[0].1;
+    vault
+        .append(Append::record(SUBJECT, record.as_bytes().to_vec()))
+        .await?;
+    Ok((partner_key.to_string(), gateway_key.to_string()))
+}
+
+/// Mints one token for [`PARTNER`] on the gateway connection `gw`.
+pub(super) async fn mint_one(gw: &Client) -> Result<String> {
+    let fields = vec![
+        ("name".to_string(), MaskOp::Partial),
+        ("iban".to_string(), MaskOp::Partial),
+        ("dob".to_string(), MaskOp::Generalize),
+        ("income".to_string(), MaskOp::Generalize),
+    ];
+    Ok(gw.mint(PARTNER, SUBJECT, "bench", fields, 3600).await?.0)
+}
+
+/// One redemption as a partner makes it: a new connection from
+/// `connector`, `Hello`, `Redeem` of `token`, the data frame, close.
+/// Returns whether the TLS handshake resumed a session.
+pub(super) async fn redeem_one(connector: &Connector, token: &str) -> Result<bool> {
+    let client = connector.connect().await?;
+    let resumed = client.tls_resumed();
+    let data = client.redeem(token).await?;
+    if data.fields.is_empty() {
+        return Err(Error::Usage("a redemption returned no fields".into()));
+    }
+    Ok(resumed)
 }
 
 async fn measure(
@@ -210,19 +241,13 @@ async fn mint(
 ) -> Result<(MintStats, Vec<String>)> {
     let gw = connector.connect().await?;
     let bar = progress.phase("minting tokens", n);
-    let fields = vec![
-        ("name".to_string(), MaskOp::Partial),
-        ("iban".to_string(), MaskOp::Partial),
-        ("dob".to_string(), MaskOp::Generalize),
-        ("income".to_string(), MaskOp::Generalize),
-    ];
     let start = Instant::now();
     let mut minted = futures_util::stream::iter(0..n)
-        .map(|_| gw.mint(PARTNER, SUBJECT, "bench", fields.clone(), 3600))
+        .map(|_| mint_one(&gw))
         .buffer_unordered(MINT_PIPELINE);
     let mut tokens = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     while let Some(r) = minted.next().await {
-        tokens.push(r?.0);
+        tokens.push(r?);
         bar.inc(1);
     }
     let secs = start.elapsed().as_secs_f64();
@@ -262,13 +287,8 @@ async fn redeem_all(
                     break;
                 };
                 let t = Instant::now();
-                let client = c.connect().await?;
-                resumed += u64::from(client.tls_resumed());
-                let data = client.redeem(token).await?;
+                resumed += u64::from(redeem_one(&c, token).await?);
                 hist.saturating_record(micros(t.elapsed()));
-                if data.fields.is_empty() {
-                    return Err(Error::Usage("a redemption returned no fields".into()));
-                }
                 bar.inc(1);
             }
             Ok::<(Histogram<u64>, u64), Error>((hist, resumed))
@@ -309,24 +329,10 @@ impl RedeemReport {
             rate(self.setup.mints_per_s)
         );
         let _ = writeln!(s);
-        let _ = writeln!(
-            s,
-            "  {:<28} {:>10} {:>9} | {:>8} {:>8} {:>8} {:>8} {:>8}",
-            "", "per s", "resumed", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
-        );
+        let table = LatencyTable { name: 28, extra: 9 };
+        table.header(&mut s, "per s", "resumed");
         let row = |s: &mut String, name: &str, per_s: f64, resumed: &str, l: &Latency| {
-            let _ = writeln!(
-                s,
-                "  {:<28} {:>10} {:>9} | {:>8} {:>8} {:>8} {:>8} {:>8}",
-                name,
-                rate(per_s),
-                resumed,
-                l.p50,
-                l.p90,
-                l.p99,
-                l.p999,
-                l.max
-            );
+            table.row(s, name, per_s, resumed, l);
         };
         for r in &self.runs {
             let resumed = if self.target.tls {

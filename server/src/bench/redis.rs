@@ -1,12 +1,17 @@
-//! The Redis baseline of the redeem workload: a one-time value deleted as
-//! it is read (`GETDEL`) by a store that fsyncs every write
-//! (`appendfsync always`), which is what a token burn is.
+//! Redis baselines, against a store that fsyncs every write (`appendfsync
+//! always`):
 //!
-//! `redis-server` is started on a free loopback port with a scratch dir,
-//! `N` keys are loaded with pipelined `SET`s (not timed), then `clients`
-//! tasks on persistent connections run `GETDEL` one at a time until every
-//! key is gone. The server is stopped by its pid at the end, and on any
-//! error (the child is killed when dropped).
+//! - of the redeem workload ([`run`]): a one-time value deleted as it is
+//!   read (`GETDEL`), which is what a token burn is. `N` keys are loaded
+//!   with pipelined `SET`s (not timed), then `clients` tasks on persistent
+//!   connections run `GETDEL` one at a time until every key is gone;
+//! - of protocol appends ([`run_set`]): `clients` tasks on persistent
+//!   connections `SET` `N` distinct keys to record-sized values, one at a
+//!   time each, which is what one durable append is.
+//!
+//! Either way `redis-server` is started on a free loopback port with a
+//! scratch dir, and stopped by its pid at the end, and on any error (the
+//! child is killed when dropped).
 //!
 //! The RESP here is the least that serves: commands as arrays of bulk
 //! strings, and the simple, error and bulk replies these commands get.
@@ -16,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
@@ -33,16 +39,19 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest reply accepted (a bulk string's declared length).
 const MAX_REPLY: usize = 1 << 20;
 
-/// Redis `GETDEL` next to the vault's redemptions.
+/// A timed Redis pass: `GETDEL` next to the vault's redemptions, or `SET`
+/// next to its appends.
 #[derive(Debug, Clone, Serialize)]
 pub struct RedisRun {
+    /// The command timed: "GETDEL" or "SET".
+    pub command: &'static str,
     /// `redis_version` from `INFO server`.
     pub version: String,
     pub keys: u64,
     pub ops: u64,
     pub elapsed_s: f64,
     pub ops_per_s: f64,
-    /// One `GETDEL` round trip.
+    /// One command's round trip.
     pub latency_us: Latency,
 }
 
@@ -62,6 +71,68 @@ pub(super) async fn run(
     keys: u64,
     clients: usize,
     progress: Progress,
+) -> Result<RedisRun> {
+    with_server(bin, dir, async |addr| {
+        load(addr, keys, progress).await?;
+        let bar = progress.phase("redis GETDEL", keys);
+        closed_loop(
+            addr,
+            keys,
+            clients,
+            &bar,
+            "GETDEL",
+            |i| vec![b"GETDEL".to_vec(), key(i)],
+            |r| matches!(r, Reply::Bulk(Some(v)) if v == VALUE),
+        )
+        .await
+    })
+    .await
+}
+
+/// The baseline of single-client durable appends: starts `bin` under
+/// `dir`, then `clients` persistent connections `SET` `keys` distinct keys
+/// to values of `value_len` random bytes, one command at a time each;
+/// stops it.
+pub(super) async fn run_set(
+    bin: &Path,
+    dir: &Path,
+    keys: u64,
+    clients: usize,
+    value_len: usize,
+    progress: Progress,
+) -> Result<RedisRun> {
+    let mut value = vec![0u8; value_len];
+    storage::crypto::random_bytes(&mut value);
+    with_server(bin, dir, async |addr| {
+        let bar = progress.phase("redis SET", keys);
+        closed_loop(
+            addr,
+            keys,
+            clients,
+            &bar,
+            "SET",
+            move |i| {
+                vec![
+                    b"SET".to_vec(),
+                    format!("record:{i:010}").into_bytes(),
+                    value.clone(),
+                ]
+            },
+            |r| matches!(r, Reply::Simple(s) if s == "OK"),
+        )
+        .await
+    })
+    .await
+}
+
+/// Runs `body` against a `redis-server` started from `bin` on a free
+/// loopback port, data under `dir`, fsyncing every write (`appendfsync
+/// always`, no snapshots); stops the server by its pid afterwards, whatever
+/// happened, and fills in the run's `version`.
+async fn with_server(
+    bin: &Path,
+    dir: &Path,
+    body: impl AsyncFnOnce(&str) -> Result<RedisRun>,
 ) -> Result<RedisRun> {
     std::fs::create_dir_all(dir).map_err(|source| Error::File {
         path: dir.display().to_string(),
@@ -97,8 +168,7 @@ pub(super) async fn run(
     let addr = format!("127.0.0.1:{port}");
     let result = async {
         let version = wait_ready(&addr, &mut child).await?;
-        load(&addr, keys, progress).await?;
-        let mut r = getdel_all(&addr, keys, clients, progress).await?;
+        let mut r = body(&addr).await?;
         r.version = version;
         Ok(r)
     }
@@ -204,10 +274,21 @@ async fn load(addr: &str, keys: u64, progress: Progress) -> Result<()> {
     Ok(())
 }
 
-/// `clients` persistent connections deleting every key with `GETDEL`.
-async fn getdel_all(addr: &str, keys: u64, clients: usize, progress: Progress) -> Result<RedisRun> {
-    let bar = progress.phase("redis GETDEL", keys);
+/// `clients` persistent connections sending `n` commands between them,
+/// one at a time on each: command `i` is `command(i)`, built before its
+/// clock starts, and its reply must pass `expect`. Latency is one round
+/// trip.
+async fn closed_loop(
+    addr: &str,
+    n: u64,
+    clients: usize,
+    bar: &ProgressBar,
+    name: &'static str,
+    command: impl Fn(u64) -> Vec<Vec<u8>> + Send + Sync + 'static,
+    expect: impl Fn(&Reply) -> bool + Send + Sync + 'static,
+) -> Result<RedisRun> {
     let next = Arc::new(AtomicU64::new(0));
+    let (command, expect) = (Arc::new(command), Arc::new(expect));
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
         let tcp = TcpStream::connect(addr).await.map_err(io_error(addr))?;
@@ -218,18 +299,21 @@ async fn getdel_all(addr: &str, keys: u64, clients: usize, progress: Progress) -
     let mut set = JoinSet::new();
     for mut c in conns {
         let (next, bar) = (next.clone(), bar.clone());
+        let (command, expect) = (command.clone(), expect.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= keys {
+                if i >= n {
                     return Ok::<_, Error>(hist);
                 }
+                let args = command(i);
+                let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
                 let t = Instant::now();
-                c.command(&[b"GETDEL", &key(i)]).await?;
-                match c.reply().await? {
-                    Reply::Bulk(Some(v)) if v == VALUE => {}
-                    other => return Err(redis_error(format!("GETDEL answered {other:?}"))),
+                c.command(&args).await?;
+                let reply = c.reply().await?;
+                if !expect(&reply) {
+                    return Err(redis_error(format!("{name} answered {reply:?}")));
                 }
                 hist.saturating_record(micros(t.elapsed()));
                 bar.inc(1);
@@ -244,8 +328,9 @@ async fn getdel_all(addr: &str, keys: u64, clients: usize, progress: Progress) -
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     Ok(RedisRun {
+        command: name,
         version: String::new(),
-        keys,
+        keys: n,
         ops: hist.len(),
         elapsed_s: secs,
         ops_per_s: hist.len() as f64 / secs,

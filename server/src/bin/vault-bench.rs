@@ -9,9 +9,12 @@
 //!                    [--pipeline P] [--batch B] [--subjects S] [--duration SECS] [--baseline]
 //!                    [--protocol [--tls]]
 //!                    [--addr HOST:PORT --api-key KEY (--cacert FILE | --insecure-plaintext)]
+//!                    [--redis]   (with --protocol or --addr, --pipeline 1: Redis SET next to it)
 //! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline]
 //! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis]
 //! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N]
+//! vault-bench mixed [--embedded DIR] [--ratio 8:1:1] [--clients 50] [--requests N]
+//!                   [--duration SECS] [--size BYTES] [--subjects S] [--tls] [--baseline]
 //! ```
 //!
 //! Exit codes: 0 done, 1 error (bad flags included).
@@ -27,7 +30,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use server::bench::{
-    self, AppendParams, AuthorizeParams, Progress, RedeemParams, Target, VerifyParams, Workload,
+    self, AppendParams, AuthorizeParams, MixedParams, Progress, Ratio, RedeemParams, Target,
+    VerifyParams, Workload,
 };
 
 #[derive(Parser)]
@@ -54,6 +58,8 @@ enum Command {
     Redeem(RedeemArgs),
     /// POST /v1/authorize through the HTTP shim, against GET /v1/health.
     Authorize(AuthorizeArgs),
+    /// Appends, mint+redeem cycles and authorizations together, in a ratio.
+    Mixed(MixedArgs),
 }
 
 #[derive(Args)]
@@ -179,6 +185,43 @@ struct AppendArgs {
     /// durability; with --protocol or --addr, the embedded engine.
     #[arg(long)]
     baseline: bool,
+    /// With --protocol or --addr: also run as many Redis SETs of --size
+    /// bytes (appendfsync always) from as many clients, one at a time each;
+    /// needs --pipeline 1 and batch 1. Skipped with a note on stderr when
+    /// redis-server is not on PATH.
+    #[arg(long)]
+    redis: bool,
+}
+
+#[derive(Args)]
+struct MixedArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// APPEND:REDEEM:AUTHORIZE weights of the operations each client picks.
+    #[arg(long, value_name = "A:R:Z", default_value = "8:1:1")]
+    ratio: Ratio,
+    /// Serve the protocol over TLS (needs a ratio without authorize).
+    #[arg(long)]
+    tls: bool,
+    /// Concurrent clients, each one operation at a time [default: 50].
+    #[arg(long, value_name = "C")]
+    clients: Option<usize>,
+    /// Operations between all clients [default: 20000; with --duration,
+    /// no limit but the time].
+    #[arg(long, value_name = "N")]
+    requests: Option<u64>,
+    /// Stop after SECS even if fewer operations were made.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Plaintext bytes per appended record [default: 512].
+    #[arg(long, value_name = "BYTES")]
+    size: Option<usize>,
+    /// Distinct subjects of the appended records [default: 10000].
+    #[arg(long, value_name = "S")]
+    subjects: Option<usize>,
+    /// Also run each operation kind alone at the same client count.
+    #[arg(long)]
+    baseline: bool,
 }
 
 #[derive(Args)]
@@ -241,11 +284,30 @@ impl Command {
         Ok(match self {
             Command::Append(a) => {
                 let d = AppendParams::default();
-                let duration = a
-                    .duration
-                    .map(Duration::try_from_secs_f64)
-                    .transpose()
-                    .context("--duration takes a positive number of seconds")?;
+                let duration = seconds(a.duration)?;
+                let over_protocol = a.server.protocol || a.server.addr.is_some();
+                if a.redis && !over_protocol {
+                    anyhow::bail!("--redis compares protocol appends: add --protocol or --addr");
+                }
+                if a.redis && (a.pipeline.unwrap_or(d.pipeline) != 1 || a.batch.unwrap_or(1) != 1) {
+                    // Checked here too, so that it fails the same with or
+                    // without redis-server installed.
+                    anyhow::bail!(
+                        "--redis times one durable write per round trip: use --pipeline 1 (and batch 1)"
+                    );
+                }
+                let redis = if a.redis {
+                    let path = std::env::var_os("PATH").unwrap_or_default();
+                    let found = bench::redis::find_on_path("redis-server", &path);
+                    if found.is_none() {
+                        eprintln!(
+                            "note: redis-server is not on PATH; the Redis SET baseline is skipped (Debian: apt-get install redis-server)"
+                        );
+                    }
+                    found
+                } else {
+                    None
+                };
                 let p = AppendParams {
                     records: a.records.unwrap_or(d.records),
                     size: a.size.unwrap_or(d.size),
@@ -255,6 +317,7 @@ impl Command {
                     subjects: a.subjects.unwrap_or(d.subjects),
                     duration,
                     baseline: a.baseline,
+                    redis,
                 };
                 (a.server.target(a.target)?, Workload::Append(p))
             }
@@ -291,6 +354,31 @@ impl Command {
                 };
                 (target, Workload::Authorize(p))
             }
+            Command::Mixed(m) => {
+                let d = MixedParams::default();
+                let duration = seconds(m.duration)?;
+                // A duration alone bounds the run by time; the request
+                // count then only guards against a run without end.
+                let requests = match (m.requests, duration) {
+                    (Some(n), _) => n,
+                    (None, Some(_)) => bench::mixed::MAX_REQUESTS,
+                    (None, None) => d.requests,
+                };
+                let p = MixedParams {
+                    ratio: m.ratio,
+                    clients: m.clients.unwrap_or(d.clients),
+                    requests,
+                    duration,
+                    size: m.size.unwrap_or(d.size),
+                    subjects: m.subjects.unwrap_or(d.subjects),
+                    baseline: m.baseline,
+                };
+                let target = Target::InProcess {
+                    dir: m.target.embedded,
+                    tls: m.tls,
+                };
+                (target, Workload::Mixed(p))
+            }
             Command::Verify(v) => {
                 let d = VerifyParams::default();
                 let p = VerifyParams {
@@ -305,6 +393,13 @@ impl Command {
             }
         })
     }
+}
+
+/// `--duration SECS` as a duration.
+fn seconds(secs: Option<f64>) -> anyhow::Result<Option<Duration>> {
+    secs.map(Duration::try_from_secs_f64)
+        .transpose()
+        .context("--duration takes a positive number of seconds")
 }
 
 fn main() -> ExitCode {
