@@ -341,7 +341,7 @@ pub struct AppendReport {
     pub embedded: Option<EmbeddedRun>,
     /// With [`AppendParams::redis`]: Redis `SET`, appendfsync always, in
     /// the same run; `null` when not asked for or skipped.
-    pub redis: Option<RedisSetRun>,
+    pub redis: Option<Box<RedisSetRun>>,
 }
 
 /// Redis `SET` as the baseline of protocol appends.

@@ -128,13 +128,13 @@ pub(super) async fn run_append(
             super::ensure_fresh(std::slice::from_ref(&rdir))?;
             let r = redis::run_set(bin, &rdir, stats.records, p.clients, p.size, progress).await?;
             let l = &r.latency_us;
-            Some(RedisSetRun {
+            Some(Box::new(RedisSetRun {
                 value_bytes: p.size,
                 p50_ratio: latency_us.p50 as f64 / l.p50.max(1) as f64,
                 p99_ratio: latency_us.p99 as f64 / l.p99.max(1) as f64,
                 rate_ratio: records_per_s / r.ops_per_s,
                 run: r,
-            })
+            }))
         }
     };
     drop(tmp);
