@@ -296,18 +296,7 @@ impl Command {
                         "--redis times one durable write per round trip: use --pipeline 1 (and batch 1)"
                     );
                 }
-                let redis = if a.redis {
-                    let path = std::env::var_os("PATH").unwrap_or_default();
-                    let found = bench::redis::find_on_path("redis-server", &path);
-                    if found.is_none() {
-                        eprintln!(
-                            "note: redis-server is not on PATH; the Redis SET baseline is skipped (Debian: apt-get install redis-server)"
-                        );
-                    }
-                    found
-                } else {
-                    None
-                };
+                let redis = redis_server(a.redis, "SET");
                 let p = AppendParams {
                     records: a.records.unwrap_or(d.records),
                     size: a.size.unwrap_or(d.size),
@@ -323,14 +312,7 @@ impl Command {
             }
             Command::Redeem(r) => {
                 let d = RedeemParams::default();
-                let redis = if r.redis {
-                    let path = std::env::var_os("PATH").unwrap_or_default();
-                    Some(bench::redis::find_on_path("redis-server", &path).context(
-                        "--redis needs redis-server on PATH (Debian: apt-get install redis-server)",
-                    )?)
-                } else {
-                    None
-                };
+                let redis = redis_server(r.redis, "GETDEL");
                 let p = RedeemParams {
                     clients: r.clients.unwrap_or(d.clients),
                     tokens: r.tokens.unwrap_or(d.tokens),
@@ -449,4 +431,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{}", report.table());
     }
     Ok(())
+}
+
+/// The `redis-server` to run a baseline with, when `--redis` asks for one;
+/// without one on PATH the baseline is skipped with a note (the run goes
+/// on, and its JSON says `"redis": null`).
+fn redis_server(wanted: bool, command: &str) -> Option<std::path::PathBuf> {
+    if !wanted {
+        return None;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = bench::redis::find_on_path("redis-server", &path);
+    if found.is_none() {
+        eprintln!(
+            "note: redis-server is not on PATH; the Redis {command} baseline is skipped (Debian: apt-get install redis-server)"
+        );
+    }
+    found
 }
