@@ -17,8 +17,7 @@ use clap::{ArgGroup, Parser};
 use client::cli::ConnectArgs;
 use server::remote::{RemoteOptions, DEFAULT_PAGE_ENTRIES, DEFAULT_SAMPLE_RECEIPTS};
 use server::verify::{
-    exit_code, file_summary, remote_summary, summary, VerifyJson, EXIT_ERROR, EXIT_INTEGRITY,
-    EXIT_OK, STORED_KEY_WARNING,
+    exit_code, file_summary, remote_summary, summary, VerifyJson, EXIT_ERROR, STORED_KEY_WARNING,
 };
 
 #[derive(Parser)]
@@ -120,20 +119,7 @@ fn main() -> ExitCode {
         b.finish_and_clear();
     }
     match report {
-        Ok(r) => {
-            if json {
-                match serde_json::to_string(&VerifyJson::from(&r)) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(EXIT_ERROR as u8);
-                    }
-                }
-            } else {
-                println!("{}", summary(&r));
-            }
-            ExitCode::from(exit_code(&r) as u8)
-        }
+        Ok(r) => finish(&r, json.then(|| VerifyJson::from(&r)), || summary(&r)),
         Err(e) => {
             eprintln!("error: could not verify {}: {e}", data_dir.display());
             ExitCode::from(EXIT_ERROR as u8)
@@ -177,18 +163,11 @@ fn export_file(path: &std::path::Path, key: &ed25519_dalek::VerifyingKey, json: 
             return ExitCode::from(EXIT_ERROR as u8);
         }
     };
-    if json {
-        match serde_json::to_string(&VerifyJson::from(&report)) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_ERROR as u8);
-            }
-        }
-    } else {
-        println!("{}", file_summary(&report));
-    }
-    ExitCode::from(exit_code(&report.report) as u8)
+    finish(
+        &report.report,
+        json.then(|| VerifyJson::from(&report)),
+        || file_summary(&report),
+    )
 }
 
 /// `--remote`: verify a live server's log over the wire protocol.
@@ -242,19 +221,29 @@ fn remote(cli: &Cli, addr: &str, public_key: ed25519_dalek::VerifyingKey, json: 
             return ExitCode::from(EXIT_ERROR as u8);
         }
     };
-    if json {
-        match serde_json::to_string(&VerifyJson::from(&report)) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_ERROR as u8);
-            }
+    finish(
+        &report.report,
+        json.then(|| VerifyJson::from(&report)),
+        || remote_summary(&report),
+    )
+}
+
+/// Prints a finished run, as one JSON object (`as_json`) or its one-line
+/// summary, and returns the run's exit code.
+fn finish(
+    report: &storage::Report,
+    as_json: Option<VerifyJson>,
+    summary: impl FnOnce() -> String,
+) -> ExitCode {
+    match as_json.map(|j| serde_json::to_string(&j)) {
+        Some(Ok(s)) => println!("{s}"),
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_ERROR as u8);
         }
-    } else {
-        println!("{}", remote_summary(&report));
+        None => println!("{}", summary()),
     }
-    let code = if report.ok() { EXIT_OK } else { EXIT_INTEGRITY };
-    ExitCode::from(code as u8)
+    ExitCode::from(exit_code(report) as u8)
 }
 
 /// An error and its sources, `: `-separated.
