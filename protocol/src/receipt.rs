@@ -376,6 +376,20 @@ impl KeyChain {
         index: usize,
         e: &KeyEndorsement,
     ) -> std::result::Result<(), ChainError> {
+        let key = self.check_next(index, e)?;
+        self.keys.push(key);
+        self.endorsements.push(*e);
+        Ok(())
+    }
+
+    /// Checks that `e` (the `index`-th endorsement) would extend the chain:
+    /// the next key id, a later seq, signed by the current key. Returns
+    /// the key it endorses.
+    pub fn check_next(
+        &self,
+        index: usize,
+        e: &KeyEndorsement,
+    ) -> std::result::Result<VerifyingKey, ChainError> {
         let expected = self.current_id().saturating_add(1);
         if e.key_id != expected {
             return Err(ChainError::OutOfOrder {
@@ -390,11 +404,7 @@ impl KeyChain {
         if !e.verify(self.current()) {
             return Err(ChainError::BadSignature { key_id: e.key_id });
         }
-        let key = VerifyingKey::from_bytes(&e.public_key)
-            .map_err(|_| ChainError::BadKey { key_id: e.key_id })?;
-        self.keys.push(key);
-        self.endorsements.push(*e);
-        Ok(())
+        VerifyingKey::from_bytes(&e.public_key).map_err(|_| ChainError::BadKey { key_id: e.key_id })
     }
 
     /// The key of `key_id`, if the chain reaches it.

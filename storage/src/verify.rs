@@ -207,8 +207,9 @@ impl ChainCheck {
         if self.rotation.is_some() {
             return Err(bad("a second rotation in one commit group"));
         }
-        let mut next = self.keys.clone();
-        next.push(0, &endorsement)
+        let index = self.keys.endorsements().len();
+        self.keys
+            .check_next(index, &endorsement)
             .map_err(|err| bad(&err.to_string()))?;
         self.rotation = Some(endorsement);
         Ok(())
