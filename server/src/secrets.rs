@@ -23,19 +23,8 @@ fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
 /// Builds the [`Unlock`] from exactly one of a passphrase file or a key file.
 pub fn unlock_from(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> Result<Unlock> {
     match (passphrase_file, key_file) {
-        (Some(p), None) => {
-            let bytes = read(p)?;
-            let unlock = Unlock::passphrase(bytes.to_vec());
-            if let Unlock::Passphrase(ref v) = unlock {
-                if v.is_empty() {
-                    return Err(Error::Usage(format!(
-                        "{}: the passphrase is empty",
-                        p.display()
-                    )));
-                }
-            }
-            Ok(unlock)
-        }
+        (Some(p), None) => passphrase(&read(p)?)
+            .ok_or_else(|| Error::Usage(format!("{}: the passphrase is empty", p.display()))),
         (None, Some(k)) => Ok(Unlock::key_file(&read(k)?)?),
         (Some(_), Some(_)) => Err(Error::Usage(
             "give either --passphrase-file or --key-file, not both".into(),
@@ -43,6 +32,15 @@ pub fn unlock_from(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> R
         (None, None) => Err(Error::Usage(
             "a passphrase file (--passphrase-file) or key file (--key-file) is required".into(),
         )),
+    }
+}
+
+/// The [`Unlock`] of a passphrase given as bytes (a trailing newline is
+/// ignored); `None` when nothing is left.
+pub fn passphrase(bytes: &[u8]) -> Option<Unlock> {
+    match Unlock::passphrase(bytes.to_vec()) {
+        Unlock::Passphrase(v) if v.is_empty() => None,
+        unlock => Some(unlock),
     }
 }
 

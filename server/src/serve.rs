@@ -857,12 +857,8 @@ async fn handle(
         Message::RotateMasterKey { kind, secret } => {
             let secret = zeroize::Zeroizing::new(secret);
             let unlock = match kind {
-                protocol::SecretKind::Passphrase if secret.is_empty() => {
-                    Err(error(ErrorCode::Invalid, "the passphrase is empty"))
-                }
-                protocol::SecretKind::Passphrase => {
-                    Ok(storage::Unlock::passphrase(secret.to_vec()))
-                }
+                protocol::SecretKind::Passphrase => crate::secrets::passphrase(&secret)
+                    .ok_or_else(|| error(ErrorCode::Invalid, "the passphrase is empty")),
                 protocol::SecretKind::KeyFile => storage::Unlock::key_file(&secret)
                     .map_err(|e| error(ErrorCode::Invalid, &e.to_string())),
             };
