@@ -2891,6 +2891,7 @@ impl Writer {
     }
 
     fn write(&self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
+        failpoint("commit::before_write")?;
         let s = &self.store;
         if !g.new_keys.is_empty() || !g.shreds.is_empty() {
             let mut kb = sled::Batch::default();
@@ -2934,6 +2935,7 @@ impl Writer {
             }
         }
         s.log.apply_batch(lb)?;
+        failpoint("commit::after_write")?;
         if !g.shreds.is_empty() {
             // Step 3: the shredded subjects' keys go only once their shred
             // entries are in the log; sled recovers a prefix of its
@@ -3040,13 +3042,31 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
         }
     }
     batch.insert(state::APPLIED, &applied.to_be_bytes());
+    failpoint("index::before_write")?;
     store.state.apply_batch(batch)?;
+    failpoint("index::after_write")?;
     let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
     for (k, seq, _) in snapshot {
         if o.map.get(&k).is_some_and(|(s, _)| *s == seq) {
             o.map.remove(&k);
         }
     }
+    Ok(())
+}
+
+/// A failpoint of the commit path, evaluated only in builds with the
+/// `failpoints` feature (tests): storage/tests/failpoints.rs makes it
+/// panic (a crash at that step) or `return` an I/O error (`return(full)`:
+/// the disk is full), which the step then reports like a real failure.
+fn failpoint(name: &str) -> Result<()> {
+    let _ = name;
+    fail::fail_point!(name, |arg: Option<String>| {
+        let e = match arg.as_deref() {
+            Some("full") => std::io::Error::from(std::io::ErrorKind::StorageFull),
+            _ => std::io::Error::other("injected I/O error"),
+        };
+        Err(Error::Io(e))
+    });
     Ok(())
 }
 
@@ -3080,7 +3100,9 @@ fn run_syncer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<Sync
         let result = if shared.poisoned.load(Ordering::Acquire) {
             Err(Error::Poisoned)
         } else {
-            store.sync()
+            failpoint("commit::before_flush")
+                .and_then(|()| store.sync())
+                .and_then(|()| failpoint("commit::after_flush"))
         };
         match result {
             Ok(()) => {

@@ -18,7 +18,10 @@ use storage::{Options, Unlock, Vault};
 /// name them; they sit beside this test's own profile dir
 /// (`target/debug/deps/<test>-…` → `target/debug`). Each package is built
 /// once per test run, which cargo makes a no-op when it is fresh, so that
-/// a stale binary is never tested.
+/// a stale binary is never tested. The server's are built with the
+/// storage crate's `failpoints` feature, which the test build turns on (see
+/// storage/Cargo.toml), so that they share its compiled crates; no
+/// failpoint is armed in them, and an unarmed failpoint does nothing.
 pub fn binary(package: &str, bin: &str) -> PathBuf {
     static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let exe = std::env::current_exe().expect("path of the test executable");
@@ -39,6 +42,9 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
             .args(["build", "--quiet", "-p", package, "--bins"])
             .arg("--target-dir")
             .arg(target);
+        if package == "fintrust-server" {
+            cargo.args(["--features", "fintrust-storage/failpoints"]);
+        }
         match profile.file_name().and_then(OsStr::to_str) {
             Some("debug") => {}
             Some("release") => {
