@@ -1,0 +1,443 @@
+//! A full disk under a real `vaultd serve`.
+//!
+//! The data dir lives on a small tmpfs mounted by the test (when the
+//! test may mount, as root on most CI machines), nearly filled with a
+//! ballast file. Where mounting is not allowed, `vaultd` runs under a
+//! file-size limit instead (`ulimit -f`, with SIGXFSZ ignored), so that
+//! its writes fail with EFBIG the way they would with ENOSPC.
+//!
+//! While the disk is full: appends fail with a typed `unavailable` error
+//! and nothing the server could not make durable is acknowledged; a mint,
+//! a redemption and an authorization are refused, because their audit
+//! entries cannot be written (the token stays unspent); the server does
+//! not hang or crash. When space returns and `vaultd` restarts, the vault
+//! opens, the log verifies with the pinned key, every acknowledged append
+//! is there, the token refused during the fault redeems once, and writes
+//! work again. Other write and fsync errors, at every step of a commit,
+//! are injected by storage/tests/failpoints.rs.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use client::{Client, ClientConfig, ErrorCode, MaskOp, Tls, Zeroizing};
+
+const PASSPHRASE: &[u8] = b"disk full test passphrase";
+const PARTNER: &str = "lender-1";
+const SUBJECT: &str = "seeded";
+const POLICIES: &str = r#"
+[partners.lender-1]
+max_token_ttl_secs = 900
+rate_limit_per_minute = 100000
+
+[partners.lender-1.purposes.kyc.fields]
+name = "reveal"
+"#;
+
+/// How the test takes space away.
+enum Space {
+    /// A tmpfs mounted at this path, with a ballast file in it.
+    Tmpfs(PathBuf),
+    /// `ulimit -f` (KiB) on the `vaultd` process.
+    FileSize(u64),
+}
+
+impl Drop for Space {
+    fn drop(&mut self) {
+        if let Space::Tmpfs(m) = self {
+            let _ = Command::new("umount").arg("-l").arg(&*m).status();
+        }
+    }
+}
+
+/// Mounts a tmpfs of `size` at `at`; false when not allowed.
+fn mount_tmpfs(at: &Path, size: &str) -> bool {
+    std::fs::create_dir_all(at).expect("mount point");
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(at)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Fills the file system of `dir` with a ballast file but `leave` bytes.
+fn fill(dir: &Path, leave: u64) {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path).expect("ballast");
+    let block = vec![0xA5u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.flush();
+    drop(f);
+    let len = std::fs::metadata(&path).expect("ballast").len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("ballast");
+    f.set_len(len.saturating_sub(leave))
+        .expect("shrink the ballast");
+}
+
+struct Keys {
+    writer: String,
+    gateway: String,
+    partner: String,
+    public_key: ed25519_dalek::VerifyingKey,
+}
+
+fn create(dir: &Path) -> Keys {
+    use storage::{Append, Kind, Options, Unlock, Vault};
+    let created = Vault::create(
+        dir,
+        &Unlock::passphrase(PASSPHRASE.to_vec()),
+        Options::default(),
+    )
+    .expect("create");
+    let vault = created.vault;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (writer, gateway, partner) = rt.block_on(async {
+        let key = |role: &'static str, name: &'static str| {
+            let vault = &vault;
+            async move {
+                vault
+                    .create_credential(role, name)
+                    .await
+                    .expect("credential")
+                    .1
+                    .to_string()
+            }
+        };
+        (
+            key("writer", "writer").await,
+            key("gateway", "gateway").await,
+            key("partner", PARTNER).await,
+        )
+    });
+    vault
+        .append_batch_blocking(vec![
+            Append::record(SUBJECT, br#"{"name":"Ada Lovelace"}"#.to_vec()),
+            Append::event(
+                Kind::ConsentGranted,
+                SUBJECT,
+                &serde_json::json!({"partner_id": PARTNER, "purposes": ["kyc"]}),
+            ),
+        ])
+        .expect("seed");
+    let public_key = vault.public_key();
+    vault.close().expect("close");
+    Keys {
+        writer,
+        gateway,
+        partner,
+        public_key,
+    }
+}
+
+/// A running `vaultd serve`: its addresses; SIGKILL when dropped.
+struct Served {
+    child: Option<Child>,
+    protocol: String,
+    http: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Served {
+    /// SIGTERM, then waits for the process to exit.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().expect("wait for vaultd")
+    }
+}
+
+fn serve(root: &Path, dir: &Path, fsize_kib: Option<u64>) -> Served {
+    use std::io::BufRead;
+    let vaultd = support::binary("fintrust-server", "vaultd");
+    let mut cmd = match fsize_kib {
+        // SIGXFSZ ignored (inherited through exec), so that a write past
+        // the limit fails with EFBIG instead of killing the process.
+        Some(kib) => {
+            let mut c = Command::new("bash");
+            c.args([
+                "-c",
+                "trap '' XFSZ; ulimit -f \"$1\"; shift; exec \"$@\"",
+                "bash",
+            ])
+            .arg(kib.to_string())
+            .arg(vaultd);
+            c
+        }
+        None => Command::new(vaultd),
+    };
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--passphrase-file")
+        .arg(root.join("passphrase"))
+        .arg("--policies")
+        .arg(root.join("policies.toml"))
+        .args([
+            "--insecure-plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("FINTRUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    let mut child = cmd.spawn().expect("start vaultd");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut log = Vec::new();
+    let ready = loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("vaultd ready") => break l,
+            Some(Ok(l)) => log.push(l),
+            _ => panic!("vaultd exited before it was ready:\n{}", log.join("\n")),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let after = |key: &str| {
+        ready
+            .split(key)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(|s| {
+                s.trim_start_matches("Some(")
+                    .trim_end_matches(')')
+                    .to_string()
+            })
+            .unwrap_or_else(|| panic!("no {key} in {ready}"))
+    };
+    Served {
+        protocol: after("protocol="),
+        http: after("http="),
+        child: Some(child),
+    }
+}
+
+fn config(addr: &str, key: &str) -> ClientConfig {
+    ClientConfig {
+        addr: addr.to_string(),
+        tls: Tls::Plaintext,
+        api_key: Zeroizing::new(key.to_string()),
+        client_name: "disk full test".into(),
+        timeout: std::time::Duration::from_secs(30),
+    }
+}
+
+async fn connect(addr: &str, key: &str) -> Client {
+    Client::connect(config(addr, key)).await.expect("connect")
+}
+
+async fn mint(s: &Served, k: &Keys) -> client::Result<String> {
+    connect(&s.protocol, &k.gateway)
+        .await
+        .mint(
+            PARTNER,
+            SUBJECT,
+            "kyc",
+            vec![("name".into(), MaskOp::Reveal)],
+            600,
+        )
+        .await
+        .map(|(t, _)| t)
+}
+
+async fn redeem(s: &Served, k: &Keys, token: &str) -> client::Result<client::Redeemed> {
+    connect(&s.protocol, &k.partner).await.redeem(token).await
+}
+
+fn authorize(s: &Served, k: &Keys) -> (u16, serde_json::Value) {
+    let reply = ureq::post(&format!("http://{}/v1/authorize", s.http))
+        .set("Authorization", &format!("Bearer {}", k.partner))
+        .send_json(serde_json::json!({"subject_id": SUBJECT, "purpose": "kyc"}));
+    match reply {
+        Ok(r) => (r.status(), r.into_json().expect("JSON")),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().expect("JSON error body")),
+        Err(e) => panic!("authorize: {e}"),
+    }
+}
+
+fn unavailable<T: std::fmt::Debug>(r: &client::Result<T>) -> bool {
+    matches!(r, Err(e) if e.server_code() == Some(ErrorCode::Unavailable))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().to_path_buf();
+    std::fs::write(root.join("passphrase"), PASSPHRASE).expect("passphrase");
+    std::fs::write(root.join("policies.toml"), POLICIES).expect("policies");
+    let mnt = root.join("small-disk");
+    // FINTRUST_FAULTS_NO_MOUNT=1 takes the file-size path where a mount
+    // would work.
+    let may_mount = std::env::var_os("FINTRUST_FAULTS_NO_MOUNT").is_none();
+    let (dir, space) = if may_mount && mount_tmpfs(&mnt, "96m") {
+        (mnt.join("vault"), Space::Tmpfs(mnt.clone()))
+    } else {
+        eprintln!("note: cannot mount a tmpfs here; limiting vaultd's file size instead");
+        (root.join("vault"), Space::FileSize(0))
+    };
+    let keys = tokio::task::block_in_place(|| create(&dir));
+    let mut space = space;
+    match &mut space {
+        // Filled once vaultd runs: opening a vault writes too.
+        Space::Tmpfs(_) => {}
+        Space::FileSize(kib) => {
+            // Opening grows sled's file (to the end of its segment): let
+            // a first run do that, then allow a little beyond.
+            tokio::task::block_in_place(|| {
+                serve(&root, &dir, None).stop();
+                wait_unlocked(&dir);
+            });
+            let largest = std::fs::read_dir(dir.join("db"))
+                .expect("sled's dir")
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .max()
+                .unwrap_or(0);
+            *kib = largest / 1024 + 256;
+        }
+    }
+    let limit = match &space {
+        Space::FileSize(kib) => Some(*kib),
+        Space::Tmpfs(_) => None,
+    };
+    let s = tokio::task::block_in_place(|| serve(&root, &dir, limit));
+
+    // A token minted while there is room; it is redeemed during the fault.
+    let token = mint(&s, &keys).await.expect("mint before the disk fills");
+    if let Space::Tmpfs(m) = &space {
+        fill(m, 64 * 1024);
+    }
+
+    // Append 32 KiB records until the disk is full.
+    let writer = connect(&s.protocol, &keys.writer).await;
+    let mut acked = Vec::new();
+    let pad = "x".repeat(32 * 1024);
+    let refusal = loop {
+        assert!(acked.len() < 100_000, "the disk never filled");
+        let fields = vec![
+            ("n".to_string(), acked.len().to_string()),
+            ("pad".to_string(), pad.clone()),
+        ];
+        match writer.append(format!("s{}", acked.len() % 7), fields).await {
+            Ok(r) => acked.push(r),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        refusal.server_code(),
+        Some(ErrorCode::Unavailable),
+        "a full disk is a typed refusal: {refusal}"
+    );
+    eprintln!(
+        "{} appends acknowledged before the disk was full",
+        acked.len()
+    );
+
+    // Everything that writes to the log is refused, and says so.
+    let again = writer
+        .append("s0", vec![("n".into(), "after".into())])
+        .await;
+    assert!(unavailable(&again), "{again:?}");
+    let m = mint(&s, &keys).await;
+    assert!(unavailable(&m), "a mint without its audit entry: {m:?}");
+    let r = redeem(&s, &keys, &token).await;
+    assert!(
+        unavailable(&r),
+        "a redemption without its audit entry: {r:?}"
+    );
+    let (status, body) = tokio::task::block_in_place(|| authorize(&s, &keys));
+    assert!(
+        status == 503 && body["error"].is_string() && body.get("token").is_none(),
+        "an authorization without its audit entry: {status} {body}"
+    );
+
+    // Space returns; vaultd restarts on the same data dir.
+    tokio::task::block_in_place(|| {
+        let status = s.stop();
+        eprintln!("vaultd stopped: {status}");
+        if let Space::Tmpfs(m) = &space {
+            std::fs::remove_file(m.join("ballast")).expect("remove the ballast");
+        }
+        wait_unlocked(&dir);
+    });
+    let report = storage::verify(
+        &dir,
+        &storage::VerifyOptions {
+            public_key: Some(keys.public_key),
+            progress: None,
+            total_hint: None,
+        },
+    )
+    .expect("verify runs");
+    assert!(report.ok(), "{:?}", report.failure);
+    let s = tokio::task::block_in_place(|| serve(&root, &dir, None));
+    let got = redeem(&s, &keys, &token)
+        .await
+        .expect("the token refused during the fault redeems now");
+    assert_eq!(got.subject, SUBJECT);
+    let spent = redeem(&s, &keys, &token).await;
+    assert!(
+        matches!(&spent, Err(e) if e.server_code() == Some(ErrorCode::TokenSpent)),
+        "{spent:?}"
+    );
+    let writer = connect(&s.protocol, &keys.writer).await;
+    writer
+        .append("s0", vec![("n".into(), "after the fault".into())])
+        .await
+        .expect("writes work again");
+    let (status, body) = tokio::task::block_in_place(|| authorize(&s, &keys));
+    assert_eq!(status, 200, "{body}");
+    tokio::task::block_in_place(|| {
+        s.stop();
+        wait_unlocked(&dir);
+    });
+
+    // Every acknowledged append is at its seq, unchanged.
+    let vault = storage::Vault::open(
+        &dir,
+        &storage::Unlock::passphrase(PASSPHRASE.to_vec()),
+        storage::Options::default(),
+    )
+    .expect("open");
+    for r in &acked {
+        let e = vault
+            .entry(r.seq)
+            .expect("read")
+            .unwrap_or_else(|| panic!("acknowledged entry {} is gone", r.seq));
+        assert_eq!(e.hash, r.entry_hash, "entry {}", r.seq);
+    }
+    let derived = vault.check_derived_state().expect("rebuild");
+    assert_eq!(derived.differences, 0, "{:?}", derived.sample);
+    vault.close().expect("close");
+    drop(space);
+}
+
+fn wait_unlocked(dir: &Path) {
+    let f = std::fs::File::open(dir.join("db").join("db")).expect("sled's data file");
+    f.lock().expect("wait for sled's lock");
+}
