@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
 
 /// Options of [`run`], with documented defaults.
 #[derive(Debug, Clone)]
@@ -43,6 +44,14 @@ pub struct ServeConfig {
     pub max_in_flight: usize,
     /// A connection that sends nothing for this long is closed (default 30 s).
     pub idle_timeout: Duration,
+    /// Time a new connection has to finish its TLS handshake and send a
+    /// valid `Hello` (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Connections still in their handshake at once (default 1024). They
+    /// hold no slot of `max_connections`; when this many are waiting, a
+    /// new connection closes the oldest of them, so that clients that
+    /// never finish (slowloris) cannot keep others out.
+    pub max_handshakes: usize,
     /// Largest frame accepted (default 1 MiB).
     pub max_frame_len: usize,
     /// Most entries one `Entries` request returns (default 10,000).
@@ -135,6 +144,8 @@ impl Default for ServeConfig {
             max_connections: 1024,
             max_in_flight: 64,
             idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
             max_frame_len: protocol::MAX_FRAME_LEN,
             max_entries: 10_000,
             server_name: format!("vaultd/{}", env!("CARGO_PKG_VERSION")),
@@ -295,16 +306,9 @@ pub async fn run(
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let throttle = Arc::new(FailureThrottle::default());
     let config = Arc::new(config);
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let admission = Arc::new(Admission::new(&config));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return Ok(()),
-            },
-        };
         let (socket, peer) = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
@@ -322,37 +326,109 @@ pub async fn run(
         let config = config.clone();
         let acceptor = acceptor.clone();
         let throttle = throttle.clone();
+        let (ticket, evicted) = admission.arrive();
+        let admission = admission.clone();
         tokio::spawn(async move {
             let conn = Conn {
                 vault,
                 config,
                 throttle,
                 peer: peer.ip(),
+                admission: Some((admission.clone(), ticket)),
             };
-            let result = match acceptor {
-                None => {
-                    let (r, w) = socket.into_split();
-                    serve_connection(r, w, conn).await
-                }
-                Some(acceptor) => {
-                    // The handshake counts against the idle timeout too.
-                    match tokio::time::timeout(conn.config.idle_timeout, acceptor.accept(socket))
-                        .await
-                    {
-                        Err(_) => Err(ConnectionError::Idle),
-                        Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
-                        Ok(Ok(stream)) => {
-                            let (r, w) = tokio::io::split(stream);
-                            serve_connection(r, w, conn).await
+            let handshake_timeout = conn.config.handshake_timeout;
+            let served = async move {
+                match acceptor {
+                    None => {
+                        let (r, w) = socket.into_split();
+                        serve_connection(r, w, conn).await
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(socket)).await
+                        {
+                            Err(_) => Err(ConnectionError::Idle),
+                            Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
+                            Ok(Ok(stream)) => {
+                                let (r, w) = tokio::io::split(stream);
+                                serve_connection(r, w, conn).await
+                            }
                         }
                     }
                 }
             };
+            let result = tokio::select! {
+                r = served => r,
+                () = evicted.cancelled() => Err(ConnectionError::Evicted),
+            };
+            admission.leave(ticket);
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
-            drop(permit);
         });
+    }
+}
+
+/// Admission of connections: the handshake (TLS and `Hello`) first, then
+/// one of `max_connections` slots.
+///
+/// A connection in its handshake holds no slot. At most `max_handshakes`
+/// are in their handshake at once; one more closes the oldest of them
+/// (it has had the longest to finish), and each has `handshake_timeout`.
+/// So connections that trickle bytes and never authenticate (slowloris)
+/// cannot fill the slots, and a client that authenticates at once always
+/// gets through: it would have to be the oldest of `max_handshakes`
+/// handshakes to be closed. Once authenticated, a connection waits for a
+/// slot before `HelloOk`, as clients past the limit always did.
+#[derive(Debug)]
+pub struct Admission {
+    slots: Arc<Semaphore>,
+    max_handshakes: usize,
+    next: std::sync::atomic::AtomicU64,
+    /// Connections in their handshake, oldest first.
+    handshaking: std::sync::Mutex<std::collections::BTreeMap<u64, CancellationToken>>,
+}
+
+impl Admission {
+    fn new(config: &ServeConfig) -> Self {
+        Admission {
+            slots: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            max_handshakes: config.max_handshakes.max(1),
+            next: std::sync::atomic::AtomicU64::new(0),
+            handshaking: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// A new connection: its ticket, and the token that closes it if it
+    /// is evicted during its handshake.
+    fn arrive(&self) -> (u64, CancellationToken) {
+        let ticket = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        if let Ok(mut h) = self.handshaking.lock() {
+            while h.len() >= self.max_handshakes {
+                match h.pop_first() {
+                    Some((_, oldest)) => oldest.cancel(),
+                    None => break,
+                }
+            }
+            h.insert(ticket, token.clone());
+        }
+        (ticket, token)
+    }
+
+    /// The connection authenticated: it can no longer be evicted, and
+    /// waits for a slot, held until the connection ends.
+    async fn admitted(&self, ticket: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(mut h) = self.handshaking.lock() {
+            h.remove(&ticket);
+        }
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
+    /// The connection ended (at any stage).
+    fn leave(&self, ticket: u64) {
+        if let Ok(mut h) = self.handshaking.lock() {
+            h.remove(&ticket);
+        }
     }
 }
 
@@ -367,6 +443,8 @@ pub enum ConnectionError {
     Unauthenticated,
     #[error("TLS handshake failed: {0}")]
     Tls(String),
+    #[error("closed during its handshake to admit a newer connection")]
+    Evicted,
 }
 
 /// What a connection is served with.
@@ -376,6 +454,9 @@ pub struct Conn {
     pub config: Arc<ServeConfig>,
     pub throttle: Arc<FailureThrottle>,
     pub peer: std::net::IpAddr,
+    /// Where the connection takes its slot once authenticated, and its
+    /// ticket (`None`: no limit).
+    pub admission: Option<(Arc<Admission>, u64)>,
 }
 
 /// Serves one connection over any byte stream (plain TCP or TLS).
@@ -389,13 +470,14 @@ where
         config,
         throttle,
         peer,
+        admission,
     } = conn;
     let codec = FrameCodec::with_max_frame_len(config.max_frame_len);
     let mut frames = FramedRead::new(reader, codec.clone());
     let mut sink = FramedWrite::new(writer, codec);
 
-    // Authentication: the first frame, within the idle timeout.
-    let first = next_frame(&mut frames, config.idle_timeout).await;
+    // Authentication: the first frame, within the handshake timeout.
+    let first = next_frame(&mut frames, config.handshake_timeout).await;
     let (hello_id, hello) = match first {
         Ok(Some(f)) => (f.request_id, Message::from_frame(&f)),
         Ok(None) => return Ok(()),
@@ -420,6 +502,13 @@ where
         );
         send(&mut sink, hello_id, &msg).await;
         return Err(ConnectionError::Unauthenticated);
+    };
+    let _slot = match &admission {
+        Some((a, ticket)) => match a.admitted(*ticket).await {
+            Some(permit) => Some(permit),
+            None => return Ok(()),
+        },
+        None => None,
     };
     let role = caller.role;
     let caller = Arc::new(caller);
@@ -550,7 +639,7 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
     match e {
         ConnectionError::Protocol(p) => p.wire_code(),
         ConnectionError::Unauthenticated => Some(ErrorCode::Unauthenticated),
-        ConnectionError::Idle | ConnectionError::Tls(_) => None,
+        ConnectionError::Idle | ConnectionError::Tls(_) | ConnectionError::Evicted => None,
     }
 }
 

@@ -394,6 +394,7 @@ async fn garbage_and_oversized_frames_get_a_typed_error_and_a_close() {
 async fn a_client_that_never_finishes_a_frame_is_closed() {
     let s = start(ServeConfig {
         idle_timeout: Duration::from_millis(300),
+        handshake_timeout: Duration::from_millis(300),
         ..ServeConfig::default()
     })
     .await;
@@ -638,4 +639,46 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     drop(first);
     let reply = third.await.expect("task");
     assert!(matches!(reply, Some(Message::HelloOk { .. })), "{reply:?}");
+}
+
+#[tokio::test]
+async fn connections_that_never_authenticate_cannot_keep_a_client_out() {
+    // Two slots, four handshakes at most, and a handshake timeout longer
+    // than the test: only eviction can let the client in.
+    let s = start(ServeConfig {
+        max_connections: 2,
+        max_handshakes: 4,
+        handshake_timeout: Duration::from_secs(3600),
+        ..ServeConfig::default()
+    })
+    .await;
+    // Eight slowloris connections: half a frame header each, then silence.
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+        tcp.write_all(&[0x46, 0x56, 1]).await.expect("write");
+        slow.push(tcp);
+    }
+    // A real client authenticates and is served, twice over (two slots).
+    let (mut a, hello) = connect(&s, &s.writer).await;
+    assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
+    let (mut b, hello) = connect(&s, &s.writer).await;
+    assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
+    for conn in [&mut a, &mut b] {
+        let m = Message::Append {
+            subject: "cust-1".into(),
+            fields: vec![("name".into(), "Ada".into())],
+        };
+        assert!(matches!(
+            request(conn, 2, &m).await,
+            Message::Receipt { .. }
+        ));
+    }
+    // The oldest slow connections were closed to make room: the first
+    // four when the last four came, then one for the first client (the
+    // second found a free place: the first had left its handshake).
+    for tcp in &mut slow[..5] {
+        let mut buf = Vec::new();
+        assert_eq!(tcp.read_to_end(&mut buf).await.expect("closed"), 0);
+    }
 }
