@@ -306,7 +306,10 @@ pub async fn run(
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let throttle = Arc::new(FailureThrottle::default());
     let config = Arc::new(config);
-    let admission = Arc::new(Admission::new(&config));
+    let admission = Arc::new(Admission::new(
+        config.max_connections,
+        config.max_handshakes,
+    ));
     tokio::pin!(shutdown);
     loop {
         let (socket, peer) = tokio::select! {
@@ -389,10 +392,12 @@ pub struct Admission {
 }
 
 impl Admission {
-    fn new(config: &ServeConfig) -> Self {
+    /// `max_connections` slots; at most `max_handshakes` connections in
+    /// their handshake.
+    pub fn new(max_connections: usize, max_handshakes: usize) -> Self {
         Admission {
-            slots: Arc::new(Semaphore::new(config.max_connections.max(1))),
-            max_handshakes: config.max_handshakes.max(1),
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            max_handshakes: max_handshakes.max(1),
             next: std::sync::atomic::AtomicU64::new(0),
             handshaking: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
@@ -400,7 +405,7 @@ impl Admission {
 
     /// A new connection: its ticket, and the token that closes it if it
     /// is evicted during its handshake.
-    fn arrive(&self) -> (u64, CancellationToken) {
+    pub fn arrive(&self) -> (u64, CancellationToken) {
         let ticket = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token = CancellationToken::new();
         if let Ok(mut h) = self.handshaking.lock() {
@@ -417,7 +422,7 @@ impl Admission {
 
     /// The connection authenticated: it can no longer be evicted, and
     /// waits for a slot, held until the connection ends.
-    async fn admitted(&self, ticket: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    pub async fn admitted(&self, ticket: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
         if let Ok(mut h) = self.handshaking.lock() {
             h.remove(&ticket);
         }
@@ -425,7 +430,7 @@ impl Admission {
     }
 
     /// The connection ended (at any stage).
-    fn leave(&self, ticket: u64) {
+    pub fn leave(&self, ticket: u64) {
         if let Ok(mut h) = self.handshaking.lock() {
             h.remove(&ticket);
         }

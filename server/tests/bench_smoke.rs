@@ -331,6 +331,7 @@ async fn mixed_with_baseline_counts_each_kind_in_the_ratio() {
         size: 64,
         subjects: 10,
         baseline: true,
+        ..MixedParams::default()
     };
     let report = bench::run(
         &Target::InProcess {
@@ -380,6 +381,36 @@ async fn mixed_with_baseline_counts_each_kind_in_the_ratio() {
         table.contains("vs pure") && table.contains("its mint"),
         "{table}"
     );
+}
+
+#[test]
+fn mixed_again_under_slowloris_reports_each_kind_and_its_p99_ratio() {
+    // Twice the connection limit of slow clients on each port.
+    let v = bench_json(&[
+        "mixed",
+        "--requests",
+        "40",
+        "--clients",
+        "2",
+        "--max-connections",
+        "6",
+        "--slowloris",
+        "12",
+        "--slowloris-interval",
+        "0.2",
+    ]);
+    let s = &v["slowloris"];
+    assert_eq!(s["per_port"], 12, "{v}");
+    assert_eq!(s["attack"]["open_protocol"], 12, "{v}");
+    assert_eq!(s["attack"]["open_http"], 12, "{v}");
+    let ops = s["ops"].as_array().expect("ops under attack");
+    let names: Vec<&str> = ops.iter().filter_map(|o| o["op"].as_str()).collect();
+    assert_eq!(names, ["append", "redeem", "authorize", "all"]);
+    let counts: u64 = ops[..3].iter().filter_map(|o| o["count"].as_u64()).sum();
+    assert_eq!(counts, 40);
+    for o in ops {
+        assert!(o["vs_pure"].as_f64().is_some_and(|x| x > 0.0), "{o}");
+    }
 }
 
 #[test]

@@ -127,6 +127,7 @@ pub(super) async fn run(
             tls: false,
             http: true,
             policies: Some(policies),
+            max_connections: None,
         },
     )
     .await?;

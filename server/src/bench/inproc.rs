@@ -57,6 +57,8 @@ pub struct Options {
     pub http: bool,
     /// Written to the vault at start (through the shim's gateway link).
     pub policies: Option<PoliciesFile>,
+    /// Connection limit of both ports (default: the servers' own, 1024).
+    pub max_connections: Option<usize>,
 }
 
 impl InProcess {
@@ -94,9 +96,17 @@ impl InProcess {
             protocol,
             http,
             tls,
-            serve: ServeConfig::default(),
+            serve: ServeConfig {
+                max_connections: opts
+                    .max_connections
+                    .unwrap_or(ServeConfig::default().max_connections),
+                ..ServeConfig::default()
+            },
             shim: ShimConfig {
                 vault_addr: addr.to_string(),
+                max_connections: opts
+                    .max_connections
+                    .unwrap_or(ShimConfig::default().max_connections),
                 ..ShimConfig::default()
             },
             policies: opts.policies,

@@ -210,6 +210,14 @@ pub struct MixedParams {
     pub subjects: usize,
     /// Also run each kind alone at the same client count (default false).
     pub baseline: bool,
+    /// Slow clients per port for a second, attacked run (default 0: none);
+    /// see [`super::slowloris`].
+    pub slowloris: usize,
+    /// Time between two bytes of a slow client (default 2 s).
+    #[serde(rename = "slowloris_interval_s", serialize_with = "super::secs")]
+    pub slowloris_interval: Duration,
+    /// Connection limit of both ports (default: the servers' 1024).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for MixedParams {
@@ -222,6 +230,9 @@ impl Default for MixedParams {
             size: 512,
             subjects: 10_000,
             baseline: false,
+            slowloris: 0,
+            slowloris_interval: Duration::from_secs(2),
+            max_connections: None,
         }
     }
 }
@@ -251,6 +262,18 @@ impl MixedParams {
         };
         check((1..=max_clients).contains(&self.clients), || {
             format!("--clients must be between 1 and {max_clients}")
+        })?;
+        // A client holds a writer and a gateway connection and opens one
+        // per redemption.
+        check(
+            self.max_connections
+                .is_none_or(|m| m >= 3 * self.clients && m <= 1_000_000),
+            || {
+                "--max-connections must be at least 3 per client (a writer, a gateway and a redemption connection each)".to_string()
+            },
+        )?;
+        check(self.slowloris <= 100_000, || {
+            "--slowloris takes at most 100,000 slow clients per port".to_string()
         })
     }
 }
@@ -271,6 +294,20 @@ pub struct MixedReport {
     pub mint_latency_us: Option<Latency>,
     /// With `baseline`: each kind alone, in the order of `ops`.
     pub baseline: Option<Vec<PureRun>>,
+    /// With `slowloris`: the same run again with the slow clients on.
+    pub slowloris: Option<SlowlorisRun>,
+}
+
+/// The mixed run repeated while slow clients hold connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowlorisRun {
+    /// Slow clients per port.
+    pub per_port: usize,
+    pub elapsed_s: f64,
+    /// As [`MixedReport::ops`], under attack; `vs_pure` holds the kind's
+    /// p99 latency under attack over its p99 in the normal run.
+    pub ops: Vec<OpRun>,
+    pub attack: super::slowloris::AttackStats,
 }
 
 /// One kind's share of the mixed run.
@@ -332,6 +369,7 @@ pub(super) async fn run(
             tls,
             http,
             policies: http.then_some(policies),
+            max_connections: p.max_connections,
         },
     )
     .await?;
@@ -343,31 +381,32 @@ pub(super) async fn run(
         partner: partner_key,
     };
     let measured = measure(&server, &keys, p, progress).await;
+    let attacked = match (&measured, p.slowloris) {
+        (Ok(_), n) if n > 0 => Some(measure_attacked(&server, &keys, p, progress).await),
+        _ => None,
+    };
     let stopped = server.stop().await;
     let (stats, elapsed) = measured?;
+    let attacked = attacked.transpose()?;
     stopped?;
 
     let secs = elapsed.as_secs_f64();
-    let mut ops = Vec::new();
-    for op in Op::ALL {
-        if p.ratio.weight(op) == 0 {
-            continue;
+    let mut ops = op_runs(p, &stats, secs);
+    let slowloris = attacked.map(|(stats, elapsed, attack)| {
+        let secs = elapsed.as_secs_f64();
+        let mut runs = op_runs(p, &stats, secs);
+        for r in &mut runs {
+            let normal = ops.iter().find(|n| n.op == r.op);
+            r.vs_pure = normal
+                .filter(|n| n.latency_us.p99 > 0)
+                .map(|n| r.latency_us.p99 as f64 / n.latency_us.p99 as f64);
         }
-        let hist = stats.hist(op);
-        ops.push(OpRun {
-            op: op.name(),
-            count: hist.len(),
-            per_s: hist.len() as f64 / secs,
-            latency_us: Latency::of(hist),
-            vs_pure: None,
-        });
-    }
-    ops.push(OpRun {
-        op: "all",
-        count: stats.all.len(),
-        per_s: stats.all.len() as f64 / secs,
-        latency_us: Latency::of(&stats.all),
-        vs_pure: None,
+        SlowlorisRun {
+            per_port: p.slowloris,
+            elapsed_s: secs,
+            ops: runs,
+            attack,
+        }
     });
 
     let baseline = if p.baseline {
@@ -392,7 +431,58 @@ pub(super) async fn run(
         append_commit_groups: stats.append.groups(),
         mint_latency_us: (p.ratio.redeem > 0).then(|| Latency::of(&stats.mint)),
         baseline,
+        slowloris,
     })
+}
+
+/// One row per kind with a weight, then `all`.
+fn op_runs(p: &MixedParams, stats: &MixStats, secs: f64) -> Vec<OpRun> {
+    let mut ops = Vec::new();
+    for op in Op::ALL {
+        if p.ratio.weight(op) == 0 {
+            continue;
+        }
+        let hist = stats.hist(op);
+        ops.push(OpRun {
+            op: op.name(),
+            count: hist.len(),
+            per_s: hist.len() as f64 / secs,
+            latency_us: Latency::of(hist),
+            vs_pure: None,
+        });
+    }
+    ops.push(OpRun {
+        op: "all",
+        count: stats.all.len(),
+        per_s: stats.all.len() as f64 / secs,
+        latency_us: Latency::of(&stats.all),
+        vs_pure: None,
+    });
+    ops
+}
+
+/// The mixed run again while `p.slowloris` slow clients per port hold
+/// connections (opened before the clock starts).
+async fn measure_attacked(
+    server: &InProcess,
+    keys: &Keys,
+    p: &MixedParams,
+    progress: Progress,
+) -> Result<(MixStats, Duration, super::slowloris::AttackStats)> {
+    let attack = super::slowloris::Attack::start(
+        server.addr,
+        server.http.filter(|_| p.ratio.authorize > 0),
+        p.slowloris,
+        p.slowloris_interval,
+    )
+    .await;
+    let open = attack.stats();
+    let measured = measure(server, keys, p, progress).await;
+    let mut stats = attack.stop().await;
+    stats.open_protocol = open.open_protocol;
+    stats.open_http = open.open_http;
+    let (mix, elapsed) = measured?;
+    Ok((mix, elapsed, stats))
 }
 
 /// `op` alone, `count` times, with the mixed run's clients, as its own
@@ -702,11 +792,41 @@ impl MixedReport {
                 &b.latency_us,
             );
         }
+        if let Some(a) = &self.slowloris {
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "  again under slowloris: {} slow clients per port ({} protocol and {} HTTP open at the start, a byte every {:.1} s, {} closed by the server), {:.2} s",
+                a.per_port,
+                a.attack.open_protocol,
+                a.attack.open_http,
+                p.slowloris_interval.as_secs_f64(),
+                thousands(a.attack.closed_by_server),
+                a.elapsed_s
+            );
+            table.header(&mut s, "per s", "p99 vs");
+            for r in &a.ops {
+                let ratio = r.vs_pure.map_or(String::new(), |x| format!("{x:.2}x"));
+                table.row(
+                    &mut s,
+                    &format!("{} x{}", label(r.op), thousands(r.count)),
+                    r.per_s,
+                    &ratio,
+                    &r.latency_us,
+                );
+            }
+        }
         let _ = writeln!(s);
         let _ = write!(
             s,
             "  latency: append until durable; redeem from connect to data (its mint on the row below it); authorize until the body is read; all: whole operations"
         );
+        if self.slowloris.is_some() {
+            let _ = write!(
+                s,
+                "\n  p99 vs: the kind's p99 under slowloris over its p99 in the run without it, same run (goal: at most 2x)"
+            );
+        }
         if self.baseline.is_some() {
             let _ = write!(
                 s,

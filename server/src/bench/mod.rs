@@ -73,6 +73,7 @@ pub mod mixed;
 pub mod protocol;
 pub mod redeem;
 pub mod redis;
+pub mod slowloris;
 
 pub use http::{AuthorizeParams, AuthorizeReport};
 pub use mixed::{MixedParams, MixedReport, Ratio, RatioError};
@@ -1125,6 +1126,10 @@ fn secs_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S
         Some(d) => s.serialize_some(&d.as_secs_f64()),
         None => s.serialize_none(),
     }
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 /// `1234567` as `1,234,567`.

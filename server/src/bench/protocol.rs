@@ -66,6 +66,7 @@ pub(super) async fn run_append(
                     tls: *tls,
                     http: false,
                     policies: None,
+                    max_connections: None,
                 },
             )
             .await?;

@@ -139,6 +139,7 @@ pub(super) async fn run(
             tls,
             http: false,
             policies: None,
+            max_connections: None,
         },
     )
     .await?;

@@ -222,6 +222,17 @@ struct MixedArgs {
     /// Also run each operation kind alone at the same client count.
     #[arg(long)]
     baseline: bool,
+    /// Then run again while N slow clients per port (twice the connection
+    /// limit is the classic attack) trickle bytes and never finish.
+    #[arg(long, value_name = "N")]
+    slowloris: Option<usize>,
+    /// Seconds between two bytes of a slow client [default: 2].
+    #[arg(long, value_name = "SECS")]
+    slowloris_interval: Option<f64>,
+    /// Connection limit of both ports of the vaultd started here
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
 }
 
 #[derive(Args)]
@@ -354,6 +365,15 @@ impl Command {
                     size: m.size.unwrap_or(d.size),
                     subjects: m.subjects.unwrap_or(d.subjects),
                     baseline: m.baseline,
+                    slowloris: m.slowloris.unwrap_or(0),
+                    slowloris_interval: match m.slowloris_interval {
+                        Some(secs) => Duration::try_from_secs_f64(secs)
+                            .ok()
+                            .filter(|d| !d.is_zero())
+                            .context("--slowloris-interval takes a positive number of seconds")?,
+                        None => d.slowloris_interval,
+                    },
+                    max_connections: m.max_connections,
                 };
                 let target = Target::InProcess {
                     dir: m.target.embedded,

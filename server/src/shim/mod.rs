@@ -40,7 +40,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -66,8 +65,14 @@ pub struct ShimConfig {
     pub header_timeout: Duration,
     /// Time allowed for a whole request, body included (default 15 s).
     pub request_timeout: Duration,
-    /// Connections served at once (default 1024).
+    /// Connections served at once (default 1024). A connection takes its
+    /// slot once its first request's headers are in: until then it is in
+    /// its handshake, see `max_handshakes`.
     pub max_connections: usize,
+    /// Connections whose first request's headers are not in yet, at once
+    /// (default 1024); one more closes the oldest of them, so that
+    /// clients that never finish (slowloris) cannot keep others out.
+    pub max_handshakes: usize,
 }
 
 impl Default for ShimConfig {
@@ -79,6 +84,7 @@ impl Default for ShimConfig {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(15),
             max_connections: 1024,
+            max_handshakes: 1024,
         }
     }
 }
@@ -144,19 +150,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(shim.clone());
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        shim.config.max_connections.max(1),
+    let admission = Arc::new(crate::serve::Admission::new(
+        shim.config.max_connections,
+        shim.config.max_handshakes,
     ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
@@ -174,36 +174,52 @@ pub async fn serve(
         let app = app.clone();
         let acceptor = acceptor.clone();
         let header_timeout = shim.config.header_timeout;
+        let (ticket, evicted) = admission.arrive();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            let svc = tower::ServiceExt::map_request(
-                app,
-                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
-                    req
-                },
-            );
-            let svc = TowerToHyperService::new(svc);
+            // The connection's slot, taken when its first request's
+            // headers are in, and held until it closes.
+            let slot = Arc::new(tokio::sync::OnceCell::new());
+            let svc = {
+                let admission = admission.clone();
+                hyper::service::service_fn(
+                    move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                        req.extensions_mut()
+                            .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+                        let (app, admission, slot) = (app.clone(), admission.clone(), slot.clone());
+                        async move {
+                            slot.get_or_init(|| admission.admitted(ticket)).await;
+                            tower::ServiceExt::oneshot(app, req).await
+                        }
+                    },
+                )
+            };
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
-            match acceptor {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                    let _ = watcher.watch(conn).await;
+            let served = async move {
+                match acceptor {
+                    None => {
+                        let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
+                    Some(acceptor) => {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await
+                        else {
+                            return;
+                        };
+                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
                 }
-                Some(acceptor) => {
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await
-                    else {
-                        return;
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn).await;
-                }
+            };
+            tokio::select! {
+                () = served => {}
+                () = evicted.cancelled() => {}
             }
-            drop(permit);
+            admission.leave(ticket);
         });
     }
     drop(listener);
