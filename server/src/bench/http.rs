@@ -159,6 +159,16 @@ pub(super) async fn prepare(vault: &Vault) -> Result<(DemoKeys, PoliciesFile)> {
     Ok((keys, policies))
 }
 
+/// `GET /v1/health`: no authentication, nothing written.
+pub(super) fn health_call() -> Call {
+    Call {
+        method: Method::GET,
+        path: "/v1/health",
+        bearer: None,
+        body: Bytes::new(),
+    }
+}
+
 /// `POST /v1/authorize` for the demo partner (API key `partner_key`),
 /// subject and purpose: a grant, and a durable `token_minted` entry.
 pub(super) fn authorize_call(partner_key: &str) -> Call {
@@ -184,12 +194,7 @@ async fn measure(
     for _ in 0..p.clients {
         conns.push(connect(addr).await?);
     }
-    let health = Call {
-        method: Method::GET,
-        path: "/v1/health",
-        bearer: None,
-        body: Bytes::new(),
-    };
+    let health = health_call();
     let (conns, health_run) = phase("GET /v1/health", conns, &health, p.requests, progress).await?;
     let before = entries(addr).await?;
     let authorize = authorize_call(partner_key);

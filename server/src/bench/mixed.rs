@@ -662,7 +662,14 @@ async fn measure(
             None
         };
         let http = match server.http {
-            Some(addr) if p.ratio.authorize > 0 => Some(http::connect(addr).await?),
+            Some(addr) if p.ratio.authorize > 0 => {
+                let mut c = http::connect(addr).await?;
+                // Clients send their first request at once: until then the
+                // shim counts the connection as unfinished, and may close
+                // it to admit a newer one.
+                http::send(&mut c, &addr.to_string(), &http::health_call()).await?;
+                Some(c)
+            }
             _ => None,
         };
         clients.push(Conns {

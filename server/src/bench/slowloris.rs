@@ -2,6 +2,9 @@
 //! connections to each port that send one byte every `interval` and never
 //! finish a request, reconnecting whenever the server closes them.
 //!
+//! A closed client dials again one interval later (a slow client, not a
+//! connection flood).
+//!
 //! On the protocol port each sends a frame header that announces a Hello,
 //! then its payload, a byte at a time; on the HTTP port, a request line
 //! and then header lines without end. Neither ever completes, so each
@@ -170,5 +173,7 @@ async fn slow_client(
             }
         }
         open.fetch_sub(1, Ordering::Relaxed);
+        // A slow client, not a flood: it dials again at its own pace.
+        tokio::time::sleep(interval).await;
     }
 }
