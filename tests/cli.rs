@@ -434,25 +434,11 @@ fn dev_creates_serves_and_reopens_its_vault() {
     assert!(verified_entries(&dir, &key) > entries);
 }
 
-/// A running `vaultd serve` child, killed with SIGKILL when dropped.
-struct Served {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `vaultd serve` in plaintext on a port the OS chooses, and reads
-/// the address from its log.
-fn serve(s: &Scratch, name: &str) -> Served {
-    use std::io::BufRead;
-    let mut child = Command::new(support::binary("fintrust-server", "vaultd"))
-        .arg("serve")
+/// Starts `vaultd serve` in plaintext on ports the OS chooses (killed
+/// with SIGKILL when dropped).
+fn serve(s: &Scratch, name: &str) -> support::Vaultd {
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    cmd.arg("serve")
         .arg("--data-dir")
         .arg(s.path(name))
         .arg("--passphrase-file")
@@ -463,28 +449,8 @@ fn serve(s: &Scratch, name: &str) -> Served {
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start vaultd serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = match lines.next() {
-            Some(Ok(l)) => l,
-            _ => panic!("vaultd serve exited before listening"),
-        };
-        if let Some(rest) = line.split("protocol=").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .expect("an address")
-                .to_string();
-        }
-    };
-    // Keep draining the log so that the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Served { child, addr }
+        ]);
+    support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One request on a fresh authenticated connection.
@@ -546,19 +512,19 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
         fields: vec![("email".into(), protocol::MaskOp::Partial)],
         ttl_secs: 0,
     };
-    let token = match rt.block_on(ask(&server.addr, &gateway, mint)) {
+    let token = match rt.block_on(ask(&server.protocol, &gateway, mint)) {
         protocol::Message::Minted { token, .. } => token,
         other => panic!("{other:?}"),
     };
     let redeem = protocol::Message::Redeem {
         token: token.clone(),
     };
-    let data = rt.block_on(ask(&server.addr, &partner, redeem.clone()));
+    let data = rt.block_on(ask(&server.protocol, &partner, redeem.clone()));
     assert!(matches!(data, protocol::Message::Data { .. }), "{data:?}");
     drop(server); // SIGKILL
     wait_unlocked(&dir);
     let server = serve(&s, "v");
-    let again = rt.block_on(ask(&server.addr, &partner, redeem));
+    let again = rt.block_on(ask(&server.protocol, &partner, redeem));
     assert!(
         matches!(
             again,

@@ -19,7 +19,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use client::{Client, ClientConfig, ErrorCode, MaskOp, Tls, Zeroizing};
 
@@ -138,35 +138,9 @@ fn create(dir: &Path) -> Keys {
     }
 }
 
-/// A running `vaultd serve`: its addresses; SIGKILL when dropped.
-struct Served {
-    child: Option<Child>,
-    protocol: String,
-    http: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Served {
-    /// SIGTERM, then waits for the process to exit.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        c.wait().expect("wait for vaultd")
-    }
-}
+type Served = support::Vaultd;
 
 fn serve(root: &Path, dir: &Path, fsize_kib: Option<u64>) -> Served {
-    use std::io::BufRead;
     let vaultd = support::binary("fintrust-server", "vaultd");
     let mut cmd = match fsize_kib {
         // SIGXFSZ ignored (inherited through exec), so that a write past
@@ -198,43 +172,13 @@ fn serve(root: &Path, dir: &Path, fsize_kib: Option<u64>) -> Served {
             "--http-listen",
             "127.0.0.1:0",
         ])
-        .env("FINTRUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("FINTRUST_LOG", "info");
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
             cmd.env_remove(name);
         }
     }
-    let mut child = cmd.spawn().expect("start vaultd");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let mut log = Vec::new();
-    let ready = loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("vaultd ready") => break l,
-            Some(Ok(l)) => log.push(l),
-            _ => panic!("vaultd exited before it was ready:\n{}", log.join("\n")),
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let after = |key: &str| {
-        ready
-            .split(key)
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .map(|s| {
-                s.trim_start_matches("Some(")
-                    .trim_end_matches(')')
-                    .to_string()
-            })
-            .unwrap_or_else(|| panic!("no {key} in {ready}"))
-    };
-    Served {
-        protocol: after("protocol="),
-        http: after("http="),
-        child: Some(child),
-    }
+    Served::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn config(addr: &str, key: &str) -> ClientConfig {

@@ -41,7 +41,7 @@ mod load;
 mod model;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -192,7 +192,7 @@ fn run(args: &Args) -> Result<String, String> {
             kill_during_startup(&env, at)?;
             startup_kills += 1;
         }
-        let mut server = Server::start(&env)?;
+        let mut server = start(&env)?;
         let checked = rt.block_on(model::check_tokens(&env, &server, &mut model, &mut rng))?;
         let run_for = Duration::from_millis(150 + rng.below(1350));
         let stats = rt.block_on(load::drive(
@@ -211,7 +211,7 @@ fn run(args: &Args) -> Result<String, String> {
         );
     }
     // A last restart checks the tokens of the last cycle.
-    let server = Server::start(&env)?;
+    let server = start(&env)?;
     let checked = rt.block_on(model::check_tokens(&env, &server, &mut model, &mut rng))?;
     drop(server);
     eprintln!("after the last restart {checked}");
@@ -282,13 +282,8 @@ async fn setup(root: &Path) -> Result<Env, String> {
     })
 }
 
-/// A running `vaultd serve`; SIGKILL when dropped.
-#[derive(Debug)]
-pub struct Server {
-    child: Option<Child>,
-    pub protocol: String,
-    pub http: String,
-}
+/// `vaultd serve` as the harness runs it (SIGKILL when dropped).
+pub type Server = support::Vaultd;
 
 fn vaultd(env: &Env) -> Command {
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
@@ -315,64 +310,8 @@ fn vaultd(env: &Env) -> Command {
     cmd
 }
 
-impl Server {
-    /// Starts `vaultd serve` and waits for its `vaultd ready` line.
-    fn start(env: &Env) -> Result<Server, String> {
-        use std::io::BufRead;
-        let mut child = vaultd(env)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("start vaultd: {e}"))?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let mut log = Vec::new();
-        let ready = loop {
-            match lines.next() {
-                Some(Ok(line)) if line.contains("vaultd ready") => break line,
-                Some(Ok(line)) => log.push(line),
-                _ => {
-                    let status = child.wait().map_err(|e| e.to_string())?;
-                    return Err(format!(
-                        "vaultd exited before it was ready ({status}):\n{}",
-                        log.join("\n")
-                    ));
-                }
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        let after = |key: &str| {
-            ready
-                .split(key)
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .map(|s| {
-                    s.trim_start_matches("Some(")
-                        .trim_end_matches(')')
-                        .to_string()
-                })
-                .ok_or_else(|| format!("no {key} in {ready:?}"))
-        };
-        Ok(Server {
-            protocol: after("protocol=")?,
-            http: after("http=")?,
-            child: Some(child),
-        })
-    }
-
-    /// SIGKILL, and waits until the process is gone (its sled lock with it).
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+fn start(env: &Env) -> Result<Server, String> {
+    Server::spawn(vaultd(env))
 }
 
 /// Starts `vaultd serve` and kills it `at` later, ready or not.

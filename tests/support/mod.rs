@@ -168,6 +168,93 @@ impl Drop for DevServer {
     }
 }
 
+/// A running `vaultd serve`, with the addresses of its `vaultd ready` log
+/// line; SIGKILL when dropped.
+#[derive(Debug)]
+#[allow(dead_code)] // each test binary uses part of it
+pub struct Vaultd {
+    child: Option<std::process::Child>,
+    /// The protocol port.
+    pub protocol: String,
+    /// The HTTP shim.
+    pub http: String,
+}
+
+#[allow(dead_code)] // each test binary uses part of it
+impl Vaultd {
+    /// Runs `cmd`, a `vaultd serve` on ports 0 (possibly behind a wrapper
+    /// that execs it), and waits for its `vaultd ready` line. `Err` holds
+    /// the log it wrote if it exits first.
+    pub fn spawn(mut cmd: Command) -> Result<Vaultd, String> {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("start vaultd: {e}"))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut log = Vec::new();
+        let ready = loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("vaultd ready") => break line,
+                Some(Ok(line)) => log.push(line),
+                _ => {
+                    let status = child.wait().map_err(|e| e.to_string())?;
+                    return Err(format!(
+                        "vaultd exited before it was ready ({status}):\n{}",
+                        log.join("\n")
+                    ));
+                }
+            }
+        };
+        // Keep draining the log so that the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let after = |key: &str| {
+            ready
+                .split(key)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(|s| {
+                    s.trim_start_matches("Some(")
+                        .trim_end_matches(')')
+                        .to_string()
+                })
+                .ok_or_else(|| format!("no {key} in {ready:?}"))
+        };
+        Ok(Vaultd {
+            protocol: after("protocol=")?,
+            http: after("http=")?,
+            child: Some(child),
+        })
+    }
+
+    /// SIGKILL, and waits until the process is gone (its sled lock with it).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (a clean shutdown), then waits: its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        child.wait().expect("wait for vaultd")
+    }
+}
+
+impl Drop for Vaultd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// What a finished tool process left behind.
 #[derive(Debug)]
 #[allow(dead_code)] // each test binary uses part of it
