@@ -52,7 +52,7 @@ async fn serve(dir: &Path) -> (Client, tokio::sync::oneshot::Sender<()>, Arc<Vau
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(run(
         listener,
-        vault.clone(),
+        vault.clone().into(),
         ServeConfig::default(),
         None,
         async {

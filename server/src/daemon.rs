@@ -26,6 +26,7 @@ use storage::Vault;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::live::{self, LiveVault, Reopen};
 use crate::serve::{self, ServeConfig};
 use crate::shim::{self, PoliciesFile, Shim, ShimConfig, VaultLink};
 use crate::{Error, Result};
@@ -42,6 +43,10 @@ pub struct Daemon {
     pub shim: ShimConfig,
     /// Policies to write at start when they differ from the vault's.
     pub policies: Option<PoliciesFile>,
+    /// How to open the data dir again after a failed write or fsync
+    /// poisons the vault (see [`crate::live`]); `None`: the vault stays
+    /// poisoned, refusing writes, until the process restarts.
+    pub reopen: Option<Reopen>,
 }
 
 /// Where a running daemon listens.
@@ -59,7 +64,6 @@ pub async fn run(
     ready: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    let vault = Arc::new(vault);
     let io = |source| Error::File {
         path: "listener".into(),
         source,
@@ -76,27 +80,35 @@ pub async fn run(
     for warning in d.serve.rotation.check(&vault)? {
         tracing::warn!("rotation policy: {warning}");
     }
+    let (gateway_id, gateway_key) = match d.http {
+        Some(_) => {
+            let (id, key) = vault.create_credential("gateway", "vaultd-shim").await?;
+            (Some(id), Some(key))
+        }
+        None => (None, None),
+    };
+    let live = LiveVault::from(vault);
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let watcher = d
+        .reopen
+        .map(|reopen| tokio::spawn(live::watch(live.clone(), reopen, stop.clone())));
     {
         let (vault, config, tls, stop) =
-            (vault.clone(), d.serve.clone(), d.tls.clone(), stop.clone());
+            (live.clone(), d.serve.clone(), d.tls.clone(), stop.clone());
         tasks.spawn(async move {
             serve::run(d.protocol, vault, config, tls, stop.cancelled_owned()).await
         });
     }
-    let mut gateway_id = None;
-    if let Some(http) = d.http {
+    if let (Some(http), Some(key)) = (d.http, gateway_key) {
         let internal = TcpListener::bind("127.0.0.1:0").await.map_err(io)?;
         let internal_addr = internal.local_addr().map_err(io)?;
         {
-            let (vault, config, stop) = (vault.clone(), d.serve.clone(), stop.clone());
+            let (vault, config, stop) = (live.clone(), d.serve.clone(), stop.clone());
             tasks.spawn(async move {
                 serve::run(internal, vault, config, None, stop.cancelled_owned()).await
             });
         }
-        let (id, key) = vault.create_credential("gateway", "vaultd-shim").await?;
-        gateway_id = Some(id);
         let link = VaultLink::new(ClientConfig {
             addr: internal_addr.to_string(),
             tls: Tls::Plaintext,
@@ -127,21 +139,32 @@ pub async fn run(
     tracing::info!("shutting down: finishing requests in flight");
     stop.cancel();
     while tasks.join_next().await.is_some() {}
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
+    let Some(vault) = live.take() else {
+        tracing::warn!("stopped while the vault was being opened again");
+        return Ok(());
+    };
     if let Some(id) = gateway_id {
         if let Err(e) = vault.revoke_credential(&id).await {
             tracing::warn!(error = %e, "could not revoke the shim's gateway key");
         }
     }
     // Connection tasks drop their handles as their clients go away.
-    for _ in 0..250 {
-        if Arc::strong_count(&vault) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    match Arc::try_unwrap(vault) {
-        Ok(v) => v.close()?,
-        Err(_) => tracing::warn!(
+    let grace = CancellationToken::new();
+    let timer = {
+        let grace = grace.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            grace.cancel();
+        })
+    };
+    let closed = live::close_when_idle(vault, &grace).await;
+    timer.abort();
+    match closed {
+        Some(v) => v.close()?,
+        None => tracing::warn!(
             "connections still open at shutdown; the log is flushed as the process exits"
         ),
     }

@@ -165,6 +165,7 @@ pub async fn run(
         },
         shim: ShimConfig::default(),
         policies: Some(policies),
+        reopen: Some(reopen(data_dir.clone(), passphrase_file.clone())),
     };
     let mut shim_config = d.shim.clone();
     let output = move |b: Bound| DevOutput {
@@ -193,6 +194,19 @@ pub async fn run(
         ..d
     };
     daemon::run(vault, d, |b| ready(output(b)), shutdown).await
+}
+
+/// Opens the dev vault again after a failed write, as `vaultd dev` does
+/// when it starts on an existing data dir.
+fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
+    crate::live::Reopen::new(move || {
+        let unlock = crate::secrets::unlock_from(Some(&passphrase_file), None)?;
+        Ok(storage::Vault::open(
+            &data_dir,
+            &unlock,
+            Options::default(),
+        )?)
+    })
 }
 
 /// The dev CA, and a certificate for `localhost` and `127.0.0.1` it

@@ -10,7 +10,11 @@
 //! - [`init`]: `vaultd init`, creating a vault.
 //! - [`dev`]: `vaultd dev`, the newcomer's embedded demo.
 //! - [`daemon`]: one `vaultd` process: protocol server and shim together.
+//! - [`live`]: the vault the servers answer from, reopened after a failed
+//!   write or fsync.
 //! - [`mask`]: the masking operators a partner's redemption applies.
+//! - [`failpoints`]: failpoints before each reply, armed by
+//!   `FINTRUST_FAILPOINTS` in test builds only.
 //! - [`fuzzing`]: policy parsing and masking on arbitrary input, shared by
 //!   the fuzz targets in `fuzz/` and the proptests.
 //! - [`serve`]: the protocol server of port 9999 (`vaultd serve`).
@@ -28,8 +32,10 @@ pub mod admin;
 pub mod bench;
 pub mod daemon;
 pub mod dev;
+pub mod failpoints;
 pub mod fuzzing;
 pub mod init;
+pub mod live;
 pub mod mask;
 pub mod metrics;
 pub mod remote;

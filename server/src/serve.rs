@@ -27,6 +27,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ErrorCode, Frame, FrameCodec, Message};
 use storage::{Append, Vault};
+
+use crate::live::{LiveVault, Status};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -298,7 +300,7 @@ impl FailureThrottle {
 /// with `tls`, in plaintext without it.
 pub async fn run(
     listener: TcpListener,
-    vault: Arc<Vault>,
+    vault: LiveVault,
     config: ServeConfig,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
@@ -455,7 +457,7 @@ pub enum ConnectionError {
 /// What a connection is served with.
 #[derive(Debug, Clone)]
 pub struct Conn {
-    pub vault: Arc<Vault>,
+    pub vault: LiveVault,
     pub config: Arc<ServeConfig>,
     pub throttle: Arc<FailureThrottle>,
     pub peer: std::net::IpAddr,
@@ -492,7 +494,13 @@ where
         }
     };
     let identity = match hello {
-        Ok(Message::Hello { api_key, .. }) => authenticate(&vault, &api_key),
+        Ok(Message::Hello { api_key, .. }) => match vault.get() {
+            Some(v) => authenticate(&v, &api_key),
+            None => {
+                send(&mut sink, hello_id, &recovering()).await;
+                return Ok(());
+            }
+        },
         Ok(_) => None,
         Err(e) => {
             let e = ConnectionError::Protocol(e);
@@ -590,6 +598,21 @@ where
             }
             continue;
         }
+        // Out of service while a failed write is recovered from.
+        let Some(current) = vault.get() else {
+            let reply = match message {
+                Message::Health => Message::HealthInfo {
+                    status: Status::Recovering.name().into(),
+                    entries: 0,
+                },
+                _ => recovering(),
+            };
+            let terminal = matches!(message, Message::Redeem { .. });
+            if tx.send((id, reply, 0)).await.is_err() || terminal {
+                break Ok(());
+            }
+            continue;
+        };
         if let Message::Redeem { token } = message {
             // Terminal: one data frame (or error), then the server closes.
             let wait = throttle.delay(peer);
@@ -597,7 +620,7 @@ where
                 tokio::time::sleep(wait).await;
             }
             let started = std::time::Instant::now();
-            let reply = redeem(&vault, &token, &caller.name).await;
+            let reply = redeem(&current, &token, &caller.name).await;
             throttle.record(peer, matches!(reply, Message::Error { .. }));
             let metrics = crate::metrics::global();
             let outcome = match &reply {
@@ -611,15 +634,15 @@ where
                 .redemptions
                 .get_or_create(&crate::metrics::OutcomeLabels { outcome })
                 .inc();
+            crate::failpoints::before_reply("redeem");
             let _ = tx.send((id, reply, 0)).await;
             break Ok(());
         }
-        let vault = vault.clone();
         let tx = tx.clone();
         let config = config.clone();
         let caller = caller.clone();
         tokio::spawn(async move {
-            handle(id, message, &vault, &config, &caller, &tx).await;
+            handle(id, message, &current, &config, &caller, &tx).await;
             drop(permit);
         });
     };
@@ -667,6 +690,14 @@ async fn send<W: AsyncWrite + Unpin>(
         Ok(f) => sink.send(f).await.is_ok(),
         Err(_) => false,
     }
+}
+
+/// The answer of every request while the vault is reopened.
+fn recovering() -> Message {
+    error(
+        ErrorCode::Unavailable,
+        "the vault is recovering from a failed write; try again shortly",
+    )
 }
 
 fn error(code: ErrorCode, message: &str) -> Message {
@@ -978,6 +1009,9 @@ async fn handle(
     };
     if let (Some(op), false) = (op, matches!(reply, Message::Error { .. })) {
         crate::metrics::global().commit(op, started.elapsed());
+    }
+    if let Some(op) = op {
+        crate::failpoints::before_reply(op);
     }
     let _ = tx.send((id, reply, 0)).await;
 }

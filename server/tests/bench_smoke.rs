@@ -217,7 +217,7 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(server::serve::run(
             listener,
-            vault,
+            vault.into(),
             server::serve::ServeConfig::default(),
             None,
             async {

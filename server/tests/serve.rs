@@ -58,7 +58,7 @@ async fn start(config: ServeConfig) -> Server {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(listener, vault.clone(), config, None, async {
+    tokio::spawn(run(listener, vault.clone().into(), config, None, async {
         let _ = stopped.await;
     }));
     Server {

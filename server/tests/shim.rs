@@ -84,6 +84,7 @@ async fn start(shim: ShimConfig) -> Running {
         serve: ServeConfig::default(),
         shim,
         policies: None,
+        reopen: None,
     };
     let done = tokio::spawn(async move {
         daemon::run(

@@ -92,7 +92,7 @@ async fn start(mutual: bool) -> Setup {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(run(
         listener,
-        vault.clone(),
+        vault.clone().into(),
         ServeConfig::default(),
         Some(config),
         async {

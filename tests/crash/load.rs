@@ -1,29 +1,42 @@
-//! The mixed load of one cycle, and the kill at its end.
+//! The mixed load of one cycle, and the kill (or crash) at its end.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use client::{Client, MaskOp, Record};
+use client::{Client, ClientError, ErrorCode, MaskOp, Record};
 use tokio::sync::{mpsc, Mutex};
 
 use crate::model::{config, Acked, Model, Rng, Token};
-use crate::{Env, Server, PARTNER, SEEDED};
+use crate::{seeded_record, Ending, Env, Server, PARTNER, SEEDED};
 
 const WRITERS: usize = 4;
 const MINTERS: usize = 2;
 const AUTHORIZERS: usize = 2;
 const REDEEMERS: usize = 3;
 
+/// How long a server may take to serve again after a failed write before
+/// the harness calls it stuck.
+const RECOVERY_GUARD: Duration = Duration::from_secs(60);
+
 /// One in this many acknowledged tokens is kept for after the restart.
 const KEEP_ONE_IN: u64 = 4;
 
-/// Set just before the SIGKILL: a failure seen before it is a bug, one
-/// seen after it is the kill.
+/// What the clients of one cycle share.
 #[derive(Debug, Default)]
 struct Flags {
+    /// Set just before the SIGKILL, or once the server is seen dead: a
+    /// failure seen before it is a bug, one seen after it is the kill.
     killed: AtomicBool,
+    /// The server may crash by itself (a failpoint).
+    may_crash: bool,
+    /// A failed write poisons the vault this cycle: `unavailable` is
+    /// expected until `vaultd` has opened it again.
+    fault: bool,
+    /// Requests refused with `unavailable`, and acknowledged after one.
+    refused: AtomicUsize,
+    resumed: AtomicUsize,
 }
 
 impl Flags {
@@ -31,12 +44,67 @@ impl Flags {
         self.killed.load(Ordering::SeqCst)
     }
 
-    /// `Ok` when the kill explains the error, `Err` when it does not.
-    fn after_kill(&self, what: &str, e: impl fmt::Display) -> Result<(), String> {
+    /// `Ok` when the kill explains the error, `Err` when it does not. A
+    /// server that crashed by itself is seen dead a few milliseconds
+    /// after its clients see their connections close: wait that long.
+    async fn after_kill(&self, what: &str, e: impl fmt::Display) -> Result<(), String> {
+        if self.may_crash {
+            for _ in 0..100 {
+                if self.killed() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        self.judge(what, e)
+    }
+
+    /// [`Flags::after_kill`] on a blocking thread.
+    fn after_kill_blocking(&self, what: &str, e: impl fmt::Display) -> Result<(), String> {
+        if self.may_crash {
+            for _ in 0..100 {
+                if self.killed() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.judge(what, e)
+    }
+
+    fn judge(&self, what: &str, e: impl fmt::Display) -> Result<(), String> {
         if self.killed() {
             Ok(())
         } else {
             Err(format!("{what} failed before the kill: {e}"))
+        }
+    }
+
+    /// A refusal the failed write of this cycle explains.
+    fn tolerated(&self, e: &ClientError) -> bool {
+        let yes = self.fault && e.server_code() == Some(ErrorCode::Unavailable);
+        if yes {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+        }
+        yes
+    }
+}
+
+/// Connects, and while the vault is being opened again after a failed
+/// write, tries again. `None`: the server is gone.
+async fn connect(
+    flags: &Flags,
+    what: &str,
+    addr: &str,
+    key: &str,
+) -> Result<Option<Client>, String> {
+    loop {
+        match Client::connect(config(addr, key)).await {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if flags.tolerated(&e) && !flags.killed() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return flags.after_kill(what, e).await.map(|()| None),
         }
     }
 }
@@ -44,6 +112,11 @@ impl Flags {
 /// What one cycle's load did.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// How the cycle ended, said in words.
+    ending: String,
+    refused: usize,
+    resumed: usize,
+    rotations: usize,
     appends: usize,
     mints: usize,
     authorizations: usize,
@@ -54,10 +127,18 @@ pub struct Stats {
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.ending)?;
+        if self.refused > 0 {
+            write!(
+                f,
+                "{} requests refused as unavailable, {} acknowledged after a refusal; ",
+                self.refused, self.resumed
+            )?;
+        }
         write!(
             f,
-            "{} appends, {} mints and {} authorizations acknowledged, {} tokens delivered, {} redemptions cut off, {} tokens kept",
-            self.appends, self.mints, self.authorizations, self.delivered, self.cut_off, self.kept
+            "{} appends, {} key rotation entries, {} mints and {} authorizations acknowledged, {} tokens delivered, {} redemptions cut off, {} tokens kept",
+            self.appends, self.rotations, self.mints, self.authorizations, self.delivered, self.cut_off, self.kept
         )
     }
 }
@@ -69,9 +150,14 @@ pub async fn drive(
     server: &mut Server,
     model: &mut Model,
     rng: &mut Rng,
+    ending: Ending,
     run_for: Duration,
 ) -> Result<Stats, String> {
-    let flags = Arc::new(Flags::default());
+    let flags = Arc::new(Flags {
+        may_crash: matches!(ending, Ending::Crash(_)),
+        fault: matches!(ending, Ending::Fault(_)),
+        ..Flags::default()
+    });
     let (tx, rx) = mpsc::unbounded_channel::<Token>();
     let rx = Arc::new(Mutex::new(rx));
     let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -101,6 +187,15 @@ pub async fn drive(
         }));
     }
     drop(tx);
+    let rotator = {
+        let (env, flags, addr, seed) = (
+            env.clone(),
+            flags.clone(),
+            server.protocol.clone(),
+            rng.next(),
+        );
+        tokio::spawn(rotator(env, flags, addr, seed))
+    };
     let mut redeemers = Vec::new();
     for _ in 0..REDEEMERS {
         let (env, flags, addr, rx) = (
@@ -112,11 +207,56 @@ pub async fn drive(
         redeemers.push(tokio::spawn(redeemer(env, flags, addr, rx)));
     }
 
-    tokio::time::sleep(run_for).await;
+    // Until `run_for` has passed, or the server crashed by itself. After
+    // a failed write, also until a request was acknowledged again: the
+    // vault was opened again in the running server (the guard is for a
+    // server that never recovers, not a performance limit).
+    let started = Instant::now();
+    let mut crashed = None;
+    let waiting = |flags: &Flags| {
+        let recovering =
+            flags.refused.load(Ordering::SeqCst) > 0 && flags.resumed.load(Ordering::SeqCst) == 0;
+        started.elapsed() < run_for || (recovering && started.elapsed() < RECOVERY_GUARD)
+    };
+    while waiting(&flags) {
+        if let Some(status) = server.exited() {
+            crashed = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     flags.killed.store(true, Ordering::SeqCst);
     server.kill();
+    let after = started.elapsed().as_millis();
+    let (refused, resumed) = (
+        flags.refused.load(Ordering::SeqCst),
+        flags.resumed.load(Ordering::SeqCst),
+    );
+    if refused > 0 && resumed == 0 && crashed.is_none() {
+        return Err(format!(
+            "{refused} requests refused after a failed write, and vaultd did not serve again within {} s",
+            RECOVERY_GUARD.as_secs()
+        ));
+    }
 
-    let mut stats = Stats::default();
+    let mut stats = Stats {
+        ending: match (ending, crashed) {
+            (Ending::Crash(point), Some(status)) => {
+                format!("crashed at {point} after {after} ms ({status})")
+            }
+            (Ending::Crash(point), None) => {
+                format!("{point} not reached; killed after {after} ms")
+            }
+            (_, Some(status)) => return Err(format!("vaultd exited by itself: {status}")),
+            (Ending::Fault(point), None) => {
+                format!("a failed write at {point}; killed after {after} ms")
+            }
+            (Ending::Kill, None) => format!("killed after {after} ms"),
+        },
+        refused,
+        resumed,
+        ..Stats::default()
+    };
     let mut failure = None;
     for w in writers {
         match w.await.map_err(|e| e.to_string()).and_then(|r| r) {
@@ -128,6 +268,15 @@ pub async fn drive(
             }
             Err(e) => failure = failure.or(Some(e)),
         }
+    }
+    match rotator.await.map_err(|e| e.to_string()).and_then(|r| r) {
+        Ok(acked) => {
+            stats.rotations += acked.len();
+            for a in acked {
+                model.rotated(a)?;
+            }
+        }
+        Err(e) => failure = failure.or(Some(e)),
     }
     for m in minters {
         match m.await.map_err(|e| e.to_string()).and_then(|r| r) {
@@ -180,11 +329,11 @@ async fn writer(
 ) -> Result<Vec<Acked>, String> {
     let mut rng = Rng::new(seed);
     let mut acked = Vec::new();
-    let c = match Client::connect(config(&addr, &env.writer)).await {
-        Ok(c) => c,
-        Err(e) => return flags.after_kill("a writer's connect", e).map(|()| acked),
+    let Some(c) = connect(&flags, "a writer's connect", &addr, &env.writer).await? else {
+        return Ok(acked);
     };
     let mut i = 0u64;
+    let mut refused = false;
     while !flags.killed() {
         let n = if rng.below(4) == 0 { 3 } else { 1 };
         let records: Vec<Record> = (0..n)
@@ -209,8 +358,16 @@ async fn writer(
         };
         let receipts = match result {
             Ok(r) => r,
-            Err(e) => return flags.after_kill("an append", e).map(|()| acked),
+            Err(e) if flags.tolerated(&e) => {
+                refused = true;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => return flags.after_kill("an append", e).await.map(|()| acked),
         };
+        if std::mem::take(&mut refused) {
+            flags.resumed.fetch_add(1, Ordering::SeqCst);
+        }
         if receipts.len() != records.len() {
             return Err(format!(
                 "{} receipts for a batch of {}",
@@ -224,9 +381,56 @@ async fn writer(
             acked.push(Acked {
                 seq: receipt.seq,
                 entry_hash: receipt.entry_hash,
-                subject: record.subject,
-                plaintext,
+                subject: Some(record.subject),
+                plaintext: Some(plaintext),
             });
+        }
+    }
+    Ok(acked)
+}
+
+/// Rotates keys as an admin every 50–300 ms, until the kill: a seeded
+/// subject's data key (half the time re-encrypting its record, which
+/// must then read back as the seeded plaintext), or one time in five the
+/// signing key. Returns the entries acknowledged.
+async fn rotator(
+    env: Arc<Env>,
+    flags: Arc<Flags>,
+    addr: String,
+    seed: u64,
+) -> Result<Vec<Acked>, String> {
+    let mut rng = Rng::new(seed);
+    let mut acked = Vec::new();
+    let Some(c) = connect(&flags, "an admin's connect", &addr, &env.admin).await? else {
+        return Ok(acked);
+    };
+    let entry = |r: &client::Receipt, subject: Option<&str>, plaintext: Option<Vec<u8>>| Acked {
+        seq: r.seq,
+        entry_hash: r.entry_hash,
+        subject: subject.map(str::to_string),
+        plaintext,
+    };
+    while !flags.killed() {
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(250))).await;
+        let result = if rng.below(5) == 0 {
+            c.rotate_signing_key()
+                .await
+                .map(|r| vec![entry(&r.receipt, None, None)])
+        } else {
+            let (subject, name) = SEEDED[rng.below(SEEDED.len() as u64) as usize];
+            let reencrypt = rng.below(2) == 0;
+            c.rotate_subject_key(subject, reencrypt).await.map(|r| {
+                let mut v = vec![entry(&r.receipt, Some(subject), None)];
+                if let Some(re) = &r.reencrypted {
+                    v.push(entry(re, Some(subject), Some(seeded_record(subject, name))));
+                }
+                v
+            })
+        };
+        match result {
+            Ok(entries) => acked.extend(entries),
+            Err(e) if flags.tolerated(&e) => {}
+            Err(e) => return flags.after_kill("a key rotation", e).await.map(|()| acked),
         }
     }
     Ok(acked)
@@ -257,9 +461,8 @@ async fn minter(
     seed: u64,
 ) -> Result<usize, String> {
     let mut rng = Rng::new(seed);
-    let c = match Client::connect(config(&addr, &env.gateway)).await {
-        Ok(c) => c,
-        Err(e) => return flags.after_kill("a gateway's connect", e).map(|()| 0),
+    let Some(c) = connect(&flags, "a gateway's connect", &addr, &env.gateway).await? else {
+        return Ok(0);
     };
     let mut n = 0;
     while !flags.killed() {
@@ -283,7 +486,10 @@ async fn minter(
                 };
                 hand_out(t, &mut rng, &tx, &kept)?;
             }
-            Err(e) => return flags.after_kill("a mint", e).map(|()| n),
+            Err(e) if flags.tolerated(&e) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return flags.after_kill("a mint", e).await.map(|()| n),
         }
     }
     Ok(n)
@@ -313,15 +519,20 @@ fn authorizer(
         let body: serde_json::Value = match reply {
             Ok(r) => match r.into_json() {
                 Ok(v) => v,
-                Err(e) => return flags.after_kill("reading a grant", e).map(|()| n),
+                Err(e) => return flags.after_kill_blocking("reading a grant", e).map(|()| n),
             },
+            Err(ureq::Error::Status(503, _)) if flags.fault => {
+                flags.refused.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             Err(ureq::Error::Status(code, r)) => {
                 let body = r.into_string().unwrap_or_default();
                 return flags
-                    .after_kill("an authorization", format!("{code} {body}"))
+                    .after_kill_blocking("an authorization", format!("{code} {body}"))
                     .map(|()| n);
             }
-            Err(e) => return flags.after_kill("an authorization", e).map(|()| n),
+            Err(e) => return flags.after_kill_blocking("an authorization", e).map(|()| n),
         };
         let token = body["token"]
             .as_str()
@@ -366,8 +577,11 @@ async fn redeemer(
                 t.check(&got)?;
                 delivered.push(t);
             }
+            // Refused during a failed write's recovery: the token may or
+            // may not be spent (at most once, like a cut-off redemption).
+            Err(e) if flags.tolerated(&e) => cut_off.push(t),
             Err(e) => {
-                flags.after_kill("a redemption", e)?;
+                flags.after_kill("a redemption", e).await?;
                 cut_off.push(t);
             }
         }

@@ -1,6 +1,22 @@
 //! The crash harness: a real `vaultd serve` process under mixed load,
-//! killed with SIGKILL at random moments (during startup and recovery
-//! too), restarted, and checked after every cycle.
+//! crashed at random moments and at every failpoint, or made to fail a
+//! write, then restarted and checked after every cycle.
+//!
+//! Cycles take turns (`cycle % 4`):
+//! - 0: SIGKILL at a random moment;
+//! - 1 and 3: a crash at a failpoint (`FINTRUST_FAILPOINTS`, action
+//!   `N*off->panic`: the N+1th time the step is reached, the process
+//!   aborts), taking every failpoint in turn: each step of a commit
+//!   (before and after the sled write, before and after the flush, and
+//!   the same for derived state) and just before each reply (append,
+//!   batch, mint, redeem, authorize); then SIGKILL if it was not reached;
+//! - 2: a failed write or fsync at a commit failpoint (`N*off->1*return`),
+//!   which poisons the vault: requests are refused with `unavailable`
+//!   (and only with that), `vaultd` opens the vault again by itself, and
+//!   the load goes on until a SIGKILL at a random moment.
+//!
+//! One cycle in three also first kills a `vaultd` that is starting up,
+//! that is, while it recovers from the cycle before.
 //!
 //! Load, all at once, from this process:
 //! - writers append records (single appends and batches) over the
@@ -9,7 +25,9 @@
 //!   authorize over the HTTP shim (`POST /v1/authorize`), which audits the
 //!   grant and mints a token;
 //! - partners redeem most tokens at once, a connection per token, and
-//!   keep the rest for after the restart.
+//!   keep the rest for after the restart;
+//! - an admin rotates keys: seeded subjects' data keys (half of them
+//!   re-encrypting the record) and, one time in five, the signing key.
 //!
 //! After each kill, with the server down, the data dir must pass:
 //! - `vault-verify`'s checks from genesis with the pinned key;
@@ -24,10 +42,11 @@
 //! - a token whose redemption was cut off by the kill gives its data at
 //!   most once.
 //!
-//! Any request refused or failed before the kill is a failure too. Usage:
+//! Any request refused or failed before the kill or crash is a failure
+//! too, except `unavailable` during a failed write's cycle. Usage:
 //!
 //! ```text
-//! cargo test --test crash_harness                     # 20 cycles, a random seed
+//! cargo test --test crash_harness                     # 24 cycles, a random seed
 //! cargo test --release --test crash_harness -- --cycles 100 --seed 7
 //! ```
 //!
@@ -47,8 +66,46 @@ use std::time::{Duration, Instant};
 
 use model::{Model, Rng};
 
-/// Cycles without `--cycles`: what CI runs.
-const DEFAULT_CYCLES: usize = 20;
+/// Cycles without `--cycles`: what CI runs. 24 cycles reach every
+/// crash and every fault failpoint once.
+const DEFAULT_CYCLES: usize = 24;
+
+/// Where a cycle crashes `vaultd` (storage's commit steps, then the
+/// server's replies).
+const CRASH_POINTS: &[&str] = &[
+    "commit::before_write",
+    "reply::append",
+    "commit::after_write",
+    "reply::mint",
+    "commit::before_flush",
+    "reply::redeem",
+    "commit::after_flush",
+    "reply::authorize",
+    "index::before_write",
+    "reply::append_batch",
+    "index::after_write",
+];
+
+/// Where a cycle fails a write or fsync.
+const FAULT_POINTS: &[&str] = &[
+    "commit::before_write",
+    "commit::after_write",
+    "commit::before_flush",
+    "commit::after_flush",
+    "index::before_write",
+    "index::after_write",
+];
+
+/// How a cycle ends.
+#[derive(Debug, Clone, Copy)]
+pub enum Ending {
+    /// SIGKILL at a random moment.
+    Kill,
+    /// An abort at this failpoint.
+    Crash(&'static str),
+    /// A failed write at this failpoint, then SIGKILL at a random moment.
+    Fault(&'static str),
+}
 
 /// The partner every token is for, with its policy.
 const PARTNER: &str = "lender-1";
@@ -159,6 +216,14 @@ pub struct Env {
     pub writer: String,
     pub gateway: String,
     pub partner: String,
+    pub admin: String,
+}
+
+/// The plaintext of a seeded subject's record.
+pub fn seeded_record(subject: &str, name: &str) -> Vec<u8> {
+    serde_json::json!({"name": name, "email": format!("{subject}@example.com")})
+        .to_string()
+        .into_bytes()
 }
 
 impl std::fmt::Debug for Env {
@@ -184,6 +249,7 @@ fn run(args: &Args) -> Result<String, String> {
     let mut model = Model::default();
     let started = Instant::now();
     let mut startup_kills = 0;
+    let (mut crashes, mut faults) = (0, 0);
     for cycle in 1..=args.cycles {
         // Some cycles first kill a server that is still opening the vault
         // (recovering from the previous kill).
@@ -192,31 +258,58 @@ fn run(args: &Args) -> Result<String, String> {
             kill_during_startup(&env, at)?;
             startup_kills += 1;
         }
-        let mut server = start(&env)?;
+        let ending = match cycle % 4 {
+            1 | 3 => {
+                crashes += 1;
+                Ending::Crash(CRASH_POINTS[(crashes - 1) % CRASH_POINTS.len()])
+            }
+            2 => {
+                faults += 1;
+                Ending::Fault(FAULT_POINTS[(faults - 1) % FAULT_POINTS.len()])
+            }
+            _ => Ending::Kill,
+        };
+        let mut server = start(&env, None)?;
         let checked = rt.block_on(model::check_tokens(&env, &server, &mut model, &mut rng))?;
-        let run_for = Duration::from_millis(150 + rng.below(1350));
+        // The checks ran on an unarmed server; the load runs on an armed one.
+        let armed = match ending {
+            Ending::Kill => None,
+            Ending::Crash(point) => Some(format!("{point}={}*off->panic", 1 + rng.below(50))),
+            Ending::Fault(point) => {
+                Some(format!("{point}={}*off->1*return->off", 1 + rng.below(50)))
+            }
+        };
+        if let Some(spec) = &armed {
+            server.kill();
+            server = start(&env, Some(spec))?;
+        }
+        let run_for = Duration::from_millis(match ending {
+            Ending::Kill => 150 + rng.below(1350),
+            Ending::Crash(_) => 3000,
+            Ending::Fault(_) => 1500 + rng.below(1500),
+        });
         let stats = rt.block_on(load::drive(
             &env,
             &mut server,
             &mut model,
             &mut rng,
+            ending,
             run_for,
         ))?;
-        drop(server); // already killed by `drive`
+        drop(server); // killed by `drive` or dead
         let entries = model::check_offline(&env, &mut model, &mut rng)?;
         eprintln!(
-            "cycle {cycle}/{}: killed after {} ms: {stats}; after the restart {checked}; log of {entries} entries verified",
+            "cycle {cycle}/{}: {stats}; after the restart {checked}; log of {entries} entries verified",
             args.cycles,
-            run_for.as_millis()
         );
     }
     // A last restart checks the tokens of the last cycle.
-    let server = start(&env)?;
+    let server = start(&env, None)?;
     let checked = rt.block_on(model::check_tokens(&env, &server, &mut model, &mut rng))?;
     drop(server);
     eprintln!("after the last restart {checked}");
     Ok(format!(
-        "crash harness passed: {} cycles ({startup_kills} with a kill during startup) in {:.0} s, seed {}: {}",
+        "crash harness passed: {} cycles ({crashes} crashed at a failpoint, {faults} with a failed write, {startup_kills} with a kill during startup) in {:.0} s, seed {}: {}",
         args.cycles,
         started.elapsed().as_secs_f64(),
         args.seed,
@@ -255,10 +348,10 @@ async fn setup(root: &Path) -> Result<Env, String> {
     let writer = credential("writer", "crash-writer").await?;
     let gateway = credential("gateway", "crash-gateway").await?;
     let partner = credential("partner", PARTNER).await?;
+    let admin = credential("admin", "crash-admin").await?;
     let mut items = Vec::new();
     for (subject, name) in SEEDED {
-        let record = serde_json::json!({"name": name, "email": format!("{subject}@example.com")});
-        items.push(Append::record(*subject, record.to_string().into_bytes()));
+        items.push(Append::record(*subject, seeded_record(subject, name)));
         items.push(Append::event(
             Kind::ConsentGranted,
             *subject,
@@ -279,13 +372,14 @@ async fn setup(root: &Path) -> Result<Env, String> {
         writer,
         gateway,
         partner,
+        admin,
     })
 }
 
 /// `vaultd serve` as the harness runs it (SIGKILL when dropped).
 pub type Server = support::Vaultd;
 
-fn vaultd(env: &Env) -> Command {
+fn vaultd(env: &Env, failpoints: Option<&str>) -> Command {
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
     cmd.arg("serve")
         .arg("--data-dir")
@@ -300,6 +394,10 @@ fn vaultd(env: &Env) -> Command {
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
+            // Derived state written often, so that its failpoints are
+            // reached within a cycle.
+            "--index-batch",
+            "500",
         ]);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("FINTRUST_") {
@@ -307,16 +405,20 @@ fn vaultd(env: &Env) -> Command {
         }
     }
     cmd.env("FINTRUST_LOG", "info");
+    if let Some(spec) = failpoints {
+        cmd.env(server::failpoints::ENV, spec);
+    }
     cmd
 }
 
-fn start(env: &Env) -> Result<Server, String> {
-    Server::spawn(vaultd(env))
+/// Starts `vaultd serve`, with `failpoints` armed.
+fn start(env: &Env, failpoints: Option<&str>) -> Result<Server, String> {
+    Server::spawn(vaultd(env, failpoints))
 }
 
 /// Starts `vaultd serve` and kills it `at` later, ready or not.
 fn kill_during_startup(env: &Env, at: Duration) -> Result<(), String> {
-    let mut child = vaultd(env)
+    let mut child = vaultd(env, None)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -31,14 +31,17 @@ impl Rng {
     }
 }
 
-/// An append the server acknowledged with a receipt.
+/// An entry the server acknowledged with a receipt: an append, or a
+/// key rotation (and its re-encrypted record).
 #[derive(Debug, Clone)]
 pub struct Acked {
     pub seq: u64,
     pub entry_hash: [u8; 32],
-    pub subject: String,
-    /// The record's plaintext as the server encodes it (a JSON object).
-    pub plaintext: Vec<u8>,
+    /// The entry's subject (`None`: a signing key rotation, no subject).
+    pub subject: Option<String>,
+    /// A record's plaintext as the server encodes it (a JSON object);
+    /// `None` for an entry that is not a record.
+    pub plaintext: Option<Vec<u8>>,
 }
 
 /// A token the server acknowledged (minted over the protocol or granted
@@ -106,6 +109,7 @@ pub struct Model {
 #[derive(Debug, Default, Clone)]
 pub struct Totals {
     pub appends: u64,
+    pub rotations: u64,
     pub mints: u64,
     pub authorizations: u64,
     pub redemptions: u64,
@@ -124,11 +128,22 @@ impl Model {
         Ok(())
     }
 
+    /// A key rotation's entry (or its re-encrypted record).
+    pub fn rotated(&mut self, a: Acked) -> Result<(), String> {
+        if !self.seqs.insert(a.seq) {
+            return Err(format!("seq {} was acknowledged twice", a.seq));
+        }
+        self.totals.rotations += 1;
+        self.new_appends.push(a);
+        Ok(())
+    }
+
     pub fn totals(&self) -> String {
         let t = &self.totals;
         format!(
-            "{} appends, {} mints, {} authorizations, {} redemptions acknowledged; {} token redemptions cut off by a kill ({} of them delivered after the restart); {} tokens rechecked after restarts",
+            "{} appends, {} key rotations, {} mints, {} authorizations, {} redemptions acknowledged; {} token redemptions cut off by a kill ({} of them delivered after the restart); {} tokens rechecked after restarts",
             t.appends,
+            t.rotations,
             t.mints,
             t.authorizations,
             t.redemptions,
@@ -380,17 +395,21 @@ pub fn check_offline(env: &Env, model: &mut Model, rng: &mut Rng) -> Result<u64,
             .entry(a.seq)
             .map_err(|e| format!("read entry {}: {e}", a.seq))?
             .ok_or_else(|| format!("acknowledged entry {} is gone", a.seq))?;
-        if entry.hash != a.entry_hash || entry.subject != a.subject {
+        let subject_differs = a.subject.as_ref().is_some_and(|s| *s != entry.subject);
+        if entry.hash != a.entry_hash || subject_differs {
             return Err(format!(
                 "entry {} is not the one acknowledged (hash or subject differs)",
                 a.seq
             ));
         }
+        let Some(plaintext) = &a.plaintext else {
+            continue;
+        };
         let record = vault
             .record_at(a.seq)
             .map_err(|e| format!("read record {}: {e}", a.seq))?
             .ok_or_else(|| format!("record {} is gone", a.seq))?;
-        if record.plaintext.as_slice() != a.plaintext.as_slice() {
+        if record.plaintext.as_slice() != plaintext.as_slice() {
             return Err(format!(
                 "record {} does not hold the acknowledged plaintext",
                 a.seq

@@ -18,10 +18,11 @@ use storage::{Options, Unlock, Vault};
 /// name them; they sit beside this test's own profile dir
 /// (`target/debug/deps/<test>-…` → `target/debug`). Each package is built
 /// once per test run, which cargo makes a no-op when it is fresh, so that
-/// a stale binary is never tested. The server's are built with the
-/// storage crate's `failpoints` feature, which the test build turns on (see
-/// storage/Cargo.toml), so that they share its compiled crates; no
-/// failpoint is armed in them, and an unarmed failpoint does nothing.
+/// a stale binary is never tested. The server's are built with its
+/// `failpoints` feature, which the test build turns on (see the root
+/// Cargo.toml), so that they share its compiled crates; a failpoint is
+/// armed only through `FINTRUST_FAILPOINTS` (the crash harness), and an
+/// unarmed failpoint does nothing.
 pub fn binary(package: &str, bin: &str) -> PathBuf {
     static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let exe = std::env::current_exe().expect("path of the test executable");
@@ -43,7 +44,7 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
             .arg("--target-dir")
             .arg(target);
         if package == "fintrust-server" {
-            cargo.args(["--features", "fintrust-storage/failpoints"]);
+            cargo.args(["--features", "fintrust-server/failpoints"]);
         }
         match profile.file_name().and_then(OsStr::to_str) {
             Some("debug") => {}
@@ -237,6 +238,11 @@ impl Vaultd {
         }
     }
 
+    /// Its exit status if it has exited (by itself: a crash).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
+    }
+
     /// SIGTERM (a clean shutdown), then waits: its exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -379,7 +385,7 @@ pub async fn start(config: ServeConfig, tls: Option<TlsFiles>) -> Server {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(listener, vault.clone(), config, tls, async {
+    tokio::spawn(run(listener, vault.clone().into(), config, tls, async {
         let _ = stopped.await;
     }));
     Server {

@@ -110,6 +110,7 @@ impl InProcess {
                 ..ShimConfig::default()
             },
             policies: opts.policies,
+            reopen: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready) = oneshot::channel::<()>();

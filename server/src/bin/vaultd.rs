@@ -94,6 +94,11 @@ enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         rotation: RotationArgs,
+        /// Entries between writes of the derived state (indexes), which is
+        /// also written every 5 s; the next open after a crash replays at
+        /// most this many.
+        #[arg(long, env = "FINTRUST_INDEX_BATCH", default_value_t = storage::Options::default().index_batch)]
+        index_batch: u64,
     },
     /// Serve only the HTTP policy shim, in front of a vault in another process.
     Shim {
@@ -223,6 +228,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    match server::failpoints::arm_from_env() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!("{n} failpoints armed (a test build)"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -295,12 +308,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policies,
             tls,
             rotation,
+            index_batch,
         } => {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
             let unlock = vault.unlock()?;
-            let vault =
-                storage::Vault::open(&vault.data_dir, &unlock, storage::Options::default())?;
+            let options = move || storage::Options {
+                index_batch,
+                ..storage::Options::default()
+            };
+            let opened = storage::Vault::open(&vault.data_dir, &unlock, options())?;
+            drop(unlock);
+            // After a failed write or fsync: the same open, the secret read again.
+            let reopen = server::live::Reopen::new(move || {
+                let unlock = vault.unlock()?;
+                Ok(storage::Vault::open(&vault.data_dir, &unlock, options())?)
+            });
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 let protocol = tokio::net::TcpListener::bind(&listen)
@@ -329,9 +352,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     shim,
                     policies,
+                    reopen: Some(reopen),
                 };
                 server::daemon::run(
-                    vault,
+                    opened,
                     d,
                     |b| tracing::info!(protocol = %b.protocol, http = ?b.http, "vaultd ready"),
                     server::daemon::signal(),

@@ -323,6 +323,7 @@ pub async fn authorize(
                     reason: "none",
                 })
                 .inc();
+            crate::failpoints::before_reply("authorize");
             Ok(axum::Json(AuthorizeResponse {
                 token,
                 vault_addr: shim.config.vault_addr.clone(),
@@ -730,7 +731,9 @@ pub async fn logs(
 pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
     match shim.gw("health", |c| async move { c.health().await }).await {
         Ok(h) => {
-            shim.metrics.log_entries.set(h.entries as i64);
+            if h.status != "recovering" {
+                shim.metrics.log_entries.set(h.entries as i64);
+            }
             let status = if h.status == "ok" {
                 StatusCode::OK
             } else {
@@ -752,7 +755,9 @@ pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
 
 pub async fn metrics(State(shim): State<Arc<Shim>>) -> Response {
     if let Ok(h) = shim.gw("health", |c| async move { c.health().await }).await {
-        shim.metrics.log_entries.set(h.entries as i64);
+        if h.status != "recovering" {
+            shim.metrics.log_entries.set(h.entries as i64);
+        }
     }
     let mut r = shim.metrics.render().into_response();
     r.headers_mut().insert(

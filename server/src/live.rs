@@ -1,0 +1,215 @@
+//! The vault a running server answers from, and its recovery after a
+//! failed write.
+//!
+//! A write or fsync that fails poisons the storage engine: it refuses
+//! every later write, because after a failed fsync the kernel may have
+//! dropped the dirty pages it could not write, and nothing in the process
+//! can tell what reached the disk. Only opening the data dir again, which
+//! reads and checks the log's tail the way a start after a crash does,
+//! knows. So a server does not hold a [`Vault`] but a [`LiveVault`], and
+//! [`watch`] replaces a poisoned vault by a freshly opened one:
+//!
+//! ```text
+//! ok ──write or fsync fails──> poisoned ──watch──> recovering ──open──> ok
+//!      (writes: unavailable)              (every request: unavailable)
+//! ```
+//!
+//! 1. The vault is taken out of service: requests that arrive get
+//!    `unavailable` ("recovering") at once.
+//! 2. Requests in flight finish (a poisoned vault refuses their writes)
+//!    and let go of it; it is closed, which releases the data dir.
+//! 3. The data dir is opened again as at a restart: the secret is read
+//!    again from its file (so a master key rotated meanwhile still opens
+//!    it), and the log's tail is recovered. An open that fails (the disk
+//!    is still full, say) is tried again after 1 s, 2 s, … up to 30 s.
+//!
+//! Invariants: nothing acknowledged is lost (the open keeps every
+//! durable entry, and only durable entries were acknowledged); nothing is
+//! served from a vault that was poisoned; at most one vault is open on
+//! the data dir at a time (sled's lock would refuse a second).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use storage::Vault;
+use tokio_util::sync::CancellationToken;
+
+/// Opens the data dir again, as `vaultd` does at start.
+#[derive(Clone)]
+pub struct Reopen(Arc<dyn Fn() -> crate::Result<Vault> + Send + Sync>);
+
+impl Reopen {
+    pub fn new(open: impl Fn() -> crate::Result<Vault> + Send + Sync + 'static) -> Self {
+        Reopen(Arc::new(open))
+    }
+}
+
+impl std::fmt::Debug for Reopen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reopen(..)")
+    }
+}
+
+/// The vault in service, or none while it is being reopened.
+#[derive(Debug, Clone)]
+pub struct LiveVault {
+    current: Arc<RwLock<Option<Arc<Vault>>>>,
+}
+
+/// What [`LiveVault::status`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Serving.
+    Ok,
+    /// A write failed; the vault refuses writes until it is reopened.
+    Poisoned,
+    /// Out of service while the data dir is opened again.
+    Recovering,
+}
+
+impl Status {
+    /// The name health checks report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Poisoned => "degraded",
+            Status::Recovering => "recovering",
+        }
+    }
+}
+
+impl From<Arc<Vault>> for LiveVault {
+    fn from(vault: Arc<Vault>) -> Self {
+        LiveVault {
+            current: Arc::new(RwLock::new(Some(vault))),
+        }
+    }
+}
+
+impl From<Vault> for LiveVault {
+    fn from(vault: Vault) -> Self {
+        Arc::new(vault).into()
+    }
+}
+
+impl LiveVault {
+    /// The vault in service; `None` while it is being reopened.
+    pub fn get(&self) -> Option<Arc<Vault>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether requests are served, refused for writes, or not served.
+    pub fn status(&self) -> Status {
+        match self.get() {
+            None => Status::Recovering,
+            Some(v) if v.is_poisoned() => Status::Poisoned,
+            Some(_) => Status::Ok,
+        }
+    }
+
+    /// Takes the vault out of service.
+    pub fn take(&self) -> Option<Arc<Vault>> {
+        self.current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn put(&self, vault: Arc<Vault>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(vault);
+    }
+}
+
+/// Waits until `vault` is the last handle to it (requests in flight have
+/// finished), then closes it. Gives up (and leaves the vault to be
+/// dropped) when `stop` is cancelled first.
+pub async fn close_when_idle(vault: Arc<Vault>, stop: &CancellationToken) -> Option<Vault> {
+    let mut waited = Instant::now();
+    let mut vault = vault;
+    loop {
+        match Arc::try_unwrap(vault) {
+            Ok(v) => return Some(v),
+            Err(shared) => vault = shared,
+        }
+        if stop.is_cancelled() {
+            return None;
+        }
+        if waited.elapsed() > Duration::from_secs(10) {
+            tracing::warn!(
+                handles = Arc::strong_count(&vault) - 1,
+                "requests still hold the vault; waiting for them to finish"
+            );
+            waited = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Replaces the vault of `live` whenever a failed write poisons it, until
+/// `stop` is cancelled. See the module docs for the steps.
+pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut delay = Duration::from_secs(1);
+    let mut reopened_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if live.status() != Status::Poisoned {
+            continue;
+        }
+        let Some(poisoned) = live.take() else {
+            continue;
+        };
+        tracing::error!(
+            "a write or fsync failed: the vault is out of service and is opened again from disk"
+        );
+        let Some(old) = close_when_idle(poisoned, &stop).await else {
+            return;
+        };
+        // Dropping joins the vault's threads: off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        // Poisoned again soon after a reopen (the disk is still full):
+        // wait before opening again, longer each time.
+        match reopened_at {
+            Some(at) if at.elapsed() < Duration::from_secs(60) => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            _ => delay = Duration::from_secs(1),
+        }
+        loop {
+            let attempt = reopen.clone();
+            match tokio::task::spawn_blocking(move || (attempt.0)()).await {
+                Ok(Ok(vault)) => {
+                    tracing::info!(
+                        entries = vault.durable_len(),
+                        "vault opened again: requests are served"
+                    );
+                    live.put(Arc::new(vault));
+                    reopened_at = Some(Instant::now());
+                    break;
+                }
+                Ok(Err(e)) => tracing::error!(
+                    error = %e,
+                    retry_in_secs = delay.as_secs(),
+                    "opening the vault again failed"
+                ),
+                Err(e) => tracing::error!(error = %e, "opening the vault again panicked"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+}
