@@ -438,18 +438,7 @@ fn dev_creates_serves_and_reopens_its_vault() {
 /// with SIGKILL when dropped).
 fn serve(s: &Scratch, name: &str) -> support::Vaultd {
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(s.path(name))
-        .arg("--passphrase-file")
-        .arg(s.path("passphrase"))
-        .args([
-            "--insecure-plaintext",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ]);
+    support::serve_args(&mut cmd, &s.path(name), &s.path("passphrase"), None);
     support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -27,14 +27,6 @@ use client::{Client, ClientConfig, ErrorCode, MaskOp, Tls, Zeroizing};
 const PASSPHRASE: &[u8] = b"disk full test passphrase";
 const PARTNER: &str = "lender-1";
 const SUBJECT: &str = "seeded";
-const POLICIES: &str = r#"
-[partners.lender-1]
-max_token_ttl_secs = 900
-rate_limit_per_minute = 100000
-
-[partners.lender-1.purposes.kyc.fields]
-name = "reveal"
-"#;
 
 /// How the test takes space away.
 enum Space {
@@ -159,26 +151,12 @@ fn serve(root: &Path, dir: &Path, fsize_kib: Option<u64>) -> Served {
         }
         None => Command::new(vaultd),
     };
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--passphrase-file")
-        .arg(root.join("passphrase"))
-        .arg("--policies")
-        .arg(root.join("policies.toml"))
-        .args([
-            "--insecure-plaintext",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .env("FINTRUST_LOG", "info");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
+    support::serve_args(
+        &mut cmd,
+        dir,
+        &root.join("passphrase"),
+        Some(&root.join("policies.toml")),
+    );
     Served::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -239,7 +217,7 @@ async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().to_path_buf();
     std::fs::write(root.join("passphrase"), PASSPHRASE).expect("passphrase");
-    std::fs::write(root.join("policies.toml"), POLICIES).expect("policies");
+    std::fs::write(root.join("policies.toml"), support::POLICIES).expect("policies");
     let mnt = root.join("small-disk");
     // FINTRUST_FAULTS_NO_MOUNT=1 takes the file-size path where a mount
     // would work.

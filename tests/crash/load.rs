@@ -5,11 +5,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client::{Client, ClientError, ErrorCode, MaskOp, Record};
+use client::{Client, ClientError, ErrorCode, Record};
 use tokio::sync::{mpsc, Mutex};
 
-use crate::model::{config, Acked, Model, Rng, Token};
-use crate::{seeded_record, Ending, Env, Server, PARTNER, SEEDED};
+use crate::model::{config, mint_seeded, Acked, Model, Rng, Token};
+use crate::{seeded_record, Ending, Env, Server, SEEDED};
 
 const WRITERS: usize = 4;
 const MINTERS: usize = 2;
@@ -466,24 +466,9 @@ async fn minter(
     };
     let mut n = 0;
     while !flags.killed() {
-        let subject = SEEDED[rng.below(SEEDED.len() as u64) as usize].0;
-        match c
-            .mint(
-                PARTNER,
-                subject,
-                "kyc",
-                vec![("name".into(), MaskOp::Reveal)],
-                600,
-            )
-            .await
-        {
-            Ok((token, _)) => {
+        match mint_seeded(&c, &mut rng).await {
+            Ok(t) => {
                 n += 1;
-                let t = Token {
-                    token,
-                    subject: subject.to_string(),
-                    from_http: false,
-                };
                 hand_out(t, &mut rng, &tx, &kept)?;
             }
             Err(e) if flags.tolerated(&e) => {

@@ -107,17 +107,8 @@ pub enum Ending {
     Fault(&'static str),
 }
 
-/// The partner every token is for, with its policy.
+/// The partner every token is for (its policy: `support::POLICIES`).
 const PARTNER: &str = "lender-1";
-const POLICIES: &str = r#"
-[partners.lender-1]
-max_token_ttl_secs = 900
-rate_limit_per_minute = 1000000
-
-[partners.lender-1.purposes.kyc.fields]
-name = "reveal"
-email = "partial"
-"#;
 
 /// Subjects whose records never change, so that every redemption has one
 /// right answer: (subject, name).
@@ -326,8 +317,8 @@ async fn setup(root: &Path) -> Result<Env, String> {
     let passphrase_file = root.join("passphrase");
     let policies_file = root.join("policies.toml");
     std::fs::write(&passphrase_file, PASSPHRASE).map_err(|e| e.to_string())?;
-    std::fs::write(&policies_file, POLICIES).map_err(|e| e.to_string())?;
-    server::shim::PoliciesFile::parse(POLICIES, 3600)?;
+    std::fs::write(&policies_file, support::POLICIES).map_err(|e| e.to_string())?;
+    server::shim::PoliciesFile::parse(support::POLICIES, 3600)?;
     let created = Vault::create(
         &dir,
         &Unlock::passphrase(PASSPHRASE.to_vec()),
@@ -381,30 +372,15 @@ pub type Server = support::Vaultd;
 
 fn vaultd(env: &Env, failpoints: Option<&str>) -> Command {
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(&env.dir)
-        .arg("--passphrase-file")
-        .arg(&env.passphrase_file)
-        .arg("--policies")
-        .arg(&env.policies_file)
-        .args([
-            "--insecure-plaintext",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            // Derived state written often, so that its failpoints are
-            // reached within a cycle.
-            "--index-batch",
-            "500",
-        ]);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.env("FINTRUST_LOG", "info");
+    support::serve_args(
+        &mut cmd,
+        &env.dir,
+        &env.passphrase_file,
+        Some(&env.policies_file),
+    );
+    // Derived state written often, so that its failpoints are reached
+    // within a cycle.
+    cmd.args(["--index-batch", "500"]);
     if let Some(spec) = failpoints {
         cmd.env(server::failpoints::ENV, spec);
     }

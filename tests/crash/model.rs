@@ -200,23 +200,9 @@ impl Redeemer<'_> {
 
     /// Mints a token and redeems it: must give the right data.
     async fn forgive(&mut self) -> Result<(), String> {
-        let subject = SEEDED[self.rng.below(SEEDED.len() as u64) as usize].0;
-        let (token, _) = self
-            .gateway
-            .mint(
-                PARTNER,
-                subject,
-                "kyc",
-                vec![("name".into(), MaskOp::Reveal)],
-                600,
-            )
+        let t = mint_seeded(&self.gateway, self.rng)
             .await
             .map_err(|e| format!("mint after a restart: {e}"))?;
-        let t = Token {
-            token,
-            subject: subject.to_string(),
-            from_http: false,
-        };
         let got = Client::connect(config(&self.server.protocol, &self.env.partner))
             .await
             .map_err(|e| format!("connect as the partner: {e}"))?
@@ -227,6 +213,26 @@ impl Redeemer<'_> {
         self.refusals_in_a_row = 0;
         Ok(())
     }
+}
+
+/// Mints a token (name revealed, 10 minutes) for a random seeded subject,
+/// as the gateway `c`.
+pub async fn mint_seeded(c: &Client, rng: &mut Rng) -> client::Result<Token> {
+    let subject = SEEDED[rng.below(SEEDED.len() as u64) as usize].0;
+    let (token, _) = c
+        .mint(
+            PARTNER,
+            subject,
+            "kyc",
+            vec![("name".into(), MaskOp::Reveal)],
+            600,
+        )
+        .await?;
+    Ok(Token {
+        token,
+        subject: subject.to_string(),
+        from_http: false,
+    })
 }
 
 fn is_spent(r: &client::Result<client::Redeemed>) -> bool {

@@ -150,14 +150,67 @@ impl DevServer {
 
     /// SIGTERM, then waits: the exit status of a clean shutdown.
     pub fn stop(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-        child.wait().expect("wait for vaultd dev")
+        terminate(self.child.take().expect("running"))
     }
+}
+
+/// SIGTERM (a clean shutdown), then waits: the exit status.
+fn terminate(mut child: std::process::Child) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM failed");
+    child.wait().expect("wait for vaultd")
+}
+
+/// Partner policies of the tests that run `vaultd serve --policies`:
+/// `lender-1` may see `name` and a partial `email` for `kyc`, at a rate
+/// no test reaches.
+#[allow(dead_code)] // each test binary uses part of it
+pub const POLICIES: &str = r#"
+[partners.lender-1]
+max_token_ttl_secs = 900
+rate_limit_per_minute = 1000000
+
+[partners.lender-1.purposes.kyc.fields]
+name = "reveal"
+email = "partial"
+"#;
+
+/// Adds to `cmd` (the `vaultd` binary, or a wrapper that execs it with
+/// these arguments) the arguments of a plaintext `vaultd serve` of
+/// `data_dir` on ports the OS chooses, unlocked by `passphrase_file`,
+/// with `policies` loaded at start; no `FINTRUST_` variable of the test's
+/// environment reaches it, and it logs at info level (its ready line).
+#[allow(dead_code)] // each test binary uses part of it
+pub fn serve_args(
+    cmd: &mut Command,
+    data_dir: &Path,
+    passphrase_file: &Path,
+    policies: Option<&Path>,
+) {
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--passphrase-file")
+        .arg(passphrase_file);
+    if let Some(p) = policies {
+        cmd.arg("--policies").arg(p);
+    }
+    cmd.args([
+        "--insecure-plaintext",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("FINTRUST_LOG", "info");
 }
 
 impl Drop for DevServer {
@@ -245,13 +298,7 @@ impl Vaultd {
 
     /// SIGTERM (a clean shutdown), then waits: its exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
-        child.wait().expect("wait for vaultd")
+        terminate(self.child.take().expect("running"))
     }
 }
 

@@ -769,27 +769,25 @@ impl MixedReport {
         let _ = writeln!(s);
         let table = LatencyTable { name: 32, extra: 8 };
         table.header(&mut s, "per s", "vs pure");
-        let label = |op: &str| match op {
-            "append" => "append (protocol, durable)",
-            "redeem" => "redeem (new connection)",
-            "authorize" => "authorize (HTTP)",
-            _ => "all operations",
-        };
-        for r in &self.ops {
-            let ratio = r.vs_pure.map_or(String::new(), |x| format!("{x:.2}x"));
-            table.row(
-                &mut s,
-                &format!("{} x{}", label(r.op), thousands(r.count)),
-                r.per_s,
-                &ratio,
-                &r.latency_us,
-            );
-            if r.op == "redeem" {
-                if let Some(m) = &self.mint_latency_us {
-                    table.row(&mut s, "  its mint (gateway)", r.per_s, "", m);
+        // One row per kind, its ratio in the last column; `mint`: the
+        // latency of the redemptions' mints, on a row below theirs.
+        let rows = |s: &mut String, ops: &[OpRun], mint: Option<&Latency>| {
+            for r in ops {
+                let label = match r.op {
+                    "append" => "append (protocol, durable)",
+                    "redeem" => "redeem (new connection)",
+                    "authorize" => "authorize (HTTP)",
+                    _ => "all operations",
+                };
+                let ratio = r.vs_pure.map_or(String::new(), |x| format!("{x:.2}x"));
+                let name = format!("{label} x{}", thousands(r.count));
+                table.row(s, &name, r.per_s, &ratio, &r.latency_us);
+                if let (Some(m), "redeem") = (mint, r.op) {
+                    table.row(s, "  its mint (gateway)", r.per_s, "", m);
                 }
             }
-        }
+        };
+        rows(&mut s, &self.ops, self.mint_latency_us.as_ref());
         for b in self.baseline.iter().flatten() {
             table.row(
                 &mut s,
@@ -812,16 +810,7 @@ impl MixedReport {
                 a.elapsed_s
             );
             table.header(&mut s, "per s", "p99 vs");
-            for r in &a.ops {
-                let ratio = r.vs_pure.map_or(String::new(), |x| format!("{x:.2}x"));
-                table.row(
-                    &mut s,
-                    &format!("{} x{}", label(r.op), thousands(r.count)),
-                    r.per_s,
-                    &ratio,
-                    &r.latency_us,
-                );
-            }
+            rows(&mut s, &a.ops, None);
         }
         let _ = writeln!(s);
         let _ = write!(
