@@ -141,6 +141,11 @@ impl InProcess {
         })
     }
 
+    /// Whether both ports serve TLS.
+    pub fn tls(&self) -> bool {
+        self.ca.is_some()
+    }
+
     /// A client configuration for this server with `api_key`.
     pub fn client_config(&self, api_key: &str) -> ClientConfig {
         ClientConfig {

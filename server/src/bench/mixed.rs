@@ -474,6 +474,7 @@ async fn measure_attacked(
         server.http.filter(|_| p.ratio.authorize > 0),
         p.slowloris,
         p.slowloris_interval,
+        server.tls(),
     )
     .await;
     let open = attack.stats();

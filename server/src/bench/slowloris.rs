@@ -6,10 +6,11 @@
 //! connection flood).
 //!
 //! On the protocol port each sends a frame header that announces a Hello,
-//! then its payload, a byte at a time; on the HTTP port, a request line
-//! and then header lines without end. Neither ever completes, so each
-//! occupies the server until the server closes it (an idle or handshake
-//! timeout, or eviction by a newer connection).
+//! then its payload, a byte at a time; over TLS, a handshake record that
+//! announces a 512-byte ClientHello, then its body a byte at a time; on
+//! the HTTP port, a request line and then header lines without end. None
+//! ever completes, so each occupies the server until the server closes it
+//! (an idle or handshake timeout, or eviction by a newer connection).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,9 +51,15 @@ pub struct Attack {
 }
 
 /// What a slow client sends: an endless byte stream that never completes
-/// a request.
-fn endless(http: bool) -> impl Iterator<Item = u8> {
-    let head: Vec<u8> = if http {
+/// a request (or, over TLS, a handshake).
+fn endless(http: bool, tls: bool) -> impl Iterator<Item = u8> {
+    let head: Vec<u8> = if tls {
+        // A handshake record of 512 bytes (TLS 1.0 record version, as
+        // ClientHellos carry), holding a ClientHello of 508.
+        vec![
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ]
+    } else if http {
         b"POST /v1/authorize HTTP/1.1\r\nHost: vault\r\n".to_vec()
     } else {
         // A frame header announcing a Hello (type 0x01) of 64 KiB; the
@@ -61,19 +68,25 @@ fn endless(http: bool) -> impl Iterator<Item = u8> {
         h.extend_from_slice(&(64u32 * 1024).to_be_bytes());
         h
     };
-    let tail: &'static [u8] = if http { b"X-Slow: y\r\n" } else { b"\x00" };
+    let tail: &'static [u8] = if http && !tls {
+        b"X-Slow: y\r\n"
+    } else {
+        b"\x00"
+    };
     head.into_iter().chain(tail.iter().copied().cycle())
 }
 
 impl Attack {
     /// Opens `n` slow connections to `protocol` and to `http` (when
-    /// given), each sending a byte every `interval`; returns once they
-    /// are open (or could not be).
+    /// given), each sending a byte every `interval` (of a TLS handshake
+    /// when the ports serve `tls`); returns once they are open (or could
+    /// not be).
     pub async fn start(
         protocol: SocketAddr,
         http: Option<SocketAddr>,
         n: usize,
         interval: Duration,
+        tls: bool,
     ) -> Attack {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
@@ -84,7 +97,14 @@ impl Attack {
                 let (stop, counters) = (stop.clone(), counters.clone());
                 // Spread the bytes over the interval.
                 let offset = interval.mul_f64(i as f64 / n.max(1) as f64);
-                tasks.spawn(slow_client(addr, is_http, interval, offset, stop, counters));
+                tasks.spawn(slow_client(
+                    addr,
+                    (is_http, tls),
+                    interval,
+                    offset,
+                    stop,
+                    counters,
+                ));
             }
         }
         // Let every client connect once.
@@ -126,7 +146,7 @@ impl Attack {
 
 async fn slow_client(
     addr: SocketAddr,
-    http: bool,
+    (http, tls): (bool, bool),
     interval: Duration,
     offset: Duration,
     stop: Arc<AtomicBool>,
@@ -146,7 +166,7 @@ async fn slow_client(
         let (mut r, mut w) = tcp.into_split();
         open.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 512];
-        'conn: for byte in endless(http) {
+        'conn: for byte in endless(http, tls) {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
