@@ -3,7 +3,7 @@
 //! machines are too noisy for that, and the figures belong to real runs.
 
 use server::bench::{
-    self, AppendParams, MixedParams, Progress, Report, Target, VerifyParams, Workload,
+    self, AppendParams, GrowthParams, MixedParams, Progress, Report, Target, VerifyParams, Workload,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,4 +543,111 @@ fn append_redis_baseline_is_skipped_with_a_note_without_redis() {
         .output()
         .expect("vault-bench runs");
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn growth_measures_at_each_size_of_one_growing_vault() {
+    let v = bench_json(&[
+        "growth",
+        "--sizes",
+        "200,400",
+        "--window",
+        "200",
+        "--redemptions",
+        "5",
+        "--clients",
+        "2",
+        "--pipeline",
+        "4",
+        "--size",
+        "64",
+    ]);
+    assert_eq!(v["workload"], "growth");
+    assert_eq!(v["target"]["kind"], "in-process");
+    assert_eq!(v["params"]["sizes"], serde_json::json!([200, 400]));
+    let levels = v["levels"].as_array().expect("levels");
+    assert_eq!(levels.len(), 2, "{v}");
+    let mut last = 0;
+    for (l, target) in levels.iter().zip([200, 400]) {
+        assert_eq!(l["target_entries"], target);
+        let entries = l["entries"].as_u64().expect("entries");
+        // One vault that grows: at least the size asked for, and more
+        // than the level before.
+        assert!(entries >= target && entries > last, "{l}");
+        last = entries;
+        assert_eq!(l["appends"]["records"], 200);
+        assert_eq!(l["appends"]["latency_us"]["count"], 200);
+        positive(l, &["appends", "records_per_s"]);
+        positive(l, &["vs_first"]);
+        assert_eq!(l["redemptions"]["cycles"], 5);
+        assert_eq!(l["redemptions"]["redeem_latency_us"]["count"], 5);
+        assert_eq!(l["redemptions"]["mint_latency_us"]["count"], 5);
+        if cfg!(target_os = "linux") {
+            positive(l, &["memory", "rss_mib"]);
+            positive(l, &["memory", "peak_mib"]);
+        }
+    }
+    // The first level was filled; the second may have been passed by the
+    // first's window already.
+    positive(&levels[0], &["fill", "records"]);
+    assert_eq!(levels[0]["vs_first"], 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn growth_table_has_one_row_per_size() {
+    let params = GrowthParams {
+        sizes: vec![50, 300],
+        size: 32,
+        clients: 2,
+        pipeline: 2,
+        window: 30,
+        redemptions: 3,
+    };
+    let report = bench::run(
+        &Target::InProcess {
+            dir: None,
+            tls: false,
+        },
+        &Workload::Growth(params),
+        Progress::hidden(),
+    )
+    .await
+    .expect("growth bench runs");
+    let Report::Growth(r) = &report else {
+        panic!("a growth run reports a growth report");
+    };
+    assert_eq!(r.levels.len(), 2);
+    let table = report.table();
+    assert!(table.contains("vs first"), "{table}");
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+
+    // Sizes out of order, TLS and a remote target are refused up front.
+    for (target, sizes) in [
+        (
+            Target::InProcess {
+                dir: None,
+                tls: false,
+            },
+            vec![300, 50],
+        ),
+        (
+            Target::InProcess {
+                dir: None,
+                tls: true,
+            },
+            vec![50],
+        ),
+        (Target::Embedded { dir: None }, vec![50]),
+    ] {
+        let p = GrowthParams {
+            sizes,
+            ..GrowthParams::default()
+        };
+        let r = bench::run(&target, &Workload::Growth(p), Progress::hidden()).await;
+        assert!(matches!(r, Err(server::Error::Usage(_))));
+    }
 }

@@ -33,10 +33,15 @@
 //! - Protocol appends next to Redis `SET` with `appendfsync always`
 //!   ([`AppendParams::redis`], [`redis`]): one durable write each, the
 //!   single-client latency comparison.
+//! - [`Workload::Growth`] ([`growth`]): one vaultd whose log is grown to
+//!   each of a list of sizes; at each, a window of protocol appends,
+//!   mint+redeem cycles one at a time, and the process's resident memory,
+//!   with appends/s against the first size's.
 //!
 //! Submodules, in the order a run uses them: [`inproc`] (vaultd in this
 //! process, TLS material made for the run), then one per workload, then
-//! [`mixed`] (which drives the others' operations) and [`redis`].
+//! [`mixed`] and [`growth`] (which drive the others' operations) and
+//! [`redis`].
 //!
 //! The machines this runs on are shared and noisy, so absolute figures
 //! move between runs; the baselines are measured in the same run so that
@@ -67,6 +72,7 @@ use tokio::task::JoinSet;
 
 use crate::{Error, Result};
 
+pub mod growth;
 pub mod http;
 pub mod inproc;
 pub mod mixed;
@@ -75,6 +81,7 @@ pub mod redeem;
 pub mod redis;
 pub mod slowloris;
 
+pub use growth::{GrowthParams, GrowthReport};
 pub use http::{AuthorizeParams, AuthorizeReport};
 pub use mixed::{MixedParams, MixedReport, Ratio, RatioError};
 pub use redeem::{RedeemParams, RedeemReport};
@@ -111,6 +118,7 @@ pub enum Workload {
     Redeem(RedeemParams),
     Authorize(AuthorizeParams),
     Mixed(MixedParams),
+    Growth(GrowthParams),
 }
 
 /// Parameters of [`Workload::Append`].
@@ -261,6 +269,7 @@ pub enum Report {
     Redeem(RedeemReport),
     Authorize(AuthorizeReport),
     Mixed(MixedReport),
+    Growth(GrowthReport),
 }
 
 /// Where a run went.
@@ -490,6 +499,7 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         Workload::Redeem(p) => p.validate()?,
         Workload::Authorize(p) => p.validate()?,
         Workload::Mixed(p) => p.validate()?,
+        Workload::Growth(p) => p.validate()?,
     }
     match (target, workload) {
         (Target::Embedded { .. }, Workload::Append(p)) if p.redis.is_some() => Err(Error::Usage(
@@ -531,6 +541,15 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
             let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", *tls)?;
             mixed::run(&dir, info, p, progress).await.map(Report::Mixed)
         }
+        (Target::InProcess { dir, tls: false }, Workload::Growth(p)) => {
+            let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", false)?;
+            growth::run(&dir, info, p, progress)
+                .await
+                .map(Report::Growth)
+        }
+        (Target::InProcess { tls: true, .. }, Workload::Growth(_)) => Err(Error::Usage(
+            "growth runs vaultd in plaintext: drop --tls".into(),
+        )),
         (_, Workload::Verify(_)) => Err(Error::Usage(
             "verify runs on the embedded engine only".into(),
         )),
@@ -539,6 +558,9 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
                 "redeem, authorize and mixed start vaultd in this process: no --addr".into(),
             ))
         }
+        (_, Workload::Growth(_)) => Err(Error::Usage(
+            "growth starts vaultd in this process: no --addr".into(),
+        )),
     }
 }
 
@@ -1204,6 +1226,7 @@ impl Report {
             Report::Redeem(r) => r.table(),
             Report::Authorize(r) => r.table(),
             Report::Mixed(r) => r.table(),
+            Report::Growth(r) => r.table(),
         }
     }
 }

@@ -230,8 +230,10 @@ struct Work {
     bar: ProgressBar,
 }
 
-/// Connects every client, then times the appends.
-async fn measure(
+/// Connects every client, then times the appends: `p.records` records,
+/// `p.clients` connections with `p.pipeline` requests of `p.batch` in
+/// flight each. Also the driver of [`super::growth`]'s fill and windows.
+pub(super) async fn measure(
     connector: &Connector,
     p: &AppendParams,
     progress: Progress,

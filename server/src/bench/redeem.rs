@@ -68,7 +68,7 @@ impl Default for RedeemParams {
 
 /// Most tokens one run redeems: each connection leaves a socket in
 /// TIME_WAIT for a minute, and loopback has about 28,000 ephemeral ports.
-const MAX_TOKENS: u64 = 1_000_000;
+pub(super) const MAX_TOKENS: u64 = 1_000_000;
 
 impl RedeemParams {
     pub(super) fn validate(&self) -> Result<()> {

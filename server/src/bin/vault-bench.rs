@@ -15,6 +15,8 @@
 //! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N]
 //! vault-bench mixed [--embedded DIR] [--ratio 8:1:1] [--clients 50] [--requests N]
 //!                   [--duration SECS] [--size BYTES] [--subjects S] [--tls] [--baseline]
+//! vault-bench growth [--embedded DIR] [--sizes N,N,...] [--size BYTES] [--clients C]
+//!                    [--pipeline P] [--window N] [--redemptions N]
 //! ```
 //!
 //! Exit codes: 0 done, 1 error (bad flags included).
@@ -30,8 +32,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use server::bench::{
-    self, AppendParams, AuthorizeParams, MixedParams, Progress, Ratio, RedeemParams, Target,
-    VerifyParams, Workload,
+    self, AppendParams, AuthorizeParams, GrowthParams, MixedParams, Progress, Ratio, RedeemParams,
+    Target, VerifyParams, Workload,
 };
 
 #[derive(Parser)]
@@ -60,6 +62,9 @@ enum Command {
     Authorize(AuthorizeArgs),
     /// Appends, mint+redeem cycles and authorizations together, in a ratio.
     Mixed(MixedArgs),
+    /// One vault grown to each of a list of sizes: appends, redemptions
+    /// and memory at each.
+    Growth(GrowthArgs),
 }
 
 #[derive(Args)]
@@ -236,6 +241,31 @@ struct MixedArgs {
 }
 
 #[derive(Args)]
+struct GrowthArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Log sizes in entries, ascending, comma-separated
+    /// [default: 10000,100000,1000000,10000000].
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    sizes: Option<Vec<u64>>,
+    /// Plaintext bytes per appended record [default: 512].
+    #[arg(long, value_name = "BYTES")]
+    size: Option<usize>,
+    /// Appending connections [default: 8].
+    #[arg(long, value_name = "C")]
+    clients: Option<usize>,
+    /// Single appends each connection keeps in flight [default: 8].
+    #[arg(long, value_name = "P")]
+    pipeline: Option<usize>,
+    /// Appends timed at each size [default: 20000].
+    #[arg(long, value_name = "N")]
+    window: Option<u64>,
+    /// Mint+redeem cycles timed at each size, one at a time [default: 500].
+    #[arg(long, value_name = "N")]
+    redemptions: Option<u64>,
+}
+
+#[derive(Args)]
 struct RedeemArgs {
     #[command(flatten)]
     target: TargetArgs,
@@ -380,6 +410,22 @@ impl Command {
                     tls: m.tls,
                 };
                 (target, Workload::Mixed(p))
+            }
+            Command::Growth(g) => {
+                let d = GrowthParams::default();
+                let p = GrowthParams {
+                    sizes: g.sizes.unwrap_or(d.sizes),
+                    size: g.size.unwrap_or(d.size),
+                    clients: g.clients.unwrap_or(d.clients),
+                    pipeline: g.pipeline.unwrap_or(d.pipeline),
+                    window: g.window.unwrap_or(d.window),
+                    redemptions: g.redemptions.unwrap_or(d.redemptions),
+                };
+                let target = Target::InProcess {
+                    dir: g.target.embedded,
+                    tls: false,
+                };
+                (target, Workload::Growth(p))
             }
             Command::Verify(v) => {
                 let d = VerifyParams::default();
