@@ -24,8 +24,9 @@
 //! Derived state is kept off the commit path: the committer publishes each
 //! group's state mutations to an in-memory **overlay** that every reader
 //! consults first, and an **indexer** thread writes the overlay to the
-//! `state` tree in large batches (one write per key however often it
-//! changed), each with the `applied` marker of the last group it covers.
+//! `state` tree in batches (one write per key however often it changed,
+//! at most a few thousand keys, so that the sync after it stays short),
+//! each with the `applied` marker of the last group it covers.
 //! The state tree is thus always the model of the log at `applied`; opening
 //! replays the entries after it.
 //!
@@ -84,7 +85,7 @@ pub struct Options {
     /// Unwrapped subject data keys kept in memory by the committer (default 100,000).
     pub key_cache: usize,
     /// The indexer writes derived state once this many entries are waiting
-    /// (default 1,000,000), and at least every 5 s. Writing derived state is the costliest part of a commit (one sled insert per changed key), so it is batched widely; a crash replays at most this much at the next open.
+    /// (default 1,000,000) or 4,096 keys have changed, and at least every 5 s. Writing derived state is the costliest part of a commit (one sled insert per changed key), so it is batched widely; a crash replays at most this much at the next open.
     pub index_batch: u64,
     /// Records one subject data key may encrypt before the committer
     /// rotates the subject to a new key version by itself (default
@@ -642,11 +643,25 @@ pub struct Rotated {
     pub reencrypted: Option<Receipt>,
 }
 
+/// Keys in the overlay that wake the indexer before `index_batch`
+/// entries or its 5 s: the sync after an index write flushes every page
+/// the write dirtied, so a write of tens of thousands of keys stalls the
+/// commits behind it for hundreds of milliseconds; a few thousand at a
+/// time keep that stall short.
+const OVERLAY_KEYS: usize = 4096;
+
+/// Derived-state keys → (seq of the group that set them, value or removal).
+type Mutations = HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
+
 /// Derived-state mutations in the log but not yet in the state tree.
 #[derive(Default)]
 struct Overlay {
     /// Key → (seq of the group that set it, value or removal).
-    map: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    map: Mutations,
+    /// The mutations the indexer is writing to the tree (older than
+    /// `map`'s): taken out of `map` whole, so that the committer never
+    /// waits for a copy, and read until they are in the tree.
+    frozen: Option<Arc<Mutations>>,
     /// Last seq whose mutations are in the overlay (or already in the tree).
     last_seq: Option<u64>,
     /// Entries published since the last index write.
@@ -657,7 +672,8 @@ impl Shared {
     /// A derived-state value: the overlay first, then the tree.
     fn state_get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<sled::IVec>> {
         if let Ok(o) = self.overlay.lock() {
-            if let Some((_, v)) = o.map.get(key) {
+            let newest = o.map.get(key);
+            if let Some((_, v)) = newest.or_else(|| o.frozen.as_ref()?.get(key)) {
                 return Ok(v.as_deref().map(sled::IVec::from));
             }
         }
@@ -3009,33 +3025,39 @@ impl Writer {
         }
         o.last_seq = Some(last_seq);
         o.waiting += g.encoded.len() as u64;
-        if o.waiting >= self.index_batch {
+        if o.waiting >= self.index_batch || o.map.len() >= OVERLAY_KEYS {
             self.shared.overlay_full.notify_one();
         }
     }
 }
 
 /// Writes the overlay to the state tree in one batch with its applied
-/// marker, then drops from the overlay what did not change meanwhile.
+/// marker. The overlay's map is taken whole (readers see it as `frozen`
+/// until it is in the tree), so that the committer, which publishes into
+/// the overlay after every group, never waits for a copy of it.
 fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     let (snapshot, applied) = {
         let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
         if o.waiting == 0 {
             return Ok(());
         }
+        let Some(applied) = o.last_seq else {
+            return Ok(());
+        };
         o.waiting = 0;
-        let snap: Vec<(Vec<u8>, u64, Option<Vec<u8>>)> = o
-            .map
-            .iter()
-            .map(|(k, (s, v))| (k.clone(), *s, v.clone()))
-            .collect();
-        (snap, o.last_seq)
-    };
-    let Some(applied) = applied else {
-        return Ok(());
+        let mut snap = std::mem::take(&mut o.map);
+        // Left by a write that failed (the vault is poisoned then): older.
+        if let Some(old) = o.frozen.take() {
+            for (k, v) in old.iter() {
+                snap.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        let snap = Arc::new(snap);
+        o.frozen = Some(snap.clone());
+        (snap, applied)
     };
     let mut batch = sled::Batch::default();
-    for (k, _, v) in &snapshot {
+    for (k, (_, v)) in snapshot.iter() {
         match v {
             Some(v) => batch.insert(k.as_slice(), v.as_slice()),
             None => batch.remove(k.as_slice()),
@@ -3046,11 +3068,7 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     store.state.apply_batch(batch)?;
     failpoint("index::after_write")?;
     let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
-    for (k, seq, _) in snapshot {
-        if o.map.get(&k).is_some_and(|(s, _)| *s == seq) {
-            o.map.remove(&k);
-        }
-    }
+    o.frozen = None;
     Ok(())
 }
 
