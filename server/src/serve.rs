@@ -599,7 +599,7 @@ where
             continue;
         }
         // Out of service while a failed write is recovered from.
-        let Some(current) = vault.get() else {
+        let Some(mut current) = vault.get() else {
             let reply = match message {
                 Message::Health => Message::HealthInfo {
                     status: Status::Recovering.name().into(),
@@ -617,11 +617,29 @@ where
             // Terminal: one data frame (or error), then the server closes.
             let wait = throttle.delay(peer);
             if !wait.is_zero() {
+                // Not holding the vault meanwhile: it may be reopened.
+                drop(current);
                 tokio::time::sleep(wait).await;
+                current = match vault.get() {
+                    Some(v) => v,
+                    None => {
+                        let _ = tx.send((id, recovering(), 0)).await;
+                        break Ok(());
+                    }
+                };
             }
             let started = std::time::Instant::now();
             let reply = redeem(&current, &token, &caller.name).await;
-            throttle.record(peer, matches!(reply, Message::Error { .. }));
+            drop(current);
+            // Only refusals of the token count as guesses; a vault that
+            // cannot answer (`unavailable`) neither slows nor forgives.
+            match &reply {
+                Message::Error { code, .. } if is_token_refusal(*code) => {
+                    throttle.record(peer, true)
+                }
+                Message::Error { .. } => {}
+                _ => throttle.record(peer, false),
+            }
             let metrics = crate::metrics::global();
             let outcome = match &reply {
                 Message::Error { code, .. } => code.name(),
@@ -690,6 +708,17 @@ async fn send<W: AsyncWrite + Unpin>(
         Ok(f) => sink.send(f).await.is_ok(),
         Err(_) => false,
     }
+}
+
+/// A redemption refused for its token: what a guesser gets.
+fn is_token_refusal(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::TokenUnknown
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenSpent
+            | ErrorCode::WrongPartner
+    )
 }
 
 /// The answer of every request while the vault is reopened.

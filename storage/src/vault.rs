@@ -24,9 +24,8 @@
 //! Derived state is kept off the commit path: the committer publishes each
 //! group's state mutations to an in-memory **overlay** that every reader
 //! consults first, and an **indexer** thread writes the overlay to the
-//! `state` tree in batches (one write per key however often it changed,
-//! at most a few thousand keys, so that the sync after it stays short),
-//! each with the `applied` marker of the last group it covers.
+//! `state` tree in large batches (one write per key however often it
+//! changed), each with the `applied` marker of the last group it covers.
 //! The state tree is thus always the model of the log at `applied`; opening
 //! replays the entries after it.
 //!
@@ -85,7 +84,7 @@ pub struct Options {
     /// Unwrapped subject data keys kept in memory by the committer (default 100,000).
     pub key_cache: usize,
     /// The indexer writes derived state once this many entries are waiting
-    /// (default 1,000,000) or 4,096 keys have changed, and at least every 5 s. Writing derived state is the costliest part of a commit (one sled insert per changed key), so it is batched widely; a crash replays at most this much at the next open.
+    /// (default 1,000,000), and at least every 5 s. Writing derived state is the costliest part of a commit (one sled insert per changed key), so it is batched widely; a crash replays at most this much at the next open.
     pub index_batch: u64,
     /// Records one subject data key may encrypt before the committer
     /// rotates the subject to a new key version by itself (default
@@ -642,13 +641,6 @@ pub struct Rotated {
     /// for (and the subject had a record).
     pub reencrypted: Option<Receipt>,
 }
-
-/// Keys in the overlay that wake the indexer before `index_batch`
-/// entries or its 5 s: the sync after an index write flushes every page
-/// the write dirtied, so a write of tens of thousands of keys stalls the
-/// commits behind it for hundreds of milliseconds; a few thousand at a
-/// time keep that stall short.
-const OVERLAY_KEYS: usize = 4096;
 
 /// Derived-state keys → (seq of the group that set them, value or removal).
 type Mutations = HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
@@ -3025,7 +3017,7 @@ impl Writer {
         }
         o.last_seq = Some(last_seq);
         o.waiting += g.encoded.len() as u64;
-        if o.waiting >= self.index_batch || o.map.len() >= OVERLAY_KEYS {
+        if o.waiting >= self.index_batch {
             self.shared.overlay_full.notify_one();
         }
     }
