@@ -497,11 +497,30 @@ fn authorizer(
     let mut n = 0;
     while !flags.killed() {
         let subject = SEEDED[rng.below(SEEDED.len() as u64) as usize].0;
+        // One in eight asks for a purpose the policy does not allow: a
+        // denial, audited (an `access_denied` event) before the 403.
+        let denied = rng.below(8) == 0;
+        let purpose = if denied { "marketing" } else { "kyc" };
         let reply = agent
             .post(&url)
             .set("Authorization", &format!("Bearer {}", env.partner))
-            .send_json(serde_json::json!({"subject_id": subject, "purpose": "kyc"}));
+            .send_json(serde_json::json!({"subject_id": subject, "purpose": purpose}));
         let body: serde_json::Value = match reply {
+            Ok(r) if denied => {
+                return Err(format!(
+                    "a purpose outside the policy was granted: {}",
+                    r.status()
+                ))
+            }
+            Err(ureq::Error::Status(403, r)) if denied => {
+                let body: serde_json::Value =
+                    r.into_json().map_err(|e| format!("a denial's body: {e}"))?;
+                if body["error"] != "purpose_not_allowed" {
+                    return Err(format!("the wrong denial: {body}"));
+                }
+                n += 1;
+                continue;
+            }
             Ok(r) => match r.into_json() {
                 Ok(v) => v,
                 Err(e) => return flags.after_kill_blocking("reading a grant", e).map(|()| n),

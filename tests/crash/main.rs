@@ -9,7 +9,8 @@
 //!   aborts), taking every failpoint in turn: each step of a commit
 //!   (before and after the sled write, before and after the flush, and
 //!   the same for derived state) and just before each reply (append,
-//!   batch, mint, redeem, authorize); then SIGKILL if it was not reached;
+//!   batch, mint, redeem, authorize, and the audit event of a denial);
+//!   then SIGKILL if it was not reached;
 //! - 2: a failed write or fsync at a commit failpoint (`N*off->1*return`),
 //!   which poisons the vault: requests are refused with `unavailable`
 //!   (and only with that), `vaultd` opens the vault again by itself, and
@@ -23,7 +24,9 @@
 //!   protocol, each on its own connection;
 //! - gateways mint one-time tokens over the protocol, and partners
 //!   authorize over the HTTP shim (`POST /v1/authorize`), which audits the
-//!   grant and mints a token;
+//!   grant and mints a token (one request in eight names a purpose the
+//!   policy does not allow: the shim audits the denial as an
+//!   `access_denied` event and answers 403);
 //! - partners redeem most tokens at once, a connection per token, and
 //!   keep the rest for after the restart;
 //! - an admin rotates keys: seeded subjects' data keys (half of them
@@ -84,6 +87,7 @@ const CRASH_POINTS: &[&str] = &[
     "index::before_write",
     "reply::append_batch",
     "index::after_write",
+    "reply::event",
 ];
 
 /// Where a cycle fails a write or fsync.
