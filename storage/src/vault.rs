@@ -3064,6 +3064,18 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     Ok(())
 }
 
+/// Every failpoint of the commit path, in the order a commit reaches
+/// them: the group's sled write, its flush and fsync, and the indexer's
+/// write of derived state (each before and after).
+pub const FAILPOINTS: &[&str] = &[
+    "commit::before_write",
+    "commit::after_write",
+    "commit::before_flush",
+    "commit::after_flush",
+    "index::before_write",
+    "index::after_write",
+];
+
 /// A failpoint of the commit path, evaluated only in builds with the
 /// `failpoints` feature (tests): storage/tests/failpoints.rs makes it
 /// panic (a crash at that step) or `return` an I/O error (`return(full)`:

@@ -34,6 +34,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use storage::vault::FAILPOINTS;
 use storage::{verify, Append, Error, Kind, Options, TokenRefusal, Unlock, Vault, VerifyOptions};
 
 const CHILD_ENV: &str = "FINTRUST_FAILPOINT_CHILD";
@@ -42,14 +43,6 @@ const PARTNER: &str = "lender-1";
 const SUBJECT: &str = "seeded";
 const SEEDED_NAME: &str = "Ada Lovelace";
 
-const FAILPOINTS: &[&str] = &[
-    "commit::before_write",
-    "commit::after_write",
-    "commit::before_flush",
-    "commit::after_flush",
-    "index::before_write",
-    "index::after_write",
-];
 const OPS: &[&str] = &["append", "audit", "mint", "redeem"];
 
 fn unlock() -> Unlock {

@@ -90,15 +90,8 @@ const CRASH_POINTS: &[&str] = &[
     "reply::event",
 ];
 
-/// Where a cycle fails a write or fsync.
-const FAULT_POINTS: &[&str] = &[
-    "commit::before_write",
-    "commit::after_write",
-    "commit::before_flush",
-    "commit::after_flush",
-    "index::before_write",
-    "index::after_write",
-];
+/// Where a cycle fails a write or fsync: every step of a commit.
+const FAULT_POINTS: &[&str] = storage::vault::FAILPOINTS;
 
 /// How a cycle ends.
 #[derive(Debug, Clone, Copy)]
