@@ -152,16 +152,7 @@ pub async fn run(
         }
     }
     // Connection tasks drop their handles as their clients go away.
-    let grace = CancellationToken::new();
-    let timer = {
-        let grace = grace.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            grace.cancel();
-        })
-    };
-    let closed = live::close_when_idle(vault, &grace).await;
-    timer.abort();
+    let closed = live::close_when_idle(vault, tokio::time::sleep(Duration::from_secs(5))).await;
     match closed {
         Some(v) => v.close()?,
         None => tracing::warn!(

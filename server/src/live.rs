@@ -124,18 +124,19 @@ impl LiveVault {
 }
 
 /// Waits until `vault` is the last handle to it (requests in flight have
-/// finished), then closes it. Gives up (and leaves the vault to be
-/// dropped) when `stop` is cancelled first.
-pub async fn close_when_idle(vault: Arc<Vault>, stop: &CancellationToken) -> Option<Vault> {
+/// finished), and returns it for the caller to close or drop. Gives up
+/// (and drops this handle) when `give_up` resolves first.
+pub async fn close_when_idle(
+    vault: Arc<Vault>,
+    give_up: impl std::future::Future<Output = ()>,
+) -> Option<Vault> {
+    tokio::pin!(give_up);
     let mut waited = Instant::now();
     let mut vault = vault;
     loop {
         match Arc::try_unwrap(vault) {
             Ok(v) => return Some(v),
             Err(shared) => vault = shared,
-        }
-        if stop.is_cancelled() {
-            return None;
         }
         if waited.elapsed() > Duration::from_secs(10) {
             tracing::warn!(
@@ -144,7 +145,10 @@ pub async fn close_when_idle(vault: Arc<Vault>, stop: &CancellationToken) -> Opt
             );
             waited = Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::select! {
+            () = &mut give_up => return None,
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
     }
 }
 
@@ -169,7 +173,7 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
         tracing::error!(
             "a write or fsync failed: the vault is out of service and is opened again from disk"
         );
-        let Some(old) = close_when_idle(poisoned, &stop).await else {
+        let Some(old) = close_when_idle(poisoned, stop.cancelled()).await else {
             return;
         };
         // Dropping joins the vault's threads: off the runtime's workers.

@@ -119,21 +119,23 @@ pub struct Totals {
 }
 
 impl Model {
+    /// An acknowledged append.
     pub fn acked(&mut self, a: Acked) -> Result<(), String> {
-        if !self.seqs.insert(a.seq) {
-            return Err(format!("seq {} was acknowledged twice", a.seq));
-        }
         self.totals.appends += 1;
-        self.new_appends.push(a);
-        Ok(())
+        self.entry(a)
     }
 
     /// A key rotation's entry (or its re-encrypted record).
     pub fn rotated(&mut self, a: Acked) -> Result<(), String> {
+        self.totals.rotations += 1;
+        self.entry(a)
+    }
+
+    /// An acknowledged entry, to be checked offline after the next kill.
+    fn entry(&mut self, a: Acked) -> Result<(), String> {
         if !self.seqs.insert(a.seq) {
             return Err(format!("seq {} was acknowledged twice", a.seq));
         }
-        self.totals.rotations += 1;
         self.new_appends.push(a);
         Ok(())
     }
