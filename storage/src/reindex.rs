@@ -105,7 +105,7 @@ fn replay_range(
     };
     let mut key_buf = Vec::with_capacity(64);
     let mut next = from;
-    for kv in store.log.range(start..) {
+    for kv in crate::store::scan(&store.log, start..) {
         let (_, v) = kv?;
         let chunk = Chunk::decode(&v).map_err(|_| Error::integrity(next, Reason::CrcMismatch))?;
         for bytes in chunk.entries {

@@ -1427,7 +1427,7 @@ impl Vault {
             None => return Ok(Vec::new()),
         };
         let mut out = Vec::new();
-        for kv in log.range(start..) {
+        for kv in crate::store::scan(log, start..) {
             let (_, v) = kv?;
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(from_seq, Reason::CrcMismatch))?;
@@ -1760,7 +1760,7 @@ fn replay_tail(store: &Store, entries: u64) -> Result<()> {
     };
     let mut batch = sled::Batch::default();
     let mut waiting = 0usize;
-    for kv in store.log.range(first_chunk..) {
+    for kv in crate::store::scan(&store.log, first_chunk..) {
         let (_, v) = kv?;
         let chunk = crate::chunk::Chunk::decode(&v)
             .map_err(|_| Error::integrity(start, Reason::CrcMismatch))?;
@@ -2926,6 +2926,7 @@ impl Writer {
             s.keys.apply_batch(kb)?;
         }
         let mut lb = sled::Batch::default();
+        let mut chunk_keys = Vec::new();
         let mut chunk_first = first_seq;
         let mut start = 0usize;
         let mut bytes = 0usize;
@@ -2937,12 +2938,16 @@ impl Writer {
                 let entries: Vec<&[u8]> = g.encoded[start..=i].iter().map(Vec::as_slice).collect();
                 let chunk = encode_chunk(chunk_first, &entries, last.then_some(head));
                 lb.insert(&chunk_first.to_be_bytes(), chunk);
+                chunk_keys.push(chunk_first);
                 chunk_first = first_seq + i as u64 + 1;
                 start = i + 1;
                 bytes = 0;
             }
         }
         s.log.apply_batch(lb)?;
+        for &k in &chunk_keys {
+            crate::store::touch(&s.log, &k.to_be_bytes())?;
+        }
         failpoint("commit::after_write")?;
         if !g.shreds.is_empty() {
             // Step 3: the shredded subjects' keys go only once their shred

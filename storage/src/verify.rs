@@ -27,22 +27,6 @@ use crate::vault::KeyUses;
 /// two windows in memory: the one walked and the one read).
 const WINDOW_CHUNKS: usize = 64;
 
-/// Extra reads of each chunk's key after the scan read it, so that sled's
-/// cache lets go of what the scan has passed.
-///
-/// sled 0.34 records each page access in one of 256 shards, in queues of
-/// 64, and evicts only when a shard's queue fills. A scan reads each leaf
-/// page once (its iterator keeps the leaf it is in), so up to 16,384 leaves
-/// (about 10 GB of 64 KiB chunks, more than a 10^7-entry log) are read
-/// before the first of them is evicted, whatever the cache's capacity: the
-/// scan held the whole log in memory. A point read of a key counts one
-/// access to its leaf, and 16 of them for each of the (up to 17) chunks of
-/// a leaf fill that leaf's queue several times over, so at most a few
-/// hundred leaves wait for eviction and memory stays flat with log size
-/// (about 390 MB for 10^6 and 10^7 entries, docs/benchmarks.md). The
-/// reads hit the cache and cost about 1 µs each.
-const CACHE_TOUCHES: usize = 16;
-
 /// sled cache of a stand-alone verify: a scan reads each chunk once, so a
 /// cache only holds what it has passed.
 const VERIFY_CACHE_BYTES: u64 = 16 * 1024 * 1024;
@@ -118,18 +102,15 @@ fn decode_one(
 
 type Window = Vec<std::result::Result<Decoded, Reason>>;
 
-/// Reads the next window of chunks (then reads their keys again, see
-/// [`CACHE_TOUCHES`]) and decodes, hashes and checks the signatures of its
-/// chunks in parallel.
-fn next_window(log: &sled::Tree, iter: &mut sled::Iter, keys: &KeyChain) -> Result<Window> {
+/// Reads the next window of chunks and decodes, hashes and checks the
+/// signatures of its chunks in parallel.
+fn next_window(
+    iter: &mut impl Iterator<Item = Result<(sled::IVec, sled::IVec)>>,
+    keys: &KeyChain,
+) -> Result<Window> {
     let mut raw = Vec::with_capacity(WINDOW_CHUNKS);
     for item in iter.by_ref().take(WINDOW_CHUNKS) {
         raw.push(item?);
-    }
-    for (k, _) in &raw {
-        for _ in 0..CACHE_TOUCHES {
-            log.get(k)?;
-        }
     }
     Ok(raw
         .into_par_iter()
@@ -582,14 +563,14 @@ pub(crate) fn scan_chain(
     let mut walk = Walk {
         chain: ChainCheck::new(*key),
     };
-    let mut iter = log.iter();
-    let mut next = next_window(log, &mut iter, walk.chain.keys())?;
+    let mut iter = crate::store::scan::<&[u8], _>(log, ..);
+    let mut next = next_window(&mut iter, walk.chain.keys())?;
     while !next.is_empty() {
         let current = std::mem::take(&mut next);
         let keys = walk.chain.keys().clone();
         let (walked, read) = rayon::join(
             || walk.window(current, &mut visit),
-            || next_window(log, &mut iter, &keys),
+            || next_window(&mut iter, &keys),
         );
         if let Err(f) = walked {
             return Ok(Err(f));
