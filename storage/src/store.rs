@@ -28,8 +28,11 @@
 //! once (a scan's leaf, an old chunk a redemption reads, a log leaf filled
 //! by a dozen chunk writes) can wait behind 16,384 accesses, so a scan of a
 //! 10^7-entry log held all of it (6.6 GB), whatever the cache's capacity.
-//! [`touch`] reads a key again so that its page is accounted for at once;
-//! the log's readers and writers touch every chunk they read or write.
+//! [`touch`] reads a key again so that its page is accounted for at once.
+//! Every scan of the log ([`scan`]) and the writer touch each chunk they
+//! read or write; reads of one entry (a redemption's record, a receipt) do
+//! not, as they mostly fall in the log's recent leaves, which the writer
+//! has touched.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
