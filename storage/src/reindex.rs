@@ -11,8 +11,9 @@
 //!   tree with the log replayed up to the tree's `applied` marker: entries
 //!   after it are in the vault's in-memory overlay, not yet in the tree.
 //!   It reads only, and never blocks the committer: if the indexer writes
-//!   a batch during the comparison (the marker moved), the rebuild is
-//!   extended to the new marker and the comparison run again.
+//!   during the comparison (its indexing marker is there, or the applied
+//!   marker moved), the rebuild is extended to the new marker and the
+//!   comparison run again.
 //! - [`reindex`] (a stopped vault, `vault-admin reindex --data-dir`)
 //!   checks the chain first (a rebuild from a log that does not verify
 //!   would launder it), rebuilds the state of the whole log, compares, and
@@ -133,6 +134,12 @@ pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
     let mut model = BTreeMap::new();
     let mut replayed: Option<u64> = None;
     for _ in 0..LIVE_ATTEMPTS {
+        // The indexer writes key by key between its two markers: while the
+        // indexing marker is there, the tree is moving.
+        if store.indexing()?.is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
         let applied = store.applied()?;
         if let Some(a) = applied {
             let from = replayed.map_or(0, |r| r + 1);
@@ -142,10 +149,11 @@ pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
             replayed = Some(a.max(replayed.unwrap_or(0)));
         }
         let diff = diff_tree(&store.state, expected(&model, applied), u64::MAX)?;
-        // The indexer writes a batch and its new marker atomically, and the
-        // marker only grows: an unchanged marker means the tree did not
-        // change while it was read.
-        if store.applied()? == applied {
+        // The indexer sets its indexing marker before its first key and
+        // removes it with the move of the applied marker, which only grows:
+        // no indexing marker and an unchanged applied marker mean the tree
+        // did not change while it was read.
+        if store.indexing()?.is_none() && store.applied()? == applied {
             return Ok(ReindexReport::from_diff(applied.map_or(0, |a| a + 1), diff));
         }
     }

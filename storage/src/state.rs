@@ -38,6 +38,11 @@ use crate::error::{Error, Result};
 /// Key of the applied marker.
 pub const APPLIED: &[u8] = b"applied";
 
+/// Key of the indexing marker: the seq the indexer is writing the state
+/// toward, present only while it writes (and after a crash in the middle).
+/// Then each key holds its value at the applied marker or at this one.
+pub const INDEXING: &[u8] = b"indexing";
+
 /// One change to the state tree: set a key, or remove it.
 pub type Mutation = (Vec<u8>, Option<Vec<u8>>);
 

@@ -221,12 +221,19 @@ impl Store {
 
     /// The applied marker of the derived state.
     pub(crate) fn applied(&self) -> Result<Option<u64>> {
-        match self.state.get(state::APPLIED)? {
+        self.marker(state::APPLIED, "applied marker")
+    }
+
+    /// The indexing marker of the derived state (`state::INDEXING`).
+    pub(crate) fn indexing(&self) -> Result<Option<u64>> {
+        self.marker(state::INDEXING, "indexing marker")
+    }
+
+    fn marker(&self, key: &[u8], what: &'static str) -> Result<Option<u64>> {
+        match self.state.get(key)? {
             None => Ok(None),
             Some(v) => Ok(Some(u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| Error::Malformed("applied marker"))?,
+                v.as_ref().try_into().map_err(|_| Error::Malformed(what))?,
             ))),
         }
     }

@@ -712,8 +712,19 @@ pub(crate) fn verify_store_with(
         }
         Err(e) => return Err(e),
     };
+    // A crash in the middle of an index write leaves the marker of the seq
+    // it was writing toward, and each key at one of the two seqs' values.
+    let indexing = match store.indexing() {
+        Ok(i) => i,
+        Err(Error::Malformed(_)) => {
+            report.failure = Some((0, Reason::IndexMismatch("malformed indexing marker".into())));
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut model_at_applied: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
+    let mut model_at_indexing: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
     let mut key_buf: Vec<u8> = Vec::with_capacity(64);
     let mut keys: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
     // Keys the log committed to and a later shred destroyed.
@@ -766,6 +777,9 @@ pub(crate) fn verify_store_with(
         replay_entry(&mut model, e, &mut key_buf)?;
         if applied == Some(e.seq) {
             model_at_applied = Some(model.clone());
+        }
+        if indexing == Some(e.seq) {
+            model_at_indexing = Some(model.clone());
         }
         let commits =
             state::key_commitments(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
@@ -840,15 +854,37 @@ pub(crate) fn verify_store_with(
         report.failure = fail(Reason::Truncated);
         return Ok(report);
     }
-    let mut expected_state = model_at_applied.unwrap_or_default();
-    if let Some(a) = applied {
-        expected_state.insert(state::APPLIED.to_vec(), a.to_be_bytes().to_vec());
+    if let Some(i) = indexing {
+        if i > last {
+            report.failure = fail(Reason::Truncated);
+            return Ok(report);
+        }
+        if applied.is_some_and(|a| a >= i) {
+            report.failure = fail(Reason::IndexMismatch(
+                "indexing marker not past the applied marker".into(),
+            ));
+            return Ok(report);
+        }
     }
+    let markers = |mut m: BTreeMap<Vec<u8>, Vec<u8>>| {
+        if let Some(a) = applied {
+            m.insert(state::APPLIED.to_vec(), a.to_be_bytes().to_vec());
+        }
+        if let Some(i) = indexing {
+            m.insert(state::INDEXING.to_vec(), i.to_be_bytes().to_vec());
+        }
+        m
+    };
+    let expected_state = markers(model_at_applied.unwrap_or_default());
     report.unindexed = applied.map_or(tip.entries, |a| last - a);
-    if let Some(m) = compare(
-        &store.state,
-        expected_state.iter().map(|(k, v)| (k.clone(), v.clone())),
-    )? {
+    let mismatch = match model_at_indexing {
+        None => compare(
+            &store.state,
+            expected_state.iter().map(|(k, v)| (k.clone(), v.clone())),
+        )?,
+        Some(to) => compare_between(&store.state, &expected_state, &markers(to))?,
+    };
+    if let Some(m) = mismatch {
         report.failure = fail(Reason::IndexMismatch(m));
         return Ok(report);
     }
@@ -1122,6 +1158,39 @@ fn compare(
     expected: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
 ) -> Result<Option<String>> {
     Ok(diff_tree(tree, expected, 1)?.sample.into_iter().next())
+}
+
+/// Compares a state tree that a crash left in the middle of an index write
+/// with the expected content at both ends of it: each key must hold its
+/// value in `from` or its value in `to` (being absent counts as a value).
+/// Describes the first key that holds neither.
+fn compare_between(
+    tree: &sled::Tree,
+    from: &BTreeMap<Vec<u8>, Vec<u8>>,
+    to: &BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Result<Option<String>> {
+    let mut actual = BTreeMap::new();
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        actual.insert(k.to_vec(), v.to_vec());
+    }
+    let keys: std::collections::BTreeSet<&Vec<u8>> =
+        actual.keys().chain(from.keys()).chain(to.keys()).collect();
+    for k in keys {
+        let found = actual.get(k);
+        if found == from.get(k) || found == to.get(k) {
+            continue;
+        }
+        let show = String::from_utf8_lossy(k);
+        return Ok(Some(match found {
+            None => format!("missing key {show:?}"),
+            Some(_) if from.get(k).is_none() && to.get(k).is_none() => {
+                format!("unexpected key {show:?}")
+            }
+            Some(_) => format!("value of {show:?} differs"),
+        }));
+    }
+    Ok(None)
 }
 
 /// Compares two sorted key/value streams; describes the first difference.

@@ -572,6 +572,91 @@ fn state_tree_altered_is_index_mismatch() {
     }
 }
 
+/// A record pointer in the state tree: the record's seq and key version.
+fn pointer(seq: u64) -> Vec<u8> {
+    let mut v = seq.to_be_bytes().to_vec();
+    v.extend_from_slice(&1u32.to_be_bytes());
+    v
+}
+
+/// The state tree as a crash in the middle of an index write from seq
+/// `ALICE_2` toward `LAST` leaves it: both markers, and each key the write
+/// touches at its value at one end or the other (`s/alice` already at
+/// `LAST`'s, `s/bob` still at `ALICE_2`'s).
+fn index_write_cut_off(raw: &RawStore) {
+    raw.state
+        .insert(b"applied", &ALICE_2.to_be_bytes())
+        .expect("write state");
+    raw.state
+        .insert(b"indexing", &LAST.to_be_bytes())
+        .expect("write state");
+    raw.state
+        .insert("s/bob", pointer(BOB + 1))
+        .expect("write state");
+}
+
+#[test]
+fn an_index_write_cut_off_by_a_crash_verifies_and_open_finishes_it() {
+    let fx = Fixture::new();
+    let cut = fx.tampered(index_write_cut_off);
+    let report = verify_with(&cut, Some(fx.key));
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.unindexed, LAST - ALICE_2);
+
+    // Open replays from the applied marker and removes the indexing one.
+    wait_unlocked(&cut);
+    let vault = Vault::open(&cut, &passphrase(), Options::default()).expect("open");
+    vault.close().expect("close");
+    let raw = raw_open(&cut);
+    assert_eq!(raw.state.get(b"indexing").expect("read state"), None);
+    assert_eq!(
+        raw.state.get(b"applied").expect("read state").as_deref(),
+        Some(LAST.to_be_bytes().as_slice())
+    );
+    assert_eq!(
+        raw.state.get("s/bob").expect("read state").as_deref(),
+        Some(pointer(LAST).as_slice())
+    );
+    drop(raw);
+    assert!(verify_with(&cut, Some(fx.key)).ok());
+
+    // A key at neither end's value, or markers out of place, are refused.
+    let neither = fx.tampered(|raw| {
+        index_write_cut_off(raw);
+        raw.state
+            .insert("s/alice", pointer(ALICE + 1))
+            .expect("write state");
+    });
+    let beyond = fx.tampered(|raw| {
+        index_write_cut_off(raw);
+        raw.state
+            .insert(b"indexing", &(LAST + 1).to_be_bytes())
+            .expect("write state");
+    });
+    let behind = fx.tampered(|raw| {
+        index_write_cut_off(raw);
+        raw.state
+            .insert(b"indexing", &ALICE.to_be_bytes())
+            .expect("write state");
+    });
+    let malformed = fx.tampered(|raw| {
+        raw.state.insert(b"indexing", b"x").expect("write state");
+    });
+    for dir in [neither, behind, malformed] {
+        let (_, reason) = fx.failure(&dir);
+        assert!(
+            matches!(reason, Reason::IndexMismatch(_)),
+            "{dir:?}: {reason}"
+        );
+        let (_, reason) = open_refusal(&dir);
+        assert!(
+            matches!(reason, Reason::IndexMismatch(_)),
+            "{dir:?}: open: {reason}"
+        );
+    }
+    assert_eq!(fx.failure(&beyond), (LAST, Reason::Truncated));
+}
+
 // ---------------------------------------------------------------------------
 // Whole chunks deleted, moved, duplicated, spliced
 
