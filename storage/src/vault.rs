@@ -1758,6 +1758,7 @@ fn replay_tail(store: &Store, entries: u64) -> Result<()> {
         Some(kv) => kv?.0,
         None => return Ok(()),
     };
+    let indexing = store.indexing()?;
     let mut batch = sled::Batch::default();
     let mut waiting = 0usize;
     for kv in crate::store::scan(&store.log, first_chunk..) {
@@ -1778,9 +1779,11 @@ fn replay_tail(store: &Store, entries: u64) -> Result<()> {
             }
             if waiting >= 10_000 || e.seq + 1 == entries {
                 batch.insert(state::APPLIED, &e.seq.to_be_bytes());
-                if e.seq + 1 == entries {
-                    // Past any indexing marker (verify checked it is not
-                    // beyond the log): every key is at its latest value.
+                if indexing.is_some_and(|i| e.seq >= i) {
+                    // A crashed index write's marker goes with the first
+                    // batch that reaches it (the last one at the latest:
+                    // verify checked it is not past the log): every key
+                    // is then at its value at `applied`.
                     batch.remove(state::INDEXING);
                 }
                 store.state.apply_batch(std::mem::take(&mut batch))?;
