@@ -557,19 +557,25 @@ fn state_tree_altered_is_index_mismatch() {
         raw.state.remove(b"applied").expect("write state");
     });
     for dir in [flipped, extra, removed, stale, no_marker] {
-        let (seq, reason) = fx.failure(&dir);
-        assert_eq!(seq, LAST, "{dir:?}");
-        assert!(
-            matches!(reason, Reason::IndexMismatch(_)),
-            "{dir:?}: {reason}"
-        );
-        // Opening verifies derived state too: no stale record is served.
-        let (_, reason) = open_refusal(&dir);
-        assert!(
-            matches!(reason, Reason::IndexMismatch(_)),
-            "{dir:?}: open: {reason}"
-        );
+        assert_eq!(assert_index_mismatch(&fx, &dir), LAST, "{dir:?}");
     }
+}
+
+/// Asserts that verify names an `index_mismatch` and that open refuses the
+/// vault with one too (open verifies derived state: no stale record is
+/// served); returns the seq verify named.
+fn assert_index_mismatch(fx: &Fixture, dir: &Path) -> u64 {
+    let (seq, reason) = fx.failure(dir);
+    assert!(
+        matches!(reason, Reason::IndexMismatch(_)),
+        "{dir:?}: {reason}"
+    );
+    let (_, reason) = open_refusal(dir);
+    assert!(
+        matches!(reason, Reason::IndexMismatch(_)),
+        "{dir:?}: open: {reason}"
+    );
+    seq
 }
 
 /// A record pointer in the state tree: the record's seq and key version.
@@ -643,16 +649,7 @@ fn an_index_write_cut_off_by_a_crash_verifies_and_open_finishes_it() {
         raw.state.insert(b"indexing", b"x").expect("write state");
     });
     for dir in [neither, behind, malformed] {
-        let (_, reason) = fx.failure(&dir);
-        assert!(
-            matches!(reason, Reason::IndexMismatch(_)),
-            "{dir:?}: {reason}"
-        );
-        let (_, reason) = open_refusal(&dir);
-        assert!(
-            matches!(reason, Reason::IndexMismatch(_)),
-            "{dir:?}: open: {reason}"
-        );
+        assert_index_mismatch(&fx, &dir);
     }
     assert_eq!(fx.failure(&beyond), (LAST, Reason::Truncated));
 }
