@@ -4,6 +4,7 @@
 //! options of this library, call one function, and map its error to an
 //! exit code. Modules:
 //!
+//! - [`alloc`]: runtime options of the binaries' allocator (mimalloc).
 //! - [`secrets`]: reading passphrase and key files.
 //! - [`admin`]: `vault-admin`'s log tools: `audit` (events as JSON lines)
 //!   and `export` (a signed, portable log file), online and offline.
@@ -29,6 +30,7 @@
 //!   engine, the protocol server and the HTTP shim.
 
 pub mod admin;
+pub mod alloc;
 pub mod bench;
 pub mod daemon;
 pub mod dev;

@@ -31,7 +31,7 @@ use crate::entry::EntryRef;
 use crate::error::{Error, Reason, Result};
 use crate::state;
 use crate::store::Store;
-use crate::verify::{diff_tree, replay_entry, scan_chain, Diff};
+use crate::verify::{diff_tree, replay_entry, scan_chain, sorted, Diff, Model};
 
 /// Comparisons [`check_live`] runs before giving up on a stable view.
 const LIVE_ATTEMPTS: usize = 5;
@@ -94,12 +94,7 @@ fn expected(
 /// running vault was verified when it opened, and the vault wrote the rest
 /// itself; a chunk or entry that does not decode is still an integrity
 /// error, never a panic.
-fn replay_range(
-    store: &Store,
-    model: &mut BTreeMap<Vec<u8>, Vec<u8>>,
-    from: u64,
-    to: u64,
-) -> Result<()> {
+fn replay_range(store: &Store, model: &mut Model, from: u64, to: u64) -> Result<()> {
     let start = match store.log.range(..=from.to_be_bytes()).next_back() {
         Some(kv) => kv?.0,
         None => return Err(Error::integrity(from, Reason::Truncated)),
@@ -131,7 +126,7 @@ fn replay_range(
 /// the tree's `applied` marker. Reads only; `Closed` when the indexer kept
 /// moving the marker through every attempt (retry later).
 pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
-    let mut model = BTreeMap::new();
+    let mut model = Model::new();
     let mut replayed: Option<u64> = None;
     for _ in 0..LIVE_ATTEMPTS {
         // The indexer writes key by key between its two markers: while the
@@ -148,7 +143,7 @@ pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
             }
             replayed = Some(a.max(replayed.unwrap_or(0)));
         }
-        let diff = diff_tree(&store.state, expected(&model, applied), u64::MAX)?;
+        let diff = diff_tree(&store.state, expected(&sorted(&model), applied), u64::MAX)?;
         // The indexer sets its indexing marker before its first key and
         // removes it with the move of the applied marker, which only grows:
         // no indexing marker and an unchanged applied marker mean the tree
@@ -176,12 +171,13 @@ pub fn reindex(dir: &Path, unlock: &Unlock, opts: &ReindexOptions) -> Result<Rei
         .public_key
         .or_else(|| store.stored_public_key())
         .ok_or(Error::Malformed("no public key"))?;
-    let mut model = BTreeMap::new();
+    let mut model = Model::new();
     let mut key_buf = Vec::with_capacity(64);
     let (tip, _) = scan_chain(&store.log, &key, &|_| {}, |e, _| {
         replay_entry(&mut model, e, &mut key_buf)
     })?
     .map_err(Error::from)?;
+    let model = sorted(&model);
     let last = tip.entries.checked_sub(1);
     let diff = diff_tree(&store.state, expected(&model, last), u64::MAX)?;
     let mut report = ReindexReport::from_diff(tip.entries, diff);

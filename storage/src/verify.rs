@@ -2,15 +2,26 @@
 //! the log was not altered, and that derived state and the key store match
 //! what the log says.
 //!
-//! The scan reads chunks in windows; each window is decoded, CRC-checked,
-//! hashed and its head signatures checked (`verify_strict`) in parallel
+//! The scan reads the log in windows. A window is cut into ranges of
+//! keys, and each range is read from sled, decoded, CRC-checked, hashed
+//! and its head signatures checked (`verify_strict`) as one parallel task
 //! (every entry stores its predecessor's hash, so entry hashes are
-//! independent), then walked in order to check seqs, links and group
-//! heads, while the next window is decoded. Nothing here needs a
+//! independent). The window is then walked in order to check seqs, links
+//! and group heads, while the next window is read. Nothing here needs a
 //! passphrase or a data key, and nothing here writes (opening sled runs
 //! sled's own recovery).
+//!
+//! The ranges of a window are contiguous in sled's key order and the
+//! walk takes the tasks' chunks in that order, so it sees exactly what
+//! one sequential scan of the tree would, whatever the keys are (a
+//! tampered key outside the seq space included). A range's end is a seq,
+//! so that a range holds about the bytes of its share; a task stops after
+//! a bounded number of chunks, and the next window then starts right
+//! after the last chunk read (the later tasks' chunks are read again), so
+//! memory stays bounded whatever the sizes of the entries.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
@@ -23,9 +34,19 @@ use crate::state::{self, Genesis, KeyState};
 use crate::store::{Store, TREES};
 use crate::vault::KeyUses;
 
-/// Chunks decoded together in one parallel window (64 KiB each at most,
-/// two windows in memory: the one walked and the one read).
-const WINDOW_CHUNKS: usize = 64;
+/// Parallel tasks (ranges of keys) in a window.
+const WINDOW_TASKS: usize = 8;
+
+/// Chunks one task reads at most (below 128 KiB each): with two windows
+/// in memory, the one walked and the one read, at most 32 MiB.
+const TASK_CHUNKS: usize = 16;
+
+/// Bytes of chunks a task aims at: a window's range of seqs is sized from
+/// the bytes per entry seen so far.
+const TASK_BYTES: u64 = 512 * 1024;
+
+/// Seqs per task in the first window, before any entry was seen.
+const FIRST_TASK_SEQS: u64 = 64;
 
 /// sled cache of a stand-alone verify: a scan reads each chunk once, so a
 /// cache only holds what it has passed.
@@ -100,22 +121,174 @@ fn decode_one(
     })
 }
 
-type Window = Vec<std::result::Result<Decoded, Reason>>;
+/// A window's chunks in key order: each key, and its chunk decoded.
+type Window = Vec<(sled::IVec, std::result::Result<Decoded, Reason>)>;
 
-/// Reads the next window of chunks and decodes, hashes and checks the
-/// signatures of its chunks in parallel.
-fn next_window(
-    iter: &mut impl Iterator<Item = Result<(sled::IVec, sled::IVec)>>,
-    keys: &KeyChain,
-) -> Result<Window> {
-    let mut raw = Vec::with_capacity(WINDOW_CHUNKS);
-    for item in iter.by_ref().take(WINDOW_CHUNKS) {
-        raw.push(item?);
+/// One range of keys, read by one task.
+type Range = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// Reads the log tree window after window (see the module doc).
+struct WindowReader<'a> {
+    log: &'a sled::Tree,
+    /// Where the next window starts.
+    from: Bound<Vec<u8>>,
+    /// The log's last key when the scan began: the range holding it is
+    /// left open at its end, so nothing after it is missed either.
+    last: Option<sled::IVec>,
+    /// Seqs per task.
+    span: u64,
+    done: bool,
+}
+
+/// What one task read: its chunks, decoded, and whether it stopped at
+/// [`TASK_CHUNKS`] before the end of its range.
+struct TaskRead {
+    chunks: Window,
+    cut: bool,
+    bytes: u64,
+    entries: u64,
+}
+
+impl<'a> WindowReader<'a> {
+    fn new(log: &'a sled::Tree) -> Result<Self> {
+        let last = log.last()?.map(|(k, _)| k);
+        Ok(WindowReader {
+            log,
+            from: Bound::Unbounded,
+            done: last.is_none(),
+            last,
+            span: FIRST_TASK_SEQS,
+        })
     }
-    Ok(raw
-        .into_par_iter()
-        .map(|(k, v)| decode_one(&k, v, keys))
-        .collect())
+
+    /// The ranges of the next window: from `from`, each `span` seqs long,
+    /// the one that reaches past the last key open at its end (and then
+    /// the last one).
+    fn ranges(&self) -> Vec<Range> {
+        let base = match &self.from {
+            Bound::Unbounded => Some(0),
+            Bound::Included(k) => seq_of(k),
+            Bound::Excluded(k) => seq_of(k).and_then(|s| s.checked_add(1)),
+        };
+        let mut ranges = Vec::with_capacity(WINDOW_TASKS);
+        let mut lo = self.from.clone();
+        if let Some(base) = base {
+            for i in 1..=WINDOW_TASKS as u64 {
+                let end = self
+                    .span
+                    .checked_mul(i)
+                    .and_then(|n| base.checked_add(n))
+                    .map(u64::to_be_bytes);
+                match end {
+                    Some(end) if self.last.as_deref().is_some_and(|l| l < &end[..]) => {
+                        ranges.push((lo, Bound::Unbounded));
+                        return ranges;
+                    }
+                    Some(end) => {
+                        ranges.push((lo, Bound::Excluded(end.to_vec())));
+                        lo = Bound::Included(end.to_vec());
+                    }
+                    None => {
+                        ranges.push((lo, Bound::Unbounded));
+                        return ranges;
+                    }
+                }
+            }
+            ranges
+        } else {
+            // Only after a task stopped at a key that is not a seq, which
+            // the walk refuses: read on from it, one task.
+            ranges.push((lo, Bound::Unbounded));
+            ranges
+        }
+    }
+
+    /// Reads the next window: its ranges in parallel, each decoded,
+    /// hashed and its signatures checked. Empty only at the end of the
+    /// log.
+    fn next(&mut self, keys: &KeyChain) -> Result<Window> {
+        while !self.done {
+            let window = self.read_window(keys)?;
+            if !window.is_empty() {
+                return Ok(window);
+            }
+            // A window of gaps (a sound log has none): go on from the next
+            // key, wherever it is.
+            match self
+                .log
+                .range::<Vec<u8>, _>((self.from.clone(), Bound::Unbounded))
+                .next()
+            {
+                Some(kv) => self.from = Bound::Included(kv?.0.to_vec()),
+                None => self.done = true,
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn read_window(&mut self, keys: &KeyChain) -> Result<Window> {
+        let ranges = self.ranges();
+        let reads = ranges
+            .par_iter()
+            .map(|r| read_range(self.log, r, keys))
+            .collect::<Vec<_>>();
+        let (mut window, mut bytes, mut entries) = (Vec::new(), 0, 0);
+        let mut next_from = None;
+        for (read, range) in reads.into_iter().zip(&ranges) {
+            let read = read?;
+            bytes += read.bytes;
+            entries += read.entries;
+            let last_key = read.chunks.last().map(|(k, _)| k.to_vec());
+            window.extend(read.chunks);
+            if read.cut {
+                // Later tasks read what comes after the rest of this
+                // range: drop them, and go on right after its last chunk.
+                next_from = Some(last_key.map_or_else(|| range.0.clone(), Bound::Excluded));
+                break;
+            }
+        }
+        match next_from {
+            Some(from) => self.from = from,
+            None => match ranges.last().map(|r| r.1.clone()) {
+                Some(Bound::Excluded(end)) => self.from = Bound::Included(end),
+                _ => self.done = true,
+            },
+        }
+        if entries > 0 {
+            self.span = (TASK_BYTES * entries / bytes.max(1)).clamp(1, 1 << 16);
+        }
+        Ok(window)
+    }
+}
+
+/// The seq a log key names, if it is one.
+fn seq_of(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
+
+/// One task: reads a range of the log, at most [`TASK_CHUNKS`] chunks,
+/// and decodes them.
+fn read_range(log: &sled::Tree, range: &Range, keys: &KeyChain) -> Result<TaskRead> {
+    let mut read = TaskRead {
+        chunks: Vec::new(),
+        cut: false,
+        bytes: 0,
+        entries: 0,
+    };
+    for item in crate::store::scan::<Vec<u8>, _>(log, range.clone()) {
+        if read.chunks.len() == TASK_CHUNKS {
+            read.cut = true;
+            break;
+        }
+        let (k, v) = item?;
+        read.bytes += v.len() as u64;
+        let d = decode_one(&k, v, keys);
+        if let Ok(d) = &d {
+            read.entries += d.ranges.len() as u64;
+        }
+        read.chunks.push((k, d));
+    }
+    Ok(read)
 }
 
 /// The in-order checks of a log, fed one entry and one head at a time:
@@ -429,12 +602,23 @@ impl StreamCheck {
     }
 }
 
+/// The derived state replayed from the log, hashed: the replay looks up
+/// two keys per record, and a sorted map of every subject's keys made
+/// those lookups a tenth of the walk. Sorted ([`sorted`]) where it is
+/// compared with the state tree.
+pub(crate) type Model = std::collections::HashMap<Vec<u8>, Vec<u8>>;
+
+/// `model` in the state tree's order.
+pub(crate) fn sorted(model: &Model) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    model.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 /// Applies one entry's derived-state mutations to `model` (the state tree
 /// as a sorted map): what the local scan replays and `reindex` rebuilds.
 /// `key_buf` is scratch space, so that the hot path (records) does not
 /// allocate.
 pub(crate) fn replay_entry(
-    model: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+    model: &mut Model,
     e: &EntryRef<'_>,
     key_buf: &mut Vec<u8>,
 ) -> std::result::Result<(), Failure> {
@@ -507,7 +691,7 @@ impl Walk {
         deferred: &mut Vec<Deferred>,
     ) -> std::result::Result<(), Failure> {
         let chain = &mut self.chain;
-        for d in window {
+        for (_, d) in window {
             let d = d.map_err(|reason| (chain.next_seq(), reason))?;
             if d.key != Some(d.first_seq) {
                 return Err((chain.next_seq(), Reason::Reordered));
@@ -563,15 +747,13 @@ pub(crate) fn scan_chain(
     let mut walk = Walk {
         chain: ChainCheck::new(*key),
     };
-    let mut iter = crate::store::scan::<&[u8], _>(log, ..);
-    let mut next = next_window(&mut iter, walk.chain.keys())?;
+    let mut reader = WindowReader::new(log)?;
+    let mut next = reader.next(walk.chain.keys())?;
     while !next.is_empty() {
         let current = std::mem::take(&mut next);
         let keys = walk.chain.keys().clone();
-        let (walked, read) = rayon::join(
-            || walk.window(current, &mut visit),
-            || next_window(&mut iter, &keys),
-        );
+        let (walked, read) =
+            rayon::join(|| walk.window(current, &mut visit), || reader.next(&keys));
         if let Err(f) = walked {
             return Ok(Err(f));
         }
@@ -722,7 +904,7 @@ pub(crate) fn verify_store_with(
         }
         Err(e) => return Err(e),
     };
-    let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut model = Model::new();
     let mut model_at_applied: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
     let mut model_at_indexing: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
     let mut key_buf: Vec<u8> = Vec::with_capacity(64);
@@ -776,10 +958,10 @@ pub(crate) fn verify_store_with(
         }
         replay_entry(&mut model, e, &mut key_buf)?;
         if applied == Some(e.seq) {
-            model_at_applied = Some(model.clone());
+            model_at_applied = Some(sorted(&model));
         }
         if indexing == Some(e.seq) {
-            model_at_indexing = Some(model.clone());
+            model_at_indexing = Some(sorted(&model));
         }
         let commits =
             state::key_commitments(e).map_err(|err| (e.seq, Reason::Malformed(err.to_string())))?;
@@ -1092,10 +1274,7 @@ impl RotationCheck {
 /// Checks a key entry against the subject's key state before it: a
 /// rotation moves a live key to the next version, a shred names the
 /// current version of a live key.
-fn check_key_entry(
-    e: &EntryRef<'_>,
-    model: &BTreeMap<Vec<u8>, Vec<u8>>,
-) -> std::result::Result<(), Failure> {
+fn check_key_entry(e: &EntryRef<'_>, model: &Model) -> std::result::Result<(), Failure> {
     let bad = |m: &str| (e.seq, Reason::Malformed(format!("{}: {m}", e.kind.name())));
     let current = match model.get(&state::key("k/", e.subject)) {
         Some(v) => Some(KeyState::decode(v).map_err(|_| bad("key state"))?),
@@ -1442,5 +1621,82 @@ mod tests {
             matches!(moved, Err((0, Reason::KeyMismatch(_)))),
             "{moved:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Every key of `tree`, as the windows of a scan yield them.
+    fn windowed_keys(tree: &sled::Tree) -> Vec<Vec<u8>> {
+        let chain = ChainCheck::new(SigningKey::from_bytes(&[7; 32]).verifying_key());
+        let mut reader = WindowReader::new(tree).expect("reader");
+        let mut keys = Vec::new();
+        loop {
+            let window = reader.next(chain.keys()).expect("read");
+            if window.is_empty() {
+                return keys;
+            }
+            keys.extend(window.into_iter().map(|(k, _)| k.to_vec()));
+        }
+    }
+
+    fn tree_with(keys: &[Vec<u8>]) -> sled::Tree {
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        let tree = db.open_tree("log").expect("tree");
+        for k in keys {
+            // Not chunks: each decodes to an error, which the window keeps
+            // in its place.
+            tree.insert(k, b"not a chunk".as_slice()).expect("insert");
+        }
+        tree
+    }
+
+    #[test]
+    fn windows_yield_every_key_once_in_order_tasks_cut_or_not() {
+        // Dense seqs (more than a task's chunks in each range, so tasks
+        // stop early), a gap, keys that are not seqs, the extremes.
+        let mut keys: Vec<Vec<u8>> = (0..300u64).map(|s| s.to_be_bytes().to_vec()).collect();
+        keys.push(10_000u64.to_be_bytes().to_vec());
+        keys.push([&42u64.to_be_bytes()[..], &[0]].concat());
+        keys.push(vec![0, 0, 0, 1]);
+        keys.push(vec![]);
+        keys.push(vec![0xff; 12]);
+        keys.push(u64::MAX.to_be_bytes().to_vec());
+        let tree = tree_with(&keys);
+        let all: Vec<Vec<u8>> = tree
+            .iter()
+            .keys()
+            .map(|k| k.expect("key").to_vec())
+            .collect();
+        assert_eq!(all.len(), keys.len());
+        assert_eq!(windowed_keys(&tree), all);
+    }
+
+    #[test]
+    fn an_empty_log_has_no_window() {
+        assert!(windowed_keys(&tree_with(&[])).is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn windows_match_one_sequential_scan(
+            seqs in proptest::collection::vec(0u64..5_000, 0..400),
+            others in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..10), 0..20),
+        ) {
+            let keys: Vec<Vec<u8>> = seqs
+                .iter()
+                .map(|s| s.to_be_bytes().to_vec())
+                .chain(others)
+                .collect();
+            let tree = tree_with(&keys);
+            let all: Vec<Vec<u8>> = tree.iter().keys().map(|k| k.expect("key").to_vec()).collect();
+            prop_assert_eq!(windowed_keys(&tree), all);
+        }
     }
 }

@@ -560,3 +560,36 @@ async fn consents_policies_and_credentials_are_derived_state() {
     assert!(vault.policy("lender-1").expect("read").is_some());
     assert!(vault.credential(&id).expect("read").is_none());
 }
+
+/// Verify reads the log in parallel ranges sized from the bytes per entry
+/// seen so far: a log of tiny entries followed by entries of the maximum
+/// size makes its tasks stop at their bound of chunks and the next window
+/// start after them. The whole log is still verified, entry by entry.
+#[tokio::test]
+async fn a_log_of_tiny_then_large_entries_verifies_whole() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    for batch in 0..10 {
+        let items = (0..500)
+            .map(|i| Append::record(format!("s{}", (batch * 500 + i) % 97), b"t".to_vec()))
+            .collect();
+        vault.append_batch(items).await.expect("tiny records");
+    }
+    let big = vec![0x5a; storage::entry::MAX_PAYLOAD_LEN - 64];
+    for _ in 0..10 {
+        let items = (0..12)
+            .map(|i| Append::record(format!("s{i}"), big.clone()))
+            .collect();
+        vault.append_batch(items).await.expect("large records");
+    }
+    let items = (0..500)
+        .map(|i| Append::record(format!("s{}", i % 97), b"t".to_vec()))
+        .collect();
+    let last = vault.append_batch(items).await.expect("tiny records");
+    let head = last.last().expect("receipts").seq;
+    vault.close().expect("close");
+    let report = verify_ok(&dir, key);
+    assert_eq!(report.entries, head + 1);
+}

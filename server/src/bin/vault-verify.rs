@@ -98,6 +98,9 @@ fn main() -> ExitCode {
     if public_key.is_none() {
         eprintln!("warning: {STORED_KEY_WARNING}");
     }
+    // The scan frees and allocates sled's pages at a high rate, and the
+    // process ends with it.
+    server::alloc::keep_freed_memory();
     let bar = progress_bar(json);
     let progress = |n: u64| {
         if let Some(b) = &bar {
