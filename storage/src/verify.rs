@@ -41,12 +41,15 @@ const WINDOW_TASKS: usize = 8;
 /// in memory, the one walked and the one read, at most 32 MiB.
 const TASK_CHUNKS: usize = 16;
 
-/// Bytes of chunks a task aims at: a window's range of seqs is sized from
-/// the bytes per entry seen so far.
-const TASK_BYTES: u64 = 512 * 1024;
+/// Chunks a task aims at (half its bound, for the entries per chunk to
+/// vary): a window's range of seqs is sized from the entries per chunk
+/// seen so far.
+const TASK_TARGET_CHUNKS: u64 = TASK_CHUNKS as u64 / 2;
 
-/// Seqs per task in the first window, before any entry was seen.
-const FIRST_TASK_SEQS: u64 = 64;
+/// Seqs per task in the first window, before any entry was seen: a range
+/// of that many seqs holds at most that many chunks, so no task of it
+/// reaches its bound.
+const FIRST_TASK_SEQS: u64 = TASK_CHUNKS as u64;
 
 /// sled cache of a stand-alone verify: a scan reads each chunk once, so a
 /// cache only holds what it has passed.
@@ -138,14 +141,17 @@ struct WindowReader<'a> {
     /// Seqs per task.
     span: u64,
     done: bool,
+    /// Chunks read from sled, those of dropped tasks included.
+    reads: u64,
 }
 
 /// What one task read: its chunks, decoded, and whether it stopped at
-/// [`TASK_CHUNKS`] before the end of its range.
+/// [`TASK_CHUNKS`] before the end of its range; `entries` counts those of
+/// the chunks that decoded, `decoded` those chunks.
 struct TaskRead {
     chunks: Window,
     cut: bool,
-    bytes: u64,
+    decoded: u64,
     entries: u64,
 }
 
@@ -158,6 +164,7 @@ impl<'a> WindowReader<'a> {
             done: last.is_none(),
             last,
             span: FIRST_TASK_SEQS,
+            reads: 0,
         })
     }
 
@@ -232,11 +239,14 @@ impl<'a> WindowReader<'a> {
             .par_iter()
             .map(|r| read_range(self.log, r, keys))
             .collect::<Vec<_>>();
-        let (mut window, mut bytes, mut entries) = (Vec::new(), 0, 0);
+        let (mut window, mut decoded, mut entries) = (Vec::new(), 0, 0);
         let mut next_from = None;
+        for r in reads.iter().flatten() {
+            self.reads += r.chunks.len() as u64;
+        }
         for (read, range) in reads.into_iter().zip(&ranges) {
             let read = read?;
-            bytes += read.bytes;
+            decoded += read.decoded;
             entries += read.entries;
             let last_key = read.chunks.last().map(|(k, _)| k.to_vec());
             window.extend(read.chunks);
@@ -254,8 +264,8 @@ impl<'a> WindowReader<'a> {
                 _ => self.done = true,
             },
         }
-        if entries > 0 {
-            self.span = (TASK_BYTES * entries / bytes.max(1)).clamp(1, 1 << 16);
+        if let Some(span) = (TASK_TARGET_CHUNKS * entries).checked_div(decoded) {
+            self.span = span.clamp(1, 1 << 16);
         }
         Ok(window)
     }
@@ -272,7 +282,7 @@ fn read_range(log: &sled::Tree, range: &Range, keys: &KeyChain) -> Result<TaskRe
     let mut read = TaskRead {
         chunks: Vec::new(),
         cut: false,
-        bytes: 0,
+        decoded: 0,
         entries: 0,
     };
     for item in crate::store::scan::<Vec<u8>, _>(log, range.clone()) {
@@ -281,9 +291,9 @@ fn read_range(log: &sled::Tree, range: &Range, keys: &KeyChain) -> Result<TaskRe
             break;
         }
         let (k, v) = item?;
-        read.bytes += v.len() as u64;
         let d = decode_one(&k, v, keys);
         if let Ok(d) = &d {
+            read.decoded += 1;
             read.entries += d.ranges.len() as u64;
         }
         read.chunks.push((k, d));
@@ -760,6 +770,11 @@ pub(crate) fn scan_chain(
         next = read?;
         progress(walk.chain.next_seq());
     }
+    tracing::debug!(
+        entries = walk.chain.next_seq(),
+        chunks_read = reader.reads,
+        "log scanned"
+    );
     if let Some(first) = walk.chain.open_group() {
         return Ok(Err((first, Reason::UnsignedTail)));
     }
@@ -1675,6 +1690,36 @@ mod window_tests {
             .collect();
         assert_eq!(all.len(), keys.len());
         assert_eq!(windowed_keys(&tree), all);
+    }
+
+    #[test]
+    fn each_chunk_of_a_uniform_log_is_read_once() {
+        // Chunks of 1 to 600 entries: the ranges follow the entries per
+        // chunk, so no task reaches its bound and nothing is read twice.
+        for per_chunk in [1u64, 3, 26, 100, 600] {
+            let db = sled::Config::new().temporary(true).open().expect("sled");
+            let tree = db.open_tree("log").expect("tree");
+            let entries: Vec<&[u8]> = vec![b"an entry".as_slice(); per_chunk as usize];
+            let chunks = 2_000u64;
+            for i in 0..chunks {
+                let first = i * per_chunk;
+                let chunk = crate::chunk::encode_chunk(first, &entries, None);
+                tree.insert(first.to_be_bytes(), chunk).expect("insert");
+            }
+            let chain = ChainCheck::new(SigningKey::from_bytes(&[7; 32]).verifying_key());
+            let mut reader = WindowReader::new(&tree).expect("reader");
+            let mut kept = 0;
+            loop {
+                let window = reader.next(chain.keys()).expect("read");
+                if window.is_empty() {
+                    break;
+                }
+                assert!(window.iter().all(|(_, d)| d.is_ok()));
+                kept += window.len() as u64;
+            }
+            assert_eq!(kept, chunks);
+            assert_eq!(reader.reads, chunks, "{per_chunk} entries per chunk");
+        }
     }
 
     #[test]
