@@ -14,7 +14,8 @@
 //!   durable the way the vault makes them durable (`flush` + `fdatasync`
 //!   of sled's data file) after every record and after every 256.
 //! - [`Workload::Verify`]: builds a vault of `entries` records, closes it,
-//!   and times `storage::verify` with the pinned public key. With
+//!   and times `storage::verify` with the pinned public key (the allocator
+//!   keeping freed memory, as in `vault-verify`). With
 //!   `baseline`, the one-core rates of BLAKE3 over entry-sized buffers and
 //!   of ed25519 `verify_strict`, the two costs verify cannot avoid.
 //! - Appends over the protocol ([`protocol`]): [`Workload::Append`] against
@@ -720,6 +721,8 @@ async fn run_verify(
         records_per_s: stats.records as f64 / build_secs,
     };
 
+    // As `vault-verify` does: its scan keeps the memory it frees.
+    crate::alloc::keep_freed_memory();
     let bar = progress.phase("storage::verify", 0);
     let (elapsed, report) = tokio::task::spawn_blocking(move || {
         let set = |n: u64| bar.set_position(n);
