@@ -552,12 +552,17 @@ impl KeyUses {
     }
 
     pub(crate) fn encrypted(&mut self, subject: &str, version: u32) {
+        self.encrypted_times(subject, version, 1);
+    }
+
+    /// `n` records encrypted under `subject`'s key `version`.
+    pub(crate) fn encrypted_times(&mut self, subject: &str, version: u32, n: u64) {
         if let Some(k) = self
             .subjects
             .get_mut(subject)
             .and_then(|s| s.versions.get_mut(&version))
         {
-            k.encryptions += 1;
+            k.encryptions += n;
         }
     }
 
