@@ -1020,7 +1020,7 @@ pub(crate) fn verify_store_with(
         }
         Ok(())
     })?;
-    if let Some(u) = usage.as_deref_mut() {
+    if let Some(u) = usage {
         for (subject, versions) in &encryptions {
             for &(version, n) in versions {
                 u.encrypted_times(subject, version, n);
