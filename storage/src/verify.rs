@@ -624,7 +624,7 @@ pub(crate) fn sorted(model: &Model) -> BTreeMap<Vec<u8>, Vec<u8>> {
 }
 
 /// Applies one entry's derived-state mutations to `model` (the state tree
-/// as a sorted map): what the local scan replays and `reindex` rebuilds.
+/// as a [`Model`]): what the local scan replays and `reindex` rebuilds.
 /// `key_buf` is scratch space, so that the hot path (records) does not
 /// allocate.
 pub(crate) fn replay_entry(
