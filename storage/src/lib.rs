@@ -58,6 +58,6 @@ pub use store::RawStore;
 pub use vault::{
     api_key_hash, generate_api_key, Append, Created, Credential, CredentialInfo, KeyLife,
     KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault,
-    MAX_ENCRYPTIONS_PER_KEY,
+    DEFAULT_CACHE_BYTES, MAX_ENCRYPTIONS_PER_KEY,
 };
 pub use verify::{verify, Report, VerifyOptions};

@@ -79,7 +79,7 @@ pub struct Options {
     pub max_group_entries: usize,
     /// Appends that may wait for the committer before writers block (default 65536).
     pub queue_depth: usize,
-    /// Sled page cache in bytes (default 256 MiB).
+    /// Sled page cache in bytes (default [`DEFAULT_CACHE_BYTES`], 64 MiB).
     pub cache_bytes: u64,
     /// Unwrapped subject data keys kept in memory by the committer (default 100,000).
     pub key_cache: usize,
@@ -100,13 +100,20 @@ pub struct Options {
 /// the records of one commit group (docs/keys.md).
 pub const MAX_ENCRYPTIONS_PER_KEY: u64 = 1 << 32;
 
+/// Default capacity of sled's page cache: 64 MiB. What a server reads
+/// often (the log's last leaves, the derived state of active subjects) fits
+/// in it; an open verifies the whole log through it, and a cache of 256 MiB
+/// then stayed full of old log leaves, which kept a restarted server on a
+/// 10^7-entry log at 300-360 MB (docs/benchmarks.md, "Cost growth").
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 impl Default for Options {
     fn default() -> Self {
         Options {
             kdf: KdfParams::default(),
             max_group_entries: 8192,
             queue_depth: 65536,
-            cache_bytes: 256 * 1024 * 1024,
+            cache_bytes: DEFAULT_CACHE_BYTES,
             key_cache: 100_000,
             index_batch: 1_000_000,
             max_encryptions_per_key: MAX_ENCRYPTIONS_PER_KEY,
@@ -847,6 +854,10 @@ impl Vault {
             store.keys.remove(state::signing_key_name(*id))?;
         }
         store.sync()?;
+        // The scan above left a log leaf in each of sled's cache shards,
+        // which it never evicts (about 300 MB on a 10^7-entry log): a
+        // fresh sled starts the server with an empty cache.
+        let store = store.reopen(opts.cache_bytes)?;
 
         // The current signing key: the last one of the log's chain, which
         // verify found committed to in the key store.

@@ -99,6 +99,11 @@ enum Command {
         /// most this many.
         #[arg(long, env = "FINTRUST_INDEX_BATCH", default_value_t = storage::Options::default().index_batch)]
         index_batch: u64,
+        /// Capacity of the storage engine's page cache, in MiB (at least 1).
+        #[arg(long, env = "FINTRUST_CACHE_MIB", value_name = "MIB",
+              default_value_t = storage::DEFAULT_CACHE_BYTES >> 20,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        cache_mib: u64,
     },
     /// Serve only the HTTP policy shim, in front of a vault in another process.
     Shim {
@@ -220,6 +225,7 @@ fn read_policies(path: Option<PathBuf>) -> anyhow::Result<Option<server::shim::P
 }
 
 fn main() -> ExitCode {
+    let purge_delay_ms = server::alloc::return_freed_memory();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -228,6 +234,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    tracing::debug!(purge_delay_ms, "allocator");
     match server::failpoints::arm_from_env() {
         Ok(0) => {}
         Ok(n) => tracing::warn!("{n} failpoints armed (a test build)"),
@@ -309,15 +316,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls,
             rotation,
             index_batch,
+            cache_mib,
         } => {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
             let unlock = vault.unlock()?;
             let options = move || storage::Options {
                 index_batch,
+                cache_bytes: cache_mib << 20,
                 ..storage::Options::default()
             };
-            let opened = storage::Vault::open(&vault.data_dir, &unlock, options())?;
+            // The open verifies the whole log: freed memory stays committed
+            // meanwhile, and is given back once the server is about to serve.
+            let opened = server::alloc::scanning(|| {
+                storage::Vault::open(&vault.data_dir, &unlock, options())
+            })?;
             drop(unlock);
             // After a failed write or fsync: the same open, the secret read again.
             let reopen = server::live::Reopen::new(move || {
