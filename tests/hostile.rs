@@ -59,12 +59,16 @@ fn oversized_length_prefixes_are_refused_without_allocating() {
     let dev = DevServer::start(&tmp.path().join("dev"));
     let addr = dev.get("vault_addr");
     let max_plus_one = u32::try_from(protocol::MAX_FRAME_LEN + 1).expect("fits");
-    // Warm up: the first connections size the runtime's pools.
+    // Warm up with both lengths: the first connections size the runtime's
+    // pools and the allocator's pages for each refusal's path (vaultd
+    // returns freed memory to the OS at once, so a path first taken after
+    // `before` would show as growth).
     storm(&addr, 100, u32::MAX);
+    storm(&addr, 100, max_plus_one);
     std::thread::sleep(Duration::from_millis(500));
     let before = rss_kib(dev.pid());
     let mut answers = Vec::new();
-    for round in 0..4 {
+    for round in 0..16 {
         let len = if round % 2 == 0 {
             u32::MAX
         } else {
@@ -74,7 +78,7 @@ fn oversized_length_prefixes_are_refused_without_allocating() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let after = rss_kib(dev.pid());
-    assert_eq!(answers.len(), 1000);
+    assert_eq!(answers.len(), 4000);
     for a in &answers {
         // Each got a typed error frame (type 0xFF) or, at worst, a close;
         // never a hang (the read timeout would have failed the read) and
@@ -85,12 +89,15 @@ fn oversized_length_prefixes_are_refused_without_allocating() {
         );
     }
     assert!(
-        answers.iter().filter(|a| !a.is_empty()).count() >= 900,
+        answers.iter().filter(|a| !a.is_empty()).count() >= 3600,
         "the server explains its refusals"
     );
+    // Under 1 KiB per refused frame. The bound is 4 MiB, not less: the
+    // server's own background work moves its RSS by about 2 MiB now that
+    // freed memory goes back to the OS at once.
     assert!(
-        after.saturating_sub(before) < 1024,
-        "1,000 oversized frames grew the server's RSS from {before} KiB to {after} KiB"
+        after.saturating_sub(before) < 4 * 1024,
+        "4,000 oversized frames grew the server's RSS from {before} KiB to {after} KiB"
     );
     // It still serves.
     let out = std::process::Command::new(support::binary("fintrust-client", "vault-client"))
