@@ -21,6 +21,8 @@
 //! inside [`scanning`]: freed memory is kept during the scan and given back
 //! once at its end (docs/benchmarks.md "Cost growth").
 
+use std::os::raw::c_long;
+
 use libmimalloc_sys as ffi;
 
 /// `mi_option_purge_delay`'s place in mimalloc's `mi_option_e`. The
@@ -29,14 +31,35 @@ use libmimalloc_sys as ffi;
 /// and a test checks the option's documented default through this number.
 const PURGE_DELAY: ffi::mi_option_t = 15;
 
+/// The purge delay in force, in milliseconds (-1: never).
+#[allow(unsafe_code)]
+fn purge_delay() -> c_long {
+    // SAFETY: reading an option has no precondition.
+    unsafe { ffi::mi_option_get(PURGE_DELAY) }
+}
+
+/// Sets the purge delay; mimalloc reads it each time it would schedule a
+/// purge, so it takes effect for memory freed from then on.
+#[allow(unsafe_code)]
+fn set_purge_delay(ms: c_long) {
+    // SAFETY: `mi_option_set` only stores the value.
+    unsafe { ffi::mi_option_set(PURGE_DELAY, ms) }
+}
+
+/// Gives back, on the calling thread, the memory it freed, and runs the
+/// purges scheduled in every arena (a forced `mi_collect`).
+#[allow(unsafe_code)]
+fn collect_this_thread() {
+    // SAFETY: `mi_collect` may be called on any thread at any time; it
+    // frees only what no live allocation uses.
+    unsafe { ffi::mi_collect(true) }
+}
+
 /// Keeps freed memory committed for the rest of the process, for a
 /// process that ends with its scan (`vault-verify --data-dir`). Its
 /// resident size stays what the scan's peak made it.
-#[allow(unsafe_code)]
 pub fn keep_freed_memory() {
-    // SAFETY: `mi_option_set` only stores the value; mimalloc reads the
-    // option each time it would schedule a purge.
-    unsafe { ffi::mi_option_set(PURGE_DELAY, -1) }
+    set_purge_delay(-1);
 }
 
 /// The environment variable through which an operator sets the delay
@@ -46,20 +69,17 @@ pub const PURGE_DELAY_ENV: &str = "MIMALLOC_PURGE_DELAY";
 /// Returns freed memory to the OS at once, for a long-lived server whose
 /// resident size should follow its live heap, unless the operator set
 /// [`PURGE_DELAY_ENV`]. Returns the delay now in force, in milliseconds.
-#[allow(unsafe_code)]
-pub fn return_freed_memory() -> std::os::raw::c_long {
+pub fn return_freed_memory() -> c_long {
     if std::env::var_os(PURGE_DELAY_ENV).is_none() {
-        // SAFETY: as in `keep_freed_memory`.
-        unsafe { ffi::mi_option_set(PURGE_DELAY, 0) }
+        set_purge_delay(0);
     }
-    // SAFETY: reading an option has no precondition.
-    unsafe { ffi::mi_option_get(PURGE_DELAY) }
+    purge_delay()
 }
 
 /// How long [`scanning`] lets freed memory wait before it may be purged:
 /// longer than any open takes, and unlike "never" (-1) it schedules the
 /// purge, which the forced collection after the scan then runs at once.
-const SCAN_PURGE_DELAY_MS: std::os::raw::c_long = 3_600_000;
+const SCAN_PURGE_DELAY_MS: c_long = 3_600_000;
 
 /// Runs `scan` (a walk of the whole log) with freed memory kept committed,
 /// then gives the memory back and restores the purge delay that was in
@@ -69,26 +89,18 @@ const SCAN_PURGE_DELAY_MS: std::os::raw::c_long = 3_600_000;
 /// force is "never" (-1, an operator's choice), nothing is purged.
 /// `vaultd`'s open on 10^7 entries took 13-14 s purging at once and 10-11 s
 /// this way, and left 106-118 MB resident instead of 300.
-#[allow(unsafe_code)]
 pub fn scanning<T>(scan: impl FnOnce() -> T) -> T {
-    // SAFETY: reading and storing an option have no precondition; mimalloc
-    // reads the delay each time it would schedule a purge.
-    let before = unsafe { ffi::mi_option_get(PURGE_DELAY) };
-    // SAFETY: as above.
-    unsafe { ffi::mi_option_set(PURGE_DELAY, SCAN_PURGE_DELAY_MS) }
+    let before = purge_delay();
+    set_purge_delay(SCAN_PURGE_DELAY_MS);
     let out = scan();
     if before >= 0 {
         // The forced collections run while the long delay still holds:
         // with a delay of 0, mimalloc purges only as memory is freed and
         // skips the scheduled purges.
-        // SAFETY: `mi_collect` may be called on any thread at any time; it
-        // frees only what no live allocation uses.
-        rayon::broadcast(|_| unsafe { ffi::mi_collect(true) });
-        // SAFETY: as above.
-        unsafe { ffi::mi_collect(true) }
+        rayon::broadcast(|_| collect_this_thread());
+        collect_this_thread();
     }
-    // SAFETY: as above.
-    unsafe { ffi::mi_option_set(PURGE_DELAY, before) }
+    set_purge_delay(before);
     out
 }
 
@@ -99,10 +111,8 @@ mod tests {
     /// One test for both checks: they read and set the same process-wide
     /// option, which tests running in parallel would race on.
     #[test]
-    #[allow(unsafe_code)]
     fn the_option_number_names_the_purge_delay_and_a_server_purges_at_once() {
-        // SAFETY: reading an option has no precondition.
-        let delay = unsafe { ffi::mi_option_get(PURGE_DELAY) };
+        let delay = purge_delay();
         // The defaults of mimalloc v3 (1000 ms) and v2 (10 ms); an
         // environment may set another value through MIMALLOC_PURGE_DELAY.
         let env = std::env::var(PURGE_DELAY_ENV);
@@ -116,12 +126,10 @@ mod tests {
             Err(_) => assert_eq!(now, 0),
         }
         // A scan keeps freed memory, then leaves the delay as it found it.
-        // SAFETY: reading an option has no precondition.
-        let inside = scanning(|| unsafe { ffi::mi_option_get(PURGE_DELAY) });
+        let inside = scanning(purge_delay);
         assert_eq!(inside, SCAN_PURGE_DELAY_MS);
-        // SAFETY: reading an option has no precondition.
-        assert_eq!(unsafe { ffi::mi_option_get(PURGE_DELAY) }, now);
-        // SAFETY: as above; the process's other tests see the default again.
-        unsafe { ffi::mi_option_set(PURGE_DELAY, delay) }
+        assert_eq!(purge_delay(), now);
+        // The process's other tests see the default again.
+        set_purge_delay(delay);
     }
 }
