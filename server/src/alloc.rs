@@ -88,7 +88,7 @@ const SCAN_PURGE_DELAY_MS: c_long = 3_600_000;
 /// freed) and on this one purges what the scan freed. When the delay in
 /// force is "never" (-1, an operator's choice), nothing is purged.
 /// `vaultd`'s open on 10^7 entries took 13-14 s purging at once and 10-11 s
-/// this way, and left 106-118 MB resident instead of 300.
+/// this way, and left 103-118 MB resident instead of 351-357.
 pub fn scanning<T>(scan: impl FnOnce() -> T) -> T {
     let before = purge_delay();
     set_purge_delay(SCAN_PURGE_DELAY_MS);
