@@ -102,9 +102,11 @@ pub const MAX_ENCRYPTIONS_PER_KEY: u64 = 1 << 32;
 
 /// Default capacity of sled's page cache: 64 MiB. What a server reads
 /// often (the log's last leaves, the derived state of active subjects) fits
-/// in it; an open verifies the whole log through it, and a cache of 256 MiB
-/// then stayed full of old log leaves, which kept a restarted server on a
-/// 10^7-entry log at 300-360 MB (docs/benchmarks.md, "Cost growth").
+/// in it. The capacity is not what held a restarted server's memory (sled
+/// keeps one page per cache shard whatever it is; [`Vault::open`] reopens
+/// sled for that), but it bounds what the cache may grow to beyond that
+/// floor: growth runs to 10^7 entries gave 290-322 MiB with 64 MiB and
+/// 324-352 MiB with 256 MiB (docs/benchmarks.md, "Cost growth").
 pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for Options {
