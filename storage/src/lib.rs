@@ -10,6 +10,8 @@
 //! - [`chunk`]: how a commit group is stored (chunks with a CRC32), the
 //!   signed head over the group's Merkle root, and receipts.
 //! - [`store`]: the sled trees and durable flushing (flush + fdatasync).
+//! - [`wal`]: the write-ahead file that makes a commit group durable with
+//!   one `fdatasync`, and its replay into sled at open.
 //! - [`state`]: derived state, a pure function of each entry.
 //! - [`vault`]: create/open, the group committer, reads; crypto-shredding
 //!   and subject key rotation (docs/keys.md).
@@ -49,6 +51,7 @@ pub mod state;
 pub mod store;
 pub mod vault;
 pub mod verify;
+pub mod wal;
 
 pub use chunk::{KeyChain, KeyEndorsement, Receipt, ReceiptError, SignedHead};
 pub use crypto::{KdfParams, Unlock};

@@ -148,7 +148,9 @@ impl Store {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
         }
-        Self::open_at(dir, cache_bytes)
+        let store = Self::open_at(dir, cache_bytes)?;
+        crate::wal::replay(&store)?;
+        Ok(store)
     }
 
     /// Closes sled and opens the same data dir again, with an empty cache.

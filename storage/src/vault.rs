@@ -44,7 +44,8 @@
 //! (the old secret opens it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -68,6 +69,7 @@ use crate::state::{
 };
 use crate::store::{Store, FORMAT};
 use crate::verify::ChainTip;
+use crate::wal::{self, TreeId, Wal};
 
 /// Options of [`Vault::create`] and [`Vault::open`], with documented defaults.
 #[derive(Debug, Clone)]
@@ -90,6 +92,11 @@ pub struct Options {
     /// rotates the subject to a new key version by itself (default
     /// [`MAX_ENCRYPTIONS_PER_KEY`], 2^32; at least 1). See docs/keys.md.
     pub max_encryptions_per_key: u64,
+    /// A write-ahead segment is closed, and sled made durable up to it
+    /// (a checkpoint), once the segment holds this many bytes (default
+    /// [`crate::wal::SEGMENT_BYTES`], 64 MiB). An open after a crash
+    /// replays at most about this much.
+    pub wal_segment_bytes: u64,
 }
 
 /// Default per-key encryption limit: 2^32 records. AES-256-GCM-SIV takes
@@ -119,6 +126,7 @@ impl Default for Options {
             key_cache: 100_000,
             index_batch: 1_000_000,
             max_encryptions_per_key: MAX_ENCRYPTIONS_PER_KEY,
+            wal_segment_bytes: crate::wal::SEGMENT_BYTES,
         }
     }
 }
@@ -451,6 +459,8 @@ struct Request {
 struct Synced {
     replies: Vec<(Reply, Result<Vec<Receipt>>)>,
     head: Option<SignedHead>,
+    /// The write-ahead segment holding the group's record, to sync.
+    wal: Option<Arc<File>>,
 }
 
 /// The append-only, encrypted, hash-chained and signed log of one data dir.
@@ -702,16 +712,29 @@ impl Inner {
             Ok(mut t) => std::mem::take(&mut *t),
             Err(_) => return,
         };
-        // Committer, writer and syncer end in turn when the channel closes;
-        // the indexer, last, writes what they left in the overlay.
+        // Committer, writer, syncer and checkpointer end in turn when the
+        // channel closes; the indexer, last, writes what they left in the
+        // overlay.
+        let stopped = !threads.is_empty();
         let mut threads = threads.into_iter();
-        for t in threads.by_ref().take(3) {
+        for t in threads.by_ref().take(4) {
             let _ = t.join();
         }
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.overlay_full.notify_all();
         for t in threads {
             let _ = t.join();
+        }
+        // Once sled is durable the write-ahead file holds nothing sled
+        // lacks; when that fails it stays, and the next open replays it.
+        if stopped {
+            let checkpoint = self
+                .store
+                .sync()
+                .and_then(|()| crate::wal::remove_all(&self.store.dir));
+            if let Err(e) = checkpoint {
+                tracing::error!(error = %e, "final checkpoint failed; the next open replays the write-ahead file");
+            }
         }
     }
 }
@@ -947,11 +970,14 @@ impl Vault {
             burned: HashMap::new(),
             shared: shared.clone(),
         };
-        let writer = Writer {
+        let (ckpt_tx, ckpt_rx) = std::sync::mpsc::channel();
+        let mut writer = Writer {
             store: store.clone(),
             master: shared_master.clone(),
             shared: shared.clone(),
             index_batch: opts.index_batch.max(1),
+            wal: Wal::new(&store.dir, opts.wal_segment_bytes),
+            checkpoint: Some(ckpt_tx),
         };
         let mut receipts = Vec::new();
         if !initial.is_empty() {
@@ -986,11 +1012,15 @@ impl Vault {
         let w = std::thread::Builder::new()
             .name("vault-writer".into())
             .spawn(move || writer.run(writer_rx, sync_tx))?;
-        let syncer_store = store.clone();
         let syncer_shared = shared.clone();
         let s = std::thread::Builder::new()
             .name("vault-syncer".into())
-            .spawn(move || run_syncer(&syncer_store, &syncer_shared, sync_rx))?;
+            .spawn(move || run_syncer(&syncer_shared, sync_rx))?;
+        let checkpoint_store = store.clone();
+        let checkpoint_shared = shared.clone();
+        let k = std::thread::Builder::new()
+            .name("vault-checkpointer".into())
+            .spawn(move || run_checkpointer(&checkpoint_store, &checkpoint_shared, ckpt_rx))?;
         let indexer_store = store.clone();
         let indexer_shared = shared.clone();
         let i = std::thread::Builder::new()
@@ -1008,7 +1038,7 @@ impl Vault {
                 public_key: pk,
                 vault_id,
                 tx: RwLock::new(Some(tx)),
-                threads: Mutex::new(vec![c, w, s, i]),
+                threads: Mutex::new(vec![c, w, s, k, i]),
                 shared,
                 max_encryptions: opts.max_encryptions_per_key.max(1),
                 credentials: Mutex::new(CredentialIndex::default()),
@@ -2834,19 +2864,23 @@ struct Built {
     signed: Option<(MerkleTree, SignedHead)>,
 }
 
-/// Writes built groups to sled and publishes their derived state, on its
-/// own thread so that building the next group overlaps the sled writes.
+/// Writes built groups to the write-ahead file and to sled, and publishes
+/// their derived state, on its own thread so that building the next group
+/// overlaps the writes.
 struct Writer {
     store: Arc<Store>,
     /// The readers' master key, swapped by a master rotation's step 3.
     master: Arc<RwLock<Arc<SecretKey>>>,
     shared: Arc<Shared>,
     index_batch: u64,
+    wal: Wal,
+    /// Full write-ahead segments go to the checkpointer.
+    checkpoint: Option<std::sync::mpsc::Sender<PathBuf>>,
 }
 
 impl Writer {
     fn run(
-        self,
+        mut self,
         rx: std::sync::mpsc::Receiver<ToWriter>,
         sync_tx: std::sync::mpsc::Sender<Synced>,
     ) {
@@ -2865,7 +2899,7 @@ impl Writer {
     }
 
     /// Writes a group and prepares its receipts for the syncer.
-    fn finish(&self, built: Box<Built>) -> Synced {
+    fn finish(&mut self, built: Box<Built>) -> Synced {
         let Built {
             mut g,
             first_seq,
@@ -2880,6 +2914,7 @@ impl Writer {
             return Synced {
                 replies,
                 head: None,
+                wal: None,
             };
         };
         let result = if self.shared.poisoned.load(Ordering::Acquire) {
@@ -2887,19 +2922,23 @@ impl Writer {
         } else {
             self.write(&g, first_seq, &head)
         };
-        if let Err(e) = result {
-            tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
-            self.shared.poisoned.store(true, Ordering::Release);
-            let replies = g
-                .requests
-                .into_iter()
-                .map(|(reply, _)| (reply, Err(Error::Poisoned)))
-                .collect();
-            return Synced {
-                replies,
-                head: None,
-            };
-        }
+        let file = match result {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
+                self.shared.poisoned.store(true, Ordering::Release);
+                let replies = g
+                    .requests
+                    .into_iter()
+                    .map(|(reply, _)| (reply, Err(Error::Poisoned)))
+                    .collect();
+                return Synced {
+                    replies,
+                    head: None,
+                    wal: None,
+                };
+            }
+        };
         self.publish(&mut g, head.last_seq);
         let replies = g
             .requests
@@ -2921,14 +2960,19 @@ impl Writer {
         Synced {
             replies,
             head: Some(head),
+            wal: Some(file),
         }
     }
 
-    fn write(&self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
+    /// Writes a group: its record to the write-ahead file (made durable by
+    /// the syncer), then the same batches to sled, where readers find them.
+    /// Returns the segment file to sync.
+    fn write(&mut self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<Arc<File>> {
         failpoint("commit::before_write")?;
-        let s = &self.store;
+        let s = self.store.clone();
+        let mut batches = Vec::new();
         if !g.new_keys.is_empty() || !g.shreds.is_empty() {
-            let mut kb = sled::Batch::default();
+            let mut kb = wal::Batch::new(TreeId::Keys);
             if !g.new_keys.is_empty() {
                 let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
                 kb.insert(PENDING, encode_pending(first_seq, &names));
@@ -2939,19 +2983,19 @@ impl Writer {
             if !g.shreds.is_empty() {
                 kb.insert(SHREDDING, encode_shredding(first_seq, &g.shreds));
             }
-            s.keys.apply_batch(kb)?;
+            batches.push(kb);
         }
         if let Some(m) = &g.master_swap {
             // Step 1 of a master rotation: stage the new keys beside the
             // old ones, with the marker naming the group.
-            let mut kb = sled::Batch::default();
-            kb.insert(ROTATING, &first_seq.to_be_bytes());
+            let mut kb = wal::Batch::new(TreeId::Keys);
+            kb.insert(ROTATING, first_seq.to_be_bytes());
             for (n, v) in &m.staged {
                 kb.insert([STAGED, n.as_slice()].concat(), v.as_slice());
             }
-            s.keys.apply_batch(kb)?;
+            batches.push(kb);
         }
-        let mut lb = sled::Batch::default();
+        let mut lb = wal::Batch::new(TreeId::Log);
         let mut chunk_keys = Vec::new();
         let mut chunk_first = first_seq;
         let mut start = 0usize;
@@ -2963,51 +3007,75 @@ impl Writer {
             if last || full {
                 let entries: Vec<&[u8]> = g.encoded[start..=i].iter().map(Vec::as_slice).collect();
                 let chunk = encode_chunk(chunk_first, &entries, last.then_some(head));
-                lb.insert(&chunk_first.to_be_bytes(), chunk);
+                lb.insert(chunk_first.to_be_bytes(), chunk);
                 chunk_keys.push(chunk_first);
                 chunk_first = first_seq + i as u64 + 1;
                 start = i + 1;
                 bytes = 0;
             }
         }
-        s.log.apply_batch(lb)?;
-        for &k in &chunk_keys {
-            crate::store::touch(&s.log, &k.to_be_bytes())?;
-        }
-        failpoint("commit::after_write")?;
+        batches.push(lb);
         if !g.shreds.is_empty() {
             // Step 3: the shredded subjects' keys go only once their shred
             // entries are in the log; sled recovers a prefix of its
             // writes, so after a crash the keys are gone only if the
             // entries are there, and open finishes an interrupted step 3.
-            let mut kb = sled::Batch::default();
+            let mut kb = wal::Batch::new(TreeId::Keys);
             for subject in &g.shreds {
                 for kv in s.keys.scan_prefix(state::data_key_prefix(subject)) {
-                    kb.remove(kv?.0);
+                    kb.remove(kv?.0.to_vec());
                 }
             }
             kb.remove(SHREDDING);
-            s.keys.apply_batch(kb)?;
+            batches.push(kb);
         }
         if let Some((_, _, retired)) = &g.signing_swap {
             // The retired signing key goes once the rotation is in the
             // log; after a crash in between, open deletes it.
-            s.keys.remove(retired.as_slice())?;
+            let mut kb = wal::Batch::new(TreeId::Keys);
+            kb.remove(retired.as_slice());
+            batches.push(kb);
         }
         if let Some(m) = &g.master_swap {
-            // Step 3: swap the new keys in, in one batch, under the
-            // readers' lock, and the master with them.
-            let mut readers = self.master.write().map_err(|_| Error::Poisoned)?;
-            let mut kb = sled::Batch::default();
+            // Step 3: swap the new keys in, in one batch (applied below
+            // under the readers' lock, with the master switched).
+            let mut kb = wal::Batch::new(TreeId::Keys);
             for (n, v) in &m.staged {
                 kb.insert(n.as_slice(), v.as_slice());
                 kb.remove([STAGED, n.as_slice()].concat());
             }
             kb.remove(ROTATING);
-            s.keys.apply_batch(kb)?;
-            *readers = m.master.clone();
+            batches.push(kb);
         }
-        Ok(())
+        let gw = wal::GroupWrite { first_seq, batches };
+        let record = wal::encode_record(&gw)?;
+        let (file, closed) = self.wal.append(first_seq, &record)?;
+        if let Some(path) = closed {
+            if let Some(tx) = &self.checkpoint {
+                let _ = tx.send(path);
+            }
+        }
+        drop(record);
+        let count = gw.batches.len();
+        for (i, b) in gw.batches.into_iter().enumerate() {
+            if i + 1 == count {
+                if let Some(m) = &g.master_swap {
+                    let mut readers = self.master.write().map_err(|_| Error::Poisoned)?;
+                    b.apply(&s)?;
+                    *readers = m.master.clone();
+                    continue;
+                }
+            }
+            let log = b.tree == TreeId::Log;
+            b.apply(&s)?;
+            if log {
+                for &k in &chunk_keys {
+                    crate::store::touch(&s.log, &k.to_be_bytes())?;
+                }
+            }
+        }
+        failpoint("commit::after_write")?;
+        Ok(file)
     }
 
     /// Makes a written group's derived state (and key use) visible to
@@ -3111,14 +3179,17 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
 }
 
 /// Every failpoint of the commit path, in the order a commit reaches
-/// them: the group's sled write, its flush and fsync (each before and
-/// after), and the indexer's write of derived state (before, halfway
-/// through its keys, and after).
+/// them: the group's write (to the write-ahead file and sled), the
+/// `fdatasync` of its write-ahead record (each before and after), the
+/// checkpoint of a full write-ahead segment (before sled's sync), and the
+/// indexer's write of derived state (before, halfway through its keys, and
+/// after).
 pub const FAILPOINTS: &[&str] = &[
     "commit::before_write",
     "commit::after_write",
     "commit::before_flush",
     "commit::after_flush",
+    "checkpoint::before_sync",
     "index::before_write",
     "index::mid_write",
     "index::after_write",
@@ -3161,7 +3232,36 @@ fn run_indexer(store: &Store, shared: &Shared) {
     }
 }
 
-fn run_syncer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<Synced>) {
+/// `fdatasync`s each write-ahead segment that holds one of these groups
+/// (one, except when the writer started a new segment among them).
+fn sync_wal(groups: &[Synced]) -> Result<()> {
+    let mut synced: Vec<&Arc<File>> = Vec::new();
+    for f in groups.iter().filter_map(|s| s.wal.as_ref()) {
+        if !synced.iter().any(|d| Arc::ptr_eq(d, f)) {
+            f.sync_data()?;
+            synced.push(f);
+        }
+    }
+    Ok(())
+}
+
+/// Checkpoints each full write-ahead segment: makes sled durable (every
+/// group of the segment was applied to sled before the writer closed it),
+/// then deletes the segment.
+fn run_checkpointer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<PathBuf>) {
+    while let Ok(path) = rx.recv() {
+        let result = failpoint("checkpoint::before_sync")
+            .and_then(|()| store.sync())
+            .and_then(|()| std::fs::remove_file(&path).map_err(Error::from));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "checkpoint failed; the vault refuses writes until reopened");
+            shared.poisoned.store(true, Ordering::Release);
+            return;
+        }
+    }
+}
+
+fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<Synced>) {
     while let Ok(first) = rx.recv() {
         let mut all = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -3171,7 +3271,7 @@ fn run_syncer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<Sync
             Err(Error::Poisoned)
         } else {
             failpoint("commit::before_flush")
-                .and_then(|()| store.sync())
+                .and_then(|()| sync_wal(&all))
                 .and_then(|()| failpoint("commit::after_flush"))
         };
         match result {

@@ -5,10 +5,11 @@
 //!
 //! | failpoint | where |
 //! |---|---|
-//! | `commit::before_write` | a group is built and signed; nothing is in sled yet |
-//! | `commit::after_write` | the group's chunk is in sled's buffers, not flushed |
-//! | `commit::before_flush` | the syncer is about to flush and fsync |
+//! | `commit::before_write` | a group is built and signed; nothing is written yet |
+//! | `commit::after_write` | the group's record is in the write-ahead file (not synced) and its chunk in sled's buffers |
+//! | `commit::before_flush` | the syncer is about to `fdatasync` the write-ahead file |
 //! | `commit::after_flush` | the group is durable; no caller has its reply yet |
+//! | `checkpoint::before_sync` | a full write-ahead segment is about to be checkpointed (sled flushed and fsynced, the segment deleted) |
 //! | `index::before_write` | the indexer is about to write derived state |
 //! | `index::after_write` | derived state is written (not yet flushed) |
 //!
@@ -49,11 +50,13 @@ fn unlock() -> Unlock {
     Unlock::key_file(KEY_FILE).expect("a 32-byte hex key")
 }
 
-/// Derived state is written after every group, so that the index
+/// Derived state is written after every group, and a write-ahead segment
+/// is checkpointed every few groups, so that the index and checkpoint
 /// failpoints are reached at once.
 fn options() -> Options {
     Options {
         index_batch: 1,
+        wal_segment_bytes: 2048,
         cache_bytes: 8 << 20,
         ..Options::default()
     }

@@ -1,0 +1,542 @@
+//! The write-ahead file: every commit group's sled writes, appended to a
+//! file of our own and made durable with one `fdatasync` before the group
+//! is acknowledged.
+//!
+//! Making sled itself durable costs a `flush()` (its buffers written, then
+//! `sync_file_range`, with each stored byte written about three times by
+//! its leaf rewrites) and an `fdatasync` of its file: two device waits per
+//! commit group. With this file a group costs one sequential write and one
+//! `fdatasync`; sled receives the same writes at once (readers see them
+//! there, as before) and is made durable in the background, once per
+//! segment, by a **checkpoint**: `Store::sync`, then the segment is deleted.
+//!
+//! ```text
+//! DIR/wal/<first seq, 16 hex digits>.wal     one segment; its name is the
+//!                                            first seq of its first group
+//! segment (all integers big-endian)
+//! 0     6  magic "FTVWAL"
+//! 6     2  version = 1
+//! 8        records, back to back:
+//!   0   4  body length n
+//!   4   4  CRC32 (IEEE) of the body
+//!   8   n  body:
+//!          8  first seq of the group
+//!          2  batch count
+//!             batch count × {
+//!               1  tree: 0 log, 1 state, 2 keys, 3 meta
+//!               4  op count
+//!                  op count × {
+//!                    1  op: 0 remove, 1 insert
+//!                    4  key length, key
+//!                    [4  value length, value]   when op = 1
+//!                  }
+//!             }
+//! ```
+//!
+//! A record is one commit group: the sled batches the writer applies for
+//! it, in the order it applies them (each batch atomically, as sled
+//! applies a batch).
+//!
+//! Recovery ([`replay`], run by every open of a data dir before anything
+//! reads sled): the segments are read in the order of their names, and the
+//! records in file order. sled recovers a prefix of its own writes, and
+//! receives a group's batches in the record's order, after every earlier
+//! record's; so a group whose log chunk sled holds is wholly in sled up to
+//! its log batch (what follows that batch in a group, the last steps of a
+//! shred or a rotation, is finished by the open's own recovery, as
+//! before), and it is skipped. Every other group's batches are applied
+//! again. Then sled is made durable and the segments are deleted.
+//!
+//! A record cut short or failing its CRC at the end of the **last** segment
+//! is the write of a group that was never acknowledged (the crash came
+//! before its `fdatasync` returned): it and anything after it are dropped.
+//! The writer `fdatasync`s a segment before it starts the next one, so the
+//! same in an earlier segment is corruption, and the open is refused
+//! (`Malformed`) rather than losing acknowledged groups silently.
+//!
+//! Invariants: a group is acknowledged only after its record is durable;
+//! a segment is deleted only after sled is durable with every group in it;
+//! replaying a record twice, or a record sled already holds, changes
+//! nothing.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::entry::Reader;
+use crate::error::{Error, Result};
+use crate::store::{sync_dir, Store};
+
+/// Magic and version at the start of every segment.
+pub const SEGMENT_MAGIC: &[u8; 6] = b"FTVWAL";
+/// Version of the segment format.
+pub const SEGMENT_VERSION: u16 = 1;
+const HEADER_LEN: usize = 8;
+/// A segment is closed (and checkpointed) once it holds this many bytes.
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The sled tree a batch goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeId {
+    Log = 0,
+    State = 1,
+    Keys = 2,
+    Meta = 3,
+}
+
+impl TreeId {
+    fn from_u8(b: u8) -> Result<TreeId> {
+        Ok(match b {
+            0 => TreeId::Log,
+            1 => TreeId::State,
+            2 => TreeId::Keys,
+            3 => TreeId::Meta,
+            _ => return Err(Error::Malformed("write-ahead record names an unknown tree")),
+        })
+    }
+
+    fn tree(self, store: &Store) -> &sled::Tree {
+        match self {
+            TreeId::Log => &store.log,
+            TreeId::State => &store.state,
+            TreeId::Keys => &store.keys,
+            TreeId::Meta => &store.meta,
+        }
+    }
+}
+
+/// One sled batch of a group: inserts (`Some`) and removes (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub tree: TreeId,
+    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn new(tree: TreeId) -> Batch {
+        Batch {
+            tree,
+            ops: Vec::new(),
+        }
+    }
+
+    pub fn insert(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push((key.into(), Some(value.into())));
+    }
+
+    pub fn remove(&mut self, key: impl Into<Vec<u8>>) {
+        self.ops.push((key.into(), None));
+    }
+
+    /// Applies the batch to its tree atomically.
+    pub(crate) fn apply(self, store: &Store) -> Result<()> {
+        let tree = self.tree.tree(store);
+        let mut b = sled::Batch::default();
+        for (k, v) in self.ops {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        tree.apply_batch(b)?;
+        Ok(())
+    }
+}
+
+/// One commit group's record: its first seq and its batches in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupWrite {
+    pub first_seq: u64,
+    pub batches: Vec<Batch>,
+}
+
+fn len_u32(n: usize) -> Result<[u8; 4]> {
+    u32::try_from(n)
+        .map(u32::to_be_bytes)
+        .map_err(|_| Error::Invalid("a write-ahead record field exceeds 4 GiB".into()))
+}
+
+/// Encodes a group as one record (length, CRC32, body).
+pub fn encode_record(g: &GroupWrite) -> Result<Vec<u8>> {
+    let size: usize = 8
+        + 8
+        + 2
+        + g.batches
+            .iter()
+            .map(|b| {
+                5 + b
+                    .ops
+                    .iter()
+                    .map(|(k, v)| 5 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
+                    .sum::<usize>()
+            })
+            .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&g.first_seq.to_be_bytes());
+    let count = u16::try_from(g.batches.len())
+        .map_err(|_| Error::Invalid("too many batches in one group".into()))?;
+    out.extend_from_slice(&count.to_be_bytes());
+    for b in &g.batches {
+        out.push(b.tree as u8);
+        out.extend_from_slice(&len_u32(b.ops.len())?);
+        for (k, v) in &b.ops {
+            out.push(u8::from(v.is_some()));
+            out.extend_from_slice(&len_u32(k.len())?);
+            out.extend_from_slice(k);
+            if let Some(v) = v {
+                out.extend_from_slice(&len_u32(v.len())?);
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    let body_len = len_u32(out.len() - 8)?;
+    let crc = crc32fast::hash(&out[8..]);
+    out[..4].copy_from_slice(&body_len);
+    out[4..8].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
+}
+
+fn decode_body(body: &[u8]) -> Result<GroupWrite> {
+    let mut r = Reader::new(body);
+    let first_seq = r.u64()?;
+    let count = r.u16()?;
+    let mut batches = Vec::new();
+    for _ in 0..count {
+        let tree = TreeId::from_u8(r.u8()?)?;
+        let n = r.u32()?;
+        let mut ops = Vec::new();
+        for _ in 0..n {
+            let op = r.u8()?;
+            let klen = r.u32()? as usize;
+            let key = r.take(klen)?.to_vec();
+            let value = match op {
+                0 => None,
+                1 => {
+                    let vlen = r.u32()? as usize;
+                    Some(r.take(vlen)?.to_vec())
+                }
+                _ => return Err(Error::Malformed("write-ahead record has an unknown op")),
+            };
+            ops.push((key, value));
+        }
+        batches.push(Batch { tree, ops });
+    }
+    if !r.is_empty() {
+        return Err(Error::Malformed("write-ahead record has trailing bytes"));
+    }
+    Ok(GroupWrite { first_seq, batches })
+}
+
+/// What reading one segment found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// The records that are whole and pass their CRC, in file order.
+    pub groups: Vec<GroupWrite>,
+    /// Whether bytes after them were cut short or failed their CRC (or the
+    /// header itself was).
+    pub torn: bool,
+}
+
+/// Reads a segment's bytes. Never trusts a length: a record's claimed
+/// length is checked against the bytes left before anything is copied.
+/// A record whose CRC holds but whose body does not decode is an error
+/// (`Malformed`): that is not a torn write.
+pub fn read_segment(bytes: &[u8]) -> Result<Segment> {
+    if bytes.len() < HEADER_LEN {
+        return Ok(Segment {
+            groups: Vec::new(),
+            torn: true,
+        });
+    }
+    if &bytes[..6] != SEGMENT_MAGIC {
+        return Err(Error::Malformed("write-ahead segment has a bad magic"));
+    }
+    if bytes[6..8] != SEGMENT_VERSION.to_be_bytes() {
+        return Err(Error::Malformed(
+            "write-ahead segment has an unknown version",
+        ));
+    }
+    let mut rest = &bytes[HEADER_LEN..];
+    let mut groups = Vec::new();
+    while !rest.is_empty() {
+        if rest.len() < 8 {
+            return Ok(Segment { groups, torn: true });
+        }
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let crc = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let Some(body) = rest.get(8..8 + len) else {
+            return Ok(Segment { groups, torn: true });
+        };
+        if crc32fast::hash(body) != crc {
+            return Ok(Segment { groups, torn: true });
+        }
+        groups.push(decode_body(body)?);
+        rest = &rest[8 + len..];
+    }
+    Ok(Segment {
+        groups,
+        torn: false,
+    })
+}
+
+fn wal_dir(dir: &Path) -> PathBuf {
+    dir.join("wal")
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:016x}.wal")
+}
+
+/// The segments in `dir`, in the order of their names (their first seqs).
+fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
+    let wd = wal_dir(dir);
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(&wd) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    for e in entries {
+        let path = e?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let Some(stem) = name.strip_suffix(".wal") else {
+            continue;
+        };
+        if stem.len() == 16 {
+            if let Ok(seq) = u64::from_str_radix(stem, 16) {
+                found.push((seq, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// What [`replay`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed {
+    /// Groups applied to sled again.
+    pub applied: u64,
+    /// Groups sled already held.
+    pub skipped: u64,
+    /// Whether the last segment ended in a torn record (dropped).
+    pub torn: bool,
+}
+
+/// Applies to sled every group of the write-ahead segments that sled does
+/// not hold, makes sled durable and deletes the segments (see the module
+/// doc). Run by every open of a data dir, before anything reads sled.
+pub(crate) fn replay(store: &Store) -> Result<Replayed> {
+    let paths = segments(&store.dir)?;
+    let mut done = Replayed::default();
+    if paths.is_empty() {
+        return Ok(done);
+    }
+    for (i, path) in paths.iter().enumerate() {
+        let bytes = std::fs::read(path)?;
+        let seg = read_segment(&bytes)?;
+        if seg.torn {
+            if i + 1 != paths.len() {
+                return Err(Error::Malformed(
+                    "a write-ahead segment before the last one is cut short or fails its CRC",
+                ));
+            }
+            done.torn = true;
+        }
+        for g in seg.groups {
+            if store.log.contains_key(g.first_seq.to_be_bytes())? {
+                done.skipped += 1;
+                continue;
+            }
+            for b in g.batches {
+                b.apply(store)?;
+            }
+            done.applied += 1;
+        }
+    }
+    store.sync()?;
+    for path in &paths {
+        std::fs::remove_file(path)?;
+    }
+    sync_dir(&wal_dir(&store.dir))?;
+    if done.applied > 0 || done.torn {
+        tracing::info!(
+            applied = done.applied,
+            skipped = done.skipped,
+            torn = done.torn,
+            "replayed the write-ahead file"
+        );
+    }
+    Ok(done)
+}
+
+/// Deletes every segment: after a clean shutdown, once sled is durable.
+pub(crate) fn remove_all(dir: &Path) -> Result<()> {
+    let paths = segments(dir)?;
+    if paths.is_empty() {
+        return Ok(());
+    }
+    for path in &paths {
+        std::fs::remove_file(path)?;
+    }
+    sync_dir(&wal_dir(dir))
+}
+
+/// The writer's end: appends records to the current segment and starts a
+/// new one when it is full.
+#[derive(Debug)]
+pub(crate) struct Wal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    current: Option<(PathBuf, Arc<File>, u64)>,
+}
+
+impl Wal {
+    pub(crate) fn new(dir: &Path, segment_bytes: u64) -> Wal {
+        Wal {
+            dir: wal_dir(dir),
+            segment_bytes,
+            current: None,
+        }
+    }
+
+    /// Appends a record (not yet durable: sync the returned file). When
+    /// the current segment is full it is made durable first and its path
+    /// returned as `closed`, for a checkpoint.
+    pub(crate) fn append(
+        &mut self,
+        first_seq: u64,
+        record: &[u8],
+    ) -> Result<(Arc<File>, Option<PathBuf>)> {
+        let mut closed = None;
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.2 >= self.segment_bytes)
+        {
+            if let Some((path, file, _)) = self.current.take() {
+                file.sync_data()?;
+                closed = Some(path);
+            }
+        }
+        if self.current.is_none() {
+            std::fs::create_dir_all(&self.dir)?;
+            let path = self.dir.join(segment_name(first_seq));
+            let mut file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&path)?;
+            let mut header = [0u8; HEADER_LEN];
+            header[..6].copy_from_slice(SEGMENT_MAGIC);
+            header[6..].copy_from_slice(&SEGMENT_VERSION.to_be_bytes());
+            file.write_all(&header)?;
+            file.sync_data()?;
+            sync_dir(&self.dir)?;
+            self.current = Some((path, Arc::new(file), HEADER_LEN as u64));
+        }
+        let Some((_, file, len)) = self.current.as_mut() else {
+            return Err(Error::Closed);
+        };
+        (&**file).write_all(record)?;
+        *len += record.len() as u64;
+        Ok((file.clone(), closed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group() -> GroupWrite {
+        let mut keys = Batch::new(TreeId::Keys);
+        keys.insert(b"pending".to_vec(), vec![1, 2]);
+        keys.remove(b"next/x".to_vec());
+        let mut log = Batch::new(TreeId::Log);
+        log.insert(7u64.to_be_bytes().to_vec(), b"chunk".to_vec());
+        GroupWrite {
+            first_seq: 7,
+            batches: vec![keys, log],
+        }
+    }
+
+    fn segment(records: &[Vec<u8>]) -> Vec<u8> {
+        let mut s = b"FTVWAL\x00\x01".to_vec();
+        for r in records {
+            s.extend_from_slice(r);
+        }
+        s
+    }
+
+    #[test]
+    fn a_record_round_trips() -> Result<()> {
+        let g = group();
+        let seg = read_segment(&segment(&[encode_record(&g)?]))?;
+        assert_eq!(
+            seg,
+            Segment {
+                groups: vec![g],
+                torn: false
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_cut_or_flipped_record_ends_the_segment_as_torn() -> Result<()> {
+        let g = group();
+        let rec = encode_record(&g)?;
+        for cut in 1..rec.len() {
+            let bytes = segment(&[rec.clone(), rec[..cut].to_vec()]);
+            let seg = read_segment(&bytes)?;
+            assert_eq!(seg.groups, vec![g.clone()], "cut at {cut}");
+            assert!(seg.torn, "cut at {cut}");
+        }
+        for i in 0..rec.len() {
+            let mut bad = rec.clone();
+            bad[i] ^= 0x40;
+            let seg = read_segment(&segment(&[rec.clone(), bad, rec.clone()]))?;
+            // A flipped length may still frame the rest as one bad record.
+            assert_eq!(seg.groups, vec![g.clone()], "flip at {i}");
+            assert!(seg.torn, "flip at {i}");
+        }
+        assert!(read_segment(b"FTVW")?.torn);
+        Ok(())
+    }
+
+    #[test]
+    fn a_huge_claimed_length_is_torn_without_allocating() -> Result<()> {
+        let mut bytes = segment(&[]);
+        bytes.extend_from_slice(&u32::MAX.to_be_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        let seg = read_segment(&bytes)?;
+        assert!(seg.torn && seg.groups.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_record_with_a_good_crc_that_does_not_decode_is_malformed() {
+        // Body: first seq, one batch on tree 9 (unknown).
+        let mut body = 1u64.to_be_bytes().to_vec();
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.push(9);
+        body.extend_from_slice(&0u32.to_be_bytes());
+        let mut rec = (body.len() as u32).to_be_bytes().to_vec();
+        rec.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        rec.extend_from_slice(&body);
+        assert!(matches!(
+            read_segment(&segment(&[rec])),
+            Err(Error::Malformed(_))
+        ));
+        assert!(matches!(
+            read_segment(b"NOTWAL\x00\x01"),
+            Err(Error::Malformed(_))
+        ));
+        assert!(matches!(
+            read_segment(b"FTVWAL\x00\x02"),
+            Err(Error::Malformed(_))
+        ));
+    }
+}
