@@ -3020,10 +3020,20 @@ impl Writer {
             // entries are in the log; sled recovers a prefix of its
             // writes, so after a crash the keys are gone only if the
             // entries are there, and open finishes an interrupted step 3.
+            // The keys are those in sled and those this group's step 1
+            // creates (a record of the subject earlier in the group), which
+            // sled does not hold yet: the batches are applied only once the
+            // whole record is written.
             let mut kb = wal::Batch::new(TreeId::Keys);
             for subject in &g.shreds {
-                for kv in s.keys.scan_prefix(state::data_key_prefix(subject)) {
+                let prefix = state::data_key_prefix(subject);
+                for kv in s.keys.scan_prefix(&prefix) {
                     kb.remove(kv?.0.to_vec());
+                }
+                for (n, _) in &g.new_keys {
+                    if n.starts_with(&prefix) {
+                        kb.remove(n.as_slice());
+                    }
                 }
             }
             kb.remove(SHREDDING);

@@ -470,6 +470,17 @@ mod tests {
         s
     }
 
+    /// docs/storage.md, section 10: a segment holding the record of
+    /// `group()`.
+    pub(crate) const WAL_SEGMENT: &str = "46545657414c000100000047d6f7b133000000000000000700020200000002010000000770656e64696e6700000002010200000000066e6578742f78000000000101000000080000000000000007000000056368756e6b";
+
+    #[test]
+    fn golden_segment() -> Result<()> {
+        let seg = segment(&[encode_record(&group())?]);
+        assert_eq!(hex::encode(&seg), WAL_SEGMENT);
+        Ok(())
+    }
+
     #[test]
     fn a_record_round_trips() -> Result<()> {
         let g = group();

@@ -652,6 +652,52 @@ async fn a_shred_that_never_reached_the_log_did_not_happen() {
     verify_ok(&dir, key);
 }
 
+/// A subject's first record and its shred in one commit group: the key
+/// the group creates is destroyed by the same group, although sled does
+/// not hold it yet when the group's write-ahead record is built. Pairs of
+/// a first record and a shred are sent together, so that many of them
+/// share a group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_created_and_shredded_in_one_group_is_gone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = std::sync::Arc::new(
+        Vault::create(&dir, &unlock(), Options::default())
+            .expect("create")
+            .vault,
+    );
+    let key = vault.public_key();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let subject = format!("pair-{i}");
+        let v = vault.clone();
+        let s = subject.clone();
+        tasks.push(tokio::spawn(async move {
+            v.append(Append::record(s, b"{}".to_vec()))
+                .await
+                .map(|_| ())
+        }));
+        let v = vault.clone();
+        tasks.push(tokio::spawn(
+            async move { v.shred(&subject).await.map(|_| ()) },
+        ));
+    }
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) | Err(Error::SubjectShredded(_) | Error::NoSuchSubject(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let vault = std::sync::Arc::into_inner(vault).expect("the last handle");
+    vault.close().expect("close");
+    let r = verify_ok(&dir, key);
+    assert!(!r.shredded.is_empty());
+    let raw = raw(&dir);
+    for s in &r.shredded {
+        assert_eq!(raw.keys.scan_prefix(data_key_prefix(s)).count(), 0);
+    }
+}
+
 const CHILD_ENV: &str = "FINTRUST_TEST_SHRED_CHILD_DIR";
 
 /// Runs only as the child: appends and shreds until killed.
