@@ -459,8 +459,15 @@ struct Request {
 struct Synced {
     replies: Vec<(Reply, Result<Vec<Receipt>>)>,
     head: Option<SignedHead>,
-    /// The write-ahead segment holding the group's record, to sync.
-    wal: Option<Arc<File>>,
+}
+
+/// What the writer tells the syncer, in this order for each group: the
+/// segment its record was written to (as soon as it is, so that the
+/// `fdatasync` runs while the writer applies the group to sled), then the
+/// replies, once the group is in sled and published.
+enum ToSyncer {
+    Flush(Arc<File>),
+    Done(Synced),
 }
 
 /// The append-only, encrypted, hash-chained and signed log of one data dir.
@@ -953,7 +960,7 @@ impl Vault {
             signing_chain: RwLock::new(signing_chain),
         });
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
-        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel::<ToSyncer>();
         let mut committer = Committer {
             store: store.clone(),
             master: master.clone(),
@@ -978,6 +985,7 @@ impl Vault {
             index_batch: opts.index_batch.max(1),
             wal: Wal::new(&store.dir, opts.wal_segment_bytes),
             checkpoint: Some(ckpt_tx),
+            syncer: sync_tx,
         };
         let mut receipts = Vec::new();
         if !initial.is_empty() {
@@ -1011,7 +1019,7 @@ impl Vault {
             .spawn(move || committer.run(rx, writer_tx))?;
         let w = std::thread::Builder::new()
             .name("vault-writer".into())
-            .spawn(move || writer.run(writer_rx, sync_tx))?;
+            .spawn(move || writer.run(writer_rx))?;
         let syncer_shared = shared.clone();
         let s = std::thread::Builder::new()
             .name("vault-syncer".into())
@@ -2876,18 +2884,16 @@ struct Writer {
     wal: Wal,
     /// Full write-ahead segments go to the checkpointer.
     checkpoint: Option<std::sync::mpsc::Sender<PathBuf>>,
+    syncer: std::sync::mpsc::Sender<ToSyncer>,
 }
 
 impl Writer {
-    fn run(
-        mut self,
-        rx: std::sync::mpsc::Receiver<ToWriter>,
-        sync_tx: std::sync::mpsc::Sender<Synced>,
-    ) {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<ToWriter>) {
         while let Ok(msg) = rx.recv() {
             match msg {
                 ToWriter::Group(built) => {
-                    if sync_tx.send(self.finish(built)).is_err() {
+                    let done = self.finish(built);
+                    if self.syncer.send(ToSyncer::Done(done)).is_err() {
                         break;
                     }
                 }
@@ -2914,7 +2920,6 @@ impl Writer {
             return Synced {
                 replies,
                 head: None,
-                wal: None,
             };
         };
         let result = if self.shared.poisoned.load(Ordering::Acquire) {
@@ -2922,8 +2927,8 @@ impl Writer {
         } else {
             self.write(&g, first_seq, &head)
         };
-        let file = match result {
-            Ok(file) => file,
+        match result {
+            Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
                 self.shared.poisoned.store(true, Ordering::Release);
@@ -2935,10 +2940,9 @@ impl Writer {
                 return Synced {
                     replies,
                     head: None,
-                    wal: None,
                 };
             }
-        };
+        }
         self.publish(&mut g, head.last_seq);
         let replies = g
             .requests
@@ -2960,14 +2964,13 @@ impl Writer {
         Synced {
             replies,
             head: Some(head),
-            wal: Some(file),
         }
     }
 
-    /// Writes a group: its record to the write-ahead file (made durable by
-    /// the syncer), then the same batches to sled, where readers find them.
-    /// Returns the segment file to sync.
-    fn write(&mut self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<Arc<File>> {
+    /// Writes a group: its record to the write-ahead file, which the
+    /// syncer `fdatasync`s meanwhile, then the same batches to sled, where
+    /// readers find them.
+    fn write(&mut self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
         failpoint("commit::before_write")?;
         let s = self.store.clone();
         let mut batches = Vec::new();
@@ -3060,6 +3063,9 @@ impl Writer {
         let gw = wal::GroupWrite { first_seq, batches };
         let record = wal::encode_record(&gw)?;
         let (file, closed) = self.wal.append(first_seq, &record)?;
+        // Nothing waits for this send: a syncer that is gone fails the
+        // group's replies instead.
+        let _ = self.syncer.send(ToSyncer::Flush(file));
         if let Some(path) = closed {
             if let Some(tx) = &self.checkpoint {
                 let _ = tx.send(path);
@@ -3085,7 +3091,7 @@ impl Writer {
             }
         }
         failpoint("commit::after_write")?;
-        Ok(file)
+        Ok(())
     }
 
     /// Makes a written group's derived state (and key use) visible to
@@ -3242,14 +3248,15 @@ fn run_indexer(store: &Store, shared: &Shared) {
     }
 }
 
-/// `fdatasync`s each write-ahead segment that holds one of these groups
-/// (one, except when the writer started a new segment among them).
-fn sync_wal(groups: &[Synced]) -> Result<()> {
+/// `fdatasync`s each write-ahead segment named in `msgs` once.
+fn sync_wal(msgs: &[ToSyncer]) -> Result<()> {
     let mut synced: Vec<&Arc<File>> = Vec::new();
-    for f in groups.iter().filter_map(|s| s.wal.as_ref()) {
-        if !synced.iter().any(|d| Arc::ptr_eq(d, f)) {
-            f.sync_data()?;
-            synced.push(f);
+    for m in msgs {
+        if let ToSyncer::Flush(f) = m {
+            if !synced.iter().any(|d| Arc::ptr_eq(d, f)) {
+                f.sync_data()?;
+                synced.push(f);
+            }
         }
     }
     Ok(())
@@ -3271,27 +3278,40 @@ fn run_checkpointer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receive
     }
 }
 
-fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<Synced>) {
+/// Takes everything the writer sent since the last round, `fdatasync`s
+/// the segments written to (one `fdatasync` serves every group written
+/// meanwhile), then answers the groups that are done. A group's `Flush`
+/// comes before its `Done`, so a group answered in a round was synced in
+/// that round or an earlier one.
+fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<ToSyncer>) {
     while let Ok(first) = rx.recv() {
-        let mut all = vec![first];
+        let mut msgs = vec![first];
         while let Ok(more) = rx.try_recv() {
-            all.push(more);
+            msgs.push(more);
         }
+        let flush = msgs.iter().any(|m| matches!(m, ToSyncer::Flush(_)));
         let result = if shared.poisoned.load(Ordering::Acquire) {
             Err(Error::Poisoned)
-        } else {
+        } else if flush {
             failpoint("commit::before_flush")
-                .and_then(|()| sync_wal(&all))
+                .and_then(|()| sync_wal(&msgs))
                 .and_then(|()| failpoint("commit::after_flush"))
+        } else {
+            Ok(())
         };
+        let done = msgs.into_iter().filter_map(|m| match m {
+            ToSyncer::Done(s) => Some(s),
+            ToSyncer::Flush(_) => None,
+        });
         match result {
             Ok(()) => {
-                if let Some(h) = all.iter().rev().find_map(|s| s.head) {
+                let done: Vec<Synced> = done.collect();
+                if let Some(h) = done.iter().rev().find_map(|s| s.head) {
                     if let Ok(mut w) = shared.head.write() {
                         *w = Some(h);
                     }
                 }
-                for s in all {
+                for s in done {
                     for (reply, r) in s.replies {
                         let _ = reply.send(r);
                     }
@@ -3300,7 +3320,7 @@ fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<Synced>) {
             Err(e) => {
                 tracing::error!(error = %e, "sync failed; the vault refuses writes until reopened");
                 shared.poisoned.store(true, Ordering::Release);
-                for s in all {
+                for s in done {
                     for (reply, _) in s.replies {
                         let _ = reply.send(Err(Error::Poisoned));
                     }

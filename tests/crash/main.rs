@@ -69,10 +69,10 @@ use std::time::{Duration, Instant};
 
 use model::{Model, Rng};
 
-/// Cycles without `--cycles`: what CI runs. 27 cycles reach every
-/// crash failpoint (13, cycles 1, 3, … 25) and every fault failpoint (7,
-/// cycles 2, 6, … 26) once.
-const DEFAULT_CYCLES: usize = 27;
+/// Cycles without `--cycles`: what CI runs. 30 cycles reach every
+/// crash failpoint (14, cycles 1, 3, … 27) and every fault failpoint (8,
+/// cycles 2, 6, … 30) once.
+const DEFAULT_CYCLES: usize = 30;
 
 /// Where a cycle crashes `vaultd` (storage's commit steps, then the
 /// server's replies).
@@ -90,6 +90,7 @@ const CRASH_POINTS: &[&str] = &[
     "index::mid_write",
     "reply::event",
     "index::after_write",
+    "checkpoint::before_sync",
 ];
 
 /// Where a cycle fails a write or fsync: every step of a commit.
@@ -380,6 +381,9 @@ fn vaultd(env: &Env, failpoints: Option<&str>) -> Command {
     // Derived state written often, so that its failpoints are reached
     // within a cycle.
     cmd.args(["--index-batch", "500"]);
+    // Write-ahead segments checkpointed every few dozen groups, so that
+    // the checkpoint's failpoint is reached and an open replays several.
+    cmd.args(["--wal-segment-kib", "32"]);
     if let Some(spec) = failpoints {
         cmd.env(server::failpoints::ENV, spec);
     }

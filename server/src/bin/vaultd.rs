@@ -104,6 +104,13 @@ enum Command {
               default_value_t = storage::DEFAULT_CACHE_BYTES >> 20,
               value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
         cache_mib: u64,
+        /// Size at which a write-ahead segment is closed and the storage
+        /// engine made durable up to it (a checkpoint), in KiB (at least
+        /// 4); the next open after a crash replays at most about this much.
+        #[arg(long, env = "FINTRUST_WAL_SEGMENT_KIB", value_name = "KIB",
+              default_value_t = storage::wal::SEGMENT_BYTES >> 10,
+              value_parser = clap::value_parser!(u64).range(4..=1 << 30))]
+        wal_segment_kib: u64,
     },
     /// Serve only the HTTP policy shim, in front of a vault in another process.
     Shim {
@@ -317,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rotation,
             index_batch,
             cache_mib,
+            wal_segment_kib,
         } => {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
@@ -324,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = move || storage::Options {
                 index_batch,
                 cache_bytes: cache_mib << 20,
+                wal_segment_bytes: wal_segment_kib << 10,
                 ..storage::Options::default()
             };
             // The open verifies the whole log: freed memory stays committed
