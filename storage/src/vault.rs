@@ -986,6 +986,7 @@ impl Vault {
             wal: Wal::new(&store.dir, opts.wal_segment_bytes),
             checkpoint: Some(ckpt_tx),
             syncer: sync_tx,
+            record: Vec::new(),
         };
         let mut receipts = Vec::new();
         if !initial.is_empty() {
@@ -2885,7 +2886,13 @@ struct Writer {
     /// Full write-ahead segments go to the checkpointer.
     checkpoint: Option<std::sync::mpsc::Sender<PathBuf>>,
     syncer: std::sync::mpsc::Sender<ToSyncer>,
+    /// The buffer each group's write-ahead record is encoded into.
+    record: Vec<u8>,
 }
+
+/// The writer keeps its record buffer across groups up to this capacity
+/// (a group of 8,192 records of 1 KiB fits).
+const RECORD_BUFFER_KEPT: usize = 16 << 20;
 
 impl Writer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<ToWriter>) {
@@ -3061,8 +3068,11 @@ impl Writer {
             batches.push(kb);
         }
         let gw = wal::GroupWrite { first_seq, batches };
-        let record = wal::encode_record(&gw)?;
-        let (file, closed) = self.wal.append(first_seq, &record)?;
+        wal::encode_record_into(&gw, &mut self.record)?;
+        let (file, closed) = self.wal.append(first_seq, &self.record)?;
+        if self.record.capacity() > RECORD_BUFFER_KEPT {
+            self.record = Vec::new();
+        }
         // Nothing waits for this send: a syncer that is gone fails the
         // group's replies instead.
         let _ = self.syncer.send(ToSyncer::Flush(file));
@@ -3071,7 +3081,6 @@ impl Writer {
                 let _ = tx.send(path);
             }
         }
-        drop(record);
         let count = gw.batches.len();
         for (i, b) in gw.batches.into_iter().enumerate() {
             if i + 1 == count {

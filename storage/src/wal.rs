@@ -159,6 +159,15 @@ fn len_u32(n: usize) -> Result<[u8; 4]> {
 
 /// Encodes a group as one record (length, CRC32, body).
 pub fn encode_record(g: &GroupWrite) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_record_into(g, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode_record`] into `out`, which is cleared first: the writer keeps
+/// one buffer across groups, so that a group's record does not fault in
+/// fresh pages each time.
+pub fn encode_record_into(g: &GroupWrite, out: &mut Vec<u8>) -> Result<()> {
     let size: usize = 8
         + 8
         + 2
@@ -172,7 +181,8 @@ pub fn encode_record(g: &GroupWrite) -> Result<Vec<u8>> {
                     .sum::<usize>()
             })
             .sum::<usize>();
-    let mut out = Vec::with_capacity(size);
+    out.clear();
+    out.reserve(size);
     out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&g.first_seq.to_be_bytes());
     let count = u16::try_from(g.batches.len())
@@ -195,7 +205,7 @@ pub fn encode_record(g: &GroupWrite) -> Result<Vec<u8>> {
     let crc = crc32fast::hash(&out[8..]);
     out[..4].copy_from_slice(&body_len);
     out[4..8].copy_from_slice(&crc.to_be_bytes());
-    Ok(out)
+    Ok(())
 }
 
 fn decode_body(body: &[u8]) -> Result<GroupWrite> {
