@@ -174,6 +174,7 @@ impl Store {
     pub(crate) fn sync(&self) -> Result<()> {
         self.db.flush()?;
         self.data_file.sync_data()?;
+        release_garbage();
         Ok(())
     }
 
@@ -263,6 +264,19 @@ impl Store {
             .map(u64::from_be_bytes)
             .unwrap_or(0)
     }
+}
+
+/// Hands this thread's deferred frees to the global epoch collector.
+///
+/// sled 0.34 frees replaced tree nodes and its sealed 16 MiB I/O buffers
+/// through crossbeam-epoch, which keeps them in the deferring thread's own
+/// bag until 64 have gathered there. A thread that touches sled now and
+/// then (the checkpointer flushing once per write-ahead segment, the
+/// indexer every few seconds) would hold up to 64 of them, I/O buffers
+/// included, for as long as it stays quiet: hundreds of MiB. Such threads
+/// call this after their sled work.
+pub(crate) fn release_garbage() {
+    crossbeam_epoch::pin().flush();
 }
 
 /// fsyncs a directory so that the files created in it survive power loss.

@@ -3198,6 +3198,7 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     batch.remove(state::INDEXING);
     store.state.apply_batch(batch)?;
     failpoint("index::after_write")?;
+    crate::store::release_garbage();
     let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
     o.frozen = None;
     Ok(())

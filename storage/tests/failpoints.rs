@@ -11,6 +11,7 @@
 //! | `commit::after_flush` | the group is durable; no caller has its reply yet |
 //! | `checkpoint::before_sync` | a full write-ahead segment is about to be checkpointed (sled flushed and fsynced, the segment deleted) |
 //! | `index::before_write` | the indexer is about to write derived state |
+//! | `index::mid_write` | the `indexing` marker and half the keys are written |
 //! | `index::after_write` | derived state is written (not yet flushed) |
 //!
 //! Each one is armed in a child process (this test binary again) that

@@ -49,7 +49,7 @@
 //! too, except `unavailable` during a failed write's cycle. Usage:
 //!
 //! ```text
-//! cargo test --test crash_harness                     # 27 cycles, a random seed
+//! cargo test --test crash_harness                     # 30 cycles, a random seed
 //! cargo test --release --test crash_harness -- --cycles 100 --seed 7
 //! ```
 //!
