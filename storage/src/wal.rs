@@ -432,7 +432,13 @@ impl Wal {
             }
         }
         if self.current.is_none() {
-            std::fs::create_dir_all(&self.dir)?;
+            if !self.dir.exists() {
+                // The directory's own entry must survive power loss too.
+                std::fs::create_dir_all(&self.dir)?;
+                if let Some(parent) = self.dir.parent() {
+                    sync_dir(parent)?;
+                }
+            }
             let path = self.dir.join(segment_name(first_seq));
             let mut file = OpenOptions::new()
                 .create(true)
