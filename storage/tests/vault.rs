@@ -680,7 +680,7 @@ async fn the_write_ahead_file_brings_back_what_sled_lost() {
     let broken = tmp.path().join("broken");
     copy_dir(&before, &broken);
     copy_dir(&live_wal, &broken.join("wal"));
-    std::fs::write(&broken.join("wal").join("0000000000000000.wal"), &bytes).expect("write");
+    std::fs::write(broken.join("wal").join("0000000000000000.wal"), &bytes).expect("write");
     match Vault::open(&broken, &unlock(), Options::default()) {
         Err(Error::Malformed(m)) => assert!(m.contains("write-ahead"), "{m}"),
         Err(e) => panic!("expected a malformed write-ahead segment, got {e}"),
