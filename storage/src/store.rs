@@ -274,7 +274,8 @@ impl Store {
 /// then (the checkpointer flushing once per write-ahead segment, the
 /// indexer every few seconds) would hold up to 64 of them, I/O buffers
 /// included, for as long as it stays quiet: hundreds of MiB. Such threads
-/// call this after their sled work.
+/// call this after their sled work, and the writer after each group (a
+/// log leaf replaced by a chunk insert can be a MiB).
 pub(crate) fn release_garbage() {
     crossbeam_epoch::pin().flush();
 }

@@ -3099,6 +3099,7 @@ impl Writer {
                 }
             }
         }
+        crate::store::release_garbage();
         failpoint("commit::after_write")?;
         Ok(())
     }
