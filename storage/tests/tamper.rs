@@ -13,9 +13,12 @@
 //! also recomputes every link and every head's hashes ([`relink`]); what is
 //! left to catch them is the signature.
 
+mod common;
+
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use common::copy_dir;
 use ed25519_dalek::VerifyingKey;
 use storage::chunk::{encode_chunk, Chunk, MerkleTree, SignedHead, CHUNK_TARGET_BYTES, HEAD_LEN};
 use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster};
@@ -125,7 +128,7 @@ impl Fixture {
         self.copies.set(n + 1);
         let to = self.tmp.path().join(format!("copy-{n}"));
         wait_unlocked(&self.pristine);
-        copy_tree(&self.pristine, &to);
+        copy_dir(&self.pristine, &to);
         to
     }
 
@@ -156,19 +159,6 @@ fn wait_unlocked(dir: &Path) {
 fn raw_open(dir: &Path) -> RawStore {
     wait_unlocked(dir);
     RawStore::open(dir).expect("open the raw trees")
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("create the copy's dir");
-    for item in std::fs::read_dir(from).expect("read the data dir") {
-        let item = item.expect("dir entry");
-        let target = to.join(item.file_name());
-        if item.file_type().expect("file type").is_dir() {
-            copy_tree(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), &target).expect("copy a file");
-        }
-    }
 }
 
 /// Alters the closed vault in `dir` through its raw trees, then flushes

@@ -1,7 +1,11 @@
 //! The vault through its public API: appends, receipts, restarts, group
 //! commit under concurrency, secrets.
 
+mod common;
+
 use std::sync::Arc;
+
+use common::copy_dir;
 
 use storage::{verify, Append, Error, Kind, Options, Unlock, Vault, VerifyOptions};
 
@@ -592,19 +596,6 @@ async fn a_log_of_tiny_then_large_entries_verifies_whole() {
     vault.close().expect("close");
     let report = verify_ok(&dir, key);
     assert_eq!(report.entries, head + 1);
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read dir") {
-        let e = e.expect("entry");
-        let target = to.join(e.file_name());
-        if e.file_type().expect("file type").is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).expect("copy");
-        }
-    }
 }
 
 /// sled lost every group after the vault's creation (the data dir as it
