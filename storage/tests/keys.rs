@@ -3,10 +3,13 @@
 //! deletion), subject key rotation with and without re-encryption, the
 //! per-key encryption limit, and key status.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::copy_dir;
 use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster, SecretKey};
 use storage::state::{data_key_name, data_key_prefix};
 use storage::{
@@ -510,19 +513,6 @@ fn shredding_marker(first_seq: u64, subjects: &[&str]) -> Vec<u8> {
     v
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read dir") {
-        let e = e.expect("entry");
-        let target = to.join(e.file_name());
-        if e.file_type().expect("type").is_dir() {
-            copy_tree(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).expect("copy");
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_shred_interrupted_before_its_keys_were_deleted_is_finished_at_open() {
     // The crash window of a shred: its entry is durable in the log, but a
@@ -543,11 +533,11 @@ async fn a_shred_interrupted_before_its_keys_were_deleted_is_finished_at_open() 
     verify_ok(&dir, key);
     let shredded = tmp.path().join("shredded");
     wait_unlocked(&dir);
-    copy_tree(&dir, &shredded);
+    copy_dir(&dir, &shredded);
 
     let put_back = |name: &str, marker: Option<Vec<u8>>| {
         let d = tmp.path().join(name);
-        copy_tree(&shredded, &d);
+        copy_dir(&shredded, &d);
         let r = raw(&d);
         for (k, v) in &saved {
             r.keys.insert(k.as_slice(), v.as_slice()).expect("write");
@@ -605,7 +595,7 @@ async fn a_shred_interrupted_before_its_keys_were_deleted_is_finished_at_open() 
 
     // A forged marker naming a live subject must not make open delete its keys.
     let forged = tmp.path().join("forged");
-    copy_tree(&shredded, &forged);
+    copy_dir(&shredded, &forged);
     {
         let r = raw(&forged);
         r.keys
@@ -1030,7 +1020,7 @@ async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
     let key = three_subjects(&dir).await;
     let before_dir = tmp.path().join("before");
     wait_unlocked(&dir);
-    copy_tree(&dir, &before_dir);
+    copy_dir(&dir, &before_dir);
     let before = key_tree(&dir);
     let vault = reopen(&dir);
     let first = vault.durable_len();
@@ -1056,7 +1046,7 @@ async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
     // Crash after step 1 (staged keys written, the log not): the rotation
     // did not happen. Only the old secret opens; open drops the staging.
     let step1 = tmp.path().join("step1");
-    copy_tree(&before_dir, &step1);
+    copy_dir(&before_dir, &step1);
     stage(&step1, &before, &rotated, first);
     verify_ok(&step1, key);
     assert!(matches!(
@@ -1077,7 +1067,7 @@ async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
     // happen): the rotation is committed. Only the new secret opens; open
     // finishes the swap.
     let step2 = tmp.path().join("step2");
-    copy_tree(&dir, &step2);
+    copy_dir(&dir, &step2);
     stage(&step2, &before, &rotated, first);
     verify_ok(&step2, key);
     assert!(matches!(
@@ -1112,7 +1102,7 @@ async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
     // In the committed state, an old key that is not the one the rotation
     // replaced is tampering.
     let forged = tmp.path().join("forged");
-    copy_tree(&dir, &forged);
+    copy_dir(&dir, &forged);
     let mut tampered = before.clone();
     for (k, v) in tampered.iter_mut() {
         if k.starts_with(b"signing/") {
@@ -1129,7 +1119,7 @@ async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
     // A key left wrapped under the old master after a completed rotation is
     // a mismatch too (the log committed to the re-wrapped one).
     let stale = tmp.path().join("stale");
-    copy_tree(&dir, &stale);
+    copy_dir(&dir, &stale);
     {
         let r = raw(&stale);
         let (k, v) = before
