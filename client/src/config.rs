@@ -17,6 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
+use crate::sessions::{SessionCache, SERVERS, TICKETS_PER_SERVER};
 
 /// Default time allowed for connecting and for each request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -165,6 +166,9 @@ pub(crate) fn rustls_config(
                 .map_err(|e| file_error(cert, &format!("certificate and key do not fit: {e}")))?
         }
     };
+    let mut config = config;
+    config.resumption =
+        rustls::client::Resumption::store(Arc::new(SessionCache::new(TICKETS_PER_SERVER, SERVERS)));
     Ok(Arc::new(config))
 }
 

@@ -15,6 +15,9 @@
 //!   task routes each answer by request id to the caller waiting for it,
 //!   so many tasks can share one `Client` and answers may come in any
 //!   order. Every call honours the timeout.
+//! - [`sessions`]: the TLS session cache a connector shares, which keeps
+//!   enough TLS 1.3 tickets for many connections opening at once to
+//!   resume.
 //! - [`verify`]: what the client checks without trusting the server:
 //!   [`verify_receipt`] against the vault's public key, and
 //!   [`HeadTracker`], which notices a vault rolled back to an older copy
@@ -56,6 +59,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod sessions;
 pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};

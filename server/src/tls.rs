@@ -41,6 +41,17 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// TLS 1.3 session tickets that carry the session themselves, sealed
+/// (ChaCha20-Poly1305) under a key rustls makes at random and rotates
+/// every six hours: the server keeps no per-session state, so however many
+/// tickets partners hold, none is forgotten before it expires, and no
+/// ticket outlives a restart of the process. A resumed handshake still
+/// makes a fresh X25519 exchange (rustls offers only `psk_dhe_ke`), so
+/// resumed connections keep forward secrecy.
+fn stateless_tickets() -> Result<Arc<dyn rustls::server::ProducesTickets>> {
+    rustls::crypto::ring::Ticketer::new().map_err(|e| Error::Usage(format!("TLS tickets: {e}")))
+}
+
 /// The server configuration for `files`: TLS 1.3 and 1.2, no client
 /// certificates unless a client CA is given.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
@@ -66,8 +77,9 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| pem_error(&files.cert, &format!("certificate and key do not fit: {e}")))?;
+    config.ticketer = stateless_tickets()?;
     Ok(Arc::new(config))
 }

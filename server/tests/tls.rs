@@ -227,3 +227,43 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
         .expect("accepted");
     assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
 }
+
+/// A connector keeps a ticket for every connection that may open at once:
+/// rustls's own cache kept eight per server, so the ninth connection opening
+/// at the same time made a full handshake (checking the certificate chain
+/// and the server's signature again).
+#[tokio::test]
+async fn many_connections_opening_at_once_all_resume() {
+    let s = start(false).await;
+    let ca_file = write(s._dir.path(), "ca.pem", &s.pki.ca.pem());
+    let connector = client::Connector::new(client::ClientConfig {
+        addr: s.addr.to_string(),
+        tls: client::Tls::Ca {
+            ca_pem_file: ca_file,
+            server_name: "localhost".into(),
+            client_cert: None,
+        },
+        api_key: client::Zeroizing::new(s.writer_key.clone()),
+        ..client::ClientConfig::default()
+    })
+    .expect("connector");
+    // One at a time: each connection takes a ticket and brings two, so
+    // after these the connector holds 25.
+    for i in 0..24 {
+        let c = connector.connect().await.expect("connect");
+        assert_eq!(c.tls_resumed(), i > 0, "connection {i}");
+    }
+    let opened = futures_util::future::join_all((0..20).map(|_| connector.connect())).await;
+    let mut resumed = 0;
+    for c in opened {
+        let c = c.expect("connect");
+        resumed += usize::from(c.tls_resumed());
+        // A resumed session carries requests like a fresh one.
+        let receipt = c
+            .append("cust-1", vec![("email".into(), "jane@example.com".into())])
+            .await
+            .expect("append");
+        client::verify_receipt(&receipt, s.vault.public_key().as_bytes()).expect("receipt");
+    }
+    assert_eq!(resumed, 20, "every connection opened at once resumed");
+}
