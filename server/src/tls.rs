@@ -1,4 +1,5 @@
-//! TLS for port 9999 (rustls, ring provider): the server's certificate
+//! TLS for port 9999 (rustls, ring provider, with the suites in the order
+//! of [`client::config::crypto_provider`]): the server's certificate
 //! chain and key from PEM files, and optionally a CA whose client
 //! certificates are then required (mutual TLS). Client certificates
 //! authenticate the connection at the TLS layer; the `Hello` API key still
@@ -55,7 +56,9 @@ fn stateless_tickets() -> Result<Arc<dyn rustls::server::ProducesTickets>> {
 /// The server configuration for `files`: TLS 1.3 and 1.2, no client
 /// certificates unless a client CA is given.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The client crate's suite order (AES-128-GCM first); a client's own
+    // order is honoured.
+    let provider = Arc::new(client::config::crypto_provider());
     let chain = certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| pem_error(&files.key, &format!("cannot read the private key: {e}")))?;

@@ -267,3 +267,40 @@ async fn many_connections_opening_at_once_all_resume() {
     }
     assert_eq!(resumed, 20, "every connection opened at once resumed");
 }
+
+/// The TLS 1.3 suite a client with `provider` gets from the vault.
+async fn negotiated(s: &Setup, provider: rustls::crypto::CryptoProvider) -> rustls::CipherSuite {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(s.pki.ca.der().clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .expect("a suite")
+        .suite()
+}
+
+/// The client crate asks for AES-128-GCM first and gets it; a client that
+/// prefers AES-256-GCM (rustls's default order) gets that.
+#[tokio::test]
+async fn the_client_s_suite_order_is_honoured() {
+    let s = start(false).await;
+    assert_eq!(
+        negotiated(&s, client::config::crypto_provider()).await,
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    assert_eq!(
+        negotiated(&s, rustls::crypto::ring::default_provider()).await,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+}
