@@ -26,7 +26,7 @@
 //! - [`verify`]: `vault-verify`'s report and its exit codes.
 //! - [`remote`]: `vault-verify --remote`, the same checks of a live
 //!   server's log over the wire protocol.
-//! - [`bench`]: `vault-bench`, throughput and latency of the storage
+//! - [`bench`](mod@bench): `vault-bench`, throughput and latency of the storage
 //!   engine, the protocol server and the HTTP shim.
 
 pub mod admin;

@@ -1,4 +1,4 @@
-//! `vault-verify`: run [`storage::verify`] (or, with `--remote`,
+//! `vault-verify`: run [`storage::verify`](fn@storage::verify) (or, with `--remote`,
 //! [`crate::remote::verify_remote`], or with `--file`,
 //! [`storage::export::verify_export`]) and describe the outcome.
 

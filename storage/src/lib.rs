@@ -15,7 +15,7 @@
 //! - [`state`]: derived state, a pure function of each entry.
 //! - [`vault`]: create/open, the group committer, reads; crypto-shredding
 //!   and subject key rotation (docs/keys.md).
-//! - [`verify`]: checks a data dir with nothing but a public key; its
+//! - [`verify`](mod@verify): checks a data dir with nothing but a public key; its
 //!   [`verify::StreamCheck`] checks a log read as a stream (remote, files).
 //! - [`export`]: export files, the whole log in one signed, portable file,
 //!   and their verification with nothing but the public key.

@@ -1,13 +1,13 @@
 //! Reindexing: rebuild the derived state (the `state` tree) from the log
 //! and compare it with the stored one; offline, replace the stored one.
 //!
-//! The rebuild is the replay `verify` does ([`crate::verify`]'s
+//! The rebuild is the replay `verify` does ([`crate::verify`](mod@crate::verify)'s
 //! `replay_entry` over every entry, `state::mutations` underneath), held
 //! in memory as a sorted map (as verify holds it when a vault opens); the
 //! comparison is verify's too (`diff_tree`), counting every difference
 //! instead of stopping at the first.
 //!
-//! - [`check_live`] (a running vault, `Reindex` on the wire) compares the
+//! - `check_live` (a running vault, `Reindex` on the wire) compares the
 //!   tree with the log replayed up to the tree's `applied` marker: entries
 //!   after it are in the vault's in-memory overlay, not yet in the tree.
 //!   It reads only, and never blocks the committer: if the indexer writes

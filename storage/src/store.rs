@@ -16,7 +16,7 @@
 //!
 //! Durability: sled 0.34's `flush()` writes its buffers and ends in
 //! `sync_file_range`, which neither flushes the drive cache nor syncs
-//! metadata. [`Store::sync`] therefore follows every flush with
+//! metadata. `Store::sync` therefore follows every flush with
 //! `fdatasync` on sled's data file through a handle of our own, and the
 //! directory is fsynced after the files are created. Sled is opened with
 //! 16 MiB segments so that no tree node is ever written to a separate blob
@@ -28,8 +28,8 @@
 //! once (a scan's leaf, an old chunk a redemption reads, a log leaf filled
 //! by a dozen chunk writes) can wait behind 16,384 accesses, so a scan of a
 //! 10^7-entry log held all of it (6.6 GB), whatever the cache's capacity.
-//! [`touch`] reads a key again so that its page is accounted for at once.
-//! Every scan of the log ([`scan`]) and the writer touch each chunk they
+//! `touch` reads a key again so that its page is accounted for at once.
+//! Every scan of the log (`scan`) and the writer touch each chunk they
 //! read or write; reads of one entry (a redemption's record, a receipt) do
 //! not, as they mostly fall in the log's recent leaves, which the writer
 //! has touched.

@@ -37,7 +37,7 @@
 //! it, in the order it applies them (each batch atomically, as sled
 //! applies a batch).
 //!
-//! Recovery ([`replay`], run by every open of a data dir before anything
+//! Recovery (`replay`, run by every open of a data dir before anything
 //! reads sled): the segments are read in the order of their names, and the
 //! records in file order. sled recovers a prefix of its own writes, and
 //! receives a group's batches in the record's order, after every earlier
@@ -324,7 +324,7 @@ fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
-/// What [`replay`] did.
+/// What `replay` did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Replayed {
     /// Groups applied to sled again.

@@ -3,7 +3,7 @@
 //! trend in one run.
 //!
 //! Setup (not timed): a fresh vault with a writer credential and what
-//! [`super::redeem`] needs ([`super::redeem::prepare`]: a partner and a
+//! [`super::redeem`] needs (`super::redeem::prepare`: a partner and a
 //! gateway credential, one subject's record); `vaultd` in this process,
 //! plaintext, without the shim.
 //!
@@ -11,7 +11,7 @@
 //!
 //! 1. Fill, not timed: `AppendBatch`es of up to [`FILL_BATCH`] records
 //!    from `clients` connections, [`FILL_PIPELINE`] in flight on each
-//!    ([`super::protocol::measure`], the append workload's own driver),
+//!    (`super::protocol::measure`, the append workload's own driver),
 //!    until the log holds `N` entries as `Health` counts them (the
 //!    vault's durable length). Nothing is written when the earlier
 //!    levels' measurements already took the log past `N`.
@@ -21,8 +21,8 @@
 //!    receipt (durable).
 //! 3. Redemptions, timed: `redemptions` cycles, one at a time: a `Mint`
 //!    on a gateway connection opened for the level
-//!    ([`super::redeem::mint_one`]), then a redemption on a new connection
-//!    ([`super::redeem::redeem_one`]). The redemption's latency is from
+//!    (`super::redeem::mint_one`), then a redemption on a new connection
+//!    (`super::redeem::redeem_one`). The redemption's latency is from
 //!    the connect call to the decoded data, as in `redeem`; the mints'
 //!    latency is reported on its own. One cycle at a time, so that the
 //!    figure is the cost of one redemption at that log size, not queueing.

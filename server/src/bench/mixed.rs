@@ -17,9 +17,9 @@
 //!
 //! | kind | what one operation is | latency |
 //! |---|---|---|
-//! | append | one `Append` of a `size`-byte record on the client's persistent writer connection ([`super::protocol::send`]) | until its receipt (durable) |
-//! | redeem | a `Mint` on the client's persistent gateway connection ([`super::redeem::mint_one`]), then a redemption on a new connection ([`super::redeem::redeem_one`]) | connect until the data, as in `redeem`; the mint is reported on its own row |
-//! | authorize | `POST /v1/authorize` on the client's keep-alive HTTP connection ([`super::http::send`]) | until the whole body is read |
+//! | append | one `Append` of a `size`-byte record on the client's persistent writer connection (`super::protocol::send`) | until its receipt (durable) |
+//! | redeem | a `Mint` on the client's persistent gateway connection (`super::redeem::mint_one`), then a redemption on a new connection (`super::redeem::redeem_one`) | connect until the data, as in `redeem`; the mint is reported on its own row |
+//! | authorize | `POST /v1/authorize` on the client's keep-alive HTTP connection (`super::http::send`) | until the whole body is read |
 //!
 //! The `all` row counts every operation, a redeem's latency being its mint
 //! and its redemption together.

@@ -9,7 +9,7 @@
 //!
 //! With [`AppendParams::redis`], Redis `SET`s of `size`-byte values follow
 //! in the same run, from as many clients, one at a time each
-//! ([`super::redis::run_set`]): the single-client durable-write latency
+//! (`super::redis::run_set`): the single-client durable-write latency
 //! comparison.
 
 use std::sync::atomic::AtomicU64;

@@ -1,11 +1,11 @@
 //! Redis baselines, against a store that fsyncs every write (`appendfsync
 //! always`):
 //!
-//! - of the redeem workload ([`run`]): a one-time value deleted as it is
+//! - of the redeem workload (`run`): a one-time value deleted as it is
 //!   read (`GETDEL`), which is what a token burn is. `N` keys are loaded
 //!   with pipelined `SET`s (not timed), then `clients` tasks on persistent
 //!   connections run `GETDEL` one at a time until every key is gone;
-//! - of protocol appends ([`run_set`]): `clients` tasks on persistent
+//! - of protocol appends (`run_set`): `clients` tasks on persistent
 //!   connections `SET` `N` distinct keys to record-sized values, one at a
 //!   time each, which is what one durable append is.
 //!
