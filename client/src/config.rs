@@ -138,17 +138,15 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// The rustls configuration of a [`Tls::Ca`]: the ring provider, safe
-/// default versions, only `ca_pem_file` as roots.
 /// The TLS cryptography of both ends of port 9999 (rustls's ring
 /// provider), with the TLS 1.3 suites in the order
 /// `TLS13_AES_128_GCM_SHA256`, `TLS13_AES_256_GCM_SHA384`,
 /// `TLS13_CHACHA20_POLY1305_SHA256` (rustls's default puts the AES-256
 /// suite first), then the TLS 1.2 suites as rustls orders them.
 ///
-/// The key exchange (X25519 or P-256) and the server's P-256 or ed25519
-/// certificate are 128-bit secure, so AES-256 and SHA-384 add cost and no
-/// strength to a session: the SHA-384 key schedule was ~7% of the CPU time
+/// The key exchange sessions use (X25519, offered first; P-256 next) is
+/// 128-bit secure, so AES-256 and SHA-384 add cost and no strength to a
+/// session: the SHA-384 key schedule was ~7% of the CPU time
 /// of a TLS redemption (a connection per token), where SHA-256 runs on the
 /// processor's SHA extensions. A server built with this provider honours
 /// a client's order, so other clients still get the suite they prefer.
@@ -168,6 +166,10 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     provider
 }
 
+/// The rustls configuration of a [`Tls::Ca`]: [`crypto_provider`], safe
+/// default versions, only `ca_pem_file` as roots, and a session cache of
+/// its own ([`crate::sessions`]) that every connection made with this
+/// configuration shares.
 pub(crate) fn rustls_config(
     ca_pem_file: &Path,
     client_cert: Option<&(PathBuf, PathBuf)>,
