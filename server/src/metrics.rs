@@ -37,6 +37,14 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A TLS handshake's port (`protocol` or `http`) and outcome (`full`,
+/// `resumed`, `failed` or `timeout`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub port: &'static str,
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,
@@ -71,6 +79,9 @@ pub struct Metrics {
     /// Requests of the shim to the vault, by operation.
     pub vault_seconds: Family<OpLabels, Histogram, LatencyBuckets>,
     pub log_entries: Gauge,
+    /// TLS handshakes by port and outcome: how many partners resume their
+    /// sessions, and how many connections fail or time out in TLS.
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
 }
 
 impl Metrics {
@@ -85,6 +96,7 @@ impl Metrics {
             commit_seconds: Family::new_with_constructor(LatencyBuckets),
             vault_seconds: Family::new_with_constructor(LatencyBuckets),
             log_entries: Gauge::default(),
+            tls_handshakes: Family::default(),
         };
         registry.register(
             "http_requests",
@@ -121,6 +133,11 @@ impl Metrics {
             "Durable entries in the log",
             m.log_entries.clone(),
         );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by port and outcome (full, resumed, failed, timeout)",
+            m.tls_handshakes.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -138,6 +155,22 @@ impl Metrics {
             .get_or_create(&OpLabels { op })
             .observe(took.as_secs_f64());
     }
+}
+
+/// Counts the outcome of a TLS handshake on `port` (`protocol` or
+/// `http`): `Ok(Some(resumed))` for a finished one, `Ok(None)` for one
+/// that failed, `Err(())` for one the timeout cut off.
+pub fn tls_handshake(port: &'static str, finished: Result<Option<bool>, ()>) {
+    let outcome = match finished {
+        Ok(Some(true)) => "resumed",
+        Ok(Some(false)) => "full",
+        Ok(None) => "failed",
+        Err(()) => "timeout",
+    };
+    global()
+        .tls_handshakes
+        .get_or_create(&HandshakeLabels { port, outcome })
+        .inc();
 }
 
 /// The process's metrics.

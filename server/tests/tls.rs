@@ -205,6 +205,10 @@ async fn plaintext_to_the_tls_port_is_refused_and_the_server_keeps_serving() {
         "a protocol answer in plaintext"
     );
     assert!(tls_append(&s, client_config(&s, None)).await.is_ok());
+    assert!(
+        handshakes("failed") >= 1,
+        "the refused handshake is counted"
+    );
 }
 
 #[tokio::test]
@@ -266,6 +270,19 @@ async fn many_connections_opening_at_once_all_resume() {
         client::verify_receipt(&receipt, s.vault.public_key().as_bytes()).expect("receipt");
     }
     assert_eq!(resumed, 20, "every connection opened at once resumed");
+    // The server counted them (other tests of this binary resume nothing).
+    assert!(handshakes("resumed") >= 43, "{}", handshakes("resumed"));
+}
+
+/// `fintrust_tls_handshakes_total` of the protocol port for `outcome`.
+fn handshakes(outcome: &str) -> u64 {
+    let text = server::metrics::global().render();
+    let prefix =
+        format!("fintrust_tls_handshakes_total{{port=\"protocol\",outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The TLS 1.3 suite a client with `provider` gets from the vault.

@@ -205,9 +205,13 @@ pub async fn serve(
                         let _ = watcher.watch(conn).await;
                     }
                     Some(acceptor) => {
-                        let Ok(Ok(stream)) =
-                            tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await
-                        else {
+                        let accepted =
+                            tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await;
+                        crate::metrics::tls_handshake(
+                            "http",
+                            crate::serve::handshake_outcome(&accepted),
+                        );
+                        let Ok(Ok(stream)) = accepted else {
                             return;
                         };
                         let conn = builder.serve_connection(TokioIo::new(stream), svc);
