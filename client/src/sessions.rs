@@ -14,8 +14,8 @@
 //! Tickets are secrets (they resume a session keyed by the secret inside
 //! them); they stay in memory only, and rustls zeroizes their secrets when
 //! they are dropped. A lock poisoned by a panicking thread makes the cache
-//! forget nothing and answer as if empty: every connection still works,
-//! with full handshakes.
+//! store nothing more and answer as if empty: every connection still
+//! works, with full handshakes.
 
 use std::collections::VecDeque;
 use std::fmt;

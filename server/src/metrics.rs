@@ -157,22 +157,6 @@ impl Metrics {
     }
 }
 
-/// Counts the outcome of a TLS handshake on `port` (`protocol` or
-/// `http`): `Ok(Some(resumed))` for a finished one, `Ok(None)` for one
-/// that failed, `Err(())` for one the timeout cut off.
-pub fn tls_handshake(port: &'static str, finished: Result<Option<bool>, ()>) {
-    let outcome = match finished {
-        Ok(Some(true)) => "resumed",
-        Ok(Some(false)) => "full",
-        Ok(None) => "failed",
-        Err(()) => "timeout",
-    };
-    global()
-        .tls_handshakes
-        .get_or_create(&HandshakeLabels { port, outcome })
-        .inc();
-}
-
 /// The process's metrics.
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();

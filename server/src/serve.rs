@@ -351,7 +351,7 @@ pub async fn run(
                     Some(acceptor) => {
                         let accepted =
                             tokio::time::timeout(handshake_timeout, acceptor.accept(socket)).await;
-                        crate::metrics::tls_handshake("protocol", handshake_outcome(&accepted));
+                        crate::tls::count_handshake("protocol", &accepted);
                         match accepted {
                             Err(_) => Err(ConnectionError::Idle),
                             Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
@@ -372,21 +372,6 @@ pub async fn run(
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
-    }
-}
-
-/// What a server-side TLS handshake came to, for
-/// [`crate::metrics::tls_handshake`]: resumed or not, failed, or cut off
-/// by the timeout.
-pub(crate) fn handshake_outcome<IO, T>(
-    accepted: &Result<std::io::Result<tokio_rustls::server::TlsStream<IO>>, T>,
-) -> Result<Option<bool>, ()> {
-    match accepted {
-        Err(_) => Err(()),
-        Ok(Err(_)) => Ok(None),
-        Ok(Ok(stream)) => Ok(Some(
-            stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
-        )),
     }
 }
 

@@ -86,3 +86,26 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
     config.ticketer = stateless_tickets()?;
     Ok(Arc::new(config))
 }
+
+/// Counts a server-side TLS handshake on `port` (`protocol` or `http`) in
+/// `fintrust_tls_handshakes_total`: `resumed` or `full` when it finished,
+/// `failed` when it did not, `timeout` when the timeout cut it off.
+pub(crate) fn count_handshake<IO, Elapsed>(
+    port: &'static str,
+    accepted: &std::result::Result<std::io::Result<tokio_rustls::server::TlsStream<IO>>, Elapsed>,
+) {
+    let outcome = match accepted {
+        Err(_) => "timeout",
+        Ok(Err(_)) => "failed",
+        Ok(Ok(stream))
+            if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) =>
+        {
+            "resumed"
+        }
+        Ok(Ok(_)) => "full",
+    };
+    crate::metrics::global()
+        .tls_handshakes
+        .get_or_create(&crate::metrics::HandshakeLabels { port, outcome })
+        .inc();
+}

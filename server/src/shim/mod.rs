@@ -207,10 +207,7 @@ pub async fn serve(
                     Some(acceptor) => {
                         let accepted =
                             tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await;
-                        crate::metrics::tls_handshake(
-                            "http",
-                            crate::serve::handshake_outcome(&accepted),
-                        );
+                        crate::tls::count_handshake("http", &accepted);
                         let Ok(Ok(stream)) = accepted else {
                             return;
                         };
