@@ -148,8 +148,8 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 /// 128-bit secure, so AES-256 and SHA-384 add cost and no strength to a
 /// session: the SHA-384 key schedule was ~7% of the CPU time
 /// of a TLS redemption (a connection per token), where SHA-256 runs on the
-/// processor's SHA extensions. A server built with this provider honours
-/// a client's order, so other clients still get the suite they prefer.
+/// processor's SHA extensions. A rustls server honours a client's order
+/// (its default), so other clients still get the suite they prefer.
 pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     use rustls::crypto::ring::cipher_suite;
     let mut provider = rustls::crypto::ring::default_provider();
@@ -185,7 +185,7 @@ pub(crate) fn rustls_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
         .with_root_certificates(roots);
-    let config = match client_cert {
+    let mut config = match client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let chain = certs(cert)?;
@@ -196,7 +196,6 @@ pub(crate) fn rustls_config(
                 .map_err(|e| file_error(cert, &format!("certificate and key do not fit: {e}")))?
         }
     };
-    let mut config = config;
     config.resumption =
         rustls::client::Resumption::store(Arc::new(SessionCache::new(TICKETS_PER_SERVER, SERVERS)));
     Ok(Arc::new(config))

@@ -113,9 +113,18 @@ fn client_config(
     s: &Setup,
     client_cert: Option<(CertificateDer<'static>, Vec<u8>)>,
 ) -> Arc<rustls::ClientConfig> {
+    client_config_with(s, rustls::crypto::ring::default_provider(), client_cert)
+}
+
+/// A client configuration trusting the test CA, with `provider`'s suites.
+fn client_config_with(
+    s: &Setup,
+    provider: rustls::crypto::CryptoProvider,
+    client_cert: Option<(CertificateDer<'static>, Vec<u8>)>,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(s.pki.ca.der().clone()).expect("root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -287,16 +296,9 @@ fn handshakes(outcome: &str) -> u64 {
 
 /// The TLS 1.3 suite a client with `provider` gets from the vault.
 async fn negotiated(s: &Setup, provider: rustls::crypto::CryptoProvider) -> rustls::CipherSuite {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(s.pki.ca.der().clone()).expect("root");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = TcpStream::connect(s.addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(client_config_with(s, provider, None))
         .connect(name, tcp)
         .await
         .expect("handshake");
