@@ -1166,6 +1166,13 @@ async fn write_loop<W>(
                 break;
             }
             next = queued.try_recv().ok();
+            if next.is_none() {
+                // Callers woken together (by one burst of answers) queue
+                // their next requests together: let them run once before
+                // writing, so the requests leave in one write.
+                tokio::task::yield_now().await;
+                next = queued.try_recv().ok();
+            }
         }
         if result.is_ok() {
             result = within(timeout, w.flush()).await;

@@ -558,6 +558,13 @@ where
                     break 'out;
                 }
                 next = rx.try_recv().ok();
+                if next.is_none() {
+                    // The answers of one commit group wake their request
+                    // tasks together: let those that are ready run once
+                    // before writing, so they leave in the same write.
+                    tokio::task::yield_now().await;
+                    next = rx.try_recv().ok();
+                }
             }
             if SinkExt::<Frame>::flush(&mut sink).await.is_err() {
                 break;
