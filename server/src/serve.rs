@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! accept ──(connection limit)──> connection task
-//!   read half:  frames ─> Hello? ─> role check ─> one task per request
+//!   read half:  frames ─> Hello? ─> role check ─> one future per request,
+//!                                   polled by the connection task
 //!                                   (at most `max_in_flight` at once)
 //!   write half: responses in completion order, each with its request id
 //! ```
@@ -24,6 +25,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ErrorCode, Frame, FrameCodec, Message};
 use storage::{Append, Vault};
@@ -572,13 +574,25 @@ where
         }
         let _ = SinkExt::<Frame>::close(&mut sink).await;
     });
-    let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+    // Requests in flight are futures polled by this task, not tasks of
+    // their own: a pipelined append costs no spawn, and the answers of one
+    // commit group are sent from one place.
+    let max_in_flight = config.max_in_flight.max(1);
+    let (config_ref, caller_ref, tx_ref) = (&config, &caller, &tx);
+    let mut pending = FuturesUnordered::new();
     let result = loop {
         // Back-pressure: read the next frame only when a slot is free.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break Ok(());
+        while pending.len() >= max_in_flight {
+            pending.next().await;
+        }
+        // Requests in flight progress while the next frame is awaited
+        // (reading a frame is cancel-safe).
+        let next = tokio::select! {
+            biased;
+            Some(()) = pending.next(), if !pending.is_empty() => continue,
+            next = next_frame(&mut frames, config.idle_timeout) => next,
         };
-        let frame = match next_frame(&mut frames, config.idle_timeout).await {
+        let frame = match next {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(e) => {
@@ -665,14 +679,13 @@ where
             let _ = tx.send((id, reply, 0)).await;
             break Ok(());
         }
-        let tx = tx.clone();
-        let config = config.clone();
-        let caller = caller.clone();
-        tokio::spawn(async move {
-            handle(id, message, &current, &config, &caller, &tx).await;
-            drop(permit);
+        pending.push(async move {
+            handle(id, message, &current, config_ref, caller_ref, tx_ref).await;
         });
     };
+    // Requests already read are answered, even when reading has ended.
+    while pending.next().await.is_some() {}
+    drop(pending);
     drop(tx);
     let _ = writer.await;
     result

@@ -201,6 +201,69 @@ async fn pipelined_appends_get_receipts_that_verify() {
 }
 
 #[tokio::test]
+async fn the_in_flight_limit_holds_back_reading_the_next_request() {
+    // One request in flight: the ping behind a durable append is not even
+    // read before the append's receipt is out, so the answers keep order.
+    let s = start(ServeConfig {
+        max_in_flight: 1,
+        ..ServeConfig::default()
+    })
+    .await;
+    let (mut conn, _) = connect(&s, &s.writer).await;
+    for round in 0..5u32 {
+        let append = Message::Append {
+            subject: "cust-1".into(),
+            fields: vec![("n".into(), round.to_string())],
+        };
+        conn.feed(append.to_frame(2 * round + 10, 0).expect("frame"))
+            .await
+            .expect("feed");
+        conn.feed(Message::Ping.to_frame(2 * round + 11, 0).expect("frame"))
+            .await
+            .expect("feed");
+        SinkExt::<protocol::Frame>::flush(&mut conn)
+            .await
+            .expect("flush");
+        let (first, reply, _) = recv(&mut conn).await.expect("reply");
+        assert_eq!(first, 2 * round + 10, "{reply:?}");
+        assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+        let (second, reply, _) = recv(&mut conn).await.expect("reply");
+        assert_eq!(second, 2 * round + 11);
+        assert_eq!(reply, Message::Pong);
+    }
+}
+
+#[tokio::test]
+async fn requests_read_before_the_client_stops_sending_are_all_answered() {
+    let s = start(ServeConfig::default()).await;
+    let last_seq = || s.vault.head().map(|h| h.last_seq).expect("a head");
+    let before = last_seq();
+    let (conn, _) = connect(&s, &s.writer).await;
+    let mut tcp = conn.into_inner();
+    let mut bytes = Vec::new();
+    for id in 1..=40u32 {
+        let m = Message::Append {
+            subject: format!("cust-{}", id % 3),
+            fields: vec![("n".into(), id.to_string())],
+        };
+        bytes.extend_from_slice(&m.to_frame(id, 0).expect("frame").encode().expect("encode"));
+    }
+    tcp.write_all(&bytes).await.expect("write");
+    // The write half ends: the server reads end-of-stream with 40
+    // appends still in flight, and answers every one before closing.
+    tcp.shutdown().await.expect("shutdown");
+    let mut conn = Framed::new(tcp, FrameCodec::new());
+    let mut answered = std::collections::HashSet::new();
+    while let Some((id, reply, _)) = recv(&mut conn).await {
+        assert!(matches!(reply, Message::Receipt { .. }), "{id}: {reply:?}");
+        assert!(answered.insert(id), "request {id} answered twice");
+    }
+    assert_eq!(answered.len(), 40);
+    // 40 records, and an entry for each of the 3 subjects' new data keys.
+    assert_eq!(last_seq() - before, 43);
+}
+
+#[tokio::test]
 async fn roles_are_enforced_per_message() {
     let s = start(ServeConfig::default()).await;
     let (mut partner, _) = connect(&s, &s.partner).await;
