@@ -800,21 +800,32 @@ pub fn storage_error(e: &storage::Error) -> Message {
     }
 }
 
-/// A record's fields as the JSON object that is encrypted and stored.
+/// A record's fields as the JSON object that is encrypted and stored: its
+/// keys in byte order (as a `serde_json::Map` writes them), no key twice.
 pub fn record_json(fields: &[(String, String)]) -> Result<Vec<u8>, Message> {
-    let mut map = serde_json::Map::with_capacity(fields.len());
-    for (k, v) in fields {
-        if map
-            .insert(k.clone(), serde_json::Value::String(v.clone()))
-            .is_some()
-        {
-            return Err(error(
-                ErrorCode::Invalid,
-                &format!("field {k:?} appears twice"),
-            ));
-        }
+    let mut sorted: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    if let Some(twice) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(error(
+            ErrorCode::Invalid,
+            &format!("field {:?} appears twice", twice[0].0),
+        ));
     }
-    serde_json::to_vec(&map).map_err(|_| error(ErrorCode::Internal, "encoding failed"))
+    // Room for the quotes, colon and comma of each field; escapes grow it.
+    let len = 2 + sorted
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 6)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(len);
+    serde::Serializer::collect_map(
+        &mut serde_json::Serializer::new(&mut out),
+        sorted.iter().copied(),
+    )
+    .map_err(|_| error(ErrorCode::Internal, "encoding failed"))?;
+    Ok(out)
 }
 
 async fn handle(
@@ -1317,6 +1328,41 @@ async fn redeem(vault: &Vault, token: &str, partner_id: &str) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_is_the_json_object_of_its_fields_with_sorted_keys() {
+        let f = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let cases = [
+            f(&[]),
+            f(&[("name", "Ada")]),
+            f(&[("z", "1"), ("a", "2"), ("é", "3"), ("B", "4")]),
+            f(&[
+                ("quote\"", "line\nbreak\ttab \u{1} \\ back"),
+                ("emoji", "😀"),
+            ]),
+        ];
+        for fields in cases {
+            // The same bytes as the object built through serde_json's map.
+            let map: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            let want = serde_json::to_vec(&map).expect("encodes");
+            assert_eq!(record_json(&fields).expect("encodes"), want, "{fields:?}");
+        }
+        assert_eq!(record_json(&f(&[])).expect("encodes"), b"{}");
+        let twice = f(&[("a", "1"), ("b", "2"), ("a", "3")]);
+        let Err(Message::Error { code, message }) = record_json(&twice) else {
+            panic!("a field named twice is refused");
+        };
+        assert_eq!(code, ErrorCode::Invalid);
+        assert!(message.contains("\"a\""), "{message}");
+    }
 
     #[test]
     fn repeated_refusals_slow_a_peer_down_and_success_forgives() {
