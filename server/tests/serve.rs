@@ -246,7 +246,7 @@ async fn requests_read_before_the_client_stops_sending_are_all_answered() {
             subject: format!("cust-{}", id % 3),
             fields: vec![("n".into(), id.to_string())],
         };
-        bytes.extend_from_slice(&m.to_frame(id, 0).expect("frame").encode().expect("encode"));
+        bytes.extend(protocol::encode_frame(id, &m, 0).expect("frame"));
     }
     tcp.write_all(&bytes).await.expect("write");
     // The write half ends: the server reads end-of-stream with 40
