@@ -249,8 +249,8 @@ async fn requests_read_before_the_client_stops_sending_are_all_answered() {
         bytes.extend(protocol::encode_frame(id, &m, 0).expect("frame"));
     }
     tcp.write_all(&bytes).await.expect("write");
-    // The write half ends: the server reads end-of-stream with 40
-    // appends still in flight, and answers every one before closing.
+    // The write half ends: the server reads end-of-stream while appends
+    // are still in flight, and answers every one before closing.
     tcp.shutdown().await.expect("shutdown");
     let mut conn = Framed::new(tcp, FrameCodec::new());
     let mut answered = std::collections::HashSet::new();
