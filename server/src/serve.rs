@@ -561,9 +561,9 @@ where
                 }
                 next = rx.try_recv().ok();
                 if next.is_none() {
-                    // The answers of one commit group wake their request
-                    // tasks together: let those that are ready run once
-                    // before writing, so they leave in the same write.
+                    // The answers of one commit group complete their
+                    // requests together: let the connection task queue
+                    // them before writing, so they leave in one write.
                     tokio::task::yield_now().await;
                     next = rx.try_recv().ok();
                 }
