@@ -319,6 +319,32 @@ fn authorize_against_health_writes_one_audit_entry_per_grant() {
     positive(&v, &["ratio_vs_health"]);
     // One token_minted entry per grant, nothing else.
     assert_eq!(v["audit_entries"], 60);
+    // Without a rate each connection sends on its last answer.
+    assert!(v["params"]["rate"].is_null(), "{v}");
+    assert!(v["authorize"]["behind_schedule"].is_null(), "{v}");
+}
+
+#[test]
+fn authorize_on_a_schedule_sends_every_request_and_counts_those_behind_it() {
+    let v = bench_json(&[
+        "authorize",
+        "--requests",
+        "40",
+        "--clients",
+        "2",
+        "--rate",
+        "400",
+    ]);
+    assert_eq!(v["params"]["rate"], 400.0);
+    for phase in ["authorize", "health"] {
+        assert_eq!(v[phase]["requests"], 40, "{phase}");
+        assert_eq!(v[phase]["latency_us"]["count"], 40, "{phase}");
+        let behind = v[phase]["behind_schedule"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{phase} counts requests behind schedule: {v}"));
+        assert!(behind <= 40, "{phase}: {behind}");
+    }
+    assert_eq!(v["audit_entries"], 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,6 +489,11 @@ fn bad_mixed_ratios_and_tls_with_authorize_fail_clearly() {
         (&["mixed", "--ratio", "1:x:1"][..], "not a whole number"),
         (&["mixed", "--ratio", "1:1:1:1"][..], "three parts"),
         (&["mixed", "--tls", "--requests", "5"][..], "drop --tls"),
+        (&["authorize", "--rate", "0"][..], "--rate must be between"),
+        (
+            &["authorize", "--rate", "NaN"][..],
+            "--rate must be between",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
             .args(args)

@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 use super::inproc::{self, InProcess};
 use super::{
     check, create_vault, join_error, micros, new_histogram, thousands, Latency, LatencyTable,
-    Progress, TargetInfo,
+    Progress, Schedule, Slot, TargetInfo,
 };
 use crate::dev::{self, DemoKeys, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
 use crate::shim::PoliciesFile;
@@ -52,6 +52,10 @@ pub struct AuthorizeParams {
     pub clients: usize,
     /// Requests per phase (default 20,000).
     pub requests: u64,
+    /// Requests per second on a schedule ([`super::Schedule`]: open loop,
+    /// latency from each request's due time when no connection was free);
+    /// `None`: each connection sends as soon as it has its last answer.
+    pub rate: Option<f64>,
 }
 
 impl Default for AuthorizeParams {
@@ -59,6 +63,7 @@ impl Default for AuthorizeParams {
         AuthorizeParams {
             clients: 50,
             requests: 20_000,
+            rate: None,
         }
     }
 }
@@ -73,7 +78,8 @@ impl AuthorizeParams {
         })?;
         check((1..=100_000_000).contains(&self.requests), || {
             "--requests must be between 1 and 100,000,000".into()
-        })
+        })?;
+        super::check_rate(self.rate)
     }
 }
 
@@ -105,8 +111,12 @@ pub struct HttpRun {
     pub requests: u64,
     pub elapsed_s: f64,
     pub requests_per_s: f64,
-    /// From sending the request until the whole body is read.
+    /// Until the whole body is read, from sending the request; with a
+    /// rate, from its due time when it found no connection free.
     pub latency_us: Latency,
+    /// With a rate: the requests that found no connection free at their
+    /// due time (the connections, not the server, set the pace of those).
+    pub behind_schedule: Option<u64>,
 }
 
 /// Runs the workload against a `vaultd` started here, data under `dir`.
@@ -195,18 +205,11 @@ async fn measure(
         conns.push(connect(addr).await?);
     }
     let health = health_call();
-    let (conns, health_run) = phase("GET /v1/health", conns, &health, p.requests, progress).await?;
+    let (conns, health_run) = phase("GET /v1/health", conns, &health, p, progress).await?;
     let before = entries(addr).await?;
     let authorize = authorize_call(partner_key);
     let ops_before = op_times(&crate::metrics::global().render());
-    let (conns, auth_run) = phase(
-        "POST /v1/authorize",
-        conns,
-        &authorize,
-        p.requests,
-        progress,
-    )
-    .await?;
+    let (conns, auth_run) = phase("POST /v1/authorize", conns, &authorize, p, progress).await?;
     let ops_after = op_times(&crate::metrics::global().render());
     drop(conns);
     let after = entries(addr).await?;
@@ -336,39 +339,51 @@ async fn entries(addr: SocketAddr) -> Result<u64> {
         .ok_or_else(|| Error::Usage("/v1/health did not give an entry count".into()))
 }
 
-/// Every connection sends `call` until `requests` were sent; gives the
-/// connections back for the next phase.
+/// Every connection sends `call` until `p.requests` were sent, each as
+/// soon as it has its last answer or, with `p.rate`, on the schedule;
+/// gives the connections back for the next phase.
 async fn phase(
     name: &str,
     conns: Vec<Conn>,
     call: &Call,
-    requests: u64,
+    p: &AuthorizeParams,
     progress: Progress,
 ) -> Result<(Vec<Conn>, HttpRun)> {
-    let bar = progress.phase(name, requests);
-    let remaining = Arc::new(AtomicU64::new(requests));
+    let bar = progress.phase(name, p.requests);
     let call = Arc::new(call.clone());
     let start = Instant::now();
+    let pace = Arc::new(match p.rate {
+        Some(rate) => Pace::Rate(Schedule::new(start, rate, p.requests)),
+        None => Pace::Closed(AtomicU64::new(p.requests)),
+    });
     let mut set = JoinSet::new();
     for mut c in conns {
-        let (remaining, call, bar) = (remaining.clone(), call.clone(), bar.clone());
+        let (pace, call, bar) = (pace.clone(), call.clone(), bar.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
+            let mut late = 0;
             let host = "localhost";
-            while super::claim(&remaining, 1, None) == 1 {
-                let t = Instant::now();
+            while let Some(slot) = pace.take() {
+                if let Some(slot) = slot {
+                    tokio::time::sleep_until(slot.due.into()).await;
+                    late += u64::from(slot.late());
+                }
+                let sent = Instant::now();
                 send(&mut c, host, &call).await?;
-                hist.saturating_record(micros(t.elapsed()));
+                let from = slot.map_or(sent, |s| s.measured_from(sent));
+                hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
-            Ok::<_, Error>((c, hist))
+            Ok::<_, Error>((c, hist, late))
         });
     }
     let mut hist = new_histogram();
+    let mut late = 0;
     let mut back = Vec::new();
     while let Some(r) = set.join_next().await {
-        let (c, h) = r.map_err(join_error)??;
+        let (c, h, l) = r.map_err(join_error)??;
         hist.add(&h).expect("histograms with identical bounds");
+        late += l;
         back.push(c);
     }
     let secs = start.elapsed().as_secs_f64();
@@ -380,8 +395,27 @@ async fn phase(
             elapsed_s: secs,
             requests_per_s: hist.len() as f64 / secs,
             latency_us: Latency::of(&hist),
+            behind_schedule: p.rate.map(|_| late),
         },
     ))
+}
+
+/// How a phase's connections pace their requests.
+enum Pace {
+    /// Each sends its next request on its last answer; the count left.
+    Closed(AtomicU64),
+    Rate(Schedule),
+}
+
+impl Pace {
+    /// The next request: `Some(None)` to send now, `Some(Some(slot))` to
+    /// send at its due time, `None` when all were taken.
+    fn take(&self) -> Option<Option<Slot>> {
+        match self {
+            Pace::Closed(remaining) => (super::claim(remaining, 1, None) == 1).then_some(None),
+            Pace::Rate(s) => s.take(Instant::now()).map(Some),
+        }
+    }
 }
 
 impl AuthorizeReport {
@@ -389,12 +423,24 @@ impl AuthorizeReport {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "vault-bench authorize: {}", self.target.describe());
-        let _ = writeln!(
+        let _ = write!(
             s,
             "  {} clients on keep-alive HTTP/1.1 connections, {} requests per phase",
             self.params.clients,
             thousands(self.params.requests)
         );
+        match self.params.rate {
+            Some(rate) => {
+                let _ = writeln!(
+                    s,
+                    ", scheduled at {}/s (open loop)",
+                    thousands(rate.round() as u64)
+                );
+            }
+            None => {
+                let _ = writeln!(s);
+            }
+        }
         let _ = writeln!(s);
         let table = LatencyTable { name: 24, extra: 8 };
         table.header(&mut s, "per s", "ratio");
@@ -415,6 +461,15 @@ impl AuthorizeReport {
             thousands(self.audit_entries),
             thousands(self.authorize.requests)
         );
+        if let (Some(a), Some(h)) = (self.authorize.behind_schedule, self.health.behind_schedule) {
+            let _ = write!(
+                s,
+                "\n  behind schedule (no connection free at the due time; latency from it): \
+                 authorize {}, health {}",
+                thousands(a),
+                thousands(h)
+            );
+        }
         if !self.vault_mean_us.is_empty() {
             let parts: Vec<String> = self
                 .vault_mean_us

@@ -536,6 +536,7 @@ async fn run_pure(
             let ap = AuthorizeParams {
                 clients: p.clients,
                 requests: count,
+                rate: None,
             };
             let r = http::run(&dir, info, &ap, progress).await?;
             (r.authorize.requests_per_s, r.authorize.latency_us)

@@ -892,6 +892,94 @@ fn claim(remaining: &AtomicU64, batch: u64, deadline: Option<Instant>) -> u64 {
         .map_or(0, |r| r.min(batch))
 }
 
+/// An open-loop schedule, as pgbench's `--rate` and wrk2 make one: the
+/// requests are due at a fixed rate whatever the answers do, request `i`
+/// at `start + i / rate`, and each is taken by whichever connection is
+/// free first.
+///
+/// A closed loop (each connection sends its next request when the last
+/// one is answered) measures the latency of its own pace: with C
+/// connections at R requests/s every request waits C/R on average
+/// (Little's law), however quick the server. A schedule measures the
+/// latency of a given load.
+///
+/// Where a request's latency starts ([`Slot::measured_from`]): at its due
+/// time when no connection was free by then (the wait for one counts, as
+/// a user's request waits in a pool), otherwise when it was sent. The
+/// tokio timer wakes a sleeping connection up to a millisecond after the
+/// due time; that delay is the load generator's, not the server's, and
+/// is not counted.
+pub(super) struct Schedule {
+    start: Instant,
+    rate: f64,
+    next: AtomicU64,
+    total: u64,
+}
+
+/// One request of a [`Schedule`], as a connection took it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Slot {
+    pub due: Instant,
+    /// When the connection that took it was free to send.
+    pub taken: Instant,
+}
+
+impl Slot {
+    /// Where the request's latency starts, given when it was sent.
+    pub fn measured_from(&self, sent: Instant) -> Instant {
+        if self.taken > self.due {
+            self.due
+        } else {
+            sent
+        }
+    }
+
+    /// Whether the request found no connection free at its due time.
+    pub fn late(&self) -> bool {
+        self.taken > self.due
+    }
+}
+
+impl Schedule {
+    /// `total` requests at `rate` per second from `start`.
+    pub fn new(start: Instant, rate: f64, total: u64) -> Self {
+        Schedule {
+            start,
+            rate,
+            next: AtomicU64::new(0),
+            total,
+        }
+    }
+
+    /// When request `i` is due.
+    pub fn due(&self, i: u64) -> Instant {
+        self.start + Duration::from_secs_f64(i as f64 / self.rate)
+    }
+
+    /// The next request for a connection free since `taken`; `None` when
+    /// every request was taken.
+    pub fn take(&self, taken: Instant) -> Option<Slot> {
+        let i = self
+            .next
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.total).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot {
+            due: self.due(i),
+            taken,
+        })
+    }
+}
+
+/// Checks a `--rate` flag: requests per second, positive and finite.
+pub(super) fn check_rate(rate: Option<f64>) -> Result<()> {
+    check(
+        rate.is_none_or(|r| r.is_finite() && (1.0..=10_000_000.0).contains(&r)),
+        || "--rate must be between 1 and 10,000,000 requests per second".into(),
+    )
+}
+
 /// What the append tasks measured.
 struct Stats {
     hist: Histogram<u64>,
@@ -1399,6 +1487,43 @@ mod tests {
         assert_eq!(claims, vec![4, 4, 2, 0, 0]);
         let past = Instant::now();
         assert_eq!(claim(&AtomicU64::new(10), 4, Some(past)), 0);
+    }
+
+    #[test]
+    fn a_schedule_spaces_its_requests_at_the_rate_and_ends() {
+        let start = Instant::now();
+        let s = Schedule::new(start, 1000.0, 3);
+        let taken = start + Duration::from_micros(1500);
+        let slots: Vec<Slot> = std::iter::from_fn(|| s.take(taken)).collect();
+        let dues: Vec<Duration> = slots.iter().map(|x| x.due - start).collect();
+        assert_eq!(
+            dues,
+            [0, 1000, 2000].map(Duration::from_micros),
+            "request i is due at start + i / rate"
+        );
+        assert!(s.take(taken).is_none(), "no more than the total");
+
+        // Taken 1.5 ms in: the first two were already due and waited for
+        // a connection, so their latency starts at the due time; the
+        // third is sent on time, and its latency starts when it is sent.
+        let sent = start + Duration::from_micros(2300);
+        let late: Vec<bool> = slots.iter().map(Slot::late).collect();
+        assert_eq!(late, [true, true, false]);
+        assert_eq!(slots[0].measured_from(sent), slots[0].due);
+        assert_eq!(slots[1].measured_from(sent), slots[1].due);
+        assert_eq!(slots[2].measured_from(sent), sent);
+    }
+
+    #[test]
+    fn rates_outside_the_range_are_refused() {
+        assert!(check_rate(None).is_ok());
+        assert!(check_rate(Some(10_000.0)).is_ok());
+        for bad in [0.0, 0.5, -3.0, f64::NAN, f64::INFINITY, 1e12] {
+            assert!(
+                matches!(check_rate(Some(bad)), Err(Error::Usage(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!                    [--redis]   (with --protocol or --addr, --pipeline 1: Redis SET next to it)
 //! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline]
 //! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis]
-//! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N]
+//! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--rate R]
 //! vault-bench mixed [--embedded DIR] [--ratio 8:1:1] [--clients 50] [--requests N]
 //!                   [--duration SECS] [--size BYTES] [--subjects S] [--tls] [--baseline]
 //! vault-bench growth [--embedded DIR] [--sizes N,N,...] [--size BYTES] [--clients C]
@@ -294,6 +294,12 @@ struct AuthorizeArgs {
     /// Requests per phase (authorize, and the health baseline) [default: 20000].
     #[arg(long, value_name = "N")]
     requests: Option<u64>,
+    /// Send R requests per second on a schedule (open loop, as pgbench
+    /// --rate), latency counted from each request's due time when no
+    /// connection was free; without it each connection sends on its last
+    /// answer.
+    #[arg(long, value_name = "R")]
+    rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -370,6 +376,7 @@ impl Command {
                 let p = AuthorizeParams {
                     clients: a.clients.unwrap_or(d.clients),
                     requests: a.requests.unwrap_or(d.requests),
+                    rate: a.rate,
                 };
                 let target = Target::InProcess {
                     dir: a.target.embedded,
