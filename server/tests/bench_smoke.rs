@@ -271,6 +271,27 @@ fn redeem_plaintext_and_tls_with_resumption() {
         assert_eq!(r["redemptions"], 40);
         positive(r, &["redemptions_per_s"]);
     }
+    assert!(runs[0]["behind_schedule"].is_null(), "no rate, no schedule");
+
+    // On a schedule: every token is redeemed, and the redemptions that
+    // found no client free are counted.
+    let v = bench_json(&[
+        "redeem",
+        "--tokens",
+        "30",
+        "--clients",
+        "2",
+        "--rate",
+        "300",
+    ]);
+    assert_eq!(v["params"]["rate"], 300.0);
+    let run = &v["runs"][0];
+    assert_eq!(run["redemptions"], 30);
+    assert_eq!(run["latency_us"]["count"], 30);
+    assert!(
+        run["behind_schedule"].as_u64().is_some_and(|n| n <= 30),
+        "{v}"
+    );
 }
 
 #[test]
@@ -284,6 +305,22 @@ fn redeem_next_to_redis_getdel_when_redis_is_installed() {
     assert_eq!(v["redis"]["ops"], 50);
     positive(&v, &["redis", "ops_per_s"]);
     positive(&v["runs"][0], &["p99_vs_redis"]);
+    assert!(v["redis"]["behind_schedule"].is_null());
+
+    // At a rate, Redis's GETDELs keep the same schedule.
+    let v = bench_json(&[
+        "redeem",
+        "--redis",
+        "--tokens",
+        "30",
+        "--clients",
+        "2",
+        "--rate",
+        "300",
+    ]);
+    assert_eq!(v["redis"]["ops"], 30);
+    assert_eq!(v["redis"]["latency_us"]["count"], 30);
+    assert!(v["redis"]["behind_schedule"].as_u64().is_some(), "{v}");
 }
 
 #[test]

@@ -22,7 +22,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,8 +37,8 @@ use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::{
-    check, create_vault, join_error, micros, new_histogram, thousands, Latency, LatencyTable,
-    Progress, Schedule, Slot, TargetInfo,
+    check, create_vault, join_error, micros, new_histogram, thousands, Latency, LatencyTable, Pace,
+    Progress, TargetInfo,
 };
 use crate::dev::{self, DemoKeys, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
 use crate::shim::PoliciesFile;
@@ -352,10 +351,7 @@ async fn phase(
     let bar = progress.phase(name, p.requests);
     let call = Arc::new(call.clone());
     let start = Instant::now();
-    let pace = Arc::new(match p.rate {
-        Some(rate) => Pace::Rate(Schedule::new(start, rate, p.requests)),
-        None => Pace::Closed(AtomicU64::new(p.requests)),
-    });
+    let pace = Arc::new(Pace::new(p.rate, p.requests, start));
     let mut set = JoinSet::new();
     for mut c in conns {
         let (pace, call, bar) = (pace.clone(), call.clone(), bar.clone());
@@ -363,14 +359,10 @@ async fn phase(
             let mut hist = new_histogram();
             let mut late = 0;
             let host = "localhost";
-            while let Some(slot) = pace.take() {
-                if let Some(slot) = slot {
-                    tokio::time::sleep_until(slot.due.into()).await;
-                    late += u64::from(slot.late());
-                }
-                let sent = Instant::now();
+            while let Some(turn) = pace.take() {
+                late += u64::from(turn.late());
+                let from = turn.start().await;
                 send(&mut c, host, &call).await?;
-                let from = slot.map_or(sent, |s| s.measured_from(sent));
                 hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
@@ -398,24 +390,6 @@ async fn phase(
             behind_schedule: p.rate.map(|_| late),
         },
     ))
-}
-
-/// How a phase's connections pace their requests.
-enum Pace {
-    /// Each sends its next request on its last answer; the count left.
-    Closed(AtomicU64),
-    Rate(Schedule),
-}
-
-impl Pace {
-    /// The next request: `Some(None)` to send now, `Some(Some(slot))` to
-    /// send at its due time, `None` when all were taken.
-    fn take(&self) -> Option<Option<Slot>> {
-        match self {
-            Pace::Closed(remaining) => (super::claim(remaining, 1, None) == 1).then_some(None),
-            Pace::Rate(s) => s.take(Instant::now()).map(Some),
-        }
-    }
 }
 
 impl AuthorizeReport {

@@ -523,6 +523,7 @@ async fn run_pure(
                 clients: p.clients,
                 tokens: count,
                 redis: None,
+                rate: None,
             };
             let r = redeem::run(&dir, info, &rp, progress).await?;
             // With TLS, the resumed pass: the mix shares one connector too.

@@ -956,19 +956,85 @@ impl Schedule {
         self.start + Duration::from_secs_f64(i as f64 / self.rate)
     }
 
-    /// The next request for a connection free since `taken`; `None` when
-    /// every request was taken.
-    pub fn take(&self, taken: Instant) -> Option<Slot> {
+    /// The next request's index and slot, for a connection free since
+    /// `taken`; `None` when every request was taken.
+    pub fn take(&self, taken: Instant) -> Option<(u64, Slot)> {
         let i = self
             .next
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.total).then_some(n + 1)
             })
             .ok()?;
-        Some(Slot {
-            due: self.due(i),
-            taken,
-        })
+        Some((
+            i,
+            Slot {
+                due: self.due(i),
+                taken,
+            },
+        ))
+    }
+}
+
+/// How a timed pass's connections pace `total` requests: each sends its
+/// next one on its last answer (closed loop), or on a [`Schedule`].
+pub(super) enum Pace {
+    Closed { next: AtomicU64, total: u64 },
+    Rate(Schedule),
+}
+
+impl Pace {
+    /// `total` requests from `start`, at `rate` per second if given.
+    pub fn new(rate: Option<f64>, total: u64, start: Instant) -> Pace {
+        match rate {
+            Some(rate) => Pace::Rate(Schedule::new(start, rate, total)),
+            None => Pace::Closed {
+                next: AtomicU64::new(0),
+                total,
+            },
+        }
+    }
+
+    /// The next request for a connection that is free now; `None` when
+    /// every request was taken.
+    pub fn take(&self) -> Option<Turn> {
+        match self {
+            Pace::Closed { next, total } => {
+                let index = next
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < *total).then_some(n + 1)
+                    })
+                    .ok()?;
+                Some(Turn { index, slot: None })
+            }
+            Pace::Rate(s) => s.take(Instant::now()).map(|(index, slot)| Turn {
+                index,
+                slot: Some(slot),
+            }),
+        }
+    }
+}
+
+/// One request of a [`Pace`].
+pub(super) struct Turn {
+    /// Its place among the pass's requests, from 0.
+    pub index: u64,
+    slot: Option<Slot>,
+}
+
+impl Turn {
+    /// Waits until the request is due (not at all in a closed loop) and
+    /// returns where its latency starts ([`Slot::measured_from`]).
+    pub async fn start(&self) -> Instant {
+        if let Some(s) = &self.slot {
+            tokio::time::sleep_until(s.due.into()).await;
+        }
+        let now = Instant::now();
+        self.slot.map_or(now, |s| s.measured_from(now))
+    }
+
+    /// Whether it found no connection free at its due time.
+    pub fn late(&self) -> bool {
+        self.slot.is_some_and(|s| s.late())
     }
 }
 
@@ -1494,7 +1560,7 @@ mod tests {
         let start = Instant::now();
         let s = Schedule::new(start, 1000.0, 3);
         let taken = start + Duration::from_micros(1500);
-        let slots: Vec<Slot> = std::iter::from_fn(|| s.take(taken)).collect();
+        let slots: Vec<Slot> = std::iter::from_fn(|| s.take(taken).map(|(_, slot)| slot)).collect();
         let dues: Vec<Duration> = slots.iter().map(|x| x.due - start).collect();
         assert_eq!(
             dues,
@@ -1512,6 +1578,20 @@ mod tests {
         assert_eq!(slots[0].measured_from(sent), slots[0].due);
         assert_eq!(slots[1].measured_from(sent), slots[1].due);
         assert_eq!(slots[2].measured_from(sent), sent);
+    }
+
+    #[test]
+    fn a_closed_pace_hands_out_each_index_once() {
+        let pace = Pace::new(None, 3, Instant::now());
+        let turns: Vec<(u64, bool)> = std::iter::from_fn(|| pace.take())
+            .map(|t| (t.index, t.late()))
+            .collect();
+        assert_eq!(turns, [(0, false), (1, false), (2, false)]);
+        let paced = Pace::new(Some(1e6), 2, Instant::now());
+        let indexes: Vec<u64> = std::iter::from_fn(|| paced.take())
+            .map(|t| t.index)
+            .collect();
+        assert_eq!(indexes, [0, 1]);
     }
 
     #[test]

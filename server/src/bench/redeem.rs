@@ -18,7 +18,6 @@
 //! by the same number of clients on persistent connections ([`super::redis`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,7 +32,7 @@ use super::inproc::{self, InProcess};
 use super::redis::{self, RedisRun};
 use super::{
     check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, LatencyTable,
-    Progress, TargetInfo,
+    Pace, Progress, TargetInfo,
 };
 use crate::{Error, Result};
 
@@ -54,6 +53,10 @@ pub struct RedeemParams {
     /// The Redis server binary for the `GETDEL` baseline, if asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<PathBuf>,
+    /// Redemptions per second on a schedule ([`super::Schedule`], open
+    /// loop), the Redis baseline at the same rate; `None`: each client
+    /// starts its next one when the last is done.
+    pub rate: Option<f64>,
 }
 
 impl Default for RedeemParams {
@@ -62,6 +65,7 @@ impl Default for RedeemParams {
             clients: 50,
             tokens: 20_000,
             redis: None,
+            rate: None,
         }
     }
 }
@@ -77,7 +81,8 @@ impl RedeemParams {
         })?;
         check((1..=MAX_TOKENS).contains(&self.tokens), || {
             format!("--tokens must be between 1 and {MAX_TOKENS}")
-        })
+        })?;
+        super::check_rate(self.rate)
     }
 }
 
@@ -110,8 +115,12 @@ pub struct RedeemRun {
     pub resumed_handshakes: u64,
     pub elapsed_s: f64,
     pub redemptions_per_s: f64,
-    /// From the connect call until the data frame is decoded.
+    /// From the connect call until the data frame is decoded; with a
+    /// rate, from the due time of a redemption that found no client free.
     pub latency_us: Latency,
+    /// With a rate: the redemptions that found no client free at their
+    /// due time.
+    pub behind_schedule: Option<u64>,
     /// With the Redis baseline: this run's p99 over Redis `GETDEL`'s p99.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_vs_redis: Option<f64>,
@@ -152,7 +161,15 @@ pub(super) async fn run(
     let redis = match &p.redis {
         None => None,
         Some(bin) => {
-            let r = redis::run(bin, &dir.join("redis"), p.tokens, p.clients, progress).await?;
+            let r = redis::run(
+                bin,
+                &dir.join("redis"),
+                p.tokens,
+                p.clients,
+                p.rate,
+                progress,
+            )
+            .await?;
             for run in &mut runs {
                 run.p99_vs_redis = Some(run.latency_us.p99 as f64 / r.latency_us.p99.max(1) as f64);
                 run.rate_vs_redis = Some(run.redemptions_per_s / r.ops_per_s);
@@ -229,7 +246,7 @@ async fn measure(
     let mut out = Vec::new();
     for (mode, connector) in modes {
         let batch: Vec<String> = tokens.by_ref().take(p.tokens as usize).collect();
-        out.push(redeem_all(mode, &connector, batch, p.clients, progress).await?);
+        out.push(redeem_all(mode, &connector, batch, p, progress).await?);
     }
     Ok((setup_stats, out))
 }
@@ -263,44 +280,47 @@ async fn mint(
     ))
 }
 
-/// `clients` tasks redeeming `tokens`, one connection each.
+/// `p.clients` tasks redeeming `tokens`, one connection each, each as
+/// soon as its last is done or, with `p.rate`, on the schedule.
 async fn redeem_all(
     mode: &'static str,
     connector: &Connector,
     tokens: Vec<String>,
-    clients: usize,
+    p: &RedeemParams,
     progress: Progress,
 ) -> Result<RedeemRun> {
     let n = tokens.len() as u64;
     let bar = progress.phase(&format!("redeem, {mode}"), n);
     let tokens = Arc::new(tokens);
-    let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
+    let pace = Arc::new(Pace::new(p.rate, n, start));
     let mut set = JoinSet::new();
-    for _ in 0..clients {
-        let (c, tokens, next, bar) = (connector.clone(), tokens.clone(), next.clone(), bar.clone());
+    for _ in 0..p.clients {
+        let (c, tokens, pace, bar) = (connector.clone(), tokens.clone(), pace.clone(), bar.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
-            let mut resumed = 0u64;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(token) = tokens.get(i) else {
-                    break;
-                };
-                let t = Instant::now();
+            let (mut resumed, mut late) = (0u64, 0u64);
+            while let Some(turn) = pace.take() {
+                let token = usize::try_from(turn.index)
+                    .ok()
+                    .and_then(|i| tokens.get(i))
+                    .ok_or_else(|| Error::Usage("a turn past the tokens".into()))?;
+                late += u64::from(turn.late());
+                let from = turn.start().await;
                 resumed += u64::from(redeem_one(&c, token).await?);
-                hist.saturating_record(micros(t.elapsed()));
+                hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
-            Ok::<(Histogram<u64>, u64), Error>((hist, resumed))
+            Ok::<(Histogram<u64>, u64, u64), Error>((hist, resumed, late))
         });
     }
     let mut hist = new_histogram();
-    let mut resumed = 0;
+    let (mut resumed, mut late) = (0, 0);
     while let Some(joined) = set.join_next().await {
-        let (h, r) = joined.map_err(join_error)??;
+        let (h, r, l) = joined.map_err(join_error)??;
         hist.add(&h).expect("histograms with identical bounds");
         resumed += r;
+        late += l;
     }
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
@@ -311,6 +331,7 @@ async fn redeem_all(
         elapsed_s: secs,
         redemptions_per_s: hist.len() as f64 / secs,
         latency_us: Latency::of(&hist),
+        behind_schedule: p.rate.map(|_| late),
         p99_vs_redis: None,
         rate_vs_redis: None,
     })
@@ -329,6 +350,13 @@ impl RedeemReport {
             self.setup.elapsed_s,
             rate(self.setup.mints_per_s)
         );
+        if let Some(rate) = self.params.rate {
+            let _ = writeln!(
+                s,
+                "  scheduled at {}/s (open loop); latency of one found with no client free counts from its due time",
+                thousands(rate.round() as u64)
+            );
+        }
         let _ = writeln!(s);
         let table = LatencyTable { name: 28, extra: 9 };
         table.header(&mut s, "per s", "resumed");
@@ -377,6 +405,26 @@ impl RedeemReport {
                 s,
                 "  latency: connect (TCP{}, Hello) until the data frame is decoded",
                 if self.target.tls { ", TLS" } else { "" }
+            );
+        }
+        let behind: Vec<String> = self
+            .runs
+            .iter()
+            .filter_map(|r| {
+                r.behind_schedule
+                    .map(|n| format!("{} {}", r.mode, thousands(n)))
+            })
+            .chain(
+                self.redis
+                    .iter()
+                    .filter_map(|r| r.behind_schedule.map(|n| format!("redis {}", thousands(n)))),
+            )
+            .collect();
+        if !behind.is_empty() {
+            let _ = write!(
+                s,
+                "\n  behind schedule (no client free at the due time): {}",
+                behind.join(", ")
             );
         }
         s

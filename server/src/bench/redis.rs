@@ -27,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::{join_error, micros, new_histogram, Latency, Progress};
+use super::{join_error, micros, new_histogram, Latency, Pace, Progress};
 use crate::{Error, Result};
 
 /// The stored value: about the size of a redeemed `Data` frame.
@@ -51,8 +51,12 @@ pub struct RedisRun {
     pub ops: u64,
     pub elapsed_s: f64,
     pub ops_per_s: f64,
-    /// One command's round trip.
+    /// One command's round trip; with a rate, from the due time of a
+    /// command that found no connection free.
     pub latency_us: Latency,
+    /// With a rate: the commands that found no connection free at their
+    /// due time.
+    pub behind_schedule: Option<u64>,
 }
 
 /// The first file named `name` in the `:`-separated `path` (the value of
@@ -64,21 +68,23 @@ pub fn find_on_path(name: &str, path: &std::ffi::OsStr) -> Option<PathBuf> {
 }
 
 /// Starts `bin` under `dir`, loads `keys`, deletes them with `clients`
-/// connections, stops it.
+/// connections (at `rate` per second between them, if given), stops it.
 pub(super) async fn run(
     bin: &Path,
     dir: &Path,
     keys: u64,
     clients: usize,
+    rate: Option<f64>,
     progress: Progress,
 ) -> Result<RedisRun> {
     with_server(bin, dir, async |addr| {
         load(addr, keys, progress).await?;
         let bar = progress.phase("redis GETDEL", keys);
-        closed_loop(
+        drive(
             addr,
             keys,
             clients,
+            rate,
             &bar,
             "GETDEL",
             |i| vec![b"GETDEL".to_vec(), key(i)],
@@ -105,10 +111,11 @@ pub(super) async fn run_set(
     storage::crypto::random_bytes(&mut value);
     with_server(bin, dir, async |addr| {
         let bar = progress.phase("redis SET", keys);
-        closed_loop(
+        drive(
             addr,
             keys,
             clients,
+            None,
             &bar,
             "SET",
             move |i| {
@@ -275,19 +282,21 @@ async fn load(addr: &str, keys: u64, progress: Progress) -> Result<()> {
 }
 
 /// `clients` persistent connections sending `n` commands between them,
-/// one at a time on each: command `i` is `command(i)`, built before its
-/// clock starts, and its reply must pass `expect`. Latency is one round
-/// trip.
-async fn closed_loop(
+/// one at a time on each, each as soon as its connection has the last
+/// reply or, with `rate`, on a schedule ([`super::Schedule`]): command `i`
+/// is `command(i)`, built before its clock starts, and its reply must pass
+/// `expect`. Latency is one round trip, and with a rate the wait for a
+/// free connection of a command that found none at its due time.
+async fn drive(
     addr: &str,
     n: u64,
     clients: usize,
+    rate: Option<f64>,
     bar: &ProgressBar,
     name: &'static str,
     command: impl Fn(u64) -> Vec<Vec<u8>> + Send + Sync + 'static,
     expect: impl Fn(&Reply) -> bool + Send + Sync + 'static,
 ) -> Result<RedisRun> {
-    let next = Arc::new(AtomicU64::new(0));
     let (command, expect) = (Arc::new(command), Arc::new(expect));
     let mut conns = Vec::with_capacity(clients);
     for _ in 0..clients {
@@ -296,34 +305,36 @@ async fn closed_loop(
         conns.push(Conn::new(tcp));
     }
     let start = Instant::now();
+    let pace = Arc::new(Pace::new(rate, n, start));
     let mut set = JoinSet::new();
     for mut c in conns {
-        let (next, bar) = (next.clone(), bar.clone());
+        let (pace, bar) = (pace.clone(), bar.clone());
         let (command, expect) = (command.clone(), expect.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return Ok::<_, Error>(hist);
-                }
-                let args = command(i);
+            let mut late = 0u64;
+            while let Some(turn) = pace.take() {
+                let args = command(turn.index);
                 let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-                let t = Instant::now();
+                late += u64::from(turn.late());
+                let from = turn.start().await;
                 c.command(&args).await?;
                 let reply = c.reply().await?;
                 if !expect(&reply) {
                     return Err(redis_error(format!("{name} answered {reply:?}")));
                 }
-                hist.saturating_record(micros(t.elapsed()));
+                hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
+            Ok::<_, Error>((hist, late))
         });
     }
     let mut hist = new_histogram();
+    let mut late = 0;
     while let Some(r) = set.join_next().await {
-        hist.add(&r.map_err(join_error)??)
-            .expect("histograms with identical bounds");
+        let (h, l) = r.map_err(join_error)??;
+        hist.add(&h).expect("histograms with identical bounds");
+        late += l;
     }
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
@@ -335,6 +346,7 @@ async fn closed_loop(
         elapsed_s: secs,
         ops_per_s: hist.len() as f64 / secs,
         latency_us: Latency::of(&hist),
+        behind_schedule: rate.map(|_| late),
     })
 }
 

@@ -11,7 +11,7 @@
 //!                    [--addr HOST:PORT --api-key KEY (--cacert FILE | --insecure-plaintext)]
 //!                    [--redis]   (with --protocol or --addr, --pipeline 1: Redis SET next to it)
 //! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline]
-//! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis]
+//! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis] [--rate R]
 //! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--rate R]
 //! vault-bench mixed [--embedded DIR] [--ratio 8:1:1] [--clients 50] [--requests N]
 //!                   [--duration SECS] [--size BYTES] [--subjects S] [--tls] [--baseline]
@@ -282,6 +282,12 @@ struct RedeemArgs {
     /// redis-server on PATH.
     #[arg(long)]
     redis: bool,
+    /// Start R redemptions per second on a schedule (open loop, as pgbench
+    /// --rate), Redis GETDEL at the same rate; latency counted from each
+    /// one's due time when no client was free. Without it each client
+    /// starts its next one when the last is done.
+    #[arg(long, value_name = "R")]
+    rate: Option<f64>,
 }
 
 #[derive(Args)]
@@ -364,6 +370,7 @@ impl Command {
                     clients: r.clients.unwrap_or(d.clients),
                     tokens: r.tokens.unwrap_or(d.tokens),
                     redis,
+                    rate: r.rate,
                 };
                 let target = Target::InProcess {
                     dir: r.target.embedded,
