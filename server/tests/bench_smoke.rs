@@ -531,6 +531,7 @@ fn bad_mixed_ratios_and_tls_with_authorize_fail_clearly() {
             &["authorize", "--rate", "NaN"][..],
             "--rate must be between",
         ),
+        (&["redeem", "--rate", "0.5"][..], "--rate must be between"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
             .args(args)

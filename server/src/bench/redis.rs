@@ -82,9 +82,11 @@ pub(super) async fn run(
         let bar = progress.phase("redis GETDEL", keys);
         drive(
             addr,
-            keys,
-            clients,
-            rate,
+            Load {
+                commands: keys,
+                clients,
+                rate,
+            },
             &bar,
             "GETDEL",
             |i| vec![b"GETDEL".to_vec(), key(i)],
@@ -113,9 +115,11 @@ pub(super) async fn run_set(
         let bar = progress.phase("redis SET", keys);
         drive(
             addr,
-            keys,
-            clients,
-            None,
+            Load {
+                commands: keys,
+                clients,
+                rate: None,
+            },
             &bar,
             "SET",
             move |i| {
@@ -281,31 +285,38 @@ async fn load(addr: &str, keys: u64, progress: Progress) -> Result<()> {
     Ok(())
 }
 
-/// `clients` persistent connections sending `n` commands between them,
-/// one at a time on each, each as soon as its connection has the last
-/// reply or, with `rate`, on a schedule ([`super::Schedule`]): command `i`
-/// is `command(i)`, built before its clock starts, and its reply must pass
-/// `expect`. Latency is one round trip, and with a rate the wait for a
-/// free connection of a command that found none at its due time.
-async fn drive(
-    addr: &str,
-    n: u64,
+/// How many commands a timed pass sends, over how many connections, and
+/// at what rate if any.
+struct Load {
+    commands: u64,
     clients: usize,
     rate: Option<f64>,
+}
+
+/// `load.clients` persistent connections sending `load.commands` commands
+/// between them, one at a time on each, each as soon as its connection has
+/// the last reply or, with `load.rate`, on a schedule
+/// ([`super::Schedule`]): command `i` is `command(i)`, built before its
+/// clock starts, and its reply must pass `expect`. Latency is one round
+/// trip, and with a rate the wait for a free connection of a command that
+/// found none at its due time.
+async fn drive(
+    addr: &str,
+    load: Load,
     bar: &ProgressBar,
     name: &'static str,
     command: impl Fn(u64) -> Vec<Vec<u8>> + Send + Sync + 'static,
     expect: impl Fn(&Reply) -> bool + Send + Sync + 'static,
 ) -> Result<RedisRun> {
     let (command, expect) = (Arc::new(command), Arc::new(expect));
-    let mut conns = Vec::with_capacity(clients);
-    for _ in 0..clients {
+    let mut conns = Vec::with_capacity(load.clients);
+    for _ in 0..load.clients {
         let tcp = TcpStream::connect(addr).await.map_err(io_error(addr))?;
         tcp.set_nodelay(true).map_err(io_error(addr))?;
         conns.push(Conn::new(tcp));
     }
     let start = Instant::now();
-    let pace = Arc::new(Pace::new(rate, n, start));
+    let pace = Arc::new(Pace::new(load.rate, load.commands, start));
     let mut set = JoinSet::new();
     for mut c in conns {
         let (pace, bar) = (pace.clone(), bar.clone());
@@ -341,12 +352,12 @@ async fn drive(
     Ok(RedisRun {
         command: name,
         version: String::new(),
-        keys: n,
+        keys: load.commands,
         ops: hist.len(),
         elapsed_s: secs,
         ops_per_s: hist.len() as f64 / secs,
         latency_us: Latency::of(&hist),
-        behind_schedule: rate.map(|_| late),
+        behind_schedule: load.rate.map(|_| late),
     })
 }
 
