@@ -95,13 +95,14 @@ fn expected(
 /// itself; a chunk or entry that does not decode is still an integrity
 /// error, never a panic.
 fn replay_range(store: &Store, model: &mut Model, from: u64, to: u64) -> Result<()> {
-    let start = match store.log.range(..=from.to_be_bytes()).next_back() {
-        Some(kv) => kv?.0,
-        None => return Err(Error::integrity(from, Reason::Truncated)),
+    // Through the writer's held-back chunks too: the state tree can be
+    // ahead of the chunks sled holds.
+    let Some((start, _)) = store.chunk_at(from)? else {
+        return Err(Error::integrity(from, Reason::Truncated));
     };
     let mut key_buf = Vec::with_capacity(64);
     let mut next = from;
-    for kv in crate::store::scan(&store.log, start..) {
+    for kv in store.chunks_from(start) {
         let (_, v) = kv?;
         let chunk = Chunk::decode(&v).map_err(|_| Error::integrity(next, Reason::CrcMismatch))?;
         for bytes in chunk.entries {

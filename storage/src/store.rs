@@ -34,8 +34,10 @@
 //! not, as they mostly fall in the log's recent leaves, which the writer
 //! has touched.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use ed25519_dalek::VerifyingKey;
 
@@ -90,6 +92,14 @@ pub(crate) struct Store {
     pub(crate) meta: sled::Tree,
     data_file: File,
     pub(crate) dir: PathBuf,
+    /// Log chunks in the write-ahead file that the writer has not applied
+    /// to the `log` tree yet, by first seq: it applies them in batches
+    /// (`vault::Writer`), and only ever after every chunk before them.
+    /// Readers of a live log go through [`Store::chunk_at`] and
+    /// [`Store::chunks_from`], which look here first and then in sled; the
+    /// writer inserts a batch into sled before it removes the batch from
+    /// here, so every chunk is always in one or the other.
+    pub(crate) recent: RwLock<BTreeMap<u64, sled::IVec>>,
 }
 
 fn db_dir(dir: &Path) -> PathBuf {
@@ -128,6 +138,7 @@ impl Store {
             db,
             data_file,
             dir: dir.to_path_buf(),
+            recent: RwLock::new(BTreeMap::new()),
         })
     }
 
@@ -256,14 +267,135 @@ impl Store {
 
     /// Roughly how many entries the log holds (the first seq of its last chunk).
     pub(crate) fn entry_count_hint(&self) -> u64 {
-        self.log
+        let recent = self.recent().last_key_value().map(|(k, _)| *k);
+        let applied = self
+            .log
             .last()
             .ok()
             .flatten()
             .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(0)
+            .map(u64::from_be_bytes);
+        recent.max(applied).unwrap_or(0)
     }
+
+    /// The chunks not yet in sled, for reading. A poisoned lock (a panic
+    /// while it was held for writing) still holds a consistent map: the
+    /// writer only inserts and removes whole entries.
+    fn recent(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, sled::IVec>> {
+        self.recent
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies the recent chunks whose first seq is at or below `upto` (all
+    /// of them with `None`) to the `log` tree in one sled batch, then drops
+    /// them from `recent`, in that order: a reader finds each chunk in one
+    /// or the other throughout. Returns how many were applied.
+    ///
+    /// Callers keep sled's order of writes: every batch of a group other
+    /// than its log batch is in sled before a later group's chunk reaches
+    /// `recent` (the writer applies what waits before any such batch), so
+    /// applying recent chunks never puts a group's log before the batches
+    /// that must precede it.
+    pub(crate) fn apply_recent(&self, upto: Option<u64>) -> Result<usize> {
+        let chunks: Vec<(u64, sled::IVec)> = self
+            .recent()
+            .range(..=upto.unwrap_or(u64::MAX))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        if chunks.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in &chunks {
+            batch.insert(&k.to_be_bytes(), v.clone());
+        }
+        self.log.apply_batch(batch)?;
+        for (k, _) in &chunks {
+            touch(&self.log, &k.to_be_bytes())?;
+        }
+        let mut recent = self.recent.write().map_err(|_| Error::Poisoned)?;
+        for (k, _) in &chunks {
+            recent.remove(k);
+        }
+        Ok(chunks.len())
+    }
+
+    /// The chunk that holds `seq` if the log reaches it: the one with the
+    /// greatest first seq at or below it, as `(first seq, chunk bytes)`.
+    pub(crate) fn chunk_at(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>> {
+        // Recent chunks first: one moved to sled after this read is found
+        // there below.
+        let recent = self
+            .recent()
+            .range(..=seq)
+            .next_back()
+            .map(|(k, v)| (*k, v.clone()));
+        let applied = match self.log.range(..=seq.to_be_bytes()).next_back() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                Some((chunk_key(&k)?, v))
+            }
+            None => None,
+        };
+        Ok(match (recent, applied) {
+            (Some(r), Some(a)) => Some(if r.0 >= a.0 { r } else { a }),
+            (r, a) => r.or(a),
+        })
+    }
+
+    /// The chunks from the one whose first seq is `first` on, in seq order,
+    /// each once, whether still recent or already in sled (touched, as
+    /// [`scan`] does).
+    pub(crate) fn chunks_from(
+        &self,
+        first: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
+        // A snapshot of the recent chunks first, then sled: a chunk moved
+        // to sled meanwhile is in both and given once; one added after the
+        // snapshot and moved to sled before the scan reaches it is in sled.
+        let recent: Vec<(u64, sled::IVec)> = self
+            .recent()
+            .range(first..)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        let applied = scan(&self.log, first.to_be_bytes()..)
+            .map(|kv| kv.and_then(|(k, v)| Ok((chunk_key(&k)?, v))));
+        merge_chunks(recent.into_iter().peekable(), applied.peekable())
+    }
+}
+
+/// The first seq a `log` key names.
+fn chunk_key(k: &[u8]) -> Result<u64> {
+    <[u8; 8]>::try_from(k)
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Malformed("log key is not a seq"))
+}
+
+/// Two seq-ordered sequences of chunks as one, a chunk in both given once.
+fn merge_chunks<'a>(
+    mut recent: std::iter::Peekable<impl Iterator<Item = (u64, sled::IVec)> + 'a>,
+    mut applied: std::iter::Peekable<impl Iterator<Item = Result<(u64, sled::IVec)>> + 'a>,
+) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + 'a {
+    std::iter::from_fn(move || {
+        let a = match applied.peek() {
+            Some(Err(_)) => return applied.next(),
+            Some(Ok((k, _))) => Some(*k),
+            None => None,
+        };
+        match (recent.peek().map(|(k, _)| *k), a) {
+            (None, None) => None,
+            (Some(_), None) => recent.next().map(Ok),
+            (None, Some(_)) => applied.next(),
+            (Some(r), Some(a)) if r < a => recent.next().map(Ok),
+            (Some(r), Some(a)) => {
+                if r == a {
+                    recent.next();
+                }
+                applied.next()
+            }
+        }
+    })
 }
 
 /// Hands this thread's deferred frees to the global epoch collector.
@@ -338,6 +470,70 @@ mod tests {
         assert!(Store::open_existing(dir.path()).is_err());
         drop(store);
         assert!(Store::open_existing(dir.path()).is_ok());
+        Ok(())
+    }
+
+    fn chunk(first: u64) -> sled::IVec {
+        sled::IVec::from(format!("chunk {first}").as_bytes())
+    }
+
+    fn firsts(store: &Store, from: u64) -> Result<Vec<u64>> {
+        store
+            .chunks_from(from)
+            .map(|kv| kv.map(|(k, _)| k))
+            .collect()
+    }
+
+    #[test]
+    fn reads_find_each_chunk_once_whether_recent_or_in_sled() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::create(dir.path(), 1 << 20)?;
+        for first in [0u64, 4, 9] {
+            store.log.insert(first.to_be_bytes(), chunk(first))?;
+        }
+        // 9 is in both, as between the writer's sled batch and its removal
+        // from `recent`; 12 and 20 are only recent.
+        store.recent.write().map_err(|_| Error::Poisoned)?.extend([
+            (9, chunk(9)),
+            (12, chunk(12)),
+            (20, chunk(20)),
+        ]);
+
+        assert_eq!(firsts(&store, 0)?, [0, 4, 9, 12, 20]);
+        assert_eq!(firsts(&store, 5)?, [9, 12, 20]);
+        assert_eq!(firsts(&store, 12)?, [12, 20]);
+        assert_eq!(firsts(&store, 21)?, Vec::<u64>::new());
+
+        let at = |seq| -> Result<Option<u64>> { Ok(store.chunk_at(seq)?.map(|(k, _)| k)) };
+        assert_eq!(at(3)?, Some(0), "from sled");
+        assert_eq!(at(9)?, Some(9), "in both");
+        assert_eq!(at(15)?, Some(12), "recent, past sled's last");
+        assert_eq!(at(1_000)?, Some(20));
+        assert_eq!(store.chunk_at(12)?.map(|(_, v)| v), Some(chunk(12)));
+        assert_eq!(store.entry_count_hint(), 20);
+
+        // Moved to sled: the same answers.
+        for (k, v) in std::mem::take(&mut *store.recent.write().map_err(|_| Error::Poisoned)?) {
+            store.log.insert(k.to_be_bytes(), v)?;
+        }
+        assert_eq!(firsts(&store, 0)?, [0, 4, 9, 12, 20]);
+        assert_eq!(at(15)?, Some(12));
+        Ok(())
+    }
+
+    #[test]
+    fn a_store_without_chunks_reads_nothing() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::create(dir.path(), 1 << 20)?;
+        assert_eq!(store.chunk_at(0)?, None);
+        assert_eq!(firsts(&store, 0)?, Vec::<u64>::new());
+        store
+            .recent
+            .write()
+            .map_err(|_| Error::Poisoned)?
+            .insert(3, chunk(3));
+        assert_eq!(store.chunk_at(2)?, None, "before the first chunk");
+        assert_eq!(firsts(&store, 0)?, [3]);
         Ok(())
     }
 }

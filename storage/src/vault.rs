@@ -6,11 +6,13 @@
 //! `Options::max_group_entries`) as one commit group: it assigns seqs,
 //! encrypts records under their subject's data key with the seq bound as
 //! associated data, chains and hashes the entries, and signs one head over
-//! the group's Merkle root. A **writer** thread writes the group's chunks
-//! in one sled batch, and a **syncer** thread then makes everything written
-//! so far durable (`Store::sync`) and only then answers the writers with
-//! their receipts. The three stages overlap, so one fsync serves every
-//! append that arrived while the previous one ran.
+//! the group's Merkle root. A **writer** thread appends the group's record
+//! to the write-ahead file (`wal`) and applies its batches to sled (a group
+//! that is only log chunks waits in `Store::recent` and goes to sled with
+//! the next such groups within 5 ms: `Writer::defer`), and a **syncer**
+//! thread then makes the record durable (`fdatasync`) and only then
+//! answers the writers with their receipts. The three stages overlap, so
+//! one fsync serves every append that arrived while the previous one ran.
 //!
 //! Invariants (asserted on the write path, checked by verify on reads):
 //! - seqs are contiguous from 0 and never reused; entry n's `prev_hash` is
@@ -49,7 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio::sync::{mpsc, oneshot};
@@ -734,7 +736,9 @@ impl Inner {
         }
         // Once sled is durable the write-ahead file holds nothing sled
         // lacks; when that fails it stays, and the next open replays it.
-        if stopped {
+        // A poisoned vault keeps it too: the writer may have left log
+        // chunks it could not apply to sled.
+        if stopped && !self.shared.poisoned.load(Ordering::Acquire) {
             let checkpoint = self
                 .store
                 .sync()
@@ -987,6 +991,8 @@ impl Vault {
             checkpoint: Some(ckpt_tx),
             syncer: sync_tx,
             record: Vec::new(),
+            deferred_bytes: 0,
+            deferred_since: None,
         };
         let mut receipts = Vec::new();
         if !initial.is_empty() {
@@ -1002,6 +1008,7 @@ impl Vault {
                 &unused,
             );
             let synced = writer.finish(Box::new(built));
+            writer.apply_deferred()?;
             store.sync()?;
             for (reply, r) in synced.replies {
                 let _ = reply.send(r);
@@ -1478,13 +1485,12 @@ impl Vault {
 
     /// Encoded entries from `from_seq` on, at most `max`, in seq order.
     pub fn entries_from(&self, from_seq: u64, max: usize) -> Result<Vec<Vec<u8>>> {
-        let log = &self.inner.store.log;
-        let start = match log.range(..=from_seq.to_be_bytes()).next_back() {
-            Some(kv) => kv?.0,
-            None => return Ok(Vec::new()),
+        let store = &self.inner.store;
+        let Some((start, _)) = store.chunk_at(from_seq)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for kv in crate::store::scan(log, start..) {
+        for kv in store.chunks_from(start) {
             let (_, v) = kv?;
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(from_seq, Reason::CrcMismatch))?;
@@ -1503,18 +1509,13 @@ impl Vault {
     /// The receipt of the entry at `seq`: its hash, its Merkle path in its
     /// commit group, and the group's signed head. `None` past the end.
     pub fn receipt(&self, seq: u64) -> Result<Option<Receipt>> {
-        let log = &self.inner.store.log;
-        let Some(first_key) = log
-            .range(..=seq.to_be_bytes())
-            .next_back()
-            .transpose()?
-            .map(|kv| kv.0)
-        else {
+        let store = &self.inner.store;
+        let Some((first_key, _)) = store.chunk_at(seq)? else {
             return Ok(None);
         };
         // Find the head that closes seq's group, then hash the whole group.
         let mut head = None;
-        for kv in log.range(first_key..) {
+        for kv in store.chunks_from(first_key) {
             let (_, v) = kv?;
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
@@ -1748,14 +1749,9 @@ impl Vault {
     }
 }
 
-/// The entry at `seq` in the log tree, if any.
+/// The entry at `seq` in the log, if any.
 fn read_entry(store: &Store, seq: u64) -> Result<Option<StoredEntry>> {
-    let Some((_, v)) = store
-        .log
-        .range(..=seq.to_be_bytes())
-        .next_back()
-        .transpose()?
-    else {
+    let Some((_, v)) = store.chunk_at(seq)? else {
         return Ok(None);
     };
     let chunk =
@@ -2888,7 +2884,17 @@ struct Writer {
     syncer: std::sync::mpsc::Sender<ToSyncer>,
     /// The buffer each group's write-ahead record is encoded into.
     record: Vec<u8>,
+    /// Bytes of the log chunks waiting in `Store::recent` for sled, and
+    /// since when the oldest has waited (see [`Writer::defer`]).
+    deferred_bytes: usize,
+    deferred_since: Option<Instant>,
 }
+
+/// The writer applies waiting log chunks to sled once they hold this
+/// many bytes...
+const DEFER_BYTES: usize = 256 << 10;
+/// ...or once the oldest has waited this long, whichever comes first.
+const DEFER_FOR: Duration = Duration::from_millis(5);
 
 /// The writer keeps its record buffer across groups up to this capacity
 /// (a group of 8,192 records of 1 KiB fits).
@@ -2896,7 +2902,22 @@ const RECORD_BUFFER_KEPT: usize = 16 << 20;
 
 impl Writer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<ToWriter>) {
-        while let Ok(msg) = rx.recv() {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            let msg = match self.deferred_since {
+                None => match rx.recv() {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                },
+                Some(since) => match rx.recv_timeout(DEFER_FOR.saturating_sub(since.elapsed())) {
+                    Ok(msg) => msg,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.apply_deferred_or_poison();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
             match msg {
                 ToWriter::Group(built) => {
                     let done = self.finish(built);
@@ -2908,6 +2929,61 @@ impl Writer {
                     let _ = done.send(());
                 }
             }
+        }
+        self.apply_deferred_or_poison();
+    }
+
+    /// Holds back a group's log batch, when it is the group's only batch:
+    /// its chunks wait in `Store::recent`, where readers find them, and go
+    /// to sled together with those of the next groups ([`DEFER_BYTES`],
+    /// [`DEFER_FOR`]). Each sled batch seals and writes sled's I/O buffer
+    /// twice, two device writes beside every commit's `fdatasync`; one
+    /// batch for many groups makes that once per many. The write-ahead
+    /// record is what makes the group durable and atomic, and replay
+    /// restores any group whose chunks sled lacks after a crash.
+    fn defer(&mut self, b: wal::Batch) -> Result<()> {
+        let mut chunks = Vec::with_capacity(b.ops.len());
+        for (k, v) in b.ops {
+            let first = <[u8; 8]>::try_from(k.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| Error::Malformed("log key is not a seq"))?;
+            let v = v.ok_or(Error::Malformed("a log batch removes a chunk"))?;
+            self.deferred_bytes += v.len();
+            chunks.push((first, sled::IVec::from(v)));
+        }
+        self.store
+            .recent
+            .write()
+            .map_err(|_| Error::Poisoned)?
+            .extend(chunks);
+        self.deferred_since.get_or_insert_with(Instant::now);
+        if self.deferred_bytes >= DEFER_BYTES {
+            self.apply_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// Applies every waiting log chunk to sled in one batch, then drops
+    /// them from `Store::recent` (in that order, so that readers always
+    /// find each chunk in one or the other).
+    fn apply_deferred(&mut self) -> Result<()> {
+        if self.store.apply_recent(None)? > 0 {
+            crate::store::release_garbage();
+        }
+        self.deferred_bytes = 0;
+        self.deferred_since = None;
+        Ok(())
+    }
+
+    /// [`Writer::apply_deferred`] off the path of a group: a failure
+    /// poisons the vault, as a failed group write does (the chunks stay
+    /// readable, and the write-ahead file keeps them for the next open),
+    /// and the timer stops retrying.
+    fn apply_deferred_or_poison(&mut self) {
+        if let Err(e) = self.apply_deferred() {
+            tracing::error!(error = %e, "applying the log to sled failed; the vault refuses writes until reopened");
+            self.shared.poisoned.store(true, Ordering::Release);
+            self.deferred_since = None;
         }
     }
 
@@ -3077,10 +3153,27 @@ impl Writer {
         // group's replies instead.
         let _ = self.syncer.send(ToSyncer::Flush(file));
         if let Some(path) = closed {
+            // The checkpoint makes sled durable with every group of the
+            // closed segment, the held-back ones included.
+            self.apply_deferred()?;
             if let Some(tx) = &self.checkpoint {
                 let _ = tx.send(path);
             }
         }
+        if let [only] = gw.batches.as_slice() {
+            if only.tree == TreeId::Log {
+                let mut batches = gw.batches;
+                if let Some(b) = batches.pop() {
+                    self.defer(b)?;
+                }
+                failpoint("commit::after_write")?;
+                return Ok(());
+            }
+        }
+        // Sled receives the log in seq order, and a group's other batches
+        // in their place around its log batch (the order recovery relies
+        // on): held-back chunks of earlier groups go first.
+        self.apply_deferred()?;
         let count = gw.batches.len();
         for (i, b) in gw.batches.into_iter().enumerate() {
             if i + 1 == count {
@@ -3180,6 +3273,10 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     // after a crash in between each key holds its value at `applied` or at
     // `indexing` (verify accepts either, open replays from `applied`).
     failpoint("index::before_write")?;
+    // The log chunks of the groups covered go to sled first, if the writer
+    // still holds them back: sled recovers a prefix of its writes, so
+    // derived state in sled always has its entries in sled's log too.
+    store.apply_recent(Some(applied))?;
     store
         .state
         .insert(state::INDEXING, &applied.to_be_bytes())?;

@@ -6,9 +6,11 @@
 //! `sync_file_range`, with each stored byte written about three times by
 //! its leaf rewrites) and an `fdatasync` of its file: two device waits per
 //! commit group. With this file a group costs one sequential write and one
-//! `fdatasync`; sled receives the same writes at once (readers see them
-//! there, as before) and is made durable in the background, once per
-//! segment, by a **checkpoint**: `Store::sync`, then the segment is deleted.
+//! `fdatasync`; sled receives the same writes at once (or, for a group
+//! whose only batch is its log batch, within 5 ms: held back meanwhile in
+//! `Store::recent`, where readers find it) and is made durable in the
+//! background, once per segment, by a **checkpoint**: `Store::sync`, then
+//! the segment is deleted.
 //!
 //! ```text
 //! DIR/wal/<first seq, 16 hex digits>.wal     one segment; its name is the
