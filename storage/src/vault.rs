@@ -3160,15 +3160,12 @@ impl Writer {
                 let _ = tx.send(path);
             }
         }
-        if let [only] = gw.batches.as_slice() {
-            if only.tree == TreeId::Log {
-                let mut batches = gw.batches;
-                if let Some(b) = batches.pop() {
-                    self.defer(b)?;
-                }
-                failpoint("commit::after_write")?;
-                return Ok(());
+        if matches!(gw.batches.as_slice(), [b] if b.tree == TreeId::Log) {
+            for b in gw.batches {
+                self.defer(b)?;
             }
+            failpoint("commit::after_write")?;
+            return Ok(());
         }
         // Sled receives the log in seq order, and a group's other batches
         // in their place around its log batch (the order recovery relies

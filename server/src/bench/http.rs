@@ -51,7 +51,7 @@ pub struct AuthorizeParams {
     pub clients: usize,
     /// Requests per phase (default 20,000).
     pub requests: u64,
-    /// Requests per second on a schedule (`bench::Schedule`: open loop,
+    /// Requests per second on a schedule (`bench::Pace`: open loop,
     /// latency from each request's due time when no connection was free);
     /// `None`: each connection sends as soon as it has its last answer.
     pub rate: Option<f64>,

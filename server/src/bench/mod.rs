@@ -892,31 +892,29 @@ fn claim(remaining: &AtomicU64, batch: u64, deadline: Option<Instant>) -> u64 {
         .map_or(0, |r| r.min(batch))
 }
 
-/// An open-loop schedule, as pgbench's `--rate` and wrk2 make one: the
-/// requests are due at a fixed rate whatever the answers do, request `i`
-/// at `start + i / rate`, and each is taken by whichever connection is
-/// free first.
+/// How a timed pass's connections pace `total` requests between them.
 ///
-/// A closed loop (each connection sends its next request when the last
-/// one is answered) measures the latency of its own pace: with C
-/// connections at R requests/s every request waits C/R on average
-/// (Little's law), however quick the server. A schedule measures the
-/// latency of a given load.
+/// Without a rate, a closed loop: each connection sends its next request
+/// when it has the last answer. Such a loop measures the latency of its
+/// own pace: with C connections at R requests/s every request waits C/R
+/// on average (Little's law), however quick the server.
 ///
-/// Where a request's latency starts ([`Slot::measured_from`]): at its due
-/// time when no connection was free by then (the wait for one counts, as
-/// a user's request waits in a pool), otherwise when it was sent. The
-/// tokio timer wakes a sleeping connection up to a millisecond after the
-/// due time; that delay is the load generator's, not the server's, and
-/// is not counted.
-pub(super) struct Schedule {
-    start: Instant,
-    rate: f64,
+/// With a rate, an open-loop schedule, as pgbench's `--rate` and wrk2 make
+/// one: request `i` is due at `start + i / rate` whatever the answers do,
+/// and is taken by whichever connection is free first. Its latency starts
+/// ([`Slot::measured_from`]) at its due time when no connection was free
+/// by then (the wait for one counts, as a user's request waits in a
+/// pool), otherwise when it was sent: the tokio timer wakes a sleeping
+/// connection up to a millisecond after the due time, and that delay is
+/// the load generator's, not the server's.
+pub(super) struct Pace {
     next: AtomicU64,
     total: u64,
+    /// The schedule's start and requests per second.
+    schedule: Option<(Instant, f64)>,
 }
 
-/// One request of a [`Schedule`], as a connection took it.
+/// When a scheduled request was due, and when a connection took it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Slot {
     pub due: Instant,
@@ -927,7 +925,7 @@ pub(super) struct Slot {
 impl Slot {
     /// Where the request's latency starts, given when it was sent.
     pub fn measured_from(&self, sent: Instant) -> Instant {
-        if self.taken > self.due {
+        if self.late() {
             self.due
         } else {
             sent
@@ -940,77 +938,35 @@ impl Slot {
     }
 }
 
-impl Schedule {
-    /// `total` requests at `rate` per second from `start`.
-    pub fn new(start: Instant, rate: f64, total: u64) -> Self {
-        Schedule {
-            start,
-            rate,
-            next: AtomicU64::new(0),
-            total,
-        }
-    }
-
-    /// When request `i` is due.
-    pub fn due(&self, i: u64) -> Instant {
-        self.start + Duration::from_secs_f64(i as f64 / self.rate)
-    }
-
-    /// The next request's index and slot, for a connection free since
-    /// `taken`; `None` when every request was taken.
-    pub fn take(&self, taken: Instant) -> Option<(u64, Slot)> {
-        let i = self
-            .next
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.total).then_some(n + 1)
-            })
-            .ok()?;
-        Some((
-            i,
-            Slot {
-                due: self.due(i),
-                taken,
-            },
-        ))
-    }
-}
-
-/// How a timed pass's connections pace `total` requests: each sends its
-/// next one on its last answer (closed loop), or on a [`Schedule`].
-pub(super) enum Pace {
-    Closed { next: AtomicU64, total: u64 },
-    Rate(Schedule),
-}
-
 impl Pace {
     /// `total` requests from `start`, at `rate` per second if given.
     pub fn new(rate: Option<f64>, total: u64, start: Instant) -> Pace {
-        match rate {
-            Some(rate) => Pace::Rate(Schedule::new(start, rate, total)),
-            None => Pace::Closed {
-                next: AtomicU64::new(0),
-                total,
-            },
+        Pace {
+            next: AtomicU64::new(0),
+            total,
+            schedule: rate.map(|r| (start, r)),
         }
     }
 
     /// The next request for a connection that is free now; `None` when
     /// every request was taken.
     pub fn take(&self) -> Option<Turn> {
-        match self {
-            Pace::Closed { next, total } => {
-                let index = next
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < *total).then_some(n + 1)
-                    })
-                    .ok()?;
-                Some(Turn { index, slot: None })
-            }
-            Pace::Rate(s) => s.take(Instant::now()).map(|(index, slot)| Turn {
-                index,
-                slot: Some(slot),
-            }),
-        }
+        self.take_at(Instant::now())
+    }
+
+    /// The next request for a connection free since `taken`.
+    fn take_at(&self, taken: Instant) -> Option<Turn> {
+        let index = self
+            .next
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.total).then_some(n + 1)
+            })
+            .ok()?;
+        let slot = self.schedule.map(|(start, rate)| Slot {
+            due: start + Duration::from_secs_f64(index as f64 / rate),
+            taken,
+        });
+        Some(Turn { index, slot })
     }
 }
 
@@ -1018,6 +974,7 @@ impl Pace {
 pub(super) struct Turn {
     /// Its place among the pass's requests, from 0.
     pub index: u64,
+    /// With a rate: when it is due.
     slot: Option<Slot>,
 }
 
@@ -1558,22 +1515,25 @@ mod tests {
     #[test]
     fn a_schedule_spaces_its_requests_at_the_rate_and_ends() {
         let start = Instant::now();
-        let s = Schedule::new(start, 1000.0, 3);
+        let pace = Pace::new(Some(1000.0), 3, start);
         let taken = start + Duration::from_micros(1500);
-        let slots: Vec<Slot> = std::iter::from_fn(|| s.take(taken).map(|(_, slot)| slot)).collect();
+        let turns: Vec<Turn> = std::iter::from_fn(|| pace.take_at(taken)).collect();
+        let indexes: Vec<u64> = turns.iter().map(|t| t.index).collect();
+        assert_eq!(indexes, [0, 1, 2]);
+        let slots: Vec<Slot> = turns.iter().filter_map(|t| t.slot).collect();
         let dues: Vec<Duration> = slots.iter().map(|x| x.due - start).collect();
         assert_eq!(
             dues,
             [0, 1000, 2000].map(Duration::from_micros),
             "request i is due at start + i / rate"
         );
-        assert!(s.take(taken).is_none(), "no more than the total");
+        assert!(pace.take_at(taken).is_none(), "no more than the total");
 
         // Taken 1.5 ms in: the first two were already due and waited for
         // a connection, so their latency starts at the due time; the
         // third is sent on time, and its latency starts when it is sent.
         let sent = start + Duration::from_micros(2300);
-        let late: Vec<bool> = slots.iter().map(Slot::late).collect();
+        let late: Vec<bool> = turns.iter().map(Turn::late).collect();
         assert_eq!(late, [true, true, false]);
         assert_eq!(slots[0].measured_from(sent), slots[0].due);
         assert_eq!(slots[1].measured_from(sent), slots[1].due);
@@ -1581,17 +1541,15 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_pace_hands_out_each_index_once() {
+    fn a_closed_loop_hands_out_each_index_once_and_never_late() {
         let pace = Pace::new(None, 3, Instant::now());
-        let turns: Vec<(u64, bool)> = std::iter::from_fn(|| pace.take())
-            .map(|t| (t.index, t.late()))
+        let turns: Vec<(u64, bool, bool)> = std::iter::from_fn(|| pace.take())
+            .map(|t| (t.index, t.late(), t.slot.is_some()))
             .collect();
-        assert_eq!(turns, [(0, false), (1, false), (2, false)]);
-        let paced = Pace::new(Some(1e6), 2, Instant::now());
-        let indexes: Vec<u64> = std::iter::from_fn(|| paced.take())
-            .map(|t| t.index)
-            .collect();
-        assert_eq!(indexes, [0, 1]);
+        assert_eq!(
+            turns,
+            [(0, false, false), (1, false, false), (2, false, false)]
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct RedeemParams {
     /// The Redis server binary for the `GETDEL` baseline, if asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<PathBuf>,
-    /// Redemptions per second on a schedule (`bench::Schedule`, open
+    /// Redemptions per second on a schedule (`bench::Pace`, open
     /// loop), the Redis baseline at the same rate; `None`: each client
     /// starts its next one when the last is done.
     pub rate: Option<f64>,

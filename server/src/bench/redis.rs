@@ -294,9 +294,8 @@ struct Load {
 }
 
 /// `load.clients` persistent connections sending `load.commands` commands
-/// between them, one at a time on each, each as soon as its connection has
-/// the last reply or, with `load.rate`, on a schedule
-/// ([`super::Schedule`]): command `i` is `command(i)`, built before its
+/// between them, one at a time on each, paced by a [`Pace`] (at
+/// `load.rate` if given): command `i` is `command(i)`, built before its
 /// clock starts, and its reply must pass `expect`. Latency is one round
 /// trip, and with a rate the wait for a free connection of a command that
 /// found none at its due time.
