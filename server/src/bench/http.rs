@@ -357,25 +357,21 @@ async fn phase(
         let (pace, call, bar) = (pace.clone(), call.clone(), bar.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
-            let mut late = 0;
             let host = "localhost";
             while let Some(turn) = pace.take() {
-                late += u64::from(turn.late());
                 let from = turn.start().await;
                 send(&mut c, host, &call).await?;
                 hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
-            Ok::<_, Error>((c, hist, late))
+            Ok::<_, Error>((c, hist))
         });
     }
     let mut hist = new_histogram();
-    let mut late = 0;
     let mut back = Vec::new();
     while let Some(r) = set.join_next().await {
-        let (c, h, l) = r.map_err(join_error)??;
+        let (c, h) = r.map_err(join_error)??;
         hist.add(&h).expect("histograms with identical bounds");
-        late += l;
         back.push(c);
     }
     let secs = start.elapsed().as_secs_f64();
@@ -387,7 +383,7 @@ async fn phase(
             elapsed_s: secs,
             requests_per_s: hist.len() as f64 / secs,
             latency_us: Latency::of(&hist),
-            behind_schedule: p.rate.map(|_| late),
+            behind_schedule: pace.behind_schedule(),
         },
     ))
 }

@@ -912,6 +912,8 @@ pub(super) struct Pace {
     total: u64,
     /// The schedule's start and requests per second.
     schedule: Option<(Instant, f64)>,
+    /// Requests taken after their due time: no connection was free.
+    late: AtomicU64,
 }
 
 /// When a scheduled request was due, and when a connection took it.
@@ -945,7 +947,14 @@ impl Pace {
             next: AtomicU64::new(0),
             total,
             schedule: rate.map(|r| (start, r)),
+            late: AtomicU64::new(0),
         }
+    }
+
+    /// With a schedule, how many requests found no connection free at
+    /// their due time.
+    pub fn behind_schedule(&self) -> Option<u64> {
+        self.schedule.map(|_| self.late.load(Ordering::Acquire))
     }
 
     /// The next request for a connection that is free now; `None` when
@@ -966,6 +975,9 @@ impl Pace {
             due: start + Duration::from_secs_f64(index as f64 / rate),
             taken,
         });
+        if slot.is_some_and(|s| s.late()) {
+            self.late.fetch_add(1, Ordering::AcqRel);
+        }
         Some(Turn { index, slot })
     }
 }
@@ -987,11 +999,6 @@ impl Turn {
         }
         let now = Instant::now();
         self.slot.map_or(now, |s| s.measured_from(now))
-    }
-
-    /// Whether it found no connection free at its due time.
-    pub fn late(&self) -> bool {
-        self.slot.is_some_and(|s| s.late())
     }
 }
 
@@ -1533,8 +1540,9 @@ mod tests {
         // a connection, so their latency starts at the due time; the
         // third is sent on time, and its latency starts when it is sent.
         let sent = start + Duration::from_micros(2300);
-        let late: Vec<bool> = turns.iter().map(Turn::late).collect();
+        let late: Vec<bool> = slots.iter().map(Slot::late).collect();
         assert_eq!(late, [true, true, false]);
+        assert_eq!(pace.behind_schedule(), Some(2));
         assert_eq!(slots[0].measured_from(sent), slots[0].due);
         assert_eq!(slots[1].measured_from(sent), slots[1].due);
         assert_eq!(slots[2].measured_from(sent), sent);
@@ -1543,13 +1551,11 @@ mod tests {
     #[test]
     fn a_closed_loop_hands_out_each_index_once_and_never_late() {
         let pace = Pace::new(None, 3, Instant::now());
-        let turns: Vec<(u64, bool, bool)> = std::iter::from_fn(|| pace.take())
-            .map(|t| (t.index, t.late(), t.slot.is_some()))
+        let turns: Vec<(u64, bool)> = std::iter::from_fn(|| pace.take())
+            .map(|t| (t.index, t.slot.is_some()))
             .collect();
-        assert_eq!(
-            turns,
-            [(0, false, false), (1, false, false), (2, false, false)]
-        );
+        assert_eq!(turns, [(0, false), (1, false), (2, false)]);
+        assert_eq!(pace.behind_schedule(), None);
     }
 
     #[test]

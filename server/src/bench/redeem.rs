@@ -299,28 +299,26 @@ async fn redeem_all(
         let (c, tokens, pace, bar) = (connector.clone(), tokens.clone(), pace.clone(), bar.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
-            let (mut resumed, mut late) = (0u64, 0u64);
+            let mut resumed = 0u64;
             while let Some(turn) = pace.take() {
                 let token = usize::try_from(turn.index)
                     .ok()
                     .and_then(|i| tokens.get(i))
                     .ok_or_else(|| Error::Usage("a turn past the tokens".into()))?;
-                late += u64::from(turn.late());
                 let from = turn.start().await;
                 resumed += u64::from(redeem_one(&c, token).await?);
                 hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
-            Ok::<(Histogram<u64>, u64, u64), Error>((hist, resumed, late))
+            Ok::<(Histogram<u64>, u64), Error>((hist, resumed))
         });
     }
     let mut hist = new_histogram();
-    let (mut resumed, mut late) = (0, 0);
+    let mut resumed = 0;
     while let Some(joined) = set.join_next().await {
-        let (h, r, l) = joined.map_err(join_error)??;
+        let (h, r) = joined.map_err(join_error)??;
         hist.add(&h).expect("histograms with identical bounds");
         resumed += r;
-        late += l;
     }
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
@@ -331,7 +329,7 @@ async fn redeem_all(
         elapsed_s: secs,
         redemptions_per_s: hist.len() as f64 / secs,
         latency_us: Latency::of(&hist),
-        behind_schedule: p.rate.map(|_| late),
+        behind_schedule: pace.behind_schedule(),
         p99_vs_redis: None,
         rate_vs_redis: None,
     })

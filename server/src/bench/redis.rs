@@ -322,11 +322,9 @@ async fn drive(
         let (command, expect) = (command.clone(), expect.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
-            let mut late = 0u64;
             while let Some(turn) = pace.take() {
                 let args = command(turn.index);
                 let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-                late += u64::from(turn.late());
                 let from = turn.start().await;
                 c.command(&args).await?;
                 let reply = c.reply().await?;
@@ -336,15 +334,13 @@ async fn drive(
                 hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
-            Ok::<_, Error>((hist, late))
+            Ok::<_, Error>(hist)
         });
     }
     let mut hist = new_histogram();
-    let mut late = 0;
     while let Some(r) = set.join_next().await {
-        let (h, l) = r.map_err(join_error)??;
-        hist.add(&h).expect("histograms with identical bounds");
-        late += l;
+        hist.add(&r.map_err(join_error)??)
+            .expect("histograms with identical bounds");
     }
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
@@ -356,7 +352,7 @@ async fn drive(
         elapsed_s: secs,
         ops_per_s: hist.len() as f64 / secs,
         latency_us: Latency::of(&hist),
-        behind_schedule: load.rate.map(|_| late),
+        behind_schedule: pace.behind_schedule(),
     })
 }
 
