@@ -616,7 +616,7 @@ mod tests {
         assert_eq!(seg.groups, vec![g.clone(), g.clone()]);
         assert!(!seg.torn);
         // A record whose first bytes did not reach the disk, its last did.
-        let mut lost_start = segment(&[rec.clone()]);
+        let mut lost_start = segment(std::slice::from_ref(&rec));
         lost_start.extend_from_slice(&[0; 16]);
         lost_start.extend_from_slice(&rec[16..]);
         lost_start.extend_from_slice(&[0; 100]);
