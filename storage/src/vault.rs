@@ -32,10 +32,13 @@
 //! replays the entries after it.
 //!
 //! Write order within a group, with sled recovering a prefix of its writes
-//! after a crash: (1) the wrapped keys of new subjects together with a
-//! `pending` marker naming them (one batch of the `keys` tree), (2) the log
-//! chunks (one batch). Opening deletes the keys named by a pending marker
-//! whose group never reached the log.
+//! after a crash: (1) a pending marker of the group's own naming the
+//! wrapped keys of new subjects, then those keys (key by key when that is
+//! all the group does besides its log: no sled batch, whose two device
+//! writes would sit beside the group's `fdatasync`), (2) the log chunks
+//! (one batch, or held back), (3) the marker removed. Opening deletes the
+//! keys named by a pending marker whose group never reached the log, and
+//! every marker.
 //!
 //! A master key rotation is a group of its own: (1) the new sealed master
 //! and every re-wrapped key staged under `"next/"` names with a `rotating`
@@ -993,6 +996,7 @@ impl Vault {
             record: Vec::new(),
             deferred_bytes: 0,
             deferred_since: None,
+            deferred_markers: Vec::new(),
         };
         let mut receipts = Vec::new();
         if !initial.is_empty() {
@@ -1848,23 +1852,30 @@ fn replay_tail(store: &Store, entries: u64) -> Result<()> {
     Ok(())
 }
 
-/// Drops keys that a crashed group wrote but whose entries never reached
-/// the log, and the pending marker. Verification has already refused a
-/// marker that names a key the log commits to.
+/// Drops the pending markers, and with each whose group never reached the
+/// log the keys it names (a crash stopped that group's commit).
+/// Verification has already refused a marker that names a key the log
+/// commits to.
 fn recover_pending(store: &Store, next_seq: u64) -> Result<()> {
-    let Some(p) = store.keys.get(PENDING)? else {
+    let markers = pending_markers(&store.keys)?;
+    if markers.is_empty() {
         return Ok(());
-    };
-    let (first_seq, names) = decode_pending(&p)?;
-    if first_seq >= next_seq {
-        let mut kb = sled::Batch::default();
-        for n in &names {
-            kb.remove(n.as_slice());
+    }
+    let mut kb = sled::Batch::default();
+    let mut dropped = 0;
+    for m in &markers {
+        if m.first_seq >= next_seq {
+            for n in &m.keys {
+                kb.remove(n.as_slice());
+            }
+            dropped += m.keys.len();
         }
-        kb.remove(PENDING);
-        store.keys.apply_batch(kb)?;
+        kb.remove(m.name.as_slice());
+    }
+    store.keys.apply_batch(kb)?;
+    if dropped > 0 {
         tracing::warn!(
-            keys = names.len(),
+            keys = dropped,
             "removed data keys of a commit group that did not reach the log"
         );
     }
@@ -2014,9 +2025,59 @@ pub fn decode_shredding(v: &[u8]) -> Result<(u64, Vec<String>)> {
     Ok((first, subjects))
 }
 
-/// Name of the pending marker in the `keys` tree: u64 BE first seq of the
-/// group, then for each new key u16 BE length and its name.
+/// Prefix of the pending markers in the `keys` tree: a group that creates
+/// keys writes `"pending/"` + its first seq (u64 BE) before them, valued
+/// u64 BE first seq of the group, then for each new key u16 BE length and
+/// its name. The writer removes the marker once the group's log chunk is
+/// in sled (after it, in sled's order); open removes any left over, with
+/// the keys it names when its group never reached the log.
+pub const PENDING_PREFIX: &[u8] = b"pending/";
+
+/// The pending marker of a group's first seq.
+pub fn pending_name(first_seq: u64) -> Vec<u8> {
+    [PENDING_PREFIX, &first_seq.to_be_bytes()].concat()
+}
+
+/// The single pending marker of data dirs written before per-group
+/// markers (same value; each group that created keys overwrote it). Still
+/// read by open and verify.
 pub const PENDING: &[u8] = b"pending";
+
+/// Whether a `keys` name is a pending marker, of either kind.
+pub fn is_pending_marker(name: &[u8]) -> bool {
+    name == PENDING || name.starts_with(PENDING_PREFIX)
+}
+
+/// A pending marker found in the `keys` tree.
+#[derive(Debug)]
+pub struct PendingMarker {
+    /// The marker's own name.
+    pub name: Vec<u8>,
+    /// The first seq of the group that wrote it.
+    pub first_seq: u64,
+    /// The keys the group created.
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// Every pending marker in the `keys` tree, of either kind.
+pub fn pending_markers(keys: &sled::Tree) -> Result<Vec<PendingMarker>> {
+    let mut found = Vec::new();
+    let legacy = keys.get(PENDING)?.map(|v| (sled::IVec::from(PENDING), v));
+    for kv in legacy
+        .into_iter()
+        .map(Ok)
+        .chain(keys.scan_prefix(PENDING_PREFIX))
+    {
+        let (name, v) = kv?;
+        let (first_seq, names) = decode_pending(&v)?;
+        found.push(PendingMarker {
+            name: name.to_vec(),
+            first_seq,
+            keys: names,
+        });
+    }
+    Ok(found)
+}
 
 fn encode_pending(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
     let mut v = first_seq.to_be_bytes().to_vec();
@@ -2476,7 +2537,7 @@ impl Committer {
         for kv in self.store.keys.iter() {
             let (name, wrapped) = kv?;
             let name = name.as_ref();
-            if name == state::MASTER || name == PENDING || name == SHREDDING {
+            if name == state::MASTER || name == SHREDDING || is_pending_marker(name) {
                 continue;
             }
             let aad = key_aad(name).ok_or_else(|| {
@@ -2888,6 +2949,9 @@ struct Writer {
     /// since when the oldest has waited (see [`Writer::defer`]).
     deferred_bytes: usize,
     deferred_since: Option<Instant>,
+    /// The first seqs of the held-back groups that created keys: their
+    /// pending markers go once their chunks are in sled.
+    deferred_markers: Vec<u64>,
 }
 
 /// The writer applies waiting log chunks to sled once they hold this
@@ -2969,6 +3033,11 @@ impl Writer {
     fn apply_deferred(&mut self) -> Result<()> {
         if self.store.apply_recent(None)? > 0 {
             crate::store::release_garbage();
+        }
+        // After the chunks in sled's order: a marker is gone only if its
+        // group's log is there.
+        for seq in self.deferred_markers.drain(..) {
+            self.store.keys.remove(pending_name(seq))?;
         }
         self.deferred_bytes = 0;
         self.deferred_since = None;
@@ -3061,7 +3130,7 @@ impl Writer {
             let mut kb = wal::Batch::new(TreeId::Keys);
             if !g.new_keys.is_empty() {
                 let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
-                kb.insert(PENDING, encode_pending(first_seq, &names));
+                kb.insert(pending_name(first_seq), encode_pending(first_seq, &names));
                 for (n, w) in &g.new_keys {
                     kb.insert(n.as_slice(), w.as_slice());
                 }
@@ -3167,6 +3236,34 @@ impl Writer {
             failpoint("commit::after_write")?;
             return Ok(());
         }
+        let only_new_keys = g.shreds.is_empty()
+            && g.master_swap.is_none()
+            && g.signing_swap.is_none()
+            && matches!(gw.batches.as_slice(), [k, l] if k.tree == TreeId::Keys && l.tree == TreeId::Log);
+        if only_new_keys {
+            // New subjects' keys, key by key (the pending marker first, as
+            // the batch lists it): a sled batch would seal and write sled's
+            // I/O buffer twice beside this group's `fdatasync`. Before its
+            // held-back log chunk in sled's order, so a group whose log
+            // sled holds has its keys there too; a crash that keeps some
+            // keys but not the group's write-ahead record leaves the
+            // group's own marker naming them, which open acts on.
+            let mut batches = gw.batches.into_iter();
+            for b in batches.by_ref().take(1) {
+                for (k, v) in b.ops {
+                    match v {
+                        Some(v) => s.keys.insert(k, v)?,
+                        None => s.keys.remove(k)?,
+                    };
+                }
+            }
+            self.deferred_markers.push(first_seq);
+            for b in batches {
+                self.defer(b)?;
+            }
+            failpoint("commit::after_write")?;
+            return Ok(());
+        }
         // Sled receives the log in seq order, and a group's other batches
         // in their place around its log batch (the order recovery relies
         // on): held-back chunks of earlier groups go first.
@@ -3188,6 +3285,10 @@ impl Writer {
                     crate::store::touch(&s.log, &k.to_be_bytes())?;
                 }
             }
+        }
+        if !g.new_keys.is_empty() {
+            // The group's log is in sled: its marker has done its work.
+            s.keys.remove(pending_name(first_seq))?;
         }
         crate::store::release_garbage();
         failpoint("commit::after_write")?;

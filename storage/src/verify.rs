@@ -1112,15 +1112,19 @@ pub(crate) fn verify_store_with(
     // whose group never reached the log were written by a commit that a
     // crash interrupted; the next open deletes them, and nothing uses them.
     let mut uncommitted: Vec<Vec<u8>> = Vec::new();
-    if let Some(p) = store.keys.get(crate::vault::PENDING)? {
-        match crate::vault::decode_pending(&p) {
-            Ok((first, names)) if first >= tip.entries => uncommitted = names,
-            Ok(_) => {}
-            Err(_) => {
-                report.failure = fail(Reason::KeyMismatch("malformed pending marker".into()));
-                return Ok(report);
+    match crate::vault::pending_markers(&store.keys) {
+        Ok(markers) => {
+            for m in markers {
+                if m.first_seq >= tip.entries {
+                    uncommitted.extend(m.keys);
+                }
             }
         }
+        Err(Error::Malformed(_)) => {
+            report.failure = fail(Reason::KeyMismatch("malformed pending marker".into()));
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
     }
     // A shred whose entry is in the log but whose keys a crash kept from
     // being deleted: the `shredding` marker names its subjects. Their keys
@@ -1174,7 +1178,7 @@ pub(crate) fn verify_store_with(
     let mut actual: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     for kv in store.keys.iter() {
         let (k, v) = kv?;
-        if k.as_ref() == crate::vault::PENDING
+        if crate::vault::is_pending_marker(&k)
             || k.as_ref() == crate::vault::SHREDDING
             || k.as_ref() == crate::vault::ROTATING
             || uncommitted.iter().any(|n| n.as_slice() == k.as_ref())

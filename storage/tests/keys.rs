@@ -1462,3 +1462,74 @@ fn acknowledged_rotations_survive_sigkill() {
     }
     assert!(masters > 0 && signing_id > 0 && !subject_versions.is_empty());
 }
+
+/// A pending marker's value: the group's first seq, then each key name
+/// with its u16 length (docs/storage.md, section 2).
+fn pending_value(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
+    let mut v = first_seq.to_be_bytes().to_vec();
+    for n in names {
+        v.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        v.extend_from_slice(n);
+    }
+    v
+}
+
+/// Each group that creates keys names them in a pending marker of its own,
+/// which goes once the group's log is in sled. A marker that a crash left
+/// behind makes open delete the keys it names when its group never
+/// reached the log, and only then; the single marker of older data dirs
+/// is honoured the same way.
+#[tokio::test]
+async fn pending_markers_go_with_their_group_and_a_crash_s_marker_takes_its_keys() {
+    use storage::vault::{is_pending_marker, pending_name, PENDING};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let key = three_subjects(&dir).await;
+    let vault = reopen(&dir);
+    for i in 0..20 {
+        vault
+            .append(Append::record(format!("new-{i}"), b"{\"n\":0}".to_vec()))
+            .await
+            .expect("append");
+    }
+    let next = vault.durable_len();
+    vault.close().expect("close");
+    let before = key_tree(&dir);
+    assert!(
+        before.iter().all(|(k, _)| !is_pending_marker(k)),
+        "a marker outlived its group"
+    );
+    assert!(before.iter().any(|(k, _)| *k == data_key_name("new-19", 1)));
+    verify_ok(&dir, key);
+
+    for legacy in [false, true] {
+        // What a crash leaves when a group's keys reached sled and its
+        // write-ahead record did not: the keys and the marker naming them;
+        // beside it, the marker of a group that did reach the log.
+        let lost = data_key_name("lost", 1);
+        let kept = data_key_name("new-3", 1);
+        {
+            let raw = raw(&dir);
+            let marker = if legacy {
+                PENDING.to_vec()
+            } else {
+                pending_name(next)
+            };
+            raw.keys.insert(&lost, vec![7u8; 60]).expect("write keys");
+            raw.keys
+                .insert(marker, pending_value(next, std::slice::from_ref(&lost)))
+                .expect("write keys");
+            raw.keys
+                .insert(
+                    pending_name(1),
+                    pending_value(1, std::slice::from_ref(&kept)),
+                )
+                .expect("write keys");
+            raw.flush().expect("flush");
+        }
+        let r = verify_ok(&dir, key);
+        assert_eq!(r.entries, next, "legacy: {legacy}");
+        reopen(&dir).close().expect("close");
+        assert_eq!(key_tree(&dir), before, "legacy: {legacy}");
+    }
+}

@@ -933,12 +933,23 @@ fn key_store_altered_is_key_mismatch() {
         v.extend_from_slice(&name);
         raw.keys.insert("pending", v).expect("write keys");
     });
+    // The same as a group's own marker.
+    let forged_group_marker = fx.tampered(|raw| {
+        let name = data_key_name("alice", 1);
+        let mut v = (LAST + 1).to_be_bytes().to_vec();
+        v.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        v.extend_from_slice(&name);
+        raw.keys
+            .insert(storage::vault::pending_name(LAST + 1), v)
+            .expect("write keys");
+    });
     for dir in [
         &altered_dk,
         &altered_master,
         &deleted_dk,
         &extra_dk,
         &forged_pending,
+        &forged_group_marker,
     ] {
         let (seq, reason) = fx.failure(dir);
         assert_eq!(seq, LAST, "{dir:?}");
@@ -949,19 +960,26 @@ fn key_store_altered_is_key_mismatch() {
     }
     // Opening refuses them too, so a forged marker never makes open delete
     // a committed key.
-    for dir in [&deleted_dk, &extra_dk, &forged_pending] {
+    for dir in [
+        &deleted_dk,
+        &extra_dk,
+        &forged_pending,
+        &forged_group_marker,
+    ] {
         let (_, reason) = open_refusal(dir);
         assert!(
             matches!(reason, Reason::KeyMismatch(_)),
             "{dir:?}: open: {reason}"
         );
     }
-    let raw = raw_open(&forged_pending);
-    assert!(raw
-        .keys
-        .get(data_key_name("alice", 1))
-        .expect("read")
-        .is_some());
+    for dir in [&forged_pending, &forged_group_marker] {
+        let raw = raw_open(dir);
+        assert!(raw
+            .keys
+            .get(data_key_name("alice", 1))
+            .expect("read")
+            .is_some());
+    }
     // A master key that no longer unseals cannot be told from a wrong
     // passphrase by open.
     wait_unlocked(&altered_master);
