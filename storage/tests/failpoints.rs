@@ -15,7 +15,8 @@
 //! | `index::after_write` | derived state is written (not yet flushed) |
 //!
 //! Each one is armed in a child process (this test binary again) that
-//! writes one kind of entry: a record (append), an audit event, a token
+//! writes one kind of entry: a record (append), a record of a new subject
+//! (its group creates the subject's data key), an audit event, a token
 //! mint, or a mint and a redemption. Actions:
 //! - `panic`: the child's panic hook aborts the process, so this is a
 //!   crash at exactly that step;
@@ -45,7 +46,7 @@ const PARTNER: &str = "lender-1";
 const SUBJECT: &str = "seeded";
 const SEEDED_NAME: &str = "Ada Lovelace";
 
-const OPS: &[&str] = &["append", "audit", "mint", "redeem"];
+const OPS: &[&str] = &["append", "subject", "audit", "mint", "redeem"];
 
 fn unlock() -> Unlock {
     Unlock::key_file(KEY_FILE).expect("a 32-byte hex key")
@@ -115,9 +116,13 @@ async fn one_op(vault: &Vault, op: &str, i: usize) -> bool {
         false
     };
     match op {
-        "append" | "audit" => {
-            let subject = format!("s{}", i % 5);
-            let (item, plaintext) = if op == "append" {
+        "append" | "subject" | "audit" => {
+            let subject = match op {
+                // A new subject each time: its group creates a data key.
+                "subject" => format!("new-{}-{i}", std::process::id()),
+                _ => format!("s{}", i % 5),
+            };
+            let (item, plaintext) = if op != "audit" {
                 let body = format!("{{\"n\":\"{i}\",\"pid\":\"{}\"}}", std::process::id());
                 (
                     Append::record(subject.as_str(), body.clone().into_bytes()),
