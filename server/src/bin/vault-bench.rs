@@ -465,11 +465,12 @@ fn seconds(secs: Option<f64>) -> anyhow::Result<Option<Duration>> {
 }
 
 fn main() -> ExitCode {
-    // The allocator as `vaultd` sets it, so that the server started in this
-    // process, and the embedded engine it is compared with, run as they
-    // would in `vaultd` (`verify` keeps freed memory instead, as
-    // `vault-verify` does).
+    // The allocator and pages as `vaultd` sets them, so that the server
+    // started in this process, and the embedded engine it is compared
+    // with, run as they would in `vaultd` (`verify` keeps freed memory
+    // instead, as `vault-verify` does).
     server::alloc::return_freed_memory();
+    server::alloc::without_huge_pages();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -233,6 +233,7 @@ fn read_policies(path: Option<PathBuf>) -> anyhow::Result<Option<server::shim::P
 
 fn main() -> ExitCode {
     let purge_delay_ms = server::alloc::return_freed_memory();
+    let huge_pages_off = server::alloc::without_huge_pages();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -241,7 +242,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    tracing::debug!(purge_delay_ms, "allocator");
+    tracing::debug!(purge_delay_ms, huge_pages_off, "allocator");
     match server::failpoints::arm_from_env() {
         Ok(0) => {}
         Ok(n) => tracing::warn!("{n} failpoints armed (a test build)"),
