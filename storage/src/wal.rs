@@ -92,7 +92,9 @@ pub const SEGMENT_MAGIC: &[u8; 6] = b"FTVWAL";
 pub const SEGMENT_VERSION: u16 = 2;
 const HEADER_LEN: usize = 8;
 /// The writer keeps between half of this and all of it (to the next 4 KiB)
-/// written as zeros past the end of its records (see the module doc).
+/// written as zeros past the end of its records (see the module doc); a
+/// segment closed at fewer bytes (`Options::wal_segment_bytes`) keeps
+/// that many, at least a page.
 pub const ZEROED_AHEAD: u64 = 1024 * 1024;
 /// A segment is closed (and checkpointed) once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -445,18 +447,21 @@ struct Current {
     len: u64,
     /// Where the zeros after them end (the file's size).
     zeroed: u64,
+    /// How far ahead the zeros go: `ZEROED_AHEAD`, or less for segments
+    /// closed at fewer bytes (never less than a page).
+    ahead: u64,
 }
 
 impl Current {
-    /// Once fewer than `ZEROED_AHEAD / 2` zeroed bytes are left past
-    /// `end`, writes zeros from `zeroed` on up to `ZEROED_AHEAD` past it
-    /// (rounded up to a 4 KiB page).
+    /// Once fewer than `ahead / 2` zeroed bytes are left past `end`,
+    /// writes zeros from `zeroed` on up to `ahead` past it (rounded up to
+    /// a 4 KiB page).
     fn zero_ahead(&mut self, end: u64) -> Result<()> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-        if end + ZEROED_AHEAD / 2 <= self.zeroed {
+        if end + self.ahead / 2 <= self.zeroed {
             return Ok(());
         }
-        let target = (end + ZEROED_AHEAD).next_multiple_of(4096);
+        let target = (end + self.ahead).next_multiple_of(4096);
         while self.zeroed < target {
             let n = (target - self.zeroed).min(ZEROS.len() as u64);
             // `n` is at most the buffer's length.
@@ -518,6 +523,7 @@ impl Wal {
                 file: Arc::new(file),
                 len: HEADER_LEN as u64,
                 zeroed: HEADER_LEN as u64,
+                ahead: ZEROED_AHEAD.min(self.segment_bytes).max(4096),
             };
             c.zero_ahead(c.len)?;
             c.file.sync_data()?;
@@ -668,6 +674,21 @@ mod tests {
         let seg = read_segment(&std::fs::read(path)?)?;
         assert_eq!(seg.groups, written);
         assert!(!seg.torn);
+        Ok(())
+    }
+
+    #[test]
+    fn small_segments_keep_fewer_zeros() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let mut wal = Wal::new(tmp.path(), 2048);
+        let mut g = group();
+        for seq in 0..8u64 {
+            g.first_seq = seq;
+            let rec = encode_record(&g)?;
+            let (file, _) = wal.append(seq, &rec)?;
+            let size = file.metadata()?.len();
+            assert!(size <= 2 * 4096 + 2048, "{size} bytes in a 2 KiB segment");
+        }
         Ok(())
     }
 
