@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::copy_dir;
+use common::{copy_dir, pending_value};
 use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster, SecretKey};
 use storage::state::{data_key_name, data_key_prefix};
 use storage::{
@@ -1461,17 +1461,6 @@ fn acknowledged_rotations_survive_sigkill() {
         assert!(r.signing_keys.len() as u32 >= signing_id);
     }
     assert!(masters > 0 && signing_id > 0 && !subject_versions.is_empty());
-}
-
-/// A pending marker's value: the group's first seq, then each key name
-/// with its u16 length (docs/storage.md, section 2).
-fn pending_value(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
-    let mut v = first_seq.to_be_bytes().to_vec();
-    for n in names {
-        v.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        v.extend_from_slice(n);
-    }
-    v
 }
 
 /// Each group that creates keys names them in a pending marker of its own,

@@ -18,7 +18,7 @@ mod common;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use common::copy_dir;
+use common::{copy_dir, pending_value};
 use ed25519_dalek::VerifyingKey;
 use storage::chunk::{encode_chunk, Chunk, MerkleTree, SignedHead, CHUNK_TARGET_BYTES, HEAD_LEN};
 use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster};
@@ -926,21 +926,14 @@ fn key_store_altered_is_key_mismatch() {
     });
     // A forged crash marker that names a committed key as left over by a
     // group that never reached the log, so that it would be deleted.
+    let forged = || pending_value(LAST + 1, &[data_key_name("alice", 1)]);
     let forged_pending = fx.tampered(|raw| {
-        let name = data_key_name("alice", 1);
-        let mut v = (LAST + 1).to_be_bytes().to_vec();
-        v.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        v.extend_from_slice(&name);
-        raw.keys.insert("pending", v).expect("write keys");
+        raw.keys.insert("pending", forged()).expect("write keys");
     });
     // The same as a group's own marker.
     let forged_group_marker = fx.tampered(|raw| {
-        let name = data_key_name("alice", 1);
-        let mut v = (LAST + 1).to_be_bytes().to_vec();
-        v.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        v.extend_from_slice(&name);
         raw.keys
-            .insert(storage::vault::pending_name(LAST + 1), v)
+            .insert(storage::vault::pending_name(LAST + 1), forged())
             .expect("write keys");
     });
     for dir in [

@@ -16,3 +16,15 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A pending marker's value (docs/storage.md, section 2): the group's
+/// first seq, then each key name with its u16 length.
+#[allow(dead_code)] // not every test binary writes markers
+pub fn pending_value(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
+    let mut v = first_seq.to_be_bytes().to_vec();
+    for n in names {
+        v.extend_from_slice(&(n.len() as u16).to_be_bytes());
+        v.extend_from_slice(n);
+    }
+    v
+}
