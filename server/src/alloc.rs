@@ -26,7 +26,7 @@
 //! the kernel for huge pages (`MADV_HUGEPAGE`), and with freed memory
 //! returned at once each region faulted in again was a 2 MiB page zeroed
 //! whole, stalls that set the tails of every workload (authorizations at
-//! 10,000/s: p99 7.6-9.8 ms with them, 2.5-3.1 ms without;
+//! 10,000/s: p99 7.3-11.4 ms with them, 2.3-2.8 ms without in most runs;
 //! docs/benchmarks.md "Without transparent huge pages").
 
 use std::os::raw::c_long;
