@@ -191,6 +191,14 @@ fn key_name_vectors() {
         DATA_KEY_NAME
     );
     assert_eq!(hex::encode(state::signing_key_name(0)), SIGNING_KEY_NAME);
+    assert_eq!(
+        hex::encode(storage::vault::pending_name(7)),
+        PENDING_MARKER_NAME
+    );
+    let marker = hex::decode(PENDING_MARKER).expect("hex");
+    let (first_seq, names) = storage::vault::decode_pending(&marker).expect("decodes");
+    assert_eq!(first_seq, 7);
+    assert_eq!(names, vec![state::data_key_name("cust-42", 1)]);
 }
 
 /// Layout of a passphrase-sealed master key (the ciphertext is a stand-in:
@@ -321,7 +329,7 @@ fn write_ahead_segment_vector() {
 fn docs_show_the_vectors() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/storage.md");
     let docs = std::fs::read_to_string(path).expect("docs/storage.md is readable");
-    let vectors: [(&str, String); 23] = [
+    let vectors: [(&str, String); 25] = [
         ("RECORD_CT", RECORD_CT.into()),
         ("ENTRY6", ENTRY6.into()),
         ("ENTRY6_HASH", ENTRY6_HASH.into()),
@@ -340,6 +348,8 @@ fn docs_show_the_vectors() {
         ("SIGNING_KEY_AAD", SIGNING_KEY_AAD.into()),
         ("DATA_KEY_NAME", DATA_KEY_NAME.into()),
         ("SIGNING_KEY_NAME", SIGNING_KEY_NAME.into()),
+        ("PENDING_MARKER_NAME", PENDING_MARKER_NAME.into()),
+        ("PENDING_MARKER", PENDING_MARKER.into()),
         ("SEALED_MASTER_PASSPHRASE", SEALED_MASTER_PASSPHRASE.into()),
         ("SEALED_MASTER_KEY_FILE", SEALED_MASTER_KEY_FILE.into()),
         ("WRAPPED_DATA_KEY", WRAPPED_DATA_KEY.into()),
@@ -392,6 +402,11 @@ const ENDORSEMENT: &str =
     "000000011398f62c6d1a457c51ba6a4b5f3dbd2f69fca93216218dc8997e416bd17d93ca00000000000000098de5f68a3fc4becd4201ed770e36dfaf50cecb0015929a992117d2174dc581846197a190f31840732a2aa27009ce936fc733f32c62b57db967cbb74dfd63af0c";
 /// "signing/" u32 0.
 const SIGNING_KEY_NAME: &str = "7369676e696e672f00000000";
+/// "pending/" u64 7: the pending marker of the group at seq 7.
+const PENDING_MARKER_NAME: &str = "70656e64696e672f0000000000000007";
+/// Its value when the group creates the data key of (`cust-42`, 1): u64
+/// 7, then u16 15 and the key's name.
+const PENDING_MARKER: &str = "0000000000000007000f646b2f637573742d34320000000001";
 /// nonce 0x0b × 12 || AES-256-GCM-SIV(0x04 × 32, nonce, 0x01 × 32, DATA_KEY_AAD).
 const WRAPPED_DATA_KEY: &str = "0b0b0b0b0b0b0b0b0b0b0b0b4fd9237190c24274a5af56aacf007660d2e794d21938324f9b0fc64076866e60cc636216d25ae440e850c62ba5892cb8";
 
