@@ -58,10 +58,13 @@
 //! records in file order. sled recovers a prefix of its own writes, and
 //! receives a group's batches in the record's order, after every earlier
 //! record's; so a group whose log chunk sled holds is wholly in sled up to
-//! its log batch (what follows that batch in a group, the last steps of a
-//! shred or a rotation, is finished by the open's own recovery, as
-//! before), and it is skipped. Every other group's batches are applied
-//! again. Then sled is made durable and the segments are deleted.
+//! its log batch, and it is skipped. What follows that batch in a group
+//! (the last steps of a shred or a rotation) may be missing only for the
+//! last group sled holds: those batches are applied again before the
+//! first group sled lacks (or at the end), in the writer's order, so that
+//! a later group's deletions are not undone by an earlier rotation's swap
+//! finished afterwards. Every other group's batches are applied again.
+//! Then sled is made durable and the segments are deleted.
 //!
 //! A record cut short or failing its CRC at the end of the **last** segment
 //! is the write of a group that was never acknowledged (the crash came
@@ -379,6 +382,9 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
     if paths.is_empty() {
         return Ok(done);
     }
+    // The last group sled holds: its batches after its log batch may be
+    // missing, and must be in place before any later group's.
+    let mut held: Option<GroupWrite> = None;
     for (i, path) in paths.iter().enumerate() {
         let bytes = std::fs::read(path)?;
         let seg = read_segment(&bytes)?;
@@ -393,13 +399,20 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
         for g in seg.groups {
             if store.log.contains_key(g.first_seq.to_be_bytes())? {
                 done.skipped += 1;
+                held = Some(g);
                 continue;
+            }
+            if let Some(h) = held.take() {
+                finish_held(store, h)?;
             }
             for b in g.batches {
                 b.apply(store)?;
             }
             done.applied += 1;
         }
+    }
+    if let Some(h) = held.take() {
+        finish_held(store, h)?;
     }
     store.sync()?;
     for path in &paths {
@@ -415,6 +428,25 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
         );
     }
     Ok(done)
+}
+
+/// Applies again the batches that come after a held group's log batch
+/// (the last steps of a shred or a rotation). sled recovers a prefix of
+/// its writes, so only the last group it holds can lack them; applying
+/// them again where sled has them changes nothing. They go before any
+/// later group's batches, as the writer applied them: a later signing
+/// rotation deletes a key that a master rotation's swap would otherwise
+/// bring back afterwards from its staged copy.
+fn finish_held(store: &Store, g: GroupWrite) -> Result<()> {
+    let after_log = g
+        .batches
+        .into_iter()
+        .skip_while(|b| b.tree != TreeId::Log)
+        .skip(1);
+    for b in after_log {
+        b.apply(store)?;
+    }
+    Ok(())
 }
 
 /// Deletes every segment: after a clean shutdown, once sled is durable.
@@ -689,6 +721,63 @@ mod tests {
             let size = file.metadata()?.len();
             assert!(size <= 2 * 4096 + 2048, "{size} bytes in a 2 KiB segment");
         }
+        Ok(())
+    }
+
+    /// A group with a log batch at `seq` and, after it, a keys batch
+    /// that sets each of `after`.
+    fn group_at(seq: u64, after: &[(&str, &str)]) -> GroupWrite {
+        let mut log = Batch::new(TreeId::Log);
+        log.insert(seq.to_be_bytes().to_vec(), b"chunk".to_vec());
+        let mut keys = Batch::new(TreeId::Keys);
+        for (k, v) in after {
+            keys.insert(k.as_bytes(), v.as_bytes());
+        }
+        GroupWrite {
+            first_seq: seq,
+            batches: vec![log, keys],
+        }
+    }
+
+    fn key(store: &Store, k: &str) -> Result<Option<Vec<u8>>> {
+        Ok(store.keys.get(k)?.map(|v| v.to_vec()))
+    }
+
+    #[test]
+    fn the_last_held_group_s_last_steps_go_before_the_groups_sled_lacks() -> Result<()> {
+        // Held: sled has group 1's log batch but not the batch after it
+        // (its crash came in between). Group 2 then sets the same key.
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("v");
+        let store = Store::create(&dir, 8 << 20)?;
+        let g0 = group_at(0, &[("a", "0")]);
+        let g1 = group_at(1, &[("k", "from 1"), ("x", "1")]);
+        let g2 = group_at(2, &[("k", "from 2")]);
+        for b in g0.batches.iter().cloned() {
+            b.apply(&store)?;
+        }
+        g1.batches[0].clone().apply(&store)?;
+        let mut wal = Wal::new(&dir, SEGMENT_BYTES);
+        for g in [&g0, &g1, &g2] {
+            wal.append(g.first_seq, &encode_record(g)?)?;
+        }
+        let done = replay(&store)?;
+        assert_eq!((done.skipped, done.applied), (2, 1));
+        assert_eq!(key(&store, "x")?.as_deref(), Some(&b"1"[..]));
+        assert_eq!(key(&store, "k")?.as_deref(), Some(&b"from 2"[..]));
+        assert!(store.log.contains_key(2u64.to_be_bytes())?);
+
+        // The last group of the segments held, its last step not: it is
+        // finished at the end.
+        let dir = tmp.path().join("w");
+        let store = Store::create(&dir, 8 << 20)?;
+        let g0 = group_at(0, &[("y", "0")]);
+        g0.batches[0].clone().apply(&store)?;
+        let mut wal = Wal::new(&dir, SEGMENT_BYTES);
+        wal.append(0, &encode_record(&g0)?)?;
+        let done = replay(&store)?;
+        assert_eq!((done.skipped, done.applied), (1, 0));
+        assert_eq!(key(&store, "y")?.as_deref(), Some(&b"0"[..]));
         Ok(())
     }
 
