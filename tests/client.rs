@@ -700,6 +700,41 @@ async fn policies_consents_and_credentials_through_the_gateway_requests() {
     assert_eq!(got.kind, 3);
     assert_eq!(gw.consent("cust-2", PARTNER).await.expect("consent"), None);
 
+    // Context: the same three answers in one request.
+    let ctx = gw
+        .context(hash, "cust-1")
+        .await
+        .expect("context")
+        .expect("known key");
+    assert_eq!(ctx.identity, who);
+    assert_eq!(ctx.policy, gw.policy(PARTNER).await.expect("policy"));
+    assert_eq!(
+        ctx.consent,
+        gw.consent("cust-1", PARTNER).await.expect("consent")
+    );
+    let ctx = gw
+        .context(hash, "cust-2")
+        .await
+        .expect("context")
+        .expect("known key");
+    assert_eq!((ctx.policy.is_some(), ctx.consent), (true, None));
+    assert_eq!(gw.context([7; 32], "cust-1").await.expect("context"), None);
+    // A key that is not a partner's: its identity, and nothing else.
+    let writer_hash = *blake3::hash(s.writer.as_bytes()).as_bytes();
+    let ctx = gw
+        .context(writer_hash, "cust-1")
+        .await
+        .expect("context")
+        .expect("known key");
+    assert_eq!(
+        (ctx.identity.role.as_str(), ctx.policy, ctx.consent),
+        ("writer", None, None)
+    );
+    assert_eq!(
+        code(gw.context(hash, "has space").await),
+        ErrorCode::Invalid
+    );
+
     // Roles: writers may not set policies, gateways may not create keys,
     // nobody appends token or credential entries as events.
     let refused = [
@@ -708,6 +743,7 @@ async fn policies_consents_and_credentials_through_the_gateway_requests() {
         code(gw.event(9, "", b"{}".to_vec()).await),
         code(admin.event(6, "", b"{}".to_vec()).await),
         code(w.whois(hash).await),
+        code(w.context(hash, "cust-1").await),
     ];
     assert!(
         refused.iter().all(|c| *c == ErrorCode::Forbidden),

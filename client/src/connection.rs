@@ -149,6 +149,18 @@ pub struct StateValue {
     pub value: Vec<u8>,
 }
 
+/// What a gateway needs to decide an authorization, from one `Context`
+/// request: who holds the key and, for a partner, its policy and the
+/// subject's consent for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeContext {
+    pub identity: Identity,
+    /// The partner's current policy (`None`: none set, or not a partner).
+    pub policy: Option<StateValue>,
+    /// The subject's latest consent event for the partner.
+    pub consent: Option<StateValue>,
+}
+
 /// The one masked segment a token reveals. `Debug` shows field names only:
 /// the values are personal data.
 #[derive(Clone, PartialEq, Eq)]
@@ -544,6 +556,37 @@ impl Client {
         match self.call(Message::Whois { key_hash }).await? {
             Message::Identity { id, role, name } => Ok(Some(Identity { id, role, name })),
             other => not_found_or(other, "Identity"),
+        }
+    }
+
+    /// [`Client::whois`] of `key_hash` and, when it names a partner, that
+    /// partner's [`Client::policy`] and [`Client::consent`] of `subject`,
+    /// in one round trip; `None` for an unknown key. Gateway and admin
+    /// roles.
+    pub async fn context(
+        &self,
+        key_hash: [u8; 32],
+        subject: impl Into<String>,
+    ) -> Result<Option<AuthorizeContext>> {
+        let m = Message::Context {
+            key_hash,
+            subject: subject.into(),
+        };
+        let state = |s: Option<(u8, Vec<u8>)>| s.map(|(kind, value)| StateValue { kind, value });
+        match self.call(m).await? {
+            Message::ContextInfo(c) => {
+                let c = *c;
+                Ok(Some(AuthorizeContext {
+                    identity: Identity {
+                        id: c.id,
+                        role: c.role,
+                        name: c.name,
+                    },
+                    policy: state(c.policy),
+                    consent: state(c.consent),
+                }))
+            }
+            other => not_found_or(other, "ContextInfo"),
         }
     }
 

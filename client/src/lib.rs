@@ -64,8 +64,8 @@ pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
 pub use connection::{
-    Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed, ReindexReport, Rotated,
-    SigningRotated, StateValue,
+    AuthorizeContext, Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed,
+    ReindexReport, Rotated, SigningRotated, StateValue,
 };
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};

@@ -82,6 +82,7 @@ pub enum MessageType {
     RotateMasterKey = 0x16,
     ListCredentials = 0x17,
     Reindex = 0x18,
+    Context = 0x19,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -101,12 +102,13 @@ pub enum MessageType {
     KeyChainInfo = 0x91,
     CredentialList = 0x92,
     ReindexReport = 0x93,
+    ContextInfo = 0x94,
     Error = 0xFF,
 }
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 44] = [
+    pub const ALL: [MessageType; 46] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -131,6 +133,7 @@ impl MessageType {
         MessageType::RotateMasterKey,
         MessageType::ListCredentials,
         MessageType::Reindex,
+        MessageType::Context,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -150,6 +153,7 @@ impl MessageType {
         MessageType::KeyChainInfo,
         MessageType::CredentialList,
         MessageType::ReindexReport,
+        MessageType::ContextInfo,
         MessageType::Error,
     ];
 
@@ -190,6 +194,7 @@ impl MessageType {
             MessageType::RotateMasterKey => "rotate_master_key",
             MessageType::ListCredentials => "list_credentials",
             MessageType::Reindex => "reindex",
+            MessageType::Context => "context",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -209,6 +214,7 @@ impl MessageType {
             MessageType::KeyChainInfo => "key_chain_info",
             MessageType::CredentialList => "credential_list",
             MessageType::ReindexReport => "reindex_report",
+            MessageType::ContextInfo => "context_info",
             MessageType::Error => "error",
         }
     }
@@ -616,9 +622,9 @@ pub(crate) mod tests {
             known,
             [
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
-                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x81, 0x82, 0x83, 0x84,
-                0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90, 0x91, 0x92,
-                0x93, 0xff
+                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x81, 0x82, 0x83,
+                0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90, 0x91,
+                0x92, 0x93, 0x94, 0xff
             ]
         );
         let unknown = (0..=255u8)

@@ -56,8 +56,8 @@ pub use error::{Error, Result};
 pub use frame::{Frame, MessageType, FLAG_LAST, HEADER_LEN, MAX_FRAME_LEN};
 pub use mask::MaskOp;
 pub use message::{
-    encode_frame, CredentialInfo, ErrorCode, KeyLife, Message, Record, SecretKind, SubjectKey,
-    MAX_REINDEX_SAMPLE,
+    encode_frame, ContextReply, CredentialInfo, ErrorCode, KeyLife, Message, Record, SecretKind,
+    SubjectKey, MAX_REINDEX_SAMPLE,
 };
 
 /// The TCP port the vault listens on.

@@ -70,6 +70,8 @@
 //!                  "" from the start)
 //!                  0004 69642d31 0064                                ("id-1", 100)
 //! 0x18 Reindex     empty
+//! 0x19 Context     [u8; 32] key_hash, str subject
+//!                  cdcd..cd (32 bytes) 0007 637573742d3432
 //! 0x81 HelloOk     str role, str server
 //!                  0007 73657276696365 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
@@ -133,6 +135,11 @@
 //!                  list<str> sample (at most 20 descriptions)
 //!                  0000000000000009 0000000000000007 0000000000000001
 //!                  0001 0012 6d697373696e67206b65792022732f633122
+//! 0x94 ContextInfo str id, str role, str name, state policy, state consent
+//!                  state = u8 kind (0: none, and nothing follows),
+//!                  then blob value (JSON) when kind is not 0
+//!                  0004 69642d31 0007 706172746e6572 0002 7031
+//!                  05 00000002 7b7d 00                     (a policy, no consent)
 //! 0xFF Error       u16 code (see ErrorCode), str message
 //!                  0008 0005 7370656e74                             (token_spent, "spent")
 //! ```
@@ -392,6 +399,14 @@ pub enum Message {
     /// Rebuild derived state from the log and compare it with the stored
     /// state, changing nothing; answered by `ReindexReport`.
     Reindex,
+    /// What a gateway needs to decide an authorization, in one round trip:
+    /// `Whois` of the key hash and, when it names a partner, that
+    /// partner's `GetPolicy` and the subject's `GetConsent` for it;
+    /// answered by `ContextInfo`.
+    Context {
+        key_hash: [u8; 32],
+        subject: String,
+    },
 
     // Responses.
     /// Authentication succeeded; `role` names what this key may do.
@@ -502,6 +517,8 @@ pub enum Message {
         differences: u64,
         sample: Vec<String>,
     },
+    /// The answer to `Context` (boxed: the largest message).
+    ContextInfo(Box<ContextReply>),
     /// Any request can be answered by an error.
     Error {
         code: ErrorCode,
@@ -576,6 +593,34 @@ pub struct SubjectKey {
     pub life: KeyLife,
 }
 
+/// The answer to `Context`: the credential, then the partner's policy and
+/// the subject's consent for it as `StateValue` would carry them (entry
+/// kind, JSON), `None` where there is none (and for a credential that is
+/// not a partner's). `Debug` shows the values' first bytes only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ContextReply {
+    pub id: String,
+    pub role: String,
+    pub name: String,
+    pub policy: Option<(u8, Vec<u8>)>,
+    pub consent: Option<(u8, Vec<u8>)>,
+}
+
+impl fmt::Debug for ContextReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn state(s: &Option<(u8, Vec<u8>)>) -> Option<(u8, Opaque<'_>)> {
+            s.as_ref().map(|(k, v)| (*k, Opaque(v)))
+        }
+        f.debug_struct("ContextReply")
+            .field("id", &self.id)
+            .field("role", &self.role)
+            .field("name", &self.name)
+            .field("policy", &state(&self.policy))
+            .field("consent", &state(&self.consent))
+            .finish()
+    }
+}
+
 /// One credential in a `CredentialList`: what the log says of it, never
 /// its key hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -638,6 +683,8 @@ impl Message {
             Message::KeyChainInfo { .. } => MessageType::KeyChainInfo,
             Message::ListCredentials { .. } => MessageType::ListCredentials,
             Message::Reindex => MessageType::Reindex,
+            Message::Context { .. } => MessageType::Context,
+            Message::ContextInfo(_) => MessageType::ContextInfo,
             Message::CredentialList { .. } => MessageType::CredentialList,
             Message::ReindexReport { .. } => MessageType::ReindexReport,
             Message::Rotated { .. } => MessageType::Rotated,
@@ -871,6 +918,17 @@ impl Message {
                 w.u64(*differences);
                 w.list(sample, |w, d| w.string(d))?;
             }
+            Message::Context { key_hash, subject } => {
+                w.raw(key_hash);
+                w.string(subject)?;
+            }
+            Message::ContextInfo(c) => {
+                w.string(&c.id)?;
+                w.string(&c.role)?;
+                w.string(&c.name)?;
+                write_state(&mut w, c.policy.as_ref())?;
+                write_state(&mut w, c.consent.as_ref())?;
+            }
             Message::Error { code, message } => {
                 w.u16(*code as u16);
                 w.string(message)?;
@@ -999,6 +1057,17 @@ impl Message {
                 max: r.u16()?,
             },
             MessageType::Reindex => Message::Reindex,
+            MessageType::Context => Message::Context {
+                key_hash: r.array()?,
+                subject: r.string()?,
+            },
+            MessageType::ContextInfo => Message::ContextInfo(Box::new(ContextReply {
+                id: r.string()?,
+                role: r.string()?,
+                name: r.string()?,
+                policy: read_state(r)?,
+                consent: read_state(r)?,
+            })),
             MessageType::CredentialList => Message::CredentialList {
                 credentials: r.list(MIN_CREDENTIAL_LEN, |r| {
                     Ok(CredentialInfo {
@@ -1123,6 +1192,26 @@ fn read_bool(r: &mut Reader<'_>) -> Result<bool> {
         0 => Ok(false),
         1 => Ok(true),
         _ => Err(Error::Malformed("flag is not 0 or 1")),
+    }
+}
+
+/// An optional state value: kind 0 is none (no entry has kind 0).
+fn write_state(w: &mut Writer, state: Option<&(u8, Vec<u8>)>) -> Result<()> {
+    match state {
+        None => w.u8(0),
+        Some((0, _)) => return Err(Error::Malformed("a state value of kind 0")),
+        Some((kind, value)) => {
+            w.u8(*kind);
+            w.blob(value)?;
+        }
+    }
+    Ok(())
+}
+
+fn read_state(r: &mut Reader<'_>) -> Result<Option<(u8, Vec<u8>)>> {
+    match r.u8()? {
+        0 => Ok(None),
+        kind => Ok(Some((kind, r.blob()?))),
     }
 }
 
@@ -1375,6 +1464,11 @@ impl fmt::Debug for Message {
                 .field("max", max)
                 .finish(),
             Message::Reindex => f.write_str("Reindex"),
+            Message::Context { .. } => f
+                .debug_struct("Context")
+                .field("key_hash", &Hidden)
+                .finish_non_exhaustive(),
+            Message::ContextInfo(c) => f.debug_tuple("ContextInfo").field(c).finish(),
             Message::CredentialList { credentials, more } => f
                 .debug_struct("CredentialList")
                 .field("credentials", &credentials.len())
@@ -1581,6 +1675,15 @@ pub(crate) mod tests {
                 "",
             ),
             g(
+                Message::Context {
+                    key_hash: [0xcd; 32],
+                    subject: s("cust-42"),
+                },
+                0,
+                "465601190000000000010000002919d1b88b",
+                "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd0007637573742d3432",
+            ),
+            g(
                 Message::HelloOk {
                     role: s("service"),
                     server: s("vaultd/0.1"),
@@ -1777,6 +1880,18 @@ pub(crate) mod tests {
                 0,
                 "465601930000000000010000002e55444091",
                 "000000000000000900000000000000070000000000000001000100126d697373696e67206b65792022732f633122",
+            ),
+            g(
+                Message::ContextInfo(Box::new(ContextReply {
+                    id: s("id-1"),
+                    role: s("partner"),
+                    name: s("p1"),
+                    policy: Some((5, b"{}".to_vec())),
+                    consent: None,
+                })),
+                0,
+                "465601940000000000010000001bb949b9e8",
+                "000469642d310007706172746e65720002703105000000027b7d00",
             ),
             g(
                 Message::Error {
@@ -2037,6 +2152,30 @@ pub(crate) mod tests {
             Err(Error::BadFlags)
         ));
         assert!(matches!(Message::Ping.to_frame(1, 2), Err(Error::BadFlags)));
+        // A state value of kind 0 would read back as none.
+        let kind_0 = Message::ContextInfo(Box::new(ContextReply {
+            id: s("id-1"),
+            role: s("partner"),
+            name: s("p1"),
+            policy: None,
+            consent: Some((0, b"{}".to_vec())),
+        }));
+        assert!(matches!(kind_0.encode_payload(), Err(Error::Malformed(_))));
+    }
+
+    #[test]
+    fn a_context_state_of_kind_0_carries_no_value() {
+        // id, role, name, then policy none followed by a value: the value
+        // is read as the consent's kind and length, and the rest is left.
+        let mut bytes = hex::decode("000469642d310007706172746e657200027031").expect("hex");
+        bytes.extend_from_slice(&[0, 0, 0, 0, 0, 2, 0x7b, 0x7d]);
+        assert!(Message::decode(MessageType::ContextInfo, &bytes).is_err());
+        let mut ok = hex::decode("000469642d310007706172746e657200027031").expect("hex");
+        ok.extend_from_slice(&[0, 4, 0, 0, 0, 2, 0x7b, 0x7d]);
+        let Ok(Message::ContextInfo(c)) = Message::decode(MessageType::ContextInfo, &ok) else {
+            panic!("a context with a consent and no policy does not decode");
+        };
+        assert_eq!((c.policy, c.consent), (None, Some((4, b"{}".to_vec()))));
     }
 
     #[test]

@@ -212,7 +212,9 @@ impl Role {
                 // Tokens, credentials and keys have their own requests.
                 _ => false,
             },
-            Message::Whois { .. } => matches!(self, Role::Gateway | Role::Admin),
+            Message::Whois { .. } | Message::Context { .. } => {
+                matches!(self, Role::Gateway | Role::Admin)
+            }
             Message::GetPolicy { .. } => {
                 matches!(self, Role::Gateway | Role::Admin | Role::Auditor)
             }
@@ -960,6 +962,7 @@ async fn handle(
             Ok(None) => error(ErrorCode::NotFound, "no such credential"),
             Err(e) => storage_error(&e),
         },
+        Message::Context { key_hash, subject } => context(vault, key_hash, &subject),
         Message::GetPolicy { partner_id } => match vault.policy(&partner_id) {
             Ok(Some(value)) => Message::StateValue {
                 kind: storage::Kind::PolicyChanged as u8,
@@ -1178,6 +1181,37 @@ async fn reindex(vault: Arc<Vault>) -> Message {
         Ok(Err(e)) => storage_error(&e),
         Err(_) => error(ErrorCode::Internal, "the comparison failed"),
     }
+}
+
+/// `Context`: the `Whois` of a key hash and, for a partner's credential,
+/// its `GetPolicy` and the subject's `GetConsent` for it, in one answer.
+fn context(vault: &Vault, key_hash: [u8; 32], subject: &str) -> Message {
+    if let Err(e) = storage::vault::validate_subject(subject, true) {
+        return error(ErrorCode::Invalid, &format!("subject: {e}"));
+    }
+    let c = match vault.credential_by_key_hash(&hex::encode(key_hash)) {
+        Ok(Some(c)) => c,
+        Ok(None) => return error(ErrorCode::NotFound, "no such credential"),
+        Err(e) => return storage_error(&e),
+    };
+    let (mut policy, mut consent) = (None, None);
+    if Role::parse(&c.role) == Some(Role::Partner) {
+        policy = match vault.policy(&c.name) {
+            Ok(v) => v.map(|v| (storage::Kind::PolicyChanged as u8, v)),
+            Err(e) => return storage_error(&e),
+        };
+        consent = match vault.consent(subject, &c.name) {
+            Ok(v) => v.map(|(kind, v)| (kind as u8, v)),
+            Err(e) => return storage_error(&e),
+        };
+    }
+    Message::ContextInfo(Box::new(protocol::ContextReply {
+        id: c.id,
+        role: c.role,
+        name: c.name,
+        policy,
+        consent,
+    }))
 }
 
 /// Appends an audit or admin event. The payload must be a JSON object;

@@ -98,7 +98,7 @@ pub struct AuthorizeReport {
     pub audit_entries: u64,
     /// Where an authorization's time goes, from the process's metrics over
     /// the authorize phase: mean µs of each shim → vault request by
-    /// operation (`whois`, `policy`, `consent`, `mint`), and
+    /// operation (`context`, `mint`), and
     /// `server:mint`, the protocol server's own time for a mint (request
     /// to durable receipt).
     pub vault_mean_us: BTreeMap<String, f64>,

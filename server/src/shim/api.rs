@@ -287,10 +287,14 @@ pub async fn authorize(
         return Err(ApiError::bad_request("at most 256 fields"));
     }
     let hash = *blake3::hash(key.as_bytes()).as_bytes();
-    let who = shim
-        .gw("whois", |c| async move { c.whois(hash).await })
+    // Who holds the key, its policy and the subject's consent for it: one
+    // round trip (`Context`), read afresh for every request.
+    let subject = req.subject_id.clone();
+    let ctx = shim
+        .gw("context", |c| async move { c.context(hash, subject).await })
         .await?
         .ok_or_else(ApiError::unauthenticated)?;
+    let who = ctx.identity;
     if who.role != "partner" {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -300,7 +304,8 @@ pub async fn authorize(
     }
     let partner = who.name;
     let now = now_ms();
-    match decide(&shim, &partner, &req, now, peer.ip()).await? {
+    let stored = (ctx.policy, ctx.consent);
+    match decide(&shim, &partner, &req, stored, now, peer.ip())? {
         Ok((policy, fields)) => {
             let ttl = policy
                 .max_token_ttl_secs
@@ -372,30 +377,22 @@ pub async fn authorize(
     }
 }
 
-/// The policy checks, in the documented order. `Ok(Err(_))` is a denial;
-/// `Err(_)` is a failure to decide (the vault unreachable).
-async fn decide(
+/// A grant: the partner's policy and the masking of each field.
+type Grant = (Policy, Vec<(String, client::MaskOp)>);
+
+/// The policy checks, in the documented order, on the partner's stored
+/// policy and the subject's stored consent (as `Context` read them).
+/// `Ok(Err(_))` is a denial; `Err(_)` is a failure to decide (a stored
+/// value that does not parse).
+fn decide(
     shim: &Shim,
     partner: &str,
     req: &AuthorizeRequest,
+    (stored, consent): (Option<client::StateValue>, Option<client::StateValue>),
     now: u64,
     source: IpAddr,
-) -> Result<Result<(Policy, Vec<(String, client::MaskOp)>), Denial>, ApiError> {
-    // The policy and the consent are independent reads: both requests go
-    // out together, pipelined on the gateway connection, and the checks
-    // below still run in the documented order (a missing policy is
-    // reported before anything about consent). One round trip instead of
-    // two; nothing is cached.
-    let (p, s, p2) = (
-        partner.to_string(),
-        req.subject_id.clone(),
-        partner.to_string(),
-    );
-    let (stored, consent) = tokio::join!(
-        shim.gw("policy", |c| async move { c.policy(p).await }),
-        shim.gw("consent", |c| async move { c.consent(s, p2).await }),
-    );
-    let Some(stored) = stored? else {
+) -> Result<Result<Grant, Denial>, ApiError> {
+    let Some(stored) = stored else {
         return Ok(Err(Denial::PartnerInactive));
     };
     let policy = parse_stored_policy(&stored.value)?;
@@ -403,7 +400,7 @@ async fn decide(
         Ok(f) => f,
         Err(d) => return Ok(Err(d)),
     };
-    let consent = match consent? {
+    let consent = match consent {
         None => None,
         Some(v) => Some((
             v.kind,

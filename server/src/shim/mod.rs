@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! partner ──HTTP──> shim ──(gateway key, one pipelined connection)──> vault :9999
-//!                     │   whois key → policy → fields → consent → hours/IP → rate
+//!                     │   Context (whois key, policy, consent: one request)
+//!                     │   → policy → fields → consent → hours/IP → rate
 //!                     │   granted: Mint (token_minted is durable first)
 //!                     │   denied:  Event access_denied (durable first), then 403
 //! admin/writer/auditor ──HTTP──> shim ──(the caller's own key)──> vault
