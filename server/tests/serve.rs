@@ -279,6 +279,16 @@ async fn roles_are_enforced_per_message() {
         code(&request(&mut partner, 3, &Message::Head).await),
         Some(ErrorCode::Forbidden)
     );
+    // Only the gateway (and admins) learn who holds a key, and a
+    // partner's policy and consents.
+    let context = Message::Context {
+        key_hash: *blake3::hash(s.partner.as_bytes()).as_bytes(),
+        subject: "x".into(),
+    };
+    assert_eq!(
+        code(&request(&mut partner, 3, &context).await),
+        Some(ErrorCode::Forbidden)
+    );
     // The connection stays usable after a refusal.
     assert_eq!(
         request(&mut partner, 4, &Message::Ping).await,
@@ -297,6 +307,10 @@ async fn roles_are_enforced_per_message() {
             )
             .await
         ),
+        Some(ErrorCode::Forbidden)
+    );
+    assert_eq!(
+        code(&request(&mut writer, 3, &context).await),
         Some(ErrorCode::Forbidden)
     );
 }
