@@ -345,6 +345,19 @@ impl Client {
         Connector::new(config)?.connect().await
     }
 
+    /// Authenticates on a byte stream the caller established (an
+    /// in-process pipe to a server in the same process, say), within
+    /// `config.timeout`; `config.addr` and `config.tls` are not used.
+    pub async fn over<R, W>(reader: R, writer: W, config: &ClientConfig) -> Result<Client>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        tokio::time::timeout(config.timeout, Client::hello(reader, writer, config))
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
     /// Authenticates on an established byte stream and starts the reader
     /// and writer tasks.
     pub(crate) async fn hello<R, W>(

@@ -759,3 +759,72 @@ async fn connections_that_never_authenticate_cannot_keep_a_client_out() {
         assert_eq!(tcp.read_to_end(&mut buf).await.expect("closed"), 0);
     }
 }
+
+#[tokio::test]
+async fn in_process_pipes_are_served_as_sockets_are() {
+    let s = start(ServeConfig::default()).await;
+    let local = server::serve::Local::new(s.vault.clone().into(), ServeConfig::default());
+    let hello = |key: &str| {
+        Message::Hello {
+            api_key: key.into(),
+            client: "test".into(),
+        }
+        .to_frame(1, 0)
+        .expect("frame")
+    };
+    let next = |m: Option<Result<protocol::Frame, protocol::Error>>| {
+        let f = m.expect("a reply").expect("a frame");
+        Message::from_frame(&f).expect("decodes")
+    };
+
+    // A wrong key: refused, as over a socket.
+    let mut conn = Framed::new(local.dial(), FrameCodec::new());
+    conn.send(hello("fvk_wrong")).await.expect("send");
+    assert_eq!(
+        code(&next(conn.next().await)),
+        Some(ErrorCode::Unauthenticated)
+    );
+
+    // The gateway's key: its role, and its requests.
+    let mut conn = Framed::new(local.dial(), FrameCodec::new());
+    conn.send(hello(&s.gateway)).await.expect("send");
+    assert!(matches!(next(conn.next().await), Message::HelloOk { role, .. } if role == "gateway"));
+    let context = Message::Context {
+        key_hash: *blake3::hash(s.partner.as_bytes()).as_bytes(),
+        subject: "cust-1".into(),
+    };
+    conn.send(context.to_frame(2, 0).expect("frame"))
+        .await
+        .expect("send");
+    let Message::ContextInfo(c) = next(conn.next().await) else {
+        panic!("no context");
+    };
+    assert_eq!(
+        (c.role.as_str(), c.name.as_str()),
+        ("partner", "demo-lender")
+    );
+
+    // A partner's key: the same roles as over a socket.
+    let mut conn = Framed::new(local.dial(), FrameCodec::new());
+    conn.send(hello(&s.partner)).await.expect("send");
+    assert!(matches!(next(conn.next().await), Message::HelloOk { .. }));
+    conn.send(context.to_frame(2, 0).expect("frame"))
+        .await
+        .expect("send");
+    assert_eq!(code(&next(conn.next().await)), Some(ErrorCode::Forbidden));
+
+    // Garbage: a typed error, then the pipe is closed.
+    let mut raw = local.dial();
+    raw.write_all(b"GARBAGE GARBAGE GARBAGE")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    raw.read_to_end(&mut got).await.expect("read to the close");
+    let (frame, _) = protocol::frame::decode(&got)
+        .expect("a frame")
+        .expect("whole");
+    assert_eq!(
+        code(&Message::from_frame(&frame).expect("decodes")),
+        Some(ErrorCode::Malformed)
+    );
+}

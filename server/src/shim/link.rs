@@ -12,10 +12,15 @@ use std::sync::Arc;
 use client::{Client, ClientConfig, ClientError, Zeroizing};
 use tokio::sync::Mutex;
 
+use crate::serve::Local;
+
 /// Connections to one vault.
 #[derive(Debug)]
 pub struct VaultLink {
     gateway: ClientConfig,
+    /// The vault of this process, reached over in-process pipes instead
+    /// of `gateway.addr`.
+    local: Option<Local>,
     current: Mutex<Option<Arc<Client>>>,
 }
 
@@ -24,7 +29,29 @@ impl VaultLink {
     pub fn new(gateway: ClientConfig) -> Self {
         VaultLink {
             gateway,
+            local: None,
             current: Mutex::new(None),
+        }
+    }
+
+    /// A link to the vault this process serves: every connection is an
+    /// in-process pipe to `local` (authenticated and served as a network
+    /// connection is); `gateway`'s address and TLS are not used.
+    pub fn in_process(local: Local, gateway: ClientConfig) -> Self {
+        VaultLink {
+            gateway,
+            local: Some(local),
+            current: Mutex::new(None),
+        }
+    }
+
+    async fn connect(&self, config: &ClientConfig) -> Result<Client, ClientError> {
+        match &self.local {
+            Some(local) => {
+                let (r, w) = tokio::io::split(local.dial());
+                Client::over(r, w, config).await
+            }
+            None => Client::connect(config.clone()).await,
         }
     }
 
@@ -36,7 +63,7 @@ impl VaultLink {
                 return Ok(c.clone());
             }
         }
-        let c = Arc::new(Client::connect(self.gateway.clone()).await?);
+        let c = Arc::new(self.connect(&self.gateway).await?);
         if c.role() != "gateway" && c.role() != "admin" {
             return Err(ClientError::Config(format!(
                 "the shim's vault key has role {}, not gateway",
@@ -63,7 +90,7 @@ impl VaultLink {
             client_name: "fintrust-shim (on behalf of a caller)".into(),
             ..self.gateway.clone()
         };
-        Client::connect(config).await
+        self.connect(&config).await
     }
 }
 
