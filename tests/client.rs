@@ -247,6 +247,57 @@ async fn a_minted_token_is_redeemed_once_by_its_partner() {
 }
 
 #[tokio::test]
+async fn a_token_is_redeemed_on_a_connection_of_its_own_in_one_round_trip() {
+    let s = start(ServeConfig::default(), None).await;
+    let writer = s.connect(&s.writer).await;
+    let appended = writer
+        .append("cust-8", fields(&[("name", "Grace Hopper")]))
+        .await
+        .expect("append");
+    let admin = s.connect(&s.admin).await;
+    let rules = vec![("name".to_string(), MaskOp::Reveal)];
+    let mut tokens = Vec::new();
+    for _ in 0..2 {
+        let (token, _) = admin
+            .mint(PARTNER, "cust-8", "kyc", rules.clone(), 60)
+            .await
+            .expect("mint");
+        tokens.push(token);
+    }
+    let connector = |key: &str| client::Connector::new(s.plain(key)).expect("connector");
+
+    // A wrong key, or a key that may not redeem: refused, token unspent.
+    let wrong = connector("fvk_not_a_key").redeem(&tokens[0]).await;
+    assert_eq!(code(wrong), ErrorCode::Unauthenticated);
+    let writer_try = connector(&s.writer).redeem(&tokens[0]).await;
+    assert_eq!(code(writer_try), ErrorCode::Forbidden);
+
+    // The partner: the data, once.
+    let partner = connector(&s.partner);
+    let r = partner.redeem(&tokens[0]).await.expect("redeem");
+    assert!(!r.tls_resumed);
+    assert_eq!(
+        (r.data.subject.as_str(), r.data.seq),
+        ("cust-8", appended.seq)
+    );
+    assert_eq!(
+        r.data.fields,
+        vec![("name".to_string(), "Grace Hopper".to_string())]
+    );
+    assert_eq!(
+        code(partner.redeem(&tokens[0]).await),
+        ErrorCode::TokenSpent
+    );
+    assert_eq!(
+        code(partner.redeem("not-a-token").await),
+        ErrorCode::TokenUnknown
+    );
+    // The same as through a client connection.
+    let other = s.connect(&s.partner).await.redeem(&tokens[1]).await;
+    assert_eq!(other.expect("redeem").fields, r.data.fields);
+}
+
+#[tokio::test]
 async fn a_silent_server_times_out() {
     // Accepts, then never answers the Hello.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

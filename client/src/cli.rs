@@ -18,7 +18,7 @@ use clap::{Args, ValueEnum};
 use zeroize::Zeroizing;
 
 use crate::config::{ClientConfig, Tls};
-use crate::connection::Client;
+use crate::connection::{Client, Connector, Redeemed};
 use crate::error::{ClientError, Result};
 
 /// Exit code of a local failure (arguments, files, connection, TLS).
@@ -196,6 +196,17 @@ pub async fn connect(config: ClientConfig) -> anyhow::Result<Client> {
         Ok(c) => Ok(c),
         Err(e @ ClientError::Server { .. }) => Err(e.into()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}"))),
+    }
+}
+
+/// A redemption on a connection of its own ([`Connector::redeem`]), with
+/// the errors [`connect`] gives.
+pub async fn redeem(config: ClientConfig, token: &str) -> anyhow::Result<Redeemed> {
+    let addr = config.addr.clone();
+    match Connector::new(config)?.redeem(token).await {
+        Ok(r) => Ok(r.data),
+        Err(e @ ClientError::Server { .. }) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot redeem at {addr}"))),
     }
 }
 

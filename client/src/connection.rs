@@ -331,6 +331,111 @@ impl Connector {
     }
 }
 
+/// A redemption on a connection of its own ([`Connector::redeem`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redemption {
+    pub data: Redeemed,
+    /// Whether the TLS handshake resumed an earlier session.
+    pub tls_resumed: bool,
+}
+
+impl Connector {
+    /// Redeems `token` as a partner does, on a new connection of its own:
+    /// `Hello` and `Redeem` go out together in one write, `HelloOk` and
+    /// `Data` are read back, and the connection is closed (the server
+    /// closes its end after the data). One round trip after the
+    /// handshakes where [`Connector::connect`] then [`Client::redeem`]
+    /// take two, and no tasks. A refused key is [`ClientError::Server`]
+    /// `unauthenticated` (the token is then never looked at); a refused
+    /// token is [`ClientError::Server`] with the token's error code.
+    pub async fn redeem(&self, token: &str) -> Result<Redemption> {
+        let config = &self.config;
+        let redeeming = async {
+            let tcp = TcpStream::connect(config.addr.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            match &self.tls {
+                None => Ok(Redemption {
+                    data: redeem_on(tcp, config, token).await?,
+                    tls_resumed: false,
+                }),
+                Some((tls, name)) => {
+                    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                        .connect(name.clone(), tcp)
+                        .await?;
+                    let resumed =
+                        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    Ok(Redemption {
+                        data: redeem_on(stream, config, token).await?,
+                        tls_resumed: resumed,
+                    })
+                }
+            }
+        };
+        tokio::time::timeout(config.timeout, redeeming)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+}
+
+/// `Hello` and `Redeem` in one write on `stream`, then their answers.
+async fn redeem_on<S>(mut stream: S, config: &ClientConfig, token: &str) -> Result<Redeemed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hello = Message::Hello {
+        api_key: config.api_key.as_str().to_owned(),
+        client: config.client_name.clone(),
+    };
+    let mut redeem = Message::Redeem {
+        token: token.to_owned(),
+    };
+    let mut out = Zeroizing::new(Vec::new());
+    let encoded = encode_frame(HELLO_ID, &hello, 0).and_then(|h| {
+        let h = Zeroizing::new(h);
+        out.extend_from_slice(&h);
+        encode_frame(HELLO_ID + 1, &redeem, 0)
+    });
+    if let Message::Hello { api_key, .. } = &mut hello {
+        api_key.zeroize();
+    }
+    if let Message::Redeem { token } = &mut redeem {
+        token.zeroize();
+    }
+    out.extend_from_slice(&Zeroizing::new(encoded?));
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    drop(out);
+
+    let mut frames = FramedRead::new(&mut stream, MessageCodec::new());
+    let mut answer = async |id: u32, expected: &'static str| -> Result<Message> {
+        let reply = match frames.next().await {
+            None => return Err(ClientError::Closed),
+            Some(reply) => reply?,
+        };
+        // Id 0: an error about the connection itself.
+        if reply.request_id != id && reply.request_id != 0 {
+            return Err(ClientError::UnexpectedResponse(expected));
+        }
+        Ok(reply.message)
+    };
+    match answer(HELLO_ID, "HelloOk").await? {
+        Message::HelloOk { .. } => {}
+        other => return Err(refusal(other, "HelloOk")),
+    }
+    match answer(HELLO_ID + 1, "Data").await? {
+        Message::Data {
+            subject,
+            seq,
+            fields,
+        } => Ok(Redeemed {
+            subject,
+            seq,
+            fields,
+        }),
+        other => Err(refusal(other, "Data")),
+    }
+}
+
 impl Client {
     /// Connects (TCP, then TLS unless [`Tls::Plaintext`]), sends `Hello`
     /// and waits for `HelloOk`, all within `config.timeout`. A key the

@@ -65,7 +65,7 @@ pub mod verify;
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
 pub use connection::{
     AuthorizeContext, Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed,
-    ReindexReport, Rotated, SigningRotated, StateValue,
+    Redemption, ReindexReport, Rotated, SigningRotated, StateValue,
 };
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};

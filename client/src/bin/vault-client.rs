@@ -152,8 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Redeem { token } => {
-            let client = connect(&cli).await?;
-            let r = client.redeem(token).await?;
+            let r = client::cli::redeem(config(&cli)?, token).await?;
             let fields: serde_json::Map<String, Value> = r
                 .fields
                 .into_iter()

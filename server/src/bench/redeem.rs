@@ -209,17 +209,16 @@ pub(super) async fn mint_one(gw: &Client) -> Result<String> {
     Ok(gw.mint(PARTNER, SUBJECT, "bench", fields, 3600).await?.0)
 }
 
-/// One redemption as a partner makes it: a new connection from
-/// `connector`, `Hello`, `Redeem` of `token`, the data frame, close.
+/// One redemption as a partner makes it ([`Connector::redeem`]): a new
+/// connection from `connector`, `Hello` and `Redeem` of `token` in one
+/// write, the data frame, close.
 /// Returns whether the TLS handshake resumed a session.
 pub(super) async fn redeem_one(connector: &Connector, token: &str) -> Result<bool> {
-    let client = connector.connect().await?;
-    let resumed = client.tls_resumed();
-    let data = client.redeem(token).await?;
-    if data.fields.is_empty() {
+    let r = connector.redeem(token).await?;
+    if r.data.fields.is_empty() {
         return Err(Error::Usage("a redemption returned no fields".into()));
     }
-    Ok(resumed)
+    Ok(r.tls_resumed)
 }
 
 async fn measure(
