@@ -14,7 +14,9 @@
 //!   and pipelined on one connection. A writer task sends frames; a reader
 //!   task routes each answer by request id to the caller waiting for it,
 //!   so many tasks can share one `Client` and answers may come in any
-//!   order. Every call honours the timeout.
+//!   order. Every call honours the timeout. A partner's redemption needs
+//!   no tasks: [`Connector::redeem`] sends `Hello` and `Redeem` in one
+//!   write on a connection of its own and reads the two answers.
 //! - [`sessions`]: the TLS session cache a connector shares, which keeps
 //!   enough TLS 1.3 tickets for many connections opening at once to
 //!   resume.
