@@ -406,7 +406,8 @@ where
     stream.flush().await?;
     drop(out);
 
-    let mut frames = FramedRead::new(&mut stream, MessageCodec::new());
+    // A `Data` frame is small: a small buffer to start with.
+    let mut frames = FramedRead::with_capacity(&mut stream, MessageCodec::new(), 1024);
     let mut answer = async |id: u32, expected: &'static str| -> Result<Message> {
         let reply = match frames.next().await {
             None => return Err(ClientError::Closed),
