@@ -423,7 +423,12 @@ where
         Message::HelloOk { .. } => {}
         other => return Err(refusal(other, "HelloOk")),
     }
-    match answer(HELLO_ID + 1, "Data").await? {
+    redeemed(answer(HELLO_ID + 1, "Data").await?)
+}
+
+/// The answer to a `Redeem`: its data, or the refusal.
+fn redeemed(m: Message) -> Result<Redeemed> {
+    match m {
         Message::Data {
             subject,
             seq,
@@ -1047,18 +1052,7 @@ impl Client {
         let m = Message::Redeem {
             token: token.to_owned(),
         };
-        match self.call(m).await? {
-            Message::Data {
-                subject,
-                seq,
-                fields,
-            } => Ok(Redeemed {
-                subject,
-                seq,
-                fields,
-            }),
-            other => Err(refusal(other, "Data")),
-        }
+        redeemed(self.call(m).await?)
     }
 
     /// Sends a request answered by one frame and returns that frame's
