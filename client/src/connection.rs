@@ -40,11 +40,15 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
+use tokio_util::either::Either;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{rustls_config, server_name_of, ClientConfig, Tls};
 use crate::error::{ClientError, Result};
 use crate::verify::verifying_key;
+
+/// A connection: plain TCP, or TLS over it.
+type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The request id of `Hello`; later requests are numbered from 2 on.
 const HELLO_ID: u32 = 1;
@@ -300,25 +304,33 @@ impl Connector {
         }
     }
 
+    /// A TCP connection to the vault, inside TLS unless plaintext, and
+    /// whether its TLS handshake resumed an earlier session.
+    async fn stream(&self) -> Result<(Stream, bool)> {
+        let tcp = TcpStream::connect(self.config.addr.as_str()).await?;
+        // Requests are small and latency matters more than packet count.
+        tcp.set_nodelay(true)?;
+        let Some((tls, name)) = &self.tls else {
+            return Ok((Either::Left(tcp), false));
+        };
+        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name.clone(), tcp)
+            .await?;
+        let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        Ok((Either::Right(Box::new(stream)), resumed))
+    }
+
     /// Connects and authenticates as [`Client::connect`] does.
     pub async fn connect(&self) -> Result<Client> {
         let config = &self.config;
         let connecting = async {
-            let tcp = TcpStream::connect(config.addr.as_str()).await?;
-            // Requests are small and latency matters more than packet count.
-            tcp.set_nodelay(true)?;
-            match &self.tls {
-                None => {
+            match self.stream().await? {
+                (Either::Left(tcp), _) => {
                     let (r, w) = tcp.into_split();
                     Client::hello(r, w, config).await
                 }
-                Some((tls, name)) => {
-                    let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                        .connect(name.clone(), tcp)
-                        .await?;
-                    let resumed =
-                        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-                    let (r, w) = tokio::io::split(stream);
+                (tls, resumed) => {
+                    let (r, w) = tokio::io::split(tls);
                     let mut client = Client::hello(r, w, config).await?;
                     client.resumed = resumed;
                     Ok(client)
@@ -351,25 +363,11 @@ impl Connector {
     pub async fn redeem(&self, token: &str) -> Result<Redemption> {
         let config = &self.config;
         let redeeming = async {
-            let tcp = TcpStream::connect(config.addr.as_str()).await?;
-            tcp.set_nodelay(true)?;
-            match &self.tls {
-                None => Ok(Redemption {
-                    data: redeem_on(tcp, config, token).await?,
-                    tls_resumed: false,
-                }),
-                Some((tls, name)) => {
-                    let stream = tokio_rustls::TlsConnector::from(tls.clone())
-                        .connect(name.clone(), tcp)
-                        .await?;
-                    let resumed =
-                        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-                    Ok(Redemption {
-                        data: redeem_on(stream, config, token).await?,
-                        tls_resumed: resumed,
-                    })
-                }
-            }
+            let (stream, tls_resumed) = self.stream().await?;
+            Ok(Redemption {
+                data: redeem_on(stream, config, token).await?,
+                tls_resumed,
+            })
         };
         tokio::time::timeout(config.timeout, redeeming)
             .await
