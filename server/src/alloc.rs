@@ -17,11 +17,12 @@
 //! needs about 220. The price is paid by redemptions, whose connection per
 //! token frees and faults in its buffers' pages again: 8-20% fewer per
 //! second, and 6-11% since transparent huge pages are off;
-//! `MIMALLOC_PURGE_DELAY=10` trades memory back for them (`8fde20e`: 20.3-21.0k
-//! redemptions/s against 18.8-19.2k, and 164-238 MiB at 10^7 entries
-//! against 171, docs/benchmarks.md "Hello and Redeem in one write"). Its open, a verification of the whole log, runs
-//! inside [`scanning`]: freed memory is kept during the scan and given back
-//! once at its end (docs/benchmarks.md "Cost growth").
+//! `MIMALLOC_PURGE_DELAY=10` trades memory back for them (`8fde20e`:
+//! 20.3-21.0k redemptions/s against 18.8-19.2k, and 164-238 MiB at 10^7
+//! entries against 171, docs/benchmarks.md "Hello and Redeem in one
+//! write"). Its open, a verification of the whole log, runs inside
+//! [`scanning`]: freed memory is kept during the scan and given back once
+//! at its end (docs/benchmarks.md "Cost growth").
 //!
 //! The server also turns transparent huge pages off for its process
 //! ([`without_huge_pages`]), as Redis asks of its hosts: mimalloc asks
