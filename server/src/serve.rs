@@ -7,6 +7,9 @@
 //!                                   polled by the connection task
 //!                                   (at most `max_in_flight` at once)
 //!   write half: responses in completion order, each with its request id
+//!
+//! a partner's connection (one per token): its requests one at a time,
+//!   answered in order by the connection task itself, until its Redeem
 //! ```
 //!
 //! Rules (docs/protocol.md): the first frame must be `Hello` with an API
@@ -531,14 +534,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let Conn {
-        vault,
-        config,
-        throttle,
-        peer,
-        admission,
-    } = conn;
-    let codec = FrameCodec::with_max_frame_len(config.max_frame_len);
+    let codec = FrameCodec::with_max_frame_len(conn.config.max_frame_len);
     // Small buffers until the caller is known: a partner's connection
     // carries a `Hello` and one `Redeem`, and there is one per token.
     let mut frames = FramedRead::with_capacity(reader, codec.clone(), HELLO_BUFFER);
@@ -546,7 +542,7 @@ where
     sink.set_backpressure_boundary(PIPELINE_BUFFER);
 
     // Authentication: the first frame, within the handshake timeout.
-    let first = next_frame(&mut frames, config.handshake_timeout).await;
+    let first = next_frame(&mut frames, conn.config.handshake_timeout).await;
     let (hello_id, hello) = match first {
         Ok(Some(f)) => (f.request_id, Message::from_frame(&f)),
         Ok(None) => return Ok(()),
@@ -556,7 +552,7 @@ where
         }
     };
     let identity = match hello {
-        Ok(Message::Hello { api_key, .. }) => match vault.get() {
+        Ok(Message::Hello { api_key, .. }) => match conn.vault.get() {
             Some(v) => authenticate(&v, &api_key),
             None => {
                 send(&mut sink, hello_id, &recovering()).await;
@@ -578,7 +574,7 @@ where
         send(&mut sink, hello_id, &msg).await;
         return Err(ConnectionError::Unauthenticated);
     };
-    let _slot = match &admission {
+    let _slot = match &conn.admission {
         Some((a, ticket)) => match a.admitted(*ticket).await {
             Some(permit) => Some(permit),
             None => return Ok(()),
@@ -586,15 +582,17 @@ where
         None => None,
     };
     let role = caller.role;
-    if role != Role::Partner {
-        // Pipelined requests: read them in larger pieces.
-        frames.read_buffer_mut().reserve(PIPELINE_BUFFER);
-    }
-    let caller = Arc::new(caller);
     let ok = Message::HelloOk {
         role: role.name().into(),
-        server: config.server_name.clone(),
+        server: conn.config.server_name.clone(),
     };
+    if role == Role::Partner {
+        return serve_partner(frames, sink, (hello_id, ok), &caller, &conn).await;
+    }
+    let Conn { vault, config, .. } = conn;
+    // Pipelined requests: read them in larger pieces.
+    frames.read_buffer_mut().reserve(PIPELINE_BUFFER);
+    let caller = Arc::new(caller);
     if !send(&mut sink, hello_id, &ok).await {
         return Ok(());
     }
@@ -654,93 +652,21 @@ where
             Some(()) = pending.next(), if !pending.is_empty() => continue,
             next = next_frame(&mut frames, config.idle_timeout) => next,
         };
-        let frame = match next {
-            Ok(Some(f)) => f,
-            Ok(None) => break Ok(()),
-            Err(e) => {
-                if let Some(code) = wire_code(&e) {
-                    let _ = tx.send((0, error(code, &e.to_string()), 0)).await;
+        let (id, message, current) = match screen(next, role, &vault) {
+            Screened::Request(id, message, current) => (id, message, current),
+            Screened::Answer(id, reply) => {
+                if tx.send((id, reply, 0)).await.is_err() {
+                    break Ok(());
                 }
-                break Err(e);
+                continue;
+            }
+            Screened::End(reply, result) => {
+                if let Some((id, reply)) = reply {
+                    let _ = tx.send((id, reply, 0)).await;
+                }
+                break result;
             }
         };
-        let id = frame.request_id;
-        let message = match Message::from_frame(&frame) {
-            Ok(m) => m,
-            Err(e) => {
-                let code = e.wire_code().unwrap_or(ErrorCode::Malformed);
-                let _ = tx.send((id, error(code, &e.to_string()), 0)).await;
-                break Err(e.into());
-            }
-        };
-        if !role.may(&message) {
-            let m = error(
-                ErrorCode::Forbidden,
-                &format!("the {} role may not send this request", role.name()),
-            );
-            if tx.send((id, m, 0)).await.is_err() {
-                break Ok(());
-            }
-            continue;
-        }
-        // Out of service while a failed write is recovered from.
-        let Some(mut current) = vault.get() else {
-            let reply = match message {
-                Message::Health => Message::HealthInfo {
-                    status: Status::Recovering.name().into(),
-                    entries: 0,
-                },
-                _ => recovering(),
-            };
-            let terminal = matches!(message, Message::Redeem { .. });
-            if tx.send((id, reply, 0)).await.is_err() || terminal {
-                break Ok(());
-            }
-            continue;
-        };
-        if let Message::Redeem { token } = message {
-            // Terminal: one data frame (or error), then the server closes.
-            let wait = throttle.delay(peer);
-            if !wait.is_zero() {
-                // Not holding the vault meanwhile: it may be reopened.
-                drop(current);
-                tokio::time::sleep(wait).await;
-                current = match vault.get() {
-                    Some(v) => v,
-                    None => {
-                        let _ = tx.send((id, recovering(), 0)).await;
-                        break Ok(());
-                    }
-                };
-            }
-            let started = std::time::Instant::now();
-            let reply = redeem(&current, &token, &caller.name).await;
-            drop(current);
-            // Only refusals of the token count as guesses; a vault that
-            // cannot answer (`unavailable`) neither slows nor forgives.
-            match &reply {
-                Message::Error { code, .. } if is_token_refusal(*code) => {
-                    throttle.record(peer, true)
-                }
-                Message::Error { .. } => {}
-                _ => throttle.record(peer, false),
-            }
-            let metrics = crate::metrics::global();
-            let outcome = match &reply {
-                Message::Error { code, .. } => code.name(),
-                _ => {
-                    metrics.commit("redeem", started.elapsed());
-                    "ok"
-                }
-            };
-            metrics
-                .redemptions
-                .get_or_create(&crate::metrics::OutcomeLabels { outcome })
-                .inc();
-            crate::failpoints::before_reply("redeem");
-            let _ = tx.send((id, reply, 0)).await;
-            break Ok(());
-        }
         pending.push(async move {
             handle(id, message, &current, config_ref, caller_ref, tx_ref).await;
         });
@@ -751,6 +677,169 @@ where
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// A partner's connection: a `Redeem` ends it, after any number of
+/// `Ping`, `Health` and `KeyChain` requests, answered one at a time in
+/// order. No writer task: the answers are written here, and `HelloOk`
+/// leaves with the first answer when the partner sent its request along
+/// with `Hello` (as `client::Connector::redeem` does), so that a
+/// redemption costs one write each way.
+async fn serve_partner<R, W>(
+    mut frames: FramedRead<R, FrameCodec>,
+    mut sink: FramedWrite<W, FrameCodec>,
+    (hello_id, ok): (u32, Message),
+    caller: &Caller,
+    conn: &Conn,
+) -> Result<(), ConnectionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut answer = Some((hello_id, ok));
+    let result = loop {
+        if let Some((id, m)) = answer.take() {
+            let fed = match m.to_frame(id, 0) {
+                Ok(f) => sink.feed(f).await.is_ok(),
+                Err(_) => false,
+            };
+            if !fed {
+                return Ok(());
+            }
+        }
+        // What is answered leaves before the next request is awaited,
+        // unless that request is already here.
+        if frames.read_buffer().is_empty() && SinkExt::<Frame>::flush(&mut sink).await.is_err() {
+            return Ok(());
+        }
+        let next = next_frame(&mut frames, conn.config.idle_timeout).await;
+        let (id, message, current) = match screen(next, Role::Partner, &conn.vault) {
+            Screened::Request(id, message, current) => (id, message, current),
+            Screened::Answer(id, reply) => {
+                answer = Some((id, reply));
+                continue;
+            }
+            Screened::End(reply, result) => {
+                answer = reply;
+                break result;
+            }
+        };
+        if let Message::Redeem { token } = message {
+            answer = Some((id, redeem_request(current, &token, caller, conn).await));
+            break Ok(());
+        }
+        let (tx, mut rx) = mpsc::channel(1);
+        handle(id, message, &current, &conn.config, caller, &tx).await;
+        answer = rx.try_recv().ok().map(|(id, m, _)| (id, m));
+    };
+    // The last answer, then the connection closes.
+    if let Some((id, m)) = answer {
+        if let Ok(f) = m.to_frame(id, 0) {
+            let _ = sink.feed(f).await;
+        }
+    }
+    let _ = SinkExt::<Frame>::close(&mut sink).await;
+    result
+}
+
+/// A frame read on an authenticated connection, sorted.
+enum Screened {
+    /// A request this role may send, and the vault to answer it from.
+    Request(u32, Message, Arc<Vault>),
+    /// A request answered without the vault: refused for the role, or
+    /// while the vault is reopened.
+    Answer(u32, Message),
+    /// The connection ends: the peer closed it (`Ok`), or sent what
+    /// cannot be read further; with the answer to send first, if any.
+    End(Option<(u32, Message)>, Result<(), ConnectionError>),
+}
+
+fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &LiveVault) -> Screened {
+    let frame = match next {
+        Ok(Some(f)) => f,
+        Ok(None) => return Screened::End(None, Ok(())),
+        Err(e) => {
+            let reply = wire_code(&e).map(|code| (0, error(code, &e.to_string())));
+            return Screened::End(reply, Err(e));
+        }
+    };
+    let id = frame.request_id;
+    let message = match Message::from_frame(&frame) {
+        Ok(m) => m,
+        Err(e) => {
+            let code = e.wire_code().unwrap_or(ErrorCode::Malformed);
+            return Screened::End(Some((id, error(code, &e.to_string()))), Err(e.into()));
+        }
+    };
+    if !role.may(&message) {
+        let m = error(
+            ErrorCode::Forbidden,
+            &format!("the {} role may not send this request", role.name()),
+        );
+        return Screened::Answer(id, m);
+    }
+    // Out of service while a failed write is recovered from.
+    match vault.get() {
+        Some(current) => Screened::Request(id, message, current),
+        None => match message {
+            Message::Health => Screened::Answer(
+                id,
+                Message::HealthInfo {
+                    status: Status::Recovering.name().into(),
+                    entries: 0,
+                },
+            ),
+            // Terminal, as its answer would be.
+            Message::Redeem { .. } => Screened::End(Some((id, recovering())), Ok(())),
+            _ => Screened::Answer(id, recovering()),
+        },
+    }
+}
+
+/// A partner's `Redeem`: the answer, after the peer's penalty for earlier
+/// refusals, counted in the metrics and in the peer's record.
+async fn redeem_request(
+    mut current: Arc<Vault>,
+    token: &str,
+    caller: &Caller,
+    conn: &Conn,
+) -> Message {
+    let wait = conn.throttle.delay(conn.peer);
+    if !wait.is_zero() {
+        // Not holding the vault meanwhile: it may be reopened.
+        drop(current);
+        tokio::time::sleep(wait).await;
+        current = match conn.vault.get() {
+            Some(v) => v,
+            None => return recovering(),
+        };
+    }
+    let started = std::time::Instant::now();
+    let reply = redeem(&current, token, &caller.name).await;
+    drop(current);
+    // Only refusals of the token count as guesses; a vault that cannot
+    // answer (`unavailable`) neither slows nor forgives.
+    match &reply {
+        Message::Error { code, .. } if is_token_refusal(*code) => {
+            conn.throttle.record(conn.peer, true)
+        }
+        Message::Error { .. } => {}
+        _ => conn.throttle.record(conn.peer, false),
+    }
+    let metrics = crate::metrics::global();
+    let outcome = match &reply {
+        Message::Error { code, .. } => code.name(),
+        _ => {
+            metrics.commit("redeem", started.elapsed());
+            "ok"
+        }
+    };
+    metrics
+        .redemptions
+        .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+        .inc();
+    crate::failpoints::before_reply("redeem");
+    reply
 }
 
 async fn next_frame<R: AsyncRead + Unpin>(

@@ -385,21 +385,25 @@ async fn auditor_reads_head_entries_and_proofs() {
     );
 }
 
-async fn raw_exchange(s: &Server, authenticate: bool, bytes: &[u8]) -> Vec<u8> {
+/// Writes `Hello` with `key` (if any) and `bytes` in one write, then
+/// reads what the server answers until it closes.
+async fn raw_exchange(s: &Server, key: Option<&str>, bytes: &[u8]) -> Vec<u8> {
     let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
-    if authenticate {
-        let hello = protocol::encode_frame(
+    if let Some(key) = key {
+        let mut hello = protocol::encode_frame(
             1,
             &Message::Hello {
-                api_key: s.writer.clone(),
+                api_key: key.into(),
                 client: "raw".into(),
             },
             0,
         )
         .expect("frame");
+        hello.extend_from_slice(bytes);
         tcp.write_all(&hello).await.expect("write");
+    } else {
+        tcp.write_all(bytes).await.expect("write");
     }
-    tcp.write_all(bytes).await.expect("write");
     // Half-close: the server sees the end of the stream after these bytes.
     tcp.shutdown().await.expect("shutdown");
     let mut out = Vec::new();
@@ -420,31 +424,35 @@ fn frames(mut bytes: &[u8]) -> Vec<Message> {
 #[tokio::test]
 async fn garbage_and_oversized_frames_get_a_typed_error_and_a_close() {
     let s = start(ServeConfig::default()).await;
-    // Garbage before Hello, and after it.
-    for auth in [false, true] {
-        let out = frames(&raw_exchange(&s, auth, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    // Garbage before Hello, and after it (a partner's connection is
+    // served by a path of its own).
+    for key in [None, Some(s.writer.as_str()), Some(s.partner.as_str())] {
+        let out = frames(&raw_exchange(&s, key, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await);
         let last = out.last().expect("an answer");
         assert_eq!(code(last), Some(ErrorCode::Malformed), "{out:?}");
     }
-    // A header claiming 2^32-1 and max+1 bytes: refused from the header alone.
-    for len in [u32::MAX, protocol::MAX_FRAME_LEN as u32 + 1] {
-        let mut header = protocol::encode_frame(9, &Message::Ping, 0).expect("frame");
-        header[10..14].copy_from_slice(&len.to_be_bytes());
-        let out = frames(&raw_exchange(&s, true, &header[..protocol::HEADER_LEN]).await);
+    for key in [s.writer.as_str(), s.partner.as_str()] {
+        // A header claiming 2^32-1 and max+1 bytes: refused from the
+        // header alone.
+        for len in [u32::MAX, protocol::MAX_FRAME_LEN as u32 + 1] {
+            let mut header = protocol::encode_frame(9, &Message::Ping, 0).expect("frame");
+            header[10..14].copy_from_slice(&len.to_be_bytes());
+            let out = frames(&raw_exchange(&s, Some(key), &header[..protocol::HEADER_LEN]).await);
+            assert_eq!(
+                code(out.last().expect("an answer")),
+                Some(ErrorCode::FrameTooLarge),
+                "{out:?}"
+            );
+        }
+        // A frame whose CRC does not match.
+        let mut ping = protocol::encode_frame(9, &Message::Ping, 0).expect("frame");
+        ping[14] ^= 1;
+        let out = frames(&raw_exchange(&s, Some(key), &ping).await);
         assert_eq!(
             code(out.last().expect("an answer")),
-            Some(ErrorCode::FrameTooLarge),
-            "{out:?}"
+            Some(ErrorCode::Malformed)
         );
     }
-    // A frame whose CRC does not match.
-    let mut ping = protocol::encode_frame(9, &Message::Ping, 0).expect("frame");
-    ping[14] ^= 1;
-    let out = frames(&raw_exchange(&s, true, &ping).await);
-    assert_eq!(
-        code(out.last().expect("an answer")),
-        Some(ErrorCode::Malformed)
-    );
     // Every truncation of an append, then EOF: no reply but a close, and the
     // server keeps serving.
     let append = protocol::encode_frame(
@@ -457,7 +465,7 @@ async fn garbage_and_oversized_frames_get_a_typed_error_and_a_close() {
     )
     .expect("frame");
     for n in 0..append.len() {
-        let out = frames(&raw_exchange(&s, true, &append[..n]).await);
+        let out = frames(&raw_exchange(&s, Some(&s.writer), &append[..n]).await);
         assert!(
             out.iter().all(|m| !matches!(m, Message::Receipt { .. })),
             "prefix {n}"
@@ -580,6 +588,49 @@ async fn a_token_reveals_one_masked_segment_once() {
     assert!(entries
         .iter()
         .all(|e| !e.windows(token.len()).any(|w| w == token.as_bytes())));
+}
+
+#[tokio::test]
+async fn a_partner_s_pipelined_requests_are_answered_in_order_until_its_redeem() {
+    let s = start(ServeConfig::default()).await;
+    seed(&s, "cust-7").await;
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    let requests = [
+        Message::Ping,
+        Message::Health,
+        Message::Head,
+        Message::Redeem { token },
+        // After the redemption: never read.
+        Message::Ping,
+    ];
+    let mut bytes = Vec::new();
+    for (id, m) in (2..).zip(&requests) {
+        bytes.extend(protocol::encode_frame(id, m, 0).expect("frame"));
+    }
+    let out = frames(&raw_exchange(&s, Some(&s.partner), &bytes).await);
+    assert!(
+        matches!(
+            out.as_slice(),
+            [
+                Message::HelloOk { .. },
+                Message::Pong,
+                Message::HealthInfo { .. },
+                Message::Error {
+                    code: ErrorCode::Forbidden,
+                    ..
+                },
+                Message::Data { .. },
+            ]
+        ),
+        "{out:?}"
+    );
+    // A partner that waits for each answer before its next request is
+    // answered as well (`connect` waits for `HelloOk`).
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    assert!(matches!(
+        redeem(&s, &s.partner, &token).await,
+        Message::Data { .. }
+    ));
 }
 
 #[tokio::test]
