@@ -90,8 +90,10 @@ pub struct Options {
     pub cache_bytes: u64,
     /// Unwrapped subject data keys kept in memory by the committer (default 100,000).
     pub key_cache: usize,
-    /// The indexer writes derived state once this many entries are waiting
-    /// (default 1,000,000), and at least every 5 s. Writing derived state is the costliest part of a commit (one sled insert per changed key), so it is batched widely; a crash replays at most this much at the next open.
+    /// After an idle spell, the indexer writes derived state once this
+    /// many entries are waiting (default 1,000,000) or 5 s have passed;
+    /// under steady load it writes again as soon as its last write is
+    /// done. A crash replays what waits at the next open.
     pub index_batch: u64,
     /// Records one subject data key may encrypt before the committer
     /// rotates the subject to a new key version by itself (default
@@ -733,7 +735,11 @@ impl Inner {
             let _ = t.join();
         }
         self.shared.stopping.store(true, Ordering::Release);
+        // Under the overlay's lock, so that the indexer cannot miss it
+        // between its check and its wait.
+        let overlay = self.shared.overlay.lock();
         self.shared.overlay_full.notify_all();
+        drop(overlay);
         for t in threads {
             let _ = t.join();
         }
@@ -3433,10 +3439,16 @@ fn failpoint(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Writes derived state as soon as entries wait and its last write is
+/// done; after an idle spell, the first entries wait up to 5 s (or until
+/// `index_batch` of them do), so that a quiet vault writes rarely.
 fn run_indexer(store: &Store, shared: &Shared) {
     loop {
-        let stopping = shared.stopping.load(Ordering::Acquire);
+        let mut stopping = shared.stopping.load(Ordering::Acquire);
         if let Ok(o) = shared.overlay.lock() {
+            // Read under the lock, which `close` takes to wake us: set
+            // before this point, or we are waiting when it wakes us.
+            stopping = shared.stopping.load(Ordering::Acquire);
             if !stopping && o.waiting == 0 {
                 let _ = shared
                     .overlay_full
