@@ -178,12 +178,57 @@ fn api_key(c: &mut Criterion) {
     });
 }
 
+/// One sled insert into a `state`-like tree of 100,000 keys, by the form
+/// of the key and value: a minted token's derived state is `"t/"` and
+/// 64 hex digits with its JSON payload (~300 B); the same state could be
+/// keyed by the 32 raw bytes and hold the mint's seq (8 B). The indexer
+/// writes one such key per minted token (docs/benchmarks.md, "Longer
+/// runs").
+fn derived_state_insert(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sled insert into 100,000 keys");
+    for (name, hex, value_len) in [
+        ("hex key, 300 B value", true, 300),
+        ("raw key, 300 B value", false, 300),
+        ("hex key, 8 B value", true, 8),
+        ("raw key, 8 B value", false, 8),
+    ] {
+        let key = |i: u64| -> Vec<u8> {
+            let h = blake3::hash(&i.to_le_bytes());
+            if hex {
+                format!("t/{}", h.to_hex()).into_bytes()
+            } else {
+                [b"t/".as_slice(), h.as_bytes()].concat()
+            }
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(None)
+            .open()
+            .expect("sled");
+        let tree = db.open_tree("state").expect("tree");
+        let value = payload(value_len, 3);
+        for i in 0..100_000 {
+            tree.insert(key(i), value.as_slice()).expect("insert");
+        }
+        let mut next = 100_000;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                next += 1;
+                tree.insert(key(next), value.as_slice()).expect("insert")
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .measurement_time(Duration::from_secs(2))
         .warm_up_time(Duration::from_millis(500))
         .sample_size(20);
-    targets = entry_encode_hash, chunk_encode_decode, aead, signed_head, merkle, api_key
+    targets = entry_encode_hash, chunk_encode_decode, aead, signed_head, merkle, api_key,
+        derived_state_insert
 }
 criterion_main!(benches);
