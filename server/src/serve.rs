@@ -682,8 +682,8 @@ where
 /// A partner's connection: a `Redeem` ends it, after any number of
 /// `Ping`, `Health` and `KeyChain` requests, answered one at a time in
 /// order. No writer task: the answers are written here, and `HelloOk`
-/// leaves with the first answer when the partner sent its request along
-/// with `Hello` (as `client::Connector::redeem` does), so that a
+/// leaves with the first answer when the partner sent that whole request
+/// along with `Hello` (as `client::Connector::redeem` does), so that a
 /// redemption costs one write each way.
 async fn serve_partner<R, W>(
     mut frames: FramedRead<R, FrameCodec>,
@@ -708,8 +708,13 @@ where
             }
         }
         // What is answered leaves before the next request is awaited,
-        // unless that request is already here.
-        if frames.read_buffer().is_empty() && SinkExt::<Frame>::flush(&mut sink).await.is_err() {
+        // unless that request is already here whole (a partner that sent
+        // part of one may be waiting for `HelloOk` before the rest).
+        let next_is_here = matches!(
+            protocol::frame::decode_with_max(frames.read_buffer(), conn.config.max_frame_len),
+            Ok(Some(_))
+        );
+        if !next_is_here && SinkExt::<Frame>::flush(&mut sink).await.is_err() {
             return Ok(());
         }
         let next = next_frame(&mut frames, conn.config.idle_timeout).await;

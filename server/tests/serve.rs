@@ -634,6 +634,34 @@ async fn a_partner_s_pipelined_requests_are_answered_in_order_until_its_redeem()
 }
 
 #[tokio::test]
+async fn a_partner_that_sent_part_of_its_next_request_gets_hello_ok_first() {
+    let s = start(ServeConfig::default()).await;
+    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let mut bytes = protocol::encode_frame(
+        1,
+        &Message::Hello {
+            api_key: s.partner.clone(),
+            client: "raw".into(),
+        },
+        0,
+    )
+    .expect("frame");
+    let ping = protocol::encode_frame(2, &Message::Ping, 0).expect("frame");
+    let (head, rest) = ping.split_at(ping.len() / 2);
+    bytes.extend_from_slice(head);
+    tcp.write_all(&bytes).await.expect("write");
+    // The rest of the Ping only once HelloOk is here: a server that held
+    // HelloOk back for the whole Ping would close this idle connection.
+    let mut conn = Framed::new(tcp, FrameCodec::new());
+    assert!(matches!(
+        recv(&mut conn).await,
+        Some((1, Message::HelloOk { .. }, _))
+    ));
+    conn.get_mut().write_all(rest).await.expect("write");
+    assert!(matches!(recv(&mut conn).await, Some((2, Message::Pong, _))));
+}
+
+#[tokio::test]
 async fn a_token_is_bound_to_its_partner_and_refusals_are_audited() {
     let s = start(ServeConfig::default()).await;
     seed(&s, "cust-8").await;
