@@ -699,11 +699,7 @@ where
     let mut answer = Some((hello_id, ok));
     let result = loop {
         if let Some((id, m)) = answer.take() {
-            let fed = match m.to_frame(id, 0) {
-                Ok(f) => sink.feed(f).await.is_ok(),
-                Err(_) => false,
-            };
-            if !fed {
+            if !feed(&mut sink, id, &m).await {
                 return Ok(());
             }
         }
@@ -733,15 +729,15 @@ where
             answer = Some((id, redeem_request(current, &token, caller, conn).await));
             break Ok(());
         }
+        // `handle` answers through a channel; each request a partner may
+        // send has exactly one answer.
         let (tx, mut rx) = mpsc::channel(1);
         handle(id, message, &current, &conn.config, caller, &tx).await;
         answer = rx.try_recv().ok().map(|(id, m, _)| (id, m));
     };
     // The last answer, then the connection closes.
     if let Some((id, m)) = answer {
-        if let Ok(f) = m.to_frame(id, 0) {
-            let _ = sink.feed(f).await;
-        }
+        feed(&mut sink, id, &m).await;
     }
     let _ = SinkExt::<Frame>::close(&mut sink).await;
     result
@@ -877,13 +873,24 @@ async fn refuse<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Writes `m` and flushes.
 async fn send<W: AsyncWrite + Unpin>(
     sink: &mut FramedWrite<W, FrameCodec>,
     id: u32,
     m: &Message,
 ) -> bool {
+    feed(sink, id, m).await && SinkExt::<Frame>::flush(sink).await.is_ok()
+}
+
+/// Queues `m` in the sink's buffer, which is written once it passes its
+/// mark or is flushed.
+async fn feed<W: AsyncWrite + Unpin>(
+    sink: &mut FramedWrite<W, FrameCodec>,
+    id: u32,
+    m: &Message,
+) -> bool {
     match m.to_frame(id, 0) {
-        Ok(f) => sink.send(f).await.is_ok(),
+        Ok(f) => sink.feed(f).await.is_ok(),
         Err(_) => false,
     }
 }
