@@ -3349,6 +3349,9 @@ impl Writer {
 /// marker. The overlay's map is taken whole (readers see it as `frozen`
 /// until it is in the tree), so that the committer, which publishes into
 /// the overlay after every group, never waits for a copy of it.
+/// Derived-state inserts the indexer makes between two yields of its CPU.
+const INDEX_YIELD_EVERY: usize = 16;
+
 fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     let (snapshot, applied) = {
         let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
@@ -3384,7 +3387,14 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     store
         .state
         .insert(state::INDEXING, &applied.to_be_bytes())?;
-    let write = |(k, (_, v)): (&Vec<u8>, &(u64, Option<Vec<u8>>))| -> Result<()> {
+    type Item<'a> = (usize, (&'a Vec<u8>, &'a (u64, Option<Vec<u8>>)));
+    let write = |(i, (k, (_, v))): Item| -> Result<()> {
+        // The threads that answer requests run between inserts: on two
+        // cores, a stream of inserts otherwise shows in their tail
+        // latency (docs/benchmarks.md, "Longer runs").
+        if i % INDEX_YIELD_EVERY == INDEX_YIELD_EVERY - 1 {
+            std::thread::yield_now();
+        }
         match v {
             Some(v) => store.state.insert(k.as_slice(), v.as_slice())?,
             None => store.state.remove(k.as_slice())?,
@@ -3392,9 +3402,9 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
         Ok(())
     };
     let half = snapshot.len() / 2;
-    snapshot.iter().take(half).try_for_each(write)?;
+    snapshot.iter().enumerate().take(half).try_for_each(write)?;
     failpoint("index::mid_write")?;
-    snapshot.iter().skip(half).try_for_each(write)?;
+    snapshot.iter().enumerate().skip(half).try_for_each(write)?;
     let mut batch = sled::Batch::default();
     batch.insert(state::APPLIED, &applied.to_be_bytes());
     batch.remove(state::INDEXING);
