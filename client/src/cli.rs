@@ -192,11 +192,9 @@ where
 /// [`main`] exits [`EXIT_REFUSED`]); other failures name the address.
 pub async fn connect(config: ClientConfig) -> anyhow::Result<Client> {
     let addr = config.addr.clone();
-    match Client::connect(config).await {
-        Ok(c) => Ok(c),
-        Err(e @ ClientError::Server { .. }) => Err(e.into()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}"))),
-    }
+    Client::connect(config)
+        .await
+        .map_err(|e| unless_refused(e, || format!("cannot connect to {addr}")))
 }
 
 /// A redemption on a connection of its own ([`Connector::redeem`]), with
@@ -205,8 +203,16 @@ pub async fn redeem(config: ClientConfig, token: &str) -> anyhow::Result<Redeeme
     let addr = config.addr.clone();
     match Connector::new(config)?.redeem(token).await {
         Ok(r) => Ok(r.data),
-        Err(e @ ClientError::Server { .. }) => Err(e.into()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot redeem at {addr}"))),
+        Err(e) => Err(unless_refused(e, || format!("cannot redeem at {addr}"))),
+    }
+}
+
+/// `e` with `context`, unless the server refused: a refusal keeps its
+/// type, so that [`main`] exits [`EXIT_REFUSED`].
+fn unless_refused(e: ClientError, context: impl FnOnce() -> String) -> anyhow::Error {
+    match e {
+        e @ ClientError::Server { .. } => e.into(),
+        e => anyhow::Error::new(e).context(context()),
     }
 }
 
