@@ -21,6 +21,13 @@
 //!
 //! A caller that times out removes its id from the map; a late answer to it
 //! is dropped, so it can never be delivered to another request.
+//!
+//! A server in the same process can be reached without a stream
+//! ([`Client::direct`]): the caller hands its encoded frame to an
+//! [`Exchange`] and delivers the frames that come back itself, through the
+//! same pending map, so no task, pipe or socket sits between the two. The
+//! bytes are those of the wire, so the server decodes and checks them as
+//! it does a network connection's.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::either::Either;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -57,6 +64,34 @@ const HELLO_ID: u32 = 1;
 /// depth is not limited here: the server reads at most its `max_in_flight`
 /// requests ahead and TCP back-pressure does the rest.
 const OUTGOING_QUEUE: usize = 256;
+
+/// A server reached by a call instead of a stream: [`Exchange::exchange`]
+/// takes one encoded request frame (the first is `Hello`, with the API
+/// key: zeroize it once read) and returns the frames that answer it, as
+/// they would arrive on a connection.
+pub trait Exchange: Send + Sync + 'static {
+    fn exchange(&self, frame: Vec<u8>) -> futures_util::future::BoxFuture<'_, Exchanged>;
+}
+
+/// What one [`Exchange::exchange`] returns.
+#[derive(Debug, Default)]
+pub struct Exchanged {
+    /// Encoded frames, concatenated.
+    pub frames: Vec<u8>,
+    /// The server ended the connection after these frames.
+    pub closed: bool,
+}
+
+/// How a [`Client`]'s requests reach the server.
+enum Transport {
+    /// A byte stream with its writer and reader tasks.
+    Stream {
+        outgoing: mpsc::Sender<Vec<u8>>,
+        reader: JoinHandle<()>,
+    },
+    /// Calls in the caller's own task.
+    Direct(Arc<dyn Exchange>),
+}
 
 /// What `Head` answers: the vault's public key, how many entries are
 /// durable, and the newest signed head (`None` for an empty log).
@@ -217,11 +252,10 @@ impl fmt::Debug for Redeemed {
 /// ```
 pub struct Client {
     shared: Arc<Shared>,
-    outgoing: mpsc::Sender<Vec<u8>>,
+    transport: Transport,
     role: String,
     server: String,
     timeout: Duration,
-    reader: JoinHandle<()>,
     /// True when the TLS handshake resumed an earlier session.
     resumed: bool,
 }
@@ -242,7 +276,9 @@ impl Drop for Client {
         // The writer ends by itself when `outgoing` is dropped, after
         // writing what is queued and closing the stream; the reader would
         // wait for the server to close, so it is stopped here.
-        self.reader.abort();
+        if let Transport::Stream { reader, .. } = &self.transport {
+            reader.abort();
+        }
     }
 }
 
@@ -479,15 +515,7 @@ impl Client {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut frames = FramedRead::new(reader, MessageCodec::new());
-        let mut hello = Message::Hello {
-            api_key: config.api_key.as_str().to_owned(),
-            client: config.client_name.clone(),
-        };
-        let encoded = encode_frame(HELLO_ID, &hello, 0);
-        if let Message::Hello { api_key, .. } = &mut hello {
-            api_key.zeroize();
-        }
-        let encoded = Zeroizing::new(encoded?);
+        let encoded = Zeroizing::new(hello_frame(config)?);
         writer.write_all(&encoded).await?;
         writer.flush().await?;
         drop(encoded);
@@ -496,31 +524,45 @@ impl Client {
             None => return Err(ClientError::Closed),
             Some(reply) => reply?,
         };
-        if reply.request_id != HELLO_ID && reply.request_id != 0 {
-            return Err(ClientError::UnexpectedResponse("HelloOk"));
-        }
-        let (role, server) = match reply.message {
-            Message::HelloOk { role, server } => (role, server),
-            other => return Err(refusal(other, "HelloOk")),
-        };
-
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                pending: HashMap::new(),
-                last_id: HELLO_ID,
-                closed: false,
-            }),
-        });
+        let shared = Arc::new(Shared::new());
+        let (role, server) = hello_ok(reply)?;
         let (outgoing, queued) = mpsc::channel(OUTGOING_QUEUE);
         tokio::spawn(write_loop(writer, queued, shared.clone(), config.timeout));
         let reader = tokio::spawn(read_loop(frames, shared.clone()));
         Ok(Client {
             shared,
-            outgoing,
+            transport: Transport::Stream { outgoing, reader },
             role,
             server,
             timeout: config.timeout,
-            reader,
+            resumed: false,
+        })
+    }
+
+    /// Authenticates with a server in this process, reached through
+    /// `server` (see [`Exchange`]), within `config.timeout`;
+    /// `config.addr` and `config.tls` are not used. Requests then cost
+    /// the server's work and no hand-off between tasks.
+    pub async fn direct(server: Arc<dyn Exchange>, config: &ClientConfig) -> Result<Client> {
+        // The server zeroizes the frame, which holds the API key, once read.
+        let answer = tokio::time::timeout(config.timeout, server.exchange(hello_frame(config)?))
+            .await
+            .map_err(|_| ClientError::Timeout)?;
+        let mut frames = bytes::BytesMut::from(&answer.frames[..]);
+        let reply = match MessageCodec::new().decode(&mut frames)? {
+            None => return Err(ClientError::Closed),
+            Some(reply) => reply,
+        };
+        let (role, server_name) = hello_ok(reply)?;
+        if answer.closed {
+            return Err(ClientError::Closed);
+        }
+        Ok(Client {
+            shared: Arc::new(Shared::new()),
+            transport: Transport::Direct(server),
+            role,
+            server: server_name,
+            timeout: config.timeout,
             resumed: false,
         })
     }
@@ -1084,10 +1126,16 @@ impl Client {
         let frame = encode_frame(id, &message, 0)?;
         drop(message);
         let answered = async {
-            self.outgoing
-                .send(frame)
-                .await
-                .map_err(|_| ClientError::Closed)?;
+            match &self.transport {
+                Transport::Stream { outgoing, .. } => outgoing
+                    .send(frame)
+                    .await
+                    .map_err(|_| ClientError::Closed)?,
+                Transport::Direct(server) => {
+                    let answer = server.exchange(frame).await;
+                    self.shared.deliver_all(answer);
+                }
+            }
             rx.await.map_err(|_| ClientError::Closed)?
         };
         tokio::time::timeout(self.timeout, answered)
@@ -1106,6 +1154,30 @@ fn not_found_or<T>(m: Message, expected: &'static str) -> Result<Option<T>> {
             ..
         } => Ok(None),
         other => Err(refusal(other, expected)),
+    }
+}
+
+/// The `Hello` frame of `config`'s API key (zeroize it after use).
+fn hello_frame(config: &ClientConfig) -> Result<Vec<u8>> {
+    let mut hello = Message::Hello {
+        api_key: config.api_key.as_str().to_owned(),
+        client: config.client_name.clone(),
+    };
+    let encoded = encode_frame(HELLO_ID, &hello, 0);
+    if let Message::Hello { api_key, .. } = &mut hello {
+        api_key.zeroize();
+    }
+    Ok(encoded?)
+}
+
+/// The role and server name of a `HelloOk`, or why there is none.
+fn hello_ok(reply: Envelope) -> Result<(String, String)> {
+    if reply.request_id != HELLO_ID && reply.request_id != 0 {
+        return Err(ClientError::UnexpectedResponse("HelloOk"));
+    }
+    match reply.message {
+        Message::HelloOk { role, server } => Ok((role, server)),
+        other => Err(refusal(other, "HelloOk")),
     }
 }
 
@@ -1150,6 +1222,41 @@ struct State {
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                last_id: HELLO_ID,
+                closed: false,
+            }),
+        }
+    }
+
+    /// Routes the frames of a direct exchange as the reader task routes
+    /// those of a stream, and closes when they do not decode or the server
+    /// ended the connection.
+    fn deliver_all(&self, answer: Exchanged) {
+        let mut codec = MessageCodec::new();
+        let mut frames = bytes::BytesMut::from(&answer.frames[..]);
+        loop {
+            match codec.decode(&mut frames) {
+                Ok(Some(envelope)) => self.deliver(envelope),
+                Ok(None) if frames.is_empty() => break,
+                Ok(None) => {
+                    self.close(&ClientError::UnexpectedResponse("whole frames"));
+                    return;
+                }
+                Err(e) => {
+                    self.close(&ClientError::from(e));
+                    return;
+                }
+            }
+        }
+        if answer.closed {
+            self.close(&ClientError::Closed);
+        }
+    }
+
     /// Critical sections are a few map operations that cannot panic, so a
     /// poisoned lock holds consistent state and is used as is.
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1392,6 +1499,116 @@ mod tests {
 
     async fn next_request(peer: &mut Peer) -> Envelope {
         peer.next().await.expect("a request").expect("decodes")
+    }
+
+    /// A server of direct exchanges that answers `HelloOk`, then each
+    /// request with what `answer` makes of it.
+    struct Scripted<F>(F);
+
+    impl<F> Exchange for Scripted<F>
+    where
+        F: Fn(Envelope) -> Exchanged + Send + Sync + 'static,
+    {
+        fn exchange(&self, frame: Vec<u8>) -> futures_util::future::BoxFuture<'_, Exchanged> {
+            let mut buf = bytes::BytesMut::from(&frame[..]);
+            let request = MessageCodec::new()
+                .decode(&mut buf)
+                .expect("decodes")
+                .expect("whole");
+            let answer = match request.message {
+                Message::Hello { .. } => Exchanged {
+                    frames: encode_frame(
+                        request.request_id,
+                        &Message::HelloOk {
+                            role: "admin".into(),
+                            server: "fake".into(),
+                        },
+                        0,
+                    )
+                    .expect("encode"),
+                    closed: false,
+                },
+                _ => (self.0)(request),
+            };
+            Box::pin(async move { answer })
+        }
+    }
+
+    async fn direct<F>(answer: F) -> Client
+    where
+        F: Fn(Envelope) -> Exchanged + Send + Sync + 'static,
+    {
+        let config = ClientConfig {
+            api_key: Zeroizing::new("fvk_test".into()),
+            ..ClientConfig::default()
+        };
+        Client::direct(Arc::new(Scripted(answer)), &config)
+            .await
+            .expect("hello")
+    }
+
+    #[tokio::test]
+    async fn a_direct_client_delivers_answers_and_closes_on_what_does_not_decode() {
+        // Answers by request id, several frames of a stream as one list.
+        let client = direct(|r| {
+            let frames = match r.message {
+                Message::Ping => encode_frame(r.request_id, &Message::Pong, 0),
+                _ => {
+                    let mut out = encode_frame(
+                        r.request_id,
+                        &Message::EntryBatch {
+                            entries: vec![b"a".to_vec()],
+                        },
+                        0,
+                    )
+                    .expect("encode");
+                    out.extend(
+                        encode_frame(
+                            r.request_id,
+                            &Message::EntryBatch {
+                                entries: vec![b"b".to_vec()],
+                            },
+                            protocol::FLAG_LAST,
+                        )
+                        .expect("encode"),
+                    );
+                    Ok(out)
+                }
+            };
+            Exchanged {
+                frames: frames.expect("encode"),
+                closed: false,
+            }
+        })
+        .await;
+        client.ping().await.expect("pong");
+        let entries = client.entries(0, 10).await.expect("entries");
+        assert_eq!(entries, vec![b"a".to_vec(), b"b".to_vec()]);
+
+        // Garbage, or half a frame: a typed error, then closed.
+        for bytes in [b"GARBAGE GARBAGE GARBAGE".to_vec(), {
+            let f = encode_frame(2, &Message::Pong, 0).expect("encode");
+            f[..f.len() - 1].to_vec()
+        }] {
+            let client = direct(move |_| Exchanged {
+                frames: bytes.clone(),
+                closed: false,
+            })
+            .await;
+            assert!(client.ping().await.is_err());
+            assert!(client.is_closed());
+            assert!(matches!(client.ping().await, Err(ClientError::Closed)));
+        }
+
+        // The server ends the connection: the answer first, then closed.
+        let client = direct(|r| Exchanged {
+            frames: encode_frame(r.request_id, &Message::Pong, 0).expect("encode"),
+            closed: true,
+        })
+        .await;
+        client.ping().await.expect("the last answer");
+        assert!(client.is_closed());
+        assert!(matches!(client.ping().await, Err(ClientError::Closed)));
     }
 
     #[tokio::test]

@@ -66,8 +66,8 @@ pub mod verify;
 
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT};
 pub use connection::{
-    AuthorizeContext, Client, Connector, HeadInfo, Health, Identity, KeyStatus, Redeemed,
-    Redemption, ReindexReport, Rotated, SigningRotated, StateValue,
+    AuthorizeContext, Client, Connector, Exchange, Exchanged, HeadInfo, Health, Identity,
+    KeyStatus, Redeemed, Redemption, ReindexReport, Rotated, SigningRotated, StateValue,
 };
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};

@@ -10,6 +10,10 @@
 //!
 //! a partner's connection (one per token): its requests one at a time,
 //!   answered in order by the connection task itself, until its Redeem
+//!
+//! a direct connection (Local::direct, the shim inside vaultd): each
+//!   request frame handed over by a call, decoded, checked and answered
+//!   in the caller's task, under the same rules
 //! ```
 //!
 //! Rules (docs/protocol.md): the first frame must be `Hello` with an API
@@ -303,19 +307,17 @@ impl FailureThrottle {
     }
 }
 
-/// The protocol served over in-process pipes, for a client in the same
-/// process (the HTTP shim of `vaultd`): every connection is served as one
-/// from the network is, Hello and roles included, without the socket
-/// calls of a loopback connection.
+/// The protocol served to a client in the same process (the HTTP shim of
+/// `vaultd`) by calls instead of a socket ([`Local::direct`]): every
+/// connection is served as one from the network is, its frames decoded
+/// and checked, Hello and roles included, without the socket calls of a
+/// loopback connection and without hand-offs between tasks.
 #[derive(Debug, Clone)]
 pub struct Local {
     vault: LiveVault,
     config: Arc<ServeConfig>,
     throttle: Arc<FailureThrottle>,
 }
-
-/// Bytes a pipe of [`Local`] buffers each way.
-const LOCAL_PIPE_BYTES: usize = 256 * 1024;
 
 impl Local {
     pub fn new(vault: LiveVault, config: ServeConfig) -> Local {
@@ -326,25 +328,141 @@ impl Local {
         }
     }
 
-    /// A new connection: the client's end of a pipe whose other end is
-    /// served until the client's end is dropped. Call it inside a runtime.
-    pub fn dial(&self) -> tokio::io::DuplexStream {
-        let (client, server) = tokio::io::duplex(LOCAL_PIPE_BYTES);
-        let conn = Conn {
-            vault: self.vault.clone(),
-            config: self.config.clone(),
-            throttle: self.throttle.clone(),
-            peer: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            admission: None,
-        };
-        tokio::spawn(async move {
-            let (r, w) = tokio::io::split(server);
-            if let Err(e) = serve_connection(r, w, conn).await {
-                tracing::debug!(error = %e, "in-process connection ended");
-            }
-        });
-        client
+    /// A new connection served by calls instead of a pipe: each request
+    /// frame a [`client::Client::direct`] hands it is decoded, checked and
+    /// answered as on a network connection (`Hello` first, the role's
+    /// rules, a partner's connection ending with its `Redeem`), in the
+    /// caller's task.
+    pub fn direct(&self) -> Arc<Direct> {
+        Arc::new(Direct {
+            conn: Conn {
+                vault: self.vault.clone(),
+                config: self.config.clone(),
+                throttle: self.throttle.clone(),
+                peer: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                admission: None,
+            },
+            state: std::sync::Mutex::new(DirectState::Hello),
+        })
     }
+}
+
+/// A connection of [`Local::direct`].
+#[derive(Debug)]
+pub struct Direct {
+    conn: Conn,
+    state: std::sync::Mutex<DirectState>,
+}
+
+#[derive(Debug, Clone)]
+enum DirectState {
+    /// Waiting for `Hello`.
+    Hello,
+    Open(Arc<Caller>),
+    Closed,
+}
+
+impl Direct {
+    /// Ends the connection, after `answer` if any.
+    fn end(&self, answer: Option<(u32, Message)>) -> client::Exchanged {
+        self.set(DirectState::Closed);
+        client::Exchanged {
+            frames: answer
+                .map(|(id, m)| encode(&[(id, m, 0)]))
+                .unwrap_or_default(),
+            closed: true,
+        }
+    }
+
+    fn set(&self, state: DirectState) {
+        *self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
+    }
+
+    async fn answer(&self, frame: Vec<u8>) -> client::Exchanged {
+        let config = &self.conn.config;
+        let next = {
+            // Zeroized: the first frame holds the API key.
+            let frame = zeroize::Zeroizing::new(frame);
+            match protocol::frame::decode_with_max(&frame, config.max_frame_len) {
+                Ok(Some((f, used))) if used == frame.len() => Ok(Some(f)),
+                Ok(Some(_)) => Err(protocol::Error::TrailingBytes.into()),
+                Ok(None) => Err(protocol::Error::Malformed("an incomplete frame").into()),
+                Err(e) => Err(e.into()),
+            }
+        };
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let caller = match state {
+            DirectState::Closed => return self.end(None),
+            DirectState::Hello => {
+                return match hello(next, &self.conn.vault) {
+                    Ok((id, caller)) => {
+                        let ok = Message::HelloOk {
+                            role: caller.role.name().into(),
+                            server: config.server_name.clone(),
+                        };
+                        self.set(DirectState::Open(Arc::new(caller)));
+                        client::Exchanged {
+                            frames: encode(&[(id, ok, 0)]),
+                            closed: false,
+                        }
+                    }
+                    Err(ending) => self.end(ending.0),
+                };
+            }
+            DirectState::Open(caller) => caller,
+        };
+        match screen(next, caller.role, &self.conn.vault) {
+            Screened::Request(id, Message::Redeem { token }, current) => {
+                let reply = redeem_request(current, &token, &caller, &self.conn).await;
+                self.end(Some((id, reply)))
+            }
+            Screened::Request(id, message, current) => {
+                let answers = respond(message, &current, config, &caller).await;
+                let frames: Vec<_> = answers.into_iter().map(|(m, f)| (id, m, f)).collect();
+                client::Exchanged {
+                    frames: encode(&frames),
+                    closed: false,
+                }
+            }
+            Screened::Answer(id, reply) => client::Exchanged {
+                frames: encode(&[(id, reply, 0)]),
+                closed: false,
+            },
+            Screened::End((reply, _)) => self.end(reply),
+        }
+    }
+}
+
+impl client::Exchange for Direct {
+    fn exchange(&self, frame: Vec<u8>) -> futures_util::future::BoxFuture<'_, client::Exchanged> {
+        Box::pin(self.answer(frame))
+    }
+}
+
+/// Answers encoded as frames, one after the other.
+fn encode(answers: &[(u32, Message, u16)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, m, flags) in answers {
+        if let Some(f) = answer_frame(*id, m, *flags) {
+            let _ = f.encode_into(&mut out, usize::MAX);
+        }
+    }
+    out
+}
+
+/// The frame of an answer; one too large to encode becomes an `internal`
+/// error.
+fn answer_frame(id: u32, m: &Message, flags: u16) -> Option<Frame> {
+    m.to_frame(id, flags)
+        .or_else(|_| error(ErrorCode::Internal, "response too large").to_frame(id, 0))
+        .ok()
 }
 
 /// Serves the protocol on `listener` until `shutdown` resolves: over TLS
@@ -543,36 +661,15 @@ where
 
     // Authentication: the first frame, within the handshake timeout.
     let first = next_frame(&mut frames, conn.config.handshake_timeout).await;
-    let (hello_id, hello) = match first {
-        Ok(Some(f)) => (f.request_id, Message::from_frame(&f)),
-        Ok(None) => return Ok(()),
-        Err(e) => {
-            refuse(&mut sink, 0, &e).await;
-            return Err(e);
-        }
-    };
-    let identity = match hello {
-        Ok(Message::Hello { api_key, .. }) => match conn.vault.get() {
-            Some(v) => authenticate(&v, &api_key),
-            None => {
-                send(&mut sink, hello_id, &recovering()).await;
-                return Ok(());
+    let (hello_id, caller) = match hello(first, &conn.vault) {
+        Ok(known) => known,
+        Err(ending) => {
+            let (reply, result) = *ending;
+            if let Some((id, m)) = reply {
+                send(&mut sink, id, &m).await;
             }
-        },
-        Ok(_) => None,
-        Err(e) => {
-            let e = ConnectionError::Protocol(e);
-            refuse(&mut sink, hello_id, &e).await;
-            return Err(e);
+            return result;
         }
-    };
-    let Some(caller) = identity else {
-        let msg = error(
-            ErrorCode::Unauthenticated,
-            "the first frame must be Hello with a valid API key",
-        );
-        send(&mut sink, hello_id, &msg).await;
-        return Err(ConnectionError::Unauthenticated);
     };
     let _slot = match &conn.admission {
         Some((a, ticket)) => match a.admitted(*ticket).await {
@@ -607,14 +704,8 @@ where
         'out: while let Some(first) = rx.recv().await {
             let mut next = Some(first);
             while let Some((id, m, flags)) = next.take() {
-                let frame = match m.to_frame(id, flags) {
-                    Ok(f) => f,
-                    Err(_) => {
-                        match error(ErrorCode::Internal, "response too large").to_frame(id, 0) {
-                            Ok(f) => f,
-                            Err(_) => break 'out,
-                        }
-                    }
+                let Some(frame) = answer_frame(id, &m, flags) else {
+                    break 'out;
                 };
                 if sink.feed(frame).await.is_err() {
                     break 'out;
@@ -660,7 +751,7 @@ where
                 }
                 continue;
             }
-            Screened::End(reply, result) => {
+            Screened::End((reply, result)) => {
                 if let Some((id, reply)) = reply {
                     let _ = tx.send((id, reply, 0)).await;
                 }
@@ -720,7 +811,7 @@ where
                 answer = Some((id, reply));
                 continue;
             }
-            Screened::End(reply, result) => {
+            Screened::End((reply, result)) => {
                 answer = reply;
                 break result;
             }
@@ -729,11 +820,9 @@ where
             answer = Some((id, redeem_request(current, &token, caller, conn).await));
             break Ok(());
         }
-        // `handle` answers through a channel; each request a partner may
-        // send has exactly one answer.
-        let (tx, mut rx) = mpsc::channel(1);
-        handle(id, message, &current, &conn.config, caller, &tx).await;
-        answer = rx.try_recv().ok().map(|(id, m, _)| (id, m));
+        // Each request a partner may send has exactly one answer.
+        let mut answers = respond(message, &current, &conn.config, caller).await;
+        answer = answers.pop().map(|(m, _)| (id, m));
     };
     // The last answer, then the connection closes.
     if let Some((id, m)) = answer {
@@ -741,6 +830,54 @@ where
     }
     let _ = SinkExt::<Frame>::close(&mut sink).await;
     result
+}
+
+/// What ends a connection: the answer to send first, if any, and how it
+/// ended (`Ok`: the peer closed it, or the vault is being reopened).
+type Ending = (Option<(u32, Message)>, Result<(), ConnectionError>);
+
+/// How a connection ends on a frame that cannot be read: with an error
+/// of the frame's code, if it has one.
+fn unreadable(id: u32, e: ConnectionError) -> Ending {
+    let reply = wire_code(&e).map(|code| (id, error(code, &e.to_string())));
+    (reply, Err(e))
+}
+
+/// The caller a connection's first frame authenticates, with the frame's
+/// request id; otherwise how the connection ends. The first frame must be
+/// `Hello` with a valid API key.
+fn hello(
+    first: Result<Option<Frame>, ConnectionError>,
+    vault: &LiveVault,
+) -> Result<(u32, Caller), Box<Ending>> {
+    let frame = match first {
+        Ok(Some(f)) => f,
+        Ok(None) => return Err(Box::new((None, Ok(())))),
+        Err(e) => return Err(Box::new(unreadable(0, e))),
+    };
+    let id = frame.request_id;
+    let identity = match Message::from_frame(&frame) {
+        Ok(Message::Hello { api_key, .. }) => {
+            let api_key = zeroize::Zeroizing::new(api_key);
+            match vault.get() {
+                Some(v) => authenticate(&v, &api_key),
+                None => return Err(Box::new((Some((id, recovering())), Ok(())))),
+            }
+        }
+        Ok(_) => None,
+        Err(e) => return Err(Box::new(unreadable(id, e.into()))),
+    };
+    match identity {
+        Some(caller) => Ok((id, caller)),
+        None => {
+            let m = error(
+                ErrorCode::Unauthenticated,
+                "the first frame must be Hello with a valid API key",
+            );
+            let ending = (Some((id, m)), Err(ConnectionError::Unauthenticated));
+            Err(Box::new(ending))
+        }
+    }
 }
 
 /// A frame read on an authenticated connection, sorted.
@@ -752,24 +889,21 @@ enum Screened {
     Answer(u32, Message),
     /// The connection ends: the peer closed it (`Ok`), or sent what
     /// cannot be read further; with the answer to send first, if any.
-    End(Option<(u32, Message)>, Result<(), ConnectionError>),
+    End(Ending),
 }
 
 fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &LiveVault) -> Screened {
     let frame = match next {
         Ok(Some(f)) => f,
-        Ok(None) => return Screened::End(None, Ok(())),
-        Err(e) => {
-            let reply = wire_code(&e).map(|code| (0, error(code, &e.to_string())));
-            return Screened::End(reply, Err(e));
-        }
+        Ok(None) => return Screened::End((None, Ok(()))),
+        Err(e) => return Screened::End(unreadable(0, e)),
     };
     let id = frame.request_id;
     let message = match Message::from_frame(&frame) {
         Ok(m) => m,
         Err(e) => {
             let code = e.wire_code().unwrap_or(ErrorCode::Malformed);
-            return Screened::End(Some((id, error(code, &e.to_string()))), Err(e.into()));
+            return Screened::End((Some((id, error(code, &e.to_string()))), Err(e.into())));
         }
     };
     if !role.may(&message) {
@@ -791,7 +925,7 @@ fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &Live
                 },
             ),
             // Terminal, as its answer would be.
-            Message::Redeem { .. } => Screened::End(Some((id, recovering())), Ok(())),
+            Message::Redeem { .. } => Screened::End((Some((id, recovering())), Ok(()))),
             _ => Screened::Answer(id, recovering()),
         },
     }
@@ -863,16 +997,6 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
     }
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(
-    sink: &mut FramedWrite<W, FrameCodec>,
-    id: u32,
-    e: &ConnectionError,
-) {
-    if let Some(code) = wire_code(e) {
-        send(sink, id, &error(code, &e.to_string())).await;
-    }
-}
-
 /// Writes `m` and flushes.
 async fn send<W: AsyncWrite + Unpin>(
     sink: &mut FramedWrite<W, FrameCodec>,
@@ -889,9 +1013,9 @@ async fn feed<W: AsyncWrite + Unpin>(
     id: u32,
     m: &Message,
 ) -> bool {
-    match m.to_frame(id, 0) {
-        Ok(f) => sink.feed(f).await.is_ok(),
-        Err(_) => false,
+    match answer_frame(id, m, 0) {
+        Some(f) => sink.feed(f).await.is_ok(),
+        None => false,
     }
 }
 
@@ -991,6 +1115,7 @@ pub fn record_json(fields: &[(String, String)]) -> Result<Vec<u8>, Message> {
     Ok(out)
 }
 
+/// Answers request `id` of a pipelined connection through its writer.
 async fn handle(
     id: u32,
     message: Message,
@@ -999,6 +1124,21 @@ async fn handle(
     caller: &Caller,
     tx: &mpsc::Sender<(u32, Message, u16)>,
 ) {
+    for (reply, flags) in respond(message, vault, config, caller).await {
+        if tx.send((id, reply, flags)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The answer to a request the caller's role may send: one message, or
+/// for `Entries` several, each with its frame flags.
+async fn respond(
+    message: Message,
+    vault: &Arc<Vault>,
+    config: &ServeConfig,
+    caller: &Caller,
+) -> Vec<(Message, u16)> {
     let started = std::time::Instant::now();
     let op = match &message {
         Message::Append { .. } => Some("append"),
@@ -1076,17 +1216,14 @@ async fn handle(
                         batches.push(Vec::new());
                     }
                     let n = batches.len();
-                    for (i, entries) in batches.into_iter().enumerate() {
-                        let flags = if i + 1 == n { protocol::FLAG_LAST } else { 0 };
-                        if tx
-                            .send((id, Message::EntryBatch { entries }, flags))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    return;
+                    return batches
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, entries)| {
+                            let flags = if i + 1 == n { protocol::FLAG_LAST } else { 0 };
+                            (Message::EntryBatch { entries }, flags)
+                        })
+                        .collect();
                 }
             }
         }
@@ -1239,7 +1376,7 @@ async fn handle(
     if let Some(op) = op {
         crate::failpoints::before_reply(op);
     }
-    let _ = tx.send((id, reply, 0)).await;
+    vec![(reply, 0)]
 }
 
 /// Most subject keys in one `KeyStatusInfo`: 1,000 keys of at most 256-byte

@@ -840,7 +840,8 @@ async fn connections_that_never_authenticate_cannot_keep_a_client_out() {
 }
 
 #[tokio::test]
-async fn in_process_pipes_are_served_as_sockets_are() {
+async fn direct_connections_are_served_as_sockets_are() {
+    use client::Exchange;
     let s = start(ServeConfig::default()).await;
     let local = server::serve::Local::new(s.vault.clone().into(), ServeConfig::default());
     let hello = |key: &str| {
@@ -850,60 +851,141 @@ async fn in_process_pipes_are_served_as_sockets_are() {
         }
         .to_frame(1, 0)
         .expect("frame")
+        .encode()
+        .expect("encode")
     };
-    let next = |m: Option<Result<protocol::Frame, protocol::Error>>| {
-        let f = m.expect("a reply").expect("a frame");
-        Message::from_frame(&f).expect("decodes")
-    };
+    let frame = |id: u32, m: &Message| m.to_frame(id, 0).expect("frame").encode().expect("encode");
+    let answer = |a: &client::Exchanged| -> Vec<Message> { frames(&a.frames) };
 
-    // A wrong key: refused, as over a socket.
-    let mut conn = Framed::new(local.dial(), FrameCodec::new());
-    conn.send(hello("fvk_wrong")).await.expect("send");
-    assert_eq!(
-        code(&next(conn.next().await)),
-        Some(ErrorCode::Unauthenticated)
+    // A wrong key: refused and closed, as over a socket.
+    let conn = local.direct();
+    let a = conn.exchange(hello("fvk_wrong")).await;
+    assert_eq!(code(&answer(&a)[0]), Some(ErrorCode::Unauthenticated));
+    assert!(a.closed);
+    let a = conn.exchange(hello(&s.gateway)).await;
+    assert!(
+        a.closed && a.frames.is_empty(),
+        "a closed connection stays closed"
     );
 
+    // Anything but Hello first: refused.
+    let conn = local.direct();
+    let a = conn.exchange(frame(1, &Message::Ping)).await;
+    assert_eq!(code(&answer(&a)[0]), Some(ErrorCode::Unauthenticated));
+    assert!(a.closed);
+
     // The gateway's key: its role, and its requests.
-    let mut conn = Framed::new(local.dial(), FrameCodec::new());
-    conn.send(hello(&s.gateway)).await.expect("send");
-    assert!(matches!(next(conn.next().await), Message::HelloOk { role, .. } if role == "gateway"));
+    let conn = local.direct();
+    let a = conn.exchange(hello(&s.gateway)).await;
+    assert!(matches!(&answer(&a)[0], Message::HelloOk { role, .. } if role == "gateway"));
     let context = Message::Context {
         key_hash: *blake3::hash(s.partner.as_bytes()).as_bytes(),
         subject: "cust-1".into(),
     };
-    conn.send(context.to_frame(2, 0).expect("frame"))
-        .await
-        .expect("send");
-    let Message::ContextInfo(c) = next(conn.next().await) else {
+    let a = conn.exchange(frame(2, &context)).await;
+    let got = answer(&a);
+    let [Message::ContextInfo(c)] = got.as_slice() else {
         panic!("no context");
     };
     assert_eq!(
         (c.role.as_str(), c.name.as_str()),
         ("partner", "demo-lender")
     );
+    // A request its role may not send: refused, the connection stays.
+    let append = Message::Append {
+        subject: "cust-1".into(),
+        fields: vec![("name".into(), "Jane".into())],
+    };
+    let a = conn.exchange(frame(3, &append)).await;
+    assert_eq!(code(&answer(&a)[0]), Some(ErrorCode::Forbidden));
+    assert!(!a.closed);
 
-    // A partner's key: the same roles as over a socket.
-    let mut conn = Framed::new(local.dial(), FrameCodec::new());
-    conn.send(hello(&s.partner)).await.expect("send");
-    assert!(matches!(next(conn.next().await), Message::HelloOk { .. }));
-    conn.send(context.to_frame(2, 0).expect("frame"))
-        .await
-        .expect("send");
-    assert_eq!(code(&next(conn.next().await)), Some(ErrorCode::Forbidden));
+    // Garbage, a frame with bytes after it, an oversized length: a typed
+    // error each, then the connection is closed.
+    let mut oversized = frame(4, &Message::Ping);
+    oversized[10..14].copy_from_slice(&u32::MAX.to_be_bytes());
+    let mut trailing = frame(4, &Message::Ping);
+    trailing.extend_from_slice(b"extra");
+    for (bytes, want) in [
+        (b"GARBAGE GARBAGE GARBAGE".to_vec(), ErrorCode::Malformed),
+        (trailing, ErrorCode::Malformed),
+        (
+            frame(4, &Message::Ping)[..10].to_vec(),
+            ErrorCode::Malformed,
+        ),
+        (oversized, ErrorCode::FrameTooLarge),
+    ] {
+        let conn = local.direct();
+        assert!(!conn.exchange(hello(&s.gateway)).await.closed);
+        let a = conn.exchange(bytes).await;
+        assert_eq!(code(&answer(&a)[0]), Some(want));
+        assert!(a.closed);
+    }
 
-    // Garbage: a typed error, then the pipe is closed.
-    let mut raw = local.dial();
-    raw.write_all(b"GARBAGE GARBAGE GARBAGE")
+    // A partner: only its own requests, and its Redeem ends the connection.
+    seed(&s, "cust-9").await;
+    let token = mint(&s, "demo-lender", "cust-9", 0).await;
+    let conn = local.direct();
+    conn.exchange(hello(&s.partner)).await;
+    let a = conn.exchange(frame(2, &context)).await;
+    assert_eq!(code(&answer(&a)[0]), Some(ErrorCode::Forbidden));
+    let a = conn.exchange(frame(3, &Message::Redeem { token })).await;
+    assert!(matches!(answer(&a)[0], Message::Data { .. }));
+    assert!(a.closed);
+    let a = conn.exchange(frame(4, &Message::Ping)).await;
+    assert!(a.closed && a.frames.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_over_a_direct_connection_gets_what_a_socket_gets() {
+    let s = start(ServeConfig::default()).await;
+    seed(&s, "cust-3").await;
+    let local = server::serve::Local::new(s.vault.clone().into(), ServeConfig::default());
+    let config = |key: &str| client::ClientConfig {
+        api_key: client::Zeroizing::new(key.to_owned()),
+        ..client::ClientConfig::default()
+    };
+    let refused = client::Client::direct(local.direct(), &config("fvk_wrong")).await;
+    assert!(matches!(
+        refused,
+        Err(client::ClientError::Server {
+            code: ErrorCode::Unauthenticated,
+            ..
+        })
+    ));
+
+    // The admin reads entries in several frames: they arrive as one list.
+    let admin = client::Client::direct(local.direct(), &config(&s.admin))
         .await
-        .expect("write");
-    let mut got = Vec::new();
-    raw.read_to_end(&mut got).await.expect("read to the close");
-    let (frame, _) = protocol::frame::decode(&got)
-        .expect("a frame")
-        .expect("whole");
-    assert_eq!(
-        code(&Message::from_frame(&frame).expect("decodes")),
-        Some(ErrorCode::Malformed)
-    );
+        .expect("admin");
+    assert_eq!(admin.role(), "admin");
+    let n = s.vault.durable_len();
+    let entries = admin.entries(0, 10_000).await.expect("entries");
+    assert_eq!(entries.len() as u64, n);
+    // Concurrent requests on one client.
+    let (a, b) = tokio::join!(admin.health(), admin.head());
+    assert_eq!(a.expect("health").entries, n);
+    assert_eq!(b.expect("head").entries, n);
+
+    // A gateway mints; the token is redeemed over the network.
+    let gateway = client::Client::direct(local.direct(), &config(&s.gateway))
+        .await
+        .expect("gateway");
+    let err = gateway
+        .append("cust-3", vec![("name".into(), "x".into())])
+        .await
+        .expect_err("a gateway may not append");
+    assert!(matches!(
+        err,
+        client::ClientError::Server {
+            code: ErrorCode::Forbidden,
+            ..
+        }
+    ));
+    assert!(!gateway.is_closed());
+    let token = mint(&s, "demo-lender", "cust-3", 0).await;
+    assert!(matches!(
+        redeem(&s, &s.partner, &token).await,
+        Message::Data { .. }
+    ));
 }

@@ -18,8 +18,8 @@ use crate::serve::Local;
 #[derive(Debug)]
 pub struct VaultLink {
     gateway: ClientConfig,
-    /// The vault of this process, reached over in-process pipes instead
-    /// of `gateway.addr`.
+    /// The vault of this process, reached by direct calls instead of
+    /// `gateway.addr`.
     local: Option<Local>,
     current: Mutex<Option<Arc<Client>>>,
 }
@@ -34,9 +34,10 @@ impl VaultLink {
         }
     }
 
-    /// A link to the vault this process serves: every connection is an
-    /// in-process pipe to `local` (authenticated and served as a network
-    /// connection is); `gateway`'s address and TLS are not used.
+    /// A link to the vault this process serves: every connection is a
+    /// direct one to `local` (its frames authenticated and served as a
+    /// network connection's are, in the calling task); `gateway`'s address
+    /// and TLS are not used.
     pub fn in_process(local: Local, gateway: ClientConfig) -> Self {
         VaultLink {
             gateway,
@@ -47,10 +48,7 @@ impl VaultLink {
 
     async fn connect(&self, config: &ClientConfig) -> Result<Client, ClientError> {
         match &self.local {
-            Some(local) => {
-                let (r, w) = tokio::io::split(local.dial());
-                Client::over(r, w, config).await
-            }
+            Some(local) => Client::direct(local.direct(), config).await,
             None => Client::connect(config.clone()).await,
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! partner ──HTTP──> shim ──(gateway key, one pipelined connection)──> vault
-//!                          (inside vaultd: an in-process pipe; else :9999)
+//!                          (inside vaultd: direct calls; else :9999)
 //!                     │   Context (whois key, policy, consent: one request)
 //!                     │   → policy → fields → consent → hours/IP → rate
 //!                     │   granted: Mint (token_minted is durable first)
