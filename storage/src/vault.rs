@@ -6,13 +6,15 @@
 //! `Options::max_group_entries`) as one commit group: it assigns seqs,
 //! encrypts records under their subject's data key with the seq bound as
 //! associated data, chains and hashes the entries, and signs one head over
-//! the group's Merkle root. A **writer** thread appends the group's record
-//! to the write-ahead file (`wal`) and applies its batches to sled (a group
-//! that is only log chunks waits in `Store::recent` and goes to sled with
-//! the next such groups within 5 ms: `Writer::defer`), and a **syncer**
-//! thread then makes the record durable (`fdatasync`) and only then
-//! answers the writers with their receipts. The three stages overlap, so
-//! one fsync serves every append that arrived while the previous one ran.
+//! the group's Merkle root, appends the group's record to the write-ahead
+//! file (`wal`) and names its segment to a **syncer** thread, which makes
+//! it durable (`fdatasync`) while a **writer** thread applies the group's
+//! batches to sled (a group that is only log chunks waits in
+//! `Store::recent` and goes to sled with the next such groups within 5 ms:
+//! `Writer::defer`) and publishes it; the syncer answers the writers with
+//! their receipts once both are done. The three stages overlap, so one
+//! fsync serves every append that arrived while the previous one ran, and
+//! a group's fsync starts without a hand-off to the writer's thread.
 //!
 //! Invariants (asserted on the write path, checked by verify on reads):
 //! - seqs are contiguous from 0 and never reused; entry n's `prev_hash` is
@@ -468,10 +470,11 @@ struct Synced {
     head: Option<SignedHead>,
 }
 
-/// What the writer tells the syncer, in this order for each group: the
-/// segment its record was written to (as soon as it is, so that the
-/// `fdatasync` runs while the writer applies the group to sled), then the
-/// replies, once the group is in sled and published.
+/// What the syncer is told, in this order for each group: by the
+/// committer, the segment its record was written to (as soon as it is, so
+/// that the `fdatasync` runs while the writer applies the group to sled);
+/// by the writer, which has the group only after that, the replies, once
+/// the group is in sled and published.
 enum ToSyncer {
     Flush(Arc<File>),
     Done(Synced),
@@ -989,6 +992,9 @@ impl Vault {
             refusal: None,
             burned: HashMap::new(),
             shared: shared.clone(),
+            wal: Wal::new(&store.dir, opts.wal_segment_bytes),
+            record: Vec::new(),
+            syncer: sync_tx.clone(),
         };
         let (ckpt_tx, ckpt_rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
@@ -996,10 +1002,8 @@ impl Vault {
             master: shared_master.clone(),
             shared: shared.clone(),
             index_batch: opts.index_batch.max(1),
-            wal: Wal::new(&store.dir, opts.wal_segment_bytes),
             checkpoint: Some(ckpt_tx),
             syncer: sync_tx,
-            record: Vec::new(),
             deferred_bytes: 0,
             deferred_since: None,
             deferred_markers: Vec::new(),
@@ -1010,13 +1014,14 @@ impl Vault {
             // creating a vault needs no runtime.
             let (reply, mut rx) = oneshot::channel();
             let (unused, _) = std::sync::mpsc::sync_channel(1);
-            let built = committer.build(
+            let mut built = committer.build(
                 vec![Request {
                     items: initial,
                     reply,
                 }],
                 &unused,
             );
+            committer.write_ahead(&mut built, &unused);
             let synced = writer.finish(Box::new(built));
             writer.apply_deferred()?;
             store.sync()?;
@@ -2137,6 +2142,13 @@ struct Committer {
     /// of a burn only when the writer publishes its group.
     burned: HashMap<String, u64>,
     shared: Arc<Shared>,
+    /// The write-ahead file, which the committer appends each group's
+    /// record to before handing the group to the writer.
+    wal: Wal,
+    /// The buffer each group's write-ahead record is encoded into.
+    record: Vec<u8>,
+    /// Where the committer names each segment it wrote a record to.
+    syncer: std::sync::mpsc::Sender<ToSyncer>,
 }
 
 /// A subject's current data key in the committer's cache.
@@ -2242,15 +2254,15 @@ impl Committer {
                     continue;
                 }
                 if !normal.is_empty() {
-                    let built = Box::new(self.build(std::mem::take(&mut normal), &writer));
-                    if writer.send(ToWriter::Group(built)).is_err() {
+                    let built = self.build(std::mem::take(&mut normal), &writer);
+                    if !self.hand_over(built, &writer) {
                         return;
                     }
                 }
                 Self::barrier(&writer);
-                let built = Box::new(self.build(vec![r], &writer));
+                let built = self.build(vec![r], &writer);
                 let new_master = built.g.master_swap.as_ref().map(|m| m.master.clone());
-                if writer.send(ToWriter::Group(built)).is_err() {
+                if !self.hand_over(built, &writer) {
                     return;
                 }
                 if let Some(m) = new_master {
@@ -2263,12 +2275,158 @@ impl Committer {
                 }
             }
             if !normal.is_empty() {
-                let built = Box::new(self.build(normal, &writer));
-                if writer.send(ToWriter::Group(built)).is_err() {
+                let built = self.build(normal, &writer);
+                if !self.hand_over(built, &writer) {
                     break;
                 }
             }
         }
+    }
+
+    /// A group's record: its batches encoded and appended to the
+    /// write-ahead file, whose segment the syncer then `fdatasync`s.
+    fn write_record(&mut self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<Written> {
+        failpoint("commit::before_write")?;
+        let s = self.store.clone();
+        let mut batches = Vec::new();
+        if !g.new_keys.is_empty() || !g.shreds.is_empty() {
+            let mut kb = wal::Batch::new(TreeId::Keys);
+            if !g.new_keys.is_empty() {
+                let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
+                kb.insert(pending_name(first_seq), encode_pending(first_seq, &names));
+                for (n, w) in &g.new_keys {
+                    kb.insert(n.as_slice(), w.as_slice());
+                }
+            }
+            if !g.shreds.is_empty() {
+                kb.insert(SHREDDING, encode_shredding(first_seq, &g.shreds));
+            }
+            batches.push(kb);
+        }
+        if let Some(m) = &g.master_swap {
+            // Step 1 of a master rotation: stage the new keys beside the
+            // old ones, with the marker naming the group.
+            let mut kb = wal::Batch::new(TreeId::Keys);
+            kb.insert(ROTATING, first_seq.to_be_bytes());
+            for (n, v) in &m.staged {
+                kb.insert([STAGED, n.as_slice()].concat(), v.as_slice());
+            }
+            batches.push(kb);
+        }
+        let mut lb = wal::Batch::new(TreeId::Log);
+        let mut chunk_keys = Vec::new();
+        let mut chunk_first = first_seq;
+        let mut start = 0usize;
+        let mut bytes = 0usize;
+        for i in 0..g.encoded.len() {
+            bytes += g.encoded[i].len() + 4;
+            let last = i + 1 == g.encoded.len();
+            let full = bytes >= CHUNK_TARGET_BYTES || (i + 1 - start) as u32 >= MAX_CHUNK_ENTRIES;
+            if last || full {
+                let entries: Vec<&[u8]> = g.encoded[start..=i].iter().map(Vec::as_slice).collect();
+                let chunk = encode_chunk(chunk_first, &entries, last.then_some(head));
+                lb.insert(chunk_first.to_be_bytes(), chunk);
+                chunk_keys.push(chunk_first);
+                chunk_first = first_seq + i as u64 + 1;
+                start = i + 1;
+                bytes = 0;
+            }
+        }
+        batches.push(lb);
+        if !g.shreds.is_empty() {
+            // Step 3: the shredded subjects' keys go only once their shred
+            // entries are in the log; sled recovers a prefix of its
+            // writes, so after a crash the keys are gone only if the
+            // entries are there, and open finishes an interrupted step 3.
+            // The keys are those in sled and those this group's step 1
+            // creates (a record of the subject earlier in the group), which
+            // sled does not hold yet: the batches are applied only once the
+            // whole record is written.
+            let mut kb = wal::Batch::new(TreeId::Keys);
+            for subject in &g.shreds {
+                let prefix = state::data_key_prefix(subject);
+                for kv in s.keys.scan_prefix(&prefix) {
+                    kb.remove(kv?.0.to_vec());
+                }
+                for (n, _) in &g.new_keys {
+                    if n.starts_with(&prefix) {
+                        kb.remove(n.as_slice());
+                    }
+                }
+            }
+            kb.remove(SHREDDING);
+            batches.push(kb);
+        }
+        if let Some((_, _, retired)) = &g.signing_swap {
+            // The retired signing key goes once the rotation is in the
+            // log; after a crash in between, open deletes it.
+            let mut kb = wal::Batch::new(TreeId::Keys);
+            kb.remove(retired.as_slice());
+            batches.push(kb);
+        }
+        if let Some(m) = &g.master_swap {
+            // Step 3: swap the new keys in, in one batch (applied below
+            // under the readers' lock, with the master switched).
+            let mut kb = wal::Batch::new(TreeId::Keys);
+            for (n, v) in &m.staged {
+                kb.insert(n.as_slice(), v.as_slice());
+                kb.remove([STAGED, n.as_slice()].concat());
+            }
+            kb.remove(ROTATING);
+            batches.push(kb);
+        }
+        let gw = wal::GroupWrite { first_seq, batches };
+        wal::encode_record_into(&gw, &mut self.record)?;
+        let (file, closed) = self.wal.append(first_seq, &self.record)?;
+        if self.record.capacity() > RECORD_BUFFER_KEPT {
+            self.record = Vec::new();
+        }
+        // Nothing waits for this send: a syncer that is gone fails the
+        // group's replies instead.
+        let _ = self.syncer.send(ToSyncer::Flush(file));
+        Ok(Written {
+            batches: gw.batches,
+            chunk_keys,
+            closed,
+        })
+    }
+
+    /// Writes a built group ahead and hands it to the writer; false when
+    /// the writer is gone.
+    fn hand_over(
+        &mut self,
+        mut built: Built,
+        writer: &std::sync::mpsc::SyncSender<ToWriter>,
+    ) -> bool {
+        self.write_ahead(&mut built, writer);
+        writer.send(ToWriter::Group(Box::new(built))).is_ok()
+    }
+
+    /// Appends a signed group's record to the write-ahead file and names
+    /// the segment to the syncer, so that its `fdatasync` starts before
+    /// the writer's thread has the group. A failure poisons the vault at
+    /// once: no later record follows it.
+    fn write_ahead(&mut self, built: &mut Built, writer: &std::sync::mpsc::SyncSender<ToWriter>) {
+        let Some((_, head)) = &built.signed else {
+            return;
+        };
+        if !built.g.shreds.is_empty() {
+            // The shred batch names the subjects' keys in sled, where
+            // every group built before must be.
+            Self::barrier(writer);
+        }
+        let result = if self.shared.poisoned.load(Ordering::Acquire) {
+            Err(Error::Poisoned)
+        } else {
+            self.write_record(&built.g, built.first_seq, head)
+        };
+        if let Err(e) = &result {
+            if !matches!(e, Error::Poisoned) {
+                tracing::error!(error = %e, "writing ahead failed; the vault refuses writes until reopened");
+            }
+            self.shared.poisoned.store(true, Ordering::Release);
+        }
+        built.written = Some(result);
     }
 
     /// Empties the key cache once the writer has published every group
@@ -2336,6 +2494,7 @@ impl Committer {
             g,
             first_seq,
             signed,
+            written: None,
         }
     }
 
@@ -2934,23 +3093,31 @@ struct Built {
     first_seq: u64,
     /// The group's Merkle tree and signed head (none when every request failed).
     signed: Option<(MerkleTree, SignedHead)>,
+    /// What the committer wrote ahead for a signed group.
+    written: Option<Result<Written>>,
 }
 
-/// Writes built groups to the write-ahead file and to sled, and publishes
-/// their derived state, on its own thread so that building the next group
-/// overlaps the writes.
+/// A group's record in the write-ahead file: the batches the writer
+/// applies to sled, the first seqs of its log chunks, and the segment the
+/// record's append closed, if it did.
+struct Written {
+    batches: Vec<wal::Batch>,
+    chunk_keys: Vec<u64>,
+    closed: Option<PathBuf>,
+}
+
+/// Applies groups written ahead to sled and publishes their derived
+/// state, on its own thread so that building and writing ahead the next
+/// group overlaps this work.
 struct Writer {
     store: Arc<Store>,
     /// The readers' master key, swapped by a master rotation's step 3.
     master: Arc<RwLock<Arc<SecretKey>>>,
     shared: Arc<Shared>,
     index_batch: u64,
-    wal: Wal,
     /// Full write-ahead segments go to the checkpointer.
     checkpoint: Option<std::sync::mpsc::Sender<PathBuf>>,
     syncer: std::sync::mpsc::Sender<ToSyncer>,
-    /// The buffer each group's write-ahead record is encoded into.
-    record: Vec<u8>,
     /// Bytes of the log chunks waiting in `Store::recent` for sled, and
     /// since when the oldest has waited (see [`Writer::defer`]).
     deferred_bytes: usize,
@@ -3068,6 +3235,7 @@ impl Writer {
             mut g,
             first_seq,
             signed,
+            written,
         } = *built;
         let Some((tree, head)) = signed else {
             let replies = g
@@ -3080,15 +3248,18 @@ impl Writer {
                 head: None,
             };
         };
-        let result = if self.shared.poisoned.load(Ordering::Acquire) {
-            Err(Error::Poisoned)
-        } else {
-            self.write(&g, first_seq, &head)
+        let result = match written {
+            _ if self.shared.poisoned.load(Ordering::Acquire) => Err(Error::Poisoned),
+            Some(Ok(w)) => self.apply(&g, first_seq, w),
+            Some(Err(e)) => Err(e),
+            None => Err(Error::Poisoned),
         };
         match result {
             Ok(()) => {}
             Err(e) => {
-                tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
+                if !matches!(e, Error::Poisoned) {
+                    tracing::error!(error = %e, "commit failed; the vault refuses writes until reopened");
+                }
                 self.shared.poisoned.store(true, Ordering::Release);
                 let replies = g
                     .requests
@@ -3125,108 +3296,15 @@ impl Writer {
         }
     }
 
-    /// Writes a group: its record to the write-ahead file, which the
-    /// syncer `fdatasync`s meanwhile, then the same batches to sled, where
-    /// readers find them.
-    fn write(&mut self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<()> {
-        failpoint("commit::before_write")?;
+    /// Applies a group written ahead to sled, while the syncer makes its
+    /// record durable.
+    fn apply(&mut self, g: &Group, first_seq: u64, w: Written) -> Result<()> {
+        let Written {
+            batches,
+            chunk_keys,
+            closed,
+        } = w;
         let s = self.store.clone();
-        let mut batches = Vec::new();
-        if !g.new_keys.is_empty() || !g.shreds.is_empty() {
-            let mut kb = wal::Batch::new(TreeId::Keys);
-            if !g.new_keys.is_empty() {
-                let names: Vec<Vec<u8>> = g.new_keys.iter().map(|(n, _)| n.clone()).collect();
-                kb.insert(pending_name(first_seq), encode_pending(first_seq, &names));
-                for (n, w) in &g.new_keys {
-                    kb.insert(n.as_slice(), w.as_slice());
-                }
-            }
-            if !g.shreds.is_empty() {
-                kb.insert(SHREDDING, encode_shredding(first_seq, &g.shreds));
-            }
-            batches.push(kb);
-        }
-        if let Some(m) = &g.master_swap {
-            // Step 1 of a master rotation: stage the new keys beside the
-            // old ones, with the marker naming the group.
-            let mut kb = wal::Batch::new(TreeId::Keys);
-            kb.insert(ROTATING, first_seq.to_be_bytes());
-            for (n, v) in &m.staged {
-                kb.insert([STAGED, n.as_slice()].concat(), v.as_slice());
-            }
-            batches.push(kb);
-        }
-        let mut lb = wal::Batch::new(TreeId::Log);
-        let mut chunk_keys = Vec::new();
-        let mut chunk_first = first_seq;
-        let mut start = 0usize;
-        let mut bytes = 0usize;
-        for i in 0..g.encoded.len() {
-            bytes += g.encoded[i].len() + 4;
-            let last = i + 1 == g.encoded.len();
-            let full = bytes >= CHUNK_TARGET_BYTES || (i + 1 - start) as u32 >= MAX_CHUNK_ENTRIES;
-            if last || full {
-                let entries: Vec<&[u8]> = g.encoded[start..=i].iter().map(Vec::as_slice).collect();
-                let chunk = encode_chunk(chunk_first, &entries, last.then_some(head));
-                lb.insert(chunk_first.to_be_bytes(), chunk);
-                chunk_keys.push(chunk_first);
-                chunk_first = first_seq + i as u64 + 1;
-                start = i + 1;
-                bytes = 0;
-            }
-        }
-        batches.push(lb);
-        if !g.shreds.is_empty() {
-            // Step 3: the shredded subjects' keys go only once their shred
-            // entries are in the log; sled recovers a prefix of its
-            // writes, so after a crash the keys are gone only if the
-            // entries are there, and open finishes an interrupted step 3.
-            // The keys are those in sled and those this group's step 1
-            // creates (a record of the subject earlier in the group), which
-            // sled does not hold yet: the batches are applied only once the
-            // whole record is written.
-            let mut kb = wal::Batch::new(TreeId::Keys);
-            for subject in &g.shreds {
-                let prefix = state::data_key_prefix(subject);
-                for kv in s.keys.scan_prefix(&prefix) {
-                    kb.remove(kv?.0.to_vec());
-                }
-                for (n, _) in &g.new_keys {
-                    if n.starts_with(&prefix) {
-                        kb.remove(n.as_slice());
-                    }
-                }
-            }
-            kb.remove(SHREDDING);
-            batches.push(kb);
-        }
-        if let Some((_, _, retired)) = &g.signing_swap {
-            // The retired signing key goes once the rotation is in the
-            // log; after a crash in between, open deletes it.
-            let mut kb = wal::Batch::new(TreeId::Keys);
-            kb.remove(retired.as_slice());
-            batches.push(kb);
-        }
-        if let Some(m) = &g.master_swap {
-            // Step 3: swap the new keys in, in one batch (applied below
-            // under the readers' lock, with the master switched).
-            let mut kb = wal::Batch::new(TreeId::Keys);
-            for (n, v) in &m.staged {
-                kb.insert(n.as_slice(), v.as_slice());
-                kb.remove([STAGED, n.as_slice()].concat());
-            }
-            kb.remove(ROTATING);
-            batches.push(kb);
-        }
-        let gw = wal::GroupWrite { first_seq, batches };
-        wal::encode_record_into(&gw, &mut self.record)?;
-        let (file, closed) = self.wal.append(first_seq, &self.record)?;
-        if self.record.capacity() > RECORD_BUFFER_KEPT {
-            self.record = Vec::new();
-        }
-        // Nothing waits for this send: a syncer that is gone fails the
-        // group's replies instead.
-        let _ = self.syncer.send(ToSyncer::Flush(file));
         if let Some(path) = closed {
             // The checkpoint makes sled durable with every group of the
             // closed segment, the held-back ones included.
@@ -3235,8 +3313,8 @@ impl Writer {
                 let _ = tx.send(path);
             }
         }
-        if matches!(gw.batches.as_slice(), [b] if b.tree == TreeId::Log) {
-            for b in gw.batches {
+        if matches!(batches.as_slice(), [b] if b.tree == TreeId::Log) {
+            for b in batches {
                 self.defer(b)?;
             }
             failpoint("commit::after_write")?;
@@ -3245,7 +3323,7 @@ impl Writer {
         let only_new_keys = g.shreds.is_empty()
             && g.master_swap.is_none()
             && g.signing_swap.is_none()
-            && matches!(gw.batches.as_slice(), [k, l] if k.tree == TreeId::Keys && l.tree == TreeId::Log);
+            && matches!(batches.as_slice(), [k, l] if k.tree == TreeId::Keys && l.tree == TreeId::Log);
         if only_new_keys {
             // New subjects' keys, key by key (the pending marker first, as
             // the batch lists it): a sled batch would seal and write sled's
@@ -3254,7 +3332,7 @@ impl Writer {
             // sled holds has its keys there too; a crash that keeps some
             // keys but not the group's write-ahead record leaves the
             // group's own marker naming them, which open acts on.
-            let mut batches = gw.batches.into_iter();
+            let mut batches = batches.into_iter();
             for b in batches.by_ref().take(1) {
                 for (k, v) in b.ops {
                     match v {
@@ -3274,8 +3352,8 @@ impl Writer {
         // in their place around its log batch (the order recovery relies
         // on): held-back chunks of earlier groups go first.
         self.apply_deferred()?;
-        let count = gw.batches.len();
-        for (i, b) in gw.batches.into_iter().enumerate() {
+        let count = batches.len();
+        for (i, b) in batches.into_iter().enumerate() {
             if i + 1 == count {
                 if let Some(m) = &g.master_swap {
                     let mut readers = self.master.write().map_err(|_| Error::Poisoned)?;
@@ -3506,11 +3584,12 @@ fn run_checkpointer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receive
     }
 }
 
-/// Takes everything the writer sent since the last round, `fdatasync`s
-/// the segments written to (one `fdatasync` serves every group written
-/// meanwhile), then answers the groups that are done. A group's `Flush`
-/// comes before its `Done`, so a group answered in a round was synced in
-/// that round or an earlier one.
+/// Takes everything the committer and the writer sent since the last
+/// round, `fdatasync`s the segments written to (one `fdatasync` serves
+/// every group written meanwhile), then answers the groups that are done.
+/// A group's `Flush` (sent by the committer before it hands the group to
+/// the writer) comes before its `Done`, so a group answered in a round was
+/// synced in that round or an earlier one.
 fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<ToSyncer>) {
     while let Ok(first) = rx.recv() {
         let mut msgs = vec![first];
