@@ -490,9 +490,10 @@ impl Client {
         Connector::new(config)?.connect().await
     }
 
-    /// Authenticates on a byte stream the caller established (an
-    /// in-process pipe to a server in the same process, say), within
-    /// `config.timeout`; `config.addr` and `config.tls` are not used.
+    /// Authenticates on a byte stream the caller established (a Unix
+    /// socket or an in-memory pipe, say), within `config.timeout`;
+    /// `config.addr` and `config.tls` are not used. A server in the same
+    /// process is reached without a stream by [`Client::direct`].
     pub async fn over<R, W>(reader: R, writer: W, config: &ClientConfig) -> Result<Client>
     where
         R: AsyncRead + Unpin + Send + 'static,
