@@ -408,10 +408,7 @@ impl Direct {
                             server: config.server_name.clone(),
                         };
                         self.set(DirectState::Open(Arc::new(caller)));
-                        client::Exchanged {
-                            frames: encode(&[(id, ok, 0)]),
-                            closed: false,
-                        }
+                        answered(&[(id, ok, 0)])
                     }
                     Err(ending) => self.end(ending.0),
                 };
@@ -426,15 +423,9 @@ impl Direct {
             Screened::Request(id, message, current) => {
                 let answers = respond(message, &current, config, &caller).await;
                 let frames: Vec<_> = answers.into_iter().map(|(m, f)| (id, m, f)).collect();
-                client::Exchanged {
-                    frames: encode(&frames),
-                    closed: false,
-                }
+                answered(&frames)
             }
-            Screened::Answer(id, reply) => client::Exchanged {
-                frames: encode(&[(id, reply, 0)]),
-                closed: false,
-            },
+            Screened::Answer(id, reply) => answered(&[(id, reply, 0)]),
             Screened::End((reply, _)) => self.end(reply),
         }
     }
@@ -443,6 +434,14 @@ impl Direct {
 impl client::Exchange for Direct {
     fn exchange(&self, frame: Vec<u8>) -> futures_util::future::BoxFuture<'_, client::Exchanged> {
         Box::pin(self.answer(frame))
+    }
+}
+
+/// Answers on a direct connection that stays open.
+fn answered(answers: &[(u32, Message, u16)]) -> client::Exchanged {
+    client::Exchanged {
+        frames: encode(answers),
+        closed: false,
     }
 }
 
