@@ -3249,10 +3249,12 @@ impl Writer {
             };
         };
         let result = match written {
-            _ if self.shared.poisoned.load(Ordering::Acquire) => Err(Error::Poisoned),
-            Some(Ok(w)) => self.apply(&g, first_seq, w),
-            Some(Err(e)) => Err(e),
-            None => Err(Error::Poisoned),
+            Some(Ok(w)) if !self.shared.poisoned.load(Ordering::Acquire) => {
+                self.apply(&g, first_seq, w)
+            }
+            // A failed write-ahead poisoned the vault, and the committer
+            // said why.
+            _ => Err(Error::Poisoned),
         };
         match result {
             Ok(()) => {}
