@@ -7,8 +7,9 @@
 //! - 1 and 3: a crash at a failpoint (`FINTRUST_FAILPOINTS`, action
 //!   `N*off->panic`: the N+1th time the step is reached, the process
 //!   aborts), taking every failpoint in turn: each step of a commit
-//!   (before and after the sled write, before and after the flush, and
-//!   the same for derived state) and just before each reply (append,
+//!   (before and after the write, before and after the flush, the
+//!   checkpoint, the applier's move of held-back log chunks to sled, and
+//!   the steps of derived state) and just before each reply (append,
 //!   batch, mint, redeem, authorize, and the audit event of a denial);
 //!   then SIGKILL if it was not reached;
 //! - 2: a failed write or fsync at a commit failpoint (`N*off->1*return`),
@@ -49,7 +50,7 @@
 //! too, except `unavailable` during a failed write's cycle. Usage:
 //!
 //! ```text
-//! cargo test --test crash_harness                     # 30 cycles, a random seed
+//! cargo test --test crash_harness                     # 34 cycles, a random seed
 //! cargo test --release --test crash_harness -- --cycles 100 --seed 7
 //! ```
 //!
@@ -69,10 +70,10 @@ use std::time::{Duration, Instant};
 
 use model::{Model, Rng};
 
-/// Cycles without `--cycles`: what CI runs. 30 cycles reach every
-/// crash failpoint (14, cycles 1, 3, … 27) and every fault failpoint (8,
-/// cycles 2, 6, … 30) once.
-const DEFAULT_CYCLES: usize = 30;
+/// Cycles without `--cycles`: what CI runs. 34 cycles reach every
+/// crash failpoint (15, cycles 1, 3, … 29) and every fault failpoint (9,
+/// cycles 2, 6, … 34) once.
+const DEFAULT_CYCLES: usize = 34;
 
 /// Where a cycle crashes `vaultd` (storage's commit steps, then the
 /// server's replies).
@@ -91,6 +92,7 @@ const CRASH_POINTS: &[&str] = &[
     "reply::event",
     "index::after_write",
     "checkpoint::before_sync",
+    "apply::before_write",
 ];
 
 /// Where a cycle fails a write or fsync: every step of a commit.
