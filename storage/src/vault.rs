@@ -54,7 +54,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -3103,7 +3103,12 @@ fn apply_held_back(store: &Store, markers: Vec<u64>) -> Result<()> {
 /// asks, so that the sled batch (hundreds of microseconds for 5 ms of
 /// groups) does not hold up the groups behind it. Requests are served in
 /// order, so an answered one means every earlier one is done.
-fn run_applier(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<Apply>) {
+fn run_applier(
+    store: &Store,
+    shared: &Shared,
+    queued: &AtomicUsize,
+    rx: std::sync::mpsc::Receiver<Apply>,
+) {
     for Apply { markers, done } in rx {
         let r = if shared.poisoned.load(Ordering::Acquire) {
             Err(Error::Poisoned)
@@ -3116,6 +3121,7 @@ fn run_applier(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<App
             }
             shared.poisoned.store(true, Ordering::Release);
         }
+        queued.fetch_sub(1, Ordering::Release);
         if let Some(done) = done {
             let _ = done.send(r);
         }
@@ -3168,10 +3174,15 @@ struct Writer {
     /// pending markers go once their chunks are in sled.
     deferred_markers: Vec<u64>,
     /// The applier thread, while [`Writer::run`] runs (before, the writer
-    /// applies held-back chunks itself), and whether it may have work
-    /// the writer has not waited for.
-    applier: Option<(std::sync::mpsc::Sender<Apply>, bool)>,
+    /// applies held-back chunks itself), and how many requests it has not
+    /// finished.
+    applier: Option<(std::sync::mpsc::Sender<Apply>, Arc<AtomicUsize>)>,
 }
+
+/// The writer waits for the applier rather than queue a request behind
+/// this many unfinished ones, so that held-back chunks cannot pile up in
+/// memory while sled is slow.
+const APPLIER_QUEUE: usize = 2;
 
 /// The writer asks the applier thread to move every held-back log chunk
 /// into sled, then to drop these pending markers.
@@ -3197,11 +3208,13 @@ impl Writer {
         let (tx, applier_rx) = std::sync::mpsc::channel();
         let store = self.store.clone();
         let shared = self.shared.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
         let applier = std::thread::Builder::new()
             .name("vault-applier".into())
-            .spawn(move || run_applier(&store, &shared, applier_rx));
+            .spawn(move || run_applier(&store, &shared, &q, applier_rx));
         match &applier {
-            Ok(_) => self.applier = Some((tx, false)),
+            Ok(_) => self.applier = Some((tx, queued)),
             Err(e) => {
                 tracing::warn!(error = %e, "no applier thread; the writer applies held-back chunks itself")
             }
@@ -3274,10 +3287,14 @@ impl Writer {
     /// this thread goes on with the next groups. A failure there poisons
     /// the vault, as a failed group write does.
     fn apply_deferred_later(&mut self) {
-        let Some((tx, busy)) = &mut self.applier else {
+        let Some((tx, queued)) = &self.applier else {
             return self.apply_deferred_or_poison();
         };
+        if queued.load(Ordering::Acquire) >= APPLIER_QUEUE {
+            return self.apply_deferred_or_poison();
+        }
         let markers = std::mem::take(&mut self.deferred_markers);
+        queued.fetch_add(1, Ordering::AcqRel);
         if tx
             .send(Apply {
                 markers,
@@ -3287,7 +3304,6 @@ impl Writer {
         {
             self.shared.poisoned.store(true, Ordering::Release);
         }
-        *busy = true;
         self.deferred_bytes = 0;
         self.deferred_since = None;
     }
@@ -3299,20 +3315,20 @@ impl Writer {
         let markers = std::mem::take(&mut self.deferred_markers);
         self.deferred_bytes = 0;
         self.deferred_since = None;
-        match &mut self.applier {
-            // Nothing handed over is left undone: this thread does it.
-            None | Some((_, false)) => apply_held_back(&self.store, markers),
-            Some((tx, busy)) => {
+        match &self.applier {
+            Some((tx, queued)) if queued.load(Ordering::Acquire) > 0 => {
                 let (done, rx) = std::sync::mpsc::channel();
+                queued.fetch_add(1, Ordering::AcqRel);
                 tx.send(Apply {
                     markers,
                     done: Some(done),
                 })
                 .map_err(|_| Error::Poisoned)?;
-                let r = rx.recv().map_err(|_| Error::Poisoned)?;
-                *busy = false;
-                r
+                rx.recv().map_err(|_| Error::Poisoned)?
             }
+            // Nothing handed over is left undone (only this thread adds
+            // requests): it applies them itself.
+            _ => apply_held_back(&self.store, markers),
         }
     }
 
