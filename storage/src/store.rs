@@ -280,8 +280,7 @@ impl Store {
 
     /// The chunks not yet in sled, for reading. A poisoned lock (a panic
     /// while it was held for writing) still holds a consistent map: the
-    /// writer, the applier and the indexer only insert and remove whole
-    /// entries.
+    /// writer only inserts and removes whole entries.
     fn recent(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, sled::IVec>> {
         self.recent
             .read()

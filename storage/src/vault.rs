@@ -10,9 +10,8 @@
 //! file (`wal`) and names its segment to a **syncer** thread, which makes
 //! it durable (`fdatasync`) while a **writer** thread applies the group's
 //! batches to sled (a group that is only log chunks waits in
-//! `Store::recent` and goes to sled with the next such groups within 5 ms,
-//! moved there by an **applier** thread: `Writer::defer`) and publishes
-//! it; the syncer answers the writers with
+//! `Store::recent` and goes to sled with the next such groups within 5 ms:
+//! `Writer::defer`) and publishes it; the syncer answers the writers with
 //! their receipts once both are done. The three stages overlap, so one
 //! fsync serves every append that arrived while the previous one ran, and
 //! a group's fsync starts without a hand-off to the writer's thread.
@@ -54,7 +53,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1008,7 +1007,6 @@ impl Vault {
             deferred_bytes: 0,
             deferred_since: None,
             deferred_markers: Vec::new(),
-            applier: None,
         };
         let mut receipts = Vec::new();
         if !initial.is_empty() {
@@ -3082,52 +3080,6 @@ impl Committer {
     }
 }
 
-/// Applies every held-back log chunk to sled in one batch, then drops
-/// them from `Store::recent` (in that order, so that readers always find
-/// each chunk in one or the other), then the pending markers of the
-/// groups among them that created keys.
-fn apply_held_back(store: &Store, markers: Vec<u64>) -> Result<()> {
-    failpoint("apply::before_write")?;
-    if store.apply_recent(None)? > 0 {
-        crate::store::release_garbage();
-    }
-    // After the chunks in sled's order: a marker is gone only if its
-    // group's log is there.
-    for seq in markers {
-        store.keys.remove(pending_name(seq))?;
-    }
-    Ok(())
-}
-
-/// The applier thread: moves held-back log chunks to sled when the writer
-/// asks, so that the sled batch (hundreds of microseconds for 5 ms of
-/// groups) does not hold up the groups behind it. Requests are served in
-/// order, so an answered one means every earlier one is done.
-fn run_applier(
-    store: &Store,
-    shared: &Shared,
-    queued: &AtomicUsize,
-    rx: std::sync::mpsc::Receiver<Apply>,
-) {
-    for Apply { markers, done } in rx {
-        let r = if shared.poisoned.load(Ordering::Acquire) {
-            Err(Error::Poisoned)
-        } else {
-            apply_held_back(store, markers)
-        };
-        if let Err(e) = &r {
-            if !matches!(e, Error::Poisoned) {
-                tracing::error!(error = %e, "applying the log to sled failed; the vault refuses writes until reopened");
-            }
-            shared.poisoned.store(true, Ordering::Release);
-        }
-        queued.fetch_sub(1, Ordering::Release);
-        if let Some(done) = done {
-            let _ = done.send(r);
-        }
-    }
-}
-
 /// What the committer hands to the writer.
 enum ToWriter {
     Group(Box<Built>),
@@ -3173,23 +3125,6 @@ struct Writer {
     /// The first seqs of the held-back groups that created keys: their
     /// pending markers go once their chunks are in sled.
     deferred_markers: Vec<u64>,
-    /// The applier thread, while [`Writer::run`] runs (before, the writer
-    /// applies held-back chunks itself), and how many requests it has not
-    /// finished.
-    applier: Option<(std::sync::mpsc::Sender<Apply>, Arc<AtomicUsize>)>,
-}
-
-/// The writer waits for the applier rather than queue a request behind
-/// this many unfinished ones, so that held-back chunks cannot pile up in
-/// memory while sled is slow.
-const APPLIER_QUEUE: usize = 2;
-
-/// The writer asks the applier thread to move every held-back log chunk
-/// into sled, then to drop these pending markers.
-struct Apply {
-    markers: Vec<u64>,
-    /// Answered once this request, and every one before it, is done.
-    done: Option<std::sync::mpsc::Sender<Result<()>>>,
 }
 
 /// The writer applies waiting log chunks to sled once they hold this
@@ -3205,20 +3140,6 @@ const RECORD_BUFFER_KEPT: usize = 16 << 20;
 impl Writer {
     fn run(mut self, rx: std::sync::mpsc::Receiver<ToWriter>) {
         use std::sync::mpsc::RecvTimeoutError;
-        let (tx, applier_rx) = std::sync::mpsc::channel();
-        let store = self.store.clone();
-        let shared = self.shared.clone();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let q = queued.clone();
-        let applier = std::thread::Builder::new()
-            .name("vault-applier".into())
-            .spawn(move || run_applier(&store, &shared, &q, applier_rx));
-        match &applier {
-            Ok(_) => self.applier = Some((tx, queued)),
-            Err(e) => {
-                tracing::warn!(error = %e, "no applier thread; the writer applies held-back chunks itself")
-            }
-        }
         loop {
             let msg = match self.deferred_since {
                 None => match rx.recv() {
@@ -3228,7 +3149,7 @@ impl Writer {
                 Some(since) => match rx.recv_timeout(DEFER_FOR.saturating_sub(since.elapsed())) {
                     Ok(msg) => msg,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.apply_deferred_later();
+                        self.apply_deferred_or_poison();
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -3247,10 +3168,6 @@ impl Writer {
             }
         }
         self.apply_deferred_or_poison();
-        self.applier = None;
-        if let Ok(applier) = applier {
-            let _ = applier.join();
-        }
     }
 
     /// Holds back a group's log batch, when it is the group's only batch:
@@ -3278,58 +3195,27 @@ impl Writer {
             .extend(chunks);
         self.deferred_since.get_or_insert_with(Instant::now);
         if self.deferred_bytes >= DEFER_BYTES {
-            self.apply_deferred_later();
+            self.apply_deferred()?;
         }
         Ok(())
     }
 
-    /// Has the applier thread move every waiting log chunk to sled while
-    /// this thread goes on with the next groups. A failure there poisons
-    /// the vault, as a failed group write does.
-    fn apply_deferred_later(&mut self) {
-        let Some((tx, queued)) = &self.applier else {
-            return self.apply_deferred_or_poison();
-        };
-        if queued.load(Ordering::Acquire) >= APPLIER_QUEUE {
-            return self.apply_deferred_or_poison();
-        }
-        let markers = std::mem::take(&mut self.deferred_markers);
-        queued.fetch_add(1, Ordering::AcqRel);
-        if tx
-            .send(Apply {
-                markers,
-                done: None,
-            })
-            .is_err()
-        {
-            self.shared.poisoned.store(true, Ordering::Release);
-        }
-        self.deferred_bytes = 0;
-        self.deferred_since = None;
-    }
-
-    /// Every waiting log chunk is in sled when this returns, those handed
-    /// to the applier thread included: before a batch that must follow
-    /// them in sled's order, and before a checkpoint.
+    /// Applies every waiting log chunk to sled in one batch, then drops
+    /// them from `Store::recent` (in that order, so that readers always
+    /// find each chunk in one or the other).
     fn apply_deferred(&mut self) -> Result<()> {
-        let markers = std::mem::take(&mut self.deferred_markers);
+        failpoint("apply::before_write")?;
+        if self.store.apply_recent(None)? > 0 {
+            crate::store::release_garbage();
+        }
+        // After the chunks in sled's order: a marker is gone only if its
+        // group's log is there.
+        for seq in self.deferred_markers.drain(..) {
+            self.store.keys.remove(pending_name(seq))?;
+        }
         self.deferred_bytes = 0;
         self.deferred_since = None;
-        match &self.applier {
-            Some((tx, queued)) if queued.load(Ordering::Acquire) > 0 => {
-                let (done, rx) = std::sync::mpsc::channel();
-                queued.fetch_add(1, Ordering::AcqRel);
-                tx.send(Apply {
-                    markers,
-                    done: Some(done),
-                })
-                .map_err(|_| Error::Poisoned)?;
-                rx.recv().map_err(|_| Error::Poisoned)?
-            }
-            // Nothing handed over is left undone (only this thread adds
-            // requests): it applies them itself.
-            _ => apply_held_back(&self.store, markers),
-        }
+        Ok(())
     }
 
     /// [`Writer::apply_deferred`] off the path of a group: a failure

@@ -8,7 +8,7 @@
 //!   `N*off->panic`: the N+1th time the step is reached, the process
 //!   aborts), taking every failpoint in turn: each step of a commit
 //!   (before and after the write, before and after the flush, the
-//!   checkpoint, the applier's move of held-back log chunks to sled, and
+//!   checkpoint, the move of held-back log chunks to sled, and
 //!   the steps of derived state) and just before each reply (append,
 //!   batch, mint, redeem, authorize, and the audit event of a denial);
 //!   then SIGKILL if it was not reached;
