@@ -10,7 +10,7 @@
 //! | `commit::before_flush` | the syncer is about to `fdatasync` the write-ahead file |
 //! | `commit::after_flush` | the group is durable; no caller has its reply yet |
 //! | `checkpoint::before_sync` | a full write-ahead segment is about to be checkpointed (sled flushed and fsynced, the segment deleted) |
-//! | `apply::before_write` | the writer is about to move held-back log chunks to sled (5 ms after the first, once 256 KiB wait, or before a batch that must follow them) |
+//! | `apply::before_write` | the writer is about to move held-back log chunks to sled (5 ms after the first, once 256 KiB wait, before a batch that must follow them, before a closed segment's checkpoint, and at close) |
 //! | `index::before_write` | the indexer is about to write derived state |
 //! | `index::mid_write` | the `indexing` marker and half the keys are written |
 //! | `index::after_write` | derived state is written (not yet flushed) |
