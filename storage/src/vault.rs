@@ -16,6 +16,14 @@
 //! fsync serves every append that arrived while the previous one ran, and
 //! a group's fsync starts without a hand-off to the writer's thread.
 //!
+//! An append of records that finds no other request in progress, and the
+//! committer idle, does the committer's part itself, on its own thread,
+//! under the same lock (a **leader**, as in the group commit of
+//! databases): a lone append is then spared the committer thread's
+//! wake-up. Any request that finds another in progress queues, so that
+//! the committer builds everything that arrives during a sync as one
+//! group, and a connection's pipelined requests keep their order.
+//!
 //! Invariants (asserted on the write path, checked by verify on reads):
 //! - seqs are contiguous from 0 and never reused; entry n's `prev_hash` is
 //!   the hash of entry n-1;
@@ -53,8 +61,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -465,6 +473,40 @@ struct Request {
     reply: Reply,
 }
 
+/// What became of a request that may lead ([`Vault::lead`]).
+enum Lead {
+    /// Built, written ahead and handed to the writer by its own thread.
+    Led(Led),
+    /// To be queued for the committer's thread.
+    Queue(Request),
+    /// Not built: the vault stopped (its reply is dropped).
+    Gone,
+}
+
+/// One request counted in `Shared::active` until it is answered, or its
+/// caller gave up on it.
+struct Active<'a> {
+    count: &'a AtomicUsize,
+    /// No other request was in progress when this one started.
+    alone: bool,
+}
+
+impl<'a> Active<'a> {
+    fn new(count: &'a AtomicUsize) -> Active<'a> {
+        let before = count.fetch_add(1, Ordering::AcqRel);
+        Active {
+            count,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 struct Synced {
     replies: Vec<(Reply, Result<Vec<Receipt>>)>,
     head: Option<SignedHead>,
@@ -511,6 +553,9 @@ struct Inner {
     public_key: VerifyingKey,
     vault_id: [u8; 16],
     tx: RwLock<Option<mpsc::Sender<Request>>>,
+    /// The committer, which a request may take to build its own group
+    /// when no other request is in progress ([`Vault::lead`]).
+    leader: LeaderSlot,
     threads: Mutex<Vec<JoinHandle<()>>>,
     shared: Arc<Shared>,
     max_encryptions: u64,
@@ -521,8 +566,18 @@ struct Inner {
 /// State the committer, syncer and indexer share with readers.
 struct Shared {
     poisoned: AtomicBool,
+    /// Requests in progress: from before they are queued until they are
+    /// answered. Only a request that finds none builds its group itself
+    /// ([`Vault::lead`]); any other waits in the queue, so that it can
+    /// neither overtake a request sent before it on the same connection
+    /// nor miss the group that the committer builds of everything that
+    /// arrived during a sync.
+    active: AtomicUsize,
     /// Latest durable signed head.
     head: RwLock<Option<SignedHead>>,
+    /// Held during each `fdatasync` of the write-ahead file
+    /// ([`sync_segments`]).
+    wal_sync: Mutex<()>,
     overlay: Mutex<Overlay>,
     /// Wakes the indexer early when the overlay is large.
     overlay_full: std::sync::Condvar,
@@ -734,7 +789,17 @@ impl Inner {
         // overlay.
         let stopped = !threads.is_empty();
         let mut threads = threads.into_iter();
-        for t in threads.by_ref().take(4) {
+        if let Some(committer) = threads.next() {
+            let _ = committer.join();
+        }
+        // The committer's thread drops the leader when it ends, unless it
+        // panicked: the writer then stops once the leader, which holds its
+        // channel, is gone.
+        self.leader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        for t in threads.by_ref().take(3) {
             let _ = t.join();
         }
         self.shared.stopping.store(true, Ordering::Release);
@@ -965,7 +1030,9 @@ impl Vault {
         let shared_master = Arc::new(RwLock::new(master.clone()));
         let shared = Arc::new(Shared {
             poisoned: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
             head: RwLock::new(None),
+            wal_sync: Mutex::new(()),
             overlay: Mutex::new(Overlay {
                 last_seq: pos.next_seq.checked_sub(1),
                 ..Overlay::default()
@@ -995,6 +1062,8 @@ impl Vault {
             wal: Wal::new(&store.dir, opts.wal_segment_bytes),
             record: Vec::new(),
             syncer: sync_tx.clone(),
+            keep_segment: false,
+            kept_segment: None,
         };
         let (ckpt_tx, ckpt_rx) = std::sync::mpsc::channel();
         let mut writer = Writer {
@@ -1037,9 +1106,15 @@ impl Vault {
         // Bounded, so that the committer runs at most a few groups ahead
         // of the writer.
         let (writer_tx, writer_rx) = std::sync::mpsc::sync_channel(4);
+        let max_group = committer.max_group;
+        let leader: LeaderSlot = Arc::new(Mutex::new(Some(Leader {
+            committer,
+            writer: writer_tx,
+        })));
+        let committer_slot = leader.clone();
         let c = std::thread::Builder::new()
             .name("vault-committer".into())
-            .spawn(move || committer.run(rx, writer_tx))?;
+            .spawn(move || run_committer(&committer_slot, rx, max_group))?;
         let w = std::thread::Builder::new()
             .name("vault-writer".into())
             .spawn(move || writer.run(writer_rx))?;
@@ -1069,6 +1144,7 @@ impl Vault {
                 public_key: pk,
                 vault_id,
                 tx: RwLock::new(Some(tx)),
+                leader,
                 threads: Mutex::new(vec![c, w, s, k, i]),
                 shared,
                 max_encryptions: opts.max_encryptions_per_key.max(1),
@@ -1092,6 +1168,7 @@ impl Vault {
 
     fn submit_raw(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
         let (reply, rx) = oneshot::channel();
+        let _active = Active::new(&self.inner.shared.active);
         self.sender()?
             .blocking_send(Request { items, reply })
             .map_err(|_| Error::Closed)?;
@@ -1113,12 +1190,75 @@ impl Vault {
         for i in &items {
             i.validate()?;
         }
+        self.request(items).await
+    }
+
+    /// Has `items` built into a commit group, by this task when it may
+    /// lead ([`Vault::lead`]), otherwise by the committer's thread, and
+    /// waits until the group is durable.
+    async fn request(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
         let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Request { items, reply })
-            .await
-            .map_err(|_| Error::Closed)?;
+        let active = Active::new(&self.inner.shared.active);
+        let req = Request { items, reply };
+        let req = if active.alone {
+            self.lead(req)?
+        } else {
+            Lead::Queue(req)
+        };
+        match req {
+            Lead::Queue(req) => self.sender()?.send(req).await.map_err(|_| Error::Closed)?,
+            Lead::Led(led) => {
+                // The `fdatasync` on this thread: a lone request would
+                // otherwise wait for the syncer's wake-up, and then for
+                // its own.
+                let synced = match &led.segment {
+                    Some(f) => sync_segments(&self.inner.shared, &[f]),
+                    None => Ok(()),
+                };
+                if let Ok(done) = led.replies.await {
+                    answer(&self.inner.shared, synced, vec![done]);
+                }
+            }
+            Lead::Gone => {}
+        }
         rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Builds a lone request (no other in progress) into a commit group
+    /// on the calling thread and hands it to the writer, as the committer's
+    /// thread would, when the committer is idle; otherwise gives `req`
+    /// back to be queued. This spares a lone append the committer
+    /// thread's wake-up, while under load the thread builds everything
+    /// queued as one group as before. Only appends of records lead
+    /// ([`Leader::may_lead`]).
+    fn lead(&self, req: Request) -> Result<Lead> {
+        let mut guard = match self.inner.leader.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::WouldBlock) => return Ok(Lead::Queue(req)),
+            Err(TryLockError::Poisoned(p)) => {
+                // The committer's thread panicked midway through a group.
+                p.into_inner().take();
+                return Err(Error::Closed);
+            }
+        };
+        let Some(leader) = guard.as_mut() else {
+            return Err(Error::Closed);
+        };
+        if !leader.may_lead(&req.items) {
+            return Ok(Lead::Queue(req));
+        }
+        // Still open: a closing vault takes no new request.
+        drop(self.sender()?);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| leader.lead(req))) {
+            Ok(Some(led)) => Ok(Lead::Led(led)),
+            _ => {
+                // The writer is gone, or building panicked midway (the
+                // request's reply is dropped with it: `Closed`): as when
+                // the committer's thread ends, nothing more is built.
+                guard.take();
+                Ok(Lead::Gone)
+            }
+        }
     }
 
     /// Blocking form of [`Vault::append_batch`], for threads outside an
@@ -1211,15 +1351,11 @@ impl Vault {
         read_entry(&self.inner.store, seq)
     }
 
-    /// Sends items to the committer without the checks callers' appends
-    /// get (for the vault's own kinds), and waits until they are durable.
+    /// Has items built into a commit group without the checks callers'
+    /// appends get (for the vault's own kinds), and waits until they are
+    /// durable.
     async fn submit(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
-        let (reply, rx) = oneshot::channel();
-        self.sender()?
-            .send(Request { items, reply })
-            .await
-            .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        self.request(items).await
     }
 
     /// Crypto-shreds `subject`: appends a signed `subject_shredded` entry
@@ -1466,21 +1602,12 @@ impl Vault {
         now_ms: u64,
     ) -> Result<(state::TokenMinted, Receipt)> {
         let token_hash = api_key_hash(token);
-        let (reply, rx) = oneshot::channel();
         let items = vec![Append::Redeem {
             token_hash: token_hash.clone(),
             partner_id: partner_id.to_string(),
             now_ms,
         }];
-        self.sender()?
-            .send(Request { items, reply })
-            .await
-            .map_err(|_| Error::Closed)?;
-        let receipt = rx
-            .await
-            .map_err(|_| Error::Closed)??
-            .pop()
-            .ok_or(Error::Closed)?;
+        let receipt = self.request(items).await?.pop().ok_or(Error::Closed)?;
         let (st, sh) = (&self.inner.store.state, &self.inner.shared);
         let minted = sh
             .state_get(st, &state::key("t/", &token_hash))?
@@ -2149,6 +2276,11 @@ struct Committer {
     record: Vec<u8>,
     /// Where the committer names each segment it wrote a record to.
     syncer: std::sync::mpsc::Sender<ToSyncer>,
+    /// Set while a lone request builds its own group: the segment its
+    /// record went to is kept in `kept_segment` for that request to sync,
+    /// instead of being named to the syncer.
+    keep_segment: bool,
+    kept_segment: Option<Arc<File>>,
 }
 
 /// A subject's current data key in the committer's cache.
@@ -2214,75 +2346,146 @@ struct Group {
     requests: Vec<(Reply, Result<Vec<usize>>)>,
 }
 
-impl Committer {
-    fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Request>,
-        writer: std::sync::mpsc::SyncSender<ToWriter>,
-    ) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut n = first.items.len();
-            let mut reqs = vec![first];
-            while n < self.max_group {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        n += r.items.len();
-                        reqs.push(r);
-                    }
-                    Err(_) => break,
+/// The committer with its channel to the writer, behind the lock that
+/// whoever builds the next group holds: the committer's thread, for what
+/// it takes from the queue, or a task whose request finds nothing queued
+/// and the lock free ([`Vault::lead`]), which then builds its group itself
+/// and hands it on as the thread would. The lock is what keeps one chain:
+/// groups are built one at a time, in the order their builders take it.
+struct Leader {
+    committer: Committer,
+    writer: std::sync::mpsc::SyncSender<ToWriter>,
+}
+
+/// A group that a lone request built: the segment its record is in (none
+/// when every item was refused, so nothing was written), and where the
+/// writer hands its replies once it is in sled and published.
+struct Led {
+    segment: Option<Arc<File>>,
+    replies: oneshot::Receiver<Synced>,
+}
+
+/// Where the [`Leader`] lives; `None` once the committer has stopped.
+type LeaderSlot = Arc<Mutex<Option<Leader>>>;
+
+/// The committer's thread: takes everything queued as one group and
+/// builds it under the leader's lock. It ends when the queue closes, or
+/// when the leader is gone (the writer stopped, or a builder panicked),
+/// and then drops the leader, whose channel's closing stops the writer.
+fn run_committer(slot: &LeaderSlot, mut rx: mpsc::Receiver<Request>, max_group: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut n = first.items.len();
+        let mut reqs = vec![first];
+        while n < max_group {
+            match rx.try_recv() {
+                Ok(r) => {
+                    n += r.items.len();
+                    reqs.push(r);
                 }
+                Err(_) => break,
             }
-            if self.shared.poisoned.load(Ordering::Acquire) {
-                for r in reqs {
-                    let _ = r.reply.send(Err(Error::Poisoned));
-                }
+        }
+        let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(leader) = guard.as_mut() else {
+            break;
+        };
+        if !leader.commit(reqs) {
+            guard.take();
+            break;
+        }
+    }
+    slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+}
+
+impl Leader {
+    /// Whether a task may build a group of `items` itself: records only
+    /// (no shred, rotation or key cache to empty, which wait for the
+    /// writer), and a vault that is not poisoned. Redemptions and events
+    /// do not lead: they come from the partners' connections and the HTTP
+    /// shim, whose runtime threads the build would hold up (redemptions at
+    /// 2,000/s had a p50 40–60 µs higher when they led; `benchmarks.md`).
+    fn may_lead(&self, items: &[Append]) -> bool {
+        let c = &self.committer;
+        c.keys.len() <= c.key_cache
+            && !c.shared.poisoned.load(Ordering::Acquire)
+            && items.iter().all(|i| matches!(i, Append::Record { .. }))
+    }
+
+    /// Builds a lone request's group, writes its record ahead and hands
+    /// it to the writer, whose replies come back to the request (not the
+    /// syncer); the request then syncs the segment itself. None once the
+    /// writer is gone.
+    fn lead(&mut self, req: Request) -> Option<Led> {
+        let c = &mut self.committer;
+        let mut built = c.build(vec![req], &self.writer);
+        let (done, replies) = oneshot::channel();
+        built.led = Some(done);
+        c.keep_segment = true;
+        c.write_ahead(&mut built, &self.writer);
+        c.keep_segment = false;
+        let segment = c.kept_segment.take();
+        self.writer.send(ToWriter::Group(Box::new(built))).ok()?;
+        Some(Led { segment, replies })
+    }
+
+    /// Builds `reqs` as one commit group (a master rotation as a group of
+    /// its own) and hands it to the writer. False once the writer is gone.
+    fn commit(&mut self, reqs: Vec<Request>) -> bool {
+        let writer = &self.writer;
+        let this = &mut self.committer;
+        if this.shared.poisoned.load(Ordering::Acquire) {
+            for r in reqs {
+                let _ = r.reply.send(Err(Error::Poisoned));
+            }
+            return true;
+        }
+        if this.keys.len() > this.key_cache {
+            this.clear_key_cache(writer);
+        }
+        // A master rotation is a commit group of its own, built after
+        // every earlier group is written (so that the key store holds
+        // every key it must re-wrap) and swapped in before any later
+        // group is built (so that later keys are wrapped under the new
+        // master, and unwrapped from the store with it).
+        let mut normal = Vec::new();
+        for r in reqs {
+            let is_rotation = matches!(r.items.as_slice(), [Append::RotateMaster(_)]);
+            if !is_rotation {
+                normal.push(r);
                 continue;
             }
-            if self.keys.len() > self.key_cache {
-                self.clear_key_cache(&writer);
-            }
-            // A master rotation is a commit group of its own, built after
-            // every earlier group is written (so that the key store holds
-            // every key it must re-wrap) and swapped in before any later
-            // group is built (so that later keys are wrapped under the new
-            // master, and unwrapped from the store with it).
-            let mut normal = Vec::new();
-            for r in reqs {
-                let is_rotation = matches!(r.items.as_slice(), [Append::RotateMaster(_)]);
-                if !is_rotation {
-                    normal.push(r);
-                    continue;
-                }
-                if !normal.is_empty() {
-                    let built = self.build(std::mem::take(&mut normal), &writer);
-                    if !self.hand_over(built, &writer) {
-                        return;
-                    }
-                }
-                Self::barrier(&writer);
-                let built = self.build(vec![r], &writer);
-                let new_master = built.g.master_swap.as_ref().map(|m| m.master.clone());
-                if !self.hand_over(built, &writer) {
-                    return;
-                }
-                if let Some(m) = new_master {
-                    Self::barrier(&writer);
-                    // A failed write poisons the vault: nothing is built
-                    // after it, so the old master can stay.
-                    if !self.shared.poisoned.load(Ordering::Acquire) {
-                        self.master = m;
-                    }
-                }
-            }
             if !normal.is_empty() {
-                let built = self.build(normal, &writer);
-                if !self.hand_over(built, &writer) {
-                    break;
+                let built = this.build(std::mem::take(&mut normal), writer);
+                if !this.hand_over(built, writer) {
+                    return false;
+                }
+            }
+            Committer::barrier(writer);
+            let built = this.build(vec![r], writer);
+            let new_master = built.g.master_swap.as_ref().map(|m| m.master.clone());
+            if !this.hand_over(built, writer) {
+                return false;
+            }
+            if let Some(m) = new_master {
+                Committer::barrier(writer);
+                // A failed write poisons the vault: nothing is built
+                // after it, so the old master can stay.
+                if !this.shared.poisoned.load(Ordering::Acquire) {
+                    this.master = m;
                 }
             }
         }
+        if !normal.is_empty() {
+            let built = this.build(normal, writer);
+            if !this.hand_over(built, writer) {
+                return false;
+            }
+        }
+        true
     }
+}
 
+impl Committer {
     /// A group's record: its batches encoded and appended to the
     /// write-ahead file, whose segment the syncer then `fdatasync`s.
     fn write_record(&mut self, g: &Group, first_seq: u64, head: &SignedHead) -> Result<Written> {
@@ -2381,9 +2584,13 @@ impl Committer {
         if self.record.capacity() > RECORD_BUFFER_KEPT {
             self.record = Vec::new();
         }
-        // Nothing waits for this send: a syncer that is gone fails the
-        // group's replies instead.
-        let _ = self.syncer.send(ToSyncer::Flush(file));
+        if self.keep_segment {
+            self.kept_segment = Some(file);
+        } else {
+            // Nothing waits for this send: a syncer that is gone fails the
+            // group's replies instead.
+            let _ = self.syncer.send(ToSyncer::Flush(file));
+        }
         Ok(Written {
             batches: gw.batches,
             chunk_keys,
@@ -2495,6 +2702,7 @@ impl Committer {
             first_seq,
             signed,
             written: None,
+            led: None,
         }
     }
 
@@ -3095,6 +3303,10 @@ struct Built {
     signed: Option<(MerkleTree, SignedHead)>,
     /// What the committer wrote ahead for a signed group.
     written: Option<Result<Written>>,
+    /// Set when a lone request built the group ([`Vault::lead`]): the
+    /// writer hands the group's replies there instead of to the syncer,
+    /// since that request makes the group durable itself.
+    led: Option<oneshot::Sender<Synced>>,
 }
 
 /// A group's record in the write-ahead file: the batches the writer
@@ -3156,10 +3368,18 @@ impl Writer {
                 },
             };
             match msg {
-                ToWriter::Group(built) => {
+                ToWriter::Group(mut built) => {
+                    let led = built.led.take();
                     let done = self.finish(built);
-                    if self.syncer.send(ToSyncer::Done(done)).is_err() {
-                        break;
+                    match led {
+                        // A leader gone (its caller gave up) drops the
+                        // replies with it.
+                        Some(leader) => drop(leader.send(done)),
+                        None => {
+                            if self.syncer.send(ToSyncer::Done(done)).is_err() {
+                                break;
+                            }
+                        }
                     }
                 }
                 ToWriter::Barrier(done) => {
@@ -3237,6 +3457,7 @@ impl Writer {
             first_seq,
             signed,
             written,
+            led: _,
         } = *built;
         let Some((tree, head)) = signed else {
             let replies = g
@@ -3559,17 +3780,66 @@ fn run_indexer(store: &Store, shared: &Shared) {
 }
 
 /// `fdatasync`s each write-ahead segment named in `msgs` once.
-fn sync_wal(msgs: &[ToSyncer]) -> Result<()> {
+/// `fdatasync`s each segment once. One at a time in the process (the
+/// syncer's, or a lone request's: [`Vault::lead`]), and a failure poisons
+/// the vault before the next one starts: an error that one `fdatasync`
+/// reports is not reported again to the next, which must then not
+/// acknowledge groups written after the failed one.
+fn sync_segments(shared: &Shared, segments: &[&Arc<File>]) -> Result<()> {
+    let _one = shared
+        .wal_sync
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if shared.poisoned.load(Ordering::Acquire) {
+        return Err(Error::Poisoned);
+    }
     let mut synced: Vec<&Arc<File>> = Vec::new();
-    for m in msgs {
-        if let ToSyncer::Flush(f) = m {
-            if !synced.iter().any(|d| Arc::ptr_eq(d, f)) {
-                f.sync_data()?;
-                synced.push(f);
+    let result = failpoint("commit::before_flush")
+        .and_then(|()| {
+            for f in segments {
+                if !synced.iter().any(|d| Arc::ptr_eq(d, f)) {
+                    f.sync_data()?;
+                    synced.push(f);
+                }
+            }
+            Ok(())
+        })
+        .and_then(|()| failpoint("commit::after_flush"));
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "sync failed; the vault refuses writes until reopened");
+        shared.poisoned.store(true, Ordering::Release);
+    }
+    result
+}
+
+/// Answers the groups that a sync covers, with their receipts and the
+/// latest head published, or, when it failed, with `Poisoned`.
+fn answer(shared: &Shared, synced: Result<()>, done: Vec<Synced>) {
+    match synced {
+        Ok(()) => {
+            if let Some(h) = done.iter().rev().find_map(|s| s.head) {
+                if let Ok(mut w) = shared.head.write() {
+                    // A lone request's group and the syncer's next ones
+                    // may be answered in either order.
+                    if w.is_none_or(|old| old.last_seq < h.last_seq) {
+                        *w = Some(h);
+                    }
+                }
+            }
+            for s in done {
+                for (reply, r) in s.replies {
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        Err(_) => {
+            for s in done {
+                for (reply, _) in s.replies {
+                    let _ = reply.send(Err(Error::Poisoned));
+                }
             }
         }
     }
-    Ok(())
 }
 
 /// Checkpoints each full write-ahead segment: makes sled durable (every
@@ -3600,43 +3870,28 @@ fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<ToSyncer>) {
         while let Ok(more) = rx.try_recv() {
             msgs.push(more);
         }
-        let flush = msgs.iter().any(|m| matches!(m, ToSyncer::Flush(_)));
+        let segments: Vec<&Arc<File>> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                ToSyncer::Flush(f) => Some(f),
+                ToSyncer::Done(_) => None,
+            })
+            .collect();
         let result = if shared.poisoned.load(Ordering::Acquire) {
             Err(Error::Poisoned)
-        } else if flush {
-            failpoint("commit::before_flush")
-                .and_then(|()| sync_wal(&msgs))
-                .and_then(|()| failpoint("commit::after_flush"))
-        } else {
+        } else if segments.is_empty() {
             Ok(())
+        } else {
+            sync_segments(shared, &segments)
         };
-        let done = msgs.into_iter().filter_map(|m| match m {
-            ToSyncer::Done(s) => Some(s),
-            ToSyncer::Flush(_) => None,
-        });
-        match result {
-            Ok(()) => {
-                let done: Vec<Synced> = done.collect();
-                if let Some(h) = done.iter().rev().find_map(|s| s.head) {
-                    if let Ok(mut w) = shared.head.write() {
-                        *w = Some(h);
-                    }
-                }
-                for s in done {
-                    for (reply, r) in s.replies {
-                        let _ = reply.send(r);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "sync failed; the vault refuses writes until reopened");
-                shared.poisoned.store(true, Ordering::Release);
-                for s in done {
-                    for (reply, _) in s.replies {
-                        let _ = reply.send(Err(Error::Poisoned));
-                    }
-                }
-            }
-        }
+        drop(segments);
+        let done = msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                ToSyncer::Done(s) => Some(s),
+                ToSyncer::Flush(_) => None,
+            })
+            .collect();
+        answer(shared, result, done);
     }
 }

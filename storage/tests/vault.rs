@@ -217,6 +217,94 @@ async fn group_commit_under_concurrency_loses_nothing() {
     verify_ok(&dir, key);
 }
 
+/// Polls `futs` in their order, each first poll before the next one's,
+/// as a connection's pipelined requests are started, until all are done.
+async fn in_order<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futs.iter_mut().zip(outs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outs.into_iter().flatten().collect()
+}
+
+/// A request that finds no other in progress builds its group on its own
+/// thread; the rest queue for the committer. Either way, requests started
+/// one after another by one task (pipelined, as a connection starts them)
+/// get seqs in that order, and concurrent tasks still share groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_keep_their_order_whoever_builds_the_group() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = Arc::new(new_vault(&dir));
+    let mut tasks = Vec::new();
+    for t in 0..6u32 {
+        let v = vault.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut heads = Vec::new();
+            for round in 0..20u32 {
+                // Alone now and then: one append, then a pipeline.
+                let lone = v
+                    .append(Append::record(format!("s-{t}"), b"lone".to_vec()))
+                    .await
+                    .expect("append");
+                heads.push(lone.head.last_seq);
+                let n = 1 + (round % 8) as usize;
+                let futs = (0..n)
+                    .map(|i| {
+                        let v = v.clone();
+                        async move {
+                            let item = if i % 3 == 2 {
+                                Append::event(
+                                    Kind::ConsentGranted,
+                                    format!("s-{t}"),
+                                    &serde_json::json!({"partner_id": format!("p-{i}")}),
+                                )
+                            } else {
+                                Append::record(format!("s-{t}-{i}"), vec![b'x'; 100])
+                            };
+                            v.append(item).await.expect("append")
+                        }
+                    })
+                    .collect();
+                let receipts = in_order(futs).await;
+                let seqs: Vec<u64> = receipts.iter().map(|r| r.seq).collect();
+                assert!(
+                    seqs.windows(2).all(|w| w[0] < w[1]),
+                    "out of order: {seqs:?}"
+                );
+                assert!(lone.seq < seqs[0]);
+                heads.extend(receipts.iter().map(|r| r.head.last_seq));
+            }
+            heads
+        }));
+    }
+    let mut heads = Vec::new();
+    for t in tasks {
+        heads.extend(t.await.expect("task"));
+    }
+    let groups: std::collections::HashSet<u64> = heads.iter().copied().collect();
+    assert!(groups.len() < heads.len(), "no group commit happened");
+    let vault = Arc::try_unwrap(vault).expect("sole owner");
+    let key = vault.public_key();
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
 #[tokio::test]
 async fn batch_is_atomic_and_ordered() {
     let tmp = tempfile::tempdir().expect("tempdir");
