@@ -19,10 +19,14 @@
 //! An append of records that finds no other request in progress, and the
 //! committer idle, does the committer's part itself, on its own thread,
 //! under the same lock (a **leader**, as in the group commit of
-//! databases): a lone append is then spared the committer thread's
-//! wake-up. Any request that finds another in progress queues, so that
-//! the committer builds everything that arrives during a sync as one
-//! group, and a connection's pipelined requests keep their order.
+//! databases), then `fdatasync`s the segment itself and answers once the
+//! writer has published the group: a lone append is spared the wake-ups
+//! of the committer, of the syncer and of its own task. Any request that
+//! finds another in progress queues, so that the committer builds
+//! everything that arrives during a sync as one group, and a connection's
+//! pipelined requests keep their order. Every `fdatasync` of the
+//! write-ahead file, the syncer's or a leader's, runs under one lock, and
+//! one that fails poisons the vault before the next one starts.
 //!
 //! Invariants (asserted on the write path, checked by verify on reads):
 //! - seqs are contiguous from 0 and never reused; entry n's `prev_hash` is
@@ -2580,7 +2584,10 @@ impl Committer {
         }
         let gw = wal::GroupWrite { first_seq, batches };
         wal::encode_record_into(&gw, &mut self.record)?;
-        let (file, closed) = self.wal.append(first_seq, &self.record)?;
+        let shared = &self.shared;
+        let (file, closed) = self.wal.append(first_seq, &self.record, |f| {
+            sync_segments_quietly(shared, f)
+        })?;
         if self.record.capacity() > RECORD_BUFFER_KEPT {
             self.record = Vec::new();
         }
@@ -3781,11 +3788,26 @@ fn run_indexer(store: &Store, shared: &Shared) {
 
 /// `fdatasync`s each write-ahead segment named in `msgs` once.
 /// `fdatasync`s each segment once. One at a time in the process (the
-/// syncer's, or a lone request's: [`Vault::lead`]), and a failure poisons
+/// syncer's, a lone request's ([`Vault::lead`]), or the committer's of a
+/// full segment before it closes it), and a failure poisons
 /// the vault before the next one starts: an error that one `fdatasync`
 /// reports is not reported again to the next, which must then not
 /// acknowledge groups written after the failed one.
 fn sync_segments(shared: &Shared, segments: &[&Arc<File>]) -> Result<()> {
+    let result = sync_under_lock(shared, segments, true);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "sync failed; the vault refuses writes until reopened");
+    }
+    result
+}
+
+/// A full segment's `fdatasync` before the committer closes it, under the
+/// same lock as [`sync_segments`]; its caller reports a failure.
+fn sync_segments_quietly(shared: &Shared, segment: &Arc<File>) -> Result<()> {
+    sync_under_lock(shared, &[segment], false)
+}
+
+fn sync_under_lock(shared: &Shared, segments: &[&Arc<File>], failpoints: bool) -> Result<()> {
     let _one = shared
         .wal_sync
         .lock()
@@ -3793,8 +3815,9 @@ fn sync_segments(shared: &Shared, segments: &[&Arc<File>]) -> Result<()> {
     if shared.poisoned.load(Ordering::Acquire) {
         return Err(Error::Poisoned);
     }
+    let point = |name| if failpoints { failpoint(name) } else { Ok(()) };
     let mut synced: Vec<&Arc<File>> = Vec::new();
-    let result = failpoint("commit::before_flush")
+    let result = point("commit::before_flush")
         .and_then(|()| {
             for f in segments {
                 if !synced.iter().any(|d| Arc::ptr_eq(d, f)) {
@@ -3804,9 +3827,10 @@ fn sync_segments(shared: &Shared, segments: &[&Arc<File>]) -> Result<()> {
             }
             Ok(())
         })
-        .and_then(|()| failpoint("commit::after_flush"));
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "sync failed; the vault refuses writes until reopened");
+        .and_then(|()| point("commit::after_flush"));
+    if result.is_err() {
+        // Before the lock goes: the next `fdatasync` would not see this
+        // one's error again.
         shared.poisoned.store(true, Ordering::Release);
     }
     result

@@ -514,12 +514,15 @@ impl Wal {
     }
 
     /// Appends a record (not yet durable: sync the returned file). When
-    /// the current segment is full it is made durable first and its path
-    /// returned as `closed`, for a checkpoint.
+    /// the current segment is full it is made durable first (through
+    /// `sync`, which the vault runs under the lock of every `fdatasync` of
+    /// the write-ahead file) and its path returned as `closed`, for a
+    /// checkpoint.
     pub(crate) fn append(
         &mut self,
         first_seq: u64,
         record: &[u8],
+        sync: impl FnOnce(&Arc<File>) -> Result<()>,
     ) -> Result<(Arc<File>, Option<PathBuf>)> {
         let mut closed = None;
         if self
@@ -528,7 +531,7 @@ impl Wal {
             .is_some_and(|c| c.len >= self.segment_bytes)
         {
             if let Some(c) = self.current.take() {
-                c.file.sync_data()?;
+                sync(&c.file)?;
                 closed = Some(c.path);
             }
         }
@@ -692,7 +695,7 @@ mod tests {
             g.first_seq = seq;
             g.batches[1].ops[0].1 = Some(vec![seq as u8 | 1; 40 * 1024]);
             let rec = encode_record(&g)?;
-            let (file, closed) = wal.append(seq, &rec)?;
+            let (file, closed) = wal.append(seq, &rec, |f| Ok(f.sync_data()?))?;
             assert!(closed.is_none());
             records += rec.len() as u64;
             let size = file.metadata()?.len();
@@ -717,7 +720,7 @@ mod tests {
         for seq in 0..8u64 {
             g.first_seq = seq;
             let rec = encode_record(&g)?;
-            let (file, _) = wal.append(seq, &rec)?;
+            let (file, _) = wal.append(seq, &rec, |f| Ok(f.sync_data()?))?;
             let size = file.metadata()?.len();
             assert!(size <= 2 * 4096 + 2048, "{size} bytes in a 2 KiB segment");
         }
@@ -759,7 +762,7 @@ mod tests {
         g1.batches[0].clone().apply(&store)?;
         let mut wal = Wal::new(&dir, SEGMENT_BYTES);
         for g in [&g0, &g1, &g2] {
-            wal.append(g.first_seq, &encode_record(g)?)?;
+            wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
         }
         let done = replay(&store)?;
         assert_eq!((done.skipped, done.applied), (2, 1));
@@ -774,7 +777,7 @@ mod tests {
         let g0 = group_at(0, &[("y", "0")]);
         g0.batches[0].clone().apply(&store)?;
         let mut wal = Wal::new(&dir, SEGMENT_BYTES);
-        wal.append(0, &encode_record(&g0)?)?;
+        wal.append(0, &encode_record(&g0)?, |f| Ok(f.sync_data()?))?;
         let done = replay(&store)?;
         assert_eq!((done.skipped, done.applied), (1, 0));
         assert_eq!(key(&store, "y")?.as_deref(), Some(&b"0"[..]));

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `commit::before_write` | a group is built and signed; nothing is written yet |
 //! | `commit::after_write` | the group's record is in the write-ahead file (not synced) and its chunk in sled's buffers |
-//! | `commit::before_flush` | the syncer is about to `fdatasync` the write-ahead file |
+//! | `commit::before_flush` | the syncer, or a lone append that syncs its own group, is about to `fdatasync` the write-ahead file |
 //! | `commit::after_flush` | the group is durable; no caller has its reply yet |
 //! | `checkpoint::before_sync` | a full write-ahead segment is about to be checkpointed (sled flushed and fsynced, the segment deleted) |
 //! | `apply::before_write` | the writer is about to move held-back log chunks to sled (5 ms after the first, once 256 KiB wait, before a batch that must follow them, before a closed segment's checkpoint, and at close) |
