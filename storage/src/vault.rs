@@ -16,8 +16,9 @@
 //! fsync serves every append that arrived while the previous one ran, and
 //! a group's fsync starts without a hand-off to the writer's thread.
 //!
-//! An append of records that finds no other request in progress, and the
-//! committer idle, does the committer's part itself, on its own thread,
+//! An append of records that finds no other request in progress, the
+//! committer idle, and a single request in the last group the committer
+//! built, does the committer's part itself, on its own thread,
 //! under the same lock (a **leader**, as in the group commit of
 //! databases), then `fdatasync`s the segment itself and answers once the
 //! writer has published the group: a lone append is spared the wake-ups
@@ -577,6 +578,13 @@ struct Shared {
     /// nor miss the group that the committer builds of everything that
     /// arrived during a sync.
     active: AtomicUsize,
+    /// Requests in the last group the committer's thread built. A request
+    /// leads only when that was one: after a group of many is answered at
+    /// once, the next request finds none in progress too, but the others
+    /// follow it within microseconds, and a leader would hold up the
+    /// runtime thread that should take them in (protocol appends from 64
+    /// clients: 5% fewer when it did).
+    last_group: AtomicUsize,
     /// Latest durable signed head.
     head: RwLock<Option<SignedHead>>,
     /// Held during each `fdatasync` of the write-ahead file
@@ -1035,6 +1043,7 @@ impl Vault {
         let shared = Arc::new(Shared {
             poisoned: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            last_group: AtomicUsize::new(0),
             head: RwLock::new(None),
             wal_sync: Mutex::new(()),
             overlay: Mutex::new(Overlay {
@@ -1204,7 +1213,8 @@ impl Vault {
         let (reply, rx) = oneshot::channel();
         let active = Active::new(&self.inner.shared.active);
         let req = Request { items, reply };
-        let req = if active.alone {
+        let lone = active.alone && self.inner.shared.last_group.load(Ordering::Acquire) <= 1;
+        let req = if lone {
             self.lead(req)?
         } else {
             Lead::Queue(req)
@@ -1215,10 +1225,17 @@ impl Vault {
                 // The `fdatasync` on this thread: a lone request would
                 // otherwise wait for the syncer's wake-up, and then for
                 // its own.
+                let shared = &self.inner.shared;
                 let synced = match &led.segment {
-                    Some(f) => sync_segments(&self.inner.shared, &[f]),
+                    Some(f) => sync_segments(shared, &[f]),
                     None => Ok(()),
                 };
+                if shared.active.load(Ordering::Acquire) > 1 {
+                    // Others came in meanwhile: not alone after all. None
+                    // leads until the committer's thread builds a group
+                    // of one request again.
+                    shared.last_group.store(usize::MAX, Ordering::Release);
+                }
                 if let Ok(done) = led.replies.await {
                     answer(&self.inner.shared, synced, vec![done]);
                 }
@@ -2393,6 +2410,11 @@ fn run_committer(slot: &LeaderSlot, mut rx: mpsc::Receiver<Request>, max_group: 
         let Some(leader) = guard.as_mut() else {
             break;
         };
+        leader
+            .committer
+            .shared
+            .last_group
+            .store(reqs.len(), Ordering::Release);
         if !leader.commit(reqs) {
             guard.take();
             break;
