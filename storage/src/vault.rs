@@ -26,8 +26,9 @@
 //! finds another in progress queues, so that the committer builds
 //! everything that arrives during a sync as one group, and a connection's
 //! pipelined requests keep their order. Every `fdatasync` of the
-//! write-ahead file, the syncer's or a leader's, runs under one lock, and
-//! one that fails poisons the vault before the next one starts.
+//! write-ahead file (the syncer's, a leader's, or the one that closes a
+//! full segment) runs under one lock, and one that fails poisons the
+//! vault before the next one starts.
 //!
 //! Invariants (asserted on the write path, checked by verify on reads):
 //! - seqs are contiguous from 0 and never reused; entry n's `prev_hash` is
@@ -583,7 +584,7 @@ struct Shared {
     /// once, the next request finds none in progress too, but the others
     /// follow it within microseconds, and a leader would hold up the
     /// runtime thread that should take them in (protocol appends from 64
-    /// clients: 5% fewer when it did).
+    /// clients: 4% fewer when it did).
     last_group: AtomicUsize,
     /// Latest durable signed head.
     head: RwLock<Option<SignedHead>>,
@@ -2369,9 +2370,9 @@ struct Group {
 
 /// The committer with its channel to the writer, behind the lock that
 /// whoever builds the next group holds: the committer's thread, for what
-/// it takes from the queue, or a task whose request finds nothing queued
-/// and the lock free ([`Vault::lead`]), which then builds its group itself
-/// and hands it on as the thread would. The lock is what keeps one chain:
+/// it takes from the queue, or a task whose request finds no other in
+/// progress and the lock free ([`Vault::lead`]), which then builds its
+/// group itself and hands it on as the thread would. The lock is what keeps one chain:
 /// groups are built one at a time, in the order their builders take it.
 struct Leader {
     committer: Committer,
@@ -3808,7 +3809,6 @@ fn run_indexer(store: &Store, shared: &Shared) {
     }
 }
 
-/// `fdatasync`s each write-ahead segment named in `msgs` once.
 /// `fdatasync`s each segment once. One at a time in the process (the
 /// syncer's, a lone request's ([`Vault::lead`]), or the committer's of a
 /// full segment before it closes it), and a failure poisons
