@@ -1238,7 +1238,7 @@ impl Vault {
                     shared.last_group.store(usize::MAX, Ordering::Release);
                 }
                 if let Ok(done) = led.replies.await {
-                    answer(&self.inner.shared, synced, vec![done]);
+                    answer(shared, synced, vec![done]);
                 }
             }
             Lead::Gone => {}
@@ -2609,7 +2609,7 @@ impl Committer {
         wal::encode_record_into(&gw, &mut self.record)?;
         let shared = &self.shared;
         let (file, closed) = self.wal.append(first_seq, &self.record, |f| {
-            sync_segments_quietly(shared, f)
+            sync_under_lock(shared, &[f], false)
         })?;
         if self.record.capacity() > RECORD_BUFFER_KEPT {
             self.record = Vec::new();
@@ -3823,12 +3823,9 @@ fn sync_segments(shared: &Shared, segments: &[&Arc<File>]) -> Result<()> {
     result
 }
 
-/// A full segment's `fdatasync` before the committer closes it, under the
-/// same lock as [`sync_segments`]; its caller reports a failure.
-fn sync_segments_quietly(shared: &Shared, segment: &Arc<File>) -> Result<()> {
-    sync_under_lock(shared, &[segment], false)
-}
-
+/// [`sync_segments`] without logging a failure, which the caller reports;
+/// with the `commit::*_flush` failpoints when `failpoints` (not for the
+/// `fdatasync` that closes a full segment).
 fn sync_under_lock(shared: &Shared, segments: &[&Arc<File>], failpoints: bool) -> Result<()> {
     let _one = shared
         .wal_sync
