@@ -3,7 +3,9 @@
 //!
 //! Writers hand appends to one **committer** thread through a bounded
 //! channel. The committer takes everything queued (up to
-//! `Options::max_group_entries`) as one commit group: it assigns seqs,
+//! `Options::max_group_entries` and `Options::max_group_bytes`, so that
+//! under load it, the writer and the sync work on different groups at
+//! once) as one commit group: it assigns seqs,
 //! encrypts records under their subject's data key with the seq bound as
 //! associated data, chains and hashes the entries, and signs one head over
 //! the group's Merkle root, appends the group's record to the write-ahead
@@ -98,8 +100,18 @@ pub struct Options {
     /// Argon2id parameters for a new passphrase-sealed master key
     /// (default: the floor, m = 19 MiB, t = 2, p = 1).
     pub kdf: KdfParams,
-    /// Most entries in one commit group (default 8192).
+    /// Most entries in one commit group (default 1024). A request is never
+    /// split, so a group may hold more when one request alone does.
     pub max_group_entries: usize,
+    /// The committer closes a group once its requests carry this many
+    /// bytes of records and event payloads (default 1 MiB).
+    ///
+    /// Both bounds keep the committer, the writer and the `fdatasync`
+    /// working on different groups at once: a group of everything in
+    /// flight leaves each stage idle while the others run (with 8,192
+    /// records in flight in batches of 16, groups of 8,192 entries halved
+    /// the rate; docs/benchmarks.md, "Commit groups bounded").
+    pub max_group_bytes: usize,
     /// Appends that may wait for the committer before writers block (default 65536).
     pub queue_depth: usize,
     /// Sled page cache in bytes (default [`DEFAULT_CACHE_BYTES`], 64 MiB).
@@ -143,7 +155,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             kdf: KdfParams::default(),
-            max_group_entries: 8192,
+            max_group_entries: 1024,
+            max_group_bytes: 1 << 20,
             queue_depth: 65536,
             cache_bytes: DEFAULT_CACHE_BYTES,
             key_cache: 100_000,
@@ -238,6 +251,17 @@ impl Append {
             kind,
             subject: subject.into(),
             payload: payload.to_string().into_bytes(),
+        }
+    }
+
+    /// Bytes of the record or event payload this item carries (0 for
+    /// the others), as the committer counts them against
+    /// `Options::max_group_bytes`.
+    fn payload_len(&self) -> usize {
+        match self {
+            Append::Record { plaintext, .. } => plaintext.len(),
+            Append::Event { payload, .. } => payload.len(),
+            _ => 0,
         }
     }
 
@@ -1068,7 +1092,10 @@ impl Vault {
             shredded: HashSet::new(),
             max_encryptions: opts.max_encryptions_per_key.max(1),
             key_cache: opts.key_cache.max(1),
-            max_group: opts.max_group_entries.clamp(1, 1 << 20),
+            max_group: GroupBound {
+                entries: opts.max_group_entries.clamp(1, 1 << 20),
+                bytes: opts.max_group_bytes.max(1),
+            },
             nonces: crypto::NonceSource::default(),
             refusal: None,
             burned: HashMap::new(),
@@ -2283,7 +2310,7 @@ struct Committer {
     /// Records a data key may encrypt before the committer rotates it.
     max_encryptions: u64,
     key_cache: usize,
-    max_group: usize,
+    max_group: GroupBound,
     nonces: crypto::NonceSource,
     /// Set by a refused redemption of the request being added.
     refusal: Option<TokenRefusal>,
@@ -2394,14 +2421,24 @@ type LeaderSlot = Arc<Mutex<Option<Leader>>>;
 /// builds it under the leader's lock. It ends when the queue closes, or
 /// when the leader is gone (the writer stopped, or a builder panicked),
 /// and then drops the leader, whose channel's closing stops the writer.
-fn run_committer(slot: &LeaderSlot, mut rx: mpsc::Receiver<Request>, max_group: usize) {
+/// How large a group the committer's thread builds of what is queued
+/// (`Options::max_group_entries`, `Options::max_group_bytes`).
+#[derive(Debug, Clone, Copy)]
+struct GroupBound {
+    entries: usize,
+    bytes: usize,
+}
+
+fn run_committer(slot: &LeaderSlot, mut rx: mpsc::Receiver<Request>, max_group: GroupBound) {
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.items.len();
+        let mut bytes = first.items.iter().map(Append::payload_len).sum::<usize>();
         let mut reqs = vec![first];
-        while n < max_group {
+        while n < max_group.entries && bytes < max_group.bytes {
             match rx.try_recv() {
                 Ok(r) => {
                     n += r.items.len();
+                    bytes += r.items.iter().map(Append::payload_len).sum::<usize>();
                     reqs.push(r);
                 }
                 Err(_) => break,
@@ -3376,7 +3413,8 @@ const DEFER_BYTES: usize = 256 << 10;
 const DEFER_FOR: Duration = Duration::from_millis(5);
 
 /// The writer keeps its record buffer across groups up to this capacity
-/// (a group of 8,192 records of 1 KiB fits).
+/// (groups stop at about 1 MiB of payload by default, unless one request
+/// alone is larger).
 const RECORD_BUFFER_KEPT: usize = 16 << 20;
 
 impl Writer {

@@ -305,6 +305,78 @@ async fn pipelined_requests_keep_their_order_whoever_builds_the_group() {
     verify_ok(&dir, key);
 }
 
+/// Entries of each commit group among `receipts` (all of the groups'
+/// entries, when `receipts` are every append since the first).
+fn group_sizes(receipts: &[storage::Receipt]) -> std::collections::BTreeMap<u64, usize> {
+    let mut sizes = std::collections::BTreeMap::new();
+    for r in receipts {
+        *sizes.entry(r.head.last_seq).or_insert(0) += 1;
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn commit_groups_stop_at_their_bounds_but_never_split_a_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let opts = Options {
+        max_group_entries: 4,
+        max_group_bytes: 1000,
+        ..Options::default()
+    };
+    let vault = Vault::create(&dir, &unlock(), opts).expect("create").vault;
+    // One known subject, so that no group holds a key's entries besides.
+    let first = vault
+        .append(Append::record("s", b"first".to_vec()))
+        .await
+        .expect("append");
+    let queued = |size: usize| {
+        let vault = &vault;
+        in_order(
+            (0..40)
+                .map(|_| async move {
+                    vault
+                        .append(Append::record("s", vec![b'x'; size]))
+                        .await
+                        .expect("append")
+                })
+                .collect(),
+        )
+    };
+    // 40 small appends queued at once: at most 4 entries a group.
+    let small = queued(10).await;
+    let sizes = group_sizes(&small);
+    assert!(sizes.values().all(|&n| n <= 4), "{sizes:?}");
+    assert!(sizes.len() >= 10);
+    // Records of 400 bytes: a group closes once it carries 1000 bytes.
+    let large = queued(400).await;
+    let sizes = group_sizes(&large);
+    assert!(sizes.values().all(|&n| n <= 3), "{sizes:?}");
+    // A batch larger than both bounds is one group all the same.
+    let batch = vault
+        .append_batch(
+            (0..10)
+                .map(|_| Append::record("s", vec![b'y'; 400]))
+                .collect(),
+        )
+        .await
+        .expect("batch");
+    assert_eq!(group_sizes(&batch).len(), 1);
+    let mut seqs: Vec<u64> = small
+        .iter()
+        .chain(&large)
+        .chain(&batch)
+        .map(|r| r.seq)
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 90);
+    assert_eq!(seqs[0], first.seq + 1);
+    let key = vault.public_key();
+    vault.close().expect("close");
+    assert_eq!(verify_ok(&dir, key).entries, first.seq + 91);
+}
+
 #[tokio::test]
 async fn batch_is_atomic_and_ordered() {
     let tmp = tempfile::tempdir().expect("tempdir");
