@@ -21,8 +21,9 @@
 //! files (`vault-verify --file`).
 //!
 //! Memory is bounded by two pages of entries, 64 receipts, and the entry
-//! hashes of one commit group (32 bytes per entry; a group holds at most
-//! `max_group_entries`, 8,192 by default). The whole log is never held.
+//! hashes of one commit group (32 bytes per entry; a group holds up to
+//! `max_group_entries`, 1,024 by default, and more only when one request
+//! alone is larger). The whole log is never held.
 //!
 //! Cost: one `Proof` round trip per commit group, overlapped with the
 //! entry pages, and the server rehashes each group to answer it. A log of
