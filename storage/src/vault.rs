@@ -503,6 +503,13 @@ struct Request {
     reply: Reply,
 }
 
+impl Request {
+    /// Bytes of records and event payloads its items carry.
+    fn payload_len(&self) -> usize {
+        self.items.iter().map(Append::payload_len).sum()
+    }
+}
+
 /// What became of a request that may lead ([`Vault::lead`]).
 enum Lead {
     /// Built, written ahead and handed to the writer by its own thread.
@@ -2417,10 +2424,6 @@ struct Led {
 /// Where the [`Leader`] lives; `None` once the committer has stopped.
 type LeaderSlot = Arc<Mutex<Option<Leader>>>;
 
-/// The committer's thread: takes everything queued as one group and
-/// builds it under the leader's lock. It ends when the queue closes, or
-/// when the leader is gone (the writer stopped, or a builder panicked),
-/// and then drops the leader, whose channel's closing stops the writer.
 /// How large a group the committer's thread builds of what is queued
 /// (`Options::max_group_entries`, `Options::max_group_bytes`).
 #[derive(Debug, Clone, Copy)]
@@ -2429,16 +2432,20 @@ struct GroupBound {
     bytes: usize,
 }
 
+/// The committer's thread: takes what is queued, up to `max_group`, as
+/// one group and builds it under the leader's lock. It ends when the queue closes, or
+/// when the leader is gone (the writer stopped, or a builder panicked),
+/// and then drops the leader, whose channel's closing stops the writer.
 fn run_committer(slot: &LeaderSlot, mut rx: mpsc::Receiver<Request>, max_group: GroupBound) {
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.items.len();
-        let mut bytes = first.items.iter().map(Append::payload_len).sum::<usize>();
+        let mut bytes = first.payload_len();
         let mut reqs = vec![first];
         while n < max_group.entries && bytes < max_group.bytes {
             match rx.try_recv() {
                 Ok(r) => {
                     n += r.items.len();
-                    bytes += r.items.iter().map(Append::payload_len).sum::<usize>();
+                    bytes += r.payload_len();
                     reqs.push(r);
                 }
                 Err(_) => break,
