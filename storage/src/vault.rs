@@ -2433,9 +2433,10 @@ struct GroupBound {
 }
 
 /// The committer's thread: takes what is queued, up to `max_group`, as
-/// one group and builds it under the leader's lock. It ends when the queue closes, or
-/// when the leader is gone (the writer stopped, or a builder panicked),
-/// and then drops the leader, whose channel's closing stops the writer.
+/// one group and builds it under the leader's lock. It ends when the
+/// queue closes, or when the leader is gone (the writer stopped, or a
+/// builder panicked), and then drops the leader, whose channel's closing
+/// stops the writer.
 fn run_committer(slot: &LeaderSlot, mut rx: mpsc::Receiver<Request>, max_group: GroupBound) {
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.items.len();
