@@ -4,6 +4,7 @@
 //!
 //! - `vaultd init` creates a vault and prints its public key once;
 //! - `vaultd dev` serves a demo vault, stops cleanly on SIGTERM, and reopens it;
+//! - `vaultd serve` takes its commit group bounds from the command line;
 //! - `vault-verify` exits 0 for an intact vault, 1 for an integrity failure
 //!   (naming the seq and the reason), 2 when it cannot run.
 
@@ -533,4 +534,87 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
         OsStr::new(str_field(&init, "public_key")),
     ]);
     assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[test]
+fn serve_takes_its_commit_group_bounds_from_the_command_line() {
+    for flag in ["--max-group-entries", "--max-group-kib"] {
+        let out = run(
+            "vaultd",
+            [
+                "serve",
+                "--data-dir",
+                "/nonexistent",
+                "--passphrase-file",
+                "/nonexistent",
+                flag,
+                "0",
+            ],
+        );
+        assert_eq!(out.code, 2, "{flag} 0: {out:?}");
+        assert!(out.stderr.contains(flag), "{flag} 0: {out:?}");
+    }
+
+    let s = Scratch::new();
+    s.init("v");
+    let dir = s.path("v");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let writer = rt.block_on(async {
+        let unlock = storage::Unlock::passphrase(b"correct horse battery staple".to_vec());
+        let vault = storage::Vault::open(&dir, &unlock, storage::Options::default()).expect("open");
+        let (_, key) = vault
+            .create_credential("writer", "svc")
+            .await
+            .expect("writer");
+        vault.close().expect("close");
+        key.to_string()
+    });
+    wait_unlocked(&dir);
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_args(&mut cmd, &dir, &s.path("passphrase"), None);
+    cmd.args(["--max-group-entries", "1"]);
+    let server = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    // 200 appends pipelined on one connection: with groups of one entry,
+    // each has a signed head of its own (with the default bound, most
+    // share one with others).
+    let heads = rt.block_on(async {
+        use futures_util::{SinkExt, StreamExt};
+        let tcp = tokio::net::TcpStream::connect(&server.protocol)
+            .await
+            .expect("connect");
+        let mut conn = tokio_util::codec::Framed::new(tcp, protocol::FrameCodec::new());
+        let hello = protocol::Message::Hello {
+            api_key: writer,
+            client: "cli test".into(),
+        };
+        conn.feed(hello.to_frame(1, 0).expect("frame"))
+            .await
+            .expect("send");
+        for id in 2..202 {
+            let append = protocol::Message::Append {
+                subject: "cust-1".into(),
+                fields: vec![("n".into(), id.to_string())],
+            };
+            conn.feed(append.to_frame(id, 0).expect("frame"))
+                .await
+                .expect("send");
+        }
+        SinkExt::<protocol::Frame>::flush(&mut conn)
+            .await
+            .expect("flush");
+        let mut heads = std::collections::BTreeSet::new();
+        for _ in 0..201 {
+            let f = conn.next().await.expect("a reply").expect("a frame");
+            match protocol::Message::from_frame(&f).expect("decodes") {
+                protocol::Message::HelloOk { .. } => {}
+                protocol::Message::Receipt { receipt } => {
+                    let r = storage::Receipt::decode(&receipt).expect("receipt");
+                    heads.insert(r.head.last_seq);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        heads
+    });
+    assert_eq!(heads.len(), 200, "{heads:?}");
 }

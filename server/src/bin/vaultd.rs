@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -111,6 +112,23 @@ enum Command {
               default_value_t = storage::wal::SEGMENT_BYTES >> 10,
               value_parser = clap::value_parser!(u64).range(4..=1 << 30))]
         wal_segment_kib: u64,
+        /// Most entries in one commit group; a request is never split
+        /// (docs/storage.md, section 4). Larger groups write the log to
+        /// the storage engine in larger pieces, which takes less disk for
+        /// bulk loads, but under heavy load the stages of a commit overlap
+        /// less (docs/benchmarks.md, "Commit groups bounded").
+        #[arg(long, env = "FINTRUST_MAX_GROUP_ENTRIES", value_name = "N",
+              default_value_t = storage::Options::default().max_group_entries,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 20)
+                  .map(|n| n as usize))]
+        max_group_entries: usize,
+        /// A commit group closes once its requests carry this many KiB of
+        /// records and payloads (at least 1).
+        #[arg(long, env = "FINTRUST_MAX_GROUP_KIB", value_name = "KIB",
+              default_value_t = storage::Options::default().max_group_bytes >> 10,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 30)
+                  .map(|n| n as usize))]
+        max_group_kib: usize,
     },
     /// Serve only the HTTP policy shim, in front of a vault in another process.
     Shim {
@@ -326,6 +344,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             index_batch,
             cache_mib,
             wal_segment_kib,
+            max_group_entries,
+            max_group_kib,
         } => {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
@@ -334,6 +354,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 index_batch,
                 cache_bytes: cache_mib << 20,
                 wal_segment_bytes: wal_segment_kib << 10,
+                max_group_entries,
+                max_group_bytes: max_group_kib << 10,
                 ..storage::Options::default()
             };
             // The open verifies the whole log: freed memory stays committed
