@@ -123,10 +123,10 @@ enum Command {
                   .map(|n| n as usize))]
         max_group_entries: usize,
         /// A commit group closes once its requests carry this many KiB of
-        /// records and payloads (at least 1).
+        /// records and payloads (1 to 1,048,576).
         #[arg(long, env = "FINTRUST_MAX_GROUP_KIB", value_name = "KIB",
               default_value_t = storage::Options::default().max_group_bytes >> 10,
-              value_parser = clap::value_parser!(u64).range(1..=1 << 30)
+              value_parser = clap::value_parser!(u64).range(1..=1 << 20)
                   .map(|n| n as usize))]
         max_group_kib: usize,
     },
