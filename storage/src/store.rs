@@ -22,6 +22,22 @@
 //! 16 MiB segments so that no tree node is ever written to a separate blob
 //! file (which sled writes without syncing): see `chunk::CHUNK_TARGET_BYTES`.
 //!
+//! Cleaning: sled 0.34 writes a whole node in place of the old one every
+//! 10 updates linked to it and at each split, so its segments soon hold
+//! more superseded bytes than live ones; a segment at most half live is
+//! cleaned by moving its live pages elsewhere, after which it is reused.
+//! Sled moves one such page each time a node is rewritten, on the thread
+//! that writes (the vault's writer), and more from its flusher thread. A
+//! vault that serves ([`Flusher::Running`]: `Vault::create`, and
+//! `Vault::open` once the log has verified) runs that thread every
+//! [`FLUSH_EVERY_MS`]: it writes sled's buffer, moves pages for up to half
+//! the interval, and fsyncs sled's file. Durability does not rest on it
+//! (the write-ahead file and [`Store::sync`] do that); without it a log
+//! filled in large batches left its half-empty segments to the appends
+//! after the fill, on the writer's thread (`docs/benchmarks.md`, "Sled's
+//! flusher"). Tools that open a closed vault (verify, export, reindex)
+//! run without it ([`Flusher::Off`]).
+//!
 //! Memory: sled 0.34 bounds its cache only for pages it has accounted for,
 //! and accounts lazily. Each page access goes into one of 256 shards'
 //! queues of 64, and a shard evicts only when its queue fills. A page read
@@ -49,6 +65,18 @@ pub(crate) const TREES: [&[u8]; 4] = [b"log", b"state", b"keys", b"meta"];
 /// Format version of the data dir.
 pub const FORMAT: u32 = 1;
 const SEGMENT_SIZE: usize = 16 * 1024 * 1024;
+/// The interval of sled's flusher thread, when it runs (sled's default).
+pub(crate) const FLUSH_EVERY_MS: u64 = 500;
+
+/// Whether sled's flusher thread runs (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Flusher {
+    /// Every [`FLUSH_EVERY_MS`]: a vault that serves.
+    Running,
+    /// Not at all: tools that open a closed vault, and the open's own
+    /// verification scan.
+    Off,
+}
 
 /// Reads of a key that [`touch`] makes. A log leaf holds 8 to 17 chunks,
 /// so touching each chunk this many times fills its shard's queue of 64
@@ -107,14 +135,16 @@ fn db_dir(dir: &Path) -> PathBuf {
 }
 
 impl Store {
-    fn open_at(dir: &Path, cache_bytes: u64) -> Result<Store> {
+    fn open_at(dir: &Path, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
         let config = sled::Config::new()
             .path(db_dir(dir))
             .segment_size(SEGMENT_SIZE)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
-            // The vault flushes (and fsyncs) after every commit group itself.
-            .flush_every_ms(None);
+            .flush_every_ms(match flusher {
+                Flusher::Running => Some(FLUSH_EVERY_MS),
+                Flusher::Off => None,
+            });
         // Sled's I/O threads hold the directory lock for a moment after the
         // last handle is dropped, so a reopen in the same process (close,
         // then verify) can find it still held: wait a little for it before
@@ -143,23 +173,27 @@ impl Store {
     }
 
     /// Creates the database of a new vault; refuses an existing one.
-    pub(crate) fn create(dir: &Path, cache_bytes: u64) -> Result<Store> {
+    pub(crate) fn create(dir: &Path, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
         if db_dir(dir).exists() {
             return Err(Error::AlreadyExists(dir.display().to_string()));
         }
         std::fs::create_dir_all(dir)?;
-        let store = Self::open_at(dir, cache_bytes)?;
+        let store = Self::open_at(dir, cache_bytes, flusher)?;
         sync_dir(&db_dir(dir))?;
         sync_dir(dir)?;
         Ok(store)
     }
 
     /// Opens the database of an existing vault.
-    pub(crate) fn open_existing_with(dir: &Path, cache_bytes: u64) -> Result<Store> {
+    pub(crate) fn open_existing_with(
+        dir: &Path,
+        cache_bytes: u64,
+        flusher: Flusher,
+    ) -> Result<Store> {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
         }
-        let store = Self::open_at(dir, cache_bytes)?;
+        let store = Self::open_at(dir, cache_bytes, flusher)?;
         crate::wal::replay(&store)?;
         Ok(store)
     }
@@ -171,14 +205,14 @@ impl Store {
     /// about 300 MB, which [`crate::Vault::open`] gives back this way once
     /// it has verified the log. Another process that takes the data dir in
     /// between makes this open fail as locked.
-    pub(crate) fn reopen(self, cache_bytes: u64) -> Result<Store> {
+    pub(crate) fn reopen(self, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
         let dir = self.dir.clone();
         drop(self);
-        Self::open_existing_with(&dir, cache_bytes)
+        Self::open_existing_with(&dir, cache_bytes, flusher)
     }
 
     pub(crate) fn open_existing(dir: &Path) -> Result<Store> {
-        Self::open_existing_with(dir, crate::vault::DEFAULT_CACHE_BYTES)
+        Self::open_existing_with(dir, crate::vault::DEFAULT_CACHE_BYTES, Flusher::Off)
     }
 
     /// Makes everything written so far durable.
@@ -458,10 +492,10 @@ mod tests {
     #[test]
     fn a_reopened_store_keeps_what_was_written_and_holds_the_lock() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::create(dir.path(), 1 << 20)?;
+        let store = Store::create(dir.path(), 1 << 20, Flusher::Off)?;
         store.log.insert(7u64.to_be_bytes(), &b"chunk"[..])?;
         store.sync()?;
-        let store = store.reopen(1 << 20)?;
+        let store = store.reopen(1 << 20, Flusher::Off)?;
         assert_eq!(
             store.log.get(7u64.to_be_bytes())?.as_deref(),
             Some(&b"chunk"[..])
@@ -470,6 +504,36 @@ mod tests {
         assert!(Store::open_existing(dir.path()).is_err());
         drop(store);
         assert!(Store::open_existing(dir.path()).is_ok());
+        Ok(())
+    }
+
+    /// The names of this process's threads.
+    fn thread_names() -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task")? {
+            // A thread that ended between the listing and the read is skipped.
+            if let Ok(comm) = std::fs::read_to_string(task?.path().join("comm")) {
+                names.push(comm.trim_end().to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    #[test]
+    fn a_store_that_serves_runs_sleds_flusher() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::create(dir.path(), 1 << 20, Flusher::Running)?;
+        // sled 0.34 names its flusher thread "log flusher".
+        assert!(thread_names()?.iter().any(|n| n == "log flusher"));
+        store.log.insert(1u64.to_be_bytes(), &b"chunk"[..])?;
+        store.sync()?;
+        // Closing waits for the flusher's last round; the data dir opens
+        // again at once.
+        let store = store.reopen(1 << 20, Flusher::Off)?;
+        assert_eq!(
+            store.log.get(1u64.to_be_bytes())?.as_deref(),
+            Some(&b"chunk"[..])
+        );
         Ok(())
     }
 
@@ -487,7 +551,7 @@ mod tests {
     #[test]
     fn reads_find_each_chunk_once_whether_recent_or_in_sled() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::create(dir.path(), 1 << 20)?;
+        let store = Store::create(dir.path(), 1 << 20, Flusher::Off)?;
         for first in [0u64, 4, 9] {
             store.log.insert(first.to_be_bytes(), chunk(first))?;
         }
@@ -524,7 +588,7 @@ mod tests {
     #[test]
     fn a_store_without_chunks_reads_nothing() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::create(dir.path(), 1 << 20)?;
+        let store = Store::create(dir.path(), 1 << 20, Flusher::Off)?;
         assert_eq!(store.chunk_at(0)?, None);
         assert_eq!(firsts(&store, 0)?, Vec::<u64>::new());
         store

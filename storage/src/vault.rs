@@ -90,7 +90,7 @@ use crate::error::{Error, Reason, Result, TokenRefusal};
 use crate::state::{
     self, CredentialCreated, Genesis, KeyRotation, KeyState, ShredCommit, SubjectKeyCommit,
 };
-use crate::store::{Store, FORMAT};
+use crate::store::{Flusher, Store, FORMAT};
 use crate::verify::ChainTip;
 use crate::wal::{self, TreeId, Wal};
 
@@ -882,7 +882,7 @@ impl Vault {
     /// Creates a vault in `dir`: master key sealed under `unlock`, signing
     /// key, genesis entry, and an initial admin credential.
     pub fn create(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Created> {
-        let store = Store::create(dir, opts.cache_bytes)?;
+        let store = Store::create(dir, opts.cache_bytes, Flusher::Running)?;
         let mut vault_id = [0u8; 16];
         crypto::random_bytes(&mut vault_id);
         let master = SecretKey::generate();
@@ -954,7 +954,7 @@ impl Vault {
     /// written when `unlock` is wrong, and refuses to open (fail closed)
     /// when the chain does not verify, naming the seq and the reason.
     pub fn open(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Vault> {
-        let store = Store::open_existing_with(dir, opts.cache_bytes)?;
+        let store = Store::open_existing_with(dir, opts.cache_bytes, Flusher::Off)?;
         let vault_id = store.vault_id()?;
         // A master rotation that reached the log but whose swap a crash
         // interrupted: its staged keys are the committed ones, so the new
@@ -1014,7 +1014,7 @@ impl Vault {
         // The scan above left a log leaf in each of sled's cache shards,
         // which it never evicts (about 300 MB on a 10^7-entry log): a
         // fresh sled starts the server with an empty cache.
-        let store = store.reopen(opts.cache_bytes)?;
+        let store = store.reopen(opts.cache_bytes, Flusher::Running)?;
 
         // The current signing key: the last one of the log's chain, which
         // verify found committed to in the key store.

@@ -31,7 +31,7 @@ use crate::chunk::{Chunk, ChunkError, KeyChain, KeyEndorsement, MerkleTree, Sign
 use crate::entry::{entry_hash, EntryRef, Hash, Kind};
 use crate::error::{Error, Reason, Result};
 use crate::state::{self, Genesis, KeyState};
-use crate::store::{Store, TREES};
+use crate::store::{Flusher, Store, TREES};
 use crate::vault::KeyUses;
 
 /// Parallel tasks (ranges of keys) in a window.
@@ -856,7 +856,7 @@ impl Report {
 /// Verifies the vault in `dir`. `Err` means the check could not run (no
 /// vault, locked, I/O); integrity failures are in [`Report::failure`].
 pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
-    let store = Store::open_existing_with(dir, VERIFY_CACHE_BYTES)?;
+    let store = Store::open_existing_with(dir, VERIFY_CACHE_BYTES, Flusher::Off)?;
     verify_store(&store, opts)
 }
 

@@ -752,7 +752,7 @@ mod tests {
         // (its crash came in between). Group 2 then sets the same key.
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("v");
-        let store = Store::create(&dir, 8 << 20)?;
+        let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
         let g0 = group_at(0, &[("a", "0")]);
         let g1 = group_at(1, &[("k", "from 1"), ("x", "1")]);
         let g2 = group_at(2, &[("k", "from 2")]);
@@ -773,7 +773,7 @@ mod tests {
         // The last group of the segments held, its last step not: it is
         // finished at the end.
         let dir = tmp.path().join("w");
-        let store = Store::create(&dir, 8 << 20)?;
+        let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
         let g0 = group_at(0, &[("y", "0")]);
         g0.batches[0].clone().apply(&store)?;
         let mut wal = Wal::new(&dir, SEGMENT_BYTES);
