@@ -527,8 +527,8 @@ mod tests {
         assert!(thread_names()?.iter().any(|n| n == "log flusher"));
         store.log.insert(1u64.to_be_bytes(), &b"chunk"[..])?;
         store.sync()?;
-        // Closing waits for the flusher's last round; the data dir opens
-        // again at once.
+        // Closing stops the flusher after its last round; the data dir
+        // opens again with what was written.
         let store = store.reopen(1 << 20, Flusher::Off)?;
         assert_eq!(
             store.log.get(1u64.to_be_bytes())?.as_deref(),
