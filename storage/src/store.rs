@@ -28,15 +28,15 @@
 //! cleaned by moving its live pages elsewhere, after which it is reused.
 //! Sled moves one such page each time a node is rewritten, on the thread
 //! that writes (the vault's writer), and more from its flusher thread. A
-//! vault that serves ([`Flusher::Running`]: `Vault::create`, and
-//! `Vault::open` once the log has verified) runs that thread every
-//! [`FLUSH_EVERY_MS`]: it writes sled's buffer, moves pages for up to half
+//! vault that serves (`Flusher::Running`: `Vault::create`, and
+//! `Vault::open` once the log has verified) runs that thread every 500 ms
+//! (`FLUSH_EVERY_MS`): it writes sled's buffer, moves pages for up to half
 //! the interval, and fsyncs sled's file. Durability does not rest on it
-//! (the write-ahead file and [`Store::sync`] do that); without it a log
+//! (the write-ahead file and `Store::sync` do that); without it a log
 //! filled in large batches left its half-empty segments to the appends
 //! after the fill, on the writer's thread (`docs/benchmarks.md`, "Sled's
 //! flusher"). Tools that open a closed vault (verify, export, reindex)
-//! run without it ([`Flusher::Off`]).
+//! run without it (`Flusher::Off`).
 //!
 //! Memory: sled 0.34 bounds its cache only for pages it has accounted for,
 //! and accounts lazily. Each page access goes into one of 256 shards'
