@@ -3,9 +3,11 @@
 //!
 //! ```text
 //! accept ──(connection limit)──> connection task
-//!   read half:  frames ─> Hello? ─> role check ─> one future per request,
+//!   read half:  frames ─> Hello? ─> role check ─> one future per request
+//!                                   (appends read together: one future,
+//!                                   one request each to the engine),
 //!                                   polled by the connection task
-//!                                   (at most `max_in_flight` at once)
+//!                                   (at most `max_in_flight` requests)
 //!   write half: responses in completion order, each with its request id
 //!
 //! a partner's connection (one per token): its requests one at a time,
@@ -32,8 +34,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use protocol::{ErrorCode, Frame, FrameCodec, Message};
 use storage::{Append, Vault};
 
@@ -726,23 +729,57 @@ where
     });
     // Requests in flight are futures polled by this task, not tasks of
     // their own: a pipelined append costs no spawn, and the answers of one
-    // commit group are sent from one place.
+    // commit group are sent from one place. Appends that arrived together
+    // share one future ([`handle_appends`]); each future yields how many
+    // requests it answered, so that the limit counts requests.
     let max_in_flight = config.max_in_flight.max(1);
     let (config_ref, caller_ref, tx_ref) = (&config, &caller, &tx);
     let mut pending = FuturesUnordered::new();
+    let mut in_flight = 0;
+    // A frame read while gathering appends that is not one of them.
+    let mut carried = None;
     let result = loop {
         // Back-pressure: read the next frame only when a slot is free.
-        while pending.len() >= max_in_flight {
-            pending.next().await;
+        while in_flight >= max_in_flight {
+            if let Some(n) = pending.next().await {
+                in_flight -= n;
+            }
         }
-        // Requests in flight progress while the next frame is awaited
-        // (reading a frame is cancel-safe).
-        let next = tokio::select! {
-            biased;
-            Some(()) = pending.next(), if !pending.is_empty() => continue,
-            next = next_frame(&mut frames, config.idle_timeout) => next,
+        let screened = match carried.take() {
+            Some(s) => s,
+            None => {
+                // Requests in flight progress while the next frame is
+                // awaited (reading a frame is cancel-safe).
+                let next = tokio::select! {
+                    biased;
+                    Some(n) = pending.next(), if !pending.is_empty() => {
+                        in_flight -= n;
+                        continue;
+                    }
+                    next = next_frame(&mut frames, config.idle_timeout) => next,
+                };
+                screen(next, role, &vault)
+            }
         };
-        let (id, message, current) = match screen(next, role, &vault) {
+        let (id, message, current) = match screened {
+            Screened::Request(id, m @ Message::Append { .. }, current) => {
+                let room = max_in_flight - in_flight;
+                let (mut appends, next) =
+                    gather_appends(&mut frames, (id, m), &current, room, role, &vault);
+                carried = next;
+                if appends.len() > 1 {
+                    in_flight += appends.len();
+                    let answer = handle_appends(appends, current, tx_ref);
+                    pending.push(Either::Left(answer));
+                    continue;
+                }
+                // One alone is answered as any request, so that it may
+                // lead a group of its own (`Vault::append`).
+                match appends.pop() {
+                    Some((id, m)) => (id, m, current),
+                    None => continue,
+                }
+            }
             Screened::Request(id, message, current) => (id, message, current),
             Screened::Answer(id, reply) => {
                 if tx.send((id, reply, 0)).await.is_err() {
@@ -757,9 +794,11 @@ where
                 break result;
             }
         };
-        pending.push(async move {
+        in_flight += 1;
+        pending.push(Either::Right(async move {
             handle(id, message, &current, config_ref, caller_ref, tx_ref).await;
-        });
+            1
+        }));
     };
     // Requests already read are answered, even when reading has ended.
     while pending.next().await.is_some() {}
@@ -1112,6 +1151,89 @@ pub fn record_json(fields: &[(String, String)]) -> Result<Vec<u8>, Message> {
     )
     .map_err(|_| error(ErrorCode::Internal, "encoding failed"))?;
     Ok(out)
+}
+
+/// `first`, an append, and the appends read behind it that need no wait
+/// (already in the read buffer, or in the socket), at most `room` in all;
+/// with what was read after them, if anything, to be handled next.
+fn gather_appends<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, FrameCodec>,
+    first: (u32, Message),
+    current: &Arc<Vault>,
+    room: usize,
+    role: Role,
+    vault: &LiveVault,
+) -> (Vec<(u32, Message)>, Option<Screened>) {
+    let mut appends = vec![first];
+    while appends.len() < room {
+        let Some(ready) = frames.next().now_or_never() else {
+            break;
+        };
+        match screen(
+            ready.transpose().map_err(ConnectionError::from),
+            role,
+            vault,
+        ) {
+            // The same vault: it may be reopened between two frames.
+            Screened::Request(id, m @ Message::Append { .. }, same)
+                if Arc::ptr_eq(&same, current) =>
+            {
+                appends.push((id, m))
+            }
+            other => return (appends, Some(other)),
+        }
+    }
+    (appends, None)
+}
+
+/// Answers a connection's appends that were read together, through its
+/// writer: each is a request of its own to the engine
+/// ([`Vault::append_each`]), so one refused does not refuse the others,
+/// and each has its answer, as [`handle`] would give it, in the order of
+/// the requests. The count of requests answered.
+async fn handle_appends(
+    appends: Vec<(u32, Message)>,
+    vault: Arc<Vault>,
+    tx: &mpsc::Sender<(u32, Message, u16)>,
+) -> usize {
+    let n = appends.len();
+    let started = std::time::Instant::now();
+    let mut items = Vec::with_capacity(n);
+    let mut answers: Vec<(u32, Option<Message>)> = Vec::with_capacity(n);
+    for (id, m) in appends {
+        let Message::Append { subject, fields } = m else {
+            continue;
+        };
+        match record_json(&fields) {
+            Ok(json) => {
+                items.push(Append::record(subject, json));
+                answers.push((id, None));
+            }
+            Err(refused) => answers.push((id, Some(refused))),
+        }
+    }
+    let mut results = vault.append_each(items).await.into_iter();
+    let elapsed = started.elapsed();
+    for (id, answer) in answers {
+        let reply = match answer {
+            Some(refused) => refused,
+            None => match results.next() {
+                Some(Ok(r)) => {
+                    crate::metrics::global().commit("append", elapsed);
+                    Message::Receipt {
+                        receipt: r.encode(),
+                    }
+                }
+                Some(Err(e)) => storage_error(&e),
+                None => storage_error(&storage::Error::Closed),
+            },
+        };
+        crate::failpoints::before_reply("append");
+        if tx.send((id, reply, 0)).await.is_err() {
+            break;
+        }
+    }
+    n
 }
 
 /// Answers request `id` of a pipelined connection through its writer.

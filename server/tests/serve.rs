@@ -200,6 +200,69 @@ async fn pipelined_appends_get_receipts_that_verify() {
     );
 }
 
+/// Appends that arrive in one write go to the engine together: each is
+/// still answered on its own, a refused one refuses no other, and their
+/// order holds.
+#[tokio::test]
+async fn appends_read_together_are_each_answered_on_their_own() {
+    for max_in_flight in [3, 64] {
+        let s = start(ServeConfig {
+            max_in_flight,
+            ..ServeConfig::default()
+        })
+        .await;
+        let (conn, _) = connect(&s, &s.writer).await;
+        let mut tcp = conn.into_inner();
+        let append = |subject: &str, fields: &[(&str, &str)]| Message::Append {
+            subject: subject.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let burst = [
+            (1, append("cust-1", &[("n", "1")])),
+            (2, append("has space", &[("n", "2")])),
+            (3, append("cust-1", &[("a", "1"), ("a", "2")])),
+            (4, append("cust-1", &[("n", "4")])),
+            (5, Message::Ping),
+            (6, append("cust-2", &[("n", "6")])),
+            (7, append("cust-2", &[("n", "7")])),
+            (8, append("cust-3", &[("n", "8")])),
+            (9, append("cust-3", &[("n", "9")])),
+        ];
+        let mut bytes = Vec::new();
+        for (id, m) in &burst {
+            bytes.extend(protocol::encode_frame(*id, m, 0).expect("frame"));
+        }
+        tcp.write_all(&bytes).await.expect("write");
+        let mut conn = Framed::new(tcp, FrameCodec::new());
+        let mut answers = std::collections::BTreeMap::new();
+        while answers.len() < burst.len() {
+            let (id, reply, _) = recv(&mut conn).await.expect("reply");
+            assert!(answers.insert(id, reply).is_none(), "{id} answered twice");
+        }
+        let seq = |id: u32| match &answers[&id] {
+            Message::Receipt { receipt } => Receipt::decode(receipt).expect("receipt").seq,
+            other => panic!("request {id}: {other:?}"),
+        };
+        assert!(seq(1) < seq(4), "in the order sent");
+        assert!(seq(6) < seq(7) && seq(8) < seq(9), "in the order sent");
+        assert_eq!(code(&answers[&2]), Some(ErrorCode::Invalid));
+        assert_eq!(code(&answers[&3]), Some(ErrorCode::Invalid));
+        assert_eq!(answers[&5], Message::Pong);
+        for (subject, n) in [("cust-1", "4"), ("cust-2", "7"), ("cust-3", "9")] {
+            let rec = s
+                .vault
+                .latest_record(subject)
+                .expect("read")
+                .expect("present");
+            let v: serde_json::Value = serde_json::from_slice(&rec.plaintext).expect("json");
+            assert_eq!(v["n"], n, "{subject}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_in_flight_limit_holds_back_reading_the_next_request() {
     // One request in flight: the ping behind a durable append is not even

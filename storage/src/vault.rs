@@ -1229,6 +1229,56 @@ impl Vault {
         r.pop().ok_or(Error::Closed)
     }
 
+    /// Appends items each as a request of its own, queued in order: one
+    /// refused (invalid, or of a shredded subject) does not refuse the
+    /// others, as if each were an [`Vault::append`] made in turn, but the
+    /// caller waits once for all of them. For a server answering a
+    /// connection's pipelined appends together. Resolves when every item
+    /// is durable or refused, with one result per item, in order.
+    pub async fn append_each(&self, items: Vec<Append>) -> Vec<Result<Receipt>> {
+        let mut queued = Vec::with_capacity(items.len());
+        let mut tx = None;
+        for item in items {
+            let q = match item.validate() {
+                Ok(()) => self.queue(&mut tx, vec![item]).await,
+                Err(e) => Err(e),
+            };
+            queued.push(q);
+        }
+        let mut out = Vec::with_capacity(queued.len());
+        for q in queued {
+            out.push(match q {
+                Ok((rx, _active)) => rx
+                    .await
+                    .unwrap_or(Err(Error::Closed))
+                    .and_then(|mut r| r.pop().ok_or(Error::Closed)),
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// Queues `items` as one request for the committer's thread (through
+    /// `tx`, taken from the vault the first time); the receiver of its
+    /// answer, and its count in `Shared::active` until then.
+    async fn queue(
+        &self,
+        tx: &mut Option<mpsc::Sender<Request>>,
+        items: Vec<Append>,
+    ) -> Result<(oneshot::Receiver<Result<Vec<Receipt>>>, Active<'_>)> {
+        let (reply, rx) = oneshot::channel();
+        let active = Active::new(&self.inner.shared.active);
+        let sender = match tx {
+            Some(s) => s,
+            None => tx.insert(self.sender()?),
+        };
+        sender
+            .send(Request { items, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok((rx, active))
+    }
+
     /// Appends several items atomically (all or none) in order; resolves
     /// when they are durable.
     pub async fn append_batch(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {

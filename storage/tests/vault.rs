@@ -417,6 +417,58 @@ async fn batch_is_atomic_and_ordered() {
 }
 
 #[tokio::test]
+async fn append_each_answers_every_item_on_its_own_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    vault
+        .append(Append::record("gone", b"0".to_vec()))
+        .await
+        .expect("append");
+    vault.shred("gone").await.expect("shred");
+    let results = vault
+        .append_each(vec![
+            Append::record("a", b"1".to_vec()),
+            Append::record("", b"x".to_vec()),
+            Append::record("gone", b"x".to_vec()),
+            Append::record("a", b"2".to_vec()),
+            Append::record("b", b"3".to_vec()),
+        ])
+        .await;
+    assert_eq!(results.len(), 5);
+    // The invalid item and the shredded subject's are refused, each with
+    // its own error; the others are durable, in the order given.
+    assert!(
+        matches!(results[1], Err(Error::Invalid(_))),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(Error::SubjectShredded(ref s)) if s == "gone"),
+        "{:?}",
+        results[2]
+    );
+    let seqs: Vec<u64> = [0, 3, 4]
+        .iter()
+        .map(|&i| match &results[i] {
+            Ok(r) => {
+                r.verify(&vault.public_key()).expect("receipt verifies");
+                r.seq
+            }
+            Err(e) => panic!("item {i}: {e}"),
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let latest = |s: &str| vault.latest_record(s).expect("read").expect("present");
+    assert_eq!(latest("a").plaintext.as_slice(), b"2");
+    assert_eq!(latest("b").plaintext.as_slice(), b"3");
+    assert!(vault.append_each(Vec::new()).await.is_empty());
+    let key = vault.public_key();
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
+#[tokio::test]
 async fn bad_input_gets_typed_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let vault = new_vault(&tmp.path().join("v"));
