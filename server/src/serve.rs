@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use protocol::{ErrorCode, Frame, FrameCodec, Message};
 use storage::{Append, Vault};
 
@@ -45,7 +45,7 @@ use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 /// Options of [`run`], with documented defaults.
@@ -1153,9 +1153,10 @@ pub fn record_json(fields: &[(String, String)]) -> Result<Vec<u8>, Message> {
     Ok(out)
 }
 
-/// `first`, an append, and the appends read behind it that need no wait
-/// (already in the read buffer, or in the socket), at most `room` in all;
-/// with what was read after them, if anything, to be handled next.
+/// `first`, an append, and the appends behind it that were read with it
+/// (already whole in the read buffer: reading no further, so that a lone
+/// append is not held back), at most `room` in all; with what follows
+/// them there, if it is not an append, to be handled next.
 fn gather_appends<R: AsyncRead + Unpin>(
     frames: &mut FramedRead<R, FrameCodec>,
     first: (u32, Message),
@@ -1165,15 +1166,16 @@ fn gather_appends<R: AsyncRead + Unpin>(
     vault: &LiveVault,
 ) -> (Vec<(u32, Message)>, Option<Screened>) {
     let mut appends = vec![first];
+    // The codec keeps no state between frames: decoding from the buffer
+    // here is what the `FramedRead` would do next.
+    let mut codec = frames.decoder().clone();
     while appends.len() < room {
-        let Some(ready) = frames.next().now_or_never() else {
-            break;
+        let next = match codec.decode(frames.read_buffer_mut()) {
+            Ok(None) => break,
+            Ok(Some(frame)) => Ok(Some(frame)),
+            Err(e) => Err(ConnectionError::from(e)),
         };
-        match screen(
-            ready.transpose().map_err(ConnectionError::from),
-            role,
-            vault,
-        ) {
+        match screen(next, role, vault) {
             // The same vault: it may be reopened between two frames.
             Screened::Request(id, m @ Message::Append { .. }, same)
                 if Arc::ptr_eq(&same, current) =>
