@@ -762,10 +762,11 @@ where
             }
         };
         let (id, message, current) = match screened {
-            Screened::Request(id, m @ Message::Append { .. }, current) => {
+            Screened::Request(id, Message::Append { subject, fields }, current) => {
                 let room = max_in_flight - in_flight;
+                let first = (id, subject, fields);
                 let (mut appends, next) =
-                    gather_appends(&mut frames, (id, m), &current, room, role, &vault);
+                    gather_appends(&mut frames, first, &current, room, role, &vault);
                 carried = next;
                 if appends.len() > 1 {
                     in_flight += appends.len();
@@ -776,7 +777,9 @@ where
                 // One alone is answered as any request, so that it may
                 // lead a group of its own (`Vault::append`).
                 match appends.pop() {
-                    Some((id, m)) => (id, m, current),
+                    Some((id, subject, fields)) => {
+                        (id, Message::Append { subject, fields }, current)
+                    }
                     None => continue,
                 }
             }
@@ -1153,18 +1156,21 @@ pub fn record_json(fields: &[(String, String)]) -> Result<Vec<u8>, Message> {
     Ok(out)
 }
 
+/// An `Append` request read: its id, subject and fields.
+type ReadAppend = (u32, String, Vec<(String, String)>);
+
 /// `first`, an append, and the appends behind it that were read with it
 /// (already whole in the read buffer: reading no further, so that a lone
 /// append is not held back), at most `room` in all; with what follows
 /// them there, if it is not an append, to be handled next.
 fn gather_appends<R: AsyncRead + Unpin>(
     frames: &mut FramedRead<R, FrameCodec>,
-    first: (u32, Message),
+    first: ReadAppend,
     current: &Arc<Vault>,
     room: usize,
     role: Role,
     vault: &LiveVault,
-) -> (Vec<(u32, Message)>, Option<Screened>) {
+) -> (Vec<ReadAppend>, Option<Screened>) {
     let mut appends = vec![first];
     // The codec keeps no state between frames: decoding from the buffer
     // here is what the `FramedRead` would do next.
@@ -1177,10 +1183,10 @@ fn gather_appends<R: AsyncRead + Unpin>(
         };
         match screen(next, role, vault) {
             // The same vault: it may be reopened between two frames.
-            Screened::Request(id, m @ Message::Append { .. }, same)
+            Screened::Request(id, Message::Append { subject, fields }, same)
                 if Arc::ptr_eq(&same, current) =>
             {
-                appends.push((id, m))
+                appends.push((id, subject, fields))
             }
             other => return (appends, Some(other)),
         }
@@ -1194,7 +1200,7 @@ fn gather_appends<R: AsyncRead + Unpin>(
 /// and each has its answer, as [`handle`] would give it, in the order of
 /// the requests. The count of requests answered.
 async fn handle_appends(
-    appends: Vec<(u32, Message)>,
+    appends: Vec<ReadAppend>,
     vault: Arc<Vault>,
     tx: &mpsc::Sender<(u32, Message, u16)>,
 ) -> usize {
@@ -1202,10 +1208,7 @@ async fn handle_appends(
     let started = std::time::Instant::now();
     let mut items = Vec::with_capacity(n);
     let mut answers: Vec<(u32, Option<Message>)> = Vec::with_capacity(n);
-    for (id, m) in appends {
-        let Message::Append { subject, fields } = m else {
-            continue;
-        };
+    for (id, subject, fields) in appends {
         match record_json(&fields) {
             Ok(json) => {
                 items.push(Append::record(subject, json));
