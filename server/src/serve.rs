@@ -1222,16 +1222,13 @@ async fn handle_appends(
     for (id, answer) in answers {
         let reply = match answer {
             Some(refused) => refused,
-            None => match results.next() {
-                Some(Ok(r)) => {
+            None => {
+                let r = results.next().unwrap_or(Err(storage::Error::Closed));
+                if r.is_ok() {
                     crate::metrics::global().commit("append", elapsed);
-                    Message::Receipt {
-                        receipt: r.encode(),
-                    }
                 }
-                Some(Err(e)) => storage_error(&e),
-                None => storage_error(&storage::Error::Closed),
-            },
+                receipt_or_error(r)
+            }
         };
         crate::failpoints::before_reply("append");
         if tx.send((id, reply, 0)).await.is_err() {
@@ -1239,6 +1236,16 @@ async fn handle_appends(
         }
     }
     n
+}
+
+/// The answer to an append: its receipt, or the error's code and words.
+fn receipt_or_error(appended: storage::Result<storage::Receipt>) -> Message {
+    match appended {
+        Ok(r) => Message::Receipt {
+            receipt: r.encode(),
+        },
+        Err(e) => storage_error(&e),
+    }
 }
 
 /// Answers request `id` of a pipelined connection through its writer.
@@ -1291,12 +1298,7 @@ async fn respond(
         },
         Message::Append { subject, fields } => match record_json(&fields) {
             Err(m) => m,
-            Ok(json) => match vault.append(Append::record(subject, json)).await {
-                Ok(r) => Message::Receipt {
-                    receipt: r.encode(),
-                },
-                Err(e) => storage_error(&e),
-            },
+            Ok(json) => receipt_or_error(vault.append(Append::record(subject, json)).await),
         },
         Message::AppendBatch { items } => {
             let mut appends = Vec::with_capacity(items.len());
@@ -1434,12 +1436,7 @@ async fn respond(
                 }
             }
         }
-        Message::Shred { subject } => match vault.shred(&subject).await {
-            Ok(r) => Message::Receipt {
-                receipt: r.encode(),
-            },
-            Err(e) => storage_error(&e),
-        },
+        Message::Shred { subject } => receipt_or_error(vault.shred(&subject).await),
         Message::RotateSubjectKey { subject, reencrypt } => {
             match vault.rotate_subject_key(&subject, reencrypt).await {
                 Ok(r) => Message::Rotated {
@@ -1664,19 +1661,14 @@ async fn event(
         Ok(p) => p,
         Err(_) => return error(ErrorCode::Internal, "encoding failed"),
     };
-    match vault
+    let appended = vault
         .append(Append::Event {
             kind,
             subject,
             payload,
         })
-        .await
-    {
-        Ok(r) => Message::Receipt {
-            receipt: r.encode(),
-        },
-        Err(e) => storage_error(&e),
-    }
+        .await;
+    receipt_or_error(appended)
 }
 
 fn now_ms() -> u64 {
