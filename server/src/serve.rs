@@ -738,7 +738,7 @@ where
     let mut in_flight = 0;
     // A frame read while gathering appends that is not one of them.
     let mut carried = None;
-    let result = loop {
+    let (last, result) = loop {
         // Back-pressure: read the next frame only when a slot is free.
         while in_flight >= max_in_flight {
             if let Some(n) = pending.next().await {
@@ -786,16 +786,11 @@ where
             Screened::Request(id, message, current) => (id, message, current),
             Screened::Answer(id, reply) => {
                 if tx.send((id, reply, 0)).await.is_err() {
-                    break Ok(());
+                    break (None, Ok(()));
                 }
                 continue;
             }
-            Screened::End((reply, result)) => {
-                if let Some((id, reply)) = reply {
-                    let _ = tx.send((id, reply, 0)).await;
-                }
-                break result;
-            }
+            Screened::End(ending) => break ending,
         };
         in_flight += 1;
         pending.push(Either::Right(async move {
@@ -803,9 +798,14 @@ where
             1
         }));
     };
-    // Requests already read are answered, even when reading has ended.
+    // Requests already read are answered, even when reading has ended;
+    // then what ended it (a frame that cannot be read), so that its error
+    // is the connection's last answer.
     while pending.next().await.is_some() {}
     drop(pending);
+    if let Some((id, reply)) = last {
+        let _ = tx.send((id, reply, 0)).await;
+    }
     drop(tx);
     let _ = writer.await;
     result

@@ -1,0 +1,548 @@
+//! Random request streams against a live protocol server: a writer's
+//! pipelined appends, batches, pings and forbidden requests, then perhaps
+//! one fault (garbage, an oversized length, a bad CRC, an unknown type, a
+//! frame cut short), and requests behind the fault; all written in random
+//! pieces with random pauses between them, so the server reads them in
+//! every grouping (a request split across reads, many whole in one read,
+//! a fault in the same read as the appends before it).
+//!
+//! Whatever the stream, the server must:
+//! - answer every request before the fault exactly once, as the model
+//!   says (a receipt that verifies with the vault's public key, or the
+//!   error of the refused request), and answer the fault with its typed
+//!   error where it has one;
+//! - answer nothing after the fault, write nothing of it, and close;
+//! - lose nothing acknowledged: each subject's latest record is the one
+//!   of its acknowledged write with the highest seq;
+//! - never panic (a panic hook counts them) and keep serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use protocol::{ErrorCode, Message, Record};
+use server::serve::{run, ServeConfig};
+use storage::{Options, Receipt, Unlock, Vault};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A subject of the case (`c<case>-s<n>`), or one the vault refuses.
+#[derive(Debug, Clone, Copy)]
+enum Subject {
+    Good(u8),
+    Bad,
+}
+
+/// A record: one field `id` (the request's id, so the record read back
+/// tells which write it was), then more fields, whose names may repeat
+/// (a record that names a field twice is refused).
+#[derive(Debug, Clone)]
+struct Rec {
+    subject: Subject,
+    more: Vec<(&'static str, String)>,
+}
+
+#[derive(Debug, Clone)]
+enum Req {
+    Append(Rec),
+    Batch(Vec<Rec>),
+    Ping,
+    /// A `Mint`, which a writer may not send.
+    Forbidden,
+}
+
+#[derive(Debug, Clone)]
+enum Fault {
+    /// The stream ends cleanly.
+    None,
+    /// Bytes that are not this protocol ("GET ..." and random bytes).
+    Garbage(Vec<u8>),
+    /// A header whose length is over the maximum.
+    Oversized,
+    /// A whole `Ping` frame whose CRC does not match.
+    BadCrc,
+    /// A frame with a correct CRC and an unknown message type.
+    UnknownType,
+    /// A frame of version 2.
+    Version2,
+    /// An append whose payload ends one byte early, in a frame with a
+    /// correct length and CRC.
+    BadPayload,
+    /// The first `n` bytes of an append's frame (at least 1, fewer than
+    /// all), then the end of the stream.
+    CutShort(usize),
+}
+
+#[derive(Debug, Clone)]
+struct Stream {
+    before: Vec<Req>,
+    fault: Fault,
+    /// Valid appends sent after the fault.
+    after: usize,
+    /// Where the bytes are cut into writes (fractions of the length).
+    cuts: Vec<f64>,
+    /// Pause after each write, µs (0 = a yield).
+    pauses: Vec<u16>,
+}
+
+fn rec() -> impl Strategy<Value = Rec> {
+    let subject = prop_oneof![
+        9 => (0u8..3).prop_map(Subject::Good),
+        1 => Just(Subject::Bad),
+    ];
+    let field = (prop_oneof![Just("a"), Just("b"), Just("id")], "[ -~]{0,24}");
+    (subject, proptest::collection::vec(field, 0..3))
+        .prop_map(|(subject, more)| Rec { subject, more })
+}
+
+fn stream() -> impl Strategy<Value = Stream> {
+    let req = prop_oneof![
+        12 => rec().prop_map(Req::Append),
+        2 => proptest::collection::vec(rec(), 1..4).prop_map(Req::Batch),
+        2 => Just(Req::Ping),
+        1 => Just(Req::Forbidden),
+    ];
+    let fault = prop_oneof![
+        3 => Just(Fault::None),
+        1 => proptest::collection::vec(any::<u8>(), 0..40).prop_map(Fault::Garbage),
+        1 => Just(Fault::Oversized),
+        1 => Just(Fault::BadCrc),
+        1 => Just(Fault::UnknownType),
+        1 => Just(Fault::Version2),
+        1 => Just(Fault::BadPayload),
+        1 => (1usize..10_000).prop_map(Fault::CutShort),
+    ];
+    (
+        proptest::collection::vec(req, 0..40),
+        fault,
+        0usize..4,
+        proptest::collection::vec(0.0f64..1.0, 0..12),
+        proptest::collection::vec(0u16..400, 13),
+    )
+        .prop_map(|(before, fault, after, cuts, pauses)| Stream {
+            before,
+            fault,
+            after,
+            cuts,
+            pauses,
+        })
+}
+
+/// What the model expects of one request before the fault.
+#[derive(Debug)]
+enum Expect {
+    /// Receipts for these (subject, record id) writes, in order.
+    Written(Vec<(String, u32)>),
+    Refused(ErrorCode),
+    Pong,
+}
+
+fn subject_name(case: u32, s: Subject) -> String {
+    match s {
+        Subject::Good(n) => format!("c{case}-s{n}"),
+        Subject::Bad => "has space".to_string(),
+    }
+}
+
+/// The record as sent, and whether the vault takes it.
+fn record(case: u32, id: u32, r: &Rec) -> (Record, bool) {
+    let mut fields = vec![("id".to_string(), id.to_string())];
+    fields.extend(r.more.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let mut names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    let distinct = names.windows(2).all(|w| w[0] != w[1]);
+    let ok = distinct && matches!(r.subject, Subject::Good(_));
+    let subject = subject_name(case, r.subject);
+    (Record { subject, fields }, ok)
+}
+
+/// The request's message and what the model expects of it.
+fn model(case: u32, id: u32, req: &Req) -> (Message, Expect) {
+    match req {
+        Req::Append(r) => {
+            let (Record { subject, fields }, ok) = record(case, id, r);
+            let expect = if ok {
+                Expect::Written(vec![(subject.clone(), id)])
+            } else {
+                Expect::Refused(ErrorCode::Invalid)
+            };
+            (Message::Append { subject, fields }, expect)
+        }
+        Req::Batch(items) => {
+            let mut all_ok = true;
+            let mut records = Vec::new();
+            let mut written = Vec::new();
+            for r in items {
+                let (record, ok) = record(case, id, r);
+                all_ok &= ok;
+                written.push((record.subject.clone(), id));
+                records.push(record);
+            }
+            let expect = if all_ok {
+                Expect::Written(written)
+            } else {
+                Expect::Refused(ErrorCode::Invalid)
+            };
+            (Message::AppendBatch { items: records }, expect)
+        }
+        Req::Ping => (Message::Ping, Expect::Pong),
+        Req::Forbidden => (
+            Message::Mint {
+                partner_id: "p".into(),
+                subject: subject_name(case, Subject::Good(0)),
+                purpose: "x".into(),
+                fields: vec![("id".into(), protocol::MaskOp::Reveal)],
+                ttl_secs: 60,
+            },
+            Expect::Refused(ErrorCode::Forbidden),
+        ),
+    }
+}
+
+/// The fault's bytes, and the request id and error code it must be
+/// answered with, if any: id 0 for a frame that does not decode, the
+/// frame's own for a payload that does not (`docs/protocol.md`, rule 8).
+fn fault_bytes(f: &Fault) -> (Vec<u8>, Option<(u32, ErrorCode)>) {
+    let ping = |id| protocol::encode_frame(id, &Message::Ping, 0).expect("frame");
+    match f {
+        Fault::None => (Vec::new(), None),
+        Fault::Garbage(tail) => {
+            let mut b = b"GET / HTTP/1.1\r\n".to_vec();
+            b.extend_from_slice(tail);
+            (b, Some((0, ErrorCode::Malformed)))
+        }
+        Fault::Oversized => {
+            let mut b = ping(7_000);
+            let len = protocol::MAX_FRAME_LEN as u32 + 1;
+            b[10..14].copy_from_slice(&len.to_be_bytes());
+            b.truncate(protocol::HEADER_LEN);
+            (b, Some((0, ErrorCode::FrameTooLarge)))
+        }
+        Fault::BadCrc => {
+            let mut b = ping(7_001);
+            b[14] ^= 0x20;
+            (b, Some((0, ErrorCode::Malformed)))
+        }
+        Fault::UnknownType => {
+            let mut b = ping(7_002);
+            b[3] = 0x7e;
+            (with_crc(b), Some((0, ErrorCode::Malformed)))
+        }
+        Fault::Version2 => {
+            let mut b = ping(7_003);
+            b[2] = 2;
+            (with_crc(b), Some((0, ErrorCode::UnsupportedVersion)))
+        }
+        Fault::BadPayload => {
+            let m = Message::Append {
+                subject: "cut".into(),
+                fields: vec![("a".into(), "b".into())],
+            };
+            let mut b = protocol::encode_frame(7_004, &m, 0).expect("frame");
+            b.pop();
+            let len = (b.len() - protocol::HEADER_LEN) as u32;
+            b[10..14].copy_from_slice(&len.to_be_bytes());
+            (with_crc(b), Some((7_004, ErrorCode::Malformed)))
+        }
+        Fault::CutShort(n) => {
+            let m = Message::Append {
+                subject: "cut".into(),
+                fields: vec![("a".into(), "b".into())],
+            };
+            let b = protocol::encode_frame(7_005, &m, 0).expect("frame");
+            let n = 1 + n % (b.len() - 1);
+            // The end of the stream inside a frame has no answer.
+            (b[..n].to_vec(), None)
+        }
+    }
+}
+
+/// `frame` with its CRC made right for its bytes as they are.
+fn with_crc(mut frame: Vec<u8>) -> Vec<u8> {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&frame[..14]);
+    crc.update(&frame[protocol::HEADER_LEN..]);
+    frame[14..18].copy_from_slice(&crc.finalize().to_be_bytes());
+    frame
+}
+
+struct Server {
+    addr: std::net::SocketAddr,
+    vault: Arc<Vault>,
+    writer: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let created = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"streams test".to_vec()),
+        Options::default(),
+    )
+    .expect("create");
+    let vault = Arc::new(created.vault);
+    let (_, writer) = vault
+        .create_credential("writer", "test service")
+        .await
+        .expect("writer");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = ServeConfig {
+        // Small enough that long streams meet the in-flight limit too.
+        max_in_flight: 16,
+        ..ServeConfig::default()
+    };
+    tokio::spawn(run(listener, vault.clone().into(), config, None, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        vault,
+        writer: writer.to_string(),
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// Every frame in `bytes`, decoded (the server's answers).
+fn answers(mut bytes: &[u8]) -> Result<Vec<(u32, Message)>, TestCaseError> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let Ok(Some((f, used))) = protocol::frame::decode(bytes) else {
+            return Err(TestCaseError::fail(
+                "the server wrote bytes that are not a frame",
+            ));
+        };
+        let m = Message::from_frame(&f)
+            .map_err(|e| TestCaseError::fail(format!("an answer does not decode: {e}")))?;
+        out.push((f.request_id, m));
+        bytes = &bytes[used..];
+    }
+    Ok(out)
+}
+
+async fn run_case(s: &Server, case: u32, st: &Stream) -> Result<(), TestCaseError> {
+    let key = s.vault.public_key();
+    let mut bytes = protocol::encode_frame(
+        1,
+        &Message::Hello {
+            api_key: s.writer.clone(),
+            client: "streams".into(),
+        },
+        0,
+    )
+    .expect("frame");
+    let mut expect = BTreeMap::new();
+    for (i, req) in st.before.iter().enumerate() {
+        let id = 100 + i as u32;
+        let (m, e) = model(case, id, req);
+        bytes.extend(protocol::encode_frame(id, &m, 0).expect("frame"));
+        expect.insert(id, e);
+    }
+    let (fault, fault_code) = fault_bytes(&st.fault);
+    bytes.extend_from_slice(&fault);
+    let after_subject = format!("c{case}-after");
+    if !matches!(st.fault, Fault::None | Fault::CutShort(_)) {
+        for i in 0..st.after {
+            let m = Message::Append {
+                subject: after_subject.clone(),
+                fields: vec![("n".into(), i.to_string())],
+            };
+            bytes.extend(protocol::encode_frame(9_000 + i as u32, &m, 0).expect("frame"));
+        }
+    }
+
+    let mut cuts: Vec<usize> = st
+        .cuts
+        .iter()
+        .map(|c| (c * bytes.len() as f64) as usize)
+        .collect();
+    cuts.push(bytes.len());
+    cuts.sort_unstable();
+    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let (mut rd, mut wr) = tcp.split();
+    let reading = async {
+        let mut out = Vec::new();
+        let _ = rd.read_to_end(&mut out).await;
+        out
+    };
+    let writing = async {
+        let mut at = 0;
+        for (i, &cut) in cuts.iter().enumerate() {
+            // The server may close once it has answered a fault; what is
+            // left unwritten then is not an error of the server.
+            if wr.write_all(&bytes[at..cut]).await.is_err() {
+                return;
+            }
+            at = cut;
+            match st.pauses[i % st.pauses.len()] {
+                0 => tokio::task::yield_now().await,
+                us => tokio::time::sleep(Duration::from_micros(u64::from(us))).await,
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    // Not a limit on speed: a stream the server never finishes answering
+    // is a hang.
+    let (out, ()) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(reading, writing)
+    })
+    .await
+    .map_err(|_| TestCaseError::fail("the server neither answered nor closed"))?;
+    drop(tcp);
+
+    let mut got = answers(&out)?;
+    prop_assert!(
+        matches!(got.first(), Some((1, Message::HelloOk { .. }))),
+        "Hello first: {:?}",
+        got.first()
+    );
+    got.remove(0);
+    // The fault's answer is the last one, when it has one.
+    if let Some((id, code)) = fault_code {
+        let last = got.pop();
+        prop_assert!(
+            matches!(&last, Some((i, Message::Error { code: c, .. })) if *c == code && *i == id),
+            "the fault answered last, with request id {id} and {code:?}: {last:?}"
+        );
+    }
+    let mut answered = HashMap::new();
+    for (id, m) in got {
+        prop_assert!(
+            expect.contains_key(&id),
+            "request {id} answered, not expected: {m:?}"
+        );
+        prop_assert!(
+            answered.insert(id, m).is_none(),
+            "request {id} answered twice"
+        );
+    }
+    prop_assert_eq!(
+        answered.len(),
+        expect.len(),
+        "every request before the fault answered"
+    );
+
+    // Each subject's acknowledged write with the highest seq.
+    let mut latest: HashMap<String, (u64, u32)> = HashMap::new();
+    for (id, e) in &expect {
+        let m = &answered[id];
+        let receipts: Vec<Vec<u8>> = match (e, m) {
+            (Expect::Pong, Message::Pong) => continue,
+            (Expect::Refused(c), Message::Error { code, .. }) if c == code => continue,
+            (Expect::Written(w), Message::Receipt { receipt }) if w.len() == 1 => {
+                vec![receipt.clone()]
+            }
+            (Expect::Written(w), Message::Receipts { receipts }) if receipts.len() == w.len() => {
+                receipts.clone()
+            }
+            _ => {
+                return Err(TestCaseError::fail(format!(
+                    "request {id}: expected {e:?}, got {m:?}"
+                )))
+            }
+        };
+        let Expect::Written(w) = e else {
+            unreachable!("matched above")
+        };
+        for ((subject, rid), blob) in w.iter().zip(receipts) {
+            let r = Receipt::decode(&blob)
+                .map_err(|e| TestCaseError::fail(format!("receipt {id}: {e}")))?;
+            r.verify(&key)
+                .map_err(|e| TestCaseError::fail(format!("receipt {id} does not verify: {e}")))?;
+            let slot = latest.entry(subject.clone()).or_insert((r.seq, *rid));
+            if r.seq >= slot.0 {
+                *slot = (r.seq, *rid);
+            }
+        }
+    }
+    for n in 0..3 {
+        let subject = subject_name(case, Subject::Good(n));
+        let rec = s.vault.latest_record(&subject).expect("read");
+        match (latest.get(&subject), rec) {
+            (None, None) => {}
+            (Some((_, rid)), Some(rec)) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&rec.plaintext).expect("a record is JSON");
+                prop_assert_eq!(&v["id"], &serde_json::json!(rid.to_string()), "{}", subject);
+            }
+            (want, got) => {
+                return Err(TestCaseError::fail(format!(
+                    "{subject}: acknowledged {want:?}, stored {:?}",
+                    got.map(|r| r.seq)
+                )))
+            }
+        }
+    }
+    prop_assert!(
+        s.vault
+            .latest_record(&after_subject)
+            .expect("read")
+            .is_none(),
+        "nothing after the fault is written"
+    );
+    Ok(())
+}
+
+#[test]
+fn random_streams_with_faults_are_answered_as_the_model_says() {
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        hook(info);
+    }));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let s = rt.block_on(start());
+    let mut runner = TestRunner::new(Config {
+        // PROPTEST_CASES=N runs more.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    // A case's subjects are its own, shrinking runs included.
+    let cases = std::sync::atomic::AtomicU32::new(0);
+    let result = runner.run(&stream(), |st| {
+        let case = cases.fetch_add(1, Ordering::Relaxed);
+        rt.block_on(run_case(&s, case, &st))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // The server still serves, and nothing panicked on the way.
+    let pong = rt.block_on(async {
+        let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+        let mut b = protocol::encode_frame(
+            1,
+            &Message::Hello {
+                api_key: s.writer.clone(),
+                client: "streams".into(),
+            },
+            0,
+        )
+        .expect("frame");
+        b.extend(protocol::encode_frame(2, &Message::Ping, 0).expect("frame"));
+        tcp.write_all(&b).await.expect("write");
+        tcp.shutdown().await.expect("shutdown");
+        let mut out = Vec::new();
+        tcp.read_to_end(&mut out).await.expect("read");
+        answers(&out).expect("frames")
+    });
+    assert!(matches!(pong.last(), Some((2, Message::Pong))), "{pong:?}");
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic in the server");
+}
