@@ -1,20 +1,26 @@
-//! Random request streams against a live protocol server: a writer's
-//! pipelined appends, batches, pings and forbidden requests, then perhaps
-//! one fault (garbage, an oversized length, a bad CRC, an unknown type, a
-//! frame cut short), and requests behind the fault; all written in random
-//! pieces with random pauses between them, so the server reads them in
-//! every grouping (a request split across reads, many whole in one read,
-//! a fault in the same read as the appends before it).
+//! Random request streams against a live protocol server, written in
+//! random pieces with random pauses between them, so the server reads them
+//! in every grouping (a request split across reads, many whole in one
+//! read, a fault in the same read as the requests before it).
 //!
-//! Whatever the stream, the server must:
-//! - answer every request before the fault exactly once, as the model
-//!   says (a receipt that verifies with the vault's public key, or the
-//!   error of the refused request), and answer the fault with its typed
-//!   error where it has one;
-//! - answer nothing after the fault, write nothing of it, and close;
-//! - lose nothing acknowledged: each subject's latest record is the one
-//!   of its acknowledged write with the highest seq;
-//! - never panic (a panic hook counts them) and keep serving.
+//! A writer's stream: pipelined appends (valid or refused), batches, pings
+//! and a request the role may not send, then perhaps one fault (garbage,
+//! an oversized length, a bad CRC, an unknown type, version 2, a payload
+//! that ends early, a frame cut short), and appends behind it. The server
+//! must answer every request before the fault exactly once, as the model
+//! says (a receipt that verifies with the vault's public key, or the
+//! refused request's error); answer the fault last, with its typed error
+//! where it has one; answer and write nothing behind it; and lose nothing
+//! acknowledged: each subject's latest record is its acknowledged write
+//! with the highest seq.
+//!
+//! A partner's stream: pings, health, key chain and a forbidden request,
+//! then a `Redeem` or a fault, and requests behind it (a second token's
+//! `Redeem` among them). The server answers each in order, the `Redeem`
+//! with the masked data, the fault with its error, then nothing more; the
+//! stream's token is spent only if it was redeemed, the second never.
+//!
+//! Neither may panic anywhere (a panic hook counts them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -273,6 +279,8 @@ struct Server {
     addr: std::net::SocketAddr,
     vault: Arc<Vault>,
     writer: String,
+    partner: String,
+    gateway: String,
     _stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
 }
@@ -290,6 +298,19 @@ async fn start() -> Server {
         .create_credential("writer", "test service")
         .await
         .expect("writer");
+    let (_, partner) = vault
+        .create_credential("partner", "demo-lender")
+        .await
+        .expect("partner");
+    let (_, gateway) = vault
+        .create_credential("gateway", "http shim")
+        .await
+        .expect("gateway");
+    let record = br#"{"iban":"GB33BUKB20201555555555","name":"Jane Doe"}"#;
+    vault
+        .append(storage::Append::record("cust-p", record.to_vec()))
+        .await
+        .expect("seed");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -307,6 +328,8 @@ async fn start() -> Server {
         addr,
         vault,
         writer: writer.to_string(),
+        partner: partner.to_string(),
+        gateway: gateway.to_string(),
         _stop: stop,
         _dir: dir,
     }
@@ -326,6 +349,54 @@ fn answers(mut bytes: &[u8]) -> Result<Vec<(u32, Message)>, TestCaseError> {
         out.push((f.request_id, m));
         bytes = &bytes[used..];
     }
+    Ok(out)
+}
+
+/// Writes `bytes` to a new connection in pieces cut at `cuts` (fractions
+/// of the length), pausing after each (µs, 0 = a yield), then ends the
+/// write half; reads everything the server writes until it closes.
+async fn exchange(
+    s: &Server,
+    bytes: &[u8],
+    cuts: &[f64],
+    pauses: &[u16],
+) -> Result<Vec<u8>, TestCaseError> {
+    let mut ends: Vec<usize> = cuts
+        .iter()
+        .map(|c| (c * bytes.len() as f64) as usize)
+        .collect();
+    ends.push(bytes.len());
+    ends.sort_unstable();
+    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let (mut rd, mut wr) = tcp.split();
+    let reading = async {
+        let mut out = Vec::new();
+        let _ = rd.read_to_end(&mut out).await;
+        out
+    };
+    let writing = async {
+        let mut at = 0;
+        for (i, &end) in ends.iter().enumerate() {
+            // The server may close once it has answered a fault; what is
+            // left unwritten then is not an error of the server.
+            if wr.write_all(&bytes[at..end]).await.is_err() {
+                return;
+            }
+            at = end;
+            match pauses.get(i % pauses.len().max(1)).copied().unwrap_or(0) {
+                0 => tokio::task::yield_now().await,
+                us => tokio::time::sleep(Duration::from_micros(u64::from(us))).await,
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    // Not a limit on speed: a stream the server never finishes answering
+    // is a hang.
+    let (out, ()) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(reading, writing)
+    })
+    .await
+    .map_err(|_| TestCaseError::fail("the server neither answered nor closed"))?;
     Ok(out)
 }
 
@@ -360,44 +431,7 @@ async fn run_case(s: &Server, case: u32, st: &Stream) -> Result<(), TestCaseErro
         }
     }
 
-    let mut cuts: Vec<usize> = st
-        .cuts
-        .iter()
-        .map(|c| (c * bytes.len() as f64) as usize)
-        .collect();
-    cuts.push(bytes.len());
-    cuts.sort_unstable();
-    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
-    let (mut rd, mut wr) = tcp.split();
-    let reading = async {
-        let mut out = Vec::new();
-        let _ = rd.read_to_end(&mut out).await;
-        out
-    };
-    let writing = async {
-        let mut at = 0;
-        for (i, &cut) in cuts.iter().enumerate() {
-            // The server may close once it has answered a fault; what is
-            // left unwritten then is not an error of the server.
-            if wr.write_all(&bytes[at..cut]).await.is_err() {
-                return;
-            }
-            at = cut;
-            match st.pauses[i % st.pauses.len()] {
-                0 => tokio::task::yield_now().await,
-                us => tokio::time::sleep(Duration::from_micros(u64::from(us))).await,
-            }
-        }
-        let _ = wr.shutdown().await;
-    };
-    // Not a limit on speed: a stream the server never finishes answering
-    // is a hang.
-    let (out, ()) = tokio::time::timeout(Duration::from_secs(120), async {
-        tokio::join!(reading, writing)
-    })
-    .await
-    .map_err(|_| TestCaseError::fail("the server neither answered nor closed"))?;
-    drop(tcp);
+    let out = exchange(s, &bytes, &st.cuts, &st.pauses).await?;
 
     let mut got = answers(&out)?;
     prop_assert!(
@@ -492,14 +526,286 @@ async fn run_case(s: &Server, case: u32, st: &Stream) -> Result<(), TestCaseErro
     Ok(())
 }
 
+/// A request a partner sends before its `Redeem`.
+#[derive(Debug, Clone, Copy)]
+enum PartnerReq {
+    Ping,
+    Health,
+    KeyChain,
+    /// An `Append`, which a partner may not send.
+    Forbidden,
+}
+
+/// How a partner's stream ends.
+#[derive(Debug, Clone)]
+enum PartnerEnd {
+    /// A `Redeem` of a fresh token.
+    Redeem,
+    /// A fault (`Fault::None`: the stream ends with no `Redeem`).
+    Fault(Fault),
+}
+
+#[derive(Debug, Clone)]
+struct PartnerStream {
+    before: Vec<PartnerReq>,
+    end: PartnerEnd,
+    /// Requests after the end: pings, then a `Redeem` of a second token.
+    after: usize,
+    cuts: Vec<f64>,
+    pauses: Vec<u16>,
+}
+
+fn partner_stream() -> impl Strategy<Value = PartnerStream> {
+    let req = prop_oneof![
+        Just(PartnerReq::Ping),
+        Just(PartnerReq::Health),
+        Just(PartnerReq::KeyChain),
+        Just(PartnerReq::Forbidden),
+    ];
+    let end = prop_oneof![
+        3 => Just(PartnerEnd::Redeem),
+        1 => Just(PartnerEnd::Fault(Fault::None)),
+        1 => proptest::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|g| PartnerEnd::Fault(Fault::Garbage(g))),
+        1 => Just(PartnerEnd::Fault(Fault::Oversized)),
+        1 => Just(PartnerEnd::Fault(Fault::BadCrc)),
+        1 => Just(PartnerEnd::Fault(Fault::UnknownType)),
+        1 => Just(PartnerEnd::Fault(Fault::Version2)),
+        1 => Just(PartnerEnd::Fault(Fault::BadPayload)),
+        1 => (1usize..10_000).prop_map(|n| PartnerEnd::Fault(Fault::CutShort(n))),
+    ];
+    (
+        proptest::collection::vec(req, 0..6),
+        end,
+        0usize..3,
+        proptest::collection::vec(0.0f64..1.0, 0..8),
+        proptest::collection::vec(0u16..400, 9),
+    )
+        .prop_map(|(before, end, after, cuts, pauses)| PartnerStream {
+            before,
+            end,
+            after,
+            cuts,
+            pauses,
+        })
+}
+
+/// Two fresh tokens for the partner, minted over the protocol.
+async fn mint_two(s: &Server) -> Result<(String, String), TestCaseError> {
+    let mut bytes = protocol::encode_frame(
+        1,
+        &Message::Hello {
+            api_key: s.gateway.clone(),
+            client: "streams".into(),
+        },
+        0,
+    )
+    .expect("frame");
+    for id in [2, 3] {
+        let m = Message::Mint {
+            partner_id: "demo-lender".into(),
+            subject: "cust-p".into(),
+            purpose: "credit_check".into(),
+            fields: vec![
+                ("iban".into(), protocol::MaskOp::Partial),
+                ("name".into(), protocol::MaskOp::Redact),
+            ],
+            ttl_secs: 300,
+        };
+        bytes.extend(protocol::encode_frame(id, &m, 0).expect("frame"));
+    }
+    let out = exchange(s, &bytes, &[], &[]).await?;
+    let mut tokens = BTreeMap::new();
+    for (id, m) in answers(&out)? {
+        if let Message::Minted { token, .. } = m {
+            tokens.insert(id, token);
+        }
+    }
+    match (tokens.remove(&2), tokens.remove(&3)) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(TestCaseError::fail("two tokens minted")),
+    }
+}
+
+/// The masked data a token of `mint_two` reveals.
+fn is_the_data(m: &Message) -> bool {
+    matches!(m, Message::Data { subject, fields, .. }
+        if subject == "cust-p"
+            && fields.iter().any(|(k, v)| k == "iban" && v.ends_with("5555") && v.contains('*')))
+}
+
+async fn run_partner_case(s: &Server, st: &PartnerStream) -> Result<(), TestCaseError> {
+    let (token, second) = mint_two(s).await?;
+    let mut bytes = protocol::encode_frame(
+        1,
+        &Message::Hello {
+            api_key: s.partner.clone(),
+            client: "streams".into(),
+        },
+        0,
+    )
+    .expect("frame");
+    let mut expected = Vec::new();
+    for (i, req) in st.before.iter().enumerate() {
+        let id = 100 + i as u32;
+        let m = match req {
+            PartnerReq::Ping => Message::Ping,
+            PartnerReq::Health => Message::Health,
+            PartnerReq::KeyChain => Message::KeyChain,
+            PartnerReq::Forbidden => Message::Append {
+                subject: "cust-p".into(),
+                fields: vec![("name".into(), "x".into())],
+            },
+        };
+        bytes.extend(protocol::encode_frame(id, &m, 0).expect("frame"));
+        expected.push((id, *req));
+    }
+    let (end_bytes, fault_code) = match &st.end {
+        PartnerEnd::Redeem => {
+            let m = Message::Redeem {
+                token: token.clone(),
+            };
+            (protocol::encode_frame(50, &m, 0).expect("frame"), None)
+        }
+        PartnerEnd::Fault(f) => fault_bytes(f),
+    };
+    bytes.extend_from_slice(&end_bytes);
+    let cut_short = matches!(st.end, PartnerEnd::Fault(Fault::None | Fault::CutShort(_)));
+    if !cut_short {
+        for i in 0..st.after {
+            let m = if i + 1 == st.after {
+                Message::Redeem {
+                    token: second.clone(),
+                }
+            } else {
+                Message::Ping
+            };
+            bytes.extend(protocol::encode_frame(9_000 + i as u32, &m, 0).expect("frame"));
+        }
+    }
+    let out = exchange(s, &bytes, &st.cuts, &st.pauses).await?;
+    let mut got = answers(&out)?.into_iter();
+    prop_assert!(
+        matches!(got.next(), Some((1, Message::HelloOk { .. }))),
+        "Hello first"
+    );
+    // A partner's requests are answered one at a time, in order.
+    for (id, req) in expected {
+        let a = got.next();
+        let ok = match (&a, req) {
+            (Some((i, m)), r) if *i == id => match (m, r) {
+                (Message::Pong, PartnerReq::Ping) => true,
+                (Message::HealthInfo { status, .. }, PartnerReq::Health) => status == "ok",
+                (Message::KeyChainInfo { .. }, PartnerReq::KeyChain) => true,
+                (Message::Error { code, .. }, PartnerReq::Forbidden) => {
+                    *code == ErrorCode::Forbidden
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        prop_assert!(ok, "request {id} ({req:?}) answered in order: {a:?}");
+    }
+    match (&st.end, fault_code) {
+        (PartnerEnd::Redeem, _) => {
+            let a = got.next();
+            prop_assert!(
+                matches!(&a, Some((50, m)) if is_the_data(m)),
+                "the redemption's data: {a:?}"
+            );
+        }
+        (_, Some((id, code))) => {
+            let a = got.next();
+            prop_assert!(
+                matches!(&a, Some((i, Message::Error { code: c, .. })) if *i == id && *c == code),
+                "the fault answered with request id {id} and {code:?}: {a:?}"
+            );
+        }
+        (_, None) => {}
+    }
+    let rest: Vec<_> = got.collect();
+    prop_assert!(rest.is_empty(), "nothing answered after the end: {rest:?}");
+    // The token of the stream is spent only if it was redeemed; the second
+    // one, sent after the end, never is.
+    let spent = |t: &str| {
+        let t = t.to_string();
+        async move {
+            let mut b = protocol::encode_frame(
+                1,
+                &Message::Hello {
+                    api_key: s.partner.clone(),
+                    client: "streams".into(),
+                },
+                0,
+            )
+            .expect("frame");
+            b.extend(protocol::encode_frame(2, &Message::Redeem { token: t }, 0).expect("frame"));
+            let out = exchange(s, &b, &[], &[]).await?;
+            let last = answers(&out)?.pop();
+            match last {
+                Some((2, m)) if is_the_data(&m) => Ok(false),
+                Some((
+                    2,
+                    Message::Error {
+                        code: ErrorCode::TokenSpent,
+                        ..
+                    },
+                )) => Ok(true),
+                other => Err(TestCaseError::fail(format!("a redemption: {other:?}"))),
+            }
+        }
+    };
+    let redeemed = matches!(st.end, PartnerEnd::Redeem);
+    prop_assert_eq!(spent(&token).await?, redeemed, "the stream's token");
+    prop_assert!(!spent(&second).await?, "the token sent after the end");
+    Ok(())
+}
+
+/// Panics anywhere in the process (the server's tasks included), counted
+/// from the first call on.
+fn panics() -> &'static AtomicUsize {
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            hook(info);
+        }));
+    });
+    &PANICS
+}
+
+#[test]
+fn random_partner_streams_end_at_their_redeem_or_fault() {
+    let panics = panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let s = rt.block_on(start());
+    let mut runner = TestRunner::new(Config {
+        // PROPTEST_CASES=N runs more.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&partner_stream(), |st| {
+        rt.block_on(run_partner_case(&s, &st))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic in the server");
+}
+
 #[test]
 fn random_streams_with_faults_are_answered_as_the_model_says() {
-    static PANICS: AtomicUsize = AtomicUsize::new(0);
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        PANICS.fetch_add(1, Ordering::SeqCst);
-        hook(info);
-    }));
+    let panics = panics();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -544,5 +850,5 @@ fn random_streams_with_faults_are_answered_as_the_model_says() {
         answers(&out).expect("frames")
     });
     assert!(matches!(pong.last(), Some((2, Message::Pong))), "{pong:?}");
-    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic in the server");
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic in the server");
 }
