@@ -1,7 +1,9 @@
 //! The HTTP policy shim in front of a real vault, both in this process on
 //! ports the OS chose: bad input gets the typed JSON error and writes
 //! nothing, source-address and time-of-day rules are enforced and audited,
-//! and slow, idle or never-finishing HTTP clients are cut off.
+//! and slow, idle or never-finishing HTTP clients are cut off; and random
+//! requests to every route, with any key and any body, get a typed answer
+//! and write no more than that answer allows.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -452,4 +454,323 @@ async fn slow_idle_and_unfinished_http_clients_are_cut_off() {
     let (status, _) = call(r.http, "GET", "/v1/health", None, None).await;
     assert_eq!(status, 200);
     r.stop().await;
+}
+
+/// A route of the API, with the path pieces and query it is sent with.
+#[derive(Debug, Clone)]
+enum Route {
+    Authorize,
+    PutPolicy(String),
+    GetPolicy(String),
+    PutConsent(String, String),
+    DeleteConsent(String, String),
+    CreateCredential,
+    RevokeCredential(String),
+    Logs(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Key {
+    Partner,
+    Writer,
+    Admin,
+    Missing,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct HttpCase {
+    route: Route,
+    key: Key,
+    body: Option<String>,
+}
+
+/// JSON near what the routes take: objects with the names they read,
+/// holding values of any type, and any JSON at all.
+fn json_body() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|f| json!(f)),
+        prop_oneof![
+            Just("cust-7".to_string()),
+            Just("credit_check".to_string()),
+            Just(PARTNER.to_string()),
+            Just("partial".to_string()),
+            Just("2030-01-01T00:00:00Z".to_string()),
+            Just("partner".to_string()),
+            "\\PC{0,12}",
+        ]
+        .prop_map(Value::String),
+    ];
+    let names = prop_oneof![
+        Just("subject_id"),
+        Just("purpose"),
+        Just("fields"),
+        Just("purposes"),
+        Just("expires_at"),
+        Just("role"),
+        Just("name"),
+        Just("name"),
+        Just("max_ttl_secs"),
+        Just("rate_limit_per_minute"),
+        Just("active"),
+        Just("extra"),
+    ];
+    let value = leaf.prop_recursive(3, 24, 4, move |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(names.clone().prop_map(String::from), inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    prop_oneof![
+        4 => value.prop_map(|v| v.to_string()),
+        1 => "\\PC{0,40}",
+        1 => proptest::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+    ]
+}
+
+fn http_case() -> impl proptest::strategy::Strategy<Value = HttpCase> {
+    use proptest::prelude::*;
+    let seg = prop_oneof![
+        Just("cust-7".to_string()),
+        Just(PARTNER.to_string()),
+        Just("has%20space".to_string()),
+        Just("%00".to_string()),
+        Just("..".to_string()),
+        Just("x".repeat(300)),
+        "[a-z0-9_-]{0,10}",
+    ];
+    let query = proptest::collection::vec(
+        prop_oneof![
+            Just("limit=0".to_string()),
+            Just("limit=-1".to_string()),
+            Just("limit=99999999999999999999".to_string()),
+            Just("subject=cust-7".to_string()),
+            Just("kind=token_minted".to_string()),
+            Just("kind=bogus".to_string()),
+            Just("since=yesterday".to_string()),
+            Just("colour=blue".to_string()),
+            "[a-z]{1,6}=[a-z0-9%]{0,6}",
+        ],
+        0..4,
+    )
+    .prop_map(|q| q.join("&"));
+    let route = prop_oneof![
+        4 => Just(Route::Authorize),
+        1 => seg.clone().prop_map(Route::PutPolicy),
+        1 => seg.clone().prop_map(Route::GetPolicy),
+        1 => (seg.clone(), seg.clone()).prop_map(|(s, p)| Route::PutConsent(s, p)),
+        1 => (seg.clone(), seg.clone()).prop_map(|(s, p)| Route::DeleteConsent(s, p)),
+        1 => Just(Route::CreateCredential),
+        1 => seg.prop_map(Route::RevokeCredential),
+        1 => query.prop_map(Route::Logs),
+    ];
+    let key = prop_oneof![
+        4 => Just(Key::Partner),
+        1 => Just(Key::Writer),
+        2 => Just(Key::Admin),
+        1 => Just(Key::Missing),
+        1 => Just(Key::Unknown),
+    ];
+    (route, key).prop_flat_map(|(route, key)| {
+        let body = prop_oneof![
+            2 => well_formed(&route),
+            1 => json_body(),
+        ];
+        proptest::option::weighted(0.9, body).prop_map(move |body| HttpCase {
+            route: route.clone(),
+            key,
+            body,
+        })
+    })
+}
+
+/// A body of the shape `route` takes, with values that may or may not
+/// pass its checks.
+fn well_formed(route: &Route) -> proptest::strategy::BoxedStrategy<String> {
+    use proptest::prelude::*;
+    let word = |known: &'static [&'static str]| {
+        prop_oneof![
+            3 => proptest::sample::select(known).prop_map(String::from),
+            1 => "[a-z_ -]{0,10}",
+        ]
+    };
+    match route {
+        Route::Authorize => (
+            word(&["cust-7", "cust-8", "has space"]),
+            word(&["credit_check", "marketing"]),
+            proptest::option::of(proptest::collection::vec(word(&["name", "dob"]), 0..3)),
+        )
+            .prop_map(|(subject, purpose, fields)| {
+                let mut b = json!({"subject_id": subject, "purpose": purpose});
+                if let Some(f) = fields {
+                    b["fields"] = json!(f);
+                }
+                b.to_string()
+            })
+            .boxed(),
+        Route::PutPolicy(_) => (
+            word(&["credit_check", "marketing"]),
+            word(&["name", "dob"]),
+            word(&[
+                "partial",
+                "redact",
+                "reveal",
+                "tokenize",
+                "hash",
+                "generalize",
+                "rot13",
+            ]),
+            proptest::option::of(0u64..100_000),
+        )
+            .prop_map(|(purpose, field, op, ttl)| {
+                let mut b = json!({"purposes": {purpose: {"fields": {field: op}}}});
+                if let Some(t) = ttl {
+                    b["max_ttl_secs"] = json!(t);
+                }
+                b.to_string()
+            })
+            .boxed(),
+        Route::PutConsent(..) => (
+            proptest::collection::vec(word(&["credit_check", "marketing"]), 0..3),
+            proptest::option::of(word(&["2030-01-01T00:00:00Z", "2001-01-01T00:00:00Z"])),
+        )
+            .prop_map(|(purposes, expires)| {
+                let mut b = json!({"purposes": purposes});
+                if let Some(e) = expires {
+                    b["expires_at"] = json!(e);
+                }
+                b.to_string()
+            })
+            .boxed(),
+        Route::CreateCredential => (
+            word(&["partner", "writer", "auditor", "gateway", "admin", "root"]),
+            word(&["acme-lender", "svc-2"]),
+        )
+            .prop_map(|(role, name)| json!({"role": role, "name": name}).to_string())
+            .boxed(),
+        _ => json_body().boxed(),
+    }
+}
+
+/// Any request, with any key and any body, gets an answer of the API's
+/// own (never a 5xx), an error in the JSON shape with a code and words,
+/// and writes nothing unless it is granted, except the audit entry of a
+/// refused authorization or a partner over its rate.
+#[test]
+fn random_requests_get_a_typed_answer_and_write_only_what_they_may() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let r = rt.block_on(async {
+        let r = start(ShimConfig::default()).await;
+        put_policy(
+            &r,
+            json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
+        )
+        .await;
+        r
+    });
+    let mut runner = TestRunner::new(Config {
+        // PROPTEST_CASES=N runs more.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(128),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&http_case(), |case| {
+        rt.block_on(async {
+            let key = match case.key {
+                Key::Partner => Some(r.partner.as_str()),
+                Key::Writer => Some(r.writer.as_str()),
+                Key::Admin => Some(r.admin.as_str()),
+                Key::Missing => None,
+                Key::Unknown => Some("fvk_0000000000000000000000000000000000000000000"),
+            };
+            let (method, path) = match &case.route {
+                Route::Authorize => ("POST", "/v1/authorize".to_string()),
+                Route::PutPolicy(p) => ("PUT", format!("/v1/policies/{p}")),
+                Route::GetPolicy(p) => ("GET", format!("/v1/policies/{p}")),
+                Route::PutConsent(s, p) => ("PUT", format!("/v1/subjects/{s}/consents/{p}")),
+                Route::DeleteConsent(s, p) => ("DELETE", format!("/v1/subjects/{s}/consents/{p}")),
+                Route::CreateCredential => ("POST", "/v1/credentials".to_string()),
+                Route::RevokeCredential(id) => ("DELETE", format!("/v1/credentials/{id}")),
+                Route::Logs(q) => ("GET", format!("/v1/logs?{q}")),
+            };
+            if matches!(case.route, Route::Authorize) {
+                // Other cases may have changed the policy or the consent.
+                put_policy(
+                    &r,
+                    json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
+                )
+                .await;
+                let consent = call(
+                    r.http,
+                    "PUT",
+                    &format!("/v1/subjects/{SUBJECT}/consents/{PARTNER}"),
+                    Some(&r.admin),
+                    Some(r#"{"purposes": ["credit_check"]}"#),
+                )
+                .await;
+                if consent.0 != 200 {
+                    return Err(TestCaseError::fail(format!("consent: {consent:?}")));
+                }
+            }
+            let before = entries(&r).await;
+            let (status, body) = call(r.http, method, &path, key, case.body.as_deref()).await;
+            let grown = entries(&r).await - before;
+            let allowed = [
+                200, 201, 204, 400, 401, 403, 404, 405, 409, 410, 413, 415, 429,
+            ];
+            if !allowed.contains(&status) {
+                return Err(TestCaseError::fail(format!(
+                    "{method} {path}: {status} {body}"
+                )));
+            }
+            // Without a key, nothing but the route is looked at (a path
+            // with an empty piece is no route: 404).
+            let no_route = status == 404 && body["message"] == "no such route";
+            if matches!(case.key, Key::Missing) && status != 401 && !no_route {
+                return Err(TestCaseError::fail(format!(
+                    "{method} {path} without a key: {status} {body}"
+                )));
+            }
+            if status >= 400 {
+                let typed = body["error"].as_str().is_some_and(|c| !c.is_empty())
+                    && body["message"].as_str().is_some_and(|m| !m.is_empty());
+                if !typed {
+                    return Err(TestCaseError::fail(format!(
+                        "{method} {path}: {status} without the error shape: {body}"
+                    )));
+                }
+            }
+            // A grant writes its audit entry and its token's; a change, its
+            // entry; a refused authorization, its audit entry.
+            let most = match (status, &case.route) {
+                (200..=299, _) => 2,
+                (403 | 429, Route::Authorize) => 1,
+                _ => 0,
+            };
+            if grown > most {
+                return Err(TestCaseError::fail(format!(
+                    "{method} {path}: {status} {body} wrote {grown} entries"
+                )));
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    rt.block_on(r.stop());
 }

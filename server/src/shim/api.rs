@@ -173,6 +173,28 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Api
     }
 }
 
+/// The bearer key of a request, read before its path, query or body: a
+/// request without a well-formed key is refused with 401 whatever else it
+/// holds, so nothing more of it is parsed.
+pub struct Bearer(zeroize::Zeroizing<String>);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(..)")
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Bearer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        bearer(&parts.headers).map(|k| Bearer(zeroize::Zeroizing::new(k.to_string())))
+    }
+}
+
 /// The bearer key of a request: `fvk_` keys of at most 128 bytes.
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
@@ -246,10 +268,12 @@ impl Shim {
         })
     }
 
-    /// A connection as the caller whose bearer key is in `headers`.
-    async fn caller(&self, headers: &HeaderMap) -> Result<Client, ApiError> {
-        let key = bearer(headers)?;
-        self.link.as_caller(key).await.map_err(|e| vault_error(&e))
+    /// A connection as the caller whose bearer key is `key`.
+    async fn caller(&self, key: &Bearer) -> Result<Client, ApiError> {
+        self.link
+            .as_caller(&key.0)
+            .await
+            .map_err(|e| vault_error(&e))
     }
 }
 
@@ -275,10 +299,9 @@ pub struct AuthorizeResponse {
 pub async fn authorize(
     State(shim): State<Arc<Shim>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    Bearer(key): Bearer,
     ApiJson(req): ApiJson<AuthorizeRequest>,
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
-    let key = bearer(&headers)?;
     check_id("subject_id", &req.subject_id)?;
     if req.purpose.is_empty() || req.purpose.len() > 128 {
         return Err(ApiError::bad_request("purpose: 1 to 128 characters"));
@@ -436,11 +459,11 @@ fn parse_stored_policy(bytes: &[u8]) -> Result<Policy, ApiError> {
 
 pub async fn get_policy(
     State(shim): State<Arc<Shim>>,
-    headers: HeaderMap,
+    key: Bearer,
     ApiPath(partner): ApiPath<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
     check_id("partner_id", &partner)?;
-    let c = shim.caller(&headers).await?;
+    let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "auditor"])?;
     let stored = c
         .policy(partner)
@@ -460,7 +483,7 @@ pub async fn get_policy(
 
 pub async fn put_policy(
     State(shim): State<Arc<Shim>>,
-    headers: HeaderMap,
+    key: Bearer,
     ApiPath(partner): ApiPath<String>,
     ApiJson(policy): ApiJson<Policy>,
 ) -> Result<axum::Json<Value>, ApiError> {
@@ -468,7 +491,7 @@ pub async fn put_policy(
     policy
         .validate(shim.config.max_token_ttl_secs)
         .map_err(ApiError::bad_request)?;
-    let c = shim.caller(&headers).await?;
+    let c = shim.caller(&key).await?;
     require_role(&c, &["admin"])?;
     let payload = json!({"partner_id": partner, "policy": policy});
     let r = c
@@ -493,7 +516,7 @@ pub struct ConsentRequest {
 
 pub async fn put_consent(
     State(shim): State<Arc<Shim>>,
-    headers: HeaderMap,
+    key: Bearer,
     ApiPath((subject, partner)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<ConsentRequest>,
 ) -> Result<axum::Json<Value>, ApiError> {
@@ -506,7 +529,7 @@ pub async fn put_consent(
         Some(s) => Some(parse_rfc3339("expires_at", s)?),
         None => None,
     };
-    let c = shim.caller(&headers).await?;
+    let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "writer"])?;
     let consent = Consent {
         partner_id: partner,
@@ -523,12 +546,12 @@ pub async fn put_consent(
 
 pub async fn delete_consent(
     State(shim): State<Arc<Shim>>,
-    headers: HeaderMap,
+    key: Bearer,
     ApiPath((subject, partner)): ApiPath<(String, String)>,
 ) -> Result<axum::Json<Value>, ApiError> {
     check_id("subject_id", &subject)?;
     check_id("partner_id", &partner)?;
-    let c = shim.caller(&headers).await?;
+    let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "writer"])?;
     let payload = json!({"partner_id": partner});
     let r = c
@@ -552,11 +575,11 @@ pub struct CredentialRequest {
 
 pub async fn create_credential(
     State(shim): State<Arc<Shim>>,
-    headers: HeaderMap,
+    key: Bearer,
     ApiJson(req): ApiJson<CredentialRequest>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     check_id("name", &req.name)?;
-    let c = shim.caller(&headers).await?;
+    let c = shim.caller(&key).await?;
     require_role(&c, &["admin"])?;
     let (id, key) = c
         .create_credential(req.role.clone(), req.name.clone())
@@ -570,11 +593,11 @@ pub async fn create_credential(
 
 pub async fn revoke_credential(
     State(shim): State<Arc<Shim>>,
-    headers: HeaderMap,
+    key: Bearer,
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
     check_id("id", &id)?;
-    let c = shim.caller(&headers).await?;
+    let c = shim.caller(&key).await?;
     require_role(&c, &["admin"])?;
     let r = c
         .revoke_credential(id)
@@ -622,7 +645,7 @@ const MAX_SCAN: u64 = 100_000;
 
 pub async fn logs(
     State(shim): State<Arc<Shim>>,
-    headers: HeaderMap,
+    key: Bearer,
     ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
     let kind = match &q.kind {
@@ -651,7 +674,7 @@ pub async fn logs(
         Some("jsonl") => true,
         Some(_) => return Err(ApiError::bad_request("format: json or jsonl")),
     };
-    let c = shim.caller(&headers).await?;
+    let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "auditor"])?;
     let start = q.after.map_or(Ok(0), |a| {
         a.checked_add(1)
