@@ -69,7 +69,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -636,15 +636,28 @@ struct Shared {
 }
 
 /// When a subject data key was created and how many records it encrypted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct KeyUse {
     /// Seq of the `subject_key` or `key_rotated` entry that committed it.
     pub created_seq: u64,
     /// Timestamp of that entry (unix ms).
     pub created_ms: u64,
-    /// Records encrypted under the key (reencryptions included).
-    pub encryptions: u64,
+    /// Records encrypted under the key (reencryptions included), as of
+    /// the groups published. The committer holds the same counter in its
+    /// key cache, so that the writer publishes a record's use by adding
+    /// to it, not by looking the subject up.
+    encryptions: UseCounter,
 }
+
+impl KeyUse {
+    /// Records encrypted under the key, as of the groups published.
+    pub fn encryptions(&self) -> u64 {
+        self.encryptions.load(Ordering::Relaxed)
+    }
+}
+
+/// The count of records encrypted under one subject data key.
+type UseCounter = Arc<AtomicU64>;
 
 #[derive(Debug, Default)]
 struct SubjectKeys {
@@ -667,11 +680,24 @@ pub(crate) struct KeyUses {
 
 impl KeyUses {
     pub(crate) fn created(&mut self, subject: &str, version: u32, seq: u64, ts: u64) {
+        self.created_with(subject, version, seq, ts, UseCounter::default());
+    }
+
+    /// A key created with `counter` as its count of encryptions (the one
+    /// the committer that created it holds).
+    fn created_with(
+        &mut self,
+        subject: &str,
+        version: u32,
+        seq: u64,
+        ts: u64,
+        counter: UseCounter,
+    ) {
         let k = self.subjects.entry(subject.to_string()).or_default();
         let new = KeyUse {
             created_seq: seq,
             created_ms: ts,
-            encryptions: 0,
+            encryptions: counter,
         };
         if k.versions.insert(version, new).is_none() {
             self.total += 1;
@@ -686,10 +712,6 @@ impl KeyUses {
         self.signing_rotated = Some(ts);
     }
 
-    pub(crate) fn encrypted(&mut self, subject: &str, version: u32) {
-        self.encrypted_times(subject, version, 1);
-    }
-
     /// `n` records encrypted under `subject`'s key `version`.
     pub(crate) fn encrypted_times(&mut self, subject: &str, version: u32, n: u64) {
         if let Some(k) = self
@@ -697,7 +719,7 @@ impl KeyUses {
             .get_mut(subject)
             .and_then(|s| s.versions.get_mut(&version))
         {
-            k.encryptions += n;
+            k.encryptions.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -707,11 +729,13 @@ impl KeyUses {
         }
     }
 
-    fn encryptions(&self, subject: &str, version: u32) -> u64 {
+    /// The counter of `subject`'s key `version`, if a published group
+    /// created it.
+    fn counter(&self, subject: &str, version: u32) -> Option<&UseCounter> {
         self.subjects
             .get(subject)
             .and_then(|s| s.versions.get(&version))
-            .map_or(0, |k| k.encryptions)
+            .map(|k| &k.encryptions)
     }
 }
 
@@ -1097,6 +1121,7 @@ impl Vault {
             pos,
             keys: HashMap::new(),
             shredded: HashSet::new(),
+            publish_first: false,
             max_encryptions: opts.max_encryptions_per_key.max(1),
             key_cache: opts.key_cache.max(1),
             max_group: GroupBound {
@@ -1581,7 +1606,7 @@ impl Vault {
                     version,
                     created_seq: u.created_seq,
                     created_ms: u.created_ms,
-                    encryptions: u.encryptions,
+                    encryptions: u.encryptions(),
                     life,
                 });
             }
@@ -2364,6 +2389,11 @@ struct Committer {
     /// Subjects this committer shredded since the last barrier: their
     /// shreds may not be published yet, so the overlay cannot tell.
     shredded: HashSet<String>,
+    /// A failed request emptied the cache while a group was being built:
+    /// that group's own key changes (and shreds) were in the cache, and
+    /// are in the overlay only once the writer publishes the group, so the
+    /// next group waits for that before it is built.
+    publish_first: bool,
     /// Records a data key may encrypt before the committer rotates it.
     max_encryptions: u64,
     key_cache: usize,
@@ -2397,6 +2427,9 @@ struct CachedKey {
     /// plus what this committer encrypted since (a failed request's
     /// records included, so never an undercount of what it saw).
     encryptions: u64,
+    /// The key's published count, which the writer adds this committer's
+    /// records to as it publishes their groups.
+    published: UseCounter,
 }
 
 /// A change to the key use that the writer publishes with its group.
@@ -2406,11 +2439,10 @@ enum Usage {
         version: u32,
         seq: u64,
         ts: u64,
+        counter: UseCounter,
     },
-    Encrypted {
-        subject: String,
-        version: u32,
-    },
+    /// A record encrypted under the key whose count this is.
+    Encrypted(UseCounter),
     Shredded(String),
     MasterRotated {
         seq: u64,
@@ -2474,6 +2506,26 @@ struct Led {
 /// Where the [`Leader`] lives; `None` once the committer has stopped.
 type LeaderSlot = Arc<Mutex<Option<Leader>>>;
 
+impl Group {
+    /// The counter of `subject`'s key `version` if this group created
+    /// that key, else a new one (no key reaches the cache otherwise: the
+    /// key-use table holds every key a published group created).
+    fn counter(&self, subject: &str, version: u32) -> UseCounter {
+        self.usage
+            .iter()
+            .find_map(|u| match u {
+                Usage::Created {
+                    subject: s,
+                    version: v,
+                    counter,
+                    ..
+                } if s == subject && *v == version => Some(counter.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// How large a group the committer's thread builds of what is queued
 /// (`Options::max_group_entries`, `Options::max_group_bytes`).
 #[derive(Debug, Clone, Copy)]
@@ -2529,6 +2581,7 @@ impl Leader {
     fn may_lead(&self, items: &[Append]) -> bool {
         let c = &self.committer;
         c.keys.len() <= c.key_cache
+            && !c.publish_first
             && !c.shared.poisoned.load(Ordering::Acquire)
             && items.iter().all(|i| matches!(i, Append::Record { .. }))
     }
@@ -2787,6 +2840,9 @@ impl Committer {
         reqs: Vec<Request>,
         writer: &std::sync::mpsc::SyncSender<ToWriter>,
     ) -> Built {
+        if std::mem::take(&mut self.publish_first) {
+            Self::barrier(writer);
+        }
         let first_seq = self.pos.next_seq;
         let mut g = Group {
             first_seq,
@@ -2866,6 +2922,7 @@ impl Committer {
             if made_keys {
                 // The cache may hold keys that were rolled back.
                 self.clear_key_cache(writer);
+                self.publish_first = true;
             }
         }
         r
@@ -2934,8 +2991,8 @@ impl Committer {
         let i = self.push(g, Kind::Record, &subject, version, nonce, &ct)?;
         if let Some(c) = self.keys.get_mut(&subject) {
             c.encryptions += 1;
+            g.usage.push(Usage::Encrypted(c.published.clone()));
         }
-        g.usage.push(Usage::Encrypted { subject, version });
         Ok(i)
     }
 
@@ -3335,15 +3392,30 @@ impl Committer {
             Some(ks) if ks.shredded => Err(Error::SubjectShredded(subject.to_string())),
             Some(ks) => {
                 let key = self.unwrap_data_key(g, subject, ks.version)?;
-                // Not in the cache: no group in flight used this key, so
-                // the published count is current but for this group's own
-                // records before a mid-group cache clear (docs/keys.md).
-                let used = self
+                // Not in the cache: no group in flight used this key (the
+                // cache is emptied only once the writer has published every
+                // group built before), so the published count is current
+                // but for this group's own records, if a failed request
+                // emptied the cache within it. A key this group created
+                // has its counter in the group.
+                let published = match self
                     .shared
                     .key_uses
                     .lock()
                     .map_err(|_| Error::Poisoned)?
-                    .encryptions(subject, ks.version);
+                    .counter(subject, ks.version)
+                {
+                    Some(c) => c.clone(),
+                    None => g.counter(subject, ks.version),
+                };
+                // With this group's own records under it, which reach the
+                // count only when the group is published.
+                let own = g
+                    .usage
+                    .iter()
+                    .filter(|u| matches!(u, Usage::Encrypted(c) if Arc::ptr_eq(c, &published)))
+                    .count() as u64;
+                let used = published.load(Ordering::Relaxed) + own;
                 let c = key.cipher_handle();
                 self.keys.insert(
                     subject.to_string(),
@@ -3351,6 +3423,7 @@ impl Committer {
                         version: ks.version,
                         cipher: c.clone(),
                         encryptions: used,
+                        published,
                     },
                 );
                 Ok((ks.version, c, used))
@@ -3395,11 +3468,13 @@ impl Committer {
         let i = self.push(g, kind, subject, 0, [0; 12], &payload)?;
         g.new_keys
             .push((state::data_key_name(subject, version), wrapped));
+        let counter = UseCounter::default();
         g.usage.push(Usage::Created {
             subject: subject.to_string(),
             version,
             seq,
             ts: self.pos.last_ts,
+            counter: counter.clone(),
         });
         self.keys.insert(
             subject.to_string(),
@@ -3407,6 +3482,7 @@ impl Committer {
                 version,
                 cipher: key.cipher_handle(),
                 encryptions: 0,
+                published: counter,
             },
         );
         Ok(i)
@@ -3744,8 +3820,11 @@ impl Writer {
                         version,
                         seq,
                         ts,
-                    } => u.created(&subject, version, seq, ts),
-                    Usage::Encrypted { subject, version } => u.encrypted(&subject, version),
+                        counter,
+                    } => u.created_with(&subject, version, seq, ts, counter),
+                    Usage::Encrypted(counter) => {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
                     Usage::Shredded(subject) => u.shredded(&subject),
                     Usage::MasterRotated { seq, ts } => u.master_rotated(seq, ts),
                     Usage::SigningRotated { ts, endorsement } => {

@@ -1522,3 +1522,88 @@ async fn pending_markers_go_with_their_group_and_a_crash_s_marker_takes_its_keys
         assert_eq!(key_tree(&dir), before, "legacy: {legacy}");
     }
 }
+
+/// Every key's count of encryptions, as the vault reports it live, is
+/// the count a reopen rebuilds from the log, however the key cache came
+/// and went: a cache of one key (emptied before nearly every group),
+/// concurrent batches that create keys and encrypt under them in one
+/// group, batches refused after creating a key (rolled back, emptying
+/// the cache within the group), and keys rotated by the limit.
+#[tokio::test]
+async fn key_use_counts_live_equal_the_counts_rebuilt_from_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let opts = || Options {
+        key_cache: 1,
+        max_encryptions_per_key: 7,
+        ..Options::default()
+    };
+    let vault = std::sync::Arc::new(
+        Vault::create(&dir, &unlock(), opts())
+            .expect("create")
+            .vault,
+    );
+    let key = vault.public_key();
+    vault
+        .append(Append::record("gone", b"x".to_vec()))
+        .await
+        .expect("append");
+    vault.shred("gone").await.expect("shred");
+    let mut tasks = Vec::new();
+    for t in 0..6u32 {
+        let vault = vault.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..30u32 {
+                let a = |s: String| Append::record(s, format!("{t}/{i}").into_bytes());
+                // `r{i}` is new, and shared by the tasks' requests of
+                // round i: the first in a group creates its key, those
+                // after use it (after a refusal's rollback, from a cache
+                // emptied within the group).
+                let mut batch = vec![
+                    a(format!("s{}", (t + i) % 9)),
+                    a(format!("r{i}")),
+                    a(format!("new-{t}-{i}")),
+                    a(format!("new-{t}-{i}")),
+                    a(format!("s{}", i % 4)),
+                ];
+                if (t + i) % 3 == 0 {
+                    // Refused after its new key was made (the subject is
+                    // shredded): the request rolls back within its group.
+                    batch.push(a("gone".into()));
+                    assert!(matches!(
+                        vault.append_batch(batch).await,
+                        Err(Error::SubjectShredded(_))
+                    ));
+                } else {
+                    vault.append_batch(batch).await.expect("batch");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let counts = |v: &Vault| {
+        v.key_status(None, 100_000)
+            .expect("status")
+            .subject_keys
+            .into_iter()
+            .map(|k| ((k.subject, k.version), k.encryptions))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let live = counts(&vault);
+    // Two batches of five records in three went in, and the first record.
+    assert_eq!(
+        live.values().sum::<u64>(),
+        1 + 6 * 30 * 2 / 3 * 5,
+        "{live:?}"
+    );
+    assert!(live.values().all(|&n| n <= 7), "the limit holds: {live:?}");
+    assert!(live.keys().any(|(_, v)| *v > 1), "the limit rotated keys");
+    let vault = std::sync::Arc::into_inner(vault).expect("one owner");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+    wait_unlocked(&dir);
+    let reopened = Vault::open(&dir, &unlock(), opts()).expect("reopen");
+    assert_eq!(live, counts(&reopened));
+}
