@@ -138,8 +138,8 @@ pub struct Options {
 /// 96-bit nonces; the vault's nonces are unique per process and random
 /// across restarts, and a bound of 2^32 messages per key keeps the chance
 /// of any repeat under a key negligible (and GCM-SIV would leak only the
-/// equality of identical records on one). The committer's count may lag by
-/// the records of one commit group (docs/keys.md).
+/// equality of identical records on one). The committer rotates a key
+/// before it would pass the limit (docs/keys.md).
 pub const MAX_ENCRYPTIONS_PER_KEY: u64 = 1 << 32;
 
 /// Default capacity of sled's page cache: 64 MiB. What a server reads
