@@ -2622,10 +2622,22 @@ impl Leader {
         // every key it must re-wrap) and swapped in before any later
         // group is built (so that later keys are wrapped under the new
         // master, and unwrapped from the store with it).
+        // A signing key rotation takes the group after one that already
+        // holds one: a group is signed by one key and endorses at most one.
         let mut normal = Vec::new();
+        let mut signs = false;
         for r in reqs {
             let is_rotation = matches!(r.items.as_slice(), [Append::RotateMaster(_)]);
             if !is_rotation {
+                let rotates_signing = r.items.iter().any(|i| matches!(i, Append::RotateSigning));
+                if rotates_signing && signs {
+                    let built = this.build(std::mem::take(&mut normal), writer);
+                    if !this.hand_over(built, writer) {
+                        return false;
+                    }
+                    signs = false;
+                }
+                signs |= rotates_signing;
                 normal.push(r);
                 continue;
             }
@@ -2634,6 +2646,7 @@ impl Leader {
                 if !this.hand_over(built, writer) {
                     return false;
                 }
+                signs = false;
             }
             Committer::barrier(writer);
             let built = this.build(vec![r], writer);
