@@ -1607,3 +1607,36 @@ async fn key_use_counts_live_equal_the_counts_rebuilt_from_the_log() {
     let reopened = Vault::open(&dir, &unlock(), opts()).expect("reopen");
     assert_eq!(live, counts(&reopened));
 }
+
+/// Signing key rotations requested together are each done, in groups of
+/// their own, whatever the timing: none is refused for meeting another.
+#[tokio::test]
+async fn concurrent_signing_rotations_are_all_done() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = std::sync::Arc::new(
+        Vault::create(&dir, &unlock(), Options::default())
+            .expect("create")
+            .vault,
+    );
+    let key = vault.public_key();
+    for round in 0..10 {
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let v = vault.clone();
+                tokio::spawn(async move { v.rotate_signing_key().await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("rotation");
+        }
+        vault
+            .append(Append::record("alice", format!("{round}").into_bytes()))
+            .await
+            .expect("append");
+    }
+    assert_eq!(vault.signing_key_id(), 30);
+    let vault = std::sync::Arc::into_inner(vault).expect("one owner");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
