@@ -2,18 +2,19 @@
 //! against what the vault acknowledged: batches of records (of known
 //! subjects, of new ones, of a shredded one, which refuses the batch after
 //! its new keys are made), shreds, subject key rotations with and without
-//! re-encryption, signing key rotations, and tokens minted and redeemed;
+//! re-encryption, signing and master key rotations, and tokens minted and
+//! redeemed, with the vault closed and opened again after some rounds;
 //! under small key caches, small per-key limits and small commit groups,
 //! so that groups mix requests, caches empty, keys rotate by themselves
 //! and requests are rolled back within groups.
 //!
-//! After the rounds, and again after a reopen: the log verifies with the
-//! pinned key; every receipt names its entry; no record of a subject is
-//! acknowledged after its shred; each subject's latest record is its
-//! acknowledged one with the highest seq (a re-encryption copies the one
-//! before it); the key status is what a reopen rebuilds from the log, and
-//! no key passes the limit; the derived state equals a rebuild; a token
-//! redeemed once is spent.
+//! At each reopen and at the end, before and after it: the log verifies
+//! with the pinned key; every receipt names its entry; no record of a
+//! subject is acknowledged after its shred; each subject's latest record
+//! is its acknowledged one with the highest seq (a re-encryption copies
+//! the one before it); the key status is what a reopen rebuilds from the
+//! log, and no key passes the limit; the derived state equals a rebuild;
+//! a token redeemed once is spent.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ enum Op {
     Shred(u8),
     Rotate(u8, bool),
     RotateSigning,
+    /// To a key file of these bytes.
+    RotateMaster(u8),
     MintRedeem(u8),
 }
 
@@ -45,7 +48,9 @@ struct Case {
     key_cache: usize,
     limit: u64,
     group_entries: usize,
-    rounds: Vec<Vec<Op>>,
+    /// Each round's requests, and whether the vault is closed and opened
+    /// again after it.
+    rounds: Vec<(Vec<Op>, bool)>,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,6 +64,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..SUBJECTS).prop_map(Op::Shred),
         2 => (0..SUBJECTS, any::<bool>()).prop_map(|(s, r)| Op::Rotate(s, r)),
         1 => Just(Op::RotateSigning),
+        1 => any::<u8>().prop_map(Op::RotateMaster),
         1 => (0..SUBJECTS).prop_map(Op::MintRedeem),
     ]
 }
@@ -68,7 +74,13 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just(1usize), Just(2), Just(100_000)],
         2u64..6,
         prop_oneof![Just(4usize), Just(16), Just(1024)],
-        proptest::collection::vec(proptest::collection::vec(op(), 1..9), 1..6),
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(op(), 1..9),
+                proptest::bool::weighted(0.3),
+            ),
+            1..6,
+        ),
     )
         .prop_map(|(key_cache, limit, group_entries, rounds)| Case {
             key_cache,
@@ -90,6 +102,19 @@ enum Wrote {
 /// Every acknowledged write: seq → (subject, what, entry hash).
 type Acked = BTreeMap<u64, (String, Wrote, [u8; 32])>;
 
+/// What one request acknowledged: its writes, and the seq of a master
+/// rotation with the key file it set.
+#[derive(Default)]
+struct Done {
+    writes: Vec<(u64, String, Wrote, [u8; 32])>,
+    master: Option<(u64, u8)>,
+}
+
+/// The key file of a master rotation's byte.
+fn key_file(b: u8) -> Unlock {
+    Unlock::key_file(&[b.max(1); 32]).expect("a key file")
+}
+
 fn fail(what: impl std::fmt::Display) -> TestCaseError {
     TestCaseError::fail(what.to_string())
 }
@@ -100,13 +125,10 @@ fn allowed(e: &Error) -> bool {
     matches!(e, Error::SubjectShredded(_) | Error::NoSuchSubject(_))
 }
 
-async fn run_op(
-    vault: Arc<Vault>,
-    tag: String,
-    op: Op,
-) -> Result<Vec<(u64, String, Wrote, [u8; 32])>, TestCaseError> {
+async fn run_op(vault: Arc<Vault>, tag: String, op: Op) -> Result<Done, TestCaseError> {
     let subject = |n: u8| format!("m{n}");
-    let mut out = Vec::new();
+    let mut done = Done::default();
+    let out = &mut done.writes;
     match op {
         Op::Batch(items) => {
             let mut names = Vec::new();
@@ -157,11 +179,18 @@ async fn run_op(
                 .await
                 .map_err(|e| fail(format!("{tag}: signing rotation: {e}")))?;
         }
+        Op::RotateMaster(b) => {
+            let r = vault
+                .rotate_master_key(&key_file(b))
+                .await
+                .map_err(|e| fail(format!("{tag}: master rotation: {e}")))?;
+            done.master = Some((r.seq, b));
+        }
         Op::MintRedeem(n) => {
             let fields = vec![("a".to_string(), "reveal".to_string())];
             let token = match vault.mint("p", &subject(n), "x", fields, u64::MAX).await {
                 Ok(t) => t,
-                Err(e) if allowed(&e) => return Ok(out),
+                Err(e) if allowed(&e) => return Ok(done),
                 Err(e) => return Err(fail(format!("{tag}: mint: {e}"))),
             };
             // The subject may be shredded before the redemption.
@@ -175,7 +204,7 @@ async fn run_op(
             }
         }
     }
-    Ok(out)
+    Ok(done)
 }
 
 /// Each subject key version: records encrypted under it, and its life.
@@ -251,10 +280,52 @@ fn check(v: &Vault, acked: &Acked, limit: u64) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The secret that opens the vault: the passphrase it was made with, or
+/// the key file of its latest master rotation.
+fn secret(master: Option<(u64, u8)>) -> Unlock {
+    match master {
+        None => Unlock::passphrase(b"model".to_vec()),
+        Some((_, b)) => key_file(b),
+    }
+}
+
+/// Closes the vault, verifies its log with the pinned key, opens it again
+/// with `unlock`, and checks that the reopened vault is the one closed.
+fn close_and_reopen(
+    vault: Arc<Vault>,
+    dir: &std::path::Path,
+    unlock: &Unlock,
+    opts: Options,
+    acked: &Acked,
+    limit: u64,
+) -> Result<Vault, TestCaseError> {
+    check(&vault, acked, limit)?;
+    let live = key_counts(&vault)?;
+    let key = vault.public_key();
+    let vault = Arc::into_inner(vault).ok_or_else(|| fail("the vault is still shared"))?;
+    vault.close().map_err(|e| fail(format!("close: {e}")))?;
+    let report = verify(
+        dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| fail(format!("verify: {e}")))?;
+    prop_assert!(report.ok(), "verify: {:?}", report.failure);
+    let reopened = Vault::open(dir, unlock, opts).map_err(|e| fail(format!("reopen: {e}")))?;
+    check(&reopened, acked, limit)?;
+    prop_assert_eq!(
+        &live,
+        &key_counts(&reopened)?,
+        "key status live and rebuilt"
+    );
+    Ok(reopened)
+}
+
 fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
     let tmp = tempfile::tempdir().map_err(fail)?;
     let dir = tmp.path().join("v");
-    let unlock = Unlock::passphrase(b"model".to_vec());
     let opts = || Options {
         key_cache: c.key_cache,
         max_encryptions_per_key: c.limit,
@@ -266,13 +337,13 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         .enable_all()
         .build()
         .map_err(fail)?;
-    let (acked, key, live) = rt.block_on(async {
-        let vault = Arc::new(
-            Vault::create(&dir, &unlock, opts())
+    rt.block_on(async {
+        let mut master = None;
+        let mut vault = Arc::new(
+            Vault::create(&dir, &secret(master), opts())
                 .map_err(|e| fail(format!("create: {e}")))?
                 .vault,
         );
-        let key = vault.public_key();
         let mut acked = Acked::new();
         let r = vault
             .append(Append::record("gone", b"x".to_vec()))
@@ -284,7 +355,7 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         );
         let r = vault.shred("gone").await.map_err(fail)?;
         acked.insert(r.seq, ("gone".into(), Wrote::Shred, r.entry_hash));
-        for (i, round) in c.rounds.iter().enumerate() {
+        for (i, (round, reopen)) in c.rounds.iter().enumerate() {
             let tasks: Vec<_> = round
                 .iter()
                 .enumerate()
@@ -294,35 +365,24 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 })
                 .collect();
             for t in tasks {
-                for (seq, s, w, h) in t.await.map_err(fail)?? {
+                let done = t.await.map_err(fail)??;
+                for (seq, s, w, h) in done.writes {
                     prop_assert!(acked.insert(seq, (s, w, h)).is_none(), "seq {} twice", seq);
                 }
+                // The latest master rotation in the log sets the secret.
+                if done.master > master {
+                    master = done.master;
+                }
+            }
+            if *reopen || i + 1 == c.rounds.len() {
+                let v = close_and_reopen(vault, &dir, &secret(master), opts(), &acked, c.limit)?;
+                vault = Arc::new(v);
             }
         }
-        check(&vault, &acked, c.limit)?;
-        let live = key_counts(&vault)?;
         let vault = Arc::into_inner(vault).ok_or_else(|| fail("the vault is still shared"))?;
         vault.close().map_err(|e| fail(format!("close: {e}")))?;
-        Ok::<_, TestCaseError>((acked, key, live))
-    })?;
-    let report = verify(
-        &dir,
-        &VerifyOptions {
-            public_key: Some(key),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| fail(format!("verify: {e}")))?;
-    prop_assert!(report.ok(), "verify: {:?}", report.failure);
-    let reopened = Vault::open(&dir, &unlock, opts()).map_err(|e| fail(format!("reopen: {e}")))?;
-    check(&reopened, &acked, c.limit)?;
-    prop_assert_eq!(
-        &live,
-        &key_counts(&reopened)?,
-        "key status live and rebuilt"
-    );
-    reopened.close().map_err(|e| fail(format!("close: {e}")))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 #[test]
