@@ -20,7 +20,13 @@
 //! with the masked data, the fault with its error, then nothing more; the
 //! stream's token is spent only if it was redeemed, the second never.
 //!
-//! Neither may panic anywhere (a panic hook counts them).
+//! An auditor's stream: `Head`, and `Entries` and `Proof` at seqs around
+//! the log's ends and beyond (up to `u64::MAX`), with any `max`. Each is
+//! answered: the head; a proof that verifies for its seq, or `not_found`
+//! past the end; entries in order from the seq asked, no more than asked
+//! or than 10,000, in batches the last of which is flagged LAST.
+//!
+//! None may panic anywhere (a panic hook counts them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -281,6 +287,7 @@ struct Server {
     writer: String,
     partner: String,
     gateway: String,
+    auditor: String,
     _stop: tokio::sync::oneshot::Sender<()>,
     _dir: tempfile::TempDir,
 }
@@ -306,6 +313,10 @@ async fn start() -> Server {
         .create_credential("gateway", "http shim")
         .await
         .expect("gateway");
+    let (_, auditor) = vault
+        .create_credential("auditor", "siem")
+        .await
+        .expect("auditor");
     let record = br#"{"iban":"GB33BUKB20201555555555","name":"Jane Doe"}"#;
     vault
         .append(storage::Append::record("cust-p", record.to_vec()))
@@ -330,6 +341,7 @@ async fn start() -> Server {
         writer: writer.to_string(),
         partner: partner.to_string(),
         gateway: gateway.to_string(),
+        auditor: auditor.to_string(),
         _stop: stop,
         _dir: dir,
     }
@@ -759,6 +771,212 @@ async fn run_partner_case(s: &Server, st: &PartnerStream) -> Result<(), TestCase
     prop_assert_eq!(spent(&token).await?, redeemed, "the stream's token");
     prop_assert!(!spent(&second).await?, "the token sent after the end");
     Ok(())
+}
+
+/// An auditor's request: `Head`, or `Entries`/`Proof` at a seq picked
+/// from around the log's ends and beyond.
+#[derive(Debug, Clone, Copy)]
+enum AuditReq {
+    Head,
+    Entries(Seq, u32),
+    Proof(Seq),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Seq {
+    Zero,
+    /// Counted back from the log's length (1 = the last entry).
+    FromEnd(u64),
+    Max,
+    Any(u64),
+}
+
+fn audit_stream() -> impl Strategy<Value = (Vec<AuditReq>, Vec<f64>, Vec<u16>)> {
+    let seq = prop_oneof![
+        Just(Seq::Zero),
+        (0u64..4).prop_map(Seq::FromEnd),
+        Just(Seq::Max),
+        any::<u64>().prop_map(Seq::Any),
+    ];
+    let max = prop_oneof![
+        Just(0u32),
+        Just(1),
+        Just(7),
+        Just(10_000),
+        Just(10_001),
+        Just(u32::MAX)
+    ];
+    let req = prop_oneof![
+        1 => Just(AuditReq::Head),
+        3 => (seq.clone(), max).prop_map(|(s, m)| AuditReq::Entries(s, m)),
+        2 => seq.prop_map(AuditReq::Proof),
+    ];
+    (
+        proptest::collection::vec(req, 1..12),
+        proptest::collection::vec(0.0f64..1.0, 0..8),
+        proptest::collection::vec(0u16..300, 9),
+    )
+}
+
+/// Every frame in `bytes` with its LAST flag.
+fn flagged(mut bytes: &[u8]) -> Result<Vec<(u32, Message, bool)>, TestCaseError> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let Ok(Some((f, used))) = protocol::frame::decode(bytes) else {
+            return Err(TestCaseError::fail(
+                "the server wrote bytes that are not a frame",
+            ));
+        };
+        let m = Message::from_frame(&f)
+            .map_err(|e| TestCaseError::fail(format!("an answer does not decode: {e}")))?;
+        out.push((f.request_id, m, f.is_last()));
+        bytes = &bytes[used..];
+    }
+    Ok(out)
+}
+
+async fn run_audit_case(
+    s: &Server,
+    (reqs, cuts, pauses): &(Vec<AuditReq>, Vec<f64>, Vec<u16>),
+) -> Result<(), TestCaseError> {
+    let key = s.vault.public_key();
+    let len = s.vault.durable_len();
+    let at = |q: Seq| match q {
+        Seq::Zero => 0,
+        Seq::FromEnd(n) => len.saturating_sub(n),
+        Seq::Max => u64::MAX,
+        Seq::Any(n) => n,
+    };
+    let mut bytes = protocol::encode_frame(
+        1,
+        &Message::Hello {
+            api_key: s.auditor.clone(),
+            client: "streams".into(),
+        },
+        0,
+    )
+    .expect("frame");
+    for (i, r) in reqs.iter().enumerate() {
+        let m = match *r {
+            AuditReq::Head => Message::Head,
+            AuditReq::Entries(q, max) => Message::Entries {
+                from_seq: at(q),
+                max,
+            },
+            AuditReq::Proof(q) => Message::Proof { seq: at(q) },
+        };
+        bytes.extend(protocol::encode_frame(100 + i as u32, &m, 0).expect("frame"));
+    }
+    let out = exchange(s, &bytes, cuts, pauses).await?;
+    let mut by_id: BTreeMap<u32, Vec<(Message, bool)>> = BTreeMap::new();
+    for (id, m, last) in flagged(&out)? {
+        by_id.entry(id).or_default().push((m, last));
+    }
+    prop_assert!(
+        matches!(
+            by_id.remove(&1).as_deref(),
+            Some([(Message::HelloOk { .. }, _)])
+        ),
+        "Hello first"
+    );
+    for (i, r) in reqs.iter().enumerate() {
+        let id = 100 + i as u32;
+        let got = by_id.remove(&id).unwrap_or_default();
+        match (*r, got.as_slice()) {
+            (AuditReq::Head, [(Message::HeadInfo { entries, .. }, _)]) => {
+                prop_assert!(
+                    *entries >= len,
+                    "head of {} entries, {} durable",
+                    entries,
+                    len
+                );
+            }
+            (AuditReq::Proof(q), [(Message::ProofInfo { receipt }, _)]) => {
+                let r = Receipt::decode(receipt)
+                    .map_err(|e| TestCaseError::fail(format!("proof {id}: {e}")))?;
+                prop_assert_eq!(r.seq, at(q));
+                r.verify(&key)
+                    .map_err(|e| TestCaseError::fail(format!("proof {id}: {e}")))?;
+            }
+            (AuditReq::Proof(q), [(Message::Error { code, .. }, _)]) => {
+                prop_assert_eq!(*code, ErrorCode::NotFound, "proof of {}", at(q));
+                prop_assert!(at(q) >= len, "no proof of {} in a log of {}", at(q), len);
+            }
+            (AuditReq::Entries(q, max), frames) => {
+                // Batches, the last flagged LAST; or one error.
+                let mut count = 0u64;
+                for (k, (m, last)) in frames.iter().enumerate() {
+                    let end = k + 1 == frames.len();
+                    match m {
+                        Message::EntryBatch { entries } => {
+                            prop_assert_eq!(*last, end, "LAST on the last batch only");
+                            for e in entries {
+                                let seq = storage::entry::EntryRef::decode(e)
+                                    .map_err(|e| TestCaseError::fail(format!("entry: {e}")))?
+                                    .seq;
+                                prop_assert_eq!(seq, at(q) + count, "entries in order");
+                                count += 1;
+                            }
+                        }
+                        Message::Error { .. } => prop_assert!(end, "an error ends the stream"),
+                        other => {
+                            return Err(TestCaseError::fail(format!("entries {id}: {other:?}")))
+                        }
+                    }
+                }
+                prop_assert!(!frames.is_empty(), "entries {} answered", id);
+                prop_assert!(
+                    count <= u64::from(max.min(10_000)),
+                    "{} entries, max {}",
+                    count,
+                    max
+                );
+                if max > 0
+                    && at(q) < len
+                    && frames
+                        .iter()
+                        .all(|(m, _)| !matches!(m, Message::Error { .. }))
+                {
+                    prop_assert!(count >= 1, "entries from {} of {}", at(q), len);
+                }
+            }
+            (_, other) => return Err(TestCaseError::fail(format!("{r:?}: {other:?}"))),
+        }
+    }
+    prop_assert!(by_id.is_empty(), "answers to no request: {:?}", by_id);
+    Ok(())
+}
+
+#[test]
+fn random_auditor_streams_read_the_log_within_their_bounds() {
+    let panics = panics();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let s = rt.block_on(async {
+        let s = start().await;
+        for i in 0..40 {
+            let m = storage::Append::record(format!("a{}", i % 7), b"{}".to_vec());
+            s.vault.append(m).await.expect("append");
+        }
+        s
+    });
+    let mut runner = TestRunner::new(Config {
+        // PROPTEST_CASES=N runs more.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&audit_stream(), |st| rt.block_on(run_audit_case(&s, &st)));
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic in the server");
 }
 
 /// Panics anywhere in the process (the server's tasks included), counted
