@@ -1677,6 +1677,194 @@ mod tests {
         drop(server.await.expect("join"));
     }
 
+    /// A call the client makes of a hostile server.
+    #[derive(Debug, Clone, Copy)]
+    enum Call {
+        Ping,
+        Health,
+        Append,
+        Entries,
+    }
+
+    /// What the hostile server does with the call's request.
+    #[derive(Debug, Clone)]
+    enum Act {
+        /// The right answer (Ping, Health), or one that does not decode
+        /// (a receipt of random bytes, a batch without LAST, then a close).
+        Answer,
+        /// The `n`th of a list of answers of other types, with the
+        /// request's id.
+        Other(usize),
+        /// That answer with another request id, then a close.
+        OtherId(usize),
+        /// Bytes that are not the protocol.
+        Garbage(Vec<u8>),
+        /// The connection closed.
+        Close,
+        /// Nothing at all.
+        Silence,
+    }
+
+    fn others() -> Vec<Message> {
+        vec![
+            Message::Pong,
+            Message::HealthInfo {
+                status: "ok".into(),
+                entries: 1,
+            },
+            Message::Receipt {
+                receipt: vec![1, 2, 3],
+            },
+            Message::Receipts {
+                receipts: vec![vec![0; 40]],
+            },
+            Message::EntryBatch {
+                entries: vec![vec![9; 3]],
+            },
+            Message::Error {
+                code: ErrorCode::Forbidden,
+                message: "no".into(),
+            },
+            Message::HelloOk {
+                role: "admin".into(),
+                server: "again".into(),
+            },
+            Message::Data {
+                subject: "s".into(),
+                seq: 1,
+                fields: vec![("a".into(), "b".into())],
+            },
+        ]
+    }
+
+    /// Whatever a server sends, a call ends with an answer of its type or
+    /// a typed error, within its timeout, and nothing panics.
+    #[test]
+    fn a_hostile_server_gets_typed_errors_and_no_hang() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestCaseError, TestRunner};
+        let call = prop_oneof![
+            Just(Call::Ping),
+            Just(Call::Health),
+            Just(Call::Append),
+            Just(Call::Entries),
+        ];
+        let n = others().len();
+        let act = prop_oneof![
+            2 => Just(Act::Answer),
+            3 => (0..n).prop_map(Act::Other),
+            1 => (0..n).prop_map(Act::OtherId),
+            1 => proptest::collection::vec(any::<u8>(), 0..64).prop_map(Act::Garbage),
+            1 => Just(Act::Close),
+            1 => Just(Act::Silence),
+        ];
+        let mut runner = TestRunner::new(Config {
+            // PROPTEST_CASES=N runs more.
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256),
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let result = runner.run(&(call, act), |(call, act)| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let (client, mut peer) = pair(Duration::from_secs(2)).await;
+                let client = Arc::new(client);
+                let calling = tokio::spawn({
+                    let c = client.clone();
+                    async move {
+                        match call {
+                            Call::Ping => c.ping().await.map(|_| ()),
+                            Call::Health => c.health().await.map(|_| ()),
+                            Call::Append => c
+                                .append("s", vec![("a".into(), "b".into())])
+                                .await
+                                .map(|_| ()),
+                            Call::Entries => c.entries(0, 2).await.map(|_| ()),
+                        }
+                    }
+                });
+                let req = next_request(&mut peer).await;
+                let id = req.request_id;
+                let right = match (call, &act) {
+                    (Call::Ping, Act::Answer) => Some(Message::Pong),
+                    (Call::Health, Act::Answer) => Some(Message::HealthInfo {
+                        status: "ok".into(),
+                        entries: 2,
+                    }),
+                    _ => None,
+                };
+                let expect_ok = right.is_some()
+                    || matches!(
+                        (call, &act),
+                        (Call::Ping, Act::Other(0)) | (Call::Health, Act::Other(1))
+                    );
+                match act.clone() {
+                    Act::Answer => {
+                        let m = right.unwrap_or(match call {
+                            Call::Append => Message::Receipt {
+                                receipt: vec![7; 9],
+                            },
+                            _ => Message::EntryBatch {
+                                entries: vec![vec![1]],
+                            },
+                        });
+                        let _ = peer.send((id, m)).await;
+                        if expect_ok {
+                            // Kept open: the answer is all it takes.
+                            let r = calling.await.expect("no panic");
+                            prop_assert!(r.is_ok(), "{:?}: {:?}", call, r);
+                            return Ok(());
+                        }
+                        drop(peer);
+                    }
+                    Act::Other(k) => {
+                        let _ = peer.send((id, others()[k].clone())).await;
+                        if expect_ok {
+                            let r = calling.await.expect("no panic");
+                            prop_assert!(r.is_ok(), "{:?}: {:?}", call, r);
+                            return Ok(());
+                        }
+                    }
+                    Act::OtherId(k) => {
+                        let _ = peer
+                            .send((id.wrapping_add(1000), others()[k].clone()))
+                            .await;
+                        drop(peer);
+                    }
+                    Act::Garbage(bytes) => {
+                        use tokio::io::AsyncWriteExt;
+                        let mut b = b"GET ".to_vec();
+                        b.extend(bytes);
+                        let _ = peer.get_mut().write_all(&b).await;
+                    }
+                    Act::Close => drop(peer),
+                    Act::Silence => {
+                        // Held open while the call waits out its timeout.
+                        let r = calling.await.expect("no panic");
+                        prop_assert!(matches!(r, Err(ClientError::Timeout)), "{:?}", r);
+                        return Ok(());
+                    }
+                }
+                let r = tokio::time::timeout(Duration::from_secs(10), calling)
+                    .await
+                    .map_err(|_| TestCaseError::fail("the call never ended"))?
+                    .expect("no panic");
+                prop_assert!(r.is_err(), "{:?} with {:?}: {:?}", call, act, r);
+                Ok(())
+            })
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_request_without_an_answer_times_out_and_its_late_answer_is_dropped() {
         let (client, mut peer) = pair(Duration::from_secs(2)).await;
