@@ -7,71 +7,15 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ErrorCode, FrameCodec, Message, Record};
-use server::serve::{run, ServeConfig};
-use storage::{Options, Receipt, Unlock, Vault};
+use server::serve::ServeConfig;
+use storage::Receipt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-struct Server {
-    addr: std::net::SocketAddr,
-    vault: Arc<Vault>,
-    admin: String,
-    writer: String,
-    partner: String,
-    gateway: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-async fn start(config: ServeConfig) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let created = Vault::create(
-        &dir.path().join("v"),
-        &Unlock::passphrase(b"serve test".to_vec()),
-        Options::default(),
-    )
-    .expect("create");
-    let vault = Arc::new(created.vault);
-    let (_, writer) = vault
-        .create_credential("writer", "test service")
-        .await
-        .expect("writer");
-    let (_, partner) = vault
-        .create_credential("partner", "demo-lender")
-        .await
-        .expect("partner");
-    let (_, gateway) = vault
-        .create_credential("gateway", "http shim")
-        .await
-        .expect("gateway");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(listener, vault.clone().into(), config, None, async {
-        let _ = stopped.await;
-    }));
-    Server {
-        addr,
-        vault,
-        admin: created.admin_api_key.to_string(),
-        writer: writer.to_string(),
-        partner: partner.to_string(),
-        gateway: gateway.to_string(),
-        stop: Some(stop),
-        _dir: dir,
-    }
-}
+use common::{start, Server};
 
 type Conn = Framed<TcpStream, FrameCodec>;
 

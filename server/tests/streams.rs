@@ -30,14 +30,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use protocol::{ErrorCode, Message, Record};
-use server::serve::{run, ServeConfig};
-use storage::{Options, Receipt, Unlock, Vault};
+use server::serve::ServeConfig;
+use storage::Receipt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -281,70 +280,33 @@ fn with_crc(mut frame: Vec<u8>) -> Vec<u8> {
     frame
 }
 
-struct Server {
-    addr: std::net::SocketAddr,
-    vault: Arc<Vault>,
-    writer: String,
-    partner: String,
-    gateway: String,
-    auditor: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
+use common::Server;
+
+/// A server whose in-flight limit is small enough that long streams meet
+/// it too, with a partner's record to redeem.
 async fn start() -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let created = Vault::create(
-        &dir.path().join("v"),
-        &Unlock::passphrase(b"streams test".to_vec()),
-        Options::default(),
-    )
-    .expect("create");
-    let vault = Arc::new(created.vault);
-    let (_, writer) = vault
-        .create_credential("writer", "test service")
-        .await
-        .expect("writer");
-    let (_, partner) = vault
-        .create_credential("partner", "demo-lender")
-        .await
-        .expect("partner");
-    let (_, gateway) = vault
-        .create_credential("gateway", "http shim")
-        .await
-        .expect("gateway");
-    let (_, auditor) = vault
-        .create_credential("auditor", "siem")
-        .await
-        .expect("auditor");
+    let s = common::start(ServeConfig {
+        max_in_flight: 16,
+        ..ServeConfig::default()
+    })
+    .await;
     let record = br#"{"iban":"GB33BUKB20201555555555","name":"Jane Doe"}"#;
-    vault
+    s.vault
         .append(storage::Append::record("cust-p", record.to_vec()))
         .await
         .expect("seed");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = ServeConfig {
-        // Small enough that long streams meet the in-flight limit too.
-        max_in_flight: 16,
-        ..ServeConfig::default()
+    s
+}
+
+/// A `Hello` with `key`, request id 1: the first frame of a stream.
+fn hello(key: &str) -> Vec<u8> {
+    let m = Message::Hello {
+        api_key: key.to_string(),
+        client: "streams".into(),
     };
-    tokio::spawn(run(listener, vault.clone().into(), config, None, async {
-        let _ = stopped.await;
-    }));
-    Server {
-        addr,
-        vault,
-        writer: writer.to_string(),
-        partner: partner.to_string(),
-        gateway: gateway.to_string(),
-        auditor: auditor.to_string(),
-        _stop: stop,
-        _dir: dir,
-    }
+    protocol::encode_frame(1, &m, 0).expect("frame")
 }
 
 /// Every frame in `bytes`, decoded (the server's answers).
@@ -414,15 +376,7 @@ async fn exchange(
 
 async fn run_case(s: &Server, case: u32, st: &Stream) -> Result<(), TestCaseError> {
     let key = s.vault.public_key();
-    let mut bytes = protocol::encode_frame(
-        1,
-        &Message::Hello {
-            api_key: s.writer.clone(),
-            client: "streams".into(),
-        },
-        0,
-    )
-    .expect("frame");
+    let mut bytes = hello(&s.writer);
     let mut expect = BTreeMap::new();
     for (i, req) in st.before.iter().enumerate() {
         let id = 100 + i as u32;
@@ -604,15 +558,7 @@ fn partner_stream() -> impl Strategy<Value = PartnerStream> {
 
 /// Two fresh tokens for the partner, minted over the protocol.
 async fn mint_two(s: &Server) -> Result<(String, String), TestCaseError> {
-    let mut bytes = protocol::encode_frame(
-        1,
-        &Message::Hello {
-            api_key: s.gateway.clone(),
-            client: "streams".into(),
-        },
-        0,
-    )
-    .expect("frame");
+    let mut bytes = hello(&s.gateway);
     for id in [2, 3] {
         let m = Message::Mint {
             partner_id: "demo-lender".into(),
@@ -648,15 +594,7 @@ fn is_the_data(m: &Message) -> bool {
 
 async fn run_partner_case(s: &Server, st: &PartnerStream) -> Result<(), TestCaseError> {
     let (token, second) = mint_two(s).await?;
-    let mut bytes = protocol::encode_frame(
-        1,
-        &Message::Hello {
-            api_key: s.partner.clone(),
-            client: "streams".into(),
-        },
-        0,
-    )
-    .expect("frame");
+    let mut bytes = hello(&s.partner);
     let mut expected = Vec::new();
     for (i, req) in st.before.iter().enumerate() {
         let id = 100 + i as u32;
@@ -742,15 +680,7 @@ async fn run_partner_case(s: &Server, st: &PartnerStream) -> Result<(), TestCase
     let spent = |t: &str| {
         let t = t.to_string();
         async move {
-            let mut b = protocol::encode_frame(
-                1,
-                &Message::Hello {
-                    api_key: s.partner.clone(),
-                    client: "streams".into(),
-                },
-                0,
-            )
-            .expect("frame");
+            let mut b = hello(&s.partner);
             b.extend(protocol::encode_frame(2, &Message::Redeem { token: t }, 0).expect("frame"));
             let out = exchange(s, &b, &[], &[]).await?;
             let last = answers(&out)?.pop();
@@ -847,15 +777,7 @@ async fn run_audit_case(
         Seq::Max => u64::MAX,
         Seq::Any(n) => n,
     };
-    let mut bytes = protocol::encode_frame(
-        1,
-        &Message::Hello {
-            api_key: s.auditor.clone(),
-            client: "streams".into(),
-        },
-        0,
-    )
-    .expect("frame");
+    let mut bytes = hello(&s.auditor);
     for (i, r) in reqs.iter().enumerate() {
         let m = match *r {
             AuditReq::Head => Message::Head,
@@ -949,12 +871,7 @@ async fn run_audit_case(
 
 #[test]
 fn random_auditor_streams_read_the_log_within_their_bounds() {
-    let panics = panics();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let s = rt.block_on(async {
         let s = start().await;
         for i in 0..40 {
@@ -963,17 +880,38 @@ fn random_auditor_streams_read_the_log_within_their_bounds() {
         }
         s
     });
+    check_cases(64, audit_stream(), |st| {
+        rt.block_on(run_audit_case(&s, &st))
+    });
+}
+
+/// A runtime of two workers, as `vaultd` has on this machine kind.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Checks `cases` inputs of `strategy` (`PROPTEST_CASES=N` runs N),
+/// failing with the smallest failing input it finds, or if anything in
+/// the process panicked meanwhile (the server's tasks included).
+fn check_cases<S: Strategy>(
+    cases: u32,
+    strategy: S,
+    check: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) {
+    let panics = panics();
     let mut runner = TestRunner::new(Config {
-        // PROPTEST_CASES=N runs more.
         cases: std::env::var("PROPTEST_CASES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(64),
+            .unwrap_or(cases),
         failure_persistence: None,
         ..Config::default()
     });
-    let result = runner.run(&audit_stream(), |st| rt.block_on(run_audit_case(&s, &st)));
-    if let Err(e) = result {
+    if let Err(e) = runner.run(&strategy, check) {
         panic!("{e}");
     }
     assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic in the server");
@@ -996,70 +934,27 @@ fn panics() -> &'static AtomicUsize {
 
 #[test]
 fn random_partner_streams_end_at_their_redeem_or_fault() {
-    let panics = panics();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let s = rt.block_on(start());
-    let mut runner = TestRunner::new(Config {
-        // PROPTEST_CASES=N runs more.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(64),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let result = runner.run(&partner_stream(), |st| {
+    check_cases(64, partner_stream(), |st| {
         rt.block_on(run_partner_case(&s, &st))
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic in the server");
 }
 
 #[test]
 fn random_streams_with_faults_are_answered_as_the_model_says() {
-    let panics = panics();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let s = rt.block_on(start());
-    let mut runner = TestRunner::new(Config {
-        // PROPTEST_CASES=N runs more.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256),
-        failure_persistence: None,
-        ..Config::default()
-    });
     // A case's subjects are its own, shrinking runs included.
     let cases = std::sync::atomic::AtomicU32::new(0);
-    let result = runner.run(&stream(), |st| {
+    check_cases(256, stream(), |st| {
         let case = cases.fetch_add(1, Ordering::Relaxed);
         rt.block_on(run_case(&s, case, &st))
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
-    // The server still serves, and nothing panicked on the way.
+    // The server still serves.
     let pong = rt.block_on(async {
         let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
-        let mut b = protocol::encode_frame(
-            1,
-            &Message::Hello {
-                api_key: s.writer.clone(),
-                client: "streams".into(),
-            },
-            0,
-        )
-        .expect("frame");
+        let mut b = hello(&s.writer);
         b.extend(protocol::encode_frame(2, &Message::Ping, 0).expect("frame"));
         tcp.write_all(&b).await.expect("write");
         tcp.shutdown().await.expect("shutdown");
@@ -1068,5 +963,4 @@ fn random_streams_with_faults_are_answered_as_the_model_says() {
         answers(&out).expect("frames")
     });
     assert!(matches!(pong.last(), Some((2, Message::Pong))), "{pong:?}");
-    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic in the server");
 }

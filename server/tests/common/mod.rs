@@ -1,0 +1,71 @@
+//! What the protocol server's test binaries share: a vault with a key of
+//! each role, served over TCP on a port the OS chose.
+
+use std::sync::Arc;
+
+use server::serve::{run, ServeConfig};
+use storage::{Options, Unlock, Vault};
+
+/// A vault served by `serve::run` until dropped, with an API key of each
+/// role (the partner's is `demo-lender`'s).
+#[allow(dead_code)] // not every test binary uses every key
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub vault: Arc<Vault>,
+    pub admin: String,
+    pub writer: String,
+    pub partner: String,
+    pub gateway: String,
+    pub auditor: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub async fn start(config: ServeConfig) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let created = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"serve test".to_vec()),
+        Options::default(),
+    )
+    .expect("create");
+    let vault = Arc::new(created.vault);
+    let mut keys = Vec::new();
+    for (role, name) in [
+        ("writer", "test service"),
+        ("partner", "demo-lender"),
+        ("gateway", "http shim"),
+        ("auditor", "siem"),
+    ] {
+        let (_, key) = vault.create_credential(role, name).await.expect(role);
+        keys.push(key.to_string());
+    }
+    let [writer, partner, gateway, auditor] = <[String; 4]>::try_from(keys).expect("four keys");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run(listener, vault.clone().into(), config, None, async {
+        let _ = stopped.await;
+    }));
+    Server {
+        addr,
+        vault,
+        admin: created.admin_api_key.to_string(),
+        writer,
+        partner,
+        gateway,
+        auditor,
+        stop: Some(stop),
+        _dir: dir,
+    }
+}
