@@ -514,7 +514,7 @@ fn json_body() -> impl proptest::strategy::Strategy<Value = String> {
         Just("role"),
         Just("name"),
         Just("name"),
-        Just("max_ttl_secs"),
+        Just("max_token_ttl_secs"),
         Just("rate_limit_per_minute"),
         Just("active"),
         Just("extra"),
@@ -631,7 +631,7 @@ fn well_formed(route: &Route) -> proptest::strategy::BoxedStrategy<String> {
             .prop_map(|(purpose, field, op, ttl)| {
                 let mut b = json!({"purposes": {purpose: {"fields": {field: op}}}});
                 if let Some(t) = ttl {
-                    b["max_ttl_secs"] = json!(t);
+                    b["max_token_ttl_secs"] = json!(t);
                 }
                 b.to_string()
             })
