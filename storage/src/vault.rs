@@ -2480,6 +2480,9 @@ struct Group {
     /// the writer deletes after the log write.
     signing_swap: Option<(u32, SigningKey, Vec<u8>)>,
     usage: Vec<Usage>,
+    /// A failed request emptied the key cache while this group was built,
+    /// after records of the group were encrypted under cached keys.
+    cache_emptied: bool,
     /// For each request: its reply and the group indices of its items.
     requests: Vec<(Reply, Result<Vec<usize>>)>,
 }
@@ -2936,6 +2939,7 @@ impl Committer {
                 // The cache may hold keys that were rolled back.
                 self.clear_key_cache(writer);
                 self.publish_first = true;
+                g.cache_emptied = true;
             }
         }
         r
@@ -2990,13 +2994,13 @@ impl Committer {
         subject: String,
         plaintext: &[u8],
     ) -> Result<usize> {
-        let (mut version, mut cipher, used) = self.data_key(g, &subject)?;
+        let (mut version, mut cipher, used, mut published) = self.data_key(g, &subject)?;
         if used >= self.max_encryptions {
             let next = version
                 .checked_add(1)
                 .ok_or_else(|| Error::Invalid("no key version left".into()))?;
             self.new_key(g, &subject, next)?;
-            (version, cipher) = self.data_key(g, &subject).map(|(v, c, _)| (v, c))?;
+            (version, cipher, _, published) = self.data_key(g, &subject)?;
         }
         let seq = self.pos.next_seq;
         let nonce = self.nonces.next_nonce();
@@ -3004,8 +3008,8 @@ impl Committer {
         let i = self.push(g, Kind::Record, &subject, version, nonce, &ct)?;
         if let Some(c) = self.keys.get_mut(&subject) {
             c.encryptions += 1;
-            g.usage.push(Usage::Encrypted(c.published.clone()));
         }
+        g.usage.push(Usage::Encrypted(published));
         Ok(i)
     }
 
@@ -3395,11 +3399,21 @@ impl Committer {
         Ok(g.encoded.len() - 1)
     }
 
-    /// The subject's current data key and how many records it encrypted,
-    /// creating (and committing) a first key for a new subject.
-    fn data_key(&mut self, g: &mut Group, subject: &str) -> Result<(u32, crypto::Cipher, u64)> {
+    /// The subject's current data key, how many records it encrypted and
+    /// the counter its records are published to, creating (and
+    /// committing) a first key for a new subject.
+    fn data_key(
+        &mut self,
+        g: &mut Group,
+        subject: &str,
+    ) -> Result<(u32, crypto::Cipher, u64, UseCounter)> {
         if let Some(c) = self.keys.get(subject) {
-            return Ok((c.version, c.cipher.clone(), c.encryptions));
+            return Ok((
+                c.version,
+                c.cipher.clone(),
+                c.encryptions,
+                c.published.clone(),
+            ));
         }
         match self.key_state_now(g, subject)? {
             Some(ks) if ks.shredded => Err(Error::SubjectShredded(subject.to_string())),
@@ -3422,12 +3436,16 @@ impl Committer {
                     None => g.counter(subject, ks.version),
                 };
                 // With this group's own records under it, which reach the
-                // count only when the group is published.
-                let own = g
-                    .usage
-                    .iter()
-                    .filter(|u| matches!(u, Usage::Encrypted(c) if Arc::ptr_eq(c, &published)))
-                    .count() as u64;
+                // count only when the group is published (none, unless the
+                // cache was emptied within the group).
+                let own = if g.cache_emptied {
+                    g.usage
+                        .iter()
+                        .filter(|u| matches!(u, Usage::Encrypted(c) if Arc::ptr_eq(c, &published)))
+                        .count() as u64
+                } else {
+                    0
+                };
                 let used = published.load(Ordering::Relaxed) + own;
                 let c = key.cipher_handle();
                 self.keys.insert(
@@ -3436,10 +3454,10 @@ impl Committer {
                         version: ks.version,
                         cipher: c.clone(),
                         encryptions: used,
-                        published,
+                        published: published.clone(),
                     },
                 );
-                Ok((ks.version, c, used))
+                Ok((ks.version, c, used, published))
             }
             None => {
                 self.new_key(g, subject, 1)?;
