@@ -10,7 +10,8 @@
 //!
 //! At each reopen and at the end, before and after it: the log verifies
 //! with the pinned key; every receipt names its entry; no record of a
-//! subject is acknowledged after its shred; each subject's latest record
+//! subject is acknowledged after its shred, and a batch refused as holding
+//! a shredded subject holds one; each subject's latest record
 //! is its acknowledged one with the highest seq (a re-encryption copies
 //! the one before it); the key status is what a reopen rebuilds from the
 //! log, and no key passes the limit; the derived state equals a rebuild;
@@ -108,6 +109,8 @@ type Acked = BTreeMap<u64, (String, Wrote, [u8; 32])>;
 struct Done {
     writes: Vec<(u64, String, Wrote, [u8; 32])>,
     master: Option<(u64, u8)>,
+    /// The subjects of a batch refused as holding a shredded subject.
+    refused: Option<Vec<String>>,
 }
 
 /// The key file of a master rotation's byte.
@@ -155,7 +158,9 @@ async fn run_op(vault: Arc<Vault>, tag: String, op: Op) -> Result<Done, TestCase
                         out.push((r.seq, s, Wrote::Record(p), r.entry_hash));
                     }
                 }
-                Err(Error::SubjectShredded(_)) => {}
+                Err(Error::SubjectShredded(_)) => {
+                    done.refused = Some(names.into_iter().map(|(s, _)| s).collect());
+                }
                 Err(e) => return Err(fail(format!("{tag}: batch refused: {e}"))),
             }
         }
@@ -345,6 +350,7 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 .vault,
         );
         let mut acked = Acked::new();
+        let mut refused = Vec::new();
         let r = vault
             .append(Append::record("gone", b"x".to_vec()))
             .await
@@ -366,6 +372,7 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 .collect();
             for t in tasks {
                 let done = t.await.map_err(fail)??;
+                refused.extend(done.refused);
                 for (seq, s, w, h) in done.writes {
                     prop_assert!(acked.insert(seq, (s, w, h)).is_none(), "seq {} twice", seq);
                 }
@@ -378,6 +385,19 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 let v = close_and_reopen(vault, &dir, &secret(master), opts(), &acked, c.limit)?;
                 vault = Arc::new(v);
             }
+        }
+        // A batch refused for a shredded subject held one.
+        let shredded: Vec<&str> = acked
+            .values()
+            .filter(|(_, w, _)| matches!(w, Wrote::Shred))
+            .map(|(s, _, _)| s.as_str())
+            .collect();
+        for subjects in &refused {
+            prop_assert!(
+                subjects.iter().any(|s| shredded.contains(&s.as_str())),
+                "a batch of {:?} refused as shredded",
+                subjects
+            );
         }
         let vault = Arc::into_inner(vault).ok_or_else(|| fail("the vault is still shared"))?;
         vault.close().map_err(|e| fail(format!("close: {e}")))?;
