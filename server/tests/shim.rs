@@ -774,3 +774,106 @@ fn random_requests_get_a_typed_answer_and_write_only_what_they_may() {
     }
     rt.block_on(r.stop());
 }
+
+/// Authorizations that start after a consent's revocation, or after a
+/// policy change that drops their purpose, is acknowledged are refused:
+/// the shim reads consent and policy afresh for each request, from a
+/// vault that publishes a change before it acknowledges it. Four
+/// partners' loops run across each change; those that started before it
+/// may go either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
+    use std::sync::Arc;
+    use std::time::Instant;
+    let r = Arc::new(start(ShimConfig::default()).await);
+    let policy =
+        |purposes: Value| json!({"purposes": purposes, "rate_limit_per_minute": 1_000_000});
+    let grants = json!({"credit_check": {"fields": {"name": "partial"}}});
+    let consent = |r: Arc<Running>| async move {
+        let got = call(
+            r.http,
+            "PUT",
+            &format!("/v1/subjects/{SUBJECT}/consents/{PARTNER}"),
+            Some(&r.writer),
+            Some(r#"{"purposes": ["credit_check"]}"#),
+        )
+        .await;
+        assert_eq!(got.0, 200, "{}", got.1);
+    };
+    let body = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
+    // Each change, and the denial that must follow it.
+    let changes = [
+        ("revoke", "consent_revoked"),
+        ("policy", "purpose_not_allowed"),
+    ];
+    for (change, denial) in changes {
+        put_policy(&r, policy(grants.clone())).await;
+        consent(r.clone()).await;
+        let acked = Arc::new(std::sync::OnceLock::<Instant>::new());
+        let loops: Vec<_> = (0..4)
+            .map(|_| {
+                let (r, acked) = (r.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    // Until 20 requests have started after the change.
+                    let mut after = 0;
+                    while after < 20 {
+                        let started = Instant::now();
+                        let late = acked.get().is_some_and(|t| started > *t);
+                        let got = call(
+                            r.http,
+                            "POST",
+                            "/v1/authorize",
+                            Some(&r.partner),
+                            Some(body),
+                        )
+                        .await;
+                        after += usize::from(late);
+                        seen.push((late, got));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let got = match change {
+            "revoke" => {
+                call(
+                    r.http,
+                    "DELETE",
+                    &format!("/v1/subjects/{SUBJECT}/consents/{PARTNER}"),
+                    Some(&r.writer),
+                    None,
+                )
+                .await
+            }
+            _ => {
+                call(
+                    r.http,
+                    "PUT",
+                    &format!("/v1/policies/{PARTNER}"),
+                    Some(&r.admin),
+                    Some(&policy(json!({"marketing": {"fields": {"name": "redact"}}})).to_string()),
+                )
+                .await
+            }
+        };
+        assert_eq!(got.0, 200, "{change}: {}", got.1);
+        acked.set(Instant::now()).expect("set once");
+        let (mut early_grants, mut late) = (0, 0);
+        for l in loops {
+            for (is_late, (status, answer)) in l.await.expect("loop") {
+                if is_late {
+                    late += 1;
+                    assert_eq!(status, 403, "{change}: a grant after it: {answer}");
+                    assert_eq!(answer["error"], denial, "{change}: {answer}");
+                } else if status == 200 {
+                    early_grants += 1;
+                }
+            }
+        }
+        assert!(early_grants > 0, "{change}: grants before it");
+        assert!(late >= 80, "{change}: {late} requests after it");
+    }
+    Arc::into_inner(r).expect("one owner").stop().await;
+}
