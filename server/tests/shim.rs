@@ -175,6 +175,20 @@ async fn entries(r: &Running) -> u64 {
     health["entries"].as_u64().expect("entries")
 }
 
+/// The subject's consent to the partner for `credit_check`, granted
+/// (again) by the writer.
+async fn grant_consent(r: &Running) {
+    let got = call(
+        r.http,
+        "PUT",
+        &format!("/v1/subjects/{SUBJECT}/consents/{PARTNER}"),
+        Some(&r.writer),
+        Some(r#"{"purposes": ["credit_check"]}"#),
+    )
+    .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+}
+
 async fn put_policy(r: &Running, policy: Value) {
     let got = call(
         r.http,
@@ -714,17 +728,7 @@ fn random_requests_get_a_typed_answer_and_write_only_what_they_may() {
                     json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
                 )
                 .await;
-                let consent = call(
-                    r.http,
-                    "PUT",
-                    &format!("/v1/subjects/{SUBJECT}/consents/{PARTNER}"),
-                    Some(&r.admin),
-                    Some(r#"{"purposes": ["credit_check"]}"#),
-                )
-                .await;
-                if consent.0 != 200 {
-                    return Err(TestCaseError::fail(format!("consent: {consent:?}")));
-                }
+                grant_consent(&r).await;
             }
             let before = entries(&r).await;
             let (status, body) = call(r.http, method, &path, key, case.body.as_deref()).await;
@@ -789,17 +793,6 @@ async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
     let policy =
         |purposes: Value| json!({"purposes": purposes, "rate_limit_per_minute": 1_000_000});
     let grants = json!({"credit_check": {"fields": {"name": "partial"}}});
-    let consent = |r: Arc<Running>| async move {
-        let got = call(
-            r.http,
-            "PUT",
-            &format!("/v1/subjects/{SUBJECT}/consents/{PARTNER}"),
-            Some(&r.writer),
-            Some(r#"{"purposes": ["credit_check"]}"#),
-        )
-        .await;
-        assert_eq!(got.0, 200, "{}", got.1);
-    };
     let body = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
     // Each change, and the denial that must follow it.
     let changes = [
@@ -808,7 +801,7 @@ async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
     ];
     for (change, denial) in changes {
         put_policy(&r, policy(grants.clone())).await;
-        consent(r.clone()).await;
+        grant_consent(&r).await;
         let acked = Arc::new(std::sync::OnceLock::<Instant>::new());
         let loops: Vec<_> = (0..4)
             .map(|_| {
