@@ -16,13 +16,30 @@
 //! the one before it); the key status is what a reopen rebuilds from the
 //! log, and no key passes the limit; the derived state equals a rebuild;
 //! a token redeemed once is spent.
+//!
+//! A round in five runs with a failpoint armed to fail with an I/O error
+//! after a random number of passes, once or until the vault is closed (any
+//! of `storage::vault::FAILPOINTS`: a step of a commit, a checkpoint, the
+//! writer's move of held-back chunks, the indexer's write), under small
+//! write-ahead segments and derived state written after every few
+//! entries, so that each is reached. A request of that round may then
+//! fail with an I/O error or `Poisoned` (its outcome unknown), and only
+//! with those; the vault is closed (which may fail too) and opened again,
+//! with whichever secret opens it, and then: the log verifies; every
+//! acknowledged write is at its seq; every write in the log that was not
+//! acknowledged is one of a request whose outcome was unknown, a batch's
+//! records all there or none; the model takes what the log holds and the
+//! checks above hold; a token delivered is spent, a token whose
+//! redemption was cut off redeems at most once, and writes go on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use storage::{verify, Append, Error, Options, TokenRefusal, Unlock, Vault, VerifyOptions};
+use storage::vault::FAILPOINTS;
+use storage::{verify, Append, Error, Kind, Options, TokenRefusal, Unlock, Vault, VerifyOptions};
+use zeroize::Zeroizing;
 
 const SUBJECTS: u8 = 5;
 
@@ -44,14 +61,25 @@ enum Op {
     MintRedeem(u8),
 }
 
+/// A failpoint armed for one round: after `after` passes it fails with an
+/// I/O error, once or (`sticky`) every time until the vault is closed.
+#[derive(Debug, Clone)]
+struct Fault {
+    point: &'static str,
+    after: u32,
+    sticky: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Case {
     key_cache: usize,
     limit: u64,
     group_entries: usize,
-    /// Each round's requests, and whether the vault is closed and opened
-    /// again after it.
-    rounds: Vec<(Vec<Op>, bool)>,
+    index_batch: u64,
+    wal_segment_bytes: u64,
+    /// Each round's requests, whether the vault is closed and opened
+    /// again after it, and the fault armed while it runs.
+    rounds: Vec<(Vec<Op>, bool, Option<Fault>)>,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -70,25 +98,45 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn fault() -> impl Strategy<Value = Fault> {
+    (
+        proptest::sample::select(FAILPOINTS),
+        0u32..6,
+        proptest::bool::weighted(0.3),
+    )
+        .prop_map(|(point, after, sticky)| Fault {
+            point,
+            after,
+            sticky,
+        })
+}
+
 fn case() -> impl Strategy<Value = Case> {
     (
         prop_oneof![Just(1usize), Just(2), Just(100_000)],
         2u64..6,
         prop_oneof![Just(4usize), Just(16), Just(1024)],
+        prop_oneof![Just(1u64), Just(8), Just(1_000_000)],
+        prop_oneof![Just(512u64), Just(4096), Just(64 << 20)],
         proptest::collection::vec(
             (
                 proptest::collection::vec(op(), 1..9),
                 proptest::bool::weighted(0.3),
+                proptest::option::weighted(0.2, fault()),
             ),
             1..6,
         ),
     )
-        .prop_map(|(key_cache, limit, group_entries, rounds)| Case {
-            key_cache,
-            limit,
-            group_entries,
-            rounds,
-        })
+        .prop_map(
+            |(key_cache, limit, group_entries, index_batch, wal_segment_bytes, rounds)| Case {
+                key_cache,
+                limit,
+                group_entries,
+                index_batch,
+                wal_segment_bytes,
+                rounds,
+            },
+        )
 }
 
 /// What an acknowledged write put in the log at its seq.
@@ -111,6 +159,12 @@ struct Done {
     master: Option<(u64, u8)>,
     /// The subjects of a batch refused as holding a shredded subject.
     refused: Option<Vec<String>>,
+    /// Failed with an I/O error or `Poisoned` while a fault was armed:
+    /// what it writes may or may not be in the log.
+    unknown: bool,
+    /// A token whose redemption a fault cut off, and whether its data was
+    /// delivered once already.
+    cut_off: Option<(Zeroizing<String>, bool)>,
 }
 
 /// The key file of a master rotation's byte.
@@ -128,9 +182,25 @@ fn allowed(e: &Error) -> bool {
     matches!(e, Error::SubjectShredded(_) | Error::NoSuchSubject(_))
 }
 
-async fn run_op(vault: Arc<Vault>, tag: String, op: Op) -> Result<Done, TestCaseError> {
-    let subject = |n: u8| format!("m{n}");
+/// The only refusals a failed write may cause.
+fn failed_write(e: &Error) -> bool {
+    matches!(e, Error::Io(_) | Error::Poisoned)
+}
+
+fn subject(n: u8) -> String {
+    format!("m{n}")
+}
+
+/// Runs `op`; with `faulty`, a failed write's refusal leaves its outcome
+/// unknown instead of failing the case.
+async fn run_op(
+    vault: Arc<Vault>,
+    tag: String,
+    op: Op,
+    faulty: bool,
+) -> Result<Done, TestCaseError> {
     let mut done = Done::default();
+    let unknown = |e: &Error| faulty && failed_write(e);
     let out = &mut done.writes;
     match op {
         Op::Batch(items) => {
@@ -161,12 +231,14 @@ async fn run_op(vault: Arc<Vault>, tag: String, op: Op) -> Result<Done, TestCase
                 Err(Error::SubjectShredded(_)) => {
                     done.refused = Some(names.into_iter().map(|(s, _)| s).collect());
                 }
+                Err(e) if unknown(&e) => done.unknown = true,
                 Err(e) => return Err(fail(format!("{tag}: batch refused: {e}"))),
             }
         }
         Op::Shred(n) => match vault.shred(&subject(n)).await {
             Ok(r) => out.push((r.seq, subject(n), Wrote::Shred, r.entry_hash)),
             Err(e) if allowed(&e) => {}
+            Err(e) if unknown(&e) => done.unknown = true,
             Err(e) => return Err(fail(format!("{tag}: shred: {e}"))),
         },
         Op::Rotate(n, reencrypt) => match vault.rotate_subject_key(&subject(n), reencrypt).await {
@@ -176,35 +248,42 @@ async fn run_op(vault: Arc<Vault>, tag: String, op: Op) -> Result<Done, TestCase
                 }
             }
             Err(e) if allowed(&e) => {}
+            Err(e) if unknown(&e) => done.unknown = true,
             Err(e) => return Err(fail(format!("{tag}: rotate: {e}"))),
         },
-        Op::RotateSigning => {
-            vault
-                .rotate_signing_key()
-                .await
-                .map_err(|e| fail(format!("{tag}: signing rotation: {e}")))?;
-        }
-        Op::RotateMaster(b) => {
-            let r = vault
-                .rotate_master_key(&key_file(b))
-                .await
-                .map_err(|e| fail(format!("{tag}: master rotation: {e}")))?;
-            done.master = Some((r.seq, b));
-        }
+        Op::RotateSigning => match vault.rotate_signing_key().await {
+            Ok(_) => {}
+            Err(e) if unknown(&e) => done.unknown = true,
+            Err(e) => return Err(fail(format!("{tag}: signing rotation: {e}"))),
+        },
+        Op::RotateMaster(b) => match vault.rotate_master_key(&key_file(b)).await {
+            Ok(r) => done.master = Some((r.seq, b)),
+            Err(e) if unknown(&e) => done.unknown = true,
+            Err(e) => return Err(fail(format!("{tag}: master rotation: {e}"))),
+        },
         Op::MintRedeem(n) => {
             let fields = vec![("a".to_string(), "reveal".to_string())];
             let token = match vault.mint("p", &subject(n), "x", fields, u64::MAX).await {
                 Ok(t) => t,
                 Err(e) if allowed(&e) => return Ok(done),
+                Err(e) if unknown(&e) => {
+                    done.unknown = true;
+                    return Ok(done);
+                }
                 Err(e) => return Err(fail(format!("{tag}: mint: {e}"))),
             };
             // The subject may be shredded before the redemption.
             match vault.redeem(&token, "p", 0).await {
                 Ok(_) | Err(Error::TokenRefused(TokenRefusal::SubjectShredded)) => {}
+                Err(e) if unknown(&e) => {
+                    done.cut_off = Some((token, false));
+                    return Ok(done);
+                }
                 Err(e) => return Err(fail(format!("{tag}: redeem: {e}"))),
             }
             match vault.redeem(&token, "p", 0).await {
                 Err(Error::TokenRefused(_)) => {}
+                Err(e) if unknown(&e) => done.cut_off = Some((token, true)),
                 other => return Err(fail(format!("{tag}: second redemption: {other:?}"))),
             }
         }
@@ -285,6 +364,211 @@ fn check(v: &Vault, acked: &Acked, limit: u64) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The requests of a round with a fault: all of them, and those whose
+/// outcome the fault made unknown.
+struct Unknown<'a> {
+    round: usize,
+    ops: &'a [Op],
+    failed: Vec<usize>,
+}
+
+impl Unknown<'_> {
+    fn failed(&self) -> impl Iterator<Item = &Op> {
+        self.failed.iter().map(|&j| &self.ops[j])
+    }
+
+    /// The request of this round that wrote `plaintext` (`c…r{i}o{j}/{k}`),
+    /// with the index of its record.
+    fn origin(&self, plaintext: &[u8]) -> Option<(usize, usize)> {
+        let text = std::str::from_utf8(plaintext).ok()?;
+        let (tag, k) = text.split_once('/')?;
+        let (_, rest) = tag.split_once('r')?;
+        let (i, j) = rest.split_once('o')?;
+        (i.parse::<usize>().ok()? == self.round).then_some(())?;
+        Some((j.parse().ok()?, k.parse().ok()?))
+    }
+
+    /// Whether a request of unknown outcome may have written `subject`.
+    fn may_write(&self, subject: &str) -> bool {
+        self.failed().any(|op| match op {
+            Op::Batch(items) => items.iter().any(|it| match it {
+                Item::Known(n) => subject == self::subject(*n),
+                Item::New => subject.contains("-new"),
+                Item::Shredded => false,
+            }),
+            Op::Rotate(n, true) => subject == self::subject(*n),
+            _ => false,
+        })
+    }
+}
+
+/// After a round with a fault: closes the vault (which may fail), disarms
+/// the failpoint, opens the vault with the one secret that opens it, and
+/// checks that what the log holds beyond the acknowledged writes is what
+/// requests of unknown outcome may have written, a batch all or nothing.
+/// `acked` then takes the log's writes. Returns the vault and the secret.
+fn recover(
+    vault: Arc<Vault>,
+    dir: &std::path::Path,
+    fault: &Fault,
+    master: Option<(u64, u8)>,
+    opts: &dyn Fn() -> Options,
+    acked: &mut Acked,
+    round: &Unknown<'_>,
+) -> Result<(Vault, Option<(u64, u8)>), TestCaseError> {
+    let vault = Arc::into_inner(vault).ok_or_else(|| fail("the vault is still shared"))?;
+    // The failpoint may fire at close; the close then fails.
+    let _ = vault.close();
+    fail::remove(fault.point);
+    // Exactly one secret opens it: the master key of the last rotation
+    // that reached the log.
+    let mut secrets = vec![master.map(|(_, b)| b)];
+    for op in round.failed() {
+        if let Op::RotateMaster(b) = op {
+            secrets.push(Some(*b));
+        }
+    }
+    secrets.sort();
+    secrets.dedup_by_key(|b| b.map(|b| b.max(1)));
+    let mut opened = Vec::new();
+    for b in &secrets {
+        let unlock = secret(b.map(|b| (0, b)));
+        match Vault::open(dir, &unlock, opts()) {
+            Ok(v) => {
+                v.close().map_err(|e| fail(format!("close: {e}")))?;
+                opened.push(*b);
+            }
+            // A passphrase where a key file sealed it, or the reverse.
+            Err(Error::WrongSecret | Error::Invalid(_)) => {}
+            Err(e) => return Err(fail(format!("open after {}: {e}", fault.point))),
+        }
+    }
+    prop_assert_eq!(opened.len(), 1, "secrets that open the vault: {:?}", opened);
+    let v = Vault::open(dir, &secret(opened[0].map(|b| (0, b))), opts())
+        .map_err(|e| fail(format!("open: {e}")))?;
+    let master = opened[0].map(|b| (v.durable_len().saturating_sub(1), b));
+    let mut rebuilt = Acked::new();
+    // Per subject, the plaintext of its latest record.
+    let mut latest: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // Per batch of unknown outcome, the indexes of its records found.
+    let mut found: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for seq in 0..v.durable_len() {
+        let e = v
+            .entry(seq)
+            .map_err(|e| fail(format!("read {seq}: {e}")))?
+            .ok_or_else(|| fail(format!("seq {seq} is missing")))?;
+        if let Some(a) = acked.get(&seq) {
+            prop_assert_eq!(&a.2, &e.hash, "acknowledged seq {}", seq);
+            if let Wrote::Record(p) = &a.1 {
+                latest.insert(a.0.clone(), p.clone());
+            }
+            rebuilt.insert(seq, a.clone());
+            continue;
+        }
+        let wrote = match e.kind {
+            Kind::SubjectShredded => {
+                let shred = round
+                    .failed()
+                    .any(|op| matches!(op, Op::Shred(n) if subject(*n) == e.subject));
+                prop_assert!(shred, "{} shredded at {} by no request", e.subject, seq);
+                Wrote::Shred
+            }
+            Kind::Record => match v.record_at(seq) {
+                Ok(Some(r))
+                    if latest.get(&e.subject).map(Vec::as_slice)
+                        == Some(r.plaintext.as_slice()) =>
+                {
+                    let rotation = round
+                        .failed()
+                        .any(|op| matches!(op, Op::Rotate(n, true) if subject(*n) == e.subject));
+                    prop_assert!(rotation, "{} copied at {} by no rotation", e.subject, seq);
+                    Wrote::Reencrypted
+                }
+                Ok(Some(r)) => {
+                    let origin = round.origin(&r.plaintext);
+                    let Some((j, k)) = origin else {
+                        return Err(fail(format!("seq {seq}: a record no request wrote")));
+                    };
+                    prop_assert!(
+                        round.failed.contains(&j),
+                        "seq {}: a record of a request refused or lost",
+                        seq
+                    );
+                    found.entry(j).or_default().push(k);
+                    latest.insert(e.subject.clone(), r.plaintext.to_vec());
+                    Wrote::Record(r.plaintext.to_vec())
+                }
+                Err(Error::SubjectShredded(_)) => {
+                    prop_assert!(
+                        round.may_write(&e.subject),
+                        "seq {}: a record of {} no request wrote",
+                        seq,
+                        e.subject
+                    );
+                    Wrote::Record(Vec::new())
+                }
+                other => return Err(fail(format!("record at {seq}: {other:?}"))),
+            },
+            _ => continue,
+        };
+        rebuilt.insert(seq, (e.subject.clone(), wrote, e.hash));
+    }
+    // A batch is in the log whole or not at all: each of its records
+    // was read, or its subject was shredded since.
+    let shredded: Vec<&str> = rebuilt
+        .values()
+        .filter(|(_, w, _)| matches!(w, Wrote::Shred))
+        .map(|(s, _, _)| s.as_str())
+        .collect();
+    for (j, ks) in &found {
+        let Op::Batch(items) = &round.ops[*j] else {
+            return Err(fail(format!("request {j} is no batch")));
+        };
+        for (k, item) in items.iter().enumerate() {
+            let gone = match item {
+                Item::Known(n) => shredded.contains(&subject(*n).as_str()),
+                _ => false,
+            };
+            prop_assert!(
+                ks.contains(&k) || gone,
+                "batch {} of round {}: records {:?} of {} in the log",
+                j,
+                round.round,
+                ks,
+                items.len()
+            );
+        }
+    }
+    *acked = rebuilt;
+    Ok((v, master))
+}
+
+/// Tokens whose redemption a fault cut off: one delivered is spent; one
+/// not delivered redeems at most once.
+async fn check_tokens(
+    v: &Vault,
+    cut_off: Vec<(Zeroizing<String>, bool)>,
+) -> Result<(), TestCaseError> {
+    for (token, delivered) in cut_off {
+        if !delivered {
+            match v.redeem(&token, "p", 0).await {
+                Ok(_) | Err(Error::TokenRefused(_)) => {}
+                Err(e) => return Err(fail(format!("redeem after recovery: {e}"))),
+            }
+        }
+        match v.redeem(&token, "p", 0).await {
+            Err(Error::TokenRefused(_)) => {}
+            other => {
+                return Err(fail(format!(
+                    "a token redeemed again after recovery: {:?}",
+                    other.map(|_| "data")
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The secret that opens the vault: the passphrase it was made with, or
 /// the key file of its latest master rotation.
 fn secret(master: Option<(u64, u8)>) -> Unlock {
@@ -335,6 +619,8 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         key_cache: c.key_cache,
         max_encryptions_per_key: c.limit,
         max_group_entries: c.group_entries,
+        index_batch: c.index_batch,
+        wal_segment_bytes: c.wal_segment_bytes,
         ..Options::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -361,16 +647,22 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         );
         let r = vault.shred("gone").await.map_err(fail)?;
         acked.insert(r.seq, ("gone".into(), Wrote::Shred, r.entry_hash));
-        for (i, (round, reopen)) in c.rounds.iter().enumerate() {
+        for (i, (round, reopen, fault)) in c.rounds.iter().enumerate() {
+            if let Some(f) = fault {
+                let times = if f.sticky { "" } else { "1*" };
+                fail::cfg(f.point, &format!("{}*off->{times}return", f.after)).map_err(fail)?;
+            }
             let tasks: Vec<_> = round
                 .iter()
                 .enumerate()
                 .map(|(j, op)| {
                     let tag = format!("c{n}r{i}o{j}");
-                    tokio::spawn(run_op(vault.clone(), tag, op.clone()))
+                    tokio::spawn(run_op(vault.clone(), tag, op.clone(), fault.is_some()))
                 })
                 .collect();
-            for t in tasks {
+            let mut unknown = Vec::new();
+            let mut cut_off = Vec::new();
+            for (j, t) in tasks.into_iter().enumerate() {
                 let done = t.await.map_err(fail)??;
                 refused.extend(done.refused);
                 for (seq, s, w, h) in done.writes {
@@ -380,8 +672,25 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 if done.master > master {
                     master = done.master;
                 }
+                if done.unknown {
+                    unknown.push(j);
+                }
+                cut_off.extend(done.cut_off);
             }
-            if *reopen || i + 1 == c.rounds.len() {
+            if let Some(f) = fault {
+                let round = Unknown {
+                    round: i,
+                    ops: round,
+                    failed: unknown,
+                };
+                let (v, m) = recover(vault, &dir, f, master, &opts, &mut acked, &round)?;
+                master = m;
+                vault = Arc::new(v);
+                check_tokens(&vault, cut_off).await?;
+            }
+            // After a fault, too: the log verifies and a reopen rebuilds
+            // the same key status.
+            if *reopen || fault.is_some() || i + 1 == c.rounds.len() {
                 let v = close_and_reopen(vault, &dir, &secret(master), opts(), &acked, c.limit)?;
                 vault = Arc::new(v);
             }
