@@ -870,3 +870,27 @@ async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
     }
     Arc::into_inner(r).expect("one owner").stop().await;
 }
+
+/// A stop closes at once the connections that have not sent a request's
+/// headers (nothing sent, or a request line cut short), whatever the header
+/// timeout; they had nothing to finish.
+#[tokio::test]
+async fn a_stop_closes_connections_that_never_sent_a_request() {
+    let r = start(ShimConfig {
+        header_timeout: Duration::from_secs(3600),
+        ..ShimConfig::default()
+    })
+    .await;
+    let silent = TcpStream::connect(r.http).await.expect("connect");
+    let mut trickling = TcpStream::connect(r.http).await.expect("connect");
+    trickling.write_all(b"GET /v1/hea").await.expect("write");
+    // Both are accepted before the stop.
+    let (status, _) = call(r.http, "GET", "/v1/health", None, None).await;
+    assert_eq!(status, 200);
+    r.stop().await;
+    for mut conn in [silent, trickling] {
+        let mut out = Vec::new();
+        let _ = conn.read_to_end(&mut out).await;
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    }
+}

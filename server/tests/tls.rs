@@ -1,7 +1,8 @@
 //! Port 9999 over TLS, with certificates made in the test: a client that
 //! trusts the CA appends and gets a receipt; plaintext to the TLS port is
 //! refused without harming the server; with mutual TLS, a client without a
-//! certificate from the client CA is refused.
+//! certificate from the client CA is refused; connections that never finish
+//! their TLS handshake cannot keep a client out.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -60,6 +61,10 @@ struct Setup {
 }
 
 async fn start(mutual: bool) -> Setup {
+    start_with(mutual, ServeConfig::default()).await
+}
+
+async fn start_with(mutual: bool, serve: ServeConfig) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki {
         ca: ca("fintrust test CA"),
@@ -93,7 +98,7 @@ async fn start(mutual: bool) -> Setup {
     tokio::spawn(run(
         listener,
         vault.clone().into(),
-        ServeConfig::default(),
+        serve,
         Some(config),
         async {
             let _ = stopped.await;
@@ -141,7 +146,16 @@ fn client_config_with(
     Arc::new(config)
 }
 
+type TlsConn = Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec>;
+
 async fn tls_append(s: &Setup, config: Arc<rustls::ClientConfig>) -> Result<Message, String> {
+    let mut conn = tls_hello(s, config).await?;
+    append(&mut conn).await
+}
+
+/// A TLS connection that has sent its `Hello` with the writer's key and
+/// read the answer: `HelloOk`, or an error.
+async fn tls_hello(s: &Setup, config: Arc<rustls::ClientConfig>) -> Result<TlsConn, String> {
     let tcp = TcpStream::connect(s.addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -159,6 +173,23 @@ async fn tls_append(s: &Setup, config: Arc<rustls::ClientConfig>) -> Result<Mess
     conn.send(hello.to_frame(1, 0).map_err(|e| e.to_string())?)
         .await
         .map_err(|e| e.to_string())?;
+    match next(&mut conn).await? {
+        Message::HelloOk { .. } => Ok(conn),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+async fn next(conn: &mut TlsConn) -> Result<Message, String> {
+    let f = conn
+        .next()
+        .await
+        .ok_or("closed")?
+        .map_err(|e| e.to_string())?;
+    Message::from_frame(&f).map_err(|e| e.to_string())
+}
+
+/// Appends a record on `conn` and returns the answer.
+async fn append(conn: &mut TlsConn) -> Result<Message, String> {
     let append = Message::Append {
         subject: "cust-1".into(),
         fields: vec![("email".into(), "jane@example.com".into())],
@@ -166,16 +197,7 @@ async fn tls_append(s: &Setup, config: Arc<rustls::ClientConfig>) -> Result<Mess
     conn.send(append.to_frame(2, 0).map_err(|e| e.to_string())?)
         .await
         .map_err(|e| e.to_string())?;
-    let mut last = None;
-    for _ in 0..2 {
-        let f = conn
-            .next()
-            .await
-            .ok_or("closed")?
-            .map_err(|e| e.to_string())?;
-        last = Some(Message::from_frame(&f).map_err(|e| e.to_string())?);
-    }
-    last.ok_or_else(|| "no reply".to_string())
+    next(conn).await
 }
 
 #[tokio::test]
@@ -322,4 +344,147 @@ async fn the_client_s_suite_order_is_honoured() {
         negotiated(&s, rustls::crypto::ring::default_provider()).await,
         rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
     );
+}
+
+/// Slowloris against the TLS port: connections that send the start of a
+/// TLS record (a ClientHello's first bytes) or nothing at all, then stay
+/// silent, against two slots, four handshake places and a handshake
+/// timeout longer than the test. Only eviction lets the clients in: two
+/// TLS clients authenticate and append, each holding its slot, and the
+/// oldest slow connections are closed to make room.
+#[tokio::test]
+async fn connections_that_never_finish_a_tls_handshake_cannot_keep_a_client_out() {
+    let s = start_with(
+        false,
+        ServeConfig {
+            max_connections: 2,
+            max_handshakes: 4,
+            handshake_timeout: std::time::Duration::from_secs(3600),
+            ..ServeConfig::default()
+        },
+    )
+    .await;
+    let mut slow = Vec::new();
+    for i in 0..8 {
+        let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+        if i % 2 == 0 {
+            // A handshake record's header, and no more.
+            tcp.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
+        }
+        slow.push(tcp);
+    }
+    let config = client_config(&s, None);
+    let mut a = tls_hello(&s, config.clone()).await.expect("first client");
+    let mut b = tls_hello(&s, config).await.expect("second client");
+    for conn in [&mut a, &mut b] {
+        let reply = append(conn).await.expect("append");
+        assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+    }
+    // As with plaintext (`serve.rs`): the first four when the last four
+    // came, then one for the first client.
+    for tcp in &mut slow[..5] {
+        let mut buf = Vec::new();
+        let n = tcp.read_to_end(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "a slow connection got {buf:?}");
+    }
+}
+
+/// The same against the shim's HTTPS port: slow TLS clients hold no slot,
+/// and two HTTPS clients that send their request get their answers, each
+/// holding its slot. The daemon then stops without waiting for the slow
+/// connections' handshakes.
+#[tokio::test]
+async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki {
+        ca: ca("fintrust test CA"),
+        client_ca: ca("fintrust test client CA"),
+    };
+    let (chain, key, _, _) = leaf(&pki.ca, "localhost");
+    let files = TlsFiles {
+        cert: write(dir.path(), "server.pem", &chain),
+        key: write(dir.path(), "server.key", &key),
+        client_ca: None,
+    };
+    let vault = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"tls test".to_vec()),
+        Options::default(),
+    )
+    .expect("create")
+    .vault;
+    let bind = || async {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+    };
+    let d = server::daemon::Daemon {
+        protocol: bind().await,
+        http: Some(bind().await),
+        tls: Some(server_config(&files).expect("server config")),
+        serve: ServeConfig::default(),
+        shim: server::shim::ShimConfig {
+            max_connections: 2,
+            max_handshakes: 4,
+            header_timeout: std::time::Duration::from_secs(3600),
+            ..server::shim::ShimConfig::default()
+        },
+        policies: None,
+        reopen: None,
+    };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(server::daemon::run(
+        vault,
+        d,
+        |b| {
+            let _ = ready_tx.send(b);
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let http = ready_rx.await.expect("ready").http.expect("the shim");
+    let mut slow = Vec::new();
+    for i in 0..8 {
+        let mut tcp = TcpStream::connect(http).await.expect("connect");
+        if i % 2 == 0 {
+            tcp.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
+        }
+        slow.push(tcp);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).expect("root");
+    let config = Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(http).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .expect("handshake");
+        tls.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("request");
+        let mut head = [0u8; 12];
+        tls.read_exact(&mut head).await.expect("answer");
+        assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+        clients.push(tls);
+    }
+    for tcp in &mut slow[..5] {
+        let mut buf = Vec::new();
+        let n = tcp.read_to_end(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "a slow connection got {buf:?}");
+    }
+    // A clean stop does not wait for the handshakes that never finish
+    // (the last three slow connections are still open).
+    drop(clients);
+    let _ = stop.send(());
+    done.await.expect("daemon task").expect("daemon");
+    drop(slow);
 }

@@ -143,7 +143,9 @@ pub fn router(shim: Arc<Shim>) -> Router {
 }
 
 /// Serves the shim on `listener` until `shutdown` resolves, over TLS with
-/// `tls`; then waits for the requests in flight.
+/// `tls`; then waits for the requests in flight. Connections that have not
+/// yet sent a request's headers (in their TLS handshake, or trickling
+/// bytes) are closed at once.
 pub async fn serve(
     listener: TcpListener,
     shim: Arc<Shim>,
@@ -157,6 +159,8 @@ pub async fn serve(
         shim.config.max_handshakes,
     ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Cancelled at shutdown: connections without a request are closed.
+    let stopping = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -176,16 +180,20 @@ pub async fn serve(
         let app = app.clone();
         let acceptor = acceptor.clone();
         let header_timeout = shim.config.header_timeout;
+        let stopping = stopping.clone();
         let (ticket, evicted) = admission.arrive();
         let admission = admission.clone();
         tokio::spawn(async move {
             // The connection's slot, taken when its first request's
             // headers are in, and held until it closes.
             let slot = Arc::new(tokio::sync::OnceCell::new());
+            // Set once a request's headers are in.
+            let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let svc = {
-                let admission = admission.clone();
+                let (admission, asked) = (admission.clone(), asked.clone());
                 hyper::service::service_fn(
                     move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                        asked.store(true, std::sync::atomic::Ordering::Release);
                         req.extensions_mut()
                             .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
                         let (app, admission, slot) = (app.clone(), admission.clone(), slot.clone());
@@ -218,14 +226,24 @@ pub async fn serve(
                     }
                 }
             };
+            // At shutdown, a connection that never asked anything has
+            // nothing to finish; one that did is the graceful shutdown's.
+            let idle_at_stop = async {
+                stopping.cancelled().await;
+                if asked.load(std::sync::atomic::Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = served => {}
                 () = evicted.cancelled() => {}
+                () = idle_at_stop => {}
             }
             admission.leave(ticket);
         });
     }
     drop(listener);
+    stopping.cancel();
     // Requests in flight finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     Ok(())
