@@ -190,8 +190,11 @@ fn authorize_redeem_deny_audit_and_verify() {
         403,
         "field_not_allowed",
     );
-    // cust-0002 consented, then revokes.
-    assert_eq!(f.partner_authorize("cust-0002", &purpose).0, 200);
+    // cust-0002 consented, then revokes: the token granted before the
+    // revocation is refused too.
+    let (status, granted) = f.partner_authorize("cust-0002", &purpose);
+    assert_eq!(status, 200, "{granted}");
+    let before_revocation = granted["token"].as_str().expect("token").to_string();
     let consent_url = format!("{http}/v1/subjects/cust-0002/consents/demo-lender");
     let (status, body) = call("DELETE", &consent_url, Some(&writer), None);
     assert_eq!(status, 200, "{body}");
@@ -204,6 +207,9 @@ fn authorize_redeem_deny_audit_and_verify() {
         403,
         "consent_revoked",
     );
+    let (code, stdout, stderr) = f.redeem(&partner, &before_revocation);
+    assert_eq!(code, 2, "refused by the server: {stdout}");
+    assert!(stderr.contains("consent_revoked"), "{stderr}");
     // cust-0003 consents until a time already past.
     let (status, body) = call(
         "PUT",
@@ -381,6 +387,7 @@ fn authorize_redeem_deny_audit_and_verify() {
             "access_denied:purpose_not_allowed",
             "access_denied:field_not_allowed",
             "token_minted",
+            "access_denied:consent_revoked",
             "access_denied:consent_revoked",
             "access_denied:consent_expired",
             "token_minted",

@@ -192,11 +192,16 @@ pub enum ErrorCode {
     Internal = 14,
     /// A well-formed request with values out of range.
     Invalid = 15,
+    /// The subject's consent for the token's partner was revoked, or no
+    /// longer names the token's purpose, since the token was minted.
+    ConsentRevoked = 16,
+    /// The subject's consent for the token's partner has lapsed.
+    ConsentExpired = 17,
 }
 
 impl ErrorCode {
     /// Every code, in value order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -212,6 +217,8 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::Invalid,
+        ErrorCode::ConsentRevoked,
+        ErrorCode::ConsentExpired,
     ];
 
     /// Decodes the wire value.
@@ -237,6 +244,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Invalid => "invalid",
+            ErrorCode::ConsentRevoked => "consent_revoked",
+            ErrorCode::ConsentExpired => "consent_expired",
         }
     }
 
@@ -2033,7 +2042,7 @@ pub(crate) mod tests {
                 Err(Error::Malformed("unknown masking operator"))
             ));
         }
-        for code in [0u16, 16, u16::MAX] {
+        for code in [0u16, 18, u16::MAX] {
             let mut bytes = code.to_be_bytes().to_vec();
             bytes.extend_from_slice(&[0, 0]);
             assert!(matches!(
@@ -2242,6 +2251,8 @@ pub(crate) mod tests {
             (13, "unavailable"),
             (14, "internal"),
             (15, "invalid"),
+            (16, "consent_revoked"),
+            (17, "consent_expired"),
         ];
         let actual: Vec<(u16, &str)> = ErrorCode::ALL
             .iter()
@@ -2253,7 +2264,7 @@ pub(crate) mod tests {
             assert_eq!(c.name().parse::<ErrorCode>(), Ok(c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(16), None);
+        assert_eq!(ErrorCode::from_u16(18), None);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! nothing, source-address and time-of-day rules are enforced and audited,
 //! and slow, idle or never-finishing HTTP clients are cut off; and random
 //! requests to every route, with any key and any body, get a typed answer
-//! and write no more than that answer allows.
+//! and write no more than that answer allows; and a consent's revocation
+//! stops the grants that start after it and the tokens granted before it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,6 +22,7 @@ const SUBJECT: &str = "cust-7";
 
 struct Running {
     http: SocketAddr,
+    protocol: SocketAddr,
     admin: String,
     partner: String,
     writer: String,
@@ -102,9 +104,10 @@ async fn start(shim: ShimConfig) -> Running {
         .await
         .expect("daemon");
     });
-    ready_rx.await.expect("ready");
+    let bound = ready_rx.await.expect("ready");
     Running {
         http: http_addr,
+        protocol: bound.protocol,
         admin: created.admin_api_key.to_string(),
         partner: partner.to_string(),
         writer: writer.to_string(),
@@ -853,7 +856,7 @@ async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
         };
         assert_eq!(got.0, 200, "{change}: {}", got.1);
         acked.set(Instant::now()).expect("set once");
-        let (mut early_grants, mut late) = (0, 0);
+        let (mut early_grants, mut late) = (Vec::new(), 0);
         for l in loops {
             for (is_late, (status, answer)) in l.await.expect("loop") {
                 if is_late {
@@ -861,12 +864,38 @@ async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
                     assert_eq!(status, 403, "{change}: a grant after it: {answer}");
                     assert_eq!(answer["error"], denial, "{change}: {answer}");
                 } else if status == 200 {
-                    early_grants += 1;
+                    early_grants.push(answer["token"].as_str().expect("token").to_string());
                 }
             }
         }
-        assert!(early_grants > 0, "{change}: grants before it");
+        assert!(!early_grants.is_empty(), "{change}: grants before it");
         assert!(late >= 80, "{change}: {late} requests after it");
+        // Tokens granted before the change, redeemed after it: a revoked
+        // consent stops them; a policy change does not (docs/security.md).
+        let partner = client::Connector::new(client::ClientConfig {
+            addr: r.protocol.to_string(),
+            tls: client::Tls::Plaintext,
+            api_key: client::Zeroizing::new(r.partner.clone()),
+            ..client::ClientConfig::default()
+        })
+        .expect("connector");
+        for token in early_grants.iter().take(4) {
+            let got = partner.redeem(token).await;
+            match change {
+                "revoke" => assert!(
+                    matches!(
+                        &got,
+                        Err(client::ClientError::Server {
+                            code: protocol::ErrorCode::ConsentRevoked,
+                            ..
+                        })
+                    ),
+                    "{:?}",
+                    got.map(|_| "data")
+                ),
+                _ => assert!(got.is_ok(), "{:?}", got.map(|_| "data")),
+            }
+        }
     }
     Arc::into_inner(r).expect("one owner").stop().await;
 }

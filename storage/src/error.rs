@@ -178,6 +178,11 @@ pub enum TokenRefusal {
     WrongPartner,
     /// The token's subject has been shredded.
     SubjectShredded,
+    /// The subject's consent for the token's partner was revoked, or no
+    /// longer names the token's purpose.
+    ConsentRevoked,
+    /// The subject's consent for the token's partner has lapsed.
+    ConsentExpired,
 }
 
 impl TokenRefusal {
@@ -189,6 +194,8 @@ impl TokenRefusal {
             TokenRefusal::Spent => "token_spent",
             TokenRefusal::WrongPartner => "wrong_partner",
             TokenRefusal::SubjectShredded => "subject_shredded",
+            TokenRefusal::ConsentRevoked => "consent_revoked",
+            TokenRefusal::ConsentExpired => "consent_expired",
         }
     }
 }

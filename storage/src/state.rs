@@ -119,6 +119,50 @@ pub struct ConsentChange {
     pub expires_at_ms: Option<u64>,
 }
 
+/// What a subject's latest consent for a partner says of one purpose at
+/// one time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentStatus {
+    /// Granted, naming the purpose, not lapsed.
+    InForce,
+    /// The latest entry is a revocation.
+    Revoked,
+    /// Granted, but not for this purpose.
+    OtherPurposes,
+    /// Granted for the purpose until a time that has passed.
+    Expired,
+}
+
+impl ConsentChange {
+    /// What this consent, the payload of an entry of `kind`, says of
+    /// `purpose` at `now_ms`: the one rule of the shim's authorizations
+    /// and of the vault's redemptions.
+    pub fn status(&self, kind: Kind, purpose: &str, now_ms: u64) -> ConsentStatus {
+        if kind == Kind::ConsentRevoked {
+            ConsentStatus::Revoked
+        } else if !self.purposes.iter().any(|p| p == purpose) {
+            ConsentStatus::OtherPurposes
+        } else if self.expires_at_ms.is_some_and(|t| t <= now_ms) {
+            ConsentStatus::Expired
+        } else {
+            ConsentStatus::InForce
+        }
+    }
+}
+
+/// A consent's stored value (`consent_key`): the entry's kind byte, then
+/// its payload.
+pub fn decode_consent(v: &[u8]) -> Result<(Kind, ConsentChange)> {
+    let bad = || Error::Malformed("consent state");
+    let (&k, payload) = v.split_first().ok_or_else(bad)?;
+    let kind = match Kind::from_u8(k) {
+        Some(kind @ (Kind::ConsentGranted | Kind::ConsentRevoked)) => kind,
+        _ => return Err(bad()),
+    };
+    let c = serde_json::from_slice(payload).map_err(|_| bad())?;
+    Ok((kind, c))
+}
+
 /// Payload of a `policy_changed` entry: the partner and its whole new
 /// policy, whose schema belongs to the layer that enforces it.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]

@@ -3324,7 +3324,7 @@ impl Committer {
             Some(t) if now_ms >= t.expires_at_ms => Some(TokenRefusal::Expired),
             Some(t) => match self.key_state_now(g, &t.subject)? {
                 Some(k) if k.shredded => Some(TokenRefusal::SubjectShredded),
-                _ => None,
+                _ => self.consent_refusal(g, t, now_ms)?,
             },
         };
         let subject = minted
@@ -3366,6 +3366,32 @@ impl Committer {
                 Ok(i)
             }
         }
+    }
+
+    /// Where the vault holds a consent of the token's subject for its
+    /// partner, it must still be in force for the token's purpose: a
+    /// revocation, a grant that no longer names the purpose or one that
+    /// has lapsed stops the tokens minted before it. A token minted where
+    /// the vault holds no consent (by a gateway that keeps consent
+    /// elsewhere) is not refused for it.
+    fn consent_refusal(
+        &self,
+        g: &Group,
+        t: &state::TokenMinted,
+        now_ms: u64,
+    ) -> Result<Option<TokenRefusal>> {
+        let key = state::consent_key(&t.subject, &t.partner_id);
+        let Some(v) = self.state_now(g, &key)? else {
+            return Ok(None);
+        };
+        let (kind, consent) = state::decode_consent(&v)?;
+        Ok(match consent.status(kind, &t.purpose, now_ms) {
+            state::ConsentStatus::InForce => None,
+            state::ConsentStatus::Revoked | state::ConsentStatus::OtherPurposes => {
+                Some(TokenRefusal::ConsentRevoked)
+            }
+            state::ConsentStatus::Expired => Some(TokenRefusal::ConsentExpired),
+        })
     }
 
     fn push(

@@ -670,6 +670,101 @@ fn ciphertexts_are_bound_to_subject_and_position() {
     }
 }
 
+/// A token is redeemed only while the vault's consent of its subject for
+/// its partner (where it holds one) is in force for the token's purpose:
+/// one minted before a revocation, before a grant that drops its purpose,
+/// or under a grant that lapses before the redemption, is refused with an
+/// audited `access_denied`, and stays redeemable once consent is granted
+/// again. Where the vault holds no consent, tokens are not refused for it.
+#[tokio::test]
+async fn a_consent_revoked_narrowed_or_lapsed_stops_the_tokens_minted_before_it() {
+    use storage::TokenRefusal;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    for s in ["s1", "s2"] {
+        vault
+            .append(Append::record(s, b"{\"name\":\"x\"}".to_vec()))
+            .await
+            .expect("append");
+    }
+    let consent = |purposes: &[&str], expires: Option<u64>| {
+        let mut c = serde_json::json!({"partner_id": "p1", "purposes": purposes});
+        if let Some(t) = expires {
+            c["expires_at_ms"] = t.into();
+        }
+        Append::event(Kind::ConsentGranted, "s1", &c)
+    };
+    let fields = || vec![("name".to_string(), "reveal".to_string())];
+    let mint = |subject: &'static str| {
+        let vault = &vault;
+        async move {
+            vault
+                .mint("p1", subject, "credit_check", fields(), u64::MAX)
+                .await
+                .expect("mint")
+        }
+    };
+    let denials = |vault: &Vault| -> usize {
+        (0..vault.durable_len())
+            .filter_map(|seq| vault.entry(seq).expect("read"))
+            .filter(|e| {
+                e.kind == Kind::AccessDenied && contains(&e.payload, b"\"reason\":\"consent_")
+            })
+            .count()
+    };
+    // No consent in the vault (a gateway that keeps it elsewhere).
+    let t = mint("s2").await;
+    vault.redeem(&t, "p1", 5).await.expect("redeem");
+
+    vault
+        .append(consent(&["credit_check"], None))
+        .await
+        .expect("grant");
+    let (revoked, narrowed, lapsing, regranted) = (
+        mint("s1").await,
+        mint("s1").await,
+        mint("s1").await,
+        mint("s1").await,
+    );
+    let revoke = serde_json::json!({"partner_id": "p1"});
+    vault
+        .append(Append::event(Kind::ConsentRevoked, "s1", &revoke))
+        .await
+        .expect("revoke");
+    let r = vault.redeem(&revoked, "p1", 5).await;
+    assert!(
+        matches!(r, Err(Error::TokenRefused(TokenRefusal::ConsentRevoked))),
+        "{r:?}"
+    );
+    vault
+        .append(consent(&["marketing"], None))
+        .await
+        .expect("narrow");
+    let r = vault.redeem(&narrowed, "p1", 5).await;
+    assert!(
+        matches!(r, Err(Error::TokenRefused(TokenRefusal::ConsentRevoked))),
+        "{r:?}"
+    );
+    vault
+        .append(consent(&["credit_check"], Some(100)))
+        .await
+        .expect("grant until 100");
+    let r = vault.redeem(&lapsing, "p1", 100).await;
+    assert!(
+        matches!(r, Err(Error::TokenRefused(TokenRefusal::ConsentExpired))),
+        "{r:?}"
+    );
+    // A refusal for consent does not spend the token.
+    let (terms, _) = vault.redeem(&lapsing, "p1", 99).await.expect("in force");
+    assert_eq!(terms.purpose, "credit_check");
+    vault.redeem(&regranted, "p1", 5).await.expect("redeem");
+    assert_eq!(denials(&vault), 3, "each refusal is audited");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }

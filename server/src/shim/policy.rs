@@ -130,15 +130,10 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A subject's consent for one partner, as the shim writes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Consent {
-    pub partner_id: String,
-    #[serde(default)]
-    pub purposes: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at_ms: Option<u64>,
-}
+/// A subject's consent for one partner, as the shim writes it: the
+/// payload of a consent entry, whose rule the vault applies again at
+/// redemption ([`Consent::status`]).
+pub use storage::state::ConsentChange as Consent;
 
 /// Why an authorization was refused: the stable `error` code of the HTTP
 /// answer and of the audit entry.
@@ -247,18 +242,19 @@ pub fn check_consent(
     purpose: &str,
     now_ms: u64,
 ) -> Result<(), Denial> {
-    match latest {
-        None => Err(Denial::ConsentMissing),
-        Some((4, _)) => Err(Denial::ConsentRevoked),
-        Some((_, c)) => {
-            if !c.purposes.iter().any(|p| p == purpose) {
-                return Err(Denial::ConsentMissing);
-            }
-            match c.expires_at_ms {
-                Some(t) if t <= now_ms => Err(Denial::ConsentExpired),
-                _ => Ok(()),
-            }
-        }
+    use storage::state::ConsentStatus;
+    let Some((kind, c)) = latest else {
+        return Err(Denial::ConsentMissing);
+    };
+    let kind = match storage::Kind::from_u8(kind) {
+        Some(storage::Kind::ConsentGranted) => storage::Kind::ConsentGranted,
+        _ => storage::Kind::ConsentRevoked,
+    };
+    match c.status(kind, purpose, now_ms) {
+        ConsentStatus::InForce => Ok(()),
+        ConsentStatus::Revoked => Err(Denial::ConsentRevoked),
+        ConsentStatus::OtherPurposes => Err(Denial::ConsentMissing),
+        ConsentStatus::Expired => Err(Denial::ConsentExpired),
     }
 }
 
