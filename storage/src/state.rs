@@ -151,15 +151,20 @@ impl ConsentChange {
 }
 
 /// A consent's stored value (`consent_key`): the entry's kind byte, then
-/// its payload.
-pub fn decode_consent(v: &[u8]) -> Result<(Kind, ConsentChange)> {
+/// its payload as written.
+pub fn split_consent(v: &[u8]) -> Result<(Kind, &[u8])> {
     let bad = || Error::Malformed("consent state");
     let (&k, payload) = v.split_first().ok_or_else(bad)?;
-    let kind = match Kind::from_u8(k) {
-        Some(kind @ (Kind::ConsentGranted | Kind::ConsentRevoked)) => kind,
-        _ => return Err(bad()),
-    };
-    let c = serde_json::from_slice(payload).map_err(|_| bad())?;
+    match Kind::from_u8(k) {
+        Some(kind @ (Kind::ConsentGranted | Kind::ConsentRevoked)) => Ok((kind, payload)),
+        _ => Err(bad()),
+    }
+}
+
+/// A consent's stored value, its payload parsed.
+pub fn decode_consent(v: &[u8]) -> Result<(Kind, ConsentChange)> {
+    let (kind, payload) = split_consent(v)?;
+    let c = serde_json::from_slice(payload).map_err(|_| Error::Malformed("consent state"))?;
     Ok((kind, c))
 }
 

@@ -1990,15 +1990,8 @@ impl Vault {
         let Some(v) = sh.state_get(st, &state::consent_key(subject, partner_id))? else {
             return Ok(None);
         };
-        match v.split_first() {
-            Some((&k, rest)) => match Kind::from_u8(k) {
-                Some(kind @ (Kind::ConsentGranted | Kind::ConsentRevoked)) => {
-                    Ok(Some((kind, rest.to_vec())))
-                }
-                _ => Err(Error::Malformed("consent state")),
-            },
-            None => Err(Error::Malformed("consent state")),
-        }
+        let (kind, payload) = state::split_consent(&v)?;
+        Ok(Some((kind, payload.to_vec())))
     }
 
     /// The current policy of `partner_id`: the payload of its latest
