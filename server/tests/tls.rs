@@ -384,8 +384,14 @@ async fn connections_that_never_finish_a_tls_handshake_cannot_keep_a_client_out(
     // came, then one for the first client.
     for tcp in &mut slow[..5] {
         let mut buf = Vec::new();
-        let n = tcp.read_to_end(&mut buf).await.unwrap_or(0);
-        assert_eq!(n, 0, "a slow connection got {buf:?}");
+        // A 30 s guard: a slow connection left open would hang the test.
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tcp.read_to_end(&mut buf),
+        )
+        .await
+        .expect("the slow connection was closed");
+        assert_eq!(read.unwrap_or(0), 0, "a slow connection got {buf:?}");
     }
 }
 
@@ -478,8 +484,14 @@ async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
     }
     for tcp in &mut slow[..5] {
         let mut buf = Vec::new();
-        let n = tcp.read_to_end(&mut buf).await.unwrap_or(0);
-        assert_eq!(n, 0, "a slow connection got {buf:?}");
+        // A 30 s guard: a slow connection left open would hang the test.
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tcp.read_to_end(&mut buf),
+        )
+        .await
+        .expect("the slow connection was closed");
+        assert_eq!(read.unwrap_or(0), 0, "a slow connection got {buf:?}");
     }
     // A clean stop does not wait for the handshakes that never finish
     // (the last three slow connections are still open).
