@@ -64,19 +64,27 @@ async fn start(mutual: bool) -> Setup {
     start_with(mutual, ServeConfig::default()).await
 }
 
-async fn start_with(mutual: bool, serve: ServeConfig) -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Test CAs, and the server's TLS configuration with a certificate for
+/// `localhost` from the first (client certificates from the second with
+/// `mutual`).
+fn pki(dir: &Path, mutual: bool) -> (Pki, Arc<rustls::ServerConfig>) {
     let pki = Pki {
         ca: ca("fintrust test CA"),
         client_ca: ca("fintrust test client CA"),
     };
     let (chain, key, _, _) = leaf(&pki.ca, "localhost");
     let files = TlsFiles {
-        cert: write(dir.path(), "server.pem", &chain),
-        key: write(dir.path(), "server.key", &key),
-        client_ca: mutual.then(|| write(dir.path(), "client-ca.pem", &pki.client_ca.pem())),
+        cert: write(dir, "server.pem", &chain),
+        key: write(dir, "server.key", &key),
+        client_ca: mutual.then(|| write(dir, "client-ca.pem", &pki.client_ca.pem())),
     };
     let config = server_config(&files).expect("server config");
+    (pki, config)
+}
+
+async fn start_with(mutual: bool, serve: ServeConfig) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pki, config) = pki(dir.path(), mutual);
     let vault = Arc::new(
         Vault::create(
             &dir.path().join("v"),
@@ -346,6 +354,35 @@ async fn the_client_s_suite_order_is_honoured() {
     );
 }
 
+/// Eight connections that never finish a TLS handshake: every other one
+/// sends a handshake record's header and no more, the others nothing.
+async fn slow_handshakes(addr: std::net::SocketAddr) -> Vec<TcpStream> {
+    let mut slow = Vec::new();
+    for i in 0..8 {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        if i % 2 == 0 {
+            tcp.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
+        }
+        slow.push(tcp);
+    }
+    slow
+}
+
+/// Each connection is closed by the server without a byte sent.
+async fn assert_closed(conns: &mut [TcpStream]) {
+    for tcp in conns {
+        let mut buf = Vec::new();
+        // A 30 s guard: a slow connection left open would hang the test.
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tcp.read_to_end(&mut buf),
+        )
+        .await
+        .expect("the slow connection was closed");
+        assert_eq!(read.unwrap_or(0), 0, "a slow connection got {buf:?}");
+    }
+}
+
 /// Slowloris against the TLS port: connections that send the start of a
 /// TLS record (a ClientHello's first bytes) or nothing at all, then stay
 /// silent, against two slots, four handshake places and a handshake
@@ -364,15 +401,7 @@ async fn connections_that_never_finish_a_tls_handshake_cannot_keep_a_client_out(
         },
     )
     .await;
-    let mut slow = Vec::new();
-    for i in 0..8 {
-        let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
-        if i % 2 == 0 {
-            // A handshake record's header, and no more.
-            tcp.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
-        }
-        slow.push(tcp);
-    }
+    let mut slow = slow_handshakes(s.addr).await;
     let config = client_config(&s, None);
     let mut a = tls_hello(&s, config.clone()).await.expect("first client");
     let mut b = tls_hello(&s, config).await.expect("second client");
@@ -382,17 +411,7 @@ async fn connections_that_never_finish_a_tls_handshake_cannot_keep_a_client_out(
     }
     // As with plaintext (`serve.rs`): the first four when the last four
     // came, then one for the first client.
-    for tcp in &mut slow[..5] {
-        let mut buf = Vec::new();
-        // A 30 s guard: a slow connection left open would hang the test.
-        let read = tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            tcp.read_to_end(&mut buf),
-        )
-        .await
-        .expect("the slow connection was closed");
-        assert_eq!(read.unwrap_or(0), 0, "a slow connection got {buf:?}");
-    }
+    assert_closed(&mut slow[..5]).await;
 }
 
 /// The same against the shim's HTTPS port: slow TLS clients hold no slot,
@@ -402,16 +421,7 @@ async fn connections_that_never_finish_a_tls_handshake_cannot_keep_a_client_out(
 #[tokio::test]
 async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki {
-        ca: ca("fintrust test CA"),
-        client_ca: ca("fintrust test client CA"),
-    };
-    let (chain, key, _, _) = leaf(&pki.ca, "localhost");
-    let files = TlsFiles {
-        cert: write(dir.path(), "server.pem", &chain),
-        key: write(dir.path(), "server.key", &key),
-        client_ca: None,
-    };
+    let (pki, tls) = pki(dir.path(), false);
     let vault = Vault::create(
         &dir.path().join("v"),
         &Unlock::passphrase(b"tls test".to_vec()),
@@ -427,7 +437,7 @@ async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
     let d = server::daemon::Daemon {
         protocol: bind().await,
         http: Some(bind().await),
-        tls: Some(server_config(&files).expect("server config")),
+        tls: Some(tls),
         serve: ServeConfig::default(),
         shim: server::shim::ShimConfig {
             max_connections: 2,
@@ -451,14 +461,7 @@ async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
         },
     ));
     let http = ready_rx.await.expect("ready").http.expect("the shim");
-    let mut slow = Vec::new();
-    for i in 0..8 {
-        let mut tcp = TcpStream::connect(http).await.expect("connect");
-        if i % 2 == 0 {
-            tcp.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
-        }
-        slow.push(tcp);
-    }
+    let mut slow = slow_handshakes(http).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.der().clone()).expect("root");
     let config = Arc::new(
@@ -482,17 +485,7 @@ async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
         assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
         clients.push(tls);
     }
-    for tcp in &mut slow[..5] {
-        let mut buf = Vec::new();
-        // A 30 s guard: a slow connection left open would hang the test.
-        let read = tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            tcp.read_to_end(&mut buf),
-        )
-        .await
-        .expect("the slow connection was closed");
-        assert_eq!(read.unwrap_or(0), 0, "a slow connection got {buf:?}");
-    }
+    assert_closed(&mut slow[..5]).await;
     // A clean stop does not wait for the handshakes that never finish
     // (the last three slow connections are still open).
     drop(clients);
