@@ -6,7 +6,9 @@
 //! - `vaultd dev` serves a demo vault, stops cleanly on SIGTERM, and reopens it;
 //! - `vaultd serve` takes its commit group bounds from the command line;
 //! - `vault-verify` exits 0 for an intact vault, 1 for an integrity failure
-//!   (naming the seq and the reason), 2 when it cannot run.
+//!   (naming the seq and the reason), 2 when it cannot run; with
+//!   `--head-file` it keeps the newest head verified and names a data dir
+//!   rolled back behind it.
 
 mod support;
 
@@ -250,6 +252,80 @@ fn verify_accepts_an_intact_vault() {
     let text = with(&[]);
     assert_eq!(text.code, 0, "{text:?}");
     assert!(text.stdout.starts_with("OK: "), "{text:?}");
+}
+
+#[test]
+fn verify_keeps_the_newest_head_and_names_a_rollback() {
+    let s = Scratch::new();
+    let init = s.init("v");
+    let (dir, old, kept) = (s.path("v"), s.path("old"), s.path("kept-head"));
+    let key = str_field(&init, "public_key").to_string();
+    let copied = Command::new("cp")
+        .arg("-r")
+        .args([&dir, &old])
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    let verify = |d: &Path| {
+        vault_verify([
+            OsStr::new("--data-dir"),
+            d.as_os_str(),
+            OsStr::new("--public-key"),
+            OsStr::new(&key),
+            OsStr::new("--head-file"),
+            kept.as_os_str(),
+            OsStr::new("--json"),
+        ])
+    };
+    let read_kept = || std::fs::read_to_string(&kept).expect("the head file");
+
+    // The first run keeps the log's head (157 bytes, in hex, on one line).
+    let first = verify(&dir);
+    assert_eq!(first.code, 0, "{first:?}");
+    assert!(first.json().get("kept_head_seq").is_none(), "{first:?}");
+    let first_head = read_kept();
+    assert!(
+        first_head.ends_with('\n') && is_hex(first_head.trim_end(), 314),
+        "{first_head:?}"
+    );
+
+    // The log grows: the kept head is in it, and the newer one is kept.
+    let unlock = server::secrets::unlock_from(Some(&s.path("passphrase")), None).expect("secret");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let vault = storage::Vault::open(&dir, &unlock, storage::Options::default()).expect("open");
+        for i in 0..3 {
+            let record = storage::Append::record(format!("cust-{i}"), b"{\"v\":1}".to_vec());
+            vault.append(record).await.expect("append");
+        }
+        vault.close().expect("close");
+    });
+    wait_unlocked(&dir);
+    let grown = verify(&dir);
+    assert_eq!(grown.code, 0, "{grown:?}");
+    assert_eq!(
+        grown.json()["kept_head_seq"],
+        first.json()["head_seq"],
+        "{grown:?}"
+    );
+    let newest = read_kept();
+    assert_ne!(newest, first_head);
+
+    // The copy from before the appends is rolled back behind it.
+    let rolled = verify(&old);
+    assert_eq!(rolled.code, 1, "{rolled:?}");
+    assert_eq!(
+        rolled.json()["failure"]["reason"],
+        "rolled_back",
+        "{rolled:?}"
+    );
+    assert_eq!(read_kept(), newest, "a failed run keeps the head it had");
+
+    // A head file that holds no head: the check cannot run.
+    std::fs::write(&kept, "not a head\n").expect("write");
+    let bad = verify(&dir);
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("does not hold a head"), "{bad:?}");
 }
 
 #[test]

@@ -367,6 +367,7 @@ async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
             public_key: Some(keys.public_key),
             progress: None,
             total_hint: None,
+            kept_head: None,
         },
     )
     .expect("verify runs");

@@ -3,15 +3,18 @@
 //! fork). The older copy is internally consistent, so `vault-verify` and
 //! open accept it; a client that kept the newest signed head it saw
 //! (`client::HeadTracker`) detects it at the next head the server
-//! presents.
+//! presents, and so does `vault-verify` given the head it kept
+//! (`--head-file`; `VerifyOptions::kept_head` offline,
+//! `RemoteOptions::kept_head` over the wire).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use client::{Client, ClientConfig, ClientError, HeadTracker, Tls, Zeroizing};
+use server::remote::{verify_remote, RemoteOptions};
 use server::serve::{run, ServeConfig};
-use storage::{verify, Append, Options, Unlock, Vault, VerifyOptions};
+use storage::{verify, Append, Options, Reason, Report, SignedHead, Unlock, Vault, VerifyOptions};
 
 fn unlock() -> Unlock {
     Unlock::passphrase(b"rollback test".to_vec())
@@ -37,8 +40,15 @@ fn wait_unlocked(dir: &Path) {
 }
 
 /// Serves the vault in `dir` until the returned sender is dropped, and
-/// connects an auditor to it.
-async fn serve(dir: &Path) -> (Client, tokio::sync::oneshot::Sender<()>, Arc<Vault>) {
+/// connects an auditor to it (the config is the auditor's).
+async fn serve(
+    dir: &Path,
+) -> (
+    Client,
+    ClientConfig,
+    tokio::sync::oneshot::Sender<()>,
+    Arc<Vault>,
+) {
     wait_unlocked(dir);
     let vault = Arc::new(Vault::open(dir, &unlock(), Options::default()).expect("open"));
     let (_, auditor) = vault
@@ -59,16 +69,50 @@ async fn serve(dir: &Path) -> (Client, tokio::sync::oneshot::Sender<()>, Arc<Vau
             let _ = stopped.await;
         },
     ));
-    let client = Client::connect(ClientConfig {
+    let config = ClientConfig {
         addr: addr.to_string(),
         tls: Tls::Plaintext,
         api_key: Zeroizing::new(auditor.to_string()),
         client_name: "rollback test".into(),
         timeout: Duration::from_secs(10),
+    };
+    let client = Client::connect(config.clone()).await.expect("connect");
+    (client, config, stop, vault)
+}
+
+/// The offline verification of `dir` with the pinned key and `kept`.
+fn verify_kept(dir: &Path, pinned: ed25519_dalek::VerifyingKey, kept: SignedHead) -> Report {
+    wait_unlocked(dir);
+    verify(
+        dir,
+        &VerifyOptions {
+            public_key: Some(pinned),
+            kept_head: Some(kept),
+            ..Default::default()
+        },
+    )
+    .expect("verify runs")
+}
+
+/// The remote verification of the served vault with the pinned key and
+/// `kept`.
+async fn verify_remote_kept(
+    config: &ClientConfig,
+    pinned: ed25519_dalek::VerifyingKey,
+    kept: SignedHead,
+) -> Report {
+    verify_remote(&RemoteOptions {
+        client: config.clone(),
+        public_key: pinned,
+        page_entries: 100,
+        sample_receipts: 4,
+        progress: None,
+        total_hint: None,
+        kept_head: Some(kept),
     })
     .await
-    .expect("connect");
-    (client, stop, vault)
+    .expect("remote verification runs")
+    .report
 }
 
 async fn append(vault: &Vault, n: usize, tag: &str) {
@@ -115,7 +159,13 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
 
     // The client sees the vault grow, and keeps the newest head.
     let mut tracker = HeadTracker::new();
-    let (client, stop, vault) = serve(&dir).await;
+    let (client, config, stop, vault) = serve(&dir).await;
+    let first = client
+        .head()
+        .await
+        .expect("head")
+        .signed_head
+        .expect("a head");
     append(&vault, 3, "b").await;
     let newest = client
         .head()
@@ -124,7 +174,14 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
         .signed_head
         .expect("a head");
     tracker.observe(&newest).expect("the first head");
+    // The log that grew holds a head kept earlier, and its own.
+    for kept in [first, newest] {
+        let r = verify_remote_kept(&config, pinned, kept).await;
+        assert!(r.ok(), "{:?}", r.failure);
+    }
     shut(client, stop, vault).await;
+    let r = verify_kept(&dir, pinned, newest);
+    assert!(r.ok(), "{:?}", r.failure);
 
     // Roll the directory back to the older copy: it verifies on its own.
     wait_unlocked(&dir);
@@ -144,8 +201,14 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
         report.failure
     );
 
+    // Given the head kept, it is a rollback.
+    let r = verify_kept(&dir, pinned, newest);
+    assert_eq!(r.failure, Some((newest.last_seq, Reason::RolledBack)));
+
     // Served again, its head is older than the one held: a rollback.
-    let (client, stop, vault) = serve(&dir).await;
+    let (client, config, stop, vault) = serve(&dir).await;
+    let r = verify_remote_kept(&config, pinned, newest).await;
+    assert_eq!(r.failure, Some((newest.last_seq, Reason::RolledBack)));
     let head = client
         .head()
         .await
@@ -178,6 +241,13 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
         at_held.entry_hash, newest.last_hash,
         "the fork holds another entry at the held seq"
     );
+    // vault-verify with the kept head finds it, over the wire and offline.
+    let r = verify_remote_kept(&config, pinned, newest).await;
+    assert!(
+        matches!(r.failure, Some((seq, Reason::Forked(_))) if seq == newest.last_seq),
+        "{:?}",
+        r.failure
+    );
     // Never a wrong plaintext: every record is one this copy was given.
     for i in 0..6 {
         let r = vault
@@ -188,4 +258,19 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
         assert_eq!(v["v"], format!("fork-{i}"));
     }
     shut(client, stop, vault).await;
+    let r = verify_kept(&dir, pinned, newest);
+    assert!(
+        matches!(r.failure, Some((seq, Reason::Forked(_))) if seq == newest.last_seq),
+        "{:?}",
+        r.failure
+    );
+    // A head no key of the log signed is no head of this log.
+    let mut forged = newest;
+    forged.signature[0] ^= 1;
+    let r = verify_kept(&dir, pinned, forged);
+    assert!(
+        matches!(r.failure, Some((_, Reason::Forked(_)))),
+        "{:?}",
+        r.failure
+    );
 }

@@ -226,6 +226,7 @@ async fn every_rotation_under_load_loses_nothing_and_the_log_verifies() {
         sample_receipts: 16,
         progress: None,
         total_hint: None,
+        kept_head: None,
     })
     .await
     .expect("remote verification runs");

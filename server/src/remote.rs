@@ -71,6 +71,11 @@ pub struct RemoteOptions<'a> {
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
     /// Called once with the number of entries to check.
     pub total_hint: Option<&'a (dyn Fn(u64) + Sync)>,
+    /// A head kept from an earlier verification (`vault-verify
+    /// --head-file`): the served log must still hold its entry, with its
+    /// hash, under a key of the log's chain
+    /// ([`storage::verify::check_kept_head`]).
+    pub kept_head: Option<SignedHead>,
 }
 
 impl std::fmt::Debug for RemoteOptions<'_> {
@@ -220,7 +225,11 @@ async fn run(
         )),
         tokio::spawn(fetch_group_receipts(client.clone(), target, receipt_tx)),
     ]);
-    let samples = sample_seqs(target, opts.sample_receipts);
+    let mut samples = sample_seqs(target, opts.sample_receipts);
+    // The kept head's entry is read on the walk like a sample's.
+    if let Some(kept) = opts.kept_head.filter(|k| k.last_seq < target) {
+        samples.insert(kept.last_seq);
+    }
     let mut sampled: Vec<(u64, Hash, SignedHead)> = Vec::new();
 
     let mut walk = StreamCheck::new(*key);
@@ -257,7 +266,7 @@ async fn run(
     }
     out.report.signing_keys = walked.to_vec();
 
-    for (seq, hash, group_head) in sampled {
+    for &(seq, hash, group_head) in &sampled {
         let r = match client.proof(seq).await {
             Ok(r) => r,
             Err(ClientError::Server {
@@ -276,6 +285,15 @@ async fn run(
             )));
         }
         out.receipts_checked += 1;
+    }
+    if let Some(kept) = &opts.kept_head {
+        let hash = sampled
+            .iter()
+            .find(|(seq, _, _)| *seq == kept.last_seq)
+            .map(|(_, hash, _)| *hash);
+        if let Some(r) = storage::verify::check_kept_head(kept, walk.keys(), head.last_seq, hash) {
+            return Ok(Err((kept.last_seq, r)));
+        }
     }
     Ok(Ok(()))
 }

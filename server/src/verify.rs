@@ -2,9 +2,11 @@
 //! [`crate::remote::verify_remote`], or with `--file`,
 //! [`storage::export::verify_export`]) and describe the outcome.
 
+use std::path::Path;
+
 use serde::Serialize;
 use storage::export::ExportReport;
-use storage::Report;
+use storage::{Report, SignedHead};
 
 use crate::remote::RemoteReport;
 
@@ -63,6 +65,10 @@ pub struct VerifyJson {
     /// Remote mode: wall time of the run in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub elapsed_ms: Option<u64>,
+    /// With `--head-file`: the seq of the kept head checked against the
+    /// log (absent when the file did not exist yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_head_seq: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +106,7 @@ impl From<&Report> for VerifyJson {
             groups: None,
             receipts_checked: None,
             elapsed_ms: None,
+            kept_head_seq: None,
         }
     }
 }
@@ -130,6 +137,44 @@ impl From<&ExportReport> for VerifyJson {
             ..VerifyJson::from(&r.report)
         }
     }
+}
+
+/// Reads a head file (`vault-verify --head-file`): one line, the lowercase
+/// hex of a signed head as encoded in receipts (docs/storage.md, section
+/// 5), then a newline. `None` when the file does not exist yet.
+pub fn read_head_file(path: &Path) -> Result<Option<SignedHead>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let bytes = hex::decode(text.trim())
+        .map_err(|_| format!("{} does not hold a head in hex", path.display()))?;
+    SignedHead::decode(&bytes)
+        .map(Some)
+        .map_err(|e| format!("{} does not hold a signed head: {e}", path.display()))
+}
+
+/// Replaces the head file at `path` with `head`: written beside it,
+/// synced, renamed over it, and the directory synced, so that a crash
+/// leaves the old head or the new one.
+pub fn write_head_file(path: &Path, head: &SignedHead) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the head file needs a file name"))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{}\n", hex::encode(head.encode())).as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// A one-line human summary of an export file's check.
@@ -187,5 +232,36 @@ pub fn exit_code(r: &Report) -> i32 {
         EXIT_OK
     } else {
         EXIT_INTEGRITY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head file of docs/storage.md, section 8: the vector HEAD of
+    /// section 10, as that page prints it, in hex on one line.
+    #[test]
+    fn the_head_file_holds_the_head_vector() {
+        let page = include_str!("../../docs/storage.md");
+        let hex_line = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("HEAD "))
+            .find(|h| h.len() == 314 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .expect("docs/storage.md shows the vector HEAD");
+        let head = SignedHead::decode(&hex::decode(hex_line).expect("hex")).expect("a head");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kept-head");
+        assert_eq!(read_head_file(&path), Ok(None), "no file yet");
+        write_head_file(&path, &head).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, format!("{hex_line}\n"));
+        assert_eq!(text.len(), 315);
+        assert_eq!(read_head_file(&path), Ok(Some(head)));
+        assert!(!dir.path().join("kept-head.tmp").exists());
+        for bad in ["", "zz\n", &hex_line[..100]] {
+            std::fs::write(&path, bad).expect("write");
+            assert!(read_head_file(&path).is_err(), "{bad:?}");
+        }
     }
 }

@@ -43,6 +43,13 @@ pub enum Reason {
     /// Remote verification: a receipt the server sent for an entry does
     /// not prove the entry it served at that seq.
     BadReceipt(String),
+    /// The log ends before the seq of a head kept from an earlier
+    /// verification: it was rolled back (or truncated) since.
+    RolledBack,
+    /// A head kept from an earlier verification is not one of this log:
+    /// another entry at its seq, or a signature no key of the log's chain
+    /// made.
+    Forked(String),
 }
 
 impl Reason {
@@ -64,6 +71,8 @@ impl Reason {
             Reason::MetaMismatch(_) => "meta_mismatch",
             Reason::Truncated => "truncated",
             Reason::BadReceipt(_) => "bad_receipt",
+            Reason::RolledBack => "rolled_back",
+            Reason::Forked(_) => "forked",
         }
     }
 }
@@ -76,7 +85,8 @@ impl fmt::Display for Reason {
             | Reason::IndexMismatch(s)
             | Reason::KeyMismatch(s)
             | Reason::MetaMismatch(s)
-            | Reason::BadReceipt(s) => write!(f, "{}: {s}", self.code()),
+            | Reason::BadReceipt(s)
+            | Reason::Forked(s) => write!(f, "{}: {s}", self.code()),
             other => f.write_str(other.code()),
         }
     }

@@ -2017,22 +2017,14 @@ impl Vault {
 
 /// The entry at `seq` in the log, if any.
 fn read_entry(store: &Store, seq: u64) -> Result<Option<StoredEntry>> {
-    let Some((_, v)) = store.chunk_at(seq)? else {
+    let Some(bytes) = crate::verify::entry_at(store, seq)? else {
         return Ok(None);
     };
-    let chunk =
-        crate::chunk::Chunk::decode(&v).map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
-    let Some(idx) = seq.checked_sub(chunk.first_seq) else {
-        return Ok(None);
-    };
-    let Some(bytes) = chunk.entries.get(idx as usize) else {
-        return Ok(None);
-    };
-    let e = EntryRef::decode(bytes)?;
+    let e = EntryRef::decode(&bytes)?;
     if e.seq != seq {
         return Err(Error::integrity(seq, Reason::Reordered));
     }
-    Ok(Some(StoredEntry {
+    let entry = StoredEntry {
         kind: e.kind,
         seq: e.seq,
         timestamp_ms: e.timestamp_ms,
@@ -2041,8 +2033,12 @@ fn read_entry(store: &Store, seq: u64) -> Result<Option<StoredEntry>> {
         nonce: e.nonce,
         subject: e.subject.to_string(),
         payload: e.payload.to_vec(),
-        hash: entry_hash(bytes),
-        encoded: bytes.to_vec(),
+        hash: entry_hash(&bytes),
+        encoded: Vec::new(),
+    };
+    Ok(Some(StoredEntry {
+        encoded: bytes,
+        ..entry
     }))
 }
 

@@ -19,6 +19,11 @@
 //! a bounded number of chunks, and the next window then starts right
 //! after the last chunk read (the later tasks' chunks are read again), so
 //! memory stays bounded whatever the sizes of the entries.
+//!
+//! A log that verifies may still be an older copy of itself. Given a head
+//! kept from an earlier run ([`VerifyOptions::kept_head`]), the log must
+//! also hold that head's entry with its hash, under a key of its own chain
+//! ([`check_kept_head`]): `rolled_back` or `forked` otherwise.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -802,6 +807,10 @@ pub struct VerifyOptions<'a> {
     pub progress: Option<&'a (dyn Fn(u64) + Sync)>,
     /// Called once with the total number of entries to expect (approximate).
     pub total_hint: Option<&'a dyn Fn(u64)>,
+    /// A head kept from an earlier verification (`vault-verify
+    /// --head-file`): the log must still hold its entry, with its hash,
+    /// under a key of the log's chain ([`check_kept_head`]).
+    pub kept_head: Option<SignedHead>,
 }
 
 impl std::fmt::Debug for VerifyOptions<'_> {
@@ -857,7 +866,63 @@ impl Report {
 /// vault, locked, I/O); integrity failures are in [`Report::failure`].
 pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
     let store = Store::open_existing_with(dir, VERIFY_CACHE_BYTES, Flusher::Off)?;
-    verify_store(&store, opts)
+    let mut report = verify_store(&store, opts)?;
+    if let (None, Some(kept)) = (&report.failure, &opts.kept_head) {
+        let key = opts.public_key.or(store.stored_public_key());
+        let chain = key.map(|k| KeyChain::from_endorsements(k, &report.signing_keys));
+        let last_seq = report.signed_head.map_or(0, |h| h.last_seq);
+        let hash = if kept.last_seq <= last_seq {
+            entry_at(&store, kept.last_seq)?.map(|e| entry_hash(&e))
+        } else {
+            None
+        };
+        report.failure = match chain {
+            Some(Ok(chain)) => check_kept_head(kept, &chain, last_seq, hash),
+            _ => Some(Reason::Forked("the log's key chain does not build".into())),
+        }
+        .map(|r| (kept.last_seq, r));
+    }
+    Ok(report)
+}
+
+/// Checks a log that verified against a head kept from an earlier
+/// verification of it: the head is signed by a key of the log's `chain`,
+/// the log (whose signed head is at `last_seq`) reaches its seq, and the
+/// log's entry there has the head's hash, `hash_at_kept` (which, the log's
+/// chain being intact, commits to every entry before it too). `None` when
+/// it holds.
+pub fn check_kept_head(
+    kept: &SignedHead,
+    chain: &KeyChain,
+    last_seq: u64,
+    hash_at_kept: Option<Hash>,
+) -> Option<Reason> {
+    if !chain.verify_head(kept) {
+        return Some(Reason::Forked(
+            "the kept head is not signed by a key of this log's chain".into(),
+        ));
+    }
+    if kept.last_seq > last_seq {
+        return Some(Reason::RolledBack);
+    }
+    if hash_at_kept != Some(kept.last_hash) {
+        return Some(Reason::Forked(
+            "the log holds another entry at the kept head's seq".into(),
+        ));
+    }
+    None
+}
+
+/// The encoded entry at `seq` in the log, if the log holds it.
+pub(crate) fn entry_at(store: &Store, seq: u64) -> Result<Option<Vec<u8>>> {
+    let Some((_, v)) = store.chunk_at(seq)? else {
+        return Ok(None);
+    };
+    let chunk = Chunk::decode(&v).map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
+    Ok(seq
+        .checked_sub(chunk.first_seq)
+        .and_then(|i| chunk.entries.get(usize::try_from(i).ok()?))
+        .map(|e| e.to_vec()))
 }
 
 pub(crate) fn verify_store(store: &Store, opts: &VerifyOptions<'_>) -> Result<Report> {

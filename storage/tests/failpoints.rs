@@ -242,6 +242,7 @@ fn check_after(dir: &Path, key: &ed25519_dalek::VerifyingKey, m: &mut Model, cas
             public_key: Some(*key),
             progress: None,
             total_hint: None,
+            kept_head: None,
         },
     )
     .unwrap_or_else(|e| panic!("{case}: verify could not run: {e}"));

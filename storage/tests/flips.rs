@@ -127,6 +127,7 @@ fn build(dir: &Path) -> Expected {
             public_key: Some(key),
             progress: None,
             total_hint: None,
+            kept_head: None,
         },
     )
     .expect("verify the pristine copy");
@@ -273,6 +274,7 @@ fn check(dir: &Path, x: &Expected) -> Result<Outcome, String> {
         public_key: Some(x.key),
         progress: None,
         total_hint: None,
+        kept_head: None,
     };
     let report = match verify(dir, &opts) {
         Err(_) => return Ok(Outcome::VerifyError),

@@ -373,6 +373,7 @@ pub fn check_offline(env: &Env, model: &mut Model, rng: &mut Rng) -> Result<u64,
             public_key: Some(env.public_key),
             progress: None,
             total_hint: None,
+            kept_head: None,
         },
     )
     .map_err(|e| format!("verify could not run: {e}"))?;

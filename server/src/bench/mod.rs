@@ -731,6 +731,7 @@ async fn run_verify(
             public_key: Some(public_key),
             progress: Some(&set),
             total_hint: Some(&total),
+            kept_head: None,
         };
         let start = Instant::now();
         let report = storage::verify(&vault_dir, &opts);

@@ -17,7 +17,8 @@ use clap::{ArgGroup, Parser};
 use client::cli::ConnectArgs;
 use server::remote::{RemoteOptions, DEFAULT_PAGE_ENTRIES, DEFAULT_SAMPLE_RECEIPTS};
 use server::verify::{
-    exit_code, file_summary, remote_summary, summary, VerifyJson, EXIT_ERROR, STORED_KEY_WARNING,
+    exit_code, file_summary, read_head_file, remote_summary, summary, write_head_file, VerifyJson,
+    EXIT_ERROR, STORED_KEY_WARNING,
 };
 
 #[derive(Parser)]
@@ -59,6 +60,12 @@ struct Cli {
     /// Output format (`--format json` is the same as `--json`).
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     format: String,
+    /// A file that keeps the newest head verified: the log must still hold
+    /// the head it holds (else `rolled_back` or `forked`, exit 1), and a
+    /// log that verifies replaces it with its own head. Created on the
+    /// first run. With --data-dir or --remote.
+    #[arg(long, value_name = "FILE", conflicts_with = "file")]
+    head_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +77,13 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.json || cli.format == "json";
+    let kept_head = match cli.head_file.as_deref().map(read_head_file).transpose() {
+        Ok(k) => k.flatten(),
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return ExitCode::from(EXIT_ERROR as u8);
+        }
+    };
     let public_key = match cli.public_key.as_deref().map(parse_key).transpose() {
         Ok(k) => k,
         Err(msg) => {
@@ -82,7 +96,7 @@ fn main() -> ExitCode {
             eprintln!("error: --remote needs the pinned --public-key (or FINTRUST_PUBLIC_KEY)");
             return ExitCode::from(EXIT_ERROR as u8);
         };
-        return remote(&cli, addr, public_key, json);
+        return remote(&cli, addr, public_key, json, kept_head);
     }
     if let Some(file) = &cli.file {
         let Some(public_key) = public_key else {
@@ -116,13 +130,20 @@ fn main() -> ExitCode {
         public_key,
         progress: Some(&progress),
         total_hint: Some(&total),
+        kept_head,
     };
     let report = storage::verify(data_dir, &opts);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     match report {
-        Ok(r) => finish(&r, json.then(|| VerifyJson::from(&r)), || summary(&r)),
+        Ok(r) => {
+            let as_json = json.then(|| VerifyJson {
+                kept_head_seq: kept_head.map(|k| k.last_seq),
+                ..VerifyJson::from(&r)
+            });
+            finish(&r, as_json, || summary(&r), cli.head_file.as_deref())
+        }
         Err(e) => {
             eprintln!("error: could not verify {}: {e}", data_dir.display());
             ExitCode::from(EXIT_ERROR as u8)
@@ -170,11 +191,18 @@ fn export_file(path: &std::path::Path, key: &ed25519_dalek::VerifyingKey, json: 
         &report.report,
         json.then(|| VerifyJson::from(&report)),
         || file_summary(&report),
+        None,
     )
 }
 
 /// `--remote`: verify a live server's log over the wire protocol.
-fn remote(cli: &Cli, addr: &str, public_key: ed25519_dalek::VerifyingKey, json: bool) -> ExitCode {
+fn remote(
+    cli: &Cli,
+    addr: &str,
+    public_key: ed25519_dalek::VerifyingKey,
+    json: bool,
+    kept_head: Option<storage::SignedHead>,
+) -> ExitCode {
     let name = format!("vault-verify/{}", env!("CARGO_PKG_VERSION"));
     let config = match cli.connect.config(addr, name) {
         Ok(c) => c,
@@ -212,6 +240,7 @@ fn remote(cli: &Cli, addr: &str, public_key: ed25519_dalek::VerifyingKey, json: 
         sample_receipts: cli.sample_receipts,
         progress: Some(&progress),
         total_hint: Some(&total),
+        kept_head,
     };
     let outcome = runtime.block_on(server::remote::verify_remote(&opts));
     if let Some(b) = &bar {
@@ -224,20 +253,33 @@ fn remote(cli: &Cli, addr: &str, public_key: ed25519_dalek::VerifyingKey, json: 
             return ExitCode::from(EXIT_ERROR as u8);
         }
     };
+    let as_json = json.then(|| VerifyJson {
+        kept_head_seq: kept_head.map(|k| k.last_seq),
+        ..VerifyJson::from(&report)
+    });
     finish(
         &report.report,
-        json.then(|| VerifyJson::from(&report)),
+        as_json,
         || remote_summary(&report),
+        cli.head_file.as_deref(),
     )
 }
 
-/// Prints a finished run, as one JSON object (`as_json`) or its one-line
-/// summary, and returns the run's exit code.
+/// Keeps the head of a log that verified in `head_file`, then prints the
+/// run, as one JSON object (`as_json`) or its one-line summary, and
+/// returns the run's exit code.
 fn finish(
     report: &storage::Report,
     as_json: Option<VerifyJson>,
     summary: impl FnOnce() -> String,
+    head_file: Option<&std::path::Path>,
 ) -> ExitCode {
+    if let (true, Some(path), Some(head)) = (report.ok(), head_file, &report.signed_head) {
+        if let Err(e) = write_head_file(path, head) {
+            eprintln!("error: cannot keep the head in {}: {e}", path.display());
+            return ExitCode::from(EXIT_ERROR as u8);
+        }
+    }
     match as_json.map(|j| serde_json::to_string(&j)) {
         Some(Ok(s)) => println!("{s}"),
         Some(Err(e)) => {
