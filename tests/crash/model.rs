@@ -102,6 +102,9 @@ pub struct Model {
     pub kept: Vec<Token>,
     /// Tokens whose redemption the kill cut off: outcome unknown.
     pub in_flight: Vec<Token>,
+    /// The last signed head the offline check verified: every later log
+    /// must still hold it (`vault-verify --head-file`'s check).
+    pub kept_head: Option<storage::SignedHead>,
     pub totals: Totals,
 }
 
@@ -362,9 +365,9 @@ fn describe(r: &client::Result<client::Redeemed>) -> String {
 }
 
 /// With the server down: the log verifies from genesis with the pinned
-/// key, every new acknowledged append (and a sample of older ones) is
-/// there unchanged, and the derived state equals a rebuild. Returns the
-/// number of entries.
+/// key and still holds the head the last check verified, every new
+/// acknowledged append (and a sample of older ones) is there unchanged,
+/// and the derived state equals a rebuild. Returns the number of entries.
 pub fn check_offline(env: &Env, model: &mut Model, rng: &mut Rng) -> Result<u64, String> {
     use storage::{Options, Unlock, Vault, VerifyOptions};
     let report = storage::verify(
@@ -373,13 +376,14 @@ pub fn check_offline(env: &Env, model: &mut Model, rng: &mut Rng) -> Result<u64,
             public_key: Some(env.public_key),
             progress: None,
             total_hint: None,
-            kept_head: None,
+            kept_head: model.kept_head,
         },
     )
     .map_err(|e| format!("verify could not run: {e}"))?;
     if let Some(f) = &report.failure {
         return Err(format!("the log does not verify after a kill: {f:?}"));
     }
+    model.kept_head = report.signed_head;
     let vault = Vault::open(
         &env.dir,
         &Unlock::passphrase(PASSPHRASE.to_vec()),
