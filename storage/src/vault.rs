@@ -2024,7 +2024,7 @@ fn read_entry(store: &Store, seq: u64) -> Result<Option<StoredEntry>> {
     if e.seq != seq {
         return Err(Error::integrity(seq, Reason::Reordered));
     }
-    let entry = StoredEntry {
+    Ok(Some(StoredEntry {
         kind: e.kind,
         seq: e.seq,
         timestamp_ms: e.timestamp_ms,
@@ -2034,11 +2034,7 @@ fn read_entry(store: &Store, seq: u64) -> Result<Option<StoredEntry>> {
         subject: e.subject.to_string(),
         payload: e.payload.to_vec(),
         hash: entry_hash(&bytes),
-        encoded: Vec::new(),
-    };
-    Ok(Some(StoredEntry {
         encoded: bytes,
-        ..entry
     }))
 }
 
