@@ -2,8 +2,9 @@
 //! against what the vault acknowledged: batches of records (of known
 //! subjects, of new ones, of a shredded one, which refuses the batch after
 //! its new keys are made), shreds, subject key rotations with and without
-//! re-encryption, signing and master key rotations, and tokens minted and
-//! redeemed, with the vault closed and opened again after some rounds;
+//! re-encryption, signing and master key rotations, consents granted and
+//! revoked, and tokens minted and redeemed, with the vault closed and
+//! opened again after some rounds;
 //! under small key caches, small per-key limits and small commit groups,
 //! so that groups mix requests, caches empty, keys rotate by themselves
 //! and requests are rolled back within groups.
@@ -15,7 +16,10 @@
 //! is its acknowledged one with the highest seq (a re-encryption copies
 //! the one before it); the key status is what a reopen rebuilds from the
 //! log, and no key passes the limit; the derived state equals a rebuild;
-//! a token redeemed once is spent.
+//! a token redeemed once is spent; a token is redeemed only while its
+//! subject's consent (where there is one) is in force, as the model has
+//! it when no request of the round changes that consent, and the vault's
+//! consents are the latest acknowledged changes.
 //!
 //! A round in five runs with a failpoint armed to fail with an I/O error
 //! after a random number of passes, once or until the vault is closed (any
@@ -59,6 +63,10 @@ enum Op {
     /// To a key file of these bytes.
     RotateMaster(u8),
     MintRedeem(u8),
+    /// The subject's consent for partner `p`: granted for purpose `x`
+    /// (`Some(true)`, the purpose tokens are minted for), for `y` only
+    /// (`Some(false)`), or revoked (`None`).
+    Consent(u8, Option<bool>),
 }
 
 /// A failpoint armed for one round: after `after` passes it fails with an
@@ -94,7 +102,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..SUBJECTS, any::<bool>()).prop_map(|(s, r)| Op::Rotate(s, r)),
         1 => Just(Op::RotateSigning),
         1 => any::<u8>().prop_map(Op::RotateMaster),
-        1 => (0..SUBJECTS).prop_map(Op::MintRedeem),
+        2 => (0..SUBJECTS).prop_map(Op::MintRedeem),
+        1 => (0..SUBJECTS, proptest::option::of(any::<bool>())).prop_map(|(s, c)| Op::Consent(s, c)),
     ]
 }
 
@@ -165,6 +174,9 @@ struct Done {
     /// A token whose redemption a fault cut off, and whether its data was
     /// delivered once already.
     cut_off: Option<(Zeroizing<String>, bool)>,
+    /// An acknowledged consent change: its seq, subject, and whether it
+    /// lets a token for purpose `x` be redeemed.
+    consent: Option<(u64, String, bool)>,
 }
 
 /// The key file of a master rotation's byte.
@@ -192,12 +204,15 @@ fn subject(n: u8) -> String {
 }
 
 /// Runs `op`; with `faulty`, a failed write's refusal leaves its outcome
-/// unknown instead of failing the case.
+/// unknown instead of failing the case. `consent_allows`: whether the
+/// subject's consent lets its token be redeemed, where no request of the
+/// round changes it.
 async fn run_op(
     vault: Arc<Vault>,
     tag: String,
     op: Op,
     faulty: bool,
+    consent_allows: Option<bool>,
 ) -> Result<Done, TestCaseError> {
     let mut done = Done::default();
     let unknown = |e: &Error| faulty && failed_write(e);
@@ -274,7 +289,19 @@ async fn run_op(
             };
             // The subject may be shredded before the redemption.
             match vault.redeem(&token, "p", 0).await {
+                Ok(_) if consent_allows == Some(false) => {
+                    return Err(fail(format!("{tag}: redeemed without consent in force")))
+                }
                 Ok(_) | Err(Error::TokenRefused(TokenRefusal::SubjectShredded)) => {}
+                Err(Error::TokenRefused(TokenRefusal::ConsentRevoked)) => {
+                    prop_assert!(
+                        consent_allows != Some(true),
+                        "{}: refused for consent in force",
+                        tag
+                    );
+                    // Not spent: a grant of this round may let it through.
+                    return Ok(done);
+                }
                 Err(e) if unknown(&e) => {
                     done.cut_off = Some((token, false));
                     return Ok(done);
@@ -287,8 +314,36 @@ async fn run_op(
                 other => return Err(fail(format!("{tag}: second redemption: {other:?}"))),
             }
         }
+        Op::Consent(n, grant) => {
+            let (kind, purposes) = match grant {
+                Some(x) => (Kind::ConsentGranted, vec![if x { "x" } else { "y" }]),
+                None => (Kind::ConsentRevoked, Vec::new()),
+            };
+            let payload = serde_json::json!({"partner_id": "p", "purposes": purposes});
+            match vault
+                .append(Append::event(kind, subject(n), &payload))
+                .await
+            {
+                Ok(r) => done.consent = Some((r.seq, subject(n), grant == Some(true))),
+                Err(e) if unknown(&e) => done.unknown = true,
+                Err(e) => return Err(fail(format!("{tag}: consent: {e}"))),
+            }
+        }
     }
     Ok(done)
+}
+
+/// Whether the vault's consent of `subject` for partner `p` lets a token
+/// for purpose `x` be redeemed (no consent at all does).
+fn consent_allows(v: &Vault, subject: &str) -> Result<bool, TestCaseError> {
+    let Some((kind, payload)) = v
+        .consent(subject, "p")
+        .map_err(|e| fail(format!("consent of {subject}: {e}")))?
+    else {
+        return Ok(true);
+    };
+    let c: storage::state::ConsentChange = serde_json::from_slice(&payload).map_err(fail)?;
+    Ok(c.status(kind, "x", 0) == storage::state::ConsentStatus::InForce)
 }
 
 /// Each subject key version: records encrypted under it, and its life.
@@ -637,6 +692,8 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         );
         let mut acked = Acked::new();
         let mut refused = Vec::new();
+        // Per subject with a consent: whether it lets a token be redeemed.
+        let mut consents: BTreeMap<String, bool> = BTreeMap::new();
         let r = vault
             .append(Append::record("gone", b"x".to_vec()))
             .await
@@ -652,14 +709,38 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 let times = if f.sticky { "" } else { "1*" };
                 fail::cfg(f.point, &format!("{}*off->{times}return", f.after)).map_err(fail)?;
             }
+            // Subjects whose consent a request of this round changes: their
+            // redemptions may go either way.
+            let changing: Vec<String> = round
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Consent(n, _) => Some(subject(*n)),
+                    _ => None,
+                })
+                .collect();
             let tasks: Vec<_> = round
                 .iter()
                 .enumerate()
                 .map(|(j, op)| {
                     let tag = format!("c{n}r{i}o{j}");
-                    tokio::spawn(run_op(vault.clone(), tag, op.clone(), fault.is_some()))
+                    let allows = match op {
+                        Op::MintRedeem(s) if !changing.contains(&subject(*s)) => {
+                            Some(consents.get(&subject(*s)).copied().unwrap_or(true))
+                        }
+                        _ => None,
+                    };
+                    tokio::spawn(run_op(
+                        vault.clone(),
+                        tag,
+                        op.clone(),
+                        fault.is_some(),
+                        allows,
+                    ))
                 })
                 .collect();
+            // The acknowledged consent change with the highest seq, per
+            // subject.
+            let mut latest: BTreeMap<String, (u64, bool)> = BTreeMap::new();
             let mut unknown = Vec::new();
             let mut cut_off = Vec::new();
             for (j, t) in tasks.into_iter().enumerate() {
@@ -676,6 +757,11 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                     unknown.push(j);
                 }
                 cut_off.extend(done.cut_off);
+                if let Some((seq, s, allows)) = done.consent {
+                    if latest.get(&s).is_none_or(|(q, _)| *q < seq) {
+                        latest.insert(s, (seq, allows));
+                    }
+                }
             }
             if let Some(f) = fault {
                 let round = Unknown {
@@ -693,6 +779,16 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
             if *reopen || fault.is_some() || i + 1 == c.rounds.len() {
                 let v = close_and_reopen(vault, &dir, &secret(master), opts(), &acked, c.limit)?;
                 vault = Arc::new(v);
+            }
+            // The vault's consents are the latest acknowledged changes
+            // (after a fault a cut-off change may have landed instead).
+            for s in &changing {
+                let now = consent_allows(&vault, s)?;
+                if fault.is_none() {
+                    let want = latest.get(s).map(|(_, a)| *a);
+                    prop_assert_eq!(Some(now), want, "consent of {}", s);
+                }
+                consents.insert(s.clone(), now);
             }
         }
         // A batch refused for a shredded subject held one.
