@@ -283,6 +283,11 @@ fn verify_keeps_the_newest_head_and_names_a_rollback() {
     let first = verify(&dir);
     assert_eq!(first.code, 0, "{first:?}");
     assert!(first.json().get("kept_head_seq").is_none(), "{first:?}");
+    let seq = &first.json()["head_seq"];
+    assert!(
+        first.stderr.contains(&format!("kept head: seq {seq} in ")),
+        "{first:?}"
+    );
     let first_head = read_kept();
     assert!(
         first_head.ends_with('\n') && is_hex(first_head.trim_end(), 314),

@@ -279,6 +279,7 @@ fn finish(
             eprintln!("error: cannot keep the head in {}: {e}", path.display());
             return ExitCode::from(EXIT_ERROR as u8);
         }
+        eprintln!("kept head: seq {} in {}", head.last_seq, path.display());
     }
     match as_json.map(|j| serde_json::to_string(&j)) {
         Some(Ok(s)) => println!("{s}"),
