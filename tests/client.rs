@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use client::{
-    verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, MaskOp, Record, Tls,
-    Zeroizing,
+    verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, MaskOp, Record,
+    SecretKind, Tls, Zeroizing,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use server::serve::ServeConfig;
@@ -838,4 +838,90 @@ async fn policies_consents_and_credentials_through_the_gateway_requests() {
             ..
         })
     ));
+}
+
+/// The payload of the entry at `seq`, as JSON.
+fn payload_at(entries: &[Vec<u8>], seq: u64) -> serde_json::Value {
+    let e = storage::entry::EntryRef::decode(&entries[seq as usize]).expect("an entry");
+    serde_json::from_slice(e.payload).expect("a JSON payload")
+}
+
+#[tokio::test]
+async fn every_admin_action_names_the_admin_who_asked() {
+    let s = start(ServeConfig::default(), None).await;
+    let first = s.connect(&s.admin).await;
+    let hash = *blake3::hash(s.admin.as_bytes()).as_bytes();
+    let first_id = first.whois(hash).await.expect("whois").expect("known").id;
+    let (second_id, second_key) = first
+        .create_credential("admin", "second-admin")
+        .await
+        .expect("create an admin");
+    let second = s.connect(&second_key).await;
+    let writer = s.connect(&s.writer).await;
+    writer
+        .append("cust-1", fields(&[("name", "Ada")]))
+        .await
+        .expect("append");
+
+    let (doomed, _) = second
+        .create_credential("writer", "doomed")
+        .await
+        .expect("create");
+    let revoked = second
+        .revoke_credential(doomed.as_str())
+        .await
+        .expect("revoke")
+        .expect("known");
+    let rotated = second
+        .rotate_subject_key("cust-1", true)
+        .await
+        .expect("rotate");
+    let signing = second.rotate_signing_key().await.expect("rotate signing");
+    let master = second
+        .rotate_master_key(SecretKind::KeyFile, &[7u8; 32])
+        .await
+        .expect("rotate master");
+    let shred = second.shred("cust-1").await.expect("shred");
+
+    let entries = first.entries(0, 10_000).await.expect("entries");
+    let created = entries
+        .iter()
+        .map(|b| storage::entry::EntryRef::decode(b).expect("an entry"))
+        .filter(|e| e.kind == storage::Kind::CredentialCreated)
+        .map(|e| serde_json::from_slice::<serde_json::Value>(e.payload).expect("json"))
+        .collect::<Vec<_>>();
+    let by_id = |id: &str| {
+        created
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap_or_else(|| panic!("{id} created: {created:?}"))
+            .clone()
+    };
+    // The vault's own first admin and the test's credentials, made on the
+    // vault directly, name no one.
+    assert!(by_id(&first_id).get("recorded_by").is_none());
+    assert_eq!(by_id(&second_id)["recorded_by"], first_id.as_str());
+    assert_eq!(by_id(&doomed)["recorded_by"], second_id.as_str());
+    for (what, seq) in [
+        ("revocation", revoked.seq),
+        ("subject key rotation", rotated.receipt.seq),
+        ("signing key rotation", signing.receipt.seq),
+        ("master key rotation", master.seq),
+        ("shred", shred.seq),
+    ] {
+        assert_eq!(
+            payload_at(&entries, seq)["recorded_by"],
+            second_id.as_str(),
+            "{what}"
+        );
+    }
+    // The record appended again under the new key is the writer's data,
+    // not an admin entry.
+    let again = rotated.reencrypted.expect("re-encrypted").seq;
+    assert_eq!(
+        storage::entry::EntryRef::decode(&entries[again as usize])
+            .expect("an entry")
+            .kind,
+        storage::Kind::Record
+    );
 }

@@ -1414,7 +1414,11 @@ async fn respond(
             } else if let Err(e) = storage::vault::validate_subject(&name, true) {
                 error(ErrorCode::Invalid, &format!("credential name: {e}"))
             } else {
-                match vault.create_credential(&role, &name).await {
+                match vault
+                    .acting_as(&caller.id)
+                    .create_credential(&role, &name)
+                    .await
+                {
                     Ok((id, key)) => Message::CredentialKey {
                         id,
                         api_key: key.to_string(),
@@ -1427,7 +1431,7 @@ async fn respond(
             if cred == caller.id {
                 error(ErrorCode::Invalid, "a credential cannot revoke itself")
             } else {
-                match vault.revoke_credential(&cred).await {
+                match vault.acting_as(&caller.id).revoke_credential(&cred).await {
                     Ok(Some(r)) => Message::Receipt {
                         receipt: r.encode(),
                     },
@@ -1436,9 +1440,15 @@ async fn respond(
                 }
             }
         }
-        Message::Shred { subject } => receipt_or_error(vault.shred(&subject).await),
+        Message::Shred { subject } => {
+            receipt_or_error(vault.acting_as(&caller.id).shred(&subject).await)
+        }
         Message::RotateSubjectKey { subject, reencrypt } => {
-            match vault.rotate_subject_key(&subject, reencrypt).await {
+            match vault
+                .acting_as(&caller.id)
+                .rotate_subject_key(&subject, reencrypt)
+                .await
+            {
                 Ok(r) => Message::Rotated {
                     version: r.version,
                     receipt: r.receipt.encode(),
@@ -1452,7 +1462,7 @@ async fn respond(
             after_version,
             max,
         } => key_status(vault, &config.rotation, &after_subject, after_version, max),
-        Message::RotateSigningKey => match vault.rotate_signing_key().await {
+        Message::RotateSigningKey => match vault.acting_as(&caller.id).rotate_signing_key().await {
             Ok((r, e)) => {
                 tracing::info!(key_id = e.key_id, admin = %caller.id, "signing key rotated");
                 Message::SigningRotated {
@@ -1475,7 +1485,7 @@ async fn respond(
             };
             match unlock {
                 Err(m) => m,
-                Ok(unlock) => match vault.rotate_master_key(&unlock).await {
+                Ok(unlock) => match vault.acting_as(&caller.id).rotate_master_key(&unlock).await {
                     Ok(r) => {
                         tracing::warn!(
                             admin = %caller.id,

@@ -59,7 +59,7 @@ pub use entry::{Hash, Kind};
 pub use error::{Error, Reason, Result, TokenRefusal};
 pub use store::RawStore;
 pub use vault::{
-    api_key_hash, generate_api_key, Append, Created, Credential, CredentialInfo, KeyLife,
+    api_key_hash, generate_api_key, Admin, Append, Created, Credential, CredentialInfo, KeyLife,
     KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault,
     DEFAULT_CACHE_BYTES, MAX_ENCRYPTIONS_PER_KEY,
 };

@@ -63,6 +63,12 @@ pub struct CredentialCreated {
     /// Human label (e.g. the partner id).
     #[serde(default)]
     pub name: String,
+    /// The credential id of the admin who asked for it, where one did
+    /// (written by [`crate::vault::Admin`]); absent when the process holding
+    /// the vault did it on its own (`vaultd` at start or stop, or an
+    /// offline `vault-admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_by: Option<String>,
 }
 
 /// The stored value of `"c/" id`.
@@ -80,6 +86,12 @@ struct CredentialState<'a> {
 pub struct CredentialRevoked {
     pub id: String,
     pub key_hash: String,
+    /// The credential id of the admin who asked for it, where one did
+    /// (written by [`crate::vault::Admin`]); absent when the process holding
+    /// the vault did it on its own (`vaultd` at start or stop, or an
+    /// offline `vault-admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_by: Option<String>,
 }
 
 /// Payload of a `token_minted` entry, and the value of `"t/" token_hash`.
@@ -206,6 +218,12 @@ pub struct SubjectKeyCommit {
 #[serde(deny_unknown_fields)]
 pub struct ShredCommit {
     pub version: u32,
+    /// The credential id of the admin who asked for it, where one did
+    /// (written by [`crate::vault::Admin`]); absent when the process holding
+    /// the vault did it on its own (`vaultd` at start or stop, or an
+    /// offline `vault-admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_by: Option<String>,
 }
 
 /// What a `key_rotated` entry's `"key"` member says was rotated: a
@@ -234,6 +252,12 @@ pub struct KeyRotation {
     pub version: u32,
     /// Hex BLAKE3 of the new wrapped key as stored in the `keys` tree.
     pub wrapped_hash: String,
+    /// The credential id of the admin who asked for it, where one did
+    /// (written by [`crate::vault::Admin`]); absent when the process holding
+    /// the vault did it on its own (`vaultd` at start or stop, or an
+    /// offline `vault-admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_by: Option<String>,
 }
 
 /// Payload of a `key_rotated` entry that re-wraps keys under a new master
@@ -267,6 +291,12 @@ pub struct MasterRotation {
     /// from the master key, and it must survive the master's change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_key_hash: Option<String>,
+    /// The credential id of the admin who asked for it, where one did
+    /// (written by [`crate::vault::Admin`]); absent when the process holding
+    /// the vault did it on its own (`vaultd` at start or stop, or an
+    /// offline `vault-admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_by: Option<String>,
 }
 
 /// Payload of the `key_rotated` entry that introduces signing key
@@ -287,6 +317,12 @@ pub struct SigningRotation {
     pub wrapped_hash: String,
     /// Hex of the 64-byte endorsement signature by the previous key.
     pub endorsement: String,
+    /// The credential id of the admin who asked for it, where one did
+    /// (written by [`crate::vault::Admin`]); absent when the process holding
+    /// the vault did it on its own (`vaultd` at start or stop, or an
+    /// offline `vault-admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_by: Option<String>,
 }
 
 impl SigningRotation {

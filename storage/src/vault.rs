@@ -190,11 +190,15 @@ pub enum Append {
     },
     /// Destroy every data key of a subject: a `subject_shredded` entry,
     /// then the wrapped keys are deleted. Made by [`Vault::shred`] only.
-    Shred { subject: String },
+    Shred { subject: String, by: Option<String> },
     /// A new data key version for a subject (a `key_rotated` entry); with
     /// `reencrypt`, the subject's latest record appended again under it.
     /// Made by [`Vault::rotate_subject_key`] only.
-    Rotate { subject: String, reencrypt: bool },
+    Rotate {
+        subject: String,
+        reencrypt: bool,
+        by: Option<String>,
+    },
     /// Re-wrap every key under a new master key and swap it in. Made by
     /// [`Vault::rotate_master_key`] only; the committer builds it as a
     /// commit group of its own.
@@ -202,7 +206,7 @@ pub enum Append {
     /// A new signing key, endorsed by the current one in a `key_rotated`
     /// entry; heads after that entry's group are signed by it and the
     /// old key is destroyed. Made by [`Vault::rotate_signing_key`] only.
-    RotateSigning,
+    RotateSigning { by: Option<String> },
 }
 
 /// A new master key, sealed under the new secret, and the masking secret
@@ -211,6 +215,7 @@ pub struct MasterChange {
     master: Arc<SecretKey>,
     sealed: Vec<u8>,
     mask: Zeroizing<[u8; 32]>,
+    by: Option<String>,
 }
 
 impl std::fmt::Debug for MasterChange {
@@ -231,7 +236,7 @@ impl std::fmt::Debug for Append {
             Append::Shred { .. } => f.write_str("Append::Shred(..)"),
             Append::Rotate { reencrypt, .. } => write!(f, "Append::Rotate(reencrypt: {reencrypt})"),
             Append::RotateMaster(_) => f.write_str("Append::RotateMaster(..)"),
-            Append::RotateSigning => f.write_str("Append::RotateSigning"),
+            Append::RotateSigning { .. } => f.write_str("Append::RotateSigning"),
         }
     }
 }
@@ -275,7 +280,7 @@ impl Append {
             Append::Shred { .. }
             | Append::Rotate { .. }
             | Append::RotateMaster(_)
-            | Append::RotateSigning => {
+            | Append::RotateSigning { .. } => {
                 return Err(Error::Invalid(
                     "key changes go through Vault::shred and the Vault::rotate_* methods".into(),
                 ))
@@ -938,6 +943,7 @@ impl Vault {
             role: "admin".into(),
             key_hash: api_key_hash(&admin_api_key),
             name: "initial admin".into(),
+            recorded_by: None,
         };
         let admin_payload =
             serde_json::to_vec(&admin).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -1449,8 +1455,12 @@ impl Vault {
     /// by the old key) and the new key's endorsement once it is durable;
     /// a crash before that leaves the old key in force (docs/keys.md).
     pub async fn rotate_signing_key(&self) -> Result<(Receipt, KeyEndorsement)> {
+        self.rotate_signing_key_by(None).await
+    }
+
+    async fn rotate_signing_key_by(&self, by: Option<String>) -> Result<(Receipt, KeyEndorsement)> {
         let receipt = self
-            .submit(vec![Append::RotateSigning])
+            .submit(vec![Append::RotateSigning { by }])
             .await?
             .pop()
             .ok_or(Error::Closed)?;
@@ -1460,6 +1470,19 @@ impl Vault {
             .find(|e| e.seq == receipt.seq)
             .ok_or(Error::Closed)?;
         Ok((receipt, endorsement))
+    }
+
+    /// The admin actions of this vault, each written with
+    /// `"recorded_by": credential_id` in its entry's payload, so that the
+    /// log says who asked for every credential change, shred and key
+    /// rotation (a server passes the caller's credential id). The methods
+    /// of [`Vault`] of the same names write no `recorded_by`: they are the
+    /// vault's own actions (at start, at stop, or offline).
+    pub fn acting_as<'a>(&'a self, credential_id: &'a str) -> Admin<'a> {
+        Admin {
+            vault: self,
+            by: credential_id,
+        }
     }
 
     /// The 16-byte vault id.
@@ -1502,10 +1525,15 @@ impl Vault {
     /// entry is in the log, the next open finishes deleting the keys
     /// (docs/keys.md).
     pub async fn shred(&self, subject: &str) -> Result<Receipt> {
+        self.shred_by(subject, None).await
+    }
+
+    async fn shred_by(&self, subject: &str, by: Option<String>) -> Result<Receipt> {
         validate_subject(subject, true)?;
         let mut r = self
             .submit(vec![Append::Shred {
                 subject: subject.to_string(),
+                by,
             }])
             .await?;
         r.pop().ok_or(Error::Closed)
@@ -1518,11 +1546,21 @@ impl Vault {
     /// decrypted and appended again under the new key, in the same commit
     /// (a new `record` entry: the old one stays in the log).
     pub async fn rotate_subject_key(&self, subject: &str, reencrypt: bool) -> Result<Rotated> {
+        self.rotate_subject_key_by(subject, reencrypt, None).await
+    }
+
+    async fn rotate_subject_key_by(
+        &self,
+        subject: &str,
+        reencrypt: bool,
+        by: Option<String>,
+    ) -> Result<Rotated> {
         validate_subject(subject, true)?;
         let mut r = self
             .submit(vec![Append::Rotate {
                 subject: subject.to_string(),
                 reencrypt,
+                by,
             }])
             .await?
             .into_iter();
@@ -1551,6 +1589,14 @@ impl Vault {
     /// leaves a vault that opens with exactly one of the two secrets
     /// (docs/keys.md, section 5).
     pub async fn rotate_master_key(&self, new_unlock: &Unlock) -> Result<Receipt> {
+        self.rotate_master_key_by(new_unlock, None).await
+    }
+
+    async fn rotate_master_key_by(
+        &self,
+        new_unlock: &Unlock,
+        by: Option<String>,
+    ) -> Result<Receipt> {
         let master = SecretKey::generate();
         let sealed =
             SealedMaster::seal(&master, new_unlock, self.inner.kdf, &self.inner.vault_id)?.encode();
@@ -1558,6 +1604,7 @@ impl Vault {
             master: Arc::new(master),
             sealed,
             mask: self.inner.mask.clone(),
+            by,
         };
         let mut r = self
             .submit(vec![Append::RotateMaster(Box::new(change))])
@@ -1664,6 +1711,15 @@ impl Vault {
         role: &str,
         name: &str,
     ) -> Result<(String, Zeroizing<String>)> {
+        self.create_credential_by(role, name, None).await
+    }
+
+    async fn create_credential_by(
+        &self,
+        role: &str,
+        name: &str,
+        by: Option<String>,
+    ) -> Result<(String, Zeroizing<String>)> {
         let key = generate_api_key();
         let key_hash = api_key_hash(&key);
         let id = format!("{role}-{}", &key_hash[..12]);
@@ -1672,6 +1728,7 @@ impl Vault {
             role: role.to_string(),
             key_hash,
             name: name.to_string(),
+            recorded_by: by,
         };
         let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
         self.append(Append::Event {
@@ -1966,12 +2023,17 @@ impl Vault {
     /// which its key no longer authenticates. `NotFound`-like `Ok(None)`
     /// when there is no such credential.
     pub async fn revoke_credential(&self, id: &str) -> Result<Option<Receipt>> {
+        self.revoke_credential_by(id, None).await
+    }
+
+    async fn revoke_credential_by(&self, id: &str, by: Option<String>) -> Result<Option<Receipt>> {
         let Some(c) = self.credential(id)? else {
             return Ok(None);
         };
         let payload = state::CredentialRevoked {
             id: c.id,
             key_hash: c.key_hash,
+            recorded_by: by,
         };
         let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
         self.append(Append::Event {
@@ -2012,6 +2074,62 @@ impl Vault {
     pub fn close(self) -> Result<()> {
         self.inner.shutdown();
         self.inner.store.sync()
+    }
+}
+
+/// The admin actions of a [`Vault`] on behalf of one credential; see
+/// [`Vault::acting_as`]. Each method does what the [`Vault`] method of the
+/// same name does, and names the credential in the entry it writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin<'a> {
+    vault: &'a Vault,
+    by: &'a str,
+}
+
+impl Admin<'_> {
+    fn by(&self) -> Result<Option<String>> {
+        validate_subject(self.by, true).map_err(|e| Error::Invalid(format!("recorded_by: {e}")))?;
+        Ok(Some(self.by.to_string()))
+    }
+
+    /// [`Vault::create_credential`], recorded as this admin's.
+    pub async fn create_credential(
+        &self,
+        role: &str,
+        name: &str,
+    ) -> Result<(String, Zeroizing<String>)> {
+        self.vault
+            .create_credential_by(role, name, self.by()?)
+            .await
+    }
+
+    /// [`Vault::revoke_credential`], recorded as this admin's.
+    pub async fn revoke_credential(&self, id: &str) -> Result<Option<Receipt>> {
+        self.vault.revoke_credential_by(id, self.by()?).await
+    }
+
+    /// [`Vault::shred`], recorded as this admin's.
+    pub async fn shred(&self, subject: &str) -> Result<Receipt> {
+        self.vault.shred_by(subject, self.by()?).await
+    }
+
+    /// [`Vault::rotate_subject_key`], recorded as this admin's.
+    pub async fn rotate_subject_key(&self, subject: &str, reencrypt: bool) -> Result<Rotated> {
+        self.vault
+            .rotate_subject_key_by(subject, reencrypt, self.by()?)
+            .await
+    }
+
+    /// [`Vault::rotate_signing_key`], recorded as this admin's.
+    pub async fn rotate_signing_key(&self) -> Result<(Receipt, KeyEndorsement)> {
+        self.vault.rotate_signing_key_by(self.by()?).await
+    }
+
+    /// [`Vault::rotate_master_key`], recorded as this admin's.
+    pub async fn rotate_master_key(&self, new_unlock: &Unlock) -> Result<Receipt> {
+        self.vault
+            .rotate_master_key_by(new_unlock, self.by()?)
+            .await
     }
 }
 
@@ -2617,7 +2735,10 @@ impl Leader {
         for r in reqs {
             let is_rotation = matches!(r.items.as_slice(), [Append::RotateMaster(_)]);
             if !is_rotation {
-                let rotates_signing = r.items.iter().any(|i| matches!(i, Append::RotateSigning));
+                let rotates_signing = r
+                    .items
+                    .iter()
+                    .any(|i| matches!(i, Append::RotateSigning { .. }));
                 if rotates_signing && signs {
                     let built = this.build(std::mem::take(&mut normal), writer);
                     if !this.hand_over(built, writer) {
@@ -2960,12 +3081,14 @@ impl Committer {
                     partner_id,
                     now_ms,
                 } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms)?),
-                Append::Shred { subject } => idx.push(self.shred(g, subject)?),
-                Append::Rotate { subject, reencrypt } => {
-                    idx.extend(self.rotate(g, subject, reencrypt, writer)?)
-                }
+                Append::Shred { subject, by } => idx.push(self.shred(g, subject, by)?),
+                Append::Rotate {
+                    subject,
+                    reencrypt,
+                    by,
+                } => idx.extend(self.rotate(g, subject, reencrypt, by, writer)?),
                 Append::RotateMaster(change) => idx.push(self.rotate_master(g, *change)?),
-                Append::RotateSigning => idx.push(self.rotate_signing(g)?),
+                Append::RotateSigning { by } => idx.push(self.rotate_signing(g, by)?),
             }
         }
         Ok(idx)
@@ -2984,7 +3107,7 @@ impl Committer {
             let next = version
                 .checked_add(1)
                 .ok_or_else(|| Error::Invalid("no key version left".into()))?;
-            self.new_key(g, &subject, next)?;
+            self.new_key(g, &subject, next, None)?;
             (version, cipher, _, published) = self.data_key(g, &subject)?;
         }
         let seq = self.pos.next_seq;
@@ -3020,7 +3143,7 @@ impl Committer {
 
     /// Appends `subject_shredded` for the subject's current version; the
     /// writer deletes its keys after the log write.
-    fn shred(&mut self, g: &mut Group, subject: String) -> Result<usize> {
+    fn shred(&mut self, g: &mut Group, subject: String, by: Option<String>) -> Result<usize> {
         let ks = self
             .key_state_now(g, &subject)?
             .ok_or_else(|| Error::NoSuchSubject(subject.clone()))?;
@@ -3029,6 +3152,7 @@ impl Committer {
         }
         let payload = serde_json::to_vec(&ShredCommit {
             version: ks.version,
+            recorded_by: by,
         })
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let i = self.push(g, Kind::SubjectShredded, &subject, 0, [0; 12], &payload)?;
@@ -3046,6 +3170,7 @@ impl Committer {
         g: &mut Group,
         subject: String,
         reencrypt: bool,
+        by: Option<String>,
         writer: &std::sync::mpsc::SyncSender<ToWriter>,
     ) -> Result<Vec<usize>> {
         let ks = self
@@ -3066,7 +3191,7 @@ impl Committer {
             .version
             .checked_add(1)
             .ok_or_else(|| Error::Invalid("no key version left".into()))?;
-        let mut idx = vec![self.new_key(g, &subject, next)?];
+        let mut idx = vec![self.new_key(g, &subject, next, by)?];
         if let Some(p) = plaintext {
             idx.push(self.encrypt_record(g, subject, &p)?);
         }
@@ -3088,6 +3213,7 @@ impl Committer {
             master,
             sealed,
             mask,
+            by,
         } = change;
         let mut staged: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut has_mask = false;
@@ -3158,6 +3284,7 @@ impl Committer {
             sealed_master_hash: hex::encode(blake3::hash(&sealed).as_bytes()),
             rewrapped: count,
             mask_key_hash,
+            recorded_by: by,
         })
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let seq = self.pos.next_seq;
@@ -3176,7 +3303,7 @@ impl Committer {
     /// a `key_rotated` entry of this group, which the current key signs;
     /// the committer signs later groups with the new key, and the writer
     /// deletes the old one after the log write (docs/keys.md).
-    fn rotate_signing(&mut self, g: &mut Group) -> Result<usize> {
+    fn rotate_signing(&mut self, g: &mut Group, by: Option<String>) -> Result<usize> {
         if g.signing_swap.is_some() {
             return Err(Error::Invalid(
                 "one signing key rotation per commit group".into(),
@@ -3197,6 +3324,7 @@ impl Committer {
             public_key: hex::encode(endorsement.public_key),
             wrapped_hash: hex::encode(blake3::hash(&wrapped).as_bytes()),
             endorsement: hex::encode(endorsement.signature),
+            recorded_by: by,
         })
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let i = self.push(g, Kind::KeyRotated, "", 0, [0; 12], &payload)?;
@@ -3471,7 +3599,7 @@ impl Committer {
                 Ok((ks.version, c, used, published))
             }
             None => {
-                self.new_key(g, subject, 1)?;
+                self.new_key(g, subject, 1, None)?;
                 self.data_key(g, subject)
             }
         }
@@ -3482,7 +3610,13 @@ impl Committer {
     /// a `key_rotated` entry for later ones. The wrapped key is written
     /// before the group's chunks (step 1); the key becomes the subject's
     /// current one.
-    fn new_key(&mut self, g: &mut Group, subject: &str, version: u32) -> Result<usize> {
+    fn new_key(
+        &mut self,
+        g: &mut Group,
+        subject: &str,
+        version: u32,
+        by: Option<String>,
+    ) -> Result<usize> {
         let key = SecretKey::generate();
         let wrapped = crypto::wrap(
             &self.master,
@@ -3502,6 +3636,7 @@ impl Committer {
                 subject: subject.to_string(),
                 version,
                 wrapped_hash,
+                recorded_by: by,
             };
             (Kind::KeyRotated, serde_json::to_vec(&r))
         };

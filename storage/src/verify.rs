@@ -1643,6 +1643,7 @@ mod tests {
             public_key: hex::encode(e.public_key),
             wrapped_hash: hex::encode([0u8; 32]),
             endorsement: hex::encode(e.signature),
+            recorded_by: None,
         })
         .expect("json")
     }
