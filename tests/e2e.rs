@@ -252,7 +252,8 @@ fn authorize_redeem_deny_audit_and_verify() {
     );
     assert_eq!(status, 200, "{body}");
     let ask = json!({"subject_id": subject, "purpose": "credit_check"});
-    assert_eq!(f.authorize(&tight, ask.clone()).0, 200);
+    let (status, tight_grant) = f.authorize(&tight, ask.clone());
+    assert_eq!(status, 200, "{tight_grant}");
     assert_eq!(f.authorize(&tight, ask.clone()).0, 200);
     f.refused(f.authorize(&tight, ask.clone()), 429, "rate_limited");
     // Its token is not the demo partner's to redeem.
@@ -261,6 +262,19 @@ fn authorize_redeem_deny_audit_and_verify() {
     let (code, _, stderr) = f.redeem(&tight, &other_token);
     assert_eq!(code, 2);
     assert!(stderr.contains("wrong_partner"), "{stderr}");
+    // Made inactive, the partner's tokens granted before are refused too.
+    let mut inactive = policy.clone();
+    inactive["active"] = false.into();
+    let (status, body) = call(
+        "PUT",
+        &format!("{http}/v1/policies/tight-lender"),
+        Some(&admin),
+        Some(&inactive.to_string()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (code, stdout, stderr) = f.redeem(&tight, tight_grant["token"].as_str().expect("token"));
+    assert_eq!(code, 2, "refused by the server: {stdout}");
+    assert!(stderr.contains("policy_changed"), "{stderr}");
 
     // Bad input: the JSON error shape, nothing granted.
     let url = format!("{http}/v1/authorize");

@@ -197,11 +197,15 @@ pub enum ErrorCode {
     ConsentRevoked = 16,
     /// The subject's consent for the token's partner has lapsed.
     ConsentExpired = 17,
+    /// The partner's policy no longer allows the token: the partner is
+    /// inactive, or the token's purpose, or one of its fields with its
+    /// masking, was taken out since the token was minted.
+    PolicyChanged = 18,
 }
 
 impl ErrorCode {
     /// Every code, in value order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -219,6 +223,7 @@ impl ErrorCode {
         ErrorCode::Invalid,
         ErrorCode::ConsentRevoked,
         ErrorCode::ConsentExpired,
+        ErrorCode::PolicyChanged,
     ];
 
     /// Decodes the wire value.
@@ -246,6 +251,7 @@ impl ErrorCode {
             ErrorCode::Invalid => "invalid",
             ErrorCode::ConsentRevoked => "consent_revoked",
             ErrorCode::ConsentExpired => "consent_expired",
+            ErrorCode::PolicyChanged => "policy_changed",
         }
     }
 
@@ -2042,7 +2048,7 @@ pub(crate) mod tests {
                 Err(Error::Malformed("unknown masking operator"))
             ));
         }
-        for code in [0u16, 18, u16::MAX] {
+        for code in [0u16, 19, u16::MAX] {
             let mut bytes = code.to_be_bytes().to_vec();
             bytes.extend_from_slice(&[0, 0]);
             assert!(matches!(
@@ -2253,6 +2259,7 @@ pub(crate) mod tests {
             (15, "invalid"),
             (16, "consent_revoked"),
             (17, "consent_expired"),
+            (18, "policy_changed"),
         ];
         let actual: Vec<(u16, &str)> = ErrorCode::ALL
             .iter()
@@ -2264,7 +2271,7 @@ pub(crate) mod tests {
             assert_eq!(c.name().parse::<ErrorCode>(), Ok(c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(18), None);
+        assert_eq!(ErrorCode::from_u16(19), None);
     }
 
     #[test]

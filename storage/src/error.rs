@@ -193,6 +193,10 @@ pub enum TokenRefusal {
     ConsentRevoked,
     /// The subject's consent for the token's partner has lapsed.
     ConsentExpired,
+    /// The partner's policy no longer allows the token: the partner is
+    /// inactive, or the token's purpose, or one of its fields with its
+    /// masking, is no longer in the policy.
+    PolicyChanged,
 }
 
 impl TokenRefusal {
@@ -206,6 +210,7 @@ impl TokenRefusal {
             TokenRefusal::SubjectShredded => "subject_shredded",
             TokenRefusal::ConsentRevoked => "consent_revoked",
             TokenRefusal::ConsentExpired => "consent_expired",
+            TokenRefusal::PolicyChanged => "policy_changed",
         }
     }
 }

@@ -188,6 +188,58 @@ pub struct PolicyChange {
     pub policy: serde_json::Value,
 }
 
+/// What the vault reads of a partner's policy when one of its tokens is
+/// redeemed: the `"policy"` member of the latest `policy_changed` payload,
+/// of which only `active` (default `true`) and each purpose's `fields`
+/// (field name → masking operator) are read here; the rest of the schema
+/// belongs to the layer that enforces it (docs/http.md, "Policies").
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct PolicyTerms {
+    #[serde(default = "PolicyTerms::active_by_default")]
+    pub active: bool,
+    #[serde(default)]
+    pub purposes: std::collections::BTreeMap<String, PurposeTerms>,
+}
+
+/// One purpose of a [`PolicyTerms`].
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct PurposeTerms {
+    #[serde(default)]
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+impl PolicyTerms {
+    fn active_by_default() -> bool {
+        true
+    }
+
+    /// Whether this policy still allows a token minted for `purpose` to
+    /// reveal `fields` (field, masking operator): the partner is active,
+    /// the purpose is there, and it lists every field with the same
+    /// operator. A change of operator refuses the token either way (a
+    /// token never reveals under other terms than the policy's current
+    /// ones); the partner asks again.
+    pub fn allows(&self, purpose: &str, fields: &[(String, String)]) -> bool {
+        self.active
+            && self.purposes.get(purpose).is_some_and(|p| {
+                fields
+                    .iter()
+                    .all(|(f, op)| p.fields.get(f).is_some_and(|o| o == op))
+            })
+    }
+
+    /// The terms in a policy's stored value (`"p/" partner`, the
+    /// `policy_changed` payload as written). `None` when its `policy`
+    /// member is not a policy object, which allows nothing.
+    pub fn decode(v: &[u8]) -> Option<PolicyTerms> {
+        #[derive(Deserialize)]
+        struct Stored {
+            policy: PolicyTerms,
+        }
+        serde_json::from_slice::<Stored>(v).ok().map(|s| s.policy)
+    }
+}
+
 /// Partner ids: the rules of subject ids (printable ASCII, no spaces, at
 /// most 256 bytes), and not empty.
 fn check_partner(kind: Kind, partner_id: &str) -> Result<()> {

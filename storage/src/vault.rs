@@ -3437,7 +3437,10 @@ impl Committer {
             Some(t) if now_ms >= t.expires_at_ms => Some(TokenRefusal::Expired),
             Some(t) => match self.key_state_now(g, &t.subject)? {
                 Some(k) if k.shredded => Some(TokenRefusal::SubjectShredded),
-                _ => self.consent_refusal(g, t, now_ms)?,
+                _ => match self.consent_refusal(g, t, now_ms)? {
+                    Some(r) => Some(r),
+                    None => self.policy_refusal(g, t)?,
+                },
             },
         };
         let subject = minted
@@ -3505,6 +3508,21 @@ impl Committer {
             }
             state::ConsentStatus::Expired => Some(TokenRefusal::ConsentExpired),
         })
+    }
+
+    /// Where the vault holds a policy for the token's partner, it must
+    /// still allow the token ([`state::PolicyTerms::allows`]): deactivating
+    /// the partner, or taking out the token's purpose or one of its fields,
+    /// stops the tokens minted before. A token minted where the vault holds
+    /// no policy for the partner (by a gateway that keeps policies
+    /// elsewhere) is not refused for it.
+    fn policy_refusal(&self, g: &Group, t: &state::TokenMinted) -> Result<Option<TokenRefusal>> {
+        let Some(v) = self.state_now(g, &state::key("p/", &t.partner_id))? else {
+            return Ok(None);
+        };
+        let allowed =
+            state::PolicyTerms::decode(&v).is_some_and(|p| p.allows(&t.purpose, &t.fields));
+        Ok((!allowed).then_some(TokenRefusal::PolicyChanged))
     }
 
     fn push(

@@ -3,7 +3,7 @@
 //! subjects, of new ones, of a shredded one, which refuses the batch after
 //! its new keys are made), shreds, subject key rotations with and without
 //! re-encryption, signing and master key rotations, consents granted and
-//! revoked, and tokens minted and redeemed, with the vault closed and
+//! revoked, the partner's policy changed, and tokens minted and redeemed, with the vault closed and
 //! opened again after some rounds;
 //! under small key caches, small per-key limits and small commit groups,
 //! so that groups mix requests, caches empty, keys rotate by themselves
@@ -17,9 +17,11 @@
 //! the one before it); the key status is what a reopen rebuilds from the
 //! log, and no key passes the limit; the derived state equals a rebuild;
 //! a token redeemed once is spent; a token is redeemed only while its
-//! subject's consent (where there is one) is in force, as the model has
-//! it when no request of the round changes that consent, and the vault's
-//! consents are the latest acknowledged changes.
+//! subject's consent (where there is one) is in force and the partner's
+//! policy (where there is one) allows it, and is refused for the first of
+//! the two that does not, as the model has them when no request of the
+//! round changes either; the vault's consents and policy are the latest
+//! acknowledged changes.
 //!
 //! A round in five runs with a failpoint armed to fail with an I/O error
 //! after a random number of passes, once or until the vault is closed (any
@@ -67,6 +69,22 @@ enum Op {
     /// (`Some(true)`, the purpose tokens are minted for), for `y` only
     /// (`Some(false)`), or revoked (`None`).
     Consent(u8, Option<bool>),
+    /// Partner `p`'s policy ([`policy`]): one that allows its tokens, or
+    /// one that does not in one of three ways.
+    Policy(u8),
+}
+
+/// The policy of an [`Op::Policy`]: `x` revealing `a` (what tokens are
+/// minted for), the partner inactive, only purpose `y`, or `a` redacted.
+fn policy(n: u8) -> serde_json::Value {
+    let allowed = serde_json::json!({"x": {"fields": {"a": "reveal"}}});
+    let p = match n % 4 {
+        0 => serde_json::json!({"purposes": allowed}),
+        1 => serde_json::json!({"active": false, "purposes": allowed}),
+        2 => serde_json::json!({"purposes": {"y": {"fields": {"a": "reveal"}}}}),
+        _ => serde_json::json!({"purposes": {"x": {"fields": {"a": "redact"}}}}),
+    };
+    serde_json::json!({"partner_id": "p", "policy": p})
 }
 
 /// A failpoint armed for one round: after `after` passes it fails with an
@@ -104,6 +122,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::RotateMaster),
         2 => (0..SUBJECTS).prop_map(Op::MintRedeem),
         1 => (0..SUBJECTS, proptest::option::of(any::<bool>())).prop_map(|(s, c)| Op::Consent(s, c)),
+        1 => (0u8..4).prop_map(Op::Policy),
     ]
 }
 
@@ -177,6 +196,9 @@ struct Done {
     /// An acknowledged consent change: its seq, subject, and whether it
     /// lets a token for purpose `x` be redeemed.
     consent: Option<(u64, String, bool)>,
+    /// An acknowledged policy change: its seq, and whether it lets a
+    /// token be redeemed.
+    policy: Option<(u64, bool)>,
 }
 
 /// The key file of a master rotation's byte.
@@ -204,15 +226,15 @@ fn subject(n: u8) -> String {
 }
 
 /// Runs `op`; with `faulty`, a failed write's refusal leaves its outcome
-/// unknown instead of failing the case. `consent_allows`: whether the
-/// subject's consent lets its token be redeemed, where no request of the
-/// round changes it.
+/// unknown instead of failing the case. `expect`: where no request of the
+/// round changes the subject's consent or the partner's policy, what its
+/// token's redemption meets: `None` redeemed, or the refusal.
 async fn run_op(
     vault: Arc<Vault>,
     tag: String,
     op: Op,
     faulty: bool,
-    consent_allows: Option<bool>,
+    expect: Option<Option<TokenRefusal>>,
 ) -> Result<Done, TestCaseError> {
     let mut done = Done::default();
     let unknown = |e: &Error| faulty && failed_write(e);
@@ -289,17 +311,21 @@ async fn run_op(
             };
             // The subject may be shredded before the redemption.
             match vault.redeem(&token, "p", 0).await {
-                Ok(_) if consent_allows == Some(false) => {
-                    return Err(fail(format!("{tag}: redeemed without consent in force")))
+                Ok(_) if matches!(expect, Some(Some(_))) => {
+                    return Err(fail(format!("{tag}: redeemed, {expect:?} expected")))
                 }
                 Ok(_) | Err(Error::TokenRefused(TokenRefusal::SubjectShredded)) => {}
-                Err(Error::TokenRefused(TokenRefusal::ConsentRevoked)) => {
+                Err(Error::TokenRefused(
+                    r @ (TokenRefusal::ConsentRevoked | TokenRefusal::PolicyChanged),
+                )) => {
                     prop_assert!(
-                        consent_allows != Some(true),
-                        "{}: refused for consent in force",
-                        tag
+                        expect.is_none() || expect == Some(Some(r)),
+                        "{}: refused with {:?}, {:?} expected",
+                        tag,
+                        r,
+                        expect
                     );
-                    // Not spent: a grant of this round may let it through.
+                    // Not spent: a change of this round may let it through.
                     return Ok(done);
                 }
                 Err(e) if unknown(&e) => {
@@ -329,8 +355,26 @@ async fn run_op(
                 Err(e) => return Err(fail(format!("{tag}: consent: {e}"))),
             }
         }
+        Op::Policy(n) => {
+            let change = Append::event(Kind::PolicyChanged, "", &policy(n));
+            match vault.append(change).await {
+                Ok(r) => done.policy = Some((r.seq, n % 4 == 0)),
+                Err(e) if unknown(&e) => done.unknown = true,
+                Err(e) => return Err(fail(format!("{tag}: policy: {e}"))),
+            }
+        }
     }
     Ok(done)
+}
+
+/// Whether the vault's policy for partner `p` lets its tokens be redeemed
+/// (no policy at all does).
+fn policy_allows(v: &Vault) -> Result<bool, TestCaseError> {
+    let Some(stored) = v.policy("p").map_err(|e| fail(format!("policy: {e}")))? else {
+        return Ok(true);
+    };
+    let fields = [("a".to_string(), "reveal".to_string())];
+    Ok(storage::state::PolicyTerms::decode(&stored).is_some_and(|p| p.allows("x", &fields)))
 }
 
 /// Whether the vault's consent of `subject` for partner `p` lets a token
@@ -692,8 +736,10 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         );
         let mut acked = Acked::new();
         let mut refused = Vec::new();
-        // Per subject with a consent: whether it lets a token be redeemed.
+        // Per subject with a consent: whether it lets a token be redeemed;
+        // and whether the partner's policy does.
         let mut consents: BTreeMap<String, bool> = BTreeMap::new();
+        let mut policy_ok = true;
         let r = vault
             .append(Append::record("gone", b"x".to_vec()))
             .await
@@ -718,14 +764,24 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                     _ => None,
                 })
                 .collect();
+            let policy_changing = round.iter().any(|op| matches!(op, Op::Policy(_)));
             let tasks: Vec<_> = round
                 .iter()
                 .enumerate()
                 .map(|(j, op)| {
                     let tag = format!("c{n}r{i}o{j}");
-                    let allows = match op {
-                        Op::MintRedeem(s) if !changing.contains(&subject(*s)) => {
-                            Some(consents.get(&subject(*s)).copied().unwrap_or(true))
+                    let expect = match op {
+                        Op::MintRedeem(s)
+                            if !changing.contains(&subject(*s)) && !policy_changing =>
+                        {
+                            let consent = consents.get(&subject(*s)).copied().unwrap_or(true);
+                            Some(if !consent {
+                                Some(TokenRefusal::ConsentRevoked)
+                            } else if !policy_ok {
+                                Some(TokenRefusal::PolicyChanged)
+                            } else {
+                                None
+                            })
                         }
                         _ => None,
                     };
@@ -734,13 +790,14 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                         tag,
                         op.clone(),
                         fault.is_some(),
-                        allows,
+                        expect,
                     ))
                 })
                 .collect();
             // The acknowledged consent change with the highest seq, per
             // subject.
             let mut latest: BTreeMap<String, (u64, bool)> = BTreeMap::new();
+            let mut latest_policy: Option<(u64, bool)> = None;
             let mut unknown = Vec::new();
             let mut cut_off = Vec::new();
             for (j, t) in tasks.into_iter().enumerate() {
@@ -760,6 +817,11 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 if let Some((seq, s, allows)) = done.consent {
                     if latest.get(&s).is_none_or(|(q, _)| *q < seq) {
                         latest.insert(s, (seq, allows));
+                    }
+                }
+                if let Some((seq, allows)) = done.policy {
+                    if latest_policy.is_none_or(|(q, _)| q < seq) {
+                        latest_policy = Some((seq, allows));
                     }
                 }
             }
@@ -789,6 +851,14 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                     prop_assert_eq!(Some(now), want, "consent of {}", s);
                 }
                 consents.insert(s.clone(), now);
+            }
+            if policy_changing {
+                let now = policy_allows(&vault)?;
+                if fault.is_none() {
+                    let want = latest_policy.map(|(_, a)| a);
+                    prop_assert_eq!(Some(now), want, "the partner's policy");
+                }
+                policy_ok = now;
             }
         }
         // A batch refused for a shredded subject held one.

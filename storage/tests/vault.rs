@@ -766,6 +766,105 @@ async fn a_consent_revoked_narrowed_or_lapsed_stops_the_tokens_minted_before_it(
     verify_ok(&dir, key);
 }
 
+#[tokio::test]
+async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
+    use storage::TokenRefusal;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault
+        .append(Append::record(
+            "s1",
+            b"{\"name\":\"x\",\"dob\":\"1990-01-01\"}".to_vec(),
+        ))
+        .await
+        .expect("append");
+    let policy = |p: serde_json::Value| {
+        Append::event(
+            Kind::PolicyChanged,
+            "",
+            &serde_json::json!({"partner_id": "p1", "policy": p, "recorded_by": "admin-1"}),
+        )
+    };
+    let set = |p: serde_json::Value| {
+        let vault = &vault;
+        async move { vault.append(policy(p)).await.expect("policy") }
+    };
+    let both = serde_json::json!({"purposes": {"kyc": {"fields": {"name": "reveal", "dob": "generalize"}}}});
+    let mint = |fields: &[(&str, &str)]| {
+        let vault = &vault;
+        let fields: Vec<(String, String)> = fields
+            .iter()
+            .map(|(f, o)| (f.to_string(), o.to_string()))
+            .collect();
+        async move {
+            vault
+                .mint("p1", "s1", "kyc", fields, u64::MAX)
+                .await
+                .expect("mint")
+        }
+    };
+    let refused = |r: Result<_, Error>| match r {
+        Err(Error::TokenRefused(got)) => assert_eq!(got, TokenRefusal::PolicyChanged),
+        other => panic!("{:?}", other.map(|_| "redeemed")),
+    };
+
+    // No policy in the vault (a gateway that keeps policies elsewhere).
+    let t = mint(&[("name", "reveal")]).await;
+    vault.redeem(&t, "p1", 5).await.expect("no policy");
+
+    set(both.clone()).await;
+    let name = mint(&[("name", "reveal")]).await;
+    let dob = mint(&[("dob", "generalize")]).await;
+    let other_op = mint(&[("name", "reveal")]).await;
+    let inactive = mint(&[("name", "reveal")]).await;
+    let kept = mint(&[("name", "reveal")]).await;
+    // Other terms change: the token stays good.
+    let mut limited = both.clone();
+    limited["rate_limit_per_minute"] = 5.into();
+    limited["max_token_ttl_secs"] = 60.into();
+    set(limited).await;
+    vault.redeem(&kept, "p1", 5).await.expect("other terms");
+
+    // A field taken out stops the tokens that reveal it, not the others.
+    set(serde_json::json!({"purposes": {"kyc": {"fields": {"name": "reveal"}}}})).await;
+    refused(vault.redeem(&dob, "p1", 5).await);
+    // The same field under another operator.
+    set(serde_json::json!({"purposes": {"kyc": {"fields": {"name": "redact"}}}})).await;
+    refused(vault.redeem(&other_op, "p1", 5).await);
+    // The purpose taken out.
+    set(serde_json::json!({"purposes": {"marketing": {"fields": {"name": "reveal"}}}})).await;
+    refused(vault.redeem(&name, "p1", 5).await);
+    // The partner made inactive; then a policy that is no policy object.
+    let mut off = both.clone();
+    off["active"] = false.into();
+    set(off).await;
+    refused(vault.redeem(&inactive, "p1", 5).await);
+    set(serde_json::json!("not an object")).await;
+    refused(vault.redeem(&inactive, "p1", 5).await);
+    // A refusal does not spend the token: allowed again, it redeems once.
+    set(both).await;
+    let (terms, _) = vault
+        .redeem(&inactive, "p1", 5)
+        .await
+        .expect("allowed again");
+    assert_eq!(terms.purpose, "kyc");
+    assert!(matches!(
+        vault.redeem(&inactive, "p1", 5).await,
+        Err(Error::TokenRefused(TokenRefusal::Spent))
+    ));
+    let denials = (0..vault.durable_len())
+        .filter_map(|seq| vault.entry(seq).expect("read"))
+        .filter(|e| {
+            e.kind == Kind::AccessDenied && contains(&e.payload, b"\"reason\":\"policy_changed\"")
+        })
+        .count();
+    assert_eq!(denials, 5, "each refusal is audited");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }

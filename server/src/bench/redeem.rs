@@ -1,7 +1,8 @@
 //! Redemptions, one new connection per token, as partners make them.
 //!
 //! Setup (not timed): a vault with one subject and its record, a partner
-//! credential and a gateway credential; `vaultd` in this process; the
+//! credential and a gateway credential, the partner's policy and the
+//! subject's consent; `vaultd` in this process; the
 //! gateway mints the tokens over the protocol, pipelined on one connection.
 //!
 //! Timed: `clients` tasks, each looping: connect (TCP, and TLS), `Hello`,
@@ -187,13 +188,33 @@ pub(super) async fn run(
 }
 
 /// Writes what redemptions need: a partner and a gateway credential
-/// (their API keys returned in that order) and [`SUBJECT`]'s record.
+/// (their API keys returned in that order), [`SUBJECT`]'s record, and,
+/// as the HTTP shim would have them, the partner's policy and the
+/// subject's consent, which every redemption checks again.
 pub(super) async fn prepare(vault: &Vault) -> Result<(String, String)> {
     let (_, partner_key) = vault.create_credential("partner", PARTNER).await?;
     let (_, gateway_key) = vault.create_credential("gateway", "vault-bench").await?;
     let record = crate::dev::DEMO_RECORDS[0].1;
     vault
         .append(Append::record(SUBJECT, record.as_bytes().to_vec()))
+        .await?;
+    let fields = serde_json::json!({
+        "name": "partial", "iban": "partial", "dob": "generalize", "income": "generalize"
+    });
+    let policy = serde_json::json!({
+        "partner_id": PARTNER,
+        "policy": {"purposes": {"bench": {"fields": fields}}},
+    });
+    let consent = serde_json::json!({"partner_id": PARTNER, "purposes": ["bench"]});
+    vault
+        .append(Append::event(storage::Kind::PolicyChanged, "", &policy))
+        .await?;
+    vault
+        .append(Append::event(
+            storage::Kind::ConsentGranted,
+            SUBJECT,
+            &consent,
+        ))
         .await?;
     Ok((partner_key.to_string(), gateway_key.to_string()))
 }
