@@ -444,6 +444,29 @@ fn authorize_redeem_deny_audit_and_verify() {
             .is_some_and(|id| id.starts_with("admin-")),
         "{change}"
     );
+    // What that admin asked for, and only that: the tight partner's
+    // credential and its policy changes among it.
+    let admin_id = change["payload"]["recorded_by"].as_str().unwrap_or("?");
+    let (status, by_admin) = call(
+        "GET",
+        &format!("{http}/v1/logs?recorded_by={admin_id}&limit=1000"),
+        Some(&auditor),
+        None,
+    );
+    assert_eq!(status, 200, "{by_admin}");
+    let events = by_admin["events"].as_array().expect("events");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["payload"]["recorded_by"] == admin_id),
+        "{by_admin}"
+    );
+    for kind in ["credential_created", "policy_changed"] {
+        assert!(
+            events.iter().any(|e| e["kind"] == kind),
+            "{kind}: {by_admin}"
+        );
+    }
 
     let (_, metrics) = call("GET", &format!("{http}/metrics"), None, None);
     let metrics = metrics.as_str().expect("text").to_string();

@@ -629,6 +629,8 @@ fn receipt_json(r: &client::Receipt) -> Value {
 pub struct LogQuery {
     pub subject: Option<String>,
     pub partner: Option<String>,
+    /// Only entries whose payload names this credential as `recorded_by`.
+    pub recorded_by: Option<String>,
     pub kind: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
@@ -708,10 +710,12 @@ pub async fn logs(
             } else {
                 serde_json::from_slice(e.payload).unwrap_or(Value::Null)
             };
-            if let Some(p) = &q.partner {
-                if payload.get("partner_id").and_then(Value::as_str) != Some(p.as_str()) {
-                    continue;
-                }
+            let names = |member: &str, want: &Option<String>| {
+                want.as_deref()
+                    .is_none_or(|w| payload.get(member).and_then(Value::as_str) == Some(w))
+            };
+            if !names("partner_id", &q.partner) || !names("recorded_by", &q.recorded_by) {
+                continue;
             }
             events.push(json!({
                 "seq": e.seq,
