@@ -2071,8 +2071,16 @@ impl Vault {
     }
 
     /// Stops the committer after the queued appends and makes them durable.
+    ///
+    /// `Poisoned` when a write failed before or during the close: every
+    /// append that was acknowledged is durable (the write-ahead file keeps
+    /// what sled may lack, and the next open replays it), but the vault did
+    /// not stop cleanly, and the caller should say so.
     pub fn close(self) -> Result<()> {
         self.inner.shutdown();
+        if self.inner.shared.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
         self.inner.store.sync()
     }
 }

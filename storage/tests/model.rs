@@ -516,8 +516,15 @@ fn recover(
     round: &Unknown<'_>,
 ) -> Result<(Vault, Option<(u64, u8)>), TestCaseError> {
     let vault = Arc::into_inner(vault).ok_or_else(|| fail("the vault is still shared"))?;
-    // The failpoint may fire at close; the close then fails.
-    let _ = vault.close();
+    // The failpoint may fire at close; the close then fails. A vault
+    // poisoned by the round's fault says so at its close.
+    let poisoned = vault.is_poisoned();
+    let closed = vault.close();
+    prop_assert!(
+        !poisoned || matches!(closed, Err(Error::Poisoned)),
+        "a poisoned vault closed with {:?}",
+        closed
+    );
     fail::remove(fault.point);
     // Exactly one secret opens it: the master key of the last rotation
     // that reached the log.
