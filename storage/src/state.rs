@@ -86,10 +86,7 @@ struct CredentialState<'a> {
 pub struct CredentialRevoked {
     pub id: String,
     pub key_hash: String,
-    /// The credential id of the admin who asked for it, where one did
-    /// (written by [`crate::vault::Admin`]); absent when the process holding
-    /// the vault did it on its own (`vaultd` at start or stop, or an
-    /// offline `vault-admin`).
+    /// The admin who asked for it, as in [`CredentialCreated::recorded_by`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_by: Option<String>,
 }
@@ -270,10 +267,7 @@ pub struct SubjectKeyCommit {
 #[serde(deny_unknown_fields)]
 pub struct ShredCommit {
     pub version: u32,
-    /// The credential id of the admin who asked for it, where one did
-    /// (written by [`crate::vault::Admin`]); absent when the process holding
-    /// the vault did it on its own (`vaultd` at start or stop, or an
-    /// offline `vault-admin`).
+    /// The admin who asked for it, as in [`CredentialCreated::recorded_by`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_by: Option<String>,
 }
@@ -304,10 +298,7 @@ pub struct KeyRotation {
     pub version: u32,
     /// Hex BLAKE3 of the new wrapped key as stored in the `keys` tree.
     pub wrapped_hash: String,
-    /// The credential id of the admin who asked for it, where one did
-    /// (written by [`crate::vault::Admin`]); absent when the process holding
-    /// the vault did it on its own (`vaultd` at start or stop, or an
-    /// offline `vault-admin`).
+    /// The admin who asked for it, as in [`CredentialCreated::recorded_by`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_by: Option<String>,
 }
@@ -343,10 +334,7 @@ pub struct MasterRotation {
     /// from the master key, and it must survive the master's change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_key_hash: Option<String>,
-    /// The credential id of the admin who asked for it, where one did
-    /// (written by [`crate::vault::Admin`]); absent when the process holding
-    /// the vault did it on its own (`vaultd` at start or stop, or an
-    /// offline `vault-admin`).
+    /// The admin who asked for it, as in [`CredentialCreated::recorded_by`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_by: Option<String>,
 }
@@ -369,10 +357,7 @@ pub struct SigningRotation {
     pub wrapped_hash: String,
     /// Hex of the 64-byte endorsement signature by the previous key.
     pub endorsement: String,
-    /// The credential id of the admin who asked for it, where one did
-    /// (written by [`crate::vault::Admin`]); absent when the process holding
-    /// the vault did it on its own (`vaultd` at start or stop, or an
-    /// offline `vault-admin`).
+    /// The admin who asked for it, as in [`CredentialCreated::recorded_by`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_by: Option<String>,
 }
