@@ -3,8 +3,8 @@
 //! subjects, of new ones, of a shredded one, which refuses the batch after
 //! its new keys are made), shreds, subject key rotations with and without
 //! re-encryption, signing and master key rotations, consents granted and
-//! revoked, the partner's policy changed, and tokens minted and redeemed, with the vault closed and
-//! opened again after some rounds;
+//! revoked, the partner's policy changed, and tokens minted and redeemed,
+//! with the vault closed and opened again after some rounds;
 //! under small key caches, small per-key limits and small commit groups,
 //! so that groups mix requests, caches empty, keys rotate by themselves
 //! and requests are rolled back within groups.

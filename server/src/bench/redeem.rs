@@ -198,14 +198,15 @@ pub(super) async fn prepare(vault: &Vault) -> Result<(String, String)> {
     vault
         .append(Append::record(SUBJECT, record.as_bytes().to_vec()))
         .await?;
-    let fields = serde_json::json!({
-        "name": "partial", "iban": "partial", "dob": "generalize", "income": "generalize"
-    });
+    let fields: serde_json::Map<String, serde_json::Value> = FIELDS
+        .iter()
+        .map(|(f, op)| (f.to_string(), op.name().into()))
+        .collect();
     let policy = serde_json::json!({
         "partner_id": PARTNER,
-        "policy": {"purposes": {"bench": {"fields": fields}}},
+        "policy": {"purposes": {PURPOSE: {"fields": fields}}},
     });
-    let consent = serde_json::json!({"partner_id": PARTNER, "purposes": ["bench"]});
+    let consent = serde_json::json!({"partner_id": PARTNER, "purposes": [PURPOSE]});
     vault
         .append(Append::event(storage::Kind::PolicyChanged, "", &policy))
         .await?;
@@ -219,15 +220,20 @@ pub(super) async fn prepare(vault: &Vault) -> Result<(String, String)> {
     Ok((partner_key.to_string(), gateway_key.to_string()))
 }
 
+/// The purpose tokens are minted for, and the fields they reveal with
+/// their masking: what the partner's policy allows.
+const PURPOSE: &str = "bench";
+const FIELDS: [(&str, MaskOp); 4] = [
+    ("name", MaskOp::Partial),
+    ("iban", MaskOp::Partial),
+    ("dob", MaskOp::Generalize),
+    ("income", MaskOp::Generalize),
+];
+
 /// Mints one token for [`PARTNER`] on the gateway connection `gw`.
 pub(super) async fn mint_one(gw: &Client) -> Result<String> {
-    let fields = vec![
-        ("name".to_string(), MaskOp::Partial),
-        ("iban".to_string(), MaskOp::Partial),
-        ("dob".to_string(), MaskOp::Generalize),
-        ("income".to_string(), MaskOp::Generalize),
-    ];
-    Ok(gw.mint(PARTNER, SUBJECT, "bench", fields, 3600).await?.0)
+    let fields = FIELDS.iter().map(|(f, op)| (f.to_string(), *op)).collect();
+    Ok(gw.mint(PARTNER, SUBJECT, PURPOSE, fields, 3600).await?.0)
 }
 
 /// One redemption as a partner makes it ([`Connector::redeem`]): a new
