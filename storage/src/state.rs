@@ -252,6 +252,11 @@ pub fn consent_key(subject: &str, partner_id: &str) -> Vec<u8> {
     k
 }
 
+/// Key of a partner's policy: `"p/" partner`.
+pub fn policy_key(partner_id: &str) -> Vec<u8> {
+    key("p/", partner_id)
+}
+
 /// Payload of a `subject_key` entry.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -551,7 +556,7 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
         Kind::PolicyChanged => {
             let p: PolicyChange = parse(e)?;
             check_partner(e.kind, &p.partner_id)?;
-            vec![(key("p/", &p.partner_id), Some(e.payload.to_vec()))]
+            vec![(policy_key(&p.partner_id), Some(e.payload.to_vec()))]
         }
         // Audit events only.
         Kind::AccessDenied | Kind::Checkpoint => {

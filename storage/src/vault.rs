@@ -2061,7 +2061,7 @@ impl Vault {
     pub fn policy(&self, partner_id: &str) -> Result<Option<Vec<u8>>> {
         let (st, sh) = (&self.inner.store.state, &self.inner.shared);
         Ok(sh
-            .state_get(st, &state::key("p/", partner_id))?
+            .state_get(st, &state::policy_key(partner_id))?
             .map(|v| v.to_vec()))
     }
 
@@ -3525,7 +3525,7 @@ impl Committer {
     /// no policy for the partner (by a gateway that keeps policies
     /// elsewhere) is not refused for it.
     fn policy_refusal(&self, g: &Group, t: &state::TokenMinted) -> Result<Option<TokenRefusal>> {
-        let Some(v) = self.state_now(g, &state::key("p/", &t.partner_id))? else {
+        let Some(v) = self.state_now(g, &state::policy_key(&t.partner_id))? else {
             return Ok(None);
         };
         let allowed =
