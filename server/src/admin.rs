@@ -151,12 +151,12 @@ pub fn audit_local(
         .range(..=filter.from_seq.to_be_bytes())
         .next_back()
     {
-        Some(kv) => kv.map_err(storage::Error::from)?.0,
+        Some(kv) => kv?.0,
         None => return Ok(0),
     };
     let mut next: Option<u64> = None;
     for kv in store.log.range(start..) {
-        let (_, v) = kv.map_err(storage::Error::from)?;
+        let (_, v) = kv?;
         let seq = next.unwrap_or(0);
         let chunk = Chunk::decode(&v).map_err(|_| storage::Error::Integrity {
             seq,

@@ -285,7 +285,7 @@ pub fn export_dir<W: Write>(
         .ok_or(Error::Malformed("no public key"))?;
     let mut writer = ExportWriter::new(out, &store.vault_id()?)?;
     let mut walk = StreamCheck::new(key);
-    for kv in crate::store::scan::<&[u8], _>(&store.log, ..) {
+    for kv in store.log.iter() {
         let (_, v) = kv?;
         let next = walk.next_seq();
         let chunk = Chunk::decode(&v).map_err(|e| {

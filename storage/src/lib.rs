@@ -10,6 +10,8 @@
 //! - [`chunk`]: how a commit group is stored (chunks with a CRC32), the
 //!   signed head over the group's Merkle root, and receipts.
 //! - [`store`]: the sled trees and durable flushing (flush + fdatasync).
+//! - [`logfile`]: the log's chunks in an append-only file, found through
+//!   a sled tree of pointers.
 //! - [`wal`]: the write-ahead file that makes a commit group durable with
 //!   one `fdatasync`, and its replay into sled at open.
 //! - [`state`]: derived state, a pure function of each entry.
@@ -46,6 +48,7 @@ pub mod entry;
 pub mod error;
 pub mod export;
 pub mod fuzzing;
+pub mod logfile;
 pub mod reindex;
 pub mod state;
 pub mod store;

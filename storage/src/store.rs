@@ -1,9 +1,10 @@
 //! The sled database under a data dir, its trees, and durable flushing.
 //!
 //! ```text
-//! DIR/db/        sled's files (conf, db, snap.*); nothing else is stored
+//! DIR/db/        sled's files (conf, db, snap.*)
+//! DIR/chunks     the log's chunks (see `logfile`)
 //! trees:
-//!   log     u64 BE first seq -> chunk (see `chunk`)
+//!   log     u64 BE first seq -> where the chunk lies in DIR/chunks
 //!   state   derived state (see `state`)
 //!   keys    "master" -> sealed master key, "signing/" id -> wrapped signing
 //!           key, "dk/" subject 0x00 version -> wrapped subject data key,
@@ -11,13 +12,15 @@
 //!           "shredding", "rotating" and "next/" name -> a shred's or master
 //!           rotation's marker and staged keys, "mask" -> the wrapped
 //!           masking secret (see `vault`)
-//!   meta    "format" -> u32 BE 1, "vault_id" -> 16 B, "public_key" -> 32 B
+//!   meta    "format" -> u32 BE 2, "vault_id" -> 16 B, "public_key" -> 32 B
 //! ```
 //!
 //! Durability: sled 0.34's `flush()` writes its buffers and ends in
 //! `sync_file_range`, which neither flushes the drive cache nor syncs
 //! metadata. `Store::sync` therefore follows every flush with
-//! `fdatasync` on sled's data file through a handle of our own, and the
+//! `fdatasync` on sled's data file through a handle of our own (after an
+//! `fdatasync` of the chunks file, so that chunks are durable before the
+//! pointers that name them), and the
 //! directory is fsynced after the files are created. Sled is opened with
 //! 16 MiB segments so that no tree node is ever written to a separate blob
 //! file (which sled writes without syncing): see `chunk::CHUNK_TARGET_BYTES`.
@@ -41,14 +44,12 @@
 //! Memory: sled 0.34 bounds its cache only for pages it has accounted for,
 //! and accounts lazily. Each page access goes into one of 256 shards'
 //! queues of 64, and a shard evicts only when its queue fills. A page read
-//! once (a scan's leaf, an old chunk a redemption reads, a log leaf filled
-//! by a dozen chunk writes) can wait behind 16,384 accesses, so a scan of a
-//! 10^7-entry log held all of it (6.6 GB), whatever the cache's capacity.
-//! `touch` reads a key again so that its page is accounted for at once.
-//! Every scan of the log (`scan`) and the writer touch each chunk they
-//! read or write; reads of one entry (a redemption's record, a receipt) do
-//! not, as they mostly fall in the log's recent leaves, which the writer
-//! has touched.
+//! once (a scan's leaf) can wait behind 16,384 accesses, so a scan of a
+//! 10^7-entry log held all of it (6.6 GB, when sled held the chunks),
+//! whatever the cache's capacity. `touch` reads a key again so that its
+//! page is accounted for at once; every scan of the log touches each
+//! pointer it reads (`LogTree::range`). The chunks themselves are read
+//! from their file, through the kernel's page cache.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -58,12 +59,13 @@ use std::sync::RwLock;
 use ed25519_dalek::VerifyingKey;
 
 use crate::error::{Error, Result};
+use crate::logfile::LogTree;
 use crate::state::{self, Genesis};
 
 /// Names of the trees a vault holds.
 pub(crate) const TREES: [&[u8]; 4] = [b"log", b"state", b"keys", b"meta"];
 /// Format version of the data dir.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 const SEGMENT_SIZE: usize = 16 * 1024 * 1024;
 /// The interval of sled's flusher thread, when it runs (sled's default).
 pub(crate) const FLUSH_EVERY_MS: u64 = 500;
@@ -93,28 +95,11 @@ pub(crate) fn touch(tree: &sled::Tree, key: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// `tree.range(range)`, touching each key it yields: how the log is
-/// scanned, so that a scan's memory does not grow with the log.
-pub(crate) fn scan<'a, K, R>(
-    tree: &'a sled::Tree,
-    range: R,
-) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec)>> + Send + 'a
-where
-    K: AsRef<[u8]>,
-    R: std::ops::RangeBounds<K>,
-{
-    tree.range(range).map(move |kv| {
-        let (k, v) = kv?;
-        touch(tree, &k)?;
-        Ok((k, v))
-    })
-}
-
 /// The open database of a vault.
 #[derive(Debug)]
 pub(crate) struct Store {
     pub(crate) db: sled::Db,
-    pub(crate) log: sled::Tree,
+    pub(crate) log: LogTree,
     pub(crate) state: sled::Tree,
     pub(crate) keys: sled::Tree,
     pub(crate) meta: sled::Tree,
@@ -128,6 +113,10 @@ pub(crate) struct Store {
     /// writer inserts a batch into sled before it removes the batch from
     /// here, so every chunk is always in one or the other.
     pub(crate) recent: RwLock<BTreeMap<u64, sled::IVec>>,
+    /// Held by [`Store::apply_recent`] from its read of `recent` to its
+    /// removal there: the writer and the indexer both call it, and a chunk
+    /// applied twice would lie twice in the chunks file.
+    applying: std::sync::Mutex<()>,
 }
 
 fn db_dir(dir: &Path) -> PathBuf {
@@ -161,7 +150,7 @@ impl Store {
         };
         let data_file = File::open(db_dir(dir).join("db"))?;
         Ok(Store {
-            log: db.open_tree("log")?,
+            log: LogTree::open(dir, db.open_tree("log")?)?,
             state: db.open_tree("state")?,
             keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,
@@ -169,6 +158,7 @@ impl Store {
             data_file,
             dir: dir.to_path_buf(),
             recent: RwLock::new(BTreeMap::new()),
+            applying: std::sync::Mutex::new(()),
         })
     }
 
@@ -217,6 +207,8 @@ impl Store {
 
     /// Makes everything written so far durable.
     pub(crate) fn sync(&self) -> Result<()> {
+        // The chunks before the pointers that name them.
+        self.log.sync()?;
         self.db.flush()?;
         self.data_file.sync_data()?;
         release_garbage();
@@ -304,6 +296,7 @@ impl Store {
         let recent = self.recent().last_key_value().map(|(k, _)| *k);
         let applied = self
             .log
+            .index
             .last()
             .ok()
             .flatten()
@@ -332,6 +325,7 @@ impl Store {
     /// applying recent chunks never puts a group's log before the batches
     /// that must precede it.
     pub(crate) fn apply_recent(&self, upto: Option<u64>) -> Result<usize> {
+        let _applying = self.applying.lock().map_err(|_| Error::Poisoned)?;
         let chunks: Vec<(u64, sled::IVec)> = self
             .recent()
             .range(..=upto.unwrap_or(u64::MAX))
@@ -340,14 +334,9 @@ impl Store {
         if chunks.is_empty() {
             return Ok(0);
         }
-        let mut batch = sled::Batch::default();
-        for (k, v) in &chunks {
-            batch.insert(&k.to_be_bytes(), v.clone());
-        }
-        self.log.apply_batch(batch)?;
-        for (k, _) in &chunks {
-            touch(&self.log, &k.to_be_bytes())?;
-        }
+        let keyed: Vec<([u8; 8], &sled::IVec)> =
+            chunks.iter().map(|(k, v)| (k.to_be_bytes(), v)).collect();
+        self.log.apply(&keyed)?;
         let mut recent = self.recent.write().map_err(|_| Error::Poisoned)?;
         for (k, _) in &chunks {
             recent.remove(k);
@@ -393,7 +382,9 @@ impl Store {
             .range(first..)
             .map(|(k, v)| (*k, v.clone()))
             .collect();
-        let applied = scan(&self.log, first.to_be_bytes()..)
+        let applied = self
+            .log
+            .range(first.to_be_bytes()..)
             .map(|kv| kv.and_then(|(k, v)| Ok((chunk_key(&k)?, v))));
         merge_chunks(recent.into_iter().peekable(), applied.peekable())
     }
@@ -458,7 +449,9 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 #[derive(Debug)]
 pub struct RawStore {
     pub db: sled::Db,
-    pub log: sled::Tree,
+    /// The log; its edits rewrite the chunks file in key order, so that
+    /// the layout stays as the vault writes it.
+    pub log: LogTree,
     pub state: sled::Tree,
     pub keys: sled::Tree,
     pub meta: sled::Tree,
@@ -470,7 +463,7 @@ impl RawStore {
         let s = Store::open_existing(dir)?;
         Ok(RawStore {
             db: s.db,
-            log: s.log,
+            log: s.log.compacting(),
             state: s.state,
             keys: s.keys,
             meta: s.meta,

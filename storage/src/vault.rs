@@ -2198,7 +2198,7 @@ fn replay_tail(store: &Store, entries: u64) -> Result<()> {
     let indexing = store.indexing()?;
     let mut batch = sled::Batch::default();
     let mut waiting = 0usize;
-    for kv in crate::store::scan(&store.log, first_chunk..) {
+    for kv in store.log.range(first_chunk..) {
         let (_, v) = kv?;
         let chunk = crate::chunk::Chunk::decode(&v)
             .map_err(|_| Error::integrity(start, Reason::CrcMismatch))?;
@@ -2822,7 +2822,6 @@ impl Committer {
             batches.push(kb);
         }
         let mut lb = wal::Batch::new(TreeId::Log);
-        let mut chunk_keys = Vec::new();
         let mut chunk_first = first_seq;
         let mut start = 0usize;
         let mut bytes = 0usize;
@@ -2834,7 +2833,6 @@ impl Committer {
                 let entries: Vec<&[u8]> = g.encoded[start..=i].iter().map(Vec::as_slice).collect();
                 let chunk = encode_chunk(chunk_first, &entries, last.then_some(head));
                 lb.insert(chunk_first.to_be_bytes(), chunk);
-                chunk_keys.push(chunk_first);
                 chunk_first = first_seq + i as u64 + 1;
                 start = i + 1;
                 bytes = 0;
@@ -2901,7 +2899,6 @@ impl Committer {
         }
         Ok(Written {
             batches: gw.batches,
-            chunk_keys,
             closed,
         })
     }
@@ -3718,7 +3715,6 @@ struct Built {
 /// record's append closed, if it did.
 struct Written {
     batches: Vec<wal::Batch>,
-    chunk_keys: Vec<u64>,
     closed: Option<PathBuf>,
 }
 
@@ -3833,8 +3829,11 @@ impl Writer {
         if self.store.apply_recent(None)? > 0 {
             crate::store::release_garbage();
         }
-        // After the chunks in sled's order: a marker is gone only if its
-        // group's log is there.
+        // After the chunks in sled's order, and their bytes durable: a
+        // marker is gone only if its group's log is there (`logfile`).
+        if !self.deferred_markers.is_empty() {
+            self.store.log.sync()?;
+        }
         for seq in self.deferred_markers.drain(..) {
             self.store.keys.remove(pending_name(seq))?;
         }
@@ -3928,11 +3927,7 @@ impl Writer {
     /// Applies a group written ahead to sled, while the syncer makes its
     /// record durable.
     fn apply(&mut self, g: &Group, first_seq: u64, w: Written) -> Result<()> {
-        let Written {
-            batches,
-            chunk_keys,
-            closed,
-        } = w;
+        let Written { batches, closed } = w;
         let s = self.store.clone();
         if let Some(path) = closed {
             // The checkpoint makes sled durable with every group of the
@@ -3994,9 +3989,9 @@ impl Writer {
             let log = b.tree == TreeId::Log;
             b.apply(&s)?;
             if log {
-                for &k in &chunk_keys {
-                    crate::store::touch(&s.log, &k.to_be_bytes())?;
-                }
+                // What comes after the group's log in sled rests on it:
+                // its chunks' bytes durable first (`logfile`).
+                s.log.sync()?;
             }
         }
         if !g.new_keys.is_empty() {
@@ -4091,9 +4086,11 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     // `indexing` (verify accepts either, open replays from `applied`).
     failpoint("index::before_write")?;
     // The log chunks of the groups covered go to sled first, if the writer
-    // still holds them back: sled recovers a prefix of its writes, so
-    // derived state in sled always has its entries in sled's log too.
+    // still holds them back, with their bytes durable in the chunks file:
+    // sled recovers a prefix of its writes, so derived state in sled always
+    // has its entries in the log too (`logfile`).
     store.apply_recent(Some(applied))?;
+    store.log.sync()?;
     store
         .state
         .insert(state::INDEXING, &applied.to_be_bytes())?;

@@ -35,6 +35,7 @@ use rayon::prelude::*;
 use crate::chunk::{Chunk, ChunkError, KeyChain, KeyEndorsement, MerkleTree, SignedHead};
 use crate::entry::{entry_hash, EntryRef, Hash, Kind};
 use crate::error::{Error, Reason, Result};
+use crate::logfile::LogTree;
 use crate::state::{self, Genesis, KeyState};
 use crate::store::{Flusher, Store, TREES};
 use crate::vault::KeyUses;
@@ -137,7 +138,7 @@ type Range = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
 /// Reads the log tree window after window (see the module doc).
 struct WindowReader<'a> {
-    log: &'a sled::Tree,
+    log: &'a LogTree,
     /// Where the next window starts.
     from: Bound<Vec<u8>>,
     /// The log's last key when the scan began: the range holding it is
@@ -161,8 +162,8 @@ struct TaskRead {
 }
 
 impl<'a> WindowReader<'a> {
-    fn new(log: &'a sled::Tree) -> Result<Self> {
-        let last = log.last()?.map(|(k, _)| k);
+    fn new(log: &'a LogTree) -> Result<Self> {
+        let last = log.index.last()?.map(|(k, _)| k);
         Ok(WindowReader {
             log,
             from: Bound::Unbounded,
@@ -228,6 +229,7 @@ impl<'a> WindowReader<'a> {
             // key, wherever it is.
             match self
                 .log
+                .index
                 .range::<Vec<u8>, _>((self.from.clone(), Bound::Unbounded))
                 .next()
             {
@@ -283,14 +285,14 @@ fn seq_of(key: &[u8]) -> Option<u64> {
 
 /// One task: reads a range of the log, at most [`TASK_CHUNKS`] chunks,
 /// and decodes them.
-fn read_range(log: &sled::Tree, range: &Range, keys: &KeyChain) -> Result<TaskRead> {
+fn read_range(log: &LogTree, range: &Range, keys: &KeyChain) -> Result<TaskRead> {
     let mut read = TaskRead {
         chunks: Vec::new(),
         cut: false,
         decoded: 0,
         entries: 0,
     };
-    for item in crate::store::scan::<Vec<u8>, _>(log, range.clone()) {
+    for item in log.range::<Vec<u8>, _>(range.clone()) {
         if read.chunks.len() == TASK_CHUNKS {
             read.cut = true;
             break;
@@ -754,7 +756,25 @@ impl Walk {
 /// Pipelined on two cores: while one walks window n in order, the other
 /// reads window n+1 and decodes, hashes and checks it in parallel.
 pub(crate) fn scan_chain(
-    log: &sled::Tree,
+    log: &LogTree,
+    key: &VerifyingKey,
+    progress: &(dyn Fn(u64) + Sync),
+    visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
+) -> Result<std::result::Result<(ChainTip, KeyChain), Failure>> {
+    // The chunks file's layout (`logfile`): a fault there is reported
+    // unless the walk fails at an earlier seq.
+    let layout = log.layout_fault()?;
+    let walked = walk_chain(log, key, progress, visit)?;
+    Ok(match (layout, walked) {
+        (Some((at, _)), Err((seq, reason))) if seq < at => Err((seq, reason)),
+        (Some((at, why)), _) => Err((at, Reason::Malformed(why))),
+        (None, walked) => walked,
+    })
+}
+
+/// [`scan_chain`] without the layout check.
+fn walk_chain(
+    log: &LogTree,
     key: &VerifyingKey,
     progress: &(dyn Fn(u64) + Sync),
     mut visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
@@ -1740,7 +1760,7 @@ mod window_tests {
     use super::*;
 
     /// Every key of `tree`, as the windows of a scan yield them.
-    fn windowed_keys(tree: &sled::Tree) -> Vec<Vec<u8>> {
+    fn windowed_keys(tree: &LogTree) -> Vec<Vec<u8>> {
         let chain = ChainCheck::new(SigningKey::from_bytes(&[7; 32]).verifying_key());
         let mut reader = WindowReader::new(tree).expect("reader");
         let mut keys = Vec::new();
@@ -1753,15 +1773,22 @@ mod window_tests {
         }
     }
 
-    fn tree_with(keys: &[Vec<u8>]) -> sled::Tree {
+    /// A log in a temporary dir (removed with the returned guard).
+    fn empty_log() -> (tempfile::TempDir, LogTree) {
+        let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::Config::new().temporary(true).open().expect("sled");
-        let tree = db.open_tree("log").expect("tree");
+        let log = LogTree::open(dir.path(), db.open_tree("log").expect("tree")).expect("log");
+        (dir, log)
+    }
+
+    fn tree_with(keys: &[Vec<u8>]) -> (tempfile::TempDir, LogTree) {
+        let (dir, tree) = empty_log();
         for k in keys {
             // Not chunks: each decodes to an error, which the window keeps
             // in its place.
             tree.insert(k, b"not a chunk".as_slice()).expect("insert");
         }
-        tree
+        (dir, tree)
     }
 
     #[test]
@@ -1775,8 +1802,9 @@ mod window_tests {
         keys.push(vec![]);
         keys.push(vec![0xff; 12]);
         keys.push(u64::MAX.to_be_bytes().to_vec());
-        let tree = tree_with(&keys);
+        let (_dir, tree) = tree_with(&keys);
         let all: Vec<Vec<u8>> = tree
+            .index
             .iter()
             .keys()
             .map(|k| k.expect("key").to_vec())
@@ -1790,8 +1818,7 @@ mod window_tests {
         // Chunks of 1 to 600 entries: the ranges follow the entries per
         // chunk, so no task reaches its bound and nothing is read twice.
         for per_chunk in [1u64, 3, 26, 100, 600] {
-            let db = sled::Config::new().temporary(true).open().expect("sled");
-            let tree = db.open_tree("log").expect("tree");
+            let (_dir, tree) = empty_log();
             let entries: Vec<&[u8]> = vec![b"an entry".as_slice(); per_chunk as usize];
             let chunks = 2_000u64;
             for i in 0..chunks {
@@ -1817,7 +1844,7 @@ mod window_tests {
 
     #[test]
     fn an_empty_log_has_no_window() {
-        assert!(windowed_keys(&tree_with(&[])).is_empty());
+        assert!(windowed_keys(&tree_with(&[]).1).is_empty());
     }
 
     proptest! {
@@ -1832,8 +1859,8 @@ mod window_tests {
                 .map(|s| s.to_be_bytes().to_vec())
                 .chain(others)
                 .collect();
-            let tree = tree_with(&keys);
-            let all: Vec<Vec<u8>> = tree.iter().keys().map(|k| k.expect("key").to_vec()).collect();
+            let (_dir, tree) = tree_with(&keys);
+            let all: Vec<Vec<u8>> = tree.index.iter().keys().map(|k| k.expect("key").to_vec()).collect();
             prop_assert_eq!(windowed_keys(&tree), all);
         }
     }

@@ -122,12 +122,14 @@ impl TreeId {
         })
     }
 
-    fn tree(self, store: &Store) -> &sled::Tree {
+    /// The sled tree of a batch; `None` for the log, whose chunks go to
+    /// its own file (`logfile`).
+    fn tree(self, store: &Store) -> Option<&sled::Tree> {
         match self {
-            TreeId::Log => &store.log,
-            TreeId::State => &store.state,
-            TreeId::Keys => &store.keys,
-            TreeId::Meta => &store.meta,
+            TreeId::Log => None,
+            TreeId::State => Some(&store.state),
+            TreeId::Keys => Some(&store.keys),
+            TreeId::Meta => Some(&store.meta),
         }
     }
 }
@@ -157,7 +159,13 @@ impl Batch {
 
     /// Applies the batch to its tree atomically.
     pub(crate) fn apply(self, store: &Store) -> Result<()> {
-        let tree = self.tree.tree(store);
+        let Some(tree) = self.tree.tree(store) else {
+            let mut chunks = Vec::with_capacity(self.ops.len());
+            for (k, v) in self.ops {
+                chunks.push((k, v.ok_or(Error::Malformed("a log batch removes a chunk"))?));
+            }
+            return store.log.apply(&chunks);
+        };
         let mut b = sled::Batch::default();
         for (k, v) in self.ops {
             match v {
@@ -398,6 +406,16 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
         }
         for g in seg.groups {
             if store.log.contains_key(g.first_seq.to_be_bytes())? {
+                // sled may have made the pointers durable before the
+                // chunks file held their bytes (`logfile`).
+                for b in g.batches.iter().filter(|b| b.tree == TreeId::Log) {
+                    for (k, v) in &b.ops {
+                        let v = v
+                            .as_deref()
+                            .ok_or(Error::Malformed("a log batch removes a chunk"))?;
+                        store.log.repair(k, v)?;
+                    }
+                }
                 done.skipped += 1;
                 held = Some(g);
                 continue;
@@ -744,6 +762,44 @@ mod tests {
 
     fn key(store: &Store, k: &str) -> Result<Option<Vec<u8>>> {
         Ok(store.keys.get(k)?.map(|v| v.to_vec()))
+    }
+
+    #[test]
+    fn replay_writes_again_the_chunks_a_power_loss_took() -> Result<()> {
+        // Groups 0 to 2 in the log; the write-ahead file still holds 1 and
+        // 2 (0 was checkpointed). A power loss then takes chunk bytes whose
+        // pointers sled had made durable.
+        let chunks = |store: &Store| -> Result<Vec<Vec<u8>>> {
+            store.log.iter().map(|kv| Ok(kv?.1.to_vec())).collect()
+        };
+        for lost in ["the file's tail", "bytes in place"] {
+            let tmp = tempfile::tempdir()?;
+            let dir = tmp.path().join("v");
+            let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
+            let groups: Vec<GroupWrite> = (0..3).map(|s| group_at(s, &[])).collect();
+            for g in &groups {
+                g.batches[0].clone().apply(&store)?;
+            }
+            let whole = chunks(&store)?;
+            let mut wal = Wal::new(&dir, SEGMENT_BYTES);
+            for g in &groups[1..] {
+                wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
+            }
+            store.sync()?;
+            drop(store);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(crate::logfile::FILE))?;
+            match lost {
+                "the file's tail" => file.set_len(7)?,
+                _ => std::os::unix::fs::FileExt::write_all_at(&file, &[0; 5], 5)?,
+            }
+            drop(file);
+            let store = Store::open_existing(&dir)?;
+            assert_eq!(chunks(&store)?, whole, "{lost}");
+            assert_eq!(store.log.layout_fault()?, None, "{lost}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -58,13 +58,21 @@ type Trees = BTreeMap<(u8, Vec<u8>), Vec<u8>>;
 fn dump(dir: &Path) -> storage::Result<Trees> {
     let raw = RawStore::open(dir)?;
     let mut out = BTreeMap::new();
-    for (i, tree) in [&raw.log, &raw.state, &raw.keys, &raw.meta]
-        .into_iter()
-        .enumerate()
-    {
+    // Tree 0: the log's chunks as read through their pointers; tree 4:
+    // the pointers themselves.
+    for kv in raw.log.iter() {
+        let (k, v) = kv?;
+        out.insert((0, k.to_vec()), v.to_vec());
+    }
+    for (i, tree) in [
+        (1, &raw.state),
+        (2, &raw.keys),
+        (3, &raw.meta),
+        (4, &raw.log.index),
+    ] {
         for kv in tree.iter() {
             let (k, v) = kv.map_err(storage::Error::from)?;
-            out.insert((i as u8, k.to_vec()), v.to_vec());
+            out.insert((i, k.to_vec()), v.to_vec());
         }
     }
     Ok(out)

@@ -223,6 +223,7 @@ fn log_value(raw: &RawStore, key: u64) -> Vec<u8> {
 /// The first seqs of the stored chunks, in key order.
 fn chunk_keys(raw: &RawStore) -> Vec<u64> {
     raw.log
+        .index
         .iter()
         .keys()
         .map(|k| {

@@ -1,0 +1,439 @@
+//! The log's chunks in an append-only file of their own, and the sled tree
+//! that finds them.
+//!
+//! ```text
+//! DIR/chunks      the chunks (see `chunk`), one after another in seq
+//!                 order, nothing between them and nothing after the last
+//! tree `log`      u64 BE first seq of a chunk -> u64 BE offset of the
+//!                 chunk in DIR/chunks || u32 BE its length (12 bytes)
+//! ```
+//!
+//! sled rewrites a whole leaf every few inserts into it, so a chunk stored
+//! in sled was written about three times (`docs/benchmarks.md`, "Where the
+//! time goes"); here it is written once, at the end of a file, and sled
+//! holds 12 bytes per chunk.
+//!
+//! Invariants: the chunks lie back to back from offset 0 in the order of
+//! their first seqs, and the file ends where the last one ends. [`LogTree::
+//! layout_fault`] checks both (verify does, on every open), so every byte
+//! of the file belongs to exactly one chunk the tree names.
+//!
+//! Writes: `LogTree::apply` writes a batch of chunks at the end of the
+//! file with one `pwrite`, then their pointers into sled in one batch. A
+//! crash between the two leaves bytes past the last pointer, which the next
+//! open cuts off (`LogTree::open`). Neither write is synced here:
+//! durability rests on the write-ahead file until a checkpoint syncs this
+//! file and then sled (`Store::sync`).
+//!
+//! sled's own flusher may make a pointer durable before the bytes it names,
+//! and a power loss then leaves a pointer to bytes the file lacks. Such a
+//! chunk belongs to a group written after the last checkpoint. If its
+//! write-ahead record is durable (every acknowledged group's is), the
+//! replay writes the chunk again (`LogTree::repair`, or appended anew).
+//! If it is not, the group was never acknowledged: the next open drops the
+//! pointers at the end of the log whose bytes lie past the end of the file
+//! (`LogTree::open`), as a torn write-ahead record is dropped. No other
+//! sled write may rest on such a group: whatever the vault writes to sled
+//! because a chunk is in the log (a pending marker's removal, a shred's
+//! last batch, derived state) waits for `LogTree::sync` after the
+//! chunk's pointer, so that sled, which recovers a prefix of its writes,
+//! holds it only with the chunk's bytes durable.
+//!
+//! Reads go through `pread` (`FileExt::read_at`), so readers on any thread
+//! share the file with the one writer. A pointer that is not 12 bytes, or
+//! whose bytes are not (all) in the file, reads as what is there (possibly
+//! nothing): the chunk then fails to decode, and verify names its seq.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// The file of chunks, in the data dir.
+pub const FILE: &str = "chunks";
+/// Bytes of a pointer: offset, then length.
+pub const POINTER_BYTES: usize = 12;
+
+/// A pointer's value: where a chunk lies in the file.
+fn pointer(offset: u64, len: u32) -> [u8; POINTER_BYTES] {
+    let mut p = [0u8; POINTER_BYTES];
+    p[..8].copy_from_slice(&offset.to_be_bytes());
+    p[8..].copy_from_slice(&len.to_be_bytes());
+    p
+}
+
+/// `(offset, length)` of a pointer, if it is one.
+fn parse(p: &[u8]) -> Option<(u64, u64)> {
+    let p: &[u8; POINTER_BYTES] = p.try_into().ok()?;
+    let offset = u64::from_be_bytes(p[..8].try_into().ok()?);
+    let len = u32::from_be_bytes(p[8..].try_into().ok()?);
+    Some((offset, u64::from(len)))
+}
+
+/// The log: chunks in [`FILE`], found through a sled tree of pointers.
+#[derive(Debug)]
+pub struct LogTree {
+    /// First seq of each chunk -> its pointer. Public for tools and tests
+    /// that inspect or tamper with the pointers (`RawStore`).
+    pub index: sled::Tree,
+    file: File,
+    /// Where the next chunk goes: the end of the last chunk the index
+    /// names. Held while a batch is written, so chunks and pointers go in
+    /// the same order.
+    end: Mutex<u64>,
+    /// Edits from [`crate::RawStore`] rewrite the file in key order, so
+    /// that a test's tampering leaves the layout as the vault writes it.
+    compact: bool,
+}
+
+impl LogTree {
+    /// Opens (creating if absent) the chunks file of `dir` beside its index
+    /// tree, and cuts off whatever lies past the last chunk the index names
+    /// (a batch whose pointers a crash kept out of sled).
+    pub(crate) fn open(dir: &Path, index: sled::Tree) -> Result<LogTree> {
+        let path = dir.join(FILE);
+        let created = !path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        if created {
+            crate::store::sync_dir(dir)?;
+        }
+        let len = file.metadata()?.len();
+        let mut dropped = 0u64;
+        let end = loop {
+            match index.last()? {
+                None => break 0,
+                Some((k, p)) => match parse(&p) {
+                    // Pointers whose bytes the file never held: a batch
+                    // whose pointers sled made durable and whose bytes a
+                    // power loss took (see the module doc).
+                    Some((offset, n)) if offset.saturating_add(n) > len => {
+                        index.remove(k)?;
+                        dropped += 1;
+                    }
+                    Some((offset, n)) => break offset + n,
+                    // A last pointer that is not one: keep the file as it
+                    // is, and let verify name the chunk.
+                    None => break len,
+                },
+            }
+        };
+        if dropped > 0 {
+            index.flush()?;
+            tracing::warn!(
+                chunks = dropped,
+                "dropped the log's last chunks: the chunks file ends before them"
+            );
+        }
+        if len > end {
+            file.set_len(end)?;
+        }
+        Ok(LogTree {
+            index,
+            file,
+            end: Mutex::new(end),
+            compact: false,
+        })
+    }
+
+    fn end(&self) -> Result<std::sync::MutexGuard<'_, u64>> {
+        self.end.lock().map_err(|_| Error::Poisoned)
+    }
+
+    /// Writes chunks (first seq, bytes), in the order given, at the end of
+    /// the file, then their pointers in one sled batch.
+    pub(crate) fn apply<K: AsRef<[u8]>, V: AsRef<[u8]>>(&self, chunks: &[(K, V)]) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut end = self.end()?;
+        let total: usize = chunks.iter().map(|(_, v)| v.as_ref().len()).sum();
+        let mut buf = Vec::with_capacity(total);
+        let mut batch = sled::Batch::default();
+        let mut at = *end;
+        for (k, v) in chunks {
+            let v = v.as_ref();
+            let len = u32::try_from(v.len()).map_err(|_| Error::Malformed("a chunk over 4 GiB"))?;
+            buf.extend_from_slice(v);
+            batch.insert(k.as_ref(), &pointer(at, len)[..]);
+            at += u64::from(len);
+        }
+        self.file.write_all_at(&buf, *end)?;
+        self.index.apply_batch(batch)?;
+        *end = at;
+        Ok(())
+    }
+
+    /// Writes `bytes` again where the pointer of `key` says they are, if
+    /// the file does not hold them there: a chunk whose pointer sled made
+    /// durable before the file held its bytes (see the module doc).
+    pub(crate) fn repair(&self, key: &[u8], bytes: &[u8]) -> Result<()> {
+        let Some(p) = self.index.get(key)? else {
+            return Err(Error::Malformed("repair of a chunk the log does not name"));
+        };
+        let Some((offset, len)) = parse(&p) else {
+            return Err(Error::Malformed("a log pointer is not 12 bytes"));
+        };
+        if len != bytes.len() as u64 {
+            return Err(Error::Malformed(
+                "a log pointer's length differs from the write-ahead record's chunk",
+            ));
+        }
+        if self.read(&p)?.as_ref() != bytes {
+            self.file.write_all_at(bytes, offset)?;
+        }
+        Ok(())
+    }
+
+    /// The bytes a pointer names, as far as the file holds them.
+    fn read(&self, p: &[u8]) -> Result<sled::IVec> {
+        let Some((offset, len)) = parse(p) else {
+            return Ok(sled::IVec::from(&[][..]));
+        };
+        let file_len = self.file.metadata()?.len();
+        let n = len.min(file_len.saturating_sub(offset));
+        let mut buf = vec![0u8; n as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(sled::IVec::from(buf))
+    }
+
+    /// Makes the file durable (its data; its length is set by writes that
+    /// the next open checks against the index).
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// The chunk whose first seq is `key`.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<sled::IVec>> {
+        match self.index.get(key)? {
+            Some(p) => Ok(Some(self.read(&p)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a chunk starts at `key`.
+    pub fn contains_key(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.index.contains_key(key)?)
+    }
+
+    /// The chunk with the greatest first seq.
+    pub fn last(&self) -> Result<Option<(sled::IVec, sled::IVec)>> {
+        match self.index.last()? {
+            Some((k, p)) => Ok(Some((k, self.read(&p)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The chunks whose keys are in `range`, in key order, each read as it
+    /// is reached. Each key is touched (`store::touch`), so that a scan's
+    /// memory does not grow with the log.
+    pub fn range<K, R>(
+        &self,
+        range: R,
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + Send + '_
+    where
+        K: AsRef<[u8]>,
+        R: std::ops::RangeBounds<K>,
+    {
+        self.index.range(range).map(move |kv| {
+            let (k, p) = kv?;
+            crate::store::touch(&self.index, &k)?;
+            Ok((k, self.read(&p)?))
+        })
+    }
+
+    /// Every chunk, in key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + '_ {
+        self.range::<&[u8], _>(..)
+    }
+
+    /// The first place where the file and the index disagree, as the first
+    /// seq of the chunk there (or of the last chunk, for bytes past it) and
+    /// what is wrong: a pointer that is not one, a chunk that does not
+    /// start where the one before it ends, or a file that does not end
+    /// where the last chunk ends.
+    pub fn layout_fault(&self) -> Result<Option<(u64, String)>> {
+        let file_len = self.file.metadata()?.len();
+        let mut expected = 0u64;
+        let mut last_seq = 0u64;
+        for kv in self.index.iter() {
+            let (k, p) = kv?;
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(last_seq);
+            let Some((offset, len)) = parse(&p) else {
+                return Ok(Some((seq, "a log pointer is not 12 bytes".into())));
+            };
+            if offset != expected {
+                return Ok(Some((
+                    seq,
+                    format!("the chunk lies at offset {offset} of the chunks file, where the one before it ends at {expected}"),
+                )));
+            }
+            expected = offset.saturating_add(len);
+            last_seq = seq;
+        }
+        if file_len != expected {
+            return Ok(Some((
+                last_seq,
+                format!("the chunks file holds {file_len} bytes, and its chunks end at {expected}"),
+            )));
+        }
+        Ok(None)
+    }
+
+    // Edits for tools and tests (`RawStore`): each keeps the layout by
+    // rewriting the file in key order.
+
+    /// Sets the chunk at `key`.
+    pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
+        if !self.compact {
+            return self.apply(&[(key.as_ref(), value.as_ref())]);
+        }
+        self.edit(|all| {
+            all.insert(key.as_ref().to_vec(), value.as_ref().to_vec());
+        })
+    }
+
+    /// Removes the chunk at `key`.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        self.edit(|all| {
+            all.remove(key.as_ref());
+        })
+    }
+
+    /// Removes every chunk.
+    pub fn clear(&self) -> Result<()> {
+        self.edit(std::collections::BTreeMap::clear)
+    }
+
+    /// Reads every chunk, changes the set, and writes it back from offset 0.
+    fn edit(
+        &self,
+        f: impl FnOnce(&mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>),
+    ) -> Result<()> {
+        let mut all = std::collections::BTreeMap::new();
+        for kv in self.iter() {
+            let (k, v) = kv?;
+            all.insert(k.to_vec(), v.to_vec());
+        }
+        f(&mut all);
+        {
+            let mut end = self.end()?;
+            self.index.clear()?;
+            self.file.set_len(0)?;
+            *end = 0;
+        }
+        let chunks: Vec<(Vec<u8>, Vec<u8>)> = all.into_iter().collect();
+        self.apply(&chunks)
+    }
+
+    /// This tree, for `RawStore`: its edits keep the layout.
+    pub(crate) fn compacting(mut self) -> LogTree {
+        self.compact = true;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Result<(sled::Db, LogTree)> {
+        let db = sled::Config::new().path(dir.join("db")).open()?;
+        let log = LogTree::open(dir, db.open_tree("log")?)?;
+        Ok((db, log))
+    }
+
+    #[test]
+    fn chunks_lie_back_to_back_and_read_back() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, log) = open(dir.path())?;
+        log.apply(&[
+            (0u64.to_be_bytes(), &b"abc"[..]),
+            (3u64.to_be_bytes(), &b"defg"[..]),
+        ])?;
+        log.apply(&[(7u64.to_be_bytes(), &b"h"[..])])?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdefgh");
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b"defg"[..]));
+        assert_eq!(
+            log.index.get(7u64.to_be_bytes())?.as_deref(),
+            Some(&[0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1][..])
+        );
+        let keys: Vec<u64> = log
+            .range(1u64.to_be_bytes()..)
+            .map(|kv| {
+                kv.map(|(k, _)| u64::from_be_bytes(k.as_ref().try_into().unwrap_or_default()))
+            })
+            .collect::<Result<_>>()?;
+        assert_eq!(keys, [3, 7]);
+        assert_eq!(log.layout_fault()?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn bytes_past_the_last_pointer_are_cut_off_at_open() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let (_db, log) = open(dir.path())?;
+            log.apply(&[(0u64.to_be_bytes(), &b"abc"[..])])?;
+            // A batch whose pointers a crash kept out of sled.
+            log.file.write_all_at(b"zz", 3)?;
+            assert!(log.layout_fault()?.is_some());
+        }
+        let (_db, log) = open(dir.path())?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abc");
+        assert_eq!(log.layout_fault()?, None);
+        log.apply(&[(3u64.to_be_bytes(), &b"d"[..])])?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcd");
+        Ok(())
+    }
+
+    #[test]
+    fn repair_writes_lost_bytes_in_place_and_refuses_another_length() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, log) = open(dir.path())?;
+        log.apply(&[
+            (0u64.to_be_bytes(), &b"abc"[..]),
+            (3u64.to_be_bytes(), &b"def"[..]),
+        ])?;
+        // The file lost the second chunk (a pointer durable before its bytes).
+        log.file.set_len(3)?;
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b""[..]));
+        log.repair(&3u64.to_be_bytes(), b"def")?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdef");
+        assert!(log.repair(&3u64.to_be_bytes(), b"de").is_err());
+        assert!(log.repair(&9u64.to_be_bytes(), b"x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_layout_fault_names_the_chunk() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, log) = open(dir.path())?;
+        log.apply(&[
+            (0u64.to_be_bytes(), &b"abc"[..]),
+            (3u64.to_be_bytes(), &b"def"[..]),
+        ])?;
+        log.index.insert(3u64.to_be_bytes(), &pointer(2, 4)[..])?;
+        assert_eq!(log.layout_fault()?.map(|(s, _)| s), Some(3));
+        log.index.insert(3u64.to_be_bytes(), &b"short"[..])?;
+        assert_eq!(log.layout_fault()?.map(|(s, _)| s), Some(3));
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b""[..]));
+        log.index.insert(3u64.to_be_bytes(), &pointer(3, 3)[..])?;
+        log.file.write_all_at(b"x", 6)?;
+        assert_eq!(log.layout_fault()?.map(|(s, _)| s), Some(3));
+        // A pointer past the file reads as what is there.
+        log.index
+            .insert(3u64.to_be_bytes(), &pointer(1 << 40, u32::MAX)[..])?;
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b""[..]));
+        Ok(())
+    }
+}
