@@ -14,9 +14,9 @@
 //! holds 12 bytes per chunk.
 //!
 //! Invariants: the chunks lie back to back from offset 0 in the order of
-//! their first seqs, and the file ends where the last one ends. [`LogTree::
-//! layout_fault`] checks both (verify does, on every open), so every byte
-//! of the file belongs to exactly one chunk the tree names.
+//! their first seqs, and the file ends where the last one ends.
+//! [`LogTree::layout_fault`] checks both (verify does, on every open), so
+//! every byte of the file belongs to exactly one chunk the tree names.
 //!
 //! Writes: `LogTree::apply` writes a batch of chunks at the end of the
 //! file with one `pwrite`, then their pointers into sled in one batch. A
@@ -55,6 +55,9 @@ use crate::error::{Error, Result};
 pub const FILE: &str = "chunks";
 /// Bytes of a pointer: offset, then length.
 pub const POINTER_BYTES: usize = 12;
+/// No chunk is longer (`chunk::CHUNK_TARGET_BYTES` plus one largest entry,
+/// the header and the head stay below 128 KiB).
+const MAX_CHUNK_BYTES: u64 = 1 << 20;
 
 /// A pointer's value: where a chunk lies in the file.
 fn pointer(offset: u64, len: u32) -> [u8; POINTER_BYTES] {
@@ -191,15 +194,27 @@ impl LogTree {
         Ok(())
     }
 
-    /// The bytes a pointer names, as far as the file holds them.
+    /// The bytes a pointer names, as far as the file holds them. A length
+    /// no chunk can have (the committer keeps chunks below 128 KiB) reads
+    /// as nothing, so a forged pointer cannot make a read allocate much.
     fn read(&self, p: &[u8]) -> Result<sled::IVec> {
-        let Some((offset, len)) = parse(p) else {
+        let Some((offset, len)) = parse(p).filter(|(_, len)| *len <= MAX_CHUNK_BYTES) else {
             return Ok(sled::IVec::from(&[][..]));
         };
-        let file_len = self.file.metadata()?.len();
-        let n = len.min(file_len.saturating_sub(offset));
-        let mut buf = vec![0u8; n as usize];
-        self.file.read_exact_at(&mut buf, offset)?;
+        let mut buf = vec![0u8; len as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match self
+                .file
+                .read_at(&mut buf[got..], offset.saturating_add(got as u64))
+            {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        buf.truncate(got);
         Ok(sled::IVec::from(buf))
     }
 
@@ -227,6 +242,19 @@ impl LogTree {
     pub fn last(&self) -> Result<Option<(sled::IVec, sled::IVec)>> {
         match self.index.last()? {
             Some((k, p)) => Ok(Some((k, self.read(&p)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The chunk with the greatest first seq at or below `key`: the one
+    /// that holds seq `key`, if the log reaches it. Not touched (a read of
+    /// one entry mostly falls in the log's recent pointers).
+    pub(crate) fn at_or_before(&self, key: u64) -> Result<Option<(sled::IVec, sled::IVec)>> {
+        match self.index.range(..=key.to_be_bytes()).next_back() {
+            Some(kv) => {
+                let (k, p) = kv?;
+                Ok(Some((k, self.read(&p)?)))
+            }
             None => Ok(None),
         }
     }
@@ -430,10 +458,16 @@ mod tests {
         log.index.insert(3u64.to_be_bytes(), &pointer(3, 3)[..])?;
         log.file.write_all_at(b"x", 6)?;
         assert_eq!(log.layout_fault()?.map(|(s, _)| s), Some(3));
-        // A pointer past the file reads as what is there.
+        // A pointer past the file reads as what is there, and one longer
+        // than any chunk as nothing.
         log.index
-            .insert(3u64.to_be_bytes(), &pointer(1 << 40, u32::MAX)[..])?;
+            .insert(3u64.to_be_bytes(), &pointer(1 << 40, 100)[..])?;
         assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b""[..]));
+        log.index
+            .insert(3u64.to_be_bytes(), &pointer(0, u32::MAX)[..])?;
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b""[..]));
+        log.index.insert(3u64.to_be_bytes(), &pointer(4, 100)[..])?;
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b"efx"[..]));
         Ok(())
     }
 }

@@ -354,11 +354,8 @@ impl Store {
             .range(..=seq)
             .next_back()
             .map(|(k, v)| (*k, v.clone()));
-        let applied = match self.log.range(..=seq.to_be_bytes()).next_back() {
-            Some(kv) => {
-                let (k, v) = kv?;
-                Some((chunk_key(&k)?, v))
-            }
+        let applied = match self.log.at_or_before(seq)? {
+            Some((k, v)) => Some((chunk_key(&k)?, v)),
             None => None,
         };
         Ok(match (recent, applied) {
