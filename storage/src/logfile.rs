@@ -15,8 +15,9 @@
 //!
 //! Invariants: the chunks lie back to back from offset 0 in the order of
 //! their first seqs, and the file ends where the last one ends.
-//! [`LogTree::layout_fault`] checks both (verify does, on every open), so
-//! every byte of the file belongs to exactly one chunk the tree names.
+//! [`LogTree::layout_fault`] checks both (verify does as it reads, on every
+//! open), so every byte of the file belongs to exactly one chunk the tree
+//! names.
 //!
 //! Writes: `LogTree::apply` writes a batch of chunks at the end of the
 //! file with one `pwrite`, then their pointers into sled in one batch. A
@@ -73,6 +74,66 @@ fn parse(p: &[u8]) -> Option<(u64, u64)> {
     let offset = u64::from_be_bytes(p[..8].try_into().ok()?);
     let len = u32::from_be_bytes(p[8..].try_into().ok()?);
     Some((offset, u64::from(len)))
+}
+
+/// Checks, chunk after chunk in key order, the invariants of the module
+/// doc, and keeps the first place where the file and the index disagree:
+/// the first seq of the chunk there (of the last chunk, for bytes past
+/// it) and what is wrong: a pointer that is not one, a chunk that does
+/// not start where the one before it ends, or a file that does not end
+/// where the last chunk ends.
+#[derive(Debug, Default)]
+pub(crate) struct LayoutCheck {
+    expected: u64,
+    last_seq: u64,
+    fault: Option<(u64, String)>,
+}
+
+impl LayoutCheck {
+    /// The next chunk: its key, and where it lies (`None`: no pointer).
+    pub(crate) fn chunk(&mut self, key: &[u8], at: Option<(u64, u64)>) {
+        if self.fault.is_some() {
+            return;
+        }
+        let seq = <[u8; 8]>::try_from(key)
+            .map(u64::from_be_bytes)
+            .unwrap_or(self.last_seq);
+        match at {
+            None => self.fault = Some((seq, "a log pointer is not 12 bytes".into())),
+            Some((offset, _)) if offset != self.expected => {
+                self.fault = Some((
+                    seq,
+                    format!(
+                        "the chunk lies at offset {offset} of the chunks file, where the one before it ends at {}",
+                        self.expected
+                    ),
+                ))
+            }
+            Some((offset, len)) => {
+                self.expected = offset.saturating_add(len);
+                self.last_seq = seq;
+            }
+        }
+    }
+
+    /// The first fault among the chunks seen so far.
+    pub(crate) fn fault(&self) -> Option<(u64, String)> {
+        self.fault.clone()
+    }
+
+    /// After the last chunk: the first fault, the file's end included.
+    pub(crate) fn finish(mut self, file_len: u64) -> Option<(u64, String)> {
+        if self.fault.is_none() && file_len != self.expected {
+            self.fault = Some((
+                self.last_seq,
+                format!(
+                    "the chunks file holds {file_len} bytes, and its chunks end at {}",
+                    self.expected
+                ),
+            ));
+        }
+        self.fault
+    }
 }
 
 /// The log: chunks in [`FILE`], found through a sled tree of pointers.
@@ -270,10 +331,24 @@ impl LogTree {
         K: AsRef<[u8]>,
         R: std::ops::RangeBounds<K>,
     {
+        self.range_located(range)
+            .map(|kv| kv.map(|(k, _, chunk)| (k, chunk)))
+    }
+
+    /// [`LogTree::range`], with where each chunk lies (`None` for a
+    /// pointer that is not one), for a [`LayoutCheck`].
+    pub(crate) fn range_located<K, R>(
+        &self,
+        range: R,
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, Option<(u64, u64)>, sled::IVec)>> + Send + '_
+    where
+        K: AsRef<[u8]>,
+        R: std::ops::RangeBounds<K>,
+    {
         self.index.range(range).map(move |kv| {
             let (k, p) = kv?;
             crate::store::touch(&self.index, &k)?;
-            Ok((k, self.read(&p)?))
+            Ok((k, parse(&p), self.read(&p)?))
         })
     }
 
@@ -283,38 +358,20 @@ impl LogTree {
     }
 
     /// The first place where the file and the index disagree, as the first
-    /// seq of the chunk there (or of the last chunk, for bytes past it) and
-    /// what is wrong: a pointer that is not one, a chunk that does not
-    /// start where the one before it ends, or a file that does not end
-    /// where the last chunk ends.
+    /// seq of the chunk there (of the last chunk, for bytes past it) and
+    /// what is wrong. Verify makes the same check as it reads the log.
     pub fn layout_fault(&self) -> Result<Option<(u64, String)>> {
-        let file_len = self.file.metadata()?.len();
-        let mut expected = 0u64;
-        let mut last_seq = 0u64;
+        let mut check = LayoutCheck::default();
         for kv in self.index.iter() {
             let (k, p) = kv?;
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .unwrap_or(last_seq);
-            let Some((offset, len)) = parse(&p) else {
-                return Ok(Some((seq, "a log pointer is not 12 bytes".into())));
-            };
-            if offset != expected {
-                return Ok(Some((
-                    seq,
-                    format!("the chunk lies at offset {offset} of the chunks file, where the one before it ends at {expected}"),
-                )));
-            }
-            expected = offset.saturating_add(len);
-            last_seq = seq;
+            check.chunk(&k, parse(&p));
         }
-        if file_len != expected {
-            return Ok(Some((
-                last_seq,
-                format!("the chunks file holds {file_len} bytes, and its chunks end at {expected}"),
-            )));
-        }
-        Ok(None)
+        Ok(check.finish(self.file_len()?))
+    }
+
+    /// The length of the chunks file.
+    pub(crate) fn file_len(&self) -> Result<u64> {
+        Ok(self.file.metadata()?.len())
     }
 
     // Edits for tools and tests (`RawStore`): each keeps the layout by

@@ -35,7 +35,7 @@ use rayon::prelude::*;
 use crate::chunk::{Chunk, ChunkError, KeyChain, KeyEndorsement, MerkleTree, SignedHead};
 use crate::entry::{entry_hash, EntryRef, Hash, Kind};
 use crate::error::{Error, Reason, Result};
-use crate::logfile::LogTree;
+use crate::logfile::{LayoutCheck, LogTree};
 use crate::state::{self, Genesis, KeyState};
 use crate::store::{Flusher, Store, TREES};
 use crate::vault::KeyUses;
@@ -149,6 +149,9 @@ struct WindowReader<'a> {
     done: bool,
     /// Chunks read from sled, those of dropped tasks included.
     reads: u64,
+    /// The chunks file's layout, checked chunk after chunk as windows
+    /// take them.
+    layout: LayoutCheck,
 }
 
 /// What one task read: its chunks, decoded, and whether it stopped at
@@ -156,6 +159,8 @@ struct WindowReader<'a> {
 /// the chunks that decoded, `decoded` those chunks.
 struct TaskRead {
     chunks: Window,
+    /// Where each chunk lies in the chunks file.
+    located: Vec<Option<(u64, u64)>>,
     cut: bool,
     decoded: u64,
     entries: u64,
@@ -171,6 +176,7 @@ impl<'a> WindowReader<'a> {
             last,
             span: FIRST_TASK_SEQS,
             reads: 0,
+            layout: LayoutCheck::default(),
         })
     }
 
@@ -256,6 +262,9 @@ impl<'a> WindowReader<'a> {
             decoded += read.decoded;
             entries += read.entries;
             let last_key = read.chunks.last().map(|(k, _)| k.to_vec());
+            for ((k, _), at) in read.chunks.iter().zip(read.located) {
+                self.layout.chunk(k, at);
+            }
             window.extend(read.chunks);
             if read.cut {
                 // Later tasks read what comes after the rest of this
@@ -288,16 +297,18 @@ fn seq_of(key: &[u8]) -> Option<u64> {
 fn read_range(log: &LogTree, range: &Range, keys: &KeyChain) -> Result<TaskRead> {
     let mut read = TaskRead {
         chunks: Vec::new(),
+        located: Vec::new(),
         cut: false,
         decoded: 0,
         entries: 0,
     };
-    for item in log.range::<Vec<u8>, _>(range.clone()) {
+    for item in log.range_located::<Vec<u8>, _>(range.clone()) {
         if read.chunks.len() == TASK_CHUNKS {
             read.cut = true;
             break;
         }
-        let (k, v) = item?;
+        let (k, at, v) = item?;
+        read.located.push(at);
         let d = decode_one(&k, v, keys);
         if let Ok(d) = &d {
             read.decoded += 1;
@@ -763,8 +774,7 @@ pub(crate) fn scan_chain(
 ) -> Result<std::result::Result<(ChainTip, KeyChain), Failure>> {
     // The chunks file's layout (`logfile`): a fault there is reported
     // unless the walk fails at an earlier seq.
-    let layout = log.layout_fault()?;
-    let walked = walk_chain(log, key, progress, visit)?;
+    let (walked, layout) = walk_chain(log, key, progress, visit)?;
     Ok(match (layout, walked) {
         (Some((at, _)), Err((seq, reason))) if seq < at => Err((seq, reason)),
         (Some((at, why)), _) => Err((at, Reason::Malformed(why))),
@@ -772,13 +782,21 @@ pub(crate) fn scan_chain(
     })
 }
 
-/// [`scan_chain`] without the layout check.
+/// The walk of [`scan_chain`], and the first fault of the chunks file's
+/// layout among the chunks it read (all of them, and the file's end, when
+/// the walk reached the end).
+type Walked = (
+    std::result::Result<(ChainTip, KeyChain), Failure>,
+    Option<(u64, String)>,
+);
+
+/// [`scan_chain`] with the layout fault apart.
 fn walk_chain(
     log: &LogTree,
     key: &VerifyingKey,
     progress: &(dyn Fn(u64) + Sync),
     mut visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
-) -> Result<std::result::Result<(ChainTip, KeyChain), Failure>> {
+) -> Result<Walked> {
     let mut walk = Walk {
         chain: ChainCheck::new(*key),
     };
@@ -790,20 +808,24 @@ fn walk_chain(
         let (walked, read) =
             rayon::join(|| walk.window(current, &mut visit), || reader.next(&keys));
         if let Err(f) = walked {
-            return Ok(Err(f));
+            return Ok((Err(f), reader.layout.fault()));
         }
         next = read?;
         progress(walk.chain.next_seq());
     }
+    let layout = std::mem::take(&mut reader.layout).finish(log.file_len()?);
     tracing::debug!(
         entries = walk.chain.next_seq(),
         chunks_read = reader.reads,
         "log scanned"
     );
     if let Some(first) = walk.chain.open_group() {
-        return Ok(Err((first, Reason::UnsignedTail)));
+        return Ok((Err((first, Reason::UnsignedTail)), layout));
     }
-    Ok(Ok((walk.chain.tip().clone(), walk.chain.keys().clone())))
+    Ok((
+        Ok((walk.chain.tip().clone(), walk.chain.keys().clone())),
+        layout,
+    ))
 }
 
 /// Names an out-of-place seq: `found` where `expected` should be.

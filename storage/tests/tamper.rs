@@ -748,6 +748,60 @@ fn tail_truncated_is_detected_by_the_applied_marker() {
 }
 
 #[test]
+fn the_chunks_file_cut_short_or_out_of_place_is_detected() {
+    let fx = Fixture::new();
+    let cut = |dir: &Path, f: &dyn Fn(u64) -> u64| -> u64 {
+        let file = dir.join(storage::logfile::FILE);
+        let len = std::fs::metadata(&file)
+            .expect("stat the chunks file")
+            .len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|h| h.set_len(f(len)))
+            .expect("resize the chunks file");
+        len
+    };
+    // Cut inside the last chunk: the open drops its pointer, as after a
+    // power loss, and the applied marker names what is lost.
+    let dir = fx.copy();
+    cut(&dir, &|len| len - 1);
+    assert_eq!(fx.failure(&dir), (LAST - 1, Reason::Truncated));
+    assert_eq!(open_refusal(&dir), (LAST - 1, Reason::Truncated));
+    // A pointer moved by one byte: the chunk no longer starts where the
+    // one before it ends.
+    let dir = fx.tampered(|raw| {
+        let p = raw
+            .log
+            .index
+            .get(log_key(BOB))
+            .expect("read a pointer")
+            .expect("a pointer at BOB");
+        let offset = u64::from_be_bytes(p[..8].try_into().expect("an offset"));
+        let moved = [&(offset + 1).to_be_bytes()[..], &p[8..]].concat();
+        raw.log
+            .index
+            .insert(log_key(BOB), moved)
+            .expect("write a pointer");
+    });
+    for (seq, reason) in [fx.failure(&dir), open_refusal(&dir)] {
+        assert_eq!(seq, BOB);
+        assert!(matches!(reason, Reason::Malformed(_)), "{reason}");
+    }
+    // Bytes past the last chunk (a write whose pointers a crash kept out
+    // of sled) are cut off at open, and the log verifies.
+    let dir = fx.copy();
+    let len = cut(&dir, &|len| len + 100);
+    assert_eq!(verify_with(&dir, Some(fx.key)).failure, None);
+    assert_eq!(
+        std::fs::metadata(dir.join(storage::logfile::FILE))
+            .expect("stat the chunks file")
+            .len(),
+        len
+    );
+}
+
+#[test]
 fn chunk_spliced_from_another_vault_is_detected() {
     let fx = Fixture::new();
     // A second vault built by the same script, one group longer: its chunk
