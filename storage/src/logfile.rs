@@ -136,6 +136,10 @@ impl LayoutCheck {
     }
 }
 
+/// A chunk read with where it lies: its key, its offset and length in the
+/// file (`None` for a pointer that is not one), and its bytes.
+pub(crate) type Located = (sled::IVec, Option<(u64, u64)>, sled::IVec);
+
 /// The log: chunks in [`FILE`], found through a sled tree of pointers.
 #[derive(Debug)]
 pub struct LogTree {
@@ -340,7 +344,7 @@ impl LogTree {
     pub(crate) fn range_located<K, R>(
         &self,
         range: R,
-    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, Option<(u64, u64)>, sled::IVec)>> + Send + '_
+    ) -> impl DoubleEndedIterator<Item = Result<Located>> + Send + '_
     where
         K: AsRef<[u8]>,
         R: std::ops::RangeBounds<K>,
