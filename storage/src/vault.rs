@@ -3988,7 +3988,7 @@ impl Writer {
             }
             let log = b.tree == TreeId::Log;
             b.apply(&s)?;
-            if log {
+            if log && (i + 1 < count || !g.new_keys.is_empty()) {
                 // What comes after the group's log in sled rests on it:
                 // its chunks' bytes durable first (`logfile`).
                 s.log.sync()?;
