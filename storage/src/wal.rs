@@ -157,14 +157,22 @@ impl Batch {
         self.ops.push((key.into(), None));
     }
 
+    /// A log batch's chunks, as (first seq, bytes); a log batch only
+    /// inserts.
+    fn chunks(&self) -> Result<Vec<(&[u8], &[u8])>> {
+        self.ops
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => Ok((k.as_slice(), v.as_slice())),
+                None => Err(Error::Malformed("a log batch removes a chunk")),
+            })
+            .collect()
+    }
+
     /// Applies the batch to its tree atomically.
     pub(crate) fn apply(self, store: &Store) -> Result<()> {
         let Some(tree) = self.tree.tree(store) else {
-            let mut chunks = Vec::with_capacity(self.ops.len());
-            for (k, v) in self.ops {
-                chunks.push((k, v.ok_or(Error::Malformed("a log batch removes a chunk"))?));
-            }
-            return store.log.apply(&chunks);
+            return store.log.apply(&self.chunks()?);
         };
         let mut b = sled::Batch::default();
         for (k, v) in self.ops {
@@ -409,10 +417,7 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
                 // sled may have made the pointers durable before the
                 // chunks file held their bytes (`logfile`).
                 for b in g.batches.iter().filter(|b| b.tree == TreeId::Log) {
-                    for (k, v) in &b.ops {
-                        let v = v
-                            .as_deref()
-                            .ok_or(Error::Malformed("a log batch removes a chunk"))?;
+                    for (k, v) in b.chunks()? {
                         store.log.repair(k, v)?;
                     }
                 }
