@@ -43,7 +43,8 @@
 //! Reads go through `pread` (`FileExt::read_at`), so readers on any thread
 //! share the file with the one writer. A pointer that is not 12 bytes, or
 //! whose bytes are not (all) in the file, reads as what is there (possibly
-//! nothing): the chunk then fails to decode, and verify names its seq.
+//! nothing), and one that claims more than any chunk's length reads as
+//! nothing: the chunk then fails to decode, and verify names its seq.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
