@@ -61,8 +61,9 @@ pub const POINTER_BYTES: usize = 12;
 /// the header and the head stay below 128 KiB).
 const MAX_CHUNK_BYTES: u64 = 1 << 20;
 
-/// A pointer's value: where a chunk lies in the file.
-fn pointer(offset: u64, len: u32) -> [u8; POINTER_BYTES] {
+/// A pointer's value: where a chunk lies in the file (`docs/storage.md`,
+/// section 2; vector LOG_POINTER in section 10).
+pub fn encode_pointer(offset: u64, len: u32) -> [u8; POINTER_BYTES] {
     let mut p = [0u8; POINTER_BYTES];
     p[..8].copy_from_slice(&offset.to_be_bytes());
     p[8..].copy_from_slice(&len.to_be_bytes());
@@ -70,7 +71,7 @@ fn pointer(offset: u64, len: u32) -> [u8; POINTER_BYTES] {
 }
 
 /// `(offset, length)` of a pointer, if it is one.
-fn parse(p: &[u8]) -> Option<(u64, u64)> {
+pub fn decode_pointer(p: &[u8]) -> Option<(u64, u64)> {
     let p: &[u8; POINTER_BYTES] = p.try_into().ok()?;
     let offset = u64::from_be_bytes(p[..8].try_into().ok()?);
     let len = u32::from_be_bytes(p[8..].try_into().ok()?);
@@ -178,7 +179,7 @@ impl LogTree {
         let end = loop {
             match index.last()? {
                 None => break 0,
-                Some((k, p)) => match parse(&p) {
+                Some((k, p)) => match decode_pointer(&p) {
                     // Pointers whose bytes the file never held: a batch
                     // whose pointers sled made durable and whose bytes a
                     // power loss took (see the module doc).
@@ -230,7 +231,7 @@ impl LogTree {
             let v = v.as_ref();
             let len = u32::try_from(v.len()).map_err(|_| Error::Malformed("a chunk over 4 GiB"))?;
             buf.extend_from_slice(v);
-            batch.insert(k.as_ref(), &pointer(at, len)[..]);
+            batch.insert(k.as_ref(), &encode_pointer(at, len)[..]);
             at += u64::from(len);
         }
         self.file.write_all_at(&buf, *end)?;
@@ -246,7 +247,7 @@ impl LogTree {
         let Some(p) = self.index.get(key)? else {
             return Err(Error::Malformed("repair of a chunk the log does not name"));
         };
-        let Some((offset, len)) = parse(&p) else {
+        let Some((offset, len)) = decode_pointer(&p) else {
             return Err(Error::Malformed("a log pointer is not 12 bytes"));
         };
         if len != bytes.len() as u64 {
@@ -264,7 +265,8 @@ impl LogTree {
     /// no chunk can have (the committer keeps chunks below 128 KiB) reads
     /// as nothing, so a forged pointer cannot make a read allocate much.
     fn read(&self, p: &[u8]) -> Result<sled::IVec> {
-        let Some((offset, len)) = parse(p).filter(|(_, len)| *len <= MAX_CHUNK_BYTES) else {
+        let Some((offset, len)) = decode_pointer(p).filter(|(_, len)| *len <= MAX_CHUNK_BYTES)
+        else {
             return Ok(sled::IVec::from(&[][..]));
         };
         let mut buf = vec![0u8; len as usize];
@@ -353,7 +355,7 @@ impl LogTree {
         self.index.range(range).map(move |kv| {
             let (k, p) = kv?;
             crate::store::touch(&self.index, &k)?;
-            Ok((k, parse(&p), self.read(&p)?))
+            Ok((k, decode_pointer(&p), self.read(&p)?))
         })
     }
 
@@ -369,7 +371,7 @@ impl LogTree {
         let mut check = LayoutCheck::default();
         for kv in self.index.iter() {
             let (k, p) = kv?;
-            check.chunk(&k, parse(&p));
+            check.chunk(&k, decode_pointer(&p));
         }
         Ok(check.finish(self.file_len()?))
     }
@@ -522,23 +524,26 @@ mod tests {
     fn a_layout_fault_names_the_chunk() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let (_db, log) = abc_def(dir.path())?;
-        log.index.insert(3u64.to_be_bytes(), &pointer(2, 4)[..])?;
+        log.index
+            .insert(3u64.to_be_bytes(), &encode_pointer(2, 4)[..])?;
         assert_eq!(log.layout_fault()?.map(|(s, _)| s), Some(3));
         log.index.insert(3u64.to_be_bytes(), &b"short"[..])?;
         assert_eq!(log.layout_fault()?.map(|(s, _)| s), Some(3));
         assert_eq!(second(&log)?, b"");
-        log.index.insert(3u64.to_be_bytes(), &pointer(3, 3)[..])?;
+        log.index
+            .insert(3u64.to_be_bytes(), &encode_pointer(3, 3)[..])?;
         log.file.write_all_at(b"x", 6)?;
         assert_eq!(log.layout_fault()?.map(|(s, _)| s), Some(3));
         // A pointer past the file reads as what is there, and one longer
         // than any chunk as nothing.
         log.index
-            .insert(3u64.to_be_bytes(), &pointer(1 << 40, 100)[..])?;
+            .insert(3u64.to_be_bytes(), &encode_pointer(1 << 40, 100)[..])?;
         assert_eq!(second(&log)?, b"");
         log.index
-            .insert(3u64.to_be_bytes(), &pointer(0, u32::MAX)[..])?;
+            .insert(3u64.to_be_bytes(), &encode_pointer(0, u32::MAX)[..])?;
         assert_eq!(second(&log)?, b"");
-        log.index.insert(3u64.to_be_bytes(), &pointer(4, 100)[..])?;
+        log.index
+            .insert(3u64.to_be_bytes(), &encode_pointer(4, 100)[..])?;
         assert_eq!(second(&log)?, b"efx");
         Ok(())
     }

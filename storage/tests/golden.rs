@@ -323,13 +323,28 @@ fn write_ahead_segment_vector() {
     assert!(cut.torn && cut.groups.is_empty());
 }
 
+/// The `log` tree's value for CHUNK (388 bytes) lying at offset 4096 of
+/// `DIR/chunks`: u64 offset, u32 length.
+const LOG_POINTER: &str = "000000000000100000000184";
+
+#[test]
+fn log_pointer_vector() {
+    use storage::logfile::{decode_pointer, encode_pointer};
+    let chunk_len = u32::try_from(CHUNK.len() / 2).expect("a short chunk");
+    assert_eq!(chunk_len, 388);
+    assert_eq!(hex::encode(encode_pointer(4096, chunk_len)), LOG_POINTER);
+    let bytes = hex::decode(LOG_POINTER).expect("hex");
+    assert_eq!(decode_pointer(&bytes), Some((4096, 388)));
+    assert_eq!(decode_pointer(&bytes[..11]), None);
+}
+
 /// docs/storage.md lists every vector as a `NAME hex` line (the output of
 /// its Python script): the page must keep showing the bytes pinned here.
 #[test]
 fn docs_show_the_vectors() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/storage.md");
     let docs = std::fs::read_to_string(path).expect("docs/storage.md is readable");
-    let vectors: [(&str, String); 25] = [
+    let vectors: [(&str, String); 26] = [
         ("RECORD_CT", RECORD_CT.into()),
         ("ENTRY6", ENTRY6.into()),
         ("ENTRY6_HASH", ENTRY6_HASH.into()),
@@ -355,6 +370,7 @@ fn docs_show_the_vectors() {
         ("WRAPPED_DATA_KEY", WRAPPED_DATA_KEY.into()),
         ("ENDORSEMENT", ENDORSEMENT.into()),
         ("WAL_SEGMENT", WAL_SEGMENT.into()),
+        ("LOG_POINTER", LOG_POINTER.into()),
     ];
     for (name, hex) in vectors {
         let line = format!("{name} {hex}");
