@@ -295,10 +295,15 @@ impl LogTree {
 
     /// The chunk whose first seq is `key`.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<sled::IVec>> {
-        match self.index.get(key)? {
-            Some(p) => Ok(Some(self.read(&p)?)),
-            None => Ok(None),
-        }
+        self.index.get(key)?.map(|p| self.read(&p)).transpose()
+    }
+
+    /// A key found in the index with its chunk read through the pointer.
+    fn read_found(
+        &self,
+        found: Option<(sled::IVec, sled::IVec)>,
+    ) -> Result<Option<(sled::IVec, sled::IVec)>> {
+        found.map(|(k, p)| Ok((k, self.read(&p)?))).transpose()
     }
 
     /// Whether a chunk starts at `key`.
@@ -308,23 +313,15 @@ impl LogTree {
 
     /// The chunk with the greatest first seq.
     pub fn last(&self) -> Result<Option<(sled::IVec, sled::IVec)>> {
-        match self.index.last()? {
-            Some((k, p)) => Ok(Some((k, self.read(&p)?))),
-            None => Ok(None),
-        }
+        self.read_found(self.index.last()?)
     }
 
     /// The chunk with the greatest first seq at or below `key`: the one
     /// that holds seq `key`, if the log reaches it. Not touched (a read of
     /// one entry mostly falls in the log's recent pointers).
     pub(crate) fn at_or_before(&self, key: u64) -> Result<Option<(sled::IVec, sled::IVec)>> {
-        match self.index.range(..=key.to_be_bytes()).next_back() {
-            Some(kv) => {
-                let (k, p) = kv?;
-                Ok(Some((k, self.read(&p)?)))
-            }
-            None => Ok(None),
-        }
+        let found = self.index.range(..=key.to_be_bytes()).next_back();
+        self.read_found(found.transpose()?)
     }
 
     /// The chunks whose keys are in `range`, in key order, each read as it
@@ -384,9 +381,17 @@ impl LogTree {
     // Edits for tools and tests (`RawStore`): each keeps the layout by
     // rewriting the file in key order.
 
-    /// Sets the chunk at `key`.
+    /// Sets the chunk at `key`. On a vault's own tree (not `RawStore`'s)
+    /// this appends, as the vault does, and refuses a key that already has
+    /// a chunk: the old bytes would stay in the file with nothing naming
+    /// them, a layout fault.
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
         if !self.compact {
+            if self.index.contains_key(key.as_ref())? {
+                return Err(Error::Invalid(
+                    "the log has a chunk at that key; only RawStore rewrites one".into(),
+                ));
+            }
             return self.apply(&[(key.as_ref(), value.as_ref())]);
         }
         self.edit(|all| {
@@ -517,6 +522,28 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdef");
         assert!(log.repair(&3u64.to_be_bytes(), b"de").is_err());
         assert!(log.repair(&9u64.to_be_bytes(), b"x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn an_insert_over_a_chunk_is_refused_unless_the_tree_rewrites() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, log) = abc_def(dir.path())?;
+        assert!(matches!(
+            log.insert(3u64.to_be_bytes(), b"xyz"),
+            Err(Error::Invalid(_))
+        ));
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdef");
+        log.insert(6u64.to_be_bytes(), b"g")?;
+        let log = log.compacting();
+        log.insert(3u64.to_be_bytes(), b"xyz")?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcxyzg");
+        assert_eq!(log.layout_fault()?, None);
+        assert_eq!(
+            log.at_or_before(5)?.map(|(k, v)| (k.to_vec(), v.to_vec())),
+            Some((3u64.to_be_bytes().to_vec(), b"xyz".to_vec()))
+        );
+        assert_eq!(log.last()?.map(|(_, v)| v.to_vec()), Some(b"g".to_vec()));
         Ok(())
     }
 

@@ -552,9 +552,11 @@ mod tests {
         assert_eq!(store.chunk_at(12)?.map(|(_, v)| v), Some(chunk(12)));
         assert_eq!(store.entry_count_hint(), 20);
 
-        // Moved to sled: the same answers.
+        // Moved to sled (9 is there already): the same answers.
         for (k, v) in std::mem::take(&mut *store.recent.write().map_err(|_| Error::Poisoned)?) {
-            store.log.insert(k.to_be_bytes(), v)?;
+            if !store.log.contains_key(k.to_be_bytes())? {
+                store.log.insert(k.to_be_bytes(), v)?;
+            }
         }
         assert_eq!(firsts(&store, 0)?, [0, 4, 9, 12, 20]);
         assert_eq!(at(15)?, Some(12));
