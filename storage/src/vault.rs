@@ -3107,21 +3107,28 @@ impl Committer {
         subject: String,
         plaintext: &[u8],
     ) -> Result<usize> {
-        let (mut version, mut cipher, used, mut published) = self.data_key(g, &subject)?;
+        let (version, used) = self.data_key(g, &subject)?;
         if used >= self.max_encryptions {
             let next = version
                 .checked_add(1)
                 .ok_or_else(|| Error::Invalid("no key version left".into()))?;
             self.new_key(g, &subject, next, None)?;
-            (version, cipher, _, published) = self.data_key(g, &subject)?;
+            self.data_key(g, &subject)?;
         }
         let seq = self.pos.next_seq;
         let nonce = self.nonces.next_nonce();
-        let ct = cipher.seal(&nonce, &record_aad(&subject, seq, version), plaintext);
+        // The key `data_key` left in the cache, used where it lies: no copy
+        // of its expanded schedule (and no wipe of that copy) per record.
+        let c = self
+            .keys
+            .get_mut(&subject)
+            .ok_or(Error::Malformed("a data key missing from the cache"))?;
+        let ct = c
+            .cipher
+            .seal(&nonce, &record_aad(&subject, seq, c.version), plaintext);
+        c.encryptions += 1;
+        let (version, published) = (c.version, c.published.clone());
         let i = self.push(g, Kind::Record, &subject, version, nonce, &ct)?;
-        if let Some(c) = self.keys.get_mut(&subject) {
-            c.encryptions += 1;
-        }
         g.usage.push(Usage::Encrypted(published));
         Ok(i)
     }
@@ -3561,21 +3568,12 @@ impl Committer {
         Ok(g.encoded.len() - 1)
     }
 
-    /// The subject's current data key, how many records it encrypted and
-    /// the counter its records are published to, creating (and
-    /// committing) a first key for a new subject.
-    fn data_key(
-        &mut self,
-        g: &mut Group,
-        subject: &str,
-    ) -> Result<(u32, crypto::Cipher, u64, UseCounter)> {
+    /// Puts the subject's current data key in the cache, creating (and
+    /// committing) a first key for a new subject, and returns its version
+    /// and how many records it encrypted.
+    fn data_key(&mut self, g: &mut Group, subject: &str) -> Result<(u32, u64)> {
         if let Some(c) = self.keys.get(subject) {
-            return Ok((
-                c.version,
-                c.cipher.clone(),
-                c.encryptions,
-                c.published.clone(),
-            ));
+            return Ok((c.version, c.encryptions));
         }
         match self.key_state_now(g, subject)? {
             Some(ks) if ks.shredded => Err(Error::SubjectShredded(subject.to_string())),
@@ -3609,17 +3607,16 @@ impl Committer {
                     0
                 };
                 let used = published.load(Ordering::Relaxed) + own;
-                let c = key.cipher_handle();
                 self.keys.insert(
                     subject.to_string(),
                     CachedKey {
                         version: ks.version,
-                        cipher: c.clone(),
+                        cipher: key.cipher_handle(),
                         encryptions: used,
-                        published: published.clone(),
+                        published,
                     },
                 );
-                Ok((ks.version, c, used, published))
+                Ok((ks.version, used))
             }
             None => {
                 self.new_key(g, subject, 1, None)?;
