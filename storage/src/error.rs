@@ -107,6 +107,10 @@ pub enum Error {
     /// There is no vault in the directory.
     #[error("no vault at {0}")]
     NotFound(String),
+    /// The data dir was written in another format than this build's;
+    /// refused before anything is written to it.
+    #[error("the data dir is of format {found}; this build reads format {supported} only")]
+    UnsupportedFormat { found: u32, supported: u32 },
     /// `create` was asked to overwrite an existing vault.
     #[error("a vault already exists at {0}")]
     AlreadyExists(String),

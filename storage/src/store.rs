@@ -148,6 +148,21 @@ impl Store {
                 other => break other?,
             }
         };
+        // Another format is refused before anything below writes to the
+        // dir: the chunks file's creation, its cut at open and the
+        // write-ahead replay would each change a dir this build cannot
+        // read. A value that is no format at all is left to verify.
+        if let Some(v) = db.open_tree("meta")?.get("format")? {
+            if let Ok(b) = <[u8; 4]>::try_from(v.as_ref()) {
+                let found = u32::from_be_bytes(b);
+                if found != FORMAT {
+                    return Err(Error::UnsupportedFormat {
+                        found,
+                        supported: FORMAT,
+                    });
+                }
+            }
+        }
         let data_file = File::open(db_dir(dir).join("db"))?;
         Ok(Store {
             log: LogTree::open(dir, db.open_tree("log")?)?,

@@ -563,6 +563,67 @@ fn snapshot(dir: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     out
 }
 
+/// The names in `dir`, recursively, with each file's length.
+fn listing(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir") {
+        let e = e.expect("dir entry");
+        let meta = e.metadata().expect("metadata");
+        if meta.is_dir() {
+            out.extend(listing(&e.path()));
+        } else {
+            out.push((e.path(), meta.len()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault.close().expect("close");
+    {
+        let raw = storage::RawStore::open(&dir).expect("raw open");
+        raw.meta
+            .insert("format", &1u32.to_be_bytes())
+            .expect("set the format");
+        raw.flush().expect("flush");
+    }
+    // As a data dir of format 1 is: its chunks in the log tree, no file.
+    std::fs::remove_file(dir.join("chunks")).expect("remove the chunks file");
+    let wal = listing(&dir.join("wal"));
+
+    let opened = Vault::open(&dir, &unlock(), Options::default()).err();
+    assert!(
+        matches!(
+            opened,
+            Some(Error::UnsupportedFormat {
+                found: 1,
+                supported: 2
+            })
+        ),
+        "{opened:?}"
+    );
+    let verified = verify(
+        &dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+    .err();
+    assert!(
+        matches!(verified, Some(Error::UnsupportedFormat { found: 1, .. })),
+        "{verified:?}"
+    );
+    assert!(!dir.join("chunks").exists(), "no chunks file was created");
+    assert_eq!(listing(&dir.join("wal")), wal, "nothing was replayed");
+}
+
 #[test]
 fn create_refuses_existing_vault_and_open_refuses_missing() {
     let tmp = tempfile::tempdir().expect("tempdir");
