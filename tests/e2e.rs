@@ -254,7 +254,8 @@ fn authorize_redeem_deny_audit_and_verify() {
     let ask = json!({"subject_id": subject, "purpose": "credit_check"});
     let (status, tight_grant) = f.authorize(&tight, ask.clone());
     assert_eq!(status, 200, "{tight_grant}");
-    assert_eq!(f.authorize(&tight, ask.clone()).0, 200);
+    let (status, aged_grant) = f.authorize(&tight, ask.clone());
+    assert_eq!(status, 200, "{aged_grant}");
     f.refused(f.authorize(&tight, ask.clone()), 429, "rate_limited");
     // Its token is not the demo partner's to redeem.
     let (_, other) = f.partner_authorize(&subject, &purpose);
@@ -262,6 +263,20 @@ fn authorize_redeem_deny_audit_and_verify() {
     let (code, _, stderr) = f.redeem(&tight, &other_token);
     assert_eq!(code, 2);
     assert!(stderr.contains("wrong_partner"), "{stderr}");
+    // A lifetime shortened below a token's age stops the token.
+    let mut short = policy.clone();
+    short["max_token_ttl_secs"] = 1.into();
+    let (status, body) = call(
+        "PUT",
+        &format!("{http}/v1/policies/tight-lender"),
+        Some(&admin),
+        Some(&short.to_string()),
+    );
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    let (code, stdout, stderr) = f.redeem(&tight, aged_grant["token"].as_str().expect("token"));
+    assert_eq!(code, 2, "refused by the server: {stdout}");
+    assert!(stderr.contains("policy_changed"), "{stderr}");
     // Made inactive, the partner's tokens granted before are refused too.
     let mut inactive = policy.clone();
     inactive["active"] = false.into();

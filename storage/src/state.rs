@@ -103,6 +103,10 @@ pub struct TokenMinted {
     /// (field, masking operator name), in the order they are revealed.
     pub fields: Vec<(String, String)>,
     pub expires_at_ms: u64,
+    /// When the vault was asked to mint it (absent in tokens of earlier
+    /// builds, which a shorter `max_token_ttl_secs` then does not stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minted_at_ms: Option<u64>,
 }
 
 /// Payload of a `token_redeemed` entry; `"u/" token_hash` holds its seq.
@@ -185,10 +189,15 @@ pub struct PolicyChange {
     pub policy: serde_json::Value,
 }
 
+/// A token's longest lifetime, in seconds, under a policy that names
+/// none (the shim's default too).
+pub const DEFAULT_TOKEN_TTL_SECS: u32 = 300;
+
 /// What the vault reads of a partner's policy when one of its tokens is
 /// redeemed: the `"policy"` member of the latest `policy_changed` payload,
-/// of which only `active` (default `true`) and each purpose's `fields`
-/// (field name → masking operator) are read here; the rest of the schema
+/// of which only `active` (default `true`), each purpose's `fields`
+/// (field name → masking operator) and `max_token_ttl_secs` (default
+/// [`DEFAULT_TOKEN_TTL_SECS`]) are read here; the rest of the schema
 /// belongs to the layer that enforces it (docs/http.md, "Policies").
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct PolicyTerms {
@@ -196,6 +205,8 @@ pub struct PolicyTerms {
     pub active: bool,
     #[serde(default)]
     pub purposes: std::collections::BTreeMap<String, PurposeTerms>,
+    #[serde(default = "PolicyTerms::default_ttl")]
+    pub max_token_ttl_secs: u32,
 }
 
 /// One purpose of a [`PolicyTerms`].
@@ -208,6 +219,19 @@ pub struct PurposeTerms {
 impl PolicyTerms {
     fn active_by_default() -> bool {
         true
+    }
+
+    fn default_ttl() -> u32 {
+        DEFAULT_TOKEN_TTL_SECS
+    }
+
+    /// Whether a token minted at `minted_at_ms` is still young enough at
+    /// `now_ms` for this policy's `max_token_ttl_secs`: a policy that
+    /// shortened it stops the older tokens minted before. A token that
+    /// does not say when it was minted is not refused for its age.
+    pub fn allows_age(&self, minted_at_ms: Option<u64>, now_ms: u64) -> bool {
+        minted_at_ms
+            .is_none_or(|at| now_ms.saturating_sub(at) <= u64::from(self.max_token_ttl_secs) * 1000)
     }
 
     /// Whether this policy still allows a token minted for `purpose` to

@@ -1768,6 +1768,7 @@ impl Vault {
             purpose: purpose.to_string(),
             fields,
             expires_at_ms,
+            minted_at_ms: Some(now_ms()),
         };
         let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
         self.append(Append::Event {
@@ -3451,7 +3452,7 @@ impl Committer {
                 Some(k) if k.shredded => Some(TokenRefusal::SubjectShredded),
                 _ => match self.consent_refusal(g, t, now_ms)? {
                     Some(r) => Some(r),
-                    None => self.policy_refusal(g, t)?,
+                    None => self.policy_refusal(g, t, now_ms)?,
                 },
             },
         };
@@ -3523,17 +3524,25 @@ impl Committer {
     }
 
     /// Where the vault holds a policy for the token's partner, it must
-    /// still allow the token ([`state::PolicyTerms::allows`]): deactivating
-    /// the partner, or taking out the token's purpose or one of its fields,
-    /// stops the tokens minted before. A token minted where the vault holds
-    /// no policy for the partner (by a gateway that keeps policies
-    /// elsewhere) is not refused for it.
-    fn policy_refusal(&self, g: &Group, t: &state::TokenMinted) -> Result<Option<TokenRefusal>> {
+    /// still allow the token ([`state::PolicyTerms::allows`],
+    /// [`state::PolicyTerms::allows_age`]): deactivating the partner,
+    /// taking out the token's purpose or one of its fields, or shortening
+    /// `max_token_ttl_secs` below the token's age stops the tokens minted
+    /// before. A token minted where the vault holds no policy for the
+    /// partner (by a gateway that keeps policies elsewhere) is not refused
+    /// for it.
+    fn policy_refusal(
+        &self,
+        g: &Group,
+        t: &state::TokenMinted,
+        now_ms: u64,
+    ) -> Result<Option<TokenRefusal>> {
         let Some(v) = self.state_now(g, &state::policy_key(&t.partner_id))? else {
             return Ok(None);
         };
-        let allowed =
-            state::PolicyTerms::decode(&v).is_some_and(|p| p.allows(&t.purpose, &t.fields));
+        let allowed = state::PolicyTerms::decode(&v).is_some_and(|p| {
+            p.allows(&t.purpose, &t.fields) && p.allows_age(t.minted_at_ms, now_ms)
+        });
         Ok((!allowed).then_some(TokenRefusal::PolicyChanged))
     }
 

@@ -905,7 +905,7 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
     set(serde_json::json!("not an object")).await;
     refused(vault.redeem(&inactive, "p1", 5).await);
     // A refusal does not spend the token: allowed again, it redeems once.
-    set(both).await;
+    set(both.clone()).await;
     let (terms, _) = vault
         .redeem(&inactive, "p1", 5)
         .await
@@ -915,13 +915,56 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
         vault.redeem(&inactive, "p1", 5).await,
         Err(Error::TokenRefused(TokenRefusal::Spent))
     ));
+
+    // A shorter `max_token_ttl_secs` stops the tokens older than it: under
+    // 60 s, a token redeemed 61 s after it was minted is refused, and one
+    // redeemed 59 s after is not.
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let before = wall();
+    let aged = mint(&[("name", "reveal")]).await;
+    let after = wall();
+    let mut short = both;
+    short["max_token_ttl_secs"] = 60.into();
+    set(short).await;
+    refused(vault.redeem(&aged, "p1", after + 61_000).await);
+    vault
+        .redeem(&aged, "p1", before + 59_000)
+        .await
+        .expect("younger than the policy's lifetime");
+    // A token that does not say when it was minted (an earlier build's)
+    // is not refused for its age.
+    let token = format!("{}{}", storage::vault::TOKEN_PREFIX, "ab".repeat(32));
+    vault
+        .append(Append::event(
+            Kind::TokenMinted,
+            "s1",
+            &serde_json::json!({
+                "token_hash": storage::api_key_hash(&token),
+                "partner_id": "p1",
+                "subject": "s1",
+                "purpose": "kyc",
+                "fields": [["name", "reveal"]],
+                "expires_at_ms": u64::MAX,
+            }),
+        ))
+        .await
+        .expect("a token of an earlier build");
+    vault
+        .redeem(&token, "p1", after + 3_600_000)
+        .await
+        .expect("no mint time, no age");
+
     let denials = (0..vault.durable_len())
         .filter_map(|seq| vault.entry(seq).expect("read"))
         .filter(|e| {
             e.kind == Kind::AccessDenied && contains(&e.payload, b"\"reason\":\"policy_changed\"")
         })
         .count();
-    assert_eq!(denials, 5, "each refusal is audited");
+    assert_eq!(denials, 6, "each refusal is audited");
     vault.close().expect("close");
     verify_ok(&dir, key);
 }

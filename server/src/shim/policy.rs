@@ -53,7 +53,7 @@ fn yes() -> bool {
 }
 
 /// Default and ceiling of a token's lifetime.
-pub const DEFAULT_TOKEN_TTL_SECS: u32 = 300;
+pub const DEFAULT_TOKEN_TTL_SECS: u32 = storage::state::DEFAULT_TOKEN_TTL_SECS;
 
 fn default_ttl() -> u32 {
     DEFAULT_TOKEN_TTL_SECS
