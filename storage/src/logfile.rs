@@ -51,6 +51,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+use bytes::Bytes;
+
 use crate::error::{Error, Result};
 
 /// The file of chunks, in the data dir.
@@ -140,7 +142,7 @@ impl LayoutCheck {
 
 /// A chunk read with where it lies: its key, its offset and length in the
 /// file (`None` for a pointer that is not one), and its bytes.
-pub(crate) type Located = (sled::IVec, Option<(u64, u64)>, sled::IVec);
+pub(crate) type Located = (sled::IVec, Option<(u64, u64)>, Bytes);
 
 /// The log: chunks in [`FILE`], found through a sled tree of pointers.
 #[derive(Debug)]
@@ -264,10 +266,10 @@ impl LogTree {
     /// The bytes a pointer names, as far as the file holds them. A length
     /// no chunk can have (the committer keeps chunks below 128 KiB) reads
     /// as nothing, so a forged pointer cannot make a read allocate much.
-    fn read(&self, p: &[u8]) -> Result<sled::IVec> {
+    fn read(&self, p: &[u8]) -> Result<Bytes> {
         let Some((offset, len)) = decode_pointer(p).filter(|(_, len)| *len <= MAX_CHUNK_BYTES)
         else {
-            return Ok(sled::IVec::from(&[][..]));
+            return Ok(Bytes::new());
         };
         let mut buf = vec![0u8; len as usize];
         let mut got = 0;
@@ -283,7 +285,8 @@ impl LogTree {
             }
         }
         buf.truncate(got);
-        Ok(sled::IVec::from(buf))
+        // Owned as read: an `IVec` would copy the chunk once more.
+        Ok(Bytes::from(buf))
     }
 
     /// Makes the file durable (its data; its length is set by writes that
@@ -294,7 +297,7 @@ impl LogTree {
     }
 
     /// The chunk whose first seq is `key`.
-    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<sled::IVec>> {
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
         self.index.get(key)?.map(|p| self.read(&p)).transpose()
     }
 
@@ -302,7 +305,7 @@ impl LogTree {
     fn read_found(
         &self,
         found: Option<(sled::IVec, sled::IVec)>,
-    ) -> Result<Option<(sled::IVec, sled::IVec)>> {
+    ) -> Result<Option<(sled::IVec, Bytes)>> {
         found.map(|(k, p)| Ok((k, self.read(&p)?))).transpose()
     }
 
@@ -312,14 +315,14 @@ impl LogTree {
     }
 
     /// The chunk with the greatest first seq.
-    pub fn last(&self) -> Result<Option<(sled::IVec, sled::IVec)>> {
+    pub fn last(&self) -> Result<Option<(sled::IVec, Bytes)>> {
         self.read_found(self.index.last()?)
     }
 
     /// The chunk with the greatest first seq at or below `key`: the one
     /// that holds seq `key`, if the log reaches it. Not touched (a read of
     /// one entry mostly falls in the log's recent pointers).
-    pub(crate) fn at_or_before(&self, key: u64) -> Result<Option<(sled::IVec, sled::IVec)>> {
+    pub(crate) fn at_or_before(&self, key: u64) -> Result<Option<(sled::IVec, Bytes)>> {
         let found = self.index.range(..=key.to_be_bytes()).next_back();
         self.read_found(found.transpose()?)
     }
@@ -330,7 +333,7 @@ impl LogTree {
     pub fn range<K, R>(
         &self,
         range: R,
-    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + Send + '_
+    ) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, Bytes)>> + Send + '_
     where
         K: AsRef<[u8]>,
         R: std::ops::RangeBounds<K>,
@@ -357,7 +360,7 @@ impl LogTree {
     }
 
     /// Every chunk, in key order.
-    pub fn iter(&self) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, sled::IVec)>> + '_ {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = Result<(sled::IVec, Bytes)>> + '_ {
         self.range::<&[u8], _>(..)
     }
 

@@ -56,6 +56,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
+use bytes::Bytes;
+
 use ed25519_dalek::VerifyingKey;
 
 use crate::error::{Error, Result};
@@ -112,7 +114,7 @@ pub(crate) struct Store {
     /// [`Store::chunks_from`], which look here first and then in sled; the
     /// writer inserts a batch into sled before it removes the batch from
     /// here, so every chunk is always in one or the other.
-    pub(crate) recent: RwLock<BTreeMap<u64, sled::IVec>>,
+    pub(crate) recent: RwLock<BTreeMap<u64, Bytes>>,
     /// Held by [`Store::apply_recent`] from its read of `recent` to its
     /// removal there: the writer and the indexer both call it, and a chunk
     /// applied twice would lie twice in the chunks file.
@@ -323,7 +325,7 @@ impl Store {
     /// The chunks not yet in sled, for reading. A poisoned lock (a panic
     /// while it was held for writing) still holds a consistent map: the
     /// writer only inserts and removes whole entries.
-    fn recent(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, sled::IVec>> {
+    fn recent(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Bytes>> {
         self.recent
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -341,7 +343,7 @@ impl Store {
     /// that must precede it.
     pub(crate) fn apply_recent(&self, upto: Option<u64>) -> Result<usize> {
         let _applying = self.applying.lock().map_err(|_| Error::Poisoned)?;
-        let chunks: Vec<(u64, sled::IVec)> = self
+        let chunks: Vec<(u64, Bytes)> = self
             .recent()
             .range(..=upto.unwrap_or(u64::MAX))
             .map(|(k, v)| (*k, v.clone()))
@@ -349,7 +351,7 @@ impl Store {
         if chunks.is_empty() {
             return Ok(0);
         }
-        let keyed: Vec<([u8; 8], &sled::IVec)> =
+        let keyed: Vec<([u8; 8], &Bytes)> =
             chunks.iter().map(|(k, v)| (k.to_be_bytes(), v)).collect();
         self.log.apply(&keyed)?;
         let mut recent = self.recent.write().map_err(|_| Error::Poisoned)?;
@@ -361,7 +363,7 @@ impl Store {
 
     /// The chunk that holds `seq` if the log reaches it: the one with the
     /// greatest first seq at or below it, as `(first seq, chunk bytes)`.
-    pub(crate) fn chunk_at(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>> {
+    pub(crate) fn chunk_at(&self, seq: u64) -> Result<Option<(u64, Bytes)>> {
         // Recent chunks first: one moved to sled after this read is found
         // there below.
         let recent = self
@@ -385,11 +387,11 @@ impl Store {
     pub(crate) fn chunks_from(
         &self,
         first: u64,
-    ) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + '_ {
+    ) -> impl Iterator<Item = Result<(u64, Bytes)>> + '_ {
         // A snapshot of the recent chunks first, then sled: a chunk moved
         // to sled meanwhile is in both and given once; one added after the
         // snapshot and moved to sled before the scan reaches it is in sled.
-        let recent: Vec<(u64, sled::IVec)> = self
+        let recent: Vec<(u64, Bytes)> = self
             .recent()
             .range(first..)
             .map(|(k, v)| (*k, v.clone()))
@@ -411,9 +413,9 @@ fn chunk_key(k: &[u8]) -> Result<u64> {
 
 /// Two seq-ordered sequences of chunks as one, a chunk in both given once.
 fn merge_chunks<'a>(
-    mut recent: std::iter::Peekable<impl Iterator<Item = (u64, sled::IVec)> + 'a>,
-    mut applied: std::iter::Peekable<impl Iterator<Item = Result<(u64, sled::IVec)>> + 'a>,
-) -> impl Iterator<Item = Result<(u64, sled::IVec)>> + 'a {
+    mut recent: std::iter::Peekable<impl Iterator<Item = (u64, Bytes)> + 'a>,
+    mut applied: std::iter::Peekable<impl Iterator<Item = Result<(u64, Bytes)>> + 'a>,
+) -> impl Iterator<Item = Result<(u64, Bytes)>> + 'a {
     std::iter::from_fn(move || {
         let a = match applied.peek() {
             Some(Err(_)) => return applied.next(),
@@ -528,8 +530,8 @@ mod tests {
         Ok(())
     }
 
-    fn chunk(first: u64) -> sled::IVec {
-        sled::IVec::from(format!("chunk {first}").as_bytes())
+    fn chunk(first: u64) -> Bytes {
+        Bytes::from(format!("chunk {first}").into_bytes())
     }
 
     fn firsts(store: &Store, from: u64) -> Result<Vec<u64>> {

@@ -3813,7 +3813,8 @@ impl Writer {
                 .map_err(|_| Error::Malformed("log key is not a seq"))?;
             let v = v.ok_or(Error::Malformed("a log batch removes a chunk"))?;
             self.deferred_bytes += v.len();
-            chunks.push((first, sled::IVec::from(v)));
+            // Owned as the write-ahead record held it: no copy.
+            chunks.push((first, bytes::Bytes::from(v)));
         }
         self.store
             .recent

@@ -79,7 +79,7 @@ pub type Failure = (u64, Reason);
 /// them, their hashes, and whether its head's signature verified.
 struct Decoded {
     key: Option<u64>,
-    value: sled::IVec,
+    value: bytes::Bytes,
     first_seq: u64,
     ranges: Vec<std::ops::Range<usize>>,
     hashes: Vec<Hash>,
@@ -94,7 +94,7 @@ struct Decoded {
 
 fn decode_one(
     k: &sled::IVec,
-    v: sled::IVec,
+    v: bytes::Bytes,
     keys: &KeyChain,
 ) -> std::result::Result<Decoded, Reason> {
     let (first_seq, ranges, head) = {
