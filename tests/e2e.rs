@@ -237,13 +237,16 @@ fn authorize_redeem_deny_audit_and_verify() {
         "purposes": {"credit_check": {"fields": {"income": "generalize"}}},
         "rate_limit_per_minute": 2
     });
-    let (status, body) = call(
-        "PUT",
-        &format!("{http}/v1/policies/tight-lender"),
-        Some(&admin),
-        Some(&policy.to_string()),
-    );
-    assert_eq!(status, 200, "{body}");
+    let set_policy = |p: &Value| {
+        let (status, body) = call(
+            "PUT",
+            &format!("{http}/v1/policies/tight-lender"),
+            Some(&admin),
+            Some(&p.to_string()),
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    set_policy(&policy);
     let (status, body) = call(
         "PUT",
         &format!("{http}/v1/subjects/{subject}/consents/tight-lender"),
@@ -266,13 +269,7 @@ fn authorize_redeem_deny_audit_and_verify() {
     // A lifetime shortened below a token's age stops the token.
     let mut short = policy.clone();
     short["max_token_ttl_secs"] = 1.into();
-    let (status, body) = call(
-        "PUT",
-        &format!("{http}/v1/policies/tight-lender"),
-        Some(&admin),
-        Some(&short.to_string()),
-    );
-    assert_eq!(status, 200, "{body}");
+    set_policy(&short);
     std::thread::sleep(std::time::Duration::from_millis(1_100));
     let (code, stdout, stderr) = f.redeem(&tight, aged_grant["token"].as_str().expect("token"));
     assert_eq!(code, 2, "refused by the server: {stdout}");
@@ -280,13 +277,7 @@ fn authorize_redeem_deny_audit_and_verify() {
     // Made inactive, the partner's tokens granted before are refused too.
     let mut inactive = policy.clone();
     inactive["active"] = false.into();
-    let (status, body) = call(
-        "PUT",
-        &format!("{http}/v1/policies/tight-lender"),
-        Some(&admin),
-        Some(&inactive.to_string()),
-    );
-    assert_eq!(status, 200, "{body}");
+    set_policy(&inactive);
     let (code, stdout, stderr) = f.redeem(&tight, tight_grant["token"].as_str().expect("token"));
     assert_eq!(code, 2, "refused by the server: {stdout}");
     assert!(stderr.contains("policy_changed"), "{stderr}");
