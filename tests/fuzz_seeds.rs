@@ -1,0 +1,127 @@
+//! The fuzz targets' committed seeds (`fuzz/corpus/<target>/seed-*`) hold
+//! the golden vectors of the docs, as `fuzz/seeds.py` writes them.
+//!
+//! The fuzz crate is not a member of the workspace, so nothing else notices
+//! when a new message type or a new encoding leaves its seeds behind: a
+//! fuzzer started from stale seeds spends its time finding again what the
+//! docs already show. This test reads the docs the way `seeds.py` does and
+//! names each seed that is missing or differs; run `python3 seeds.py` in
+//! `fuzz/` to write them again.
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn doc(name: &str) -> String {
+    let path = root().join("docs").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    hex::decode(s).ok()
+}
+
+/// The lines of `protocol.md` that `seeds.py` takes as golden frames:
+/// `Name   header HEX` with an optional ` payload HEX`.
+fn golden_frames(protocol: &str) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    protocol
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.split_once(' ')?;
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return None;
+            }
+            let rest = rest.trim_start().strip_prefix("header ")?;
+            let (header, payload) = match rest.split_once(" payload ") {
+                Some((h, p)) => (hex(h)?, hex(p)?),
+                None => (hex(rest)?, Vec::new()),
+            };
+            Some((name.to_string(), header, payload))
+        })
+        .collect()
+}
+
+/// The `NAME HEX` lines of `storage.md`.
+fn storage_vector(storage: &str, name: &str) -> Vec<u8> {
+    storage
+        .lines()
+        .find_map(|line| hex(line.strip_prefix(name)?.strip_prefix(' ')?))
+        .unwrap_or_else(|| panic!("storage.md has no {name} vector"))
+}
+
+fn check(stale: &mut Vec<String>, target: &str, name: &str, want: &[u8]) {
+    let path: PathBuf = Path::new("fuzz/corpus")
+        .join(target)
+        .join(format!("seed-{name}"));
+    match std::fs::read(root().join(&path)) {
+        Ok(have) if have == want => {}
+        Ok(_) => stale.push(format!("{} differs", path.display())),
+        Err(e) => stale.push(format!("{}: {e}", path.display())),
+    }
+}
+
+#[test]
+fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
+    let mut stale = Vec::new();
+
+    let frames = golden_frames(&doc("protocol.md"));
+    assert!(
+        frames.len() >= 30,
+        "only {} golden frames read",
+        frames.len()
+    );
+    for (name, header, payload) in &frames {
+        check(&mut stale, "frame", name, &[&header[..], payload].concat());
+        check(
+            &mut stale,
+            "message",
+            name,
+            &[&[header[3]][..], payload].concat(),
+        );
+    }
+    let pipelined: Vec<u8> = frames[..3]
+        .iter()
+        .flat_map(|(_, h, p)| h.iter().chain(p).copied())
+        .collect();
+    check(&mut stale, "frame", "pipelined", &pipelined);
+
+    let storage = doc("storage.md");
+    for name in ["ENTRY_RS_GOLDEN", "ENTRY6", "ENTRY7"] {
+        let seed = name.to_ascii_lowercase();
+        check(&mut stale, "entry", &seed, &storage_vector(&storage, name));
+    }
+    let chunk = storage_vector(&storage, "CHUNK");
+    // The chunk target appends the CRC itself.
+    check(&mut stale, "chunk", "golden", &chunk[..chunk.len() - 4]);
+    check(
+        &mut stale,
+        "receipt",
+        "golden",
+        &storage_vector(&storage, "RECEIPT"),
+    );
+    check(
+        &mut stale,
+        "receipt",
+        "head",
+        &storage_vector(&storage, "HEAD"),
+    );
+
+    let http = doc("http.md");
+    let toml = http
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(toml, _)| toml)
+        .expect("http.md has a toml block");
+    check(&mut stale, "policies_toml", "demo", toml.as_bytes());
+
+    assert!(
+        stale.is_empty(),
+        "run `python3 seeds.py` in fuzz/ (the seeds follow the docs):\n{}",
+        stale.join("\n")
+    );
+}
