@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::copy_dir;
+use common::{copy_dir, files};
 
 use storage::{verify, Append, Error, Kind, Options, Unlock, Vault, VerifyOptions};
 
@@ -564,27 +564,22 @@ fn snapshot(dir: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
 }
 
 /// The names in `dir`, recursively, with each file's length.
-fn listing(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("read dir") {
-        let e = e.expect("dir entry");
-        let meta = e.metadata().expect("metadata");
-        if meta.is_dir() {
-            out.extend(listing(&e.path()));
-        } else {
-            out.push((e.path(), meta.len()));
-        }
-    }
-    out.sort();
-    out
-}
-
-#[test]
-fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
+#[tokio::test]
+async fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("v");
     let vault = new_vault(&dir);
     let key = vault.public_key();
+    for i in 0..5 {
+        vault
+            .append(Append::record(format!("s{i}"), b"{}".to_vec()))
+            .await
+            .expect("append");
+    }
+    // The live vault's write-ahead segments, put back below: a data dir
+    // stopped uncleanly, which an open would replay.
+    let live_wal = tmp.path().join("wal");
+    copy_dir(&dir.join("wal"), &live_wal);
     vault.close().expect("close");
     {
         let raw = storage::RawStore::open(&dir).expect("raw open");
@@ -595,7 +590,12 @@ fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
     }
     // As a data dir of format 1 is: its chunks in the log tree, no file.
     std::fs::remove_file(dir.join("chunks")).expect("remove the chunks file");
-    let wal = listing(&dir.join("wal"));
+    copy_dir(&live_wal, &dir.join("wal"));
+    let wal = files(&dir.join("wal"));
+    assert!(
+        wal.iter().any(|(_, len)| *len > 0),
+        "segments to replay: {wal:?}"
+    );
 
     let opened = Vault::open(&dir, &unlock(), Options::default()).err();
     assert!(
@@ -621,7 +621,7 @@ fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
         "{verified:?}"
     );
     assert!(!dir.join("chunks").exists(), "no chunks file was created");
-    assert_eq!(listing(&dir.join("wal")), wal, "nothing was replayed");
+    assert_eq!(files(&dir.join("wal")), wal, "nothing was replayed");
 }
 
 #[test]

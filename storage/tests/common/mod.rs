@@ -1,6 +1,6 @@
 //! Helpers shared by the storage crate's test binaries.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Copies a directory tree (a closed data dir, or a live vault's
 /// write-ahead segments) file by file.
@@ -15,6 +15,30 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(item.path(), &target).expect("copy a file");
         }
     }
+}
+
+/// Every regular file under `dir` (empty ones too), as its path relative
+/// to `dir` and its length, sorted: two listings compare equal when the
+/// tree holds the same files at the same lengths.
+#[allow(dead_code)] // not every test binary lists files
+pub fn files(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let e = e.expect("dir entry");
+            let t = e.file_type().expect("file type");
+            if t.is_dir() {
+                todo.push(e.path());
+            } else if t.is_file() {
+                let len = e.metadata().expect("metadata").len();
+                let rel = e.path().strip_prefix(dir).expect("under dir").to_path_buf();
+                out.push((rel, len));
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 /// A pending marker's value (docs/storage.md, section 2): the group's
