@@ -20,6 +20,7 @@ async fn append_with_baseline_completes_and_counts() {
         duration: None,
         baseline: true,
         redis: None,
+        postgres: None,
     };
     let target = Target::Embedded {
         dir: Some(dir.path().to_path_buf()),
@@ -719,4 +720,130 @@ async fn growth_table_has_one_row_per_size() {
         let r = bench::run(&target, &Workload::Growth(p), Progress::hidden()).await;
         assert!(matches!(r, Err(server::Error::Usage(_))));
     }
+}
+
+#[tokio::test]
+async fn a_postgres_baseline_that_cannot_run_fails_before_the_vault_does() {
+    // A port that was free a moment ago: nothing answers there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let params = AppendParams {
+        records: 10,
+        pipeline: 1,
+        postgres: Some(
+            bench::postgres::Conninfo::parse(&format!(
+                "host=127.0.0.1 port={port} user=bench password=hunter2"
+            ))
+            .expect("a connection string"),
+        ),
+        ..AppendParams::default()
+    };
+    let target = Target::InProcess {
+        dir: Some(dir.path().to_path_buf()),
+        tls: false,
+    };
+    let r = bench::run(&target, &Workload::Append(params), Progress::hidden()).await;
+    match &r {
+        Err(server::Error::Usage(m)) => {
+            assert!(
+                m.contains(&format!("connecting to 127.0.0.1:{port}")),
+                "{m}"
+            );
+            assert!(!m.contains("hunter2"), "{m}");
+        }
+        other => panic!("expected a usage error, got {other:?}"),
+    }
+    assert!(!dir.path().join("vault").exists(), "no vault was created");
+
+    // The binary's own refusals, before anything runs.
+    for (args, says) in [
+        (
+            vec!["--postgres", "host=127.0.0.1"],
+            "add --protocol or --addr",
+        ),
+        (
+            vec![
+                "--protocol",
+                "--pipeline",
+                "8",
+                "--postgres",
+                "host=127.0.0.1",
+            ],
+            "use --pipeline 1",
+        ),
+        (
+            vec![
+                "--protocol",
+                "--pipeline",
+                "1",
+                "--postgres",
+                "host='unterminated",
+            ],
+            "not a connection string",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+            .arg("append")
+            .args(&args)
+            .args(["--records", "10"])
+            .output()
+            .expect("vault-bench runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+/// Runs against the PostgreSQL server that `FINTRUST_BENCH_POSTGRES` names
+/// (a connection string); skipped without one. docs/benchmarks.md says how
+/// to start a scratch server.
+#[tokio::test]
+async fn protocol_appends_next_to_postgres_inserts_when_a_server_is_given() {
+    let Ok(conninfo) = std::env::var("FINTRUST_BENCH_POSTGRES") else {
+        eprintln!(
+            "note: FINTRUST_BENCH_POSTGRES is not set; the PostgreSQL baseline test is skipped"
+        );
+        return;
+    };
+    let v = bench_json(&[
+        "append",
+        "--protocol",
+        "--postgres",
+        &conninfo,
+        "--clients",
+        "2",
+        "--pipeline",
+        "1",
+        "--records",
+        "40",
+        "--size",
+        "100",
+    ]);
+    assert_eq!(v["throughput"]["records"], 40);
+    assert_eq!(v["postgres"]["rows"], 40);
+    assert_eq!(v["postgres"]["row_bytes"], 100);
+    assert_eq!(v["postgres"]["clients"], 2);
+    assert_ne!(v["postgres"]["synchronous_commit"], "off");
+    positive(&v, &["postgres", "latency_us", "p50"]);
+    positive(&v, &["postgres", "rate_ratio"]);
+    assert!(v["params"].get("postgres").is_none(), "{v}");
+
+    // The table is gone again.
+    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let left: Option<String> = c
+        .query_one(
+            "SELECT to_regclass($1)::text",
+            &[&server::bench::postgres::TABLE],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(left, None);
 }

@@ -143,6 +143,7 @@ impl GrowthParams {
             duration: None,
             baseline: false,
             redis: None,
+            postgres: None,
         }
     }
 }

@@ -514,6 +514,7 @@ async fn run_pure(
                 duration: None,
                 baseline: false,
                 redis: None,
+                postgres: None,
             };
             let r = protocol::run_append(&target, &ap, progress).await?;
             (r.throughput.records_per_s, r.latency_us)

@@ -77,6 +77,7 @@ pub mod growth;
 pub mod http;
 pub mod inproc;
 pub mod mixed;
+pub mod postgres;
 pub mod protocol;
 pub mod redeem;
 pub mod redis;
@@ -152,6 +153,13 @@ pub struct AppendParams {
     /// durable write per round trip.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<PathBuf>,
+    /// For a protocol target: a PostgreSQL server to `INSERT` the same
+    /// number of `size`-byte rows into, durably, from as many clients, one
+    /// statement at a time each (default none; see [`postgres`]). Needs
+    /// `pipeline` and `batch` 1, as `redis` does. Not in the report's
+    /// parameters (it may hold a password); the run names the server.
+    #[serde(skip)]
+    pub postgres: Option<postgres::Conninfo>,
 }
 
 impl Default for AppendParams {
@@ -166,6 +174,7 @@ impl Default for AppendParams {
             duration: None,
             baseline: false,
             redis: None,
+            postgres: None,
         }
     }
 }
@@ -247,6 +256,13 @@ impl AppendParams {
             self.redis.is_none() || (self.pipeline == 1 && self.batch == 1),
             || {
                 "the Redis SET baseline times one write per round trip: use --pipeline 1 --batch 1"
+                    .into()
+            },
+        )?;
+        check(
+            self.postgres.is_none() || (self.pipeline == 1 && self.batch == 1),
+            || {
+                "the PostgreSQL baseline times one INSERT per round trip: use --pipeline 1 --batch 1"
                     .into()
             },
         )
@@ -353,6 +369,22 @@ pub struct AppendReport {
     /// With [`AppendParams::redis`]: Redis `SET`, appendfsync always, in
     /// the same run; `null` when not asked for or skipped.
     pub redis: Option<Box<RedisSetRun>>,
+    /// With [`AppendParams::postgres`]: PostgreSQL `INSERT`s, committed
+    /// durably, in the same run; `null` when not asked for.
+    pub postgres: Option<Box<PostgresInsertRun>>,
+}
+
+/// PostgreSQL `INSERT` as the baseline of protocol appends.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostgresInsertRun {
+    #[serde(flatten)]
+    pub run: postgres::PostgresRun,
+    /// Protocol append p50 over `INSERT` p50.
+    pub p50_ratio: f64,
+    /// Protocol append p99 over `INSERT` p99.
+    pub p99_ratio: f64,
+    /// Protocol records/s over rows/s.
+    pub rate_ratio: f64,
 }
 
 /// Redis `SET` as the baseline of protocol appends.
@@ -506,6 +538,12 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         (Target::Embedded { .. }, Workload::Append(p)) if p.redis.is_some() => Err(Error::Usage(
             "the Redis SET baseline compares protocol appends: add --protocol or --addr".into(),
         )),
+        (Target::Embedded { .. }, Workload::Append(p)) if p.postgres.is_some() => {
+            Err(Error::Usage(
+                "the PostgreSQL baseline compares protocol appends: add --protocol or --addr"
+                    .into(),
+            ))
+        }
         (Target::Embedded { dir }, Workload::Append(p)) => {
             let (_tmp, dir, info) = scratch(dir.as_deref(), "embedded", false)?;
             run_append(&dir, info, p, progress)
@@ -683,6 +721,7 @@ async fn run_append(
         baseline,
         embedded: None,
         redis: None,
+        postgres: None,
     })
 }
 
@@ -1417,6 +1456,15 @@ impl AppendReport {
                 &r.run.latency_us,
             );
         }
+        if let Some(r) = &self.postgres {
+            row(
+                &mut s,
+                "postgres INSERT (durable)",
+                r.run.rows_per_s,
+                &format!("{:.2}x", r.rate_ratio),
+                &r.run.latency_us,
+            );
+        }
         let _ = writeln!(s);
         if let Some(r) = &self.redis {
             let _ = writeln!(
@@ -1430,12 +1478,27 @@ impl AppendReport {
                 r.run.version, p.clients, r.value_bytes
             );
         }
+        if let Some(r) = &self.postgres {
+            let _ = writeln!(
+                s,
+                "  protocol append over PostgreSQL INSERT: p50 {:.2}x, p99 {:.2}x",
+                r.p50_ratio, r.p99_ratio
+            );
+            let _ = writeln!(
+                s,
+                "  postgres {} at {}: synchronous_commit {}, {} client(s), one INSERT of a {} B row at a time",
+                r.run.version, r.run.server, r.run.synchronous_commit, r.run.clients, r.run.row_bytes
+            );
+        }
         let _ = write!(
             s,
             "  latency: vault = one append call until durable; sled = one flush + fdatasync"
         );
         if self.redis.is_some() {
             let _ = write!(s, "; redis = one SET round trip");
+        }
+        if self.postgres.is_some() {
+            let _ = write!(s, "; postgres = one INSERT round trip, commit included");
         }
         if self.embedded.is_some() {
             let _ = write!(

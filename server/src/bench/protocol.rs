@@ -10,7 +10,8 @@
 //! With [`AppendParams::redis`], Redis `SET`s of `size`-byte values follow
 //! in the same run, from as many clients, one at a time each
 //! (`super::redis::run_set`): the single-client durable-write latency
-//! comparison.
+//! comparison. With [`AppendParams::postgres`], PostgreSQL `INSERT`s of
+//! `size`-byte rows follow the same way ([`super::postgres`]).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -21,12 +22,12 @@ use indicatif::ProgressBar;
 use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
-use super::redis;
 use super::{
     claim, create_vault, join_error, run_append as run_embedded, scratch, subject_id, AppendParams,
-    AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress, RedisSetRun, Rng, Stats,
-    Target,
+    AppendReport, AppendThroughput, EmbeddedRun, Latency, PostgresInsertRun, Progress, RedisSetRun,
+    Rng, Stats, Target,
 };
+use super::{postgres, redis};
 use crate::{Error, Result};
 
 /// Bytes `{"v":""}` adds around a value.
@@ -39,6 +40,11 @@ pub(super) async fn run_append(
     p: &AppendParams,
     progress: Progress,
 ) -> Result<AppendReport> {
+    // A PostgreSQL server that cannot serve as the baseline fails the run
+    // before the vault's part, not after it.
+    if let Some(info) = &p.postgres {
+        postgres::preflight(info).await?;
+    }
     let (tmp, dir, mut info) = match target {
         Target::InProcess { dir, tls } => scratch(dir.as_deref(), "in-process", *tls)?,
         Target::Remote(config) => {
@@ -78,7 +84,6 @@ pub(super) async fn run_append(
         Target::Embedded { .. } => return Err(Error::Usage("not a protocol target".into())),
     };
     let connector = Connector::new(config)?;
-
     let measured = measure(&connector, p, progress).await;
     // Stop the server whatever happened, then report the first error.
     let stopped = match server {
@@ -108,6 +113,7 @@ pub(super) async fn run_append(
             duration: None,
             baseline: false,
             redis: None,
+            postgres: None,
             ..p.clone()
         };
         let e = run_embedded(&edir, einfo, &ep, progress).await?;
@@ -138,6 +144,21 @@ pub(super) async fn run_append(
             }))
         }
     };
+    let postgres = match &p.postgres {
+        None => None,
+        Some(info) => {
+            let r =
+                postgres::run_insert(info, stats.records, p.clients, p.size, p.subjects, progress)
+                    .await?;
+            let l = &r.latency_us;
+            Some(Box::new(PostgresInsertRun {
+                p50_ratio: latency_us.p50 as f64 / l.p50.max(1) as f64,
+                p99_ratio: latency_us.p99 as f64 / l.p99.max(1) as f64,
+                rate_ratio: records_per_s / r.rows_per_s,
+                run: r,
+            }))
+        }
+    };
     drop(tmp);
     Ok(AppendReport {
         target: info,
@@ -147,6 +168,7 @@ pub(super) async fn run_append(
         baseline: None,
         embedded,
         redis,
+        postgres,
     })
 }
 

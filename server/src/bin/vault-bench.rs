@@ -10,6 +10,7 @@
 //!                    [--protocol [--tls]]
 //!                    [--addr HOST:PORT --api-key KEY (--cacert FILE | --insecure-plaintext)]
 //!                    [--redis]   (with --protocol or --addr, --pipeline 1: Redis SET next to it)
+//!                    [--postgres CONNINFO]   (the same: PostgreSQL INSERT next to it)
 //! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline]
 //! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis] [--rate R]
 //! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--rate R]
@@ -196,6 +197,14 @@ struct AppendArgs {
     /// redis-server is not on PATH.
     #[arg(long)]
     redis: bool,
+    /// With --protocol or --addr: also INSERT as many rows of --size bytes
+    /// into a table of this PostgreSQL server (a connection string such as
+    /// "host=127.0.0.1 port=5432 user=postgres", or a postgresql:// URL),
+    /// one statement at a time from as many clients, each committed
+    /// durably; needs --pipeline 1 and batch 1. The run creates the table
+    /// fintrust_bench_records, refuses to start if it exists, and drops it.
+    #[arg(long, value_name = "CONNINFO")]
+    postgres: Option<String>,
 }
 
 #[derive(Args)]
@@ -342,14 +351,29 @@ impl Command {
                 if a.redis && !over_protocol {
                     anyhow::bail!("--redis compares protocol appends: add --protocol or --addr");
                 }
-                if a.redis && (a.pipeline.unwrap_or(d.pipeline) != 1 || a.batch.unwrap_or(1) != 1) {
+                if a.postgres.is_some() && !over_protocol {
+                    anyhow::bail!("--postgres compares protocol appends: add --protocol or --addr");
+                }
+                let one_at_a_time =
+                    a.pipeline.unwrap_or(d.pipeline) == 1 && a.batch.unwrap_or(1) == 1;
+                if a.redis && !one_at_a_time {
                     // Checked here too, so that it fails the same with or
                     // without redis-server installed.
                     anyhow::bail!(
                         "--redis times one durable write per round trip: use --pipeline 1 (and batch 1)"
                     );
                 }
+                if a.postgres.is_some() && !one_at_a_time {
+                    anyhow::bail!(
+                        "--postgres times one INSERT per round trip: use --pipeline 1 (and batch 1)"
+                    );
+                }
                 let redis = redis_server(a.redis, "SET");
+                let postgres = a
+                    .postgres
+                    .as_deref()
+                    .map(bench::postgres::Conninfo::parse)
+                    .transpose()?;
                 let p = AppendParams {
                     records: a.records.unwrap_or(d.records),
                     size: a.size.unwrap_or(d.size),
@@ -360,6 +384,7 @@ impl Command {
                     duration,
                     baseline: a.baseline,
                     redis,
+                    postgres,
                 };
                 (a.server.target(a.target)?, Workload::Append(p))
             }
