@@ -33,7 +33,9 @@
 //!   at the same client count in the same run.
 //! - Protocol appends next to Redis `SET` with `appendfsync always`
 //!   ([`AppendParams::redis`], [`redis`]): one durable write each, the
-//!   single-client latency comparison.
+//!   single-client latency comparison; and next to PostgreSQL `INSERT`s
+//!   committed durably ([`AppendParams::postgres`], [`postgres`]), what a
+//!   service would use instead of a vault.
 //! - [`Workload::Growth`] ([`growth`]): one vaultd whose log is grown to
 //!   each of a list of sizes; at each, a window of protocol appends,
 //!   mint+redeem cycles one at a time, and the process's resident memory,
@@ -41,8 +43,8 @@
 //!
 //! Submodules, in the order a run uses them: [`inproc`] (vaultd in this
 //! process, TLS material made for the run), then one per workload, then
-//! [`mixed`] and [`growth`] (which drive the others' operations) and
-//! [`redis`].
+//! [`mixed`] and [`growth`] (which drive the others' operations),
+//! [`redis`] and [`postgres`].
 //!
 //! The machines this runs on are shared and noisy, so absolute figures
 //! move between runs; the baselines are measured in the same run so that
