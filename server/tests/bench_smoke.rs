@@ -758,6 +758,23 @@ async fn a_postgres_baseline_that_cannot_run_fails_before_the_vault_does() {
     }
     assert!(!dir.path().join("vault").exists(), "no vault was created");
 
+    // The same for redemptions.
+    let params = server::bench::RedeemParams {
+        tokens: 10,
+        postgres: Some(
+            bench::postgres::Conninfo::parse(&format!("host=127.0.0.1 port={port}"))
+                .expect("a connection string"),
+        ),
+        ..Default::default()
+    };
+    let r = bench::run(&target, &Workload::Redeem(params), Progress::hidden()).await;
+    assert!(
+        matches!(&r, Err(server::Error::Usage(m)) if m.contains("connecting to")),
+        "{:?}",
+        r.err()
+    );
+    assert!(!dir.path().join("vault").exists(), "no vault was created");
+
     // The binary's own refusals, before anything runs.
     for (args, says) in [
         (
@@ -798,11 +815,12 @@ async fn a_postgres_baseline_that_cannot_run_fails_before_the_vault_does() {
     }
 }
 
-/// Runs against the PostgreSQL server that `FINTRUST_BENCH_POSTGRES` names
-/// (a connection string); skipped without one. docs/benchmarks.md says how
+/// Runs appends and redemptions against the PostgreSQL server that
+/// `FINTRUST_BENCH_POSTGRES` names (a connection string); skipped without
+/// one. docs/benchmarks.md says how
 /// to start a scratch server.
 #[tokio::test]
-async fn protocol_appends_next_to_postgres_inserts_when_a_server_is_given() {
+async fn appends_and_redemptions_next_to_postgres_when_a_server_is_given() {
     let Ok(conninfo) = std::env::var("FINTRUST_BENCH_POSTGRES") else {
         eprintln!(
             "note: FINTRUST_BENCH_POSTGRES is not set; the PostgreSQL baseline test is skipped"
@@ -824,7 +842,8 @@ async fn protocol_appends_next_to_postgres_inserts_when_a_server_is_given() {
         "100",
     ]);
     assert_eq!(v["throughput"]["records"], 40);
-    assert_eq!(v["postgres"]["rows"], 40);
+    assert_eq!(v["postgres"]["statement"], "INSERT");
+    assert_eq!(v["postgres"]["ops"], 40);
     assert_eq!(v["postgres"]["row_bytes"], 100);
     assert_eq!(v["postgres"]["clients"], 2);
     assert_ne!(v["postgres"]["synchronous_commit"], "off");
@@ -832,18 +851,38 @@ async fn protocol_appends_next_to_postgres_inserts_when_a_server_is_given() {
     positive(&v, &["postgres", "rate_ratio"]);
     assert!(v["params"].get("postgres").is_none(), "{v}");
 
-    // The table is gone again.
+    // Redemptions, on a schedule: as many rows burnt, each returning its value.
+    let v = bench_json(&[
+        "redeem",
+        "--postgres",
+        &conninfo,
+        "--clients",
+        "3",
+        "--tokens",
+        "30",
+        "--rate",
+        "300",
+    ]);
+    assert_eq!(v["postgres"]["statement"], "DELETE RETURNING");
+    assert_eq!(v["postgres"]["ops"], 30);
+    assert!(v["postgres"]["behind_schedule"].as_u64().is_some(), "{v}");
+    positive(&v["runs"][0], &["p99_vs_postgres"]);
+    positive(&v["runs"][0], &["rate_vs_postgres"]);
+
+    // Both tables are gone again.
     let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
         .await
         .expect("connect");
     tokio::spawn(conn);
-    let left: Option<String> = c
-        .query_one(
-            "SELECT to_regclass($1)::text",
-            &[&server::bench::postgres::TABLE],
-        )
-        .await
-        .expect("query")
-        .get(0);
-    assert_eq!(left, None);
+    for table in [
+        server::bench::postgres::TABLE,
+        server::bench::postgres::TOKENS_TABLE,
+    ] {
+        let left: Option<String> = c
+            .query_one("SELECT to_regclass($1)::text", &[&table])
+            .await
+            .expect("query")
+            .get(0);
+        assert_eq!(left, None, "{table}");
+    }
 }

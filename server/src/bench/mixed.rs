@@ -525,6 +525,7 @@ async fn run_pure(
                 tokens: count,
                 redis: None,
                 rate: None,
+                postgres: None,
             };
             let r = redeem::run(&dir, info, &rp, progress).await?;
             // With TLS, the resumed pass: the mix shares one connector too.

@@ -1462,7 +1462,7 @@ impl AppendReport {
             row(
                 &mut s,
                 "postgres INSERT (durable)",
-                r.run.rows_per_s,
+                r.run.ops_per_s,
                 &format!("{:.2}x", r.rate_ratio),
                 &r.run.latency_us,
             );

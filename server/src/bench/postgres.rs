@@ -1,20 +1,28 @@
-//! PostgreSQL baseline of protocol appends: what a service would do that
-//! kept its customer records in a table instead.
+//! PostgreSQL baselines: what a service would use instead of a vault, a
+//! table in PostgreSQL.
 //!
-//! `clients` tasks, each on its own connection, `INSERT` one row at a time
-//! into a table of their own, each statement its own transaction: with
-//! `fsync` and `synchronous_commit` on, PostgreSQL acknowledges the commit
-//! once its WAL record is flushed, and concurrent commits share flushes (its
-//! group commit). A row is what the vault stores per record: a `bigint`
-//! primary key (the seq), the subject id, and the record's bytes (`bytea`,
-//! random, so that nothing compresses them).
+//! - Of protocol appends (`run_insert`): `clients` tasks, each on its own
+//!   connection, `INSERT` one row at a time into [`TABLE`]. A row is what
+//!   the vault stores per record: a `bigint` primary key (the seq), the
+//!   subject id, and the record's bytes (`bytea`, random, so that nothing
+//!   compresses them).
+//! - Of redemptions (`run_delete`): [`TOKENS_TABLE`] is loaded with one
+//!   row per token (not timed), keyed as the Redis baseline keys them,
+//!   then `clients` tasks on persistent connections burn them one at a
+//!   time with `DELETE ... RETURNING` the stored value: a one-time value
+//!   deleted as it is read, which is what a token burn is.
+//!
+//! Each statement is its own transaction: with `fsync` and
+//! `synchronous_commit` on, PostgreSQL acknowledges the commit once its WAL
+//! record is flushed, and concurrent commits share flushes (its group
+//! commit).
 //!
 //! The server is the caller's (`--postgres CONNINFO`, a libpq connection
-//! string or URL); the run
+//! string or URL); a run
 //! - refuses a server that would acknowledge a commit before it is durable
 //!   (`fsync` off, `synchronous_commit` off);
-//! - creates its table, [`TABLE`], and refuses to start if one of that name
-//!   exists (it never drops a table it did not create);
+//! - creates its table, and refuses to start if one of that name exists (it
+//!   never drops a table it did not create);
 //! - drops the table at the end, whatever happened.
 //!
 //! The connection string may hold a password: it is never printed or
@@ -23,16 +31,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use super::{join_error, micros, new_histogram, Latency, Pace, Progress};
 use crate::{Error, Result};
 
-/// The table a run creates, fills and drops.
+/// The table an append baseline creates, fills and drops.
 pub const TABLE: &str = "fintrust_bench_records";
+/// The table a redemption baseline creates, fills, empties and drops.
+pub const TOKENS_TABLE: &str = "fintrust_bench_tokens";
 
 /// A PostgreSQL connection string, parsed when it is given; it prints only
 /// where it points, never a password.
@@ -85,9 +96,11 @@ impl std::fmt::Debug for Conninfo {
     }
 }
 
-/// The timed pass of `INSERT`s.
+/// A timed pass of one statement.
 #[derive(Debug, Clone, Serialize)]
 pub struct PostgresRun {
+    /// The statement timed: "INSERT" or "DELETE RETURNING".
+    pub statement: &'static str,
     /// `server_version` of the server.
     pub version: String,
     /// Where it ran: `host:port` (no user, no password).
@@ -95,13 +108,19 @@ pub struct PostgresRun {
     /// `synchronous_commit` as the server reported it (`on`, or `local`,
     /// `remote_write`, `remote_apply`).
     pub synchronous_commit: String,
-    pub rows: u64,
+    /// Statements run, one row each.
+    pub ops: u64,
     pub clients: usize,
+    /// Bytes of each row's value.
     pub row_bytes: usize,
     pub elapsed_s: f64,
-    pub rows_per_s: f64,
-    /// One `INSERT`'s round trip, commit included.
+    pub ops_per_s: f64,
+    /// One statement's round trip, commit included; with a rate, from the
+    /// due time of a statement that found no connection free.
     pub latency_us: Latency,
+    /// With a rate: the statements that found no connection free at their
+    /// due time.
+    pub behind_schedule: Option<u64>,
 }
 
 fn pg_error(what: impl Into<String>) -> Error {
@@ -140,9 +159,9 @@ async fn show(c: &Client, name: &'static str) -> Result<String> {
     row.try_get(0).map_err(query_error(name))
 }
 
-/// What a run needs of the server: durable commits and no table of
-/// [`TABLE`]'s name. Returns `server_version` and `synchronous_commit`.
-async fn check_server(info: &Conninfo, c: &Client) -> Result<(String, String)> {
+/// What a run needs of the server: durable commits and no table named
+/// `table`. Returns `server_version` and `synchronous_commit`.
+async fn check_server(info: &Conninfo, c: &Client, table: &str) -> Result<(String, String)> {
     if show(c, "fsync").await? != "on" {
         return Err(pg_error(format!(
             "{} runs with fsync off: its commits are not durable, so it is no baseline",
@@ -157,14 +176,14 @@ async fn check_server(info: &Conninfo, c: &Client) -> Result<(String, String)> {
         )));
     }
     let exists: Option<String> = c
-        .query_one("SELECT to_regclass($1)::text", &[&TABLE])
+        .query_one("SELECT to_regclass($1)::text", &[&table])
         .await
         .map_err(query_error("looking for the table"))?
         .try_get(0)
         .map_err(query_error("looking for the table"))?;
     if exists.is_some() {
         return Err(pg_error(format!(
-            "{} already has a table {TABLE}: drop it if an earlier run left it",
+            "{} already has a table {table}: drop it if an earlier run left it",
             info.shown
         )));
     }
@@ -172,11 +191,112 @@ async fn check_server(info: &Conninfo, c: &Client) -> Result<(String, String)> {
 }
 
 /// Checks the server before anything else runs, so that a server that is
-/// down, not durable, or holding the table fails the run at once.
-pub(super) async fn preflight(info: &Conninfo) -> Result<()> {
+/// down, not durable, or holding `table` fails the run at once.
+pub(super) async fn preflight(info: &Conninfo, table: &str) -> Result<()> {
     let c = connect(info, 1).await?;
     let c = c.first().ok_or_else(|| pg_error("no client"))?;
-    check_server(info, c).await.map(drop)
+    check_server(info, c, table).await.map(drop)
+}
+
+/// What the timed statements do.
+#[derive(Clone)]
+enum Op {
+    /// `INSERT` row `i`: seq `i`, a subject of `subjects`, `body`.
+    Insert { body: Arc<Vec<u8>>, subjects: usize },
+    /// `DELETE` token `i`, which must return `value`.
+    Delete { value: Arc<Vec<u8>> },
+}
+
+impl Op {
+    fn statement(&self) -> &'static str {
+        match self {
+            Op::Insert { .. } => "INSERT",
+            Op::Delete { .. } => "DELETE RETURNING",
+        }
+    }
+
+    fn sql(&self) -> String {
+        match self {
+            Op::Insert { .. } => {
+                format!("INSERT INTO {TABLE} (seq, subject, body) VALUES ($1, $2, $3)")
+            }
+            Op::Delete { .. } => {
+                format!("DELETE FROM {TOKENS_TABLE} WHERE token = $1 RETURNING data")
+            }
+        }
+    }
+
+    /// Runs statement `i` once; fails unless it touched exactly its row.
+    async fn run(&self, c: &Client, statement: &Statement, i: u64) -> Result<()> {
+        match self {
+            Op::Insert { body, subjects } => {
+                let seq = i64::try_from(i).map_err(|_| pg_error("seq over i64"))?;
+                let subject = super::subject_id(i as usize % (*subjects).max(1));
+                let n = c
+                    .execute(statement, &[&seq, &subject, &body.as_slice()])
+                    .await
+                    .map_err(query_error("INSERT"))?;
+                if n != 1 {
+                    return Err(pg_error(format!("INSERT wrote {n} rows")));
+                }
+            }
+            Op::Delete { value } => {
+                let rows = c
+                    .query(statement, &[&token_key(i)])
+                    .await
+                    .map_err(query_error("DELETE"))?;
+                let got: Option<&[u8]> = match rows.as_slice() {
+                    [row] => row.try_get(0).ok(),
+                    _ => None,
+                };
+                if got != Some(value.as_slice()) {
+                    return Err(pg_error(format!(
+                        "DELETE of token {i} returned {} rows, not its value",
+                        rows.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key of token `i`, as the Redis baseline names it.
+fn token_key(i: u64) -> String {
+    format!("token:{i:010}")
+}
+
+/// Creates `table` with `columns` on `c`, runs `body`, and drops the table
+/// whatever happened, on a connection of its own (`c` and the timed ones
+/// may be broken by then).
+async fn with_table<T>(
+    info: &Conninfo,
+    c: &Client,
+    table: &str,
+    columns: &str,
+    body: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    // Without IF NOT EXISTS: an existing table of that name is someone
+    // else's, and the run stops here without touching it.
+    c.batch_execute(&format!("CREATE TABLE {table} ({columns})"))
+        .await
+        .map_err(|e| {
+            pg_error(format!(
+                "creating table {table} (drop it if an earlier run left it): {e}"
+            ))
+        })?;
+    let result = body.await;
+    let dropped = async {
+        let c = connect(info, 1).await?;
+        let c = c.first().ok_or_else(|| pg_error("no client"))?;
+        c.batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .map_err(query_error("dropping the table"))
+    }
+    .await;
+    let r = result?;
+    dropped?;
+    Ok(r)
 }
 
 /// Inserts `rows` rows of `row_bytes` random bytes over `clients`
@@ -189,91 +309,147 @@ pub(super) async fn run_insert(
     subjects: usize,
     progress: Progress,
 ) -> Result<PostgresRun> {
+    let first = connect(info, 1)
+        .await?
+        .pop()
+        .ok_or_else(|| pg_error("no client"))?;
+    let (version, synchronous_commit) = check_server(info, &first, TABLE).await?;
     let conns = connect(info, clients).await?;
-    let Some(first) = conns.first() else {
-        return Err(pg_error("no clients"));
+    let mut body = vec![0u8; row_bytes];
+    storage::crypto::random_bytes(&mut body);
+    let op = Op::Insert {
+        body: Arc::new(body),
+        subjects,
     };
-    let (version, synchronous_commit) = check_server(info, first).await?;
-    // Without IF NOT EXISTS: an existing table of that name is someone
-    // else's, and the run stops here without touching it.
-    first
-        .batch_execute(&format!(
-            "CREATE TABLE {TABLE} (seq bigint PRIMARY KEY, subject text NOT NULL, body bytea NOT NULL)"
-        ))
-        .await
-        .map_err(|e| {
-            pg_error(format!(
-                "creating table {TABLE} (drop it if an earlier run left it): {e}"
-            ))
-        })?;
-    let bar = progress.phase("postgres INSERT", rows);
-    let timed = drive(conns, rows, row_bytes, subjects, &bar).await;
-    bar.finish_and_clear();
-    // Dropped whatever happened, on a connection of its own: the timed ones
-    // may be broken.
-    let dropped = async {
-        let c = connect(info, 1).await?;
-        let c = c.first().ok_or_else(|| pg_error("no client"))?;
-        c.batch_execute(&format!("DROP TABLE {TABLE}"))
+    let columns = "seq bigint PRIMARY KEY, subject text NOT NULL, body bytea NOT NULL";
+    let (hist, secs, behind) = with_table(info, &first, TABLE, columns, async {
+        let bar = progress.phase("postgres INSERT", rows);
+        let timed = drive(conns, rows, None, op.clone(), &bar).await;
+        bar.finish_and_clear();
+        timed
+    })
+    .await?;
+    Ok(report(
+        op.statement(),
+        version,
+        info,
+        synchronous_commit,
+        clients,
+        row_bytes,
+        &hist,
+        secs,
+        behind,
+    ))
+}
+
+/// Loads `tokens` rows of `value` into [`TOKENS_TABLE`], then deletes them
+/// over `clients` connections (at `rate` per second between them, if
+/// given), one statement at a time on each; see the module doc.
+pub(super) async fn run_delete(
+    info: &Conninfo,
+    tokens: u64,
+    clients: usize,
+    value: &[u8],
+    rate: Option<f64>,
+    progress: Progress,
+) -> Result<PostgresRun> {
+    let first = connect(info, 1)
+        .await?
+        .pop()
+        .ok_or_else(|| pg_error("no client"))?;
+    let (version, synchronous_commit) = check_server(info, &first, TOKENS_TABLE).await?;
+    let conns = connect(info, clients).await?;
+    let op = Op::Delete {
+        value: Arc::new(value.to_vec()),
+    };
+    let columns = "token text PRIMARY KEY, data bytea NOT NULL";
+    let (hist, secs, behind) = with_table(info, &first, TOKENS_TABLE, columns, async {
+        let n = i64::try_from(tokens).map_err(|_| pg_error("too many tokens"))?;
+        first
+            .execute(
+                &format!(
+                    "INSERT INTO {TOKENS_TABLE} (token, data) \
+                     SELECT 'token:' || lpad(g::text, 10, '0'), $1 FROM generate_series(0, $2::bigint - 1) g"
+                ),
+                &[&value, &n],
+            )
             .await
-            .map_err(query_error("dropping the table"))
-    }
-    .await;
-    let (hist, secs) = timed?;
-    dropped?;
-    Ok(PostgresRun {
+            .map_err(query_error("loading the tokens"))?;
+        let bar = progress.phase("postgres DELETE RETURNING", tokens);
+        let timed = drive(conns, tokens, rate, op.clone(), &bar).await;
+        bar.finish_and_clear();
+        timed
+    })
+    .await?;
+    Ok(report(
+        op.statement(),
+        version,
+        info,
+        synchronous_commit,
+        clients,
+        value.len(),
+        &hist,
+        secs,
+        behind,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    statement: &'static str,
+    version: String,
+    info: &Conninfo,
+    synchronous_commit: String,
+    clients: usize,
+    row_bytes: usize,
+    hist: &Histogram<u64>,
+    secs: f64,
+    behind_schedule: Option<u64>,
+) -> PostgresRun {
+    PostgresRun {
+        statement,
         version,
         server: info.shown.clone(),
         synchronous_commit,
-        rows: hist.len(),
+        ops: hist.len(),
         clients,
         row_bytes,
         elapsed_s: secs,
-        rows_per_s: hist.len() as f64 / secs,
-        latency_us: Latency::of(&hist),
-    })
+        ops_per_s: hist.len() as f64 / secs,
+        latency_us: Latency::of(hist),
+        behind_schedule,
+    }
 }
 
 /// The timed pass: every connection prepares the statement, then takes
-/// rows from one [`Pace`] until none is left.
+/// statements from one [`Pace`] (at `rate` if given) until none is left.
+/// Returns the latencies, the seconds it took and, with a rate, how many
+/// statements were behind schedule.
 async fn drive(
     conns: Vec<Client>,
-    rows: u64,
-    row_bytes: usize,
-    subjects: usize,
+    ops: u64,
+    rate: Option<f64>,
+    op: Op,
     bar: &ProgressBar,
-) -> Result<(hdrhistogram::Histogram<u64>, f64)> {
-    let mut body = vec![0u8; row_bytes];
-    storage::crypto::random_bytes(&mut body);
-    let body = Arc::new(body);
+) -> Result<(Histogram<u64>, f64, Option<u64>)> {
     let mut prepared = Vec::with_capacity(conns.len());
     for c in conns {
         let statement = c
-            .prepare(&format!(
-                "INSERT INTO {TABLE} (seq, subject, body) VALUES ($1, $2, $3)"
-            ))
+            .prepare(&op.sql())
             .await
-            .map_err(query_error("preparing the INSERT"))?;
+            .map_err(query_error("preparing the statement"))?;
         prepared.push((c, statement));
     }
     let start = Instant::now();
-    let pace = Arc::new(Pace::new(None, rows, start));
+    let pace = Arc::new(Pace::new(rate, ops, start));
     let mut set = JoinSet::new();
     for (c, statement) in prepared {
-        let (pace, bar, body) = (pace.clone(), bar.clone(), body.clone());
+        let (pace, bar, op) = (pace.clone(), bar.clone(), op.clone());
         set.spawn(async move {
             let mut hist = new_histogram();
             while let Some(turn) = pace.take() {
-                let seq = i64::try_from(turn.index).map_err(|_| pg_error("seq over i64"))?;
-                let subject = super::subject_id(turn.index as usize % subjects.max(1));
                 let from = turn.start().await;
-                let n = c
-                    .execute(&statement, &[&seq, &subject, &body.as_slice()])
-                    .await
-                    .map_err(query_error("INSERT"))?;
-                if n != 1 {
-                    return Err(pg_error(format!("INSERT wrote {n} rows")));
-                }
+                op.run(&c, &statement, turn.index).await?;
                 hist.saturating_record(micros(from.elapsed()));
                 bar.inc(1);
             }
@@ -285,7 +461,7 @@ async fn drive(
         hist.add(&r.map_err(join_error)??)
             .map_err(|e| pg_error(format!("histograms: {e}")))?;
     }
-    Ok((hist, start.elapsed().as_secs_f64()))
+    Ok((hist, start.elapsed().as_secs_f64(), pace.behind_schedule()))
 }
 
 #[cfg(test)]

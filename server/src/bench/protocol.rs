@@ -43,7 +43,7 @@ pub(super) async fn run_append(
     // A PostgreSQL server that cannot serve as the baseline fails the run
     // before the vault's part, not after it.
     if let Some(info) = &p.postgres {
-        postgres::preflight(info).await?;
+        postgres::preflight(info, postgres::TABLE).await?;
     }
     let (tmp, dir, mut info) = match target {
         Target::InProcess { dir, tls } => scratch(dir.as_deref(), "in-process", *tls)?,
@@ -154,7 +154,7 @@ pub(super) async fn run_append(
             Some(Box::new(PostgresInsertRun {
                 p50_ratio: latency_us.p50 as f64 / l.p50.max(1) as f64,
                 p99_ratio: latency_us.p99 as f64 / l.p99.max(1) as f64,
-                rate_ratio: records_per_s / r.rows_per_s,
+                rate_ratio: records_per_s / r.ops_per_s,
                 run: r,
             }))
         }

@@ -16,7 +16,9 @@
 //! [`Connector`], whose rustls configuration resumes sessions.
 //!
 //! With a Redis binary, the same number of keys is deleted with `GETDEL`
-//! by the same number of clients on persistent connections ([`super::redis`]).
+//! by the same number of clients on persistent connections ([`super::redis`]);
+//! with a PostgreSQL server, as many rows with `DELETE ... RETURNING`
+//! ([`super::postgres`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use storage::{Append, Vault};
 use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
+use super::postgres::{self, Conninfo, PostgresRun};
 use super::redis::{self, RedisRun};
 use super::{
     check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, LatencyTable,
@@ -58,6 +61,10 @@ pub struct RedeemParams {
     /// loop), the Redis baseline at the same rate; `None`: each client
     /// starts its next one when the last is done.
     pub rate: Option<f64>,
+    /// A PostgreSQL server for the `DELETE ... RETURNING` baseline, if
+    /// asked for; not in the report's parameters (it may hold a password).
+    #[serde(skip)]
+    pub postgres: Option<Conninfo>,
 }
 
 impl Default for RedeemParams {
@@ -67,6 +74,7 @@ impl Default for RedeemParams {
             tokens: 20_000,
             redis: None,
             rate: None,
+            postgres: None,
         }
     }
 }
@@ -96,6 +104,10 @@ pub struct RedeemReport {
     /// One run without TLS; with TLS, full handshakes then resumed ones.
     pub runs: Vec<RedeemRun>,
     pub redis: Option<RedisRun>,
+    /// With [`RedeemParams::postgres`]: the same number of rows deleted
+    /// with `DELETE ... RETURNING`, committed durably; `null` when not
+    /// asked for.
+    pub postgres: Option<PostgresRun>,
 }
 
 /// How the tokens were minted (over the protocol, gateway role).
@@ -128,6 +140,12 @@ pub struct RedeemRun {
     /// With the Redis baseline: this run's rate over Redis `GETDEL`'s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_vs_redis: Option<f64>,
+    /// With the PostgreSQL baseline: this run's p99 over its p99.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_vs_postgres: Option<f64>,
+    /// With the PostgreSQL baseline: this run's rate over its rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_vs_postgres: Option<f64>,
 }
 
 /// Runs the workload against a `vaultd` started here, data under `dir`.
@@ -137,6 +155,11 @@ pub(super) async fn run(
     p: &RedeemParams,
     progress: Progress,
 ) -> Result<RedeemReport> {
+    // A PostgreSQL server that cannot serve as the baseline fails the run
+    // before the vault's part, not after it.
+    if let Some(pg) = &p.postgres {
+        postgres::preflight(pg, postgres::TOKENS_TABLE).await?;
+    }
     let vault_dir = dir.join("vault");
     super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
     let vault = create_vault(vault_dir).await?;
@@ -178,12 +201,26 @@ pub(super) async fn run(
             Some(r)
         }
     };
+    let postgres = match &p.postgres {
+        None => None,
+        Some(pg) => {
+            let r = postgres::run_delete(pg, p.tokens, p.clients, redis::VALUE, p.rate, progress)
+                .await?;
+            for run in &mut runs {
+                run.p99_vs_postgres =
+                    Some(run.latency_us.p99 as f64 / r.latency_us.p99.max(1) as f64);
+                run.rate_vs_postgres = Some(run.redemptions_per_s / r.ops_per_s);
+            }
+            Some(r)
+        }
+    };
     Ok(RedeemReport {
         target: info,
         params: p.clone(),
         setup,
         runs,
         redis,
+        postgres,
     })
 }
 
@@ -358,6 +395,8 @@ async fn redeem_all(
         behind_schedule: pace.behind_schedule(),
         p99_vs_redis: None,
         rate_vs_redis: None,
+        p99_vs_postgres: None,
+        rate_vs_postgres: None,
     })
 }
 
@@ -409,27 +448,53 @@ impl RedeemReport {
                 "-",
                 &r.latency_us,
             );
-            let _ = writeln!(s);
+        }
+        if let Some(r) = &self.postgres {
+            row(
+                &mut s,
+                "postgres DELETE RETURNING",
+                r.ops_per_s,
+                "-",
+                &r.latency_us,
+            );
+        }
+        let mut notes = Vec::new();
+        if let Some(r) = &self.redis {
             for run in &self.runs {
-                let _ = writeln!(
-                    s,
+                notes.push(format!(
                     "  {}: {:.2}x Redis's rate, p99 {:.2}x Redis's",
                     run.mode,
                     run.rate_vs_redis.unwrap_or(0.0),
                     run.p99_vs_redis.unwrap_or(0.0)
-                );
+                ));
             }
-            let _ = write!(
-                s,
+            notes.push(format!(
                 "  redis {}: appendfsync always, {} clients on persistent connections",
                 r.version, self.params.clients
-            );
-        } else {
+            ));
+        }
+        if let Some(r) = &self.postgres {
+            for run in &self.runs {
+                notes.push(format!(
+                    "  {}: {:.2}x PostgreSQL's rate, p99 {:.2}x PostgreSQL's",
+                    run.mode,
+                    run.rate_vs_postgres.unwrap_or(0.0),
+                    run.p99_vs_postgres.unwrap_or(0.0)
+                ));
+            }
+            notes.push(format!(
+                "  postgres {} at {}: synchronous_commit {}, {} clients on persistent connections",
+                r.version, r.server, r.synchronous_commit, r.clients
+            ));
+        }
+        if notes.is_empty() {
             let _ = write!(
                 s,
                 "  latency: connect (TCP{}, Hello) until the data frame is decoded",
                 if self.target.tls { ", TLS" } else { "" }
             );
+        } else {
+            let _ = write!(s, "\n{}", notes.join("\n"));
         }
         let behind: Vec<String> = self
             .runs
@@ -443,6 +508,10 @@ impl RedeemReport {
                     .iter()
                     .filter_map(|r| r.behind_schedule.map(|n| format!("redis {}", thousands(n)))),
             )
+            .chain(self.postgres.iter().filter_map(|r| {
+                r.behind_schedule
+                    .map(|n| format!("postgres {}", thousands(n)))
+            }))
             .collect();
         if !behind.is_empty() {
             let _ = write!(

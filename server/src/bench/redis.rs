@@ -30,8 +30,9 @@ use tokio::task::JoinSet;
 use super::{join_error, micros, new_histogram, Latency, Pace, Progress};
 use crate::{Error, Result};
 
-/// The stored value: about the size of a redeemed `Data` frame.
-const VALUE: &[u8] = br#"{"name":"A** L*******","iban":"GB33 **** **** **** 5555","dob":"1810-1819","income":"80000-89999"}"#;
+/// The stored value: about the size of a redeemed `Data` frame. The
+/// PostgreSQL baseline stores the same bytes.
+pub(super) const VALUE: &[u8] = br#"{"name":"A** L*******","iban":"GB33 **** **** **** 5555","dob":"1810-1819","income":"80000-89999"}"#;
 /// Keys per pipelined `SET` burst while loading.
 const LOAD_CHUNK: u64 = 1_000;
 /// How long `redis-server` may take to answer its first `PING`.

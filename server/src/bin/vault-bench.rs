@@ -13,6 +13,7 @@
 //!                    [--postgres CONNINFO]   (the same: PostgreSQL INSERT next to it)
 //! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline]
 //! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis] [--rate R]
+//!                    [--postgres CONNINFO]   (PostgreSQL DELETE ... RETURNING next to it)
 //! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--rate R]
 //! vault-bench mixed [--embedded DIR] [--ratio 8:1:1] [--clients 50] [--requests N]
 //!                   [--duration SECS] [--size BYTES] [--subjects S] [--tls] [--baseline]
@@ -292,11 +293,18 @@ struct RedeemArgs {
     #[arg(long)]
     redis: bool,
     /// Start R redemptions per second on a schedule (open loop, as pgbench
-    /// --rate), Redis GETDEL at the same rate; latency counted from each
+    /// --rate), the baselines at the same rate; latency counted from each
     /// one's due time when no client was free. Without it each client
     /// starts its next one when the last is done.
     #[arg(long, value_name = "R")]
     rate: Option<f64>,
+    /// Also burn as many rows with DELETE ... RETURNING in a table of this
+    /// PostgreSQL server (a connection string or postgresql:// URL), from
+    /// as many clients on persistent connections, each committed durably.
+    /// The run creates the table fintrust_bench_tokens, refuses to start
+    /// if it exists, and drops it.
+    #[arg(long, value_name = "CONNINFO")]
+    postgres: Option<String>,
 }
 
 #[derive(Args)]
@@ -391,11 +399,17 @@ impl Command {
             Command::Redeem(r) => {
                 let d = RedeemParams::default();
                 let redis = redis_server(r.redis, "GETDEL");
+                let postgres = r
+                    .postgres
+                    .as_deref()
+                    .map(bench::postgres::Conninfo::parse)
+                    .transpose()?;
                 let p = RedeemParams {
                     clients: r.clients.unwrap_or(d.clients),
                     tokens: r.tokens.unwrap_or(d.tokens),
                     redis,
                     rate: r.rate,
+                    postgres,
                 };
                 let target = Target::InProcess {
                     dir: r.target.embedded,
