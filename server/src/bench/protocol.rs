@@ -84,6 +84,7 @@ pub(super) async fn run_append(
         Target::Embedded { .. } => return Err(Error::Usage("not a protocol target".into())),
     };
     let connector = Connector::new(config)?;
+
     let measured = measure(&connector, p, progress).await;
     // Stop the server whatever happened, then report the first error.
     let stopped = match server {
