@@ -215,6 +215,50 @@ impl Op {
         }
     }
 
+    /// The table the statements work on.
+    fn table(&self) -> &'static str {
+        match self {
+            Op::Insert { .. } => TABLE,
+            Op::Delete { .. } => TOKENS_TABLE,
+        }
+    }
+
+    fn columns(&self) -> &'static str {
+        match self {
+            Op::Insert { .. } => {
+                "seq bigint PRIMARY KEY, subject text NOT NULL, body bytea NOT NULL"
+            }
+            Op::Delete { .. } => "token text PRIMARY KEY, data bytea NOT NULL",
+        }
+    }
+
+    /// Bytes of each row's value.
+    fn row_bytes(&self) -> usize {
+        match self {
+            Op::Insert { body, .. } => body.len(),
+            Op::Delete { value } => value.len(),
+        }
+    }
+
+    /// Fills the table before the timed pass: the `n` tokens a `Delete`
+    /// pass burns (nothing for `Insert`).
+    async fn load(&self, c: &Client, n: u64) -> Result<()> {
+        let Op::Delete { value } = self else {
+            return Ok(());
+        };
+        let n = i64::try_from(n).map_err(|_| pg_error("too many tokens"))?;
+        c.execute(
+            &format!(
+                "INSERT INTO {TOKENS_TABLE} (token, data) \
+                 SELECT 'token:' || lpad(g::text, 10, '0'), $1 FROM generate_series(0, $2::bigint - 1) g"
+            ),
+            &[&value.as_slice(), &n],
+        )
+        .await
+        .map_err(query_error("loading the tokens"))?;
+        Ok(())
+    }
+
     fn sql(&self) -> String {
         match self {
             Op::Insert { .. } => {
@@ -309,37 +353,13 @@ pub(super) async fn run_insert(
     subjects: usize,
     progress: Progress,
 ) -> Result<PostgresRun> {
-    let first = connect(info, 1)
-        .await?
-        .pop()
-        .ok_or_else(|| pg_error("no client"))?;
-    let (version, synchronous_commit) = check_server(info, &first, TABLE).await?;
-    let conns = connect(info, clients).await?;
     let mut body = vec![0u8; row_bytes];
     storage::crypto::random_bytes(&mut body);
     let op = Op::Insert {
         body: Arc::new(body),
         subjects,
     };
-    let columns = "seq bigint PRIMARY KEY, subject text NOT NULL, body bytea NOT NULL";
-    let (hist, secs, behind) = with_table(info, &first, TABLE, columns, async {
-        let bar = progress.phase("postgres INSERT", rows);
-        let timed = drive(conns, rows, None, op.clone(), &bar).await;
-        bar.finish_and_clear();
-        timed
-    })
-    .await?;
-    Ok(report(
-        op.statement(),
-        version,
-        info,
-        synchronous_commit,
-        clients,
-        row_bytes,
-        &hist,
-        secs,
-        behind,
-    ))
+    run(info, op, rows, clients, None, progress).await
 }
 
 /// Loads `tokens` rows of `value` into [`TOKENS_TABLE`], then deletes them
@@ -353,72 +373,49 @@ pub(super) async fn run_delete(
     rate: Option<f64>,
     progress: Progress,
 ) -> Result<PostgresRun> {
+    let op = Op::Delete {
+        value: Arc::new(value.to_vec()),
+    };
+    run(info, op, tokens, clients, rate, progress).await
+}
+
+/// Checks the server, creates `op`'s table and fills it, times `ops`
+/// statements over `clients` connections, and drops the table.
+async fn run(
+    info: &Conninfo,
+    op: Op,
+    ops: u64,
+    clients: usize,
+    rate: Option<f64>,
+    progress: Progress,
+) -> Result<PostgresRun> {
     let first = connect(info, 1)
         .await?
         .pop()
         .ok_or_else(|| pg_error("no client"))?;
-    let (version, synchronous_commit) = check_server(info, &first, TOKENS_TABLE).await?;
+    let (version, synchronous_commit) = check_server(info, &first, op.table()).await?;
     let conns = connect(info, clients).await?;
-    let op = Op::Delete {
-        value: Arc::new(value.to_vec()),
-    };
-    let columns = "token text PRIMARY KEY, data bytea NOT NULL";
-    let (hist, secs, behind) = with_table(info, &first, TOKENS_TABLE, columns, async {
-        let n = i64::try_from(tokens).map_err(|_| pg_error("too many tokens"))?;
-        first
-            .execute(
-                &format!(
-                    "INSERT INTO {TOKENS_TABLE} (token, data) \
-                     SELECT 'token:' || lpad(g::text, 10, '0'), $1 FROM generate_series(0, $2::bigint - 1) g"
-                ),
-                &[&value, &n],
-            )
-            .await
-            .map_err(query_error("loading the tokens"))?;
-        let bar = progress.phase("postgres DELETE RETURNING", tokens);
-        let timed = drive(conns, tokens, rate, op.clone(), &bar).await;
+    let (hist, secs, behind_schedule) = with_table(info, &first, op.table(), op.columns(), async {
+        op.load(&first, ops).await?;
+        let bar = progress.phase(&format!("postgres {}", op.statement()), ops);
+        let timed = drive(conns, ops, rate, op.clone(), &bar).await;
         bar.finish_and_clear();
         timed
     })
     .await?;
-    Ok(report(
-        op.statement(),
-        version,
-        info,
-        synchronous_commit,
-        clients,
-        value.len(),
-        &hist,
-        secs,
-        behind,
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn report(
-    statement: &'static str,
-    version: String,
-    info: &Conninfo,
-    synchronous_commit: String,
-    clients: usize,
-    row_bytes: usize,
-    hist: &Histogram<u64>,
-    secs: f64,
-    behind_schedule: Option<u64>,
-) -> PostgresRun {
-    PostgresRun {
-        statement,
+    Ok(PostgresRun {
+        statement: op.statement(),
         version,
         server: info.shown.clone(),
         synchronous_commit,
         ops: hist.len(),
         clients,
-        row_bytes,
+        row_bytes: op.row_bytes(),
         elapsed_s: secs,
         ops_per_s: hist.len() as f64 / secs,
-        latency_us: Latency::of(hist),
+        latency_us: Latency::of(&hist),
         behind_schedule,
-    }
+    })
 }
 
 /// The timed pass: every connection prepares the statement, then takes

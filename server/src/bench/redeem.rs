@@ -458,30 +458,33 @@ impl RedeemReport {
                 &r.latency_us,
             );
         }
+        // Each run's rate and p99 over a baseline's.
+        let ratios = |name: &str, of: fn(&RedeemRun) -> (Option<f64>, Option<f64>)| {
+            self.runs
+                .iter()
+                .map(|run| {
+                    let (rate, p99) = of(run);
+                    format!(
+                        "  {}: {:.2}x {name}'s rate, p99 {:.2}x {name}'s",
+                        run.mode,
+                        rate.unwrap_or(0.0),
+                        p99.unwrap_or(0.0)
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
         let mut notes = Vec::new();
         if let Some(r) = &self.redis {
-            for run in &self.runs {
-                notes.push(format!(
-                    "  {}: {:.2}x Redis's rate, p99 {:.2}x Redis's",
-                    run.mode,
-                    run.rate_vs_redis.unwrap_or(0.0),
-                    run.p99_vs_redis.unwrap_or(0.0)
-                ));
-            }
+            notes.extend(ratios("Redis", |run| (run.rate_vs_redis, run.p99_vs_redis)));
             notes.push(format!(
                 "  redis {}: appendfsync always, {} clients on persistent connections",
                 r.version, self.params.clients
             ));
         }
         if let Some(r) = &self.postgres {
-            for run in &self.runs {
-                notes.push(format!(
-                    "  {}: {:.2}x PostgreSQL's rate, p99 {:.2}x PostgreSQL's",
-                    run.mode,
-                    run.rate_vs_postgres.unwrap_or(0.0),
-                    run.p99_vs_postgres.unwrap_or(0.0)
-                ));
-            }
+            notes.extend(ratios("PostgreSQL", |run| {
+                (run.rate_vs_postgres, run.p99_vs_postgres)
+            }));
             notes.push(format!(
                 "  postgres {} at {}: synchronous_commit {}, {} clients on persistent connections",
                 r.version, r.server, r.synchronous_commit, r.clients
