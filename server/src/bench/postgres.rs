@@ -78,6 +78,11 @@ impl Conninfo {
             })
             .collect::<Vec<_>>()
             .join(",");
+        if shown.is_empty() {
+            return Err(pg_error(
+                "--postgres names no host (host=... or postgresql://HOST)",
+            ));
+        }
         Ok(Conninfo {
             config: Box::new(config),
             shown,
@@ -484,11 +489,13 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_conninfo_is_a_usage_error() {
-        let e = Conninfo::parse("host='unterminated").err();
-        assert!(
-            matches!(&e, Some(Error::Usage(m)) if m.starts_with("postgres baseline")),
-            "{e:?}"
-        );
+    fn a_malformed_or_hostless_conninfo_is_a_usage_error() {
+        for s in ["host='unterminated", "user=bench"] {
+            let e = Conninfo::parse(s).err();
+            assert!(
+                matches!(&e, Some(Error::Usage(m)) if m.starts_with("postgres baseline")),
+                "{s}: {e:?}"
+            );
+        }
     }
 }
