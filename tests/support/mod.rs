@@ -1,6 +1,5 @@
 //! Helpers shared by the end-to-end tests.
 
-use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,15 +15,21 @@ use storage::{Options, Unlock, Vault};
 ///
 /// The binaries belong to other packages, so `CARGO_BIN_EXE_*` does not
 /// name them; they sit beside this test's own profile dir
-/// (`target/debug/deps/<test>-…` → `target/debug`). Each package is built
-/// once per test run, which cargo makes a no-op when it is fresh, so that
-/// a stale binary is never tested. The server's are built with its
-/// `failpoints` feature, which the test build turns on (see the root
-/// Cargo.toml), so that they share its compiled crates; a failpoint is
-/// armed only through `FINTRUST_FAILPOINTS` (the crash harness), and an
-/// unarmed failpoint does nothing.
+/// (`target/debug/deps/<test>-…` → `target/debug`). They are built once
+/// per test run, which cargo makes a no-op when they are fresh, so that a
+/// stale binary is never tested.
+///
+/// The build names what `cargo test --workspace` builds (every package,
+/// its tests, the server's `failpoints` feature that the root package's
+/// tests turn on), so that both resolve the same features of every
+/// dependency and the binaries reuse the test build's compiled crates.
+/// `cargo build -p <package> --bins` alone leaves the dev-dependencies
+/// out, which changes the features of tokio, serde and forty other crates
+/// and compiled them all a second time, minutes of a CI run. A failpoint
+/// is armed only through `FINTRUST_FAILPOINTS` (the crash harness), and
+/// an unarmed failpoint does nothing.
 pub fn binary(package: &str, bin: &str) -> PathBuf {
-    static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    static BUILT: Mutex<bool> = Mutex::new(false);
     let exe = std::env::current_exe().expect("path of the test executable");
     let profile = exe
         .parent()
@@ -34,18 +39,15 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     let mut built = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let built = built.get_or_insert_with(HashSet::new);
-    if !built.contains(package) {
+    if !*built {
         let target = profile.parent().expect("the profile dir has a parent");
         let mut cargo = Command::new(env!("CARGO"));
         cargo
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "-p", package, "--bins"])
+            .args(["build", "--quiet", "--workspace", "--tests", "--bins"])
+            .args(["--features", "fintrust-server/failpoints"])
             .arg("--target-dir")
             .arg(target);
-        if package == "fintrust-server" {
-            cargo.args(["--features", "fintrust-server/failpoints"]);
-        }
         match profile.file_name().and_then(OsStr::to_str) {
             Some("debug") => {}
             Some("release") => {
@@ -57,10 +59,15 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
             None => panic!("unexpected profile dir {}", profile.display()),
         }
         let status = cargo.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p {package} --bins failed");
-        built.insert(package.to_string());
+        assert!(
+            status.success(),
+            "cargo build of the workspace's binaries failed"
+        );
+        *built = true;
     }
-    profile.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX))
+    let path = profile.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.exists(), "{package} built no binary {bin}");
+    path
 }
 
 /// A running `vaultd dev` on ports the OS chose, stopped with SIGTERM
