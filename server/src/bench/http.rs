@@ -37,8 +37,8 @@ use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::{
-    check, create_vault, join_error, micros, new_histogram, thousands, Latency, LatencyTable, Pace,
-    Progress, TargetInfo,
+    add_histogram, check, create_vault, join_each, micros, new_histogram, thousands, Latency,
+    LatencyTable, Pace, Progress, TargetInfo,
 };
 use crate::dev::{self, DemoKeys, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
 use crate::shim::PoliciesFile;
@@ -369,11 +369,11 @@ async fn phase(
     }
     let mut hist = new_histogram();
     let mut back = Vec::new();
-    while let Some(r) = set.join_next().await {
-        let (c, h) = r.map_err(join_error)??;
-        hist.add(&h).expect("histograms with identical bounds");
+    join_each(set, |(c, h)| {
+        add_histogram(&mut hist, &h);
         back.push(c);
-    }
+    })
+    .await?;
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     Ok((

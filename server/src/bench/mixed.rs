@@ -46,9 +46,9 @@ use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::{
-    check, check_common, create_vault, http, join_error, micros, new_histogram, protocol, redeem,
-    scratch, thousands, AppendParams, AuthorizeParams, Latency, LatencyTable, Progress,
-    RedeemParams, Rng, Stats, Target, TargetInfo,
+    add_histogram, check, check_common, create_vault, http, join_each, micros, new_histogram,
+    protocol, redeem, scratch, thousands, AppendParams, AuthorizeParams, Latency, LatencyTable,
+    Progress, RedeemParams, Rng, Stats, Target, TargetInfo,
 };
 use crate::{Error, Result};
 
@@ -602,7 +602,7 @@ impl MixStats {
             (&mut self.authorize, &other.authorize),
             (&mut self.all, &other.all),
         ] {
-            mine.add(theirs).expect("histograms with identical bounds");
+            add_histogram(mine, theirs);
         }
     }
 }
@@ -701,10 +701,7 @@ async fn measure(
         set.spawn(client_task(shared.clone(), conns, id as u64));
     }
     let mut total = MixStats::new();
-    // An error drops the set, which aborts the other clients.
-    while let Some(joined) = set.join_next().await {
-        total.merge(joined.map_err(join_error)??);
-    }
+    join_each(set, |s| total.merge(s)).await?;
     let elapsed = start.elapsed();
     shared.bar.finish_and_clear();
     Ok((total, elapsed))

@@ -370,38 +370,85 @@ pub struct AppendReport {
     pub embedded: Option<EmbeddedRun>,
     /// With [`AppendParams::redis`]: Redis `SET`, appendfsync always, in
     /// the same run; `null` when not asked for or skipped.
-    pub redis: Option<Box<RedisSetRun>>,
+    pub redis: Option<Box<AppendBaseline<redis::RedisRun>>>,
     /// With [`AppendParams::postgres`]: PostgreSQL `INSERT`s, committed
     /// durably, in the same run; `null` when not asked for.
-    pub postgres: Option<Box<PostgresInsertRun>>,
+    pub postgres: Option<Box<AppendBaseline<postgres::PostgresRun>>>,
 }
 
-/// PostgreSQL `INSERT` as the baseline of protocol appends.
+/// A baseline run beside protocol appends (Redis `SET`, PostgreSQL
+/// `INSERT`): its own figures, and the protocol's over them.
 #[derive(Debug, Clone, Serialize)]
-pub struct PostgresInsertRun {
+pub struct AppendBaseline<R> {
     #[serde(flatten)]
-    pub run: postgres::PostgresRun,
-    /// Protocol append p50 over `INSERT` p50.
+    pub run: R,
+    /// Protocol append p50 over the baseline's (against Redis `SET`, the
+    /// goal is at most 1.2).
     pub p50_ratio: f64,
-    /// Protocol append p99 over `INSERT` p99.
+    /// Protocol append p99 over the baseline's.
     pub p99_ratio: f64,
-    /// Protocol records/s over rows/s.
+    /// Protocol records/s over the baseline's operations/s.
     pub rate_ratio: f64,
 }
 
-/// Redis `SET` as the baseline of protocol appends.
-#[derive(Debug, Clone, Serialize)]
-pub struct RedisSetRun {
-    #[serde(flatten)]
-    pub run: redis::RedisRun,
-    /// Bytes of each `SET` value: the record size.
-    pub value_bytes: usize,
-    /// Protocol append p50 over Redis `SET` p50 (the goal: at most 1.2).
-    pub p50_ratio: f64,
-    /// Protocol append p99 over Redis `SET` p99.
-    pub p99_ratio: f64,
-    /// Protocol records/s over Redis `SET`s/s.
-    pub rate_ratio: f64,
+impl<R> AppendBaseline<R> {
+    /// `run` beside protocol appends that took `latency` at
+    /// `records_per_s`.
+    fn beside(run: R, latency: &Latency, records_per_s: f64) -> Self
+    where
+        R: BaselineRun,
+    {
+        let r = run.ratios(latency, records_per_s);
+        AppendBaseline {
+            p50_ratio: r.p50,
+            p99_ratio: r.p99,
+            rate_ratio: r.rate,
+            run,
+        }
+    }
+}
+
+/// A timed pass of a baseline: what the vault's figures are divided by.
+trait BaselineRun {
+    /// One operation's latency.
+    fn latency(&self) -> &Latency;
+    /// Operations per second over the pass.
+    fn ops_per_s(&self) -> f64;
+
+    /// The vault's `latency` and `per_s` over this run's.
+    fn ratios(&self, latency: &Latency, per_s: f64) -> Ratios {
+        let own = self.latency();
+        Ratios {
+            p50: latency.p50 as f64 / own.p50.max(1) as f64,
+            p99: latency.p99 as f64 / own.p99.max(1) as f64,
+            rate: per_s / self.ops_per_s(),
+        }
+    }
+}
+
+/// The vault's figures over a baseline's ([`BaselineRun::ratios`]).
+struct Ratios {
+    p50: f64,
+    p99: f64,
+    rate: f64,
+}
+
+impl BaselineRun for redis::RedisRun {
+    fn latency(&self) -> &Latency {
+        &self.latency_us
+    }
+    fn ops_per_s(&self) -> f64 {
+        self.ops_per_s
+    }
+}
+
+impl BaselineRun for postgres::PostgresRun {
+    fn latency(&self) -> &Latency {
+        &self.latency_us
+    }
+    fn ops_per_s(&self) -> f64 {
+        self.ops_per_s
+    }
 }
 
 /// The embedded engine as the baseline of a protocol run.
@@ -857,6 +904,23 @@ async fn close_vault(vault: Vault) -> Result<()> {
     Ok(())
 }
 
+/// Waits for every task of `set`, handing each one's result to `each` as
+/// it finishes. The first error returns at once, and dropping the set
+/// aborts the other tasks; a panic goes through ([`join_error`]).
+async fn join_each<T: 'static>(mut set: JoinSet<Result<T>>, mut each: impl FnMut(T)) -> Result<()> {
+    while let Some(joined) = set.join_next().await {
+        each(joined.map_err(join_error)??);
+    }
+    Ok(())
+}
+
+/// Adds `other` to `into`. Both come from [`new_histogram`], so adding
+/// cannot fail; counting `other`'s values one by one would only hide a
+/// bug.
+fn add_histogram(into: &mut Histogram<u64>, other: &Histogram<u64>) {
+    into.add(other).expect("histograms with identical bounds");
+}
+
 /// A bench task panicking is a bug: let the panic through. Tasks are never
 /// aborted while awaited, so cancellation cannot happen either.
 fn join_error(e: tokio::task::JoinError) -> Error {
@@ -1085,11 +1149,7 @@ impl Stats {
     }
 
     fn merge(&mut self, other: Stats) {
-        // Both histograms have the same bounds, so adding cannot fail;
-        // counting the other's values one by one would only hide a bug.
-        self.hist
-            .add(&other.hist)
-            .expect("histograms with identical bounds");
+        add_histogram(&mut self.hist, &other.hist);
         self.records += other.records;
         self.appends += other.appends;
         self.group_ends.extend(other.group_ends);
@@ -1125,10 +1185,7 @@ async fn drive(
         set.spawn(client(work.clone(), id as u64, pipeline, deadline));
     }
     let mut total = Stats::new();
-    // An error drops the set, which aborts the other clients.
-    while let Some(joined) = set.join_next().await {
-        total.merge(joined.map_err(join_error)??);
-    }
+    join_each(set, |s| total.merge(s)).await?;
     Ok(total)
 }
 
@@ -1477,7 +1534,7 @@ impl AppendReport {
             let _ = writeln!(
                 s,
                 "  redis {}: appendfsync always, {} client(s) on persistent connections, one SET of {} B at a time",
-                r.run.version, p.clients, r.value_bytes
+                r.run.version, p.clients, r.run.value_bytes
             );
         }
         if let Some(r) = &self.postgres {

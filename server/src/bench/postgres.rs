@@ -37,7 +37,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::{join_error, micros, new_histogram, Latency, Pace, Progress};
+use super::{add_histogram, join_each, micros, new_histogram, Latency, Pace, Progress};
 use crate::{Error, Result};
 
 /// The table an append baseline creates, fills and drops.
@@ -459,10 +459,7 @@ async fn drive(
         });
     }
     let mut hist = new_histogram();
-    while let Some(r) = set.join_next().await {
-        hist.add(&r.map_err(join_error)??)
-            .map_err(|e| pg_error(format!("histograms: {e}")))?;
-    }
+    join_each(set, |h| add_histogram(&mut hist, &h)).await?;
     Ok((hist, start.elapsed().as_secs_f64(), pace.behind_schedule()))
 }
 

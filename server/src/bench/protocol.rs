@@ -23,8 +23,8 @@ use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::{
-    claim, create_vault, join_error, run_append as run_embedded, scratch, subject_id, AppendParams,
-    AppendReport, AppendThroughput, EmbeddedRun, Latency, PostgresInsertRun, Progress, RedisSetRun,
+    claim, create_vault, join_each, join_error, run_append as run_embedded, scratch, subject_id,
+    AppendBaseline, AppendParams, AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress,
     Rng, Stats, Target,
 };
 use super::{postgres, redis};
@@ -135,14 +135,11 @@ pub(super) async fn run_append(
             let rdir = dir.join("redis");
             super::ensure_fresh(std::slice::from_ref(&rdir))?;
             let r = redis::run_set(bin, &rdir, stats.records, p.clients, p.size, progress).await?;
-            let l = &r.latency_us;
-            Some(Box::new(RedisSetRun {
-                value_bytes: p.size,
-                p50_ratio: latency_us.p50 as f64 / l.p50.max(1) as f64,
-                p99_ratio: latency_us.p99 as f64 / l.p99.max(1) as f64,
-                rate_ratio: records_per_s / r.ops_per_s,
-                run: r,
-            }))
+            Some(Box::new(AppendBaseline::beside(
+                r,
+                &latency_us,
+                records_per_s,
+            )))
         }
     };
     let postgres = match &p.postgres {
@@ -151,13 +148,11 @@ pub(super) async fn run_append(
             let r =
                 postgres::run_insert(info, stats.records, p.clients, p.size, p.subjects, progress)
                     .await?;
-            let l = &r.latency_us;
-            Some(Box::new(PostgresInsertRun {
-                p50_ratio: latency_us.p50 as f64 / l.p50.max(1) as f64,
-                p99_ratio: latency_us.p99 as f64 / l.p99.max(1) as f64,
-                rate_ratio: records_per_s / r.ops_per_s,
-                run: r,
-            }))
+            Some(Box::new(AppendBaseline::beside(
+                r,
+                &latency_us,
+                records_per_s,
+            )))
         }
     };
     drop(tmp);
@@ -300,9 +295,7 @@ pub(super) async fn measure(
         ));
     }
     let mut total = Stats::new();
-    while let Some(joined) = set.join_next().await {
-        total.merge(joined.map_err(join_error)??);
-    }
+    join_each(set, |s| total.merge(s)).await?;
     let elapsed = start.elapsed();
     work.bar.finish_and_clear();
     Ok((total, elapsed))

@@ -35,8 +35,8 @@ use super::inproc::{self, InProcess};
 use super::postgres::{self, Conninfo, PostgresRun};
 use super::redis::{self, RedisRun};
 use super::{
-    check, create_vault, join_error, micros, new_histogram, rate, thousands, Latency, LatencyTable,
-    Pace, Progress, TargetInfo,
+    add_histogram, check, create_vault, join_each, micros, new_histogram, rate, thousands,
+    BaselineRun, Latency, LatencyTable, Pace, Progress, TargetInfo,
 };
 use crate::{Error, Result};
 
@@ -195,8 +195,8 @@ pub(super) async fn run(
             )
             .await?;
             for run in &mut runs {
-                run.p99_vs_redis = Some(run.latency_us.p99 as f64 / r.latency_us.p99.max(1) as f64);
-                run.rate_vs_redis = Some(run.redemptions_per_s / r.ops_per_s);
+                let vs = r.ratios(&run.latency_us, run.redemptions_per_s);
+                (run.p99_vs_redis, run.rate_vs_redis) = (Some(vs.p99), Some(vs.rate));
             }
             Some(r)
         }
@@ -207,9 +207,8 @@ pub(super) async fn run(
             let r = postgres::run_delete(pg, p.tokens, p.clients, redis::VALUE, p.rate, progress)
                 .await?;
             for run in &mut runs {
-                run.p99_vs_postgres =
-                    Some(run.latency_us.p99 as f64 / r.latency_us.p99.max(1) as f64);
-                run.rate_vs_postgres = Some(run.redemptions_per_s / r.ops_per_s);
+                let vs = r.ratios(&run.latency_us, run.redemptions_per_s);
+                (run.p99_vs_postgres, run.rate_vs_postgres) = (Some(vs.p99), Some(vs.rate));
             }
             Some(r)
         }
@@ -378,11 +377,11 @@ async fn redeem_all(
     }
     let mut hist = new_histogram();
     let mut resumed = 0;
-    while let Some(joined) = set.join_next().await {
-        let (h, r) = joined.map_err(join_error)??;
-        hist.add(&h).expect("histograms with identical bounds");
+    join_each(set, |(h, r)| {
+        add_histogram(&mut hist, &h);
         resumed += r;
-    }
+    })
+    .await?;
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     Ok(RedeemRun {

@@ -27,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::{join_error, micros, new_histogram, Latency, Pace, Progress};
+use super::{add_histogram, join_each, micros, new_histogram, Latency, Pace, Progress};
 use crate::{Error, Result};
 
 /// The stored value: about the size of a redeemed `Data` frame. The
@@ -49,6 +49,8 @@ pub struct RedisRun {
     /// `redis_version` from `INFO server`.
     pub version: String,
     pub keys: u64,
+    /// Bytes of each value stored.
+    pub value_bytes: usize,
     pub ops: u64,
     pub elapsed_s: f64,
     pub ops_per_s: f64,
@@ -85,6 +87,7 @@ pub(super) async fn run(
             addr,
             Load {
                 commands: keys,
+                value_bytes: VALUE.len(),
                 clients,
                 rate,
             },
@@ -118,6 +121,7 @@ pub(super) async fn run_set(
             addr,
             Load {
                 commands: keys,
+                value_bytes: value_len,
                 clients,
                 rate: None,
             },
@@ -279,17 +283,16 @@ async fn load(addr: &str, keys: u64, progress: Progress) -> Result<()> {
             }
         });
     }
-    while let Some(r) = set.join_next().await {
-        r.map_err(join_error)??;
-    }
+    join_each(set, |()| {}).await?;
     bar.finish_and_clear();
     Ok(())
 }
 
-/// How many commands a timed pass sends, over how many connections, and
-/// at what rate if any.
+/// How many commands a timed pass sends, of values of how many bytes,
+/// over how many connections, and at what rate if any.
 struct Load {
     commands: u64,
+    value_bytes: usize,
     clients: usize,
     rate: Option<f64>,
 }
@@ -339,16 +342,14 @@ async fn drive(
         });
     }
     let mut hist = new_histogram();
-    while let Some(r) = set.join_next().await {
-        hist.add(&r.map_err(join_error)??)
-            .expect("histograms with identical bounds");
-    }
+    join_each(set, |h| add_histogram(&mut hist, &h)).await?;
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     Ok(RedisRun {
         command: name,
         version: String::new(),
         keys: load.commands,
+        value_bytes: load.value_bytes,
         ops: hist.len(),
         elapsed_s: secs,
         ops_per_s: hist.len() as f64 / secs,
