@@ -1189,44 +1189,64 @@ async fn drive(
     Ok(total)
 }
 
-/// One client: `pipeline` appends in flight, each its own task so that it
-/// is timed from submission to durable acknowledgement alone.
+/// One client: `pipeline` appends in flight.
 async fn client(
     work: Arc<Work>,
     id: u64,
     pipeline: usize,
     deadline: Option<Instant>,
 ) -> Result<Stats> {
-    let mut stats = Stats::new();
     let mut rng = Rng::new(id);
+    let bar = work.bar.clone();
+    pipelined(pipeline, &bar, || {
+        let n = work.claim(deadline);
+        if n == 0 {
+            return None;
+        }
+        let items: Vec<Append> = (0..n).map(|_| work.record(&mut rng)).collect();
+        let w = work.clone();
+        Some(async move {
+            let receipts = w.vault.append_batch(items).await?;
+            Ok((receipts.len(), receipts.last().map(|r| r.head.last_seq)))
+        })
+    })
+    .await
+}
+
+/// Keeps up to `pipeline` appends in flight until `next` has none left.
+/// Each is its own task, so that it is timed from submission until it
+/// resolved alone; it resolves to the records it appended and the last
+/// seq of the commit group that holds them.
+async fn pipelined<F>(
+    pipeline: usize,
+    bar: &ProgressBar,
+    mut next: impl FnMut() -> Option<F>,
+) -> Result<Stats>
+where
+    F: std::future::Future<Output = Result<(usize, Option<u64>)>> + Send + 'static,
+{
+    let mut stats = Stats::new();
     let mut in_flight = JoinSet::new();
     let mut exhausted = false;
     loop {
         while !exhausted && in_flight.len() < pipeline {
-            let n = work.claim(deadline);
-            if n == 0 {
+            let Some(append) = next() else {
                 exhausted = true;
                 break;
-            }
-            let items: Vec<Append> = (0..n).map(|_| work.record(&mut rng)).collect();
-            let w = work.clone();
+            };
             in_flight.spawn(async move {
                 let start = Instant::now();
-                let r = w.vault.append_batch(items).await;
+                let r = append.await;
                 (start.elapsed(), r)
             });
         }
         let Some(joined) = in_flight.join_next().await else {
             break;
         };
-        let (latency, receipts) = joined.map_err(join_error)?;
-        let receipts = receipts?;
-        stats.record(
-            latency,
-            receipts.len(),
-            receipts.last().map(|r| r.head.last_seq),
-        );
-        work.bar.inc(receipts.len() as u64);
+        let (latency, appended) = joined.map_err(join_error)?;
+        let (records, group_end) = appended?;
+        stats.record(latency, records, group_end);
+        bar.inc(records as u64);
     }
     Ok(stats)
 }

@@ -23,9 +23,9 @@ use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
 use super::{
-    claim, create_vault, join_each, join_error, run_append as run_embedded, scratch, subject_id,
-    AppendBaseline, AppendParams, AppendReport, AppendThroughput, EmbeddedRun, Latency, Progress,
-    Rng, Stats, Target,
+    claim, create_vault, join_each, join_error, pipelined, run_append as run_embedded, scratch,
+    subject_id, AppendBaseline, AppendParams, AppendReport, AppendThroughput, EmbeddedRun, Latency,
+    Progress, Rng, Stats, Target,
 };
 use super::{postgres, redis};
 use crate::{Error, Result};
@@ -309,36 +309,18 @@ async fn client_task(
     pipeline: usize,
     deadline: Option<Instant>,
 ) -> Result<Stats> {
-    let mut stats = Stats::new();
     let mut rng = Rng::new(id);
-    let mut in_flight = JoinSet::new();
-    let mut exhausted = false;
-    loop {
-        while !exhausted && in_flight.len() < pipeline {
-            let n = claim(&work.remaining, work.batch, deadline);
-            if n == 0 {
-                exhausted = true;
-                break;
-            }
-            let c = c.clone();
-            let request = work.records.request(&mut rng, n, work.batch);
-            in_flight.spawn(async move {
-                let start = Instant::now();
-                let r = send(&c, request).await;
-                (start.elapsed(), r)
-            });
+    pipelined(pipeline, &work.bar, || {
+        let n = claim(&work.remaining, work.batch, deadline);
+        if n == 0 {
+            return None;
         }
-        let Some(joined) = in_flight.join_next().await else {
-            break;
-        };
-        let (latency, receipts) = joined.map_err(join_error)?;
-        let receipts = receipts?;
-        stats.record(
-            latency,
-            receipts.len(),
-            receipts.last().map(|r| r.head.last_seq),
-        );
-        work.bar.inc(receipts.len() as u64);
-    }
-    Ok(stats)
+        let request = work.records.request(&mut rng, n, work.batch);
+        let c = c.clone();
+        Some(async move {
+            let receipts = send(&c, request).await?;
+            Ok((receipts.len(), receipts.last().map(|r| r.head.last_seq)))
+        })
+    })
+    .await
 }
