@@ -7,50 +7,9 @@ mod support;
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
-
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        assert_eq!(self.code, 0, "{self:?}");
-        let lines: Vec<&str> = self.stdout.lines().collect();
-        assert_eq!(lines.len(), 1, "expected one line of JSON: {self:?}");
-        serde_json::from_str(lines[0]).expect("stdout is JSON")
-    }
-}
-
-/// Runs a workspace binary with `args` and `env`, and nothing inherited
-/// from the environment's `FINTRUST_*` variables.
-fn run_bin<I, S>(package: &str, bin: &str, args: I, env: &[(&str, &str)]) -> Run
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let mut cmd = Command::new(support::binary(package, bin));
-    cmd.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") {
-            cmd.env_remove(name);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run the binary");
-    Run {
-        code: out.status.code().expect("exited, not killed"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use support::{run_bin, Run};
 
 /// `vault-admin` with the connection flags after the subcommand (they
 /// are global), JSON output.
@@ -89,11 +48,11 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
     let public_key = dev.get("public_key");
 
     // Status and keys: every demo subject has an active version 1.
-    let status = admin(&addr, &key, &["status"]).json();
+    let status = admin(&addr, &key, &["status"]).ok_json();
     assert!(status["entries"].as_u64().expect("entries") > 5, "{status}");
     assert_eq!(status["public_key"], public_key.as_str());
     assert!(status["subject_keys"]["active"].as_u64().expect("active") >= 1);
-    let keys = admin(&addr, &key, &["keys"]).json();
+    let keys = admin(&addr, &key, &["keys"]).ok_json();
     let demo: Vec<&Value> = keys["keys"]
         .as_array()
         .expect("keys")
@@ -120,13 +79,13 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
         ],
         &[("FINTRUST_ADDR", &addr), ("FINTRUST_API_KEY", &key)],
     )
-    .json();
+    .ok_json();
     assert_eq!(r["version"], 2);
     assert_eq!(
         r["reencrypted_seq"].as_u64(),
         r["seq"].as_u64().map(|s| s + 1)
     );
-    let keys = admin(&addr, &key, &["keys"]).json();
+    let keys = admin(&addr, &key, &["keys"]).ok_json();
     let states: Vec<(u64, String)> = keys["keys"]
         .as_array()
         .expect("keys")
@@ -142,7 +101,7 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
     assert_eq!(states, vec![(1, "retired".into()), (2, "active".into())]);
 
     // Shred, then every refusal exits 2 with its code.
-    let shred = admin(&addr, &key, &["shred", "--subject", &subject]).json();
+    let shred = admin(&addr, &key, &["shred", "--subject", &subject]).ok_json();
     assert_eq!(shred["shredded"], true);
     refused(
         &admin(&addr, &key, &["shred", "--subject", &subject]),
@@ -156,7 +115,7 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
         &admin(&addr, &key, &["shred", "--subject", "nobody-at-all"]),
         "not_found",
     );
-    let keys = admin(&addr, &key, &["keys"]).json();
+    let keys = admin(&addr, &key, &["keys"]).ok_json();
     assert!(keys["keys"]
         .as_array()
         .expect("keys")
@@ -185,11 +144,11 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
             "ops-audit",
         ],
     )
-    .json();
+    .ok_json();
     let id = created["id"].as_str().expect("id").to_string();
     let auditor = created["api_key"].as_str().expect("api key").to_string();
     refused(&admin(&addr, &auditor, &["keys"]), "forbidden");
-    let revoked = admin(&addr, &key, &["credentials", "revoke", "--id", &id]).json();
+    let revoked = admin(&addr, &key, &["credentials", "revoke", "--id", &id]).ok_json();
     assert_eq!(revoked["revoked"], true);
     refused(
         &admin(&addr, &key, &["credentials", "revoke", "--id", &id]),
@@ -224,7 +183,7 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
     // After a clean stop the log verifies and names the shredded subject.
     let status = dev.stop();
     assert!(status.success(), "{status}");
-    let v = verify_dir(&dir, &public_key).json();
+    let v = verify_dir(&dir, &public_key).ok_json();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["shredded"], serde_json::json!([subject]));
 }
@@ -245,9 +204,9 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
         &key,
         &["rotate-signing-key", "--public-key", &public_key],
     )
-    .json();
+    .ok_json();
     assert_eq!(r["key_id"], 1, "{r}");
-    let status = admin(&addr, &key, &["status"]).json();
+    let status = admin(&addr, &key, &["status"]).ok_json();
     assert_eq!(status["signing_key_id"], 1, "{status}");
     assert_eq!(
         status["rotation_policy"]["max_signing_key_age_secs"],
@@ -294,7 +253,7 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
             new_pass.to_str().expect("utf-8"),
         ],
     )
-    .json();
+    .ok_json();
     assert_eq!(r["rotated"], "master", "{r}");
     // Without a new secret: a local error, nothing sent.
     let none = admin(&addr, &key, &["rotate-master-key"]);
@@ -327,7 +286,7 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
         "--passphrase-file",
         new_pass.to_str().expect("utf-8"),
     ])
-    .json();
+    .ok_json();
     assert_eq!(r["key_id"], 2, "{r}");
     wait_unlocked(&dir);
     let key_file = tmp.path().join("master.key");
@@ -339,11 +298,11 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
         "--new-key-file",
         key_file.to_str().expect("utf-8"),
     ])
-    .json();
+    .ok_json();
     assert_eq!(r["rotated"], "master", "{r}");
 
     // The log verifies from the pinned genesis key through keys 1 and 2.
-    let v = verify_dir(&dir, &public_key).json();
+    let v = verify_dir(&dir, &public_key).ok_json();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["signing_key_id"], 2, "{v}");
 }
@@ -421,16 +380,16 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
             &key,
             &["credentials", "create", "--role", role, "--name", name],
         )
-        .json()
+        .ok_json()
     };
     let gone = create("auditor", "old-audit");
     let gone_id = gone["id"].as_str().expect("id").to_string();
-    admin(&addr, &key, &["credentials", "revoke", "--id", &gone_id]).json();
+    admin(&addr, &key, &["credentials", "revoke", "--id", &gone_id]).ok_json();
     let auditor = create("auditor", "ops-audit");
     let auditor_key = auditor["api_key"].as_str().expect("key").to_string();
     let listed = admin(&addr, &key, &["credentials", "list"]);
     assert!(!listed.stdout.contains("key_hash"), "{listed:?}");
-    let listed = listed.json();
+    let listed = listed.ok_json();
     let creds = listed["credentials"].as_array().expect("credentials");
     let by_id = |id: &str| {
         creds
@@ -518,10 +477,10 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
         &key,
         &["export", "--out", file.to_str().expect("utf-8")],
     )
-    .json();
+    .ok_json();
     assert!(exported["entries"].as_u64() > Some(5), "{exported}");
     let v = verify_file(&file, &public_key);
-    let j = v.json();
+    let j = v.ok_json();
     assert_eq!(v.code, 0, "{v:?}");
     assert_eq!(j["ok"], true);
     assert_eq!(j["mode"], "file");
@@ -569,7 +528,7 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     assert_eq!(r.code, 2, "{r:?}");
 
     // Reindex online: the served state is the log's.
-    let online = admin(&addr, &key, &["reindex"]).json();
+    let online = admin(&addr, &key, &["reindex"]).ok_json();
     assert_eq!(online["differences"], 0, "{online}");
     assert_eq!(online["mode"], "online");
     // The state tree is compared at its `applied` marker: on a young
@@ -608,7 +567,7 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
             file2.to_str().expect("utf-8"),
         ],
     )
-    .json();
+    .ok_json();
     assert_eq!(exported2["mode"], "offline");
     assert!(exported2["entries"].as_u64() >= exported["entries"].as_u64());
     assert_eq!(verify_file(&file2, &public_key).code, 0);
@@ -669,15 +628,15 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
             "--repair",
         ],
     )
-    .json();
+    .ok_json();
     assert_eq!(repaired["repaired"], true, "{repaired}");
     let again = admin(
         &addr,
         &key,
         &["reindex", "--data-dir", &dir_s, "--passphrase-file", pass_s],
     )
-    .json();
+    .ok_json();
     assert_eq!(again["differences"], 0, "{again}");
-    let v = verify_dir(&dir, &public_key).json();
+    let v = verify_dir(&dir, &public_key).ok_json();
     assert_eq!(v["ok"], true, "{v}");
 }

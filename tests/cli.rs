@@ -17,25 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-
-/// What a finished process left behind.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// Stdout as exactly one JSON object on one line.
-    fn json(&self) -> Value {
-        let lines: Vec<&str> = self.stdout.lines().collect();
-        assert_eq!(lines.len(), 1, "expected one line of JSON: {self:?}");
-        let v: Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
-        assert!(v.is_object(), "stdout is not a JSON object: {v}");
-        v
-    }
-}
+use support::Run;
 
 /// Runs one of the server's binaries with `args`, with no `FINTRUST_*`
 /// variable inherited from the environment.
@@ -44,25 +26,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let path = support::binary("fintrust-server", bin);
-    let mut cmd = Command::new(&path);
-    cmd.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") {
-            cmd.env_remove(name);
-        }
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
-    Run {
-        code: out
-            .status
-            .code()
-            .unwrap_or_else(|| panic!("{bin} was killed by a signal")),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    support::run_bin("fintrust-server", bin, args, &[])
 }
 
 fn vault_verify<I, S>(args: I) -> Run

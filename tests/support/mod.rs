@@ -334,18 +334,23 @@ impl Run {
         assert!(v.is_object(), "not a JSON object: {v}");
         v
     }
+
+    /// [`Run::json`] of a run that exited 0.
+    pub fn ok_json(&self) -> serde_json::Value {
+        assert_eq!(self.code, 0, "{self:?}");
+        self.json()
+    }
 }
 
 /// Runs binary `bin` of `package` with `args` and `env`, and no other
-/// `FINTRUST_*` variable, without blocking the runtime (which may be
-/// serving the vault the tool talks to).
+/// `FINTRUST_*` variable of the test's environment, until it exits.
 #[allow(dead_code)]
-pub async fn run_tool(package: &str, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let (package_owned, bin_owned) = (package.to_string(), bin.to_string());
-    let path = tokio::task::spawn_blocking(move || binary(&package_owned, &bin_owned))
-        .await
-        .expect("build");
-    let mut cmd = tokio::process::Command::new(&path);
+pub fn run_bin<I, S>(package: &str, bin: &str, args: I, env: &[(&str, &str)]) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(binary(package, bin));
     cmd.args(args);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("FINTRUST_") {
@@ -353,10 +358,7 @@ pub async fn run_tool(package: &str, bin: &str, args: &[&str], env: &[(&str, &st
         }
     }
     cmd.envs(env.iter().copied());
-    let out = cmd
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {bin}: {e}"));
     Run {
         code: out
             .status
@@ -365,6 +367,24 @@ pub async fn run_tool(package: &str, bin: &str, args: &[&str], env: &[(&str, &st
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// [`run_bin`] without blocking the runtime (which may be serving the
+/// vault the tool talks to).
+#[allow(dead_code)]
+pub async fn run_tool(package: &str, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    let (package, bin, args) = (package.to_string(), bin.to_string(), owned(args));
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_bin(&package, &bin, &args, &env)
+    })
+    .await
+    .expect("the tool's thread")
 }
 
 /// The partner credential's name, which is the partner id tokens name.
