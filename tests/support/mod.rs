@@ -24,8 +24,9 @@ use storage::{Options, Unlock, Vault};
 /// tests turn on), so that both resolve the same features of every
 /// dependency and the binaries reuse the test build's compiled crates.
 /// `cargo build -p <package> --bins` alone leaves the dev-dependencies
-/// out, which changes the features of tokio, serde and forty other crates
-/// and compiled them all a second time, minutes of a CI run. A failpoint
+/// out, which changes the features of tokio, serde and about forty other
+/// crates, so that all of them are compiled a second time: minutes of a
+/// CI run. A failpoint
 /// is armed only through `FINTRUST_FAILPOINTS` (the crash harness), and
 /// an unarmed failpoint does nothing.
 pub fn binary(package: &str, bin: &str) -> PathBuf {

@@ -1197,8 +1197,7 @@ async fn client(
     deadline: Option<Instant>,
 ) -> Result<Stats> {
     let mut rng = Rng::new(id);
-    let bar = work.bar.clone();
-    pipelined(pipeline, &bar, || {
+    pipelined(pipeline, &work.bar, || {
         let n = work.claim(deadline);
         if n == 0 {
             return None;
