@@ -1564,7 +1564,7 @@ impl AppendReport {
             );
             let _ = writeln!(
                 s,
-                "  postgres {} at {}: synchronous_commit {}, {} client(s), one INSERT of a {} B row at a time",
+                "  postgres {} at {}: synchronous_commit {}, {} client(s) over plaintext TCP, one INSERT of a {} B row at a time",
                 r.run.version, r.run.server, r.run.synchronous_commit, r.run.clients, r.run.row_bytes
             );
         }

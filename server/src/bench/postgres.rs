@@ -27,6 +27,11 @@
 //!
 //! The connection string may hold a password: it is never printed or
 //! written to the report ([`Conninfo`] shows only the hosts and ports).
+//!
+//! The connections are plaintext TCP (`NoTls`; a connection string with
+//! `sslmode=require` fails to connect), as are the Redis baselines', and
+//! the report says so: next to a `--tls` vault run, the vault's figures
+//! carry TLS and the baseline's do not.
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -485,7 +485,7 @@ impl RedeemReport {
                 (run.rate_vs_postgres, run.p99_vs_postgres)
             }));
             notes.push(format!(
-                "  postgres {} at {}: synchronous_commit {}, {} clients on persistent connections",
+                "  postgres {} at {}: synchronous_commit {}, {} clients on persistent plaintext connections",
                 r.version, r.server, r.synchronous_commit, r.clients
             ));
         }
