@@ -1552,7 +1552,7 @@ impl AppendReport {
             );
             let _ = writeln!(
                 s,
-                "  redis {}: appendfsync always, {} client(s) on persistent connections, one SET of {} B at a time",
+                "  redis {}: appendfsync always, {} client(s) on persistent plaintext connections, one SET of {} B at a time",
                 r.run.version, p.clients, r.run.value_bytes
             );
         }

@@ -476,7 +476,7 @@ impl RedeemReport {
         if let Some(r) = &self.redis {
             notes.extend(ratios("Redis", |run| (run.rate_vs_redis, run.p99_vs_redis)));
             notes.push(format!(
-                "  redis {}: appendfsync always, {} clients on persistent connections",
+                "  redis {}: appendfsync always, {} clients on persistent plaintext connections",
                 r.version, self.params.clients
             ));
         }
