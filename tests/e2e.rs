@@ -235,7 +235,7 @@ fn authorize_redeem_deny_audit_and_verify() {
     let tight = cred["api_key"].as_str().expect("key").to_string();
     let policy = json!({
         "purposes": {"credit_check": {"fields": {"income": "generalize"}}},
-        "rate_limit_per_minute": 2
+        "rate_limit_per_minute": 3
     });
     let set_policy = |p: &Value| {
         let (status, body) = call(
@@ -259,6 +259,8 @@ fn authorize_redeem_deny_audit_and_verify() {
     assert_eq!(status, 200, "{tight_grant}");
     let (status, aged_grant) = f.authorize(&tight, ask.clone());
     assert_eq!(status, 200, "{aged_grant}");
+    let (status, placed_grant) = f.authorize(&tight, ask.clone());
+    assert_eq!(status, 200, "{placed_grant}");
     f.refused(f.authorize(&tight, ask.clone()), 429, "rate_limited");
     // Its token is not the demo partner's to redeem.
     let (_, other) = f.partner_authorize(&subject, &purpose);
@@ -266,6 +268,36 @@ fn authorize_redeem_deny_audit_and_verify() {
     let (code, _, stderr) = f.redeem(&tight, &other_token);
     assert_eq!(code, 2);
     assert!(stderr.contains("wrong_partner"), "{stderr}");
+    // The policy's conditions hold for the redemption too: from outside
+    // its source networks, or outside its hours, the token is refused, and
+    // the refusals do not spend it.
+    let placed = placed_grant["token"].as_str().expect("token");
+    let mut elsewhere = policy.clone();
+    elsewhere["source_ips"] = json!(["192.0.2.0/24"]);
+    set_policy(&elsewhere);
+    let (code, stdout, stderr) = f.redeem(&tight, placed);
+    assert_eq!(code, 2, "refused by the server: {stdout}");
+    assert!(stderr.contains("source_not_allowed"), "{stderr}");
+    let hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        / 3600
+        % 24;
+    // Neither this hour nor the next, so the clock cannot step into it.
+    let mut later = policy.clone();
+    later["allowed_hours_utc"] = json!([(hour + 2) % 24, (hour + 3) % 24]);
+    set_policy(&later);
+    let (code, stdout, stderr) = f.redeem(&tight, placed);
+    assert_eq!(code, 2, "refused by the server: {stdout}");
+    assert!(stderr.contains("outside_allowed_hours"), "{stderr}");
+    let mut here = later.clone();
+    here["source_ips"] = json!(["127.0.0.0/8", "::1"]);
+    here["allowed_hours_utc"] = json!([hour, (hour + 2) % 24]);
+    set_policy(&here);
+    let (code, stdout, stderr) = f.redeem(&tight, placed);
+    assert_eq!(code, 0, "redeemed once allowed: {stderr}");
+    assert!(stdout.contains("income"), "{stdout}");
     // A lifetime shortened below a token's age stops the token.
     let mut short = policy.clone();
     short["max_token_ttl_secs"] = 1.into();

@@ -201,11 +201,15 @@ pub enum ErrorCode {
     /// inactive, or the token's purpose, or one of its fields with its
     /// masking, was taken out since the token was minted.
     PolicyChanged = 18,
+    /// The partner's policy does not allow redemptions at this hour.
+    OutsideAllowedHours = 19,
+    /// The partner's policy does not allow redemptions from this address.
+    SourceNotAllowed = 20,
 }
 
 impl ErrorCode {
     /// Every code, in value order.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -224,6 +228,8 @@ impl ErrorCode {
         ErrorCode::ConsentRevoked,
         ErrorCode::ConsentExpired,
         ErrorCode::PolicyChanged,
+        ErrorCode::OutsideAllowedHours,
+        ErrorCode::SourceNotAllowed,
     ];
 
     /// Decodes the wire value.
@@ -252,6 +258,8 @@ impl ErrorCode {
             ErrorCode::ConsentRevoked => "consent_revoked",
             ErrorCode::ConsentExpired => "consent_expired",
             ErrorCode::PolicyChanged => "policy_changed",
+            ErrorCode::OutsideAllowedHours => "outside_allowed_hours",
+            ErrorCode::SourceNotAllowed => "source_not_allowed",
         }
     }
 
@@ -2048,7 +2056,7 @@ pub(crate) mod tests {
                 Err(Error::Malformed("unknown masking operator"))
             ));
         }
-        for code in [0u16, 19, u16::MAX] {
+        for code in [0u16, 21, u16::MAX] {
             let mut bytes = code.to_be_bytes().to_vec();
             bytes.extend_from_slice(&[0, 0]);
             assert!(matches!(
@@ -2260,6 +2268,8 @@ pub(crate) mod tests {
             (16, "consent_revoked"),
             (17, "consent_expired"),
             (18, "policy_changed"),
+            (19, "outside_allowed_hours"),
+            (20, "source_not_allowed"),
         ];
         let actual: Vec<(u16, &str)> = ErrorCode::ALL
             .iter()
@@ -2271,7 +2281,7 @@ pub(crate) mod tests {
             assert_eq!(c.name().parse::<ErrorCode>(), Ok(c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(19), None);
+        assert_eq!(ErrorCode::from_u16(21), None);
     }
 
     #[test]

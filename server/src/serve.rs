@@ -991,7 +991,7 @@ async fn redeem_request(
         };
     }
     let started = std::time::Instant::now();
-    let reply = redeem(&current, token, &caller.name).await;
+    let reply = redeem(&current, token, &caller.name, conn.peer).await;
     drop(current);
     // Only refusals of the token count as guesses; a vault that cannot
     // answer (`unavailable`) neither slows nor forgives.
@@ -1731,9 +1731,10 @@ async fn mint(
     }
 }
 
-/// Burns the token (durably) and returns the masked segment it grants.
-async fn redeem(vault: &Vault, token: &str, partner_id: &str) -> Message {
-    let (terms, _) = match vault.redeem(token, partner_id, now_ms()).await {
+/// Burns the token (durably) and returns the masked segment it grants to
+/// `partner_id`, whose connection comes from `peer`.
+async fn redeem(vault: &Vault, token: &str, partner_id: &str, peer: std::net::IpAddr) -> Message {
+    let (terms, _) = match vault.redeem(token, partner_id, now_ms(), Some(peer)).await {
         Ok(t) => t,
         Err(storage::Error::TokenRefused(r)) => {
             let code = ErrorCode::from_name(r.code()).unwrap_or(ErrorCode::Forbidden);

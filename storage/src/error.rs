@@ -201,6 +201,12 @@ pub enum TokenRefusal {
     /// inactive, or the token's purpose, or one of its fields with its
     /// masking, is no longer in the policy.
     PolicyChanged,
+    /// The partner's policy does not allow redemptions at this hour
+    /// (`allowed_hours_utc`).
+    OutsideAllowedHours,
+    /// The partner's policy does not allow redemptions from this address
+    /// (`source_ips`).
+    SourceNotAllowed,
 }
 
 impl TokenRefusal {
@@ -215,6 +221,8 @@ impl TokenRefusal {
             TokenRefusal::ConsentRevoked => "consent_revoked",
             TokenRefusal::ConsentExpired => "consent_expired",
             TokenRefusal::PolicyChanged => "policy_changed",
+            TokenRefusal::OutsideAllowedHours => "outside_allowed_hours",
+            TokenRefusal::SourceNotAllowed => "source_not_allowed",
         }
     }
 }

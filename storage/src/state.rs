@@ -196,9 +196,10 @@ pub const DEFAULT_TOKEN_TTL_SECS: u32 = 300;
 /// What the vault reads of a partner's policy when one of its tokens is
 /// redeemed: the `"policy"` member of the latest `policy_changed` payload,
 /// of which only `active` (default `true`), each purpose's `fields`
-/// (field name → masking operator) and `max_token_ttl_secs` (default
-/// [`DEFAULT_TOKEN_TTL_SECS`]) are read here; the rest of the schema
-/// belongs to the layer that enforces it (docs/http.md, "Policies").
+/// (field name → masking operator), `max_token_ttl_secs` (default
+/// [`DEFAULT_TOKEN_TTL_SECS`]), `allowed_hours_utc` and `source_ips` are
+/// read here; the rest of the schema (the rate limit) belongs to the layer
+/// that enforces it (docs/http.md, "Policies").
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct PolicyTerms {
     #[serde(default = "PolicyTerms::active_by_default")]
@@ -207,6 +208,57 @@ pub struct PolicyTerms {
     pub purposes: std::collections::BTreeMap<String, PurposeTerms>,
     #[serde(default = "PolicyTerms::default_ttl")]
     pub max_token_ttl_secs: u32,
+    /// `[from, to)`, hours of the day in UTC ([`within_hours`]).
+    #[serde(default)]
+    pub allowed_hours_utc: Option<[u8; 2]>,
+    /// Addresses or CIDR networks ([`source_allowed`]).
+    #[serde(default)]
+    pub source_ips: Vec<String>,
+}
+
+/// Whether `now_ms` (milliseconds since the Unix epoch) falls in `hours`:
+/// `[from, to)` hours of the day in UTC, wrapping past midnight when
+/// `from > to`. `None` allows every hour. The same rule decides the shim's
+/// authorizations and the vault's redemptions.
+pub fn within_hours(hours: Option<[u8; 2]>, now_ms: u64) -> bool {
+    let Some([from, to]) = hours else {
+        return true;
+    };
+    let hour = ((now_ms / 3_600_000) % 24) as u8;
+    if from < to {
+        hour >= from && hour < to
+    } else {
+        hour >= from || hour < to
+    }
+}
+
+/// Whether `source` is in one of `networks` (CIDR networks, or bare
+/// addresses as host networks; an IPv4-mapped IPv6 source counts as its
+/// IPv4 address). An empty list allows any source, even an unknown one;
+/// otherwise an unknown source (`None`) is refused, and so is every
+/// source when an item does not parse (fail closed).
+pub fn source_allowed(networks: &[String], source: Option<std::net::IpAddr>) -> bool {
+    use ipnet::IpNet;
+    use std::net::IpAddr;
+    if networks.is_empty() {
+        return true;
+    }
+    let Some(ip) = source else {
+        return false;
+    };
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let nets: Option<Vec<IpNet>> = networks
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .ok()
+                .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+        })
+        .collect();
+    nets.is_some_and(|nets| nets.iter().any(|n| n.contains(&ip)))
 }
 
 /// One purpose of a [`PolicyTerms`].
@@ -709,5 +761,70 @@ impl KeyState {
             version: u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
             shredded: v[4] == 1,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    const H: u64 = 3_600_000;
+
+    #[test]
+    fn hours_are_from_inclusive_to_exclusive_and_wrap_past_midnight() {
+        assert!(within_hours(None, 3 * H));
+        let day = Some([9, 17]);
+        assert!(within_hours(day, 9 * H));
+        assert!(within_hours(day, 17 * H - 1));
+        assert!(!within_hours(day, 17 * H));
+        assert!(!within_hours(day, 8 * H + 59 * 60_000));
+        // Days later, the same hour.
+        assert!(within_hours(day, 40 * 24 * H + 10 * H));
+        let night = Some([22, 6]);
+        assert!(within_hours(night, 23 * H));
+        assert!(within_hours(night, 24 * H + 5 * H));
+        assert!(!within_hours(night, 12 * H));
+        assert!(!within_hours(night, 6 * H));
+        assert!(within_hours(Some([0, 24]), 23 * H + 59 * 60_000));
+    }
+
+    #[test]
+    fn sources_are_matched_against_networks_and_fail_closed() {
+        let nets = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("address"));
+        assert!(source_allowed(&[], None));
+        assert!(source_allowed(&[], ip("192.0.2.1")));
+        let allowed = nets(&["10.0.0.0/8", "127.0.0.1", "2001:db8::/32"]);
+        assert!(source_allowed(&allowed, ip("10.1.2.3")));
+        assert!(source_allowed(&allowed, ip("127.0.0.1")));
+        assert!(source_allowed(&allowed, ip("::ffff:10.9.9.9")));
+        assert!(source_allowed(&allowed, ip("2001:db8::7")));
+        assert!(!source_allowed(&allowed, ip("127.0.0.2")));
+        assert!(!source_allowed(&allowed, ip("192.168.0.1")));
+        assert!(!source_allowed(&allowed, None));
+        // One item that does not parse refuses every source.
+        let broken = nets(&["10.0.0.0/8", "not-a-network"]);
+        assert!(!source_allowed(&broken, ip("10.1.2.3")));
+    }
+
+    #[test]
+    fn policy_terms_read_hours_and_sources() {
+        let v = serde_json::json!({
+            "partner_id": "p",
+            "policy": {
+                "purposes": {"kyc": {"fields": {"name": "reveal"}}},
+                "rate_limit_per_minute": 60,
+                "allowed_hours_utc": [22, 6],
+                "source_ips": ["10.0.0.0/8"]
+            }
+        });
+        let t = PolicyTerms::decode(v.to_string().as_bytes()).expect("terms");
+        assert_eq!(t.allowed_hours_utc, Some([22, 6]));
+        assert_eq!(t.source_ips, vec!["10.0.0.0/8".to_string()]);
+        // Hours that are not two small numbers are no policy at all.
+        let mut bad = v.clone();
+        bad["policy"]["allowed_hours_utc"] = serde_json::json!([300, 2]);
+        assert_eq!(PolicyTerms::decode(bad.to_string().as_bytes()), None);
     }
 }

@@ -187,6 +187,7 @@ pub enum Append {
         token_hash: String,
         partner_id: String,
         now_ms: u64,
+        source: Option<std::net::IpAddr>,
     },
     /// Destroy every data key of a subject: a `subject_shredded` entry,
     /// then the wrapped keys are deleted. Made by [`Vault::shred`] only.
@@ -1780,21 +1781,25 @@ impl Vault {
         Ok(token)
     }
 
-    /// Spends `token` for `partner_id`: on success the `token_redeemed`
-    /// entry is durable before this returns, and the token's terms come
-    /// back; otherwise `TokenRefused`, with an `access_denied` entry durable.
-    /// A token burned just before a crash stays burned after it.
+    /// Spends `token` for `partner_id`, asked from `source` (the partner's
+    /// network address; `None` when unknown, which a policy with source
+    /// networks refuses): on success the `token_redeemed` entry is durable
+    /// before this returns, and the token's terms come back; otherwise
+    /// `TokenRefused`, with an `access_denied` entry durable. A token
+    /// burned just before a crash stays burned after it.
     pub async fn redeem(
         &self,
         token: &str,
         partner_id: &str,
         now_ms: u64,
+        source: Option<std::net::IpAddr>,
     ) -> Result<(state::TokenMinted, Receipt)> {
         let token_hash = api_key_hash(token);
         let items = vec![Append::Redeem {
             token_hash: token_hash.clone(),
             partner_id: partner_id.to_string(),
             now_ms,
+            source,
         }];
         let receipt = self.request(items).await?.pop().ok_or(Error::Closed)?;
         let (st, sh) = (&self.inner.store.state, &self.inner.shared);
@@ -3086,7 +3091,8 @@ impl Committer {
                     token_hash,
                     partner_id,
                     now_ms,
-                } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms)?),
+                    source,
+                } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms, source)?),
                 Append::Shred { subject, by } => idx.push(self.shred(g, subject, by)?),
                 Append::Rotate {
                     subject,
@@ -3431,6 +3437,7 @@ impl Committer {
         token_hash: &str,
         partner_id: &str,
         now_ms: u64,
+        source: Option<std::net::IpAddr>,
     ) -> Result<usize> {
         let minted: Option<state::TokenMinted> =
             match self.state_now(g, &state::key("t/", token_hash))? {
@@ -3452,7 +3459,7 @@ impl Committer {
                 Some(k) if k.shredded => Some(TokenRefusal::SubjectShredded),
                 _ => match self.consent_refusal(g, t, now_ms)? {
                     Some(r) => Some(r),
-                    None => self.policy_refusal(g, t, now_ms)?,
+                    None => self.policy_refusal(g, t, now_ms, source)?,
                 },
             },
         };
@@ -3476,13 +3483,16 @@ impl Committer {
                 self.push(g, Kind::TokenRedeemed, &subject, 0, [0; 12], &payload)
             }
             Some(r) => {
-                let payload = serde_json::json!({
+                let mut payload = serde_json::json!({
                     "action": "redeem",
                     "reason": r.code(),
                     "token_hash": token_hash,
                     "partner_id": partner_id,
-                })
-                .to_string();
+                });
+                if let Some(ip) = source {
+                    payload["source_ip"] = ip.to_string().into();
+                }
+                let payload = payload.to_string();
                 let i = self.push(
                     g,
                     Kind::AccessDenied,
@@ -3528,22 +3538,35 @@ impl Committer {
     /// [`state::PolicyTerms::allows_age`]): deactivating the partner,
     /// taking out the token's purpose or one of its fields, or shortening
     /// `max_token_ttl_secs` below the token's age stops the tokens minted
-    /// before. A token minted where the vault holds no policy for the
-    /// partner (by a gateway that keeps policies elsewhere) is not refused
-    /// for it.
+    /// before. Then its conditions hold for the redemption as they did for
+    /// the grant: the hour ([`state::within_hours`]) and the partner's
+    /// address ([`state::source_allowed`]). A token minted where the vault
+    /// holds no policy for the partner (by a gateway that keeps policies
+    /// elsewhere) is not refused for it.
     fn policy_refusal(
         &self,
         g: &Group,
         t: &state::TokenMinted,
         now_ms: u64,
+        source: Option<std::net::IpAddr>,
     ) -> Result<Option<TokenRefusal>> {
         let Some(v) = self.state_now(g, &state::policy_key(&t.partner_id))? else {
             return Ok(None);
         };
-        let allowed = state::PolicyTerms::decode(&v).is_some_and(|p| {
-            p.allows(&t.purpose, &t.fields) && p.allows_age(t.minted_at_ms, now_ms)
-        });
-        Ok((!allowed).then_some(TokenRefusal::PolicyChanged))
+        let Some(p) = state::PolicyTerms::decode(&v) else {
+            return Ok(Some(TokenRefusal::PolicyChanged));
+        };
+        Ok(
+            if !p.allows(&t.purpose, &t.fields) || !p.allows_age(t.minted_at_ms, now_ms) {
+                Some(TokenRefusal::PolicyChanged)
+            } else if !state::within_hours(p.allowed_hours_utc, now_ms) {
+                Some(TokenRefusal::OutsideAllowedHours)
+            } else if !state::source_allowed(&p.source_ips, source) {
+                Some(TokenRefusal::SourceNotAllowed)
+            } else {
+                None
+            },
+        )
     }
 
     fn push(

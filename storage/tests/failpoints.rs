@@ -159,7 +159,7 @@ async fn one_op(vault: &Vault, op: &str, i: usize) -> bool {
                 return true;
             }
             println!("redeeming {token}");
-            match vault.redeem(&token, PARTNER, now_ms()).await {
+            match vault.redeem(&token, PARTNER, now_ms(), None).await {
                 Ok(_) => {
                     println!("delivered {token}");
                     true
@@ -275,7 +275,7 @@ fn check_after(dir: &Path, key: &ed25519_dalek::VerifyingKey, m: &mut Model, cas
         let spent =
             |r: &storage::Result<_>| matches!(r, Err(Error::TokenRefused(TokenRefusal::Spent)));
         for t in std::mem::take(&mut m.delivered) {
-            let r = vault.redeem(&t, PARTNER, now_ms()).await;
+            let r = vault.redeem(&t, PARTNER, now_ms(), None).await;
             assert!(
                 spent(&r),
                 "{case}: a delivered token is not spent: {:?}",
@@ -284,20 +284,20 @@ fn check_after(dir: &Path, key: &ed25519_dalek::VerifyingKey, m: &mut Model, cas
         }
         for t in std::mem::take(&mut m.minted) {
             let cut_off = m.redeeming.contains(&t);
-            let r = vault.redeem(&t, PARTNER, now_ms()).await;
+            let r = vault.redeem(&t, PARTNER, now_ms(), None).await;
             match &r {
                 Ok((terms, _)) => assert_eq!(terms.subject, SUBJECT, "{case}"),
                 Err(_) if cut_off && spent(&r) => continue,
                 Err(e) => panic!("{case}: an acknowledged token does not redeem: {e}"),
             }
-            let again = vault.redeem(&t, PARTNER, now_ms()).await;
+            let again = vault.redeem(&t, PARTNER, now_ms(), None).await;
             assert!(spent(&again), "{case}: a token redeemed twice");
         }
         m.redeeming.clear();
         // The seeded record still reads through a fresh token.
         let t = mint(&vault).await.expect("mint after a restart");
         vault
-            .redeem(&t, PARTNER, now_ms())
+            .redeem(&t, PARTNER, now_ms(), None)
             .await
             .expect("redeem after a restart");
     });

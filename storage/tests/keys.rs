@@ -160,7 +160,7 @@ async fn shred_destroys_every_key_of_the_subject_and_only_those() {
         Err(Error::SubjectShredded(_))
     ));
     assert!(matches!(
-        vault.redeem(&token, "lender-1", 0).await,
+        vault.redeem(&token, "lender-1", 0, None).await,
         Err(Error::TokenRefused(TokenRefusal::SubjectShredded))
     ));
     assert!(matches!(

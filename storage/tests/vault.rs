@@ -777,7 +777,7 @@ async fn a_consent_revoked_narrowed_or_lapsed_stops_the_tokens_minted_before_it(
     };
     // No consent in the vault (a gateway that keeps it elsewhere).
     let t = mint("s2").await;
-    vault.redeem(&t, "p1", 5).await.expect("redeem");
+    vault.redeem(&t, "p1", 5, None).await.expect("redeem");
 
     vault
         .append(consent(&["credit_check"], None))
@@ -799,7 +799,7 @@ async fn a_consent_revoked_narrowed_or_lapsed_stops_the_tokens_minted_before_it(
         other => panic!("{:?}", other.map(|_| "redeemed")),
     };
     refused(
-        vault.redeem(&revoked, "p1", 5).await,
+        vault.redeem(&revoked, "p1", 5, None).await,
         TokenRefusal::ConsentRevoked,
     );
     vault
@@ -807,7 +807,7 @@ async fn a_consent_revoked_narrowed_or_lapsed_stops_the_tokens_minted_before_it(
         .await
         .expect("narrow");
     refused(
-        vault.redeem(&narrowed, "p1", 5).await,
+        vault.redeem(&narrowed, "p1", 5, None).await,
         TokenRefusal::ConsentRevoked,
     );
     vault
@@ -815,13 +815,19 @@ async fn a_consent_revoked_narrowed_or_lapsed_stops_the_tokens_minted_before_it(
         .await
         .expect("grant until 100");
     refused(
-        vault.redeem(&lapsing, "p1", 100).await,
+        vault.redeem(&lapsing, "p1", 100, None).await,
         TokenRefusal::ConsentExpired,
     );
     // A refusal for consent does not spend the token.
-    let (terms, _) = vault.redeem(&lapsing, "p1", 99).await.expect("in force");
+    let (terms, _) = vault
+        .redeem(&lapsing, "p1", 99, None)
+        .await
+        .expect("in force");
     assert_eq!(terms.purpose, "credit_check");
-    vault.redeem(&regranted, "p1", 5).await.expect("redeem");
+    vault
+        .redeem(&regranted, "p1", 5, None)
+        .await
+        .expect("redeem");
     assert_eq!(denials(&vault), 3, "each refusal is audited");
     vault.close().expect("close");
     verify_ok(&dir, key);
@@ -873,7 +879,7 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
 
     // No policy in the vault (a gateway that keeps policies elsewhere).
     let t = mint(&[("name", "reveal")]).await;
-    vault.redeem(&t, "p1", 5).await.expect("no policy");
+    vault.redeem(&t, "p1", 5, None).await.expect("no policy");
 
     set(both.clone()).await;
     let name = mint(&[("name", "reveal")]).await;
@@ -886,33 +892,36 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
     limited["rate_limit_per_minute"] = 5.into();
     limited["max_token_ttl_secs"] = 60.into();
     set(limited).await;
-    vault.redeem(&kept, "p1", 5).await.expect("other terms");
+    vault
+        .redeem(&kept, "p1", 5, None)
+        .await
+        .expect("other terms");
 
     // A field taken out stops the tokens that reveal it, not the others.
     set(serde_json::json!({"purposes": {"kyc": {"fields": {"name": "reveal"}}}})).await;
-    refused(vault.redeem(&dob, "p1", 5).await);
+    refused(vault.redeem(&dob, "p1", 5, None).await);
     // The same field under another operator.
     set(serde_json::json!({"purposes": {"kyc": {"fields": {"name": "redact"}}}})).await;
-    refused(vault.redeem(&other_op, "p1", 5).await);
+    refused(vault.redeem(&other_op, "p1", 5, None).await);
     // The purpose taken out.
     set(serde_json::json!({"purposes": {"marketing": {"fields": {"name": "reveal"}}}})).await;
-    refused(vault.redeem(&name, "p1", 5).await);
+    refused(vault.redeem(&name, "p1", 5, None).await);
     // The partner made inactive; then a policy that is no policy object.
     let mut off = both.clone();
     off["active"] = false.into();
     set(off).await;
-    refused(vault.redeem(&inactive, "p1", 5).await);
+    refused(vault.redeem(&inactive, "p1", 5, None).await);
     set(serde_json::json!("not an object")).await;
-    refused(vault.redeem(&inactive, "p1", 5).await);
+    refused(vault.redeem(&inactive, "p1", 5, None).await);
     // A refusal does not spend the token: allowed again, it redeems once.
     set(both.clone()).await;
     let (terms, _) = vault
-        .redeem(&inactive, "p1", 5)
+        .redeem(&inactive, "p1", 5, None)
         .await
         .expect("allowed again");
     assert_eq!(terms.purpose, "kyc");
     assert!(matches!(
-        vault.redeem(&inactive, "p1", 5).await,
+        vault.redeem(&inactive, "p1", 5, None).await,
         Err(Error::TokenRefused(TokenRefusal::Spent))
     ));
 
@@ -930,9 +939,9 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
     let mut short = both;
     short["max_token_ttl_secs"] = 60.into();
     set(short).await;
-    refused(vault.redeem(&aged, "p1", after + 61_000).await);
+    refused(vault.redeem(&aged, "p1", after + 61_000, None).await);
     vault
-        .redeem(&aged, "p1", before + 59_000)
+        .redeem(&aged, "p1", before + 59_000, None)
         .await
         .expect("younger than the policy's lifetime");
     // A token that does not say when it was minted (an earlier build's)
@@ -954,7 +963,7 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
         .await
         .expect("a token of an earlier build");
     vault
-        .redeem(&token, "p1", after + 3_600_000)
+        .redeem(&token, "p1", after + 3_600_000, None)
         .await
         .expect("no mint time, no age");
 
@@ -965,6 +974,146 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
         })
         .count();
     assert_eq!(denials, 6, "each refusal is audited");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
+#[tokio::test]
+async fn a_redemption_meets_the_policys_hours_and_source_networks() {
+    use std::net::IpAddr;
+    use storage::TokenRefusal;
+    const H: u64 = 3_600_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault
+        .append(Append::record("s1", b"{\"name\":\"x\"}".to_vec()))
+        .await
+        .expect("append");
+    let set = |conditions: serde_json::Value| {
+        let vault = &vault;
+        let mut policy = serde_json::json!({"purposes": {"kyc": {"fields": {"name": "reveal"}}}});
+        if let (Some(p), Some(c)) = (policy.as_object_mut(), conditions.as_object()) {
+            p.extend(c.clone());
+        }
+        async move {
+            vault
+                .append(Append::event(
+                    Kind::PolicyChanged,
+                    "",
+                    &serde_json::json!({"partner_id": "p1", "policy": policy}),
+                ))
+                .await
+                .expect("policy")
+        }
+    };
+    let mint = || {
+        let vault = &vault;
+        async move {
+            vault
+                .mint(
+                    "p1",
+                    "s1",
+                    "kyc",
+                    vec![("name".into(), "reveal".into())],
+                    u64::MAX,
+                )
+                .await
+                .expect("mint")
+        }
+    };
+    let refused = |r: Result<_, Error>, want: TokenRefusal| match r {
+        Err(Error::TokenRefused(got)) => assert_eq!(got, want),
+        other => panic!("{:?}", other.map(|_| "redeemed")),
+    };
+    let ip = |s: &str| Some(s.parse::<IpAddr>().expect("address"));
+
+    // Hours [9, 17) UTC: a token is refused at 17:00 and at 08:59, and,
+    // not spent by the refusals, redeems at 16:59 of another day.
+    set(serde_json::json!({"allowed_hours_utc": [9, 17]})).await;
+    let t = mint().await;
+    refused(
+        vault.redeem(&t, "p1", 17 * H, None).await,
+        TokenRefusal::OutsideAllowedHours,
+    );
+    refused(
+        vault.redeem(&t, "p1", 9 * H - 60_000, None).await,
+        TokenRefusal::OutsideAllowedHours,
+    );
+    vault
+        .redeem(&t, "p1", 3 * 24 * H + 17 * H - 60_000, None)
+        .await
+        .expect("inside the hours");
+    // Hours that wrap past midnight.
+    set(serde_json::json!({"allowed_hours_utc": [22, 6]})).await;
+    let t = mint().await;
+    refused(
+        vault.redeem(&t, "p1", 12 * H, None).await,
+        TokenRefusal::OutsideAllowedHours,
+    );
+    vault
+        .redeem(&t, "p1", 23 * H, None)
+        .await
+        .expect("at night");
+
+    // Source networks: another address, and an unknown one, are refused;
+    // an IPv4-mapped address inside a network redeems.
+    set(serde_json::json!({"source_ips": ["10.0.0.0/8", "192.0.2.7"]})).await;
+    let t = mint().await;
+    refused(
+        vault.redeem(&t, "p1", 5, ip("192.0.2.8")).await,
+        TokenRefusal::SourceNotAllowed,
+    );
+    refused(
+        vault.redeem(&t, "p1", 5, None).await,
+        TokenRefusal::SourceNotAllowed,
+    );
+    vault
+        .redeem(&t, "p1", 5, ip("::ffff:10.20.30.40"))
+        .await
+        .expect("inside a network");
+    let t = mint().await;
+    vault
+        .redeem(&t, "p1", 5, ip("192.0.2.7"))
+        .await
+        .expect("a listed address");
+    // A network that does not parse refuses every source (the shim
+    // validates policies; one written by hand is not trusted further).
+    set(serde_json::json!({"source_ips": ["10.0.0.0/8", "ten"]})).await;
+    let t = mint().await;
+    refused(
+        vault.redeem(&t, "p1", 5, ip("10.0.0.1")).await,
+        TokenRefusal::SourceNotAllowed,
+    );
+    // No networks: any source, known or not.
+    set(serde_json::json!({})).await;
+    vault.redeem(&t, "p1", 5, None).await.expect("any source");
+
+    // Each refusal is audited with its reason, and with the address when
+    // one is known.
+    let denials: Vec<serde_json::Value> = (0..vault.durable_len())
+        .filter_map(|seq| vault.entry(seq).expect("read"))
+        .filter(|e| e.kind == Kind::AccessDenied)
+        .map(|e| serde_json::from_slice(&e.payload).expect("JSON"))
+        .collect();
+    let reasons: Vec<&str> = denials
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "outside_allowed_hours",
+            "outside_allowed_hours",
+            "outside_allowed_hours",
+            "source_not_allowed",
+            "source_not_allowed",
+            "source_not_allowed",
+        ]
+    );
+    assert_eq!(denials[3]["source_ip"], "192.0.2.8");
+    assert!(denials[4].get("source_ip").is_none());
     vault.close().expect("close");
     verify_ok(&dir, key);
 }
@@ -989,7 +1138,7 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         .await
         .expect("mint");
     // Expired: the redeemer's clock is past the expiry.
-    let expired = vault.redeem(&token, "p1", 1_000_000).await;
+    let expired = vault.redeem(&token, "p1", 1_000_000, None).await;
     assert!(
         matches!(
             expired,
@@ -1001,13 +1150,13 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         .mint("p1", "s1", "credit_check", fields, u64::MAX)
         .await
         .expect("mint");
-    let (terms, receipt) = vault.redeem(&token, "p1", 5).await.expect("redeem");
+    let (terms, receipt) = vault.redeem(&token, "p1", 5, None).await.expect("redeem");
     assert_eq!(terms.subject, "s1");
     receipt.verify(&key).expect("the burn has a receipt");
     vault.close().expect("close");
     // Reopened (the burn was durable before redeem returned): still spent.
     let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen");
-    let again = vault.redeem(&token, "p1", 6).await;
+    let again = vault.redeem(&token, "p1", 6, None).await;
     assert!(
         matches!(
             again,
@@ -1021,6 +1170,7 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
             token_hash: storage::api_key_hash(&token),
             partner_id: "p1".into(),
             now_ms: 0,
+            source: None,
         })
         .await;
     assert!(matches!(forged, Err(Error::Invalid(_))));
@@ -1052,7 +1202,7 @@ async fn concurrent_redemptions_burn_exactly_once() {
                 for _ in 0..(i * 7 + round) % 5 {
                     tokio::task::yield_now().await;
                 }
-                v.redeem(&t, "p", 1).await
+                v.redeem(&t, "p", 1, None).await
             }));
         }
         let mut ok = 0;

@@ -28,13 +28,13 @@ pub struct Policy {
     /// Authorizations per minute; absent means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_minute: Option<u32>,
-    /// Source addresses or CIDR networks allowed to authorize; empty
-    /// means any.
+    /// Source addresses or CIDR networks allowed to authorize, and to
+    /// redeem (checked by the vault); empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_ips: Vec<String>,
-    /// Hours of the day (UTC) in which authorizations are allowed:
-    /// `[from, to)`, wrapping past midnight when `from > to`; absent means
-    /// all day.
+    /// Hours of the day (UTC) in which authorizations and redemptions
+    /// are allowed: `[from, to)`, wrapping past midnight when `from > to`;
+    /// absent means all day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_hours_utc: Option<[u8; 2]>,
 }
@@ -258,32 +258,17 @@ pub fn check_consent(
     }
 }
 
-/// Time-of-day and source-address restrictions.
+/// Time-of-day and source-address restrictions: the rules the vault
+/// applies again when a token is redeemed ([`storage::state::within_hours`],
+/// [`storage::state::source_allowed`]).
 pub fn check_conditions(policy: &Policy, now_ms: u64, source: IpAddr) -> Result<(), Denial> {
-    if let Some([from, to]) = policy.allowed_hours_utc {
-        let hour = ((now_ms / 3_600_000) % 24) as u8;
-        let inside = if from < to {
-            hour >= from && hour < to
-        } else {
-            hour >= from || hour < to
-        };
-        if !inside {
-            return Err(Denial::OutsideAllowedHours);
-        }
+    if !storage::state::within_hours(policy.allowed_hours_utc, now_ms) {
+        return Err(Denial::OutsideAllowedHours);
     }
-    let nets = policy.networks().map_err(|_| Denial::SourceNotAllowed)?;
-    if !nets.is_empty() && !nets.iter().any(|n| n.contains(&canonical(source))) {
+    if !storage::state::source_allowed(&policy.source_ips, Some(source)) {
         return Err(Denial::SourceNotAllowed);
     }
     Ok(())
-}
-
-/// IPv4-mapped IPv6 addresses as IPv4, so that `10.0.0.0/8` matches them.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// Per-partner token buckets: `per_minute` authorizations a minute, in
