@@ -18,7 +18,9 @@
 //! log, and no key passes the limit; the derived state equals a rebuild;
 //! a token redeemed once is spent; a token is redeemed only while its
 //! subject's consent (where there is one) is in force and the partner's
-//! policy (where there is one) allows it, and is refused for the first of
+//! policy (where there is one) allows it (its purposes and fields, and its
+//! hours and source networks for a redemption at midnight UTC from an
+//! unknown address), and is refused for the first of
 //! the two that does not, as the model has them when no request of the
 //! round changes either; the vault's consents and policy are the latest
 //! acknowledged changes.
@@ -70,21 +72,40 @@ enum Op {
     /// (`Some(false)`), or revoked (`None`).
     Consent(u8, Option<bool>),
     /// Partner `p`'s policy ([`policy`]): one that allows its tokens, or
-    /// one that does not in one of three ways.
+    /// one that does not in one of five ways.
     Policy(u8),
 }
 
+/// Kinds of [`Op::Policy`].
+const POLICIES: u8 = 6;
+
 /// The policy of an [`Op::Policy`]: `x` revealing `a` (what tokens are
-/// minted for), the partner inactive, only purpose `y`, or `a` redacted.
+/// minted for), the partner inactive, only purpose `y`, `a` redacted,
+/// redemptions allowed only from 01:00 to 02:00 UTC (the model redeems at
+/// `now_ms` 0, midnight), or only from 10.0.0.0/8 (it redeems from an
+/// unknown source).
 fn policy(n: u8) -> serde_json::Value {
     let allowed = serde_json::json!({"x": {"fields": {"a": "reveal"}}});
-    let p = match n % 4 {
+    let p = match n % POLICIES {
         0 => serde_json::json!({"purposes": allowed}),
         1 => serde_json::json!({"active": false, "purposes": allowed}),
         2 => serde_json::json!({"purposes": {"y": {"fields": {"a": "reveal"}}}}),
-        _ => serde_json::json!({"purposes": {"x": {"fields": {"a": "redact"}}}}),
+        3 => serde_json::json!({"purposes": {"x": {"fields": {"a": "redact"}}}}),
+        4 => serde_json::json!({"purposes": allowed, "allowed_hours_utc": [1, 2]}),
+        _ => serde_json::json!({"purposes": allowed, "source_ips": ["10.0.0.0/8"]}),
     };
     serde_json::json!({"partner_id": "p", "policy": p})
+}
+
+/// What the policy of an [`Op::Policy`] does to the model's redemptions:
+/// nothing, or its refusal.
+fn policy_refusal(n: u8) -> Option<TokenRefusal> {
+    match n % POLICIES {
+        0 => None,
+        1..=3 => Some(TokenRefusal::PolicyChanged),
+        4 => Some(TokenRefusal::OutsideAllowedHours),
+        _ => Some(TokenRefusal::SourceNotAllowed),
+    }
 }
 
 /// A failpoint armed for one round: after `after` passes it fails with an
@@ -122,7 +143,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::RotateMaster),
         2 => (0..SUBJECTS).prop_map(Op::MintRedeem),
         1 => (0..SUBJECTS, proptest::option::of(any::<bool>())).prop_map(|(s, c)| Op::Consent(s, c)),
-        1 => (0u8..4).prop_map(Op::Policy),
+        1 => (0..POLICIES).prop_map(Op::Policy),
     ]
 }
 
@@ -196,9 +217,9 @@ struct Done {
     /// An acknowledged consent change: its seq, subject, and whether it
     /// lets a token for purpose `x` be redeemed.
     consent: Option<(u64, String, bool)>,
-    /// An acknowledged policy change: its seq, and whether it lets a
-    /// token be redeemed.
-    policy: Option<(u64, bool)>,
+    /// An acknowledged policy change: its seq, and its refusal of a
+    /// redemption (`None`: it lets a token be redeemed).
+    policy: Option<(u64, Option<TokenRefusal>)>,
 }
 
 /// The key file of a master rotation's byte.
@@ -310,13 +331,16 @@ async fn run_op(
                 Err(e) => return Err(fail(format!("{tag}: mint: {e}"))),
             };
             // The subject may be shredded before the redemption.
-            match vault.redeem(&token, "p", 0).await {
+            match vault.redeem(&token, "p", 0, None).await {
                 Ok(_) if matches!(expect, Some(Some(_))) => {
                     return Err(fail(format!("{tag}: redeemed, {expect:?} expected")))
                 }
                 Ok(_) | Err(Error::TokenRefused(TokenRefusal::SubjectShredded)) => {}
                 Err(Error::TokenRefused(
-                    r @ (TokenRefusal::ConsentRevoked | TokenRefusal::PolicyChanged),
+                    r @ (TokenRefusal::ConsentRevoked
+                    | TokenRefusal::PolicyChanged
+                    | TokenRefusal::OutsideAllowedHours
+                    | TokenRefusal::SourceNotAllowed),
                 )) => {
                     prop_assert!(
                         expect.is_none() || expect == Some(Some(r)),
@@ -334,7 +358,7 @@ async fn run_op(
                 }
                 Err(e) => return Err(fail(format!("{tag}: redeem: {e}"))),
             }
-            match vault.redeem(&token, "p", 0).await {
+            match vault.redeem(&token, "p", 0, None).await {
                 Err(Error::TokenRefused(_)) => {}
                 Err(e) if unknown(&e) => done.cut_off = Some((token, true)),
                 other => return Err(fail(format!("{tag}: second redemption: {other:?}"))),
@@ -358,7 +382,7 @@ async fn run_op(
         Op::Policy(n) => {
             let change = Append::event(Kind::PolicyChanged, "", &policy(n));
             match vault.append(change).await {
-                Ok(r) => done.policy = Some((r.seq, n % 4 == 0)),
+                Ok(r) => done.policy = Some((r.seq, policy_refusal(n))),
                 Err(e) if unknown(&e) => done.unknown = true,
                 Err(e) => return Err(fail(format!("{tag}: policy: {e}"))),
             }
@@ -367,14 +391,22 @@ async fn run_op(
     Ok(done)
 }
 
-/// Whether the vault's policy for partner `p` lets its tokens be redeemed
-/// (no policy at all does).
-fn policy_allows(v: &Vault) -> Result<bool, TestCaseError> {
+/// What the vault's policy for partner `p` does to the model's
+/// redemptions (at `now_ms` 0, from an unknown source): `None` lets them
+/// through, as no policy at all does.
+fn policy_now(v: &Vault) -> Result<Option<TokenRefusal>, TestCaseError> {
+    use storage::state::{source_allowed, within_hours, PolicyTerms};
     let Some(stored) = v.policy("p").map_err(|e| fail(format!("policy: {e}")))? else {
-        return Ok(true);
+        return Ok(None);
     };
     let fields = [("a".to_string(), "reveal".to_string())];
-    Ok(storage::state::PolicyTerms::decode(&stored).is_some_and(|p| p.allows("x", &fields)))
+    Ok(match PolicyTerms::decode(&stored) {
+        Some(p) if !p.allows("x", &fields) => Some(TokenRefusal::PolicyChanged),
+        Some(p) if !within_hours(p.allowed_hours_utc, 0) => Some(TokenRefusal::OutsideAllowedHours),
+        Some(p) if !source_allowed(&p.source_ips, None) => Some(TokenRefusal::SourceNotAllowed),
+        Some(_) => None,
+        None => Some(TokenRefusal::PolicyChanged),
+    })
 }
 
 /// Whether the vault's consent of `subject` for partner `p` lets a token
@@ -657,12 +689,12 @@ async fn check_tokens(
 ) -> Result<(), TestCaseError> {
     for (token, delivered) in cut_off {
         if !delivered {
-            match v.redeem(&token, "p", 0).await {
+            match v.redeem(&token, "p", 0, None).await {
                 Ok(_) | Err(Error::TokenRefused(_)) => {}
                 Err(e) => return Err(fail(format!("redeem after recovery: {e}"))),
             }
         }
-        match v.redeem(&token, "p", 0).await {
+        match v.redeem(&token, "p", 0, None).await {
             Err(Error::TokenRefused(_)) => {}
             other => {
                 return Err(fail(format!(
@@ -744,9 +776,9 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         let mut acked = Acked::new();
         let mut refused = Vec::new();
         // Per subject with a consent: whether it lets a token be redeemed;
-        // and whether the partner's policy does.
+        // and what the partner's policy does to a redemption.
         let mut consents: BTreeMap<String, bool> = BTreeMap::new();
-        let mut policy_ok = true;
+        let mut policy_effect: Option<TokenRefusal> = None;
         let r = vault
             .append(Append::record("gone", b"x".to_vec()))
             .await
@@ -784,10 +816,8 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                             let consent = consents.get(&subject(*s)).copied().unwrap_or(true);
                             Some(if !consent {
                                 Some(TokenRefusal::ConsentRevoked)
-                            } else if !policy_ok {
-                                Some(TokenRefusal::PolicyChanged)
                             } else {
-                                None
+                                policy_effect
                             })
                         }
                         _ => None,
@@ -804,7 +834,7 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
             // The acknowledged consent change with the highest seq, per
             // subject.
             let mut latest: BTreeMap<String, (u64, bool)> = BTreeMap::new();
-            let mut latest_policy: Option<(u64, bool)> = None;
+            let mut latest_policy: Option<(u64, Option<TokenRefusal>)> = None;
             let mut unknown = Vec::new();
             let mut cut_off = Vec::new();
             for (j, t) in tasks.into_iter().enumerate() {
@@ -826,9 +856,9 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                         latest.insert(s, (seq, allows));
                     }
                 }
-                if let Some((seq, allows)) = done.policy {
+                if let Some((seq, refusal)) = done.policy {
                     if latest_policy.is_none_or(|(q, _)| q < seq) {
-                        latest_policy = Some((seq, allows));
+                        latest_policy = Some((seq, refusal));
                     }
                 }
             }
@@ -860,12 +890,12 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 consents.insert(s.clone(), now);
             }
             if policy_changing {
-                let now = policy_allows(&vault)?;
+                let now = policy_now(&vault)?;
                 if fault.is_none() {
-                    let want = latest_policy.map(|(_, a)| a);
+                    let want = latest_policy.map(|(_, r)| r);
                     prop_assert_eq!(Some(now), want, "the partner's policy");
                 }
-                policy_ok = now;
+                policy_effect = now;
             }
         }
         // A batch refused for a shredded subject held one.
