@@ -178,6 +178,55 @@ fn api_key(c: &mut Criterion) {
     });
 }
 
+/// What the committer does with a partner's stored policy for each
+/// redemption: parse it, then check the token's purpose, fields and age,
+/// the hour and the source address. A policy of three purposes, without
+/// conditions, and with hours and 16 source networks (the address in the
+/// last one).
+fn policy_at_redemption(c: &mut Criterion) {
+    use storage::state::{source_allowed, within_hours, PolicyTerms};
+    let mut g = c.benchmark_group("policy at redemption");
+    let purposes = serde_json::json!({
+        "credit_check": {"fields": {"name": "partial", "income": "generalize", "iban": "redact"}},
+        "kyc": {"fields": {"name": "reveal", "dob": "generalize", "email": "partial"}},
+        "marketing": {"fields": {"email": "tokenize"}}
+    });
+    let networks: Vec<String> = (0..16).map(|i| format!("10.{i}.0.0/16")).collect();
+    let fields = vec![
+        ("name".to_string(), "partial".to_string()),
+        ("income".to_string(), "generalize".to_string()),
+    ];
+    let source = Some(std::net::IpAddr::from([10, 15, 3, 4]));
+    for (name, policy) in [
+        (
+            "no conditions",
+            serde_json::json!({"purposes": purposes, "rate_limit_per_minute": 600}),
+        ),
+        (
+            "hours and 16 networks",
+            serde_json::json!({"purposes": purposes, "rate_limit_per_minute": 600,
+                "allowed_hours_utc": [0, 24], "source_ips": networks}),
+        ),
+    ] {
+        let stored = serde_json::json!({"partner_id": "lender-1", "policy": policy,
+            "recorded_by": "admin-1"})
+        .to_string()
+        .into_bytes();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let p = PolicyTerms::decode(black_box(&stored)).expect("policy");
+                black_box(
+                    p.allows("credit_check", &fields)
+                        && p.allows_age(Some(1_000), 2_000)
+                        && within_hours(p.allowed_hours_utc, 2_000)
+                        && source_allowed(&p.source_ips, source),
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
 /// One sled insert into a `state`-like tree of 100,000 keys, by the form
 /// of the key and value: a minted token's derived state is `"t/"` and
 /// 64 hex digits with its JSON payload (~300 B); the same state could be
@@ -229,6 +278,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .sample_size(20);
     targets = entry_encode_hash, chunk_encode_decode, aead, signed_head, merkle, api_key,
-        derived_state_insert
+        policy_at_redemption, derived_state_insert
 }
 criterion_main!(benches);

@@ -982,6 +982,7 @@ async fn a_policy_that_stops_allowing_a_token_stops_it_at_redemption() {
 async fn a_redemption_meets_the_policys_hours_and_source_networks() {
     use std::net::IpAddr;
     use storage::TokenRefusal;
+    use TokenRefusal::{OutsideAllowedHours as Hours, SourceNotAllowed as Source};
     const H: u64 = 3_600_000;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("v");
@@ -1023,72 +1024,63 @@ async fn a_redemption_meets_the_policys_hours_and_source_networks() {
                 .expect("mint")
         }
     };
-    let refused = |r: Result<_, Error>, want: TokenRefusal| match r {
-        Err(Error::TokenRefused(got)) => assert_eq!(got, want),
-        other => panic!("{:?}", other.map(|_| "redeemed")),
-    };
-    let ip = |s: &str| Some(s.parse::<IpAddr>().expect("address"));
-
-    // Hours [9, 17) UTC: a token is refused at 17:00 and at 08:59, and,
-    // not spent by the refusals, redeems at 16:59 of another day.
-    set(serde_json::json!({"allowed_hours_utc": [9, 17]})).await;
-    let t = mint().await;
-    refused(
-        vault.redeem(&t, "p1", 17 * H, None).await,
-        TokenRefusal::OutsideAllowedHours,
-    );
-    refused(
-        vault.redeem(&t, "p1", 9 * H - 60_000, None).await,
-        TokenRefusal::OutsideAllowedHours,
-    );
-    vault
-        .redeem(&t, "p1", 3 * 24 * H + 17 * H - 60_000, None)
-        .await
-        .expect("inside the hours");
-    // Hours that wrap past midnight.
-    set(serde_json::json!({"allowed_hours_utc": [22, 6]})).await;
-    let t = mint().await;
-    refused(
-        vault.redeem(&t, "p1", 12 * H, None).await,
-        TokenRefusal::OutsideAllowedHours,
-    );
-    vault
-        .redeem(&t, "p1", 23 * H, None)
-        .await
-        .expect("at night");
-
-    // Source networks: another address, and an unknown one, are refused;
-    // an IPv4-mapped address inside a network redeems.
-    set(serde_json::json!({"source_ips": ["10.0.0.0/8", "192.0.2.7"]})).await;
-    let t = mint().await;
-    refused(
-        vault.redeem(&t, "p1", 5, ip("192.0.2.8")).await,
-        TokenRefusal::SourceNotAllowed,
-    );
-    refused(
-        vault.redeem(&t, "p1", 5, None).await,
-        TokenRefusal::SourceNotAllowed,
-    );
-    vault
-        .redeem(&t, "p1", 5, ip("::ffff:10.20.30.40"))
-        .await
-        .expect("inside a network");
-    let t = mint().await;
-    vault
-        .redeem(&t, "p1", 5, ip("192.0.2.7"))
-        .await
-        .expect("a listed address");
-    // A network that does not parse refuses every source (the shim
-    // validates policies; one written by hand is not trusted further).
-    set(serde_json::json!({"source_ips": ["10.0.0.0/8", "ten"]})).await;
-    let t = mint().await;
-    refused(
-        vault.redeem(&t, "p1", 5, ip("10.0.0.1")).await,
-        TokenRefusal::SourceNotAllowed,
-    );
-    // No networks: any source, known or not.
-    set(serde_json::json!({})).await;
-    vault.redeem(&t, "p1", 5, None).await.expect("any source");
+    let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+    // The policy's conditions, then redemptions of one token in turn: at
+    // `now_ms`, from an address or none, and the refusal, or `None` for
+    // the redemption that spends it. The refusals before it did not.
+    type Tries<'a> = &'a [(u64, Option<&'a str>, Option<TokenRefusal>)];
+    let networks = serde_json::json!({"source_ips": ["10.0.0.0/8", "192.0.2.7"]});
+    let cases: [(serde_json::Value, Tries); 6] = [
+        // [9, 17) UTC: refused at 17:00 and at 08:59, then redeemed at
+        // 16:59 of another day.
+        (
+            serde_json::json!({"allowed_hours_utc": [9, 17]}),
+            &[
+                (17 * H, None, Some(Hours)),
+                (9 * H - 60_000, None, Some(Hours)),
+                (3 * 24 * H + 17 * H - 60_000, None, None),
+            ],
+        ),
+        // Past midnight.
+        (
+            serde_json::json!({"allowed_hours_utc": [22, 6]}),
+            &[(12 * H, None, Some(Hours)), (23 * H, None, None)],
+        ),
+        // Another address and an unknown one are refused; an IPv4-mapped
+        // address inside a network redeems, and so does a listed address.
+        (
+            networks.clone(),
+            &[
+                (5, Some("192.0.2.8"), Some(Source)),
+                (5, None, Some(Source)),
+                (5, Some("::ffff:10.20.30.40"), None),
+            ],
+        ),
+        (networks, &[(5, Some("192.0.2.7"), None)]),
+        // A network that does not parse refuses every source (the shim
+        // validates policies; one written by hand is not trusted further).
+        (
+            serde_json::json!({"source_ips": ["10.0.0.0/8", "ten"]}),
+            &[(5, Some("10.0.0.1"), Some(Source))],
+        ),
+        // No networks: any source, known or not.
+        (serde_json::json!({}), &[(5, None, None)]),
+    ];
+    for (conditions, tries) in cases {
+        set(conditions.clone()).await;
+        let t = mint().await;
+        for &(now_ms, source, want) in tries {
+            let got = vault.redeem(&t, "p1", now_ms, source.map(ip)).await;
+            match (got, want) {
+                (Ok(_), None) => {}
+                (Err(Error::TokenRefused(got)), Some(want)) => assert_eq!(got, want),
+                (got, _) => panic!(
+                    "{conditions} at {now_ms} from {source:?}: {:?}, {want:?} expected",
+                    got.map(|_| "redeemed")
+                ),
+            }
+        }
+    }
 
     // Each refusal is audited with its reason, and with the address when
     // one is known.
