@@ -1790,6 +1790,28 @@ async fn redeem(vault: &Vault, token: &str, partner_id: &str, peer: std::net::Ip
 mod tests {
     use super::*;
 
+    /// Only a refusal of the token itself counts as a guess and slows the
+    /// peer down; the partner's own conditions (consent, policy, hours,
+    /// source address) and a vault that cannot answer do not
+    /// (docs/protocol.md, "Connection rules").
+    #[test]
+    fn only_refusals_of_the_token_itself_count_as_guesses() {
+        let guesses: Vec<&str> = ErrorCode::ALL
+            .into_iter()
+            .filter(|c| is_token_refusal(*c))
+            .map(ErrorCode::name)
+            .collect();
+        assert_eq!(
+            guesses,
+            [
+                "token_unknown",
+                "token_expired",
+                "token_spent",
+                "wrong_partner"
+            ]
+        );
+    }
+
     #[test]
     fn a_record_is_the_json_object_of_its_fields_with_sorted_keys() {
         let f = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
