@@ -218,12 +218,17 @@ pub struct PolicyTerms {
 
 /// Whether `now_ms` (milliseconds since the Unix epoch) falls in `hours`:
 /// `[from, to)` hours of the day in UTC, wrapping past midnight when
-/// `from > to`. `None` allows every hour. The same rule decides the shim's
+/// `from > to`. `None` allows every hour; hours out of range (`from` over
+/// 23, `to` over 24, or `from == to`, which the shim refuses to store)
+/// allow none (fail closed). The same rule decides the shim's
 /// authorizations and the vault's redemptions.
 pub fn within_hours(hours: Option<[u8; 2]>, now_ms: u64) -> bool {
     let Some([from, to]) = hours else {
         return true;
     };
+    if from > 23 || to > 24 || from == to {
+        return false;
+    }
     let hour = ((now_ms / 3_600_000) % 24) as u8;
     if from < to {
         hour >= from && hour < to
@@ -787,6 +792,10 @@ mod tests {
         assert!(!within_hours(night, 12 * H));
         assert!(!within_hours(night, 6 * H));
         assert!(within_hours(Some([0, 24]), 23 * H + 59 * 60_000));
+        // Out of range: no hour at all.
+        for bad in [[5, 5], [24, 3], [3, 25], [200, 1]] {
+            assert!((0..24).all(|h| !within_hours(Some(bad), h * H)), "{bad:?}");
+        }
     }
 
     #[test]
