@@ -278,6 +278,7 @@ fn authorize_redeem_deny_audit_and_verify() {
     let (code, stdout, stderr) = f.redeem(&tight, placed);
     assert_eq!(code, 2, "refused by the server: {stdout}");
     assert!(stderr.contains("source_not_allowed"), "{stderr}");
+    assert!(stderr.contains("redemptions from this address"), "{stderr}");
     let hour = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")

@@ -1738,7 +1738,7 @@ async fn redeem(vault: &Vault, token: &str, partner_id: &str, peer: std::net::Ip
         Ok(t) => t,
         Err(storage::Error::TokenRefused(r)) => {
             let code = ErrorCode::from_name(r.code()).unwrap_or(ErrorCode::Forbidden);
-            return error(code, "the token cannot be redeemed");
+            return error(code, r.message());
         }
         Err(e) => return storage_error(&e),
     };
@@ -1810,6 +1810,18 @@ mod tests {
                 "wrong_partner"
             ]
         );
+    }
+
+    /// Every refusal of a redemption reaches the partner as the wire code
+    /// of its own name, with its own words.
+    #[test]
+    fn every_token_refusal_has_a_wire_code_and_words() {
+        let mut words = std::collections::HashSet::new();
+        for r in storage::TokenRefusal::ALL {
+            let code = ErrorCode::from_name(r.code());
+            assert_eq!(code.map(ErrorCode::name), Some(r.code()), "{r:?}");
+            assert!(words.insert(r.message()), "{r:?}: words of another");
+        }
     }
 
     #[test]

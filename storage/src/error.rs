@@ -210,6 +210,20 @@ pub enum TokenRefusal {
 }
 
 impl TokenRefusal {
+    /// Every refusal.
+    pub const ALL: [TokenRefusal; 10] = [
+        TokenRefusal::Unknown,
+        TokenRefusal::Expired,
+        TokenRefusal::Spent,
+        TokenRefusal::WrongPartner,
+        TokenRefusal::SubjectShredded,
+        TokenRefusal::ConsentRevoked,
+        TokenRefusal::ConsentExpired,
+        TokenRefusal::PolicyChanged,
+        TokenRefusal::OutsideAllowedHours,
+        TokenRefusal::SourceNotAllowed,
+    ];
+
     /// Stable name, the same as the wire error code.
     pub fn code(self) -> &'static str {
         match self {
@@ -223,6 +237,31 @@ impl TokenRefusal {
             TokenRefusal::PolicyChanged => "policy_changed",
             TokenRefusal::OutsideAllowedHours => "outside_allowed_hours",
             TokenRefusal::SourceNotAllowed => "source_not_allowed",
+        }
+    }
+
+    /// Words for the partner: what to do differently, and nothing about
+    /// the subject or the token's terms beyond what the code says.
+    pub fn message(self) -> &'static str {
+        match self {
+            TokenRefusal::Unknown => "no such token",
+            TokenRefusal::Expired => "the token has expired; authorize again",
+            TokenRefusal::Spent => "the token was already redeemed",
+            TokenRefusal::WrongPartner => "the token was granted to another partner",
+            TokenRefusal::SubjectShredded => "the subject's data was destroyed",
+            TokenRefusal::ConsentRevoked => {
+                "the subject's consent no longer covers this token's purpose"
+            }
+            TokenRefusal::ConsentExpired => "the subject's consent has expired",
+            TokenRefusal::PolicyChanged => {
+                "the partner's policy no longer allows this token; authorize again"
+            }
+            TokenRefusal::OutsideAllowedHours => {
+                "the partner's policy does not allow redemptions at this hour"
+            }
+            TokenRefusal::SourceNotAllowed => {
+                "the partner's policy does not allow redemptions from this address"
+            }
         }
     }
 }
