@@ -255,15 +255,15 @@ pub fn source_allowed(networks: &[String], source: Option<std::net::IpAddr>) -> 
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     };
-    let nets: Option<Vec<IpNet>> = networks
-        .iter()
-        .map(|s| {
-            s.parse::<IpNet>()
-                .ok()
-                .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
-        })
-        .collect();
+    let nets: Option<Vec<IpNet>> = networks.iter().map(|s| parse_network(s)).collect();
     nets.is_some_and(|nets| nets.iter().any(|n| n.contains(&ip)))
+}
+
+/// A CIDR network, or a bare address as its host network.
+pub fn parse_network(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 /// One purpose of a [`PolicyTerms`].

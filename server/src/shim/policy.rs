@@ -113,9 +113,8 @@ impl Policy {
         self.source_ips
             .iter()
             .map(|s| {
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| format!("source_ips: {s:?} is not an address or CIDR network"))
+                storage::state::parse_network(s)
+                    .ok_or_else(|| format!("source_ips: {s:?} is not an address or CIDR network"))
             })
             .collect()
     }
