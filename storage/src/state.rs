@@ -226,7 +226,7 @@ pub fn within_hours(hours: Option<[u8; 2]>, now_ms: u64) -> bool {
     let Some([from, to]) = hours else {
         return true;
     };
-    if from > 23 || to > 24 || from == to {
+    if !hours_in_range([from, to]) {
         return false;
     }
     let hour = ((now_ms / 3_600_000) % 24) as u8;
@@ -235,6 +235,12 @@ pub fn within_hours(hours: Option<[u8; 2]>, now_ms: u64) -> bool {
     } else {
         hour >= from || hour < to
     }
+}
+
+/// Whether `[from, to)` names hours a policy may hold: `from` 0 to 23,
+/// `to` 0 to 24, and not the same hour.
+pub fn hours_in_range([from, to]: [u8; 2]) -> bool {
+    from <= 23 && to <= 24 && from != to
 }
 
 /// Whether `source` is in one of `networks` (CIDR networks, or bare

@@ -100,8 +100,8 @@ impl Policy {
             return Err(format!("at most {MAX_ITEMS} source_ips"));
         }
         self.networks()?;
-        if let Some([from, to]) = self.allowed_hours_utc {
-            if from > 23 || to > 24 || from == to {
+        if let Some(hours) = self.allowed_hours_utc {
+            if !storage::state::hours_in_range(hours) {
                 return Err("allowed_hours_utc is [from, to) with 0 <= from <= 23, 0 <= to <= 24, from != to".into());
             }
         }
