@@ -3,10 +3,10 @@
 //! what the log says.
 //!
 //! The scan reads the log in windows. A window is cut into ranges of
-//! keys, and each range is read from sled, decoded, CRC-checked, hashed
-//! and its head signatures checked (`verify_strict`) as one parallel task
-//! (every entry stores its predecessor's hash, so entry hashes are
-//! independent). The window is then walked in order to check seqs, links
+//! keys, each read from sled as one parallel task; then the window's
+//! chunks are decoded, CRC-checked, hashed and their head signatures
+//! checked (`verify_strict`) in parallel, chunk by chunk (every entry
+//! stores its predecessor's hash, so entry hashes are independent). The window is then walked in order to check seqs, links
 //! and group heads, while the next window is read. Nothing here needs a
 //! passphrase or a data key, and nothing here writes (opening sled runs
 //! sled's own recovery).
@@ -154,16 +154,13 @@ struct WindowReader<'a> {
     layout: LayoutCheck,
 }
 
-/// What one task read: its chunks, decoded, and whether it stopped at
-/// [`TASK_CHUNKS`] before the end of its range; `entries` counts those of
-/// the chunks that decoded, `decoded` those chunks.
+/// What one task read: its chunks as stored, where each lies, and
+/// whether it stopped at [`TASK_CHUNKS`] before the end of its range.
 struct TaskRead {
-    chunks: Window,
+    chunks: Vec<(sled::IVec, bytes::Bytes)>,
     /// Where each chunk lies in the chunks file.
     located: Vec<Option<(u64, u64)>>,
     cut: bool,
-    decoded: u64,
-    entries: u64,
 }
 
 impl<'a> WindowReader<'a> {
@@ -222,9 +219,9 @@ impl<'a> WindowReader<'a> {
         }
     }
 
-    /// Reads the next window: its ranges in parallel, each decoded,
-    /// hashed and its signatures checked. Empty only at the end of the
-    /// log.
+    /// Reads the next window: its ranges in parallel, then its chunks
+    /// decoded, hashed and their signatures checked in parallel. Empty
+    /// only at the end of the log.
     fn next(&mut self, keys: &KeyChain) -> Result<Window> {
         while !self.done {
             let window = self.read_window(keys)?;
@@ -250,22 +247,20 @@ impl<'a> WindowReader<'a> {
         let ranges = self.ranges();
         let reads = ranges
             .par_iter()
-            .map(|r| read_range(self.log, r, keys))
+            .map(|r| read_range(self.log, r))
             .collect::<Vec<_>>();
-        let (mut window, mut decoded, mut entries) = (Vec::new(), 0, 0);
+        let mut chunks = Vec::new();
         let mut next_from = None;
         for r in reads.iter().flatten() {
             self.reads += r.chunks.len() as u64;
         }
         for (read, range) in reads.into_iter().zip(&ranges) {
             let read = read?;
-            decoded += read.decoded;
-            entries += read.entries;
             let last_key = read.chunks.last().map(|(k, _)| k.to_vec());
             for ((k, _), at) in read.chunks.iter().zip(read.located) {
                 self.layout.chunk(k, at);
             }
-            window.extend(read.chunks);
+            chunks.extend(read.chunks);
             if read.cut {
                 // Later tasks read what comes after the rest of this
                 // range: drop them, and go on right after its last chunk.
@@ -280,6 +275,21 @@ impl<'a> WindowReader<'a> {
                 _ => self.done = true,
             },
         }
+        // Decoding, hashing and the heads' signatures, chunk by chunk
+        // rather than range by range: a range's chunks may cost ten times
+        // another's (a head to verify for every few entries, or hundreds
+        // of entries per head), and the cores would wait on the longest.
+        let window: Window = chunks
+            .into_par_iter()
+            .map(|(k, v)| {
+                let d = decode_one(&k, v, keys);
+                (k, d)
+            })
+            .collect();
+        let (decoded, entries) = window
+            .iter()
+            .filter_map(|(_, d)| d.as_ref().ok())
+            .fold((0u64, 0u64), |(n, e), d| (n + 1, e + d.ranges.len() as u64));
         if let Some(span) = (TASK_TARGET_CHUNKS * entries).checked_div(decoded) {
             self.span = span.clamp(1, 1 << 16);
         }
@@ -292,15 +302,12 @@ fn seq_of(key: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
 }
 
-/// One task: reads a range of the log, at most [`TASK_CHUNKS`] chunks,
-/// and decodes them.
-fn read_range(log: &LogTree, range: &Range, keys: &KeyChain) -> Result<TaskRead> {
+/// One task: reads a range of the log, at most [`TASK_CHUNKS`] chunks.
+fn read_range(log: &LogTree, range: &Range) -> Result<TaskRead> {
     let mut read = TaskRead {
         chunks: Vec::new(),
         located: Vec::new(),
         cut: false,
-        decoded: 0,
-        entries: 0,
     };
     for item in log.range_located::<Vec<u8>, _>(range.clone()) {
         if read.chunks.len() == TASK_CHUNKS {
@@ -309,12 +316,7 @@ fn read_range(log: &LogTree, range: &Range, keys: &KeyChain) -> Result<TaskRead>
         }
         let (k, at, v) = item?;
         read.located.push(at);
-        let d = decode_one(&k, v, keys);
-        if let Ok(d) = &d {
-            read.decoded += 1;
-            read.entries += d.ranges.len() as u64;
-        }
-        read.chunks.push((k, d));
+        read.chunks.push((k, v));
     }
     Ok(read)
 }
