@@ -206,6 +206,10 @@ fn verify_accepts_an_intact_vault() {
         report["entries"].as_u64().is_some_and(|n| n >= 2),
         "{report}"
     );
+    assert!(
+        report["groups"].as_u64().is_some_and(|g| g >= 1),
+        "{report}"
+    );
     assert!(report.get("warning").is_none(), "{report}");
     assert!(!json.stderr.contains("warning"), "{json:?}");
 

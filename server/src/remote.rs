@@ -99,8 +99,6 @@ pub struct RemoteReport {
     pub report: Report,
     /// The address verified.
     pub addr: String,
-    /// Commit groups whose Merkle root and signature were checked.
-    pub groups: u64,
     /// Receipts checked (one per group, plus the random ones).
     pub receipts_checked: u64,
     /// Wall time of the whole run.
@@ -140,6 +138,7 @@ pub async fn verify_remote(opts: &RemoteOptions<'_>) -> Result<RemoteReport> {
             entries: 0,
             head: None,
             signed_head: None,
+            groups: 0,
             failure: None,
             used_stored_key: false,
             shredded: Vec::new(),
@@ -149,7 +148,6 @@ pub async fn verify_remote(opts: &RemoteOptions<'_>) -> Result<RemoteReport> {
             retired_signing_pending: Vec::new(),
         },
         addr,
-        groups: 0,
         receipts_checked: 0,
         elapsed: Duration::ZERO,
     };
@@ -355,7 +353,7 @@ async fn walk_entries(
                         if let Err(f) = close_group(walk, &r, &first_hash) {
                             return Ok(Err(f));
                         }
-                        out.groups += 1;
+                        out.report.groups += 1;
                         out.receipts_checked += 1;
                     }
                 }

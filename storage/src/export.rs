@@ -121,8 +121,6 @@ pub struct ExportReport {
     pub report: Report,
     /// The vault id the header names.
     pub vault_id: [u8; 16],
-    /// Commit groups whose root and signature were checked.
-    pub groups: u64,
 }
 
 /// Reads exactly `buf.len()` bytes: `Ok(false)` when the input ends first
@@ -165,6 +163,7 @@ pub fn verify_export(input: impl Read, key: &VerifyingKey) -> Result<ExportRepor
         entries: 0,
         head: None,
         signed_head: None,
+        groups: walk.groups(),
         failure: None,
         used_stored_key: false,
         shredded: walk.shredded().to_vec(),
@@ -183,11 +182,7 @@ pub fn verify_export(input: impl Read, key: &VerifyingKey) -> Result<ExportRepor
         }
         Err(f) => report.failure = Some(f),
     }
-    Ok(ExportReport {
-        report,
-        vault_id,
-        groups: walk.groups(),
-    })
+    Ok(ExportReport { report, vault_id })
 }
 
 /// Reads records until the end marker. `Ok(Err(_))` is an integrity

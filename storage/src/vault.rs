@@ -1033,6 +1033,7 @@ impl Vault {
             entries: report.entries,
             last_hash: report.head,
             head: report.signed_head,
+            groups: report.groups,
         };
         replay_tail(&store, tip.entries)?;
         recover_pending(&store, tip.entries)?;

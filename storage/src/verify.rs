@@ -70,6 +70,8 @@ pub struct ChainTip {
     pub last_hash: Option<Hash>,
     /// The last signed head.
     pub head: Option<SignedHead>,
+    /// Commit groups closed by a head.
+    pub groups: u64,
 }
 
 /// An integrity failure: the first bad seq and why.
@@ -449,6 +451,7 @@ impl ChainCheck {
                 .map_err(|err| (r.seq, Reason::KeyMismatch(err.to_string())))?;
         }
         self.tip.head = Some(*head);
+        self.tip.groups += 1;
         Ok(ClosedGroup {
             hashes: std::mem::take(&mut self.group),
             key,
@@ -542,7 +545,6 @@ pub struct StreamCheck {
     key: VerifyingKey,
     genesis: Option<Genesis>,
     shredded: Vec<String>,
-    groups: u64,
 }
 
 impl StreamCheck {
@@ -553,7 +555,6 @@ impl StreamCheck {
             key,
             genesis: None,
             shredded: Vec::new(),
-            groups: 0,
         }
     }
 
@@ -579,9 +580,7 @@ impl StreamCheck {
     /// rotations) must be those of the entries since the last head.
     pub fn head(&mut self, head: &SignedHead) -> std::result::Result<(), Failure> {
         let closed = self.chain.close_group(head)?;
-        check_group(&closed.hashes, head, head.verify(&closed.key))?;
-        self.groups += 1;
-        Ok(())
+        check_group(&closed.hashes, head, head.verify(&closed.key))
     }
 
     /// The end of the stream: the log is not empty and its last group is
@@ -623,7 +622,7 @@ impl StreamCheck {
 
     /// Groups closed so far.
     pub fn groups(&self) -> u64 {
-        self.groups
+        self.chain.tip().groups
     }
 
     /// The signing keys of the rotations in the groups closed so far.
@@ -877,6 +876,10 @@ pub struct Report {
     pub head: Option<Hash>,
     /// The last signed head.
     pub signed_head: Option<SignedHead>,
+    /// Commit groups whose head was checked: its fields against the
+    /// group's entries, its Merkle root and its signature (0 when the
+    /// chain scan failed). Each costs one `verify_strict`.
+    pub groups: u64,
     /// The first failure, if any.
     pub failure: Option<Failure>,
     /// True when no key was pinned and the stored one was used.
@@ -987,6 +990,7 @@ pub(crate) fn verify_store_with(
         entries: 0,
         head: None,
         signed_head: None,
+        groups: 0,
         failure: None,
         used_stored_key,
         shredded: Vec::new(),
@@ -1156,6 +1160,7 @@ pub(crate) fn verify_store_with(
     report.entries = tip.entries;
     report.head = tip.last_hash;
     report.signed_head = tip.head;
+    report.groups = tip.groups;
     report.shredded = shredded;
     let last = tip.entries.saturating_sub(1);
     let fail = |r: Reason| Some((last, r));
