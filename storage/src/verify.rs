@@ -6,8 +6,9 @@
 //! keys, each read from sled as one parallel task; then the window's
 //! chunks are decoded, CRC-checked, hashed and their head signatures
 //! checked (`verify_strict`) in parallel, chunk by chunk (every entry
-//! stores its predecessor's hash, so entry hashes are independent). The window is then walked in order to check seqs, links
-//! and group heads, while the next window is read. Nothing here needs a
+//! stores its predecessor's hash, so entry hashes are independent). The
+//! window is then walked in order to check seqs, links and group heads,
+//! while the next window is read. Nothing here needs a
 //! passphrase or a data key, and nothing here writes (opening sled runs
 //! sled's own recovery).
 //!
@@ -877,8 +878,10 @@ pub struct Report {
     /// The last signed head.
     pub signed_head: Option<SignedHead>,
     /// Commit groups whose head was checked: its fields against the
-    /// group's entries, its Merkle root and its signature (0 when the
-    /// chain scan failed). Each costs one `verify_strict`.
+    /// group's entries, its Merkle root and its signature. Each costs one
+    /// `verify_strict`. The local scan leaves it 0 when the chain scan
+    /// failed; the stream modes (remote, export file) count the groups
+    /// closed before the failure.
     pub groups: u64,
     /// The first failure, if any.
     pub failure: Option<Failure>,
