@@ -85,7 +85,9 @@ use crate::chunk::{
 use crate::crypto::{
     self, data_key_aad, record_aad, signing_key_aad, KdfParams, SealedMaster, SecretKey, Unlock,
 };
-use crate::entry::{entry_hash, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN};
+use crate::entry::{
+    entry_hash, entry_hashes, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN,
+};
 use crate::error::{Error, Reason, Result, TokenRefusal};
 use crate::state::{
     self, CredentialCreated, Genesis, KeyRotation, KeyState, ShredCommit, SubjectKeyCommit,
@@ -1868,11 +1870,8 @@ impl Vault {
             return Err(Error::integrity(seq, Reason::HeadMismatch));
         }
         let n = (head.last_seq - head.group_first_seq + 1) as usize;
-        let hashes: Vec<Hash> = self
-            .entries_from(head.group_first_seq, n)?
-            .iter()
-            .map(|e| entry_hash(e))
-            .collect();
+        let entries = self.entries_from(head.group_first_seq, n)?;
+        let hashes = entry_hashes(&entries.iter().map(|e| e.as_ref()).collect::<Vec<_>>());
         if hashes.len() != n {
             return Err(Error::integrity(head.last_seq, Reason::Truncated));
         }

@@ -34,7 +34,7 @@ use ed25519_dalek::VerifyingKey;
 use rayon::prelude::*;
 
 use crate::chunk::{Chunk, ChunkError, KeyChain, KeyEndorsement, MerkleTree, SignedHead};
-use crate::entry::{entry_hash, EntryRef, Hash, Kind};
+use crate::entry::{entry_hash, entry_hashes, EntryRef, Hash, Kind};
 use crate::error::{Error, Reason, Result};
 use crate::logfile::{LayoutCheck, LogTree};
 use crate::state::{self, Genesis, KeyState};
@@ -116,7 +116,7 @@ fn decode_one(
             .collect::<Vec<_>>();
         (chunk.first_seq, ranges, chunk.head)
     };
-    let hashes: Vec<Hash> = ranges.iter().map(|r| entry_hash(&v[r.clone()])).collect();
+    let hashes = entry_hashes(&ranges.iter().map(|r| &v[r.clone()]).collect::<Vec<_>>());
     let whole_group = head.is_some_and(|h| h.group_first_seq == first_seq);
     let root = (whole_group && !hashes.is_empty()).then(|| MerkleTree::new(&hashes).root());
     Ok(Decoded {
