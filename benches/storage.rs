@@ -16,7 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ed25519_dalek::SigningKey;
 use storage::chunk::{encode_chunk, Chunk, MerkleTree, SignedHead};
 use storage::crypto::{record_aad, SecretKey};
-use storage::entry::{entry_hash, EntryRef, Hash, Kind};
+use storage::entry::{entry_hash, entry_hashes, EntryRef, Hash, Kind};
 
 const PAYLOAD: usize = 512;
 
@@ -64,6 +64,29 @@ fn entry_encode_hash(c: &mut Criterion) {
             black_box(entry_hash(&bytes))
         })
     });
+    // A verifier's view: the entries of a chunk, hashed one after the
+    // other or side by side (`entry_hashes`).
+    let chunk: Vec<Vec<u8>> = (0..64)
+        .map(|i| entry(1000 + i, "cust-000001", &p).encode())
+        .collect();
+    let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+    g.throughput(Throughput::Elements(refs.len() as u64));
+    g.bench_function("hash 64 x 512 B one by one", |b| {
+        b.iter(|| {
+            black_box(
+                black_box(&refs)
+                    .iter()
+                    .map(|e| entry_hash(e))
+                    .collect::<Vec<Hash>>(),
+            )
+        })
+    });
+    g.bench_function("hash 64 x 512 B side by side", |b| {
+        b.iter(|| black_box(entry_hashes(black_box(&refs))))
+    });
+    g.throughput(Throughput::Bytes(
+        entry(0, "cust-000001", &p).encoded_len() as u64
+    ));
     g.bench_function("decode 512 B", |b| {
         let bytes = entry(5, "cust-000001", &p).encode();
         b.iter(|| {
