@@ -6,7 +6,8 @@
 //! keys, each read from sled as one parallel task; then the window's
 //! chunks are decoded, CRC-checked, hashed and their head signatures
 //! checked (`verify_strict`) in parallel, chunk by chunk (every entry
-//! stores its predecessor's hash, so entry hashes are independent). The
+//! stores its predecessor's hash, so entry hashes are independent, and a
+//! chunk's entries are hashed side by side: [`entry_hashes`]). The
 //! window is then walked in order to check seqs, links and group heads,
 //! while the next window is read. Nothing here needs a
 //! passphrase or a data key, and nothing here writes (opening sled runs
