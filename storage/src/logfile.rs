@@ -447,6 +447,11 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> Result<(sled::Db, LogTree)> {
+        // A sled dropped just before may still hold its file lock for a
+        // moment (its flusher thread lets go of it last): wait for it.
+        if let Ok(f) = std::fs::File::open(dir.join("db").join("db")) {
+            f.lock()?;
+        }
         let db = sled::Config::new().path(dir.join("db")).open()?;
         let log = LogTree::open(dir, db.open_tree("log")?)?;
         Ok((db, log))
