@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use storage::chunk::Chunk;
 use storage::entry::EntryRef;
 use storage::export::ExportWriter;
-use storage::verify::StreamCheck;
+use storage::verify::{Hashed, StreamCheck};
 use storage::{Kind, Reason};
 use tokio::sync::mpsc;
 
@@ -320,7 +320,9 @@ pub async fn export_remote(
         if page.is_empty() {
             return Err(integrity(walk.next_seq(), Reason::Truncated));
         }
-        for bytes in &page {
+        let entries: Vec<&[u8]> = page.iter().map(Vec::as_slice).collect();
+        for entry in Hashed::all(&entries) {
+            let bytes = entry.bytes();
             let seq = walk.next_seq();
             if group.is_none() {
                 let r = match receipts.recv().await {
@@ -337,7 +339,7 @@ pub async fn export_remote(
                 }
                 group = Some(r);
             }
-            walk.entry(bytes).map_err(storage::Error::from)?;
+            walk.hashed_entry(&entry).map_err(storage::Error::from)?;
             let w = match &mut writer {
                 Some(w) => w,
                 None => {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use client::{Client, ClientConfig, ClientError, ErrorCode, KeyChain, Receipt};
 use ed25519_dalek::VerifyingKey;
-use storage::verify::{Failure, StreamCheck};
+use storage::verify::{Failure, Hashed, StreamCheck};
 use storage::{Hash, Reason, Report, SignedHead};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -322,9 +322,10 @@ async fn walk_entries(
             // The server signed a head it cannot serve the entries of.
             return Ok(Err((walk.next_seq(), Reason::Truncated)));
         }
-        for bytes in &page {
+        let entries: Vec<&[u8]> = page.iter().map(Vec::as_slice).collect();
+        for entry in Hashed::all(&entries) {
             let expected = walk.next_seq();
-            let hash = match walk.entry(bytes) {
+            let hash = match walk.hashed_entry(&entry) {
                 Ok(h) => h,
                 Err(f) => return Ok(Err(f)),
             };

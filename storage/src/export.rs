@@ -18,7 +18,9 @@
 //!
 //! The order is the log's: each group's entries, then its head. Lengths
 //! are checked against their maximum before anything is read or
-//! allocated, so a hostile file costs at most one entry's buffer.
+//! allocated, so a hostile file costs at most one entry's buffer beyond
+//! the entries read ahead to be hashed side by side (64, of 64 KiB
+//! together at most).
 //!
 //! A file whose first 8 bytes are not the magic is not an export (the
 //! check cannot run); so is one of another version. Past the magic, any
@@ -33,7 +35,7 @@ use ed25519_dalek::VerifyingKey;
 use crate::chunk::{SignedHead, HEAD_LEN};
 use crate::entry::{FIXED_LEN, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN};
 use crate::error::{Error, Reason, Result};
-use crate::verify::{Failure, Report, StreamCheck};
+use crate::verify::{Failure, Hashed, Report, StreamCheck};
 
 /// The first bytes of every export file.
 pub const EXPORT_MAGIC: &[u8; 8] = b"FVEXPORT";
@@ -186,16 +188,83 @@ pub fn verify_export(input: impl Read, key: &VerifyingKey) -> Result<ExportRepor
 }
 
 /// Reads records until the end marker. `Ok(Err(_))` is an integrity
-/// failure; `Err` an I/O error.
+/// failure; `Err` an I/O error. Entries are checked side by side, a few
+/// at a time ([`Pending`]); whatever ends the walk, the entries read
+/// before it are checked first, so the failure reported is the earliest,
+/// as if each entry had been checked as it was read.
 fn walk_records(
     r: &mut impl Read,
     walk: &mut StreamCheck,
     vault_id: &[u8; 16],
 ) -> Result<std::result::Result<(), Failure>> {
+    let mut pending = Pending::default();
+    let outcome = read_records(r, walk, vault_id, &mut pending);
+    match pending.check(walk) {
+        Err(f) => Ok(Err(f)),
+        Ok(()) => outcome,
+    }
+}
+
+/// Entries read and not yet checked: at most [`Pending::MAX_ENTRIES`],
+/// of at most [`Pending::MAX_BYTES`] together, beyond the last one read.
+#[derive(Debug, Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Pending {
+    const MAX_ENTRIES: usize = 64;
+    const MAX_BYTES: usize = 64 * 1024;
+
+    fn push(&mut self, entry: &[u8]) {
+        self.bytes.extend_from_slice(entry);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn len(&self) -> u64 {
+        self.ends.len() as u64
+    }
+
+    fn full(&self) -> bool {
+        self.ends.len() >= Self::MAX_ENTRIES || self.bytes.len() >= Self::MAX_BYTES
+    }
+
+    /// Hashes the pending entries side by side and checks them in order.
+    fn check(&mut self, walk: &mut StreamCheck) -> std::result::Result<(), Failure> {
+        let result = {
+            let mut start = 0;
+            let entries: Vec<&[u8]> = self
+                .ends
+                .iter()
+                .map(|&end| {
+                    let e = &self.bytes[start..end];
+                    start = end;
+                    e
+                })
+                .collect();
+            Hashed::all(&entries)
+                .iter()
+                .try_for_each(|e| walk.hashed_entry(e).map(drop))
+        };
+        self.bytes.clear();
+        self.ends.clear();
+        result
+    }
+}
+
+/// The records of [`walk_records`], entries left in `pending` when it
+/// returns.
+fn read_records(
+    r: &mut impl Read,
+    walk: &mut StreamCheck,
+    vault_id: &[u8; 16],
+    pending: &mut Pending,
+) -> Result<std::result::Result<(), Failure>> {
     let mut buf = Vec::new();
     let (mut entries, mut heads) = (0u64, 0u64);
     loop {
-        let at = walk.next_seq();
+        let at = walk.next_seq() + pending.len();
         let bad = |m: &str| Ok(Err((at, Reason::Malformed(format!("export file: {m}")))));
         let mut tag_len = [0u8; 5];
         if !read_full(r, &mut tag_len)? {
@@ -219,10 +288,15 @@ fn walk_records(
         }
         match tag {
             TAG_ENTRY => {
-                if let Err(f) = walk.entry(&buf) {
-                    return Ok(Err(f));
-                }
+                pending.push(&buf);
                 entries += 1;
+                // The genesis entry alone, so that its vault id is checked
+                // before any later entry.
+                if at == 0 || pending.full() {
+                    if let Err(f) = pending.check(walk) {
+                        return Ok(Err(f));
+                    }
+                }
                 if at == 0 {
                     let named = walk.genesis().map(|g| g.vault_id.as_str());
                     if named != Some(hex::encode(vault_id).as_str()) {
@@ -239,6 +313,9 @@ fn walk_records(
                 let Ok(head) = SignedHead::decode(&buf) else {
                     return bad("head does not decode");
                 };
+                if let Err(f) = pending.check(walk) {
+                    return Ok(Err(f));
+                }
                 if let Err(f) = walk.head(&head) {
                     return Ok(Err(f));
                 }
@@ -249,6 +326,9 @@ fn walk_records(
                 let counted_heads = u64::from_be_bytes(buf[8..].try_into().unwrap_or_default());
                 if counted != entries || counted_heads != heads {
                     return bad("end marker counts differ from the records");
+                }
+                if let Err(f) = pending.check(walk) {
+                    return Ok(Err(f));
                 }
                 if let Err(f) = walk.finish() {
                     return Ok(Err(f));
@@ -290,9 +370,9 @@ pub fn export_dir<W: Write>(
             };
             Error::integrity(next, reason)
         })?;
-        for e in &chunk.entries {
-            walk.entry(e)?;
-            writer.entry(e)?;
+        for e in Hashed::all(&chunk.entries) {
+            walk.hashed_entry(&e)?;
+            writer.entry(e.bytes())?;
         }
         if let Some(h) = &chunk.head {
             walk.head(h)?;

@@ -531,6 +531,31 @@ pub fn check_genesis_key(g: &Genesis, key: &VerifyingKey) -> std::result::Result
     Ok(())
 }
 
+/// An encoded entry with its hash, for [`StreamCheck::hashed_entry`]. Made
+/// only by [`Hashed::all`], which hashes entries side by side
+/// ([`entry_hashes`]), so the hash is always the entry's.
+#[derive(Debug, Clone, Copy)]
+pub struct Hashed<'a> {
+    bytes: &'a [u8],
+    hash: Hash,
+}
+
+impl<'a> Hashed<'a> {
+    /// Each of `entries` with its hash, in order.
+    pub fn all(entries: &[&'a [u8]]) -> Vec<Hashed<'a>> {
+        entry_hashes(entries)
+            .into_iter()
+            .zip(entries)
+            .map(|(hash, &bytes)| Hashed { bytes, hash })
+            .collect()
+    }
+
+    /// The entry's encoding.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+}
+
 /// The in-order checks of a log read as a stream of encoded entries and
 /// signed heads, with a pinned key: what `vault-verify --remote` reads
 /// over the wire and `vault-verify --file` from an export file. Each
@@ -562,8 +587,18 @@ impl StreamCheck {
 
     /// Checks the next entry, as encoded; returns its hash.
     pub fn entry(&mut self, bytes: &[u8]) -> std::result::Result<Hash, Failure> {
+        self.check_entry(bytes, entry_hash(bytes))
+    }
+
+    /// Checks the next entry, hashed beforehand with the entries around it
+    /// ([`Hashed::all`]); returns its hash.
+    pub fn hashed_entry(&mut self, entry: &Hashed<'_>) -> std::result::Result<Hash, Failure> {
+        self.check_entry(entry.bytes, entry.hash)
+    }
+
+    /// `hash` is `entry_hash(bytes)`: both callers above make sure of it.
+    fn check_entry(&mut self, bytes: &[u8], hash: Hash) -> std::result::Result<Hash, Failure> {
         let expected = self.chain.next_seq();
-        let hash = entry_hash(bytes);
         let e =
             EntryRef::decode(bytes).map_err(|_| (expected, Reason::Malformed("entry".into())))?;
         self.chain.entry(&e, &hash)?;

@@ -251,6 +251,52 @@ fn check(file: &[u8], key: &VerifyingKey) -> Result<Option<(u64, Reason)>, Error
     verify_export(file, key).map(|r| r.report.failure)
 }
 
+/// Entries are read a few at a time and hashed side by side before they
+/// are checked: a fault in a later record (a cut, a bad tag) must not hide
+/// an earlier entry's failure, nor one 64 entries later shift where it is.
+#[test]
+fn an_export_reports_the_earliest_failure_among_entries_read_ahead() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = Vault::create(&dir, &passphrase(), Options::default())
+        .expect("create")
+        .vault;
+    let key = vault.public_key();
+    runtime().block_on(async {
+        let items = (0..200)
+            .map(|i| Append::record(format!("cust-{i}"), vec![b'x'; 40 + i % 700]))
+            .collect();
+        vault.append_batch(items).await.expect("batch");
+    });
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+    let (file, _, _) = export_dir(&dir, Vec::new(), Some(key)).expect("export");
+    assert_eq!(check(&file, &key).expect("runs"), None);
+    let recs = records(&file);
+    // Entries followed by another entry, far enough into a group of 200
+    // that the entries before them fill and check whole batches of 64.
+    for i in [3, 63, 64, 65, 100, 130, 190] {
+        let (tag, next_tag) = (recs[i].1, recs[i + 1].1);
+        assert!(tag == TAG_ENTRY && next_tag == TAG_ENTRY, "record {i}");
+        let mut bad = file.clone();
+        let body = recs[i].2.clone();
+        bad[body.end - 1] ^= 0x01;
+        let alone = check(&bad, &key).expect("runs").expect("caught");
+        // The entry after the damaged one no longer links to it.
+        assert!(alone.0 <= i as u64 + 1, "record {i}: {alone:?}");
+        // Cut right after the next entry, or that cut's record made
+        // unknown: the same failure either way.
+        let after = recs[i + 2].0;
+        assert_eq!(
+            check(&bad[..after], &key).expect("runs"),
+            Some(alone.clone())
+        );
+        let mut tagged = bad.clone();
+        tagged[after] = 0x77;
+        assert_eq!(check(&tagged, &key).expect("runs"), Some(alone));
+    }
+}
+
 #[test]
 fn an_export_verifies_and_every_kind_of_damage_is_named() {
     let tmp = tempfile::tempdir().expect("tempdir");
