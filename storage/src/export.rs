@@ -20,7 +20,10 @@
 //! are checked against their maximum before anything is read or
 //! allocated, so a hostile file costs at most one entry's buffer beyond
 //! the entries read ahead to be hashed side by side (64, of 64 KiB
-//! together at most).
+//! together at most). Heads' signatures are checked 64 at a time on every
+//! core ([`StreamCheck::settle`]); whatever stops the walk, the entries
+//! and signatures read before it are checked first, so the failure
+//! reported is the earliest.
 //!
 //! A file whose first 8 bytes are not the magic is not an export (the
 //! check cannot run); so is one of another version. Past the magic, any
@@ -199,11 +202,16 @@ fn walk_records(
 ) -> Result<std::result::Result<(), Failure>> {
     let mut pending = Pending::default();
     let outcome = read_records(r, walk, vault_id, &mut pending);
-    match pending.check(walk) {
+    // The heads left to settle come before the pending entries, which
+    // come before whatever ended the walk.
+    match walk.settle().and_then(|()| pending.check(walk)) {
         Err(f) => Ok(Err(f)),
         Ok(()) => outcome,
     }
 }
+
+/// Heads whose signatures wait to be checked together, on every core.
+const UNSETTLED_HEADS: usize = 64;
 
 /// Entries read and not yet checked: at most [`Pending::MAX_ENTRIES`],
 /// of at most [`Pending::MAX_BYTES`] together, beyond the last one read.
@@ -316,8 +324,13 @@ fn read_records(
                 if let Err(f) = pending.check(walk) {
                     return Ok(Err(f));
                 }
-                if let Err(f) = walk.head(&head) {
+                if let Err(f) = walk.head_deferred(&head) {
                     return Ok(Err(f));
+                }
+                if walk.unsettled() >= UNSETTLED_HEADS {
+                    if let Err(f) = walk.settle() {
+                        return Ok(Err(f));
+                    }
                 }
                 heads += 1;
             }

@@ -572,6 +572,9 @@ pub struct StreamCheck {
     key: VerifyingKey,
     genesis: Option<Genesis>,
     shredded: Vec<String>,
+    /// Heads closed by [`StreamCheck::head_deferred`] whose signatures
+    /// [`StreamCheck::settle`] has yet to check, each with its key.
+    unsigned: Vec<(SignedHead, VerifyingKey)>,
 }
 
 impl StreamCheck {
@@ -582,6 +585,7 @@ impl StreamCheck {
             key,
             genesis: None,
             shredded: Vec::new(),
+            unsigned: Vec::new(),
         }
     }
 
@@ -620,9 +624,45 @@ impl StreamCheck {
         check_group(&closed.hashes, head, head.verify(&closed.key))
     }
 
-    /// The end of the stream: the log is not empty and its last group is
-    /// closed by a head. Returns what was checked.
-    pub fn finish(&self) -> std::result::Result<&ChainTip, Failure> {
+    /// Closes the open group with `head` as [`StreamCheck::head`] does,
+    /// but leaves its signature to [`StreamCheck::settle`], which checks
+    /// the heads left to it on every core. Meanwhile the group counts as
+    /// closed, so a caller settles before it reports anything, a failure
+    /// included: a signature left unchecked may fail before it.
+    pub fn head_deferred(&mut self, head: &SignedHead) -> std::result::Result<(), Failure> {
+        let closed = self.chain.close_group(head)?;
+        check_group(&closed.hashes, head, true)?;
+        self.unsigned.push((*head, closed.key));
+        Ok(())
+    }
+
+    /// Heads whose signatures are left to [`StreamCheck::settle`].
+    pub fn unsettled(&self) -> usize {
+        self.unsigned.len()
+    }
+
+    /// Checks, in parallel, the signatures of the heads closed by
+    /// [`StreamCheck::head_deferred`]; the earliest that fails is the
+    /// failure.
+    pub fn settle(&mut self) -> std::result::Result<(), Failure> {
+        let bad = self
+            .unsigned
+            .par_iter()
+            .filter(|(head, key)| !head.verify(key))
+            .map(|(head, _)| head.last_seq)
+            .min();
+        self.unsigned.clear();
+        match bad {
+            Some(seq) => Err((seq, Reason::BadSignature)),
+            None => Ok(()),
+        }
+    }
+
+    /// The end of the stream: every signature left to
+    /// [`StreamCheck::settle`] holds, the log is not empty and its last
+    /// group is closed by a head. Returns what was checked.
+    pub fn finish(&mut self) -> std::result::Result<&ChainTip, Failure> {
+        self.settle()?;
         if let Some(first) = self.chain.open_group() {
             return Err((first, Reason::UnsignedTail));
         }
@@ -917,7 +957,9 @@ pub struct Report {
     /// group's entries, its Merkle root and its signature. Each costs one
     /// `verify_strict`. The local scan leaves it 0 when the chain scan
     /// failed; the stream modes (remote, export file) count the groups
-    /// closed before the failure.
+    /// closed before the walk stopped, which in an export file may include
+    /// up to 64 groups after a head whose signature failed (their
+    /// signatures are checked together).
     pub groups: u64,
     /// The first failure, if any.
     pub failure: Option<Failure>,

@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
-use storage::export::{export_dir, verify_export, EXPORT_HEADER_LEN, MAX_ENTRY_LEN, TAG_ENTRY};
+use storage::export::{
+    export_dir, verify_export, EXPORT_HEADER_LEN, MAX_ENTRY_LEN, TAG_ENTRY, TAG_HEAD,
+};
 use storage::reindex::{reindex, ReindexOptions};
 use storage::{
     verify, Append, Error, Kind, Options, RawStore, Reason, Unlock, Vault, VerifyOptions,
@@ -293,6 +295,53 @@ fn an_export_reports_the_earliest_failure_among_entries_read_ahead() {
         );
         let mut tagged = bad.clone();
         tagged[after] = 0x77;
+        assert_eq!(check(&tagged, &key).expect("runs"), Some(alone));
+    }
+}
+
+/// Heads' signatures are checked 64 at a time: a bad one is still the
+/// failure reported, whatever damage follows it in the file.
+#[test]
+fn an_export_reports_a_bad_signature_before_later_damage() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = Vault::create(&dir, &passphrase(), Options::default())
+        .expect("create")
+        .vault;
+    let key = vault.public_key();
+    runtime().block_on(async {
+        // One at a time: a commit group, and a head, each.
+        for i in 0..150 {
+            vault
+                .append(Append::record(format!("cust-{i}"), b"{}".to_vec()))
+                .await
+                .expect("record");
+        }
+    });
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+    let (file, _, heads) = export_dir(&dir, Vec::new(), Some(key)).expect("export");
+    assert!(heads > 140, "{heads} heads");
+    let recs = records(&file);
+    let head_recs: Vec<_> = recs.iter().filter(|r| r.1 == TAG_HEAD).collect();
+    for h in [2, 63, 64, 65, 100, 139] {
+        let mut bad = file.clone();
+        let body = head_recs[h].2.clone();
+        // The signature is the head's last 64 bytes.
+        bad[body.end - 1] ^= 0x01;
+        let alone = check(&bad, &key).expect("runs").expect("caught");
+        assert_eq!(alone.1, Reason::BadSignature, "head {h}");
+        // Later damage of every kind: an entry's byte, a cut, a bad tag.
+        let later = head_recs[h + 1].2.clone();
+        let mut flipped = bad.clone();
+        flipped[later.start] ^= 0x01;
+        assert_eq!(check(&flipped, &key).expect("runs"), Some(alone.clone()));
+        assert_eq!(
+            check(&bad[..later.start + 3], &key).expect("runs"),
+            Some(alone.clone())
+        );
+        let mut tagged = bad.clone();
+        tagged[head_recs[h + 1].0] = 0x77;
         assert_eq!(check(&tagged, &key).expect("runs"), Some(alone));
     }
 }
