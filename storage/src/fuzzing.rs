@@ -7,15 +7,22 @@
 //! functions; the proptests below run them on stable in CI.
 
 use crate::chunk::{encode_chunk, Chunk, MAX_CHUNK_ENTRIES};
-use crate::entry::{entry_hash, EntryRef};
+use crate::entry::{entry_hash, entry_hashes, EntryRef};
 
-/// One entry: decode, re-encode, hash.
+/// One entry: decode, re-encode, hash. Whatever the bytes, hashing them
+/// side by side with pieces of themselves gives each piece's own hash.
 pub fn entry(data: &[u8]) {
     if let Ok(e) = EntryRef::decode(data) {
         assert_eq!(e.encode(), data);
         assert_eq!(e.encoded_len(), data.len());
         let _ = entry_hash(data);
     }
+    let pieces: Vec<&[u8]> = (0..=data.len().min(40))
+        .map(|cut| &data[cut..])
+        .chain(data.chunks(97))
+        .collect();
+    let one_by_one: Vec<_> = pieces.iter().map(|p| entry_hash(p)).collect();
+    assert_eq!(entry_hashes(&pieces), one_by_one);
 }
 
 /// One chunk: as given (the CRC almost never holds), and with a correct
