@@ -253,26 +253,32 @@ fn check(file: &[u8], key: &VerifyingKey) -> Result<Option<(u64, Reason)>, Error
     verify_export(file, key).map(|r| r.report.failure)
 }
 
+/// A vault created in `dir`, filled by `fill`, closed and exported: the
+/// file, the public key and the number of heads.
+fn exported(dir: &Path, fill: impl AsyncFnOnce(&Vault)) -> (Vec<u8>, VerifyingKey, u64) {
+    let vault = Vault::create(dir, &passphrase(), Options::default())
+        .expect("create")
+        .vault;
+    let key = vault.public_key();
+    runtime().block_on(fill(&vault));
+    vault.close().expect("close");
+    wait_unlocked(dir);
+    let (file, _, heads) = export_dir(dir, Vec::new(), Some(key)).expect("export");
+    (file, key, heads)
+}
+
 /// Entries are read a few at a time and hashed side by side before they
 /// are checked: a fault in a later record (a cut, a bad tag) must not hide
 /// an earlier entry's failure, nor one 64 entries later shift where it is.
 #[test]
 fn an_export_reports_the_earliest_failure_among_entries_read_ahead() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
-    let vault = Vault::create(&dir, &passphrase(), Options::default())
-        .expect("create")
-        .vault;
-    let key = vault.public_key();
-    runtime().block_on(async {
+    let (file, key, _) = exported(&tmp.path().join("v"), async |vault| {
         let items = (0..200)
             .map(|i| Append::record(format!("cust-{i}"), vec![b'x'; 40 + i % 700]))
             .collect();
         vault.append_batch(items).await.expect("batch");
     });
-    vault.close().expect("close");
-    wait_unlocked(&dir);
-    let (file, _, _) = export_dir(&dir, Vec::new(), Some(key)).expect("export");
     assert_eq!(check(&file, &key).expect("runs"), None);
     let recs = records(&file);
     // Entries followed by another entry, far enough into a group of 200
@@ -304,12 +310,7 @@ fn an_export_reports_the_earliest_failure_among_entries_read_ahead() {
 #[test]
 fn an_export_reports_a_bad_signature_before_later_damage() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
-    let vault = Vault::create(&dir, &passphrase(), Options::default())
-        .expect("create")
-        .vault;
-    let key = vault.public_key();
-    runtime().block_on(async {
+    let (file, key, heads) = exported(&tmp.path().join("v"), async |vault| {
         // One at a time: a commit group, and a head, each.
         for i in 0..150 {
             vault
@@ -318,9 +319,6 @@ fn an_export_reports_a_bad_signature_before_later_damage() {
                 .expect("record");
         }
     });
-    vault.close().expect("close");
-    wait_unlocked(&dir);
-    let (file, _, heads) = export_dir(&dir, Vec::new(), Some(key)).expect("export");
     assert!(heads > 140, "{heads} heads");
     let recs = records(&file);
     let head_recs: Vec<_> = recs.iter().filter(|r| r.1 == TAG_HEAD).collect();
