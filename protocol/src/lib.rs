@@ -20,6 +20,8 @@
 //! - [`mask`]: the masking operators a `Mint` request names.
 //! - [`receipt`]: signed heads, Merkle trees and receipts, which clients
 //!   verify with the vault's public key.
+//! - [`hashing`]: BLAKE3 of many short inputs side by side, for the
+//!   Merkle trees here and the log's entry hashes.
 //! - [`fuzzing`]: the decoders above on arbitrary bytes, with the
 //!   properties that must hold; shared by the fuzz targets in `fuzz/` and
 //!   the proptests.
@@ -46,6 +48,7 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod fuzzing;
+pub mod hashing;
 pub mod mask;
 pub mod message;
 pub mod receipt;

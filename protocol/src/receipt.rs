@@ -45,6 +45,7 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::error::{Error, Result};
+use crate::hashing::hash_all;
 use crate::wire::Reader;
 
 /// A 32-byte BLAKE3 hash.
@@ -162,8 +163,11 @@ fn leaf_hash(entry_hash: &Hash) -> Hash {
     *blake3::hash(&b).as_bytes()
 }
 
+/// The first byte of a node's hash input (a leaf's is 0x00).
+const NODE_TAG: u8 = 0x01;
+
 fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    let mut b = [1u8; 65];
+    let mut b = [NODE_TAG; 65];
     b[1..33].copy_from_slice(left);
     b[33..].copy_from_slice(right);
     *blake3::hash(&b).as_bytes()
@@ -183,16 +187,22 @@ impl MerkleTree {
         assert!(!entry_hashes.is_empty(), "merkle tree of nothing");
         let mut levels = vec![entry_hashes.iter().map(leaf_hash).collect::<Vec<_>>()];
         while let Some(last) = levels.last().filter(|l| l.len() > 1) {
-            let next = last
-                .chunks(2)
+            // A level's nodes side by side: each is BLAKE3(0x01 || l || r),
+            // as `node_hash` computes one.
+            let pairs: Vec<[u8; 64]> = last
+                .chunks_exact(2)
                 .map(|p| {
-                    if p.len() == 2 {
-                        node_hash(&p[0], &p[1])
-                    } else {
-                        p[0]
-                    }
+                    let mut b = [0u8; 64];
+                    b[..32].copy_from_slice(&p[0]);
+                    b[32..].copy_from_slice(&p[1]);
+                    b
                 })
                 .collect();
+            let inputs: Vec<&[u8]> = pairs.iter().map(|p| &p[..]).collect();
+            let mut next = hash_all(&[NODE_TAG], &inputs);
+            if last.len() % 2 == 1 {
+                next.push(last[last.len() - 1]);
+            }
             levels.push(next);
         }
         MerkleTree { levels }
@@ -566,7 +576,8 @@ mod tests {
 
     #[test]
     fn every_merkle_path_verifies() {
-        for n in 1..=40 {
+        // Levels of one pair to many batches of 16 nodes hashed side by side.
+        for n in (1..=40).chain([100, 257, 1_000]) {
             let l = leaves(n);
             let tree = MerkleTree::new(&l);
             let root = tree.root();

@@ -215,136 +215,11 @@ pub fn entry_hash(encoded: &[u8]) -> Hash {
     *h.finalize().as_bytes()
 }
 
-/// [`entry_hash`] of each of `encoded`, in order, computed side by side.
-///
-/// An entry of up to 1,000 bytes is a single BLAKE3 chunk: a chain of
-/// compressions, one per 64-byte block, none of which can start before the
-/// one before it ends. One hash therefore uses one SIMD lane's worth of the
-/// machine. The `blake3` crate's `hash_many`, the routine that hashes the
-/// chunks of a long input in parallel, runs that chain for up to 16 inputs
-/// of equal length at once (AVX-512; 8 with AVX2, 4 with SSE4.1). Entries
-/// are grouped by their number of blocks; each group's blocks but the last
-/// go through `hash_many`, and each entry's last block is then compressed
-/// alone with the flags that end the chunk and make it the root, exactly
-/// as BLAKE3 hashes a one-chunk input. Entries longer than a chunk, or of
-/// a single block, are hashed one by one.
-///
-/// `hash_many` is in the crate's undocumented `platform` module, which is
-/// why the workspace pins `blake3` to one version; the tests below check
-/// this function against [`entry_hash`] at every length up to past a chunk.
+/// [`entry_hash`] of each of `encoded`, in order, computed side by side
+/// ([`protocol::hashing::hash_all`]): several times faster per entry than
+/// one after the other, for a reader that has many entries at hand.
 pub fn entry_hashes(encoded: &[&[u8]]) -> Vec<Hash> {
-    let mut out = vec![[0u8; 32]; encoded.len()];
-    // Indices by number of full blocks before the last block, which is what
-    // `hash_many` takes; 0 marks an entry hashed alone.
-    let lead = |e: &[u8]| {
-        let len = ENTRY_DOMAIN.len() + e.len();
-        if len > BLAKE3_CHUNK_LEN {
-            0
-        } else {
-            len.saturating_sub(1) / BLAKE3_BLOCK_LEN
-        }
-    };
-    let mut order: Vec<(usize, usize)> = encoded
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (lead(e), i))
-        .collect();
-    order.sort_unstable();
-    let platform = blake3::platform::Platform::detect();
-    let mut scratch = Vec::new();
-    for run in order.chunk_by(|a, b| a.0 == b.0) {
-        let blocks = run[0].0;
-        if blocks == 0 {
-            for &(_, i) in run {
-                out[i] = entry_hash(encoded[i]);
-            }
-            continue;
-        }
-        for batch in run.chunks(HASH_BATCH) {
-            scratch.clear();
-            for &(_, i) in batch {
-                let lead_len = blocks * BLAKE3_BLOCK_LEN - ENTRY_DOMAIN.len();
-                scratch.extend_from_slice(ENTRY_DOMAIN);
-                scratch.extend_from_slice(&encoded[i][..lead_len]);
-            }
-            let mut cvs = [0u8; 32 * HASH_BATCH];
-            lead_blocks(platform, blocks, &scratch, &mut cvs);
-            for (k, &(_, i)) in batch.iter().enumerate() {
-                let mut cv = [0u32; 8];
-                for (w, b) in cv.iter_mut().zip(cvs[32 * k..32 * k + 32].chunks_exact(4)) {
-                    *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-                let tail = &encoded[i][blocks * BLAKE3_BLOCK_LEN - ENTRY_DOMAIN.len()..];
-                let mut block = [0u8; BLAKE3_BLOCK_LEN];
-                block[..tail.len()].copy_from_slice(tail);
-                // `tail` is 1..=64 bytes: `lead` left at least one byte
-                // for the last block.
-                platform.compress_in_place(&mut cv, &block, tail.len() as u8, 0, CHUNK_END | ROOT);
-                for (o, w) in out[i].chunks_exact_mut(4).zip(cv) {
-                    o.copy_from_slice(&w.to_le_bytes());
-                }
-            }
-        }
-    }
-    out
-}
-
-/// BLAKE3's block and chunk lengths, and the flags of its compression
-/// function (BLAKE3 specification, §2.1 and §2.2), which its crate keeps
-/// private.
-const BLAKE3_BLOCK_LEN: usize = 64;
-const BLAKE3_CHUNK_LEN: usize = 1024;
-const CHUNK_START: u8 = 1 << 0;
-const CHUNK_END: u8 = 1 << 1;
-const ROOT: u8 = 1 << 3;
-/// BLAKE3's initial chaining value (that of SHA-256).
-const BLAKE3_IV: [u32; 8] = [
-    0x6A09_E667,
-    0xBB67_AE85,
-    0x3C6E_F372,
-    0xA54F_F53A,
-    0x510E_527F,
-    0x9B05_688C,
-    0x1F83_D9AB,
-    0x5BE0_CD19,
-];
-/// Entries hashed by one call of `hash_many`: the widest SIMD degree.
-const HASH_BATCH: usize = 16;
-
-/// Runs `hash_many` over the inputs of `blocks` 64-byte blocks laid end to
-/// end in `scratch`, leaving each one's chaining value (not yet ended, not
-/// root) in `cvs`. `hash_many` takes the input length as a constant, so
-/// each block count from 1 to 15 (a chunk is 16 blocks, the last of which
-/// is never among these) has its own instance.
-fn lead_blocks(
-    platform: blake3::platform::Platform,
-    blocks: usize,
-    scratch: &[u8],
-    cvs: &mut [u8],
-) {
-    fn many<const N: usize>(platform: blake3::platform::Platform, scratch: &[u8], cvs: &mut [u8]) {
-        let (inputs, _) = scratch.as_chunks::<N>();
-        let inputs: Vec<&[u8; N]> = inputs.iter().collect();
-        platform.hash_many(
-            &inputs,
-            &BLAKE3_IV,
-            0,
-            blake3::IncrementCounter::No,
-            0,
-            CHUNK_START,
-            0,
-            cvs,
-        );
-    }
-    macro_rules! dispatch {
-        ($($b:literal)*) => {
-            match blocks {
-                $($b => many::<{ $b * BLAKE3_BLOCK_LEN }>(platform, scratch, cvs),)*
-                _ => unreachable!("an entry of one chunk has at most 15 blocks before its last"),
-            }
-        };
-    }
-    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+    protocol::hashing::hash_all(ENTRY_DOMAIN, encoded)
 }
 
 #[cfg(test)]
@@ -434,22 +309,6 @@ mod tests {
     /// mixed up with another shows.
     fn filler(len: usize, salt: usize) -> Vec<u8> {
         (0..len).map(|j| (j * 7 + salt * 131 + 3) as u8).collect()
-    }
-
-    #[test]
-    fn hashes_side_by_side_equal_one_by_one_at_every_length() {
-        // Past a chunk (1,024 bytes with the domain tag), through every
-        // block boundary, with 0, 1, a partial and several whole batches
-        // of each length.
-        for len in 0..1_100 {
-            for count in [1, 3, 16, 17, 40] {
-                let inputs: Vec<Vec<u8>> = (0..count).map(|k| filler(len, k)).collect();
-                let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
-                let want: Vec<Hash> = refs.iter().map(|e| entry_hash(e)).collect();
-                assert_eq!(entry_hashes(&refs), want, "length {len}, {count} inputs");
-            }
-        }
-        assert!(entry_hashes(&[]).is_empty());
     }
 
     #[test]
