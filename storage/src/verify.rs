@@ -589,19 +589,10 @@ impl StreamCheck {
         }
     }
 
-    /// Checks the next entry, as encoded; returns its hash.
-    pub fn entry(&mut self, bytes: &[u8]) -> std::result::Result<Hash, Failure> {
-        self.check_entry(bytes, entry_hash(bytes))
-    }
-
     /// Checks the next entry, hashed beforehand with the entries around it
     /// ([`Hashed::all`]); returns its hash.
     pub fn hashed_entry(&mut self, entry: &Hashed<'_>) -> std::result::Result<Hash, Failure> {
-        self.check_entry(entry.bytes, entry.hash)
-    }
-
-    /// `hash` is `entry_hash(bytes)`: both callers above make sure of it.
-    fn check_entry(&mut self, bytes: &[u8], hash: Hash) -> std::result::Result<Hash, Failure> {
+        let (bytes, hash) = (entry.bytes, entry.hash);
         let expected = self.chain.next_seq();
         let e =
             EntryRef::decode(bytes).map_err(|_| (expected, Reason::Malformed("entry".into())))?;
