@@ -575,6 +575,8 @@ pub struct StreamCheck {
     /// Heads closed by [`StreamCheck::head_deferred`] whose signatures
     /// [`StreamCheck::settle`] has yet to check, each with its key.
     unsigned: Vec<(SignedHead, VerifyingKey)>,
+    /// Groups whose head passed every check, its signature included.
+    checked: u64,
 }
 
 impl StreamCheck {
@@ -586,6 +588,7 @@ impl StreamCheck {
             genesis: None,
             shredded: Vec::new(),
             unsigned: Vec::new(),
+            checked: 0,
         }
     }
 
@@ -612,7 +615,9 @@ impl StreamCheck {
     /// rotations) must be those of the entries since the last head.
     pub fn head(&mut self, head: &SignedHead) -> std::result::Result<(), Failure> {
         let closed = self.chain.close_group(head)?;
-        check_group(&closed.hashes, head, head.verify(&closed.key))
+        check_group(&closed.hashes, head, head.verify(&closed.key))?;
+        self.checked += 1;
+        Ok(())
     }
 
     /// Closes the open group with `head` as [`StreamCheck::head`] does,
@@ -639,12 +644,15 @@ impl StreamCheck {
         let bad = self
             .unsigned
             .par_iter()
-            .filter(|(head, key)| !head.verify(key))
-            .map(|(head, _)| head.last_seq)
+            .enumerate()
+            .filter(|(_, (head, key))| !head.verify(key))
+            .map(|(i, (head, _))| (i, head.last_seq))
             .min();
+        // The heads before the earliest bad one hold.
+        self.checked += bad.map_or(self.unsigned.len(), |(i, _)| i) as u64;
         self.unsigned.clear();
         match bad {
-            Some(seq) => Err((seq, Reason::BadSignature)),
+            Some((_, seq)) => Err((seq, Reason::BadSignature)),
             None => Ok(()),
         }
     }
@@ -688,9 +696,11 @@ impl StreamCheck {
         &self.shredded
     }
 
-    /// Groups closed so far.
+    /// Groups whose head passed every check so far: its fields, its
+    /// Merkle root and its signature (one left to
+    /// [`StreamCheck::settle`] counts once it has settled).
     pub fn groups(&self) -> u64 {
-        self.chain.tip().groups
+        self.checked
     }
 
     /// The signing keys of the rotations in the groups closed so far.
@@ -948,9 +958,7 @@ pub struct Report {
     /// group's entries, its Merkle root and its signature. Each costs one
     /// `verify_strict`. The local scan leaves it 0 when the chain scan
     /// failed; the stream modes (remote, export file) count the groups
-    /// closed before the walk stopped, which in an export file may include
-    /// up to 64 groups after a head whose signature failed (their
-    /// signatures are checked together).
+    /// checked before the failure, the failing one excluded.
     pub groups: u64,
     /// The first failure, if any.
     pub failure: Option<Failure>,

@@ -253,6 +253,11 @@ fn check(file: &[u8], key: &VerifyingKey) -> Result<Option<(u64, Reason)>, Error
     verify_export(file, key).map(|r| r.report.failure)
 }
 
+/// The commit groups `verify_export` reports as checked.
+fn groups_checked(file: &[u8], key: &VerifyingKey) -> u64 {
+    verify_export(file, key).expect("runs").report.groups
+}
+
 /// A vault created in `dir`, filled by `fill`, closed and exported: the
 /// file, the public key and the number of heads.
 fn exported(dir: &Path, fill: impl AsyncFnOnce(&Vault)) -> (Vec<u8>, VerifyingKey, u64) {
@@ -292,6 +297,8 @@ fn an_export_reports_the_earliest_failure_among_entries_read_ahead() {
         let alone = check(&bad, &key).expect("runs").expect("caught");
         // The entry after the damaged one no longer links to it.
         assert!(alone.0 <= i as u64 + 1, "record {i}: {alone:?}");
+        let heads_before = recs[..i].iter().filter(|r| r.1 == TAG_HEAD).count();
+        assert_eq!(groups_checked(&bad, &key), heads_before as u64);
         // Cut right after the next entry, or that cut's record made
         // unknown: the same failure either way.
         let after = recs[i + 2].0;
@@ -329,18 +336,18 @@ fn an_export_reports_a_bad_signature_before_later_damage() {
         bad[body.end - 1] ^= 0x01;
         let alone = check(&bad, &key).expect("runs").expect("caught");
         assert_eq!(alone.1, Reason::BadSignature, "head {h}");
+        // The groups before it count as checked; it and those after, not.
+        assert_eq!(groups_checked(&bad, &key), h as u64, "head {h}");
         // Later damage of every kind: an entry's byte, a cut, a bad tag.
         let later = head_recs[h + 1].2.clone();
         let mut flipped = bad.clone();
         flipped[later.start] ^= 0x01;
-        assert_eq!(check(&flipped, &key).expect("runs"), Some(alone.clone()));
-        assert_eq!(
-            check(&bad[..later.start + 3], &key).expect("runs"),
-            Some(alone.clone())
-        );
         let mut tagged = bad.clone();
         tagged[head_recs[h + 1].0] = 0x77;
-        assert_eq!(check(&tagged, &key).expect("runs"), Some(alone));
+        for damaged in [&flipped[..], &bad[..later.start + 3], &tagged[..]] {
+            assert_eq!(check(damaged, &key).expect("runs"), Some(alone.clone()));
+            assert_eq!(groups_checked(damaged, &key), h as u64, "head {h}");
+        }
     }
 }
 
