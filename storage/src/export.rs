@@ -18,12 +18,15 @@
 //!
 //! The order is the log's: each group's entries, then its head. Lengths
 //! are checked against their maximum before anything is read or
-//! allocated, so a hostile file costs at most one entry's buffer beyond
-//! the entries read ahead to be hashed side by side (64, of 64 KiB
-//! together at most). Heads' signatures are checked 64 at a time on every
-//! core ([`StreamCheck::settle`]); whatever stops the walk, the entries
-//! and signatures read before it are checked first, so the failure
-//! reported is the earliest.
+//! allocated. A reader thread reads the records into runs of up to 1,024
+//! entries (1 MiB) and hashes each run's entries side by side on every
+//! core while the checker walks the run before, at most
+//! two runs ahead: a hostile file costs at most one entry's
+//! buffer beyond those runs (4 MiB in all). Groups' Merkle roots and
+//! heads' signatures are checked up to 64 groups at a time on every core
+//! ([`StreamCheck::settle`]); whatever stops the walk, the entries and
+//! groups read before it are checked first, so the failure reported is
+//! the earliest.
 //!
 //! A file whose first 8 bytes are not the magic is not an export (the
 //! check cannot run); so is one of another version. Past the magic, any
@@ -32,13 +35,14 @@
 //! (`malformed`), or whatever the chain checks find.
 
 use std::io::{self, Read, Write};
+use std::sync::mpsc;
 
 use ed25519_dalek::VerifyingKey;
 
 use crate::chunk::{SignedHead, HEAD_LEN};
 use crate::entry::{FIXED_LEN, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN};
 use crate::error::{Error, Reason, Result};
-use crate::verify::{Failure, Hashed, Report, StreamCheck};
+use crate::verify::{EntryRun, Failure, Hashed, HashedRun, Report, StreamCheck};
 
 /// The first bytes of every export file.
 pub const EXPORT_MAGIC: &[u8; 8] = b"FVEXPORT";
@@ -147,7 +151,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool> {
 /// `Err` means the check could not run: an I/O error, a file that is not
 /// an export (`Malformed`: wrong magic) or of an unknown version. Every
 /// other fault is an integrity failure in the report.
-pub fn verify_export(input: impl Read, key: &VerifyingKey) -> Result<ExportReport> {
+pub fn verify_export(input: impl Read + Send, key: &VerifyingKey) -> Result<ExportReport> {
     let mut r = io::BufReader::new(input);
     let mut magic = [0u8; 8];
     if !read_full(&mut r, &mut magic)? || &magic != EXPORT_MAGIC {
@@ -191,92 +195,109 @@ pub fn verify_export(input: impl Read, key: &VerifyingKey) -> Result<ExportRepor
 }
 
 /// Reads records until the end marker. `Ok(Err(_))` is an integrity
-/// failure; `Err` an I/O error. Entries are checked side by side, a few
-/// at a time ([`Pending`]); whatever ends the walk, the entries read
-/// before it are checked first, so the failure reported is the earliest,
-/// as if each entry had been checked as it was read.
-fn walk_records(
-    r: &mut impl Read,
+/// failure; `Err` an I/O error. A reader thread reads the records and
+/// hashes their entries side by side, a run at a time ([`Piece`]), while
+/// this thread checks the run before; whatever ends the walk, the records
+/// read before it are checked first, so the failure reported is the
+/// earliest, as if each record had been checked as it was read.
+fn walk_records<R: Read + Send>(
+    r: &mut R,
     walk: &mut StreamCheck,
     vault_id: &[u8; 16],
 ) -> Result<std::result::Result<(), Failure>> {
-    let mut pending = Pending::default();
-    let outcome = read_records(r, walk, vault_id, &mut pending);
-    // The heads left to settle come before the pending entries, which
-    // come before whatever ended the walk.
-    match walk.settle().and_then(|()| pending.check(walk)) {
-        Err(f) => Ok(Err(f)),
-        Ok(()) => outcome,
-    }
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::sync_channel(RUNS_AHEAD);
+        let reader = std::thread::Builder::new()
+            .name("export-reader".into())
+            .spawn_scoped(s, move || read_pieces(r, &tx))?;
+        let outcome = check_pieces(&rx, walk, vault_id);
+        // A walk that stopped early leaves the reader blocked on a full
+        // channel: dropping the receiver ends its next send.
+        drop(rx);
+        reader
+            .join()
+            .map_err(|_| Error::Malformed("the export reader stopped"))?;
+        // The groups left to settle come before whatever ended the walk.
+        match (walk.settle(), outcome) {
+            (Err(f), _) => Ok(Err(f)),
+            (Ok(()), outcome) => outcome,
+        }
+    })
 }
 
-/// Heads whose signatures wait to be checked together, on every core.
+/// Runs read ahead of the one being checked.
+const RUNS_AHEAD: usize = 2;
+
+/// Groups whose roots and signatures wait to be checked together, on
+/// every core: at most this many heads, and at most
+/// [`UNSETTLED_HASHES`] entry hashes (32 bytes each) among them.
 const UNSETTLED_HEADS: usize = 64;
+const UNSETTLED_HASHES: usize = 16 * 1024;
 
-/// Entries read and not yet checked: at most [`Pending::MAX_ENTRIES`],
-/// of at most [`Pending::MAX_BYTES`] together, beyond the last one read.
-#[derive(Debug, Default)]
-struct Pending {
-    bytes: Vec<u8>,
-    ends: Vec<usize>,
+/// What the reader hands the checker, in file order.
+enum Piece {
+    /// Entries, hashed, and the heads among them: each after the number of
+    /// the run's entries it names.
+    Run {
+        entries: HashedRun,
+        heads: Vec<(usize, SignedHead)>,
+    },
+    /// The end marker, its counts those of the records before it; whether
+    /// bytes follow it.
+    End { trailing: bool, at: u64 },
+    /// Damage the reader found at the entry it names: a cut, or a bad tag,
+    /// length or count.
+    Damage(Failure),
+    /// The file could not be read.
+    Io(Error),
 }
 
-impl Pending {
-    const MAX_ENTRIES: usize = 64;
-    const MAX_BYTES: usize = 64 * 1024;
+/// A run is handed over once it holds this many entries or bytes.
+const RUN_ENTRIES: usize = 1024;
+const RUN_BYTES: usize = 1024 * 1024;
 
-    fn push(&mut self, entry: &[u8]) {
-        self.bytes.extend_from_slice(entry);
-        self.ends.push(self.bytes.len());
-    }
-
-    fn len(&self) -> u64 {
-        self.ends.len() as u64
-    }
-
-    fn full(&self) -> bool {
-        self.ends.len() >= Self::MAX_ENTRIES || self.bytes.len() >= Self::MAX_BYTES
-    }
-
-    /// Hashes the pending entries side by side and checks them in order.
-    fn check(&mut self, walk: &mut StreamCheck) -> std::result::Result<(), Failure> {
-        let result = {
-            let mut start = 0;
-            let entries: Vec<&[u8]> = self
-                .ends
-                .iter()
-                .map(|&end| {
-                    let e = &self.bytes[start..end];
-                    start = end;
-                    e
-                })
-                .collect();
-            Hashed::all(&entries)
-                .iter()
-                .try_for_each(|e| walk.hashed_entry(e).map(drop))
+/// Reads records into runs and sends them, then what ended the reading.
+/// Stops early when the checker has gone.
+fn read_pieces(r: &mut impl Read, tx: &mpsc::SyncSender<Piece>) {
+    let mut run = EntryRun::default();
+    let mut heads = Vec::new();
+    let ending = read_runs(r, tx, &mut run, &mut heads);
+    if let Some(ending) = ending {
+        let last = Piece::Run {
+            entries: std::mem::take(&mut run).hash(),
+            heads: std::mem::take(&mut heads),
         };
-        self.bytes.clear();
-        self.ends.clear();
-        result
+        if tx.send(last).is_ok() {
+            let _ = tx.send(ending);
+        }
     }
 }
 
-/// The records of [`walk_records`], entries left in `pending` when it
-/// returns.
-fn read_records(
+/// The records of [`read_pieces`], the last run left in `run` and `heads`;
+/// returns what ended the reading (`None`: the checker has gone).
+fn read_runs(
     r: &mut impl Read,
-    walk: &mut StreamCheck,
-    vault_id: &[u8; 16],
-    pending: &mut Pending,
-) -> Result<std::result::Result<(), Failure>> {
+    tx: &mpsc::SyncSender<Piece>,
+    run: &mut EntryRun,
+    heads: &mut Vec<(usize, SignedHead)>,
+) -> Option<Piece> {
     let mut buf = Vec::new();
-    let (mut entries, mut heads) = (0u64, 0u64);
+    let (mut entries, mut head_count) = (0u64, 0u64);
     loop {
-        let at = walk.next_seq() + pending.len();
-        let bad = |m: &str| Ok(Err((at, Reason::Malformed(format!("export file: {m}")))));
+        if run.len() >= RUN_ENTRIES || run.byte_len() >= RUN_BYTES {
+            let full = Piece::Run {
+                entries: std::mem::take(run).hash(),
+                heads: std::mem::take(heads),
+            };
+            tx.send(full).ok()?;
+        }
+        let at = entries;
+        let bad = |m: &str| Piece::Damage((at, Reason::Malformed(format!("export file: {m}"))));
         let mut tag_len = [0u8; 5];
-        if !read_full(r, &mut tag_len)? {
-            return Ok(Err((at, Reason::Truncated)));
+        match read_full(r, &mut tag_len) {
+            Ok(true) => {}
+            Ok(false) => return Some(Piece::Damage((at, Reason::Truncated))),
+            Err(e) => return Some(Piece::Io(e)),
         }
         let tag = tag_len[0];
         let len = u32::from_be_bytes([tag_len[1], tag_len[2], tag_len[3], tag_len[4]]) as usize;
@@ -284,76 +305,116 @@ fn read_records(
             TAG_ENTRY => MAX_ENTRY_LEN,
             TAG_HEAD => HEAD_LEN,
             TAG_END => END_LEN,
-            _ => return bad("unknown record tag"),
+            _ => return Some(bad("unknown record tag")),
         };
         // Checked before a byte of the body is read or allocated.
         if len > max || len == 0 || (tag != TAG_ENTRY && len != max) {
-            return bad("record length out of range");
+            return Some(bad("record length out of range"));
         }
         buf.resize(len, 0);
-        if !read_full(r, &mut buf)? {
-            return Ok(Err((at, Reason::Truncated)));
+        match read_full(r, &mut buf) {
+            Ok(true) => {}
+            Ok(false) => return Some(Piece::Damage((at, Reason::Truncated))),
+            Err(e) => return Some(Piece::Io(e)),
         }
         match tag {
             TAG_ENTRY => {
-                pending.push(&buf);
+                run.push(&buf);
                 entries += 1;
-                // The genesis entry alone, so that its vault id is checked
-                // before any later entry.
-                if at == 0 || pending.full() {
-                    if let Err(f) = pending.check(walk) {
-                        return Ok(Err(f));
-                    }
-                }
-                if at == 0 {
-                    let named = walk.genesis().map(|g| g.vault_id.as_str());
-                    if named != Some(hex::encode(vault_id).as_str()) {
-                        return Ok(Err((
-                            0,
-                            Reason::MetaMismatch(
-                                "the export header names another vault id than genesis".into(),
-                            ),
-                        )));
-                    }
-                }
             }
             TAG_HEAD => {
                 let Ok(head) = SignedHead::decode(&buf) else {
-                    return bad("head does not decode");
+                    return Some(bad("head does not decode"));
                 };
-                if let Err(f) = pending.check(walk) {
-                    return Ok(Err(f));
-                }
-                if let Err(f) = walk.head_deferred(&head) {
-                    return Ok(Err(f));
-                }
-                if walk.unsettled() >= UNSETTLED_HEADS {
-                    if let Err(f) = walk.settle() {
-                        return Ok(Err(f));
-                    }
-                }
-                heads += 1;
+                heads.push((run.len(), head));
+                head_count += 1;
             }
             _ => {
                 let counted = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
                 let counted_heads = u64::from_be_bytes(buf[8..].try_into().unwrap_or_default());
-                if counted != entries || counted_heads != heads {
-                    return bad("end marker counts differ from the records");
-                }
-                if let Err(f) = pending.check(walk) {
-                    return Ok(Err(f));
-                }
-                if let Err(f) = walk.finish() {
-                    return Ok(Err(f));
+                if counted != entries || counted_heads != head_count {
+                    return Some(bad("end marker counts differ from the records"));
                 }
                 let mut extra = [0u8; 1];
-                if read_full(r, &mut extra)? {
-                    return bad("bytes after the end marker");
-                }
-                return Ok(Ok(()));
+                return Some(match read_full(r, &mut extra) {
+                    Ok(trailing) => Piece::End { trailing, at },
+                    Err(e) => Piece::Io(e),
+                });
             }
         }
     }
+}
+
+/// Checks the pieces [`read_pieces`] sends, in order, up to the end or the
+/// first failure; leaves the groups closed last to settle.
+fn check_pieces(
+    rx: &mpsc::Receiver<Piece>,
+    walk: &mut StreamCheck,
+    vault_id: &[u8; 16],
+) -> Result<std::result::Result<(), Failure>> {
+    for piece in rx {
+        match piece {
+            Piece::Run { entries, heads } => {
+                if let Err(f) = check_run(&entries, &heads, walk, vault_id) {
+                    return Ok(Err(f));
+                }
+            }
+            Piece::End { trailing, at } => {
+                if let Err(f) = walk.finish() {
+                    return Ok(Err(f));
+                }
+                if trailing {
+                    let m = "export file: bytes after the end marker";
+                    return Ok(Err((at, Reason::Malformed(m.into()))));
+                }
+                return Ok(Ok(()));
+            }
+            Piece::Damage(f) => return Ok(Err(f)),
+            Piece::Io(e) => return Err(e),
+        }
+    }
+    Err(Error::Malformed("the export reader stopped"))
+}
+
+/// Checks one run: its entries in order, each head after the entries
+/// before it.
+fn check_run(
+    entries: &HashedRun,
+    heads: &[(usize, SignedHead)],
+    walk: &mut StreamCheck,
+    vault_id: &[u8; 16],
+) -> std::result::Result<(), Failure> {
+    let mut heads = heads.iter().peekable();
+    let head = |walk: &mut StreamCheck, head: &SignedHead| {
+        walk.head_deferred(head)?;
+        let (groups, hashes) = walk.unsettled();
+        if groups >= UNSETTLED_HEADS || hashes >= UNSETTLED_HASHES {
+            walk.settle()?;
+        }
+        Ok(())
+    };
+    for (i, e) in entries.iter().enumerate() {
+        while let Some((_, h)) = heads.next_if(|(at, _)| *at == i) {
+            head(walk, h)?;
+        }
+        let first = walk.next_seq() == 0;
+        walk.hashed_entry(&e)?;
+        if first {
+            let named = walk.genesis().map(|g| g.vault_id.as_str());
+            if named != Some(hex::encode(vault_id).as_str()) {
+                return Err((
+                    0,
+                    Reason::MetaMismatch(
+                        "the export header names another vault id than genesis".into(),
+                    ),
+                ));
+            }
+        }
+    }
+    for (_, h) in heads {
+        head(walk, h)?;
+    }
+    Ok(())
 }
 
 /// Writes the log of the stopped vault in `dir` to `out` as an export
@@ -451,6 +512,22 @@ mod tests {
             w.entry(&vec![0; MAX_ENTRY_LEN + 1]),
             Err(Error::Invalid(_))
         ));
+    }
+
+    /// A read error past the header ends the check with that error, not
+    /// with a verdict on the log.
+    #[test]
+    fn a_read_error_is_an_error_not_a_verdict() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("the disk failed"))
+            }
+        }
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let header = hex::decode(&GOLDEN[..50]).expect("hex");
+        let got = verify_export(header.as_slice().chain(Failing), &key);
+        assert!(matches!(got, Err(Error::Io(_))), "{got:?}");
     }
 
     proptest::proptest! {

@@ -532,8 +532,8 @@ pub fn check_genesis_key(g: &Genesis, key: &VerifyingKey) -> std::result::Result
 }
 
 /// An encoded entry with its hash, for [`StreamCheck::hashed_entry`]. Made
-/// only by [`Hashed::all`], which hashes entries side by side
-/// ([`entry_hashes`]), so the hash is always the entry's.
+/// only by [`Hashed::all`] and [`HashedRun::iter`], which hash entries
+/// side by side ([`entry_hashes`]), so the hash is always the entry's.
 #[derive(Debug, Clone, Copy)]
 pub struct Hashed<'a> {
     bytes: &'a [u8],
@@ -556,6 +556,93 @@ impl<'a> Hashed<'a> {
     }
 }
 
+/// Encoded entries end to end in one buffer, to be hashed together by
+/// [`EntryRun::hash`]: what a reader collects while the entries before
+/// are checked.
+#[derive(Debug, Default)]
+pub struct EntryRun {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl EntryRun {
+    /// Entries hashed side by side on one core at a time.
+    const PER_TASK: usize = 64;
+
+    /// Appends one entry's encoding.
+    pub fn push(&mut self, entry: &[u8]) {
+        self.bytes.extend_from_slice(entry);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn entries(&self) -> Vec<&[u8]> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&end| {
+                let e = &self.bytes[start..end];
+                start = end;
+                e
+            })
+            .collect()
+    }
+
+    /// Hashes the entries side by side ([`entry_hashes`]),
+    /// 64 at a time on every core.
+    pub fn hash(self) -> HashedRun {
+        let hashes = self
+            .entries()
+            .par_chunks(Self::PER_TASK)
+            .flat_map_iter(entry_hashes)
+            .collect();
+        HashedRun { run: self, hashes }
+    }
+}
+
+/// An [`EntryRun`] with each entry's hash. Made only by
+/// [`EntryRun::hash`], so every hash is its entry's.
+#[derive(Debug)]
+pub struct HashedRun {
+    run: EntryRun,
+    hashes: Vec<Hash>,
+}
+
+impl HashedRun {
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Each entry with its hash, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Hashed<'_>> {
+        self.run
+            .entries()
+            .into_iter()
+            .zip(&self.hashes)
+            .map(|(bytes, &hash)| Hashed { bytes, hash })
+    }
+}
+
 /// The in-order checks of a log read as a stream of encoded entries and
 /// signed heads, with a pinned key: what `vault-verify --remote` reads
 /// over the wire and `vault-verify --file` from an export file. Each
@@ -565,18 +652,42 @@ impl<'a> Hashed<'a> {
 /// rules are those of the local scan, written once.
 ///
 /// Invariant: every entry accepted so far passed those checks, in order;
-/// every group closed so far has a matching root and a valid signature.
+/// every group closed so far and settled has a matching root and a valid
+/// signature.
 #[derive(Debug)]
 pub struct StreamCheck {
     chain: ChainCheck,
     key: VerifyingKey,
     genesis: Option<Genesis>,
     shredded: Vec<String>,
-    /// Heads closed by [`StreamCheck::head_deferred`] whose signatures
-    /// [`StreamCheck::settle`] has yet to check, each with its key.
-    unsigned: Vec<(SignedHead, VerifyingKey)>,
+    /// Groups closed by [`StreamCheck::head_deferred`] whose Merkle roots
+    /// and signatures [`StreamCheck::settle`] has yet to check, in order.
+    unsettled: Vec<Unsettled>,
+    /// Entry hashes held in `unsettled`.
+    unsettled_hashes: usize,
     /// Groups whose head passed every check, its signature included.
     checked: u64,
+}
+
+/// A group closed by [`StreamCheck::head_deferred`]: its head, the
+/// signing key in force for it, and its entries' hashes.
+#[derive(Debug)]
+struct Unsettled {
+    head: SignedHead,
+    key: VerifyingKey,
+    hashes: Vec<Hash>,
+}
+
+impl Unsettled {
+    /// [`check_group`], the signature checked only once the root matched.
+    fn check(&self) -> std::result::Result<(), Failure> {
+        check_group(&self.hashes, &self.head, true)?;
+        if self.head.verify(&self.key) {
+            Ok(())
+        } else {
+            Err((self.head.last_seq, Reason::BadSignature))
+        }
+    }
 }
 
 impl StreamCheck {
@@ -587,7 +698,8 @@ impl StreamCheck {
             key,
             genesis: None,
             shredded: Vec::new(),
-            unsigned: Vec::new(),
+            unsettled: Vec::new(),
+            unsettled_hashes: 0,
             checked: 0,
         }
     }
@@ -621,38 +733,44 @@ impl StreamCheck {
     }
 
     /// Closes the open group with `head` as [`StreamCheck::head`] does,
-    /// but leaves its signature to [`StreamCheck::settle`], which checks
-    /// the heads left to it on every core. Meanwhile the group counts as
-    /// closed, so a caller settles before it reports anything, a failure
-    /// included: a signature left unchecked may fail before it.
+    /// but leaves its Merkle root and signature to
+    /// [`StreamCheck::settle`], which checks the groups left to it on
+    /// every core. Meanwhile the group counts as closed (the next entry
+    /// opens a new one), so a caller settles before it reports anything,
+    /// a failure included: a group left unchecked may fail before it.
     pub fn head_deferred(&mut self, head: &SignedHead) -> std::result::Result<(), Failure> {
         let closed = self.chain.close_group(head)?;
-        check_group(&closed.hashes, head, true)?;
-        self.unsigned.push((*head, closed.key));
+        self.unsettled_hashes += closed.hashes.len();
+        self.unsettled.push(Unsettled {
+            head: *head,
+            key: closed.key,
+            hashes: closed.hashes,
+        });
         Ok(())
     }
 
-    /// Heads whose signatures are left to [`StreamCheck::settle`].
-    pub fn unsettled(&self) -> usize {
-        self.unsigned.len()
+    /// Groups left to [`StreamCheck::settle`], and the entry hashes they
+    /// hold.
+    pub fn unsettled(&self) -> (usize, usize) {
+        (self.unsettled.len(), self.unsettled_hashes)
     }
 
-    /// Checks, in parallel, the signatures of the heads closed by
-    /// [`StreamCheck::head_deferred`]; the earliest that fails is the
-    /// failure.
+    /// Checks, in parallel, the Merkle roots and signatures of the groups
+    /// closed by [`StreamCheck::head_deferred`]; the earliest that fails
+    /// is the failure, as [`StreamCheck::head`] would have found it.
     pub fn settle(&mut self) -> std::result::Result<(), Failure> {
         let bad = self
-            .unsigned
+            .unsettled
             .par_iter()
             .enumerate()
-            .filter(|(_, (head, key))| !head.verify(key))
-            .map(|(i, (head, _))| (i, head.last_seq))
-            .min();
-        // The heads before the earliest bad one hold.
-        self.checked += bad.map_or(self.unsigned.len(), |(i, _)| i) as u64;
-        self.unsigned.clear();
+            .filter_map(|(i, u)| u.check().err().map(|f| (i, f)))
+            .min_by_key(|(i, _)| *i);
+        // The groups before the earliest bad one hold.
+        self.checked += bad.as_ref().map_or(self.unsettled.len(), |(i, _)| *i) as u64;
+        self.unsettled.clear();
+        self.unsettled_hashes = 0;
         match bad {
-            Some((_, seq)) => Err((seq, Reason::BadSignature)),
+            Some((_, f)) => Err(f),
             None => Ok(()),
         }
     }

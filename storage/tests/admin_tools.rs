@@ -272,25 +272,33 @@ fn exported(dir: &Path, fill: impl AsyncFnOnce(&Vault)) -> (Vec<u8>, VerifyingKe
     (file, key, heads)
 }
 
-/// Entries are read a few at a time and hashed side by side before they
-/// are checked: a fault in a later record (a cut, a bad tag) must not hide
-/// an earlier entry's failure, nor one 64 entries later shift where it is.
+/// Entries are read in runs of up to 1,024 and hashed side by side, on
+/// every core, while the run before is checked: a fault in a later record
+/// (a cut, a bad tag) must not hide an earlier entry's failure, nor a run
+/// boundary shift where it is.
 #[test]
 fn an_export_reports_the_earliest_failure_among_entries_read_ahead() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (file, key, _) = exported(&tmp.path().join("v"), async |vault| {
-        let items = (0..200)
-            .map(|i| Append::record(format!("cust-{i}"), vec![b'x'; 40 + i % 700]))
-            .collect();
-        vault.append_batch(items).await.expect("batch");
+        // Three groups of 1,000 entries: runs end inside the groups.
+        for b in 0..3 {
+            let items = (0..1000)
+                .map(|i| Append::record(format!("cust-{b}-{i}"), vec![b'x'; 40 + i % 700]))
+                .collect();
+            vault.append_batch(items).await.expect("batch");
+        }
     });
     assert_eq!(check(&file, &key).expect("runs"), None);
     let recs = records(&file);
-    // Entries followed by another entry, far enough into a group of 200
-    // that the entries before them fill and check whole batches of 64.
-    for i in [3, 63, 64, 65, 100, 130, 190] {
+    let mut cases = 0;
+    for i in [
+        3, 63, 64, 65, 100, 1020, 1025, 1026, 1027, 1028, 2050, 2051, 2052, 2900,
+    ] {
         let (tag, next_tag) = (recs[i].1, recs[i + 1].1);
-        assert!(tag == TAG_ENTRY && next_tag == TAG_ENTRY, "record {i}");
+        if tag != TAG_ENTRY || next_tag != TAG_ENTRY {
+            continue;
+        }
+        cases += 1;
         let mut bad = file.clone();
         let body = recs[i].2.clone();
         bad[body.end - 1] ^= 0x01;
@@ -310,10 +318,12 @@ fn an_export_reports_the_earliest_failure_among_entries_read_ahead() {
         tagged[after] = 0x77;
         assert_eq!(check(&tagged, &key).expect("runs"), Some(alone));
     }
+    assert!(cases >= 12, "{cases} cases");
 }
 
-/// Heads' signatures are checked 64 at a time: a bad one is still the
-/// failure reported, whatever damage follows it in the file.
+/// Groups' roots and heads' signatures are checked 64 groups at a time: a
+/// bad one is still the failure reported, whatever damage follows it in
+/// the file.
 #[test]
 fn an_export_reports_a_bad_signature_before_later_damage() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -338,6 +348,16 @@ fn an_export_reports_a_bad_signature_before_later_damage() {
         assert_eq!(alone.1, Reason::BadSignature, "head {h}");
         // The groups before it count as checked; it and those after, not.
         assert_eq!(groups_checked(&bad, &key), h as u64, "head {h}");
+        // A Merkle root (bytes 53..85 of a head) that is not the group's,
+        // checked with the signatures: reported as such, at the same head.
+        let mut rooted = file.clone();
+        rooted[body.start + 53] ^= 0x01;
+        assert_eq!(
+            check(&rooted, &key).expect("runs"),
+            Some((alone.0, Reason::HeadMismatch)),
+            "head {h}"
+        );
+        assert_eq!(groups_checked(&rooted, &key), h as u64, "head {h}");
         // Later damage of every kind: an entry's byte, a cut, a bad tag.
         let later = head_recs[h + 1].2.clone();
         let mut flipped = bad.clone();
