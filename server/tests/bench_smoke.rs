@@ -66,7 +66,7 @@ async fn append_with_baseline_completes_and_counts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_with_baseline_completes_and_counts() {
+async fn verify_with_baseline_and_remote_completes_and_counts() {
     let params = VerifyParams {
         entries: 2_000,
         size: 128,
@@ -74,6 +74,7 @@ async fn verify_with_baseline_completes_and_counts() {
         build_clients: 3,
         build_batch: 64,
         baseline: true,
+        remote: true,
     };
     let report = bench::run(
         &Target::Embedded { dir: None },
@@ -92,12 +93,19 @@ async fn verify_with_baseline_completes_and_counts() {
     let b = r.baseline.as_ref().expect("baseline was asked for");
     assert_eq!(b.blake3_hashes, r.throughput.entries);
     assert!(b.verify_strict_calls >= 100);
+    // The remote walk checks the same log and the auditor credential's
+    // entry made to serve it, every group with its receipt.
+    let remote = r.remote.as_ref().expect("remote was asked for");
+    assert_eq!(remote.entries, r.throughput.entries + 1);
+    assert!(remote.groups > r.throughput.signed_heads);
+    assert!(remote.receipts >= remote.groups);
     assert!(r.target.temporary);
     assert!(!std::path::Path::new(&r.target.dir).exists());
 
     let json = serde_json::to_value(&report).expect("report serializes");
     assert_eq!(json["workload"], "verify");
     assert!(report.table().contains("storage::verify"));
+    assert!(report.table().contains("vault-verify --remote"));
 }
 
 #[tokio::test]

@@ -197,6 +197,9 @@ pub struct VerifyParams {
     pub build_batch: usize,
     /// Also measure BLAKE3 and ed25519 on one core (default false).
     pub baseline: bool,
+    /// Then serve the vault in this process over TLS and verify it again
+    /// as `vault-verify --remote` does (default false).
+    pub remote: bool,
 }
 
 impl Default for VerifyParams {
@@ -208,6 +211,7 @@ impl Default for VerifyParams {
             build_clients: 8,
             build_batch: 1024,
             baseline: false,
+            remote: false,
         }
     }
 }
@@ -501,6 +505,27 @@ pub struct VerifyReport {
     pub build: BuildStats,
     pub throughput: VerifyThroughput,
     pub baseline: Option<VerifyBaseline>,
+    pub remote: Option<RemoteVerifyThroughput>,
+}
+
+/// `vault-verify --remote`'s walk ([`crate::remote::verify_remote`]) of
+/// the same log, served by `vaultd` in this process over TLS.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteVerifyThroughput {
+    /// Entries verified: the local run's, and the auditor credential's
+    /// entry made to serve them.
+    pub entries: u64,
+    /// Commit groups whose head was checked (one `Proof` each).
+    pub groups: u64,
+    /// Receipts checked: one per group and the random samples.
+    pub receipts: u64,
+    /// Entries asked for per `Entries` request.
+    pub page_entries: u32,
+    /// Wall time of the walk, connecting included.
+    pub elapsed_s: f64,
+    pub entries_per_s: f64,
+    /// Over the local verification's entries per second.
+    pub ratio_vs_local: f64,
 }
 
 /// How the vault under test was built.
@@ -881,12 +906,85 @@ async fn run_verify(
     } else {
         None
     };
+    let remote = if p.remote {
+        let bar = progress.phase("vault-verify --remote", 0);
+        let r = run_remote_verify(dir, public_key, &bar).await;
+        bar.finish_and_clear();
+        let mut r = r?;
+        r.ratio_vs_local = r.entries_per_s / entries_per_s;
+        Some(r)
+    } else {
+        None
+    };
     Ok(VerifyReport {
         target,
         params: p.clone(),
         build,
         throughput,
         baseline,
+        remote,
+    })
+}
+
+/// Opens the vault under `dir` again, serves it over TLS in this process,
+/// and times [`crate::remote::verify_remote`] against it with an auditor
+/// key and the pinned `public_key`.
+async fn run_remote_verify(
+    dir: &Path,
+    public_key: ed25519_dalek::VerifyingKey,
+    bar: &indicatif::ProgressBar,
+) -> Result<RemoteVerifyThroughput> {
+    use crate::remote::{RemoteOptions, DEFAULT_PAGE_ENTRIES, DEFAULT_SAMPLE_RECEIPTS};
+    let vault_dir = dir.join("vault");
+    let vault = tokio::task::spawn_blocking(move || {
+        Vault::open(
+            &vault_dir,
+            &Unlock::passphrase(BENCH_PASSPHRASE.to_vec()),
+            Options::default(),
+        )
+    })
+    .await
+    .map_err(join_error)??;
+    let (_, key) = vault.create_credential("auditor", "vault-bench").await?;
+    let server = inproc::InProcess::start(
+        vault,
+        dir,
+        inproc::Options {
+            tls: true,
+            http: false,
+            policies: None,
+            max_connections: None,
+        },
+    )
+    .await?;
+    let set = |n: u64| bar.set_position(n);
+    let total = |n: u64| bar.set_length(n);
+    let opts = RemoteOptions {
+        client: server.client_config(&key),
+        public_key,
+        page_entries: DEFAULT_PAGE_ENTRIES,
+        sample_receipts: DEFAULT_SAMPLE_RECEIPTS,
+        progress: Some(&set),
+        total_hint: Some(&total),
+        kept_head: None,
+    };
+    let verified = crate::remote::verify_remote(&opts).await;
+    // Stop the server whatever happened, then report the first error.
+    let stopped = server.stop().await;
+    let verified = verified?;
+    stopped?;
+    if let Some(f) = verified.report.failure {
+        return Err(storage::Error::from(f).into());
+    }
+    let secs = verified.elapsed.as_secs_f64();
+    Ok(RemoteVerifyThroughput {
+        entries: verified.report.entries,
+        groups: verified.report.groups,
+        receipts: verified.receipts_checked,
+        page_entries: DEFAULT_PAGE_ENTRIES,
+        elapsed_s: secs,
+        entries_per_s: verified.report.entries as f64 / secs,
+        ratio_vs_local: 0.0,
     })
 }
 
@@ -1676,7 +1774,25 @@ impl VerifyReport {
                 "  verify / BLAKE3: {:.2}x; one-core floor (hash every entry, check every head once): {:.3} s",
                 base.ratio_vs_blake3, base.one_core_floor_s
             );
-            let _ = write!(s, "  floor / verify time: {:.2}x", base.ratio_vs_floor);
+            let _ = writeln!(s, "  floor / verify time: {:.2}x", base.ratio_vs_floor);
+        }
+        if let Some(r) = &self.remote {
+            let _ = writeln!(s);
+            let _ = writeln!(
+                s,
+                "  {:<38} {:>12} {:>10.3}",
+                format!("vault-verify --remote (TLS), {}", thousands(r.entries)),
+                rate(r.entries_per_s),
+                r.elapsed_s
+            );
+            let _ = write!(
+                s,
+                "  remote / storage::verify: {:.2}x; {} groups, {} receipts checked, {} entries per page",
+                r.ratio_vs_local,
+                thousands(r.groups),
+                thousands(r.receipts),
+                thousands(u64::from(r.page_entries))
+            );
         }
         s.trim_end().to_string()
     }

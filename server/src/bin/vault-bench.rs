@@ -11,7 +11,7 @@
 //!                    [--addr HOST:PORT --api-key KEY (--cacert FILE | --insecure-plaintext)]
 //!                    [--redis]   (with --protocol or --addr, --pipeline 1: Redis SET next to it)
 //!                    [--postgres CONNINFO]   (the same: PostgreSQL INSERT next to it)
-//! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline]
+//! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline] [--remote]
 //! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis] [--rate R]
 //!                    [--postgres CONNINFO]   (PostgreSQL DELETE ... RETURNING next to it)
 //! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--rate R]
@@ -347,6 +347,10 @@ struct VerifyArgs {
     /// Also measure BLAKE3 and ed25519 verify_strict on one core.
     #[arg(long)]
     baseline: bool,
+    /// Then serve the vault in this process over TLS and verify it again
+    /// as `vault-verify --remote` does, with an auditor key.
+    #[arg(long)]
+    remote: bool,
 }
 
 impl Command {
@@ -489,6 +493,7 @@ impl Command {
                     build_clients: v.clients.unwrap_or(d.build_clients),
                     build_batch: v.batch.unwrap_or(d.build_batch),
                     baseline: v.baseline,
+                    remote: v.remote,
                 };
                 (v.target.target(), Workload::Verify(p))
             }
