@@ -623,16 +623,6 @@ pub struct HashedRun {
 }
 
 impl HashedRun {
-    /// Entries held.
-    pub fn len(&self) -> usize {
-        self.hashes.len()
-    }
-
-    /// Whether no entry is held.
-    pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
-    }
-
     /// Each entry with its hash, in order.
     pub fn iter(&self) -> impl Iterator<Item = Hashed<'_>> {
         self.run
