@@ -267,14 +267,10 @@ impl LogTree {
     /// no chunk can have (the committer keeps chunks below 128 KiB) reads
     /// as nothing, so a forged pointer cannot make a read allocate much.
     fn read(&self, p: &[u8]) -> Result<Bytes> {
-        match decode_pointer(p).filter(|(_, len)| *len <= MAX_CHUNK_BYTES) {
-            Some((offset, len)) => self.read_at(offset, len),
-            None => Ok(Bytes::new()),
-        }
-    }
-
-    /// `len` bytes at `offset`, as far as the file holds them.
-    fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let Some((offset, len)) = decode_pointer(p).filter(|(_, len)| *len <= MAX_CHUNK_BYTES)
+        else {
+            return Ok(Bytes::new());
+        };
         let mut buf = vec![0u8; len as usize];
         let mut got = 0;
         while got < buf.len() {
@@ -291,79 +287,6 @@ impl LogTree {
         buf.truncate(got);
         // Owned as read: an `IVec` would copy the chunk once more.
         Ok(Bytes::from(buf))
-    }
-
-    /// The bytes each pointer names, as [`LogTree::read`] gives them, with
-    /// one read for each run of chunks that lie end to end in the file (as
-    /// the writer appends them), up to [`MAX_CHUNK_BYTES`] a read: a scan
-    /// of small chunks makes one system call per run instead of one per
-    /// chunk. The chunks of a run share its buffer.
-    fn read_many(&self, pointers: &[Option<(u64, u64)>]) -> Result<Vec<Bytes>> {
-        let mut out = Vec::with_capacity(pointers.len());
-        let mut rest = pointers;
-        while let Some((first, after)) = rest.split_first() {
-            let Some((start, len)) = first.filter(|(_, len)| *len <= MAX_CHUNK_BYTES) else {
-                out.push(Bytes::new());
-                rest = after;
-                continue;
-            };
-            // The run: each next chunk starts where the one before ends.
-            let mut end = start.saturating_add(len);
-            let mut run = 1;
-            for p in after {
-                match p {
-                    Some((offset, len))
-                        if *offset == end
-                            && end
-                                .checked_add(*len)
-                                .is_some_and(|e| e - start <= MAX_CHUNK_BYTES) =>
-                    {
-                        end += len;
-                        run += 1;
-                    }
-                    _ => break,
-                }
-            }
-            let buf = self.read_at(start, end - start)?;
-            for (offset, len) in rest[..run].iter().flatten() {
-                let from = ((offset - start) as usize).min(buf.len());
-                let to = (((offset - start) + len) as usize).min(buf.len());
-                out.push(buf.slice(from..to));
-            }
-            rest = &rest[run..];
-        }
-        Ok(out)
-    }
-
-    /// Up to `max` chunks of `range` with where each lies, as
-    /// [`LogTree::range_located`] gives them, read with
-    /// [`LogTree::read_many`]; and whether more chunks follow in `range`.
-    pub(crate) fn located_up_to<K, R>(&self, range: R, max: usize) -> Result<(Vec<Located>, bool)>
-    where
-        K: AsRef<[u8]>,
-        R: std::ops::RangeBounds<K>,
-    {
-        let mut keys = Vec::new();
-        let mut pointers = Vec::new();
-        let mut more = false;
-        for kv in self.index.range(range) {
-            if keys.len() == max {
-                more = true;
-                break;
-            }
-            let (k, p) = kv?;
-            crate::store::touch(&self.index, &k)?;
-            keys.push(k);
-            pointers.push(decode_pointer(&p));
-        }
-        let chunks = self.read_many(&pointers)?;
-        let located = keys
-            .into_iter()
-            .zip(pointers)
-            .zip(chunks)
-            .map(|((k, p), chunk)| (k, p, chunk))
-            .collect();
-        Ok((located, more))
     }
 
     /// Makes the file durable (its data; its length is set by writes that
@@ -532,65 +455,6 @@ mod tests {
         let db = sled::Config::new().path(dir.join("db")).open()?;
         let log = LogTree::open(dir, db.open_tree("log")?)?;
         Ok((db, log))
-    }
-
-    /// One read per run of chunks end to end gives each pointer the bytes
-    /// a read of its own gives: across gaps, past the end of the file,
-    /// for forged lengths and pointers that are not one, and at the bound
-    /// of a run.
-    #[test]
-    fn reads_of_many_chunks_give_what_reads_one_by_one_give() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let (_db, log) = open(dir.path())?;
-        let big = vec![b'x'; MAX_CHUNK_BYTES as usize - 5];
-        log.apply(&[
-            (0u64.to_be_bytes(), &b"abc"[..]),
-            (3u64.to_be_bytes(), &b"defg"[..]),
-            (7u64.to_be_bytes(), &b"h"[..]),
-            (8u64.to_be_bytes(), &big[..]),
-            (9u64.to_be_bytes(), &b"ijklmn"[..]),
-        ])?;
-        let len = MAX_CHUNK_BYTES + 9; // the file's
-        let p = |offset: u64, len: u32| decode_pointer(&encode_pointer(offset, len));
-        let cases: Vec<Vec<Option<(u64, u64)>>> = vec![
-            vec![p(0, 3), p(3, 4), p(7, 1)],
-            // A gap, then back to the start; the same chunk twice.
-            vec![p(0, 3), p(7, 1), p(0, 3), p(0, 3)],
-            // A run reaching MAX_CHUNK_BYTES, and one going past it.
-            vec![
-                p(3, 4),
-                p(7, 1),
-                p(8, MAX_CHUNK_BYTES as u32 - 5),
-                p(len - 6, 6),
-            ],
-            // Past the end of the file, across it, a forged length, and a
-            // pointer that is not one.
-            vec![
-                p(len - 2, 4),
-                p(len + 2, 3),
-                p(0, u32::MAX),
-                None,
-                p(len, 1),
-            ],
-            vec![p(u64::MAX - 1, 4), p(u64::MAX, 2)],
-            vec![],
-        ];
-        for pointers in cases {
-            // An offset past what a file can have is an error either way.
-            let one_by_one: std::result::Result<Vec<Bytes>, ()> = pointers
-                .iter()
-                .map(|p| match p {
-                    Some((o, l)) => log.read(&encode_pointer(*o, *l as u32)).map_err(drop),
-                    None => log.read(b"not a pointer").map_err(drop),
-                })
-                .collect();
-            assert_eq!(
-                log.read_many(&pointers).map_err(drop),
-                one_by_one,
-                "{pointers:?}"
-            );
-        }
-        Ok(())
     }
 
     #[test]

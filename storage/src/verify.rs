@@ -308,13 +308,17 @@ fn seq_of(key: &[u8]) -> Option<u64> {
 
 /// One task: reads a range of the log, at most [`TASK_CHUNKS`] chunks.
 fn read_range(log: &LogTree, range: &Range) -> Result<TaskRead> {
-    let (located, cut) = log.located_up_to::<Vec<u8>, _>(range.clone(), TASK_CHUNKS)?;
     let mut read = TaskRead {
-        chunks: Vec::with_capacity(located.len()),
-        located: Vec::with_capacity(located.len()),
-        cut,
+        chunks: Vec::new(),
+        located: Vec::new(),
+        cut: false,
     };
-    for (k, at, v) in located {
+    for item in log.range_located::<Vec<u8>, _>(range.clone()) {
+        if read.chunks.len() == TASK_CHUNKS {
+            read.cut = true;
+            break;
+        }
+        let (k, at, v) = item?;
         read.located.push(at);
         read.chunks.push((k, v));
     }
