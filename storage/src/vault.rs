@@ -1853,12 +1853,17 @@ impl Vault {
             return Ok(None);
         };
         // Find the head that closes seq's group, then hash the whole group.
+        // A group's chunks hold its entries only, so when seq's chunk is the
+        // group's first, the chunks read on the way are the group.
         let mut head = None;
+        let mut read = Vec::new();
         for kv in store.chunks_from(first_key) {
             let (_, v) = kv?;
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(seq, Reason::CrcMismatch))?;
-            if let Some(h) = chunk.head.filter(|h| h.last_seq >= seq) {
+            let closes = chunk.head.filter(|h| h.last_seq >= seq);
+            read.push(v.clone());
+            if let Some(h) = closes {
                 head = Some(h);
                 break;
             }
@@ -1870,8 +1875,23 @@ impl Vault {
             return Err(Error::integrity(seq, Reason::HeadMismatch));
         }
         let n = (head.last_seq - head.group_first_seq + 1) as usize;
-        let entries = self.entries_from(head.group_first_seq, n)?;
-        let hashes = entry_hashes(&entries.iter().map(|e| e.as_ref()).collect::<Vec<_>>());
+        let hashes = if first_key == head.group_first_seq {
+            let chunks = read
+                .iter()
+                .map(|v| {
+                    crate::chunk::Chunk::decode(v)
+                        .map_err(|_| Error::integrity(seq, Reason::CrcMismatch))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let entries: Vec<&[u8]> = chunks
+                .iter()
+                .flat_map(|c| c.entries.iter().copied())
+                .collect();
+            entry_hashes(&entries)
+        } else {
+            let entries = self.entries_from(head.group_first_seq, n)?;
+            entry_hashes(&entries.iter().map(|e| e.as_ref()).collect::<Vec<_>>())
+        };
         if hashes.len() != n {
             return Err(Error::integrity(head.last_seq, Reason::Truncated));
         }

@@ -6,6 +6,9 @@
 
 use std::path::Path;
 
+mod common;
+use common::wait_unlocked;
+
 use ed25519_dalek::VerifyingKey;
 use storage::export::{
     export_dir, verify_export, EXPORT_HEADER_LEN, MAX_ENTRY_LEN, TAG_ENTRY, TAG_HEAD,
@@ -23,11 +26,6 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime")
-}
-
-fn wait_unlocked(dir: &Path) {
-    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
-    f.lock().expect("wait for sled's lock");
 }
 
 /// A closed vault with records, consents, and three credentials besides

@@ -29,7 +29,7 @@ use ed25519_dalek::VerifyingKey;
 use storage::{verify, Append, Kind, Options, RawStore, Unlock, Vault, VerifyOptions};
 
 mod common;
-use common::{copy_dir, files};
+use common::{copy_dir, files, wait_unlocked};
 
 const KEY_FILE: &[u8] = b"5f1b8e0d2a9c4e7f6a3b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f";
 
@@ -159,11 +159,6 @@ fn build(dir: &Path) -> Expected {
         records,
         trees: dump(dir).expect("dump the pristine trees"),
     }
-}
-
-fn wait_unlocked(dir: &Path) {
-    let f = std::fs::File::open(dir.join("db").join("db")).expect("sled's data file");
-    f.lock().expect("wait for sled's lock");
 }
 
 fn copy_tree(from: &Path, to: &Path) {

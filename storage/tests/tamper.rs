@@ -18,7 +18,7 @@ mod common;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use common::{copy_dir, pending_value};
+use common::{copy_dir, pending_value, wait_unlocked};
 use ed25519_dalek::VerifyingKey;
 use storage::chunk::{encode_chunk, Chunk, MerkleTree, SignedHead, CHUNK_TARGET_BYTES, HEAD_LEN};
 use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster};
@@ -143,16 +143,6 @@ impl Fixture {
     fn failure(&self, dir: &Path) -> (u64, Reason) {
         failure_with(dir, Some(self.key))
     }
-}
-
-/// Blocks until no handle of this process still holds sled's lock on the
-/// data dir. Dropping the last sled handle does not release the lock at
-/// once: sled's background threads may still hold the file for a moment,
-/// and opening the dir again in that window fails with `Locked`. A
-/// blocking `flock` of our own waits exactly until that file is closed.
-fn wait_unlocked(dir: &Path) {
-    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
-    f.lock().expect("wait for sled's lock");
 }
 
 /// The raw trees of a closed data dir.

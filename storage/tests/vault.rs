@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{copy_dir, files};
+use common::{copy_dir, files, wait_unlocked};
 
 use storage::{verify, Append, Error, Kind, Options, Unlock, Vault, VerifyOptions};
 
@@ -1492,4 +1492,60 @@ async fn an_admins_actions_name_it_and_a_bad_admin_id_writes_nothing() {
     // The entries verify, and derived state agrees with a rebuild.
     let report = verify_ok(&path, key);
     assert_eq!(report.shredded, vec!["cust-1".to_string()]);
+}
+
+/// A receipt asked for later is the one the append gave, for every entry
+/// of a group whose entries fill several chunks: the first (whose chunk
+/// starts the group), one in each later chunk, and the last; before and
+/// after a restart, which moves the chunks from memory to the log file.
+#[tokio::test]
+async fn receipts_of_a_group_over_several_chunks_are_those_of_its_appends() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    // Before and after it, groups of one entry.
+    vault
+        .append(Append::record("cust-a", b"{}".to_vec()))
+        .await
+        .expect("append");
+    let items = (0..400)
+        .map(|i| Append::record(format!("cust-{}", i % 7), vec![b'x'; 600 + i % 300]))
+        .collect();
+    let receipts = vault.append_batch(items).await.expect("batch");
+    vault
+        .append(Append::record("cust-b", b"{}".to_vec()))
+        .await
+        .expect("append");
+    let head = receipts[0].head;
+    assert!(receipts.iter().all(|r| r.head == head), "one group");
+    let check = |vault: &Vault| {
+        for r in &receipts {
+            let again = vault.receipt(r.seq).expect("receipt").expect("present");
+            again.verify(&key).expect("receipt verifies");
+            assert_eq!(again.entry_hash, r.entry_hash, "seq {}", r.seq);
+            assert_eq!(again.path, r.path, "seq {}", r.seq);
+            assert_eq!(again.head, head, "seq {}", r.seq);
+        }
+    };
+    check(&vault);
+    vault.close().expect("close");
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen");
+    check(&vault);
+    vault.close().expect("close");
+    // The group's chunks, keyed by their first seq: several.
+    let raw = storage::RawStore::open(&dir).expect("raw open");
+    let chunks = raw
+        .log
+        .iter()
+        .map(|kv| {
+            let (k, _) = kv.expect("chunk");
+            u64::from_be_bytes(k.as_ref().try_into().expect("8-byte key"))
+        })
+        .filter(|first| (head.group_first_seq..=head.last_seq).contains(first))
+        .count();
+    assert!(chunks >= 3, "{chunks} chunks");
+    drop(raw);
+    wait_unlocked(&dir);
+    verify_ok(&dir, key);
 }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 /// Copies a directory tree (a closed data dir, or a live vault's
 /// write-ahead segments) file by file.
+#[allow(dead_code)] // not every test binary copies dirs
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("create the copy's dir");
     for item in std::fs::read_dir(from).expect("read the dir") {
@@ -51,4 +52,15 @@ pub fn pending_value(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
         v.extend_from_slice(n);
     }
     v
+}
+
+/// Blocks until no handle of this process still holds sled's lock on the
+/// data dir. Dropping the last sled handle does not release the lock at
+/// once: sled's background threads may still hold the file for a moment,
+/// and opening the dir again in that window fails with `Locked`. A
+/// blocking `flock` of our own waits exactly until that file is closed.
+#[allow(dead_code)] // not every test binary reopens a closed dir
+pub fn wait_unlocked(dir: &Path) {
+    let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
+    f.lock().expect("wait for sled's lock");
 }
