@@ -14,7 +14,7 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{Envelope, ErrorCode, Message, MessageCodec};
 use server::serve::ServeConfig;
-use storage::Append;
+use storage::{Append, SignedHead};
 use support::{start, Run, Server};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -216,6 +216,7 @@ struct Recorded {
     head: Vec<u8>,
     entries: Vec<Vec<u8>>,
     receipts: Vec<Vec<u8>>,
+    heads: Vec<SignedHead>,
 }
 
 impl Recorded {
@@ -232,11 +233,13 @@ impl Recorded {
                     .encode()
             })
             .collect();
+        let heads = s.vault.heads(0, n as usize).expect("heads");
         Recorded {
             public_key: s.public_key(),
             head: head.encode(),
             entries,
             receipts,
+            heads,
         }
     }
 }
@@ -250,6 +253,8 @@ enum Fake {
     Garbage,
     /// Answers `Hello` properly, then garbage.
     GarbageAfterHello,
+    /// Answers `Heads` with more heads than asked for.
+    TooManyHeads,
 }
 
 /// A server speaking the protocol codec that serves `log` to anyone.
@@ -306,6 +311,25 @@ async fn serve_fake(mut tcp: TcpStream, log: Arc<Recorded>, how: Fake) {
                     return;
                 }
                 continue;
+            }
+            Message::Heads { from_seq, max } => {
+                let from: Vec<&SignedHead> = log
+                    .heads
+                    .iter()
+                    .filter(|h| h.last_seq >= from_seq)
+                    .collect();
+                let heads = if matches!(how, Fake::TooManyHeads) {
+                    // One more than asked: the served heads over and over.
+                    (0..=max as usize)
+                        .map(|i| log.heads[i % log.heads.len()].encode())
+                        .collect()
+                } else {
+                    from.into_iter()
+                        .take(max as usize)
+                        .map(SignedHead::encode)
+                        .collect()
+                };
+                Message::HeadList { heads }
             }
             Message::Proof { seq } => match log.receipts.get(seq as usize) {
                 Some(r) => Message::ProofInfo { receipt: r.clone() },
@@ -375,6 +399,70 @@ async fn a_served_log_with_an_altered_or_missing_entry_fails_at_its_seq() {
     let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
     assert_eq!(r.code, 1, "{r:?}");
     assert_eq!(r.json()["failure"]["reason"], "truncated", "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_head_forged_moved_or_left_out_fails_at_its_group() {
+    let s = start(ServeConfig::default(), None).await;
+    fill(&s, 10).await;
+    let log = Recorded::from_vault(&s).await;
+    let key = hex_key(&s);
+    let auditor = [("FINTRUST_API_KEY", "fvk_fake")];
+    assert!(log.heads.len() >= 4, "several groups: {}", log.heads.len());
+    let g = log.heads.len() / 2;
+    let group = log.heads[g];
+
+    // A flipped signature byte: the group's signature fails.
+    let mut forged = log.clone();
+    forged.heads[g].signature[7] ^= 0x01;
+    let addr = fake_server(forged, Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["failure"]["reason"], "bad_signature", "{j}");
+    assert_eq!(j["failure"]["seq"], group.last_seq, "{j}");
+
+    // A root that is not the group's: the head does not match its entries.
+    let mut moved = log.clone();
+    moved.heads[g].group_root[0] ^= 0x01;
+    let addr = fake_server(moved, Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["failure"]["reason"], "head_mismatch", "{j}");
+    assert_eq!(j["failure"]["seq"], group.last_seq, "{j}");
+
+    // A group's head left out: the next head does not start the group.
+    let mut skipped = log.clone();
+    skipped.heads.remove(g);
+    let addr = fake_server(skipped, Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["failure"]["reason"], "head_mismatch", "{j}");
+    assert_eq!(j["failure"]["seq"], group.group_first_seq, "{j}");
+
+    // No heads from some group on, though the entries go on: truncated.
+    let mut cut = log.clone();
+    cut.heads.truncate(g);
+    let addr = fake_server(cut, Fake::Faithful).await;
+    let r = verify(&addr, &["--public-key", &key, "--json"], &auditor).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["failure"]["reason"], "truncated", "{j}");
+    assert_eq!(j["failure"]["seq"], group.group_first_seq, "{j}");
+
+    // More heads than asked for breaks the protocol: no verdict.
+    let addr = fake_server(log.clone(), Fake::TooManyHeads).await;
+    let r = verify(
+        &addr,
+        &["--public-key", &key, "--timeout-secs", "5"],
+        &auditor,
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("could not verify"), "{r:?}");
+    assert!(r.stdout.is_empty(), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

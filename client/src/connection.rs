@@ -674,6 +674,29 @@ impl Client {
         }
     }
 
+    /// The signed heads of the commit groups from the one holding
+    /// `from_seq` on, in seq order, at most `max`; the server may answer
+    /// fewer (it caps one request), and none past the end of the log. They
+    /// are decoded, not checked: a verifier checks each against the
+    /// entries of its group and the pinned key. More than `max` is a
+    /// protocol violation.
+    pub async fn heads(&self, from_seq: u64, max: u32) -> Result<Vec<SignedHead>> {
+        match self.call(Message::Heads { from_seq, max }).await? {
+            Message::HeadList { heads } => {
+                if heads.len() > max as usize {
+                    return Err(ClientError::UnexpectedResponse(
+                        "no more heads than asked for",
+                    ));
+                }
+                heads
+                    .iter()
+                    .map(|h| SignedHead::decode(h).map_err(ClientError::from))
+                    .collect()
+            }
+            other => Err(refusal(other, "HeadList")),
+        }
+    }
+
     /// Up to `max` encoded entries from `from_seq` on, in seq order. The
     /// server may return fewer than `max` (it caps one request), so page
     /// on until an empty answer. More than `max` is a protocol violation.

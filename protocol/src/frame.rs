@@ -83,6 +83,7 @@ pub enum MessageType {
     ListCredentials = 0x17,
     Reindex = 0x18,
     Context = 0x19,
+    Heads = 0x1A,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -103,12 +104,13 @@ pub enum MessageType {
     CredentialList = 0x92,
     ReindexReport = 0x93,
     ContextInfo = 0x94,
+    HeadList = 0x95,
     Error = 0xFF,
 }
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 46] = [
+    pub const ALL: [MessageType; 48] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -134,6 +136,7 @@ impl MessageType {
         MessageType::ListCredentials,
         MessageType::Reindex,
         MessageType::Context,
+        MessageType::Heads,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -154,6 +157,7 @@ impl MessageType {
         MessageType::CredentialList,
         MessageType::ReindexReport,
         MessageType::ContextInfo,
+        MessageType::HeadList,
         MessageType::Error,
     ];
 
@@ -195,6 +199,7 @@ impl MessageType {
             MessageType::ListCredentials => "list_credentials",
             MessageType::Reindex => "reindex",
             MessageType::Context => "context",
+            MessageType::Heads => "heads",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -215,6 +220,7 @@ impl MessageType {
             MessageType::CredentialList => "credential_list",
             MessageType::ReindexReport => "reindex_report",
             MessageType::ContextInfo => "context_info",
+            MessageType::HeadList => "head_list",
             MessageType::Error => "error",
         }
     }
@@ -622,9 +628,9 @@ pub(crate) mod tests {
             known,
             [
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
-                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x81, 0x82, 0x83,
-                0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90, 0x91,
-                0x92, 0x93, 0x94, 0xff
+                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x81, 0x82,
+                0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90,
+                0x91, 0x92, 0x93, 0x94, 0x95, 0xff
             ]
         );
         let unknown = (0..=255u8)

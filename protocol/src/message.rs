@@ -72,6 +72,8 @@
 //! 0x18 Reindex     empty
 //! 0x19 Context     [u8; 32] key_hash, str subject
 //!                  cdcd..cd (32 bytes) 0007 637573742d3432
+//! 0x1A Heads       u64 from_seq, u32 max
+//!                  0000000000000005 00000064
 //! 0x81 HelloOk     str role, str server
 //!                  0007 73657276696365 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
@@ -140,6 +142,8 @@
 //!                  then blob value (JSON) when kind is not 0
 //!                  0004 69642d31 0007 706172746e6572 0002 7031
 //!                  05 00000002 7b7d 00                     (a policy, no consent)
+//! 0x95 HeadList    list<blob> heads (signed heads, in seq order)
+//!                  0002 00000002 0102 00000001 03
 //! 0xFF Error       u16 code (see ErrorCode), str message
 //!                  0008 0005 7370656e74                             (token_spent, "spent")
 //! ```
@@ -350,6 +354,13 @@ pub enum Message {
     Proof {
         seq: u64,
     },
+    /// The signed heads of the commit groups from the one holding
+    /// `from_seq` on, in order, at most `max` (the server may answer
+    /// fewer), answered by `HeadList`.
+    Heads {
+        from_seq: u64,
+        max: u32,
+    },
     Health,
     /// Appends an audit or admin event: `kind` is the storage layer's
     /// entry kind byte, `payload` its JSON. Which kinds a role may append
@@ -471,6 +482,11 @@ pub enum Message {
     /// Receipt for a `Proof` request.
     ProofInfo {
         receipt: Vec<u8>,
+    },
+    /// Signed heads in the storage layer's format, in seq order: the
+    /// answer to `Heads` (empty past the end of the log).
+    HeadList {
+        heads: Vec<Vec<u8>>,
     },
     HealthInfo {
         status: String,
@@ -707,6 +723,8 @@ impl Message {
             Message::ListCredentials { .. } => MessageType::ListCredentials,
             Message::Reindex => MessageType::Reindex,
             Message::Context { .. } => MessageType::Context,
+            Message::Heads { .. } => MessageType::Heads,
+            Message::HeadList { .. } => MessageType::HeadList,
             Message::ContextInfo(_) => MessageType::ContextInfo,
             Message::CredentialList { .. } => MessageType::CredentialList,
             Message::ReindexReport { .. } => MessageType::ReindexReport,
@@ -771,7 +789,7 @@ impl Message {
                 w.u32(*ttl_secs);
             }
             Message::Redeem { token } => w.string(token)?,
-            Message::Entries { from_seq, max } => {
+            Message::Entries { from_seq, max } | Message::Heads { from_seq, max } => {
                 w.u64(*from_seq);
                 w.u32(*max);
             }
@@ -781,9 +799,9 @@ impl Message {
                 w.string(server)?;
             }
             Message::Receipt { receipt } | Message::ProofInfo { receipt } => w.blob(receipt)?,
-            Message::Receipts { receipts: blobs } | Message::EntryBatch { entries: blobs } => {
-                w.list(blobs, |w, b| w.blob(b))?
-            }
+            Message::Receipts { receipts: blobs }
+            | Message::EntryBatch { entries: blobs }
+            | Message::HeadList { heads: blobs } => w.list(blobs, |w, b| w.blob(b))?,
             Message::Minted {
                 token,
                 expires_at_ms,
@@ -1002,6 +1020,10 @@ impl Message {
                 max: r.u32()?,
             },
             MessageType::Proof => Message::Proof { seq: r.u64()? },
+            MessageType::Heads => Message::Heads {
+                from_seq: r.u64()?,
+                max: r.u32()?,
+            },
             MessageType::Health => Message::Health,
             MessageType::Event => Message::Event {
                 kind: r.u8()?,
@@ -1150,6 +1172,9 @@ impl Message {
                 entries: r.list(MIN_BLOB_LEN, Reader::blob)?,
             },
             MessageType::ProofInfo => Message::ProofInfo { receipt: r.blob()? },
+            MessageType::HeadList => Message::HeadList {
+                heads: r.list(MIN_BLOB_LEN, Reader::blob)?,
+            },
             MessageType::HealthInfo => Message::HealthInfo {
                 status: r.string()?,
                 entries: r.u64()?,
@@ -1332,6 +1357,11 @@ impl fmt::Debug for Message {
                 .field("max", max)
                 .finish(),
             Message::Proof { seq } => f.debug_struct("Proof").field("seq", seq).finish(),
+            Message::Heads { from_seq, max } => f
+                .debug_struct("Heads")
+                .field("from_seq", from_seq)
+                .field("max", max)
+                .finish(),
             Message::Health => f.write_str("Health"),
             // Event payloads may name subjects and partners but hold no
             // personal data values; still, only their size is shown.
@@ -1418,6 +1448,10 @@ impl fmt::Debug for Message {
             Message::EntryBatch { entries } => f
                 .debug_struct("EntryBatch")
                 .field("entries", &OpaqueList(entries))
+                .finish(),
+            Message::HeadList { heads } => f
+                .debug_struct("HeadList")
+                .field("heads", &OpaqueList(heads))
                 .finish(),
             Message::ProofInfo { receipt } => f
                 .debug_struct("ProofInfo")
@@ -1707,6 +1741,15 @@ pub(crate) mod tests {
                 "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd0007637573742d3432",
             ),
             g(
+                Message::Heads {
+                    from_seq: 5,
+                    max: 100,
+                },
+                0,
+                "4656011a0000000000010000000c2e52ffbc",
+                "000000000000000500000064",
+            ),
+            g(
                 Message::HelloOk {
                     role: s("service"),
                     server: s("vaultd/0.1"),
@@ -1915,6 +1958,14 @@ pub(crate) mod tests {
                 0,
                 "465601940000000000010000001bb949b9e8",
                 "000469642d310007706172746e65720002703105000000027b7d00",
+            ),
+            g(
+                Message::HeadList {
+                    heads: vec![vec![1, 2], vec![3]],
+                },
+                0,
+                "465601950000000000010000000db7b731b6",
+                "00020000000201020000000103",
             ),
             g(
                 Message::Error {

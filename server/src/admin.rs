@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! online:  Entries pages ──┐                       ┌─> AuditFilter::line ─> JSON lines
-//!          Proof per group ┴─> StreamCheck ──┬─────┘
+//!          Heads ──────────┴─> StreamCheck ──┬─────┘
 //! offline: log chunks ─────────────────────> └─> ExportWriter ─> temp file ─fsync─> rename
 //! ```
 //!
@@ -18,14 +18,14 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use client::{Client, ClientError, ErrorCode, Receipt};
+use client::{Client, ClientError};
 use ed25519_dalek::VerifyingKey;
 use serde_json::{json, Value};
 use storage::chunk::Chunk;
 use storage::entry::EntryRef;
 use storage::export::ExportWriter;
 use storage::verify::{Hashed, StreamCheck};
-use storage::{Kind, Reason};
+use storage::{Kind, Reason, SignedHead};
 use tokio::sync::mpsc;
 
 use crate::{Error, Result};
@@ -265,9 +265,9 @@ pub fn export_local(dir: &Path, out: &Path, key: Option<VerifyingKey>) -> Result
 }
 
 /// Exports the log a running vault serves, up to the signed head it
-/// presents first, to `out`, atomically: entries in pages, and each commit
-/// group's signed head from the receipt of the group's first entry (as
-/// `vault-verify --remote` gets them). Everything is checked on the way
+/// presents first, to `out`, atomically: entries in pages, and the commit
+/// groups' signed heads from `Heads` (as `vault-verify --remote` gets
+/// them). Everything is checked on the way
 /// with `key` (the pinned key, or else the one the server reports): an
 /// integrity failure stops the export and leaves `out` untouched.
 pub async fn export_remote(
@@ -292,7 +292,7 @@ pub async fn export_remote(
     };
     let target = head.last_seq.saturating_add(1);
     let (page_tx, mut pages) = mpsc::channel(2);
-    let (receipt_tx, mut receipts) = mpsc::channel(64);
+    let (head_tx, mut heads) = mpsc::channel(1024);
     let _tasks = crate::remote::Tasks(vec![
         tokio::spawn(crate::remote::fetch_pages(
             client.clone(),
@@ -300,17 +300,17 @@ pub async fn export_remote(
             PAGE_ENTRIES,
             page_tx,
         )),
-        tokio::spawn(crate::remote::fetch_group_receipts(
+        tokio::spawn(crate::remote::fetch_group_heads(
             client.clone(),
             target,
-            receipt_tx,
+            head_tx,
         )),
     ]);
     let file = AtomicFile::create(out)?;
     let mut first_writer = Some(file.writer());
     let mut walk = StreamCheck::new(key);
     let mut writer: Option<ExportWriter<BufWriter<&File>>> = None;
-    let mut group: Option<Receipt> = None;
+    let mut group: Option<SignedHead> = None;
     while walk.next_seq() < target {
         let page = match pages.recv().await {
             Some(Ok(p)) => p,
@@ -325,19 +325,16 @@ pub async fn export_remote(
             let bytes = entry.bytes();
             let seq = walk.next_seq();
             if group.is_none() {
-                let r = match receipts.recv().await {
-                    Some(Ok(r)) => r,
-                    Some(Err(ClientError::Server {
-                        code: ErrorCode::NotFound,
-                        ..
-                    })) => return Err(integrity(seq, Reason::Truncated)),
+                let h = match heads.recv().await {
+                    Some(Ok(Some(h))) => h,
+                    Some(Ok(None)) => return Err(integrity(seq, Reason::Truncated)),
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(ClientError::Closed.into()),
                 };
-                if r.seq != seq || r.head.group_first_seq != seq || r.head.last_seq < seq {
+                if h.group_first_seq != seq || h.last_seq < seq {
                     return Err(integrity(seq, Reason::HeadMismatch));
                 }
-                group = Some(r);
+                group = Some(h);
             }
             walk.hashed_entry(&entry).map_err(storage::Error::from)?;
             let w = match &mut writer {
@@ -356,9 +353,9 @@ pub async fn export_remote(
                 }
             };
             w.entry(bytes)?;
-            if let Some(r) = group.take_if(|r| r.head.last_seq == seq) {
-                walk.head(&r.head).map_err(storage::Error::from)?;
-                w.head(&r.head)?;
+            if let Some(h) = group.take_if(|h| h.last_seq == seq) {
+                walk.head(&h).map_err(storage::Error::from)?;
+                w.head(&h)?;
             }
         }
     }

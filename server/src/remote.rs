@@ -4,32 +4,34 @@
 //! ```text
 //!            ┌─ head() ───────────────── signed head H (the target: seqs 0..=H.last_seq)
 //!  Client ───┼─ entries(from, page) ──> page task ──(2 pages)──┐
-//!  (one      └─ proof(group start) ──> proof task ──(64)───────┼─> walk (this task):
-//!   connection,  one per commit group, next start              │   ChainCheck, check_group,
-//!   pipelined)   = previous head's last_seq + 1                │   check_entry_content
+//!  (one      └─ heads(from, 1000) ───> head task ──(1,024)─────┼─> walk (this task):
+//!   connection,  the groups' signed heads in order,            │   ChainCheck, check_group,
+//!   pipelined)   next from = last head's last_seq + 1          │   check_entry_content
 //!                                                              └─ then proof(random seqs)
 //! ```
 //!
 //! The `Entries` answer carries entries only, not the heads that close
-//! their commit groups, so the group heads come from `Proof`: the receipt
-//! of a group's first entry carries that group's signed head, whose
-//! `last_seq` names where the next group starts. The proof task walks
-//! these heads ahead of the entries; the walk checks every entry and
-//! closes each group with `storage::verify::StreamCheck`, which runs the
-//! same pure functions as the local scan (`ChainCheck`, `check_group`,
-//! `check_entry_content`, `check_genesis_key`) and also checks export
-//! files (`vault-verify --file`).
+//! their commit groups, so the group heads come from `Heads`, a thousand
+//! per request: the head task reads them ahead of the entries, and the
+//! walk checks every entry and closes each group with its head through
+//! `storage::verify::StreamCheck`, which runs the same pure functions as
+//! the local scan (`ChainCheck`, `check_group`, `check_entry_content`,
+//! `check_genesis_key`) and also checks export files (`vault-verify
+//! --file`): the group's fields, its Merkle root over the entries served,
+//! and its signature under the key chain from the pinned key. A head the
+//! server made up or moved fails there like a forged entry. Receipts
+//! (`Proof`) are asked for a few random seqs only, after the walk, to
+//! check that the server's proofs agree with the log it served.
 //!
-//! Memory is bounded by two pages of entries, 64 receipts, and the entry
-//! hashes of one commit group (32 bytes per entry; a group holds up to
-//! `max_group_entries`, 1,024 by default, and more only when one request
-//! alone is larger). The whole log is never held.
+//! Memory is bounded by two pages of entries, 1,024 heads and one answer
+//! of `Heads`, and the entry hashes of one commit group (32 bytes per
+//! entry; a group holds up to `max_group_entries`, 1,024 by default, and
+//! more only when one request alone is larger). The whole log is never
+//! held.
 //!
-//! Cost: one `Proof` round trip per commit group, overlapped with the
-//! entry pages, and the server rehashes each group to answer it. A log of
-//! many tiny groups (one append each, on an idle vault) is verified at
-//! the round-trip rate; a protocol request answering heads in bulk would
-//! remove that limit.
+//! Cost: the entries' pages and one `Heads` round trip per thousand
+//! groups, overlapped; the server reads its log twice (once for the
+//! entries, once for the heads) and hashes nothing.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -54,8 +56,10 @@ pub const DEFAULT_SAMPLE_RECEIPTS: usize = 8;
 
 /// Pages fetched ahead of the walk.
 const PAGES_AHEAD: usize = 2;
-/// Group receipts fetched ahead of the walk.
-const RECEIPTS_AHEAD: usize = 64;
+/// Group heads fetched ahead of the walk.
+const HEADS_AHEAD: usize = 1024;
+/// Heads asked for per `Heads` request (the server's cap).
+const HEADS_PER_REQUEST: u32 = 1000;
 
 /// Options of [`verify_remote`].
 pub struct RemoteOptions<'a> {
@@ -99,7 +103,9 @@ pub struct RemoteReport {
     pub report: Report,
     /// The address verified.
     pub addr: String,
-    /// Receipts checked (one per group, plus the random ones).
+    /// Receipts of random entries checked (`sample_receipts`, fewer for
+    /// a shorter log, plus the kept head's entry); the groups are closed
+    /// by their heads.
     pub receipts_checked: u64,
     /// Wall time of the whole run.
     pub elapsed: Duration,
@@ -213,7 +219,7 @@ async fn run(
     out.report.signed_head = Some(head);
 
     let (page_tx, mut pages) = mpsc::channel(PAGES_AHEAD);
-    let (receipt_tx, mut receipts) = mpsc::channel(RECEIPTS_AHEAD);
+    let (head_tx, mut heads) = mpsc::channel(HEADS_AHEAD);
     let _tasks = Tasks(vec![
         tokio::spawn(fetch_pages(
             client.clone(),
@@ -221,7 +227,7 @@ async fn run(
             opts.page_entries.max(1),
             page_tx,
         )),
-        tokio::spawn(fetch_group_receipts(client.clone(), target, receipt_tx)),
+        tokio::spawn(fetch_group_heads(client.clone(), target, head_tx)),
     ]);
     let mut samples = sample_seqs(target, opts.sample_receipts);
     // The kept head's entry is read on the walk like a sample's.
@@ -231,12 +237,12 @@ async fn run(
     let mut sampled: Vec<(u64, Hash, SignedHead)> = Vec::new();
 
     let mut walk = StreamCheck::new(*key);
-    // The receipt of the open group's first entry, and that entry's hash.
-    let mut group: Option<(Receipt, Hash)> = None;
+    // The head of the open group.
+    let mut group: Option<SignedHead> = None;
     let outcome = walk_entries(
         &mut walk,
         &mut group,
-        (&mut pages, &mut receipts),
+        (&mut pages, &mut heads),
         target,
         &samples,
         &mut sampled,
@@ -297,15 +303,17 @@ async fn run(
 }
 
 type Pages = mpsc::Receiver<std::result::Result<Vec<Vec<u8>>, ClientError>>;
-type Receipts = mpsc::Receiver<std::result::Result<Receipt, ClientError>>;
+/// The groups' heads in order; `Ok(None)` when the server has no more
+/// below the target.
+type Heads = mpsc::Receiver<std::result::Result<Option<SignedHead>, ClientError>>;
 
 /// The walk over the entries `0..target`: each entry through the stream
-/// check, each group closed by the head its first entry's receipt carries.
+/// check, each group closed by its signed head.
 #[allow(clippy::too_many_arguments)]
 async fn walk_entries(
     walk: &mut StreamCheck,
-    group: &mut Option<(Receipt, Hash)>,
-    (pages, receipts): (&mut Pages, &mut Receipts),
+    group: &mut Option<SignedHead>,
+    (pages, heads): (&mut Pages, &mut Heads),
     target: u64,
     samples: &BTreeSet<u64>,
     sampled: &mut Vec<(u64, Hash, SignedHead)>,
@@ -330,33 +338,27 @@ async fn walk_entries(
                 Err(f) => return Ok(Err(f)),
             };
             if group.is_none() {
-                let r = match receipts.recv().await {
-                    Some(Ok(r)) => r,
-                    Some(Err(ClientError::Server {
-                        code: ErrorCode::NotFound,
-                        ..
-                    })) => return Ok(Err((expected, Reason::Truncated))),
+                let h = match heads.recv().await {
+                    Some(Ok(Some(h))) => h,
+                    Some(Ok(None)) => return Ok(Err((expected, Reason::Truncated))),
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(ClientError::Closed.into()),
                 };
-                let h = &r.head;
-                if r.seq != expected || h.group_first_seq != expected || h.last_seq < expected {
+                if h.group_first_seq != expected || h.last_seq < expected {
                     return Ok(Err((expected, Reason::HeadMismatch)));
                 }
-                *group = Some((r, hash));
+                *group = Some(h);
             }
-            if let Some((r, _)) = &*group {
+            if let Some(h) = *group {
                 if samples.contains(&expected) {
-                    sampled.push((expected, hash, r.head));
+                    sampled.push((expected, hash, h));
                 }
-                if r.head.last_seq == expected {
-                    if let Some((r, first_hash)) = group.take() {
-                        if let Err(f) = close_group(walk, &r, &first_hash) {
-                            return Ok(Err(f));
-                        }
-                        out.report.groups += 1;
-                        out.receipts_checked += 1;
+                if h.last_seq == expected {
+                    *group = None;
+                    if let Err(f) = walk.head(&h) {
+                        return Ok(Err(f));
                     }
+                    out.report.groups += 1;
                 }
             }
         }
@@ -365,18 +367,6 @@ async fn walk_entries(
         }
     }
     Ok(Ok(()))
-}
-
-/// Closes a group with the head its first entry's receipt carries
-/// ([`StreamCheck::head`]: its fields, Merkle root and signature), then
-/// checks the receipt itself.
-fn close_group(
-    walk: &mut StreamCheck,
-    r: &Receipt,
-    first_hash: &Hash,
-) -> std::result::Result<(), Failure> {
-    walk.head(&r.head)?;
-    check_receipt(r, first_hash, walk.keys())
 }
 
 /// A receipt verifies with the key chain from the pinned key and names
@@ -418,28 +408,36 @@ pub(crate) async fn fetch_pages(
     }
 }
 
-/// The receipt of each commit group's first entry below `target`, in
-/// order: the group starting at 0, then at each head's `last_seq + 1`.
-pub(crate) async fn fetch_group_receipts(
+/// The signed head of each commit group below `target`, in order: the
+/// group starting at 0, then at each head's `last_seq + 1`, a thousand per
+/// `Heads` request; `Ok(None)` when the server has no head from a seq
+/// below the target on.
+pub(crate) async fn fetch_group_heads(
     client: Arc<Client>,
     target: u64,
-    tx: mpsc::Sender<std::result::Result<Receipt, ClientError>>,
+    tx: mpsc::Sender<std::result::Result<Option<SignedHead>, ClientError>>,
 ) {
     let mut start = 0u64;
     while start < target {
-        let got = client.proof(start).await;
-        let next = match &got {
-            // A head that does not move forward is refused by the walk;
-            // stop here rather than ask for the same group again.
-            Ok(r) if r.head.last_seq >= start => Some(r.head.last_seq.saturating_add(1)),
-            _ => None,
+        let heads = match client.heads(start, HEADS_PER_REQUEST).await {
+            Ok(heads) => heads,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
         };
-        if tx.send(got).await.is_err() {
+        if heads.is_empty() {
+            let _ = tx.send(Ok(None)).await;
             return;
         }
-        match next {
-            Some(n) => start = n,
-            None => return,
+        for h in heads {
+            // A head that does not move forward is refused by the walk;
+            // stop here rather than ask for the same group again.
+            let forward = h.last_seq >= start;
+            start = h.last_seq.saturating_add(1);
+            if tx.send(Ok(Some(h))).await.is_err() || !forward || start >= target {
+                return;
+            }
         }
     }
 }

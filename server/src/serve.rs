@@ -246,9 +246,10 @@ impl Role {
             }
             Message::Mint { .. } => matches!(self, Role::Gateway | Role::Admin),
             Message::Redeem { .. } => self == Role::Partner,
-            Message::Head | Message::Entries { .. } | Message::Proof { .. } => {
-                matches!(self, Role::Auditor | Role::Admin)
-            }
+            Message::Head
+            | Message::Entries { .. }
+            | Message::Proof { .. }
+            | Message::Heads { .. } => matches!(self, Role::Auditor | Role::Admin),
             _ => false,
         }
     }
@@ -1362,6 +1363,17 @@ async fn respond(
             Ok(None) => error(ErrorCode::NotFound, "no such entry"),
             Err(e) => storage_error(&e),
         },
+        Message::Heads { from_seq, max } => {
+            // At most a thousand, and a frame well inside the limit.
+            let fit = config.max_frame_len / 2 / (protocol::receipt::HEAD_LEN + 4);
+            let max = (max as usize).min(MAX_HEADS_PER_REQUEST).min(fit.max(1));
+            match vault.heads(from_seq, max) {
+                Ok(heads) => Message::HeadList {
+                    heads: heads.iter().map(storage::SignedHead::encode).collect(),
+                },
+                Err(e) => storage_error(&e),
+            }
+        }
         Message::Mint {
             partner_id,
             subject,
@@ -1515,6 +1527,9 @@ async fn respond(
 /// Most subject keys in one `KeyStatusInfo`: 1,000 keys of at most 256-byte
 /// subjects stay far below the frame limit.
 const MAX_KEY_STATUS_PAGE: u16 = 1000;
+
+/// Most signed heads one `HeadList` carries (about 160 KB).
+pub const MAX_HEADS_PER_REQUEST: usize = 1000;
 
 /// A page of the vault's key status.
 fn key_status(

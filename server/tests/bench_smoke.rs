@@ -94,11 +94,12 @@ async fn verify_with_baseline_and_remote_completes_and_counts() {
     assert_eq!(b.blake3_hashes, r.throughput.entries);
     assert!(b.verify_strict_calls >= 100);
     // The remote walk checks the same log and the auditor credential's
-    // entry made to serve it, every group with its receipt.
+    // entry made to serve it, every group with its head, and the receipts
+    // of a few random entries.
     let remote = r.remote.as_ref().expect("remote was asked for");
     assert_eq!(remote.entries, r.throughput.entries + 1);
     assert!(remote.groups > r.throughput.signed_heads);
-    assert!(remote.receipts >= remote.groups);
+    assert!((1..=8).contains(&remote.receipts), "{}", remote.receipts);
     assert!(r.target.temporary);
     assert!(!std::path::Path::new(&r.target.dir).exists());
 

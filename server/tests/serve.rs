@@ -320,6 +320,18 @@ async fn roles_are_enforced_per_message() {
         code(&request(&mut writer, 3, &context).await),
         Some(ErrorCode::Forbidden)
     );
+    let heads = Message::Heads {
+        from_seq: 0,
+        max: 10,
+    };
+    assert_eq!(
+        code(&request(&mut writer, 4, &heads).await),
+        Some(ErrorCode::Forbidden)
+    );
+    assert_eq!(
+        code(&request(&mut partner, 5, &heads).await),
+        Some(ErrorCode::Forbidden)
+    );
 }
 
 #[tokio::test]
@@ -390,6 +402,41 @@ async fn auditor_reads_head_entries_and_proofs() {
         code(&request(&mut admin, 5, &Message::Proof { seq: 1 << 40 }).await),
         Some(ErrorCode::NotFound)
     );
+
+    // The groups' heads: the last is the head, each verifies.
+    let Message::HeadList { heads } = request(
+        &mut admin,
+        6,
+        &Message::Heads {
+            from_seq: 0,
+            max: u32::MAX,
+        },
+    )
+    .await
+    else {
+        panic!("no heads");
+    };
+    let heads: Vec<storage::SignedHead> = heads
+        .iter()
+        .map(|h| storage::SignedHead::decode(h).expect("head decodes"))
+        .collect();
+    assert_eq!(heads.first().map(|h| h.group_first_seq), Some(0));
+    assert_eq!(heads.last(), Some(&head));
+    assert!(heads.iter().all(|h| h.verify(&s.vault.public_key())));
+    assert_eq!(proof.head, head);
+    let Message::HeadList { heads } = request(
+        &mut admin,
+        7,
+        &Message::Heads {
+            from_seq: 1 << 40,
+            max: 10,
+        },
+    )
+    .await
+    else {
+        panic!("no heads");
+    };
+    assert!(heads.is_empty());
 }
 
 /// Writes `Hello` with `key` (if any) and `bytes` in one write, then

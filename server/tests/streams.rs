@@ -20,11 +20,14 @@
 //! with the masked data, the fault with its error, then nothing more; the
 //! stream's token is spent only if it was redeemed, the second never.
 //!
-//! An auditor's stream: `Head`, and `Entries` and `Proof` at seqs around
-//! the log's ends and beyond (up to `u64::MAX`), with any `max`. Each is
-//! answered: the head; a proof that verifies for its seq, or `not_found`
-//! past the end; entries in order from the seq asked, no more than asked
-//! or than 10,000, in batches the last of which is flagged LAST.
+//! An auditor's stream: `Head`, and `Entries`, `Proof` and `Heads` at seqs
+//! around the log's ends and beyond (up to `u64::MAX`), with any `max`.
+//! Each is answered: the head; a proof that verifies for its seq, or
+//! `not_found` past the end; entries in order from the seq asked, no more
+//! than asked or than 10,000, in batches the last of which is flagged
+//! LAST; signed heads that verify, the first the one of the group holding
+//! the seq asked, each starting after the one before, no more than asked
+//! or than 1,000, and none past the end.
 //!
 //! None may panic anywhere (a panic hook counts them).
 
@@ -703,13 +706,14 @@ async fn run_partner_case(s: &Server, st: &PartnerStream) -> Result<(), TestCase
     Ok(())
 }
 
-/// An auditor's request: `Head`, or `Entries`/`Proof` at a seq picked
-/// from around the log's ends and beyond.
+/// An auditor's request: `Head`, or `Entries`/`Proof`/`Heads` at a seq
+/// picked from around the log's ends and beyond.
 #[derive(Debug, Clone, Copy)]
 enum AuditReq {
     Head,
     Entries(Seq, u32),
     Proof(Seq),
+    Heads(Seq, u32),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -732,14 +736,17 @@ fn audit_stream() -> impl Strategy<Value = (Vec<AuditReq>, Vec<f64>, Vec<u16>)> 
         Just(0u32),
         Just(1),
         Just(7),
+        Just(1_000),
+        Just(1_001),
         Just(10_000),
         Just(10_001),
         Just(u32::MAX)
     ];
     let req = prop_oneof![
         1 => Just(AuditReq::Head),
-        3 => (seq.clone(), max).prop_map(|(s, m)| AuditReq::Entries(s, m)),
-        2 => seq.prop_map(AuditReq::Proof),
+        3 => (seq.clone(), max.clone()).prop_map(|(s, m)| AuditReq::Entries(s, m)),
+        2 => seq.clone().prop_map(AuditReq::Proof),
+        2 => (seq, max).prop_map(|(s, m)| AuditReq::Heads(s, m)),
     ];
     (
         proptest::collection::vec(req, 1..12),
@@ -786,6 +793,10 @@ async fn run_audit_case(
                 max,
             },
             AuditReq::Proof(q) => Message::Proof { seq: at(q) },
+            AuditReq::Heads(q, max) => Message::Heads {
+                from_seq: at(q),
+                max,
+            },
         };
         bytes.extend(protocol::encode_frame(100 + i as u32, &m, 0).expect("frame"));
     }
@@ -823,6 +834,36 @@ async fn run_audit_case(
             (AuditReq::Proof(q), [(Message::Error { code, .. }, _)]) => {
                 prop_assert_eq!(*code, ErrorCode::NotFound, "proof of {}", at(q));
                 prop_assert!(at(q) >= len, "no proof of {} in a log of {}", at(q), len);
+            }
+            (AuditReq::Heads(q, max), [(Message::HeadList { heads }, _)]) => {
+                let from = at(q);
+                prop_assert!(
+                    heads.len() <= max.min(1_000) as usize,
+                    "{} heads, max {}",
+                    heads.len(),
+                    max
+                );
+                let mut next: Option<u64> = None;
+                for h in heads {
+                    let h = storage::SignedHead::decode(h)
+                        .map_err(|e| TestCaseError::fail(format!("heads {id}: {e}")))?;
+                    prop_assert!(h.verify(&key), "heads {}: a head that verifies", id);
+                    match next {
+                        None => prop_assert!(
+                            h.group_first_seq <= from && from <= h.last_seq,
+                            "the first head holds {}: {:?}",
+                            from,
+                            h
+                        ),
+                        Some(n) => prop_assert_eq!(h.group_first_seq, n, "heads in order"),
+                    }
+                    next = Some(h.last_seq + 1);
+                }
+                if from >= len {
+                    prop_assert!(heads.is_empty(), "no head past the end ({})", from);
+                } else if max > 0 {
+                    prop_assert!(!heads.is_empty(), "heads from {} of {}", from, len);
+                }
             }
             (AuditReq::Entries(q, max), frames) => {
                 // Batches, the last flagged LAST; or one error.

@@ -1845,6 +1845,33 @@ impl Vault {
         Ok(out)
     }
 
+    /// The signed heads of the commit groups from the one holding
+    /// `from_seq` on, in seq order, at most `max`: what a remote verifier
+    /// needs to close each group of the entries it reads, without a
+    /// receipt (and the group's rehashing) per group. Empty past the end.
+    pub fn heads(&self, from_seq: u64, max: usize) -> Result<Vec<SignedHead>> {
+        let store = &self.inner.store;
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        let Some((start, _)) = store.chunk_at(from_seq)? else {
+            return Ok(out);
+        };
+        for kv in store.chunks_from(start) {
+            let (key, v) = kv?;
+            let chunk = crate::chunk::Chunk::decode(&v)
+                .map_err(|_| Error::integrity(key, Reason::CrcMismatch))?;
+            if let Some(h) = chunk.head.filter(|h| h.last_seq >= from_seq) {
+                out.push(h);
+                if out.len() == max {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The receipt of the entry at `seq`: its hash, its Merkle path in its
     /// commit group, and the group's signed head. `None` past the end.
     pub fn receipt(&self, seq: u64) -> Result<Option<Receipt>> {

@@ -1549,3 +1549,62 @@ async fn receipts_of_a_group_over_several_chunks_are_those_of_its_appends() {
     wait_unlocked(&dir);
     verify_ok(&dir, key);
 }
+
+#[tokio::test]
+async fn heads_are_the_groups_from_the_one_holding_a_seq_in_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    // Groups of one entry, one of 400 over several chunks, then more.
+    let mut groups = Vec::new();
+    for i in 0..3 {
+        let r = vault
+            .append(Append::record(format!("cust-{i}"), b"{}".to_vec()))
+            .await
+            .expect("append");
+        groups.push(r.head);
+    }
+    let items = (0..400)
+        .map(|i| Append::record(format!("cust-{}", i % 7), vec![b'x'; 600 + i % 300]))
+        .collect();
+    let receipts = vault.append_batch(items).await.expect("batch");
+    groups.push(receipts[0].head);
+    for i in 0..3 {
+        let r = vault
+            .append(Append::record(format!("cust-{i}"), b"{}".to_vec()))
+            .await
+            .expect("append");
+        groups.push(r.head);
+    }
+    let check = |vault: &Vault| {
+        let all = vault.heads(0, usize::MAX).expect("heads");
+        // The genesis group and the others, contiguous, each signed.
+        assert_eq!(all.first().map(|h| h.group_first_seq), Some(0));
+        assert_eq!(all.last(), groups.last());
+        for w in all.windows(2) {
+            assert_eq!(w[1].group_first_seq, w[0].last_seq + 1, "{w:?}");
+        }
+        assert!(all.iter().all(|h| h.verify(&key)));
+        for g in &groups {
+            assert!(all.contains(g), "{g:?}");
+        }
+        // From a seq inside the big group: that group first.
+        let big = receipts[0].head;
+        let from = vault.heads(big.group_first_seq + 200, 2).expect("heads");
+        assert_eq!(from.len(), 2);
+        assert_eq!(from[0], big);
+        assert_eq!(from[1].group_first_seq, big.last_seq + 1);
+        // At most max; none past the end, nor with max 0.
+        assert_eq!(vault.heads(0, 3).expect("heads"), all[..3].to_vec());
+        let end = all.last().expect("a head").last_seq;
+        assert!(vault.heads(end + 1, 10).expect("heads").is_empty());
+        assert!(vault.heads(u64::MAX, 10).expect("heads").is_empty());
+        assert!(vault.heads(0, 0).expect("heads").is_empty());
+    };
+    check(&vault);
+    vault.close().expect("close");
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen");
+    check(&vault);
+    vault.close().expect("close");
+}

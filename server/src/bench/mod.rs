@@ -515,9 +515,10 @@ pub struct RemoteVerifyThroughput {
     /// Entries verified: the local run's, and the auditor credential's
     /// entry made to serve them.
     pub entries: u64,
-    /// Commit groups whose head was checked (one `Proof` each).
+    /// Commit groups whose head was checked (from `Heads`, a thousand
+    /// per request).
     pub groups: u64,
-    /// Receipts checked: one per group and the random samples.
+    /// Receipts of random entries checked (`Proof`).
     pub receipts: u64,
     /// Entries asked for per `Entries` request.
     pub page_entries: u32,
