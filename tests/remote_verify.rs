@@ -233,7 +233,7 @@ impl Recorded {
                     .encode()
             })
             .collect();
-        let heads = s.vault.heads(0, n as usize).expect("heads");
+        let heads = s.vault.heads(0, n as usize, usize::MAX).expect("heads");
         Recorded {
             public_key: s.public_key(),
             head: head.encode(),

@@ -1367,7 +1367,7 @@ async fn respond(
             // At most a thousand, and a frame well inside the limit.
             let fit = config.max_frame_len / 2 / (protocol::receipt::HEAD_LEN + 4);
             let max = (max as usize).min(MAX_HEADS_PER_REQUEST).min(fit.max(1));
-            match vault.heads(from_seq, max) {
+            match vault.heads(from_seq, max, MAX_HEADS_SCAN_BYTES) {
                 Ok(heads) => Message::HeadList {
                     heads: heads.iter().map(storage::SignedHead::encode).collect(),
                 },
@@ -1530,6 +1530,11 @@ const MAX_KEY_STATUS_PAGE: u16 = 1000;
 
 /// Most signed heads one `HeadList` carries (about 160 KB).
 pub const MAX_HEADS_PER_REQUEST: usize = 1000;
+
+/// Bytes of log chunks one `Heads` request reads past its first head
+/// (`storage::Vault::heads`): about 64 groups of 1,024 records of 512
+/// bytes, or all 1,000 heads of smaller groups.
+pub const MAX_HEADS_SCAN_BYTES: usize = 64 << 20;
 
 /// A page of the vault's key status.
 fn key_status(

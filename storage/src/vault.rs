@@ -1849,7 +1849,12 @@ impl Vault {
     /// `from_seq` on, in seq order, at most `max`: what a remote verifier
     /// needs to close each group of the entries it reads, without a
     /// receipt (and the group's rehashing) per group. Empty past the end.
-    pub fn heads(&self, from_seq: u64, max: usize) -> Result<Vec<SignedHead>> {
+    ///
+    /// The heads are read from the log's chunks, entries and all, so the
+    /// read also stops, with fewer heads, once the chunks read after the
+    /// first head hold more than `max_bytes`: a request costs at most that
+    /// much reading beyond one group, however large the groups.
+    pub fn heads(&self, from_seq: u64, max: usize, max_bytes: usize) -> Result<Vec<SignedHead>> {
         let store = &self.inner.store;
         let mut out = Vec::new();
         if max == 0 {
@@ -1858,8 +1863,15 @@ impl Vault {
         let Some((start, _)) = store.chunk_at(from_seq)? else {
             return Ok(out);
         };
+        let mut read = 0usize;
         for kv in store.chunks_from(start) {
             let (key, v) = kv?;
+            if !out.is_empty() {
+                read = read.saturating_add(v.len());
+                if read > max_bytes {
+                    break;
+                }
+            }
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(key, Reason::CrcMismatch))?;
             if let Some(h) = chunk.head.filter(|h| h.last_seq >= from_seq) {

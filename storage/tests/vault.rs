@@ -1578,7 +1578,7 @@ async fn heads_are_the_groups_from_the_one_holding_a_seq_in_order() {
         groups.push(r.head);
     }
     let check = |vault: &Vault| {
-        let all = vault.heads(0, usize::MAX).expect("heads");
+        let all = vault.heads(0, usize::MAX, usize::MAX).expect("heads");
         // The genesis group and the others, contiguous, each signed.
         assert_eq!(all.first().map(|h| h.group_first_seq), Some(0));
         assert_eq!(all.last(), groups.last());
@@ -1591,16 +1591,31 @@ async fn heads_are_the_groups_from_the_one_holding_a_seq_in_order() {
         }
         // From a seq inside the big group: that group first.
         let big = receipts[0].head;
-        let from = vault.heads(big.group_first_seq + 200, 2).expect("heads");
+        let from = vault
+            .heads(big.group_first_seq + 200, 2, usize::MAX)
+            .expect("heads");
         assert_eq!(from.len(), 2);
         assert_eq!(from[0], big);
         assert_eq!(from[1].group_first_seq, big.last_seq + 1);
         // At most max; none past the end, nor with max 0.
-        assert_eq!(vault.heads(0, 3).expect("heads"), all[..3].to_vec());
+        let heads = |from, max, bytes| vault.heads(from, max, bytes).expect("heads");
+        assert_eq!(heads(0, 3, usize::MAX), all[..3].to_vec());
         let end = all.last().expect("a head").last_seq;
-        assert!(vault.heads(end + 1, 10).expect("heads").is_empty());
-        assert!(vault.heads(u64::MAX, 10).expect("heads").is_empty());
-        assert!(vault.heads(0, 0).expect("heads").is_empty());
+        assert!(heads(end + 1, 10, usize::MAX).is_empty());
+        assert!(heads(u64::MAX, 10, usize::MAX).is_empty());
+        assert!(heads(0, 0, usize::MAX).is_empty());
+        // The bytes read past the first head bound the answer, which
+        // always has that head: the big group's (over 240 KB of chunks)
+        // ends a read from just before it with a budget of 100 KB.
+        let before = big.group_first_seq - 1;
+        let bounded = heads(before, 100, 100_000);
+        assert_eq!(bounded.len(), 1, "{bounded:?}");
+        assert_eq!(bounded[0].last_seq, before);
+        assert_eq!(
+            heads(before, 100, 10_000_000),
+            all[all.len() - 5..].to_vec()
+        );
+        assert_eq!(heads(big.group_first_seq, 100, 0), vec![big]);
     };
     check(&vault);
     vault.close().expect("close");
