@@ -1558,25 +1558,24 @@ async fn heads_are_the_groups_from_the_one_holding_a_seq_in_order() {
     let key = vault.public_key();
     // Groups of one entry, one of 400 over several chunks, then more.
     let mut groups = Vec::new();
-    for i in 0..3 {
+    let mut big = None;
+    for step in 0..7 {
+        if step == 3 {
+            let items = (0..400)
+                .map(|i| Append::record(format!("cust-{}", i % 7), vec![b'x'; 600 + i % 300]))
+                .collect();
+            let receipts = vault.append_batch(items).await.expect("batch");
+            groups.push(receipts[0].head);
+            big = Some(receipts[0].head);
+            continue;
+        }
         let r = vault
-            .append(Append::record(format!("cust-{i}"), b"{}".to_vec()))
+            .append(Append::record(format!("cust-{step}"), b"{}".to_vec()))
             .await
             .expect("append");
         groups.push(r.head);
     }
-    let items = (0..400)
-        .map(|i| Append::record(format!("cust-{}", i % 7), vec![b'x'; 600 + i % 300]))
-        .collect();
-    let receipts = vault.append_batch(items).await.expect("batch");
-    groups.push(receipts[0].head);
-    for i in 0..3 {
-        let r = vault
-            .append(Append::record(format!("cust-{i}"), b"{}".to_vec()))
-            .await
-            .expect("append");
-        groups.push(r.head);
-    }
+    let big = big.expect("the big group");
     let check = |vault: &Vault| {
         let all = vault.heads(0, usize::MAX, usize::MAX).expect("heads");
         // The genesis group and the others, contiguous, each signed.
@@ -1590,7 +1589,6 @@ async fn heads_are_the_groups_from_the_one_holding_a_seq_in_order() {
             assert!(all.contains(g), "{g:?}");
         }
         // From a seq inside the big group: that group first.
-        let big = receipts[0].head;
         let from = vault
             .heads(big.group_first_seq + 200, 2, usize::MAX)
             .expect("heads");
