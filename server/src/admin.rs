@@ -292,7 +292,7 @@ pub async fn export_remote(
     };
     let target = head.last_seq.saturating_add(1);
     let (page_tx, mut pages) = mpsc::channel(2);
-    let (head_tx, mut heads) = mpsc::channel(1024);
+    let (head_tx, mut heads) = mpsc::channel(crate::remote::HEADS_AHEAD);
     let _tasks = crate::remote::Tasks(vec![
         tokio::spawn(crate::remote::fetch_pages(
             client.clone(),
@@ -325,15 +325,9 @@ pub async fn export_remote(
             let bytes = entry.bytes();
             let seq = walk.next_seq();
             if group.is_none() {
-                let h = match heads.recv().await {
-                    Some(Ok(Some(h))) => h,
-                    Some(Ok(None)) => return Err(integrity(seq, Reason::Truncated)),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(ClientError::Closed.into()),
-                };
-                if h.group_first_seq != seq || h.last_seq < seq {
-                    return Err(integrity(seq, Reason::HeadMismatch));
-                }
+                let h = crate::remote::next_group_head(&mut heads, seq)
+                    .await?
+                    .map_err(|(seq, reason)| integrity(seq, reason))?;
                 group = Some(h);
             }
             walk.hashed_entry(&entry).map_err(storage::Error::from)?;

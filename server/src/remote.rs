@@ -57,9 +57,9 @@ pub const DEFAULT_SAMPLE_RECEIPTS: usize = 8;
 /// Pages fetched ahead of the walk.
 const PAGES_AHEAD: usize = 2;
 /// Group heads fetched ahead of the walk.
-const HEADS_AHEAD: usize = 1024;
-/// Heads asked for per `Heads` request (the server's cap).
-const HEADS_PER_REQUEST: u32 = 1000;
+pub(crate) const HEADS_AHEAD: usize = 1024;
+/// Heads asked for per `Heads` request: the server's cap.
+const HEADS_PER_REQUEST: u32 = crate::serve::MAX_HEADS_PER_REQUEST as u32;
 
 /// Options of [`verify_remote`].
 pub struct RemoteOptions<'a> {
@@ -305,7 +305,26 @@ async fn run(
 type Pages = mpsc::Receiver<std::result::Result<Vec<Vec<u8>>, ClientError>>;
 /// The groups' heads in order; `Ok(None)` when the server has no more
 /// below the target.
-type Heads = mpsc::Receiver<std::result::Result<Option<SignedHead>, ClientError>>;
+pub(crate) type Heads = mpsc::Receiver<std::result::Result<Option<SignedHead>, ClientError>>;
+
+/// The head of the group that starts at `seq`, the next from `heads`:
+/// `Ok(Err(_))` when the server has none (`truncated`) or one that does
+/// not start there (`head_mismatch`).
+pub(crate) async fn next_group_head(
+    heads: &mut Heads,
+    seq: u64,
+) -> Result<std::result::Result<SignedHead, Failure>> {
+    let h = match heads.recv().await {
+        Some(Ok(Some(h))) => h,
+        Some(Ok(None)) => return Ok(Err((seq, Reason::Truncated))),
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(ClientError::Closed.into()),
+    };
+    if h.group_first_seq != seq || h.last_seq < seq {
+        return Ok(Err((seq, Reason::HeadMismatch)));
+    }
+    Ok(Ok(h))
+}
 
 /// The walk over the entries `0..target`: each entry through the stream
 /// check, each group closed by its signed head.
@@ -338,16 +357,10 @@ async fn walk_entries(
                 Err(f) => return Ok(Err(f)),
             };
             if group.is_none() {
-                let h = match heads.recv().await {
-                    Some(Ok(Some(h))) => h,
-                    Some(Ok(None)) => return Ok(Err((expected, Reason::Truncated))),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(ClientError::Closed.into()),
-                };
-                if h.group_first_seq != expected || h.last_seq < expected {
-                    return Ok(Err((expected, Reason::HeadMismatch)));
+                match next_group_head(heads, expected).await? {
+                    Ok(h) => *group = Some(h),
+                    Err(f) => return Ok(Err(f)),
                 }
-                *group = Some(h);
             }
             if let Some(h) = *group {
                 if samples.contains(&expected) {
