@@ -686,7 +686,7 @@ fn dev_with_tls_serves_both_ports_with_a_dev_certificate() {
         roots.add(cert.expect("a PEM certificate")).expect("add");
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("versions")

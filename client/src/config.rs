@@ -138,21 +138,28 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// The TLS cryptography of both ends of port 9999 (rustls's ring
+/// The TLS cryptography of both ends of port 9999 (rustls's aws-lc-rs
 /// provider), with the TLS 1.3 suites in the order
 /// `TLS13_AES_128_GCM_SHA256`, `TLS13_AES_256_GCM_SHA384`,
 /// `TLS13_CHACHA20_POLY1305_SHA256` (rustls's default puts the AES-256
 /// suite first), then the TLS 1.2 suites as rustls orders them.
 ///
-/// The key exchange sessions use (X25519, offered first; P-256 next) is
-/// 128-bit secure, so AES-256 and SHA-384 add cost and no strength to a
-/// session: the SHA-384 key schedule was ~7% of the CPU time
-/// of a TLS redemption (a connection per token), where SHA-256 runs on the
-/// processor's SHA extensions. A rustls server honours a client's order
-/// (its default), so other clients still get the suite they prefer.
+/// The key exchange groups are the provider's defaults: X25519 first (the
+/// one share a client sends), then P-256, P-384 and the post-quantum
+/// hybrid X25519MLKEM768 for peers that ask for it. aws-lc-rs rather than
+/// ring because a connection's four X25519 operations (a key pair and an
+/// agreement at each end) take about half the time there, and they are a
+/// third of the CPU of a redemption over TLS, where each token opens a
+/// connection (`docs/benchmarks.md`, "TLS with aws-lc-rs").
+///
+/// The key exchange is 128-bit secure, so AES-256 and SHA-384 add cost
+/// and no strength to a session: the SHA-384 key schedule was ~7% of the
+/// CPU time of a TLS redemption, where SHA-256 runs on the processor's
+/// SHA extensions. A rustls server honours a client's order (its
+/// default), so other clients still get the suite they prefer.
 pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
-    use rustls::crypto::ring::cipher_suite;
-    let mut provider = rustls::crypto::ring::default_provider();
+    use rustls::crypto::aws_lc_rs::cipher_suite;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     let first = [
         cipher_suite::TLS13_AES_128_GCM_SHA256,
         cipher_suite::TLS13_AES_256_GCM_SHA384,
@@ -216,7 +223,7 @@ mod tests {
     fn aes_128_comes_first_and_no_suite_is_lost() {
         use rustls::CipherSuite;
         let ours = crypto_provider();
-        let default = rustls::crypto::ring::default_provider();
+        let default = rustls::crypto::aws_lc_rs::default_provider();
         let names = |p: &rustls::crypto::CryptoProvider| -> Vec<CipherSuite> {
             p.cipher_suites.iter().map(|s| s.suite()).collect()
         };
@@ -232,6 +239,25 @@ mod tests {
         a.sort_by_key(|s| u16::from(*s));
         b.sort_by_key(|s| u16::from(*s));
         assert_eq!(a, b, "the same suites as rustls's default, reordered");
+    }
+
+    #[test]
+    fn x25519_is_the_key_share_sent_and_the_hybrid_is_offered_last() {
+        use rustls::NamedGroup;
+        let groups: Vec<NamedGroup> = crypto_provider()
+            .kx_groups
+            .iter()
+            .map(|g| g.name())
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                NamedGroup::X25519,
+                NamedGroup::secp256r1,
+                NamedGroup::secp384r1,
+                NamedGroup::X25519MLKEM768
+            ]
+        );
     }
 
     #[test]

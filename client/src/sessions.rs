@@ -3,7 +3,8 @@
 //! resumes TLS sessions instead of making a full handshake each time.
 //!
 //! A TLS 1.3 ticket resumes at most one connection (rustls takes it out of
-//! the store), and a vault sends two with every handshake. rustls's own
+//! the store), and a vault sends one with every handshake, resumed or
+//! full, so a partner keeps as many as it has connections. rustls's own
 //! in-memory cache keeps at most eight tickets per server: with more than
 //! eight connections opening at once the rest find none and make a full
 //! handshake (certificate chain and signature checked again). This cache

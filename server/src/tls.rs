@@ -1,4 +1,4 @@
-//! TLS for port 9999 (rustls, ring provider, with the suites in the order
+//! TLS for port 9999 (rustls, aws-lc-rs provider, with the suites in the order
 //! of [`client::config::crypto_provider`]): the server's certificate
 //! chain and key from PEM files, and optionally a CA whose client
 //! certificates are then required (mutual TLS). Client certificates
@@ -43,15 +43,19 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 /// TLS 1.3 session tickets that carry the session themselves, sealed
-/// (ChaCha20-Poly1305) under a key rustls makes at random and rotates
-/// every six hours: the server keeps no per-session state, so however many
-/// tickets partners hold, none is forgotten before it expires, and no
-/// ticket outlives a restart of the process. A resumed handshake still
-/// makes a fresh X25519 exchange (rustls offers only `psk_dhe_ke`), so
-/// resumed connections keep forward secrecy.
+/// (AES-256-CBC with HMAC-SHA256) under keys rustls makes at random and
+/// rotates every six hours: the server keeps no per-session state, so
+/// however many tickets partners hold, none is forgotten before it expires,
+/// and no ticket outlives a restart of the process. A resumed handshake
+/// still makes a fresh X25519 exchange (rustls offers only `psk_dhe_ke`),
+/// so resumed connections keep forward secrecy.
 fn stateless_tickets() -> Result<Arc<dyn rustls::server::ProducesTickets>> {
-    rustls::crypto::ring::Ticketer::new().map_err(|e| Error::Usage(format!("TLS tickets: {e}")))
+    rustls::crypto::aws_lc_rs::Ticketer::new()
+        .map_err(|e| Error::Usage(format!("TLS tickets: {e}")))
 }
+
+/// TLS 1.3 tickets the server sends after each handshake.
+pub const TICKETS_PER_HANDSHAKE: usize = 1;
 
 /// The server configuration for `files`: TLS 1.3 and 1.2, no client
 /// certificates unless a client CA is given.
@@ -84,6 +88,13 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
         .with_single_cert(chain, key)
         .map_err(|e| pem_error(&files.cert, &format!("certificate and key do not fit: {e}")))?;
     config.ticketer = stateless_tickets()?;
+    // One ticket per handshake, resumed ones included: a client that opens
+    // a connection per request spends one and gets one, so its tickets
+    // stay as many as its connections at once, and a ticket lost with a
+    // failed connection comes back with the next full handshake. A second
+    // ticket cost each connection another seal, key derivation and record
+    // at both ends (rustls's default is two).
+    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
 }
 
