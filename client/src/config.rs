@@ -146,11 +146,13 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 ///
 /// The key exchange groups are the provider's defaults: X25519 first (the
 /// one share a client sends), then P-256, P-384 and the post-quantum
-/// hybrid X25519MLKEM768 for peers that ask for it. aws-lc-rs rather than
-/// ring because a connection's four X25519 operations (a key pair and an
-/// agreement at each end) take about half the time there, and they are a
-/// third of the CPU of a redemption over TLS, where each token opens a
-/// connection (`docs/benchmarks.md`, "TLS with aws-lc-rs").
+/// hybrid X25519MLKEM768; a rustls server takes the first group in the
+/// client's list that it supports, so a client listing the hybrid first
+/// gets it. aws-lc-rs rather than ring because a connection's four X25519
+/// operations (a key pair and an agreement at each end) take about half
+/// the time there, and they are a third of the CPU of a redemption over
+/// TLS, where each token opens a connection (`docs/benchmarks.md`, "TLS
+/// with aws-lc-rs").
 ///
 /// The key exchange is 128-bit secure, so AES-256 and SHA-384 add cost
 /// and no strength to a session: the SHA-384 key schedule was ~7% of the

@@ -348,32 +348,51 @@ fn handshakes(outcome: &str) -> u64 {
 }
 
 /// The TLS 1.3 suite a client with `provider` gets from the vault.
-async fn negotiated(s: &Setup, provider: rustls::crypto::CryptoProvider) -> rustls::CipherSuite {
+async fn negotiated(
+    s: &Setup,
+    provider: rustls::crypto::CryptoProvider,
+) -> (rustls::CipherSuite, rustls::NamedGroup) {
     let tcp = TcpStream::connect(s.addr).await.expect("connect");
     let name = ServerName::try_from("localhost").expect("name");
     let tls = tokio_rustls::TlsConnector::from(client_config_with(s, provider, None))
         .connect(name, tcp)
         .await
         .expect("handshake");
-    tls.get_ref()
-        .1
-        .negotiated_cipher_suite()
-        .expect("a suite")
-        .suite()
+    let conn = tls.get_ref().1;
+    (
+        conn.negotiated_cipher_suite().expect("a suite").suite(),
+        conn.negotiated_key_exchange_group()
+            .expect("a group")
+            .name(),
+    )
 }
 
-/// The client crate asks for AES-128-GCM first and gets it; a client that
-/// prefers AES-256-GCM (rustls's default order) gets that.
+/// The client crate asks for AES-128-GCM first and gets it, with X25519; a
+/// client that prefers AES-256-GCM (rustls's default order) gets that, and
+/// one that lists the post-quantum hybrid first gets the hybrid.
 #[tokio::test]
-async fn the_client_s_suite_order_is_honoured() {
+async fn the_client_s_suite_and_group_order_is_honoured() {
+    use rustls::{CipherSuite, NamedGroup};
     let s = start(false).await;
     assert_eq!(
         negotiated(&s, client::config::crypto_provider()).await,
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        (CipherSuite::TLS13_AES_128_GCM_SHA256, NamedGroup::X25519)
     );
     assert_eq!(
         negotiated(&s, rustls::crypto::aws_lc_rs::default_provider()).await,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        (CipherSuite::TLS13_AES_256_GCM_SHA384, NamedGroup::X25519)
+    );
+    let mut hybrid_first = client::config::crypto_provider();
+    hybrid_first.kx_groups = vec![
+        rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+        rustls::crypto::aws_lc_rs::kx_group::X25519,
+    ];
+    assert_eq!(
+        negotiated(&s, hybrid_first).await,
+        (
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+            NamedGroup::X25519MLKEM768
+        )
     );
 }
 
