@@ -85,6 +85,35 @@ fn pki(dir: &Path, mutual: bool) -> (Pki, Arc<rustls::ServerConfig>) {
 async fn start_with(mutual: bool, serve: ServeConfig) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let (pki, config) = pki(dir.path(), mutual);
+    start_serving(dir, pki, config, serve).await
+}
+
+/// A server that speaks TLS 1.2 only, with session tickets as
+/// `server_config` makes them.
+async fn start_tls12() -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pki, _) = pki(dir.path(), false);
+    let (_, _, cert, key) = leaf(&pki.ca, "localhost");
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(client::config::crypto_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+            )
+            .expect("certificate");
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().expect("ticketer");
+    start_serving(dir, pki, Arc::new(config), ServeConfig::default()).await
+}
+
+async fn start_serving(
+    dir: tempfile::TempDir,
+    pki: Pki,
+    config: Arc<rustls::ServerConfig>,
+    serve: ServeConfig,
+) -> Setup {
     let vault = Arc::new(
         Vault::create(
             &dir.path().join("v"),
@@ -314,7 +343,8 @@ async fn many_connections_opening_at_once_all_resume() {
     for _ in 0..2 {
         assert_eq!(wave(&s, &connector).await, 20, "after {waves:?}");
     }
-    // The server counted them (other tests of this binary resume nothing).
+    // The server counted them (at least; other tests of this binary resume
+    // a few more).
     assert!(handshakes("resumed") >= 43, "{}", handshakes("resumed"));
 }
 
@@ -334,6 +364,42 @@ async fn wave(s: &Setup, connector: &client::Connector) -> usize {
         client::verify_receipt(&receipt, s.vault.public_key().as_bytes()).expect("receipt");
     }
     resumed
+}
+
+/// The handshake's last flight is held back until the first request or
+/// answer (`client::cork`), or until the holder would wait for its peer.
+/// TLS 1.2, where the client waits for the server's `Finished` before it
+/// sends anything, still completes, full and resumed, with the client
+/// crate's connector and with a plain rustls client.
+#[tokio::test]
+async fn tls_1_2_handshakes_complete_with_their_last_flight_held() {
+    let s = start_tls12().await;
+    let ca_file = write(s._dir.path(), "ca.pem", &s.pki.ca.pem());
+    let connector = client::Connector::new(client::ClientConfig {
+        addr: s.addr.to_string(),
+        tls: client::Tls::Ca {
+            ca_pem_file: ca_file,
+            server_name: "localhost".into(),
+            client_cert: None,
+        },
+        api_key: client::Zeroizing::new(s.writer_key.clone()),
+        ..client::ClientConfig::default()
+    })
+    .expect("connector");
+    for i in 0..3 {
+        let c = connector.connect().await.expect("connect");
+        assert_eq!(c.tls_resumed(), i > 0, "connection {i}");
+        let receipt = c
+            .append("cust-1", vec![("email".into(), "jane@example.com".into())])
+            .await
+            .expect("append");
+        client::verify_receipt(&receipt, s.vault.public_key().as_bytes()).expect("receipt");
+    }
+    let plain = client_config(&s, None);
+    for _ in 0..2 {
+        let reply = tls_append(&s, plain.clone()).await.expect("append");
+        assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+    }
 }
 
 /// `fintrust_tls_handshakes_total` of the protocol port for `outcome`.
