@@ -51,12 +51,11 @@ use tokio_util::either::Either;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{rustls_config, server_name_of, ClientConfig, Tls};
-use crate::cork::Corked;
 use crate::error::{ClientError, Result};
 use crate::verify::verifying_key;
 
 /// A connection: plain TCP, or TLS over it.
-type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<Corked<TcpStream>>>>;
+type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// The request id of `Hello`; later requests are numbered from 2 on.
 const HELLO_ID: u32 = 1;
@@ -350,20 +349,9 @@ impl Connector {
         let Some((tls, name)) = &self.tls else {
             return Ok((Either::Left(tcp), false));
         };
-        // The handshake's last flight (`Finished`) leaves with the first
-        // request ([`Corked`]).
-        let connecting = tokio_rustls::TlsConnector::from(tls.clone())
-            .connect(name.clone(), Corked::new(tcp))
-            .into_fallible();
-        let mut stream = match connecting.await {
-            Ok(stream) => stream,
-            Err((e, mut tcp)) => {
-                // The alert the handshake failed with is held: send it.
-                let _ = tcp.shutdown().await;
-                return Err(e.into());
-            }
-        };
-        stream.get_mut().0.uncork();
+        let stream = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name.clone(), tcp)
+            .await?;
         let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         Ok((Either::Right(Box::new(stream)), resumed))
     }

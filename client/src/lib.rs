@@ -17,9 +17,6 @@
 //!   order. Every call honours the timeout. A partner's redemption needs
 //!   no tasks: [`Connector::redeem`] sends `Hello` and `Redeem` in one
 //!   write on a connection of its own and reads the two answers.
-//! - [`cork`]: [`cork::Corked`], under TLS on both ends of a connection:
-//!   the handshake's last flight leaves with the application's first
-//!   bytes, in one write.
 //! - [`sessions`]: the TLS session cache a connector shares, which keeps
 //!   enough TLS 1.3 tickets for many connections opening at once to
 //!   resume.
@@ -63,7 +60,6 @@
 pub mod cli;
 pub mod config;
 pub mod connection;
-pub mod cork;
 pub mod error;
 pub mod sessions;
 pub mod verify;

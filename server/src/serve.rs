@@ -34,7 +34,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use client::cork::Corked;
 use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
@@ -43,7 +42,7 @@ use storage::{Append, Vault};
 
 use crate::live::{LiveVault, Status};
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
@@ -522,27 +521,13 @@ pub async fn run(
                         serve_connection(r, w, conn).await
                     }
                     Some(acceptor) => {
-                        // The session ticket the handshake ends with
-                        // leaves with the first answer (`client::cork`).
-                        let accepting = async {
-                            let accepting = acceptor.accept(Corked::new(socket));
-                            match accepting.into_fallible().await {
-                                Ok(stream) => Ok(stream),
-                                Err((e, mut socket)) => {
-                                    // The alert the handshake failed with
-                                    // is held: send it.
-                                    let _ = socket.shutdown().await;
-                                    Err(e)
-                                }
-                            }
-                        };
-                        let accepted = tokio::time::timeout(handshake_timeout, accepting).await;
+                        let accepted =
+                            tokio::time::timeout(handshake_timeout, acceptor.accept(socket)).await;
                         crate::tls::count_handshake("protocol", &accepted);
                         match accepted {
                             Err(_) => Err(ConnectionError::Idle),
                             Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
-                            Ok(Ok(mut stream)) => {
-                                stream.get_mut().0.uncork();
+                            Ok(Ok(stream)) => {
                                 let (r, w) = tokio::io::split(stream);
                                 serve_connection(r, w, conn).await
                             }
