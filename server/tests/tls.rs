@@ -304,17 +304,11 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
 }
 
-/// A connector keeps a ticket for every connection that may open at once:
-/// rustls's own cache kept eight per server, so the ninth connection opening
-/// at the same time made a full handshake (checking the certificate chain
-/// and the server's signature again). The server sends one ticket per
-/// handshake, resumed ones included, so the tickets stay as many as the
-/// connections, wave after wave.
-#[tokio::test]
-async fn many_connections_opening_at_once_all_resume() {
-    let s = start(false).await;
+/// The client crate's connector to `s`, trusting the test CA, as the
+/// writer.
+fn connector(s: &Setup) -> client::Connector {
     let ca_file = write(s._dir.path(), "ca.pem", &s.pki.ca.pem());
-    let connector = client::Connector::new(client::ClientConfig {
+    client::Connector::new(client::ClientConfig {
         addr: s.addr.to_string(),
         tls: client::Tls::Ca {
             ca_pem_file: ca_file,
@@ -324,7 +318,28 @@ async fn many_connections_opening_at_once_all_resume() {
         api_key: client::Zeroizing::new(s.writer_key.clone()),
         ..client::ClientConfig::default()
     })
-    .expect("connector");
+    .expect("connector")
+}
+
+/// Appends a record on `c` and checks its receipt.
+async fn append_checked(s: &Setup, c: &client::Client) {
+    let receipt = c
+        .append("cust-1", vec![("email".into(), "jane@example.com".into())])
+        .await
+        .expect("append");
+    client::verify_receipt(&receipt, s.vault.public_key().as_bytes()).expect("receipt");
+}
+
+/// A connector keeps a ticket for every connection that may open at once:
+/// rustls's own cache kept eight per server, so the ninth connection opening
+/// at the same time made a full handshake (checking the certificate chain
+/// and the server's signature again). The server sends one ticket per
+/// handshake, resumed ones included, so the tickets stay as many as the
+/// connections, wave after wave.
+#[tokio::test]
+async fn many_connections_opening_at_once_all_resume() {
+    let s = start(false).await;
+    let connector = connector(&s);
     // One at a time: each connection after the first takes the ticket the
     // one before brought.
     for i in 0..4 {
@@ -357,11 +372,7 @@ async fn wave(s: &Setup, connector: &client::Connector) -> usize {
         let c = c.expect("connect");
         resumed += usize::from(c.tls_resumed());
         // A resumed session carries requests like a fresh one.
-        let receipt = c
-            .append("cust-1", vec![("email".into(), "jane@example.com".into())])
-            .await
-            .expect("append");
-        client::verify_receipt(&receipt, s.vault.public_key().as_bytes()).expect("receipt");
+        append_checked(s, &c).await;
     }
     resumed
 }
@@ -372,26 +383,11 @@ async fn wave(s: &Setup, connector: &client::Connector) -> usize {
 #[tokio::test]
 async fn tls_1_2_handshakes_complete_full_and_resumed() {
     let s = start_tls12().await;
-    let ca_file = write(s._dir.path(), "ca.pem", &s.pki.ca.pem());
-    let connector = client::Connector::new(client::ClientConfig {
-        addr: s.addr.to_string(),
-        tls: client::Tls::Ca {
-            ca_pem_file: ca_file,
-            server_name: "localhost".into(),
-            client_cert: None,
-        },
-        api_key: client::Zeroizing::new(s.writer_key.clone()),
-        ..client::ClientConfig::default()
-    })
-    .expect("connector");
+    let connector = connector(&s);
     for i in 0..3 {
         let c = connector.connect().await.expect("connect");
         assert_eq!(c.tls_resumed(), i > 0, "connection {i}");
-        let receipt = c
-            .append("cust-1", vec![("email".into(), "jane@example.com".into())])
-            .await
-            .expect("append");
-        client::verify_receipt(&receipt, s.vault.public_key().as_bytes()).expect("receipt");
+        append_checked(&s, &c).await;
     }
     let plain = client_config(&s, None);
     for _ in 0..2 {
