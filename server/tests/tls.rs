@@ -566,8 +566,13 @@ async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
     let mut slow = slow_handshakes(http).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.der().clone()).expect("root");
+    // The provider named: with the whole workspace built, a test
+    // dependency (ureq) turns on rustls's ring provider next to aws-lc-rs,
+    // and rustls then has no process default.
     let config = Arc::new(
-        rustls::ClientConfig::builder()
+        rustls::ClientConfig::builder_with_provider(Arc::new(client::config::crypto_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
