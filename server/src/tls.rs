@@ -49,7 +49,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 /// and no ticket outlives a restart of the process. A resumed handshake
 /// still makes a fresh X25519 exchange (rustls offers only `psk_dhe_ke`),
 /// so resumed connections keep forward secrecy.
-fn stateless_tickets() -> Result<Arc<dyn rustls::server::ProducesTickets>> {
+pub fn stateless_tickets() -> Result<Arc<dyn rustls::server::ProducesTickets>> {
     rustls::crypto::aws_lc_rs::Ticketer::new()
         .map_err(|e| Error::Usage(format!("TLS tickets: {e}")))
 }

@@ -104,7 +104,7 @@ async fn start_tls12() -> Setup {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
             )
             .expect("certificate");
-    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().expect("ticketer");
+    config.ticketer = server::tls::stateless_tickets().expect("ticketer");
     start_serving(dir, pki, Arc::new(config), ServeConfig::default()).await
 }
 
