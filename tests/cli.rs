@@ -8,7 +8,8 @@
 //! - `vault-verify` exits 0 for an intact vault, 1 for an integrity failure
 //!   (naming the seq and the reason), 2 when it cannot run; with
 //!   `--head-file` it keeps the newest head verified and names a data dir
-//!   rolled back behind it.
+//!   rolled back behind it; with `--read-only` it writes nothing to the
+//!   dir, a vault's killed by SIGKILL included.
 
 mod support;
 
@@ -98,6 +99,26 @@ fn is_hex(s: &str, len: usize) -> bool {
 fn wait_unlocked(dir: &Path) {
     let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
     f.lock().expect("wait for sled's lock");
+}
+
+/// Every regular file under `dir` with its bytes, by path relative to it.
+fn dir_contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let path = e.expect("dir entry").path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read");
+                let rel = path.strip_prefix(dir).expect("under dir").to_path_buf();
+                out.push((rel, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
 }
 
 #[test]
@@ -220,6 +241,12 @@ fn verify_accepts_an_intact_vault() {
     let text = with(&[]);
     assert_eq!(text.code, 0, "{text:?}");
     assert!(text.stdout.starts_with("OK: "), "{text:?}");
+
+    let before = dir_contents(&dir);
+    let read_only = with(&["--read-only", "--json"]);
+    assert_eq!(read_only.code, 0, "{read_only:?}");
+    assert_eq!(read_only.json(), report);
+    assert_eq!(dir_contents(&dir), before);
 }
 
 #[test]
@@ -351,6 +378,17 @@ fn verify_names_a_corrupted_chunk() {
             .contains(&format!("INTEGRITY FAILURE at seq {seq}: crc_mismatch")),
         "{text:?}"
     );
+
+    let read_only = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(&key),
+        OsStr::new("--read-only"),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(read_only.code, 1, "{read_only:?}");
+    assert_eq!(read_only.json(), report);
 }
 
 #[test]
@@ -405,6 +443,16 @@ fn verify_that_cannot_run_exits_2() {
     assert!(out.stdout.is_empty(), "{out:?}");
     assert!(out.stderr.contains("error:"), "{out:?}");
     assert!(!missing.exists(), "verify created the data dir");
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        missing.as_os_str(),
+        OsStr::new("--read-only"),
+    ]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(!missing.exists(), "a read-only verify created the data dir");
+    // --read-only is for --data-dir only.
+    let out = vault_verify(["--remote", "127.0.0.1:9", "--read-only"]);
+    assert_eq!(out.code, 2, "{out:?}");
 
     let out = vault_verify(["--format", "yaml"]);
     assert_eq!(out.code, 2, "{out:?}");
@@ -562,6 +610,28 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
     assert!(matches!(data, protocol::Message::Data { .. }), "{data:?}");
     drop(server); // SIGKILL
     wait_unlocked(&dir);
+    // The killed vault's dir as a snapshot would hold it: verified without
+    // a write, its write-ahead segments left for the next open.
+    let before = dir_contents(&dir);
+    assert!(
+        before.iter().any(|(p, _)| p.starts_with("wal")),
+        "no write-ahead segment after kill -9"
+    );
+    let out = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(str_field(&init, "public_key")),
+        OsStr::new("--read-only"),
+        OsStr::new("--json"),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["ok"], true, "{out:?}");
+    assert_eq!(
+        dir_contents(&dir),
+        before,
+        "a read-only verify wrote to the dir"
+    );
     let server = serve(&s, "v");
     let again = rt.block_on(ask(&server.protocol, &partner, redeem));
     assert!(

@@ -66,4 +66,4 @@ pub use vault::{
     KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault,
     DEFAULT_CACHE_BYTES, MAX_ENCRYPTIONS_PER_KEY,
 };
-pub use verify::{verify, Report, VerifyOptions};
+pub use verify::{verify, verify_read_only, Report, VerifyOptions};

@@ -45,6 +45,12 @@
 //! whose bytes are not (all) in the file, reads as what is there (possibly
 //! nothing), and one that claims more than any chunk's length reads as
 //! nothing: the chunk then fails to decode, and verify names its seq.
+//!
+//! A read-only open (`LogTree::open_read_only`, for `verify_read_only`)
+//! never writes the file: the cut at open is only a limit on reads, and
+//! the writes of the replay that follows go to a file in a scratch dir
+//! (chunks appended past that limit) or to memory (chunks repaired below
+//! it). Reads see the file as an open that writes would leave it.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -158,6 +164,40 @@ pub struct LogTree {
     /// Edits from [`crate::RawStore`] rewrite the file in key order, so
     /// that a test's tampering leaves the layout as the vault writes it.
     compact: bool,
+    /// Set by a read-only open: where the writes go instead of the file.
+    overlay: Option<Overlay>,
+}
+
+/// What a read-only open ([`LogTree::open_read_only`]) writes instead of
+/// the data dir's chunks file, which it only reads: the file as this open
+/// sees it is its first `split` bytes, then `tail`, with `patches` laid
+/// over it.
+#[derive(Debug)]
+struct Overlay {
+    /// Where the chunks the index named at open end: bytes of the file
+    /// past it are left out, as an open that writes would cut them off.
+    split: u64,
+    /// Chunks appended after the open (the write-ahead replay's), a file
+    /// in the scratch dir: offset `split + n` of the log is byte `n` here.
+    tail: File,
+    /// Chunks below `split` written again by a repair, by offset.
+    patches: Mutex<std::collections::BTreeMap<u64, Bytes>>,
+}
+
+/// Reads up to `len` bytes at `offset`, fewer where the file ends.
+fn read_file_at(file: &File, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset.saturating_add(got as u64)) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
 }
 
 impl LogTree {
@@ -176,6 +216,48 @@ impl LogTree {
         if created {
             crate::store::sync_dir(dir)?;
         }
+        let end = Self::drop_dangling(&file, &index)?;
+        if file.metadata()?.len() > end {
+            file.set_len(end)?;
+        }
+        Ok(LogTree {
+            index,
+            file,
+            end: Mutex::new(end),
+            compact: false,
+            overlay: None,
+        })
+    }
+
+    /// Opens the chunks file of `dir` for reading only, beside `index` (a
+    /// copy of the data dir's tree, which this may change): the file is
+    /// never written, and what an open and the writes after it would write
+    /// there goes to a file in `scratch` and to memory instead ([`Overlay`]).
+    /// Readers see the log as an open that writes would leave it.
+    pub(crate) fn open_read_only(dir: &Path, index: sled::Tree, scratch: &Path) -> Result<LogTree> {
+        let file = File::open(dir.join(FILE))?;
+        let end = Self::drop_dangling(&file, &index)?;
+        let tail = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(scratch.join(FILE))?;
+        Ok(LogTree {
+            index,
+            file,
+            end: Mutex::new(end),
+            compact: false,
+            overlay: Some(Overlay {
+                split: end,
+                tail,
+                patches: Mutex::new(std::collections::BTreeMap::new()),
+            }),
+        })
+    }
+
+    /// Drops the pointers at the end of `index` whose bytes lie past the
+    /// end of `file`, and returns where the last chunk left then ends.
+    fn drop_dangling(file: &File, index: &sled::Tree) -> Result<u64> {
         let len = file.metadata()?.len();
         let mut dropped = 0u64;
         let end = loop {
@@ -203,15 +285,23 @@ impl LogTree {
                 "dropped the log's last chunks: the chunks file ends before them"
             );
         }
-        if len > end {
-            file.set_len(end)?;
+        Ok(end)
+    }
+
+    /// Writes `bytes` at `offset` of the log's file, or where a read-only
+    /// open keeps them.
+    fn write_at(&self, bytes: &[u8], offset: u64) -> Result<()> {
+        match &self.overlay {
+            None => self.file.write_all_at(bytes, offset)?,
+            Some(o) if offset >= o.split => o.tail.write_all_at(bytes, offset - o.split)?,
+            Some(o) => {
+                o.patches
+                    .lock()
+                    .map_err(|_| Error::Poisoned)?
+                    .insert(offset, Bytes::copy_from_slice(bytes));
+            }
         }
-        Ok(LogTree {
-            index,
-            file,
-            end: Mutex::new(end),
-            compact: false,
-        })
+        Ok(())
     }
 
     fn end(&self) -> Result<std::sync::MutexGuard<'_, u64>> {
@@ -236,7 +326,7 @@ impl LogTree {
             batch.insert(k.as_ref(), &encode_pointer(at, len)[..]);
             at += u64::from(len);
         }
-        self.file.write_all_at(&buf, *end)?;
+        self.write_at(&buf, *end)?;
         self.index.apply_batch(batch)?;
         *end = at;
         Ok(())
@@ -258,7 +348,7 @@ impl LogTree {
             ));
         }
         if self.read(&p)?.as_ref() != bytes {
-            self.file.write_all_at(bytes, offset)?;
+            self.write_at(bytes, offset)?;
         }
         Ok(())
     }
@@ -271,28 +361,36 @@ impl LogTree {
         else {
             return Ok(Bytes::new());
         };
-        let mut buf = vec![0u8; len as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match self
-                .file
-                .read_at(&mut buf[got..], offset.saturating_add(got as u64))
-            {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+        let buf = match &self.overlay {
+            None => read_file_at(&self.file, offset, len)?,
+            Some(o) if offset >= o.split => read_file_at(&o.tail, offset - o.split, len)?,
+            Some(o) => {
+                let patched = o
+                    .patches
+                    .lock()
+                    .map_err(|_| Error::Poisoned)?
+                    .get(&offset)
+                    .filter(|b| b.len() as u64 == len)
+                    .cloned();
+                match patched {
+                    Some(b) => return Ok(b),
+                    // The file as an open that writes would have cut it.
+                    None => read_file_at(&self.file, offset, len.min(o.split - offset))?,
+                }
             }
-        }
-        buf.truncate(got);
+        };
         // Owned as read: an `IVec` would copy the chunk once more.
         Ok(Bytes::from(buf))
     }
 
     /// Makes the file durable (its data; its length is set by writes that
     /// the next open checks against the index).
+    /// A read-only open has nothing to make durable: its writes are thrown
+    /// away with the scratch dir.
     pub(crate) fn sync(&self) -> Result<()> {
-        self.file.sync_data()?;
+        if self.overlay.is_none() {
+            self.file.sync_data()?;
+        }
         Ok(())
     }
 
@@ -378,7 +476,10 @@ impl LogTree {
 
     /// The length of the chunks file.
     pub(crate) fn file_len(&self) -> Result<u64> {
-        Ok(self.file.metadata()?.len())
+        match &self.overlay {
+            None => Ok(self.file.metadata()?.len()),
+            Some(o) => Ok(o.split + o.tail.metadata()?.len()),
+        }
     }
 
     // Edits for tools and tests (`RawStore`): each keeps the layout by
@@ -425,6 +526,11 @@ impl LogTree {
             all.insert(k.to_vec(), v.to_vec());
         }
         f(&mut all);
+        if self.overlay.is_some() {
+            return Err(Error::Invalid(
+                "a log opened read-only is not edited".into(),
+            ));
+        }
         {
             let mut end = self.end()?;
             self.index.clear()?;
@@ -498,6 +604,42 @@ mod tests {
         assert_eq!(log.layout_fault()?, None);
         log.apply(&[(3u64.to_be_bytes(), &b"d"[..])])?;
         assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcd");
+        Ok(())
+    }
+
+    #[test]
+    fn a_read_only_open_writes_its_changes_beside_the_file() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let (_db, log) = open(dir.path())?;
+            log.apply(&[
+                (0u64.to_be_bytes(), &b"abc"[..]),
+                (3u64.to_be_bytes(), &b"def"[..]),
+            ])?;
+            log.file.write_all_at(b"zz", 6)?;
+        }
+        let scratch = tempfile::tempdir()?;
+        let db = sled::Config::new().temporary(true).open()?;
+        let index = db.open_tree("log")?;
+        for (k, p) in [(0u64, encode_pointer(0, 3)), (3, encode_pointer(3, 3))] {
+            index.insert(k.to_be_bytes(), &p[..])?;
+        }
+        let log = LogTree::open_read_only(dir.path(), index, scratch.path())?;
+        // Seen as cut at the last chunk, though the file is not.
+        assert_eq!(log.file_len()?, 6);
+        assert_eq!(log.layout_fault()?, None);
+        // An append goes to the scratch file, a repair to memory.
+        log.apply(&[(6u64.to_be_bytes(), &b"gh"[..])])?;
+        log.repair(&3u64.to_be_bytes(), b"DEF")?;
+        assert_eq!(log.get(6u64.to_be_bytes())?.as_deref(), Some(&b"gh"[..]));
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b"DEF"[..]));
+        assert_eq!(log.get(0u64.to_be_bytes())?.as_deref(), Some(&b"abc"[..]));
+        assert_eq!((log.file_len()?, log.layout_fault()?), (8, None));
+        log.sync()?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdefzz");
+        assert_eq!(std::fs::read(scratch.path().join(FILE))?, b"gh");
+        // A pointer reaching past the cut reads only up to it.
+        assert_eq!(log.read(&encode_pointer(4, 4))?.as_ref(), b"ef");
         Ok(())
     }
 

@@ -119,16 +119,103 @@ pub(crate) struct Store {
     /// removal there: the writer and the indexer both call it, and a chunk
     /// applied twice would lie twice in the chunks file.
     applying: std::sync::Mutex<()>,
+    /// Set by [`Store::open_read_only`]: the shared lock it holds on the
+    /// data dir's sled file (so no vault opens the dir meanwhile).
+    read_only: Option<File>,
 }
 
 fn db_dir(dir: &Path) -> PathBuf {
     dir.join("db")
 }
 
+/// Copies the files of `from` into `to` (created), subdirectories too.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     fn open_at(dir: &Path, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
+        let db = Self::open_sled(&db_dir(dir), cache_bytes, flusher)?;
+        let data_file = File::open(db_dir(dir).join("db"))?;
+        Ok(Store {
+            log: LogTree::open(dir, db.open_tree("log")?)?,
+            state: db.open_tree("state")?,
+            keys: db.open_tree("keys")?,
+            meta: db.open_tree("meta")?,
+            db,
+            data_file,
+            dir: dir.to_path_buf(),
+            recent: RwLock::new(BTreeMap::new()),
+            applying: std::sync::Mutex::new(()),
+            read_only: None,
+        })
+    }
+
+    /// Opens the data dir `dir` without writing to it, as verify of a dir
+    /// on read-only storage (a snapshot, a backup, an auditor's copy)
+    /// needs: its sled database is copied into `scratch` (an empty dir)
+    /// and opened there, its chunks file is read in place
+    /// ([`LogTree::open_read_only`]), and its write-ahead file is replayed
+    /// into those copies and left in place. A shared lock on the dir's
+    /// sled file, held until the store is dropped, keeps a vault from
+    /// opening the dir meanwhile, and refuses a dir a vault holds.
+    pub(crate) fn open_read_only(dir: &Path, scratch: &Path, cache_bytes: u64) -> Result<Store> {
+        if !db_dir(dir).join("conf").exists() {
+            return Err(Error::NotFound(dir.display().to_string()));
+        }
+        let lock = File::open(db_dir(dir).join("db"))?;
+        // As `open_sled` does, a moment for a vault closed just before.
+        let mut waited = 0;
+        loop {
+            match lock.try_lock_shared() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if waited < 2000 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    waited += 20;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked),
+                Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+            }
+        }
+        let copy = db_dir(scratch);
+        copy_dir(&db_dir(dir), &copy)?;
+        let db = Self::open_sled(&copy, cache_bytes, Flusher::Off)?;
+        let data_file = File::open(copy.join("db"))?;
+        let store = Store {
+            log: LogTree::open_read_only(dir, db.open_tree("log")?, scratch)?,
+            state: db.open_tree("state")?,
+            keys: db.open_tree("keys")?,
+            meta: db.open_tree("meta")?,
+            db,
+            data_file,
+            dir: dir.to_path_buf(),
+            recent: RwLock::new(BTreeMap::new()),
+            applying: std::sync::Mutex::new(()),
+            read_only: Some(lock),
+        };
+        crate::wal::replay(&store)?;
+        Ok(store)
+    }
+
+    /// Whether this store was opened by [`Store::open_read_only`].
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only.is_some()
+    }
+
+    /// Opens the sled database at `path`, refusing one of another format.
+    fn open_sled(path: &Path, cache_bytes: u64, flusher: Flusher) -> Result<sled::Db> {
         let config = sled::Config::new()
-            .path(db_dir(dir))
+            .path(path)
             .segment_size(SEGMENT_SIZE)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
@@ -165,18 +252,7 @@ impl Store {
                 }
             }
         }
-        let data_file = File::open(db_dir(dir).join("db"))?;
-        Ok(Store {
-            log: LogTree::open(dir, db.open_tree("log")?)?,
-            state: db.open_tree("state")?,
-            keys: db.open_tree("keys")?,
-            meta: db.open_tree("meta")?,
-            db,
-            data_file,
-            dir: dir.to_path_buf(),
-            recent: RwLock::new(BTreeMap::new()),
-            applying: std::sync::Mutex::new(()),
-        })
+        Ok(db)
     }
 
     /// Creates the database of a new vault; refuses an existing one.
@@ -224,6 +300,10 @@ impl Store {
 
     /// Makes everything written so far durable.
     pub(crate) fn sync(&self) -> Result<()> {
+        if self.is_read_only() {
+            // Copies thrown away after the read: nothing to keep.
+            return Ok(());
+        }
         // The chunks before the pointers that name them.
         self.log.sync()?;
         self.db.flush()?;

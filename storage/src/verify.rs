@@ -1101,13 +1101,32 @@ impl Report {
 /// vault, locked, I/O); integrity failures are in [`Report::failure`].
 pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
     let store = Store::open_existing_with(dir, VERIFY_CACHE_BYTES, Flusher::Off)?;
-    let mut report = verify_store(&store, opts)?;
+    verify_opened(&store, opts)
+}
+
+/// [`verify`] without writing to `dir`, for a data dir on read-only
+/// storage or one that must stay as it is (a snapshot, a backup, an
+/// auditor's copy). An open that writes replays the write-ahead file into
+/// the dir and cuts off what a crash left past the log's end; this one
+/// copies the dir's sled database into `scratch` (an empty dir the caller
+/// removes afterwards; it needs about the size of `dir/db`) and makes
+/// those changes to the copy and to files in `scratch`, reading the dir's
+/// chunks in place. The same log is verified, with the same report: only
+/// where the open's writes go differs (`docs/storage.md`, section 8).
+pub fn verify_read_only(dir: &Path, scratch: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
+    let store = Store::open_read_only(dir, scratch, VERIFY_CACHE_BYTES)?;
+    verify_opened(&store, opts)
+}
+
+/// Verifies an opened store, and the kept head of `opts` against it.
+fn verify_opened(store: &Store, opts: &VerifyOptions<'_>) -> Result<Report> {
+    let mut report = verify_store(store, opts)?;
     if let (None, Some(kept)) = (&report.failure, &opts.kept_head) {
         let key = opts.public_key.or(store.stored_public_key());
         let chain = key.map(|k| KeyChain::from_endorsements(k, &report.signing_keys));
         let last_seq = report.signed_head.map_or(0, |h| h.last_seq);
         let hash = if kept.last_seq <= last_seq {
-            entry_at(&store, kept.last_seq)?.map(|e| entry_hash(&e))
+            entry_at(store, kept.last_seq)?.map(|e| entry_hash(&e))
         } else {
             None
         };

@@ -438,10 +438,14 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
         finish_held(store, h)?;
     }
     store.sync()?;
-    for path in &paths {
-        std::fs::remove_file(path)?;
+    // A read-only open replayed into copies: the segments stay for the
+    // next open that writes.
+    if !store.is_read_only() {
+        for path in &paths {
+            std::fs::remove_file(path)?;
+        }
+        sync_dir(&wal_dir(&store.dir))?;
     }
-    sync_dir(&wal_dir(&store.dir))?;
     if done.applied > 0 || done.torn {
         tracing::info!(
             applied = done.applied,

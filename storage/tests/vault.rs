@@ -1621,3 +1621,137 @@ async fn heads_are_the_groups_from_the_one_holding_a_seq_in_order() {
     check(&vault);
     vault.close().expect("close");
 }
+
+/// Every regular file under `dir` with its bytes, sorted by path.
+fn contents(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    files(dir)
+        .into_iter()
+        .map(|(rel, _)| {
+            let bytes = std::fs::read(dir.join(&rel)).expect("read");
+            (rel, bytes)
+        })
+        .collect()
+}
+
+/// `verify_read_only` of `dir` with a fresh scratch dir.
+fn verify_ro(
+    dir: &std::path::Path,
+    key: ed25519_dalek::VerifyingKey,
+) -> storage::Result<storage::Report> {
+    let scratch = tempfile::tempdir().expect("scratch");
+    storage::verify_read_only(
+        dir,
+        scratch.path(),
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_read_only_verify_replays_into_copies_and_writes_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault.close().expect("close");
+    let before = tmp.path().join("before");
+    copy_dir(&dir, &before);
+
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
+    for i in 0..40 {
+        vault
+            .append(Append::record(
+                format!("s{}", i % 7),
+                format!("{{\"n\":{i}}}").into_bytes(),
+            ))
+            .await
+            .expect("append");
+    }
+    let live_wal = tmp.path().join("wal");
+    copy_dir(&dir.join("wal"), &live_wal);
+    vault.close().expect("close");
+    let closed = verify_ok(&dir, key);
+
+    // What a crash leaves (a snapshot of a running vault): sled as before
+    // the appends, the live segments, a torn record at the end of the last
+    // one, and bytes past the log's last chunk.
+    let crashed = tmp.path().join("crashed");
+    copy_dir(&before, &crashed);
+    copy_dir(&live_wal, &crashed.join("wal"));
+    let mut segments: Vec<_> = std::fs::read_dir(crashed.join("wal"))
+        .expect("segments")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a segment");
+    let mut bytes = std::fs::read(last).expect("read");
+    bytes.extend_from_slice(&[0, 0, 1]);
+    std::fs::write(last, &bytes).expect("write");
+    let mut chunks = std::fs::read(crashed.join("chunks")).expect("read");
+    chunks.extend_from_slice(b"left by a crash");
+    std::fs::write(crashed.join("chunks"), &chunks).expect("write");
+
+    let untouched = contents(&crashed);
+    let r = verify_ro(&crashed, key).expect("read-only verify runs");
+    assert!(r.ok(), "read-only verify failed: {:?}", r.failure);
+    assert_eq!((r.entries, r.head), (closed.entries, closed.head));
+    assert_eq!(contents(&crashed), untouched, "the dir was written to");
+    // Again: the segments are still there to replay.
+    let again = verify_ro(&crashed, key).expect("runs again");
+    assert_eq!((again.entries, again.head), (closed.entries, closed.head));
+    assert_eq!(contents(&crashed), untouched);
+
+    // An open that writes makes the same log of it.
+    let written = tmp.path().join("written");
+    copy_dir(&crashed, &written);
+    let w = verify_ok(&written, key);
+    assert_eq!((w.entries, w.head), (closed.entries, closed.head));
+    assert_ne!(contents(&written), untouched);
+
+    // A pointer sled kept whose bytes a power loss took: the replay's
+    // repair goes to memory, not to the file.
+    let lost = tmp.path().join("lost");
+    copy_dir(&dir, &lost);
+    copy_dir(&live_wal, &lost.join("wal"));
+    let mut chunks = std::fs::read(lost.join("chunks")).expect("read");
+    let n = chunks.len();
+    chunks[n - 64..].fill(0);
+    std::fs::write(lost.join("chunks"), &chunks).expect("write");
+    let untouched = contents(&lost);
+    let r = verify_ro(&lost, key).expect("runs");
+    assert!(
+        r.ok(),
+        "read-only verify of a repaired log failed: {:?}",
+        r.failure
+    );
+    assert_eq!((r.entries, r.head), (closed.entries, closed.head));
+    assert_eq!(contents(&lost), untouched);
+    // Without the write-ahead record, the zeros are what the log holds.
+    std::fs::remove_dir_all(lost.join("wal")).expect("remove");
+    let r = verify_ro(&lost, key).expect("runs");
+    assert!(!r.ok(), "zeroed chunk bytes verified");
+
+    // Tampering shows as it does to a verify that writes.
+    let tampered = tmp.path().join("tampered");
+    copy_dir(&dir, &tampered);
+    let mut chunks = std::fs::read(tampered.join("chunks")).expect("read");
+    let n = chunks.len();
+    chunks[n / 2] ^= 1;
+    std::fs::write(tampered.join("chunks"), &chunks).expect("write");
+    let r = verify_ro(&tampered, key).expect("runs");
+    assert!(!r.ok(), "a flipped bit verified");
+
+    // A dir that a vault holds is refused, as by a verify that writes.
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
+    assert!(matches!(verify_ro(&dir, key), Err(Error::Locked)));
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+    assert!(verify_ro(&dir, key).expect("runs").ok());
+    // And no vault at all.
+    assert!(matches!(
+        verify_ro(&tmp.path().join("none"), key),
+        Err(Error::NotFound(_))
+    ));
+}

@@ -66,6 +66,13 @@ struct Cli {
     /// first run. With --data-dir or --remote.
     #[arg(long, value_name = "FILE", conflicts_with = "file")]
     head_file: Option<PathBuf>,
+    /// With --data-dir: write nothing to the dir (read-only storage, a
+    /// snapshot, a backup). Its sled database is copied into a temporary
+    /// dir (about the size of DIR/db), where what the open writes goes (the
+    /// replay of a dir not closed cleanly). Chosen by itself when the dir
+    /// cannot be written.
+    #[arg(long, requires = "data_dir")]
+    read_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -132,7 +139,20 @@ fn main() -> ExitCode {
         total_hint: Some(&total),
         kept_head,
     };
-    let report = storage::verify(data_dir, &opts);
+    let report = if cli.read_only {
+        verify_read_only(data_dir, &opts)
+    } else {
+        match storage::verify(data_dir, &opts) {
+            Err(storage::Error::Io(e)) if cannot_write(&e) => {
+                eprintln!(
+                    "note: {} cannot be written ({e}): verifying it read-only, with a copy of its sled database in a temporary dir",
+                    data_dir.display()
+                );
+                verify_read_only(data_dir, &opts)
+            }
+            other => other,
+        }
+    };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -149,6 +169,24 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_ERROR as u8)
         }
     }
+}
+
+/// Whether an open failed because the data dir cannot be written.
+fn cannot_write(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+    )
+}
+
+/// `storage::verify_read_only`, with a scratch dir under the system's
+/// temporary dir (`TMPDIR`), removed afterwards.
+fn verify_read_only(
+    dir: &std::path::Path,
+    opts: &storage::VerifyOptions<'_>,
+) -> storage::Result<storage::Report> {
+    let scratch = tempfile::Builder::new().prefix("vault-verify-").tempdir()?;
+    storage::verify_read_only(dir, scratch.path(), opts)
 }
 
 fn parse_key(s: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
