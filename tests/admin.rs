@@ -571,6 +571,32 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     assert_eq!(exported2["mode"], "offline");
     assert!(exported2["entries"].as_u64() >= exported["entries"].as_u64());
     assert_eq!(verify_file(&file2, &public_key).code, 0);
+    // Read-only: the same file, and the data dir as it was.
+    let before = support::dir_contents(&dir);
+    let file3 = tmp.path().join("read-only.export");
+    let exported3 = admin(
+        &addr,
+        &key,
+        &[
+            "export",
+            "--data-dir",
+            &dir_s,
+            "--read-only",
+            "--out",
+            file3.to_str().expect("utf-8"),
+        ],
+    )
+    .ok_json();
+    assert_eq!(exported3["entries"], exported2["entries"]);
+    assert_eq!(
+        std::fs::read(&file3).expect("read"),
+        std::fs::read(&file2).expect("read")
+    );
+    assert_eq!(
+        support::dir_contents(&dir),
+        before,
+        "a read-only export wrote to the dir"
+    );
 
     // A state tree altered by hand: reindex reports it (exit 1), repairs
     // it with --repair, and the data dir verifies again.

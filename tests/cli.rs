@@ -101,26 +101,6 @@ fn wait_unlocked(dir: &Path) {
     f.lock().expect("wait for sled's lock");
 }
 
-/// Every regular file under `dir` with its bytes, by path relative to it.
-fn dir_contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir") {
-            let path = e.expect("dir entry").path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                let bytes = std::fs::read(&path).expect("read");
-                let rel = path.strip_prefix(dir).expect("under dir").to_path_buf();
-                out.push((rel, bytes));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn init_prints_one_json_object_and_refuses_a_second_init() {
     let s = Scratch::new();
@@ -242,11 +222,11 @@ fn verify_accepts_an_intact_vault() {
     assert_eq!(text.code, 0, "{text:?}");
     assert!(text.stdout.starts_with("OK: "), "{text:?}");
 
-    let before = dir_contents(&dir);
+    let before = support::dir_contents(&dir);
     let read_only = with(&["--read-only", "--json"]);
     assert_eq!(read_only.code, 0, "{read_only:?}");
     assert_eq!(read_only.json(), report);
-    assert_eq!(dir_contents(&dir), before);
+    assert_eq!(support::dir_contents(&dir), before);
 }
 
 #[test]
@@ -612,7 +592,7 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
     wait_unlocked(&dir);
     // The killed vault's dir as a snapshot would hold it: verified without
     // a write, its write-ahead segments left for the next open.
-    let before = dir_contents(&dir);
+    let before = support::dir_contents(&dir);
     assert!(
         before.iter().any(|(p, _)| p.starts_with("wal")),
         "no write-ahead segment after kill -9"
@@ -628,7 +608,7 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["ok"], true, "{out:?}");
     assert_eq!(
-        dir_contents(&dir),
+        support::dir_contents(&dir),
         before,
         "a read-only verify wrote to the dir"
     );

@@ -189,6 +189,8 @@ pub fn audit_local(
 pub struct Exported {
     pub entries: u64,
     pub heads: u64,
+    /// How the data dir was opened, for an offline export.
+    pub opened: Option<crate::verify::Opened>,
 }
 
 /// A file written atomically: filled as a temporary file beside its
@@ -226,6 +228,16 @@ impl AtomicFile {
         BufWriter::new(self.tmp.as_file())
     }
 
+    /// A buffered writer into the temporary file, emptied first: for a
+    /// second try after one that failed part way.
+    pub fn rewriter(&self) -> std::io::Result<BufWriter<&File>> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = self.tmp.as_file();
+        f.set_len(0)?;
+        f.seek(SeekFrom::Start(0))?;
+        Ok(BufWriter::new(f))
+    }
+
     /// Makes the file durable under its path.
     pub fn commit(self) -> Result<()> {
         let AtomicFile { tmp, path, dir } = self;
@@ -255,13 +267,28 @@ fn flush(w: BufWriter<&File>) -> Result<()> {
 }
 
 /// Exports the stopped vault in `dir` to `out` (see
-/// [`storage::export::export_dir`]), atomically.
-pub fn export_local(dir: &Path, out: &Path, key: Option<VerifyingKey>) -> Result<Exported> {
+/// [`storage::export::export_dir`]), atomically; without writing to `dir`
+/// when `read_only` asks, or when `dir` cannot be written
+/// ([`crate::verify::open_data_dir`]).
+pub fn export_local(
+    dir: &Path,
+    out: &Path,
+    key: Option<VerifyingKey>,
+    read_only: bool,
+) -> Result<Exported> {
     let file = AtomicFile::create(out)?;
-    let (w, entries, heads) = storage::export::export_dir(dir, file.writer(), key)?;
+    let ((w, entries, heads), opened) = crate::verify::open_data_dir(
+        read_only,
+        || storage::export::export_dir(dir, file.writer(), key),
+        |scratch| storage::export::export_dir_read_only(dir, scratch, file.rewriter()?, key),
+    )?;
     flush(w)?;
     file.commit()?;
-    Ok(Exported { entries, heads })
+    Ok(Exported {
+        entries,
+        heads,
+        opened: Some(opened),
+    })
 }
 
 /// Exports the log a running vault serves, up to the signed head it
@@ -362,7 +389,11 @@ pub async fn export_remote(
     flush(w)?;
     drop(first_writer);
     file.commit()?;
-    Ok(Exported { entries, heads })
+    Ok(Exported {
+        entries,
+        heads,
+        opened: None,
+    })
 }
 
 fn integrity(seq: u64, reason: Reason) -> Error {

@@ -22,6 +22,59 @@ pub const STORED_KEY_WARNING: &str =
     "no --public-key given: checked against the key stored in the data dir, \
 so this proves only as much as that directory can be trusted";
 
+/// How a tool opened a data dir it only reads (`vault-verify --data-dir`,
+/// `vault-admin export --data-dir`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// As a vault opens it, which may write to it (section 7 of
+    /// `docs/storage.md`).
+    Writable,
+    /// Without writing to it, as `--read-only` asked.
+    ReadOnly,
+    /// Without writing to it, because the open that writes failed on a
+    /// dir it cannot write (`EROFS`, `EACCES`).
+    ReadOnlyFallback,
+}
+
+/// Runs `writable(dir)`, or `read_only(dir, scratch)` with a scratch dir
+/// under the system's temporary dir (removed afterwards) when `read_only`
+/// is asked for or when `writable` fails because the dir cannot be
+/// written. The data dir is never written to in the second case.
+pub fn open_data_dir<T>(
+    read_only: bool,
+    writable: impl FnOnce() -> storage::Result<T>,
+    read_only_open: impl FnOnce(&Path) -> storage::Result<T>,
+) -> storage::Result<(T, Opened)> {
+    let with_scratch = |opened| {
+        let scratch = tempfile::Builder::new()
+            .prefix("fintrust-scratch-")
+            .tempdir()?;
+        read_only_open(scratch.path()).map(|t| (t, opened))
+    };
+    if read_only {
+        return with_scratch(Opened::ReadOnly);
+    }
+    match writable() {
+        Err(storage::Error::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            with_scratch(Opened::ReadOnlyFallback)
+        }
+        other => other.map(|t| (t, Opened::Writable)),
+    }
+}
+
+/// The note a tool prints on stderr when it fell back to a read-only open.
+pub fn fallback_note(dir: &Path) -> String {
+    format!(
+        "note: {} cannot be written: opened read-only, with a copy of its sled database in a temporary dir",
+        dir.display()
+    )
+}
+
 /// `vault-verify --json` output.
 #[derive(Debug, Serialize)]
 pub struct VerifyJson {

@@ -427,8 +427,31 @@ pub fn export_dir<W: Write>(
     out: W,
     key: Option<VerifyingKey>,
 ) -> Result<(W, u64, u64)> {
+    export_store(&crate::store::Store::open_existing(dir)?, out, key)
+}
+
+/// [`export_dir`] without writing to `dir`, as
+/// [`crate::verify_read_only`] opens it: its sled database copied into
+/// `scratch` (an empty dir the caller removes afterwards), its chunks read
+/// in place, its write-ahead file replayed into the copies and left there.
+pub fn export_dir_read_only<W: Write>(
+    dir: &std::path::Path,
+    scratch: &std::path::Path,
+    out: W,
+    key: Option<VerifyingKey>,
+) -> Result<(W, u64, u64)> {
+    let store =
+        crate::store::Store::open_read_only(dir, scratch, crate::vault::DEFAULT_CACHE_BYTES)?;
+    export_store(&store, out, key)
+}
+
+/// Writes the log of an opened store to `out`, checking it as it goes.
+fn export_store<W: Write>(
+    store: &crate::store::Store,
+    out: W,
+    key: Option<VerifyingKey>,
+) -> Result<(W, u64, u64)> {
     use crate::chunk::{Chunk, ChunkError};
-    let store = crate::store::Store::open_existing(dir)?;
     let key = key
         .or_else(|| store.stored_public_key())
         .ok_or(Error::Malformed("no public key"))?;

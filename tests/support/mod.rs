@@ -474,3 +474,26 @@ pub async fn start(config: ServeConfig, tls: Option<TlsFiles>) -> Server {
         _stop: stop,
     }
 }
+
+/// Every regular file under `dir` with its bytes, by path relative to it,
+/// sorted: two listings compare equal when the tree holds the same files
+/// with the same bytes.
+#[allow(dead_code)] // each test binary uses part of it
+pub fn dir_contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let path = e.expect("dir entry").path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read");
+                let rel = path.strip_prefix(dir).expect("under dir").to_path_buf();
+                out.push((rel, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}

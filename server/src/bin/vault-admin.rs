@@ -162,6 +162,12 @@ enum Command {
         /// Export the stopped vault in DIR instead of asking a server.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// With --data-dir: write nothing to DIR (read-only storage, a
+        /// snapshot, a backup); its sled database is copied into a
+        /// temporary dir instead. Chosen by itself when DIR cannot be
+        /// written.
+        #[arg(long, requires = "data_dir")]
+        read_only: bool,
     },
     /// Rebuild the derived state from the log and compare it with the
     /// stored one (exit 1 when they differ and were not repaired).
@@ -289,13 +295,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.flush()?;
             return Ok(());
         }
-        Command::Export { out, data_dir } => {
+        Command::Export {
+            out,
+            data_dir,
+            read_only,
+        } => {
             let key = pinned
                 .map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k))
                 .transpose()
                 .map_err(|_| anyhow::anyhow!("--public-key is not a valid ed25519 key"))?;
             let (done, mode) = match data_dir {
-                Some(dir) => (server::admin::export_local(dir, out, key)?, "offline"),
+                Some(dir) => {
+                    let done = server::admin::export_local(dir, out, key, *read_only)?;
+                    if done.opened == Some(server::verify::Opened::ReadOnlyFallback) {
+                        eprintln!("{}", server::verify::fallback_note(dir));
+                    }
+                    (done, "offline")
+                }
                 None => {
                     let client = Arc::new(connect(&cli).await?);
                     (

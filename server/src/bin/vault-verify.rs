@@ -139,20 +139,15 @@ fn main() -> ExitCode {
         total_hint: Some(&total),
         kept_head,
     };
-    let report = if cli.read_only {
-        verify_read_only(data_dir, &opts)
-    } else {
-        match storage::verify(data_dir, &opts) {
-            Err(storage::Error::Io(e)) if cannot_write(&e) => {
-                eprintln!(
-                    "note: {} cannot be written ({e}): verifying it read-only, with a copy of its sled database in a temporary dir",
-                    data_dir.display()
-                );
-                verify_read_only(data_dir, &opts)
-            }
-            other => other,
-        }
-    };
+    let report = server::verify::open_data_dir(
+        cli.read_only,
+        || storage::verify(data_dir, &opts),
+        |scratch| storage::verify_read_only(data_dir, scratch, &opts),
+    );
+    if let Ok((_, server::verify::Opened::ReadOnlyFallback)) = &report {
+        eprintln!("{}", server::verify::fallback_note(data_dir));
+    }
+    let report = report.map(|(r, _)| r);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -169,24 +164,6 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_ERROR as u8)
         }
     }
-}
-
-/// Whether an open failed because the data dir cannot be written.
-fn cannot_write(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
-    )
-}
-
-/// `storage::verify_read_only`, with a scratch dir under the system's
-/// temporary dir (`TMPDIR`), removed afterwards.
-fn verify_read_only(
-    dir: &std::path::Path,
-    opts: &storage::VerifyOptions<'_>,
-) -> storage::Result<storage::Report> {
-    let scratch = tempfile::Builder::new().prefix("vault-verify-").tempdir()?;
-    storage::verify_read_only(dir, scratch.path(), opts)
 }
 
 fn parse_key(s: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
