@@ -860,15 +860,9 @@ fn no_secret_or_personal_value_reaches_disk_logs_or_audit() {
         ("vaultd log".into(), std::fs::read(&log).expect("log")),
         ("audit output".into(), audit.into_bytes()),
     ];
-    let mut stack = vec![dir.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n != "dev-passphrase") {
-                haystacks.push((p.display().to_string(), std::fs::read(&p).expect("read")));
-            }
+    for (rel, bytes) in support::dir_contents(&dir) {
+        if rel.file_name().is_some_and(|n| n != "dev-passphrase") {
+            haystacks.push((dir.join(rel).display().to_string(), bytes));
         }
     }
     assert!(

@@ -147,8 +147,21 @@ impl Store {
     fn open_at(dir: &Path, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
         let db = Self::open_sled(&db_dir(dir), cache_bytes, flusher)?;
         let data_file = File::open(db_dir(dir).join("db"))?;
+        let log = LogTree::open(dir, db.open_tree("log")?)?;
+        Self::assemble(dir, db, data_file, log, None)
+    }
+
+    /// The store of data dir `dir` over an open sled `db` (whose data file
+    /// is `data_file`) and `log`.
+    fn assemble(
+        dir: &Path,
+        db: sled::Db,
+        data_file: File,
+        log: LogTree,
+        read_only: Option<File>,
+    ) -> Result<Store> {
         Ok(Store {
-            log: LogTree::open(dir, db.open_tree("log")?)?,
+            log,
             state: db.open_tree("state")?,
             keys: db.open_tree("keys")?,
             meta: db.open_tree("meta")?,
@@ -157,7 +170,7 @@ impl Store {
             dir: dir.to_path_buf(),
             recent: RwLock::new(BTreeMap::new()),
             applying: std::sync::Mutex::new(()),
-            read_only: None,
+            read_only,
         })
     }
 
@@ -191,18 +204,8 @@ impl Store {
         copy_dir(&db_dir(dir), &copy)?;
         let db = Self::open_sled(&copy, cache_bytes, Flusher::Off)?;
         let data_file = File::open(copy.join("db"))?;
-        let store = Store {
-            log: LogTree::open_read_only(dir, db.open_tree("log")?, scratch)?,
-            state: db.open_tree("state")?,
-            keys: db.open_tree("keys")?,
-            meta: db.open_tree("meta")?,
-            db,
-            data_file,
-            dir: dir.to_path_buf(),
-            recent: RwLock::new(BTreeMap::new()),
-            applying: std::sync::Mutex::new(()),
-            read_only: Some(lock),
-        };
+        let log = LogTree::open_read_only(dir, db.open_tree("log")?, scratch)?;
+        let store = Self::assemble(dir, db, data_file, log, Some(lock))?;
         crate::wal::replay(&store)?;
         Ok(store)
     }

@@ -1339,14 +1339,24 @@ async fn a_log_of_tiny_then_large_entries_verifies_whole() {
 /// every acknowledged append is there with its receipt's hash. A torn
 /// record at the end of the last segment is dropped; the same in an
 /// earlier segment refuses the open.
-#[tokio::test]
-async fn the_write_ahead_file_brings_back_what_sled_lost() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
+/// A vault in `tmp`/v with 40 records appended after a first close; and,
+/// beside it, `tmp`/before (the dir at that close) and `tmp`/wal (the
+/// live vault's write-ahead segments before the second close deleted
+/// them): what sled held and what the segments would replay after a crash.
+async fn forty_records_and_their_segments(
+    tmp: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    ed25519_dalek::VerifyingKey,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Vec<storage::Receipt>,
+) {
+    let dir = tmp.join("v");
     let vault = new_vault(&dir);
     let key = vault.public_key();
     vault.close().expect("close");
-    let before = tmp.path().join("before");
+    let before = tmp.join("before");
     copy_dir(&dir, &before);
 
     let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
@@ -1363,9 +1373,16 @@ async fn the_write_ahead_file_brings_back_what_sled_lost() {
         receipts.push(r);
     }
     // The live vault's segments, before close checkpoints and deletes them.
-    let live_wal = tmp.path().join("wal");
+    let live_wal = tmp.join("wal");
     copy_dir(&dir.join("wal"), &live_wal);
     vault.close().expect("close");
+    (dir, key, before, live_wal, receipts)
+}
+
+#[tokio::test]
+async fn the_write_ahead_file_brings_back_what_sled_lost() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dir, key, before, live_wal, receipts) = forty_records_and_their_segments(tmp.path()).await;
     assert_eq!(
         std::fs::read_dir(dir.join("wal")).expect("wal dir").count(),
         0,
@@ -1652,26 +1669,7 @@ fn verify_ro(
 #[tokio::test]
 async fn a_read_only_verify_replays_into_copies_and_writes_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
-    let vault = new_vault(&dir);
-    let key = vault.public_key();
-    vault.close().expect("close");
-    let before = tmp.path().join("before");
-    copy_dir(&dir, &before);
-
-    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
-    for i in 0..40 {
-        vault
-            .append(Append::record(
-                format!("s{}", i % 7),
-                format!("{{\"n\":{i}}}").into_bytes(),
-            ))
-            .await
-            .expect("append");
-    }
-    let live_wal = tmp.path().join("wal");
-    copy_dir(&dir.join("wal"), &live_wal);
-    vault.close().expect("close");
+    let (dir, key, before, live_wal, _) = forty_records_and_their_segments(tmp.path()).await;
     let closed = verify_ok(&dir, key);
 
     // What a crash leaves (a snapshot of a running vault): sled as before
