@@ -555,6 +555,25 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     ));
     // The same events (the dev server revoked its shim's key on the way out).
     assert_eq!(offline.get(..revoked.len()), Some(revoked.as_slice()));
+    let before = support::dir_contents(&dir);
+    let read_only = lines(&admin(
+        &addr,
+        &key,
+        &[
+            "audit",
+            "--data-dir",
+            &dir_s,
+            "--read-only",
+            "--kind",
+            "credential_revoked",
+        ],
+    ));
+    assert_eq!(read_only, offline);
+    assert_eq!(
+        support::dir_contents(&dir),
+        before,
+        "a read-only audit wrote to the dir"
+    );
     let file2 = tmp.path().join("offline.export");
     let exported2 = admin(
         &addr,

@@ -138,13 +138,32 @@ pub async fn audit_remote(
     }
 }
 
-/// [`audit_remote`] on the stopped vault in `dir`, reading its chunks.
+/// [`audit_remote`] on the stopped vault in `dir`, reading its chunks;
+/// without writing to `dir` when `read_only` asks, or when `dir` cannot be
+/// written ([`crate::verify::open_data_dir`]).
 pub fn audit_local(
     dir: &Path,
     filter: &AuditFilter,
+    read_only: bool,
+    mut out: impl FnMut(&Value) -> Result<()>,
+) -> Result<(u64, crate::verify::Opened)> {
+    let (store, opened, _scratch) = crate::verify::open_data_dir(
+        read_only,
+        || storage::RawStore::open(dir),
+        |scratch| storage::RawStore::open_read_only(dir, scratch),
+    )?;
+    let printed = audit_store(&store, filter, &mut out)?;
+    // Closed before its scratch dir goes.
+    drop(store);
+    Ok((printed, opened))
+}
+
+/// Prints the events of an opened store's log that `filter` selects.
+fn audit_store(
+    store: &storage::RawStore,
+    filter: &AuditFilter,
     mut out: impl FnMut(&Value) -> Result<()>,
 ) -> Result<u64> {
-    let store = storage::RawStore::open(dir)?;
     let mut printed = 0u64;
     let start = match store
         .log
@@ -277,7 +296,7 @@ pub fn export_local(
     read_only: bool,
 ) -> Result<Exported> {
     let file = AtomicFile::create(out)?;
-    let ((w, entries, heads), opened) = crate::verify::open_data_dir(
+    let ((w, entries, heads), opened, _scratch) = crate::verify::open_data_dir(
         read_only,
         || storage::export::export_dir(dir, file.writer(), key),
         |scratch| storage::export::export_dir_read_only(dir, scratch, file.rewriter()?, key),

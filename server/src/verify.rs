@@ -36,20 +36,22 @@ pub enum Opened {
     ReadOnlyFallback,
 }
 
-/// Runs `writable(dir)`, or `read_only(dir, scratch)` with a scratch dir
-/// under the system's temporary dir (removed afterwards) when `read_only`
-/// is asked for or when `writable` fails because the dir cannot be
-/// written. The data dir is never written to in the second case.
+/// Runs `writable()`, or `read_only_open(scratch)` with a scratch dir
+/// under the system's temporary dir when `read_only` is asked for or when
+/// `writable` fails because the dir cannot be written; the data dir is
+/// never written to in the second case. Returns what the open gave, how
+/// the dir was opened, and the scratch dir (removed when dropped: keep it
+/// while the result is in use).
 pub fn open_data_dir<T>(
     read_only: bool,
     writable: impl FnOnce() -> storage::Result<T>,
     read_only_open: impl FnOnce(&Path) -> storage::Result<T>,
-) -> storage::Result<(T, Opened)> {
+) -> storage::Result<(T, Opened, Option<tempfile::TempDir>)> {
     let with_scratch = |opened| {
         let scratch = tempfile::Builder::new()
             .prefix("fintrust-scratch-")
             .tempdir()?;
-        read_only_open(scratch.path()).map(|t| (t, opened))
+        read_only_open(scratch.path()).map(|t| (t, opened, Some(scratch)))
     };
     if read_only {
         return with_scratch(Opened::ReadOnly);
@@ -63,7 +65,7 @@ pub fn open_data_dir<T>(
         {
             with_scratch(Opened::ReadOnlyFallback)
         }
-        other => other.map(|t| (t, Opened::Writable)),
+        other => other.map(|t| (t, Opened::Writable, None)),
     }
 }
 

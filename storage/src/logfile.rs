@@ -384,9 +384,8 @@ impl LogTree {
     }
 
     /// Makes the file durable (its data; its length is set by writes that
-    /// the next open checks against the index).
-    /// A read-only open has nothing to make durable: its writes are thrown
-    /// away with the scratch dir.
+    /// the next open checks against the index). A read-only open has
+    /// nothing to make durable: its writes go away with the scratch dir.
     pub(crate) fn sync(&self) -> Result<()> {
         if self.overlay.is_none() {
             self.file.sync_data()?;

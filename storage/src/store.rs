@@ -552,19 +552,37 @@ pub struct RawStore {
     pub state: sled::Tree,
     pub keys: sled::Tree,
     pub meta: sled::Tree,
+    /// Of a read-only open: its shared lock on the data dir's sled file.
+    _lock: Option<File>,
 }
 
 impl RawStore {
     /// Opens the trees of the vault in `dir` (the vault must be closed).
     pub fn open(dir: &Path) -> Result<RawStore> {
-        let s = Store::open_existing(dir)?;
-        Ok(RawStore {
+        Ok(Self::of(Store::open_existing(dir)?))
+    }
+
+    /// Opens the trees of the vault in `dir` without writing to `dir`, as
+    /// `verify_read_only` does: sled's files copied into `scratch` (an
+    /// empty dir that must outlive the store), the chunks read in place.
+    /// Writes go to those copies, and the log's edits are refused.
+    pub fn open_read_only(dir: &Path, scratch: &Path) -> Result<RawStore> {
+        Ok(Self::of(Store::open_read_only(
+            dir,
+            scratch,
+            crate::vault::DEFAULT_CACHE_BYTES,
+        )?))
+    }
+
+    fn of(s: Store) -> RawStore {
+        RawStore {
             db: s.db,
             log: s.log.compacting(),
             state: s.state,
             keys: s.keys,
             meta: s.meta,
-        })
+            _lock: s.read_only,
+        }
     }
 
     /// Flushes sled's buffers to the file (not an fsync: enough for a

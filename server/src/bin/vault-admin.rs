@@ -152,6 +152,12 @@ enum Command {
         /// Read the stopped vault in DIR instead of asking a server.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// With --data-dir: write nothing to DIR (read-only storage, a
+        /// snapshot, a backup); its sled database is copied into a
+        /// temporary dir instead. Chosen by itself when DIR cannot be
+        /// written.
+        #[arg(long, requires = "data_dir")]
+        read_only: bool,
     },
     /// Write the whole log, with every commit group's signed head, to a
     /// portable file that `vault-verify --file` checks offline.
@@ -262,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             include_records,
             data_dir,
+            read_only,
         } => {
             let filter = AuditFilter {
                 from_seq: *from_seq,
@@ -286,7 +293,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
             };
             match data_dir {
-                Some(dir) => server::admin::audit_local(dir, &filter, &mut print)?,
+                Some(dir) => {
+                    let (n, opened) =
+                        server::admin::audit_local(dir, &filter, *read_only, &mut print)?;
+                    if opened == server::verify::Opened::ReadOnlyFallback {
+                        eprintln!("{}", server::verify::fallback_note(dir));
+                    }
+                    n
+                }
                 None => {
                     let client = connect(&cli).await?;
                     server::admin::audit_remote(&client, &filter, &mut print).await?

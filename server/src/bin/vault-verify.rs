@@ -144,10 +144,10 @@ fn main() -> ExitCode {
         || storage::verify(data_dir, &opts),
         |scratch| storage::verify_read_only(data_dir, scratch, &opts),
     );
-    if let Ok((_, server::verify::Opened::ReadOnlyFallback)) = &report {
+    if let Ok((_, server::verify::Opened::ReadOnlyFallback, _)) = &report {
         eprintln!("{}", server::verify::fallback_note(data_dir));
     }
-    let report = report.map(|(r, _)| r);
+    let report = report.map(|(r, _, _)| r);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
