@@ -23,7 +23,7 @@ pub const STORED_KEY_WARNING: &str =
 so this proves only as much as that directory can be trusted";
 
 /// How a tool opened a data dir it only reads (`vault-verify --data-dir`,
-/// `vault-admin export --data-dir`).
+/// `vault-admin export --data-dir`, `vault-admin audit --data-dir`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
     /// As a vault opens it, which may write to it (section 7 of
