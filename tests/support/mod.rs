@@ -49,6 +49,17 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
             .args(["--features", "fintrust-server/failpoints"])
             .arg("--target-dir")
             .arg(target);
+        // `cargo test` runs this process with the variables of the crate
+        // it compiled (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …). ring's
+        // build script reruns when `CARGO_MANIFEST_DIR` changes, so a
+        // build that inherited them would compile ring and every crate
+        // above it (rustls, the client, the server, every test) again,
+        // and the next `cargo` run from a shell once more.
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(set_by_cargo_for_a_crate) {
+                cargo.env_remove(name);
+            }
+        }
         match profile.file_name().and_then(OsStr::to_str) {
             Some("debug") => {}
             Some("release") => {
@@ -69,6 +80,24 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     let path = profile.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
     assert!(path.exists(), "{package} built no binary {bin}");
     path
+}
+
+/// The variables cargo sets for a crate it compiles, and for the test
+/// or binary it runs: the ones a shell running `cargo` does not have.
+fn set_by_cargo_for_a_crate(name: &str) -> bool {
+    matches!(
+        name,
+        "CARGO_MANIFEST_DIR"
+            | "CARGO_MANIFEST_PATH"
+            | "CARGO_MANIFEST_LINKS"
+            | "CARGO_CRATE_NAME"
+            | "CARGO_BIN_NAME"
+            | "CARGO_PRIMARY_PACKAGE"
+            | "CARGO_TARGET_TMPDIR"
+            | "CARGO_RUSTC_CURRENT_DIR"
+            | "OUT_DIR"
+    ) || name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
 }
 
 /// A running `vaultd dev` on ports the OS chose, stopped with SIGTERM
