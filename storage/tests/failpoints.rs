@@ -41,6 +41,9 @@ use std::process::{Command, Stdio};
 use storage::vault::FAILPOINTS;
 use storage::{verify, Append, Error, Kind, Options, TokenRefusal, Unlock, Vault, VerifyOptions};
 
+mod common;
+use common::scratch_dir;
+
 const CHILD_ENV: &str = "FINTRUST_FAILPOINT_CHILD";
 const KEY_FILE: &[u8] = b"0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
 const PARTNER: &str = "lender-1";
@@ -314,7 +317,7 @@ fn every_failpoint_of_every_write_keeps_what_was_acknowledged() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let created = Vault::create(&dir, &unlock(), options()).expect("create");
     let key = created.vault.public_key();

@@ -29,7 +29,7 @@ use ed25519_dalek::VerifyingKey;
 use storage::{verify, Append, Kind, Options, RawStore, Unlock, Vault, VerifyOptions};
 
 mod common;
-use common::{copy_dir, files, wait_unlocked};
+use common::{copy_dir, files, scratch_dir, wait_unlocked};
 
 const KEY_FILE: &[u8] = b"5f1b8e0d2a9c4e7f6a3b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f";
 
@@ -321,7 +321,7 @@ fn random_byte_flips_across_every_file_are_detected_or_harmless() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_f11b);
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let pristine = tmp.path().join("pristine");
     let x = build(&pristine);
     // Flips need bytes: empty files are not part of the population.

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{copy_dir, pending_value};
+use common::{copy_dir, pending_value, scratch_dir};
 use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster, SecretKey};
 use storage::state::{data_key_name, data_key_prefix};
 use storage::{
@@ -95,7 +95,7 @@ fn remaining_data_keys(raw: &RawStore, master: &SecretKey) -> Vec<(String, u32, 
 
 #[tokio::test]
 async fn shred_destroys_every_key_of_the_subject_and_only_those() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let vault = Vault::create(&dir, &unlock(), Options::default())
         .expect("create")
@@ -253,7 +253,7 @@ async fn shred_destroys_every_key_of_the_subject_and_only_those() {
 
 #[tokio::test]
 async fn rotation_with_and_without_reencryption_across_reopen() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let vault = Vault::create(&dir, &unlock(), Options::default())
         .expect("create")
@@ -413,7 +413,7 @@ async fn rotation_with_and_without_reencryption_across_reopen() {
 
 #[tokio::test]
 async fn the_encryption_limit_rotates_keys_by_itself() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let opts = || Options {
         max_encryptions_per_key: 3,
@@ -518,7 +518,7 @@ async fn a_shred_interrupted_before_its_keys_were_deleted_is_finished_at_open() 
     // The crash window of a shred: its entry is durable in the log, but a
     // crash came before step 3 deleted the keys. Built here by putting the
     // keys (and the marker written in step 1) back after a completed shred.
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let key = two_subjects(&dir).await;
     let saved: Vec<(Vec<u8>, Vec<u8>)> = raw(&dir)
@@ -622,7 +622,7 @@ async fn a_shred_interrupted_before_its_keys_were_deleted_is_finished_at_open() 
 async fn a_shred_that_never_reached_the_log_did_not_happen() {
     // Crash after step 1 (the marker) and before the log write: the next
     // open drops the marker and the subject is as it was.
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let key = two_subjects(&dir).await;
     let entries = verify_ok(&dir, key).entries;
@@ -649,7 +649,7 @@ async fn a_shred_that_never_reached_the_log_did_not_happen() {
 /// share a group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_created_and_shredded_in_one_group_is_gone() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let vault = std::sync::Arc::new(
         Vault::create(&dir, &unlock(), Options::default())
@@ -761,7 +761,7 @@ fn acknowledged_shreds_survive_sigkill() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
     let key = created.vault.public_key();
@@ -855,7 +855,7 @@ async fn three_subjects(dir: &Path) -> ed25519_dalek::VerifyingKey {
 
 #[tokio::test]
 async fn master_rotation_rewraps_every_key_and_only_the_new_secret_opens() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let key = three_subjects(&dir).await;
     let vault = reopen(&dir);
@@ -946,7 +946,7 @@ async fn master_rotation_rewraps_every_key_and_only_the_new_secret_opens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_rotation_under_concurrent_appends() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
     let key = created.vault.public_key();
@@ -1015,7 +1015,7 @@ fn stage(dir: &Path, before: &[(Vec<u8>, Vec<u8>)], rotated: &[(Vec<u8>, Vec<u8>
 
 #[tokio::test]
 async fn a_crash_in_a_master_rotation_leaves_exactly_one_secret() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let key = three_subjects(&dir).await;
     let before_dir = tmp.path().join("before");
@@ -1147,7 +1147,7 @@ fn chain_of(vault: &Vault, pinned: ed25519_dalek::VerifyingKey) -> storage::KeyC
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_rotation_chains_keys_and_every_receipt_still_verifies() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
     let pinned = created.vault.public_key();
@@ -1379,7 +1379,7 @@ fn acknowledged_rotations_survive_sigkill() {
     if std::env::var(ROTATION_CHILD_ENV).is_ok() {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
     let key = created.vault.public_key();
@@ -1471,7 +1471,7 @@ fn acknowledged_rotations_survive_sigkill() {
 #[tokio::test]
 async fn pending_markers_go_with_their_group_and_a_crash_s_marker_takes_its_keys() {
     use storage::vault::{is_pending_marker, pending_name, PENDING};
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let key = three_subjects(&dir).await;
     let vault = reopen(&dir);
@@ -1531,7 +1531,7 @@ async fn pending_markers_go_with_their_group_and_a_crash_s_marker_takes_its_keys
 /// the cache within the group), and keys rotated by the limit.
 #[tokio::test]
 async fn key_use_counts_live_equal_the_counts_rebuilt_from_the_log() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let opts = || Options {
         key_cache: 1,
@@ -1612,7 +1612,7 @@ async fn key_use_counts_live_equal_the_counts_rebuilt_from_the_log() {
 /// their own, whatever the timing: none is refused for meeting another.
 #[tokio::test]
 async fn concurrent_signing_rotations_are_all_done() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let vault = std::sync::Arc::new(
         Vault::create(&dir, &unlock(), Options::default())

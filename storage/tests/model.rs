@@ -49,6 +49,9 @@ use storage::vault::FAILPOINTS;
 use storage::{verify, Append, Error, Kind, Options, TokenRefusal, Unlock, Vault, VerifyOptions};
 use zeroize::Zeroizing;
 
+mod common;
+use common::scratch_dir;
+
 const SUBJECTS: u8 = 5;
 
 #[derive(Debug, Clone, Copy)]
@@ -751,7 +754,7 @@ fn close_and_reopen(
 }
 
 fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
-    let tmp = tempfile::tempdir().map_err(fail)?;
+    let tmp = scratch_dir();
     let dir = tmp.path().join("v");
     let opts = || Options {
         key_cache: c.key_cache,

@@ -18,7 +18,7 @@ mod common;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use common::{copy_dir, pending_value, wait_unlocked};
+use common::{copy_dir, pending_value, scratch_dir, wait_unlocked};
 use ed25519_dalek::VerifyingKey;
 use storage::chunk::{encode_chunk, Chunk, MerkleTree, SignedHead, CHUNK_TARGET_BYTES, HEAD_LEN};
 use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster};
@@ -111,7 +111,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
+        let tmp = scratch_dir();
         let pristine = tmp.path().join("pristine");
         let key = build_vault(&pristine, 0);
         Fixture {
