@@ -441,10 +441,7 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
     // A read-only open replayed into copies: the segments stay for the
     // next open that writes.
     if !store.is_read_only() {
-        for path in &paths {
-            std::fs::remove_file(path)?;
-        }
-        sync_dir(&wal_dir(&store.dir))?;
+        remove_segments(&store.dir, &paths)?;
     }
     if done.applied > 0 || done.torn {
         tracing::info!(
@@ -482,7 +479,13 @@ pub(crate) fn remove_all(dir: &Path) -> Result<()> {
     if paths.is_empty() {
         return Ok(());
     }
-    for path in &paths {
+    remove_segments(dir, &paths)
+}
+
+/// Deletes `paths`, segments of `dir`'s write-ahead dir, and makes their
+/// removal durable.
+fn remove_segments(dir: &Path, paths: &[PathBuf]) -> Result<()> {
+    for path in paths {
         std::fs::remove_file(path)?;
     }
     sync_dir(&wal_dir(dir))
