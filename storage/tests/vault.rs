@@ -1333,12 +1333,6 @@ async fn a_log_of_tiny_then_large_entries_verifies_whole() {
     assert_eq!(report.entries, head + 1);
 }
 
-/// sled lost every group after the vault's creation (the data dir as it
-/// was before them), and the write-ahead segment of a live vault that
-/// acknowledged them is all that holds them: the open replays it, and
-/// every acknowledged append is there with its receipt's hash. A torn
-/// record at the end of the last segment is dropped; the same in an
-/// earlier segment refuses the open.
 /// A vault in `tmp`/v with 40 records appended after a first close; and,
 /// beside it, `tmp`/before (the dir at that close) and `tmp`/wal (the
 /// live vault's write-ahead segments before the second close deleted
@@ -1379,6 +1373,12 @@ async fn forty_records_and_their_segments(
     (dir, key, before, live_wal, receipts)
 }
 
+/// sled lost every group after the vault's creation (the data dir as it
+/// was before them), and the write-ahead segment of a live vault that
+/// acknowledged them is all that holds them: the open replays it, and
+/// every acknowledged append is there with its receipt's hash. A torn
+/// record at the end of the last segment is dropped; the same in an
+/// earlier segment refuses the open.
 #[tokio::test]
 async fn the_write_ahead_file_brings_back_what_sled_lost() {
     let tmp = tempfile::tempdir().expect("tempdir");
