@@ -257,6 +257,29 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
     let _ = stop.send(());
 }
 
+/// A pass's `tail` (`server::bench::tail`): its threshold is the pass's
+/// p99, its windows hold no more slow requests than it counts, most first,
+/// each no more than began in it.
+fn tail_fits_its_pass(run: &serde_json::Value) {
+    let t = &run["tail"];
+    assert_eq!(t["over_us"], run["latency_us"]["p99"], "{run}");
+    let slow = t["slow"].as_u64().expect("a count of slow requests");
+    let windows = t["windows"].as_array().expect("windows");
+    let in_windows: u64 = windows.iter().filter_map(|w| w["slow"].as_u64()).sum();
+    assert_eq!(t["in_windows"], in_windows, "{run}");
+    assert!(in_windows <= slow && slow <= run["latency_us"]["count"].as_u64().unwrap_or(0));
+    assert!(windows.len() <= 8);
+    assert!(windows
+        .windows(2)
+        .all(|w| w[0]["slow"].as_u64() >= w[1]["slow"].as_u64()));
+    for w in windows {
+        assert!(w["slow"].as_u64() <= w["started"].as_u64(), "{w}");
+        assert!(w["max_us"].as_u64() > t["over_us"].as_u64(), "{w}");
+        // With a device traced, each window says what it did.
+        assert_eq!(w["device"].is_null(), t["device"].is_null(), "{run}");
+    }
+}
+
 #[test]
 fn redeem_plaintext_and_tls_with_resumption() {
     let v = bench_json(&["redeem", "--tokens", "40", "--clients", "4"]);
@@ -302,6 +325,7 @@ fn redeem_plaintext_and_tls_with_resumption() {
         run["behind_schedule"].as_u64().is_some_and(|n| n <= 30),
         "{v}"
     );
+    tail_fits_its_pass(run);
 }
 
 #[test]
@@ -331,6 +355,7 @@ fn redeem_next_to_redis_getdel_when_redis_is_installed() {
     assert_eq!(v["redis"]["ops"], 30);
     assert_eq!(v["redis"]["latency_us"]["count"], 30);
     assert!(v["redis"]["behind_schedule"].as_u64().is_some(), "{v}");
+    tail_fits_its_pass(&v["redis"]);
 }
 
 #[test]
@@ -390,6 +415,7 @@ fn authorize_on_a_schedule_sends_every_request_and_counts_those_behind_it() {
             .as_u64()
             .unwrap_or_else(|| panic!("{phase} counts requests behind schedule: {v}"));
         assert!(behind <= 40, "{phase}: {behind}");
+        tail_fits_its_pass(&v[phase]);
     }
     assert_eq!(v["audit_entries"], 40);
 }

@@ -36,9 +36,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::inproc::{self, InProcess};
+use super::tail::{DiskTrace, Recorder, Tail};
 use super::{
-    add_histogram, check, create_vault, join_each, micros, new_histogram, thousands, Latency,
-    LatencyTable, Pace, Progress, TargetInfo,
+    check, create_vault, join_each, thousands, Latency, LatencyTable, Pace, Progress, TargetInfo,
 };
 use crate::dev::{self, DemoKeys, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
 use crate::shim::PoliciesFile;
@@ -116,6 +116,9 @@ pub struct HttpRun {
     /// With a rate: the requests that found no connection free at their
     /// due time (the connections, not the server, set the pace of those).
     pub behind_schedule: Option<u64>,
+    /// The requests slower than the p99: when they began, and what the
+    /// data dir's disk did meanwhile ([`super::tail`]).
+    pub tail: Tail,
 }
 
 /// Runs the workload against a `vaultd` started here, data under `dir`.
@@ -127,7 +130,8 @@ pub(super) async fn run(
 ) -> Result<AuthorizeReport> {
     let vault_dir = dir.join("vault");
     super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
-    let vault = create_vault(vault_dir).await?;
+    let vault = create_vault(vault_dir.clone()).await?;
+    let disk = DiskTrace::start(&vault_dir);
     let (keys, policies) = prepare(&vault).await?;
     let server = InProcess::start(
         vault,
@@ -141,7 +145,7 @@ pub(super) async fn run(
     )
     .await?;
     info.addr = server.http.map(|a| a.to_string());
-    let measured = measure(&server, &keys.partner, p, progress).await;
+    let measured = measure(&server, &keys.partner, p, disk.as_deref(), progress).await;
     let stopped = server.stop().await;
     let report = measured?;
     stopped?;
@@ -194,6 +198,7 @@ async fn measure(
     server: &InProcess,
     partner_key: &str,
     p: &AuthorizeParams,
+    disk: Option<&DiskTrace>,
     progress: Progress,
 ) -> Result<(HttpRun, HttpRun, u64, BTreeMap<String, f64>)> {
     let addr = server
@@ -204,11 +209,12 @@ async fn measure(
         conns.push(connect(addr).await?);
     }
     let health = health_call();
-    let (conns, health_run) = phase("GET /v1/health", conns, &health, p, progress).await?;
+    let (conns, health_run) = phase("GET /v1/health", conns, &health, p, disk, progress).await?;
     let before = entries(addr).await?;
     let authorize = authorize_call(partner_key);
     let ops_before = op_times(&crate::metrics::global().render());
-    let (conns, auth_run) = phase("POST /v1/authorize", conns, &authorize, p, progress).await?;
+    let (conns, auth_run) =
+        phase("POST /v1/authorize", conns, &authorize, p, disk, progress).await?;
     let ops_after = op_times(&crate::metrics::global().render());
     drop(conns);
     let after = entries(addr).await?;
@@ -346,6 +352,7 @@ async fn phase(
     conns: Vec<Conn>,
     call: &Call,
     p: &AuthorizeParams,
+    disk: Option<&DiskTrace>,
     progress: Progress,
 ) -> Result<(Vec<Conn>, HttpRun)> {
     let bar = progress.phase(name, p.requests);
@@ -356,34 +363,37 @@ async fn phase(
     for mut c in conns {
         let (pace, call, bar) = (pace.clone(), call.clone(), bar.clone());
         set.spawn(async move {
-            let mut hist = new_histogram();
+            let mut rec = Recorder::new(start);
             let host = "localhost";
             while let Some(turn) = pace.take() {
                 let from = turn.start().await;
                 send(&mut c, host, &call).await?;
-                hist.saturating_record(micros(from.elapsed()));
+                rec.record(from);
                 bar.inc(1);
             }
-            Ok::<_, Error>((c, hist))
+            Ok::<_, Error>((c, rec))
         });
     }
-    let mut hist = new_histogram();
+    let mut rec = Recorder::new(start);
     let mut back = Vec::new();
-    join_each(set, |(c, h)| {
-        add_histogram(&mut hist, &h);
+    join_each(set, |(c, r)| {
+        rec.merge(r);
         back.push(c);
     })
     .await?;
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    let hist = &rec.hist;
+    let latency_us = Latency::of(hist);
     Ok((
         back,
         HttpRun {
             requests: hist.len(),
             elapsed_s: secs,
             requests_per_s: hist.len() as f64 / secs,
-            latency_us: Latency::of(&hist),
+            latency_us,
             behind_schedule: pace.behind_schedule(),
+            tail: rec.tail(latency_us.p99, disk),
         },
     ))
 }
@@ -450,6 +460,20 @@ impl AuthorizeReport {
                 s,
                 "\n  mean µs per vault request during authorize: {}",
                 parts.join(", ")
+            );
+        }
+        let tails: Vec<String> = [
+            self.health.tail.describe("GET /v1/health"),
+            self.authorize.tail.describe("POST /v1/authorize"),
+        ]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect();
+        if !tails.is_empty() {
+            let _ = write!(
+                s,
+                "\n  the slowest 1% (when they began; the data dir's disk from then until the slowest was done):\n{}",
+                tails.join("\n")
             );
         }
         s

@@ -41,10 +41,18 @@
 //!   mint+redeem cycles one at a time, and the process's resident memory,
 //!   with appends/s against the first size's.
 //!
+//! Redemptions, authorizations and Redis's commands also report their
+//! **tail** ([`tail`]): the requests slower than the pass's p99, grouped by
+//! the 100 ms window they began in, with what the data dir's block device
+//! did while the slowest of each window waited (flushes and their time,
+//! bytes written, from `/proc/diskstats`), so that a p99 set by a few
+//! stalls can be told from one spread over the run, and a stall of the
+//! device from one of the vault's.
+//!
 //! Submodules, in the order a run uses them: [`inproc`] (vaultd in this
 //! process, TLS material made for the run), then one per workload, then
 //! [`mixed`] and [`growth`] (which drive the others' operations),
-//! [`redis`] and [`postgres`].
+//! [`redis`] and [`postgres`], and [`tail`].
 //!
 //! The machines this runs on are shared and noisy, so absolute figures
 //! move between runs; the baselines are measured in the same run so that
@@ -84,6 +92,7 @@ pub mod protocol;
 pub mod redeem;
 pub mod redis;
 pub mod slowloris;
+pub mod tail;
 
 pub use growth::{GrowthParams, GrowthReport};
 pub use http::{AuthorizeParams, AuthorizeReport};

@@ -26,7 +26,6 @@ use std::time::Instant;
 
 use client::{Client, Connector, MaskOp};
 use futures_util::StreamExt;
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use storage::{Append, Vault};
 use tokio::task::JoinSet;
@@ -34,9 +33,10 @@ use tokio::task::JoinSet;
 use super::inproc::{self, InProcess};
 use super::postgres::{self, Conninfo, PostgresRun};
 use super::redis::{self, RedisRun};
+use super::tail::{DiskTrace, Recorder, Tail};
 use super::{
-    add_histogram, check, create_vault, join_each, micros, new_histogram, rate, thousands,
-    BaselineRun, Latency, LatencyTable, Pace, Progress, TargetInfo,
+    check, create_vault, join_each, rate, thousands, BaselineRun, Latency, LatencyTable, Pace,
+    Progress, TargetInfo,
 };
 use crate::{Error, Result};
 
@@ -134,6 +134,9 @@ pub struct RedeemRun {
     /// With a rate: the redemptions that found no client free at their
     /// due time.
     pub behind_schedule: Option<u64>,
+    /// The redemptions slower than the p99: when they began, and what the
+    /// data dir's disk did meanwhile ([`super::tail`]).
+    pub tail: Tail,
     /// With the Redis baseline: this run's p99 over Redis `GETDEL`'s p99.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_vs_redis: Option<f64>,
@@ -162,7 +165,8 @@ pub(super) async fn run(
     }
     let vault_dir = dir.join("vault");
     super::ensure_fresh(std::slice::from_ref(&vault_dir))?;
-    let vault = create_vault(vault_dir).await?;
+    let vault = create_vault(vault_dir.clone()).await?;
+    let disk = DiskTrace::start(&vault_dir);
     let (partner_key, gateway_key) = prepare(&vault).await?;
     let tls = info.tls;
     let server = InProcess::start(
@@ -177,7 +181,15 @@ pub(super) async fn run(
     )
     .await?;
     info.addr = Some(server.addr.to_string());
-    let measured = measure(&server, &gateway_key, &partner_key, p, progress).await;
+    let measured = measure(
+        &server,
+        &gateway_key,
+        &partner_key,
+        p,
+        disk.as_deref(),
+        progress,
+    )
+    .await;
     let stopped = server.stop().await;
     let (setup, mut runs) = measured?;
     stopped?;
@@ -289,6 +301,7 @@ async fn measure(
     gateway_key: &str,
     partner_key: &str,
     p: &RedeemParams,
+    disk: Option<&DiskTrace>,
     progress: Progress,
 ) -> Result<(MintStats, Vec<RedeemRun>)> {
     let tls = server.client_config("x").tls != client::Tls::Plaintext;
@@ -308,7 +321,7 @@ async fn measure(
     let mut out = Vec::new();
     for (mode, connector) in modes {
         let batch: Vec<String> = tokens.by_ref().take(p.tokens as usize).collect();
-        out.push(redeem_all(mode, &connector, batch, p, progress).await?);
+        out.push(redeem_all(mode, &connector, batch, p, disk, progress).await?);
     }
     Ok((setup_stats, out))
 }
@@ -349,6 +362,7 @@ async fn redeem_all(
     connector: &Connector,
     tokens: Vec<String>,
     p: &RedeemParams,
+    disk: Option<&DiskTrace>,
     progress: Progress,
 ) -> Result<RedeemRun> {
     let n = tokens.len() as u64;
@@ -360,7 +374,7 @@ async fn redeem_all(
     for _ in 0..p.clients {
         let (c, tokens, pace, bar) = (connector.clone(), tokens.clone(), pace.clone(), bar.clone());
         set.spawn(async move {
-            let mut hist = new_histogram();
+            let mut rec = Recorder::new(start);
             let mut resumed = 0u64;
             while let Some(turn) = pace.take() {
                 let token = usize::try_from(turn.index)
@@ -369,29 +383,32 @@ async fn redeem_all(
                     .ok_or_else(|| Error::Usage("a turn past the tokens".into()))?;
                 let from = turn.start().await;
                 resumed += u64::from(redeem_one(&c, token).await?);
-                hist.saturating_record(micros(from.elapsed()));
+                rec.record(from);
                 bar.inc(1);
             }
-            Ok::<(Histogram<u64>, u64), Error>((hist, resumed))
+            Ok::<(Recorder, u64), Error>((rec, resumed))
         });
     }
-    let mut hist = new_histogram();
+    let mut rec = Recorder::new(start);
     let mut resumed = 0;
-    join_each(set, |(h, r)| {
-        add_histogram(&mut hist, &h);
-        resumed += r;
+    join_each(set, |(r, n)| {
+        rec.merge(r);
+        resumed += n;
     })
     .await?;
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    let hist = &rec.hist;
+    let latency_us = Latency::of(hist);
     Ok(RedeemRun {
         mode,
         redemptions: hist.len(),
         resumed_handshakes: resumed,
         elapsed_s: secs,
         redemptions_per_s: hist.len() as f64 / secs,
-        latency_us: Latency::of(&hist),
+        latency_us,
         behind_schedule: pace.behind_schedule(),
+        tail: rec.tail(latency_us.p99, disk),
         p99_vs_redis: None,
         rate_vs_redis: None,
         p99_vs_postgres: None,
@@ -497,6 +514,20 @@ impl RedeemReport {
             );
         } else {
             let _ = write!(s, "\n{}", notes.join("\n"));
+        }
+        let tails: Vec<String> = self
+            .runs
+            .iter()
+            .map(|r| r.tail.describe(&format!("redeem, {}", r.mode)))
+            .chain(self.redis.iter().map(|r| r.tail.describe("redis GETDEL")))
+            .filter(|t| !t.is_empty())
+            .collect();
+        if !tails.is_empty() {
+            let _ = write!(
+                s,
+                "\n  the slowest 1% (when they began; the data dir's disk from then until the slowest was done):\n{}",
+                tails.join("\n")
+            );
         }
         let behind: Vec<String> = self
             .runs

@@ -27,7 +27,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::{add_histogram, join_each, micros, new_histogram, Latency, Pace, Progress};
+use super::tail::{DiskTrace, Recorder, Tail};
+use super::{join_each, Latency, Pace, Progress};
 use crate::{Error, Result};
 
 /// The stored value: about the size of a redeemed `Data` frame. The
@@ -60,6 +61,9 @@ pub struct RedisRun {
     /// With a rate: the commands that found no connection free at their
     /// due time.
     pub behind_schedule: Option<u64>,
+    /// The commands slower than the p99: when they began, and what the
+    /// disk under Redis's dir did meanwhile ([`super::tail`]).
+    pub tail: Tail,
 }
 
 /// The first file named `name` in the `:`-separated `path` (the value of
@@ -83,6 +87,7 @@ pub(super) async fn run(
     with_server(bin, dir, async |addr| {
         load(addr, keys, progress).await?;
         let bar = progress.phase("redis GETDEL", keys);
+        let disk = DiskTrace::start(dir);
         drive(
             addr,
             Load {
@@ -90,6 +95,7 @@ pub(super) async fn run(
                 value_bytes: VALUE.len(),
                 clients,
                 rate,
+                disk,
             },
             &bar,
             "GETDEL",
@@ -117,6 +123,7 @@ pub(super) async fn run_set(
     storage::crypto::random_bytes(&mut value);
     with_server(bin, dir, async |addr| {
         let bar = progress.phase("redis SET", keys);
+        let disk = DiskTrace::start(dir);
         drive(
             addr,
             Load {
@@ -124,6 +131,7 @@ pub(super) async fn run_set(
                 value_bytes: value_len,
                 clients,
                 rate: None,
+                disk,
             },
             &bar,
             "SET",
@@ -295,6 +303,8 @@ struct Load {
     value_bytes: usize,
     clients: usize,
     rate: Option<f64>,
+    /// The device under the server's dir, if there is one to trace.
+    disk: Option<Arc<DiskTrace>>,
 }
 
 /// `load.clients` persistent connections sending `load.commands` commands
@@ -325,7 +335,7 @@ async fn drive(
         let (pace, bar) = (pace.clone(), bar.clone());
         let (command, expect) = (command.clone(), expect.clone());
         set.spawn(async move {
-            let mut hist = new_histogram();
+            let mut rec = Recorder::new(start);
             while let Some(turn) = pace.take() {
                 let args = command(turn.index);
                 let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
@@ -335,16 +345,18 @@ async fn drive(
                 if !expect(&reply) {
                     return Err(redis_error(format!("{name} answered {reply:?}")));
                 }
-                hist.saturating_record(micros(from.elapsed()));
+                rec.record(from);
                 bar.inc(1);
             }
-            Ok::<_, Error>(hist)
+            Ok::<_, Error>(rec)
         });
     }
-    let mut hist = new_histogram();
-    join_each(set, |h| add_histogram(&mut hist, &h)).await?;
+    let mut rec = Recorder::new(start);
+    join_each(set, |r| rec.merge(r)).await?;
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    let hist = &rec.hist;
+    let latency_us = Latency::of(hist);
     Ok(RedisRun {
         command: name,
         version: String::new(),
@@ -353,8 +365,9 @@ async fn drive(
         ops: hist.len(),
         elapsed_s: secs,
         ops_per_s: hist.len() as f64 / secs,
-        latency_us: Latency::of(&hist),
+        latency_us,
         behind_schedule: pace.behind_schedule(),
+        tail: rec.tail(latency_us.p99, load.disk.as_deref()),
     })
 }
 
