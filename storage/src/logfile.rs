@@ -26,6 +26,19 @@
 //! durability rests on the write-ahead file until a checkpoint syncs this
 //! file and then sled (`Store::sync`).
 //!
+//! Writeback: the file is written through the page cache, and left alone
+//! the kernel writes its dirty pages back in bursts: several megabytes at
+//! once when a sync comes (the indexer's, a checkpoint's) or its flusher
+//! wakes, during which every write-ahead `fdatasync` waits behind them at
+//! the device (a 13 MB burst held redemptions for 30–40 ms,
+//! `docs/benchmarks.md`, "The chunks file written back as it grows"). So
+//! each time [`WRITEBACK_BYTES`] more have been written, `apply` asks the
+//! kernel to start writing them back (`sync_file_range` with
+//! `SYNC_FILE_RANGE_WRITE`, as RocksDB's `bytes_per_sync` does), without
+//! waiting for the device and without any promise of durability: the
+//! syncs that make the file durable stay where they were, and find little
+//! left to write.
+//!
 //! sled's own flusher may make a pointer durable before the bytes it names,
 //! and a power loss then leaves a pointer to bytes the file lacks. Such a
 //! chunk belongs to a group written after the last checkpoint. If its
@@ -55,6 +68,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -161,6 +175,9 @@ pub struct LogTree {
     /// names. Held while a batch is written, so chunks and pointers go in
     /// the same order.
     end: Mutex<u64>,
+    /// Where the kernel was last asked to start writing the file back
+    /// ([`WRITEBACK_BYTES`]); guarded by `end`'s lock.
+    written_back: AtomicU64,
     /// Edits from [`crate::RawStore`] rewrite the file in key order, so
     /// that a test's tampering leaves the layout as the vault writes it.
     compact: bool,
@@ -183,6 +200,36 @@ struct Overlay {
     /// Chunks below `split` written again by a repair, by offset.
     patches: Mutex<std::collections::BTreeMap<u64, Bytes>>,
 }
+
+/// Chunk bytes written between two requests to start their writeback
+/// (see the module doc).
+pub const WRITEBACK_BYTES: u64 = 1 << 20;
+
+/// Asks the kernel to start writing `len` bytes of `file` from `offset`
+/// back to the device, and returns without waiting for them. Only a hint:
+/// durability comes from the syncs (`LogTree::sync`), so a refusal is
+/// ignored.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: sync_file_range(2) reads no memory of this process; the
+    // descriptor is `file`'s, open for as long as the borrow lasts, and a
+    // range past the file's end is valid (it writes back nothing there).
+    let _ = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+}
+
+/// Elsewhere the kernel's own writeback stays in charge.
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// Reads up to `len` bytes at `offset`, fewer where the file ends.
 fn read_file_at(file: &File, offset: u64, len: u64) -> Result<Vec<u8>> {
@@ -224,6 +271,7 @@ impl LogTree {
             index,
             file,
             end: Mutex::new(end),
+            written_back: AtomicU64::new(end),
             compact: false,
             overlay: None,
         })
@@ -246,6 +294,7 @@ impl LogTree {
             index,
             file,
             end: Mutex::new(end),
+            written_back: AtomicU64::new(end),
             compact: false,
             overlay: Some(Overlay {
                 split: end,
@@ -329,6 +378,11 @@ impl LogTree {
         self.write_at(&buf, *end)?;
         self.index.apply_batch(batch)?;
         *end = at;
+        let from = self.written_back.load(Ordering::Relaxed).min(at);
+        if self.overlay.is_none() && at - from >= WRITEBACK_BYTES {
+            start_writeback(&self.file, from, at - from);
+            self.written_back.store(at, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -563,6 +617,47 @@ mod tests {
     }
 
     #[test]
+    fn writeback_is_asked_for_each_mebibyte_written_and_changes_no_byte() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, log) = open(dir.path())?;
+        let chunk = vec![7u8; 300 * 1024];
+        let mut seq = 0u64;
+        let mut asked = Vec::new();
+        for _ in 0..8 {
+            log.apply(&[(seq.to_be_bytes(), &chunk[..])])?;
+            seq += 1;
+            asked.push(log.written_back.load(Ordering::Relaxed));
+        }
+        // 300 KiB a batch: asked at the 4th batch (1,200 KiB) and the 8th
+        // (2,400 KiB), each time for everything written until then.
+        let kib = 1024;
+        assert_eq!(
+            asked,
+            [
+                0,
+                0,
+                0,
+                1200 * kib,
+                1200 * kib,
+                1200 * kib,
+                1200 * kib,
+                2400 * kib
+            ]
+        );
+        assert!(asked
+            .windows(2)
+            .all(|w| w[1] == w[0] || w[1] - w[0] >= WRITEBACK_BYTES));
+        assert_eq!(log.file_len()?, 8 * 300 * kib);
+        for s in 0..seq {
+            assert_eq!(log.get(s.to_be_bytes())?.as_deref(), Some(&chunk[..]));
+        }
+        // A range past the end of the file, or empty, is no error either.
+        start_writeback(&log.file, 1 << 40, 1 << 20);
+        start_writeback(&log.file, 0, 0);
+        Ok(())
+    }
+
+    #[test]
     fn chunks_lie_back_to_back_and_read_back() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let (_db, log) = open(dir.path())?;
@@ -639,6 +734,11 @@ mod tests {
         assert_eq!(std::fs::read(scratch.path().join(FILE))?, b"gh");
         // A pointer reaching past the cut reads only up to it.
         assert_eq!(log.read(&encode_pointer(4, 4))?.as_ref(), b"ef");
+        // Nothing of the data dir's file to write back, however much is
+        // appended.
+        let big = vec![1u8; WRITEBACK_BYTES as usize + 1];
+        log.apply(&[(8u64.to_be_bytes(), &big[..])])?;
+        assert_eq!(log.written_back.load(Ordering::Relaxed), 6);
         Ok(())
     }
 
