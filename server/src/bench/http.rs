@@ -462,20 +462,10 @@ impl AuthorizeReport {
                 parts.join(", ")
             );
         }
-        let tails: Vec<String> = [
+        s.push_str(&super::tail::section([
             self.health.tail.describe("GET /v1/health"),
             self.authorize.tail.describe("POST /v1/authorize"),
-        ]
-        .into_iter()
-        .filter(|t| !t.is_empty())
-        .collect();
-        if !tails.is_empty() {
-            let _ = write!(
-                s,
-                "\n  the slowest 1% (when they began; the data dir's disk from then until the slowest was done):\n{}",
-                tails.join("\n")
-            );
-        }
+        ]));
         s
     }
 }

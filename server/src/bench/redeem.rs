@@ -515,20 +515,12 @@ impl RedeemReport {
         } else {
             let _ = write!(s, "\n{}", notes.join("\n"));
         }
-        let tails: Vec<String> = self
-            .runs
-            .iter()
-            .map(|r| r.tail.describe(&format!("redeem, {}", r.mode)))
-            .chain(self.redis.iter().map(|r| r.tail.describe("redis GETDEL")))
-            .filter(|t| !t.is_empty())
-            .collect();
-        if !tails.is_empty() {
-            let _ = write!(
-                s,
-                "\n  the slowest 1% (when they began; the data dir's disk from then until the slowest was done):\n{}",
-                tails.join("\n")
-            );
-        }
+        s.push_str(&super::tail::section(
+            self.runs
+                .iter()
+                .map(|r| r.tail.describe(&format!("redeem, {}", r.mode)))
+                .chain(self.redis.iter().map(|r| r.tail.describe("redis GETDEL"))),
+        ));
         let behind: Vec<String> = self
             .runs
             .iter()

@@ -178,6 +178,20 @@ impl Tail {
     }
 }
 
+/// The part of a report's text on its passes' tails (each from
+/// [`Tail::describe`]): a heading and their lines, or nothing when no pass
+/// had a slow request.
+pub fn section(described: impl IntoIterator<Item = String>) -> String {
+    let lines: Vec<String> = described.into_iter().filter(|t| !t.is_empty()).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n  the slowest 1% (when they began; the data dir's disk from then until the slowest was done):\n{}",
+        lines.join("\n")
+    )
+}
+
 /// One window of a [`Tail`].
 #[derive(Debug, Clone, Serialize)]
 pub struct TailWindow {
@@ -495,6 +509,43 @@ mod tests {
         assert_eq!(t.slow, 210);
         assert_eq!(t.in_windows, (13..=20).sum::<u64>());
         assert!(t.windows.iter().all(|w| w.device.is_none()));
+    }
+
+    #[test]
+    fn a_report_names_the_windows_and_what_the_device_did() {
+        let t = Tail {
+            over_us: 4_600,
+            slow: 200,
+            window_ms: WINDOW_MS,
+            in_windows: 70,
+            windows: vec![TailWindow {
+                from_ms: 4_400,
+                started: 200,
+                slow: 70,
+                max_us: 31_100,
+                device: Some(Device {
+                    flushes: 131,
+                    flush_ms: 33,
+                    written_bytes: 15_500_000,
+                    ..Device::default()
+                }),
+            }],
+            device: Some("vda".into()),
+        };
+        assert_eq!(
+            section([t.describe("redeem"), String::new()]),
+            "\n  the slowest 1% (when they began; the data dir's disk from then until the slowest was done):\n  \
+             redeem: 200 over the p99 (4.6 ms); 70 of them began in 1 window of 100 ms\n    \
+             at 4.4 s: 70 of 200, the slowest 31.1 ms; vda until then: 131 flushes taking 33 ms, 15.5 MB written"
+        );
+        let quiet = Tail {
+            slow: 0,
+            in_windows: 0,
+            windows: Vec::new(),
+            ..t
+        };
+        assert_eq!(quiet.describe("redeem"), "");
+        assert_eq!(section([quiet.describe("redeem")]), "");
     }
 
     #[tokio::test]
