@@ -651,9 +651,14 @@ mod tests {
         for s in 0..seq {
             assert_eq!(log.get(s.to_be_bytes())?.as_deref(), Some(&chunk[..]));
         }
-        // A range past the end of the file, or empty, is no error either.
+        // A range past the end of the file is no error, nor a length of 0
+        // (which the call reads as "to the end of the file").
         start_writeback(&log.file, 1 << 40, 1 << 20);
         start_writeback(&log.file, 0, 0);
+        assert_eq!(
+            std::fs::read(dir.path().join(FILE))?.len() as u64,
+            8 * 300 * kib
+        );
         Ok(())
     }
 
