@@ -393,7 +393,7 @@ async fn phase(
             requests_per_s: hist.len() as f64 / secs,
             latency_us,
             behind_schedule: pace.behind_schedule(),
-            tail: rec.tail(latency_us.p99, disk),
+            tail: rec.tail(disk),
         },
     ))
 }

@@ -408,7 +408,7 @@ async fn redeem_all(
         redemptions_per_s: hist.len() as f64 / secs,
         latency_us,
         behind_schedule: pace.behind_schedule(),
-        tail: rec.tail(latency_us.p99, disk),
+        tail: rec.tail(disk),
         p99_vs_redis: None,
         rate_vs_redis: None,
         p99_vs_postgres: None,

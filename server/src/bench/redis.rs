@@ -367,7 +367,7 @@ async fn drive(
         ops_per_s: hist.len() as f64 / secs,
         latency_us,
         behind_schedule: pace.behind_schedule(),
-        tail: rec.tail(latency_us.p99, load.disk.as_deref()),
+        tail: rec.tail(load.disk.as_deref()),
     })
 }
 

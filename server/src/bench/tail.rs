@@ -20,6 +20,7 @@
 //! 300 ms shows as 300 ms in the window where it ended; a window's span
 //! runs to the end of its slowest request to catch it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -71,22 +72,23 @@ impl Recorder {
         self.requests.extend(other.requests);
     }
 
-    /// The requests slower than `over_us` (the pass's p99), by window,
-    /// with the device's flushes from `disk` where there is one.
-    pub fn tail(&self, over_us: u64, disk: Option<&DiskTrace>) -> Tail {
+    /// The requests slower than the pass's p99, by window, with the
+    /// device's flushes from `disk` where there is one.
+    pub fn tail(&self, disk: Option<&DiskTrace>) -> Tail {
+        self.tail_over(self.hist.value_at_quantile(0.99), disk)
+    }
+
+    /// [`Recorder::tail`] with the threshold given: the requests slower
+    /// than `over_us`.
+    fn tail_over(&self, over_us: u64, disk: Option<&DiskTrace>) -> Tail {
         let samples = disk.map(|d| d.samples());
-        let mut windows: Vec<TailWindow> = Vec::new();
+        let mut by_start: BTreeMap<u64, TailWindow> = BTreeMap::new();
         let mut slow = 0u64;
         for &(at, latency) in &self.requests {
             let from_ms = at / 1000 / WINDOW_MS * WINDOW_MS;
-            let i = match windows.binary_search_by_key(&from_ms, |w| w.from_ms) {
-                Ok(i) => i,
-                Err(i) => {
-                    windows.insert(i, TailWindow::new(from_ms));
-                    i
-                }
-            };
-            let w = &mut windows[i];
+            let w = by_start
+                .entry(from_ms)
+                .or_insert_with(|| TailWindow::new(from_ms));
             w.started += 1;
             if latency > over_us {
                 w.slow += 1;
@@ -94,7 +96,7 @@ impl Recorder {
             }
             w.max_us = w.max_us.max(latency);
         }
-        windows.retain(|w| w.slow > 0);
+        let mut windows: Vec<TailWindow> = by_start.into_values().filter(|w| w.slow > 0).collect();
         windows.sort_by(|a, b| b.slow.cmp(&a.slow).then(a.from_ms.cmp(&b.from_ms)));
         windows.truncate(MAX_WINDOWS);
         if let Some(samples) = &samples {
@@ -462,7 +464,7 @@ mod tests {
             minor: 0,
             samples: Mutex::new(samples),
         };
-        let t = r.tail(over, Some(&trace));
+        let t = r.tail_over(over, Some(&trace));
         assert_eq!((t.slow, t.in_windows, t.windows.len()), (12, 12, 2));
         let w = &t.windows[0];
         assert_eq!(
@@ -478,7 +480,7 @@ mod tests {
         assert_eq!(w.device.map(|d| d.flush_ms), Some(5));
         assert_eq!(t.device.as_deref(), Some("vda"));
 
-        let quiet = r.tail(u64::MAX, None);
+        let quiet = r.tail_over(u64::MAX, None);
         assert_eq!((quiet.slow, quiet.windows.len()), (0, 0));
     }
 
@@ -492,7 +494,7 @@ mod tests {
                 r.requests.push((k * WINDOW_MS * 1000 + j, 10_000));
             }
         }
-        let t = r.tail(1_000, None);
+        let t = r.tail_over(1_000, None);
         assert_eq!(t.windows.len(), MAX_WINDOWS);
         let firsts: Vec<u64> = t.windows.iter().map(|w| w.from_ms).collect();
         assert_eq!(firsts, vec![1900, 1800, 1700, 1600, 1500, 1400, 1300, 1200]);
