@@ -17,6 +17,8 @@
 //! - [`state`]: derived state, a pure function of each entry.
 //! - [`vault`]: create/open, the group committer, reads; crypto-shredding
 //!   and subject key rotation (docs/keys.md).
+//! - `overlay`: the derived-state mutations not yet in the state tree,
+//!   which every read consults first, in shards.
 //! - [`verify`](mod@verify): checks a data dir with nothing but a public key; its
 //!   [`verify::StreamCheck`] checks a log read as a stream (remote, files).
 //! - [`export`]: export files, the whole log in one signed, portable file,
@@ -49,6 +51,7 @@ pub mod error;
 pub mod export;
 pub mod fuzzing;
 pub mod logfile;
+mod overlay;
 pub mod reindex;
 pub mod state;
 pub mod store;

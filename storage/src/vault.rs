@@ -89,6 +89,7 @@ use crate::entry::{
     entry_hash, entry_hashes, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN,
 };
 use crate::error::{Error, Reason, Result, TokenRefusal};
+use crate::overlay::Mutations;
 use crate::state::{
     self, CredentialCreated, Genesis, KeyRotation, KeyState, ShredCommit, SubjectKeyCommit,
 };
@@ -813,9 +814,6 @@ pub struct Rotated {
     /// for (and the subject had a record).
     pub reencrypted: Option<Receipt>,
 }
-
-/// Derived-state keys → (seq of the group that set them, value or removal).
-type Mutations = HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>;
 
 /// Derived-state mutations in the log but not yet in the state tree.
 #[derive(Default)]
@@ -4156,11 +4154,14 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
             return Ok(());
         };
         o.waiting = 0;
-        let mut snap = std::mem::take(&mut o.map);
+        // The next map starts at this one's size: a steady load then
+        // grows none of its shards under the lock (`overlay`).
+        let next = o.map.sized_like();
+        let mut snap = std::mem::replace(&mut o.map, next);
         // Left by a write that failed (the vault is poisoned then): older.
         if let Some(old) = o.frozen.take() {
             for (k, v) in old.iter() {
-                snap.entry(k.clone()).or_insert_with(|| v.clone());
+                snap.insert_if_absent(k, v);
             }
         }
         let snap = Arc::new(snap);
