@@ -4211,7 +4211,11 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
             std::thread::yield_now();
         }
         if i % INDEX_PACE_EVERY == INDEX_PACE_EVERY - 1 {
-            if !shared.stopping.load(Ordering::Acquire) && live_keys(shared) < covered {
+            if index_rests(
+                shared.stopping.load(Ordering::Acquire),
+                live_keys(shared),
+                covered,
+            ) {
                 std::thread::sleep(since.elapsed());
             }
             since = Instant::now();
@@ -4248,6 +4252,15 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
 /// Keys in the live overlay (not those the indexer is writing).
 fn live_keys(shared: &Shared) -> usize {
     shared.overlay.lock().map_or(0, |o| o.map.len())
+}
+
+/// Whether the indexer, writing `covered` keys, rests after its last
+/// [`INDEX_PACE_EVERY`] inserts: not while the vault closes, and not once
+/// as many keys wait in the live overlay (`live`), or it would fall
+/// behind a load that outruns half a core and the overlay would grow
+/// without bound.
+fn index_rests(stopping: bool, live: usize, covered: usize) -> bool {
+    !stopping && live < covered
 }
 
 /// Every failpoint of the commit path, in the order a commit reaches
@@ -4438,5 +4451,22 @@ fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<ToSyncer>) {
             })
             .collect();
         answer(shared, result, done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_indexer_rests_only_while_it_keeps_up_and_the_vault_runs() {
+        // Keeping up: fewer keys wait than this write covers.
+        assert!(index_rests(false, 0, 256));
+        assert!(index_rests(false, 255, 256));
+        // Falling behind: as many or more wait; full speed.
+        assert!(!index_rests(false, 256, 256));
+        assert!(!index_rests(false, 10_000, 256));
+        // Closing: full speed whatever waits.
+        assert!(!index_rests(true, 0, 256));
     }
 }

@@ -1753,3 +1753,47 @@ async fn a_read_only_verify_replays_into_copies_and_writes_nothing() {
         Err(Error::NotFound(_))
     ));
 }
+
+/// The indexer writes derived state key by key, in the keys' order,
+/// resting after every 256 inserts: thousands of subjects' latest records,
+/// written while the vault runs (an `index_batch` of 1 wakes it at once)
+/// and at close, are all in the state tree, as verify and a reopen find.
+#[tokio::test]
+async fn derived_state_of_thousands_of_keys_reaches_the_tree() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let opts = Options {
+        index_batch: 1,
+        ..Options::default()
+    };
+    let vault = Vault::create(&dir, &unlock(), opts.clone())
+        .expect("create")
+        .vault;
+    let key = vault.public_key();
+    let subjects: Vec<String> = (0..3000).map(|i| format!("cust-{i:05}")).collect();
+    let mut last = Vec::new();
+    for round in 0..2 {
+        last.clear();
+        for part in subjects.chunks(500) {
+            let items = part
+                .iter()
+                .map(|s| Append::record(s, format!("{{\"r\":{round}}}").into_bytes()))
+                .collect();
+            last.extend(vault.append_batch(items).await.expect("append"));
+        }
+    }
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+    let vault = Vault::open(&dir, &unlock(), opts).expect("reopen");
+    for (s, r) in subjects.iter().zip(&last) {
+        let latest = vault
+            .latest_record(s)
+            .expect("latest record")
+            .expect("a record");
+        assert_eq!(latest.seq, r.seq, "{s}");
+    }
+    let report = vault.check_derived_state().expect("check");
+    assert_eq!(report.differences, 0, "{report:?}");
+    assert!(report.keys_compared >= 3000, "{report:?}");
+    vault.close().expect("close");
+}
