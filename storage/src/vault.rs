@@ -89,7 +89,7 @@ use crate::entry::{
     entry_hash, entry_hashes, EntryRef, Hash, Kind, MAX_PAYLOAD_LEN, MAX_SUBJECT_LEN,
 };
 use crate::error::{Error, Reason, Result, TokenRefusal};
-use crate::overlay::Mutations;
+use crate::overlay::{Mutation, Mutations};
 use crate::state::{
     self, CredentialCreated, Genesis, KeyRotation, KeyState, ShredCommit, SubjectKeyCommit,
 };
@@ -4198,7 +4198,7 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     store
         .state
         .insert(state::INDEXING, &applied.to_be_bytes())?;
-    type Item<'a> = (usize, (&'a Vec<u8>, &'a (u64, Option<Vec<u8>>)));
+    type Item<'a> = (usize, (&'a Vec<u8>, &'a Mutation));
     let mut keys: Vec<_> = snapshot.iter().collect();
     keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let covered = keys.len();
@@ -4226,7 +4226,7 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
         };
         Ok(())
     };
-    let half = keys.len() / 2;
+    let half = covered / 2;
     keys.iter()
         .copied()
         .enumerate()
