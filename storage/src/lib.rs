@@ -15,6 +15,8 @@
 //! - [`wal`]: the write-ahead file that makes a commit group durable with
 //!   one `fdatasync`, and its replay into sled at open.
 //! - [`state`]: derived state, a pure function of each entry.
+//! - [`stats`]: counts of the commit pipeline (groups, `fdatasync`s and
+//!   their durations, index writes) for metrics and benchmarks.
 //! - [`vault`]: create/open, the group committer, reads; crypto-shredding
 //!   and subject key rotation (docs/keys.md).
 //! - `overlay`: the derived-state mutations not yet in the state tree,
@@ -54,6 +56,7 @@ pub mod logfile;
 mod overlay;
 pub mod reindex;
 pub mod state;
+pub mod stats;
 pub mod store;
 pub mod vault;
 pub mod verify;
@@ -63,6 +66,7 @@ pub use chunk::{KeyChain, KeyEndorsement, Receipt, ReceiptError, SignedHead};
 pub use crypto::{KdfParams, Unlock};
 pub use entry::{Hash, Kind};
 pub use error::{Error, Reason, Result, TokenRefusal};
+pub use stats::PipelineStats;
 pub use store::RawStore;
 pub use vault::{
     api_key_hash, generate_api_key, Admin, Append, Created, Credential, CredentialInfo, KeyLife,

@@ -642,6 +642,9 @@ struct Shared {
     /// The endorsements of signing keys 1.. as of the groups the writer
     /// has published (key 0 is the genesis key).
     signing_chain: RwLock<Vec<KeyEndorsement>>,
+    /// Counts of groups, `fdatasync`s and index writes, for
+    /// [`Vault::pipeline_stats`].
+    counters: crate::stats::Counters,
 }
 
 /// When a subject data key was created and how many records it encrypted.
@@ -1118,6 +1121,7 @@ impl Vault {
             stopping: AtomicBool::new(false),
             key_uses: Mutex::new(uses),
             signing_chain: RwLock::new(signing_chain),
+            counters: crate::stats::Counters::default(),
         });
         let (tx, rx) = mpsc::channel(opts.queue_depth.max(1));
         let (sync_tx, sync_rx) = std::sync::mpsc::channel::<ToSyncer>();
@@ -1495,6 +1499,16 @@ impl Vault {
     /// The latest durable signed head.
     pub fn head(&self) -> Option<SignedHead> {
         self.inner.shared.head.read().ok().and_then(|h| *h)
+    }
+
+    /// Counts of the commit pipeline since this vault was opened: groups
+    /// made durable, the write-ahead file's `fdatasync`s and their
+    /// durations, the indexer's writes, and the keys of derived state
+    /// waiting in memory now ([`crate::stats`]).
+    pub fn pipeline_stats(&self) -> crate::stats::PipelineStats {
+        let shared = &self.inner.shared;
+        let overlay_keys = shared.overlay.lock().map_or(0, |o| o.map.len());
+        shared.counters.snapshot(overlay_keys)
     }
 
     /// Whether a failed commit has poisoned the vault.
@@ -4242,6 +4256,7 @@ fn write_index(store: &Store, shared: &Shared) -> Result<()> {
     batch.insert(state::APPLIED, &applied.to_be_bytes());
     batch.remove(state::INDEXING);
     store.state.apply_batch(batch)?;
+    shared.counters.indexed(covered);
     failpoint("index::after_write")?;
     crate::store::release_garbage();
     let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
@@ -4351,6 +4366,7 @@ fn sync_under_lock(shared: &Shared, segments: &[&Arc<File>], failpoints: bool) -
     }
     let point = |name| if failpoints { failpoint(name) } else { Ok(()) };
     let mut synced: Vec<&Arc<File>> = Vec::new();
+    let started = Instant::now();
     let result = point("commit::before_flush")
         .and_then(|()| {
             for f in segments {
@@ -4362,7 +4378,9 @@ fn sync_under_lock(shared: &Shared, segments: &[&Arc<File>], failpoints: bool) -
             Ok(())
         })
         .and_then(|()| point("commit::after_flush"));
-    if result.is_err() {
+    if result.is_ok() {
+        shared.counters.synced(started.elapsed());
+    } else {
         // Before the lock goes: the next `fdatasync` would not see this
         // one's error again.
         shared.poisoned.store(true, Ordering::Release);
@@ -4375,6 +4393,7 @@ fn sync_under_lock(shared: &Shared, segments: &[&Arc<File>], failpoints: bool) -
 fn answer(shared: &Shared, synced: Result<()>, done: Vec<Synced>) {
     match synced {
         Ok(()) => {
+            shared.counters.groups_answered(done.len());
             if let Some(h) = done.iter().rev().find_map(|s| s.head) {
                 if let Ok(mut w) = shared.head.write() {
                     // A lone request's group and the syncer's next ones
