@@ -516,6 +516,22 @@ fn authorize_redeem_deny_audit_and_verify() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"fintrust_redemptions_total{outcome="token_spent"} 1"#));
+    // The commit pipeline of the vault in service: groups made durable by
+    // the write-ahead file's fdatasyncs, each timed.
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert!(value("fintrust_commit_groups_total") >= 1, "{metrics}");
+    let syncs = value("fintrust_wal_syncs_total");
+    assert!(syncs >= 1, "{metrics}");
+    assert_eq!(
+        value(r#"fintrust_wal_sync_seconds_bucket{le="+Inf"}"#),
+        syncs,
+        "{metrics}"
+    );
 
     // A clean shutdown leaves a log that verifies with the public key.
     let public_key = f.dev.get("public_key");

@@ -91,6 +91,7 @@ pub async fn run(
         None => (None, None),
     };
     let live = LiveVault::from(vault);
+    crate::metrics::global().watch_vault(live.clone());
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let watcher = d

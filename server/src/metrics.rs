@@ -7,15 +7,19 @@
 //! keys or tokens: only routes, status codes, operations and reasons, so
 //! that the number of series stays bounded and nothing personal leaks.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::{Family, MetricConstructor};
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+
+use crate::live::LiveVault;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -82,6 +86,8 @@ pub struct Metrics {
     /// TLS handshakes by port and outcome: how many partners resume their
     /// sessions, and how many connections fail or time out in TLS.
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// The vault whose commit pipeline is reported at each scrape.
+    pipeline: PipelineSource,
 }
 
 impl Metrics {
@@ -97,6 +103,7 @@ impl Metrics {
             vault_seconds: Family::new_with_constructor(LatencyBuckets),
             log_entries: Gauge::default(),
             tls_handshakes: Family::default(),
+            pipeline: PipelineSource::default(),
         };
         registry.register(
             "http_requests",
@@ -138,7 +145,18 @@ impl Metrics {
             "TLS handshakes by port and outcome (full, resumed, failed, timeout)",
             m.tls_handshakes.clone(),
         );
+        registry.register_collector(Box::new(m.pipeline.clone()));
         Metrics { registry, ..m }
+    }
+
+    /// Reports the commit pipeline of `vault` (whichever vault is in
+    /// service, across reopens) from now on: groups, write-ahead
+    /// `fdatasync`s and their durations, index writes, overlay keys
+    /// (`storage::stats`).
+    pub fn watch_vault(&self, vault: LiveVault) {
+        if let Ok(mut w) = self.pipeline.0.write() {
+            *w = Some(vault);
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -157,6 +175,86 @@ impl Metrics {
     }
 }
 
+/// The vault of [`Metrics::watch_vault`], read at each scrape.
+#[derive(Debug, Clone, Default)]
+struct PipelineSource(Arc<RwLock<Option<LiveVault>>>);
+
+impl Collector for PipelineSource {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let vault = self
+            .0
+            .read()
+            .ok()
+            .and_then(|v| v.as_ref().and_then(LiveVault::get));
+        // None while the vault is reopened: the series pause.
+        let Some(vault) = vault else {
+            return Ok(());
+        };
+        encode_pipeline(&mut encoder, &vault.pipeline_stats())
+    }
+}
+
+/// `s` as Prometheus metrics.
+fn encode_pipeline(
+    encoder: &mut DescriptorEncoder,
+    s: &storage::PipelineStats,
+) -> Result<(), std::fmt::Error> {
+    let counters = [
+        (
+            "commit_groups",
+            "Commit groups made durable and answered since the vault was opened",
+            s.groups,
+        ),
+        (
+            "wal_syncs",
+            "fdatasyncs of the write-ahead file since the vault was opened (each serves every group written before it)",
+            s.syncs,
+        ),
+        (
+            "index_writes",
+            "Writes of derived state to sled by the indexer since the vault was opened",
+            s.index_writes,
+        ),
+        (
+            "index_keys",
+            "Keys of derived state those writes put in sled",
+            s.index_keys,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let c = ConstCounter::new(value);
+        c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+    }
+    let g = ConstGauge::new(i64::try_from(s.overlay_keys).unwrap_or(i64::MAX));
+    g.encode(encoder.encode_descriptor(
+        "overlay_keys",
+        "Keys of derived state waiting in memory for the indexer's next write",
+        None,
+        g.metric_type(),
+    )?)?;
+    // The encoder sums the buckets itself: give each its own count.
+    let mut below = 0;
+    let buckets: Vec<(f64, u64)> = storage::stats::SYNC_BUCKET_BOUNDS_S
+        .iter()
+        .copied()
+        .chain(std::iter::once(f64::MAX))
+        .zip(&s.sync_buckets)
+        .map(|(bound, &cumulative)| {
+            let own = cumulative.saturating_sub(below);
+            below = cumulative;
+            (bound, own)
+        })
+        .collect();
+    encoder
+        .encode_descriptor(
+            "wal_sync_seconds",
+            "Duration of each fdatasync of the write-ahead file",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(s.sync_seconds, s.syncs, &buckets, None)
+}
+
 /// The process's metrics.
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -166,6 +264,53 @@ pub fn global() -> &'static Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A collector of fixed pipeline counts, to see them encoded.
+    #[derive(Debug)]
+    struct Fixed(storage::PipelineStats);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_pipeline(&mut encoder, &self.0)
+        }
+    }
+
+    #[test]
+    fn the_commit_pipeline_renders_as_counters_a_gauge_and_a_histogram() {
+        // Cumulative: one sync of at most 50 µs, two of at most 100 µs,
+        // three of at most 3.2 ms, four in all (one beyond the bounds).
+        let mut buckets = vec![1, 2, 2, 2, 2, 2];
+        buckets.extend([3; 11]);
+        buckets.push(4);
+        let stats = storage::PipelineStats {
+            groups: 6,
+            syncs: 4,
+            sync_seconds: 10.5,
+            sync_buckets: buckets,
+            index_writes: 1,
+            index_keys: 300,
+            overlay_keys: 7,
+        };
+        let mut registry = Registry::with_prefix("fintrust");
+        registry.register_collector(Box::new(Fixed(stats)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "fintrust_commit_groups_total 6",
+            "fintrust_wal_syncs_total 4",
+            "fintrust_index_writes_total 1",
+            "fintrust_index_keys_total 300",
+            "fintrust_overlay_keys 7",
+            "fintrust_wal_sync_seconds_sum 10.5",
+            "fintrust_wal_sync_seconds_count 4",
+            r#"fintrust_wal_sync_seconds_bucket{le="0.00005"} 1"#,
+            r#"fintrust_wal_sync_seconds_bucket{le="0.0001"} 2"#,
+            r#"fintrust_wal_sync_seconds_bucket{le="0.0032"} 3"#,
+            r#"fintrust_wal_sync_seconds_bucket{le="+Inf"} 4"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
+        }
+    }
 
     #[test]
     fn renders_prometheus_text() {
