@@ -159,6 +159,13 @@ impl Metrics {
         }
     }
 
+    /// The commit pipeline of the vault of [`Metrics::watch_vault`], if
+    /// one is in service.
+    pub fn pipeline_stats(&self) -> Option<storage::PipelineStats> {
+        let vault = self.pipeline.0.read().ok()?.as_ref()?.get()?;
+        Some(vault.pipeline_stats())
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();

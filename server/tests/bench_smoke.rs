@@ -37,6 +37,13 @@ async fn append_with_baseline_completes_and_counts() {
     // Records, one key entry per subject that got a record, genesis and the admin credential.
     assert!(r.throughput.log_entries > 500 + 2 && r.throughput.log_entries <= 500 + 50 + 2);
     assert!(r.throughput.commit_groups >= 1);
+    // The engine's own counts: the run's groups, each made durable by one
+    // of the write-ahead file's fdatasyncs.
+    let pl = r.throughput.pipeline.as_ref().expect("the vault is in this process");
+    assert!(pl.groups >= r.throughput.commit_groups, "{pl:?}");
+    assert!(pl.syncs >= 1 && pl.syncs <= pl.groups, "{pl:?}");
+    assert!(pl.records_per_sync > 0.0 && pl.mean_sync_ms > 0.0, "{pl:?}");
+    assert!(report.table().contains("fdatasyncs of the write-ahead file"));
     let baseline = r.baseline.as_ref().expect("baseline was asked for");
     assert_eq!(
         baseline.iter().map(|b| b.sync_every).collect::<Vec<_>>(),
@@ -198,6 +205,9 @@ fn protocol_appends_with_the_embedded_baseline() {
         positive(&v, &["latency_us", "p99"]);
         assert_eq!(v["embedded"]["records"], 300);
         positive(&v, &["embedded", "protocol_ratio"]);
+        // The in-process server's vault reports its commit pipeline.
+        positive(&v, &["throughput", "pipeline", "syncs"]);
+        positive(&v, &["throughput", "pipeline", "mean_sync_ms"]);
     }
 }
 

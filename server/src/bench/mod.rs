@@ -485,11 +485,66 @@ pub struct AppendThroughput {
     /// Entries in the log at the end: records, one key entry per new
     /// subject, and the two initial entries.
     pub log_entries: u64,
-    /// Commit groups (signed heads, one fsync each) the records went in.
+    /// Commit groups (signed heads) the records went in; one `fdatasync`
+    /// may serve several.
     pub commit_groups: u64,
     pub elapsed_s: f64,
     pub records_per_s: f64,
     pub appends_per_s: f64,
+    /// The engine's commit pipeline over the run, when the vault is in
+    /// this process (not at `--addr`).
+    pub pipeline: Option<PipelineRun>,
+}
+
+/// The storage engine's commit pipeline over a run (`storage::stats`):
+/// how many `fdatasync`s of the write-ahead file the run's groups shared,
+/// and how long they took.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineRun {
+    /// Commit groups made durable during the run (the run's own, and any
+    /// other writes of the vault meanwhile).
+    pub groups: u64,
+    /// `fdatasync`s of the write-ahead file.
+    pub syncs: u64,
+    pub groups_per_sync: f64,
+    /// The run's records over those syncs.
+    pub records_per_sync: f64,
+    /// Mean duration of a sync.
+    pub mean_sync_ms: f64,
+    /// Writes of derived state by the indexer, and their keys.
+    pub index_writes: u64,
+    pub index_keys: u64,
+}
+
+impl PipelineRun {
+    /// What happened between `before` and `after`, for `records` records.
+    pub fn between(
+        before: &storage::PipelineStats,
+        after: &storage::PipelineStats,
+        records: u64,
+    ) -> Self {
+        let d = after.since(before);
+        PipelineRun {
+            groups: d.groups,
+            syncs: d.syncs,
+            groups_per_sync: d.groups_per_sync(),
+            records_per_sync: records as f64 / d.syncs.max(1) as f64,
+            mean_sync_ms: d.mean_sync_seconds() * 1e3,
+            index_writes: d.index_writes,
+            index_keys: d.index_keys,
+        }
+    }
+
+    /// One line of the text report.
+    fn describe(&self) -> String {
+        format!(
+            "{} fdatasyncs of the write-ahead file, mean {:.2} ms: {:.1} groups and {:.0} records each",
+            thousands(self.syncs),
+            self.mean_sync_ms,
+            self.groups_per_sync,
+            self.records_per_sync
+        )
+    }
 }
 
 /// Raw sled at the vault's durability.
@@ -761,9 +816,11 @@ async fn run_append(
         vault, p.records, p.size, p.batch, p.subjects, bar,
     ));
     let deadline = p.duration.map(|d| Instant::now() + d);
+    let before = work.vault.pipeline_stats();
     let start = Instant::now();
     let stats = drive(&work, p.clients, p.pipeline, deadline).await?;
     let elapsed = start.elapsed();
+    let pipeline = PipelineRun::between(&before, &work.vault.pipeline_stats(), stats.records);
     work.bar.finish_and_clear();
     let work =
         Arc::try_unwrap(work).map_err(|_| Error::Usage("bench tasks outlived the run".into()))?;
@@ -780,6 +837,7 @@ async fn run_append(
         elapsed_s: secs,
         records_per_s,
         appends_per_s: stats.appends as f64 / secs,
+        pipeline: Some(pipeline),
     };
     let baseline = if p.baseline {
         let mut runs = Vec::new();
@@ -1638,6 +1696,9 @@ impl AppendReport {
             t.log_entries as f64 / t.commit_groups.max(1) as f64,
             t.elapsed_s
         );
+        if let Some(pl) = &t.pipeline {
+            let _ = writeln!(s, "  {}", pl.describe());
+        }
         let _ = writeln!(s);
         let table = LatencyTable { name: 28, extra: 8 };
         table.header(&mut s, "records/s", "vault/x");

@@ -25,7 +25,7 @@ use super::inproc::{self, InProcess};
 use super::{
     claim, create_vault, join_each, join_error, pipelined, run_append as run_embedded, scratch,
     subject_id, AppendBaseline, AppendParams, AppendReport, AppendThroughput, EmbeddedRun, Latency,
-    Progress, Rng, Stats, Target,
+    PipelineRun, Progress, Rng, Stats, Target,
 };
 use super::{postgres, redis};
 use crate::{Error, Result};
@@ -85,7 +85,15 @@ pub(super) async fn run_append(
     };
     let connector = Connector::new(config)?;
 
+    // The in-process server's vault is the one `/metrics` watches.
+    let watched = || {
+        server
+            .as_ref()
+            .and_then(|_| crate::metrics::global().pipeline_stats())
+    };
+    let before = watched();
     let measured = measure(&connector, p, progress).await;
+    let after = watched();
     // Stop the server whatever happened, then report the first error.
     let stopped = match server {
         Some(s) => s.stop().await,
@@ -105,6 +113,9 @@ pub(super) async fn run_append(
         elapsed_s: secs,
         records_per_s,
         appends_per_s: stats.appends as f64 / secs,
+        pipeline: before
+            .zip(after)
+            .map(|(b, a)| PipelineRun::between(&b, &a, stats.records)),
     };
     let embedded = if p.baseline {
         let edir = dir.join("embedded");
