@@ -252,6 +252,10 @@ fn encode_pipeline(
             (bound, own)
         })
         .collect();
+    // The count is the last bucket's, read with the others: a sync
+    // counted between two reads of the snapshot must not make the `+Inf`
+    // bucket and the count disagree.
+    let count = s.sync_buckets.last().copied().unwrap_or(0);
     encoder
         .encode_descriptor(
             "wal_sync_seconds",
@@ -259,7 +263,7 @@ fn encode_pipeline(
             None,
             MetricType::Histogram,
         )?
-        .encode_histogram::<NoLabelSet>(s.sync_seconds, s.syncs, &buckets, None)
+        .encode_histogram::<NoLabelSet>(s.sync_seconds, count, &buckets, None)
 }
 
 /// The process's metrics.
