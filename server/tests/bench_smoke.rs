@@ -39,11 +39,17 @@ async fn append_with_baseline_completes_and_counts() {
     assert!(r.throughput.commit_groups >= 1);
     // The engine's own counts: the run's groups, each made durable by one
     // of the write-ahead file's fdatasyncs.
-    let pl = r.throughput.pipeline.as_ref().expect("the vault is in this process");
+    let pl = r
+        .throughput
+        .pipeline
+        .as_ref()
+        .expect("the vault is in this process");
     assert!(pl.groups >= r.throughput.commit_groups, "{pl:?}");
     assert!(pl.syncs >= 1 && pl.syncs <= pl.groups, "{pl:?}");
     assert!(pl.records_per_sync > 0.0 && pl.mean_sync_ms > 0.0, "{pl:?}");
-    assert!(report.table().contains("fdatasyncs of the write-ahead file"));
+    assert!(report
+        .table()
+        .contains("fdatasyncs of the write-ahead file"));
     let baseline = r.baseline.as_ref().expect("baseline was asked for");
     assert_eq!(
         baseline.iter().map(|b| b.sync_every).collect::<Vec<_>>(),
@@ -301,6 +307,16 @@ fn redeem_plaintext_and_tls_with_resumption() {
     assert_eq!(runs[0]["redemptions"], 40);
     positive(&runs[0], &["redemptions_per_s"]);
     positive(&runs[0], &["latency_us", "p50"]);
+    // Each redemption burns its token durably: the run's fdatasyncs, and
+    // their durations in buckets that count them all.
+    let syncs = positive(&runs[0], &["pipeline", "syncs"]);
+    let in_buckets: f64 = runs[0]["pipeline"]["sync_buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .filter_map(|b| b["count"].as_f64())
+        .sum();
+    assert_eq!(in_buckets, syncs, "{v}");
 
     let v = bench_json(&["redeem", "--tls", "--tokens", "40", "--clients", "2"]);
     let runs = v["runs"].as_array().expect("runs");
@@ -401,6 +417,9 @@ fn authorize_against_health_writes_one_audit_entry_per_grant() {
     positive(&v, &["ratio_vs_health"]);
     // One token_minted entry per grant, nothing else.
     assert_eq!(v["audit_entries"], 60);
+    // Each grant is made durable before its token goes out.
+    positive(&v, &["pipeline", "syncs"]);
+    positive(&v, &["pipeline", "groups"]);
     // Without a rate each connection sends on its last answer.
     assert!(v["params"]["rate"].is_null(), "{v}");
     assert!(v["authorize"]["behind_schedule"].is_null(), "{v}");

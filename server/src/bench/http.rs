@@ -102,6 +102,10 @@ pub struct AuthorizeReport {
     /// `server:mint`, the protocol server's own time for a mint (request
     /// to durable receipt).
     pub vault_mean_us: BTreeMap<String, f64>,
+    /// The engine's commit pipeline over the authorize phase (its
+    /// `fdatasync`s and how long they took; `records_per_sync` counts
+    /// grants).
+    pub pipeline: Option<super::PipelineRun>,
 }
 
 /// One timed phase.
@@ -149,7 +153,7 @@ pub(super) async fn run(
     let stopped = server.stop().await;
     let report = measured?;
     stopped?;
-    let (health, authorize, audit_entries, vault_mean_us) = report;
+    let (health, authorize, audit_entries, vault_mean_us, pipeline) = report;
     Ok(AuthorizeReport {
         target: info,
         params: p.clone(),
@@ -158,6 +162,7 @@ pub(super) async fn run(
         health,
         audit_entries,
         vault_mean_us,
+        pipeline,
     })
 }
 
@@ -200,7 +205,13 @@ async fn measure(
     p: &AuthorizeParams,
     disk: Option<&DiskTrace>,
     progress: Progress,
-) -> Result<(HttpRun, HttpRun, u64, BTreeMap<String, f64>)> {
+) -> Result<(
+    HttpRun,
+    HttpRun,
+    u64,
+    BTreeMap<String, f64>,
+    Option<super::PipelineRun>,
+)> {
     let addr = server
         .http
         .ok_or_else(|| Error::Usage("the shim did not start".into()))?;
@@ -213,9 +224,13 @@ async fn measure(
     let before = entries(addr).await?;
     let authorize = authorize_call(partner_key);
     let ops_before = op_times(&crate::metrics::global().render());
+    let pipeline_before = crate::metrics::global().pipeline_stats();
     let (conns, auth_run) =
         phase("POST /v1/authorize", conns, &authorize, p, disk, progress).await?;
     let ops_after = op_times(&crate::metrics::global().render());
+    let pipeline = pipeline_before
+        .zip(crate::metrics::global().pipeline_stats())
+        .map(|(b, a)| super::PipelineRun::between(&b, &a, auth_run.requests));
     drop(conns);
     let after = entries(addr).await?;
     tracing::debug!(partner = DEMO_PARTNER, before, after, "authorize phase");
@@ -226,7 +241,13 @@ async fn measure(
             (*n > n0).then(|| (op.clone(), (sum - sum0) / (n - n0) as f64 * 1e6))
         })
         .collect();
-    Ok((health_run, auth_run, after.saturating_sub(before), means))
+    Ok((
+        health_run,
+        auth_run,
+        after.saturating_sub(before),
+        means,
+        pipeline,
+    ))
 }
 
 /// (sum of seconds, count) by operation of the shim's vault requests
@@ -461,6 +482,9 @@ impl AuthorizeReport {
                 "\n  mean µs per vault request during authorize: {}",
                 parts.join(", ")
             );
+        }
+        if let Some(pl) = &self.pipeline {
+            let _ = write!(s, "\n  during authorize: {}", pl.describe());
         }
         s.push_str(&super::tail::section([
             self.health.tail.describe("GET /v1/health"),

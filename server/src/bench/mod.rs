@@ -514,6 +514,17 @@ pub struct PipelineRun {
     /// Writes of derived state by the indexer, and their keys.
     pub index_writes: u64,
     pub index_keys: u64,
+    /// How long the syncs took: the buckets that hold any, each with its
+    /// own count (not cumulative), shortest first.
+    pub sync_buckets: Vec<SyncBucket>,
+}
+
+/// Syncs that took longer than the bucket before and at most `le_ms`
+/// (`None`: longer than every bound, about 3.3 s).
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncBucket {
+    pub le_ms: Option<f64>,
+    pub count: u64,
 }
 
 impl PipelineRun {
@@ -524,6 +535,18 @@ impl PipelineRun {
         records: u64,
     ) -> Self {
         let d = after.since(before);
+        let mut below = 0;
+        let sync_buckets = d
+            .sync_buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &cumulative)| {
+                let count = cumulative.saturating_sub(below);
+                below = cumulative;
+                let le_ms = storage::stats::SYNC_BUCKET_BOUNDS_S.get(i).map(|b| b * 1e3);
+                (count > 0).then_some(SyncBucket { le_ms, count })
+            })
+            .collect();
         PipelineRun {
             groups: d.groups,
             syncs: d.syncs,
@@ -532,13 +555,27 @@ impl PipelineRun {
             mean_sync_ms: d.mean_sync_seconds() * 1e3,
             index_writes: d.index_writes,
             index_keys: d.index_keys,
+            sync_buckets,
         }
     }
 
+    /// The bound of the slowest sync's bucket, in ms (`None` with no
+    /// sync, infinite past every bound).
+    fn slowest_ms(&self) -> Option<f64> {
+        self.sync_buckets
+            .last()
+            .map(|b| b.le_ms.unwrap_or(f64::INFINITY))
+    }
+
     /// One line of the text report.
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
+        let slowest = match self.slowest_ms() {
+            Some(ms) if ms.is_finite() => format!(", slowest at most {ms:.1} ms"),
+            Some(_) => ", slowest over 3.3 s".to_string(),
+            None => String::new(),
+        };
         format!(
-            "{} fdatasyncs of the write-ahead file, mean {:.2} ms: {:.1} groups and {:.0} records each",
+            "{} fdatasyncs of the write-ahead file, mean {:.2} ms{slowest}: {:.1} groups and {:.0} records each",
             thousands(self.syncs),
             self.mean_sync_ms,
             self.groups_per_sync,

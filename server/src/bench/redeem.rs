@@ -137,6 +137,9 @@ pub struct RedeemRun {
     /// The redemptions slower than the p99: when they began, and what the
     /// data dir's disk did meanwhile ([`super::tail`]).
     pub tail: Tail,
+    /// The engine's commit pipeline over the run (its `fdatasync`s and
+    /// how long they took; `records_per_sync` counts redemptions).
+    pub pipeline: Option<super::PipelineRun>,
     /// With the Redis baseline: this run's p99 over Redis `GETDEL`'s p99.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99_vs_redis: Option<f64>,
@@ -368,6 +371,8 @@ async fn redeem_all(
     let n = tokens.len() as u64;
     let bar = progress.phase(&format!("redeem, {mode}"), n);
     let tokens = Arc::new(tokens);
+    // The in-process server's vault is the one `/metrics` watches.
+    let pipeline_before = crate::metrics::global().pipeline_stats();
     let start = Instant::now();
     let pace = Arc::new(Pace::new(p.rate, n, start));
     let mut set = JoinSet::new();
@@ -397,6 +402,9 @@ async fn redeem_all(
     })
     .await?;
     let secs = start.elapsed().as_secs_f64();
+    let pipeline = pipeline_before
+        .zip(crate::metrics::global().pipeline_stats())
+        .map(|(b, a)| super::PipelineRun::between(&b, &a, rec.hist.len()));
     bar.finish_and_clear();
     let hist = &rec.hist;
     let latency_us = Latency::of(hist);
@@ -409,6 +417,7 @@ async fn redeem_all(
         latency_us,
         behind_schedule: pace.behind_schedule(),
         tail: rec.tail(disk),
+        pipeline,
         p99_vs_redis: None,
         rate_vs_redis: None,
         p99_vs_postgres: None,
@@ -514,6 +523,11 @@ impl RedeemReport {
             );
         } else {
             let _ = write!(s, "\n{}", notes.join("\n"));
+        }
+        for r in &self.runs {
+            if let Some(pl) = &r.pipeline {
+                let _ = write!(s, "\n  during redeem, {}: {}", r.mode, pl.describe());
+            }
         }
         s.push_str(&super::tail::section(
             self.runs
