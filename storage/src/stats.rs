@@ -13,7 +13,7 @@
 //! [`Vault`](crate::Vault) (a reopened vault starts again at zero, which
 //! Prometheus reads as a counter reset); updating one costs a few relaxed
 //! atomic additions on the thread that did the work, never a lock. A
-//! snapshot ([`Counters::snapshot`]) reads each counter once, so its
+//! snapshot (`Counters::snapshot`, behind [`PipelineStats`]) reads each counter once, so its
 //! fields may be a moment apart from each other, never torn.
 
 use std::sync::atomic::{AtomicU64, Ordering};
