@@ -224,7 +224,7 @@ fn encode_pipeline(
         ),
         (
             "index_keys",
-            "Keys of derived state those writes put in sled",
+            "Keys of derived state those writes inserted into sled or removed from it",
             s.index_keys,
         ),
     ];

@@ -13,8 +13,9 @@
 //! [`Vault`](crate::Vault) (a reopened vault starts again at zero, which
 //! Prometheus reads as a counter reset); updating one costs a few relaxed
 //! atomic additions on the thread that did the work, never a lock. A
-//! snapshot (`Counters::snapshot`, behind [`PipelineStats`]) reads each counter once, so its
-//! fields may be a moment apart from each other, never torn.
+//! snapshot (`Counters::snapshot`, behind [`PipelineStats`]) reads each
+//! counter once, so its fields may be a moment apart from each other,
+//! never torn.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -66,7 +67,7 @@ impl Counters {
         self.syncs.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One write of derived state to sled by the indexer, of `keys` keys.
+    /// One write of derived state to sled by the indexer, of `keys` keys (each inserted or removed).
     pub(crate) fn indexed(&self, keys: usize) {
         self.index_keys.fetch_add(keys as u64, Ordering::Relaxed);
         self.index_writes.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +114,7 @@ pub struct PipelineStats {
     pub sync_buckets: Vec<u64>,
     /// Writes of derived state to sled by the indexer.
     pub index_writes: u64,
-    /// Keys those writes put in sled.
+    /// Keys those writes inserted into sled or removed from it.
     pub index_keys: u64,
     /// Keys of derived state waiting in memory for the indexer's next
     /// write (reads find them there first).
