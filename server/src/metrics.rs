@@ -240,17 +240,9 @@ fn encode_pipeline(
         g.metric_type(),
     )?)?;
     // The encoder sums the buckets itself: give each its own count.
-    let mut below = 0;
-    let buckets: Vec<(f64, u64)> = storage::stats::SYNC_BUCKET_BOUNDS_S
-        .iter()
-        .copied()
-        .chain(std::iter::once(f64::MAX))
-        .zip(&s.sync_buckets)
-        .map(|(bound, &cumulative)| {
-            let own = cumulative.saturating_sub(below);
-            below = cumulative;
-            (bound, own)
-        })
+    let buckets: Vec<(f64, u64)> = s
+        .sync_bucket_counts()
+        .map(|(bound, own)| (bound.unwrap_or(f64::MAX), own))
         .collect();
     // The count is the last bucket's, read with the others: a sync
     // counted between two reads of the snapshot must not make the `+Inf`

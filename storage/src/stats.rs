@@ -131,6 +131,21 @@ impl PipelineStats {
         }
     }
 
+    /// Each bucket's own count of syncs (not cumulative), with its upper
+    /// bound in seconds (`None` for the last, unbounded one), shortest
+    /// first.
+    pub fn sync_bucket_counts(&self) -> impl Iterator<Item = (Option<f64>, u64)> + '_ {
+        let mut below = 0;
+        self.sync_buckets
+            .iter()
+            .enumerate()
+            .map(move |(i, &cumulative)| {
+                let own = cumulative.saturating_sub(below);
+                below = cumulative;
+                (SYNC_BUCKET_BOUNDS_S.get(i).copied(), own)
+            })
+    }
+
     /// Mean duration of an `fdatasync` (0 before the first).
     pub fn mean_sync_seconds(&self) -> f64 {
         if self.syncs == 0 {
@@ -196,6 +211,17 @@ mod tests {
         assert_eq!(&s.sync_buckets[..7], &[1, 2, 2, 2, 2, 2, 3]);
         assert_eq!(s.sync_buckets[16], 3);
         assert_eq!(s.sync_buckets[17], 4, "the last bucket counts every sync");
+        let own: Vec<_> = s.sync_bucket_counts().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(
+            own,
+            [
+                (Some(0.000_05), 1),
+                (Some(0.000_1), 1),
+                (Some(SYNC_BUCKET_BOUNDS_S[6]), 1),
+                (None, 1)
+            ]
+        );
+        assert_eq!(s.sync_bucket_counts().count(), 18);
         assert!((s.sync_seconds - 10.003_101).abs() < 1e-9);
         assert_eq!((s.index_writes, s.index_keys, s.overlay_keys), (1, 300, 7));
     }

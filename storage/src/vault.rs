@@ -1507,8 +1507,7 @@ impl Vault {
     /// waiting in memory now ([`crate::stats`]).
     pub fn pipeline_stats(&self) -> crate::stats::PipelineStats {
         let shared = &self.inner.shared;
-        let overlay_keys = shared.overlay.lock().map_or(0, |o| o.map.len());
-        shared.counters.snapshot(overlay_keys)
+        shared.counters.snapshot(live_keys(shared))
     }
 
     /// Whether a failed commit has poisoned the vault.

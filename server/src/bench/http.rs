@@ -224,13 +224,11 @@ async fn measure(
     let before = entries(addr).await?;
     let authorize = authorize_call(partner_key);
     let ops_before = op_times(&crate::metrics::global().render());
-    let pipeline_before = crate::metrics::global().pipeline_stats();
+    let pipeline_before = super::PipelineRun::watched();
     let (conns, auth_run) =
         phase("POST /v1/authorize", conns, &authorize, p, disk, progress).await?;
     let ops_after = op_times(&crate::metrics::global().render());
-    let pipeline = pipeline_before
-        .zip(crate::metrics::global().pipeline_stats())
-        .map(|(b, a)| super::PipelineRun::between(&b, &a, auth_run.requests));
+    let pipeline = super::PipelineRun::since_watched(pipeline_before, auth_run.requests);
     drop(conns);
     let after = entries(addr).await?;
     tracing::debug!(partner = DEMO_PARTNER, before, after, "authorize phase");

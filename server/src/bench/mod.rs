@@ -535,16 +535,12 @@ impl PipelineRun {
         records: u64,
     ) -> Self {
         let d = after.since(before);
-        let mut below = 0;
         let sync_buckets = d
-            .sync_buckets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &cumulative)| {
-                let count = cumulative.saturating_sub(below);
-                below = cumulative;
-                let le_ms = storage::stats::SYNC_BUCKET_BOUNDS_S.get(i).map(|b| b * 1e3);
-                (count > 0).then_some(SyncBucket { le_ms, count })
+            .sync_bucket_counts()
+            .filter(|(_, count)| *count > 0)
+            .map(|(le_s, count)| SyncBucket {
+                le_ms: le_s.map(|b| b * 1e3),
+                count,
             })
             .collect();
         PipelineRun {
@@ -557,6 +553,23 @@ impl PipelineRun {
             index_keys: d.index_keys,
             sync_buckets,
         }
+    }
+
+    /// The counts of the vault that `/metrics` watches (an in-process
+    /// server's), to take a run's [`PipelineRun::since_watched`].
+    pub(super) fn watched() -> Option<storage::PipelineStats> {
+        crate::metrics::global().pipeline_stats()
+    }
+
+    /// What happened to the watched vault since `before` (from
+    /// [`PipelineRun::watched`]), for `records` records.
+    pub(super) fn since_watched(
+        before: Option<storage::PipelineStats>,
+        records: u64,
+    ) -> Option<Self> {
+        before
+            .zip(Self::watched())
+            .map(|(b, a)| Self::between(&b, &a, records))
     }
 
     /// The bound of the slowest sync's bucket, in ms (`None` with no

@@ -85,15 +85,14 @@ pub(super) async fn run_append(
     };
     let connector = Connector::new(config)?;
 
-    // The in-process server's vault is the one `/metrics` watches.
-    let watched = || {
-        server
-            .as_ref()
-            .and_then(|_| crate::metrics::global().pipeline_stats())
-    };
-    let before = watched();
+    // The in-process server's vault is the one `/metrics` watches; a
+    // remote one is not this process's.
+    let before = server.as_ref().and_then(|_| PipelineRun::watched());
     let measured = measure(&connector, p, progress).await;
-    let after = watched();
+    let pipeline = match &measured {
+        Ok((stats, _)) => PipelineRun::since_watched(before, stats.records),
+        Err(_) => None,
+    };
     // Stop the server whatever happened, then report the first error.
     let stopped = match server {
         Some(s) => s.stop().await,
@@ -113,9 +112,7 @@ pub(super) async fn run_append(
         elapsed_s: secs,
         records_per_s,
         appends_per_s: stats.appends as f64 / secs,
-        pipeline: before
-            .zip(after)
-            .map(|(b, a)| PipelineRun::between(&b, &a, stats.records)),
+        pipeline,
     };
     let embedded = if p.baseline {
         let edir = dir.join("embedded");

@@ -372,7 +372,7 @@ async fn redeem_all(
     let bar = progress.phase(&format!("redeem, {mode}"), n);
     let tokens = Arc::new(tokens);
     // The in-process server's vault is the one `/metrics` watches.
-    let pipeline_before = crate::metrics::global().pipeline_stats();
+    let pipeline_before = super::PipelineRun::watched();
     let start = Instant::now();
     let pace = Arc::new(Pace::new(p.rate, n, start));
     let mut set = JoinSet::new();
@@ -402,9 +402,7 @@ async fn redeem_all(
     })
     .await?;
     let secs = start.elapsed().as_secs_f64();
-    let pipeline = pipeline_before
-        .zip(crate::metrics::global().pipeline_stats())
-        .map(|(b, a)| super::PipelineRun::between(&b, &a, rec.hist.len()));
+    let pipeline = super::PipelineRun::since_watched(pipeline_before, rec.hist.len());
     bar.finish_and_clear();
     let hist = &rec.hist;
     let latency_us = Latency::of(hist);
