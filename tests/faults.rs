@@ -368,6 +368,7 @@ async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
             progress: None,
             total_hint: None,
             kept_head: None,
+            verified_prefix: None,
         },
     )
     .expect("verify runs");

@@ -152,6 +152,8 @@ pub async fn verify_remote(opts: &RemoteOptions<'_>) -> Result<RemoteReport> {
             unindexed: 0,
             signing_keys: Vec::new(),
             retired_signing_pending: Vec::new(),
+            heads_digest: None,
+            vouched_groups: 0,
         },
         addr,
         receipts_checked: 0,

@@ -180,6 +180,8 @@ pub fn verify_export(input: impl Read + Send, key: &VerifyingKey) -> Result<Expo
         shred_pending: Vec::new(),
         signing_keys: Vec::new(),
         retired_signing_pending: Vec::new(),
+        heads_digest: None,
+        vouched_groups: 0,
     };
     match outcome {
         Ok(()) => {

@@ -59,6 +59,7 @@ pub mod state;
 pub mod stats;
 pub mod store;
 pub mod vault;
+pub mod verified;
 pub mod verify;
 pub mod wal;
 
@@ -73,4 +74,4 @@ pub use vault::{
     KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault,
     DEFAULT_CACHE_BYTES, MAX_ENCRYPTIONS_PER_KEY,
 };
-pub use verify::{verify, verify_read_only, Report, VerifyOptions};
+pub use verify::{verify, verify_read_only, Report, VerifiedPrefix, VerifyOptions};

@@ -174,10 +174,11 @@ pub fn reindex(dir: &Path, unlock: &Unlock, opts: &ReindexOptions) -> Result<Rei
         .ok_or(Error::Malformed("no public key"))?;
     let mut model = Model::new();
     let mut key_buf = Vec::with_capacity(64);
-    let (tip, _) = scan_chain(&store.log, &key, &|_| {}, |e, _| {
+    let tip = scan_chain(&store.log, &key, None, &|_| {}, |e, _| {
         replay_entry(&mut model, e, &mut key_buf)
     })?
-    .map_err(Error::from)?;
+    .map_err(Error::from)?
+    .tip;
     let model = sorted(&model);
     let last = tip.entries.checked_sub(1);
     let diff = diff_tree(&store.state, expected(&model, last), u64::MAX)?;

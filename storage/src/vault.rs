@@ -1019,18 +1019,46 @@ impl Vault {
         // Recovery: verify everything (chain, genesis and metadata, derived
         // state at its applied marker, key store) and refuse to serve on any
         // failure; then replay derived state past the applied marker and
-        // drop keys of a group that never reached the log.
+        // drop keys of a group that never reached the log. The signatures
+        // of the prefix an earlier open verified are taken from its record
+        // (`verified`); on any failure with it, everything is verified
+        // again without it, so the refusal is that of a full verification.
+        let verify = |prefix, uses: &mut KeyUses| {
+            crate::verify::verify_store_with(
+                &store,
+                &crate::verify::VerifyOptions {
+                    public_key: Some(public_key),
+                    verified_prefix: prefix,
+                    ..Default::default()
+                },
+                Some(uses),
+            )
+        };
+        let prefix = crate::verified::read(&store.dir, &master, &vault_id);
         let mut uses = KeyUses::default();
-        let report = crate::verify::verify_store_with(
-            &store,
-            &crate::verify::VerifyOptions {
-                public_key: Some(public_key),
-                ..Default::default()
-            },
-            Some(&mut uses),
-        )?;
+        let mut report = verify(prefix, &mut uses)?;
+        if prefix.is_some() && report.failure.is_some() {
+            tracing::warn!("the log does not match the verified-prefix record: verifying it all");
+            uses = KeyUses::default();
+            report = verify(None, &mut uses)?;
+        }
         if let Some((seq, reason)) = report.failure {
             return Err(Error::integrity(seq, reason));
+        }
+        tracing::debug!(
+            groups = report.groups,
+            vouched = report.vouched_groups,
+            "log verified"
+        );
+        if let (Some(last_hash), Some(heads_digest)) = (report.head, report.heads_digest) {
+            let verified = crate::verify::VerifiedPrefix {
+                entries: report.entries,
+                last_hash,
+                heads_digest,
+            };
+            if let Err(e) = crate::verified::write(&store.dir, &verified, &master, &vault_id) {
+                tracing::warn!(error = %e, "cannot record the verified prefix");
+            }
         }
         let tip = ChainTip {
             entries: report.entries,

@@ -79,6 +79,53 @@ pub struct ChainTip {
 /// An integrity failure: the first bad seq and why.
 pub type Failure = (u64, Reason);
 
+/// A prefix of the log whose head signatures the caller has already
+/// verified ([`VerifyOptions::verified_prefix`]): `Vault::open` takes it
+/// from the record an earlier open left, authenticated under the master
+/// key (`crate::verified`).
+///
+/// A scan given one does not run `verify_strict` on the heads of groups
+/// that end before `entries`, and checks everything else as always. When
+/// it closes the group that ends at `entries - 1`, that entry's hash must
+/// be `last_hash` and the BLAKE3 of every head so far (157 bytes each, in
+/// log order) must be `heads_digest`; a prefix that does not match, or
+/// that the log does not reach, fails the scan with `bad_signature` at
+/// its last seq, since its signatures were not checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedPrefix {
+    /// Entries it covers: seqs `0..entries`, ending with a group.
+    pub entries: u64,
+    /// The hash of entry `entries - 1`.
+    pub last_hash: Hash,
+    /// BLAKE3 of the signed heads of those entries, in order.
+    pub heads_digest: Hash,
+}
+
+/// The BLAKE3 of a log's signed heads, in order ([`VerifiedPrefix`]).
+#[derive(Default)]
+struct HeadsDigest {
+    hasher: blake3::Hasher,
+    buf: Vec<u8>,
+}
+
+impl HeadsDigest {
+    fn push(&mut self, head: &SignedHead) {
+        self.buf.clear();
+        head.encode_into(&mut self.buf);
+        self.hasher.update(&self.buf);
+    }
+
+    fn digest(&self) -> Hash {
+        *self.hasher.finalize().as_bytes()
+    }
+}
+
+/// Whether `prefix` vouches for the signature of `head` (its group ends
+/// before the prefix does).
+fn vouched(prefix: Option<&VerifiedPrefix>, head: &SignedHead) -> bool {
+    prefix.is_some_and(|p| head.last_seq < p.entries)
+}
+
 /// One chunk after the parallel phase: its bytes, where its entries lie in
 /// them, their hashes, and whether its head's signature verified.
 struct Decoded {
@@ -100,6 +147,7 @@ fn decode_one(
     k: &sled::IVec,
     v: bytes::Bytes,
     keys: &KeyChain,
+    prefix: Option<&VerifiedPrefix>,
 ) -> std::result::Result<Decoded, Reason> {
     let (first_seq, ranges, head) = {
         let chunk = Chunk::decode(&v).map_err(|e| match e {
@@ -127,8 +175,13 @@ fn decode_one(
         ranges,
         hashes,
         // A head signed by a key this window introduces is checked by the
-        // walk, once the chain reaches the key.
-        head_signature_ok: head.and_then(|h| keys.key(h.key_id).map(|k| h.verify(k))),
+        // walk, once the chain reaches the key. One the prefix vouches
+        // for is taken as checked; the walk then compares the prefix's
+        // digest of the heads.
+        head_signature_ok: head.and_then(|h| {
+            keys.key(h.key_id)
+                .map(|k| vouched(prefix, &h) || h.verify(k))
+        }),
         head,
         value: v,
     })
@@ -156,6 +209,9 @@ struct WindowReader<'a> {
     /// The chunks file's layout, checked chunk after chunk as windows
     /// take them.
     layout: LayoutCheck,
+    /// Heads whose signatures are not checked here (the walk checks the
+    /// prefix's digest instead).
+    prefix: Option<VerifiedPrefix>,
 }
 
 /// What one task read: its chunks as stored, where each lies, and
@@ -178,6 +234,7 @@ impl<'a> WindowReader<'a> {
             span: FIRST_TASK_SEQS,
             reads: 0,
             layout: LayoutCheck::default(),
+            prefix: None,
         })
     }
 
@@ -286,7 +343,7 @@ impl<'a> WindowReader<'a> {
         let window: Window = chunks
             .into_par_iter()
             .map(|(k, v)| {
-                let d = decode_one(&k, v, keys);
+                let d = decode_one(&k, v, keys, self.prefix.as_ref());
                 (k, d)
             })
             .collect();
@@ -867,6 +924,24 @@ pub(crate) fn replay_entry(
 /// The in-order part of a scan: [`ChainCheck`] over decoded windows.
 struct Walk {
     chain: ChainCheck,
+    /// Every head so far, for [`VerifiedPrefix`].
+    heads: HeadsDigest,
+    prefix: Option<VerifiedPrefix>,
+    /// Whether the walk has closed the prefix's last group and found the
+    /// prefix's hash and digest there.
+    confirmed: bool,
+    /// Heads whose signatures the prefix vouched for.
+    vouched: u64,
+}
+
+/// What a scan found when the log passed: the chain's tip and keys, the
+/// digest of every head, and how many heads' signatures a
+/// [`VerifiedPrefix`] stood for.
+pub(crate) struct Scanned {
+    pub(crate) tip: ChainTip,
+    pub(crate) keys: KeyChain,
+    pub(crate) heads_digest: Hash,
+    pub(crate) vouched: u64,
 }
 
 /// A group spanning several chunks whose Merkle root and signature are
@@ -905,7 +980,13 @@ impl Walk {
         visit: &mut impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure>,
         deferred: &mut Vec<Deferred>,
     ) -> std::result::Result<(), Failure> {
-        let chain = &mut self.chain;
+        let Walk {
+            chain,
+            heads,
+            prefix,
+            confirmed,
+            vouched: vouched_heads,
+        } = self;
         for (_, d) in window {
             let d = d.map_err(|reason| (chain.next_seq(), reason))?;
             if d.key != Some(d.first_seq) {
@@ -927,9 +1008,27 @@ impl Walk {
             }
             if let Some(h) = d.head {
                 let closed = chain.close_group(&h)?;
+                heads.push(&h);
+                let vouch = vouched(prefix.as_ref(), &h);
+                if let Some(p) = prefix.as_ref().filter(|_| !*confirmed) {
+                    if h.last_seq.checked_add(1) == Some(p.entries) {
+                        if h.last_hash != p.last_hash || heads.digest() != p.heads_digest {
+                            return Err((h.last_seq, Reason::BadSignature));
+                        }
+                        *confirmed = true;
+                    } else if h.last_seq >= p.entries {
+                        // The prefix does not end with a group.
+                        return Err((p.entries.saturating_sub(1), Reason::BadSignature));
+                    }
+                }
+                if vouch {
+                    *vouched_heads += 1;
+                }
                 // Checked ahead with the key of the chain at the window's
                 // start, which the chain only extends.
-                let signature_ok = d.head_signature_ok.unwrap_or_else(|| h.verify(&closed.key));
+                let signature_ok = d
+                    .head_signature_ok
+                    .unwrap_or_else(|| vouch || h.verify(&closed.key));
                 match d.root {
                     Some(root) if group_starts_here => {
                         group_verdict(root, &h, signature_ok)?;
@@ -956,12 +1055,13 @@ impl Walk {
 pub(crate) fn scan_chain(
     log: &LogTree,
     key: &VerifyingKey,
+    prefix: Option<VerifiedPrefix>,
     progress: &(dyn Fn(u64) + Sync),
     visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
-) -> Result<std::result::Result<(ChainTip, KeyChain), Failure>> {
+) -> Result<std::result::Result<Scanned, Failure>> {
     // The chunks file's layout (`logfile`): a fault there is reported
     // unless the walk fails at an earlier seq.
-    let (walked, layout) = walk_chain(log, key, progress, visit)?;
+    let (walked, layout) = walk_chain(log, key, prefix, progress, visit)?;
     Ok(match (layout, walked) {
         (Some((at, _)), Err((seq, reason))) if seq < at => Err((seq, reason)),
         (Some((at, why)), _) => Err((at, Reason::Malformed(why))),
@@ -972,22 +1072,25 @@ pub(crate) fn scan_chain(
 /// The walk of [`scan_chain`], and the first fault of the chunks file's
 /// layout among the chunks it read (all of them, and the file's end, when
 /// the walk reached the end).
-type Walked = (
-    std::result::Result<(ChainTip, KeyChain), Failure>,
-    Option<(u64, String)>,
-);
+type Walked = (std::result::Result<Scanned, Failure>, Option<(u64, String)>);
 
 /// [`scan_chain`] with the layout fault apart.
 fn walk_chain(
     log: &LogTree,
     key: &VerifyingKey,
+    prefix: Option<VerifiedPrefix>,
     progress: &(dyn Fn(u64) + Sync),
     mut visit: impl FnMut(&EntryRef<'_>, &Hash) -> std::result::Result<(), Failure> + Send,
 ) -> Result<Walked> {
     let mut walk = Walk {
         chain: ChainCheck::new(*key),
+        heads: HeadsDigest::default(),
+        prefix,
+        confirmed: false,
+        vouched: 0,
     };
     let mut reader = WindowReader::new(log)?;
+    reader.prefix = prefix;
     let mut next = reader.next(walk.chain.keys())?;
     while !next.is_empty() {
         let current = std::mem::take(&mut next);
@@ -1009,8 +1112,21 @@ fn walk_chain(
     if let Some(first) = walk.chain.open_group() {
         return Ok((Err((first, Reason::UnsignedTail)), layout));
     }
+    if let Some(p) = prefix.filter(|_| !walk.confirmed) {
+        // A prefix longer than the log.
+        let at = p
+            .entries
+            .saturating_sub(1)
+            .min(walk.chain.next_seq().saturating_sub(1));
+        return Ok((Err((at, Reason::BadSignature)), layout));
+    }
     Ok((
-        Ok((walk.chain.tip().clone(), walk.chain.keys().clone())),
+        Ok(Scanned {
+            tip: walk.chain.tip().clone(),
+            keys: walk.chain.keys().clone(),
+            heads_digest: walk.heads.digest(),
+            vouched: walk.vouched,
+        }),
         layout,
     ))
 }
@@ -1040,6 +1156,10 @@ pub struct VerifyOptions<'a> {
     /// --head-file`): the log must still hold its entry, with its hash,
     /// under a key of the log's chain ([`check_kept_head`]).
     pub kept_head: Option<SignedHead>,
+    /// A prefix whose head signatures the caller has verified itself
+    /// ([`VerifiedPrefix`]); `None` checks every signature, as
+    /// `vault-verify` does.
+    pub verified_prefix: Option<VerifiedPrefix>,
 }
 
 impl std::fmt::Debug for VerifyOptions<'_> {
@@ -1089,6 +1209,13 @@ pub struct Report {
     /// the rotation's durable entry and the key's deletion. The next open
     /// deletes them.
     pub retired_signing_pending: Vec<u32>,
+    /// BLAKE3 of every signed head of the log, in order (what a
+    /// [`VerifiedPrefix`] of the whole log would hold), when the chain
+    /// scan passed.
+    pub heads_digest: Option<Hash>,
+    /// Heads whose signatures [`VerifyOptions::verified_prefix`] stood
+    /// for instead of `verify_strict`.
+    pub vouched_groups: u64,
 }
 
 impl Report {
@@ -1205,6 +1332,8 @@ pub(crate) fn verify_store_with(
         shred_pending: Vec::new(),
         signing_keys: Vec::new(),
         retired_signing_pending: Vec::new(),
+        heads_digest: None,
+        vouched_groups: 0,
     };
     let key = match opts.public_key.or(stored_key) {
         Some(k) => k,
@@ -1252,7 +1381,7 @@ pub(crate) fn verify_store_with(
     // Records per subject and key version, for `usage`.
     let mut encryptions: std::collections::HashMap<String, Vec<(u32, u64)>> =
         std::collections::HashMap::new();
-    let scan = scan_chain(&store.log, &key, progress, |e, _| {
+    let scan = scan_chain(&store.log, &key, opts.verified_prefix, progress, |e, _| {
         rotations.entry(e, &keys)?;
         if let Some(g) = check_genesis_position(e)? {
             genesis = Some(g);
@@ -1348,9 +1477,11 @@ pub(crate) fn verify_store_with(
         }
     }
     let tip = match scan {
-        Ok((tip, chain)) => {
-            report.signing_keys = chain.endorsements().to_vec();
-            tip
+        Ok(scanned) => {
+            report.signing_keys = scanned.keys.endorsements().to_vec();
+            report.heads_digest = Some(scanned.heads_digest);
+            report.vouched_groups = scanned.vouched;
+            scanned.tip
         }
         Err(f) => {
             report.failure = Some(f);

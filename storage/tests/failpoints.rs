@@ -246,6 +246,7 @@ fn check_after(dir: &Path, key: &ed25519_dalek::VerifyingKey, m: &mut Model, cas
             progress: None,
             total_hint: None,
             kept_head: None,
+            verified_prefix: None,
         },
     )
     .unwrap_or_else(|e| panic!("{case}: verify could not run: {e}"));

@@ -139,6 +139,7 @@ fn build(dir: &Path) -> Expected {
             progress: None,
             total_hint: None,
             kept_head: None,
+            verified_prefix: None,
         },
     )
     .expect("verify the pristine copy");
@@ -253,6 +254,7 @@ fn check(dir: &Path, x: &Expected) -> Result<Outcome, String> {
         progress: None,
         total_hint: None,
         kept_head: None,
+        verified_prefix: None,
     };
     let report = match verify(dir, &opts) {
         Err(_) => return Ok(Outcome::VerifyError),

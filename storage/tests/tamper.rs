@@ -25,7 +25,8 @@ use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster};
 use storage::entry::{entry_hash, EntryRef};
 use storage::state::data_key_name;
 use storage::{
-    verify, Append, Error, Hash, Kind, Options, RawStore, Reason, Unlock, Vault, VerifyOptions,
+    verify, Append, Error, Hash, Kind, Options, RawStore, Reason, Unlock, Vault, VerifiedPrefix,
+    VerifyOptions,
 };
 
 // ---------------------------------------------------------------------------
@@ -120,6 +121,22 @@ impl Fixture {
             key,
             copies: std::cell::Cell::new(0),
         }
+    }
+
+    /// The fixture opened and closed once more, so that it holds the
+    /// record of the prefix that open verified (`storage::verified`).
+    fn opened() -> Fixture {
+        let fx = Fixture::new();
+        wait_unlocked(&fx.pristine);
+        Vault::open(&fx.pristine, &passphrase(), Options::default())
+            .expect("open the fixture")
+            .close()
+            .expect("close the fixture");
+        assert!(
+            fx.pristine.join(storage::verified::FILE).exists(),
+            "open recorded the prefix it verified"
+        );
+        fx
     }
 
     /// A fresh copy of the closed pristine data dir.
@@ -470,6 +487,238 @@ fn signed_head_signature_flipped_is_bad_signature() {
         })
     });
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
+}
+
+#[test]
+fn the_record_of_a_verified_prefix_hides_no_alteration_from_open() {
+    // Every head here is under the record, whose signatures open does not
+    // check again: each alteration must still be refused as a full
+    // verification refuses it.
+    let fx = Fixture::opened();
+    let dir = fx.tampered(|raw| {
+        edit_chunk(raw, BOB, |v| {
+            let sig = head_offset(v) + HEAD_SIGNATURE;
+            v[sig + 10] ^= 0x08;
+            fix_crc(v);
+        })
+    });
+    assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
+    let dir = fx.tampered(|raw| {
+        edit_chunk(raw, BOB, |v| {
+            let ts = head_offset(v) + HEAD_TIMESTAMP;
+            v[ts + 7] ^= 0x01;
+            fix_crc(v);
+        })
+    });
+    assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
+    // The last head, of the last group the record covers.
+    let dir = fx.tampered(|raw| {
+        edit_chunk(raw, LAST, |v| {
+            let sig = head_offset(v) + HEAD_SIGNATURE;
+            v[sig] ^= 0x80;
+            fix_crc(v);
+        })
+    });
+    assert_chain_failure(&fx, &dir, LAST, Reason::BadSignature);
+    // The head of the group that spans several chunks.
+    let dir = fx.tampered(|raw| {
+        let last_chunk = *big_group_keys(raw).last().expect("the big group");
+        edit_chunk(raw, last_chunk, |v| {
+            let sig = head_offset(v) + HEAD_SIGNATURE;
+            v[sig + 40] ^= 0x02;
+            fix_crc(v);
+        })
+    });
+    assert_chain_failure(&fx, &dir, LAST - 1, Reason::BadSignature);
+    let dir = fx.tampered(|raw| flip_payload(raw, ALICE + 1));
+    assert_chain_failure(&fx, &dir, ALICE + 1, Reason::HeadMismatch);
+    // The log cut back to before the record's end.
+    let dir = fx.tampered(|raw| {
+        raw.log.remove(log_key(LAST)).expect("cut the log");
+    });
+    assert_eq!(open_refusal(&dir), fx.failure(&dir));
+}
+
+/// The digest of the heads of `dir`'s log whose groups end before
+/// `entries`, and the hash of entry `entries - 1`.
+fn prefix_of(dir: &Path, entries: u64) -> VerifiedPrefix {
+    let raw = raw_open(dir);
+    let mut digest = blake3::Hasher::new();
+    let mut last_hash = None;
+    for chunk in read_log(&raw) {
+        for e in &chunk.entries {
+            if e.seq == entries - 1 {
+                last_hash = Some(entry_hash(&e.encode()));
+            }
+        }
+        if let Some(h) = chunk.head.filter(|h| h.last_seq < entries) {
+            let mut buf = Vec::with_capacity(HEAD_LEN);
+            h.encode_into(&mut buf);
+            digest.update(&buf);
+        }
+    }
+    VerifiedPrefix {
+        entries,
+        last_hash: last_hash.expect("the log holds the prefix's last entry"),
+        heads_digest: *digest.finalize().as_bytes(),
+    }
+}
+
+fn verify_vouched(dir: &Path, key: VerifyingKey, prefix: VerifiedPrefix) -> storage::Report {
+    wait_unlocked(dir);
+    verify(
+        dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            verified_prefix: Some(prefix),
+            ..Default::default()
+        },
+    )
+    .expect("verify runs")
+}
+
+#[test]
+fn a_verified_prefix_stands_for_its_signatures_and_must_match_the_log() {
+    let fx = Fixture::new();
+    let full = verify_with(&fx.pristine, Some(fx.key));
+    assert!(full.ok());
+    assert_eq!(full.vouched_groups, 0);
+    let whole = prefix_of(&fx.pristine, LAST + 1);
+    assert_eq!(Some(whole.heads_digest), full.heads_digest);
+    assert_eq!(Some(whole.last_hash), full.head);
+
+    // The whole log: every head vouched for, the same report otherwise.
+    let report = verify_vouched(&fx.pristine, fx.key, whole);
+    assert!(report.ok(), "{:?}", report.failure);
+    assert_eq!(report.vouched_groups, full.groups);
+    assert_eq!((report.entries, report.head), (full.entries, full.head));
+    assert_eq!(report.heads_digest, full.heads_digest);
+    // A prefix ending with bob's group: its three heads.
+    let report = verify_vouched(&fx.pristine, fx.key, prefix_of(&fx.pristine, BOB + 2));
+    assert!(report.ok(), "{:?}", report.failure);
+    assert_eq!(report.vouched_groups, 3);
+
+    // Whatever does not match fails at the prefix's last seq.
+    let refused = |p: VerifiedPrefix| verify_vouched(&fx.pristine, fx.key, p).failure;
+    let wrong_digest = VerifiedPrefix {
+        heads_digest: [0; 32],
+        ..whole
+    };
+    assert_eq!(refused(wrong_digest), Some((LAST, Reason::BadSignature)));
+    let wrong_hash = VerifiedPrefix {
+        last_hash: [0; 32],
+        ..whole
+    };
+    assert_eq!(refused(wrong_hash), Some((LAST, Reason::BadSignature)));
+    let longer = VerifiedPrefix {
+        entries: LAST + 2,
+        ..whole
+    };
+    assert_eq!(refused(longer), Some((LAST, Reason::BadSignature)));
+    let empty = VerifiedPrefix {
+        entries: 0,
+        ..whole
+    };
+    assert_eq!(refused(empty), Some((0, Reason::BadSignature)));
+    // Inside the group that spans several chunks: no group ends there.
+    let inside = prefix_of(&fx.pristine, BIG + 1);
+    assert_eq!(refused(inside), Some((BIG, Reason::BadSignature)));
+
+    // A head whose signature no longer verifies, under a prefix whose
+    // digest is that of the altered heads: the caller vouched for it, so
+    // the scan takes it; without the prefix it is refused.
+    let dir = fx.tampered(|raw| {
+        edit_chunk(raw, BOB, |v| {
+            let sig = head_offset(v) + HEAD_SIGNATURE;
+            v[sig + 10] ^= 0x08;
+            fix_crc(v);
+        })
+    });
+    let altered = prefix_of(&dir, LAST + 1);
+    assert!(verify_vouched(&dir, fx.key, altered).ok());
+    assert_eq!(fx.failure(&dir), (BOB + 1, Reason::BadSignature));
+}
+
+#[test]
+fn open_takes_the_word_of_a_record_under_the_master_key() {
+    // What shows that open reads the record: a record made with the
+    // master key for heads altered after the open that verified them is
+    // taken at its word, as anyone holding the master key could also have
+    // signed the heads again. Without the master key no such record can
+    // be made (the other tests).
+    let fx = Fixture::opened();
+    let dir = fx.tampered(|raw| {
+        edit_chunk(raw, BOB, |v| {
+            let sig = head_offset(v) + HEAD_SIGNATURE;
+            v[sig + 10] ^= 0x08;
+            fix_crc(v);
+        })
+    });
+    let (master, vault_id) = {
+        let raw = raw_open(&dir);
+        let vault_id: [u8; 16] = raw
+            .meta
+            .get("vault_id")
+            .expect("read meta")
+            .expect("vault id")
+            .as_ref()
+            .try_into()
+            .expect("16-byte vault id");
+        let sealed = raw.keys.get("master").expect("read keys").expect("master");
+        let master = SealedMaster::decode(&sealed)
+            .expect("sealed master decodes")
+            .unseal(&passphrase(), &vault_id)
+            .expect("the passphrase unseals the master key");
+        (master, vault_id)
+    };
+    let record = storage::verified::encode(&prefix_of(&dir, LAST + 1), &master, &vault_id);
+    std::fs::write(dir.join(storage::verified::FILE), record).expect("write the record");
+    wait_unlocked(&dir);
+    Vault::open(&dir, &passphrase(), Options::default())
+        .expect("open takes the record's word")
+        .close()
+        .expect("close");
+    assert_eq!(fx.failure(&dir), (BOB + 1, Reason::BadSignature));
+}
+
+#[test]
+fn a_record_of_a_verified_prefix_that_does_not_check_out_is_ignored() {
+    let fx = Fixture::opened();
+    let record = std::fs::read(fx.pristine.join(storage::verified::FILE)).expect("the record");
+    for i in [0, 5, 20, 60, 100] {
+        let dir = fx.copy();
+        let mut bad = record.clone();
+        bad[i] ^= 0x01;
+        std::fs::write(dir.join(storage::verified::FILE), &bad).expect("alter the record");
+        wait_unlocked(&dir);
+        let vault = Vault::open(&dir, &passphrase(), Options::default())
+            .unwrap_or_else(|e| panic!("byte {i} altered: {e}"));
+        vault.close().expect("close");
+        // Open verified it all and wrote the record again.
+        assert_eq!(
+            std::fs::read(dir.join(storage::verified::FILE)).expect("the record"),
+            record,
+            "byte {i}"
+        );
+    }
+    // Another vault's record.
+    let other = fx.tmp.path().join("other");
+    build_vault(&other, 1);
+    Vault::open(&other, &passphrase(), Options::default())
+        .expect("open the other vault")
+        .close()
+        .expect("close it");
+    let dir = fx.copy();
+    std::fs::copy(
+        other.join(storage::verified::FILE),
+        dir.join(storage::verified::FILE),
+    )
+    .expect("copy the other record");
+    wait_unlocked(&dir);
+    Vault::open(&dir, &passphrase(), Options::default())
+        .expect("a record of another vault is ignored")
+        .close()
+        .expect("close");
 }
 
 #[test]

@@ -377,6 +377,7 @@ pub fn check_offline(env: &Env, model: &mut Model, rng: &mut Rng) -> Result<u64,
             progress: None,
             total_hint: None,
             kept_head: model.kept_head,
+            verified_prefix: None,
         },
     )
     .map_err(|e| format!("verify could not run: {e}"))?;

@@ -967,6 +967,7 @@ async fn run_verify(
             progress: Some(&set),
             total_hint: Some(&total),
             kept_head: None,
+            verified_prefix: None,
         };
         let start = Instant::now();
         let report = storage::verify(&vault_dir, &opts);

@@ -138,6 +138,9 @@ fn main() -> ExitCode {
         progress: Some(&progress),
         total_hint: Some(&total),
         kept_head,
+        // Every signature, always: the record of a verified prefix is
+        // `Vault::open`'s, under the master key.
+        verified_prefix: None,
     };
     let report = server::verify::open_data_dir(
         cli.read_only,
