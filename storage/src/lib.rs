@@ -23,6 +23,9 @@
 //!   which every read consults first, in shards.
 //! - [`verify`](mod@verify): checks a data dir with nothing but a public key; its
 //!   [`verify::StreamCheck`] checks a log read as a stream (remote, files).
+//! - [`verified`]: the record of the prefix an open verified, tagged under
+//!   the master key, so that the next open checks only the signatures
+//!   after it.
 //! - [`export`]: export files, the whole log in one signed, portable file,
 //!   and their verification with nothing but the public key.
 //! - [`reindex`]: rebuilds derived state from the log and compares it
