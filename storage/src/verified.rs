@@ -97,7 +97,11 @@ pub(crate) fn read(dir: &Path, master: &SecretKey, vault_id: &[u8; 16]) -> Optio
             }
             prefix
         }
-        Err(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the verified-prefix record: ignored");
+            None
+        }
     }
 }
 
