@@ -471,16 +471,14 @@ impl LogTree {
     }
 
     /// The chunk with the greatest first seq at or below `key`: the one
-    /// that holds seq `key`, if the log reaches it. Not touched (a read of
-    /// one entry mostly falls in the log's recent pointers).
+    /// that holds seq `key`, if the log reaches it.
     pub(crate) fn at_or_before(&self, key: u64) -> Result<Option<(sled::IVec, Bytes)>> {
         let found = self.index.range(..=key.to_be_bytes()).next_back();
         self.read_found(found.transpose()?)
     }
 
     /// The chunks whose keys are in `range`, in key order, each read as it
-    /// is reached. Each key is touched (`store::touch`), so that a scan's
-    /// memory does not grow with the log.
+    /// is reached.
     pub fn range<K, R>(
         &self,
         range: R,
@@ -505,7 +503,6 @@ impl LogTree {
     {
         self.index.range(range).map(move |kv| {
             let (k, p) = kv?;
-            crate::store::touch(&self.index, &k)?;
             Ok((k, decode_pointer(&p), self.read(&p)?))
         })
     }

@@ -45,11 +45,12 @@
 //! and accounts lazily. Each page access goes into one of 256 shards'
 //! queues of 64, and a shard evicts only when its queue fills. A page read
 //! once (a scan's leaf) can wait behind 16,384 accesses, so a scan of a
-//! 10^7-entry log held all of it (6.6 GB, when sled held the chunks),
-//! whatever the cache's capacity. `touch` reads a key again so that its
-//! page is accounted for at once; every scan of the log touches each
-//! pointer it reads (`LogTree::range`). The chunks themselves are read
-//! from their file, through the kernel's page cache.
+//! 10^7-entry log held all of it (6.6 GB) when sled held the chunks,
+//! whatever the cache's capacity, and scans then read each key 16 more
+//! times to fill the queues. Now a leaf of the `log` tree holds at most 17
+//! pointers of 12 bytes, so 16,384 leaves waiting to be accounted for are
+//! a few MB, and scans read each pointer once. The chunks themselves are
+//! read from their file, through the kernel's page cache.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -80,21 +81,6 @@ pub(crate) enum Flusher {
     /// Not at all: tools that open a closed vault, and the open's own
     /// verification scan.
     Off,
-}
-
-/// Reads of a key that [`touch`] makes. A log leaf holds 8 to 17 chunks,
-/// so touching each chunk this many times fills its shard's queue of 64
-/// at least once per leaf.
-pub(crate) const TOUCHES: usize = 16;
-
-/// Reads `key` of `tree` [`TOUCHES`] times, so that sled's cache accounts
-/// for (and can evict) the page holding it (see the module doc). The page
-/// is in the cache already: each read costs about a microsecond.
-pub(crate) fn touch(tree: &sled::Tree, key: &[u8]) -> Result<()> {
-    for _ in 0..TOUCHES {
-        tree.get(key)?;
-    }
-    Ok(())
 }
 
 /// The open database of a vault.
@@ -465,8 +451,7 @@ impl Store {
     }
 
     /// The chunks from the one whose first seq is `first` on, in seq order,
-    /// each once, whether still recent or already in sled (touched, as
-    /// [`scan`] does).
+    /// each once, whether still recent or already in sled.
     pub(crate) fn chunks_from(
         &self,
         first: u64,
