@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{copy_dir, pending_value, scratch_dir};
-use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster, SecretKey};
+use storage::crypto::{data_key_aad, record_aad, unwrap_key, SecretKey};
 use storage::state::{data_key_name, data_key_prefix};
 use storage::{
     verify, Append, Error, KeyLife, Kind, Options, RawStore, Reason, Report, TokenRefusal, Unlock,
@@ -59,19 +59,7 @@ fn raw(dir: &Path) -> RawStore {
 
 /// The master key, unsealed from a closed data dir.
 fn master_of(raw: &RawStore) -> SecretKey {
-    let vault_id: [u8; 16] = raw
-        .meta
-        .get("vault_id")
-        .expect("read meta")
-        .expect("vault id")
-        .as_ref()
-        .try_into()
-        .expect("16 bytes");
-    let sealed = raw.keys.get("master").expect("read keys").expect("master");
-    SealedMaster::decode(&sealed)
-        .expect("decodes")
-        .unseal(&unlock(), &vault_id)
-        .expect("unseals")
+    common::unseal_master(raw, &unlock()).0
 }
 
 /// Every data key left in the key store, unwrapped: (subject, version, key).

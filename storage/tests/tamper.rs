@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use common::{copy_dir, pending_value, scratch_dir, wait_unlocked};
 use ed25519_dalek::VerifyingKey;
 use storage::chunk::{encode_chunk, Chunk, MerkleTree, SignedHead, CHUNK_TARGET_BYTES, HEAD_LEN};
-use storage::crypto::{data_key_aad, record_aad, unwrap_key, SealedMaster};
+use storage::crypto::{data_key_aad, record_aad, unwrap_key};
 use storage::entry::{entry_hash, EntryRef};
 use storage::state::data_key_name;
 use storage::{
@@ -248,6 +248,16 @@ fn edit_chunk(raw: &RawStore, key: u64, f: impl FnOnce(&mut Vec<u8>)) {
 }
 
 /// Recomputes a chunk value's CRC32 (its last 4 bytes).
+/// Flips the bits `mask` of byte `at` of the signed head in chunk `key`
+/// (offsets as in `storage.md` section 5), then fixes the chunk's CRC.
+fn flip_head(raw: &RawStore, key: u64, at: usize, mask: u8) {
+    edit_chunk(raw, key, |v| {
+        let i = head_offset(v) + at;
+        v[i] ^= mask;
+        fix_crc(v);
+    })
+}
+
 fn fix_crc(v: &mut [u8]) {
     let n = v.len() - 4;
     let crc = crc32fast::hash(&v[..n]);
@@ -479,13 +489,7 @@ fn entry_byte_flipped_with_fresh_crc_breaks_the_chain() {
 #[test]
 fn signed_head_signature_flipped_is_bad_signature() {
     let fx = Fixture::new();
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, BOB, |v| {
-            let sig = head_offset(v) + HEAD_SIGNATURE;
-            v[sig + 10] ^= 0x08;
-            fix_crc(v);
-        })
-    });
+    let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_SIGNATURE + 10, 0x08));
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
 }
 
@@ -495,39 +499,17 @@ fn the_record_of_a_verified_prefix_hides_no_alteration_from_open() {
     // check again: each alteration must still be refused as a full
     // verification refuses it.
     let fx = Fixture::opened();
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, BOB, |v| {
-            let sig = head_offset(v) + HEAD_SIGNATURE;
-            v[sig + 10] ^= 0x08;
-            fix_crc(v);
-        })
-    });
+    let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_SIGNATURE + 10, 0x08));
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, BOB, |v| {
-            let ts = head_offset(v) + HEAD_TIMESTAMP;
-            v[ts + 7] ^= 0x01;
-            fix_crc(v);
-        })
-    });
+    let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_TIMESTAMP + 7, 0x01));
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
     // The last head, of the last group the record covers.
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, LAST, |v| {
-            let sig = head_offset(v) + HEAD_SIGNATURE;
-            v[sig] ^= 0x80;
-            fix_crc(v);
-        })
-    });
+    let dir = fx.tampered(|raw| flip_head(raw, LAST, HEAD_SIGNATURE, 0x80));
     assert_chain_failure(&fx, &dir, LAST, Reason::BadSignature);
     // The head of the group that spans several chunks.
     let dir = fx.tampered(|raw| {
         let last_chunk = *big_group_keys(raw).last().expect("the big group");
-        edit_chunk(raw, last_chunk, |v| {
-            let sig = head_offset(v) + HEAD_SIGNATURE;
-            v[sig + 40] ^= 0x02;
-            fix_crc(v);
-        })
+        flip_head(raw, last_chunk, HEAD_SIGNATURE + 40, 0x02)
     });
     assert_chain_failure(&fx, &dir, LAST - 1, Reason::BadSignature);
     let dir = fx.tampered(|raw| flip_payload(raw, ALICE + 1));
@@ -627,13 +609,7 @@ fn a_verified_prefix_stands_for_its_signatures_and_must_match_the_log() {
     // A head whose signature no longer verifies, under a prefix whose
     // digest is that of the altered heads: the caller vouched for it, so
     // the scan takes it; without the prefix it is refused.
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, BOB, |v| {
-            let sig = head_offset(v) + HEAD_SIGNATURE;
-            v[sig + 10] ^= 0x08;
-            fix_crc(v);
-        })
-    });
+    let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_SIGNATURE + 10, 0x08));
     let altered = prefix_of(&dir, LAST + 1);
     assert!(verify_vouched(&dir, fx.key, altered).ok());
     assert_eq!(fx.failure(&dir), (BOB + 1, Reason::BadSignature));
@@ -647,30 +623,8 @@ fn open_takes_the_word_of_a_record_under_the_master_key() {
     // signed the heads again. Without the master key no such record can
     // be made (the other tests).
     let fx = Fixture::opened();
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, BOB, |v| {
-            let sig = head_offset(v) + HEAD_SIGNATURE;
-            v[sig + 10] ^= 0x08;
-            fix_crc(v);
-        })
-    });
-    let (master, vault_id) = {
-        let raw = raw_open(&dir);
-        let vault_id: [u8; 16] = raw
-            .meta
-            .get("vault_id")
-            .expect("read meta")
-            .expect("vault id")
-            .as_ref()
-            .try_into()
-            .expect("16-byte vault id");
-        let sealed = raw.keys.get("master").expect("read keys").expect("master");
-        let master = SealedMaster::decode(&sealed)
-            .expect("sealed master decodes")
-            .unseal(&passphrase(), &vault_id)
-            .expect("the passphrase unseals the master key");
-        (master, vault_id)
-    };
+    let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_SIGNATURE + 10, 0x08));
+    let (master, vault_id) = common::unseal_master(&raw_open(&dir), &passphrase());
     let record = storage::verified::encode(&prefix_of(&dir, LAST + 1), &master, &vault_id);
     std::fs::write(dir.join(storage::verified::FILE), record).expect("write the record");
     wait_unlocked(&dir);
@@ -725,22 +679,10 @@ fn a_record_of_a_verified_prefix_that_does_not_check_out_is_ignored() {
 fn signed_head_fields_altered_are_detected() {
     let fx = Fixture::new();
     // The timestamp is covered only by the signature.
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, BOB, |v| {
-            let ts = head_offset(v) + HEAD_TIMESTAMP;
-            v[ts + 7] ^= 0x01;
-            fix_crc(v);
-        })
-    });
+    let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_TIMESTAMP + 7, 0x01));
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
     // The covered range no longer matches the entries.
-    let dir = fx.tampered(|raw| {
-        edit_chunk(raw, BOB, |v| {
-            let last_seq = head_offset(v) + HEAD_LAST_SEQ;
-            v[last_seq + 7] ^= 0x01;
-            fix_crc(v);
-        })
-    });
+    let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_LAST_SEQ + 7, 0x01));
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::HeadMismatch);
     // Dropping the head (clearing the flag) leaves the group unsigned.
     let dir = fx.tampered(|raw| {
@@ -1115,19 +1057,7 @@ fn record_ciphertext_moved_to_another_subject_does_not_decrypt() {
     // binds the subject, the seq and the key version.
     let fx = Fixture::new();
     let raw = raw_open(&fx.pristine);
-    let vault_id: [u8; 16] = raw
-        .meta
-        .get("vault_id")
-        .expect("read meta")
-        .expect("vault id")
-        .as_ref()
-        .try_into()
-        .expect("16-byte vault id");
-    let sealed = raw.keys.get("master").expect("read keys").expect("master");
-    let master = SealedMaster::decode(&sealed)
-        .expect("sealed master decodes")
-        .unseal(&passphrase(), &vault_id)
-        .expect("the passphrase unseals the master key");
+    let (master, _) = common::unseal_master(&raw, &passphrase());
     let data_key = |subject: &str| {
         let wrapped = raw
             .keys

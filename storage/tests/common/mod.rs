@@ -93,3 +93,26 @@ pub fn wait_unlocked(dir: &Path) {
     let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
     f.lock().expect("wait for sled's lock");
 }
+
+/// The master key of the closed data dir behind `raw`, unsealed with
+/// `unlock`, and the dir's vault id.
+#[allow(dead_code)] // not every test binary uses it
+pub fn unseal_master(
+    raw: &storage::RawStore,
+    unlock: &storage::Unlock,
+) -> (storage::crypto::SecretKey, [u8; 16]) {
+    let vault_id: [u8; 16] = raw
+        .meta
+        .get("vault_id")
+        .expect("read meta")
+        .expect("vault id")
+        .as_ref()
+        .try_into()
+        .expect("16-byte vault id");
+    let sealed = raw.keys.get("master").expect("read keys").expect("master");
+    let master = storage::crypto::SealedMaster::decode(&sealed)
+        .expect("sealed master decodes")
+        .unseal(unlock, &vault_id)
+        .expect("the secret unseals the master key");
+    (master, vault_id)
+}
