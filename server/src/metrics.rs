@@ -162,8 +162,7 @@ impl Metrics {
     /// The commit pipeline of the vault of [`Metrics::watch_vault`], if
     /// one is in service.
     pub fn pipeline_stats(&self) -> Option<storage::PipelineStats> {
-        let vault = self.pipeline.0.read().ok()?.as_ref()?.get()?;
-        Some(vault.pipeline_stats())
+        self.pipeline.stats()
     }
 
     /// The Prometheus text exposition of every metric.
@@ -186,18 +185,22 @@ impl Metrics {
 #[derive(Debug, Clone, Default)]
 struct PipelineSource(Arc<RwLock<Option<LiveVault>>>);
 
+impl PipelineSource {
+    /// The watched vault's counts; `None` with no vault watched, or while
+    /// it is reopened.
+    fn stats(&self) -> Option<storage::PipelineStats> {
+        let vault = self.0.read().ok()?.as_ref()?.get()?;
+        Some(vault.pipeline_stats())
+    }
+}
+
 impl Collector for PipelineSource {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let vault = self
-            .0
-            .read()
-            .ok()
-            .and_then(|v| v.as_ref().and_then(LiveVault::get));
         // None while the vault is reopened: the series pause.
-        let Some(vault) = vault else {
-            return Ok(());
-        };
-        encode_pipeline(&mut encoder, &vault.pipeline_stats())
+        match self.stats() {
+            Some(stats) => encode_pipeline(&mut encoder, &stats),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1056,8 +1056,11 @@ impl Vault {
                 last_hash,
                 heads_digest,
             };
-            if let Err(e) = crate::verified::write(&store.dir, &verified, &master, &vault_id) {
-                tracing::warn!(error = %e, "cannot record the verified prefix");
+            // Nothing to write when the log has not grown since the record.
+            if prefix != Some(verified) {
+                if let Err(e) = crate::verified::write(&store.dir, &verified, &master, &vault_id) {
+                    tracing::warn!(error = %e, "cannot record the verified prefix");
+                }
             }
         }
         let tip = ChainTip {
