@@ -111,6 +111,48 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
         &storage_vector(&storage, "HEAD"),
     );
 
+    check(
+        &mut stale,
+        "receipt",
+        "endorsement",
+        &storage_vector(&storage, "ENDORSEMENT"),
+    );
+    check(
+        &mut stale,
+        "wal",
+        "golden",
+        &storage_vector(&storage, "WAL_SEGMENT"),
+    );
+    // The keys target's first byte chooses the format.
+    for (seed, which, name) in [
+        ("sealed_passphrase", 0u8, "SEALED_MASTER_PASSPHRASE"),
+        ("sealed_key_file", 0, "SEALED_MASTER_KEY_FILE"),
+        ("pending", 1, "PENDING_MARKER"),
+        ("shredding", 2, "PENDING_MARKER"),
+    ] {
+        let want = [&[which][..], &storage_vector(&storage, name)].concat();
+        check(&mut stale, "keys", seed, &want);
+    }
+    let verified: String = storage
+        .split_once("verified::tests::golden_vector")
+        .and_then(|(_, rest)| rest.split_once("```text\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block.split_whitespace().collect())
+        .expect("storage.md has the verified-prefix vector");
+    let verified = hex(&verified).expect("the verified-prefix vector is hex");
+    check(
+        &mut stale,
+        "keys",
+        "verified",
+        &[&[3u8][..], &verified].concat(),
+    );
+    let export = storage
+        .lines()
+        .filter(|line| line.starts_with("46564558504f5254"))
+        .find_map(hex)
+        .expect("storage.md has the export vector on one line");
+    check(&mut stale, "export", "golden", &export);
+
     let http = doc("http.md");
     let toml = http
         .split_once("```toml\n")

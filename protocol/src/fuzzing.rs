@@ -8,13 +8,13 @@
 //! exercises the same code on stable without a fuzzer.
 
 use bytes::BytesMut;
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio_util::codec::Decoder;
 
 use crate::codec::{FrameCodec, MessageCodec};
 use crate::frame::{self, Frame, MessageType};
 use crate::message::Message;
-use crate::receipt::{Receipt, SignedHead};
+use crate::receipt::{KeyEndorsement, Receipt, SignedHead};
 
 /// Frame decoding: raw bytes through [`frame::decode`] (and a small
 /// maximum), the same bytes fed to both codecs in two pieces split where the
@@ -94,13 +94,21 @@ fn fuzz_key() -> SigningKey {
     SigningKey::from_bytes(&[0x42; 32])
 }
 
-/// Receipt and signed-head decoding, then verification: as decoded (the
-/// signature almost never holds), and with the head re-signed by a known key
-/// so that the coverage and Merkle path checks see arbitrary seqs, group
-/// bounds and paths. A receipt that verifies must be covered by its head.
+/// Receipt, signed-head and key-endorsement decoding, then verification: as
+/// decoded (the signature almost never holds), and with the head re-signed
+/// by a known key so that the coverage and Merkle path checks see arbitrary
+/// seqs, group bounds and paths. A receipt that verifies must be covered by
+/// its head; an endorsement re-signed by the known key verifies under it.
 pub fn receipt(data: &[u8]) {
     let key = fuzz_key();
     let vk = key.verifying_key();
+    if let Ok(e) = KeyEndorsement::decode(data) {
+        assert_eq!(e.encode(), data);
+        let _ = e.verify(&vk);
+        if let Ok(new) = VerifyingKey::from_bytes(&e.public_key) {
+            assert!(KeyEndorsement::sign(&key, e.key_id, &new, e.seq).verify(&vk));
+        }
+    }
     if let Ok(h) = SignedHead::decode(data) {
         assert_eq!(h.encode(), data);
         assert!(h.group_first_seq <= h.last_seq);
@@ -159,6 +167,12 @@ mod tests {
         #[test]
         fn message_never_panics(data in vec(ANY, 0..300)) {
             super::message(&data);
+        }
+
+        /// An endorsement's length, so that every input decodes.
+        #[test]
+        fn endorsement_never_panics(data in vec(ANY, 108)) {
+            super::receipt(&data);
         }
 
         /// Lengths around a receipt's (1 + 8 + 32 + 1 + 32n + 157), so that

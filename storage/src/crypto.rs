@@ -226,6 +226,13 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
+    /// What a key-file sealing stores in the parameters' place.
+    pub const NONE: KdfParams = KdfParams {
+        m_kib: 0,
+        t: 0,
+        p: 0,
+    };
+
     /// Refuses parameters below the floor or above the ceiling (a tampered
     /// or careless store).
     pub fn check_floor(&self) -> Result<()> {
@@ -333,14 +340,7 @@ impl SealedMaster {
         out.push(1);
         let (kind, p) = match self.kdf {
             Some(p) => (1u8, p),
-            None => (
-                2u8,
-                KdfParams {
-                    m_kib: 0,
-                    t: 0,
-                    p: 0,
-                },
-            ),
+            None => (2u8, KdfParams::NONE),
         };
         out.push(kind);
         out.extend_from_slice(&p.m_kib.to_be_bytes());
@@ -365,7 +365,10 @@ impl SealedMaster {
         };
         let kdf = match kind {
             1 => Some(params),
-            2 => None,
+            // A key file derives nothing: its parameters are written as
+            // zeros, so that one sealed key has one encoding.
+            2 if params == KdfParams::NONE => None,
+            2 => return Err(Error::Malformed("key-file sealing with kdf parameters")),
             _ => return Err(Error::Malformed("unknown kdf kind")),
         };
         let salt = r.array()?;
