@@ -43,6 +43,24 @@ verified = re.search(r"verified::tests::golden_vector.*?```text\n(.*?)```", stor
 put("keys", "verified", b"\x03" + bytes.fromhex("".join(verified.split())))
 put("export", "golden", bytes.fromhex(re.search(r"^(46564558504f5254[0-9a-f]+)$", storage, re.M).group(1)))
 
+# The payload target: kind byte, flags (bit 0: not seq 0; bit 1: a
+# subject), then each schema of section 3 with its placeholders filled in.
+kinds_table = storage[storage.index("### Kinds"):storage.index("Payload schemas")]
+kind_byte = {name: int(b) for b, name in re.findall(r"^\| (\d+) \| `([a-z_]+)` \|", kinds_table, re.M)}
+assert len(kind_byte) == 14, kind_byte
+def filled(schema):
+    for hole, fill in (("<64 hex>", "ab" * 32), ("<32 hex>", "cd" * 16), ("<128 hex>", "ef" * 64),
+                       ("<hex of a key name>", "6d61736b"), ("<u32>", "1"), ("<u64>", "1"),
+                       (",\u2026]", "]"), ("\u2026", "x")):
+        schema = schema.replace(hole, fill)
+    return schema.encode()
+schemas = re.findall(r"^\| `([a-z_]+)`(?: \(([^)]*)\))? \| `(\{.*?\})`", storage, re.M)
+assert len(schemas) == 11, schemas
+for kind, variant, schema in schemas:
+    name = kind + ("-" + variant.replace(" ", "_").replace("-", "") if variant else "")
+    flags = 0 if kind == "genesis" else 3
+    put("payload", name, bytes([kind_byte[kind], flags]) + filled(schema))
+
 http = read("http.md")
 toml = re.search(r"```toml\n(.*?)```", http, re.S).group(1)
 put("policies_toml", "demo", toml.encode())

@@ -54,6 +54,63 @@ fn storage_vector(storage: &str, name: &str) -> Vec<u8> {
         .unwrap_or_else(|| panic!("storage.md has no {name} vector"))
 }
 
+/// The payload target's seeds, as `seeds.py` writes them: for each
+/// schema of section 3 of `storage.md`, the kind's byte, flags (0 for the
+/// genesis at seq 0, else 3: seq 1 with a subject) and the schema with its
+/// placeholders filled in. Named by kind and variant.
+fn payload_seeds(storage: &str) -> Vec<(String, Vec<u8>)> {
+    let kinds_table = storage
+        .split_once("### Kinds")
+        .and_then(|(_, rest)| rest.split_once("Payload schemas"))
+        .map(|(table, _)| table)
+        .expect("storage.md has the table of kinds");
+    let kind_byte = |kind: &str| {
+        kinds_table.lines().find_map(|line| {
+            let (byte, rest) = line.strip_prefix("| ")?.split_once(" | `")?;
+            (rest.split_once('`')?.0 == kind).then(|| byte.parse::<u8>().ok())?
+        })
+    };
+    let seeds: Vec<(String, Vec<u8>)> = storage
+        .lines()
+        .filter_map(|line| {
+            let (kind, rest) = line.strip_prefix("| `")?.split_once('`')?;
+            if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                return None;
+            }
+            let (variant, rest) = match rest.strip_prefix(" (") {
+                Some(r) => {
+                    let (v, r) = r.split_once(')')?;
+                    (Some(v), r)
+                }
+                None => (None, rest),
+            };
+            let schema = rest.strip_prefix(" | `{")?.split_once("}`")?.0;
+            let mut schema = format!("{{{schema}}}");
+            for (hole, fill) in [
+                ("<64 hex>", "ab".repeat(32)),
+                ("<32 hex>", "cd".repeat(16)),
+                ("<128 hex>", "ef".repeat(64)),
+                ("<hex of a key name>", "6d61736b".into()),
+                ("<u32>", "1".into()),
+                ("<u64>", "1".into()),
+                (",\u{2026}]", "]".into()),
+                ("\u{2026}", "x".into()),
+            ] {
+                schema = schema.replace(hole, &fill);
+            }
+            let name = match variant {
+                Some(v) => format!("{kind}-{}", v.replace(' ', "_").replace('-', "")),
+                None => kind.to_string(),
+            };
+            let flags = if kind == "genesis" { 0 } else { 3 };
+            let byte = kind_byte(kind).unwrap_or_else(|| panic!("no byte for kind {kind}"));
+            Some((name, [&[byte, flags][..], schema.as_bytes()].concat()))
+        })
+        .collect();
+    assert_eq!(seeds.len(), 11, "payload schemas read: {seeds:?}");
+    seeds
+}
+
 fn check(stale: &mut Vec<String>, target: &str, name: &str, want: &[u8]) {
     let path: PathBuf = Path::new("fuzz/corpus")
         .join(target)
@@ -152,6 +209,10 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
         .find_map(hex)
         .expect("storage.md has the export vector on one line");
     check(&mut stale, "export", "golden", &export);
+
+    for (name, seed) in payload_seeds(&storage) {
+        check(&mut stale, "payload", &name, &seed);
+    }
 
     let http = doc("http.md");
     let toml = http

@@ -2,7 +2,8 @@
 //! what `open`, `verify` and `vault-verify --file` read back from a data
 //! dir or a file and treat as untrusted: an entry, a chunk, a write-ahead
 //! segment, the key store's sealed master key and markers, the record of a
-//! verified prefix, and an export file. Each asserts what must hold
+//! verified prefix, an export file, and the payloads of the entries that
+//! remote and file verification are sent. Each asserts what must hold
 //! whatever the bytes: no panic, an error of the documented kind, and
 //! whatever decodes re-encodes to the same bytes.
 //!
@@ -11,12 +12,12 @@
 
 use crate::chunk::{encode_chunk, Chunk, MAX_CHUNK_ENTRIES};
 use crate::crypto::{SealedMaster, SecretKey};
-use crate::entry::{entry_hash, entry_hashes, EntryRef};
+use crate::entry::{entry_hash, entry_hashes, EntryRef, Kind};
 use crate::error::Error;
 use crate::export::{verify_export, EXPORT_MAGIC, EXPORT_VERSION};
 use crate::vault::{decode_pending, decode_shredding};
 use crate::verified;
-use crate::verify::VerifiedPrefix;
+use crate::verify::{check_entry_content, VerifiedPrefix};
 use crate::wal::{encode_record, read_segment, SEGMENT_MAGIC, SEGMENT_VERSION};
 
 /// One entry: decode, re-encode, hash. Whatever the bytes, hashing them
@@ -53,6 +54,37 @@ pub fn chunk(data: &[u8]) {
     );
     for e in &c.entries {
         entry(e);
+    }
+}
+
+/// An entry's content as `vault-verify --remote` and `--file` check every
+/// entry they are sent ([`check_entry_content`]): the genesis position and
+/// the payload's schema, which parses the JSON of audit and key entries.
+/// The first byte chooses the kind (one that names none is skipped); the
+/// second, bit by bit, seq 0 (where only a genesis may stand), a subject,
+/// and a key version; the rest is the payload. A refusal names the entry's
+/// own seq.
+pub fn payload(data: &[u8]) {
+    let [kind, flags, payload @ ..] = data else {
+        return;
+    };
+    let Some(kind) = Kind::from_u8(*kind) else {
+        return;
+    };
+    let e = EntryRef {
+        kind,
+        seq: u64::from(flags & 1 == 0),
+        timestamp_ms: 1,
+        prev_hash: [0; 32],
+        key_version: u32::from(flags & 4 != 0),
+        nonce: [0; 12],
+        subject: if flags & 2 != 0 { "cust-42" } else { "" },
+        payload,
+    };
+    match check_entry_content(&e) {
+        Ok(Some(_)) => assert!(e.seq == 0 && kind == Kind::Genesis),
+        Ok(None) => assert!(e.seq != 0 && kind != Kind::Genesis),
+        Err((seq, _)) => assert_eq!(seq, e.seq),
     }
 }
 
@@ -197,6 +229,7 @@ fn passed_means_signed(r: &crate::verify::Report) {
 mod tests {
     use proptest::collection::vec;
     use proptest::num::u8::ANY;
+    use proptest::option::of;
 
     use crate::chunk::{CHUNK_MAGIC, CHUNK_VERSION};
     use crate::crypto::SealedMaster;
@@ -267,10 +300,42 @@ mod tests {
             super::chunk(&c);
         }
 
+        /// Payloads shaped as the schemas' JSON: an object of known and
+        /// unknown members with values of every type, hex strings among
+        /// them.
+        #[test]
+        fn payload_never_panics(
+            kind in 0u8..16,
+            flags in 0u8..8,
+            members in vec((0usize..MEMBERS.len(), 0u8..6, 0u32..6), 0..8),
+            raw in vec(ANY, 0..40),
+        ) {
+            let body: Vec<String> = members
+                .iter()
+                .map(|&(name, value, n)| {
+                    let v = match value {
+                        0 => n.to_string(),
+                        1 => format!("\"{}\"", "ab".repeat(16 * n as usize)),
+                        2 => {
+                            let words = ["x", "subject", "rewrap", "master", "signing", "cust-42"];
+                            format!("\"{}\"", words[n as usize % words.len()])
+                        }
+                        3 => format!("[[\"{}\",\"{}\"]]", "61".repeat(n as usize), "cd".repeat(32)),
+                        4 => "null".to_string(),
+                        _ => "{}".to_string(),
+                    };
+                    format!("\"{}\":{v}", MEMBERS[name])
+                })
+                .collect();
+            let json = format!("{{{}}}", body.join(","));
+            super::payload(&[&[kind, flags][..], json.as_bytes()].concat());
+            super::payload(&[&[kind, flags][..], &raw].concat());
+        }
+
         #[test]
         fn wal_never_panics(
             first_seq in proptest::num::u64::ANY,
-            batches in vec((0u8..5, vec((vec(ANY, 0..12), proptest::option::of(vec(ANY, 0..24))), 0..4)), 0..4),
+            batches in vec((0u8..5, vec((vec(ANY, 0..12), of(vec(ANY, 0..24))), 0..4)), 0..4),
             zeros in 0usize..20,
             poke in (0usize..1000, ANY),
         ) {
@@ -352,7 +417,8 @@ mod tests {
                 let (tag, body) = match tag {
                     0 => {
                         entries += 1;
-                        (TAG_ENTRY, entry_bytes(body.first().copied().unwrap_or(2) % 16, &[0; 64], b"s", body, (0, 1)))
+                        let kind = body.first().copied().unwrap_or(2) % 16;
+                        (TAG_ENTRY, entry_bytes(kind, &[0; 64], b"s", body, (0, 1)))
                     }
                     1 => {
                         heads += 1;
@@ -375,6 +441,38 @@ mod tests {
             }
         }
     }
+
+    /// The members of the payload schemas (`docs/storage.md`, section 3),
+    /// and one that none has.
+    const MEMBERS: &[&str] = &[
+        "format",
+        "vault_id",
+        "public_key",
+        "sealed_master_hash",
+        "signing_key_hash",
+        "version",
+        "wrapped_hash",
+        "recorded_by",
+        "key",
+        "subject",
+        "keys",
+        "rewrapped",
+        "mask_key_hash",
+        "key_id",
+        "endorsement",
+        "id",
+        "role",
+        "key_hash",
+        "name",
+        "token_hash",
+        "partner_id",
+        "purpose",
+        "fields",
+        "expires_at_ms",
+        "minted_at_ms",
+        "purposes",
+        "unknown",
+    ];
 
     /// Bytes of a verified-prefix record after its entry count.
     const LEN_AFTER_ENTRIES: usize = crate::verified::LEN - 13;
