@@ -317,6 +317,30 @@ async fn bad_input_gets_a_typed_error_and_writes_nothing() {
             "invalid_request",
         ),
         (
+            call(
+                a,
+                "PUT",
+                "/v1/subjects/cust-7/consents/acme-lender",
+                Some(w),
+                Some(r#"{"purposes": ["credit check"]}"#),
+            )
+            .await,
+            400,
+            "invalid_request",
+        ),
+        (
+            call(
+                a,
+                "PUT",
+                "/v1/subjects/cust-7/consents/acme-lender",
+                Some(w),
+                Some(r#"{"purposes": [""]}"#),
+            )
+            .await,
+            400,
+            "invalid_request",
+        ),
+        (
             call(a, "GET", "/v1/logs?limit=0", Some(adm), None).await,
             400,
             "invalid_request",
@@ -367,6 +391,38 @@ async fn bad_input_gets_a_typed_error_and_writes_nothing() {
         entries(&r).await,
         before,
         "bad input must not write anything"
+    );
+    // A time before 1970 is 1970: a consent that expired then is recorded
+    // and is expired, and a range from then covers the whole log.
+    let old = r#"{"purposes": ["credit_check"], "expires_at": "1372-03-11T17:57:36Z"}"#;
+    let got = call(
+        a,
+        "PUT",
+        "/v1/subjects/cust-7/consents/acme-lender",
+        Some(w),
+        Some(old),
+    )
+    .await;
+    assert_eq!(got.0, 200, "{got:?}");
+    assert_error(
+        &call(a, "POST", "/v1/authorize", Some(p), Some(ok_body)).await,
+        403,
+        "consent_expired",
+    );
+    let (status, page) = call(
+        a,
+        "GET",
+        "/v1/logs?since=1012-08-29T16:38:40Z&kind=consent_granted",
+        Some(adm),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let granted = page["events"].as_array().expect("events");
+    assert_eq!(
+        granted.last().map(|e| &e["payload"]["expires_at_ms"]),
+        Some(&0.into()),
+        "{page}"
     );
     r.stop().await;
 }

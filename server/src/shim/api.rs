@@ -233,11 +233,13 @@ pub fn rfc3339(ms: u64) -> String {
         .unwrap_or_default()
 }
 
+/// Unix milliseconds of an RFC 3339 time; one before 1970 is 0, since
+/// every time the vault keeps is later (a consent that expired then has
+/// expired, a range that starts then starts at the log's beginning).
 fn parse_rfc3339(what: &str, s: &str) -> Result<u64, ApiError> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map_err(|_| ApiError::bad_request(format!("{what}: not an RFC 3339 time")))?;
-    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_| ApiError::bad_request(format!("{what}: before 1970")))
+    Ok(u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
 }
 
 impl Shim {
@@ -524,6 +526,12 @@ pub async fn put_consent(
     check_id("partner_id", &partner)?;
     if req.purposes.is_empty() || req.purposes.len() > 256 {
         return Err(ApiError::bad_request("purposes: 1 to 256 purposes"));
+    }
+    // As a policy names them: a consent to anything else could never apply.
+    if !req.purposes.iter().all(|p| crate::shim::policy::is_name(p)) {
+        return Err(ApiError::bad_request(
+            "purposes: each 1 to 128 printable ASCII characters without spaces",
+        ));
     }
     let expires_at_ms = match &req.expires_at {
         Some(s) => Some(parse_rfc3339("expires_at", s)?),

@@ -303,3 +303,70 @@ pub async fn apply_policies(
     }
     Ok(changed)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    fn doc() -> Value {
+        serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON")
+    }
+
+    /// The document states the rules the handlers enforce, so that a
+    /// request it calls valid is not refused as malformed (what a client
+    /// generated from it, or a tool such as schemathesis, relies on).
+    #[test]
+    fn the_openapi_document_states_the_rules_the_handlers_enforce() {
+        let d = doc();
+        let schemas = &d["components"]["schemas"];
+        assert_eq!(schemas["Id"]["pattern"], "^[!-~]{1,256}$");
+        assert_eq!(schemas["Name"]["pattern"], "^[!-~]{1,128}$");
+        // Ids: what `validate_subject` accepts, and nothing it refuses.
+        for (id, ok) in [("cust-42", true), ("", false), ("a b", false), ("é", false)] {
+            assert_eq!(
+                storage::vault::validate_subject(id, true).is_ok(),
+                ok,
+                "{id:?}"
+            );
+        }
+        assert!(storage::vault::validate_subject(&"x".repeat(256), true).is_ok());
+        assert!(storage::vault::validate_subject(&"x".repeat(257), true).is_err());
+        assert!(
+            super::policy::is_name(&"x".repeat(128)) && !super::policy::is_name(&"x".repeat(129))
+        );
+        // Every path parameter is an id; every body may be refused as not
+        // JSON (415).
+        for (path, item) in d["paths"].as_object().expect("paths") {
+            for p in item["parameters"].as_array().into_iter().flatten() {
+                assert_eq!(p["schema"]["$ref"], "#/components/schemas/Id", "{path}");
+            }
+            for (method, op) in item.as_object().expect("path item") {
+                if op.get("requestBody").is_some() {
+                    assert!(op["responses"].get("415").is_some(), "{method} {path}");
+                }
+            }
+        }
+        // The kinds `/v1/logs` filters on are the log's.
+        let logs = &d["paths"]["/v1/logs"]["get"]["parameters"];
+        let param = |name: &str| {
+            logs.as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .map(|p| p["schema"].clone())
+                .unwrap_or_else(|| panic!("no parameter {name}"))
+        };
+        let kinds: Vec<&str> = storage::Kind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(param("kind")["enum"], serde_json::json!(kinds));
+        assert_eq!(
+            (
+                param("limit")["minimum"].clone(),
+                param("limit")["maximum"].clone()
+            ),
+            (1.into(), 1000.into())
+        );
+        let policy = &schemas["Policy"]["properties"];
+        assert_eq!(
+            policy["max_token_ttl_secs"]["maximum"],
+            super::ShimConfig::default().max_token_ttl_secs
+        );
+    }
+}

@@ -120,8 +120,14 @@ impl Policy {
     }
 }
 
+/// Whether `name` can name a purpose or a field: 1 to 128 printable ASCII
+/// characters without spaces.
+pub fn is_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
 fn check_name(what: &str, name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_graphic()) {
+    if !is_name(name) {
         return Err(format!(
             "{what} names are 1 to 128 printable ASCII characters without spaces"
         ));
