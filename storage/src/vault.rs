@@ -1045,9 +1045,12 @@ impl Vault {
         if let Some((seq, reason)) = report.failure {
             return Err(Error::integrity(seq, reason));
         }
-        tracing::debug!(
+        // One line at each open: how much was checked, and how many
+        // groups' signatures the verified-prefix record stood for.
+        tracing::info!(
+            entries = report.entries,
             groups = report.groups,
-            vouched = report.vouched_groups,
+            signatures_from_record = report.vouched_groups,
             "log verified"
         );
         if let (Some(last_hash), Some(heads_digest)) = (report.head, report.heads_digest) {
