@@ -496,15 +496,13 @@ pub async fn put_policy(
     let c = shim.caller(&key).await?;
     require_role(&c, &["admin"])?;
     let payload = json!({"partner_id": partner, "policy": policy});
-    let r = c
-        .event(
-            Kind::PolicyChanged as u8,
-            "",
-            payload.to_string().into_bytes(),
-        )
-        .await
-        .map_err(|e| vault_error(&e))?;
-    Ok(axum::Json(receipt_json(&r)))
+    write_event(
+        &c,
+        Kind::PolicyChanged,
+        "",
+        payload.to_string().into_bytes(),
+    )
+    .await
 }
 
 /// Body of `PUT /v1/subjects/{subject_id}/consents/{partner_id}`.
@@ -545,11 +543,7 @@ pub async fn put_consent(
         expires_at_ms,
     };
     let payload = serde_json::to_vec(&consent).map_err(|e| ApiError::internal(e.to_string()))?;
-    let r = c
-        .event(Kind::ConsentGranted as u8, subject, payload)
-        .await
-        .map_err(|e| vault_error(&e))?;
-    Ok(axum::Json(receipt_json(&r)))
+    write_event(&c, Kind::ConsentGranted, subject, payload).await
 }
 
 pub async fn delete_consent(
@@ -562,15 +556,13 @@ pub async fn delete_consent(
     let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "writer"])?;
     let payload = json!({"partner_id": partner});
-    let r = c
-        .event(
-            Kind::ConsentRevoked as u8,
-            subject,
-            payload.to_string().into_bytes(),
-        )
-        .await
-        .map_err(|e| vault_error(&e))?;
-    Ok(axum::Json(receipt_json(&r)))
+    write_event(
+        &c,
+        Kind::ConsentRevoked,
+        subject,
+        payload.to_string().into_bytes(),
+    )
+    .await
 }
 
 /// Body of `POST /v1/credentials`.
@@ -625,6 +617,21 @@ fn require_role(c: &Client, roles: &[&str]) -> Result<(), ApiError> {
             format!("this needs one of the roles {}", roles.join(", ")),
         ))
     }
+}
+
+/// Writes an event to the log as the caller `c` (the vault checks its role
+/// and names it as `recorded_by`), and answers with the event's receipt.
+async fn write_event(
+    c: &Client,
+    kind: Kind,
+    subject: impl Into<String>,
+    payload: Vec<u8>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let r = c
+        .event(kind as u8, subject, payload)
+        .await
+        .map_err(|e| vault_error(&e))?;
+    Ok(axum::Json(receipt_json(&r)))
 }
 
 fn receipt_json(r: &client::Receipt) -> Value {
