@@ -21,6 +21,10 @@ for name, header, payload in frames:
     put("frame", name, h + p)
     put("message", name, bytes([h[3]]) + p)
 put("frame", "pipelined", b"".join(bytes.fromhex(h + (p or "")) for _, h, p in frames[:3]))
+# The connection target: caller 0 (admin, whose Hello goes first), no cut,
+# then the frame.
+for name, header, payload in frames:
+    put("connection", name, b"\x00\x00" + bytes.fromhex(header) + bytes.fromhex(payload or ""))
 
 storage = read("storage.md")
 vec = dict(re.findall(r"^([A-Z0-9_]+) ([0-9a-f]+)$", storage, re.M))

@@ -146,6 +146,11 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
         .flat_map(|(_, h, p)| h.iter().chain(p).copied())
         .collect();
     check(&mut stale, "frame", "pipelined", &pipelined);
+    // The connection target: caller 0 (admin), no cut, then the frame.
+    for (name, header, payload) in &frames {
+        let seed = [&[0u8, 0][..], header, payload].concat();
+        check(&mut stale, "connection", name, &seed);
+    }
 
     let storage = doc("storage.md");
     for name in ["ENTRY_RS_GOLDEN", "ENTRY6", "ENTRY7"] {

@@ -6,13 +6,150 @@
 //! masking returns exactly the requested fields, `reveal` the value itself,
 //! and `tokenize` and `hash` the same output for the same input.
 //!
+//!
+//! And over the protocol server itself: [`connection`] runs one client's
+//! bytes through `serve_connection` against a real vault, as `vaultd serve`
+//! does for each connection, and asserts that the server answers with whole
+//! frames, ends the connection and never panics.
+//!
 //! The cargo-fuzz targets in `fuzz/` are one-line shims over these
 //! functions; the proptests below run them on stable in CI.
 
-use protocol::MaskOp;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use protocol::{frame, MaskOp, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::live::LiveVault;
 use crate::mask::{apply, apply_all, MaskKeys};
+use crate::serve::{serve_connection, Conn, FailureThrottle, ServeConfig};
 use crate::shim::{PoliciesFile, Policy, ShimConfig};
+
+/// The vault every [`connection`] of a process talks to, with a key of
+/// each role. Made once: the inputs' appends, mints and rotations add up
+/// in it, as on a server that runs for long.
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    vault: LiveVault,
+    /// API keys: admin, writer, partner, gateway, auditor.
+    keys: Vec<String>,
+    config: Arc<ServeConfig>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        // In memory where there is one: every append is synced.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::Builder::new()
+                .prefix("fintrust-fuzz-")
+                .tempdir_in(shm)
+        } else {
+            tempfile::Builder::new().prefix("fintrust-fuzz-").tempdir()
+        }
+        .expect("a scratch dir");
+        let created = storage::Vault::create(
+            &dir.path().join("v"),
+            &storage::Unlock::passphrase(b"fuzzing".to_vec()),
+            storage::Options::default(),
+        )
+        .expect("a vault");
+        let vault = Arc::new(created.vault);
+        let mut keys = vec![created.admin_api_key.to_string()];
+        for (role, name) in [
+            ("writer", "fuzz-writer"),
+            ("partner", "demo-lender"),
+            ("gateway", "fuzz-gateway"),
+            ("auditor", "fuzz-auditor"),
+        ] {
+            let (_, key) = rt
+                .block_on(vault.create_credential(role, name))
+                .expect("a credential");
+            keys.push(key.to_string());
+        }
+        Fixture {
+            rt,
+            vault: vault.into(),
+            keys,
+            config: Arc::new(ServeConfig::default()),
+            _dir: dir,
+        }
+    })
+}
+
+/// One protocol connection, served as `vaultd serve` serves each one
+/// (`serve_connection`, over an in-memory pipe) by a real vault. The first
+/// byte chooses the caller: admin, writer, partner, gateway or auditor,
+/// whose `Hello` goes first, or (any other value) none, so that the bytes
+/// must say `Hello` themselves. The second byte says where the rest, the
+/// client's bytes, is cut in two writes; then the client closes its side.
+/// Whatever the bytes, the server answers with whole frames that decode,
+/// ends the connection within a minute, and never panics.
+pub fn connection(data: &[u8]) {
+    let [who, cut, bytes @ ..] = data else {
+        return;
+    };
+    let f = fixture();
+    let mut sent = Vec::new();
+    if let Some(key) = f.keys.get(usize::from(*who)) {
+        let hello = Message::Hello {
+            api_key: key.clone(),
+            client: "fuzz".into(),
+        };
+        sent = protocol::encode_frame(1, &hello, 0).expect("a Hello encodes");
+    }
+    let first = sent.len() + usize::from(*cut).min(bytes.len());
+    sent.extend_from_slice(bytes);
+    let answered = f.rt.block_on(async {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(server);
+        let conn = Conn {
+            vault: f.vault.clone(),
+            config: f.config.clone(),
+            throttle: Arc::new(FailureThrottle::default()),
+            peer: std::net::Ipv4Addr::LOCALHOST.into(),
+            admission: None,
+        };
+        let served = tokio::spawn(serve_connection(r, w, conn));
+        let (mut from, mut to) = tokio::io::split(client);
+        let write = async move {
+            // The server may close first: a write into a closed pipe fails.
+            if to.write_all(&sent[..first]).await.is_ok() {
+                tokio::task::yield_now().await;
+                let _ = to.write_all(&sent[first..]).await;
+            }
+            let _ = to.shutdown().await;
+        };
+        let read = async move {
+            let mut answer = Vec::new();
+            let _ = from.read_to_end(&mut answer).await;
+            answer
+        };
+        let whole = async { tokio::join!(write, read, served) };
+        tokio::time::timeout(Duration::from_secs(60), whole)
+            .await
+            .expect("the server ends the connection")
+    });
+    let (_, answer, served) = answered;
+    if let Err(e) = served {
+        panic!("the server's task failed: {e}");
+    }
+    let mut rest = &answer[..];
+    while !rest.is_empty() {
+        let (frame, used) = frame::decode(rest)
+            .expect("the server's frames decode")
+            .expect("the server sends whole frames");
+        Message::from_frame(&frame).expect("the server's messages decode");
+        rest = &rest[used..];
+    }
+}
 
 /// A policies file in TOML, as `vaultd serve --policies` reads it.
 pub fn policies_toml(data: &[u8]) {
@@ -116,6 +253,7 @@ mod tests {
     use proptest::collection::vec;
     use proptest::num::u8::ANY;
     use proptest::prelude::*;
+    use protocol::{MaskOp, Message};
 
     /// TOML-shaped text built from the pieces a policies file is made of,
     /// so that most cases get past the parser to validation.
@@ -180,6 +318,69 @@ mod tests {
         #[test]
         fn mask_never_panics(data in vec(prop_oneof![Just(0xFFu8), Just(0u8), ANY], 0..200)) {
             super::mask(&data);
+        }
+    }
+
+    /// A request of each kind a caller may send, with values that are good
+    /// and bad for it.
+    fn request() -> impl Strategy<Value = Message> {
+        let subject = prop_oneof![Just("cust-1".to_owned()), Just(String::new()), "[ -~]{0,8}"];
+        prop_oneof![
+            Just(Message::Ping),
+            Just(Message::Health),
+            Just(Message::Head),
+            Just(Message::KeyChain),
+            (subject.clone(), "[a-z]{0,4}", "[ -~]{0,12}").prop_map(|(subject, name, value)| {
+                Message::Append {
+                    subject,
+                    fields: vec![(name, value)],
+                }
+            }),
+            (subject.clone(), 0u32..3).prop_map(|(subject, ttl_secs)| Message::Mint {
+                partner_id: "demo-lender".into(),
+                subject,
+                purpose: "credit_check".into(),
+                fields: vec![("name".into(), MaskOp::Partial)],
+                ttl_secs,
+            }),
+            "fvt_[0-9a-f]{0,64}".prop_map(|token| Message::Redeem { token }),
+            (ANY_U64, 0u32..20).prop_map(|(from_seq, max)| Message::Entries { from_seq, max }),
+            (ANY_U64, 0u32..5).prop_map(|(from_seq, max)| Message::Heads { from_seq, max }),
+            ANY_U64.prop_map(|seq| Message::Proof { seq }),
+            (3u8..15, subject, vec(ANY, 0..20)).prop_map(|(kind, subject, payload)| {
+                Message::Event {
+                    kind,
+                    subject,
+                    payload,
+                }
+            }),
+        ]
+    }
+
+    const ANY_U64: std::ops::Range<u64> = 0..u64::MAX;
+
+    proptest! {
+        // Each case is a connection to a real vault, its appends synced.
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn a_connection_never_panics_the_server(
+            who in 0u8..7,
+            cut in ANY,
+            requests in vec((request(), 0u32..4), 0..6),
+            garbage in vec(ANY, 0..24),
+            garbage_at in 0usize..7,
+        ) {
+            let mut bytes = Vec::new();
+            for (i, (m, id)) in requests.iter().enumerate() {
+                if i == garbage_at {
+                    bytes.extend_from_slice(&garbage);
+                }
+                if let Ok(f) = protocol::encode_frame(*id + 2, m, 0) {
+                    bytes.extend_from_slice(&f);
+                }
+            }
+            super::connection(&[&[who, cut][..], &bytes].concat());
         }
     }
 }

@@ -16,8 +16,9 @@
 //! - [`mask`]: the masking operators a partner's redemption applies.
 //! - [`failpoints`]: failpoints before each reply, armed by
 //!   `FINTRUST_FAILPOINTS` in test builds only.
-//! - [`fuzzing`]: policy parsing and masking on arbitrary input, shared by
-//!   the fuzz targets in `fuzz/` and the proptests.
+//! - [`fuzzing`]: policy parsing, masking and a protocol connection to a
+//!   real vault on arbitrary input, shared by the fuzz targets in `fuzz/`
+//!   and the proptests.
 //! - [`serve`]: the protocol server of port 9999 (`vaultd serve`).
 //! - [`tls`]: rustls configuration of that port, mutual TLS optional.
 //! - [`shim`]: the HTTP policy shim of port 8080 (authorize, policies,
