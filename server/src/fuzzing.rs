@@ -6,7 +6,6 @@
 //! masking returns exactly the requested fields, `reveal` the value itself,
 //! and `tokenize` and `hash` the same output for the same input.
 //!
-//!
 //! And over the protocol server itself: [`connection`] runs one client's
 //! bytes through `serve_connection` against a real vault, as `vaultd serve`
 //! does for each connection, and asserts that the server answers with whole
@@ -26,9 +25,10 @@ use crate::mask::{apply, apply_all, MaskKeys};
 use crate::serve::{serve_connection, Conn, FailureThrottle, ServeConfig};
 use crate::shim::{PoliciesFile, Policy, ShimConfig};
 
-/// The vault every [`connection`] of a process talks to, with a key of
-/// each role. Made once: the inputs' appends, mints and rotations add up
-/// in it, as on a server that runs for long.
+/// The vault the connections talk to, with a key of each role. The fuzz
+/// target makes one per process, the proptest one per run: the inputs'
+/// appends, mints and rotations add up in it, as on a server that runs
+/// for long.
 struct Fixture {
     rt: tokio::runtime::Runtime,
     vault: LiveVault,
