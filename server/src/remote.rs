@@ -140,21 +140,7 @@ pub async fn verify_remote(opts: &RemoteOptions<'_>) -> Result<RemoteReport> {
     let addr = opts.client.addr.clone();
     let client = Arc::new(Client::connect(opts.client.clone()).await?);
     let mut out = RemoteReport {
-        report: Report {
-            entries: 0,
-            head: None,
-            signed_head: None,
-            groups: 0,
-            failure: None,
-            used_stored_key: false,
-            shredded: Vec::new(),
-            shred_pending: Vec::new(),
-            unindexed: 0,
-            signing_keys: Vec::new(),
-            retired_signing_pending: Vec::new(),
-            heads_digest: None,
-            vouched_groups: 0,
-        },
+        report: Report::default(),
         addr,
         receipts_checked: 0,
         elapsed: Duration::ZERO,

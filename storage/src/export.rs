@@ -169,19 +169,9 @@ pub fn verify_export(input: impl Read + Send, key: &VerifyingKey) -> Result<Expo
         Err((0, Reason::Truncated))
     };
     let mut report = Report {
-        entries: 0,
-        head: None,
-        signed_head: None,
         groups: walk.groups(),
-        failure: None,
-        used_stored_key: false,
         shredded: walk.shredded().to_vec(),
-        unindexed: 0,
-        shred_pending: Vec::new(),
-        signing_keys: Vec::new(),
-        retired_signing_pending: Vec::new(),
-        heads_digest: None,
-        vouched_groups: 0,
+        ..Report::default()
     };
     match outcome {
         Ok(()) => {

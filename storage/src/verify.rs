@@ -1173,8 +1173,9 @@ impl std::fmt::Debug for VerifyOptions<'_> {
     }
 }
 
-/// The outcome of a verification that ran.
-#[derive(Debug, Clone)]
+/// The outcome of a verification that ran. The default is a report of
+/// nothing checked yet, which each mode of verification fills in.
+#[derive(Debug, Clone, Default)]
 pub struct Report {
     /// Entries checked.
     pub entries: u64,
@@ -1321,19 +1322,8 @@ pub(crate) fn verify_store_with(
     let stored_key = store.stored_public_key();
     let used_stored_key = opts.public_key.is_none();
     let mut report = Report {
-        entries: 0,
-        head: None,
-        signed_head: None,
-        groups: 0,
-        failure: None,
         used_stored_key,
-        shredded: Vec::new(),
-        unindexed: 0,
-        shred_pending: Vec::new(),
-        signing_keys: Vec::new(),
-        retired_signing_pending: Vec::new(),
-        heads_digest: None,
-        vouched_groups: 0,
+        ..Report::default()
     };
     let key = match opts.public_key.or(stored_key) {
         Some(k) => k,
