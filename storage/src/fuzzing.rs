@@ -15,7 +15,7 @@ use crate::crypto::{SealedMaster, SecretKey};
 use crate::entry::{entry_hash, entry_hashes, EntryRef, Kind};
 use crate::error::Error;
 use crate::export::{verify_export, EXPORT_MAGIC, EXPORT_VERSION};
-use crate::vault::{decode_pending, decode_shredding};
+use crate::vault::{decode_pending, decode_shredding, encode_pending, encode_shredding};
 use crate::verified;
 use crate::verify::{check_entry_content, VerifiedPrefix};
 use crate::wal::{encode_record, read_segment, SEGMENT_MAGIC, SEGMENT_VERSION};
@@ -151,22 +151,12 @@ pub fn keys(data: &[u8]) {
         }
         1 => {
             if let Ok((first, names)) = decode_pending(rest) {
-                let mut again = first.to_be_bytes().to_vec();
-                for n in &names {
-                    let len = u16::try_from(n.len()).expect("a name read fits its length");
-                    again.extend_from_slice(&len.to_be_bytes());
-                    again.extend_from_slice(n);
-                }
-                assert_eq!(again, rest);
+                assert_eq!(encode_pending(first, &names), rest);
             }
         }
         2 => {
-            if let Ok((_, subjects)) = decode_shredding(rest) {
-                let read = decode_pending(rest).expect("a shredding marker is a pending marker");
-                assert!(subjects
-                    .iter()
-                    .map(String::as_bytes)
-                    .eq(read.1.iter().map(Vec::as_slice)));
+            if let Ok((first, subjects)) = decode_shredding(rest) {
+                assert_eq!(encode_shredding(first, &subjects), rest);
             }
         }
         3 => {

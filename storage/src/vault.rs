@@ -2500,7 +2500,7 @@ fn recover_rotation(store: &Store, next_seq: u64) -> Result<()> {
 /// shredded keys (step 3).
 pub const SHREDDING: &[u8] = b"shredding";
 
-fn encode_shredding(first_seq: u64, subjects: &[String]) -> Vec<u8> {
+pub(crate) fn encode_shredding(first_seq: u64, subjects: &[String]) -> Vec<u8> {
     let names: Vec<Vec<u8>> = subjects.iter().map(|s| s.as_bytes().to_vec()).collect();
     encode_pending(first_seq, &names)
 }
@@ -2569,7 +2569,7 @@ pub fn pending_markers(keys: &sled::Tree) -> Result<Vec<PendingMarker>> {
     Ok(found)
 }
 
-fn encode_pending(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
+pub(crate) fn encode_pending(first_seq: u64, names: &[Vec<u8>]) -> Vec<u8> {
     let mut v = first_seq.to_be_bytes().to_vec();
     for n in names {
         v.extend_from_slice(&(n.len() as u16).to_be_bytes());
