@@ -4,7 +4,8 @@
 //!
 //! - `vaultd init` creates a vault and prints its public key once;
 //! - `vaultd dev` serves a demo vault, stops cleanly on SIGTERM, and reopens it;
-//! - `vaultd serve` takes its commit group bounds from the command line;
+//! - `vaultd serve` takes its commit group bounds from the command line,
+//!   and refuses a trusted proxy that is not an address or network;
 //! - `vault-verify` exits 0 for an intact vault, 1 for an integrity failure
 //!   (naming the seq and the reason), 2 when it cannot run; with
 //!   `--head-file` it keeps the newest head verified and names a data dir
@@ -637,7 +638,14 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
 
 #[test]
 fn serve_takes_its_commit_group_bounds_from_the_command_line() {
-    for flag in ["--max-group-entries", "--max-group-kib"] {
+    // Values out of range are refused as usage errors (exit 2).
+    for (flag, value) in [
+        ("--max-group-entries", "0"),
+        ("--max-group-kib", "0"),
+        ("--trusted-proxy", "proxy.internal"),
+        ("--trusted-proxy", "10.0.0.0/33"),
+        ("--trusted-proxy", "10.0.0.1,nope"),
+    ] {
         let out = run(
             "vaultd",
             [
@@ -647,11 +655,17 @@ fn serve_takes_its_commit_group_bounds_from_the_command_line() {
                 "--passphrase-file",
                 "/nonexistent",
                 flag,
-                "0",
+                value,
             ],
         );
-        assert_eq!(out.code, 2, "{flag} 0: {out:?}");
-        assert!(out.stderr.contains(flag), "{flag} 0: {out:?}");
+        assert_eq!(out.code, 2, "{flag} {value}: {out:?}");
+        assert!(out.stderr.contains(flag), "{flag} {value}: {out:?}");
+        if flag == "--trusted-proxy" {
+            assert!(
+                out.stderr.contains("not an address or CIDR network"),
+                "{value}: {out:?}"
+            );
+        }
     }
 
     let s = Scratch::new();

@@ -274,7 +274,7 @@ impl AtomicFile {
 fn file_error(path: &Path, source: std::io::Error) -> Error {
     Error::File {
         path: path.display().to_string(),
-        source,
+        error: source,
     }
 }
 

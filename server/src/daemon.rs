@@ -69,7 +69,7 @@ pub async fn run(
 ) -> Result<()> {
     let io = |source| Error::File {
         path: "listener".into(),
-        source,
+        error: source,
     };
     let bound = Bound {
         protocol: d.protocol.local_addr().map_err(io)?,

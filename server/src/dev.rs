@@ -109,7 +109,7 @@ pub async fn run(
     let (vault, admin_api_key) = if fresh {
         std::fs::create_dir_all(&data_dir).map_err(|source| Error::File {
             path: data_dir.display().to_string(),
-            source,
+            error: source,
         })?;
         let pass = storage::generate_api_key();
         write_private(&passphrase_file, pass.as_bytes())?;
@@ -136,7 +136,10 @@ pub async fn run(
     let bind = |addr: String| async move {
         tokio::net::TcpListener::bind(&addr)
             .await
-            .map_err(|source| Error::File { path: addr, source })
+            .map_err(|source| Error::File {
+                path: addr,
+                error: source,
+            })
     };
     let protocol = bind(opts.listen).await?;
     let http = bind(opts.http_listen).await?;
@@ -362,7 +365,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     let err = |source| Error::File {
         path: path.display().to_string(),
-        source,
+        error: source,
     };
     let mut f = opts.open(path).map_err(err)?;
     f.write_all(bytes).map_err(err)?;

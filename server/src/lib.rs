@@ -57,12 +57,10 @@ pub const ENV_PREFIX: &str = "FINTRUST_";
 pub enum Error {
     #[error(transparent)]
     Storage(#[from] storage::Error),
-    #[error("{path}: {source}")]
-    File {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file or socket the server reads or writes, with the I/O error
+    /// in the message (not also as a source, so a chain prints it once).
+    #[error("{path}: {error}")]
+    File { path: String, error: std::io::Error },
     #[error("{0}")]
     Usage(String),
     /// Talking to a vault failed: unreachable, TLS, refused by the server,

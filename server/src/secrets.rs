@@ -16,7 +16,7 @@ fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         .map(Zeroizing::new)
         .map_err(|source| Error::File {
             path: path.display().to_string(),
-            source,
+            error: source,
         })
 }
 

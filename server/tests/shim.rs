@@ -1,10 +1,12 @@
 //! The HTTP policy shim in front of a real vault, both in this process on
 //! ports the OS chose: bad input gets the typed JSON error and writes
-//! nothing, source-address and time-of-day rules are enforced and audited,
-//! and slow, idle or never-finishing HTTP clients are cut off; and random
-//! requests to every route, with any key and any body, get a typed answer
-//! and write no more than that answer allows; and a consent's revocation
-//! stops the grants that start after it and the tokens granted before it.
+//! nothing, source-address rules (behind a trusted reverse proxy, for the
+//! client its `X-Forwarded-For` names) and time-of-day rules are enforced
+//! and audited, and slow, idle or never-finishing HTTP clients are cut
+//! off; and random requests to every route, with any key and any body,
+//! get a typed answer and write no more than that answer allows; and a
+//! consent's revocation stops the grants that start after it and the
+//! tokens granted before it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -450,6 +452,36 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
         .as_str()
         .is_some_and(|t| t.starts_with("fvt_")));
 
+    let reasons: Vec<Value> = denials(&r)
+        .await
+        .iter()
+        .map(|p| p["reason"].clone())
+        .collect();
+    assert_eq!(reasons, ["source_not_allowed", "outside_allowed_hours"]);
+    r.stop().await;
+}
+
+/// `POST /v1/authorize` for the test's subject and purpose, with each of
+/// `forwarded` as an `X-Forwarded-For` line.
+async fn authorize_forwarded(r: &Running, forwarded: &[&str]) -> (u16, Value) {
+    let body = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
+    let mut req = format!(
+        "POST /v1/authorize HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n",
+        r.partner,
+        body.len()
+    );
+    for f in forwarded {
+        req.push_str(&format!("X-Forwarded-For: {f}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    exchange(r.http, req.as_bytes()).await
+}
+
+/// The `access_denied` entries' payloads, oldest first.
+async fn denials(r: &Running) -> Vec<Value> {
     let logs = call(
         r.http,
         "GET",
@@ -458,13 +490,81 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
         None,
     )
     .await;
-    let reasons: Vec<&str> = logs.1["events"]
+    assert_eq!(logs.0, 200, "{}", logs.1);
+    logs.1["events"]
         .as_array()
         .expect("events")
         .iter()
-        .filter_map(|e| e["payload"]["reason"].as_str())
-        .collect();
-    assert_eq!(reasons, ["source_not_allowed", "outside_allowed_hours"]);
+        .map(|e| e["payload"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
+    let fields = json!({"credit_check": {"fields": {"name": "partial"}}});
+    let policy = json!({"purposes": fields, "source_ips": ["192.0.2.0/24"]});
+    // The test connects from 127.0.0.1, which this shim trusts as a proxy.
+    let r = start(ShimConfig {
+        trusted_proxies: server::shim::forwarded::TrustedProxies::parse(&["127.0.0.1"])
+            .expect("networks"),
+        ..ShimConfig::default()
+    })
+    .await;
+    put_policy(&r, policy.clone()).await;
+    // The proxy names a client in the policy's network: granted.
+    let granted = authorize_forwarded(&r, &["192.0.2.7"]).await;
+    assert_eq!(granted.0, 200, "{}", granted.1);
+    // A client that writes the policy's network itself, ahead of the
+    // address the proxy appends, is checked at the proxy's address.
+    for (forwarded, client) in [
+        (&["192.0.2.7, 203.0.113.9"][..], "203.0.113.9"),
+        (&["192.0.2.7", "[2001:db8::9]:443"], "2001:db8::9"),
+        // No header from the proxy: the proxy is the client.
+        (&[], "127.0.0.1"),
+    ] {
+        assert_error(
+            &authorize_forwarded(&r, forwarded).await,
+            403,
+            "source_not_allowed",
+        );
+        let last = denials(&r).await.pop().expect("a denial");
+        assert_eq!(last["source_ip"], client, "{last}");
+        let proxy = if forwarded.is_empty() {
+            Value::Null
+        } else {
+            json!("127.0.0.1")
+        };
+        assert_eq!(last["proxy_ip"], proxy, "{last}");
+    }
+    // An address the proxy wrote that is not one: refused, nothing written.
+    let before = entries(&r).await;
+    for forwarded in [&["192.0.2.7, unknown"][..], &["192.0.2.7", "192.0.2.300"]] {
+        let got = authorize_forwarded(&r, forwarded).await;
+        assert_error(&got, 400, "invalid_request");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("X-Forwarded-For")),
+            "{}",
+            got.1
+        );
+    }
+    assert_eq!(entries(&r).await, before, "a 400 writes nothing");
+    r.stop().await;
+
+    // A shim that trusts no proxy reads no X-Forwarded-For at all.
+    let r = start(ShimConfig::default()).await;
+    put_policy(&r, policy).await;
+    for forwarded in [&["192.0.2.7"][..], &["not an address"]] {
+        assert_error(
+            &authorize_forwarded(&r, forwarded).await,
+            403,
+            "source_not_allowed",
+        );
+        let last = denials(&r).await.pop().expect("a denial");
+        assert_eq!(last["source_ip"], "127.0.0.1", "{last}");
+        assert_eq!(last["proxy_ip"], Value::Null, "{last}");
+    }
     r.stop().await;
 }
 

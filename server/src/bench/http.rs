@@ -296,7 +296,7 @@ pub(super) type Conn = SendRequest<Full<Bytes>>;
 pub(super) async fn connect(addr: SocketAddr) -> Result<Conn> {
     let io = |source| Error::File {
         path: format!("http://{addr}"),
-        source,
+        error: source,
     };
     let tcp = TcpStream::connect(addr).await.map_err(io)?;
     tcp.set_nodelay(true).map_err(io)?;

@@ -66,7 +66,10 @@ impl InProcess {
     pub async fn start(vault: Vault, dir: &Path, opts: Options) -> Result<InProcess> {
         let io = |what: &str| {
             let what = what.to_string();
-            move |source| Error::File { path: what, source }
+            move |source| Error::File {
+                path: what,
+                error: source,
+            }
         };
         let (tls, ca) = if opts.tls {
             let (files, ca) = make_pki(&dir.join("tls"))?;
@@ -189,13 +192,13 @@ fn make_pki(dir: &Path) -> Result<(TlsFiles, PathBuf)> {
         .map_err(pki)?;
     std::fs::create_dir_all(dir).map_err(|source| Error::File {
         path: dir.display().to_string(),
-        source,
+        error: source,
     })?;
     let write = |name: &str, content: String| -> Result<PathBuf> {
         let p = dir.join(name);
         std::fs::write(&p, content).map_err(|source| Error::File {
             path: p.display().to_string(),
-            source,
+            error: source,
         })?;
         Ok(p)
     };

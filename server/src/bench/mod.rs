@@ -811,7 +811,7 @@ fn scratch(
                 .tempdir()
                 .map_err(|source| Error::File {
                     path: std::env::temp_dir().display().to_string(),
-                    source,
+                    error: source,
                 })?;
             let p = t.path().to_path_buf();
             (Some(t), p)
@@ -819,7 +819,7 @@ fn scratch(
     };
     std::fs::create_dir_all(&dir).map_err(|source| Error::File {
         path: dir.display().to_string(),
-        source,
+        error: source,
     })?;
     let info = TargetInfo {
         kind,
@@ -1532,7 +1532,7 @@ fn sled_baseline(
 ) -> Result<SledRun> {
     let io = |source: std::io::Error| Error::File {
         path: dir.display().to_string(),
-        source,
+        error: source,
     };
     let db = sled::Config::new()
         .path(dir)

@@ -160,7 +160,7 @@ async fn with_server(
 ) -> Result<RedisRun> {
     std::fs::create_dir_all(dir).map_err(|source| Error::File {
         path: dir.display().to_string(),
-        source,
+        error: source,
     })?;
     let port = free_port().await?;
     let mut child = tokio::process::Command::new(bin)
@@ -187,7 +187,7 @@ async fn with_server(
         .spawn()
         .map_err(|source| Error::File {
             path: bin.display().to_string(),
-            source,
+            error: source,
         })?;
     let addr = format!("127.0.0.1:{port}");
     let result = async {
@@ -210,7 +210,7 @@ fn redis_error(what: impl Into<String>) -> Error {
 fn io_error(addr: &str) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::File {
         path: format!("redis at {addr}"),
-        source,
+        error: source,
     }
 }
 

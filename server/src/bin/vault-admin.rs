@@ -289,7 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut print = |line: &Value| -> server::Result<()> {
                 writeln!(out, "{line}").map_err(|source| server::Error::File {
                     path: "stdout".into(),
-                    source,
+                    error: source,
                 })
             };
             match data_dir {

@@ -91,6 +91,13 @@ enum Command {
         /// TOML file of partner policies, written to the log at start where they differ.
         #[arg(long, env = "FINTRUST_POLICIES")]
         policies: Option<PathBuf>,
+        /// A reverse proxy in front of the HTTP shim, as an address or CIDR
+        /// network (repeat the option; comma-separated in the environment):
+        /// from such a peer, `X-Forwarded-For` names the client whose address
+        /// a policy's `source_ips` must hold (docs/http.md).
+        #[arg(long = "trusted-proxy", env = "FINTRUST_TRUSTED_PROXIES",
+              value_name = "CIDR", value_delimiter = ',', value_parser = network)]
+        trusted_proxies: Vec<String>,
         #[command(flatten)]
         tls: TlsArgs,
         #[command(flatten)]
@@ -152,6 +159,13 @@ enum Command {
         public_vault_addr: Option<String>,
         #[arg(long, env = "FINTRUST_POLICIES")]
         policies: Option<PathBuf>,
+        /// A reverse proxy in front of the HTTP shim, as an address or CIDR
+        /// network (repeat the option; comma-separated in the environment):
+        /// from such a peer, `X-Forwarded-For` names the client whose address
+        /// a policy's `source_ips` must hold (docs/http.md).
+        #[arg(long = "trusted-proxy", env = "FINTRUST_TRUSTED_PROXIES",
+              value_name = "CIDR", value_delimiter = ',', value_parser = network)]
+        trusted_proxies: Vec<String>,
         /// TLS of the HTTP port (and, with --insecure-plaintext, plaintext to the vault too).
         #[command(flatten)]
         tls: TlsArgs,
@@ -249,6 +263,29 @@ fn read_policies(path: Option<PathBuf>) -> anyhow::Result<Option<server::shim::P
     Ok(Some(file))
 }
 
+/// A `--trusted-proxy` value, checked as the command line is read. A
+/// blank one (an empty `FINTRUST_TRUSTED_PROXIES`) names none.
+fn network(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(String::new());
+    }
+    server::shim::forwarded::TrustedProxies::parse(&[s]).map(|_| s.to_string())
+}
+
+/// The `--trusted-proxy` networks.
+fn trusted(networks: &[String]) -> anyhow::Result<server::shim::forwarded::TrustedProxies> {
+    let networks: Vec<&String> = networks.iter().filter(|n| !n.is_empty()).collect();
+    let proxies = server::shim::forwarded::TrustedProxies::parse(&networks)
+        .map_err(|e| anyhow::anyhow!("--trusted-proxy: {e}"))?;
+    if !proxies.is_empty() {
+        tracing::info!(
+            networks = networks.len(),
+            "X-Forwarded-For is read from trusted proxies"
+        );
+    }
+    Ok(proxies)
+}
+
 fn main() -> ExitCode {
     let purge_delay_ms = server::alloc::return_freed_memory();
     let huge_pages_off = server::alloc::without_huge_pages();
@@ -339,6 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_http,
             public_vault_addr,
             policies,
+            trusted_proxies,
             tls,
             rotation,
             index_batch,
@@ -349,6 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
+            let trusted_proxies = trusted(&trusted_proxies)?;
             let unlock = vault.unlock()?;
             let options = move || storage::Options {
                 index_batch,
@@ -385,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let shim = server::shim::ShimConfig {
                     vault_addr: public_vault_addr.unwrap_or(listen),
+                    trusted_proxies,
                     ..Default::default()
                 };
                 let d = server::daemon::Daemon {
@@ -417,11 +457,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             http_listen,
             public_vault_addr,
             policies,
+            trusted_proxies,
             tls,
         } => {
             let plaintext = tls.insecure_plaintext;
             let http_tls = tls.config()?;
             let policies = read_policies(policies)?;
+            let trusted_proxies = trusted(&trusted_proxies)?;
             let key = server::secrets::read_secret_file(&api_key_file)?;
             let vault_tls = match (cacert, plaintext) {
                 (Some(ca), _) => client::Tls::Ca {
@@ -449,6 +491,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 link,
                 server::shim::ShimConfig {
                     vault_addr: public_vault_addr.unwrap_or(vault),
+                    trusted_proxies,
                     ..Default::default()
                 },
             );

@@ -301,6 +301,7 @@ pub struct AuthorizeResponse {
 pub async fn authorize(
     State(shim): State<Arc<Shim>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Bearer(key): Bearer,
     ApiJson(req): ApiJson<AuthorizeRequest>,
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
@@ -311,6 +312,12 @@ pub async fn authorize(
     if req.fields.as_ref().is_some_and(|f| f.len() > 256) {
         return Err(ApiError::bad_request("at most 256 fields"));
     }
+    // The TCP peer, or behind a trusted proxy the client it names.
+    let source = shim
+        .config
+        .trusted_proxies
+        .source(peer.ip(), &headers)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let hash = *blake3::hash(key.as_bytes()).as_bytes();
     // Who holds the key, its policy and the subject's consent for it: one
     // round trip (`Context`), read afresh for every request.
@@ -330,7 +337,7 @@ pub async fn authorize(
     let partner = who.name;
     let now = now_ms();
     let stored = (ctx.policy, ctx.consent);
-    match decide(&shim, &partner, &req, stored, now, peer.ip())? {
+    match decide(&shim, &partner, &req, stored, now, source.client)? {
         Ok((policy, fields)) => {
             let ttl = policy
                 .max_token_ttl_secs
@@ -365,14 +372,17 @@ pub async fn authorize(
             }))
         }
         Err(denial) => {
-            let audit = json!({
+            let mut audit = json!({
                 "action": "authorize",
                 "partner_id": partner,
                 "purpose": req.purpose,
                 "reason": denial.code(),
                 "fields": req.fields,
-                "source_ip": peer.ip().to_string(),
+                "source_ip": source.client.to_string(),
             });
+            if let Some(proxy) = source.proxy {
+                audit["proxy_ip"] = proxy.to_string().into();
+            }
             let subject = req.subject_id.clone();
             // Fail closed: without a durable record of the denial, the
             // answer is 503, never a silent refusal.

@@ -29,6 +29,7 @@
 //! `/v1/openapi.json`) and `docs/http.md`.
 
 pub mod api;
+pub mod forwarded;
 pub mod link;
 pub mod policy;
 
@@ -75,6 +76,10 @@ pub struct ShimConfig {
     /// (default 1024); one more closes the oldest of them, so that
     /// clients that never finish (slowloris) cannot keep others out.
     pub max_handshakes: usize,
+    /// Reverse proxies in front of the shim (default none), whose
+    /// `X-Forwarded-For` names the client that `source_ips` is checked
+    /// against ([`forwarded`]).
+    pub trusted_proxies: forwarded::TrustedProxies,
 }
 
 impl Default for ShimConfig {
@@ -87,6 +92,7 @@ impl Default for ShimConfig {
             request_timeout: Duration::from_secs(15),
             max_connections: 1024,
             max_handshakes: 1024,
+            trusted_proxies: forwarded::TrustedProxies::default(),
         }
     }
 }
