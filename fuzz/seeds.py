@@ -79,3 +79,17 @@ put("mask", "record", SEP.join([b"demo-lender", bytes([0, 7, 14, 21, 28, 35]),
     b"name", b"Ada Lovelace", b"iban", b"GB82 WEST 1234 5698 7654 32",
     b"dob", b"1815-12-10", b"income", b"52,300.00", b"email", "ada@ex\u00e9mple.org".encode()]))
 put("mask", "dup", SEP.join([b"p", bytes([5, 5]), b"a", b"1", b"a", b"2"]))
+
+# The PROXY protocol headers of protocol.md, "Behind a TCP proxy": each
+# line ending in ':' names the next vector, whose hex may run over lines.
+block = proto[proto.index("Test vectors (checked by `server::proxied::header`"):]
+block = block[block.index("```text\n") + 8:block.index("```", block.index("```text\n") + 8)]
+headers = []
+for line in block.splitlines():
+    if line.endswith(":"):
+        headers.append(b"")
+    else:
+        headers[-1] += bytes.fromhex("".join(line.split()))
+assert len(headers) == 4, headers
+for i, h in enumerate(headers):
+    put("proxy_header", "vector%d" % i, h)

@@ -46,6 +46,30 @@ fn golden_frames(protocol: &str) -> Vec<(String, Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// The PROXY protocol headers of `protocol.md`, "Behind a TCP proxy": in
+/// its block of vectors, a line ending in ':' names the next one, whose hex
+/// may run over several lines.
+fn proxy_headers(protocol: &str) -> Vec<Vec<u8>> {
+    let block = protocol
+        .split_once("Test vectors (checked by `server::proxied::header`")
+        .and_then(|(_, rest)| rest.split_once("```text\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("protocol.md has the PROXY header vectors");
+    let mut headers: Vec<String> = Vec::new();
+    for line in block.lines() {
+        match headers.last_mut() {
+            _ if line.ends_with(':') => headers.push(String::new()),
+            Some(h) => h.extend(line.split_whitespace()),
+            None => panic!("a PROXY vector without its name: {line}"),
+        }
+    }
+    headers
+        .iter()
+        .map(|h| hex(h).unwrap_or_else(|| panic!("not hex: {h}")))
+        .collect()
+}
+
 /// The `NAME HEX` lines of `storage.md`.
 fn storage_vector(storage: &str, name: &str) -> Vec<u8> {
     storage
@@ -150,6 +174,11 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
     for (name, header, payload) in &frames {
         let seed = [&[0u8, 0][..], header, payload].concat();
         check(&mut stale, "connection", name, &seed);
+    }
+    let headers = proxy_headers(&doc("protocol.md"));
+    assert_eq!(headers.len(), 4, "PROXY headers read: {headers:?}");
+    for (i, h) in headers.iter().enumerate() {
+        check(&mut stale, "proxy_header", &format!("vector{i}"), h);
     }
 
     let storage = doc("storage.md");

@@ -9,7 +9,8 @@
 //! And over the protocol server itself: [`connection`] runs one client's
 //! bytes through `serve_connection` against a real vault, as `vaultd serve`
 //! does for each connection, and asserts that the server answers with whole
-//! frames, ends the connection and never panics.
+//! frames, ends the connection and never panics; [`proxy_header`] reads
+//! what a trusted TCP proxy sends first.
 //!
 //! The cargo-fuzz targets in `fuzz/` are one-line shims over these
 //! functions; the proptests below run them on stable in CI.
@@ -256,6 +257,35 @@ pub fn mask(data: &[u8]) {
     }
 }
 
+/// A PROXY protocol header, as the protocol server reads one from a
+/// trusted TCP proxy's connection ([`crate::proxied::header`]). Whatever
+/// the bytes: a verdict (reading a slice never waits), at most the
+/// header's bounds read, a header of at least its 15 first bytes, and the
+/// same verdict again from exactly the bytes read.
+pub fn proxy_header(data: &[u8]) {
+    use crate::proxied::header::{self, HeaderError, V2_MAX_LEN};
+    use futures_util::FutureExt;
+    let mut rest = data;
+    let Some(got) = header::read(&mut rest).now_or_never() else {
+        panic!("reading from a slice waited");
+    };
+    let used = data.len() - rest.len();
+    assert!(used <= 16 + V2_MAX_LEN, "read {used} bytes");
+    match got {
+        Ok(h) => {
+            assert!(used >= 15, "a header of {used} bytes");
+            let mut again = &data[..used];
+            let Some(Ok(same)) = header::read(&mut again).now_or_never() else {
+                panic!("the header's own bytes do not read again");
+            };
+            assert_eq!(same, h);
+            assert!(again.is_empty());
+        }
+        Err(HeaderError::Io(e)) => panic!("reading a slice failed: {e}"),
+        Err(_) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::collection::vec;
@@ -288,6 +318,18 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn proxy_headers_get_a_verdict(
+            start in proptest::sample::select(vec![
+                &b""[..], b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ",
+                b"\r\n\r\n\0\r\nQUIT\n", b"\r\n\r\n\0\r\nQUIT\n\x21\x11",
+                b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24",
+            ]),
+            data in vec(ANY, 0..200),
+        ) {
+            super::proxy_header(&[start, &data[..]].concat());
+        }
 
         #[test]
         fn policies_toml_never_panics(text in policies_text()) {

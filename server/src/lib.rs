@@ -41,6 +41,7 @@ pub mod init;
 pub mod live;
 pub mod mask;
 pub mod metrics;
+pub mod proxied;
 pub mod remote;
 pub mod secrets;
 pub mod serve;

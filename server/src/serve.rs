@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! accept ──(connection limit)──> connection task
+//!   (from a trusted TCP proxy: its PROXY header first, naming the peer)
 //!   read half:  frames ─> Hello? ─> role check ─> one future per request
 //!                                   (appends read together: one future,
 //!                                   one request each to the engine),
@@ -26,6 +27,10 @@
 //! handshake included) is closed. Nothing a client sends makes the server
 //! allocate beyond `max_frame_len` per frame and `max_in_flight` requests
 //! per connection.
+//!
+//! A connection from a peer in `proxy_protocol_from` must begin with a
+//! PROXY protocol header, before TLS; the client it names is then the
+//! connection's peer for every check ([`crate::proxied::header`]).
 //!
 //! `run` takes the listener and a shutdown future, so that tests bind port
 //! 0 and stop the server when they are done.
@@ -79,6 +84,12 @@ pub struct ServeConfig {
     /// The rotation policy `KeyStatus` reports, for `vault-admin status`
     /// to warn about keys older than it (default: none).
     pub rotation: RotationPolicy,
+    /// TCP proxies in front of the port (default none): a connection from
+    /// one of them must begin with a PROXY protocol header, whose client
+    /// address then stands for the peer's, in the policy's `source_ips`
+    /// check and the throttle of failed redemptions
+    /// ([`crate::proxied::header`]).
+    pub proxy_protocol_from: crate::proxied::TrustedProxies,
 }
 
 /// Maximum ages of keys before they should be rotated (`None`: no
@@ -166,6 +177,7 @@ impl Default for ServeConfig {
             default_token_ttl: Duration::from_secs(300),
             max_token_ttl: Duration::from_secs(3600),
             rotation: RotationPolicy::default(),
+            proxy_protocol_from: crate::proxied::TrustedProxies::default(),
         }
     }
 }
@@ -506,7 +518,7 @@ pub async fn run(
         let (ticket, evicted) = admission.arrive();
         let admission = admission.clone();
         tokio::spawn(async move {
-            let conn = Conn {
+            let mut conn = Conn {
                 vault,
                 config,
                 throttle,
@@ -515,6 +527,10 @@ pub async fn run(
             };
             let handshake_timeout = conn.config.handshake_timeout;
             let served = async move {
+                let mut socket = socket;
+                if conn.config.proxy_protocol_from.trusts(conn.peer) {
+                    conn.peer = proxied_client(&mut socket, conn.peer, handshake_timeout).await?;
+                }
                 match acceptor {
                     None => {
                         let (r, w) = socket.into_split();
@@ -540,10 +556,32 @@ pub async fn run(
                 () = evicted.cancelled() => Err(ConnectionError::Evicted),
             };
             admission.leave(ticket);
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended");
+            match result {
+                Ok(()) => {}
+                // A trusted proxy that sends no header, or a bad one, is
+                // misconfigured: every client behind it is refused.
+                Err(e @ ConnectionError::ProxyHeader(_)) => {
+                    tracing::warn!(%peer, error = %e, "connection from a trusted proxy refused");
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "connection ended"),
             }
         });
+    }
+}
+
+/// The client a trusted TCP proxy names in the PROXY header that begins
+/// its connection; `peer` itself when the connection is the proxy's own.
+async fn proxied_client(
+    socket: &mut tokio::net::TcpStream,
+    peer: std::net::IpAddr,
+    timeout: Duration,
+) -> Result<std::net::IpAddr, ConnectionError> {
+    use crate::proxied::header::{self, Header};
+    match tokio::time::timeout(timeout, header::read(socket)).await {
+        Err(_) => Err(ConnectionError::Idle),
+        Ok(Err(e)) => Err(ConnectionError::ProxyHeader(e)),
+        Ok(Ok(Header::Local)) => Ok(peer),
+        Ok(Ok(Header::Proxied(client))) => Ok(crate::proxied::canonical(client.ip())),
     }
 }
 
@@ -626,6 +664,8 @@ pub enum ConnectionError {
     Tls(String),
     #[error("closed during its handshake to admit a newer connection")]
     Evicted,
+    #[error(transparent)]
+    ProxyHeader(crate::proxied::header::HeaderError),
 }
 
 /// What a connection is served with.
@@ -1035,7 +1075,10 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
     match e {
         ConnectionError::Protocol(p) => p.wire_code(),
         ConnectionError::Unauthenticated => Some(ErrorCode::Unauthenticated),
-        ConnectionError::Idle | ConnectionError::Tls(_) | ConnectionError::Evicted => None,
+        ConnectionError::Idle
+        | ConnectionError::Tls(_)
+        | ConnectionError::Evicted
+        | ConnectionError::ProxyHeader(_) => None,
     }
 }
 

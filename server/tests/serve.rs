@@ -1,6 +1,7 @@
 //! The protocol server over real TCP on a port the OS chose: authentication,
 //! roles, pipelined appends with receipts the client checks, auditor reads,
-//! and hostile input (garbage, oversized lengths, idle clients).
+//! hostile input (garbage, oversized lengths, idle clients), and behind a
+//! TCP proxy, the client its PROXY protocol header names.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -442,7 +443,7 @@ async fn auditor_reads_head_entries_and_proofs() {
 /// Writes `Hello` with `key` (if any) and `bytes` in one write, then
 /// reads what the server answers until it closes.
 async fn raw_exchange(s: &Server, key: Option<&str>, bytes: &[u8]) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let tcp = TcpStream::connect(s.addr).await.expect("connect");
     if let Some(key) = key {
         let mut hello = protocol::encode_frame(
             1,
@@ -454,14 +455,19 @@ async fn raw_exchange(s: &Server, key: Option<&str>, bytes: &[u8]) -> Vec<u8> {
         )
         .expect("frame");
         hello.extend_from_slice(bytes);
-        tcp.write_all(&hello).await.expect("write");
+        write_and_read_to_end(tcp, &hello).await
     } else {
-        tcp.write_all(bytes).await.expect("write");
+        write_and_read_to_end(tcp, bytes).await
     }
-    // Half-close: the server sees the end of the stream after these bytes.
+}
+
+/// Writes `bytes` on `tcp` and half-closes it, so that the server sees the
+/// end of the stream after them; then reads what the server answers until
+/// it closes.
+async fn write_and_read_to_end(mut tcp: TcpStream, bytes: &[u8]) -> Vec<u8> {
+    tcp.write_all(bytes).await.expect("write");
     tcp.shutdown().await.expect("shutdown");
     let mut out = Vec::new();
-    // The server answers and closes: read to the end.
     let _ = tcp.read_to_end(&mut out).await;
     out
 }
@@ -1038,6 +1044,137 @@ async fn a_client_over_a_direct_connection_gets_what_a_socket_gets() {
     ));
     assert!(!gateway.is_closed());
     let token = mint(&s, "demo-lender", "cust-3", 0).await;
+    assert!(matches!(
+        redeem(&s, &s.partner, &token).await,
+        Message::Data { .. }
+    ));
+}
+
+/// A PROXY protocol v2 header naming `client` (TCP over IPv4, to port
+/// 9999 of 10.0.0.1).
+fn proxy_v2(client: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    h.extend_from_slice(&client);
+    h.extend_from_slice(&[10, 0, 0, 1]);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&9999u16.to_be_bytes());
+    h
+}
+
+/// The address the tests' proxy connects from (the other helpers connect
+/// from 127.0.0.1).
+const PROXY: &str = "127.0.0.2";
+
+/// `prefix`, then the partner's `Hello` and a `Redeem` of `token`, in one
+/// write from [`PROXY`]; the frames the server answers until it closes.
+async fn redeem_after(s: &Server, prefix: &[u8], token: &str) -> Vec<Message> {
+    let mut bytes = prefix.to_vec();
+    for (id, m) in [
+        (
+            1,
+            Message::Hello {
+                api_key: s.partner.clone(),
+                client: "behind a proxy".into(),
+            },
+        ),
+        (
+            2,
+            Message::Redeem {
+                token: token.into(),
+            },
+        ),
+    ] {
+        bytes.extend(protocol::encode_frame(id, &m, 0).expect("frame"));
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::new(PROXY.parse().expect("ip"), 0))
+        .expect("bind");
+    let tcp = socket.connect(s.addr).await.expect("connect");
+    frames(&write_and_read_to_end(tcp, &bytes).await)
+}
+
+#[tokio::test]
+async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
+    let s = start(ServeConfig {
+        proxy_protocol_from: server::proxied::TrustedProxies::parse(&[PROXY]).expect("networks"),
+        ..ServeConfig::default()
+    })
+    .await;
+    seed(&s, "cust-7").await;
+    // demo-lender may redeem from 192.0.2.0/24 only.
+    let policy = serde_json::json!({"partner_id": "demo-lender", "policy": {
+        "purposes": {"credit_check": {"fields": {
+            "email": "partial", "iban": "partial", "name": "redact", "income": "generalize"}}},
+        "source_ips": ["192.0.2.0/24"]}});
+    s.vault
+        .append(storage::Append::event(
+            storage::Kind::PolicyChanged,
+            "",
+            &policy,
+        ))
+        .await
+        .expect("policy");
+    let is_data = |got: &[Message]| matches!(got, [Message::HelloOk { .. }, Message::Data { .. }]);
+    let refused = |got: &[Message], want: ErrorCode| matches!(got, [Message::HelloOk { .. }, m] if code(m) == Some(want));
+
+    // Connections the proxy does not introduce, or introduces wrongly,
+    // are closed before anything is read or answered: the token stays.
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    for prefix in [
+        &b""[..],
+        b"PROXY TCP4 192.0.2.7\r\n",
+        b"PROXY TCP4 192.0.2.7 10.0.0.1 1234 99999\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04\xc0\x00\x02\x07",
+    ] {
+        let got = redeem_after(&s, prefix, &token).await;
+        assert!(got.is_empty(), "{prefix:?}: {got:?}");
+    }
+    // The proxy names a client in the policy's network (v2, then v1).
+    let got = redeem_after(&s, &proxy_v2([192, 0, 2, 7], 56324), &token).await;
+    assert!(is_data(&got), "{got:?}");
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    let v1 = b"PROXY TCP4 192.0.2.9 10.0.0.1 40000 9999\r\n";
+    assert!(is_data(&redeem_after(&s, v1, &token).await));
+    // A client outside it, and the proxy's own connection (LOCAL), whose
+    // address is the peer's: refused by the policy, and audited.
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    for prefix in [&proxy_v2([203, 0, 113, 9], 1)[..], local] {
+        let got = redeem_after(&s, prefix, &token).await;
+        assert!(refused(&got, ErrorCode::SourceNotAllowed), "{got:?}");
+    }
+    let denied: Vec<String> = s
+        .vault
+        .entries_from(0, 10_000)
+        .expect("entries")
+        .iter()
+        .filter_map(|e| {
+            let text = String::from_utf8_lossy(e);
+            text.contains("source_not_allowed")
+                .then(|| text.into_owned())
+        })
+        .collect();
+    assert_eq!(denied.len(), 2, "one access_denied entry each");
+    assert!(denied[0].contains("203.0.113.9") && denied[1].contains(PROXY));
+}
+
+#[tokio::test]
+async fn a_proxy_header_to_a_server_that_expects_none_is_a_malformed_frame() {
+    let s = start(ServeConfig::default()).await;
+    seed(&s, "cust-7").await;
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    for prefix in [
+        &proxy_v2([192, 0, 2, 7], 1)[..],
+        b"PROXY TCP4 192.0.2.7 10.0.0.1 1 9999\r\n",
+    ] {
+        let got = redeem_after(&s, prefix, &token).await;
+        assert!(
+            matches!(&got[..], [m] if code(m) == Some(ErrorCode::Malformed)),
+            "{got:?}"
+        );
+    }
+    // The token was never read, so it still redeems.
     assert!(matches!(
         redeem(&s, &s.partner, &token).await,
         Message::Data { .. }

@@ -505,8 +505,7 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
     let policy = json!({"purposes": fields, "source_ips": ["192.0.2.0/24"]});
     // The test connects from 127.0.0.1, which this shim trusts as a proxy.
     let r = start(ShimConfig {
-        trusted_proxies: server::shim::forwarded::TrustedProxies::parse(&["127.0.0.1"])
-            .expect("networks"),
+        trusted_proxies: server::proxied::TrustedProxies::parse(&["127.0.0.1"]).expect("networks"),
         ..ShimConfig::default()
     })
     .await;

@@ -98,6 +98,14 @@ enum Command {
         #[arg(long = "trusted-proxy", env = "FINTRUST_TRUSTED_PROXIES",
               value_name = "CIDR", value_delimiter = ',', value_parser = network)]
         trusted_proxies: Vec<String>,
+        /// A TCP proxy in front of the protocol port, as an address or CIDR
+        /// network (repeat the option; comma-separated in the environment):
+        /// each connection from it must begin with a PROXY protocol header
+        /// (v1 or v2), whose client address the partner's `source_ips` must
+        /// hold (docs/protocol.md, "Behind a TCP proxy").
+        #[arg(long = "proxy-protocol-from", env = "FINTRUST_PROXY_PROTOCOL_FROM",
+              value_name = "CIDR", value_delimiter = ',', value_parser = network)]
+        proxy_protocol_from: Vec<String>,
         #[command(flatten)]
         tls: TlsArgs,
         #[command(flatten)]
@@ -263,27 +271,19 @@ fn read_policies(path: Option<PathBuf>) -> anyhow::Result<Option<server::shim::P
     Ok(Some(file))
 }
 
-/// A `--trusted-proxy` value, checked as the command line is read. A
-/// blank one (an empty `FINTRUST_TRUSTED_PROXIES`) names none.
+/// A `--trusted-proxy` or `--proxy-protocol-from` value, checked as the
+/// command line is read. A blank one (an empty variable) names none.
 fn network(s: &str) -> Result<String, String> {
     if s.trim().is_empty() {
         return Ok(String::new());
     }
-    server::shim::forwarded::TrustedProxies::parse(&[s]).map(|_| s.to_string())
+    server::proxied::TrustedProxies::parse(&[s]).map(|_| s.to_string())
 }
 
-/// The `--trusted-proxy` networks.
-fn trusted(networks: &[String]) -> anyhow::Result<server::shim::forwarded::TrustedProxies> {
+/// The networks of `--trusted-proxy` or `--proxy-protocol-from`.
+fn trusted(networks: &[String]) -> anyhow::Result<server::proxied::TrustedProxies> {
     let networks: Vec<&String> = networks.iter().filter(|n| !n.is_empty()).collect();
-    let proxies = server::shim::forwarded::TrustedProxies::parse(&networks)
-        .map_err(|e| anyhow::anyhow!("--trusted-proxy: {e}"))?;
-    if !proxies.is_empty() {
-        tracing::info!(
-            networks = networks.len(),
-            "X-Forwarded-For is read from trusted proxies"
-        );
-    }
-    Ok(proxies)
+    server::proxied::TrustedProxies::parse(&networks).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn main() -> ExitCode {
@@ -377,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             public_vault_addr,
             policies,
             trusted_proxies,
+            proxy_protocol_from,
             tls,
             rotation,
             index_batch,
@@ -388,6 +389,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
             let trusted_proxies = trusted(&trusted_proxies)?;
+            let proxy_protocol_from = trusted(&proxy_protocol_from)?;
             let unlock = vault.unlock()?;
             let options = move || storage::Options {
                 index_batch,
@@ -433,6 +435,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tls,
                     serve: server::serve::ServeConfig {
                         rotation: rotation.policy(),
+                        proxy_protocol_from,
                         ..Default::default()
                     },
                     shim,

@@ -29,7 +29,6 @@
 //! `/v1/openapi.json`) and `docs/http.md`.
 
 pub mod api;
-pub mod forwarded;
 pub mod link;
 pub mod policy;
 
@@ -78,8 +77,8 @@ pub struct ShimConfig {
     pub max_handshakes: usize,
     /// Reverse proxies in front of the shim (default none), whose
     /// `X-Forwarded-For` names the client that `source_ips` is checked
-    /// against ([`forwarded`]).
-    pub trusted_proxies: forwarded::TrustedProxies,
+    /// against ([`crate::proxied::forwarded`]).
+    pub trusted_proxies: crate::proxied::TrustedProxies,
 }
 
 impl Default for ShimConfig {
@@ -92,7 +91,7 @@ impl Default for ShimConfig {
             request_timeout: Duration::from_secs(15),
             max_connections: 1024,
             max_handshakes: 1024,
-            trusted_proxies: forwarded::TrustedProxies::default(),
+            trusted_proxies: crate::proxied::TrustedProxies::default(),
         }
     }
 }

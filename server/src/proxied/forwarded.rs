@@ -1,9 +1,8 @@
-//! The address an authorization comes from, behind reverse proxies.
+//! `X-Forwarded-For`: the client an HTTP request to the shim comes from,
+//! behind reverse proxies.
 //!
-//! A policy's `source_ips` is checked against the address of the client
-//! that asks. Without configuration that is the TCP peer of the shim's
-//! connection. Behind a reverse proxy (a load balancer, nginx, an API
-//! gateway) the peer is the proxy, so the operator names the proxies'
+//! Behind a reverse proxy (a load balancer, nginx, an API gateway) the
+//! shim's TCP peer is the proxy, so the operator names the proxies'
 //! networks (`vaultd serve --trusted-proxy CIDR`), and for a request whose
 //! peer is in one of them the shim reads `X-Forwarded-For`, to which each
 //! proxy appends the address it received the request from.
@@ -32,63 +31,26 @@
 //! - IPv4-mapped IPv6 addresses are read as IPv4, as the policy check
 //!   reads them ([`storage::state::source_allowed`]).
 //!
-//! Only `X-Forwarded-For` is read (not RFC 7239's `Forwarded`). The wire
-//! protocol on port 9999 checks a redemption against the TCP peer: a proxy
-//! in front of it must keep the partner's source address (`docs/http.md`,
-//! "Behind a reverse proxy").
+//! Only `X-Forwarded-For` is read (not RFC 7239's `Forwarded`).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use axum::http::HeaderMap;
-use ipnet::IpNet;
+
+use super::{canonical, Source, TrustedProxies};
 
 /// The header a proxy appends the address it saw to.
 pub const HEADER: &str = "x-forwarded-for";
-
-/// The networks whose peers may say who the client is.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<IpNet>);
-
-/// Where a request comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Source {
-    /// The client, whose address the policy's `source_ips` must hold.
-    pub client: IpAddr,
-    /// The trusted proxy the request came through (the TCP peer), when the
-    /// client was read from `X-Forwarded-For`.
-    pub proxy: Option<IpAddr>,
-}
 
 /// An `X-Forwarded-For` entry that had to be read and is not an address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("X-Forwarded-For from a trusted proxy holds {entry:?}, which is not an IP address")]
 pub struct Malformed {
-    /// The entry, cut to 64 bytes.
+    /// The entry, cut to 64 characters.
     pub entry: String,
 }
 
 impl TrustedProxies {
-    /// Networks as CIDR (`10.0.0.0/8`) or bare addresses (a host each).
-    pub fn parse<S: AsRef<str>>(networks: &[S]) -> Result<Self, String> {
-        networks
-            .iter()
-            .map(|s| {
-                let s = s.as_ref().trim();
-                storage::state::parse_network(s)
-                    .ok_or_else(|| format!("trusted proxy {s:?} is not an address or CIDR network"))
-            })
-            .collect::<Result<_, _>>()
-            .map(TrustedProxies)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn trusts(&self, ip: IpAddr) -> bool {
-        self.0.iter().any(|n| n.contains(&ip))
-    }
-
     /// Where a request from `peer` with `headers` comes from.
     pub fn source(&self, peer: IpAddr, headers: &HeaderMap) -> Result<Source, Malformed> {
         let peer = canonical(peer);
@@ -156,13 +118,6 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
                 .map(IpAddr::V6)
         })?;
     Some(canonical(ip))
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 #[cfg(test)]
@@ -277,20 +232,5 @@ mod tests {
             .source(peer, &headers(&[long.as_bytes()]))
             .expect_err("malformed");
         assert_eq!(err.entry, "x".repeat(64));
-    }
-
-    #[test]
-    fn networks_parse_as_cidr_or_addresses() {
-        assert_eq!(
-            TrustedProxies::parse(&[" 10.0.0.0/8", "::1"]).expect("networks"),
-            TrustedProxies(vec![
-                "10.0.0.0/8".parse().expect("net"),
-                "::1/128".parse().expect("net")
-            ])
-        );
-        let err = TrustedProxies::parse(&["10.0.0.0/33"]).expect_err("bad");
-        assert!(err.contains("10.0.0.0/33"), "{err}");
-        assert!(TrustedProxies::parse(&["proxy.internal"]).is_err());
-        assert!(TrustedProxies::parse::<&str>(&[]).expect("none").is_empty());
     }
 }
