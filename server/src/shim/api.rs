@@ -298,11 +298,35 @@ pub struct AuthorizeResponse {
     pub fields: serde_json::Map<String, Value>,
 }
 
+/// Where a request comes from: the TCP peer, or behind a trusted reverse
+/// proxy the client its `X-Forwarded-For` names ([`crate::proxied`]); 400
+/// when a trusted proxy wrote something that is not an address.
+#[derive(Debug)]
+pub struct ClientSource(pub crate::proxied::Source);
+
+impl FromRequestParts<Arc<Shim>> for ClientSource {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        shim: &Arc<Shim>,
+    ) -> Result<Self, ApiError> {
+        let ConnectInfo(peer) = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .ok_or_else(|| ApiError::internal("the connection's peer address is unknown"))?;
+        shim.config
+            .trusted_proxies
+            .source(peer.ip(), &parts.headers)
+            .map(ClientSource)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+}
+
 pub async fn authorize(
     State(shim): State<Arc<Shim>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Bearer(key): Bearer,
+    ClientSource(source): ClientSource,
     ApiJson(req): ApiJson<AuthorizeRequest>,
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
     check_id("subject_id", &req.subject_id)?;
@@ -312,12 +336,6 @@ pub async fn authorize(
     if req.fields.as_ref().is_some_and(|f| f.len() > 256) {
         return Err(ApiError::bad_request("at most 256 fields"));
     }
-    // The TCP peer, or behind a trusted proxy the client it names.
-    let source = shim
-        .config
-        .trusted_proxies
-        .source(peer.ip(), &headers)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let hash = *blake3::hash(key.as_bytes()).as_bytes();
     // Who holds the key, its policy and the subject's consent for it: one
     // round trip (`Context`), read afresh for every request.
