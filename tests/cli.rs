@@ -2,7 +2,8 @@
 //! through their public interface: arguments, exit codes, JSON on stdout
 //! and messages on stderr.
 //!
-//! - `vaultd init` creates a vault and prints its public key once;
+//! - `vaultd init` creates a vault and prints its public key once, and a
+//!   failure's cause once;
 //! - `vaultd dev` serves a demo vault, stops cleanly on SIGTERM, and reopens it;
 //! - `vaultd serve` takes its commit group bounds from the command line,
 //!   and refuses a trusted proxy that is not an address or network;
@@ -100,6 +101,30 @@ fn is_hex(s: &str, len: usize) -> bool {
 fn wait_unlocked(dir: &Path) {
     let f = std::fs::File::open(dir.join("db").join("db")).expect("open sled's data file");
     f.lock().expect("wait for sled's lock");
+}
+
+#[test]
+fn a_failure_names_its_cause_once() {
+    let s = Scratch::new();
+    std::fs::write(s.path("file"), "not a dir").expect("write");
+    // A data dir under a regular file: the storage engine's I/O error.
+    let out = s.init_run("file/vault");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stderr.matches("Not a directory").count(), 1, "{out:?}");
+    // A passphrase file that is not there: the server's file error.
+    let missing = s.path("missing");
+    let out = run(
+        "vaultd",
+        [
+            OsStr::new("init"),
+            OsStr::new("--data-dir"),
+            s.path("v").as_os_str(),
+            OsStr::new("--passphrase-file"),
+            missing.as_os_str(),
+        ],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.stderr.matches("No such file").count(), 1, "{out:?}");
 }
 
 #[test]

@@ -47,7 +47,7 @@ pub enum ClientError {
     /// The endorsements the server sent do not lead from the pinned key to
     /// the signing key they claim: a forged or broken key chain.
     #[error("the key chain does not verify from the pinned key: {0}")]
-    BadKeyChain(#[from] protocol::receipt::ChainError),
+    BadKeyChain(protocol::receipt::ChainError),
     /// The server presented a head at `got` that does not extend the head
     /// already seen at `kept`: lower, or the same seq with another hash.
     /// The vault was rolled back to an older copy, or forked.
@@ -59,6 +59,12 @@ pub enum ClientError {
     /// The configuration is not usable (empty key, unreadable PEM file, ...).
     #[error("configuration: {0}")]
     Config(String),
+}
+
+impl From<protocol::receipt::ChainError> for ClientError {
+    fn from(e: protocol::receipt::ChainError) -> Self {
+        ClientError::BadKeyChain(e)
+    }
 }
 
 impl ClientError {

@@ -40,9 +40,16 @@ pub enum Error {
     /// The payload decoded as a whole message with bytes left over.
     #[error("trailing bytes after message")]
     TrailingBytes,
-    /// The transport failed (codec only).
+    /// The transport failed (codec only). The I/O error is in the message,
+    /// and so not also a `source()`: a chain prints it once.
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
 }
 
 impl Error {

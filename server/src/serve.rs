@@ -657,7 +657,7 @@ pub enum ConnectionError {
     #[error("idle timeout")]
     Idle,
     #[error("protocol error: {0}")]
-    Protocol(#[from] protocol::Error),
+    Protocol(protocol::Error),
     #[error("not authenticated")]
     Unauthenticated,
     #[error("TLS handshake failed: {0}")]
@@ -666,6 +666,12 @@ pub enum ConnectionError {
     Evicted,
     #[error(transparent)]
     ProxyHeader(crate::proxied::header::HeaderError),
+}
+
+impl From<protocol::Error> for ConnectionError {
+    fn from(e: protocol::Error) -> Self {
+        ConnectionError::Protocol(e)
+    }
 }
 
 /// What a connection is served with.

@@ -141,10 +141,18 @@ pub enum Error {
     /// The data dir is locked by another process.
     #[error("data dir is in use by another process")]
     Locked,
+    // The I/O and sled errors are in the message, and so not also a
+    // `source()`: an error chain (`vaultd`'s `error: …`) prints each once.
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("sled error: {0}")]
-    Sled(#[source] sled::Error),
+    Sled(sled::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
 }
 
 impl From<sled::Error> for Error {

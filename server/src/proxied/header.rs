@@ -70,7 +70,7 @@ pub enum HeaderError {
     )]
     TooLong(usize),
     #[error("reading the PROXY protocol header: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
 }
 
 /// Reads one header from the start of `r`, and nothing after it.
