@@ -1,7 +1,8 @@
-//! `vaultd serve` behind real proxies: HAProxy in front of port 9999,
-//! sending PROXY protocol headers of version 2 and 1 (`send-proxy-v2`,
-//! `send-proxy`), and nginx in front of the HTTP shim, appending to
-//! `X-Forwarded-For` (`$proxy_add_x_forwarded_for`). Each proxy connects
+//! `vaultd serve` over TLS behind real proxies: HAProxy in front of port
+//! 9999, passing the TLS through after a PROXY protocol header of version
+//! 2 or 1 (`send-proxy-v2`, `send-proxy`), and nginx in front of the HTTP
+//! shim, which it reaches over TLS, appending to `X-Forwarded-For`
+//! (`$proxy_add_x_forwarded_for`). Each proxy connects
 //! from an address of its own (127.0.0.2, 127.0.0.3), which `vaultd`
 //! trusts (`--proxy-protocol-from`, `--trusted-proxy`); the partner
 //! connects from 127.0.0.1. A policy that allows only 127.0.0.1 then
@@ -99,8 +100,11 @@ fn haproxy(exe: &Path, dir: &Path, vault: &str, v2: u16, v1: u16) -> Proxy {
     Proxy(child)
 }
 
-fn nginx(exe: &Path, dir: &Path, shim: &str, port: u16) -> Proxy {
+/// nginx on `port` in front of the shim at `shim` (TLS, with the dev CA
+/// in `ca`).
+fn nginx(exe: &Path, dir: &Path, shim: &str, ca: &Path, port: u16) -> Proxy {
     let d = dir.display();
+    let ca = ca.display();
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
@@ -108,7 +112,9 @@ fn nginx(exe: &Path, dir: &Path, shim: &str, port: u16) -> Proxy {
             "daemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{}}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
-                 proxy_pass http://{shim};\n      proxy_bind {HTTP_PROXY};\n\
+                 proxy_pass https://{shim};\n      proxy_bind {HTTP_PROXY};\n\
+                 proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {ca};\n\
+                 proxy_ssl_name localhost;\n\
                  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
         ),
     )
@@ -158,32 +164,46 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     };
     let scratch = tempfile::tempdir().expect("tempdir");
     let dir = scratch.path().join("vault");
-    // The demo data and keys of `vaultd dev`, then `vaultd serve` on them.
-    let dev = DevServer::start(&dir);
+    // The demo data, keys and TLS files of `vaultd dev --tls`, then
+    // `vaultd serve` on them.
+    let dev = DevServer::start_with(&dir, &["--tls"]);
     let key = |role: &str| dev.get(&format!("{role}_api_key"));
     let (admin, partner, auditor) = (key("admin"), key("partner"), key("auditor"));
     let (subject, purpose) = (dev.get("demo_subject_id"), dev.get("demo_purpose"));
     assert!(dev.stop().success());
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    support::serve_args(&mut cmd, &dir, &dir.join("dev-passphrase"), None);
-    cmd.args([
-        "--proxy-protocol-from",
-        TCP_PROXY,
-        "--trusted-proxy",
-        HTTP_PROXY,
-    ]);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--passphrase-file")
+        .arg(dir.join("dev-passphrase"))
+        .arg("--tls-cert")
+        .arg(dir.join("dev-cert.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("dev-key.pem"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(["--proxy-protocol-from", TCP_PROXY])
+        .args(["--trusted-proxy", HTTP_PROXY])
+        .env("FINTRUST_LOG", "info");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    let ca = dir.join("dev-ca.pem");
     let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
 
     let (v2, v1, web) = (free_port(), free_port(), free_port());
     let _haproxy = haproxy(&haproxy_exe, scratch.path(), &vaultd.protocol, v2, v1);
-    let _nginx = nginx(&nginx_exe, scratch.path(), &vaultd.http, web);
+    let _nginx = nginx(&nginx_exe, scratch.path(), &vaultd.http, &ca, web);
     for port in [v2, v1, web] {
         wait_listening(&format!("127.0.0.1:{port}"));
     }
-    let direct = format!("http://{}", vaultd.http);
+    // Every HTTP request goes through nginx: the admin's and the
+    // auditor's routes do not look at the source address.
     let proxied = format!("http://127.0.0.1:{web}");
     let set_sources = |networks: Value| {
-        let url = format!("{direct}/v1/policies/demo-lender");
+        let url = format!("{proxied}/v1/policies/demo-lender");
         let (status, mut policy) = call("GET", &url, &admin, &[], None);
         assert_eq!(status, 200, "{policy}");
         let mut policy = policy["policy"].take();
@@ -203,8 +223,10 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     };
     let redeem = |port: u16, token: &str| {
         let out = Command::new(support::binary("fintrust-client", "vault-client"))
-            .args(["redeem", "--insecure-plaintext", "--addr"])
+            .args(["redeem", "--addr"])
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--cacert")
+            .arg(&ca)
             .args(["--api-key", &partner, "--token", token])
             .env_remove("FINTRUST_API_KEY")
             .output()
@@ -245,7 +267,7 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     // The audit trail names the partner's address, and the HTTP proxy.
     let (status, logs) = call(
         "GET",
-        &format!("{direct}/v1/logs?kind=access_denied"),
+        &format!("{proxied}/v1/logs?kind=access_denied"),
         &auditor,
         &[],
         None,
