@@ -286,6 +286,7 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     assert_eq!(denials[0]["proxy_ip"], HTTP_PROXY);
     assert_eq!(denials[1]["action"], "redeem");
     assert_eq!(denials[1]["source_ip"], "127.0.0.1");
+    assert_eq!(denials[1]["proxy_ip"], TCP_PROXY);
 
     // A connection from HAProxy's address without a header is refused.
     let sock = without_header(&vaultd.protocol);

@@ -124,6 +124,7 @@ fn connection_on(f: &Fixture, data: &[u8]) {
             config: f.config.clone(),
             throttle: Arc::new(FailureThrottle::default()),
             peer: std::net::Ipv4Addr::LOCALHOST.into(),
+            proxy: None,
             admission: None,
         };
         let served = tokio::spawn(serve_connection(r, w, conn));

@@ -356,6 +356,7 @@ impl Local {
                 config: self.config.clone(),
                 throttle: self.throttle.clone(),
                 peer: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                proxy: None,
                 admission: None,
             },
             state: std::sync::Mutex::new(DirectState::Hello),
@@ -523,13 +524,16 @@ pub async fn run(
                 config,
                 throttle,
                 peer: peer.ip(),
+                proxy: None,
                 admission: Some((admission.clone(), ticket)),
             };
             let handshake_timeout = conn.config.handshake_timeout;
             let served = async move {
                 let mut socket = socket;
                 if conn.config.proxy_protocol_from.trusts(conn.peer) {
-                    conn.peer = proxied_client(&mut socket, conn.peer, handshake_timeout).await?;
+                    if let Some(client) = proxied_client(&mut socket, handshake_timeout).await? {
+                        conn.proxy = Some(std::mem::replace(&mut conn.peer, client));
+                    }
                 }
                 match acceptor {
                     None => {
@@ -570,18 +574,17 @@ pub async fn run(
 }
 
 /// The client a trusted TCP proxy names in the PROXY header that begins
-/// its connection; `peer` itself when the connection is the proxy's own.
+/// its connection; `None` when the connection is the proxy's own.
 async fn proxied_client(
     socket: &mut tokio::net::TcpStream,
-    peer: std::net::IpAddr,
     timeout: Duration,
-) -> Result<std::net::IpAddr, ConnectionError> {
+) -> Result<Option<std::net::IpAddr>, ConnectionError> {
     use crate::proxied::header::{self, Header};
     match tokio::time::timeout(timeout, header::read(socket)).await {
         Err(_) => Err(ConnectionError::Idle),
         Ok(Err(e)) => Err(ConnectionError::ProxyHeader(e)),
-        Ok(Ok(Header::Local)) => Ok(peer),
-        Ok(Ok(Header::Proxied(client))) => Ok(crate::proxied::canonical(client.ip())),
+        Ok(Ok(Header::Local)) => Ok(None),
+        Ok(Ok(Header::Proxied(client))) => Ok(Some(crate::proxied::canonical(client.ip()))),
     }
 }
 
@@ -681,6 +684,9 @@ pub struct Conn {
     pub config: Arc<ServeConfig>,
     pub throttle: Arc<FailureThrottle>,
     pub peer: std::net::IpAddr,
+    /// The trusted TCP proxy the connection came through, when its PROXY
+    /// header named `peer` (`ServeConfig::proxy_protocol_from`).
+    pub proxy: Option<std::net::IpAddr>,
     /// Where the connection takes its slot once authenticated, and its
     /// ticket (`None`: no limit).
     pub admission: Option<(Arc<Admission>, u64)>,
@@ -1038,7 +1044,7 @@ async fn redeem_request(
         };
     }
     let started = std::time::Instant::now();
-    let reply = redeem(&current, token, &caller.name, conn.peer).await;
+    let reply = redeem(&current, token, &caller.name, (conn.peer, conn.proxy)).await;
     drop(current);
     // Only refusals of the token count as guesses; a vault that cannot
     // answer (`unavailable`) neither slows nor forgives.
@@ -1801,9 +1807,18 @@ async fn mint(
 }
 
 /// Burns the token (durably) and returns the masked segment it grants to
-/// `partner_id`, whose connection comes from `peer`.
-async fn redeem(vault: &Vault, token: &str, partner_id: &str, peer: std::net::IpAddr) -> Message {
-    let (terms, _) = match vault.redeem(token, partner_id, now_ms(), Some(peer)).await {
+/// `partner_id`, whose connection comes from `peer` (through `proxy`, a
+/// trusted TCP proxy, when one named it).
+async fn redeem(
+    vault: &Vault,
+    token: &str,
+    partner_id: &str,
+    (peer, proxy): (std::net::IpAddr, Option<std::net::IpAddr>),
+) -> Message {
+    let (terms, _) = match vault
+        .redeem_via(token, partner_id, now_ms(), Some(peer), proxy)
+        .await
+    {
         Ok(t) => t,
         Err(storage::Error::TokenRefused(r)) => {
             let code = ErrorCode::from_name(r.code()).unwrap_or(ErrorCode::Forbidden);

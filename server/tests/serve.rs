@@ -1156,7 +1156,24 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
         })
         .collect();
     assert_eq!(denied.len(), 2, "one access_denied entry each");
-    assert!(denied[0].contains("203.0.113.9") && denied[1].contains(PROXY));
+    // The proxy is named when its header named the client, not for its
+    // own (LOCAL) connection.
+    assert!(
+        denied[0].contains(r#""source_ip":"203.0.113.9""#),
+        "{}",
+        denied[0]
+    );
+    assert!(
+        denied[0].contains(r#""proxy_ip":"127.0.0.2""#),
+        "{}",
+        denied[0]
+    );
+    assert!(
+        denied[1].contains(r#""source_ip":"127.0.0.2""#),
+        "{}",
+        denied[1]
+    );
+    assert!(!denied[1].contains("proxy_ip"), "{}", denied[1]);
 }
 
 #[tokio::test]

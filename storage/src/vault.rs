@@ -191,6 +191,8 @@ pub enum Append {
         partner_id: String,
         now_ms: u64,
         source: Option<std::net::IpAddr>,
+        /// The trusted proxy that named `source`, for the audit entry.
+        proxy: Option<std::net::IpAddr>,
     },
     /// Destroy every data key of a subject: a `subject_shredded` entry,
     /// then the wrapped keys are deleted. Made by [`Vault::shred`] only.
@@ -1842,12 +1844,28 @@ impl Vault {
         now_ms: u64,
         source: Option<std::net::IpAddr>,
     ) -> Result<(state::TokenMinted, Receipt)> {
+        self.redeem_via(token, partner_id, now_ms, source, None)
+            .await
+    }
+
+    /// [`Vault::redeem`] for a partner whose address `source` a trusted
+    /// `proxy` named (a PROXY protocol header): a refusal's
+    /// `access_denied` entry holds both (`source_ip`, `proxy_ip`).
+    pub async fn redeem_via(
+        &self,
+        token: &str,
+        partner_id: &str,
+        now_ms: u64,
+        source: Option<std::net::IpAddr>,
+        proxy: Option<std::net::IpAddr>,
+    ) -> Result<(state::TokenMinted, Receipt)> {
         let token_hash = api_key_hash(token);
         let items = vec![Append::Redeem {
             token_hash: token_hash.clone(),
             partner_id: partner_id.to_string(),
             now_ms,
             source,
+            proxy,
         }];
         let receipt = self.request(items).await?.pop().ok_or(Error::Closed)?;
         let (st, sh) = (&self.inner.store.state, &self.inner.shared);
@@ -3196,7 +3214,8 @@ impl Committer {
                     partner_id,
                     now_ms,
                     source,
-                } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms, source)?),
+                    proxy,
+                } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms, (source, proxy))?),
                 Append::Shred { subject, by } => idx.push(self.shred(g, subject, by)?),
                 Append::Rotate {
                     subject,
@@ -3541,7 +3560,7 @@ impl Committer {
         token_hash: &str,
         partner_id: &str,
         now_ms: u64,
-        source: Option<std::net::IpAddr>,
+        (source, proxy): (Option<std::net::IpAddr>, Option<std::net::IpAddr>),
     ) -> Result<usize> {
         let minted: Option<state::TokenMinted> =
             match self.state_now(g, &state::key("t/", token_hash))? {
@@ -3595,6 +3614,9 @@ impl Committer {
                 });
                 if let Some(ip) = source {
                     payload["source_ip"] = ip.to_string().into();
+                }
+                if let Some(ip) = proxy {
+                    payload["proxy_ip"] = ip.to_string().into();
                 }
                 let payload = payload.to_string();
                 let i = self.push(

@@ -1163,6 +1163,7 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
             partner_id: "p1".into(),
             now_ms: 0,
             source: None,
+            proxy: None,
         })
         .await;
     assert!(matches!(forged, Err(Error::Invalid(_))));
