@@ -17,19 +17,7 @@ fn call(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> (u16,
     if let Some(k) = key {
         req = req.set("Authorization", &format!("Bearer {k}"));
     }
-    let result = match body {
-        Some(b) => req.set("Content-Type", "application/json").send_string(b),
-        None => req.call(),
-    };
-    let resp = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = resp.status();
-    let text = resp.into_string().expect("body");
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, value)
+    support::http(req, body)
 }
 
 /// Writes `request` on a new connection and reads until the server closes

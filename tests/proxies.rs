@@ -143,17 +143,7 @@ fn call(
     for (name, value) in headers {
         req = req.set(name, value);
     }
-    let result = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    let resp = match result {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = resp.status();
-    (status, resp.into_json().unwrap_or(Value::Null))
+    support::http(req, body.map(|b| b.to_string()).as_deref())
 }
 
 #[test]

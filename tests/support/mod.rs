@@ -526,3 +526,24 @@ pub fn dir_contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Sends `req`, with `body` as JSON when given, and returns the status and
+/// the body parsed as JSON (or as a string when it is not), 4xx and 5xx
+/// included.
+#[allow(dead_code)] // each test binary uses part of it
+pub fn http(req: ureq::Request, body: Option<&str>) -> (u16, serde_json::Value) {
+    let (method, url) = (req.method().to_string(), req.url().to_string());
+    let result = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().expect("body");
+    let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, value)
+}
