@@ -86,6 +86,9 @@ pub struct Metrics {
     /// TLS handshakes by port and outcome: how many partners resume their
     /// sessions, and how many connections fail or time out in TLS.
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// PROXY protocol headers on port 9999 by outcome: a misconfigured
+    /// trusted proxy shows as refusals.
+    pub proxy_headers: Family<OutcomeLabels, Counter>,
     /// The vault whose commit pipeline is reported at each scrape.
     pipeline: PipelineSource,
 }
@@ -103,6 +106,7 @@ impl Metrics {
             vault_seconds: Family::new_with_constructor(LatencyBuckets),
             log_entries: Gauge::default(),
             tls_handshakes: Family::default(),
+            proxy_headers: Family::default(),
             pipeline: PipelineSource::default(),
         };
         registry.register(
@@ -144,6 +148,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes by port and outcome (full, resumed, failed, timeout)",
             m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "proxy_headers",
+            "PROXY protocol headers from trusted TCP proxies by outcome (proxied, local, refused, timeout)",
+            m.proxy_headers.clone(),
         );
         registry.register_collector(Box::new(m.pipeline.clone()));
         Metrics { registry, ..m }

@@ -580,7 +580,18 @@ async fn proxied_client(
     timeout: Duration,
 ) -> Result<Option<std::net::IpAddr>, ConnectionError> {
     use crate::proxied::header::{self, Header};
-    match tokio::time::timeout(timeout, header::read(socket)).await {
+    let read = tokio::time::timeout(timeout, header::read(socket)).await;
+    let outcome = match &read {
+        Err(_) => "timeout",
+        Ok(Err(_)) => "refused",
+        Ok(Ok(Header::Local)) => "local",
+        Ok(Ok(Header::Proxied(_))) => "proxied",
+    };
+    crate::metrics::global()
+        .proxy_headers
+        .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+        .inc();
+    match read {
         Err(_) => Err(ConnectionError::Idle),
         Ok(Err(e)) => Err(ConnectionError::ProxyHeader(e)),
         Ok(Ok(Header::Local)) => Ok(None),

@@ -1156,6 +1156,11 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
         })
         .collect();
     assert_eq!(denied.len(), 2, "one access_denied entry each");
+    // Every header counted by its outcome (this is the only test of the
+    // binary that trusts a proxy).
+    for (outcome, n) in [("refused", 4), ("proxied", 3), ("local", 1)] {
+        assert_eq!(proxy_headers(outcome), n, "{outcome}");
+    }
     // The proxy is named when its header named the client, not for its
     // own (LOCAL) connection.
     assert!(
@@ -1174,6 +1179,16 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
         denied[1]
     );
     assert!(!denied[1].contains("proxy_ip"), "{}", denied[1]);
+}
+
+/// `fintrust_proxy_headers_total` for `outcome`.
+fn proxy_headers(outcome: &str) -> u64 {
+    let text = server::metrics::global().render();
+    let prefix = format!("fintrust_proxy_headers_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
