@@ -546,8 +546,9 @@ fn authorize_redeem_deny_audit_and_verify() {
 
 /// `vaultd shim` as its own process in front of a vault in another one:
 /// it authenticates to the vault with a gateway key from a file, loads a
-/// policies file, and the flow works through it; a stopped vault makes it
-/// answer 503 and write nothing.
+/// policies file, reads `X-Forwarded-For` from the proxy it is told to
+/// trust, and the flow works through it; a stopped vault makes it answer
+/// 503 and write nothing.
 #[test]
 fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     use std::io::BufRead;
@@ -584,6 +585,7 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
         .arg(&key_file)
         .arg("--policies")
         .arg(&policies)
+        .args(["--trusted-proxy", "127.0.0.1"])
         .env("FINTRUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
@@ -610,6 +612,18 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     let (status, health) = call("GET", &format!("{base}/v1/health"), None, None);
     assert_eq!(status, 200, "{health}");
     let partner = dev.get("partner_api_key");
+    // The test's address is the trusted proxy's: what it forwards is read.
+    let ask = r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#;
+    let (status, refused) = support::http(
+        ureq::post(&format!("{base}/v1/authorize"))
+            .set("Authorization", &format!("Bearer {partner}"))
+            .set("X-Forwarded-For", "not-an-address"),
+        Some(ask),
+    );
+    assert_eq!(
+        (status, &refused["error"]),
+        (400, &json!("invalid_request"))
+    );
     let (status, granted) = call(
         "POST",
         &format!("{base}/v1/authorize"),
