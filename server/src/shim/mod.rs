@@ -373,5 +373,57 @@ mod tests {
             policy["max_token_ttl_secs"]["maximum"],
             super::ShimConfig::default().max_token_ttl_secs
         );
+        // The hours the document allows are those the handler takes, but
+        // for from = to, which only its description can say (a schema's
+        // `not` of those pairs leaves schemathesis unable to generate
+        // policies).
+        let hours = &policy["allowed_hours_utc"];
+        let range = |i: usize| {
+            let item = &hours["prefixItems"][i];
+            let bound = |k: &str| item[k].as_u64().expect("a bound");
+            bound("minimum")..=bound("maximum")
+        };
+        assert!(hours["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("from != to")));
+        for from in 0u8..=30 {
+            for to in 0u8..=30 {
+                let documented =
+                    range(0).contains(&u64::from(from)) && range(1).contains(&u64::from(to));
+                assert_eq!(
+                    documented && from != to,
+                    storage::state::hours_in_range([from, to]),
+                    "[{from}, {to}]"
+                );
+            }
+        }
+        // Members the handlers read as optional take null, and say so.
+        for (schema, member) in [
+            ("AuthorizeRequest", "fields"),
+            ("Policy", "rate_limit_per_minute"),
+            ("Policy", "allowed_hours_utc"),
+            ("ConsentRequest", "expires_at"),
+        ] {
+            let types = &schemas[schema]["properties"][member]["type"];
+            assert!(
+                types.as_array().is_some_and(|t| t.contains(&"null".into())),
+                "{schema}.{member}: {types}"
+            );
+        }
+        let nulls = [
+            serde_json::from_str::<super::api::AuthorizeRequest>(
+                r#"{"subject_id": "s", "purpose": "p", "fields": null}"#,
+            )
+            .is_ok(),
+            serde_json::from_str::<super::Policy>(
+                r#"{"purposes": {}, "rate_limit_per_minute": null, "allowed_hours_utc": null}"#,
+            )
+            .is_ok(),
+            serde_json::from_str::<super::api::ConsentRequest>(
+                r#"{"purposes": ["p"], "expires_at": null}"#,
+            )
+            .is_ok(),
+        ];
+        assert_eq!(nulls, [true; 3]);
     }
 }
