@@ -63,8 +63,9 @@ pub struct ServeConfig {
     pub max_in_flight: usize,
     /// A connection that sends nothing for this long is closed (default 30 s).
     pub idle_timeout: Duration,
-    /// Time a new connection has to finish its TLS handshake and send a
-    /// valid `Hello` (default 10 s).
+    /// Time a new connection has to finish its TLS handshake (with a
+    /// trusted proxy's PROXY header before it), and then again to send a
+    /// valid `Hello` (default 10 s each).
     pub handshake_timeout: Duration,
     /// Connections still in their handshake at once (default 1024). They
     /// hold no slot of `max_connections`; when this many are waiting, a
@@ -527,11 +528,12 @@ pub async fn run(
                 proxy: None,
                 admission: Some((admission.clone(), ticket)),
             };
-            let handshake_timeout = conn.config.handshake_timeout;
+            // A proxy's header and the TLS handshake share one deadline.
+            let deadline = tokio::time::Instant::now() + conn.config.handshake_timeout;
             let served = async move {
                 let mut socket = socket;
                 if conn.config.proxy_protocol_from.trusts(conn.peer) {
-                    if let Some(client) = proxied_client(&mut socket, handshake_timeout).await? {
+                    if let Some(client) = proxied_client(&mut socket, deadline).await? {
                         conn.proxy = Some(std::mem::replace(&mut conn.peer, client));
                     }
                 }
@@ -542,7 +544,7 @@ pub async fn run(
                     }
                     Some(acceptor) => {
                         let accepted =
-                            tokio::time::timeout(handshake_timeout, acceptor.accept(socket)).await;
+                            tokio::time::timeout_at(deadline, acceptor.accept(socket)).await;
                         crate::tls::count_handshake("protocol", &accepted);
                         match accepted {
                             Err(_) => Err(ConnectionError::Idle),
@@ -577,10 +579,10 @@ pub async fn run(
 /// its connection; `None` when the connection is the proxy's own.
 async fn proxied_client(
     socket: &mut tokio::net::TcpStream,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Option<std::net::IpAddr>, ConnectionError> {
     use crate::proxied::header::{self, Header};
-    let read = tokio::time::timeout(timeout, header::read(socket)).await;
+    let read = tokio::time::timeout_at(deadline, header::read(socket)).await;
     let outcome = match &read {
         Err(_) => "timeout",
         Ok(Err(_)) => "refused",
