@@ -65,11 +65,23 @@ fn wait_listening(addr: &str) {
     }
 }
 
-/// A proxy process, killed when dropped.
+/// A proxy process, stopped when dropped: SIGTERM, so that nginx's master
+/// stops its workers too (a SIGKILL would leave them running, orphaned),
+/// then SIGKILL if it is still there after 10 s.
 struct Proxy(Child);
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
