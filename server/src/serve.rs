@@ -582,23 +582,20 @@ async fn proxied_client(
     deadline: tokio::time::Instant,
 ) -> Result<Option<std::net::IpAddr>, ConnectionError> {
     use crate::proxied::header::{self, Header};
-    let read = tokio::time::timeout_at(deadline, header::read(socket)).await;
-    let outcome = match &read {
-        Err(_) => "timeout",
-        Ok(Err(_)) => "refused",
-        Ok(Ok(Header::Local)) => "local",
-        Ok(Ok(Header::Proxied(_))) => "proxied",
+    let (outcome, client) = match tokio::time::timeout_at(deadline, header::read(socket)).await {
+        Err(_) => ("timeout", Err(ConnectionError::Idle)),
+        Ok(Err(e)) => ("refused", Err(ConnectionError::ProxyHeader(e))),
+        Ok(Ok(Header::Local)) => ("local", Ok(None)),
+        Ok(Ok(Header::Proxied(client))) => (
+            "proxied",
+            Ok(Some(storage::state::canonical_ip(client.ip()))),
+        ),
     };
     crate::metrics::global()
         .proxy_headers
         .get_or_create(&crate::metrics::OutcomeLabels { outcome })
         .inc();
-    match read {
-        Err(_) => Err(ConnectionError::Idle),
-        Ok(Err(e)) => Err(ConnectionError::ProxyHeader(e)),
-        Ok(Ok(Header::Local)) => Ok(None),
-        Ok(Ok(Header::Proxied(client))) => Ok(Some(crate::proxied::canonical(client.ip()))),
-    }
+    client
 }
 
 /// Admission of connections: the handshake (TLS and `Hello`) first, then

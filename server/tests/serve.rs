@@ -1183,12 +1183,9 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
 
 /// `fintrust_proxy_headers_total` for `outcome`.
 fn proxy_headers(outcome: &str) -> u64 {
-    let text = server::metrics::global().render();
-    let prefix = format!("fintrust_proxy_headers_total{{outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    common::counter(&format!(
+        "fintrust_proxy_headers_total{{outcome=\"{outcome}\"}}"
+    ))
 }
 
 #[tokio::test]

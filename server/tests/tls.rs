@@ -18,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+mod common;
+
 struct Pki {
     ca: CertifiedIssuer<'static, KeyPair>,
     client_ca: CertifiedIssuer<'static, KeyPair>,
@@ -398,13 +400,9 @@ async fn tls_1_2_handshakes_complete_full_and_resumed() {
 
 /// `fintrust_tls_handshakes_total` of the protocol port for `outcome`.
 fn handshakes(outcome: &str) -> u64 {
-    let text = server::metrics::global().render();
-    let prefix =
-        format!("fintrust_tls_handshakes_total{{port=\"protocol\",outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    common::counter(&format!(
+        "fintrust_tls_handshakes_total{{port=\"protocol\",outcome=\"{outcome}\"}}"
+    ))
 }
 
 /// The TLS 1.3 suite a client with `provider` gets from the vault.

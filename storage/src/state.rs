@@ -250,19 +250,23 @@ pub fn hours_in_range([from, to]: [u8; 2]) -> bool {
 /// source when an item does not parse (fail closed).
 pub fn source_allowed(networks: &[String], source: Option<std::net::IpAddr>) -> bool {
     use ipnet::IpNet;
-    use std::net::IpAddr;
     if networks.is_empty() {
         return true;
     }
-    let Some(ip) = source else {
+    let Some(ip) = source.map(canonical_ip) else {
         return false;
-    };
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     };
     let nets: Option<Vec<IpNet>> = networks.iter().map(|s| parse_network(s)).collect();
     nets.is_some_and(|nets| nets.iter().any(|n| n.contains(&ip)))
+}
+
+/// `ip`, with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4
+/// address it maps: how every check of a source address reads one.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 /// A CIDR network, or a bare address as its host network.

@@ -37,7 +37,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use axum::http::HeaderMap;
 
-use super::{canonical, Source, TrustedProxies};
+use storage::state::canonical_ip;
+
+use super::{Source, TrustedProxies};
 
 /// The header a proxy appends the address it saw to.
 pub const HEADER: &str = "x-forwarded-for";
@@ -53,7 +55,7 @@ pub struct Malformed {
 impl TrustedProxies {
     /// Where a request from `peer` with `headers` comes from.
     pub fn source(&self, peer: IpAddr, headers: &HeaderMap) -> Result<Source, Malformed> {
-        let peer = canonical(peer);
+        let peer = canonical_ip(peer);
         if !self.trusts(peer) {
             return Ok(Source {
                 client: peer,
@@ -117,7 +119,7 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
                 .and_then(|e| e.parse::<Ipv6Addr>().ok())
                 .map(IpAddr::V6)
         })?;
-    Some(canonical(ip))
+    Some(canonical_ip(ip))
 }
 
 #[cfg(test)]

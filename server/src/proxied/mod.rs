@@ -63,16 +63,8 @@ impl TrustedProxies {
 
     /// Whether `peer` is in one of the networks.
     pub fn trusts(&self, peer: IpAddr) -> bool {
-        let peer = canonical(peer);
+        let peer = storage::state::canonical_ip(peer);
         self.0.iter().any(|n| n.contains(&peer))
-    }
-}
-
-/// `ip`, with an IPv4-mapped IPv6 address as IPv4.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

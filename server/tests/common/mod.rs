@@ -29,6 +29,7 @@ impl Drop for Server {
     }
 }
 
+#[allow(dead_code)] // not every test binary starts a server
 pub async fn start(config: ServeConfig) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let created = Vault::create(
@@ -68,4 +69,15 @@ pub async fn start(config: ServeConfig) -> Server {
         stop: Some(stop),
         _dir: dir,
     }
+}
+
+/// The value of the counter `series` (name and labels, as `/metrics`
+/// prints them) in this process's metrics; 0 before it is first counted.
+#[allow(dead_code)] // not every test binary reads the metrics
+pub fn counter(series: &str) -> u64 {
+    let text = server::metrics::global().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
