@@ -215,7 +215,7 @@ fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
 /// The dev CA, and a certificate for `localhost` and `127.0.0.1` it
 /// issued, in `data_dir` (made on first use, reused after): the server's
 /// TLS configuration and the CA file clients trust.
-fn dev_tls(data_dir: &Path) -> Result<(std::sync::Arc<rustls::ServerConfig>, PathBuf)> {
+pub(crate) fn dev_tls(data_dir: &Path) -> Result<(std::sync::Arc<rustls::ServerConfig>, PathBuf)> {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
         KeyPair,

@@ -126,6 +126,7 @@ fn connection_on(f: &Fixture, data: &[u8]) {
             peer: std::net::Ipv4Addr::LOCALHOST.into(),
             proxy: None,
             admission: None,
+            arrived: tokio::time::Instant::now(),
         };
         let served = tokio::spawn(serve_connection(r, w, conn));
         let (mut from, mut to) = tokio::io::split(client);

@@ -63,9 +63,10 @@ pub struct ServeConfig {
     pub max_in_flight: usize,
     /// A connection that sends nothing for this long is closed (default 30 s).
     pub idle_timeout: Duration,
-    /// Time a new connection has to finish its TLS handshake (with a
-    /// trusted proxy's PROXY header before it), and then again to send a
-    /// valid `Hello` (default 10 s each).
+    /// Time a new connection has, from its arrival, to send a trusted
+    /// proxy's PROXY header (when it comes from one), finish its TLS
+    /// handshake and send a valid `Hello`, all three together (default
+    /// 10 s).
     pub handshake_timeout: Duration,
     /// Connections still in their handshake at once (default 1024). They
     /// hold no slot of `max_connections`; when this many are waiting, a
@@ -359,6 +360,7 @@ impl Local {
                 peer: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
                 proxy: None,
                 admission: None,
+                arrived: tokio::time::Instant::now(),
             },
             state: std::sync::Mutex::new(DirectState::Hello),
         })
@@ -527,33 +529,17 @@ pub async fn run(
                 peer: peer.ip(),
                 proxy: None,
                 admission: Some((admission.clone(), ticket)),
+                arrived: tokio::time::Instant::now(),
             };
-            // A proxy's header and the TLS handshake share one deadline.
-            let deadline = tokio::time::Instant::now() + conn.config.handshake_timeout;
             let served = async move {
-                let mut socket = socket;
-                if conn.config.proxy_protocol_from.trusts(conn.peer) {
-                    if let Some(client) = proxied_client(&mut socket, deadline).await? {
-                        conn.proxy = Some(std::mem::replace(&mut conn.peer, client));
-                    }
-                }
-                match acceptor {
-                    None => {
+                match open(socket, acceptor.as_ref(), &mut conn).await? {
+                    Opened::Plain(socket) => {
                         let (r, w) = socket.into_split();
                         serve_connection(r, w, conn).await
                     }
-                    Some(acceptor) => {
-                        let accepted =
-                            tokio::time::timeout_at(deadline, acceptor.accept(socket)).await;
-                        crate::tls::count_handshake("protocol", &accepted);
-                        match accepted {
-                            Err(_) => Err(ConnectionError::Idle),
-                            Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
-                            Ok(Ok(stream)) => {
-                                let (r, w) = tokio::io::split(stream);
-                                serve_connection(r, w, conn).await
-                            }
-                        }
+                    Opened::Tls(stream) => {
+                        let (r, w) = tokio::io::split(*stream);
+                        serve_connection(r, w, conn).await
                     }
                 }
             };
@@ -575,10 +561,46 @@ pub async fn run(
     }
 }
 
+/// A new connection's stream once what comes before `Hello` is done.
+enum Opened<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+}
+
+/// What comes before `Hello` on a new connection: a trusted proxy's PROXY
+/// header (which names the client `conn` then stands for), then the TLS
+/// handshake. Both must be done by [`Conn::handshake_deadline`], which
+/// the `Hello` after them shares.
+async fn open<S>(
+    mut socket: S,
+    acceptor: Option<&tokio_rustls::TlsAcceptor>,
+    conn: &mut Conn,
+) -> Result<Opened<S>, ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = conn.handshake_deadline();
+    if conn.config.proxy_protocol_from.trusts(conn.peer) {
+        if let Some(client) = proxied_client(&mut socket, deadline).await? {
+            conn.proxy = Some(std::mem::replace(&mut conn.peer, client));
+        }
+    }
+    let Some(acceptor) = acceptor else {
+        return Ok(Opened::Plain(socket));
+    };
+    let accepted = tokio::time::timeout_at(deadline, acceptor.accept(socket)).await;
+    crate::tls::count_handshake("protocol", &accepted);
+    match accepted {
+        Err(_) => Err(ConnectionError::Idle),
+        Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
+        Ok(Ok(stream)) => Ok(Opened::Tls(Box::new(stream))),
+    }
+}
+
 /// The client a trusted TCP proxy names in the PROXY header that begins
 /// its connection; `None` when the connection is the proxy's own.
-async fn proxied_client(
-    socket: &mut tokio::net::TcpStream,
+async fn proxied_client<R: AsyncRead + Unpin>(
+    socket: &mut R,
     deadline: tokio::time::Instant,
 ) -> Result<Option<std::net::IpAddr>, ConnectionError> {
     use crate::proxied::header::{self, Header};
@@ -700,6 +722,19 @@ pub struct Conn {
     /// Where the connection takes its slot once authenticated, and its
     /// ticket (`None`: no limit).
     pub admission: Option<(Arc<Admission>, u64)>,
+    /// When the connection was accepted: its handshake ends
+    /// `handshake_timeout` later ([`Conn::handshake_deadline`]).
+    pub arrived: tokio::time::Instant,
+}
+
+impl Conn {
+    /// When everything before the connection is authenticated must be
+    /// done: a trusted proxy's PROXY header, the TLS handshake and a valid
+    /// `Hello`, one window for all three, so that a client that trickles
+    /// bytes holds a handshake place for `handshake_timeout` at most.
+    pub fn handshake_deadline(&self) -> tokio::time::Instant {
+        self.arrived + self.config.handshake_timeout
+    }
 }
 
 /// Size of a connection's read and write buffers until `Hello` is
@@ -724,8 +759,8 @@ where
     let mut sink = FramedWrite::with_capacity(writer, codec, HELLO_BUFFER);
     sink.set_backpressure_boundary(PIPELINE_BUFFER);
 
-    // Authentication: the first frame, within the handshake timeout.
-    let first = next_frame(&mut frames, conn.config.handshake_timeout).await;
+    // Authentication: the first frame, by the handshake's deadline.
+    let first = next_frame_by(&mut frames, conn.handshake_deadline()).await;
     let (hello_id, caller) = match hello(first, &conn.vault) {
         Ok(known) => known,
         Err(ending) => {
@@ -1085,7 +1120,15 @@ async fn next_frame<R: AsyncRead + Unpin>(
     frames: &mut FramedRead<R, FrameCodec>,
     idle: Duration,
 ) -> Result<Option<Frame>, ConnectionError> {
-    match tokio::time::timeout(idle, frames.next()).await {
+    next_frame_by(frames, tokio::time::Instant::now() + idle).await
+}
+
+/// The next frame, `None` at the end of the stream; `Idle` at `deadline`.
+async fn next_frame_by<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, FrameCodec>,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Frame>, ConnectionError> {
+    match tokio::time::timeout_at(deadline, frames.next()).await {
         Err(_) => Err(ConnectionError::Idle),
         Ok(None) => Ok(None),
         Ok(Some(Ok(f))) => Ok(Some(f)),
@@ -1974,5 +2017,222 @@ mod tests {
         assert_eq!(t.delay(b), Duration::ZERO, "other peers are not affected");
         t.record(a, false);
         assert_eq!(t.delay(a), Duration::ZERO);
+    }
+
+    /// Everything before a connection is authenticated shares one window,
+    /// `handshake_timeout` from its arrival: a trusted proxy's PROXY
+    /// header, the TLS handshake and `Hello`. The clock is tokio's paused
+    /// one, which moves only when every task waits, so what is measured is
+    /// the server's deadlines, never the machine's speed.
+    mod one_handshake_window {
+        use super::*;
+        use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+        use tokio::io::{AsyncWriteExt, DuplexStream};
+        use tokio::time::Instant;
+        use tokio_util::codec::Framed;
+
+        const WINDOW: Duration = Duration::from_secs(10);
+        /// HAProxy's v1 header for a client at 192.0.2.7.
+        const HEADER: &[u8] = b"PROXY TCP4 192.0.2.7 127.0.0.1 51234 9999\r\n";
+
+        struct Setup {
+            _dir: tempfile::TempDir,
+            vault: LiveVault,
+            writer_key: String,
+            tls: tokio_rustls::TlsAcceptor,
+            connector: tokio_rustls::TlsConnector,
+        }
+
+        async fn setup() -> Setup {
+            let dir = tempfile::tempdir().expect("a scratch dir");
+            let unlock = storage::Unlock::KeyFile(storage::crypto::SecretKey::from_bytes([7; 32]));
+            let created =
+                Vault::create(&dir.path().join("v"), &unlock, storage::Options::default())
+                    .expect("a vault");
+            let (_, key) = created
+                .vault
+                .create_credential("writer", "w")
+                .await
+                .expect("a credential");
+            let (server, ca) = crate::dev::dev_tls(dir.path()).expect("a dev certificate");
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(&ca).expect("the CA file") {
+                roots.add(c.expect("a certificate")).expect("a root");
+            }
+            let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+                client::config::crypto_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            Setup {
+                _dir: dir,
+                vault: created.vault.into(),
+                writer_key: key.to_string(),
+                tls: tokio_rustls::TlsAcceptor::from(server),
+                connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            }
+        }
+
+        /// Serves one connection as `run` does, from a trusted proxy at
+        /// 127.0.0.1 when `proxied`: its result, and how long after its
+        /// arrival it ended.
+        async fn serve(
+            s: &Setup,
+            socket: DuplexStream,
+            tls: bool,
+            proxied: bool,
+        ) -> (Result<(), ConnectionError>, Duration) {
+            let proxies: &[&str] = if proxied { &["127.0.0.1/32"] } else { &[] };
+            let config = ServeConfig {
+                handshake_timeout: WINDOW,
+                proxy_protocol_from: crate::proxied::TrustedProxies::parse(proxies)
+                    .expect("proxies"),
+                ..ServeConfig::default()
+            };
+            let arrived = Instant::now();
+            let mut conn = Conn {
+                vault: s.vault.clone(),
+                config: Arc::new(config),
+                throttle: Arc::new(FailureThrottle::default()),
+                peer: std::net::Ipv4Addr::LOCALHOST.into(),
+                proxy: None,
+                admission: None,
+                arrived,
+            };
+            let result = async {
+                match open(socket, tls.then_some(&s.tls), &mut conn).await? {
+                    Opened::Plain(socket) => {
+                        let (r, w) = tokio::io::split(socket);
+                        serve_connection(r, w, conn).await
+                    }
+                    Opened::Tls(stream) => {
+                        let (r, w) = tokio::io::split(*stream);
+                        serve_connection(r, w, conn).await
+                    }
+                }
+            }
+            .await;
+            (result, arrived.elapsed())
+        }
+
+        /// Writes the proxy's header `after` the connection opens (if
+        /// any), then completes the TLS handshake `tls_after` it opens (if
+        /// any), and `Hello` `hello_after` (if any); returns its stream,
+        /// so that the connection stays open until the server ends it, and
+        /// what the server answered.
+        async fn client(
+            s: &Setup,
+            socket: DuplexStream,
+            header_after: Option<Duration>,
+            tls_after: Option<Duration>,
+            hello_after: Option<Duration>,
+        ) -> (Box<dyn std::any::Any + Send>, Option<Message>) {
+            let start = Instant::now();
+            let mut socket = socket;
+            if let Some(at) = header_after {
+                tokio::time::sleep_until(start + at).await;
+                socket.write_all(HEADER).await.expect("the header");
+            }
+            async fn hello<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+                socket: S,
+                at: Option<Instant>,
+                key: &str,
+            ) -> (Box<dyn std::any::Any + Send>, Option<Message>) {
+                let Some(at) = at else {
+                    return (Box::new(socket), None);
+                };
+                tokio::time::sleep_until(at).await;
+                let mut framed = Framed::new(socket, FrameCodec::new());
+                let hello = Message::Hello {
+                    api_key: key.into(),
+                    client: "test".into(),
+                };
+                let reply = match framed.send(hello.to_frame(1, 0).expect("a frame")).await {
+                    Ok(()) => framed
+                        .next()
+                        .await
+                        .and_then(|f| f.ok())
+                        .and_then(|f| Message::from_frame(&f).ok()),
+                    Err(_) => None,
+                };
+                (Box::new(framed), reply)
+            }
+            let hello_at = hello_after.map(|d| start + d);
+            match tls_after {
+                None => hello(socket, hello_at, &s.writer_key).await,
+                Some(at) => {
+                    tokio::time::sleep_until(start + at).await;
+                    let name = ServerName::try_from("localhost").expect("a name");
+                    match s.connector.connect(name, socket).await {
+                        Ok(tls) => hello(tls, hello_at, &s.writer_key).await,
+                        Err(_) => (Box::new(()), None),
+                    }
+                }
+            }
+        }
+
+        /// One connection: the server's result and when it ended, and
+        /// what the client was answered.
+        async fn connection(
+            s: &Setup,
+            tls: bool,
+            header_after: Option<Duration>,
+            tls_after: Option<Duration>,
+            hello_after: Option<Duration>,
+        ) -> (Result<(), ConnectionError>, Duration, Option<Message>) {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let ((result, ended), (_kept, answer)) = tokio::join!(
+                serve(s, theirs, tls, header_after.is_some()),
+                client(s, ours, header_after, tls_after, hello_after),
+            );
+            (result, ended, answer)
+        }
+
+        fn secs(s: u64) -> Option<Duration> {
+            Some(Duration::from_secs(s))
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_slow_header_leaves_less_time_for_tls_and_hello() {
+            let s = setup().await;
+            // Plaintext: the header at 6 s, then no Hello: closed at 10 s,
+            // not 10 s after the header.
+            let (result, ended, _) = connection(&s, false, secs(6), None, None).await;
+            assert!(matches!(result, Err(ConnectionError::Idle)), "{result:?}");
+            assert_eq!(ended.as_secs(), 10, "{ended:?}");
+            // TLS: the header at 6 s, then no handshake: closed at 10 s.
+            let (result, ended, _) = connection(&s, true, secs(6), None, None).await;
+            assert!(matches!(result, Err(ConnectionError::Idle)), "{result:?}");
+            assert_eq!(ended.as_secs(), 10, "{ended:?}");
+            // The header at 3 s, TLS at 6 s, then no Hello: closed at 10 s.
+            let (result, ended, _) = connection(&s, true, secs(3), secs(6), None).await;
+            assert!(matches!(result, Err(ConnectionError::Idle)), "{result:?}");
+            assert_eq!(ended.as_secs(), 10, "{ended:?}");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_hello_within_the_window_is_answered_however_slow_the_steps_before_it() {
+            let s = setup().await;
+            for (tls, header, handshake) in [
+                (false, secs(9), None),
+                (true, None, secs(9)),
+                (true, secs(4), secs(8)),
+            ] {
+                let (result, _, answer) = connection(&s, tls, header, handshake, secs(9)).await;
+                assert!(
+                    matches!(answer, Some(Message::HelloOk { ref role, .. }) if role == "writer"),
+                    "{answer:?}"
+                );
+                // Then the client is idle, until the idle timeout.
+                assert!(matches!(result, Err(ConnectionError::Idle)), "{result:?}");
+            }
+            // A Hello after the window, with nothing before it, is not.
+            let (result, ended, answer) = connection(&s, false, None, None, secs(11)).await;
+            assert!(matches!(result, Err(ConnectionError::Idle)), "{result:?}");
+            assert_eq!(ended.as_secs(), 10, "{ended:?}");
+            assert!(answer.is_none(), "{answer:?}");
+        }
     }
 }
