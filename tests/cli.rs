@@ -670,6 +670,8 @@ fn serve_takes_its_commit_group_bounds_from_the_command_line() {
         ("--trusted-proxy", "proxy.internal"),
         ("--trusted-proxy", "10.0.0.0/33"),
         ("--trusted-proxy", "10.0.0.1,nope"),
+        ("--proxy-protocol-from", "nope"),
+        ("--forwarded-header", "x-real-ip"),
     ] {
         let out = run(
             "vaultd",
@@ -685,7 +687,7 @@ fn serve_takes_its_commit_group_bounds_from_the_command_line() {
         );
         assert_eq!(out.code, 2, "{flag} {value}: {out:?}");
         assert!(out.stderr.contains(flag), "{flag} {value}: {out:?}");
-        if flag == "--trusted-proxy" {
+        if flag == "--trusted-proxy" || flag == "--proxy-protocol-from" {
             assert!(
                 out.stderr.contains("not an address or CIDR network"),
                 "{value}: {out:?}"

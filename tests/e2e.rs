@@ -548,13 +548,38 @@ fn authorize_redeem_deny_audit_and_verify() {
 /// it authenticates to the vault with a gateway key from a file, loads a
 /// policies file, reads `X-Forwarded-For` from the proxy it is told to
 /// trust, and the flow works through it; a stopped vault makes it answer
-/// 503 and write nothing.
+/// 503 and write nothing. The vault is `vaultd dev` with the proxy flags.
 #[test]
 fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     use std::io::BufRead;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dev = DevServer::start(&tmp.path().join("dev"));
+    // `vaultd dev` takes the proxy flags too: its own shim reads RFC
+    // 7239's `Forwarded` from the test's address.
+    let dev = DevServer::start_with(
+        &tmp.path().join("dev"),
+        &[
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--forwarded-header",
+            "forwarded",
+            "--proxy-protocol-from",
+            "192.0.2.1",
+        ],
+    );
     let admin = dev.get("admin_api_key");
+    let (status, refused) = support::http(
+        ureq::post(&format!("{}/v1/authorize", dev.http()))
+            .set(
+                "Authorization",
+                &format!("Bearer {}", dev.get("partner_api_key")),
+            )
+            .set("Forwarded", "for=unknown;proto=https"),
+        Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+    );
+    assert_eq!(
+        (status, &refused["error"]),
+        (400, &json!("invalid_request"))
+    );
     let (status, created) = call(
         "POST",
         &format!("{}/v1/credentials", dev.http()),

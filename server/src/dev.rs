@@ -65,6 +65,14 @@ pub struct DevOptions {
     pub http_listen: String,
     /// Serve both ports over TLS with a generated dev certificate.
     pub tls: bool,
+    /// HTTP reverse proxies in front of the shim
+    /// ([`ShimConfig::trusted_proxies`]), and the header they name the
+    /// client in.
+    pub trusted_proxies: crate::proxied::TrustedProxies,
+    pub forwarded_header: crate::proxied::forwarded::ForwardedHeader,
+    /// TCP proxies in front of the protocol port
+    /// ([`ServeConfig::proxy_protocol_from`]).
+    pub proxy_protocol_from: crate::proxied::TrustedProxies,
 }
 
 /// What `vaultd dev` prints (one JSON object with `--json`). The keys are
@@ -164,9 +172,14 @@ pub async fn run(
                 max_signing_key_age: Some(std::time::Duration::from_secs(90 * 86_400)),
                 max_subject_key_age: Some(std::time::Duration::from_secs(365 * 86_400)),
             },
+            proxy_protocol_from: opts.proxy_protocol_from,
             ..ServeConfig::default()
         },
-        shim: ShimConfig::default(),
+        shim: ShimConfig {
+            trusted_proxies: opts.trusted_proxies,
+            forwarded_header: opts.forwarded_header,
+            ..ShimConfig::default()
+        },
         policies: Some(policies),
         reopen: Some(reopen(data_dir.clone(), passphrase_file.clone())),
     };

@@ -464,6 +464,11 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
 /// `POST /v1/authorize` for the test's subject and purpose, with each of
 /// `forwarded` as an `X-Forwarded-For` line.
 async fn authorize_forwarded(r: &Running, forwarded: &[&str]) -> (u16, Value) {
+    authorize_through(r, "X-Forwarded-For", forwarded).await
+}
+
+/// `/v1/authorize` with a line of `header` for each of `values`.
+async fn authorize_through(r: &Running, header: &str, values: &[&str]) -> (u16, Value) {
     let body = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
     let mut req = format!(
         "POST /v1/authorize HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
@@ -472,8 +477,8 @@ async fn authorize_forwarded(r: &Running, forwarded: &[&str]) -> (u16, Value) {
         r.partner,
         body.len()
     );
-    for f in forwarded {
-        req.push_str(&format!("X-Forwarded-For: {f}\r\n"));
+    for v in values {
+        req.push_str(&format!("{header}: {v}\r\n"));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -544,6 +549,51 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
             got.1["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("X-Forwarded-For")),
+            "{}",
+            got.1
+        );
+    }
+    assert_eq!(entries(&r).await, before, "a 400 writes nothing");
+    r.stop().await;
+
+    // A shim whose proxies name the client in RFC 7239's `Forwarded`
+    // reads that header, and only that one.
+    let r = start(ShimConfig {
+        trusted_proxies: server::proxied::TrustedProxies::parse(&["127.0.0.1"]).expect("networks"),
+        forwarded_header: server::proxied::forwarded::ForwardedHeader::Forwarded,
+        ..ShimConfig::default()
+    })
+    .await;
+    put_policy(&r, policy.clone()).await;
+    let granted = authorize_through(&r, "Forwarded", &["for=192.0.2.7;proto=https"]).await;
+    assert_eq!(granted.0, 200, "{}", granted.1);
+    for (header, values, client) in [
+        (
+            "Forwarded",
+            &["for=192.0.2.7, for=\"[2001:db8::9]:443\""][..],
+            "2001:db8::9",
+        ),
+        (
+            "Forwarded",
+            &["for=\"192.0.2.7", "for=203.0.113.9"],
+            "203.0.113.9",
+        ),
+        // X-Forwarded-For is not read by this shim: the proxy is the client.
+        ("X-Forwarded-For", &["192.0.2.7"], "127.0.0.1"),
+    ] {
+        let got = authorize_through(&r, header, values).await;
+        assert_error(&got, 403, "source_not_allowed");
+        let last = denials(&r).await.pop().expect("a denial");
+        assert_eq!(last["source_ip"], client, "{last}");
+    }
+    let before = entries(&r).await;
+    for values in [&["for=unknown"][..], &["for=192.0.2.7;for=192.0.2.8"]] {
+        let got = authorize_through(&r, "Forwarded", values).await;
+        assert_error(&got, 400, "invalid_request");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Forwarded from a trusted proxy")),
             "{}",
             got.1
         );

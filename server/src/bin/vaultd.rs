@@ -91,21 +91,10 @@ enum Command {
         /// TOML file of partner policies, written to the log at start where they differ.
         #[arg(long, env = "FINTRUST_POLICIES")]
         policies: Option<PathBuf>,
-        /// A reverse proxy in front of the HTTP shim, as an address or CIDR
-        /// network (repeat the option; comma-separated in the environment):
-        /// from such a peer, `X-Forwarded-For` names the client whose address
-        /// a policy's `source_ips` must hold (docs/http.md).
-        #[arg(long = "trusted-proxy", env = "FINTRUST_TRUSTED_PROXIES",
-              value_name = "CIDR", value_delimiter = ',', value_parser = network)]
-        trusted_proxies: Vec<String>,
-        /// A TCP proxy in front of the protocol port, as an address or CIDR
-        /// network (repeat the option; comma-separated in the environment):
-        /// each connection from it must begin with a PROXY protocol header
-        /// (v1 or v2), whose client address the partner's `source_ips` must
-        /// hold (docs/protocol.md, "Behind a TCP proxy").
-        #[arg(long = "proxy-protocol-from", env = "FINTRUST_PROXY_PROTOCOL_FROM",
-              value_name = "CIDR", value_delimiter = ',', value_parser = network)]
-        proxy_protocol_from: Vec<String>,
+        #[command(flatten)]
+        http_proxies: HttpProxyArgs,
+        #[command(flatten)]
+        tcp_proxies: TcpProxyArgs,
         #[command(flatten)]
         tls: TlsArgs,
         #[command(flatten)]
@@ -167,13 +156,8 @@ enum Command {
         public_vault_addr: Option<String>,
         #[arg(long, env = "FINTRUST_POLICIES")]
         policies: Option<PathBuf>,
-        /// A reverse proxy in front of the HTTP shim, as an address or CIDR
-        /// network (repeat the option; comma-separated in the environment):
-        /// from such a peer, `X-Forwarded-For` names the client whose address
-        /// a policy's `source_ips` must hold (docs/http.md).
-        #[arg(long = "trusted-proxy", env = "FINTRUST_TRUSTED_PROXIES",
-              value_name = "CIDR", value_delimiter = ',', value_parser = network)]
-        trusted_proxies: Vec<String>,
+        #[command(flatten)]
+        http_proxies: HttpProxyArgs,
         /// TLS of the HTTP port (and, with --insecure-plaintext, plaintext to the vault too).
         #[command(flatten)]
         tls: TlsArgs,
@@ -197,7 +181,56 @@ enum Command {
         json: bool,
         #[arg(long, value_parser = ["text", "json"], default_value = "text")]
         format: String,
+        #[command(flatten)]
+        http_proxies: HttpProxyArgs,
+        #[command(flatten)]
+        tcp_proxies: TcpProxyArgs,
     },
+}
+
+/// Reverse proxies in front of the HTTP shim.
+#[derive(clap::Args)]
+struct HttpProxyArgs {
+    /// A reverse proxy in front of the HTTP shim, as an address or CIDR
+    /// network (repeat the option; comma-separated in the environment):
+    /// from such a peer, the --forwarded-header names the client whose
+    /// address a policy's `source_ips` must hold (docs/http.md).
+    #[arg(long = "trusted-proxy", env = "FINTRUST_TRUSTED_PROXIES",
+          value_name = "CIDR", value_delimiter = ',', value_parser = network)]
+    trusted_proxies: Vec<String>,
+    /// The header the trusted proxies name the client in: X-Forwarded-For,
+    /// or RFC 7239's Forwarded. Only this one is read.
+    #[arg(long, env = "FINTRUST_FORWARDED_HEADER", value_name = "HEADER",
+          value_parser = ["x-forwarded-for", "forwarded"], default_value = "x-forwarded-for")]
+    forwarded_header: String,
+}
+
+impl HttpProxyArgs {
+    fn config(
+        &self,
+    ) -> anyhow::Result<(
+        server::proxied::TrustedProxies,
+        server::proxied::forwarded::ForwardedHeader,
+    )> {
+        let header = self
+            .forwarded_header
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--forwarded-header {e}"))?;
+        Ok((trusted(&self.trusted_proxies)?, header))
+    }
+}
+
+/// TCP proxies in front of the protocol port.
+#[derive(clap::Args)]
+struct TcpProxyArgs {
+    /// A TCP proxy in front of the protocol port, as an address or CIDR
+    /// network (repeat the option; comma-separated in the environment):
+    /// each connection from it must begin with a PROXY protocol header
+    /// (v1 or v2), whose client address the partner's `source_ips` must
+    /// hold (docs/protocol.md, "Behind a TCP proxy").
+    #[arg(long = "proxy-protocol-from", env = "FINTRUST_PROXY_PROTOCOL_FROM",
+          value_name = "CIDR", value_delimiter = ',', value_parser = network)]
+    proxy_protocol_from: Vec<String>,
 }
 
 /// The rotation policy: `vaultd` warns at start, and `vault-admin status`
@@ -376,8 +409,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_http,
             public_vault_addr,
             policies,
-            trusted_proxies,
-            proxy_protocol_from,
+            http_proxies,
+            tcp_proxies,
             tls,
             rotation,
             index_batch,
@@ -388,8 +421,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
-            let trusted_proxies = trusted(&trusted_proxies)?;
-            let proxy_protocol_from = trusted(&proxy_protocol_from)?;
+            let (trusted_proxies, forwarded_header) = http_proxies.config()?;
+            let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
             let unlock = vault.unlock()?;
             let options = move || storage::Options {
                 index_batch,
@@ -427,6 +460,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let shim = server::shim::ShimConfig {
                     vault_addr: public_vault_addr.unwrap_or(listen),
                     trusted_proxies,
+                    forwarded_header,
                     ..Default::default()
                 };
                 let d = server::daemon::Daemon {
@@ -460,13 +494,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             http_listen,
             public_vault_addr,
             policies,
-            trusted_proxies,
+            http_proxies,
             tls,
         } => {
             let plaintext = tls.insecure_plaintext;
             let http_tls = tls.config()?;
             let policies = read_policies(policies)?;
-            let trusted_proxies = trusted(&trusted_proxies)?;
+            let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let key = server::secrets::read_secret_file(&api_key_file)?;
             let vault_tls = match (cacert, plaintext) {
                 (Some(ca), _) => client::Tls::Ca {
@@ -495,6 +529,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server::shim::ShimConfig {
                     vault_addr: public_vault_addr.unwrap_or(vault),
                     trusted_proxies,
+                    forwarded_header,
                     ..Default::default()
                 },
             );
@@ -522,8 +557,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls,
             json,
             format,
+            http_proxies,
+            tcp_proxies,
         } => {
             let json = json || format == "json";
+            let (trusted_proxies, forwarded_header) = http_proxies.config()?;
+            let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
             let rt = tokio::runtime::Runtime::new()?;
             let _runtime = rt.enter();
             rt.block_on(server::dev::run(
@@ -532,6 +571,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     listen,
                     http_listen,
                     tls,
+                    trusted_proxies,
+                    forwarded_header,
+                    proxy_protocol_from,
                 },
                 |out| {
                     if json {

@@ -6,8 +6,9 @@
 //! peer of the connection. With them the peer is the proxy, and the client
 //! is what a trusted proxy says it is:
 //!
-//! - the HTTP shim reads `X-Forwarded-For` from peers in
-//!   `--trusted-proxy` networks ([`forwarded`]);
+//! - the HTTP shim reads `X-Forwarded-For` (or RFC 7239's `Forwarded`,
+//!   `--forwarded-header`) from peers in `--trusted-proxy` networks
+//!   ([`forwarded`]);
 //! - the protocol server on port 9999 reads a PROXY protocol header
 //!   (HAProxy's, version 1 or 2) at the start of every connection from
 //!   peers in `--proxy-protocol-from` networks ([`header`]).

@@ -317,7 +317,7 @@ impl FromRequestParts<Arc<Shim>> for ClientSource {
             .ok_or_else(|| ApiError::internal("the connection's peer address is unknown"))?;
         shim.config
             .trusted_proxies
-            .source(peer.ip(), &parts.headers)
+            .source(peer.ip(), &parts.headers, shim.config.forwarded_header)
             .map(ClientSource)
             .map_err(|e| ApiError::bad_request(e.to_string()))
     }

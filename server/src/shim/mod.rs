@@ -76,9 +76,12 @@ pub struct ShimConfig {
     /// clients that never finish (slowloris) cannot keep others out.
     pub max_handshakes: usize,
     /// Reverse proxies in front of the shim (default none), whose
-    /// `X-Forwarded-For` names the client that `source_ips` is checked
+    /// `forwarded_header` names the client that `source_ips` is checked
     /// against ([`crate::proxied::forwarded`]).
     pub trusted_proxies: crate::proxied::TrustedProxies,
+    /// The header trusted proxies name the client in (default
+    /// `X-Forwarded-For`).
+    pub forwarded_header: crate::proxied::forwarded::ForwardedHeader,
 }
 
 impl Default for ShimConfig {
@@ -92,6 +95,7 @@ impl Default for ShimConfig {
             max_connections: 1024,
             max_handshakes: 1024,
             trusted_proxies: crate::proxied::TrustedProxies::default(),
+            forwarded_header: Default::default(),
         }
     }
 }
