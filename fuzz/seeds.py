@@ -93,3 +93,16 @@ for line in block.splitlines():
 assert len(headers) == 4, headers
 for i, h in enumerate(headers):
     put("proxy_header", "vector%d" % i, h)
+
+# The forwarding headers of http.md, "Behind a reverse proxy": a header
+# line, then its client or 400. The forwarded target's first byte chooses
+# the header (0: X-Forwarded-For, 1: Forwarded), the rest is the value.
+http_doc = read("http.md")
+block = http_doc[http_doc.index("Test vectors (checked by `server::proxied::forwarded`"):]
+block = block[block.index("```text\n") + 8:block.index("```", block.index("```text\n") + 8)]
+lines = block.splitlines()
+assert len(lines) == 12, lines
+for i, line in enumerate(lines):
+    name, rest = line.split(": ", 1)
+    value = rest.rsplit("  ", 1)[0].strip()
+    put("forwarded", "vector%d" % i, bytes([name == "Forwarded"]) + value.encode())

@@ -46,6 +46,28 @@ fn golden_frames(protocol: &str) -> Vec<(String, Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// The forwarding headers of `http.md`, "Behind a reverse proxy", as the
+/// `forwarded` target takes them: a byte for the header (0:
+/// `X-Forwarded-For`, 1: `Forwarded`), then the value (each vector line is
+/// `NAME: VALUE`, then two or more spaces and the result).
+fn forwarding_vectors(http: &str) -> Vec<Vec<u8>> {
+    let block = http
+        .split_once("Test vectors (checked by `server::proxied::forwarded`")
+        .and_then(|(_, rest)| rest.split_once("```text\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+        .expect("http.md has the forwarding vectors");
+    block
+        .lines()
+        .map(|line| {
+            let (name, rest) = line.split_once(": ").expect("NAME: VALUE");
+            let (value, _) = rest.rsplit_once("  ").expect("VALUE  RESULT");
+            let choice = u8::from(name == "Forwarded");
+            [&[choice][..], value.trim().as_bytes()].concat()
+        })
+        .collect()
+}
+
 /// The PROXY protocol headers of `protocol.md`, "Behind a TCP proxy": in
 /// its block of vectors, a line ending in ':' names the next one, whose hex
 /// may run over several lines.
@@ -239,6 +261,15 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
         .map(|(toml, _)| toml)
         .expect("http.md has a toml block");
     check(&mut stale, "policies_toml", "demo", toml.as_bytes());
+    let forwarding = forwarding_vectors(&http);
+    assert_eq!(
+        forwarding.len(),
+        12,
+        "forwarding vectors read: {forwarding:?}"
+    );
+    for (i, seed) in forwarding.iter().enumerate() {
+        check(&mut stale, "forwarded", &format!("vector{i}"), seed);
+    }
 
     assert!(
         stale.is_empty(),

@@ -10,7 +10,8 @@
 //! bytes through `serve_connection` against a real vault, as `vaultd serve`
 //! does for each connection, and asserts that the server answers with whole
 //! frames, ends the connection and never panics; [`proxy_header`] reads
-//! what a trusted TCP proxy sends first.
+//! what a trusted TCP proxy sends first, and [`forwarded`] what a trusted
+//! HTTP proxy names the client in.
 //!
 //! The cargo-fuzz targets in `fuzz/` are one-line shims over these
 //! functions; the proptests below run them on stable in CI.
@@ -288,6 +289,76 @@ pub fn proxy_header(data: &[u8]) {
     }
 }
 
+/// A forwarding header from a trusted HTTP proxy, as the shim reads it
+/// ([`crate::proxied::forwarded`]): the first byte chooses the header
+/// (even: `X-Forwarded-For`, odd: `Forwarded`), the rest are its lines,
+/// split at `\n` (those that are not header values are left out), from
+/// a peer in the trusted `10.0.0.0/8`. Whatever the lines hold: a client
+/// (never an IPv4-mapped address) or a refusal that names the header and
+/// at most 64 characters of the entry. And whatever they hold, an element
+/// a trusted proxy appends after them, on a line of its own or at the end
+/// of their last line, names the client.
+pub fn forwarded(data: &[u8]) {
+    use crate::proxied::forwarded::ForwardedHeader;
+    use crate::proxied::{Source, TrustedProxies};
+    use axum::http::{HeaderMap, HeaderValue};
+    use std::net::IpAddr;
+    let Some((choice, rest)) = data.split_first() else {
+        return;
+    };
+    let header = if choice % 2 == 0 {
+        ForwardedHeader::XForwardedFor
+    } else {
+        ForwardedHeader::Forwarded
+    };
+    let proxies =
+        TrustedProxies::parse(&["10.0.0.0/8", "2001:db8:ffff::/48"]).expect("the networks parse");
+    let peer = IpAddr::from([10, 0, 0, 6]);
+    let lines: Vec<HeaderValue> = rest
+        .split(|b| *b == b'\n')
+        .filter_map(|l| HeaderValue::from_bytes(l).ok())
+        .collect();
+    let read = |lines: &[HeaderValue]| {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append(header.header_name(), l.clone());
+        }
+        proxies.source(peer, &h, header)
+    };
+    match read(&lines) {
+        Ok(source) => {
+            assert_eq!(source.client, storage::state::canonical_ip(source.client));
+            assert!(source.proxy.is_none() || source.proxy == Some(peer));
+        }
+        Err(e) => {
+            assert_eq!(e.header, header.display_name());
+            assert!(e.entry.chars().count() <= 64, "{e}");
+        }
+    }
+    let (element, client): (&[u8], IpAddr) = match header {
+        ForwardedHeader::XForwardedFor => (b"203.0.113.9", IpAddr::from([203, 0, 113, 9])),
+        ForwardedHeader::Forwarded => (
+            b"for=\"[2001:db8::9]:4711\";proto=https",
+            IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9]),
+        ),
+    };
+    let appended = Ok(Source {
+        client,
+        proxy: Some(peer),
+    });
+    let mut own_line = lines.clone();
+    own_line.push(HeaderValue::from_bytes(element).expect("a header value"));
+    assert_eq!(read(&own_line), appended, "on a line of its own");
+    if let Some(last) = lines.last() {
+        let joined = [last.as_bytes(), b", ", element].concat();
+        let mut same_line = lines.clone();
+        if let (Ok(v), Some(l)) = (HeaderValue::from_bytes(&joined), same_line.last_mut()) {
+            *l = v;
+            assert_eq!(read(&same_line), appended, "at the end of the last line");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::collection::vec;
@@ -331,6 +402,18 @@ mod tests {
             data in vec(ANY, 0..200),
         ) {
             super::proxy_header(&[start, &data[..]].concat());
+        }
+
+        #[test]
+        fn forwarding_headers_get_a_verdict(
+            start in proptest::sample::select(vec![
+                &b"\x00"[..], b"\x01", b"\x01for=", b"\x01for=\"[", b"\x00192.0.2.7, ",
+                b"\x01for=192.0.2.7;proto=https, for=\"",
+            ]),
+            data in vec(proptest::sample::select(
+                b"0123456789abcdef.:[]_,;=\" \t\\\nforFOR\x80\xff".to_vec()), 0..80),
+        ) {
+            super::forwarded(&[start, &data[..]].concat());
         }
 
         #[test]

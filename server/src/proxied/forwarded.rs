@@ -110,6 +110,10 @@ impl Malformed {
             entry: entry.chars().take(64).collect(),
         }
     }
+
+    fn lossy(header: ForwardedHeader, entry: &[u8]) -> Malformed {
+        Malformed::new(header, String::from_utf8_lossy(entry).trim())
+    }
 }
 
 impl TrustedProxies {
@@ -133,20 +137,22 @@ impl TrustedProxies {
         let lines: Vec<_> = headers.get_all(header.header_name()).iter().collect();
         let mut leftmost = None;
         for line in lines.into_iter().rev() {
-            let text = line
-                .to_str()
-                .map_err(|_| Malformed::new(header, &String::from_utf8_lossy(line.as_bytes())))?;
-            let mut rest = text;
+            // Bytes, not text: what the client wrote left of an element
+            // (obs-text included) is never decoded.
+            let mut rest = line.as_bytes();
             while !rest.is_empty() {
                 let (before, element) = match header {
-                    ForwardedHeader::XForwardedFor => match rest.rsplit_once(',') {
-                        Some((before, element)) => (before, Cow::Borrowed(element.trim())),
-                        None => ("", Cow::Borrowed(rest.trim())),
-                    },
+                    ForwardedHeader::XForwardedFor => {
+                        let (before, element) = match rest.iter().rposition(|b| *b == b',') {
+                            Some(i) => (&rest[..i], &rest[i + 1..]),
+                            None => (&[][..], rest),
+                        };
+                        (before, Cow::Borrowed(text(header, element)?.trim()))
+                    }
                     ForwardedHeader::Forwarded => {
-                        let (before, element) = last_element(rest)
-                            .ok_or_else(|| Malformed::new(header, rest.trim()))?;
-                        let node = match element.trim() {
+                        let (before, element) =
+                            last_element(rest).ok_or_else(|| Malformed::lossy(header, rest))?;
+                        let node = match text(header, element)?.trim() {
                             "" => None,
                             e => Some(for_node(e).ok_or_else(|| Malformed::new(header, e))?),
                         };
@@ -182,18 +188,33 @@ impl TrustedProxies {
     }
 }
 
-/// `Forwarded` text split before its last element (RFC 7239, section 4):
-/// what comes before the last comma outside a quoted string, and what
+/// An element's bytes as text; only visible ASCII and blanks are.
+fn text(header: ForwardedHeader, element: &[u8]) -> Result<&str, Malformed> {
+    match std::str::from_utf8(element) {
+        Ok(t)
+            if element
+                .iter()
+                .all(|b| *b == b'\t' || (b' '..=b'~').contains(b)) =>
+        {
+            Ok(t)
+        }
+        _ => Err(Malformed::lossy(header, element)),
+    }
+}
+
+/// A `Forwarded` line split before its last element (RFC 7239, section
+/// 4): what comes before the last comma outside a quoted string, and what
 /// comes after it. Scanned from the right, so that the elements proxies
 /// appended are found whatever the client wrote before them. `None` when
 /// a quoted string is not closed, or a quote is escaped outside one.
-fn last_element(text: &str) -> Option<(&str, &str)> {
-    let bytes = text.as_bytes();
+fn last_element(line: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut quoted = false;
-    for i in (0..bytes.len()).rev() {
-        match bytes[i] {
+    for i in (0..line.len()).rev() {
+        match line[i] {
             b'"' => {
-                let backslashes = bytes[..i].iter().rev().take_while(|b| **b == b'\\').count();
+                // Each run of backslashes ends at a quote: all the runs
+                // together are read once.
+                let backslashes = line[..i].iter().rev().take_while(|b| **b == b'\\').count();
                 let escaped = backslashes % 2 == 1;
                 match (quoted, escaped) {
                     (false, true) => return None,
@@ -202,11 +223,11 @@ fn last_element(text: &str) -> Option<(&str, &str)> {
                     (true, true) => {}
                 }
             }
-            b',' if !quoted => return Some((&text[..i], &text[i + 1..])),
+            b',' if !quoted => return Some((&line[..i], &line[i + 1..])),
             _ => {}
         }
     }
-    (!quoted).then_some(("", text))
+    (!quoted).then_some((&[][..], line))
 }
 
 /// The node of an element's one `for` parameter, unquoted; `None` when
@@ -563,13 +584,65 @@ mod tests {
         }
     }
 
+    /// The test vectors of `docs/http.md`, "Behind a reverse proxy": a
+    /// header line, then `client ADDR` or `400`.
+    fn documented_vectors() -> Vec<(ForwardedHeader, String, Option<IpAddr>)> {
+        let doc = include_str!("../../../docs/http.md");
+        let block = doc
+            .split_once("Test vectors (checked by `server::proxied::forwarded`")
+            .and_then(|(_, rest)| rest.split_once("```text\n"))
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(block, _)| block)
+            .expect("http.md has the forwarding vectors");
+        block
+            .lines()
+            .map(|line| {
+                let (name, rest) = line.split_once(": ").expect("NAME: VALUE");
+                let header: ForwardedHeader = name.parse().expect("a header name");
+                let (value, want) = rest.rsplit_once("  ").expect("VALUE  RESULT");
+                let want = match want.trim() {
+                    "400" => None,
+                    w => Some(ip(w.strip_prefix("client ").expect("client ADDR"))),
+                };
+                (header, value.trim().to_string(), want)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_documented_vectors_read_as_documented() {
+        let t = TrustedProxies::parse(&["10.0.0.0/8", "2001:db8:ffff::/48"]).expect("networks");
+        let vectors = documented_vectors();
+        assert_eq!(vectors.len(), 12, "{vectors:?}");
+        for (header, value, want) in vectors {
+            let mut h = HeaderMap::new();
+            h.append(
+                header.header_name(),
+                HeaderValue::from_str(&value).expect("a value"),
+            );
+            let got = t.source(ip("10.0.0.6"), &h, header);
+            match want {
+                Some(client) => assert_eq!(
+                    got,
+                    Ok(Source {
+                        client,
+                        proxy: Some(ip("10.0.0.6"))
+                    }),
+                    "{value}"
+                ),
+                None => assert!(got.is_err(), "{value}: {got:?}"),
+            }
+        }
+    }
+
     proptest::proptest! {
-        /// Whatever a client writes, in a line of its own or at the start
-        /// of the line a trusted proxy appends its element to, the client
-        /// is the address that proxy appended, and nothing panics.
+        /// Whatever a client writes (bytes past ASCII included), in a line
+        /// of its own or at the start of the line a trusted proxy appends
+        /// its element to, the client is the address that proxy appended,
+        /// and nothing panics.
         #[test]
         fn what_a_client_writes_before_a_proxy_s_element_never_counts(
-            written in "[ -~\t]{0,48}",
+            written in "[ -~\t\u{80}-\u{ff}]{0,48}",
             v4 in proptest::prelude::any::<[u8; 4]>(),
             v6 in proptest::prelude::any::<[u16; 8]>(),
             six in proptest::prelude::any::<bool>(),
@@ -589,13 +662,14 @@ mod tests {
             };
             let element = format!("for={node}{params}");
             let peer = ip("10.0.0.6");
-            let Ok(own) = HeaderValue::from_str(&written) else {
+            let Ok(own) = HeaderValue::from_bytes(written.as_bytes()) else {
                 return Ok(());
             };
             let mut lines = HeaderMap::new();
             lines.append("forwarded", own);
             lines.append("forwarded", HeaderValue::from_str(&element).expect("a value"));
-            let appended = HeaderValue::from_str(&format!("{written}, {element}")).expect("a value");
+            let appended =
+                HeaderValue::from_bytes(format!("{written}, {element}").as_bytes()).expect("a value");
             let mut one_line = HeaderMap::new();
             one_line.append("forwarded", appended);
             for headers in [lines, one_line] {
@@ -604,7 +678,8 @@ mod tests {
             }
             // The same for X-Forwarded-For, where a proxy appends the bare
             // address.
-            let xff = HeaderValue::from_str(&format!("{written}, {client}")).expect("a value");
+            let xff =
+                HeaderValue::from_bytes(format!("{written}, {client}").as_bytes()).expect("a value");
             let mut h = HeaderMap::new();
             h.append("x-forwarded-for", xff);
             proptest::prop_assert_eq!(t.source(peer, &h, XFF), Ok(Source { client, proxy: Some(peer) }));
