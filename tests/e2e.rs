@@ -75,18 +75,18 @@ impl Flow {
 
     /// `vault-client redeem`: exit code, stdout, stderr.
     fn redeem(&self, key: &str, token: &str) -> (i32, String, String) {
-        let out = Command::new(support::binary("fintrust-client", "vault-client"))
-            .args(["redeem", "--insecure-plaintext", "--addr"])
-            .arg(self.dev.get("vault_addr"))
-            .args(["--api-key", key, "--token", token])
-            .env_remove("FINTRUST_API_KEY")
-            .output()
-            .expect("run vault-client");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let addr = self.dev.get("vault_addr");
+        let out = support::vault_client(&[
+            "redeem",
+            "--insecure-plaintext",
+            "--addr",
+            &addr,
+            "--api-key",
+            key,
+            "--token",
+            token,
+        ]);
+        (out.code, out.stdout, out.stderr)
     }
 }
 
@@ -658,16 +658,17 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     assert_eq!(status, 200, "{granted}");
     assert_eq!(granted["fields"], json!({"name": "redact"}));
     assert_eq!(granted["vault_addr"], dev.get("vault_addr").as_str());
-    let out = Command::new(support::binary("fintrust-client", "vault-client"))
-        .args(["redeem", "--insecure-plaintext", "--addr"])
-        .arg(dev.get("vault_addr"))
-        .args(["--api-key", &partner, "--token"])
-        .arg(granted["token"].as_str().expect("token"))
-        .env_remove("FINTRUST_API_KEY")
-        .output()
-        .expect("run vault-client");
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let record: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let out = support::vault_client(&[
+        "redeem",
+        "--insecure-plaintext",
+        "--addr",
+        &dev.get("vault_addr"),
+        "--api-key",
+        &partner,
+        "--token",
+        granted["token"].as_str().expect("token"),
+    ]);
+    let record = out.ok_json();
     let fields = record.get("fields").unwrap_or(&record);
     assert!(fields.get("email").is_none(), "{record}");
     assert!(
@@ -747,16 +748,19 @@ fn dev_with_tls_serves_both_ports_with_a_dev_certificate() {
         .expect("authorize over https")
         .into_json()
         .expect("JSON");
-    let out = Command::new(support::binary("fintrust-client", "vault-client"))
-        .args(["redeem", "--addr"])
-        .arg(dev.get("vault_addr"))
-        .args(["--cacert", &ca, "--api-key", &partner, "--token"])
-        .arg(granted["token"].as_str().expect("token"))
-        .env_remove("FINTRUST_API_KEY")
-        .output()
-        .expect("run vault-client");
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("a***@example.com"));
+    let out = support::vault_client(&[
+        "redeem",
+        "--addr",
+        &dev.get("vault_addr"),
+        "--cacert",
+        &ca,
+        "--api-key",
+        &partner,
+        "--token",
+        granted["token"].as_str().expect("token"),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("a***@example.com"), "{out:?}");
     // Plaintext HTTP to the TLS port: no HTTP answer.
     let mut s = std::net::TcpStream::connect(&http).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -812,21 +816,19 @@ fn no_secret_or_personal_value_reaches_disk_logs_or_audit() {
             .to_string(),
     )
     .expect("record");
-    let out = Command::new(support::binary("fintrust-client", "vault-client"))
-        .args([
-            "append",
-            "--insecure-plaintext",
-            "--subject",
-            "cust-0002",
-            "--addr",
-        ])
-        .arg(f.dev.get("vault_addr"))
-        .args(["--api-key", &f.dev.get("writer_api_key"), "--record-file"])
-        .arg(&record)
-        .env_remove("FINTRUST_API_KEY")
-        .output()
-        .expect("vault-client append");
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = support::vault_client(&[
+        "append",
+        "--insecure-plaintext",
+        "--subject",
+        "cust-0002",
+        "--addr",
+        &f.dev.get("vault_addr"),
+        "--api-key",
+        &f.dev.get("writer_api_key"),
+        "--record-file",
+        record.to_str().expect("a UTF-8 path"),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
     // Tokens: one redeemed, one left unredeemed, one refused.
     let partner = f.dev.get("partner_api_key");
     for _ in 0..2 {

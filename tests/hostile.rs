@@ -100,12 +100,14 @@ fn oversized_length_prefixes_are_refused_without_allocating() {
         "4,000 oversized frames grew the server's RSS from {before} KiB to {after} KiB"
     );
     // It still serves.
-    let out = std::process::Command::new(support::binary("fintrust-client", "vault-client"))
-        .args(["head", "--insecure-plaintext", "--addr", &addr, "--api-key"])
-        .arg(dev.get("admin_api_key"))
-        .env_remove("FINTRUST_API_KEY")
-        .output()
-        .expect("vault-client head");
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = support::vault_client(&[
+        "head",
+        "--insecure-plaintext",
+        "--addr",
+        &addr,
+        "--api-key",
+        &dev.get("admin_api_key"),
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
     assert!(dev.stop().success());
 }

@@ -223,18 +223,20 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
             Some(ask),
         )
     };
+    let ca_file = ca.to_str().expect("a UTF-8 path");
     let redeem = |port: u16, token: &str| {
-        let out = Command::new(support::binary("fintrust-client", "vault-client"))
-            .args(["redeem", "--addr"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--cacert")
-            .arg(&ca)
-            .args(["--api-key", &partner, "--token", token])
-            .env_remove("FINTRUST_API_KEY")
-            .output()
-            .expect("run vault-client");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.code(), stderr)
+        let out = support::vault_client(&[
+            "redeem",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--cacert",
+            ca_file,
+            "--api-key",
+            &partner,
+            "--token",
+            token,
+        ]);
+        (Some(out.code), out.stderr)
     };
 
     // Only the partner's own address: through nginx it is granted (the

@@ -399,6 +399,14 @@ where
     }
 }
 
+/// `vault-client` with `args`, and no `FINTRUST_*` variable of the
+/// test's environment (an API key there would stand in for a missing
+/// `--api-key`).
+#[allow(dead_code)]
+pub fn vault_client(args: &[&str]) -> Run {
+    run_bin("fintrust-client", "vault-client", args, &[])
+}
+
 /// [`run_bin`] without blocking the runtime (which may be serving the
 /// vault the tool talks to).
 #[allow(dead_code)]

@@ -357,6 +357,32 @@ mod tests {
         TrustedProxies::parse(&["10.0.0.0/8", "2001:db8:ffff::1"]).expect("networks")
     }
 
+    /// Each case's lines of `header`, from the trusted 10.0.0.6, name
+    /// its client (10.0.0.6 itself: no client named, the peer is it).
+    fn assert_clients(header: ForwardedHeader, cases: &[(&[&[u8]], &str)]) {
+        let peer = ip("10.0.0.6");
+        for (lines, want) in cases {
+            let mut h = HeaderMap::new();
+            for l in *lines {
+                h.append(
+                    header.header_name(),
+                    HeaderValue::from_bytes(l).expect("header value"),
+                );
+            }
+            let got = proxies().source(peer, &h, header).expect("source");
+            let expected_proxy = (*want != "10.0.0.6").then_some(peer);
+            let shown: Vec<_> = lines.iter().map(|l| String::from_utf8_lossy(l)).collect();
+            assert_eq!(
+                got,
+                Source {
+                    client: ip(want),
+                    proxy: expected_proxy
+                },
+                "{shown:?}"
+            );
+        }
+    }
+
     #[test]
     fn an_untrusted_peer_is_the_client_whatever_it_says() {
         let t = proxies();
@@ -382,7 +408,6 @@ mod tests {
     #[test]
     fn the_client_is_the_rightmost_entry_that_is_not_a_trusted_proxy() {
         let t = proxies();
-        let peer = ip("10.0.0.6");
         let cases: &[(&[&[u8]], &str)] = &[
             (&[b"192.0.2.7"], "192.0.2.7"),
             // What the client wrote itself, left of the first untrusted
@@ -406,18 +431,7 @@ mod tests {
             (&[], "10.0.0.6"),
             (&[b" , "], "10.0.0.6"),
         ];
-        for (lines, want) in cases {
-            let got = t.source(peer, &headers(lines), XFF).expect("source");
-            let expected_proxy = (*want != "10.0.0.6").then_some(peer);
-            assert_eq!(
-                got,
-                Source {
-                    client: ip(want),
-                    proxy: expected_proxy
-                },
-                "{lines:?}"
-            );
-        }
+        assert_clients(XFF, cases);
         // A mapped peer address is trusted as its IPv4 address.
         let got = t
             .source(ip("::ffff:10.0.0.6"), &headers(&[b"192.0.2.7"]), XFF)
@@ -465,8 +479,6 @@ mod tests {
 
     #[test]
     fn forwarded_names_the_client_in_the_for_of_the_rightmost_untrusted_element() {
-        let t = proxies();
-        let peer = ip("10.0.0.6");
         let cases: &[(&[&[u8]], &str)] = &[
             // RFC 7239's own examples (section 4 and 7.1).
             (
@@ -513,22 +525,7 @@ mod tests {
             (&[], "10.0.0.6"),
             (&[b" , "], "10.0.0.6"),
         ];
-        for (lines, want) in cases {
-            let got = t.source(peer, &forwarded(lines), FWD).expect("source");
-            let expected_proxy = (*want != "10.0.0.6").then_some(peer);
-            assert_eq!(
-                got,
-                Source {
-                    client: ip(want),
-                    proxy: expected_proxy
-                },
-                "{:?}",
-                lines
-                    .iter()
-                    .map(|l| String::from_utf8_lossy(l))
-                    .collect::<Vec<_>>()
-            );
-        }
+        assert_clients(FWD, cases);
     }
 
     #[test]
