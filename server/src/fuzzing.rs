@@ -40,6 +40,33 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+/// Scratch dirs of fixtures are `fintrust-fuzz-<pid>-*`.
+const FIXTURE_PREFIX: &str = "fintrust-fuzz-";
+
+/// Removes the scratch dirs in `parent` that fixtures of processes no
+/// longer running left: a fuzzer keeps its fixture until it exits, and
+/// libFuzzer exits without dropping it. On `/dev/shm` they hold memory.
+fn remove_dead_fixtures(parent: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(FIXTURE_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && std::path::Path::new("/proc/self").exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 impl Fixture {
     /// A fresh vault in a scratch dir, which goes when the fixture does.
     fn new() -> Fixture {
@@ -49,14 +76,16 @@ impl Fixture {
             .expect("a runtime");
         // In memory where there is one: every append is synced.
         let shm = std::path::Path::new("/dev/shm");
-        let dir = if shm.is_dir() {
-            tempfile::Builder::new()
-                .prefix("fintrust-fuzz-")
-                .tempdir_in(shm)
+        let parent = if shm.is_dir() {
+            shm.to_path_buf()
         } else {
-            tempfile::Builder::new().prefix("fintrust-fuzz-").tempdir()
-        }
-        .expect("a scratch dir");
+            std::env::temp_dir()
+        };
+        remove_dead_fixtures(&parent);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{FIXTURE_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&parent)
+            .expect("a scratch dir");
         let created = storage::Vault::create(
             &dir.path().join("v"),
             &storage::Unlock::passphrase(b"fuzzing".to_vec()),
@@ -96,8 +125,9 @@ impl Fixture {
 /// ends the connection within a minute, and never panics.
 ///
 /// A fuzzer's process makes one vault and keeps it (statics are never
-/// dropped): its scratch dir, `fintrust-fuzz-*` in `/dev/shm` or the temp
-/// dir, stays after the run.
+/// dropped): its scratch dir, `fintrust-fuzz-<pid>-*` in `/dev/shm` or the
+/// temp dir, stays after the run, until the next fixture made there
+/// removes it.
 pub fn connection(data: &[u8]) {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     connection_on(FIXTURE.get_or_init(Fixture::new), data);
@@ -387,6 +417,33 @@ mod tests {
             "[ -~]{0,20}\n",
         ];
         vec(piece, 0..10).prop_map(|v| v.concat())
+    }
+
+    /// A fixture's scratch dir goes once its process has: the next
+    /// fixture made beside it removes it, and nothing else.
+    #[test]
+    fn dirs_of_fixtures_whose_process_ended_are_removed() {
+        let parent = tempfile::tempdir().expect("a dir");
+        // Above the kernel's largest pid (2^22): no process has it.
+        let dead = format!("{}4194305-x", super::FIXTURE_PREFIX);
+        let live = format!("{}{}-y", super::FIXTURE_PREFIX, std::process::id());
+        for name in [
+            &dead,
+            &live,
+            &"fintrust-fuzz-abc".to_string(),
+            &"other".to_string(),
+        ] {
+            std::fs::create_dir(parent.path().join(name)).expect("a dir");
+        }
+        super::remove_dead_fixtures(parent.path());
+        let mut left: Vec<String> = std::fs::read_dir(parent.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec!["fintrust-fuzz-abc".to_string(), live, "other".to_string()];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     proptest! {
