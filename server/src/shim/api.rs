@@ -319,7 +319,17 @@ impl FromRequestParts<Arc<Shim>> for ClientSource {
             .trusted_proxies
             .source(peer.ip(), &parts.headers, shim.config.forwarded_header)
             .map(ClientSource)
-            .map_err(|e| ApiError::bad_request(e.to_string()))
+            .map_err(|e| {
+                // A trusted proxy that writes something else is
+                // misconfigured: every client behind it is refused. The
+                // entry itself may be a client's address: not logged.
+                tracing::warn!(
+                    proxy = %peer.ip(),
+                    header = e.header,
+                    "request from a trusted proxy refused: its forwarding header names no address"
+                );
+                ApiError::bad_request(e.to_string())
+            })
     }
 }
 
