@@ -8,7 +8,9 @@
 //! connects from 127.0.0.1. A policy that allows only 127.0.0.1 then
 //! passes through the proxies only if the vault reads what they say, and a
 //! client that writes its own `X-Forwarded-For` is checked at its real
-//! address.
+//! address. A `vaultd shim` of its own, behind HAProxy in HTTP mode,
+//! reads RFC 7239's `Forwarded` (`--forwarded-header forwarded`) the same
+//! way.
 //!
 //! `haproxy` and `nginx` come from the system's packages (`.ci/run`
 //! installs them); without them on `PATH` the test says so and passes.
@@ -27,6 +29,9 @@ use support::DevServer;
 const TCP_PROXY: &str = "127.0.0.2";
 /// The address nginx connects to the shim from.
 const HTTP_PROXY: &str = "127.0.0.3";
+/// The address HAProxy connects to a `vaultd shim` from, adding
+/// `Forwarded`.
+const FORWARDED_PROXY: &str = "127.0.0.4";
 
 /// `program` on `PATH`, or in the `sbin` dirs where Debian puts it (not on
 /// every user's `PATH`), if it runs.
@@ -101,6 +106,33 @@ fn haproxy(exe: &Path, dir: &Path, vault: &str, v2: u16, v1: u16) -> Proxy {
         ),
     )
     .expect("haproxy.cfg");
+    let child = Command::new(exe)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start haproxy");
+    Proxy(child)
+}
+
+/// HAProxy in HTTP mode on `port` in front of the shim at `shim`, adding
+/// a `Forwarded` line that names the client (HAProxy 2.6 has no `option
+/// forwarded`, which came with 2.8).
+fn haproxy_forwarded(exe: &Path, dir: &Path, shim: &str, port: u16) -> Proxy {
+    let cfg = dir.join("haproxy-forwarded.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n    maxconn 64\n\
+             defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
+             frontend web\n    bind 127.0.0.1:{port}\n\
+                 http-request add-header Forwarded for=%[src]\n    default_backend shim\n\
+             backend shim\n    server shim {shim} source {FORWARDED_PROXY}\n"
+        ),
+    )
+    .expect("haproxy-forwarded.cfg");
     let child = Command::new(exe)
         .arg("-db")
         .arg("-f")
@@ -291,6 +323,79 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     assert_eq!(denials[1]["action"], "redeem");
     assert_eq!(denials[1]["source_ip"], "127.0.0.1");
     assert_eq!(denials[1]["proxy_ip"], TCP_PROXY);
+
+    // RFC 7239's Forwarded: a `vaultd shim` of its own, in front of the
+    // same vault, that reads it from HAProxy in HTTP mode.
+    let (status, created) = call(
+        "POST",
+        &format!("{proxied}/v1/credentials"),
+        &admin,
+        &[],
+        Some(json!({"role": "gateway", "name": "edge-shim"})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let key_file = scratch.path().join("gateway.key");
+    std::fs::write(&key_file, created["api_key"].as_str().expect("api_key")).expect("key file");
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    cmd.args([
+        "shim",
+        "--insecure-plaintext",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--vault", &vaultd.protocol, "--cacert"])
+    .arg(&ca)
+    .arg("--api-key-file")
+    .arg(&key_file)
+    .args(["--trusted-proxy", FORWARDED_PROXY])
+    .args(["--forwarded-header", "forwarded"])
+    .env("FINTRUST_LOG", "info");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    let shim = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let forwarding = free_port();
+    let _haproxy_http = haproxy_forwarded(&haproxy_exe, scratch.path(), &shim.http, forwarding);
+    wait_listening(&format!("127.0.0.1:{forwarding}"));
+    let through_haproxy = |headers: &[(&str, &str)]| {
+        let ask = json!({"subject_id": subject, "purpose": purpose});
+        let url = format!("http://127.0.0.1:{forwarding}/v1/authorize");
+        call("POST", &url, &partner, headers, Some(ask))
+    };
+    // The policy allows 192.0.2.0/24 alone: a client that names that
+    // network in a Forwarded line of its own, or in X-Forwarded-For
+    // (which this shim does not read), is checked at its real address.
+    let spoofed = [
+        ("Forwarded", "for=192.0.2.7;proto=https"),
+        ("X-Forwarded-For", "192.0.2.7"),
+    ];
+    let (status, body) = through_haproxy(&spoofed);
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("source_not_allowed")),
+        "{body}"
+    );
+    let (_, logs) = call(
+        "GET",
+        &format!("{proxied}/v1/logs?kind=access_denied"),
+        &auditor,
+        &[],
+        None,
+    );
+    let last = &logs["events"]
+        .as_array()
+        .expect("events")
+        .last()
+        .expect("a denial")["payload"];
+    assert_eq!(last["source_ip"], "127.0.0.1", "{last}");
+    assert_eq!(last["proxy_ip"], FORWARDED_PROXY, "{last}");
+    // The client's own address allowed: granted through HAProxy.
+    set_sources(json!(["127.0.0.1"]));
+    let (status, grant) = through_haproxy(&spoofed);
+    assert_eq!(status, 200, "{grant}");
+    assert!(shim.stop().success());
 
     // A connection from HAProxy's address without a header is refused.
     let sock = without_header(&vaultd.protocol);

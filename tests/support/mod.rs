@@ -259,13 +259,13 @@ impl Drop for DevServer {
     }
 }
 
-/// A running `vaultd serve`, with the addresses of its `vaultd ready` log
-/// line; SIGKILL when dropped.
+/// A running `vaultd serve` (or `vaultd shim`), with the addresses of its
+/// `vaultd ready` (`shim ready`) log line; SIGKILL when dropped.
 #[derive(Debug)]
 #[allow(dead_code)] // each test binary uses part of it
 pub struct Vaultd {
     child: Option<std::process::Child>,
-    /// The protocol port.
+    /// The protocol port (empty for `vaultd shim`).
     pub protocol: String,
     /// The HTTP shim.
     pub http: String,
@@ -273,9 +273,10 @@ pub struct Vaultd {
 
 #[allow(dead_code)] // each test binary uses part of it
 impl Vaultd {
-    /// Runs `cmd`, a `vaultd serve` on ports 0 (possibly behind a wrapper
-    /// that execs it), and waits for its `vaultd ready` line. `Err` holds
-    /// the log it wrote if it exits first.
+    /// Runs `cmd`, a `vaultd serve` or `vaultd shim` on ports 0 (possibly
+    /// behind a wrapper that execs it), and waits for its `vaultd ready`
+    /// or `shim ready` line. `Err` holds the log it wrote if it exits
+    /// first.
     pub fn spawn(mut cmd: Command) -> Result<Vaultd, String> {
         use std::io::BufRead;
         let mut child = cmd
@@ -288,7 +289,9 @@ impl Vaultd {
         let mut log = Vec::new();
         let ready = loop {
             match lines.next() {
-                Some(Ok(line)) if line.contains("vaultd ready") => break line,
+                Some(Ok(line)) if line.contains("vaultd ready") || line.contains("shim ready") => {
+                    break line
+                }
                 Some(Ok(line)) => log.push(line),
                 _ => {
                     let status = child.wait().map_err(|e| e.to_string())?;
@@ -313,8 +316,13 @@ impl Vaultd {
                 })
                 .ok_or_else(|| format!("no {key} in {ready:?}"))
         };
+        let protocol = if ready.contains("shim ready") {
+            String::new()
+        } else {
+            after("protocol=")?
+        };
         Ok(Vaultd {
-            protocol: after("protocol=")?,
+            protocol,
             http: after("http=")?,
             child: Some(child),
         })
