@@ -551,7 +551,6 @@ fn authorize_redeem_deny_audit_and_verify() {
 /// 503 and write nothing. The vault is `vaultd dev` with the proxy flags.
 #[test]
 fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
-    use std::io::BufRead;
     let tmp = tempfile::tempdir().expect("tempdir");
     // `vaultd dev` takes the proxy flags too: its own shim reads RFC
     // 7239's `Forwarded` from the test's address.
@@ -597,41 +596,24 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     )
     .expect("write policies");
 
-    let mut shim = Command::new(support::binary("fintrust-server", "vaultd"))
-        .args([
-            "shim",
-            "--insecure-plaintext",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--vault")
-        .arg(dev.get("vault_addr"))
-        .arg("--api-key-file")
-        .arg(&key_file)
-        .arg("--policies")
-        .arg(&policies)
-        .args(["--trusted-proxy", "127.0.0.1"])
-        .env("FINTRUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start vaultd shim");
-    let stderr = shim.stderr.take().expect("stderr");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let http = loop {
-        let line = match lines.next() {
-            Some(Ok(l)) => l,
-            other => {
-                let _ = shim.kill();
-                panic!("vaultd shim ended before it was ready: {other:?}");
-            }
-        };
-        if let Some(rest) = line.split("http=").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    cmd.args([
+        "shim",
+        "--insecure-plaintext",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--vault")
+    .arg(dev.get("vault_addr"))
+    .arg("--api-key-file")
+    .arg(&key_file)
+    .arg("--policies")
+    .arg(&policies)
+    .args(["--trusted-proxy", "127.0.0.1"])
+    .env("FINTRUST_LOG", "info")
+    .env("NO_COLOR", "1");
+    let shim = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let http = shim.http.clone();
     let base = format!("http://{http}");
 
     let (status, health) = call("GET", &format!("{base}/v1/health"), None, None);
@@ -701,10 +683,7 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     let (status, _) = call("GET", &format!("{base}/v1/health"), None, None);
     assert_eq!(status, 503);
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &shim.id().to_string()])
-        .status();
-    let status = shim.wait().expect("wait for vaultd shim");
+    let status = shim.stop();
     assert!(
         status.success(),
         "vaultd shim did not stop cleanly: {status}"
