@@ -89,6 +89,9 @@ pub struct Metrics {
     /// PROXY protocol headers on port 9999 by outcome: a misconfigured
     /// trusted proxy shows as refusals.
     pub proxy_headers: Family<OutcomeLabels, Counter>,
+    /// Requests to the shim from trusted HTTP proxies by what their
+    /// forwarding header said: a misconfigured proxy shows as refusals.
+    pub forwarded_headers: Family<OutcomeLabels, Counter>,
     /// The vault whose commit pipeline is reported at each scrape.
     pipeline: PipelineSource,
 }
@@ -107,6 +110,7 @@ impl Metrics {
             log_entries: Gauge::default(),
             tls_handshakes: Family::default(),
             proxy_headers: Family::default(),
+            forwarded_headers: Family::default(),
             pipeline: PipelineSource::default(),
         };
         registry.register(
@@ -153,6 +157,11 @@ impl Metrics {
             "proxy_headers",
             "PROXY protocol headers from trusted TCP proxies by outcome (proxied, local, refused, timeout)",
             m.proxy_headers.clone(),
+        );
+        registry.register(
+            "forwarded_headers",
+            "Requests from trusted HTTP proxies by what their X-Forwarded-For or Forwarded said (forwarded: a client named, none: no client named, refused)",
+            m.forwarded_headers.clone(),
         );
         registry.register_collector(Box::new(m.pipeline.clone()));
         Metrics { registry, ..m }

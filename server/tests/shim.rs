@@ -485,6 +485,16 @@ async fn authorize_through(r: &Running, header: &str, values: &[&str]) -> (u16, 
     exchange(r.http, req.as_bytes()).await
 }
 
+/// `fintrust_forwarded_headers_total` for `outcome`.
+fn forwarded_headers(outcome: &str) -> u64 {
+    let series = format!("fintrust_forwarded_headers_total{{outcome=\"{outcome}\"}} ");
+    server::metrics::global()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The `access_denied` entries' payloads, oldest first.
 async fn denials(r: &Running) -> Vec<Value> {
     let logs = call(
@@ -515,6 +525,7 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
     })
     .await;
     put_policy(&r, policy.clone()).await;
+    let counted = ["forwarded", "none", "refused"].map(forwarded_headers);
     // The proxy names a client in the policy's network: granted.
     let granted = authorize_forwarded(&r, &["192.0.2.7"]).await;
     assert_eq!(granted.0, 200, "{}", granted.1);
@@ -554,6 +565,17 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
         );
     }
     assert_eq!(entries(&r).await, before, "a 400 writes nothing");
+    // Every authorization from the proxy counted by outcome: three named
+    // a client, one named none, two were refused.
+    let now = ["forwarded", "none", "refused"].map(forwarded_headers);
+    assert_eq!(
+        [
+            now[0] - counted[0],
+            now[1] - counted[1],
+            now[2] - counted[2]
+        ],
+        [3, 1, 2]
+    );
     r.stop().await;
 
     // A shim whose proxies name the client in RFC 7239's `Forwarded`

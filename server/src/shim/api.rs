@@ -315,21 +315,33 @@ impl FromRequestParts<Arc<Shim>> for ClientSource {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .ok_or_else(|| ApiError::internal("the connection's peer address is unknown"))?;
-        shim.config
-            .trusted_proxies
-            .source(peer.ip(), &parts.headers, shim.config.forwarded_header)
-            .map(ClientSource)
-            .map_err(|e| {
-                // A trusted proxy that writes something else is
-                // misconfigured: every client behind it is refused. The
-                // entry itself may be a client's address: not logged.
-                tracing::warn!(
-                    proxy = %peer.ip(),
-                    header = e.header,
-                    "request from a trusted proxy refused: its forwarding header names no address"
-                );
-                ApiError::bad_request(e.to_string())
-            })
+        let source = shim.config.trusted_proxies.source(
+            peer.ip(),
+            &parts.headers,
+            shim.config.forwarded_header,
+        );
+        if shim.config.trusted_proxies.trusts(peer.ip()) {
+            let outcome = match &source {
+                Ok(s) if s.proxy.is_some() => "forwarded",
+                Ok(_) => "none",
+                Err(_) => "refused",
+            };
+            crate::metrics::global()
+                .forwarded_headers
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+                .inc();
+        }
+        source.map(ClientSource).map_err(|e| {
+            // A trusted proxy that writes something else is
+            // misconfigured: every client behind it is refused. The
+            // entry itself may be a client's address: not logged.
+            tracing::warn!(
+                proxy = %peer.ip(),
+                header = e.header,
+                "request from a trusted proxy refused: its forwarding header names no address"
+            );
+            ApiError::bad_request(e.to_string())
+        })
     }
 }
 
