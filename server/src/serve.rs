@@ -521,6 +521,9 @@ pub async fn run(
         let throttle = throttle.clone();
         let (ticket, evicted) = admission.arrive();
         let admission = admission.clone();
+        // The handshake's window starts at the accept, not when the task
+        // first runs.
+        let arrived = tokio::time::Instant::now();
         tokio::spawn(async move {
             let mut conn = Conn {
                 vault,
@@ -529,7 +532,7 @@ pub async fn run(
                 peer: peer.ip(),
                 proxy: None,
                 admission: Some((admission.clone(), ticket)),
-                arrived: tokio::time::Instant::now(),
+                arrived,
             };
             let served = async move {
                 match open(socket, acceptor.as_ref(), &mut conn).await? {
