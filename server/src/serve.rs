@@ -2029,7 +2029,7 @@ mod tests {
     /// the server's deadlines, never the machine's speed.
     mod one_handshake_window {
         use super::*;
-        use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+        use rustls::pki_types::ServerName;
         use tokio::io::{AsyncWriteExt, DuplexStream};
         use tokio::time::Instant;
         use tokio_util::codec::Framed;
@@ -2057,24 +2057,13 @@ mod tests {
                 .create_credential("writer", "w")
                 .await
                 .expect("a credential");
-            let (server, ca) = crate::dev::dev_tls(dir.path()).expect("a dev certificate");
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(&ca).expect("the CA file") {
-                roots.add(c.expect("a certificate")).expect("a root");
-            }
-            let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-                client::config::crypto_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            let (tls, connector) = crate::tls::test_ends(dir.path());
             Setup {
                 _dir: dir,
                 vault: created.vault.into(),
                 writer_key: key.to_string(),
-                tls: tokio_rustls::TlsAcceptor::from(server),
-                connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+                tls,
+                connector,
             }
         }
 

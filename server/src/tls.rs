@@ -98,6 +98,27 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// Both ends of TLS with the dev certificate `vaultd dev --tls` makes in
+/// `dir`: for tests that run a server over an in-memory pipe.
+#[cfg(test)]
+pub(crate) fn test_ends(dir: &Path) -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
+    let (server, ca) = crate::dev::dev_tls(dir).expect("a dev certificate");
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca).expect("the CA file") {
+        roots.add(c.expect("a certificate")).expect("a root");
+    }
+    let client =
+        rustls::ClientConfig::builder_with_provider(Arc::new(client::config::crypto_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    (
+        tokio_rustls::TlsAcceptor::from(server),
+        tokio_rustls::TlsConnector::from(Arc::new(client)),
+    )
+}
+
 /// Counts a server-side TLS handshake on `port` (`protocol` or `http`) in
 /// `fintrust_tls_handshakes_total`: `resumed` or `full` when it finished,
 /// `failed` when it did not, `timeout` when the timeout cut it off.

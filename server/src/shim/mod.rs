@@ -63,7 +63,9 @@ pub struct ShimConfig {
     pub max_token_ttl_secs: u32,
     /// Largest request body (default 64 KiB).
     pub max_body_bytes: usize,
-    /// Time allowed for a request's headers (default 10 s).
+    /// Time allowed for a request's headers (default 10 s); a new
+    /// connection's TLS handshake and first request's headers share it,
+    /// from its arrival.
     pub header_timeout: Duration,
     /// Time allowed for a whole request, body included (default 15 s).
     pub request_timeout: Duration,
@@ -185,77 +187,133 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let watcher = graceful.watcher();
-        let app = app.clone();
-        let acceptor = acceptor.clone();
-        let header_timeout = shim.config.header_timeout;
-        let stopping = stopping.clone();
         let (ticket, evicted) = admission.arrive();
-        let admission = admission.clone();
-        tokio::spawn(async move {
-            // The connection's slot, taken when its first request's
-            // headers are in, and held until it closes.
-            let slot = Arc::new(tokio::sync::OnceCell::new());
-            // Set once a request's headers are in.
-            let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let svc = {
-                let (admission, asked) = (admission.clone(), asked.clone());
-                hyper::service::service_fn(
-                    move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                        asked.store(true, std::sync::atomic::Ordering::Release);
-                        req.extensions_mut()
-                            .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
-                        let (app, admission, slot) = (app.clone(), admission.clone(), slot.clone());
-                        async move {
-                            slot.get_or_init(|| admission.admitted(ticket)).await;
-                            tower::ServiceExt::oneshot(app, req).await
-                        }
-                    },
-                )
-            };
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let served = async move {
-                match acceptor {
-                    None => {
-                        let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-                        let _ = watcher.watch(conn).await;
-                    }
-                    Some(acceptor) => {
-                        let accepted =
-                            tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await;
-                        crate::tls::count_handshake("http", &accepted);
-                        let Ok(Ok(stream)) = accepted else {
-                            return;
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                        let _ = watcher.watch(conn).await;
-                    }
-                }
-            };
-            // At shutdown, a connection that never asked anything has
-            // nothing to finish; one that did is the graceful shutdown's.
-            let idle_at_stop = async {
-                stopping.cancelled().await;
-                if asked.load(std::sync::atomic::Ordering::Acquire) {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                () = served => {}
-                () = evicted.cancelled() => {}
-                () = idle_at_stop => {}
-            }
-            admission.leave(ticket);
-        });
+        let conn = Connection {
+            app: app.clone(),
+            acceptor: acceptor.clone(),
+            header_timeout: shim.config.header_timeout,
+            admission: admission.clone(),
+            ticket,
+            evicted,
+            stopping: stopping.clone(),
+            peer,
+            arrived: tokio::time::Instant::now(),
+        };
+        tokio::spawn(conn.serve(tcp, graceful.watcher()));
     }
     drop(listener);
     stopping.cancel();
     // Requests in flight finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     Ok(())
+}
+
+/// One connection of [`serve`].
+struct Connection {
+    app: Router,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    header_timeout: Duration,
+    admission: Arc<crate::serve::Admission>,
+    ticket: u64,
+    /// Cancelled to admit a newer connection while this one is in its
+    /// handshake.
+    evicted: tokio_util::sync::CancellationToken,
+    /// Cancelled when the shim stops.
+    stopping: tokio_util::sync::CancellationToken,
+    peer: SocketAddr,
+    /// When it was accepted.
+    arrived: tokio::time::Instant,
+}
+
+impl Connection {
+    /// Serves the connection over `io`: its TLS handshake and its first
+    /// request's headers within `header_timeout` of its arrival, one
+    /// window for both (so that a client that trickles bytes holds a
+    /// handshake place that long at most), then its requests, each with
+    /// its headers within `header_timeout`, until it closes. It ends early
+    /// when evicted during its handshake, or when the shim stops before it
+    /// asked anything.
+    async fn serve<S>(self, io: S, watcher: hyper_util::server::graceful::Watcher)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            app,
+            acceptor,
+            header_timeout,
+            admission,
+            ticket,
+            evicted,
+            stopping,
+            peer,
+            arrived,
+        } = self;
+        let deadline = arrived + header_timeout;
+        // The connection's slot, taken when its first request's headers
+        // are in, and held until it closes.
+        let slot = Arc::new(tokio::sync::OnceCell::new());
+        // Set once a request's headers are in.
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let svc = {
+            let (admission, asked) = (admission.clone(), asked.clone());
+            hyper::service::service_fn(
+                move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                    asked.store(true, std::sync::atomic::Ordering::Release);
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
+                    let (app, admission, slot) = (app.clone(), admission.clone(), slot.clone());
+                    async move {
+                        slot.get_or_init(|| admission.admitted(ticket)).await;
+                        tower::ServiceExt::oneshot(app, req).await
+                    }
+                },
+            )
+        };
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout);
+        let served = async move {
+            match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(io), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+                Some(acceptor) => {
+                    let accepted = tokio::time::timeout_at(deadline, acceptor.accept(io)).await;
+                    crate::tls::count_handshake("http", &accepted);
+                    let Ok(Ok(stream)) = accepted else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
+        };
+        // The handshake's window: the first request's headers by the
+        // deadline, whatever the TLS handshake took.
+        let late = async {
+            tokio::time::sleep_until(deadline).await;
+            if asked.load(std::sync::atomic::Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        // At shutdown, a connection that never asked anything has nothing
+        // to finish; one that did is the graceful shutdown's.
+        let idle_at_stop = async {
+            stopping.cancelled().await;
+            if asked.load(std::sync::atomic::Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = served => {}
+            () = late => {}
+            () = evicted.cancelled() => {}
+            () = idle_at_stop => {}
+        }
+        admission.leave(ticket);
+    }
 }
 
 /// A policies file: `[partners.<partner_id>]` tables in TOML, each a
@@ -316,6 +374,160 @@ pub async fn apply_policies(
 #[cfg(test)]
 mod tests {
     use serde_json::Value;
+
+    /// A new connection's TLS handshake and its first request's headers
+    /// share one window, `header_timeout` from its arrival. The clock is
+    /// tokio's paused one, which moves only when every task waits, so what
+    /// is measured is the shim's deadlines, never the machine's speed.
+    mod one_handshake_window {
+        use std::time::Duration;
+
+        use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+        use tokio::time::Instant;
+
+        use super::super::{router, Connection, Shim, ShimConfig, VaultLink};
+
+        const WINDOW: Duration = Duration::from_secs(10);
+
+        /// Serves one connection over `io` as `serve` does, with TLS when
+        /// `tls` is given: how long after its arrival it ended.
+        async fn serve(io: DuplexStream, tls: Option<tokio_rustls::TlsAcceptor>) -> Duration {
+            // A shim whose vault is nowhere: the route asked for needs none.
+            let link = VaultLink::new(client::ClientConfig {
+                addr: "127.0.0.1:9".into(),
+                tls: client::Tls::Plaintext,
+                api_key: zeroize::Zeroizing::new("fvk_none".into()),
+                client_name: "test".into(),
+                timeout: Duration::from_secs(1),
+            });
+            let shim = Shim::new(
+                link,
+                ShimConfig {
+                    header_timeout: WINDOW,
+                    ..ShimConfig::default()
+                },
+            );
+            let admission = std::sync::Arc::new(crate::serve::Admission::new(4, 4));
+            let (ticket, evicted) = admission.arrive();
+            let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+            let arrived = Instant::now();
+            Connection {
+                app: router(shim),
+                acceptor: tls,
+                header_timeout: WINDOW,
+                admission,
+                ticket,
+                evicted,
+                stopping: tokio_util::sync::CancellationToken::new(),
+                peer: "127.0.0.1:40000".parse().expect("an address"),
+                arrived,
+            }
+            .serve(io, graceful.watcher())
+            .await;
+            arrived.elapsed()
+        }
+
+        /// Completes the TLS handshake at `tls_at` (with TLS), sends a
+        /// request at `ask_at` (if any); the status line it got, and its
+        /// stream, kept open until the shim ends the connection.
+        async fn client(
+            io: DuplexStream,
+            tls: Option<tokio_rustls::TlsConnector>,
+            tls_at: Duration,
+            ask_at: Option<Duration>,
+        ) -> (Option<String>, Box<dyn std::any::Any + Send>) {
+            async fn ask<S>(
+                mut io: S,
+                at: Option<Instant>,
+            ) -> (Option<String>, Box<dyn std::any::Any + Send>)
+            where
+                S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+            {
+                let Some(at) = at else {
+                    return (None, Box::new(io));
+                };
+                tokio::time::sleep_until(at).await;
+                let request =
+                    b"GET /v1/openapi.json HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+                if io.write_all(request).await.is_err() {
+                    return (None, Box::new(io));
+                }
+                let mut answer = Vec::new();
+                let _ = io.read_to_end(&mut answer).await;
+                let status = String::from_utf8_lossy(&answer)
+                    .lines()
+                    .next()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string);
+                (status, Box::new(io))
+            }
+            let start = Instant::now();
+            let ask_at = ask_at.map(|d| start + d);
+            match tls {
+                None => ask(io, ask_at).await,
+                Some(connector) => {
+                    tokio::time::sleep_until(start + tls_at).await;
+                    let name =
+                        rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                    match connector.connect(name, io).await {
+                        Ok(stream) => ask(stream, ask_at).await,
+                        Err(_) => (None, Box::new(())),
+                    }
+                }
+            }
+        }
+
+        /// One connection: when the shim ended it, and the status line the
+        /// client got.
+        async fn connection(
+            tls: bool,
+            tls_at: u64,
+            ask_at: Option<u64>,
+        ) -> (Duration, Option<String>) {
+            let dir = tempfile::tempdir().expect("a scratch dir");
+            let (acceptor, connector) = crate::tls::test_ends(dir.path());
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let (ended, (status, _kept)) = tokio::join!(
+                serve(theirs, tls.then_some(acceptor)),
+                client(
+                    ours,
+                    tls.then_some(connector),
+                    Duration::from_secs(tls_at),
+                    ask_at.map(Duration::from_secs),
+                ),
+            );
+            (ended, status)
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_slow_tls_handshake_leaves_less_time_for_the_first_request() {
+            // The handshake at 6 s, then nothing: closed at 10 s, not 10 s
+            // after the handshake.
+            let (ended, status) = connection(true, 6, None).await;
+            assert_eq!(ended.as_secs(), 10, "{ended:?}");
+            assert_eq!(status, None);
+            // The handshake at 6 s, the request at 11 s: too late.
+            let (ended, status) = connection(true, 6, Some(11)).await;
+            assert_eq!(ended.as_secs(), 10, "{ended:?}");
+            assert_eq!(status, None);
+            // In plaintext, a request at 11 s is too late as well.
+            let (ended, status) = connection(false, 0, Some(11)).await;
+            assert_eq!(ended.as_secs(), 10, "{ended:?}");
+            assert_eq!(status, None);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_first_request_within_the_window_is_answered_however_slow_the_handshake() {
+            for (tls, tls_at, ask_at) in [(true, 9, 9), (true, 2, 9), (false, 0, 9)] {
+                let (_, status) = connection(tls, tls_at, Some(ask_at)).await;
+                assert_eq!(
+                    status.as_deref(),
+                    Some("HTTP/1.1 200 OK"),
+                    "{tls} {tls_at} {ask_at}"
+                );
+            }
+        }
+    }
 
     fn doc() -> Value {
         serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON")
