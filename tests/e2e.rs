@@ -905,3 +905,156 @@ fn no_secret_or_personal_value_reaches_disk_logs_or_audit() {
         }
     }
 }
+
+/// The certificate a TLS server at `addr` presents to a client that
+/// trusts `roots`.
+fn presented(addr: &str, roots: &rustls::RootCertStore) -> Vec<u8> {
+    use std::sync::Arc;
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots.clone())
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("a connection");
+    let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("a handshake");
+    }
+    conn.peer_certificates().expect("a chain")[0].to_vec()
+}
+
+/// A CA of its own and a certificate for `localhost` and `127.0.0.1` it
+/// issued: the CA's PEM, the leaf's PEM and DER, and the key's PEM.
+fn renewed_certificate() -> (String, String, Vec<u8>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(vec!["renewal CA".to_string()]).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("a key")).expect("a CA");
+    let key = KeyPair::generate().expect("a key");
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("a leaf");
+    (
+        ca.pem(),
+        leaf.pem(),
+        leaf.der().to_vec(),
+        key.serialize_pem(),
+    )
+}
+
+/// `vaultd serve` reads its certificate and key again on SIGHUP: the
+/// renewed certificate is presented on both ports from then on, without a
+/// restart; files that do not fit leave it as it was, and the daemon keeps
+/// serving. `/metrics` counts both reloads.
+#[test]
+fn vaultd_presents_a_renewed_certificate_after_sighup() {
+    use rustls_pki_types::pem::PemObject;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vault");
+    let dev = DevServer::start_with(&dir, &["--tls"]);
+    assert!(dev.stop().success());
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::copy(dir.join("dev-cert.pem"), &cert).expect("cert");
+    std::fs::copy(dir.join("dev-key.pem"), &key).expect("key");
+    let (ca_pem, leaf_pem, leaf_der, key_pem) = renewed_certificate();
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in [
+        std::fs::read(dir.join("dev-ca.pem")).expect("dev CA"),
+        ca_pem.into_bytes(),
+    ] {
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(c.expect("a certificate")).expect("a root");
+        }
+    }
+    let dev_leaf = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("dev-cert.pem"))
+        .expect("dev cert")
+        .next()
+        .expect("one")
+        .expect("a certificate")
+        .to_vec();
+
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--passphrase-file")
+        .arg(dir.join("dev-passphrase"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .env("FINTRUST_LOG", "info");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
+            cmd.env_remove(name);
+        }
+    }
+    let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    for port in [&vaultd.protocol, &vaultd.http] {
+        assert_eq!(presented(port, &roots), dev_leaf, "{port}");
+    }
+    let hangup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &vaultd.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success());
+    };
+    // Renewed: both ports present it once the signal is handled (the
+    // loop waits for the daemon, it is not a time limit on it).
+    std::fs::write(&cert, &leaf_pem).expect("cert");
+    std::fs::write(&key, &key_pem).expect("key");
+    hangup();
+    let started = std::time::Instant::now();
+    while presented(&vaultd.protocol, &roots) != leaf_der {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the renewed certificate is not presented"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(presented(&vaultd.http, &roots), leaf_der);
+    // A key that does not fit: the renewed certificate stays.
+    std::fs::copy(dir.join("dev-key.pem"), &key).expect("key");
+    hangup();
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth(),
+        ))
+        .build();
+    let reloads = |outcome: &str| {
+        let metrics = agent
+            .get(&format!("https://{}/metrics", vaultd.http))
+            .call()
+            .expect("metrics")
+            .into_string()
+            .expect("text");
+        let series = format!("fintrust_tls_reloads_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    while reloads("failed") == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the failed reload is not counted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(reloads("reloaded"), 1);
+    assert_eq!(presented(&vaultd.protocol, &roots), leaf_der);
+    assert!(vaultd.stop().success());
+}

@@ -92,6 +92,8 @@ pub struct Metrics {
     /// Requests to the shim from trusted HTTP proxies by what their
     /// forwarding header said: a misconfigured proxy shows as refusals.
     pub forwarded_headers: Family<OutcomeLabels, Counter>,
+    /// Reloads of the TLS certificate on SIGHUP, by outcome.
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
     /// The vault whose commit pipeline is reported at each scrape.
     pipeline: PipelineSource,
 }
@@ -111,6 +113,7 @@ impl Metrics {
             tls_handshakes: Family::default(),
             proxy_headers: Family::default(),
             forwarded_headers: Family::default(),
+            tls_reloads: Family::default(),
             pipeline: PipelineSource::default(),
         };
         registry.register(
@@ -162,6 +165,11 @@ impl Metrics {
             "forwarded_headers",
             "Requests from trusted HTTP proxies by what their X-Forwarded-For or Forwarded said (forwarded: a client named, none: no client named, refused)",
             m.forwarded_headers.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the TLS certificate and key on SIGHUP by outcome (reloaded, failed: the one served before stays)",
+            m.tls_reloads.clone(),
         );
         registry.register_collector(Box::new(m.pipeline.clone()));
         Metrics { registry, ..m }

@@ -328,6 +328,11 @@ impl Vaultd {
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
     /// SIGKILL, and waits until the process is gone (its sled lock with it).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

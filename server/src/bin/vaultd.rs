@@ -273,19 +273,28 @@ struct TlsArgs {
     insecure_plaintext: bool,
 }
 
+/// A server's TLS configuration, and the store its certificate comes
+/// from (reloaded on SIGHUP); both `None` in plaintext.
+type ServerTls = (
+    Option<std::sync::Arc<rustls::ServerConfig>>,
+    Option<std::sync::Arc<server::tls::CertificateStore>>,
+);
+
 impl TlsArgs {
-    fn config(self) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    fn config(self) -> anyhow::Result<ServerTls> {
         Ok(match (self.tls_cert, self.tls_key, self.insecure_plaintext) {
             (Some(cert), Some(key), false) => {
-                Some(server::tls::server_config(&server::tls::TlsFiles {
-                    cert,
-                    key,
-                    client_ca: self.tls_client_ca,
-                })?)
+                let (config, store) =
+                    server::tls::server_config_reloadable(&server::tls::TlsFiles {
+                        cert,
+                        key,
+                        client_ca: self.tls_client_ca,
+                    })?;
+                (Some(config), Some(store))
             }
             (None, None, true) => {
                 tracing::warn!("serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
-                None
+                (None, None)
             }
             (_, _, true) => anyhow::bail!("--insecure-plaintext excludes the TLS options"),
             _ => anyhow::bail!(
@@ -419,7 +428,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_group_entries,
             max_group_kib,
         } => {
-            let tls = tls.config()?;
+            let (tls, certificate) = tls.config()?;
             let policies = read_policies(policies)?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
@@ -445,6 +454,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
+                server::tls::reload_on_hangup(certificate);
                 let protocol = tokio::net::TcpListener::bind(&listen)
                     .await
                     .with_context(|| format!("listening on {listen}"))?;
@@ -498,7 +508,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls,
         } => {
             let plaintext = tls.insecure_plaintext;
-            let http_tls = tls.config()?;
+            let (http_tls, certificate) = tls.config()?;
             let policies = read_policies(policies)?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let key = server::secrets::read_secret_file(&api_key_file)?;
@@ -535,6 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
+                server::tls::reload_on_hangup(certificate);
                 if let Some(file) = &policies {
                     server::shim::apply_policies(&shim, file)
                         .await
