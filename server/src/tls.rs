@@ -133,7 +133,8 @@ fn certified_key(
 /// Reloads `store` on every SIGHUP, until the process ends: the log says
 /// what was loaded, or why not (what was served before stays), and
 /// `fintrust_tls_reloads_total{outcome}` counts both. Without a store
-/// (plaintext), SIGHUP is logged and ignored, not the end of the process.
+/// (plaintext, or `vaultd dev`'s own certificate), SIGHUP is logged and
+/// ignored, not the end of the process.
 /// Call it inside a runtime.
 pub fn reload_on_hangup(store: Option<Arc<CertificateStore>>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -144,7 +145,7 @@ pub fn reload_on_hangup(store: Option<Arc<CertificateStore>>) {
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             let Some(store) = &store else {
-                tracing::info!("SIGHUP: no TLS certificate to reload (plaintext)");
+                tracing::info!("SIGHUP ignored: no TLS certificate files to read again");
                 continue;
             };
             let outcome = match store.reload() {

@@ -576,6 +576,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
             let rt = tokio::runtime::Runtime::new()?;
             let _runtime = rt.enter();
+            server::tls::reload_on_hangup(None);
             rt.block_on(server::dev::run(
                 server::dev::DevOptions {
                     data_dir,
