@@ -597,21 +597,11 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     .expect("write policies");
 
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    cmd.args([
-        "shim",
-        "--insecure-plaintext",
-        "--http-listen",
-        "127.0.0.1:0",
-    ])
-    .arg("--vault")
-    .arg(dev.get("vault_addr"))
-    .arg("--api-key-file")
-    .arg(&key_file)
-    .arg("--policies")
-    .arg(&policies)
-    .args(["--trusted-proxy", "127.0.0.1"])
-    .env("FINTRUST_LOG", "info")
-    .env("NO_COLOR", "1");
+    support::shim_args(&mut cmd, &dev.get("vault_addr"), &key_file);
+    cmd.arg("--policies")
+        .arg(&policies)
+        .args(["--trusted-proxy", "127.0.0.1"])
+        .env("NO_COLOR", "1");
     let shim = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
     let http = shim.http.clone();
     let base = format!("http://{http}");
@@ -978,22 +968,7 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
         .to_vec();
 
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(&dir)
-        .arg("--passphrase-file")
-        .arg(dir.join("dev-passphrase"))
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .env("FINTRUST_LOG", "info");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
+    support::serve_tls_args(&mut cmd, &dir, &cert, &key);
     let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
     for port in [&vaultd.protocol, &vaultd.http] {
         assert_eq!(presented(port, &roots), dev_leaf, "{port}");

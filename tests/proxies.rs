@@ -92,51 +92,54 @@ impl Drop for Proxy {
     }
 }
 
+/// HAProxy in TCP mode on `v2` and `v1` in front of the vault at `vault`,
+/// sending PROXY headers of version 2 and 1 from [`TCP_PROXY`].
 fn haproxy(exe: &Path, dir: &Path, vault: &str, v2: u16, v1: u16) -> Proxy {
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n    maxconn 64\n\
-             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
-             frontend v2\n    bind 127.0.0.1:{v2}\n    default_backend v2\n\
+    run_haproxy(
+        exe,
+        &dir.join("haproxy.cfg"),
+        "tcp",
+        &format!(
+            "frontend v2\n    bind 127.0.0.1:{v2}\n    default_backend v2\n\
              frontend v1\n    bind 127.0.0.1:{v1}\n    default_backend v1\n\
              backend v2\n    server vault {vault} send-proxy-v2 source {TCP_PROXY}\n\
              backend v1\n    server vault {vault} send-proxy source {TCP_PROXY}\n"
         ),
     )
-    .expect("haproxy.cfg");
-    let child = Command::new(exe)
-        .arg("-db")
-        .arg("-f")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start haproxy");
-    Proxy(child)
 }
 
 /// HAProxy in HTTP mode on `port` in front of the shim at `shim`, adding
 /// a `Forwarded` line that names the client (HAProxy 2.6 has no `option
 /// forwarded`, which came with 2.8).
 fn haproxy_forwarded(exe: &Path, dir: &Path, shim: &str, port: u16) -> Proxy {
-    let cfg = dir.join("haproxy-forwarded.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n    maxconn 64\n\
-             defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
-             frontend web\n    bind 127.0.0.1:{port}\n\
+    run_haproxy(
+        exe,
+        &dir.join("haproxy-forwarded.cfg"),
+        "http",
+        &format!(
+            "frontend web\n    bind 127.0.0.1:{port}\n\
                  http-request add-header Forwarded for=%[src]\n    default_backend shim\n\
              backend shim\n    server shim {shim} source {FORWARDED_PROXY}\n"
         ),
     )
-    .expect("haproxy-forwarded.cfg");
+}
+
+/// HAProxy in the foreground, in `mode`, with `proxies` (its frontends and
+/// backends) written to `cfg`.
+fn run_haproxy(exe: &Path, cfg: &Path, mode: &str, proxies: &str) -> Proxy {
+    std::fs::write(
+        cfg,
+        format!(
+            "global\n    maxconn 64\n\
+             defaults\n    mode {mode}\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
+             {proxies}"
+        ),
+    )
+    .expect("the HAProxy configuration");
     let child = Command::new(exe)
         .arg("-db")
         .arg("-f")
-        .arg(&cfg)
+        .arg(cfg)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -206,24 +209,14 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     let (subject, purpose) = (dev.get("demo_subject_id"), dev.get("demo_purpose"));
     assert!(dev.stop().success());
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(&dir)
-        .arg("--passphrase-file")
-        .arg(dir.join("dev-passphrase"))
-        .arg("--tls-cert")
-        .arg(dir.join("dev-cert.pem"))
-        .arg("--tls-key")
-        .arg(dir.join("dev-key.pem"))
-        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-        .args(["--proxy-protocol-from", TCP_PROXY])
-        .args(["--trusted-proxy", HTTP_PROXY])
-        .env("FINTRUST_LOG", "info");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
+    support::serve_tls_args(
+        &mut cmd,
+        &dir,
+        &dir.join("dev-cert.pem"),
+        &dir.join("dev-key.pem"),
+    );
+    cmd.args(["--proxy-protocol-from", TCP_PROXY])
+        .args(["--trusted-proxy", HTTP_PROXY]);
     let ca = dir.join("dev-ca.pem");
     let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
 
@@ -337,24 +330,11 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     let key_file = scratch.path().join("gateway.key");
     std::fs::write(&key_file, created["api_key"].as_str().expect("api_key")).expect("key file");
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    cmd.args([
-        "shim",
-        "--insecure-plaintext",
-        "--http-listen",
-        "127.0.0.1:0",
-    ])
-    .args(["--vault", &vaultd.protocol, "--cacert"])
-    .arg(&ca)
-    .arg("--api-key-file")
-    .arg(&key_file)
-    .args(["--trusted-proxy", FORWARDED_PROXY])
-    .args(["--forwarded-header", "forwarded"])
-    .env("FINTRUST_LOG", "info");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") && name != "FINTRUST_LOG" {
-            cmd.env_remove(name);
-        }
-    }
+    support::shim_args(&mut cmd, &vaultd.protocol, &key_file);
+    cmd.arg("--cacert")
+        .arg(&ca)
+        .args(["--trusted-proxy", FORWARDED_PROXY])
+        .args(["--forwarded-header", "forwarded"]);
     let shim = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
     let forwarding = free_port();
     let _haproxy_http = haproxy_forwarded(&haproxy_exe, scratch.path(), &shim.http, forwarding);

@@ -242,6 +242,51 @@ pub fn serve_args(
         "--http-listen",
         "127.0.0.1:0",
     ]);
+    clean_env(cmd);
+}
+
+/// Adds to `cmd` (the `vaultd` binary) the arguments of a `vaultd serve`
+/// over TLS, with `cert` and `key`, of the data dir a `vaultd dev` made
+/// (unlocked by its dev passphrase), on ports the OS chooses; as
+/// [`serve_args`], with no `FINTRUST_` variable of the test's environment.
+#[allow(dead_code)] // each test binary uses part of it
+pub fn serve_tls_args(cmd: &mut Command, data_dir: &Path, cert: &Path, key: &Path) {
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--passphrase-file")
+        .arg(data_dir.join("dev-passphrase"))
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
+    clean_env(cmd);
+}
+
+/// Adds to `cmd` (the `vaultd` binary) the arguments of a `vaultd shim`
+/// in front of the vault at `vault`, whose gateway key is in `key_file`,
+/// serving HTTP in plaintext on a port the OS chooses (and reaching the
+/// vault in plaintext too unless `--cacert` is added); as [`serve_args`],
+/// with no `FINTRUST_` variable of the test's environment.
+#[allow(dead_code)] // each test binary uses part of it
+pub fn shim_args(cmd: &mut Command, vault: &str, key_file: &Path) {
+    cmd.args([
+        "shim",
+        "--insecure-plaintext",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--vault", vault])
+    .arg("--api-key-file")
+    .arg(key_file);
+    clean_env(cmd);
+}
+
+/// Keeps every `FINTRUST_` variable of the test's environment from `cmd`,
+/// and has it log at info level (where `vaultd` says it is ready).
+#[allow(dead_code)] // each test binary uses part of it
+pub fn clean_env(cmd: &mut Command) {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("FINTRUST_") {
             cmd.env_remove(name);
