@@ -290,29 +290,29 @@ impl Connection {
                 }
             }
         };
-        // The handshake's window: the first request's headers by the
-        // deadline, whatever the TLS handshake took.
-        let late = async {
-            tokio::time::sleep_until(deadline).await;
-            if asked.load(std::sync::atomic::Ordering::Acquire) {
-                std::future::pending::<()>().await;
-            }
-        };
-        // At shutdown, a connection that never asked anything has nothing
-        // to finish; one that did is the graceful shutdown's.
-        let idle_at_stop = async {
-            stopping.cancelled().await;
-            if asked.load(std::sync::atomic::Ordering::Acquire) {
-                std::future::pending::<()>().await;
-            }
-        };
         tokio::select! {
+            // First: at the deadline, a TLS handshake still going ends in
+            // `served`, counted as timed out.
+            biased;
             () = served => {}
-            () = late => {}
+            // The handshake's window: the first request's headers by the
+            // deadline, whatever the TLS handshake took.
+            () = unless_asked(tokio::time::sleep_until(deadline), &asked) => {}
             () = evicted.cancelled() => {}
-            () = idle_at_stop => {}
+            // At shutdown, a connection that never asked anything has
+            // nothing to finish; one that did is the graceful shutdown's.
+            () = unless_asked(stopping.cancelled(), &asked) => {}
         }
         admission.leave(ticket);
+    }
+}
+
+/// Resolves when `event` does, unless a request's headers were in by then
+/// (`asked`): then never.
+async fn unless_asked(event: impl Future<Output = ()>, asked: &std::sync::atomic::AtomicBool) {
+    event.await;
+    if asked.load(std::sync::atomic::Ordering::Acquire) {
+        std::future::pending::<()>().await;
     }
 }
 
