@@ -201,8 +201,10 @@ struct HttpProxyArgs {
     /// The header the trusted proxies name the client in: X-Forwarded-For,
     /// or RFC 7239's Forwarded. Only this one is read.
     #[arg(long, env = "FINTRUST_FORWARDED_HEADER", value_name = "HEADER",
-          value_parser = ["x-forwarded-for", "forwarded"], default_value = "x-forwarded-for")]
-    forwarded_header: String,
+          value_parser = clap::builder::PossibleValuesParser::new(["x-forwarded-for", "forwarded"])
+              .try_map(|s| s.parse::<server::proxied::forwarded::ForwardedHeader>()),
+          default_value = "x-forwarded-for")]
+    forwarded_header: server::proxied::forwarded::ForwardedHeader,
 }
 
 impl HttpProxyArgs {
@@ -212,11 +214,7 @@ impl HttpProxyArgs {
         server::proxied::TrustedProxies,
         server::proxied::forwarded::ForwardedHeader,
     )> {
-        let header = self
-            .forwarded_header
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("--forwarded-header {e}"))?;
-        Ok((trusted(&self.trusted_proxies)?, header))
+        Ok((trusted(&self.trusted_proxies)?, self.forwarded_header))
     }
 }
 
