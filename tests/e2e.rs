@@ -686,26 +686,12 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
 #[test]
 fn dev_with_tls_serves_both_ports_with_a_dev_certificate() {
     use std::io::{Read, Write};
-    use std::sync::Arc;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dev = DevServer::start_with(&tmp.path().join("dev"), &["--tls"]);
     assert_eq!(dev.info["tls"], true, "{}", dev.info);
     let ca = dev.get("ca_cert");
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in
-        <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_file_iter(&ca)
-            .expect("read the CA file")
-    {
-        roots.add(cert.expect("a PEM certificate")).expect("add");
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let agent = ureq::AgentBuilder::new().tls_config(Arc::new(tls)).build();
+    let tls = trusting(&[&std::fs::read(&ca).expect("read the CA file")]);
+    let agent = ureq::AgentBuilder::new().tls_config(tls).build();
     let http = dev.get("http_addr");
     let partner = dev.get("partner_api_key");
     let granted: Value = agent
@@ -896,19 +882,32 @@ fn no_secret_or_personal_value_reaches_disk_logs_or_audit() {
     }
 }
 
-/// The certificate a TLS server at `addr` presents to a client that
-/// trusts `roots`.
-fn presented(addr: &str, roots: &rustls::RootCertStore) -> Vec<u8> {
-    use std::sync::Arc;
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots.clone())
-    .with_no_client_auth();
+/// A TLS client configuration that trusts the CA certificates in the PEM
+/// texts `pems`.
+fn trusting(pems: &[&[u8]]) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in pems {
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+            roots.add(c.expect("a PEM certificate")).expect("a root");
+        }
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// The certificate a TLS server at `addr` presents to a client with
+/// `config`.
+fn presented(addr: &str, config: &std::sync::Arc<rustls::ClientConfig>) -> Vec<u8> {
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("a name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("a connection");
+    let mut conn = rustls::ClientConnection::new(config.clone(), name).expect("a connection");
     let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp).expect("a handshake");
@@ -951,15 +950,8 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
     std::fs::copy(dir.join("dev-cert.pem"), &cert).expect("cert");
     std::fs::copy(dir.join("dev-key.pem"), &key).expect("key");
     let (ca_pem, leaf_pem, leaf_der, key_pem) = renewed_certificate();
-    let mut roots = rustls::RootCertStore::empty();
-    for pem in [
-        std::fs::read(dir.join("dev-ca.pem")).expect("dev CA"),
-        ca_pem.into_bytes(),
-    ] {
-        for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
-            roots.add(c.expect("a certificate")).expect("a root");
-        }
-    }
+    let dev_ca = std::fs::read(dir.join("dev-ca.pem")).expect("dev CA");
+    let tls = trusting(&[&dev_ca, ca_pem.as_bytes()]);
     let dev_leaf = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("dev-cert.pem"))
         .expect("dev cert")
         .next()
@@ -971,7 +963,7 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
     support::serve_tls_args(&mut cmd, &dir, &cert, &key);
     let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
     for port in [&vaultd.protocol, &vaultd.http] {
-        assert_eq!(presented(port, &roots), dev_leaf, "{port}");
+        assert_eq!(presented(port, &tls), dev_leaf, "{port}");
     }
     let hangup = || {
         let status = Command::new("kill")
@@ -986,28 +978,18 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
     std::fs::write(&key, &key_pem).expect("key");
     hangup();
     let started = std::time::Instant::now();
-    while presented(&vaultd.protocol, &roots) != leaf_der {
+    while presented(&vaultd.protocol, &tls) != leaf_der {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(60),
             "the renewed certificate is not presented"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(presented(&vaultd.http, &roots), leaf_der);
+    assert_eq!(presented(&vaultd.http, &tls), leaf_der);
     // A key that does not fit: the renewed certificate stays.
     std::fs::copy(dir.join("dev-key.pem"), &key).expect("key");
     hangup();
-    let agent = ureq::AgentBuilder::new()
-        .tls_config(std::sync::Arc::new(
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth(),
-        ))
-        .build();
+    let agent = ureq::AgentBuilder::new().tls_config(tls.clone()).build();
     let reloads = |outcome: &str| {
         let metrics = agent
             .get(&format!("https://{}/metrics", vaultd.http))
@@ -1030,6 +1012,6 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(reloads("reloaded"), 1);
-    assert_eq!(presented(&vaultd.protocol, &roots), leaf_der);
+    assert_eq!(presented(&vaultd.protocol, &tls), leaf_der);
     assert!(vaultd.stop().success());
 }

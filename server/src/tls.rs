@@ -216,9 +216,21 @@ pub fn server_config_reloadable(
 #[cfg(test)]
 pub(crate) fn test_ends(dir: &Path) -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
     let (server, ca) = crate::dev::dev_tls(dir).expect("a dev certificate");
+    (
+        tokio_rustls::TlsAcceptor::from(server),
+        test_connector(&[&ca]),
+    )
+}
+
+/// A client end of TLS that trusts the CA certificates in the PEM files
+/// `cas`, for tests.
+#[cfg(test)]
+pub(crate) fn test_connector(cas: &[&Path]) -> tokio_rustls::TlsConnector {
     let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&ca).expect("the CA file") {
-        roots.add(c.expect("a certificate")).expect("a root");
+    for ca in cas {
+        for c in certs(ca).expect("a CA file") {
+            roots.add(c).expect("a root");
+        }
     }
     let client =
         rustls::ClientConfig::builder_with_provider(Arc::new(client::config::crypto_provider()))
@@ -226,10 +238,7 @@ pub(crate) fn test_ends(dir: &Path) -> (tokio_rustls::TlsAcceptor, tokio_rustls:
             .expect("TLS versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
-    (
-        tokio_rustls::TlsAcceptor::from(server),
-        tokio_rustls::TlsConnector::from(Arc::new(client)),
-    )
+    tokio_rustls::TlsConnector::from(Arc::new(client))
 }
 
 /// Counts a server-side TLS handshake on `port` (`protocol` or `http`) in
@@ -273,19 +282,7 @@ mod tests {
 
     /// What a client that trusts `cas` is shown by `config`, over a pipe.
     async fn presented(config: Arc<ServerConfig>, cas: &[&Path]) -> CertificateDer<'static> {
-        let mut roots = RootCertStore::empty();
-        for ca in cas {
-            for c in certs(ca).expect("a CA") {
-                roots.add(c).expect("a root");
-            }
-        }
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            client::config::crypto_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let connector = test_connector(cas);
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let server = async move {
             let mut s = tokio_rustls::TlsAcceptor::from(config)
@@ -297,7 +294,7 @@ mod tests {
         };
         let client = async move {
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-            let mut c = tokio_rustls::TlsConnector::from(Arc::new(client))
+            let mut c = connector
                 .connect(name, ours)
                 .await
                 .expect("the client's handshake");

@@ -485,6 +485,25 @@ async fn authorize_through(r: &Running, header: &str, values: &[&str]) -> (u16, 
     exchange(r.http, req.as_bytes()).await
 }
 
+/// Each of `cases`, lines of `header` from a trusted proxy, is refused
+/// with 400 and a message that names the header, and nothing is written.
+async fn refused_as_malformed(r: &Running, header: &str, cases: &[&[&str]]) {
+    let before = entries(r).await;
+    for values in cases {
+        let got = authorize_through(r, header, values).await;
+        assert_error(&got, 400, "invalid_request");
+        let named = format!("{header} from a trusted proxy");
+        assert!(
+            got.1["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(&named)),
+            "{}",
+            got.1
+        );
+    }
+    assert_eq!(entries(r).await, before, "a 400 writes nothing");
+}
+
 /// `fintrust_forwarded_headers_total` for `outcome`.
 fn forwarded_headers(outcome: &str) -> u64 {
     let series = format!("fintrust_forwarded_headers_total{{outcome=\"{outcome}\"}} ");
@@ -552,19 +571,12 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
         assert_eq!(last["proxy_ip"], proxy, "{last}");
     }
     // An address the proxy wrote that is not one: refused, nothing written.
-    let before = entries(&r).await;
-    for forwarded in [&["192.0.2.7, unknown"][..], &["192.0.2.7", "192.0.2.300"]] {
-        let got = authorize_forwarded(&r, forwarded).await;
-        assert_error(&got, 400, "invalid_request");
-        assert!(
-            got.1["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("X-Forwarded-For")),
-            "{}",
-            got.1
-        );
-    }
-    assert_eq!(entries(&r).await, before, "a 400 writes nothing");
+    refused_as_malformed(
+        &r,
+        "X-Forwarded-For",
+        &[&["192.0.2.7, unknown"], &["192.0.2.7", "192.0.2.300"]],
+    )
+    .await;
     // Every authorization from the proxy counted by outcome: three named
     // a client, one named none, two were refused.
     let now = ["forwarded", "none", "refused"].map(forwarded_headers);
@@ -608,19 +620,12 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
         let last = denials(&r).await.pop().expect("a denial");
         assert_eq!(last["source_ip"], client, "{last}");
     }
-    let before = entries(&r).await;
-    for values in [&["for=unknown"][..], &["for=192.0.2.7;for=192.0.2.8"]] {
-        let got = authorize_through(&r, "Forwarded", values).await;
-        assert_error(&got, 400, "invalid_request");
-        assert!(
-            got.1["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("Forwarded from a trusted proxy")),
-            "{}",
-            got.1
-        );
-    }
-    assert_eq!(entries(&r).await, before, "a 400 writes nothing");
+    refused_as_malformed(
+        &r,
+        "Forwarded",
+        &[&["for=unknown"], &["for=192.0.2.7;for=192.0.2.8"]],
+    )
+    .await;
     r.stop().await;
 
     // A shim that trusts no proxy reads no X-Forwarded-For at all.
