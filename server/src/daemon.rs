@@ -21,7 +21,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use client::{ClientConfig, Tls, Zeroizing};
@@ -41,7 +40,7 @@ pub struct Daemon {
     /// `None`: no HTTP shim.
     pub http: Option<TcpListener>,
     /// TLS of both ports; `None` serves both in plaintext.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<crate::tls::ServerTls>,
     pub serve: ServeConfig,
     pub shim: ShimConfig,
     /// Policies to write at start when they differ from the vault's.

@@ -228,7 +228,7 @@ fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
 /// The dev CA, and a certificate for `localhost` and `127.0.0.1` it
 /// issued, in `data_dir` (made on first use, reused after): the server's
 /// TLS configuration and the CA file clients trust.
-pub(crate) fn dev_tls(data_dir: &Path) -> Result<(std::sync::Arc<rustls::ServerConfig>, PathBuf)> {
+pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf)> {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
         KeyPair,
@@ -265,7 +265,7 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(std::sync::Arc<rustls::ServerC
         write_private(&files.cert, cert.pem().as_bytes())?;
         write_private(&ca_file, ca.pem().as_bytes())?;
     }
-    Ok((crate::tls::server_config(&files)?, ca_file))
+    Ok((crate::tls::ServerTls::open(&files)?, ca_file))
 }
 
 /// API keys of the demo's roles (development keys, shown once).

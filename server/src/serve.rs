@@ -485,15 +485,15 @@ fn answer_frame(id: u32, m: &Message, flags: u16) -> Option<Frame> {
 }
 
 /// Serves the protocol on `listener` until `shutdown` resolves: over TLS
-/// with `tls`, in plaintext without it.
+/// with `tls` (each connection with the configuration of the moment it is
+/// accepted, so that a reload serves the next), in plaintext without it.
 pub async fn run(
     listener: TcpListener,
     vault: LiveVault,
     config: ServeConfig,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let throttle = Arc::new(FailureThrottle::default());
     let config = Arc::new(config);
     let admission = Arc::new(Admission::new(
@@ -517,7 +517,7 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let vault = vault.clone();
         let config = config.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = tls.as_ref().map(crate::tls::ServerTls::acceptor);
         let throttle = throttle.clone();
         let (ticket, evicted) = admission.arrive();
         let admission = admission.clone();

@@ -57,63 +57,167 @@ pub fn stateless_tickets() -> Result<Arc<dyn rustls::server::ProducesTickets>> {
 /// TLS 1.3 tickets the server sends after each handshake.
 pub const TICKETS_PER_HANDSHAKE: usize = 1;
 
-/// The server's certificate chain and key, read from their files again on
-/// demand ([`CertificateStore::reload`], `vaultd` on SIGHUP), so that a
-/// renewed certificate is served without a restart.
+/// The TLS configuration a server hands each new connection: read from
+/// [`TlsFiles`] at start, and read again whole on demand
+/// ([`ServerTls::reload`], `vaultd` on SIGHUP), so that a renewed
+/// certificate, key or client CA is served without a restart.
 ///
-/// Invariants: a reload takes effect only when both files read and the key
-/// fits the chain's first certificate; otherwise the certificate served
-/// stays as it was. Handshakes in progress keep the certificate they
-/// chose; sessions resumed from tickets issued before are not asked for
-/// one again.
-#[derive(Debug)]
-pub struct CertificateStore {
-    cert: PathBuf,
-    key: PathBuf,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+/// Invariants:
+/// - A reload takes effect only when every file reads, the key fits the
+///   chain's first certificate and the client CA builds a verifier;
+///   otherwise the configuration served stays as it was.
+/// - Each connection takes the configuration of the moment it is accepted:
+///   handshakes in progress finish with the one they started with.
+/// - A reload starts a new ticket key. A TLS 1.3 resumption does not check
+///   the client's certificate again, so a ticket issued before a reload
+///   that removed a client CA would otherwise still let its holder in;
+///   after a reload every client's next connection makes a full handshake,
+///   checked against the new CA and shown the new certificate.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// `None`: a configuration made in the process, which cannot be read
+    /// again.
+    files: Option<Arc<TlsFiles>>,
+    current: Arc<std::sync::RwLock<Arc<ServerConfig>>>,
 }
 
-impl CertificateStore {
-    /// Reads the chain and key of `files`.
-    pub fn open(files: &TlsFiles, provider: Arc<rustls::crypto::CryptoProvider>) -> Result<Self> {
-        let current = certified_key(&files.cert, &files.key, &provider)?;
-        Ok(CertificateStore {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
-            provider,
-            current: std::sync::RwLock::new(Arc::new(current)),
+impl ServerTls {
+    /// Reads `files`: TLS 1.3 and 1.2, no client certificates unless a
+    /// client CA is given.
+    pub fn open(files: &TlsFiles) -> Result<Self> {
+        Ok(ServerTls {
+            current: Arc::new(std::sync::RwLock::new(server_config(files)?)),
+            files: Some(Arc::new(files.clone())),
         })
     }
 
-    /// Reads both files again and serves what they hold from the next
-    /// handshake on; on an error, what was served before stays.
+    /// The configuration served now.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            // Only a panic while the lock was held for a swap: the
+            // configuration in it is whole either way.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// An acceptor for one new connection, with the configuration served
+    /// now.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config())
+    }
+
+    /// The files it reads, when it was opened from files.
+    pub fn files(&self) -> Option<&TlsFiles> {
+        self.files.as_deref()
+    }
+
+    /// Reads every file again and serves what they hold from the next
+    /// connection on, with a new ticket key; on an error, what was served
+    /// before stays.
     pub fn reload(&self) -> Result<()> {
-        let fresh = Arc::new(certified_key(&self.cert, &self.key, &self.provider)?);
-        let mut current = self
-            .current
-            .write()
-            .map_err(|_| Error::Usage("TLS certificate store poisoned".into()))?;
+        let Some(files) = &self.files else {
+            return Err(Error::Usage(
+                "this TLS configuration was not read from files".into(),
+            ));
+        };
+        let fresh = server_config(files)?;
+        let mut current = match self.current.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
         *current = fresh;
         Ok(())
     }
+}
 
-    /// The chain served now.
-    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        self.current
-            .read()
-            .map(|c| c.cert.clone())
-            .unwrap_or_default()
+/// A configuration made in the process (`vaultd dev`'s, the tests'), served
+/// as it is: [`ServerTls::reload`] refuses it.
+impl From<Arc<ServerConfig>> for ServerTls {
+    fn from(config: Arc<ServerConfig>) -> Self {
+        ServerTls {
+            files: None,
+            current: Arc::new(std::sync::RwLock::new(config)),
+        }
     }
 }
 
-impl rustls::server::ResolvesServerCert for CertificateStore {
-    fn resolve(
-        &self,
-        _hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        self.current.read().ok().map(|c| c.clone())
-    }
+/// Reloads `tls` on every SIGHUP, until the process ends: the log says
+/// what was loaded, or why not (what was served before stays), and
+/// `fintrust_tls_reloads_total{outcome}` counts both. Without files to
+/// read (plaintext, or `vaultd dev`'s own certificate), SIGHUP is logged
+/// and ignored, not the end of the process.
+/// Call it inside a runtime.
+pub fn reload_on_hangup(tls: Option<ServerTls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the TLS files are read at start only");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let Some((tls, files)) = tls.as_ref().and_then(|t| Some((t, t.files()?))) else {
+                tracing::info!("SIGHUP ignored: no TLS files to read again");
+                continue;
+            };
+            let outcome = match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(
+                        cert = %files.cert.display(),
+                        client_ca = ?files.client_ca.as_deref().map(Path::display),
+                        "SIGHUP: TLS certificate, key and client CA reloaded; new ticket key"
+                    );
+                    "reloaded"
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; what was served before stays");
+                    "failed"
+                }
+            };
+            crate::metrics::global()
+                .tls_reloads
+                .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+                .inc();
+        }
+    });
+}
+
+/// The server configuration for `files`, with a ticket key of its own.
+fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
+    // The client crate's suite order (AES-128-GCM first); a client's own
+    // order is honoured.
+    let provider = Arc::new(client::config::crypto_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Usage(format!("TLS: {e}")))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in certs(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| pem_error(ca, &format!("bad CA certificate: {e}")))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| pem_error(ca, &format!("client verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let certified = certified_key(&files.cert, &files.key, &provider)?;
+    let mut config =
+        builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+    config.ticketer = stateless_tickets()?;
+    // One ticket per handshake, resumed ones included: a client that opens
+    // a connection per request spends one and gets one, so its tickets
+    // stay as many as its connections at once, and a ticket lost with a
+    // failed connection comes back with the next full handshake. A second
+    // ticket cost each connection another seal, key derivation and record
+    // at both ends (rustls's default is two).
+    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
+    Ok(Arc::new(config))
 }
 
 /// The chain in `cert` with the key in `key`, which must fit its first
@@ -130,96 +234,12 @@ fn certified_key(
         .map_err(|e| pem_error(cert, &format!("certificate and key do not fit: {e}")))
 }
 
-/// Reloads `store` on every SIGHUP, until the process ends: the log says
-/// what was loaded, or why not (what was served before stays), and
-/// `fintrust_tls_reloads_total{outcome}` counts both. Without a store
-/// (plaintext, or `vaultd dev`'s own certificate), SIGHUP is logged and
-/// ignored, not the end of the process.
-/// Call it inside a runtime.
-pub fn reload_on_hangup(store: Option<Arc<CertificateStore>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: the TLS certificate is read at start only");
-        return;
-    };
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            let Some(store) = &store else {
-                tracing::info!("SIGHUP ignored: no TLS certificate files to read again");
-                continue;
-            };
-            let outcome = match store.reload() {
-                Ok(()) => {
-                    tracing::info!(cert = %store.cert.display(), "SIGHUP: TLS certificate reloaded");
-                    "reloaded"
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the one served before stays");
-                    "failed"
-                }
-            };
-            crate::metrics::global()
-                .tls_reloads
-                .get_or_create(&crate::metrics::OutcomeLabels { outcome })
-                .inc();
-        }
-    });
-}
-
-/// The server configuration for `files`: TLS 1.3 and 1.2, no client
-/// certificates unless a client CA is given.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
-    server_config_reloadable(files).map(|(config, _)| config)
-}
-
-/// [`server_config`], and the store its certificate comes from, which
-/// [`CertificateStore::reload`] reads again.
-pub fn server_config_reloadable(
-    files: &TlsFiles,
-) -> Result<(Arc<ServerConfig>, Arc<CertificateStore>)> {
-    // The client crate's suite order (AES-128-GCM first); a client's own
-    // order is honoured.
-    let provider = Arc::new(client::config::crypto_provider());
-    let store = Arc::new(CertificateStore::open(files, provider.clone())?);
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Usage(format!("TLS: {e}")))?;
-    let builder = match &files.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for c in certs(ca)? {
-                roots
-                    .add(c)
-                    .map_err(|e| pem_error(ca, &format!("bad CA certificate: {e}")))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| pem_error(ca, &format!("client verifier: {e}")))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder.with_cert_resolver(store.clone());
-    config.ticketer = stateless_tickets()?;
-    // One ticket per handshake, resumed ones included: a client that opens
-    // a connection per request spends one and gets one, so its tickets
-    // stay as many as its connections at once, and a ticket lost with a
-    // failed connection comes back with the next full handshake. A second
-    // ticket cost each connection another seal, key derivation and record
-    // at both ends (rustls's default is two).
-    config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
-    Ok((Arc::new(config), store))
-}
-
 /// Both ends of TLS with the dev certificate `vaultd dev --tls` makes in
 /// `dir`: for tests that run a server over an in-memory pipe.
 #[cfg(test)]
 pub(crate) fn test_ends(dir: &Path) -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
     let (server, ca) = crate::dev::dev_tls(dir).expect("a dev certificate");
-    (
-        tokio_rustls::TlsAcceptor::from(server),
-        test_connector(&[&ca]),
-    )
+    (server.acceptor(), test_connector(&[&ca]))
 }
 
 /// A client end of TLS that trusts the CA certificates in the PEM files
@@ -280,17 +300,24 @@ mod tests {
         certs(cert).expect("a chain").remove(0)
     }
 
-    /// What a client that trusts `cas` is shown by `config`, over a pipe.
-    async fn presented(config: Arc<ServerConfig>, cas: &[&Path]) -> CertificateDer<'static> {
-        let connector = test_connector(cas);
+    /// What a client with `connector` is shown by `tls` over a pipe, and
+    /// whether it resumed a session.
+    async fn presented(
+        tls: &ServerTls,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> (CertificateDer<'static>, bool) {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let acceptor = tls.acceptor();
         let server = async move {
-            let mut s = tokio_rustls::TlsAcceptor::from(config)
+            let mut s = acceptor
                 .accept(theirs)
                 .await
                 .expect("the server's handshake");
             let mut byte = [0u8; 1];
             let _ = s.read(&mut byte).await;
+            // Its ticket goes out after the handshake; the client reads
+            // it with the end of the stream.
+            let _ = s.shutdown().await;
         };
         let client = async move {
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
@@ -298,18 +325,22 @@ mod tests {
                 .connect(name, ours)
                 .await
                 .expect("the client's handshake");
-            let shown = c.get_ref().1.peer_certificates().expect("a chain")[0].clone();
             c.write_all(b"x").await.expect("a byte");
-            // Kept open until the server has read the byte (its tickets
-            // go out after the handshake).
-            (shown, c)
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest).await;
+            let (_, session) = c.get_ref();
+            (
+                session.peer_certificates().expect("a chain")[0].clone(),
+                session.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            )
         };
-        tokio::join!(server, client).1 .0
+        tokio::join!(server, client).1
     }
 
-    /// A reload serves the files' new chain from the next handshake on;
-    /// files that do not read, or a key that does not fit, leave what was
-    /// served before.
+    /// A reload serves the files' new chain from the next connection on,
+    /// and with a new ticket key, so that the client's next connection
+    /// makes a full handshake; files that do not read, or a key that does
+    /// not fit, leave what was served before, tickets included.
     #[tokio::test]
     async fn a_reload_serves_the_renewed_certificate_and_keeps_it_through_bad_files() {
         let dir = tempfile::tempdir().expect("a dir");
@@ -325,28 +356,42 @@ mod tests {
             std::fs::copy(key, &files.key).expect("the key");
         };
         put(&cert_a, &key_a);
-        let (config, store) = server_config_reloadable(&files).expect("a config");
-        let cas = [ca_a.as_path(), ca_b.as_path()];
-        assert_eq!(presented(config.clone(), &cas).await, leaf(&cert_a));
+        let tls = ServerTls::open(&files).expect("a config");
+        let connector = test_connector(&[ca_a.as_path(), ca_b.as_path()]);
+        assert_eq!(presented(&tls, &connector).await, (leaf(&cert_a), false));
+        assert_eq!(presented(&tls, &connector).await, (leaf(&cert_a), true));
 
         put(&cert_b, &key_b);
         assert_eq!(
-            presented(config.clone(), &cas).await,
-            leaf(&cert_a),
+            presented(&tls, &connector).await,
+            (leaf(&cert_a), true),
             "nothing changes before the reload"
         );
-        store.reload().expect("the renewed files");
-        assert_eq!(presented(config.clone(), &cas).await, leaf(&cert_b));
+        tls.reload().expect("the renewed files");
+        assert_eq!(
+            presented(&tls, &connector).await,
+            (leaf(&cert_b), false),
+            "a ticket of before the reload is not taken"
+        );
+        assert_eq!(presented(&tls, &connector).await, (leaf(&cert_b), true));
 
         // A's certificate with B's key; a key that is not PEM; no key.
         std::fs::copy(&cert_a, &files.cert).expect("the cert");
-        let err = store.reload().expect_err("a key that does not fit");
+        let err = tls.reload().expect_err("a key that does not fit");
         assert!(err.to_string().contains("do not fit"), "{err}");
         std::fs::write(&files.key, b"not a key").expect("garbage");
-        assert!(store.reload().is_err());
+        assert!(tls.reload().is_err());
         std::fs::remove_file(&files.key).expect("remove");
-        assert!(store.reload().is_err());
-        assert_eq!(store.chain(), vec![leaf(&cert_b)]);
-        assert_eq!(presented(config, &cas).await, leaf(&cert_b));
+        assert!(tls.reload().is_err());
+        assert_eq!(
+            presented(&tls, &connector).await,
+            (leaf(&cert_b), true),
+            "what was served stays, its tickets too"
+        );
+
+        // A configuration made in the process has no files to read again.
+        let fixed = ServerTls::from(tls.config());
+        assert!(fixed.files().is_none());
+        assert!(fixed.reload().is_err());
     }
 }

@@ -12,7 +12,7 @@ use protocol::{FrameCodec, Message};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use server::serve::{run, ServeConfig};
-use server::tls::{server_config, TlsFiles};
+use server::tls::{ServerTls, TlsFiles};
 use storage::{Options, Receipt, Unlock, Vault};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,6 +57,8 @@ struct Setup {
     addr: std::net::SocketAddr,
     writer_key: String,
     pki: Pki,
+    /// What the server serves, to reload.
+    tls: ServerTls,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
     vault: Arc<Vault>,
@@ -69,7 +71,7 @@ async fn start(mutual: bool) -> Setup {
 /// Test CAs, and the server's TLS configuration with a certificate for
 /// `localhost` from the first (client certificates from the second with
 /// `mutual`).
-fn pki(dir: &Path, mutual: bool) -> (Pki, Arc<rustls::ServerConfig>) {
+fn pki(dir: &Path, mutual: bool) -> (Pki, ServerTls) {
     let pki = Pki {
         ca: ca("fintrust test CA"),
         client_ca: ca("fintrust test client CA"),
@@ -80,7 +82,7 @@ fn pki(dir: &Path, mutual: bool) -> (Pki, Arc<rustls::ServerConfig>) {
         key: write(dir, "server.key", &key),
         client_ca: mutual.then(|| write(dir, "client-ca.pem", &pki.client_ca.pem())),
     };
-    let config = server_config(&files).expect("server config");
+    let config = ServerTls::open(&files).expect("server config");
     (pki, config)
 }
 
@@ -91,7 +93,7 @@ async fn start_with(mutual: bool, serve: ServeConfig) -> Setup {
 }
 
 /// A server that speaks TLS 1.2 only, with session tickets as
-/// `server_config` makes them.
+/// `ServerTls::open` makes them.
 async fn start_tls12() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let (pki, _) = pki(dir.path(), false);
@@ -107,13 +109,13 @@ async fn start_tls12() -> Setup {
             )
             .expect("certificate");
     config.ticketer = server::tls::stateless_tickets().expect("ticketer");
-    start_serving(dir, pki, Arc::new(config), ServeConfig::default()).await
+    start_serving(dir, pki, Arc::new(config).into(), ServeConfig::default()).await
 }
 
 async fn start_serving(
     dir: tempfile::TempDir,
     pki: Pki,
-    config: Arc<rustls::ServerConfig>,
+    tls: ServerTls,
     serve: ServeConfig,
 ) -> Setup {
     let vault = Arc::new(
@@ -138,7 +140,7 @@ async fn start_serving(
         listener,
         vault.clone().into(),
         serve,
-        Some(config),
+        Some(tls.clone()),
         async {
             let _ = stopped.await;
         },
@@ -147,6 +149,7 @@ async fn start_serving(
         addr,
         writer_key: writer_key.to_string(),
         pki,
+        tls,
         _dir: dir,
         _stop: stop,
         vault,
@@ -303,6 +306,65 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     let reply = tls_append(&s, client_config(&s, Some((cert, key))))
         .await
         .expect("accepted");
+    assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+}
+
+/// Whether `conn`'s handshake resumed a session.
+fn resumed(conn: &TlsConn) -> bool {
+    conn.get_ref().get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+/// The operator replaces the client CA and reloads (`vaultd` on SIGHUP): a
+/// client with a certificate from the new CA gets in, and one from the old
+/// CA is refused, even with a ticket from before the reload, which would
+/// have resumed without its certificate being checked again.
+#[tokio::test]
+async fn a_reload_takes_the_new_client_ca_and_no_ticket_from_before() {
+    let s = start(true).await;
+    let (_, _, cert, key) = leaf(&s.pki.client_ca, "svc");
+    let old = client_config(&s, Some((cert, key)));
+    let mut first = tls_hello(&s, old.clone())
+        .await
+        .expect("the old CA's client");
+    let mut second = tls_hello(&s, old.clone()).await.expect("it again");
+    assert!(
+        !resumed(&first) && resumed(&second),
+        "the old client resumes"
+    );
+    for conn in [&mut first, &mut second] {
+        let reply = append(conn).await.expect("append");
+        assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+    }
+
+    let renewed_ca = ca("fintrust renewed client CA");
+    let (_, _, cert, key) = leaf(&renewed_ca, "svc");
+    let renewed = client_config(&s, Some((cert, key)));
+    assert!(
+        tls_append(&s, renewed.clone()).await.is_err(),
+        "the new CA's client before the reload"
+    );
+    let files = s.tls.files().expect("files").clone();
+    let ca_file = files.client_ca.expect("a client CA");
+    std::fs::write(&ca_file, "not a CA").expect("garbage");
+    assert!(s.tls.reload().is_err(), "a client CA that does not read");
+    assert!(
+        tls_hello(&s, old.clone()).await.is_ok(),
+        "what was served stays after a failed reload"
+    );
+
+    std::fs::write(&ca_file, renewed_ca.pem()).expect("the new CA");
+    s.tls.reload().expect("reload");
+    let reply = tls_append(&s, renewed)
+        .await
+        .expect("the new CA's client after the reload");
+    assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+    let refused = tls_append(&s, old).await;
+    assert!(
+        refused.is_err(),
+        "the old CA's client, with its tickets: {refused:?}"
+    );
+    // Connections opened before the reload are not cut off.
+    let reply = append(&mut first).await.expect("append");
     assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use client::{Client, ClientConfig, Tls, Zeroizing};
 use server::serve::{run, ServeConfig};
-use server::tls::{server_config, TlsFiles};
+use server::tls::{ServerTls, TlsFiles};
 use storage::{Options, Unlock, Vault};
 
 /// The path of binary `bin` of workspace package `package`, built first.
@@ -549,7 +549,7 @@ pub async fn start(config: ServeConfig, tls: Option<TlsFiles>) -> Server {
         .create_credential("auditor", "test auditor")
         .await
         .expect("auditor");
-    let tls = tls.map(|files| server_config(&files).expect("server TLS config"));
+    let tls = tls.map(|files| ServerTls::open(&files).expect("server TLS config"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use crate::daemon::{self, Daemon};
 use crate::serve::ServeConfig;
 use crate::shim::{PoliciesFile, ShimConfig};
-use crate::tls::{server_config, TlsFiles};
+use crate::tls::{ServerTls, TlsFiles};
 use crate::{Error, Result};
 
 /// The name in the run's server certificate.
@@ -73,7 +73,7 @@ impl InProcess {
         };
         let (tls, ca) = if opts.tls {
             let (files, ca) = make_pki(&dir.join("tls"))?;
-            (Some(server_config(&files)?), Some(ca))
+            (Some(ServerTls::open(&files)?), Some(ca))
         } else {
             (None, None)
         };

@@ -263,7 +263,8 @@ struct TlsArgs {
     /// PEM private key of the server.
     #[arg(long, env = "FINTRUST_TLS_KEY")]
     tls_key: Option<PathBuf>,
-    /// PEM CA certificates: require client certificates issued by them.
+    /// PEM CA certificates: require client certificates issued by them
+    /// (read again on SIGHUP, with the certificate and key).
     #[arg(long, env = "FINTRUST_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// Serve without TLS. Only for loopback tests and development.
@@ -271,28 +272,20 @@ struct TlsArgs {
     insecure_plaintext: bool,
 }
 
-/// A server's TLS configuration, and the store its certificate comes
-/// from (reloaded on SIGHUP); both `None` in plaintext.
-type ServerTls = (
-    Option<std::sync::Arc<rustls::ServerConfig>>,
-    Option<std::sync::Arc<server::tls::CertificateStore>>,
-);
-
 impl TlsArgs {
-    fn config(self) -> anyhow::Result<ServerTls> {
+    /// The server's TLS, read again on SIGHUP; `None` in plaintext.
+    fn config(self) -> anyhow::Result<Option<server::tls::ServerTls>> {
         Ok(match (self.tls_cert, self.tls_key, self.insecure_plaintext) {
-            (Some(cert), Some(key), false) => {
-                let (config, store) =
-                    server::tls::server_config_reloadable(&server::tls::TlsFiles {
-                        cert,
-                        key,
-                        client_ca: self.tls_client_ca,
-                    })?;
-                (Some(config), Some(store))
-            }
+            (Some(cert), Some(key), false) => Some(server::tls::ServerTls::open(
+                &server::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                },
+            )?),
             (None, None, true) => {
                 tracing::warn!("serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
-                (None, None)
+                None
             }
             (_, _, true) => anyhow::bail!("--insecure-plaintext excludes the TLS options"),
             _ => anyhow::bail!(
@@ -426,7 +419,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_group_entries,
             max_group_kib,
         } => {
-            let (tls, certificate) = tls.config()?;
+            let tls = tls.config()?;
             let policies = read_policies(policies)?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
@@ -452,7 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                server::tls::reload_on_hangup(certificate);
+                server::tls::reload_on_hangup(tls.clone());
                 let protocol = tokio::net::TcpListener::bind(&listen)
                     .await
                     .with_context(|| format!("listening on {listen}"))?;
@@ -506,7 +499,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls,
         } => {
             let plaintext = tls.insecure_plaintext;
-            let (http_tls, certificate) = tls.config()?;
+            let http_tls = tls.config()?;
             let policies = read_policies(policies)?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let key = server::secrets::read_secret_file(&api_key_file)?;
@@ -543,7 +536,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                server::tls::reload_on_hangup(certificate);
+                server::tls::reload_on_hangup(http_tls.clone());
                 if let Some(file) = &policies {
                     server::shim::apply_policies(&shim, file)
                         .await

@@ -154,17 +154,17 @@ pub fn router(shim: Arc<Shim>) -> Router {
 }
 
 /// Serves the shim on `listener` until `shutdown` resolves, over TLS with
-/// `tls`; then waits for the requests in flight. Connections that have not
+/// `tls` (each connection with the configuration of the moment it is
+/// accepted); then waits for the requests in flight. Connections that have not
 /// yet sent a request's headers (in their TLS handshake, or trickling
 /// bytes) are closed at once.
 pub async fn serve(
     listener: TcpListener,
     shim: Arc<Shim>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let app = router(shim.clone());
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let admission = Arc::new(crate::serve::Admission::new(
         shim.config.max_connections,
         shim.config.max_handshakes,
@@ -190,7 +190,7 @@ pub async fn serve(
         let (ticket, evicted) = admission.arrive();
         let conn = Connection {
             app: app.clone(),
-            acceptor: acceptor.clone(),
+            acceptor: tls.as_ref().map(crate::tls::ServerTls::acceptor),
             header_timeout: shim.config.header_timeout,
             admission: admission.clone(),
             ticket,
