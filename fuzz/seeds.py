@@ -90,7 +90,7 @@ for line in block.splitlines():
         headers.append(b"")
     else:
         headers[-1] += bytes.fromhex("".join(line.split()))
-assert len(headers) == 4, headers
+assert len(headers) == 5, headers
 for i, h in enumerate(headers):
     put("proxy_header", "vector%d" % i, h)
 

@@ -198,7 +198,7 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
         check(&mut stale, "connection", name, &seed);
     }
     let headers = proxy_headers(&doc("protocol.md"));
-    assert_eq!(headers.len(), 4, "PROXY headers read: {headers:?}");
+    assert_eq!(headers.len(), 5, "PROXY headers read: {headers:?}");
     for (i, h) in headers.iter().enumerate() {
         check(&mut stale, "proxy_header", &format!("vector{i}"), h);
     }

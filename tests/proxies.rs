@@ -1,6 +1,7 @@
 //! `vaultd serve` over TLS behind real proxies: HAProxy in front of port
 //! 9999, passing the TLS through after a PROXY protocol header of version
-//! 2 or 1 (`send-proxy-v2`, `send-proxy`), and nginx in front of the HTTP
+//! 2, with its CRC32c TLV, or 1 (`send-proxy-v2 proxy-v2-options crc32c`,
+//! `send-proxy`), and nginx in front of the HTTP
 //! shim, which it reaches over TLS, appending to `X-Forwarded-For`
 //! (`$proxy_add_x_forwarded_for`). Each proxy connects
 //! from an address of its own (127.0.0.2, 127.0.0.3), which `vaultd`
@@ -93,7 +94,8 @@ impl Drop for Proxy {
 }
 
 /// HAProxy in TCP mode on `v2` and `v1` in front of the vault at `vault`,
-/// sending PROXY headers of version 2 and 1 from [`TCP_PROXY`].
+/// sending PROXY headers of version 2 (with a CRC32c TLV, which the vault
+/// checks) and 1 from [`TCP_PROXY`].
 fn haproxy(exe: &Path, dir: &Path, vault: &str, v2: u16, v1: u16) -> Proxy {
     run_haproxy(
         exe,
@@ -102,7 +104,7 @@ fn haproxy(exe: &Path, dir: &Path, vault: &str, v2: u16, v1: u16) -> Proxy {
         &format!(
             "frontend v2\n    bind 127.0.0.1:{v2}\n    default_backend v2\n\
              frontend v1\n    bind 127.0.0.1:{v1}\n    default_backend v1\n\
-             backend v2\n    server vault {vault} send-proxy-v2 source {TCP_PROXY}\n\
+             backend v2\n    server vault {vault} send-proxy-v2 proxy-v2-options crc32c source {TCP_PROXY}\n\
              backend v1\n    server vault {vault} send-proxy source {TCP_PROXY}\n"
         ),
     )

@@ -15,7 +15,7 @@
 //!     11                                    TCP over IPv4 (21: over IPv6; 00: unspecified)
 //!     00 0C                                 length of what follows, big-endian
 //!     C0 00 02 07  0A 00 00 01  DC 04  27 0F   source, destination, ports
-//!     (TLVs up to the length: skipped)
+//!     (TLVs up to the length: type, 2-byte length, value)
 //! ```
 //!
 //! Invariants:
@@ -31,7 +31,13 @@
 //!   asks receivers never to guess.
 //! - `LOCAL` (v2), `UNKNOWN` (v1) and the unspecified family (v2) say the
 //!   connection is the proxy's own, such as a health check: the peer is
-//!   then the client ([`Header::Local`]).
+//!   then the client ([`Header::Local`]), and the rest of the header is
+//!   read past.
+//! - The TLVs after a v2 `PROXY` header's addresses must fill the rest of
+//!   its length exactly, and a `PP2_TYPE_CRC32C` among them (HAProxy's
+//!   `proxy-v2-options crc32c`) must match the header's bytes, as the
+//!   specification asks of a receiver that checks it; other TLVs are read
+//!   past.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -47,6 +53,8 @@ pub const V2_MAX_LEN: usize = 2048;
 /// Bytes read before the version is known: the shortest header
 /// (`PROXY UNKNOWN\r\n`).
 const FIRST: usize = 15;
+/// The TLV type of a CRC32c of the whole v2 header (`PP2_TYPE_CRC32C`).
+pub const PP2_TYPE_CRC32C: u8 = 0x03;
 
 /// What a header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,6 +208,7 @@ pub fn parse_v2(head: &[u8; 16], rest: &[u8]) -> Result<Header, HeaderError> {
                 .ok_or(malformed(
                     "a v2 IPv4 header shorter than its 12 address bytes",
                 ))?;
+            check_tlvs(head, rest, 12)?;
             let ip = Ipv4Addr::new(a[0], a[1], a[2], a[3]);
             let port = u16::from_be_bytes([a[8], a[9]]);
             Ok(Header::Proxied(SocketAddr::new(IpAddr::V4(ip), port)))
@@ -211,6 +220,7 @@ pub fn parse_v2(head: &[u8; 16], rest: &[u8]) -> Result<Header, HeaderError> {
                 .ok_or(malformed(
                     "a v2 IPv6 header shorter than its 36 address bytes",
                 ))?;
+            check_tlvs(head, rest, 36)?;
             let mut ip = [0u8; 16];
             ip.copy_from_slice(&a[..16]);
             let port = u16::from_be_bytes([a[32], a[33]]);
@@ -226,6 +236,52 @@ pub fn parse_v2(head: &[u8; 16], rest: &[u8]) -> Result<Header, HeaderError> {
             "a v2 address family or transport that does not exist",
         )),
     }
+}
+
+/// The TLVs of a v2 header after its `addresses` bytes of `rest`: each a
+/// type, a big-endian length and that many bytes, filling `rest` exactly;
+/// at most one CRC32c (4 bytes, big-endian), which must be that of the
+/// whole header with its own value read as zeros.
+fn check_tlvs(head: &[u8; 16], rest: &[u8], addresses: usize) -> Result<(), HeaderError> {
+    let malformed = HeaderError::Malformed;
+    let mut at = addresses;
+    let mut crc = None;
+    while at < rest.len() {
+        let [kind, hi, lo] = rest
+            .get(at..at + 3)
+            .and_then(|t| <[u8; 3]>::try_from(t).ok())
+            .ok_or(malformed("a v2 TLV cut short in its type and length"))?;
+        let value = at + 3..at + 3 + usize::from(u16::from_be_bytes([hi, lo]));
+        let bytes = rest
+            .get(value.clone())
+            .ok_or(malformed("a v2 TLV longer than what is left of the header"))?;
+        if kind == PP2_TYPE_CRC32C {
+            let sum = <[u8; 4]>::try_from(bytes)
+                .map_err(|_| malformed("a v2 CRC32c TLV whose value is not 4 bytes"))?;
+            if crc
+                .replace((value.start, u32::from_be_bytes(sum)))
+                .is_some()
+            {
+                return Err(malformed("a v2 header with two CRC32c TLVs"));
+            }
+        }
+        at = value.end;
+    }
+    if let Some((at, sum)) = crc {
+        let computed = crc32c::crc32c_append(
+            crc32c::crc32c_append(
+                crc32c::crc32c_append(crc32c::crc32c(head), &rest[..at]),
+                &[0; 4],
+            ),
+            &rest[at + 4..],
+        );
+        if computed != sum {
+            return Err(malformed(
+                "a v2 header whose CRC32c does not match its bytes",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -250,6 +306,11 @@ mod tests {
             "[2001:db8::7]:0",
         ),
         ("0d0a0d0a000d0a515549540a20000000", "local"),
+        (
+            "0d0a0d0a000d0a515549540a21110018c00002070a000001dc04270f\
+             0300044a9fee57 0400020000",
+            "192.0.2.7:56324",
+        ),
     ];
 
     fn unhex(s: &str) -> Vec<u8> {
@@ -350,6 +411,15 @@ mod tests {
             v2(0x21, 0x12, &[0; 12]),
             v2(0x21, 0x31, &[0; 216]),
             v2(0x21, 0x41, &[0; 12]),
+            // TLVs that do not fill the rest: cut in their type and
+            // length, longer than the rest.
+            v2(0x21, 0x11, &[7; 40]),
+            v2(0x21, 0x11, &[&[7u8; 12][..], &[0x04, 0x00]].concat()),
+            v2(
+                0x21,
+                0x21,
+                &[&[7u8; 36][..], &[0x04, 0x00, 0x03, 0, 0]].concat(),
+            ),
         ];
         for bytes in &malformed {
             let (got, _) = read_all(bytes).await;
@@ -365,9 +435,10 @@ mod tests {
         let (got, left) = read_all(&[&long[..], &[0; 64]].concat()).await;
         assert!(matches!(got, Err(HeaderError::TooLong(65535))), "{got:?}");
         assert_eq!(left.len(), 64);
-        // TLVs after the addresses are skipped; LOCAL and the unspecified
-        // family say nothing of the client.
-        let (got, left) = read_all(&[v2(0x21, 0x11, &[7; 40]), b"x".to_vec()].concat()).await;
+        // TLVs after the addresses that fill the header are read past;
+        // LOCAL and the unspecified family say nothing of the client.
+        let tlvs = [&[7u8; 12][..], &[0x07, 0x00, 0x02, 7, 7], &[0xe0, 0, 0]].concat();
+        let (got, left) = read_all(&[v2(0x21, 0x11, &tlvs), b"x".to_vec()].concat()).await;
         assert_eq!(
             got.expect("reads"),
             Header::Proxied("7.7.7.7:1799".parse().expect("addr"))
@@ -379,5 +450,48 @@ mod tests {
         }
         let (got, _) = read_all(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n").await;
         assert_eq!(got.expect("reads"), Header::Local);
+    }
+
+    /// A CRC32c TLV is checked against the header's bytes: a bit flipped
+    /// in the addresses, the sum, or another TLV's type or value refuses
+    /// the header; a second CRC32c, or one that is not 4 bytes, is
+    /// malformed.
+    #[tokio::test]
+    async fn a_crc32c_tlv_must_match_the_header() {
+        let (hex, want) = VECTORS[VECTORS.len() - 1];
+        let good = unhex(hex);
+        assert_eq!(said(read_all(&good).await.0.expect("reads")), want);
+        // Bytes 16..28 the addresses, 28 the CRC32c's type, 29..31 its
+        // length, 31..35 the sum, 35 the NOOP's type, 36..38 its length,
+        // 38..40 its value. A flipped type or length changes the TLVs'
+        // structure, which other checks catch or which is then valid.
+        for i in (16..good.len()).filter(|i| ![28, 29, 30, 36, 37].contains(i)) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x01;
+            let (got, _) = read_all(&bad).await;
+            assert!(
+                matches!(got, Err(HeaderError::Malformed(m)) if m.contains("CRC32c")),
+                "byte {i} changed: {got:?}"
+            );
+        }
+        let v2 = |rest: &[u8]| {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[0x21, 0x11]);
+            h.extend_from_slice(&u16::try_from(rest.len()).expect("len").to_be_bytes());
+            h.extend_from_slice(rest);
+            h
+        };
+        let addresses = &good[16..28];
+        let sum = &good[28..35];
+        for rest in [
+            [addresses, sum, sum].concat(),
+            [addresses, &[PP2_TYPE_CRC32C, 0, 3, 0, 0, 0]].concat(),
+        ] {
+            let (got, _) = read_all(&v2(&rest)).await;
+            assert!(
+                matches!(got, Err(HeaderError::Malformed(m)) if m.contains("CRC32c")),
+                "{got:?}"
+            );
+        }
     }
 }
