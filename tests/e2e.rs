@@ -916,17 +916,18 @@ fn presented(addr: &str, config: &std::sync::Arc<rustls::ClientConfig>) -> Vec<u
 }
 
 /// A CA of its own and a certificate for `localhost` and `127.0.0.1` it
-/// issued: the CA's PEM, the leaf's PEM and DER, and the key's PEM.
+/// issued, valid until 2031-01-02 ([`RENEWED_UNTIL`]): the CA's PEM, the
+/// leaf's PEM and DER, and the key's PEM.
 fn renewed_certificate() -> (String, String, Vec<u8>, String) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut ca = CertificateParams::new(vec!["renewal CA".to_string()]).expect("params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("a key")).expect("a CA");
     let key = KeyPair::generate().expect("a key");
-    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .expect("params")
-        .signed_by(&key, &ca)
-        .expect("a leaf");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("params");
+    leaf.not_after = rcgen::date_time_ymd(2031, 1, 2);
+    let leaf = leaf.signed_by(&key, &ca).expect("a leaf");
     (
         ca.pem(),
         leaf.pem(),
@@ -935,10 +936,14 @@ fn renewed_certificate() -> (String, String, Vec<u8>, String) {
     )
 }
 
+/// When the renewed certificate expires: 2031-01-02 00:00 UTC.
+const RENEWED_UNTIL: u64 = 1_925_078_400;
+
 /// `vaultd serve` reads its certificate and key again on SIGHUP: the
 /// renewed certificate is presented on both ports from then on, without a
 /// restart; files that do not fit leave it as it was, and the daemon keeps
-/// serving. `/metrics` counts both reloads.
+/// serving. `/metrics` counts both reloads, and reports when the served
+/// chain expires.
 #[test]
 fn vaultd_presents_a_renewed_certificate_after_sighup() {
     use rustls_pki_types::pem::PemObject;
@@ -990,18 +995,23 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
     std::fs::copy(dir.join("dev-key.pem"), &key).expect("key");
     hangup();
     let agent = ureq::AgentBuilder::new().tls_config(tls.clone()).build();
-    let reloads = |outcome: &str| {
+    let metric = |series: &str| {
         let metrics = agent
             .get(&format!("https://{}/metrics", vaultd.http))
             .call()
             .expect("metrics")
             .into_string()
             .expect("text");
-        let series = format!("fintrust_tls_reloads_total{{outcome=\"{outcome}\"}} ");
+        let series = format!("{series} ");
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(&series)?.trim().parse::<u64>().ok())
             .unwrap_or(0)
+    };
+    let reloads = |outcome: &str| {
+        metric(&format!(
+            "fintrust_tls_reloads_total{{outcome=\"{outcome}\"}}"
+        ))
     };
     let started = std::time::Instant::now();
     while reloads("failed") == 0 {
@@ -1012,6 +1022,10 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(reloads("reloaded"), 1);
+    assert_eq!(
+        metric("fintrust_tls_certificate_expiry_seconds"),
+        RENEWED_UNTIL
+    );
     assert_eq!(presented(&vaultd.protocol, &tls), leaf_der);
     assert!(vaultd.stop().success());
 }

@@ -92,8 +92,11 @@ pub struct Metrics {
     /// Requests to the shim from trusted HTTP proxies by what their
     /// forwarding header said: a misconfigured proxy shows as refusals.
     pub forwarded_headers: Family<OutcomeLabels, Counter>,
-    /// Reloads of the TLS certificate on SIGHUP, by outcome.
+    /// Reloads of the TLS certificate, key and client CA on SIGHUP, by
+    /// outcome.
     pub tls_reloads: Family<OutcomeLabels, Counter>,
+    /// When the served TLS chain expires (Unix seconds; 0 in plaintext).
+    pub tls_certificate_expiry: Gauge,
     /// The vault whose commit pipeline is reported at each scrape.
     pipeline: PipelineSource,
 }
@@ -114,6 +117,7 @@ impl Metrics {
             proxy_headers: Family::default(),
             forwarded_headers: Family::default(),
             tls_reloads: Family::default(),
+            tls_certificate_expiry: Gauge::default(),
             pipeline: PipelineSource::default(),
         };
         registry.register(
@@ -168,8 +172,13 @@ impl Metrics {
         );
         registry.register(
             "tls_reloads",
-            "Reloads of the TLS certificate and key on SIGHUP by outcome (reloaded, failed: the one served before stays)",
+            "Reloads of the TLS certificate, key and client CA on SIGHUP by outcome (reloaded, failed: what was served before stays)",
             m.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_seconds",
+            "When the served TLS certificate chain expires: the earliest notAfter of its certificates, in seconds since the Unix epoch (0 in plaintext)",
+            m.tls_certificate_expiry.clone(),
         );
         registry.register_collector(Box::new(m.pipeline.clone()));
         Metrics { registry, ..m }

@@ -79,16 +79,28 @@ pub struct ServerTls {
     /// again.
     files: Option<Arc<TlsFiles>>,
     current: Arc<std::sync::RwLock<Arc<ServerConfig>>>,
+    /// When the served chain expires ([`chain_expiry`]); 0 when unknown.
+    expires: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl ServerTls {
     /// Reads `files`: TLS 1.3 and 1.2, no client certificates unless a
     /// client CA is given.
     pub fn open(files: &TlsFiles) -> Result<Self> {
+        let (config, expires) = server_config(files)?;
+        served_until(&files.cert, expires);
         Ok(ServerTls {
-            current: Arc::new(std::sync::RwLock::new(server_config(files)?)),
+            current: Arc::new(std::sync::RwLock::new(config)),
             files: Some(Arc::new(files.clone())),
+            expires: Arc::new(expires.into()),
         })
+    }
+
+    /// When the served chain expires: the earliest `notAfter` of its
+    /// certificates, in seconds since the Unix epoch (0 for a
+    /// configuration made in the process).
+    pub fn expires_at(&self) -> i64 {
+        self.expires.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The configuration served now.
@@ -121,12 +133,15 @@ impl ServerTls {
                 "this TLS configuration was not read from files".into(),
             ));
         };
-        let fresh = server_config(files)?;
+        let (fresh, expires) = server_config(files)?;
         let mut current = match self.current.write() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
         *current = fresh;
+        self.expires
+            .store(expires, std::sync::atomic::Ordering::Release);
+        served_until(&files.cert, expires);
         Ok(())
     }
 }
@@ -138,6 +153,7 @@ impl From<Arc<ServerConfig>> for ServerTls {
         ServerTls {
             files: None,
             current: Arc::new(std::sync::RwLock::new(config)),
+            expires: Arc::default(),
         }
     }
 }
@@ -182,8 +198,47 @@ pub fn reload_on_hangup(tls: Option<ServerTls>) {
     });
 }
 
-/// The server configuration for `files`, with a ticket key of its own.
-fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
+/// How long before its chain expires a served certificate is logged as a
+/// warning, at start and at each reload.
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
+
+/// The earliest `notAfter` of `chain`'s certificates, in seconds since
+/// the Unix epoch: when clients stop accepting the chain.
+pub fn chain_expiry(chain: &[CertificateDer<'_>]) -> std::result::Result<i64, String> {
+    chain.iter().try_fold(i64::MAX, |earliest, c| {
+        let (_, x) = x509_parser::parse_x509_certificate(c.as_ref())
+            .map_err(|e| format!("a certificate that does not parse: {e}"))?;
+        Ok(earliest.min(x.validity().not_after.timestamp()))
+    })
+}
+
+/// Reports a chain served from `cert` from now on, which expires at
+/// `expires`: `fintrust_tls_certificate_expiry_seconds`, and a warning in
+/// the log when that is less than [`EXPIRY_WARNING`] away (an error once
+/// it is past).
+fn served_until(cert: &Path, expires: i64) {
+    crate::metrics::global().tls_certificate_expiry.set(expires);
+    let at = time::OffsetDateTime::from_unix_timestamp(expires)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| expires.to_string());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let warning = i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX);
+    if expires <= now {
+        tracing::error!(cert = %cert.display(), expired_at = %at, "the TLS certificate chain served has expired: clients will refuse it");
+    } else if expires - now < warning {
+        tracing::warn!(cert = %cert.display(), expires_at = %at, "the TLS certificate chain served expires in less than 14 days");
+    }
+}
+
+/// The server configuration for `files`, with a ticket key of its own,
+/// and when its chain expires.
+fn server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, i64)> {
     // The client crate's suite order (AES-128-GCM first); a client's own
     // order is honoured.
     let provider = Arc::new(client::config::crypto_provider());
@@ -207,6 +262,7 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
         }
     };
     let certified = certified_key(&files.cert, &files.key, &provider)?;
+    let expires = chain_expiry(&certified.cert).map_err(|e| pem_error(&files.cert, &e))?;
     let mut config =
         builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.ticketer = stateless_tickets()?;
@@ -217,7 +273,7 @@ fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
     // ticket cost each connection another seal, key derivation and record
     // at both ends (rustls's default is two).
     config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), expires))
 }
 
 /// The chain in `cert` with the key in `key`, which must fit its first
@@ -393,5 +449,39 @@ mod tests {
         let fixed = ServerTls::from(tls.config());
         assert!(fixed.files().is_none());
         assert!(fixed.reload().is_err());
+    }
+
+    /// What a reload reports as the chain's expiry: the earliest
+    /// `notAfter` of its certificates, an intermediate's included.
+    #[tokio::test]
+    async fn the_served_chain_s_earliest_expiry_is_reported() {
+        use rcgen::{date_time_ymd, BasicConstraints, CertificateParams, CertifiedIssuer, IsCa};
+        let dir = tempfile::tempdir().expect("a dir");
+        let mut ca = CertificateParams::new(vec!["expiry CA".to_string()]).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.not_after = date_time_ymd(2030, 6, 1);
+        let ca = CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("a key"))
+            .expect("a CA");
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        leaf.not_after = date_time_ymd(2031, 1, 2);
+        let leaf = leaf.signed_by(&key, &ca).expect("a leaf");
+        let files = TlsFiles {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            client_ca: None,
+        };
+        std::fs::write(&files.key, key.serialize_pem()).expect("the key");
+        std::fs::write(&files.cert, [leaf.pem(), ca.pem()].concat()).expect("leaf and CA");
+        let tls = ServerTls::open(&files).expect("a config");
+        assert_eq!(tls.expires_at(), 1_906_502_400, "2030-06-01, the CA's");
+        std::fs::write(&files.cert, leaf.pem()).expect("the leaf alone");
+        tls.reload().expect("reload");
+        assert_eq!(tls.expires_at(), 1_925_078_400, "2031-01-02, the leaf's");
+        // A reload that fails leaves the expiry of what is served.
+        std::fs::write(&files.cert, "not PEM").expect("garbage");
+        assert!(tls.reload().is_err());
+        assert_eq!(tls.expires_at(), 1_925_078_400);
+        assert_eq!(ServerTls::from(tls.config()).expires_at(), 0);
     }
 }
