@@ -146,7 +146,7 @@ impl ServerTls {
     }
 }
 
-/// A configuration made in the process (`vaultd dev`'s, the tests'), served
+/// A configuration made in the process (a test's, say), served
 /// as it is: [`ServerTls::reload`] refuses it.
 impl From<Arc<ServerConfig>> for ServerTls {
     fn from(config: Arc<ServerConfig>) -> Self {
