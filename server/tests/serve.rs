@@ -1120,12 +1120,19 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
 
     // Connections the proxy does not introduce, or introduces wrongly,
     // are closed before anything is read or answered: the token stays.
+    // The last names a client in the policy's network, but its CRC32c
+    // TLV (protocol.md's fifth vector with the sum's last byte changed)
+    // does not match.
     let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    let mut bad_sum = proxy_v2([192, 0, 2, 7], 56324);
+    bad_sum[15] = 0x18;
+    bad_sum.extend_from_slice(b"\x03\x00\x04\x4a\x9f\xee\x56\x04\x00\x02\x00\x00");
     for prefix in [
         &b""[..],
         b"PROXY TCP4 192.0.2.7\r\n",
         b"PROXY TCP4 192.0.2.7 10.0.0.1 1234 99999\r\n",
         b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04\xc0\x00\x02\x07",
+        &bad_sum,
     ] {
         let got = redeem_after(&s, prefix, &token).await;
         assert!(got.is_empty(), "{prefix:?}: {got:?}");
@@ -1158,7 +1165,7 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
     assert_eq!(denied.len(), 2, "one access_denied entry each");
     // Every header counted by its outcome (this is the only test of the
     // binary that trusts a proxy).
-    for (outcome, n) in [("refused", 4), ("proxied", 3), ("local", 1)] {
+    for (outcome, n) in [("refused", 5), ("proxied", 3), ("local", 1)] {
         assert_eq!(proxy_headers(outcome), n, "{outcome}");
     }
     // The proxy is named when its header named the client, not for its
