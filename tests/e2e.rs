@@ -1029,3 +1029,94 @@ fn vaultd_presents_a_renewed_certificate_after_sighup() {
     assert_eq!(presented(&vaultd.protocol, &tls), leaf_der);
     assert!(vaultd.stop().success());
 }
+
+/// A client CA of its own and a certificate it issued: the CA's PEM, and
+/// the leaf's PEM and key's PEM.
+fn client_certificate() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(vec!["shim client CA".to_string()]).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("a key")).expect("a CA");
+    let key = KeyPair::generate().expect("a key");
+    let leaf = CertificateParams::new(vec!["edge-shim".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("a leaf");
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// `vaultd shim` in front of a `vaultd serve` that requires client
+/// certificates (`--tls-client-ca`): with `--client-cert` and
+/// `--client-key` it reaches the vault, and a partner is granted through
+/// it; without them the vault refuses its handshake, and it answers 503
+/// (fail closed).
+#[test]
+fn vaultd_shim_presents_a_client_certificate_to_a_vault_that_requires_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vault");
+    let dev = DevServer::start_with(&dir, &["--tls"]);
+    let (admin, partner) = (dev.get("admin_api_key"), dev.get("partner_api_key"));
+    assert!(dev.stop().success());
+    let (ca_pem, cert_pem, key_pem) = client_certificate();
+    let write = |name: &str, text: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let (client_ca, client_cert, client_key) = (
+        write("client-ca.pem", &ca_pem),
+        write("client.pem", &cert_pem),
+        write("client.key", &key_pem),
+    );
+    let key_file = write("shim.key", &admin);
+
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_tls_args(
+        &mut cmd,
+        &dir,
+        &dir.join("dev-cert.pem"),
+        &dir.join("dev-key.pem"),
+    );
+    cmd.arg("--tls-client-ca").arg(&client_ca);
+    let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let shim = |with_certificate: bool| {
+        let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+        support::shim_args(&mut cmd, &vaultd.protocol, &key_file);
+        cmd.arg("--cacert").arg(dir.join("dev-ca.pem"));
+        if with_certificate {
+            cmd.arg("--client-cert")
+                .arg(&client_cert)
+                .arg("--client-key")
+                .arg(&client_key);
+        }
+        support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
+    };
+
+    let with = shim(true);
+    let base = format!("http://{}", with.http);
+    let (status, health) = support::http(ureq::get(&format!("{base}/v1/health")), None);
+    assert_eq!(status, 200, "{health}");
+    let (status, granted) = support::http(
+        ureq::post(&format!("{base}/v1/authorize"))
+            .set("Authorization", &format!("Bearer {partner}")),
+        Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+    );
+    assert_eq!(status, 200, "{granted}");
+    assert!(with.stop().success());
+
+    let without = shim(false);
+    let base = format!("http://{}", without.http);
+    let (status, health) = support::http(ureq::get(&format!("{base}/v1/health")), None);
+    assert_eq!(status, 503, "{health}");
+    let (status, refused) = support::http(
+        ureq::post(&format!("{base}/v1/authorize"))
+            .set("Authorization", &format!("Bearer {partner}")),
+        Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+    );
+    assert_eq!(
+        (status, &refused["error"]),
+        (503, &json!("vault_unavailable"))
+    );
+    assert!(without.stop().success());
+    assert!(vaultd.stop().success());
+}

@@ -148,6 +148,13 @@ enum Command {
         /// Name the vault's certificate carries (default: the host of --vault).
         #[arg(long)]
         tls_server_name: Option<String>,
+        /// PEM client certificate chain the shim presents to a vault that
+        /// requires mutual TLS (`vaultd serve --tls-client-ca`).
+        #[arg(long, env = "FINTRUST_CLIENT_CERT", requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        /// PEM private key of --client-cert.
+        #[arg(long, env = "FINTRUST_CLIENT_KEY", requires = "client_cert")]
+        client_key: Option<PathBuf>,
         /// Address of the HTTP shim.
         #[arg(long, env = "FINTRUST_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
         http_listen: String,
@@ -339,7 +346,20 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    match run(Cli::parse()) {
+    // A usage error is a local error (exit 1), as in the other binaries:
+    // clap's own exit code, 2, means a refusal by the server here.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -492,6 +512,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_key_file,
             cacert,
             tls_server_name,
+            client_cert,
+            client_key,
             http_listen,
             public_vault_addr,
             policies,
@@ -511,8 +533,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             .rsplit_once(':')
                             .map_or(vault.clone(), |(h, _)| h.to_string())
                     }),
-                    client_cert: None,
+                    client_cert: client_cert.zip(client_key),
                 },
+                (None, _) if client_cert.is_some() => {
+                    anyhow::bail!("--client-cert needs the vault's TLS (--cacert)")
+                }
                 (None, true) => client::Tls::Plaintext,
                 (None, false) => {
                     anyhow::bail!("give --cacert for the vault's TLS (or --insecure-plaintext)")
