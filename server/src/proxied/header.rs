@@ -489,4 +489,89 @@ mod tests {
             );
         }
     }
+
+    /// A v2 header over IPv4 naming `client`, with `tlvs` (type, value)
+    /// after its addresses and, when `crc` says so, a CRC32c TLV at
+    /// position `at` among them, its sum made over the whole header.
+    fn with_tlvs(
+        client: [u8; 4],
+        port: u16,
+        tlvs: &[(u8, Vec<u8>)],
+        crc: Option<usize>,
+    ) -> Vec<u8> {
+        let mut body = [
+            &client[..],
+            &[10, 0, 0, 1],
+            &port.to_be_bytes(),
+            &[0x27, 0x0f],
+        ]
+        .concat();
+        let mut sum_at = None;
+        for (i, (kind, value)) in tlvs.iter().enumerate() {
+            if crc == Some(i) {
+                body.extend_from_slice(&[PP2_TYPE_CRC32C, 0, 4]);
+                sum_at = Some(body.len());
+                body.extend_from_slice(&[0; 4]);
+            }
+            body.push(*kind);
+            body.extend_from_slice(&u16::try_from(value.len()).expect("len").to_be_bytes());
+            body.extend_from_slice(value);
+        }
+        if crc.is_some() && sum_at.is_none() {
+            body.extend_from_slice(&[PP2_TYPE_CRC32C, 0, 4]);
+            sum_at = Some(body.len());
+            body.extend_from_slice(&[0; 4]);
+        }
+        let mut h = V2_SIGNATURE.to_vec();
+        h.extend_from_slice(&[0x21, 0x11]);
+        h.extend_from_slice(&u16::try_from(body.len()).expect("len").to_be_bytes());
+        h.extend_from_slice(&body);
+        if let Some(at) = sum_at {
+            let sum = crc32c::crc32c(&h);
+            h[16 + at..16 + at + 4].copy_from_slice(&sum.to_be_bytes());
+        }
+        h
+    }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        /// Any TLVs that fill the header (other than a CRC32c) are read
+        /// past, with or without a CRC32c that matches, anywhere among
+        /// them: the header names its client, and the bytes after it are
+        /// left. The same header with any one bit of its addresses or TLVs
+        /// flipped under a CRC32c is refused.
+        #[test]
+        fn tlvs_that_fill_the_header_are_read_past_and_a_sum_guards_them(
+            client in proptest::prelude::any::<[u8; 4]>(),
+            port in proptest::prelude::any::<u16>(),
+            tlvs in proptest::collection::vec(
+                (proptest::prelude::any::<u8>().prop_filter("not a CRC32c", |k| *k != PP2_TYPE_CRC32C),
+                 proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
+                0..6,
+            ),
+            crc in proptest::option::of(0usize..6),
+            flip in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let header = with_tlvs(client, port, &tlvs, crc);
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let stream = [&header[..], b"next"].concat();
+            let (got, left) = rt.block_on(read_all(&stream));
+            let want = Header::Proxied(SocketAddr::from((client, port)));
+            proptest::prop_assert_eq!(got.expect("reads"), want);
+            proptest::prop_assert_eq!(left, b"next".to_vec());
+            if crc.is_some() {
+                let mut bad = header.clone();
+                // A bit of the addresses' 12 bytes, which only the sum
+                // can tell from another client's.
+                let i = 16 + flip.index(12);
+                bad[i] ^= 0x01;
+                let (got, _) = rt.block_on(read_all(&bad));
+                proptest::prop_assert!(
+                    matches!(got, Err(HeaderError::Malformed(m)) if m.contains("CRC32c")),
+                    "{:?}", got
+                );
+            }
+        }
+    }
 }
