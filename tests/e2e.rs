@@ -1071,12 +1071,7 @@ fn vaultd_shim_presents_a_client_certificate_to_a_vault_that_requires_one() {
     let key_file = write("shim.key", &admin);
 
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    support::serve_tls_args(
-        &mut cmd,
-        &dir,
-        &dir.join("dev-cert.pem"),
-        &dir.join("dev-key.pem"),
-    );
+    support::serve_dev_tls_args(&mut cmd, &dir);
     cmd.arg("--tls-client-ca").arg(&client_ca);
     let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
     let shim = |with_certificate: bool| {
@@ -1092,30 +1087,29 @@ fn vaultd_shim_presents_a_client_certificate_to_a_vault_that_requires_one() {
         support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
     };
 
+    // The shim's health, and its answer to the partner's authorization.
+    let ask = |shim: &support::Vaultd| {
+        let base = format!("http://{}", shim.http);
+        let (health, _) = support::http(ureq::get(&format!("{base}/v1/health")), None);
+        let (status, body) = support::http(
+            ureq::post(&format!("{base}/v1/authorize"))
+                .set("Authorization", &format!("Bearer {partner}")),
+            Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
+        );
+        (health, status, body)
+    };
+
     let with = shim(true);
-    let base = format!("http://{}", with.http);
-    let (status, health) = support::http(ureq::get(&format!("{base}/v1/health")), None);
-    assert_eq!(status, 200, "{health}");
-    let (status, granted) = support::http(
-        ureq::post(&format!("{base}/v1/authorize"))
-            .set("Authorization", &format!("Bearer {partner}")),
-        Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
-    );
-    assert_eq!(status, 200, "{granted}");
+    let (health, status, granted) = ask(&with);
+    assert_eq!((health, status), (200, 200), "{granted}");
+    assert!(granted["token"].is_string(), "{granted}");
     assert!(with.stop().success());
 
     let without = shim(false);
-    let base = format!("http://{}", without.http);
-    let (status, health) = support::http(ureq::get(&format!("{base}/v1/health")), None);
-    assert_eq!(status, 503, "{health}");
-    let (status, refused) = support::http(
-        ureq::post(&format!("{base}/v1/authorize"))
-            .set("Authorization", &format!("Bearer {partner}")),
-        Some(r#"{"subject_id": "cust-0001", "purpose": "credit_check"}"#),
-    );
+    let (health, status, refused) = ask(&without);
     assert_eq!(
-        (status, &refused["error"]),
-        (503, &json!("vault_unavailable"))
+        (health, status, &refused["error"]),
+        (503, 503, &json!("vault_unavailable"))
     );
     assert!(without.stop().success());
     assert!(vaultd.stop().success());

@@ -211,12 +211,7 @@ fn behind_haproxy_and_nginx_the_partner_s_own_address_is_checked() {
     let (subject, purpose) = (dev.get("demo_subject_id"), dev.get("demo_purpose"));
     assert!(dev.stop().success());
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    support::serve_tls_args(
-        &mut cmd,
-        &dir,
-        &dir.join("dev-cert.pem"),
-        &dir.join("dev-key.pem"),
-    );
+    support::serve_dev_tls_args(&mut cmd, &dir);
     cmd.args(["--proxy-protocol-from", TCP_PROXY])
         .args(["--trusted-proxy", HTTP_PROXY]);
     let ca = dir.join("dev-ca.pem");

@@ -264,6 +264,18 @@ pub fn serve_tls_args(cmd: &mut Command, data_dir: &Path, cert: &Path, key: &Pat
     clean_env(cmd);
 }
 
+/// [`serve_tls_args`] with the certificate and key that `vaultd dev --tls`
+/// made in `data_dir`.
+#[allow(dead_code)] // each test binary uses part of it
+pub fn serve_dev_tls_args(cmd: &mut Command, data_dir: &Path) {
+    serve_tls_args(
+        cmd,
+        data_dir,
+        &data_dir.join("dev-cert.pem"),
+        &data_dir.join("dev-key.pem"),
+    );
+}
+
 /// Adds to `cmd` (the `vaultd` binary) the arguments of a `vaultd shim`
 /// in front of the vault at `vault`, whose gateway key is in `key_file`,
 /// serving HTTP in plaintext on a port the OS chooses (and reaching the
