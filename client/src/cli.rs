@@ -63,6 +63,9 @@ pub struct ConnectArgs {
     )]
     pub server_name: String,
     /// PEM client certificate chain, for a server that requires mutual TLS.
+    /// Without an API key, the certificate itself authenticates, as the
+    /// credential the vault binds to it (`vault-admin credentials create
+    /// --client-cert`).
     #[arg(long, global = true, env = "FINTRUST_CLIENT_CERT")]
     pub client_cert: Option<PathBuf>,
     /// PEM private key of --client-cert.
@@ -135,8 +138,11 @@ impl ConnectArgs {
             (Some(_), Some(_)) => Err(ClientError::Config(
                 "--api-key and --api-key-file exclude each other".into(),
             )),
+            // Over mutual TLS the certificate may stand for the caller.
+            (None, None) if self.client_cert.is_some() => Ok(Zeroizing::new(String::new())),
             (None, None) => Err(ClientError::Config(
-                "an API key is needed: set FINTRUST_API_KEY or pass --api-key or --api-key-file"
+                "an API key is needed: set FINTRUST_API_KEY or pass --api-key or --api-key-file \
+                 (or --client-cert, for a credential the vault binds to that certificate)"
                     .into(),
             )),
         }

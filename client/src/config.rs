@@ -55,6 +55,8 @@ pub struct ClientConfig {
     pub addr: String,
     pub tls: Tls,
     /// The API key that authenticates the connection and fixes its role.
+    /// Empty with a client certificate in `tls`: the certificate
+    /// authenticates, as the credential the vault binds to it.
     pub api_key: Zeroizing<String>,
     /// A name for this client, sent in `Hello` for the server's logs.
     pub client_name: String,
@@ -100,8 +102,19 @@ impl ClientConfig {
         if self.addr.trim().is_empty() {
             return Err(ClientError::Config("the server address is empty".into()));
         }
-        if self.api_key.is_empty() {
-            return Err(ClientError::Config("the API key is empty".into()));
+        // Without a key, only a client certificate can stand for the
+        // caller (a credential the vault binds to it).
+        let certificate = matches!(
+            &self.tls,
+            Tls::Ca {
+                client_cert: Some(_),
+                ..
+            }
+        );
+        if self.api_key.is_empty() && !certificate {
+            return Err(ClientError::Config(
+                "the API key is empty (and no client certificate stands for it)".into(),
+            ));
         }
         if self.api_key.len() > MAX_STR || self.client_name.len() > MAX_STR {
             return Err(ClientError::Config(

@@ -823,6 +823,27 @@ impl Client {
         }
     }
 
+    /// Creates a credential with `role` held by the client certificate
+    /// whose DER has the SHA-256 `cert_sha256`: its holder connects over
+    /// mutual TLS with that certificate and an empty API key. Returns the
+    /// credential's id. Admin role.
+    pub async fn create_cert_credential(
+        &self,
+        role: impl Into<String>,
+        name: impl Into<String>,
+        cert_sha256: [u8; 32],
+    ) -> Result<String> {
+        let m = Message::CreateCertCredential {
+            role: role.into(),
+            name: name.into(),
+            cert_sha256,
+        };
+        match self.call(m).await? {
+            Message::Identity { id, .. } => Ok(id),
+            other => Err(refusal(other, "Identity")),
+        }
+    }
+
     /// Revokes a credential; `None` when there is no such credential.
     /// Admin role.
     pub async fn revoke_credential(&self, id: impl Into<String>) -> Result<Option<Receipt>> {

@@ -84,6 +84,7 @@ pub enum MessageType {
     Reindex = 0x18,
     Context = 0x19,
     Heads = 0x1A,
+    CreateCertCredential = 0x1B,
     HelloOk = 0x81,
     Pong = 0x82,
     Receipt = 0x83,
@@ -110,7 +111,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every type, in byte order.
-    pub const ALL: [MessageType; 48] = [
+    pub const ALL: [MessageType; 49] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Append,
@@ -137,6 +138,7 @@ impl MessageType {
         MessageType::Reindex,
         MessageType::Context,
         MessageType::Heads,
+        MessageType::CreateCertCredential,
         MessageType::HelloOk,
         MessageType::Pong,
         MessageType::Receipt,
@@ -200,6 +202,7 @@ impl MessageType {
             MessageType::Reindex => "reindex",
             MessageType::Context => "context",
             MessageType::Heads => "heads",
+            MessageType::CreateCertCredential => "create_cert_credential",
             MessageType::HelloOk => "hello_ok",
             MessageType::Pong => "pong",
             MessageType::Receipt => "receipt",
@@ -628,9 +631,9 @@ pub(crate) mod tests {
             known,
             [
                 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
-                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x81, 0x82,
-                0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f, 0x90,
-                0x91, 0x92, 0x93, 0x94, 0x95, 0xff
+                0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x81,
+                0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x8b, 0x8c, 0x8d, 0x8e, 0x8f,
+                0x90, 0x91, 0x92, 0x93, 0x94, 0x95, 0xff
             ]
         );
         let unknown = (0..=255u8)

@@ -74,6 +74,9 @@
 //!                  cdcd..cd (32 bytes) 0007 637573742d3432
 //! 0x1A Heads       u64 from_seq, u32 max
 //!                  0000000000000005 00000064
+//! 0x1B CreateCertCredential
+//!                  str role, str name, [u8; 32] cert_sha256
+//!                  0007 706172746e6572 0002 7031 abab..ab (32 bytes)
 //! 0x81 HelloOk     str role, str server
 //!                  0007 73657276696365 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
@@ -388,6 +391,14 @@ pub enum Message {
     CreateCredential {
         role: String,
         name: String,
+    },
+    /// Creates a credential with a role whose holder authenticates with
+    /// a client certificate over mutual TLS instead of an API key: the
+    /// SHA-256 of that certificate's DER; answered by `Identity`.
+    CreateCertCredential {
+        role: String,
+        name: String,
+        cert_sha256: [u8; 32],
     },
     /// Revokes a credential by id; answered by `Receipt`.
     RevokeCredential {
@@ -711,6 +722,7 @@ impl Message {
             Message::GetPolicy { .. } => MessageType::GetPolicy,
             Message::GetConsent { .. } => MessageType::GetConsent,
             Message::CreateCredential { .. } => MessageType::CreateCredential,
+            Message::CreateCertCredential { .. } => MessageType::CreateCertCredential,
             Message::RevokeCredential { .. } => MessageType::RevokeCredential,
             Message::Shred { .. } => MessageType::Shred,
             Message::RotateSubjectKey { .. } => MessageType::RotateSubjectKey,
@@ -852,6 +864,15 @@ impl Message {
             Message::CreateCredential { role, name } => {
                 w.string(role)?;
                 w.string(name)?;
+            }
+            Message::CreateCertCredential {
+                role,
+                name,
+                cert_sha256,
+            } => {
+                w.string(role)?;
+                w.string(name)?;
+                w.raw(cert_sha256);
             }
             Message::RevokeCredential { id } => w.string(id)?,
             Message::Identity { id, role, name } => {
@@ -1043,6 +1064,11 @@ impl Message {
             MessageType::CreateCredential => Message::CreateCredential {
                 role: r.string()?,
                 name: r.string()?,
+            },
+            MessageType::CreateCertCredential => Message::CreateCertCredential {
+                role: r.string()?,
+                name: r.string()?,
+                cert_sha256: r.array()?,
             },
             MessageType::RevokeCredential => Message::RevokeCredential { id: r.string()? },
             MessageType::Shred => Message::Shred {
@@ -1378,6 +1404,16 @@ impl fmt::Debug for Message {
             Message::GetConsent { partner_id, .. } => f
                 .debug_struct("GetConsent")
                 .field("partner_id", partner_id)
+                .finish(),
+            Message::CreateCertCredential {
+                role,
+                name,
+                cert_sha256,
+            } => f
+                .debug_struct("CreateCertCredential")
+                .field("role", role)
+                .field("name", name)
+                .field("cert_sha256", &Opaque(cert_sha256))
                 .finish(),
             Message::CreateCredential { role, name } => f
                 .debug_struct("CreateCredential")
@@ -1748,6 +1784,16 @@ pub(crate) mod tests {
                 0,
                 "4656011a0000000000010000000c2e52ffbc",
                 "000000000000000500000064",
+            ),
+            g(
+                Message::CreateCertCredential {
+                    role: s("partner"),
+                    name: s("p1"),
+                    cert_sha256: [0xab; 32],
+                },
+                0,
+                "4656011b0000000000010000002d56bcb06e",
+                "0007706172746e657200027031abababababababababababababababababababababababababababababababab",
             ),
             g(
                 Message::HelloOk {

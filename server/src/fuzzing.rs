@@ -161,6 +161,7 @@ fn connection_on(f: &Fixture, data: &[u8]) {
             proxy: None,
             admission: None,
             arrived: tokio::time::Instant::now(),
+            client_cert: None,
         };
         let served = tokio::spawn(serve_connection(r, w, conn));
         let (mut from, mut to) = tokio::io::split(client);

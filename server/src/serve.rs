@@ -43,6 +43,7 @@ use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ErrorCode, Frame, FrameCodec, Message};
+use sha2::Digest as _;
 use storage::{Append, Vault};
 
 use crate::live::{LiveVault, Status};
@@ -247,6 +248,7 @@ impl Role {
                 Role::Gateway | Role::Admin | Role::Writer | Role::Auditor
             ),
             Message::CreateCredential { .. }
+            | Message::CreateCertCredential { .. }
             | Message::RevokeCredential { .. }
             | Message::Shred { .. }
             | Message::RotateSubjectKey { .. }
@@ -361,6 +363,7 @@ impl Local {
                 proxy: None,
                 admission: None,
                 arrived: tokio::time::Instant::now(),
+                client_cert: None,
             },
             state: std::sync::Mutex::new(DirectState::Hello),
         })
@@ -421,7 +424,7 @@ impl Direct {
         let caller = match state {
             DirectState::Closed => return self.end(None),
             DirectState::Hello => {
-                return match hello(next, &self.conn.vault) {
+                return match hello(next, &self.conn.vault, None) {
                     Ok((id, caller)) => {
                         let ok = Message::HelloOk {
                             role: caller.role.name().into(),
@@ -533,6 +536,7 @@ pub async fn run(
                 proxy: None,
                 admission: Some((admission.clone(), ticket)),
                 arrived,
+                client_cert: None,
             };
             let served = async move {
                 match open(socket, acceptor.as_ref(), &mut conn).await? {
@@ -596,7 +600,15 @@ where
     match accepted {
         Err(_) => Err(ConnectionError::Idle),
         Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
-        Ok(Ok(stream)) => Ok(Opened::Tls(Box::new(stream))),
+        Ok(Ok(stream)) => {
+            conn.client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| sha2::Sha256::digest(leaf.as_ref()).into());
+            Ok(Opened::Tls(Box::new(stream)))
+        }
     }
 }
 
@@ -728,6 +740,10 @@ pub struct Conn {
     /// When the connection was accepted: its handshake ends
     /// `handshake_timeout` later ([`Conn::handshake_deadline`]).
     pub arrived: tokio::time::Instant,
+    /// The SHA-256 of the client certificate the TLS handshake verified
+    /// (mutual TLS), which a `Hello` with an empty API key authenticates
+    /// with ([`authenticate_certificate`]).
+    pub client_cert: Option<[u8; 32]>,
 }
 
 impl Conn {
@@ -764,7 +780,7 @@ where
 
     // Authentication: the first frame, by the handshake's deadline.
     let first = next_frame_by(&mut frames, conn.handshake_deadline()).await;
-    let (hello_id, caller) = match hello(first, &conn.vault) {
+    let (hello_id, caller) = match hello(first, &conn.vault, conn.client_cert) {
         Ok(known) => known,
         Err(ending) => {
             let (reply, result) = *ending;
@@ -991,6 +1007,7 @@ fn unreadable(id: u32, e: ConnectionError) -> Ending {
 fn hello(
     first: Result<Option<Frame>, ConnectionError>,
     vault: &LiveVault,
+    client_cert: Option<[u8; 32]>,
 ) -> Result<(u32, Caller), Box<Ending>> {
     let frame = match first {
         Ok(Some(f)) => f,
@@ -1001,9 +1018,11 @@ fn hello(
     let identity = match Message::from_frame(&frame) {
         Ok(Message::Hello { api_key, .. }) => {
             let api_key = zeroize::Zeroizing::new(api_key);
-            match vault.get() {
-                Some(v) => authenticate(&v, &api_key),
-                None => return Err(Box::new((Some((id, recovering())), Ok(())))),
+            match (vault.get(), client_cert) {
+                // No key, over mutual TLS: the certificate is the credential.
+                (Some(v), Some(cert)) if api_key.is_empty() => authenticate_certificate(&v, &cert),
+                (Some(v), _) => authenticate(&v, &api_key),
+                (None, _) => return Err(Box::new((Some((id, recovering())), Ok(())))),
             }
         }
         Ok(_) => None,
@@ -1014,7 +1033,7 @@ fn hello(
         None => {
             let m = error(
                 ErrorCode::Unauthenticated,
-                "the first frame must be Hello with a valid API key",
+                "the first frame must be Hello with a valid API key (or, over mutual TLS, an empty one and a client certificate a credential holds)",
             );
             let ending = (Some((id, m)), Err(ConnectionError::Unauthenticated));
             Err(Box::new(ending))
@@ -1211,8 +1230,18 @@ pub struct Caller {
 /// The caller an API key authenticates, or `None`. The key is looked up by
 /// its hash, and the stored hash is compared again in constant time.
 pub fn authenticate(vault: &Vault, api_key: &str) -> Option<Caller> {
-    let hash = storage::api_key_hash(api_key);
-    let cred = vault.credential_by_key_hash(&hash).ok()??;
+    caller_by_key_hash(vault, &storage::api_key_hash(api_key))
+}
+
+/// The caller whose credential the client certificate with this SHA-256
+/// holds ([`storage::Vault::create_cert_credential`]), if any.
+pub fn authenticate_certificate(vault: &Vault, cert_sha256: &[u8; 32]) -> Option<Caller> {
+    caller_by_key_hash(vault, &storage::certificate_key_hash(cert_sha256))
+}
+
+/// The caller whose active credential has `hash` as its key hash.
+fn caller_by_key_hash(vault: &Vault, hash: &str) -> Option<Caller> {
+    let cred = vault.credential_by_key_hash(hash).ok()??;
     if !bool::from(cred.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
         return None;
     }
@@ -1546,6 +1575,26 @@ async fn respond(
                         id,
                         api_key: key.to_string(),
                     },
+                    Err(e) => storage_error(&e),
+                }
+            }
+        }
+        Message::CreateCertCredential {
+            role,
+            name,
+            cert_sha256,
+        } => {
+            if Role::parse(&role).is_none() {
+                error(ErrorCode::Invalid, "unknown role")
+            } else if let Err(e) = storage::vault::validate_subject(&name, true) {
+                error(ErrorCode::Invalid, &format!("credential name: {e}"))
+            } else {
+                match vault
+                    .acting_as(&caller.id)
+                    .create_cert_credential(&role, &name, &cert_sha256)
+                    .await
+                {
+                    Ok(id) => Message::Identity { id, role, name },
                     Err(e) => storage_error(&e),
                 }
             }
@@ -2092,6 +2141,7 @@ mod tests {
                 proxy: None,
                 admission: None,
                 arrived,
+                client_cert: None,
             };
             let result = async {
                 match open(socket, tls.then_some(&s.tls), &mut conn).await? {

@@ -198,6 +198,16 @@ pub fn reload_on_hangup(tls: Option<ServerTls>) {
     });
 }
 
+/// The SHA-256 of the DER of the first certificate in the PEM file
+/// `path`: what identifies a client certificate that a credential binds
+/// (`vault-admin credentials create --holder-cert`), and what `openssl
+/// x509 -noout -fingerprint -sha256` prints.
+pub fn certificate_sha256(path: &Path) -> Result<[u8; 32]> {
+    use sha2::Digest as _;
+    let leaf = certs(path)?.remove(0);
+    Ok(sha2::Sha256::digest(leaf.as_ref()).into())
+}
+
 /// How long before its chain expires a served certificate is logged as a
 /// warning, at start and at each reload.
 pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);

@@ -202,6 +202,18 @@ async fn tls_append(s: &Setup, config: Arc<rustls::ClientConfig>) -> Result<Mess
 /// A TLS connection that has sent its `Hello` with the writer's key and
 /// read the answer: `HelloOk`, or an error.
 async fn tls_hello(s: &Setup, config: Arc<rustls::ClientConfig>) -> Result<TlsConn, String> {
+    tls_hello_as(s, config, &s.writer_key)
+        .await
+        .map(|(conn, _)| conn)
+}
+
+/// [`tls_hello`] with `api_key` in the `Hello`: the connection, and the
+/// role `HelloOk` named.
+async fn tls_hello_as(
+    s: &Setup,
+    config: Arc<rustls::ClientConfig>,
+    api_key: &str,
+) -> Result<(TlsConn, String), String> {
     let tcp = TcpStream::connect(s.addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -213,14 +225,14 @@ async fn tls_hello(s: &Setup, config: Arc<rustls::ClientConfig>) -> Result<TlsCo
         .map_err(|e| e.to_string())?;
     let mut conn = Framed::new(tls, FrameCodec::new());
     let hello = Message::Hello {
-        api_key: s.writer_key.clone(),
+        api_key: api_key.to_string(),
         client: "tls test".into(),
     };
     conn.send(hello.to_frame(1, 0).map_err(|e| e.to_string())?)
         .await
         .map_err(|e| e.to_string())?;
     match next(&mut conn).await? {
-        Message::HelloOk { .. } => Ok(conn),
+        Message::HelloOk { role, .. } => Ok((conn, role)),
         other => Err(format!("{other:?}")),
     }
 }
@@ -307,6 +319,74 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
         .await
         .expect("accepted");
     assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+}
+
+/// With mutual TLS a client certificate can hold a credential: a `Hello`
+/// with no API key over a connection that presents it authenticates with
+/// the credential's role, once the credential exists and until it is
+/// revoked. Another certificate of the same CA, the certificate's public
+/// fingerprint or its key hash presented as an API key, and a second
+/// credential for the same certificate are refused; an API key sent with
+/// the certificate decides the role, as without it.
+#[tokio::test]
+async fn a_client_certificate_can_hold_a_credential() {
+    use sha2::Digest as _;
+    let s = start(true).await;
+    let (_, _, cert, key) = leaf(&s.pki.client_ca, "svc");
+    let (_, _, other, other_key) = leaf(&s.pki.client_ca, "svc");
+    let sha256: [u8; 32] = sha2::Sha256::digest(cert.as_ref()).into();
+    let holder = client_config(&s, Some((cert, key)));
+    let stranger = client_config(&s, Some((other, other_key)));
+    assert!(
+        tls_hello_as(&s, holder.clone(), "").await.is_err(),
+        "no credential holds the certificate yet"
+    );
+    let id = s
+        .vault
+        .create_cert_credential("auditor", "svc", &sha256)
+        .await
+        .expect("a credential");
+    let again = s
+        .vault
+        .create_cert_credential("writer", "svc", &sha256)
+        .await;
+    assert!(again.is_err(), "a second credential for it: {again:?}");
+
+    let (mut conn, role) = tls_hello_as(&s, holder.clone(), "")
+        .await
+        .expect("the certificate");
+    assert_eq!(role, "auditor");
+    let head = conn
+        .send(Message::Head.to_frame(2, 0).expect("frame"))
+        .await;
+    assert!(head.is_ok());
+    assert!(matches!(
+        next(&mut conn).await,
+        Ok(Message::HeadInfo { .. })
+    ));
+    // An auditor may not append.
+    assert!(matches!(append(&mut conn).await, Ok(Message::Error { .. })));
+
+    assert!(
+        tls_hello_as(&s, stranger, "").await.is_err(),
+        "another certificate"
+    );
+    for key in [hex::encode(sha256), storage::certificate_key_hash(&sha256)] {
+        assert!(
+            tls_hello_as(&s, holder.clone(), &key).await.is_err(),
+            "{key} as an API key"
+        );
+    }
+    let (_, role) = tls_hello_as(&s, holder.clone(), &s.writer_key)
+        .await
+        .expect("the writer's key");
+    assert_eq!(role, "writer");
+
+    s.vault.revoke_credential(&id).await.expect("revoke");
+    assert!(
+        tls_hello_as(&s, holder, "").await.is_err(),
+        "the certificate after its credential was revoked"
+    );
 }
 
 /// Whether `conn`'s handshake resumed a session.

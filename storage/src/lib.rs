@@ -73,8 +73,8 @@ pub use error::{Error, Reason, Result, TokenRefusal};
 pub use stats::PipelineStats;
 pub use store::RawStore;
 pub use vault::{
-    api_key_hash, generate_api_key, Admin, Append, Created, Credential, CredentialInfo, KeyLife,
-    KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry, SubjectKeyStatus, Vault,
-    DEFAULT_CACHE_BYTES, MAX_ENCRYPTIONS_PER_KEY,
+    api_key_hash, certificate_key_hash, generate_api_key, Admin, Append, Created, Credential,
+    CredentialInfo, KeyLife, KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry,
+    SubjectKeyStatus, Vault, DEFAULT_CACHE_BYTES, MAX_ENCRYPTIONS_PER_KEY,
 };
 pub use verify::{verify, verify_read_only, Report, VerifiedPrefix, VerifyOptions};

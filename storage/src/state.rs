@@ -58,7 +58,9 @@ pub struct CredentialCreated {
     pub id: String,
     /// Role granted (admin, writer, gateway, partner, auditor).
     pub role: String,
-    /// Hex BLAKE3 of the API key; the key itself is never stored.
+    /// Hex BLAKE3 of the API key; the key itself is never stored. For a
+    /// credential held by a client certificate,
+    /// [`crate::vault::certificate_key_hash`] of its SHA-256.
     pub key_hash: String,
     /// Human label (e.g. the partner id).
     #[serde(default)]
@@ -69,6 +71,11 @@ pub struct CredentialCreated {
     /// offline `vault-admin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_by: Option<String>,
+    /// For a credential held by a client certificate (mutual TLS) instead
+    /// of an API key: the hex SHA-256 of the certificate's DER, which is
+    /// public (it is what `openssl x509 -fingerprint -sha256` prints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_sha256: Option<String>,
 }
 
 /// The stored value of `"c/" id`.

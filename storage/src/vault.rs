@@ -507,6 +507,17 @@ pub fn api_key_hash(key: &str) -> String {
     hex::encode(blake3::hash(key.as_bytes()).as_bytes())
 }
 
+/// BLAKE3 `derive_key` context of [`certificate_key_hash`].
+pub const CERTIFICATE_CONTEXT: &str = "fintrust-vault 2026 client certificate v1";
+
+/// The key hash of a credential held by the client certificate whose DER
+/// has this SHA-256: a BLAKE3 key derivation under its own context, so
+/// that no API key (whose hash is a plain BLAKE3 of the key) can present
+/// it, and the public fingerprint alone authenticates nobody.
+pub fn certificate_key_hash(cert_sha256: &[u8; 32]) -> String {
+    hex::encode(blake3::derive_key(CERTIFICATE_CONTEXT, cert_sha256))
+}
+
 type Reply = oneshot::Sender<Result<Vec<Receipt>>>;
 
 struct Request {
@@ -950,6 +961,7 @@ impl Vault {
             key_hash: api_key_hash(&admin_api_key),
             name: "initial admin".into(),
             recorded_by: None,
+            client_cert_sha256: None,
         };
         let admin_payload =
             serde_json::to_vec(&admin).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -1780,6 +1792,7 @@ impl Vault {
             key_hash,
             name: name.to_string(),
             recorded_by: by,
+            client_cert_sha256: None,
         };
         let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
         self.append(Append::Event {
@@ -1789,6 +1802,54 @@ impl Vault {
         })
         .await?;
         Ok((id, key))
+    }
+
+    /// Creates a credential with `role` held by the client certificate
+    /// whose DER has the SHA-256 `cert_sha256`: its holder authenticates
+    /// over mutual TLS with that certificate and no API key. A
+    /// `credential_created` entry holds [`certificate_key_hash`] and the
+    /// fingerprint itself. Returns the credential id; refused while an
+    /// active credential holds the same certificate.
+    pub async fn create_cert_credential(
+        &self,
+        role: &str,
+        name: &str,
+        cert_sha256: &[u8; 32],
+    ) -> Result<String> {
+        self.create_cert_credential_by(role, name, cert_sha256, None)
+            .await
+    }
+
+    async fn create_cert_credential_by(
+        &self,
+        role: &str,
+        name: &str,
+        cert_sha256: &[u8; 32],
+        by: Option<String>,
+    ) -> Result<String> {
+        let key_hash = certificate_key_hash(cert_sha256);
+        if self.credential_by_key_hash(&key_hash)?.is_some() {
+            return Err(Error::Invalid(
+                "an active credential already holds this client certificate".into(),
+            ));
+        }
+        let id = format!("{role}-{}", &key_hash[..12]);
+        let payload = CredentialCreated {
+            id: id.clone(),
+            role: role.to_string(),
+            key_hash,
+            name: name.to_string(),
+            recorded_by: by,
+            client_cert_sha256: Some(hex::encode(cert_sha256)),
+        };
+        let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
+        self.append(Append::Event {
+            kind: Kind::CredentialCreated,
+            subject: String::new(),
+            payload,
+        })
+        .await?;
+        Ok(id)
     }
 
     /// Mints a one-time token for `partner_id` to read `fields` (with their
@@ -2236,6 +2297,18 @@ impl Admin<'_> {
     ) -> Result<(String, Zeroizing<String>)> {
         self.vault
             .create_credential_by(role, name, self.by()?)
+            .await
+    }
+
+    /// [`Vault::create_cert_credential`], recorded as this admin's.
+    pub async fn create_cert_credential(
+        &self,
+        role: &str,
+        name: &str,
+        cert_sha256: &[u8; 32],
+    ) -> Result<String> {
+        self.vault
+            .create_cert_credential_by(role, name, cert_sha256, self.by()?)
             .await
     }
 

@@ -12,8 +12,10 @@
 //! - `keys`: every key, its age, use and state.
 //! - `status`: the signed head, the entry count, key ages, and warnings
 //!   when a key is older than the server's rotation policy allows.
-//! - `credentials create|revoke|list`: API-key credentials; `list` shows
-//!   every credential, revoked ones included, never a key hash.
+//! - `credentials create|revoke|list`: credentials, each held by an API
+//!   key or, with `create --holder-cert FILE`, by a client certificate
+//!   (mutual TLS); `list` shows every credential, revoked ones included,
+//!   never a key hash.
 //! - `audit [--from-seq N] [--kind K]… [--subject S] [--limit N]
 //!   [--include-records] [--data-dir DIR]`: the log's events as JSON lines
 //!   (one object per line, whatever `--format`); records only with
@@ -222,7 +224,9 @@ impl Offline {
 
 #[derive(Subcommand)]
 enum Credentials {
-    /// Create a credential; its API key is printed this once.
+    /// Create a credential; its API key is printed this once. With
+    /// --holder-cert, the credential is held by that client certificate
+    /// instead, over mutual TLS, and has no API key.
     Create {
         /// admin, writer, gateway, partner or auditor.
         #[arg(long)]
@@ -230,6 +234,11 @@ enum Credentials {
         /// A label; for a partner, the partner id.
         #[arg(long)]
         name: String,
+        /// PEM file whose first certificate holds the credential: its
+        /// holder connects with it (and its key) and no API key, to a vault
+        /// that requires client certificates (`vaultd serve --tls-client-ca`).
+        #[arg(long)]
+        holder_cert: Option<PathBuf>,
     },
     /// Revoke a credential by id.
     Revoke {
@@ -606,7 +615,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Credentials {
-            command: Credentials::Create { role, name },
+            command:
+                Credentials::Create {
+                    role,
+                    name,
+                    holder_cert: Some(cert),
+                },
+        } => {
+            let sha256 = server::tls::certificate_sha256(cert)?;
+            let id = client
+                .create_cert_credential(role.as_str(), name.as_str(), sha256)
+                .await?;
+            let fingerprint = hex::encode(sha256);
+            (
+                json!({"id": id, "role": role, "name": name, "client_cert_sha256": fingerprint}),
+                format!("id: {id}\nrole: {role}\nclient certificate (SHA-256): {fingerprint}"),
+            )
+        }
+        Command::Credentials {
+            command:
+                Credentials::Create {
+                    role,
+                    name,
+                    holder_cert: None,
+                },
         } => {
             let (id, key) = client
                 .create_credential(role.as_str(), name.as_str())
