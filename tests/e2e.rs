@@ -1114,3 +1114,129 @@ fn vaultd_shim_presents_a_client_certificate_to_a_vault_that_requires_one() {
     assert!(without.stop().success());
     assert!(vaultd.stop().success());
 }
+
+/// A client certificate holds a credential instead of an API key, through
+/// the real binaries: an admin (presenting its own certificate and key)
+/// creates a writer credential for a service's certificate with
+/// `vault-admin credentials create --holder-cert`; the service then pings
+/// and appends with `vault-client --client-cert` and no API key. Another
+/// certificate of the same CA holding no credential is refused (exit 2),
+/// a second credential for the same certificate too, and after the
+/// revocation the service's certificate is refused as well.
+#[test]
+fn a_client_certificate_holds_a_credential_through_vault_admin_and_vault_client() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("vault");
+    let dev = DevServer::start_with(&dir, &["--tls"]);
+    let admin = dev.get("admin_api_key");
+    assert!(dev.stop().success());
+    let write = |name: &str, text: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let mut ca = CertificateParams::new(vec!["services CA".to_string()]).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("a key")).expect("a CA");
+    let issue = |name: &str| {
+        let key = KeyPair::generate().expect("a key");
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("a leaf");
+        (
+            write(&format!("{name}.pem"), &cert.pem()),
+            write(&format!("{name}.key"), &key.serialize_pem()),
+        )
+    };
+    let client_ca = write("client-ca.pem", &ca.pem());
+    let (admin_cert, admin_key) = issue("ops");
+    let (svc_cert, svc_key) = issue("svc");
+    let record = write("record.json", r#"{"email": "jane@example.com"}"#);
+
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_dev_tls_args(&mut cmd, &dir);
+    cmd.args(["--tls-client-ca", &client_ca]);
+    let vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let dev_ca = dir.join("dev-ca.pem").display().to_string();
+    let tls = |cert: &str, key: &str| -> Vec<String> {
+        [
+            "--addr",
+            vaultd.protocol.as_str(),
+            "--cacert",
+            &dev_ca,
+            "--server-name",
+            "127.0.0.1",
+            "--client-cert",
+            cert,
+            "--client-key",
+            key,
+            "--format",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let admin_tool = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(tls(&admin_cert, &admin_key));
+        all.extend(["--api-key".to_string(), admin.clone()]);
+        support::run_bin("fintrust-server", "vault-admin", &all, &[])
+    };
+    let as_service = |cert: &str, key: &str, args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(tls(cert, key));
+        support::run_bin("fintrust-client", "vault-client", &all, &[])
+    };
+
+    let created = admin_tool(&[
+        "credentials",
+        "create",
+        "--role",
+        "writer",
+        "--name",
+        "svc",
+        "--holder-cert",
+        &svc_cert,
+    ])
+    .ok_json();
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        created["client_cert_sha256"].as_str().map(str::len),
+        Some(64)
+    );
+    assert!(created.get("api_key").is_none(), "{created}");
+
+    let pong = as_service(&svc_cert, &svc_key, &["ping"]).ok_json();
+    assert_eq!(pong["role"], "writer", "{pong}");
+    let receipt = as_service(
+        &svc_cert,
+        &svc_key,
+        &["append", "--subject", "cust-9", "--record-file", &record],
+    )
+    .ok_json();
+    assert!(receipt["seq"].is_u64(), "{receipt}");
+
+    // The admin's own certificate holds no credential: without a key it
+    // is nobody.
+    let refused = as_service(&admin_cert, &admin_key, &["ping"]);
+    assert_eq!(refused.code, 2, "{refused:?}");
+    assert!(refused.stderr.contains("unauthenticated"), "{refused:?}");
+    let twice = admin_tool(&[
+        "credentials",
+        "create",
+        "--role",
+        "auditor",
+        "--name",
+        "svc",
+        "--holder-cert",
+        &svc_cert,
+    ]);
+    assert_eq!(twice.code, 2, "{twice:?}");
+
+    admin_tool(&["credentials", "revoke", "--id", &id]).ok_json();
+    let revoked = as_service(&svc_cert, &svc_key, &["ping"]);
+    assert_eq!(revoked.code, 2, "{revoked:?}");
+    assert!(vaultd.stop().success());
+}

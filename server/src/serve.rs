@@ -1252,6 +1252,18 @@ fn caller_by_key_hash(vault: &Vault, hash: &str) -> Option<Caller> {
     })
 }
 
+/// Why a new credential with `role` and `name` is refused, if it is: an
+/// unknown role, or a name that is not a valid label.
+fn credential_refused(role: &str, name: &str) -> Option<Message> {
+    if Role::parse(role).is_none() {
+        Some(error(ErrorCode::Invalid, "unknown role"))
+    } else {
+        storage::vault::validate_subject(name, true)
+            .err()
+            .map(|e| error(ErrorCode::Invalid, &format!("credential name: {e}")))
+    }
+}
+
 /// Maps a storage error to a wire error without leaking internals.
 pub fn storage_error(e: &storage::Error) -> Message {
     use storage::Error as E;
@@ -1560,45 +1572,35 @@ async fn respond(
             Ok(None) => error(ErrorCode::NotFound, "no consent recorded"),
             Err(e) => storage_error(&e),
         },
-        Message::CreateCredential { role, name } => {
-            if Role::parse(&role).is_none() {
-                error(ErrorCode::Invalid, "unknown role")
-            } else if let Err(e) = storage::vault::validate_subject(&name, true) {
-                error(ErrorCode::Invalid, &format!("credential name: {e}"))
-            } else {
-                match vault
-                    .acting_as(&caller.id)
-                    .create_credential(&role, &name)
-                    .await
-                {
-                    Ok((id, key)) => Message::CredentialKey {
-                        id,
-                        api_key: key.to_string(),
-                    },
-                    Err(e) => storage_error(&e),
-                }
-            }
-        }
+        Message::CreateCredential { role, name } => match credential_refused(&role, &name) {
+            Some(refusal) => refusal,
+            None => match vault
+                .acting_as(&caller.id)
+                .create_credential(&role, &name)
+                .await
+            {
+                Ok((id, key)) => Message::CredentialKey {
+                    id,
+                    api_key: key.to_string(),
+                },
+                Err(e) => storage_error(&e),
+            },
+        },
         Message::CreateCertCredential {
             role,
             name,
             cert_sha256,
-        } => {
-            if Role::parse(&role).is_none() {
-                error(ErrorCode::Invalid, "unknown role")
-            } else if let Err(e) = storage::vault::validate_subject(&name, true) {
-                error(ErrorCode::Invalid, &format!("credential name: {e}"))
-            } else {
-                match vault
-                    .acting_as(&caller.id)
-                    .create_cert_credential(&role, &name, &cert_sha256)
-                    .await
-                {
-                    Ok(id) => Message::Identity { id, role, name },
-                    Err(e) => storage_error(&e),
-                }
-            }
-        }
+        } => match credential_refused(&role, &name) {
+            Some(refusal) => refusal,
+            None => match vault
+                .acting_as(&caller.id)
+                .create_cert_credential(&role, &name, &cert_sha256)
+                .await
+            {
+                Ok(id) => Message::Identity { id, role, name },
+                Err(e) => storage_error(&e),
+            },
+        },
         Message::RevokeCredential { id: cred } => {
             if cred == caller.id {
                 error(ErrorCode::Invalid, "a credential cannot revoke itself")

@@ -1784,15 +1784,30 @@ impl Vault {
         by: Option<String>,
     ) -> Result<(String, Zeroizing<String>)> {
         let key = generate_api_key();
-        let key_hash = api_key_hash(&key);
+        let id = self
+            .record_credential(role, name, api_key_hash(&key), by, None)
+            .await?;
+        Ok((id, key))
+    }
+
+    /// Appends the `credential_created` entry of a credential whose key
+    /// hash is `key_hash`, and returns its id.
+    async fn record_credential(
+        &self,
+        role: &str,
+        name: &str,
+        key_hash: String,
+        recorded_by: Option<String>,
+        client_cert_sha256: Option<String>,
+    ) -> Result<String> {
         let id = format!("{role}-{}", &key_hash[..12]);
         let payload = CredentialCreated {
             id: id.clone(),
             role: role.to_string(),
             key_hash,
             name: name.to_string(),
-            recorded_by: by,
-            client_cert_sha256: None,
+            recorded_by,
+            client_cert_sha256,
         };
         let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
         self.append(Append::Event {
@@ -1801,7 +1816,7 @@ impl Vault {
             payload,
         })
         .await?;
-        Ok((id, key))
+        Ok(id)
     }
 
     /// Creates a credential with `role` held by the client certificate
@@ -1833,23 +1848,8 @@ impl Vault {
                 "an active credential already holds this client certificate".into(),
             ));
         }
-        let id = format!("{role}-{}", &key_hash[..12]);
-        let payload = CredentialCreated {
-            id: id.clone(),
-            role: role.to_string(),
-            key_hash,
-            name: name.to_string(),
-            recorded_by: by,
-            client_cert_sha256: Some(hex::encode(cert_sha256)),
-        };
-        let payload = serde_json::to_vec(&payload).map_err(|e| Error::Invalid(e.to_string()))?;
-        self.append(Append::Event {
-            kind: Kind::CredentialCreated,
-            subject: String::new(),
-            payload,
-        })
-        .await?;
-        Ok(id)
+        self.record_credential(role, name, key_hash, by, Some(hex::encode(cert_sha256)))
+            .await
     }
 
     /// Mints a one-time token for `partner_id` to read `fields` (with their
