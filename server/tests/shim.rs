@@ -1129,3 +1129,44 @@ async fn a_stop_closes_connections_that_never_sent_a_request() {
         assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
     }
 }
+
+/// `POST /v1/credentials` with `client_cert_sha256` creates a credential
+/// held by that certificate: `201` with the fingerprint and no API key,
+/// and a `credential_created` entry that names it. Digits that are not 64
+/// lowercase hex are refused before anything is written, and so is a
+/// second credential for the same certificate.
+#[tokio::test]
+async fn a_credential_can_be_held_by_a_client_certificate() {
+    let r = start(ShimConfig::default()).await;
+    let sha256 = "ab".repeat(32);
+    let create = |body: String| {
+        let (addr, admin) = (r.http, r.admin.clone());
+        async move { call(addr, "POST", "/v1/credentials", Some(&admin), Some(&body)).await }
+    };
+    let before = entries(&r).await;
+    for bad in [
+        "AB".repeat(32),
+        "ab".repeat(31),
+        "zz".repeat(32),
+        "ab:".repeat(32),
+    ] {
+        let got = create(format!(
+            r#"{{"role": "partner", "name": "{PARTNER}", "client_cert_sha256": "{bad}"}}"#
+        ))
+        .await;
+        assert_error(&got, 400, "invalid_request");
+    }
+    assert_eq!(entries(&r).await, before, "nothing written for bad digits");
+
+    let body =
+        format!(r#"{{"role": "partner", "name": "{PARTNER}", "client_cert_sha256": "{sha256}"}}"#);
+    let (status, created) = create(body.clone()).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["client_cert_sha256"], sha256.as_str(), "{created}");
+    assert!(created.get("api_key").is_none(), "{created}");
+    assert_eq!(created["role"], "partner");
+    // The vault's own refusal, passed on.
+    let again = create(body).await;
+    assert_error(&again, 400, "invalid");
+    r.stop().await;
+}

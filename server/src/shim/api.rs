@@ -621,6 +621,10 @@ pub async fn delete_consent(
 pub struct CredentialRequest {
     pub role: String,
     pub name: String,
+    /// For a credential held by a client certificate instead of an API
+    /// key: the SHA-256 of the certificate's DER, 64 hex digits.
+    #[serde(default)]
+    pub client_cert_sha256: Option<String>,
 }
 
 pub async fn create_credential(
@@ -629,8 +633,37 @@ pub async fn create_credential(
     ApiJson(req): ApiJson<CredentialRequest>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     check_id("name", &req.name)?;
+    let cert_sha256 = req
+        .client_cert_sha256
+        .as_deref()
+        .map(|hex_digits| {
+            let mut sha256 = [0u8; 32];
+            hex::decode_to_slice(hex_digits, &mut sha256)
+                .ok()
+                .filter(|()| hex_digits.bytes().all(|b| !b.is_ascii_uppercase()))
+                .map(|()| sha256)
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "client_cert_sha256 must be 64 lowercase hex digits",
+                    )
+                })
+        })
+        .transpose()?;
     let c = shim.caller(&key).await?;
     require_role(&c, &["admin"])?;
+    if let Some(sha256) = cert_sha256 {
+        let id = c
+            .create_cert_credential(req.role.clone(), req.name.clone(), sha256)
+            .await
+            .map_err(|e| vault_error(&e))?;
+        return Ok((
+            StatusCode::CREATED,
+            axum::Json(json!({"id": id, "role": req.role, "name": req.name,
+                              "client_cert_sha256": hex::encode(sha256)})),
+        ));
+    }
     let (id, key) = c
         .create_credential(req.role.clone(), req.name.clone())
         .await
