@@ -1223,7 +1223,15 @@ impl Vault {
                 }],
                 &unused,
             );
+            // Its record is synced here rather than named to the syncer,
+            // which would sync it only after `create` returned: a stray
+            // `fdatasync` in whatever the caller measures first.
+            committer.keep_segment = true;
             committer.write_ahead(&mut built, &unused);
+            committer.keep_segment = false;
+            if let Some(segment) = committer.kept_segment.take() {
+                sync_segments(&shared, &[&segment])?;
+            }
             let synced = writer.finish(Box::new(built));
             writer.apply_deferred()?;
             store.sync()?;
