@@ -1226,10 +1226,7 @@ impl Vault {
             // Its record is synced here rather than named to the syncer,
             // which would sync it only after `create` returned: a stray
             // `fdatasync` in whatever the caller measures first.
-            committer.keep_segment = true;
-            committer.write_ahead(&mut built, &unused);
-            committer.keep_segment = false;
-            if let Some(segment) = committer.kept_segment.take() {
+            if let Some(segment) = committer.write_ahead_kept(&mut built, &unused) {
                 sync_segments(&shared, &[&segment])?;
             }
             let synced = writer.finish(Box::new(built));
@@ -2918,10 +2915,7 @@ impl Leader {
         let mut built = c.build(vec![req], &self.writer);
         let (done, replies) = oneshot::channel();
         built.led = Some(done);
-        c.keep_segment = true;
-        c.write_ahead(&mut built, &self.writer);
-        c.keep_segment = false;
-        let segment = c.kept_segment.take();
+        let segment = c.write_ahead_kept(&mut built, &self.writer);
         self.writer.send(ToWriter::Group(Box::new(built))).ok()?;
         Some(Led { segment, replies })
     }
@@ -3148,6 +3142,20 @@ impl Committer {
             self.shared.poisoned.store(true, Ordering::Release);
         }
         built.written = Some(result);
+    }
+
+    /// [`Committer::write_ahead`], with the segment the record went to
+    /// handed back for the caller to sync instead of named to the syncer
+    /// (`None` when nothing was written).
+    fn write_ahead_kept(
+        &mut self,
+        built: &mut Built,
+        writer: &std::sync::mpsc::SyncSender<ToWriter>,
+    ) -> Option<Arc<File>> {
+        self.keep_segment = true;
+        self.write_ahead(built, writer);
+        self.keep_segment = false;
+        self.kept_segment.take()
     }
 
     /// Empties the key cache once the writer has published every group
