@@ -65,7 +65,7 @@ pub struct ConnectArgs {
     /// PEM client certificate chain, for a server that requires mutual TLS.
     /// Without an API key, the certificate itself authenticates, as the
     /// credential the vault binds to it (`vault-admin credentials create
-    /// --client-cert`).
+    /// --holder-cert`).
     #[arg(long, global = true, env = "FINTRUST_CLIENT_CERT")]
     pub client_cert: Option<PathBuf>,
     /// PEM private key of --client-cert.

@@ -43,7 +43,6 @@ use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ErrorCode, Frame, FrameCodec, Message};
-use sha2::Digest as _;
 use storage::{Append, Vault};
 
 use crate::live::{LiveVault, Status};
@@ -606,7 +605,7 @@ where
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .map(|leaf| sha2::Sha256::digest(leaf.as_ref()).into());
+                .map(crate::tls::fingerprint);
             Ok(Opened::Tls(Box::new(stream)))
         }
     }

@@ -203,9 +203,14 @@ pub fn reload_on_hangup(tls: Option<ServerTls>) {
 /// (`vault-admin credentials create --holder-cert`), and what `openssl
 /// x509 -noout -fingerprint -sha256` prints.
 pub fn certificate_sha256(path: &Path) -> Result<[u8; 32]> {
+    Ok(fingerprint(&certs(path)?.remove(0)))
+}
+
+/// The SHA-256 of a certificate's DER: the identity a credential held by
+/// a client certificate is bound to.
+pub fn fingerprint(der: &CertificateDer<'_>) -> [u8; 32] {
     use sha2::Digest as _;
-    let leaf = certs(path)?.remove(0);
-    Ok(sha2::Sha256::digest(leaf.as_ref()).into())
+    sha2::Sha256::digest(der.as_ref()).into()
 }
 
 /// How long before its chain expires a served certificate is logged as a
@@ -228,13 +233,7 @@ pub fn chain_expiry(chain: &[CertificateDer<'_>]) -> std::result::Result<i64, St
 /// it is past).
 fn served_until(cert: &Path, expires: i64) {
     crate::metrics::global().tls_certificate_expiry.set(expires);
-    let at = time::OffsetDateTime::from_unix_timestamp(expires)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| expires.to_string());
+    let at = crate::shim::api::rfc3339(u64::try_from(expires).unwrap_or(0).saturating_mul(1000));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
