@@ -544,7 +544,7 @@ pub async fn run(
                         serve_connection(r, w, conn).await
                     }
                     Opened::Tls(stream) => {
-                        let (r, w) = tokio::io::split(*stream);
+                        let (r, w) = TlsOutgoing::split(*stream);
                         serve_connection(r, w, conn).await
                     }
                 }
@@ -764,11 +764,96 @@ const HELLO_BUFFER: usize = 1024;
 /// the write buffer's flush mark for all.
 const PIPELINE_BUFFER: usize = 8 * 1024;
 
+/// The write half of a connection's byte stream.
+pub trait Outgoing: AsyncWrite + Unpin + Send + 'static {
+    /// Holds back what is written from now on until the stream is shut
+    /// down or closed, so that a connection's last answer and its end
+    /// leave together: over TCP one segment with the FIN where there were
+    /// two (three over TLS, with its `close_notify`), which a connection
+    /// per token makes worth it (docs/benchmarks.md, "The last answer
+    /// with the FIN"). Only a hint: a stream that cannot hold sends at
+    /// once.
+    fn hold_until_close(&self) {}
+}
+
+/// `TCP_CORK` on `socket`: the FIN of the shutdown (or of the close, if
+/// the connection is dropped) pushes out what is held, with it.
+fn cork(socket: socket2::SockRef<'_>) {
+    if let Err(e) = socket.set_tcp_cork(true) {
+        tracing::debug!(error = %e, "TCP_CORK not set");
+    }
+}
+
+impl Outgoing for tokio::net::tcp::OwnedWriteHalf {
+    fn hold_until_close(&self) {
+        cork(socket2::SockRef::from(self.as_ref()));
+    }
+}
+
+/// In-process pipes and the like: nothing to hold.
+impl<T: AsyncRead + AsyncWrite + Send + 'static> Outgoing for tokio::io::WriteHalf<T> {}
+
+/// The write half of a TLS connection, with a second descriptor of its
+/// socket (the TLS stream's own half gives no access to it) so that
+/// [`Outgoing::hold_until_close`] can hold its last record, the
+/// `close_notify` and the FIN together.
+struct TlsOutgoing<S> {
+    half: tokio::io::WriteHalf<tokio_rustls::server::TlsStream<S>>,
+    socket: Option<socket2::Socket>,
+}
+
+impl TlsOutgoing<tokio::net::TcpStream> {
+    /// Splits `stream` into its read half and a write half that can hold.
+    fn split(
+        stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    ) -> (
+        tokio::io::ReadHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+        Self,
+    ) {
+        // Without a second descriptor (none left), the answer is not held.
+        let socket = socket2::SockRef::from(stream.get_ref().0).try_clone().ok();
+        let (r, half) = tokio::io::split(stream);
+        (r, TlsOutgoing { half, socket })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsOutgoing<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.half).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.half).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.half).poll_shutdown(cx)
+    }
+}
+
+impl Outgoing for TlsOutgoing<tokio::net::TcpStream> {
+    fn hold_until_close(&self) {
+        if let Some(socket) = &self.socket {
+            cork(socket2::SockRef::from(socket));
+        }
+    }
+}
+
 /// Serves one connection over any byte stream (plain TCP or TLS).
 pub async fn serve_connection<R, W>(reader: R, writer: W, conn: Conn) -> Result<(), ConnectionError>
 where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: Outgoing,
 {
     let codec = FrameCodec::with_max_frame_len(conn.config.max_frame_len);
     // Small buffers until the caller is known: a partner's connection
@@ -942,7 +1027,7 @@ async fn serve_partner<R, W>(
 ) -> Result<(), ConnectionError>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: Outgoing,
 {
     let mut answer = Some((hello_id, ok));
     let result = loop {
@@ -981,7 +1066,10 @@ where
         let mut answers = respond(message, &current, &conn.config, caller).await;
         answer = answers.pop().map(|(m, _)| (id, m));
     };
-    // The last answer, then the connection closes.
+    // The last answer, then the connection closes: both leave together
+    // (what is still in the sink's buffer, `HelloOk` too, is written by
+    // the close).
+    sink.get_ref().hold_until_close();
     if let Some((id, m)) = answer {
         feed(&mut sink, id, &m).await;
     }
@@ -2276,6 +2364,69 @@ mod tests {
             assert!(matches!(result, Err(ConnectionError::Idle)), "{result:?}");
             assert_eq!(ended.as_secs(), 10, "{ended:?}");
             assert!(answer.is_none(), "{answer:?}");
+        }
+    }
+
+    /// A connection's last answer is held back until its end and leaves
+    /// with it (`Outgoing::hold_until_close`); nothing held is lost,
+    /// whether the stream is shut down or dropped.
+    mod held_answers {
+        use super::*;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+            let addr = listener.local_addr().expect("its address");
+            let (client, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            (client.expect("connected"), accepted.expect("accepted").0)
+        }
+
+        #[tokio::test]
+        async fn over_tcp_the_answer_leaves_with_the_shutdown_or_the_drop() {
+            for shut_down in [true, false] {
+                let (mut client, server) = tcp_pair().await;
+                let (r, mut w) = server.into_split();
+                let corked = || {
+                    socket2::SockRef::from(w.as_ref())
+                        .tcp_cork()
+                        .expect("TCP_CORK")
+                };
+                assert!(!corked());
+                w.hold_until_close();
+                assert!(corked(), "held");
+                w.write_all(b"the last answer").await.expect("written");
+                if shut_down {
+                    w.shutdown().await.expect("shut down");
+                } else {
+                    drop((r, w));
+                }
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).await.expect("read to the end");
+                assert_eq!(got, b"the last answer", "shut down: {shut_down}");
+            }
+        }
+
+        #[tokio::test]
+        async fn over_tls_the_answer_leaves_with_the_close_notify() {
+            let dir = tempfile::tempdir().expect("a scratch dir");
+            let (acceptor, connector) = crate::tls::test_ends(dir.path());
+            let (client, server) = tcp_pair().await;
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+            let (client, server) =
+                tokio::join!(connector.connect(name, client), acceptor.accept(server));
+            let (mut client, server) = (client.expect("client end"), server.expect("server end"));
+            let (_r, mut w) = TlsOutgoing::split(server);
+            let socket = w.socket.as_ref().expect("a second descriptor");
+            assert!(!socket.tcp_cork().expect("TCP_CORK"));
+            w.hold_until_close();
+            assert!(socket.tcp_cork().expect("TCP_CORK"), "held");
+            w.write_all(b"the last answer").await.expect("written");
+            w.shutdown().await.expect("shut down");
+            let mut got = Vec::new();
+            // An end without `close_notify` would be an error here.
+            client.read_to_end(&mut got).await.expect("read to the end");
+            assert_eq!(got, b"the last answer");
         }
     }
 }
