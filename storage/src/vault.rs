@@ -1191,6 +1191,7 @@ impl Vault {
             nonces: crypto::NonceSource::default(),
             refusal: None,
             burned: HashMap::new(),
+            credentials: HashMap::new(),
             shared: shared.clone(),
             wal: Wal::new(&store.dir, opts.wal_segment_bytes),
             record: Vec::new(),
@@ -1847,12 +1848,9 @@ impl Vault {
         cert_sha256: &[u8; 32],
         by: Option<String>,
     ) -> Result<String> {
+        // A second active credential for the certificate is refused as
+        // its entry is built (`Committer::check_credential_free`).
         let key_hash = certificate_key_hash(cert_sha256);
-        if self.credential_by_key_hash(&key_hash)?.is_some() {
-            return Err(Error::Invalid(
-                "an active credential already holds this client certificate".into(),
-            ));
-        }
         self.record_credential(role, name, key_hash, by, Some(hex::encode(cert_sha256)))
             .await
     }
@@ -2721,6 +2719,11 @@ struct Committer {
     /// Tokens this committer burned, with their expiry: the overlay learns
     /// of a burn only when the writer publishes its group.
     burned: HashMap<String, u64>,
+    /// Credentials' key hashes (their `h/` keys) this committer changed,
+    /// with the seq of the change and whether a credential holds the key
+    /// after it: like burns, the overlay learns of them only when the
+    /// writer publishes their group. Trimmed of what is published.
+    credentials: HashMap<Vec<u8>, (u64, bool)>,
     shared: Arc<Shared>,
     /// The write-ahead file, which the committer appends each group's
     /// record to before handing the group to the writer.
@@ -3249,6 +3252,9 @@ impl Committer {
             g.signing_swap.is_some(),
         );
         let r = self.try_add(g, items, writer);
+        if r.is_ok() {
+            self.note_credentials(&g.state[mark.2..]);
+        }
         if r.is_err() {
             // Roll back this request's part of the group.
             let made_keys = g.new_keys.len() > mark.3;
@@ -3295,6 +3301,9 @@ impl Committer {
                         && self.key_state_now(g, &subject)?.is_some_and(|k| k.shredded)
                     {
                         return Err(Error::SubjectShredded(subject));
+                    }
+                    if kind == Kind::CredentialCreated {
+                        self.check_credential_free(g, &payload)?;
                     }
                     idx.push(self.push(g, kind, &subject, 0, [0; 12], &payload)?);
                 }
@@ -3350,6 +3359,49 @@ impl Committer {
         let i = self.push(g, Kind::Record, &subject, version, nonce, &ct)?;
         g.usage.push(Usage::Encrypted(published));
         Ok(i)
+    }
+
+    /// Refuses a `credential_created` whose key hash an active credential
+    /// already has, as of this point of the log: the group being built,
+    /// then the groups on their way to the writer, then the overlay and
+    /// the tree. So two requests for one client certificate cannot both
+    /// pass, however close together.
+    fn check_credential_free(&self, g: &Group, payload: &[u8]) -> Result<()> {
+        let c: CredentialCreated =
+            serde_json::from_slice(payload).map_err(|_| Error::Malformed("credential_created"))?;
+        let key = state::key("h/", &c.key_hash);
+        let held = match g.state.iter().rev().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.is_some(),
+            None => match self.credentials.get(&key) {
+                Some(&(_, held)) => held,
+                None => self.shared.state_get(&self.store.state, &key)?.is_some(),
+            },
+        };
+        if !held {
+            return Ok(());
+        }
+        Err(Error::Invalid(match c.client_cert_sha256 {
+            Some(_) => "an active credential already holds this client certificate".into(),
+            None => "an active credential already has this key".into(),
+        }))
+    }
+
+    /// Remembers the credentials a request just added to the group
+    /// created or revoked (its derived-state changes `changes`).
+    fn note_credentials(&mut self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+        let seq = self.pos.next_seq.saturating_sub(1);
+        for (k, v) in changes.iter().filter(|(k, _)| k.starts_with(b"h/")) {
+            self.credentials.insert(k.clone(), (seq, v.is_some()));
+        }
+        if self.credentials.len() > 256 {
+            let published = match self.shared.overlay.lock() {
+                Ok(o) => o.last_seq,
+                Err(_) => return,
+            };
+            if let Some(published) = published {
+                self.credentials.retain(|_, (seq, _)| *seq > published);
+            }
+        }
     }
 
     /// A subject's key state as of this point of the group being built.

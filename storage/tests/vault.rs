@@ -1210,6 +1210,55 @@ async fn concurrent_redemptions_burn_exactly_once() {
     }
 }
 
+/// One active credential per client certificate, however close together
+/// the requests: the check is made as each entry is built, in the commit
+/// group's order, not before the request is queued.
+#[tokio::test]
+async fn two_credentials_for_one_certificate_cannot_both_pass() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vault = std::sync::Arc::new(new_vault(&tmp.path().join("v")));
+    let cert = [9u8; 32];
+    let mut tries = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let vault = vault.clone();
+        tries.spawn(async move {
+            vault
+                .create_cert_credential("partner", &format!("p{i}"), &cert)
+                .await
+        });
+    }
+    let mut created = Vec::new();
+    while let Some(result) = tries.join_next().await {
+        match result.expect("a task") {
+            Ok(id) => created.push(id),
+            Err(storage::Error::Invalid(m)) => assert!(m.contains("client certificate"), "{m}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(created.len(), 1, "{created:?}");
+    // Once revoked, the certificate may hold a new credential.
+    vault.revoke_credential(&created[0]).await.expect("revoked");
+    vault
+        .create_cert_credential("partner", "again", &cert)
+        .await
+        .expect("a new credential");
+
+    // Two in one batch: the second sees the first, and the batch (all or
+    // none) is refused, nothing written.
+    let head = vault.head().map(|h| h.last_seq);
+    let entry = |name: &str| {
+        let c = serde_json::json!({"id": format!("writer-{name}"), "role": "writer",
+            "key_hash": "ab".repeat(32), "name": name});
+        Append::event(Kind::CredentialCreated, "", &c)
+    };
+    let twice = vault.append_batch(vec![entry("a"), entry("b")]).await;
+    assert!(
+        matches!(twice, Err(storage::Error::Invalid(ref m)) if m.contains("already has this key")),
+        "{twice:?}"
+    );
+    assert_eq!(vault.head().map(|h| h.last_seq), head, "nothing written");
+}
+
 #[tokio::test]
 async fn consents_policies_and_credentials_are_derived_state() {
     let tmp = tempfile::tempdir().expect("tempdir");
