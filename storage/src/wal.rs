@@ -46,9 +46,13 @@
 //! system's journal; after an overwrite it writes the data alone (on this
 //! machine's ext4: p50 ~120 µs against ~180 µs, `docs/benchmarks.md`). The
 //! zeros are written (not `fallocate`d: writing into an unwritten extent
-//! commits its conversion the same way) 1 MiB at a time, by the group
-//! that finds fewer than 512 KiB left, and made durable by that group's
-//! `fdatasync`. A record never starts with eight zero bytes (its body is
+//! commits its conversion the same way): the first with the segment, then
+//! 1 MiB at a time, asked for by the group that finds fewer than 512 KiB
+//! left and written by a thread of their own (`Zeros`), off the
+//! committer's thread, and made durable by the segment's next
+//! `fdatasync`. That thread writes only past the zeros already written and
+//! a record only over them, so no record is covered with zeros. A record
+//! never starts with eight zero bytes (its body is
 //! never empty), so eight zeros where a record would start end the
 //! records; anything but zeros after that is a record whose start never
 //! reached the disk, torn.
@@ -76,13 +80,13 @@
 //! Invariants: a group is acknowledged only after its record is durable;
 //! a segment is deleted only after sled is durable with every group in it;
 //! replaying a record twice, or a record sled already holds, changes
-//! nothing.
+//! nothing; zeros are never written over a record.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::entry::Reader;
 use crate::error::{Error, Result};
@@ -498,6 +502,8 @@ pub(crate) struct Wal {
     dir: PathBuf,
     segment_bytes: u64,
     current: Option<Current>,
+    /// The thread that writes the zeros ahead, and what it shares.
+    zeros: Zeros,
 }
 
 /// The segment being written.
@@ -507,30 +513,175 @@ struct Current {
     file: Arc<File>,
     /// Where the records end (the file's cursor).
     len: u64,
-    /// Where the zeros after them end (the file's size).
-    zeroed: u64,
     /// How far ahead the zeros go: `ZEROED_AHEAD`, or less for segments
     /// closed at fewer bytes (never less than a page).
     ahead: u64,
+    /// Up to where zeros were written, as last seen (never more than
+    /// the zeros thread's own figure): records written below it need no
+    /// look at the shared state.
+    zeroed: u64,
+    /// Up to where zeros were last asked for.
+    asked: u64,
 }
 
-impl Current {
-    /// Once fewer than `ahead / 2` zeroed bytes are left past `end`,
-    /// writes zeros from `zeroed` on up to `ahead` past it (rounded up to
-    /// a 4 KiB page).
-    fn zero_ahead(&mut self, end: u64) -> Result<()> {
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-        if end + self.ahead / 2 <= self.zeroed {
-            return Ok(());
+/// Writes zeros past the records of the current segment, on a thread of
+/// its own, so that the committer (whose thread bounds the rate of
+/// appends) does not spend its time on them: 1 MiB of zeros costs the
+/// kernel as much as 1 MiB of records (pages allocated, copied into,
+/// marked dirty).
+///
+/// Invariant: the thread writes only from `zeroed` up to `target`, and
+/// the committer writes a record only below `zeroed`; so a record is
+/// never overwritten with zeros, and the records still overwrite blocks
+/// the file already has.
+#[derive(Debug)]
+struct Zeros {
+    shared: Arc<ZerosShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct ZerosShared {
+    state: Mutex<ZerosState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct ZerosState {
+    /// The segment being zeroed (the current one).
+    file: Option<Arc<File>>,
+    /// Zeros (or records) fill `file` up to here.
+    zeroed: u64,
+    /// Where the committer asked the zeros to reach.
+    target: u64,
+    /// The thread is writing zeros, the lock released.
+    busy: bool,
+    /// A write of zeros failed: the segment takes no more records.
+    failed: Option<std::io::ErrorKind>,
+    closing: bool,
+}
+
+impl ZerosShared {
+    fn lock(&self) -> MutexGuard<'_, ZerosState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, ZerosState>) -> MutexGuard<'a, ZerosState> {
+        self.changed.wait(g).unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64);
+        // `n` is at most the buffer's length.
+        file.write_all_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// The zeros thread: writes what the committer asks for, until closing.
+fn run_zeros(shared: Arc<ZerosShared>) {
+    let mut st = shared.lock();
+    loop {
+        if st.closing {
+            return;
         }
-        let target = (end + self.ahead).next_multiple_of(4096);
-        while self.zeroed < target {
-            let n = (target - self.zeroed).min(ZEROS.len() as u64);
-            // `n` is at most the buffer's length.
-            self.file.write_all_at(&ZEROS[..n as usize], self.zeroed)?;
-            self.zeroed += n;
+        let work = match &st.file {
+            Some(f) if st.zeroed < st.target && st.failed.is_none() => {
+                Some((f.clone(), st.zeroed, st.target))
+            }
+            _ => None,
+        };
+        let Some((file, from, to)) = work else {
+            st = shared.wait(st);
+            continue;
+        };
+        st.busy = true;
+        drop(st);
+        let written = write_zeros(&file, from, to);
+        st = shared.lock();
+        st.busy = false;
+        match written {
+            Ok(()) => st.zeroed = to,
+            Err(e) => st.failed = Some(e.kind()),
         }
-        Ok(())
+        shared.changed.notify_all();
+    }
+}
+
+impl Zeros {
+    fn start() -> Zeros {
+        let shared = Arc::new(ZerosShared::default());
+        let for_thread = shared.clone();
+        // Without a thread (none can be made), the committer writes the
+        // zeros itself.
+        let thread = std::thread::Builder::new()
+            .name("vault-wal-zeros".into())
+            .spawn(move || run_zeros(for_thread))
+            .ok();
+        Zeros { shared, thread }
+    }
+
+    /// Stops zeroing the current segment, once the write under way (if
+    /// any) is done.
+    fn stop(&self) {
+        let mut st = self.shared.lock();
+        st.file = None;
+        while st.busy {
+            st = self.shared.wait(st);
+        }
+    }
+
+    /// Hands a new segment, zeroed up to `zeroed`, to the thread, once it
+    /// is done with the one before.
+    fn switch_to(&self, file: Arc<File>, zeroed: u64) {
+        self.stop();
+        let mut st = self.shared.lock();
+        *st = ZerosState {
+            file: Some(file),
+            zeroed,
+            target: zeroed,
+            ..ZerosState::default()
+        };
+    }
+
+    /// Asks for zeros up to `target` (if not asked yet) and waits until
+    /// they reach `end`; returns how far they reach and were asked for.
+    fn ensure(&self, c: &Current, end: u64, target: u64) -> Result<(u64, u64)> {
+        let mut st = self.shared.lock();
+        if st.target < target {
+            st.target = target;
+            self.shared.changed.notify_all();
+        }
+        if self.thread.is_none() && st.zeroed < st.target {
+            // No thread: the zeros are written here.
+            write_zeros(&c.file, st.zeroed, st.target)?;
+            st.zeroed = st.target;
+        }
+        while st.zeroed < end {
+            if let Some(kind) = st.failed {
+                return Err(std::io::Error::from(kind).into());
+            }
+            st = self.shared.wait(st);
+        }
+        Ok((st.zeroed, st.target))
+    }
+}
+
+impl Drop for Zeros {
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            // Its last write of zeros is done before the segment's
+            // directory may be read again (a reopen's replay).
+            let _ = t.join();
+        }
     }
 }
 
@@ -540,6 +691,7 @@ impl Wal {
             dir: wal_dir(dir),
             segment_bytes,
             current: None,
+            zeros: Zeros::start(),
         }
     }
 
@@ -561,6 +713,8 @@ impl Wal {
             .is_some_and(|c| c.len >= self.segment_bytes)
         {
             if let Some(c) = self.current.take() {
+                // Its last zeros are written before it is made durable.
+                self.zeros.stop();
                 sync(&c.file)?;
                 closed = Some(c.path);
             }
@@ -583,26 +737,54 @@ impl Wal {
             header[..6].copy_from_slice(SEGMENT_MAGIC);
             header[6..].copy_from_slice(&SEGMENT_VERSION.to_be_bytes());
             file.write_all(&header)?;
-            let mut c = Current {
-                path,
-                file: Arc::new(file),
-                len: HEADER_LEN as u64,
-                zeroed: HEADER_LEN as u64,
-                ahead: ZEROED_AHEAD.min(self.segment_bytes).max(4096),
-            };
-            c.zero_ahead(c.len)?;
-            c.file.sync_data()?;
+            let ahead = ZEROED_AHEAD.min(self.segment_bytes).max(4096);
+            // The first zeros are written here, and made durable with the
+            // segment's name, before its first record.
+            let zeroed = (HEADER_LEN as u64 + ahead).next_multiple_of(4096);
+            write_zeros(&file, HEADER_LEN as u64, zeroed)?;
+            file.sync_data()?;
             sync_dir(&self.dir)?;
-            self.current = Some(c);
+            let file = Arc::new(file);
+            self.zeros.switch_to(file.clone(), zeroed);
+            self.current = Some(Current {
+                path,
+                file,
+                len: HEADER_LEN as u64,
+                ahead,
+                zeroed,
+                asked: zeroed,
+            });
         }
         let Some(c) = self.current.as_mut() else {
             return Err(Error::Closed);
         };
         let end = c.len + record.len() as u64;
-        c.zero_ahead(end)?;
-        (&*c.file).write_all(record)?;
+        // Once fewer than `ahead / 2` zeroed bytes would be left past the
+        // record, zeros are asked for up to `ahead` past it (to the next
+        // 4 KiB page); the record waits only for zeros under itself.
+        let target = (end + c.ahead).next_multiple_of(4096);
+        if end > c.zeroed || end + c.ahead / 2 > c.asked {
+            let asked = if end + c.ahead / 2 > c.asked {
+                target
+            } else {
+                c.asked
+            };
+            (c.zeroed, c.asked) = self.zeros.ensure(c, end, asked)?;
+        }
+        c.file.write_all_at(record, c.len)?;
         c.len = end;
         Ok((c.file.clone(), closed))
+    }
+
+    /// Waits until the zeros asked for are written (for tests that look
+    /// at a segment's size).
+    #[cfg(test)]
+    fn settle(&self) {
+        let z = &self.zeros.shared;
+        let mut st = z.lock();
+        while st.zeroed < st.target && st.failed.is_none() {
+            st = z.wait(st);
+        }
     }
 }
 
@@ -728,6 +910,7 @@ mod tests {
             let (file, closed) = wal.append(seq, &rec, |f| Ok(f.sync_data()?))?;
             assert!(closed.is_none());
             records += rec.len() as u64;
+            wal.settle();
             let size = file.metadata()?.len();
             assert!(
                 size >= records + ZEROED_AHEAD / 2 && size <= records + ZEROED_AHEAD + 4096,
@@ -742,6 +925,43 @@ mod tests {
         Ok(())
     }
 
+    /// The zeros thread never writes over a record: many small segments,
+    /// each with many renewals of its zeros, and every record read back.
+    #[test]
+    fn zeros_written_beside_the_records_never_cover_one() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        // Segments of 64 KiB: 64 KiB of zeros ahead, renewed every 32.
+        let mut wal = Wal::new(tmp.path(), 64 * 1024);
+        let mut g = group();
+        let mut written = Vec::new();
+        let mut closed = Vec::new();
+        for seq in 0..600u64 {
+            g.first_seq = seq;
+            // From 100 bytes to past the zeros' margin of 32 KiB, so that
+            // records often reach zeros still being written.
+            let len = 100 + (seq as usize * 7919) % 48_000;
+            g.batches[1].ops[0].1 = Some(vec![seq as u8 | 1; len]);
+            let rec = encode_record(&g)?;
+            let (_, c) = wal.append(seq, &rec, |f| Ok(f.sync_data()?))?;
+            closed.extend(c);
+            written.push(g.clone());
+        }
+        assert!(closed.len() > 10, "{} segments closed", closed.len());
+        drop(wal);
+        let mut names: Vec<_> = std::fs::read_dir(tmp.path().join("wal"))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        let mut read = Vec::new();
+        for path in names {
+            let seg = read_segment(&std::fs::read(&path)?)?;
+            assert!(!seg.torn, "{}", path.display());
+            read.extend(seg.groups);
+        }
+        assert_eq!(read, written);
+        Ok(())
+    }
+
     #[test]
     fn small_segments_keep_fewer_zeros() -> Result<()> {
         let tmp = tempfile::tempdir()?;
@@ -751,6 +971,7 @@ mod tests {
             g.first_seq = seq;
             let rec = encode_record(&g)?;
             let (file, _) = wal.append(seq, &rec, |f| Ok(f.sync_data()?))?;
+            wal.settle();
             let size = file.metadata()?.len();
             assert!(size <= 2 * 4096 + 2048, "{size} bytes in a 2 KiB segment");
         }
