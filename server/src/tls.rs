@@ -233,16 +233,73 @@ pub fn chain_expiry(chain: &[CertificateDer<'_>]) -> std::result::Result<i64, St
 /// it is past).
 fn served_until(cert: &Path, expires: i64) {
     crate::metrics::global().tls_certificate_expiry.set(expires);
-    let at = crate::shim::api::rfc3339(u64::try_from(expires).unwrap_or(0).saturating_mul(1000));
+    expiry_notice(cert, expires);
+}
+
+/// How near a chain's expiry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// More than [`EXPIRY_WARNING`] away.
+    Far,
+    /// Less than [`EXPIRY_WARNING`] away.
+    Near,
+    Past,
+}
+
+impl Expiry {
+    /// `expires` judged at `now` (both in seconds since the Unix epoch).
+    fn at(expires: i64, now: i64) -> Expiry {
+        let warning = i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX);
+        if expires <= now {
+            Expiry::Past
+        } else if expires - now < warning {
+            Expiry::Near
+        } else {
+            Expiry::Far
+        }
+    }
+}
+
+/// The warning (or error) in the log for a chain from `cert` that
+/// expires at `expires`, if it is near or past.
+fn expiry_notice(cert: &Path, expires: i64) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let warning = i64::try_from(EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX);
-    if expires <= now {
-        tracing::error!(cert = %cert.display(), expired_at = %at, "the TLS certificate chain served has expired: clients will refuse it");
-    } else if expires - now < warning {
-        tracing::warn!(cert = %cert.display(), expires_at = %at, "the TLS certificate chain served expires in less than 14 days");
+    let at = || crate::shim::api::rfc3339(u64::try_from(expires).unwrap_or(0).saturating_mul(1000));
+    match Expiry::at(expires, now) {
+        Expiry::Far => {}
+        Expiry::Near => {
+            tracing::warn!(cert = %cert.display(), expires_at = %at(), "the TLS certificate chain served expires in less than 14 days");
+        }
+        Expiry::Past => {
+            tracing::error!(cert = %cert.display(), expired_at = %at(), "the TLS certificate chain served has expired: clients will refuse it");
+        }
     }
+}
+
+/// How often a running server looks at its chain's expiry again.
+pub const EXPIRY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+/// Looks at the expiry of the chain `tls` serves every
+/// [`EXPIRY_CHECK_EVERY`] (beside the look at start and at each reload),
+/// so that a server that runs for weeks without a reload still warns,
+/// in its log, 14 days before its certificate expires. Nothing for a
+/// fixed configuration (no files) or none.
+pub fn warn_before_expiry(tls: Option<ServerTls>) {
+    let Some(tls) = tls.filter(|t| t.files().is_some()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let first = tokio::time::Instant::now() + EXPIRY_CHECK_EVERY;
+        let mut every = tokio::time::interval_at(first, EXPIRY_CHECK_EVERY);
+        loop {
+            every.tick().await;
+            if let Some(files) = tls.files() {
+                expiry_notice(&files.cert, tls.expires_at());
+            }
+        }
+    });
 }
 
 /// The server configuration for `files`, with a ticket key of its own,
@@ -359,6 +416,19 @@ mod tests {
         std::fs::create_dir_all(dir).expect("a dir");
         let (_, ca) = crate::dev::dev_tls(dir).expect("a dev certificate");
         (dir.join("dev-cert.pem"), dir.join("dev-key.pem"), ca)
+    }
+
+    #[test]
+    fn an_expiry_is_near_within_14_days_and_past_from_its_second() {
+        let now = 1_800_000_000;
+        let day = 86_400;
+        assert_eq!(Expiry::at(now + 15 * day, now), Expiry::Far);
+        assert_eq!(Expiry::at(now + 14 * day, now), Expiry::Far);
+        assert_eq!(Expiry::at(now + 14 * day - 1, now), Expiry::Near);
+        assert_eq!(Expiry::at(now + 1, now), Expiry::Near);
+        assert_eq!(Expiry::at(now, now), Expiry::Past);
+        assert_eq!(Expiry::at(i64::MIN, now), Expiry::Past);
+        assert_eq!(Expiry::at(i64::MAX, now), Expiry::Far);
     }
 
     fn leaf(cert: &Path) -> CertificateDer<'static> {

@@ -466,6 +466,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 server::tls::reload_on_hangup(tls.clone());
+                server::tls::warn_before_expiry(tls.clone());
                 let protocol = tokio::net::TcpListener::bind(&listen)
                     .await
                     .with_context(|| format!("listening on {listen}"))?;
@@ -562,6 +563,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 server::tls::reload_on_hangup(http_tls.clone());
+                server::tls::warn_before_expiry(http_tls.clone());
                 if let Some(file) = &policies {
                     server::shim::apply_policies(&shim, file)
                         .await
