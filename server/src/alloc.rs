@@ -10,17 +10,18 @@
 //! kernel again, over and over (a fifth of `vault-verify`'s CPU time in a
 //! profile, docs/benchmarks.md "Verification").
 //!
-//! `vaultd` serves with the delay at 0 ([`return_freed_memory`]): with the
-//! default, the memory a burst of commit groups frees (sled's write
-//! buffers, leaf copies, the group's chunks) stayed resident between
-//! bursts, and a server grown to 10^7 entries held 324-352 MiB where it
-//! needs about 220. The price is paid by redemptions, whose connection per
-//! token frees and faults in its buffers' pages again: 8-20% fewer per
-//! second, and 6-11% since transparent huge pages are off;
-//! `MIMALLOC_PURGE_DELAY=10` trades memory back for them (`8fde20e`:
-//! 20.3-21.0k redemptions/s against 18.8-19.2k, and 164-238 MiB at 10^7
-//! entries against 171, docs/benchmarks.md "Hello and Redeem in one
-//! write"). Its open, a verification of the whole log, runs inside
+//! `vaultd` serves with the delay at [`SERVER_PURGE_DELAY_MS`] (100 ms,
+//! [`return_freed_memory`]). With the default, the memory a burst of
+//! commit groups frees (sled's write buffers, leaf copies, the group's
+//! chunks) once stayed resident between bursts, and a server grown to
+//! 10^7 entries held 324-352 MiB where it needed about 220; it served with
+//! the delay at 0 from then on. Purging at once has a price, though: each
+//! page freed is given back and faulted in again, by the committer among
+//! others. Since the server's memory shrank (83 MiB at 10^7 entries
+//! purging at once, 98-105 MiB with 100 ms, 111 MiB with 1 s), 100 ms
+//! keeps it far below its goal of 256 MB for 4-5% more appends and a
+//! fifth less system time (docs/benchmarks.md "Freed memory kept 100
+//! ms"). Its open, a verification of the whole log, runs inside
 //! [`scanning`]: freed memory is kept during the scan and given back once
 //! at its end (docs/benchmarks.md "Cost growth").
 //!
@@ -77,12 +78,19 @@ pub fn keep_freed_memory() {
 /// (mimalloc's own name); when present, it wins over the program's choice.
 pub const PURGE_DELAY_ENV: &str = "MIMALLOC_PURGE_DELAY";
 
-/// Returns freed memory to the OS at once, for a long-lived server whose
-/// resident size should follow its live heap, unless the operator set
-/// [`PURGE_DELAY_ENV`]. Returns the delay now in force, in milliseconds.
+/// How long a server's freed memory waits before it goes back to the OS:
+/// long enough that the pages a commit group or a connection frees are
+/// taken again by the next rather than faulted in afresh, short enough
+/// that the resident size follows the live heap.
+pub const SERVER_PURGE_DELAY_MS: c_long = 100;
+
+/// Returns freed memory to the OS after [`SERVER_PURGE_DELAY_MS`], for a
+/// long-lived server whose resident size should follow its live heap,
+/// unless the operator set [`PURGE_DELAY_ENV`]. Returns the delay now in
+/// force, in milliseconds.
 pub fn return_freed_memory() -> c_long {
     if std::env::var_os(PURGE_DELAY_ENV).is_none() {
-        set_purge_delay(0);
+        set_purge_delay(SERVER_PURGE_DELAY_MS);
     }
     purge_delay()
 }
@@ -152,7 +160,7 @@ mod tests {
     /// One test for both checks: they read and set the same process-wide
     /// option, which tests running in parallel would race on.
     #[test]
-    fn the_option_number_names_the_purge_delay_and_a_server_purges_at_once() {
+    fn the_option_number_names_the_purge_delay_and_a_server_sets_its_own() {
         let delay = purge_delay();
         // The defaults of mimalloc v3 (1000 ms) and v2 (10 ms); an
         // environment may set another value through MIMALLOC_PURGE_DELAY.
@@ -164,7 +172,7 @@ mod tests {
         let now = return_freed_memory();
         match &env {
             Ok(v) => assert_eq!(&now.to_string(), v, "the operator's value wins"),
-            Err(_) => assert_eq!(now, 0),
+            Err(_) => assert_eq!(now, SERVER_PURGE_DELAY_MS),
         }
         // A scan keeps freed memory, then leaves the delay as it found it.
         let inside = scanning(purge_delay);
