@@ -405,6 +405,9 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     let live = by_id(auditor["id"].as_str().expect("id"));
     assert_eq!(live["revoked"], false);
     assert!(live["created_ms"].as_u64().expect("created_ms") > 0);
+    // Held by API keys: no certificate named.
+    assert!(live["client_cert_sha256"].is_null(), "{live}");
+    assert!(old["client_cert_sha256"].is_null(), "{old}");
     assert!(creds.iter().any(|c| c["role"] == "admin"));
     let ids: Vec<&str> = creds.iter().filter_map(|c| c["id"].as_str()).collect();
     let mut sorted = ids.clone();

@@ -1235,6 +1235,24 @@ fn a_client_certificate_holds_a_credential_through_vault_admin_and_vault_client(
     ]);
     assert_eq!(twice.code, 2, "{twice:?}");
 
+    // The list names what holds each credential: the certificate's
+    // fingerprint for this one, an API key (null) for the admin's.
+    let listed = admin_tool(&["credentials", "list"]).ok_json();
+    let listed = listed["credentials"].as_array().expect("a list").clone();
+    let held = |id: &str| {
+        listed
+            .iter()
+            .find(|c| c["id"] == id)
+            .map(|c| c["client_cert_sha256"].clone())
+    };
+    assert_eq!(held(&id), Some(created["client_cert_sha256"].clone()));
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["role"] == "admin" && c["client_cert_sha256"].is_null()),
+        "{listed:?}"
+    );
+
     admin_tool(&["credentials", "revoke", "--id", &id]).ok_json();
     let revoked = as_service(&svc_cert, &svc_key, &["ping"]);
     assert_eq!(revoked.code, 2, "{revoked:?}");

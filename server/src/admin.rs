@@ -99,6 +99,36 @@ impl AuditFilter {
     }
 }
 
+/// The client certificate (the SHA-256 of its DER, hex) that holds each
+/// of `credentials`, if one does, as its `credential_created` entry says:
+/// the credentials' list does not carry it. One `Entries` request of one
+/// entry per credential, pipelined on `client`'s connection (an admin's or
+/// an auditor's). An entry at a credential's seq that is not its creation
+/// is refused as an unexpected answer. What the entries say is the log's
+/// word: `vault-verify --remote` proves the log.
+pub async fn certificate_holders(
+    client: &Client,
+    credentials: &[client::CredentialInfo],
+) -> Result<Vec<Option<String>>> {
+    let reads = credentials.iter().map(|c| async move {
+        let entries = client.entries(c.created_seq, 1).await?;
+        let created = entries.first().and_then(|bytes| {
+            let e = EntryRef::decode(bytes).ok()?;
+            let payload: storage::state::CredentialCreated = (e.kind == Kind::CredentialCreated
+                && e.seq == c.created_seq)
+                .then(|| serde_json::from_slice(e.payload).ok())??;
+            (payload.id == c.id).then_some(payload)
+        });
+        match created {
+            Some(p) => Ok(p.client_cert_sha256),
+            None => Err(Error::Client(ClientError::UnexpectedResponse(
+                "an entry at a credential's seq that is not its creation",
+            ))),
+        }
+    });
+    futures_util::future::try_join_all(reads).await
+}
+
 /// Prints the entries the filter selects, in log order, through `out`;
 /// returns how many. Stops at the limit or the end of the log (the entries
 /// durable when each page was asked for). Auditor or admin role.

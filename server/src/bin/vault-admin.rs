@@ -245,8 +245,9 @@ enum Credentials {
         #[arg(long)]
         id: String,
     },
-    /// List every credential: id, role, name, when it was created, and
-    /// whether it was revoked (never its key hash).
+    /// List every credential: id, role, name, when it was created,
+    /// whether it was revoked, and what holds it: an API key, or the
+    /// client certificate whose SHA-256 it names (never a key hash).
     List,
 }
 
@@ -655,29 +656,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: Credentials::List,
         } => {
             let all = client.credentials().await?;
+            let holders = server::admin::certificate_holders(&client, &all).await?;
             let list: Vec<Value> = all
                 .iter()
-                .map(|c| {
+                .zip(&holders)
+                .map(|(c, cert)| {
                     json!({"id": c.id, "role": c.role, "name": c.name,
                            "created_seq": c.created_seq, "created_ms": c.created_ms,
                            "revoked": c.revoked_seq.is_some(),
-                           "revoked_seq": c.revoked_seq})
+                           "revoked_seq": c.revoked_seq,
+                           "client_cert_sha256": cert})
                 })
                 .collect();
-            let mut text = String::from("ID\tROLE\tNAME\tCREATED_SEQ\tCREATED\tSTATE");
-            for c in &all {
+            let mut text = String::from("ID\tROLE\tNAME\tCREATED_SEQ\tCREATED\tSTATE\tHELD_BY");
+            for (c, cert) in all.iter().zip(&holders) {
                 let state = match c.revoked_seq {
                     Some(s) => format!("revoked at seq {s}"),
                     None => "live".into(),
                 };
+                let held_by = match cert {
+                    Some(sha256) => format!("client certificate {sha256}"),
+                    None => "API key".into(),
+                };
                 text.push_str(&format!(
-                    "\n{}\t{}\t{}\t{}\t{}\t{}",
+                    "\n{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     c.id,
                     c.role,
                     c.name,
                     c.created_seq,
                     age(now, c.created_ms),
-                    state
+                    state,
+                    held_by
                 ));
             }
             (json!({ "credentials": list }), text)
