@@ -415,7 +415,9 @@ pub fn mask_key_aad() -> Vec<u8> {
 
 /// AAD binding a record's ciphertext to its subject, position and key version.
 pub fn record_aad(subject: &str, seq: u64, key_version: u32) -> Vec<u8> {
-    let mut aad = b"fintrust-vault/record/v1\0".to_vec();
+    const TAG: &[u8] = b"fintrust-vault/record/v1\0";
+    let mut aad = Vec::with_capacity(TAG.len() + 12 + subject.len());
+    aad.extend_from_slice(TAG);
     aad.extend_from_slice(&seq.to_be_bytes());
     aad.extend_from_slice(&key_version.to_be_bytes());
     aad.extend_from_slice(subject.as_bytes());

@@ -572,15 +572,30 @@ fn parse<'a, T: Deserialize<'a>>(e: &EntryRef<'a>) -> Result<T> {
     })
 }
 
+/// [`mutations`] of `e`, added to `out`: for a record (most entries),
+/// without a vector of their own.
+pub fn mutations_into(e: &EntryRef<'_>, out: &mut Vec<Mutation>) -> Result<()> {
+    match e.kind {
+        Kind::Record => out.push(record_mutation(e)),
+        _ => out.extend(mutations(e)?),
+    }
+    Ok(())
+}
+
+/// A record's one mutation: its subject's latest record is this one.
+fn record_mutation(e: &EntryRef<'_>) -> Mutation {
+    (
+        key("s/", e.subject),
+        Some(record_pointer(e.seq, e.key_version).to_vec()),
+    )
+}
+
 /// The state mutations one entry implies. Errors mean the payload does not
 /// fit its kind's schema: the committer refuses such an append, and verify
 /// reports it as malformed.
 pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
     Ok(match e.kind {
-        Kind::Record => vec![(
-            key("s/", e.subject),
-            Some(record_pointer(e.seq, e.key_version).to_vec()),
-        )],
+        Kind::Record => vec![record_mutation(e)],
         Kind::SubjectKey => {
             let c: SubjectKeyCommit = parse(e)?;
             let mut v = c.version.to_be_bytes().to_vec();

@@ -3856,7 +3856,7 @@ impl Committer {
             subject,
             payload,
         };
-        g.state.extend(state::mutations(&e)?);
+        state::mutations_into(&e, &mut g.state)?;
         let bytes = e.encode();
         let h = entry_hash(&bytes);
         g.encoded.push(bytes);
