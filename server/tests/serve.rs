@@ -1216,3 +1216,51 @@ async fn a_proxy_header_to_a_server_that_expects_none_is_a_malformed_frame() {
         Message::Data { .. }
     ));
 }
+
+/// What holds each credential, as `vault-admin credentials list` shows
+/// it: each credential's creation entry names its certificate (or none),
+/// and an entry at a credential's seq that is not its creation is refused.
+#[tokio::test]
+async fn certificate_holders_come_from_each_credentials_creation_entry() {
+    let s = start(ServeConfig::default()).await;
+    let sha256 = [7u8; 32];
+    let held = s
+        .vault
+        .create_cert_credential("partner", "by certificate", &sha256)
+        .await
+        .expect("a credential held by a certificate");
+    let local = server::serve::Local::new(s.vault.clone().into(), ServeConfig::default());
+    let config = client::ClientConfig {
+        api_key: client::Zeroizing::new(s.admin.clone()),
+        ..client::ClientConfig::default()
+    };
+    let admin = client::Client::direct(local.direct(), &config)
+        .await
+        .expect("admin");
+    let all = admin.credentials().await.expect("the list");
+    let holders = server::admin::certificate_holders(&admin, &all)
+        .await
+        .expect("holders");
+    assert_eq!(holders.len(), all.len());
+    for (c, cert) in all.iter().zip(&holders) {
+        if c.id == held {
+            assert_eq!(cert.as_deref(), Some(hex::encode(sha256).as_str()));
+        } else {
+            assert!(cert.is_none(), "{c:?}: {cert:?}");
+        }
+    }
+
+    // The genesis entry at a credential's seq: refused, not read as one.
+    let mut moved = all[0].clone();
+    moved.created_seq = 0;
+    let refused = server::admin::certificate_holders(&admin, &[moved]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(server::Error::Client(
+                client::ClientError::UnexpectedResponse(_)
+            ))
+        ),
+        "{refused:?}"
+    );
+}
