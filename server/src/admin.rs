@@ -114,9 +114,11 @@ pub async fn certificate_holders(
         let entries = client.entries(c.created_seq, 1).await?;
         let created = entries.first().and_then(|bytes| {
             let e = EntryRef::decode(bytes).ok()?;
-            let payload: storage::state::CredentialCreated = (e.kind == Kind::CredentialCreated
-                && e.seq == c.created_seq)
-                .then(|| serde_json::from_slice(e.payload).ok())??;
+            if e.kind != Kind::CredentialCreated || e.seq != c.created_seq {
+                return None;
+            }
+            let payload: storage::state::CredentialCreated =
+                serde_json::from_slice(e.payload).ok()?;
             (payload.id == c.id).then_some(payload)
         });
         match created {

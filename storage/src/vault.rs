@@ -2807,6 +2807,16 @@ struct Group {
     requests: Vec<(Reply, Result<Vec<usize>>)>,
 }
 
+/// The value the group's own mutations last gave `key` (`None` inside
+/// for a removal), if they touch it.
+fn changed_in<'g>(g: &'g Group, key: &[u8]) -> Option<&'g Option<Vec<u8>>> {
+    g.state
+        .iter()
+        .rev()
+        .find(|(k, _)| k.as_slice() == key)
+        .map(|(_, v)| v)
+}
+
 /// The committer with its channel to the writer, behind the lock that
 /// whoever builds the next group holds: the committer's thread, for what
 /// it takes from the queue, or a task whose request finds no other in
@@ -3254,8 +3264,7 @@ impl Committer {
         let r = self.try_add(g, items, writer);
         if r.is_ok() {
             self.note_credentials(&g.state[mark.2..]);
-        }
-        if r.is_err() {
+        } else {
             // Roll back this request's part of the group.
             let made_keys = g.new_keys.len() > mark.3;
             g.new_keys.truncate(mark.3);
@@ -3370,8 +3379,8 @@ impl Committer {
         let c: CredentialCreated =
             serde_json::from_slice(payload).map_err(|_| Error::Malformed("credential_created"))?;
         let key = state::key("h/", &c.key_hash);
-        let held = match g.state.iter().rev().find(|(k, _)| *k == key) {
-            Some((_, v)) => v.is_some(),
+        let held = match changed_in(g, &key) {
+            Some(v) => v.is_some(),
             None => match self.credentials.get(&key) {
                 Some(&(_, held)) => held,
                 None => self.shared.state_get(&self.store.state, &key)?.is_some(),
@@ -3682,7 +3691,7 @@ impl Committer {
     /// A derived-state value as of this point of the group being built:
     /// the group's own mutations first, then the overlay and the tree.
     fn state_now(&self, g: &Group, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some((_, v)) = g.state.iter().rev().find(|(k, _)| k.as_slice() == key) {
+        if let Some(v) = changed_in(g, key) {
             return Ok(v.clone());
         }
         Ok(self

@@ -762,10 +762,10 @@ impl Wal {
         // Once fewer than `ahead / 2` zeroed bytes would be left past the
         // record, zeros are asked for up to `ahead` past it (to the next
         // 4 KiB page); the record waits only for zeros under itself.
-        let target = (end + c.ahead).next_multiple_of(4096);
-        if end > c.zeroed || end + c.ahead / 2 > c.asked {
-            let asked = if end + c.ahead / 2 > c.asked {
-                target
+        let ask_more = end + c.ahead / 2 > c.asked;
+        if end > c.zeroed || ask_more {
+            let asked = if ask_more {
+                (end + c.ahead).next_multiple_of(4096)
             } else {
                 c.asked
             };
