@@ -1436,20 +1436,23 @@ async fn client(
     .await
 }
 
-/// Keeps up to `pipeline` appends in flight until `next` has none left.
-/// Each is its own task, so that it is timed from submission until it
-/// resolved alone; it resolves to the records it appended and the last
-/// seq of the commit group that holds them.
+/// Keeps up to `pipeline` appends in flight until `next` has none left,
+/// all polled by the calling task (as a service pipelining its requests
+/// would: no task spawned per append). Each is timed from its first poll,
+/// which comes as soon as it is queued, until it resolved; it resolves to
+/// the records it appended and the last seq of the commit group that
+/// holds them.
 async fn pipelined<F>(
     pipeline: usize,
     bar: &ProgressBar,
     mut next: impl FnMut() -> Option<F>,
 ) -> Result<Stats>
 where
-    F: std::future::Future<Output = Result<(usize, Option<u64>)>> + Send + 'static,
+    F: std::future::Future<Output = Result<(usize, Option<u64>)>>,
 {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
     let mut stats = Stats::new();
-    let mut in_flight = JoinSet::new();
+    let mut in_flight = FuturesUnordered::new();
     let mut exhausted = false;
     loop {
         while !exhausted && in_flight.len() < pipeline {
@@ -1457,16 +1460,15 @@ where
                 exhausted = true;
                 break;
             };
-            in_flight.spawn(async move {
+            in_flight.push(async move {
                 let start = Instant::now();
                 let r = append.await;
                 (start.elapsed(), r)
             });
         }
-        let Some(joined) = in_flight.join_next().await else {
+        let Some((latency, appended)) = in_flight.next().await else {
             break;
         };
-        let (latency, appended) = joined.map_err(join_error)?;
         let (records, group_end) = appended?;
         stats.record(latency, records, group_end);
         bar.inc(records as u64);
