@@ -341,14 +341,21 @@ impl Connector {
     }
 
     /// A TCP connection to the vault, inside TLS unless plaintext, and
-    /// whether its TLS handshake resumed an earlier session.
-    async fn stream(&self) -> Result<(Stream, bool)> {
+    /// whether its TLS handshake resumed an earlier session. `one_write`:
+    /// the connection will carry a single write of the client's, so in
+    /// plaintext Nagle's algorithm has nothing to hold back (it delays a
+    /// write only while an earlier one is unacknowledged) and
+    /// `TCP_NODELAY` is not set; a TLS handshake writes more than once.
+    async fn stream(&self, one_write: bool) -> Result<(Stream, bool)> {
         let tcp = TcpStream::connect(self.config.addr.as_str()).await?;
-        // Requests are small and latency matters more than packet count.
-        tcp.set_nodelay(true)?;
         let Some((tls, name)) = &self.tls else {
+            if !one_write {
+                // Requests are small and latency matters more than packet count.
+                tcp.set_nodelay(true)?;
+            }
             return Ok((Either::Left(tcp), false));
         };
+        tcp.set_nodelay(true)?;
         let stream = tokio_rustls::TlsConnector::from(tls.clone())
             .connect(name.clone(), tcp)
             .await?;
@@ -360,7 +367,7 @@ impl Connector {
     pub async fn connect(&self) -> Result<Client> {
         let config = &self.config;
         let connecting = async {
-            match self.stream().await? {
+            match self.stream(false).await? {
                 (Either::Left(tcp), _) => {
                     let (r, w) = tcp.into_split();
                     Client::hello(r, w, config).await
@@ -399,7 +406,7 @@ impl Connector {
     pub async fn redeem(&self, token: &str) -> Result<Redemption> {
         let config = &self.config;
         let redeeming = async {
-            let (stream, tls_resumed) = self.stream().await?;
+            let (stream, tls_resumed) = self.stream(true).await?;
             Ok(Redemption {
                 data: redeem_on(stream, config, token).await?,
                 tls_resumed,
