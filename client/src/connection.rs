@@ -9,9 +9,9 @@
 //!                                  (coalesces queued frames into one flush)
 //! ```
 //!
-//! A caller registers its request id in the pending map, encodes its frame
-//! itself (so an unencodable request fails only that caller), queues it
-//! for the writer, and waits on its oneshot within the timeout. The reader
+//! A caller registers its request id in the pending map with its deadline,
+//! encodes its frame itself (so an unencodable request fails only that
+//! caller), queues it for the writer, and waits on its oneshot. The reader
 //! task decodes each response and hands it to the sender registered under
 //! its request id; an `Entries` answer is collected there until the frame
 //! flagged `LAST`. When the connection fails or closes, every waiting
@@ -19,8 +19,12 @@
 //! [`ClientError::Closed`]; there is no automatic reconnect, because which
 //! requests took effect is the caller's decision to make.
 //!
-//! A caller that times out removes its id from the map; a late answer to it
-//! is dropped, so it can never be delivered to another request.
+//! Timeouts cost no timer per request: a task of the connection looks
+//! through the map every eighth of the timeout and fails each request past its
+//! deadline with [`ClientError::Timeout`], so a request times out between
+//! the timeout and an eighth more. A timed-out request's id leaves the map;
+//! a late answer to it is dropped, so it can never be delivered to another
+//! request.
 //!
 //! A server in the same process can be reached without a stream
 //! ([`Client::direct`]): the caller hands its encoded frame to an
@@ -46,6 +50,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::either::Either;
 use zeroize::{Zeroize, Zeroizing};
@@ -59,6 +64,14 @@ type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>
 
 /// The request id of `Hello`; later requests are numbered from 2 on.
 const HELLO_ID: u32 = 1;
+
+/// How many times per timeout the reader task looks for requests past
+/// their deadline.
+const SWEEPS_PER_TIMEOUT: u32 = 8;
+
+/// The writer task's buffer: frames that fit in it are copied, and the
+/// bursts of frames queued together leave in one write.
+const WRITE_BUFFER: usize = 8 * 1024;
 
 /// Frames queued for the writer before callers wait for room. Pipelining
 /// depth is not limited here: the server reads at most its `max_in_flight`
@@ -88,6 +101,8 @@ enum Transport {
     Stream {
         outgoing: mpsc::Sender<Vec<u8>>,
         reader: JoinHandle<()>,
+        /// Fails requests past their deadline (see the module doc).
+        sweeper: JoinHandle<()>,
     },
     /// Calls in the caller's own task.
     Direct(Arc<dyn Exchange>),
@@ -276,8 +291,12 @@ impl Drop for Client {
         // The writer ends by itself when `outgoing` is dropped, after
         // writing what is queued and closing the stream; the reader would
         // wait for the server to close, so it is stopped here.
-        if let Transport::Stream { reader, .. } = &self.transport {
+        if let Transport::Stream {
+            reader, sweeper, ..
+        } = &self.transport
+        {
             reader.abort();
+            sweeper.abort();
         }
     }
 }
@@ -532,14 +551,19 @@ impl Client {
             None => return Err(ClientError::Closed),
             Some(reply) => reply?,
         };
-        let shared = Arc::new(Shared::new());
+        let shared = Arc::new(Shared::new(config.timeout));
         let (role, server) = hello_ok(reply)?;
         let (outgoing, queued) = mpsc::channel(OUTGOING_QUEUE);
         tokio::spawn(write_loop(writer, queued, shared.clone(), config.timeout));
         let reader = tokio::spawn(read_loop(frames, shared.clone()));
+        let sweeper = tokio::spawn(sweep_loop(shared.clone()));
         Ok(Client {
             shared,
-            transport: Transport::Stream { outgoing, reader },
+            transport: Transport::Stream {
+                outgoing,
+                reader,
+                sweeper,
+            },
             role,
             server,
             timeout: config.timeout,
@@ -566,7 +590,7 @@ impl Client {
             return Err(ClientError::Closed);
         }
         Ok(Client {
-            shared: Arc::new(Shared::new()),
+            shared: Arc::new(Shared::new(config.timeout)),
             transport: Transport::Direct(server),
             role,
             server: server_name,
@@ -711,11 +735,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         let stream = Some(Vec::new());
         let max_len = usize::try_from(max).unwrap_or(usize::MAX);
-        let id = self.shared.register(Pending {
-            reply: tx,
-            stream,
-            max: max_len,
-        })?;
+        let id = self.shared.register(tx, stream, max_len)?;
         match self
             .exchange(id, rx, Message::Entries { from_seq, max })
             .await?
@@ -1151,11 +1171,7 @@ impl Client {
     /// message (an `Error` included).
     async fn call(&self, message: Message) -> Result<Message> {
         let (tx, rx) = oneshot::channel();
-        let id = self.shared.register(Pending {
-            reply: tx,
-            stream: None,
-            max: 0,
-        })?;
+        let id = self.shared.register(tx, None, 0)?;
         match self.exchange(id, rx, message).await? {
             Reply::Message(m) => Ok(m),
             Reply::Entries(_) => Err(ClientError::UnexpectedResponse("one response frame")),
@@ -1163,8 +1179,9 @@ impl Client {
     }
 
     /// Encodes and queues the request registered under `id`, then waits
-    /// for its answer, all within the timeout. On any early return the id
-    /// is unregistered.
+    /// for its answer, until its deadline (see the module doc; a direct
+    /// exchange has a timer of its own). On any early return the id is
+    /// unregistered.
     async fn exchange(
         &self,
         id: u32,
@@ -1177,22 +1194,32 @@ impl Client {
         };
         let frame = encode_frame(id, &message, 0)?;
         drop(message);
-        let answered = async {
-            match &self.transport {
-                Transport::Stream { outgoing, .. } => outgoing
-                    .send(frame)
-                    .await
-                    .map_err(|_| ClientError::Closed)?,
-                Transport::Direct(server) => {
+        let mut rx = rx;
+        match &self.transport {
+            Transport::Stream { outgoing, .. } => {
+                match outgoing.try_send(frame) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(ClientError::Closed),
+                    // Waiting for room in the queue ends too when the
+                    // request is failed at its deadline.
+                    Err(mpsc::error::TrySendError::Full(frame)) => tokio::select! {
+                        sent = outgoing.send(frame) => sent.map_err(|_| ClientError::Closed)?,
+                        answer = &mut rx => return answer.map_err(|_| ClientError::Closed)?,
+                    },
+                }
+                rx.await.map_err(|_| ClientError::Closed)?
+            }
+            Transport::Direct(server) => {
+                let answered = async {
                     let answer = server.exchange(frame).await;
                     self.shared.deliver_all(answer);
-                }
+                    rx.await.map_err(|_| ClientError::Closed)?
+                };
+                tokio::time::timeout(self.timeout, answered)
+                    .await
+                    .map_err(|_| ClientError::Timeout)?
             }
-            rx.await.map_err(|_| ClientError::Closed)?
-        };
-        tokio::time::timeout(self.timeout, answered)
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        }
     }
 }
 
@@ -1256,11 +1283,15 @@ struct Pending {
     stream: Option<Vec<Vec<u8>>>,
     /// Most entries the stream may carry (what was asked for).
     max: usize,
+    /// When the reader task fails it with [`ClientError::Timeout`].
+    deadline: Instant,
 }
 
 /// State shared by callers and the reader task.
 struct Shared {
     state: Mutex<State>,
+    /// How long a request may wait for its answer.
+    timeout: Duration,
 }
 
 /// Invariant: `closed` implies `pending` is empty, and no id is ever in
@@ -1274,8 +1305,9 @@ struct State {
 }
 
 impl Shared {
-    fn new() -> Shared {
+    fn new(timeout: Duration) -> Shared {
         Shared {
+            timeout,
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 last_id: HELLO_ID,
@@ -1315,8 +1347,20 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Allocates a request id and registers `pending` under it.
-    fn register(&self, pending: Pending) -> Result<u32> {
+    /// Allocates a request id and registers a caller waiting on `reply`
+    /// under it, with its deadline.
+    fn register(
+        &self,
+        reply: oneshot::Sender<Result<Reply>>,
+        stream: Option<Vec<Vec<u8>>>,
+        max: usize,
+    ) -> Result<u32> {
+        let pending = Pending {
+            reply,
+            stream,
+            max,
+            deadline: Instant::now() + self.timeout,
+        };
         let mut state = self.lock();
         if state.closed {
             return Err(ClientError::Closed);
@@ -1368,6 +1412,26 @@ impl Shared {
                 // The caller may have stopped waiting; nothing to do then.
                 let _ = pending.reply.send(outcome);
             }
+        }
+    }
+
+    /// Fails every request whose deadline is `now` or earlier with
+    /// [`ClientError::Timeout`].
+    fn expire(&self, now: Instant) {
+        let expired: Vec<Pending> = {
+            let mut state = self.lock();
+            let ids: Vec<u32> = state
+                .pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| state.pending.remove(id))
+                .collect()
+        };
+        for p in expired {
+            let _ = p.reply.send(Err(ClientError::Timeout));
         }
     }
 
@@ -1435,6 +1499,20 @@ fn replicate(e: &ClientError) -> ClientError {
     }
 }
 
+/// Fails the requests past their deadline, every eighth of the timeout,
+/// until the connection is closed.
+async fn sweep_loop(shared: Arc<Shared>) {
+    let mut sweeps = tokio::time::interval(shared.timeout / SWEEPS_PER_TIMEOUT);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let now = sweeps.tick().await;
+        if shared.lock().closed {
+            return;
+        }
+        shared.expire(now);
+    }
+}
+
 /// Decodes responses until the stream ends or fails, then closes.
 async fn read_loop<R>(mut frames: FramedRead<R, MessageCodec>, shared: Arc<Shared>)
 where
@@ -1469,12 +1547,17 @@ async fn write_loop<W>(
 ) where
     W: AsyncWrite + Unpin,
 {
-    let mut w = BufWriter::new(writer);
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
     while let Some(first) = queued.recv().await {
         let mut next = Some(first);
         let mut result = Ok(());
         while let Some(frame) = next.take() {
-            result = within(timeout, w.write_all(&frame)).await;
+            if w.buffer().len() + frame.len() < WRITE_BUFFER {
+                // Copied into the buffer, no I/O: nothing to time.
+                result = w.write_all(&frame).await.map_err(ClientError::from);
+            } else {
+                result = within(timeout, w.write_all(&frame)).await;
+            }
             if result.is_err() {
                 break;
             }
@@ -1934,6 +2017,43 @@ mod tests {
         };
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(health.await.expect("join").is_ok());
+    }
+
+    /// A request fails once its own deadline passed, within an eighth of
+    /// the timeout after it, and alone: a later request on the same
+    /// connection still gets its answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_times_out_at_its_own_deadline_and_alone() {
+        let timeout = Duration::from_secs(8);
+        let (client, mut peer) = pair(timeout).await;
+        let client = Arc::new(client);
+        let start = Instant::now();
+        let first = tokio::spawn({
+            let c = client.clone();
+            async move { (c.ping().await, Instant::now()) }
+        });
+        let _unanswered = next_request(&mut peer).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let second = tokio::spawn({
+            let c = client.clone();
+            async move { c.health().await }
+        });
+        let req = next_request(&mut peer).await;
+        let (outcome, at) = first.await.expect("join");
+        assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
+        let waited = at - start;
+        assert!(
+            waited >= timeout && waited <= timeout + timeout / SWEEPS_PER_TIMEOUT,
+            "{waited:?}"
+        );
+        assert!(!second.is_finished());
+        let answer = Message::HealthInfo {
+            status: "ok".into(),
+            entries: 1,
+        };
+        peer.send((req.request_id, answer)).await.expect("send");
+        assert!(second.await.expect("join").is_ok());
+        assert!(!client.is_closed());
     }
 
     #[tokio::test]
