@@ -61,7 +61,9 @@ pub struct ClientConfig {
     /// A name for this client, sent in `Hello` for the server's logs.
     pub client_name: String,
     /// Time allowed to connect (TCP, TLS and `Hello` together) and for each
-    /// request to be answered (default [`DEFAULT_TIMEOUT`], 30 s).
+    /// request to be answered (default [`DEFAULT_TIMEOUT`], 30 s). A request
+    /// on a [`Client`](crate::Client)'s connection fails with `Timeout`
+    /// within an eighth of this after its deadline.
     pub timeout: Duration,
 }
 
