@@ -19,10 +19,11 @@
 //! [`ClientError::Closed`]; there is no automatic reconnect, because which
 //! requests took effect is the caller's decision to make.
 //!
-//! Timeouts cost no timer per request: a task of the connection looks
-//! through the map every eighth of the timeout and fails each request past its
-//! deadline with [`ClientError::Timeout`], so a request times out between
-//! the timeout and an eighth more. A timed-out request's id leaves the map;
+//! Timeouts cost no timer per request: a sweeper task of the connection
+//! looks through the map every eighth of the timeout (at least every
+//! millisecond) and fails each request past its deadline with
+//! [`ClientError::Timeout`], so a request times out between the timeout
+//! and an eighth more. A timed-out request's id leaves the map;
 //! a late answer to it is dropped, so it can never be delivered to another
 //! request.
 //!
@@ -65,8 +66,8 @@ type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>
 /// The request id of `Hello`; later requests are numbered from 2 on.
 const HELLO_ID: u32 = 1;
 
-/// How many times per timeout the reader task looks for requests past
-/// their deadline.
+/// How many times per timeout the connection's sweeper task looks for
+/// requests past their deadline.
 const SWEEPS_PER_TIMEOUT: u32 = 8;
 
 /// The writer task's buffer: frames that fit in it are copied, and the
@@ -1185,7 +1186,7 @@ impl Client {
     async fn exchange(
         &self,
         id: u32,
-        rx: oneshot::Receiver<Result<Reply>>,
+        mut rx: oneshot::Receiver<Result<Reply>>,
         message: Message,
     ) -> Result<Reply> {
         let _registered = Registered {
@@ -1194,7 +1195,6 @@ impl Client {
         };
         let frame = encode_frame(id, &message, 0)?;
         drop(message);
-        let mut rx = rx;
         match &self.transport {
             Transport::Stream { outgoing, .. } => {
                 match outgoing.try_send(frame) {
@@ -1283,7 +1283,8 @@ struct Pending {
     stream: Option<Vec<Vec<u8>>>,
     /// Most entries the stream may carry (what was asked for).
     max: usize,
-    /// When the reader task fails it with [`ClientError::Timeout`].
+    /// When the connection's sweeper task fails it with
+    /// [`ClientError::Timeout`].
     deadline: Instant,
 }
 
@@ -1502,7 +1503,9 @@ fn replicate(e: &ClientError) -> ClientError {
 /// Fails the requests past their deadline, every eighth of the timeout,
 /// until the connection is closed.
 async fn sweep_loop(shared: Arc<Shared>) {
-    let mut sweeps = tokio::time::interval(shared.timeout / SWEEPS_PER_TIMEOUT);
+    // A period of zero would make `interval` panic.
+    let every = (shared.timeout / SWEEPS_PER_TIMEOUT).max(Duration::from_millis(1));
+    let mut sweeps = tokio::time::interval(every);
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let now = sweeps.tick().await;
@@ -2053,6 +2056,20 @@ mod tests {
         };
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(second.await.expect("join").is_ok());
+        assert!(!client.is_closed());
+    }
+
+    /// A timeout shorter than the sweeps can divide (nanoseconds) is still
+    /// a typed `Timeout`, not a panic of the sweeper's interval.
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_of_nanoseconds_times_out() {
+        let (client, _peer) = pair(Duration::from_nanos(5)).await;
+        // Bounded, so that a sweeper that died fails the test, not hangs it.
+        let outcome = tokio::time::timeout(Duration::from_secs(60), client.ping()).await;
+        assert!(
+            matches!(outcome, Ok(Err(ClientError::Timeout))),
+            "{outcome:?}"
+        );
         assert!(!client.is_closed());
     }
 
