@@ -271,7 +271,6 @@ pub struct Client {
     transport: Transport,
     role: String,
     server: String,
-    timeout: Duration,
     /// True when the TLS handshake resumed an earlier session.
     resumed: bool,
 }
@@ -281,7 +280,7 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("role", &self.role)
             .field("server", &self.server)
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.shared.timeout)
             .field("closed", &self.is_closed())
             .finish()
     }
@@ -555,7 +554,7 @@ impl Client {
         let shared = Arc::new(Shared::new(config.timeout));
         let (role, server) = hello_ok(reply)?;
         let (outgoing, queued) = mpsc::channel(OUTGOING_QUEUE);
-        tokio::spawn(write_loop(writer, queued, shared.clone(), config.timeout));
+        tokio::spawn(write_loop(writer, queued, shared.clone()));
         let reader = tokio::spawn(read_loop(frames, shared.clone()));
         let sweeper = tokio::spawn(sweep_loop(shared.clone()));
         Ok(Client {
@@ -567,7 +566,6 @@ impl Client {
             },
             role,
             server,
-            timeout: config.timeout,
             resumed: false,
         })
     }
@@ -595,7 +593,6 @@ impl Client {
             transport: Transport::Direct(server),
             role,
             server: server_name,
-            timeout: config.timeout,
             resumed: false,
         })
     }
@@ -1215,7 +1212,7 @@ impl Client {
                     self.shared.deliver_all(answer);
                     rx.await.map_err(|_| ClientError::Closed)?
                 };
-                tokio::time::timeout(self.timeout, answered)
+                tokio::time::timeout(self.shared.timeout, answered)
                     .await
                     .map_err(|_| ClientError::Timeout)?
             }
@@ -1538,18 +1535,15 @@ where
 }
 
 /// Writes queued frames, flushing once per burst of frames that were
-/// queued together. A write or flush that cannot finish within `timeout`
-/// means the server stopped reading: the connection is closed rather than
+/// queued together. A write or flush that cannot finish within the
+/// connection's timeout means the server stopped reading: the connection is closed rather than
 /// left to hang. (The limit is per frame, not per burst, so a long burst
 /// to a slow but live server is not cut off.)
-async fn write_loop<W>(
-    writer: W,
-    mut queued: mpsc::Receiver<Vec<u8>>,
-    shared: Arc<Shared>,
-    timeout: Duration,
-) where
+async fn write_loop<W>(writer: W, mut queued: mpsc::Receiver<Vec<u8>>, shared: Arc<Shared>)
+where
     W: AsyncWrite + Unpin,
 {
+    let timeout = shared.timeout;
     let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
     while let Some(first) = queued.recv().await {
         let mut next = Some(first);

@@ -2443,15 +2443,20 @@ mod tests {
         }
     }
 
+    /// A client's end and the end `listener` accepted of a new connection.
+    async fn connected(listener: &TcpListener) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let addr = listener.local_addr().expect("its address");
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (client.expect("connected"), accepted.expect("accepted").0)
+    }
+
     #[tokio::test]
     async fn accepted_sockets_have_nodelay_from_the_listener() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
         let inherited = nodelay_inherited(&listener);
         assert_eq!(inherited, cfg!(target_os = "linux"));
-        let addr = listener.local_addr().expect("its address");
-        let (client, accepted) =
-            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (client, accepted) = (client.expect("connected"), accepted.expect("accepted").0);
+        let (client, accepted) = connected(&listener).await;
         if inherited {
             assert!(accepted.nodelay().expect("TCP_NODELAY"));
         }
@@ -2467,10 +2472,7 @@ mod tests {
 
         async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-            let addr = listener.local_addr().expect("its address");
-            let (client, accepted) =
-                tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-            (client.expect("connected"), accepted.expect("accepted").0)
+            connected(&listener).await
         }
 
         #[tokio::test]
