@@ -24,7 +24,10 @@
 //! fixes the connection's role; each request is checked against the role;
 //! a frame that does not decode is answered with an `Error` of its code and
 //! the connection is closed; a connection idle for `idle_timeout` (the
-//! handshake included) is closed. Nothing a client sends makes the server
+//! handshake included) is closed, and so is one whose answers cannot be
+//! written for as long because its client does not read them
+//! ([`ConnectionError::Unread`]): it would otherwise hold its slot, and its requests in
+//! flight, for ever. Nothing a client sends makes the server
 //! allocate beyond `max_frame_len` per frame and `max_in_flight` requests
 //! per connection.
 //!
@@ -61,7 +64,9 @@ pub struct ServeConfig {
     /// Requests of one connection handled at once; further frames are not
     /// read until one finishes (default 64).
     pub max_in_flight: usize,
-    /// A connection that sends nothing for this long is closed (default 30 s).
+    /// A connection that sends nothing for this long is closed (default
+    /// 30 s), and so is one whose answers cannot be written for this long
+    /// because its client does not read them.
     pub idle_timeout: Duration,
     /// Time a new connection has, from its arrival, to send a trusted
     /// proxy's PROXY header (when it comes from one), finish its TLS
@@ -731,6 +736,8 @@ pub enum ConnectionError {
     Tls(String),
     #[error("closed during its handshake to admit a newer connection")]
     Evicted,
+    #[error("answers left unread for the idle timeout")]
+    Unread,
     #[error(transparent)]
     ProxyHeader(crate::proxied::header::HeaderError),
 }
@@ -879,6 +886,160 @@ impl Outgoing for TlsOutgoing<tokio::net::TcpStream> {
     }
 }
 
+/// A served connection's byte stream (or its write half), whose writes
+/// fail once they have made no progress for `limit`: a client that sends
+/// requests but leaves the answers unread fills the socket's buffers, and
+/// without a limit its connection would wait for ever, holding its slot
+/// of `max_connections` and its requests in flight. Reads pass through
+/// (the shim's HTTP connections wrap their whole stream).
+///
+/// A timer is armed only when a write, flush or shutdown has to wait, and
+/// disarmed by the next one that moves: a client that reads, however
+/// slowly, is never cut off, and a write the socket takes at once (nearly
+/// every one) costs no timer. Once the limit passed, every later call
+/// fails at once with [`std::io::ErrorKind::TimedOut`], so that nothing
+/// waits for the limit twice.
+pub(crate) struct Unread<W> {
+    inner: W,
+    limit: Duration,
+    /// Armed while a call waits; `None` before the first wait.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    expired: bool,
+}
+
+impl<W> Unread<W> {
+    pub(crate) fn new(inner: W, limit: Duration) -> Self {
+        Unread {
+            inner,
+            limit,
+            timer: None,
+            armed: false,
+            expired: false,
+        }
+    }
+
+    /// Whether the limit ended a call (the connection's answers were left
+    /// unread).
+    pub(crate) fn expired(&self) -> bool {
+        self.expired
+    }
+
+    /// The outcome of a call of the inner stream: a result disarms the
+    /// timer; a wait arms it (if it is not armed yet), and fails once it
+    /// has run out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if polled.is_ready() {
+            self.armed = false;
+            return polled;
+        }
+        let deadline = tokio::time::Instant::now() + self.limit;
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if !self.armed {
+                    t.as_mut().reset(deadline);
+                }
+                t
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                self.expired = true;
+                Poll::Ready(Err(Self::gone()))
+            }
+        }
+    }
+
+    /// Makes a call of the inner stream under the limit; fails at once
+    /// once the limit has passed.
+    fn call<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        op: impl FnOnce(
+            std::pin::Pin<&mut W>,
+            &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>>
+    where
+        W: Unpin,
+    {
+        if self.expired {
+            return std::task::Poll::Ready(Err(Self::gone()));
+        }
+        let polled = op(std::pin::Pin::new(&mut self.inner), cx);
+        self.watch(cx, polled)
+    }
+
+    fn gone() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "answers left unread for the idle timeout",
+        )
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Unread<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.call(cx, |w, cx| w.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.call(cx, |w, cx| w.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.call(cx, |w, cx| w.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.call(cx, |w, cx| w.poll_shutdown(cx))
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Unread<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<W: Outgoing> Outgoing for Unread<W> {
+    fn hold_until_close(&self) {
+        self.inner.hold_until_close();
+    }
+}
+
 /// Serves one connection over any byte stream (plain TCP or TLS).
 pub async fn serve_connection<R, W>(reader: R, writer: W, conn: Conn) -> Result<(), ConnectionError>
 where
@@ -889,6 +1050,7 @@ where
     // Small buffers until the caller is known: a partner's connection
     // carries a `Hello` and one `Redeem`, and there is one per token.
     let mut frames = FramedRead::with_capacity(reader, codec.clone(), HELLO_BUFFER);
+    let writer = Unread::new(writer, conn.config.idle_timeout);
     let mut sink = FramedWrite::with_capacity(writer, codec, HELLO_BUFFER);
     sink.set_backpressure_boundary(PIPELINE_BUFFER);
 
@@ -957,6 +1119,7 @@ where
             }
         }
         let _ = SinkExt::<Frame>::close(&mut sink).await;
+        sink.get_ref().expired()
     });
     // Requests in flight are futures polled by this task, not tasks of
     // their own: a pipelined append costs no spawn, and the answers of one
@@ -970,6 +1133,11 @@ where
     // A frame read while gathering appends that is not one of them.
     let mut carried = None;
     let (last, result) = loop {
+        // The writer task gave up (answers left unread): nothing more is
+        // read or answered.
+        if tx.is_closed() {
+            break (None, Ok(()));
+        }
         // Back-pressure: read the next frame only when a slot is free.
         while in_flight >= max_in_flight {
             if let Some(n) = pending.next().await {
@@ -1038,7 +1206,9 @@ where
         let _ = tx.send((id, reply, 0)).await;
     }
     drop(tx);
-    let _ = writer.await;
+    if writer.await.unwrap_or(false) {
+        return Err(ConnectionError::Unread);
+    }
     result
 }
 
@@ -1050,7 +1220,7 @@ where
 /// redemption costs one write each way.
 async fn serve_partner<R, W>(
     mut frames: FramedRead<R, FrameCodec>,
-    mut sink: FramedWrite<W, FrameCodec>,
+    mut sink: FramedWrite<Unread<W>, FrameCodec>,
     (hello_id, ok): (u32, Message),
     caller: &Caller,
     conn: &Conn,
@@ -1063,7 +1233,7 @@ where
     let result = loop {
         if let Some((id, m)) = answer.take() {
             if !feed(&mut sink, id, &m).await {
-                return Ok(());
+                return unread_or(&sink, Ok(()));
             }
         }
         // What is answered leaves before the next request is awaited,
@@ -1074,7 +1244,7 @@ where
             Ok(Some(_))
         );
         if !next_is_here && SinkExt::<Frame>::flush(&mut sink).await.is_err() {
-            return Ok(());
+            return unread_or(&sink, Ok(()));
         }
         let next = next_frame(&mut frames, conn.config.idle_timeout).await;
         let (id, message, current) = match screen(next, Role::Partner, &conn.vault) {
@@ -1104,6 +1274,17 @@ where
         feed(&mut sink, id, &m).await;
     }
     let _ = SinkExt::<Frame>::close(&mut sink).await;
+    unread_or(&sink, result)
+}
+
+/// `result`, unless the connection's answers were left unread.
+fn unread_or<W>(
+    sink: &FramedWrite<Unread<W>, FrameCodec>,
+    result: Result<(), ConnectionError>,
+) -> Result<(), ConnectionError> {
+    if sink.get_ref().expired() {
+        return Err(ConnectionError::Unread);
+    }
     result
 }
 
@@ -1280,6 +1461,7 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
         ConnectionError::Protocol(p) => p.wire_code(),
         ConnectionError::Unauthenticated => Some(ErrorCode::Unauthenticated),
         ConnectionError::Idle
+        | ConnectionError::Unread
         | ConnectionError::Tls(_)
         | ConnectionError::Evicted
         | ConnectionError::ProxyHeader(_) => None,
@@ -2521,5 +2703,43 @@ mod tests {
             client.read_to_end(&mut got).await.expect("read to the end");
             assert_eq!(got, b"the last answer");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_fails_only_once_it_made_no_progress_for_the_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limit = Duration::from_millis(300);
+        let (near, mut far) = tokio::io::duplex(256);
+        let mut w = Unread::new(near, limit);
+        // A reader that takes 256 bytes every 100 ms: slow, but never
+        // the limit without progress.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            let mut total = 0;
+            while total < 8192 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                total += far.read(&mut buf).await.expect("read");
+            }
+            far
+        });
+        let slow = tokio::time::Instant::now();
+        w.write_all(&[7; 8192])
+            .await
+            .expect("a slow reader is not cut off");
+        assert!(slow.elapsed() > limit * 3, "{:?}", slow.elapsed());
+        assert!(!w.expired());
+        // Nobody reads any more (the reader's end is kept open): the
+        // write that cannot move fails at the limit, ...
+        let _far = reader.await.expect("reader");
+        let stalled = tokio::time::Instant::now();
+        let e = w.write_all(&[7; 1024]).await.expect_err("left unread");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(stalled.elapsed() >= limit, "{:?}", stalled.elapsed());
+        assert!(w.expired());
+        // ... and every later call at once, without waiting again.
+        let again = tokio::time::Instant::now();
+        assert!(w.flush().await.is_err());
+        assert!(w.shutdown().await.is_err());
+        assert_eq!(again.elapsed(), Duration::ZERO);
     }
 }

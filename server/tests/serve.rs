@@ -794,6 +794,12 @@ async fn concurrent_redemptions_of_one_token_deliver_once() {
     assert_eq!((data, spent), (1, 119));
 }
 
+/// `n` `Ping` frames in a row.
+fn pings(n: usize) -> Vec<u8> {
+    let ping = protocol::encode_frame(2, &Message::Ping, 0).expect("frame");
+    ping.iter().copied().cycle().take(ping.len() * n).collect()
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_does_not_hold_up_others() {
     let s = start(ServeConfig::default()).await;
@@ -801,13 +807,7 @@ async fn a_client_that_never_reads_does_not_hold_up_others() {
     let mut tcp = conn.into_inner();
     // 20,000 pings (~360 KB) and never a read: the server stops reading
     // once its in-flight limit and the socket buffers are full.
-    let ping = protocol::encode_frame(2, &Message::Ping, 0).expect("frame");
-    let burst: Vec<u8> = ping
-        .iter()
-        .copied()
-        .cycle()
-        .take(ping.len() * 20_000)
-        .collect();
+    let burst = pings(20_000);
     let writer = tokio::spawn(async move {
         let _ = tcp.write_all(&burst).await;
         tcp
@@ -1263,4 +1263,51 @@ async fn certificate_holders_come_from_each_credentials_creation_entry() {
         ),
         "{refused:?}"
     );
+}
+
+/// Connects with `key`, then floods pings and never reads an answer.
+/// The task ends when a write fails: the server closed the connection.
+async fn flood_unread(s: &Server, key: &str) -> tokio::task::JoinHandle<()> {
+    let (conn, hello) = connect(s, key).await;
+    assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
+    let mut tcp = conn.into_inner();
+    let burst = pings(10_000);
+    tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} })
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() {
+    // A writer's connection (answers through its writer task) and a
+    // partner's (answered in turn) alike.
+    for role in ["writer", "partner"] {
+        let s = start(ServeConfig {
+            max_connections: 1,
+            idle_timeout: Duration::from_millis(300),
+            ..ServeConfig::default()
+        })
+        .await;
+        let key = if role == "writer" {
+            &s.writer
+        } else {
+            &s.partner
+        };
+        let flood = flood_unread(&s, key).await;
+        // The one slot is free again once the server gives up writing to
+        // a client that does not read (bounded so that the test fails
+        // rather than hangs).
+        let bound = Duration::from_secs(60);
+        let (mut other, hello) = tokio::time::timeout(bound, connect(&s, &s.writer))
+            .await
+            .unwrap_or_else(|_| panic!("{role}: the unread connection kept its slot"));
+        assert!(
+            matches!(hello, Message::HelloOk { .. }),
+            "{role}: {hello:?}"
+        );
+        assert_eq!(request(&mut other, 2, &Message::Ping).await, Message::Pong);
+        // And the flooding client finds its connection closed.
+        tokio::time::timeout(bound, flood)
+            .await
+            .unwrap_or_else(|_| panic!("{role}: the unread connection stayed open"))
+            .expect("flood task");
+    }
 }

@@ -680,6 +680,37 @@ async fn slow_idle_and_unfinished_http_clients_are_cut_off() {
     r.stop().await;
 }
 
+/// A client that sends requests but never reads the answers is closed
+/// once a response could not be written for `request_timeout`, and its
+/// slot goes to the next client (bounded so that the test fails rather
+/// than hangs).
+#[tokio::test]
+async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() {
+    let r = start(ShimConfig {
+        max_connections: 1,
+        header_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_millis(600),
+        ..ShimConfig::default()
+    })
+    .await;
+    let mut tcp = TcpStream::connect(r.http).await.expect("connect");
+    let ask = b"GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n";
+    let burst: Vec<u8> = ask
+        .iter()
+        .copied()
+        .cycle()
+        .take(ask.len() * 2_000)
+        .collect();
+    let flood = tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} });
+    let (status, _) = call(r.http, "GET", "/v1/health", None, None).await;
+    assert_eq!(status, 200, "the unread connection kept its slot");
+    tokio::time::timeout(Duration::from_secs(60), flood)
+        .await
+        .expect("the unread connection stayed open")
+        .expect("flood task");
+    r.stop().await;
+}
+
 /// A route of the API, with the path pieces and query it is sent with.
 #[derive(Debug, Clone)]
 enum Route {

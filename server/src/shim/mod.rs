@@ -23,7 +23,9 @@
 //!   caller's own key, so the vault checks the role and the log names the
 //!   caller's credential (`recorded_by`).
 //! - Slow clients are cut off: headers within `header_timeout`, the whole
-//!   request within `request_timeout`, bodies up to `max_body_bytes`.
+//!   request within `request_timeout`, bodies up to `max_body_bytes`; a
+//!   connection whose client leaves a response unread for
+//!   `request_timeout` is closed, so that it does not hold its slot.
 //!
 //! The routes and their JSON are in `openapi.json` (served at
 //! `/v1/openapi.json`) and `docs/http.md`.
@@ -67,7 +69,9 @@ pub struct ShimConfig {
     /// connection's TLS handshake and first request's headers share it,
     /// from its arrival.
     pub header_timeout: Duration,
-    /// Time allowed for a whole request, body included (default 15 s).
+    /// Time allowed for a whole request, body included (default 15 s),
+    /// and for a client to take its response: a response whose writing
+    /// moves no byte for this long closes the connection.
     pub request_timeout: Duration,
     /// Connections served at once (default 1024). A connection takes its
     /// slot once its first request's headers are in: until then it is in
@@ -192,6 +196,7 @@ pub async fn serve(
             app: app.clone(),
             acceptor: tls.as_ref().map(crate::tls::ServerTls::acceptor),
             header_timeout: shim.config.header_timeout,
+            unread_limit: shim.config.request_timeout,
             admission: admission.clone(),
             ticket,
             evicted,
@@ -213,6 +218,9 @@ struct Connection {
     app: Router,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     header_timeout: Duration,
+    /// How long a response may wait for the client to read it before the
+    /// connection is closed (`request_timeout`).
+    unread_limit: Duration,
     admission: Arc<crate::serve::Admission>,
     ticket: u64,
     /// Cancelled to admit a newer connection while this one is in its
@@ -241,6 +249,7 @@ impl Connection {
             app,
             acceptor,
             header_timeout,
+            unread_limit,
             admission,
             ticket,
             evicted,
@@ -276,6 +285,7 @@ impl Connection {
         let served = async move {
             match acceptor {
                 None => {
+                    let io = crate::serve::Unread::new(io, unread_limit);
                     let conn = builder.serve_connection(TokioIo::new(io), svc);
                     let _ = watcher.watch(conn).await;
                 }
@@ -285,6 +295,7 @@ impl Connection {
                     let Ok(Ok(stream)) = accepted else {
                         return;
                     };
+                    let stream = crate::serve::Unread::new(stream, unread_limit);
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     let _ = watcher.watch(conn).await;
                 }
@@ -415,6 +426,7 @@ mod tests {
                 app: router(shim),
                 acceptor: tls,
                 header_timeout: WINDOW,
+                unread_limit: WINDOW,
                 admission,
                 ticket,
                 evicted,
