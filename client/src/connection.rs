@@ -1186,9 +1186,10 @@ impl Client {
         mut rx: oneshot::Receiver<Result<Reply>>,
         message: Message,
     ) -> Result<Reply> {
-        let _registered = Registered {
+        let mut registered = Registered {
             shared: &self.shared,
             id,
+            answered: false,
         };
         let frame = encode_frame(id, &message, 0)?;
         drop(message);
@@ -1201,10 +1202,15 @@ impl Client {
                     // request is failed at its deadline.
                     Err(mpsc::error::TrySendError::Full(frame)) => tokio::select! {
                         sent = outgoing.send(frame) => sent.map_err(|_| ClientError::Closed)?,
-                        answer = &mut rx => return answer.map_err(|_| ClientError::Closed)?,
+                        answer = &mut rx => {
+                            registered.answered = true;
+                            return answer.map_err(|_| ClientError::Closed)?;
+                        }
                     },
                 }
-                rx.await.map_err(|_| ClientError::Closed)?
+                let answer = rx.await;
+                registered.answered = true;
+                answer.map_err(|_| ClientError::Closed)?
             }
             Transport::Direct(server) => {
                 let answered = async {
@@ -1446,16 +1452,23 @@ impl Shared {
     }
 }
 
-/// Unregisters a request when its caller stops waiting (answered, timed
-/// out, or its future dropped).
+/// Unregisters a request when its caller stops waiting before its
+/// answer (an error, or its future dropped).
 struct Registered<'a> {
     shared: &'a Shared,
     id: u32,
+    /// Its receiver resolved: whoever answered (the reader, the sweeper,
+    /// a close) took the request out of `pending` before sending or
+    /// dropping its sender, so there is nothing to remove, and the lock
+    /// is not taken a third time for the request.
+    answered: bool,
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.shared.lock().pending.remove(&self.id);
+        if !self.answered {
+            self.shared.lock().pending.remove(&self.id);
+        }
     }
 }
 
@@ -2051,6 +2064,46 @@ mod tests {
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(second.await.expect("join").is_ok());
         assert!(!client.is_closed());
+    }
+
+    /// Nothing stays registered: not a request answered, nor one that
+    /// timed out, nor one whose caller gave up before its answer.
+    #[tokio::test(start_paused = true)]
+    async fn no_request_stays_registered_once_its_caller_is_done() {
+        let timeout = Duration::from_secs(8);
+        let (client, mut peer) = pair(timeout).await;
+        let client = Arc::new(client);
+        let registered = || client.shared.lock().pending.len();
+        // Answered.
+        let answered = tokio::spawn({
+            let c = client.clone();
+            async move { c.ping().await }
+        });
+        let req = next_request(&mut peer).await;
+        assert_eq!(registered(), 1);
+        peer.send((req.request_id, Message::Pong))
+            .await
+            .expect("send");
+        assert!(answered.await.expect("join").is_ok());
+        assert_eq!(registered(), 0);
+        // Given up: its future dropped while it waits.
+        let given_up = tokio::spawn({
+            let c = client.clone();
+            async move { c.ping().await }
+        });
+        let _ = next_request(&mut peer).await;
+        given_up.abort();
+        assert!(given_up.await.expect_err("aborted").is_cancelled());
+        assert_eq!(registered(), 0);
+        // Timed out.
+        let timed_out = tokio::spawn({
+            let c = client.clone();
+            async move { c.ping().await }
+        });
+        let _ = next_request(&mut peer).await;
+        let outcome = timed_out.await.expect("join");
+        assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
+        assert_eq!(registered(), 0);
     }
 
     /// A timeout shorter than the sweeps can divide (nanoseconds) is still
