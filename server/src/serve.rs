@@ -785,6 +785,12 @@ impl Conn {
 /// larger frame). Fresh 8 KiB buffers for each redemption's connection
 /// cost ~8% of the redemption rate (docs/benchmarks.md).
 const HELLO_BUFFER: usize = 1024;
+/// Largest payload of a connection's first frame, its `Hello` (an API key
+/// and a client name; longer is `frame_too_large`): the most a client
+/// that is not authenticated can make the server hold for its frame, so
+/// that the connections in their handshake (`max_handshakes`) cannot pin
+/// `max_frame_len` each.
+pub const MAX_HELLO_LEN: usize = 4 * 1024;
 /// Read buffer of any other role's connection, which may pipeline, and
 /// the write buffer's flush mark for all.
 const PIPELINE_BUFFER: usize = 8 * 1024;
@@ -1048,10 +1054,13 @@ where
 {
     let codec = FrameCodec::with_max_frame_len(conn.config.max_frame_len);
     // Small buffers until the caller is known: a partner's connection
-    // carries a `Hello` and one `Redeem`, and there is one per token.
-    let mut frames = FramedRead::with_capacity(reader, codec.clone(), HELLO_BUFFER);
+    // carries a `Hello` and one `Redeem`, and there is one per token. And
+    // a small frame: until it is authenticated, a connection may make the
+    // server hold `MAX_HELLO_LEN` bytes, not `max_frame_len`.
+    let hello_codec = FrameCodec::with_max_frame_len(MAX_HELLO_LEN.min(conn.config.max_frame_len));
+    let mut frames = FramedRead::with_capacity(reader, hello_codec, HELLO_BUFFER);
     let writer = Unread::new(writer, conn.config.idle_timeout);
-    let mut sink = FramedWrite::with_capacity(writer, codec, HELLO_BUFFER);
+    let mut sink = FramedWrite::with_capacity(writer, codec.clone(), HELLO_BUFFER);
     sink.set_backpressure_boundary(PIPELINE_BUFFER);
 
     // Authentication: the first frame, by the handshake's deadline.
@@ -1073,6 +1082,7 @@ where
         },
         None => None,
     };
+    *frames.decoder_mut() = codec;
     let role = caller.role;
     let ok = Message::HelloOk {
         role: role.name().into(),

@@ -513,6 +513,28 @@ async fn garbage_and_oversized_frames_get_a_typed_error_and_a_close() {
             Some(ErrorCode::Malformed)
         );
     }
+    // Before it is authenticated, a connection's frame (its `Hello`) may
+    // not pass `MAX_HELLO_LEN`: refused from the header alone, with no
+    // payload sent.
+    let mut header = protocol::encode_frame(1, &Message::Ping, 0).expect("frame");
+    let len = server::serve::MAX_HELLO_LEN as u32 + 1;
+    header[10..14].copy_from_slice(&len.to_be_bytes());
+    let out = frames(&raw_exchange(&s, None, &header[..protocol::HEADER_LEN]).await);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(code(&out[0]), Some(ErrorCode::FrameTooLarge), "{out:?}");
+    // Once it is, frames up to the maximum are read again: a record of
+    // 40 KiB (records stop at 48) is appended, its request sent with the
+    // `Hello`.
+    let big = Message::Append {
+        subject: "big".into(),
+        fields: vec![("v".into(), "x".repeat(40 * 1024))],
+    };
+    let big = protocol::encode_frame(2, &big, 0).expect("frame");
+    let out = frames(&raw_exchange(&s, Some(&s.writer), &big).await);
+    assert!(
+        matches!(out.last(), Some(Message::Receipt { .. })),
+        "{out:?}"
+    );
     // Every truncation of an append, then EOF: no reply but a close, and the
     // server keeps serving.
     let append = protocol::encode_frame(

@@ -213,6 +213,12 @@ pub async fn serve(
     Ok(())
 }
 
+/// Most bytes a connection's read buffer holds (hyper's default is about
+/// 400 KiB): a request's line and headers must fit (longer is answered
+/// 431), and a connection that sent no whole request yet, so holds no
+/// slot, can make the shim hold no more (times `max_handshakes`).
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 /// One connection of [`serve`].
 struct Connection {
     app: Router,
@@ -281,7 +287,8 @@ impl Connection {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout);
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_HEAD_BYTES);
         let served = async move {
             match acceptor {
                 None => {
