@@ -94,6 +94,52 @@ async fn an_intact_live_server_verifies() {
     );
 }
 
+/// A server that holds at most a few KiB of entries per answer
+/// (`max_entries_bytes`) sends fewer than asked, at least one each time;
+/// the verifier asks again from the next seq and still checks them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_cut_by_their_bytes_still_verify_whole() {
+    let s = start(
+        ServeConfig {
+            max_entries_bytes: 2048,
+            ..ServeConfig::default()
+        },
+        None,
+    )
+    .await;
+    fill(&s, 12).await;
+    // One record past the limit on its own: still served, alone.
+    let big = format!(r#"{{"v":"{}"}}"#, "x".repeat(4096)).into_bytes();
+    s.vault
+        .append(Append::record("big", big))
+        .await
+        .expect("append");
+    let all = s.vault.entries_from(0, 10_000).expect("entries");
+    let c = s.connect(&s.auditor).await;
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut answers = 0;
+    loop {
+        let page = c.entries(got.len() as u64, 10_000).await.expect("entries");
+        if page.is_empty() {
+            break;
+        }
+        let bytes: usize = page.iter().map(Vec::len).sum();
+        assert!(page.len() == 1 || bytes <= 2048, "{} bytes", bytes);
+        answers += 1;
+        got.extend(page);
+    }
+    assert_eq!(got, all);
+    assert!(answers > 2, "{answers} answers");
+    let r = verify(
+        &s.addr.to_string(),
+        &["--public-key", &hex_key(&s), "--format", "json"],
+        &[("FINTRUST_API_KEY", &s.auditor)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["entries"], all.len(), "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verifying_while_appends_continue_checks_up_to_the_first_head() {
     let s = start(ServeConfig::default(), None).await;

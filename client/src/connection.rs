@@ -727,8 +727,9 @@ impl Client {
     }
 
     /// Up to `max` encoded entries from `from_seq` on, in seq order. The
-    /// server may return fewer than `max` (it caps one request), so page
-    /// on until an empty answer. More than `max` is a protocol violation.
+    /// server may return fewer than `max` (it caps one request by count
+    /// and by bytes), so page on until an empty answer. More than `max` is
+    /// a protocol violation.
     pub async fn entries(&self, from_seq: u64, max: u32) -> Result<Vec<Vec<u8>>> {
         let (tx, rx) = oneshot::channel();
         let stream = Some(Vec::new());

@@ -82,6 +82,13 @@ pub struct ServeConfig {
     pub max_frame_len: usize,
     /// Most entries one `Entries` request returns (default 10,000).
     pub max_entries: u32,
+    /// Most bytes of entries one `Entries` request returns (default 8 MiB;
+    /// at least one entry): entries are as large as writers make them
+    /// (48 KiB each at most), and the server holds an answer whole before
+    /// it is written, so without it one request could make the server
+    /// hold 10,000 of the largest. A reader asks again from the seq after
+    /// the last entry it got.
+    pub max_entries_bytes: usize,
     /// Name sent in `HelloOk`.
     pub server_name: String,
     /// Lifetime of a token minted with `ttl_secs = 0` (default 5 minutes).
@@ -180,6 +187,7 @@ impl Default for ServeConfig {
             max_handshakes: 1024,
             max_frame_len: protocol::MAX_FRAME_LEN,
             max_entries: 10_000,
+            max_entries_bytes: 8 * 1024 * 1024,
             server_name: format!("vaultd/{}", env!("CARGO_PKG_VERSION")),
             default_token_ttl: Duration::from_secs(300),
             max_token_ttl: Duration::from_secs(3600),
@@ -1811,7 +1819,7 @@ async fn respond(
         }
         Message::Entries { from_seq, max } => {
             let max = max.min(config.max_entries) as usize;
-            match vault.entries_from(from_seq, max) {
+            match vault.entries_within(from_seq, max, config.max_entries_bytes) {
                 Err(e) => storage_error(&e),
                 Ok(entries) => {
                     // Batches that stay well inside the frame limit.

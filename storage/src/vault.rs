@@ -1951,18 +1951,35 @@ impl Vault {
 
     /// Encoded entries from `from_seq` on, at most `max`, in seq order.
     pub fn entries_from(&self, from_seq: u64, max: usize) -> Result<Vec<Vec<u8>>> {
+        self.entries_within(from_seq, max, usize::MAX)
+    }
+
+    /// As [`Vault::entries_from`], and fewer once the entries held would
+    /// pass `max_bytes` (at least one entry, when there is one from
+    /// `from_seq` on): what a server answering a request holds for it is
+    /// bounded by bytes, not only by a count of entries whose size the
+    /// writers chose. A reader that wants more asks again from the seq
+    /// after the last one.
+    pub fn entries_within(
+        &self,
+        from_seq: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Vec<u8>>> {
         let store = &self.inner.store;
         let Some((start, _)) = store.chunk_at(from_seq)? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();
+        let mut held = 0usize;
         for kv in store.chunks_from(start) {
             let (_, v) = kv?;
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(from_seq, Reason::CrcMismatch))?;
             for (i, bytes) in chunk.entries.iter().enumerate() {
                 if chunk.first_seq + i as u64 >= from_seq {
-                    if out.len() == max {
+                    held = held.saturating_add(bytes.len());
+                    if out.len() == max || (!out.is_empty() && held > max_bytes) {
                         return Ok(out);
                     }
                     out.push(bytes.to_vec());
