@@ -1280,6 +1280,13 @@ enum Reply {
     Entries(Vec<Vec<u8>>),
 }
 
+/// The most bytes of entries one `Entries` answer may carry: a server
+/// that sends more is refused with `UnexpectedResponse` (the request
+/// fails, the connection stays open), so that a hostile server cannot
+/// make a verifier hold `max` entries of a whole frame each. Eight times
+/// what `vaultd` sends at most by default (its `max_entries_bytes`).
+pub const MAX_ENTRIES_BYTES: usize = 64 * 1024 * 1024;
+
 /// A caller waiting for its answer.
 struct Pending {
     reply: oneshot::Sender<Result<Reply>>,
@@ -1287,6 +1294,9 @@ struct Pending {
     stream: Option<Vec<Vec<u8>>>,
     /// Most entries the stream may carry (what was asked for).
     max: usize,
+    /// Bytes of the entries collected so far (at most
+    /// [`MAX_ENTRIES_BYTES`]).
+    held: usize,
     /// When the connection's sweeper task fails it with
     /// [`ClientError::Timeout`].
     deadline: Instant,
@@ -1364,6 +1374,7 @@ impl Shared {
             reply,
             stream,
             max,
+            held: 0,
             deadline: Instant::now() + self.timeout,
         };
         let mut state = self.lock();
@@ -1399,10 +1410,17 @@ impl Shared {
         };
         let outcome = match (&mut pending.stream, envelope.message) {
             (Some(entries), Message::EntryBatch { entries: batch }) => {
+                pending.held = batch
+                    .iter()
+                    .fold(pending.held, |n, e| n.saturating_add(e.len()));
                 entries.extend(batch);
                 if entries.len() > pending.max {
                     Some(Err(ClientError::UnexpectedResponse(
                         "at most the number of entries asked for",
+                    )))
+                } else if pending.held > MAX_ENTRIES_BYTES {
+                    Some(Err(ClientError::UnexpectedResponse(
+                        "at most 64 MiB of entries in one answer",
                     )))
                 } else if envelope.last {
                     Some(Ok(Reply::Entries(std::mem::take(entries))))
@@ -2065,6 +2083,53 @@ mod tests {
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(second.await.expect("join").is_ok());
         assert!(!client.is_closed());
+    }
+
+    /// An `Entries` answer whose entries pass `MAX_ENTRIES_BYTES` is
+    /// refused before its end, as one of more entries than asked is: a
+    /// hostile server cannot make the client hold `max` whole frames. The
+    /// connection goes on.
+    #[tokio::test]
+    async fn an_entries_answer_past_its_bytes_is_refused() {
+        let (client, mut peer) = pair(Duration::from_secs(30)).await;
+        let client = Arc::new(client);
+        let asked = tokio::spawn({
+            let c = client.clone();
+            async move { c.entries(0, 10_000).await }
+        });
+        let req = next_request(&mut peer).await;
+        let entry = vec![7u8; 512 * 1024];
+        let batches = MAX_ENTRIES_BYTES / entry.len() + 1;
+        let feeding = tokio::spawn(async move {
+            for _ in 0..batches {
+                let batch = Message::EntryBatch {
+                    entries: vec![entry.clone()],
+                };
+                if peer
+                    .send(Envelope::new(req.request_id, batch))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            peer
+        });
+        let outcome = asked.await.expect("join");
+        assert!(
+            matches!(outcome, Err(ClientError::UnexpectedResponse(w)) if w.contains("64 MiB")),
+            "{outcome:?}"
+        );
+        let mut peer = feeding.await.expect("join");
+        let ping = tokio::spawn({
+            let c = client.clone();
+            async move { c.ping().await }
+        });
+        let req = next_request(&mut peer).await;
+        peer.send((req.request_id, Message::Pong))
+            .await
+            .expect("send");
+        assert!(ping.await.expect("join").is_ok());
     }
 
     /// Nothing stays registered: not a request answered, nor one that
