@@ -26,10 +26,11 @@
 //! the connection is closed; a connection idle for `idle_timeout` (the
 //! handshake included) is closed, and so is one whose answers cannot be
 //! written for as long because its client does not read them
-//! ([`ConnectionError::Unread`]): it would otherwise hold its slot, and its requests in
-//! flight, for ever. Nothing a client sends makes the server
-//! allocate beyond `max_frame_len` per frame and `max_in_flight` requests
-//! per connection.
+//! ([`ConnectionError::Unread`]): it would otherwise hold its slot, and
+//! its requests in flight, for ever. Nothing a client sends makes the
+//! server allocate beyond `max_frame_len` per frame (`MAX_HELLO_LEN`
+//! before it is authenticated), `max_in_flight` requests per connection
+//! and `max_entries_bytes` per `Entries` answer.
 //!
 //! A connection from a peer in `proxy_protocol_from` must begin with a
 //! PROXY protocol header, before TLS; the client it names is then the
