@@ -1441,18 +1441,12 @@ impl Shared {
     /// Fails every request whose deadline is `now` or earlier with
     /// [`ClientError::Timeout`].
     fn expire(&self, now: Instant) {
-        let expired: Vec<Pending> = {
-            let mut state = self.lock();
-            let ids: Vec<u32> = state
-                .pending
-                .iter()
-                .filter(|(_, p)| p.deadline <= now)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter()
-                .filter_map(|id| state.pending.remove(id))
-                .collect()
-        };
+        let expired: Vec<Pending> = self
+            .lock()
+            .pending
+            .extract_if(|_, p| p.deadline <= now)
+            .map(|(_, p)| p)
+            .collect();
         for p in expired {
             let _ = p.reply.send(Err(ClientError::Timeout));
         }
@@ -1661,6 +1655,12 @@ mod tests {
         (client, peer)
     }
 
+    /// A `ping` of `client`'s in a task of its own.
+    fn spawn_ping(client: &Arc<Client>) -> JoinHandle<Result<()>> {
+        let c = client.clone();
+        tokio::spawn(async move { c.ping().await })
+    }
+
     async fn next_request(peer: &mut Peer) -> Envelope {
         peer.next().await.expect("a request").expect("decodes")
     }
@@ -1784,10 +1784,7 @@ mod tests {
             async move { c.health().await }
         });
         let first = next_request(&mut peer).await;
-        let b = tokio::spawn({
-            let c = client.clone();
-            async move { c.ping().await }
-        });
+        let b = spawn_ping(&client);
         let second = next_request(&mut peer).await;
         assert_ne!(first.request_id, second.request_id);
         // Answer the second request first.
@@ -2121,10 +2118,7 @@ mod tests {
             "{outcome:?}"
         );
         let mut peer = feeding.await.expect("join");
-        let ping = tokio::spawn({
-            let c = client.clone();
-            async move { c.ping().await }
-        });
+        let ping = spawn_ping(&client);
         let req = next_request(&mut peer).await;
         peer.send((req.request_id, Message::Pong))
             .await
@@ -2141,10 +2135,7 @@ mod tests {
         let client = Arc::new(client);
         let registered = || client.shared.lock().pending.len();
         // Answered.
-        let answered = tokio::spawn({
-            let c = client.clone();
-            async move { c.ping().await }
-        });
+        let answered = spawn_ping(&client);
         let req = next_request(&mut peer).await;
         assert_eq!(registered(), 1);
         peer.send((req.request_id, Message::Pong))
@@ -2153,19 +2144,13 @@ mod tests {
         assert!(answered.await.expect("join").is_ok());
         assert_eq!(registered(), 0);
         // Given up: its future dropped while it waits.
-        let given_up = tokio::spawn({
-            let c = client.clone();
-            async move { c.ping().await }
-        });
+        let given_up = spawn_ping(&client);
         let _ = next_request(&mut peer).await;
         given_up.abort();
         assert!(given_up.await.expect_err("aborted").is_cancelled());
         assert_eq!(registered(), 0);
         // Timed out.
-        let timed_out = tokio::spawn({
-            let c = client.clone();
-            async move { c.ping().await }
-        });
+        let timed_out = spawn_ping(&client);
         let _ = next_request(&mut peer).await;
         let outcome = timed_out.await.expect("join");
         assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
@@ -2190,10 +2175,7 @@ mod tests {
     async fn an_error_for_request_zero_fails_every_waiting_caller_and_closes() {
         let (client, mut peer) = pair(Duration::from_secs(5)).await;
         let client = Arc::new(client);
-        let waiting = tokio::spawn({
-            let c = client.clone();
-            async move { c.ping().await }
-        });
+        let waiting = spawn_ping(&client);
         let _ = next_request(&mut peer).await;
         let error = Message::Error {
             code: ErrorCode::Malformed,
