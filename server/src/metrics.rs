@@ -49,6 +49,17 @@ pub struct HandshakeLabels {
     pub outcome: &'static str,
 }
 
+/// Why a connection was closed before it held a slot, and on which
+/// port (`protocol` or `http`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TurnedAwayLabels {
+    pub port: &'static str,
+    /// `evicted`: closed in its handshake (or while it waited for a slot)
+    /// to make room for a newer one; `busy`: authenticated, but no slot
+    /// came free within the handshake's window.
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,
@@ -86,6 +97,9 @@ pub struct Metrics {
     /// TLS handshakes by port and outcome: how many partners resume their
     /// sessions, and how many connections fail or time out in TLS.
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    /// Connections closed before they held a slot, by port and reason:
+    /// the connection limits at work.
+    pub turned_away: Family<TurnedAwayLabels, Counter>,
     /// PROXY protocol headers on port 9999 by outcome: a misconfigured
     /// trusted proxy shows as refusals.
     pub proxy_headers: Family<OutcomeLabels, Counter>,
@@ -114,6 +128,7 @@ impl Metrics {
             vault_seconds: Family::new_with_constructor(LatencyBuckets),
             log_entries: Gauge::default(),
             tls_handshakes: Family::default(),
+            turned_away: Family::default(),
             proxy_headers: Family::default(),
             forwarded_headers: Family::default(),
             tls_reloads: Family::default(),
@@ -159,6 +174,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes by port and outcome (full, resumed, failed, timeout)",
             m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "connections_turned_away",
+            "Connections closed before they held a slot, by port and reason (evicted: to make room for a newer handshake; busy: no slot free within the handshake's window)",
+            m.turned_away.clone(),
         );
         registry.register(
             "proxy_headers",
@@ -294,6 +314,15 @@ fn encode_pipeline(
             MetricType::Histogram,
         )?
         .encode_histogram::<NoLabelSet>(s.sync_seconds, count, &buckets, None)
+}
+
+/// Counts a connection closed before it held a slot
+/// ([`Metrics::turned_away`]).
+pub fn turned_away(port: &'static str, reason: &'static str) {
+    global()
+        .turned_away
+        .get_or_create(&TurnedAwayLabels { port, reason })
+        .inc();
 }
 
 /// The process's metrics.

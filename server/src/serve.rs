@@ -60,7 +60,10 @@ use tokio_util::sync::CancellationToken;
 /// Options of [`run`], with documented defaults.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Most connections served at once; more wait in the accept queue (default 1024).
+    /// Most connections served at once (default 1024). One past it waits
+    /// for a slot once authenticated, within its handshake's window and
+    /// among the `max_handshakes`; it is answered `unavailable` and closed
+    /// if none frees by then.
     pub max_connections: usize,
     /// Requests of one connection handled at once; further frames are not
     /// read until one finishes (default 64).
@@ -74,10 +77,11 @@ pub struct ServeConfig {
     /// handshake and send a valid `Hello`, all three together (default
     /// 10 s).
     pub handshake_timeout: Duration,
-    /// Connections still in their handshake at once (default 1024). They
-    /// hold no slot of `max_connections`; when this many are waiting, a
-    /// new connection closes the oldest of them, so that clients that
-    /// never finish (slowloris) cannot keep others out.
+    /// Connections still in their handshake, or authenticated and waiting
+    /// for a slot, at once (default 1024). They hold no slot of
+    /// `max_connections`; when this many are waiting, a new connection
+    /// closes the oldest of them, so that clients that never finish
+    /// (slowloris) cannot keep others out.
     pub max_handshakes: usize,
     /// Largest frame accepted (default 1 MiB).
     pub max_frame_len: usize,
@@ -583,7 +587,10 @@ pub async fn run(
             };
             let result = tokio::select! {
                 r = served => r,
-                () = evicted.cancelled() => Err(ConnectionError::Evicted),
+                () = evicted.cancelled() => {
+                    crate::metrics::turned_away("protocol", "evicted");
+                    Err(ConnectionError::Evicted)
+                }
             };
             admission.leave(ticket);
             match result {
@@ -674,9 +681,13 @@ async fn proxied_client<R: AsyncRead + Unpin>(
 /// (it has had the longest to finish), and each has `handshake_timeout`.
 /// So connections that trickle bytes and never authenticate (slowloris)
 /// cannot fill the slots, and a client that authenticates at once always
-/// gets through: it would have to be the oldest of `max_handshakes`
-/// handshakes to be closed. Once authenticated, a connection waits for a
-/// slot before `HelloOk`, as clients past the limit always did.
+/// gets through when a slot is free: it would have to be the oldest of
+/// `max_handshakes` handshakes to be closed. Once authenticated, a
+/// connection past the limit waits for a slot before `HelloOk`, but only
+/// until its handshake's deadline, and still among the handshakes (it can
+/// be closed for a newer one): so connections that wait are bounded in
+/// time and in number, and a client with a valid key cannot make the
+/// server hold more than `max_connections + max_handshakes` connections.
 #[derive(Debug)]
 pub struct Admission {
     slots: Arc<Semaphore>,
@@ -715,13 +726,31 @@ impl Admission {
         (ticket, token)
     }
 
-    /// The connection authenticated: it can no longer be evicted, and
-    /// waits for a slot, held until the connection ends.
-    pub async fn admitted(&self, ticket: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        if let Ok(mut h) = self.handshaking.lock() {
-            h.remove(&ticket);
-        }
-        self.slots.clone().acquire_owned().await.ok()
+    /// The connection authenticated: its slot, held until the connection
+    /// ends, taken at once when one is free; otherwise waited for until
+    /// `deadline` (`None` then: the caller answers that the server is
+    /// busy). A connection is evicted no longer once it holds its slot,
+    /// but still while it waits: so connections waiting for a slot count
+    /// among the `max_handshakes`, and a client with a valid key cannot
+    /// make the server hold more connections than `max_connections` and
+    /// `max_handshakes` together.
+    pub async fn admitted(
+        &self,
+        ticket: u64,
+        deadline: tokio::time::Instant,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        };
+        self.leave(ticket);
+        permit
     }
 
     /// The connection ended (at any stage).
@@ -747,6 +776,8 @@ pub enum ConnectionError {
     Evicted,
     #[error("answers left unread for the idle timeout")]
     Unread,
+    #[error("no connection slot free within the handshake's window")]
+    Busy,
     #[error(transparent)]
     ProxyHeader(crate::proxied::header::HeaderError),
 }
@@ -1085,9 +1116,15 @@ where
         }
     };
     let _slot = match &conn.admission {
-        Some((a, ticket)) => match a.admitted(*ticket).await {
+        Some((a, ticket)) => match a.admitted(*ticket, conn.handshake_deadline()).await {
             Some(permit) => Some(permit),
-            None => return Ok(()),
+            None => {
+                crate::metrics::turned_away("protocol", "busy");
+                let limit = conn.config.max_connections;
+                let m = error(ErrorCode::Unavailable, &busy(limit));
+                send(&mut sink, hello_id, &m).await;
+                return Err(ConnectionError::Busy);
+            }
         },
         None => None,
     };
@@ -1484,7 +1521,15 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
         | ConnectionError::Tls(_)
         | ConnectionError::Evicted
         | ConnectionError::ProxyHeader(_) => None,
+        ConnectionError::Busy => Some(ErrorCode::Unavailable),
     }
+}
+
+/// The words of the answer to a connection that found no slot free.
+pub(crate) fn busy(max_connections: usize) -> String {
+    format!(
+        "the server is serving its limit of {max_connections} connections and none came free within the handshake's window: try again later"
+    )
 }
 
 /// Writes `m` and flushes.
@@ -2722,6 +2767,48 @@ mod tests {
             client.read_to_end(&mut got).await.expect("read to the end");
             assert_eq!(got, b"the last answer");
         }
+    }
+
+    /// Connections that authenticated but wait for a slot stay among the
+    /// handshakes (the oldest is closed when one more arrives past
+    /// `max_handshakes`), and wait until their deadline only; a slot that
+    /// frees goes to one that waits. On tokio's paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_slot_is_bounded_in_time_and_in_number() {
+        use tokio::time::Instant;
+        let a = Arc::new(Admission::new(1, 2));
+        let far = Instant::now() + Duration::from_secs(3600);
+        let (t0, e0) = a.arrive();
+        let held = a.admitted(t0, far).await.expect("a free slot");
+        let wait = |ticket: u64, deadline: Instant| {
+            let a = a.clone();
+            tokio::spawn(async move { a.admitted(ticket, deadline).await })
+        };
+        let (t1, e1) = a.arrive();
+        let w1 = wait(t1, far);
+        let (t2, e2) = a.arrive();
+        let w2 = wait(t2, far);
+        tokio::task::yield_now().await;
+        assert!(!w1.is_finished() && !w2.is_finished(), "no slot free");
+        // One more arrival past `max_handshakes`: the oldest waiting one
+        // is closed, not the one that holds the slot.
+        let (t3, e3) = a.arrive();
+        assert!(e1.is_cancelled(), "the oldest waiting connection is closed");
+        assert!(!e0.is_cancelled() && !e2.is_cancelled() && !e3.is_cancelled());
+        w1.abort();
+        a.leave(t1);
+        // A deadline passes: no slot.
+        let w3 = wait(t3, Instant::now() + Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(w3.await.expect("task").is_none(), "no slot by the deadline");
+        // The held slot frees: the one still waiting takes it, and is no
+        // longer among the handshakes (a new arrival closes no one).
+        drop(held);
+        let got = w2.await.expect("task");
+        assert!(got.is_some(), "the freed slot");
+        let (_t4, _) = a.arrive();
+        let (_t5, _) = a.arrive();
+        assert!(!e2.is_cancelled(), "a connection holding its slot stays");
     }
 
     #[tokio::test(start_paused = true)]

@@ -879,6 +879,33 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     assert!(matches!(reply, Some(Message::HelloOk { .. })), "{reply:?}");
 }
 
+/// A client with a valid key that finds every slot taken waits for one
+/// within its handshake's window only: then it is told `unavailable`,
+/// and closed, so that waiting connections cannot pile up. The served
+/// connection is not disturbed, and the slot it frees goes to the next.
+#[tokio::test]
+async fn a_connection_that_finds_no_slot_within_its_window_is_told_and_closed() {
+    let s = start(ServeConfig {
+        max_connections: 1,
+        handshake_timeout: Duration::from_secs(2),
+        ..ServeConfig::default()
+    })
+    .await;
+    let (mut first, hello) = connect(&s, &s.writer).await;
+    assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
+    // (Bounded so that the test fails rather than hangs.)
+    let (mut second, hello) = tokio::time::timeout(Duration::from_secs(60), connect(&s, &s.writer))
+        .await
+        .expect("an answer once the window has passed");
+    assert_eq!(code(&hello), Some(ErrorCode::Unavailable), "{hello:?}");
+    assert!(recv(&mut second).await.is_none(), "closed after its answer");
+    assert_eq!(request(&mut first, 2, &Message::Ping).await, Message::Pong);
+    drop(first);
+    let (mut third, hello) = connect(&s, &s.writer).await;
+    assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
+    assert_eq!(request(&mut third, 2, &Message::Ping).await, Message::Pong);
+}
+
 #[tokio::test]
 async fn connections_that_never_authenticate_cannot_keep_a_client_out() {
     // Two slots, four handshakes at most, and a handshake timeout longer

@@ -724,13 +724,13 @@ async fn request_heads_past_the_limit_are_refused_and_bodies_still_read() {
 
 /// A client that sends requests but never reads the answers is closed
 /// once a response could not be written for `request_timeout`, and its
-/// slot goes to the next client (bounded so that the test fails rather
-/// than hangs).
+/// slot goes to the next client, which waits for it within its
+/// handshake's window (bounded so that the test fails rather than hangs).
 #[tokio::test]
 async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() {
     let r = start(ShimConfig {
         max_connections: 1,
-        header_timeout: Duration::from_millis(300),
+        header_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_millis(600),
         ..ShimConfig::default()
     })
@@ -750,6 +750,45 @@ async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() 
         .await
         .expect("the unread connection stayed open")
         .expect("flood task");
+    r.stop().await;
+}
+
+/// A request on a connection that finds every slot taken waits for one
+/// within its handshake's window only: then it is answered 503 `busy`
+/// with the error's JSON shape, and its connection is closed. The slot's
+/// holder is not disturbed, and the slot it frees goes to the next.
+#[tokio::test]
+async fn a_request_that_finds_no_slot_within_its_window_is_told_and_closed() {
+    let r = start(ShimConfig {
+        max_connections: 1,
+        header_timeout: Duration::from_secs(2),
+        ..ShimConfig::default()
+    })
+    .await;
+    // The slot's holder: a connection with one request answered (so it
+    // holds the slot), then one whose body is still coming (so that it
+    // is not closed as idle while the test waits).
+    let mut holder = TcpStream::connect(r.http).await.expect("connect");
+    let ask = b"GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n";
+    holder.write_all(ask).await.expect("write");
+    let mut got = [0u8; 12];
+    holder.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"HTTP/1.1 200");
+    let unfinished = format!(
+        "PUT /v1/policies/acme HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        r.admin
+    );
+    holder
+        .write_all(unfinished.as_bytes())
+        .await
+        .expect("write");
+    // Every other request waits for the window, then is refused.
+    let (status, body) = exchange(r.http, ask).await;
+    assert_error(&(status, body), 503, "busy");
+    drop(holder);
+    let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
+    assert_eq!(status, 200, "{health}");
     r.stop().await;
 }
 

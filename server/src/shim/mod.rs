@@ -75,7 +75,9 @@ pub struct ShimConfig {
     pub request_timeout: Duration,
     /// Connections served at once (default 1024). A connection takes its
     /// slot once its first request's headers are in: until then it is in
-    /// its handshake, see `max_handshakes`.
+    /// its handshake, see `max_handshakes`. A request that finds none free
+    /// waits within the handshake's window (`header_timeout` from the
+    /// connection's arrival), then is answered 503 `busy` and closed.
     pub max_connections: usize,
     /// Connections whose first request's headers are not in yet, at once
     /// (default 1024); one more closes the oldest of them, so that
@@ -203,6 +205,7 @@ pub async fn serve(
             stopping: stopping.clone(),
             peer,
             arrived: tokio::time::Instant::now(),
+            max_connections: shim.config.max_connections,
         };
         tokio::spawn(conn.serve(tcp, graceful.watcher()));
     }
@@ -237,6 +240,8 @@ struct Connection {
     peer: SocketAddr,
     /// When it was accepted.
     arrived: tokio::time::Instant,
+    /// The limit it takes a slot of, named when it finds none free.
+    max_connections: usize,
 }
 
 impl Connection {
@@ -262,6 +267,7 @@ impl Connection {
             stopping,
             peer,
             arrived,
+            max_connections,
         } = self;
         let deadline = arrived + header_timeout;
         // The connection's slot, taken when its first request's headers
@@ -278,7 +284,13 @@ impl Connection {
                         .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
                     let (app, admission, slot) = (app.clone(), admission.clone(), slot.clone());
                     async move {
-                        slot.get_or_init(|| admission.admitted(ticket)).await;
+                        let admitted = slot.get_or_try_init(|| async {
+                            admission.admitted(ticket, deadline).await.ok_or(())
+                        });
+                        if admitted.await.is_err() {
+                            crate::metrics::turned_away("http", "busy");
+                            return Ok(busy(max_connections));
+                        }
                         tower::ServiceExt::oneshot(app, req).await
                     }
                 },
@@ -316,13 +328,35 @@ impl Connection {
             // The handshake's window: the first request's headers by the
             // deadline, whatever the TLS handshake took.
             () = unless_asked(tokio::time::sleep_until(deadline), &asked) => {}
-            () = evicted.cancelled() => {}
+            () = evicted.cancelled() => crate::metrics::turned_away("http", "evicted"),
             // At shutdown, a connection that never asked anything has
             // nothing to finish; one that did is the graceful shutdown's.
             () = unless_asked(stopping.cancelled(), &asked) => {}
         }
         admission.leave(ticket);
     }
+}
+
+/// The answer to a request whose connection found no slot free within
+/// its handshake's window: 503, and the connection closes.
+fn busy(max_connections: usize) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut r = api::ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "busy",
+        crate::serve::busy(max_connections),
+    )
+    .into_response();
+    let headers = r.headers_mut();
+    headers.insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    headers.insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    r
 }
 
 /// Resolves when `event` does, unless a request's headers were in by then
@@ -440,6 +474,7 @@ mod tests {
                 stopping: tokio_util::sync::CancellationToken::new(),
                 peer: "127.0.0.1:40000".parse().expect("an address"),
                 arrived,
+                max_connections: 4,
             }
             .serve(io, graceful.watcher())
             .await;
