@@ -289,10 +289,14 @@ impl Role {
 }
 
 /// Slows down peers that keep failing to redeem tokens (guessing, or
-/// replaying spent ones): after `FREE_FAILURES` refusals from one IP
-/// address, each further redemption from it waits twice as long as the
-/// previous, up to `MAX_DELAY`; a success, or an hour without failures,
-/// forgives the address. The refusals themselves are in the audit log.
+/// replaying spent ones): after `FREE_FAILURES` refusals from one peer,
+/// each further redemption from it waits twice as long as the previous,
+/// up to `MAX_DELAY`; a success, or an hour without failures, forgives
+/// the peer. The refusals themselves are in the audit log.
+///
+/// A peer is an IPv4 address, or an IPv6 /64 network (`peer_of`): one
+/// host, or one customer's link, is usually given a whole /64, and could
+/// otherwise take a fresh address for each guess.
 #[derive(Debug, Default)]
 pub struct FailureThrottle {
     peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
@@ -303,8 +307,11 @@ impl FailureThrottle {
     const BASE_DELAY: Duration = Duration::from_millis(50);
     const MAX_DELAY: Duration = Duration::from_secs(5);
     const FORGET_AFTER: Duration = Duration::from_secs(3600);
-    /// Peers tracked at most; the table is cleared beyond (a flood of
-    /// addresses must not grow memory without bound).
+    /// Peers tracked at most (a flood of addresses must not grow memory
+    /// without bound). Past it, the peers not slowed down yet and those
+    /// forgiven by time make room, so that a flood of new addresses does
+    /// not forgive the peers it is slowing down; only a flood of that
+    /// many peers each slowed down clears the table.
     const MAX_PEERS: usize = 100_000;
 
     /// How long a redemption from `ip` must wait first.
@@ -312,7 +319,7 @@ impl FailureThrottle {
         let Ok(peers) = self.peers.lock() else {
             return Duration::ZERO;
         };
-        match peers.get(&ip) {
+        match peers.get(&peer_of(ip)) {
             Some((n, last)) if *n > Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER => {
                 let exp = (*n - Self::FREE_FAILURES).min(16);
                 Self::BASE_DELAY
@@ -325,15 +332,25 @@ impl FailureThrottle {
 
     /// Records the outcome of a redemption from `ip`.
     pub fn record(&self, ip: std::net::IpAddr, refused: bool) {
+        self.record_within(ip, refused, Self::MAX_PEERS);
+    }
+
+    fn record_within(&self, ip: std::net::IpAddr, refused: bool, max_peers: usize) {
         let Ok(mut peers) = self.peers.lock() else {
             return;
         };
+        let ip = peer_of(ip);
         if !refused {
             peers.remove(&ip);
             return;
         }
-        if peers.len() >= Self::MAX_PEERS && !peers.contains_key(&ip) {
-            peers.clear();
+        if peers.len() >= max_peers && !peers.contains_key(&ip) {
+            peers.retain(|_, (n, last)| {
+                *n > Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER
+            });
+            if peers.len() >= max_peers {
+                peers.clear();
+            }
         }
         let e = peers.entry(ip).or_insert((0, std::time::Instant::now()));
         if e.1.elapsed() >= Self::FORGET_AFTER {
@@ -341,6 +358,19 @@ impl FailureThrottle {
         }
         e.0 = e.0.saturating_add(1);
         e.1 = std::time::Instant::now();
+    }
+}
+
+/// The peer [`FailureThrottle`] counts an address as: an IPv4 address
+/// (IPv4-mapped IPv6 ones included) as itself, an IPv6 address as its /64
+/// network.
+fn peer_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match storage::state::canonical_ip(ip) {
+        std::net::IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(network.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -2480,6 +2510,47 @@ mod tests {
         assert_eq!(t.delay(b), Duration::ZERO, "other peers are not affected");
         t.record(a, false);
         assert_eq!(t.delay(a), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_ipv6_peer_is_its_64_network() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("an address");
+        let t = FailureThrottle::default();
+        // A fresh address of one /64 for each refusal: still one peer.
+        for i in 0..=FailureThrottle::FREE_FAILURES {
+            t.record(ip(&format!("2001:db8:1:2::{:x}", i + 1)), true);
+        }
+        assert!(t.delay(ip("2001:db8:1:2:ffff::9")) > Duration::ZERO);
+        assert_eq!(
+            t.delay(ip("2001:db8:1:3::1")),
+            Duration::ZERO,
+            "the next /64"
+        );
+        // IPv4, mapped or not, is counted by address.
+        for _ in 0..=FailureThrottle::FREE_FAILURES {
+            t.record(ip("::ffff:192.0.2.7"), true);
+        }
+        assert!(t.delay(ip("192.0.2.7")) > Duration::ZERO);
+        assert_eq!(t.delay(ip("192.0.2.8")), Duration::ZERO);
+        assert_eq!(peer_of(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+    }
+
+    #[test]
+    fn a_flood_of_new_addresses_does_not_forgive_the_peers_slowed_down() {
+        let t = FailureThrottle::default();
+        let slowed: std::net::IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..=FailureThrottle::FREE_FAILURES + 2 {
+            t.record_within(slowed, true, 8);
+        }
+        let before = t.delay(slowed);
+        assert!(before > Duration::ZERO);
+        // Far more addresses than the table holds, one refusal each.
+        for i in 0..100u8 {
+            t.record_within([10, 1, 0, i].into(), true, 8);
+        }
+        assert_eq!(t.delay(slowed), before, "still slowed down");
+        let held = t.peers.lock().map(|p| p.len()).unwrap_or(usize::MAX);
+        assert!(held <= 8, "{held} peers held");
     }
 
     /// Everything before a connection is authenticated shares one window,
