@@ -9,7 +9,10 @@
 //!                                   one request each to the engine),
 //!                                   polled by the connection task
 //!                                   (at most `max_in_flight` requests)
-//!   write half: responses in completion order, each with its request id
+//!   write half: responses in completion order, each with its request
+//!               id, written by the same task: buffered as requests
+//!               complete, flushed once none more is ready (one write
+//!               for the answers of one commit group)
 //!
 //! a partner's connection (one per token): its requests one at a time,
 //!   answered in order by the connection task itself, until its Redeem
@@ -53,7 +56,7 @@ use crate::live::{LiveVault, Status};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -1175,72 +1178,60 @@ where
         return Ok(());
     }
 
-    // Responses go out in completion order through one writer task.
-    // Responses ready together leave in one write: frames are fed while
-    // more are queued and flushed once the queue is empty, so a pipelined
-    // client costs one write per burst, not one per response (the codec's
-    // buffer still flushes on its own past its high-water mark).
-    let (tx, mut rx) = mpsc::channel::<(u32, Message, u16)>(config.max_in_flight.max(1));
-    let writer = tokio::spawn(async move {
-        'out: while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            while let Some((id, m, flags)) = next.take() {
-                let Some(frame) = answer_frame(id, &m, flags) else {
-                    break 'out;
-                };
-                if sink.feed(frame).await.is_err() {
-                    break 'out;
-                }
-                next = rx.try_recv().ok();
-                if next.is_none() {
-                    // The answers of one commit group complete their
-                    // requests together: let the connection task queue
-                    // them before writing, so they leave in one write.
-                    tokio::task::yield_now().await;
-                    next = rx.try_recv().ok();
-                }
-            }
-            if SinkExt::<Frame>::flush(&mut sink).await.is_err() {
-                break;
-            }
-        }
-        let _ = SinkExt::<Frame>::close(&mut sink).await;
-        sink.get_ref().expired()
-    });
     // Requests in flight are futures polled by this task, not tasks of
     // their own: a pipelined append costs no spawn, and the answers of one
     // commit group are sent from one place. Appends that arrived together
     // share one future ([`handle_appends`]); each future yields how many
-    // requests it answered, so that the limit counts requests.
+    // requests it answered, so that the limit counts requests, and their
+    // answers.
+    //
+    // Answers are written by this task too, in completion order: fed into
+    // the sink's buffer as their requests complete, and flushed once no
+    // more are ready, so that the answers of one commit group leave in one
+    // write (the buffer still writes on its own past its mark). A write
+    // that cannot move (the client does not read) holds up reading too,
+    // which is the back-pressure wanted, and fails after the idle timeout
+    // ([`Unread`]), which ends the connection.
     let max_in_flight = config.max_in_flight.max(1);
-    let (config_ref, caller_ref, tx_ref) = (&config, &caller, &tx);
+    let (config_ref, caller_ref) = (&config, &caller);
     let mut pending = FuturesUnordered::new();
     let mut in_flight = 0;
+    let mut out = Answers {
+        sink,
+        dirty: false,
+        failed: false,
+    };
     // A frame read while gathering appends that is not one of them.
     let mut carried = None;
     let (last, result) = loop {
-        // The writer task gave up (answers left unread): nothing more is
+        // Answers could not be written (left unread): nothing more is
         // read or answered.
-        if tx.is_closed() {
+        if out.failed {
             break (None, Ok(()));
         }
         // Back-pressure: read the next frame only when a slot is free.
-        while in_flight >= max_in_flight {
-            if let Some(n) = pending.next().await {
+        if in_flight >= max_in_flight {
+            out.flush().await;
+            if let Some((n, answers)) = pending.next().await {
                 in_flight -= n;
+                out.feed_all(answers).await;
             }
+            continue;
         }
         let screened = match carried.take() {
             Some(s) => s,
             None => {
                 // Requests in flight progress while the next frame is
-                // awaited (reading a frame is cancel-safe).
+                // awaited (reading a frame is cancel-safe, and so is a
+                // flush: what it did not write stays in the buffer).
                 let next = tokio::select! {
                     biased;
-                    Some(n) = pending.next(), if !pending.is_empty() => {
+                    Some((n, answers)) = pending.next(), if !pending.is_empty() => {
                         in_flight -= n;
+                        out.feed_all(answers).await;
                         continue;
                     }
+                    () = out.flush(), if out.dirty => continue,
                     next = next_frame(&mut frames, config.idle_timeout) => next,
                 };
                 screen(next, role, &vault)
@@ -1255,8 +1246,7 @@ where
                 carried = next;
                 if appends.len() > 1 {
                     in_flight += appends.len();
-                    let answer = handle_appends(appends, current, tx_ref);
-                    pending.push(Either::Left(answer));
+                    pending.push(Either::Left(handle_appends(appends, current)));
                     continue;
                 }
                 // One alone is answered as any request, so that it may
@@ -1270,32 +1260,71 @@ where
             }
             Screened::Request(id, message, current) => (id, message, current),
             Screened::Answer(id, reply) => {
-                if tx.send((id, reply, 0)).await.is_err() {
-                    break (None, Ok(()));
-                }
+                out.feed(id, &reply, 0).await;
                 continue;
             }
             Screened::End(ending) => break ending,
         };
         in_flight += 1;
         pending.push(Either::Right(async move {
-            handle(id, message, &current, config_ref, caller_ref, tx_ref).await;
-            1
+            let answers = handle(id, message, &current, config_ref, caller_ref).await;
+            (1, answers)
         }));
     };
     // Requests already read are answered, even when reading has ended;
     // then what ended it (a frame that cannot be read), so that its error
     // is the connection's last answer.
-    while pending.next().await.is_some() {}
+    while let Some((_, answers)) = pending.next().await {
+        out.feed_all(answers).await;
+    }
     drop(pending);
     if let Some((id, reply)) = last {
-        let _ = tx.send((id, reply, 0)).await;
+        out.feed(id, &reply, 0).await;
     }
-    drop(tx);
-    if writer.await.unwrap_or(false) {
+    out.flush().await;
+    let mut sink = out.sink;
+    let _ = SinkExt::<Frame>::close(&mut sink).await;
+    if sink.get_ref().expired() {
         return Err(ConnectionError::Unread);
     }
     result
+}
+
+/// The answers of a pipelined connection on their way out: fed into the
+/// sink's buffer, flushed when none is ready. Once a write has failed,
+/// nothing more is written.
+struct Answers<W: AsyncWrite + Unpin> {
+    sink: FramedWrite<Unread<W>, FrameCodec>,
+    /// Fed since the last flush.
+    dirty: bool,
+    failed: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Answers<W> {
+    async fn feed(&mut self, id: u32, m: &Message, flags: u16) {
+        if self.failed {
+            return;
+        }
+        let fed = match answer_frame(id, m, flags) {
+            Some(frame) => self.sink.feed(frame).await.is_ok(),
+            None => false,
+        };
+        self.failed = !fed;
+        self.dirty = fed;
+    }
+
+    async fn feed_all(&mut self, answers: Vec<(u32, Message, u16)>) {
+        for (id, m, flags) in answers {
+            self.feed(id, &m, flags).await;
+        }
+    }
+
+    async fn flush(&mut self) {
+        if self.dirty && !self.failed {
+            self.failed = SinkExt::<Frame>::flush(&mut self.sink).await.is_err();
+        }
+        self.dirty = false;
+    }
 }
 
 /// A partner's connection: a `Redeem` ends it, after any number of
@@ -1765,16 +1794,15 @@ fn gather_appends<R: AsyncRead + Unpin>(
     (appends, None)
 }
 
-/// Answers a connection's appends that were read together, through its
-/// writer: each is a request of its own to the engine
-/// ([`Vault::append_each`]), so one refused does not refuse the others,
-/// and each has its answer, as [`handle`] would give it, in the order of
-/// the requests. The count of requests answered.
+/// Answers a connection's appends that were read together: each is a
+/// request of its own to the engine ([`Vault::append_each`]), so one
+/// refused does not refuse the others, and each has its answer, as
+/// [`handle`] would give it, in the order of the requests. The count of
+/// requests answered, and their answers.
 async fn handle_appends(
     appends: Vec<ReadAppend>,
     vault: Arc<Vault>,
-    tx: &mpsc::Sender<(u32, Message, u16)>,
-) -> usize {
+) -> (usize, Vec<(u32, Message, u16)>) {
     let n = appends.len();
     let started = std::time::Instant::now();
     let mut items = Vec::with_capacity(n);
@@ -1790,6 +1818,7 @@ async fn handle_appends(
     }
     let mut results = vault.append_each(items).await.into_iter();
     let elapsed = started.elapsed();
+    let mut out = Vec::with_capacity(n);
     for (id, answer) in answers {
         let reply = match answer {
             Some(refused) => refused,
@@ -1802,11 +1831,9 @@ async fn handle_appends(
             }
         };
         crate::failpoints::before_reply("append");
-        if tx.send((id, reply, 0)).await.is_err() {
-            break;
-        }
+        out.push((id, reply, 0));
     }
-    n
+    (n, out)
 }
 
 /// The answer to an append: its receipt, or the error's code and words.
@@ -1819,20 +1846,20 @@ fn receipt_or_error(appended: storage::Result<storage::Receipt>) -> Message {
     }
 }
 
-/// Answers request `id` of a pipelined connection through its writer.
+/// The answers to request `id` of a pipelined connection, with their
+/// frame flags.
 async fn handle(
     id: u32,
     message: Message,
     vault: &Arc<Vault>,
     config: &ServeConfig,
     caller: &Caller,
-    tx: &mpsc::Sender<(u32, Message, u16)>,
-) {
-    for (reply, flags) in respond(message, vault, config, caller).await {
-        if tx.send((id, reply, flags)).await.is_err() {
-            return;
-        }
-    }
+) -> Vec<(u32, Message, u16)> {
+    respond(message, vault, config, caller)
+        .await
+        .into_iter()
+        .map(|(reply, flags)| (id, reply, flags))
+        .collect()
 }
 
 /// The answer to a request the caller's role may send: one message, or
