@@ -1414,6 +1414,14 @@ fn unreadable(id: u32, e: ConnectionError) -> Ending {
     (reply, Err(e))
 }
 
+/// A request numbered 0: the number of the server's answers that no
+/// request can be told from (a frame that does not decode), so a client
+/// could not tell its answer from those. The connection ends, as after a
+/// frame that does not decode.
+const RESERVED_ID: protocol::Error = protocol::Error::Malformed(
+    "request id 0 is the server's, for errors it cannot tie to a request: number requests from 1",
+);
+
 /// The caller a connection's first frame authenticates, with the frame's
 /// request id; otherwise how the connection ends. The first frame must be
 /// `Hello` with a valid API key.
@@ -1428,6 +1436,9 @@ fn hello(
         Err(e) => return Err(Box::new(unreadable(0, e))),
     };
     let id = frame.request_id;
+    if id == 0 {
+        return Err(Box::new(unreadable(0, RESERVED_ID.into())));
+    }
     let identity = match Message::from_frame(&frame) {
         Ok(Message::Hello { api_key, .. }) => {
             let api_key = zeroize::Zeroizing::new(api_key);
@@ -1473,6 +1484,9 @@ fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &Live
         Err(e) => return Screened::End(unreadable(0, e)),
     };
     let id = frame.request_id;
+    if id == 0 {
+        return Screened::End(unreadable(0, RESERVED_ID.into()));
+    }
     let message = match Message::from_frame(&frame) {
         Ok(m) => m,
         Err(e) => {

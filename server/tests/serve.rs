@@ -557,6 +557,50 @@ async fn garbage_and_oversized_frames_get_a_typed_error_and_a_close() {
     assert_eq!(request(&mut conn, 2, &Message::Ping).await, Message::Pong);
 }
 
+/// Request id 0 is the server's, for the errors it cannot tie to a
+/// request: a request numbered 0, its `Hello` included, is refused as
+/// malformed under id 0, and the connection closed, on every role's
+/// path. Nothing it asked is done.
+#[tokio::test]
+async fn a_request_numbered_zero_is_refused_and_the_connection_closed() {
+    let s = start(ServeConfig::default()).await;
+    let ids = |mut bytes: &[u8]| {
+        let mut out = Vec::new();
+        while let Ok(Some((f, used))) = protocol::frame::decode(bytes) {
+            out.push((f.request_id, Message::from_frame(&f).expect("decodes")));
+            bytes = &bytes[used..];
+        }
+        out
+    };
+    let refused = |out: &[(u32, Message)]| matches!(out, [.., (0, m)] if code(m) == Some(ErrorCode::Malformed));
+    let hello = Message::Hello {
+        api_key: s.writer.clone(),
+        client: "zero".into(),
+    };
+    let ping = protocol::encode_frame(3, &Message::Ping, 0).expect("frame");
+    let mut bytes = protocol::encode_frame(0, &hello, 0).expect("frame");
+    bytes.extend_from_slice(&ping);
+    let out = ids(&raw_exchange(&s, None, &bytes).await);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(refused(&out), "{out:?}");
+    let before = s.vault.head().map(|h| h.last_seq).expect("a head");
+    let append = Message::Append {
+        subject: "cust-0".into(),
+        fields: vec![("n".into(), "0".into())],
+    };
+    for (key, m) in [(&s.writer, &append), (&s.partner, &Message::Ping)] {
+        let mut bytes = protocol::encode_frame(0, m, 0).expect("frame");
+        bytes.extend_from_slice(&ping);
+        let out = ids(&raw_exchange(&s, Some(key), &bytes).await);
+        // HelloOk (request 1), then the refusal, and nothing after it.
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(out[0], (1, Message::HelloOk { .. })), "{out:?}");
+        assert!(refused(&out), "{out:?}");
+    }
+    let after = s.vault.head().map(|h| h.last_seq).expect("a head");
+    assert_eq!(after, before, "nothing appended");
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_a_frame_is_closed() {
     let s = start(ServeConfig {
