@@ -943,6 +943,15 @@ async fn a_connection_that_finds_no_slot_within_its_window_is_told_and_closed() 
         .expect("an answer once the window has passed");
     assert_eq!(code(&hello), Some(ErrorCode::Unavailable), "{hello:?}");
     assert!(recv(&mut second).await.is_none(), "closed after its answer");
+    let labels = server::metrics::TurnedAwayLabels {
+        port: "protocol",
+        reason: "busy",
+    };
+    let counted = server::metrics::global()
+        .turned_away
+        .get_or_create(&labels)
+        .get();
+    assert!(counted >= 1, "counted: {counted}");
     assert_eq!(request(&mut first, 2, &Message::Ping).await, Message::Pong);
     drop(first);
     let (mut third, hello) = connect(&s, &s.writer).await;

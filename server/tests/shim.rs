@@ -783,9 +783,16 @@ async fn a_request_that_finds_no_slot_within_its_window_is_told_and_closed() {
         .write_all(unfinished.as_bytes())
         .await
         .expect("write");
-    // Every other request waits for the window, then is refused.
+    // Every other request waits for the window, then is refused, and
+    // counted.
     let (status, body) = exchange(r.http, ask).await;
     assert_error(&(status, body), 503, "busy");
+    let series = "fintrust_connections_turned_away_total{port=\"http\",reason=\"busy\"} ";
+    let counted = server::metrics::global()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok());
+    assert!(counted >= Some(1), "{counted:?}");
     drop(holder);
     let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
     assert_eq!(status, 200, "{health}");
