@@ -54,9 +54,9 @@ pub struct HandshakeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TurnedAwayLabels {
     pub port: &'static str,
-    /// `evicted`: closed in its handshake (or while it waited for a slot)
-    /// to make room for a newer one; `busy`: authenticated, but no slot
-    /// came free within the handshake's window.
+    /// `evicted`: closed in its handshake, or refused while it waited for
+    /// a slot, to make room for a newer one; `busy`: authenticated, but
+    /// no slot came free within the handshake's window.
     pub reason: &'static str,
 }
 

@@ -717,8 +717,8 @@ async fn proxied_client<R: AsyncRead + Unpin>(
 /// gets through when a slot is free: it would have to be the oldest of
 /// `max_handshakes` handshakes to be closed. Once authenticated, a
 /// connection past the limit waits for a slot before `HelloOk`, but only
-/// until its handshake's deadline, and still among the handshakes (it can
-/// be closed for a newer one): so connections that wait are bounded in
+/// until its handshake's deadline, and still among the handshakes (its
+/// wait can be ended for a newer one): so connections that wait are bounded in
 /// time and in number, and a client with a valid key cannot make the
 /// server hold more than `max_connections + max_handshakes` connections.
 #[derive(Debug)]
@@ -761,35 +761,67 @@ impl Admission {
 
     /// The connection authenticated: its slot, held until the connection
     /// ends, taken at once when one is free; otherwise waited for until
-    /// `deadline` (`None` then: the caller answers that the server is
-    /// busy). A connection is evicted no longer once it holds its slot,
-    /// but still while it waits: so connections waiting for a slot count
-    /// among the `max_handshakes`, and a client with a valid key cannot
-    /// make the server hold more connections than `max_connections` and
-    /// `max_handshakes` together.
+    /// `deadline`. A connection is evicted no longer once it holds its
+    /// slot, but still while it waits: so connections waiting for a slot
+    /// count among the `max_handshakes`, and a client with a valid key
+    /// cannot make the server hold more connections than
+    /// `max_connections` and `max_handshakes` together. A waiting
+    /// connection that is evicted is not closed outright as one in its
+    /// handshake is: its wait ends with [`Refused::Evicted`], so that the
+    /// caller can tell its client, as for [`Refused::Busy`].
     pub async fn admitted(
         &self,
         ticket: u64,
         deadline: tokio::time::Instant,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(tokio::sync::TryAcquireError::Closed) => None,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, Refused> {
+        let waited = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(Refused::Busy),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
+                // Eviction from now on ends the wait, not the connection.
+                let evicted = CancellationToken::new();
+                if let Ok(mut h) = self.handshaking.lock() {
+                    if let Some(token) = h.get_mut(&ticket) {
+                        *token = evicted.clone();
+                    }
+                }
+                tokio::select! {
+                    acquired = self.slots.clone().acquire_owned() => {
+                        acquired.map_err(|_| Refused::Busy)
+                    }
+                    () = tokio::time::sleep_until(deadline) => Err(Refused::Busy),
+                    () = evicted.cancelled() => Err(Refused::Evicted),
+                }
             }
         };
         self.leave(ticket);
-        permit
+        waited
     }
 
     /// The connection ended (at any stage).
     pub fn leave(&self, ticket: u64) {
         if let Ok(mut h) = self.handshaking.lock() {
             h.remove(&ticket);
+        }
+    }
+}
+
+/// Why an authenticated connection got no slot ([`Admission::admitted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// None came free by its deadline.
+    Busy,
+    /// It was the oldest of the connections without a slot when one more
+    /// arrived past `max_handshakes`.
+    Evicted,
+}
+
+impl Refused {
+    /// The `reason` label of `fintrust_connections_turned_away_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::Busy => "busy",
+            Refused::Evicted => "evicted",
         }
     }
 }
@@ -809,7 +841,7 @@ pub enum ConnectionError {
     Evicted,
     #[error("answers left unread for the idle timeout")]
     Unread,
-    #[error("no connection slot free within the handshake's window")]
+    #[error("no connection slot came free for it")]
     Busy,
     #[error(transparent)]
     ProxyHeader(crate::proxied::header::HeaderError),
@@ -1150,9 +1182,9 @@ where
     };
     let _slot = match &conn.admission {
         Some((a, ticket)) => match a.admitted(*ticket, conn.handshake_deadline()).await {
-            Some(permit) => Some(permit),
-            None => {
-                crate::metrics::turned_away("protocol", "busy");
+            Ok(permit) => Some(permit),
+            Err(refused) => {
+                crate::metrics::turned_away("protocol", refused.reason());
                 let limit = conn.config.max_connections;
                 let m = error(ErrorCode::Unavailable, &busy(limit));
                 send(&mut sink, hello_id, &m).await;
@@ -1601,7 +1633,7 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
 /// The words of the answer to a connection that found no slot free.
 pub(crate) fn busy(max_connections: usize) -> String {
     format!(
-        "the server is serving its limit of {max_connections} connections and none came free within the handshake's window: try again later"
+        "the server is serving its limit of {max_connections} connections, and none came free for this one: try again later"
     )
 }
 
@@ -2882,9 +2914,10 @@ mod tests {
     }
 
     /// Connections that authenticated but wait for a slot stay among the
-    /// handshakes (the oldest is closed when one more arrives past
-    /// `max_handshakes`), and wait until their deadline only; a slot that
-    /// frees goes to one that waits. On tokio's paused clock.
+    /// handshakes (the oldest one's wait ends when one more arrives past
+    /// `max_handshakes`, without closing it, so that it can be told), and
+    /// wait until their deadline only; a slot that frees goes to one that
+    /// waits. On tokio's paused clock.
     #[tokio::test(start_paused = true)]
     async fn waiting_for_a_slot_is_bounded_in_time_and_in_number() {
         use tokio::time::Instant;
@@ -2903,23 +2936,27 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!w1.is_finished() && !w2.is_finished(), "no slot free");
         // One more arrival past `max_handshakes`: the oldest waiting one
-        // is closed, not the one that holds the slot.
+        // is refused, not the one that holds the slot, and none is closed
+        // outright.
         let (t3, e3) = a.arrive();
-        assert!(e1.is_cancelled(), "the oldest waiting connection is closed");
-        assert!(!e0.is_cancelled() && !e2.is_cancelled() && !e3.is_cancelled());
-        w1.abort();
-        a.leave(t1);
+        let refused = w1.await.expect("task").map(|_| ());
+        assert_eq!(refused, Err(Refused::Evicted));
+        for e in [&e0, &e1, &e2, &e3] {
+            assert!(!e.is_cancelled());
+        }
         // A deadline passes: no slot.
         let w3 = wait(t3, Instant::now() + Duration::from_secs(10));
         tokio::time::sleep(Duration::from_secs(11)).await;
-        assert!(w3.await.expect("task").is_none(), "no slot by the deadline");
+        let refused = w3.await.expect("task").map(|_| ());
+        assert_eq!(refused, Err(Refused::Busy), "no slot by the deadline");
         // The held slot frees: the one still waiting takes it, and is no
-        // longer among the handshakes (a new arrival closes no one).
+        // longer among the handshakes (new arrivals evict no one).
         drop(held);
         let got = w2.await.expect("task");
-        assert!(got.is_some(), "the freed slot");
+        assert!(got.is_ok(), "the freed slot");
         let (_t4, _) = a.arrive();
         let (_t5, _) = a.arrive();
+        let (_t6, _) = a.arrive();
         assert!(!e2.is_cancelled(), "a connection holding its slot stays");
     }
 

@@ -284,11 +284,10 @@ impl Connection {
                         .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
                     let (app, admission, slot) = (app.clone(), admission.clone(), slot.clone());
                     async move {
-                        let admitted = slot.get_or_try_init(|| async {
-                            admission.admitted(ticket, deadline).await.ok_or(())
-                        });
-                        if admitted.await.is_err() {
-                            crate::metrics::turned_away("http", "busy");
+                        let admitted =
+                            slot.get_or_try_init(|| admission.admitted(ticket, deadline));
+                        if let Err(refused) = admitted.await {
+                            crate::metrics::turned_away("http", refused.reason());
                             return Ok(busy(max_connections));
                         }
                         tower::ServiceExt::oneshot(app, req).await
