@@ -79,9 +79,11 @@ pub struct ShimConfig {
     /// waits within the handshake's window (`header_timeout` from the
     /// connection's arrival), then is answered 503 `busy` and closed.
     pub max_connections: usize,
-    /// Connections whose first request's headers are not in yet, at once
-    /// (default 1024); one more closes the oldest of them, so that
-    /// clients that never finish (slowloris) cannot keep others out.
+    /// Connections whose first request's headers are not in yet, or whose
+    /// first request waits for a slot, at once (default 1024); one more
+    /// closes the oldest of them (a waiting request is answered 503
+    /// `busy`), so that clients that never finish (slowloris) cannot keep
+    /// others out.
     pub max_handshakes: usize,
     /// Reverse proxies in front of the shim (default none), whose
     /// `forwarded_header` names the client that `source_ips` is checked
