@@ -661,6 +661,114 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
     assert_eq!(out.code, 0, "{out:?}");
 }
 
+/// `vaultd serve --max-connections 1`: with one connection served on
+/// each port, the next client with a valid key waits for a slot within
+/// its first 10 s, then is told so (`unavailable` on the protocol port,
+/// 503 `busy` on HTTP) and closed; once the first leaves, its slot is
+/// taken again.
+#[test]
+fn serve_takes_its_connection_limit_from_the_command_line() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Scratch::new();
+    s.init("v");
+    let dir = s.path("v");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (writer, admin) = rt.block_on(async {
+        let unlock = storage::Unlock::passphrase(b"correct horse battery staple".to_vec());
+        let vault = storage::Vault::open(&dir, &unlock, storage::Options::default()).expect("open");
+        let (_, writer) = vault
+            .create_credential("writer", "svc")
+            .await
+            .expect("writer");
+        let (_, admin) = vault
+            .create_credential("admin", "ops")
+            .await
+            .expect("admin");
+        vault.close().expect("close");
+        (writer.to_string(), admin.to_string())
+    });
+    wait_unlocked(&dir);
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_args(&mut cmd, &dir, &s.path("passphrase"), None);
+    cmd.args(["--max-connections", "1"]);
+    let server = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    type Conn = tokio_util::codec::Framed<tokio::net::TcpStream, protocol::FrameCodec>;
+    async fn hello(addr: &str, key: &str) -> (Conn, protocol::Message) {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut conn = tokio_util::codec::Framed::new(tcp, protocol::FrameCodec::new());
+        let hello = protocol::Message::Hello {
+            api_key: key.to_string(),
+            client: "cli test".into(),
+        };
+        conn.send(hello.to_frame(1, 0).expect("frame"))
+            .await
+            .expect("send");
+        let reply = conn.next().await.expect("a reply").expect("a frame");
+        let reply = protocol::Message::from_frame(&reply).expect("decodes");
+        (conn, reply)
+    }
+    async fn http(addr: &str, raw: &str) -> tokio::net::TcpStream {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(raw.as_bytes()).await.expect("write");
+        tcp
+    }
+    let (port, http_port) = (server.protocol.as_str(), server.http.as_str());
+    rt.block_on(async {
+        let (first, reply) = hello(port, &writer).await;
+        assert!(
+            matches!(reply, protocol::Message::HelloOk { .. }),
+            "{reply:?}"
+        );
+        // HTTP: a request answered (the connection holds its slot), then
+        // one whose body is still coming (so that it is not closed as
+        // idle).
+        let raw = format!(
+            "GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n\
+             PUT /v1/policies/acme HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {admin}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        );
+        let mut holder = http(http_port, &raw).await;
+        let mut head = [0u8; 12];
+        holder.read_exact(&mut head).await.expect("read");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        // Both refusals wait out the same 10 s.
+        let protocol_refused = async {
+            let (mut second, reply) = hello(port, &writer).await;
+            let refused = matches!(
+                &reply,
+                protocol::Message::Error {
+                    code: protocol::ErrorCode::Unavailable,
+                    ..
+                }
+            );
+            assert!(refused, "{reply:?}");
+            assert!(second.next().await.is_none(), "closed after it");
+        };
+        let http_refused = async {
+            let mut second = http(http_port, "GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n").await;
+            let mut answer = String::new();
+            second.read_to_string(&mut answer).await.expect("read");
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            assert!(answer.contains("\"error\":\"busy\""), "{answer}");
+        };
+        let guard = std::time::Duration::from_secs(120);
+        tokio::time::timeout(guard, async {
+            tokio::join!(protocol_refused, http_refused)
+        })
+        .await
+        .expect("both refused once their window had passed");
+        drop(first);
+        drop(holder);
+        let (_third, reply) = hello(port, &writer).await;
+        assert!(
+            matches!(reply, protocol::Message::HelloOk { .. }),
+            "{reply:?}"
+        );
+    });
+    drop(server);
+}
+
 #[test]
 fn serve_takes_its_commit_group_bounds_from_the_command_line() {
     // Values out of range are refused as usage errors: local errors
@@ -674,6 +782,8 @@ fn serve_takes_its_commit_group_bounds_from_the_command_line() {
         ("--trusted-proxy", "10.0.0.1,nope"),
         ("--proxy-protocol-from", "nope"),
         ("--forwarded-header", "x-real-ip"),
+        ("--max-connections", "0"),
+        ("--max-connections", "many"),
     ] {
         let out = run(
             "vaultd",

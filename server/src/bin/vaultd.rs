@@ -96,6 +96,8 @@ enum Command {
         #[command(flatten)]
         tcp_proxies: TcpProxyArgs,
         #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
         tls: TlsArgs,
         #[command(flatten)]
         rotation: RotationArgs,
@@ -165,6 +167,8 @@ enum Command {
         policies: Option<PathBuf>,
         #[command(flatten)]
         http_proxies: HttpProxyArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// TLS of the HTTP port (and, with --insecure-plaintext, plaintext to the vault too).
         #[command(flatten)]
         tls: TlsArgs,
@@ -236,6 +240,24 @@ struct TcpProxyArgs {
     #[arg(long = "proxy-protocol-from", env = "FINTRUST_PROXY_PROTOCOL_FROM",
           value_name = "CIDR", value_delimiter = ',', value_parser = network)]
     proxy_protocol_from: Vec<String>,
+}
+
+/// How many connections each served port takes at once.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Connections served at once on each port (the protocol's and the
+    /// HTTP shim's). One more waits for a slot once authenticated, within
+    /// its first 10 s, then is refused: `unavailable`, on HTTP 503 `busy`;
+    /// `fintrust_connections_turned_away_total` counts the refusals.
+    #[arg(long, env = "FINTRUST_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+}
+
+impl LimitArgs {
+    fn max_connections(&self) -> usize {
+        usize::try_from(self.max_connections).unwrap_or(usize::MAX)
+    }
 }
 
 /// The rotation policy: `vaultd` warns at start, and `vault-admin status`
@@ -431,6 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policies,
             http_proxies,
             tcp_proxies,
+            limits,
             tls,
             rotation,
             index_batch,
@@ -483,6 +506,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     vault_addr: public_vault_addr.unwrap_or(listen),
                     trusted_proxies,
                     forwarded_header,
+                    max_connections: limits.max_connections(),
                     ..Default::default()
                 };
                 let d = server::daemon::Daemon {
@@ -492,6 +516,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     serve: server::serve::ServeConfig {
                         rotation: rotation.policy(),
                         proxy_protocol_from,
+                        max_connections: limits.max_connections(),
                         ..Default::default()
                     },
                     shim,
@@ -519,6 +544,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             public_vault_addr,
             policies,
             http_proxies,
+            limits,
             tls,
         } => {
             let plaintext = tls.insecure_plaintext;
@@ -557,6 +583,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     vault_addr: public_vault_addr.unwrap_or(vault),
                     trusted_proxies,
                     forwarded_header,
+                    max_connections: limits.max_connections(),
                     ..Default::default()
                 },
             );
