@@ -212,11 +212,14 @@ pub enum ErrorCode {
     OutsideAllowedHours = 19,
     /// The partner's policy does not allow redemptions from this address.
     SourceNotAllowed = 20,
+    /// A well-formed request that conflicts with what the vault holds: a
+    /// credential for a client certificate an active credential holds.
+    Conflict = 21,
 }
 
 impl ErrorCode {
     /// Every code, in value order.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -237,6 +240,7 @@ impl ErrorCode {
         ErrorCode::PolicyChanged,
         ErrorCode::OutsideAllowedHours,
         ErrorCode::SourceNotAllowed,
+        ErrorCode::Conflict,
     ];
 
     /// Decodes the wire value.
@@ -267,6 +271,7 @@ impl ErrorCode {
             ErrorCode::PolicyChanged => "policy_changed",
             ErrorCode::OutsideAllowedHours => "outside_allowed_hours",
             ErrorCode::SourceNotAllowed => "source_not_allowed",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -2153,7 +2158,7 @@ pub(crate) mod tests {
                 Err(Error::Malformed("unknown masking operator"))
             ));
         }
-        for code in [0u16, 21, u16::MAX] {
+        for code in [0u16, 22, u16::MAX] {
             let mut bytes = code.to_be_bytes().to_vec();
             bytes.extend_from_slice(&[0, 0]);
             assert!(matches!(
@@ -2367,6 +2372,7 @@ pub(crate) mod tests {
             (18, "policy_changed"),
             (19, "outside_allowed_hours"),
             (20, "source_not_allowed"),
+            (21, "conflict"),
         ];
         let actual: Vec<(u16, &str)> = ErrorCode::ALL
             .iter()
@@ -2378,7 +2384,7 @@ pub(crate) mod tests {
             assert_eq!(c.name().parse::<ErrorCode>(), Ok(c));
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(21), None);
+        assert_eq!(ErrorCode::from_u16(22), None);
     }
 
     #[test]

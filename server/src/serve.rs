@@ -1737,6 +1737,7 @@ pub fn storage_error(e: &storage::Error) -> Message {
     use storage::Error as E;
     match e {
         E::Invalid(m) => error(ErrorCode::Invalid, m),
+        E::Conflict(m) => error(ErrorCode::Conflict, m),
         E::SubjectShredded(_) => error(ErrorCode::SubjectShredded, "the subject has been shredded"),
         E::NoSuchSubject(_) => error(ErrorCode::NotFound, "no such subject"),
         E::Poisoned | E::Closed | E::Locked => {

@@ -1284,8 +1284,11 @@ async fn a_credential_can_be_held_by_a_client_certificate() {
     assert_eq!(created["client_cert_sha256"], sha256.as_str(), "{created}");
     assert!(created.get("api_key").is_none(), "{created}");
     assert_eq!(created["role"], "partner");
-    // The vault's own refusal, passed on.
+    // The vault's own refusal, passed on: a conflict with what it holds,
+    // and nothing written.
+    let before = entries(&r).await;
     let again = create(body).await;
-    assert_error(&again, 400, "invalid");
+    assert_error(&again, 409, "conflict");
+    assert_eq!(entries(&r).await, before, "nothing written for a conflict");
     r.stop().await;
 }

@@ -126,6 +126,11 @@ pub enum Error {
     /// A caller-supplied value is out of range (too large, bad subject id, …).
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// A well-formed request that conflicts with what the vault holds: a
+    /// credential for a key or client certificate that an active
+    /// credential already holds.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// A stored value does not decode (used outside full verification).
     #[error("malformed data: {0}")]
     Malformed(&'static str),

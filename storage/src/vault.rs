@@ -3406,7 +3406,7 @@ impl Committer {
         if !held {
             return Ok(());
         }
-        Err(Error::Invalid(match c.client_cert_sha256 {
+        Err(Error::Conflict(match c.client_cert_sha256 {
             Some(_) => "an active credential already holds this client certificate".into(),
             None => "an active credential already has this key".into(),
         }))

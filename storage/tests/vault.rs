@@ -1231,7 +1231,7 @@ async fn two_credentials_for_one_certificate_cannot_both_pass() {
     while let Some(result) = tries.join_next().await {
         match result.expect("a task") {
             Ok(id) => created.push(id),
-            Err(storage::Error::Invalid(m)) => assert!(m.contains("client certificate"), "{m}"),
+            Err(storage::Error::Conflict(m)) => assert!(m.contains("client certificate"), "{m}"),
             Err(e) => panic!("{e}"),
         }
     }
@@ -1253,7 +1253,7 @@ async fn two_credentials_for_one_certificate_cannot_both_pass() {
     };
     let twice = vault.append_batch(vec![entry("a"), entry("b")]).await;
     assert!(
-        matches!(twice, Err(storage::Error::Invalid(ref m)) if m.contains("already has this key")),
+        matches!(twice, Err(storage::Error::Conflict(ref m)) if m.contains("already has this key")),
         "{twice:?}"
     );
     assert_eq!(vault.head().map(|h| h.last_seq), head, "nothing written");

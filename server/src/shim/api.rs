@@ -88,6 +88,7 @@ fn vault_error(e: &ClientError) -> ApiError {
                 ErrorCode::Forbidden | ErrorCode::WrongPartner => StatusCode::FORBIDDEN,
                 ErrorCode::NotFound => StatusCode::NOT_FOUND,
                 ErrorCode::Invalid | ErrorCode::Malformed => StatusCode::BAD_REQUEST,
+                ErrorCode::Conflict => StatusCode::CONFLICT,
                 ErrorCode::SubjectShredded => StatusCode::GONE,
                 ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

@@ -674,6 +674,7 @@ mod tests {
             ("Policy", "rate_limit_per_minute"),
             ("Policy", "allowed_hours_utc"),
             ("ConsentRequest", "expires_at"),
+            ("CredentialRequest", "client_cert_sha256"),
         ] {
             let types = &schemas[schema]["properties"][member]["type"];
             assert!(
@@ -694,7 +695,11 @@ mod tests {
                 r#"{"purposes": ["p"], "expires_at": null}"#,
             )
             .is_ok(),
+            serde_json::from_str::<super::api::CredentialRequest>(
+                r#"{"role": "admin", "name": "n", "client_cert_sha256": null}"#,
+            )
+            .is_ok(),
         ];
-        assert_eq!(nulls, [true; 3]);
+        assert_eq!(nulls, [true; 4]);
     }
 }
