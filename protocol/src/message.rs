@@ -213,7 +213,8 @@ pub enum ErrorCode {
     /// The partner's policy does not allow redemptions from this address.
     SourceNotAllowed = 20,
     /// A well-formed request that conflicts with what the vault holds: a
-    /// credential for a client certificate an active credential holds.
+    /// credential for a client certificate an active credential holds, or
+    /// a credential revoking itself.
     Conflict = 21,
 }
 

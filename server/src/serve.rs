@@ -2095,7 +2095,7 @@ async fn respond(
         },
         Message::RevokeCredential { id: cred } => {
             if cred == caller.id {
-                error(ErrorCode::Invalid, "a credential cannot revoke itself")
+                error(ErrorCode::Conflict, "a credential cannot revoke itself")
             } else {
                 match vault.acting_as(&caller.id).revoke_credential(&cred).await {
                     Ok(Some(r)) => Message::Receipt {

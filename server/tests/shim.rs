@@ -1254,6 +1254,35 @@ async fn a_stop_closes_connections_that_never_sent_a_request() {
 /// and a `credential_created` entry that names it. Digits that are not 64
 /// lowercase hex are refused before anything is written, and so is a
 /// second credential for the same certificate.
+/// A key cannot revoke its own credential (it would lock its holder out
+/// mid-request): 409 `conflict`, nothing written; another admin can.
+#[tokio::test]
+async fn a_credential_cannot_revoke_itself() {
+    let r = start(ShimConfig::default()).await;
+    let body = r#"{"role": "admin", "name": "second-admin"}"#;
+    let (status, created) = call(
+        r.http,
+        "POST",
+        "/v1/credentials",
+        Some(&r.admin),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (id, key) = (
+        created["id"].as_str().expect("an id"),
+        created["api_key"].as_str().expect("a key"),
+    );
+    let path = format!("/v1/credentials/{id}");
+    let before = entries(&r).await;
+    let own = call(r.http, "DELETE", &path, Some(key), None).await;
+    assert_error(&own, 409, "conflict");
+    assert_eq!(entries(&r).await, before, "nothing written");
+    let (status, revoked) = call(r.http, "DELETE", &path, Some(&r.admin), None).await;
+    assert_eq!(status, 200, "{revoked}");
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_credential_can_be_held_by_a_client_certificate() {
     let r = start(ShimConfig::default()).await;
