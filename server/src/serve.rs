@@ -1316,10 +1316,7 @@ where
     out.flush().await;
     let mut sink = out.sink;
     let _ = SinkExt::<Frame>::close(&mut sink).await;
-    if sink.get_ref().expired() {
-        return Err(ConnectionError::Unread);
-    }
-    result
+    unread_or(&sink, result)
 }
 
 /// The answers of a pipelined connection on their way out: fed into the
@@ -1337,10 +1334,7 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
         if self.failed {
             return;
         }
-        let fed = match answer_frame(id, m, flags) {
-            Some(frame) => self.sink.feed(frame).await.is_ok(),
-            None => false,
-        };
+        let fed = feed(&mut self.sink, id, m, flags).await;
         self.failed = !fed;
         self.dirty = fed;
     }
@@ -1379,7 +1373,7 @@ where
     let mut answer = Some((hello_id, ok));
     let result = loop {
         if let Some((id, m)) = answer.take() {
-            if !feed(&mut sink, id, &m).await {
+            if !feed(&mut sink, id, &m, 0).await {
                 return unread_or(&sink, Ok(()));
             }
         }
@@ -1418,7 +1412,7 @@ where
     // the close).
     sink.get_ref().hold_until_close();
     if let Some((id, m)) = answer {
-        feed(&mut sink, id, &m).await;
+        feed(&mut sink, id, &m, 0).await;
     }
     let _ = SinkExt::<Frame>::close(&mut sink).await;
     unread_or(&sink, result)
@@ -1446,13 +1440,22 @@ fn unreadable(id: u32, e: ConnectionError) -> Ending {
     (reply, Err(e))
 }
 
-/// A request numbered 0: the number of the server's answers that no
-/// request can be told from (a frame that does not decode), so a client
-/// could not tell its answer from those. The connection ends, as after a
-/// frame that does not decode.
-const RESERVED_ID: protocol::Error = protocol::Error::Malformed(
-    "request id 0 is the server's, for errors it cannot tie to a request: number requests from 1",
-);
+/// A frame read as a request, `Hello` included: one numbered 0 is an
+/// error. 0 is the number of the server's answers that no request can be
+/// told from (a frame that does not decode), so a client could not tell
+/// its answer from those; the connection ends, as after a frame that
+/// does not decode.
+fn numbered(
+    next: Result<Option<Frame>, ConnectionError>,
+) -> Result<Option<Frame>, ConnectionError> {
+    match next {
+        Ok(Some(f)) if f.request_id == 0 => Err(protocol::Error::Malformed(
+            "request id 0 is the server's, for errors it cannot tie to a request: number requests from 1",
+        )
+        .into()),
+        other => other,
+    }
+}
 
 /// The caller a connection's first frame authenticates, with the frame's
 /// request id; otherwise how the connection ends. The first frame must be
@@ -1462,15 +1465,12 @@ fn hello(
     vault: &LiveVault,
     client_cert: Option<[u8; 32]>,
 ) -> Result<(u32, Caller), Box<Ending>> {
-    let frame = match first {
+    let frame = match numbered(first) {
         Ok(Some(f)) => f,
         Ok(None) => return Err(Box::new((None, Ok(())))),
         Err(e) => return Err(Box::new(unreadable(0, e))),
     };
     let id = frame.request_id;
-    if id == 0 {
-        return Err(Box::new(unreadable(0, RESERVED_ID.into())));
-    }
     let identity = match Message::from_frame(&frame) {
         Ok(Message::Hello { api_key, .. }) => {
             let api_key = zeroize::Zeroizing::new(api_key);
@@ -1510,15 +1510,12 @@ enum Screened {
 }
 
 fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &LiveVault) -> Screened {
-    let frame = match next {
+    let frame = match numbered(next) {
         Ok(Some(f)) => f,
         Ok(None) => return Screened::End((None, Ok(()))),
         Err(e) => return Screened::End(unreadable(0, e)),
     };
     let id = frame.request_id;
-    if id == 0 {
-        return Screened::End(unreadable(0, RESERVED_ID.into()));
-    }
     let message = match Message::from_frame(&frame) {
         Ok(m) => m,
         Err(e) => {
@@ -1643,17 +1640,18 @@ async fn send<W: AsyncWrite + Unpin>(
     id: u32,
     m: &Message,
 ) -> bool {
-    feed(sink, id, m).await && SinkExt::<Frame>::flush(sink).await.is_ok()
+    feed(sink, id, m, 0).await && SinkExt::<Frame>::flush(sink).await.is_ok()
 }
 
-/// Queues `m` in the sink's buffer, which is written once it passes its
-/// mark or is flushed.
+/// Queues `m`, with frame flags `flags`, in the sink's buffer, which is
+/// written once it passes its mark or is flushed.
 async fn feed<W: AsyncWrite + Unpin>(
     sink: &mut FramedWrite<W, FrameCodec>,
     id: u32,
     m: &Message,
+    flags: u16,
 ) -> bool {
-    match answer_frame(id, m, 0) {
+    match answer_frame(id, m, flags) {
         Some(f) => sink.feed(f).await.is_ok(),
         None => false,
     }

@@ -787,12 +787,15 @@ async fn a_request_that_finds_no_slot_within_its_window_is_told_and_closed() {
     // counted.
     let (status, body) = exchange(r.http, ask).await;
     assert_error(&(status, body), 503, "busy");
-    let series = "fintrust_connections_turned_away_total{port=\"http\",reason=\"busy\"} ";
+    let labels = server::metrics::TurnedAwayLabels {
+        port: "http",
+        reason: "busy",
+    };
     let counted = server::metrics::global()
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok());
-    assert!(counted >= Some(1), "{counted:?}");
+        .turned_away
+        .get_or_create(&labels)
+        .get();
+    assert!(counted >= 1, "counted: {counted}");
     drop(holder);
     let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
     assert_eq!(status, 200, "{health}");
