@@ -541,13 +541,43 @@ fn dev_creates_serves_and_reopens_its_vault() {
 /// Starts `vaultd serve` in plaintext on ports the OS chooses (killed
 /// with SIGKILL when dropped).
 fn serve(s: &Scratch, name: &str) -> support::Vaultd {
+    serve_with(s, name, &[])
+}
+
+/// [`serve`], with `args` added to the command line.
+fn serve_with(s: &Scratch, name: &str, args: &[&str]) -> support::Vaultd {
     let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
     support::serve_args(&mut cmd, &s.path(name), &s.path("passphrase"), None);
+    cmd.args(args);
     support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// One request on a fresh authenticated connection.
-async fn ask(addr: &str, key: &str, m: protocol::Message) -> protocol::Message {
+/// Credentials of `(role, name)` made in the vault in `dir` while it
+/// is not served: their API keys, in order.
+fn offline_credentials(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    wanted: &[(&str, &str)],
+) -> Vec<String> {
+    let keys = rt.block_on(async {
+        let unlock = storage::Unlock::passphrase(b"correct horse battery staple".to_vec());
+        let vault = storage::Vault::open(dir, &unlock, storage::Options::default()).expect("open");
+        let mut keys = Vec::new();
+        for (role, name) in wanted {
+            let (_, key) = vault.create_credential(role, name).await.expect(role);
+            keys.push(key.to_string());
+        }
+        vault.close().expect("close");
+        keys
+    });
+    wait_unlocked(dir);
+    keys
+}
+
+type Conn = tokio_util::codec::Framed<tokio::net::TcpStream, protocol::FrameCodec>;
+
+/// A fresh connection that sent `Hello` with `key`, and the answer to it.
+async fn hello(addr: &str, key: &str) -> (Conn, protocol::Message) {
     use futures_util::{SinkExt, StreamExt};
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut conn = tokio_util::codec::Framed::new(tcp, protocol::FrameCodec::new());
@@ -555,17 +585,25 @@ async fn ask(addr: &str, key: &str, m: protocol::Message) -> protocol::Message {
         api_key: key.into(),
         client: "cli test".into(),
     };
-    for (id, m) in [(1, hello), (2, m)] {
-        conn.send(m.to_frame(id, 0).expect("frame"))
-            .await
-            .expect("send");
-    }
-    let mut last = None;
-    for _ in 0..2 {
-        let f = conn.next().await.expect("a reply").expect("a frame");
-        last = Some(protocol::Message::from_frame(&f).expect("decodes"));
-    }
-    last.expect("two replies")
+    conn.send(hello.to_frame(1, 0).expect("frame"))
+        .await
+        .expect("send");
+    let reply = conn.next().await.expect("a reply").expect("a frame");
+    (
+        conn,
+        protocol::Message::from_frame(&reply).expect("decodes"),
+    )
+}
+
+/// One request on a fresh authenticated connection.
+async fn ask(addr: &str, key: &str, m: protocol::Message) -> protocol::Message {
+    use futures_util::{SinkExt, StreamExt};
+    let (mut conn, _) = hello(addr, key).await;
+    conn.send(m.to_frame(2, 0).expect("frame"))
+        .await
+        .expect("send");
+    let f = conn.next().await.expect("a reply").expect("a frame");
+    protocol::Message::from_frame(&f).expect("decodes")
 }
 
 #[test]
@@ -668,46 +706,15 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
 /// taken again.
 #[test]
 fn serve_takes_its_connection_limit_from_the_command_line() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = Scratch::new();
     s.init("v");
     let dir = s.path("v");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (writer, admin) = rt.block_on(async {
-        let unlock = storage::Unlock::passphrase(b"correct horse battery staple".to_vec());
-        let vault = storage::Vault::open(&dir, &unlock, storage::Options::default()).expect("open");
-        let (_, writer) = vault
-            .create_credential("writer", "svc")
-            .await
-            .expect("writer");
-        let (_, admin) = vault
-            .create_credential("admin", "ops")
-            .await
-            .expect("admin");
-        vault.close().expect("close");
-        (writer.to_string(), admin.to_string())
-    });
-    wait_unlocked(&dir);
-    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    support::serve_args(&mut cmd, &dir, &s.path("passphrase"), None);
-    cmd.args(["--max-connections", "1"]);
-    let server = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
-    type Conn = tokio_util::codec::Framed<tokio::net::TcpStream, protocol::FrameCodec>;
-    async fn hello(addr: &str, key: &str) -> (Conn, protocol::Message) {
-        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let mut conn = tokio_util::codec::Framed::new(tcp, protocol::FrameCodec::new());
-        let hello = protocol::Message::Hello {
-            api_key: key.to_string(),
-            client: "cli test".into(),
-        };
-        conn.send(hello.to_frame(1, 0).expect("frame"))
-            .await
-            .expect("send");
-        let reply = conn.next().await.expect("a reply").expect("a frame");
-        let reply = protocol::Message::from_frame(&reply).expect("decodes");
-        (conn, reply)
-    }
+    let keys = offline_credentials(&rt, &dir, &[("writer", "svc"), ("admin", "ops")]);
+    let (writer, admin) = (&keys[0], &keys[1]);
+    let server = serve_with(&s, "v", &["--max-connections", "1"]);
     async fn http(addr: &str, raw: &str) -> tokio::net::TcpStream {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
         tcp.write_all(raw.as_bytes()).await.expect("write");
@@ -715,7 +722,7 @@ fn serve_takes_its_connection_limit_from_the_command_line() {
     }
     let (port, http_port) = (server.protocol.as_str(), server.http.as_str());
     rt.block_on(async {
-        let (first, reply) = hello(port, &writer).await;
+        let (first, reply) = hello(port, writer).await;
         assert!(
             matches!(reply, protocol::Message::HelloOk { .. }),
             "{reply:?}"
@@ -734,7 +741,7 @@ fn serve_takes_its_connection_limit_from_the_command_line() {
         assert_eq!(&head, b"HTTP/1.1 200");
         // Both refusals wait out the same 10 s.
         let protocol_refused = async {
-            let (mut second, reply) = hello(port, &writer).await;
+            let (mut second, reply) = hello(port, writer).await;
             let refused = matches!(
                 &reply,
                 protocol::Message::Error {
@@ -760,7 +767,7 @@ fn serve_takes_its_connection_limit_from_the_command_line() {
         .expect("both refused once their window had passed");
         drop(first);
         drop(holder);
-        let (_third, reply) = hello(port, &writer).await;
+        let (_third, reply) = hello(port, writer).await;
         assert!(
             matches!(reply, protocol::Message::HelloOk { .. }),
             "{reply:?}"
@@ -811,21 +818,8 @@ fn serve_takes_its_commit_group_bounds_from_the_command_line() {
     s.init("v");
     let dir = s.path("v");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let writer = rt.block_on(async {
-        let unlock = storage::Unlock::passphrase(b"correct horse battery staple".to_vec());
-        let vault = storage::Vault::open(&dir, &unlock, storage::Options::default()).expect("open");
-        let (_, key) = vault
-            .create_credential("writer", "svc")
-            .await
-            .expect("writer");
-        vault.close().expect("close");
-        key.to_string()
-    });
-    wait_unlocked(&dir);
-    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
-    support::serve_args(&mut cmd, &dir, &s.path("passphrase"), None);
-    cmd.args(["--max-group-entries", "1"]);
-    let server = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let writer = offline_credentials(&rt, &dir, &[("writer", "svc")]).remove(0);
+    let server = serve_with(&s, "v", &["--max-group-entries", "1"]);
     // 200 appends pipelined on one connection: with groups of one entry,
     // each has a signed head of its own (with the default bound, most
     // share one with others).
