@@ -2045,6 +2045,43 @@ mod tests {
         assert!(health.await.expect("join").is_ok());
     }
 
+    /// An error code added by a later server version fails the request it
+    /// answers, as a refusal with the server's words, and not the
+    /// connection: the next request on it is answered.
+    #[tokio::test]
+    async fn an_error_code_this_build_does_not_know_fails_only_its_request() {
+        let (client, mut peer) = pair(Duration::from_secs(30)).await;
+        let client = Arc::new(client);
+        let ping = spawn_ping(&client);
+        let req = next_request(&mut peer).await;
+        let mut payload = 40u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[0, 9]);
+        payload.extend_from_slice(b"try later");
+        let frame = protocol::Frame {
+            msg_type: protocol::MessageType::Error,
+            flags: 0,
+            request_id: req.request_id,
+            payload,
+        }
+        .encode()
+        .expect("encode");
+        peer.get_mut().write_all(&frame).await.expect("write");
+        match ping.await.expect("join") {
+            Err(ClientError::Server { code, message }) => {
+                assert_eq!(code, ErrorCode::Unrecognized);
+                assert_eq!(message, "code 40: try later");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!client.is_closed());
+        let ping = spawn_ping(&client);
+        let req = next_request(&mut peer).await;
+        peer.send((req.request_id, Message::Pong))
+            .await
+            .expect("send");
+        assert!(ping.await.expect("join").is_ok());
+    }
+
     /// A request fails once its own deadline passed, within an eighth of
     /// the timeout after it, and alone: a later request on the same
     /// connection still gets its answer.

@@ -166,6 +166,11 @@ use crate::wire::{Reader, Writer};
 /// Why a request failed, carried by an [`Message::Error`]. The discriminant
 /// is the wire value; values and names are stable: never renumber or
 /// rename, only add. 0 is unused so that a zeroed code is an error.
+///
+/// A code this build does not know (one a later version added) decodes as
+/// [`ErrorCode::Unrecognized`], with the server's message kept and its
+/// number put before it, so that a new refusal fails the one request it
+/// answers, as any refusal does, and not the whole connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u16)]
 pub enum ErrorCode {
@@ -216,11 +221,14 @@ pub enum ErrorCode {
     /// credential for a client certificate an active credential holds, or
     /// a credential revoking itself.
     Conflict = 21,
+    /// What a code this build does not know decodes as; no sender means
+    /// it (65,535 is reserved for it).
+    Unrecognized = 0xFFFF,
 }
 
 impl ErrorCode {
     /// Every code, in value order.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::Malformed,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -242,11 +250,17 @@ impl ErrorCode {
         ErrorCode::OutsideAllowedHours,
         ErrorCode::SourceNotAllowed,
         ErrorCode::Conflict,
+        ErrorCode::Unrecognized,
     ];
 
-    /// Decodes the wire value.
+    /// Decodes the wire value: `None` for a value no code has (see
+    /// [`Message::decode`] for what an `Error` frame makes of it).
     pub fn from_u16(v: u16) -> Option<ErrorCode> {
-        ErrorCode::ALL.get(usize::from(v).wrapping_sub(1)).copied()
+        ErrorCode::ALL
+            .get(usize::from(v).wrapping_sub(1))
+            .copied()
+            .filter(|c| *c as u16 == v)
+            .or((v == ErrorCode::Unrecognized as u16).then_some(ErrorCode::Unrecognized))
     }
 
     /// The stable snake_case name.
@@ -273,6 +287,7 @@ impl ErrorCode {
             ErrorCode::OutsideAllowedHours => "outside_allowed_hours",
             ErrorCode::SourceNotAllowed => "source_not_allowed",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Unrecognized => "unrecognized",
         }
     }
 
@@ -1211,11 +1226,28 @@ impl Message {
                 status: r.string()?,
                 entries: r.u64()?,
             },
-            MessageType::Error => Message::Error {
-                code: ErrorCode::from_u16(r.u16()?)
-                    .ok_or(Error::Malformed("unknown error code"))?,
-                message: r.string()?,
-            },
+            MessageType::Error => {
+                let value = r.u16()?;
+                let message = r.string()?;
+                match ErrorCode::from_u16(value) {
+                    Some(code) => Message::Error { code, message },
+                    // A code added after this build: a refusal all the same,
+                    // its number kept before the words where the string
+                    // has room for it (so that the message still encodes).
+                    None if value != 0 => {
+                        let numbered = format!("code {value}: {message}");
+                        Message::Error {
+                            code: ErrorCode::Unrecognized,
+                            message: if numbered.len() <= usize::from(u16::MAX) {
+                                numbered
+                            } else {
+                                message
+                            },
+                        }
+                    }
+                    None => return Err(Error::Malformed("unknown error code")),
+                }
+            }
         };
         reader.finish()?;
         Ok(message)
@@ -2159,14 +2191,69 @@ pub(crate) mod tests {
                 Err(Error::Malformed("unknown masking operator"))
             ));
         }
-        for code in [0u16, 22, u16::MAX] {
+        // An error code of 0 is no code at all.
+        assert!(matches!(
+            Message::decode(MessageType::Error, &[0, 0, 0, 0]),
+            Err(Error::Malformed("unknown error code"))
+        ));
+    }
+
+    /// A code added by a later version is a refusal this build can read:
+    /// `unrecognized`, with its number before the server's words
+    /// (docs/protocol.md, "Error codes").
+    #[test]
+    fn an_error_code_added_later_decodes_as_unrecognized() {
+        // The vector docs/protocol.md gives.
+        let vector = "0016 0004 62757379";
+        assert!(include_str!("../../docs/protocol.md").contains(&format!("`{vector}`")));
+        assert_eq!(
+            Message::decode(
+                MessageType::Error,
+                &hex::decode(vector.replace(' ', "")).expect("hex")
+            )
+            .ok(),
+            Some(Message::Error {
+                code: ErrorCode::Unrecognized,
+                message: "code 22: busy".into(),
+            })
+        );
+        for code in [22u16, 300, 65534] {
             let mut bytes = code.to_be_bytes().to_vec();
-            bytes.extend_from_slice(&[0, 0]);
-            assert!(matches!(
-                Message::decode(MessageType::Error, &bytes),
-                Err(Error::Malformed("unknown error code"))
-            ));
+            bytes.extend_from_slice(&[0, 4]);
+            bytes.extend_from_slice(b"busy");
+            assert_eq!(
+                Message::decode(MessageType::Error, &bytes).ok(),
+                Some(Message::Error {
+                    code: ErrorCode::Unrecognized,
+                    message: format!("code {code}: busy"),
+                })
+            );
         }
+        // The reserved value itself, as a relay that met such a code
+        // would send it on.
+        let bytes = [0xff, 0xff, 0, 1, b'x'];
+        assert_eq!(
+            Message::decode(MessageType::Error, &bytes).ok(),
+            Some(Message::Error {
+                code: ErrorCode::Unrecognized,
+                message: "x".into(),
+            })
+        );
+        // A message with no room for the number is kept as it is.
+        let mut bytes = vec![0, 22, 0xff, 0xfa];
+        bytes.extend_from_slice(&[b'y'; 0xfffa]);
+        assert_eq!(
+            Message::decode(MessageType::Error, &bytes).ok(),
+            Some(Message::Error {
+                code: ErrorCode::Unrecognized,
+                message: "y".repeat(0xfffa),
+            })
+        );
+        // Trailing bytes are still an error.
+        assert!(matches!(
+            Message::decode(MessageType::Error, &[0, 22, 0, 0, 0]),
+            Err(Error::TrailingBytes)
+        ));
     }
 
     #[test]
@@ -2374,6 +2461,7 @@ pub(crate) mod tests {
             (19, "outside_allowed_hours"),
             (20, "source_not_allowed"),
             (21, "conflict"),
+            (65535, "unrecognized"),
         ];
         let actual: Vec<(u16, &str)> = ErrorCode::ALL
             .iter()
@@ -2384,8 +2472,9 @@ pub(crate) mod tests {
             assert_eq!(ErrorCode::from_u16(c as u16), Some(c));
             assert_eq!(c.name().parse::<ErrorCode>(), Ok(c));
         }
-        assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(22), None);
+        for v in [0, 22, 23, 1000, 65534] {
+            assert_eq!(ErrorCode::from_u16(v), None);
+        }
     }
 
     #[test]
@@ -2417,9 +2506,19 @@ pub(crate) mod tests {
         ) {
             let t = MessageType::ALL[type_index];
             if let Ok(m) = Message::decode(t, &bytes) {
-                // Whatever decodes re-encodes to the same bytes.
                 proptest::prop_assert_eq!(m.message_type(), t);
-                proptest::prop_assert_eq!(m.encode_payload().ok(), Some(bytes));
+                let again = m.encode_payload().ok();
+                if matches!(m, Message::Error { code: ErrorCode::Unrecognized, .. })
+                    && bytes.get(..2) != Some(&[0xff, 0xff][..])
+                {
+                    // A code this build does not know re-encodes as the
+                    // reserved value, which decodes to the same message.
+                    let back = again.and_then(|p| Message::decode(t, &p).ok());
+                    proptest::prop_assert_eq!(back, Some(m));
+                } else {
+                    // Whatever else decodes re-encodes to the same bytes.
+                    proptest::prop_assert_eq!(again, Some(bytes));
+                }
             }
         }
     }
