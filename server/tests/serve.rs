@@ -21,7 +21,14 @@ use common::{start, Server};
 type Conn = Framed<TcpStream, FrameCodec>;
 
 async fn connect(s: &Server, key: &str) -> (Conn, Message) {
-    let tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let mut conn = say_hello(s.addr, key).await;
+    let reply = recv(&mut conn).await.expect("a reply to Hello").1;
+    (conn, reply)
+}
+
+/// A connection that has sent its `Hello`, its answer not read yet.
+async fn say_hello(addr: std::net::SocketAddr, key: &str) -> Conn {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
     let mut conn = Framed::new(tcp, FrameCodec::new());
     let hello = Message::Hello {
         api_key: key.into(),
@@ -30,8 +37,7 @@ async fn connect(s: &Server, key: &str) -> (Conn, Message) {
     conn.send(hello.to_frame(1, 0).expect("frame"))
         .await
         .expect("send");
-    let reply = recv(&mut conn).await.expect("a reply to Hello").1;
-    (conn, reply)
+    conn
 }
 
 async fn recv(conn: &mut Conn) -> Option<(u32, Message, bool)> {
@@ -899,20 +905,8 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     let (first, _) = connect(&s, &s.writer).await;
     let (_second, _) = connect(&s, &s.writer).await;
     let third = tokio::spawn({
-        let addr = s.addr;
-        let key = s.writer.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await.expect("connect");
-            let mut conn = Framed::new(tcp, FrameCodec::new());
-            let hello = Message::Hello {
-                api_key: key,
-                client: "third".into(),
-            };
-            conn.send(hello.to_frame(1, 0).expect("frame"))
-                .await
-                .expect("send");
-            recv(&mut conn).await.map(|r| r.1)
-        }
+        let (addr, key) = (s.addr, s.writer.clone());
+        async move { recv(&mut say_hello(addr, &key).await).await.map(|r| r.1) }
     });
     // Not served while two connections are open...
     tokio::task::yield_now().await;
@@ -956,6 +950,68 @@ async fn a_connection_that_finds_no_slot_within_its_window_is_told_and_closed() 
     drop(first);
     let (mut third, hello) = connect(&s, &s.writer).await;
     assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
+    assert_eq!(request(&mut third, 2, &Message::Ping).await, Message::Pong);
+}
+
+/// A connection waiting for a slot still counts among those in their
+/// handshake: one more arrival past `max_handshakes` ends the oldest
+/// wait, and that client is told `unavailable` before it is closed, not
+/// cut off without a word. The newcomer is served once a slot frees.
+#[tokio::test]
+async fn a_connection_waiting_for_a_slot_is_evicted_with_an_answer() {
+    let s = start(ServeConfig {
+        max_connections: 1,
+        max_handshakes: 1,
+        // Longer than the test: only eviction can end the wait.
+        handshake_timeout: Duration::from_secs(3600),
+        ..ServeConfig::default()
+    })
+    .await;
+    let labels = server::metrics::TurnedAwayLabels {
+        port: "protocol",
+        reason: "evicted",
+    };
+    let evicted = || {
+        server::metrics::global()
+            .turned_away
+            .get_or_create(&labels)
+            .get()
+    };
+    let before = evicted();
+    let (mut first, hello) = connect(&s, &s.writer).await;
+    assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
+    // The second authenticates and waits: its `Hello` has no answer yet.
+    // The pause lets the server read and check the `Hello` before the
+    // third arrives (a connection still in its handshake would be closed
+    // without a word, and the test would say so below).
+    let mut second = say_hello(s.addr, &s.writer).await;
+    let waited = tokio::time::timeout(Duration::from_secs(1), recv(&mut second)).await;
+    assert!(waited.is_err(), "no answer while it waits: {waited:?}");
+    // A third arrives: the second's wait ends, with an answer.
+    let third = tokio::spawn({
+        let (addr, key) = (s.addr, s.writer.clone());
+        async move {
+            let mut conn = say_hello(addr, &key).await;
+            let hello = recv(&mut conn).await.map(|r| r.1);
+            (conn, hello)
+        }
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(60), recv(&mut second))
+        .await
+        .expect("an answer once evicted")
+        .expect("a frame (none: evicted before its Hello was read)");
+    assert_eq!(code(&answer.1), Some(ErrorCode::Unavailable), "{answer:?}");
+    assert!(recv(&mut second).await.is_none(), "closed after its answer");
+    assert!(evicted() > before, "counted as evicted");
+    // The served connection is not disturbed; the slot it frees goes to
+    // the third.
+    assert_eq!(request(&mut first, 2, &Message::Ping).await, Message::Pong);
+    drop(first);
+    let (mut third, hello) = tokio::time::timeout(Duration::from_secs(60), third)
+        .await
+        .expect("served once the slot frees")
+        .expect("task");
+    assert!(matches!(hello, Some(Message::HelloOk { .. })), "{hello:?}");
     assert_eq!(request(&mut third, 2, &Message::Ping).await, Message::Pong);
 }
 
