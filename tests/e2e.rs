@@ -520,6 +520,22 @@ fn authorize_redeem_deny_audit_and_verify() {
         syncs,
         "{metrics}"
     );
+    // The connections of each port against their limits: the scrape's
+    // own connection holds one of the shim's slots.
+    assert!(
+        value(r#"fintrust_connections{port="http",state="served"}"#) >= 1,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"fintrust_connections_limit{port="http",state="served"}"#),
+        1024,
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"fintrust_connections_limit{port="protocol",state="handshake"}"#),
+        1024,
+        "{metrics}"
+    );
 
     // A clean shutdown leaves a log that verifies with the public key.
     let public_key = f.dev.get("public_key");

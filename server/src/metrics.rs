@@ -60,6 +60,16 @@ pub struct TurnedAwayLabels {
     pub reason: &'static str,
 }
 
+/// A port (`protocol` or `http`) and the state of its open connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub port: &'static str,
+    /// `handshake`: before a slot (PROXY header, TLS, `Hello` or the
+    /// first request's headers, or waiting for a slot once
+    /// authenticated); `served`: holding one of the port's slots.
+    pub state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,
@@ -100,6 +110,11 @@ pub struct Metrics {
     /// Connections closed before they held a slot, by port and reason:
     /// the connection limits at work.
     pub turned_away: Family<TurnedAwayLabels, Counter>,
+    /// Connections open, by port and state; and the most each state may
+    /// hold (`max_handshakes`, `max_connections`), so that a dashboard
+    /// sees a port near its limits before connections are turned away.
+    pub connections: Family<ConnectionLabels, Gauge>,
+    pub connections_limit: Family<ConnectionLabels, Gauge>,
     /// PROXY protocol headers on port 9999 by outcome: a misconfigured
     /// trusted proxy shows as refusals.
     pub proxy_headers: Family<OutcomeLabels, Counter>,
@@ -129,6 +144,8 @@ impl Metrics {
             log_entries: Gauge::default(),
             tls_handshakes: Family::default(),
             turned_away: Family::default(),
+            connections: Family::default(),
+            connections_limit: Family::default(),
             proxy_headers: Family::default(),
             forwarded_headers: Family::default(),
             tls_reloads: Family::default(),
@@ -179,6 +196,16 @@ impl Metrics {
             "connections_turned_away",
             "Connections closed before they held a slot, by port and reason (evicted: to make room for a newer handshake; busy: no slot free within the handshake's window)",
             m.turned_away.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections open, by port and state (handshake: before a slot, waiting for one included; served: holding a slot)",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_limit",
+            "The most connections each state may hold, by port (handshake: max_handshakes; served: max_connections)",
+            m.connections_limit.clone(),
         );
         registry.register(
             "proxy_headers",

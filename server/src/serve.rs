@@ -49,6 +49,8 @@ use std::time::Duration;
 use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use protocol::{ErrorCode, Frame, FrameCodec, Message};
 use storage::{Append, Vault};
 
@@ -567,6 +569,7 @@ pub async fn run(
     let admission = Arc::new(Admission::new(
         config.max_connections,
         config.max_handshakes,
+        "protocol",
     ));
     let inherited = nodelay_inherited(&listener);
     tokio::pin!(shutdown);
@@ -721,6 +724,11 @@ async fn proxied_client<R: AsyncRead + Unpin>(
 /// wait can be ended for a newer one): so connections that wait are bounded in
 /// time and in number, and a client with a valid key cannot make the
 /// server hold more than `max_connections + max_handshakes` connections.
+///
+/// `fintrust_connections{port, state}` counts the connections in their
+/// handshake (the map's entries) and those holding a slot ([`Slot`]s),
+/// each change made where the map or the slot changes, so the gauges of
+/// every `Admission` of a port add up.
 #[derive(Debug)]
 pub struct Admission {
     slots: Arc<Semaphore>,
@@ -728,17 +736,33 @@ pub struct Admission {
     next: std::sync::atomic::AtomicU64,
     /// Connections in their handshake, oldest first.
     handshaking: std::sync::Mutex<std::collections::BTreeMap<u64, CancellationToken>>,
+    /// `fintrust_connections` of this port, `handshake` and `served`.
+    in_handshake: Gauge,
+    served: Gauge,
 }
 
 impl Admission {
     /// `max_connections` slots; at most `max_handshakes` connections in
-    /// their handshake.
-    pub fn new(max_connections: usize, max_handshakes: usize) -> Self {
+    /// their handshake; `port` names it in the metrics (`protocol`,
+    /// `http`).
+    pub fn new(max_connections: usize, max_handshakes: usize, port: &'static str) -> Self {
+        let (max_connections, max_handshakes) = (max_connections.max(1), max_handshakes.max(1));
+        let m = crate::metrics::global();
+        let gauge = |family: &Family<crate::metrics::ConnectionLabels, Gauge>, state| {
+            family
+                .get_or_create(&crate::metrics::ConnectionLabels { port, state })
+                .clone()
+        };
+        for (state, max) in [("handshake", max_handshakes), ("served", max_connections)] {
+            gauge(&m.connections_limit, state).set(i64::try_from(max).unwrap_or(i64::MAX));
+        }
         Admission {
-            slots: Arc::new(Semaphore::new(max_connections.max(1))),
-            max_handshakes: max_handshakes.max(1),
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_handshakes,
             next: std::sync::atomic::AtomicU64::new(0),
             handshaking: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            in_handshake: gauge(&m.connections, "handshake"),
+            served: gauge(&m.connections, "served"),
         }
     }
 
@@ -750,11 +774,15 @@ impl Admission {
         if let Ok(mut h) = self.handshaking.lock() {
             while h.len() >= self.max_handshakes {
                 match h.pop_first() {
-                    Some((_, oldest)) => oldest.cancel(),
+                    Some((_, oldest)) => {
+                        oldest.cancel();
+                        self.in_handshake.dec();
+                    }
                     None => break,
                 }
             }
             h.insert(ticket, token.clone());
+            self.in_handshake.inc();
         }
         (ticket, token)
     }
@@ -773,7 +801,7 @@ impl Admission {
         &self,
         ticket: u64,
         deadline: tokio::time::Instant,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, Refused> {
+    ) -> Result<Slot, Refused> {
         let waited = match self.slots.clone().try_acquire_owned() {
             Ok(permit) => Ok(permit),
             Err(tokio::sync::TryAcquireError::Closed) => Err(Refused::Busy),
@@ -795,14 +823,35 @@ impl Admission {
             }
         };
         self.leave(ticket);
-        waited
+        waited.map(|permit| {
+            self.served.inc();
+            Slot {
+                _permit: permit,
+                served: self.served.clone(),
+            }
+        })
     }
 
     /// The connection ended (at any stage).
     pub fn leave(&self, ticket: u64) {
         if let Ok(mut h) = self.handshaking.lock() {
-            h.remove(&ticket);
+            if h.remove(&ticket).is_some() {
+                self.in_handshake.dec();
+            }
         }
+    }
+}
+
+/// One of an [`Admission`]'s slots, held until the connection ends.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    served: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.served.dec();
     }
 }
 
@@ -2912,6 +2961,67 @@ mod tests {
         }
     }
 
+    /// `fintrust_connections` follows each connection: in its handshake
+    /// from its arrival until it holds a slot (waiting included), evicted
+    /// or gone; served while it holds one. The limits are beside them.
+    #[tokio::test]
+    async fn the_connection_gauges_follow_each_connection() {
+        let port = "test-gauges";
+        let m = crate::metrics::global();
+        let read = |family: &Family<crate::metrics::ConnectionLabels, Gauge>, state| {
+            family
+                .get_or_create(&crate::metrics::ConnectionLabels { port, state })
+                .get()
+        };
+        let now = || {
+            (
+                read(&m.connections, "handshake"),
+                read(&m.connections, "served"),
+            )
+        };
+        let a = Arc::new(Admission::new(1, 2, port));
+        assert_eq!(read(&m.connections_limit, "handshake"), 2);
+        assert_eq!(read(&m.connections_limit, "served"), 1);
+        assert_eq!(now(), (0, 0));
+        let (t0, _) = a.arrive();
+        let (t1, _) = a.arrive();
+        assert_eq!(now(), (2, 0));
+        let slot = a
+            .admitted(t0, tokio::time::Instant::now())
+            .await
+            .expect("a free slot");
+        assert_eq!(now(), (1, 1));
+        // The second waits for the slot, still in its handshake...
+        let waiting = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.admitted(t1, tokio::time::Instant::now() + Duration::from_secs(3600))
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(now(), (1, 1));
+        // ...until two more arrive: the oldest (it) is evicted.
+        let (t2, _) = a.arrive();
+        let (t3, _) = a.arrive();
+        assert!(matches!(
+            waiting.await.expect("task"),
+            Err(Refused::Evicted)
+        ));
+        assert_eq!(now(), (2, 1));
+        a.leave(t2);
+        drop(slot);
+        assert_eq!(now(), (1, 0));
+        let slot = a
+            .admitted(t3, tokio::time::Instant::now())
+            .await
+            .expect("the freed slot");
+        assert_eq!(now(), (0, 1));
+        drop(slot);
+        a.leave(t3);
+        assert_eq!(now(), (0, 0));
+    }
+
     /// Connections that authenticated but wait for a slot stay among the
     /// handshakes (the oldest one's wait ends when one more arrives past
     /// `max_handshakes`, without closing it, so that it can be told), and
@@ -2920,7 +3030,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_for_a_slot_is_bounded_in_time_and_in_number() {
         use tokio::time::Instant;
-        let a = Arc::new(Admission::new(1, 2));
+        let a = Arc::new(Admission::new(1, 2, "test-waiting"));
         let far = Instant::now() + Duration::from_secs(3600);
         let (t0, e0) = a.arrive();
         let held = a.admitted(t0, far).await.expect("a free slot");

@@ -176,6 +176,7 @@ pub async fn serve(
     let admission = Arc::new(crate::serve::Admission::new(
         shim.config.max_connections,
         shim.config.max_handshakes,
+        "http",
     ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // Cancelled at shutdown: connections without a request are closed.
@@ -460,7 +461,7 @@ mod tests {
                     ..ShimConfig::default()
                 },
             );
-            let admission = std::sync::Arc::new(crate::serve::Admission::new(4, 4));
+            let admission = std::sync::Arc::new(crate::serve::Admission::new(4, 4, "test-shim"));
             let (ticket, evicted) = admission.arrive();
             let graceful = hyper_util::server::graceful::GracefulShutdown::new();
             let arrived = Instant::now();
