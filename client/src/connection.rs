@@ -471,7 +471,8 @@ where
     let mut answer = async |id: u32, expected: &'static str| -> Result<Message> {
         let reply = match frames.next().await {
             None => return Err(ClientError::Closed),
-            Some(reply) => reply?,
+            Some(Ok(reply)) => reply,
+            Some(Err(e)) => return Err(wrong_protocol(e.into(), frames.read_buffer())),
         };
         // Id 0: an error about the connection itself.
         if reply.request_id != id && reply.request_id != 0 {
@@ -484,6 +485,30 @@ where
         other => return Err(refusal(other, "HelloOk")),
     }
     redeemed(answer(HELLO_ID + 1, "Data").await?)
+}
+
+/// `e`, a first answer that does not decode, told apart when `buffered`
+/// (the bytes it came in) is in a protocol a misdirected client meets:
+/// HTTP, from the shim's port or another web service, or TLS records, from
+/// a TLS port reached in plaintext.
+fn wrong_protocol(e: ClientError, buffered: &[u8]) -> ClientError {
+    if !matches!(e, ClientError::Protocol(_)) {
+        return e;
+    }
+    if buffered.starts_with(b"HTTP/") {
+        ClientError::WrongProtocol(
+            "the server answered in HTTP: is this the HTTP shim's port (8080 by default) \
+             rather than the vault's (9999)?",
+        )
+    } else if let [0x15 | 0x16, 0x03, ..] = buffered {
+        // A TLS alert or handshake record, of any TLS version.
+        ClientError::WrongProtocol(
+            "the server answered in TLS: connect with its CA certificate (--cacert, \
+             FINTRUST_CACERT) rather than in plaintext",
+        )
+    } else {
+        e
+    }
 }
 
 /// The answer to a `Redeem`: its data, or the refusal.
@@ -549,7 +574,8 @@ impl Client {
 
         let reply = match frames.next().await {
             None => return Err(ClientError::Closed),
-            Some(reply) => reply?,
+            Some(Ok(reply)) => reply,
+            Some(Err(e)) => return Err(wrong_protocol(e.into(), frames.read_buffer())),
         };
         let shared = Arc::new(Shared::new(config.timeout));
         let (role, server) = hello_ok(reply)?;
@@ -1511,6 +1537,7 @@ fn replicate(e: &ClientError) -> ClientError {
             message: message.clone(),
         },
         ClientError::UnexpectedResponse(s) => ClientError::UnexpectedResponse(s),
+        ClientError::WrongProtocol(s) => ClientError::WrongProtocol(s),
         ClientError::Timeout => ClientError::Timeout,
         ClientError::Closed => ClientError::Closed,
         ClientError::BadReceipt(r) => ClientError::BadReceipt(*r),
@@ -2043,6 +2070,52 @@ mod tests {
         };
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(health.await.expect("join").is_ok());
+    }
+
+    /// A first answer in HTTP or in TLS says which, whether it comes to a
+    /// connection's `Hello` or to a redemption's.
+    #[tokio::test]
+    async fn a_server_answering_in_another_protocol_is_named() {
+        let http = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        // A TLS 1.2 record header and a fatal alert (decode_error).
+        let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
+        let config = ClientConfig {
+            api_key: Zeroizing::new("fvk_test".into()),
+            ..ClientConfig::default()
+        };
+        for (answer, names) in [(&http[..], "in HTTP"), (&alert[..], "in TLS")] {
+            for redeem in [false, true] {
+                let (near, mut far) = tokio::io::duplex(4096);
+                let server = tokio::spawn({
+                    let answer = answer.to_vec();
+                    async move {
+                        let mut request = [0u8; 16];
+                        let _ = tokio::io::AsyncReadExt::read(&mut far, &mut request).await;
+                        far.write_all(&answer).await.expect("answer");
+                        far.shutdown().await.expect("close");
+                        far
+                    }
+                });
+                let got = if redeem {
+                    redeem_on(near, &config, "fvt_x").await.map(|_| ())
+                } else {
+                    let (r, w) = tokio::io::split(near);
+                    Client::hello(r, w, &config).await.map(|_| ())
+                };
+                let _far = server.await.expect("server");
+                match got {
+                    Err(e @ ClientError::WrongProtocol(_)) => {
+                        assert!(e.to_string().contains(names), "{e}")
+                    }
+                    other => panic!("{names}, redeem {redeem}: {other:?}"),
+                }
+            }
+        }
+        // Bytes of no known protocol stay a protocol error.
+        assert!(matches!(
+            wrong_protocol(ClientError::Protocol(protocol::Error::BadMagic), b"SSH-2.0"),
+            ClientError::Protocol(protocol::Error::BadMagic)
+        ));
     }
 
     /// An error code added by a later server version fails the request it

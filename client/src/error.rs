@@ -31,6 +31,11 @@ pub enum ClientError {
     /// The server answered with an `Error` frame.
     #[error("{code}: {message}")]
     Server { code: ErrorCode, message: String },
+    /// The server's first answer is in another protocol: HTTP (the shim's
+    /// port, or another service) or TLS (a plaintext connection to a TLS
+    /// port). Says which, and what to change.
+    #[error("{0}")]
+    WrongProtocol(&'static str),
     /// A well-formed answer of the wrong kind; names what was expected.
     #[error("unexpected response: expected {0}")]
     UnexpectedResponse(&'static str),
@@ -85,6 +90,15 @@ impl From<std::io::Error> for ClientError {
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
+            // A TLS client's first read of a server that answers in
+            // plaintext (a `vaultd --insecure-plaintext`, or another
+            // service): say so rather than leave rustls's words alone.
+            Some(
+                tls @ rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+            ) => ClientError::Tls(format!(
+                "{tls} (the server does not answer in TLS: does it serve plaintext, \
+                 `--insecure-plaintext`?)"
+            )),
             Some(tls) => ClientError::Tls(tls.to_string()),
             None => ClientError::Io(e),
         }
@@ -104,3 +118,27 @@ impl From<protocol::Error> for ClientError {
 
 /// Result alias of the client crate.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// rustls's words for a server that answers a TLS client in plaintext
+    /// get a hint of what is wrong; other TLS failures keep theirs.
+    #[test]
+    fn a_plaintext_answer_to_tls_is_named() {
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let plaintext = io(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        ));
+        match ClientError::from(plaintext) {
+            ClientError::Tls(m) => assert!(m.contains("does not answer in TLS"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let other = io(rustls::Error::DecryptError);
+        match ClientError::from(other) {
+            ClientError::Tls(m) => assert!(!m.contains("plaintext"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1223,7 +1223,15 @@ where
         Ok(known) => known,
         Err(ending) => {
             let (reply, result) = *ending;
-            if let Some((id, m)) = reply {
+            let bad_magic = matches!(
+                result,
+                Err(ConnectionError::Protocol(protocol::Error::BadMagic))
+            );
+            if bad_magic && is_http_request(frames.read_buffer()) {
+                let w = sink.get_mut();
+                let _ = tokio::io::AsyncWriteExt::write_all(w, http_answer().as_bytes()).await;
+                let _ = tokio::io::AsyncWriteExt::flush(w).await;
+            } else if let Some((id, m)) = reply {
                 send(&mut sink, id, &m).await;
             }
             return result;
@@ -1504,6 +1512,36 @@ fn numbered(
         .into()),
         other => other,
     }
+}
+
+/// The first bytes of a connection are an HTTP request: a method, then a
+/// space (curl, a browser, or a client of the shim sent to this port).
+fn is_http_request(first: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+    ];
+    METHODS.iter().any(|m| first.starts_with(m))
+}
+
+/// What an HTTP request to this port is answered, in HTTP, so that curl
+/// or a browser shows why; the connection is then closed. It repeats
+/// nothing of the request.
+fn http_answer() -> String {
+    let body = "This port speaks the fintrust-vault wire protocol (docs/protocol.md), not HTTP. \
+                The HTTP API is served by the shim: vaultd's --http-listen, 127.0.0.1:8080 by default.\n";
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// The caller a connection's first frame authenticates, with the frame's

@@ -491,9 +491,20 @@ fn frames(mut bytes: &[u8]) -> Vec<Message> {
 async fn garbage_and_oversized_frames_get_a_typed_error_and_a_close() {
     let s = start(ServeConfig::default()).await;
     // Garbage before Hello, and after it (a partner's connection is
-    // served by a path of its own).
-    for key in [None, Some(s.writer.as_str()), Some(s.partner.as_str())] {
-        let out = frames(&raw_exchange(&s, key, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    // served by a path of its own). Past `Hello`, an HTTP request is
+    // garbage like any other (before it, see the test of HTTP requests).
+    for (key, garbage) in [
+        (None, &b"SSH-2.0-OpenSSH_9.6\r\n"[..]),
+        (
+            Some(s.writer.as_str()),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            Some(s.partner.as_str()),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+    ] {
+        let out = frames(&raw_exchange(&s, key, garbage).await);
         let last = out.last().expect("an answer");
         assert_eq!(code(last), Some(ErrorCode::Malformed), "{out:?}");
     }
@@ -915,6 +926,38 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     drop(first);
     let reply = third.await.expect("task");
     assert!(matches!(reply, Some(Message::HelloOk { .. })), "{reply:?}");
+}
+
+/// An HTTP request sent to the protocol port (curl, a browser, a client of
+/// the shim with the wrong port) is answered in HTTP, with what to do
+/// instead, and the connection closed; nothing else about it changes.
+#[tokio::test]
+async fn an_http_request_to_the_protocol_port_is_answered_in_http() {
+    let s = start(ServeConfig::default()).await;
+    let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+    tcp.write_all(b"GET /v1/health HTTP/1.1\r\nHost: vault\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), tcp.read_to_end(&mut answer))
+        .await
+        .expect("closed")
+        .expect("read");
+    let answer = String::from_utf8(answer).expect("text");
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(
+        head.contains(&format!("content-length: {}", body.len())),
+        "{head}"
+    );
+    assert!(body.contains("127.0.0.1:8080"), "{body}");
+    assert!(
+        !body.contains("health"),
+        "nothing of the request is repeated"
+    );
 }
 
 /// A client with a valid key that finds every slot taken waits for one
