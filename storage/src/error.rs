@@ -144,7 +144,10 @@ pub enum Error {
     #[error("vault is closed")]
     Closed,
     /// The data dir is locked by another process.
-    #[error("data dir is in use by another process")]
+    #[error(
+        "data dir is in use by another process: stop the vaultd that serves it first, \
+         or ask that vault over the network (vault-verify --remote, vault-admin without --data-dir)"
+    )]
     Locked,
     // The I/O and sled errors are in the message, and so not also a
     // `source()`: an error chain (`vaultd`'s `error: …`) prints each once.
