@@ -25,6 +25,9 @@ put("frame", "pipelined", b"".join(bytes.fromhex(h + (p or "")) for _, h, p in f
 # then the frame.
 for name, header, payload in frames:
     put("connection", name, b"\x00\x00" + bytes.fromhex(header) + bytes.fromhex(payload or ""))
+# And an HTTP request where Hello would be (no caller: no Hello is sent),
+# which the server answers in HTTP.
+put("connection", "http", b"\xff\xff" + b"GET /v1/health HTTP/1.1\r\nHost: vault\r\n\r\n")
 
 storage = read("storage.md")
 vec = dict(re.findall(r"^([A-Z0-9_]+) ([0-9a-f]+)$", storage, re.M))

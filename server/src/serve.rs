@@ -1516,7 +1516,7 @@ fn numbered(
 
 /// The first bytes of a connection are an HTTP request: a method, then a
 /// space (curl, a browser, or a client of the shim sent to this port).
-fn is_http_request(first: &[u8]) -> bool {
+pub(crate) fn is_http_request(first: &[u8]) -> bool {
     const METHODS: [&[u8]; 9] = [
         b"GET ",
         b"POST ",
@@ -1534,7 +1534,7 @@ fn is_http_request(first: &[u8]) -> bool {
 /// What an HTTP request to this port is answered, in HTTP, so that curl
 /// or a browser shows why; the connection is then closed. It repeats
 /// nothing of the request.
-fn http_answer() -> String {
+pub(crate) fn http_answer() -> String {
     let body = "This port speaks the fintrust-vault wire protocol (docs/protocol.md), not HTTP. \
                 The HTTP API is served by the shim: vaultd's --http-listen, 127.0.0.1:8080 by default.\n";
     format!(
