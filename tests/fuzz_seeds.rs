@@ -199,7 +199,12 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
     }
     // And an HTTP request where `Hello` would be, with no caller.
     let http = b"GET /v1/health HTTP/1.1\r\nHost: vault\r\n\r\n";
-    check(&mut stale, "connection", "http", &[&[0xffu8, 0xff][..], http].concat());
+    check(
+        &mut stale,
+        "connection",
+        "http",
+        &[&[0xffu8, 0xff][..], http].concat(),
+    );
     let headers = proxy_headers(&doc("protocol.md"));
     assert_eq!(headers.len(), 5, "PROXY headers read: {headers:?}");
     for (i, h) in headers.iter().enumerate() {
