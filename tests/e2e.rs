@@ -362,6 +362,29 @@ fn authorize_redeem_deny_audit_and_verify() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
         "{answer}"
     );
+    // The two ports mistaken for each other: HTTP to the protocol port is
+    // answered in HTTP, and `vault-client` at the HTTP port says so.
+    let answer = raw_http(
+        &f.dev.get("vault_addr"),
+        "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("HTTP API is served by the shim"),
+        "{answer}"
+    );
+    let out = support::vault_client(&[
+        "redeem",
+        "--insecure-plaintext",
+        "--addr",
+        &f.dev.get("http_addr"),
+        "--api-key",
+        &partner,
+        "--token",
+        "fvt_x",
+    ]);
+    assert_eq!(out.code, 1, "a local error: {}", out.stderr);
+    assert!(out.stderr.contains("answered in HTTP"), "{}", out.stderr);
     f.refused(
         call(
             "PUT",
