@@ -764,6 +764,20 @@ fn dev_with_tls_serves_both_ports_with_a_dev_certificate() {
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
     assert!(!got.starts_with(b"HTTP/"), "{got:?}");
+    // `vault-client` in plaintext at the TLS protocol port is told the
+    // server answers in TLS.
+    let out = support::vault_client(&[
+        "redeem",
+        "--insecure-plaintext",
+        "--addr",
+        &dev.get("vault_addr"),
+        "--api-key",
+        &partner,
+        "--token",
+        "fvt_x",
+    ]);
+    assert_eq!(out.code, 1, "a local error: {}", out.stderr);
+    assert!(out.stderr.contains("answered in TLS"), "{}", out.stderr);
     assert!(dev.stop().success());
 }
 
