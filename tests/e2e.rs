@@ -42,6 +42,20 @@ fn raw_http(addr: &str, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `vault-client redeem` of `token` with `key`, in plaintext, at `addr`.
+fn redeem_plaintext(addr: &str, key: &str, token: &str) -> support::Run {
+    support::vault_client(&[
+        "redeem",
+        "--insecure-plaintext",
+        "--addr",
+        addr,
+        "--api-key",
+        key,
+        "--token",
+        token,
+    ])
+}
+
 struct Flow {
     dev: DevServer,
 }
@@ -75,17 +89,7 @@ impl Flow {
 
     /// `vault-client redeem`: exit code, stdout, stderr.
     fn redeem(&self, key: &str, token: &str) -> (i32, String, String) {
-        let addr = self.dev.get("vault_addr");
-        let out = support::vault_client(&[
-            "redeem",
-            "--insecure-plaintext",
-            "--addr",
-            &addr,
-            "--api-key",
-            key,
-            "--token",
-            token,
-        ]);
+        let out = redeem_plaintext(&self.dev.get("vault_addr"), key, token);
         (out.code, out.stdout, out.stderr)
     }
 }
@@ -373,16 +377,7 @@ fn authorize_redeem_deny_audit_and_verify() {
         answer.contains("HTTP API is served by the shim"),
         "{answer}"
     );
-    let out = support::vault_client(&[
-        "redeem",
-        "--insecure-plaintext",
-        "--addr",
-        &f.dev.get("http_addr"),
-        "--api-key",
-        &partner,
-        "--token",
-        "fvt_x",
-    ]);
+    let out = redeem_plaintext(&f.dev.get("http_addr"), &partner, "fvt_x");
     assert_eq!(out.code, 1, "a local error: {}", out.stderr);
     assert!(out.stderr.contains("answered in HTTP"), "{}", out.stderr);
     f.refused(
@@ -669,16 +664,11 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
     assert_eq!(status, 200, "{granted}");
     assert_eq!(granted["fields"], json!({"name": "redact"}));
     assert_eq!(granted["vault_addr"], dev.get("vault_addr").as_str());
-    let out = support::vault_client(&[
-        "redeem",
-        "--insecure-plaintext",
-        "--addr",
+    let out = redeem_plaintext(
         &dev.get("vault_addr"),
-        "--api-key",
         &partner,
-        "--token",
         granted["token"].as_str().expect("token"),
-    ]);
+    );
     let record = out.ok_json();
     let fields = record.get("fields").unwrap_or(&record);
     assert!(fields.get("email").is_none(), "{record}");
@@ -766,16 +756,7 @@ fn dev_with_tls_serves_both_ports_with_a_dev_certificate() {
     assert!(!got.starts_with(b"HTTP/"), "{got:?}");
     // `vault-client` in plaintext at the TLS protocol port is told the
     // server answers in TLS.
-    let out = support::vault_client(&[
-        "redeem",
-        "--insecure-plaintext",
-        "--addr",
-        &dev.get("vault_addr"),
-        "--api-key",
-        &partner,
-        "--token",
-        "fvt_x",
-    ]);
+    let out = redeem_plaintext(&dev.get("vault_addr"), &partner, "fvt_x");
     assert_eq!(out.code, 1, "a local error: {}", out.stderr);
     assert!(out.stderr.contains("answered in TLS"), "{}", out.stderr);
     assert!(dev.stop().success());
