@@ -352,6 +352,14 @@ pub fn turned_away(port: &'static str, reason: &'static str) {
         .inc();
 }
 
+/// How many connections [`turned_away`] has counted for `port` and `reason`.
+pub fn turned_away_count(port: &'static str, reason: &'static str) -> u64 {
+    global()
+        .turned_away
+        .get_or_create(&TurnedAwayLabels { port, reason })
+        .get()
+}
+
 /// The process's metrics.
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();

@@ -980,14 +980,7 @@ async fn a_connection_that_finds_no_slot_within_its_window_is_told_and_closed() 
         .expect("an answer once the window has passed");
     assert_eq!(code(&hello), Some(ErrorCode::Unavailable), "{hello:?}");
     assert!(recv(&mut second).await.is_none(), "closed after its answer");
-    let labels = server::metrics::TurnedAwayLabels {
-        port: "protocol",
-        reason: "busy",
-    };
-    let counted = server::metrics::global()
-        .turned_away
-        .get_or_create(&labels)
-        .get();
+    let counted = server::metrics::turned_away_count("protocol", "busy");
     assert!(counted >= 1, "counted: {counted}");
     assert_eq!(request(&mut first, 2, &Message::Ping).await, Message::Pong);
     drop(first);
@@ -1010,16 +1003,7 @@ async fn a_connection_waiting_for_a_slot_is_evicted_with_an_answer() {
         ..ServeConfig::default()
     })
     .await;
-    let labels = server::metrics::TurnedAwayLabels {
-        port: "protocol",
-        reason: "evicted",
-    };
-    let evicted = || {
-        server::metrics::global()
-            .turned_away
-            .get_or_create(&labels)
-            .get()
-    };
+    let evicted = || server::metrics::turned_away_count("protocol", "evicted");
     let before = evicted();
     let (mut first, hello) = connect(&s, &s.writer).await;
     assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");

@@ -787,14 +787,7 @@ async fn a_request_that_finds_no_slot_within_its_window_is_told_and_closed() {
     // counted.
     let (status, body) = exchange(r.http, ask).await;
     assert_error(&(status, body), 503, "busy");
-    let labels = server::metrics::TurnedAwayLabels {
-        port: "http",
-        reason: "busy",
-    };
-    let counted = server::metrics::global()
-        .turned_away
-        .get_or_create(&labels)
-        .get();
+    let counted = server::metrics::turned_away_count("http", "busy");
     assert!(counted >= 1, "counted: {counted}");
     drop(holder);
     let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
