@@ -469,11 +469,7 @@ where
     // A `Data` frame is small: a small buffer to start with.
     let mut frames = FramedRead::with_capacity(&mut stream, MessageCodec::new(), 1024);
     let mut answer = async |id: u32, expected: &'static str| -> Result<Message> {
-        let reply = match frames.next().await {
-            None => return Err(ClientError::Closed),
-            Some(Ok(reply)) => reply,
-            Some(Err(e)) => return Err(wrong_protocol(e.into(), frames.read_buffer())),
-        };
+        let reply = next_answer(&mut frames).await?;
         // Id 0: an error about the connection itself.
         if reply.request_id != id && reply.request_id != 0 {
             return Err(ClientError::UnexpectedResponse(expected));
@@ -485,6 +481,20 @@ where
         other => return Err(refusal(other, "HelloOk")),
     }
     redeemed(answer(HELLO_ID + 1, "Data").await?)
+}
+
+/// The next frame read before the connection's reader task runs (the
+/// answers to `Hello`, and a redemption's): [`ClientError::Closed`] at the
+/// end of the stream, and a frame that does not decode told apart by
+/// [`wrong_protocol`].
+async fn next_answer<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, MessageCodec>,
+) -> Result<Envelope> {
+    match frames.next().await {
+        None => Err(ClientError::Closed),
+        Some(Ok(reply)) => Ok(reply),
+        Some(Err(e)) => Err(wrong_protocol(e.into(), frames.read_buffer())),
+    }
 }
 
 /// `e`, a first answer that does not decode, told apart when `buffered`
@@ -572,11 +582,7 @@ impl Client {
         writer.flush().await?;
         drop(encoded);
 
-        let reply = match frames.next().await {
-            None => return Err(ClientError::Closed),
-            Some(Ok(reply)) => reply,
-            Some(Err(e)) => return Err(wrong_protocol(e.into(), frames.read_buffer())),
-        };
+        let reply = next_answer(&mut frames).await?;
         let shared = Arc::new(Shared::new(config.timeout));
         let (role, server) = hello_ok(reply)?;
         let (outgoing, queued) = mpsc::channel(OUTGOING_QUEUE);

@@ -256,11 +256,7 @@ impl ErrorCode {
     /// Decodes the wire value: `None` for a value no code has (see
     /// [`Message::decode`] for what an `Error` frame makes of it).
     pub fn from_u16(v: u16) -> Option<ErrorCode> {
-        ErrorCode::ALL
-            .get(usize::from(v).wrapping_sub(1))
-            .copied()
-            .filter(|c| *c as u16 == v)
-            .or((v == ErrorCode::Unrecognized as u16).then_some(ErrorCode::Unrecognized))
+        ErrorCode::ALL.into_iter().find(|c| *c as u16 == v)
     }
 
     /// The stable snake_case name.
