@@ -2999,6 +2999,27 @@ mod tests {
         }
     }
 
+    /// The HTTP answer on the protocol port is the one docs/protocol.md
+    /// shows (rule 8), each line ending as its `\r\n` or `\n` says.
+    #[test]
+    fn the_http_answer_is_the_documented_one() {
+        let docs = include_str!("../../docs/protocol.md");
+        let block = docs
+            .split_once("The HTTP answer, whole")
+            .and_then(|(_, rest)| rest.split_once("```text\n"))
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(block, _)| block)
+            .expect("protocol.md shows the HTTP answer");
+        let documented: String = block
+            .lines()
+            .map(|l| l.trim_start().replace("\\r", "\r").replace("\\n", "\n"))
+            .collect();
+        assert_eq!(documented, http_answer());
+        assert!(is_http_request(b"GET / HTTP/1.1\r\n"));
+        assert!(!is_http_request(b"GET"));
+        assert!(!is_http_request(b"FV\x01\x01"));
+    }
+
     /// `fintrust_connections` follows each connection: in its handshake
     /// from its arrival until it holds a slot (waiting included), evicted
     /// or gone; served while it holds one. The limits are beside them.
