@@ -961,3 +961,53 @@ pub async fn observe(
         .observe(started.elapsed().as_secs_f64());
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each refusal of the vault has the status `http.md` gives it, and
+    /// a code with none of its own (a newer vault's included) is a 502
+    /// that keeps the vault's code and words.
+    #[test]
+    fn each_vault_refusal_has_its_documented_status() {
+        let status = |code: ErrorCode| {
+            let e = vault_error(&ClientError::Server {
+                code,
+                message: format!("words of {}", code.name()),
+            });
+            (e.status, e.code, e.message)
+        };
+        for (code, expected) in [
+            (ErrorCode::Forbidden, StatusCode::FORBIDDEN),
+            (ErrorCode::WrongPartner, StatusCode::FORBIDDEN),
+            (ErrorCode::NotFound, StatusCode::NOT_FOUND),
+            (ErrorCode::Invalid, StatusCode::BAD_REQUEST),
+            (ErrorCode::Malformed, StatusCode::BAD_REQUEST),
+            (ErrorCode::Conflict, StatusCode::CONFLICT),
+            (ErrorCode::SubjectShredded, StatusCode::GONE),
+            (ErrorCode::RateLimited, StatusCode::TOO_MANY_REQUESTS),
+            (ErrorCode::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (ErrorCode::Internal, StatusCode::BAD_GATEWAY),
+            (ErrorCode::Unrecognized, StatusCode::BAD_GATEWAY),
+        ] {
+            let (got, name, message) = status(code);
+            assert_eq!(got, expected, "{}", code.name());
+            assert_eq!(name, code.name());
+            assert_eq!(message, format!("words of {}", code.name()));
+        }
+        let e = vault_error(&ClientError::Server {
+            code: ErrorCode::Unauthenticated,
+            message: "no".into(),
+        });
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            vault_error(&ClientError::Closed).status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            vault_error(&ClientError::Config("x".into())).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+}

@@ -621,6 +621,21 @@ mod tests {
                 if op.get("requestBody").is_some() {
                     assert!(op["responses"].get("415").is_some(), "{method} {path}");
                 }
+                // Every route that asks the vault something may meet a
+                // refusal it has no status for (502, `vault_error`) or
+                // stored state it cannot read (500); health answers 503
+                // for any failure.
+                if method != "parameters"
+                    && path.starts_with("/v1/")
+                    && !["/v1/openapi.json", "/v1/health"].contains(&path.as_str())
+                {
+                    for status in ["500", "502"] {
+                        assert!(
+                            op["responses"].get(status).is_some(),
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
             }
         }
         // The kinds `/v1/logs` filters on are the log's.
