@@ -325,7 +325,7 @@ impl FailureThrottle {
             return Duration::ZERO;
         };
         match peers.get(&peer_of(ip)) {
-            Some((n, last)) if *n > Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER => {
+            Some((n, last)) if *n >= Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER => {
                 let exp = (*n - Self::FREE_FAILURES).min(16);
                 Self::BASE_DELAY
                     .saturating_mul(1 << exp)
@@ -351,7 +351,7 @@ impl FailureThrottle {
         }
         if peers.len() >= max_peers && !peers.contains_key(&ip) {
             peers.retain(|_, (n, last)| {
-                *n > Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER
+                *n >= Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER
             });
             if peers.len() >= max_peers {
                 peers.clear();
@@ -1610,6 +1610,15 @@ fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &Live
             return Screened::End((Some((id, error(code, &e.to_string()))), Err(e.into())));
         }
     };
+    // A response type decodes, but no client may send one: the peer is
+    // out of step, and the stream cannot be trusted past it (rule 8).
+    if !frame.msg_type.is_request() {
+        let e = protocol::Error::Malformed("a response type sent as a request");
+        return Screened::End((
+            Some((id, error(ErrorCode::Malformed, &e.to_string()))),
+            Err(e.into()),
+        ));
+    }
     if !role.may(&message) {
         let m = error(
             ErrorCode::Forbidden,
@@ -2653,15 +2662,17 @@ mod tests {
         let t = FailureThrottle::default();
         let a: std::net::IpAddr = [10, 0, 0, 1].into();
         let b: std::net::IpAddr = [10, 0, 0, 2].into();
-        for _ in 0..FailureThrottle::FREE_FAILURES {
+        // The schedule of `protocol.md`: after 5 refusals, each further
+        // redemption waits 50 ms, doubling per refusal up to 5 s.
+        let mut waits = Vec::new();
+        for _ in 0..14 {
+            waits.push(t.delay(a).as_millis());
             t.record(a, true);
         }
-        assert_eq!(t.delay(a), Duration::ZERO, "a few mistakes are free");
-        t.record(a, true);
-        let first = t.delay(a);
-        assert!(first > Duration::ZERO);
-        t.record(a, true);
-        assert!(t.delay(a) > first, "each refusal doubles the wait");
+        assert_eq!(
+            waits,
+            [0, 0, 0, 0, 0, 50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]
+        );
         for _ in 0..40 {
             t.record(a, true);
         }

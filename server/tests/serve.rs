@@ -618,6 +618,34 @@ async fn a_request_numbered_zero_is_refused_and_the_connection_closed() {
     assert_eq!(after, before, "nothing appended");
 }
 
+/// A response type sent by a client decodes, but the client is out of
+/// step: it is refused as malformed under its own request id and the
+/// connection closed (protocol.md, rule 8), on the pipelined path and on
+/// a partner's; nothing behind it is read.
+#[tokio::test]
+async fn a_response_type_sent_as_a_request_is_malformed_and_closes() {
+    let s = start(ServeConfig::default()).await;
+    let ping = protocol::encode_frame(4, &Message::Ping, 0).expect("frame");
+    for key in [&s.writer, &s.partner, &s.auditor] {
+        let mut bytes = protocol::encode_frame(2, &Message::Ping, 0).expect("frame");
+        bytes.extend_from_slice(&protocol::encode_frame(3, &Message::Pong, 0).expect("frame"));
+        bytes.extend_from_slice(&ping);
+        let mut answer: &[u8] = &raw_exchange(&s, Some(key), &bytes).await;
+        let mut out = Vec::new();
+        while let Ok(Some((f, used))) = protocol::frame::decode(answer) {
+            out.push((f.request_id, Message::from_frame(&f).expect("decodes")));
+            answer = &answer[used..];
+        }
+        // HelloOk, the first ping's Pong, the refusal under the id of the
+        // frame it refuses, and nothing after it.
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert!(matches!(out[0], (1, Message::HelloOk { .. })), "{out:?}");
+        assert_eq!(out[1], (2, Message::Pong), "{out:?}");
+        assert_eq!(out[2].0, 3, "{out:?}");
+        assert_eq!(code(&out[2].1), Some(ErrorCode::Malformed), "{out:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_a_frame_is_closed() {
     let s = start(ServeConfig {
