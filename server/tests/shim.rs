@@ -261,6 +261,42 @@ async fn bad_input_gets_a_typed_error_and_writes_nothing() {
             "invalid_request",
         ),
         (
+            call(
+                a,
+                "POST",
+                "/v1/authorize",
+                Some(p),
+                Some(r#"{"subject_id": "cust-7", "purpose": "credit check"}"#),
+            )
+            .await,
+            400,
+            "invalid_request",
+        ),
+        (
+            call(
+                a,
+                "POST",
+                "/v1/authorize",
+                Some(p),
+                Some(r#"{"subject_id": "cust-7", "purpose": "credit_check", "fields": []}"#),
+            )
+            .await,
+            400,
+            "invalid_request",
+        ),
+        (
+            call(
+                a,
+                "POST",
+                "/v1/authorize",
+                Some(p),
+                Some(r#"{"subject_id": "cust-7", "purpose": "credit_check", "fields": ["first name"]}"#),
+            )
+            .await,
+            400,
+            "invalid_request",
+        ),
+        (
             call(a, "POST", "/v1/authorize", None, Some(ok_body)).await,
             401,
             "unauthenticated",
@@ -458,6 +494,46 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
         .map(|p| p["reason"].clone())
         .collect();
     assert_eq!(reasons, ["source_not_allowed", "outside_allowed_hours"]);
+    r.stop().await;
+}
+
+/// A shredded subject's policy and consent still pass the shim's checks;
+/// the vault refuses the mint, and the shim answers it as the denial it
+/// is: 403 `subject_shredded`, audited like every other denial.
+#[tokio::test]
+async fn a_shredded_subject_is_an_audited_denial() {
+    let r = start(ShimConfig::default()).await;
+    put_policy(
+        &r,
+        json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
+    )
+    .await;
+    let ask = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
+    let granted = call(r.http, "POST", "/v1/authorize", Some(&r.partner), Some(ask)).await;
+    assert_eq!(granted.0, 200, "{}", granted.1);
+    let admin = client::Client::connect(client::ClientConfig {
+        addr: r.protocol.to_string(),
+        tls: client::Tls::Plaintext,
+        api_key: client::Zeroizing::new(r.admin.clone()),
+        ..client::ClientConfig::default()
+    })
+    .await
+    .expect("admin");
+    admin.shred(SUBJECT).await.expect("shred");
+    let before = entries(&r).await;
+    assert_error(
+        &call(r.http, "POST", "/v1/authorize", Some(&r.partner), Some(ask)).await,
+        403,
+        "subject_shredded",
+    );
+    assert_eq!(entries(&r).await, before + 1, "one access_denied entry");
+    let reasons: Vec<Value> = denials(&r)
+        .await
+        .iter()
+        .map(|p| p["reason"].clone())
+        .collect();
+    assert_eq!(reasons, ["subject_shredded"]);
+    drop(admin);
     r.stop().await;
 }
 

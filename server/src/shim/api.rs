@@ -80,24 +80,46 @@ impl IntoResponse for ApiError {
 }
 
 /// Maps a vault error to an HTTP error.
+/// The stable codes of `http.md` stand for the vault's where the two
+/// differ (`invalid_request`, `vault_unavailable`), so that a client
+/// branches on one code whichever side refused.
 fn vault_error(e: &ClientError) -> ApiError {
     match e {
         ClientError::Server { code, message } => {
-            let status = match code {
+            let (status, name) = match code {
                 ErrorCode::Unauthenticated => return ApiError::unauthenticated(),
-                ErrorCode::Forbidden | ErrorCode::WrongPartner => StatusCode::FORBIDDEN,
-                ErrorCode::NotFound => StatusCode::NOT_FOUND,
-                ErrorCode::Invalid | ErrorCode::Malformed => StatusCode::BAD_REQUEST,
-                ErrorCode::Conflict => StatusCode::CONFLICT,
-                ErrorCode::SubjectShredded => StatusCode::GONE,
-                ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-                ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::BAD_GATEWAY,
+                ErrorCode::Invalid | ErrorCode::Malformed => {
+                    (StatusCode::BAD_REQUEST, "invalid_request")
+                }
+                ErrorCode::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "vault_unavailable"),
+                ErrorCode::Forbidden | ErrorCode::WrongPartner => {
+                    (StatusCode::FORBIDDEN, code.name())
+                }
+                ErrorCode::NotFound => (StatusCode::NOT_FOUND, code.name()),
+                ErrorCode::Conflict => (StatusCode::CONFLICT, code.name()),
+                ErrorCode::SubjectShredded => (StatusCode::GONE, code.name()),
+                ErrorCode::RateLimited => (StatusCode::TOO_MANY_REQUESTS, code.name()),
+                _ => (StatusCode::BAD_GATEWAY, code.name()),
             };
-            ApiError::new(status, code.name(), message.clone())
+            ApiError::new(status, name, message.clone())
         }
         ClientError::Config(m) => ApiError::internal(m.clone()),
         _ => ApiError::unavailable(),
+    }
+}
+
+/// [`vault_error`] for the shim's own gateway connection: the vault
+/// refusing the gateway key (revoked, or not the vault's) is the shim's
+/// configuration, a 500, not the caller's key (401).
+fn gateway_error(e: &ClientError) -> ApiError {
+    match e {
+        ClientError::Server {
+            code: ErrorCode::Unauthenticated,
+            ..
+        } => ApiError::internal(
+            "the vault refuses the shim's gateway key (revoked, or another vault's); nothing was done",
+        ),
+        _ => vault_error(e),
     }
 }
 
@@ -254,7 +276,7 @@ impl Shim {
         let started = Instant::now();
         let c = self.link.gateway().await.map_err(|e| {
             tracing::warn!(error = %e, "cannot reach the vault");
-            vault_error(&e)
+            gateway_error(&e)
         })?;
         let r = f(c.clone()).await;
         self.metrics
@@ -267,7 +289,7 @@ impl Shim {
                 let link = self.link.clone();
                 tokio::spawn(async move { link.reset(&c).await });
             }
-            vault_error(&e)
+            gateway_error(&e)
         })
     }
 
@@ -353,11 +375,22 @@ pub async fn authorize(
     ApiJson(req): ApiJson<AuthorizeRequest>,
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
     check_id("subject_id", &req.subject_id)?;
-    if req.purpose.is_empty() || req.purpose.len() > 128 {
-        return Err(ApiError::bad_request("purpose: 1 to 128 characters"));
+    if !policy::is_name(&req.purpose) {
+        return Err(ApiError::bad_request(
+            "purpose: 1 to 128 printable ASCII characters without spaces",
+        ));
     }
-    if req.fields.as_ref().is_some_and(|f| f.len() > 256) {
-        return Err(ApiError::bad_request("at most 256 fields"));
+    if let Some(fields) = &req.fields {
+        if fields.is_empty() || fields.len() > 256 {
+            return Err(ApiError::bad_request(
+                "fields: 1 to 256 names when given (leave it out for every field the purpose allows)",
+            ));
+        }
+        if !fields.iter().all(|f| policy::is_name(f)) {
+            return Err(ApiError::bad_request(
+                "fields: each name 1 to 128 printable ASCII characters without spaces",
+            ));
+        }
     }
     let hash = *blake3::hash(key.as_bytes()).as_bytes();
     // Who holds the key, its policy and the subject's consent for it: one
@@ -378,7 +411,7 @@ pub async fn authorize(
     let partner = who.name;
     let now = now_ms();
     let stored = (ctx.policy, ctx.consent);
-    match decide(&shim, &partner, &req, stored, now, source.client)? {
+    let denial = match decide(&shim, &partner, &req, stored, now, source.client)? {
         Ok((policy, fields)) => {
             let ttl = policy
                 .max_token_ttl_secs
@@ -391,9 +424,19 @@ pub async fn authorize(
             );
             // The token_minted entry is the grant's audit record: the
             // token exists for no one until it is durable.
-            let (token, expires_at_ms) = shim
+            // The vault refuses to mint for a shredded subject, the one
+            // check the shim cannot make from `Context`: a denial like the
+            // others, audited.
+            let minted = shim
                 .gw("mint", |c| async move { c.mint(p, s, pur, f, ttl).await })
-                .await?;
+                .await;
+            let (token, expires_at_ms) = match minted {
+                Ok(m) => m,
+                Err(e) if e.code == ErrorCode::SubjectShredded.name() => {
+                    return deny(&shim, &partner, &req, &source, Denial::SubjectShredded).await;
+                }
+                Err(e) => return Err(e),
+            };
             shim.metrics
                 .authorizations
                 .get_or_create(&DecisionLabels {
@@ -402,7 +445,7 @@ pub async fn authorize(
                 })
                 .inc();
             crate::failpoints::before_reply("authorize");
-            Ok(axum::Json(AuthorizeResponse {
+            return Ok(axum::Json(AuthorizeResponse {
                 token,
                 vault_addr: shim.config.vault_addr.clone(),
                 expires_at: rfc3339(expires_at_ms),
@@ -410,47 +453,57 @@ pub async fn authorize(
                     .into_iter()
                     .map(|(f, op)| (f, Value::String(op.name().to_string())))
                     .collect(),
-            }))
+            }));
         }
-        Err(denial) => {
-            let mut audit = json!({
-                "action": "authorize",
-                "partner_id": partner,
-                "purpose": req.purpose,
-                "reason": denial.code(),
-                "fields": req.fields,
-                "source_ip": source.client.to_string(),
-            });
-            if let Some(proxy) = source.proxy {
-                audit["proxy_ip"] = proxy.to_string().into();
-            }
-            let subject = req.subject_id.clone();
-            // Fail closed: without a durable record of the denial, the
-            // answer is 503, never a silent refusal.
-            shim.gw("audit", |c| async move {
-                c.event(
-                    Kind::AccessDenied as u8,
-                    subject,
-                    audit.to_string().into_bytes(),
-                )
-                .await
-            })
-            .await?;
-            shim.metrics
-                .authorizations
-                .get_or_create(&DecisionLabels {
-                    outcome: "denied",
-                    reason: denial.code(),
-                })
-                .inc();
-            let status = if denial == Denial::RateLimited {
-                StatusCode::TOO_MANY_REQUESTS
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            Err(ApiError::new(status, denial.code(), denial.message()))
-        }
+        Err(denial) => denial,
+    };
+    deny(&shim, &partner, &req, &source, denial).await
+}
+
+/// Records a denial of `/v1/authorize` durably (fail closed: without the
+/// record the answer is 503, never a silent refusal), counts it, and
+/// answers it.
+async fn deny(
+    shim: &Shim,
+    partner: &str,
+    req: &AuthorizeRequest,
+    source: &crate::proxied::Source,
+    denial: Denial,
+) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
+    let mut audit = json!({
+        "action": "authorize",
+        "partner_id": partner,
+        "purpose": req.purpose,
+        "reason": denial.code(),
+        "fields": req.fields,
+        "source_ip": source.client.to_string(),
+    });
+    if let Some(proxy) = source.proxy {
+        audit["proxy_ip"] = proxy.to_string().into();
     }
+    let subject = req.subject_id.clone();
+    shim.gw("audit", |c| async move {
+        c.event(
+            Kind::AccessDenied as u8,
+            subject,
+            audit.to_string().into_bytes(),
+        )
+        .await
+    })
+    .await?;
+    shim.metrics
+        .authorizations
+        .get_or_create(&DecisionLabels {
+            outcome: "denied",
+            reason: denial.code(),
+        })
+        .inc();
+    let status = if denial == Denial::RateLimited {
+        StatusCode::TOO_MANY_REQUESTS
+    } else {
+        StatusCode::FORBIDDEN
+    };
+    Err(ApiError::new(status, denial.code(), denial.message()))
 }
 
 /// A grant: the partner's policy and the masking of each field.
@@ -978,22 +1031,49 @@ mod tests {
             });
             (e.status, e.code, e.message)
         };
-        for (code, expected) in [
-            (ErrorCode::Forbidden, StatusCode::FORBIDDEN),
-            (ErrorCode::WrongPartner, StatusCode::FORBIDDEN),
-            (ErrorCode::NotFound, StatusCode::NOT_FOUND),
-            (ErrorCode::Invalid, StatusCode::BAD_REQUEST),
-            (ErrorCode::Malformed, StatusCode::BAD_REQUEST),
-            (ErrorCode::Conflict, StatusCode::CONFLICT),
-            (ErrorCode::SubjectShredded, StatusCode::GONE),
-            (ErrorCode::RateLimited, StatusCode::TOO_MANY_REQUESTS),
-            (ErrorCode::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
-            (ErrorCode::Internal, StatusCode::BAD_GATEWAY),
-            (ErrorCode::Unrecognized, StatusCode::BAD_GATEWAY),
+        for (code, want_status, want_name) in [
+            (ErrorCode::Forbidden, StatusCode::FORBIDDEN, "forbidden"),
+            (
+                ErrorCode::WrongPartner,
+                StatusCode::FORBIDDEN,
+                "wrong_partner",
+            ),
+            (ErrorCode::NotFound, StatusCode::NOT_FOUND, "not_found"),
+            (
+                ErrorCode::Invalid,
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (
+                ErrorCode::Malformed,
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+            ),
+            (ErrorCode::Conflict, StatusCode::CONFLICT, "conflict"),
+            (
+                ErrorCode::SubjectShredded,
+                StatusCode::GONE,
+                "subject_shredded",
+            ),
+            (
+                ErrorCode::RateLimited,
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+            ),
+            (
+                ErrorCode::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vault_unavailable",
+            ),
+            (ErrorCode::Internal, StatusCode::BAD_GATEWAY, "internal"),
+            (
+                ErrorCode::Unrecognized,
+                StatusCode::BAD_GATEWAY,
+                "unrecognized",
+            ),
         ] {
             let (got, name, message) = status(code);
-            assert_eq!(got, expected, "{}", code.name());
-            assert_eq!(name, code.name());
+            assert_eq!((got, name), (want_status, want_name), "{}", code.name());
             assert_eq!(message, format!("words of {}", code.name()));
         }
         let e = vault_error(&ClientError::Server {
@@ -1001,6 +1081,16 @@ mod tests {
             message: "no".into(),
         });
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        // The same refusal of the shim's own gateway key is its
+        // configuration, not the caller's key.
+        let e = gateway_error(&ClientError::Server {
+            code: ErrorCode::Unauthenticated,
+            message: "no".into(),
+        });
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
         assert_eq!(
             vault_error(&ClientError::Closed).status,
             StatusCode::SERVICE_UNAVAILABLE

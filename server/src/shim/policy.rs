@@ -153,11 +153,13 @@ pub enum Denial {
     OutsideAllowedHours,
     SourceNotAllowed,
     RateLimited,
+    /// The vault refused the mint: the subject was crypto-shredded.
+    SubjectShredded,
 }
 
 impl Denial {
     /// Every reason, for metrics.
-    pub const ALL: [Denial; 9] = [
+    pub const ALL: [Denial; 10] = [
         Denial::PartnerInactive,
         Denial::PurposeNotAllowed,
         Denial::FieldNotAllowed,
@@ -167,6 +169,7 @@ impl Denial {
         Denial::OutsideAllowedHours,
         Denial::SourceNotAllowed,
         Denial::RateLimited,
+        Denial::SubjectShredded,
     ];
 
     /// The stable code.
@@ -181,6 +184,7 @@ impl Denial {
             Denial::OutsideAllowedHours => "outside_allowed_hours",
             Denial::SourceNotAllowed => "source_not_allowed",
             Denial::RateLimited => "rate_limited",
+            Denial::SubjectShredded => "subject_shredded",
         }
     }
 
@@ -198,6 +202,7 @@ impl Denial {
             Denial::OutsideAllowedHours => "authorizations are not allowed at this hour",
             Denial::SourceNotAllowed => "requests from this address are not allowed",
             Denial::RateLimited => "the partner's rate limit is exhausted",
+            Denial::SubjectShredded => "the subject's data was erased (crypto-shredded)",
         }
     }
 }
