@@ -129,6 +129,14 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
         &admin(&addr, &partner, &["shred", "--subject", "cust-0002"]),
         "forbidden",
     );
+    // So are its reads of the log, which go through the server crate.
+    refused(&admin(&addr, &partner, &["audit"]), "forbidden");
+    let export = tmp.path().join("refused.export");
+    let export = export.to_str().expect("a UTF-8 path");
+    refused(
+        &admin(&addr, &partner, &["export", "--out", export]),
+        "forbidden",
+    );
 
     // Credentials: create an auditor, which may not see key status;
     // revoke it; a second revocation is not found.

@@ -255,6 +255,57 @@ fn verify_accepts_an_intact_vault() {
     assert_eq!(support::dir_contents(&dir), before);
 }
 
+/// A source on the command line wins over the environment's: with
+/// `FINTRUST_DATA_DIR` exported, `--remote` and `--file` still work (they
+/// were refused as conflicting), and the exported dir alone is verified;
+/// two sources from the environment with none on the command line, or
+/// two on it, are refused with exit 2.
+#[test]
+fn verify_takes_its_source_from_the_command_line_first() {
+    let s = Scratch::new();
+    let init = s.init("v");
+    let dir = s.path("v");
+    let dir = dir.to_str().expect("a UTF-8 path");
+    let key = str_field(&init, "public_key");
+    let verify = |args: &[&str], env: &[(&str, &str)]| {
+        support::run_bin("fintrust-server", "vault-verify", args, env)
+    };
+    let from_env = verify(
+        &["--public-key", key, "--json"],
+        &[("FINTRUST_DATA_DIR", dir)],
+    );
+    assert_eq!(from_env.code, 0, "{from_env:?}");
+    assert_eq!(from_env.json()["ok"], true);
+    // A remote no one listens on: the run gets as far as connecting.
+    let remote = verify(
+        &[
+            "--remote",
+            "127.0.0.1:1",
+            "--public-key",
+            key,
+            "--insecure-plaintext",
+            "--api-key",
+            "fvk_x",
+        ],
+        &[("FINTRUST_DATA_DIR", dir)],
+    );
+    assert_eq!(remote.code, 2, "{remote:?}");
+    assert!(!remote.stderr.contains("cannot be used with"), "{remote:?}");
+    assert!(remote.stderr.contains("127.0.0.1:1"), "{remote:?}");
+    let both = verify(
+        &["--public-key", key],
+        &[
+            ("FINTRUST_DATA_DIR", dir),
+            ("FINTRUST_REMOTE", "127.0.0.1:1"),
+        ],
+    );
+    assert_eq!(both.code, 2, "{both:?}");
+    assert!(both.stderr.contains("both set"), "{both:?}");
+    let two = verify(&["--data-dir", dir, "--remote", "127.0.0.1:1"], &[]);
+    assert_eq!(two.code, 2, "{two:?}");
+    assert!(two.stderr.contains("give one of"), "{two:?}");
+}
+
 #[test]
 fn verify_keeps_the_newest_head_and_names_a_rollback() {
     let s = Scratch::new();

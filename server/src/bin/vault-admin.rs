@@ -255,6 +255,16 @@ fn main() -> ExitCode {
     client::cli::main(run)
 }
 
+/// A server-crate error of a call to the vault, with a refusal by the
+/// server kept as the client's error, so that `cli::main` exits 2 for it
+/// as it does for the client's own calls.
+fn remote(e: server::Error) -> anyhow::Error {
+    match e {
+        server::Error::Client(c) => c.into(),
+        other => other.into(),
+    }
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let config = cli.connect.config(
         &cli.addr,
@@ -313,7 +323,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => {
                     let client = connect(&cli).await?;
-                    server::admin::audit_remote(&client, &filter, &mut print).await?
+                    server::admin::audit_remote(&client, &filter, &mut print)
+                        .await
+                        .map_err(remote)?
                 }
             };
             out.flush()?;
@@ -339,7 +351,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => {
                     let client = Arc::new(connect(&cli).await?);
                     (
-                        server::admin::export_remote(client, key, out).await?,
+                        server::admin::export_remote(client, key, out)
+                            .await
+                            .map_err(remote)?,
                         "online",
                     )
                 }
@@ -656,7 +670,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: Credentials::List,
         } => {
             let all = client.credentials().await?;
-            let holders = server::admin::certificate_holders(&client, &all).await?;
+            let holders = server::admin::certificate_holders(&client, &all)
+                .await
+                .map_err(remote)?;
             let list: Vec<Value> = all
                 .iter()
                 .zip(&holders)

@@ -13,7 +13,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{ArgGroup, Parser};
+use clap::parser::ValueSource;
+use clap::{ArgGroup, ArgMatches, CommandFactory, FromArgMatches, Parser};
 use client::cli::ConnectArgs;
 use server::remote::{RemoteOptions, DEFAULT_PAGE_ENTRIES, DEFAULT_SAMPLE_RECEIPTS};
 use server::verify::{
@@ -26,7 +27,9 @@ use server::verify::{
     name = "vault-verify",
     version,
     about = "Verify a fintrust-vault data dir, or a running vault over the wire",
-    group(ArgGroup::new("source").required(true).args(["data_dir", "remote", "file"]))
+    // One of the three is needed; which one, when the environment gives
+    // one and the command line another, is `one_source`'s choice.
+    group(ArgGroup::new("source").required(true).multiple(true).args(["data_dir", "remote", "file"]))
 )]
 struct Cli {
     /// The vault's data dir (stop vaultd first, or verify a copy).
@@ -75,9 +78,53 @@ struct Cli {
     read_only: bool,
 }
 
+/// Leaves one source to verify: one given on the command line wins over
+/// those the environment gives (`FINTRUST_DATA_DIR`, `FINTRUST_REMOTE`),
+/// so that an exported data dir does not stand in the way of `--remote`
+/// or `--file`; two on the command line, or two from the environment and
+/// none on it, are refused.
+fn one_source(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> {
+    let flagged = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    match ["data_dir", "remote", "file"]
+        .into_iter()
+        .filter(|id| flagged(id))
+        .count()
+    {
+        0 => {}
+        1 => {
+            if !flagged("data_dir") {
+                cli.data_dir = None;
+            }
+            if !flagged("remote") {
+                cli.remote = None;
+            }
+        }
+        _ => return Err("give one of --data-dir, --remote and --file".into()),
+    }
+    if cli.data_dir.is_some() && cli.remote.is_some() {
+        return Err(
+            "FINTRUST_DATA_DIR and FINTRUST_REMOTE are both set: choose with --data-dir or --remote"
+                .into(),
+        );
+    }
+    if cli.read_only && cli.data_dir.is_none() {
+        return Err("--read-only is for --data-dir".into());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let cli = match parsed {
+        Ok((mut cli, matches)) => match one_source(&mut cli, &matches) {
+            Ok(()) => cli,
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                return ExitCode::from(EXIT_ERROR as u8);
+            }
+        },
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { EXIT_ERROR as u8 } else { 0 });

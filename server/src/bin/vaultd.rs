@@ -177,7 +177,8 @@ enum Command {
     /// serving both ports on loopback until interrupted.
     Dev {
         /// Data dir (default: a new folder under the system temp dir).
-        #[arg(long, env = "FINTRUST_DATA_DIR")]
+        /// Not taken from FINTRUST_DATA_DIR, which names a real vault's.
+        #[arg(long)]
         data_dir: Option<PathBuf>,
         #[arg(long, default_value = "127.0.0.1:9999")]
         listen: String,
