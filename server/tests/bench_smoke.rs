@@ -270,6 +270,21 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
     assert_eq!(v["throughput"]["records"], 200);
     assert_eq!(v["throughput"]["appends"], 200_u64.div_ceil(7));
     positive(&v, &["throughput", "records_per_s"]);
+    // A key the server refuses is a refusal (exit 2), not a local error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args(["append", "--addr", &addr, "--api-key", "fvk_not_a_key"])
+        .args([
+            "--insecure-plaintext",
+            "--records",
+            "10",
+            "--format",
+            "json",
+        ])
+        .output()
+        .expect("vault-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unauthenticated"), "{stderr}");
     let _ = stop.send(());
 }
 

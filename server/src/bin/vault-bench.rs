@@ -21,7 +21,8 @@
 //!                    [--pipeline P] [--window N] [--redemptions N]
 //! ```
 //!
-//! Exit codes: 0 done, 1 error (bad flags included).
+//! Exit codes: 0 done, 1 local error (bad flags included), 2 refused by
+//! the server it ran against (`--addr`).
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -535,11 +536,29 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if refused(&e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(client::cli::EXIT_REFUSED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(client::cli::EXIT_LOCAL)
         }
     }
+}
+
+/// Whether `e` is a refusal by the server the benchmark ran against
+/// (`--addr`): a wrong key or role, say.
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<client::ClientError>(),
+            Some(client::ClientError::Server { .. })
+        ) || matches!(
+            c.downcast_ref::<server::Error>(),
+            Some(server::Error::Client(client::ClientError::Server { .. }))
+        )
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
