@@ -50,13 +50,15 @@ verified = re.search(r"verified::tests::golden_vector.*?```text\n(.*?)```", stor
 put("keys", "verified", b"\x03" + bytes.fromhex("".join(verified.split())))
 put("export", "golden", bytes.fromhex(re.search(r"^(46564558504f5254[0-9a-f]+)$", storage, re.M).group(1)))
 
-# The payload target: kind byte, flags (bit 0: not seq 0; bit 1: a
-# subject), then each schema of section 3 with its placeholders filled in.
+# The payload target: kind byte, flags (bit 0: seq 1, not seq 0; bit 1:
+# the subject cust-42), then each schema of section 3 with its placeholders
+# filled in, so that each seed is an entry the checks accept.
 kinds_table = storage[storage.index("### Kinds"):storage.index("Payload schemas")]
 kind_byte = {name: int(b) for b, name in re.findall(r"^\| (\d+) \| `([a-z_]+)` \|", kinds_table, re.M)}
 assert len(kind_byte) == 14, kind_byte
 def filled(schema):
-    for hole, fill in (("<64 hex>", "ab" * 32), ("<32 hex>", "cd" * 16), ("<128 hex>", "ef" * 64),
+    for hole, fill in (('"subject":"\u2026"', '"subject":"cust-42"'), ('"version":<u32>', '"version":2'),
+                       ("<64 hex>", "ab" * 32), ("<32 hex>", "cd" * 16), ("<128 hex>", "ef" * 64),
                        ("<hex of a key name>", "6d61736b"), ("<u32>", "1"), ("<u64>", "1"),
                        (",\u2026]", "]"), ("\u2026", "x")):
         schema = schema.replace(hole, fill)
@@ -65,7 +67,8 @@ schemas = re.findall(r"^\| `([a-z_]+)`(?: \(([^)]*)\))? \| `(\{.*?\})`", storage
 assert len(schemas) == 11, schemas
 for kind, variant, schema in schemas:
     name = kind + ("-" + variant.replace(" ", "_").replace("-", "") if variant else "")
-    flags = 0 if kind == "genesis" else 3
+    # Key rotations other than a subject key's have no subject.
+    flags = 0 if kind == "genesis" else 1 if kind == "key_rotated" and variant != "subject key" else 3
     put("payload", name, bytes([kind_byte[kind], flags]) + filled(schema))
 
 http = read("http.md")

@@ -102,8 +102,10 @@ fn storage_vector(storage: &str, name: &str) -> Vec<u8> {
 
 /// The payload target's seeds, as `seeds.py` writes them: for each
 /// schema of section 3 of `storage.md`, the kind's byte, flags (0 for the
-/// genesis at seq 0, else 3: seq 1 with a subject) and the schema with its
-/// placeholders filled in. Named by kind and variant.
+/// genesis at seq 0; 1, seq 1 without a subject, for the key rotations
+/// other than a subject key's; else 3, seq 1 with the subject `cust-42`)
+/// and the schema with its placeholders filled in. Named by kind and
+/// variant.
 fn payload_seeds(storage: &str) -> Vec<(String, Vec<u8>)> {
     let kinds_table = storage
         .split_once("### Kinds")
@@ -133,6 +135,10 @@ fn payload_seeds(storage: &str) -> Vec<(String, Vec<u8>)> {
             let schema = rest.strip_prefix(" | `{")?.split_once("}`")?.0;
             let mut schema = format!("{{{schema}}}");
             for (hole, fill) in [
+                // A subject key's rotation names the entry's subject and
+                // a version after the first.
+                ("\"subject\":\"\u{2026}\"", "\"subject\":\"cust-42\"".into()),
+                ("\"version\":<u32>", "\"version\":2".into()),
                 ("<64 hex>", "ab".repeat(32)),
                 ("<32 hex>", "cd".repeat(16)),
                 ("<128 hex>", "ef".repeat(64)),
@@ -148,7 +154,12 @@ fn payload_seeds(storage: &str) -> Vec<(String, Vec<u8>)> {
                 Some(v) => format!("{kind}-{}", v.replace(' ', "_").replace('-', "")),
                 None => kind.to_string(),
             };
-            let flags = if kind == "genesis" { 0 } else { 3 };
+            // Key rotations other than a subject key's have no subject.
+            let flags = match (kind, variant) {
+                ("genesis", _) => 0,
+                ("key_rotated", Some(v)) if v != "subject key" => 1,
+                _ => 3,
+            };
             let byte = kind_byte(kind).unwrap_or_else(|| panic!("no byte for kind {kind}"));
             Some((name, [&[byte, flags][..], schema.as_bytes()].concat()))
         })
@@ -284,4 +295,27 @@ fn the_fuzz_seeds_hold_the_golden_vectors_of_the_docs() {
         "run `python3 seeds.py` in fuzz/ (the seeds follow the docs):\n{}",
         stale.join("\n")
     );
+}
+
+/// The payload target's seeds are valid entries, so that the fuzzer
+/// starts from inputs that reach every kind's schema and key commitments
+/// rather than being refused at the genesis position: the genesis at seq
+/// 0, every other kind at seq 1 with a subject.
+#[test]
+fn the_payload_seeds_pass_the_checks_the_target_fuzzes() {
+    let mut refused = Vec::new();
+    for (name, seed) in payload_seeds(&doc("storage.md")) {
+        let e =
+            storage::fuzzing::payload_entry(&seed).unwrap_or_else(|| panic!("{name}: no entry"));
+        assert_eq!(
+            e.seq == 0,
+            e.kind == storage::Kind::Genesis,
+            "{name}: seq {}",
+            e.seq
+        );
+        if let Err(why) = storage::verify::check_entry_content(&e) {
+            refused.push(format!("{name}: {why:?}"));
+        }
+    }
+    assert!(refused.is_empty(), "{refused:#?}");
 }

@@ -60,32 +60,39 @@ pub fn chunk(data: &[u8]) {
 /// An entry's content as `vault-verify --remote` and `--file` check every
 /// entry they are sent ([`check_entry_content`]): the genesis position and
 /// the payload's schema, which parses the JSON of audit and key entries.
-/// The first byte chooses the kind (one that names none is skipped); the
-/// second, bit by bit, seq 0 (where only a genesis may stand), a subject,
-/// and a key version; the rest is the payload. A refusal names the entry's
-/// own seq.
+/// The input is read by [`payload_entry`]. A refusal names the entry's own
+/// seq.
 pub fn payload(data: &[u8]) {
+    let Some(e) = payload_entry(data) else {
+        return;
+    };
+    let kind = e.kind;
+    match check_entry_content(&e) {
+        Ok(Some(_)) => assert!(e.seq == 0 && kind == Kind::Genesis),
+        Ok(None) => assert!(e.seq != 0 && kind != Kind::Genesis),
+        Err((seq, _)) => assert_eq!(seq, e.seq),
+    }
+}
+
+/// The entry [`payload`] checks: the first byte chooses the kind (`None`
+/// for one that names none); the second, bit by bit, seq 1 rather than 0
+/// (bit 0; only a genesis may stand at seq 0), the subject `cust-42`
+/// rather than none (bit 1), and key version 1 rather than 0 (bit 2); the
+/// rest is the payload.
+pub fn payload_entry(data: &[u8]) -> Option<EntryRef<'_>> {
     let [kind, flags, payload @ ..] = data else {
-        return;
+        return None;
     };
-    let Some(kind) = Kind::from_u8(*kind) else {
-        return;
-    };
-    let e = EntryRef {
-        kind,
-        seq: u64::from(flags & 1 == 0),
+    Some(EntryRef {
+        kind: Kind::from_u8(*kind)?,
+        seq: u64::from(flags & 1 != 0),
         timestamp_ms: 1,
         prev_hash: [0; 32],
         key_version: u32::from(flags & 4 != 0),
         nonce: [0; 12],
         subject: if flags & 2 != 0 { "cust-42" } else { "" },
         payload,
-    };
-    match check_entry_content(&e) {
-        Ok(Some(_)) => assert!(e.seq == 0 && kind == Kind::Genesis),
-        Ok(None) => assert!(e.seq != 0 && kind != Kind::Genesis),
-        Err((seq, _)) => assert_eq!(seq, e.seq),
-    }
+    })
 }
 
 /// A write-ahead segment, as `open` reads it before anything else: the
