@@ -1,9 +1,10 @@
 //! Stored chunks, signed heads, Merkle roots and receipts.
 //!
 //! The committer packs each commit group into one or more **chunks**, each
-//! one sled value in the `log` tree under the big-endian seq of its first
-//! entry. The last chunk of a group carries the group's **signed head**; a
-//! sled batch writes a group's chunks together, so after a crash a group is
+//! written to the chunks file and found through a pointer in sled's `log`
+//! tree under the big-endian seq of its first entry ([`crate::logfile`]).
+//! The last chunk of a group carries the group's **signed head**; a sled
+//! batch writes a group's pointers together, so after a crash a group is
 //! either wholly present or wholly absent.
 //!
 //! ```text
