@@ -75,12 +75,13 @@ pub struct ConnectArgs {
     /// clear. Only for a server on loopback during development.
     #[arg(long, global = true)]
     pub insecure_plaintext: bool,
-    /// Seconds allowed to connect and for each request.
+    /// Seconds allowed to connect and for each request (1 to 86,400).
     #[arg(
         long,
         global = true,
         env = "FINTRUST_TIMEOUT_SECS",
-        default_value_t = 30
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
     )]
     pub timeout_secs: u64,
 }

@@ -22,6 +22,10 @@ use crate::sessions::{SessionCache, SERVERS, TICKETS_PER_SERVER};
 /// Default time allowed for connecting and for each request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest timeout [`ClientConfig::validate`] accepts: a day. Deadlines
+/// are instants this far ahead, which must not overflow.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
 /// How the byte stream to the server is protected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tls {
@@ -61,7 +65,8 @@ pub struct ClientConfig {
     /// A name for this client, sent in `Hello` for the server's logs.
     pub client_name: String,
     /// Time allowed to connect (TCP, TLS and `Hello` together) and for each
-    /// request to be answered (default [`DEFAULT_TIMEOUT`], 30 s). A request
+    /// request to be answered (default [`DEFAULT_TIMEOUT`], 30 s; at most
+    /// [`MAX_TIMEOUT`], a day). A request
     /// on a [`Client`](crate::Client)'s connection fails with `Timeout`
     /// within an eighth of this after its deadline.
     pub timeout: Duration,
@@ -125,6 +130,11 @@ impl ClientConfig {
         }
         if self.timeout.is_zero() {
             return Err(ClientError::Config("the timeout is zero".into()));
+        }
+        if self.timeout > MAX_TIMEOUT {
+            return Err(ClientError::Config(
+                "the timeout is over a day (86,400 s)".into(),
+            ));
         }
         if let Tls::Ca { server_name, .. } = &self.tls {
             server_name_of(server_name)?;

@@ -70,6 +70,9 @@ const HELLO_ID: u32 = 1;
 /// requests past their deadline.
 const SWEEPS_PER_TIMEOUT: u32 = 8;
 
+/// The deadline of a request whose timeout no instant can hold.
+const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 /// The writer task's buffer: frames that fit in it are copied, and the
 /// bursts of frames queued together leave in one write.
 const WRITE_BUFFER: usize = 8 * 1024;
@@ -1407,7 +1410,11 @@ impl Shared {
             stream,
             max,
             held: 0,
-            deadline: Instant::now() + self.timeout,
+            // A config that skipped `validate` may hold any timeout: one
+            // past what an instant holds is taken as ten years.
+            deadline: Instant::now()
+                .checked_add(self.timeout)
+                .unwrap_or_else(|| Instant::now() + TEN_YEARS),
         };
         let mut state = self.lock();
         if state.closed {
@@ -2285,6 +2292,36 @@ mod tests {
             "{outcome:?}"
         );
         assert!(!client.is_closed());
+    }
+
+    /// A timeout no instant can hold (a config that skipped `validate`,
+    /// which refuses more than a day) is a deadline far ahead, not a
+    /// panic of the caller.
+    #[tokio::test]
+    async fn a_timeout_of_centuries_is_answered_not_a_panic() {
+        let (client, mut peer) = pair(Duration::MAX).await;
+        let client = Arc::new(client);
+        let ping = spawn_ping(&client);
+        let asked = next_request(&mut peer).await;
+        peer.send((asked.request_id, Message::Pong))
+            .await
+            .expect("send");
+        assert!(matches!(ping.await, Ok(Ok(()))));
+        let config = ClientConfig {
+            api_key: Zeroizing::new("fvk_test".into()),
+            timeout: crate::MAX_TIMEOUT + Duration::from_secs(1),
+            ..ClientConfig::default()
+        };
+        assert!(
+            matches!(config.validate(), Err(ClientError::Config(ref m)) if m.contains("a day")),
+            "{:?}",
+            config.validate()
+        );
+        let config = ClientConfig {
+            timeout: crate::MAX_TIMEOUT,
+            ..config
+        };
+        assert!(config.validate().is_ok(), "{:?}", config.validate());
     }
 
     #[tokio::test]

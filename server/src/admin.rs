@@ -155,7 +155,11 @@ pub async fn audit_remote(
                 }
                 .into());
             }
-            from += 1;
+            // Past the last seq there can be, a hostile server's entry.
+            from = from.checked_add(1).ok_or(storage::Error::Integrity {
+                seq: e.seq,
+                reason: Reason::Malformed("no seq follows u64::MAX".into()),
+            })?;
             if filter.limit.is_some_and(|l| printed >= l) {
                 return Ok(printed);
             }
@@ -222,7 +226,10 @@ fn audit_store(
                 }
                 .into());
             }
-            next = Some(e.seq + 1);
+            next = Some(e.seq.checked_add(1).ok_or(storage::Error::Integrity {
+                seq: e.seq,
+                reason: Reason::Malformed("no seq follows u64::MAX".into()),
+            })?);
             if filter.limit.is_some_and(|l| printed >= l) {
                 return Ok(printed);
             }

@@ -1977,7 +1977,7 @@ impl Vault {
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(from_seq, Reason::CrcMismatch))?;
             for (i, bytes) in chunk.entries.iter().enumerate() {
-                if chunk.first_seq + i as u64 >= from_seq {
+                if chunk.first_seq.saturating_add(i as u64) >= from_seq {
                     held = held.saturating_add(bytes.len());
                     if out.len() == max || (!out.is_empty() && held > max_bytes) {
                         return Ok(out);
@@ -2057,7 +2057,15 @@ impl Vault {
         if seq < head.group_first_seq {
             return Err(Error::integrity(seq, Reason::HeadMismatch));
         }
-        let n = (head.last_seq - head.group_first_seq + 1) as usize;
+        // A head read back from a chunks file changed since open may name
+        // any bounds: ones that do not make a group are a head that does
+        // not match (the count of its hashes is checked below).
+        let n = head
+            .last_seq
+            .checked_sub(head.group_first_seq)
+            .and_then(|d| d.checked_add(1))
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or(Error::integrity(seq, Reason::HeadMismatch))?;
         let hashes = if first_key == head.group_first_seq {
             let chunks = read
                 .iter()
@@ -2559,7 +2567,7 @@ fn log_len(store: &Store) -> Result<u64> {
         return Ok(0);
     };
     Ok(crate::chunk::Chunk::decode(&v)
-        .map(|c| c.first_seq + c.entries.len() as u64)
+        .map(|c| c.first_seq.saturating_add(c.entries.len() as u64))
         .unwrap_or(0))
 }
 

@@ -695,6 +695,50 @@ fn signed_head_fields_altered_are_detected() {
     assert_chain_failure(&fx, &dir, LAST, Reason::UnsignedTail);
 }
 
+/// Open verifies the chunks file as it is; one changed under the running
+/// vault is read back as changed. A head whose bounds make no group (the
+/// first seq 0, the last u64::MAX) answers a receipt for an entry of it
+/// with a head mismatch, where the arithmetic on its bounds used to wrap
+/// and end in a panic.
+#[test]
+fn a_head_altered_under_a_running_vault_gets_no_receipt_and_no_panic() {
+    use std::os::unix::fs::FileExt;
+    let fx = Fixture::new();
+    let dir = fx.copy();
+    let (offset, altered) = {
+        let raw = raw_open(&dir);
+        let pointer = raw
+            .log
+            .index
+            .get(log_key(BOB))
+            .expect("read the log")
+            .expect("bob's chunk");
+        let (offset, _) = storage::logfile::decode_pointer(&pointer).expect("a pointer");
+        let mut v = log_value(&raw, BOB);
+        let h = head_offset(&v);
+        v[h + 5..h + HEAD_LAST_SEQ].copy_from_slice(&0u64.to_be_bytes());
+        v[h + HEAD_LAST_SEQ..h + HEAD_LAST_SEQ + 8].copy_from_slice(&u64::MAX.to_be_bytes());
+        fix_crc(&mut v);
+        (offset, v)
+    };
+    wait_unlocked(&dir);
+    let vault = Vault::open(&dir, &passphrase(), Options::default()).expect("open");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(storage::logfile::FILE))
+        .expect("the chunks file")
+        .write_all_at(&altered, offset)
+        .expect("alter bob's chunk");
+    match vault.receipt(BOB + 1) {
+        Err(Error::Integrity {
+            reason: Reason::HeadMismatch,
+            ..
+        }) => {}
+        other => panic!("a receipt from an altered head: {other:?}"),
+    }
+    vault.close().expect("close");
+}
+
 // ---------------------------------------------------------------------------
 // Derived state
 

@@ -847,8 +847,14 @@ pub async fn logs(
         for bytes in &batch {
             let e = storage::entry::EntryRef::decode(bytes)
                 .map_err(|_| ApiError::internal("the vault sent an entry that does not decode"))?;
+            // A vault that answers out of order (a separate shim's may be
+            // anything) must not make the scan wrap or run for ever.
+            let next = e.seq.checked_add(1).filter(|_| e.seq == from);
+            let Some(next) = next else {
+                return Err(ApiError::internal("the vault sent entries out of order"));
+            };
             last_scanned = Some(e.seq);
-            from = e.seq + 1;
+            from = next;
             if kind.is_some_and(|k| k != e.kind)
                 || q.subject.as_deref().is_some_and(|s| s != e.subject)
                 || since.is_some_and(|t| e.timestamp_ms < t)
