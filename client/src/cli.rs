@@ -3,8 +3,10 @@
 //! one clap [`ConnectArgs`] that each binary flattens into its own
 //! arguments, so that the flags, their `FINTRUST_*` environment variables
 //! and the refusal of implicit plaintext are the same everywhere; and
-//! [`main`] and [`connect`], so that every tool maps errors to the same
-//! exit codes (0 success, 1 local error, 2 refused by the server).
+//! [`main`] and [`connect`], so that `vault-client` and `vault-admin` map
+//! errors to the same exit codes (0 success, 1 local error, 2 refused by
+//! the server). `vault-verify` keeps its own (0 intact, 1 integrity
+//! failure, 2 could not run), remote or not.
 //!
 //! This is the edge of a binary: it reads the API key file it is given.
 //! Libraries take a [`ClientConfig`] and never read flags or files.

@@ -103,8 +103,10 @@ const MAX_STR: usize = u16::MAX as usize;
 
 impl ClientConfig {
     /// Checks what can be checked without touching the network or the
-    /// files: a non-empty address and key, a non-zero timeout, strings the
-    /// protocol can carry, and a valid TLS server name.
+    /// files: a non-empty address; a non-empty key, unless a client
+    /// certificate stands for it; a timeout of more than zero and at most
+    /// [`MAX_TIMEOUT`]; strings the protocol can carry; and a valid TLS
+    /// server name.
     pub fn validate(&self) -> Result<()> {
         if self.addr.trim().is_empty() {
             return Err(ClientError::Config("the server address is empty".into()));

@@ -244,7 +244,8 @@ impl fmt::Debug for Redeemed {
 ///
 /// Methods take `&self` and may be called concurrently from many tasks
 /// (share the client in an `Arc`): their requests are pipelined on the one
-/// connection. Each waits at most [`ClientConfig::timeout`]. Dropping the
+/// connection. Each fails with `Timeout` once [`ClientConfig::timeout`]
+/// has passed, within an eighth of it more (see the module doc). Dropping the
 /// client closes the connection once queued frames are written.
 ///
 /// ```no_run
@@ -266,7 +267,7 @@ impl fmt::Debug for Redeemed {
 ///     .append("cust-42", vec![("iban".into(), "GB33BUKB20201555555555".into())])
 ///     .await?;
 /// let pinned_key = [0u8; 32]; // printed by `vaultd init`
-/// client::verify_receipt(&receipt, &pinned_key)?;
+/// client.verify_receipt(&receipt, &pinned_key).await?;
 /// # Ok(()) }
 /// ```
 pub struct Client {

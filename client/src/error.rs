@@ -24,8 +24,15 @@ pub enum ClientError {
     /// name, a client certificate the server refused).
     #[error("TLS: {0}")]
     Tls(String),
-    /// The server sent bytes that do not decode: the stream cannot be
-    /// trusted past them, and the connection is closed.
+    /// Bytes that do not decode or encode. A frame from the server that
+    /// does not decode puts the stream out of step: the connection is
+    /// closed. A blob inside a well-formed answer that does not decode (a
+    /// receipt, a head, an endorsement) fails only its request, and a
+    /// request too large to encode (`FrameTooLarge`) fails before it is
+    /// sent; the connection stays open in both ([`Client::is_closed`]
+    /// tells).
+    ///
+    /// [`Client::is_closed`]: crate::Client::is_closed
     #[error("protocol error")]
     Protocol(#[source] protocol::Error),
     /// The server answered with an `Error` frame.

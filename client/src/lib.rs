@@ -48,7 +48,8 @@
 //!     .append("cust-42", vec![("name".into(), "Ada".into())])
 //!     .await?;
 //! let head = client.head().await?; // admin and auditor roles
-//! client::verify_receipt(&receipt, &head.public_key)?;
+//! // Pin this key out of band instead: the server being checked sent it.
+//! client.verify_receipt(&receipt, &head.public_key).await?;
 //! let mut tracker = HeadTracker::new();
 //! tracker.observe(&receipt.head)?;
 //! if let Some(h) = &head.signed_head {

@@ -24,9 +24,14 @@ pub(crate) fn verifying_key(public_key: &[u8; 32]) -> Result<VerifyingKey> {
 /// `public_key`: the head's signature, then the Merkle path from the entry
 /// hash to the signed group root.
 ///
-/// Pin the public key out of band (it is printed once by `vaultd init`);
-/// the one [`Client::head`](crate::Client::head) returns comes from the
-/// server being checked.
+/// `public_key` must be the key that signed the head: the vault's key 0,
+/// printed once by `vaultd init` and pinned out of band, until its first
+/// signing key rotation. A head signed by another key than the one given
+/// fails as [`ReceiptError::UnknownKey`] with its key id, not as a bad
+/// signature: [`Client::verify_receipt`](crate::Client::verify_receipt)
+/// checks such a receipt by following the vault's key chain from the
+/// pinned key. The key [`Client::head`](crate::Client::head) returns comes
+/// from the server being checked.
 ///
 /// ```
 /// # fn demo(receipt: &protocol::receipt::Receipt, pinned_key: &[u8; 32]) -> client::Result<()> {
@@ -34,8 +39,14 @@ pub(crate) fn verifying_key(public_key: &[u8; 32]) -> Result<VerifyingKey> {
 /// # Ok(()) }
 /// ```
 pub fn verify_receipt(receipt: &Receipt, public_key: &[u8; 32]) -> Result<()> {
-    receipt.verify(&verifying_key(public_key)?)?;
-    Ok(())
+    match receipt.verify(&verifying_key(public_key)?) {
+        // Key 0 is what callers pin; a rotated key is another question
+        // than a forged head, and is named as such.
+        Err(ReceiptError::BadSignature) if receipt.head.key_id != 0 => Err(
+            ClientError::BadReceipt(ReceiptError::UnknownKey(receipt.head.key_id)),
+        ),
+        r => Ok(r?),
+    }
 }
 
 /// The newest signed head a client has seen, to detect a vault rolled back
@@ -126,6 +137,41 @@ mod tests {
             merkle_root(&[last_hash]),
             1_764_000_000_000 + last_seq,
         )
+    }
+
+    /// A receipt of a group signed by a rotated key verifies with that key;
+    /// against the pinned key 0 it is named as another key's, while a head
+    /// of key 0 that does not verify stays a bad signature.
+    #[test]
+    fn a_receipt_of_a_rotated_key_is_named_not_called_forged() {
+        let rotated = SigningKey::from_bytes(&[9u8; 32]);
+        let entry_hash = [4u8; 32];
+        let receipt = |signer: &SigningKey, key_id: u32| Receipt {
+            seq: 3,
+            entry_hash,
+            path: Vec::new(),
+            head: SignedHead::sign(
+                signer,
+                key_id,
+                3,
+                3,
+                entry_hash,
+                MerkleTree::new(&[entry_hash]).root(),
+                1_764_000_000_000,
+            ),
+        };
+        let pinned = key().verifying_key().to_bytes();
+        let by_rotated = receipt(&rotated, 2);
+        verify_receipt(&by_rotated, &rotated.verifying_key().to_bytes()).expect("its own key");
+        match verify_receipt(&by_rotated, &pinned) {
+            Err(ClientError::BadReceipt(ReceiptError::UnknownKey(2))) => {}
+            other => panic!("{other:?}"),
+        }
+        verify_receipt(&receipt(&key(), 0), &pinned).expect("key 0");
+        match verify_receipt(&receipt(&rotated, 0), &pinned) {
+            Err(ClientError::BadReceipt(ReceiptError::BadSignature)) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

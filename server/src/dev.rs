@@ -1,7 +1,9 @@
 //! `vaultd dev`: the newcomer's first command. It creates a vault in a
 //! fresh data dir (under the system's temp dir unless told otherwise)
 //! with a generated dev passphrase, writes demo records, consents and a
-//! demo policy, creates one API key per role, and serves the protocol and
+//! demo policy, creates an API key for the admin, writer, partner and
+//! auditor roles (the gateway's is the daemon's own, for its shim, and
+//! never printed), and serves the protocol and
 //! the HTTP shim on loopback until interrupted: in plaintext (with a
 //! warning), or with `tls` over a certificate for `localhost` and
 //! `127.0.0.1` issued by a dev CA generated into the data dir

@@ -223,6 +223,11 @@ async fn verify(
             );
             return Ok(false);
         }
+        // A head that does not check out is the server's word against its
+        // own key: never a note.
+        Err(e @ (ClientError::BadReceipt(_) | ClientError::BadKeyChain(_))) => {
+            return Err(anyhow::Error::new(e).context("the server's signed head does not verify"));
+        }
         Err(e) => {
             eprintln!("note: receipt not verified: cannot read the public key: {e}");
             return Ok(false);
