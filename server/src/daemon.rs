@@ -16,8 +16,11 @@
 //! only in memory; it is revoked at a clean shutdown (after a crash, it is
 //! useless: only its hash was ever stored).
 //!
-//! Shutdown: stop accepting, let the requests in flight finish, revoke the
-//! shim's key, then close the vault (which flushes and syncs the log).
+//! Shutdown: stop accepting; each protocol connection answers the
+//! requests it has read, says why it closes and closes (`serve::run`
+//! waits up to [`serve::SHUTDOWN_GRACE`] for them), and the shim finishes
+//! its requests; then the shim's key is revoked and the vault closed
+//! (which flushes and syncs the log).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -151,12 +154,12 @@ pub async fn run(
             tracing::warn!(error = %e, "could not revoke the shim's gateway key");
         }
     }
-    // Connection tasks drop their handles as their clients go away.
+    // Only requests of connections that outlived the grace hold it now.
     let closed = live::close_when_idle(vault, tokio::time::sleep(Duration::from_secs(5))).await;
     match closed {
         Some(v) => v.close()?,
         None => tracing::warn!(
-            "connections still open at shutdown; the log is flushed as the process exits"
+            "requests still running at shutdown; the log is flushed as the process exits"
         ),
     }
     Ok(())

@@ -24,8 +24,10 @@
 //!    is still full, say) is tried again after 1 s, 2 s, … up to 30 s.
 //!
 //! Invariants: nothing acknowledged is lost (the open keeps every
-//! durable entry, and only durable entries were acknowledged); nothing is
-//! served from a vault that was poisoned; at most one vault is open on
+//! durable entry, and only durable entries were acknowledged); a vault
+//! that was poisoned refuses every write (reads and `Health`, which says
+//! `degraded`, are still served from it until it is taken out of
+//! service); at most one vault is open on
 //! the data dir at a time (sled's lock would refuse a second).
 
 use std::sync::{Arc, RwLock};

@@ -24,7 +24,8 @@
 //!
 //! Rules (docs/protocol.md): the first frame must be `Hello` with an API
 //! key, which is looked up by its BLAKE3 hash (keys are never stored) and
-//! fixes the connection's role; each request is checked against the role;
+//! fixes the connection's role (over mutual TLS, an empty key and the
+//! client certificate a credential holds); each request is checked against the role;
 //! a frame that does not decode is answered with an `Error` of its code and
 //! the connection is closed; a connection idle for `idle_timeout` (the
 //! handshake included) is closed, and so is one whose answers cannot be
@@ -40,7 +41,11 @@
 //! connection's peer for every check ([`crate::proxied::header`]).
 //!
 //! `run` takes the listener and a shutdown future, so that tests bind port
-//! 0 and stop the server when they are done.
+//! 0 and stop the server when they are done. When it resolves, `run`
+//! stops accepting, closes the connections not yet authenticated, and
+//! has each other one read no further request, answer those it has read,
+//! send `Error unavailable` under request id 0 and close; it returns once
+//! they are done, or after [`SHUTDOWN_GRACE`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -416,6 +421,8 @@ impl Local {
                 admission: None,
                 arrived: tokio::time::Instant::now(),
                 client_cert: None,
+                // The shim that calls is drained before the vault stops.
+                stopping: CancellationToken::new(),
             },
             state: std::sync::Mutex::new(DirectState::Hello),
         })
@@ -573,9 +580,11 @@ pub async fn run(
     ));
     let inherited = nodelay_inherited(&listener);
     tokio::pin!(shutdown);
+    let stopping = CancellationToken::new();
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (socket, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -598,7 +607,8 @@ pub async fn run(
         // The handshake's window starts at the accept, not when the task
         // first runs.
         let arrived = tokio::time::Instant::now();
-        tokio::spawn(async move {
+        let stopping = stopping.clone();
+        connections.spawn(async move {
             let mut conn = Conn {
                 vault,
                 config,
@@ -608,9 +618,16 @@ pub async fn run(
                 admission: Some((admission.clone(), ticket)),
                 arrived,
                 client_cert: None,
+                stopping,
             };
+            let stop_opening = conn.stopping.clone();
             let served = async move {
-                match open(socket, acceptor.as_ref(), &mut conn).await? {
+                // A server that stops closes a connection still opening.
+                let opened = tokio::select! {
+                    opened = open(socket, acceptor.as_ref(), &mut conn) => opened?,
+                    () = stop_opening.cancelled() => return Ok(()),
+                };
+                match opened {
                     Opened::Plain(socket) => {
                         let (r, w) = socket.into_split();
                         serve_connection(r, w, conn).await
@@ -640,6 +657,34 @@ pub async fn run(
             }
         });
     }
+    // The requests read are answered before the vault is closed behind
+    // them; a client that does not read its answers is cut off by then.
+    stopping.cancel();
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = connections.len(),
+            "connections still answering {} s after the stop are dropped",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
+    Ok(())
+}
+
+/// How long a stopping server waits for its connections to answer the
+/// requests they had read.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a connection closes when the server stops: its last frame, under
+/// request id 0 (the requests read before it were answered).
+fn shutting_down() -> Message {
+    error(
+        ErrorCode::Unavailable,
+        "the server is shutting down: requests not answered were not done; try again shortly",
+    )
 }
 
 /// A new connection's stream once what comes before `Hello` is done.
@@ -922,6 +967,11 @@ pub struct Conn {
     /// (mutual TLS), which a `Hello` with an empty API key authenticates
     /// with ([`authenticate_certificate`]).
     pub client_cert: Option<[u8; 32]>,
+    /// Cancelled when the server stops: the connection reads no further
+    /// request, answers those it has read, says why it closes (`Error
+    /// unavailable`, request id 0) and closes; one not yet authenticated
+    /// closes at once.
+    pub stopping: CancellationToken,
 }
 
 impl Conn {
@@ -1217,8 +1267,12 @@ where
     let mut sink = FramedWrite::with_capacity(writer, codec.clone(), HELLO_BUFFER);
     sink.set_backpressure_boundary(PIPELINE_BUFFER);
 
-    // Authentication: the first frame, by the handshake's deadline.
-    let first = next_frame_by(&mut frames, conn.handshake_deadline()).await;
+    // Authentication: the first frame, by the handshake's deadline; a
+    // server that stops meanwhile closes the connection.
+    let first = tokio::select! {
+        first = next_frame_by(&mut frames, conn.handshake_deadline()) => first,
+        () = conn.stopping.cancelled() => return Ok(()),
+    };
     let (hello_id, caller) = match hello(first, &conn.vault, conn.client_cert) {
         Ok(known) => known,
         Err(ending) => {
@@ -1259,7 +1313,12 @@ where
     if role == Role::Partner {
         return serve_partner(frames, sink, (hello_id, ok), &caller, &conn).await;
     }
-    let Conn { vault, config, .. } = conn;
+    let Conn {
+        vault,
+        config,
+        stopping,
+        ..
+    } = conn;
     // Pipelined requests: read them in larger pieces.
     frames.read_buffer_mut().reserve(PIPELINE_BUFFER);
     let caller = Arc::new(caller);
@@ -1321,6 +1380,7 @@ where
                         continue;
                     }
                     () = out.flush(), if out.dirty => continue,
+                    () = stopping.cancelled() => break (Some((0, shutting_down())), Ok(())),
                     next = next_frame(&mut frames, config.idle_timeout) => next,
                 };
                 screen(next, role, &vault)
@@ -1444,7 +1504,13 @@ where
         if !next_is_here && SinkExt::<Frame>::flush(&mut sink).await.is_err() {
             return unread_or(&sink, Ok(()));
         }
-        let next = next_frame(&mut frames, conn.config.idle_timeout).await;
+        let next = tokio::select! {
+            next = next_frame(&mut frames, conn.config.idle_timeout) => next,
+            () = conn.stopping.cancelled() => {
+                answer = Some((0, shutting_down()));
+                break Ok(());
+            }
+        };
         let (id, message, current) = match screen(next, Role::Partner, &conn.vault) {
             Screened::Request(id, message, current) => (id, message, current),
             Screened::Answer(id, reply) => {
@@ -2794,6 +2860,7 @@ mod tests {
                 admission: None,
                 arrived,
                 client_cert: None,
+                stopping: CancellationToken::new(),
             };
             let result = async {
                 match open(socket, tls.then_some(&s.tls), &mut conn).await? {

@@ -1,9 +1,11 @@
-//! TLS for port 9999 (rustls, aws-lc-rs provider, with the suites in the order
-//! of [`client::config::crypto_provider`]): the server's certificate
-//! chain and key from PEM files, and optionally a CA whose client
-//! certificates are then required (mutual TLS). Client certificates
-//! authenticate the connection at the TLS layer; the `Hello` API key still
-//! decides the role.
+//! TLS for both of `vaultd`'s ports, 9999 and the shim's 8080 (rustls,
+//! aws-lc-rs provider, with the suites in the order of
+//! [`client::config::crypto_provider`]): the server's certificate chain
+//! and key from PEM files, and optionally a CA whose client certificates
+//! are then required (mutual TLS). Client certificates authenticate the
+//! connection at the TLS layer; the role is the `Hello` API key's, or,
+//! with an empty key over mutual TLS, that of the credential the verified
+//! certificate holds (`serve::authenticate_certificate`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -646,6 +646,63 @@ async fn a_response_type_sent_as_a_request_is_malformed_and_closes() {
     }
 }
 
+/// A stopping server (SIGINT or SIGTERM to `vaultd`) reads no further
+/// request: each connection answers what it has read, then says why it
+/// closes (`unavailable` under request id 0) and closes, a writer's
+/// pipelined connection and a partner's alike; one still before its
+/// `Hello` is closed without a word; and `run` returns once they are
+/// done. An append sent just before the stop is answered and durable, or
+/// not answered and not done.
+#[tokio::test]
+async fn a_stopping_server_answers_what_it_read_then_says_why_it_closes() {
+    let mut s = start(ServeConfig::default()).await;
+    let (mut writer, _) = connect(&s, &s.writer).await;
+    let (mut partner, _) = connect(&s, &s.partner).await;
+    assert_eq!(request(&mut writer, 2, &Message::Ping).await, Message::Pong);
+    assert_eq!(
+        request(&mut partner, 2, &Message::Ping).await,
+        Message::Pong
+    );
+    let mut silent = TcpStream::connect(s.addr).await.expect("connect");
+    let before = s.vault.durable_len();
+    let append = Message::Append {
+        subject: "cust-stop".into(),
+        fields: vec![("n".into(), "1".into())],
+    };
+    writer
+        .send(append.to_frame(3, 0).expect("frame"))
+        .await
+        .expect("send");
+    s.shut_down().await;
+    let mut answered = false;
+    for (who, conn) in [("writer", &mut writer), ("partner", &mut partner)] {
+        let mut last = None;
+        // A guard, not a measure: a server that kept the connection open
+        // would hang the test.
+        while let Some((id, m, _)) = tokio::time::timeout(Duration::from_secs(60), recv(conn))
+            .await
+            .unwrap_or_else(|_| panic!("{who}: still open after the stop"))
+        {
+            match (id, &m) {
+                (3, Message::Receipt { .. }) => answered = true,
+                (0, _) => assert_eq!(code(&m), Some(ErrorCode::Unavailable), "{who}: {m:?}"),
+                _ => panic!("{who}: {id} {m:?}"),
+            }
+            last = Some(id);
+        }
+        assert_eq!(last, Some(0), "{who}: the reason is the last frame");
+    }
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let after = s.vault.durable_len();
+    assert_eq!(
+        after,
+        before + u64::from(answered),
+        "answered if and only if done"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_a_frame_is_closed() {
     let s = start(ServeConfig {

@@ -8,6 +8,7 @@
 //!                     │   → policy → fields → consent → hours/IP → rate
 //!                     │   granted: Mint (token_minted is durable first)
 //!                     │   denied:  Event access_denied (durable first), then 403
+//!                     │            (429 for the rate limit)
 //! admin/writer/auditor ──HTTP──> shim ──(the caller's own key)──> vault
 //!                         policies, consents, credentials, logs
 //! ```

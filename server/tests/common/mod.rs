@@ -18,7 +18,22 @@ pub struct Server {
     pub gateway: String,
     pub auditor: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Stops the server as a signal stops `vaultd`'s, and waits until
+    /// `run` has returned, its connections drained.
+    #[allow(dead_code)] // not every test binary stops its server
+    pub async fn shut_down(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            d.await.expect("the server's task").expect("serve::run");
+        }
+    }
 }
 
 impl Drop for Server {
@@ -55,7 +70,7 @@ pub async fn start(config: ServeConfig) -> Server {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(listener, vault.clone().into(), config, None, async {
+    let done = tokio::spawn(run(listener, vault.clone().into(), config, None, async {
         let _ = stopped.await;
     }));
     Server {
@@ -67,6 +82,7 @@ pub async fn start(config: ServeConfig) -> Server {
         gateway,
         auditor,
         stop: Some(stop),
+        done: Some(done),
         _dir: dir,
     }
 }
