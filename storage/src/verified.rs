@@ -89,7 +89,14 @@ pub fn decode(bytes: &[u8], master: &SecretKey, vault_id: &[u8; 16]) -> Option<V
 
 /// The record in `dir`, if there is one that [`decode`] accepts.
 pub(crate) fn read(dir: &Path, master: &SecretKey, vault_id: &[u8; 16]) -> Option<VerifiedPrefix> {
-    match std::fs::read(path(dir)) {
+    // At most one byte more than a record: a file of any size put in the
+    // dir costs no more memory than that, and is refused by its length.
+    let read = std::fs::File::open(path(dir)).and_then(|f| {
+        let mut bytes = Vec::with_capacity(LEN + 1);
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, LEN as u64 + 1), &mut bytes)?;
+        Ok(bytes)
+    });
+    match read {
         Ok(bytes) => {
             let prefix = decode(&bytes, master, vault_id);
             if prefix.is_none() {
@@ -191,5 +198,11 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(FILE)]);
+        // A record with anything after it, however much, is ignored; it is
+        // read no further than one byte past a record.
+        let mut longer = encode(&prefix, &master, &vault_id).to_vec();
+        longer.resize(8 << 20, 0);
+        std::fs::write(dir.path().join(FILE), &longer).expect("write");
+        assert_eq!(read(dir.path(), &master, &vault_id), None);
     }
 }
