@@ -532,6 +532,32 @@ fn verify_without_a_pinned_key_warns() {
     assert!(warning.contains("--public-key"), "{report}");
 }
 
+/// `vaultd dev` in plaintext listens on loopback only: another address
+/// for either port is refused before anything is created.
+#[test]
+fn dev_refuses_plaintext_off_loopback() {
+    let s = Scratch::new();
+    let dir = s.path("dev");
+    let dir_arg = dir.to_str().expect("a UTF-8 path");
+    for (listen, http) in [("0.0.0.0:0", "127.0.0.1:0"), ("127.0.0.1:0", "0.0.0.0:0")] {
+        let out = run(
+            "vaultd",
+            [
+                "dev",
+                "--listen",
+                listen,
+                "--http-listen",
+                http,
+                "--data-dir",
+                dir_arg,
+            ],
+        );
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains("loopback only"), "{out:?}");
+        assert!(!dir.exists(), "{out:?}");
+    }
+}
+
 /// Runs `vaultd dev` on `dir` until it is ready, stops it cleanly, and
 /// returns the object it printed.
 fn vaultd_dev(dir: &Path) -> Value {

@@ -106,6 +106,23 @@ pub async fn run(
     ready: impl FnOnce(DevOutput),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
+    // Plaintext only where nothing but this machine can listen in: checked
+    // before anything is created. An address that does not resolve is
+    // left to the bind below to report.
+    if !opts.tls {
+        for addr in [&opts.listen, &opts.http_listen] {
+            let loopback = match tokio::net::lookup_host(addr.as_str()).await {
+                Ok(mut all) => all.all(|a| a.ip().is_loopback()),
+                Err(_) => true,
+            };
+            if !loopback {
+                return Err(Error::Usage(format!(
+                    "vaultd dev serves plaintext on loopback only, and {addr} is not: add --tls \
+                     (a dev certificate), or run vaultd serve with your own"
+                )));
+            }
+        }
+    }
     let data_dir = match opts.data_dir {
         Some(d) => d,
         None => {
