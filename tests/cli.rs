@@ -781,6 +781,55 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
 /// its first 10 s, then is told so (`unavailable` on the protocol port,
 /// 503 `busy` on HTTP) and closed; once the first leaves, its slot is
 /// taken again.
+/// `vaultd serve --max-token-ttl-secs` sets the longest token: a mint
+/// asking for more is refused as invalid, and one asking for the default
+/// gets the maximum where it is below the default's 300 s.
+#[test]
+fn serve_takes_its_token_lifetime_from_the_command_line() {
+    let s = Scratch::new();
+    s.init("v");
+    let dir = s.path("v");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let keys = offline_credentials(&rt, &dir, &[("gateway", "gw")]);
+    let server = serve_with(&s, "v", &["--max-token-ttl-secs", "60"]);
+    rt.block_on(async {
+        let gateway = client::Client::connect(client::ClientConfig {
+            addr: server.protocol.clone(),
+            tls: client::Tls::Plaintext,
+            api_key: client::Zeroizing::new(keys[0].clone()),
+            ..client::ClientConfig::default()
+        })
+        .await
+        .expect("connect");
+        let fields = vec![("name".to_string(), protocol::MaskOp::Partial)];
+        let mint = |ttl: u32| gateway.mint("p-1", "cust-1", "credit_check", fields.clone(), ttl);
+        match mint(61).await {
+            Err(client::ClientError::Server {
+                code: protocol::ErrorCode::Invalid,
+                message,
+            }) => assert!(message.contains("60"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis() as u64
+        };
+        let asked = now_ms();
+        let (_, expires_at_ms) = mint(0).await.expect("the default, cut to 60 s");
+        let answered = now_ms();
+        // The server's clock read between the two: 60 s after it, not 300.
+        assert!(
+            expires_at_ms >= asked + 60_000 && expires_at_ms <= answered + 60_000,
+            "expires {} ms after the request",
+            expires_at_ms.saturating_sub(asked)
+        );
+    });
+    let status = server.stop();
+    assert!(status.success(), "{status}");
+}
+
 #[test]
 fn serve_takes_its_connection_limit_from_the_command_line() {
     use futures_util::StreamExt;

@@ -2530,8 +2530,9 @@ async fn mint(
     fields: Vec<(String, protocol::MaskOp)>,
     ttl_secs: u32,
 ) -> Message {
+    // The default never exceeds a maximum set below it.
     let ttl = if ttl_secs == 0 {
-        config.default_token_ttl
+        config.default_token_ttl.min(config.max_token_ttl)
     } else {
         Duration::from_secs(u64::from(ttl_secs))
     };

@@ -124,6 +124,43 @@ pub struct VerifyJson {
     /// log (absent when the file did not exist yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_head_seq: Option<u64>,
+    /// Shredded subjects whose keys are still in the key store: a shred
+    /// whose entry is in the log but whose deletion a crash interrupted
+    /// (the `shredding` marker names them); the next open of the vault
+    /// deletes them. Absent when there is none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shred_pending: Vec<String>,
+    /// Retired signing keys still in the key store, likewise (the next
+    /// open deletes them). Absent when there is none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retired_signing_pending: Vec<u32>,
+}
+
+/// The notes a report calls for besides its verdict: keys the log
+/// destroyed that are still stored, which the next open deletes. Printed
+/// on stderr, so that an auditor sees what a shred left behind.
+pub fn notes(r: &Report) -> Vec<String> {
+    let mut out = Vec::new();
+    if !r.shred_pending.is_empty() {
+        out.push(format!(
+            "note: the keys of shredded subjects {} are still in the key store (a shred a crash \
+             interrupted); the next open of the vault deletes them",
+            r.shred_pending.join(", ")
+        ));
+    }
+    if !r.retired_signing_pending.is_empty() {
+        let ids: Vec<String> = r
+            .retired_signing_pending
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        out.push(format!(
+            "note: retired signing keys {} are still in the key store; the next open of the \
+             vault deletes them",
+            ids.join(", ")
+        ));
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
@@ -162,6 +199,8 @@ impl From<&Report> for VerifyJson {
             receipts_checked: None,
             elapsed_ms: None,
             kept_head_seq: None,
+            shred_pending: r.shred_pending.clone(),
+            retired_signing_pending: r.retired_signing_pending.clone(),
         }
     }
 }
@@ -292,6 +331,33 @@ pub fn exit_code(r: &Report) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys a shred or a signing rotation destroyed in the log but a crash
+    /// left in the store are told on stderr and in the JSON, and a report
+    /// without them says nothing of them.
+    #[test]
+    fn keys_left_by_an_interrupted_shred_are_told() {
+        let r = Report {
+            shred_pending: vec!["bob".into()],
+            retired_signing_pending: vec![1],
+            ..Report::default()
+        };
+        let told = notes(&r);
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(
+            told[0].contains("bob") && told[1].contains(" 1 "),
+            "{told:?}"
+        );
+        let json = serde_json::to_value(VerifyJson::from(&r)).expect("JSON");
+        assert_eq!(json["shred_pending"], serde_json::json!(["bob"]));
+        assert_eq!(json["retired_signing_pending"], serde_json::json!([1]));
+        let quiet = Report::default();
+        assert!(notes(&quiet).is_empty());
+        let json = serde_json::to_value(VerifyJson::from(&quiet)).expect("JSON");
+        assert!(
+            json.get("shred_pending").is_none() && json.get("retired_signing_pending").is_none()
+        );
+    }
 
     /// The head file of docs/storage.md, section 8: the vector HEAD of
     /// section 10, as that page prints it, in hex on one line.

@@ -1558,6 +1558,19 @@ pub(crate) fn verify_store_with(
         Ok(markers) => {
             for m in markers {
                 if m.first_seq >= tip.entries {
+                    // An interrupted commit names keys no entry committed
+                    // to yet. The markers are not signed: one that names a
+                    // key the log committed to (which open would delete) or
+                    // destroyed (a shredded key put back) is forged.
+                    if let Some(k) = m.keys.iter().find(|k| {
+                        keys.contains_key(k.as_slice()) || destroyed.contains_key(k.as_slice())
+                    }) {
+                        report.failure = fail(Reason::KeyMismatch(format!(
+                            "a pending marker names {:?}, a key the log committed to",
+                            String::from_utf8_lossy(k)
+                        )));
+                        return Ok(report);
+                    }
                     uncommitted.extend(m.keys);
                 }
             }

@@ -739,6 +739,54 @@ fn a_head_altered_under_a_running_vault_gets_no_receipt_and_no_panic() {
     vault.close().expect("close");
 }
 
+/// A shredded subject's wrapped key put back in the key store, with a
+/// pending marker forged to excuse it as left over by a commit that
+/// never reached the log, is a key mismatch: a marker of an unlogged group
+/// may name only keys the log never committed to. So is a marker naming
+/// a key the log committed to and still holds (open would delete it).
+#[test]
+fn a_forged_marker_does_not_excuse_a_shredded_key_put_back() {
+    let fx = Fixture::new();
+    let dir = fx.copy();
+    let old = {
+        let raw = raw_open(&dir);
+        raw.keys
+            .get(data_key_name("bob", 1))
+            .expect("read keys")
+            .expect("bob's key")
+            .to_vec()
+    };
+    wait_unlocked(&dir);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let vault = Vault::open(&dir, &passphrase(), Options::default()).expect("open");
+    rt.block_on(vault.shred("bob")).expect("shred bob");
+    vault.close().expect("close");
+    let end = verify_with(&dir, Some(fx.key)).entries;
+    assert_eq!(
+        verify_with(&dir, Some(fx.key)).failure,
+        None,
+        "the shred verifies"
+    );
+    tamper(&dir, |raw| {
+        raw.keys
+            .insert(data_key_name("bob", 1), old)
+            .expect("write keys");
+        raw.keys
+            .insert(
+                storage::vault::pending_name(end + 5),
+                pending_value(end + 5, &[data_key_name("bob", 1)]),
+            )
+            .expect("write keys");
+    });
+    let (_, reason) = failure_with(&dir, Some(fx.key));
+    assert!(
+        matches!(&reason, Reason::KeyMismatch(m) if m.contains("pending marker")),
+        "{reason}"
+    );
+    let (_, reason) = open_refusal(&dir);
+    assert!(matches!(reason, Reason::KeyMismatch(_)), "open: {reason}");
+}
+
 // ---------------------------------------------------------------------------
 // Derived state
 

@@ -346,6 +346,9 @@ fn finish(
         }
         eprintln!("kept head: seq {} in {}", head.last_seq, path.display());
     }
+    for note in server::verify::notes(report) {
+        eprintln!("{note}");
+    }
     match as_json.map(|j| serde_json::to_string(&j)) {
         Some(Ok(s)) => println!("{s}"),
         Some(Err(e)) => {

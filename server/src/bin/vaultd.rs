@@ -253,6 +253,13 @@ struct LimitArgs {
     #[arg(long, env = "FINTRUST_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Longest lifetime of a one-time token, in seconds (1 to 86,400): a
+    /// `Mint` asking for more is refused (`invalid`), the default of 300 s
+    /// is cut to it, and the shim grants no more and accepts no policy
+    /// whose `max_token_ttl_secs` is over it.
+    #[arg(long, env = "FINTRUST_MAX_TOKEN_TTL_SECS", value_name = "SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    max_token_ttl_secs: u32,
 }
 
 impl LimitArgs {
@@ -508,6 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     trusted_proxies,
                     forwarded_header,
                     max_connections: limits.max_connections(),
+                    max_token_ttl_secs: limits.max_token_ttl_secs,
                     ..Default::default()
                 };
                 let d = server::daemon::Daemon {
@@ -518,6 +526,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         rotation: rotation.policy(),
                         proxy_protocol_from,
                         max_connections: limits.max_connections(),
+                        max_token_ttl: std::time::Duration::from_secs(
+                            limits.max_token_ttl_secs.into(),
+                        ),
                         ..Default::default()
                     },
                     shim,
@@ -585,6 +596,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     trusted_proxies,
                     forwarded_header,
                     max_connections: limits.max_connections(),
+                    max_token_ttl_secs: limits.max_token_ttl_secs,
                     ..Default::default()
                 },
             );
