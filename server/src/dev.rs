@@ -78,8 +78,9 @@ pub struct DevOptions {
 }
 
 /// What `vaultd dev` prints (one JSON object with `--json`). The keys are
-/// development keys, shown once.
-#[derive(Debug, Serialize)]
+/// development keys, shown once: `Debug` leaves them out, and they are
+/// zeroized when the output is dropped.
+#[derive(Serialize)]
 pub struct DevOutput {
     pub vault_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -97,6 +98,37 @@ pub struct DevOutput {
     /// The dev CA certificate (PEM) clients trust, when `tls` is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for DevOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevOutput")
+            .field("vault_addr", &self.vault_addr)
+            .field("http_addr", &self.http_addr)
+            .field("public_key", &self.public_key)
+            .field("data_dir", &self.data_dir)
+            .field("passphrase_file", &self.passphrase_file)
+            .field("api_keys", &"<redacted>")
+            .field("partner_id", &self.partner_id)
+            .field("demo_subject_id", &self.demo_subject_id)
+            .field("demo_purpose", &self.demo_purpose)
+            .field("tls", &self.tls)
+            .field("ca_cert", &self.ca_cert)
+            .finish()
+    }
+}
+
+impl Drop for DevOutput {
+    fn drop(&mut self) {
+        for key in [
+            &mut self.admin_api_key,
+            &mut self.writer_api_key,
+            &mut self.partner_api_key,
+            &mut self.auditor_api_key,
+        ] {
+            zeroize::Zeroize::zeroize(key);
+        }
+    }
 }
 
 /// Creates (or reopens) the dev vault, loads the demo data, and serves it
@@ -402,4 +434,35 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = opts.open(path).map_err(err)?;
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The development keys are printed once, by the command, never by
+    /// `Debug`.
+    #[test]
+    fn debug_prints_no_key() {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], 9999).into();
+        let out = super::DevOutput {
+            vault_addr: addr,
+            http_addr: addr,
+            public_key: "pk".into(),
+            data_dir: "d".into(),
+            passphrase_file: "d/p".into(),
+            admin_api_key: "fvk_a_not_for_logs".into(),
+            writer_api_key: "fvk_w_not_for_logs".into(),
+            partner_api_key: "fvk_p_not_for_logs".into(),
+            auditor_api_key: "fvk_u_not_for_logs".into(),
+            partner_id: "p".into(),
+            demo_subject_id: "s".into(),
+            demo_purpose: "x".into(),
+            tls: false,
+            ca_cert: None,
+        };
+        let text = format!("{out:?}");
+        assert!(
+            !text.contains("not_for_logs") && text.contains("redacted"),
+            "{text}"
+        );
+    }
 }

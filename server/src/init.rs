@@ -7,8 +7,9 @@ use storage::{Options, Unlock, Vault};
 
 use crate::Result;
 
-/// What `vaultd init` prints (`--json`). The admin API key is shown once.
-#[derive(Debug, Serialize)]
+/// What `vaultd init` prints (`--json`). The admin API key is shown once:
+/// `Debug` leaves it out, and it is zeroized when the output is dropped.
+#[derive(Serialize)]
 pub struct InitOutput {
     pub data_dir: PathBuf,
     /// Hex of the ed25519 verifying key: pin it for `vault-verify`.
@@ -16,6 +17,24 @@ pub struct InitOutput {
     pub vault_id: String,
     pub admin_api_key: String,
     pub admin_credential_id: String,
+}
+
+impl std::fmt::Debug for InitOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitOutput")
+            .field("data_dir", &self.data_dir)
+            .field("public_key", &self.public_key)
+            .field("vault_id", &self.vault_id)
+            .field("admin_api_key", &"<redacted>")
+            .field("admin_credential_id", &self.admin_credential_id)
+            .finish()
+    }
+}
+
+impl Drop for InitOutput {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.admin_api_key);
+    }
 }
 
 /// Creates a vault; refuses an existing one. Returns the open vault too.
@@ -63,4 +82,24 @@ pub fn rotate_master_key(
         seq: receipt.seq,
         entry_hash: hex::encode(receipt.entry_hash),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The admin key is printed once, by the command, never by `Debug`.
+    #[test]
+    fn debug_prints_no_key() {
+        let out = super::InitOutput {
+            data_dir: "d".into(),
+            public_key: "pk".into(),
+            vault_id: "v".into(),
+            admin_api_key: "fvk_not_for_logs".into(),
+            admin_credential_id: "c".into(),
+        };
+        let text = format!("{out:?}");
+        assert!(
+            !text.contains("fvk_not_for_logs") && text.contains("redacted"),
+            "{text}"
+        );
+    }
 }
