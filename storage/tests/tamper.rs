@@ -787,6 +787,46 @@ fn a_forged_marker_does_not_excuse_a_shredded_key_put_back() {
     assert!(matches!(reason, Reason::KeyMismatch(_)), "open: {reason}");
 }
 
+/// One entry inside a chunk of many deleted, moved or duplicated, with
+/// the chain, the heads' hashes and roots and the CRC made good again by
+/// a keyless attacker: verify names the entry's seq and the alteration,
+/// and open refuses the vault the same way.
+#[test]
+fn an_entry_deleted_reordered_or_duplicated_inside_a_chunk_is_named() {
+    let fx = Fixture::new();
+    let alter = |f: fn(&mut Vec<OwnedEntry>)| {
+        fx.tampered(|raw| {
+            let mut log = read_log(raw);
+            let first = big_group_keys(raw)[0];
+            let chunk = log
+                .iter_mut()
+                .find(|c| c.key == first)
+                .expect("the big group's first chunk");
+            assert!(chunk.entries.len() > 3, "a chunk of many entries");
+            f(&mut chunk.entries);
+            relink(&mut log);
+            write_log(raw, &log);
+        })
+    };
+    let deleted = alter(|e| {
+        e.remove(1);
+    });
+    let reordered = alter(|e| e.swap(1, 2));
+    let duplicated = alter(|e| {
+        let copy = e[1].clone();
+        e.insert(2, copy);
+    });
+    for (dir, seq, expected) in [
+        (&deleted, BIG + 1, Reason::Gap),
+        // Seq BIG + 2 where BIG + 1 is due: a gap.
+        (&reordered, BIG + 1, Reason::Gap),
+        // Seq BIG + 1 again where BIG + 2 is due.
+        (&duplicated, BIG + 2, Reason::Duplicate),
+    ] {
+        assert_chain_failure(&fx, dir, seq, expected);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Derived state
 
