@@ -1398,6 +1398,17 @@ fn unexpected_tree_is_detected() {
     let (seq, reason) = fx.failure(&dir);
     assert_eq!(seq, 0);
     assert!(matches!(reason, Reason::MetaMismatch(_)), "{reason}");
+    // sled's default tree, which every database has and the vault never
+    // writes: bytes hidden there are found too.
+    let dir = fx.tampered(|raw| {
+        raw.db.insert("k", "v").expect("write the default tree");
+    });
+    let (seq, reason) = fx.failure(&dir);
+    assert_eq!(seq, 0);
+    assert!(
+        matches!(&reason, Reason::MetaMismatch(m) if m.contains("default tree")),
+        "{reason}"
+    );
 }
 
 // ---------------------------------------------------------------------------
