@@ -574,6 +574,42 @@ mod tests {
         node_hash(&rfc6962_root(&l[..k]), &rfc6962_root(&l[k..]))
     }
 
+    /// `verify_strict`, not `verify`: a key of small order (here the
+    /// identity point) with the trivial signature (R the identity, s = 0)
+    /// passes the plain check for any message, and must not pass ours,
+    /// for heads and for key endorsements alike.
+    #[test]
+    fn a_weak_key_and_its_trivial_signature_are_refused() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = VerifyingKey::from_bytes(&identity).expect("the identity is a point");
+        let mut trivial = [0u8; 64];
+        trivial[0] = 1;
+        let mut head = SignedHead::sign(
+            &SigningKey::from_bytes(&[3; 32]),
+            0,
+            0,
+            0,
+            [5; 32],
+            [6; 32],
+            1,
+        );
+        head.signature = trivial;
+        assert!(
+            ed25519_dalek::Verifier::verify(
+                &weak,
+                &head.message(),
+                &Signature::from_bytes(&trivial)
+            )
+            .is_ok(),
+            "the plain check takes it, which is what this test is about"
+        );
+        assert!(!head.verify(&weak));
+        let mut e = KeyEndorsement::sign(&SigningKey::from_bytes(&[3; 32]), 1, &weak, 7);
+        e.signature = trivial;
+        assert!(!e.verify(&weak));
+    }
+
     #[test]
     fn every_merkle_path_verifies() {
         // Levels of one pair to many batches of 16 nodes hashed side by side.

@@ -998,9 +998,12 @@ impl Vault {
         })
     }
 
-    /// Opens an existing vault. Fails with `WrongSecret` before anything is
-    /// written when `unlock` is wrong, and refuses to open (fail closed)
-    /// when the chain does not verify, naming the seq and the reason.
+    /// Opens an existing vault. Fails with `WrongSecret` when `unlock` is
+    /// wrong: after the recovery every open makes first (the write-ahead
+    /// replay, which a master rotation's staged keys may need before the
+    /// secret can be checked), before anything else is written. Refuses to
+    /// open (fail closed) when the chain does not verify, naming the seq
+    /// and the reason.
     pub fn open(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Vault> {
         let store = Store::open_existing_with(dir, opts.cache_bytes, Flusher::Off)?;
         let vault_id = store.vault_id()?;
