@@ -30,8 +30,12 @@
 //! The `vault-client` binary (`src/bin/vault-client.rs`) for partners and
 //! services, and `vault-admin` (in the server crate, which it needs for
 //! its offline `--data-dir` mode) for operators, are these calls plus
-//! argument parsing and printing; [`cli`] holds the connection flags they
-//! share with `vault-verify --remote`.
+//! argument parsing and printing; `cli` holds the connection flags they
+//! share with `vault-verify --remote`. Those two, and the dependencies
+//! they bring (clap, anyhow, serde_json, hex), are the `cli` feature, on
+//! by default: a service that embeds the library turns it off
+//! (`default-features = false`) and depends on the protocol crate, TLS and
+//! tokio alone.
 //!
 //! ```no_run
 //! use client::{Client, ClientConfig, HeadTracker, Tls, Zeroizing};
@@ -58,6 +62,7 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod connection;
