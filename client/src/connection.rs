@@ -426,6 +426,30 @@ impl Connector {
     /// take two, and no tasks. A refused key is [`ClientError::Server`]
     /// `unauthenticated` (the token is then never looked at); a refused
     /// token is [`ClientError::Server`] with the token's error code.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> client::Result<()> {
+    /// use client::{ClientConfig, ClientError, Connector, ErrorCode, Tls, Zeroizing};
+    /// // One connector for all of a partner's redemptions: TLS sessions resume.
+    /// let partner = Connector::new(ClientConfig {
+    ///     addr: "vault.example:9999".into(),
+    ///     tls: Tls::Ca {
+    ///         ca_pem_file: "vault-ca.pem".into(),
+    ///         server_name: "vault.example".into(),
+    ///         client_cert: None,
+    ///     },
+    ///     api_key: Zeroizing::new(std::env::var("FINTRUST_API_KEY").unwrap_or_default()),
+    ///     ..ClientConfig::default()
+    /// })?;
+    /// match partner.redeem("fvt_...").await {
+    ///     Ok(r) => println!("{} fields of {}", r.data.fields.len(), r.data.subject),
+    ///     Err(ClientError::Server { code: ErrorCode::TokenSpent, .. }) => {
+    ///         eprintln!("already redeemed: the data went out once, never again");
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn redeem(&self, token: &str) -> Result<Redemption> {
         let config = &self.config;
         let redeeming = async {
@@ -674,6 +698,20 @@ impl Client {
     }
 
     /// Appends several records in one commit; receipts in item order.
+    /// All or none: one record refused refuses the batch.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: &client::Client) -> client::Result<()> {
+    /// use client::Record;
+    /// let receipts = client
+    ///     .append_batch(vec![
+    ///         Record { subject: "cust-1".into(), fields: vec![("name".into(), "Ada".into())] },
+    ///         Record { subject: "cust-2".into(), fields: vec![("name".into(), "Alan".into())] },
+    ///     ])
+    ///     .await?;
+    /// assert_eq!(receipts.len(), 2);
+    /// # Ok(()) }
+    /// ```
     pub async fn append_batch(&self, items: Vec<Record>) -> Result<Vec<Receipt>> {
         let n = items.len();
         match self.call(Message::AppendBatch { items }).await? {
@@ -1168,6 +1206,19 @@ impl Client {
     /// as given, to `partner_id` for `purpose`, valid `ttl_secs`. Returns
     /// the token (a secret: hand it to the partner only) and when it
     /// expires, in unix milliseconds. Gateway and admin roles.
+    /// `ttl_secs` 0 asks for the server's default (5 minutes, or its
+    /// maximum where that is lower).
+    ///
+    /// ```no_run
+    /// # async fn demo(gateway: &client::Client) -> client::Result<()> {
+    /// use client::MaskOp;
+    /// let fields = vec![("email".into(), MaskOp::Partial), ("dob".into(), MaskOp::Generalize)];
+    /// let (token, expires_at_ms) = gateway
+    ///     .mint("demo-lender", "cust-0001", "credit_check", fields, 0)
+    ///     .await?;
+    /// # let _ = (token, expires_at_ms);
+    /// # Ok(()) }
+    /// ```
     pub async fn mint(
         &self,
         partner_id: impl Into<String>,
