@@ -780,12 +780,74 @@ async fn redeem(s: &Server, key: &str, token: &str) -> Message {
     reply
 }
 
+/// `ttl_secs` 0 is the default lifetime, 5 minutes: the expiry is 300 s
+/// after the server's clock, read between the request and its answer.
+#[tokio::test]
+async fn a_mint_without_a_lifetime_gets_five_minutes() {
+    let s = start(ServeConfig::default()).await;
+    let (mut gw, _) = connect(&s, &s.gateway).await;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64
+    };
+    let m = Message::Mint {
+        partner_id: "demo-lender".into(),
+        subject: "cust-7".into(),
+        purpose: "credit_check".into(),
+        fields: vec![("email".into(), protocol::MaskOp::Partial)],
+        ttl_secs: 0,
+    };
+    let asked = now_ms();
+    let reply = request(&mut gw, 2, &m).await;
+    let answered = now_ms();
+    let Message::Minted { expires_at_ms, .. } = reply else {
+        panic!("{reply:?}");
+    };
+    assert!(
+        expires_at_ms >= asked + 300_000 && expires_at_ms <= answered + 300_000,
+        "expires {} ms after the request",
+        expires_at_ms.saturating_sub(asked)
+    );
+}
+
+/// The throttle is on the redemption path: after five redemptions from
+/// one peer refused for their token, the sixth waits at least 50 ms
+/// before it is answered (a lower bound: a wait is never shorter), and
+/// is refused as the others were.
+#[tokio::test]
+async fn a_peer_that_keeps_guessing_tokens_is_slowed_down() {
+    let s = start(ServeConfig::default()).await;
+    let guess = |i: u32| format!("fvt_{:064x}", i);
+    for i in 0..5 {
+        let reply = redeem(&s, &s.partner, &guess(i)).await;
+        assert_eq!(code(&reply), Some(ErrorCode::TokenUnknown), "{reply:?}");
+    }
+    let started = std::time::Instant::now();
+    let reply = redeem(&s, &s.partner, &guess(5)).await;
+    let waited = started.elapsed();
+    assert_eq!(code(&reply), Some(ErrorCode::TokenUnknown), "{reply:?}");
+    assert!(
+        waited >= Duration::from_millis(50),
+        "answered after {waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_token_reveals_one_masked_segment_once() {
     let s = start(ServeConfig::default()).await;
     seed(&s, "cust-7").await;
     let token = mint(&s, "demo-lender", "cust-7", 0).await;
-    assert!(token.starts_with("fvt_"));
+    // A recognisable prefix, then 256 random bits in lowercase hex.
+    let bits = token.strip_prefix("fvt_").expect("the fvt_ prefix");
+    assert!(
+        bits.len() == 64
+            && bits
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{token}"
+    );
     let Message::Data {
         subject, fields, ..
     } = redeem(&s, &s.partner, &token).await
