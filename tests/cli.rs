@@ -781,6 +781,41 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
 /// its first 10 s, then is told so (`unavailable` on the protocol port,
 /// 503 `busy` on HTTP) and closed; once the first leaves, its slot is
 /// taken again.
+/// `vaultd serve` without TLS options is refused unless plaintext is asked
+/// for by name, and plaintext with TLS options is refused too.
+#[test]
+fn serve_refuses_plaintext_it_was_not_asked_for() {
+    let s = Scratch::new();
+    s.init("v");
+    let (dir, pass) = (s.path("v"), s.path("passphrase"));
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            OsStr::new("serve"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--passphrase-file"),
+            pass.as_os_str(),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        run("vaultd", args)
+    };
+    let out = serve(&[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("--tls-cert") && out.stderr.contains("--insecure-plaintext"),
+        "{out:?}"
+    );
+    let out = serve(&[
+        "--insecure-plaintext",
+        "--tls-cert",
+        "c.pem",
+        "--tls-key",
+        "k.pem",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("excludes"), "{out:?}");
+}
+
 /// `vaultd serve --max-token-ttl-secs` sets the longest token: a mint
 /// asking for more is refused as invalid, and one asking for the default
 /// gets the maximum where it is below the default's 300 s.
