@@ -497,6 +497,170 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
     r.stop().await;
 }
 
+/// Sends a `GET` with `key` and returns the status line, the headers
+/// (lowercase names) and the body, as they came.
+async fn get_raw(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+) -> (String, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .expect("the server closed the connection")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default().to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// `/v1/logs` as `http.md` describes it: pages of `limit` followed by
+/// `after` = each page's `next_after` until it is `null` give every event
+/// once, in order; the JSON lines answer carries the same cursor in
+/// `X-Next-After`; `subject` and `until` filter; each event's
+/// `entry_hash` is the hash of the entry the vault stores at its seq; and
+/// `/metrics` counts the requests by route and status.
+#[tokio::test]
+async fn logs_page_filter_and_hash_as_documented() {
+    let r = start(ShimConfig::default()).await;
+    put_policy(
+        &r,
+        json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
+    )
+    .await;
+    for _ in 0..3 {
+        grant_consent(&r).await;
+    }
+    let events = |v: &Value| v["events"].as_array().expect("events").clone();
+    let seqs = |v: &[Value]| {
+        v.iter()
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .collect::<Vec<_>>()
+    };
+    let all = call(r.http, "GET", "/v1/logs?limit=1000", Some(&r.admin), None).await;
+    assert_eq!(all.0, 200, "{}", all.1);
+    assert_eq!(all.1["next_after"], Value::Null, "one page holds it all");
+    let all = events(&all.1);
+    assert!(all.len() >= 6, "{all:?}");
+
+    let mut paged = Vec::new();
+    let mut after: Option<u64> = None;
+    let mut pages = 0;
+    loop {
+        let path = match after {
+            Some(a) => format!("/v1/logs?limit=2&after={a}"),
+            None => "/v1/logs?limit=2".to_string(),
+        };
+        let page = call(r.http, "GET", &path, Some(&r.admin), None).await;
+        assert_eq!(page.0, 200, "{}", page.1);
+        pages += 1;
+        let got = events(&page.1);
+        assert!(got.len() <= 2, "{got:?}");
+        let (status, headers, body) =
+            get_raw(r.http, &format!("{path}&format=jsonl"), &r.admin).await;
+        assert!(status.contains(" 200 "), "{status}");
+        let lines: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines, got, "the same page in JSON lines");
+        let cursor = headers
+            .iter()
+            .find(|(k, _)| k == "x-next-after")
+            .map(|(_, v)| v.clone());
+        assert_eq!(
+            cursor,
+            page.1["next_after"].as_u64().map(|n| n.to_string()),
+            "{path}"
+        );
+        paged.extend(got);
+        match page.1["next_after"].as_u64() {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seqs(&paged), seqs(&all), "every event once, in order");
+
+    let only = call(
+        r.http,
+        "GET",
+        &format!("/v1/logs?limit=1000&subject={SUBJECT}"),
+        Some(&r.admin),
+        None,
+    )
+    .await;
+    let want: Vec<&Value> = all.iter().filter(|e| e["subject"] == SUBJECT).collect();
+    assert!(!want.is_empty());
+    assert_eq!(
+        seqs(&events(&only.1)),
+        seqs(&want.into_iter().cloned().collect::<Vec<_>>())
+    );
+    let until = all[3]["time"].as_str().expect("a time").to_string();
+    let before = call(
+        r.http,
+        "GET",
+        &format!("/v1/logs?limit=1000&until={until}"),
+        Some(&r.admin),
+        None,
+    )
+    .await;
+    assert_eq!(before.0, 200, "{}", before.1);
+    // RFC 3339 drops trailing zeros of the fraction: compare as times.
+    let at = |t: &str| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .expect("an RFC 3339 time")
+    };
+    let want: Vec<Value> = all
+        .iter()
+        .filter(|e| e["time"].as_str().is_some_and(|t| at(t) < at(&until)))
+        .cloned()
+        .collect();
+    assert_eq!(seqs(&events(&before.1)), seqs(&want));
+
+    let admin = client::Client::connect(client::ClientConfig {
+        addr: r.protocol.to_string(),
+        tls: client::Tls::Plaintext,
+        api_key: client::Zeroizing::new(r.admin.clone()),
+        ..client::ClientConfig::default()
+    })
+    .await
+    .expect("admin");
+    for e in &all {
+        let seq = e["seq"].as_u64().expect("seq");
+        let stored = admin.entries(seq, 1).await.expect("entries");
+        let hash = hex::encode(storage::entry::entry_hash(&stored[0]));
+        assert_eq!(e["entry_hash"], hash.as_str(), "seq {seq}");
+    }
+    drop(admin);
+
+    let (_, _, metrics) = get_raw(r.http, "/metrics", &r.admin).await;
+    let counted = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fintrust_http_requests_total{")
+                .filter(|l| l.contains("route=\"/v1/logs\"") && l.contains("status=\"200\""))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    assert!(
+        counted >= f64::from(2 * pages + 3),
+        "{counted} in {metrics}"
+    );
+    r.stop().await;
+}
+
 /// A shredded subject's policy and consent still pass the shim's checks;
 /// the vault refuses the mint, and the shim answers it as the denial it
 /// is: 403 `subject_shredded`, audited like every other denial.
