@@ -17,6 +17,7 @@ use serde::Serialize;
 use storage::{Append, Kind, Options, Unlock};
 
 use crate::daemon::{self, Bound, Daemon};
+use crate::secrets::ShownOnce;
 use crate::serve::ServeConfig;
 use crate::shim::{PoliciesFile, ShimConfig};
 use crate::{Error, Result};
@@ -78,19 +79,19 @@ pub struct DevOptions {
 }
 
 /// What `vaultd dev` prints (one JSON object with `--json`). The keys are
-/// development keys, shown once: `Debug` leaves them out, and they are
-/// zeroized when the output is dropped.
-#[derive(Serialize)]
+/// development keys, shown once ([`ShownOnce`]: `Debug` leaves them out,
+/// and they are zeroized when dropped).
+#[derive(Debug, Serialize)]
 pub struct DevOutput {
     pub vault_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub public_key: String,
     pub data_dir: PathBuf,
     pub passphrase_file: PathBuf,
-    pub admin_api_key: String,
-    pub writer_api_key: String,
-    pub partner_api_key: String,
-    pub auditor_api_key: String,
+    pub admin_api_key: ShownOnce,
+    pub writer_api_key: ShownOnce,
+    pub partner_api_key: ShownOnce,
+    pub auditor_api_key: ShownOnce,
     pub partner_id: String,
     pub demo_subject_id: String,
     pub demo_purpose: String,
@@ -98,37 +99,6 @@ pub struct DevOutput {
     /// The dev CA certificate (PEM) clients trust, when `tls` is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for DevOutput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevOutput")
-            .field("vault_addr", &self.vault_addr)
-            .field("http_addr", &self.http_addr)
-            .field("public_key", &self.public_key)
-            .field("data_dir", &self.data_dir)
-            .field("passphrase_file", &self.passphrase_file)
-            .field("api_keys", &"<redacted>")
-            .field("partner_id", &self.partner_id)
-            .field("demo_subject_id", &self.demo_subject_id)
-            .field("demo_purpose", &self.demo_purpose)
-            .field("tls", &self.tls)
-            .field("ca_cert", &self.ca_cert)
-            .finish()
-    }
-}
-
-impl Drop for DevOutput {
-    fn drop(&mut self) {
-        for key in [
-            &mut self.admin_api_key,
-            &mut self.writer_api_key,
-            &mut self.partner_api_key,
-            &mut self.auditor_api_key,
-        ] {
-            zeroize::Zeroize::zeroize(key);
-        }
-    }
 }
 
 /// Creates (or reopens) the dev vault, loads the demo data, and serves it
@@ -241,10 +211,10 @@ pub async fn run(
         public_key,
         data_dir,
         passphrase_file,
-        admin_api_key,
-        writer_api_key: writer,
-        partner_api_key: partner,
-        auditor_api_key: auditor,
+        admin_api_key: admin_api_key.into(),
+        writer_api_key: writer.into(),
+        partner_api_key: partner.into(),
+        auditor_api_key: auditor.into(),
         partner_id: DEMO_PARTNER.into(),
         demo_subject_id: DEMO_RECORDS[0].0.into(),
         demo_purpose: DEMO_PURPOSE.into(),
@@ -408,11 +378,11 @@ pub fn walkthrough(o: &DevOutput) -> String {
         http = o.http_addr,
         dir = o.data_dir.display(),
         pk = o.public_key,
-        admin = o.admin_api_key,
-        writer = o.writer_api_key,
-        partner = o.partner_api_key,
+        admin = o.admin_api_key.expose(),
+        writer = o.writer_api_key.expose(),
+        partner = o.partner_api_key.expose(),
         partner_id = o.partner_id,
-        auditor = o.auditor_api_key,
+        auditor = o.auditor_api_key.expose(),
         subject = o.demo_subject_id,
         purpose = o.demo_purpose,
     )
@@ -449,10 +419,10 @@ mod tests {
             public_key: "pk".into(),
             data_dir: "d".into(),
             passphrase_file: "d/p".into(),
-            admin_api_key: "fvk_a_not_for_logs".into(),
-            writer_api_key: "fvk_w_not_for_logs".into(),
-            partner_api_key: "fvk_p_not_for_logs".into(),
-            auditor_api_key: "fvk_u_not_for_logs".into(),
+            admin_api_key: "fvk_a_not_for_logs".to_string().into(),
+            writer_api_key: "fvk_w_not_for_logs".to_string().into(),
+            partner_api_key: "fvk_p_not_for_logs".to_string().into(),
+            auditor_api_key: "fvk_u_not_for_logs".to_string().into(),
             partner_id: "p".into(),
             demo_subject_id: "s".into(),
             demo_purpose: "x".into(),

@@ -5,36 +5,19 @@ use std::path::PathBuf;
 use serde::Serialize;
 use storage::{Options, Unlock, Vault};
 
+use crate::secrets::ShownOnce;
 use crate::Result;
 
-/// What `vaultd init` prints (`--json`). The admin API key is shown once:
-/// `Debug` leaves it out, and it is zeroized when the output is dropped.
-#[derive(Serialize)]
+/// What `vaultd init` prints (`--json`). The admin API key is shown once
+/// ([`ShownOnce`]: `Debug` leaves it out, and it is zeroized when dropped).
+#[derive(Debug, Serialize)]
 pub struct InitOutput {
     pub data_dir: PathBuf,
     /// Hex of the ed25519 verifying key: pin it for `vault-verify`.
     pub public_key: String,
     pub vault_id: String,
-    pub admin_api_key: String,
+    pub admin_api_key: ShownOnce,
     pub admin_credential_id: String,
-}
-
-impl std::fmt::Debug for InitOutput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InitOutput")
-            .field("data_dir", &self.data_dir)
-            .field("public_key", &self.public_key)
-            .field("vault_id", &self.vault_id)
-            .field("admin_api_key", &"<redacted>")
-            .field("admin_credential_id", &self.admin_credential_id)
-            .finish()
-    }
-}
-
-impl Drop for InitOutput {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.admin_api_key);
-    }
 }
 
 /// Creates a vault; refuses an existing one. Returns the open vault too.
@@ -44,7 +27,7 @@ pub fn init(data_dir: PathBuf, unlock: &Unlock, opts: Options) -> Result<(Vault,
         data_dir,
         public_key: hex::encode(created.vault.public_key().as_bytes()),
         vault_id: hex::encode(created.vault.vault_id()),
-        admin_api_key: created.admin_api_key.to_string(),
+        admin_api_key: created.admin_api_key.to_string().into(),
         admin_credential_id: created.admin_credential_id.clone(),
     };
     Ok((created.vault, out))
@@ -93,7 +76,7 @@ mod tests {
             data_dir: "d".into(),
             public_key: "pk".into(),
             vault_id: "v".into(),
-            admin_api_key: "fvk_not_for_logs".into(),
+            admin_api_key: "fvk_not_for_logs".to_string().into(),
             admin_credential_id: "c".into(),
         };
         let text = format!("{out:?}");

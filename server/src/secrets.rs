@@ -59,3 +59,36 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
     }
     Ok(Zeroizing::new(key.to_string()))
 }
+
+/// An API key a command prints once (`vaultd init`, `vaultd dev`): it
+/// serializes as the key, `Debug` shows `<redacted>`, the key is read
+/// with [`ShownOnce::expose`] to print it, and it is zeroized when
+/// dropped.
+#[derive(serde::Serialize)]
+#[serde(transparent)]
+pub struct ShownOnce(String);
+
+impl ShownOnce {
+    /// The key, to print it once.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for ShownOnce {
+    fn from(key: String) -> Self {
+        ShownOnce(key)
+    }
+}
+
+impl std::fmt::Debug for ShownOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Drop for ShownOnce {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}

@@ -420,7 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("Public key (pin it for vault-verify): {}", out.public_key);
                 println!(
                     "Admin API key (shown once, stored only as a hash): {}",
-                    out.admin_api_key
+                    out.admin_api_key.expose()
                 );
             }
         }
