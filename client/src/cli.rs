@@ -83,7 +83,7 @@ pub struct ConnectArgs {
         global = true,
         env = "FINTRUST_TIMEOUT_SECS",
         default_value_t = 30,
-        value_parser = clap::value_parser!(u64).range(1..=86_400)
+        value_parser = clap::value_parser!(u64).range(1..=crate::MAX_TIMEOUT.as_secs())
     )]
     pub timeout_secs: u64,
 }
