@@ -131,6 +131,18 @@ pub async fn certificate_holders(
     futures_util::future::try_join_all(reads).await
 }
 
+/// The seq after `seq`. None follows `u64::MAX`: an entry there comes
+/// from a hostile server or a damaged dir, and the scan ends on it.
+fn seq_after(seq: u64) -> Result<u64> {
+    seq.checked_add(1).ok_or_else(|| {
+        storage::Error::Integrity {
+            seq,
+            reason: Reason::Malformed("no seq follows u64::MAX".into()),
+        }
+        .into()
+    })
+}
+
 /// Prints the entries the filter selects, in log order, through `out`;
 /// returns how many. Stops at the limit or the end of the log (the entries
 /// durable when each page was asked for). Auditor or admin role.
@@ -155,11 +167,7 @@ pub async fn audit_remote(
                 }
                 .into());
             }
-            // Past the last seq there can be, a hostile server's entry.
-            from = from.checked_add(1).ok_or(storage::Error::Integrity {
-                seq: e.seq,
-                reason: Reason::Malformed("no seq follows u64::MAX".into()),
-            })?;
+            from = seq_after(e.seq)?;
             if filter.limit.is_some_and(|l| printed >= l) {
                 return Ok(printed);
             }
@@ -226,10 +234,7 @@ fn audit_store(
                 }
                 .into());
             }
-            next = Some(e.seq.checked_add(1).ok_or(storage::Error::Integrity {
-                seq: e.seq,
-                reason: Reason::Malformed("no seq follows u64::MAX".into()),
-            })?);
+            next = Some(seq_after(e.seq)?);
             if filter.limit.is_some_and(|l| printed >= l) {
                 return Ok(printed);
             }
