@@ -218,83 +218,11 @@ async fn bad_input_gets_a_typed_error_and_writes_nothing() {
     let a = r.http;
     let (p, w, adm) = (r.partner.as_str(), r.writer.as_str(), r.admin.as_str());
     let ok_body = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
-    let cases: Vec<((u16, Value), u16, &str)> = vec![
+    let mut cases: Vec<((u16, Value), u16, &str)> = vec![
         (
             call(a, "POST", "/v1/authorize", Some(p), Some("{not json")).await,
             400,
             "malformed_json",
-        ),
-        (
-            call(
-                a,
-                "POST",
-                "/v1/authorize",
-                Some(p),
-                Some(r#"{"subject_id": "cust-7", "purpose": "credit_check", "extra": 1}"#),
-            )
-            .await,
-            400,
-            "invalid_request",
-        ),
-        (
-            call(
-                a,
-                "POST",
-                "/v1/authorize",
-                Some(p),
-                Some(r#"{"subject_id": 7, "purpose": "credit_check"}"#),
-            )
-            .await,
-            400,
-            "invalid_request",
-        ),
-        (
-            call(
-                a,
-                "POST",
-                "/v1/authorize",
-                Some(p),
-                Some(r#"{"subject_id": "has space", "purpose": "credit_check"}"#),
-            )
-            .await,
-            400,
-            "invalid_request",
-        ),
-        (
-            call(
-                a,
-                "POST",
-                "/v1/authorize",
-                Some(p),
-                Some(r#"{"subject_id": "cust-7", "purpose": "credit check"}"#),
-            )
-            .await,
-            400,
-            "invalid_request",
-        ),
-        (
-            call(
-                a,
-                "POST",
-                "/v1/authorize",
-                Some(p),
-                Some(r#"{"subject_id": "cust-7", "purpose": "credit_check", "fields": []}"#),
-            )
-            .await,
-            400,
-            "invalid_request",
-        ),
-        (
-            call(
-                a,
-                "POST",
-                "/v1/authorize",
-                Some(p),
-                Some(r#"{"subject_id": "cust-7", "purpose": "credit_check", "fields": ["first name"]}"#),
-            )
-            .await,
-            400,
-            "invalid_request",
         ),
         (
             call(a, "POST", "/v1/authorize", None, Some(ok_body)).await,
@@ -363,6 +291,19 @@ async fn bad_input_gets_a_typed_error_and_writes_nothing() {
             "method_not_allowed",
         ),
     ];
+    // Authorize bodies refused before the vault is asked anything: unknown
+    // or mistyped members, bad ids, names no policy can hold, no fields.
+    for body in [
+        r#"{"subject_id": "cust-7", "purpose": "credit_check", "extra": 1}"#,
+        r#"{"subject_id": 7, "purpose": "credit_check"}"#,
+        r#"{"subject_id": "has space", "purpose": "credit_check"}"#,
+        r#"{"subject_id": "cust-7", "purpose": "credit check"}"#,
+        r#"{"subject_id": "cust-7", "purpose": "credit_check", "fields": []}"#,
+        r#"{"subject_id": "cust-7", "purpose": "credit_check", "fields": ["first name"]}"#,
+    ] {
+        let got = call(a, "POST", "/v1/authorize", Some(p), Some(body)).await;
+        cases.push((got, 400, "invalid_request"));
+    }
     for (got, status, code) in &cases {
         assert_error(got, *status, code);
     }
