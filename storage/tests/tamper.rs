@@ -227,6 +227,17 @@ fn log_value(raw: &RawStore, key: u64) -> Vec<u8> {
         .to_vec()
 }
 
+/// The pointer under `key` in the `log` tree: the chunk's offset in
+/// `DIR/chunks`, then its length.
+fn stored_pointer(raw: &RawStore, key: u64) -> Vec<u8> {
+    raw.log
+        .index
+        .get(log_key(key))
+        .expect("read a pointer")
+        .unwrap_or_else(|| panic!("no pointer under key {key}"))
+        .to_vec()
+}
+
 /// The first seqs of the stored chunks, in key order.
 fn chunk_keys(raw: &RawStore) -> Vec<u64> {
     raw.log
@@ -707,12 +718,7 @@ fn a_head_altered_under_a_running_vault_gets_no_receipt_and_no_panic() {
     let dir = fx.copy();
     let (offset, altered) = {
         let raw = raw_open(&dir);
-        let pointer = raw
-            .log
-            .index
-            .get(log_key(BOB))
-            .expect("read the log")
-            .expect("bob's chunk");
+        let pointer = stored_pointer(&raw, BOB);
         let (offset, _) = storage::logfile::decode_pointer(&pointer).expect("a pointer");
         let mut v = log_value(&raw, BOB);
         let h = head_offset(&v);
@@ -1084,13 +1090,8 @@ fn the_chunks_file_cut_short_or_out_of_place_is_detected() {
     // A pointer moved by one byte: the chunk no longer starts where the
     // one before it ends.
     let dir = fx.tampered(|raw| {
-        let p = raw
-            .log
-            .index
-            .get(log_key(BOB))
-            .expect("read a pointer")
-            .expect("a pointer at BOB");
-        let offset = u64::from_be_bytes(p[..8].try_into().expect("an offset"));
+        let p = stored_pointer(raw, BOB);
+        let (offset, _) = storage::logfile::decode_pointer(&p).expect("a pointer");
         let moved = [&(offset + 1).to_be_bytes()[..], &p[8..]].concat();
         raw.log
             .index
