@@ -206,14 +206,21 @@ async fn put_policy(r: &Running, policy: Value) {
     assert_eq!(got.0, 200, "{}", got.1);
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_typed_error_and_writes_nothing() {
+/// [`start`] with the default config, and a policy that lets the
+/// partner see the subject's `name`, partly, for `credit_check`.
+async fn start_with_policy() -> Running {
     let r = start(ShimConfig::default()).await;
     put_policy(
         &r,
         json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
     )
     .await;
+    r
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_typed_error_and_writes_nothing() {
+    let r = start_with_policy().await;
     let before = entries(&r).await;
     let a = r.http;
     let (p, w, adm) = (r.partner.as_str(), r.writer.as_str(), r.admin.as_str());
@@ -474,12 +481,7 @@ async fn get_raw(
 /// `/metrics` counts the requests by route and status.
 #[tokio::test]
 async fn logs_page_filter_and_hash_as_documented() {
-    let r = start(ShimConfig::default()).await;
-    put_policy(
-        &r,
-        json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
-    )
-    .await;
+    let r = start_with_policy().await;
     for _ in 0..3 {
         grant_consent(&r).await;
     }
@@ -607,12 +609,7 @@ async fn logs_page_filter_and_hash_as_documented() {
 /// is: 403 `subject_shredded`, audited like every other denial.
 #[tokio::test]
 async fn a_shredded_subject_is_an_audited_denial() {
-    let r = start(ShimConfig::default()).await;
-    put_policy(
-        &r,
-        json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
-    )
-    .await;
+    let r = start_with_policy().await;
     let ask = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
     let granted = call(r.http, "POST", "/v1/authorize", Some(&r.partner), Some(ask)).await;
     assert_eq!(granted.0, 200, "{}", granted.1);
