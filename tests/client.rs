@@ -51,6 +51,10 @@ async fn connect_append_and_verify_the_receipt() {
     let health = c.health().await.expect("health");
     assert_eq!(health.status, "ok");
     assert_eq!(health.entries, receipt.seq + 1);
+    let head = health.head.expect("a head");
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&s.public_key()).expect("key");
+    assert!(head.verify(&key), "the head verifies with the vault's key");
+    assert_eq!(head.last_seq, receipt.seq);
     // A receipt does not verify with another vault's key.
     let other = ed25519_dalek::SigningKey::from_bytes(&[5; 32])
         .verifying_key()

@@ -114,6 +114,11 @@ fn authorize_redeem_deny_audit_and_verify() {
     let (status, health) = call("GET", &format!("{http}/v1/health"), None, None);
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["vault"], "reachable");
+    // The log head health shows is what `vault-verify --head-file` keeps.
+    let seen_head = health["head"]["signed_head"]
+        .as_str()
+        .expect("a signed head")
+        .to_string();
 
     // Granted: the token and the masking the demo policy names.
     let (status, grant) = f.partner_authorize(&subject, &purpose);
@@ -555,16 +560,21 @@ fn authorize_redeem_deny_audit_and_verify() {
         "{metrics}"
     );
 
-    // A clean shutdown leaves a log that verifies with the public key.
+    // A clean shutdown leaves a log that verifies with the public key,
+    // and that holds the head health showed at the start.
     let public_key = f.dev.get("public_key");
     let status = f.dev.stop();
     assert!(status.success(), "{status}");
+    let kept = dir.with_extension("kept-head");
+    std::fs::write(&kept, format!("{seen_head}\n")).expect("write the head");
     let mut verified = None;
     for _ in 0..100 {
         let out = Command::new(support::binary("fintrust-server", "vault-verify"))
             .arg("--data-dir")
             .arg(&dir)
             .args([OsStr::new("--public-key"), OsStr::new(&public_key)])
+            .arg("--head-file")
+            .arg(&kept)
             .output()
             .expect("run vault-verify");
         if String::from_utf8_lossy(&out.stderr).contains("in use") {
@@ -576,6 +586,10 @@ fn authorize_redeem_deny_audit_and_verify() {
     }
     let out = verified.expect("the data dir was released");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("kept head: seq"),
+        "{out:?}"
+    );
 }
 
 /// `vaultd shim` as its own process in front of a vault in another one:

@@ -127,9 +127,16 @@ pub struct HeadInfo {
 /// What `Health` answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    /// `ok`, or `degraded` when the vault stopped accepting writes.
+    /// `ok`; `degraded` when the vault stopped accepting writes;
+    /// `recovering` while the server opens its data dir again.
     pub status: String,
+    /// Durable entries: `head`'s `last_seq` + 1, or 0 without a head.
     pub entries: u64,
+    /// The latest durable signed head, as the server sent it: **not
+    /// checked** here, as the answer carries no key. Check it with
+    /// [`SignedHead::verify`] against a key pinned out of band (or use
+    /// [`Client::head`]). `None` while the server is recovering.
+    pub head: Option<SignedHead>,
 }
 
 /// What [`Client::rotate_subject_key`] did.
@@ -1194,10 +1201,30 @@ impl Client {
         }
     }
 
-    /// The server's status and entry count.
+    /// The server's status, entry count and log head.
     pub async fn health(&self) -> Result<Health> {
         match self.call(Message::Health).await? {
-            Message::HealthInfo { status, entries } => Ok(Health { status, entries }),
+            Message::HealthInfo {
+                status,
+                entries,
+                signed_head,
+            } => {
+                let head = if signed_head.is_empty() {
+                    None
+                } else {
+                    Some(SignedHead::decode(&signed_head)?)
+                };
+                if entries != head.map_or(0, |h| h.last_seq.saturating_add(1)) {
+                    return Err(ClientError::UnexpectedResponse(
+                        "an entry count that is the head's last seq + 1",
+                    ));
+                }
+                Ok(Health {
+                    status,
+                    entries,
+                    head,
+                })
+            }
             other => Err(refusal(other, "HealthInfo")),
         }
     }
@@ -1883,14 +1910,60 @@ mod tests {
         peer.send((second.request_id, Message::Pong))
             .await
             .expect("send");
+        let head = test_head(2);
         let health = Message::HealthInfo {
             status: "ok".into(),
             entries: 3,
+            signed_head: head.encode(),
         };
         peer.send((first.request_id, health)).await.expect("send");
         b.await.expect("join").expect("pong");
         let h = a.await.expect("join").expect("health");
-        assert_eq!((h.status.as_str(), h.entries), ("ok", 3));
+        assert_eq!(
+            (h.status.as_str(), h.entries, h.head),
+            ("ok", 3, Some(head))
+        );
+    }
+
+    /// A head signed by a test key, covering the log up to `last_seq`.
+    fn test_head(last_seq: u64) -> SignedHead {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        SignedHead::sign(&key, 0, last_seq, last_seq, [1; 32], [2; 32], 5)
+    }
+
+    /// A `HealthInfo` whose head does not decode, or whose entry count is
+    /// not its head's, is refused rather than shown to the caller.
+    #[tokio::test]
+    async fn a_health_answer_must_agree_with_its_head() {
+        let head = test_head(4).encode();
+        for (entries, signed_head) in [
+            (4, head.clone()),
+            (6, head.clone()),
+            (1, Vec::new()),
+            (5, head[..head.len() - 1].to_vec()),
+            (5, vec![0; 3]),
+        ] {
+            let (client, mut peer) = pair(Duration::from_secs(5)).await;
+            let asked = tokio::spawn(async move { client.health().await });
+            let req = next_request(&mut peer).await;
+            let answer = Message::HealthInfo {
+                status: "ok".into(),
+                entries,
+                signed_head,
+            };
+            peer.send((req.request_id, answer)).await.expect("send");
+            let err = asked
+                .await
+                .expect("join")
+                .expect_err("an inconsistent health answer");
+            assert!(
+                matches!(
+                    err,
+                    ClientError::UnexpectedResponse(_) | ClientError::Protocol(_)
+                ),
+                "{entries}: {err:?}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -1962,7 +2035,8 @@ mod tests {
             Message::Pong,
             Message::HealthInfo {
                 status: "ok".into(),
-                entries: 1,
+                entries: 0,
+                signed_head: Vec::new(),
             },
             Message::Receipt {
                 receipt: vec![1, 2, 3],
@@ -2048,7 +2122,8 @@ mod tests {
                     (Call::Ping, Act::Answer) => Some(Message::Pong),
                     (Call::Health, Act::Answer) => Some(Message::HealthInfo {
                         status: "ok".into(),
-                        entries: 2,
+                        entries: 0,
+                        signed_head: Vec::new(),
                     }),
                     _ => None,
                 };
@@ -2131,7 +2206,8 @@ mod tests {
         assert_ne!(req.request_id, late.request_id);
         let answer = Message::HealthInfo {
             status: "ok".into(),
-            entries: 1,
+            entries: 0,
+            signed_head: Vec::new(),
         };
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(health.await.expect("join").is_ok());
@@ -2250,7 +2326,8 @@ mod tests {
         assert!(!second.is_finished());
         let answer = Message::HealthInfo {
             status: "ok".into(),
-            entries: 1,
+            entries: 0,
+            signed_head: Vec::new(),
         };
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(second.await.expect("join").is_ok());

@@ -94,7 +94,7 @@
 //!                  0002 00000002 0102 00000001 03
 //! 0x89 ProofInfo   blob receipt
 //!                  00000001 09
-//! 0x8A HealthInfo  str status, u64 entries
+//! 0x8A HealthInfo  str status, u64 entries, blob signed_head
 //!                  0002 6f6b 0000000000000008
 //! 0x8B Identity    str id, str role, str name
 //!                  0004 69642d31 0007 706172746e6572 0002 7031
@@ -516,9 +516,13 @@ pub enum Message {
     HeadList {
         heads: Vec<Vec<u8>>,
     },
+    /// The vault's state, and the latest durable signed head in the
+    /// storage layer's format (empty while there is none: a vault being
+    /// opened again), which anyone holding the public key can check.
     HealthInfo {
         status: String,
         entries: u64,
+        signed_head: Vec<u8>,
     },
     /// A credential: its id, role and name (for a partner, the partner id).
     Identity {
@@ -856,9 +860,14 @@ impl Message {
                 w.u64(*entries);
                 w.blob(signed_head)?;
             }
-            Message::HealthInfo { status, entries } => {
+            Message::HealthInfo {
+                status,
+                entries,
+                signed_head,
+            } => {
                 w.string(status)?;
                 w.u64(*entries);
+                w.blob(signed_head)?;
             }
             Message::Event {
                 kind,
@@ -1221,6 +1230,7 @@ impl Message {
             MessageType::HealthInfo => Message::HealthInfo {
                 status: r.string()?,
                 entries: r.u64()?,
+                signed_head: r.blob()?,
             },
             MessageType::Error => {
                 let value = r.u16()?;
@@ -1527,10 +1537,15 @@ impl fmt::Debug for Message {
                 .debug_struct("ProofInfo")
                 .field("receipt", &Opaque(receipt))
                 .finish(),
-            Message::HealthInfo { status, entries } => f
+            Message::HealthInfo {
+                status,
+                entries,
+                signed_head,
+            } => f
                 .debug_struct("HealthInfo")
                 .field("status", status)
                 .field("entries", entries)
+                .field("signed_head", &Opaque(signed_head))
                 .finish(),
             Message::Shred { subject } => {
                 f.debug_struct("Shred").field("subject", subject).finish()
@@ -1897,10 +1912,11 @@ pub(crate) mod tests {
                 Message::HealthInfo {
                     status: s("ok"),
                     entries: 8,
+                    signed_head: vec![0xcd, 0xef],
                 },
                 0,
-                "4656018a0000000000010000000c0ee610d6",
-                "00026f6b0000000000000008",
+                "4656018a00000000000100000012269555e5",
+                "00026f6b000000000000000800000002cdef",
             ),
             g(
                 Message::Identity {

@@ -1701,6 +1701,7 @@ fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &Live
                 Message::HealthInfo {
                     status: Status::Recovering.name().into(),
                     entries: 0,
+                    signed_head: Vec::new(),
                 },
             ),
             // Terminal, as its answer would be.
@@ -2087,15 +2088,20 @@ async fn respond(
     };
     let reply = match message {
         Message::Ping => Message::Pong,
-        Message::Health => Message::HealthInfo {
-            status: if vault.is_poisoned() {
-                "degraded"
-            } else {
-                "ok"
+        Message::Health => {
+            // One read of the head, so that the count is the head's.
+            let head = vault.head();
+            Message::HealthInfo {
+                status: if vault.is_poisoned() {
+                    "degraded"
+                } else {
+                    "ok"
+                }
+                .into(),
+                entries: head.map_or(0, |h| h.last_seq + 1),
+                signed_head: head.map(|h| h.encode()).unwrap_or_default(),
             }
-            .into(),
-            entries: vault.durable_len(),
-        },
+        }
         Message::Head => Message::HeadInfo {
             public_key: vault.public_key().to_bytes(),
             entries: vault.durable_len(),

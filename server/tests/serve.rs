@@ -1356,8 +1356,12 @@ async fn a_client_over_a_direct_connection_gets_what_a_socket_gets() {
     assert_eq!(entries.len() as u64, n);
     // Concurrent requests on one client.
     let (a, b) = tokio::join!(admin.health(), admin.head());
-    assert_eq!(a.expect("health").entries, n);
-    assert_eq!(b.expect("head").entries, n);
+    let (a, b) = (a.expect("health"), b.expect("head"));
+    assert_eq!(a.entries, n);
+    assert_eq!(b.entries, n);
+    // Health's head is the one `Head` answers, checked there.
+    assert_eq!(a.head, b.signed_head);
+    assert!(a.head.is_some());
 
     // A gateway mints; the token is redeemed over the network.
     let gateway = client::Client::direct(local.direct(), &config(&s.gateway))

@@ -28,6 +28,7 @@ struct Running {
     admin: String,
     partner: String,
     writer: String,
+    public_key: ed25519_dalek::VerifyingKey,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -55,6 +56,7 @@ async fn start(shim: ShimConfig) -> Running {
     )
     .expect("create");
     let vault = created.vault;
+    let public_key = vault.public_key();
     let (_, partner) = vault
         .create_credential("partner", PARTNER)
         .await
@@ -113,6 +115,7 @@ async fn start(shim: ShimConfig) -> Running {
         admin: created.admin_api_key.to_string(),
         partner: partner.to_string(),
         writer: writer.to_string(),
+        public_key,
         stop: Some(stop),
         done: Some(done),
         _dir: dir,
@@ -178,6 +181,47 @@ async fn entries(r: &Running) -> u64 {
     let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
     assert_eq!(status, 200, "{health}");
     health["entries"].as_u64().expect("entries")
+}
+
+/// `/v1/health` shows the log head as the vault signed it: a head that
+/// verifies with the public key alone, the entry count it covers, and one
+/// that moves on with the log.
+#[tokio::test]
+async fn health_shows_the_signed_log_head() {
+    let r = start(ShimConfig::default()).await;
+    let head = |health: &Value| {
+        let signed =
+            hex::decode(health["head"]["signed_head"].as_str().expect("signed_head")).expect("hex");
+        let head = storage::SignedHead::decode(&signed).expect("a signed head");
+        assert!(head.verify(&r.public_key), "signed by the vault's key");
+        assert_eq!(health["head"]["seq"], head.last_seq);
+        assert_eq!(health["head"]["hash"], hex::encode(head.last_hash));
+        assert_eq!(health["head"]["timestamp_ms"], head.timestamp_ms);
+        assert_eq!(health["head"]["key_id"], head.key_id);
+        assert_eq!(health["entries"], head.last_seq + 1);
+        head
+    };
+    let (status, before) = call(r.http, "GET", "/v1/health", None, None).await;
+    assert_eq!(status, 200, "{before}");
+    let before = head(&before);
+    // A denial is audited: the log, and its head, move on.
+    let got = call(
+        r.http,
+        "POST",
+        "/v1/authorize",
+        Some(&r.partner),
+        Some(r#"{"subject_id": "cust-7", "purpose": "marketing", "fields": ["name"]}"#),
+    )
+    .await;
+    assert_eq!(got.0, 403, "{}", got.1);
+    let (status, after) = call(r.http, "GET", "/v1/health", None, None).await;
+    assert_eq!(status, 200, "{after}");
+    let after = head(&after);
+    assert!(
+        after.last_seq > before.last_seq,
+        "{before:?} then {after:?}"
+    );
+    r.stop().await;
 }
 
 /// The subject's consent to the partner for `credit_check`, granted

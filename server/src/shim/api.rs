@@ -921,11 +921,24 @@ pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            (
-                status,
-                axum::Json(json!({"status": h.status, "vault": "reachable", "entries": h.entries})),
-            )
-                .into_response()
+            // The head as the vault signed it: a monitor holding the public
+            // key checks `signed_head` and compares it with one it saw before.
+            let head = h.head.map(|head| {
+                json!({
+                    "seq": head.last_seq,
+                    "hash": hex::encode(head.last_hash),
+                    "timestamp_ms": head.timestamp_ms,
+                    "key_id": head.key_id,
+                    "signed_head": hex::encode(head.encode()),
+                })
+            });
+            let body = json!({
+                "status": h.status,
+                "vault": "reachable",
+                "entries": h.entries,
+                "head": head,
+            });
+            (status, axum::Json(body)).into_response()
         }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
