@@ -13,8 +13,11 @@
 //! socket's are, but by a call (`serve::Local::direct`) rather than over a
 //! loopback socket, which saves two socket writes and reads and four task
 //! wake-ups per request. Its gateway key is created at start and lives
-//! only in memory; it is revoked at a clean shutdown (after a crash, it is
-//! useless: only its hash was ever stored).
+//! only in memory; it is revoked at a clean shutdown. After a crash, or a
+//! stop while the vault was being opened again, it is useless (only its
+//! hash was ever stored) but still active in the log: the next start
+//! revokes every such key of an earlier process, the gateway credentials
+//! named [`SHIM_KEY_NAME`] that no admin created, before it makes its own.
 //!
 //! Shutdown: stop accepting; each protocol connection answers the
 //! requests it has read, says why it closes and closes (`serve::run`
@@ -85,9 +88,13 @@ pub async fn run(
     for warning in d.serve.rotation.check(&vault)? {
         tracing::warn!("rotation policy: {warning}");
     }
+    let stale = revoke_stale_shim_keys(&vault).await?;
+    if stale > 0 {
+        tracing::info!(revoked = stale, "revoked the shim keys of earlier runs");
+    }
     let (gateway_id, gateway_key) = match d.http {
         Some(_) => {
-            let (id, key) = vault.create_credential("gateway", "vaultd-shim").await?;
+            let (id, key) = vault.create_credential("gateway", SHIM_KEY_NAME).await?;
             (Some(id), Some(key))
         }
         None => (None, None),
@@ -163,6 +170,42 @@ pub async fn run(
         ),
     }
     Ok(())
+}
+
+/// The name of the in-process shim's gateway credential.
+pub const SHIM_KEY_NAME: &str = "vaultd-shim";
+
+/// Revokes the gateway keys that earlier `vaultd` processes made for their
+/// in-process shim and could not revoke (a crash, or a stop while the
+/// vault was being opened again): the active gateway credentials named
+/// [`SHIM_KEY_NAME`] with no admin recorded as their creator. Their keys
+/// lived only in those processes' memory, so nothing can use them; a key
+/// an admin created under the same name is left alone. Returns how many
+/// were revoked.
+pub async fn revoke_stale_shim_keys(vault: &Vault) -> Result<usize> {
+    let mut stale = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let (page, more) = vault.credentials(after.as_deref(), 1_000)?;
+        after = page.last().map(|c| c.id.clone());
+        stale.extend(
+            page.into_iter()
+                .filter(|c| {
+                    c.role == "gateway"
+                        && c.name == SHIM_KEY_NAME
+                        && c.recorded_by.is_none()
+                        && c.revoked_seq.is_none()
+                })
+                .map(|c| c.id),
+        );
+        if !more || after.is_none() {
+            break;
+        }
+    }
+    for id in &stale {
+        vault.revoke_credential(id).await?;
+    }
+    Ok(stale.len())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -8,7 +8,9 @@
 //! consent's revocation stops the grants that start after it and the
 //! tokens granted before it.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -48,6 +50,14 @@ impl Running {
 /// A vault with one subject (record + consent for `credit_check`), keys
 /// for admin/partner/writer, and the daemon serving it with `shim`.
 async fn start(shim: ShimConfig) -> Running {
+    start_after(shim, |_, _| Box::pin(async {})).await
+}
+
+/// [`start`], with `before` done to the vault before the daemon runs.
+async fn start_after(
+    shim: ShimConfig,
+    before: impl for<'a> FnOnce(&'a Vault, &'a str) -> Pin<Box<dyn Future<Output = ()> + 'a>>,
+) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let created = Vault::create(
         &dir.path().join("v"),
@@ -76,6 +86,7 @@ async fn start(shim: ShimConfig) -> Running {
         ])
         .await
         .expect("demo data");
+    before(&vault, &created.admin_credential_id).await;
     let protocol = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -181,6 +192,63 @@ async fn entries(r: &Running) -> u64 {
     let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
     assert_eq!(status, 200, "{health}");
     health["entries"].as_u64().expect("entries")
+}
+
+/// The gateway keys of earlier runs' in-process shims, left active by a
+/// crash, are revoked at the next start; one an admin made under the same
+/// name, and the running shim's own, are not; a clean stop revokes the
+/// running shim's.
+#[tokio::test]
+async fn a_start_revokes_the_shim_keys_earlier_runs_left_active() {
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = ids.clone();
+    let r = start_after(ShimConfig::default(), move |vault, admin| {
+        Box::pin(async move {
+            let mut made = Vec::new();
+            for _ in 0..2 {
+                let (id, _) = vault
+                    .create_credential("gateway", "vaultd-shim")
+                    .await
+                    .expect("a key an earlier run left");
+                made.push(id);
+            }
+            let (by_admin, _) = vault
+                .acting_as(admin)
+                .create_credential("gateway", "vaultd-shim")
+                .await
+                .expect("an admin's key");
+            made.push(by_admin);
+            *kept.lock().expect("ids") = made;
+        })
+    })
+    .await;
+    let made = ids.lock().expect("ids").clone();
+    let client = client::Client::connect(client::ClientConfig {
+        addr: r.protocol.to_string(),
+        api_key: client::Zeroizing::new(r.admin.clone()),
+        ..client::ClientConfig::default()
+    })
+    .await
+    .expect("admin");
+    let gateways = |all: Vec<client::CredentialInfo>| {
+        all.into_iter()
+            .filter(|c| c.role == "gateway")
+            .map(|c| (c.id, c.revoked_seq.is_some()))
+            .collect::<Vec<_>>()
+    };
+    let running = gateways(client.credentials().await.expect("list"));
+    let revoked = |id: &str| running.iter().find(|(i, _)| i == id).map(|(_, r)| *r);
+    assert_eq!(revoked(&made[0]), Some(true), "{running:?}");
+    assert_eq!(revoked(&made[1]), Some(true), "{running:?}");
+    assert_eq!(revoked(&made[2]), Some(false), "{running:?}");
+    // The running shim's own key, and it works.
+    let own: Vec<_> = running.iter().filter(|(i, _)| !made.contains(i)).collect();
+    assert_eq!(own.len(), 1, "{running:?}");
+    assert!(!own[0].1, "{running:?}");
+    let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
+    assert_eq!(status, 200, "{health}");
+    drop(client);
+    r.stop().await;
 }
 
 /// `/v1/health` shows the log head as the vault signed it: a head that

@@ -424,6 +424,10 @@ pub struct CredentialInfo {
     pub created_ms: u64,
     /// Seq of the `credential_revoked` entry, if revoked.
     pub revoked_seq: Option<u64>,
+    /// The admin credential that created it; `None` for one the vault's
+    /// own tools created (`vaultd init`'s admin, `vaultd dev`'s demo
+    /// keys, the in-process shim's gateway key).
+    pub recorded_by: Option<String>,
 }
 
 /// Every credential the log created, revoked ones included, up to
@@ -453,6 +457,7 @@ impl CredentialIndex {
                     created_seq: e.seq,
                     created_ms: e.timestamp_ms,
                     revoked_seq: None,
+                    recorded_by: c.recorded_by,
                 };
                 self.by_id.insert(c.id, info);
             }
