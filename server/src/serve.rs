@@ -2640,6 +2640,87 @@ async fn redeem(
 mod tests {
     use super::*;
 
+    const DAY_MS: u64 = 86_400_000;
+
+    /// A key strictly older than its maximum is overdue, one line for the
+    /// signing key and one counting the subject keys; no maximum, no
+    /// finding (docs/keys.md, "Rotation policy").
+    #[test]
+    fn keys_past_their_maximum_age_are_told() {
+        let policy = RotationPolicy {
+            max_signing_key_age: Some(Duration::from_secs(90 * 86_400)),
+            max_subject_key_age: Some(Duration::from_secs(30 * 86_400)),
+        };
+        let now = 400 * DAY_MS;
+        // Signing key 2, 91 days old; subject keys 31, 30 and 29 and 45 days old.
+        let subjects = [
+            now - 31 * DAY_MS,
+            now - 30 * DAY_MS,
+            now - 29 * DAY_MS,
+            now - 45 * DAY_MS,
+        ];
+        let found = policy.overdue(now, (2, now - 91 * DAY_MS), subjects.into_iter());
+        assert_eq!(
+            found,
+            [
+                "signing key 2 is older than the maximum of 90 days: rotate it (vault-admin rotate-signing-key)",
+                "2 active subject key(s) are older than the maximum of 30 days: rotate them (vault-admin rotate-subject-key)",
+            ]
+        );
+        // Exactly at the maximum is not past it.
+        let found = policy.overdue(now, (0, now - 90 * DAY_MS), [now - 30 * DAY_MS].into_iter());
+        assert!(found.is_empty(), "{found:?}");
+        // No maximum, nothing told, however old.
+        let none = RotationPolicy::default();
+        assert!(none.overdue(now, (0, 0), [0].into_iter()).is_empty());
+        // A creation time past `now` (a clock set back) is not overdue.
+        let found = policy.overdue(now, (0, now + DAY_MS), [now + DAY_MS].into_iter());
+        assert!(found.is_empty(), "{found:?}");
+    }
+
+    /// `check` reads the vault's own keys: its signing key and the active
+    /// subject keys, not the retired ones.
+    #[tokio::test]
+    async fn the_policy_is_checked_against_the_vaults_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vault = Vault::create(
+            &dir.path().join("v"),
+            &storage::Unlock::passphrase(b"rotation policy test".to_vec()),
+            storage::Options::default(),
+        )
+        .expect("create")
+        .vault;
+        for subject in ["cust-1", "cust-2"] {
+            vault
+                .append(storage::Append::record(subject, br#"{"a":"1"}"#.to_vec()))
+                .await
+                .expect("append");
+        }
+        // cust-1's first key is retired by its rotation: two active keys.
+        vault
+            .rotate_subject_key("cust-1", false)
+            .await
+            .expect("rotate");
+        let none = RotationPolicy::default();
+        assert!(none.check(&vault).expect("check").is_empty());
+        let loose = RotationPolicy {
+            max_signing_key_age: Some(Duration::from_secs(86_400)),
+            max_subject_key_age: Some(Duration::from_secs(86_400)),
+        };
+        assert!(loose.check(&vault).expect("check").is_empty());
+        // Every key is older than a millisecond once one has passed.
+        std::thread::sleep(Duration::from_millis(5));
+        let strict = RotationPolicy {
+            max_signing_key_age: Some(Duration::from_millis(1)),
+            max_subject_key_age: Some(Duration::from_millis(1)),
+        };
+        let found = strict.check(&vault).expect("check");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("signing key 0 is older"), "{found:?}");
+        assert!(found[1].starts_with("2 active subject key(s)"), "{found:?}");
+        vault.close().expect("close");
+    }
+
     /// Only a refusal of the token itself counts as a guess and slows the
     /// peer down; the partner's own conditions (consent, policy, hours,
     /// source address) and a vault that cannot answer do not

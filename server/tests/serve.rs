@@ -832,6 +832,32 @@ async fn a_peer_that_keeps_guessing_tokens_is_slowed_down() {
         waited >= Duration::from_millis(50),
         "answered after {waited:?}"
     );
+    // Every guess is audited: an `access_denied` entry naming the partner,
+    // the reason and the source, and the guess only by its hash.
+    let guesses: Vec<serde_json::Value> = s
+        .vault
+        .entries_from(0, 10_000)
+        .expect("entries")
+        .iter()
+        .filter_map(|e| {
+            let e = storage::entry::EntryRef::decode(e).ok()?;
+            (e.kind == storage::Kind::AccessDenied)
+                .then(|| serde_json::from_slice(e.payload).expect("a JSON payload"))
+        })
+        .collect();
+    assert_eq!(guesses.len(), 6, "{guesses:?}");
+    let mut hashes = std::collections::HashSet::new();
+    for (i, g) in guesses.iter().enumerate() {
+        assert_eq!(g["action"], "redeem", "{g}");
+        assert_eq!(g["reason"], "token_unknown", "{g}");
+        assert_eq!(g["partner_id"], "demo-lender", "{g}");
+        assert_eq!(g["source_ip"], "127.0.0.1", "{g}");
+        let hash = g["token_hash"].as_str().expect("token_hash");
+        assert!(hash.len() == 64 && hash != &guess(i as u32)[4..], "{g}");
+        assert!(!g.to_string().contains(&guess(i as u32)), "{g}");
+        hashes.insert(hash.to_string());
+    }
+    assert_eq!(hashes.len(), 6, "one hash per guess");
 }
 
 #[tokio::test]
