@@ -191,7 +191,14 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
     // After a clean stop the log verifies and names the shredded subject.
     let status = dev.stop();
     assert!(status.success(), "{status}");
-    let v = verify_dir(&dir, &public_key).ok_json();
+    let verified = verify_dir(&dir, &public_key);
+    assert!(
+        verified
+            .stderr
+            .contains(&format!("shredded: 1 subject(s), whose data keys the log shows destroyed and the key store no longer holds: {subject}")),
+        "{verified:?}"
+    );
+    let v = verified.ok_json();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["shredded"], serde_json::json!([subject]));
 }

@@ -140,7 +140,22 @@ pub struct VerifyJson {
 /// destroyed that are still stored, which the next open deletes. Printed
 /// on stderr, so that an auditor sees what a shred left behind.
 pub fn notes(r: &Report) -> Vec<String> {
+    const NAMED: usize = 20;
     let mut out = Vec::new();
+    if !r.shredded.is_empty() {
+        let n = r.shredded.len();
+        let mut names = r.shredded[..n.min(NAMED)].join(", ");
+        if n > NAMED {
+            names.push_str(&format!(
+                ", and {} more (--format json lists them all)",
+                n - NAMED
+            ));
+        }
+        out.push(format!(
+            "shredded: {n} subject(s), whose data keys the log shows destroyed and the key \
+             store no longer holds: {names}"
+        ));
+    }
     if !r.shred_pending.is_empty() {
         out.push(format!(
             "note: the keys of shredded subjects {} are still in the key store (a shred a crash \
@@ -353,6 +368,19 @@ mod tests {
         assert_eq!(json["retired_signing_pending"], serde_json::json!([1]));
         let quiet = Report::default();
         assert!(notes(&quiet).is_empty());
+        // Shredded subjects are named, the first twenty of them.
+        let shredded = Report {
+            shredded: (0..25).map(|i| format!("cust-{i}")).collect(),
+            ..Report::default()
+        };
+        let told = notes(&shredded);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(
+            told[0].starts_with("shredded: 25 subject(s)")
+                && told[0].contains("cust-19, and 5 more")
+                && !told[0].contains("cust-20"),
+            "{told:?}"
+        );
         let json = serde_json::to_value(VerifyJson::from(&quiet)).expect("JSON");
         assert!(
             json.get("shred_pending").is_none() && json.get("retired_signing_pending").is_none()
