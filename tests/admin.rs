@@ -259,6 +259,22 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
     // Master key, online, to a new passphrase file.
     let new_pass = tmp.path().join("new-passphrase");
     std::fs::write(&new_pass, "a new master passphrase\n").expect("write");
+    // Never in plaintext to another host: refused before connecting (the
+    // address is TEST-NET-1's, which nothing answers), a local error.
+    let far = admin(
+        "192.0.2.1:9999",
+        &key,
+        &[
+            "rotate-master-key",
+            "--new-passphrase-file",
+            new_pass.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(far.code, 1, "{far:?}");
+    assert!(
+        far.stderr.contains("would cross the network in plaintext"),
+        "{far:?}"
+    );
     let r = admin(
         &addr,
         &key,

@@ -432,6 +432,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        // Refused before any connection: the secret is not even read.
+        Command::RotateMasterKey { .. }
+            if cli.connect.insecure_plaintext && !is_loopback(&cli.addr) =>
+        {
+            anyhow::bail!(
+                "the new secret would cross the network in plaintext: use TLS (--cacert), or run vault-admin on the vault's host"
+            );
+        }
         _ => {}
     }
     let client = connect(&cli).await?;
@@ -458,11 +466,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             new_key_file,
             ..
         } => {
-            if cli.connect.insecure_plaintext && !is_loopback(&cli.addr) {
-                anyhow::bail!(
-                    "the new secret would cross the network in plaintext: use TLS (--cacert), or run vault-admin on the vault's host"
-                );
-            }
             let (kind, secret) =
                 new_secret(new_passphrase_file.as_deref(), new_key_file.as_deref())?;
             let r = client.rotate_master_key(kind, &secret).await?;
