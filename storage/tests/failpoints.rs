@@ -115,8 +115,13 @@ fn failpoint_child() {
 /// One operation of kind `op`, printed; false when it was refused.
 async fn one_op(vault: &Vault, op: &str, i: usize) -> bool {
     let refused = |e: Error| {
-        // A typed error: the vault is poisoned or the I/O step failed.
-        println!("refused {e}");
+        // A typed error: the vault is poisoned, or the I/O step failed.
+        let kind = if matches!(e, Error::Poisoned) {
+            "poisoned"
+        } else {
+            "failed"
+        };
+        println!("refused {kind} {e}");
         false
     };
     match op {
@@ -363,7 +368,16 @@ fn every_failpoint_of_every_write_keeps_what_was_acknowledged() {
                     m.minted.retain(|x| *x != t);
                     m.delivered.push(t);
                 }
-                Some("refused") => refusals += 1,
+                Some("refused") => {
+                    // The first refusal may be the injected error itself;
+                    // every later one is the poisoned vault's.
+                    let kind = w.next();
+                    assert!(
+                        refusals == 0 || kind == Some("poisoned"),
+                        "{case}: a refusal after the first that is not Poisoned: {line}"
+                    );
+                    refusals += 1;
+                }
                 Some("not" | "accepted") => panic!("{case}: {line}"),
                 // libtest's own lines ("running 1 test", …).
                 _ => {}

@@ -114,7 +114,12 @@ async fn connect(
 pub struct Stats {
     /// How the cycle ended, said in words.
     ending: String,
-    refused: usize,
+    /// A crash cycle's failpoint crashed `vaultd` (rather than being
+    /// killed for not reaching it).
+    pub crashed: bool,
+    /// Requests refused after a failed write: a fault cycle's fault
+    /// reached a request.
+    pub refused: usize,
     resumed: usize,
     rotations: usize,
     appends: usize,
@@ -253,6 +258,7 @@ pub async fn drive(
             }
             (Ending::Kill, None) => format!("killed after {after} ms"),
         },
+        crashed: crashed.is_some(),
         refused,
         resumed,
         ..Stats::default()
