@@ -72,8 +72,9 @@ enum Command {
 
 #[derive(Args)]
 struct TargetArgs {
-    /// Run the storage engine in this process, with its data under DIR
-    /// (default: a fresh temporary dir, removed afterwards).
+    /// Keep the data under DIR: the storage engine's, or that of the
+    /// vaultd this process starts (default: a fresh temporary dir,
+    /// removed afterwards).
     #[arg(long, value_name = "DIR")]
     embedded: Option<PathBuf>,
 }
