@@ -1,8 +1,10 @@
 //! Port 9999 over TLS, with certificates made in the test: a client that
 //! trusts the CA appends and gets a receipt; plaintext to the TLS port is
 //! refused without harming the server; with mutual TLS, a client without a
-//! certificate from the client CA is refused; connections that never finish
-//! their TLS handshake cannot keep a client out.
+//! valid certificate from the client CA (none, another CA's, expired, not
+//! yet valid) is refused, on port 9999 and on the shim's HTTPS port alike;
+//! connections that never finish their TLS handshake cannot keep a client
+//! out.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,8 +38,22 @@ fn leaf(
     issuer: &CertifiedIssuer<'static, KeyPair>,
     name: &str,
 ) -> (String, String, CertificateDer<'static>, Vec<u8>) {
+    leaf_valid(issuer, name, None)
+}
+
+/// [`leaf`], valid from the first year to the end of the second when
+/// `years` names them.
+fn leaf_valid(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    name: &str,
+    years: Option<(i32, i32)>,
+) -> (String, String, CertificateDer<'static>, Vec<u8>) {
     let key = KeyPair::generate().expect("key");
-    let params = CertificateParams::new(vec![name.to_string()]).expect("params");
+    let mut params = CertificateParams::new(vec![name.to_string()]).expect("params");
+    if let Some((from, to)) = years {
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(to, 12, 31);
+    }
     let cert = params.signed_by(&key, issuer).expect("sign");
     (
         cert.pem(),
@@ -173,8 +189,17 @@ fn client_config_with(
     provider: rustls::crypto::CryptoProvider,
     client_cert: Option<(CertificateDer<'static>, Vec<u8>)>,
 ) -> Arc<rustls::ClientConfig> {
+    trusting(&s.pki, provider, client_cert)
+}
+
+/// A client configuration trusting `pki`'s server CA.
+fn trusting(
+    pki: &Pki,
+    provider: rustls::crypto::CryptoProvider,
+    client_cert: Option<(CertificateDer<'static>, Vec<u8>)>,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(s.pki.ca.der().clone()).expect("root");
+    roots.add(pki.ca.der().clone()).expect("root");
     let provider = Arc::new(provider);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -314,11 +339,118 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
             .await
             .is_err()
     );
+    // Nor is one of the client CA that has expired, or is not valid yet.
+    for years in [(2020, 2021), (2098, 2099)] {
+        let (_, _, cert, key) = leaf_valid(&s.pki.client_ca, "svc", Some(years));
+        assert!(
+            tls_append(&s, client_config(&s, Some((cert, key))))
+                .await
+                .is_err(),
+            "a certificate valid {years:?} accepted"
+        );
+    }
     let (_, _, cert, key) = leaf(&s.pki.client_ca, "svc");
     let reply = tls_append(&s, client_config(&s, Some((cert, key))))
         .await
         .expect("accepted");
     assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+}
+
+/// `GET /v1/health` over HTTPS with `config`: the answer's bytes, or why
+/// there were none.
+async fn https_health(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<String, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    // A guard against a server that never answers, not a time limit.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tls.read_to_end(&mut out),
+    )
+    .await
+    .map_err(|_| "no answer".to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// In `vaultd serve`, one TLS configuration serves both ports: with mutual
+/// TLS the HTTPS port of the shim asks for a client certificate from the
+/// client CA just as port 9999 does, and refuses none, another CA's, an
+/// expired one, or one not valid yet.
+#[tokio::test]
+async fn the_https_port_asks_for_the_same_client_certificates() {
+    use server::daemon::{self, Daemon};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pki, tls) = pki(dir.path(), true);
+    let vault = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"tls test".to_vec()),
+        Options::default(),
+    )
+    .expect("create")
+    .vault;
+    let protocol = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http_addr = http.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let d = Daemon {
+        protocol,
+        http: Some(http),
+        tls: Some(tls),
+        serve: ServeConfig::default(),
+        shim: server::shim::ShimConfig::default(),
+        policies: None,
+        reopen: None,
+    };
+    let done = tokio::spawn(async move {
+        daemon::run(
+            vault,
+            d,
+            |b| {
+                let _ = ready_tx.send(b);
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )
+        .await
+        .expect("daemon");
+    });
+    ready_rx.await.expect("ready");
+    let config = |cert| trusting(&pki, rustls::crypto::aws_lc_rs::default_provider(), cert);
+    let ok = |r: &Result<String, String>| matches!(r, Ok(a) if a.starts_with("HTTP/1.1 200"));
+    let (_, _, wrong_cert, wrong_key) = leaf(&pki.ca, "svc");
+    let (_, _, old_cert, old_key) = leaf_valid(&pki.client_ca, "svc", Some((2020, 2021)));
+    let (_, _, new_cert, new_key) = leaf_valid(&pki.client_ca, "svc", Some((2098, 2099)));
+    for (what, cert) in [
+        ("no certificate", None),
+        ("another CA's", Some((wrong_cert, wrong_key))),
+        ("an expired one", Some((old_cert, old_key))),
+        ("one not valid yet", Some((new_cert, new_key))),
+    ] {
+        let r = https_health(http_addr, config(cert)).await;
+        assert!(!ok(&r), "{what} accepted: {r:?}");
+    }
+    let (_, _, cert, key) = leaf(&pki.client_ca, "svc");
+    let r = https_health(http_addr, config(Some((cert, key)))).await;
+    assert!(ok(&r), "{r:?}");
+    let _ = stop.send(());
+    done.await.expect("the daemon stops");
 }
 
 /// With mutual TLS a client certificate can hold a credential: a `Hello`
