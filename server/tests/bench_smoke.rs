@@ -288,6 +288,100 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
     let _ = stop.send(());
 }
 
+/// `redeem --addr` against a running vaultd, with an admin's key: it makes
+/// a partner, a gateway and a subject of its own, redeems, then revokes
+/// both credentials and shreds the subject. Another role's key is refused
+/// before anything is made.
+#[test]
+fn redemptions_at_a_running_vaultd_by_address_clean_up_after_themselves() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, admin, writer, vault, stop) = rt.block_on(async {
+        let created = storage::Vault::create(
+            &dir.path().join("v"),
+            &storage::Unlock::passphrase(b"bench smoke".to_vec()),
+            storage::Options::default(),
+        )
+        .expect("create");
+        let vault = std::sync::Arc::new(created.vault);
+        let (_, writer) = vault
+            .create_credential("writer", "bench")
+            .await
+            .expect("writer");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(server::serve::run(
+            listener,
+            vault.clone().into(),
+            server::serve::ServeConfig::default(),
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        (
+            addr.to_string(),
+            created.admin_api_key.to_string(),
+            writer.to_string(),
+            vault,
+            stop,
+        )
+    });
+    let run = |key: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+            .args(["redeem", "--addr", &addr, "--api-key", key])
+            .args(["--insecure-plaintext", "--tokens", "40", "--clients", "4"])
+            .args(["--format", "json"])
+            .output()
+            .expect("vault-bench runs")
+    };
+    let made = |vault: &storage::Vault| {
+        vault
+            .credentials(None, 1_000)
+            .expect("credentials")
+            .0
+            .into_iter()
+            .filter(|c| c.name.starts_with("vault-bench"))
+            .collect::<Vec<_>>()
+    };
+    let out = run(&writer);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("takes an admin's API key"), "{stderr}");
+    assert!(made(&vault).is_empty(), "nothing made for a refused run");
+
+    let out = run(&admin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["target"]["kind"], "remote");
+    assert_eq!(v["runs"][0]["mode"], "plaintext");
+    assert_eq!(v["runs"][0]["redemptions"], 40);
+    positive(&v["runs"][0], &["redemptions_per_s"]);
+    // Its two credentials, both revoked; its subject, shredded.
+    let creds = made(&vault);
+    assert_eq!(creds.len(), 2, "{creds:?}");
+    assert!(creds.iter().all(|c| c.revoked_seq.is_some()), "{creds:?}");
+    let partner = creds
+        .iter()
+        .find(|c| c.role == "partner")
+        .expect("the run's partner");
+    let shredded: Vec<String> = vault
+        .entries_from(0, 10_000)
+        .expect("entries")
+        .iter()
+        .filter_map(|e| {
+            let e = storage::entry::EntryRef::decode(e).ok()?;
+            (e.kind == storage::Kind::SubjectShredded).then(|| e.subject.to_string())
+        })
+        .collect();
+    assert_eq!(shredded, std::slice::from_ref(&partner.name));
+    let _ = stop.send(());
+}
+
 /// A pass's `tail` (`server::bench::tail`): its threshold is the pass's
 /// p99, its windows hold no more slow requests than it counts, most first,
 /// each no more than began in it.

@@ -760,6 +760,9 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
                 .await
                 .map(Report::Redeem)
         }
+        (Target::Remote(config), Workload::Redeem(p)) => redeem::run_remote(config, p, progress)
+            .await
+            .map(Report::Redeem),
         (Target::InProcess { dir, tls: false }, Workload::Authorize(p)) => {
             let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", false)?;
             http::run(&dir, info, p, progress)
@@ -785,11 +788,9 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         (_, Workload::Verify(_)) => Err(Error::Usage(
             "verify runs on the embedded engine only".into(),
         )),
-        (_, Workload::Redeem(_) | Workload::Authorize(_) | Workload::Mixed(_)) => {
-            Err(Error::Usage(
-                "redeem, authorize and mixed start vaultd in this process: no --addr".into(),
-            ))
-        }
+        (_, Workload::Redeem(_) | Workload::Authorize(_) | Workload::Mixed(_)) => Err(
+            Error::Usage("authorize and mixed start vaultd in this process: no --addr".into()),
+        ),
         (_, Workload::Growth(_)) => Err(Error::Usage(
             "growth starts vaultd in this process: no --addr".into(),
         )),

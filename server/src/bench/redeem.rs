@@ -4,6 +4,9 @@
 //! credential and a gateway credential, the partner's policy and the
 //! subject's consent; `vaultd` in this process; the
 //! gateway mints the tokens over the protocol, pipelined on one connection.
+//! Against a running `vaultd` (`run_remote`) an admin makes the same
+//! over the protocol, under names of the run's own, and revokes and shreds
+//! them afterwards.
 //!
 //! Timed: `clients` tasks, each looping: connect (TCP, and TLS), `Hello`,
 //! `Redeem` one token, read the `Data` frame, close. Latency is from the
@@ -24,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use client::{Client, Connector, MaskOp};
+use client::{Client, ClientConfig, Connector, MaskOp};
 use futures_util::StreamExt;
 use serde::Serialize;
 use storage::{Append, Vault};
@@ -185,7 +188,8 @@ pub(super) async fn run(
     .await?;
     info.addr = Some(server.addr.to_string());
     let measured = measure(
-        &server,
+        &server.client_config(""),
+        &OWN,
         &gateway_key,
         &partner_key,
         p,
@@ -196,7 +200,24 @@ pub(super) async fn run(
     let stopped = server.stop().await;
     let (setup, mut runs) = measured?;
     stopped?;
+    let (redis, postgres) = baselines(dir, p, &mut runs, progress).await?;
+    Ok(RedeemReport {
+        target: info,
+        params: p.clone(),
+        setup,
+        runs,
+        redis,
+        postgres,
+    })
+}
 
+/// The baselines `p` asks for, in `dir`, each run's ratios to them set.
+async fn baselines(
+    dir: &Path,
+    p: &RedeemParams,
+    runs: &mut [RedeemRun],
+    progress: Progress,
+) -> Result<(Option<RedisRun>, Option<PostgresRun>)> {
     let redis = match &p.redis {
         None => None,
         Some(bin) => {
@@ -209,7 +230,7 @@ pub(super) async fn run(
                 progress,
             )
             .await?;
-            for run in &mut runs {
+            for run in runs.iter_mut() {
                 let vs = r.ratios(&run.latency_us, run.redemptions_per_s);
                 (run.p99_vs_redis, run.rate_vs_redis) = (Some(vs.p99), Some(vs.rate));
             }
@@ -221,13 +242,77 @@ pub(super) async fn run(
         Some(pg) => {
             let r = postgres::run_delete(pg, p.tokens, p.clients, redis::VALUE, p.rate, progress)
                 .await?;
-            for run in &mut runs {
+            for run in runs.iter_mut() {
                 let vs = r.ratios(&run.latency_us, run.redemptions_per_s);
                 (run.p99_vs_postgres, run.rate_vs_postgres) = (Some(vs.p99), Some(vs.rate));
             }
             Some(r)
         }
     };
+    Ok((redis, postgres))
+}
+
+/// Runs the workload against the running `vaultd` at `config.addr`, as
+/// the admin whose key `config` holds. The run makes what it needs under
+/// a name of its own, `vault-bench-` and 12 random hex digits: a partner
+/// of that id with its credential, a gateway credential, a subject of
+/// that id with one record, the partner's policy and the subject's
+/// consent. Afterwards, whether the run succeeded or not, it revokes both
+/// credentials and shreds the subject, so that nothing it made can be
+/// used or read again; the log keeps the run's entries, as it keeps
+/// every entry.
+pub(super) async fn run_remote(
+    config: &ClientConfig,
+    p: &RedeemParams,
+    progress: Progress,
+) -> Result<RedeemReport> {
+    if let Some(pg) = &p.postgres {
+        postgres::preflight(pg, postgres::TOKENS_TABLE).await?;
+    }
+    // The baselines' scratch dir.
+    let (_tmp, dir, mut info) = super::scratch(None, "remote", false)?;
+    info.dir = String::new();
+    info.tls = config.tls != client::Tls::Plaintext;
+    info.addr = Some(config.addr.clone());
+    let admin = Client::connect(config.clone()).await?;
+    if admin.role() != "admin" {
+        return Err(Error::Usage(format!(
+            "redeem --addr takes an admin's API key (this one is a {}'s): the run makes a \
+             partner and a gateway credential of its own, and revokes them afterwards",
+            admin.role()
+        )));
+    }
+    let mut bytes = [0u8; 6];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| Error::Usage(format!("no randomness for the run's names: {e}")))?;
+    let name = format!("vault-bench-{}", hex::encode(bytes));
+    let names = Names {
+        partner: &name,
+        subject: &name,
+    };
+    let mut made = Vec::new();
+    let measured = prepare_remote(&admin, &names, &mut made).await;
+    drop(admin);
+    let measured = match measured {
+        Ok((partner_key, gateway_key)) => {
+            measure(
+                config,
+                &names,
+                &gateway_key,
+                &partner_key,
+                p,
+                None,
+                progress,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    // On a connection of its own: the first may have idled out meanwhile.
+    let cleaned = clean_up(config, &name, &made).await;
+    let (setup, mut runs) = measured?;
+    cleaned?;
+    let (redis, postgres) = baselines(&dir, p, &mut runs, progress).await?;
     Ok(RedeemReport {
         target: info,
         params: p.clone(),
@@ -236,6 +321,62 @@ pub(super) async fn run(
         redis,
         postgres,
     })
+}
+
+/// [`prepare`] over the protocol, as an admin, for `names`: the partner's
+/// and the gateway's API keys; the ids of the credentials it made are
+/// pushed to `made` as they are made.
+async fn prepare_remote(
+    admin: &Client,
+    names: &Names<'_>,
+    made: &mut Vec<String>,
+) -> Result<(String, String)> {
+    let (id, partner_key) = admin.create_credential("partner", names.partner).await?;
+    made.push(id);
+    let (id, gateway_key) = admin.create_credential("gateway", "vault-bench").await?;
+    made.push(id);
+    let record: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(crate::dev::DEMO_RECORDS[0].1)
+            .map_err(|e| Error::Usage(format!("the demo record: {e}")))?;
+    let fields = record
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    admin.append(names.subject, fields).await?;
+    let (policy, consent) = policy_and_consent(names.partner);
+    admin
+        .event(
+            storage::Kind::PolicyChanged as u8,
+            "",
+            policy.to_string().into_bytes(),
+        )
+        .await?;
+    admin
+        .event(
+            storage::Kind::ConsentGranted as u8,
+            names.subject,
+            consent.to_string().into_bytes(),
+        )
+        .await?;
+    Ok((partner_key.to_string(), gateway_key.to_string()))
+}
+
+/// Revokes the run's credentials `made` and shreds its subject `name`
+/// (which has no key, and so nothing to shred, when the run stopped
+/// before its record).
+async fn clean_up(config: &ClientConfig, name: &str, made: &[String]) -> Result<()> {
+    let admin = Client::connect(config.clone()).await?;
+    for id in made {
+        admin.revoke_credential(id.as_str()).await?;
+    }
+    match admin.shred(name).await {
+        Ok(_) => Ok(()),
+        Err(client::ClientError::Server {
+            code: client::ErrorCode::NotFound,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes what redemptions need: a partner and a gateway credential
@@ -249,15 +390,7 @@ pub(super) async fn prepare(vault: &Vault) -> Result<(String, String)> {
     vault
         .append(Append::record(SUBJECT, record.as_bytes().to_vec()))
         .await?;
-    let fields: serde_json::Map<String, serde_json::Value> = FIELDS
-        .iter()
-        .map(|(f, op)| (f.to_string(), op.name().into()))
-        .collect();
-    let policy = serde_json::json!({
-        "partner_id": PARTNER,
-        "policy": {"purposes": {PURPOSE: {"fields": fields}}},
-    });
-    let consent = serde_json::json!({"partner_id": PARTNER, "purposes": [PURPOSE]});
+    let (policy, consent) = policy_and_consent(PARTNER);
     vault
         .append(Append::event(storage::Kind::PolicyChanged, "", &policy))
         .await?;
@@ -269,6 +402,22 @@ pub(super) async fn prepare(vault: &Vault) -> Result<(String, String)> {
         ))
         .await?;
     Ok((partner_key.to_string(), gateway_key.to_string()))
+}
+
+/// The partner's policy (its tokens' purpose, each field under its
+/// masking) and the subject's consent to it, as `policy_changed` and
+/// `consent_granted` payloads.
+fn policy_and_consent(partner: &str) -> (serde_json::Value, serde_json::Value) {
+    let fields: serde_json::Map<String, serde_json::Value> = FIELDS
+        .iter()
+        .map(|(f, op)| (f.to_string(), op.name().into()))
+        .collect();
+    let policy = serde_json::json!({
+        "partner_id": partner,
+        "policy": {"purposes": {PURPOSE: {"fields": fields}}},
+    });
+    let consent = serde_json::json!({"partner_id": partner, "purposes": [PURPOSE]});
+    (policy, consent)
 }
 
 /// The purpose tokens are minted for, and the fields they reveal with
@@ -283,8 +432,15 @@ const FIELDS: [(&str, MaskOp); 4] = [
 
 /// Mints one token for [`PARTNER`] on the gateway connection `gw`.
 pub(super) async fn mint_one(gw: &Client) -> Result<String> {
+    mint_for(gw, &OWN).await
+}
+
+async fn mint_for(gw: &Client, names: &Names<'_>) -> Result<String> {
     let fields = FIELDS.iter().map(|(f, op)| (f.to_string(), *op)).collect();
-    Ok(gw.mint(PARTNER, SUBJECT, PURPOSE, fields, 3600).await?.0)
+    Ok(gw
+        .mint(names.partner, names.subject, PURPOSE, fields, 3600)
+        .await?
+        .0)
 }
 
 /// One redemption as a partner makes it ([`Connector::redeem`]): a new
@@ -299,20 +455,42 @@ pub(super) async fn redeem_one(connector: &Connector, token: &str) -> Result<boo
     Ok(r.tls_resumed)
 }
 
+/// Who the tokens are for: the partner, and the subject whose record they
+/// reveal.
+struct Names<'a> {
+    partner: &'a str,
+    subject: &'a str,
+}
+
+/// The names of a vault this run made ([`prepare`]).
+const OWN: Names<'static> = Names {
+    partner: PARTNER,
+    subject: SUBJECT,
+};
+
+/// `base` with `api_key` in place of its key.
+fn with_key(base: &ClientConfig, api_key: &str) -> ClientConfig {
+    ClientConfig {
+        api_key: client::Zeroizing::new(api_key.to_string()),
+        ..base.clone()
+    }
+}
+
 async fn measure(
-    server: &InProcess,
+    base: &ClientConfig,
+    names: &Names<'_>,
     gateway_key: &str,
     partner_key: &str,
     p: &RedeemParams,
     disk: Option<&DiskTrace>,
     progress: Progress,
 ) -> Result<(MintStats, Vec<RedeemRun>)> {
-    let tls = server.client_config("x").tls != client::Tls::Plaintext;
+    let tls = base.tls != client::Tls::Plaintext;
     let runs = if tls { 2 } else { 1 };
-    let setup = Connector::new(server.client_config(gateway_key))?;
-    let (setup_stats, tokens) = mint(&setup, p.tokens * runs, progress).await?;
+    let setup = Connector::new(with_key(base, gateway_key))?;
+    let (setup_stats, tokens) = mint(&setup, names, p.tokens * runs, progress).await?;
     let mut tokens = tokens.into_iter();
-    let shared = Connector::new(server.client_config(partner_key))?;
+    let shared = Connector::new(with_key(base, partner_key))?;
     let modes: Vec<(&'static str, Connector)> = if tls {
         vec![
             ("tls-full-handshake", shared.without_resumption()),
@@ -329,9 +507,10 @@ async fn measure(
     Ok((setup_stats, out))
 }
 
-/// Mints `n` tokens for [`PARTNER`] on one gateway connection.
+/// Mints `n` tokens for `names` on one gateway connection.
 async fn mint(
     connector: &Connector,
+    names: &Names<'_>,
     n: u64,
     progress: Progress,
 ) -> Result<(MintStats, Vec<String>)> {
@@ -339,7 +518,7 @@ async fn mint(
     let bar = progress.phase("minting tokens", n);
     let start = Instant::now();
     let mut minted = futures_util::stream::iter(0..n)
-        .map(|_| mint_one(&gw))
+        .map(|_| mint_for(&gw, names))
         .buffer_unordered(MINT_PIPELINE);
     let mut tokens = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     while let Some(r) = minted.next().await {

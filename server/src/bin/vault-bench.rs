@@ -13,6 +13,7 @@
 //!                    [--postgres CONNINFO]   (the same: PostgreSQL INSERT next to it)
 //! vault-bench verify [--embedded DIR] [--entries N] [--size BYTES] [--baseline] [--remote]
 //! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis] [--rate R]
+//!                    [--addr HOST:PORT --api-key ADMIN_KEY (--cacert FILE | --insecure-plaintext)]
 //!                    [--postgres CONNINFO]   (PostgreSQL DELETE ... RETURNING next to it)
 //! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--rate R]
 //! vault-bench mixed [--embedded DIR] [--ratio 8:1:1] [--clients 50] [--requests N]
@@ -83,6 +84,17 @@ impl TargetArgs {
     fn target(self) -> Target {
         Target::Embedded { dir: self.embedded }
     }
+
+    /// The vaultd `remote` names, else this target.
+    fn or_remote(self, remote: RemoteArgs) -> anyhow::Result<Target> {
+        match remote.target()? {
+            Some(_) if self.embedded.is_some() => {
+                anyhow::bail!("--embedded and --addr name two targets: give one")
+            }
+            Some(t) => Ok(t),
+            None => Ok(self.target()),
+        }
+    }
 }
 
 /// Where appends go when not to the embedded engine.
@@ -95,11 +107,33 @@ struct ServerArgs {
     /// With --protocol: serve TLS with a CA and certificate made for the run.
     #[arg(long, requires = "protocol")]
     tls: bool,
-    /// Append to a running vaultd at HOST:PORT instead (a flag only: a
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+impl ServerArgs {
+    /// The target these flags name, given the embedded dir flag.
+    fn target(self, embedded: TargetArgs) -> anyhow::Result<Target> {
+        if self.protocol {
+            return Ok(Target::InProcess {
+                dir: embedded.embedded,
+                tls: self.tls,
+            });
+        }
+        embedded.or_remote(self.remote)
+    }
+}
+
+/// A running vaultd to measure instead of one this process starts.
+#[derive(Args)]
+struct RemoteArgs {
+    /// Measure a running vaultd at HOST:PORT instead (a flag only: a
     /// FINTRUST_ADDR in the environment never redirects a benchmark).
     #[arg(long, value_name = "HOST:PORT", requires = "api_key")]
     addr: Option<String>,
-    /// A writer API key of the vaultd at --addr.
+    /// The API key for --addr: a writer's for append; an admin's for
+    /// redeem, which makes credentials and a subject of its own for the
+    /// run, then revokes and shreds them.
     #[arg(
         long,
         value_name = "KEY",
@@ -123,17 +157,11 @@ struct ServerArgs {
     insecure_plaintext: bool,
 }
 
-impl ServerArgs {
-    /// The target these flags name, given the embedded dir flag.
-    fn target(self, embedded: TargetArgs) -> anyhow::Result<Target> {
-        if self.protocol {
-            return Ok(Target::InProcess {
-                dir: embedded.embedded,
-                tls: self.tls,
-            });
-        }
+impl RemoteArgs {
+    /// The vaultd at `--addr`, if one is named.
+    fn target(self) -> anyhow::Result<Option<Target>> {
         let Some(addr) = self.addr else {
-            return Ok(embedded.target());
+            return Ok(None);
         };
         let api_key = self.api_key.context("--addr needs --api-key")?;
         let tls = match (self.cacert, self.insecure_plaintext) {
@@ -153,13 +181,13 @@ impl ServerArgs {
             (None, true) => client::Tls::Plaintext,
             _ => anyhow::bail!("--addr needs --cacert FILE, or --insecure-plaintext"),
         };
-        Ok(Target::Remote(client::ClientConfig {
+        Ok(Some(Target::Remote(client::ClientConfig {
             addr,
             tls,
             api_key: client::Zeroizing::new(api_key),
             client_name: "vault-bench".into(),
             ..client::ClientConfig::default()
-        }))
+        })))
     }
 }
 
@@ -282,8 +310,10 @@ struct RedeemArgs {
     #[command(flatten)]
     target: TargetArgs,
     /// Serve TLS; then measure full handshakes and resumed sessions.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "addr")]
     tls: bool,
+    #[command(flatten)]
+    remote: RemoteArgs,
     /// Concurrent partner clients [default: 50].
     #[arg(long, value_name = "C")]
     clients: Option<usize>,
@@ -361,7 +391,7 @@ impl Command {
             Command::Append(a) => {
                 let d = AppendParams::default();
                 let duration = seconds(a.duration)?;
-                let over_protocol = a.server.protocol || a.server.addr.is_some();
+                let over_protocol = a.server.protocol || a.server.remote.addr.is_some();
                 if a.redis && !over_protocol {
                     anyhow::bail!("--redis compares protocol appends: add --protocol or --addr");
                 }
@@ -417,9 +447,9 @@ impl Command {
                     rate: r.rate,
                     postgres,
                 };
-                let target = Target::InProcess {
-                    dir: r.target.embedded,
-                    tls: r.tls,
+                let target = match r.target.or_remote(r.remote)? {
+                    Target::Embedded { dir } => Target::InProcess { dir, tls: r.tls },
+                    remote => remote,
                 };
                 (target, Workload::Redeem(p))
             }
