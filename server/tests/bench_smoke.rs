@@ -2,6 +2,8 @@
 //! they complete and count what they did. No timing is asserted; CI
 //! machines are too noisy for that, and the figures belong to real runs.
 
+mod common;
+
 use server::bench::{
     self, AppendParams, GrowthParams, MixedParams, Progress, Report, Target, VerifyParams, Workload,
 };
@@ -222,36 +224,8 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
     // `--addr` with a server this test starts: an in-process run's JSON
     // gives no key, so the library starts one and the binary targets it.
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (addr, key, stop) = rt.block_on(async {
-        let vault = storage::Vault::create(
-            &dir.path().join("v"),
-            &storage::Unlock::passphrase(b"bench smoke".to_vec()),
-            storage::Options::default(),
-        )
-        .expect("create")
-        .vault;
-        let vault = std::sync::Arc::new(vault);
-        let (_, key) = vault
-            .create_credential("writer", "bench")
-            .await
-            .expect("writer");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::serve::run(
-            listener,
-            vault.into(),
-            server::serve::ServeConfig::default(),
-            None,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        (addr.to_string(), key.to_string(), stop)
-    });
+    let server = rt.block_on(common::start(server::serve::ServeConfig::default()));
+    let (addr, key) = (server.addr.to_string(), server.writer.clone());
     let v = bench_json(&[
         "append",
         "--addr",
@@ -285,7 +259,7 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unauthenticated"), "{stderr}");
-    let _ = stop.send(());
+    drop(server);
 }
 
 /// `redeem --addr` against a running vaultd, with an admin's key: it makes
@@ -295,41 +269,9 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
 #[test]
 fn redemptions_at_a_running_vaultd_by_address_clean_up_after_themselves() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (addr, admin, writer, vault, stop) = rt.block_on(async {
-        let created = storage::Vault::create(
-            &dir.path().join("v"),
-            &storage::Unlock::passphrase(b"bench smoke".to_vec()),
-            storage::Options::default(),
-        )
-        .expect("create");
-        let vault = std::sync::Arc::new(created.vault);
-        let (_, writer) = vault
-            .create_credential("writer", "bench")
-            .await
-            .expect("writer");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::serve::run(
-            listener,
-            vault.clone().into(),
-            server::serve::ServeConfig::default(),
-            None,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        (
-            addr.to_string(),
-            created.admin_api_key.to_string(),
-            writer.to_string(),
-            vault,
-            stop,
-        )
-    });
+    let server = rt.block_on(common::start(server::serve::ServeConfig::default()));
+    let (addr, vault) = (server.addr.to_string(), server.vault.clone());
+    let (admin, writer) = (server.admin.clone(), server.writer.clone());
     let run = |key: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
             .args(["redeem", "--addr", &addr, "--api-key", key])
@@ -379,7 +321,7 @@ fn redemptions_at_a_running_vaultd_by_address_clean_up_after_themselves() {
         })
         .collect();
     assert_eq!(shredded, std::slice::from_ref(&partner.name));
-    let _ = stop.send(());
+    drop(server);
 }
 
 /// A pass's `tail` (`server::bench::tail`): its threshold is the pass's

@@ -14,12 +14,14 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use server::daemon::{self, Bound, Daemon};
+use server::daemon::Daemon;
 use server::serve::ServeConfig;
 use server::shim::ShimConfig;
 use storage::{Append, Kind, Options, Unlock, Vault};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+mod common;
 
 const PARTNER: &str = "acme-lender";
 const SUBJECT: &str = "cust-7";
@@ -32,7 +34,7 @@ struct Running {
     writer: String,
     public_key: ed25519_dalek::VerifyingKey,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<()>>,
+    done: Option<tokio::task::JoinHandle<server::Result<()>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -42,7 +44,7 @@ impl Running {
             let _ = s.send(());
         }
         if let Some(d) = self.done.take() {
-            d.await.expect("the daemon task ends");
+            d.await.expect("the daemon task ends").expect("daemon");
         }
     }
 }
@@ -94,8 +96,6 @@ async fn start_after(
         .await
         .expect("bind");
     let http_addr = http.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Bound>();
     let d = Daemon {
         protocol,
         http: Some(http),
@@ -105,21 +105,7 @@ async fn start_after(
         policies: None,
         reopen: None,
     };
-    let done = tokio::spawn(async move {
-        daemon::run(
-            vault,
-            d,
-            |b| {
-                let _ = ready_tx.send(b);
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-        .expect("daemon");
-    });
-    let bound = ready_rx.await.expect("ready");
+    let common::Daemonized { bound, stop, done } = common::daemon(vault, d).await;
     Running {
         http: http_addr,
         protocol: bound.protocol,

@@ -383,15 +383,15 @@ async fn https_health(
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// In `vaultd serve`, one TLS configuration serves both ports: with mutual
-/// TLS the HTTPS port of the shim asks for a client certificate from the
-/// client CA just as port 9999 does, and refuses none, another CA's, an
-/// expired one, or one not valid yet.
-#[tokio::test]
-async fn the_https_port_asks_for_the_same_client_certificates() {
-    use server::daemon::{self, Daemon};
+/// A new vault served by `vaultd`'s daemon over TLS on both ports (mutual
+/// TLS with `mutual`), its shim configured by `shim`: the data dir, the
+/// test CAs and the running daemon.
+async fn tls_daemon(
+    mutual: bool,
+    shim: server::shim::ShimConfig,
+) -> (tempfile::TempDir, Pki, common::Daemonized) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (pki, tls) = pki(dir.path(), true);
+    let (pki, tls) = pki(dir.path(), mutual);
     let vault = Vault::create(
         &dir.path().join("v"),
         &Unlock::passphrase(b"tls test".to_vec()),
@@ -399,39 +399,32 @@ async fn the_https_port_asks_for_the_same_client_certificates() {
     )
     .expect("create")
     .vault;
-    let protocol = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let http_addr = http.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let d = Daemon {
-        protocol,
-        http: Some(http),
+    let bind = || async {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+    };
+    let d = server::daemon::Daemon {
+        protocol: bind().await,
+        http: Some(bind().await),
         tls: Some(tls),
         serve: ServeConfig::default(),
-        shim: server::shim::ShimConfig::default(),
+        shim,
         policies: None,
         reopen: None,
     };
-    let done = tokio::spawn(async move {
-        daemon::run(
-            vault,
-            d,
-            |b| {
-                let _ = ready_tx.send(b);
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await
-        .expect("daemon");
-    });
-    ready_rx.await.expect("ready");
+    let running = common::daemon(vault, d).await;
+    (dir, pki, running)
+}
+
+/// In `vaultd serve`, one TLS configuration serves both ports: with mutual
+/// TLS the HTTPS port of the shim asks for a client certificate from the
+/// client CA just as port 9999 does, and refuses none, another CA's, an
+/// expired one, or one not valid yet.
+#[tokio::test]
+async fn the_https_port_asks_for_the_same_client_certificates() {
+    let (_dir, pki, running) = tls_daemon(true, server::shim::ShimConfig::default()).await;
+    let http_addr = running.bound.http.expect("the shim");
     let config = |cert| trusting(&pki, rustls::crypto::aws_lc_rs::default_provider(), cert);
     let ok = |r: &Result<String, String>| matches!(r, Ok(a) if a.starts_with("HTTP/1.1 200"));
     let (_, _, wrong_cert, wrong_key) = leaf(&pki.ca, "svc");
@@ -449,8 +442,8 @@ async fn the_https_port_asks_for_the_same_client_certificates() {
     let (_, _, cert, key) = leaf(&pki.client_ca, "svc");
     let r = https_health(http_addr, config(Some((cert, key)))).await;
     assert!(ok(&r), "{r:?}");
-    let _ = stop.send(());
-    done.await.expect("the daemon stops");
+    let _ = running.stop.send(());
+    running.done.await.expect("daemon task").expect("daemon");
 }
 
 /// With mutual TLS a client certificate can hold a credential: a `Hello`
@@ -794,47 +787,14 @@ async fn connections_that_never_finish_a_tls_handshake_cannot_keep_a_client_out(
 /// connections' handshakes.
 #[tokio::test]
 async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (pki, tls) = pki(dir.path(), false);
-    let vault = Vault::create(
-        &dir.path().join("v"),
-        &Unlock::passphrase(b"tls test".to_vec()),
-        Options::default(),
-    )
-    .expect("create")
-    .vault;
-    let bind = || async {
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind")
+    let shim = server::shim::ShimConfig {
+        max_connections: 2,
+        max_handshakes: 4,
+        header_timeout: std::time::Duration::from_secs(3600),
+        ..server::shim::ShimConfig::default()
     };
-    let d = server::daemon::Daemon {
-        protocol: bind().await,
-        http: Some(bind().await),
-        tls: Some(tls),
-        serve: ServeConfig::default(),
-        shim: server::shim::ShimConfig {
-            max_connections: 2,
-            max_handshakes: 4,
-            header_timeout: std::time::Duration::from_secs(3600),
-            ..server::shim::ShimConfig::default()
-        },
-        policies: None,
-        reopen: None,
-    };
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(server::daemon::run(
-        vault,
-        d,
-        |b| {
-            let _ = ready_tx.send(b);
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let http = ready_rx.await.expect("ready").http.expect("the shim");
+    let (_dir, pki, common::Daemonized { bound, stop, done }) = tls_daemon(false, shim).await;
+    let http = bound.http.expect("the shim");
     let mut slow = slow_handshakes(http).await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.der().clone()).expect("root");

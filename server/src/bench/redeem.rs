@@ -198,26 +198,21 @@ pub(super) async fn run(
     )
     .await;
     let stopped = server.stop().await;
-    let (setup, mut runs) = measured?;
+    let (setup, runs) = measured?;
     stopped?;
-    let (redis, postgres) = baselines(dir, p, &mut runs, progress).await?;
-    Ok(RedeemReport {
-        target: info,
-        params: p.clone(),
-        setup,
-        runs,
-        redis,
-        postgres,
-    })
+    report(dir, info, p, setup, runs, progress).await
 }
 
-/// The baselines `p` asks for, in `dir`, each run's ratios to them set.
-async fn baselines(
+/// The report of `runs`, after the baselines `p` asks for (run in `dir`),
+/// with each run's ratios to them.
+async fn report(
     dir: &Path,
+    info: TargetInfo,
     p: &RedeemParams,
-    runs: &mut [RedeemRun],
+    setup: MintStats,
+    mut runs: Vec<RedeemRun>,
     progress: Progress,
-) -> Result<(Option<RedisRun>, Option<PostgresRun>)> {
+) -> Result<RedeemReport> {
     let redis = match &p.redis {
         None => None,
         Some(bin) => {
@@ -230,7 +225,7 @@ async fn baselines(
                 progress,
             )
             .await?;
-            for run in runs.iter_mut() {
+            for run in &mut runs {
                 let vs = r.ratios(&run.latency_us, run.redemptions_per_s);
                 (run.p99_vs_redis, run.rate_vs_redis) = (Some(vs.p99), Some(vs.rate));
             }
@@ -242,14 +237,21 @@ async fn baselines(
         Some(pg) => {
             let r = postgres::run_delete(pg, p.tokens, p.clients, redis::VALUE, p.rate, progress)
                 .await?;
-            for run in runs.iter_mut() {
+            for run in &mut runs {
                 let vs = r.ratios(&run.latency_us, run.redemptions_per_s);
                 (run.p99_vs_postgres, run.rate_vs_postgres) = (Some(vs.p99), Some(vs.rate));
             }
             Some(r)
         }
     };
-    Ok((redis, postgres))
+    Ok(RedeemReport {
+        target: info,
+        params: p.clone(),
+        setup,
+        runs,
+        redis,
+        postgres,
+    })
 }
 
 /// Runs the workload against the running `vaultd` at `config.addr`, as
@@ -310,17 +312,9 @@ pub(super) async fn run_remote(
     };
     // On a connection of its own: the first may have idled out meanwhile.
     let cleaned = clean_up(config, &name, &made).await;
-    let (setup, mut runs) = measured?;
+    let (setup, runs) = measured?;
     cleaned?;
-    let (redis, postgres) = baselines(&dir, p, &mut runs, progress).await?;
-    Ok(RedeemReport {
-        target: info,
-        params: p.clone(),
-        setup,
-        runs,
-        redis,
-        postgres,
-    })
+    report(&dir, info, p, setup, runs, progress).await
 }
 
 /// [`prepare`] over the protocol, as an admin, for `names`: the partner's

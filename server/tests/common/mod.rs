@@ -1,5 +1,6 @@
-//! What the protocol server's test binaries share: a vault with a key of
-//! each role, served over TCP on a port the OS chose.
+//! What the server's test binaries share: a vault with a key of each
+//! role, served over TCP on a port the OS chose; and `vaultd`'s daemon
+//! run on a task of its own.
 
 use std::sync::Arc;
 
@@ -96,4 +97,35 @@ pub fn counter(series: &str) -> u64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A `daemon::run` on a task of its own ([`daemon`]).
+#[allow(dead_code)] // not every test binary runs the daemon
+pub struct Daemonized {
+    /// Where it listens, once ready.
+    pub bound: server::daemon::Bound,
+    /// Stops it as a signal stops `vaultd`.
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    /// Its task: `run`'s result once stopped.
+    pub done: tokio::task::JoinHandle<server::Result<()>>,
+}
+
+/// Runs `vault` with `d` as `vaultd` does, on a task of its own, and
+/// returns once it listens.
+#[allow(dead_code)] // not every test binary runs the daemon
+pub async fn daemon(vault: Vault, d: server::daemon::Daemon) -> Daemonized {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(server::daemon::run(
+        vault,
+        d,
+        |b| {
+            let _ = ready_tx.send(b);
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let bound = ready_rx.await.expect("the daemon is ready");
+    Daemonized { bound, stop, done }
 }
