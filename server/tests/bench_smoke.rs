@@ -500,6 +500,26 @@ fn authorize_on_a_schedule_sends_every_request_and_counts_those_behind_it() {
     assert_eq!(v["audit_entries"], 40);
 }
 
+/// `--duration` bounds each phase by time: on a schedule of 200/s, 0.2 s
+/// holds exactly the 40 requests due before its end.
+#[test]
+fn authorize_for_a_duration_ends_each_phase_at_its_time() {
+    let v = bench_json(&[
+        "authorize",
+        "--clients",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "0.2",
+    ]);
+    assert_eq!(v["params"]["duration_s"], 0.2);
+    for phase in ["authorize", "health"] {
+        assert_eq!(v[phase]["requests"], 40, "{phase}: {v}");
+    }
+    assert_eq!(v["audit_entries"], 40);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_with_baseline_counts_each_kind_in_the_ratio() {
     let params = MixedParams {

@@ -55,6 +55,10 @@ pub struct AuthorizeParams {
     /// latency from each request's due time when no connection was free);
     /// `None`: each connection sends as soon as it has its last answer.
     pub rate: Option<f64>,
+    /// Each phase also ends after this long, with fewer requests than
+    /// `requests` if need be.
+    #[serde(rename = "duration_s", serialize_with = "super::secs_opt")]
+    pub duration: Option<std::time::Duration>,
 }
 
 impl Default for AuthorizeParams {
@@ -63,9 +67,13 @@ impl Default for AuthorizeParams {
             clients: 50,
             requests: 20_000,
             rate: None,
+            duration: None,
         }
     }
 }
+
+/// Most requests a phase makes.
+pub const MAX_REQUESTS: u64 = 100_000_000;
 
 /// The shim serves at most this many connections by default.
 const MAX_HTTP_CLIENTS: usize = 1024;
@@ -75,8 +83,11 @@ impl AuthorizeParams {
         check((1..=MAX_HTTP_CLIENTS).contains(&self.clients), || {
             format!("--clients must be between 1 and {MAX_HTTP_CLIENTS}")
         })?;
-        check((1..=100_000_000).contains(&self.requests), || {
-            "--requests must be between 1 and 100,000,000".into()
+        check((1..=MAX_REQUESTS).contains(&self.requests), || {
+            format!(
+                "--requests must be between 1 and {}",
+                thousands(MAX_REQUESTS)
+            )
         })?;
         super::check_rate(self.rate)
     }
@@ -377,7 +388,7 @@ async fn phase(
     let bar = progress.phase(name, p.requests);
     let call = Arc::new(call.clone());
     let start = Instant::now();
-    let pace = Arc::new(Pace::new(p.rate, p.requests, start));
+    let pace = Arc::new(Pace::new(p.rate, p.requests, start).until(p.duration.map(|d| start + d)));
     let mut set = JoinSet::new();
     for mut c in conns {
         let (pace, call, bar) = (pace.clone(), call.clone(), bar.clone());

@@ -540,6 +540,7 @@ async fn run_pure(
                 clients: p.clients,
                 requests: count,
                 rate: None,
+                duration: None,
             };
             let r = http::run(&dir, info, &ap, progress).await?;
             (r.authorize.requests_per_s, r.authorize.latency_us)

@@ -1243,6 +1243,8 @@ pub(super) struct Pace {
     total: u64,
     /// The schedule's start and requests per second.
     schedule: Option<(Instant, f64)>,
+    /// No request is taken at or after it.
+    deadline: Option<Instant>,
     /// Requests taken after their due time: no connection was free.
     late: AtomicU64,
 }
@@ -1278,8 +1280,16 @@ impl Pace {
             next: AtomicU64::new(0),
             total,
             schedule: rate.map(|r| (start, r)),
+            deadline: None,
             late: AtomicU64::new(0),
         }
+    }
+
+    /// This pace, ending at `deadline` too: no request is taken at or
+    /// after it, nor one due at or after it on a schedule.
+    pub fn until(mut self, deadline: Option<Instant>) -> Pace {
+        self.deadline = deadline;
+        self
     }
 
     /// With a schedule, how many requests found no connection free at
@@ -1296,6 +1306,9 @@ impl Pace {
 
     /// The next request for a connection free since `taken`.
     fn take_at(&self, taken: Instant) -> Option<Turn> {
+        if self.deadline.is_some_and(|d| taken >= d) {
+            return None;
+        }
         let index = self
             .next
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -1306,6 +1319,11 @@ impl Pace {
             due: start + Duration::from_secs_f64(index as f64 / rate),
             taken,
         });
+        if let (Some(s), Some(d)) = (slot, self.deadline) {
+            if s.due >= d {
+                return None;
+            }
+        }
         if slot.is_some_and(|s| s.late()) {
             self.late.fetch_add(1, Ordering::AcqRel);
         }
@@ -1971,6 +1989,23 @@ mod tests {
         assert_eq!(slots[0].measured_from(sent), slots[0].due);
         assert_eq!(slots[1].measured_from(sent), slots[1].due);
         assert_eq!(slots[2].measured_from(sent), sent);
+    }
+
+    #[test]
+    fn a_deadline_ends_a_pace_before_its_total() {
+        let start = Instant::now();
+        // On a schedule: only the requests due before the deadline.
+        let pace =
+            Pace::new(Some(1000.0), 10, start).until(Some(start + Duration::from_micros(2500)));
+        let indexes: Vec<u64> = std::iter::from_fn(|| pace.take_at(start))
+            .map(|t| t.index)
+            .collect();
+        assert_eq!(indexes, [0, 1, 2]);
+        // In a closed loop: none taken once the deadline has come.
+        let deadline = start + Duration::from_millis(1);
+        let pace = Pace::new(None, 10, start).until(Some(deadline));
+        assert!(pace.take_at(start).is_some());
+        assert!(pace.take_at(deadline).is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! vault-bench redeem [--embedded DIR] [--tls] [--clients 50] [--tokens N] [--redis] [--rate R]
 //!                    [--addr HOST:PORT --api-key ADMIN_KEY (--cacert FILE | --insecure-plaintext)]
 //!                    [--postgres CONNINFO]   (PostgreSQL DELETE ... RETURNING next to it)
-//! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--rate R]
+//! vault-bench authorize [--embedded DIR] [--clients 50] [--requests N] [--duration SECS] [--rate R]
 //! vault-bench mixed [--embedded DIR] [--ratio 8:1:1] [--clients 50] [--requests N]
 //!                   [--duration SECS] [--size BYTES] [--subjects S] [--tls] [--baseline]
 //! vault-bench growth [--embedded DIR] [--sizes N,N,...] [--size BYTES] [--clients C]
@@ -346,9 +346,13 @@ struct AuthorizeArgs {
     /// Concurrent keep-alive HTTP connections [default: 50].
     #[arg(long, value_name = "C")]
     clients: Option<usize>,
-    /// Requests per phase (authorize, and the health baseline) [default: 20000].
+    /// Requests per phase (authorize, and the health baseline) [default:
+    /// 20000; with --duration, no limit but the time].
     #[arg(long, value_name = "N")]
     requests: Option<u64>,
+    /// End each phase after SECS even if fewer requests were made.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
     /// Send R requests per second on a schedule (open loop, as pgbench
     /// --rate), latency counted from each request's due time when no
     /// connection was free; without it each connection sends on its last
@@ -455,10 +459,19 @@ impl Command {
             }
             Command::Authorize(a) => {
                 let d = AuthorizeParams::default();
+                let duration = seconds(a.duration)?;
+                // A duration alone bounds each phase by time; the request
+                // count then only guards against a phase without end.
+                let requests = match (a.requests, duration) {
+                    (Some(n), _) => n,
+                    (None, Some(_)) => bench::http::MAX_REQUESTS,
+                    (None, None) => d.requests,
+                };
                 let p = AuthorizeParams {
                     clients: a.clients.unwrap_or(d.clients),
-                    requests: a.requests.unwrap_or(d.requests),
+                    requests,
                     rate: a.rate,
+                    duration,
                 };
                 let target = Target::InProcess {
                     dir: a.target.embedded,
