@@ -17,7 +17,8 @@
 //! stop while the vault was being opened again, it is useless (only its
 //! hash was ever stored) but still active in the log: the next start
 //! revokes every such key of an earlier process, the gateway credentials
-//! named [`SHIM_KEY_NAME`] that no admin created, before it makes its own.
+//! named [`SHIM_KEY_NAME`] (a name the API refuses) that no admin created,
+//! before it makes its own.
 //!
 //! Shutdown: stop accepting; each protocol connection answers the
 //! requests it has read, says why it closes and closes (`serve::run`
@@ -172,16 +173,19 @@ pub async fn run(
     Ok(())
 }
 
-/// The name of the in-process shim's gateway credential.
-pub const SHIM_KEY_NAME: &str = "vaultd-shim";
+/// The name of the in-process shim's gateway credential. It holds spaces,
+/// which a credential name made over the protocol or the HTTP API may
+/// not: no admin can make a credential under it.
+pub const SHIM_KEY_NAME: &str = "vaultd in-process shim";
 
 /// Revokes the gateway keys that earlier `vaultd` processes made for their
 /// in-process shim and could not revoke (a crash, or a stop while the
 /// vault was being opened again): the active gateway credentials named
 /// [`SHIM_KEY_NAME`] with no admin recorded as their creator. Their keys
-/// lived only in those processes' memory, so nothing can use them; a key
-/// an admin created under the same name is left alone. Returns how many
-/// were revoked.
+/// lived only in those processes' memory, so nothing can use them, and no
+/// admin can make a credential of that name. (Builds before that name
+/// called the key `vaultd-shim`, a name an admin may use too: such keys
+/// are left alone.) Returns how many were revoked.
 pub async fn revoke_stale_shim_keys(vault: &Vault) -> Result<usize> {
     let mut stale = Vec::new();
     let mut after: Option<String> = None;

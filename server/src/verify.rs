@@ -136,9 +136,10 @@ pub struct VerifyJson {
     pub retired_signing_pending: Vec<u32>,
 }
 
-/// The notes a report calls for besides its verdict: keys the log
-/// destroyed that are still stored, which the next open deletes. Printed
-/// on stderr, so that an auditor sees what a shred left behind.
+/// The notes a report calls for besides its verdict: the subjects the log
+/// shreds, and keys the log destroyed that are still stored, which the
+/// next open deletes. Printed on stderr, so that an auditor sees what
+/// was shredded and what a shred left behind.
 pub fn notes(r: &Report) -> Vec<String> {
     const NAMED: usize = 20;
     let mut out = Vec::new();
@@ -152,8 +153,7 @@ pub fn notes(r: &Report) -> Vec<String> {
             ));
         }
         out.push(format!(
-            "shredded: {n} subject(s), whose data keys the log shows destroyed and the key \
-             store no longer holds: {names}"
+            "shredded: {n} subject(s), whose data keys the log records destroyed: {names}"
         ));
     }
     if !r.shred_pending.is_empty() {

@@ -181,29 +181,28 @@ async fn entries(r: &Running) -> u64 {
 }
 
 /// The gateway keys of earlier runs' in-process shims, left active by a
-/// crash, are revoked at the next start; one an admin made under the same
-/// name, and the running shim's own, are not; a clean stop revokes the
-/// running shim's.
+/// crash, are revoked at the next start; the running shim's own is not,
+/// nor a gateway key an admin made under the name earlier builds used.
 #[tokio::test]
 async fn a_start_revokes_the_shim_keys_earlier_runs_left_active() {
     let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let kept = ids.clone();
-    let r = start_after(ShimConfig::default(), move |vault, admin| {
+    let r = start_after(ShimConfig::default(), move |vault, _| {
         Box::pin(async move {
             let mut made = Vec::new();
             for _ in 0..2 {
                 let (id, _) = vault
-                    .create_credential("gateway", "vaultd-shim")
+                    .create_credential("gateway", server::daemon::SHIM_KEY_NAME)
                     .await
                     .expect("a key an earlier run left");
                 made.push(id);
             }
-            let (by_admin, _) = vault
-                .acting_as(admin)
+            // Created by no admin, as the keys of older builds were.
+            let (old_name, _) = vault
                 .create_credential("gateway", "vaultd-shim")
                 .await
-                .expect("an admin's key");
-            made.push(by_admin);
+                .expect("a key named as before");
+            made.push(old_name);
             *kept.lock().expect("ids") = made;
         })
     })
@@ -233,6 +232,20 @@ async fn a_start_revokes_the_shim_keys_earlier_runs_left_active() {
     assert!(!own[0].1, "{running:?}");
     let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
     assert_eq!(status, 200, "{health}");
+    // No admin can make a credential of the in-process shim's name.
+    let refused = client
+        .create_credential("gateway", server::daemon::SHIM_KEY_NAME)
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(client::ClientError::Server {
+                code: client::ErrorCode::Invalid,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
     drop(client);
     r.stop().await;
 }
