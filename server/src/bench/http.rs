@@ -433,11 +433,19 @@ impl AuthorizeReport {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(s, "vault-bench authorize: {}", self.target.describe());
+        let per_phase = match self.params.duration {
+            Some(d) if self.params.requests == MAX_REQUESTS => format!("{:.1} s", d.as_secs_f64()),
+            Some(d) => format!(
+                "{} requests or {:.1} s",
+                thousands(self.params.requests),
+                d.as_secs_f64()
+            ),
+            None => format!("{} requests", thousands(self.params.requests)),
+        };
         let _ = write!(
             s,
-            "  {} clients on keep-alive HTTP/1.1 connections, {} requests per phase",
+            "  {} clients on keep-alive HTTP/1.1 connections, {per_phase} per phase",
             self.params.clients,
-            thousands(self.params.requests)
         );
         match self.params.rate {
             Some(rate) => {

@@ -118,8 +118,8 @@ pub enum Target {
     /// its vault under `dir` as above; over TLS with a CA and certificate
     /// made for the run when `tls`.
     InProcess { dir: Option<PathBuf>, tls: bool },
-    /// A running `vaultd`: its address, transport and an API key (a writer
-    /// key for appends).
+    /// A running `vaultd`: its address, transport and an API key (a
+    /// writer's for appends, an admin's for redemptions).
     Remote(client::ClientConfig),
 }
 
@@ -788,9 +788,12 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         (_, Workload::Verify(_)) => Err(Error::Usage(
             "verify runs on the embedded engine only".into(),
         )),
-        (_, Workload::Redeem(_) | Workload::Authorize(_) | Workload::Mixed(_)) => Err(
-            Error::Usage("authorize and mixed start vaultd in this process: no --addr".into()),
-        ),
+        (Target::Embedded { .. }, Workload::Redeem(_)) => Err(Error::Usage(
+            "redeem runs against vaultd, in this process or at --addr".into(),
+        )),
+        (_, Workload::Authorize(_) | Workload::Mixed(_)) => Err(Error::Usage(
+            "authorize and mixed start vaultd in this process: no --addr".into(),
+        )),
         (_, Workload::Growth(_)) => Err(Error::Usage(
             "growth starts vaultd in this process: no --addr".into(),
         )),
@@ -1285,8 +1288,9 @@ impl Pace {
         }
     }
 
-    /// This pace, ending at `deadline` too: no request is taken at or
-    /// after it, nor one due at or after it on a schedule.
+    /// This pace, ending at `deadline` too: on a schedule, every request
+    /// due before it is made (one taken late is counted late, as any);
+    /// in a closed loop, none is taken at or after it.
     pub fn until(mut self, deadline: Option<Instant>) -> Pace {
         self.deadline = deadline;
         self
@@ -1306,7 +1310,7 @@ impl Pace {
 
     /// The next request for a connection free since `taken`.
     fn take_at(&self, taken: Instant) -> Option<Turn> {
-        if self.deadline.is_some_and(|d| taken >= d) {
+        if self.schedule.is_none() && self.deadline.is_some_and(|d| taken >= d) {
             return None;
         }
         let index = self
@@ -1994,13 +1998,16 @@ mod tests {
     #[test]
     fn a_deadline_ends_a_pace_before_its_total() {
         let start = Instant::now();
-        // On a schedule: only the requests due before the deadline.
-        let pace =
-            Pace::new(Some(1000.0), 10, start).until(Some(start + Duration::from_micros(2500)));
-        let indexes: Vec<u64> = std::iter::from_fn(|| pace.take_at(start))
+        // On a schedule: the requests due before the deadline, even those
+        // taken after it, late.
+        let deadline = start + Duration::from_micros(2500);
+        let pace = Pace::new(Some(1000.0), 10, start).until(Some(deadline));
+        let taken = deadline + Duration::from_millis(1);
+        let indexes: Vec<u64> = std::iter::from_fn(|| pace.take_at(taken))
             .map(|t| t.index)
             .collect();
         assert_eq!(indexes, [0, 1, 2]);
+        assert_eq!(pace.behind_schedule(), Some(3));
         // In a closed loop: none taken once the deadline has come.
         let deadline = start + Duration::from_millis(1);
         let pace = Pace::new(None, 10, start).until(Some(deadline));

@@ -259,10 +259,12 @@ async fn report(
 /// a name of its own, `vault-bench-` and 12 random hex digits: a partner
 /// of that id with its credential, a gateway credential, a subject of
 /// that id with one record, the partner's policy and the subject's
-/// consent. Afterwards, whether the run succeeded or not, it revokes both
-/// credentials and shreds the subject, so that nothing it made can be
-/// used or read again; the log keeps the run's entries, as it keeps
-/// every entry.
+/// consent. Afterwards, whether the run succeeded, failed or was
+/// interrupted with Ctrl-C, it revokes both credentials and shreds the
+/// subject, so that nothing it made can be used or read again (a run
+/// killed outright leaves them, under the run's name, for `vault-admin`);
+/// the log keeps the run's entries, as it keeps every entry. Tokens get
+/// the server's default lifetime.
 pub(super) async fn run_remote(
     config: &ClientConfig,
     p: &RedeemParams,
@@ -288,28 +290,33 @@ pub(super) async fn run_remote(
     getrandom::getrandom(&mut bytes)
         .map_err(|e| Error::Usage(format!("no randomness for the run's names: {e}")))?;
     let name = format!("vault-bench-{}", hex::encode(bytes));
+    // The server's default lifetime (5 minutes, or its maximum where
+    // that is lower): a server's maximum may be under an hour.
     let names = Names {
         partner: &name,
         subject: &name,
+        ttl_secs: 0,
     };
     let mut made = Vec::new();
-    let measured = prepare_remote(&admin, &names, &mut made).await;
-    drop(admin);
-    let measured = match measured {
-        Ok((partner_key, gateway_key)) => {
-            measure(
-                config,
-                &names,
-                &gateway_key,
-                &partner_key,
-                p,
-                None,
-                progress,
-            )
-            .await
-        }
-        Err(e) => Err(e),
+    let measured = async {
+        let (partner_key, gateway_key) = prepare_remote(&admin, &names, &mut made).await?;
+        measure(
+            config,
+            &names,
+            &gateway_key,
+            &partner_key,
+            p,
+            None,
+            progress,
+        )
+        .await
     };
+    // Ctrl-C ends the run early, but not before the clean-up.
+    let measured = tokio::select! {
+        m = measured => m,
+        _ = tokio::signal::ctrl_c() => Err(Error::Usage("interrupted".into())),
+    };
+    drop(admin);
     // On a connection of its own: the first may have idled out meanwhile.
     let cleaned = clean_up(config, &name, &made).await;
     let (setup, runs) = measured?;
@@ -324,7 +331,7 @@ async fn prepare_remote(
     admin: &Client,
     names: &Names<'_>,
     made: &mut Vec<String>,
-) -> Result<(String, String)> {
+) -> Result<(client::Zeroizing<String>, client::Zeroizing<String>)> {
     let (id, partner_key) = admin.create_credential("partner", names.partner).await?;
     made.push(id);
     let (id, gateway_key) = admin.create_credential("gateway", "vault-bench").await?;
@@ -352,25 +359,38 @@ async fn prepare_remote(
             consent.to_string().into_bytes(),
         )
         .await?;
-    Ok((partner_key.to_string(), gateway_key.to_string()))
+    Ok((partner_key, gateway_key))
 }
 
 /// Revokes the run's credentials `made` and shreds its subject `name`
 /// (which has no key, and so nothing to shred, when the run stopped
-/// before its record).
+/// before its record): each is tried, and the first failure reported,
+/// naming what is left for the operator.
 async fn clean_up(config: &ClientConfig, name: &str, made: &[String]) -> Result<()> {
-    let admin = Client::connect(config.clone()).await?;
+    let left = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Usage(format!(
+            "the run could not {what} ({e}): revoke the credentials named {name} and \
+             vault-bench, and shred the subject {name}, with vault-admin"
+        ))
+    };
+    let admin = Client::connect(config.clone())
+        .await
+        .map_err(|e| left("clean up", &e))?;
+    let mut first = None;
     for id in made {
-        admin.revoke_credential(id.as_str()).await?;
+        if let Err(e) = admin.revoke_credential(id.as_str()).await {
+            first = first.or(Some(left(&format!("revoke {id}"), &e)));
+        }
     }
     match admin.shred(name).await {
-        Ok(_) => Ok(()),
-        Err(client::ClientError::Server {
+        Ok(_)
+        | Err(client::ClientError::Server {
             code: client::ErrorCode::NotFound,
             ..
-        }) => Ok(()),
-        Err(e) => Err(e.into()),
+        }) => {}
+        Err(e) => first = first.or(Some(left("shred its subject", &e))),
     }
+    first.map_or(Ok(()), Err)
 }
 
 /// Writes what redemptions need: a partner and a gateway credential
@@ -432,7 +452,13 @@ pub(super) async fn mint_one(gw: &Client) -> Result<String> {
 async fn mint_for(gw: &Client, names: &Names<'_>) -> Result<String> {
     let fields = FIELDS.iter().map(|(f, op)| (f.to_string(), *op)).collect();
     Ok(gw
-        .mint(names.partner, names.subject, PURPOSE, fields, 3600)
+        .mint(
+            names.partner,
+            names.subject,
+            PURPOSE,
+            fields,
+            names.ttl_secs,
+        )
         .await?
         .0)
 }
@@ -454,12 +480,16 @@ pub(super) async fn redeem_one(connector: &Connector, token: &str) -> Result<boo
 struct Names<'a> {
     partner: &'a str,
     subject: &'a str,
+    /// The tokens' lifetime, as `Mint` asks it (0: the server's default).
+    ttl_secs: u32,
 }
 
-/// The names of a vault this run made ([`prepare`]).
+/// The names of a vault this run made ([`prepare`]), whose tokens live
+/// an hour, the longest `vaultd` allows by default.
 const OWN: Names<'static> = Names {
     partner: PARTNER,
     subject: SUBJECT,
+    ttl_secs: 3600,
 };
 
 /// `base` with `api_key` in place of its key.

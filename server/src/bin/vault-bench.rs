@@ -548,9 +548,13 @@ impl Command {
 
 /// `--duration SECS` as a duration.
 fn seconds(secs: Option<f64>) -> anyhow::Result<Option<Duration>> {
-    secs.map(Duration::try_from_secs_f64)
-        .transpose()
-        .context("--duration takes a positive number of seconds")
+    secs.map(|s| {
+        Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--duration takes a positive number of seconds")
+    })
+    .transpose()
 }
 
 fn main() -> ExitCode {
