@@ -95,7 +95,7 @@
 //! 0x89 ProofInfo   blob receipt
 //!                  00000001 09
 //! 0x8A HealthInfo  str status, u64 entries, blob signed_head
-//!                  0002 6f6b 0000000000000008
+//!                  0002 6f6b 0000000000000008 00000002 cdef
 //! 0x8B Identity    str id, str role, str name
 //!                  0004 69642d31 0007 706172746e6572 0002 7031
 //! 0x8C StateValue  u8 kind, blob value (JSON)

@@ -225,6 +225,12 @@ pub async fn drive(
     };
     while waiting(&flags) {
         if let Some(status) = server.exited() {
+            // An armed vaultd aborts on a panic (SIGABRT): anything else is
+            // not the failpoint's crash.
+            use std::os::unix::process::ExitStatusExt;
+            if matches!(ending, Ending::Crash(_)) && status.signal() != Some(6) {
+                return Err(format!("vaultd exited, not at its failpoint: {status}"));
+            }
             crashed = Some(status);
             break;
         }

@@ -317,6 +317,11 @@ fn run(args: &Args) -> Result<String, String> {
             "none of the {crashes} crash cycles crashed at its failpoint: is vaultd built with the failpoints feature?"
         ));
     }
+    if faults > 0 && refusing == 0 {
+        return Err(format!(
+            "none of the {faults} failed writes refused a request: did their failpoints fire?"
+        ));
+    }
     Ok(format!(
         "crash harness passed: {} cycles ({crashed} of {crashes} crashed at their failpoint, {refusing} of {faults} failed writes refused a request, {startup_kills} with a kill during startup) in {:.0} s, seed {}: {}",
         args.cycles,
