@@ -324,6 +324,53 @@ fn redemptions_at_a_running_vaultd_by_address_clean_up_after_themselves() {
     drop(server);
 }
 
+/// The binary's own flags for `append --duration` and `--embedded DIR`,
+/// and for `verify` (its build's clients and batches, and the baseline):
+/// the run ends at its time with its data kept in DIR, and the verify
+/// run checks what it built.
+#[test]
+fn the_binary_bounds_appends_by_time_keeps_a_dir_and_verifies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("kept");
+    let dir_arg = dir.to_str().expect("utf-8");
+    let v = bench_json(&[
+        "append",
+        "--records",
+        "100000000",
+        "--duration",
+        "0.3",
+        "--clients",
+        "2",
+        "--embedded",
+        dir_arg,
+    ]);
+    assert_eq!(v["params"]["duration_s"], 0.3);
+    let records = v["throughput"]["records"].as_u64().expect("records");
+    assert!(records > 0 && records < 100_000_000, "{v}");
+    assert_eq!(v["target"]["dir"], dir_arg);
+    assert_eq!(v["target"]["temporary"], false);
+    assert!(dir.exists(), "the data dir is kept");
+
+    let v = bench_json(&[
+        "verify",
+        "--entries",
+        "3000",
+        "--subjects",
+        "10",
+        "--clients",
+        "2",
+        "--batch",
+        "64",
+        "--baseline",
+    ]);
+    assert_eq!(v["workload"], "verify");
+    let entries = v["throughput"]["entries"].as_u64().expect("entries");
+    assert!(entries >= 3000, "{v}");
+    positive(&v, &["throughput", "entries_per_s"]);
+    positive(&v, &["baseline", "blake3_per_s"]);
+    positive(&v, &["baseline", "verify_strict_per_s"]);
+}
+
 /// A pass's `tail` (`server::bench::tail`): its threshold is the pass's
 /// p99, its windows hold no more slow requests than it counts, most first,
 /// each no more than began in it.
