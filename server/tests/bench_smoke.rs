@@ -213,6 +213,16 @@ fn protocol_appends_with_the_embedded_baseline() {
         positive(&v, &["latency_us", "p99"]);
         assert_eq!(v["embedded"]["records"], 300);
         positive(&v, &["embedded", "protocol_ratio"]);
+        // Raw sled on the same records, each ratio this run's rate over
+        // sled's.
+        let sled = v["baseline"].as_array().expect("sled baselines");
+        assert_eq!(sled.len(), 2, "{v}");
+        for run in sled {
+            let per_s = positive(run, &["records_per_s"]);
+            let ratio = positive(run, &["vault_ratio"]);
+            let protocol = positive(&v, &["throughput", "records_per_s"]);
+            assert!((ratio - protocol / per_s).abs() < 1e-6 * ratio, "{run}");
+        }
         // The in-process server's vault reports its commit pipeline.
         positive(&v, &["throughput", "pipeline", "syncs"]);
         positive(&v, &["throughput", "pipeline", "mean_sync_ms"]);

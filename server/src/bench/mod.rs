@@ -154,8 +154,8 @@ pub struct AppendParams {
     #[serde(rename = "duration_s", serialize_with = "secs_opt")]
     pub duration: Option<Duration>,
     /// Also measure a baseline in the same run (default false): raw sled
-    /// at the same durability for the embedded engine; the embedded engine
-    /// itself for a protocol target.
+    /// at the same durability; for a protocol target, the embedded engine
+    /// with the same parameters too.
     pub baseline: bool,
     /// For a protocol target: the `redis-server` binary to run the same
     /// number of `SET`s of `size`-byte values against, with `appendfsync
@@ -376,6 +376,8 @@ pub struct AppendReport {
     pub throughput: AppendThroughput,
     /// Per append call, from submission until it resolved durable.
     pub latency_us: Latency,
+    /// With `baseline`: raw sled, syncing every 1 and every 256 inserts,
+    /// each with this run's rate over its own (`vault_ratio`).
     pub baseline: Option<Vec<SledRun>>,
     /// For a protocol target with `baseline`: the embedded engine with the
     /// same parameters, in the same invocation.
@@ -1861,7 +1863,7 @@ impl AppendReport {
         if self.embedded.is_some() {
             let _ = write!(
                 s,
-                "\n  ratio column: protocol records/s divided by the embedded engine's"
+                "\n  ratio column: protocol records/s divided by each baseline's (the embedded engine's, sled's)"
             );
         }
         s

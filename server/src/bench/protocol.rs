@@ -114,27 +114,38 @@ pub(super) async fn run_append(
         appends_per_s: stats.appends as f64 / secs,
         pipeline,
     };
-    let embedded = if p.baseline {
+    // The embedded engine with the same parameters, and raw sled at the
+    // engine's durability, on the same records: each a ratio of this run.
+    let (embedded, sled) = if p.baseline {
         let edir = dir.join("embedded");
         let (_, _, einfo) = scratch(Some(&edir), "embedded", false)?;
         let ep = AppendParams {
             records: stats.records,
             duration: None,
-            baseline: false,
+            baseline: true,
             redis: None,
             postgres: None,
             ..p.clone()
         };
         let e = run_embedded(&edir, einfo, &ep, progress).await?;
-        Some(EmbeddedRun {
+        let sled = e.baseline.map(|runs| {
+            runs.into_iter()
+                .map(|mut run| {
+                    run.vault_ratio = records_per_s / run.records_per_s;
+                    run
+                })
+                .collect()
+        });
+        let embedded = EmbeddedRun {
             records: e.throughput.records,
             elapsed_s: e.throughput.elapsed_s,
             records_per_s: e.throughput.records_per_s,
             latency_us: e.latency_us,
             protocol_ratio: records_per_s / e.throughput.records_per_s,
-        })
+        };
+        (Some(embedded), sled)
     } else {
-        None
+        (None, None)
     };
     let latency_us = Latency::of(&stats.hist);
     let redis = match &p.redis {
@@ -169,7 +180,7 @@ pub(super) async fn run_append(
         params: p.clone(),
         throughput,
         latency_us,
-        baseline: None,
+        baseline: sled,
         embedded,
         redis,
         postgres,

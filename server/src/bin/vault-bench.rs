@@ -219,7 +219,7 @@ struct AppendArgs {
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
     /// Also measure a baseline in the same run: raw sled at the same
-    /// durability; with --protocol or --addr, the embedded engine.
+    /// durability; with --protocol or --addr, the embedded engine too.
     #[arg(long)]
     baseline: bool,
     /// With --protocol or --addr: also run as many Redis SETs of --size
