@@ -1711,6 +1711,17 @@ fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &Live
     }
 }
 
+/// The durable entry count and the encoded signed head that covers them
+/// (empty without one), from one read of the head, so that the count is
+/// always the head's: what `Health` and `Head` answer.
+fn durable_head(vault: &Vault) -> (u64, Vec<u8>) {
+    let head = vault.head();
+    (
+        head.map_or(0, |h| h.last_seq + 1),
+        head.map(|h| h.encode()).unwrap_or_default(),
+    )
+}
+
 /// A partner's `Redeem`: the answer, after the peer's penalty for earlier
 /// refusals, counted in the metrics and in the peer's record.
 async fn redeem_request(
@@ -2089,8 +2100,7 @@ async fn respond(
     let reply = match message {
         Message::Ping => Message::Pong,
         Message::Health => {
-            // One read of the head, so that the count is the head's.
-            let head = vault.head();
+            let (entries, signed_head) = durable_head(vault);
             Message::HealthInfo {
                 status: if vault.is_poisoned() {
                     "degraded"
@@ -2098,15 +2108,18 @@ async fn respond(
                     "ok"
                 }
                 .into(),
-                entries: head.map_or(0, |h| h.last_seq + 1),
-                signed_head: head.map(|h| h.encode()).unwrap_or_default(),
+                entries,
+                signed_head,
             }
         }
-        Message::Head => Message::HeadInfo {
-            public_key: vault.public_key().to_bytes(),
-            entries: vault.durable_len(),
-            signed_head: vault.head().map(|h| h.encode()).unwrap_or_default(),
-        },
+        Message::Head => {
+            let (entries, signed_head) = durable_head(vault);
+            Message::HeadInfo {
+                public_key: vault.public_key().to_bytes(),
+                entries,
+                signed_head,
+            }
+        }
         Message::Append { subject, fields } => match record_json(&fields) {
             Err(m) => m,
             Ok(json) => receipt_or_error(vault.append(Append::record(subject, json)).await),
