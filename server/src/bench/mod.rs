@@ -837,6 +837,18 @@ fn scratch(
     Ok((tmp, dir, info))
 }
 
+/// [`scratch`] for a run against the running `vaultd` of `config`: a
+/// temporary dir for the baselines run beside it, and the target described
+/// by its address and transport (no data dir of ours).
+fn remote_scratch(
+    config: &client::ClientConfig,
+) -> Result<(Option<tempfile::TempDir>, PathBuf, TargetInfo)> {
+    let (tmp, dir, mut info) = scratch(None, "remote", config.tls != client::Tls::Plaintext)?;
+    info.dir = String::new();
+    info.addr = Some(config.addr.clone());
+    Ok((tmp, dir, info))
+}
+
 fn sled_dir(dir: &Path, sync_every: u64) -> PathBuf {
     dir.join(format!("sled-every-{sync_every}"))
 }

@@ -47,14 +47,8 @@ pub(super) async fn run_append(
     }
     let (tmp, dir, mut info) = match target {
         Target::InProcess { dir, tls } => scratch(dir.as_deref(), "in-process", *tls)?,
-        Target::Remote(config) => {
-            // The embedded baseline, if any, still needs a scratch dir.
-            let (tmp, dir, mut info) = scratch(None, "remote", false)?;
-            info.dir = String::new();
-            info.tls = config.tls != client::Tls::Plaintext;
-            info.addr = Some(config.addr.clone());
-            (tmp, dir, info)
-        }
+        // The embedded baseline, if any, still needs a scratch dir.
+        Target::Remote(config) => super::remote_scratch(config)?,
         Target::Embedded { .. } => {
             return Err(Error::Usage("not a protocol target".into()));
         }

@@ -273,11 +273,7 @@ pub(super) async fn run_remote(
     if let Some(pg) = &p.postgres {
         postgres::preflight(pg, postgres::TOKENS_TABLE).await?;
     }
-    // The baselines' scratch dir.
-    let (_tmp, dir, mut info) = super::scratch(None, "remote", false)?;
-    info.dir = String::new();
-    info.tls = config.tls != client::Tls::Plaintext;
-    info.addr = Some(config.addr.clone());
+    let (_tmp, dir, info) = super::remote_scratch(config)?;
     let admin = Client::connect(config.clone()).await?;
     if admin.role() != "admin" {
         return Err(Error::Usage(format!(
