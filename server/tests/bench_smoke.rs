@@ -321,14 +321,9 @@ fn redemptions_at_a_running_vaultd_by_address_clean_up_after_themselves() {
         .iter()
         .find(|c| c.role == "partner")
         .expect("the run's partner");
-    let shredded: Vec<String> = vault
-        .entries_from(0, 10_000)
-        .expect("entries")
-        .iter()
-        .filter_map(|e| {
-            let e = storage::entry::EntryRef::decode(e).ok()?;
-            (e.kind == storage::Kind::SubjectShredded).then(|| e.subject.to_string())
-        })
+    let shredded: Vec<String> = common::entries_of(&vault, storage::Kind::SubjectShredded)
+        .into_iter()
+        .map(|(subject, _)| subject)
         .collect();
     assert_eq!(shredded, std::slice::from_ref(&partner.name));
     drop(server);

@@ -834,16 +834,9 @@ async fn a_peer_that_keeps_guessing_tokens_is_slowed_down() {
     );
     // Every guess is audited: an `access_denied` entry naming the partner,
     // the reason and the source, and the guess only by its hash.
-    let guesses: Vec<serde_json::Value> = s
-        .vault
-        .entries_from(0, 10_000)
-        .expect("entries")
+    let guesses: Vec<serde_json::Value> = common::entries_of(&s.vault, storage::Kind::AccessDenied)
         .iter()
-        .filter_map(|e| {
-            let e = storage::entry::EntryRef::decode(e).ok()?;
-            (e.kind == storage::Kind::AccessDenied)
-                .then(|| serde_json::from_slice(e.payload).expect("a JSON payload"))
-        })
+        .map(|(_, payload)| serde_json::from_slice(payload).expect("a JSON payload"))
         .collect();
     assert_eq!(guesses.len(), 6, "{guesses:?}");
     let mut hashes = std::collections::HashSet::new();
@@ -1013,15 +1006,7 @@ async fn a_token_is_bound_to_its_partner_and_refusals_are_audited() {
         code(&request(&mut gw, 4, &long).await),
         Some(ErrorCode::Invalid)
     );
-    let denials = s
-        .vault
-        .entries_from(0, 10_000)
-        .expect("entries")
-        .iter()
-        .filter(|e| {
-            storage::entry::EntryRef::decode(e).is_ok_and(|e| e.kind == storage::Kind::AccessDenied)
-        })
-        .count();
+    let denials = common::entries_of(&s.vault, storage::Kind::AccessDenied).len();
     assert_eq!(denials, 1, "the wrong-partner refusal is in the log");
 }
 

@@ -129,3 +129,18 @@ pub async fn daemon(vault: Vault, d: server::daemon::Daemon) -> Daemonized {
     let bound = ready_rx.await.expect("the daemon is ready");
     Daemonized { bound, stop, done }
 }
+
+/// The subject and payload of each durable entry of `kind` in `vault`'s
+/// log, in log order.
+#[allow(dead_code)] // not every test binary reads the log
+pub fn entries_of(vault: &Vault, kind: storage::Kind) -> Vec<(String, Vec<u8>)> {
+    vault
+        .entries_from(0, 10_000)
+        .expect("entries")
+        .iter()
+        .filter_map(|e| {
+            let e = storage::entry::EntryRef::decode(e).ok()?;
+            (e.kind == kind).then(|| (e.subject.to_string(), e.payload.to_vec()))
+        })
+        .collect()
+}
