@@ -602,7 +602,9 @@ async fn logs_page_filter_and_hash_as_documented() {
             .map(|e| e["seq"].as_u64().expect("seq"))
             .collect::<Vec<_>>()
     };
-    let all = call(r.http, "GET", "/v1/logs?limit=1000", Some(&r.admin), None).await;
+    // `GET /v1/logs` with `path`, as the admin.
+    let logs = async |path: &str| call(r.http, "GET", path, Some(&r.admin), None).await;
+    let all = logs("/v1/logs?limit=1000").await;
     assert_eq!(all.0, 200, "{}", all.1);
     assert_eq!(all.1["next_after"], Value::Null, "one page holds it all");
     let all = events(&all.1);
@@ -616,7 +618,7 @@ async fn logs_page_filter_and_hash_as_documented() {
             Some(a) => format!("/v1/logs?limit=2&after={a}"),
             None => "/v1/logs?limit=2".to_string(),
         };
-        let page = call(r.http, "GET", &path, Some(&r.admin), None).await;
+        let page = logs(&path).await;
         assert_eq!(page.0, 200, "{}", page.1);
         pages += 1;
         let got = events(&page.1);
@@ -646,14 +648,7 @@ async fn logs_page_filter_and_hash_as_documented() {
     }
     assert_eq!(seqs(&paged), seqs(&all), "every event once, in order");
 
-    let only = call(
-        r.http,
-        "GET",
-        &format!("/v1/logs?limit=1000&subject={SUBJECT}"),
-        Some(&r.admin),
-        None,
-    )
-    .await;
+    let only = logs(&format!("/v1/logs?limit=1000&subject={SUBJECT}")).await;
     let want: Vec<&Value> = all.iter().filter(|e| e["subject"] == SUBJECT).collect();
     assert!(!want.is_empty());
     assert_eq!(
@@ -661,14 +656,7 @@ async fn logs_page_filter_and_hash_as_documented() {
         seqs(&want.into_iter().cloned().collect::<Vec<_>>())
     );
     let until = all[3]["time"].as_str().expect("a time").to_string();
-    let before = call(
-        r.http,
-        "GET",
-        &format!("/v1/logs?limit=1000&until={until}"),
-        Some(&r.admin),
-        None,
-    )
-    .await;
+    let before = logs(&format!("/v1/logs?limit=1000&until={until}")).await;
     assert_eq!(before.0, 200, "{}", before.1);
     // RFC 3339 drops trailing zeros of the fraction: compare as times.
     let at = |t: &str| {
