@@ -145,6 +145,16 @@ impl ClientConfig {
     }
 }
 
+/// The host of a `host:port` address, without the brackets of an IPv6
+/// literal (`[::1]:9999` is `::1`): the name a server's certificate is
+/// checked against by default.
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
 pub(crate) fn server_name_of(name: &str) -> Result<ServerName<'static>> {
     ServerName::try_from(name.to_string())
         .map_err(|_| ClientError::Config(format!("{name:?} is not a valid TLS server name")))
@@ -240,6 +250,14 @@ pub(crate) fn rustls_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_of_an_address_drops_its_port_and_brackets() {
+        assert_eq!(host_of("vault.example:9999"), "vault.example");
+        assert_eq!(host_of("127.0.0.1:9999"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:9999"), "::1");
+        assert_eq!(host_of("vault.example"), "vault.example");
+    }
 
     fn valid() -> ClientConfig {
         ClientConfig {

@@ -825,8 +825,7 @@ fn new_secret(
 
 /// Whether `addr` (host:port) names this machine.
 fn is_loopback(addr: &str) -> bool {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = client::config::host_of(addr);
     host == "localhost"
         || host
             .parse::<std::net::IpAddr>()

@@ -165,19 +165,13 @@ impl RemoteArgs {
         };
         let api_key = self.api_key.context("--addr needs --api-key")?;
         let tls = match (self.cacert, self.insecure_plaintext) {
-            (Some(ca), false) => {
-                let host = addr
-                    .rsplit_once(':')
-                    .map_or(addr.as_str(), |(h, _)| h)
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string();
-                client::Tls::Ca {
-                    ca_pem_file: ca,
-                    server_name: self.server_name.unwrap_or(host),
-                    client_cert: None,
-                }
-            }
+            (Some(ca), false) => client::Tls::Ca {
+                ca_pem_file: ca,
+                server_name: self
+                    .server_name
+                    .unwrap_or_else(|| client::config::host_of(&addr).to_string()),
+                client_cert: None,
+            },
             (None, true) => client::Tls::Plaintext,
             _ => anyhow::bail!("--addr needs --cacert FILE, or --insecure-plaintext"),
         };
