@@ -16,9 +16,9 @@
 //! only in memory; it is revoked at a clean shutdown. After a crash, or a
 //! stop while the vault was being opened again, it is useless (only its
 //! hash was ever stored) but still active in the log: the next start
-//! revokes every such key of an earlier process, the gateway credentials
-//! named [`SHIM_KEY_NAME`] (a name the API refuses) that no admin created,
-//! before it makes its own.
+//! revokes every such key of an earlier process, the live gateway
+//! credentials named [`SHIM_KEY_NAME`] (a name the API refuses), before it
+//! makes its own.
 //!
 //! Shutdown: stop accepting; each protocol connection answers the
 //! requests it has read, says why it closes and closes (`serve::run`
@@ -180,32 +180,19 @@ pub const SHIM_KEY_NAME: &str = "vaultd in-process shim";
 
 /// Revokes the gateway keys that earlier `vaultd` processes made for their
 /// in-process shim and could not revoke (a crash, or a stop while the
-/// vault was being opened again): the active gateway credentials named
-/// [`SHIM_KEY_NAME`] with no admin recorded as their creator. Their keys
-/// lived only in those processes' memory, so nothing can use them, and no
-/// admin can make a credential of that name. (Builds before that name
-/// called the key `vaultd-shim`, a name an admin may use too: such keys
-/// are left alone.) Returns how many were revoked.
+/// vault was being opened again): the live gateway credentials named
+/// [`SHIM_KEY_NAME`], read from the derived state (no pass over the log).
+/// Their keys lived only in those processes' memory, so nothing can use
+/// them, and no admin can make a credential of that name. (Builds before
+/// that name called the key `vaultd-shim`, a name an admin may use too:
+/// such keys are left alone.) Returns how many were revoked.
 pub async fn revoke_stale_shim_keys(vault: &Vault) -> Result<usize> {
-    let mut stale = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let (page, more) = vault.credentials(after.as_deref(), 1_000)?;
-        after = page.last().map(|c| c.id.clone());
-        stale.extend(
-            page.into_iter()
-                .filter(|c| {
-                    c.role == "gateway"
-                        && c.name == SHIM_KEY_NAME
-                        && c.recorded_by.is_none()
-                        && c.revoked_seq.is_none()
-                })
-                .map(|c| c.id),
-        );
-        if !more || after.is_none() {
-            break;
-        }
-    }
+    let stale: Vec<String> = vault
+        .live_credentials("gateway-")?
+        .into_iter()
+        .filter(|c| c.role == "gateway" && c.name == SHIM_KEY_NAME)
+        .map(|c| c.id)
+        .collect();
     for id in &stale {
         vault.revoke_credential(id).await?;
     }

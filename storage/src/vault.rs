@@ -424,10 +424,6 @@ pub struct CredentialInfo {
     pub created_ms: u64,
     /// Seq of the `credential_revoked` entry, if revoked.
     pub revoked_seq: Option<u64>,
-    /// The admin credential that created it; `None` for one the vault's
-    /// own tools created (`vaultd init`'s admin, `vaultd dev`'s demo
-    /// keys, the in-process shim's gateway key).
-    pub recorded_by: Option<String>,
 }
 
 /// Every credential the log created, revoked ones included, up to
@@ -457,7 +453,6 @@ impl CredentialIndex {
                     created_seq: e.seq,
                     created_ms: e.timestamp_ms,
                     revoked_seq: None,
-                    recorded_by: c.recorded_by,
                 };
                 self.by_id.insert(c.id, info);
             }
@@ -2196,6 +2191,44 @@ impl Vault {
             serde_json::from_slice(&v).map_err(|_| Error::Malformed("credential"))?;
         c.id = id.to_string();
         Ok(Some(c))
+    }
+
+    /// The live credentials whose id starts with `id_prefix` (ids are
+    /// `role-` and 12 hex digits), in id order, from the derived state as
+    /// [`Vault::credential`] reads it: no pass over the log.
+    pub fn live_credentials(&self, id_prefix: &str) -> Result<Vec<Credential>> {
+        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
+        let prefix = state::key("c/", id_prefix);
+        // The overlay first, as `state_get` reads it: a value the indexer
+        // moves to the tree meanwhile is then found in the tree.
+        let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        if let Ok(o) = sh.overlay.lock() {
+            for muts in o.frozen.iter().map(|f| &**f).chain([&o.map]) {
+                for (k, (_, v)) in muts.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+                    newer.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for kv in st.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            found.insert(k.to_vec(), v.to_vec());
+        }
+        for (k, v) in newer {
+            match v {
+                Some(v) => found.insert(k, v),
+                None => found.remove(&k),
+            };
+        }
+        found
+            .into_iter()
+            .map(|(k, v)| {
+                let mut c: Credential =
+                    serde_json::from_slice(&v).map_err(|_| Error::Malformed("credential"))?;
+                c.id = String::from_utf8_lossy(&k[2..]).into_owned();
+                Ok(c)
+            })
+            .collect()
     }
 
     /// Up to `max` credentials after `after_id` (exclusive; `None` from

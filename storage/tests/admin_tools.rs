@@ -127,6 +127,41 @@ fn credentials_are_listed_in_id_order_with_revocations_and_pages() {
     let (all2, _) = vault.credentials(None, 100).expect("list");
     assert_eq!(all2.len(), 5);
     assert!(all2.iter().any(|c| c.id == id && c.role == "gateway"));
+    // The live ones from the derived state: the same, but the revoked
+    // auditor, whether written to the tree yet or not.
+    let live: Vec<String> = all2
+        .iter()
+        .filter(|c| c.revoked_seq.is_none())
+        .map(|c| c.id.clone())
+        .collect();
+    let read = |prefix: &str| -> Vec<String> {
+        vault
+            .live_credentials(prefix)
+            .expect("live")
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    };
+    assert_eq!(read(""), live);
+    assert_eq!(read("gateway-"), std::slice::from_ref(&id));
+    let shim = vault.live_credentials("gateway-").expect("live");
+    assert_eq!(
+        (shim[0].role.as_str(), shim[0].name.as_str()),
+        ("gateway", "shim")
+    );
+    assert!(read("auditor-").is_empty());
+    vault.close().expect("close");
+    // And after a reopen, from the tree alone.
+    let vault = Vault::open(&dir, &passphrase(), Options::default()).expect("open");
+    assert_eq!(
+        vault
+            .live_credentials("")
+            .expect("live")
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>(),
+        live
+    );
     vault.close().expect("close");
 }
 
