@@ -276,7 +276,15 @@ fn run(args: &Args) -> Result<String, String> {
             }
         };
         if let Some(spec) = &armed {
-            server.kill();
+            // A clean stop, which revokes its shim key, so that the armed
+            // server's start writes one commit (its own shim key) as N
+            // counts from 1: a SIGKILL would leave the key to revoke, a
+            // second commit at start, and N = 1 would then fail the start
+            // rather than the load.
+            let status = server.stop();
+            if !status.success() {
+                return Err(format!("the unarmed vaultd did not stop cleanly: {status}"));
+            }
             server = start(&env, Some(spec))?;
         }
         let run_for = Duration::from_millis(match ending {
