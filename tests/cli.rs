@@ -385,6 +385,75 @@ fn verify_keeps_the_newest_head_and_names_a_rollback() {
     assert!(bad.stderr.contains("does not hold a head"), "{bad:?}");
 }
 
+/// A write-ahead segment that is not what the vault wrote (here, bytes
+/// under a segment's name in a dir stopped cleanly) is an integrity
+/// failure at the seq its name holds, exit 1, with or without
+/// `--read-only`; and `vaultd` refuses to serve the dir, naming the seq.
+#[test]
+fn verify_names_a_damaged_write_ahead_segment() {
+    let s = Scratch::new();
+    let dir = s.path("dev");
+    let dev = vaultd_dev(&dir);
+    let key = str_field(&dev, "public_key").to_string();
+    let segment = dir.join("wal").join(format!("{:016x}.wal", 3));
+    std::fs::create_dir_all(dir.join("wal")).expect("the segments' dir");
+    std::fs::write(&segment, b"not a write-ahead segment").expect("write");
+
+    for read_only in [false, true] {
+        let mut args = vec![
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--public-key"),
+            OsStr::new(&key),
+            OsStr::new("--json"),
+        ];
+        if read_only {
+            args.push(OsStr::new("--read-only"));
+        }
+        let out = vault_verify(args);
+        assert_eq!(out.code, 1, "read-only {read_only}: {out:?}");
+        let report = out.json();
+        assert_eq!(report["ok"], false, "{report}");
+        assert_eq!(report["failure"]["reason"], "malformed", "{report}");
+        assert_eq!(report["failure"]["seq"], 3, "{report}");
+    }
+    let text = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(&key),
+    ]);
+    assert_eq!(text.code, 1, "{text:?}");
+    assert!(
+        text.stdout
+            .contains("INTEGRITY FAILURE at seq 3: malformed")
+            && text.stdout.contains("0000000000000003.wal"),
+        "{text:?}"
+    );
+    let pass = str_field(&dev, "passphrase_file");
+    let served = run(
+        "vaultd",
+        [
+            OsStr::new("serve"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--passphrase-file"),
+            OsStr::new(pass),
+            OsStr::new("--insecure-plaintext"),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(served.code, 1, "{served:?}");
+    assert!(
+        served
+            .stderr
+            .contains("integrity failure at seq 3: malformed"),
+        "{served:?}"
+    );
+    assert!(segment.exists(), "the segment stays for a look");
+}
+
 #[test]
 fn verify_names_a_corrupted_chunk() {
     let s = Scratch::new();

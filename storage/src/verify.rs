@@ -1226,10 +1226,25 @@ impl Report {
 }
 
 /// Verifies the vault in `dir`. `Err` means the check could not run (no
-/// vault, locked, I/O); integrity failures are in [`Report::failure`].
+/// vault, locked, I/O); integrity failures are in [`Report::failure`],
+/// those the open meets (a damaged write-ahead segment) included.
 pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
-    let store = Store::open_existing_with(dir, VERIFY_CACHE_BYTES, Flusher::Off)?;
-    verify_opened(&store, opts)
+    match Store::open_existing_with(dir, VERIFY_CACHE_BYTES, Flusher::Off) {
+        Ok(store) => verify_opened(&store, opts),
+        Err(e) => failed_open(e),
+    }
+}
+
+/// The report of an open that met an integrity failure before any entry
+/// could be checked; other errors stay errors.
+fn failed_open(e: Error) -> Result<Report> {
+    match e {
+        Error::Integrity { seq, reason } => Ok(Report {
+            failure: Some((seq, reason)),
+            ..Report::default()
+        }),
+        other => Err(other),
+    }
 }
 
 /// [`verify`] without writing to `dir`, for a data dir on read-only
@@ -1242,8 +1257,10 @@ pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
 /// chunks in place. The same log is verified, with the same report: only
 /// where the open's writes go differs (`docs/storage.md`, section 8).
 pub fn verify_read_only(dir: &Path, scratch: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
-    let store = Store::open_read_only(dir, scratch, VERIFY_CACHE_BYTES)?;
-    verify_opened(&store, opts)
+    match Store::open_read_only(dir, scratch, VERIFY_CACHE_BYTES) {
+        Ok(store) => verify_opened(&store, opts),
+        Err(e) => failed_open(e),
+    }
 }
 
 /// Verifies an opened store, and the kept head of `opts` against it.

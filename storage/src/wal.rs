@@ -75,7 +75,10 @@
 //! before its `fdatasync` returned): it and anything after it are dropped.
 //! The writer `fdatasync`s a segment before it starts the next one, so the
 //! same in an earlier segment is corruption, and the open is refused
-//! (`Malformed`) rather than losing acknowledged groups silently.
+//! rather than losing acknowledged groups silently: an integrity failure
+//! (`Error::Integrity`, reason `malformed`) at the segment's first seq, as
+//! is a segment with a bad magic or a record whose CRC holds but whose
+//! body does not decode.
 //!
 //! Invariants: a group is acknowledged only after its record is durable;
 //! a segment is deleted only after sled is durable with every group in it;
@@ -89,7 +92,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::entry::Reader;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::store::{sync_dir, Store};
 
 /// Magic and version at the start of every segment.
@@ -359,6 +362,14 @@ fn segment_name(first_seq: u64) -> String {
 
 /// The segments in `dir`, in the order of their names (their first seqs).
 fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(numbered_segments(dir)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect())
+}
+
+/// The segments of `dir` with the first seq their names hold, in order.
+fn numbered_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let wd = wal_dir(dir);
     let mut found = Vec::new();
     let entries = match std::fs::read_dir(&wd) {
@@ -379,7 +390,7 @@ fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     found.sort();
-    Ok(found.into_iter().map(|(_, p)| p).collect())
+    Ok(found)
 }
 
 /// What `replay` did.
@@ -397,22 +408,31 @@ pub struct Replayed {
 /// not hold, makes sled durable and deletes the segments (see the module
 /// doc). Run by every open of a data dir, before anything reads sled.
 pub(crate) fn replay(store: &Store) -> Result<Replayed> {
-    let paths = segments(&store.dir)?;
+    let numbered = numbered_segments(&store.dir)?;
     let mut done = Replayed::default();
-    if paths.is_empty() {
+    if numbered.is_empty() {
         return Ok(done);
     }
     // The last group sled holds: its batches after its log batch may be
     // missing, and must be in place before any later group's.
     let mut held: Option<GroupWrite> = None;
-    for (i, path) in paths.iter().enumerate() {
+    for (i, (first_seq, path)) in numbered.iter().enumerate() {
+        // Bytes the writer did not write where acknowledged groups are
+        // kept: an integrity failure at the segment's first seq.
+        let damaged = |e: Error| match e {
+            Error::Malformed(m) => Error::integrity(
+                *first_seq,
+                Reason::Malformed(format!("{m}, in {}", path.display())),
+            ),
+            other => other,
+        };
         let bytes = std::fs::read(path)?;
-        let seg = read_segment(&bytes)?;
+        let seg = read_segment(&bytes).map_err(damaged)?;
         if seg.torn {
-            if i + 1 != paths.len() {
-                return Err(Error::Malformed(
+            if i + 1 != numbered.len() {
+                return Err(damaged(Error::Malformed(
                     "a write-ahead segment before the last one is cut short or fails its CRC",
-                ));
+                )));
             }
             done.torn = true;
         }
@@ -421,7 +441,7 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
                 // sled may have made the pointers durable before the
                 // chunks file held their bytes (`logfile`).
                 for b in g.batches.iter().filter(|b| b.tree == TreeId::Log) {
-                    for (k, v) in b.chunks()? {
+                    for (k, v) in b.chunks().map_err(damaged)? {
                         store.log.repair(k, v)?;
                     }
                 }
@@ -445,6 +465,7 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
     // A read-only open replayed into copies: the segments stay for the
     // next open that writes.
     if !store.is_read_only() {
+        let paths: Vec<PathBuf> = numbered.into_iter().map(|(_, p)| p).collect();
         remove_segments(&store.dir, &paths)?;
     }
     if done.applied > 0 || done.torn {

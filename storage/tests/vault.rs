@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::{copy_dir, files, wait_unlocked};
 
-use storage::{verify, Append, Error, Kind, Options, Unlock, Vault, VerifyOptions};
+use storage::{verify, Append, Error, Kind, Options, Reason, Unlock, Vault, VerifyOptions};
 
 fn unlock() -> Unlock {
     Unlock::passphrase(b"test passphrase".to_vec())
@@ -622,6 +622,91 @@ async fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
     );
     assert!(!dir.join("chunks").exists(), "no chunks file was created");
     assert_eq!(files(&dir.join("wal")), wal, "nothing was replayed");
+}
+
+/// Bytes the writer did not write in a write-ahead segment (a bad magic;
+/// a record failing its CRC in a segment before the last, which no crash
+/// leaves) are an integrity failure at the segment's first seq, naming
+/// the file: the open refuses the dir, and verify reports it (exit 1 in
+/// `vault-verify`) rather than failing to run, from a writing open and a
+/// read-only one alike.
+#[tokio::test]
+async fn a_damaged_write_ahead_segment_is_an_integrity_failure_at_its_first_seq() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    for i in 0..5 {
+        vault
+            .append(Append::record(format!("s{i}"), b"{}".to_vec()))
+            .await
+            .expect("append");
+    }
+    let live_wal = tmp.path().join("wal");
+    copy_dir(&dir.join("wal"), &live_wal);
+    vault.close().expect("close");
+    let (name, segment) = std::fs::read_dir(&live_wal)
+        .expect("read the copy")
+        .map(|e| e.expect("dir entry").path())
+        .map(|p| {
+            (
+                p.file_name().expect("name").to_owned(),
+                std::fs::read(&p).expect("read"),
+            )
+        })
+        .find(|(_, bytes)| bytes.len() > 16 && bytes[8..16] != [0; 8])
+        .expect("a segment with a record");
+    let first: u64 = name
+        .to_str()
+        .and_then(|n| n.strip_suffix(".wal"))
+        .and_then(|n| u64::from_str_radix(n, 16).ok())
+        .expect("a segment is named by its first seq");
+    let mut bad_magic = segment.clone();
+    bad_magic[..6].copy_from_slice(b"NOTWAL");
+    let mut bad_crc = segment.clone();
+    bad_crc[4] ^= 0x01; // the first record's CRC
+    let later = std::ffi::OsString::from(format!("{:016x}.wal", first + 1_000));
+    let mut empty = segment[..8].to_vec();
+    empty.extend_from_slice(&[0; 64]);
+    let cases = [
+        ("a bad magic", vec![(name.clone(), bad_magic)]),
+        (
+            "a record failing its CRC before the last segment",
+            vec![(name.clone(), bad_crc), (later, empty)],
+        ),
+    ];
+    let opts = VerifyOptions {
+        public_key: Some(key),
+        ..Default::default()
+    };
+    for (case, segments) in cases {
+        let wal = dir.join("wal");
+        std::fs::remove_dir_all(&wal).expect("clear the segments");
+        std::fs::create_dir_all(&wal).expect("the segments' dir");
+        for (n, bytes) in &segments {
+            std::fs::write(wal.join(n), bytes).expect("write a segment");
+        }
+        let names_the_file = |reason: &Reason| matches!(reason, Reason::Malformed(m) if m.contains(name.to_str().unwrap_or("?")));
+        match Vault::open(&dir, &unlock(), Options::default()) {
+            Err(Error::Integrity { seq, reason }) if seq == first && names_the_file(&reason) => {}
+            other => panic!("{case}: the open gave {:?}", other.map(|_| "a vault")),
+        }
+        let scratch = tempfile::tempdir().expect("scratch");
+        for report in [
+            verify(&dir, &opts).expect("verify runs"),
+            storage::verify_read_only(&dir, scratch.path(), &opts).expect("verify runs"),
+        ] {
+            match &report.failure {
+                Some((seq, reason)) if *seq == first && names_the_file(reason) => {}
+                other => panic!("{case}: verify reported {other:?}"),
+            }
+        }
+        assert_eq!(
+            files(&wal).len(),
+            segments.len(),
+            "{case}: the segments stay for a look"
+        );
+    }
 }
 
 #[test]
