@@ -257,6 +257,10 @@ mod tests {
         assert_eq!(host_of("127.0.0.1:9999"), "127.0.0.1");
         assert_eq!(host_of("[::1]:9999"), "::1");
         assert_eq!(host_of("vault.example"), "vault.example");
+        // What a default server name is taken from: an IPv6 host without
+        // its brackets is a name TLS takes (an IP address), with them not.
+        assert!(server_name_of(host_of("[::1]:9999")).is_ok());
+        assert!(server_name_of("[::1]").is_err());
     }
 
     fn valid() -> ClientConfig {

@@ -567,11 +567,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let vault_tls = match (cacert, plaintext) {
                 (Some(ca), _) => client::Tls::Ca {
                     ca_pem_file: ca,
-                    server_name: tls_server_name.unwrap_or_else(|| {
-                        vault
-                            .rsplit_once(':')
-                            .map_or(vault.clone(), |(h, _)| h.to_string())
-                    }),
+                    server_name: tls_server_name
+                        .unwrap_or_else(|| client::config::host_of(&vault).to_string()),
                     client_cert: client_cert.zip(client_key),
                 },
                 (None, _) if client_cert.is_some() => {
