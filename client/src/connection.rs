@@ -370,6 +370,19 @@ impl Connector {
         }
     }
 
+    /// The TLS this connector speaks, `None` in plaintext: a connector
+    /// with its trust (and session cache) and the server name to check.
+    /// For another port of the same server under the same certificate,
+    /// such as `vaultd`'s HTTP shim.
+    pub fn tls(&self) -> Option<(tokio_rustls::TlsConnector, ServerName<'static>)> {
+        self.tls.as_ref().map(|(config, name)| {
+            (
+                tokio_rustls::TlsConnector::from(config.clone()),
+                name.clone(),
+            )
+        })
+    }
+
     /// A TCP connection to the vault, inside TLS unless plaintext, and
     /// whether its TLS handshake resumed an earlier session. `one_write`:
     /// the connection will carry a single write of the client's, so in

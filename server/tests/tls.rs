@@ -832,3 +832,96 @@ async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
     done.await.expect("daemon task").expect("daemon");
     drop(slow);
 }
+
+/// `vault-bench authorize --addr` against a `vaultd` serving TLS on both
+/// ports, with an admin's key: the shim's HTTPS port (`--http-addr`) is
+/// spoken to with the CA and server name of `--addr`; every grant is a
+/// `token_minted` entry; the vault request times come from the server's
+/// `/metrics`; and the partner the run made is revoked and its subject
+/// shredded afterwards.
+#[test]
+fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pki, tls) = pki(dir.path(), false);
+    let ca_file = write(dir.path(), "ca.pem", &pki.ca.pem());
+    let vault = Vault::create(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"tls test".to_vec()),
+        Options::default(),
+    )
+    .expect("create")
+    .vault;
+    let (_, admin) = rt
+        .block_on(vault.create_credential("admin", "bench-admin"))
+        .expect("an admin key");
+    let running = rt.block_on(async {
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind")
+        };
+        let d = server::daemon::Daemon {
+            protocol: bind().await,
+            http: Some(bind().await),
+            tls: Some(tls),
+            serve: ServeConfig::default(),
+            shim: server::shim::ShimConfig::default(),
+            policies: None,
+            reopen: None,
+        };
+        common::daemon(vault, d).await
+    });
+    let http = running.bound.http.expect("the shim").to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args(["authorize", "--addr", &running.bound.protocol.to_string()])
+        .args(["--api-key", &admin])
+        .arg("--cacert")
+        .arg(&ca_file)
+        .args(["--server-name", "localhost", "--http-addr", &http])
+        .args(["--requests", "40", "--clients", "4", "--format", "json"])
+        .output()
+        .expect("vault-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["target"]["kind"], "remote", "{v}");
+    assert_eq!(v["target"]["tls"], true, "{v}");
+    assert_eq!(v["params"]["http_addr"], http.as_str(), "{v}");
+    assert_eq!(v["authorize"]["requests"], 40, "{v}");
+    assert_eq!(v["health"]["requests"], 40, "{v}");
+    assert_eq!(v["audit_entries"], 40, "nothing else wrote meanwhile: {v}");
+    assert!(v["vault_mean_us"]["mint"].as_f64() > Some(0.0), "{v}");
+    assert!(v["pipeline"].is_null(), "{v}");
+    let _ = running.stop.send(());
+    rt.block_on(running.done)
+        .expect("daemon task")
+        .expect("daemon");
+
+    let vault = Vault::open(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"tls test".to_vec()),
+        Options::default(),
+    )
+    .expect("open");
+    let made: Vec<_> = vault
+        .credentials(None, 1_000)
+        .expect("credentials")
+        .0
+        .into_iter()
+        .filter(|c| c.name.starts_with("vault-bench"))
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(made[0].role, "partner", "{made:?}");
+    assert!(made[0].revoked_seq.is_some(), "{made:?}");
+    let shredded: Vec<String> = common::entries_of(&vault, storage::Kind::SubjectShredded)
+        .into_iter()
+        .map(|(subject, _)| subject)
+        .collect();
+    assert_eq!(shredded, std::slice::from_ref(&made[0].name));
+    let minted = common::entries_of(&vault, storage::Kind::TokenMinted)
+        .into_iter()
+        .filter(|(subject, _)| *subject == made[0].name)
+        .count();
+    assert_eq!(minted, 40);
+}

@@ -18,6 +18,10 @@
 //!
 //! The audit entries written are counted from the vault's entry count
 //! (read through `/v1/health`) before and after the authorize phase.
+//!
+//! Against a running `vaultd` ([`run_remote`]) the same phases go to its
+//! shim, over the TLS of its protocol port or in plaintext, for a partner
+//! and subject the run makes over the protocol and removes afterwards.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,6 +34,7 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use serde::Serialize;
 use storage::Vault;
 use tokio::net::TcpStream;
@@ -40,7 +45,7 @@ use super::tail::{DiskTrace, Recorder, Tail};
 use super::{
     check, create_vault, join_each, thousands, Latency, LatencyTable, Pace, Progress, TargetInfo,
 };
-use crate::dev::{self, DemoKeys, DEMO_PARTNER, DEMO_PURPOSE, DEMO_RECORDS};
+use crate::dev::{self, DemoKeys, DEMO_PURPOSE, DEMO_RECORDS};
 use crate::shim::PoliciesFile;
 use crate::{Error, Result};
 
@@ -59,6 +64,11 @@ pub struct AuthorizeParams {
     /// `requests` if need be.
     #[serde(rename = "duration_s", serialize_with = "super::secs_opt")]
     pub duration: Option<std::time::Duration>,
+    /// Against a running `vaultd` (`--addr`): its HTTP shim's HOST:PORT,
+    /// by default the host of `--addr` on port 8080. Spoken to with the
+    /// protocol's TLS (the same CA and server name), or in plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
 }
 
 impl Default for AuthorizeParams {
@@ -68,6 +78,7 @@ impl Default for AuthorizeParams {
             requests: 20_000,
             rate: None,
             duration: None,
+            http_addr: None,
         }
     }
 }
@@ -160,21 +171,99 @@ pub(super) async fn run(
     )
     .await?;
     info.addr = server.http.map(|a| a.to_string());
-    let measured = measure(&server, &keys.partner, p, disk.as_deref(), progress).await;
+    let measured = match server.http {
+        Some(addr) => {
+            let target = HttpTarget::plain(addr);
+            let call = authorize_call(&keys.partner);
+            measure(&target, &call, true, p, disk.as_deref(), progress).await
+        }
+        None => Err(Error::Usage("the shim did not start".into())),
+    };
     let stopped = server.stop().await;
     let report = measured?;
     stopped?;
-    let (health, authorize, audit_entries, vault_mean_us, pipeline) = report;
-    Ok(AuthorizeReport {
-        target: info,
-        params: p.clone(),
-        ratio_vs_health: authorize.requests_per_s / health.requests_per_s,
-        authorize,
-        health,
-        audit_entries,
-        vault_mean_us,
-        pipeline,
-    })
+    Ok(report.into_report(info, p))
+}
+
+/// Runs the workload against the shim of a running `vaultd`, as an admin
+/// of it (`config`): a partner, its policy (purpose `bench`, no rate
+/// limit), a subject with a record and its consent, made for the run over
+/// the protocol under a `vault-bench-<hex>` name, then the credential
+/// revoked and the subject shredded, after a failure or Ctrl-C too. The
+/// grants' `token_minted` entries stay in the log, as every audit entry
+/// does; their tokens go unredeemed. The audit entries counted are every
+/// entry the vault wrote meanwhile, other clients' included; the vault
+/// request times are read from the server's `GET /metrics`, and the
+/// commit pipeline is not known.
+pub(super) async fn run_remote(
+    config: &client::ClientConfig,
+    p: &AuthorizeParams,
+    progress: Progress,
+) -> Result<AuthorizeReport> {
+    let http_addr = match &p.http_addr {
+        Some(a) => a.clone(),
+        None => default_http_addr(&config.addr),
+    };
+    let target = HttpTarget {
+        addr: http_addr.clone(),
+        tls: client::Connector::new(config.clone())?.tls(),
+    };
+    let (_tmp, _dir, mut info) = super::remote_scratch(config)?;
+    info.addr = Some(format!("{http_addr} (vault {})", config.addr));
+    let (admin, name) = super::redeem::remote_admin(config, "authorize").await?;
+    let mut made = Vec::new();
+    let measured = async {
+        let names = super::redeem::Names {
+            partner: &name,
+            subject: &name,
+            ttl_secs: 0,
+        };
+        let partner_key = super::redeem::prepare_partner(&admin, &names, &mut made).await?;
+        let call = authorize_call_for(&partner_key, &name, super::redeem::PURPOSE);
+        measure(&target, &call, false, p, None, progress).await
+    };
+    // Ctrl-C ends the run early, but not before the clean-up.
+    let measured = tokio::select! {
+        m = measured => m,
+        _ = tokio::signal::ctrl_c() => Err(Error::Usage("interrupted".into())),
+    };
+    drop(admin);
+    let cleaned = super::redeem::clean_up(config, &name, &made).await;
+    let report = measured?;
+    cleaned?;
+    Ok(report.into_report(info, p))
+}
+
+/// The shim of the `vaultd` at `vault_addr`: its host, port 8080.
+fn default_http_addr(vault_addr: &str) -> String {
+    match client::config::host_of(vault_addr) {
+        host if host.contains(':') => format!("[{host}]:8080"),
+        host => format!("{host}:8080"),
+    }
+}
+
+/// What [`measure`] found.
+struct Measured {
+    health: HttpRun,
+    authorize: HttpRun,
+    audit_entries: u64,
+    vault_mean_us: BTreeMap<String, f64>,
+    pipeline: Option<super::PipelineRun>,
+}
+
+impl Measured {
+    fn into_report(self, target: TargetInfo, p: &AuthorizeParams) -> AuthorizeReport {
+        AuthorizeReport {
+            target,
+            params: p.clone(),
+            ratio_vs_health: self.authorize.requests_per_s / self.health.requests_per_s,
+            authorize: self.authorize,
+            health: self.health,
+            audit_entries: self.audit_entries,
+            vault_mean_us: self.vault_mean_us,
+            pipeline: self.pipeline,
+        }
+    }
 }
 
 /// Seeds `vault` as `vaultd dev` does; returns the demo keys and the demo
@@ -201,7 +290,13 @@ pub(super) fn health_call() -> Call {
 /// `POST /v1/authorize` for the demo partner (API key `partner_key`),
 /// subject and purpose: a grant, and a durable `token_minted` entry.
 pub(super) fn authorize_call(partner_key: &str) -> Call {
-    let body = serde_json::json!({"subject_id": DEMO_RECORDS[0].0, "purpose": DEMO_PURPOSE});
+    authorize_call_for(partner_key, DEMO_RECORDS[0].0, DEMO_PURPOSE)
+}
+
+/// `POST /v1/authorize` of `subject`'s record for `purpose`, with the
+/// partner API key `partner_key`.
+fn authorize_call_for(partner_key: &str, subject: &str, purpose: &str) -> Call {
+    let body = serde_json::json!({"subject_id": subject, "purpose": purpose});
     Call {
         method: Method::POST,
         path: "/v1/authorize",
@@ -210,53 +305,67 @@ pub(super) fn authorize_call(partner_key: &str) -> Call {
     }
 }
 
+/// Times the health phase then the authorize phase (`authorize`) on
+/// `p.clients` connections to `target`. The vault request times come
+/// from this process's metrics when the shim runs here (`in_process`,
+/// with the commit pipeline), else from the server's `GET /metrics`.
 async fn measure(
-    server: &InProcess,
-    partner_key: &str,
+    target: &HttpTarget,
+    authorize: &Call,
+    in_process: bool,
     p: &AuthorizeParams,
     disk: Option<&DiskTrace>,
     progress: Progress,
-) -> Result<(
-    HttpRun,
-    HttpRun,
-    u64,
-    BTreeMap<String, f64>,
-    Option<super::PipelineRun>,
-)> {
-    let addr = server
-        .http
-        .ok_or_else(|| Error::Usage("the shim did not start".into()))?;
+) -> Result<Measured> {
     let mut conns = Vec::with_capacity(p.clients);
     for _ in 0..p.clients {
-        conns.push(connect(addr).await?);
+        conns.push(connect_to(target).await?);
     }
     let health = health_call();
-    let (conns, health_run) = phase("GET /v1/health", conns, &health, p, disk, progress).await?;
-    let before = entries(addr).await?;
-    let authorize = authorize_call(partner_key);
-    let ops_before = op_times(&crate::metrics::global().render());
-    let pipeline_before = super::PipelineRun::watched();
-    let (conns, auth_run) =
-        phase("POST /v1/authorize", conns, &authorize, p, disk, progress).await?;
-    let ops_after = op_times(&crate::metrics::global().render());
-    let pipeline = super::PipelineRun::since_watched(pipeline_before, auth_run.requests);
+    let (conns, health_run) =
+        phase("GET /v1/health", conns, target, &health, p, disk, progress).await?;
+    let metrics = || async {
+        if in_process {
+            Ok(crate::metrics::global().render())
+        } else {
+            let mut c = connect_to(target).await?;
+            let body = send(&mut c, &target.addr, &metrics_call()).await?;
+            Ok::<_, Error>(String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let before = entries(target).await?;
+    let ops_before = op_times(&metrics().await?);
+    let pipeline_before = in_process.then(super::PipelineRun::watched);
+    let (conns, auth_run) = phase(
+        "POST /v1/authorize",
+        conns,
+        target,
+        authorize,
+        p,
+        disk,
+        progress,
+    )
+    .await?;
+    let ops_after = op_times(&metrics().await?);
+    let pipeline =
+        pipeline_before.and_then(|b| super::PipelineRun::since_watched(b, auth_run.requests));
     drop(conns);
-    let after = entries(addr).await?;
-    tracing::debug!(partner = DEMO_PARTNER, before, after, "authorize phase");
-    let means = ops_after
+    let after = entries(target).await?;
+    tracing::debug!(before, after, "authorize phase");
+    let vault_mean_us = ops_after
         .iter()
         .filter_map(|(op, (sum, n))| {
             let (sum0, n0) = ops_before.get(op).copied().unwrap_or((0.0, 0));
             (*n > n0).then(|| (op.clone(), (sum - sum0) / (n - n0) as f64 * 1e6))
         })
         .collect();
-    Ok((
-        health_run,
-        auth_run,
-        after.saturating_sub(before),
-        means,
+    Ok(Measured {
+        health: health_run,
+        authorize: auth_run,
+        audit_entries: after.saturating_sub(before),
+        vault_mean_us,
         pipeline,
-    ))
+    })
 }
 
 /// (sum of seconds, count) by operation of the shim's vault requests
@@ -304,14 +413,63 @@ pub(super) struct Call {
 
 pub(super) type Conn = SendRequest<Full<Bytes>>;
 
+/// `GET /metrics`: the server's Prometheus text.
+fn metrics_call() -> Call {
+    Call {
+        method: Method::GET,
+        path: "/metrics",
+        bearer: None,
+        body: Bytes::new(),
+    }
+}
+
+/// Where HTTP requests go: the shim's HOST:PORT, and the TLS spoken to
+/// it (`None`: plaintext).
+pub(super) struct HttpTarget {
+    addr: String,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+}
+
+impl HttpTarget {
+    fn plain(addr: SocketAddr) -> HttpTarget {
+        HttpTarget {
+            addr: addr.to_string(),
+            tls: None,
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection to the shim at `addr`, in plaintext.
 pub(super) async fn connect(addr: SocketAddr) -> Result<Conn> {
+    connect_to(&HttpTarget::plain(addr)).await
+}
+
+/// A keep-alive HTTP/1.1 connection to `target`.
+async fn connect_to(target: &HttpTarget) -> Result<Conn> {
+    let scheme = if target.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let io = |source| Error::File {
-        path: format!("http://{addr}"),
+        path: format!("{scheme}://{}", target.addr),
         error: source,
     };
-    let tcp = TcpStream::connect(addr).await.map_err(io)?;
+    let tcp = TcpStream::connect(target.addr.as_str()).await.map_err(io)?;
     tcp.set_nodelay(true).map_err(io)?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    match &target.tls {
+        None => handshake(tcp).await,
+        Some((connector, name)) => {
+            handshake(connector.connect(name.clone(), tcp).await.map_err(io)?).await
+        }
+    }
+}
+
+async fn handshake<S>(stream: S) -> Result<Conn>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http_error)?;
     // Drives the connection until the sender is dropped.
@@ -359,15 +517,9 @@ pub(super) async fn send(conn: &mut Conn, addr: &str, call: &Call) -> Result<Byt
 }
 
 /// The vault's entry count, from `/v1/health`.
-async fn entries(addr: SocketAddr) -> Result<u64> {
-    let mut c = connect(addr).await?;
-    let call = Call {
-        method: Method::GET,
-        path: "/v1/health",
-        bearer: None,
-        body: Bytes::new(),
-    };
-    let body = send(&mut c, &addr.to_string(), &call).await?;
+async fn entries(target: &HttpTarget) -> Result<u64> {
+    let mut c = connect_to(target).await?;
+    let body = send(&mut c, &target.addr, &health_call()).await?;
     serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("entries").and_then(serde_json::Value::as_u64))
@@ -380,6 +532,7 @@ async fn entries(addr: SocketAddr) -> Result<u64> {
 async fn phase(
     name: &str,
     conns: Vec<Conn>,
+    target: &HttpTarget,
     call: &Call,
     p: &AuthorizeParams,
     disk: Option<&DiskTrace>,
@@ -389,15 +542,15 @@ async fn phase(
     let call = Arc::new(call.clone());
     let start = Instant::now();
     let pace = Arc::new(Pace::new(p.rate, p.requests, start).until(p.duration.map(|d| start + d)));
+    let host: Arc<str> = Arc::from(target.addr.as_str());
     let mut set = JoinSet::new();
     for mut c in conns {
-        let (pace, call, bar) = (pace.clone(), call.clone(), bar.clone());
+        let (pace, call, bar, host) = (pace.clone(), call.clone(), bar.clone(), host.clone());
         set.spawn(async move {
             let mut rec = Recorder::new(start);
-            let host = "localhost";
             while let Some(turn) = pace.take() {
                 let from = turn.start().await;
-                send(&mut c, host, &call).await?;
+                send(&mut c, &host, &call).await?;
                 rec.record(from);
                 bar.inc(1);
             }

@@ -541,6 +541,7 @@ async fn run_pure(
                 requests: count,
                 rate: None,
                 duration: None,
+                http_addr: None,
             };
             let r = http::run(&dir, info, &ap, progress).await?;
             (r.authorize.requests_per_s, r.authorize.latency_us)

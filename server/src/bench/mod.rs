@@ -26,7 +26,8 @@
 //!   (TCP, TLS, `Hello`, `Redeem`, data, close), with and without TLS
 //!   session resumption; optionally next to Redis `GETDEL` ([`redis`]).
 //! - [`Workload::Authorize`] ([`http`]): keep-alive HTTP/1.1 clients
-//!   posting `/v1/authorize` to the shim, next to `GET /v1/health`.
+//!   posting `/v1/authorize` to the shim, next to `GET /v1/health`,
+//!   against [`Target::InProcess`] or the shim of a [`Target::Remote`].
 //! - [`Workload::Mixed`] ([`mixed`]): the three above against one vaultd,
 //!   each client picking protocol appends, mint+redeem cycles and
 //!   authorizations in a given ratio; with `baseline`, each of them alone
@@ -765,6 +766,13 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         (Target::Remote(config), Workload::Redeem(p)) => redeem::run_remote(config, p, progress)
             .await
             .map(Report::Redeem),
+        (Target::Embedded { .. } | Target::InProcess { .. }, Workload::Authorize(p))
+            if p.http_addr.is_some() =>
+        {
+            Err(Error::Usage(
+                "--http-addr names the shim of the vaultd at --addr: add --addr".into(),
+            ))
+        }
         (Target::InProcess { dir, tls: false }, Workload::Authorize(p)) => {
             let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", false)?;
             http::run(&dir, info, p, progress)
@@ -774,6 +782,9 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         (Target::InProcess { tls: true, .. }, Workload::Authorize(_)) => Err(Error::Usage(
             "authorize measures the shim in plaintext: drop --tls".into(),
         )),
+        (Target::Remote(config), Workload::Authorize(p)) => http::run_remote(config, p, progress)
+            .await
+            .map(Report::Authorize),
         (Target::InProcess { dir, tls }, Workload::Mixed(p)) => {
             let (_tmp, dir, info) = scratch(dir.as_deref(), "in-process", *tls)?;
             mixed::run(&dir, info, p, progress).await.map(Report::Mixed)
@@ -793,8 +804,11 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         (Target::Embedded { .. }, Workload::Redeem(_)) => Err(Error::Usage(
             "redeem runs against vaultd, in this process or at --addr".into(),
         )),
-        (_, Workload::Authorize(_) | Workload::Mixed(_)) => Err(Error::Usage(
-            "authorize and mixed start vaultd in this process: no --addr".into(),
+        (_, Workload::Authorize(_)) => Err(Error::Usage(
+            "authorize runs against vaultd, in this process or at --addr".into(),
+        )),
+        (_, Workload::Mixed(_)) => Err(Error::Usage(
+            "mixed starts vaultd in this process: no --addr".into(),
         )),
         (_, Workload::Growth(_)) => Err(Error::Usage(
             "growth starts vaultd in this process: no --addr".into(),

@@ -274,18 +274,7 @@ pub(super) async fn run_remote(
         postgres::preflight(pg, postgres::TOKENS_TABLE).await?;
     }
     let (_tmp, dir, info) = super::remote_scratch(config)?;
-    let admin = Client::connect(config.clone()).await?;
-    if admin.role() != "admin" {
-        return Err(Error::Usage(format!(
-            "redeem --addr takes an admin's API key (this one is a {}'s): the run makes a \
-             partner and a gateway credential of its own, and revokes them afterwards",
-            admin.role()
-        )));
-    }
-    let mut bytes = [0u8; 6];
-    getrandom::getrandom(&mut bytes)
-        .map_err(|e| Error::Usage(format!("no randomness for the run's names: {e}")))?;
-    let name = format!("vault-bench-{}", hex::encode(bytes));
+    let (admin, name) = remote_admin(config, "redeem").await?;
     // The server's default lifetime (5 minutes, or its maximum where
     // that is lower): a server's maximum may be under an hour.
     let names = Names {
@@ -320,6 +309,27 @@ pub(super) async fn run_remote(
     report(&dir, info, p, setup, runs, progress).await
 }
 
+/// The admin connection of a run against a running `vaultd` (`workload`
+/// names the run in the refusal of another role's key), and the fresh
+/// `vault-bench-<hex>` name of what the run makes.
+pub(super) async fn remote_admin(
+    config: &ClientConfig,
+    workload: &str,
+) -> Result<(Client, String)> {
+    let admin = Client::connect(config.clone()).await?;
+    if admin.role() != "admin" {
+        return Err(Error::Usage(format!(
+            "{workload} --addr takes an admin's API key (this one is a {}'s): the run makes \
+             credentials and a subject of its own, then revokes and shreds them",
+            admin.role()
+        )));
+    }
+    let mut bytes = [0u8; 6];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| Error::Usage(format!("no randomness for the run's names: {e}")))?;
+    Ok((admin, format!("vault-bench-{}", hex::encode(bytes))))
+}
+
 /// [`prepare`] over the protocol, as an admin, for `names`: the partner's
 /// and the gateway's API keys; the ids of the credentials it made are
 /// pushed to `made` as they are made.
@@ -328,9 +338,21 @@ async fn prepare_remote(
     names: &Names<'_>,
     made: &mut Vec<String>,
 ) -> Result<(client::Zeroizing<String>, client::Zeroizing<String>)> {
-    let (id, partner_key) = admin.create_credential("partner", names.partner).await?;
-    made.push(id);
+    let partner_key = prepare_partner(admin, names, made).await?;
     let (id, gateway_key) = admin.create_credential("gateway", "vault-bench").await?;
+    made.push(id);
+    Ok((partner_key, gateway_key))
+}
+
+/// The partner's side of [`prepare_remote`]: its credential (the API key
+/// returned, the id pushed to `made`), the subject's record, the
+/// partner's policy and the subject's consent.
+pub(super) async fn prepare_partner(
+    admin: &Client,
+    names: &Names<'_>,
+    made: &mut Vec<String>,
+) -> Result<client::Zeroizing<String>> {
+    let (id, partner_key) = admin.create_credential("partner", names.partner).await?;
     made.push(id);
     let record: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(crate::dev::DEMO_RECORDS[0].1)
@@ -355,14 +377,14 @@ async fn prepare_remote(
             consent.to_string().into_bytes(),
         )
         .await?;
-    Ok((partner_key, gateway_key))
+    Ok(partner_key)
 }
 
 /// Revokes the run's credentials `made` and shreds its subject `name`
 /// (which has no key, and so nothing to shred, when the run stopped
 /// before its record): each is tried, and the first failure reported,
 /// naming what is left for the operator.
-async fn clean_up(config: &ClientConfig, name: &str, made: &[String]) -> Result<()> {
+pub(super) async fn clean_up(config: &ClientConfig, name: &str, made: &[String]) -> Result<()> {
     let left = |what: &str, e: &dyn std::fmt::Display| {
         Error::Usage(format!(
             "the run could not {what} ({e}): revoke the credentials named {name} and \
@@ -432,7 +454,7 @@ fn policy_and_consent(partner: &str) -> (serde_json::Value, serde_json::Value) {
 
 /// The purpose tokens are minted for, and the fields they reveal with
 /// their masking: what the partner's policy allows.
-const PURPOSE: &str = "bench";
+pub(super) const PURPOSE: &str = "bench";
 const FIELDS: [(&str, MaskOp); 4] = [
     ("name", MaskOp::Partial),
     ("iban", MaskOp::Partial),
@@ -473,11 +495,11 @@ pub(super) async fn redeem_one(connector: &Connector, token: &str) -> Result<boo
 
 /// Who the tokens are for: the partner, and the subject whose record they
 /// reveal.
-struct Names<'a> {
-    partner: &'a str,
-    subject: &'a str,
+pub(super) struct Names<'a> {
+    pub(super) partner: &'a str,
+    pub(super) subject: &'a str,
     /// The tokens' lifetime, as `Mint` asks it (0: the server's default).
-    ttl_secs: u32,
+    pub(super) ttl_secs: u32,
 }
 
 /// The names of a vault this run made ([`prepare`]), whose tokens live

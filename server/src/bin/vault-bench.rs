@@ -132,8 +132,8 @@ struct RemoteArgs {
     #[arg(long, value_name = "HOST:PORT", requires = "api_key")]
     addr: Option<String>,
     /// The API key for --addr: a writer's for append; an admin's for
-    /// redeem, which makes credentials and a subject of its own for the
-    /// run, then revokes and shreds them.
+    /// redeem and authorize, which make credentials and a subject of their
+    /// own for the run, then revoke and shred them.
     #[arg(
         long,
         value_name = "KEY",
@@ -337,6 +337,13 @@ struct RedeemArgs {
 struct AuthorizeArgs {
     #[command(flatten)]
     target: TargetArgs,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// With --addr: the HTTP shim of that vaultd, spoken to with its TLS
+    /// (--cacert, --server-name) or in plaintext as --addr is [default:
+    /// the host of --addr, port 8080].
+    #[arg(long, value_name = "HOST:PORT", requires = "addr")]
+    http_addr: Option<String>,
     /// Concurrent keep-alive HTTP connections [default: 50].
     #[arg(long, value_name = "C")]
     clients: Option<usize>,
@@ -466,10 +473,11 @@ impl Command {
                     requests,
                     rate: a.rate,
                     duration,
+                    http_addr: a.http_addr,
                 };
-                let target = Target::InProcess {
-                    dir: a.target.embedded,
-                    tls: false,
+                let target = match a.target.or_remote(a.remote)? {
+                    Target::Embedded { dir } => Target::InProcess { dir, tls: false },
+                    remote => remote,
                 };
                 (target, Workload::Authorize(p))
             }
