@@ -19,7 +19,7 @@
 //! The audit entries written are counted from the vault's entry count
 //! (read through `/v1/health`) before and after the authorize phase.
 //!
-//! Against a running `vaultd` ([`run_remote`]) the same phases go to its
+//! Against a running `vaultd` (`run_remote`) the same phases go to its
 //! shim, over the TLS of its protocol port or in plaintext, for a partner
 //! and subject the run makes over the protocol and removes afterwards.
 
