@@ -40,6 +40,18 @@ where
     run("vault-verify", args)
 }
 
+/// `vault-verify --data-dir DIR --public-key KEY`, then `extra`.
+fn verify_dir(dir: &Path, key: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(key),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    vault_verify(args)
+}
+
 /// A temp dir with a passphrase file in it.
 struct Scratch {
     tmp: tempfile::TempDir,
@@ -145,13 +157,7 @@ fn init_prints_one_json_object_and_refuses_a_second_init() {
         "{again:?}"
     );
     // The refused init left the vault as it was.
-    let v = vault_verify([
-        OsStr::new("--data-dir"),
-        s.path("v").as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(str_field(&out, "public_key")),
-        OsStr::new("--json"),
-    ]);
+    let v = verify_dir(&s.path("v"), str_field(&out, "public_key"), &["--json"]);
     assert_eq!(v.code, 0, "{v:?}");
 }
 
@@ -192,12 +198,7 @@ fn rotate_master_key_offline_then_only_the_new_secret_opens() {
     assert_eq!(again.code, 1, "{again:?}");
     assert!(again.stderr.contains("wrong passphrase"), "{again:?}");
     wait_unlocked(&dir);
-    let v = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(str_field(&init, "public_key")),
-    ]);
+    let v = verify_dir(&dir, str_field(&init, "public_key"), &[]);
     assert_eq!(v.code, 0, "{v:?}");
     // And the new one does (rotating back to the first passphrase).
     wait_unlocked(&dir);
@@ -399,30 +400,16 @@ fn verify_names_a_damaged_write_ahead_segment() {
     std::fs::create_dir_all(dir.join("wal")).expect("the segments' dir");
     std::fs::write(&segment, b"not a write-ahead segment").expect("write");
 
-    for read_only in [false, true] {
-        let mut args = vec![
-            OsStr::new("--data-dir"),
-            dir.as_os_str(),
-            OsStr::new("--public-key"),
-            OsStr::new(&key),
-            OsStr::new("--json"),
-        ];
-        if read_only {
-            args.push(OsStr::new("--read-only"));
-        }
-        let out = vault_verify(args);
+    for extra in [&["--json"][..], &["--json", "--read-only"]] {
+        let read_only = extra.len() > 1;
+        let out = verify_dir(&dir, &key, extra);
         assert_eq!(out.code, 1, "read-only {read_only}: {out:?}");
         let report = out.json();
         assert_eq!(report["ok"], false, "{report}");
         assert_eq!(report["failure"]["reason"], "malformed", "{report}");
         assert_eq!(report["failure"]["seq"], 3, "{report}");
     }
-    let text = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(&key),
-    ]);
+    let text = verify_dir(&dir, &key, &[]);
     assert_eq!(text.code, 1, "{text:?}");
     assert!(
         text.stdout
@@ -479,25 +466,14 @@ fn verify_names_a_corrupted_chunk() {
     };
     wait_unlocked(&dir);
 
-    let out = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(&key),
-        OsStr::new("--json"),
-    ]);
+    let out = verify_dir(&dir, &key, &["--json"]);
     assert_eq!(out.code, 1, "{out:?}");
     let report = out.json();
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(report["failure"]["reason"], "crc_mismatch", "{report}");
     assert_eq!(report["failure"]["seq"].as_u64(), Some(seq), "{report}");
 
-    let text = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(&key),
-    ]);
+    let text = verify_dir(&dir, &key, &[]);
     assert_eq!(text.code, 1, "{text:?}");
     assert!(
         text.stdout
@@ -505,14 +481,7 @@ fn verify_names_a_corrupted_chunk() {
         "{text:?}"
     );
 
-    let read_only = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(&key),
-        OsStr::new("--read-only"),
-        OsStr::new("--json"),
-    ]);
+    let read_only = verify_dir(&dir, &key, &["--read-only", "--json"]);
     assert_eq!(read_only.code, 1, "{read_only:?}");
     assert_eq!(read_only.json(), report);
 }
@@ -522,13 +491,7 @@ fn verify_with_another_vaults_key_is_an_integrity_failure() {
     let s = Scratch::new();
     s.init("a");
     let b = s.init("b");
-    let out = vault_verify([
-        OsStr::new("--data-dir"),
-        s.path("a").as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(str_field(&b, "public_key")),
-        OsStr::new("--json"),
-    ]);
+    let out = verify_dir(&s.path("a"), str_field(&b, "public_key"), &["--json"]);
     assert_eq!(out.code, 1, "{out:?}");
     let reason = out.json()["failure"]["reason"].clone();
     assert!(
@@ -545,26 +508,14 @@ fn verify_that_cannot_run_exits_2() {
     let key = str_field(&init, "public_key");
 
     for bad in ["zz", "abcd", &key[..62], "not hex at all"] {
-        let out = vault_verify([
-            OsStr::new("--data-dir"),
-            dir.as_os_str(),
-            OsStr::new("--public-key"),
-            OsStr::new(bad),
-            OsStr::new("--json"),
-        ]);
+        let out = verify_dir(&dir, bad, &["--json"]);
         assert_eq!(out.code, 2, "key {bad:?}: {out:?}");
         assert!(out.stdout.is_empty(), "key {bad:?}: {out:?}");
         assert!(out.stderr.contains("--public-key"), "key {bad:?}: {out:?}");
     }
 
     let missing = s.path("no-such-vault");
-    let out = vault_verify([
-        OsStr::new("--data-dir"),
-        missing.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(key),
-        OsStr::new("--json"),
-    ]);
+    let out = verify_dir(&missing, key, &["--json"]);
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
     assert!(out.stderr.contains("error:"), "{out:?}");
@@ -642,13 +593,7 @@ fn vaultd_dev(dir: &Path) -> Value {
 }
 
 fn verified_entries(dir: &Path, key: &str) -> u64 {
-    let out = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(key),
-        OsStr::new("--json"),
-    ]);
+    let out = verify_dir(dir, key, &["--json"]);
     assert_eq!(out.code, 0, "{out:?}");
     out.json()["entries"].as_u64().expect("entries")
 }
@@ -807,14 +752,11 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
         before.iter().any(|(p, _)| p.starts_with("wal")),
         "no write-ahead segment after kill -9"
     );
-    let out = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(str_field(&init, "public_key")),
-        OsStr::new("--read-only"),
-        OsStr::new("--json"),
-    ]);
+    let out = verify_dir(
+        &dir,
+        str_field(&init, "public_key"),
+        &["--read-only", "--json"],
+    );
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json()["ok"], true, "{out:?}");
     assert_eq!(
@@ -836,12 +778,7 @@ fn a_token_redeemed_before_kill_9_stays_spent() {
     );
     drop(server);
     wait_unlocked(&dir);
-    let out = vault_verify([
-        OsStr::new("--data-dir"),
-        dir.as_os_str(),
-        OsStr::new("--public-key"),
-        OsStr::new(str_field(&init, "public_key")),
-    ]);
+    let out = verify_dir(&dir, str_field(&init, "public_key"), &[]);
     assert_eq!(out.code, 0, "{out:?}");
 }
 
