@@ -392,13 +392,28 @@ async fn tls_daemon(
 ) -> (tempfile::TempDir, Pki, common::Daemonized) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (pki, tls) = pki(dir.path(), mutual);
-    let vault = Vault::create(
-        &dir.path().join("v"),
-        &Unlock::passphrase(b"tls test".to_vec()),
-        Options::default(),
-    )
-    .expect("create")
-    .vault;
+    let running = daemon_over_tls(daemon_vault(dir.path()), tls, shim).await;
+    (dir, pki, running)
+}
+
+/// The vault of a test daemon, at `dir/v`, made or opened again.
+fn daemon_vault(dir: &Path) -> Vault {
+    let (path, unlock) = (dir.join("v"), Unlock::passphrase(b"tls test".to_vec()));
+    if path.exists() {
+        return Vault::open(&path, &unlock, Options::default()).expect("open");
+    }
+    Vault::create(&path, &unlock, Options::default())
+        .expect("create")
+        .vault
+}
+
+/// `vault` served by `vaultd`'s daemon with `tls` on both ports of
+/// loopback, its shim configured by `shim`.
+async fn daemon_over_tls(
+    vault: Vault,
+    tls: ServerTls,
+    shim: server::shim::ShimConfig,
+) -> common::Daemonized {
     let bind = || async {
         tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -413,8 +428,7 @@ async fn tls_daemon(
         policies: None,
         reopen: None,
     };
-    let running = common::daemon(vault, d).await;
-    (dir, pki, running)
+    common::daemon(vault, d).await
 }
 
 /// In `vaultd serve`, one TLS configuration serves both ports: with mutual
@@ -845,33 +859,15 @@ fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (pki, tls) = pki(dir.path(), false);
     let ca_file = write(dir.path(), "ca.pem", &pki.ca.pem());
-    let vault = Vault::create(
-        &dir.path().join("v"),
-        &Unlock::passphrase(b"tls test".to_vec()),
-        Options::default(),
-    )
-    .expect("create")
-    .vault;
+    let vault = daemon_vault(dir.path());
     let (_, admin) = rt
         .block_on(vault.create_credential("admin", "bench-admin"))
         .expect("an admin key");
-    let running = rt.block_on(async {
-        let bind = || async {
-            tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind")
-        };
-        let d = server::daemon::Daemon {
-            protocol: bind().await,
-            http: Some(bind().await),
-            tls: Some(tls),
-            serve: ServeConfig::default(),
-            shim: server::shim::ShimConfig::default(),
-            policies: None,
-            reopen: None,
-        };
-        common::daemon(vault, d).await
-    });
+    let running = rt.block_on(daemon_over_tls(
+        vault,
+        tls,
+        server::shim::ShimConfig::default(),
+    ));
     let http = running.bound.http.expect("the shim").to_string();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
         .args(["authorize", "--addr", &running.bound.protocol.to_string()])
@@ -898,12 +894,7 @@ fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
         .expect("daemon task")
         .expect("daemon");
 
-    let vault = Vault::open(
-        &dir.path().join("v"),
-        &Unlock::passphrase(b"tls test".to_vec()),
-        Options::default(),
-    )
-    .expect("open");
+    let vault = daemon_vault(dir.path());
     let made: Vec<_> = vault
         .credentials(None, 1_000)
         .expect("credentials")
