@@ -563,11 +563,17 @@ fn snapshot(dir: &std::path::Path) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     out
 }
 
-/// The names in `dir`, recursively, with each file's length.
-#[tokio::test]
-async fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
+/// A vault at `tmp/v` with five records, closed, and the write-ahead
+/// segments it had while open, copied to `tmp/wal` (what a data dir
+/// stopped uncleanly holds): the data dir, its public key, the copy.
+async fn closed_with_live_wal(
+    tmp: &std::path::Path,
+) -> (
+    std::path::PathBuf,
+    ed25519_dalek::VerifyingKey,
+    std::path::PathBuf,
+) {
+    let dir = tmp.join("v");
     let vault = new_vault(&dir);
     let key = vault.public_key();
     for i in 0..5 {
@@ -576,11 +582,18 @@ async fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
             .await
             .expect("append");
     }
-    // The live vault's write-ahead segments, put back below: a data dir
-    // stopped uncleanly, which an open would replay.
-    let live_wal = tmp.path().join("wal");
+    let live_wal = tmp.join("wal");
     copy_dir(&dir.join("wal"), &live_wal);
     vault.close().expect("close");
+    (dir, key, live_wal)
+}
+
+#[tokio::test]
+async fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The live vault's write-ahead segments are put back below: a data
+    // dir stopped uncleanly, which an open would replay.
+    let (dir, key, live_wal) = closed_with_live_wal(tmp.path()).await;
     {
         let raw = storage::RawStore::open(&dir).expect("raw open");
         raw.meta
@@ -633,18 +646,7 @@ async fn a_data_dir_of_another_format_is_refused_before_anything_is_written() {
 #[tokio::test]
 async fn a_damaged_write_ahead_segment_is_an_integrity_failure_at_its_first_seq() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
-    let vault = new_vault(&dir);
-    let key = vault.public_key();
-    for i in 0..5 {
-        vault
-            .append(Append::record(format!("s{i}"), b"{}".to_vec()))
-            .await
-            .expect("append");
-    }
-    let live_wal = tmp.path().join("wal");
-    copy_dir(&dir.join("wal"), &live_wal);
-    vault.close().expect("close");
+    let (dir, key, live_wal) = closed_with_live_wal(tmp.path()).await;
     let (name, segment) = std::fs::read_dir(&live_wal)
         .expect("read the copy")
         .map(|e| e.expect("dir entry").path())
@@ -1560,7 +1562,10 @@ async fn the_write_ahead_file_brings_back_what_sled_lost() {
     copy_dir(&live_wal, &broken.join("wal"));
     std::fs::write(broken.join("wal").join("0000000000000000.wal"), &bytes).expect("write");
     match Vault::open(&broken, &unlock(), Options::default()) {
-        Err(Error::Malformed(m)) => assert!(m.contains("write-ahead"), "{m}"),
+        Err(Error::Integrity {
+            seq: 0,
+            reason: Reason::Malformed(m),
+        }) => assert!(m.contains("0000000000000000.wal"), "{m}"),
         Err(e) => panic!("expected a malformed write-ahead segment, got {e}"),
         Ok(_) => panic!("expected a malformed write-ahead segment, the vault opened"),
     }
