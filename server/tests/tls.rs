@@ -888,6 +888,10 @@ fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
     assert_eq!(v["health"]["requests"], 40, "{v}");
     assert_eq!(v["audit_entries"], 40, "nothing else wrote meanwhile: {v}");
     assert!(v["vault_mean_us"]["mint"].as_f64() > Some(0.0), "{v}");
+    assert!(
+        v["vault_mean_us"]["health"].is_null(),
+        "the scrape's own: {v}"
+    );
     assert!(v["pipeline"].is_null(), "{v}");
     let _ = running.stop.send(());
     rt.block_on(running.done)
