@@ -1231,16 +1231,19 @@ impl Report {
 pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
     match Store::open_existing_with(dir, VERIFY_CACHE_BYTES, Flusher::Off) {
         Ok(store) => verify_opened(&store, opts),
-        Err(e) => failed_open(e),
+        Err(e) => failed_open(e, opts),
     }
 }
 
 /// The report of an open that met an integrity failure before any entry
-/// could be checked; other errors stay errors.
-fn failed_open(e: Error) -> Result<Report> {
+/// could be checked (`used_stored_key` as the scan would have had it, so
+/// that the warning of an unpinned key is not lost); other errors stay
+/// errors.
+fn failed_open(e: Error, opts: &VerifyOptions<'_>) -> Result<Report> {
     match e {
         Error::Integrity { seq, reason } => Ok(Report {
             failure: Some((seq, reason)),
+            used_stored_key: opts.public_key.is_none(),
             ..Report::default()
         }),
         other => Err(other),
@@ -1259,7 +1262,7 @@ fn failed_open(e: Error) -> Result<Report> {
 pub fn verify_read_only(dir: &Path, scratch: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
     match Store::open_read_only(dir, scratch, VERIFY_CACHE_BYTES) {
         Ok(store) => verify_opened(&store, opts),
-        Err(e) => failed_open(e),
+        Err(e) => failed_open(e, opts),
     }
 }
 

@@ -413,21 +413,18 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
     if numbered.is_empty() {
         return Ok(done);
     }
-    // The last group sled holds: its batches after its log batch may be
-    // missing, and must be in place before any later group's.
-    let mut held: Option<GroupWrite> = None;
-    for (i, (first_seq, path)) in numbered.iter().enumerate() {
-        // Bytes the writer did not write where acknowledged groups are
-        // kept: an integrity failure at the segment's first seq.
-        let damaged = |e: Error| match e {
-            Error::Malformed(m) => Error::integrity(
-                *first_seq,
-                Reason::Malformed(format!("{m}, in {}", path.display())),
-            ),
-            other => other,
-        };
-        let bytes = std::fs::read(path)?;
-        let seg = read_segment(&bytes).map_err(damaged)?;
+    // The last group sled holds, with its segment's index: its batches
+    // after its log batch may be missing, and must be in place before any
+    // later group's.
+    let mut held: Option<(GroupWrite, usize)> = None;
+    let finish = |held: &mut Option<(GroupWrite, usize)>| match held.take() {
+        Some((g, i)) => finish_held(store, g).map_err(damaged(&numbered[i])),
+        None => Ok(()),
+    };
+    for (i, segment) in numbered.iter().enumerate() {
+        let damaged = damaged(segment);
+        let bytes = std::fs::read(&segment.1)?;
+        let seg = read_segment(&bytes).map_err(&damaged)?;
         if seg.torn {
             if i + 1 != numbered.len() {
                 return Err(damaged(Error::Malformed(
@@ -441,26 +438,22 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
                 // sled may have made the pointers durable before the
                 // chunks file held their bytes (`logfile`).
                 for b in g.batches.iter().filter(|b| b.tree == TreeId::Log) {
-                    for (k, v) in b.chunks().map_err(damaged)? {
-                        store.log.repair(k, v)?;
+                    for (k, v) in b.chunks().map_err(&damaged)? {
+                        store.log.repair(k, v).map_err(&damaged)?;
                     }
                 }
                 done.skipped += 1;
-                held = Some(g);
+                held = Some((g, i));
                 continue;
             }
-            if let Some(h) = held.take() {
-                finish_held(store, h)?;
-            }
+            finish(&mut held)?;
             for b in g.batches {
-                b.apply(store)?;
+                b.apply(store).map_err(&damaged)?;
             }
             done.applied += 1;
         }
     }
-    if let Some(h) = held.take() {
-        finish_held(store, h)?;
-    }
+    finish(&mut held)?;
     store.sync()?;
     // A read-only open replayed into copies: the segments stay for the
     // next open that writes.
@@ -477,6 +470,20 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
         );
     }
     Ok(done)
+}
+
+/// What a segment's records hold that the writer cannot have written (a
+/// `Malformed` record, or one sled's log contradicts) made an integrity
+/// failure at the segment's first seq, naming its file; other errors (I/O)
+/// stay as they are.
+fn damaged((first_seq, path): &(u64, PathBuf)) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Malformed(m) => Error::integrity(
+            *first_seq,
+            Reason::Malformed(format!("{m}, in {}", path.display())),
+        ),
+        other => other,
+    }
 }
 
 /// Applies again the batches that come after a held group's log batch

@@ -666,14 +666,16 @@ async fn a_damaged_write_ahead_segment_is_an_integrity_failure_at_its_first_seq(
     let mut bad_magic = segment.clone();
     bad_magic[..6].copy_from_slice(b"NOTWAL");
     let mut bad_crc = segment.clone();
-    bad_crc[4] ^= 0x01; // the first record's CRC
+    bad_crc[8 + 4] ^= 0x01; // the first record's CRC, after the header and its length
     let later = std::ffi::OsString::from(format!("{:016x}.wal", first + 1_000));
     let mut empty = segment[..8].to_vec();
     empty.extend_from_slice(&[0; 64]);
+    // (case, what the reason says, the segments)
     let cases = [
-        ("a bad magic", vec![(name.clone(), bad_magic)]),
+        ("a bad magic", "bad magic", vec![(name.clone(), bad_magic)]),
         (
             "a record failing its CRC before the last segment",
+            "fails its CRC",
             vec![(name.clone(), bad_crc), (later, empty)],
         ),
     ];
@@ -681,14 +683,18 @@ async fn a_damaged_write_ahead_segment_is_an_integrity_failure_at_its_first_seq(
         public_key: Some(key),
         ..Default::default()
     };
-    for (case, segments) in cases {
+    let file = name.to_str().expect("a UTF-8 name").to_string();
+    for (case, says, segments) in cases {
         let wal = dir.join("wal");
         std::fs::remove_dir_all(&wal).expect("clear the segments");
         std::fs::create_dir_all(&wal).expect("the segments' dir");
         for (n, bytes) in &segments {
             std::fs::write(wal.join(n), bytes).expect("write a segment");
         }
-        let names_the_file = |reason: &Reason| matches!(reason, Reason::Malformed(m) if m.contains(name.to_str().unwrap_or("?")));
+        let names_the_file = |reason: &Reason| match reason {
+            Reason::Malformed(m) => m.contains(&file) && m.contains(says),
+            _ => false,
+        };
         match Vault::open(&dir, &unlock(), Options::default()) {
             Err(Error::Integrity { seq, reason }) if seq == first && names_the_file(&reason) => {}
             other => panic!("{case}: the open gave {:?}", other.map(|_| "a vault")),
