@@ -209,7 +209,7 @@ pub(super) async fn run_remote(
         tls: client::Connector::new(config.clone())?.tls(),
     };
     let (_tmp, _dir, mut info) = super::remote_scratch(config)?;
-    info.addr = Some(format!("{http_addr} (vault {})", config.addr));
+    info.addr = Some(http_addr);
     let (admin, name) = super::redeem::remote_admin(config, "authorize").await?;
     let mut made = Vec::new();
     let measured = async {
@@ -229,8 +229,7 @@ pub(super) async fn run_remote(
     };
     drop(admin);
     let cleaned = super::redeem::clean_up(config, &name, &made).await;
-    let report = measured?;
-    cleaned?;
+    let report = super::redeem::cleaned_up(measured, cleaned)?;
     Ok(report.into_report(info, p))
 }
 
@@ -324,17 +323,26 @@ async fn measure(
     let health = health_call();
     let (conns, health_run) =
         phase("GET /v1/health", conns, target, &health, p, disk, progress).await?;
+    // A server's metrics that cannot be read leave the means out, not
+    // the run.
     let metrics = || async {
         if in_process {
-            Ok(crate::metrics::global().render())
-        } else {
+            return crate::metrics::global().render();
+        }
+        let scraped = async {
             let mut c = connect_to(target).await?;
-            let body = send(&mut c, &target.addr, &metrics_call()).await?;
-            Ok::<_, Error>(String::from_utf8_lossy(&body).into_owned())
+            send(&mut c, &target.addr, &metrics_call()).await
+        };
+        match scraped.await {
+            Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+            Err(e) => {
+                tracing::warn!(error = %e, "GET /metrics: no vault request times");
+                String::new()
+            }
         }
     };
     let before = entries(target).await?;
-    let ops_before = op_times(&metrics().await?);
+    let ops_before = op_times(&metrics().await);
     let pipeline_before = in_process.then(super::PipelineRun::watched);
     let (conns, auth_run) = phase(
         "POST /v1/authorize",
@@ -346,7 +354,7 @@ async fn measure(
         progress,
     )
     .await?;
-    let ops_after = op_times(&metrics().await?);
+    let ops_after = op_times(&metrics().await);
     let pipeline =
         pipeline_before.and_then(|b| super::PipelineRun::since_watched(b, auth_run.requests));
     drop(conns);
@@ -664,5 +672,38 @@ impl AuthorizeReport {
             self.authorize.tail.describe("POST /v1/authorize"),
         ]));
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shim of a vault at HOST:PORT is at HOST:8080, an IPv6 host in
+    /// brackets again.
+    #[test]
+    fn the_default_shim_is_port_8080_of_the_vaults_host() {
+        assert_eq!(
+            default_http_addr("vault.example:9999"),
+            "vault.example:8080"
+        );
+        assert_eq!(default_http_addr("10.0.0.7:7000"), "10.0.0.7:8080");
+        assert_eq!(default_http_addr("[::1]:9999"), "[::1]:8080");
+    }
+
+    /// A remote run's failure and its clean-up's are both told.
+    #[test]
+    fn a_failed_clean_up_is_told_with_the_runs_failure() {
+        use super::super::redeem::cleaned_up;
+        let err = |m: &str| Err::<u8, _>(Error::Usage(m.into()));
+        assert!(matches!(cleaned_up(Ok(1), Ok(())), Ok(1)));
+        let both = cleaned_up(err("run failed"), Err(Error::Usage("left: x".into())));
+        let told = both.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            told.contains("run failed") && told.contains("left: x"),
+            "{told}"
+        );
+        let clean = cleaned_up(Ok(1), Err(Error::Usage("left: y".into())));
+        assert!(clean.is_err_and(|e| e.to_string().contains("left: y")));
     }
 }

@@ -304,9 +304,18 @@ pub(super) async fn run_remote(
     drop(admin);
     // On a connection of its own: the first may have idled out meanwhile.
     let cleaned = clean_up(config, &name, &made).await;
-    let (setup, runs) = measured?;
-    cleaned?;
+    let (setup, runs) = cleaned_up(measured, cleaned)?;
     report(&dir, info, p, setup, runs, progress).await
+}
+
+/// A remote run's result after its clean-up: the clean-up's failure,
+/// which says what is left on the server, is not lost to the run's own.
+pub(super) fn cleaned_up<T>(measured: Result<T>, cleaned: Result<()>) -> Result<T> {
+    match (measured, cleaned) {
+        (Ok(m), Ok(())) => Ok(m),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+        (Err(run), Err(clean)) => Err(Error::Usage(format!("{run}; then {clean}"))),
+    }
 }
 
 /// The admin connection of a run against a running `vaultd` (`workload`
@@ -387,8 +396,9 @@ pub(super) async fn prepare_partner(
 pub(super) async fn clean_up(config: &ClientConfig, name: &str, made: &[String]) -> Result<()> {
     let left = |what: &str, e: &dyn std::fmt::Display| {
         Error::Usage(format!(
-            "the run could not {what} ({e}): revoke the credentials named {name} and \
-             vault-bench, and shred the subject {name}, with vault-admin"
+            "the run could not {what} ({e}): revoke its credentials ({}) and shred the \
+             subject {name}, with vault-admin",
+            made.join(", ")
         ))
     };
     let admin = Client::connect(config.clone())
