@@ -920,3 +920,96 @@ fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
         .count();
     assert_eq!(minted, 40);
 }
+
+/// Ctrl-C once `vault-bench authorize --addr` has made its partner (its
+/// setup perhaps not done yet) ends the run with exit 1, "interrupted",
+/// after its clean-up: every credential it made is revoked and its
+/// subject shredded.
+#[test]
+fn vault_bench_interrupted_at_a_running_vaultd_cleans_up_first() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pki, tls) = pki(dir.path(), false);
+    let ca_file = write(dir.path(), "ca.pem", &pki.ca.pem());
+    let vault = daemon_vault(dir.path());
+    let (_, admin) = rt
+        .block_on(vault.create_credential("admin", "bench-admin"))
+        .expect("an admin key");
+    let running = rt.block_on(daemon_over_tls(
+        vault,
+        tls,
+        server::shim::ShimConfig::default(),
+    ));
+    let addr = running.bound.protocol.to_string();
+    let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args(["authorize", "--addr", &addr, "--api-key", &admin])
+        .arg("--cacert")
+        .arg(&ca_file)
+        .args(["--server-name", "localhost"])
+        .args([
+            "--http-addr",
+            &running.bound.http.expect("the shim").to_string(),
+        ])
+        .args(["--duration", "120", "--clients", "4", "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vault-bench starts");
+    let watcher = rt
+        .block_on(client::Client::connect(client::ClientConfig {
+            addr,
+            tls: client::Tls::Ca {
+                ca_pem_file: ca_file.clone(),
+                server_name: "localhost".into(),
+                client_cert: None,
+            },
+            api_key: client::Zeroizing::new(admin.to_string()),
+            ..client::ClientConfig::default()
+        }))
+        .expect("an admin connection");
+    // Until the run's partner exists (or the run ended by itself).
+    loop {
+        let creds = rt.block_on(watcher.credentials()).expect("credentials");
+        if creds
+            .iter()
+            .any(|c| c.role == "partner" && c.name.starts_with("vault-bench-"))
+        {
+            break;
+        }
+        if let Some(status) = bench.try_wait().expect("poll vault-bench") {
+            panic!("vault-bench ended before making its partner: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &bench.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -INT failed");
+    let out = bench.wait_with_output().expect("vault-bench ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no report of a cut run");
+    drop(watcher);
+    let _ = running.stop.send(());
+    rt.block_on(running.done)
+        .expect("daemon task")
+        .expect("daemon");
+
+    let vault = daemon_vault(dir.path());
+    let made: Vec<_> = vault
+        .credentials(None, 1_000)
+        .expect("credentials")
+        .0
+        .into_iter()
+        .filter(|c| c.name.starts_with("vault-bench"))
+        .collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert!(made[0].revoked_seq.is_some(), "{made:?}");
+    let shredded: Vec<String> = common::entries_of(&vault, storage::Kind::SubjectShredded)
+        .into_iter()
+        .map(|(subject, _)| subject)
+        .collect();
+    assert_eq!(shredded, std::slice::from_ref(&made[0].name));
+}

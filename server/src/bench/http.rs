@@ -212,21 +212,20 @@ pub(super) async fn run_remote(
     info.addr = Some(http_addr);
     let (admin, name) = super::redeem::remote_admin(config, "authorize").await?;
     let mut made = Vec::new();
-    let measured = async {
-        let names = super::redeem::Names {
-            partner: &name,
-            subject: &name,
-            ttl_secs: 0,
-        };
-        let partner_key = super::redeem::prepare_partner(&admin, &names, &mut made).await?;
-        let call = authorize_call_for(&partner_key, &name, super::redeem::PURPOSE);
-        measure(&target, &call, false, p, None, progress).await
+    let names = super::redeem::Names {
+        partner: &name,
+        subject: &name,
+        ttl_secs: 0,
     };
-    // Ctrl-C ends the run early, but not before the clean-up.
-    let measured = tokio::select! {
-        m = measured => m,
-        _ = tokio::signal::ctrl_c() => Err(Error::Usage("interrupted".into())),
-    };
+    let (target, subject) = (&target, name.as_str());
+    let measured = super::redeem::until_ctrl_c(
+        super::redeem::prepare_partner(&admin, &names, &mut made),
+        |partner_key| async move {
+            let call = authorize_call_for(&partner_key, subject, super::redeem::PURPOSE);
+            measure(target, &call, false, p, None, progress).await
+        },
+    )
+    .await;
     drop(admin);
     let cleaned = super::redeem::clean_up(config, &name, &made).await;
     let report = super::redeem::cleaned_up(measured, cleaned)?;

@@ -283,29 +283,56 @@ pub(super) async fn run_remote(
         ttl_secs: 0,
     };
     let mut made = Vec::new();
-    let measured = async {
-        let (partner_key, gateway_key) = prepare_remote(&admin, &names, &mut made).await?;
-        measure(
-            config,
-            &names,
-            &gateway_key,
-            &partner_key,
-            p,
-            None,
-            progress,
-        )
-        .await
-    };
-    // Ctrl-C ends the run early, but not before the clean-up.
-    let measured = tokio::select! {
-        m = measured => m,
-        _ = tokio::signal::ctrl_c() => Err(Error::Usage("interrupted".into())),
-    };
+    let names = &names;
+    let measured = until_ctrl_c(
+        prepare_remote(&admin, names, &mut made),
+        |(partner_key, gateway_key)| async move {
+            measure(config, names, &gateway_key, &partner_key, p, None, progress).await
+        },
+    )
+    .await;
     drop(admin);
     // On a connection of its own: the first may have idled out meanwhile.
     let cleaned = clean_up(config, &name, &made).await;
     let (setup, runs) = cleaned_up(measured, cleaned)?;
     report(&dir, info, p, setup, runs, progress).await
+}
+
+/// A remote run's `setup` (what it makes on the server), then its
+/// `measure`, ended early by Ctrl-C but never in the middle of the setup:
+/// a credential being made is then known, for the clean-up to revoke, and
+/// the run stops after the setup. The clean-up itself is the caller's,
+/// after this returns.
+pub(super) async fn until_ctrl_c<T, U, S, M, F>(setup: S, measure: M) -> Result<U>
+where
+    S: std::future::Future<Output = Result<T>>,
+    M: FnOnce(T) -> F,
+    F: std::future::Future<Output = Result<U>>,
+{
+    until_interrupted(tokio::signal::ctrl_c(), setup, measure).await
+}
+
+/// [`until_ctrl_c`], with `interrupt` for Ctrl-C.
+async fn until_interrupted<I, T, U, S, M, F>(interrupt: I, setup: S, measure: M) -> Result<U>
+where
+    I: std::future::Future,
+    S: std::future::Future<Output = Result<T>>,
+    M: FnOnce(T) -> F,
+    F: std::future::Future<Output = Result<U>>,
+{
+    let interrupted = || Err(Error::Usage("interrupted".into()));
+    tokio::pin!(interrupt, setup);
+    let made = tokio::select! {
+        made = &mut setup => made?,
+        _ = &mut interrupt => {
+            setup.await?;
+            return interrupted();
+        }
+    };
+    tokio::select! {
+        measured = measure(made) => measured,
+        _ = interrupt => interrupted(),
+    }
 }
 
 /// A remote run's result after its clean-up: the clean-up's failure,
@@ -789,5 +816,48 @@ impl RedeemReport {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An interrupt during the setup lets the setup finish (what it makes
+    /// is then known to the clean-up) and skips the measurement; one
+    /// during the measurement ends it; none lets both run.
+    #[tokio::test(start_paused = true)]
+    async fn an_interrupt_never_cuts_the_setup_short() {
+        let long = std::time::Duration::from_secs(3600);
+        let setup_done = AtomicBool::new(false);
+        let setup = async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            setup_done.store(true, Ordering::SeqCst);
+            Ok(7)
+        };
+        let measured = AtomicBool::new(false);
+        let r = until_interrupted(std::future::ready(()), setup, |_| async {
+            measured.store(true, Ordering::SeqCst);
+            Ok(())
+        })
+        .await;
+        assert!(r.is_err_and(|e| e.to_string().contains("interrupted")));
+        assert!(setup_done.load(Ordering::SeqCst), "the setup finished");
+        assert!(!measured.load(Ordering::SeqCst), "no measurement after it");
+
+        let during = tokio::time::sleep(std::time::Duration::from_millis(10));
+        let r = until_interrupted(during, async { Ok(1) }, |_| async {
+            tokio::time::sleep(long).await;
+            Ok(())
+        })
+        .await;
+        assert!(r.is_err_and(|e| e.to_string().contains("interrupted")));
+
+        let r = until_interrupted(tokio::time::sleep(long), async { Ok(2) }, |n| async move {
+            Ok(n * 10)
+        })
+        .await;
+        assert!(matches!(r, Ok(20)));
     }
 }
