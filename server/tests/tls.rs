@@ -856,18 +856,7 @@ async fn https_clients_get_in_past_connections_that_never_finish_a_handshake() {
 #[test]
 fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (pki, tls) = pki(dir.path(), false);
-    let ca_file = write(dir.path(), "ca.pem", &pki.ca.pem());
-    let vault = daemon_vault(dir.path());
-    let (_, admin) = rt
-        .block_on(vault.create_credential("admin", "bench-admin"))
-        .expect("an admin key");
-    let running = rt.block_on(daemon_over_tls(
-        vault,
-        tls,
-        server::shim::ShimConfig::default(),
-    ));
+    let (dir, ca_file, admin, running) = rt.block_on(bench_daemon());
     let http = running.bound.http.expect("the shim").to_string();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
         .args(["authorize", "--addr", &running.bound.protocol.to_string()])
@@ -898,25 +887,10 @@ fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
         .expect("daemon task")
         .expect("daemon");
 
-    let vault = daemon_vault(dir.path());
-    let made: Vec<_> = vault
-        .credentials(None, 1_000)
-        .expect("credentials")
-        .0
-        .into_iter()
-        .filter(|c| c.name.starts_with("vault-bench"))
-        .collect();
-    assert_eq!(made.len(), 1, "{made:?}");
-    assert_eq!(made[0].role, "partner", "{made:?}");
-    assert!(made[0].revoked_seq.is_some(), "{made:?}");
-    let shredded: Vec<String> = common::entries_of(&vault, storage::Kind::SubjectShredded)
-        .into_iter()
-        .map(|(subject, _)| subject)
-        .collect();
-    assert_eq!(shredded, std::slice::from_ref(&made[0].name));
+    let (vault, partner) = bench_partner_cleaned_up(dir.path());
     let minted = common::entries_of(&vault, storage::Kind::TokenMinted)
         .into_iter()
-        .filter(|(subject, _)| *subject == made[0].name)
+        .filter(|(subject, _)| *subject == partner.name)
         .count();
     assert_eq!(minted, 40);
 }
@@ -928,18 +902,7 @@ fn vault_bench_authorizes_over_https_at_a_running_vaultd() {
 #[test]
 fn vault_bench_interrupted_at_a_running_vaultd_cleans_up_first() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (pki, tls) = pki(dir.path(), false);
-    let ca_file = write(dir.path(), "ca.pem", &pki.ca.pem());
-    let vault = daemon_vault(dir.path());
-    let (_, admin) = rt
-        .block_on(vault.create_credential("admin", "bench-admin"))
-        .expect("an admin key");
-    let running = rt.block_on(daemon_over_tls(
-        vault,
-        tls,
-        server::shim::ShimConfig::default(),
-    ));
+    let (dir, ca_file, admin, running) = rt.block_on(bench_daemon());
     let addr = running.bound.protocol.to_string();
     let mut bench = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
         .args(["authorize", "--addr", &addr, "--api-key", &admin])
@@ -997,7 +960,35 @@ fn vault_bench_interrupted_at_a_running_vaultd_cleans_up_first() {
         .expect("daemon task")
         .expect("daemon");
 
+    bench_partner_cleaned_up(dir.path());
+}
+
+/// A vaultd daemon over TLS on both ports for `vault-bench --addr`: its
+/// dir, the CA file that trusts it (server name `localhost`), an admin's
+/// API key, and the daemon.
+async fn bench_daemon() -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    String,
+    common::Daemonized,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pki, tls) = pki(dir.path(), false);
+    let ca_file = write(dir.path(), "ca.pem", &pki.ca.pem());
     let vault = daemon_vault(dir.path());
+    let (_, admin) = vault
+        .create_credential("admin", "bench-admin")
+        .await
+        .expect("an admin key");
+    let running = daemon_over_tls(vault, tls, server::shim::ShimConfig::default()).await;
+    (dir, ca_file, admin.to_string(), running)
+}
+
+/// After a `vault-bench --addr` run against [`bench_daemon`] (stopped),
+/// the one credential it made, a partner's: revoked, and its subject (of
+/// the partner's name) shredded. The vault and the credential.
+fn bench_partner_cleaned_up(dir: &Path) -> (Vault, storage::CredentialInfo) {
+    let vault = daemon_vault(dir);
     let made: Vec<_> = vault
         .credentials(None, 1_000)
         .expect("credentials")
@@ -1006,10 +997,13 @@ fn vault_bench_interrupted_at_a_running_vaultd_cleans_up_first() {
         .filter(|c| c.name.starts_with("vault-bench"))
         .collect();
     assert_eq!(made.len(), 1, "{made:?}");
-    assert!(made[0].revoked_seq.is_some(), "{made:?}");
+    let partner = made.into_iter().next().expect("one");
+    assert_eq!(partner.role, "partner", "{partner:?}");
+    assert!(partner.revoked_seq.is_some(), "{partner:?}");
     let shredded: Vec<String> = common::entries_of(&vault, storage::Kind::SubjectShredded)
         .into_iter()
         .map(|(subject, _)| subject)
         .collect();
-    assert_eq!(shredded, std::slice::from_ref(&made[0].name));
+    assert_eq!(shredded, std::slice::from_ref(&partner.name));
+    (vault, partner)
 }
