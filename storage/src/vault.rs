@@ -857,6 +857,34 @@ impl Shared {
         }
         Ok(tree.get(key)?)
     }
+
+    /// Every derived-state value whose key starts with `prefix`, in key
+    /// order: [`Shared::state_get`] for a range, the overlay over the tree.
+    /// The overlay is read first, so that a value the indexer moves to the
+    /// tree meanwhile is then found in the tree.
+    fn state_scan(&self, tree: &sled::Tree, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        if let Ok(o) = self.overlay.lock() {
+            // The frozen mutations, then the newer `map` over them.
+            for muts in o.frozen.iter().map(|f| &**f).chain([&o.map]) {
+                for (k, (_, v)) in muts.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                    newer.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut found = BTreeMap::new();
+        for kv in tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            found.insert(k.to_vec(), v.to_vec());
+        }
+        for (k, v) in newer {
+            match v {
+                Some(v) => found.insert(k, v),
+                None => found.remove(&k),
+            };
+        }
+        Ok(found)
+    }
 }
 
 impl Drop for Inner {
@@ -2197,30 +2225,10 @@ impl Vault {
     /// `role-` and 12 hex digits), in id order, from the derived state as
     /// [`Vault::credential`] reads it: no pass over the log.
     pub fn live_credentials(&self, id_prefix: &str) -> Result<Vec<Credential>> {
-        let (st, sh) = (&self.inner.store.state, &self.inner.shared);
         let prefix = state::key("c/", id_prefix);
-        // The overlay first, as `state_get` reads it: a value the indexer
-        // moves to the tree meanwhile is then found in the tree.
-        let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        if let Ok(o) = sh.overlay.lock() {
-            for muts in o.frozen.iter().map(|f| &**f).chain([&o.map]) {
-                for (k, (_, v)) in muts.iter().filter(|(k, _)| k.starts_with(&prefix)) {
-                    newer.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        for kv in st.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            found.insert(k.to_vec(), v.to_vec());
-        }
-        for (k, v) in newer {
-            match v {
-                Some(v) => found.insert(k, v),
-                None => found.remove(&k),
-            };
-        }
-        found
+        self.inner
+            .shared
+            .state_scan(&self.inner.store.state, &prefix)?
             .into_iter()
             .map(|(k, v)| {
                 let mut c: Credential =
