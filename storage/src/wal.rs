@@ -360,16 +360,9 @@ fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:016x}.wal")
 }
 
-/// The segments in `dir`, in the order of their names (their first seqs).
-fn segments(dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(numbered_segments(dir)?
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect())
-}
-
-/// The segments of `dir` with the first seq their names hold, in order.
-fn numbered_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+/// The segments in `dir`, each with the first seq its name holds, in the
+/// order of their names.
+fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let wd = wal_dir(dir);
     let mut found = Vec::new();
     let entries = match std::fs::read_dir(&wd) {
@@ -408,9 +401,9 @@ pub struct Replayed {
 /// not hold, makes sled durable and deletes the segments (see the module
 /// doc). Run by every open of a data dir, before anything reads sled.
 pub(crate) fn replay(store: &Store) -> Result<Replayed> {
-    let numbered = numbered_segments(&store.dir)?;
+    let found = segments(&store.dir)?;
     let mut done = Replayed::default();
-    if numbered.is_empty() {
+    if found.is_empty() {
         return Ok(done);
     }
     // The last group sled holds, with its segment's index: its batches
@@ -418,15 +411,15 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
     // later group's.
     let mut held: Option<(GroupWrite, usize)> = None;
     let finish = |held: &mut Option<(GroupWrite, usize)>| match held.take() {
-        Some((g, i)) => finish_held(store, g).map_err(damaged(&numbered[i])),
+        Some((g, i)) => finish_held(store, g).map_err(damaged(&found[i])),
         None => Ok(()),
     };
-    for (i, segment) in numbered.iter().enumerate() {
+    for (i, segment) in found.iter().enumerate() {
         let damaged = damaged(segment);
         let bytes = std::fs::read(&segment.1)?;
         let seg = read_segment(&bytes).map_err(&damaged)?;
         if seg.torn {
-            if i + 1 != numbered.len() {
+            if i + 1 != found.len() {
                 return Err(damaged(Error::Malformed(
                     "a write-ahead segment before the last one is cut short or fails its CRC",
                 )));
@@ -458,8 +451,7 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
     // A read-only open replayed into copies: the segments stay for the
     // next open that writes.
     if !store.is_read_only() {
-        let paths: Vec<PathBuf> = numbered.into_iter().map(|(_, p)| p).collect();
-        remove_segments(&store.dir, &paths)?;
+        remove_segments(&store.dir, &found)?;
     }
     if done.applied > 0 || done.torn {
         tracing::info!(
@@ -507,17 +499,17 @@ fn finish_held(store: &Store, g: GroupWrite) -> Result<()> {
 
 /// Deletes every segment: after a clean shutdown, once sled is durable.
 pub(crate) fn remove_all(dir: &Path) -> Result<()> {
-    let paths = segments(dir)?;
-    if paths.is_empty() {
+    let found = segments(dir)?;
+    if found.is_empty() {
         return Ok(());
     }
-    remove_segments(dir, &paths)
+    remove_segments(dir, &found)
 }
 
-/// Deletes `paths`, segments of `dir`'s write-ahead dir, and makes their
-/// removal durable.
-fn remove_segments(dir: &Path, paths: &[PathBuf]) -> Result<()> {
-    for path in paths {
+/// Deletes `found`, segments of `dir`'s write-ahead dir (as [`segments`]
+/// lists them), and makes their removal durable.
+fn remove_segments(dir: &Path, found: &[(u64, PathBuf)]) -> Result<()> {
+    for (_, path) in found {
         std::fs::remove_file(path)?;
     }
     sync_dir(&wal_dir(dir))
