@@ -208,8 +208,11 @@ pub(super) async fn run_remote(
         addr: http_addr.clone(),
         tls: client::Connector::new(config.clone())?.tls(),
     };
-    let (_tmp, _dir, mut info) = super::remote_scratch(config)?;
-    info.addr = Some(http_addr);
+    // No baseline runs beside it: no scratch dir.
+    let info = TargetInfo {
+        addr: Some(http_addr),
+        ..super::remote_info(config)
+    };
     let (admin, name) = super::redeem::remote_admin(config, "authorize").await?;
     let mut made = Vec::new();
     let names = super::redeem::Names {

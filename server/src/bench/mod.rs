@@ -852,15 +852,29 @@ fn scratch(
 }
 
 /// [`scratch`] for a run against the running `vaultd` of `config`: a
-/// temporary dir for the baselines run beside it, and the target described
-/// by its address and transport (no data dir of ours).
+/// temporary dir for the baselines run beside it, and the target as
+/// [`remote_info`] describes it.
 fn remote_scratch(
     config: &client::ClientConfig,
 ) -> Result<(Option<tempfile::TempDir>, PathBuf, TargetInfo)> {
-    let (tmp, dir, mut info) = scratch(None, "remote", config.tls != client::Tls::Plaintext)?;
-    info.dir = String::new();
-    info.addr = Some(config.addr.clone());
+    let (tmp, dir, info) = scratch(None, "remote", false)?;
+    let info = TargetInfo {
+        temporary: info.temporary,
+        ..remote_info(config)
+    };
     Ok((tmp, dir, info))
+}
+
+/// The running `vaultd` of `config` as a target: its address and
+/// transport, no data dir of ours.
+fn remote_info(config: &client::ClientConfig) -> TargetInfo {
+    TargetInfo {
+        kind: "remote",
+        dir: String::new(),
+        temporary: false,
+        tls: config.tls != client::Tls::Plaintext,
+        addr: Some(config.addr.clone()),
+    }
 }
 
 fn sled_dir(dir: &Path, sync_every: u64) -> PathBuf {
