@@ -211,27 +211,26 @@ pub(super) async fn run_remote(
     // No baseline runs beside it: no scratch dir.
     let info = TargetInfo {
         addr: Some(http_addr),
-        ..super::remote_info(config)
+        ..super::remote::info(config)
     };
-    let (admin, name) = super::redeem::remote_admin(config, "authorize").await?;
-    let mut made = Vec::new();
+    let mut run = super::remote::Remote::connect(config, "authorize").await?;
     let names = super::redeem::Names {
-        partner: &name,
-        subject: &name,
+        partner: &run.name,
+        subject: &run.name,
         ttl_secs: 0,
     };
-    let (target, subject) = (&target, name.as_str());
-    let measured = super::redeem::until_ctrl_c(
-        super::redeem::prepare_partner(&admin, &names, &mut made),
-        |partner_key| async move {
-            let call = authorize_call_for(&partner_key, subject, super::redeem::PURPOSE);
-            measure(target, &call, false, p, None, progress).await
-        },
-    )
-    .await;
-    drop(admin);
-    let cleaned = super::redeem::clean_up(config, &name, &made).await;
-    let report = super::redeem::cleaned_up(measured, cleaned)?;
+    let (target, subject) = (&target, run.name.as_str());
+    let measured = run
+        .interrupts
+        .until(
+            super::redeem::prepare_partner(&run.admin, &names, &mut run.made),
+            |partner_key| async move {
+                let call = authorize_call_for(&partner_key, subject, super::redeem::PURPOSE);
+                measure(target, &call, false, p, None, progress).await
+            },
+        )
+        .await;
+    let report = run.finish(measured).await?;
     Ok(report.into_report(info, p))
 }
 
@@ -691,21 +690,5 @@ mod tests {
         );
         assert_eq!(default_http_addr("10.0.0.7:7000"), "10.0.0.7:8080");
         assert_eq!(default_http_addr("[::1]:9999"), "[::1]:8080");
-    }
-
-    /// A remote run's failure and its clean-up's are both told.
-    #[test]
-    fn a_failed_clean_up_is_told_with_the_runs_failure() {
-        use super::super::redeem::cleaned_up;
-        let err = |m: &str| Err::<u8, _>(Error::Usage(m.into()));
-        assert!(matches!(cleaned_up(Ok(1), Ok(())), Ok(1)));
-        let both = cleaned_up(err("run failed"), Err(Error::Usage("left: x".into())));
-        let told = both.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(
-            told.contains("run failed") && told.contains("left: x"),
-            "{told}"
-        );
-        let clean = cleaned_up(Ok(1), Err(Error::Usage("left: y".into())));
-        assert!(clean.is_err_and(|e| e.to_string().contains("left: y")));
     }
 }

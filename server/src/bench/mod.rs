@@ -53,7 +53,8 @@
 //! Submodules, in the order a run uses them: [`inproc`] (vaultd in this
 //! process, TLS material made for the run), then one per workload, then
 //! [`mixed`] and [`growth`] (which drive the others' operations),
-//! [`redis`] and [`postgres`], and [`tail`].
+//! [`remote`] (what runs against a running `vaultd` share), [`redis`] and
+//! [`postgres`], and [`tail`].
 //!
 //! The machines this runs on are shared and noisy, so absolute figures
 //! move between runs; the baselines are measured in the same run so that
@@ -92,6 +93,7 @@ pub mod postgres;
 pub mod protocol;
 pub mod redeem;
 pub mod redis;
+pub mod remote;
 pub mod slowloris;
 pub mod tail;
 
@@ -849,32 +851,6 @@ fn scratch(
         addr: None,
     };
     Ok((tmp, dir, info))
-}
-
-/// [`scratch`] for a run against the running `vaultd` of `config`: a
-/// temporary dir for the baselines run beside it, and the target as
-/// [`remote_info`] describes it.
-fn remote_scratch(
-    config: &client::ClientConfig,
-) -> Result<(Option<tempfile::TempDir>, PathBuf, TargetInfo)> {
-    let (tmp, dir, info) = scratch(None, "remote", false)?;
-    let info = TargetInfo {
-        temporary: info.temporary,
-        ..remote_info(config)
-    };
-    Ok((tmp, dir, info))
-}
-
-/// The running `vaultd` of `config` as a target: its address and
-/// transport, no data dir of ours.
-fn remote_info(config: &client::ClientConfig) -> TargetInfo {
-    TargetInfo {
-        kind: "remote",
-        dir: String::new(),
-        temporary: false,
-        tls: config.tls != client::Tls::Plaintext,
-        addr: Some(config.addr.clone()),
-    }
 }
 
 fn sled_dir(dir: &Path, sync_every: u64) -> PathBuf {

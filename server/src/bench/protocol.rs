@@ -48,7 +48,7 @@ pub(super) async fn run_append(
     let (tmp, dir, mut info) = match target {
         Target::InProcess { dir, tls } => scratch(dir.as_deref(), "in-process", *tls)?,
         // The embedded baseline, if any, still needs a scratch dir.
-        Target::Remote(config) => super::remote_scratch(config)?,
+        Target::Remote(config) => super::remote::scratch_for(config)?,
         Target::Embedded { .. } => {
             return Err(Error::Usage("not a protocol target".into()));
         }

@@ -6,7 +6,7 @@
 //! gateway mints the tokens over the protocol, pipelined on one connection.
 //! Against a running `vaultd` (`run_remote`) an admin makes the same
 //! over the protocol, under names of the run's own, and revokes and shreds
-//! them afterwards.
+//! them afterwards ([`super::remote`]).
 //!
 //! Timed: `clients` tasks, each looping: connect (TCP, and TLS), `Hello`,
 //! `Redeem` one token, read the `Data` frame, close. Latency is from the
@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use super::inproc::{self, InProcess};
 use super::postgres::{self, Conninfo, PostgresRun};
 use super::redis::{self, RedisRun};
+use super::remote::Remote;
 use super::tail::{DiskTrace, Recorder, Tail};
 use super::{
     check, create_vault, join_each, rate, thousands, BaselineRun, Latency, LatencyTable, Pace,
@@ -261,10 +262,8 @@ async fn report(
 /// that id with one record, the partner's policy and the subject's
 /// consent. Afterwards, whether the run succeeded, failed or was
 /// interrupted with Ctrl-C, it revokes both credentials and shreds the
-/// subject, so that nothing it made can be used or read again (a run
-/// killed outright leaves them, under the run's name, for `vault-admin`);
-/// the log keeps the run's entries, as it keeps every entry. Tokens get
-/// the server's default lifetime.
+/// subject ([`Remote::finish`]). Tokens get the server's default
+/// lifetime.
 pub(super) async fn run_remote(
     config: &ClientConfig,
     p: &RedeemParams,
@@ -273,97 +272,27 @@ pub(super) async fn run_remote(
     if let Some(pg) = &p.postgres {
         postgres::preflight(pg, postgres::TOKENS_TABLE).await?;
     }
-    let (_tmp, dir, info) = super::remote_scratch(config)?;
-    let (admin, name) = remote_admin(config, "redeem").await?;
+    let (_tmp, dir, info) = super::remote::scratch_for(config)?;
+    let mut run = Remote::connect(config, "redeem").await?;
     // The server's default lifetime (5 minutes, or its maximum where
     // that is lower): a server's maximum may be under an hour.
     let names = Names {
-        partner: &name,
-        subject: &name,
+        partner: &run.name,
+        subject: &run.name,
         ttl_secs: 0,
     };
-    let mut made = Vec::new();
     let names = &names;
-    let measured = until_ctrl_c(
-        prepare_remote(&admin, names, &mut made),
-        |(partner_key, gateway_key)| async move {
-            measure(config, names, &gateway_key, &partner_key, p, None, progress).await
-        },
-    )
-    .await;
-    drop(admin);
-    // On a connection of its own: the first may have idled out meanwhile.
-    let cleaned = clean_up(config, &name, &made).await;
-    let (setup, runs) = cleaned_up(measured, cleaned)?;
+    let measured = run
+        .interrupts
+        .until(
+            prepare_remote(&run.admin, names, &mut run.made),
+            |(partner_key, gateway_key)| async move {
+                measure(config, names, &gateway_key, &partner_key, p, None, progress).await
+            },
+        )
+        .await;
+    let (setup, runs) = run.finish(measured).await?;
     report(&dir, info, p, setup, runs, progress).await
-}
-
-/// A remote run's `setup` (what it makes on the server), then its
-/// `measure`, ended early by Ctrl-C but never in the middle of the setup:
-/// a credential being made is then known, for the clean-up to revoke, and
-/// the run stops after the setup. The clean-up itself is the caller's,
-/// after this returns.
-pub(super) async fn until_ctrl_c<T, U, S, M, F>(setup: S, measure: M) -> Result<U>
-where
-    S: std::future::Future<Output = Result<T>>,
-    M: FnOnce(T) -> F,
-    F: std::future::Future<Output = Result<U>>,
-{
-    until_interrupted(tokio::signal::ctrl_c(), setup, measure).await
-}
-
-/// [`until_ctrl_c`], with `interrupt` for Ctrl-C.
-async fn until_interrupted<I, T, U, S, M, F>(interrupt: I, setup: S, measure: M) -> Result<U>
-where
-    I: std::future::Future,
-    S: std::future::Future<Output = Result<T>>,
-    M: FnOnce(T) -> F,
-    F: std::future::Future<Output = Result<U>>,
-{
-    let interrupted = || Err(Error::Usage("interrupted".into()));
-    tokio::pin!(interrupt, setup);
-    let made = tokio::select! {
-        made = &mut setup => made?,
-        _ = &mut interrupt => {
-            setup.await?;
-            return interrupted();
-        }
-    };
-    tokio::select! {
-        measured = measure(made) => measured,
-        _ = interrupt => interrupted(),
-    }
-}
-
-/// A remote run's result after its clean-up: the clean-up's failure,
-/// which says what is left on the server, is not lost to the run's own.
-pub(super) fn cleaned_up<T>(measured: Result<T>, cleaned: Result<()>) -> Result<T> {
-    match (measured, cleaned) {
-        (Ok(m), Ok(())) => Ok(m),
-        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
-        (Err(run), Err(clean)) => Err(Error::Usage(format!("{run}; then {clean}"))),
-    }
-}
-
-/// The admin connection of a run against a running `vaultd` (`workload`
-/// names the run in the refusal of another role's key), and the fresh
-/// `vault-bench-<hex>` name of what the run makes.
-pub(super) async fn remote_admin(
-    config: &ClientConfig,
-    workload: &str,
-) -> Result<(Client, String)> {
-    let admin = Client::connect(config.clone()).await?;
-    if admin.role() != "admin" {
-        return Err(Error::Usage(format!(
-            "{workload} --addr takes an admin's API key (this one is a {}'s): the run makes \
-             credentials and a subject of its own, then revokes and shreds them",
-            admin.role()
-        )));
-    }
-    let mut bytes = [0u8; 6];
-    getrandom::getrandom(&mut bytes)
-        .map_err(|e| Error::Usage(format!("no randomness for the run's names: {e}")))?;
-    Ok((admin, format!("vault-bench-{}", hex::encode(bytes))))
 }
 
 /// [`prepare`] over the protocol, as an admin, for `names`: the partner's
@@ -375,7 +304,9 @@ async fn prepare_remote(
     made: &mut Vec<String>,
 ) -> Result<(client::Zeroizing<String>, client::Zeroizing<String>)> {
     let partner_key = prepare_partner(admin, names, made).await?;
-    let (id, gateway_key) = admin.create_credential("gateway", "vault-bench").await?;
+    let (id, gateway_key) = admin
+        .create_credential("gateway", super::remote::CREDENTIAL_NAME)
+        .await?;
     made.push(id);
     Ok((partner_key, gateway_key))
 }
@@ -414,38 +345,6 @@ pub(super) async fn prepare_partner(
         )
         .await?;
     Ok(partner_key)
-}
-
-/// Revokes the run's credentials `made` and shreds its subject `name`
-/// (which has no key, and so nothing to shred, when the run stopped
-/// before its record): each is tried, and the first failure reported,
-/// naming what is left for the operator.
-pub(super) async fn clean_up(config: &ClientConfig, name: &str, made: &[String]) -> Result<()> {
-    let left = |what: &str, e: &dyn std::fmt::Display| {
-        Error::Usage(format!(
-            "the run could not {what} ({e}): revoke its credentials ({}) and shred the \
-             subject {name}, with vault-admin",
-            made.join(", ")
-        ))
-    };
-    let admin = Client::connect(config.clone())
-        .await
-        .map_err(|e| left("clean up", &e))?;
-    let mut first = None;
-    for id in made {
-        if let Err(e) = admin.revoke_credential(id.as_str()).await {
-            first = first.or(Some(left(&format!("revoke {id}"), &e)));
-        }
-    }
-    match admin.shred(name).await {
-        Ok(_)
-        | Err(client::ClientError::Server {
-            code: client::ErrorCode::NotFound,
-            ..
-        }) => {}
-        Err(e) => first = first.or(Some(left("shred its subject", &e))),
-    }
-    first.map_or(Ok(()), Err)
 }
 
 /// Writes what redemptions need: a partner and a gateway credential
@@ -816,48 +715,5 @@ impl RedeemReport {
             );
         }
         s
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    /// An interrupt during the setup lets the setup finish (what it makes
-    /// is then known to the clean-up) and skips the measurement; one
-    /// during the measurement ends it; none lets both run.
-    #[tokio::test(start_paused = true)]
-    async fn an_interrupt_never_cuts_the_setup_short() {
-        let long = std::time::Duration::from_secs(3600);
-        let setup_done = AtomicBool::new(false);
-        let setup = async {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            setup_done.store(true, Ordering::SeqCst);
-            Ok(7)
-        };
-        let measured = AtomicBool::new(false);
-        let r = until_interrupted(std::future::ready(()), setup, |_| async {
-            measured.store(true, Ordering::SeqCst);
-            Ok(())
-        })
-        .await;
-        assert!(r.is_err_and(|e| e.to_string().contains("interrupted")));
-        assert!(setup_done.load(Ordering::SeqCst), "the setup finished");
-        assert!(!measured.load(Ordering::SeqCst), "no measurement after it");
-
-        let during = tokio::time::sleep(std::time::Duration::from_millis(10));
-        let r = until_interrupted(during, async { Ok(1) }, |_| async {
-            tokio::time::sleep(long).await;
-            Ok(())
-        })
-        .await;
-        assert!(r.is_err_and(|e| e.to_string().contains("interrupted")));
-
-        let r = until_interrupted(tokio::time::sleep(long), async { Ok(2) }, |n| async move {
-            Ok(n * 10)
-        })
-        .await;
-        assert!(matches!(r, Ok(20)));
     }
 }
