@@ -312,6 +312,38 @@ impl Drop for Client {
     }
 }
 
+/// The TLS of a [`Connector`] ([`Connector::tls`]): its trust, session
+/// cache and server name, to speak TLS to another port of the same server
+/// under the same certificate, such as `vaultd`'s HTTP shim.
+#[derive(Clone)]
+pub struct TlsLink {
+    config: Arc<RustlsConfig>,
+    name: ServerName<'static>,
+}
+
+impl TlsLink {
+    /// `tcp` inside TLS, once the handshake is done and the server's
+    /// certificate checked. A server that does not answer in TLS is
+    /// [`ClientError::Tls`], named as such.
+    pub async fn wrap(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<impl AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+        let stream = tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(self.name.clone(), tcp)
+            .await?;
+        Ok(stream)
+    }
+}
+
+impl fmt::Debug for TlsLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsLink")
+            .field("server_name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Opens connections with one [`ClientConfig`], its TLS files read and its
 /// TLS configuration built once.
 ///
@@ -370,16 +402,13 @@ impl Connector {
         }
     }
 
-    /// The TLS this connector speaks, `None` in plaintext: a connector
-    /// with its trust (and session cache) and the server name to check.
-    /// For another port of the same server under the same certificate,
-    /// such as `vaultd`'s HTTP shim.
-    pub fn tls(&self) -> Option<(tokio_rustls::TlsConnector, ServerName<'static>)> {
-        self.tls.as_ref().map(|(config, name)| {
-            (
-                tokio_rustls::TlsConnector::from(config.clone()),
-                name.clone(),
-            )
+    /// The TLS this connector speaks, `None` in plaintext: for another
+    /// port of the same server under the same certificate, such as
+    /// `vaultd`'s HTTP shim.
+    pub fn tls(&self) -> Option<TlsLink> {
+        self.tls.as_ref().map(|(config, name)| TlsLink {
+            config: config.clone(),
+            name: name.clone(),
         })
     }
 

@@ -73,7 +73,7 @@ pub mod verify;
 pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use connection::{
     AuthorizeContext, Client, Connector, Exchange, Exchanged, HeadInfo, Health, Identity,
-    KeyStatus, Redeemed, Redemption, ReindexReport, Rotated, SigningRotated, StateValue,
+    KeyStatus, Redeemed, Redemption, ReindexReport, Rotated, SigningRotated, StateValue, TlsLink,
 };
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};

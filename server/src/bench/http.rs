@@ -34,7 +34,6 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::ServerName;
 use serde::Serialize;
 use storage::Vault;
 use tokio::net::TcpStream;
@@ -439,7 +438,7 @@ fn metrics_call() -> Call {
 /// it (`None`: plaintext).
 pub(super) struct HttpTarget {
     addr: String,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    tls: Option<client::TlsLink>,
 }
 
 impl HttpTarget {
@@ -471,9 +470,7 @@ async fn connect_to(target: &HttpTarget) -> Result<Conn> {
     tcp.set_nodelay(true).map_err(io)?;
     match &target.tls {
         None => handshake(tcp).await,
-        Some((connector, name)) => {
-            handshake(connector.connect(name.clone(), tcp).await.map_err(io)?).await
-        }
+        Some(tls) => handshake(tls.wrap(tcp).await?).await,
     }
 }
 
