@@ -556,6 +556,40 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
     r.stop().await;
 }
 
+/// A denial whose requested field names would not fit its log entry
+/// (names of backslashes, each escaped in JSON) is still recorded and
+/// answered as a denial: the entry lists the names that fit and counts
+/// the rest.
+#[tokio::test]
+async fn a_denial_of_field_names_too_long_to_record_whole_is_recorded_cut() {
+    let r = start_with_policy().await;
+    let names: Vec<String> = (0..256)
+        .map(|i| format!("{i}{}", "\\".repeat(96)))
+        .collect();
+    let ask = json!({"subject_id": SUBJECT, "purpose": "credit_check", "fields": names});
+    let before = entries(&r).await;
+    assert_error(
+        &call(
+            r.http,
+            "POST",
+            "/v1/authorize",
+            Some(&r.partner),
+            Some(&ask.to_string()),
+        )
+        .await,
+        403,
+        "field_not_allowed",
+    );
+    assert_eq!(entries(&r).await, before + 1, "one access_denied entry");
+    let denial = denials(&r).await.pop().expect("the denial");
+    let recorded = denial["fields"].as_array().expect("fields").len();
+    let omitted = denial["fields_omitted"].as_u64().expect("fields_omitted");
+    assert!(recorded > 100 && omitted > 0, "{recorded} + {omitted}");
+    assert_eq!(recorded as u64 + omitted, 256);
+    assert_eq!(denial["fields"][0], json!(names[0]));
+    r.stop().await;
+}
+
 /// Sends a `GET` with `key` and returns the status line, the headers
 /// (lowercase names) and the body, as they came.
 async fn get_raw(

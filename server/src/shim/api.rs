@@ -284,12 +284,22 @@ impl Shim {
             .get_or_create(&OpLabels { op })
             .observe(started.elapsed().as_secs_f64());
         r.map_err(|e| {
-            if is_transport(&e) {
-                tracing::warn!(error = %e, op, "vault connection failed");
-                let link = self.link.clone();
-                tokio::spawn(async move { link.reset(&c).await });
+            if !is_transport(&e) {
+                return gateway_error(&e);
             }
-            gateway_error(&e)
+            tracing::warn!(error = %e, op, "vault connection failed");
+            let link = self.link.clone();
+            tokio::spawn(async move { link.reset(&c).await });
+            // Sent, perhaps acted on: unlike a vault that cannot be
+            // reached, this one may have written what it was asked to.
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "vault_unavailable",
+                format!(
+                    "the vault's connection failed during the request ({e}); a log entry \
+                     it was asked to write may or may not have been written (GET /v1/logs shows it)"
+                ),
+            )
         })
     }
 
@@ -470,14 +480,18 @@ async fn deny(
     source: &crate::proxied::Source,
     denial: Denial,
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
+    let (fields, omitted) = recorded_fields(req.fields.as_deref());
     let mut audit = json!({
         "action": "authorize",
         "partner_id": partner,
         "purpose": req.purpose,
         "reason": denial.code(),
-        "fields": req.fields,
+        "fields": fields,
         "source_ip": source.client.to_string(),
     });
+    if omitted > 0 {
+        audit["fields_omitted"] = omitted.into();
+    }
     if let Some(proxy) = source.proxy {
         audit["proxy_ip"] = proxy.to_string().into();
     }
@@ -490,7 +504,8 @@ async fn deny(
         )
         .await
     })
-    .await?;
+    .await
+    .map_err(unrecorded)?;
     shim.metrics
         .authorizations
         .get_or_create(&DecisionLabels {
@@ -504,6 +519,49 @@ async fn deny(
         StatusCode::FORBIDDEN
     };
     Err(ApiError::new(status, denial.code(), denial.message()))
+}
+
+/// Room for the requested field names in a denial's `access_denied`
+/// entry, as JSON: 256 names of 128 characters fit whole when none of
+/// their characters is escaped; with the entry's other members, this
+/// stays under the vault's largest event payload (48 KiB).
+const RECORDED_FIELDS_BYTES: usize = 40 * 1024;
+
+/// The requested field names a denial's entry records: as many as fit
+/// [`RECORDED_FIELDS_BYTES`] as JSON, in the request's order, and how many
+/// more were left out (only names full of characters JSON escapes, `"`
+/// and `\`, take more room).
+fn recorded_fields(fields: Option<&[String]>) -> (Option<&[String]>, usize) {
+    let Some(fields) = fields else {
+        return (None, 0);
+    };
+    let mut used = 2;
+    for (i, f) in fields.iter().enumerate() {
+        // The name, its quotes and escapes, and a comma.
+        used += f.len() + 3 + f.bytes().filter(|b| matches!(b, b'"' | b'\\')).count();
+        if used > RECORDED_FIELDS_BYTES {
+            return (Some(&fields[..i]), fields.len() - i);
+        }
+    }
+    (Some(fields), 0)
+}
+
+/// A denial's entry that the vault did not write: whatever the vault
+/// answered, the denial is not in the log, so it is not answered as one
+/// (fail closed, `503 vault_unavailable`), but a shim whose gateway key
+/// the vault refuses is still its own configuration's fault (500).
+fn unrecorded(e: ApiError) -> ApiError {
+    if e.status == StatusCode::INTERNAL_SERVER_ERROR {
+        return e;
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "vault_unavailable",
+        format!(
+            "the refusal could not be recorded in the log ({}); nothing was done",
+            e.message
+        ),
+    )
 }
 
 /// A grant: the partner's policy and the masking of each field.
@@ -1037,6 +1095,48 @@ pub async fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A denial's entry that the vault refused, for any reason, is a 503:
+    /// the denial is not in the log; a refused gateway key stays a 500.
+    #[test]
+    fn a_denial_the_log_did_not_take_is_unavailable() {
+        let refused = vault_error(&ClientError::Server {
+            code: ErrorCode::Invalid,
+            message: "event payload too large".into(),
+        });
+        let e = unrecorded(refused);
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "vault_unavailable")
+        );
+        assert!(
+            e.message.contains("event payload too large"),
+            "{}",
+            e.message
+        );
+        let key = gateway_error(&ClientError::Server {
+            code: ErrorCode::Unauthenticated,
+            message: String::new(),
+        });
+        assert_eq!(unrecorded(key).status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    /// The names a denial records fit their room; only names that JSON
+    /// escapes can overflow it, and the rest are counted.
+    #[test]
+    fn a_denial_records_the_field_names_that_fit() {
+        let plain: Vec<String> = (0..256).map(|i| format!("{i:0>128}")).collect();
+        assert_eq!(recorded_fields(Some(&plain)), (Some(&plain[..]), 0));
+        let (kept, omitted) = recorded_fields(Some(&plain[..1]));
+        assert_eq!((kept.map(<[String]>::len), omitted), (Some(1), 0));
+        assert_eq!(recorded_fields(None), (None, 0));
+        let escaped: Vec<String> = (0..256).map(|_| "\\\"".repeat(64)).collect();
+        let (kept, omitted) = recorded_fields(Some(&escaped));
+        let kept = kept.unwrap_or_default();
+        assert_eq!(kept.len() + omitted, 256);
+        assert!(serde_json::to_string(kept).is_ok_and(|j| j.len() <= RECORDED_FIELDS_BYTES));
+        assert!(omitted > 0);
+    }
 
     /// Each refusal of the vault has the status `http.md` gives it, and
     /// a code with none of its own (a newer vault's included) is a 502
