@@ -276,11 +276,24 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// A CIDR network, or a bare address as its host network.
+/// A CIDR network, or a bare address as its host network. An
+/// IPv4-mapped network (`::ffff:10.0.0.0/104`, `::ffff:192.0.2.7`) is the
+/// IPv4 network it maps (`10.0.0.0/8`, `192.0.2.7/32`), since every source
+/// is compared as [`canonical_ip`] reads it: as written, it would never
+/// hold one.
 pub fn parse_network(s: &str) -> Option<ipnet::IpNet> {
-    s.parse::<ipnet::IpNet>()
+    let net = s
+        .parse::<ipnet::IpNet>()
         .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))?;
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .network()
+            .to_ipv4_mapped()
+            .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(Some(net), |v4| Some(ipnet::IpNet::V4(v4))),
+        other => Some(other),
+    }
 }
 
 /// One purpose of a [`PolicyTerms`].
@@ -844,6 +857,22 @@ mod tests {
         assert!(!source_allowed(&allowed, ip("127.0.0.2")));
         assert!(!source_allowed(&allowed, ip("192.168.0.1")));
         assert!(!source_allowed(&allowed, None));
+        // IPv4-mapped networks hold the IPv4 sources they map, however
+        // the source is written.
+        let mapped = nets(&["::ffff:10.0.0.0/104", "::ffff:203.0.113.9"]);
+        assert!(source_allowed(&mapped, ip("10.200.0.1")));
+        assert!(source_allowed(&mapped, ip("::ffff:10.200.0.1")));
+        assert!(source_allowed(&mapped, ip("203.0.113.9")));
+        assert!(!source_allowed(&mapped, ip("203.0.113.10")));
+        assert!(!source_allowed(&mapped, ip("11.0.0.1")));
+        assert_eq!(
+            parse_network("::ffff:10.1.2.3/120").map(|n| n.to_string()),
+            Some("10.1.2.0/24".to_string())
+        );
+        assert_eq!(
+            parse_network("2001:db8::/32").map(|n| n.to_string()),
+            Some("2001:db8::/32".to_string())
+        );
         // One item that does not parse refuses every source.
         let broken = nets(&["10.0.0.0/8", "not-a-network"]);
         assert!(!source_allowed(&broken, ip("10.1.2.3")));
