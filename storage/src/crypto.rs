@@ -79,7 +79,7 @@ impl SecretKey {
 
     /// The expanded cipher, for encrypting many messages under this key.
     pub fn cipher_handle(&self) -> Cipher {
-        Cipher(self.cipher())
+        Cipher(Box::new(self.cipher()))
     }
 
     /// Encrypts `msg` with associated data `aad` under a fresh nonce.
@@ -108,8 +108,11 @@ impl SecretKey {
 
 /// An expanded AES-256-GCM-SIV key (the `aes` crate wipes its key
 /// schedule on drop). Saves the key expansion per message on hot paths.
+/// Boxed, so that the schedule has one place in memory, the one wiped:
+/// a `Cipher` moved (in and out of a cache's table, say, or as the table
+/// grows) moves a pointer and leaves no copy of the key behind.
 #[derive(Clone)]
-pub struct Cipher(Aes256GcmSiv);
+pub struct Cipher(Box<Aes256GcmSiv>);
 
 impl std::fmt::Debug for Cipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -331,8 +334,10 @@ impl SealedMaster {
         let pt = kek
             .open(&self.nonce, &master_aad(vault_id), &self.ciphertext)
             .ok_or(Error::WrongSecret)?;
-        let bytes: [u8; 32] = pt.as_slice().try_into().map_err(|_| Error::WrongSecret)?;
-        Ok(SecretKey::from_bytes(bytes))
+        let mut bytes: [u8; 32] = pt.as_slice().try_into().map_err(|_| Error::WrongSecret)?;
+        let master = SecretKey::from_bytes(bytes);
+        bytes.zeroize();
+        Ok(master)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -437,8 +442,10 @@ pub fn unwrap_key(master: &SecretKey, aad: &[u8], wrapped: &[u8]) -> Option<Secr
     }
     let nonce: [u8; 12] = wrapped[..12].try_into().ok()?;
     let pt = master.open(&nonce, aad, &wrapped[12..])?;
-    let bytes: [u8; 32] = pt.as_slice().try_into().ok()?;
-    Some(SecretKey::from_bytes(bytes))
+    let mut bytes: [u8; 32] = pt.as_slice().try_into().ok()?;
+    let key = SecretKey::from_bytes(bytes);
+    bytes.zeroize();
+    Some(key)
 }
 
 #[cfg(test)]
