@@ -468,8 +468,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (kind, secret) =
                 new_secret(new_passphrase_file.as_deref(), new_key_file.as_deref())?;
-            let r = client.rotate_master_key(kind, &secret).await?;
-            check(&client, &r, pinned).await?;
+            let r = match client.rotate_master_key(kind, &secret).await {
+                Ok(r) => r,
+                Err(e) => {
+                    if outcome_unknown(&e) {
+                        eprintln!(
+                            "note: the rotation may have taken effect before this failure: keep \
+                             both the old and the new secret; `vault-admin keys` shows the \
+                             master key's age (a new master if it did), and vaultd opens with \
+                             the one that seals it (try the new secret first)"
+                        );
+                    }
+                    return Err(e.into());
+                }
+            };
+            if let Err(e) = check(&client, &r, pinned).await {
+                eprintln!(
+                    "note: the master key was rotated (seq {}): the vault now opens with the \
+                     new secret only; what failed is the check of the rotation's receipt",
+                    r.seq
+                );
+                return Err(e);
+            }
             master_rotated(r.seq, &r.entry_hash)
         }
         Command::Shred { subject } => {
@@ -793,6 +813,21 @@ fn signing_rotated(receipt: &Receipt, e: &client::KeyEndorsement) -> (Value, Str
     )
 }
 
+/// Whether a failed call may still have taken effect: the vault could not
+/// write (`unavailable`: a write or sync that failed may have been this
+/// call's own), failed inside, or the connection failed once the request
+/// was sent. Every other refusal comes before anything is done.
+fn outcome_unknown(e: &client::ClientError) -> bool {
+    use client::{ClientError, ErrorCode};
+    match e {
+        ClientError::Server { code, .. } => {
+            matches!(code, ErrorCode::Unavailable | ErrorCode::Internal)
+        }
+        ClientError::Config(_) => false,
+        _ => true,
+    }
+}
+
 fn master_rotated(seq: u64, entry_hash: &[u8; 32]) -> (Value, String) {
     (
         json!({"rotated": "master", "seq": seq, "entry_hash": hex::encode(entry_hash)}),
@@ -879,4 +914,28 @@ fn parse_key(s: &str) -> anyhow::Result<[u8; 32]> {
     hex::decode_to_slice(s.trim(), &mut key)
         .map_err(|_| anyhow::anyhow!("--public-key takes 64 hex digits"))?;
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use client::{ClientError, ErrorCode};
+
+    /// A master rotation that failed is called undecided when the vault
+    /// could not write, failed inside, or the connection failed after the
+    /// request; a refusal before anything was done is not.
+    #[test]
+    fn only_failures_after_the_request_leave_its_outcome_unknown() {
+        let refused = |code| ClientError::Server {
+            code,
+            message: String::new(),
+        };
+        assert!(outcome_unknown(&refused(ErrorCode::Unavailable)));
+        assert!(outcome_unknown(&refused(ErrorCode::Internal)));
+        assert!(outcome_unknown(&ClientError::Timeout));
+        assert!(outcome_unknown(&ClientError::Closed));
+        assert!(!outcome_unknown(&refused(ErrorCode::Forbidden)));
+        assert!(!outcome_unknown(&refused(ErrorCode::Invalid)));
+        assert!(!outcome_unknown(&ClientError::Config("bad".into())));
+    }
 }
