@@ -60,6 +60,15 @@ async fn start_after(
     shim: ShimConfig,
     before: impl for<'a> FnOnce(&'a Vault, &'a str) -> Pin<Box<dyn Future<Output = ()> + 'a>>,
 ) -> Running {
+    start_serving(shim, ServeConfig::default(), before).await
+}
+
+/// [`start_after`], the protocol served with `serve`.
+async fn start_serving(
+    shim: ShimConfig,
+    serve: ServeConfig,
+    before: impl for<'a> FnOnce(&'a Vault, &'a str) -> Pin<Box<dyn Future<Output = ()> + 'a>>,
+) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let created = Vault::create(
         &dir.path().join("v"),
@@ -100,7 +109,7 @@ async fn start_after(
         protocol,
         http: Some(http),
         tls: None,
-        serve: ServeConfig::default(),
+        serve,
         shim,
         policies: None,
         reopen: None,
@@ -553,6 +562,45 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
         .map(|p| p["reason"].clone())
         .collect();
     assert_eq!(reasons, ["source_not_allowed", "outside_allowed_hours"]);
+    r.stop().await;
+}
+
+/// A grant the vault will not mint (here a policy's token lifetime over
+/// the vault's own ceiling, as with a separate shim configured apart from
+/// its vault) is the deployment's fault: 502 with the vault's code, no
+/// token, and nothing in the log.
+#[tokio::test]
+async fn a_grant_the_vault_will_not_mint_is_a_bad_gateway() {
+    let serve = ServeConfig {
+        max_token_ttl: std::time::Duration::from_secs(600),
+        ..ServeConfig::default()
+    };
+    let r = start_serving(ShimConfig::default(), serve, |_, _| Box::pin(async {})).await;
+    put_policy(
+        &r,
+        json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}},
+               "max_token_ttl_secs": 900}),
+    )
+    .await;
+    let before = entries(&r).await;
+    let ask = json!({"subject_id": SUBJECT, "purpose": "credit_check"}).to_string();
+    let got = call(
+        r.http,
+        "POST",
+        "/v1/authorize",
+        Some(&r.partner),
+        Some(&ask),
+    )
+    .await;
+    assert_error(&got, 502, "invalid_request");
+    assert!(
+        got.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused to mint")),
+        "{}",
+        got.1
+    );
+    assert_eq!(entries(&r).await, before, "no token, no entry");
     r.stop().await;
 }
 

@@ -445,6 +445,17 @@ pub async fn authorize(
                 Err(e) if e.code == ErrorCode::SubjectShredded.name() => {
                     return deny(&shim, &partner, &req, &source, Denial::SubjectShredded).await;
                 }
+                // The request passed every check: the vault refusing its
+                // mint (a policy's lifetime over a separate vault's
+                // ceiling, say) is the deployment's fault, not the
+                // partner's, and no token exists.
+                Err(e) if e.status.is_client_error() => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        e.code,
+                        format!("the vault refused to mint the granted token: {}", e.message),
+                    ))
+                }
                 Err(e) => return Err(e),
             };
             shim.metrics
