@@ -108,9 +108,11 @@ impl SecretKey {
 
 /// An expanded AES-256-GCM-SIV key (the `aes` crate wipes its key
 /// schedule on drop). Saves the key expansion per message on hot paths.
-/// Boxed, so that the schedule has one place in memory, the one wiped:
-/// a `Cipher` moved (in and out of a cache's table, say, or as the table
-/// grows) moves a pointer and leaves no copy of the key behind.
+/// Boxed, so that moving a `Cipher` (in and out of a cache's table, say,
+/// or as the table grows) moves a pointer and leaves no copy of the key
+/// schedule behind; the schedule is wiped where it lives when dropped.
+/// (Building it may leave a copy on the stack, as any key expansion may:
+/// this keeps copies few, it does not scrub memory.)
 #[derive(Clone)]
 pub struct Cipher(Box<Aes256GcmSiv>);
 

@@ -470,7 +470,12 @@ async fn connect_to(target: &HttpTarget) -> Result<Conn> {
     tcp.set_nodelay(true).map_err(io)?;
     match &target.tls {
         None => handshake(tcp).await,
-        Some(tls) => handshake(tls.wrap(tcp).await?).await,
+        Some(tls) => {
+            let stream = tls.wrap(tcp).await.map_err(|e| {
+                Error::Usage(format!("{scheme}://{}: TLS handshake: {e}", target.addr))
+            })?;
+            handshake(stream).await
+        }
     }
 }
 

@@ -291,8 +291,13 @@ pub(super) async fn run_remote(
             },
         )
         .await;
+    let interrupts = run.interrupts.clone();
     let (setup, runs) = run.finish(measured).await?;
-    report(&dir, info, p, setup, runs, progress).await
+    // The baselines beside it stop at Ctrl-C too.
+    interrupts
+        .unless_interrupted(report(&dir, info, p, setup, runs, progress))
+        .await
+        .unwrap_or_else(|| Err(Error::Usage("interrupted during the baselines".into())))
 }
 
 /// [`prepare`] over the protocol, as an admin, for `names`: the partner's

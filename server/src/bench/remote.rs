@@ -13,24 +13,27 @@
 //!
 //! Ctrl-C (`Interrupts::until`, `Remote::finish`):
 //!
-//! - during the setup, lets the step under way finish, so that a
-//!   credential being made is known to the clean-up; the run then stops
-//!   and cleans up;
+//! - during the setup, lets the setup finish, so that a credential being
+//!   made is known to the clean-up; the run then stops and cleans up;
 //! - during the measurement, ends it, and the run cleans up;
 //! - while the setup finishes after one, or during the clean-up, stops
 //!   the run at once, without the rest of the clean-up.
 //!
 //! A run that stops before its clean-up is done (or whose clean-up fails)
 //! ends with an error that names what is left on the server, for
-//! `vault-admin`; so does a run killed outright, which says nothing but
-//! leaves what it made under its name.
+//! `vault-admin`; a run killed outright says nothing, but leaves what it
+//! made under its name. Ctrl-C is read by one listener for the whole
+//! process, from the connection on, so that no press is lost between two
+//! steps; after the clean-up, it also ends the baselines run beside a
+//! remote run.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use client::{Client, ClientConfig};
-use futures_util::future::BoxFuture;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
 
 use super::{scratch, TargetInfo};
 use crate::{Error, Result};
@@ -93,76 +96,89 @@ impl<'c> Remote<'c> {
             interrupts,
         } = self;
         drop(admin);
-        let left = Left {
-            name: &name,
-            made: &made,
+        let mut left = Left {
+            name,
+            made,
+            shredded: false,
             cut_short: interrupts.seen() >= 2,
         };
         let cleaned = if left.cut_short {
             Err(left.error("clean up: it was interrupted twice"))
         } else {
-            interrupts
-                .unless_interrupted(clean_up(config, &left))
+            match interrupts
+                .unless_interrupted(clean_up(config, &mut left))
                 .await
-                .unwrap_or_else(|| Err(left.error("finish its clean-up: it was interrupted")))
+            {
+                Some(cleaned) => cleaned,
+                None => Err(left.error("finish its clean-up: it was interrupted")),
+            }
         };
         cleaned_up(measured, cleaned)
     }
 }
 
-/// What a run made, as its clean-up error tells it.
-struct Left<'a> {
-    name: &'a str,
-    made: &'a [String],
-    /// Whether the setup was stopped in the middle of a step, which may
-    /// have made a credential whose id the run never got.
+/// What a run made and has not undone yet, as its clean-up error tells
+/// it.
+struct Left {
+    /// The run's name: its subject's id.
+    name: String,
+    /// The credentials not revoked yet.
+    made: Vec<String>,
+    /// Whether the subject was shredded (or had nothing to shred).
+    shredded: bool,
+    /// Whether the setup was stopped in the middle, which may have made a
+    /// credential whose id the run never got.
     cut_short: bool,
 }
 
-impl Left<'_> {
+impl Left {
     /// The run could not `what`: what to revoke and shred by hand.
     fn error(&self, what: &str) -> Error {
-        let mut credentials = match self.made {
-            [] => "none was made".to_string(),
-            ids => ids.join(", "),
-        };
+        let mut todo = Vec::new();
+        if !self.made.is_empty() {
+            todo.push(format!("revoke its credentials {}", self.made.join(", ")));
+        }
         if self.cut_short {
-            credentials += &format!(
-                "; one being made when it stopped is named {} or {CREDENTIAL_NAME}, \
-                 see vault-admin credentials list",
+            todo.push(format!(
+                "revoke any credential named {} or {CREDENTIAL_NAME} that it may have made as \
+                 it stopped (vault-admin credentials list)",
                 self.name
-            );
+            ));
+        }
+        if !self.shredded {
+            todo.push(format!("shred the subject {}", self.name));
         }
         Error::Usage(format!(
-            "the run could not {what}: revoke its credentials ({credentials}) and shred the \
-             subject {}, with vault-admin",
-            self.name
+            "the run could not {what}: {}, with vault-admin",
+            todo.join("; ")
         ))
     }
 }
 
 /// Revokes the credentials `left.made` and shreds the subject
-/// `left.name`: each is tried, and the first failure reported, naming
-/// what is left for the operator.
-async fn clean_up(config: &ClientConfig, left: &Left<'_>) -> Result<()> {
+/// `left.name`, taking each from `left` once done: each is tried, and the
+/// first failure reported, naming what is left for the operator (as
+/// `left` does when the clean-up stops midway).
+async fn clean_up(config: &ClientConfig, left: &mut Left) -> Result<()> {
     let admin = Client::connect(config.clone())
         .await
         .map_err(|e| left.error(&format!("clean up ({e})")))?;
     let mut first = None;
-    for id in left.made {
+    for id in std::mem::take(&mut left.made) {
         if let Err(e) = admin.revoke_credential(id.as_str()).await {
-            first = first.or(Some(left.error(&format!("revoke {id} ({e})"))));
+            first = first.or(Some(format!("revoke {id} ({e})")));
+            left.made.push(id);
         }
     }
-    match admin.shred(left.name).await {
+    match admin.shred(left.name.as_str()).await {
         Ok(_)
         | Err(client::ClientError::Server {
             code: client::ErrorCode::NotFound,
             ..
-        }) => {}
-        Err(e) => first = first.or(Some(left.error(&format!("shred its subject ({e})")))),
+        }) => left.shredded = true,
+        Err(e) => first = first.or(Some(format!("shred its subject ({e})"))),
     }
-    first.map_or(Ok(()), Err)
+    first.map_or(Ok(()), |what| Err(left.error(&what)))
 }
 
 /// A remote run's result after its clean-up: the clean-up's failure,
@@ -175,48 +191,90 @@ fn cleaned_up<T>(measured: Result<T>, cleaned: Result<()>) -> Result<T> {
     }
 }
 
-/// Where a run's interrupts come from (Ctrl-C, or a test's), and how many
-/// it has seen.
+/// A run's interrupts: the presses of Ctrl-C (or a test's), counted as
+/// they come by one listener, and how many of them the run has taken.
 #[derive(Clone)]
 pub(super) struct Interrupts {
-    next: Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
-    seen: Arc<AtomicUsize>,
+    shared: Arc<Presses>,
+}
+
+#[derive(Default)]
+struct Presses {
+    pressed: AtomicUsize,
+    seen: AtomicUsize,
+    changed: Notify,
 }
 
 impl Interrupts {
-    /// Ctrl-C. Where its handler cannot be installed, no interrupt comes.
+    /// Presses of Ctrl-C from now on, for the rest of the process. Where
+    /// its handler cannot be installed, none come.
     fn ctrl_c() -> Interrupts {
-        Interrupts::from_fn(|| {
-            Box::pin(async {
-                if tokio::signal::ctrl_c().await.is_err() {
-                    std::future::pending::<()>().await;
+        let interrupts = Interrupts::none();
+        if let Ok(mut sigint) = signal(SignalKind::interrupt()) {
+            let presses = interrupts.clone();
+            tokio::spawn(async move {
+                while sigint.recv().await.is_some() {
+                    presses.press();
                 }
-            })
-        })
+            });
+        }
+        interrupts
     }
 
-    /// Interrupts that come when the futures `next` makes resolve, one
-    /// future per interrupt awaited.
-    fn from_fn(next: impl Fn() -> BoxFuture<'static, ()> + Send + Sync + 'static) -> Interrupts {
+    /// Interrupts that come only from [`Interrupts::press`].
+    fn none() -> Interrupts {
         Interrupts {
-            next: Arc::new(next),
-            seen: Arc::new(AtomicUsize::new(0)),
+            shared: Arc::new(Presses::default()),
         }
     }
 
-    /// How many interrupts have come.
-    fn seen(&self) -> usize {
-        self.seen.load(Ordering::SeqCst)
+    /// One more interrupt.
+    fn press(&self) {
+        self.shared.pressed.fetch_add(1, Ordering::SeqCst);
+        self.shared.changed.notify_waiters();
     }
 
-    /// `work`'s output, or `None` when an interrupt comes first.
-    async fn unless_interrupted<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            done = work => Some(done),
-            () = (self.next)() => {
-                self.seen.fetch_add(1, Ordering::SeqCst);
-                None
+    /// How many interrupts the run has taken.
+    fn seen(&self) -> usize {
+        self.shared.seen.load(Ordering::SeqCst)
+    }
+
+    /// Takes an interrupt that came and was not taken yet, if there is
+    /// one.
+    fn take(&self) -> bool {
+        let p = &self.shared;
+        p.seen
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |seen| {
+                (seen < p.pressed.load(Ordering::SeqCst)).then_some(seen + 1)
+            })
+            .is_ok()
+    }
+
+    /// Resolves once an interrupt is taken.
+    async fn next(&self) {
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the look, so that a press between the two
+            // wakes it.
+            changed.as_mut().enable();
+            if self.take() {
+                return;
             }
+            changed.await;
+        }
+    }
+
+    /// `work`'s output, or `None` when an interrupt comes first (or had
+    /// come, untaken, before).
+    pub(super) async fn unless_interrupted<T>(
+        &self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::select! {
+            biased;
+            () = self.next() => None,
+            done = work => Some(done),
         }
     }
 
@@ -280,31 +338,34 @@ pub(super) fn info(config: &ClientConfig) -> TargetInfo {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
-    use std::sync::Mutex;
     use std::time::Duration;
 
-    /// Interrupts at the given times after the start (paused time), as
-    /// Ctrl-C would come: each one seen by the future awaited when it
-    /// comes; none after the last.
+    /// Interrupts pressed at the given times after the start (paused
+    /// time).
     fn at(ms: &[u64]) -> Interrupts {
+        let interrupts = Interrupts::none();
+        let (presses, ms) = (interrupts.clone(), ms.to_vec());
         let start = tokio::time::Instant::now();
-        let due = Arc::new(Mutex::new(ms.to_vec()));
-        Interrupts::from_fn(move || {
-            let due = due.clone();
-            Box::pin(async move {
-                let next = due.lock().ok().and_then(|d| d.first().copied());
-                let Some(ms) = next else {
-                    return std::future::pending().await;
-                };
-                tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
-                if let Ok(mut d) = due.lock() {
-                    d.retain(|&m| m != ms);
-                }
-            })
-        })
+        tokio::spawn(async move {
+            for m in ms {
+                tokio::time::sleep_until(start + Duration::from_millis(m)).await;
+                presses.press();
+            }
+        });
+        interrupts
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A run whose setup takes an hour ends "interrupted twice".
+    async fn assert_stopped_twice_in_a_setup_of_an_hour(interrupts: &Interrupts) {
+        let setup = async {
+            tokio::time::sleep(HOUR).await;
+            Ok(())
+        };
+        let r = interrupts.until(setup, |()| async { Ok(()) }).await;
+        assert!(r.is_err_and(|e| e.to_string().contains("twice")));
+    }
 
     /// An interrupt during the setup lets the setup finish (what it makes
     /// is then known to the clean-up) and skips the measurement; one
@@ -345,24 +406,30 @@ mod tests {
     }
 
     /// A second interrupt while the setup finishes stops the run at once,
-    /// and then the clean-up is skipped ([`Remote::finish`] reads
-    /// [`Interrupts::seen`]).
+    /// and counts as the second ([`Remote::finish`] then skips the
+    /// clean-up).
     #[tokio::test(start_paused = true)]
     async fn a_second_interrupt_stops_a_setup_that_does_not_finish() {
         let started = tokio::time::Instant::now();
         let interrupts = at(&[10, 20]);
-        let r = interrupts
-            .until(
-                async {
-                    tokio::time::sleep(HOUR).await;
-                    Ok(())
-                },
-                |()| async { Ok(()) },
-            )
-            .await;
-        assert!(r.is_err_and(|e| e.to_string().contains("twice")));
+        assert_stopped_twice_in_a_setup_of_an_hour(&interrupts).await;
         assert!(started.elapsed() < HOUR, "it did not wait for the setup");
         assert_eq!(interrupts.seen(), 2);
+    }
+
+    /// Presses that came before anyone waited, or between two waits, are
+    /// not lost: each is taken by the next wait.
+    #[tokio::test(start_paused = true)]
+    async fn no_press_is_lost_between_waits() {
+        let interrupts = Interrupts::none();
+        interrupts.press();
+        interrupts.press();
+        assert_stopped_twice_in_a_setup_of_an_hour(&interrupts).await;
+        assert_eq!(interrupts.seen(), 2);
+        interrupts.press();
+        assert_eq!(interrupts.unless_interrupted(async { 1 }).await, None);
+        assert_eq!(interrupts.unless_interrupted(async { 2 }).await, Some(2));
+        assert_eq!(interrupts.seen(), 3);
     }
 
     /// An interrupt during the clean-up stops it; without one it runs to
@@ -377,38 +444,44 @@ mod tests {
         assert_eq!(at(&[]).unless_interrupted(async { 2 }).await, Some(2));
     }
 
-    /// What a run leaves is named: its credentials, or that it made none,
-    /// and its subject.
+    /// What a run leaves is named: the credentials not revoked yet, one
+    /// it may have made as it stopped, and its subject until shredded.
     #[test]
     fn what_is_left_is_named() {
-        let made = ["partner-1".to_string(), "gateway-2".to_string()];
-        let told = Left {
-            name: "vault-bench-0a",
-            made: &made,
+        let mut left = Left {
+            name: "vault-bench-0a".into(),
+            made: vec!["partner-1".into(), "gateway-2".into()],
+            shredded: false,
             cut_short: false,
-        }
-        .error("finish its clean-up")
-        .to_string();
+        };
+        let told = left.error("finish its clean-up").to_string();
+        assert_eq!(
+            told,
+            "the run could not finish its clean-up: revoke its credentials partner-1, \
+             gateway-2; shred the subject vault-bench-0a, with vault-admin"
+        );
+        left.made.remove(0);
+        left.shredded = true;
+        let told = left.error("revoke gateway-2 (closed)").to_string();
         assert!(
-            told.contains("could not finish its clean-up")
-                && told.contains("partner-1, gateway-2")
-                && told.contains("shred the subject vault-bench-0a")
-                && !told.contains("being made"),
+            told.contains("credentials gateway-2, with")
+                && !told.contains("partner-1")
+                && !told.contains("shred"),
             "{told}"
         );
-        let none = Left {
-            name: "vault-bench-0b",
-            made: &[],
+        let cut = Left {
+            name: "vault-bench-0b".into(),
+            made: Vec::new(),
+            shredded: false,
             cut_short: true,
         }
         .error("clean up")
         .to_string();
         assert!(
-            none.contains(
-                "none was made; one being made when it stopped is named \
-                 vault-bench-0b or vault-bench"
-            ),
-            "{none}"
+            cut.contains(
+                "any credential named vault-bench-0b or vault-bench that it may have made"
+            ) && cut.contains("shred the subject vault-bench-0b"),
+            "{cut}"
         );
     }
 

@@ -108,6 +108,24 @@ fn vault_error(e: &ClientError) -> ApiError {
     }
 }
 
+/// [`vault_error`] for a call that writes to the log, made on a
+/// connection that was up: a connection that fails then may have carried
+/// the request, and the vault may have written what it was asked to, so
+/// the 503 does not say that nothing was done.
+fn written_error(e: &ClientError) -> ApiError {
+    if !is_transport(e) {
+        return vault_error(e);
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "vault_unavailable",
+        format!(
+            "the vault's connection failed during the request ({e}); a log entry it was \
+             asked to write may or may not have been written (GET /v1/logs shows it)"
+        ),
+    )
+}
+
 /// [`vault_error`] for the shim's own gateway connection: the vault
 /// refusing the gateway key (revoked, or not the vault's) is the shim's
 /// configuration, a 500, not the caller's key (401).
@@ -290,16 +308,7 @@ impl Shim {
             tracing::warn!(error = %e, op, "vault connection failed");
             let link = self.link.clone();
             tokio::spawn(async move { link.reset(&c).await });
-            // Sent, perhaps acted on: unlike a vault that cannot be
-            // reached, this one may have written what it was asked to.
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "vault_unavailable",
-                format!(
-                    "the vault's connection failed during the request ({e}); a log entry \
-                     it was asked to write may or may not have been written (GET /v1/logs shows it)"
-                ),
-            )
+            written_error(&e)
         })
     }
 
@@ -557,12 +566,17 @@ fn recorded_fields(fields: Option<&[String]>) -> (Option<&[String]>, usize) {
     (Some(fields), 0)
 }
 
-/// A denial's entry that the vault did not write: whatever the vault
-/// answered, the denial is not in the log, so it is not answered as one
-/// (fail closed, `503 vault_unavailable`), but a shim whose gateway key
-/// the vault refuses is still its own configuration's fault (500).
+/// A denial's entry that the vault refused: whatever the refusal, the
+/// denial is not in the log, so it is not answered as one (fail closed,
+/// `503 vault_unavailable`). A 503 already says what happened (a vault
+/// that cannot write, or a connection lost on the way, when the entry may
+/// be in the log after all), and a shim whose gateway key the vault
+/// refuses is its own configuration's fault (500): both pass unchanged.
 fn unrecorded(e: ApiError) -> ApiError {
-    if e.status == StatusCode::INTERNAL_SERVER_ERROR {
+    if matches!(
+        e.status,
+        StatusCode::INTERNAL_SERVER_ERROR | StatusCode::SERVICE_UNAVAILABLE
+    ) {
         return e;
     }
     ApiError::new(
@@ -780,7 +794,7 @@ pub async fn create_credential(
         let id = c
             .create_cert_credential(req.role.clone(), req.name.clone(), sha256)
             .await
-            .map_err(|e| vault_error(&e))?;
+            .map_err(|e| written_error(&e))?;
         return Ok((
             StatusCode::CREATED,
             axum::Json(json!({"id": id, "role": req.role, "name": req.name,
@@ -790,7 +804,7 @@ pub async fn create_credential(
     let (id, key) = c
         .create_credential(req.role.clone(), req.name.clone())
         .await
-        .map_err(|e| vault_error(&e))?;
+        .map_err(|e| written_error(&e))?;
     Ok((
         StatusCode::CREATED,
         axum::Json(json!({"id": id, "role": req.role, "name": req.name, "api_key": key.as_str()})),
@@ -808,7 +822,7 @@ pub async fn revoke_credential(
     let r = c
         .revoke_credential(id)
         .await
-        .map_err(|e| vault_error(&e))?
+        .map_err(|e| written_error(&e))?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such credential"))?;
     Ok(axum::Json(receipt_json(&r)))
 }
@@ -836,7 +850,7 @@ async fn write_event(
     let r = c
         .event(kind as u8, subject, payload)
         .await
-        .map_err(|e| vault_error(&e))?;
+        .map_err(|e| written_error(&e))?;
     Ok(axum::Json(receipt_json(&r)))
 }
 
@@ -1108,7 +1122,8 @@ mod tests {
     use super::*;
 
     /// A denial's entry that the vault refused, for any reason, is a 503:
-    /// the denial is not in the log; a refused gateway key stays a 500.
+    /// the denial is not in the log; a refused gateway key stays a 500,
+    /// and a lost connection's 503 keeps its own words.
     #[test]
     fn a_denial_the_log_did_not_take_is_unavailable() {
         let refused = vault_error(&ClientError::Server {
@@ -1130,6 +1145,14 @@ mod tests {
             message: String::new(),
         });
         assert_eq!(unrecorded(key).status, StatusCode::INTERNAL_SERVER_ERROR);
+        let lost = unrecorded(written_error(&ClientError::Closed));
+        assert_eq!(lost.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            lost.message.contains("may or may not have been written")
+                && !lost.message.contains("nothing was done"),
+            "{}",
+            lost.message
+        );
     }
 
     /// The names a denial records fit their room; only names that JSON
