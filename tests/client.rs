@@ -825,7 +825,9 @@ async fn policies_consents_and_credentials_through_the_gateway_requests() {
         ErrorCode::Invalid
     );
 
-    // Revocation: the key stops working; revoking twice finds nothing.
+    // Revocation: the key stops working, on the connections it already
+    // had too (their next request is refused and they close); revoking
+    // twice finds nothing; other credentials' connections go on.
     assert!(admin
         .revoke_credential(gateway_id.as_str())
         .await
@@ -842,6 +844,10 @@ async fn policies_consents_and_credentials_through_the_gateway_requests() {
             ..
         })
     ));
+    assert_eq!(code(gw.ping().await), ErrorCode::Unauthenticated);
+    assert!(gw.ping().await.is_err(), "the connection is closed");
+    assert!(w.ping().await.is_ok());
+    assert!(admin.ping().await.is_ok());
 }
 
 /// The payload of the entry at `seq`, as JSON.

@@ -48,6 +48,7 @@
 //! they are done, or after [`SHUTDOWN_GRACE`].
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -497,7 +498,7 @@ impl Direct {
             }
             DirectState::Open(caller) => caller,
         };
-        match screen(next, caller.role, &self.conn.vault) {
+        match screen(next, &caller, &self.conn.vault) {
             Screened::Request(id, Message::Redeem { token }, current) => {
                 let reply = redeem_request(current, &token, &caller, &self.conn).await;
                 self.end(Some((id, reply)))
@@ -1383,7 +1384,7 @@ where
                     () = stopping.cancelled() => break (Some((0, shutting_down())), Ok(())),
                     next = next_frame(&mut frames, config.idle_timeout) => next,
                 };
-                screen(next, role, &vault)
+                screen(next, caller_ref, &vault)
             }
         };
         let (id, message, current) = match screened {
@@ -1391,7 +1392,7 @@ where
                 let room = max_in_flight - in_flight;
                 let first = (id, subject, fields);
                 let (mut appends, next) =
-                    gather_appends(&mut frames, first, &current, room, role, &vault);
+                    gather_appends(&mut frames, first, &current, room, caller_ref, &vault);
                 carried = next;
                 if appends.len() > 1 {
                     in_flight += appends.len();
@@ -1511,7 +1512,7 @@ where
                 break Ok(());
             }
         };
-        let (id, message, current) = match screen(next, Role::Partner, &conn.vault) {
+        let (id, message, current) = match screen(next, caller, &conn.vault) {
             Screened::Request(id, message, current) => (id, message, current),
             Screened::Answer(id, reply) => {
                 answer = Some((id, reply));
@@ -1662,7 +1663,12 @@ enum Screened {
     End(Ending),
 }
 
-fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &LiveVault) -> Screened {
+fn screen(
+    next: Result<Option<Frame>, ConnectionError>,
+    caller: &Caller,
+    vault: &LiveVault,
+) -> Screened {
+    let role = caller.role;
     let frame = match numbered(next) {
         Ok(Some(f)) => f,
         Ok(None) => return Screened::End((None, Ok(()))),
@@ -1694,6 +1700,13 @@ fn screen(next: Result<Option<Frame>, ConnectionError>, role: Role, vault: &Live
     }
     // Out of service while a failed write is recovered from.
     match vault.get() {
+        Some(current) if !caller.still_live(&current) => {
+            let m = error(
+                ErrorCode::Unauthenticated,
+                "this connection's credential was revoked",
+            );
+            Screened::End((Some((id, m)), Err(ConnectionError::Unauthenticated)))
+        }
         Some(current) => Screened::Request(id, message, current),
         None => match message {
             Message::Health => Screened::Answer(
@@ -1865,7 +1878,50 @@ pub struct Caller {
     pub name: String,
     /// The credential's id, written into the events it records.
     pub id: String,
+    /// The vault's count of revocations when the credential was last
+    /// found live ([`Caller::still_live`]).
+    checked: Checked,
 }
+
+impl Caller {
+    /// Whether the credential is still live in `vault`: looked up again
+    /// only when a credential was revoked since the last look (one atomic
+    /// read per request otherwise). A revoked credential's connections
+    /// are refused from their next request on, not only its new ones. A
+    /// lookup that fails counts as revoked (fail closed).
+    fn still_live(&self, vault: &Vault) -> bool {
+        let now = vault.revocations();
+        if self.checked.0.load(Ordering::Acquire) == now {
+            return true;
+        }
+        match vault.credential(&self.id) {
+            Ok(Some(_)) => {
+                self.checked.0.store(now, Ordering::Release);
+                true
+            }
+            Ok(None) | Err(_) => false,
+        }
+    }
+}
+
+/// [`Caller::still_live`]'s memory: a cache, so two callers that differ
+/// only in it are the same caller.
+#[derive(Debug, Default)]
+struct Checked(AtomicU64);
+
+impl Clone for Checked {
+    fn clone(&self) -> Self {
+        Checked(AtomicU64::new(self.0.load(Ordering::Acquire)))
+    }
+}
+
+impl PartialEq for Checked {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Checked {}
 
 /// The caller an API key authenticates, or `None`. The key is looked up by
 /// its hash, and the stored hash is compared again in constant time.
@@ -1881,6 +1937,9 @@ pub fn authenticate_certificate(vault: &Vault, cert_sha256: &[u8; 32]) -> Option
 
 /// The caller whose active credential has `hash` as its key hash.
 fn caller_by_key_hash(vault: &Vault, hash: &str) -> Option<Caller> {
+    // Read before the lookup: a revocation published in between makes the
+    // first request look again.
+    let revocations = vault.revocations();
     let cred = vault.credential_by_key_hash(hash).ok()??;
     if !bool::from(cred.key_hash.as_bytes().ct_eq(hash.as_bytes())) {
         return None;
@@ -1889,6 +1948,7 @@ fn caller_by_key_hash(vault: &Vault, hash: &str) -> Option<Caller> {
         role: Role::parse(&cred.role)?,
         name: cred.name,
         id: cred.id,
+        checked: Checked(AtomicU64::new(revocations)),
     })
 }
 
@@ -1987,7 +2047,7 @@ fn gather_appends<R: AsyncRead + Unpin>(
     first: ReadAppend,
     current: &Arc<Vault>,
     room: usize,
-    role: Role,
+    caller: &Caller,
     vault: &LiveVault,
 ) -> (Vec<ReadAppend>, Option<Screened>) {
     let mut appends = vec![first];
@@ -2000,7 +2060,7 @@ fn gather_appends<R: AsyncRead + Unpin>(
             Ok(Some(frame)) => Ok(Some(frame)),
             Err(e) => Err(ConnectionError::from(e)),
         };
-        match screen(next, role, vault) {
+        match screen(next, caller, vault) {
             // The same vault: it may be reopened between two frames.
             Screened::Request(id, Message::Append { subject, fields }, same)
                 if Arc::ptr_eq(&same, current) =>

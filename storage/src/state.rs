@@ -46,6 +46,10 @@ pub const INDEXING: &[u8] = b"indexing";
 /// One change to the state tree: set a key, or remove it.
 pub type Mutation = (Vec<u8>, Option<Vec<u8>>);
 
+/// The prefix of a credential's state key (`c/` and its id): removed when
+/// the credential is revoked.
+pub const CREDENTIAL_PREFIX: &str = "c/";
+
 pub(crate) fn key(prefix: &str, rest: &str) -> Vec<u8> {
     [prefix.as_bytes(), rest.as_bytes()].concat()
 }
@@ -653,7 +657,10 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
         }
         Kind::CredentialRevoked => {
             let c: CredentialRevoked = parse(e)?;
-            vec![(key("c/", &c.id), None), (key("h/", &c.key_hash), None)]
+            vec![
+                (key(CREDENTIAL_PREFIX, &c.id), None),
+                (key("h/", &c.key_hash), None),
+            ]
         }
         Kind::Genesis => {
             let _: Genesis = parse(e)?;

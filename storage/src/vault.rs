@@ -625,6 +625,9 @@ struct Inner {
 /// State the committer, syncer and indexer share with readers.
 struct Shared {
     poisoned: AtomicBool,
+    /// Credentials revoked since the vault was opened, counted as their
+    /// groups are published ([`Vault::revocations`]).
+    revocations: AtomicU64,
     /// Requests in progress: from before they are queued until they are
     /// answered. Only a request that finds none builds its group itself
     /// ([`Vault::lead`]); any other waits in the queue, so that it can
@@ -1188,6 +1191,7 @@ impl Vault {
         let shared_master = Arc::new(RwLock::new(master.clone()));
         let shared = Arc::new(Shared {
             poisoned: AtomicBool::new(false),
+            revocations: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             last_group: AtomicUsize::new(0),
             head: RwLock::new(None),
@@ -1593,6 +1597,14 @@ impl Vault {
     pub fn pipeline_stats(&self) -> crate::stats::PipelineStats {
         let shared = &self.inner.shared;
         shared.counters.snapshot(live_keys(shared))
+    }
+
+    /// How many credentials were revoked since the vault was opened:
+    /// it changes as a revocation becomes visible to readers (before it
+    /// is acknowledged), so that a connection authenticated earlier can
+    /// tell when to look its credential up again.
+    pub fn revocations(&self) -> u64 {
+        self.inner.shared.revocations.load(Ordering::Acquire)
     }
 
     /// Whether a failed commit has poisoned the vault.
@@ -4419,10 +4431,17 @@ impl Writer {
             self.shared.poisoned.store(true, Ordering::Release);
             return;
         };
+        let mut revoked = 0;
         for (k, v) in g.state.drain(..) {
+            revoked += u64::from(v.is_none() && k.starts_with(state::CREDENTIAL_PREFIX.as_bytes()));
             o.map.insert(k, (last_seq, v));
         }
         o.last_seq = Some(last_seq);
+        if revoked > 0 {
+            // Under the overlay's lock: a reader that sees the count sees
+            // the credential gone.
+            self.shared.revocations.fetch_add(revoked, Ordering::AcqRel);
+        }
         o.waiting += g.encoded.len() as u64;
         if o.waiting >= self.index_batch {
             self.shared.overlay_full.notify_one();
