@@ -1386,6 +1386,8 @@ pub(crate) fn verify_store_with(
     // Keys the log committed to and a later shred destroyed.
     let mut destroyed: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
     let mut shredded = Vec::new();
+    // The seq of each subject's shred, for the `shredding` marker.
+    let mut shredded_at: BTreeMap<String, u64> = BTreeMap::new();
     let mut rotations = RotationCheck::default();
     let mut genesis: Option<Genesis> = None;
     // Records per subject and key version, for `usage`.
@@ -1473,6 +1475,7 @@ pub(crate) fn verify_store_with(
                     }
                     if e.kind == Kind::SubjectShredded {
                         shredded.push(e.subject.to_string());
+                        shredded_at.insert(e.subject.to_string(), e.seq);
                     }
                 }
             }
@@ -1512,6 +1515,11 @@ pub(crate) fn verify_store_with(
     report.shredded = shredded;
     let last = tip.entries.saturating_sub(1);
     let fail = |r: Reason| Some((last, r));
+    // The markers below are not signed. A crash can leave one only for
+    // the log's last commit group: sled recovers a prefix of its writes,
+    // and each later group's batches come after the step that removes an
+    // earlier group's marker. So a marker of an earlier group is forged.
+    let last_group = tip.head.map(|h| h.group_first_seq);
 
     // Genesis against the metadata and the pinned key.
     let Some(g) = genesis else {
@@ -1588,11 +1596,15 @@ pub(crate) fn verify_store_with(
             for m in markers {
                 if m.first_seq >= tip.entries {
                     // An interrupted commit names keys no entry committed
-                    // to yet. The markers are not signed: one that names a
-                    // key the log committed to (which open would delete) or
-                    // destroyed (a shredded key put back) is forged.
+                    // to yet: data and signing keys, the only keys a group
+                    // creates. The markers are not signed: one that names
+                    // another key, or a key the log committed to (which
+                    // open would delete) or destroyed (a shredded key put
+                    // back), is forged.
                     if let Some(k) = m.keys.iter().find(|k| {
-                        keys.contains_key(k.as_slice()) || destroyed.contains_key(k.as_slice())
+                        !(k.starts_with(b"dk/") || k.starts_with(b"signing/"))
+                            || keys.contains_key(k.as_slice())
+                            || destroyed.contains_key(k.as_slice())
                     }) {
                         report.failure = fail(Reason::KeyMismatch(format!(
                             "a pending marker names {:?}, a key the log committed to",
@@ -1618,9 +1630,18 @@ pub(crate) fn verify_store_with(
     if let Some(m) = store.keys.get(crate::vault::SHREDDING)? {
         match crate::vault::decode_shredding(&m) {
             Ok((first, subjects)) if first < tip.entries => {
-                if let Some(s) = subjects.iter().find(|s| !report.shredded.contains(s)) {
+                if last_group != Some(first) {
                     report.failure = fail(Reason::KeyMismatch(format!(
-                        "shredding marker names {s:?}, which the log does not shred"
+                        "shredding marker names the group at seq {first}, not the log's last"
+                    )));
+                    return Ok(report);
+                }
+                if let Some(s) = subjects
+                    .iter()
+                    .find(|s| shredded_at.get(s.as_str()).is_none_or(|&at| at < first))
+                {
+                    report.failure = fail(Reason::KeyMismatch(format!(
+                        "shredding marker names {s:?}, which the log's last group does not shred"
                     )));
                     return Ok(report);
                 }
@@ -1642,7 +1663,7 @@ pub(crate) fn verify_store_with(
     if let Some(m) = store.keys.get(crate::vault::ROTATING)? {
         match <[u8; 8]>::try_from(m.as_ref()).map(u64::from_be_bytes) {
             Ok(first) if first < tip.entries => {
-                if rotations.last_master.is_none_or(|s| s < first) {
+                if last_group != Some(first) || rotations.last_master.is_none_or(|s| s < first) {
                     report.failure = fail(Reason::KeyMismatch(
                         "rotating marker names no master rotation".into(),
                     ));
@@ -1697,7 +1718,12 @@ pub(crate) fn verify_store_with(
             .and_then(|id| <[u8; 4]>::try_from(id).ok())
             .map(u32::from_be_bytes)
         {
-            if destroyed.get(k.as_ref()) == Some(&h) {
+            // Retired by a rotation in the log's last group (the key of
+            // the next id endorsed there): one a crash may have left.
+            let retired_last = report.signing_keys.iter().any(|e| {
+                Some(e.key_id) == id.checked_add(1) && last_group.is_some_and(|g| e.seq >= g)
+            });
+            if retired_last && destroyed.get(k.as_ref()) == Some(&h) {
                 report.retired_signing_pending.push(id);
                 continue;
             }

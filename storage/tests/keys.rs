@@ -564,6 +564,37 @@ async fn a_shred_interrupted_before_its_keys_were_deleted_is_finished_at_open() 
     assert!(after.keys.get("shredding").expect("read").is_none());
     drop(after);
 
+    // The same leftovers with a group after the shred's in the log: no
+    // crash leaves them so (that group's write follows the step that
+    // deletes them), so they are destroyed keys restored, marker and all.
+    let later = tmp.path().join("later");
+    copy_dir(&shredded, &later);
+    let vault = reopen(&later);
+    vault
+        .append(Append::record("bob", b"{\"n\":3}".to_vec()))
+        .await
+        .expect("a later group");
+    vault.close().expect("close");
+    wait_unlocked(&later);
+    {
+        let r = raw(&later);
+        for (k, v) in &saved {
+            r.keys.insert(k.as_slice(), v.as_slice()).expect("write");
+        }
+        r.keys
+            .insert("shredding", shredding_marker(shred.seq, &["alice"]))
+            .expect("write");
+        r.flush().expect("flush");
+    }
+    let r = report(&later, key);
+    assert!(
+        matches!(&r.failure, Some((_, Reason::KeyMismatch(m))) if m.contains("not the log's last")),
+        "{:?}",
+        r.failure
+    );
+    wait_unlocked(&later);
+    assert!(Vault::open(&later, &unlock(), Options::default()).is_err());
+
     // Without the marker, a shredded key back in the store is tampering.
     let no_marker = put_back("no-marker", None);
     let r = report(&no_marker, key);
@@ -1245,25 +1276,59 @@ async fn signing_rotation_chains_keys_and_every_receipt_still_verifies() {
     assert_eq!(latest(&vault, "alice"), b"{\"n\":2}");
     vault.close().expect("close");
 
-    // A crash between the rotation's log write and the old key's deletion
-    // leaves the retired key behind: verify accepts it, open deletes it.
+    // A crash between a rotation's log write and the old key's deletion
+    // leaves the retired key behind, when that rotation is the log's last
+    // group: verify accepts it, open deletes it.
+    let signing2 = key_tree(&dir)
+        .into_iter()
+        .find(|(k, _)| k.as_slice() == b"signing/\0\0\0\x02")
+        .expect("signing key 2")
+        .1;
+    let vault = open_with(&dir, &new_unlock()).expect("open");
+    let (_, e3) = vault
+        .rotate_signing_key()
+        .await
+        .expect("rotate a third time");
+    assert_eq!(e3.key_id, 3);
+    vault.close().expect("close");
     let leftover = raw(&dir);
     leftover
         .keys
-        .insert(b"signing/\0\0\0\0".as_slice(), signing0.as_slice())
+        .insert(b"signing/\0\0\0\x02".as_slice(), signing2.as_slice())
         .expect("put the retired key back");
     drop(leftover);
-    // Key 0's wrapped bytes were re-wrapped by no rotation, so they are the
-    // ones the log committed to destroying.
+    // Key 2's wrapped bytes are those the master rotation committed to,
+    // then the last group destroyed.
     let r = verify_ok(&dir, pinned);
-    assert_eq!(r.retired_signing_pending, vec![0]);
+    assert_eq!(r.retired_signing_pending, vec![2]);
     let vault = open_with(&dir, &new_unlock()).expect("open");
     vault.close().expect("close");
     let r = verify_ok(&dir, pinned);
     assert!(r.retired_signing_pending.is_empty());
     assert!(key_tree(&dir)
         .iter()
-        .all(|(k, _)| k.as_slice() != b"signing/\0\0\0\0"));
+        .all(|(k, _)| k.as_slice() != b"signing/\0\0\0\x02"));
+
+    // A key retired by an earlier rotation is not one a crash can leave:
+    // put back, it is a key-store mismatch (a destroyed key restored).
+    let restored = raw(&dir);
+    restored
+        .keys
+        .insert(b"signing/\0\0\0\0".as_slice(), signing0.as_slice())
+        .expect("put key 0 back");
+    drop(restored);
+    let r = report(&dir, pinned);
+    assert!(
+        matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+        "{:?}",
+        r.failure
+    );
+    let restored = raw(&dir);
+    restored
+        .keys
+        .remove(b"signing/\0\0\0\0".as_slice())
+        .expect("take key 0 out again");
+    drop(restored);
 
     // Any other signing key in the store is a key-store mismatch.
     let forged = raw(&dir);
@@ -1509,6 +1574,36 @@ async fn pending_markers_go_with_their_group_and_a_crash_s_marker_takes_its_keys
         reopen(&dir).close().expect("close");
         assert_eq!(key_tree(&dir), before, "legacy: {legacy}");
     }
+
+    // A group creates data and signing keys only: a marker of a group to
+    // come that names any other key (which open would delete with it) is
+    // forged.
+    for name in [
+        b"shredding".to_vec(),
+        b"master".to_vec(),
+        b"rotating".to_vec(),
+    ] {
+        {
+            let raw = raw(&dir);
+            raw.keys
+                .insert(
+                    pending_name(next),
+                    pending_value(next, std::slice::from_ref(&name)),
+                )
+                .expect("write keys");
+            raw.flush().expect("flush");
+        }
+        let r = report(&dir, key);
+        assert!(
+            matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+            "{name:?}: {:?}",
+            r.failure
+        );
+        let raw = raw(&dir);
+        raw.keys.remove(pending_name(next)).expect("undo");
+        raw.flush().expect("flush");
+    }
+    verify_ok(&dir, key);
 }
 
 /// Every key's count of encryptions, as the vault reports it live, is
