@@ -2802,8 +2802,11 @@ struct Committer {
     nonces: crypto::NonceSource,
     /// Set by a refused redemption of the request being added.
     refusal: Option<TokenRefusal>,
-    /// Tokens this committer burned, with their expiry: the overlay learns
-    /// of a burn only when the writer publishes its group.
+    /// Tokens this committer burned, with the seq of each burn: the
+    /// overlay learns of a burn only when the writer publishes its group,
+    /// so a burn is forgotten here only once published (never by its
+    /// token's expiry: a redemption may come with an earlier time than the
+    /// one that would have pruned it).
     burned: HashMap<String, u64>,
     /// Credentials' key hashes (their `h/` keys) this committer changed,
     /// with the seq of the change and whether a credential holds the key
@@ -3829,11 +3832,17 @@ impl Committer {
         match refusal {
             None => {
                 if self.burned.len() >= 100_000 {
-                    // Expired tokens cannot be redeemed anyway.
-                    self.burned.retain(|_, expires| *expires > now_ms);
+                    // Burns the overlay holds are found there.
+                    let published = match self.shared.overlay.lock() {
+                        Ok(o) => o.last_seq,
+                        Err(_) => return Err(Error::Poisoned),
+                    };
+                    if let Some(published) = published {
+                        self.burned.retain(|_, seq| *seq > published);
+                    }
                 }
-                let expires = minted.as_ref().map_or(0, |t| t.expires_at_ms);
-                self.burned.insert(token_hash.to_string(), expires);
+                self.burned
+                    .insert(token_hash.to_string(), self.pos.next_seq);
                 let payload = serde_json::to_vec(&state::TokenRedeemed {
                     token_hash: token_hash.to_string(),
                     partner_id: partner_id.to_string(),
