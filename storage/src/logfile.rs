@@ -73,7 +73,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 
 /// The file of chunks, in the data dir.
 pub const FILE: &str = "chunks";
@@ -247,6 +247,26 @@ fn read_file_at(file: &File, offset: u64, len: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// A chunks file that is not there, while `index` names chunks in it: the
+/// whole log's bytes are missing (a copy or restore of the data dir that
+/// left the file out, a file system not mounted), an integrity failure at
+/// the first seq named, never an empty log (the cut at open would drop
+/// every pointer).
+fn refuse_missing(path: &Path, index: &sled::Tree) -> Result<()> {
+    let Some((first, _)) = index.first()? else {
+        return Ok(());
+    };
+    let seq = <[u8; 8]>::try_from(first.as_ref()).map_or(0, u64::from_be_bytes);
+    Err(Error::integrity(
+        seq,
+        Reason::Malformed(format!(
+            "the chunks file {} is missing, while the log's index names chunks from seq {seq} \
+             on: restore it with the rest of the data dir",
+            path.display()
+        )),
+    ))
+}
+
 impl LogTree {
     /// Opens (creating if absent) the chunks file of `dir` beside its index
     /// tree, and cuts off whatever lies past the last chunk the index names
@@ -254,6 +274,9 @@ impl LogTree {
     pub(crate) fn open(dir: &Path, index: sled::Tree) -> Result<LogTree> {
         let path = dir.join(FILE);
         let created = !path.exists();
+        if created {
+            refuse_missing(&path, &index)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -283,7 +306,11 @@ impl LogTree {
     /// there goes to a file in `scratch` and to memory instead ([`Overlay`]).
     /// Readers see the log as an open that writes would leave it.
     pub(crate) fn open_read_only(dir: &Path, index: sled::Tree, scratch: &Path) -> Result<LogTree> {
-        let file = File::open(dir.join(FILE))?;
+        let path = dir.join(FILE);
+        if !path.exists() {
+            refuse_missing(&path, &index)?;
+        }
+        let file = File::open(path)?;
         let end = Self::drop_dangling(&file, &index)?;
         let tail = OpenOptions::new()
             .read(true)

@@ -717,6 +717,53 @@ async fn a_damaged_write_ahead_segment_is_an_integrity_failure_at_its_first_seq(
     }
 }
 
+/// A data dir whose chunks file is gone (a restore that left it out)
+/// is an integrity failure at the log's first seq, from an open and from
+/// verify (writing or read-only), and nothing is dropped: with the file
+/// put back, the vault opens as it was.
+#[tokio::test]
+async fn a_missing_chunks_file_is_an_integrity_failure_and_drops_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault
+        .append(Append::record("alice", b"{\"n\":1}".to_vec()))
+        .await
+        .expect("append");
+    let entries = vault.durable_len();
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+    let (chunks, aside) = (dir.join("chunks"), tmp.path().join("chunks.aside"));
+    std::fs::rename(&chunks, &aside).expect("take the chunks file away");
+    let missing =
+        |reason: &Reason| matches!(reason, Reason::Malformed(m) if m.contains("is missing"));
+    match Vault::open(&dir, &unlock(), Options::default()) {
+        Err(Error::Integrity { seq: 0, reason }) if missing(&reason) => {}
+        other => panic!("the open gave {:?}", other.map(|_| "a vault")),
+    }
+    let opts = VerifyOptions {
+        public_key: Some(key),
+        ..Default::default()
+    };
+    let scratch = tempfile::tempdir().expect("scratch");
+    for report in [
+        verify(&dir, &opts).expect("verify runs"),
+        storage::verify_read_only(&dir, scratch.path(), &opts).expect("verify runs"),
+    ] {
+        match &report.failure {
+            Some((0, reason)) if missing(reason) => {}
+            other => panic!("verify reported {other:?}"),
+        }
+    }
+    assert!(!chunks.exists(), "no empty chunks file was made");
+    std::fs::rename(&aside, &chunks).expect("put it back");
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
+    assert_eq!(vault.durable_len(), entries);
+    vault.close().expect("close");
+    assert!(verify(&dir, &opts).expect("verify runs").ok());
+}
+
 #[test]
 fn create_refuses_existing_vault_and_open_refuses_missing() {
     let tmp = tempfile::tempdir().expect("tempdir");
