@@ -10,8 +10,11 @@
 //! chunk's entries are hashed side by side: [`entry_hashes`]). The
 //! window is then walked in order to check seqs, links and group heads,
 //! while the next window is read. Nothing here needs a
-//! passphrase or a data key, and nothing here writes (opening sled runs
-//! sled's own recovery).
+//! passphrase or a data key, and the checks write nothing; the open
+//! before them ([`verify`]) does what every open does (sled's own
+//! recovery, the chunks file cut after its last chunk, the write-ahead
+//! file replayed and its segments deleted), which [`verify_read_only`]
+//! does to a copy instead.
 //!
 //! The ranges of a window are contiguous in sled's key order and the
 //! walk takes the tasks' chunks in that order, so it sees exactly what
