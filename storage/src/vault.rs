@@ -3492,13 +3492,19 @@ impl Committer {
             self.credentials.insert(k.clone(), (seq, v.is_some()));
         }
         if self.credentials.len() > 256 {
-            let published = match self.shared.overlay.lock() {
-                Ok(o) => o.last_seq,
-                Err(_) => return,
-            };
-            if let Some(published) = published {
+            if let Ok(Some(published)) = self.published_seq() {
                 self.credentials.retain(|_, (seq, _)| *seq > published);
             }
+        }
+    }
+
+    /// The last seq whose derived-state changes the overlay holds (or the
+    /// tree already does), where readers find them: what this committer
+    /// remembers of its own changes up to it can go.
+    fn published_seq(&self) -> Result<Option<u64>> {
+        match self.shared.overlay.lock() {
+            Ok(o) => Ok(o.last_seq),
+            Err(_) => Err(Error::Poisoned),
         }
     }
 
@@ -3833,11 +3839,7 @@ impl Committer {
             None => {
                 if self.burned.len() >= 100_000 {
                     // Burns the overlay holds are found there.
-                    let published = match self.shared.overlay.lock() {
-                        Ok(o) => o.last_seq,
-                        Err(_) => return Err(Error::Poisoned),
-                    };
-                    if let Some(published) = published {
+                    if let Some(published) = self.published_seq()? {
                         self.burned.retain(|_, seq| *seq > published);
                     }
                 }
