@@ -50,6 +50,14 @@ pub type Mutation = (Vec<u8>, Option<Vec<u8>>);
 /// the credential is revoked.
 pub const CREDENTIAL_PREFIX: &str = "c/";
 
+/// The prefix of a wrapped data key's name in the `keys` tree
+/// ([`data_key_name`]).
+pub const DATA_KEY_PREFIX: &[u8] = b"dk/";
+
+/// The prefix of a wrapped signing key's name in the `keys` tree
+/// ([`signing_key_name`]).
+pub const SIGNING_KEY_PREFIX: &[u8] = b"signing/";
+
 pub(crate) fn key(prefix: &str, rest: &str) -> Vec<u8> {
     [prefix.as_bytes(), rest.as_bytes()].concat()
 }
@@ -651,7 +659,7 @@ pub fn mutations(e: &EntryRef<'_>) -> Result<Vec<Mutation>> {
             };
             let bytes = serde_json::to_vec(&value).map_err(|e| Error::Invalid(e.to_string()))?;
             vec![
-                (key("c/", &c.id), Some(bytes)),
+                (key(CREDENTIAL_PREFIX, &c.id), Some(bytes)),
                 (key("h/", &c.key_hash), Some(c.id.into_bytes())),
             ]
         }
@@ -789,7 +797,7 @@ pub fn data_key_name(subject: &str, version: u32) -> Vec<u8> {
 
 /// Prefix of every data key of a subject.
 pub fn data_key_prefix(subject: &str) -> Vec<u8> {
-    let mut k = b"dk/".to_vec();
+    let mut k = DATA_KEY_PREFIX.to_vec();
     k.extend_from_slice(subject.as_bytes());
     k.push(0);
     k
@@ -797,7 +805,7 @@ pub fn data_key_prefix(subject: &str) -> Vec<u8> {
 
 /// Name of a wrapped signing key: `"signing/" key_id(u32 BE)`.
 pub fn signing_key_name(key_id: u32) -> Vec<u8> {
-    let mut k = b"signing/".to_vec();
+    let mut k = SIGNING_KEY_PREFIX.to_vec();
     k.extend_from_slice(&key_id.to_be_bytes());
     k
 }

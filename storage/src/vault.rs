@@ -2212,7 +2212,7 @@ impl Vault {
             return Ok(None);
         };
         let id = String::from_utf8(id.to_vec()).map_err(|_| Error::Malformed("credential id"))?;
-        let Some(v) = sh.state_get(st, &state::key("c/", &id))? else {
+        let Some(v) = sh.state_get(st, &state::key(state::CREDENTIAL_PREFIX, &id))? else {
             return Ok(None);
         };
         let mut c: Credential =
@@ -2224,7 +2224,7 @@ impl Vault {
     /// A credential by its id.
     pub fn credential(&self, id: &str) -> Result<Option<Credential>> {
         let (st, sh) = (&self.inner.store.state, &self.inner.shared);
-        let Some(v) = sh.state_get(st, &state::key("c/", id))? else {
+        let Some(v) = sh.state_get(st, &state::key(state::CREDENTIAL_PREFIX, id))? else {
             return Ok(None);
         };
         let mut c: Credential =
@@ -2237,7 +2237,7 @@ impl Vault {
     /// `role-` and 12 hex digits), in id order, from the derived state as
     /// [`Vault::credential`] reads it: no pass over the log.
     pub fn live_credentials(&self, id_prefix: &str) -> Result<Vec<Credential>> {
-        let prefix = state::key("c/", id_prefix);
+        let prefix = state::key(state::CREDENTIAL_PREFIX, id_prefix);
         self.inner
             .shared
             .state_scan(&self.inner.store.state, &prefix)?
@@ -2592,10 +2592,10 @@ fn key_aad(name: &[u8]) -> Option<Vec<u8>> {
     if name == state::MASK {
         return Some(crypto::mask_key_aad());
     }
-    if let Some(id) = name.strip_prefix(b"signing/") {
+    if let Some(id) = name.strip_prefix(state::SIGNING_KEY_PREFIX) {
         return Some(signing_key_aad(u32::from_be_bytes(id.try_into().ok()?)));
     }
-    let rest = name.strip_prefix(b"dk/")?;
+    let rest = name.strip_prefix(state::DATA_KEY_PREFIX)?;
     let (subject, version) = rest.split_at_checked(rest.len().checked_sub(5)?)?;
     let version = version.strip_prefix(&[0u8])?;
     let subject = std::str::from_utf8(subject).ok()?;

@@ -1605,7 +1605,8 @@ pub(crate) fn verify_store_with(
                     // open would delete) or destroyed (a shredded key put
                     // back), is forged.
                     if let Some(k) = m.keys.iter().find(|k| {
-                        !(k.starts_with(b"dk/") || k.starts_with(b"signing/"))
+                        !(k.starts_with(state::DATA_KEY_PREFIX)
+                            || k.starts_with(state::SIGNING_KEY_PREFIX))
                             || keys.contains_key(k.as_slice())
                             || destroyed.contains_key(k.as_slice())
                     }) {
@@ -1717,7 +1718,7 @@ pub(crate) fn verify_store_with(
             }
         }
         if let Some(id) = k
-            .strip_prefix(b"signing/".as_slice())
+            .strip_prefix(state::SIGNING_KEY_PREFIX)
             .and_then(|id| <[u8; 4]>::try_from(id).ok())
             .map(u32::from_be_bytes)
         {
