@@ -1611,7 +1611,8 @@ pub(crate) fn verify_store_with(
                             || destroyed.contains_key(k.as_slice())
                     }) {
                         report.failure = fail(Reason::KeyMismatch(format!(
-                            "a pending marker names {:?}, a key the log committed to",
+                            "a pending marker names {:?}, a key no group creates or one the log \
+                             committed to",
                             String::from_utf8_lossy(k)
                         )));
                         return Ok(report);
