@@ -13,6 +13,9 @@
 //!               id, written by the same task: buffered as requests
 //!               complete, flushed once none more is ready (one write
 //!               for the answers of one commit group)
+//!   reads of a stretch of the log (Entries, Heads, Proof): on tokio's
+//!               blocking threads, two at once in the process, one at a
+//!               time per connection until its answer is fed to the sink
 //!
 //! a partner's connection (one per token): its requests one at a time,
 //!   answered in order by the connection task itself, until its Redeem
@@ -1343,6 +1346,12 @@ where
     // ([`Unread`]), which ends the connection.
     let max_in_flight = config.max_in_flight.max(1);
     let (config_ref, caller_ref) = (&config, &caller);
+    // This connection's reads of a stretch of the log ([`scan`]) take
+    // turns, and each keeps its turn until its answers are fed to the
+    // sink: what a connection holds of them is one answer, however many
+    // it has in flight and whether or not it reads what it is sent.
+    let scan_turn = Semaphore::new(1);
+    let turn_ref = &scan_turn;
     let mut pending = FuturesUnordered::new();
     let mut in_flight = 0;
     let mut out = Answers {
@@ -1361,7 +1370,7 @@ where
         // Back-pressure: read the next frame only when a slot is free.
         if in_flight >= max_in_flight {
             out.flush().await;
-            if let Some((n, answers)) = pending.next().await {
+            if let Some((n, answers, _turn)) = pending.next().await {
                 in_flight -= n;
                 out.feed_all(answers).await;
             }
@@ -1375,7 +1384,7 @@ where
                 // flush: what it did not write stays in the buffer).
                 let next = tokio::select! {
                     biased;
-                    Some((n, answers)) = pending.next(), if !pending.is_empty() => {
+                    Some((n, answers, _turn)) = pending.next(), if !pending.is_empty() => {
                         in_flight -= n;
                         out.feed_all(answers).await;
                         continue;
@@ -1396,7 +1405,10 @@ where
                 carried = next;
                 if appends.len() > 1 {
                     in_flight += appends.len();
-                    pending.push(Either::Left(handle_appends(appends, current)));
+                    pending.push(Either::Left(async move {
+                        let (n, answers) = handle_appends(appends, current).await;
+                        (n, answers, None)
+                    }));
                     continue;
                 }
                 // One alone is answered as any request, so that it may
@@ -1417,14 +1429,19 @@ where
         };
         in_flight += 1;
         pending.push(Either::Right(async move {
+            let turn = if is_scan(&message) {
+                turn_ref.acquire().await.ok()
+            } else {
+                None
+            };
             let answers = handle(id, message, &current, config_ref, caller_ref).await;
-            (1, answers)
+            (1, answers, turn)
         }));
     };
     // Requests already read are answered, even when reading has ended;
     // then what ended it (a frame that cannot be read), so that its error
     // is the connection's last answer.
-    while let Some((_, answers)) = pending.next().await {
+    while let Some((_, answers, _turn)) = pending.next().await {
         out.feed_all(answers).await;
     }
     drop(pending);
@@ -2208,8 +2225,9 @@ async fn respond(
         }
         Message::Entries { from_seq, max } => {
             let max = max.min(config.max_entries) as usize;
-            match vault.entries_within(from_seq, max, config.max_entries_bytes) {
-                Err(e) => storage_error(&e),
+            let max_bytes = config.max_entries_bytes;
+            match scan(vault, move |v| v.entries_within(from_seq, max, max_bytes)).await {
+                Err(refused) => refused,
                 Ok(entries) => {
                     // Batches that stay well inside the frame limit.
                     let mut batches: Vec<Vec<Vec<u8>>> = Vec::new();
@@ -2239,22 +2257,22 @@ async fn respond(
                 }
             }
         }
-        Message::Proof { seq } => match vault.receipt(seq) {
+        Message::Proof { seq } => match scan(vault, move |v| v.receipt(seq)).await {
             Ok(Some(r)) => Message::ProofInfo {
                 receipt: r.encode(),
             },
             Ok(None) => error(ErrorCode::NotFound, "no such entry"),
-            Err(e) => storage_error(&e),
+            Err(refused) => refused,
         },
         Message::Heads { from_seq, max } => {
             // At most a thousand, and a frame well inside the limit.
             let fit = config.max_frame_len / 2 / (protocol::receipt::HEAD_LEN + 4);
             let max = (max as usize).min(MAX_HEADS_PER_REQUEST).min(fit.max(1));
-            match vault.heads(from_seq, max, MAX_HEADS_SCAN_BYTES) {
+            match scan(vault, move |v| v.heads(from_seq, max, MAX_HEADS_SCAN_BYTES)).await {
                 Ok(heads) => Message::HeadList {
                     heads: heads.iter().map(storage::SignedHead::encode).collect(),
                 },
-                Err(e) => storage_error(&e),
+                Err(refused) => refused,
             }
         }
         Message::Mint {
@@ -2415,6 +2433,47 @@ async fn respond(
         crate::failpoints::before_reply(op);
     }
     vec![(reply, 0)]
+}
+
+/// Reads of a stretch of the log run at once in the process ([`scan`]).
+const SCAN_SLOTS: usize = 2;
+
+/// The slots of [`scan`], shared by every connection of the process.
+static SCANS: Semaphore = Semaphore::const_new(SCAN_SLOTS);
+
+/// Whether `message` reads a stretch of the log ([`scan`]): `Entries`
+/// (up to `max_entries_bytes`), `Heads` (up to [`MAX_HEADS_SCAN_BYTES`])
+/// and `Proof` (a whole commit group, rehashed).
+fn is_scan(message: &Message) -> bool {
+    matches!(
+        message,
+        Message::Entries { .. } | Message::Heads { .. } | Message::Proof { .. }
+    )
+}
+
+/// `read` of the log, on one of tokio's blocking threads: a read of
+/// megabytes would otherwise hold up, for its whole length, one of the
+/// few worker threads (one per core) that every connection's requests
+/// run on. At most [`SCAN_SLOTS`] run at once, and a read keeps its slot
+/// until it ends, even when the request that started it is dropped.
+async fn scan<T, F>(vault: &Arc<Vault>, read: F) -> Result<T, Message>
+where
+    T: Send + 'static,
+    F: FnOnce(&Vault) -> storage::Result<T> + Send + 'static,
+{
+    let Ok(slot) = SCANS.acquire().await else {
+        return Err(error(ErrorCode::Unavailable, "the log cannot be read now"));
+    };
+    let vault = Arc::clone(vault);
+    let read = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        read(&vault)
+    });
+    match read.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(storage_error(&e)),
+        Err(_) => Err(error(ErrorCode::Internal, "the read of the log failed")),
+    }
 }
 
 /// Most subject keys in one `KeyStatusInfo`: 1,000 keys of at most 256-byte
@@ -2749,6 +2808,47 @@ mod tests {
         // A creation time past `now` (a clock set back) is not overdue.
         let found = policy.overdue(now, (0, now + DAY_MS), [now + DAY_MS].into_iter());
         assert!(found.is_empty(), "{found:?}");
+    }
+
+    /// A read of the log on a blocking thread answers as the read would
+    /// in place: its value, its storage error with the code the protocol
+    /// gives it, and a read that panics is `internal`, not a panic of the
+    /// connection.
+    #[tokio::test]
+    async fn a_scan_answers_its_value_its_error_or_internal_and_frees_its_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vault = Arc::new(
+            Vault::create(
+                &dir.path().join("v"),
+                &storage::Unlock::passphrase(b"scan test".to_vec()),
+                storage::Options::default(),
+            )
+            .expect("create")
+            .vault,
+        );
+        let entries = scan(&vault, |v| v.entries_within(0, 10, 1 << 20))
+            .await
+            .expect("entries");
+        assert_eq!(entries, vault.entries_from(0, 10).expect("in place"));
+        let closed = scan(&vault, |_| -> storage::Result<()> {
+            Err(storage::Error::Closed)
+        })
+        .await;
+        assert_eq!(closed, Err(storage_error(&storage::Error::Closed)));
+        let panicked = scan(&vault, |_| -> storage::Result<()> {
+            panic!("a read that panics");
+        })
+        .await;
+        assert!(
+            matches!(
+                panicked,
+                Err(Message::Error {
+                    code: ErrorCode::Internal,
+                    ..
+                })
+            ),
+            "{panicked:?}"
+        );
     }
 
     /// `check` reads the vault's own keys: its signing key and the active
