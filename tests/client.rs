@@ -696,14 +696,31 @@ async fn vault_client_speaks_tls_with_cacert() {
     let ca = s.ca_file.to_str().expect("utf-8");
     let other = s.other_ca_file.to_str().expect("utf-8");
     let env = [("FINTRUST_API_KEY", s.server.writer.as_str())];
+    // The certificate names `localhost`, and the name checked is the
+    // address's host unless --server-name says otherwise.
+    let r = vault_client(&["ping", "--addr", &addr, "--cacert", ca], &env).await;
+    assert_eq!(r.code, 1, "a certificate for another name: {r:?}");
+    assert!(r.stderr.contains("TLS"), "{r:?}");
+    let named = ["--server-name", "localhost"];
     let r = vault_client(
-        &["ping", "--addr", &addr, "--cacert", ca, "--format", "json"],
+        &[
+            &["ping", "--addr", &addr, "--cacert", ca, "--format", "json"],
+            &named[..],
+        ]
+        .concat(),
         &env,
     )
     .await;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["role"], "writer");
-    let r = vault_client(&["ping", "--addr", &addr, "--cacert", other], &env).await;
+    let localhost = addr.replace("127.0.0.1", "localhost");
+    let r = vault_client(&["ping", "--addr", &localhost, "--cacert", ca], &env).await;
+    assert_eq!(r.code, 0, "the address's own host: {r:?}");
+    let r = vault_client(
+        &[&["ping", "--addr", &addr, "--cacert", other], &named[..]].concat(),
+        &env,
+    )
+    .await;
     assert_eq!(r.code, 1, "another CA: {r:?}");
     assert!(r.stderr.contains("TLS"), "{r:?}");
 }

@@ -56,14 +56,10 @@ pub struct ConnectArgs {
     /// over TLS, trusting only this CA.
     #[arg(long, global = true, env = "FINTRUST_CACERT")]
     pub cacert: Option<PathBuf>,
-    /// Name the server's certificate must carry.
-    #[arg(
-        long,
-        global = true,
-        env = "FINTRUST_SERVER_NAME",
-        default_value = "localhost"
-    )]
-    pub server_name: String,
+    /// Name the server's certificate must carry [default: the host of the
+    /// address].
+    #[arg(long, global = true, env = "FINTRUST_SERVER_NAME")]
+    pub server_name: Option<String>,
     /// PEM client certificate chain, for a server that requires mutual TLS.
     /// Without an API key, the certificate itself authenticates, as the
     /// credential the vault binds to it (`vault-admin credentials create
@@ -94,7 +90,7 @@ impl ConnectArgs {
     pub fn config(&self, addr: &str, client_name: String) -> Result<ClientConfig> {
         let config = ClientConfig {
             addr: addr.to_string(),
-            tls: self.tls()?,
+            tls: self.tls(addr)?,
             api_key: self.api_key()?,
             client_name,
             timeout: Duration::from_secs(self.timeout_secs),
@@ -103,7 +99,10 @@ impl ConnectArgs {
         Ok(config)
     }
 
-    fn tls(&self) -> Result<Tls> {
+    /// The TLS to speak to `addr`: its certificate is checked against
+    /// `--server-name`, or else the address's own host, so that a
+    /// certificate for another name of the same CA is not taken for it.
+    fn tls(&self, addr: &str) -> Result<Tls> {
         let bad = |m: &str| Err(ClientError::Config(m.to_string()));
         match (&self.cacert, self.insecure_plaintext) {
             (Some(_), true) => bad("--cacert and --insecure-plaintext exclude each other"),
@@ -119,7 +118,10 @@ impl ConnectArgs {
             }
             (Some(ca), false) => Ok(Tls::Ca {
                 ca_pem_file: ca.clone(),
-                server_name: self.server_name.clone(),
+                server_name: self
+                    .server_name
+                    .clone()
+                    .unwrap_or_else(|| crate::config::host_of(addr).to_string()),
                 client_cert: match (&self.client_cert, &self.client_key) {
                     (None, None) => None,
                     (Some(c), Some(k)) => Some((c.clone(), k.clone())),
