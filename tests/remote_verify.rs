@@ -377,6 +377,10 @@ async fn serve_fake(mut tcp: TcpStream, log: Arc<Recorded>, how: Fake) {
                 };
                 Message::HeadList { heads }
             }
+            // The recorded vault never rotated its signing key.
+            Message::KeyChain => Message::KeyChainInfo {
+                endorsements: Vec::new(),
+            },
             Message::Proof { seq } => match log.receipts.get(seq as usize) {
                 Some(r) => Message::ProofInfo { receipt: r.clone() },
                 None => Message::Error {

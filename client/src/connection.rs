@@ -112,6 +112,21 @@ enum Transport {
     Direct(Arc<dyn Exchange>),
 }
 
+/// Whether a page of a listing holds at least one item, each after
+/// `cursor` and after the one before it: what a paging loop needs to end.
+fn ascending_after<T: Ord>(cursor: T, items: impl IntoIterator<Item = T>) -> bool {
+    let mut last = cursor;
+    let mut any = false;
+    for item in items {
+        if item <= last {
+            return false;
+        }
+        last = item;
+        any = true;
+    }
+    any
+}
+
 /// What `Head` answers: the vault's public key, how many entries are
 /// durable, and the newest signed head (`None` for an empty log).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -774,10 +789,11 @@ impl Client {
         }
     }
 
-    /// The vault's public key, entry count and signed head. The head's
-    /// signature is checked against the key sent with it, which proves
-    /// only that the two agree: compare the key with a pinned one, and
-    /// feed the head to a [`HeadTracker`](crate::HeadTracker).
+    /// The vault's public key, entry count and signed head. The head is
+    /// checked against the key sent with it, through the key chain (one
+    /// more request), which proves only that the two agree: compare the
+    /// key with a pinned one, and feed the head to a
+    /// [`HeadTracker`](crate::HeadTracker).
     pub async fn head(&self) -> Result<HeadInfo> {
         match self.call(Message::Head).await? {
             Message::HeadInfo {
@@ -789,13 +805,7 @@ impl Client {
                     None
                 } else {
                     let head = SignedHead::decode(&signed_head)?;
-                    let key = verifying_key(&public_key)?;
-                    let ok = if head.key_id == 0 {
-                        head.verify(&key)
-                    } else {
-                        self.key_chain(&public_key).await?.verify_head(&head)
-                    };
-                    if !ok {
+                    if !self.key_chain(&public_key).await?.verify_head(&head) {
                         return Err(protocol::receipt::ReceiptError::BadSignature.into());
                     }
                     Some(head)
@@ -1098,12 +1108,13 @@ impl Client {
         }
     }
 
-    /// Checks a receipt with the pinned key, following the vault's key
-    /// chain when a rotated key signed it.
+    /// Checks a receipt with the pinned key through the vault's key chain
+    /// (one `KeyChain` request): signed by the key its head names, and
+    /// for a group within the seqs that key signed, so that a key rotated
+    /// away cannot vouch for a later group ([`KeyChain::key_for`]). The
+    /// offline [`verify_receipt`](crate::verify_receipt) has no chain and
+    /// checks key 0's signature alone.
     pub async fn verify_receipt(&self, receipt: &Receipt, pinned: &[u8; 32]) -> Result<()> {
-        if receipt.head.key_id == 0 {
-            return crate::verify_receipt(receipt, pinned);
-        }
         receipt.verify_chain(&self.key_chain(pinned).await?)?;
         Ok(())
     }
@@ -1158,15 +1169,12 @@ impl Client {
             };
             let cursor = (last.subject.clone(), last.version);
             let page = self.key_status_page(Some(cursor.clone()), 0).await?;
-            // Each page must start after the last one ended, or paging
-            // would never end.
-            if page
-                .keys
-                .first()
-                .is_some_and(|k| (k.subject.as_str(), k.version) <= (cursor.0.as_str(), cursor.1))
-            {
+            // Each page must hold keys after the last one's, in order, or
+            // paging might never end.
+            let keys = page.keys.iter().map(|k| (k.subject.as_str(), k.version));
+            if !ascending_after((cursor.0.as_str(), cursor.1), keys) {
                 return Err(ClientError::UnexpectedResponse(
-                    "a page after the previous one",
+                    "a page of keys in order after the previous one",
                 ));
             }
             all.more = page.more;
@@ -1203,11 +1211,11 @@ impl Client {
                 ));
             };
             let (page, next) = self.credentials_page(Some(last.clone()), 0).await?;
-            // Each page must start after the last one ended, or paging
-            // would never end.
-            if page.first().is_none_or(|c| c.id <= last) {
+            // Each page must hold credentials after the last one's, in
+            // order, or paging might never end.
+            if !ascending_after(last.as_str(), page.iter().map(|c| c.id.as_str())) {
                 return Err(ClientError::UnexpectedResponse(
-                    "a page after the previous one",
+                    "a page of credentials in order after the previous one",
                 ));
             }
             all.extend(page);
@@ -1782,6 +1790,19 @@ async fn within(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page that is empty, goes back, repeats an item or starts at the
+    /// cursor would let a paging loop run for ever: each is refused.
+    #[test]
+    fn a_page_must_hold_items_in_order_after_the_cursor() {
+        assert!(ascending_after(3, [4, 5, 9]));
+        assert!(!ascending_after(3, []));
+        assert!(!ascending_after(3, [3, 4]));
+        assert!(!ascending_after(3, [5, 4]));
+        assert!(!ascending_after(3, [4, 4]));
+        assert!(ascending_after(("a", 2), [("a", 3), ("b", 1)]));
+        assert!(!ascending_after(("b", 1), [("a", 3)]));
+    }
     use futures_util::SinkExt;
     use protocol::ErrorCode;
     use tokio::io::DuplexStream;

@@ -438,9 +438,34 @@ impl KeyChain {
         &self.endorsements
     }
 
-    /// Checks `head` with the key its id names.
+    /// The key that may have signed `head`: the one its id names, if the
+    /// head's group lies within the seqs that key signed. Key k ≥ 1 signs
+    /// only the groups after the one holding its endorsement's
+    /// `key_rotated` entry, and a retired key only up to the group holding
+    /// the entry that retired it (`docs/storage.md`, section 5): a leaked
+    /// old key cannot vouch for a group past its rotation.
+    pub fn key_for(&self, head: &SignedHead) -> Result<&VerifyingKey, ReceiptError> {
+        let id = head.key_id;
+        let key = self.key(id).ok_or(ReceiptError::UnknownKey(id))?;
+        let index = usize::try_from(id).map_err(|_| ReceiptError::UnknownKey(id))?;
+        let endorsed_at = index
+            .checked_sub(1)
+            .and_then(|i| self.endorsements.get(i))
+            .map(|e| e.seq);
+        if endorsed_at.is_some_and(|seq| head.group_first_seq <= seq) {
+            return Err(ReceiptError::OutsideKeyLifetime(id));
+        }
+        let retired_at = self.endorsements.get(index).map(|e| e.seq);
+        if retired_at.is_some_and(|seq| head.group_first_seq > seq) {
+            return Err(ReceiptError::OutsideKeyLifetime(id));
+        }
+        Ok(key)
+    }
+
+    /// Checks `head` with the key its id names, within that key's seqs
+    /// ([`KeyChain::key_for`]).
     pub fn verify_head(&self, head: &SignedHead) -> bool {
-        self.key(head.key_id).is_some_and(|k| head.verify(k))
+        self.key_for(head).is_ok_and(|k| head.verify(k))
     }
 }
 
@@ -464,6 +489,8 @@ pub enum ReceiptError {
     BadPath,
     #[error("the head is signed by key {0}, which the key chain does not reach")]
     UnknownKey(u32),
+    #[error("the head is signed by key {0}, for a group outside the seqs that key signed")]
+    OutsideKeyLifetime(u32),
 }
 
 impl Receipt {
@@ -476,12 +503,10 @@ impl Receipt {
         self.verify_path()
     }
 
-    /// Checks the receipt with the key of the chain its head names.
+    /// Checks the receipt with the key of the chain its head names, within
+    /// that key's seqs ([`KeyChain::key_for`]).
     pub fn verify_chain(&self, chain: &KeyChain) -> Result<(), ReceiptError> {
-        let key = chain
-            .key(self.head.key_id)
-            .ok_or(ReceiptError::UnknownKey(self.head.key_id))?;
-        self.verify(key)
+        self.verify(chain.key_for(&self.head)?)
     }
 
     fn verify_path(&self) -> Result<(), ReceiptError> {
@@ -608,6 +633,75 @@ mod tests {
         let mut e = KeyEndorsement::sign(&SigningKey::from_bytes(&[3; 32]), 1, &weak, 7);
         e.signature = trivial;
         assert!(!e.verify(&weak));
+    }
+
+    /// Key 0 signs up to the group holding the entry that rotates it
+    /// away, key 1 from the group after that one on: a head of either
+    /// outside its seqs is refused although its signature holds, for a
+    /// receipt as for a head alone.
+    #[test]
+    fn a_key_vouches_only_for_the_groups_of_its_own_seqs() {
+        let (k0, k1, k2) = (
+            SigningKey::from_bytes(&[7; 32]),
+            SigningKey::from_bytes(&[8; 32]),
+            SigningKey::from_bytes(&[9; 32]),
+        );
+        // Key 1's rotation entry is seq 10 (in group 8..=12, signed by
+        // key 0); key 2's is seq 20 (in group 18..=21, signed by key 1).
+        let chain = KeyChain::from_endorsements(
+            k0.verifying_key(),
+            &[
+                KeyEndorsement::sign(&k0, 1, &k1.verifying_key(), 10),
+                KeyEndorsement::sign(&k1, 2, &k2.verifying_key(), 20),
+            ],
+        )
+        .expect("the chain");
+        let head = |key: &SigningKey, id: u32, first: u64, last: u64| {
+            SignedHead::sign(key, id, first, last, [1; 32], [2; 32], 5)
+        };
+        let ok = [
+            head(&k0, 0, 0, 7),
+            head(&k0, 0, 8, 12),
+            head(&k1, 1, 13, 13),
+            head(&k1, 1, 18, 21),
+            head(&k2, 2, 22, 30),
+        ];
+        for h in &ok {
+            assert!(chain.verify_head(h), "{h:?}");
+        }
+        let outside = [
+            (head(&k0, 0, 13, 14), 0),
+            (head(&k1, 1, 8, 12), 1),
+            (head(&k1, 1, 10, 12), 1),
+            (head(&k1, 1, 22, 25), 1),
+            (head(&k2, 2, 20, 25), 2),
+        ];
+        for (h, id) in &outside {
+            assert!(!chain.verify_head(h), "{h:?}");
+            assert_eq!(
+                chain.key_for(h).err(),
+                Some(ReceiptError::OutsideKeyLifetime(*id))
+            );
+        }
+        // A receipt of seq 13 under a group that key 0 signed past its
+        // rotation: the path is sound, the key is not.
+        let entry = [4; 32];
+        let tree = MerkleTree::new(&[entry]);
+        let receipt = Receipt {
+            seq: 13,
+            entry_hash: entry,
+            path: Vec::new(),
+            head: SignedHead::sign(&k0, 0, 13, 13, entry, tree.root(), 5),
+        };
+        assert_eq!(receipt.verify(&k0.verifying_key()), Ok(()));
+        assert_eq!(
+            receipt.verify_chain(&chain),
+            Err(ReceiptError::OutsideKeyLifetime(0))
+        );
+        assert_eq!(
+            chain.key_for(&head(&k2, 3, 30, 31)).err(),
+            Some(ReceiptError::UnknownKey(3))
+        );
     }
 
     #[test]

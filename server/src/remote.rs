@@ -184,8 +184,7 @@ async fn run(
     };
     // The server's key chain, checked from the pinned key; the walk
     // rebuilds it from the log and must find the same endorsements.
-    // A head under key 0 needs no chain (and asks nothing of a server
-    // that never rotated).
+    // A head under key 0 needs no more than the pinned key here.
     let served_chain = if head.key_id == 0 {
         KeyChain::new(*key)
     } else {
