@@ -545,6 +545,39 @@ async fn vault_client_binary_exit_codes() {
     let entries = v["entries"].as_u64().expect("entries");
     assert!(entries >= seq + 2, "{v}");
     assert_eq!(v["signed_head"]["last_seq"].as_u64(), Some(entries - 1));
+    // The pinned key is checked: the vault's own passes, another is a
+    // local failure with nothing on stdout, and so is one that is not a
+    // key, whatever the subcommand.
+    let head_pinned = |key: String| {
+        let addr = addr.clone();
+        let admin = s.admin.clone();
+        async move {
+            vault_client(
+                &["head", "--insecure-plaintext", "--public-key", &key],
+                &[("FINTRUST_ADDR", &addr), ("FINTRUST_API_KEY", &admin)],
+            )
+            .await
+        }
+    };
+    let r = head_pinned(key.clone()).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = head_pinned(hex::encode([9u8; 32])).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("is not --public-key"), "{r:?}");
+    assert!(r.stdout.is_empty(), "{r:?}");
+    let r = vault_client(
+        &[
+            "ping",
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+            "--public-key",
+            "zz",
+        ],
+        &[("FINTRUST_API_KEY", &s.writer)],
+    )
+    .await;
+    assert_eq!(r.code, 1, "a key that is not one: {r:?}");
 
     let r = vault_client(
         &["ping", "--addr", &addr, "--insecure-plaintext"],

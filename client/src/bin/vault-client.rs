@@ -64,7 +64,8 @@ enum Command {
         #[arg(long)]
         record_file: PathBuf,
     },
-    /// Print the vault's public key, entry count and signed head.
+    /// Print the vault's public key, entry count and signed head, checked
+    /// against --public-key when it is given.
     Head,
     /// Spend a token and print the masked record as one JSON object.
     Redeem {
@@ -90,13 +91,14 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // A key given is a key checked, whatever the subcommand does with it.
+    let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
     match &cli.command {
         Command::Append {
             subject,
             record_file,
         } => {
             let fields = read_record(record_file)?;
-            let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
             let client = connect(&cli).await?;
             let receipt = client.append(subject.as_str(), fields).await?;
             let verified = verify(&client, &receipt, pinned).await?;
@@ -117,6 +119,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Head => {
             let client = connect(&cli).await?;
             let head = client.head().await?;
+            if let Some(key) = pinned.filter(|key| *key != head.public_key) {
+                bail!(
+                    "the vault's public key {} is not --public-key {}",
+                    hex::encode(head.public_key),
+                    hex::encode(key)
+                );
+            }
             let signed = head.signed_head.map(|h| {
                 json!({
                     "key_id": h.key_id,
