@@ -45,8 +45,9 @@
 //! write-ahead record is durable (every acknowledged group's is), the
 //! replay writes the chunk again (`LogTree::repair`, or appended anew).
 //! If it is not, the group was never acknowledged: the next open drops the
-//! pointers at the end of the log whose bytes lie past the end of the file
-//! (`LogTree::open`), as a torn write-ahead record is dropped. No other
+//! pointers at the end of the log whose bytes lie past the end of the file,
+//! and those of the first chunks of their group, which one write put out
+//! with them (`LogTree::open`), as a torn write-ahead record is dropped. No other
 //! sled write may rest on such a group: whatever the vault writes to sled
 //! because a chunk is in the log (a pending marker's removal, a shred's
 //! last batch, derived state) waits for `LogTree::sync` after the
@@ -231,6 +232,18 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
+/// Whether the chunk of `n` bytes at `offset` of `file` closes its commit
+/// group (carries the group's signed head). A chunk that cannot be read
+/// whole or does not decode counts as closing one: it is kept, and verify
+/// names it.
+fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
+    if n > MAX_CHUNK_BYTES {
+        return Ok(true);
+    }
+    let bytes = read_file_at(file, offset, n)?;
+    Ok(crate::chunk::Chunk::decode(&bytes).map_or(true, |c| c.head.is_some()))
+}
+
 /// Reads up to `len` bytes at `offset`, fewer where the file ends.
 fn read_file_at(file: &File, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
@@ -332,7 +345,15 @@ impl LogTree {
     }
 
     /// Drops the pointers at the end of `index` whose bytes lie past the
-    /// end of `file`, and returns where the last chunk left then ends.
+    /// end of `file`, and with them the rest of their commit group, and
+    /// returns where the last chunk left then ends.
+    ///
+    /// A group's chunks go out in one write and their pointers in one sled
+    /// batch, so a file that lost a group's last chunks may still hold its
+    /// first ones: those are dropped too, up to a chunk that closes a group
+    /// (its head in it), so that the log ends with a whole group. The
+    /// replay writes the group again when the write-ahead file holds it;
+    /// when it does not, the group was never acknowledged.
     fn drop_dangling(file: &File, index: &sled::Tree) -> Result<u64> {
         let len = file.metadata()?.len();
         let mut dropped = 0u64;
@@ -344,6 +365,11 @@ impl LogTree {
                     // whose pointers sled made durable and whose bytes a
                     // power loss took (see the module doc).
                     Some((offset, n)) if offset.saturating_add(n) > len => {
+                        index.remove(k)?;
+                        dropped += 1;
+                    }
+                    // The first chunks of a group that lost its last ones.
+                    Some((offset, n)) if dropped > 0 && !closes_group(file, offset, n)? => {
                         index.remove(k)?;
                         dropped += 1;
                     }
@@ -415,9 +441,20 @@ impl LogTree {
 
     /// Writes `bytes` again where the pointer of `key` says they are, if
     /// the file does not hold them there: a chunk whose pointer sled made
-    /// durable before the file held its bytes (see the module doc).
+    /// durable before the file held its bytes (see the module doc). A
+    /// chunk past the last pointer is appended with its pointer: the end
+    /// of a group of several chunks whose first pointers survived a power
+    /// loss and whose last ones open dropped, their bytes lying past the
+    /// file's end ([`LogTree::drop_dangling`]).
     pub(crate) fn repair(&self, key: &[u8], bytes: &[u8]) -> Result<()> {
         let Some(p) = self.index.get(key)? else {
+            if self
+                .index
+                .last()?
+                .is_some_and(|(last, _)| last.as_ref() < key)
+            {
+                return self.apply(&[(key, bytes)]);
+            }
             return Err(Error::Malformed("repair of a chunk the log does not name"));
         };
         let Some((offset, len)) = decode_pointer(&p) else {
@@ -789,6 +826,55 @@ mod tests {
             .unwrap_or_default())
     }
 
+    /// A power loss that took the file from the middle of a group of
+    /// three chunks on: open drops the pointers of the chunks past the end
+    /// and of the group's first chunk, which the file still holds, so
+    /// that the log ends with the whole group before it.
+    #[test]
+    fn open_drops_a_group_whose_last_chunks_the_file_lost_whole() -> Result<()> {
+        let head = crate::chunk::SignedHead::sign(
+            &ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+            0,
+            0,
+            0,
+            [1; 32],
+            [2; 32],
+            3,
+        );
+        let entry: &[u8] = b"an entry";
+        let chunks = [
+            crate::chunk::encode_chunk(0, &[entry], Some(&head)),
+            crate::chunk::encode_chunk(1, &[entry], None),
+            crate::chunk::encode_chunk(2, &[entry], None),
+            crate::chunk::encode_chunk(3, &[entry], Some(&head)),
+        ];
+        let dir = tempfile::tempdir()?;
+        {
+            let (db, log) = open(dir.path())?;
+            log.apply(&[(0u64.to_be_bytes(), &chunks[0][..])])?;
+            let group: Vec<([u8; 8], &[u8])> = (1..4u64)
+                .map(|s| (s.to_be_bytes(), &chunks[s as usize][..]))
+                .collect();
+            log.apply(&group)?;
+            db.flush()?;
+        }
+        let first_two = (chunks[0].len() + chunks[1].len()) as u64;
+        let file = OpenOptions::new().write(true).open(dir.path().join(FILE))?;
+        file.set_len(first_two + 5)?;
+        drop(file);
+        let (_db, log) = open(dir.path())?;
+        let keys: Vec<u64> = log
+            .index
+            .iter()
+            .keys()
+            .map(|k| Ok(u64::from_be_bytes(k?.as_ref().try_into().expect("8 bytes"))))
+            .collect::<Result<_>>()?;
+        assert_eq!(keys, [0]);
+        assert_eq!(*log.end()?, chunks[0].len() as u64);
+        assert_eq!(log.layout_fault()?, None);
+        Ok(())
+    }
+
     #[test]
     fn repair_writes_lost_bytes_in_place_and_refuses_another_length() -> Result<()> {
         let dir = tempfile::tempdir()?;
@@ -799,7 +885,13 @@ mod tests {
         log.repair(&3u64.to_be_bytes(), b"def")?;
         assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdef");
         assert!(log.repair(&3u64.to_be_bytes(), b"de").is_err());
-        assert!(log.repair(&9u64.to_be_bytes(), b"x").is_err());
+        // A chunk the log does not name before its last one is refused;
+        // one past it is the end of a group whose last pointers open
+        // dropped, appended with its pointer.
+        assert!(log.repair(&1u64.to_be_bytes(), b"x").is_err());
+        log.repair(&9u64.to_be_bytes(), b"x")?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdefx");
+        assert_eq!(log.layout_fault()?, None);
         Ok(())
     }
 

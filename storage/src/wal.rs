@@ -1056,6 +1056,54 @@ mod tests {
     }
 
     #[test]
+    fn replay_writes_again_a_group_s_last_chunks_whose_pointers_open_dropped() -> Result<()> {
+        // Group 0 of one chunk, group 1 of three (seqs 1, 2 and 3), all in
+        // the log and the write-ahead file. A power loss takes the file's
+        // bytes from the middle of group 1's second chunk on: open drops
+        // the pointers of its last two chunks (their bytes lie past the
+        // end), keeps its first, and replay must write the two again.
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("v");
+        let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
+        let g0 = group_at(0, &[]);
+        let mut log = Batch::new(TreeId::Log);
+        for (seq, bytes) in [(1u64, &b"first"[..]), (2, b"second"), (3, b"third")] {
+            log.insert(seq.to_be_bytes().to_vec(), bytes.to_vec());
+        }
+        let g1 = GroupWrite {
+            first_seq: 1,
+            batches: vec![log],
+        };
+        let mut wal = Wal::new(&dir, SEGMENT_BYTES);
+        for g in [&g0, &g1] {
+            wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
+            g.batches[0].clone().apply(&store)?;
+        }
+        let whole: Vec<Vec<u8>> = store
+            .log
+            .iter()
+            .map(|kv| Ok(kv?.1.to_vec()))
+            .collect::<Result<_>>()?;
+        store.sync()?;
+        drop(store);
+        // "chunk" and "first" are 10 bytes: cut 2 bytes into "second".
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(crate::logfile::FILE))?;
+        file.set_len(12)?;
+        drop(file);
+        let store = Store::open_existing(&dir)?;
+        let chunks: Vec<Vec<u8>> = store
+            .log
+            .iter()
+            .map(|kv| Ok(kv?.1.to_vec()))
+            .collect::<Result<_>>()?;
+        assert_eq!(chunks, whole);
+        assert_eq!(store.log.layout_fault()?, None);
+        Ok(())
+    }
+
+    #[test]
     fn the_last_held_group_s_last_steps_go_before_the_groups_sled_lacks() -> Result<()> {
         // Held: sled has group 1's log batch but not the batch after it
         // (its crash came in between). Group 2 then sets the same key.
