@@ -1992,7 +1992,11 @@ impl Vault {
         self.inner.mask.clone()
     }
 
-    /// Encoded entries from `from_seq` on, at most `max`, in seq order.
+    /// Encoded entries from `from_seq` on, at most `max`, in seq order,
+    /// up to the durable head ([`Vault::durable_len`]): never an entry of
+    /// a group a power loss could still take, which a reader would find
+    /// gone, or signed over again, after a restart. The same bound holds
+    /// for [`Vault::heads`] and [`Vault::receipt`].
     pub fn entries_from(&self, from_seq: u64, max: usize) -> Result<Vec<Vec<u8>>> {
         self.entries_within(from_seq, max, usize::MAX)
     }
@@ -2010,6 +2014,7 @@ impl Vault {
         max_bytes: usize,
     ) -> Result<Vec<Vec<u8>>> {
         let store = &self.inner.store;
+        let durable = self.durable_len();
         let Some((start, _)) = store.chunk_at(from_seq)? else {
             return Ok(Vec::new());
         };
@@ -2020,7 +2025,11 @@ impl Vault {
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(from_seq, Reason::CrcMismatch))?;
             for (i, bytes) in chunk.entries.iter().enumerate() {
-                if chunk.first_seq.saturating_add(i as u64) >= from_seq {
+                let seq = chunk.first_seq.saturating_add(i as u64);
+                if seq >= durable {
+                    return Ok(out);
+                }
+                if seq >= from_seq {
                     held = held.saturating_add(bytes.len());
                     if out.len() == max || (!out.is_empty() && held > max_bytes) {
                         return Ok(out);
@@ -2043,6 +2052,7 @@ impl Vault {
     /// much reading beyond one group, however large the groups.
     pub fn heads(&self, from_seq: u64, max: usize, max_bytes: usize) -> Result<Vec<SignedHead>> {
         let store = &self.inner.store;
+        let durable = self.durable_len();
         let mut out = Vec::new();
         if max == 0 {
             return Ok(out);
@@ -2062,6 +2072,9 @@ impl Vault {
             let chunk = crate::chunk::Chunk::decode(&v)
                 .map_err(|_| Error::integrity(key, Reason::CrcMismatch))?;
             if let Some(h) = chunk.head.filter(|h| h.last_seq >= from_seq) {
+                if h.last_seq >= durable {
+                    break;
+                }
                 out.push(h);
                 if out.len() == max {
                     break;
@@ -2075,6 +2088,9 @@ impl Vault {
     /// commit group, and the group's signed head. `None` past the end.
     pub fn receipt(&self, seq: u64) -> Result<Option<Receipt>> {
         let store = &self.inner.store;
+        if seq >= self.durable_len() {
+            return Ok(None);
+        }
         let Some((first_key, _)) = store.chunk_at(seq)? else {
             return Ok(None);
         };
