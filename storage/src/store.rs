@@ -249,10 +249,22 @@ impl Store {
         if db_dir(dir).exists() {
             return Err(Error::AlreadyExists(dir.display().to_string()));
         }
+        // The dirs this makes, from the first missing one down: each one's
+        // entry in its parent is made durable below, or a power loss soon
+        // after could take the whole vault, genesis and all.
+        let made: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
         std::fs::create_dir_all(dir)?;
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         sync_dir(&db_dir(dir))?;
         sync_dir(dir)?;
+        for d in made {
+            match d.parent() {
+                Some(p) if p.as_os_str().is_empty() => sync_dir(Path::new("."))?,
+                Some(p) => sync_dir(p)?,
+                // The empty path, which `ancestors` ends a relative one with.
+                None => {}
+            }
+        }
         Ok(store)
     }
 
