@@ -1227,6 +1227,7 @@ impl Vault {
             refusal: None,
             burned: HashMap::new(),
             credentials: HashMap::new(),
+            terms: HashMap::new(),
             shared: shared.clone(),
             wal: Wal::new(&store.dir, opts.wal_segment_bytes),
             record: Vec::new(),
@@ -2829,6 +2830,12 @@ struct Committer {
     /// after it: like burns, the overlay learns of them only when the
     /// writer publishes their group. Trimmed of what is published.
     credentials: HashMap<Vec<u8>, (u64, bool)>,
+    /// Consents and policies (their `g/` and `p/` keys) this committer
+    /// changed, with the seq of the change and the value after it: a
+    /// redemption decided in a later group must find a revocation or a
+    /// narrowed policy that the writer has not published yet, as it finds
+    /// burns and credentials. Trimmed of what is published.
+    terms: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
     shared: Arc<Shared>,
     /// The write-ahead file, which the committer appends each group's
     /// record to before handing the group to the writer.
@@ -3368,7 +3375,7 @@ impl Committer {
         );
         let r = self.try_add(g, items, writer);
         if r.is_ok() {
-            self.note_credentials(&g.state[mark.2..]);
+            self.note_changes(&g.state[mark.2..]);
         } else {
             // Roll back this request's part of the group.
             let made_keys = g.new_keys.len() > mark.3;
@@ -3502,14 +3509,19 @@ impl Committer {
 
     /// Remembers the credentials a request just added to the group
     /// created or revoked (its derived-state changes `changes`).
-    fn note_credentials(&mut self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+    fn note_changes(&mut self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
         let seq = self.pos.next_seq.saturating_sub(1);
-        for (k, v) in changes.iter().filter(|(k, _)| k.starts_with(b"h/")) {
-            self.credentials.insert(k.clone(), (seq, v.is_some()));
+        for (k, v) in changes {
+            if k.starts_with(b"h/") {
+                self.credentials.insert(k.clone(), (seq, v.is_some()));
+            } else if is_terms_key(k) {
+                self.terms.insert(k.clone(), (seq, v.clone()));
+            }
         }
-        if self.credentials.len() > 256 {
+        if self.credentials.len() > 256 || self.terms.len() > 256 {
             if let Ok(Some(published)) = self.published_seq() {
                 self.credentials.retain(|_, (seq, _)| *seq > published);
+                self.terms.retain(|_, (seq, _)| *seq > published);
             }
         }
     }
@@ -3800,10 +3812,17 @@ impl Committer {
     }
 
     /// A derived-state value as of this point of the group being built:
-    /// the group's own mutations first, then the overlay and the tree.
+    /// the group's own mutations first, then (for consents and policies)
+    /// those of the groups on their way to the writer, then the overlay
+    /// and the tree.
     fn state_now(&self, g: &Group, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if let Some(v) = changed_in(g, key) {
             return Ok(v.clone());
+        }
+        if is_terms_key(key) {
+            if let Some((_, v)) = self.terms.get(key) {
+                return Ok(v.clone());
+            }
         }
         Ok(self
             .shared
@@ -4625,6 +4644,11 @@ pub const FAILPOINTS: &[&str] = &[
 /// `failpoints` feature (tests): storage/tests/failpoints.rs makes it
 /// panic (a crash at that step) or `return` an I/O error (`return(full)`:
 /// the disk is full), which the step then reports like a real failure.
+/// A consent's or a policy's key in the derived state (`g/`, `p/`).
+fn is_terms_key(key: &[u8]) -> bool {
+    key.starts_with(b"g/") || key.starts_with(b"p/")
+}
+
 fn failpoint(name: &str) -> Result<()> {
     let _ = name;
     fail::fail_point!(name, |arg: Option<String>| {
