@@ -173,6 +173,17 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
         .expect("head")
         .signed_head
         .expect("a head");
+    // Kept from the first head on, through the proof of the kept seq.
+    let mut checked = HeadTracker::new();
+    client
+        .observe_head(&mut checked, &first, pinned.as_bytes())
+        .await
+        .expect("the first head");
+    client
+        .observe_head(&mut checked, &newest, pinned.as_bytes())
+        .await
+        .expect("a head that extends the first");
+    assert_eq!(checked.newest(), Some(&newest));
     tracker.observe(&newest).expect("the first head");
     // The log that grew holds a head kept earlier, and its own.
     for kept in [first, newest] {
@@ -240,6 +251,16 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
     assert_ne!(
         at_held.entry_hash, newest.last_hash,
         "the fork holds another entry at the held seq"
+    );
+    // Client::observe_head asks it.
+    assert!(matches!(
+        client.observe_head(&mut checked, &forked, pinned.as_bytes()).await,
+        Err(ClientError::Rollback { kept, got }) if kept == newest.last_seq && got == forked.last_seq
+    ));
+    assert_eq!(
+        checked.newest(),
+        Some(&newest),
+        "the fork's head is not kept"
     );
     // vault-verify with the kept head finds it, over the wire and offline.
     let r = verify_remote_kept(&config, pinned, newest).await;

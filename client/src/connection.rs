@@ -820,6 +820,39 @@ impl Client {
         }
     }
 
+    /// Feeds `head`, read from this vault, to `tracker`, having checked
+    /// that it extends the head kept there: not older
+    /// ([`HeadTracker::check_not_rolled_back`](crate::HeadTracker::check_not_rolled_back)),
+    /// and, when it is newer, with the kept head's entry still at the kept
+    /// head's seq: the proof of that seq (one `Proof` request, checked
+    /// through the key chain from `pinned`) must name the kept head's
+    /// last hash. A vault restored from an older copy and grown past the
+    /// kept head since presents heads that verify and do not go back, and
+    /// is caught only so ([`ClientError::Rollback`]).
+    pub async fn observe_head(
+        &self,
+        tracker: &mut crate::HeadTracker,
+        head: &SignedHead,
+        pinned: &[u8; 32],
+    ) -> Result<()> {
+        tracker.check_not_rolled_back(head)?;
+        if let Some(kept) = tracker
+            .newest()
+            .copied()
+            .filter(|kept| head.last_seq > kept.last_seq)
+        {
+            let proof = self.proof(kept.last_seq).await?;
+            self.verify_receipt(&proof, pinned).await?;
+            if proof.entry_hash != kept.last_hash {
+                return Err(ClientError::Rollback {
+                    kept: kept.last_seq,
+                    got: head.last_seq,
+                });
+            }
+        }
+        tracker.observe(head)
+    }
+
     /// The receipt proving the entry at `seq`.
     pub async fn proof(&self, seq: u64) -> Result<Receipt> {
         match self.call(Message::Proof { seq }).await? {

@@ -56,7 +56,10 @@ pub fn verify_receipt(receipt: &Receipt, public_key: &[u8; 32]) -> Result<()> {
 /// passed to [`HeadTracker::observe`] (the first one seen wins among equal
 /// seqs, which all carry the same `last_hash`, or `observe` refused them).
 /// The tracker compares heads only; check their signatures first
-/// ([`Client::head`](crate::Client::head) and [`verify_receipt`] do). A
+/// ([`Client::head`](crate::Client::head) and [`verify_receipt`] do). On
+/// its own it sees a head that went back, not a fork grown past the head
+/// kept: [`Client::observe_head`](crate::Client::observe_head) also asks
+/// the vault for the proof of the kept seq, and catches both. A
 /// long-lived service keeps its tracker across reconnects, and ideally
 /// across restarts, since a rollback is only visible against memory.
 ///
