@@ -184,6 +184,9 @@ pub struct LogTree {
     compact: bool,
     /// Set by a read-only open: where the writes go instead of the file.
     overlay: Option<Overlay>,
+    /// Held through each `fdatasync` of the file, and set for good once
+    /// one fails ([`LogTree::sync`]).
+    sync_failed: Mutex<bool>,
 }
 
 /// What a read-only open ([`LogTree::open_read_only`]) writes instead of
@@ -310,6 +313,7 @@ impl LogTree {
             written_back: AtomicU64::new(end),
             compact: false,
             overlay: None,
+            sync_failed: Mutex::new(false),
         })
     }
 
@@ -341,6 +345,7 @@ impl LogTree {
                 tail,
                 patches: Mutex::new(std::collections::BTreeMap::new()),
             }),
+            sync_failed: Mutex::new(false),
         })
     }
 
@@ -465,7 +470,16 @@ impl LogTree {
                 "a log pointer's length differs from the write-ahead record's chunk",
             ));
         }
-        if self.read(&p)?.as_ref() != bytes {
+        // Written again even when the file seems to hold them: after a
+        // failed writeback, Linux keeps the pages in its cache marked
+        // clean, so what reads back may be what the disk never got. The
+        // write makes them dirty, and the replay's sync writes them.
+        // (A read-only open only compares: it never syncs.) The pointer
+        // too is written again, for the same reason on sled's side.
+        if self.overlay.is_none() {
+            self.write_at(bytes, offset)?;
+            self.index.insert(key, p)?;
+        } else if self.read(&p)?.as_ref() != bytes {
             self.write_at(bytes, offset)?;
         }
         Ok(())
@@ -505,8 +519,22 @@ impl LogTree {
     /// the next open checks against the index). A read-only open has
     /// nothing to make durable: its writes go away with the scratch dir.
     pub(crate) fn sync(&self) -> Result<()> {
-        if self.overlay.is_none() {
-            self.file.sync_data()?;
+        if self.overlay.is_some() {
+            return Ok(());
+        }
+        // One `fdatasync` at a time, and every one after a failed one
+        // fails too: the writer, the indexer and the checkpointer share
+        // this file, and Linux reports a failed writeback to one
+        // `fdatasync` only, so another thread's could succeed over pages
+        // that never reached the disk (and the checkpointer then delete
+        // the write-ahead segment that holds them).
+        let mut failed = self.sync_failed.lock().map_err(|_| Error::Poisoned)?;
+        if *failed {
+            return Err(Error::Poisoned);
+        }
+        if let Err(e) = self.file.sync_data() {
+            *failed = true;
+            return Err(e.into());
         }
         Ok(())
     }

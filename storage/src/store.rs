@@ -92,6 +92,10 @@ pub(crate) struct Store {
     pub(crate) keys: sled::Tree,
     pub(crate) meta: sled::Tree,
     data_file: File,
+    /// Held through each `fdatasync` of `data_file`, and set for good once
+    /// one fails: as for the chunks file ([`LogTree::sync`]), a failed
+    /// writeback is reported to one `fdatasync` only.
+    data_sync_failed: std::sync::Mutex<bool>,
     pub(crate) dir: PathBuf,
     /// Log chunks in the write-ahead file that the writer has not applied
     /// to the `log` tree yet, by first seq: it applies them in batches
@@ -153,6 +157,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             db,
             data_file,
+            data_sync_failed: std::sync::Mutex::new(false),
             dir: dir.to_path_buf(),
             recent: RwLock::new(BTreeMap::new()),
             applying: std::sync::Mutex::new(()),
@@ -308,7 +313,16 @@ impl Store {
         // The chunks before the pointers that name them.
         self.log.sync()?;
         self.db.flush()?;
-        self.data_file.sync_data()?;
+        {
+            let mut failed = self.data_sync_failed.lock().map_err(|_| Error::Poisoned)?;
+            if *failed {
+                return Err(Error::Poisoned);
+            }
+            if let Err(e) = self.data_file.sync_data() {
+                *failed = true;
+                return Err(e.into());
+            }
+        }
         release_garbage();
         Ok(())
     }

@@ -4773,9 +4773,18 @@ fn answer(shared: &Shared, synced: Result<()>, done: Vec<Synced>) {
 /// then deletes the segment.
 fn run_checkpointer(store: &Store, shared: &Shared, rx: std::sync::mpsc::Receiver<PathBuf>) {
     while let Ok(path) = rx.recv() {
+        // A poisoned vault keeps its segments: a failed write or sync
+        // elsewhere may have left sled, or the chunks file, without what
+        // they hold, which the next open replays from them.
         let result = failpoint("checkpoint::before_sync")
             .and_then(|()| store.sync())
-            .and_then(|()| std::fs::remove_file(&path).map_err(Error::from));
+            .and_then(|()| {
+                if shared.poisoned.load(Ordering::Acquire) {
+                    Err(Error::Poisoned)
+                } else {
+                    std::fs::remove_file(&path).map_err(Error::from)
+                }
+            });
         if let Err(e) = result {
             tracing::error!(error = %e, "checkpoint failed; the vault refuses writes until reopened");
             shared.poisoned.store(true, Ordering::Release);
