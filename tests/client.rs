@@ -691,13 +691,14 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
         .await
         .expect("append");
     let admin = s.connect(&s.admin).await;
+    // An hour: the binary may still be built while the test runs.
     let (token, _) = admin
         .mint(
             PARTNER,
             "cust-9",
             "kyc",
             vec![("name".into(), MaskOp::Reveal)],
-            60,
+            3600,
         )
         .await
         .expect("mint");
@@ -720,6 +721,46 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
     let r = vault_client(&args, &env).await;
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.starts_with("error: token_spent: "), "{r:?}");
+
+    // The token from the environment, or from a file, off the command
+    // line that `ps` shows.
+    let mint = || async {
+        admin
+            .mint(
+                PARTNER,
+                "cust-9",
+                "kyc",
+                vec![("name".into(), MaskOp::Reveal)],
+                3600,
+            )
+            .await
+            .expect("mint")
+            .0
+    };
+    let plain = ["redeem", "--addr", &addr, "--insecure-plaintext"];
+    let from_env = mint().await;
+    let env_token = [
+        ("FINTRUST_API_KEY", s.partner.as_str()),
+        ("FINTRUST_TOKEN", from_env.as_str()),
+    ];
+    let r = vault_client(&plain, &env_token).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["fields"]["name"], "Grace");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{}\n", mint().await)).expect("token file");
+    let file = file.to_str().expect("utf-8");
+    let r = vault_client(&[&plain[..], &["--token-file", file]].concat(), &env).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["subject"], "cust-9");
+    let r = vault_client(&plain, &env).await;
+    assert_eq!(r.code, 1, "no token: {r:?}");
+    let r = vault_client(
+        &[&plain[..], &["--token", "x", "--token-file", file]].concat(),
+        &env,
+    )
+    .await;
+    assert_eq!(r.code, 1, "both: {r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use client::cli::ConnectArgs;
 use client::{Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt};
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(
@@ -69,8 +70,20 @@ enum Command {
     Head,
     /// Spend a token and print the masked record as one JSON object.
     Redeem {
+        /// The one-time token; prefer the environment variable or
+        /// --token-file, which `ps` does not show.
+        #[arg(
+            long,
+            env = "FINTRUST_TOKEN",
+            hide_env_values = true,
+            conflicts_with = "token_file",
+            required_unless_present = "token_file"
+        )]
+        token: Option<String>,
+        /// File holding the token (surrounding whitespace is ignored); `-`
+        /// reads it from stdin.
         #[arg(long)]
-        token: String,
+        token_file: Option<PathBuf>,
     },
     /// Check that the vault answers, and with which role.
     Ping,
@@ -160,8 +173,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &text,
             );
         }
-        Command::Redeem { token } => {
-            let r = client::cli::redeem(config(&cli)?, token).await?;
+        Command::Redeem { token, token_file } => {
+            let token = read_token(token.as_deref(), token_file.as_deref())?;
+            let r = client::cli::redeem(config(&cli)?, &token).await?;
             let fields: serde_json::Map<String, Value> = r
                 .fields
                 .into_iter()
@@ -253,6 +267,33 @@ async fn verify(
         tracker.observe(h)?;
     }
     Ok(true)
+}
+
+/// The token given with --token (or `FINTRUST_TOKEN`), or read from
+/// --token-file (`-`: stdin), without surrounding whitespace.
+fn read_token(
+    token: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Zeroizing<String>> {
+    let text = match (token, file) {
+        (Some(t), _) => Zeroizing::new(t.to_string()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut text = Zeroizing::new(String::new());
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read the token from stdin")?;
+            text
+        }
+        (None, Some(path)) => Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read the token", path.display()))?,
+        ),
+        (None, None) => bail!("no token: pass --token, --token-file or FINTRUST_TOKEN"),
+    };
+    let token = Zeroizing::new(text.trim().to_string());
+    if token.is_empty() {
+        bail!("the token is empty");
+    }
+    Ok(token)
 }
 
 /// The fields of a JSON object whose values are all strings.
