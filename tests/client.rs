@@ -533,6 +533,35 @@ async fn vault_client_binary_exit_codes() {
     .await;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["verified"], true);
+    // Pinned to another key: the receipt does not verify (exit 1), and
+    // is printed all the same, since the record is in the log.
+    let other = hex::encode([7u8; 32]);
+    let r = vault_client(
+        &[
+            "append",
+            "--subject",
+            "cust-3",
+            "--record-file",
+            record,
+            "--addr",
+            &addr,
+            "--insecure-plaintext",
+            "--format",
+            "json",
+            "--public-key",
+            &other,
+        ],
+        &[("FINTRUST_API_KEY", &s.writer)],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("does not verify with --public-key"),
+        "{r:?}"
+    );
+    let v = r.json();
+    assert_eq!(v["verified"], false, "{r:?}");
+    assert!(v["seq"].as_u64() > Some(seq), "{r:?}");
 
     let r = vault_client(
         &["head", "--format", "json", "--insecure-plaintext"],
