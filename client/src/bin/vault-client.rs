@@ -133,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     receipt.seq,
                     hex::encode(receipt.entry_hash)
                 ),
-            );
+            )?;
             if let Some(e) = failed {
                 return Err(e);
             }
@@ -180,7 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "signed_head": signed,
                 }),
                 &text,
-            );
+            )?;
         }
         Command::Redeem { token, token_file } => {
             let token = read_token(token.as_deref(), token_file.as_deref())?;
@@ -191,10 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|(k, v)| (k, Value::String(v)))
                 .collect();
             // Always JSON: the record is data for another program.
-            println!(
-                "{}",
-                json!({ "subject": r.subject, "seq": r.seq, "fields": fields })
-            );
+            out(&json!({ "subject": r.subject, "seq": r.seq, "fields": fields }).to_string())?;
         }
         Command::Ping => {
             let client = connect(&cli).await?;
@@ -214,17 +211,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     client.server(),
                     client.role()
                 ),
-            );
+            )?;
         }
     }
     Ok(())
 }
 
-fn print(format: Format, json: &Value, text: &str) {
+fn print(format: Format, json: &Value, text: &str) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!("{json}"),
-        Format::Text => println!("{text}"),
+        Format::Json => out(&json.to_string()),
+        Format::Text => out(text),
     }
+}
+
+/// `line` on stdout: an error (exit 1), not a panic, when stdout is
+/// closed, as by `vault-client head | head -0`.
+fn out(line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")
 }
 
 /// Verifies `receipt` with the pinned key, or else with the key the
