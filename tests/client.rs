@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use client::{
-    verify_receipt, Client, ClientConfig, ClientError, ErrorCode, HeadTracker, MaskOp, Record,
-    SecretKind, Tls, Zeroizing,
+    verify_receipt, Client, ClientConfig, ClientError, Connector, ErrorCode, HeadTracker, MaskOp,
+    Record, SecretKind, Tls, Zeroizing,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use server::serve::ServeConfig;
@@ -427,6 +427,24 @@ async fn tls_works_with_the_servers_ca_and_fails_with_another() {
         Client::connect(wrong_name).await,
         Err(ClientError::Tls(_))
     ));
+
+    // A connector's TLS to another port (as vault-bench's to the shim's)
+    // gives up on a port that accepts and never answers the handshake,
+    // after the connector's timeout.
+    let connector = Connector::new(ClientConfig {
+        timeout: Duration::from_millis(300),
+        ..tls_config(&s, &s.ca_file, None)
+    })
+    .expect("connector");
+    let link = connector.tls().expect("TLS");
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let hold = tokio::spawn(async move { silent.accept().await });
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(matches!(link.wrap(tcp).await, Err(ClientError::Timeout)));
+    hold.abort();
 }
 
 #[tokio::test]

@@ -334,19 +334,24 @@ impl Drop for Client {
 pub struct TlsLink {
     config: Arc<RustlsConfig>,
     name: ServerName<'static>,
+    /// The connector's timeout, for the handshake.
+    timeout: Duration,
 }
 
 impl TlsLink {
     /// `tcp` inside TLS, once the handshake is done and the server's
     /// certificate checked. A server that does not answer in TLS is
-    /// [`ClientError::Tls`], named as such.
+    /// [`ClientError::Tls`], named as such; one that does not finish the
+    /// handshake within the connector's timeout, [`ClientError::Timeout`].
     pub async fn wrap(
         &self,
         tcp: TcpStream,
     ) -> Result<impl AsyncRead + AsyncWrite + Unpin + Send + 'static> {
-        let stream = tokio_rustls::TlsConnector::from(self.config.clone())
-            .connect(self.name.clone(), tcp)
-            .await?;
+        let handshake =
+            tokio_rustls::TlsConnector::from(self.config.clone()).connect(self.name.clone(), tcp);
+        let stream = tokio::time::timeout(self.timeout, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout)??;
         Ok(stream)
     }
 }
@@ -424,6 +429,7 @@ impl Connector {
         self.tls.as_ref().map(|(config, name)| TlsLink {
             config: config.clone(),
             name: name.clone(),
+            timeout: self.config.timeout,
         })
     }
 
