@@ -749,6 +749,22 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
         )
         .await
         .expect("mint");
+    // Tokens for the redemptions below, minted now: the admin's
+    // connection may be closed as idle while a binary is built.
+    let mint = || async {
+        admin
+            .mint(
+                PARTNER,
+                "cust-9",
+                "kyc",
+                vec![("name".into(), MaskOp::Reveal)],
+                3600,
+            )
+            .await
+            .expect("mint")
+            .0
+    };
+    let (from_env, from_file) = (mint().await, mint().await);
     let env = [("FINTRUST_API_KEY", s.partner.as_str())];
     let args = [
         "redeem",
@@ -771,21 +787,7 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
 
     // The token from the environment, or from a file, off the command
     // line that `ps` shows.
-    let mint = || async {
-        admin
-            .mint(
-                PARTNER,
-                "cust-9",
-                "kyc",
-                vec![("name".into(), MaskOp::Reveal)],
-                3600,
-            )
-            .await
-            .expect("mint")
-            .0
-    };
     let plain = ["redeem", "--addr", &addr, "--insecure-plaintext"];
-    let from_env = mint().await;
     let env_token = [
         ("FINTRUST_API_KEY", s.partner.as_str()),
         ("FINTRUST_TOKEN", from_env.as_str()),
@@ -795,7 +797,7 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
     assert_eq!(r.json()["fields"]["name"], "Grace");
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("token");
-    std::fs::write(&file, format!("{}\n", mint().await)).expect("token file");
+    std::fs::write(&file, format!("{}\n", from_file)).expect("token file");
     let file = file.to_str().expect("utf-8");
     let r = vault_client(&[&plain[..], &["--token-file", file]].concat(), &env).await;
     assert_eq!(r.code, 0, "{r:?}");
