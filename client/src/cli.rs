@@ -36,8 +36,9 @@ pub enum Format {
 }
 
 /// How to reach and authenticate to a vault: everything but the address,
-/// which each tool names in its own way (`--addr`, `--remote`).
-#[derive(Debug, Clone, Args)]
+/// which each tool names in its own way (`--addr`, `--remote`). Its
+/// `Debug` leaves the API key out.
+#[derive(Clone, Args)]
 pub struct ConnectArgs {
     /// API key; prefer the environment variable or --api-key-file, which
     /// `ps` does not show.
@@ -82,6 +83,21 @@ pub struct ConnectArgs {
         value_parser = clap::value_parser!(u64).range(1..=crate::MAX_TIMEOUT.as_secs())
     )]
     pub timeout_secs: u64,
+}
+
+impl std::fmt::Debug for ConnectArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectArgs")
+            .field("api_key", &self.api_key.as_ref().map(|_| ".."))
+            .field("api_key_file", &self.api_key_file)
+            .field("cacert", &self.cacert)
+            .field("server_name", &self.server_name)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("insecure_plaintext", &self.insecure_plaintext)
+            .field("timeout_secs", &self.timeout_secs)
+            .finish()
+    }
 }
 
 impl ConnectArgs {
@@ -242,6 +258,46 @@ mod tests {
         Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
             .expect("parses")
             .connect
+    }
+
+    #[test]
+    fn debug_leaves_the_api_key_out() {
+        let a = parse(&["--api-key", "fvk_SECRET", "--insecure-plaintext"]);
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(shown.contains("insecure_plaintext: true"), "{shown}");
+    }
+
+    /// Without --server-name, the name checked is the address's host.
+    #[test]
+    fn the_server_name_is_the_host_of_the_address_by_default() {
+        let dir = tempfile_dir();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "").expect("write");
+        let ca = ca.to_str().expect("utf-8");
+        let name = |args: &[&str], addr: &str| match parse(args).tls(addr) {
+            Ok(Tls::Ca { server_name, .. }) => server_name,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            name(&["--cacert", ca], "vault.example:9999"),
+            "vault.example"
+        );
+        assert_eq!(name(&["--cacert", ca], "[::1]:9999"), "::1");
+        assert_eq!(
+            name(
+                &["--cacert", ca, "--server-name", "other"],
+                "vault.example:9999"
+            ),
+            "other"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fintrust-cli-name-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
     }
 
     #[test]

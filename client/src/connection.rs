@@ -547,7 +547,13 @@ where
     let mut redeem = Message::Redeem {
         token: token.to_owned(),
     };
-    let mut out = Zeroizing::new(Vec::new());
+    // Sized for both frames, so that it never grows and leaves the key
+    // behind in memory it frees.
+    let frames_len = [hello.sensitive_len(), redeem.sensitive_len()]
+        .iter()
+        .map(|n| protocol::frame::HEADER_LEN + n.unwrap_or(0))
+        .sum();
+    let mut out = Zeroizing::new(Vec::with_capacity(frames_len));
     let encoded = encode_frame(HELLO_ID, &hello, 0).and_then(|h| {
         let h = Zeroizing::new(h);
         out.extend_from_slice(&h);
@@ -1395,8 +1401,12 @@ impl Client {
             id,
             answered: false,
         };
-        let frame = encode_frame(id, &message, 0)?;
+        let mut message = message;
+        let frame = encode_frame(id, &message, 0);
+        // An API key, a token or a master secret is in the frame only.
+        message.wipe();
         drop(message);
+        let frame = frame?;
         match &self.transport {
             Transport::Stream { outgoing, .. } => {
                 match outgoing.try_send(frame) {

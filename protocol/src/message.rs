@@ -789,7 +789,10 @@ impl Message {
     /// list over 65535 items or a blob over 4 GiB; the frame maximum is
     /// checked when the payload is framed.
     pub fn encode_payload(&self) -> Result<Vec<u8>> {
-        let mut w = Writer::new();
+        let mut w = match self.sensitive_len() {
+            Some(n) => Writer::with_capacity(n),
+            None => Writer::new(),
+        };
         match self {
             Message::Ping | Message::Head | Message::Health | Message::Pong | Message::Reindex => {}
             Message::Hello { api_key, client } => {
@@ -1280,17 +1283,78 @@ impl Message {
     }
 }
 
+impl Message {
+    /// For a message that carries a secret (an API key, a token, a master
+    /// secret) or personal data (`Data`), the length its payload takes at
+    /// most; `None` for the others. Its payload is encoded into a buffer
+    /// of that size, which never grows (a buffer that grows leaves a copy
+    /// of what it held in memory it frees), and wiped by
+    /// [`encode_frame`] once copied into the frame.
+    pub fn sensitive_len(&self) -> Option<usize> {
+        let str = |s: &str| 2 + s.len();
+        Some(match self {
+            Message::Hello { api_key, client } => str(api_key) + str(client),
+            Message::Redeem { token } => str(token),
+            Message::Minted { token, .. } => str(token) + 8,
+            Message::CredentialKey { id, api_key } => str(id) + str(api_key),
+            Message::RotateMasterKey { secret, .. } => 1 + 4 + secret.len(),
+            Message::Data {
+                subject, fields, ..
+            } => str(subject) + 8 + 2 + fields.iter().map(|(n, v)| str(n) + str(v)).sum::<usize>(),
+            _ => return None,
+        })
+    }
+}
+
+impl Message {
+    /// Overwrites the secrets and personal data the message carries (the
+    /// variants of [`Message::sensitive_len`]) with zeros, for a sender
+    /// done with it once it is encoded.
+    pub fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        match self {
+            Message::Hello { api_key, .. } | Message::CredentialKey { api_key, .. } => {
+                api_key.zeroize()
+            }
+            Message::Redeem { token } | Message::Minted { token, .. } => token.zeroize(),
+            Message::RotateMasterKey { secret, .. } => secret.zeroize(),
+            Message::Data { fields, .. } => {
+                for (_, value) in fields.iter_mut() {
+                    value.zeroize();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Encodes `message` as one complete frame. Fails on reserved `flags`, on
 /// a payload over [`MAX_FRAME_LEN`], or as [`Message::encode_payload`].
+/// The payload of a message that carries a secret or personal data
+/// ([`Message::sensitive_len`]) is wiped once in the frame, whose buffer
+/// is sized not to grow: the caller holds the only copy.
 pub fn encode_frame(request_id: u32, message: &Message, flags: u16) -> Result<Vec<u8>> {
-    let payload = message.encode_payload()?;
+    let mut payload = message.encode_payload()?;
+    let out = encode_frame_of(request_id, message, flags, &payload);
+    if message.sensitive_len().is_some() {
+        zeroize::Zeroize::zeroize(&mut payload);
+    }
+    out
+}
+
+fn encode_frame_of(
+    request_id: u32,
+    message: &Message,
+    flags: u16,
+    payload: &[u8],
+) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(frame::HEADER_LEN + payload.len());
     frame::write_frame(
         &mut out,
         message.message_type(),
         flags,
         request_id,
-        &payload,
+        payload,
         MAX_FRAME_LEN,
     )?;
     Ok(out)
@@ -2401,6 +2465,77 @@ pub(crate) mod tests {
             panic!("a context with a consent and no policy does not decode");
         };
         assert_eq!((c.policy, c.consent), (None, Some((4, b"{}".to_vec()))));
+    }
+
+    /// A secret's or personal data's payload is encoded into a buffer of
+    /// its exact length: it never grew, so no copy of it was left behind.
+    #[test]
+    fn a_sensitive_payload_fits_the_buffer_it_is_encoded_into() {
+        let messages = [
+            Message::Hello {
+                api_key: s("fvk_key"),
+                client: s("cli/1"),
+            },
+            Message::Redeem { token: s("fvt_x") },
+            Message::Minted {
+                token: s("fvt_y"),
+                expires_at_ms: 9,
+            },
+            Message::CredentialKey {
+                id: s("c-1"),
+                api_key: s("fvk_z"),
+            },
+            Message::RotateMasterKey {
+                kind: SecretKind::Passphrase,
+                secret: b"pw!".to_vec(),
+            },
+            Message::Data {
+                subject: s("cust-42"),
+                seq: 7,
+                fields: vec![field("iban", "DE89"), field("name", "Ada")],
+            },
+        ];
+        for m in messages {
+            let payload = m.encode_payload().expect("encodes");
+            assert_eq!(Some(payload.len()), m.sensitive_len(), "{m:?}");
+        }
+        assert_eq!(Message::Ping.sensitive_len(), None);
+    }
+
+    #[test]
+    fn wipe_empties_the_secrets_and_the_personal_data() {
+        let mut hello = Message::Hello {
+            api_key: s("fvk_key"),
+            client: s("cli/1"),
+        };
+        hello.wipe();
+        assert_eq!(
+            hello,
+            Message::Hello {
+                api_key: s(""),
+                client: s("cli/1")
+            }
+        );
+        let mut data = Message::Data {
+            subject: s("cust-42"),
+            seq: 7,
+            fields: vec![field("iban", "DE89")],
+        };
+        data.wipe();
+        assert_eq!(
+            data,
+            Message::Data {
+                subject: s("cust-42"),
+                seq: 7,
+                fields: vec![field("iban", "")],
+            }
+        );
+        let mut rotate = Message::RotateMasterKey {
+            kind: SecretKind::Passphrase,
+            secret: b"pw!".to_vec(),
+        };
+        rotate.wipe();
+        assert!(matches!(rotate, Message::RotateMasterKey { secret, .. } if secret.is_empty()));
     }
 
     #[test]

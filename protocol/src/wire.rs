@@ -119,6 +119,14 @@ impl Writer {
         Writer::default()
     }
 
+    /// A writer whose buffer holds `capacity` bytes before it grows: one
+    /// that never grows leaves no copy of what it held behind.
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Writer {
+            buf: Vec::with_capacity(capacity),
+        }
+    }
+
     pub(crate) fn into_inner(self) -> Vec<u8> {
         self.buf
     }
