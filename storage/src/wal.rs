@@ -324,7 +324,13 @@ pub fn read_segment(bytes: &[u8]) -> Result<Segment> {
     let mut groups = Vec::new();
     while !rest.is_empty() {
         if rest.len() < 8 {
-            return Ok(Segment { groups, torn: true });
+            // Fewer bytes than a record's header: the zeros after the
+            // records when they are all zero (a segment closed before its
+            // zeros ran further), else a record cut short.
+            return Ok(Segment {
+                groups,
+                torn: rest.iter().any(|&b| b != 0),
+            });
         }
         if rest[..8] == [0; 8] {
             // The zeros after the records (no record is empty). Anything
@@ -865,7 +871,11 @@ mod tests {
             let bytes = segment(&[rec.clone(), rec[..cut].to_vec()]);
             let seg = read_segment(&bytes)?;
             assert_eq!(seg.groups, vec![g.clone()], "cut at {cut}");
-            assert!(seg.torn, "cut at {cut}");
+            // A cut that kept only zeros (the high bytes of the length)
+            // reads as the zeros after the records: the record is not
+            // there either way.
+            let kept_any = rec[..cut].iter().any(|&b| b != 0);
+            assert_eq!(seg.torn, kept_any, "cut at {cut}");
         }
         for i in 0..rec.len() {
             let mut bad = rec.clone();
@@ -896,10 +906,18 @@ mod tests {
         let seg = read_segment(&lost_start)?;
         assert_eq!(seg.groups, vec![g.clone()]);
         assert!(seg.torn);
-        // Fewer than eight zeros at the end: torn, as before.
-        let mut short = segment(&[rec]);
+        // Fewer than eight zeros at the end: the zeros of a segment closed
+        // before they ran further, a clean end (a closed segment read as
+        // torn would refuse the open). Fewer than eight bytes that are not
+        // all zero: a record cut short.
+        let mut short = segment(std::slice::from_ref(&rec));
         short.extend_from_slice(&[0; 7]);
-        assert!(read_segment(&short)?.torn);
+        let seg = read_segment(&short)?;
+        assert_eq!(seg.groups, vec![g.clone()]);
+        assert!(!seg.torn);
+        let mut cut = segment(&[rec]);
+        cut.extend_from_slice(&[0, 0, 0, 9]);
+        assert!(read_segment(&cut)?.torn);
         Ok(())
     }
 
