@@ -79,6 +79,12 @@ pub struct ServeConfig {
     /// among the `max_handshakes`; it is answered `unavailable` and closed
     /// if none frees by then.
     pub max_connections: usize,
+    /// Most connections one credential holds at once (default 256, a
+    /// quarter of the default `max_connections`): one more is answered
+    /// `unavailable` and closed at once, so that a single key, a partner's
+    /// that keeps its connections alive with `Ping`s for instance, cannot
+    /// take every slot from the others.
+    pub max_connections_per_credential: usize,
     /// Requests of one connection handled at once; further frames are not
     /// read until one finishes (default 64).
     pub max_in_flight: usize,
@@ -200,6 +206,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             max_connections: 1024,
+            max_connections_per_credential: 256,
             max_in_flight: 64,
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
@@ -577,11 +584,10 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let throttle = Arc::new(FailureThrottle::default());
     let config = Arc::new(config);
-    let admission = Arc::new(Admission::new(
-        config.max_connections,
-        config.max_handshakes,
-        "protocol",
-    ));
+    let admission = Arc::new(
+        Admission::new(config.max_connections, config.max_handshakes, "protocol")
+            .per_credential(config.max_connections_per_credential),
+    );
     let inherited = nodelay_inherited(&listener);
     tokio::pin!(shutdown);
     let stopping = CancellationToken::new();
@@ -788,6 +794,10 @@ pub struct Admission {
     /// `fintrust_connections` of this port, `handshake` and `served`.
     in_handshake: Gauge,
     served: Gauge,
+    /// Connections each credential (by id) holds, and the most it may
+    /// ([`Admission::hold`]).
+    held: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    per_credential: usize,
 }
 
 impl Admission {
@@ -812,7 +822,34 @@ impl Admission {
             handshaking: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             in_handshake: gauge(&m.connections, "handshake"),
             served: gauge(&m.connections, "served"),
+            held: Arc::default(),
+            per_credential: usize::MAX,
         }
+    }
+
+    /// At most `max` connections per credential ([`Admission::hold`]).
+    pub fn per_credential(mut self, max: usize) -> Self {
+        self.per_credential = max.max(1);
+        self
+    }
+
+    /// One more connection of the credential `id`, held until the
+    /// [`Held`] is dropped; `None` when the credential holds its maximum
+    /// already.
+    pub fn hold(&self, id: &str) -> Option<Held> {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(id.to_string()).or_insert(0);
+        if *n >= self.per_credential {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            held: self.held.clone(),
+            id: id.to_string(),
+        })
     }
 
     /// A new connection: its ticket, and the token that closes it if it
@@ -886,6 +923,29 @@ impl Admission {
         if let Ok(mut h) = self.handshaking.lock() {
             if h.remove(&ticket).is_some() {
                 self.in_handshake.dec();
+            }
+        }
+    }
+}
+
+/// A connection counted against its credential's maximum
+/// ([`Admission::hold`]) until it is dropped.
+#[derive(Debug)]
+pub struct Held {
+    held: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    id: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.id);
             }
         }
     }
@@ -1294,6 +1354,28 @@ where
             }
             return result;
         }
+    };
+    // The credential's own share first: one at its maximum takes no slot,
+    // nor waits for one.
+    let _held = match &conn.admission {
+        Some((a, ticket)) => match a.hold(&caller.id) {
+            Some(held) => Some(held),
+            None => {
+                a.leave(*ticket);
+                crate::metrics::turned_away("protocol", "credential_limit");
+                let m = error(
+                    ErrorCode::Unavailable,
+                    &format!(
+                        "this credential holds its limit of {} connections: close one, or use \
+                         the ones it has (requests pipeline on one connection)",
+                        conn.config.max_connections_per_credential
+                    ),
+                );
+                send(&mut sink, hello_id, &m).await;
+                return Err(ConnectionError::Busy);
+            }
+        },
+        None => None,
     };
     let _slot = match &conn.admission {
         Some((a, ticket)) => match a.admitted(*ticket, conn.handshake_deadline()).await {

@@ -1086,6 +1086,48 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() {
     assert!(matches!(reply, Some(Message::HelloOk { .. })), "{reply:?}");
 }
 
+/// One credential holds at most `max_connections_per_credential`
+/// connections: one more is refused `unavailable` at once, naming the
+/// limit, without waiting for a slot; another credential still gets in,
+/// and the credential gets in again once one of its connections closes.
+#[tokio::test]
+async fn one_credential_holds_at_most_its_share_of_the_connections() {
+    let s = start(ServeConfig {
+        max_connections_per_credential: 2,
+        ..ServeConfig::default()
+    })
+    .await;
+    let before = server::metrics::turned_away_count("protocol", "credential_limit");
+    let (first, _) = connect(&s, &s.writer).await;
+    let (_second, _) = connect(&s, &s.writer).await;
+    let reply = recv(&mut say_hello(s.addr, &s.writer).await)
+        .await
+        .map(|r| r.1);
+    assert!(
+        matches!(&reply, Some(Message::Error { code: ErrorCode::Unavailable, message })
+            if message.contains("limit of 2 connections")),
+        "{reply:?}"
+    );
+    assert!(server::metrics::turned_away_count("protocol", "credential_limit") > before);
+    let (_admin, _) = connect(&s, &s.admin).await;
+    drop(first);
+    // The slot is given back when the connection's task ends: retried
+    // until it is.
+    loop {
+        let reply = recv(&mut say_hello(s.addr, &s.writer).await)
+            .await
+            .map(|r| r.1);
+        match reply {
+            Some(Message::HelloOk { .. }) => break,
+            Some(Message::Error {
+                code: ErrorCode::Unavailable,
+                ..
+            }) => tokio::task::yield_now().await,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 /// An HTTP request sent to the protocol port (curl, a browser, a client of
 /// the shim with the wrong port) is answered in HTTP, with what to do
 /// instead, and the connection closed; nothing else about it changes.

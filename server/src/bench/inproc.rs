@@ -99,11 +99,17 @@ impl InProcess {
             protocol,
             http,
             tls,
-            serve: ServeConfig {
-                max_connections: opts
+            serve: {
+                let max_connections = opts
                     .max_connections
-                    .unwrap_or(ServeConfig::default().max_connections),
-                ..ServeConfig::default()
+                    .unwrap_or(ServeConfig::default().max_connections);
+                ServeConfig {
+                    max_connections,
+                    // The benchmark's clients share one key of each role:
+                    // as many as it opens, up to the connection limit.
+                    max_connections_per_credential: max_connections,
+                    ..ServeConfig::default()
+                }
             },
             shim: ShimConfig {
                 vault_addr: addr.to_string(),

@@ -85,6 +85,12 @@ enum Command {
         /// Do not serve the HTTP shim.
         #[arg(long)]
         no_http: bool,
+        /// Connections one credential holds at once on the protocol port:
+        /// one more is refused (`unavailable`), so that one key cannot
+        /// take every slot of --max-connections.
+        #[arg(long, env = "FINTRUST_MAX_CONNECTIONS_PER_CREDENTIAL", value_name = "N",
+              default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+        max_connections_per_credential: u32,
         /// The vault address `/v1/authorize` tells partners (default: --listen).
         #[arg(long, env = "FINTRUST_PUBLIC_VAULT_ADDR")]
         public_vault_addr: Option<String>,
@@ -457,6 +463,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             http_listen,
             no_http,
+            max_connections_per_credential,
             public_vault_addr,
             policies,
             http_proxies,
@@ -526,6 +533,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         rotation: rotation.policy(),
                         proxy_protocol_from,
                         max_connections: limits.max_connections(),
+                        max_connections_per_credential: usize::try_from(
+                            max_connections_per_credential,
+                        )
+                        .unwrap_or(usize::MAX),
                         max_token_ttl: std::time::Duration::from_secs(
                             limits.max_token_ttl_secs.into(),
                         ),
