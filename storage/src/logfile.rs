@@ -361,34 +361,43 @@ impl LogTree {
     /// when it does not, the group was never acknowledged.
     fn drop_dangling(file: &File, index: &sled::Tree) -> Result<u64> {
         let len = file.metadata()?.len();
-        let mut dropped = 0u64;
-        let end = loop {
-            match index.last()? {
-                None => break 0,
-                Some((k, p)) => match decode_pointer(&p) {
-                    // Pointers whose bytes the file never held: a batch
-                    // whose pointers sled made durable and whose bytes a
-                    // power loss took (see the module doc).
-                    Some((offset, n)) if offset.saturating_add(n) > len => {
-                        index.remove(k)?;
-                        dropped += 1;
-                    }
-                    // The first chunks of a group that lost its last ones.
-                    Some((offset, n)) if dropped > 0 && !closes_group(file, offset, n)? => {
-                        index.remove(k)?;
-                        dropped += 1;
-                    }
-                    Some((offset, n)) => break offset + n,
-                    // A last pointer that is not one: keep the file as it
-                    // is, and let verify name the chunk.
-                    None => break len,
-                },
+        let mut dropped = Vec::new();
+        let mut end = 0;
+        for kv in index.iter().rev() {
+            let (k, p) = kv?;
+            match decode_pointer(&p) {
+                // Pointers whose bytes the file never held: a batch whose
+                // pointers sled made durable and whose bytes a power loss
+                // took (see the module doc).
+                Some((offset, n)) if offset.saturating_add(n) > len => dropped.push(k),
+                // The first chunks of a group that lost its last ones.
+                Some((offset, n)) if !dropped.is_empty() && !closes_group(file, offset, n)? => {
+                    dropped.push(k)
+                }
+                Some((offset, n)) => {
+                    end = offset + n;
+                    break;
+                }
+                // A last pointer that is not one: keep the file as it is,
+                // and let verify name the chunk.
+                None => {
+                    end = len;
+                    break;
+                }
             }
-        };
-        if dropped > 0 {
+        }
+        if !dropped.is_empty() {
+            // In one batch: sled recovers a prefix of its writes, and a
+            // prefix of these removals could leave the first chunks of a
+            // group behind with none past the file's end to tell.
+            let mut batch = sled::Batch::default();
+            for k in &dropped {
+                batch.remove(k.clone());
+            }
+            index.apply_batch(batch)?;
             index.flush()?;
             tracing::warn!(
-                chunks = dropped,
+                chunks = dropped.len(),
                 "dropped the log's last chunks: the chunks file ends before them"
             );
         }

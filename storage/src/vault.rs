@@ -3508,7 +3508,8 @@ impl Committer {
     }
 
     /// Remembers the credentials a request just added to the group
-    /// created or revoked (its derived-state changes `changes`).
+    /// created or revoked, and the consents and policies it changed (its
+    /// derived-state changes `changes`).
     fn note_changes(&mut self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
         let seq = self.pos.next_seq.saturating_sub(1);
         for (k, v) in changes {
@@ -4640,15 +4641,15 @@ pub const FAILPOINTS: &[&str] = &[
     "index::after_write",
 ];
 
-/// A failpoint of the commit path, evaluated only in builds with the
-/// `failpoints` feature (tests): storage/tests/failpoints.rs makes it
-/// panic (a crash at that step) or `return` an I/O error (`return(full)`:
-/// the disk is full), which the step then reports like a real failure.
 /// A consent's or a policy's key in the derived state (`g/`, `p/`).
 fn is_terms_key(key: &[u8]) -> bool {
     key.starts_with(b"g/") || key.starts_with(b"p/")
 }
 
+/// A failpoint of the commit path, evaluated only in builds with the
+/// `failpoints` feature (tests): storage/tests/failpoints.rs makes it
+/// panic (a crash at that step) or `return` an I/O error (`return(full)`:
+/// the disk is full), which the step then reports like a real failure.
 fn failpoint(name: &str) -> Result<()> {
     let _ = name;
     fail::fail_point!(name, |arg: Option<String>| {
