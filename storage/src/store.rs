@@ -257,19 +257,30 @@ impl Store {
         // The dirs this makes, from the first missing one down: each one's
         // entry in its parent is made durable below, or a power loss soon
         // after could take the whole vault, genesis and all.
+        // Before anything of the vault is there, so that a failure leaves
+        // nothing a retry would refuse. A parent that cannot be opened
+        // for reading (a dir one may cross, not list) cannot be synced: a
+        // warning, since the vault itself can still be made.
         let made: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
         std::fs::create_dir_all(dir)?;
+        for d in made {
+            let parent = match d.parent() {
+                Some(p) if p.as_os_str().is_empty() => Path::new("."),
+                Some(p) => p,
+                // The empty path, which `ancestors` ends a relative one with.
+                None => continue,
+            };
+            if let Err(e) = sync_dir(parent) {
+                tracing::warn!(
+                    dir = %parent.display(),
+                    error = %e,
+                    "cannot sync the dir a new vault dir was made in"
+                );
+            }
+        }
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         sync_dir(&db_dir(dir))?;
         sync_dir(dir)?;
-        for d in made {
-            match d.parent() {
-                Some(p) if p.as_os_str().is_empty() => sync_dir(Path::new("."))?,
-                Some(p) => sync_dir(p)?,
-                // The empty path, which `ancestors` ends a relative one with.
-                None => {}
-            }
-        }
         Ok(store)
     }
 
