@@ -168,6 +168,10 @@ async fn run(
         Ok(info) => info,
         // The head does not verify even under the key the server names.
         Err(ClientError::BadReceipt(_)) => return Ok(Err((0, Reason::BadSignature))),
+        // The endorsements it sends with it do not make a chain.
+        Err(ClientError::BadKeyChain(e)) => {
+            return Ok(Err((0, Reason::KeyMismatch(e.to_string()))))
+        }
         Err(e) => return Err(e.into()),
     };
     if info.public_key != key.to_bytes() {
