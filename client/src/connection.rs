@@ -840,7 +840,10 @@ impl Client {
     /// through the key chain from `pinned`) must name the kept head's
     /// last hash. A vault restored from an older copy and grown past the
     /// kept head since presents heads that verify and do not go back, and
-    /// is caught only so ([`ClientError::Rollback`]).
+    /// is caught only so ([`ClientError::Rollback`]). `Proof` is for the
+    /// auditor and admin roles: another role gets `forbidden` for a head
+    /// newer than the one kept, and keeps
+    /// [`HeadTracker::observe`](crate::HeadTracker::observe)'s check alone.
     pub async fn observe_head(
         &self,
         tracker: &mut crate::HeadTracker,

@@ -443,7 +443,12 @@ impl KeyChain {
     /// only the groups after the one holding its endorsement's
     /// `key_rotated` entry, and a retired key only up to the group holding
     /// the entry that retired it (`docs/storage.md`, section 5): a leaked
-    /// old key cannot vouch for a group past its rotation.
+    /// old key cannot vouch for a group that begins past its rotation.
+    /// A head's bounds are the signer's word, though: one under the old
+    /// key that claims a group from before the rotation to far past it
+    /// passes this check, and only a verifier of the log itself (or of
+    /// the proof of the rotation's seq, which must name the same group)
+    /// can tell.
     pub fn key_for(&self, head: &SignedHead) -> Result<&VerifyingKey, ReceiptError> {
         let id = head.key_id;
         let key = self.key(id).ok_or(ReceiptError::UnknownKey(id))?;
