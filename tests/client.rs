@@ -804,12 +804,15 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
     assert_eq!(r.json()["subject"], "cust-9");
     let r = vault_client(&plain, &env).await;
     assert_eq!(r.code, 1, "no token: {r:?}");
-    let r = vault_client(
-        &[&plain[..], &["--token", "x", "--token-file", file]].concat(),
-        &env,
-    )
-    .await;
-    assert_eq!(r.code, 1, "both: {r:?}");
+    // The file wins over FINTRUST_TOKEN: its token, spent above, not
+    // one the vault never minted.
+    let unknown = [
+        ("FINTRUST_API_KEY", s.partner.as_str()),
+        ("FINTRUST_TOKEN", "fvt_never_minted"),
+    ];
+    let r = vault_client(&[&plain[..], &["--token-file", file]].concat(), &unknown).await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.starts_with("error: token_spent: "), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

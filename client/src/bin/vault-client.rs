@@ -76,12 +76,11 @@ enum Command {
             long,
             env = "FINTRUST_TOKEN",
             hide_env_values = true,
-            conflicts_with = "token_file",
             required_unless_present = "token_file"
         )]
         token: Option<String>,
         /// File holding the token (surrounding whitespace is ignored); `-`
-        /// reads it from stdin.
+        /// reads it from stdin. It wins over --token and FINTRUST_TOKEN.
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
@@ -298,24 +297,26 @@ fn unverified(e: ClientError, what: &str) -> anyhow::Result<bool> {
     }
 }
 
-/// The token given with --token (or `FINTRUST_TOKEN`), or read from
-/// --token-file (`-`: stdin), without surrounding whitespace.
+/// The token read from --token-file (`-`: stdin), or else given with
+/// --token (or `FINTRUST_TOKEN`), without surrounding whitespace.
 fn read_token(
     token: Option<&str>,
     file: Option<&std::path::Path>,
 ) -> anyhow::Result<Zeroizing<String>> {
     let text = match (token, file) {
-        (Some(t), _) => Zeroizing::new(t.to_string()),
-        (None, Some(path)) if path.as_os_str() == "-" => {
-            let mut text = Zeroizing::new(String::new());
+        (_, Some(path)) if path.as_os_str() == "-" => {
+            // Room for any token at once: a string that grows leaves a
+            // copy of what it held in memory it frees.
+            let mut text = Zeroizing::new(String::with_capacity(4096));
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
                 .context("cannot read the token from stdin")?;
             text
         }
-        (None, Some(path)) => Zeroizing::new(
+        (_, Some(path)) => Zeroizing::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("{}: cannot read the token", path.display()))?,
         ),
+        (Some(t), None) => Zeroizing::new(t.to_string()),
         (None, None) => bail!("no token: pass --token, --token-file or FINTRUST_TOKEN"),
     };
     let token = Zeroizing::new(text.trim().to_string());
