@@ -530,48 +530,36 @@ async fn vault_client_binary_exit_codes() {
     let seq = v["seq"].as_u64().expect("seq");
 
     // A writer with the pinned key verifies too.
+    let append_pinned = |key: String| {
+        let (addr, writer) = (addr.clone(), s.writer.clone());
+        async move {
+            vault_client(
+                &[
+                    "append",
+                    "--subject",
+                    "cust-3",
+                    "--record-file",
+                    record,
+                    "--addr",
+                    &addr,
+                    "--insecure-plaintext",
+                    "--format",
+                    "json",
+                    "--public-key",
+                    &key,
+                ],
+                &[("FINTRUST_API_KEY", &writer)],
+            )
+            .await
+        }
+    };
     let key = hex::encode(s.public_key());
-    let r = vault_client(
-        &[
-            "append",
-            "--subject",
-            "cust-3",
-            "--record-file",
-            record,
-            "--addr",
-            &addr,
-            "--insecure-plaintext",
-            "--format",
-            "json",
-            "--public-key",
-            &key,
-        ],
-        &[("FINTRUST_API_KEY", &s.writer)],
-    )
-    .await;
+    let r = append_pinned(key.clone()).await;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["verified"], true);
     // Pinned to another key: the receipt does not verify (exit 1), and
     // is printed all the same, since the record is in the log.
-    let other = hex::encode([7u8; 32]);
-    let r = vault_client(
-        &[
-            "append",
-            "--subject",
-            "cust-3",
-            "--record-file",
-            record,
-            "--addr",
-            &addr,
-            "--insecure-plaintext",
-            "--format",
-            "json",
-            "--public-key",
-            &other,
-        ],
-        &[("FINTRUST_API_KEY", &s.writer)],
-    )
-    .await;
+    let r = append_pinned(hex::encode([7u8; 32])).await;
     assert_eq!(r.code, 1, "{r:?}");
     assert!(
         r.stderr.contains("does not verify with --public-key"),
@@ -738,19 +726,9 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
         .await
         .expect("append");
     let admin = s.connect(&s.admin).await;
-    // An hour: the binary may still be built while the test runs.
-    let (token, _) = admin
-        .mint(
-            PARTNER,
-            "cust-9",
-            "kyc",
-            vec![("name".into(), MaskOp::Reveal)],
-            3600,
-        )
-        .await
-        .expect("mint");
-    // Tokens for the redemptions below, minted now: the admin's
-    // connection may be closed as idle while a binary is built.
+    // Every token of the test minted now, for an hour: the admin's
+    // connection may be closed as idle, and the tokens of a shorter life
+    // expire, while a binary is built.
     let mint = || async {
         admin
             .mint(
@@ -764,7 +742,7 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
             .expect("mint")
             .0
     };
-    let (from_env, from_file) = (mint().await, mint().await);
+    let (token, from_env, from_file) = (mint().await, mint().await, mint().await);
     let env = [("FINTRUST_API_KEY", s.partner.as_str())];
     let args = [
         "redeem",
