@@ -170,21 +170,16 @@ impl Encoder<&Envelope> for MessageCodec {
     type Error = Error;
 
     fn encode(&mut self, envelope: &Envelope, dst: &mut BytesMut) -> Result<()> {
-        let mut payload = envelope.message.encode_payload()?;
-        let written = frame::write_frame(
-            dst,
-            envelope.message.message_type(),
-            envelope.flags(),
-            envelope.request_id,
-            &payload,
-            self.max_frame_len(),
-        );
-        // As `encode_frame`: the payload of a secret or of personal data
-        // is wiped once in `dst`.
-        if envelope.message.sensitive_len().is_some() {
-            zeroize::Zeroize::zeroize(&mut payload);
-        }
-        written
+        envelope.message.with_payload(|payload| {
+            frame::write_frame(
+                dst,
+                envelope.message.message_type(),
+                envelope.flags(),
+                envelope.request_id,
+                payload,
+                self.max_frame_len(),
+            )
+        })
     }
 }
 

@@ -1304,6 +1304,19 @@ impl Message {
             _ => return None,
         })
     }
+
+    /// `write` given the message's payload, which is wiped afterwards
+    /// when the message carries a secret or personal data
+    /// ([`Message::sensitive_len`]): what frames a message
+    /// ([`encode_frame`], the codec) goes through here.
+    pub(crate) fn with_payload<R>(&self, write: impl FnOnce(&[u8]) -> Result<R>) -> Result<R> {
+        let mut payload = self.encode_payload()?;
+        let written = write(&payload);
+        if self.sensitive_len().is_some() {
+            zeroize::Zeroize::zeroize(&mut payload);
+        }
+        written
+    }
 }
 
 impl Message {
@@ -1334,30 +1347,18 @@ impl Message {
 /// ([`Message::sensitive_len`]) is wiped once in the frame, whose buffer
 /// is sized not to grow: the caller holds the only copy.
 pub fn encode_frame(request_id: u32, message: &Message, flags: u16) -> Result<Vec<u8>> {
-    let mut payload = message.encode_payload()?;
-    let out = encode_frame_of(request_id, message, flags, &payload);
-    if message.sensitive_len().is_some() {
-        zeroize::Zeroize::zeroize(&mut payload);
-    }
-    out
-}
-
-fn encode_frame_of(
-    request_id: u32,
-    message: &Message,
-    flags: u16,
-    payload: &[u8],
-) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(frame::HEADER_LEN + payload.len());
-    frame::write_frame(
-        &mut out,
-        message.message_type(),
-        flags,
-        request_id,
-        payload,
-        MAX_FRAME_LEN,
-    )?;
-    Ok(out)
+    message.with_payload(|payload| {
+        let mut out = Vec::with_capacity(frame::HEADER_LEN + payload.len());
+        frame::write_frame(
+            &mut out,
+            message.message_type(),
+            flags,
+            request_id,
+            payload,
+            MAX_FRAME_LEN,
+        )?;
+        Ok(out)
+    })
 }
 
 fn write_fields(w: &mut Writer, fields: &[(String, String)]) -> Result<()> {
