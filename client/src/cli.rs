@@ -271,7 +271,7 @@ mod tests {
     /// Without --server-name, the name checked is the address's host.
     #[test]
     fn the_server_name_is_the_host_of_the_address_by_default() {
-        let dir = tempfile_dir();
+        let dir = scratch_dir("name");
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, "").expect("write");
         let ca = ca.to_str().expect("utf-8");
@@ -294,8 +294,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    fn tempfile_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("fintrust-cli-name-{}", std::process::id()));
+    /// A dir of this process for the test `name`, which removes it.
+    fn scratch_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fintrust-cli-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         dir
     }
@@ -315,8 +316,7 @@ mod tests {
 
     #[test]
     fn the_api_key_file_is_read_and_trimmed() {
-        let dir = std::env::temp_dir().join(format!("fintrust-cli-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
+        let dir = scratch_dir("key");
         let file = dir.join("key");
         std::fs::write(&file, "fvk_from_file\n").expect("write");
         let path = file.to_str().expect("utf-8");

@@ -1397,14 +1397,13 @@ impl Client {
         &self,
         id: u32,
         mut rx: oneshot::Receiver<Result<Reply>>,
-        message: Message,
+        mut message: Message,
     ) -> Result<Reply> {
         let mut registered = Registered {
             shared: &self.shared,
             id,
             answered: false,
         };
-        let mut message = message;
         let frame = encode_frame(id, &message, 0);
         // An API key, a token or a master secret is in the frame only.
         message.wipe();
