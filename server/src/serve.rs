@@ -964,7 +964,8 @@ impl Drop for Slot {
     }
 }
 
-/// Why an authenticated connection got no slot ([`Admission::admitted`]).
+/// Why an authenticated connection got no slot ([`Admission::admitted`],
+/// [`Admission::hold`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// None came free by its deadline.
@@ -972,6 +973,8 @@ pub enum Refused {
     /// It was the oldest of the connections without a slot when one more
     /// arrived past `max_handshakes`.
     Evicted,
+    /// Its credential holds its maximum of connections already.
+    CredentialLimit,
 }
 
 impl Refused {
@@ -980,6 +983,7 @@ impl Refused {
         match self {
             Refused::Busy => "busy",
             Refused::Evicted => "evicted",
+            Refused::CredentialLimit => "credential_limit",
         }
     }
 }
@@ -1357,38 +1361,34 @@ where
     };
     // The credential's own share first: one at its maximum takes no slot,
     // nor waits for one.
-    let _held = match &conn.admission {
+    let admitted = match &conn.admission {
         Some((a, ticket)) => match a.hold(&caller.id) {
-            Some(held) => Some(held),
+            Some(held) => a
+                .admitted(*ticket, conn.handshake_deadline())
+                .await
+                .map(|slot| Some((held, slot))),
             None => {
                 a.leave(*ticket);
-                crate::metrics::turned_away("protocol", "credential_limit");
-                let m = error(
-                    ErrorCode::Unavailable,
-                    &format!(
-                        "this credential holds its limit of {} connections: close one, or use \
-                         the ones it has (requests pipeline on one connection)",
-                        conn.config.max_connections_per_credential
-                    ),
-                );
-                send(&mut sink, hello_id, &m).await;
-                return Err(ConnectionError::Busy);
+                Err(Refused::CredentialLimit)
             }
         },
-        None => None,
+        None => Ok(None),
     };
-    let _slot = match &conn.admission {
-        Some((a, ticket)) => match a.admitted(*ticket, conn.handshake_deadline()).await {
-            Ok(permit) => Some(permit),
-            Err(refused) => {
-                crate::metrics::turned_away("protocol", refused.reason());
-                let limit = conn.config.max_connections;
-                let m = error(ErrorCode::Unavailable, &busy(limit));
-                send(&mut sink, hello_id, &m).await;
-                return Err(ConnectionError::Busy);
-            }
-        },
-        None => None,
+    let _admitted = match admitted {
+        Ok(held_and_slot) => held_and_slot,
+        Err(refused) => {
+            crate::metrics::turned_away("protocol", refused.reason());
+            let why = match refused {
+                Refused::CredentialLimit => format!(
+                    "this credential holds its limit of {} connections: close one, or use \
+                     the ones it has (requests pipeline on one connection)",
+                    conn.config.max_connections_per_credential
+                ),
+                Refused::Busy | Refused::Evicted => busy(conn.config.max_connections),
+            };
+            send(&mut sink, hello_id, &error(ErrorCode::Unavailable, &why)).await;
+            return Err(ConnectionError::Busy);
+        }
     };
     *frames.decoder_mut() = codec;
     let role = caller.role;
@@ -2897,7 +2897,7 @@ mod tests {
     /// gives it, and a read that panics is `internal`, not a panic of the
     /// connection.
     #[tokio::test]
-    async fn a_scan_answers_its_value_its_error_or_internal_and_frees_its_slot() {
+    async fn a_scan_answers_its_value_its_error_or_internal() {
         let dir = tempfile::tempdir().expect("tempdir");
         let vault = Arc::new(
             Vault::create(
