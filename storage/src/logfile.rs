@@ -184,9 +184,31 @@ pub struct LogTree {
     compact: bool,
     /// Set by a read-only open: where the writes go instead of the file.
     overlay: Option<Overlay>,
-    /// Held through each `fdatasync` of the file, and set for good once
-    /// one fails ([`LogTree::sync`]).
-    sync_failed: Mutex<bool>,
+    /// The file's `fdatasync`s ([`LogTree::sync`]).
+    syncs: StickySync,
+}
+
+/// The `fdatasync`s of a file that several threads sync: one at a time,
+/// and every one after a failed one fails too. Linux reports a failed
+/// writeback to one `fdatasync` only, so another thread's could succeed
+/// over pages that never reached the disk (and the checkpointer then
+/// delete the write-ahead segment that holds them).
+#[derive(Debug, Default)]
+pub(crate) struct StickySync(Mutex<bool>);
+
+impl StickySync {
+    /// `fdatasync`s `file`, or fails as an earlier one did.
+    pub(crate) fn sync(&self, file: &File) -> Result<()> {
+        let mut failed = self.0.lock().map_err(|_| Error::Poisoned)?;
+        if *failed {
+            return Err(Error::Poisoned);
+        }
+        if let Err(e) = file.sync_data() {
+            *failed = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
 }
 
 /// What a read-only open ([`LogTree::open_read_only`]) writes instead of
@@ -313,7 +335,7 @@ impl LogTree {
             written_back: AtomicU64::new(end),
             compact: false,
             overlay: None,
-            sync_failed: Mutex::new(false),
+            syncs: StickySync::default(),
         })
     }
 
@@ -345,7 +367,7 @@ impl LogTree {
                 tail,
                 patches: Mutex::new(std::collections::BTreeMap::new()),
             }),
-            sync_failed: Mutex::new(false),
+            syncs: StickySync::default(),
         })
     }
 
@@ -531,21 +553,8 @@ impl LogTree {
         if self.overlay.is_some() {
             return Ok(());
         }
-        // One `fdatasync` at a time, and every one after a failed one
-        // fails too: the writer, the indexer and the checkpointer share
-        // this file, and Linux reports a failed writeback to one
-        // `fdatasync` only, so another thread's could succeed over pages
-        // that never reached the disk (and the checkpointer then delete
-        // the write-ahead segment that holds them).
-        let mut failed = self.sync_failed.lock().map_err(|_| Error::Poisoned)?;
-        if *failed {
-            return Err(Error::Poisoned);
-        }
-        if let Err(e) = self.file.sync_data() {
-            *failed = true;
-            return Err(e.into());
-        }
-        Ok(())
+        // The writer, the indexer and the checkpointer share this file.
+        self.syncs.sync(&self.file)
     }
 
     /// The chunk whose first seq is `key`.

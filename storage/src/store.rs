@@ -92,10 +92,8 @@ pub(crate) struct Store {
     pub(crate) keys: sled::Tree,
     pub(crate) meta: sled::Tree,
     data_file: File,
-    /// Held through each `fdatasync` of `data_file`, and set for good once
-    /// one fails: as for the chunks file ([`LogTree::sync`]), a failed
-    /// writeback is reported to one `fdatasync` only.
-    data_sync_failed: std::sync::Mutex<bool>,
+    /// The `fdatasync`s of `data_file`, as of the chunks file's.
+    data_syncs: crate::logfile::StickySync,
     pub(crate) dir: PathBuf,
     /// Log chunks in the write-ahead file that the writer has not applied
     /// to the `log` tree yet, by first seq: it applies them in batches
@@ -157,7 +155,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             db,
             data_file,
-            data_sync_failed: std::sync::Mutex::new(false),
+            data_syncs: crate::logfile::StickySync::default(),
             dir: dir.to_path_buf(),
             recent: RwLock::new(BTreeMap::new()),
             applying: std::sync::Mutex::new(()),
@@ -255,12 +253,12 @@ impl Store {
             return Err(Error::AlreadyExists(dir.display().to_string()));
         }
         // The dirs this makes, from the first missing one down: each one's
-        // entry in its parent is made durable below, or a power loss soon
-        // after could take the whole vault, genesis and all.
-        // Before anything of the vault is there, so that a failure leaves
-        // nothing a retry would refuse. A parent that cannot be opened
-        // for reading (a dir one may cross, not list) cannot be synced: a
-        // warning, since the vault itself can still be made.
+        // entry in its parent is made durable, or a power loss soon after
+        // could take the whole vault, genesis and all. Before anything of
+        // the vault is there, so that a failure leaves nothing a retry
+        // would refuse. A parent that cannot be opened for reading (a dir
+        // one may cross, not list) cannot be synced: a warning, since the
+        // vault itself can still be made.
         let made: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
         std::fs::create_dir_all(dir)?;
         for d in made {
@@ -324,16 +322,7 @@ impl Store {
         // The chunks before the pointers that name them.
         self.log.sync()?;
         self.db.flush()?;
-        {
-            let mut failed = self.data_sync_failed.lock().map_err(|_| Error::Poisoned)?;
-            if *failed {
-                return Err(Error::Poisoned);
-            }
-            if let Err(e) = self.data_file.sync_data() {
-                *failed = true;
-                return Err(e.into());
-            }
-        }
+        self.data_syncs.sync(&self.data_file)?;
         release_garbage();
         Ok(())
     }
