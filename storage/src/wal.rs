@@ -323,18 +323,11 @@ pub fn read_segment(bytes: &[u8]) -> Result<Segment> {
     let mut rest = &bytes[HEADER_LEN..];
     let mut groups = Vec::new();
     while !rest.is_empty() {
-        if rest.len() < 8 {
-            // Fewer bytes than a record's header: the zeros after the
-            // records when they are all zero (a segment closed before its
-            // zeros ran further), else a record cut short.
-            return Ok(Segment {
-                groups,
-                torn: rest.iter().any(|&b| b != 0),
-            });
-        }
-        if rest[..8] == [0; 8] {
-            // The zeros after the records (no record is empty). Anything
-            // else after them is a record whose start did not reach the
+        if rest.len() < 8 || rest[..8] == [0; 8] {
+            // The zeros after the records (no record is empty), eight of
+            // them or the fewer a segment closed before its zeros ran
+            // further ends with. Anything else after or among them is a
+            // record cut short, or one whose start did not reach the
             // disk: torn.
             return Ok(Segment {
                 groups,
@@ -1031,6 +1024,11 @@ mod tests {
         }
     }
 
+    /// The log's chunks, in seq order.
+    fn chunks(store: &Store) -> Result<Vec<Vec<u8>>> {
+        store.log.iter().map(|kv| Ok(kv?.1.to_vec())).collect()
+    }
+
     fn key(store: &Store, k: &str) -> Result<Option<Vec<u8>>> {
         Ok(store.keys.get(k)?.map(|v| v.to_vec()))
     }
@@ -1040,9 +1038,6 @@ mod tests {
         // Groups 0 to 2 in the log; the write-ahead file still holds 1 and
         // 2 (0 was checkpointed). A power loss then takes chunk bytes whose
         // pointers sled had made durable.
-        let chunks = |store: &Store| -> Result<Vec<Vec<u8>>> {
-            store.log.iter().map(|kv| Ok(kv?.1.to_vec())).collect()
-        };
         for lost in ["the file's tail", "bytes in place"] {
             let tmp = tempfile::tempdir()?;
             let dir = tmp.path().join("v");
@@ -1097,11 +1092,7 @@ mod tests {
             wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
             g.batches[0].clone().apply(&store)?;
         }
-        let whole: Vec<Vec<u8>> = store
-            .log
-            .iter()
-            .map(|kv| Ok(kv?.1.to_vec()))
-            .collect::<Result<_>>()?;
+        let whole = chunks(&store)?;
         store.sync()?;
         drop(store);
         // "chunk" and "first" are 10 bytes: cut 2 bytes into "second".
@@ -1111,12 +1102,7 @@ mod tests {
         file.set_len(12)?;
         drop(file);
         let store = Store::open_existing(&dir)?;
-        let chunks: Vec<Vec<u8>> = store
-            .log
-            .iter()
-            .map(|kv| Ok(kv?.1.to_vec()))
-            .collect::<Result<_>>()?;
-        assert_eq!(chunks, whole);
+        assert_eq!(chunks(&store)?, whole);
         assert_eq!(store.log.layout_fault()?, None);
         Ok(())
     }
