@@ -11,7 +11,8 @@
 //!   (naming the seq and the reason), 2 when it cannot run; with
 //!   `--head-file` it keeps the newest head verified and names a data dir
 //!   rolled back behind it; with `--read-only` it writes nothing to the
-//!   dir, a vault's killed by SIGKILL included.
+//!   dir, a vault's killed by SIGKILL included;
+//! - a closed stdout is an error with its own exit code, never a panic.
 
 mod support;
 
@@ -498,6 +499,91 @@ fn verify_with_another_vaults_key_is_an_integrity_failure() {
         reason == "bad_signature" || reason == "bad_genesis",
         "{out:?}"
     );
+}
+
+/// A closed stdout (`… | head -0`) is a local error named on stderr,
+/// never a panic: `vault-verify` exits 2 for an intact vault and keeps
+/// exit 1 for one that is not; `vaultd init`, `vaultd dev` and
+/// `vault-admin` exit 1.
+#[test]
+fn a_closed_stdout_is_an_error_not_a_panic() {
+    let s = Scratch::new();
+    let a = s.init("a");
+    let b = s.init("b");
+    let closed = |bin: &str, args: &[&OsStr]| {
+        let r = support::run_bin_into_closed_pipe("fintrust-server", bin, args, &[]);
+        // EPIPE, named with the stream it broke.
+        assert!(r.stderr.contains("stdout: "), "{bin}: {r:?}");
+        assert!(r.stderr.contains("(os error 32)"), "{bin}: {r:?}");
+        assert!(!r.stderr.contains("panicked"), "{bin}: {r:?}");
+        r
+    };
+    let dir = s.path("a");
+    let verify = |key: &str, format: &str| {
+        closed(
+            "vault-verify",
+            &[
+                OsStr::new("--data-dir"),
+                dir.as_os_str(),
+                OsStr::new("--public-key"),
+                OsStr::new(key),
+                OsStr::new("--format"),
+                OsStr::new(format),
+            ],
+        )
+        .code
+    };
+    for format in ["json", "text"] {
+        assert_eq!(verify(str_field(&a, "public_key"), format), 2, "{format}");
+        assert_eq!(verify(str_field(&b, "public_key"), format), 1, "{format}");
+    }
+
+    let pass = s.path("passphrase");
+    let c = s.path("c");
+    let init = closed(
+        "vaultd",
+        &[
+            OsStr::new("init"),
+            OsStr::new("--data-dir"),
+            c.as_os_str(),
+            OsStr::new("--passphrase-file"),
+            pass.as_os_str(),
+        ],
+    );
+    assert_eq!(init.code, 1, "{init:?}");
+
+    let export = s.path("a.export");
+    let admin = closed(
+        "vault-admin",
+        &[
+            OsStr::new("export"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--out"),
+            export.as_os_str(),
+        ],
+    );
+    assert_eq!(admin.code, 1, "{admin:?}");
+
+    // The API keys of `vaultd dev` go to stdout only: with nowhere to
+    // show them, it stops cleanly rather than serve.
+    let dev = s.path("dev");
+    let run = closed(
+        "vaultd",
+        &[
+            OsStr::new("dev"),
+            OsStr::new("--data-dir"),
+            dev.as_os_str(),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--http-listen"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    wait_unlocked(&dev);
+    let again = vaultd_dev(&dev);
+    assert!(verified_entries(&dev, str_field(&again, "public_key")) > 5);
 }
 
 #[test]

@@ -621,6 +621,24 @@ async fn vault_client_binary_exit_codes() {
     .await;
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("pong"), "{r:?}");
+    // Into a closed pipe (`| head -0`): a local error, not a panic.
+    let args = ["ping", "--addr", &addr, "--insecure-plaintext"].map(String::from);
+    let key = s.writer.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        support::run_bin_into_closed_pipe(
+            "fintrust-client",
+            "vault-client",
+            args,
+            &[("FINTRUST_API_KEY", &key)],
+        )
+    })
+    .await
+    .expect("run");
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.starts_with("error: cannot write to stdout"),
+        "{r:?}"
+    );
 
     // Refused by the server: exit 2 with its code on stderr.
     let r = vault_client(

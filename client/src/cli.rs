@@ -35,6 +35,32 @@ pub enum Format {
     Json,
 }
 
+impl Format {
+    /// Prints `json` or `text` on stdout, as this format asks, with
+    /// [`print_line`].
+    pub fn print(self, json: &serde_json::Value, text: &str) -> anyhow::Result<()> {
+        match self {
+            Format::Json => print_line(&json.to_string()),
+            Format::Text => print_line(text),
+        }
+    }
+}
+
+/// `line` and a newline on stdout, flushed: an error (exit 1 from a tool)
+/// where `println!` would panic, when stdout is closed, as by
+/// `vault-verify … | head -0`.
+pub fn print_line(line: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    write_line(line).context("cannot write to stdout")
+}
+
+/// [`print_line`]'s write, with the I/O error as it came.
+pub fn write_line(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}").and_then(|()| stdout.flush())
+}
+
 /// How to reach and authenticate to a vault: everything but the address,
 /// which each tool names in its own way (`--addr`, `--remote`). Its
 /// `Debug` leaves the API key out.

@@ -66,11 +66,13 @@ pub struct Bound {
 }
 
 /// Serves until `shutdown` resolves, then stops cleanly and closes the
-/// vault. `ready` is called once everything listens.
+/// vault. `ready` is called once everything listens; when it fails (it
+/// could not hand out the addresses and keys, say), the daemon stops as
+/// cleanly and returns its error.
 pub async fn run(
     vault: Vault,
     d: Daemon,
-    ready: impl FnOnce(Bound),
+    ready: impl FnOnce(Bound) -> Result<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let io = |source| Error::File {
@@ -137,13 +139,15 @@ pub async fn run(
         let (tls, stop) = (d.tls.clone(), stop.clone());
         tasks.spawn(async move { shim::serve(http, shim, tls, stop.cancelled_owned()).await });
     }
-    ready(bound);
-    tokio::select! {
-        _ = shutdown => {}
-        // A server that stops on its own (it should not) stops the rest.
-        Some(r) = tasks.join_next() => {
-            if let Ok(Err(e)) = r {
-                tracing::error!(error = %e, "a listener failed");
+    let announced = ready(bound);
+    if announced.is_ok() {
+        tokio::select! {
+            _ = shutdown => {}
+            // A server that stops on its own (it should not) stops the rest.
+            Some(r) = tasks.join_next() => {
+                if let Ok(Err(e)) = r {
+                    tracing::error!(error = %e, "a listener failed");
+                }
             }
         }
     }
@@ -170,7 +174,7 @@ pub async fn run(
             "requests still running at shutdown; the log is flushed as the process exits"
         ),
     }
-    Ok(())
+    announced
 }
 
 /// The name of the in-process shim's gateway credential. It holds spaces,

@@ -105,7 +105,7 @@ pub struct DevOutput {
 /// until `shutdown`; `ready` gets what to print once both ports listen.
 pub async fn run(
     opts: DevOptions,
-    ready: impl FnOnce(DevOutput),
+    ready: impl FnOnce(DevOutput) -> Result<()>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     // Plaintext only where nothing but this machine can listen in: checked

@@ -450,15 +450,9 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut cmd = Command::new(binary(package, bin));
-    cmd.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FINTRUST_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    let out = tool(package, bin, args, env)
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
     Run {
         code: out
             .status
@@ -467,6 +461,53 @@ where
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// [`run_bin`] with stdout a pipe whose reading end is already closed, as
+/// in `bin … | head -0`: every write to it fails (`EPIPE`).
+#[allow(dead_code)]
+pub fn run_bin_into_closed_pipe<I, S>(
+    package: &str,
+    bin: &str,
+    args: I,
+    env: &[(&str, &str)],
+) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = tool(package, bin, args, env)
+        .stdout(writer)
+        .output()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    Run {
+        code: out
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("{bin} was killed by a signal")),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The command of binary `bin` of `package` with `args` and `env`, and
+/// no other `FINTRUST_*` variable of the test's environment.
+fn tool<I, S>(package: &str, bin: &str, args: I, env: &[(&str, &str)]) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(binary(package, bin));
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FINTRUST_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    cmd
 }
 
 /// `vault-client` with `args`, and no `FINTRUST_*` variable of the

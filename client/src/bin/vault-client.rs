@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
-use client::cli::ConnectArgs;
+use clap::{Parser, Subcommand};
+use client::cli::{ConnectArgs, Format};
 use client::{Client, ClientConfig, ClientError, ErrorCode, HeadTracker, Receipt};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
@@ -45,12 +45,6 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -120,8 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(verified) => (verified, None),
                 Err(e) => (false, Some(e)),
             };
-            print(
-                cli.format,
+            cli.format.print(
                 &json!({
                     "seq": receipt.seq,
                     "entry_hash": hex::encode(receipt.entry_hash),
@@ -171,8 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )),
                 None => text.push_str("\nsigned_head: none (empty log)"),
             }
-            print(
-                cli.format,
+            cli.format.print(
                 &json!({
                     "public_key": hex::encode(head.public_key),
                     "entries": head.entries,
@@ -190,15 +182,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|(k, v)| (k, Value::String(v)))
                 .collect();
             // Always JSON: the record is data for another program.
-            out(&json!({ "subject": r.subject, "seq": r.seq, "fields": fields }).to_string())?;
+            client::cli::print_line(
+                &json!({ "subject": r.subject, "seq": r.seq, "fields": fields }).to_string(),
+            )?;
         }
         Command::Ping => {
             let client = connect(&cli).await?;
             let start = Instant::now();
             client.ping().await?;
             let rtt_ms = start.elapsed().as_secs_f64() * 1000.0;
-            print(
-                cli.format,
+            cli.format.print(
                 &json!({
                     "pong": true,
                     "server": client.server(),
@@ -214,23 +207,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn print(format: Format, json: &Value, text: &str) -> anyhow::Result<()> {
-    match format {
-        Format::Json => out(&json.to_string()),
-        Format::Text => out(text),
-    }
-}
-
-/// `line` on stdout: an error (exit 1), not a panic, when stdout is
-/// closed, as by `vault-client head | head -0`.
-fn out(line: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")
-        .and_then(|()| stdout.flush())
-        .context("cannot write to stdout")
 }
 
 /// Verifies `receipt` with the pinned key, or else with the key the

@@ -128,6 +128,7 @@ impl InProcess {
             d,
             move |_| {
                 let _ = ready_tx.send(());
+                Ok(())
             },
             async {
                 let _ = stopped.await;

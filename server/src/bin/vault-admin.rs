@@ -276,7 +276,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
     if let Some((json, text)) = offline(&cli).await? {
-        print(cli.format, &json, &text);
+        cli.format.print(&json, &text)?;
         return Ok(());
     }
     // The log tools print as they go, and may need no server at all.
@@ -366,7 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 done.heads,
                 out.display()
             );
-            print(cli.format, &json, &text);
+            cli.format.print(&json, &text)?;
             return Ok(());
         }
         Command::Reindex {
@@ -418,7 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for d in &r.sample {
                 text.push_str(&format!("\n  {d}"));
             }
-            print(cli.format, &json, &text);
+            cli.format.print(&json, &text)?;
             if r.differences > 0 && !r.repaired {
                 anyhow::bail!(
                     "the stored derived state differs from the log in {} keys{}",
@@ -753,15 +753,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     };
-    print(cli.format, &json, &text);
+    cli.format.print(&json, &text)?;
     Ok(())
-}
-
-fn print(format: Format, json: &Value, text: &str) {
-    match format {
-        Format::Json => println!("{json}"),
-        Format::Text => println!("{text}"),
-    }
 }
 
 /// The subcommands run on a stopped vault (`--data-dir`), if this is one.

@@ -625,11 +625,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     let report = rt.block_on(bench::run(&target, &workload, progress))?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        client::cli::print_line(&serde_json::to_string(&report)?)
     } else {
-        println!("{}", report.table());
+        client::cli::print_line(&report.table())
     }
-    Ok(())
 }
 
 /// The `redis-server` to run a baseline with, when `--redis` asks for one;

@@ -349,13 +349,17 @@ fn finish(
     for note in server::verify::notes(report) {
         eprintln!("{note}");
     }
-    match as_json.map(|j| serde_json::to_string(&j)) {
-        Some(Ok(s)) => println!("{s}"),
-        Some(Err(e)) => {
-            eprintln!("error: {e}");
+    let printed = match as_json.map(|j| serde_json::to_string(&j)) {
+        Some(Ok(s)) => client::cli::print_line(&s),
+        Some(Err(e)) => Err(e.into()),
+        None => client::cli::print_line(&summary()),
+    };
+    if let Err(e) = printed {
+        eprintln!("error: {e:#}");
+        // An integrity failure keeps its exit code, printed or not.
+        if report.ok() {
             return ExitCode::from(EXIT_ERROR as u8);
         }
-        None => println!("{}", summary()),
     }
     ExitCode::from(exit_code(report) as u8)
 }

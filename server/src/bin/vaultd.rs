@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
+use client::cli::print_line;
 
 #[derive(Parser)]
 #[command(
@@ -416,18 +417,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server::init::init(vault.data_dir, &unlock, storage::Options::default())?;
             vault.close()?;
             if json || format == "json" {
-                println!("{}", serde_json::to_string(&out)?);
+                print_line(&serde_json::to_string(&out)?)?;
             } else {
-                println!(
-                    "Created vault {} in {}",
+                print_line(&format!(
+                    "Created vault {} in {}\n\
+                     Public key (pin it for vault-verify): {}\n\
+                     Admin API key (shown once, stored only as a hash): {}",
                     out.vault_id,
-                    out.data_dir.display()
-                );
-                println!("Public key (pin it for vault-verify): {}", out.public_key);
-                println!(
-                    "Admin API key (shown once, stored only as a hash): {}",
+                    out.data_dir.display(),
+                    out.public_key,
                     out.admin_api_key.expose()
-                );
+                ))?;
             }
         }
         Command::RotateMasterKey {
@@ -449,13 +449,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 storage::Options::default(),
             )?;
             if format == "json" {
-                println!("{}", serde_json::to_string(&out)?);
+                print_line(&serde_json::to_string(&out)?)?;
             } else {
-                println!(
+                print_line(&format!(
                     "Rotated the master key of {} (key_rotated entry at seq {}); only the new secret opens it now",
                     out.data_dir.display(),
                     out.seq
-                );
+                ))?;
             }
         }
         Command::Serve {
@@ -549,7 +549,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server::daemon::run(
                     opened,
                     d,
-                    |b| tracing::info!(protocol = %b.protocol, http = ?b.http, "vaultd ready"),
+                    |b| {
+                        tracing::info!(protocol = %b.protocol, http = ?b.http, "vaultd ready");
+                        Ok(())
+                    },
                     server::daemon::signal(),
                 )
                 .await?;
@@ -653,17 +656,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     forwarded_header,
                     proxy_protocol_from,
                 },
+                // The API keys are shown only here: a vault nobody can
+                // reach stops rather than serve.
                 |out| {
-                    if json {
-                        match serde_json::to_string(&out) {
-                            Ok(line) => println!("{line}"),
-                            Err(e) => eprintln!("error: {e}"),
-                        }
+                    let line = if json {
+                        serde_json::to_string(&out).map_err(std::io::Error::other)
                     } else {
-                        println!("{}", server::dev::walkthrough(&out));
-                    }
-                    use std::io::Write;
-                    let _ = std::io::stdout().flush();
+                        Ok(server::dev::walkthrough(&out))
+                    };
+                    line.and_then(|l| client::cli::write_line(&l))
+                        .map_err(|error| server::Error::File {
+                            path: "stdout".into(),
+                            error,
+                        })
                 },
                 server::daemon::signal(),
             ))?;

@@ -121,6 +121,7 @@ pub async fn daemon(vault: Vault, d: server::daemon::Daemon) -> Daemonized {
         d,
         |b| {
             let _ = ready_tx.send(b);
+            Ok(())
         },
         async {
             let _ = stopped.await;
