@@ -565,6 +565,55 @@ async fn source_address_and_hours_rules_are_enforced_and_audited() {
     r.stop().await;
 }
 
+/// Only a request the partner's policy allows, from where and when it
+/// allows it, hears about a subject's consent, and every such request
+/// spends the rate limit, whether it is granted or denied.
+#[tokio::test]
+async fn denials_about_a_subject_spend_the_rate_and_need_an_allowed_source() {
+    let r = start(ShimConfig::default()).await;
+    let fields = json!({"credit_check": {"fields": {"name": "partial"}}});
+    let ask = |subject: &str| json!({"subject_id": subject, "purpose": "credit_check"}).to_string();
+    let authorize = |subject: &str| {
+        let body = ask(subject);
+        let (http, key) = (r.http, r.partner.clone());
+        async move { call(http, "POST", "/v1/authorize", Some(&key), Some(&body)).await }
+    };
+    // From a source it does not allow, a subject with a consent and one
+    // without are denied alike.
+    put_policy(
+        &r,
+        json!({"purposes": fields, "source_ips": ["10.0.0.0/8"]}),
+    )
+    .await;
+    assert_error(&authorize(SUBJECT).await, 403, "source_not_allowed");
+    assert_error(&authorize("cust-nobody").await, 403, "source_not_allowed");
+    // Allowed, with two authorizations a minute: a consent denial spends
+    // one, a grant the other, and the next is refused whatever it asks.
+    put_policy(&r, json!({"purposes": fields, "rate_limit_per_minute": 2})).await;
+    assert_error(&authorize("cust-nobody").await, 403, "consent_missing");
+    let granted = authorize(SUBJECT).await;
+    assert_eq!(granted.0, 200, "{}", granted.1);
+    assert_error(&authorize("cust-nobody").await, 429, "rate_limited");
+    assert_error(&authorize(SUBJECT).await, 429, "rate_limited");
+
+    let reasons: Vec<Value> = denials(&r)
+        .await
+        .iter()
+        .map(|p| p["reason"].clone())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "source_not_allowed",
+            "source_not_allowed",
+            "consent_missing",
+            "rate_limited",
+            "rate_limited"
+        ]
+    );
+    r.stop().await;
+}
+
 /// A grant the vault will not mint (here a policy's token lifetime over
 /// the vault's own ceiling, as with a separate shim configured apart from
 /// its vault) is the deployment's fault: 502 with the vault's code, no

@@ -612,6 +612,18 @@ fn decide(
         Ok(f) => f,
         Err(d) => return Ok(Err(d)),
     };
+    if let Err(d) = policy::check_conditions(&policy, now, source) {
+        return Ok(Err(d));
+    }
+    // Every question about a subject spends the rate, answered or denied:
+    // the consent checks past this point are no faster an oracle of who
+    // consented than grants are, and a caller from a source the policy
+    // does not allow learns nothing of them.
+    if let Some(n) = policy.rate_limit_per_minute {
+        if !shim.limiter.take(partner, n, now) {
+            return Ok(Err(Denial::RateLimited));
+        }
+    }
     let consent = match consent {
         None => None,
         Some(v) => Some((
@@ -623,14 +635,6 @@ fn decide(
     if let Err(d) = policy::check_consent(consent.as_ref().map(|(k, c)| (*k, c)), &req.purpose, now)
     {
         return Ok(Err(d));
-    }
-    if let Err(d) = policy::check_conditions(&policy, now, source) {
-        return Ok(Err(d));
-    }
-    if let Some(n) = policy.rate_limit_per_minute {
-        if !shim.limiter.take(partner, n, now) {
-            return Ok(Err(Denial::RateLimited));
-        }
     }
     Ok(Ok((policy, fields)))
 }
