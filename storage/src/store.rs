@@ -61,7 +61,7 @@ use bytes::Bytes;
 
 use ed25519_dalek::VerifyingKey;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::logfile::LogTree;
 use crate::state::{self, Genesis};
 
@@ -112,6 +112,34 @@ pub(crate) struct Store {
     read_only: Option<File>,
 }
 
+/// Refuses a sled database without the vault's metadata beside a chunks
+/// file that holds a log. A vault's metadata is durable before its first
+/// chunk is written (`Vault::create`), so this is a database sled could
+/// recover nothing of (a damaged or replaced file), whose empty index the
+/// open would otherwise take for a crash's and cut every chunk off.
+fn refuse_lost_meta(dir: &Path, db: &sled::Db) -> Result<()> {
+    if db.open_tree("meta")?.contains_key("vault_id")? {
+        return Ok(());
+    }
+    let held = match std::fs::metadata(dir.join(crate::logfile::FILE)) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e.into()),
+    };
+    if held == 0 {
+        return Ok(());
+    }
+    Err(Error::integrity(
+        0,
+        Reason::Malformed(format!(
+            "the database in {} holds no vault metadata, while the chunks file holds {held} \
+             bytes of log: the database was damaged or replaced; nothing was cut, and the data \
+             dir must be restored from a backup",
+            db_dir(dir).display()
+        )),
+    ))
+}
+
 fn db_dir(dir: &Path) -> PathBuf {
     dir.join("db")
 }
@@ -134,6 +162,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 impl Store {
     fn open_at(dir: &Path, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
         let db = Self::open_sled(&db_dir(dir), cache_bytes, flusher)?;
+        refuse_lost_meta(dir, &db)?;
         let data_file = File::open(db_dir(dir).join("db"))?;
         let log = LogTree::open(dir, db.open_tree("log")?)?;
         Self::assemble(dir, db, data_file, log, None)
@@ -192,6 +221,7 @@ impl Store {
         let copy = db_dir(scratch);
         copy_dir(&db_dir(dir), &copy)?;
         let db = Self::open_sled(&copy, cache_bytes, Flusher::Off)?;
+        refuse_lost_meta(dir, &db)?;
         let data_file = File::open(copy.join("db"))?;
         let log = LogTree::open_read_only(dir, db.open_tree("log")?, scratch)?;
         let store = Self::assemble(dir, db, data_file, log, Some(lock))?;
@@ -279,6 +309,20 @@ impl Store {
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         sync_dir(&db_dir(dir))?;
         sync_dir(dir)?;
+        Ok(store)
+    }
+
+    /// [`Store::create`] with metadata, as a vault's store has before its
+    /// first chunk: for tests that write chunks without a vault.
+    #[cfg(test)]
+    pub(crate) fn create_for_tests(
+        dir: &Path,
+        cache_bytes: u64,
+        flusher: Flusher,
+    ) -> Result<Store> {
+        let store = Self::create(dir, cache_bytes, flusher)?;
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        store.write_meta(&[7; 16], &key)?;
         Ok(store)
     }
 
@@ -624,7 +668,7 @@ mod tests {
     fn a_serving_store_runs_sleds_flusher_and_reopens_with_what_was_written_and_the_lock(
     ) -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::create(dir.path(), 1 << 20, Flusher::Running)?;
+        let store = Store::create_for_tests(dir.path(), 1 << 20, Flusher::Running)?;
         // sled 0.34 names its flusher thread "log flusher".
         assert!(thread_names()?.iter().any(|n| n == "log flusher"));
         store.log.insert(7u64.to_be_bytes(), &b"chunk"[..])?;
@@ -656,7 +700,7 @@ mod tests {
     #[test]
     fn reads_find_each_chunk_once_whether_recent_or_in_sled() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::create(dir.path(), 1 << 20, Flusher::Off)?;
+        let store = Store::create_for_tests(dir.path(), 1 << 20, Flusher::Off)?;
         for first in [0u64, 4, 9] {
             store.log.insert(first.to_be_bytes(), chunk(first))?;
         }
@@ -695,7 +739,7 @@ mod tests {
     #[test]
     fn a_store_without_chunks_reads_nothing() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = Store::create(dir.path(), 1 << 20, Flusher::Off)?;
+        let store = Store::create_for_tests(dir.path(), 1 << 20, Flusher::Off)?;
         assert_eq!(store.chunk_at(0)?, None);
         assert_eq!(firsts(&store, 0)?, Vec::<u64>::new());
         store

@@ -1041,7 +1041,7 @@ mod tests {
         for lost in ["the file's tail", "bytes in place"] {
             let tmp = tempfile::tempdir()?;
             let dir = tmp.path().join("v");
-            let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
+            let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
             let groups: Vec<GroupWrite> = (0..3).map(|s| group_at(s, &[])).collect();
             for g in &groups {
                 g.batches[0].clone().apply(&store)?;
@@ -1077,7 +1077,7 @@ mod tests {
         // end), keeps its first, and replay must write the two again.
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("v");
-        let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
+        let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
         let g0 = group_at(0, &[]);
         let mut log = Batch::new(TreeId::Log);
         for (seq, bytes) in [(1u64, &b"first"[..]), (2, b"second"), (3, b"third")] {
@@ -1113,7 +1113,7 @@ mod tests {
         // (its crash came in between). Group 2 then sets the same key.
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("v");
-        let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
+        let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
         let g0 = group_at(0, &[("a", "0")]);
         let g1 = group_at(1, &[("k", "from 1"), ("x", "1")]);
         let g2 = group_at(2, &[("k", "from 2")]);
@@ -1134,7 +1134,7 @@ mod tests {
         // The last group of the segments held, its last step not: it is
         // finished at the end.
         let dir = tmp.path().join("w");
-        let store = Store::create(&dir, 8 << 20, crate::store::Flusher::Off)?;
+        let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
         let g0 = group_at(0, &[("y", "0")]);
         g0.batches[0].clone().apply(&store)?;
         let mut wal = Wal::new(&dir, SEGMENT_BYTES);

@@ -764,6 +764,49 @@ async fn a_missing_chunks_file_is_an_integrity_failure_and_drops_nothing() {
     assert!(verify(&dir, &opts).expect("verify runs").ok());
 }
 
+/// A sled database that lost everything (here, its file zeroed) beside
+/// a chunks file that holds the log: the open and verify name it, and no
+/// chunk is cut off as a crash's leftovers.
+#[tokio::test]
+async fn a_database_that_lost_its_metadata_is_an_integrity_failure_and_cuts_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let key = vault.public_key();
+    vault
+        .append(Append::record("alice", b"{\"n\":1}".to_vec()))
+        .await
+        .expect("append");
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+    let chunks = std::fs::read(dir.join("chunks")).expect("chunks");
+    assert!(!chunks.is_empty());
+    let db = dir.join("db").join("db");
+    let len = std::fs::metadata(&db).expect("db").len();
+    std::fs::write(&db, vec![0u8; len as usize]).expect("zero the database");
+    let lost =
+        |reason: &Reason| matches!(reason, Reason::Malformed(m) if m.contains("no vault metadata"));
+    match Vault::open(&dir, &unlock(), Options::default()) {
+        Err(Error::Integrity { seq: 0, reason }) if lost(&reason) => {}
+        other => panic!("the open gave {:?}", other.map(|_| "a vault")),
+    }
+    let opts = VerifyOptions {
+        public_key: Some(key),
+        ..Default::default()
+    };
+    let scratch = tempfile::tempdir().expect("scratch");
+    for report in [
+        verify(&dir, &opts).expect("verify runs"),
+        storage::verify_read_only(&dir, scratch.path(), &opts).expect("verify runs"),
+    ] {
+        match &report.failure {
+            Some((0, reason)) if lost(reason) => {}
+            other => panic!("verify reported {other:?}"),
+        }
+    }
+    assert_eq!(std::fs::read(dir.join("chunks")).expect("chunks"), chunks);
+}
+
 #[test]
 fn create_refuses_existing_vault_and_open_refuses_missing() {
     let tmp = tempfile::tempdir().expect("tempdir");
