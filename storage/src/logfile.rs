@@ -22,7 +22,9 @@
 //! Writes: `LogTree::apply` writes a batch of chunks at the end of the
 //! file with one `pwrite`, then their pointers into sled in one batch. A
 //! crash between the two leaves bytes past the last pointer, which the next
-//! open cuts off (`LogTree::open`). Neither write is synced here:
+//! open cuts off (`LogTree::open`), as long as a write-ahead segment can
+//! hold their group: bytes (or pointers) lost past what a checkpoint made
+//! durable are damage, refused with nothing cut or dropped. Neither write is synced here:
 //! durability rests on the write-ahead file until a checkpoint syncs this
 //! file and then sled (`Store::sync`).
 //!
@@ -269,6 +271,46 @@ fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
     Ok(crate::chunk::Chunk::decode(&bytes).map_or(true, |c| c.head.is_some()))
 }
 
+/// The seq that follows the chunk of first seq `key` at `offset`, from
+/// its header; `None` when the header does not say it (verify names the
+/// chunk).
+fn seq_after(file: &File, key: &[u8], offset: u64) -> Result<Option<u64>> {
+    let header = read_file_at(file, offset, 18)?;
+    let (Some(magic), Some(first), Some(count)) = (
+        header.get(..4),
+        header.get(6..14).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        header.get(14..18).and_then(|b| <[u8; 4]>::try_from(b).ok()),
+    ) else {
+        return Ok(None);
+    };
+    if magic != crate::chunk::CHUNK_MAGIC || first.as_slice() != key {
+        return Ok(None);
+    }
+    Ok(u64::from_be_bytes(first).checked_add(u32::from_be_bytes(count).into()))
+}
+
+/// Refuses to drop pointers, or cut bytes, from seq `seq` on when no
+/// write-ahead segment can hold that seq's group: the group was made
+/// durable by a checkpoint (or the write-ahead file was taken away), so
+/// the index or the chunks file lost what it held for good (a damaged
+/// database, a chunks file cut short or written past by something else),
+/// and the cut would lose it again with no trace.
+fn refuse_lost_checkpoint(dir: &Path, seq: u64, pointers: usize, bytes: u64) -> Result<()> {
+    match crate::wal::oldest_segment(dir)? {
+        Some(oldest) if oldest <= seq => Ok(()),
+        oldest => Err(Error::integrity(
+            seq,
+            Reason::Malformed(format!(
+                "the log's index and its chunks file disagree from seq {seq} on ({pointers} \
+                 pointers to bytes the file lacks, {bytes} bytes no pointer names), and no \
+                 write-ahead segment holds that seq (oldest: {}): what a checkpoint made \
+                 durable is damaged; nothing was dropped or cut",
+                oldest.map_or_else(|| "none".to_string(), |s| s.to_string())
+            )),
+        )),
+    }
+}
+
 /// Reads up to `len` bytes at `offset`, fewer where the file ends.
 fn read_file_at(file: &File, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
@@ -324,7 +366,7 @@ impl LogTree {
         if created {
             crate::store::sync_dir(dir)?;
         }
-        let end = Self::drop_dangling(&file, &index)?;
+        let end = Self::drop_dangling(dir, &file, &index)?;
         if file.metadata()?.len() > end {
             file.set_len(end)?;
         }
@@ -350,7 +392,7 @@ impl LogTree {
             refuse_missing(&path, &index)?;
         }
         let file = File::open(path)?;
-        let end = Self::drop_dangling(&file, &index)?;
+        let end = Self::drop_dangling(dir, &file, &index)?;
         let tail = OpenOptions::new()
             .read(true)
             .write(true)
@@ -381,10 +423,18 @@ impl LogTree {
     /// (its head in it), so that the log ends with a whole group. The
     /// replay writes the group again when the write-ahead file holds it;
     /// when it does not, the group was never acknowledged.
-    fn drop_dangling(file: &File, index: &sled::Tree) -> Result<u64> {
+    ///
+    /// Only a group the write-ahead file still holds (or one never
+    /// acknowledged, which follows those) can be dropped or cut off this
+    /// way: one that a checkpoint made durable has its pointers and bytes
+    /// in sled and the file for good, so losing either is damage
+    /// ([`refuse_lost_checkpoint`]), and nothing is dropped or cut.
+    fn drop_dangling(dir: &Path, file: &File, index: &sled::Tree) -> Result<u64> {
         let len = file.metadata()?.len();
         let mut dropped = Vec::new();
         let mut end = 0;
+        // The seq that follows the chunks kept, where they can tell it.
+        let mut next = Some(0);
         for kv in index.iter().rev() {
             let (k, p) = kv?;
             match decode_pointer(&p) {
@@ -398,6 +448,7 @@ impl LogTree {
                 }
                 Some((offset, n)) => {
                     end = offset + n;
+                    next = seq_after(file, &k, offset)?;
                     break;
                 }
                 // A last pointer that is not one: keep the file as it is,
@@ -407,6 +458,14 @@ impl LogTree {
                     break;
                 }
             }
+        }
+        let first_lost = match dropped.last() {
+            Some(k) => <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes),
+            None if len > end => next,
+            None => None,
+        };
+        if let Some(seq) = first_lost {
+            refuse_lost_checkpoint(dir, seq, dropped.len(), len - end)?;
         }
         if !dropped.is_empty() {
             // In one batch: sled recovers a prefix of its writes, and a
@@ -713,14 +772,18 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> Result<(sled::Db, LogTree)> {
+        let db = sled_db(dir)?;
+        let log = LogTree::open(dir, db.open_tree("log")?)?;
+        Ok((db, log))
+    }
+
+    fn sled_db(dir: &Path) -> Result<sled::Db> {
         // A sled dropped just before may still hold its file lock for a
         // moment (its flusher thread lets go of it last): wait for it.
         if let Ok(f) = std::fs::File::open(dir.join("db").join("db")) {
             f.lock()?;
         }
-        let db = sled::Config::new().path(dir.join("db")).open()?;
-        let log = LogTree::open(dir, db.open_tree("log")?)?;
-        Ok((db, log))
+        Ok(sled::Config::new().path(dir.join("db")).open()?)
     }
 
     #[test]
@@ -908,14 +971,39 @@ mod tests {
         let file = OpenOptions::new().write(true).open(dir.path().join(FILE))?;
         file.set_len(first_two + 5)?;
         drop(file);
+        let keys = |log: &LogTree| {
+            log.index
+                .iter()
+                .keys()
+                .map(|k| Ok(u64::from_be_bytes(k?.as_ref().try_into().expect("8 bytes"))))
+                .collect::<Result<Vec<u64>>>()
+        };
+        // With no write-ahead segment that can hold group 1, a checkpoint
+        // made it durable: the file lost it for good, and the open refuses
+        // rather than drop it again.
+        let wal = dir.path().join("wal");
+        std::fs::create_dir_all(&wal)?;
+        for name in [None, Some("0000000000000002.wal")] {
+            if let Some(name) = name {
+                std::fs::write(wal.join(name), b"")?;
+            }
+            let db = sled_db(dir.path())?;
+            match LogTree::open(dir.path(), db.open_tree("log")?) {
+                Err(Error::Integrity {
+                    seq: 1,
+                    reason: Reason::Malformed(m),
+                }) if m.contains("nothing was dropped or cut") => {}
+                other => panic!("the open gave {:?}", other.map(|_| "a log")),
+            }
+            assert_eq!(db.open_tree("log")?.len(), 4, "no pointer was dropped");
+            let len = std::fs::metadata(dir.path().join(FILE))?.len();
+            assert_eq!(len, first_two + 5, "no byte was cut");
+        }
+        // Group 1's segment is there: the group was written after the last
+        // checkpoint, and the replay writes it again.
+        std::fs::write(wal.join("0000000000000001.wal"), b"")?;
         let (_db, log) = open(dir.path())?;
-        let keys: Vec<u64> = log
-            .index
-            .iter()
-            .keys()
-            .map(|k| Ok(u64::from_be_bytes(k?.as_ref().try_into().expect("8 bytes"))))
-            .collect::<Result<_>>()?;
-        assert_eq!(keys, [0]);
+        assert_eq!(keys(&log)?, [0]);
         assert_eq!(*log.end()?, chunks[0].len() as u64);
         assert_eq!(log.layout_fault()?, None);
         Ok(())

@@ -385,6 +385,14 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// The first seq of the oldest segment in `dir`: every group from it on
+/// that a checkpoint has not made durable in sled and the chunks file is
+/// in a segment (segments are deleted in order, each once sled holds its
+/// groups). `None` when there is no segment: sled holds every group.
+pub(crate) fn oldest_segment(dir: &Path) -> Result<Option<u64>> {
+    Ok(segments(dir)?.first().map(|(seq, _)| *seq))
+}
+
 /// What `replay` did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Replayed {

@@ -1081,11 +1081,39 @@ fn the_chunks_file_cut_short_or_out_of_place_is_detected() {
             .expect("resize the chunks file");
         len
     };
-    // Cut inside the last chunk: the open drops its pointer, as after a
-    // power loss, and the applied marker names what is lost.
+    // An empty write-ahead segment named `seq`, as a vault has while the
+    // groups from `seq` on are not checkpointed yet.
+    let segment = |dir: &Path, seq: u64| {
+        let mut bytes = storage::wal::SEGMENT_MAGIC.to_vec();
+        bytes.extend_from_slice(&storage::wal::SEGMENT_VERSION.to_be_bytes());
+        bytes.resize(4096, 0);
+        std::fs::write(dir.join("wal").join(format!("{seq:016x}.wal")), bytes)
+            .expect("write a segment");
+    };
+    // The open drops a pointer or cuts bytes only for a group that the
+    // write-ahead file can still hold: in a vault closed cleanly (every
+    // group checkpointed) a shorter or longer chunks file is damage, named
+    // where it starts, and nothing is dropped or cut.
+    let damaged = |dir: &Path, seq: u64, len: u64| {
+        for (at, reason) in [fx.failure(dir), open_refusal(dir)] {
+            assert_eq!(at, seq);
+            assert!(
+                matches!(&reason, Reason::Malformed(m) if m.contains("nothing was dropped or cut")),
+                "{reason}"
+            );
+        }
+        let file = dir.join(storage::logfile::FILE);
+        assert_eq!(std::fs::metadata(file).expect("stat").len(), len);
+    };
+    // Cut inside the last chunk.
     let dir = fx.copy();
-    cut(&dir, &|len| len - 1);
+    let len = cut(&dir, &|len| len - 1);
+    damaged(&dir, LAST, len - 1);
+    // After a power loss, with the group's segment there, the open drops
+    // its pointer, and the applied marker names what is lost.
+    segment(&dir, LAST);
     assert_eq!(fx.failure(&dir), (LAST - 1, Reason::Truncated));
+    segment(&dir, LAST);
     assert_eq!(open_refusal(&dir), (LAST - 1, Reason::Truncated));
     // A pointer moved by one byte: the chunk no longer starts where the
     // one before it ends.
@@ -1102,10 +1130,13 @@ fn the_chunks_file_cut_short_or_out_of_place_is_detected() {
         assert_eq!(seq, BOB);
         assert!(matches!(reason, Reason::Malformed(_)), "{reason}");
     }
-    // Bytes past the last chunk (a write whose pointers a crash kept out
-    // of sled) are cut off at open, and the log verifies.
+    // Bytes past the last chunk: damage in a vault closed cleanly; with
+    // a segment that can hold the next group, a write whose pointers a
+    // crash kept out of sled, cut off at open, and the log verifies.
     let dir = fx.copy();
     let len = cut(&dir, &|len| len + 100);
+    damaged(&dir, LAST + 1, len + 100);
+    segment(&dir, LAST + 1);
     assert_eq!(verify_with(&dir, Some(fx.key)).failure, None);
     assert_eq!(
         std::fs::metadata(dir.join(storage::logfile::FILE))
