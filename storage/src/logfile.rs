@@ -271,22 +271,24 @@ fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
     Ok(crate::chunk::Chunk::decode(&bytes).map_or(true, |c| c.head.is_some()))
 }
 
-/// The seq that follows the chunk of first seq `key` at `offset`, from
-/// its header; `None` when the header does not say it (verify names the
-/// chunk).
-fn seq_after(file: &File, key: &[u8], offset: u64) -> Result<Option<u64>> {
-    let header = read_file_at(file, offset, 18)?;
-    let (Some(magic), Some(first), Some(count)) = (
-        header.get(..4),
-        header.get(6..14).and_then(|b| <[u8; 8]>::try_from(b).ok()),
-        header.get(14..18).and_then(|b| <[u8; 4]>::try_from(b).ok()),
-    ) else {
-        return Ok(None);
+/// The seq that follows the chunk of first seq `key` at `offset`, `n`
+/// bytes long: the seq after its entries when it decodes whole, as that
+/// seq (its CRC checked, exactly `n` bytes), and `key` itself when it does
+/// not, so that a pointer or chunk that is not what it claims never lets
+/// more be cut than its own group.
+fn seq_after(file: &File, key: &[u8], offset: u64, n: u64) -> Result<u64> {
+    // A key that is not a seq: as strict as can be.
+    let Ok(first) = <[u8; 8]>::try_from(key).map(u64::from_be_bytes) else {
+        return Ok(0);
     };
-    if magic != crate::chunk::CHUNK_MAGIC || first.as_slice() != key {
-        return Ok(None);
+    if n > MAX_CHUNK_BYTES {
+        return Ok(first);
     }
-    Ok(u64::from_be_bytes(first).checked_add(u32::from_be_bytes(count).into()))
+    let bytes = read_file_at(file, offset, n)?;
+    Ok(match crate::chunk::Chunk::decode(&bytes) {
+        Ok(c) if c.first_seq == first => first.saturating_add(c.entries.len() as u64),
+        _ => first,
+    })
 }
 
 /// Refuses to drop pointers, or cut bytes, from seq `seq` on when no
@@ -433,8 +435,8 @@ impl LogTree {
         let len = file.metadata()?.len();
         let mut dropped = Vec::new();
         let mut end = 0;
-        // The seq that follows the chunks kept, where they can tell it.
-        let mut next = Some(0);
+        // The first seq that cutting the bytes past the chunks kept loses.
+        let mut next = 0;
         for kv in index.iter().rev() {
             let (k, p) = kv?;
             match decode_pointer(&p) {
@@ -448,7 +450,7 @@ impl LogTree {
                 }
                 Some((offset, n)) => {
                     end = offset + n;
-                    next = seq_after(file, &k, offset)?;
+                    next = seq_after(file, &k, offset, n)?;
                     break;
                 }
                 // A last pointer that is not one: keep the file as it is,
@@ -461,7 +463,7 @@ impl LogTree {
         }
         let first_lost = match dropped.last() {
             Some(k) => <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes),
-            None if len > end => next,
+            None if len > end => Some(next),
             None => None,
         };
         if let Some(seq) = first_lost {
@@ -777,6 +779,15 @@ mod tests {
         Ok((db, log))
     }
 
+    /// A write-ahead segment named `seq` in `dir` (its name is all that
+    /// the open of a log reads).
+    fn segment(dir: &Path, seq: u64) -> Result<()> {
+        let wal = dir.join("wal");
+        std::fs::create_dir_all(&wal)?;
+        std::fs::write(wal.join(format!("{seq:016x}.wal")), b"")?;
+        Ok(())
+    }
+
     fn sled_db(dir: &Path) -> Result<sled::Db> {
         // A sled dropped just before may still hold its file lock for a
         // moment (its flusher thread lets go of it last): wait for it.
@@ -864,9 +875,11 @@ mod tests {
         {
             let (_db, log) = open(dir.path())?;
             log.apply(&[(0u64.to_be_bytes(), &b"abc"[..])])?;
-            // A batch whose pointers a crash kept out of sled.
+            // A batch whose pointers a crash kept out of sled, and whose
+            // group the write-ahead file still holds.
             log.file.write_all_at(b"zz", 3)?;
             assert!(log.layout_fault()?.is_some());
+            segment(dir.path(), 0)?;
         }
         let (_db, log) = open(dir.path())?;
         assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abc");
@@ -886,6 +899,7 @@ mod tests {
                 (3u64.to_be_bytes(), &b"def"[..]),
             ])?;
             log.file.write_all_at(b"zz", 6)?;
+            segment(dir.path(), 3)?;
         }
         let scratch = tempfile::tempdir()?;
         let db = sled::Config::new().temporary(true).open()?;
@@ -981,11 +995,9 @@ mod tests {
         // With no write-ahead segment that can hold group 1, a checkpoint
         // made it durable: the file lost it for good, and the open refuses
         // rather than drop it again.
-        let wal = dir.path().join("wal");
-        std::fs::create_dir_all(&wal)?;
-        for name in [None, Some("0000000000000002.wal")] {
-            if let Some(name) = name {
-                std::fs::write(wal.join(name), b"")?;
+        for later in [None, Some(2)] {
+            if let Some(seq) = later {
+                segment(dir.path(), seq)?;
             }
             let db = sled_db(dir.path())?;
             match LogTree::open(dir.path(), db.open_tree("log")?) {
@@ -1001,7 +1013,7 @@ mod tests {
         }
         // Group 1's segment is there: the group was written after the last
         // checkpoint, and the replay writes it again.
-        std::fs::write(wal.join("0000000000000001.wal"), b"")?;
+        segment(dir.path(), 1)?;
         let (_db, log) = open(dir.path())?;
         assert_eq!(keys(&log)?, [0]);
         assert_eq!(*log.end()?, chunks[0].len() as u64);

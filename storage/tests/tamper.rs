@@ -1130,6 +1130,27 @@ fn the_chunks_file_cut_short_or_out_of_place_is_detected() {
         assert_eq!(seq, BOB);
         assert!(matches!(reason, Reason::Malformed(_)), "{reason}");
     }
+    // The last pointer's offset or length lowered: what lies past it is
+    // no crash's leftover, and not cut off.
+    for (offset_less, len_less) in [(1u64, 0u64), (4096, 0), (0, 1)] {
+        let dir = fx.tampered(|raw| {
+            let p = stored_pointer(raw, LAST);
+            let (offset, n) = storage::logfile::decode_pointer(&p).expect("a pointer");
+            let lowered = [
+                &(offset - offset_less).to_be_bytes()[..],
+                &((n - len_less) as u32).to_be_bytes()[..],
+            ]
+            .concat();
+            raw.log
+                .index
+                .insert(log_key(LAST), lowered)
+                .expect("write a pointer");
+        });
+        let len = std::fs::metadata(dir.join(storage::logfile::FILE))
+            .expect("stat the chunks file")
+            .len();
+        damaged(&dir, LAST, len);
+    }
     // Bytes past the last chunk: damage in a vault closed cleanly; with
     // a segment that can hold the next group, a write whose pointers a
     // crash kept out of sled, cut off at open, and the log verifies.
