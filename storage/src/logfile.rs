@@ -562,6 +562,15 @@ impl LogTree {
                 "a log pointer's length differs from the write-ahead record's chunk",
             ));
         }
+        // A whole chunk (its CRC holds) that is not the record's is no
+        // write a crash cut short: the record is of another vault or
+        // another time, and the chunk is kept.
+        let held = self.read(&p)?;
+        if held.as_ref() != bytes && crate::chunk::Chunk::decode(&held).is_ok() {
+            return Err(Error::Malformed(
+                "a write-ahead record's chunk differs from the whole chunk the log holds at its seq",
+            ));
+        }
         // Written again even when the file seems to hold them: after a
         // failed writeback, Linux keeps the pages in its cache marked
         // clean, so what reads back may be what the disk never got. The
@@ -571,10 +580,15 @@ impl LogTree {
         if self.overlay.is_none() {
             self.write_at(bytes, offset)?;
             self.index.insert(key, p)?;
-        } else if self.read(&p)?.as_ref() != bytes {
+        } else if held.as_ref() != bytes {
             self.write_at(bytes, offset)?;
         }
         Ok(())
+    }
+
+    /// Whether the log names a chunk after the one of first seq `key`.
+    pub(crate) fn holds_after(&self, key: &[u8]) -> Result<bool> {
+        Ok(self.index.get_gt(key)?.is_some())
     }
 
     /// The bytes a pointer names, as far as the file holds them. A length
@@ -1018,6 +1032,31 @@ mod tests {
         assert_eq!(keys(&log)?, [0]);
         assert_eq!(*log.end()?, chunks[0].len() as u64);
         assert_eq!(log.layout_fault()?, None);
+        Ok(())
+    }
+
+    /// A record's chunk that differs from a whole chunk the log holds at
+    /// its seq (a segment of another vault, or of another time) is
+    /// refused, and the held chunk stays; the same chunk, or one the file
+    /// lost, is written again.
+    #[test]
+    fn repair_keeps_a_whole_chunk_that_differs_from_the_record() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, log) = open(dir.path())?;
+        let ours = crate::chunk::encode_chunk(0, &[b"ours"], None);
+        let theirs = crate::chunk::encode_chunk(0, &[b"mine"], None);
+        assert_eq!(ours.len(), theirs.len());
+        log.apply(&[(0u64.to_be_bytes(), &ours[..])])?;
+        match log.repair(&0u64.to_be_bytes(), &theirs) {
+            Err(Error::Malformed(m)) if m.contains("differs from the whole chunk") => {}
+            other => panic!("the repair gave {other:?}"),
+        }
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, ours);
+        log.repair(&0u64.to_be_bytes(), &ours)?;
+        // Torn in the file: written again from the record.
+        log.file.write_all_at(&[0; 8], 4)?;
+        log.repair(&0u64.to_be_bytes(), &ours)?;
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, ours);
         Ok(())
     }
 

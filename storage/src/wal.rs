@@ -492,7 +492,26 @@ fn damaged((first_seq, path): &(u64, PathBuf)) -> impl Fn(Error) -> Error + '_ {
 /// later group's batches, as the writer applied them: a later signing
 /// rotation deletes a key that a master rotation's swap would otherwise
 /// bring back afterwards from its staged copy.
+///
+/// Only while no later group's chunk is in the log: the writer applies a
+/// group's batches before any later group's, so sled holding a later
+/// chunk holds all of this group's batches too, and applying them again
+/// could only undo what later groups changed: a segment of an earlier
+/// time (a restore that mixed in an old `wal` dir) would put back the
+/// sealed master key of a rotation since superseded, and lose the keys
+/// wrapped under the current one.
 fn finish_held(store: &Store, g: GroupWrite) -> Result<()> {
+    let mut last_chunk: Option<&[u8]> = None;
+    for b in g.batches.iter().filter(|b| b.tree == TreeId::Log) {
+        for (k, _) in b.chunks()? {
+            last_chunk = last_chunk.max(Some(k));
+        }
+    }
+    if let Some(k) = last_chunk {
+        if store.log.holds_after(k)? {
+            return Ok(());
+        }
+    }
     let after_log = g
         .batches
         .into_iter()

@@ -963,6 +963,46 @@ async fn master_rotation_rewraps_every_key_and_only_the_new_secret_opens() {
     verify_ok(&dir, key);
 }
 
+/// A write-ahead segment of an earlier time put back in the data dir (a
+/// restore that mixed in an old `wal` dir) holds a master rotation that a
+/// later one superseded: the replay does not apply its key swap again
+/// over the current keys, and the current secret still opens the vault.
+#[tokio::test]
+async fn an_old_write_ahead_segment_does_not_bring_back_a_superseded_master() {
+    let tmp = scratch_dir();
+    let dir = tmp.path().join("v");
+    let key = three_subjects(&dir).await;
+    let vault = reopen(&dir);
+    vault
+        .rotate_master_key(&new_unlock())
+        .await
+        .expect("rotate");
+    let old: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(dir.join("wal"))
+        .expect("the wal dir")
+        .map(|e| {
+            let path = e.expect("an entry").path();
+            let bytes = std::fs::read(&path).expect("a segment");
+            (path, bytes)
+        })
+        .collect();
+    assert!(!old.is_empty(), "the rotation's segment");
+    let kf = || Unlock::key_file(&[9u8; 32]).expect("key file");
+    vault.rotate_master_key(&kf()).await.expect("rotate again");
+    vault
+        .append(Append::record("bob", b"{\"n\":5}".to_vec()))
+        .await
+        .expect("append");
+    vault.close().expect("close");
+    for (path, bytes) in &old {
+        std::fs::write(path, bytes).expect("put the old segment back");
+    }
+    let vault = open_with(&dir, &kf()).expect("the current secret opens");
+    assert_eq!(latest(&vault, "bob"), b"{\"n\":5}");
+    assert_eq!(latest(&vault, "alice"), b"{\"n\":1}");
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_rotation_under_concurrent_appends() {
     let tmp = scratch_dir();
