@@ -112,6 +112,23 @@ pub(crate) struct Store {
     read_only: Option<File>,
 }
 
+/// Warns when every local user may read or enter `dir`: its log names
+/// subjects, partners and consents in the clear (`Store::create` makes it
+/// 0700).
+fn warn_if_shared(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(dir) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:o}"),
+                "every local user may read the data dir: chmod 700 it"
+            );
+        }
+    }
+}
+
 /// Refuses a sled database without the vault's metadata beside a chunks
 /// file that holds a log. A vault's metadata is durable before its first
 /// chunk is written (`Vault::create`), so this is a database sled could
@@ -291,6 +308,12 @@ impl Store {
         // vault itself can still be made.
         let made: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
         std::fs::create_dir_all(dir)?;
+        // The log names subjects, partners and consents in the clear: the
+        // dir is its owner's alone, whoever made it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         for d in made {
             let parent = match d.parent() {
                 Some(p) if p.as_os_str().is_empty() => Path::new("."),
@@ -335,6 +358,7 @@ impl Store {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
         }
+        warn_if_shared(dir);
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         crate::wal::replay(&store)?;
         Ok(store)

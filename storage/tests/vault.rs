@@ -809,9 +809,19 @@ async fn a_database_that_lost_its_metadata_is_an_integrity_failure_and_cuts_noth
 
 #[test]
 fn create_refuses_existing_vault_and_open_refuses_missing() {
+    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("v");
     drop(new_vault(&dir));
+    // The data dir is its owner's alone, made by the vault or not.
+    let mode =
+        |d: &std::path::Path| std::fs::metadata(d).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let given = tmp.path().join("given");
+    std::fs::create_dir(&given).expect("mkdir");
+    std::fs::set_permissions(&given, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    drop(new_vault(&given));
+    assert_eq!(mode(&given), 0o700);
     assert!(matches!(
         Vault::create(&dir, &unlock(), Options::default()),
         Err(Error::AlreadyExists(_))
