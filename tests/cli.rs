@@ -342,6 +342,13 @@ fn verify_keeps_the_newest_head_and_names_a_rollback() {
         first.stderr.contains(&format!("kept head: seq {seq} in ")),
         "{first:?}"
     );
+    // A run with no head to check against says so.
+    assert!(
+        first
+            .stderr
+            .contains("holds no head yet: no rollback is checked"),
+        "{first:?}"
+    );
     let first_head = read_kept();
     assert!(
         first_head.ends_with('\n') && is_hex(first_head.trim_end(), 314),
@@ -362,6 +369,7 @@ fn verify_keeps_the_newest_head_and_names_a_rollback() {
     wait_unlocked(&dir);
     let grown = verify(&dir);
     assert_eq!(grown.code, 0, "{grown:?}");
+    assert!(!grown.stderr.contains("warning"), "{grown:?}");
     assert_eq!(
         grown.json()["kept_head_seq"],
         first.json()["head_seq"],

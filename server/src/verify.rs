@@ -262,26 +262,38 @@ pub fn read_head_file(path: &Path) -> Result<Option<SignedHead>, String> {
         .map_err(|e| format!("{} does not hold a signed head: {e}", path.display()))
 }
 
-/// Replaces the head file at `path` with `head`: written beside it,
-/// synced, renamed over it, and the directory synced, so that a crash
-/// leaves the old head or the new one.
-pub fn write_head_file(path: &Path, head: &SignedHead) -> std::io::Result<()> {
+/// Keeps `head` in the head file at `path`, and returns the head the file
+/// holds after: `head`, or a later one that another run kept meanwhile (a
+/// cron run that overlapped this one), which is never replaced by an
+/// earlier one. Under an exclusive lock on the file's directory, written
+/// to a temporary file of a random name beside it, synced, renamed over
+/// it, and the directory synced, so that a crash leaves the old head or
+/// the new one.
+pub fn write_head_file(path: &Path, head: &SignedHead) -> std::io::Result<SignedHead> {
     use std::io::Write;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("the head file needs a file name"))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(format!("{}\n", hex::encode(head.encode())).as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    if path.file_name().is_none() {
+        return Err(std::io::Error::other("the head file needs a file name"));
+    }
+    // Released when dropped, after the rename.
+    let lock = std::fs::File::open(dir)?;
+    lock.lock()?;
+    if let Ok(Some(kept)) = read_head_file(path) {
+        if kept.last_seq > head.last_seq {
+            return Ok(kept);
+        }
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".vault-verify-head-")
+        .tempfile_in(dir)?;
+    tmp.write_all(format!("{}\n", hex::encode(head.encode())).as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    lock.sync_all()?;
+    Ok(*head)
 }
 
 /// A one-line human summary of an export file's check.
@@ -406,10 +418,38 @@ mod tests {
         assert_eq!(text, format!("{hex_line}\n"));
         assert_eq!(text.len(), 315);
         assert_eq!(read_head_file(&path), Ok(Some(head)));
-        assert!(!dir.path().join("kept-head.tmp").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["kept-head"], "no temporary file is left");
         for bad in ["", "zz\n", &hex_line[..100]] {
             std::fs::write(&path, bad).expect("write");
             assert!(read_head_file(&path).is_err(), "{bad:?}");
         }
+    }
+
+    /// Two runs that overlap: the one that verified the longer log kept
+    /// its head first, and the other's earlier head does not replace it.
+    #[test]
+    fn an_earlier_head_never_replaces_a_later_one() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let head = |last_seq| SignedHead::sign(&key, 0, last_seq, last_seq, [1; 32], [2; 32], 3);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kept-head");
+        assert_eq!(
+            write_head_file(&path, &head(150)).expect("write"),
+            head(150)
+        );
+        assert_eq!(
+            write_head_file(&path, &head(100)).expect("write"),
+            head(150)
+        );
+        assert_eq!(read_head_file(&path), Ok(Some(head(150))));
+        assert_eq!(
+            write_head_file(&path, &head(151)).expect("write"),
+            head(151)
+        );
+        assert_eq!(read_head_file(&path), Ok(Some(head(151))));
     }
 }

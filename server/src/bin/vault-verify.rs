@@ -138,6 +138,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR as u8);
         }
     };
+    if let (Some(path), None) = (&cli.head_file, kept_head) {
+        // A first run, or a file lost (a wrong path, a temp dir emptied):
+        // either way this run has nothing to check a rollback against.
+        eprintln!(
+            "warning: {} holds no head yet: no rollback is checked this run; the head verified now is kept there",
+            path.display()
+        );
+    }
     let public_key = match cli.public_key.as_deref().map(parse_key).transpose() {
         Ok(k) => k,
         Err(msg) => {
@@ -340,11 +348,13 @@ fn finish(
     head_file: Option<&std::path::Path>,
 ) -> ExitCode {
     if let (true, Some(path), Some(head)) = (report.ok(), head_file, &report.signed_head) {
-        if let Err(e) = write_head_file(path, head) {
-            eprintln!("error: cannot keep the head in {}: {e}", path.display());
-            return ExitCode::from(EXIT_ERROR as u8);
+        match write_head_file(path, head) {
+            Ok(kept) => eprintln!("kept head: seq {} in {}", kept.last_seq, path.display()),
+            Err(e) => {
+                eprintln!("error: cannot keep the head in {}: {e}", path.display());
+                return ExitCode::from(EXIT_ERROR as u8);
+            }
         }
-        eprintln!("kept head: seq {} in {}", head.last_seq, path.display());
     }
     for note in server::verify::notes(report) {
         eprintln!("{note}");
