@@ -388,7 +388,10 @@ pub fn walkthrough(o: &DevOutput) -> String {
     )
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to a new file at `path`, readable by its owner alone
+/// from the start (0600), synced; an existing file (or symlink) there is
+/// an error, never followed or overwritten.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);

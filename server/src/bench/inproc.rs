@@ -209,9 +209,23 @@ fn make_pki(dir: &Path) -> Result<(TlsFiles, PathBuf)> {
         })?;
         Ok(p)
     };
+    // The private key, its owner's alone; one a run before left is
+    // replaced, not written through.
+    let key_file = dir.join("server.key");
+    match std::fs::remove_file(&key_file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(Error::File {
+                path: key_file.display().to_string(),
+                error: source,
+            })
+        }
+    }
+    crate::dev::write_private(&key_file, key.serialize_pem().as_bytes())?;
     let files = TlsFiles {
         cert: write("server.pem", cert.pem())?,
-        key: write("server.key", key.serialize_pem())?,
+        key: key_file,
         client_ca: None,
     };
     let ca = write("ca.pem", ca.pem())?;
