@@ -723,6 +723,33 @@ fn dev_creates_serves_and_reopens_its_vault() {
     assert!(verified_entries(&dir, &key) > entries);
 }
 
+/// What a `vaultd dev` cut short left is taken up again: a passphrase
+/// written before its vault was made, and a dev CA file left empty.
+#[test]
+fn dev_takes_up_what_an_interrupted_run_left() {
+    let s = Scratch::new();
+    let dir = s.path("dev");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("dev-passphrase"), "an interrupted run's\n").expect("write");
+    let first = vaultd_dev(&dir);
+    let key = str_field(&first, "public_key").to_string();
+    assert!(verified_entries(&dir, &key) > 5);
+
+    let tls = |dir: &Path| {
+        let dev = support::DevServer::start_with(dir, &["--tls"]);
+        let ca = std::fs::read_to_string(dir.join("dev-ca.pem")).expect("the dev CA");
+        assert!(dev.stop().success());
+        wait_unlocked(dir);
+        ca
+    };
+    let ca = tls(&dir);
+    assert_eq!(tls(&dir), ca, "kept while it loads");
+    std::fs::write(dir.join("dev-ca.pem"), "").expect("empty the CA file");
+    let again = tls(&dir);
+    assert!(again.contains("-----END CERTIFICATE-----"), "{again}");
+    assert_ne!(again, ca, "made again");
+}
+
 /// Starts `vaultd serve` in plaintext on ports the OS chooses (killed
 /// with SIGKILL when dropped).
 fn serve(s: &Scratch, name: &str) -> support::Vaultd {

@@ -140,9 +140,15 @@ pub async fn run(
             path: data_dir.display().to_string(),
             error: source,
         })?;
-        let pass = storage::generate_api_key();
-        write_private(&passphrase_file, pass.as_bytes())?;
-        let unlock = Unlock::passphrase(pass.as_bytes().to_vec());
+        // A passphrase a run cut short before its vault was made (a full
+        // disk, a crash) is taken up again, not refused as existing.
+        let unlock = if passphrase_file.exists() {
+            crate::secrets::unlock_from(Some(&passphrase_file), None)?
+        } else {
+            let pass = storage::generate_api_key();
+            write_private(&passphrase_file, pass.as_bytes())?;
+            Unlock::passphrase(pass.as_bytes().to_vec())
+        };
         let created = storage::Vault::create(&data_dir, &unlock, Options::default())?;
         (created.vault, created.admin_api_key.to_string())
     } else {
@@ -265,7 +271,13 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
         key: data_dir.join("dev-key.pem"),
         client_ca: None,
     };
-    if !(ca_file.exists() && files.cert.exists() && files.key.exists()) {
+    // Made again unless an earlier run's files are all there and load: a
+    // run cut short while writing them leaves one empty or torn.
+    let reusable = ca_file.exists()
+        && crate::tls::ServerTls::open(&files).is_ok()
+        && std::fs::read_to_string(&ca_file)
+            .is_ok_and(|pem| pem.contains("-----END CERTIFICATE-----"));
+    if !reusable {
         let tls_err = |e: rcgen::Error| Error::Usage(format!("making the dev certificate: {e}"));
         let mut params =
             CertificateParams::new(vec!["fintrust-vault dev CA".to_string()]).map_err(tls_err)?;
@@ -280,7 +292,16 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
         leaf.distinguished_name = named("localhost");
         let cert = leaf.signed_by(&key, &ca).map_err(tls_err)?;
         for f in [&ca_file, &files.cert, &files.key] {
-            let _ = std::fs::remove_file(f);
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::File {
+                        path: f.display().to_string(),
+                        error: source,
+                    })
+                }
+            }
         }
         write_private(&files.key, key.serialize_pem().as_bytes())?;
         write_private(&files.cert, cert.pem().as_bytes())?;
