@@ -1233,24 +1233,33 @@ impl Report {
 /// those the open meets (a damaged write-ahead segment) included.
 pub fn verify(dir: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
     match Store::open_existing_with(dir, VERIFY_CACHE_BYTES, Flusher::Off) {
-        Ok(store) => verify_opened(&store, opts),
+        Ok(store) => verify_opened(&store, opts).or_else(|e| failed_open(e, opts)),
         Err(e) => failed_open(e, opts),
     }
 }
 
-/// The report of an open that met an integrity failure before any entry
-/// could be checked (`used_stored_key` as the scan would have had it, so
-/// that the warning of an unpinned key is not lost); other errors stay
-/// errors.
+/// The report of an open or a scan that met an integrity failure, or
+/// that sled found its own file corrupt, before the report was whole
+/// (`used_stored_key` as the scan would have had it, so that the warning
+/// of an unpinned key is not lost); other errors stay errors: the check
+/// could not run.
 fn failed_open(e: Error, opts: &VerifyOptions<'_>) -> Result<Report> {
-    match e {
-        Error::Integrity { seq, reason } => Ok(Report {
-            failure: Some((seq, reason)),
-            used_stored_key: opts.public_key.is_none(),
-            ..Report::default()
-        }),
-        other => Err(other),
-    }
+    let failure = match e {
+        Error::Integrity { seq, reason } => (seq, reason),
+        Error::Sled(sled::Error::Corruption { at, .. }) => (
+            0,
+            Reason::Malformed(format!(
+                "sled finds its database file corrupt{}",
+                at.map(|p| format!(" at {p:?}")).unwrap_or_default()
+            )),
+        ),
+        other => return Err(other),
+    };
+    Ok(Report {
+        failure: Some(failure),
+        used_stored_key: opts.public_key.is_none(),
+        ..Report::default()
+    })
 }
 
 /// [`verify`] without writing to `dir`, for a data dir on read-only
@@ -1264,7 +1273,7 @@ fn failed_open(e: Error, opts: &VerifyOptions<'_>) -> Result<Report> {
 /// where the open's writes go differs (`docs/storage.md`, section 8).
 pub fn verify_read_only(dir: &Path, scratch: &Path, opts: &VerifyOptions<'_>) -> Result<Report> {
     match Store::open_read_only(dir, scratch, VERIFY_CACHE_BYTES) {
-        Ok(store) => verify_opened(&store, opts),
+        Ok(store) => verify_opened(&store, opts).or_else(|e| failed_open(e, opts)),
         Err(e) => failed_open(e, opts),
     }
 }
@@ -2029,6 +2038,22 @@ mod tests {
     use ed25519_dalek::SigningKey;
 
     use super::*;
+
+    /// sled's own finding of a corrupt file is an integrity failure of
+    /// the data dir (`vault-verify` exit 1), not a check that could not
+    /// run; an I/O error stays one.
+    #[test]
+    fn a_corrupt_sled_file_is_an_integrity_failure() {
+        let opts = VerifyOptions::default();
+        let corrupt = Error::Sled(sled::Error::Corruption { at: None, bt: () });
+        let report = failed_open(corrupt, &opts).expect("a report");
+        match report.failure {
+            Some((0, Reason::Malformed(m))) if m.contains("database file corrupt") => {}
+            other => panic!("{other:?}"),
+        }
+        let io = Error::Io(std::io::Error::other("a disk"));
+        assert!(matches!(failed_open(io, &opts), Err(Error::Io(_))));
+    }
 
     /// A small log built by hand, group by group, through a `ChainCheck`.
     struct Log {
