@@ -545,6 +545,18 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
         assert_eq!(verify(str_field(&a, "public_key"), format), 2, "{format}");
         assert_eq!(verify(str_field(&b, "public_key"), format), 1, "{format}");
     }
+    // stderr closed too (`2>&1 | head -0`): the diagnostics are lost, the
+    // exit code is not.
+    for (key, code) in [(&a, 2), (&b, 1)] {
+        let args = [
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--public-key"),
+            OsStr::new(str_field(key, "public_key")),
+        ];
+        let got = support::exit_code_into_closed_pipes("fintrust-server", "vault-verify", args);
+        assert_eq!(got, code);
+    }
 
     let pass = s.path("passphrase");
     let c = s.path("c");

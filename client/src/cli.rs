@@ -11,6 +11,7 @@
 //! This is the edge of a binary: it reads the API key file it is given.
 //! Libraries take a [`ClientConfig`] and never read flags or files.
 
+use crate::eprintln_or_lose as eprintln;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,17 @@ impl Format {
             Format::Text => print_line(text),
         }
     }
+}
+
+/// `eprintln!` that loses its line, rather than panic, when stderr is
+/// closed (`tool … 2>&1 | head -1`): the tools import it under that name,
+/// so that a diagnostic never takes the place of their exit code.
+#[macro_export]
+macro_rules! eprintln_or_lose {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr(), $($arg)*);
+    }};
 }
 
 /// `line` and a newline on stdout, flushed: an error (exit 1 from a tool)

@@ -492,6 +492,26 @@ where
     }
 }
 
+/// The exit code of [`run_bin`] with stdout and stderr both a pipe whose
+/// reading end is already closed (`bin … 2>&1 | head -0`).
+#[allow(dead_code)]
+pub fn exit_code_into_closed_pipes<I, S>(package: &str, bin: &str, args: I) -> i32
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let stderr = writer.try_clone().expect("clone the pipe");
+    tool(package, bin, args, &[])
+        .stdout(writer)
+        .stderr(stderr)
+        .status()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"))
+        .code()
+        .unwrap_or_else(|| panic!("{bin} was killed by a signal"))
+}
+
 /// The command of binary `bin` of `package` with `args` and `env`, and
 /// no other `FINTRUST_*` variable of the test's environment.
 fn tool<I, S>(package: &str, bin: &str, args: I, env: &[(&str, &str)]) -> Command

@@ -7,6 +7,7 @@
 //! success, 1 local error (arguments, files, connection, TLS, a receipt
 //! that does not verify), 2 refused by the server (`error: <code>: <message>`).
 
+use client::eprintln_or_lose as eprintln;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;

@@ -42,6 +42,7 @@
 //! `subject_shredded`, `not_found`, `forbidden` for a key whose role may
 //! not do this).
 
+use client::eprintln_or_lose as eprintln;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -9,6 +9,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use client::eprintln_or_lose as eprintln;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
