@@ -462,7 +462,8 @@ impl LogTree {
             }
         }
         let first_lost = match dropped.last() {
-            Some(k) => <[u8; 8]>::try_from(k.as_ref()).ok().map(u64::from_be_bytes),
+            // A key that is not a seq: as strict as can be.
+            Some(k) => Some(<[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes)),
             None if len > end => Some(next),
             None => None,
         };
@@ -560,6 +561,17 @@ impl LogTree {
         if len != bytes.len() as u64 {
             return Err(Error::Malformed(
                 "a log pointer's length differs from the write-ahead record's chunk",
+            ));
+        }
+        // Chunks lie back to back: a pointer that says otherwise is
+        // damaged, and writing there would overwrite the chunk before it.
+        let before = match self.index.get_lt(key)? {
+            Some((_, q)) => decode_pointer(&q).map(|(o, n)| o.saturating_add(n)),
+            None => Some(0),
+        };
+        if before != Some(offset) {
+            return Err(Error::Malformed(
+                "a log pointer's offset is not where the chunk before it ends",
             ));
         }
         // A whole chunk (its CRC holds) that is not the record's is no
@@ -1057,6 +1069,22 @@ mod tests {
         log.file.write_all_at(&[0; 8], 4)?;
         log.repair(&0u64.to_be_bytes(), &ours)?;
         assert_eq!(std::fs::read(dir.path().join(FILE))?, ours);
+        Ok(())
+    }
+
+    /// A pointer whose offset is not where the chunk before it ends is
+    /// damaged: a repair through it would overwrite that chunk.
+    #[test]
+    fn repair_refuses_a_pointer_out_of_place() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (_db, log) = abc_def(dir.path())?;
+        log.index
+            .insert(3u64.to_be_bytes(), &encode_pointer(2, 3)[..])?;
+        match log.repair(&3u64.to_be_bytes(), b"DEF") {
+            Err(Error::Malformed(m)) if m.contains("not where the chunk before it ends") => {}
+            other => panic!("the repair gave {other:?}"),
+        }
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdef");
         Ok(())
     }
 

@@ -309,10 +309,13 @@ impl Store {
         let made: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
         std::fs::create_dir_all(dir)?;
         // The log names subjects, partners and consents in the clear: the
-        // dir is its owner's alone, whoever made it.
+        // dir is its owner's alone, whoever made it. A dir given by another
+        // user (root's, say, with group write) cannot be changed: a warning.
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data dir 0700");
+            }
         }
         for d in made {
             let parent = match d.parent() {
