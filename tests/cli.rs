@@ -736,11 +736,19 @@ fn dev_creates_serves_and_reopens_its_vault() {
 }
 
 /// What a `vaultd dev` cut short left is taken up again: a passphrase
-/// written before its vault was made, and a dev CA file left empty.
+/// written before its vault was made (made again if empty), and a dev CA
+/// file left empty.
 #[test]
 fn dev_takes_up_what_an_interrupted_run_left() {
     let s = Scratch::new();
     let dir = s.path("dev");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    // Left empty (a full disk): made again.
+    std::fs::write(dir.join("dev-passphrase"), "").expect("write");
+    let first = vaultd_dev(&dir);
+    assert!(verified_entries(&dir, str_field(&first, "public_key")) > 5);
+    // Left whole: taken up.
+    let dir = s.path("dev2");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("dev-passphrase"), "an interrupted run's\n").expect("write");
     let first = vaultd_dev(&dir);

@@ -159,7 +159,7 @@ pub async fn run(
     }
     let Some(vault) = live.take() else {
         tracing::warn!("stopped while the vault was being opened again");
-        return Ok(());
+        return announced;
     };
     if let Some(id) = gateway_id {
         if let Err(e) = vault.revoke_credential(&id).await {

@@ -141,8 +141,16 @@ pub async fn run(
             error: source,
         })?;
         // A passphrase a run cut short before its vault was made (a full
-        // disk, a crash) is taken up again, not refused as existing.
-        let unlock = if passphrase_file.exists() {
+        // disk, a crash) is taken up again, not refused as existing; one
+        // it left empty is made again (no vault uses it).
+        let left = std::fs::metadata(&passphrase_file).map_or(0, |m| m.len());
+        if left == 0 && passphrase_file.exists() {
+            std::fs::remove_file(&passphrase_file).map_err(|source| Error::File {
+                path: passphrase_file.display().to_string(),
+                error: source,
+            })?;
+        }
+        let unlock = if left > 0 {
             crate::secrets::unlock_from(Some(&passphrase_file), None)?
         } else {
             let pass = storage::generate_api_key();

@@ -290,6 +290,13 @@ pub fn write_head_file(path: &Path, head: &SignedHead) -> std::io::Result<Signed
         .prefix(".vault-verify-head-")
         .tempfile_in(dir)?;
     tmp.write_all(format!("{}\n", hex::encode(head.encode())).as_bytes())?;
+    // A signed head is public: readable as a file written the usual way
+    // (a temporary file is made 0600).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     lock.sync_all()?;
