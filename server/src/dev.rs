@@ -144,11 +144,8 @@ pub async fn run(
         // disk, a crash) is taken up again, not refused as existing; one
         // it left empty is made again (no vault uses it).
         let left = std::fs::metadata(&passphrase_file).map_or(0, |m| m.len());
-        if left == 0 && passphrase_file.exists() {
-            std::fs::remove_file(&passphrase_file).map_err(|source| Error::File {
-                path: passphrase_file.display().to_string(),
-                error: source,
-            })?;
+        if left == 0 {
+            remove_if_present(&passphrase_file)?;
         }
         let unlock = if left > 0 {
             crate::secrets::unlock_from(Some(&passphrase_file), None)?
@@ -300,16 +297,7 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
         leaf.distinguished_name = named("localhost");
         let cert = leaf.signed_by(&key, &ca).map_err(tls_err)?;
         for f in [&ca_file, &files.cert, &files.key] {
-            match std::fs::remove_file(f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(Error::File {
-                        path: f.display().to_string(),
-                        error: source,
-                    })
-                }
-            }
+            remove_if_present(f)?;
         }
         write_private(&files.key, key.serialize_pem().as_bytes())?;
         write_private(&files.cert, cert.pem().as_bytes())?;
@@ -415,6 +403,18 @@ pub fn walkthrough(o: &DevOutput) -> String {
         subject = o.demo_subject_id,
         purpose = o.demo_purpose,
     )
+}
+
+/// Removes the file at `path`, if there is one.
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::File {
+            path: path.display().to_string(),
+            error: source,
+        }),
+    }
 }
 
 /// Writes `bytes` to a new file at `path`, readable by its owner alone

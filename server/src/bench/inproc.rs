@@ -212,16 +212,7 @@ fn make_pki(dir: &Path) -> Result<(TlsFiles, PathBuf)> {
     // The private key, its owner's alone; one a run before left is
     // replaced, not written through.
     let key_file = dir.join("server.key");
-    match std::fs::remove_file(&key_file) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(Error::File {
-                path: key_file.display().to_string(),
-                error: source,
-            })
-        }
-    }
+    crate::dev::remove_if_present(&key_file)?;
     crate::dev::write_private(&key_file, key.serialize_pem().as_bytes())?;
     let files = TlsFiles {
         cert: write("server.pem", cert.pem())?,
