@@ -450,9 +450,12 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let out = tool(package, bin, args, env)
-        .output()
-        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    finished(bin, tool(package, bin, args, env).output())
+}
+
+/// What a run of `bin` that `output` waited for left behind.
+fn finished(bin: &str, output: std::io::Result<std::process::Output>) -> Run {
+    let out = output.unwrap_or_else(|e| panic!("run {bin}: {e}"));
     Run {
         code: out
             .status
@@ -478,18 +481,7 @@ where
 {
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
-    let out = tool(package, bin, args, env)
-        .stdout(writer)
-        .output()
-        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
-    Run {
-        code: out
-            .status
-            .code()
-            .unwrap_or_else(|| panic!("{bin} was killed by a signal")),
-        stdout: String::new(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    finished(bin, tool(package, bin, args, env).stdout(writer).output())
 }
 
 /// The exit code of [`run_bin`] with stdout and stderr both a pipe whose
