@@ -271,10 +271,7 @@ pub struct AtomicFile {
 impl AtomicFile {
     /// Creates the temporary file in `path`'s directory.
     pub fn create(path: &Path) -> Result<AtomicFile> {
-        let dir: PathBuf = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let dir = dir_of(path).to_path_buf();
         let tmp = tempfile::Builder::new()
             .prefix(".vault-export-")
             .tempfile_in(&dir)
@@ -312,6 +309,16 @@ impl AtomicFile {
             .and_then(|d| d.sync_all())
             .map_err(|source| file_error(&dir, source))?;
         Ok(())
+    }
+}
+
+/// The directory a file at `path` is in, where its temporary file goes
+/// and which is synced after the rename: its parent, or `.` for a bare
+/// file name.
+pub fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
 }
 

@@ -271,10 +271,7 @@ pub fn read_head_file(path: &Path) -> Result<Option<SignedHead>, String> {
 /// the new one.
 pub fn write_head_file(path: &Path, head: &SignedHead) -> std::io::Result<SignedHead> {
     use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = crate::admin::dir_of(path);
     if path.file_name().is_none() {
         return Err(std::io::Error::other("the head file needs a file name"));
     }

@@ -259,34 +259,41 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
+/// `f` of the chunk of `n` bytes at `offset` of `file`, decoded whole (its
+/// CRC checked, exactly `n` bytes), or of `None` when it is too long to be
+/// one or does not decode.
+fn with_chunk_at<T>(
+    file: &File,
+    offset: u64,
+    n: u64,
+    f: impl FnOnce(Option<crate::chunk::Chunk<'_>>) -> T,
+) -> Result<T> {
+    if n > MAX_CHUNK_BYTES {
+        return Ok(f(None));
+    }
+    let bytes = read_file_at(file, offset, n)?;
+    Ok(f(crate::chunk::Chunk::decode(&bytes).ok()))
+}
+
 /// Whether the chunk of `n` bytes at `offset` of `file` closes its commit
 /// group (carries the group's signed head). A chunk that cannot be read
 /// whole or does not decode counts as closing one: it is kept, and verify
 /// names it.
 fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
-    if n > MAX_CHUNK_BYTES {
-        return Ok(true);
-    }
-    let bytes = read_file_at(file, offset, n)?;
-    Ok(crate::chunk::Chunk::decode(&bytes).map_or(true, |c| c.head.is_some()))
+    with_chunk_at(file, offset, n, |c| c.is_none_or(|c| c.head.is_some()))
 }
 
 /// The seq that follows the chunk of first seq `key` at `offset`, `n`
 /// bytes long: the seq after its entries when it decodes whole, as that
-/// seq (its CRC checked, exactly `n` bytes), and `key` itself when it does
-/// not, so that a pointer or chunk that is not what it claims never lets
-/// more be cut than its own group.
+/// seq, and `key` itself when it does not, so that a pointer or chunk
+/// that is not what it claims never lets more be cut than its own group.
 fn seq_after(file: &File, key: &[u8], offset: u64, n: u64) -> Result<u64> {
     // A key that is not a seq: as strict as can be.
     let Ok(first) = <[u8; 8]>::try_from(key).map(u64::from_be_bytes) else {
         return Ok(0);
     };
-    if n > MAX_CHUNK_BYTES {
-        return Ok(first);
-    }
-    let bytes = read_file_at(file, offset, n)?;
-    Ok(match crate::chunk::Chunk::decode(&bytes) {
-        Ok(c) if c.first_seq == first => first.saturating_add(c.entries.len() as u64),
+    with_chunk_at(file, offset, n, |c| match c {
+        Some(c) if c.first_seq == first => first.saturating_add(c.entries.len() as u64),
         _ => first,
     })
 }

@@ -717,6 +717,33 @@ async fn a_damaged_write_ahead_segment_is_an_integrity_failure_at_its_first_seq(
     }
 }
 
+/// Asserts that an open and verify (writing and read-only) of `dir` all
+/// fail at seq 0 for a reason `named` says is the one expected.
+fn assert_fails_at_genesis(
+    dir: &std::path::Path,
+    key: ed25519_dalek::VerifyingKey,
+    named: impl Fn(&Reason) -> bool,
+) {
+    match Vault::open(dir, &unlock(), Options::default()) {
+        Err(Error::Integrity { seq: 0, reason }) if named(&reason) => {}
+        other => panic!("the open gave {:?}", other.map(|_| "a vault")),
+    }
+    let opts = VerifyOptions {
+        public_key: Some(key),
+        ..Default::default()
+    };
+    let scratch = tempfile::tempdir().expect("scratch");
+    for report in [
+        verify(dir, &opts).expect("verify runs"),
+        storage::verify_read_only(dir, scratch.path(), &opts).expect("verify runs"),
+    ] {
+        match &report.failure {
+            Some((0, reason)) if named(reason) => {}
+            other => panic!("verify reported {other:?}"),
+        }
+    }
+}
+
 /// A data dir whose chunks file is gone (a restore that left it out)
 /// is an integrity failure at the log's first seq, from an open and from
 /// verify (writing or read-only), and nothing is dropped: with the file
@@ -736,31 +763,20 @@ async fn a_missing_chunks_file_is_an_integrity_failure_and_drops_nothing() {
     wait_unlocked(&dir);
     let (chunks, aside) = (dir.join("chunks"), tmp.path().join("chunks.aside"));
     std::fs::rename(&chunks, &aside).expect("take the chunks file away");
-    let missing =
-        |reason: &Reason| matches!(reason, Reason::Malformed(m) if m.contains("is missing"));
-    match Vault::open(&dir, &unlock(), Options::default()) {
-        Err(Error::Integrity { seq: 0, reason }) if missing(&reason) => {}
-        other => panic!("the open gave {:?}", other.map(|_| "a vault")),
-    }
-    let opts = VerifyOptions {
-        public_key: Some(key),
-        ..Default::default()
-    };
-    let scratch = tempfile::tempdir().expect("scratch");
-    for report in [
-        verify(&dir, &opts).expect("verify runs"),
-        storage::verify_read_only(&dir, scratch.path(), &opts).expect("verify runs"),
-    ] {
-        match &report.failure {
-            Some((0, reason)) if missing(reason) => {}
-            other => panic!("verify reported {other:?}"),
-        }
-    }
+    assert_fails_at_genesis(
+        &dir,
+        key,
+        |reason| matches!(reason, Reason::Malformed(m) if m.contains("is missing")),
+    );
     assert!(!chunks.exists(), "no empty chunks file was made");
     std::fs::rename(&aside, &chunks).expect("put it back");
     let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
     assert_eq!(vault.durable_len(), entries);
     vault.close().expect("close");
+    let opts = VerifyOptions {
+        public_key: Some(key),
+        ..Default::default()
+    };
     assert!(verify(&dir, &opts).expect("verify runs").ok());
 }
 
@@ -784,26 +800,11 @@ async fn a_database_that_lost_its_metadata_is_an_integrity_failure_and_cuts_noth
     let db = dir.join("db").join("db");
     let len = std::fs::metadata(&db).expect("db").len();
     std::fs::write(&db, vec![0u8; len as usize]).expect("zero the database");
-    let lost =
-        |reason: &Reason| matches!(reason, Reason::Malformed(m) if m.contains("no vault metadata"));
-    match Vault::open(&dir, &unlock(), Options::default()) {
-        Err(Error::Integrity { seq: 0, reason }) if lost(&reason) => {}
-        other => panic!("the open gave {:?}", other.map(|_| "a vault")),
-    }
-    let opts = VerifyOptions {
-        public_key: Some(key),
-        ..Default::default()
-    };
-    let scratch = tempfile::tempdir().expect("scratch");
-    for report in [
-        verify(&dir, &opts).expect("verify runs"),
-        storage::verify_read_only(&dir, scratch.path(), &opts).expect("verify runs"),
-    ] {
-        match &report.failure {
-            Some((0, reason)) if lost(reason) => {}
-            other => panic!("verify reported {other:?}"),
-        }
-    }
+    assert_fails_at_genesis(
+        &dir,
+        key,
+        |reason| matches!(reason, Reason::Malformed(m) if m.contains("no vault metadata")),
+    );
     assert_eq!(std::fs::read(dir.join("chunks")).expect("chunks"), chunks);
 }
 
