@@ -236,15 +236,17 @@ impl<S: Send + Sync> FromRequestParts<S> for Bearer {
     }
 }
 
-/// The bearer key of a request: `fvk_` keys of at most 128 bytes.
+/// The bearer key of a request: `fvk_` keys of at most 128 bytes. The
+/// scheme's name is case-insensitive (RFC 9110, section 11.1).
 fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(ApiError::unauthenticated)?;
     let key = value
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
         .ok_or_else(ApiError::unauthenticated)?;
     if !key.starts_with(storage::vault::API_KEY_PREFIX) || key.len() > 128 {
         return Err(ApiError::unauthenticated());
@@ -1099,10 +1101,12 @@ pub async fn observe(
     } else {
         match tokio::time::timeout(timeout, next.run(req)).await {
             Ok(r) => r,
+            // The handler is dropped where it was: a change it asked of
+            // the vault may be in the log already (`/v1/logs` tells).
             Err(_) => ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
-                "the request took too long",
+                "the request took too long; a change it asked for may or may not have been made",
             )
             .into_response(),
         }
@@ -1124,6 +1128,38 @@ pub async fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Bearer` in any case, the key trimmed; any other scheme, or none,
+    /// is `unauthenticated`.
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let key = "fvk_0123456789abcdef";
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                value.parse().expect("a header value"),
+            );
+            bearer(&h).map(str::to_string).map_err(|e| e.code)
+        };
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            assert_eq!(with(&format!("{scheme} {key}")), Ok(key.to_string()));
+        }
+        assert_eq!(with(&format!("Bearer  {key} ")), Ok(key.to_string()));
+        for refused in [
+            format!("Basic {key}"),
+            format!("Bearer{key}"),
+            key.to_string(),
+            "Bearer ".to_string(),
+            "Bearer not-a-key".to_string(),
+        ] {
+            assert_eq!(with(&refused), Err("unauthenticated"), "{refused}");
+        }
+        assert_eq!(
+            bearer(&HeaderMap::new()).map_err(|e| e.code),
+            Err("unauthenticated")
+        );
+    }
 
     /// A denial's entry that the vault refused, for any reason, is a 503:
     /// the denial is not in the log; a refused gateway key stays a 500,
