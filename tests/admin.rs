@@ -289,6 +289,22 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
     // Without a new secret: a local error, nothing sent.
     let none = admin(&addr, &key, &["rotate-master-key"]);
     assert_eq!(none.code, 1, "{none:?}");
+    // A new secret that cannot be read is named before any connection is
+    // made: here to a port nothing listens on.
+    let unread = admin(
+        "127.0.0.1:1",
+        &key,
+        &[
+            "rotate-master-key",
+            "--new-passphrase-file",
+            "/nonexistent/new-passphrase",
+        ],
+    );
+    assert_eq!(unread.code, 1, "{unread:?}");
+    assert!(
+        unread.stderr.contains("the new secret") && !unread.stderr.contains("connect"),
+        "{unread:?}"
+    );
     let status = dev.stop();
     assert!(status.success(), "{status}");
 

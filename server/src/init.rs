@@ -43,6 +43,33 @@ pub struct RotateMasterOutput {
     pub entry_hash: String,
 }
 
+/// What to tell the operator when a master key rotation failed in a way
+/// that leaves its outcome unknown.
+pub const MAYBE_ROTATED: &str = "the rotation may have taken effect before this failure: keep \
+     both the old and the new secret; `vault-admin keys` shows the master key's age (a new \
+     master if it did), and vaultd opens with the one that seals it (try the new secret first)";
+
+/// What to tell the operator when a master key rotation is durable at
+/// `seq` and a step after it (`what`) failed: the new secret is the only
+/// one that opens the vault.
+pub fn rotated_but(seq: u64, what: &str) -> String {
+    format!(
+        "the master key was rotated (seq {seq}): the vault now opens with the new secret \
+         only; what failed is {what}"
+    )
+}
+
+/// Whether a failed `Vault::rotate_master_key` may still have rotated
+/// the key: a write that failed once the rotation's record may be on disk
+/// (I/O, a poisoned vault). A refusal (the secret, the vault's state) did
+/// nothing.
+pub fn rotation_outcome_unknown(e: &storage::Error) -> bool {
+    matches!(
+        e,
+        storage::Error::Io(_) | storage::Error::Poisoned | storage::Error::Sled(_)
+    )
+}
+
 /// Rotates the master key of a stopped vault: opens it with `old`
 /// (refused with `WrongSecret` otherwise), re-wraps every key under a new
 /// master sealed by `new`, and closes it. Afterwards only `new` opens it
@@ -58,8 +85,14 @@ pub fn rotate_master_key(
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .map_err(storage::Error::Io)?;
-    let receipt = rt.block_on(vault.rotate_master_key(new))?;
-    vault.close()?;
+    let receipt = rt.block_on(vault.rotate_master_key(new)).inspect_err(|e| {
+        if rotation_outcome_unknown(e) {
+            tracing::error!("{MAYBE_ROTATED}");
+        }
+    })?;
+    vault.close().inspect_err(|_| {
+        tracing::error!("{}", rotated_but(receipt.seq, "closing the vault"));
+    })?;
     Ok(RotateMasterOutput {
         data_dir,
         seq: receipt.seq,

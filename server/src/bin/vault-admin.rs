@@ -443,6 +443,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         _ => {}
     }
+    // A new master secret is read and checked before anything is sent.
+    let new_master = match &cli.command {
+        Command::RotateMasterKey {
+            new_passphrase_file,
+            new_key_file,
+            ..
+        } => Some(new_secret(
+            new_passphrase_file.as_deref(),
+            new_key_file.as_deref(),
+        )?),
+        _ => None,
+    };
     let client = connect(&cli).await?;
     let now = now_ms();
     let (json, text) = match &cli.command {
@@ -462,32 +474,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             signing_rotated(&r.receipt, &r.endorsement)
         }
-        Command::RotateMasterKey {
-            new_passphrase_file,
-            new_key_file,
-            ..
-        } => {
-            let (kind, secret) =
-                new_secret(new_passphrase_file.as_deref(), new_key_file.as_deref())?;
+        Command::RotateMasterKey { .. } => {
+            let (kind, secret) = new_master.context("the new secret")?;
             let r = match client.rotate_master_key(kind, &secret).await {
                 Ok(r) => r,
                 Err(e) => {
                     if outcome_unknown(&e) {
-                        eprintln!(
-                            "note: the rotation may have taken effect before this failure: keep \
-                             both the old and the new secret; `vault-admin keys` shows the \
-                             master key's age (a new master if it did), and vaultd opens with \
-                             the one that seals it (try the new secret first)"
-                        );
+                        eprintln!("note: {}", server::init::MAYBE_ROTATED);
                     }
                     return Err(e.into());
                 }
             };
             if let Err(e) = check(&client, &r, pinned).await {
                 eprintln!(
-                    "note: the master key was rotated (seq {}): the vault now opens with the \
-                     new secret only; what failed is the check of the rotation's receipt",
-                    r.seq
+                    "note: {}",
+                    server::init::rotated_but(r.seq, "the check of the rotation's receipt")
                 );
                 return Err(e);
             }
@@ -784,8 +785,22 @@ async fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
             )
             .context("the new secret (--new-passphrase-file or --new-key-file)")?;
             let vault = offline.open(dir)?;
-            let receipt = vault.rotate_master_key(&new).await?;
-            vault.close()?;
+            let receipt = match vault.rotate_master_key(&new).await {
+                Ok(r) => r,
+                Err(e) => {
+                    if server::init::rotation_outcome_unknown(&e) {
+                        eprintln!("note: {}", server::init::MAYBE_ROTATED);
+                    }
+                    return Err(e.into());
+                }
+            };
+            if let Err(e) = vault.close() {
+                eprintln!(
+                    "note: {}",
+                    server::init::rotated_but(receipt.seq, "closing the vault")
+                );
+                return Err(e.into());
+            }
             Ok(Some(master_rotated(receipt.seq, &receipt.entry_hash)))
         }
         _ => Ok(None),
