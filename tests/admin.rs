@@ -64,6 +64,30 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
     assert_eq!(demo[0]["version"], 1);
     assert_eq!(keys["encryption_limit"], 1u64 << 32);
 
+    // A shred pinned to a key that is not this vault's is refused before
+    // it is sent: the subject's key stays.
+    let foreign = hex::encode(
+        ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+            .verifying_key()
+            .to_bytes(),
+    );
+    let r = admin(
+        &addr,
+        &key,
+        &["shred", "--subject", &subject, "--public-key", &foreign],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("nothing was sent"), "{r:?}");
+    let keys = admin(&addr, &key, &["keys"]).ok_json();
+    assert!(
+        keys["keys"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .any(|k| k["subject"] == subject.as_str() && k["state"] == "active"),
+        "{keys}"
+    );
+
     // Rotate with re-encryption; the env vars work as well as the flags.
     let r = run_bin(
         "fintrust-server",

@@ -77,7 +77,9 @@ struct Cli {
     #[command(flatten)]
     connect: ConnectArgs,
     /// Hex of the vault's public key (printed by `vaultd init`): receipts
-    /// are checked against it instead of the key the server reports.
+    /// are checked against it instead of the key the server reports, and
+    /// a change that cannot be undone (shred, key rotations) is sent only
+    /// once the vault's signed head checks against it.
     #[arg(long, global = true, env = "FINTRUST_PUBLIC_KEY")]
     public_key: Option<String>,
     /// Output format.
@@ -456,11 +458,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => None,
     };
     let client = connect(&cli).await?;
+    // A change that cannot be undone is sent only once the pinned key is
+    // known to be this vault's (its current signed head checks through
+    // the key chain from it), so that the check of its receipt cannot
+    // fail afterwards for the key alone.
+    if let (Some(key), true) = (pinned, irreversible(&cli.command)) {
+        let head = client.head().await?.signed_head;
+        let chain = client.key_chain(&key).await;
+        if !matches!((&head, &chain), (Some(h), Ok(c)) if c.verify_head(h)) {
+            anyhow::bail!(
+                "--public-key is not this vault's: its signed head does not verify through \
+                 the key chain from it; nothing was sent"
+            );
+        }
+    }
     let now = now_ms();
     let (json, text) = match &cli.command {
         Command::RotateSigningKey { .. } => {
             let r = client.rotate_signing_key().await?;
-            check(&client, &r.receipt, pinned).await?;
+            check_done(&client, &r.receipt, pinned, "the signing key was rotated").await?;
             // The new key must chain from the pinned one.
             let key = match pinned {
                 Some(k) => k,
@@ -496,7 +512,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Shred { subject } => {
             let r = client.shred(subject.as_str()).await?;
-            check(&client, &r, pinned).await?;
+            check_done(&client, &r, pinned, "the subject was shredded").await?;
             (
                 json!({"subject": subject, "shredded": true, "seq": r.seq,
                        "entry_hash": hex::encode(r.entry_hash)}),
@@ -511,7 +527,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = client
                 .rotate_subject_key(subject.as_str(), *reencrypt)
                 .await?;
-            check(&client, &r.receipt, pinned).await?;
+            check_done(&client, &r.receipt, pinned, "the data key was rotated").await?;
             if let Some(re) = &r.reencrypted {
                 check(&client, re, pinned).await?;
             }
@@ -888,6 +904,33 @@ async fn check(client: &Client, receipt: &Receipt, pinned: Option<[u8; 32]>) -> 
         .await
         .context("the receipt does not verify")?;
     Ok(())
+}
+
+/// [`check`] of the receipt of a change that cannot be undone: when it
+/// fails, says first that the change (`done`) took effect.
+async fn check_done(
+    client: &Client,
+    receipt: &Receipt,
+    pinned: Option<[u8; 32]>,
+    done: &str,
+) -> anyhow::Result<()> {
+    check(client, receipt, pinned).await.inspect_err(|_| {
+        eprintln!(
+            "note: {done} (seq {}); what failed is the check of its receipt",
+            receipt.seq
+        );
+    })
+}
+
+/// The commands whose change cannot be undone.
+fn irreversible(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Shred { .. }
+            | Command::RotateSubjectKey { .. }
+            | Command::RotateSigningKey { .. }
+            | Command::RotateMasterKey { .. }
+    )
 }
 
 /// A policy's maximum age: 0 seconds means none.
