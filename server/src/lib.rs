@@ -53,6 +53,21 @@ pub mod verify;
 /// HashiCorp Vault and is never used.
 pub const ENV_PREFIX: &str = "FINTRUST_";
 
+/// Sends the process's tracing events to stderr, filtered by
+/// `FINTRUST_LOG` (`tracing_subscriber`'s `EnvFilter` syntax), else by
+/// `default_filter`; colored only on a terminal. For the binaries: data
+/// goes to stdout, diagnostics to stderr.
+pub fn log_to_stderr(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FINTRUST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .init();
+}
+
 /// Errors of the server crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -255,6 +255,9 @@ enum Credentials {
 }
 
 fn main() -> ExitCode {
+    // What an open of a stopped vault (`--data-dir`) has to say: a
+    // rotation a crash left half done and undone, a shred finished.
+    server::log_to_stderr("warn");
     client::cli::main(run)
 }
 

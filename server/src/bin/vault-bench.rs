@@ -578,13 +578,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FINTRUST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    server::log_to_stderr("warn");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if refused(&e) => {

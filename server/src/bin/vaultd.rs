@@ -367,14 +367,7 @@ fn trusted(networks: &[String]) -> anyhow::Result<server::proxied::TrustedProxie
 fn main() -> ExitCode {
     let purge_delay_ms = server::alloc::return_freed_memory();
     let huge_pages_off = server::alloc::without_huge_pages();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FINTRUST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    server::log_to_stderr("info");
     tracing::debug!(purge_delay_ms, huge_pages_off, "allocator");
     match server::failpoints::arm_from_env() {
         Ok(0) => {}
