@@ -104,6 +104,19 @@ fn vault_error(e: &ClientError) -> ApiError {
             ApiError::new(status, name, message.clone())
         }
         ClientError::Config(m) => ApiError::internal(m.clone()),
+        // Not "nothing was done": the vault answered, and a write it was
+        // asked for may be in the log.
+        ClientError::BadReceipt(_) | ClientError::BadKeyChain(_) | ClientError::Rollback { .. } => {
+            tracing::error!(error = %e, "an answer of the vault failed its check");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "internal",
+                format!(
+                    "an answer of the vault failed its check ({e}); what the request asked for \
+                     may or may not have been done"
+                ),
+            )
+        }
         _ => ApiError::unavailable(),
     }
 }
@@ -1159,6 +1172,28 @@ mod tests {
             bearer(&HeaderMap::new()).map_err(|e| e.code),
             Err("unauthenticated")
         );
+    }
+
+    /// An answer of the vault that fails its check is a 502 that does
+    /// not say that nothing was done.
+    #[test]
+    fn an_answer_that_fails_its_check_is_not_unavailable() {
+        for e in [
+            ClientError::BadReceipt(protocol::receipt::ReceiptError::BadSignature),
+            ClientError::Rollback { kept: 9, got: 3 },
+        ] {
+            let api = vault_error(&e);
+            assert_eq!(
+                (api.status, api.code),
+                (StatusCode::BAD_GATEWAY, "internal")
+            );
+            assert!(
+                api.message.contains("may or may not have been done")
+                    && !api.message.contains("nothing was done"),
+                "{}",
+                api.message
+            );
+        }
     }
 
     /// A denial's entry that the vault refused, for any reason, is a 503:
