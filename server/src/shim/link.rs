@@ -21,8 +21,22 @@ pub struct VaultLink {
     /// The vault of this process, reached by direct calls instead of
     /// `gateway.addr`.
     local: Option<Local>,
-    current: Mutex<Option<Arc<Client>>>,
+    current: Mutex<Gateway>,
 }
+
+/// The gateway connection, or when the last attempt to open one failed.
+#[derive(Debug, Default)]
+struct Gateway {
+    client: Option<Arc<Client>>,
+    failed: Option<(tokio::time::Instant, String)>,
+}
+
+/// How long after a failed attempt to open the gateway connection
+/// requests fail at once instead of trying again: while the vault cannot
+/// be reached (a connect can take the whole client timeout against an
+/// address that drops packets), the requests queued behind one attempt
+/// must not each make one in turn, and time out, `/v1/health` with them.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl VaultLink {
     /// `gateway` names the vault, its TLS and the gateway's API key.
@@ -30,7 +44,7 @@ impl VaultLink {
         VaultLink {
             gateway,
             local: None,
-            current: Mutex::new(None),
+            current: Mutex::new(Gateway::default()),
         }
     }
 
@@ -42,7 +56,7 @@ impl VaultLink {
         VaultLink {
             gateway,
             local: Some(local),
-            current: Mutex::new(None),
+            current: Mutex::new(Gateway::default()),
         }
     }
 
@@ -53,22 +67,43 @@ impl VaultLink {
         }
     }
 
-    /// The gateway connection, opened (again) if needed.
+    /// The gateway connection, opened (again) if needed: one attempt at
+    /// a time, and none within [`RETRY_AFTER`] of one that failed (the
+    /// requests meanwhile fail at once, naming that failure).
     pub async fn gateway(&self) -> Result<Arc<Client>, ClientError> {
         let mut cur = self.current.lock().await;
-        if let Some(c) = cur.as_ref() {
+        if let Some(c) = cur.client.as_ref() {
             if !c.is_closed() {
                 return Ok(c.clone());
             }
         }
-        let c = Arc::new(self.connect(&self.gateway).await?);
+        if let Some((at, why)) = &cur.failed {
+            if at.elapsed() < RETRY_AFTER {
+                return Err(ClientError::Io(std::io::Error::other(format!(
+                    "the last attempt to reach the vault failed {} ms ago: {why}",
+                    at.elapsed().as_millis()
+                ))));
+            }
+        }
+        let c = match self.connect(&self.gateway).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                // A refusal (the gateway key) is the shim's configuration,
+                // and says so each time.
+                if is_transport(&e) {
+                    cur.failed = Some((tokio::time::Instant::now(), with_sources(&e)));
+                }
+                return Err(e);
+            }
+        };
+        cur.failed = None;
         if c.role() != "gateway" && c.role() != "admin" {
             return Err(ClientError::Config(format!(
                 "the shim's vault key has role {}, not gateway",
                 c.role()
             )));
         }
-        *cur = Some(c.clone());
+        cur.client = Some(c.clone());
         Ok(c)
     }
 
@@ -76,8 +111,8 @@ impl VaultLink {
     /// opens a new one.
     pub async fn reset(&self, failed: &Arc<Client>) {
         let mut cur = self.current.lock().await;
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
-            *cur = None;
+        if cur.client.as_ref().is_some_and(|c| Arc::ptr_eq(c, failed)) {
+            cur.client = None;
         }
     }
 
@@ -104,4 +139,51 @@ pub fn is_transport(e: &ClientError) -> bool {
             | ClientError::Closed
             | ClientError::UnexpectedResponse(_)
     )
+}
+
+/// `e` and its sources, as "e: source: source's source".
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut said = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        said.push_str(": ");
+        said.push_str(&s.to_string());
+        next = s.source();
+    }
+    said
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vault that cannot be reached is tried at most once per
+    /// [`RETRY_AFTER`]: the requests in between fail at once, as a
+    /// transport failure naming the attempt's.
+    #[tokio::test]
+    async fn an_unreachable_vault_is_tried_once_per_retry_delay() {
+        // A port nothing listens on: each attempt is refused at once.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let link = VaultLink::new(ClientConfig {
+            addr: addr.to_string(),
+            tls: client::Tls::Plaintext,
+            api_key: Zeroizing::new("fvk_gateway".into()),
+            client_name: "link test".into(),
+            timeout: std::time::Duration::from_secs(5),
+        });
+        let said = |e: ClientError| with_sources(&e);
+        let first = link.gateway().await.expect_err("nothing listens");
+        assert!(is_transport(&first) && !said(first).contains("last attempt"));
+        let second = link.gateway().await.expect_err("nothing listens");
+        assert!(is_transport(&second));
+        assert!(
+            said(second).contains("the last attempt to reach the vault failed"),
+            "failed at once, without an attempt"
+        );
+        tokio::time::sleep(RETRY_AFTER).await;
+        let third = link.gateway().await.expect_err("nothing listens");
+        assert!(!said(third).contains("last attempt"), "tried again");
+    }
 }
