@@ -68,7 +68,7 @@ impl VaultLink {
     }
 
     /// The gateway connection, opened (again) if needed: one attempt at
-    /// a time, and none within [`RETRY_AFTER`] of one that failed (the
+    /// a time, and none within `RETRY_AFTER` (a second) of one that failed (the
     /// requests meanwhile fail at once, naming that failure).
     pub async fn gateway(&self) -> Result<Arc<Client>, ClientError> {
         let mut cur = self.current.lock().await;
