@@ -68,6 +68,20 @@ pub fn log_to_stderr(default_filter: &str) {
         .init();
 }
 
+/// An error and its sources, `: `-separated ("e: source: source's
+/// source"): what a message names when the error's own words leave out
+/// their cause (the client's `I/O error`, say).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    s
+}
+
 /// Errors of the server crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

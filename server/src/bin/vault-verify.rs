@@ -323,7 +323,10 @@ fn remote(
     let report = match outcome {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: could not verify {addr}: {}", chain(&e));
+            eprintln!(
+                "error: could not verify {addr}: {}",
+                server::error_chain(&e)
+            );
             return ExitCode::from(EXIT_ERROR as u8);
         }
     };
@@ -373,16 +376,4 @@ fn finish(
         }
     }
     ExitCode::from(exit_code(report) as u8)
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    s
 }

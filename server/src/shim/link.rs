@@ -91,7 +91,7 @@ impl VaultLink {
                 // A refusal (the gateway key) is the shim's configuration,
                 // and says so each time.
                 if is_transport(&e) {
-                    cur.failed = Some((tokio::time::Instant::now(), with_sources(&e)));
+                    cur.failed = Some((tokio::time::Instant::now(), crate::error_chain(&e)));
                 }
                 return Err(e);
             }
@@ -141,18 +141,6 @@ pub fn is_transport(e: &ClientError) -> bool {
     )
 }
 
-/// `e` and its sources, as "e: source: source's source".
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut said = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        said.push_str(": ");
-        said.push_str(&s.to_string());
-        next = s.source();
-    }
-    said
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,7 +161,7 @@ mod tests {
             client_name: "link test".into(),
             timeout: std::time::Duration::from_secs(5),
         });
-        let said = |e: ClientError| with_sources(&e);
+        let said = |e: ClientError| crate::error_chain(&e);
         let first = link.gateway().await.expect_err("nothing listens");
         assert!(is_transport(&first) && !said(first).contains("last attempt"));
         let second = link.gateway().await.expect_err("nothing listens");
