@@ -162,6 +162,7 @@ fn connection_on(f: &Fixture, data: &[u8]) {
             admission: None,
             arrived: tokio::time::Instant::now(),
             client_cert: None,
+            tls: false,
             stopping: tokio_util::sync::CancellationToken::new(),
         };
         let served = tokio::spawn(serve_connection(r, w, conn));

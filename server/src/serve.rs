@@ -432,6 +432,7 @@ impl Local {
                 admission: None,
                 arrived: tokio::time::Instant::now(),
                 client_cert: None,
+                tls: false,
                 // The shim that calls is drained before the vault stops.
                 stopping: CancellationToken::new(),
             },
@@ -494,7 +495,7 @@ impl Direct {
         let caller = match state {
             DirectState::Closed => return self.end(None),
             DirectState::Hello => {
-                return match hello(next, &self.conn.vault, None) {
+                return match hello(next, &self.conn.vault, None, self.conn.confidential()) {
                     Ok((id, caller)) => {
                         let ok = Message::HelloOk {
                             role: caller.role.name().into(),
@@ -628,6 +629,7 @@ pub async fn run(
                 admission: Some((admission.clone(), ticket)),
                 arrived,
                 client_cert: None,
+                tls: false,
                 stopping,
             };
             let stop_opening = conn.stopping.clone();
@@ -736,6 +738,7 @@ where
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(crate::tls::fingerprint);
+            conn.tls = true;
             Ok(Opened::Tls(Box::new(stream)))
         }
     }
@@ -1035,6 +1038,8 @@ pub struct Conn {
     /// (mutual TLS), which a `Hello` with an empty API key authenticates
     /// with ([`authenticate_certificate`]).
     pub client_cert: Option<[u8; 32]>,
+    /// Whether the connection is TLS (set by its handshake).
+    pub tls: bool,
     /// Cancelled when the server stops: the connection reads no further
     /// request, answers those it has read, says why it closes (`Error
     /// unavailable`, request id 0) and closes; one not yet authenticated
@@ -1049,6 +1054,16 @@ impl Conn {
     /// bytes holds a handshake place for `handshake_timeout` at most.
     pub fn handshake_deadline(&self) -> tokio::time::Instant {
         self.arrived + self.config.handshake_timeout
+    }
+
+    /// Whether what the connection carries cannot have been read on a
+    /// network: it is TLS, or plaintext from a loopback address (through
+    /// a trusted proxy, when there is one, on a loopback address too). A
+    /// new master secret is taken only from such a connection
+    /// ([`Caller::confidential`]).
+    pub fn confidential(&self) -> bool {
+        let loopback = |ip: std::net::IpAddr| storage::state::canonical_ip(ip).is_loopback();
+        self.tls || (loopback(self.peer) && self.proxy.is_none_or(loopback))
     }
 }
 
@@ -1341,7 +1356,8 @@ where
         first = next_frame_by(&mut frames, conn.handshake_deadline()) => first,
         () = conn.stopping.cancelled() => return Ok(()),
     };
-    let (hello_id, caller) = match hello(first, &conn.vault, conn.client_cert) {
+    let (hello_id, caller) = match hello(first, &conn.vault, conn.client_cert, conn.confidential())
+    {
         Ok(known) => known,
         Err(ending) => {
             let (reply, result) = *ending;
@@ -1717,6 +1733,7 @@ fn hello(
     first: Result<Option<Frame>, ConnectionError>,
     vault: &LiveVault,
     client_cert: Option<[u8; 32]>,
+    confidential: bool,
 ) -> Result<(u32, Caller), Box<Ending>> {
     let frame = match numbered(first) {
         Ok(Some(f)) => f,
@@ -1738,7 +1755,13 @@ fn hello(
         Err(e) => return Err(Box::new(unreadable(id, e.into()))),
     };
     match identity {
-        Some(caller) => Ok((id, caller)),
+        Some(caller) => Ok((
+            id,
+            Caller {
+                confidential,
+                ..caller
+            },
+        )),
         None => {
             let m = error(
                 ErrorCode::Unauthenticated,
@@ -1794,6 +1817,14 @@ fn screen(
         let m = error(
             ErrorCode::Forbidden,
             &format!("the {} role may not send this request", role.name()),
+        );
+        return Screened::Answer(id, m);
+    }
+    if matches!(message, Message::RotateMasterKey { .. }) && !caller.confidential {
+        let m = error(
+            ErrorCode::Forbidden,
+            "a new master secret is taken only over TLS or from a loopback address: this one \
+             crossed the network in plaintext, so it was not used (choose another)",
         );
         return Screened::Answer(id, m);
     }
@@ -1977,6 +2008,9 @@ pub struct Caller {
     pub name: String,
     /// The credential's id, written into the events it records.
     pub id: String,
+    /// Whether the connection is one a secret may cross
+    /// ([`Conn::confidential`]): only then is `RotateMasterKey` taken.
+    pub confidential: bool,
     /// The vault's count of revocations when the credential was last
     /// found live ([`Caller::still_live`]).
     checked: Checked,
@@ -2047,6 +2081,7 @@ fn caller_by_key_hash(vault: &Vault, hash: &str) -> Option<Caller> {
         role: Role::parse(&cred.role)?,
         name: cred.name,
         id: cred.id,
+        confidential: false,
         checked: Checked(AtomicU64::new(revocations)),
     })
 }
@@ -3203,6 +3238,7 @@ mod tests {
                 admission: None,
                 arrived,
                 client_cert: None,
+                tls: false,
                 stopping: CancellationToken::new(),
             };
             let result = async {
@@ -3363,6 +3399,140 @@ mod tests {
     /// A connection's last answer is held back until its end and leaves
     /// with it (`Outgoing::hold_until_close`); nothing held is lost,
     /// whether the stream is shut down or dropped.
+    /// A new master secret is taken only from a connection it cannot have
+    /// crossed a network on in clear: TLS, or plaintext between loopback
+    /// addresses. Otherwise it is refused, and the vault keeps its master.
+    mod master_secret_channel {
+        use super::*;
+        use rustls::pki_types::ServerName;
+        use std::net::IpAddr;
+        use tokio_util::codec::Framed;
+
+        /// The answer to `RotateMasterKey` over one connection from `peer`
+        /// (through a trusted proxy at `proxy`, when given), over TLS or
+        /// not; and whether the vault's log grew.
+        async fn rotate(tls: bool, peer: &str, proxy: Option<&str>) -> (Message, bool) {
+            let dir = tempfile::tempdir().expect("a scratch dir");
+            let unlock = storage::Unlock::KeyFile(storage::crypto::SecretKey::from_bytes([7; 32]));
+            let created =
+                Vault::create(&dir.path().join("v"), &unlock, storage::Options::default())
+                    .expect("a vault");
+            let (_, key) = created
+                .vault
+                .create_credential("admin", "ops")
+                .await
+                .expect("a credential");
+            let before = created.vault.head().map(|h| h.last_seq);
+            let vault: LiveVault = created.vault.into();
+            let (acceptor, connector) = crate::tls::test_ends(dir.path());
+            let mut conn = Conn {
+                vault: vault.clone(),
+                config: Arc::new(ServeConfig::default()),
+                throttle: Arc::new(FailureThrottle::default()),
+                peer: peer.parse().expect("an address"),
+                proxy: proxy.map(|p| p.parse::<IpAddr>().expect("an address")),
+                admission: None,
+                arrived: tokio::time::Instant::now(),
+                client_cert: None,
+                tls: false,
+                stopping: CancellationToken::new(),
+            };
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let server = async move {
+                match open(theirs, tls.then_some(&acceptor), &mut conn).await {
+                    Ok(Opened::Plain(socket)) => {
+                        let (r, w) = tokio::io::split(socket);
+                        let _ = serve_connection(r, w, conn).await;
+                    }
+                    Ok(Opened::Tls(stream)) => {
+                        let (r, w) = tokio::io::split(*stream);
+                        let _ = serve_connection(r, w, conn).await;
+                    }
+                    Err(e) => panic!("the connection did not open: {e}"),
+                }
+            };
+            async fn talk<S: AsyncRead + AsyncWrite + Unpin>(socket: S, key: &str) -> Message {
+                let mut framed = Framed::new(socket, FrameCodec::new());
+                let mut last = Message::Pong;
+                for (id, m) in [
+                    (
+                        1,
+                        Message::Hello {
+                            api_key: key.into(),
+                            client: "test".into(),
+                        },
+                    ),
+                    (
+                        2,
+                        Message::RotateMasterKey {
+                            kind: protocol::SecretKind::KeyFile,
+                            secret: vec![9; 32],
+                        },
+                    ),
+                ] {
+                    let frame = m.to_frame(id, 0).expect("a frame");
+                    framed.send(frame).await.expect("sent");
+                    let reply = framed.next().await.expect("an answer").expect("a frame");
+                    last = Message::from_frame(&reply).expect("a message");
+                }
+                last
+            }
+            let client = async move {
+                if tls {
+                    let name = ServerName::try_from("localhost").expect("a name");
+                    let stream = connector.connect(name, ours).await.expect("TLS");
+                    talk(stream, &key).await
+                } else {
+                    talk(ours, &key).await
+                }
+            };
+            let answer = tokio::select! {
+                answer = client => answer,
+                () = server => panic!("the server ended the connection first"),
+            };
+            let after = vault.get().expect("the vault").head().map(|h| h.last_seq);
+            (answer, after > before)
+        }
+
+        fn refused(answer: &Message) -> bool {
+            matches!(answer, Message::Error { code, message }
+                if *code == ErrorCode::Forbidden && message.contains("plaintext"))
+        }
+
+        #[tokio::test]
+        async fn plaintext_from_another_host_is_refused_and_changes_nothing() {
+            for (peer, proxy) in [
+                ("192.0.2.7", None),
+                // A loopback proxy's client on another host.
+                ("192.0.2.7", Some("127.0.0.1")),
+                // A proxy on another host, whatever it names.
+                ("127.0.0.1", Some("192.0.2.9")),
+            ] {
+                let (answer, grew) = rotate(false, peer, proxy).await;
+                assert!(refused(&answer), "{peer} via {proxy:?}: {answer:?}");
+                assert!(!grew, "{peer} via {proxy:?}: the log grew");
+            }
+        }
+
+        #[tokio::test]
+        async fn tls_or_loopback_is_taken() {
+            for (tls, peer, proxy) in [
+                (true, "192.0.2.7", None),
+                (true, "192.0.2.7", Some("192.0.2.9")),
+                (false, "127.0.0.1", None),
+                (false, "::1", None),
+                (false, "::ffff:127.0.0.1", Some("127.0.0.1")),
+            ] {
+                let (answer, grew) = rotate(tls, peer, proxy).await;
+                assert!(
+                    matches!(answer, Message::Receipt { .. }),
+                    "tls {tls}, {peer} via {proxy:?}: {answer:?}"
+                );
+                assert!(grew, "tls {tls}, {peer} via {proxy:?}: nothing logged");
+            }
+        }
+    }
+
     mod held_answers {
         use super::*;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
