@@ -834,6 +834,80 @@ async fn logs_page_filter_and_hash_as_documented() {
     r.stop().await;
 }
 
+/// A `/v1/logs` page holds at most `MAX_PAGE_PAYLOAD_BYTES` of payloads
+/// (at least one event), whatever its `limit`: the page ends before the
+/// event that would pass it, `next_after` continues there, and the pages
+/// give every event once, each payload as it was written.
+#[tokio::test]
+async fn a_logs_page_of_large_payloads_ends_at_its_byte_bound() {
+    const LARGE: usize = 40_000;
+    let count = server::shim::api::MAX_PAGE_PAYLOAD_BYTES / LARGE + 20;
+    let r = start_after(ShimConfig::default(), move |vault, _| {
+        Box::pin(async move {
+            let appends = (0..count)
+                .map(|i| {
+                    let pad = char::from(b'a' + (i % 26) as u8).to_string().repeat(LARGE);
+                    Append::event(
+                        Kind::AccessDenied,
+                        SUBJECT,
+                        &json!({"action": "authorize", "partner_id": PARTNER,
+                                "reason": "test", "pad": pad}),
+                    )
+                })
+                .collect();
+            vault.append_batch(appends).await.expect("large events");
+        })
+    })
+    .await;
+    let path = |after: Option<u64>| {
+        let base = format!("/v1/logs?limit=1000&kind=access_denied&partner={PARTNER}");
+        after.map_or(base.clone(), |a| format!("{base}&after={a}"))
+    };
+    let mut pads = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = call(r.http, "GET", &path(after), Some(&r.admin), None).await;
+        assert_eq!(page.0, 200, "{}", page.1);
+        pages += 1;
+        let events = page.1["events"].as_array().expect("events").clone();
+        assert!(!events.is_empty(), "page {pages} is empty");
+        let bytes: usize = events.iter().map(|e| e["payload"].to_string().len()).sum();
+        assert!(
+            bytes <= server::shim::api::MAX_PAGE_PAYLOAD_BYTES,
+            "page {pages}: {bytes} bytes of payloads"
+        );
+        for e in &events {
+            pads.push(e["payload"]["pad"].as_str().expect("the pad").to_string());
+        }
+        match page.1["next_after"].as_u64() {
+            Some(n) => {
+                let last = events.last().and_then(|e| e["seq"].as_u64());
+                assert_eq!(
+                    Some(n),
+                    last,
+                    "a page cut by bytes continues after its last event"
+                );
+                after = Some(n);
+            }
+            None => break,
+        }
+    }
+    assert!(
+        pages >= 2,
+        "{pages} page(s) held {count} events of {LARGE} bytes"
+    );
+    assert_eq!(pads.len(), count, "every event once");
+    for (i, pad) in pads.iter().enumerate() {
+        let c = char::from(b'a' + (i % 26) as u8);
+        assert!(
+            pad.len() == LARGE && pad.chars().all(|p| p == c),
+            "event {i}"
+        );
+    }
+    r.stop().await;
+}
+
 /// A shredded subject's policy and consent still pass the shim's checks;
 /// the vault refuses the mint, and the shim answers it as the denial it
 /// is: 403 `subject_shredded`, audited like every other denial.

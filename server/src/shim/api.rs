@@ -899,6 +899,35 @@ pub struct LogQuery {
 /// than `limit` events, and `next_after` says where to continue.
 const MAX_SCAN: u64 = 100_000;
 
+/// Bytes of payloads one `/v1/logs` page holds at most (at least one
+/// event): a payload may take 48 KiB, so 1,000 of them would otherwise
+/// make a page of ~48 MiB. The page ends before the event that would pass
+/// it, and `next_after` continues there.
+pub const MAX_PAGE_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
+/// One event of a `/v1/logs` page. The payload is copied as the entry
+/// holds it, checked to be JSON but never parsed into a tree, which
+/// would take many times its size.
+#[derive(Debug, Serialize)]
+struct LogEvent {
+    seq: u64,
+    time: String,
+    kind: &'static str,
+    subject: String,
+    entry_hash: String,
+    payload: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// The members of an audit payload that `/v1/logs` filters on, read
+/// without building the payload's tree (other members are skipped).
+#[derive(Debug, Default, Deserialize)]
+struct NamedIn<'a> {
+    #[serde(borrow)]
+    partner_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    recorded_by: Option<std::borrow::Cow<'a, str>>,
+}
+
 pub async fn logs(
     State(shim): State<Arc<Shim>>,
     key: Bearer,
@@ -937,7 +966,8 @@ pub async fn logs(
             .ok_or_else(|| ApiError::bad_request("after: too large"))
     })?;
     let mut from = start;
-    let mut events = Vec::new();
+    let mut events: Vec<LogEvent> = Vec::new();
+    let mut payload_bytes = 0;
     let mut last_scanned = None;
     let mut at_end = false;
     'scan: while from - start < MAX_SCAN {
@@ -955,36 +985,44 @@ pub async fn logs(
             let Some(next) = next else {
                 return Err(ApiError::internal("the vault sent entries out of order"));
             };
+            // Records are ciphertext: only their metadata is shown.
+            let payload = (e.kind != Kind::Record && e.key_version == 0)
+                .then(|| serde_json::from_slice::<Box<serde_json::value::RawValue>>(e.payload).ok())
+                .flatten();
+            let names_wanted = || {
+                let names: NamedIn = payload
+                    .as_deref()
+                    .and_then(|p| serde_json::from_str(p.get()).ok())
+                    .unwrap_or_default();
+                let is = |want: &Option<String>, has: &Option<std::borrow::Cow<str>>| {
+                    want.as_deref().is_none_or(|w| has.as_deref() == Some(w))
+                };
+                is(&q.partner, &names.partner_id) && is(&q.recorded_by, &names.recorded_by)
+            };
+            let wanted = kind.is_none_or(|k| k == e.kind)
+                && q.subject.as_deref().is_none_or(|s| s == e.subject)
+                && since.is_none_or(|t| e.timestamp_ms >= t)
+                && until.is_none_or(|t| e.timestamp_ms < t)
+                && ((q.partner.is_none() && q.recorded_by.is_none()) || names_wanted());
+            let size = payload.as_ref().map_or(0, |p| p.get().len());
+            if wanted && !events.is_empty() && payload_bytes + size > MAX_PAGE_PAYLOAD_BYTES {
+                // Not scanned: the next page starts with it.
+                break 'scan;
+            }
             last_scanned = Some(e.seq);
             from = next;
-            if kind.is_some_and(|k| k != e.kind)
-                || q.subject.as_deref().is_some_and(|s| s != e.subject)
-                || since.is_some_and(|t| e.timestamp_ms < t)
-                || until.is_some_and(|t| e.timestamp_ms >= t)
-            {
+            if !wanted {
                 continue;
             }
-            // Records are ciphertext: only their metadata is shown.
-            let payload: Value = if e.kind == Kind::Record || e.key_version != 0 {
-                Value::Null
-            } else {
-                serde_json::from_slice(e.payload).unwrap_or(Value::Null)
-            };
-            let names = |member: &str, want: &Option<String>| {
-                want.as_deref()
-                    .is_none_or(|w| payload.get(member).and_then(Value::as_str) == Some(w))
-            };
-            if !names("partner_id", &q.partner) || !names("recorded_by", &q.recorded_by) {
-                continue;
-            }
-            events.push(json!({
-                "seq": e.seq,
-                "time": rfc3339(e.timestamp_ms),
-                "kind": e.kind.name(),
-                "subject": e.subject,
-                "entry_hash": hex::encode(storage::entry::entry_hash(bytes)),
-                "payload": payload,
-            }));
+            payload_bytes += size;
+            events.push(LogEvent {
+                seq: e.seq,
+                time: rfc3339(e.timestamp_ms),
+                kind: e.kind.name(),
+                subject: e.subject.to_string(),
+                entry_hash: hex::encode(storage::entry::entry_hash(bytes)),
+                payload,
+            });
             if events.len() == limit {
                 break 'scan;
             }
@@ -994,7 +1032,9 @@ pub async fn logs(
     if jsonl {
         let mut body = String::new();
         for e in &events {
-            body.push_str(&e.to_string());
+            let line = serde_json::to_string(e)
+                .map_err(|_| ApiError::internal("an event could not be written as JSON"))?;
+            body.push_str(&line);
             body.push('\n');
         }
         let mut r = body.into_response();
@@ -1009,7 +1049,13 @@ pub async fn logs(
         }
         return Ok(r);
     }
-    Ok(axum::Json(json!({"events": events, "next_after": next_after})).into_response())
+    // Serialized as it is: through `json!`, each payload would be parsed.
+    #[derive(Serialize)]
+    struct Page {
+        events: Vec<LogEvent>,
+        next_after: Option<u64>,
+    }
+    Ok(axum::Json(Page { events, next_after }).into_response())
 }
 
 pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
