@@ -338,6 +338,66 @@ async fn start_with_policy() -> Running {
     r
 }
 
+/// Under a token lifetime ceiling below the default of 300 s, a policy
+/// that names no lifetime is accepted and its grants live as long as the
+/// ceiling; one that names a longer lifetime is refused.
+#[tokio::test]
+async fn under_a_low_ceiling_a_policy_without_a_lifetime_gets_the_ceiling() {
+    const CEILING: u32 = 60;
+    let r = start(ShimConfig {
+        max_token_ttl_secs: CEILING,
+        ..ShimConfig::default()
+    })
+    .await;
+    let purposes = json!({"credit_check": {"fields": {"name": "partial"}}});
+    let longer = call(
+        r.http,
+        "PUT",
+        &format!("/v1/policies/{PARTNER}"),
+        Some(&r.admin),
+        Some(&json!({"purposes": purposes, "max_token_ttl_secs": 300}).to_string()),
+    )
+    .await;
+    assert_error(&longer, 400, "invalid_request");
+    put_policy(&r, json!({ "purposes": purposes })).await;
+    let stored = call(
+        r.http,
+        "GET",
+        &format!("/v1/policies/{PARTNER}"),
+        Some(&r.admin),
+        None,
+    )
+    .await;
+    assert_eq!(stored.0, 200, "{}", stored.1);
+    assert!(
+        stored.1.to_string().contains("purposes")
+            && !stored.1.to_string().contains("max_token_ttl_secs"),
+        "{}",
+        stored.1
+    );
+    let asked = time::OffsetDateTime::now_utc();
+    let got = call(
+        r.http,
+        "POST",
+        "/v1/authorize",
+        Some(&r.partner),
+        Some(r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#),
+    )
+    .await;
+    assert_eq!(got.0, 200, "{}", got.1);
+    let expires = got.1["expires_at"].as_str().expect("expires_at");
+    let expires =
+        time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+            .expect("an RFC 3339 time");
+    // The shim's clock read after `asked`; its times are in milliseconds.
+    let lifetime = expires - asked;
+    assert!(
+        lifetime <= time::Duration::seconds(i64::from(CEILING) + 1),
+        "a grant that lives {lifetime} under a ceiling of {CEILING} s"
+    );
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_typed_error_and_writes_nothing() {
     let r = start_with_policy().await;

@@ -447,9 +447,7 @@ pub async fn authorize(
     let stored = (ctx.policy, ctx.consent);
     let denial = match decide(&shim, &partner, &req, stored, now, source.client)? {
         Ok((policy, fields)) => {
-            let ttl = policy
-                .max_token_ttl_secs
-                .min(shim.config.max_token_ttl_secs);
+            let ttl = policy.token_ttl_secs(shim.config.max_token_ttl_secs);
             let (p, s, pur, f) = (
                 partner.clone(),
                 req.subject_id.clone(),

@@ -22,9 +22,10 @@ pub struct Policy {
     pub active: bool,
     /// Purpose → the fields it may reveal and the masking of each.
     pub purposes: BTreeMap<String, Purpose>,
-    /// Longest token lifetime, in seconds (default 300).
-    #[serde(default = "default_ttl", skip_serializing_if = "is_default_ttl")]
-    pub max_token_ttl_secs: u32,
+    /// Longest token lifetime, in seconds; absent, 300 or the server's
+    /// ceiling if that is lower ([`Policy::token_ttl_secs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_ttl_secs: Option<u32>,
     /// Authorizations per minute; absent means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_per_minute: Option<u32>,
@@ -52,21 +53,23 @@ fn yes() -> bool {
     true
 }
 
-/// Default and ceiling of a token's lifetime.
+/// A token's lifetime under a policy that names none, unless the
+/// server's ceiling is lower.
 pub const DEFAULT_TOKEN_TTL_SECS: u32 = storage::state::DEFAULT_TOKEN_TTL_SECS;
-
-fn default_ttl() -> u32 {
-    DEFAULT_TOKEN_TTL_SECS
-}
-
-fn is_default_ttl(v: &u32) -> bool {
-    *v == DEFAULT_TOKEN_TTL_SECS
-}
 
 /// Largest number of purposes, and of fields per purpose, a policy may hold.
 const MAX_ITEMS: usize = 256;
 
 impl Policy {
+    /// The lifetime of a token granted under this policy, in seconds,
+    /// under the server's ceiling `max_ttl_secs`: the policy's own, or
+    /// the default, at most the ceiling.
+    pub fn token_ttl_secs(&self, max_ttl_secs: u32) -> u32 {
+        self.max_token_ttl_secs
+            .unwrap_or(DEFAULT_TOKEN_TTL_SECS)
+            .min(max_ttl_secs)
+    }
+
     /// Checks what serde cannot: names, operators, networks, hours, limits.
     pub fn validate(&self, max_ttl_secs: u32) -> Result<(), String> {
         if self.purposes.len() > MAX_ITEMS {
@@ -88,7 +91,10 @@ impl Policy {
                 }
             }
         }
-        if self.max_token_ttl_secs == 0 || self.max_token_ttl_secs > max_ttl_secs {
+        if self
+            .max_token_ttl_secs
+            .is_some_and(|t| t == 0 || t > max_ttl_secs)
+        {
             return Err(format!(
                 "max_token_ttl_secs must be between 1 and {max_ttl_secs}"
             ));
@@ -337,8 +343,19 @@ mod tests {
     fn policies_parse_strictly_and_validate() {
         let p = policy();
         assert!(p.active);
-        assert_eq!(p.max_token_ttl_secs, 300);
+        assert_eq!(p.max_token_ttl_secs, None);
+        assert_eq!(p.token_ttl_secs(3600), 300);
         assert_eq!(p.validate(3600), Ok(()));
+        // Under a ceiling below the default, a policy that names no
+        // lifetime is valid, and its tokens live as long as the ceiling.
+        assert_eq!(p.validate(60), Ok(()));
+        assert_eq!(p.token_ttl_secs(60), 60);
+        let mut q = p.clone();
+        q.max_token_ttl_secs = Some(900);
+        assert_eq!(q.token_ttl_secs(3600), 900);
+        assert!(q.validate(600).is_err());
+        q.max_token_ttl_secs = Some(0);
+        assert!(q.validate(3600).is_err());
         let bad = [
             serde_json::json!({"purposes": {}, "extra": 1}),
             serde_json::json!({"purposes": {"x": {"fields": {"a": "reveal"}, "more": 1}}}),
@@ -358,7 +375,7 @@ mod tests {
         q.source_ips.push("not-an-ip".into());
         assert!(q.validate(3600).is_err());
         let mut q = p.clone();
-        q.max_token_ttl_secs = 7200;
+        q.max_token_ttl_secs = Some(7200);
         assert!(q.validate(3600).is_err());
         let mut q = p.clone();
         q.allowed_hours_utc = Some([5, 5]);
