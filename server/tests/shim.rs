@@ -39,13 +39,19 @@ struct Running {
 }
 
 impl Running {
-    async fn stop(mut self) {
+    async fn stop(self) {
+        self.stop_keeping_dir().await;
+    }
+
+    /// Stops the daemon, and gives the dir the vault is in (`v`).
+    async fn stop_keeping_dir(mut self) -> tempfile::TempDir {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         if let Some(d) = self.done.take() {
             d.await.expect("the daemon task ends").expect("daemon");
         }
+        self._dir
     }
 }
 
@@ -396,6 +402,78 @@ async fn under_a_low_ceiling_a_policy_without_a_lifetime_gets_the_ceiling() {
         "a grant that lives {lifetime} under a ceiling of {CEILING} s"
     );
     r.stop().await;
+}
+
+/// A partner's denials are recorded an entry each up to
+/// `recorded_denials_per_minute`; past it they are answered 429
+/// `rate_limited` without their reason and write nothing, and their count
+/// is recorded in one entry (here when the shim stops).
+#[tokio::test]
+async fn denials_past_the_recorded_rate_are_counted_not_recorded_one_by_one() {
+    const RECORDED: u32 = 3;
+    const ASKED: u64 = 8;
+    let r = start(ShimConfig {
+        recorded_denials_per_minute: RECORDED,
+        ..ShimConfig::default()
+    })
+    .await;
+    put_policy(
+        &r,
+        json!({"purposes": {"credit_check": {"fields": {"name": "partial"}}}}),
+    )
+    .await;
+    let before = entries(&r).await;
+    let mut answers = Vec::new();
+    for _ in 0..ASKED {
+        let got = call(
+            r.http,
+            "POST",
+            "/v1/authorize",
+            Some(&r.partner),
+            Some(r#"{"subject_id": "cust-7", "purpose": "marketing"}"#),
+        )
+        .await;
+        answers.push(got);
+    }
+    for (i, got) in answers.iter().enumerate() {
+        if i < RECORDED as usize {
+            assert_error(got, 403, "purpose_not_allowed");
+        } else {
+            assert_error(got, 429, "rate_limited");
+            let message = got.1["message"].as_str().unwrap_or_default();
+            assert!(message.contains("counted"), "{}", got.1);
+        }
+    }
+    assert_eq!(
+        entries(&r).await,
+        before + u64::from(RECORDED),
+        "only the first {RECORDED} denials were recorded one by one"
+    );
+    let dir = r.stop_keeping_dir().await;
+    let vault = Vault::open(
+        &dir.path().join("v"),
+        &Unlock::passphrase(b"shim test".to_vec()),
+        Options::default(),
+    )
+    .expect("open");
+    let all = vault.entries_from(before, 1000).expect("entries");
+    let counts: Vec<Value> = all
+        .iter()
+        .filter_map(|bytes| {
+            let e = storage::entry::EntryRef::decode(bytes).expect("an entry");
+            (e.kind == Kind::AccessDenied)
+                .then(|| serde_json::from_slice::<Value>(e.payload).expect("JSON"))
+                .filter(|p| p.get("unrecorded").is_some())
+                .inspect(|_| assert_eq!(e.subject, "", "a count names no subject"))
+        })
+        .collect();
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    let c = &counts[0];
+    assert_eq!(c["unrecorded"], ASKED - u64::from(RECORDED), "{c}");
+    assert_eq!(c["partner_id"], PARTNER);
+    assert_eq!(c["reason"], "rate_limited");
+    assert!(c["first"].is_string() && c["last"].is_string(), "{c}");
+    vault.close().expect("close");
 }
 
 #[tokio::test]

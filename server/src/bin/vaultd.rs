@@ -268,6 +268,14 @@ struct LimitArgs {
     #[arg(long, env = "FINTRUST_MAX_TOKEN_TTL_SECS", value_name = "SECS", default_value_t = 3600,
           value_parser = clap::value_parser!(u32).range(1..=86_400))]
     max_token_ttl_secs: u32,
+    /// A partner's refusals by `/v1/authorize` that the shim records an
+    /// `access_denied` entry each, a minute at most, in bursts of as many.
+    /// Past it, a refusal is answered 429 `rate_limited` without its
+    /// reason, and counted: the count is recorded once a minute
+    /// (docs/http.md). So a partner's key cannot grow the log faster.
+    #[arg(long, env = "FINTRUST_RECORDED_DENIALS_PER_MINUTE", value_name = "N",
+          default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..))]
+    recorded_denials_per_minute: u32,
 }
 
 impl LimitArgs {
@@ -517,6 +525,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     forwarded_header,
                     max_connections: limits.max_connections(),
                     max_token_ttl_secs: limits.max_token_ttl_secs,
+                    recorded_denials_per_minute: limits.recorded_denials_per_minute,
                     ..Default::default()
                 };
                 let d = server::daemon::Daemon {
@@ -602,6 +611,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     forwarded_header,
                     max_connections: limits.max_connections(),
                     max_token_ttl_secs: limits.max_token_ttl_secs,
+                    recorded_denials_per_minute: limits.recorded_denials_per_minute,
                     ..Default::default()
                 },
             );

@@ -513,6 +513,25 @@ async fn deny(
     source: &crate::proxied::Source,
     denial: Denial,
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
+    let per_minute = shim.config.recorded_denials_per_minute;
+    if !shim.denials.admit(partner, per_minute, now_ms()) {
+        shim.metrics
+            .authorizations
+            .get_or_create(&DecisionLabels {
+                outcome: "denied",
+                reason: "unrecorded",
+            })
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            Denial::RateLimited.code(),
+            format!(
+                "too many refused requests: this partner's refusals are recorded one by one \
+                 {per_minute} a minute at most, and those past it are answered so and counted \
+                 in the log; try again later"
+            ),
+        ));
+    }
     let (fields, omitted) = recorded_fields(req.fields.as_deref());
     let mut audit = json!({
         "action": "authorize",
@@ -552,6 +571,44 @@ async fn deny(
         StatusCode::FORBIDDEN
     };
     Err(ApiError::new(status, denial.code(), denial.message()))
+}
+
+/// Records the denials of `/v1/authorize` that were not recorded one by
+/// one ([`policy::DenialBudget`]): for each partner, one `access_denied`
+/// entry without a subject, `{"action": "authorize", "partner_id",
+/// "reason": "rate_limited", "unrecorded": <count>, "first", "last"}`.
+/// A count that cannot be written is kept for the next time (and may be
+/// in the log twice if the vault's connection failed as it wrote it).
+pub async fn record_unrecorded_denials(shim: &Shim) {
+    for (partner, u) in shim.denials.take_unrecorded() {
+        let entry = json!({
+            "action": "authorize",
+            "partner_id": partner,
+            "reason": Denial::RateLimited.code(),
+            "unrecorded": u.count,
+            "first": rfc3339(u.first_ms),
+            "last": rfc3339(u.last_ms),
+        });
+        let written = shim
+            .gw("audit", |c| async move {
+                c.event(
+                    Kind::AccessDenied as u8,
+                    String::new(),
+                    entry.to_string().into_bytes(),
+                )
+                .await
+            })
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(
+                partner = %partner,
+                count = u.count,
+                error = %e.message,
+                "the count of denials not recorded one by one could not be recorded; kept for the next try"
+            );
+            shim.denials.restore(partner, u);
+        }
+    }
 }
 
 /// Room for the requested field names in a denial's `access_denied`

@@ -93,6 +93,12 @@ pub struct ShimConfig {
     /// The header trusted proxies name the client in (default
     /// `X-Forwarded-For`).
     pub forwarded_header: crate::proxied::forwarded::ForwardedHeader,
+    /// A partner's denials of `/v1/authorize` recorded an entry each, a
+    /// minute at most, in bursts of as many (default 600). Past it, a
+    /// denial is answered `429 rate_limited` without its reason, and the
+    /// shim records how many there were in one entry a minute
+    /// ([`policy::DenialBudget`]).
+    pub recorded_denials_per_minute: u32,
 }
 
 impl Default for ShimConfig {
@@ -107,6 +113,7 @@ impl Default for ShimConfig {
             max_handshakes: 1024,
             trusted_proxies: crate::proxied::TrustedProxies::default(),
             forwarded_header: Default::default(),
+            recorded_denials_per_minute: 600,
         }
     }
 }
@@ -117,6 +124,7 @@ pub struct Shim {
     pub link: Arc<VaultLink>,
     pub config: ShimConfig,
     limiter: policy::RateLimiter,
+    denials: policy::DenialBudget,
     metrics: &'static Metrics,
 }
 
@@ -126,6 +134,7 @@ impl Shim {
             link: Arc::new(link),
             config,
             limiter: policy::RateLimiter::default(),
+            denials: policy::DenialBudget::default(),
             metrics: crate::metrics::global(),
         })
     }
@@ -180,6 +189,20 @@ pub async fn serve(
         "http",
     ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // The counts of denials not recorded one by one, recorded once a
+    // minute, and once more when the shim stops.
+    let counts = {
+        let shim = shim.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(UNRECORDED_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                api::record_unrecorded_denials(&shim).await;
+            }
+        })
+    };
     // Cancelled at shutdown: connections without a request are closed.
     let stopping = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
@@ -217,8 +240,15 @@ pub async fn serve(
     stopping.cancel();
     // Requests in flight finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+    counts.abort();
+    let _ = counts.await;
+    api::record_unrecorded_denials(&shim).await;
     Ok(())
 }
+
+/// How often the counts of denials not recorded one by one are recorded
+/// ([`ShimConfig::recorded_denials_per_minute`]).
+pub const UNRECORDED_EVERY: Duration = Duration::from_secs(60);
 
 /// Most bytes a connection's read buffer holds (hyper's default is about
 /// 400 KiB): a request's line and headers must fit (longer is answered

@@ -321,6 +321,78 @@ impl RateLimiter {
     }
 }
 
+/// Denials of `/v1/authorize` past the rate at which a partner's are
+/// recorded one entry each, counted until [`DenialBudget::take_unrecorded`]
+/// hands them over to be recorded as one count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unrecorded {
+    pub count: u64,
+    /// The first and the last of them, in milliseconds since the epoch.
+    pub first_ms: u64,
+    pub last_ms: u64,
+}
+
+impl Unrecorded {
+    fn merge(&mut self, other: Unrecorded) {
+        self.count = self.count.saturating_add(other.count);
+        self.first_ms = self.first_ms.min(other.first_ms);
+        self.last_ms = self.last_ms.max(other.last_ms);
+    }
+}
+
+/// How many of a partner's denials are recorded one entry each: at most
+/// `per_minute` a minute, in bursts of as many. So a partner's key, a
+/// stolen one included, cannot grow the log faster than that by asking
+/// for what it is refused; the denials past it are counted per partner
+/// and recorded as one count a minute ([`DenialBudget::take_unrecorded`]).
+#[derive(Debug, Default)]
+pub struct DenialBudget {
+    recorded: RateLimiter,
+    unrecorded: std::sync::Mutex<std::collections::BTreeMap<String, Unrecorded>>,
+}
+
+impl DenialBudget {
+    /// Whether `partner`'s denial at `now_ms` is recorded an entry of its
+    /// own; if not, it is counted.
+    pub fn admit(&self, partner: &str, per_minute: u32, now_ms: u64) -> bool {
+        if self.recorded.take(partner, per_minute, now_ms) {
+            return true;
+        }
+        self.restore(
+            partner.to_string(),
+            Unrecorded {
+                count: 1,
+                first_ms: now_ms,
+                last_ms: now_ms,
+            },
+        );
+        false
+    }
+
+    /// The counts of denials not recorded one by one, by partner, which
+    /// the budget forgets: the caller records them, or gives back those it
+    /// could not ([`DenialBudget::restore`]).
+    pub fn take_unrecorded(&self) -> Vec<(String, Unrecorded)> {
+        let mut pending = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut *pending).into_iter().collect()
+    }
+
+    /// Counts `u` for `partner` again, added to what was counted since.
+    pub fn restore(&self, partner: String, u: Unrecorded) {
+        let mut pending = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending
+            .entry(partner)
+            .and_modify(|have| have.merge(u))
+            .or_insert(u);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,6 +410,37 @@ mod tests {
     }
 
     const H: u64 = 3_600_000;
+
+    #[test]
+    fn denials_past_the_budget_are_counted_and_handed_over_once() {
+        let b = DenialBudget::default();
+        let m = 60_000;
+        assert!(b.admit("p", 2, m) && b.admit("p", 2, m));
+        assert!(!b.admit("p", 2, m + 1) && !b.admit("p", 2, m + 5));
+        // Another partner has its own budget.
+        assert!(b.admit("q", 2, m + 5));
+        // Half a minute later, one more is recorded.
+        assert!(b.admit("p", 2, m + 30_005));
+        assert!(!b.admit("p", 2, m + 30_006));
+        let taken = b.take_unrecorded();
+        let want = Unrecorded {
+            count: 3,
+            first_ms: m + 1,
+            last_ms: m + 30_006,
+        };
+        assert_eq!(taken, vec![("p".to_string(), want)]);
+        assert!(b.take_unrecorded().is_empty(), "handed over once");
+        // Given back after a failed write, and counted on.
+        b.restore("p".into(), want);
+        assert!(!b.admit("p", 2, m + 30_007));
+        let again = b.take_unrecorded();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1.count, 4);
+        assert_eq!(
+            (again[0].1.first_ms, again[0].1.last_ms),
+            (m + 1, m + 30_007)
+        );
+    }
 
     #[test]
     fn policies_parse_strictly_and_validate() {
