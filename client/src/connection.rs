@@ -1794,8 +1794,17 @@ where
     while let Some(first) = queued.recv().await {
         let mut next = Some(first);
         let mut result = Ok(());
-        while let Some(frame) = next.take() {
-            if w.buffer().len() + frame.len() < WRITE_BUFFER {
+        while let Some(mut frame) = next.take() {
+            if protocol::frame::encoded_carries_secret(&frame) {
+                // Not through the buffer, whose memory keeps what it held:
+                // what came before it first, then the frame itself, then
+                // its bytes are zeroized.
+                result = match within(timeout, w.flush()).await {
+                    Ok(()) => within(timeout, w.get_mut().write_all(&frame)).await,
+                    Err(e) => Err(e),
+                };
+                frame.zeroize();
+            } else if w.buffer().len() + frame.len() < WRITE_BUFFER {
                 // Copied into the buffer, no I/O: nothing to time.
                 result = w.write_all(&frame).await.map_err(ClientError::from);
             } else {

@@ -57,6 +57,13 @@ impl Decoder for FrameCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>> {
         match frame::decode_with_max(src, self.max_frame_len)? {
             Some((frame, used)) => {
+                // The frame has its own copy: the secret leaves the read
+                // buffer, whose memory is reused and freed unzeroed.
+                if frame.msg_type.carries_secret() {
+                    if let Some(read) = src.get_mut(..used) {
+                        zeroize::Zeroize::zeroize(read);
+                    }
+                }
                 src.advance(used);
                 Ok(Some(frame))
             }

@@ -173,6 +173,22 @@ impl MessageType {
         (self as u8) < 0x80
     }
 
+    /// True for the types whose payload holds a secret: an API key
+    /// (`Hello`, `CredentialKey`), a token (`Redeem`, `Minted`) or a new
+    /// master secret (`RotateMasterKey`). A [`Frame`] of one is zeroized
+    /// when dropped, and a [`crate::FrameCodec`] zeroes the bytes of one
+    /// it decoded in its read buffer.
+    pub fn carries_secret(self) -> bool {
+        matches!(
+            self,
+            MessageType::Hello
+                | MessageType::Redeem
+                | MessageType::RotateMasterKey
+                | MessageType::Minted
+                | MessageType::CredentialKey
+        )
+    }
+
     /// A stable snake_case name, for logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
@@ -280,6 +296,26 @@ impl Frame {
             max_frame_len,
         )
     }
+}
+
+/// A payload that holds a secret ([`MessageType::carries_secret`]) is
+/// zeroized.
+impl Drop for Frame {
+    fn drop(&mut self) {
+        if self.msg_type.carries_secret() {
+            zeroize::Zeroize::zeroize(&mut self.payload);
+        }
+    }
+}
+
+/// Whether an encoded frame (its header at least) is of a type that
+/// carries a secret ([`MessageType::carries_secret`]), so that a writer
+/// can zeroize its copy once it is written.
+pub fn encoded_carries_secret(encoded: &[u8]) -> bool {
+    encoded
+        .get(3)
+        .and_then(|b| MessageType::from_u8(*b))
+        .is_some_and(MessageType::carries_secret)
 }
 
 /// The payload may hold an API key or personal data: only its length is shown.
@@ -450,6 +486,44 @@ fn checksum(header: &[u8], payload: &[u8]) -> u32 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The types whose frames are zeroized are the ones docs/protocol.md
+    /// names (connection rule 10), and an encoded frame tells its type.
+    #[test]
+    fn the_frames_that_carry_a_secret_are_the_documented_ones() {
+        let docs = include_str!("../../docs/protocol.md");
+        let rule = docs
+            .split("10. **Frames that carry a secret:**")
+            .nth(1)
+            .and_then(|r| r.split(" (an API key").next())
+            .expect("connection rule 10");
+        let named: Vec<&str> = rule
+            .split(',')
+            .map(|n| n.trim().trim_matches('`'))
+            .collect();
+        let secret: Vec<MessageType> = MessageType::ALL
+            .into_iter()
+            .filter(|t| t.carries_secret())
+            .collect();
+        assert_eq!(named.len(), secret.len(), "{named:?} / {secret:?}");
+        for t in MessageType::ALL {
+            let wire = format!("{t:?}");
+            assert_eq!(t.carries_secret(), named.contains(&wire.as_str()), "{wire}");
+            let frame = Frame {
+                msg_type: t,
+                flags: 0,
+                request_id: 1,
+                payload: vec![1, 2, 3],
+            };
+            let encoded = frame.encode().expect("encodes");
+            assert_eq!(
+                encoded_carries_secret(&encoded),
+                t.carries_secret(),
+                "{wire}"
+            );
+        }
+        assert!(!encoded_carries_secret(b"FV\x01"), "a header cut short");
+    }
 
     fn ping(request_id: u32) -> Frame {
         Frame {

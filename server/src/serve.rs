@@ -1969,6 +1969,18 @@ async fn feed<W: AsyncWrite + Unpin>(
     flags: u16,
 ) -> bool {
     match answer_frame(id, m, flags) {
+        // A token or an API key does not go through the sink's buffer,
+        // whose memory keeps what it held: what was fed before is written
+        // first, then the frame itself, whose copies are zeroized.
+        Some(f) if f.msg_type.carries_secret() => {
+            let Ok(encoded) = f.encode().map(zeroize::Zeroizing::new) else {
+                return false;
+            };
+            SinkExt::<Frame>::flush(sink).await.is_ok()
+                && tokio::io::AsyncWriteExt::write_all(sink.get_mut(), &encoded)
+                    .await
+                    .is_ok()
+        }
         Some(f) => sink.feed(f).await.is_ok(),
         None => false,
     }
