@@ -1813,6 +1813,19 @@ fn screen(
             Err(e.into()),
         ));
     }
+    // A revoked credential's connection is refused whatever it asks
+    // (read while the vault is reopened: nothing is checked then).
+    let current = vault.get();
+    if current
+        .as_ref()
+        .is_some_and(|current| !caller.still_live(current))
+    {
+        let m = error(
+            ErrorCode::Unauthenticated,
+            "this connection's credential was revoked",
+        );
+        return Screened::End((Some((id, m)), Err(ConnectionError::Unauthenticated)));
+    }
     if !role.may(&message) {
         let m = error(
             ErrorCode::Forbidden,
@@ -1829,14 +1842,7 @@ fn screen(
         return Screened::Answer(id, m);
     }
     // Out of service while a failed write is recovered from.
-    match vault.get() {
-        Some(current) if !caller.still_live(&current) => {
-            let m = error(
-                ErrorCode::Unauthenticated,
-                "this connection's credential was revoked",
-            );
-            Screened::End((Some((id, m)), Err(ConnectionError::Unauthenticated)))
-        }
+    match current {
         Some(current) => Screened::Request(id, message, current),
         None => match message {
             Message::Health => Screened::Answer(
