@@ -238,19 +238,41 @@ where
             return ExitCode::from(EXIT_LOCAL);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // A name lookup still running on the blocking pool (its connect timed
+    // out) is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match e.downcast_ref::<ClientError>() {
             Some(ClientError::Server { code, message }) => {
-                eprintln!("error: {code}: {message}");
+                eprintln!("error: {code}: {}", printable(message));
                 ExitCode::from(EXIT_REFUSED)
             }
             _ => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", printable(&format!("{e:#}")));
                 ExitCode::from(EXIT_LOCAL)
             }
         },
     }
+}
+
+/// `s` with its control characters escaped (`\u{1b}`), for a terminal: a
+/// server's message or name must not be able to move the cursor, retitle
+/// the window or hide what precedes it.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Connects with `config`. A refusal by the server keeps its type (so
@@ -296,6 +318,12 @@ mod tests {
         Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
             .expect("parses")
             .connect
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(printable("plain: été"), "plain: été");
+        assert_eq!(printable("a\u{1b}[2Jb\nc\u{7}"), "a\\u{1b}[2Jb\\nc\\u{7}");
     }
 
     #[test]

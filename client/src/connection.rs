@@ -822,6 +822,11 @@ impl Client {
                     }
                     Some(head)
                 };
+                if entries != signed_head.map_or(0, |h| h.last_seq.saturating_add(1)) {
+                    return Err(ClientError::UnexpectedResponse(
+                        "an entry count that is the head's last seq + 1",
+                    ));
+                }
                 Ok(HeadInfo {
                     public_key,
                     entries,

@@ -201,8 +201,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 &format!(
                     "pong from {} (role {}) in {rtt_ms:.1} ms",
-                    client.server(),
-                    client.role()
+                    client::cli::printable(client.server()),
+                    client::cli::printable(client.role())
                 ),
             )?;
         }
@@ -237,40 +237,46 @@ async fn verify(
             );
             return Ok(false);
         }
-        // A head that does not check out is the server's word against its
-        // own key: never a note.
-        Err(e @ (ClientError::BadReceipt(_) | ClientError::BadKeyChain(_))) => {
-            return Err(anyhow::Error::new(e).context("the server's signed head does not verify"));
-        }
-        Err(e) => {
-            eprintln!("note: receipt not verified: cannot read the public key: {e}");
-            return Ok(false);
-        }
+        Err(e) => return unverified(e, "the server's signed head does not check out"),
     };
     if let Err(e) = client.verify_receipt(receipt, &head.public_key).await {
         return unverified(e, "the receipt does not verify");
     }
-    // A head older than the receipt's own would mean the server went back.
+    // A head older than the receipt's own would mean the server went back,
+    // and so would no head at all.
     let mut tracker = HeadTracker::new();
     tracker.observe(&receipt.head)?;
-    if let Some(h) = &head.signed_head {
-        tracker.observe(h)?;
+    match &head.signed_head {
+        Some(h) => tracker.observe(h)?,
+        None => bail!(
+            "the server reports an empty log after its receipt for seq {}",
+            receipt.seq
+        ),
     }
     Ok(true)
 }
 
-/// A check that failed (`what`, exit 1), or one that could not be made
-/// (the connection failed, the server refused the `KeyChain` request): a
-/// note, and the receipt stays unverified.
+/// A check that could not be made because the connection failed before
+/// an answer came (a note; the receipt stays unverified), or one that
+/// failed (`what`, exit 1): a receipt, key chain or head that does not
+/// verify, and as much an answer that does not decode, or a refusal
+/// (`KeyChain` is open to every role, and `Head` refused as `forbidden`
+/// is handled before).
 fn unverified(e: ClientError, what: &str) -> anyhow::Result<bool> {
     match e {
-        e @ (ClientError::BadReceipt(_)
-        | ClientError::BadKeyChain(_)
-        | ClientError::Rollback { .. }) => Err(anyhow::Error::new(e).context(what.to_string())),
-        e => {
+        e @ (ClientError::Io(_)
+        | ClientError::Tls(_)
+        | ClientError::Timeout
+        | ClientError::Closed) => {
             eprintln!("note: receipt not verified: {e}");
             Ok(false)
         }
+        // Not as a refusal of the request (exit 2): the append was done.
+        ClientError::Server { code, message } => bail!(
+            "{what}: the server refused the check ({code}: {})",
+            client::cli::printable(&message)
+        ),
+        e => Err(anyhow::Error::new(e).context(what.to_string())),
     }
 }
 
@@ -303,21 +309,52 @@ fn read_token(
     Ok(token)
 }
 
-/// The fields of a JSON object whose values are all strings.
+/// The fields of a JSON object whose values are all strings, each name
+/// once, in the order of their names.
 fn read_record(path: &PathBuf) -> anyhow::Result<Vec<(String, String)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
-    let Value::Object(map) = value else {
-        bail!("{} must hold one JSON object", path.display());
-    };
-    map.into_iter()
-        .map(|(name, v)| match v {
-            Value::String(s) => Ok((name, s)),
-            _ => bail!("{}: field {name:?} is not a string", path.display()),
-        })
-        .collect()
+    let RecordFields(mut fields) =
+        serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    fields.sort();
+    Ok(fields)
+}
+
+/// A record file's fields: a JSON object whose values are strings, no
+/// name twice (which a map would keep the last of, silently).
+struct RecordFields(Vec<(String, String)>);
+
+impl<'de> serde::Deserialize<'de> for RecordFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = RecordFields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("one JSON object whose values are strings")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RecordFields, A::Error> {
+                use serde::de::Error;
+                let mut fields = Vec::new();
+                let mut names = std::collections::HashSet::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    let Value::String(value) = map.next_value::<Value>()? else {
+                        return Err(A::Error::custom(format!("field {name:?} is not a string")));
+                    };
+                    if !names.insert(name.clone()) {
+                        return Err(A::Error::custom(format!("field {name:?} appears twice")));
+                    }
+                    fields.push((name, value));
+                }
+                Ok(RecordFields(fields))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 fn parse_key(s: &str) -> anyhow::Result<[u8; 32]> {
@@ -325,4 +362,83 @@ fn parse_key(s: &str) -> anyhow::Result<[u8; 32]> {
     hex::decode_to_slice(s.trim(), &mut key)
         .map_err(|_| anyhow::anyhow!("--public-key takes 64 hex digits"))?;
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record file is one object of strings, each name once: anything
+    /// else is refused, naming what is wrong.
+    #[test]
+    fn record_files_are_read_strictly() {
+        let dir = std::env::temp_dir().join(format!("vault-client-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a dir");
+        let file = dir.join("r.json");
+        let read = |text: &str| {
+            std::fs::write(&file, text).expect("written");
+            read_record(&file).map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(
+            read(r#"{"name": "Ada", "email": "a@x"}"#),
+            Ok(vec![
+                ("email".to_string(), "a@x".to_string()),
+                ("name".to_string(), "Ada".to_string())
+            ])
+        );
+        for (text, says) in [
+            (
+                r#"{"email": "a@x", "email": "b@y"}"#,
+                "\"email\" appears twice",
+            ),
+            (r#"{"age": 3}"#, "\"age\" is not a string"),
+            (r#"["a"]"#, "one JSON object"),
+            (r#"{"a": "b""#, "EOF"),
+        ] {
+            let got = read(text);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(says)),
+                "{text}: {got:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Only a connection that failed before an answer leaves the receipt
+    /// unverified with a note; a refusal of the check, an answer that does
+    /// not decode or one of the wrong type fails it (exit 1, not 2: the
+    /// append was done).
+    #[test]
+    fn a_check_that_gets_an_answer_and_fails_is_a_failure() {
+        let notes = [
+            ClientError::Timeout,
+            ClientError::Closed,
+            ClientError::Io(std::io::Error::other("reset")),
+        ];
+        for e in notes {
+            let shown = e.to_string();
+            assert!(matches!(unverified(e, "check"), Ok(false)), "{shown}");
+        }
+        let failures = [
+            ClientError::Server {
+                code: ErrorCode::Internal,
+                message: "no\u{1b}]0;title\u{7}".into(),
+            },
+            ClientError::UnexpectedResponse("KeyChainInfo"),
+            ClientError::Protocol(protocol::Error::Malformed("an endorsement")),
+        ];
+        for e in failures {
+            let shown = e.to_string();
+            let Err(failed) = unverified(e, "check") else {
+                panic!("{shown}: not a failure");
+            };
+            assert!(
+                failed
+                    .downcast_ref::<ClientError>()
+                    .is_none_or(|c| !matches!(c, ClientError::Server { .. })),
+                "{shown}: would exit 2"
+            );
+            assert!(!format!("{failed:#}").contains('\u{1b}'), "{failed:#}");
+        }
+    }
 }
