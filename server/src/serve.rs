@@ -320,7 +320,16 @@ impl Role {
 /// otherwise take a fresh address for each guess.
 #[derive(Debug, Default)]
 pub struct FailureThrottle {
-    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, Refusals>>,
+}
+
+/// A peer's refusals in a row, the last one's time, and the start given
+/// to its latest redemption slowed down ([`FailureThrottle::reserve`]).
+#[derive(Debug, Clone, Copy)]
+struct Refusals {
+    count: u32,
+    last: std::time::Instant,
+    slot: std::time::Instant,
 }
 
 impl FailureThrottle {
@@ -335,20 +344,42 @@ impl FailureThrottle {
     /// many peers each slowed down clears the table.
     const MAX_PEERS: usize = 100_000;
 
-    /// How long a redemption from `ip` must wait first.
+    /// The wait between two redemptions from `ip`, by its refusals.
     pub fn delay(&self, ip: std::net::IpAddr) -> Duration {
         let Ok(peers) = self.peers.lock() else {
             return Duration::ZERO;
         };
-        match peers.get(&peer_of(ip)) {
-            Some((n, last)) if *n >= Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER => {
-                let exp = (*n - Self::FREE_FAILURES).min(16);
-                Self::BASE_DELAY
-                    .saturating_mul(1 << exp)
-                    .min(Self::MAX_DELAY)
-            }
-            _ => Duration::ZERO,
+        peers.get(&peer_of(ip)).map_or(Duration::ZERO, Self::step)
+    }
+
+    fn step(r: &Refusals) -> Duration {
+        if r.count < Self::FREE_FAILURES || r.last.elapsed() >= Self::FORGET_AFTER {
+            return Duration::ZERO;
         }
+        let exp = (r.count - Self::FREE_FAILURES).min(16);
+        Self::BASE_DELAY
+            .saturating_mul(1 << exp)
+            .min(Self::MAX_DELAY)
+    }
+
+    /// How long a redemption from `ip` arriving at `now` must wait: its
+    /// [`FailureThrottle::delay`] after the later of `now` and the start
+    /// given to the peer's previous redemption. So redemptions sent at
+    /// once, on as many connections, start one `delay` apart, as they
+    /// would one after the other, and not all after the same wait.
+    pub fn reserve(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Duration {
+        let Ok(mut peers) = self.peers.lock() else {
+            return Duration::ZERO;
+        };
+        let Some(r) = peers.get_mut(&peer_of(ip)) else {
+            return Duration::ZERO;
+        };
+        let step = Self::step(r);
+        if step.is_zero() {
+            return Duration::ZERO;
+        }
+        r.slot = r.slot.max(now) + step;
+        r.slot - now
     }
 
     /// Records the outcome of a redemption from `ip`.
@@ -366,19 +397,22 @@ impl FailureThrottle {
             return;
         }
         if peers.len() >= max_peers && !peers.contains_key(&ip) {
-            peers.retain(|_, (n, last)| {
-                *n >= Self::FREE_FAILURES && last.elapsed() < Self::FORGET_AFTER
-            });
+            peers.retain(|_, r| !Self::step(r).is_zero());
             if peers.len() >= max_peers {
                 peers.clear();
             }
         }
-        let e = peers.entry(ip).or_insert((0, std::time::Instant::now()));
-        if e.1.elapsed() >= Self::FORGET_AFTER {
-            e.0 = 0;
+        let now = std::time::Instant::now();
+        let r = peers.entry(ip).or_insert(Refusals {
+            count: 0,
+            last: now,
+            slot: now,
+        });
+        if r.last.elapsed() >= Self::FORGET_AFTER {
+            r.count = 0;
         }
-        e.0 = e.0.saturating_add(1);
-        e.1 = std::time::Instant::now();
+        r.count = r.count.saturating_add(1);
+        r.last = now;
     }
 }
 
@@ -1879,7 +1913,7 @@ async fn redeem_request(
     caller: &Caller,
     conn: &Conn,
 ) -> Message {
-    let wait = conn.throttle.delay(conn.peer);
+    let wait = conn.throttle.reserve(conn.peer, std::time::Instant::now());
     if !wait.is_zero() {
         // Not holding the vault meanwhile: it may be reopened.
         drop(current);
@@ -3142,6 +3176,34 @@ mod tests {
         assert_eq!(t.delay(b), Duration::ZERO, "other peers are not affected");
         t.record(a, false);
         assert_eq!(t.delay(a), Duration::ZERO);
+    }
+
+    /// Redemptions a slowed-down peer sends at once, on as many
+    /// connections, start one delay apart, not all after the same wait.
+    #[test]
+    fn redemptions_sent_at_once_by_a_slowed_peer_wait_their_turns() {
+        let t = FailureThrottle::default();
+        let a: std::net::IpAddr = [10, 0, 0, 1].into();
+        assert_eq!(
+            t.reserve(a, std::time::Instant::now()),
+            Duration::ZERO,
+            "an unknown peer"
+        );
+        for _ in 0..=FailureThrottle::FREE_FAILURES {
+            t.record(a, true);
+        }
+        let now = std::time::Instant::now();
+        let step = t.delay(a);
+        assert_eq!(step, FailureThrottle::BASE_DELAY * 2);
+        let waits: Vec<Duration> = (0..4).map(|_| t.reserve(a, now)).collect();
+        assert_eq!(waits, [step, step * 2, step * 3, step * 4]);
+        // One that comes after those slots still waits a whole step.
+        let later = now + step * 10;
+        assert_eq!(t.reserve(a, later), step);
+        // Others, and the peer once forgiven, do not wait.
+        assert_eq!(t.reserve([10, 0, 0, 2].into(), now), Duration::ZERO);
+        t.record(a, false);
+        assert_eq!(t.reserve(a, now), Duration::ZERO);
     }
 
     #[test]
