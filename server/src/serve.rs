@@ -455,6 +455,10 @@ impl Local {
     /// answered as on a network connection (`Hello` first, the role's
     /// rules, a partner's connection ending with its `Redeem`), in the
     /// caller's task.
+    ///
+    /// It is never [`Conn::confidential`]: the shim that calls forwards
+    /// what HTTP callers send, over whatever their connection was, so a
+    /// new master secret is not taken from it.
     pub fn direct(&self) -> Arc<Direct> {
         Arc::new(Direct {
             conn: Conn {
@@ -529,7 +533,7 @@ impl Direct {
         let caller = match state {
             DirectState::Closed => return self.end(None),
             DirectState::Hello => {
-                return match hello(next, &self.conn.vault, None, self.conn.confidential()) {
+                return match hello(next, &self.conn.vault, None, false) {
                     Ok((id, caller)) => {
                         let ok = Message::HelloOk {
                             role: caller.role.name().into(),

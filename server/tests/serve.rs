@@ -1379,6 +1379,18 @@ async fn direct_connections_are_served_as_sockets_are() {
     assert!(a.closed);
     let a = conn.exchange(frame(4, &Message::Ping)).await;
     assert!(a.closed && a.frames.is_empty());
+
+    // An admin: a new master secret is not taken, as from a plaintext
+    // connection of another host (the shim forwards what HTTP sent).
+    let conn = local.direct();
+    conn.exchange(hello(&s.admin)).await;
+    let rotate = Message::RotateMasterKey {
+        kind: protocol::SecretKind::KeyFile,
+        secret: vec![9; 32],
+    };
+    let a = conn.exchange(frame(2, &rotate)).await;
+    assert_eq!(code(&answer(&a)[0]), Some(ErrorCode::Forbidden));
+    assert!(!a.closed);
 }
 
 #[tokio::test]
