@@ -37,7 +37,8 @@
 //! its requests in flight, for ever. Nothing a client sends makes the
 //! server allocate beyond `max_frame_len` per frame (`MAX_HELLO_LEN`
 //! before it is authenticated), `max_in_flight` requests per connection
-//! and `max_entries_bytes` per `Entries` answer.
+//! (one of many fields counting as more: [`FIELDS_PER_REQUEST`]) and
+//! `max_entries_bytes` per `Entries` answer.
 //!
 //! A connection from a peer in `proxy_protocol_from` must begin with a
 //! PROXY protocol header, before TLS; the client it names is then the
@@ -86,7 +87,8 @@ pub struct ServeConfig {
     /// take every slot from the others.
     pub max_connections_per_credential: usize,
     /// Requests of one connection handled at once; further frames are not
-    /// read until one finishes (default 64).
+    /// read until one finishes (default 64). A request of many fields
+    /// counts as more than one ([`FIELDS_PER_REQUEST`]).
     pub max_in_flight: usize,
     /// A connection that sends nothing for this long is closed (default
     /// 30 s), and so is one whose answers cannot be written for this long
@@ -1534,16 +1536,16 @@ where
         };
         let (id, message, current) = match screened {
             Screened::Request(id, Message::Append { subject, fields }, current) => {
-                let room = max_in_flight - in_flight;
+                let room = max_in_flight.saturating_sub(in_flight);
                 let first = (id, subject, fields);
-                let (mut appends, next) =
+                let (mut appends, weight, next) =
                     gather_appends(&mut frames, first, &current, room, caller_ref, &vault);
                 carried = next;
                 if appends.len() > 1 {
-                    in_flight += appends.len();
+                    in_flight += weight;
                     pending.push(Either::Left(async move {
-                        let (n, answers) = handle_appends(appends, current).await;
-                        (n, answers, None)
+                        let (_, answers) = handle_appends(appends, current).await;
+                        (weight, answers, None)
                     }));
                     continue;
                 }
@@ -1563,7 +1565,8 @@ where
             }
             Screened::End(ending) => break ending,
         };
-        in_flight += 1;
+        let weight = weight(&message);
+        in_flight += weight;
         pending.push(Either::Right(async move {
             let turn = if is_scan(&message) {
                 turn_ref.acquire().await.ok()
@@ -1571,7 +1574,7 @@ where
                 None
             };
             let answers = handle(id, message, &current, config_ref, caller_ref).await;
-            (1, answers, turn)
+            (weight, answers, turn)
         }));
     };
     // Requests already read are answered, even when reading has ended;
@@ -2239,12 +2242,13 @@ fn gather_appends<R: AsyncRead + Unpin>(
     room: usize,
     caller: &Caller,
     vault: &LiveVault,
-) -> (Vec<ReadAppend>, Option<Screened>) {
+) -> (Vec<ReadAppend>, usize, Option<Screened>) {
+    let mut weight = fields_weight(first.2.len());
     let mut appends = vec![first];
     // The codec keeps no state between frames: decoding from the buffer
     // here is what the `FramedRead` would do next.
     let mut codec = frames.decoder().clone();
-    while appends.len() < room {
+    while weight < room {
         let next = match codec.decode(frames.read_buffer_mut()) {
             Ok(None) => break,
             Ok(Some(frame)) => Ok(Some(frame)),
@@ -2255,12 +2259,40 @@ fn gather_appends<R: AsyncRead + Unpin>(
             Screened::Request(id, Message::Append { subject, fields }, same)
                 if Arc::ptr_eq(&same, current) =>
             {
+                weight += fields_weight(fields.len());
                 appends.push((id, subject, fields))
             }
-            other => return (appends, Some(other)),
+            other => return (appends, weight, Some(other)),
         }
     }
-    (appends, None)
+    (appends, weight, None)
+}
+
+/// Fields a request holds for each request it counts as in its
+/// connection's `max_in_flight`: decoded, a field takes 48 bytes and its
+/// two strings' allocations, up to some twenty times the bytes it took in
+/// its frame, so a connection's requests in flight are counted by their
+/// fields too, not only by their number, to bound the memory they hold.
+pub const FIELDS_PER_REQUEST: usize = 256;
+
+fn fields_weight(fields: usize) -> usize {
+    1 + fields / FIELDS_PER_REQUEST
+}
+
+/// How many requests `m` counts as in its connection's `max_in_flight`
+/// ([`FIELDS_PER_REQUEST`]).
+fn weight(m: &Message) -> usize {
+    match m {
+        Message::Append { fields, .. } => fields_weight(fields.len()),
+        Message::Mint { fields, .. } => fields_weight(fields.len()),
+        Message::AppendBatch { items } => fields_weight(
+            items
+                .iter()
+                .map(|r| r.fields.len().saturating_add(1))
+                .fold(0, usize::saturating_add),
+        ),
+        _ => 1,
+    }
 }
 
 /// Answers a connection's appends that were read together: each is a
@@ -3180,6 +3212,34 @@ mod tests {
         assert_eq!(t.delay(b), Duration::ZERO, "other peers are not affected");
         t.record(a, false);
         assert_eq!(t.delay(a), Duration::ZERO);
+    }
+
+    /// A request counts in its connection's `max_in_flight` as one per
+    /// `FIELDS_PER_REQUEST` fields it holds, and at least as one.
+    #[test]
+    fn requests_of_many_fields_count_as_more_in_flight() {
+        let fields = |n: usize| (0..n).map(|i| (format!("f{i}"), "v".to_string())).collect();
+        let append = |n| Message::Append {
+            subject: "s".into(),
+            fields: fields(n),
+        };
+        assert_eq!(weight(&Message::Ping), 1);
+        assert_eq!(weight(&append(0)), 1);
+        assert_eq!(weight(&append(FIELDS_PER_REQUEST - 1)), 1);
+        assert_eq!(weight(&append(FIELDS_PER_REQUEST)), 2);
+        assert_eq!(weight(&append(65_535)), 1 + 65_535 / FIELDS_PER_REQUEST);
+        // A batch counts its records too: empty ones cost memory as well.
+        let batch = |records: usize, each: usize| Message::AppendBatch {
+            items: (0..records)
+                .map(|_| protocol::Record {
+                    subject: "s".into(),
+                    fields: fields(each),
+                })
+                .collect(),
+        };
+        assert_eq!(weight(&batch(100, 1)), 1);
+        assert_eq!(weight(&batch(1_000, 0)), 1 + 1_000 / FIELDS_PER_REQUEST);
+        assert_eq!(weight(&batch(1_000, 9)), 1 + 10_000 / FIELDS_PER_REQUEST);
     }
 
     /// Redemptions a slowed-down peer sends at once, on as many
