@@ -759,3 +759,47 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     let v = verify_dir(&dir, &public_key).ok_json();
     assert_eq!(v["ok"], true, "{v}");
 }
+
+/// `--passphrase-file` or `--key-file` on the command line without
+/// `--data-dir` is refused before anything is sent (the rotation would
+/// otherwise go to the server and leave the flag unused); the same value
+/// from the environment (which `vaultd` reads too) is left alone.
+#[test]
+fn an_offline_flag_without_a_data_dir_is_refused_before_connecting() {
+    // Nothing listens on port 1: a command that connects fails otherwise.
+    let addr = "127.0.0.1:1";
+    for (command, flag) in [
+        ("rotate-signing-key", "--passphrase-file"),
+        ("rotate-signing-key", "--key-file"),
+        ("rotate-master-key", "--passphrase-file"),
+    ] {
+        let mut args = vec![command, flag, "/nonexistent/secret"];
+        if command == "rotate-master-key" {
+            args.extend(["--new-passphrase-file", "/nonexistent/new"]);
+        }
+        let r = admin(addr, "fvk_unused", &args);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(
+            r.stderr.contains(flag) && r.stderr.contains("needs --data-dir"),
+            "{r:?}"
+        );
+    }
+    let r = run_bin(
+        "fintrust-server",
+        "vault-admin",
+        [
+            "rotate-signing-key",
+            "--addr",
+            addr,
+            "--api-key",
+            "fvk_unused",
+            "--insecure-plaintext",
+        ],
+        &[("FINTRUST_PASSPHRASE_FILE", "/nonexistent/secret")],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        !r.stderr.contains("needs --data-dir") && r.stderr.contains(addr),
+        "from the environment, the flag is vaultd's: {r:?}"
+    );
+}

@@ -214,6 +214,27 @@ struct Offline {
 }
 
 impl Offline {
+    /// The flag given on the command line that only `--data-dir` uses,
+    /// when `--data-dir` is not given: the command would go to a server
+    /// and leave that flag unused, which is not what its giver meant.
+    /// (From the environment, `FINTRUST_PASSPHRASE_FILE` and
+    /// `FINTRUST_KEY_FILE` are `vaultd`'s too, and are left alone.)
+    fn unused_flag(&self) -> Option<&'static str> {
+        if self.data_dir.is_some() {
+            return None;
+        }
+        let given = |value: &Option<PathBuf>, env: &str| {
+            value.is_some() && value.as_deref() != std::env::var_os(env).as_deref().map(Path::new)
+        };
+        if given(&self.passphrase_file, "FINTRUST_PASSPHRASE_FILE") {
+            Some("--passphrase-file")
+        } else if given(&self.key_file, "FINTRUST_KEY_FILE") {
+            Some("--key-file")
+        } else {
+            None
+        }
+    }
+
     /// The stopped vault, opened with its current secret.
     fn open(&self, dir: &Path) -> anyhow::Result<storage::Vault> {
         let unlock = server::secrets::unlock_from(
@@ -780,6 +801,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The subcommands run on a stopped vault (`--data-dir`), if this is one.
 async fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
+    if let Command::RotateSigningKey { offline } | Command::RotateMasterKey { offline, .. } =
+        &cli.command
+    {
+        if let Some(flag) = offline.unused_flag() {
+            anyhow::bail!(
+                "{flag} opens a stopped vault and needs --data-dir; without it the rotation \
+                 would go to the server at --addr: nothing was done"
+            );
+        }
+    }
     match &cli.command {
         Command::RotateSigningKey { offline } => {
             let Some(dir) = &offline.data_dir else {
