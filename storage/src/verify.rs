@@ -1603,9 +1603,35 @@ pub(crate) fn verify_store_with(
     // whose group never reached the log were written by a commit that a
     // crash interrupted; the next open deletes them, and nothing uses them.
     let mut uncommitted: Vec<Vec<u8>> = Vec::new();
+    // Whatever the store holds beyond what the log committed to (what a
+    // crash left, which the next open deletes) may not be a key the log
+    // destroyed, under any name: a shredded key kept there is not gone.
+    let destroyed_hashes: std::collections::HashSet<[u8; 32]> =
+        destroyed.values().copied().collect();
+    let kept_destroyed = |k: &[u8], h: &[u8; 32]| {
+        destroyed_hashes.contains(h).then(|| {
+            fail(Reason::KeyMismatch(format!(
+                "{:?} holds a key the log destroyed",
+                String::from_utf8_lossy(k)
+            )))
+        })
+    };
     match crate::vault::pending_markers(&store.keys) {
         Ok(markers) => {
             for m in markers {
+                // A group creates data and signing keys only; its marker
+                // names nothing else, whether its group reached the log
+                // (a crash came before the marker's removal) or not.
+                if let Some(k) = m.keys.iter().find(|k| {
+                    !(k.starts_with(state::DATA_KEY_PREFIX)
+                        || k.starts_with(state::SIGNING_KEY_PREFIX))
+                }) {
+                    report.failure = fail(Reason::KeyMismatch(format!(
+                        "a pending marker names {:?}, a key no group creates",
+                        String::from_utf8_lossy(k)
+                    )));
+                    return Ok(report);
+                }
                 if m.first_seq >= tip.entries {
                     // An interrupted commit names keys no entry committed
                     // to yet: data and signing keys, the only keys a group
@@ -1700,15 +1726,40 @@ pub(crate) fn verify_store_with(
         if crate::vault::is_pending_marker(&k)
             || k.as_ref() == crate::vault::SHREDDING
             || k.as_ref() == crate::vault::ROTATING
-            || uncommitted.iter().any(|n| n.as_slice() == k.as_ref())
         {
             continue;
         }
         let h = *blake3::hash(&v).as_bytes();
+        if uncommitted.iter().any(|n| n.as_slice() == k.as_ref()) {
+            if let Some(failure) = kept_destroyed(&k, &h) {
+                report.failure = failure;
+                return Ok(report);
+            }
+            continue;
+        }
         if has_marker {
             if let Some(name) = k.strip_prefix(crate::vault::STAGED) {
                 if staged_committed {
                     actual.insert(name.to_vec(), h.to_vec());
+                    continue;
+                }
+                // Staged by a rotation whose entry never reached the log:
+                // a new value of a key the log holds, or of one a group
+                // that did not reach it either created, or the masking
+                // key a vault's first master rotation creates.
+                if !keys.contains_key(name)
+                    && name != state::MASK
+                    && !uncommitted.iter().any(|n| n.as_slice() == name)
+                {
+                    report.failure = fail(Reason::KeyMismatch(format!(
+                        "{:?} is staged for a key the log does not hold",
+                        String::from_utf8_lossy(&k)
+                    )));
+                    return Ok(report);
+                }
+                if let Some(failure) = kept_destroyed(&k, &h) {
+                    report.failure = failure;
+                    return Ok(report);
                 }
                 continue;
             }

@@ -492,6 +492,88 @@ async fn two_subjects(dir: &Path) -> ed25519_dalek::VerifyingKey {
     key
 }
 
+/// A shredded subject's wrapped key is refused wherever it is kept in the
+/// key store, the places where a crash's leftovers are let be included:
+/// staged for a master rotation that never reached the log, under a name
+/// a pending marker of a group to come names, or as a "name" in the
+/// marker of a group that did reach it.
+#[tokio::test]
+async fn a_shredded_key_kept_among_a_crash_s_leftovers_is_refused() {
+    use storage::vault::{pending_name, ROTATING, STAGED};
+    let tmp = scratch_dir();
+    let dir = tmp.path().join("v");
+    let key = two_subjects(&dir).await;
+    let alice = data_key_name("alice", 1);
+    let bob = data_key_name("bob", 1);
+    let kept = raw(&dir)
+        .keys
+        .get(&alice)
+        .expect("read")
+        .expect("alice's key")
+        .to_vec();
+    let vault = reopen(&dir);
+    vault.shred("alice").await.expect("shred");
+    let next = vault.durable_len();
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+    let shredded = tmp.path().join("shredded");
+    wait_unlocked(&dir);
+    copy_dir(&dir, &shredded);
+
+    let unused = data_key_name("carol", 1);
+    type Writes = Vec<(Vec<u8>, Vec<u8>)>;
+    let cases: Vec<(&str, Writes)> = vec![
+        (
+            "staged for bob under a rotation to come",
+            vec![
+                (ROTATING.to_vec(), u64::MAX.to_be_bytes().to_vec()),
+                ([STAGED, &bob].concat(), kept.clone()),
+            ],
+        ),
+        (
+            "staged for a key the log does not hold",
+            vec![
+                (ROTATING.to_vec(), u64::MAX.to_be_bytes().to_vec()),
+                ([STAGED, b"stash"].concat(), vec![1; 60]),
+            ],
+        ),
+        (
+            "under a name a group to come creates",
+            vec![
+                (
+                    pending_name(next),
+                    pending_value(next, std::slice::from_ref(&unused)),
+                ),
+                (unused.clone(), kept.clone()),
+            ],
+        ),
+        (
+            "in the marker of a group the log holds",
+            vec![(
+                pending_name(1),
+                pending_value(1, std::slice::from_ref(&kept)),
+            )],
+        ),
+    ];
+    for (i, (case, writes)) in cases.into_iter().enumerate() {
+        let d = tmp.path().join(format!("case-{i}"));
+        copy_dir(&shredded, &d);
+        {
+            let r = raw(&d);
+            for (k, v) in &writes {
+                r.keys.insert(k.as_slice(), v.as_slice()).expect("write");
+            }
+            r.flush().expect("flush");
+        }
+        let r = report(&d, key);
+        assert!(
+            matches!(r.failure, Some((_, Reason::KeyMismatch(_)))),
+            "{case}: {:?}",
+            r.failure
+        );
+    }
+}
+
 fn shredding_marker(first_seq: u64, subjects: &[&str]) -> Vec<u8> {
     let mut v = first_seq.to_be_bytes().to_vec();
     for s in subjects {
