@@ -115,6 +115,9 @@ fn one_source(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // What an open of a data dir has to say (a torn record dropped, a
+    // crash's leftovers cut, a dir other users may read), on stderr.
+    server::log_to_stderr("warn");
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
