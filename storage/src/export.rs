@@ -275,6 +275,12 @@ fn read_runs(
 ) -> Option<Piece> {
     let mut buf = Vec::new();
     let (mut entries, mut head_count) = (0u64, 0u64);
+    // The entry count at the last head: each head closes a commit group,
+    // which holds an entry at least, so a head with none since the one
+    // before (or since the header) is refused here, before the heads that
+    // follow it could pile up unchecked (they go to the checker with the
+    // entries of their run).
+    let mut entries_at_head = 0u64;
     loop {
         if run.len() >= RUN_ENTRIES || run.byte_len() >= RUN_BYTES {
             let full = Piece::Run {
@@ -315,6 +321,10 @@ fn read_runs(
                 entries += 1;
             }
             TAG_HEAD => {
+                if entries == entries_at_head {
+                    return Some(bad("a head with no entry after the one before it"));
+                }
+                entries_at_head = entries;
                 let Ok(head) = SignedHead::decode(&buf) else {
                     return Some(bad("head does not decode"));
                 };
@@ -543,6 +553,35 @@ mod tests {
         let header = hex::decode(&GOLDEN[..50]).expect("hex");
         let got = verify_export(header.as_slice().chain(Failing), &key);
         assert!(matches!(got, Err(Error::Io(_))), "{got:?}");
+    }
+
+    /// A head with no entry since the one before it (or since the header)
+    /// is refused as it is read: heads alone, however many, are never
+    /// held waiting for entries.
+    #[test]
+    fn a_head_without_an_entry_before_it_is_refused_as_read() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let head_record = [&[2u8, 0, 0, 0, 0x9d][..], &hex::decode(HEAD).expect("hex")].concat();
+        let entry_record = [1u8, 0, 0, 0, 3, 1, 2, 3];
+        let header = hex::decode(&GOLDEN[..50]).expect("hex");
+        let file = [header, vec![head_record.clone(); 3].concat()].concat();
+        let got = verify_export(file.as_slice(), &key).expect("a verdict");
+        assert!(
+            matches!(&got.report.failure, Some((0, Reason::Malformed(m))) if m.contains("no entry after")),
+            "{:?}",
+            got.report.failure
+        );
+        // After an entry, a second head in a row: refused by the reader.
+        let records = [entry_record.to_vec(), head_record.clone(), head_record].concat();
+        let (tx, _rx) = mpsc::sync_channel(16);
+        let (mut run, mut heads) = (EntryRun::default(), Vec::new());
+        let ending = read_runs(&mut records.as_slice(), &tx, &mut run, &mut heads);
+        assert!(
+            matches!(&ending, Some(Piece::Damage((1, Reason::Malformed(m)))) if m.contains("no entry after")),
+            "{}",
+            ending.is_some()
+        );
+        assert_eq!(heads.len(), 1, "the first head only");
     }
 
     proptest::proptest! {
