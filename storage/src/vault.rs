@@ -1220,7 +1220,9 @@ impl Vault {
             max_encryptions: opts.max_encryptions_per_key.max(1),
             key_cache: opts.key_cache.max(1),
             max_group: GroupBound {
-                entries: opts.max_group_entries.clamp(1, 1 << 20),
+                entries: opts
+                    .max_group_entries
+                    .clamp(1, crate::verify::MAX_GROUP_ENTRIES),
                 bytes: opts.max_group_bytes.max(1),
             },
             nonces: crypto::NonceSource::default(),

@@ -385,6 +385,10 @@ fn read_range(log: &LogTree, range: &Range) -> Result<TaskRead> {
     Ok(read)
 }
 
+/// Most entries of one commit group (the writer's ceiling on
+/// `max_group_entries`): what [`ChainCheck`] holds the hashes of at most.
+pub const MAX_GROUP_ENTRIES: usize = 1 << 20;
+
 /// The in-order checks of a log, fed one entry and one head at a time:
 /// contiguous seqs from 0, hash links, a head's fields against the group
 /// it closes, and the chain of signing keys. Pure (no I/O), so that the
@@ -463,6 +467,18 @@ impl ChainCheck {
         }
         if self.group.is_empty() {
             self.group_first = e.seq;
+        }
+        // The writer closes a group at 2^20 entries at most: a longer one
+        // (a log whose heads were left out or forged to cover more) is
+        // refused before its hashes, which are held until the head that
+        // closes it, can grow further.
+        if self.group.len() >= MAX_GROUP_ENTRIES {
+            return Err((
+                e.seq,
+                Reason::Malformed(format!(
+                    "a commit group of more than {MAX_GROUP_ENTRIES} entries"
+                )),
+            ));
         }
         self.group.push(*hash);
         self.tip.entries += 1;
@@ -2264,6 +2280,43 @@ mod window_tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A group longer than the writer ever makes is refused at its
+    /// `MAX_GROUP_ENTRIES + 1`th entry: the hashes held for it stop there.
+    #[test]
+    fn a_group_longer_than_the_writer_makes_is_refused() {
+        let mut chain = ChainCheck::new(SigningKey::from_bytes(&[7; 32]).verifying_key());
+        let mut prev = [0u8; 32];
+        for seq in 0..=MAX_GROUP_ENTRIES as u64 {
+            let e = EntryRef {
+                kind: Kind::Record,
+                seq,
+                timestamp_ms: 0,
+                prev_hash: prev,
+                key_version: 1,
+                nonce: [0; 12],
+                subject: "s",
+                payload: &[],
+            };
+            // Any hash will do: the link is checked against it.
+            let hash = {
+                let mut h = [0u8; 32];
+                h[..8].copy_from_slice(&seq.to_be_bytes());
+                h
+            };
+            let got = chain.entry(&e, &hash);
+            if seq < MAX_GROUP_ENTRIES as u64 {
+                assert!(got.is_ok(), "{seq}: {got:?}");
+            } else {
+                assert!(
+                    matches!(&got, Err((s, Reason::Malformed(m))) if *s == seq && m.contains("commit group")),
+                    "{got:?}"
+                );
+            }
+            prev = hash;
+        }
+        assert_eq!(chain.group.len(), MAX_GROUP_ENTRIES);
+    }
 
     /// Every key of `tree`, as the windows of a scan yield them.
     fn windowed_keys(tree: &LogTree) -> Vec<Vec<u8>> {
