@@ -250,11 +250,21 @@ impl From<&ExportReport> for VerifyJson {
 /// hex of a signed head as encoded in receipts (docs/storage.md, section
 /// 5), then a newline. `None` when the file does not exist yet.
 pub fn read_head_file(path: &Path) -> Result<Option<SignedHead>, String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    // A head in hex is a few hundred bytes: more is not one, and is not
+    // read whole (the path may name anything).
+    const MOST: u64 = 4096;
+    let mut text = String::new();
+    let read = std::fs::File::open(path).and_then(|f| {
+        std::io::Read::read_to_string(&mut std::io::Read::take(f, MOST + 1), &mut text)
+    });
+    match read {
+        Ok(n) if n as u64 > MOST => {
+            return Err(format!("{} is too long to hold a head", path.display()))
+        }
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
+    }
     let bytes = hex::decode(text.trim())
         .map_err(|_| format!("{} does not hold a head in hex", path.display()))?;
     SignedHead::decode(&bytes)

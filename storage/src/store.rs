@@ -161,16 +161,25 @@ fn db_dir(dir: &Path) -> PathBuf {
     dir.join("db")
 }
 
-/// Copies the files of `from` into `to` (created), subdirectories too.
+/// Copies the files of `from` into `to` (created), subdirectories too;
+/// anything else there is refused.
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;
         let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
+        let kind = e.file_type()?;
+        if kind.is_dir() {
             copy_dir(&e.path(), &target)?;
-        } else {
+        } else if kind.is_file() {
             std::fs::copy(e.path(), &target)?;
+        } else {
+            // A link, a pipe or a device: the copy could fill the disk
+            // (`/dev/zero`) or never end (a pipe). A vault makes none.
+            return Err(Error::Invalid(format!(
+                "{} is not a regular file or a directory, which a data dir holds only",
+                e.path().display()
+            )));
         }
     }
     Ok(())

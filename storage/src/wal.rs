@@ -423,6 +423,13 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
     };
     for (i, segment) in found.iter().enumerate() {
         let damaged = damaged(segment);
+        // The writer makes regular files only: a link, a pipe or a device
+        // of that name could make the read take all memory or never end.
+        if !std::fs::symlink_metadata(&segment.1)?.is_file() {
+            return Err(damaged(Error::Malformed(
+                "a write-ahead segment is not a regular file",
+            )));
+        }
         let bytes = std::fs::read(&segment.1)?;
         let seg = read_segment(&bytes).map_err(&damaged)?;
         if seg.torn {

@@ -717,6 +717,60 @@ async fn a_damaged_write_ahead_segment_is_an_integrity_failure_at_its_first_seq(
     }
 }
 
+/// A write-ahead segment, or any file of the data dir, that is not a
+/// regular file (here a link to `/dev/zero`, which a read would never
+/// finish) is refused without being read: a segment as damage at its
+/// first seq (by the open and both verifies), a file of the storage
+/// engine's dir by a read-only verify's copy as one a data dir does not
+/// hold.
+#[tokio::test]
+async fn a_segment_that_is_not_a_regular_file_is_refused_unread() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dir, key, live_wal) = closed_with_live_wal(tmp.path()).await;
+    let first = std::fs::read_dir(&live_wal)
+        .expect("read the copy")
+        .filter_map(|e| {
+            let name = e.expect("dir entry").file_name();
+            let name = name.to_str()?.strip_suffix(".wal")?.to_string();
+            u64::from_str_radix(&name, 16).ok()
+        })
+        .min()
+        .expect("a segment");
+    let wal = dir.join("wal");
+    std::fs::remove_dir_all(&wal).expect("clear the segments");
+    std::fs::create_dir_all(&wal).expect("the segments' dir");
+    std::os::unix::fs::symlink("/dev/zero", wal.join(format!("{first:016x}.wal"))).expect("a link");
+    let not_regular = |reason: &Reason| matches!(reason, Reason::Malformed(m) if m.contains("not a regular file"));
+    match Vault::open(&dir, &unlock(), Options::default()) {
+        Err(Error::Integrity { seq, reason }) if seq == first && not_regular(&reason) => {}
+        other => panic!("the open gave {:?}", other.map(|_| "a vault")),
+    }
+    let opts = VerifyOptions {
+        public_key: Some(key),
+        ..Default::default()
+    };
+    match &verify(&dir, &opts).expect("verify runs").failure {
+        Some((seq, reason)) if *seq == first && not_regular(reason) => {}
+        other => panic!("verify reported {other:?}"),
+    }
+    let scratch = tempfile::tempdir().expect("scratch");
+    match &storage::verify_read_only(&dir, scratch.path(), &opts)
+        .expect("verify runs")
+        .failure
+    {
+        Some((seq, reason)) if *seq == first && not_regular(reason) => {}
+        other => panic!("a read-only verify reported {other:?}"),
+    }
+    // In the storage engine's dir, which a read-only verify copies.
+    std::fs::remove_dir_all(&wal).expect("clear the segments");
+    std::os::unix::fs::symlink("/dev/zero", dir.join("db").join("blob")).expect("a link");
+    let scratch = tempfile::tempdir().expect("scratch");
+    match storage::verify_read_only(&dir, scratch.path(), &opts) {
+        Err(Error::Invalid(m)) if m.contains("not a regular file") => {}
+        other => panic!("a read-only verify gave {:?}", other.map(|r| r.failure)),
+    }
+}
+
 /// Asserts that an open and verify (writing and read-only) of `dir` all
 /// fail at seq 0 for a reason `named` says is the one expected.
 fn assert_fails_at_genesis(
