@@ -48,8 +48,10 @@ use crate::vault::KeyUses;
 /// Parallel tasks (ranges of keys) in a window.
 const WINDOW_TASKS: usize = 8;
 
-/// Chunks one task reads at most (below 128 KiB each): with two windows
-/// in memory, the one walked and the one read, at most 32 MiB.
+/// Chunks one task reads at most (below 128 KiB each as the writer makes
+/// them): with two windows in memory, the one walked and the one read, at
+/// most 32 MiB; 256 MiB when forged pointers each claim the most a read
+/// takes (`logfile`'s 1 MiB).
 const TASK_CHUNKS: usize = 16;
 
 /// Chunks a task aims at (half its bound, for the entries per chunk to
