@@ -3311,6 +3311,21 @@ mod tests {
         assert!(held <= 8, "{held} peers held");
     }
 
+    /// A new vault in a scratch dir (kept while the guard lives), and the
+    /// API key of a credential of `role` named `name` in it.
+    async fn vault_with(role: &str, name: &str) -> (tempfile::TempDir, Vault, String) {
+        let dir = tempfile::tempdir().expect("a scratch dir");
+        let unlock = storage::Unlock::KeyFile(storage::crypto::SecretKey::from_bytes([7; 32]));
+        let created = Vault::create(&dir.path().join("v"), &unlock, storage::Options::default())
+            .expect("a vault");
+        let (_, key) = created
+            .vault
+            .create_credential(role, name)
+            .await
+            .expect("a credential");
+        (dir, created.vault, key.to_string())
+    }
+
     /// Everything before a connection is authenticated shares one window,
     /// `handshake_timeout` from its arrival: a trusted proxy's PROXY
     /// header, the TLS handshake and `Hello`. The clock is tokio's paused
@@ -3336,21 +3351,12 @@ mod tests {
         }
 
         async fn setup() -> Setup {
-            let dir = tempfile::tempdir().expect("a scratch dir");
-            let unlock = storage::Unlock::KeyFile(storage::crypto::SecretKey::from_bytes([7; 32]));
-            let created =
-                Vault::create(&dir.path().join("v"), &unlock, storage::Options::default())
-                    .expect("a vault");
-            let (_, key) = created
-                .vault
-                .create_credential("writer", "w")
-                .await
-                .expect("a credential");
+            let (dir, vault, writer_key) = vault_with("writer", "w").await;
             let (tls, connector) = crate::tls::test_ends(dir.path());
             Setup {
                 _dir: dir,
-                vault: created.vault.into(),
-                writer_key: key.to_string(),
+                vault: vault.into(),
+                writer_key,
                 tls,
                 connector,
             }
@@ -3556,18 +3562,9 @@ mod tests {
         /// (through a trusted proxy at `proxy`, when given), over TLS or
         /// not; and whether the vault's log grew.
         async fn rotate(tls: bool, peer: &str, proxy: Option<&str>) -> (Message, bool) {
-            let dir = tempfile::tempdir().expect("a scratch dir");
-            let unlock = storage::Unlock::KeyFile(storage::crypto::SecretKey::from_bytes([7; 32]));
-            let created =
-                Vault::create(&dir.path().join("v"), &unlock, storage::Options::default())
-                    .expect("a vault");
-            let (_, key) = created
-                .vault
-                .create_credential("admin", "ops")
-                .await
-                .expect("a credential");
-            let before = created.vault.head().map(|h| h.last_seq);
-            let vault: LiveVault = created.vault.into();
+            let (dir, vault, key) = vault_with("admin", "ops").await;
+            let before = vault.head().map(|h| h.last_seq);
+            let vault: LiveVault = vault.into();
             let (acceptor, connector) = crate::tls::test_ends(dir.path());
             let mut conn = Conn {
                 vault: vault.clone(),

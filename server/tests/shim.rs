@@ -344,6 +344,20 @@ async fn start_with_policy() -> Running {
     r
 }
 
+/// `POST /v1/authorize` as the partner, for [`SUBJECT`]'s data and
+/// `purpose`.
+async fn authorize(r: &Running, purpose: &str) -> (u16, Value) {
+    let body = json!({"subject_id": SUBJECT, "purpose": purpose}).to_string();
+    call(
+        r.http,
+        "POST",
+        "/v1/authorize",
+        Some(&r.partner),
+        Some(&body),
+    )
+    .await
+}
+
 /// Under a token lifetime ceiling below the default of 300 s, a policy
 /// that names no lifetime is accepted and its grants live as long as the
 /// ceiling; one that names a longer lifetime is refused.
@@ -382,14 +396,7 @@ async fn under_a_low_ceiling_a_policy_without_a_lifetime_gets_the_ceiling() {
         stored.1
     );
     let asked = time::OffsetDateTime::now_utc();
-    let got = call(
-        r.http,
-        "POST",
-        "/v1/authorize",
-        Some(&r.partner),
-        Some(r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#),
-    )
-    .await;
+    let got = authorize(&r, "credit_check").await;
     assert_eq!(got.0, 200, "{}", got.1);
     let expires = got.1["expires_at"].as_str().expect("expires_at");
     let expires =
@@ -425,15 +432,7 @@ async fn denials_past_the_recorded_rate_are_counted_not_recorded_one_by_one() {
     let before = entries(&r).await;
     let mut answers = Vec::new();
     for _ in 0..ASKED {
-        let got = call(
-            r.http,
-            "POST",
-            "/v1/authorize",
-            Some(&r.partner),
-            Some(r#"{"subject_id": "cust-7", "purpose": "marketing"}"#),
-        )
-        .await;
-        answers.push(got);
+        answers.push(authorize(&r, "marketing").await);
     }
     for (i, got) in answers.iter().enumerate() {
         if i < RECORDED as usize {
