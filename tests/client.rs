@@ -793,7 +793,7 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
     assert_eq!(r.json()["fields"]["name"], "Grace");
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("token");
-    std::fs::write(&file, format!("{}\n", from_file)).expect("token file");
+    std::fs::write(&file, format!("{}\n", from_file.as_str())).expect("token file");
     let file = file.to_str().expect("utf-8");
     let r = vault_client(&[&plain[..], &["--token-file", file]].concat(), &env).await;
     assert_eq!(r.code, 0, "{r:?}");

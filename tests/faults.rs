@@ -187,7 +187,7 @@ async fn mint(s: &Served, k: &Keys) -> client::Result<String> {
             600,
         )
         .await
-        .map(|(t, _)| t)
+        .map(|(t, _)| t.to_string())
 }
 
 async fn redeem(s: &Served, k: &Keys, token: &str) -> client::Result<client::Redeemed> {

@@ -1332,8 +1332,8 @@ impl Client {
 
     /// Asks for a one-time token that shows `fields` of `subject`, masked
     /// as given, to `partner_id` for `purpose`, valid `ttl_secs`. Returns
-    /// the token (a secret: hand it to the partner only) and when it
-    /// expires, in unix milliseconds. Gateway and admin roles.
+    /// the token (a secret: hand it to the partner only; zeroized when
+    /// dropped) and when it expires, in unix milliseconds. Gateway and admin roles.
     /// `ttl_secs` 0 asks for the server's default (5 minutes, or its
     /// maximum where that is lower).
     ///
@@ -1354,7 +1354,7 @@ impl Client {
         purpose: impl Into<String>,
         fields: Vec<(String, MaskOp)>,
         ttl_secs: u32,
-    ) -> Result<(String, u64)> {
+    ) -> Result<(Zeroizing<String>, u64)> {
         let m = Message::Mint {
             partner_id: partner_id.into(),
             subject: subject.into(),
@@ -1366,7 +1366,7 @@ impl Client {
             Message::Minted {
                 token,
                 expires_at_ms,
-            } => Ok((token, expires_at_ms)),
+            } => Ok((Zeroizing::new(token), expires_at_ms)),
             other => Err(refusal(other, "Minted")),
         }
     }

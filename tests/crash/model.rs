@@ -268,7 +268,7 @@ pub async fn mint_seeded(c: &Client, rng: &mut Rng) -> client::Result<Token> {
         )
         .await?;
     Ok(Token {
-        token,
+        token: token.to_string(),
         subject: subject.to_string(),
         from_http: false,
     })

@@ -462,7 +462,7 @@ pub async fn authorize(
             let minted = shim
                 .gw("mint", |c| async move { c.mint(p, s, pur, f, ttl).await })
                 .await;
-            let (token, expires_at_ms) = match minted {
+            let (mut token, expires_at_ms) = match minted {
                 Ok(m) => m,
                 Err(e) if e.code == ErrorCode::SubjectShredded.name() => {
                     return deny(&shim, &partner, &req, &source, Denial::SubjectShredded).await;
@@ -489,7 +489,8 @@ pub async fn authorize(
                 .inc();
             crate::failpoints::before_reply("authorize");
             return Ok(axum::Json(AuthorizeResponse {
-                token,
+                // Into the answer, which is the token's way to the partner.
+                token: std::mem::take(&mut *token),
                 vault_addr: shim.config.vault_addr.clone(),
                 expires_at: rfc3339(expires_at_ms),
                 fields: fields
