@@ -251,8 +251,15 @@ impl From<&ExportReport> for VerifyJson {
 /// 5), then a newline. `None` when the file does not exist yet.
 pub fn read_head_file(path: &Path) -> Result<Option<SignedHead>, String> {
     // A head in hex is a few hundred bytes: more is not one, and is not
-    // read whole (the path may name anything).
+    // read whole (the path may name anything); nor is anything but a
+    // file opened (a pipe's open would wait for a writer).
     const MOST: u64 = 4096;
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(format!("{} is not a file", path.display()));
+        }
+        _ => {}
+    }
     let mut text = String::new();
     let read = std::fs::File::open(path).and_then(|f| {
         std::io::Read::read_to_string(&mut std::io::Read::take(f, MOST + 1), &mut text)
@@ -441,6 +448,12 @@ mod tests {
             std::fs::write(&path, bad).expect("write");
             assert!(read_head_file(&path).is_err(), "{bad:?}");
         }
+        // Longer than a head, or not a file: refused, not read whole.
+        std::fs::write(&path, "0".repeat(5000)).expect("write");
+        assert!(read_head_file(&path).is_err_and(|e| e.contains("too long")));
+        assert!(read_head_file(dir.path()).is_err_and(|e| e.contains("not a file")));
+        let zero = std::path::Path::new("/dev/zero");
+        assert!(read_head_file(zero).is_err_and(|e| e.contains("not a file")));
     }
 
     /// Two runs that overlap: the one that verified the longer log kept
