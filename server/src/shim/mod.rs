@@ -191,20 +191,25 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // The counts of denials not recorded one by one, recorded once a
     // minute, and once more when the shim stops.
+    // Cancelled at shutdown: connections without a request are closed,
+    // and the counts' task stops between two records (never during one,
+    // which would lose the counts it took).
+    let stopping = tokio_util::sync::CancellationToken::new();
     let counts = {
-        let shim = shim.clone();
+        let (shim, stopping) = (shim.clone(), stopping.clone());
         tokio::spawn(async move {
             let mut every = tokio::time::interval(UNRECORDED_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             every.tick().await;
             loop {
-                every.tick().await;
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = stopping.cancelled() => break,
+                }
                 api::record_unrecorded_denials(&shim).await;
             }
         })
     };
-    // Cancelled at shutdown: connections without a request are closed.
-    let stopping = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -240,7 +245,6 @@ pub async fn serve(
     stopping.cancel();
     // Requests in flight finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
-    counts.abort();
     let _ = counts.await;
     api::record_unrecorded_denials(&shim).await;
     Ok(())
