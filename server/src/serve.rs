@@ -338,6 +338,9 @@ impl FailureThrottle {
     const FREE_FAILURES: u32 = 5;
     const BASE_DELAY: Duration = Duration::from_millis(50);
     const MAX_DELAY: Duration = Duration::from_secs(5);
+    /// The longest a redemption waits its turn ([`FailureThrottle::reserve`]):
+    /// two of the longest delays, within a client's usual 10 s timeout.
+    const MAX_WAIT: Duration = Duration::from_secs(10);
     const FORGET_AFTER: Duration = Duration::from_secs(3600);
     /// Peers tracked at most (a flood of addresses must not grow memory
     /// without bound). Past it, the peers not slowed down yet and those
@@ -369,19 +372,30 @@ impl FailureThrottle {
     /// given to the peer's previous redemption. So redemptions sent at
     /// once, on as many connections, start one `delay` apart, as they
     /// would one after the other, and not all after the same wait.
-    pub fn reserve(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Duration {
+    ///
+    /// `None` when that wait would pass [`FailureThrottle::MAX_WAIT`]:
+    /// the redemption is refused (`rate_limited`) without waiting, and
+    /// without its token being looked at, so that a queue of a slowed
+    /// peer's redemptions cannot hold a valid token for minutes and spend
+    /// it for a client that gave up long before.
+    pub fn reserve(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Option<Duration> {
         let Ok(mut peers) = self.peers.lock() else {
-            return Duration::ZERO;
+            return Some(Duration::ZERO);
         };
         let Some(r) = peers.get_mut(&peer_of(ip)) else {
-            return Duration::ZERO;
+            return Some(Duration::ZERO);
         };
         let step = Self::step(r);
         if step.is_zero() {
-            return Duration::ZERO;
+            return Some(Duration::ZERO);
         }
-        r.slot = r.slot.max(now) + step;
-        r.slot - now
+        let slot = r.slot.max(now) + step;
+        let wait = slot - now;
+        if wait > Self::MAX_WAIT {
+            return None;
+        }
+        r.slot = slot;
+        Some(wait)
     }
 
     /// Records the outcome of a redemption from `ip`.
@@ -1920,7 +1934,19 @@ async fn redeem_request(
     caller: &Caller,
     conn: &Conn,
 ) -> Message {
-    let wait = conn.throttle.reserve(conn.peer, std::time::Instant::now());
+    let Some(wait) = conn.throttle.reserve(conn.peer, std::time::Instant::now()) else {
+        crate::metrics::global()
+            .redemptions
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: ErrorCode::RateLimited.name(),
+            })
+            .inc();
+        return error(
+            ErrorCode::RateLimited,
+            "too many redemptions from this address were refused for their token: its next \
+             turn is more than 10 s away; try again later (the token was not looked at)",
+        );
+    };
     if !wait.is_zero() {
         // Not holding the vault meanwhile: it may be reopened.
         drop(current);
@@ -3250,7 +3276,7 @@ mod tests {
         let a: std::net::IpAddr = [10, 0, 0, 1].into();
         assert_eq!(
             t.reserve(a, std::time::Instant::now()),
-            Duration::ZERO,
+            Some(Duration::ZERO),
             "an unknown peer"
         );
         for _ in 0..=FailureThrottle::FREE_FAILURES {
@@ -3259,15 +3285,31 @@ mod tests {
         let now = std::time::Instant::now();
         let step = t.delay(a);
         assert_eq!(step, FailureThrottle::BASE_DELAY * 2);
-        let waits: Vec<Duration> = (0..4).map(|_| t.reserve(a, now)).collect();
-        assert_eq!(waits, [step, step * 2, step * 3, step * 4]);
+        let waits: Vec<Option<Duration>> = (0..4).map(|_| t.reserve(a, now)).collect();
+        assert_eq!(
+            waits,
+            [Some(step), Some(step * 2), Some(step * 3), Some(step * 4)]
+        );
         // One that comes after those slots still waits a whole step.
         let later = now + step * 10;
-        assert_eq!(t.reserve(a, later), step);
+        assert_eq!(t.reserve(a, later), Some(step));
+        // The queue is bounded: a turn more than `MAX_WAIT` away is
+        // refused, and takes no slot.
+        let full = (FailureThrottle::MAX_WAIT.as_millis() / step.as_millis()) as u32;
+        let waits: Vec<_> = (0..full + 3).map(|_| t.reserve(a, later)).collect();
+        assert!(waits
+            .iter()
+            .all(|w| w.is_none_or(|w| w <= FailureThrottle::MAX_WAIT)));
+        assert_eq!(waits.last(), Some(&None), "{waits:?}");
+        assert_eq!(
+            t.reserve(a, later + FailureThrottle::MAX_WAIT),
+            Some(step),
+            "a refused turn took no slot"
+        );
         // Others, and the peer once forgiven, do not wait.
-        assert_eq!(t.reserve([10, 0, 0, 2].into(), now), Duration::ZERO);
+        assert_eq!(t.reserve([10, 0, 0, 2].into(), now), Some(Duration::ZERO));
         t.record(a, false);
-        assert_eq!(t.reserve(a, now), Duration::ZERO);
+        assert_eq!(t.reserve(a, now), Some(Duration::ZERO));
     }
 
     #[test]
