@@ -373,7 +373,7 @@ impl FailureThrottle {
     /// once, on as many connections, start one `delay` apart, as they
     /// would one after the other, and not all after the same wait.
     ///
-    /// `None` when that wait would pass [`FailureThrottle::MAX_WAIT`]:
+    /// `None` when that wait would pass `MAX_WAIT` (10 s):
     /// the redemption is refused (`rate_limited`) without waiting, and
     /// without its token being looked at, so that a queue of a slowed
     /// peer's redemptions cannot hold a valid token for minutes and spend
