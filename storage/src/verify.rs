@@ -1652,20 +1652,15 @@ pub(crate) fn verify_store_with(
                 }
                 if m.first_seq >= tip.entries {
                     // An interrupted commit names keys no entry committed
-                    // to yet: data and signing keys, the only keys a group
-                    // creates. The markers are not signed: one that names
-                    // another key, or a key the log committed to (which
-                    // open would delete) or destroyed (a shredded key put
-                    // back), is forged.
+                    // to yet (of the kinds checked above). The markers are
+                    // not signed: one that names a key the log committed
+                    // to (which open would delete) or destroyed (a
+                    // shredded key put back) is forged.
                     if let Some(k) = m.keys.iter().find(|k| {
-                        !(k.starts_with(state::DATA_KEY_PREFIX)
-                            || k.starts_with(state::SIGNING_KEY_PREFIX))
-                            || keys.contains_key(k.as_slice())
-                            || destroyed.contains_key(k.as_slice())
+                        keys.contains_key(k.as_slice()) || destroyed.contains_key(k.as_slice())
                     }) {
                         report.failure = fail(Reason::KeyMismatch(format!(
-                            "a pending marker names {:?}, a key no group creates or one the log \
-                             committed to",
+                            "a pending marker names {:?}, a key the log committed to",
                             String::from_utf8_lossy(k)
                         )));
                         return Ok(report);
