@@ -349,8 +349,10 @@ impl FailureThrottle {
     /// many peers each slowed down clears the table.
     const MAX_PEERS: usize = 100_000;
 
-    /// The wait between two redemptions from `ip`, by its refusals.
-    pub fn delay(&self, ip: std::net::IpAddr) -> Duration {
+    /// The wait between two redemptions from `ip`, by its refusals (what
+    /// [`FailureThrottle::reserve`] spaces them by).
+    #[cfg(test)]
+    fn delay(&self, ip: std::net::IpAddr) -> Duration {
         let Ok(peers) = self.peers.lock() else {
             return Duration::ZERO;
         };
@@ -368,7 +370,8 @@ impl FailureThrottle {
     }
 
     /// How long a redemption from `ip` arriving at `now` must wait: its
-    /// [`FailureThrottle::delay`] after the later of `now` and the start
+    /// delay (50 ms, doubling per refusal past the free ones, up to 5 s)
+    /// after the later of `now` and the start
     /// given to the peer's previous redemption. So redemptions sent at
     /// once, on as many connections, start one `delay` apart, as they
     /// would one after the other, and not all after the same wait.
@@ -1558,7 +1561,7 @@ where
                 if appends.len() > 1 {
                     in_flight += weight;
                     pending.push(Either::Left(async move {
-                        let (_, answers) = handle_appends(appends, current).await;
+                        let answers = handle_appends(appends, current).await;
                         (weight, answers, None)
                     }));
                     continue;
@@ -1935,12 +1938,7 @@ async fn redeem_request(
     conn: &Conn,
 ) -> Message {
     let Some(wait) = conn.throttle.reserve(conn.peer, std::time::Instant::now()) else {
-        crate::metrics::global()
-            .redemptions
-            .get_or_create(&crate::metrics::OutcomeLabels {
-                outcome: ErrorCode::RateLimited.name(),
-            })
-            .inc();
+        count_redemption(ErrorCode::RateLimited.name());
         return error(
             ErrorCode::RateLimited,
             "too many redemptions from this address were refused for their token: its next \
@@ -1968,20 +1966,25 @@ async fn redeem_request(
         Message::Error { .. } => {}
         _ => conn.throttle.record(conn.peer, false),
     }
-    let metrics = crate::metrics::global();
     let outcome = match &reply {
         Message::Error { code, .. } => code.name(),
         _ => {
-            metrics.commit("redeem", started.elapsed());
+            crate::metrics::global().commit("redeem", started.elapsed());
             "ok"
         }
     };
-    metrics
+    count_redemption(outcome);
+    crate::failpoints::before_reply("redeem");
+    reply
+}
+
+/// Counts a redemption in `fintrust_redemptions_total`: `ok`, or the
+/// error code it was answered.
+fn count_redemption(outcome: &'static str) {
+    crate::metrics::global()
         .redemptions
         .get_or_create(&crate::metrics::OutcomeLabels { outcome })
         .inc();
-    crate::failpoints::before_reply("redeem");
-    reply
 }
 
 async fn next_frame<R: AsyncRead + Unpin>(
@@ -2324,12 +2327,8 @@ fn weight(m: &Message) -> usize {
 /// Answers a connection's appends that were read together: each is a
 /// request of its own to the engine ([`Vault::append_each`]), so one
 /// refused does not refuse the others, and each has its answer, as
-/// [`handle`] would give it, in the order of the requests. The count of
-/// requests answered, and their answers.
-async fn handle_appends(
-    appends: Vec<ReadAppend>,
-    vault: Arc<Vault>,
-) -> (usize, Vec<(u32, Message, u16)>) {
+/// [`handle`] would give it, in the order of the requests.
+async fn handle_appends(appends: Vec<ReadAppend>, vault: Arc<Vault>) -> Vec<(u32, Message, u16)> {
     let n = appends.len();
     let started = std::time::Instant::now();
     let mut items = Vec::with_capacity(n);
@@ -2360,7 +2359,7 @@ async fn handle_appends(
         crate::failpoints::before_reply("append");
         out.push((id, reply, 0));
     }
-    (n, out)
+    out
 }
 
 /// The answer to an append: its receipt, or the error's code and words.
