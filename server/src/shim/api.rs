@@ -299,6 +299,14 @@ fn parse_rfc3339(what: &str, s: &str) -> Result<u64, ApiError> {
 }
 
 impl Shim {
+    /// Counts an authorization in `fintrust_authorizations_total`.
+    fn decided(&self, outcome: &'static str, reason: &'static str) {
+        self.metrics
+            .authorizations
+            .get_or_create(&DecisionLabels { outcome, reason })
+            .inc();
+    }
+
     /// Runs `f` on the gateway connection, timing it; a transport failure
     /// drops the connection (the next request reconnects) and is a 503.
     async fn gw<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, ApiError>
@@ -480,13 +488,7 @@ pub async fn authorize(
                 }
                 Err(e) => return Err(e),
             };
-            shim.metrics
-                .authorizations
-                .get_or_create(&DecisionLabels {
-                    outcome: "granted",
-                    reason: "none",
-                })
-                .inc();
+            shim.decided("granted", "none");
             crate::failpoints::before_reply("authorize");
             return Ok(axum::Json(AuthorizeResponse {
                 // Into the answer, which is the token's way to the partner.
@@ -516,13 +518,7 @@ async fn deny(
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
     let per_minute = shim.config.recorded_denials_per_minute;
     if !shim.denials.admit(partner, per_minute, now_ms()) {
-        shim.metrics
-            .authorizations
-            .get_or_create(&DecisionLabels {
-                outcome: "denied",
-                reason: "unrecorded",
-            })
-            .inc();
+        shim.decided("denied", "unrecorded");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             Denial::RateLimited.code(),
@@ -559,13 +555,7 @@ async fn deny(
     })
     .await
     .map_err(unrecorded)?;
-    shim.metrics
-        .authorizations
-        .get_or_create(&DecisionLabels {
-            outcome: "denied",
-            reason: denial.code(),
-        })
-        .inc();
+    shim.decided("denied", denial.code());
     let status = if denial == Denial::RateLimited {
         StatusCode::TOO_MANY_REQUESTS
     } else {
