@@ -56,7 +56,9 @@ pub struct TurnedAwayLabels {
     pub port: &'static str,
     /// `evicted`: closed in its handshake, or refused while it waited for
     /// a slot, to make room for a newer one; `busy`: authenticated, but
-    /// no slot came free within the handshake's window.
+    /// no slot came free within the handshake's window;
+    /// `credential_limit` (protocol port): the credential already held
+    /// its most connections.
     pub reason: &'static str,
 }
 
@@ -98,7 +100,8 @@ pub struct Metrics {
     pub http_seconds: Family<RouteOnly, Histogram, LatencyBuckets>,
     pub authorizations: Family<DecisionLabels, Counter>,
     pub redemptions: Family<OutcomeLabels, Counter>,
-    /// Durable writes of the protocol server (append, event, mint, redeem):
+    /// Durable writes of the protocol server (`append`, `append_batch`,
+    /// `event`, `mint`, `redeem`):
     /// from request to receipt, i.e. including the group commit.
     pub commit_seconds: Family<OpLabels, Histogram, LatencyBuckets>,
     /// Requests of the shim to the vault, by operation.
@@ -194,7 +197,7 @@ impl Metrics {
         );
         registry.register(
             "connections_turned_away",
-            "Connections closed before they held a slot, by port and reason (evicted: to make room for a newer handshake; busy: no slot free within the handshake's window)",
+            "Connections closed before they held a slot, by port and reason (evicted: to make room for a newer handshake; busy: no slot free within the handshake's window; credential_limit: the credential already held its most connections)",
             m.turned_away.clone(),
         );
         registry.register(

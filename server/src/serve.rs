@@ -1912,7 +1912,10 @@ fn screen(
                 },
             ),
             // Terminal, as its answer would be.
-            Message::Redeem { .. } => Screened::End((Some((id, recovering())), Ok(()))),
+            Message::Redeem { .. } => {
+                count_redemption(ErrorCode::Unavailable.name());
+                Screened::End((Some((id, recovering())), Ok(())))
+            }
             _ => Screened::Answer(id, recovering()),
         },
     }
@@ -1951,7 +1954,10 @@ async fn redeem_request(
         tokio::time::sleep(wait).await;
         current = match conn.vault.get() {
             Some(v) => v,
-            None => return recovering(),
+            None => {
+                count_redemption(ErrorCode::Unavailable.name());
+                return recovering();
+            }
         };
     }
     let started = std::time::Instant::now();
@@ -3350,6 +3356,36 @@ mod tests {
         assert_eq!(t.delay(slowed), before, "still slowed down");
         let held = t.peers.lock().map(|p| p.len()).unwrap_or(usize::MAX);
         assert!(held <= 8, "{held} peers held");
+    }
+
+    /// A redemption refused while the vault is reopened is counted, as
+    /// every other refusal is, under its code (`unavailable`).
+    #[tokio::test]
+    async fn a_redemption_refused_while_recovering_is_counted() {
+        let (_dir, vault, key) = vault_with("partner", "p").await;
+        let caller = authenticate(&vault, &key).expect("a partner");
+        let live = LiveVault::from(vault);
+        let _taken = live.take().expect("in service");
+        let counted = || {
+            crate::metrics::global()
+                .redemptions
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: ErrorCode::Unavailable.name(),
+                })
+                .get()
+        };
+        let before = counted();
+        let frame = Message::Redeem { token: "x".into() }
+            .to_frame(1, 0)
+            .expect("a frame");
+        match screen(Ok(Some(frame)), &caller, &live) {
+            Screened::End((Some((1, Message::Error { code, .. })), Ok(()))) => {
+                assert_eq!(code, ErrorCode::Unavailable)
+            }
+            _ => panic!("a recovering redemption ends its connection with unavailable"),
+        }
+        // Other tests of this binary may count too: never fewer.
+        assert!(counted() > before);
     }
 
     /// A new vault in a scratch dir (kept while the guard lives), and the
