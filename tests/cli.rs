@@ -140,6 +140,43 @@ fn a_failure_names_its_cause_once() {
     assert_eq!(out.stderr.matches("No such file").count(), 1, "{out:?}");
 }
 
+/// `--insecure-plaintext` with a client CA is refused, not served
+/// without the client-certificate check the CA asked for.
+#[test]
+fn plaintext_with_a_client_ca_is_refused() {
+    let s = Scratch::new();
+    std::fs::write(s.path("ca.pem"), "").expect("write");
+    let ca = s.path("ca.pem");
+    let dir = s.path("v");
+    let pass = s.path("passphrase");
+    for args in [
+        vec![
+            OsStr::new("serve"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--passphrase-file"),
+            pass.as_os_str(),
+        ],
+        vec![
+            OsStr::new("shim"),
+            OsStr::new("--vault"),
+            OsStr::new("127.0.0.1:9"),
+            OsStr::new("--api-key-file"),
+            pass.as_os_str(),
+        ],
+    ] {
+        let mut args = args;
+        args.extend([
+            OsStr::new("--insecure-plaintext"),
+            OsStr::new("--tls-client-ca"),
+            ca.as_os_str(),
+        ]);
+        let out = run("vaultd", &args);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(out.stderr.contains("excludes the TLS options"), "{out:?}");
+    }
+}
+
 #[test]
 fn init_prints_one_json_object_and_refuses_a_second_init() {
     let s = Scratch::new();

@@ -156,7 +156,7 @@ enum Command {
         #[arg(long, env = "FINTRUST_CACERT")]
         cacert: Option<PathBuf>,
         /// Name the vault's certificate carries (default: the host of --vault).
-        #[arg(long)]
+        #[arg(long, env = "FINTRUST_SERVER_NAME")]
         tls_server_name: Option<String>,
         /// PEM client certificate chain the shim presents to a vault that
         /// requires mutual TLS (`vaultd serve --tls-client-ca`).
@@ -336,7 +336,7 @@ impl TlsArgs {
                     client_ca: self.tls_client_ca,
                 },
             )?),
-            (None, None, true) => {
+            (None, None, true) if self.tls_client_ca.is_none() => {
                 tracing::warn!("serving WITHOUT TLS (--insecure-plaintext): loopback and development only");
                 None
             }
