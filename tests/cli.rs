@@ -821,6 +821,52 @@ fn serve_with(s: &Scratch, name: &str, args: &[&str]) -> support::Vaultd {
     support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A SIGHUP while `vaultd serve` opens its vault (a certificate
+/// renewal's reload sent during a restart) does not end it: SIGHUP is
+/// taken from before the open on. The open is held a second by a
+/// failpoint, as a large vault's would take.
+#[test]
+fn a_hangup_during_the_open_does_not_end_serve() {
+    use std::io::BufRead;
+    let s = Scratch::new();
+    s.init("v");
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_args(&mut cmd, &s.path("v"), &s.path("passphrase"), None);
+    cmd.env("FINTRUST_FAILPOINTS", "serve::open=sleep(1000)")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("start vaultd");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut log = Vec::new();
+    let mut hung_up = false;
+    let ready = loop {
+        let Some(Ok(line)) = lines.next() else {
+            break false;
+        };
+        if line.contains("opening the vault") && !hung_up {
+            let pid = child.id().to_string();
+            let status = Command::new("kill").args(["-HUP", &pid]).status();
+            assert!(status.is_ok_and(|s| s.success()), "kill -HUP");
+            hung_up = true;
+        }
+        if line.contains("vaultd ready") {
+            break true;
+        }
+        log.push(line);
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert!(hung_up, "no open logged: {log:#?}");
+    assert!(
+        ready,
+        "vaultd ended before it was ready ({status}): {log:#?}"
+    );
+    assert!(status.success(), "{status}");
+}
+
 /// Credentials of `(role, name)` made in the vault in `dir` while it
 /// is not served: their API keys, in order.
 fn offline_credentials(

@@ -15,6 +15,7 @@
 //! | `reply::append`, `reply::append_batch`, `reply::event`, `reply::mint` | the vault answered (the write is durable); the reply frame is not sent yet |
 //! | `reply::redeem` | the token is spent and the segment read; not sent yet |
 //! | `reply::authorize` | the decision is audited and the token minted; the HTTP response is not sent yet |
+//! | `serve::open` | `vaultd serve` is about to open the vault (a `sleep` stands for the open of a large one) |
 //!
 //! and the storage engine's, at each step of a commit (`commit::*`,
 //! `index::*`: storage/src/vault.rs), whose `return` action is a failed
@@ -62,4 +63,11 @@ pub fn before_reply(op: &str) {
     fail::fail_point!(&format!("reply::{op}"));
     #[cfg(not(feature = "failpoints"))]
     let _ = op;
+}
+
+/// The failpoint `serve::open`, evaluated just before `vaultd serve`
+/// opens its vault.
+pub fn before_open() {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("serve::open");
 }

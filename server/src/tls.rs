@@ -167,9 +167,40 @@ impl From<Arc<ServerConfig>> for ServerTls {
 /// and ignored, not the end of the process.
 /// Call it inside a runtime.
 pub fn reload_on_hangup(tls: Option<ServerTls>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: the TLS files are read at start only");
+    reload_on(Hangups::listen(), tls)
+}
+
+/// SIGHUPs taken from the moment it is made: from then on one no longer
+/// ends the process (the default action), and those that arrive before
+/// [`reload_on`] starts are not lost. Made before a long start (the open
+/// of a large vault), so that a certificate renewal's reload sent
+/// meanwhile does not kill the server.
+pub struct Hangups(Option<tokio::signal::unix::Signal>);
+
+impl std::fmt::Debug for Hangups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Hangups").field(&self.0.is_some()).finish()
+    }
+}
+
+impl Hangups {
+    /// Call it inside a runtime.
+    pub fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Hangups(Some(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: the TLS files are read at start only");
+                Hangups(None)
+            }
+        }
+    }
+}
+
+/// [`reload_on_hangup`], on SIGHUPs listened for since earlier. Call it
+/// inside a runtime.
+pub fn reload_on(hangups: Hangups, tls: Option<ServerTls>) {
+    let Hangups(Some(mut hangups)) = hangups else {
         return;
     };
     tokio::spawn(async move {

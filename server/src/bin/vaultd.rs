@@ -479,6 +479,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_group_entries,
             max_group_kib,
         } => {
+            // SIGHUP is taken (not the end of the process) from here on,
+            // through the open of the vault, however long it takes.
+            let rt = tokio::runtime::Runtime::new()?;
+            let hangups = {
+                let _runtime = rt.enter();
+                server::tls::Hangups::listen()
+            };
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
@@ -494,6 +501,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // The open verifies the whole log: freed memory stays committed
             // meanwhile, and is given back once the server is about to serve.
+            tracing::info!(data_dir = %vault.data_dir.display(), "opening the vault (its whole log is verified first)");
+            server::failpoints::before_open();
             let opened = server::alloc::scanning(|| {
                 storage::Vault::open(&vault.data_dir, &unlock, options())
             })?;
@@ -503,9 +512,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let unlock = vault.unlock()?;
                 Ok(storage::Vault::open(&vault.data_dir, &unlock, options())?)
             });
-            let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
-                server::tls::reload_on_hangup(tls.clone());
+                server::tls::reload_on(hangups, tls.clone());
                 server::tls::warn_before_expiry(tls.clone());
                 let protocol = tokio::net::TcpListener::bind(&listen)
                     .await
