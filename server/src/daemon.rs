@@ -109,13 +109,11 @@ pub async fn run(
     let watcher = d
         .reopen
         .map(|reopen| tokio::spawn(live::watch(live.clone(), reopen, stop.clone())));
-    {
-        let (vault, config, tls, stop) =
-            (live.clone(), d.serve.clone(), d.tls.clone(), stop.clone());
-        tasks.spawn(async move {
-            serve::run(d.protocol, vault, config, tls, stop.cancelled_owned()).await
-        });
-    }
+    // The shim first, and the policies file applied through it, so that
+    // the protocol port serves under those policies from its first
+    // request (a restart to tighten one leaves no window).
+    let mut started = Ok(());
+    let mut shim = None;
     if let (Some(http), Some(key)) = (d.http, gateway_key) {
         // The shim reaches this process's vault by direct calls.
         let local = serve::Local::new(live.clone(), d.serve.clone());
@@ -129,34 +127,53 @@ pub async fn run(
                 timeout: Duration::from_secs(10),
             },
         );
-        let shim = Shim::new(link, d.shim);
+        let s = Shim::new(link, d.shim);
         if let Some(file) = &d.policies {
-            let n = shim::apply_policies(&shim, file)
-                .await
-                .map_err(|e| Error::Usage(format!("loading the policies file: {e}")))?;
-            tracing::info!(changed = n, "policies file applied");
+            match shim::apply_policies(&s, file).await {
+                Ok(n) => tracing::info!(changed = n, "policies file applied"),
+                Err(e) => started = Err(Error::Usage(format!("loading the policies file: {e}"))),
+            }
         }
-        let (tls, stop) = (d.tls.clone(), stop.clone());
-        tasks.spawn(async move { shim::serve(http, shim, tls, stop.cancelled_owned()).await });
+        shim = Some((http, s));
     }
-    let announced = ready(bound);
+    let announced = started.and_then(|()| {
+        let (vault, config, tls, stopped) = (
+            live.clone(),
+            d.serve.clone(),
+            d.tls.clone(),
+            stop.clone().cancelled_owned(),
+        );
+        tasks.spawn(async move {
+            let r = serve::run(d.protocol, vault, config, tls, stopped).await;
+            ("protocol port", r)
+        });
+        if let Some((http, s)) = shim {
+            let (tls, stopped) = (d.tls.clone(), stop.clone().cancelled_owned());
+            tasks.spawn(async move { ("HTTP port", shim::serve(http, s, tls, stopped).await) });
+        }
+        ready(bound)
+    });
+    // A listener that ends before the shutdown (it should not) stops the
+    // rest, and the daemon's result is its failure.
+    let mut failed = None;
     if announced.is_ok() {
         tokio::select! {
             _ = shutdown => {}
-            // A server that stops on its own (it should not) stops the rest.
-            Some(r) = tasks.join_next() => {
-                if let Ok(Err(e)) = r {
-                    tracing::error!(error = %e, "a listener failed");
-                }
-            }
+            Some(r) = tasks.join_next() => failed = Some(listener_ended(r)),
         }
     }
     tracing::info!("shutting down: finishing requests in flight");
     stop.cancel();
-    while tasks.join_next().await.is_some() {}
+    while let Some(r) = tasks.join_next().await {
+        if let Ok((_, Ok(()))) = r {
+            continue;
+        }
+        failed.get_or_insert(listener_ended(r));
+    }
     if let Some(w) = watcher {
         let _ = w.await;
     }
+    let announced = announced.and(failed.map_or(Ok(()), Err));
     let Some(vault) = live.take() else {
         tracing::warn!("stopped while the vault was being opened again");
         return announced;
@@ -175,6 +192,23 @@ pub async fn run(
         ),
     }
     announced
+}
+
+/// What a listener task's end means for the daemon: its error, or that
+/// it panicked or stopped serving without being asked to.
+fn listener_ended(
+    r: std::result::Result<(&'static str, std::io::Result<()>), tokio::task::JoinError>,
+) -> Error {
+    let (path, error) = match r {
+        Ok((port, Err(e))) => (port, e),
+        Ok((port, Ok(()))) => (port, std::io::Error::other("stopped serving on its own")),
+        Err(e) => ("a listener", std::io::Error::other(format!("ended: {e}"))),
+    };
+    tracing::error!(port = path, error = %error, "a listener failed");
+    Error::File {
+        path: path.into(),
+        error,
+    }
 }
 
 /// The name of the in-process shim's gateway credential. It holds spaces,

@@ -1936,3 +1936,57 @@ async fn a_credential_can_be_held_by_a_client_certificate() {
     assert_eq!(entries(&r).await, before, "nothing written for a conflict");
     r.stop().await;
 }
+
+/// A policies file the vault refuses (one policy past the largest entry)
+/// stops the daemon before either port serves: no `ready`, its error
+/// returned, and the stop as clean as a signal's (the in-process shim's
+/// gateway key revoked, the vault closed and opened again).
+#[tokio::test]
+async fn a_policies_file_the_vault_refuses_stops_the_daemon_before_it_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v");
+    let unlock = Unlock::passphrase(b"shim test".to_vec());
+    let vault = Vault::create(&path, &unlock, Options::default())
+        .expect("create")
+        .vault;
+    // 40 purposes of 250 fields of 40 bytes: about 400 KB, past 48 KiB.
+    let mut text = String::new();
+    for p in 0..40 {
+        text.push_str(&format!("[partners.big.purposes.purpose_{p}.fields]\n"));
+        for f in 0..250 {
+            text.push_str(&format!("field_{f:04}_{:x<29} = \"reveal\"\n", ""));
+        }
+    }
+    let file = server::shim::PoliciesFile::parse(&text, 3600).expect("a valid file");
+    let bind = || async {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+    };
+    let d = Daemon {
+        protocol: bind().await,
+        http: Some(bind().await),
+        tls: None,
+        serve: ServeConfig::default(),
+        shim: ShimConfig::default(),
+        policies: Some(file),
+        reopen: None,
+    };
+    let mut announced = false;
+    let result = server::daemon::run(
+        vault,
+        d,
+        |_| {
+            announced = true;
+            Ok(())
+        },
+        std::future::pending(),
+    )
+    .await;
+    let e = result.expect_err("the daemon stops");
+    assert!(e.to_string().contains("policies file"), "{e}");
+    assert!(!announced, "ready was called");
+    let vault = Vault::open(&path, &unlock, Options::default()).expect("closed cleanly");
+    let gateways = vault.live_credentials("gateway-").expect("credentials");
+    assert!(gateways.is_empty(), "{gateways:?}");
+}
