@@ -608,6 +608,32 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
         ],
     );
     assert_eq!(init.code, 1, "{init:?}");
+    // The admin key was never shown: the vault is gone with it, so the
+    // same command works again. A dir that was there before stays, with
+    // what it held.
+    assert!(!c.exists(), "{init:?}");
+    s.init("c");
+    let d = s.path("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    std::fs::write(d.join("README"), "kept").expect("write");
+    let init = closed(
+        "vaultd",
+        &[
+            OsStr::new("init"),
+            OsStr::new("--data-dir"),
+            d.as_os_str(),
+            OsStr::new("--passphrase-file"),
+            pass.as_os_str(),
+            OsStr::new("--json"),
+        ],
+    );
+    assert_eq!(init.code, 1, "{init:?}");
+    let left: Vec<_> = std::fs::read_dir(&d)
+        .expect("the dir stays")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, ["README"], "{init:?}");
+    s.init("d");
 
     let export = s.path("a.export");
     let admin = closed(

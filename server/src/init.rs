@@ -20,6 +20,91 @@ pub struct InitOutput {
     pub admin_credential_id: String,
 }
 
+/// `vaultd init`: creates a vault (refusing an existing one), closes it,
+/// and hands what to print to `show`, all or nothing. The admin API key
+/// exists only in that output, so a vault whose output could not be
+/// shown (stdout closed, say) would have no admin: when creating, closing
+/// or showing fails, what this call added to the data dir is removed
+/// again (the dir itself too if this call made it), so that the same
+/// command can be run again; what was there before is left alone.
+pub fn create_and_show(
+    data_dir: PathBuf,
+    unlock: &Unlock,
+    opts: Options,
+    show: impl FnOnce(&InitOutput) -> std::io::Result<()>,
+) -> Result<()> {
+    let before = Before::look(&data_dir);
+    let done = init(data_dir.clone(), unlock, opts).and_then(|(vault, out)| {
+        vault.close()?;
+        show(&out).map_err(|error| crate::Error::File {
+            path: "stdout".into(),
+            error,
+        })
+    });
+    if done.is_err() {
+        before.restore(&data_dir);
+    }
+    done
+}
+
+/// What a data dir held before `vaultd init`: the names in it, or that
+/// it was not there.
+enum Before {
+    Absent,
+    Names(std::collections::HashSet<std::ffi::OsString>),
+    /// Unreadable: nothing is removed after a failure.
+    Unknown,
+}
+
+impl Before {
+    fn look(dir: &std::path::Path) -> Before {
+        match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<std::io::Result<_>>()
+                .map_or(Before::Unknown, Before::Names),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Before::Absent,
+            Err(_) => Before::Unknown,
+        }
+    }
+
+    /// Removes what was added to `dir` since [`Before::look`].
+    fn restore(&self, dir: &std::path::Path) {
+        let removed = match self {
+            Before::Unknown => return,
+            Before::Absent => std::fs::remove_dir_all(dir).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }),
+            Before::Names(names) => std::fs::read_dir(dir).and_then(|entries| {
+                for e in entries {
+                    let e = e?;
+                    if names.contains(&e.file_name()) {
+                        continue;
+                    }
+                    let path = e.path();
+                    if e.file_type()?.is_dir() {
+                        std::fs::remove_dir_all(&path)?;
+                    } else {
+                        std::fs::remove_file(&path)?;
+                    }
+                }
+                Ok(())
+            }),
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(data_dir = %dir.display(), "init failed: what it created was removed")
+            }
+            Err(e) => tracing::warn!(
+                data_dir = %dir.display(),
+                error = %e,
+                "init failed, and what it created could not all be removed: remove the data dir before trying again"
+            ),
+        }
+    }
+}
+
 /// Creates a vault; refuses an existing one. Returns the open vault too.
 pub fn init(data_dir: PathBuf, unlock: &Unlock, opts: Options) -> Result<(Vault, InitOutput)> {
     let created = Vault::create(&data_dir, unlock, opts)?;

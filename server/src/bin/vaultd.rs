@@ -415,22 +415,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             format,
         } => {
             let unlock = vault.unlock()?;
-            let (vault, out) =
-                server::init::init(vault.data_dir, &unlock, storage::Options::default())?;
-            vault.close()?;
-            if json || format == "json" {
-                print_line(&serde_json::to_string(&out)?)?;
-            } else {
-                print_line(&format!(
-                    "Created vault {} in {}\n\
-                     Public key (pin it for vault-verify): {}\n\
-                     Admin API key (shown once, stored only as a hash): {}",
-                    out.vault_id,
-                    out.data_dir.display(),
-                    out.public_key,
-                    out.admin_api_key.expose()
-                ))?;
-            }
+            let json = json || format == "json";
+            server::init::create_and_show(
+                vault.data_dir,
+                &unlock,
+                storage::Options::default(),
+                |out| {
+                    let line = zeroize::Zeroizing::new(if json {
+                        serde_json::to_string(out).map_err(std::io::Error::other)?
+                    } else {
+                        format!(
+                            "Created vault {} in {}\n\
+                             Public key (pin it for vault-verify): {}\n\
+                             Admin API key (shown once, stored only as a hash): {}",
+                            out.vault_id,
+                            out.data_dir.display(),
+                            out.public_key,
+                            out.admin_api_key.expose()
+                        )
+                    });
+                    client::cli::write_line(&line)
+                },
+            )?;
         }
         Command::RotateMasterKey {
             vault,
