@@ -341,8 +341,11 @@ fn server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, i64)> {
     // The client crate's suite order (AES-128-GCM first); a client's own
     // order is honoured.
     let provider = Arc::new(client::config::crypto_provider());
+    // TLS 1.3 only: a TLS 1.2 ticket seals the session's master secret,
+    // and a TLS 1.2 resumption makes no new key exchange, so whoever held
+    // the ticket key could read every session it was issued for.
     let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Usage(format!("TLS: {e}")))?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
@@ -365,6 +368,8 @@ fn server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, i64)> {
     let mut config =
         builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.ticketer = stateless_tickets()?;
+    // Sessions live in their tickets only: no cache of them here.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     // One ticket per handshake, resumed ones included: a client that opens
     // a connection per request spends one and gets one, so its tickets
     // stay as many as its connections at once, and a ticket lost with a

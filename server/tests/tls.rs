@@ -679,6 +679,30 @@ async fn tls_1_2_handshakes_complete_full_and_resumed() {
     }
 }
 
+/// `vaultd`'s own TLS is TLS 1.3 only: a client that offers only TLS
+/// 1.2 (whose tickets would seal the session's master secret, and whose
+/// resumption makes no key exchange) fails its handshake.
+#[tokio::test]
+async fn the_served_tls_refuses_a_tls_1_2_client() {
+    let s = start(false).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(s.pki.ca.der().clone()).expect("root");
+    let tls12 = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let refused = tls_append(&s, Arc::new(tls12)).await;
+    assert!(refused.is_err(), "{refused:?}");
+    // A client that offers both gets TLS 1.3.
+    let reply = tls_append(&s, client_config(&s, None))
+        .await
+        .expect("append");
+    assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+}
+
 /// `fintrust_tls_handshakes_total` of the protocol port for `outcome`.
 fn handshakes(outcome: &str) -> u64 {
     common::counter(&format!(
