@@ -307,11 +307,21 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
 }
 
 /// API keys of the demo's roles (development keys, shown once).
-#[derive(Debug)]
 pub struct DemoKeys {
     pub writer: String,
     pub partner: String,
     pub auditor: String,
+}
+
+/// The roles only: a key is shown once, in `vaultd dev`'s output.
+impl std::fmt::Debug for DemoKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DemoKeys")
+            .field("writer", &"<redacted>")
+            .field("partner", &"<redacted>")
+            .field("auditor", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Creates one API key per demo role and, in a `fresh` vault, writes the

@@ -11,13 +11,35 @@ use zeroize::Zeroizing;
 
 use crate::{Error, Result};
 
+/// The most a secret file may hold: a passphrase, a key, an API key are
+/// far shorter, and a path given by mistake (`/dev/zero`, a log) is
+/// refused rather than read into memory whole.
+pub const MAX_SECRET_FILE_BYTES: usize = 64 * 1024;
+
+/// The file's bytes, in one buffer allocated once (so that no copy is
+/// left behind unzeroized by a reallocation), at most
+/// [`MAX_SECRET_FILE_BYTES`].
 fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    std::fs::read(path)
-        .map(Zeroizing::new)
-        .map_err(|source| Error::File {
-            path: path.display().to_string(),
-            error: source,
+    use std::io::Read as _;
+    let file_error = |error| Error::File {
+        path: path.display().to_string(),
+        error,
+    };
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_FILE_BYTES + 1));
+    std::fs::File::open(path)
+        .and_then(|f| {
+            f.take(MAX_SECRET_FILE_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
         })
+        .map_err(file_error)?;
+    if bytes.len() > MAX_SECRET_FILE_BYTES {
+        return Err(Error::Usage(format!(
+            "{}: more than {} KiB: not a secret file",
+            path.display(),
+            MAX_SECRET_FILE_BYTES >> 10
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Builds the [`Unlock`] from exactly one of a passphrase file or a key file.
@@ -90,5 +112,30 @@ impl std::fmt::Debug for ShownOnce {
 impl Drop for ShownOnce {
     fn drop(&mut self) {
         zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A path that is not a secret file (`/dev/zero`, endless) is refused
+    /// after [`MAX_SECRET_FILE_BYTES`] + 1 bytes, not read whole; a file
+    /// of the largest size is read.
+    #[test]
+    fn a_secret_file_is_read_up_to_its_bound() {
+        let e = read(Path::new("/dev/zero")).expect_err("endless");
+        assert!(e.to_string().contains("not a secret file"), "{e}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let full = dir.path().join("full");
+        std::fs::write(&full, vec![b'a'; MAX_SECRET_FILE_BYTES]).expect("write");
+        assert_eq!(read(&full).expect("read").len(), MAX_SECRET_FILE_BYTES);
+        std::fs::write(&full, vec![b'a'; MAX_SECRET_FILE_BYTES + 1]).expect("write");
+        assert!(read(&full).is_err());
+        let missing = read(&dir.path().join("missing")).expect_err("missing");
+        assert!(matches!(missing, Error::File { .. }), "{missing}");
+        let p = dir.path().join("p");
+        std::fs::write(&p, "correct horse\n").expect("write");
+        assert!(unlock_from(Some(&p), None).is_ok());
     }
 }
