@@ -796,6 +796,57 @@ fn dev_creates_serves_and_reopens_its_vault() {
     let second = vaultd_dev(&dir);
     assert_eq!(str_field(&second, "public_key"), key);
     assert!(verified_entries(&dir, &key) > entries);
+    // Its keys are new, and the first run's are revoked: each run's keys
+    // are good until the next.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let pass = PathBuf::from(str_field(&second, "passphrase_file"));
+    let vault = rt
+        .block_on(async {
+            let unlock = server::secrets::unlock_from(Some(&pass), None)?;
+            Ok::<_, server::Error>(storage::Vault::open(&dir, &unlock, Default::default())?)
+        })
+        .expect("open");
+    for name in [
+        "admin_api_key",
+        "writer_api_key",
+        "partner_api_key",
+        "auditor_api_key",
+    ] {
+        let (old, new) = (str_field(&first, name), str_field(&second, name));
+        assert_ne!(old, new, "{name}");
+        assert!(
+            server::serve::authenticate(&vault, old).is_none(),
+            "{name} of the first run still authenticates"
+        );
+        assert!(server::serve::authenticate(&vault, new).is_some(), "{name}");
+    }
+    vault.close().expect("close");
+}
+
+/// A port in use stops `vaultd dev` before it makes anything: no data
+/// dir is left behind.
+#[test]
+fn dev_binds_before_it_creates() {
+    let s = Scratch::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = s.path("dev");
+    let dir_arg = dir.to_str().expect("a UTF-8 path");
+    let out = run(
+        "vaultd",
+        [
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            &addr,
+            "--data-dir",
+            dir_arg,
+        ],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&addr), "{out:?}");
+    assert!(!dir.exists(), "{out:?}");
 }
 
 /// What a `vaultd dev` cut short left is taken up again: a passphrase

@@ -8,7 +8,9 @@
 //! warning), or with `tls` over a certificate for `localhost` and
 //! `127.0.0.1` issued by a dev CA generated into the data dir
 //! (`dev-ca.pem`, which clients trust with `--cacert`). The data dir stays
-//! after exit so that `vault-verify` can check it.
+//! after exit so that `vault-verify` can check it; a run on it again
+//! revokes the keys the runs before printed and prints new ones. Both
+//! ports are bound before anything is created or changed.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -108,23 +110,11 @@ pub async fn run(
     ready: impl FnOnce(DevOutput) -> Result<()>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    // Plaintext only where nothing but this machine can listen in: checked
-    // before anything is created. An address that does not resolve is
-    // left to the bind below to report.
-    if !opts.tls {
-        for addr in [&opts.listen, &opts.http_listen] {
-            let loopback = match tokio::net::lookup_host(addr.as_str()).await {
-                Ok(mut all) => all.all(|a| a.ip().is_loopback()),
-                Err(_) => true,
-            };
-            if !loopback {
-                return Err(Error::Usage(format!(
-                    "vaultd dev serves plaintext on loopback only, and {addr} is not: add --tls \
-                     (a dev certificate), or run vaultd serve with your own"
-                )));
-            }
-        }
-    }
+    // Both ports are bound before anything is made (a port in use leaves
+    // no vault behind), each to the addresses its name resolved to once;
+    // in plaintext, only where nothing but this machine can listen in.
+    let protocol = bind_checked(&opts.listen, opts.tls).await?;
+    let http = bind_checked(&opts.http_listen, opts.tls).await?;
     let data_dir = match opts.data_dir {
         Some(d) => d,
         None => {
@@ -164,6 +154,10 @@ pub async fn run(
         })
         .await
         .map_err(|e| Error::Usage(e.to_string()))??;
+        let revoked = revoke_earlier_demo_keys(&vault).await?;
+        if revoked > 0 {
+            tracing::info!(revoked, "revoked the demo keys that earlier runs printed");
+        }
         let (_, key) = vault.create_credential("admin", "dev-admin").await?;
         (vault, key.to_string())
     };
@@ -173,16 +167,6 @@ pub async fn run(
         auditor,
     } = seed(&vault, fresh).await?;
     let policies = demo_policies()?;
-    let bind = |addr: String| async move {
-        tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|source| Error::File {
-                path: addr,
-                error: source,
-            })
-    };
-    let protocol = bind(opts.listen).await?;
-    let http = bind(opts.http_listen).await?;
     let public_key = hex::encode(vault.public_key().as_bytes());
     let (tls, ca_cert) = if opts.tls {
         let (config, ca) = dev_tls(&data_dir)?;
@@ -304,6 +288,55 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
         write_private(&ca_file, ca.pem().as_bytes())?;
     }
     Ok((crate::tls::ServerTls::open(&files)?, ca_file))
+}
+
+/// The role and name of each credential whose key `vaultd dev` prints:
+/// the vault's initial admin at the first run, `dev-admin` at the next.
+const DEMO_CREDENTIALS: [(&str, &str); 5] = [
+    ("admin", "initial admin"),
+    ("admin", "dev-admin"),
+    ("writer", "demo-service"),
+    ("partner", DEMO_PARTNER),
+    ("auditor", "demo-auditor"),
+];
+
+/// Revokes the live credentials that earlier runs of `vaultd dev` on
+/// this vault made (and printed): each run's keys are good until the
+/// next run, so keys copied into shells and notes of earlier sessions do
+/// not stay valid for good. Returns how many were revoked.
+async fn revoke_earlier_demo_keys(vault: &storage::Vault) -> Result<usize> {
+    let mut revoked = 0;
+    for (role, name) in DEMO_CREDENTIALS {
+        for c in vault.live_credentials(&format!("{role}-"))? {
+            if c.role == role && c.name == name {
+                vault.revoke_credential(&c.id).await?;
+                revoked += 1;
+            }
+        }
+    }
+    Ok(revoked)
+}
+
+/// A listener on `addr`, resolved once; without `tls`, refused unless
+/// every address it resolves to is a loopback one.
+async fn bind_checked(addr: &str, tls: bool) -> Result<tokio::net::TcpListener> {
+    let file_error = |source| Error::File {
+        path: addr.to_string(),
+        error: source,
+    };
+    let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(file_error)?
+        .collect();
+    if !tls && !resolved.iter().all(|a| a.ip().is_loopback()) {
+        return Err(Error::Usage(format!(
+            "vaultd dev serves plaintext on loopback only, and {addr} is not: add --tls \
+             (a dev certificate), or run vaultd serve with your own"
+        )));
+    }
+    tokio::net::TcpListener::bind(resolved.as_slice())
+        .await
+        .map_err(file_error)
 }
 
 /// API keys of the demo's roles (development keys, shown once).
