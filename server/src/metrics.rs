@@ -107,6 +107,9 @@ pub struct Metrics {
     /// Requests of the shim to the vault, by operation.
     pub vault_seconds: Family<OpLabels, Histogram, LatencyBuckets>,
     pub log_entries: Gauge,
+    /// 1 when the vault answered the last scrape's health request in
+    /// time, 0 otherwise (`log_entries` is then the count read before).
+    pub vault_up: Gauge,
     /// TLS handshakes by port and outcome: how many partners resume their
     /// sessions, and how many connections fail or time out in TLS.
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
@@ -145,6 +148,7 @@ impl Metrics {
             commit_seconds: Family::new_with_constructor(LatencyBuckets),
             vault_seconds: Family::new_with_constructor(LatencyBuckets),
             log_entries: Gauge::default(),
+            vault_up: Gauge::default(),
             tls_handshakes: Family::default(),
             turned_away: Family::default(),
             connections: Family::default(),
@@ -189,6 +193,11 @@ impl Metrics {
             "log_entries",
             "Durable entries in the log",
             m.log_entries.clone(),
+        );
+        registry.register(
+            "vault_up",
+            "1 when the vault answered this scrape's health request within 1 s, 0 otherwise (fintrust_log_entries is then the count read before)",
+            m.vault_up.clone(),
         );
         registry.register(
             "tls_handshakes",

@@ -265,6 +265,55 @@ async fn a_start_revokes_the_shim_keys_earlier_runs_left_active() {
     r.stop().await;
 }
 
+/// A vault that answers but refuses the shim (its gateway key revoked)
+/// is not reported out of reach: `/v1/health` says `refused`, and a
+/// scrape says the vault is not up but is served.
+#[tokio::test]
+async fn health_tells_a_refused_shim_from_an_unreachable_vault() {
+    let r = start(ShimConfig::default()).await;
+    let client = client::Client::connect(client::ClientConfig {
+        addr: r.protocol.to_string(),
+        api_key: client::Zeroizing::new(r.admin.clone()),
+        ..client::ClientConfig::default()
+    })
+    .await
+    .expect("admin");
+    let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
+    assert_eq!(status, 200, "{health}");
+    let shim_key = client
+        .credentials()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|c| c.role == "gateway" && c.revoked_seq.is_none())
+        .expect("the shim's key");
+    client
+        .revoke_credential(&shim_key.id)
+        .await
+        .expect("revoked");
+    // The first request may see its connection closed; from the next on
+    // the vault refuses the key.
+    let mut last = Value::Null;
+    for _ in 0..2 {
+        let (status, health) = call(r.http, "GET", "/v1/health", None, None).await;
+        assert_eq!(status, 503, "{health}");
+        last = health;
+    }
+    assert_eq!(last["status"], "unavailable", "{last}");
+    assert_eq!(last["vault"], "refused", "{last}");
+    // The gauge is the process's: another test's scrape may set it in
+    // between, never this vault's for long.
+    let mut down = false;
+    for _ in 0..5 {
+        let (status, _, text) = get_raw(r.http, "/metrics", "").await;
+        assert!(status.contains("200"), "{status}");
+        down |= text.contains("fintrust_vault_up 0");
+    }
+    assert!(down, "fintrust_vault_up never 0");
+    drop(client);
+    r.stop().await;
+}
+
 /// `/v1/health` shows the log head as the vault signed it: a head that
 /// verifies with the public key alone, the entry count it covers, and one
 /// that moves on with the log.

@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Path, Query, State};
@@ -315,15 +315,21 @@ impl Shim {
         Fut: std::future::Future<Output = client::Result<T>>,
     {
         let started = Instant::now();
+        let took = || {
+            self.metrics
+                .vault_seconds
+                .get_or_create(&OpLabels { op })
+                .observe(started.elapsed().as_secs_f64())
+        };
         let c = self.link.gateway().await.map_err(|e| {
+            // A failed connect is timed too: under an outage, the slowest
+            // calls are these.
+            took();
             tracing::warn!(error = %e, "cannot reach the vault");
             gateway_error(&e)
         })?;
         let r = f(c.clone()).await;
-        self.metrics
-            .vault_seconds
-            .get_or_create(&OpLabels { op })
-            .observe(started.elapsed().as_secs_f64());
+        took();
         r.map_err(|e| {
             if !is_transport(&e) {
                 return gateway_error(&e);
@@ -1134,20 +1140,41 @@ pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
             });
             (status, axum::Json(body)).into_response()
         }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "unavailable", "vault": "unreachable"})),
-        )
-            .into_response(),
+        // A vault that answered and refused the shim (its gateway key
+        // revoked, say) is not out of reach: an operator looks elsewhere.
+        Err(e) => {
+            let vault = if e.status == StatusCode::SERVICE_UNAVAILABLE {
+                "unreachable"
+            } else {
+                "refused"
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({"status": "unavailable", "vault": vault})),
+            )
+                .into_response()
+        }
     }
 }
 
+/// How long a scrape waits for the vault's entry count: the metrics are
+/// served without it after that (`fintrust_vault_up` 0), well within a
+/// scraper's timeout, so that they do not go dark while the vault is out
+/// of reach, when they matter most.
+const SCRAPE_VAULT_WAIT: Duration = Duration::from_secs(1);
+
 pub async fn metrics(State(shim): State<Arc<Shim>>) -> Response {
-    if let Ok(h) = shim.gw("health", |c| async move { c.health().await }).await {
-        if h.status != "recovering" {
-            shim.metrics.log_entries.set(h.entries as i64);
+    let asked = shim.gw("health", |c| async move { c.health().await });
+    let up = match tokio::time::timeout(SCRAPE_VAULT_WAIT, asked).await {
+        Ok(Ok(h)) => {
+            if h.status != "recovering" {
+                shim.metrics.log_entries.set(h.entries as i64);
+            }
+            1
         }
-    }
+        Ok(Err(_)) | Err(_) => 0,
+    };
+    shim.metrics.vault_up.set(up);
     let mut r = shim.metrics.render().into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
