@@ -720,6 +720,9 @@ fn bad_mixed_ratios_and_tls_with_authorize_fail_clearly() {
             "--rate must be between",
         ),
         (&["redeem", "--rate", "0.5"][..], "--rate must be between"),
+        // Past the clock's range, a deadline would overflow.
+        (&["append", "--duration", "1e19"][..], "at most 86400"),
+        (&["mixed", "--duration", "86401"][..], "at most 86400"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
             .args(args)

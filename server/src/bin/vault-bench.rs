@@ -549,13 +549,17 @@ impl Command {
     }
 }
 
+/// The longest `--duration`: a day (a deadline past the clock's range
+/// would overflow).
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
 /// `--duration SECS` as a duration.
 fn seconds(secs: Option<f64>) -> anyhow::Result<Option<Duration>> {
     secs.map(|s| {
         Duration::try_from_secs_f64(s)
             .ok()
-            .filter(|d| !d.is_zero())
-            .context("--duration takes a positive number of seconds")
+            .filter(|d| !d.is_zero() && *d <= MAX_DURATION)
+            .context("--duration takes a positive number of seconds, at most 86400")
     })
     .transpose()
 }
