@@ -13,7 +13,9 @@
 //!
 //! The device counters come from `/proc/diskstats` ([`DiskTrace`], sampled
 //! every [`SAMPLE`] while a run lasts), for the block device that holds the
-//! data dir (found by the dir's `st_dev`). Where there is none (tmpfs, an
+//! data dir (found by the dir's `st_dev`; for a partition, the whole disk
+//! it is on, since the kernel counts flushes only for whole disks, so its
+//! counters include the disk's other partitions). Where there is none (tmpfs, an
 //! overlay, a target on another machine, a system without
 //! `/proc/diskstats`) the windows come without device figures. A flush is
 //! counted when it ends, with the whole time it took, so a flush held for
@@ -312,6 +314,24 @@ pub fn parse_diskstats(text: &str, major: u64, minor: u64) -> Option<(String, Co
     })
 }
 
+/// The whole disk that holds the block device `major:minor`: itself,
+/// unless sysfs (`sys` is its `/sys/dev/block`) says it is a partition
+/// (`M:m/partition`), whose parent's numbers are in `M:m/../dev`. The
+/// kernel counts flushes only for whole disks: a partition's flush fields
+/// stay 0.
+pub fn whole_disk(sys: &Path, major: u64, minor: u64) -> (u64, u64) {
+    let node = sys.join(format!("{major}:{minor}"));
+    if !node.join("partition").exists() {
+        return (major, minor);
+    }
+    let parent = std::fs::read_to_string(node.join("../dev")).ok();
+    parent
+        .as_deref()
+        .and_then(|t| t.trim().split_once(':'))
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .unwrap_or((major, minor))
+}
+
 /// The major and minor numbers of a Linux `st_dev` (glibc's
 /// `gnu_dev_major` and `gnu_dev_minor`).
 pub fn dev_numbers(dev: u64) -> (u64, u64) {
@@ -341,6 +361,7 @@ impl DiskTrace {
             // without a block device.
             return None;
         }
+        let (major, minor) = whole_disk(Path::new("/sys/dev/block"), major, minor);
         let (name, first) = read_diskstats(major, minor)?;
         let trace = Arc::new(DiskTrace {
             name,
@@ -394,6 +415,26 @@ mod tests {
  254       1 vda1 1600000 42000 72900000 2250000 3600000 295000 1215000000 6810000 0 1650000 10140000 256000 90 519000000 334000 0 0
    8      16 sdb 100 2 300 4 500 6 700 8 0 10 11
 ";
+
+    /// A partition is traced as the disk it is on, found as sysfs links
+    /// it (`/sys/dev/block/M:m` → `…/block/vda/vda1`); a whole disk, or
+    /// a device sysfs does not list, as itself.
+    #[test]
+    fn a_partition_is_traced_as_its_whole_disk() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let disk = tmp.path().join("devices/block/vda");
+        std::fs::create_dir_all(disk.join("vda1")).expect("mkdir");
+        std::fs::write(disk.join("dev"), "254:0\n").expect("write");
+        std::fs::write(disk.join("vda1/partition"), "1\n").expect("write");
+        std::fs::write(disk.join("vda1/dev"), "254:1\n").expect("write");
+        let sys = tmp.path().join("dev/block");
+        std::fs::create_dir_all(&sys).expect("mkdir");
+        std::os::unix::fs::symlink(disk.join("vda1"), sys.join("254:1")).expect("link");
+        std::os::unix::fs::symlink(&disk, sys.join("254:0")).expect("link");
+        assert_eq!(whole_disk(&sys, 254, 1), (254, 0));
+        assert_eq!(whole_disk(&sys, 254, 0), (254, 0));
+        assert_eq!(whole_disk(&sys, 8, 16), (8, 16));
+    }
 
     #[test]
     fn diskstats_fields_are_read_by_position() {
