@@ -304,8 +304,8 @@ pub struct SlowlorisRun {
     /// Slow clients per port.
     pub per_port: usize,
     pub elapsed_s: f64,
-    /// As [`MixedReport::ops`], under attack; `vs_pure` holds the kind's
-    /// p99 latency under attack over its p99 in the normal run.
+    /// As [`MixedReport::ops`], under attack; `p99_vs_normal` holds the
+    /// kind's p99 latency under attack over its p99 in the normal run.
     pub ops: Vec<OpRun>,
     pub attack: super::slowloris::AttackStats,
 }
@@ -321,6 +321,10 @@ pub struct OpRun {
     /// With `baseline`: `per_s` over the kind's rate when run alone.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_pure: Option<f64>,
+    /// Under slowloris: the p99 latency over the kind's p99 in the run
+    /// without attack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_vs_normal: Option<f64>,
 }
 
 /// A kind run alone as its own workload.
@@ -397,7 +401,7 @@ pub(super) async fn run(
         let mut runs = op_runs(p, &stats, secs);
         for r in &mut runs {
             let normal = ops.iter().find(|n| n.op == r.op);
-            r.vs_pure = normal
+            r.p99_vs_normal = normal
                 .filter(|n| n.latency_us.p99 > 0)
                 .map(|n| r.latency_us.p99 as f64 / n.latency_us.p99 as f64);
         }
@@ -449,6 +453,7 @@ fn op_runs(p: &MixedParams, stats: &MixStats, secs: f64) -> Vec<OpRun> {
             per_s: hist.len() as f64 / secs,
             latency_us: Latency::of(hist),
             vs_pure: None,
+            p99_vs_normal: None,
         });
     }
     ops.push(OpRun {
@@ -457,6 +462,7 @@ fn op_runs(p: &MixedParams, stats: &MixStats, secs: f64) -> Vec<OpRun> {
         per_s: stats.all.len() as f64 / secs,
         latency_us: Latency::of(&stats.all),
         vs_pure: None,
+        p99_vs_normal: None,
     });
     ops
 }
@@ -783,7 +789,10 @@ impl MixedReport {
                     "authorize" => "authorize (HTTP)",
                     _ => "all operations",
                 };
-                let ratio = r.vs_pure.map_or(String::new(), |x| format!("{x:.2}x"));
+                let ratio = r
+                    .vs_pure
+                    .or(r.p99_vs_normal)
+                    .map_or(String::new(), |x| format!("{x:.2}x"));
                 let name = format!("{label} x{}", thousands(r.count));
                 table.row(s, &name, r.per_s, &ratio, &r.latency_us);
                 if let (Some(m), "redeem") = (mint, r.op) {
