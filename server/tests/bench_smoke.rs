@@ -724,6 +724,16 @@ fn bad_mixed_ratios_and_tls_with_authorize_fail_clearly() {
         // Past the clock's range, a deadline would overflow.
         (&["append", "--duration", "1e19"][..], "at most 86400"),
         (&["mixed", "--duration", "86401"][..], "at most 86400"),
+        // Each client's connections must fit the server's limit.
+        (&["mixed", "--clients", "400"][..], "at most 341 --clients"),
+        (
+            &["mixed", "--clients", "30", "--max-connections", "64"][..],
+            "at most 21 --clients",
+        ),
+        (
+            &["authorize", "--clients", "1024"][..],
+            "between 1 and 1023",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
             .args(args)

@@ -85,13 +85,17 @@ impl Default for AuthorizeParams {
 /// Most requests a phase makes.
 pub const MAX_REQUESTS: u64 = 100_000_000;
 
-/// The shim serves at most this many connections by default.
-const MAX_HTTP_CLIENTS: usize = 1024;
+/// The shim serves at most 1,024 connections by default, and the run
+/// opens one more beside its clients' to read the log's size.
+const MAX_HTTP_CLIENTS: usize = 1023;
 
 impl AuthorizeParams {
     pub(super) fn validate(&self) -> Result<()> {
         check((1..=MAX_HTTP_CLIENTS).contains(&self.clients), || {
-            format!("--clients must be between 1 and {MAX_HTTP_CLIENTS}")
+            format!(
+                "--clients must be between 1 and {MAX_HTTP_CLIENTS} (the shim serves 1,024 \
+                 connections, and the run opens one beside its clients')"
+            )
         })?;
         check((1..=MAX_REQUESTS).contains(&self.requests), || {
             format!(

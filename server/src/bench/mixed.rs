@@ -264,14 +264,17 @@ impl MixedParams {
             format!("--clients must be between 1 and {max_clients}")
         })?;
         // A client holds a writer and a gateway connection and opens one
-        // per redemption.
-        check(
-            self.max_connections
-                .is_none_or(|m| m >= 3 * self.clients && m <= 1_000_000),
-            || {
-                "--max-connections must be at least 3 per client (a writer, a gateway and a redemption connection each)".to_string()
-            },
-        )?;
+        // per redemption: 3 per client, within the server's limit (1,024
+        // unless --max-connections says otherwise).
+        let limit = self.max_connections.unwrap_or(1024);
+        check(limit >= 3 * self.clients && limit <= 1_000_000, || {
+            format!(
+                "the server's {limit} connections (--max-connections) must be at least 3 per \
+                 client (a writer, a gateway and a redemption connection each): at most {} \
+                 --clients, or a higher --max-connections",
+                limit / 3
+            )
+        })?;
         check(self.slowloris <= 100_000, || {
             "--slowloris takes at most 100,000 slow clients per port".to_string()
         })
