@@ -847,6 +847,9 @@ fn growth_measures_at_each_size_of_one_growing_vault() {
         assert!(entries >= target && entries > last, "{l}");
         last = entries;
         assert_eq!(l["appends"]["records"], 200);
+        // A key entry for each new subject among them, never more.
+        let keys = l["appends"]["key_entries"].as_u64().expect("key_entries");
+        assert!(keys <= 200, "{l}");
         assert_eq!(l["appends"]["latency_us"]["count"], 200);
         positive(l, &["appends", "records_per_s"]);
         positive(l, &["vs_first"]);

@@ -200,6 +200,10 @@ pub struct FillStats {
 pub struct AppendWindow {
     /// Records acknowledged durable (the window).
     pub records: u64,
+    /// Subject key entries the window wrote beside its records (the first
+    /// record of a subject writes one): more at the first level, where
+    /// fewer subjects have a key yet, so a level's rate is read with it.
+    pub key_entries: u64,
     /// Commit groups (signed heads) they went in.
     pub commit_groups: u64,
     pub elapsed_s: f64,
@@ -320,9 +324,11 @@ async fn measure(keys: Keys, p: &GrowthParams, progress: Progress) -> Result<Vec
 
         let (stats, elapsed) =
             protocol::measure(&writer, &p.appends(p.window, 1, p.pipeline), progress).await?;
+        let after = log_len(&writer).await?;
         let secs = elapsed.as_secs_f64();
         let appends = AppendWindow {
             records: stats.records,
+            key_entries: after.saturating_sub(entries).saturating_sub(stats.records),
             commit_groups: stats.groups(),
             elapsed_s: secs,
             records_per_s: stats.records as f64 / secs,
