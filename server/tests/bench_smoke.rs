@@ -1090,3 +1090,60 @@ async fn appends_and_redemptions_next_to_postgres_when_a_server_is_given() {
         assert_eq!(left, None, "{table}");
     }
 }
+
+/// An interrupt ends an in-process run cleanly: exit 1 with a note, and
+/// the temporary data dir it made is removed (not left behind, GBs after
+/// a long run).
+#[test]
+fn an_interrupted_run_removes_its_temporary_dir() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
+        .args([
+            "append",
+            "--protocol",
+            "--records",
+            "100000000",
+            "--duration",
+            "600",
+            "--clients",
+            "2",
+        ])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("vault-bench runs");
+    // Its data dir, once the vault in it is made.
+    let made = || {
+        std::fs::read_dir(tmp.path())
+            .expect("read")
+            .filter_map(|e| e.ok())
+            .any(|e| e.path().join("vault").exists())
+    };
+    let mut waited = 0;
+    while !made() {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "ended before it ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        waited += 1;
+        assert!(waited < 2_400, "no data dir after 2 min");
+    }
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status();
+    assert!(sent.is_ok_and(|s| s.success()), "kill -INT");
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(out.stdout.is_empty());
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("read")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -735,6 +735,26 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
         Workload::Mixed(p) => p.validate()?,
         Workload::Growth(p) => p.validate()?,
     }
+    if let Target::Remote(_) = target {
+        // Interrupts are the remote run's own: it revokes what it made on
+        // the server first (`remote::Interrupts`).
+        return run_workload(target, workload, progress).await;
+    }
+    // In this process, an interrupt (SIGINT, SIGTERM) ends the run, and
+    // what it made goes as the run is dropped: a `redis-server` it
+    // started is killed, a PostgreSQL table it made is dropped
+    // (`postgres::with_table`), and a temporary data dir is removed, by
+    // [`remove_temporary_dirs`] once the runtime is shut down (the
+    // server in this process may write to it until then).
+    tokio::select! {
+        report = run_workload(target, workload, progress) => report,
+        () = crate::daemon::signal() => Err(Error::Usage(
+            "interrupted: the run stopped, and its temporary data dir, if any, was removed".into(),
+        )),
+    }
+}
+
+async fn run_workload(target: &Target, workload: &Workload, progress: Progress) -> Result<Report> {
     match (target, workload) {
         (Target::Embedded { .. }, Workload::Append(p)) if p.redis.is_some() => Err(Error::Usage(
             "the Redis SET baseline compares protocol appends: add --protocol or --addr".into(),
@@ -821,8 +841,31 @@ pub async fn run(target: &Target, workload: &Workload, progress: Progress) -> Re
     }
 }
 
+/// The temporary data dirs of the runs of this process, removed when
+/// their guards are dropped; and by [`remove_temporary_dirs`] when that
+/// did not remove them all (an interrupted run's server still writing).
+static TEMPORARY_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes what is left of this process's temporary data dirs: call it
+/// after the runtime is shut down, when nothing writes to them any more.
+/// Returns the dirs that could not be removed, each with why.
+pub fn remove_temporary_dirs() -> Vec<(PathBuf, std::io::Error)> {
+    let dirs = std::mem::take(
+        &mut *TEMPORARY_DIRS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    dirs.into_iter()
+        .filter_map(|d| match std::fs::remove_dir_all(&d) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Some((d, e)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The run's data dir: `dir`, created if needed and kept afterwards, or a
-/// fresh temporary dir, removed when the returned guard is dropped.
+/// fresh temporary dir, removed when the returned guard is dropped (or
+/// by [`remove_temporary_dirs`]).
 fn scratch(
     dir: Option<&Path>,
     kind: &'static str,
@@ -839,6 +882,10 @@ fn scratch(
                     error: source,
                 })?;
             let p = t.path().to_path_buf();
+            TEMPORARY_DIRS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(p.clone());
             (Some(t), p)
         }
     };

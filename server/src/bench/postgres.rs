@@ -320,9 +320,54 @@ fn token_key(i: u64) -> String {
     format!("token:{i:010}")
 }
 
+/// Drops its table when dropped before [`TableGuard::disarm`]: when the
+/// run that made it is dropped midway (an interrupt), blocking this
+/// thread for the drop, which a multi-threaded runtime allows; otherwise
+/// the table is named on stderr for the operator to drop.
+struct TableGuard<'a> {
+    info: &'a Conninfo,
+    table: &'a str,
+    armed: bool,
+}
+
+impl TableGuard<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TableGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let drop_it = async {
+            let c = connect(self.info, 1).await?;
+            let c = c.first().ok_or_else(|| pg_error("no client"))?;
+            c.batch_execute(&format!("DROP TABLE {}", self.table))
+                .await
+                .map_err(query_error("dropping the table"))
+        };
+        let handle = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let dropped = match handle {
+            Some(h) => tokio::task::block_in_place(|| h.block_on(drop_it)),
+            None => Err(pg_error("no runtime to drop it from")),
+        };
+        if let Err(e) = dropped {
+            eprintln!(
+                "warning: the run stopped midway and its table {} is left in PostgreSQL ({e}): drop it",
+                self.table
+            );
+        }
+    }
+}
+
 /// Creates `table` with `columns` on `c`, runs `body`, and drops the table
 /// whatever happened, on a connection of its own (`c` and the timed ones
-/// may be broken by then).
+/// may be broken by then); when the run is dropped midway, as it drops
+/// ([`TableGuard`]).
 async fn with_table<T>(
     info: &Conninfo,
     c: &Client,
@@ -339,7 +384,13 @@ async fn with_table<T>(
                 "creating table {table} (drop it if an earlier run left it): {e}"
             ))
         })?;
+    let guard = TableGuard {
+        info,
+        table,
+        armed: true,
+    };
     let result = body.await;
+    guard.disarm();
     let dropped = async {
         let c = connect(info, 1).await?;
         let c = c.first().ok_or_else(|| pg_error("no client"))?;

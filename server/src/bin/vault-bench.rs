@@ -622,7 +622,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let report = rt.block_on(bench::run(&target, &workload, progress))?;
+    let report = rt.block_on(bench::run(&target, &workload, progress));
+    // After an interrupt, the server in this process may still write to
+    // the run's temporary dir: stopped with the runtime, then removed.
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    for (dir, e) in bench::remove_temporary_dirs() {
+        eprintln!("warning: {} was not removed: {e}", dir.display());
+    }
+    let report = report?;
     if json {
         client::cli::print_line(&serde_json::to_string(&report)?)
     } else {
