@@ -244,10 +244,15 @@ fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
 /// The dev CA, and a certificate for `localhost` and `127.0.0.1` it
 /// issued, in `data_dir` (made on first use, reused after): the server's
 /// TLS configuration and the CA file clients trust.
+/// How long `vaultd dev`'s certificates are valid.
+const DEV_CERT_LIFETIME: time::Duration = time::Duration::days(90);
+/// An earlier run's certificate is made again when it expires within this.
+const DEV_CERT_RENEWED_BEFORE: time::Duration = time::Duration::days(7);
+
 pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf)> {
     use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
-        KeyPair,
+        BasicConstraints, CertificateParams, CertifiedIssuer, CidrSubnet, DistinguishedName,
+        DnType, GeneralSubtree, IsCa, KeyPair, NameConstraints,
     };
     let named = |cn: &str| {
         let mut dn = DistinguishedName::new();
@@ -260,18 +265,36 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
         key: data_dir.join("dev-key.pem"),
         client_ca: None,
     };
-    // Made again unless an earlier run's files are all there and load: a
-    // run cut short while writing them leaves one empty or torn.
+    // Made again unless an earlier run's files are all there and load (a
+    // run cut short while writing them leaves one empty or torn), and are
+    // good for another week.
+    let now = time::OffsetDateTime::now_utc();
     let reusable = ca_file.exists()
-        && crate::tls::ServerTls::open(&files).is_ok()
+        && crate::tls::ServerTls::open(&files)
+            .is_ok_and(|t| t.expires_at() > (now + DEV_CERT_RENEWED_BEFORE).unix_timestamp())
         && std::fs::read_to_string(&ca_file)
             .is_ok_and(|pem| pem.contains("-----END CERTIFICATE-----"));
     if !reusable {
         let tls_err = |e: rcgen::Error| Error::Usage(format!("making the dev certificate: {e}"));
-        let mut params =
-            CertificateParams::new(vec!["fintrust-vault dev CA".to_string()]).map_err(tls_err)?;
+        // Short-lived, and the CA can issue for this machine's names only:
+        // a dev CA someone trusts (added to a system store, say) is
+        // worth little to whoever copies its key pair's certificate.
+        let (not_before, not_after) = (now - time::Duration::hours(1), now + DEV_CERT_LIFETIME);
+        let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.distinguished_name = named("fintrust-vault dev CA");
+        params.name_constraints = Some(NameConstraints {
+            permitted_subtrees: vec![
+                GeneralSubtree::DnsName("localhost".into()),
+                GeneralSubtree::IpAddress(CidrSubnet::from_v4_prefix([127, 0, 0, 0], 8)),
+                GeneralSubtree::IpAddress(CidrSubnet::from_v6_prefix(
+                    std::net::Ipv6Addr::LOCALHOST.octets(),
+                    128,
+                )),
+            ],
+            excluded_subtrees: Vec::new(),
+        });
+        (params.not_before, params.not_after) = (not_before, not_after);
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().map_err(tls_err)?)
             .map_err(tls_err)?;
         let key = KeyPair::generate().map_err(tls_err)?;
@@ -279,6 +302,7 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
                 .map_err(tls_err)?;
         leaf.distinguished_name = named("localhost");
+        (leaf.not_before, leaf.not_after) = (not_before, not_after);
         let cert = leaf.signed_by(&key, &ca).map_err(tls_err)?;
         for f in [&ca_file, &files.cert, &files.key] {
             remove_if_present(f)?;
@@ -483,6 +507,58 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// The dev certificate lives 90 days, is kept by the next run while
+    /// it has more than a week left, and a client that trusts the dev CA
+    /// reaches `localhost` with it (the CA's name constraints allow it).
+    #[tokio::test]
+    async fn the_dev_certificate_is_short_lived_kept_and_trusted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tls, ca) = super::dev_tls(dir.path()).expect("made");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let left = tls.expires_at() - now;
+        assert!((89 * 86_400..=90 * 86_400).contains(&left), "{left} s left");
+        let cert = std::fs::read(dir.path().join("dev-cert.pem")).expect("cert");
+        let (again, _) = super::dev_tls(dir.path()).expect("kept");
+        assert_eq!(again.expires_at(), tls.expires_at());
+        assert_eq!(
+            std::fs::read(dir.path().join("dev-cert.pem")).expect("cert"),
+            cert
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let served = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&ca).expect("CA");
+        use rustls::pki_types::pem::PemObject as _;
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(c.expect("a certificate")).expect("a root");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            client::config::crypto_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        for name in ["localhost", "127.0.0.1"] {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from(name).expect("name");
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config.clone()))
+                .connect(name, tcp)
+                .await
+                .expect("the dev CA's certificate is trusted");
+        }
+        served.abort();
+    }
+
     /// The development keys are printed once, by the command, never by
     /// `Debug`.
     #[test]
