@@ -726,6 +726,10 @@ pub async fn run(
             }
         });
     }
+    // New connections are refused from here on (not left in the kernel's
+    // backlog, unanswered, until the process ends), so that clients try
+    // again elsewhere or later at once.
+    drop(listener);
     // The requests read are answered before the vault is closed behind
     // them; a client that does not read its answers is cut off by then.
     stopping.cancel();
