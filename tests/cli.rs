@@ -944,6 +944,63 @@ fn a_hangup_during_the_open_does_not_end_serve() {
     assert!(status.success(), "{status}");
 }
 
+/// A second SIGTERM while `vaultd serve` finishes its requests in flight
+/// ends it at once (exit 1). The request here is an append held after it
+/// is durable (a failpoint), which the first stop alone waits for.
+#[test]
+fn a_second_signal_ends_a_shutdown_at_once() {
+    use futures_util::SinkExt;
+    let s = Scratch::new();
+    s.init("v");
+    let dir = s.path("v");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let writer = offline_credentials(&rt, &dir, &[("writer", "w")]).remove(0);
+    let mut cmd = Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_args(&mut cmd, &dir, &s.path("passphrase"), None);
+    cmd.env("FINTRUST_FAILPOINTS", "reply::append=sleep(60000)");
+    let mut vaultd = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let addr = vaultd.protocol.clone();
+    let entries = || match rt.block_on(ask(&addr, &writer, protocol::Message::Health)) {
+        protocol::Message::HealthInfo { entries, .. } => entries,
+        other => panic!("{other:?}"),
+    };
+    let before = entries();
+    let _held = rt.block_on(async {
+        let (mut conn, _) = hello(&addr, &writer).await;
+        let append = protocol::Message::Append {
+            subject: "cust-1".into(),
+            fields: vec![("n".into(), "1".into())],
+        };
+        conn.send(append.to_frame(2, 0).expect("frame"))
+            .await
+            .expect("send");
+        conn
+    });
+    // Durable once the log grows: from then on held in the failpoint.
+    while entries() == before {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let term = || {
+        let sent = Command::new("kill")
+            .args(["-TERM", &vaultd.pid().to_string()])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM");
+    };
+    term();
+    // The shutdown has begun once the port takes no more connections.
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    term();
+    let status = loop {
+        if let Some(status) = vaultd.exited() {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+}
+
 /// Credentials of `(role, name)` made in the vault in `dir` while it
 /// is not served: their API keys, in order.
 fn offline_credentials(

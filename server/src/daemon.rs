@@ -237,6 +237,26 @@ pub async fn revoke_stale_shim_keys(vault: &Vault) -> Result<usize> {
     Ok(stale.len())
 }
 
+/// [`signal`], for a process's main work: resolves on the first SIGINT or
+/// SIGTERM, and from then on a second one ends the process at once (exit
+/// 1), without waiting for the requests in flight or a reopen of the
+/// vault, for an operator who cannot wait. Nothing acknowledged is lost:
+/// an append is answered only once durable.
+pub fn signal_then_hurry() -> impl std::future::Future<Output = ()> + Send + 'static {
+    let first = signal();
+    async move {
+        first.await;
+        let second = signal();
+        tokio::spawn(async move {
+            second.await;
+            tracing::warn!(
+                "a second signal: exiting now, without finishing the requests in flight"
+            );
+            std::process::exit(1);
+        });
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 ///
 /// The handlers are installed when this is called, not when the future is

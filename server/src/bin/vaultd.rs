@@ -570,7 +570,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         tracing::info!(protocol = %b.protocol, http = ?b.http, "vaultd ready");
                         Ok(())
                     },
-                    server::daemon::signal(),
+                    server::daemon::signal_then_hurry(),
                 )
                 .await?;
                 anyhow::Ok(())
@@ -642,7 +642,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("listening on {http_listen}"))?;
                 let bound = listener.local_addr()?;
-                let shutdown = server::daemon::signal();
+                let shutdown = server::daemon::signal_then_hurry();
                 tracing::info!(http = %bound, vault = %shim.config.vault_addr, "shim ready");
                 server::shim::serve(listener, shim, http_tls, shutdown).await?;
                 anyhow::Ok(())
@@ -688,7 +688,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             error,
                         })
                 },
-                server::daemon::signal(),
+                server::daemon::signal_then_hurry(),
             ))?;
         }
     }
