@@ -2039,3 +2039,64 @@ async fn a_policies_file_the_vault_refuses_stops_the_daemon_before_it_serves() {
     let gateways = vault.live_credentials("gateway-").expect("credentials");
     assert!(gateways.is_empty(), "{gateways:?}");
 }
+
+/// A request whose client goes away before the answer is counted, as
+/// 499 (nginx's "client closed request"), not lost from the counters:
+/// here an authorization waiting on a vault that accepts connections and
+/// never answers.
+#[tokio::test]
+async fn a_request_its_client_abandoned_is_counted_as_499() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let vault_addr = silent.local_addr().expect("addr");
+    let (reached, mut reached_rx) = tokio::sync::mpsc::unbounded_channel();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            open.push(c);
+            let _ = reached.send(());
+        }
+    });
+    let shim = server::shim::Shim::new(
+        server::shim::VaultLink::new(client::ClientConfig {
+            addr: vault_addr.to_string(),
+            api_key: client::Zeroizing::new("fvk_gateway_of_nowhere".into()),
+            timeout: Duration::from_secs(600),
+            ..client::ClientConfig::default()
+        }),
+        ShimConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let http = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(server::shim::serve(listener, shim, None, async {
+        let _ = stopped.await;
+    }));
+    let series = "fintrust_http_requests_total{route=\"/v1/authorize\",status=\"499\"}";
+    let before = common::counter(series);
+    let body = r#"{"subject_id": "cust-7", "purpose": "credit_check"}"#;
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    let req = format!(
+        "POST /v1/authorize HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer fvk_p\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    // The shim is waiting on the vault once its connection is there.
+    reached_rx.recv().await.expect("the shim reached the vault");
+    drop(s);
+    let mut counted = false;
+    for _ in 0..500 {
+        if common::counter(series) > before {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(counted, "the abandoned request was not counted");
+    let _ = stop.send(());
+    let _ = served.await;
+    held.abort();
+}

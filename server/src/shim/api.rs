@@ -1215,6 +1215,14 @@ pub async fn observe(
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let started = Instant::now();
+    // Counted as 499 if dropped unanswered: the client closed the
+    // connection, and hyper dropped the handler where it was.
+    let unanswered = Unanswered {
+        shim: &shim,
+        route: &route,
+        started,
+        armed: true,
+    };
     let timeout = shim.config.request_timeout;
     // A declared length over the limit is refused before any of the body is
     // read (the extractors would otherwise wait for it to arrive).
@@ -1243,19 +1251,55 @@ pub async fn observe(
             .into_response(),
         }
     };
-    shim.metrics
-        .http_requests
-        .get_or_create(&RouteLabels {
-            route: route.clone(),
-            status: response.status().as_u16(),
-        })
-        .inc();
-    shim.metrics
-        .http_seconds
-        .get_or_create(&RouteOnly { route })
-        .observe(started.elapsed().as_secs_f64());
+    unanswered.answered(response.status());
     response
 }
+
+/// A request being served, counted once in `fintrust_http_requests_total`
+/// and timed: with its status when answered, as 499 (nginx's "client
+/// closed request") when dropped before that.
+struct Unanswered<'a> {
+    shim: &'a Shim,
+    route: &'a str,
+    started: Instant,
+    armed: bool,
+}
+
+impl Unanswered<'_> {
+    fn answered(mut self, status: StatusCode) {
+        self.armed = false;
+        self.count(status.as_u16());
+    }
+
+    fn count(&self, status: u16) {
+        let metrics = self.shim.metrics;
+        metrics
+            .http_requests
+            .get_or_create(&RouteLabels {
+                route: self.route.to_string(),
+                status,
+            })
+            .inc();
+        metrics
+            .http_seconds
+            .get_or_create(&RouteOnly {
+                route: self.route.to_string(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.count(CLIENT_CLOSED_REQUEST);
+        }
+    }
+}
+
+/// The status a request is counted under when its client went away
+/// before the answer (nginx's 499).
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 #[cfg(test)]
 mod tests {
