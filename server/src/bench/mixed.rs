@@ -967,11 +967,19 @@ mod tests {
             ..MixedParams::default()
         };
         assert!(matches!(many.validate(), Err(Error::Usage(_))));
+        // Without authorizations, more clients than the shim takes, as
+        // long as the protocol port takes 3 connections each.
         let no_http = MixedParams {
             clients: 2_000,
             ratio: "1:1:0".parse().expect("valid"),
+            max_connections: Some(6_000),
             ..MixedParams::default()
         };
         assert!(no_http.validate().is_ok());
+        let over_the_port = MixedParams {
+            max_connections: None,
+            ..no_http
+        };
+        assert!(matches!(over_the_port.validate(), Err(Error::Usage(_))));
     }
 }
