@@ -734,6 +734,15 @@ fn bad_mixed_ratios_and_tls_with_authorize_fail_clearly() {
             &["authorize", "--clients", "1024"][..],
             "between 1 and 1023",
         ),
+        // A batch is at most one protocol frame of records, embedded too.
+        (
+            &["append", "--batch", "65536", "--size", "48000"][..],
+            "one protocol frame",
+        ),
+        (
+            &["verify", "--batch", "4096", "--size", "4096"][..],
+            "one protocol frame",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"))
             .args(args)

@@ -257,6 +257,22 @@ fn check_common(records: u64, size: usize, subjects: usize) -> Result<()> {
     })
 }
 
+/// Most record bytes one batch holds: what one protocol frame carries
+/// (its subject, field names and framing aside), on every target, so that
+/// an embedded run stays comparable with a protocol one and allocates
+/// nothing unbounded.
+const MAX_BATCH_BYTES: usize = ::protocol::MAX_FRAME_LEN - 64 * 1024;
+
+fn check_batch_bytes(batch: usize, size: usize) -> Result<()> {
+    check(batch.saturating_mul(size) <= MAX_BATCH_BYTES, || {
+        format!(
+            "--batch {batch} of --size {size} is {} KiB a batch: at most {} KiB (one protocol frame)",
+            batch.saturating_mul(size) >> 10,
+            MAX_BATCH_BYTES >> 10
+        )
+    })
+}
+
 fn check_clients(clients: usize, pipeline: usize, batch: usize) -> Result<()> {
     check((1..=MAX_CLIENTS).contains(&clients), || {
         format!("--clients must be between 1 and {MAX_CLIENTS}")
@@ -273,6 +289,7 @@ impl AppendParams {
     fn validate(&self) -> Result<()> {
         check_common(self.records, self.size, self.subjects)?;
         check_clients(self.clients, self.pipeline, self.batch)?;
+        check_batch_bytes(self.batch, self.size)?;
         check(
             self.redis.is_none() || (self.pipeline == 1 && self.batch == 1),
             || {
@@ -293,7 +310,8 @@ impl AppendParams {
 impl VerifyParams {
     fn validate(&self) -> Result<()> {
         check_common(self.entries, self.size, self.subjects)?;
-        check_clients(self.build_clients, 1, self.build_batch)
+        check_clients(self.build_clients, 1, self.build_batch)?;
+        check_batch_bytes(self.build_batch, self.size)
     }
 }
 
