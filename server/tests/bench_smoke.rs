@@ -721,6 +721,11 @@ fn bad_mixed_ratios_and_tls_with_authorize_fail_clearly() {
             "--rate must be between",
         ),
         (&["redeem", "--rate", "0.5"][..], "--rate must be between"),
+        // Minted first, the last tokens would expire before their turn.
+        (
+            &["redeem", "--rate", "1", "--tokens", "4000"][..],
+            "past their 3600 s lifetime",
+        ),
         // Past the clock's range, a deadline would overflow.
         (&["append", "--duration", "1e19"][..], "at most 86400"),
         (&["mixed", "--duration", "86401"][..], "at most 86400"),

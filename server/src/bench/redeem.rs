@@ -471,6 +471,23 @@ async fn measure(
 ) -> Result<(MintStats, Vec<RedeemRun>)> {
     let tls = base.tls != client::Tls::Plaintext;
     let runs = if tls { 2 } else { 1 };
+    // Every token is minted first: on a schedule, the last must still be
+    // alive when its turn comes (a server's default lifetime is 300 s).
+    if let Some(rate) = p.rate {
+        let lifetime = if names.ttl_secs == 0 {
+            300
+        } else {
+            names.ttl_secs
+        };
+        let needed = (p.tokens * runs) as f64 / rate;
+        check(needed <= f64::from(lifetime) * 0.9, || {
+            format!(
+                "at --rate {rate}, the {} tokens minted first take {needed:.0} s to redeem, \
+                 past their {lifetime} s lifetime: fewer --tokens or a higher --rate",
+                p.tokens * runs
+            )
+        })?;
+    }
     let setup = Connector::new(with_key(base, gateway_key))?;
     let (setup_stats, tokens) = mint(&setup, names, p.tokens * runs, progress).await?;
     let mut tokens = tokens.into_iter();
