@@ -25,9 +25,13 @@
 //! - **`redact`** returns the fixed string [`REDACTED`], whatever the value,
 //!   so not even the length shows.
 //! - **`partial`** looks at the shape of the value, in this order:
-//!   1. An e-mail address (exactly one `@`, something on both sides, no
-//!      whitespace): the first character of the local part, `***`, and the
-//!      domain unchanged. A local part of one or two characters becomes
+//!   1. An e-mail address (exactly one `@`, something before it, a host
+//!      name after it, `example.com`: labels of letters, digits and inner
+//!      hyphens, in any script, ending in a top-level domain of letters; no
+//!      whitespace):
+//!      the first character of the local part, `***`, and the domain
+//!      unchanged. Anything else with an `@` (`x@4111-1111-1111-1234`)
+//!      goes to the next rules, never shown after its `@`. A local part of one or two characters becomes
 //!      just `***`, since its first character would be most of it:
 //!      `jo@example.com` → `***@example.com`.
 //!   2. A value with at least 8 ASCII digits (card, IBAN, phone, account
@@ -44,7 +48,13 @@
 //!      tells only "at most two" or "at least three" characters.
 //!
 //!   All of this counts characters, not bytes, so it never cuts a UTF-8
-//!   sequence.
+//!   sequence; rules 1 and 3 count characters as a reader sees them
+//!   (grapheme clusters, surrounding whitespace left out), so `Jo ` and
+//!   `E` + a combining accent + `d` are two characters and show nothing.
+//!   A short categorical value of three characters or more shows its
+//!   first one, which may be all it takes (`true`/`false`, `Male`/
+//!   `Female`): give such fields `redact`, or `reveal` where they may be
+//!   seen.
 //! - **`tokenize`** returns `tok_` and the first 24 hex digits (96 bits) of
 //!   BLAKE3 in keyed mode over `field || 0x00 || value`, keyed per partner
 //!   with `derive_key("fintrust-vault 2026 tokenize v1", master || partner_id)`.
@@ -191,21 +201,34 @@ impl MaskKeys {
     }
 
     /// `derive_key("fintrust-vault 2026 tokenize v1", master || partner_id)`,
-    /// fed to the hasher in two parts so that no buffer holds a copy of the
-    /// master key. The master key has a fixed length, so the concatenation
-    /// is unambiguous.
+    /// fed to the hasher in two parts (no concatenated copy), whose buffer
+    /// holds the master key until it is zeroized here. The master key has
+    /// a fixed length, so the concatenation is unambiguous.
     fn tokenize_key(&self, partner_id: &str) -> Zeroizing<[u8; 32]> {
         let mut hasher = blake3::Hasher::new_derive_key(CONTEXT_TOKENIZE);
         hasher.update(&self.master);
         hasher.update(partner_id.as_bytes());
-        Zeroizing::new(hasher.finalize().into())
+        derived(hasher)
     }
 
     /// `derive_key("fintrust-vault 2026 hash v1", master)`: one key for all
     /// partners, which is what makes hashes joinable across partners.
     fn hash_key(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(blake3::derive_key(CONTEXT_HASH, &self.master))
+        let mut hasher = blake3::Hasher::new_derive_key(CONTEXT_HASH);
+        hasher.update(&self.master);
+        derived(hasher)
     }
+}
+
+/// The key `hasher` derives; the hasher, which holds key material in its
+/// buffers, is zeroized, as is the intermediate hash.
+fn derived(mut hasher: blake3::Hasher) -> Zeroizing<[u8; 32]> {
+    use zeroize::Zeroize as _;
+    let mut hash = hasher.finalize();
+    hasher.zeroize();
+    let key = Zeroizing::new(*hash.as_bytes());
+    hash.zeroize();
+    key
 }
 
 impl fmt::Debug for MaskKeys {
@@ -297,7 +320,10 @@ fn keyed_digest(key: &[u8; 32], field: &str, value: &str) -> Result<blake3::Hash
     hasher.update(field.as_bytes());
     hasher.update(&[0]);
     hasher.update(value.as_bytes());
-    Ok(hasher.finalize())
+    let digest = hasher.finalize();
+    // Its buffers hold the key's chaining value and part of the value.
+    zeroize::Zeroize::zeroize(&mut hasher);
+    Ok(digest)
 }
 
 /// `partial`: see the module documentation for the three shapes.
@@ -313,26 +339,48 @@ fn partial(value: &str) -> String {
 
 /// The first character and `***`, or only `***` when the value has at most
 /// two characters: there the first character would be half of it or more.
+/// Characters as a reader sees them: the value without its surrounding
+/// whitespace, in grapheme clusters (`E` and a combining accent are one
+/// `É`; a Hangul syllable written as jamo is one syllable).
 fn first_char_and_stars(value: &str) -> String {
-    let mut chars = value.chars();
-    match (chars.next(), chars.next(), chars.next()) {
+    use unicode_segmentation::UnicodeSegmentation as _;
+    let mut graphemes = value.trim().graphemes(true);
+    match (graphemes.next(), graphemes.next(), graphemes.next()) {
         (Some(first), Some(_), Some(_)) => format!("{first}***"),
         _ => "***".to_owned(),
     }
 }
 
 /// `j***@example.com` for `jane.doe@example.com`; `None` when the value is
-/// not shaped like an e-mail address.
+/// not shaped like an e-mail address: a domain that is not a host name
+/// (`x@4111-1111-1111-1234`, `J@nedoe`) would be shown whole, so such a
+/// value goes to the other rules.
 fn partial_email(value: &str) -> Option<String> {
     let (local, domain) = value.split_once('@')?;
-    if local.is_empty()
-        || domain.is_empty()
-        || domain.contains('@')
-        || value.chars().any(char::is_whitespace)
-    {
+    if local.is_empty() || value.chars().any(char::is_whitespace) || !is_host_name(domain) {
         return None;
     }
     Some(format!("{}@{domain}", first_char_and_stars(local)))
+}
+
+/// Whether `domain` is a host name with a top-level domain: at least two
+/// dot-separated labels of letters, digits and inner hyphens (letters of
+/// any script: `ü.de`), the last one of two or more letters.
+fn is_host_name(domain: &str) -> bool {
+    let labels: Vec<&str> = domain.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.chars().count() <= 63
+            && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    labels.len() >= 2
+        && domain.chars().count() <= 253
+        && labels.iter().all(label_ok)
+        && labels
+            .last()
+            .is_some_and(|tld| tld.chars().count() >= 2 && tld.chars().all(char::is_alphabetic))
 }
 
 /// Every letter, digit or non-ASCII character becomes `*`, except the last
@@ -737,6 +785,36 @@ mod tests {
         }
         assert_eq!(mask(MaskOp::Partial, "f", "😀"), Ok("***".into()));
         assert_eq!(mask(MaskOp::Partial, "f", "é@ü.de"), Ok("***@ü.de".into()));
+        // What follows an `@` is shown only when it is a host name.
+        for (value, seen) in [
+            ("x@4111-1111-1111-1234", "*@****-****-****-1234"),
+            ("J@nedoe", "J***"),
+            ("ref@12345678901", "***@*******8901"),
+            ("a@b.c", "a***"),
+            ("jane@mail.example.co.uk", "j***@mail.example.co.uk"),
+        ] {
+            assert_eq!(
+                mask(MaskOp::Partial, "f", value),
+                Ok(seen.into()),
+                "{value}"
+            );
+        }
+        // Characters as a reader counts them: whitespace around the value
+        // and combining marks do not make a two-letter value longer.
+        for (value, seen) in [
+            ("Jo ", "***"),
+            (" Jo", "***"),
+            ("E\u{301}d", "***"),
+            ("jo\u{308}@example.com", "***@example.com"),
+            ("\u{1100}\u{1175}\u{11B7}", "***"),
+            ("E\u{301}dith", "E\u{301}***"),
+        ] {
+            assert_eq!(
+                mask(MaskOp::Partial, "f", value),
+                Ok(seen.into()),
+                "{value:?}"
+            );
+        }
         // Digits and emoji alike are masked; only the last four digits stay.
         let out = mask(MaskOp::Partial, "f", &"1😀".repeat(mib / 5))?;
         assert!(out.starts_with("****") && out.ends_with("**1*1*1*1*"));
