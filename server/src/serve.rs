@@ -2976,11 +2976,19 @@ async fn redeem(
             Ok(m) => m,
             Err(_) => return error(ErrorCode::Internal, "the record is not a set of fields"),
         };
+    // A record written over the protocol holds text only. Another value
+    // (a number, an object, written through the storage library) has no
+    // masking defined for it: a field asked for that holds one stops the
+    // answer (below), rather than be masked as its JSON text.
+    let mut not_text = std::collections::HashSet::new();
     let fields: Vec<(String, String)> = parsed
         .into_iter()
-        .map(|(k, v)| match v {
-            serde_json::Value::String(s) => (k, s),
-            other => (k, other.to_string()),
+        .filter_map(|(k, v)| match v {
+            serde_json::Value::String(s) => Some((k, s)),
+            _ => {
+                not_text.insert(k);
+                None
+            }
         })
         .collect();
     // A field the token names but the subject's record does not hold is
@@ -2989,6 +2997,12 @@ async fn redeem(
     let present: std::collections::HashSet<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
     let mut wanted = Vec::with_capacity(terms.fields.len());
     for (f, op) in &terms.fields {
+        if not_text.contains(f) {
+            return error(
+                ErrorCode::Internal,
+                "a field the token names is not text in the record, so no masking applies to it: nothing was sent",
+            );
+        }
         if !present.contains(f.as_str()) {
             continue;
         }

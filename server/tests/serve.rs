@@ -1712,3 +1712,42 @@ async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() 
             .expect("flood task");
     }
 }
+
+/// A field the token names whose value is not text (a record written
+/// through the storage library, not over the protocol) is not masked as
+/// its JSON text: the redemption is refused `internal` and nothing is
+/// sent. A token that does not name it gets the other fields.
+#[tokio::test]
+async fn a_field_that_is_not_text_is_never_masked_as_text() {
+    let s = start(ServeConfig::default()).await;
+    s.vault
+        .append_batch(vec![storage::Append::record(
+            "cust-n",
+            br#"{"name":"Jane Doe","email":true,"iban":"GB33BUKB20201555555555","income":84000}"#
+                .to_vec(),
+        )])
+        .await
+        .expect("a record");
+    let token = mint(&s, "demo-lender", "cust-n", 0).await;
+    match redeem(&s, &s.partner, &token).await {
+        Message::Error { code, .. } => assert_eq!(code, ErrorCode::Internal),
+        other => panic!("{other:?}"),
+    }
+    let (mut gw, _) = connect(&s, &s.gateway).await;
+    let m = Message::Mint {
+        partner_id: "demo-lender".into(),
+        subject: "cust-n".into(),
+        purpose: "credit_check".into(),
+        fields: vec![("name".into(), protocol::MaskOp::Partial)],
+        ttl_secs: 0,
+    };
+    let Message::Minted { token, .. } = request(&mut gw, 2, &m).await else {
+        panic!("minted");
+    };
+    match redeem(&s, &s.partner, &token).await {
+        Message::Data { fields, .. } => {
+            assert_eq!(fields, vec![("name".to_string(), "J***".to_string())])
+        }
+        other => panic!("{other:?}"),
+    }
+}
