@@ -610,6 +610,33 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     assert!(online["entries"].as_u64() >= Some(1), "{online}");
     assert!(online["keys_compared"].as_u64() >= Some(1), "{online}");
     refused(&admin(&addr, &auditor_key, &["reindex"]), "forbidden");
+    // `vaultd`'s secret in the environment does not stop an online
+    // reindex; given on the command line without --data-dir, it is
+    // refused before anything is asked.
+    let online = run_bin(
+        "fintrust-server",
+        "vault-admin",
+        [
+            "reindex",
+            "--addr",
+            &addr,
+            "--api-key",
+            &key,
+            "--insecure-plaintext",
+            "--format",
+            "json",
+        ],
+        &[("FINTRUST_PASSPHRASE_FILE", "/nonexistent/passphrase")],
+    )
+    .ok_json();
+    assert_eq!(online["mode"], "online", "{online}");
+    let r = admin(
+        &addr,
+        &key,
+        &["reindex", "--passphrase-file", "/nonexistent/passphrase"],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("needs --data-dir"), "{r:?}");
 
     // Offline, on the stopped vault.
     let status = dev.stop();

@@ -183,15 +183,11 @@ enum Command {
     /// Rebuild the derived state from the log and compare it with the
     /// stored one (exit 1 when they differ and were not repaired).
     Reindex {
-        /// Work on the stopped vault in DIR (needs its secret).
-        #[arg(long, value_name = "DIR")]
-        data_dir: Option<PathBuf>,
-        /// Offline: the file holding the vault's passphrase.
-        #[arg(long, env = "FINTRUST_PASSPHRASE_FILE", requires = "data_dir")]
-        passphrase_file: Option<PathBuf>,
-        /// Offline: the vault's key file instead of a passphrase.
-        #[arg(long, env = "FINTRUST_KEY_FILE", requires = "data_dir")]
-        key_file: Option<PathBuf>,
+        // `FINTRUST_PASSPHRASE_FILE` and `FINTRUST_KEY_FILE` are `vaultd`'s
+        // too: set in the environment, they must not stop an online
+        // reindex (clap's `requires` counts them as given).
+        #[command(flatten)]
+        offline: Offline,
         /// Offline: replace the stored derived state with the rebuilt one
         /// when they differ.
         #[arg(long, requires = "data_dir")]
@@ -396,17 +392,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli.format.print(&json, &text)?;
             return Ok(());
         }
-        Command::Reindex {
-            data_dir,
-            passphrase_file,
-            key_file,
-            repair,
-        } => {
-            let (r, mode) = match data_dir {
+        Command::Reindex { offline, repair } => {
+            if let Some(flag) = offline.unused_flag() {
+                anyhow::bail!(
+                    "{flag} opens a stopped vault and needs --data-dir; without it the reindex \
+                     would ask the server at --addr: nothing was done"
+                );
+            }
+            let (r, mode) = match &offline.data_dir {
                 Some(dir) => {
                     let unlock = server::secrets::unlock_from(
-                        passphrase_file.as_deref(),
-                        key_file.as_deref(),
+                        offline.passphrase_file.as_deref(),
+                        offline.key_file.as_deref(),
                     )?;
                     let key = pinned
                         .map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k))
@@ -450,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "the stored derived state differs from the log in {} keys{}",
                     r.differences,
-                    if data_dir.is_some() {
+                    if offline.data_dir.is_some() {
                         "; run again with --repair to replace it"
                     } else {
                         "; stop the vault and run `vault-admin reindex --data-dir DIR --repair`"
