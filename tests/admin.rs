@@ -638,6 +638,38 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("needs --data-dir"), "{r:?}");
 
+    // A credential whose key cannot be shown (stdout closed) is revoked
+    // again: none is left live that nobody holds the key of.
+    let r = support::run_bin_into_closed_pipe(
+        "fintrust-server",
+        "vault-admin",
+        [
+            "credentials",
+            "create",
+            "--role",
+            "writer",
+            "--name",
+            "never-shown",
+            "--addr",
+            &addr,
+            "--api-key",
+            &key,
+            "--insecure-plaintext",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("was revoked again"), "{r:?}");
+    let list = admin(&addr, &key, &["credentials", "list"]).ok_json();
+    let never: Vec<&Value> = list["credentials"]
+        .as_array()
+        .expect("credentials")
+        .iter()
+        .filter(|c| c["name"] == "never-shown")
+        .collect();
+    assert_eq!(never.len(), 1, "{list}");
+    assert_eq!(never[0]["revoked"], true, "{list}");
+
     // Offline, on the stopped vault.
     let status = dev.stop();
     assert!(status.success(), "{status}");

@@ -381,7 +381,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                 }
             };
-            let json = json!({"out": out, "mode": mode, "entries": done.entries,
+            // A path that is not UTF-8 is shown with its odd bytes
+            // replaced (serde_json refuses it as it is).
+            let json = json!({"out": out.to_string_lossy(), "mode": mode, "entries": done.entries,
                               "heads": done.heads});
             let text = format!(
                 "exported {} entries and {} signed heads to {}",
@@ -593,7 +595,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for k in &s.keys {
                 text.push_str(&format!(
                     "\n{}\t{}\t{}\t{}\t{}\t{}",
-                    k.subject,
+                    client::cli::printable(&k.subject),
                     k.version,
                     k.life.name(),
                     k.created_seq,
@@ -720,13 +722,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (id, key) = client
                 .create_credential(role.as_str(), name.as_str())
                 .await?;
-            (
-                json!({"id": id, "role": role, "name": name, "api_key": key.as_str()}),
-                format!(
-                    "id: {id}\nrole: {role}\napi_key: {} (shown once; store it now)",
-                    key.as_str()
-                ),
-            )
+            let json = json!({"id": id, "role": role, "name": name, "api_key": key.as_str()});
+            let text = zeroize::Zeroizing::new(format!(
+                "id: {id}\nrole: {role}\napi_key: {} (shown once; store it now)",
+                key.as_str()
+            ));
+            // The key exists only in this output: a credential whose key
+            // could not be shown is revoked again, so that none is left
+            // live that nobody can use or knows of.
+            if let Err(e) = cli.format.print(&json, &text) {
+                let undone = match client.revoke_credential(id.as_str()).await {
+                    Ok(_) => format!("credential {id} was revoked again"),
+                    Err(r) => format!(
+                        "credential {id} could not be revoked again ({r}): revoke it with \
+                         `vault-admin credentials revoke --id {id}`"
+                    ),
+                };
+                anyhow::bail!("{e:#}; its API key was not shown, so {undone}");
+            }
+            return Ok(());
         }
         Command::Credentials {
             command: Credentials::List,
@@ -756,11 +770,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(sha256) => format!("client certificate {sha256}"),
                     None => "API key".into(),
                 };
+                // What the server names is shown, never run by the terminal.
+                let p = client::cli::printable;
                 text.push_str(&format!(
                     "\n{}\t{}\t{}\t{}\t{}\t{}\t{}",
-                    c.id,
-                    c.role,
-                    c.name,
+                    p(&c.id),
+                    p(&c.role),
+                    p(&c.name),
                     c.created_seq,
                     age(now, c.created_ms),
                     state,
