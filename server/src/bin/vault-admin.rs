@@ -498,19 +498,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let now = now_ms();
     let (json, text) = match &cli.command {
         Command::RotateSigningKey { .. } => {
-            let r = client.rotate_signing_key().await?;
+            let r = client.rotate_signing_key().await.map_err(|e| {
+                maybe_done(
+                    e,
+                    "the signing key rotation",
+                    "`vault-admin keys` shows the signing key's id and age",
+                )
+            })?;
             check_done(&client, &r.receipt, pinned, "the signing key was rotated").await?;
             // The new key must chain from the pinned one.
-            let key = match pinned {
-                Some(k) => k,
-                None => client.head().await?.public_key,
+            let chained = async {
+                let key = match pinned {
+                    Some(k) => k,
+                    None => client.head().await?.public_key,
+                };
+                let chain = client.key_chain(&key).await?;
+                if chain.key(r.endorsement.key_id).map(|k| k.to_bytes())
+                    != Some(r.endorsement.public_key)
+                {
+                    anyhow::bail!("the new signing key is not in the vault's key chain");
+                }
+                Ok(())
             };
-            let chain = client.key_chain(&key).await?;
-            if chain.key(r.endorsement.key_id).map(|k| k.to_bytes())
-                != Some(r.endorsement.public_key)
-            {
-                anyhow::bail!("the new signing key is not in the vault's key chain");
-            }
+            chained.await.inspect_err(|_| {
+                eprintln!(
+                    "note: the signing key was rotated (seq {}); what failed is the check of its key chain",
+                    r.receipt.seq
+                )
+            })?;
             signing_rotated(&r.receipt, &r.endorsement)
         }
         Command::RotateMasterKey { .. } => {
@@ -534,7 +549,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             master_rotated(r.seq, &r.entry_hash)
         }
         Command::Shred { subject } => {
-            let r = client.shred(subject.as_str()).await?;
+            let r = client.shred(subject.as_str()).await.map_err(|e| {
+                maybe_done(
+                    e,
+                    "the shred",
+                    "`vault-admin keys` lists the subject's keys as shredded if it did (a shred sent \
+                     again is refused `subject_shredded`)",
+                )
+            })?;
             check_done(&client, &r, pinned, "the subject was shredded").await?;
             (
                 json!({"subject": subject, "shredded": true, "seq": r.seq,
@@ -549,10 +571,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RotateSubjectKey { subject, reencrypt } => {
             let r = client
                 .rotate_subject_key(subject.as_str(), *reencrypt)
-                .await?;
+                .await
+                .map_err(|e| {
+                    maybe_done(
+                        e,
+                        "the data key rotation",
+                        "`vault-admin keys` shows the subject's key versions",
+                    )
+                })?;
             check_done(&client, &r.receipt, pinned, "the data key was rotated").await?;
             if let Some(re) = &r.reencrypted {
-                check(&client, re, pinned).await?;
+                check_done(
+                    &client,
+                    re,
+                    pinned,
+                    "the data key was rotated and the record re-encrypted",
+                )
+                .await?;
             }
             let re_seq = r.reencrypted.as_ref().map(|re| re.seq);
             let mut text = format!(
@@ -721,7 +756,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (id, key) = client
                 .create_credential(role.as_str(), name.as_str())
-                .await?;
+                .await
+                .map_err(|e| {
+                    maybe_done(
+                        e,
+                        "the credential's creation",
+                        "its key is lost with the answer: `vault-admin credentials list` shows it \
+                         if it was made, to revoke it",
+                    )
+                })?;
             let json = json!({"id": id, "role": role, "name": name, "api_key": key.as_str()});
             let text = zeroize::Zeroizing::new(format!(
                 "id: {id}\nrole: {role}\napi_key: {} (shown once; store it now)",
@@ -789,9 +832,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { .. } | Command::Export { .. } | Command::Reindex { .. } => return Ok(()),
         Command::Credentials {
             command: Credentials::Revoke { id },
-        } => match client.revoke_credential(id.as_str()).await? {
+        } => match client.revoke_credential(id.as_str()).await.map_err(|e| {
+            maybe_done(
+                e,
+                "the revocation",
+                "`vault-admin credentials list` shows whether it is revoked",
+            )
+        })? {
             Some(r) => {
-                check(&client, &r, pinned).await?;
+                check_done(&client, &r, pinned, "the credential was revoked").await?;
                 (
                     json!({"id": id, "revoked": true, "seq": r.seq}),
                     format!("revoked {id}\nseq: {}", r.seq),
@@ -900,6 +949,17 @@ fn outcome_unknown(e: &client::ClientError) -> bool {
     }
 }
 
+/// `e`, after a note on stderr when the change it was asked for (`what`)
+/// may have been made before it (the connection lost, or the vault failed,
+/// once the request was sent; [`outcome_unknown`]): `how` tells where to
+/// look before trying again.
+fn maybe_done(e: client::ClientError, what: &str, how: &str) -> anyhow::Error {
+    if outcome_unknown(&e) {
+        eprintln!("note: {what} may have taken effect before this failure; {how}");
+    }
+    e.into()
+}
+
 fn master_rotated(seq: u64, entry_hash: &[u8; 32]) -> (Value, String) {
     (
         json!({"rotated": "master", "seq": seq, "entry_hash": hex::encode(entry_hash)}),
@@ -974,6 +1034,9 @@ fn irreversible(c: &Command) -> bool {
     matches!(
         c,
         Command::Shred { .. }
+            | Command::Credentials {
+                command: Credentials::Revoke { .. }
+            }
             | Command::RotateSubjectKey { .. }
             | Command::RotateSigningKey { .. }
             | Command::RotateMasterKey { .. }
