@@ -352,10 +352,26 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
         dev_pass.to_str().expect("utf-8"),
     ]);
     assert_eq!(old.code, 1, "the old passphrase no longer opens: {old:?}");
+    // A key pinned that is another vault's: nothing is rotated.
+    let other = "ab".repeat(32);
+    let pass = new_pass.to_str().expect("utf-8");
+    for command in [
+        &["rotate-signing-key"][..],
+        &["rotate-master-key", "--new-passphrase-file", pass],
+    ] {
+        let mut args = command.to_vec();
+        args.extend(["--passphrase-file", pass, "--public-key", &other]);
+        let r = offline(&args);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.contains("not the one --public-key"), "{r:?}");
+        wait_unlocked(&dir);
+    }
     let r = offline(&[
         "rotate-signing-key",
         "--passphrase-file",
         new_pass.to_str().expect("utf-8"),
+        "--public-key",
+        &public_key,
     ])
     .ok_json();
     assert_eq!(r["key_id"], 2, "{r}");

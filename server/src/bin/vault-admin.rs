@@ -298,7 +298,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
-    if let Some((json, text)) = offline(&cli).await? {
+    if let Some((json, text)) = offline(&cli, pinned).await? {
         cli.format.print(&json, &text)?;
         return Ok(());
     }
@@ -862,7 +862,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The subcommands run on a stopped vault (`--data-dir`), if this is one.
-async fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
+async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<(Value, String)>> {
+    // The vault in DIR must be the one the key pins, as a server must be
+    // (its chain from genesis is checked by the open).
+    let open = |offline: &Offline, dir: &Path| -> anyhow::Result<storage::Vault> {
+        let vault = offline.open(dir)?;
+        if let Some(k) = pinned {
+            if vault.public_key().to_bytes() != k {
+                let _ = vault.close();
+                anyhow::bail!(
+                    "the vault in {} is not the one --public-key (FINTRUST_PUBLIC_KEY) pins: \
+                     nothing was done",
+                    dir.display()
+                );
+            }
+        }
+        Ok(vault)
+    };
     if let Command::RotateSigningKey { offline } | Command::RotateMasterKey { offline, .. } =
         &cli.command
     {
@@ -878,7 +894,7 @@ async fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
             let Some(dir) = &offline.data_dir else {
                 return Ok(None);
             };
-            let vault = offline.open(dir)?;
+            let vault = open(offline, dir)?;
             let (receipt, endorsement) = vault.rotate_signing_key().await?;
             vault.close()?;
             Ok(Some(signing_rotated(&receipt, &endorsement)))
@@ -896,7 +912,7 @@ async fn offline(cli: &Cli) -> anyhow::Result<Option<(Value, String)>> {
                 new_key_file.as_deref(),
             )
             .context("the new secret (--new-passphrase-file or --new-key-file)")?;
-            let vault = offline.open(dir)?;
+            let vault = open(offline, dir)?;
             let receipt = match vault.rotate_master_key(&new).await {
                 Ok(r) => r,
                 Err(e) => {
