@@ -29,10 +29,12 @@
 //!   bad signature, version or command, an address that does not parse or
 //!   is not of the family named, UDP or Unix sockets. The specification
 //!   asks receivers never to guess.
-//! - `LOCAL` (v2), `UNKNOWN` (v1) and the unspecified family (v2) say the
-//!   connection is the proxy's own, such as a health check: the peer is
-//!   then the client ([`Header::Local`]), and the rest of the header is
-//!   read past.
+//! - `LOCAL` (v2) says the connection is the proxy's own, such as a
+//!   health check: the peer is then the client ([`Header::Local`]), and
+//!   the rest of the header is read past. `UNKNOWN` (v1) and a v2 `PROXY`
+//!   of the unspecified family relay a client the proxy cannot name:
+//!   refused ([`HeaderError::UnknownClient`]), never taken for the proxy's
+//!   own connection.
 //! - The TLVs after a v2 `PROXY` header's addresses must fill the rest of
 //!   its length exactly, and a `PP2_TYPE_CRC32C` among them (HAProxy's
 //!   `proxy-v2-options crc32c`) must match the header's bytes, as the
@@ -79,6 +81,18 @@ pub enum HeaderError {
     TooLong(usize),
     #[error("reading the PROXY protocol header: {0}")]
     Io(std::io::Error),
+    /// `PROXY UNKNOWN` (v1) or a v2 `PROXY` of the unspecified family: a
+    /// connection the proxy relays for a client whose address it does
+    /// not know. Taking the proxy's address for the client's would pass
+    /// source rules meant for the client and write the proxy's into the
+    /// audit trail, so it is refused (the specification leaves a receiver
+    /// free to).
+    #[error(
+        "the PROXY protocol header relays a client whose address the proxy does not know \
+         (UNKNOWN or an unspecified family): refused, since source rules and the audit trail \
+         need the client's address"
+    )]
+    UnknownClient,
 }
 
 /// Reads one header from the start of `r`, and nothing after it.
@@ -139,8 +153,7 @@ pub fn parse_v1(line: &[u8]) -> Result<Header, HeaderError> {
         .next()
         .ok_or(malformed("a v1 line names no protocol"))?;
     let v6 = match family {
-        // The rest of the line is to be ignored.
-        "UNKNOWN" => return Ok(Header::Local),
+        "UNKNOWN" => return Err(HeaderError::UnknownClient),
         "TCP4" => false,
         "TCP6" => true,
         _ => return Err(malformed("a v1 protocol other than TCP4, TCP6 or UNKNOWN")),
@@ -200,7 +213,7 @@ pub fn parse_v2(head: &[u8; 16], rest: &[u8]) -> Result<Header, HeaderError> {
         _ => return Err(malformed("a v2 command other than LOCAL or PROXY")),
     }
     match head[13] {
-        0x00 => Ok(Header::Local),
+        0x00 => Err(HeaderError::UnknownClient),
         0x11 => {
             let a: &[u8; 12] = rest
                 .get(..12)
@@ -399,6 +412,7 @@ mod tests {
             b"PROXY TCP4 192.0.2.7 10.0.0.1 1 9999\n\r\n".to_vec(),
             b"PROXY TCP4 192.0.2.7 10.0.0.1 1 \xff9999\r\n".to_vec(),
             [&b"PROXY UNKNOWN "[..], &[b'x'; 100], b"\r\n"].concat(),
+            b"PROXY UNKNOWNX\r\n".to_vec(),
             v2(0x11, 0x11, &[0; 12]),
             v2(0x22, 0x11, &[0; 12]),
             v2(0x21, 0x11, &[0; 11]),
@@ -439,12 +453,23 @@ mod tests {
             Header::Proxied("7.7.7.7:1799".parse().expect("addr"))
         );
         assert_eq!(left, b"x");
-        for (ver_cmd, fam) in [(0x20, 0x11), (0x20, 0x00), (0x21, 0x00)] {
+        for (ver_cmd, fam) in [(0x20, 0x11), (0x20, 0x00)] {
             let (got, _) = read_all(&v2(ver_cmd, fam, &[0; 12])).await;
             assert_eq!(got.expect("reads"), Header::Local);
         }
-        let (got, _) = read_all(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n").await;
-        assert_eq!(got.expect("reads"), Header::Local);
+        // A relayed client the proxy cannot name is refused, never taken
+        // for the proxy's own connection (whose address would pass the
+        // client's source rules).
+        let (got, left) = read_all(&[v2(0x21, 0x00, &[0; 12]), b"x".to_vec()].concat()).await;
+        assert!(matches!(got, Err(HeaderError::UnknownClient)), "{got:?}");
+        assert_eq!(left, b"x");
+        for line in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n",
+        ] {
+            let (got, _) = read_all(line).await;
+            assert!(matches!(got, Err(HeaderError::UnknownClient)), "{got:?}");
+        }
     }
 
     /// A CRC32c TLV is checked against the header's bytes: a bit flipped
