@@ -717,6 +717,10 @@ pub async fn run(
             admission.leave(ticket);
             match result {
                 Ok(()) => {}
+                // A probe that connects and closes at once.
+                Err(ConnectionError::ProxyHeader(crate::proxied::header::HeaderError::Closed)) => {
+                    tracing::debug!(%peer, "a connection from a trusted proxy closed before its header");
+                }
                 // A trusted proxy that sends no header, or a bad one, is
                 // misconfigured: every client behind it is refused.
                 Err(e @ ConnectionError::ProxyHeader(_)) => {
@@ -814,6 +818,9 @@ async fn proxied_client<R: AsyncRead + Unpin>(
     use crate::proxied::header::{self, Header};
     let (outcome, client) = match tokio::time::timeout_at(deadline, header::read(socket)).await {
         Err(_) => ("timeout", Err(ConnectionError::Idle)),
+        Ok(Err(e @ header::HeaderError::Closed)) => {
+            ("closed", Err(ConnectionError::ProxyHeader(e)))
+        }
         Ok(Err(e)) => ("refused", Err(ConnectionError::ProxyHeader(e))),
         Ok(Ok(Header::Local)) => ("local", Ok(None)),
         Ok(Ok(Header::Proxied(client))) => (

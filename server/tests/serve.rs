@@ -1534,6 +1534,9 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
         b"PROXY TCP4 192.0.2.7 10.0.0.1 1234 99999\r\n",
         b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x04\xc0\x00\x02\x07",
         &bad_sum,
+        // A relayed client the proxy cannot name.
+        b"PROXY UNKNOWN\r\n",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x00\x00\x00",
     ] {
         let got = redeem_after(&s, prefix, &token).await;
         assert!(got.is_empty(), "{prefix:?}: {got:?}");
@@ -1564,9 +1567,22 @@ async fn behind_a_tcp_proxy_the_client_its_header_names_is_checked() {
         })
         .collect();
     assert_eq!(denied.len(), 2, "one access_denied entry each");
+    // A probe of the proxy's that connects and closes is counted apart,
+    // not refused.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::new(PROXY.parse().expect("ip"), 0))
+        .expect("bind");
+    drop(socket.connect(s.addr).await.expect("connect"));
+    for _ in 0..1_000 {
+        if proxy_headers("closed") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Every header counted by its outcome (this is the only test of the
     // binary that trusts a proxy).
-    for (outcome, n) in [("refused", 5), ("proxied", 3), ("local", 1)] {
+    for (outcome, n) in [("refused", 7), ("proxied", 3), ("local", 1), ("closed", 1)] {
         assert_eq!(proxy_headers(outcome), n, "{outcome}");
     }
     // The proxy is named when its header named the client, not for its

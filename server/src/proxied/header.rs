@@ -73,6 +73,10 @@ pub enum Header {
 pub enum HeaderError {
     #[error("the connection does not begin with a PROXY protocol header")]
     Missing,
+    /// The connection ended before its first byte: a TCP health check of
+    /// the proxy's or a load balancer's, not a misconfigured proxy.
+    #[error("the connection ended before its first byte")]
+    Closed,
     #[error("malformed PROXY protocol header: {0}")]
     Malformed(&'static str),
     #[error(
@@ -98,7 +102,13 @@ pub enum HeaderError {
 /// Reads one header from the start of `r`, and nothing after it.
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Header, HeaderError> {
     let mut first = [0u8; FIRST];
-    r.read_exact(&mut first).await.map_err(eof_is_missing)?;
+    // Nothing at all is a probe that connects and closes, not a header.
+    if r.read(&mut first[..1]).await.map_err(HeaderError::Io)? == 0 {
+        return Err(HeaderError::Closed);
+    }
+    r.read_exact(&mut first[1..])
+        .await
+        .map_err(eof_is_missing)?;
     if first[..12] == V2_SIGNATURE {
         let mut head = [0u8; 16];
         head[..FIRST].copy_from_slice(&first);
@@ -364,7 +374,11 @@ mod tests {
     async fn every_cut_of_a_header_is_a_clean_error() {
         for (hex, _) in VECTORS {
             let bytes = unhex(hex);
-            for cut in 0..bytes.len() {
+            // Nothing at all is a probe that closed; any cut after the
+            // first byte, a header cut short.
+            let (got, _) = read_all(&[]).await;
+            assert!(matches!(got, Err(HeaderError::Closed)), "{got:?}");
+            for cut in 1..bytes.len() {
                 let (got, _) = read_all(&bytes[..cut]).await;
                 assert!(
                     matches!(got, Err(HeaderError::Malformed(_))),
