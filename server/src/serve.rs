@@ -681,7 +681,9 @@ pub async fn run(
                 vault,
                 config,
                 throttle,
-                peer: peer.ip(),
+                // `::ffff:10.0.0.5` on a dual-stack listener is 10.0.0.5 here, as
+                // it is in every check: the audit trail names it so.
+                peer: storage::state::canonical_ip(peer.ip()),
                 proxy: None,
                 admission: Some((admission.clone(), ticket)),
                 arrived,
