@@ -26,7 +26,10 @@
 //!   that is not a trusted proxy were written by proxies the operator
 //!   trusts: that entry is the client. Entries left of it are the client's
 //!   own words and are never read, so nothing written there can choose an
-//!   address or refuse a request. `Forwarded` elements are found from the
+//!   address or refuse a request: as long as no client is inside the
+//!   trusted networks (one that is, is taken for a proxy, and its own
+//!   entries are read; hence a network of every address is refused,
+//!   [`super::TrustedProxies::parse`]). `Forwarded` elements are found from the
 //!   right too, with its quoted strings, so that a quote the client left
 //!   open cannot swallow what a proxy appended.
 //! - An entry that must be read and is not an address refuses the request

@@ -46,13 +46,22 @@ pub struct Source {
 
 impl TrustedProxies {
     /// Networks as CIDR (`10.0.0.0/8`) or bare addresses (a host each).
+    /// A network of every address (`0.0.0.0/0`, `::/0`, `::ffff:0:0/96`)
+    /// is refused: trusted, it would let any client name its own address.
     pub fn parse<S: AsRef<str>>(networks: &[S]) -> Result<Self, String> {
         networks
             .iter()
             .map(|s| {
                 let s = s.as_ref().trim();
-                storage::state::parse_network(s)
-                    .ok_or_else(|| format!("{s:?} is not an address or CIDR network"))
+                let net = storage::state::parse_network(s)
+                    .ok_or_else(|| format!("{s:?} is not an address or CIDR network"))?;
+                if net.prefix_len() == 0 {
+                    return Err(format!(
+                        "{s:?} holds every address: a trusted proxy's header names the client, \
+                         so any client could name its own address; name the proxies' networks"
+                    ));
+                }
+                Ok(net)
             })
             .collect::<Result<_, _>>()
             .map(TrustedProxies)
@@ -85,6 +94,12 @@ mod tests {
         let err = TrustedProxies::parse(&["10.0.0.0/33"]).expect_err("bad");
         assert!(err.contains("10.0.0.0/33"), "{err}");
         assert!(TrustedProxies::parse(&["proxy.internal"]).is_err());
+        // Every address trusted would let every client name its own.
+        for all in ["0.0.0.0/0", "::/0", "::ffff:0:0/96"] {
+            let err = TrustedProxies::parse(&[all]).expect_err(all);
+            assert!(err.contains("every address"), "{err}");
+        }
+        assert!(TrustedProxies::parse(&["0.0.0.0/1"]).is_ok());
         assert!(TrustedProxies::parse::<&str>(&[]).expect("none").is_empty());
         let t = TrustedProxies::parse(&["10.0.0.0/8"]).expect("networks");
         assert!(t.trusts("::ffff:10.1.2.3".parse().expect("ip")));
