@@ -168,7 +168,18 @@ impl TrustedProxies {
                     // which RFC 9110 tells recipients to skip.
                     continue;
                 }
-                let ip = parse_node(&element).ok_or_else(|| Malformed::new(header, &element))?;
+                // RFC 7239 brackets an IPv6 node: bare, `2001:db8::7:443`
+                // could be an address or an address and its port.
+                let bare_v6 = header == ForwardedHeader::Forwarded
+                    && !element.starts_with('[')
+                    && element.contains(':')
+                    && element.parse::<std::net::Ipv4Addr>().is_err()
+                    && element
+                        .rsplit_once(':')
+                        .is_none_or(|(a, _)| a.parse::<std::net::Ipv4Addr>().is_err());
+                let ip = parse_node(&element)
+                    .filter(|_| !bare_v6)
+                    .ok_or_else(|| Malformed::new(header, &element))?;
                 if !self.trusts(ip) {
                     return Ok(Source {
                         client: ip,
@@ -574,6 +585,9 @@ mod tests {
             b"for=[2001:db8::7]",
             b"for=192.0.2.7/24",
             b"for=\"2001:db8::7:443:x\"",
+            // Quoted but unbracketed: address or address and port?
+            b"for=\"2001:db8::7:443\"",
+            b"for=\"::1\"",
             b"for=192.0.2.7\xff",
         ] {
             let err = t
