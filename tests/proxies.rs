@@ -163,7 +163,7 @@ fn nginx(exe: &Path, dir: &Path, shim: &str, ca: &Path, port: u16) -> Proxy {
                server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
                  proxy_pass https://{shim};\n      proxy_bind {HTTP_PROXY};\n\
                  proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {ca};\n\
-                 proxy_ssl_name localhost;\n\
+                 proxy_ssl_name localhost;\n      proxy_ssl_protocols TLSv1.3;\n\
                  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
         ),
     )
