@@ -430,7 +430,12 @@ pub(crate) fn count_handshake<IO, Elapsed>(
 ) {
     let outcome = match accepted {
         Err(_) => "timeout",
-        Ok(Err(_)) => "failed",
+        Ok(Err(e)) => {
+            // A client that offers only TLS 1.2 (an older nginx's
+            // upstream) is seen here.
+            tracing::debug!(port, error = %e, "TLS handshake failed");
+            "failed"
+        }
         Ok(Ok(stream))
             if stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) =>
         {
