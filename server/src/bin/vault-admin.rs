@@ -1037,11 +1037,14 @@ async fn check_done(
     pinned: Option<[u8; 32]>,
     done: &str,
 ) -> anyhow::Result<()> {
-    check(client, receipt, pinned).await.inspect_err(|_| {
+    check(client, receipt, pinned).await.map_err(|e| {
         eprintln!(
             "note: {done} (seq {}); what failed is the check of its receipt",
             receipt.seq
         );
+        // A local error (exit 1) even when the server refused the check's
+        // request: the change itself was done, not refused (exit 2).
+        anyhow::anyhow!("{e:#}")
     })
 }
 
