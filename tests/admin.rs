@@ -124,6 +124,23 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
         .collect();
     assert_eq!(states, vec![(1, "retired".into()), (2, "active".into())]);
 
+    // A dry run shows the target and shreds nothing.
+    let dry = admin(&addr, &key, &["shred", "--subject", &subject, "--dry-run"]).ok_json();
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["addr"], addr.as_str(), "{dry}");
+    let versions: Vec<(u64, &str)> = dry["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| {
+            (
+                k["version"].as_u64().expect("v"),
+                k["state"].as_str().expect("s"),
+            )
+        })
+        .collect();
+    assert_eq!(versions, vec![(1, "retired"), (2, "active")], "{dry}");
+
     // Shred, then every refusal exits 2 with its code.
     let shred = admin(&addr, &key, &["shred", "--subject", &subject]).ok_json();
     assert_eq!(shred["shredded"], true);

@@ -95,6 +95,10 @@ enum Command {
     Shred {
         #[arg(long)]
         subject: String,
+        /// Shred nothing: show the vault it would go to (address, public
+        /// key) and the subject's data keys, to check the target first.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Give a subject a new data key version; new records use it.
     RotateSubjectKey {
@@ -548,7 +552,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             master_rotated(r.seq, &r.entry_hash)
         }
-        Command::Shred { subject } => {
+        Command::Shred {
+            subject,
+            dry_run: true,
+        } => {
+            let key = client.head().await?.public_key;
+            let keys: Vec<_> = client
+                .key_status()
+                .await?
+                .keys
+                .into_iter()
+                .filter(|k| &k.subject == subject)
+                .collect();
+            let list: Vec<Value> = keys
+                .iter()
+                .map(|k| {
+                    json!({"version": k.version, "state": k.life.name(),
+                                "encryptions": k.encryptions})
+                })
+                .collect();
+            let mut text = format!(
+                "dry run: nothing was shredded\nvault: {} (public key {})\nsubject: {}\n",
+                cli.addr,
+                hex::encode(key),
+                client::cli::printable(subject)
+            );
+            if keys.is_empty() {
+                text.push_str("no data key: a shred would be refused (not_found)");
+            }
+            for k in &keys {
+                text.push_str(&format!(
+                    "data key version {}: {}, {} records encrypted\n",
+                    k.version,
+                    k.life.name(),
+                    k.encryptions
+                ));
+            }
+            (
+                json!({"dry_run": true, "addr": cli.addr, "public_key": hex::encode(key),
+                       "subject": subject, "keys": list}),
+                text.trim_end().to_string(),
+            )
+        }
+        Command::Shred { subject, .. } => {
             let r = client.shred(subject.as_str()).await.map_err(|e| {
                 maybe_done(
                     e,
