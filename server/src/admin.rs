@@ -103,7 +103,9 @@ impl AuditFilter {
 /// of `credentials`, if one does, as its `credential_created` entry says:
 /// the credentials' list does not carry it. One `Entries` request of one
 /// entry per credential, pipelined on `client`'s connection (an admin's or
-/// an auditor's). An entry at a credential's seq that is not its creation
+/// an auditor's), [`HOLDER_READS_IN_FLIGHT`] at a time, so that each
+/// request's timeout runs from when it is sent, not from when a long
+/// list was queued. An entry at a credential's seq that is not its creation
 /// is refused as an unexpected answer. What the entries say is the log's
 /// word: `vault-verify --remote` proves the log.
 pub async fn certificate_holders(
@@ -128,8 +130,16 @@ pub async fn certificate_holders(
             ))),
         }
     });
-    futures_util::future::try_join_all(reads).await
+    use futures_util::{StreamExt as _, TryStreamExt as _};
+    futures_util::stream::iter(reads)
+        .buffered(HOLDER_READS_IN_FLIGHT)
+        .try_collect()
+        .await
 }
+
+/// [`certificate_holders`]' requests in flight: the protocol's 64 per
+/// connection, less room for the caller's own.
+pub const HOLDER_READS_IN_FLIGHT: usize = 32;
 
 /// The seq after `seq`. None follows `u64::MAX`: an entry there comes
 /// from a hostile server or a damaged dir, and the scan ends on it.
