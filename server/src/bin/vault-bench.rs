@@ -629,7 +629,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     for (dir, e) in bench::remove_temporary_dirs() {
         eprintln!("warning: {} was not removed: {e}", dir.display());
     }
-    let report = report?;
+    // Exit 2 means a refusal by the server at --addr; a server this
+    // process started that refuses something is this run's own failure.
+    let report = match target {
+        bench::Target::Remote(_) => report?,
+        _ => report.map_err(|e| anyhow::anyhow!("{e:#}"))?,
+    };
     if json {
         client::cli::print_line(&serde_json::to_string(&report)?)
     } else {
