@@ -133,8 +133,9 @@ impl Cipher {
 }
 
 /// Nonces for the committer without a system call each: BLAKE3 keyed with
-/// a fresh random key per process, over a counter. Unique per process by
-/// construction; across restarts, unique with overwhelming probability.
+/// a fresh random key per process, over a counter: pseudo-random 96-bit
+/// values, distinct with the probability of random ones (under 2^-33 for
+/// the 2^32 records one data key may encrypt).
 /// (AES-GCM-SIV would stay safe even on a repeat, leaking only equality of
 /// identical plaintexts.)
 pub struct NonceSource {
@@ -195,20 +196,34 @@ impl Unlock {
     }
 
     /// A key file's content: exactly 32 raw bytes, or 64 hex digits.
+    ///
+    /// 32 bytes of printable text (or ending in a newline) are refused: a
+    /// key file is used as the key, without argon2id, so a phrase of 32
+    /// characters given as one would be a weak key; 32 random bytes are
+    /// all printable with a chance of about 10^-14. A passphrase goes in a
+    /// passphrase file.
     pub fn key_file(content: &[u8]) -> Result<Self> {
         let text = std::str::from_utf8(content).map(str::trim).unwrap_or("");
-        let mut key = [0u8; 32];
-        if content.len() == 32 {
+        // Wiped on every path, a hex decode that failed midway included.
+        let mut key = Zeroizing::new([0u8; 32]);
+        let looks_like_text = content.iter().all(|b| b.is_ascii_graphic() || *b == b' ')
+            || matches!(content.last(), Some(b'\n' | b'\r'));
+        if content.len() == 32 && !looks_like_text {
             key.copy_from_slice(content);
-        } else if text.len() == 64 && hex::decode_to_slice(text, &mut key).is_ok() {
+        } else if text.len() == 64 && hex::decode_to_slice(text, key.as_mut()).is_ok() {
+        } else if content.len() == 32 {
+            return Err(Error::Invalid(
+                "a key file holds 32 raw bytes or 64 hex digits, and these 32 bytes are text: \
+                 a phrase goes in a passphrase file (argon2id stretches it), a key file holds \
+                 random bytes"
+                    .into(),
+            ));
         } else {
             return Err(Error::Invalid(
                 "a key file holds 32 raw bytes or 64 hex digits".into(),
             ));
         }
-        let k = SecretKey::from_bytes(key);
-        key.zeroize();
-        Ok(Unlock::KeyFile(k))
+        Ok(Unlock::KeyFile(SecretKey::from_bytes(*key)))
     }
 }
 
@@ -507,6 +522,19 @@ mod tests {
             master.as_bytes()
         );
         assert!(Unlock::key_file(b"short").is_err());
+        // 32 bytes of text are a phrase, not a key: refused, as is a hex
+        // key file with a bad digit at its end.
+        for text in [
+            &b"correct horse battery staple 123"[..],
+            b"correct horse battery staple 1\r\n",
+        ] {
+            assert_eq!(text.len(), 32);
+            let e = Unlock::key_file(text).expect_err("text");
+            assert!(e.to_string().contains("passphrase file"), "{e}");
+        }
+        let mut bad = hex::encode([3u8; 32]);
+        bad.replace_range(63.., "g");
+        assert!(Unlock::key_file(bad.as_bytes()).is_err());
     }
 
     #[test]
