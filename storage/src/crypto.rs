@@ -320,6 +320,10 @@ impl SealedMaster {
         let mut salt = [0u8; 16];
         random_bytes(&mut salt);
         let (kek, kdf) = match unlock {
+            // Whatever calls the library: a vault is never sealed by nothing.
+            Unlock::Passphrase(p) if p.is_empty() => {
+                return Err(Error::Invalid("an empty passphrase seals nothing".into()))
+            }
             Unlock::Passphrase(p) => (kdf.derive(p, &salt)?, Some(kdf)),
             Unlock::KeyFile(k) => (k.clone(), None),
         };
@@ -507,6 +511,14 @@ mod tests {
         let master = SecretKey::generate();
         let r = SealedMaster::seal(&master, &Unlock::passphrase(b"x".to_vec()), weak, &[0; 16]);
         assert!(matches!(r, Err(Error::WeakKdf(_))));
+        // A passphrase that is only a newline is empty once read.
+        let r = SealedMaster::seal(
+            &master,
+            &Unlock::passphrase(b"\n".to_vec()),
+            KdfParams::default(),
+            &[0; 16],
+        );
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
     }
 
     #[test]

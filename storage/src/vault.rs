@@ -496,9 +496,22 @@ pub const API_KEY_PREFIX: &str = "fvk_";
 
 /// A new random API key: the prefix and 256 random bits in hex.
 pub fn generate_api_key() -> Zeroizing<String> {
+    random_secret(API_KEY_PREFIX)
+}
+
+/// `prefix` and 256 random bits in hex, built in buffers that are wiped
+/// (a `format!` of `hex::encode` would leave the hex in a freed string).
+fn random_secret(prefix: &str) -> Zeroizing<String> {
     let mut b = Zeroizing::new([0u8; 32]);
     crypto::random_bytes(b.as_mut());
-    Zeroizing::new(format!("{API_KEY_PREFIX}{}", hex::encode(b.as_ref())))
+    let mut hex = Zeroizing::new([0u8; 64]);
+    // 64 bytes are exactly what 32 bytes' hex takes.
+    let _ = hex::encode_to_slice(b.as_ref(), hex.as_mut());
+    let mut s = Zeroizing::new(String::with_capacity(prefix.len() + 64));
+    s.push_str(prefix);
+    // Hex digits are ASCII.
+    s.extend(hex.iter().map(|&c| char::from(c)));
+    s
 }
 
 /// Hex BLAKE3 of an API key: the only form in which keys are stored. The
@@ -1919,9 +1932,7 @@ impl Vault {
                 "a token needs a partner, a purpose and fields".into(),
             ));
         }
-        let mut raw = Zeroizing::new([0u8; 32]);
-        crypto::random_bytes(raw.as_mut());
-        let token = Zeroizing::new(format!("{TOKEN_PREFIX}{}", hex::encode(raw.as_ref())));
+        let token = random_secret(TOKEN_PREFIX);
         let payload = state::TokenMinted {
             token_hash: api_key_hash(&token),
             partner_id: partner_id.to_string(),
@@ -4837,6 +4848,22 @@ fn run_syncer(shared: &Shared, rx: std::sync::mpsc::Receiver<ToSyncer>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// API keys and tokens are their prefix and 64 lowercase hex digits,
+    /// a new 256 bits each time.
+    #[test]
+    fn secrets_are_a_prefix_and_256_random_bits_in_hex() {
+        for prefix in [API_KEY_PREFIX, TOKEN_PREFIX] {
+            let a = random_secret(prefix);
+            let b = random_secret(prefix);
+            for s in [&a, &b] {
+                let hex = s.strip_prefix(prefix).expect("the prefix");
+                assert_eq!(hex.len(), 64, "{prefix}");
+                assert!(hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')));
+            }
+            assert_ne!(*a, *b);
+        }
+    }
 
     #[test]
     fn the_indexer_rests_only_while_it_keeps_up_and_the_vault_runs() {
