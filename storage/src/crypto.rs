@@ -235,6 +235,21 @@ pub struct KdfParams {
     pub p: u32,
 }
 
+impl KdfParams {
+    /// These settings, raised field by field to `other`'s where those are
+    /// higher (`None`: as they are).
+    pub fn at_least(self, other: Option<KdfParams>) -> KdfParams {
+        match other {
+            None => self,
+            Some(o) => KdfParams {
+                m_kib: self.m_kib.max(o.m_kib),
+                t: self.t.max(o.t),
+                p: self.p.max(o.p),
+            },
+        }
+    }
+}
+
 impl Default for KdfParams {
     fn default() -> Self {
         KdfParams {

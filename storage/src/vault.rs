@@ -1063,7 +1063,15 @@ impl Vault {
             }
         };
         let sealed = stored(state::MASTER)?.ok_or(Error::Malformed("no sealed master key"))?;
-        let master = SealedMaster::decode(&sealed)?.unseal(unlock, &vault_id)?;
+        let sealed = SealedMaster::decode(&sealed)?;
+        // A master rotation seals the new master at least as hard as the
+        // one it replaces: the stored settings, raised where these
+        // options ask more, never lowered to the options' defaults.
+        let opts = Options {
+            kdf: opts.kdf.at_least(sealed.kdf),
+            ..opts
+        };
+        let master = sealed.unseal(unlock, &vault_id)?;
         let public_key = store
             .stored_public_key()
             .ok_or(Error::Malformed("no public key"))?;

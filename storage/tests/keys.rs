@@ -1837,3 +1837,41 @@ async fn concurrent_signing_rotations_are_all_done() {
     vault.close().expect("close");
     verify_ok(&dir, key);
 }
+
+/// A master rotation seals the new master at least as hard as the one it
+/// replaces: a vault made with argon2id settings above the defaults keeps
+/// them when a process with the default options rotates it.
+#[tokio::test]
+async fn a_master_rotation_keeps_stronger_argon2_settings() {
+    let tmp = scratch_dir();
+    let dir = tmp.path().join("v");
+    let strong = storage::KdfParams {
+        m_kib: storage::KdfParams::default().m_kib * 2,
+        t: storage::KdfParams::default().t + 1,
+        p: storage::KdfParams::default().p,
+    };
+    let created = Vault::create(
+        &dir,
+        &unlock(),
+        Options {
+            kdf: strong,
+            ..Options::default()
+        },
+    )
+    .expect("create");
+    created.vault.close().expect("close");
+    let stored = || {
+        let sealed = raw(&dir).keys.get("master").expect("read").expect("sealed");
+        storage::crypto::SealedMaster::decode(&sealed)
+            .expect("decodes")
+            .kdf
+    };
+    assert_eq!(stored(), Some(strong));
+    let vault = reopen(&dir);
+    vault
+        .rotate_master_key(&new_unlock())
+        .await
+        .expect("rotate");
+    vault.close().expect("close");
+    assert_eq!(stored(), Some(strong), "not lowered to the defaults");
+}
