@@ -242,18 +242,34 @@ pub async fn revoke_stale_shim_keys(vault: &Vault) -> Result<usize> {
 /// 1), without waiting for the requests in flight or a reopen of the
 /// vault, for an operator who cannot wait. Nothing acknowledged is lost:
 /// an append is answered only once durable.
+///
+/// The second signal is waited for on a thread of its own, not on the
+/// runtime: it must end a process whose workers are stuck, which is when
+/// an operator presses Ctrl-C twice.
 pub fn signal_then_hurry() -> impl std::future::Future<Output = ()> + Send + 'static {
     let first = signal();
     async move {
         first.await;
-        let second = signal();
-        tokio::spawn(async move {
-            second.await;
-            tracing::warn!(
-                "a second signal: exiting now, without finishing the requests in flight"
-            );
-            std::process::exit(1);
-        });
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let not_hurried = |e: std::io::Error| tracing::warn!(error = %e, "a second signal will not hurry the shutdown");
+        match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+            Ok(mut signals) => {
+                let spawned = std::thread::Builder::new()
+                    .name("second-signal".into())
+                    .spawn(move || {
+                        if signals.forever().next().is_some() {
+                            tracing::warn!(
+                                "a second signal: exiting now, without finishing the requests in flight"
+                            );
+                            std::process::exit(1);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    not_hurried(e);
+                }
+            }
+            Err(e) => not_hurried(e),
+        }
     }
 }
 
