@@ -326,6 +326,8 @@ pub struct Vaultd {
     pub protocol: String,
     /// The HTTP shim.
     pub http: String,
+    /// Its log's lines after the ready line, as they come.
+    pub log: std::sync::mpsc::Receiver<String>,
 }
 
 #[allow(dead_code)] // each test binary uses part of it
@@ -359,8 +361,14 @@ impl Vaultd {
                 }
             }
         };
-        // Keep draining the log so that the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining the log so that the child never blocks on a full
+        // pipe, handing its lines to whoever reads them.
+        let (tx, log) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
         let after = |key: &str| {
             ready
                 .split(key)
@@ -382,6 +390,7 @@ impl Vaultd {
             protocol,
             http: after("http=")?,
             child: Some(child),
+            log,
         })
     }
 
