@@ -225,11 +225,13 @@ struct Done {
     policy: Option<(u64, Option<TokenRefusal>)>,
 }
 
-/// The key file of a master rotation's byte: that byte after a zero, so
-/// that it is never 32 bytes of text (refused as a phrase).
+/// The key file of a master rotation's byte: that byte between two
+/// zeros, so that it is never 32 bytes of text or a line (refused as a
+/// phrase).
 fn key_file(b: u8) -> Unlock {
     let mut key = [b; 32];
     key[0] = 0;
+    key[31] = 0;
     Unlock::key_file(&key).expect("a key file")
 }
 
