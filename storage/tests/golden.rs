@@ -111,6 +111,24 @@ fn entry_vectors() {
     );
 }
 
+/// The entry of docs/storage.md section 3 (and of `entry::tests`).
+#[test]
+fn the_sections_entry_vector() {
+    let bytes = EntryRef {
+        kind: Kind::Record,
+        seq: 7,
+        timestamp_ms: T0,
+        prev_hash: [0xab; 32],
+        key_version: 1,
+        nonce: [0x11; 12],
+        subject: "cust-42",
+        payload: b"\x01\x02\x03",
+    }
+    .encode();
+    assert_eq!(hex::encode(&bytes), ENTRY_RS_GOLDEN);
+    assert_eq!(hex::encode(entry_hash(&bytes)), ENTRY_RS_GOLDEN_HASH);
+}
+
 #[test]
 fn signed_head_vector() {
     let h = head();
@@ -344,7 +362,9 @@ fn log_pointer_vector() {
 fn docs_show_the_vectors() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/storage.md");
     let docs = std::fs::read_to_string(path).expect("docs/storage.md is readable");
-    let vectors: [(&str, String); 26] = [
+    let vectors: [(&str, String); 28] = [
+        ("ENTRY_RS_GOLDEN", ENTRY_RS_GOLDEN.into()),
+        ("ENTRY_RS_GOLDEN_HASH", ENTRY_RS_GOLDEN_HASH.into()),
         ("RECORD_CT", RECORD_CT.into()),
         ("ENTRY6", ENTRY6.into()),
         ("ENTRY6_HASH", ENTRY6_HASH.into()),
@@ -379,6 +399,12 @@ fn docs_show_the_vectors() {
             "docs/storage.md does not show {name}: expected the line\n{line}"
         );
     }
+    // Section 3 draws the same entry field by field.
+    let line = format!("entry_hash = {ENTRY_RS_GOLDEN_HASH}");
+    assert!(
+        docs.lines().any(|l| l == line),
+        "docs/storage.md section 3 does not show the line\n{line}"
+    );
 }
 
 // The vectors. docs/storage.md shows the same bytes; its Python script
@@ -390,6 +416,11 @@ fn docs_show_the_vectors() {
 /// `storage::wal`'s tests and read back here.
 const WAL_SEGMENT: &str = "46545657414c000200000047d6f7b133000000000000000700020200000002010000000770656e64696e6700000002010200000000066e6578742f78000000000101000000080000000000000007000000056368756e6b";
 
+/// Section 3's entry: a record of "cust-42" at seq 7 after an entry whose
+/// hash is 0xab × 32, nonce 0x11 × 12, payload 01 02 03.
+const ENTRY_RS_GOLDEN: &str = "010200000000000000070000019ab697e800abababababababababababababababababababababababababababababababab000000011111111111111111111111110007637573742d343200000003010203";
+const ENTRY_RS_GOLDEN_HASH: &str =
+    "3fcd2d489aa7af2e6636c35009d5a378027e9b31cd00e0fe81fc2be8da7d8911";
 /// "hello" sealed for subject "cust-42", seq 7, key version 1.
 const RECORD_CT: &str = "6cbc8b76941d957d26e254ce730fafc378b670669a";
 const ENTRY6_HASH: &str = "3765fe6516eafab8712eb0e38e0a0b507652280876cbe90bd8a0ed422e0468a1";
