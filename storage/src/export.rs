@@ -479,6 +479,14 @@ fn export_store<W: Write>(
         }
     }
     walk.finish()?;
+    // The header took its vault id from the metadata, which a local
+    // verification holds to what genesis committed to: so does the export.
+    let genesis = walk
+        .genesis()
+        .ok_or_else(|| Error::integrity(0, Reason::BadGenesis("no genesis".into())))?;
+    if let Some(m) = store.check_meta(genesis)? {
+        return Err(Error::integrity(0, Reason::MetaMismatch(m)));
+    }
     writer.finish()
 }
 

@@ -500,6 +500,27 @@ fn an_export_verifies_and_every_kind_of_damage_is_named() {
     let mut v2 = file.clone();
     v2[8] = 2;
     assert!(matches!(check(&v2, &key), Err(Error::Malformed(_))));
+
+    // Metadata naming another vault than genesis (the header's vault id
+    // comes from it): refused, as a verification of the dir refuses it.
+    wait_unlocked(&dir);
+    {
+        let raw = storage::RawStore::open(&dir).expect("raw open");
+        raw.meta.insert("vault_id", &[9u8; 16]).expect("write meta");
+        raw.flush().expect("flush");
+    }
+    wait_unlocked(&dir);
+    let r = export_dir(&dir, Vec::new(), Some(key));
+    assert!(
+        matches!(
+            r,
+            Err(Error::Integrity {
+                seq: 0,
+                reason: Reason::MetaMismatch(_)
+            })
+        ),
+        "{r:?}"
+    );
 }
 
 /// An export of a log that went through every key event (a subject key
