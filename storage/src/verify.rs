@@ -410,6 +410,8 @@ pub struct ChainCheck {
     group_first: u64,
     keys: KeyChain,
     rotation: Option<KeyEndorsement>,
+    /// The last entry's timestamp (0 before the first).
+    last_ts: u64,
 }
 
 /// A group [`ChainCheck::close_group`] closed: its entry hashes, and the
@@ -429,6 +431,7 @@ impl ChainCheck {
             group_first: 0,
             keys: KeyChain::new(pinned),
             rotation: None,
+            last_ts: 0,
         }
     }
 
@@ -452,10 +455,10 @@ impl ChainCheck {
         (!self.group.is_empty()).then_some(self.group_first)
     }
 
-    /// Checks that `e` (whose encoding hashes to `hash`) is the next entry
-    /// and links to the previous one, then adds it to the open group. A
-    /// signing rotation must endorse the next key id with the current key,
-    /// at most one per group.
+    /// Checks that `e` (whose encoding hashes to `hash`) is the next entry,
+    /// links to the previous one and is not dated before it, then adds it
+    /// to the open group. A signing rotation must endorse the next key id
+    /// with the current key, at most one per group.
     pub fn entry(&mut self, e: &EntryRef<'_>, hash: &Hash) -> std::result::Result<(), Failure> {
         let expected = self.tip.entries;
         if e.seq != expected {
@@ -463,6 +466,12 @@ impl ChainCheck {
         }
         if e.prev_hash != self.tip.last_hash.unwrap_or([0; 32]) {
             return Err((e.seq, Reason::BadLink));
+        }
+        if e.timestamp_ms < self.last_ts {
+            return Err((
+                e.seq,
+                Reason::Malformed("a timestamp earlier than the entry before it".into()),
+            ));
         }
         if e.kind == Kind::KeyRotated {
             self.signing_rotation(e)?;
@@ -485,6 +494,7 @@ impl ChainCheck {
         self.group.push(*hash);
         self.tip.entries += 1;
         self.tip.last_hash = Some(*hash);
+        self.last_ts = e.timestamp_ms;
         Ok(())
     }
 
@@ -509,8 +519,8 @@ impl ChainCheck {
     }
 
     /// Closes the open group with `head`: its first and last seq, last
-    /// hash and key id (the current signing key's) must be those of the
-    /// entries since the last head. Returns the group's entry hashes and
+    /// hash, timestamp (the last entry's) and key id (the current signing
+    /// key's) must be those of the entries since the last head. Returns the group's entry hashes and
     /// the key for [`check_group`] (which the local scan may run later, in
     /// parallel); a rotation in the group takes effect after it.
     pub fn close_group(&mut self, head: &SignedHead) -> std::result::Result<ClosedGroup, Failure> {
@@ -519,6 +529,7 @@ impl ChainCheck {
             && head.group_first_seq == self.group_first
             && head.last_seq == last
             && Some(head.last_hash) == self.tip.last_hash
+            && head.timestamp_ms == self.last_ts
             && head.key_id == self.keys.current_id();
         if !ok {
             return Err((last, Reason::HeadMismatch));
@@ -2126,6 +2137,10 @@ mod tests {
         seq: u64,
         group: Vec<Hash>,
         first: u64,
+        /// The timestamp of the next entry.
+        ts: u64,
+        /// The timestamp the next head carries, when not its last entry's.
+        head_ts: Option<u64>,
     }
 
     impl Log {
@@ -2136,6 +2151,8 @@ mod tests {
                 seq: 0,
                 group: Vec::new(),
                 first: 0,
+                ts: 1,
+                head_ts: None,
             }
         }
 
@@ -2143,7 +2160,7 @@ mod tests {
             let bytes = EntryRef {
                 kind,
                 seq: self.seq,
-                timestamp_ms: 1,
+                timestamp_ms: self.ts,
                 prev_hash: self.prev,
                 key_version: 0,
                 nonce: [0; 12],
@@ -2167,7 +2184,8 @@ mod tests {
         /// whole verdict, signature included.
         fn close(&mut self, key: &SigningKey, key_id: u32) -> std::result::Result<(), Failure> {
             let root = MerkleTree::new(&self.group).root();
-            let head = SignedHead::sign(key, key_id, self.first, self.seq - 1, self.prev, root, 1);
+            let ts = self.head_ts.take().unwrap_or(self.ts);
+            let head = SignedHead::sign(key, key_id, self.first, self.seq - 1, self.prev, root, ts);
             self.group.clear();
             let closed = self.chain.close_group(&head)?;
             check_group(&closed.hashes, &head, head.verify(&closed.key))
@@ -2189,6 +2207,42 @@ mod tests {
 
     fn keys() -> [SigningKey; 3] {
         [1u8, 2, 3].map(|b| SigningKey::from_bytes(&[b; 32]))
+    }
+
+    /// The committer dates an entry no earlier than the one before it and
+    /// a head with its group's last entry: a log the signer wrote
+    /// otherwise fails, at the entry or at the head.
+    #[test]
+    fn timestamps_never_go_back_and_heads_carry_their_last_entrys() {
+        let [k0, ..] = keys();
+        let mut log = Log::new(&k0);
+        log.ts = 10;
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        log.push(Kind::PolicyChanged, b"{}").expect("same time");
+        log.close(&k0, 0).expect("head at 10");
+        log.ts = 9;
+        let err = log
+            .push(Kind::PolicyChanged, b"{}")
+            .expect_err("back in time");
+        assert!(matches!(err, (2, Reason::Malformed(_))), "{err:?}");
+
+        let mut log = Log::new(&k0);
+        log.ts = 10;
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        log.ts = 20;
+        log.push(Kind::PolicyChanged, b"{}").expect("later");
+        log.head_ts = Some(10);
+        let err = log
+            .close(&k0, 0)
+            .expect_err("a head dated before its last entry");
+        assert_eq!(err, (1, Reason::HeadMismatch));
+        let mut log = Log::new(&k0);
+        log.push(Kind::PolicyChanged, b"{}").expect("entry");
+        log.head_ts = Some(2);
+        let err = log
+            .close(&k0, 0)
+            .expect_err("a head dated after its last entry");
+        assert_eq!(err, (0, Reason::HeadMismatch));
     }
 
     #[test]

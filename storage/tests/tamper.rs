@@ -513,7 +513,7 @@ fn the_record_of_a_verified_prefix_hides_no_alteration_from_open() {
     let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_SIGNATURE + 10, 0x08));
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
     let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_TIMESTAMP + 7, 0x01));
-    assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
+    assert_chain_failure(&fx, &dir, BOB + 1, Reason::HeadMismatch);
     // The last head, of the last group the record covers.
     let dir = fx.tampered(|raw| flip_head(raw, LAST, HEAD_SIGNATURE, 0x80));
     assert_chain_failure(&fx, &dir, LAST, Reason::BadSignature);
@@ -689,9 +689,9 @@ fn a_record_of_a_verified_prefix_that_does_not_check_out_is_ignored() {
 #[test]
 fn signed_head_fields_altered_are_detected() {
     let fx = Fixture::new();
-    // The timestamp is covered only by the signature.
+    // The timestamp must be the group's last entry's.
     let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_TIMESTAMP + 7, 0x01));
-    assert_chain_failure(&fx, &dir, BOB + 1, Reason::BadSignature);
+    assert_chain_failure(&fx, &dir, BOB + 1, Reason::HeadMismatch);
     // The covered range no longer matches the entries.
     let dir = fx.tampered(|raw| flip_head(raw, BOB, HEAD_LAST_SEQ + 7, 0x01));
     assert_chain_failure(&fx, &dir, BOB + 1, Reason::HeadMismatch);
