@@ -16,6 +16,12 @@
 //! the fault redeems once, writes work again, the log verifies with the
 //! pinned key, and every acknowledged append is there. Other write and fsync errors, at every step of a commit,
 //! are injected by storage/tests/failpoints.rs.
+//!
+//! The recovery itself (`server::live::watch`) is also driven in this
+//! process, with a failed fsync (the `commit::before_flush` failpoint):
+//! it opens the vault again once no request holds it, and a stop that
+//! comes while a request still holds it leaves the poisoned vault to the
+//! shutdown, which reports it.
 
 mod support;
 
@@ -397,4 +403,94 @@ async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
 fn wait_unlocked(dir: &Path) {
     let f = std::fs::File::open(dir.join("db").join("db")).expect("sled's data file");
     f.lock().expect("wait for sled's lock");
+}
+
+/// A vault in `dir` whose next commit fails its fsync: poisoned by one
+/// append, which is refused.
+async fn poisoned(dir: &Path) -> std::sync::Arc<storage::Vault> {
+    use storage::{Append, Options, Unlock, Vault};
+    let vault = Vault::create(
+        dir,
+        &Unlock::passphrase(PASSPHRASE.to_vec()),
+        Options::default(),
+    )
+    .expect("create")
+    .vault;
+    vault
+        .append(Append::record(SUBJECT, b"{}".to_vec()))
+        .await
+        .expect("append");
+    fail::cfg("commit::before_flush", "return").expect("arm");
+    let r = vault.append(Append::record(SUBJECT, b"{}".to_vec())).await;
+    fail::remove("commit::before_flush");
+    assert!(r.is_err(), "{r:?}");
+    assert!(vault.is_poisoned());
+    std::sync::Arc::new(vault)
+}
+
+fn reopen(dir: &Path) -> server::live::Reopen {
+    let dir = dir.to_path_buf();
+    server::live::Reopen::new(move || {
+        let unlock = storage::Unlock::passphrase(PASSPHRASE.to_vec());
+        Ok(storage::Vault::open(
+            &dir,
+            &unlock,
+            storage::Options::default(),
+        )?)
+    })
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..3000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("never {what}");
+}
+
+/// One test, as the failpoint registry is the process's: first a
+/// recovery that a held request delays, then a stop in the middle of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_vault_is_opened_again_once_idle_or_left_to_the_shutdown() {
+    use server::live::{watch, LiveVault, Status};
+    use tokio_util::sync::CancellationToken;
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    // Recovery: out of service while a request holds it, then open again.
+    let dir = tmp.path().join("a");
+    let live = LiveVault::from(poisoned(&dir).await);
+    let held = live.get().expect("in service");
+    let stop = CancellationToken::new();
+    let watcher = tokio::spawn(watch(live.clone(), reopen(&dir), stop.clone()));
+    until("out of service", || live.status() == Status::Recovering).await;
+    drop(held);
+    until("open again", || live.status() == Status::Ok).await;
+    let vault = live.get().expect("in service");
+    vault
+        .append(storage::Append::record(SUBJECT, b"{}".to_vec()))
+        .await
+        .expect("writes work again");
+    drop(vault);
+    stop.cancel();
+    watcher.await.expect("watcher");
+    let vault = std::sync::Arc::into_inner(live.take().expect("the vault")).expect("last handle");
+    vault.close().expect("close");
+
+    // Stopped while a request holds the poisoned vault: the shutdown gets
+    // it back, and its close says it was poisoned.
+    let dir = tmp.path().join("b");
+    let live = LiveVault::from(poisoned(&dir).await);
+    let held = live.get().expect("in service");
+    let stop = CancellationToken::new();
+    let watcher = tokio::spawn(watch(live.clone(), reopen(&dir), stop.clone()));
+    until("out of service", || live.status() == Status::Recovering).await;
+    stop.cancel();
+    watcher.await.expect("watcher");
+    assert_eq!(live.status(), Status::Poisoned);
+    let back = live.take().expect("the poisoned vault is back");
+    drop(held);
+    let vault = std::sync::Arc::into_inner(back).expect("last handle");
+    assert!(matches!(vault.close(), Err(storage::Error::Poisoned)));
 }

@@ -186,8 +186,8 @@ pub async fn run(
     // Only requests of connections that outlived the grace hold it now.
     let closed = live::close_when_idle(vault, tokio::time::sleep(Duration::from_secs(5))).await;
     match closed {
-        Some(v) => v.close()?,
-        None => tracing::warn!(
+        Ok(v) => v.close()?,
+        Err(_) => tracing::warn!(
             "requests still running at shutdown; the log is flushed as the process exits"
         ),
     }

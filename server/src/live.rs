@@ -127,17 +127,17 @@ impl LiveVault {
 
 /// Waits until `vault` is the last handle to it (requests in flight have
 /// finished), and returns it for the caller to close or drop. Gives up
-/// (and drops this handle) when `give_up` resolves first.
+/// when `give_up` resolves first, and hands the handle back.
 pub async fn close_when_idle(
     vault: Arc<Vault>,
     give_up: impl std::future::Future<Output = ()>,
-) -> Option<Vault> {
+) -> Result<Vault, Arc<Vault>> {
     tokio::pin!(give_up);
     let mut waited = Instant::now();
     let mut vault = vault;
     loop {
         match Arc::try_unwrap(vault) {
-            Ok(v) => return Some(v),
+            Ok(v) => return Ok(v),
             Err(shared) => vault = shared,
         }
         if waited.elapsed() > Duration::from_secs(10) {
@@ -148,7 +148,7 @@ pub async fn close_when_idle(
             waited = Instant::now();
         }
         tokio::select! {
-            () = &mut give_up => return None,
+            () = &mut give_up => return Err(vault),
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
@@ -175,8 +175,15 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
         tracing::error!(
             "a write or fsync failed: the vault is out of service and is opened again from disk"
         );
-        let Some(old) = close_when_idle(poisoned, stop.cancelled()).await else {
-            return;
+        let old = match close_when_idle(poisoned, stop.cancelled()).await {
+            Ok(old) => old,
+            Err(poisoned) => {
+                // Stopped first: the server's shutdown closes it (and
+                // reports that it was poisoned), as it would have had the
+                // failure come a moment before the stop.
+                live.put(poisoned);
+                return;
+            }
         };
         // Dropping joins the vault's threads: off the runtime's workers.
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
