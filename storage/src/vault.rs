@@ -1988,6 +1988,11 @@ impl Vault {
         source: Option<std::net::IpAddr>,
         proxy: Option<std::net::IpAddr>,
     ) -> Result<(state::TokenMinted, Receipt)> {
+        if partner_id.is_empty() || partner_id.len() > MAX_SUBJECT_LEN {
+            return Err(Error::Invalid(format!(
+                "partner id must be 1 to {MAX_SUBJECT_LEN} bytes"
+            )));
+        }
         let token_hash = api_key_hash(token);
         let items = vec![Append::Redeem {
             token_hash: token_hash.clone(),
@@ -4008,6 +4013,17 @@ impl Committer {
         nonce: [u8; 12],
         payload: &[u8],
     ) -> Result<usize> {
+        // Items are checked before they reach the committer; this stops
+        // one that slipped through from failing the encoder's assertion,
+        // which would end the committer and close the vault.
+        if subject.len() > MAX_SUBJECT_LEN || payload.len() > MAX_PAYLOAD_LEN {
+            return Err(Error::Invalid(format!(
+                "{} entry of a {}-byte subject id and a {}-byte payload exceeds the entry limits",
+                kind.name(),
+                subject.len(),
+                payload.len()
+            )));
+        }
         let ts = now_ms().max(self.pos.last_ts);
         let e = EntryRef {
             kind,

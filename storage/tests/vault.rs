@@ -516,6 +516,12 @@ async fn bad_input_gets_typed_errors() {
         })
         .await;
     assert!(matches!(r, Err(Error::Invalid(_))));
+    // A partner id too long for the refusal entry that would name it is
+    // refused before the committer (whose encoder would have asserted).
+    for partner in [String::new(), "p".repeat(60_000)] {
+        let r = vault.redeem("fvt_unknown", &partner, 1, None).await;
+        assert!(matches!(r, Err(Error::Invalid(_))), "{r:?}");
+    }
     // None of it reached the log, and the vault still works.
     vault
         .append(Append::record("a", b"ok".to_vec()))
