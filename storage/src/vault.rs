@@ -635,11 +635,21 @@ struct Inner {
     credentials: Mutex<CredentialIndex>,
 }
 
+/// Where an open's [`Vault::revocations`] count starts: 2^40 apart for
+/// each open in this process, so that no count a caller kept from an
+/// earlier open (about to see as many revocations as it missed) equals
+/// one of a later open.
+fn first_revocation_count() -> u64 {
+    static OPENS: AtomicU64 = AtomicU64::new(0);
+    OPENS.fetch_add(1, Ordering::Relaxed).wrapping_shl(40)
+}
+
 /// State the committer, syncer and indexer share with readers.
 struct Shared {
     poisoned: AtomicBool,
     /// Credentials revoked since the vault was opened, counted as their
-    /// groups are published ([`Vault::revocations`]).
+    /// groups are published ([`Vault::revocations`]), from this open's
+    /// [`first_revocation_count`].
     revocations: AtomicU64,
     /// Requests in progress: from before they are queued until they are
     /// answered. Only a request that finds none builds its group itself
@@ -1212,7 +1222,7 @@ impl Vault {
         let shared_master = Arc::new(RwLock::new(master.clone()));
         let shared = Arc::new(Shared {
             poisoned: AtomicBool::new(false),
-            revocations: AtomicU64::new(0),
+            revocations: AtomicU64::new(first_revocation_count()),
             active: AtomicUsize::new(0),
             last_group: AtomicUsize::new(0),
             head: RwLock::new(None),
@@ -1623,10 +1633,13 @@ impl Vault {
         shared.counters.snapshot(live_keys(shared))
     }
 
-    /// How many credentials were revoked since the vault was opened:
-    /// it changes as a revocation becomes visible to readers (before it
-    /// is acknowledged), so that a connection authenticated earlier can
-    /// tell when to look its credential up again.
+    /// A count of the credentials revoked since the vault was opened: it
+    /// changes as a revocation becomes visible to readers (before it is
+    /// acknowledged), so that a connection authenticated earlier can tell
+    /// when to look its credential up again. Compare it only for
+    /// equality: each open of a vault in this process starts it at a
+    /// value of its own, so a count read from a vault closed since (a
+    /// server that opened it again) never matches the new one's.
     pub fn revocations(&self) -> u64 {
         self.inner.shared.revocations.load(Ordering::Acquire)
     }

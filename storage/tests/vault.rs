@@ -527,6 +527,30 @@ async fn bad_input_gets_typed_errors() {
         .append(Append::record("a", b"ok".to_vec()))
         .await
         .expect("append");
+    let r = vault.redeem("fvt_unknown", "p1", 1, None).await;
+    assert!(
+        matches!(r, Err(Error::TokenRefused(storage::TokenRefusal::Unknown))),
+        "{r:?}"
+    );
+}
+
+/// A connection keeps the revocation count it last checked its
+/// credential at: a vault opened again must not start where the one before
+/// stood, or a count of revocations it missed could match.
+#[tokio::test]
+async fn each_open_counts_revocations_from_a_value_of_its_own() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let mut seen = vec![vault.revocations()];
+    vault.close().expect("close");
+    for _ in 0..3 {
+        let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
+        let count = vault.revocations();
+        assert!(!seen.contains(&count), "{count} again after {seen:?}");
+        seen.push(count);
+        vault.close().expect("close");
+    }
 }
 
 #[test]
@@ -1547,12 +1571,14 @@ async fn consents_policies_and_credentials_are_derived_state() {
         .expect("create");
     let hash = storage::api_key_hash(&key);
     assert!(vault.credential_by_key_hash(&hash).expect("read").is_some());
+    let before = vault.revocations();
     assert!(vault
         .revoke_credential(&id)
         .await
         .expect("revoke")
         .is_some());
     assert!(vault.credential_by_key_hash(&hash).expect("read").is_none());
+    assert_ne!(vault.revocations(), before, "the revocation is counted");
     assert!(vault
         .revoke_credential(&id)
         .await
