@@ -621,6 +621,70 @@ async fn vault_client_binary_exit_codes() {
     .await;
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("pong"), "{r:?}");
+    assert!(!r.stderr.contains("warning"), "loopback: {r:?}");
+    // A flag wins over a variable of the environment (a service's own key
+    // in FINTRUST_API_KEY does not stand in the way of --api-key-file);
+    // two of one kind are refused.
+    let key_file = s.dir.path().join("writer.key");
+    std::fs::write(&key_file, format!("{}\n", s.writer)).expect("key file");
+    let key_file = key_file.to_str().expect("utf-8 path").to_string();
+    let ping = [
+        "ping",
+        "--addr",
+        &addr,
+        "--insecure-plaintext",
+        "--format",
+        "json",
+    ];
+    let r = vault_client(
+        &[&ping[..], &["--api-key-file", &key_file]].concat(),
+        &[("FINTRUST_API_KEY", &s.admin)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["role"], "writer", "{r:?}");
+    let r = vault_client(
+        &[&ping[..], &["--api-key", &s.writer]].concat(),
+        &[("FINTRUST_API_KEY_FILE", "/nonexistent/key")],
+    )
+    .await;
+    assert_eq!(r.json()["role"], "writer", "{r:?}");
+    let r = vault_client(
+        &ping,
+        &[
+            ("FINTRUST_API_KEY", &s.writer),
+            ("FINTRUST_API_KEY_FILE", &key_file),
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("are both set"), "{r:?}");
+    let r = vault_client(
+        &[
+            &ping[..],
+            &["--api-key", &s.writer, "--api-key-file", &key_file],
+        ]
+        .concat(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("exclude each other"), "{r:?}");
+    // Plaintext to a host that is not loopback is said to be in the clear.
+    let r = vault_client(
+        &[
+            "ping",
+            "--addr",
+            "192.0.2.1:9999",
+            "--insecure-plaintext",
+            "--timeout-secs",
+            "1",
+        ],
+        &[("FINTRUST_API_KEY", &s.writer)],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not a loopback address"), "{r:?}");
     // Into a closed pipe (`| head -0`): a local error, not a panic.
     let args = ["ping", "--addr", &addr, "--insecure-plaintext"].map(String::from);
     let key = s.writer.clone();

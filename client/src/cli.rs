@@ -73,23 +73,24 @@ pub fn write_line(line: &str) -> std::io::Result<()> {
     writeln!(stdout, "{line}").and_then(|()| stdout.flush())
 }
 
+/// A secret given as an argument, kept in a buffer that is wiped when it
+/// is dropped (the copy in the process's arguments cannot be).
+pub fn secret_arg(s: &str) -> std::result::Result<Zeroizing<String>, std::convert::Infallible> {
+    Ok(Zeroizing::new(s.to_string()))
+}
+
 /// How to reach and authenticate to a vault: everything but the address,
 /// which each tool names in its own way (`--addr`, `--remote`). Its
 /// `Debug` leaves the API key out.
 #[derive(Clone, Args)]
 pub struct ConnectArgs {
     /// API key; prefer the environment variable or --api-key-file, which
-    /// `ps` does not show.
-    #[arg(
-        long,
-        global = true,
-        env = "FINTRUST_API_KEY",
-        hide_env_values = true,
-        conflicts_with = "api_key_file"
-    )]
-    pub api_key: Option<String>,
+    /// `ps` does not show. [env: FINTRUST_API_KEY]
+    #[arg(long, global = true, value_parser = secret_arg)]
+    pub api_key: Option<Zeroizing<String>>,
     /// File holding the API key (surrounding whitespace is ignored).
-    #[arg(long, global = true, env = "FINTRUST_API_KEY_FILE")]
+    /// Either flag wins over both variables. [env: FINTRUST_API_KEY_FILE]
+    #[arg(long, global = true)]
     pub api_key_file: Option<PathBuf>,
     /// PEM file of the CA that signed the server's certificate: connect
     /// over TLS, trusting only this CA.
@@ -168,6 +169,13 @@ impl ConnectArgs {
                 if self.client_cert.is_some() || self.client_key.is_some() {
                     return bad("--client-cert and --client-key need TLS (--cacert)");
                 }
+                if !crate::config::is_loopback(addr) {
+                    eprintln!(
+                        "warning: --insecure-plaintext to {}, which is not a loopback address: \
+                         the API key and the data cross the network in the clear",
+                        printable(addr)
+                    );
+                }
                 Ok(Tls::Plaintext)
             }
             (Some(ca), false) => Ok(Tls::Ca {
@@ -185,18 +193,35 @@ impl ConnectArgs {
         }
     }
 
+    /// The API key: from `--api-key` or `--api-key-file`, or else from
+    /// `FINTRUST_API_KEY` or `FINTRUST_API_KEY_FILE` (a variable set in a
+    /// service's environment does not stand in the way of a flag given
+    /// to one command). Two of one level are refused: which was meant is
+    /// not known.
     fn api_key(&self) -> Result<Zeroizing<String>> {
-        match (&self.api_key, &self.api_key_file) {
-            (Some(key), None) => Ok(Zeroizing::new(key.clone())),
+        let flags = (self.api_key.clone(), self.api_key_file.clone());
+        let (key, file, names) = match flags {
+            (None, None) => (
+                std::env::var("FINTRUST_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty())
+                    .map(Zeroizing::new),
+                std::env::var_os("FINTRUST_API_KEY_FILE")
+                    .filter(|f| !f.is_empty())
+                    .map(PathBuf::from),
+                "FINTRUST_API_KEY and FINTRUST_API_KEY_FILE are both set",
+            ),
+            (key, file) => (key, file, "--api-key and --api-key-file exclude each other"),
+        };
+        match (key, file) {
+            (Some(key), None) => Ok(key),
             (None, Some(path)) => {
-                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
                     ClientError::Config(format!("{}: cannot read the API key: {e}", path.display()))
                 })?);
                 Ok(Zeroizing::new(text.trim().to_string()))
             }
-            (Some(_), Some(_)) => Err(ClientError::Config(
-                "--api-key and --api-key-file exclude each other".into(),
-            )),
+            (Some(_), Some(_)) => Err(ClientError::Config(names.into())),
             // Over mutual TLS the certificate may stand for the caller.
             (None, None) if self.client_cert.is_some() => Ok(Zeroizing::new(String::new())),
             (None, None) => Err(ClientError::Config(

@@ -155,6 +155,16 @@ pub fn host_of(addr: &str) -> &str {
         .trim_end_matches(']')
 }
 
+/// Whether the host of a `host:port` address is `localhost` or a
+/// loopback address: the only server plaintext is meant for.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = host_of(addr);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 pub(crate) fn server_name_of(name: &str) -> Result<ServerName<'static>> {
     ServerName::try_from(name.to_string())
         .map_err(|_| ClientError::Config(format!("{name:?} is not a valid TLS server name")))

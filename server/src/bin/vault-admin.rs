@@ -464,7 +464,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // Refused before any connection: the secret is not even read.
         Command::RotateMasterKey { .. }
-            if cli.connect.insecure_plaintext && !is_loopback(&cli.addr) =>
+            if cli.connect.insecure_plaintext && !client::config::is_loopback(&cli.addr) =>
         {
             anyhow::bail!(
                 "the new secret would cross the network in plaintext: use TLS (--cacert), or run vault-admin on the vault's host"
@@ -1053,14 +1053,6 @@ fn new_secret(
 }
 
 /// Whether `addr` (host:port) names this machine.
-fn is_loopback(addr: &str) -> bool {
-    let host = client::config::host_of(addr);
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// Checks a receipt with the pinned key, or else the key the server
 /// reports (an admin may read the head).
 async fn check(client: &Client, receipt: &Receipt, pinned: Option<[u8; 32]>) -> anyhow::Result<()> {
