@@ -30,7 +30,7 @@ fn data_key() -> SecretKey {
 }
 
 const RECORD_NONCE: [u8; 12] = [2u8; 12];
-const EVENT_PAYLOAD: &[u8] = br#"{"partner":"lender-1"}"#;
+const EVENT_PAYLOAD: &[u8] = br#"{"partner_id":"lender-1","purposes":["kyc"]}"#;
 
 /// The ciphertext of the record at seq 7: "hello" under the data key,
 /// bound to subject "cust-42", seq 7, key version 1.
@@ -105,6 +105,8 @@ fn entry_vectors() {
     assert_eq!(hex::encode(entry_hash(&e6)), ENTRY6_HASH);
     assert_eq!(hex::encode(&e7), ENTRY7);
     assert_eq!(hex::encode(entry_hash(&e7)), ENTRY7_HASH);
+    // Entry 6 is a consent event as the vault would take it.
+    state::mutations(&EntryRef::decode(&e6).expect("decodes")).expect("a consent_granted payload");
     assert_eq!(
         EntryRef::decode(&e7).expect("decodes").payload,
         record_ciphertext().as_slice()
@@ -341,18 +343,18 @@ fn write_ahead_segment_vector() {
     assert!(cut.torn && cut.groups.is_empty());
 }
 
-/// The `log` tree's value for CHUNK (388 bytes) lying at offset 4096 of
+/// The `log` tree's value for CHUNK (410 bytes) lying at offset 4096 of
 /// `DIR/chunks`: u64 offset, u32 length.
-const LOG_POINTER: &str = "000000000000100000000184";
+const LOG_POINTER: &str = "00000000000010000000019a";
 
 #[test]
 fn log_pointer_vector() {
     use storage::logfile::{decode_pointer, encode_pointer};
     let chunk_len = u32::try_from(CHUNK.len() / 2).expect("a short chunk");
-    assert_eq!(chunk_len, 388);
+    assert_eq!(chunk_len, 410);
     assert_eq!(hex::encode(encode_pointer(4096, chunk_len)), LOG_POINTER);
     let bytes = hex::decode(LOG_POINTER).expect("hex");
-    assert_eq!(decode_pointer(&bytes), Some((4096, 388)));
+    assert_eq!(decode_pointer(&bytes), Some((4096, 410)));
     assert_eq!(decode_pointer(&bytes[..11]), None);
 }
 
@@ -423,13 +425,13 @@ const ENTRY_RS_GOLDEN_HASH: &str =
     "3fcd2d489aa7af2e6636c35009d5a378027e9b31cd00e0fe81fc2be8da7d8911";
 /// "hello" sealed for subject "cust-42", seq 7, key version 1.
 const RECORD_CT: &str = "6cbc8b76941d957d26e254ce730fafc378b670669a";
-const ENTRY6_HASH: &str = "3765fe6516eafab8712eb0e38e0a0b507652280876cbe90bd8a0ed422e0468a1";
-const ENTRY7_HASH: &str = "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776";
+const ENTRY6_HASH: &str = "29eb68f00c5178b90139b6187782763ee05985f902624ea7644a1d44a7c0256c";
+const ENTRY7_HASH: &str = "da55ce0d24cf332c92603f34a8b04f4615f4876e23c7f3655c626ec7f2a864a7";
 /// ed25519 public key of the seed 0x07 × 32.
 const PUBLIC_KEY: &str = "ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c";
 /// Merkle root of [ENTRY6_HASH, ENTRY7_HASH].
-const GROUP_ROOT: &str = "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae";
-const CHUNK_CRC: &str = "003821c4";
+const GROUP_ROOT: &str = "e33c8e847f25074a3e03b967f6e7d471b1490f105677ee71d0e257f1e4647f4b";
+const CHUNK_CRC: &str = "d06832d7";
 /// Merkle root of the leaves 0x11 × 32, 0x22 × 32, 0x33 × 32.
 const MERKLE_ROOT_3: &str = "837c5b1d77b8bfb02d2cd23a50360cad6a76f18917f6cd6490629f5ea23eded9";
 /// Audit path of leaf 1 of those three: leaf hash of leaf 0, then leaf hash of leaf 2.
@@ -468,8 +470,8 @@ const ENTRY6: &str = concat!(
     "000000000000000000000000", // nonce
     "0007",             // subject_len
     "637573742d3432",   // "cust-42"
-    "00000016",         // payload_len
-    "7b22706172746e6572223a226c656e6465722d31227d", // {"partner":"lender-1"}
+    "0000002c",         // payload_len
+    "7b22706172746e65725f6964223a226c656e6465722d31222c22707572706f736573223a5b226b7963225d7d", // {"partner_id":"lender-1","purposes":["kyc"]}
 );
 
 /// Entry 7.
@@ -478,7 +480,7 @@ const ENTRY7: &str = concat!(
     "02",                                                               // kind = record (2)
     "0000000000000007",                                                 // seq
     "0000019ab697e801",                                                 // timestamp_ms
-    "3765fe6516eafab8712eb0e38e0a0b507652280876cbe90bd8a0ed422e0468a1", // prev_hash = ENTRY6_HASH
+    "29eb68f00c5178b90139b6187782763ee05985f902624ea7644a1d44a7c0256c", // prev_hash = ENTRY6_HASH
     "00000001",                                                         // key_version
     "020202020202020202020202",                                         // nonce
     "0007",                                                             // subject_len
@@ -493,11 +495,11 @@ const HEAD: &str = concat!(
     "00000000",                                                         // key_id
     "0000000000000006",                                                 // group_first_seq
     "0000000000000007",                                                 // last_seq
-    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // last_hash = ENTRY7_HASH
-    "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae", // group_root = GROUP_ROOT
+    "da55ce0d24cf332c92603f34a8b04f4615f4876e23c7f3655c626ec7f2a864a7", // last_hash = ENTRY7_HASH
+    "e33c8e847f25074a3e03b967f6e7d471b1490f105677ee71d0e257f1e4647f4b", // group_root = GROUP_ROOT
     "0000019ab697e801",                                                 // timestamp_ms
-    "80b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346a", // signature R
-    "cefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808", // signature S
+    "d228d4013f28506569727a5e8ab1de0e1928c08cfbb05a124c4f3f374e7c2247", // signature R
+    "fb6f8e0286e2b44112c8206ace4f5b476ad0a9ff441d227b32ace54eb6eab60f", // signature S
 );
 
 /// The chunk of entries 6 and 7 with their head.
@@ -507,7 +509,7 @@ const CHUNK: &str = concat!(
     "01",                                                               // flags: head follows
     "0000000000000006",                                                 // first_seq
     "00000002",                                                         // entry_count
-    "00000065",                                                         // entry length (101)
+    "0000007b",                                                         // entry length (123)
     "01",                                                               // entry 6: version
     "03",               // entry 6: kind = consent_granted (3)
     "0000000000000006", // entry 6: seq
@@ -517,14 +519,14 @@ const CHUNK: &str = concat!(
     "000000000000000000000000", // entry 6: nonce
     "0007",             // entry 6: subject_len
     "637573742d3432",   // entry 6: "cust-42"
-    "00000016",         // entry 6: payload_len
-    "7b22706172746e6572223a226c656e6465722d31227d", // entry 6: {"partner":"lender-1"}
+    "0000002c",         // entry 6: payload_len
+    "7b22706172746e65725f6964223a226c656e6465722d31222c22707572706f736573223a5b226b7963225d7d", // entry 6: {"partner":"lender-1"}
     "00000064",         // entry length (100)
     "01",               // entry 7: version
     "02",               // entry 7: kind = record (2)
     "0000000000000007", // entry 7: seq
     "0000019ab697e801", // entry 7: timestamp_ms
-    "3765fe6516eafab8712eb0e38e0a0b507652280876cbe90bd8a0ed422e0468a1", // entry 7: prev_hash = ENTRY6_HASH
+    "29eb68f00c5178b90139b6187782763ee05985f902624ea7644a1d44a7c0256c", // entry 7: prev_hash = ENTRY6_HASH
     "00000001",                                                         // entry 7: key_version
     "020202020202020202020202",                                         // entry 7: nonce
     "0007",                                                             // entry 7: subject_len
@@ -535,30 +537,30 @@ const CHUNK: &str = concat!(
     "00000000",                                   // head: key_id
     "0000000000000006",                           // head: group_first_seq
     "0000000000000007",                           // head: last_seq
-    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // head: last_hash = ENTRY7_HASH
-    "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae", // head: group_root = GROUP_ROOT
+    "da55ce0d24cf332c92603f34a8b04f4615f4876e23c7f3655c626ec7f2a864a7", // head: last_hash = ENTRY7_HASH
+    "e33c8e847f25074a3e03b967f6e7d471b1490f105677ee71d0e257f1e4647f4b", // head: group_root = GROUP_ROOT
     "0000019ab697e801",                                                 // head: timestamp_ms
-    "80b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346a", // head: signature R
-    "cefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808", // head: signature S
-    "003821c4", // CRC32 of everything before
+    "d228d4013f28506569727a5e8ab1de0e1928c08cfbb05a124c4f3f374e7c2247", // head: signature R
+    "fb6f8e0286e2b44112c8206ace4f5b476ad0a9ff441d227b32ace54eb6eab60f", // head: signature S
+    "d06832d7", // CRC32 of everything before
 );
 
 /// The receipt of entry 7.
 const RECEIPT: &str = concat!(
     "01",                                                               // version
     "0000000000000007",                                                 // seq
-    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // entry_hash = ENTRY7_HASH
+    "da55ce0d24cf332c92603f34a8b04f4615f4876e23c7f3655c626ec7f2a864a7", // entry_hash = ENTRY7_HASH
     "01",                                                               // path_len
-    "699917a7059bf59c564274c03e9cab29f918f9da830a866dba3324123f913fe6", // path[0] = leaf hash of entry 6
+    "9936ed63fe2212d6d795b02ae0301d20ab6386a7354ec338330cc61ae31a3f48", // path[0] = leaf hash of entry 6
     "01",                                                               // head: version
     "00000000",                                                         // head: key_id
     "0000000000000006",                                                 // head: group_first_seq
     "0000000000000007",                                                 // head: last_seq
-    "0ccdcdbd03edb0fa54d6fcd66b8dc835624b06fc7e4f7a283841453f1225d776", // head: last_hash = ENTRY7_HASH
-    "fd9b871476f27a69c94fb1abd0597e0618704218701f4ed30de48c857b2a5eae", // head: group_root = GROUP_ROOT
+    "da55ce0d24cf332c92603f34a8b04f4615f4876e23c7f3655c626ec7f2a864a7", // head: last_hash = ENTRY7_HASH
+    "e33c8e847f25074a3e03b967f6e7d471b1490f105677ee71d0e257f1e4647f4b", // head: group_root = GROUP_ROOT
     "0000019ab697e801",                                                 // head: timestamp_ms
-    "80b77c1cab8999b184500aa5008161513ec84a65c865e3f5b73ef53f8fee346a", // head: signature R
-    "cefd315fb2c3c433fd0a9ab5ffe1afd307f0ef35138b5919b04a41e410ac8808", // head: signature S
+    "d228d4013f28506569727a5e8ab1de0e1928c08cfbb05a124c4f3f374e7c2247", // head: signature R
+    "fb6f8e0286e2b44112c8206ace4f5b476ad0a9ff441d227b32ace54eb6eab60f", // head: signature S
 );
 
 /// A passphrase-sealed master key (stand-in ciphertext).
