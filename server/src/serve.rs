@@ -799,6 +799,8 @@ where
         Err(_) => Err(ConnectionError::Idle),
         Ok(Err(e)) => Err(ConnectionError::Tls(e.to_string())),
         Ok(Ok(stream)) => {
+            crate::tls::client_certificate_in_force(stream.get_ref().1)
+                .map_err(ConnectionError::Tls)?;
             conn.client_cert = stream
                 .get_ref()
                 .1

@@ -59,6 +59,34 @@ pub fn stateless_tickets() -> Result<Arc<dyn rustls::server::ProducesTickets>> {
 /// TLS 1.3 tickets the server sends after each handshake.
 pub const TICKETS_PER_HANDSHAKE: usize = 1;
 
+/// Whether a finished server handshake may be served as to its client
+/// certificate: a full handshake's was checked by the verifier, but a
+/// TLS 1.3 resumption brings back the certificate of the session it
+/// resumes unchecked, so that a ticket would keep a certificate that has
+/// expired since (a ticket lives up to six hours) working. A resumed
+/// session's leaf must be within its validity now; one that does not
+/// parse is refused too.
+pub fn client_certificate_in_force(
+    conn: &rustls::ServerConnection,
+) -> std::result::Result<(), String> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let Some(leaf) = conn.peer_certificates().and_then(|c| c.first()) else {
+        return Ok(());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|_| "the resumed session's client certificate does not parse".to_string())?;
+    let v = x.validity();
+    if now < v.not_before.timestamp() || now > v.not_after.timestamp() {
+        return Err("the resumed session's client certificate is not valid now".into());
+    }
+    Ok(())
+}
+
 /// The TLS configuration a server hands each new connection: read from
 /// [`TlsFiles`] at start, and read again whole on demand
 /// ([`ServerTls::reload`], `vaultd` on SIGHUP), so that a renewed
@@ -74,7 +102,9 @@ pub const TICKETS_PER_HANDSHAKE: usize = 1;
 ///   the client's certificate again, so a ticket issued before a reload
 ///   that removed a client CA would otherwise still let its holder in;
 ///   after a reload every client's next connection makes a full handshake,
-///   checked against the new CA and shown the new certificate.
+///   checked against the new CA and shown the new certificate. Between
+///   reloads, a resumed session's certificate must still be within its
+///   validity ([`client_certificate_in_force`]).
 #[derive(Clone, Debug)]
 pub struct ServerTls {
     /// `None`: a configuration made in the process, which cannot be read

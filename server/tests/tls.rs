@@ -587,6 +587,52 @@ async fn a_reload_takes_the_new_client_ca_and_no_ticket_from_before() {
     assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
 }
 
+/// A TLS 1.3 resumption brings back its session's client certificate
+/// without the verifier: one that has expired since the ticket was issued
+/// is refused after the resumed handshake, where a full handshake would
+/// have refused it, and a connection opened while it was valid stays.
+#[tokio::test]
+async fn a_resumed_session_whose_client_certificate_has_expired_is_refused() {
+    let s = start(true).await;
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["svc".to_string()]).expect("params");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::seconds(3);
+    let cert = params.signed_by(&key, &s.pki.client_ca).expect("sign");
+    let config = client_config(&s, Some((cert.der().clone(), key.serialize_der())));
+    let mut first = tls_hello(&s, config.clone())
+        .await
+        .expect("a full handshake");
+    let second = tls_hello(&s, config.clone()).await.expect("a resumed one");
+    assert!(!resumed(&first) && resumed(&second));
+    while time::OffsetDateTime::now_utc() <= now + time::Duration::seconds(4) {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The client finishes its side of the resumed handshake; the server
+    // then closes without an answer to its Hello.
+    let tcp = TcpStream::connect(s.addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("the client's side of the handshake");
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let mut conn = Framed::new(tls, FrameCodec::new());
+    let hello = Message::Hello {
+        api_key: s.writer_key.clone(),
+        client: "tls test".into(),
+    };
+    let _ = conn.send(hello.to_frame(1, 0).expect("frame")).await;
+    let answer = next(&mut conn).await;
+    assert!(answer.is_err(), "{answer:?}");
+    let reply = append(&mut first).await.expect("append");
+    assert!(matches!(reply, Message::Receipt { .. }), "{reply:?}");
+}
+
 /// The client crate's connector to `s`, trusting the test CA, as the
 /// writer.
 fn connector(s: &Setup) -> client::Connector {

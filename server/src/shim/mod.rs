@@ -351,6 +351,10 @@ impl Connection {
                     let Ok(Ok(stream)) = accepted else {
                         return;
                     };
+                    if let Err(e) = crate::tls::client_certificate_in_force(stream.get_ref().1) {
+                        tracing::debug!(error = %e, "TLS connection refused");
+                        return;
+                    }
                     let stream = crate::serve::Unread::new(stream, unread_limit);
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     let _ = watcher.watch(conn).await;
