@@ -1183,8 +1183,8 @@ pub async fn metrics(State(shim): State<Arc<Shim>>) -> Response {
     r
 }
 
-pub async fn openapi() -> Response {
-    let mut r = super::OPENAPI.into_response();
+pub async fn openapi(State(shim): State<Arc<Shim>>) -> Response {
+    let mut r = shim.openapi.clone().into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -53,8 +53,27 @@ pub use policy::Policy;
 
 use crate::metrics::Metrics;
 
-/// The OpenAPI document of the routes.
+/// The OpenAPI document of the routes, as written for the default
+/// options ([`openapi_for`] serves a server's own).
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// [`OPENAPI`] as a shim of `config` serves it: a policy's token lifetime
+/// bounded by the ceiling it enforces, with the default it gives.
+pub fn openapi_for(config: &ShimConfig) -> axum::body::Bytes {
+    let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(OPENAPI) else {
+        return axum::body::Bytes::from_static(OPENAPI.as_bytes());
+    };
+    let ttl = &mut doc["components"]["schemas"]["Policy"]["properties"]["max_token_ttl_secs"];
+    if ttl.is_object() {
+        let ceiling = config.max_token_ttl_secs;
+        ttl["maximum"] = ceiling.into();
+        ttl["default"] = policy::DEFAULT_TOKEN_TTL_SECS.min(ceiling).into();
+    }
+    serde_json::to_vec_pretty(&doc).map_or_else(
+        |_| axum::body::Bytes::from_static(OPENAPI.as_bytes()),
+        axum::body::Bytes::from,
+    )
+}
 
 /// Options of the shim, with documented defaults.
 #[derive(Debug, Clone)]
@@ -126,12 +145,15 @@ pub struct Shim {
     limiter: policy::RateLimiter,
     denials: policy::DenialBudget,
     metrics: &'static Metrics,
+    /// What `/v1/openapi.json` serves ([`openapi_for`]).
+    openapi: axum::body::Bytes,
 }
 
 impl Shim {
     pub fn new(link: VaultLink, config: ShimConfig) -> Arc<Self> {
         Arc::new(Shim {
             link: Arc::new(link),
+            openapi: openapi_for(&config),
             config,
             limiter: policy::RateLimiter::default(),
             denials: policy::DenialBudget::default(),
@@ -628,6 +650,30 @@ mod tests {
         serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON")
     }
 
+    /// The document served names the server's own ceiling on a policy's
+    /// token lifetime, and the default a policy without one gets under
+    /// it; the rest is the document as written.
+    #[test]
+    fn the_served_document_bounds_token_lifetimes_by_the_servers_ceiling() {
+        for (ceiling, default) in [(3600, 300), (86_400, 300), (60, 60)] {
+            let config = super::ShimConfig {
+                max_token_ttl_secs: ceiling,
+                ..Default::default()
+            };
+            let mut served: Value =
+                serde_json::from_slice(&super::openapi_for(&config)).expect("JSON");
+            let ttl =
+                &mut served["components"]["schemas"]["Policy"]["properties"]["max_token_ttl_secs"];
+            assert_eq!(
+                (ttl["maximum"].clone(), ttl["default"].clone()),
+                (ceiling.into(), default.into())
+            );
+            ttl["maximum"] = 3600.into();
+            ttl["default"] = 300.into();
+            assert_eq!(served, doc());
+        }
+    }
+
     /// The document states the rules the handlers enforce, so that a
     /// request it calls valid is not refused as malformed (what a client
     /// generated from it, or a tool such as schemathesis, relies on).
@@ -730,6 +776,7 @@ mod tests {
             ("Policy", "allowed_hours_utc"),
             ("ConsentRequest", "expires_at"),
             ("CredentialRequest", "client_cert_sha256"),
+            ("Policy", "max_token_ttl_secs"),
         ] {
             let types = &schemas[schema]["properties"][member]["type"];
             assert!(
