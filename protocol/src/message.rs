@@ -636,7 +636,7 @@ impl KeyLife {
 pub enum SecretKind {
     /// A passphrase (argon2id with the vault's parameters).
     Passphrase = 1,
-    /// The 32 bytes of a key file.
+    /// The content of a key file: 32 random bytes, or 64 hex digits.
     KeyFile = 2,
 }
 
@@ -1911,12 +1911,12 @@ pub(crate) mod tests {
             ),
             g(
                 Message::HelloOk {
-                    role: s("service"),
+                    role: s("auditor"),
                     server: s("vaultd/0.1"),
                 },
                 0,
-                "4656018100000000000100000015334e2b19",
-                "000773657276696365000a7661756c74642f302e31",
+                "4656018100000000000100000015f95ee1c7",
+                "000761756469746f72000a7661756c74642f302e31",
             ),
             g(Message::Pong, 0, "465601820000000000010000000048e7c4ad", ""),
             g(
@@ -2172,18 +2172,58 @@ pub(crate) mod tests {
         );
     }
 
+    /// Each vector on its own line under its type's name, as the page's
+    /// list shows them (`Name  header HEX [payload HEX]`), and the payload
+    /// in that type's row of the messages table.
     #[test]
     fn docs_show_the_golden_vectors() {
         let docs = include_str!("../../docs/protocol.md");
         for g in golden() {
             let t = g.message.message_type();
+            let name = format!("{t:?}");
+            let shown = docs.lines().any(|l| {
+                let mut words = l.split_whitespace();
+                let tail: Vec<&str> = words.by_ref().skip(1).collect();
+                l.split_whitespace().next() == Some(name.as_str())
+                    && tail.first() == Some(&"header")
+                    && tail.get(1) == Some(&g.header)
+                    && if g.payload.is_empty() {
+                        tail.len() == 2
+                    } else {
+                        tail.len() == 4 && tail[2] == "payload" && tail[3] == g.payload
+                    }
+            });
             assert!(
-                docs.contains(g.header),
-                "docs/protocol.md lacks the {t} header"
+                shown,
+                "docs/protocol.md does not show {t} header {} payload {}",
+                g.header, g.payload
             );
-            assert!(
-                docs.contains(g.payload),
-                "docs/protocol.md lacks the {t} payload"
+            let row = docs
+                .lines()
+                .find(|l| l.split('|').nth(2).map(str::trim) == Some(&format!("`{name}`")));
+            let row = row.unwrap_or_else(|| panic!("no row of {t} in the messages table"));
+            // The hex of the row's last cell, where `cd`×32 is 32 bytes 0xcd.
+            let last = row.trim_end_matches('|').rsplit('|').next().unwrap_or("");
+            let parts: Vec<&str> = last.split('`').collect();
+            let mut cells = String::new();
+            for (i, code) in parts.iter().enumerate().skip(1).step_by(2) {
+                let times = parts.get(i + 1).and_then(|after| {
+                    let n: String = after
+                        .strip_prefix('×')?
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    n.parse::<usize>().ok()
+                });
+                for w in code.split_whitespace() {
+                    if w.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        cells.push_str(&w.repeat(times.unwrap_or(1)));
+                    }
+                }
+            }
+            assert_eq!(
+                cells, g.payload,
+                "the row of {name} shows another payload: {row}"
             );
         }
     }
@@ -2273,6 +2313,31 @@ pub(crate) mod tests {
             Message::decode(MessageType::Error, &[0, 0, 0, 0]),
             Err(Error::Malformed("unknown error code"))
         ));
+    }
+
+    /// The page's table of error codes lists each code, number and name,
+    /// in order, and no other.
+    #[test]
+    fn docs_list_every_error_code() {
+        let docs = include_str!("../../docs/protocol.md");
+        let listed: Vec<(u16, String)> = docs
+            .split("## Error codes")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("the section")
+            .lines()
+            .filter_map(|l| {
+                let mut cells = l.split('|').skip(1).map(str::trim);
+                let code = cells.next()?.parse().ok()?;
+                let name = cells.next()?.trim_matches('`').to_string();
+                Some((code, name))
+            })
+            .collect();
+        let codes: Vec<(u16, String)> = ErrorCode::ALL
+            .iter()
+            .map(|c| (*c as u16, c.name().to_string()))
+            .collect();
+        assert_eq!(listed, codes);
     }
 
     /// A code added by a later version is a refusal this build can read:

@@ -30,8 +30,9 @@
 //! fixes the connection's role (over mutual TLS, an empty key and the
 //! client certificate a credential holds); each request is checked against the role;
 //! a frame that does not decode is answered with an `Error` of its code and
-//! the connection is closed; a connection idle for `idle_timeout` (the
-//! handshake included) is closed, and so is one whose answers cannot be
+//! the connection is closed; a connection idle for `idle_timeout` (from
+//! its last request or answer; its PROXY header, TLS handshake and `Hello`
+//! have `handshake_timeout`) is closed, and so is one whose answers cannot be
 //! written for as long because its client does not read them
 //! ([`ConnectionError::Unread`]): it would otherwise hold its slot, and
 //! its requests in flight, for ever. Nothing a client sends makes the
@@ -90,7 +91,8 @@ pub struct ServeConfig {
     /// read until one finishes (default 64). A request of many fields
     /// counts as more than one ([`FIELDS_PER_REQUEST`]).
     pub max_in_flight: usize,
-    /// A connection that sends nothing for this long is closed (default
+    /// A connection that sends nothing for this long, counted from its
+    /// last request or answer, is closed (default
     /// 30 s), and so is one whose answers cannot be written for this long
     /// because its client does not read them.
     pub idle_timeout: Duration,
