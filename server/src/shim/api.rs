@@ -1141,7 +1141,8 @@ pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
             (status, axum::Json(body)).into_response()
         }
         // A vault that answered and refused the shim (its gateway key
-        // revoked, say) is not out of reach: an operator looks elsewhere.
+        // revoked, say), or whose head failed the shim's check, is not out
+        // of reach: an operator looks elsewhere.
         Err(e) => {
             let vault = if e.status == StatusCode::SERVICE_UNAVAILABLE {
                 "unreachable"
@@ -1410,9 +1411,11 @@ mod tests {
         assert!(omitted > 0);
     }
 
-    /// Each refusal of the vault has the status `http.md` gives it, and
-    /// a code with none of its own (a newer vault's included) is a 502
-    /// that keeps the vault's code and words.
+    /// Each refusal of the vault has the status `http.md` gives it (or,
+    /// for `subject_shredded` and `wrong_partner`, which no route of the
+    /// shim meets, the one it would take), and a code with none of its
+    /// own (a newer vault's included) is a 502 that keeps the vault's code
+    /// and words.
     #[test]
     fn each_vault_refusal_has_its_documented_status() {
         let status = |code: ErrorCode| {
