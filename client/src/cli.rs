@@ -199,38 +199,73 @@ impl ConnectArgs {
     /// to one command). Two of one level are refused: which was meant is
     /// not known.
     fn api_key(&self) -> Result<Zeroizing<String>> {
-        let flags = (self.api_key.clone(), self.api_key_file.clone());
-        let (key, file, names) = match flags {
-            (None, None) => (
-                std::env::var("FINTRUST_API_KEY")
-                    .ok()
-                    .filter(|k| !k.is_empty())
-                    .map(Zeroizing::new),
-                std::env::var_os("FINTRUST_API_KEY_FILE")
-                    .filter(|f| !f.is_empty())
-                    .map(PathBuf::from),
-                "FINTRUST_API_KEY and FINTRUST_API_KEY_FILE are both set",
-            ),
-            (key, file) => (key, file, "--api-key and --api-key-file exclude each other"),
-        };
-        match (key, file) {
-            (Some(key), None) => Ok(key),
-            (None, Some(path)) => {
-                let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| {
-                    ClientError::Config(format!("{}: cannot read the API key: {e}", path.display()))
-                })?);
-                Ok(Zeroizing::new(text.trim().to_string()))
-            }
-            (Some(_), Some(_)) => Err(ClientError::Config(names.into())),
+        match given_api_key(self.api_key.clone(), self.api_key_file.as_deref())? {
+            Some(key) => Ok(key),
             // Over mutual TLS the certificate may stand for the caller.
-            (None, None) if self.client_cert.is_some() => Ok(Zeroizing::new(String::new())),
-            (None, None) => Err(ClientError::Config(
+            None if self.client_cert.is_some() => Ok(Zeroizing::new(String::new())),
+            None => Err(ClientError::Config(
                 "an API key is needed: set FINTRUST_API_KEY or pass --api-key or --api-key-file \
                  (or --client-cert, for a credential the vault binds to that certificate)"
                     .into(),
             )),
         }
     }
+}
+
+/// The API key a tool was given: by `--api-key` (`flag`) or
+/// `--api-key-file` (`file`), or else by `FINTRUST_API_KEY` or
+/// `FINTRUST_API_KEY_FILE` (a variable set in a service's environment does
+/// not stand in the way of a flag given to one command); `None` when by
+/// none. Two of one level are refused: which was meant is not known. A
+/// key file is read whole, at most 64 KiB, without surrounding whitespace.
+pub fn given_api_key(
+    flag: Option<Zeroizing<String>>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<Zeroizing<String>>> {
+    let (key, file, both) = match (flag, file) {
+        (None, None) => (
+            std::env::var("FINTRUST_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+                .map(Zeroizing::new),
+            std::env::var_os("FINTRUST_API_KEY_FILE")
+                .filter(|f| !f.is_empty())
+                .map(PathBuf::from),
+            "FINTRUST_API_KEY and FINTRUST_API_KEY_FILE are both set",
+        ),
+        (key, file) => (
+            key,
+            file.map(std::path::Path::to_path_buf),
+            "--api-key and --api-key-file exclude each other",
+        ),
+    };
+    match (key, file) {
+        (Some(_), Some(_)) => Err(ClientError::Config(both.into())),
+        (Some(key), None) => Ok(Some(key)),
+        (None, Some(path)) => read_key_file(&path).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The key in `path`, read into a wiped buffer: at most 64 KiB (a device
+/// or a wrong file given by mistake is refused, not read whole), UTF-8,
+/// without surrounding whitespace.
+fn read_key_file(path: &std::path::Path) -> Result<Zeroizing<String>> {
+    use std::io::Read;
+    const MAX: u64 = 64 * 1024;
+    let bad = |what: String| ClientError::Config(format!("{}: {what}", path.display()));
+    let file =
+        std::fs::File::open(path).map_err(|e| bad(format!("cannot read the API key: {e}")))?;
+    // Room for all of it at once: a buffer that grows leaves copies.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX as usize + 1));
+    file.take(MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(format!("cannot read the API key: {e}")))?;
+    if bytes.len() as u64 > MAX {
+        return Err(bad(format!("more than {MAX} bytes: not an API key file")));
+    }
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("the API key is not UTF-8".into()))?;
+    Ok(Zeroizing::new(text.trim().to_string()))
 }
 
 /// The `main` of a tool: parses `C` (help and version exit 0, bad flags

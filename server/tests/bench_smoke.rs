@@ -269,6 +269,31 @@ fn protocol_appends_in_batches_to_a_running_vaultd_by_address() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unauthenticated"), "{stderr}");
+    // The key from a file named in the environment; and none at all.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
+    let run = |env: &[(&str, &std::path::Path)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vault-bench"));
+        cmd.args(["append", "--addr", &addr, "--insecure-plaintext"])
+            .args(["--records", "10", "--clients", "1", "--format", "json"])
+            .env_remove("FINTRUST_API_KEY")
+            .env_remove("FINTRUST_API_KEY_FILE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("vault-bench runs")
+    };
+    let out = run(&[("FINTRUST_API_KEY_FILE", &key_file)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--addr needs --api-key"), "{stderr}");
     drop(server);
 }
 

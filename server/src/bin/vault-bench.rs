@@ -130,18 +130,19 @@ impl ServerArgs {
 struct RemoteArgs {
     /// Measure a running vaultd at HOST:PORT instead (a flag only: a
     /// FINTRUST_ADDR in the environment never redirects a benchmark).
-    #[arg(long, value_name = "HOST:PORT", requires = "api_key")]
+    #[arg(long, value_name = "HOST:PORT")]
     addr: Option<String>,
     /// The API key for --addr: a writer's for append; an admin's for
     /// redeem and authorize, which make credentials and a subject of their
     /// own for the run, then revoke and shred them.
-    #[arg(
-        long,
-        value_name = "KEY",
-        env = "FINTRUST_API_KEY",
-        hide_env_values = true
-    )]
-    api_key: Option<String>,
+    /// [env: FINTRUST_API_KEY]
+    #[arg(long, value_name = "KEY", value_parser = client::cli::secret_arg)]
+    api_key: Option<client::Zeroizing<String>>,
+    /// File holding the API key for --addr (surrounding whitespace is
+    /// ignored); either flag wins over both variables. [env:
+    /// FINTRUST_API_KEY_FILE]
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
     /// PEM CA certificate the vaultd at --addr is checked against.
     #[arg(
         long,
@@ -164,7 +165,8 @@ impl RemoteArgs {
         let Some(addr) = self.addr else {
             return Ok(None);
         };
-        let api_key = self.api_key.context("--addr needs --api-key")?;
+        let api_key = client::cli::given_api_key(self.api_key, self.api_key_file.as_deref())?
+            .context("--addr needs --api-key or --api-key-file")?;
         let tls = match (self.cacert, self.insecure_plaintext) {
             (Some(ca), false) => client::Tls::Ca {
                 ca_pem_file: ca,
@@ -179,7 +181,7 @@ impl RemoteArgs {
         Ok(Some(Target::Remote(client::ClientConfig {
             addr,
             tls,
-            api_key: client::Zeroizing::new(api_key),
+            api_key,
             client_name: "vault-bench".into(),
             ..client::ClientConfig::default()
         })))
