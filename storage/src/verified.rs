@@ -25,6 +25,7 @@
 //!
 //! The format is in `docs/storage.md`, section 7, "The verified prefix".
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::crypto::SecretKey;
@@ -91,11 +92,24 @@ pub fn decode(bytes: &[u8], master: &SecretKey, vault_id: &[u8; 16]) -> Option<V
 pub(crate) fn read(dir: &Path, master: &SecretKey, vault_id: &[u8; 16]) -> Option<VerifiedPrefix> {
     // At most one byte more than a record: a file of any size put in the
     // dir costs no more memory than that, and is refused by its length.
-    let read = std::fs::File::open(path(dir)).and_then(|f| {
-        let mut bytes = Vec::with_capacity(LEN + 1);
-        std::io::Read::read_to_end(&mut std::io::Read::take(f, LEN as u64 + 1), &mut bytes)?;
-        Ok(bytes)
-    });
+    // Only a regular file, and not through a link: opening a pipe put in
+    // its place would wait for a writer forever (and the open with it).
+    let read = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path(dir))
+        .and_then(|f| {
+            if f.metadata()?.is_file() {
+                Ok(f)
+            } else {
+                Err(std::io::Error::other("not a regular file"))
+            }
+        })
+        .and_then(|f| {
+            let mut bytes = Vec::with_capacity(LEN + 1);
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, LEN as u64 + 1), &mut bytes)?;
+            Ok(bytes)
+        });
     match read {
         Ok(bytes) => {
             let prefix = decode(&bytes, master, vault_id);
@@ -119,9 +133,26 @@ pub(crate) fn write(
     master: &SecretKey,
     vault_id: &[u8; 16],
 ) -> std::io::Result<()> {
+    use std::io::Write;
     let tmp = dir.join(format!("{FILE}.tmp"));
-    std::fs::write(&tmp, encode(prefix, master, vault_id))?;
-    std::fs::rename(&tmp, path(dir))
+    // A new file, never one a link in the dir points to elsewhere; synced
+    // before it takes the record's name, and the name synced after, so
+    // that a crash leaves the old record, the new one or none.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&encode(prefix, master, vault_id))?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path(dir))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -204,5 +235,36 @@ mod tests {
         longer.resize(8 << 20, 0);
         std::fs::write(dir.path().join(FILE), &longer).expect("write");
         assert_eq!(read(dir.path(), &master, &vault_id), None);
+    }
+
+    /// What someone who can only change the data dir puts there gets the
+    /// open no further than a full verification: a pipe in the record's
+    /// place is not waited on, a link to a good record is not followed,
+    /// and a link at the temporary name is replaced, not written through.
+    #[test]
+    fn no_pipe_is_waited_on_and_no_link_followed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (prefix, master, vault_id) = fixture();
+        let made = std::process::Command::new("mkfifo")
+            .arg(dir.path().join(FILE))
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success(), "mkfifo");
+        assert_eq!(read(dir.path(), &master, &vault_id), None);
+        std::fs::remove_file(dir.path().join(FILE)).expect("remove the pipe");
+
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        write(elsewhere.path(), &prefix, &master, &vault_id).expect("write");
+        std::os::unix::fs::symlink(elsewhere.path().join(FILE), dir.path().join(FILE))
+            .expect("link");
+        assert_eq!(read(dir.path(), &master, &vault_id), None);
+        std::fs::remove_file(dir.path().join(FILE)).expect("remove the link");
+
+        let victim = elsewhere.path().join("victim");
+        std::fs::write(&victim, b"kept").expect("victim");
+        std::os::unix::fs::symlink(&victim, dir.path().join(format!("{FILE}.tmp"))).expect("link");
+        write(dir.path(), &prefix, &master, &vault_id).expect("write");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"kept");
+        assert_eq!(read(dir.path(), &master, &vault_id), Some(prefix));
     }
 }
