@@ -46,7 +46,11 @@ const PURGE_DELAY: ffi::mi_option_t = 15;
 /// The purge delay in force, in milliseconds (-1: never).
 #[allow(unsafe_code)]
 fn purge_delay() -> c_long {
-    // SAFETY: reading an option has no precondition.
+    // SAFETY: reading an option has no precondition. mimalloc's options
+    // are plain words read and written without synchronisation (the
+    // bindings call these functions not thread safe): a read racing a
+    // write gets the old or the new value of an aligned `long`, which at
+    // worst delays a purge.
     unsafe { ffi::mi_option_get(PURGE_DELAY) }
 }
 
@@ -54,7 +58,11 @@ fn purge_delay() -> c_long {
 /// purge, so it takes effect for memory freed from then on.
 #[allow(unsafe_code)]
 fn set_purge_delay(ms: c_long) {
-    // SAFETY: `mi_option_set` only stores the value.
+    // SAFETY: `mi_option_set` only stores the value, a plain word that
+    // the allocator's threads read without synchronisation (formally a
+    // race in C, as the bindings say; every option is initialised as the
+    // process starts, so a thread reads the old or the new delay, and a
+    // stale one at worst delays or hastens one purge).
     unsafe { ffi::mi_option_set(PURGE_DELAY, ms) }
 }
 
@@ -103,9 +111,11 @@ pub const ALLOW_THP_ENV: &str = "MIMALLOC_ALLOW_THP";
 /// Whether transparent huge pages are off for this process.
 #[allow(unsafe_code)]
 pub fn huge_pages_off() -> bool {
+    let zero: libc::c_ulong = 0;
     // SAFETY: PR_GET_THP_DISABLE reads a flag of the calling process and
-    // takes no pointer.
-    unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
+    // takes no pointer; the C library reads the variadic arguments as
+    // `unsigned long`, which they are.
+    unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, zero, zero, zero, zero) == 1 }
 }
 
 /// Turns transparent huge pages off for this process (the kernel's
@@ -115,11 +125,13 @@ pub fn huge_pages_off() -> bool {
 #[allow(unsafe_code)]
 pub fn without_huge_pages() -> bool {
     if std::env::var_os(ALLOW_THP_ENV).is_none() {
+        let (one, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
         // SAFETY: PR_SET_THP_DISABLE sets a flag of the calling process
-        // and takes no pointer. A kernel without it fails the call, and
-        // nothing changes.
+        // and takes no pointer; the variadic arguments are `unsigned long`,
+        // as the C library reads them. A kernel without it fails the call,
+        // and nothing changes.
         unsafe {
-            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+            libc::prctl(libc::PR_SET_THP_DISABLE, one, zero, zero, zero);
         }
     }
     huge_pages_off()
