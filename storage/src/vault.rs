@@ -2273,6 +2273,12 @@ impl Vault {
         };
         let mut c: Credential =
             serde_json::from_slice(&v).map_err(|_| Error::Malformed("credential"))?;
+        // The credential under that id must be the one of this key, not
+        // another that took the id since (the vault refuses that, but a
+        // log written before it did may hold one).
+        if c.key_hash != key_hash {
+            return Ok(None);
+        }
         c.id = id;
         Ok(Some(c))
     }
@@ -2864,9 +2870,9 @@ struct Committer {
     /// token's expiry: a redemption may come with an earlier time than the
     /// one that would have pruned it).
     burned: HashMap<String, u64>,
-    /// Credentials' key hashes (their `h/` keys) this committer changed,
-    /// with the seq of the change and whether a credential holds the key
-    /// after it: like burns, the overlay learns of them only when the
+    /// Credentials' key hashes and ids (their `h/` and `c/` keys) this
+    /// committer changed, with the seq of the change and whether a
+    /// credential holds the key after it: like burns, the overlay learns of them only when the
     /// writer publishes their group. Trimmed of what is published.
     credentials: HashMap<Vec<u8>, (u64, bool)>,
     /// Consents and policies (their `g/` and `p/` keys) this committer
@@ -3529,21 +3535,31 @@ impl Committer {
     fn check_credential_free(&self, g: &Group, payload: &[u8]) -> Result<()> {
         let c: CredentialCreated =
             serde_json::from_slice(payload).map_err(|_| Error::Malformed("credential_created"))?;
-        let key = state::key("h/", &c.key_hash);
-        let held = match changed_in(g, &key) {
-            Some(v) => v.is_some(),
-            None => match self.credentials.get(&key) {
-                Some(&(_, held)) => held,
-                None => self.shared.state_get(&self.store.state, &key)?.is_some(),
-            },
+        let held = |key: &[u8]| -> Result<bool> {
+            Ok(match changed_in(g, key) {
+                Some(v) => v.is_some(),
+                None => match self.credentials.get(key) {
+                    Some(&(_, held)) => held,
+                    None => self.shared.state_get(&self.store.state, key)?.is_some(),
+                },
+            })
         };
-        if !held {
-            return Ok(());
+        if held(&state::key("h/", &c.key_hash))? {
+            return Err(Error::Conflict(match c.client_cert_sha256 {
+                Some(_) => "an active credential already holds this client certificate".into(),
+                None => "an active credential already has this key".into(),
+            }));
         }
-        Err(Error::Conflict(match c.client_cert_sha256 {
-            Some(_) => "an active credential already holds this client certificate".into(),
-            None => "an active credential already has this key".into(),
-        }))
+        // An id is the role and 48 bits of the key's hash: a key made to
+        // share them with a live credential's would take its id, and the
+        // live credential's key would then be looked up as the new one.
+        if held(&state::key(state::CREDENTIAL_PREFIX, &c.id))? {
+            return Err(Error::Conflict(format!(
+                "an active credential already has the id {}",
+                c.id
+            )));
+        }
+        Ok(())
     }
 
     /// Remembers the credentials a request just added to the group
@@ -3552,7 +3568,7 @@ impl Committer {
     fn note_changes(&mut self, changes: &[(Vec<u8>, Option<Vec<u8>>)]) {
         let seq = self.pos.next_seq.saturating_sub(1);
         for (k, v) in changes {
-            if k.starts_with(b"h/") {
+            if k.starts_with(b"h/") || k.starts_with(state::CREDENTIAL_PREFIX.as_bytes()) {
                 self.credentials.insert(k.clone(), (seq, v.is_some()));
             } else if is_terms_key(k) {
                 self.terms.insert(k.clone(), (seq, v.clone()));

@@ -1535,6 +1535,32 @@ async fn two_credentials_for_one_certificate_cannot_both_pass() {
         "{twice:?}"
     );
     assert_eq!(vault.head().map(|h| h.last_seq), head, "nothing written");
+
+    // Another key under a live credential's id (ids carry 48 bits of the
+    // key's hash, which a made key could share): refused, and the live
+    // credential's key still finds it.
+    let with = |key: &str| {
+        let c = serde_json::json!({"id": "writer-same", "role": "writer",
+            "key_hash": key, "name": "w"});
+        Append::event(Kind::CredentialCreated, "", &c)
+    };
+    vault
+        .append(with(&"ab".repeat(32)))
+        .await
+        .expect("the first");
+    let taken = vault.append(with(&"cd".repeat(32))).await;
+    assert!(
+        matches!(taken, Err(storage::Error::Conflict(ref m)) if m.contains("already has the id")),
+        "{taken:?}"
+    );
+    let held = vault
+        .credential_by_key_hash(&"ab".repeat(32))
+        .expect("read");
+    assert_eq!(held.map(|c| c.id), Some("writer-same".to_string()));
+    assert!(vault
+        .credential_by_key_hash(&"cd".repeat(32))
+        .expect("read")
+        .is_none());
 }
 
 #[tokio::test]
