@@ -875,7 +875,10 @@ struct Overlay {
 impl Shared {
     /// A derived-state value: the overlay first, then the tree.
     fn state_get(&self, tree: &sled::Tree, key: &[u8]) -> Result<Option<sled::IVec>> {
-        if let Ok(o) = self.overlay.lock() {
+        {
+            // Never skipped, even after a panic under its lock: it holds
+            // acknowledged revocations and burns the tree has not yet.
+            let o = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
             let newest = o.map.get(key);
             if let Some((_, v)) = newest.or_else(|| o.frozen.as_ref()?.get(key)) {
                 return Ok(v.as_deref().map(sled::IVec::from));
@@ -890,7 +893,8 @@ impl Shared {
     /// tree meanwhile is then found in the tree.
     fn state_scan(&self, tree: &sled::Tree, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
         let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        if let Ok(o) = self.overlay.lock() {
+        {
+            let o = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
             // The frozen mutations, then the newer `map` over them.
             for muts in o.frozen.iter().map(|f| &**f).chain([&o.map]) {
                 for (k, (_, v)) in muts.iter().filter(|(k, _)| k.starts_with(prefix)) {
