@@ -1957,6 +1957,10 @@ impl Vault {
                 "a token needs a partner, a purpose and fields".into(),
             ));
         }
+        // A partner id that no consent or policy could name would let its
+        // tokens pass the redemption's checks of both ("none held").
+        validate_subject(partner_id, true)
+            .map_err(|_| Error::Invalid("the partner id is not a valid id".into()))?;
         let token = random_secret(TOKEN_PREFIX);
         let payload = state::TokenMinted {
             token_hash: api_key_hash(&token),

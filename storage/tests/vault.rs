@@ -516,6 +516,10 @@ async fn bad_input_gets_typed_errors() {
         })
         .await;
     assert!(matches!(r, Err(Error::Invalid(_))));
+    // A token for a partner id no consent or policy could name.
+    let fields = vec![("name".to_string(), "reveal".to_string())];
+    let r = vault.mint("lender one", "a", "kyc", fields, u64::MAX).await;
+    assert!(matches!(r, Err(Error::Invalid(_))), "{:?}", r.map(|_| ()));
     // A partner id too long for the refusal entry that would name it is
     // refused before the committer (whose encoder would have asserted).
     for partner in [String::new(), "p".repeat(60_000)] {
