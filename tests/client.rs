@@ -930,7 +930,18 @@ async fn policies_consents_and_credentials_through_the_gateway_requests() {
     assert_eq!(gw.whois([7; 32]).await.expect("whois"), None);
 
     // Policies and consents: events in the log, then readable state.
-    let policy = serde_json::json!({"partner_id": PARTNER, "policy": {"active": true}});
+    // A policy the shim would not take (a member it does not know) is
+    // refused, whoever sends it.
+    let typo = serde_json::json!({"partner_id": PARTNER,
+        "policy": {"purposes": {}, "allowed_hour": [9, 17]}});
+    let refused = gw.event(5, "", typo.to_string().into_bytes()).await;
+    assert!(
+        matches!(&refused, Err(client::ClientError::Server { code: client::ErrorCode::Invalid, message })
+            if message.contains("allowed_hour")),
+        "{refused:?}"
+    );
+    let policy =
+        serde_json::json!({"partner_id": PARTNER, "policy": {"active": true, "purposes": {}}});
     gw.event(5, "", policy.to_string().into_bytes())
         .await
         .expect("policy");

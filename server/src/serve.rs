@@ -759,6 +759,10 @@ pub async fn run(
 /// requests they had read.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The longest token lifetime a server may be given
+/// (`--max-token-ttl-secs`), in seconds: a day.
+pub const MAX_TOKEN_TTL_SECS: u32 = 86_400;
+
 /// Why a connection closes when the server stops: its last frame, under
 /// request id 0 (the requests read before it were answered).
 fn shutting_down() -> Message {
@@ -2544,7 +2548,7 @@ async fn respond(
             kind,
             subject,
             payload,
-        } => event(vault, caller, kind, subject, &payload).await,
+        } => event(vault, caller, (kind, subject), &payload).await,
         Message::Whois { key_hash } => match vault.credential_by_key_hash(&hex::encode(key_hash)) {
             Ok(Some(c)) => Message::Identity {
                 id: c.id,
@@ -2876,8 +2880,7 @@ fn context(vault: &Vault, key_hash: [u8; 32], subject: &str) -> Message {
 async fn event(
     vault: &Vault,
     caller: &Caller,
-    kind: u8,
-    subject: String,
+    (kind, subject): (u8, String),
     payload: &[u8],
 ) -> Message {
     let Some(kind) = storage::Kind::from_u8(kind) else {
@@ -2888,6 +2891,21 @@ async fn event(
             Ok(o) => o,
             Err(_) => return error(ErrorCode::Invalid, "the payload is not a JSON object"),
         };
+    // A policy is held to the shim's rules, whoever writes it: the vault
+    // reads what it understands of one at redemption, so a member it
+    // would not know (`allowed_hour` for `allowed_hours_utc`) would drop
+    // a condition unseen. Its lifetime is bounded by the largest ceiling
+    // a shim may have, as a separate shim may allow more than this vault.
+    if kind == storage::Kind::PolicyChanged {
+        if let Some(policy) = object.get("policy") {
+            let checked = serde_json::from_value::<crate::shim::Policy>(policy.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.validate(MAX_TOKEN_TTL_SECS));
+            if let Err(e) = checked {
+                return error(ErrorCode::Invalid, &format!("the policy: {e}"));
+            }
+        }
+    }
     object.insert(
         "recorded_by".into(),
         serde_json::Value::String(caller.id.clone()),

@@ -266,7 +266,7 @@ struct LimitArgs {
     /// is cut to it, and the shim grants no more and accepts no policy
     /// whose `max_token_ttl_secs` is over it.
     #[arg(long, env = "FINTRUST_MAX_TOKEN_TTL_SECS", value_name = "SECS", default_value_t = 3600,
-          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(server::serve::MAX_TOKEN_TTL_SECS)))]
     max_token_ttl_secs: u32,
     /// A partner's refusals by `/v1/authorize` that the shim records an
     /// `access_denied` entry each, a minute at most, in bursts of as many.
