@@ -184,6 +184,24 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
         .await
         .expect("a head that extends the first");
     assert_eq!(checked.newest(), Some(&newest));
+    // A head far ahead, signed by another key (one a server could name as
+    // its own): refused, and the tracker keeps what it had, so that true
+    // heads are not taken for rollbacks after it.
+    let other = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let forged = SignedHead::sign(
+        &other,
+        0,
+        newest.last_seq + 1,
+        u64::MAX - 1,
+        [7; 32],
+        [8; 32],
+        newest.timestamp_ms,
+    );
+    let r = client
+        .observe_head(&mut checked, &forged, pinned.as_bytes())
+        .await;
+    assert!(matches!(r, Err(ClientError::BadReceipt(_))), "{r:?}");
+    assert_eq!(checked.newest(), Some(&newest));
     tracker.observe(&newest).expect("the first head");
     // The log that grew holds a head kept earlier, and its own.
     for kept in [first, newest] {

@@ -836,7 +836,11 @@ impl Client {
     }
 
     /// Feeds `head`, read from this vault, to `tracker`, having checked
-    /// that it extends the head kept there: not older
+    /// that it is signed by a key of the vault's chain from `pinned` (one
+    /// `KeyChain` request: a head signed by any other key, one that the
+    /// server itself names included, never reaches the tracker, where a
+    /// forged head far ahead would make every true one look rolled back)
+    /// and that it extends the head kept there: not older
     /// ([`HeadTracker::check_not_rolled_back`](crate::HeadTracker::check_not_rolled_back)),
     /// and, when it is newer, with the kept head's entry still at the kept
     /// head's seq: the proof of that seq (one `Proof` request, checked
@@ -853,6 +857,11 @@ impl Client {
         head: &SignedHead,
         pinned: &[u8; 32],
     ) -> Result<()> {
+        let chain = self.key_chain(pinned).await?;
+        chain.key_for(head)?;
+        if !chain.verify_head(head) {
+            return Err(protocol::receipt::ReceiptError::BadSignature.into());
+        }
         tracker.check_not_rolled_back(head)?;
         if let Some(kept) = tracker
             .newest()
@@ -860,7 +869,7 @@ impl Client {
             .filter(|kept| head.last_seq > kept.last_seq)
         {
             let proof = self.proof(kept.last_seq).await?;
-            self.verify_receipt(&proof, pinned).await?;
+            proof.verify_chain(&chain)?;
             if proof.entry_hash != kept.last_hash {
                 return Err(ClientError::Rollback {
                     kept: kept.last_seq,
