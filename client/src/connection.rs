@@ -574,8 +574,10 @@ where
     let mut frames = FramedRead::with_capacity(&mut stream, MessageCodec::new(), 1024);
     let mut answer = async |id: u32, expected: &'static str| -> Result<Message> {
         let reply = next_answer(&mut frames).await?;
-        // Id 0: an error about the connection itself.
-        if reply.request_id != id && reply.request_id != 0 {
+        // Id 0: an error about the connection itself, and nothing else.
+        let connection_error =
+            reply.request_id == 0 && matches!(reply.message, Message::Error { .. });
+        if reply.request_id != id && !connection_error {
             return Err(ClientError::UnexpectedResponse(expected));
         }
         Ok(reply.message)
@@ -792,7 +794,18 @@ impl Client {
         let n = items.len();
         match self.call(Message::AppendBatch { items }).await? {
             Message::Receipts { receipts } if receipts.len() == n => {
-                receipts.iter().map(|r| Ok(Receipt::decode(r)?)).collect()
+                let receipts = receipts
+                    .iter()
+                    .map(|r| Ok(Receipt::decode(r)?))
+                    .collect::<Result<Vec<_>>>()?;
+                // One entry each, in the batch's order: a receipt repeated
+                // (each copy verifies) would prove one record for several.
+                if receipts.windows(2).any(|w| w[1].seq <= w[0].seq) {
+                    return Err(ClientError::UnexpectedResponse(
+                        "receipts of distinct entries in the batch's order",
+                    ));
+                }
+                Ok(receipts)
             }
             Message::Receipts { .. } => Err(ClientError::UnexpectedResponse(
                 "one receipt per appended record",
@@ -1125,10 +1138,19 @@ impl Client {
             Message::SigningRotated {
                 receipt,
                 endorsement,
-            } => Ok(SigningRotated {
-                receipt: Receipt::decode(&receipt)?,
-                endorsement: KeyEndorsement::decode(&endorsement)?,
-            }),
+            } => {
+                let rotated = SigningRotated {
+                    receipt: Receipt::decode(&receipt)?,
+                    endorsement: KeyEndorsement::decode(&endorsement)?,
+                };
+                // The endorsement is the one of the entry the receipt proves.
+                if rotated.endorsement.seq != rotated.receipt.seq {
+                    return Err(ClientError::UnexpectedResponse(
+                        "an endorsement of the seq its receipt proves",
+                    ));
+                }
+                Ok(rotated)
+            }
             other => Err(refusal(other, "SigningRotated")),
         }
     }
@@ -1218,7 +1240,9 @@ impl Client {
         }
     }
 
-    /// The whole key status, page after page. Admin role.
+    /// The whole key status, page after page, at most [`MAX_LISTED`] keys
+    /// (so that a server that never ends its pages cannot fill the
+    /// memory; [`Client::key_status_page`] reads past it). Admin role.
     pub async fn key_status(&self) -> Result<KeyStatus> {
         let mut all = self.key_status_page(None, 0).await?;
         while all.more {
@@ -1239,6 +1263,11 @@ impl Client {
             }
             all.more = page.more;
             all.keys.extend(page.keys);
+            if all.keys.len() > MAX_LISTED {
+                return Err(ClientError::UnexpectedResponse(
+                    "at most MAX_LISTED keys in all (key_status_page reads further)",
+                ));
+            }
         }
         Ok(all)
     }
@@ -1261,7 +1290,8 @@ impl Client {
         }
     }
 
-    /// Every credential, page after page, in id order. Admin role.
+    /// Every credential, page after page, in id order, at most
+    /// [`MAX_LISTED`]. Admin role.
     pub async fn credentials(&self) -> Result<Vec<CredentialInfo>> {
         let (mut all, mut more) = self.credentials_page(None, 0).await?;
         while more {
@@ -1280,6 +1310,11 @@ impl Client {
             }
             all.extend(page);
             more = next;
+            if all.len() > MAX_LISTED {
+                return Err(ClientError::UnexpectedResponse(
+                    "at most MAX_LISTED credentials in all (credentials_page reads further)",
+                ));
+            }
         }
         Ok(all)
     }
@@ -1482,7 +1517,9 @@ fn hello_frame(config: &ClientConfig) -> Result<Vec<u8>> {
 
 /// The role and server name of a `HelloOk`, or why there is none.
 fn hello_ok(reply: Envelope) -> Result<(String, String)> {
-    if reply.request_id != HELLO_ID && reply.request_id != 0 {
+    // Id 0 is the server's for errors about the connection, and only those.
+    let connection_error = reply.request_id == 0 && matches!(reply.message, Message::Error { .. });
+    if reply.request_id != HELLO_ID && !connection_error {
         return Err(ClientError::UnexpectedResponse("HelloOk"));
     }
     match reply.message {
@@ -1513,6 +1550,12 @@ enum Reply {
 /// make a verifier hold `max` entries of a whole frame each. Eight times
 /// what `vaultd` sends at most by default (its `max_entries_bytes`).
 pub const MAX_ENTRIES_BYTES: usize = 64 * 1024 * 1024;
+
+/// Most keys [`Client::key_status`], and most credentials
+/// [`Client::credentials`], gather page after page: ten million, about a
+/// gigabyte, far past any vault's credentials, and past the subjects of
+/// most (page by page with [`Client::key_status_page`] for more).
+pub const MAX_LISTED: usize = 10_000_000;
 
 /// A caller waiting for its answer.
 struct Pending {
@@ -1763,11 +1806,13 @@ async fn sweep_loop(shared: Arc<Shared>) {
     let mut sweeps = tokio::time::interval(every);
     sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let now = sweeps.tick().await;
+        // Expired against the time now, not the tick's scheduled one,
+        // which lags behind after the runtime stalled.
+        sweeps.tick().await;
         if shared.lock().closed {
             return;
         }
-        shared.expire(now);
+        shared.expire(tokio::time::Instant::now());
     }
 }
 

@@ -74,6 +74,7 @@ pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT, MAX_TIMEOUT};
 pub use connection::{
     AuthorizeContext, Client, Connector, Exchange, Exchanged, HeadInfo, Health, Identity,
     KeyStatus, Redeemed, Redemption, ReindexReport, Rotated, SigningRotated, StateValue, TlsLink,
+    MAX_LISTED,
 };
 pub use error::{ClientError, Result};
 pub use verify::{verify_receipt, HeadTracker};
