@@ -430,7 +430,7 @@ async fn poisoned(dir: &Path) -> std::sync::Arc<storage::Vault> {
 
 fn reopen(dir: &Path) -> server::live::Reopen {
     let dir = dir.to_path_buf();
-    server::live::Reopen::new(move || {
+    server::live::Reopen::new(dir.clone(), move || {
         let unlock = storage::Unlock::passphrase(PASSPHRASE.to_vec());
         Ok(storage::Vault::open(
             &dir,

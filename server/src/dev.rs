@@ -231,7 +231,7 @@ pub async fn run(
 /// Opens the dev vault again after a failed write, as `vaultd dev` does
 /// when it starts on an existing data dir.
 fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
-    crate::live::Reopen::new(move || {
+    crate::live::Reopen::new(data_dir.clone(), move || {
         let unlock = crate::secrets::unlock_from(Some(&passphrase_file), None)?;
         Ok(storage::Vault::open(
             &data_dir,

@@ -20,7 +20,10 @@
 //!    and let go of it; it is closed, which releases the data dir.
 //! 3. The data dir is opened again as at a restart: the secret is read
 //!    again from its file (so a master key rotated meanwhile still opens
-//!    it), and the log's tail is recovered. An open that fails (the disk
+//!    it), and the log's tail is recovered. First the kernel's cached
+//!    pages of sled's files are dropped: after a failed fsync, Linux keeps
+//!    the pages it could not write there, marked clean, and an open that
+//!    read them would take writes the disk lacks for durable. An open that fails (the disk
 //!    is still full, say) is tried again after 1 s, 2 s, … up to 30 s.
 //!
 //! Invariants: nothing acknowledged is lost (the open keeps every
@@ -38,11 +41,32 @@ use tokio_util::sync::CancellationToken;
 
 /// Opens the data dir again, as `vaultd` does at start.
 #[derive(Clone)]
-pub struct Reopen(Arc<dyn Fn() -> crate::Result<Vault> + Send + Sync>);
+pub struct Reopen {
+    dir: std::path::PathBuf,
+    open: Arc<dyn Fn() -> crate::Result<Vault> + Send + Sync>,
+}
 
 impl Reopen {
-    pub fn new(open: impl Fn() -> crate::Result<Vault> + Send + Sync + 'static) -> Self {
-        Reopen(Arc::new(open))
+    /// `open` opens the data dir `dir`.
+    pub fn new(
+        dir: impl Into<std::path::PathBuf>,
+        open: impl Fn() -> crate::Result<Vault> + Send + Sync + 'static,
+    ) -> Self {
+        Reopen {
+            dir: dir.into(),
+            open: Arc::new(open),
+        }
+    }
+
+    /// Opens it, having dropped the kernel's cached pages of sled's files
+    /// ([`storage::forget_cached_pages`]): after a failed fsync, the cache
+    /// may hold writes the disk lacks, which the open must not take for
+    /// durable.
+    fn attempt(&self) -> crate::Result<Vault> {
+        if let Err(e) = storage::forget_cached_pages(&self.dir) {
+            tracing::warn!(error = %e, "could not drop the cached pages of the vault's files");
+        }
+        (self.open)()
     }
 }
 
@@ -201,7 +225,7 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
         }
         loop {
             let attempt = reopen.clone();
-            match tokio::task::spawn_blocking(move || (attempt.0)()).await {
+            match tokio::task::spawn_blocking(move || attempt.attempt()).await {
                 Ok(Ok(vault)) => {
                     tracing::info!(
                         entries = vault.durable_len(),

@@ -71,7 +71,7 @@ pub use crypto::{KdfParams, Unlock};
 pub use entry::{Hash, Kind};
 pub use error::{Error, Reason, Result, TokenRefusal};
 pub use stats::PipelineStats;
-pub use store::RawStore;
+pub use store::{forget_cached_pages, RawStore};
 pub use vault::{
     api_key_hash, certificate_key_hash, generate_api_key, Admin, Append, Created, Credential,
     CredentialInfo, KeyLife, KeyStatus, KeyUse, Options, Record, Rotated, StoredEntry,

@@ -96,7 +96,7 @@ pub(crate) fn read(dir: &Path, master: &SecretKey, vault_id: &[u8; 16]) -> Optio
     // its place would wait for a writer forever (and the open with it).
     let read = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
         .open(path(dir))
         .and_then(|f| {
             if f.metadata()?.is_file() {
@@ -145,7 +145,7 @@ pub(crate) fn write(
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(&encode(prefix, master, vault_id))?;

@@ -538,6 +538,29 @@ async fn bad_input_gets_typed_errors() {
     );
 }
 
+/// The cached pages of a closed vault's files can be dropped (as `vaultd`
+/// does before it opens a vault again after a failed fsync): the next open
+/// reads the files from the disk and finds everything.
+#[tokio::test]
+async fn a_vault_opens_whole_after_its_cached_pages_are_dropped() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    let r = vault
+        .append(Append::record("a", b"{\"n\":\"1\"}".to_vec()))
+        .await
+        .expect("append");
+    vault.close().expect("close");
+    storage::forget_cached_pages(&dir).expect("dropped");
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
+    assert_eq!(
+        vault.latest_record("a").expect("read").map(|rec| rec.seq),
+        Some(r.seq)
+    );
+    vault.close().expect("close");
+    assert!(storage::forget_cached_pages(&tmp.path().join("none")).is_err());
+}
+
 /// A connection keeps the revocation count it last checked its
 /// credential at: a vault opened again must not start where the one before
 /// stood, or a count of revocations it missed could match.

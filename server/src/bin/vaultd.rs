@@ -514,7 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             drop(unlock);
             // After a failed write or fsync: the same open, the secret read again.
-            let reopen = server::live::Reopen::new(move || {
+            let reopen = server::live::Reopen::new(vault.data_dir.clone(), move || {
                 let unlock = vault.unlock()?;
                 Ok(storage::Vault::open(&vault.data_dir, &unlock, options())?)
             });
