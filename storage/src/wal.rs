@@ -303,7 +303,12 @@ pub struct Segment {
 /// A record whose CRC holds but whose body does not decode is an error
 /// (`Malformed`): that is not a torn write.
 pub fn read_segment(bytes: &[u8]) -> Result<Segment> {
-    if bytes.len() < HEADER_LEN {
+    // Shorter than a header, or a header of zeros: a segment whose first
+    // sync a power loss cut off, after its name and size reached the disk
+    // but before its header did (a file system that updates the size
+    // first reads the rest back as zeros). No record was written before
+    // that sync, so it holds none.
+    if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN] == [0; HEADER_LEN] {
         return Ok(Segment {
             groups: Vec::new(),
             torn: true,
@@ -913,6 +918,15 @@ mod tests {
             assert!(seg.torn, "flip at {i}");
         }
         assert!(read_segment(b"FTVW")?.torn);
+        // A new segment whose header a power loss kept from the disk
+        // (its size and zeros did reach it): empty, not damaged. A header
+        // of anything else stays damage.
+        let unsynced = vec![0u8; HEADER_LEN + 4096];
+        let seg = read_segment(&unsynced)?;
+        assert!(seg.groups.is_empty() && seg.torn);
+        let mut garbled = unsynced.clone();
+        garbled[0] = 1;
+        assert!(read_segment(&garbled).is_err());
         Ok(())
     }
 
