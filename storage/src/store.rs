@@ -403,6 +403,10 @@ impl Store {
         self.log.sync()?;
         self.db.flush()?;
         self.data_syncs.sync(&self.data_file)?;
+        // sled renames its snapshot into place without syncing the dir:
+        // before segments are deleted on the strength of this sync, the
+        // names in it are made durable too.
+        sync_dir(&db_dir(&self.dir))?;
         release_garbage();
         Ok(())
     }
