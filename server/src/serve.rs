@@ -1980,6 +1980,15 @@ async fn redeem_request(
                 return recovering();
             }
         };
+        // Revoked during the wait: no token of it is spent, as none is
+        // of a revoked partner's connection (the check at its read).
+        if !caller.still_live(&current) {
+            count_redemption(ErrorCode::Unauthenticated.name());
+            return error(
+                ErrorCode::Unauthenticated,
+                "this connection's credential was revoked",
+            );
+        }
     }
     let started = std::time::Instant::now();
     let reply = redeem(&current, token, &caller.name, (conn.peer, conn.proxy)).await;

@@ -853,6 +853,53 @@ async fn a_peer_that_keeps_guessing_tokens_is_slowed_down() {
     assert_eq!(hashes.len(), 6, "one hash per guess");
 }
 
+/// A partner revoked while its redemption waits its turn (the throttle of
+/// a peer that kept guessing) gets `unauthenticated`, and the token stays
+/// unspent: revocation stops a partner's redemptions at once.
+#[tokio::test]
+async fn a_partner_revoked_while_its_redemption_waits_spends_no_token() {
+    let s = start(ServeConfig::default()).await;
+    seed(&s, "cust-7").await;
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    let guess = |i: u32| format!("fvt_{:064x}", i);
+    // Eight refusals: the next redemption waits 400 ms.
+    for i in 0..8 {
+        let reply = redeem(&s, &s.partner, &guess(i)).await;
+        assert_eq!(code(&reply), Some(ErrorCode::TokenUnknown), "{reply:?}");
+    }
+    let id = s
+        .vault
+        .credential_by_key_hash(&storage::api_key_hash(&s.partner))
+        .expect("read")
+        .expect("the partner's credential")
+        .id;
+    let (mut p, _) = connect(&s, &s.partner).await;
+    p.send(
+        Message::Redeem {
+            token: token.clone(),
+        }
+        .to_frame(7, 0)
+        .expect("frame"),
+    )
+    .await
+    .expect("send");
+    s.vault.revoke_credential(&id).await.expect("revoked");
+    let reply = recv(&mut p).await.expect("an answer");
+    assert_eq!(
+        code(&reply.1),
+        Some(ErrorCode::Unauthenticated),
+        "{reply:?}"
+    );
+    // The token is still there for the partner's new credential.
+    let (_, key) = s
+        .vault
+        .create_credential("partner", "demo-lender")
+        .await
+        .expect("a new key");
+    let reply = redeem(&s, &key, &token).await;
+    assert!(matches!(reply, Message::Data { .. }), "{reply:?}");
+}
+
 #[tokio::test]
 async fn a_token_reveals_one_masked_segment_once() {
     let s = start(ServeConfig::default()).await;
