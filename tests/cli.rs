@@ -1313,6 +1313,7 @@ fn serve_takes_its_commit_group_bounds_from_the_command_line() {
     // refused.
     for (flag, value) in [
         ("--max-group-entries", "0"),
+        ("--max-group-entries", "131073"),
         ("--max-group-kib", "0"),
         ("--trusted-proxy", "proxy.internal"),
         ("--trusted-proxy", "10.0.0.0/33"),

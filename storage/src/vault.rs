@@ -97,14 +97,27 @@ use crate::store::{Flusher, Store, FORMAT};
 use crate::verify::ChainTip;
 use crate::wal::{self, TreeId, Wal};
 
+/// Most items of one request ([`Vault::append_batch`]), and the largest
+/// `Options::max_group_entries`: 2^17 each. An item makes at most three
+/// entries (a record of a new subject or of a key at its encryption limit
+/// adds a key entry, a re-encrypting rotation two), and a group takes
+/// requests while it holds fewer items than its bound, so a group holds
+/// fewer than 3 × 2^18 entries: under the 2^20 a verification takes
+/// (`verify::MAX_GROUP_ENTRIES`), which a vault must never write past.
+pub const MAX_REQUEST_ITEMS: usize = 1 << 17;
+/// See [`MAX_REQUEST_ITEMS`].
+pub const MAX_GROUP_ITEMS: usize = 1 << 17;
+const _: () = assert!(3 * (MAX_GROUP_ITEMS + MAX_REQUEST_ITEMS) < crate::verify::MAX_GROUP_ENTRIES);
+
 /// Options of [`Vault::create`] and [`Vault::open`], with documented defaults.
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Argon2id parameters for a new passphrase-sealed master key
     /// (default: the floor, m = 19 MiB, t = 2, p = 1).
     pub kdf: KdfParams,
-    /// Most entries in one commit group (default 1024). A request is never
-    /// split, so a group may hold more when one request alone does.
+    /// Most entries in one commit group (default 1024; at most
+    /// [`MAX_GROUP_ITEMS`]). A request is never split, so a group may hold
+    /// more when one request alone does.
     pub max_group_entries: usize,
     /// The committer closes a group once its requests carry this many
     /// bytes of records and event payloads (default 1 MiB).
@@ -1255,9 +1268,7 @@ impl Vault {
             max_encryptions: opts.max_encryptions_per_key.max(1),
             key_cache: opts.key_cache.max(1),
             max_group: GroupBound {
-                entries: opts
-                    .max_group_entries
-                    .clamp(1, crate::verify::MAX_GROUP_ENTRIES),
+                entries: opts.max_group_entries.clamp(1, MAX_GROUP_ITEMS),
                 bytes: opts.max_group_bytes.max(1),
             },
             nonces: crypto::NonceSource::default(),
@@ -1448,6 +1459,12 @@ impl Vault {
     pub async fn append_batch(&self, items: Vec<Append>) -> Result<Vec<Receipt>> {
         if items.is_empty() {
             return Ok(Vec::new());
+        }
+        if items.len() > MAX_REQUEST_ITEMS {
+            return Err(Error::Invalid(format!(
+                "a batch of {} items: at most {MAX_REQUEST_ITEMS} in one request",
+                items.len()
+            )));
         }
         for i in &items {
             i.validate()?;

@@ -387,8 +387,8 @@ fn read_range(log: &LogTree, range: &Range) -> Result<TaskRead> {
     Ok(read)
 }
 
-/// Most entries of one commit group (the writer's ceiling on
-/// `max_group_entries`): what [`ChainCheck`] holds the hashes of at most.
+/// Most entries of one commit group: what [`ChainCheck`] holds the hashes
+/// of at most. The writer stays well under it (`vault::MAX_GROUP_ITEMS`).
 pub const MAX_GROUP_ENTRIES: usize = 1 << 20;
 
 /// The in-order checks of a log, fed one entry and one head at a time:

@@ -472,6 +472,14 @@ async fn append_each_answers_every_item_on_its_own_in_order() {
 async fn bad_input_gets_typed_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let vault = new_vault(&tmp.path().join("v"));
+    // A batch of more items than one request may hold: refused whole.
+    let many = (0..=storage::vault::MAX_REQUEST_ITEMS)
+        .map(|_| Append::record("a", b"x".to_vec()))
+        .collect();
+    assert!(matches!(
+        vault.append_batch(many).await,
+        Err(Error::Invalid(_))
+    ));
     let too_big = vec![0u8; storage::entry::MAX_PAYLOAD_LEN];
     assert!(matches!(
         vault.append(Append::record("a", too_big)).await,

@@ -126,14 +126,14 @@ enum Command {
               default_value_t = storage::wal::SEGMENT_BYTES >> 10,
               value_parser = clap::value_parser!(u64).range(4..=1 << 30))]
         wal_segment_kib: u64,
-        /// Most entries in one commit group; a request is never split
-        /// (docs/storage.md, section 4). Larger groups write the log to
+        /// Most entries in one commit group (1 to 131,072); a request is
+        /// never split (docs/storage.md, section 4). Larger groups write the log to
         /// the storage engine in larger pieces, which takes less disk for
         /// bulk loads, but under heavy load the stages of a commit overlap
         /// less (docs/benchmarks.md, "Commit groups bounded").
         #[arg(long, env = "FINTRUST_MAX_GROUP_ENTRIES", value_name = "N",
               default_value_t = storage::Options::default().max_group_entries,
-              value_parser = clap::value_parser!(u64).range(1..=1 << 20)
+              value_parser = clap::value_parser!(u64).range(1..=storage::vault::MAX_GROUP_ITEMS as u64)
                   .map(|n| n as usize))]
         max_group_entries: usize,
         /// A commit group closes once its requests carry this many KiB of
