@@ -334,6 +334,14 @@ impl Append {
                             kind.name()
                         )))
                     }
+                    // A burn only `Vault::redeem` makes: the committer's
+                    // own record of burns would miss one made here, and a
+                    // redemption in the next group could spend it again.
+                    Kind::TokenRedeemed => {
+                        return Err(Error::Invalid(
+                            "token_redeemed entries are written by Vault::redeem".into(),
+                        ))
+                    }
                     _ => {}
                 }
                 let probe = EntryRef {
@@ -3959,14 +3967,17 @@ impl Committer {
                         self.burned.retain(|_, seq| *seq > published);
                     }
                 }
-                self.burned
-                    .insert(token_hash.to_string(), self.pos.next_seq);
+                let seq = self.pos.next_seq;
                 let payload = serde_json::to_vec(&state::TokenRedeemed {
                     token_hash: token_hash.to_string(),
                     partner_id: partner_id.to_string(),
                 })
                 .map_err(|e| Error::Invalid(e.to_string()))?;
-                self.push(g, Kind::TokenRedeemed, &subject, 0, [0; 12], &payload)
+                let i = self.push(g, Kind::TokenRedeemed, &subject, 0, [0; 12], &payload)?;
+                // Once its entry is in the group (a request rolled back
+                // leaves no burn behind).
+                self.burned.insert(token_hash.to_string(), seq);
+                Ok(i)
             }
             Some(r) => {
                 let mut payload = serde_json::json!({

@@ -501,6 +501,7 @@ async fn bad_input_gets_typed_errors() {
         Kind::Record,
         Kind::SubjectKey,
         Kind::SubjectShredded,
+        Kind::TokenRedeemed,
     ] {
         let r = vault
             .append(Append::event(kind, "a", &serde_json::json!({})))
