@@ -651,6 +651,9 @@ pub async fn run(
     let inherited = nodelay_inherited(&listener);
     tokio::pin!(shutdown);
     let stopping = CancellationToken::new();
+    // Fired when the shutdown's grace is over: a connection still going
+    // then is dropped where it stands.
+    let cut_off = CancellationToken::new();
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (socket, peer) = tokio::select! {
@@ -678,6 +681,7 @@ pub async fn run(
         // first runs.
         let arrived = tokio::time::Instant::now();
         let stopping = stopping.clone();
+        let cut_off = cut_off.clone();
         connections.spawn(async move {
             let mut conn = Conn {
                 vault,
@@ -717,6 +721,7 @@ pub async fn run(
                     crate::metrics::turned_away("protocol", "evicted");
                     Err(ConnectionError::Evicted)
                 }
+                () = cut_off.cancelled() => Err(ConnectionError::CutOff),
             };
             admission.leave(ticket);
             match result {
@@ -751,6 +756,11 @@ pub async fn run(
             "connections still answering {} s after the stop are dropped",
             SHUTDOWN_GRACE.as_secs()
         );
+        // Dropped at their next await: what they hold of the vault goes
+        // with them, so that it is closed (and synced) behind them. A task
+        // stuck in a blocking call keeps its hold until that returns.
+        cut_off.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     }
     Ok(())
 }
@@ -1082,6 +1092,8 @@ pub enum ConnectionError {
     Tls(String),
     #[error("closed during its handshake to admit a newer connection")]
     Evicted,
+    #[error("still answering when the shutdown's grace ran out")]
+    CutOff,
     #[error("answers left unread for the idle timeout")]
     Unread,
     #[error("no connection slot came free for it")]
@@ -2051,6 +2063,7 @@ fn wire_code(e: &ConnectionError) -> Option<ErrorCode> {
         | ConnectionError::Unread
         | ConnectionError::Tls(_)
         | ConnectionError::Evicted
+        | ConnectionError::CutOff
         | ConnectionError::ProxyHeader(_) => None,
         ConnectionError::Busy => Some(ErrorCode::Unavailable),
     }

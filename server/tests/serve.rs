@@ -1776,6 +1776,35 @@ async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() 
     }
 }
 
+/// A client that leaves its answers unread when the server stops is cut
+/// off once the shutdown's grace is over: `run` returns, and nothing of
+/// its connection holds the vault any more, which can then be closed.
+#[tokio::test]
+async fn a_stop_cuts_off_a_client_still_unread_after_the_grace() {
+    let mut s = start(ServeConfig {
+        // Its unread answers would not close it before the grace ends.
+        idle_timeout: Duration::from_secs(120),
+        ..ServeConfig::default()
+    })
+    .await;
+    let flood = flood_unread(&s, &s.writer).await;
+    // Until its answers fill the sockets' buffers, so that the answers
+    // to what the server read before the stop cannot all be written.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::timeout(Duration::from_secs(60), s.shut_down())
+        .await
+        .expect("run returned");
+    assert_eq!(
+        Arc::strong_count(&s.vault),
+        1,
+        "a connection still holds the vault"
+    );
+    tokio::time::timeout(Duration::from_secs(60), flood)
+        .await
+        .expect("the flooding client finds its connection closed")
+        .expect("flood task");
+}
+
 /// A field the token names whose value is not text (a record written
 /// through the storage library, not over the protocol) is not masked as
 /// its JSON text: the redemption is refused `internal` and nothing is
