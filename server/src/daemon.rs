@@ -69,6 +69,43 @@ pub struct Bound {
 /// vault. `ready` is called once everything listens; when it fails (it
 /// could not hand out the addresses and keys, say), the daemon stops as
 /// cleanly and returns its error.
+/// Raises the process's soft limit of open files to its hard limit (a
+/// server's connections each take one or two, and the default soft limit
+/// is often 1,024), and returns the soft limit now in force (`None`: no
+/// limit).
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "could not raise the open-files limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// Warns when `limit` open files cannot hold the connections both ports
+/// may: each takes up to two (a TLS connection's socket is duplicated
+/// for its writer), served or in its handshake.
+fn check_open_files(limit: Option<u64>, serve: &ServeConfig, shim: Option<&ShimConfig>) {
+    let per_port = |served: usize, handshakes: usize| 2 * (served as u64 + handshakes as u64);
+    let needed = per_port(serve.max_connections, serve.max_handshakes)
+        + shim.map_or(0, |s| per_port(s.max_connections, s.max_handshakes))
+        + 256;
+    if let Some(limit) = limit.filter(|l| *l < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-files limit is below what the connection limits may take: \
+             raise it (ulimit -n, LimitNOFILE=) or lower --max-connections"
+        );
+    }
+}
+
 pub async fn run(
     vault: Vault,
     d: Daemon,
@@ -88,6 +125,11 @@ pub async fn run(
             .transpose()
             .map_err(io)?,
     };
+    check_open_files(
+        raise_open_files_limit(),
+        &d.serve,
+        d.http.as_ref().map(|_| &d.shim),
+    );
     for warning in d.serve.rotation.check(&vault)? {
         tracing::warn!("rotation policy: {warning}");
     }

@@ -661,9 +661,7 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, go on.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&e, &admission).await;
                     continue;
                 }
             },
@@ -763,6 +761,18 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     }
     Ok(())
+}
+
+/// After an accept that failed: out of file descriptors, the oldest
+/// connection still in its handshake is closed to make room (so that
+/// connections that never authenticate cannot keep every client out);
+/// then a short pause before the next accept.
+pub(crate) async fn accept_failed(e: &std::io::Error, admission: &Admission) {
+    // EMFILE, ENFILE: the process's or the system's descriptors are used up.
+    let out_of_fds = matches!(e.raw_os_error(), Some(24 | 23));
+    let evicted = out_of_fds && admission.evict_oldest();
+    tracing::warn!(error = %e, evicted, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// How long a stopping server waits for its connections to answer the
@@ -962,6 +972,24 @@ impl Admission {
             self.in_handshake.inc();
         }
         (ticket, token)
+    }
+
+    /// Closes the oldest connection in its handshake, if there is one: for
+    /// an accept that failed for want of file descriptors, which would
+    /// otherwise leave every new client in the kernel's backlog while
+    /// connections that never authenticate hold them.
+    pub fn evict_oldest(&self) -> bool {
+        let Ok(mut h) = self.handshaking.lock() else {
+            return false;
+        };
+        match h.pop_first() {
+            Some((_, oldest)) => {
+                oldest.cancel();
+                self.in_handshake.dec();
+                true
+            }
+            None => false,
+        }
     }
 
     /// The connection authenticated: its slot, held until the connection
@@ -3898,6 +3926,30 @@ mod tests {
         assert!(is_http_request(b"GET / HTTP/1.1\r\n"));
         assert!(!is_http_request(b"GET"));
         assert!(!is_http_request(b"FV\x01\x01"));
+    }
+
+    /// An accept that fails for want of file descriptors closes the
+    /// oldest connection still in its handshake, and only such a one.
+    #[tokio::test]
+    async fn out_of_descriptors_the_oldest_handshake_makes_room() {
+        let a = Admission::new(1, 4, "test-descriptors");
+        let emfile = std::io::Error::from_raw_os_error(24);
+        accept_failed(&emfile, &a).await;
+        let (t0, oldest) = a.arrive();
+        let (_, newer) = a.arrive();
+        let _slot = a
+            .admitted(t0, tokio::time::Instant::now())
+            .await
+            .expect("a free slot");
+        // The oldest holds its slot now: no longer evictable.
+        let (_, newest) = a.arrive();
+        accept_failed(&std::io::Error::other("another"), &a).await;
+        assert!(!newer.is_cancelled(), "not for another error");
+        accept_failed(&emfile, &a).await;
+        assert!(!oldest.is_cancelled() && newer.is_cancelled() && !newest.is_cancelled());
+        accept_failed(&emfile, &a).await;
+        assert!(newest.is_cancelled());
+        assert!(!a.evict_oldest(), "none left");
     }
 
     /// `fintrust_connections` follows each connection: in its handshake

@@ -643,7 +643,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("listening on {http_listen}"))?;
                 let bound = listener.local_addr()?;
                 let shutdown = server::daemon::signal_then_hurry();
-                tracing::info!(http = %bound, vault = %shim.config.vault_addr, "shim ready");
+                let open_files = server::daemon::raise_open_files_limit();
+                tracing::info!(http = %bound, vault = %shim.config.vault_addr, ?open_files, "shim ready");
                 server::shim::serve(listener, shim, http_tls, shutdown).await?;
                 anyhow::Ok(())
             })?;
