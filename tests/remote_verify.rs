@@ -92,6 +92,18 @@ async fn an_intact_live_server_verifies() {
             .starts_with(&format!("OK: {expected} entries verified")),
         "{r:?}"
     );
+
+    // Right after the first signing rotation, whose group key 0 signs: the
+    // log's chain holds an endorsement that the served chain must too.
+    s.vault.rotate_signing_key().await.expect("signing rotation");
+    let r = verify(
+        &addr,
+        &["--public-key", &key, "--format", "json"],
+        &[("FINTRUST_API_KEY", &s.auditor)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["ok"], true, "{r:?}");
 }
 
 /// A server that holds at most a few KiB of entries per answer

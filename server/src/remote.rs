@@ -187,18 +187,15 @@ async fn run(
         return Ok(Err((0, Reason::BadGenesis("empty log".into()))));
     };
     // The server's key chain, checked from the pinned key; the walk
-    // rebuilds it from the log and must find the same endorsements.
-    // A head under key 0 needs no more than the pinned key here.
-    let served_chain = if head.key_id == 0 {
-        KeyChain::new(*key)
-    } else {
-        match client.key_chain(key.as_bytes()).await {
-            Ok(c) => c,
-            Err(ClientError::BadKeyChain(e)) => {
-                return Ok(Err((0, Reason::KeyMismatch(e.to_string()))))
-            }
-            Err(e) => return Err(e.into()),
+    // rebuilds it from the log and must find the same endorsements. Asked
+    // for whatever key signed the head: the group of the first rotation
+    // is signed by key 0 and holds an endorsement all the same.
+    let served_chain = match client.key_chain(key.as_bytes()).await {
+        Ok(c) => c,
+        Err(ClientError::BadKeyChain(e)) => {
+            return Ok(Err((0, Reason::KeyMismatch(e.to_string()))))
         }
+        Err(e) => return Err(e.into()),
     };
     if !served_chain.verify_head(&head) {
         return Ok(Err((head.last_seq, Reason::BadSignature)));
