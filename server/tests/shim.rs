@@ -460,10 +460,11 @@ async fn under_a_low_ceiling_a_policy_without_a_lifetime_gets_the_ceiling() {
     r.stop().await;
 }
 
-/// A partner's denials are recorded an entry each up to
+/// A partner's denials by its policy are recorded an entry each up to
 /// `recorded_denials_per_minute`; past it they are answered 429
 /// `rate_limited` without their reason and write nothing, and their count
-/// is recorded in one entry (here when the shim stops).
+/// is recorded in one entry (here when the shim stops). Denials about the
+/// subject are recorded past it all the same.
 #[tokio::test]
 async fn denials_past_the_recorded_rate_are_counted_not_recorded_one_by_one() {
     const RECORDED: u32 = 3;
@@ -497,6 +498,20 @@ async fn denials_past_the_recorded_rate_are_counted_not_recorded_one_by_one() {
         before + u64::from(RECORDED),
         "only the first {RECORDED} denials were recorded one by one"
     );
+    // A denial about the subject (its consent) is recorded whatever the
+    // budget: a partner cannot spend it on its policy's refusals first and
+    // then probe consents without a trace under the subject.
+    let body = json!({"subject_id": "cust-no-consent", "purpose": "credit_check"}).to_string();
+    let got = call(
+        r.http,
+        "POST",
+        "/v1/authorize",
+        Some(&r.partner),
+        Some(&body),
+    )
+    .await;
+    assert_error(&got, 403, "consent_missing");
+    assert_eq!(entries(&r).await, before + u64::from(RECORDED) + 1);
     let dir = r.stop_keeping_dir().await;
     let vault = Vault::open(
         &dir.path().join("v"),

@@ -523,7 +523,10 @@ async fn deny(
     denial: Denial,
 ) -> Result<axum::Json<AuthorizeResponse>, ApiError> {
     let per_minute = shim.config.recorded_denials_per_minute;
-    if !shim.denials.admit(partner, per_minute, now_ms()) {
+    // A denial about the subject is recorded whatever the budget says: a
+    // partner that spent it on refusals of its policy would otherwise probe
+    // consents with no trace under the subject (`/v1/logs?subject=`).
+    if !denial.about_the_subject() && !shim.denials.admit(partner, per_minute, now_ms()) {
         shim.decided("denied", "unrecorded");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -194,6 +194,21 @@ impl Denial {
         }
     }
 
+    /// Whether the denial is decided about the subject (its consent, its
+    /// erasure): such a denial tells the partner something of the
+    /// subject, so it is always recorded an entry of its own, naming the
+    /// subject, never only counted ([`DenialBudget`]). It comes after the
+    /// partner's rate limit, which bounds how many the partner can make.
+    pub fn about_the_subject(self) -> bool {
+        matches!(
+            self,
+            Denial::ConsentMissing
+                | Denial::ConsentRevoked
+                | Denial::ConsentExpired
+                | Denial::SubjectShredded
+        )
+    }
+
     /// A human message for the partner.
     pub fn message(self) -> &'static str {
         match self {
@@ -340,11 +355,13 @@ impl Unrecorded {
     }
 }
 
-/// How many of a partner's denials are recorded one entry each: at most
-/// `per_minute` a minute, in bursts of as many. So a partner's key, a
-/// stolen one included, cannot grow the log faster than that by asking
-/// for what it is refused; the denials past it are counted per partner
-/// and recorded as one count a minute ([`DenialBudget::take_unrecorded`]).
+/// How many of a partner's denials by its policy are recorded one entry
+/// each: at most `per_minute` a minute, in bursts of as many. So a
+/// partner's key, a stolen one included, cannot grow the log faster than
+/// that by asking for what its policy refuses; the denials past it are
+/// counted per partner and recorded as one count a minute
+/// ([`DenialBudget::take_unrecorded`]). Denials about the subject
+/// ([`Denial::about_the_subject`]) are not counted against it.
 #[derive(Debug, Default)]
 pub struct DenialBudget {
     recorded: RateLimiter,
