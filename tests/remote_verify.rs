@@ -95,7 +95,10 @@ async fn an_intact_live_server_verifies() {
 
     // Right after the first signing rotation, whose group key 0 signs: the
     // log's chain holds an endorsement that the served chain must too.
-    s.vault.rotate_signing_key().await.expect("signing rotation");
+    s.vault
+        .rotate_signing_key()
+        .await
+        .expect("signing rotation");
     let r = verify(
         &addr,
         &["--public-key", &key, "--format", "json"],
