@@ -337,7 +337,12 @@ impl Shim {
             tracing::warn!(error = %e, op, "vault connection failed");
             let link = self.link.clone();
             tokio::spawn(async move { link.reset(&c).await });
-            written_error(&e)
+            // Reads asked nothing to be written: nothing was done.
+            if matches!(op, "context" | "health") {
+                vault_error(&e)
+            } else {
+                written_error(&e)
+            }
         })
     }
 
