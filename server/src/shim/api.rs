@@ -583,8 +583,9 @@ async fn deny(
 /// entry without a subject, `{"action": "authorize", "partner_id",
 /// "reason": "rate_limited", "unrecorded": <count>, "first", "last"}`.
 /// A count that cannot be written is kept for the next time (and may be
-/// in the log twice if the vault's connection failed as it wrote it).
-pub async fn record_unrecorded_denials(shim: &Shim) {
+/// in the log twice if the vault's connection failed as it wrote it);
+/// when this is the `last` time (the shim stops), it is lost, and logged.
+pub async fn record_unrecorded_denials(shim: &Shim, last: bool) {
     for (partner, u) in shim.denials.take_unrecorded() {
         let entry = json!({
             "action": "authorize",
@@ -604,14 +605,23 @@ pub async fn record_unrecorded_denials(shim: &Shim) {
                 .await
             })
             .await;
-        if let Err(e) = written {
-            tracing::warn!(
+        match written {
+            Err(e) if last => tracing::warn!(
                 partner = %partner,
                 count = u.count,
                 error = %e.message,
-                "the count of denials not recorded one by one could not be recorded; kept for the next try"
-            );
-            shim.denials.restore(partner, u);
+                "the count of denials not recorded one by one could not be recorded as the shim stops: lost"
+            ),
+            Err(e) => {
+                tracing::warn!(
+                    partner = %partner,
+                    count = u.count,
+                    error = %e.message,
+                    "the count of denials not recorded one by one could not be recorded; kept for the next try"
+                );
+                shim.denials.restore(partner, u);
+            }
+            Ok(_) => {}
         }
     }
 }

@@ -228,7 +228,7 @@ pub async fn serve(
                     _ = every.tick() => {}
                     () = stopping.cancelled() => break,
                 }
-                api::record_unrecorded_denials(&shim).await;
+                api::record_unrecorded_denials(&shim, false).await;
             }
         })
     };
@@ -266,7 +266,7 @@ pub async fn serve(
     // Requests in flight finish; idle keep-alive connections close.
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     let _ = counts.await;
-    api::record_unrecorded_denials(&shim).await;
+    api::record_unrecorded_denials(&shim, true).await;
     Ok(())
 }
 
