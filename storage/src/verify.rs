@@ -1989,26 +1989,42 @@ fn compare_between(
     from: &BTreeMap<Vec<u8>, Vec<u8>>,
     to: &BTreeMap<Vec<u8>, Vec<u8>>,
 ) -> Result<Option<String>> {
-    let mut actual = BTreeMap::new();
-    for kv in tree.iter() {
-        let (k, v) = kv?;
-        actual.insert(k.to_vec(), v.to_vec());
-    }
-    let keys: std::collections::BTreeSet<&Vec<u8>> =
-        actual.keys().chain(from.keys()).chain(to.keys()).collect();
-    for k in keys {
-        let found = actual.get(k);
-        if found == from.get(k) || found == to.get(k) {
-            continue;
+    let check = |k: &[u8], found: Option<&[u8]>| -> Option<String> {
+        let (f, t) = (from.get(k).map(Vec::as_slice), to.get(k).map(Vec::as_slice));
+        if found == f || found == t {
+            return None;
         }
         let show = String::from_utf8_lossy(k);
-        return Ok(Some(match found {
+        Some(match found {
             None => format!("missing key {show:?}"),
-            Some(_) if from.get(k).is_none() && to.get(k).is_none() => {
-                format!("unexpected key {show:?}")
-            }
+            Some(_) if f.is_none() && t.is_none() => format!("unexpected key {show:?}"),
             Some(_) => format!("value of {show:?} differs"),
-        }));
+        })
+    };
+    // The tree streamed against the keys either state names, in order:
+    // a tree of any size costs no memory here.
+    let named: std::collections::BTreeSet<&[u8]> = from
+        .keys()
+        .chain(to.keys())
+        .map(Vec::as_slice)
+        .collect();
+    let mut named = named.into_iter().peekable();
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        while let Some(e) = named.next_if(|e| *e < &*k) {
+            if let Some(m) = check(e, None) {
+                return Ok(Some(m));
+            }
+        }
+        named.next_if(|e| *e == &*k);
+        if let Some(m) = check(&k, Some(&v)) {
+            return Ok(Some(m));
+        }
+    }
+    for e in named {
+        if let Some(m) = check(e, None) {
+            return Ok(Some(m));
+        }
     }
     Ok(None)
 }
@@ -2042,11 +2058,21 @@ pub(crate) fn diff_tree(
     expected: impl Iterator<Item = (Vec<u8>, Vec<u8>)>,
     stop_after: u64,
 ) -> Result<Diff> {
-    let actual: Vec<(Vec<u8>, Vec<u8>)> = tree
-        .iter()
-        .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(diff_iters(actual.into_iter(), expected, stop_after))
+    // Streamed, not gathered first: a tree of any size (one a forged data
+    // dir filled) costs no more memory than the differences described.
+    let mut failed = None;
+    let actual = tree.iter().map_while(|kv| match kv {
+        Ok((k, v)) => Some((k.to_vec(), v.to_vec())),
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    });
+    let diff = diff_iters(actual, expected, stop_after);
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(diff),
+    }
 }
 
 /// Most difference descriptions a [`Diff`] keeps.
