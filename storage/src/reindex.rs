@@ -179,8 +179,15 @@ pub fn reindex(dir: &Path, unlock: &Unlock, opts: &ReindexOptions) -> Result<Rei
     })?
     .map_err(Error::from)?
     .tip;
-    let model = sorted(&model);
     let last = tip.entries.checked_sub(1);
+    // A marker past the log's end is the one sign that whole groups were
+    // cut off its end (their receipts given): verify calls it `truncated`,
+    // and a repair, which sets the marker to the end, would erase it.
+    let past_the_end = |marker: Option<u64>| marker.is_some_and(|m| last.is_none_or(|l| m > l));
+    if past_the_end(store.applied()?) || past_the_end(store.indexing()?) {
+        return Err(Error::integrity(last.unwrap_or(0), Reason::Truncated));
+    }
+    let model = sorted(&model);
     let diff = diff_tree(&store.state, expected(&model, last), u64::MAX)?;
     let mut report = ReindexReport::from_diff(tip.entries, diff);
     if opts.repair && report.differences > 0 {

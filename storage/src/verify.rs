@@ -2003,11 +2003,8 @@ fn compare_between(
     };
     // The tree streamed against the keys either state names, in order:
     // a tree of any size costs no memory here.
-    let named: std::collections::BTreeSet<&[u8]> = from
-        .keys()
-        .chain(to.keys())
-        .map(Vec::as_slice)
-        .collect();
+    let named: std::collections::BTreeSet<&[u8]> =
+        from.keys().chain(to.keys()).map(Vec::as_slice).collect();
     let mut named = named.into_iter().peekable();
     for kv in tree.iter() {
         let (k, v) = kv?;

@@ -186,7 +186,7 @@ fn reindex_finds_a_state_tree_altered_by_hand_and_repairs_it_offline() {
     vault.close().expect("close");
     wait_unlocked(&dir);
 
-    // A wrong secret is refused before anything is read.
+    // A wrong secret is refused before the state is read.
     assert!(matches!(
         reindex(&dir, &Unlock::passphrase(b"wrong".to_vec()), &opts),
         Err(Error::WrongSecret)
@@ -268,6 +268,57 @@ fn reindex_finds_a_state_tree_altered_by_hand_and_repairs_it_offline() {
     let vault = Vault::open(&dir, &passphrase(), Options::default()).expect("opens again");
     assert_eq!(vault.check_derived_state().expect("check").differences, 0);
     vault.close().expect("close");
+    wait_unlocked(&dir);
+
+    // The log's last group cut off: the applied marker past its end is the
+    // one sign of it, which a repair must not erase.
+    {
+        let raw = RawStore::open(&dir).expect("raw");
+        let last = raw
+            .log
+            .index
+            .iter()
+            .keys()
+            .last()
+            .expect("a chunk")
+            .expect("read");
+        raw.log.remove(last).expect("cut");
+        raw.flush().expect("flush");
+    }
+    for repair in [false, true] {
+        let r = reindex(
+            &dir,
+            &passphrase(),
+            &ReindexOptions {
+                repair,
+                public_key: Some(key),
+            },
+        );
+        assert!(
+            matches!(
+                r,
+                Err(Error::Integrity {
+                    reason: Reason::Truncated,
+                    ..
+                })
+            ),
+            "repair {repair}: {r:?}"
+        );
+    }
+    wait_unlocked(&dir);
+    let report = verify(
+        &dir,
+        &VerifyOptions {
+            public_key: Some(key),
+            ..Default::default()
+        },
+    )
+    .expect("verify");
+    assert!(
+        matches!(report.failure, Some((_, Reason::Truncated))),
+        "{:?}",
+        report.failure
+    );
 }
 
 /// The records of an export file: (offset, tag, body range).
