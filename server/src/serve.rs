@@ -2873,7 +2873,37 @@ fn list_credentials(vault: &Vault, after_id: &str, max: u16) -> Message {
 /// stored state, on a blocking thread (it reads the whole log); changes
 /// nothing.
 async fn reindex(vault: Arc<Vault>) -> Message {
-    match tokio::task::spawn_blocking(move || vault.check_derived_state()).await {
+    // One at a time per vault: each replays the whole log and holds the
+    // whole derived state, and runs on after its client gave up.
+    static RUNNING: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+    struct Running(usize);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let mut running = RUNNING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            running.retain(|v| *v != self.0);
+        }
+    }
+    let this = Arc::as_ptr(&vault) as usize;
+    let running = {
+        let mut running = RUNNING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if running.contains(&this) {
+            return error(
+                ErrorCode::Unavailable,
+                "a reindex of this vault is running already; retry once it is done",
+            );
+        }
+        running.push(this);
+        Running(this)
+    };
+    let checked = tokio::task::spawn_blocking(move || {
+        let _running = running;
+        vault.check_derived_state()
+    });
+    match checked.await {
         Ok(Ok(r)) => Message::ReindexReport {
             entries: r.entries,
             keys_compared: r.keys_compared,
