@@ -230,7 +230,13 @@ impl Store {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
         }
-        let lock = File::open(db_dir(dir).join("db"))?;
+        // A regular file only: opening a pipe put in its place would wait
+        // for a writer forever.
+        let db_file = db_dir(dir).join("db");
+        if !std::fs::symlink_metadata(&db_file)?.is_file() {
+            return Err(Error::Malformed("DIR/db/db is not a regular file"));
+        }
+        let lock = File::open(db_file)?;
         // As `open_sled` does, a moment for a vault closed just before.
         let mut waited = 0;
         loop {
