@@ -105,6 +105,11 @@ use crate::wal::{self, TreeId, Wal};
 /// fewer than 3 × 2^18 entries: under the 2^20 a verification takes
 /// (`verify::MAX_GROUP_ENTRIES`), which a vault must never write past.
 pub const MAX_REQUEST_ITEMS: usize = 1 << 17;
+
+/// Most bytes a master rotation writes again in its one write-ahead
+/// record (whose limit is 4 GiB): 3.5 GiB, about nine million subject
+/// keys of 36-character subject ids.
+pub const MAX_ROTATION_RECORD_BYTES: u64 = 7 << 29;
 /// See [`MAX_REQUEST_ITEMS`].
 pub const MAX_GROUP_ITEMS: usize = 1 << 17;
 const _: () = assert!(3 * (MAX_GROUP_ITEMS + MAX_REQUEST_ITEMS) < crate::verify::MAX_GROUP_ENTRIES);
@@ -3744,6 +3749,25 @@ impl Committer {
                 )
             })?;
             staged.push((name.to_vec(), crypto::wrap(&master, &aad, key.as_bytes())));
+        }
+        // The whole rotation is one commit group, one write-ahead record
+        // of at most 4 GiB, holding each key three times (staged, swapped
+        // in, its staged name removed) and its name and hash in a rewrap
+        // entry: a key store past that is refused here, before anything
+        // is written, rather than failing the record and poisoning the
+        // vault.
+        let record_bytes: u64 = staged
+            .iter()
+            .map(|(n, w)| 3 * (n.len() + w.len()) as u64 + 2 * n.len() as u64 + 96)
+            .sum();
+        if record_bytes > MAX_ROTATION_RECORD_BYTES {
+            return Err(Error::Invalid(format!(
+                "the key store holds {} keys, about {} MiB to write again in one rotation: \
+                 more than the {} MiB a master rotation writes at most",
+                staged.len(),
+                record_bytes >> 20,
+                MAX_ROTATION_RECORD_BYTES >> 20
+            )));
         }
         let mut mask_key_hash = None;
         if !has_mask {
