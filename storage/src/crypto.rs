@@ -197,7 +197,7 @@ impl Unlock {
 
     /// A key file's content: exactly 32 raw bytes, or 64 hex digits.
     ///
-    /// 32 bytes of printable text (or ending in a newline) are refused: a
+    /// 32 bytes of printable text (with or without a line end) are refused: a
     /// key file is used as the key, without argon2id, so a phrase of 32
     /// characters given as one would be a weak key; 32 random bytes are
     /// all printable with a chance of about 10^-14. A passphrase goes in a
@@ -206,8 +206,11 @@ impl Unlock {
         let text = std::str::from_utf8(content).map(str::trim).unwrap_or("");
         // Wiped on every path, a hex decode that failed midway included.
         let mut key = Zeroizing::new([0u8; 32]);
-        let looks_like_text = content.iter().all(|b| b.is_ascii_graphic() || *b == b' ')
-            || matches!(content.last(), Some(b'\n' | b'\r'));
+        // Printable, but for the line end a text file's last line has: 32
+        // random bytes are that with a chance of about 10^-14.
+        let line = content.strip_suffix(b"\n").unwrap_or(content);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let looks_like_text = line.iter().all(|b| b.is_ascii_graphic() || *b == b' ');
         if content.len() == 32 && !looks_like_text {
             key.copy_from_slice(content);
         } else if text.len() == 64 && hex::decode_to_slice(text, key.as_mut()).is_ok() {
@@ -554,11 +557,17 @@ mod tests {
         for text in [
             &b"correct horse battery staple 123"[..],
             b"correct horse battery staple 1\r\n",
+            b"correct horse battery staple 12\n",
         ] {
             assert_eq!(text.len(), 32);
             let e = Unlock::key_file(text).expect_err("text");
             assert!(e.to_string().contains("passphrase file"), "{e}");
         }
+        // Random bytes that happen to end in a line end are a key (one file
+        // in 128 would otherwise be refused).
+        let mut random = [0x80u8; 32];
+        random[31] = b'\n';
+        assert!(Unlock::key_file(&random).is_ok());
         let mut bad = hex::encode([3u8; 32]);
         bad.replace_range(63.., "g");
         assert!(Unlock::key_file(bad.as_bytes()).is_err());
