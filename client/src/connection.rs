@@ -1564,8 +1564,8 @@ struct Pending {
     stream: Option<Vec<Vec<u8>>>,
     /// Most entries the stream may carry (what was asked for).
     max: usize,
-    /// Bytes of the entries collected so far (at most
-    /// [`MAX_ENTRIES_BYTES`]).
+    /// Memory the entries collected so far hold, their `Vec`s counted (at
+    /// most [`MAX_ENTRIES_BYTES`]).
     held: usize,
     /// When the connection's sweeper task fails it with
     /// [`ClientError::Timeout`].
@@ -1684,9 +1684,11 @@ impl Shared {
         };
         let outcome = match (&mut pending.stream, envelope.message) {
             (Some(entries), Message::EntryBatch { entries: batch }) => {
-                pending.held = batch
-                    .iter()
-                    .fold(pending.held, |n, e| n.saturating_add(e.len()));
+                // Each entry as it is held: its bytes and its `Vec`, so
+                // that empty entries count too.
+                pending.held = batch.iter().fold(pending.held, |n, e| {
+                    n.saturating_add(e.len() + std::mem::size_of::<Vec<u8>>())
+                });
                 entries.extend(batch);
                 if entries.len() > pending.max {
                     Some(Err(ClientError::UnexpectedResponse(
