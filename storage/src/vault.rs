@@ -106,6 +106,18 @@ use crate::wal::{self, TreeId, Wal};
 /// (`verify::MAX_GROUP_ENTRIES`), which a vault must never write past.
 pub const MAX_REQUEST_ITEMS: usize = 1 << 17;
 
+/// Checks the items of one request: at most [`MAX_REQUEST_ITEMS`], each
+/// valid ([`Append::validate`]).
+fn validate_request(items: &[Append]) -> Result<()> {
+    if items.len() > MAX_REQUEST_ITEMS {
+        return Err(Error::Invalid(format!(
+            "a batch of {} items: at most {MAX_REQUEST_ITEMS} in one request",
+            items.len()
+        )));
+    }
+    items.iter().try_for_each(Append::validate)
+}
+
 /// Most bytes a master rotation writes again in its one write-ahead
 /// record (whose limit is 4 GiB): 3.5 GiB, about nine million subject
 /// keys of 36-character subject ids.
@@ -1473,15 +1485,7 @@ impl Vault {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        if items.len() > MAX_REQUEST_ITEMS {
-            return Err(Error::Invalid(format!(
-                "a batch of {} items: at most {MAX_REQUEST_ITEMS} in one request",
-                items.len()
-            )));
-        }
-        for i in &items {
-            i.validate()?;
-        }
+        validate_request(&items)?;
         self.request(items).await
     }
 
@@ -1567,9 +1571,7 @@ impl Vault {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        for i in &items {
-            i.validate()?;
-        }
+        validate_request(&items)?;
         self.submit_raw(items)
     }
 

@@ -473,11 +473,17 @@ async fn bad_input_gets_typed_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let vault = new_vault(&tmp.path().join("v"));
     // A batch of more items than one request may hold: refused whole.
-    let many = (0..=storage::vault::MAX_REQUEST_ITEMS)
-        .map(|_| Append::record("a", b"x".to_vec()))
-        .collect();
+    let many = || {
+        (0..=storage::vault::MAX_REQUEST_ITEMS)
+            .map(|_| Append::record("a", b"x".to_vec()))
+            .collect::<Vec<_>>()
+    };
     assert!(matches!(
-        vault.append_batch(many).await,
+        vault.append_batch(many()).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        vault.append_batch_blocking(many()),
         Err(Error::Invalid(_))
     ));
     let too_big = vec![0u8; storage::entry::MAX_PAYLOAD_LEN];
