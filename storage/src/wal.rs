@@ -303,12 +303,12 @@ pub struct Segment {
 /// A record whose CRC holds but whose body does not decode is an error
 /// (`Malformed`): that is not a torn write.
 pub fn read_segment(bytes: &[u8]) -> Result<Segment> {
-    // Shorter than a header, or a header of zeros: a segment whose first
-    // sync a power loss cut off, after its name and size reached the disk
-    // but before its header did (a file system that updates the size
-    // first reads the rest back as zeros). No record was written before
-    // that sync, so it holds none.
-    if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN] == [0; HEADER_LEN] {
+    // Shorter than a header, or zeros only: a segment whose first sync a
+    // power loss cut off, after its name and size reached the disk but
+    // before its content did (a file system that updates the size first
+    // reads the rest back as zeros). No record was written before that
+    // sync, so it holds none. A zeroed header before records is damage.
+    if bytes.len() < HEADER_LEN || bytes.iter().all(|&b| b == 0) {
         return Ok(Segment {
             groups: Vec::new(),
             torn: true,
@@ -927,6 +927,10 @@ mod tests {
         let mut garbled = unsynced.clone();
         garbled[0] = 1;
         assert!(read_segment(&garbled).is_err());
+        // Records behind a zeroed header: damage, not an empty segment.
+        let mut zeroed = segment(std::slice::from_ref(&rec));
+        zeroed[..HEADER_LEN].fill(0);
+        assert!(read_segment(&zeroed).is_err());
         Ok(())
     }
 
