@@ -234,7 +234,10 @@ impl Store {
         // for a writer forever.
         let db_file = db_dir(dir).join("db");
         if !std::fs::symlink_metadata(&db_file)?.is_file() {
-            return Err(Error::Malformed("DIR/db/db is not a regular file"));
+            return Err(Error::Invalid(format!(
+                "{} is not a regular file or a directory, which a data dir holds only",
+                db_file.display()
+            )));
         }
         let lock = File::open(db_file)?;
         // As `open_sled` does, a moment for a vault closed just before.
@@ -635,7 +638,6 @@ pub(crate) fn release_garbage() {
     crossbeam_epoch::pin().flush();
 }
 
-/// fsyncs a directory so that the files created in it survive power loss.
 /// Drops the pages of the data dir's sled files that the kernel caches
 /// clean, so that the next open reads them from the disk.
 ///
@@ -656,8 +658,11 @@ pub fn forget_cached_pages(dir: &Path) -> Result<()> {
                 walk(&entry.path())?;
             } else if kind.is_file() {
                 let file = File::open(entry.path())?;
+                // Linux's behaviour, and its call; elsewhere nothing.
+                #[cfg(target_os = "linux")]
                 rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)
                     .map_err(std::io::Error::from)?;
+                drop(file);
             }
         }
         Ok(())
@@ -665,6 +670,7 @@ pub fn forget_cached_pages(dir: &Path) -> Result<()> {
     walk(&db_dir(dir))
 }
 
+/// fsyncs a directory so that the files created in it survive power loss.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())
