@@ -220,6 +220,7 @@ fn unavailable<T: std::fmt::Debug>(r: &client::Result<T>) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_loses_nothing_and_recovers() {
+    let _alone = ALONE.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().to_path_buf();
     std::fs::write(root.join("passphrase"), PASSPHRASE).expect("passphrase");
@@ -450,12 +451,17 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     panic!("never {what}");
 }
 
+/// The tests of this binary one at a time: the failpoint one arms is the
+/// process's, and the other's vault commits in this process too.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One test, as the failpoint registry is the process's: first a
 /// recovery that a held request delays, then a stop in the middle of one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_vault_is_opened_again_once_idle_or_left_to_the_shutdown() {
     use server::live::{watch, LiveVault, Status};
     use tokio_util::sync::CancellationToken;
+    let _alone = ALONE.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
 
     // Recovery: out of service while a request holds it, then open again.
