@@ -1242,34 +1242,77 @@ impl Client {
 
     /// The whole key status, page after page, at most [`MAX_LISTED`] keys
     /// (so that a server that never ends its pages cannot fill the
-    /// memory; [`Client::key_status_page`] reads past it). Admin role.
+    /// memory; [`Client::for_each_key`] reads past it). Admin role.
     pub async fn key_status(&self) -> Result<KeyStatus> {
-        let mut all = self.key_status_page(None, 0).await?;
-        while all.more {
-            let Some(last) = all.keys.last() else {
-                return Err(ClientError::UnexpectedResponse(
-                    "keys in a page that says more follow",
-                ));
-            };
-            let cursor = (last.subject.clone(), last.version);
-            let page = self.key_status_page(Some(cursor.clone()), 0).await?;
-            // Each page must hold keys after the last one's, in order, or
-            // paging might never end.
-            let keys = page.keys.iter().map(|k| (k.subject.as_str(), k.version));
-            if !ascending_after((cursor.0.as_str(), cursor.1), keys) {
-                return Err(ClientError::UnexpectedResponse(
-                    "a page of keys in order after the previous one",
-                ));
-            }
-            all.more = page.more;
-            all.keys.extend(page.keys);
-            if all.keys.len() > MAX_LISTED {
-                return Err(ClientError::UnexpectedResponse(
-                    "at most MAX_LISTED keys in all (key_status_page reads further)",
-                ));
-            }
+        let mut keys = Vec::new();
+        let mut over = false;
+        let mut status = self
+            .for_each_key(None, |k| {
+                over = keys.len() >= MAX_LISTED;
+                keys.push(k);
+                !over
+            })
+            .await?;
+        if over {
+            return Err(ClientError::UnexpectedResponse(
+                "at most MAX_LISTED keys in all (for_each_key reads further)",
+            ));
         }
-        Ok(all)
+        status.keys = keys;
+        Ok(status)
+    }
+
+    /// The key status, its keys handed to `each` one at a time, page after
+    /// page, from the first after `after` (subject, version) on, until
+    /// `each` returns false or the keys end: it holds one page at a time,
+    /// so a vault of any number of keys can be read through. Returns the
+    /// status of the first page, without its keys (`more` false once the
+    /// keys ended). Admin role.
+    pub async fn for_each_key(
+        &self,
+        after: Option<(String, u32)>,
+        mut each: impl FnMut(SubjectKey) -> bool,
+    ) -> Result<KeyStatus> {
+        let mut page = self.key_status_page(after.clone(), 0).await?;
+        let mut status = KeyStatus {
+            keys: Vec::new(),
+            ..page.clone()
+        };
+        let mut cursor = after;
+        loop {
+            // Each page must hold keys after the cursor, in order, or paging
+            // might never end.
+            if let Some((subject, version)) = &cursor {
+                let keys = page.keys.iter().map(|k| (k.subject.as_str(), k.version));
+                if !ascending_after((subject.as_str(), *version), keys) {
+                    return Err(ClientError::UnexpectedResponse(
+                        "a page of keys in order after the previous one",
+                    ));
+                }
+            }
+            let more = page.more;
+            let Some(last) = page.keys.last().map(|k| (k.subject.clone(), k.version)) else {
+                if more {
+                    return Err(ClientError::UnexpectedResponse(
+                        "keys in a page that says more follow",
+                    ));
+                }
+                status.more = false;
+                return Ok(status);
+            };
+            for k in page.keys {
+                if !each(k) {
+                    status.more = true;
+                    return Ok(status);
+                }
+            }
+            if !more {
+                status.more = false;
+                return Ok(status);
+            }
+            cursor = Some(last);
+            page = self.key_status_page(cursor.clone(), 0).await?;
+        }
     }
 
     /// One page of credentials: at most `max` (0: the server's maximum)

@@ -557,13 +557,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run: true,
         } => {
             let key = client.head().await?.public_key;
-            let keys: Vec<_> = client
-                .key_status()
-                .await?
-                .keys
-                .into_iter()
-                .filter(|k| &k.subject == subject)
-                .collect();
+            // The subject's keys only, from its first version on.
+            let mut keys = Vec::new();
+            client
+                .for_each_key(Some((subject.clone(), 0)), |k| {
+                    let this = &k.subject == subject;
+                    if this {
+                        keys.push(k);
+                    }
+                    this
+                })
+                .await?;
             let list: Vec<Value> = keys
                 .iter()
                 .map(|k| {
@@ -699,14 +703,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status => {
             let head = client.head().await?;
-            let keys = client.key_status().await?;
-            let count = |l: KeyLife| keys.keys.iter().filter(|k| k.life == l).count();
-            let oldest_active = keys
-                .keys
-                .iter()
-                .filter(|k| k.life == KeyLife::Active)
-                .map(|k| k.created_ms)
-                .min();
+            // Counted page by page: a vault of any number of keys.
+            let (mut active, mut retired, mut shredded) = (0usize, 0usize, 0usize);
+            let mut active_created: Vec<u64> = Vec::new();
+            let keys = client
+                .for_each_key(None, |k| {
+                    match k.life {
+                        KeyLife::Active => {
+                            active += 1;
+                            active_created.push(k.created_ms);
+                        }
+                        KeyLife::Retired => retired += 1,
+                        KeyLife::Shredded => shredded += 1,
+                    }
+                    true
+                })
+                .await?;
+            let count = |l: KeyLife| match l {
+                KeyLife::Active => active,
+                KeyLife::Retired => retired,
+                KeyLife::Shredded => shredded,
+            };
+            let oldest_active = active_created.iter().copied().min();
             let signed = head.signed_head.as_ref();
             let mut text = format!(
                 "public_key: {}\nentries: {}",
@@ -744,10 +762,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let warnings = policy.overdue(
                 now,
                 (keys.signing_key_id, keys.signing_created_ms),
-                keys.keys
-                    .iter()
-                    .filter(|k| k.life == KeyLife::Active)
-                    .map(|k| k.created_ms),
+                active_created.iter().copied(),
             );
             for w in &warnings {
                 eprintln!("warning: {w}");
@@ -1052,7 +1067,6 @@ fn new_secret(
     }
 }
 
-/// Whether `addr` (host:port) names this machine.
 /// Checks a receipt with the pinned key, or else the key the server
 /// reports (an admin may read the head).
 async fn check(client: &Client, receipt: &Receipt, pinned: Option<[u8; 32]>) -> anyhow::Result<()> {
