@@ -65,10 +65,6 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
 }
 
-/// Serves until `shutdown` resolves, then stops cleanly and closes the
-/// vault. `ready` is called once everything listens; when it fails (it
-/// could not hand out the addresses and keys, say), the daemon stops as
-/// cleanly and returns its error.
 /// Raises the process's soft limit of open files to its hard limit (a
 /// server's connections each take one or two, and the default soft limit
 /// is often 1,024), and returns the soft limit now in force (`None`: no
@@ -106,6 +102,10 @@ fn check_open_files(limit: Option<u64>, serve: &ServeConfig, shim: Option<&ShimC
     }
 }
 
+/// Serves until `shutdown` resolves, then stops cleanly and closes the
+/// vault. `ready` is called once everything listens; when it fails (it
+/// could not hand out the addresses and keys, say), the daemon stops as
+/// cleanly and returns its error.
 pub async fn run(
     vault: Vault,
     d: Daemon,
