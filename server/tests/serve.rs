@@ -883,6 +883,8 @@ async fn a_partner_revoked_while_its_redemption_waits_spends_no_token() {
     )
     .await
     .expect("send");
+    // Read by now, and waiting out its 400 ms.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     s.vault.revoke_credential(&id).await.expect("revoked");
     let reply = recv(&mut p).await.expect("an answer");
     assert_eq!(
