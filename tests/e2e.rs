@@ -691,6 +691,21 @@ fn the_shim_runs_as_its_own_process_in_front_of_a_remote_vault() {
         "name must be redacted: {record}"
     );
 
+    // A made-up key is refused (401) after a look-up over the shim's own
+    // connection, without a connection of its own to the vault.
+    let made_up = format!("fvk_{}", "0".repeat(64));
+    let (status, refused) = call(
+        "GET",
+        &format!("{base}/v1/logs?kind=policy_changed"),
+        Some(&made_up),
+        None,
+    );
+    assert_eq!(
+        (status, &refused["error"]),
+        (401, &json!("unauthenticated")),
+        "{refused}"
+    );
+
     // The policy change was recorded through the gateway key.
     let (_, logs) = call(
         "GET",

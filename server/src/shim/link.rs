@@ -116,6 +116,11 @@ impl VaultLink {
         }
     }
 
+    /// Whether the vault is this process's (direct calls, no connection).
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
     /// A connection authenticated with the caller's own key.
     pub async fn as_caller(&self, api_key: &str) -> Result<Client, ClientError> {
         let config = ClientConfig {
