@@ -89,8 +89,8 @@ pub struct ShimConfig {
     /// connection's TLS handshake and first request's headers share it,
     /// from its arrival.
     pub header_timeout: Duration,
-    /// Time allowed for a whole request, body included (default 15 s),
-    /// and for a client to take its response: a response whose writing
+    /// Time allowed for a request from its headers on, body and handling
+    /// included (default 15 s), and for a client to take its response: a response whose writing
     /// moves no byte for this long closes the connection.
     pub request_timeout: Duration,
     /// Connections served at once (default 1024). A connection takes its
