@@ -414,7 +414,12 @@ impl KeyChain {
         if !e.verify(self.current()) {
             return Err(ChainError::BadSignature { key_id: e.key_id });
         }
-        VerifyingKey::from_bytes(&e.public_key).map_err(|_| ChainError::BadKey { key_id: e.key_id })
+        // A weak (small-order) key would make every head it signs fail
+        // `verify_strict`: refused as no key.
+        VerifyingKey::from_bytes(&e.public_key)
+            .ok()
+            .filter(|k| !k.is_weak())
+            .ok_or(ChainError::BadKey { key_id: e.key_id })
     }
 
     /// The key of `key_id`, if the chain reaches it.
@@ -483,6 +488,11 @@ pub struct Receipt {
     pub head: SignedHead,
 }
 
+/// Most entries of one commit group: the vault closes a group well before
+/// (`storage::vault::MAX_GROUP_ITEMS`), and a verification refuses a
+/// larger one; so does a receipt's check.
+pub const MAX_GROUP_ENTRIES: u64 = 1 << 20;
+
 /// Why a receipt does not check out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ReceiptError {
@@ -525,6 +535,12 @@ impl Receipt {
         let size = (h.last_seq - h.group_first_seq)
             .checked_add(1)
             .ok_or(ReceiptError::BadPath)?;
+        // No group is larger (a verification refuses one): a head over more
+        // seqs is not one the vault signed, and one a leaked retired key
+        // signs could otherwise cover any seq after its rotation.
+        if size > MAX_GROUP_ENTRIES {
+            return Err(ReceiptError::BadPath);
+        }
         let root = root_from_path(
             &self.entry_hash,
             self.seq - h.group_first_seq,
@@ -638,6 +654,42 @@ mod tests {
         let mut e = KeyEndorsement::sign(&SigningKey::from_bytes(&[3; 32]), 1, &weak, 7);
         e.signature = trivial;
         assert!(!e.verify(&weak));
+        // Endorsed by a true key, a weak key is no key of the chain: every
+        // head it signed would fail anyway.
+        let k0 = SigningKey::from_bytes(&[3; 32]);
+        let endorsed = KeyEndorsement::sign(&k0, 1, &weak, 7);
+        assert!(matches!(
+            KeyChain::from_endorsements(k0.verifying_key(), &[endorsed]),
+            Err(ChainError::BadKey { key_id: 1 })
+        ));
+    }
+
+    /// A head over more seqs than any group holds proves nothing, though
+    /// its path leads to its signed root: a leaked retired key could
+    /// otherwise sign one group reaching any seq after its rotation.
+    #[test]
+    fn a_head_over_more_than_a_group_proves_nothing() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let entry = [4u8; 32];
+        let receipt = |size: u64| {
+            let depth = 64 - (size - 1).leading_zeros();
+            let path: Vec<Hash> = (0..depth).map(|i| [i as u8; 32]).collect();
+            let root = root_from_path(&entry, 0, size, &path).expect("a path of that size");
+            Receipt {
+                seq: 0,
+                entry_hash: entry,
+                path,
+                head: SignedHead::sign(&key, 0, 0, size - 1, [9; 32], root, 1),
+            }
+        };
+        assert_eq!(
+            receipt(MAX_GROUP_ENTRIES).verify(&key.verifying_key()),
+            Ok(())
+        );
+        assert_eq!(
+            receipt(MAX_GROUP_ENTRIES + 1).verify(&key.verifying_key()),
+            Err(ReceiptError::BadPath)
+        );
     }
 
     /// Key 0 signs up to the group holding the entry that rotates it

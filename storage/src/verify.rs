@@ -389,7 +389,7 @@ fn read_range(log: &LogTree, range: &Range) -> Result<TaskRead> {
 
 /// Most entries of one commit group: what [`ChainCheck`] holds the hashes
 /// of at most. The writer stays well under it (`vault::MAX_GROUP_ITEMS`).
-pub const MAX_GROUP_ENTRIES: usize = 1 << 20;
+pub const MAX_GROUP_ENTRIES: usize = protocol::receipt::MAX_GROUP_ENTRIES as usize;
 
 /// The in-order checks of a log, fed one entry and one head at a time:
 /// contiguous seqs from 0, hash links, a head's fields against the group
