@@ -91,7 +91,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-use crate::entry::Reader;
+use crate::chunk::Chunk;
+use crate::entry::{entry_hash, EntryRef, Hash, Reader};
 use crate::error::{Error, Reason, Result};
 use crate::store::{sync_dir, Store};
 
@@ -426,6 +427,12 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
         Some((g, i)) => finish_held(store, g).map_err(damaged(&found[i])),
         None => Ok(()),
     };
+    // Where the log ends (its next seq and its last entry's hash), once a
+    // group the log lacks is met: each such group must begin there, or it
+    // is not this log's next (another vault's segment, one of an earlier
+    // time): applied, its key batches would change this vault's keys
+    // before its secret or its chain is checked.
+    let mut end: Option<(u64, Hash)> = None;
     for (i, segment) in found.iter().enumerate() {
         let damaged = damaged(segment);
         // The writer makes regular files only: a link, a pipe or a device
@@ -459,6 +466,11 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
                 continue;
             }
             finish(&mut held)?;
+            let at = match end {
+                Some(at) => at,
+                None => log_end(store).map_err(&damaged)?,
+            };
+            end = Some(follows(&g, at).map_err(&damaged)?);
             for b in g.batches {
                 b.apply(store).map_err(&damaged)?;
             }
@@ -481,6 +493,51 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
         );
     }
     Ok(done)
+}
+
+/// The seq after the log's last entry, and that entry's hash (0 and
+/// zeros for an empty log).
+fn log_end(store: &Store) -> Result<(u64, Hash)> {
+    let Some((_, bytes)) = store.log.last()? else {
+        return Ok((0, [0; 32]));
+    };
+    last_of(&bytes, "the log's last chunk")
+}
+
+/// The seq after the last entry of the chunk `bytes`, and its hash.
+fn last_of(bytes: &[u8], what: &'static str) -> Result<(u64, Hash)> {
+    let chunk = Chunk::decode(bytes).map_err(|_| Error::Malformed(what))?;
+    let last = chunk.entries.last().ok_or(Error::Malformed(what))?;
+    let e = EntryRef::decode(last)?;
+    Ok((e.seq.saturating_add(1), entry_hash(last)))
+}
+
+/// Checks that the group `g` begins where the log ends (`at`: its next
+/// seq and its last entry's hash), and returns where the log ends after
+/// it.
+fn follows(g: &GroupWrite, (next, last_hash): (u64, Hash)) -> Result<(u64, Hash)> {
+    let mut chunks: Vec<(&[u8], &[u8])> = Vec::new();
+    for b in g.batches.iter().filter(|b| b.tree == TreeId::Log) {
+        chunks.extend(b.chunks()?);
+    }
+    chunks.sort_by(|a, b| a.0.cmp(b.0));
+    let (Some((_, first)), Some((_, last))) = (chunks.first(), chunks.last()) else {
+        return Err(Error::Malformed("a write-ahead group holds no chunk"));
+    };
+    let first = Chunk::decode(first).map_err(|_| Error::Malformed("a write-ahead chunk"))?;
+    let head = first
+        .entries
+        .first()
+        .map(|e| EntryRef::decode(e))
+        .transpose()?
+        .ok_or(Error::Malformed("a write-ahead chunk holds no entry"))?;
+    if g.first_seq != next || head.seq != next || head.prev_hash != last_hash {
+        return Err(Error::Malformed(
+            "a write-ahead group does not follow the log's last entry (another vault's or \
+             another time's segment)",
+        ));
+    }
+    last_of(last, "a write-ahead chunk")
 }
 
 /// What a segment's records hold that the writer cannot have written (a
@@ -1063,9 +1120,52 @@ mod tests {
 
     /// A group with a log batch at `seq` and, after it, a keys batch
     /// that sets each of `after`.
+    /// The entry at `seq` of a test chain: one entry per seq, each linked
+    /// to the one before, as replay checks a group it applies to be.
+    fn chain_entry(seq: u64) -> Vec<u8> {
+        let mut prev = [0u8; 32];
+        let mut bytes = Vec::new();
+        for s in 0..=seq {
+            bytes = EntryRef {
+                kind: crate::entry::Kind::AccessDenied,
+                seq: s,
+                timestamp_ms: 1,
+                prev_hash: prev,
+                key_version: 0,
+                nonce: [0; 12],
+                subject: "",
+                payload: b"{}",
+            }
+            .encode();
+            prev = entry_hash(&bytes);
+        }
+        bytes
+    }
+
+    /// The chunk of the entry at `seq` of the test chain; with `closes`, it
+    /// carries the head of a group `first..=seq`.
+    fn chain_chunk(seq: u64, closes: Option<u64>) -> Vec<u8> {
+        let entry = chain_entry(seq);
+        let head = closes.map(|first| {
+            let hashes: Vec<Hash> = (first..=seq).map(|s| entry_hash(&chain_entry(s))).collect();
+            crate::chunk::SignedHead::sign(
+                &ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+                0,
+                first,
+                seq,
+                entry_hash(&entry),
+                crate::chunk::MerkleTree::new(&hashes).root(),
+                1,
+            )
+        });
+        crate::chunk::encode_chunk(seq, &[&entry], head.as_ref())
+    }
+
+    /// The group of the one entry at `seq`, whose batch after its log
+    /// batch sets `after`.
     fn group_at(seq: u64, after: &[(&str, &str)]) -> GroupWrite {
         let mut log = Batch::new(TreeId::Log);
-        log.insert(seq.to_be_bytes().to_vec(), b"chunk".to_vec());
+        log.insert(seq.to_be_bytes().to_vec(), chain_chunk(seq, Some(seq)));
         let mut keys = Batch::new(TreeId::Keys);
         for (k, v) in after {
             keys.insert(k.as_bytes(), v.as_bytes());
@@ -1108,9 +1208,11 @@ mod tests {
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(dir.join(crate::logfile::FILE))?;
+            // Into group 1's chunk, which follows group 0's.
+            let at = whole[0].len() as u64;
             match lost {
-                "the file's tail" => file.set_len(7)?,
-                _ => std::os::unix::fs::FileExt::write_all_at(&file, &[0; 5], 5)?,
+                "the file's tail" => file.set_len(at + 2)?,
+                _ => std::os::unix::fs::FileExt::write_all_at(&file, &[0; 5], at)?,
             }
             drop(file);
             let store = Store::open_existing(&dir)?;
@@ -1132,8 +1234,9 @@ mod tests {
         let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
         let g0 = group_at(0, &[]);
         let mut log = Batch::new(TreeId::Log);
-        for (seq, bytes) in [(1u64, &b"first"[..]), (2, b"second"), (3, b"third")] {
-            log.insert(seq.to_be_bytes().to_vec(), bytes.to_vec());
+        for seq in 1..=3u64 {
+            let closes = (seq == 3).then_some(1);
+            log.insert(seq.to_be_bytes().to_vec(), chain_chunk(seq, closes));
         }
         let g1 = GroupWrite {
             first_seq: 1,
@@ -1147,11 +1250,11 @@ mod tests {
         let whole = chunks(&store)?;
         store.sync()?;
         drop(store);
-        // "chunk" and "first" are 10 bytes: cut 2 bytes into "second".
+        // Cut 2 bytes into group 1's second chunk.
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(dir.join(crate::logfile::FILE))?;
-        file.set_len(12)?;
+        file.set_len((whole[0].len() + whole[1].len() + 2) as u64)?;
         drop(file);
         let store = Store::open_existing(&dir)?;
         assert_eq!(chunks(&store)?, whole);
@@ -1194,6 +1297,53 @@ mod tests {
         let done = replay(&store)?;
         assert_eq!((done.skipped, done.applied), (1, 0));
         assert_eq!(key(&store, "y")?.as_deref(), Some(&b"0"[..]));
+        Ok(())
+    }
+
+    /// A group the log lacks that does not begin where the log ends (a
+    /// segment of another vault, or of another time) is refused before
+    /// any of its batches is applied: its keys would replace this vault's
+    /// before its secret or chain is checked.
+    #[test]
+    fn a_group_that_does_not_follow_the_log_is_refused_unapplied() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("v");
+        let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
+        for b in group_at(0, &[]).batches {
+            b.apply(&store)?;
+        }
+        // Seq 2 after a log that ends at 0; then seq 1 of another chain.
+        let gap = group_at(2, &[("master", "another vault's")]);
+        let mut other = group_at(1, &[("master", "another vault's")]);
+        let mut log = Batch::new(TreeId::Log);
+        let foreign = EntryRef {
+            kind: crate::entry::Kind::AccessDenied,
+            seq: 1,
+            timestamp_ms: 1,
+            prev_hash: [9; 32],
+            key_version: 0,
+            nonce: [0; 12],
+            subject: "",
+            payload: b"{}",
+        }
+        .encode();
+        log.insert(
+            1u64.to_be_bytes().to_vec(),
+            crate::chunk::encode_chunk(1, &[&foreign], None),
+        );
+        other.batches[0] = log;
+        for g in [gap, other] {
+            let mut wal = Wal::new(&dir, SEGMENT_BYTES);
+            wal.append(g.first_seq, &encode_record(&g)?, |f| Ok(f.sync_data()?))?;
+            drop(wal);
+            let r = replay(&store);
+            assert!(
+                matches!(r, Err(Error::Integrity { reason: Reason::Malformed(ref m), .. }) if m.contains("does not follow")),
+                "{r:?}"
+            );
+            assert_eq!(key(&store, "master")?, None, "nothing of it applied");
+            remove_all(&dir)?;
+        }
         Ok(())
     }
 
