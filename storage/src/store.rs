@@ -391,11 +391,20 @@ impl Store {
     /// shard holds one log leaf (8 to 17 chunks), whatever the capacity:
     /// about 300 MB, which [`crate::Vault::open`] gives back this way once
     /// it has verified the log. Another process that takes the data dir in
-    /// between makes this open fail as locked.
+    /// between makes this open fail as locked, whether it still holds the
+    /// dir or it appended to the log and let go.
     pub(crate) fn reopen(self, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
         let dir = self.dir.clone();
+        // What was verified ends with this chunk: another process that
+        // took the dir in between and appended would have the caller
+        // continue the log from before its entries.
+        let last = self.log.last()?.map(|(k, v)| (k.to_vec(), v.to_vec()));
         drop(self);
-        Self::open_existing_with(&dir, cache_bytes, flusher)
+        let store = Self::open_existing_with(&dir, cache_bytes, flusher)?;
+        if store.log.last()?.map(|(k, v)| (k.to_vec(), v.to_vec())) != last {
+            return Err(Error::Locked);
+        }
+        Ok(store)
     }
 
     pub(crate) fn open_existing(dir: &Path) -> Result<Store> {
