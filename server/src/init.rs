@@ -41,7 +41,15 @@ pub fn create_and_show(
             error,
         })
     });
-    if done.is_err() {
+    // A vault there already, or another process creating one (the lock):
+    // nothing of it is this call's to remove.
+    let not_ours = matches!(
+        &done,
+        Err(crate::Error::Storage(
+            storage::Error::AlreadyExists(_) | storage::Error::Locked
+        ))
+    );
+    if done.is_err() && !not_ours {
         before.restore(&data_dir);
     }
     done
