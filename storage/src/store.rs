@@ -317,6 +317,28 @@ impl Store {
         if db_dir(dir).exists() {
             return Err(Error::AlreadyExists(dir.display().to_string()));
         }
+        // A dir that is not one for a new vault is refused before anything
+        // is made or changed in it: what another vault left (its chunks,
+        // write-ahead file or verified record, which this one would take
+        // for its own), or a subdirectory (a dir of other things, given by
+        // mistake, which would be made its owner's alone).
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries {
+                let e = e?;
+                let name = e.file_name();
+                let leftover = [crate::logfile::FILE, "wal", crate::verified::FILE]
+                    .iter()
+                    .any(|n| name == *n);
+                if leftover || !e.file_type()?.is_file() {
+                    return Err(Error::Invalid(format!(
+                        "{} holds {:?}: a new vault goes in a dir that is new, empty or holds \
+                         files only, none of another vault",
+                        dir.display(),
+                        name
+                    )));
+                }
+            }
+        }
         // The dirs this makes, from the first missing one down: each one's
         // entry in its parent is made durable, or a power loss soon after
         // could take the whole vault, genesis and all. Before anything of

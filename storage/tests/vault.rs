@@ -553,6 +553,29 @@ async fn bad_input_gets_typed_errors() {
     );
 }
 
+/// A new vault goes in a dir that is new, empty or holds files only:
+/// one holding a subdirectory (a dir of other things, given by mistake)
+/// or what another vault left is refused, and left as it was.
+#[test]
+fn a_vault_is_created_only_in_a_dir_meant_for_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir_all(busy.join("other")).expect("a subdir");
+    let leftover = tmp.path().join("leftover");
+    std::fs::create_dir_all(&leftover).expect("dir");
+    std::fs::write(leftover.join("chunks"), b"old").expect("chunks");
+    for dir in [&busy, &leftover] {
+        let r = Vault::create(dir, &unlock(), Options::default());
+        assert!(matches!(r, Err(Error::Invalid(_))), "{:?}", r.map(|_| ()));
+        assert!(!dir.join("db").exists(), "nothing made");
+    }
+    let files = tmp.path().join("files");
+    std::fs::create_dir_all(&files).expect("dir");
+    std::fs::write(files.join("dev-passphrase"), b"x").expect("a file");
+    let created = Vault::create(&files, &unlock(), Options::default()).expect("a dir of files");
+    created.vault.close().expect("close");
+}
+
 /// The cached pages of a closed vault's files can be dropped (as `vaultd`
 /// does before it opens a vault again after a failed fsync): the next open
 /// reads the files from the disk and finds everything.
