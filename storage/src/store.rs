@@ -112,9 +112,10 @@ pub(crate) struct Store {
     read_only: Option<File>,
 }
 
-/// Warns when every local user may read or enter `dir`: its log names
-/// subjects, partners and consents in the clear (`Store::create` makes it
-/// 0700).
+/// Warns when every local user may read or enter `dir` (its log names
+/// subjects, partners and consents in the clear; `Store::create` makes it
+/// 0700), or when its group may write in it (and so put a write-ahead
+/// segment or a record there that the open would read).
 fn warn_if_shared(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(m) = std::fs::metadata(dir) {
@@ -124,6 +125,12 @@ fn warn_if_shared(dir: &Path) {
                 dir = %dir.display(),
                 mode = format!("{mode:o}"),
                 "every local user may read the data dir: chmod 700 it"
+            );
+        } else if mode & 0o020 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:o}"),
+                "the data dir's group may write in it: chmod 700 it"
             );
         }
     }
