@@ -251,21 +251,29 @@ pub fn given_api_key(
 /// or a wrong file given by mistake is refused, not read whole), UTF-8,
 /// without surrounding whitespace.
 fn read_key_file(path: &std::path::Path) -> Result<Zeroizing<String>> {
-    use std::io::Read;
-    const MAX: u64 = 64 * 1024;
+    const MAX: usize = 64 * 1024;
     let bad = |what: String| ClientError::Config(format!("{}: {what}", path.display()));
-    let file =
-        std::fs::File::open(path).map_err(|e| bad(format!("cannot read the API key: {e}")))?;
-    // Room for all of it at once: a buffer that grows leaves copies.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX as usize + 1));
-    file.take(MAX + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| bad(format!("cannot read the API key: {e}")))?;
-    if bytes.len() as u64 > MAX {
-        return Err(bad(format!("more than {MAX} bytes: not an API key file")));
-    }
+    let bytes = read_secret(path, MAX)
+        .map_err(|e| bad(format!("cannot read the API key: {e}")))?
+        .ok_or_else(|| bad(format!("more than {MAX} bytes: not an API key file")))?;
     let text = std::str::from_utf8(&bytes).map_err(|_| bad("the API key is not UTF-8".into()))?;
     Ok(Zeroizing::new(text.trim().to_string()))
+}
+
+/// The bytes of the secret file `path`, read into one buffer allocated
+/// once (a buffer that grows leaves copies of what it held in memory it
+/// frees) and wiped when dropped; `None` when it holds more than `max`
+/// bytes (a device or a wrong file given by mistake is refused, not read
+/// whole).
+pub fn read_secret(
+    path: &std::path::Path,
+    max: usize,
+) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(max + 1));
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() <= max).then_some(bytes))
 }
 
 /// The `main` of a tool: parses `C` (help and version exit 0, bad flags

@@ -20,26 +20,18 @@ pub const MAX_SECRET_FILE_BYTES: usize = 64 * 1024;
 /// left behind unzeroized by a reallocation), at most
 /// [`MAX_SECRET_FILE_BYTES`].
 fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    use std::io::Read as _;
-    let file_error = |error| Error::File {
-        path: path.display().to_string(),
-        error,
-    };
-    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_FILE_BYTES + 1));
-    std::fs::File::open(path)
-        .and_then(|f| {
-            f.take(MAX_SECRET_FILE_BYTES as u64 + 1)
-                .read_to_end(&mut bytes)
+    client::cli::read_secret(path, MAX_SECRET_FILE_BYTES)
+        .map_err(|error| Error::File {
+            path: path.display().to_string(),
+            error,
+        })?
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{}: more than {} KiB: not a secret file",
+                path.display(),
+                MAX_SECRET_FILE_BYTES >> 10
+            ))
         })
-        .map_err(file_error)?;
-    if bytes.len() > MAX_SECRET_FILE_BYTES {
-        return Err(Error::Usage(format!(
-            "{}: more than {} KiB: not a secret file",
-            path.display(),
-            MAX_SECRET_FILE_BYTES >> 10
-        )));
-    }
-    Ok(bytes)
 }
 
 /// Builds the [`Unlock`] from exactly one of a passphrase file or a key file.
