@@ -895,3 +895,155 @@ fn an_offline_flag_without_a_data_dir_is_refused_before_connecting() {
         "from the environment, the flag is vaultd's: {r:?}"
     );
 }
+
+/// An admin key lost: `credentials create --data-dir` makes a new one on
+/// the stopped vault with its passphrase (no API key, no server), and
+/// `credentials revoke --data-dir` revokes the old one; a served vault
+/// then takes the new key and refuses the old. Neither names anyone as
+/// `recorded_by` (no credential asked), and the log verifies.
+#[test]
+fn an_admin_key_is_made_and_revoked_offline_with_the_passphrase() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let pass = tmp.path().join("passphrase");
+    std::fs::write(&pass, "an offline recovery passphrase\n").expect("write");
+    let init = run_bin(
+        "fintrust-server",
+        "vaultd",
+        [
+            "init",
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+            "--passphrase-file",
+            pass.to_str().expect("utf-8"),
+            "--json",
+        ],
+        &[],
+    )
+    .ok_json();
+    let lost = init["admin_api_key"]
+        .as_str()
+        .expect("admin key")
+        .to_string();
+    let public_key = init["public_key"].as_str().expect("public key").to_string();
+    let offline = |args: &[&str], secret: &Path| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+            "--passphrase-file",
+            secret.to_str().expect("utf-8"),
+            "--public-key",
+            &public_key,
+            "--format",
+            "json",
+        ]);
+        run_bin("fintrust-server", "vault-admin", all, &[])
+    };
+    // A wrong passphrase, a role that is none, a name that is no label:
+    // local errors, nothing written.
+    let wrong = tmp.path().join("wrong");
+    std::fs::write(&wrong, "not the passphrase\n").expect("write");
+    let entries = || verify_dir(&dir, &public_key).ok_json()["entries"].clone();
+    let before = entries();
+    for (args, secret) in [
+        (
+            &["credentials", "create", "--role", "admin", "--name", "r"][..],
+            &wrong,
+        ),
+        (
+            &["credentials", "create", "--role", "root", "--name", "r"][..],
+            &pass,
+        ),
+        (
+            &["credentials", "create", "--role", "admin", "--name", ""][..],
+            &pass,
+        ),
+    ] {
+        let r = offline(args, secret);
+        assert_eq!(r.code, 1, "{r:?}");
+        wait_unlocked(&dir);
+    }
+    assert_eq!(entries(), before);
+    // The passphrase flag without --data-dir would go to a server.
+    let r = admin(
+        "127.0.0.1:1",
+        "fvk_unused",
+        &[
+            "credentials",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "r",
+            "--passphrase-file",
+            pass.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("needs --data-dir"), "{r:?}");
+
+    let made = offline(
+        &[
+            "credentials",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "recovery",
+        ],
+        &pass,
+    )
+    .ok_json();
+    assert_eq!(made["role"], "admin", "{made}");
+    let key = made["api_key"].as_str().expect("api key").to_string();
+    assert!(key.starts_with("fvk_"), "{made}");
+    wait_unlocked(&dir);
+    // The lost key's credential, found offline in the log.
+    let audit = run_bin(
+        "fintrust-server",
+        "vault-admin",
+        [
+            "audit",
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+            "--kind",
+            "credential_created",
+        ],
+        &[],
+    );
+    assert_eq!(audit.code, 0, "{audit:?}");
+    let created = lines(&audit);
+    assert_eq!(created.len(), 2, "{created:?}");
+    for c in &created {
+        assert!(c.to_string().contains("\"role\":\"admin\""), "{c}");
+        assert!(!c.to_string().contains("recorded_by"), "{c}");
+    }
+    let old_id = created[0]["payload"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an id in {}", created[0]))
+        .to_string();
+    assert_eq!(created[1]["payload"]["id"], made["id"]);
+    wait_unlocked(&dir);
+    let r = offline(&["credentials", "revoke", "--id", &old_id], &pass).ok_json();
+    assert_eq!(r["revoked"], true, "{r}");
+    wait_unlocked(&dir);
+    // Revoked already: the vault's refusal.
+    let again = offline(&["credentials", "revoke", "--id", &old_id], &pass);
+    refused(&again, "not_found");
+    wait_unlocked(&dir);
+
+    let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_args(&mut cmd, &dir, &pass, None);
+    let served = support::Vaultd::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let status = admin(&served.protocol, &key, &["status"]);
+    assert_eq!(status.code, 0, "{status:?}");
+    refused(
+        &admin(&served.protocol, &lost, &["status"]),
+        "unauthenticated",
+    );
+    let stopped = served.stop();
+    assert!(stopped.success(), "{stopped}");
+    let v = verify_dir(&dir, &public_key).ok_json();
+    assert_eq!(v["ok"], true, "{v}");
+}

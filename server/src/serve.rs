@@ -2254,12 +2254,19 @@ fn caller_by_key_hash(vault: &Vault, hash: &str) -> Option<Caller> {
 /// Why a new credential with `role` and `name` is refused, if it is: an
 /// unknown role, or a name that is not a valid label.
 fn credential_refused(role: &str, name: &str) -> Option<Message> {
+    credential_terms(role, name)
+        .err()
+        .map(|why| error(ErrorCode::Invalid, &why))
+}
+
+/// Checks a new credential's role and name as the server does before
+/// creating it (`vault-admin credentials create --data-dir` checks them
+/// too): a role of [`Role`], a name that could be a subject id.
+pub fn credential_terms(role: &str, name: &str) -> Result<(), String> {
     if Role::parse(role).is_none() {
-        Some(error(ErrorCode::Invalid, "unknown role"))
+        Err("unknown role".into())
     } else {
-        storage::vault::validate_subject(name, true)
-            .err()
-            .map(|e| error(ErrorCode::Invalid, &format!("credential name: {e}")))
+        storage::vault::validate_subject(name, true).map_err(|e| format!("credential name: {e}"))
     }
 }
 

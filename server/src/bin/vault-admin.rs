@@ -15,7 +15,8 @@
 //! - `credentials create|revoke|list`: credentials, each held by an API
 //!   key or, with `create --holder-cert FILE`, by a client certificate
 //!   (mutual TLS); `list` shows every credential, revoked ones included,
-//!   never a key hash.
+//!   never a key hash. `create` and `revoke` also offline, with
+//!   `--data-dir` and the vault's secret: the way back to an admin key.
 //! - `audit [--from-seq N] [--kind K]… [--subject S] [--limit N]
 //!   [--include-records] [--data-dir DIR]`: the log's events as JSON lines
 //!   (one object per line, whatever `--format`); records only with
@@ -263,11 +264,19 @@ enum Credentials {
         /// that requires client certificates (`vaultd serve --tls-client-ca`).
         #[arg(long)]
         holder_cert: Option<PathBuf>,
+        /// With --data-dir, on the stopped vault there, opened with its
+        /// passphrase or key file: the way back to an admin key when none
+        /// is left (docs/keys.md, section 7).
+        #[command(flatten)]
+        offline: Offline,
     },
     /// Revoke a credential by id.
     Revoke {
         #[arg(long)]
         id: String,
+        /// With --data-dir, on the stopped vault there.
+        #[command(flatten)]
+        offline: Offline,
     },
     /// List every credential: id, role, name, when it was created,
     /// whether it was revoked, and what holds it: an API key, or the
@@ -302,9 +311,13 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
-    if let Some((json, text)) = offline(&cli, pinned).await? {
-        cli.format.print(&json, &text)?;
-        return Ok(());
+    match offline(&cli, pinned).await? {
+        Some(Done::Print(json, text)) => {
+            cli.format.print(&json, &text)?;
+            return Ok(());
+        }
+        Some(Done::Printed) => return Ok(()),
+        None => {}
     }
     // The log tools print as they go, and may need no server at all.
     match &cli.command {
@@ -795,6 +808,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     role,
                     name,
                     holder_cert: Some(cert),
+                    ..
                 },
         } => {
             let sha256 = server::tls::certificate_sha256(cert)?;
@@ -813,6 +827,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     role,
                     name,
                     holder_cert: None,
+                    ..
                 },
         } => {
             let (id, key) = client
@@ -892,7 +907,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // Printed as they ran, above.
         Command::Audit { .. } | Command::Export { .. } | Command::Reindex { .. } => return Ok(()),
         Command::Credentials {
-            command: Credentials::Revoke { id },
+            command: Credentials::Revoke { id, .. },
         } => match client.revoke_credential(id.as_str()).await.map_err(|e| {
             maybe_done(
                 e,
@@ -922,8 +937,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a subcommand run on a stopped vault has left to do.
+enum Done {
+    /// Print this (JSON, text).
+    Print(Value, String),
+    /// Nothing: it printed what it had to.
+    Printed,
+}
+
 /// The subcommands run on a stopped vault (`--data-dir`), if this is one.
-async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<(Value, String)>> {
+async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<Done>> {
     // The vault in DIR must be the one the key pins, as a server must be
     // (its chain from genesis is checked by the open).
     let open = |offline: &Offline, dir: &Path| -> anyhow::Result<storage::Vault> {
@@ -940,17 +963,72 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<(
         }
         Ok(vault)
     };
-    if let Command::RotateSigningKey { offline } | Command::RotateMasterKey { offline, .. } =
-        &cli.command
+    if let Command::RotateSigningKey { offline }
+    | Command::RotateMasterKey { offline, .. }
+    | Command::Credentials {
+        command: Credentials::Create { offline, .. } | Credentials::Revoke { offline, .. },
+    } = &cli.command
     {
         if let Some(flag) = offline.unused_flag() {
             anyhow::bail!(
-                "{flag} opens a stopped vault and needs --data-dir; without it the rotation \
+                "{flag} opens a stopped vault and needs --data-dir; without it the command \
                  would go to the server at --addr: nothing was done"
             );
         }
     }
     match &cli.command {
+        Command::Credentials {
+            command:
+                Credentials::Create {
+                    role,
+                    name,
+                    holder_cert,
+                    offline,
+                },
+        } => {
+            let Some(dir) = &offline.data_dir else {
+                return Ok(None);
+            };
+            server::serve::credential_terms(role, name)
+                .map_err(|why| anyhow::anyhow!("{why}: nothing was done"))?;
+            // Read before the vault is opened: a file that cannot be read
+            // leaves the log as it was.
+            let cert = holder_cert
+                .as_deref()
+                .map(server::tls::certificate_sha256)
+                .transpose()?;
+            let vault = open(offline, dir)?;
+            let created = match cert {
+                Some(sha256) => offline_cert_credential(&vault, role, name, &sha256).await,
+                None => offline_key_credential(cli, &vault, role, name).await,
+            };
+            let closed = vault.close();
+            let done = created?;
+            closed.with_context(|| format!("closing the vault in {}", dir.display()))?;
+            Ok(Some(done))
+        }
+        Command::Credentials {
+            command: Credentials::Revoke { id, offline },
+        } => {
+            let Some(dir) = &offline.data_dir else {
+                return Ok(None);
+            };
+            let vault = open(offline, dir)?;
+            let revoked = vault.revoke_credential(id).await;
+            let closed = vault.close();
+            let Some(receipt) = revoked? else {
+                return Err(ClientError::Server {
+                    code: ErrorCode::NotFound,
+                    message: "no such credential".into(),
+                }
+                .into());
+            };
+            closed.with_context(|| format!("closing the vault in {}", dir.display()))?;
+            Ok(Some(Done::Print(
+                json!({"id": id, "revoked": true, "seq": receipt.seq}),
+                format!("revoked {id}\nseq: {}", receipt.seq),
+            )))
+        }
         Command::RotateSigningKey { offline } => {
             let Some(dir) = &offline.data_dir else {
                 return Ok(None);
@@ -958,7 +1036,8 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<(
             let vault = open(offline, dir)?;
             let (receipt, endorsement) = vault.rotate_signing_key().await?;
             vault.close()?;
-            Ok(Some(signing_rotated(&receipt, &endorsement)))
+            let (json, text) = signing_rotated(&receipt, &endorsement);
+            Ok(Some(Done::Print(json, text)))
         }
         Command::RotateMasterKey {
             new_passphrase_file,
@@ -990,10 +1069,54 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<(
                 );
                 return Err(e.into());
             }
-            Ok(Some(master_rotated(receipt.seq, &receipt.entry_hash)))
+            let (json, text) = master_rotated(receipt.seq, &receipt.entry_hash);
+            Ok(Some(Done::Print(json, text)))
         }
         _ => Ok(None),
     }
+}
+
+/// An API-key credential made on a stopped vault, its key printed here
+/// (the caller prints nothing more). A key that cannot be shown is
+/// revoked again, as online.
+async fn offline_key_credential(
+    cli: &Cli,
+    vault: &storage::Vault,
+    role: &str,
+    name: &str,
+) -> anyhow::Result<Done> {
+    let (id, key) = vault.create_credential(role, name).await?;
+    let json = json!({"id": id, "role": role, "name": name, "api_key": key.as_str()});
+    let text = zeroize::Zeroizing::new(format!(
+        "id: {id}\nrole: {role}\napi_key: {} (shown once; store it now)",
+        key.as_str()
+    ));
+    if let Err(e) = cli.format.print(&json, &text) {
+        let undone = match vault.revoke_credential(&id).await {
+            Ok(_) => format!("credential {id} was revoked again"),
+            Err(r) => format!(
+                "credential {id} could not be revoked again ({r}): revoke it with \
+                 `vault-admin credentials revoke --id {id}`"
+            ),
+        };
+        anyhow::bail!("{e:#}; its API key was not shown, so {undone}");
+    }
+    Ok(Done::Printed)
+}
+
+/// A credential held by a client certificate, made on a stopped vault.
+async fn offline_cert_credential(
+    vault: &storage::Vault,
+    role: &str,
+    name: &str,
+    sha256: &[u8; 32],
+) -> anyhow::Result<Done> {
+    let id = vault.create_cert_credential(role, name, sha256).await?;
+    let fingerprint = hex::encode(sha256);
+    Ok(Done::Print(
+        json!({"id": id, "role": role, "name": name, "client_cert_sha256": fingerprint}),
+        format!("id: {id}\nrole: {role}\nclient certificate (SHA-256): {fingerprint}"),
+    ))
 }
 
 fn signing_rotated(receipt: &Receipt, e: &client::KeyEndorsement) -> (Value, String) {
