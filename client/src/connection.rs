@@ -25,7 +25,13 @@
 //! [`ClientError::Timeout`], so a request times out between the timeout
 //! and an eighth more. A timed-out request's id leaves the map;
 //! a late answer to it is dropped, so it can never be delivered to another
-//! request.
+//! request. A request times out alone while the server answers others;
+//! one that times out with nothing at all heard from the server since it
+//! was sent means the server or the path to it stalled (a peer gone
+//! without a reset, a server that stopped answering): the connection is
+//! closed then, its other requests fail with the same `Timeout`, and
+//! later calls fail at once with `Closed` instead of each waiting out its
+//! own timeout on a connection that answers nothing.
 //!
 //! A server in the same process can be reached without a stream
 //! ([`Client::direct`]): the caller hands its encoded frame to an
@@ -1613,6 +1619,9 @@ struct Pending {
     /// When the connection's sweeper task fails it with
     /// [`ClientError::Timeout`].
     deadline: Instant,
+    /// When it was registered, to tell whether the server was heard from
+    /// since.
+    sent: Instant,
 }
 
 /// State shared by callers and the reader task.
@@ -1630,6 +1639,9 @@ struct State {
     /// server's id for errors it cannot tie to a request) and ids in use.
     last_id: u32,
     closed: bool,
+    /// When the last frame came from the server (or the connection was
+    /// made).
+    heard: Instant,
 }
 
 impl Shared {
@@ -1640,6 +1652,7 @@ impl Shared {
                 pending: HashMap::new(),
                 last_id: HELLO_ID,
                 closed: false,
+                heard: Instant::now(),
             }),
         }
     }
@@ -1683,6 +1696,7 @@ impl Shared {
         stream: Option<Vec<Vec<u8>>>,
         max: usize,
     ) -> Result<u32> {
+        let sent = Instant::now();
         let pending = Pending {
             reply,
             stream,
@@ -1690,9 +1704,10 @@ impl Shared {
             held: 0,
             // A config that skipped `validate` may hold any timeout: one
             // past what an instant holds is taken as ten years.
-            deadline: Instant::now()
+            deadline: sent
                 .checked_add(self.timeout)
-                .unwrap_or_else(|| Instant::now() + TEN_YEARS),
+                .unwrap_or_else(|| sent + TEN_YEARS),
+            sent,
         };
         let mut state = self.lock();
         if state.closed {
@@ -1720,6 +1735,7 @@ impl Shared {
             return;
         }
         let mut state = self.lock();
+        state.heard = Instant::now();
         let id = envelope.request_id;
         let Some(pending) = state.pending.get_mut(&id) else {
             // The answer to a request its caller gave up on.
@@ -1758,16 +1774,26 @@ impl Shared {
     }
 
     /// Fails every request whose deadline is `now` or earlier with
-    /// [`ClientError::Timeout`].
+    /// [`ClientError::Timeout`]; and when nothing was heard from the
+    /// server since one of them was sent, closes the connection, failing
+    /// the others with `Timeout` too (see the module docs).
     fn expire(&self, now: Instant) {
-        let expired: Vec<Pending> = self
-            .lock()
-            .pending
-            .extract_if(|_, p| p.deadline <= now)
-            .map(|(_, p)| p)
-            .collect();
+        let (expired, stalled) = {
+            let mut state = self.lock();
+            let heard = state.heard;
+            let expired: Vec<Pending> = state
+                .pending
+                .extract_if(|_, p| p.deadline <= now)
+                .map(|(_, p)| p)
+                .collect();
+            let stalled = expired.iter().any(|p| p.sent >= heard);
+            (expired, stalled)
+        };
         for p in expired {
             let _ = p.reply.send(Err(ClientError::Timeout));
+        }
+        if stalled {
+            self.close(&ClientError::Timeout);
         }
     }
 
@@ -2417,11 +2443,25 @@ mod tests {
         }
     }
 
+    /// A request the server leaves unanswered (while it answers another)
+    /// times out, and its late answer is dropped, never taken as another
+    /// request's.
     #[tokio::test(start_paused = true)]
     async fn a_request_without_an_answer_times_out_and_its_late_answer_is_dropped() {
         let (client, mut peer) = pair(Duration::from_secs(2)).await;
-        assert!(matches!(client.ping().await, Err(ClientError::Timeout)));
+        let client = Arc::new(client);
+        let unanswered = spawn_ping(&client);
         let late = next_request(&mut peer).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let answered = spawn_ping(&client);
+        let req = next_request(&mut peer).await;
+        peer.send((req.request_id, Message::Pong))
+            .await
+            .expect("send");
+        assert!(answered.await.expect("join").is_ok());
+        let outcome = unanswered.await.expect("join");
+        assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
+        assert!(!client.is_closed());
         peer.send((late.request_id, Message::Pong))
             .await
             .expect("send");
@@ -2522,8 +2562,8 @@ mod tests {
     }
 
     /// A request fails once its own deadline passed, within an eighth of
-    /// the timeout after it, and alone: a later request on the same
-    /// connection still gets its answer.
+    /// the timeout after it, and alone while the server answers others: a
+    /// later request on the same connection still gets its answer.
     #[tokio::test(start_paused = true)]
     async fn a_request_times_out_at_its_own_deadline_and_alone() {
         let timeout = Duration::from_secs(8);
@@ -2541,6 +2581,13 @@ mod tests {
             async move { c.health().await }
         });
         let req = next_request(&mut peer).await;
+        // Another request answered meanwhile: the server is alive.
+        let answered = spawn_ping(&client);
+        let pinged = next_request(&mut peer).await;
+        peer.send((pinged.request_id, Message::Pong))
+            .await
+            .expect("send");
+        assert!(answered.await.expect("join").is_ok());
         let (outcome, at) = first.await.expect("join");
         assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
         let waited = at - start;
@@ -2557,6 +2604,39 @@ mod tests {
         peer.send((req.request_id, answer)).await.expect("send");
         assert!(second.await.expect("join").is_ok());
         assert!(!client.is_closed());
+    }
+
+    /// A request that times out with nothing heard from the server since
+    /// it was sent closes the connection: the requests sent after it fail
+    /// with `Timeout` then, not each at its own deadline, and later calls
+    /// fail at once with `Closed`.
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_with_the_server_silent_closes_the_connection() {
+        let timeout = Duration::from_secs(8);
+        let (client, mut peer) = pair(timeout).await;
+        let client = Arc::new(client);
+        let start = Instant::now();
+        let first = spawn_ping(&client);
+        let _unanswered = next_request(&mut peer).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let second = tokio::spawn({
+            let c = client.clone();
+            async move { (c.ping().await, Instant::now()) }
+        });
+        let _also_unanswered = next_request(&mut peer).await;
+        let outcome = first.await.expect("join");
+        assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
+        let (outcome, at) = second.await.expect("join");
+        assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
+        assert!(
+            at - start <= timeout + timeout / SWEEPS_PER_TIMEOUT,
+            "failed with the first, not at its own deadline: {:?}",
+            at - start
+        );
+        assert!(client.is_closed());
+        let later = client.ping().await;
+        assert!(matches!(later, Err(ClientError::Closed)), "{later:?}");
+        assert_eq!(client.shared.lock().pending.len(), 0);
     }
 
     /// An `Entries` answer whose entries pass `MAX_ENTRIES_BYTES` is
@@ -2635,7 +2715,8 @@ mod tests {
     }
 
     /// A timeout shorter than the sweeps can divide (nanoseconds) is still
-    /// a typed `Timeout`, not a panic of the sweeper's interval.
+    /// a typed `Timeout`, not a panic of the sweeper's interval (and, the
+    /// server silent meanwhile, closes the connection).
     #[tokio::test(start_paused = true)]
     async fn a_timeout_of_nanoseconds_times_out() {
         let (client, _peer) = pair(Duration::from_nanos(5)).await;
@@ -2645,7 +2726,7 @@ mod tests {
             matches!(outcome, Ok(Err(ClientError::Timeout))),
             "{outcome:?}"
         );
-        assert!(!client.is_closed());
+        assert!(client.is_closed());
     }
 
     /// A timeout no instant can hold (a config that skipped `validate`,

@@ -46,7 +46,9 @@ pub enum ClientError {
     /// A well-formed answer of the wrong kind; names what was expected.
     #[error("unexpected response: expected {0}")]
     UnexpectedResponse(&'static str),
-    /// No answer within [`ClientConfig::timeout`](crate::ClientConfig::timeout).
+    /// No answer within [`ClientConfig::timeout`](crate::ClientConfig::timeout),
+    /// or the connection was closed because an earlier request timed out
+    /// with nothing heard from the server since it was sent.
     #[error("timed out")]
     Timeout,
     /// The connection is closed (by the server, after an error, or after a
