@@ -260,21 +260,7 @@ fn read_key_file(path: &std::path::Path) -> Result<Zeroizing<String>> {
     Ok(Zeroizing::new(text.trim().to_string()))
 }
 
-/// The bytes of the secret file `path`, read into one buffer allocated
-/// once (a buffer that grows leaves copies of what it held in memory it
-/// frees) and wiped when dropped; `None` when it holds more than `max`
-/// bytes (a device or a wrong file given by mistake is refused, not read
-/// whole).
-pub fn read_secret(
-    path: &std::path::Path,
-    max: usize,
-) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)?;
-    let mut bytes = Zeroizing::new(Vec::with_capacity(max + 1));
-    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
-    Ok((bytes.len() <= max).then_some(bytes))
-}
+pub use crate::config::read_secret;
 
 /// The `main` of a tool: parses `C` (help and version exit 0, bad flags
 /// exit 1), runs `run` on a current-thread runtime, and maps its error to

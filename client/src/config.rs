@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use rustls::{ClientConfig as RustlsConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer,
+    ServerName,
+};
 use zeroize::Zeroizing;
 
 use crate::error::{ClientError, Result};
@@ -174,6 +177,100 @@ fn file_error(path: &Path, what: &str) -> ClientError {
     ClientError::Config(format!("{}: {what}", path.display()))
 }
 
+/// The bytes of the secret file `path`, read into one buffer allocated
+/// once (a buffer that grows leaves copies of what it held in memory it
+/// frees) and wiped when dropped; `None` when it holds more than `max`
+/// bytes (a device or a wrong file given by mistake is refused, not read
+/// whole).
+pub fn read_secret(
+    path: &std::path::Path,
+    max: usize,
+) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Zeroizing::new(Vec::with_capacity(max + 1));
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() <= max).then_some(bytes))
+}
+
+/// Largest private key file read: an RSA key of 16,384 bits is about
+/// 13 KiB of PEM.
+const MAX_PRIVATE_KEY_FILE: usize = 64 * 1024;
+
+/// The first private key of the PEM file `path` (PKCS#8 `PRIVATE KEY`,
+/// PKCS#1 `RSA PRIVATE KEY` or SEC1 `EC PRIVATE KEY`; other sections, such
+/// as certificates or `EC PARAMETERS`, are passed over), for a TLS
+/// certificate's key at either end.
+///
+/// The file is read into one buffer and decoded into another, both wiped
+/// when dropped, as the key returned is: a key handed to rustls is a copy
+/// (`clone_key`), which rustls's aws-lc-rs provider wipes once it has
+/// loaded it. (`PrivateKeyDer::from_pem_file` reads through buffers that
+/// grow and are freed unwiped.) `Err` is what went wrong, without the
+/// path.
+pub fn private_key_file(
+    path: &Path,
+) -> std::result::Result<Zeroizing<PrivateKeyDer<'static>>, String> {
+    let pem = read_secret(path, MAX_PRIVATE_KEY_FILE)
+        .map_err(|e| format!("cannot read the private key: {e}"))?
+        .ok_or("the private key file is over 64 KiB")?;
+    let section = private_key_section(&pem)
+        .ok_or("no private key in it (PEM: PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)")?;
+    let mut der = Zeroizing::new(vec![0u8; section.len()]);
+    let (label, decoded) = pem_rfc7468::decode(section, &mut der)
+        .map_err(|e| format!("cannot decode the private key: {e}"))?;
+    let owned = decoded.to_vec();
+    Ok(Zeroizing::new(match label {
+        "PRIVATE KEY" => PrivatePkcs8KeyDer::from(owned).into(),
+        "RSA PRIVATE KEY" => PrivatePkcs1KeyDer::from(owned).into(),
+        "EC PRIVATE KEY" => PrivateSec1KeyDer::from(owned).into(),
+        _ => {
+            let mut owned = owned;
+            zeroize::Zeroize::zeroize(&mut owned);
+            return Err(format!("a PEM {label} is not a key TLS here can use"));
+        }
+    }))
+}
+
+/// The first `-----BEGIN … PRIVATE KEY-----` section of `pem`, through
+/// its end line and line break: what [`pem_rfc7468::decode`] takes.
+fn private_key_section(pem: &[u8]) -> Option<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    let mut from = 0;
+    while let Some(at) = find(&pem[from..], BEGIN).map(|i| from + i) {
+        let line_end = find(&pem[at..], b"\n").map_or(pem.len(), |i| at + i);
+        let line = pem[at..line_end]
+            .strip_suffix(b"\r")
+            .unwrap_or(&pem[at..line_end]);
+        from = line_end;
+        let Some(label) = line
+            .strip_prefix(BEGIN)
+            .and_then(|l| l.strip_suffix(b"-----"))
+        else {
+            continue;
+        };
+        if !label.ends_with(b"PRIVATE KEY") {
+            continue;
+        }
+        let mut end = b"-----END ".to_vec();
+        end.extend_from_slice(label);
+        end.extend_from_slice(b"-----");
+        let close = find(&pem[at..], &end)? + at + end.len();
+        let close = match pem.get(close..) {
+            Some([b'\r', b'\n', ..]) => close + 2,
+            Some([b'\n', ..]) => close + 1,
+            _ => close,
+        };
+        return Some(&pem[at..close]);
+    }
+    None
+}
+
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(path, &format!("cannot read certificates: {e}")))?
@@ -245,10 +342,9 @@ pub(crate) fn rustls_config(
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let chain = certs(cert)?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| file_error(key, &format!("cannot read the private key: {e}")))?;
+            let key = private_key_file(key).map_err(|e| file_error(key, &e))?;
             builder
-                .with_client_auth_cert(chain, key)
+                .with_client_auth_cert(chain, key.clone_key())
                 .map_err(|e| file_error(cert, &format!("certificate and key do not fit: {e}")))?
         }
     };
@@ -260,6 +356,74 @@ pub(crate) fn rustls_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes `pem` to a file and reads its key.
+    fn key_of(pem: &str) -> std::result::Result<Vec<u8>, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "fintrust-key-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("key.pem");
+        std::fs::write(&path, pem).expect("write");
+        let key = private_key_file(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        key.map(|k| k.secret_der().to_vec())
+    }
+
+    /// The first private key section is found among others (text before,
+    /// a certificate, `EC PARAMETERS`), with LF or CRLF line ends, and its
+    /// label says its kind; a file without one, with a body that is not
+    /// Base64, an encrypted key or over 64 KiB is a clear error.
+    #[test]
+    fn a_private_key_is_read_from_its_pem_section() {
+        let pkcs8 = "-----BEGIN PRIVATE KEY-----\nAAEC\n-----END PRIVATE KEY-----\n";
+        assert_eq!(key_of(pkcs8), Ok(vec![0, 1, 2]));
+        let mixed = "Bag Attributes\n-----BEGIN CERTIFICATE-----\nBwgJ\n-----END CERTIFICATE-----\n\
+                     -----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\r\n\
+                     -----BEGIN EC PRIVATE KEY-----\r\nAwQF\r\n-----END EC PRIVATE KEY-----\r\n\
+                     -----BEGIN CERTIFICATE-----\nBwgJ\n-----END CERTIFICATE-----\n";
+        assert_eq!(key_of(mixed), Ok(vec![3, 4, 5]));
+        let dir = std::env::temp_dir().join(format!("fintrust-key-kind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for (label, kind) in [
+            ("PRIVATE KEY", 8),
+            ("RSA PRIVATE KEY", 1),
+            ("EC PRIVATE KEY", 2),
+        ] {
+            let path = dir.join("k.pem");
+            let pem = format!("-----BEGIN {label}-----\nAAEC\n-----END {label}-----");
+            std::fs::write(&path, pem).expect("write");
+            let key = private_key_file(&path).expect("a key");
+            let got = match &*key {
+                PrivateKeyDer::Pkcs8(_) => 8,
+                PrivateKeyDer::Pkcs1(_) => 1,
+                PrivateKeyDer::Sec1(_) => 2,
+                _ => 0,
+            };
+            assert_eq!(got, kind, "{label}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let refused = [
+            ("-----BEGIN CERTIFICATE-----\nBwgJ\n-----END CERTIFICATE-----\n", "no private key"),
+            ("", "no private key"),
+            ("-----BEGIN PRIVATE KEY-----\nAAEC\n", "no private key"),
+            ("-----BEGIN PRIVATE KEY-----\n!!!!\n-----END PRIVATE KEY-----\n", "cannot decode"),
+            (
+                "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAEC\n-----END ENCRYPTED PRIVATE KEY-----\n",
+                "ENCRYPTED PRIVATE KEY is not",
+            ),
+        ];
+        for (pem, says) in refused {
+            let e = key_of(pem).expect_err(pem);
+            assert!(e.contains(says), "{pem:?}: {e}");
+        }
+        let huge = format!("{pkcs8}{}", " ".repeat(MAX_PRIVATE_KEY_FILE));
+        assert!(key_of(&huge)
+            .expect_err("too large")
+            .contains("over 64 KiB"));
+    }
 
     #[test]
     fn the_host_of_an_address_drops_its_port_and_brackets() {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 
 use crate::{Error, Result};
 
@@ -418,9 +418,8 @@ fn certified_key(
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<rustls::sign::CertifiedKey> {
     let chain = certs(cert)?;
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| pem_error(key, &format!("cannot read the private key: {e}")))?;
-    rustls::sign::CertifiedKey::from_der(chain, der, provider)
+    let der = client::config::private_key_file(key).map_err(|e| pem_error(key, &e))?;
+    rustls::sign::CertifiedKey::from_der(chain, der.clone_key(), provider)
         .map_err(|e| pem_error(cert, &format!("certificate and key do not fit: {e}")))
 }
 
