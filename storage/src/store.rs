@@ -112,27 +112,40 @@ pub(crate) struct Store {
     read_only: Option<File>,
 }
 
-/// Warns when every local user may read or enter `dir` (its log names
-/// subjects, partners and consents in the clear; `Store::create` makes it
-/// 0700), or when its group may write in it (and so put a write-ahead
-/// segment or a record there that the open would read).
+/// Warns when `dir` is shared ([`sharing`]).
 fn warn_if_shared(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = std::fs::metadata(dir) {
-        let mode = m.permissions().mode() & 0o777;
-        if mode & 0o007 != 0 {
-            tracing::warn!(
-                dir = %dir.display(),
-                mode = format!("{mode:o}"),
-                "every local user may read the data dir: chmod 700 it"
-            );
-        } else if mode & 0o020 != 0 {
-            tracing::warn!(
-                dir = %dir.display(),
-                mode = format!("{mode:o}"),
-                "the data dir's group may write in it: chmod 700 it"
-            );
-        }
+    if let Some(why) = sharing(dir) {
+        tracing::warn!(dir = %dir.display(), "{why}");
+    }
+}
+
+/// Why `dir` is shared with other users, if it is: another user than this
+/// process's owns it (and so may change its mode, and write in it,
+/// whatever the mode says now); every local user may read or enter it
+/// (its log names subjects, partners and consents in the clear;
+/// `Store::create` makes it 0700); or its group may write in it (and so
+/// put a write-ahead segment or a record there that the open would read).
+fn sharing(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(dir).ok()?;
+    let mode = m.permissions().mode() & 0o777;
+    let me = rustix::process::geteuid().as_raw();
+    if m.uid() != me {
+        Some(format!(
+            "the data dir belongs to uid {}, not to this process's ({me}): that user may change \
+             its mode and write in it; let the vault's own user own it",
+            m.uid()
+        ))
+    } else if mode & 0o007 != 0 {
+        Some(format!(
+            "every local user may read the data dir (mode {mode:o}): chmod 700 it"
+        ))
+    } else if mode & 0o020 != 0 {
+        Some(format!(
+            "the data dir's group may write in it (mode {mode:o}): chmod 700 it"
+        ))
+    } else {
+        None
     }
 }
 
@@ -769,6 +782,32 @@ impl RawStore {
 
 #[cfg(test)]
 mod tests {
+    /// A dir is shared when other users may read or enter it, its group
+    /// may write in it, or another user owns it (checked where this
+    /// process may give a dir away: as root).
+    #[test]
+    fn a_shared_data_dir_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let chmod = |mode: u32| {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        chmod(0o700);
+        assert_eq!(super::sharing(dir), None);
+        chmod(0o750);
+        assert_eq!(super::sharing(dir), None);
+        chmod(0o755);
+        assert!(super::sharing(dir).is_some_and(|w| w.contains("every local user")));
+        chmod(0o770);
+        assert!(super::sharing(dir).is_some_and(|w| w.contains("group may write")));
+        chmod(0o700);
+        if std::os::unix::fs::chown(dir, Some(4242), None).is_ok() {
+            let why = super::sharing(dir).expect("owned by another user");
+            assert!(why.contains("belongs to uid 4242"), "{why}");
+        }
+    }
+
     use super::*;
 
     /// The names of this process's threads.
