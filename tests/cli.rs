@@ -199,6 +199,48 @@ fn init_prints_one_json_object_and_refuses_a_second_init() {
     assert_eq!(v.code, 0, "{v:?}");
 }
 
+/// A vault whose creation did not finish (its `creating` marker left by
+/// a crash) is refused by `vault-verify` (which could not check it, exit
+/// 2) and `vaultd serve`, which say so; `vaultd init` starts it over, and when that init fails too (its
+/// output lost), what the unfinished creation left is removed with what
+/// it made, so that no vault without a shown admin key is left.
+#[test]
+fn init_starts_over_a_creation_that_did_not_finish() {
+    let s = Scratch::new();
+    let first = s.init("v");
+    let dir = s.path("v");
+    wait_unlocked(&dir);
+    std::fs::write(dir.join("creating"), b"").expect("the marker a crash leaves");
+    // Nothing to verify: the check cannot run (exit 2).
+    let v = verify_dir(&dir, str_field(&first, "public_key"), &["--json"]);
+    assert_eq!(v.code, 2, "{v:?}");
+    assert!(v.stderr.contains("did not finish"), "{v:?}");
+    let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_args(&mut cmd, &dir, &s.path("passphrase"), None);
+    let refused = support::Vaultd::spawn(cmd).expect_err("not served");
+    assert!(refused.contains("did not finish"), "{refused}");
+
+    let pass = s.path("passphrase");
+    let args = [
+        OsStr::new("init"),
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--passphrase-file"),
+        pass.as_os_str(),
+        OsStr::new("--json"),
+    ];
+    let lost = support::run_bin_into_closed_pipe("fintrust-server", "vaultd", args, &[]);
+    assert_eq!(lost.code, 1, "{lost:?}");
+    for name in ["db", "chunks", "wal", "creating"] {
+        assert!(!dir.join(name).exists(), "{name} left: {lost:?}");
+    }
+    let again = s.init("v");
+    assert_ne!(again["public_key"], first["public_key"], "a new vault");
+    wait_unlocked(&dir);
+    let v = verify_dir(&dir, str_field(&again, "public_key"), &["--json"]);
+    assert_eq!(v.code, 0, "{v:?}");
+}
+
 #[test]
 fn rotate_master_key_offline_then_only_the_new_secret_opens() {
     let s = Scratch::new();

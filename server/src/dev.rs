@@ -124,7 +124,9 @@ pub async fn run(
         }
     };
     let passphrase_file = data_dir.join("dev-passphrase");
-    let fresh = !data_dir.join("db").exists();
+    // A vault whose creation did not finish is made again (the create
+    // starts over), with the passphrase of the run that began it.
+    let fresh = !data_dir.join("db").exists() || storage::Vault::is_unfinished(&data_dir);
     let (vault, admin_api_key) = if fresh {
         std::fs::create_dir_all(&data_dir).map_err(|source| Error::File {
             path: data_dir.display().to_string(),

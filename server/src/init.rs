@@ -65,10 +65,27 @@ enum Before {
 }
 
 impl Before {
+    /// A creation that did not finish is started over by this one, so
+    /// what it left counts as this call's: a failure removes it too (it
+    /// holds a vault whose admin key nobody was shown).
     fn look(dir: &std::path::Path) -> Before {
+        let unfinished = Vault::is_unfinished(dir);
+        let vault_files = [
+            "db",
+            "chunks",
+            "wal",
+            "verified",
+            "verified.tmp",
+            "creating",
+        ];
         match std::fs::read_dir(dir) {
             Ok(entries) => entries
                 .map(|e| e.map(|e| e.file_name()))
+                .filter(|n| {
+                    !unfinished
+                        || n.as_ref()
+                            .map_or(true, |n| !vault_files.iter().any(|v| n == *v))
+                })
                 .collect::<std::io::Result<_>>()
                 .map_or(Before::Unknown, Before::Names),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Before::Absent,

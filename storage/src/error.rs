@@ -111,6 +111,14 @@ pub enum Error {
     /// refused before anything is written to it.
     #[error("the data dir is of format {found}; this build reads format {supported} only")]
     UnsupportedFormat { found: u32, supported: u32 },
+    /// The creation of the vault in this dir did not finish (a crash, a
+    /// full disk): it was never handed to anyone, and is not opened;
+    /// creating it again starts over ([`crate::Vault::create`]).
+    #[error(
+        "the creation of the vault at {0} did not finish, so no admin key of it was shown and \
+         nothing was stored in it: create it again (`vaultd init` starts over)"
+    )]
+    Unfinished(String),
     /// `create` was asked to overwrite an existing vault.
     #[error("a vault already exists at {0}")]
     AlreadyExists(String),

@@ -112,6 +112,65 @@ pub(crate) struct Store {
     read_only: Option<File>,
 }
 
+/// The marker of a vault's creation that has not finished: made (empty,
+/// durable) before anything else of the vault, removed once its first
+/// group (genesis and the initial admin credential) is durable. A vault
+/// whose dir holds it was never handed to anyone: no admin key of it was
+/// shown, and nothing was written to it but what its creation wrote.
+pub(crate) const CREATING: &str = "creating";
+
+/// Whether the vault in `dir` is a creation that did not finish.
+pub(crate) fn is_unfinished(dir: &Path) -> bool {
+    std::fs::symlink_metadata(dir.join(CREATING)).is_ok()
+}
+
+/// Removes what a creation that did not finish left in `dir` (its
+/// database, chunks, write-ahead file and verified record, then the
+/// marker), holding the database's lock so that a creation still under
+/// way in another process is refused as [`Error::Locked`], not undone.
+fn start_over(dir: &Path) -> Result<()> {
+    let db_file = db_dir(dir).join("db");
+    let _lock = match File::open(&db_file) {
+        Ok(f) => {
+            match f.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked),
+                Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+            }
+            Some(f)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
+    tracing::warn!(
+        dir = %dir.display(),
+        "a creation of a vault here did not finish: starting over"
+    );
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    gone(std::fs::remove_dir_all(db_dir(dir)))?;
+    gone(std::fs::remove_dir_all(dir.join("wal")))?;
+    let verified_tmp = format!("{}.tmp", crate::verified::FILE);
+    for file in [crate::logfile::FILE, crate::verified::FILE, &verified_tmp] {
+        gone(std::fs::remove_file(dir.join(file)))?;
+    }
+    sync_dir(dir)?;
+    // Last: a crash before it leaves the marker, and the next creation
+    // starts over again.
+    gone(std::fs::remove_file(dir.join(CREATING)))?;
+    sync_dir(dir)?;
+    Ok(())
+}
+
+/// Marks the creation of the vault in `dir` finished (its first group is
+/// durable): the marker is removed, durably.
+pub(crate) fn finished_creation(dir: &Path) -> Result<()> {
+    std::fs::remove_file(dir.join(CREATING))?;
+    sync_dir(dir)
+}
+
 /// Warns when `dir` is shared ([`sharing`]).
 fn warn_if_shared(dir: &Path) {
     if let Some(why) = sharing(dir) {
@@ -250,6 +309,9 @@ impl Store {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
         }
+        if is_unfinished(dir) {
+            return Err(Error::Unfinished(dir.display().to_string()));
+        }
         // A regular file only: opening a pipe put in its place would wait
         // for a writer forever.
         let db_file = db_dir(dir).join("db");
@@ -332,8 +394,16 @@ impl Store {
         Ok(db)
     }
 
-    /// Creates the database of a new vault; refuses an existing one.
+    /// Creates the database of a new vault; refuses an existing one. A
+    /// creation that did not finish (its [`CREATING`] marker still there)
+    /// is started over: what it left is removed first ([`start_over`]).
+    /// The marker is made before anything else of the vault, and
+    /// removed by [`finished_creation`] once the vault's first group is
+    /// durable.
     pub(crate) fn create(dir: &Path, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
+        if is_unfinished(dir) {
+            start_over(dir)?;
+        }
         if db_dir(dir).exists() {
             return Err(Error::AlreadyExists(dir.display().to_string()));
         }
@@ -392,6 +462,15 @@ impl Store {
                 );
             }
         }
+        // The marker, durable before the database: a crash from here on
+        // leaves a dir that says its creation did not finish.
+        let marker = dir.join(CREATING);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)?;
+        f.sync_all()?;
+        sync_dir(dir)?;
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         sync_dir(&db_dir(dir))?;
         sync_dir(dir)?;
@@ -409,6 +488,7 @@ impl Store {
         let store = Self::create(dir, cache_bytes, flusher)?;
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
         store.write_meta(&[7; 16], &key)?;
+        finished_creation(dir)?;
         Ok(store)
     }
 
@@ -420,6 +500,9 @@ impl Store {
     ) -> Result<Store> {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
+        }
+        if is_unfinished(dir) {
+            return Err(Error::Unfinished(dir.display().to_string()));
         }
         warn_if_shared(dir);
         let store = Self::open_at(dir, cache_bytes, flusher)?;

@@ -1022,7 +1022,9 @@ fn now_ms() -> u64 {
 
 impl Vault {
     /// Creates a vault in `dir`: master key sealed under `unlock`, signing
-    /// key, genesis entry, and an initial admin credential.
+    /// key, genesis entry, and an initial admin credential. A creation in
+    /// `dir` that did not finish is started over ([`Error::Unfinished`]);
+    /// an existing vault is refused.
     pub fn create(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Created> {
         let store = Store::create(dir, opts.cache_bytes, Flusher::Running)?;
         let mut vault_id = [0u8; 16];
@@ -1087,11 +1089,20 @@ impl Vault {
             initial,
             KeyUses::default(),
         )?;
+        // Genesis and the admin credential are durable: the vault exists.
+        crate::store::finished_creation(dir)?;
         Ok(Created {
             vault,
             admin_api_key,
             admin_credential_id,
         })
+    }
+
+    /// Whether `dir` holds a vault whose creation did not finish (which
+    /// [`Vault::open`] refuses as [`Error::Unfinished`], and
+    /// [`Vault::create`] starts over).
+    pub fn is_unfinished(dir: &Path) -> bool {
+        crate::store::is_unfinished(dir)
     }
 
     /// Opens an existing vault. Fails with `WrongSecret` when `unlock` is

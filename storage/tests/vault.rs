@@ -576,6 +576,52 @@ fn a_vault_is_created_only_in_a_dir_meant_for_it() {
     created.vault.close().expect("close");
 }
 
+/// A creation that did not finish (its `creating` marker still in the
+/// dir) is not opened nor verified, but named; creating again starts
+/// over, unless another process holds the dir (a creation under way).
+#[test]
+fn an_unfinished_creation_is_refused_by_open_and_started_over_by_create() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let first = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    assert!(
+        !dir.join("creating").exists(),
+        "removed once genesis is durable"
+    );
+    let first_key = first.vault.public_key();
+    // The marker, as a crash before its removal leaves it.
+    std::fs::write(dir.join("creating"), b"").expect("marker");
+    assert!(Vault::is_unfinished(&dir));
+    // Held by the vault still open: a creation under way, not undone.
+    let r = Vault::create(&dir, &unlock(), Options::default());
+    assert!(matches!(r, Err(Error::Locked)), "{:?}", r.map(|_| ()));
+    assert!(dir.join("db").exists() && dir.join("creating").exists());
+    first.vault.close().expect("close");
+    wait_unlocked(&dir);
+    let r = Vault::open(&dir, &unlock(), Options::default());
+    match r {
+        Err(Error::Unfinished(d)) => assert_eq!(d, dir.display().to_string()),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let v = verify(&dir, &VerifyOptions::default());
+    assert!(matches!(v, Err(Error::Unfinished(_))), "{v:?}");
+    let again = Vault::create(&dir, &unlock(), Options::default()).expect("started over");
+    assert_ne!(again.vault.public_key(), first_key, "a new vault");
+    assert!(!Vault::is_unfinished(&dir));
+    again.vault.close().expect("close");
+    wait_unlocked(&dir);
+    let v = verify(&dir, &VerifyOptions::default()).expect("verify");
+    assert!(v.ok(), "{:?}", v.failure);
+    assert_eq!(v.entries, 2, "genesis and the admin credential, once");
+    // A marker alone (a crash before the database was made): the same.
+    let bare = tmp.path().join("bare");
+    std::fs::create_dir_all(&bare).expect("dir");
+    std::fs::write(bare.join("creating"), b"").expect("marker");
+    let made = Vault::create(&bare, &unlock(), Options::default()).expect("create");
+    made.vault.close().expect("close");
+    assert!(!bare.join("creating").exists());
+}
+
 /// The cached pages of a closed vault's files can be dropped (as `vaultd`
 /// does before it opens a vault again after a failed fsync): the next open
 /// reads the files from the disk and finds everything.
