@@ -241,6 +241,50 @@ fn init_starts_over_a_creation_that_did_not_finish() {
     assert_eq!(v.code, 0, "{v:?}");
 }
 
+/// `vaultd serve --metrics-key-file`: a key too short is refused at
+/// start (exit 1, naming the file); with a good one, `/metrics` answers
+/// 401 without it and serves the metrics with it, and `/v1/health` still
+/// needs no key.
+#[test]
+fn serve_asks_for_the_metrics_key_it_was_given() {
+    let s = Scratch::new();
+    s.init("v");
+    wait_unlocked(&s.path("v"));
+    let short = s.path("short-key");
+    std::fs::write(&short, "too-short\n").expect("write");
+    let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
+    support::serve_args(&mut cmd, &s.path("v"), &s.path("passphrase"), None);
+    cmd.arg("--metrics-key-file").arg(&short);
+    let refused = support::Vaultd::spawn(cmd).expect_err("not started");
+    assert!(
+        refused.contains("short-key") && refused.contains("32 to 256"),
+        "{refused}"
+    );
+    let key = "0123456789abcdef".repeat(4);
+    let file = s.path("metrics-key");
+    std::fs::write(&file, format!("{key}\n")).expect("write");
+    let served = serve_with(
+        &s,
+        "v",
+        &["--metrics-key-file", file.to_str().expect("utf-8")],
+    );
+    let url = format!("http://{}/metrics", served.http);
+    let (status, body) = support::http(ureq::get(&url), None);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"], "unauthenticated", "{body}");
+    let (status, body) = support::http(
+        ureq::get(&url).set("Authorization", &format!("Bearer {key}")),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.to_string().contains("fintrust_vault_up 1"), "{body}");
+    let (status, _) = support::http(
+        ureq::get(&format!("http://{}/v1/health", served.http)),
+        None,
+    );
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn rotate_master_key_offline_then_only_the_new_secret_opens() {
     let s = Scratch::new();

@@ -106,6 +106,8 @@ enum Command {
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
+        metrics: MetricsArgs,
+        #[command(flatten)]
         tls: TlsArgs,
         #[command(flatten)]
         rotation: RotationArgs,
@@ -177,6 +179,8 @@ enum Command {
         http_proxies: HttpProxyArgs,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         /// TLS of the HTTP port (and, with --insecure-plaintext, plaintext to the vault too).
         #[command(flatten)]
         tls: TlsArgs,
@@ -281,6 +285,29 @@ struct LimitArgs {
 impl LimitArgs {
     fn max_connections(&self) -> usize {
         usize::try_from(self.max_connections).unwrap_or(usize::MAX)
+    }
+}
+
+#[derive(clap::Args)]
+struct MetricsArgs {
+    /// File holding the key `GET /metrics` asks for as `Authorization:
+    /// Bearer <key>` (32 to 256 printable characters, e.g. `openssl rand
+    /// -hex 32`; Prometheus sends it with `authorization: {credentials_file:
+    /// FILE}`); only its hash is kept. Without it, the metrics are served to
+    /// whoever reaches the HTTP port.
+    #[arg(long, env = "FINTRUST_METRICS_KEY_FILE", value_name = "FILE")]
+    metrics_key_file: Option<PathBuf>,
+}
+
+impl MetricsArgs {
+    fn key(&self) -> anyhow::Result<Option<server::shim::MetricsKey>> {
+        let Some(file) = &self.metrics_key_file else {
+            return Ok(None);
+        };
+        let key = server::secrets::read_secret_file(file)?;
+        server::shim::MetricsKey::new(&key)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
     }
 }
 
@@ -477,6 +504,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             http_proxies,
             tcp_proxies,
             limits,
+            metrics,
             tls,
             rotation,
             index_batch,
@@ -494,6 +522,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let tls = tls.config()?;
             let policies = read_policies(policies)?;
+            let metrics_key = metrics.key()?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
             let unlock = vault.unlock()?;
@@ -540,6 +569,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_connections: limits.max_connections(),
                     max_token_ttl_secs: limits.max_token_ttl_secs,
                     recorded_denials_per_minute: limits.recorded_denials_per_minute,
+                    metrics_key,
                     ..Default::default()
                 };
                 let d = server::daemon::Daemon {
@@ -588,11 +618,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             policies,
             http_proxies,
             limits,
+            metrics,
             tls,
         } => {
             let plaintext = tls.insecure_plaintext;
             let http_tls = tls.config()?;
             let policies = read_policies(policies)?;
+            let metrics_key = metrics.key()?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let key = server::secrets::read_secret_file(&api_key_file)?;
             let vault_tls = match (cacert, plaintext) {
@@ -626,6 +658,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_connections: limits.max_connections(),
                     max_token_ttl_secs: limits.max_token_ttl_secs,
                     recorded_denials_per_minute: limits.recorded_denials_per_minute,
+                    metrics_key,
                     ..Default::default()
                 },
             );

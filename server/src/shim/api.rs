@@ -1198,7 +1198,23 @@ pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
 /// of reach, when they matter most.
 const SCRAPE_VAULT_WAIT: Duration = Duration::from_secs(1);
 
-pub async fn metrics(State(shim): State<Arc<Shim>>) -> Response {
+pub async fn metrics(State(shim): State<Arc<Shim>>, headers: HeaderMap) -> Response {
+    if let Some(key) = &shim.config.metrics_key {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, k)| k.trim());
+        if !presented.is_some_and(|k| key.admits(k)) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send the metrics key (--metrics-key-file) as `Authorization: Bearer <key>`",
+            )
+            .into_response();
+        }
+    }
     let asked = shim.gw("health", |c| async move { c.health().await });
     let up = match tokio::time::timeout(SCRAPE_VAULT_WAIT, asked).await {
         Ok(Ok(h)) => {

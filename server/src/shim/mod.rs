@@ -69,6 +69,22 @@ pub fn openapi_for(config: &ShimConfig) -> axum::body::Bytes {
         ttl["maximum"] = ceiling.into();
         ttl["default"] = policy::DEFAULT_TOKEN_TTL_SECS.min(ceiling).into();
     }
+    // A server with a metrics key asks for it.
+    if config.metrics_key.is_some() {
+        doc["components"]["securitySchemes"]["metrics_key"] = serde_json::json!({
+            "type": "http",
+            "scheme": "bearer",
+            "description": "the metrics key of this server (--metrics-key-file), not an API key"
+        });
+        let get = &mut doc["paths"]["/metrics"]["get"];
+        if get.is_object() {
+            get["security"] = serde_json::json!([{"metrics_key": []}]);
+            get["responses"]["401"] = serde_json::json!({
+                "description": "Missing or wrong metrics key",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+            });
+        }
+    }
     serde_json::to_vec_pretty(&doc).map_or_else(
         |_| axum::body::Bytes::from_static(OPENAPI.as_bytes()),
         axum::body::Bytes::from,
@@ -118,6 +134,55 @@ pub struct ShimConfig {
     /// shim records how many there were in one entry a minute
     /// ([`policy::DenialBudget`]).
     pub recorded_denials_per_minute: u32,
+    /// The key `GET /metrics` asks for as `Authorization: Bearer`
+    /// (default none: the metrics are served to whoever reaches the port).
+    pub metrics_key: Option<MetricsKey>,
+}
+
+/// The key of `GET /metrics` (`--metrics-key-file`), for a Prometheus
+/// that sends it (`authorization: {credentials_file: …}`): held only as
+/// its BLAKE3 hash, and a key presented is compared by its hash, in
+/// constant time. Not a vault credential: the metrics stay readable when
+/// the vault is not (`fintrust_vault_up` 0).
+#[derive(Clone)]
+pub struct MetricsKey([u8; 32]);
+
+impl MetricsKey {
+    /// Fewest characters a key may have.
+    pub const MIN_LEN: usize = 32;
+
+    /// A key of 32 to 256 printable ASCII characters without spaces (what
+    /// an `Authorization` header carries), e.g. `openssl rand -hex 32`.
+    pub fn new(key: &str) -> std::result::Result<MetricsKey, String> {
+        if !(Self::MIN_LEN..=256).contains(&key.len()) {
+            return Err(format!(
+                "the metrics key has {} characters: it needs {} to 256 (openssl rand -hex 32 makes one)",
+                key.len(),
+                Self::MIN_LEN
+            ));
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "the metrics key holds a space or a character that is not printable ASCII".into(),
+            );
+        }
+        Ok(MetricsKey(*blake3::hash(key.as_bytes()).as_bytes()))
+    }
+
+    /// Whether `presented` is the key.
+    pub fn admits(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        blake3::hash(presented.as_bytes())
+            .as_bytes()
+            .ct_eq(&self.0)
+            .into()
+    }
+}
+
+impl std::fmt::Debug for MetricsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsKey(..)")
+    }
 }
 
 impl Default for ShimConfig {
@@ -133,6 +198,7 @@ impl Default for ShimConfig {
             trusted_proxies: crate::proxied::TrustedProxies::default(),
             forwarded_header: Default::default(),
             recorded_denials_per_minute: 600,
+            metrics_key: None,
         }
     }
 }
@@ -670,6 +736,73 @@ mod tests {
             ttl["default"] = 300.into();
             assert_eq!(served, doc());
         }
+    }
+
+    /// With a metrics key, `/metrics` answers 401 (and `WWW-Authenticate:
+    /// Bearer`) to a request without it or with another key, 200 with it,
+    /// whether the vault answers or not; the served document says so.
+    /// Without one, it answers anyone. A key too short or with a space is
+    /// refused.
+    #[tokio::test(start_paused = true)]
+    async fn a_metrics_key_is_asked_for_when_set() {
+        use axum::http::{header, Request, StatusCode};
+        let key = "k".repeat(super::MetricsKey::MIN_LEN);
+        assert!(super::MetricsKey::new(&key[1..]).is_err());
+        assert!(super::MetricsKey::new(&format!("{key} x")).is_err());
+        let scrape = |config: super::ShimConfig, auth: Option<String>| async move {
+            // A vault nowhere: the scrape reports it down, and is served.
+            let link = super::VaultLink::new(client::ClientConfig {
+                addr: "127.0.0.1:9".into(),
+                tls: client::Tls::Plaintext,
+                api_key: zeroize::Zeroizing::new("fvk_none".into()),
+                client_name: "test".into(),
+                timeout: std::time::Duration::from_secs(1),
+            });
+            let app = super::router(super::Shim::new(link, config));
+            let mut req = Request::get("/metrics");
+            if let Some(a) = auth {
+                req = req.header(header::AUTHORIZATION, a);
+            }
+            let r = tower::ServiceExt::oneshot(
+                app,
+                req.body(axum::body::Body::empty()).expect("request"),
+            )
+            .await
+            .expect("answered");
+            (
+                r.status(),
+                r.headers().get(header::WWW_AUTHENTICATE).cloned(),
+            )
+        };
+        let keyed = || super::ShimConfig {
+            metrics_key: Some(super::MetricsKey::new(&key).expect("a key")),
+            ..Default::default()
+        };
+        for auth in [
+            None,
+            Some(format!("Bearer {}", "j".repeat(32))),
+            Some(format!("Basic {key}")),
+            Some(format!("Bearer {key}x")),
+        ] {
+            let (status, challenge) = scrape(keyed(), auth.clone()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
+            assert_eq!(
+                challenge.as_ref().map(|v| v.as_bytes()),
+                Some(&b"Bearer"[..])
+            );
+        }
+        let (status, _) = scrape(keyed(), Some(format!("bearer {key}"))).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = scrape(super::ShimConfig::default(), None).await;
+        assert_eq!(status, StatusCode::OK);
+        let served: Value = serde_json::from_slice(&super::openapi_for(&keyed())).expect("JSON");
+        let get = &served["paths"]["/metrics"]["get"];
+        assert_eq!(get["security"], serde_json::json!([{"metrics_key": []}]));
+        assert!(get["responses"]["401"].is_object());
+        assert_eq!(
+            served["components"]["securitySchemes"]["metrics_key"]["scheme"],
+            "bearer"
+        );
     }
 
     /// The document states the rules the handlers enforce, so that a
