@@ -1933,8 +1933,19 @@ fn check_key_entry(e: &EntryRef<'_>, model: &Model) -> std::result::Result<(), F
                 .map_err(|_| bad("payload"))?
                 .version
         }
-        // A first key: nothing to check against (older logs are not
-        // held to more than their schema).
+        // A subject's first key: version 1, and only for a subject that
+        // has none (the writer makes one only there; a second would
+        // give a shredded subject a live key again).
+        Kind::SubjectKey => {
+            let c = serde_json::from_slice::<state::SubjectKeyCommit>(e.payload)
+                .map_err(|_| bad("payload"))?;
+            return match current {
+                Some(k) if k.shredded => Err(bad("subject already shredded")),
+                Some(_) => Err(bad("subject already has a data key")),
+                None if c.version != 1 => Err(bad("a first key is version 1")),
+                None => Ok(()),
+            };
+        }
         _ => return Ok(()),
     };
     let Some(current) = current else {
@@ -2288,6 +2299,38 @@ mod tests {
         log.close(&k2, 2).expect("key 2");
         assert_eq!(log.chain.keys().current_id(), 2);
         assert_eq!(log.chain.keys().endorsements().len(), 2);
+    }
+
+    /// A `subject_key` (a subject's first key) is version 1 and only for
+    /// a subject without a key: a second one, or one after a shred (a
+    /// shredded subject given a live key again), is refused.
+    #[test]
+    fn a_first_key_is_refused_for_a_subject_that_has_one() {
+        let entry = |payload: &'static [u8]| EntryRef {
+            kind: Kind::SubjectKey,
+            seq: 9,
+            timestamp_ms: 0,
+            prev_hash: [0; 32],
+            key_version: 0,
+            nonce: [0; 12],
+            subject: "cust-1",
+            payload,
+        };
+        let v1: &[u8] = br#"{"version":1,"wrapped_hash":"00"}"#;
+        let with = |version: u32, shredded: bool| {
+            let mut v = version.to_be_bytes().to_vec();
+            v.push(u8::from(shredded));
+            Model::from([(state::key("k/", "cust-1"), v)])
+        };
+        assert_eq!(check_key_entry(&entry(v1), &Model::new()), Ok(()));
+        let said = |model: &Model, payload| match check_key_entry(&entry(payload), model) {
+            Err((9, Reason::Malformed(m))) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(said(&with(1, false), v1).contains("already has a data key"));
+        assert!(said(&with(3, true), v1).contains("already shredded"));
+        assert!(said(&Model::new(), br#"{"version":2,"wrapped_hash":"00"}"#).contains("version 1"));
+        assert!(said(&Model::new(), b"{}").contains("payload"));
     }
 
     #[test]
