@@ -459,8 +459,26 @@ pub(super) async fn connect(addr: SocketAddr) -> Result<Conn> {
     connect_to(&HttpTarget::plain(addr)).await
 }
 
-/// A keep-alive HTTP/1.1 connection to `target`.
+/// How long a connection (its TLS handshake included) or a request may
+/// take before the run fails: a shim that stopped answering ends the run
+/// with an error naming it, rather than hanging it. As long as the client
+/// crate's own default.
+const HTTP_TIMEOUT: std::time::Duration = client::DEFAULT_TIMEOUT;
+
+/// A keep-alive HTTP/1.1 connection to `target`, within [`HTTP_TIMEOUT`].
 async fn connect_to(target: &HttpTarget) -> Result<Conn> {
+    tokio::time::timeout(HTTP_TIMEOUT, connect_now(target))
+        .await
+        .map_err(|_| {
+            Error::Usage(format!(
+                "{}: no connection within {} s",
+                target.addr,
+                HTTP_TIMEOUT.as_secs()
+            ))
+        })?
+}
+
+async fn connect_now(target: &HttpTarget) -> Result<Conn> {
     let scheme = if target.tls.is_some() {
         "https"
     } else {
@@ -501,9 +519,22 @@ fn http_error(e: impl std::fmt::Display) -> Error {
     Error::Usage(format!("HTTP client: {e}"))
 }
 
-/// Sends `call` and reads the whole answer; a status other than 200 is
-/// an error naming the answer.
+/// Sends `call` and reads the whole answer, within [`HTTP_TIMEOUT`]; a
+/// status other than 200 is an error naming the answer.
 pub(super) async fn send(conn: &mut Conn, addr: &str, call: &Call) -> Result<Bytes> {
+    tokio::time::timeout(HTTP_TIMEOUT, send_now(conn, addr, call))
+        .await
+        .map_err(|_| {
+            Error::Usage(format!(
+                "{} {} to {addr}: no answer within {} s",
+                call.method,
+                call.path,
+                HTTP_TIMEOUT.as_secs()
+            ))
+        })?
+}
+
+async fn send_now(conn: &mut Conn, addr: &str, call: &Call) -> Result<Bytes> {
     let mut req = Request::builder()
         .method(call.method.clone())
         .uri(call.path)
@@ -696,5 +727,30 @@ mod tests {
         );
         assert_eq!(default_http_addr("10.0.0.7:7000"), "10.0.0.7:8080");
         assert_eq!(default_http_addr("[::1]:9999"), "[::1]:8080");
+    }
+
+    /// A shim that takes the connection and never answers fails the
+    /// request once `HTTP_TIMEOUT` has passed, with an error naming it,
+    /// instead of hanging the run.
+    #[tokio::test(start_paused = true)]
+    async fn a_shim_that_never_answers_fails_the_request() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.expect("accept");
+            // Held, never read from or written to.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            drop(sock);
+        });
+        let mut c = connect(addr).await.expect("connected");
+        let started = tokio::time::Instant::now();
+        let e = send(&mut c, &addr.to_string(), &health_call())
+            .await
+            .expect_err("no answer");
+        assert!(e.to_string().contains("no answer within 30 s"), "{e}");
+        assert!(started.elapsed() >= HTTP_TIMEOUT);
+        held.abort();
     }
 }
