@@ -48,8 +48,10 @@
 //! replay writes the chunk again (`LogTree::repair`, or appended anew).
 //! If it is not, the group was never acknowledged: the next open drops the
 //! pointers at the end of the log whose bytes lie past the end of the file,
-//! and those of the first chunks of their group, which one write put out
-//! with them (`LogTree::open`), as a torn write-ahead record is dropped. No other
+//! or (from a seq the write-ahead file can hold) do not read back as their
+//! chunks, zeros where the file's length survived its bytes, and those of
+//! the first chunks of their group, which one write put out with them
+//! (`LogTree::open`), as a torn write-ahead record is dropped. No other
 //! sled write may rest on such a group: whatever the vault writes to sled
 //! because a chunk is in the log (a pending marker's removal, a shred's
 //! last batch, derived state) waits for `LogTree::sync` after the
@@ -283,6 +285,15 @@ fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
     with_chunk_at(file, offset, n, |c| c.is_none_or(|c| c.head.is_some()))
 }
 
+/// Whether the `n` bytes at `offset` of `file` decode whole (their CRC
+/// included) as a chunk whose first seq is `key`.
+fn reads_as_its_chunk(file: &File, key: &[u8], offset: u64, n: u64) -> Result<bool> {
+    let Ok(first) = <[u8; 8]>::try_from(key).map(u64::from_be_bytes) else {
+        return Ok(false);
+    };
+    with_chunk_at(file, offset, n, |c| c.is_some_and(|c| c.first_seq == first))
+}
+
 /// The seq that follows the chunk of first seq `key` at `offset`, `n`
 /// bytes long: the seq after its entries when it decodes whole, as that
 /// seq, and `key` itself when it does not, so that a pointer or chunk
@@ -444,6 +455,13 @@ impl LogTree {
         let mut end = 0;
         // The first seq that cutting the bytes past the chunks kept loses.
         let mut next = 0;
+        // From this seq on, a group may be one the write-ahead file holds,
+        // or one never acknowledged after them.
+        let oldest = crate::wal::oldest_segment(dir)?;
+        let written_ahead = |k: &[u8]| {
+            let seq = <[u8; 8]>::try_from(k).map(u64::from_be_bytes);
+            oldest.is_some_and(|o| seq.is_ok_and(|s| s >= o))
+        };
         for kv in index.iter().rev() {
             let (k, p) = kv?;
             match decode_pointer(&p) {
@@ -451,6 +469,17 @@ impl LogTree {
                 // pointers sled made durable and whose bytes a power loss
                 // took (see the module doc).
                 Some((offset, n)) if offset.saturating_add(n) > len => dropped.push(k),
+                // The same where the file's length survived and its bytes
+                // did not (zeros in their place, or older bytes of a
+                // group cut off before): dropped only from a seq the
+                // write-ahead file can hold, whose replay writes an
+                // acknowledged group again. A checkpointed group's chunk
+                // is kept, and verify names the damage.
+                Some((offset, n))
+                    if written_ahead(&k) && !reads_as_its_chunk(file, &k, offset, n)? =>
+                {
+                    dropped.push(k)
+                }
                 // The first chunks of a group that lost its last ones.
                 Some((offset, n)) if !dropped.is_empty() && !closes_group(file, offset, n)? => {
                     dropped.push(k)
@@ -905,62 +934,133 @@ mod tests {
     #[test]
     fn bytes_past_the_last_pointer_are_cut_off_at_open() -> Result<()> {
         let dir = tempfile::tempdir()?;
+        let c0 = whole_chunk(0);
         {
             let (_db, log) = open(dir.path())?;
-            log.apply(&[(0u64.to_be_bytes(), &b"abc"[..])])?;
+            log.apply(&[(0u64.to_be_bytes(), &c0[..])])?;
             // A batch whose pointers a crash kept out of sled, and whose
             // group the write-ahead file still holds.
-            log.file.write_all_at(b"zz", 3)?;
+            log.file.write_all_at(b"zz", c0.len() as u64)?;
             assert!(log.layout_fault()?.is_some());
             segment(dir.path(), 0)?;
         }
         let (_db, log) = open(dir.path())?;
-        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abc");
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
         assert_eq!(log.layout_fault()?, None);
-        log.apply(&[(3u64.to_be_bytes(), &b"d"[..])])?;
-        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcd");
+        log.apply(&[(1u64.to_be_bytes(), &b"d"[..])])?;
+        assert_eq!(
+            std::fs::read(dir.path().join(FILE))?,
+            [&c0[..], b"d"].concat()
+        );
+        Ok(())
+    }
+
+    /// A chunk of one entry whose first seq is `first`, that decodes whole
+    /// and closes its group (a head in it).
+    fn whole_chunk(first: u64) -> Vec<u8> {
+        let head = crate::chunk::SignedHead::sign(
+            &ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+            0,
+            first,
+            first,
+            [1; 32],
+            [2; 32],
+            3,
+        );
+        crate::chunk::encode_chunk(first, &[b"an entry"], Some(&head))
+    }
+
+    /// Chunks at the end of the log whose bytes the file holds but that do
+    /// not read as their chunks (zeros where a power loss took the bytes
+    /// and the file's length survived) are dropped at open from a seq the
+    /// write-ahead file can hold (a group never acknowledged when it does
+    /// not hold it: gone, as a torn record is), and kept, for verify to
+    /// name, below it (a checkpoint made them durable).
+    #[test]
+    fn chunks_that_read_as_zeros_at_the_end_are_dropped_when_written_ahead() -> Result<()> {
+        let (c0, c1, c2) = (whole_chunk(0), whole_chunk(1), whole_chunk(2));
+        let dir = tempfile::tempdir()?;
+        {
+            let (db, log) = open(dir.path())?;
+            log.apply(&[(0u64.to_be_bytes(), &c0[..])])?;
+            log.apply(&[(1u64.to_be_bytes(), &c1[..]), (2u64.to_be_bytes(), &c2[..])])?;
+            db.flush()?;
+            let zeros = vec![0u8; c1.len() + c2.len()];
+            log.file.write_all_at(&zeros, c0.len() as u64)?;
+        }
+        let keys = |log: &LogTree| -> Result<Vec<Vec<u8>>> {
+            log.index.iter().keys().map(|k| Ok(k?.to_vec())).collect()
+        };
+        // No segment, or only one from after them: kept as they are.
+        for later in [None, Some(3)] {
+            if let Some(seq) = later {
+                segment(dir.path(), seq)?;
+            }
+            let (_db, log) = open(dir.path())?;
+            assert_eq!(keys(&log)?.len(), 3);
+            assert_eq!(*log.end()?, (c0.len() + c1.len() + c2.len()) as u64);
+        }
+        segment(dir.path(), 1)?;
+        let (_db, log) = open(dir.path())?;
+        assert_eq!(keys(&log)?, [0u64.to_be_bytes().to_vec()]);
+        assert_eq!(*log.end()?, c0.len() as u64);
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
+        assert_eq!(log.layout_fault()?, None);
         Ok(())
     }
 
     #[test]
     fn a_read_only_open_writes_its_changes_beside_the_file() -> Result<()> {
         let dir = tempfile::tempdir()?;
+        let (c0, c3) = (whole_chunk(0), whole_chunk(3));
+        let (n0, n3) = (c0.len() as u64, c3.len() as u64);
         {
             let (_db, log) = open(dir.path())?;
-            log.apply(&[
-                (0u64.to_be_bytes(), &b"abc"[..]),
-                (3u64.to_be_bytes(), &b"def"[..]),
-            ])?;
-            log.file.write_all_at(b"zz", 6)?;
+            log.apply(&[(0u64.to_be_bytes(), &c0[..]), (3u64.to_be_bytes(), &c3[..])])?;
+            log.file.write_all_at(b"zz", n0 + n3)?;
             segment(dir.path(), 3)?;
         }
         let scratch = tempfile::tempdir()?;
         let db = sled::Config::new().temporary(true).open()?;
         let index = db.open_tree("log")?;
-        for (k, p) in [(0u64, encode_pointer(0, 3)), (3, encode_pointer(3, 3))] {
+        for (k, p) in [
+            (0u64, encode_pointer(0, n0 as u32)),
+            (3, encode_pointer(n0, n3 as u32)),
+        ] {
             index.insert(k.to_be_bytes(), &p[..])?;
         }
         let log = LogTree::open_read_only(dir.path(), index, scratch.path())?;
         // Seen as cut at the last chunk, though the file is not.
-        assert_eq!(log.file_len()?, 6);
+        assert_eq!(log.file_len()?, n0 + n3);
         assert_eq!(log.layout_fault()?, None);
-        // An append goes to the scratch file, a repair to memory.
+        // An append goes to the scratch file; a repair (of chunk 3, torn in
+        // the file since the open) to memory.
         log.apply(&[(6u64.to_be_bytes(), &b"gh"[..])])?;
-        log.repair(&3u64.to_be_bytes(), b"DEF")?;
+        let file = OpenOptions::new().write(true).open(dir.path().join(FILE))?;
+        file.write_all_at(&[0; 4], n0)?;
+        log.repair(&3u64.to_be_bytes(), &c3)?;
         assert_eq!(log.get(6u64.to_be_bytes())?.as_deref(), Some(&b"gh"[..]));
-        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&b"DEF"[..]));
-        assert_eq!(log.get(0u64.to_be_bytes())?.as_deref(), Some(&b"abc"[..]));
-        assert_eq!((log.file_len()?, log.layout_fault()?), (8, None));
+        assert_eq!(log.get(3u64.to_be_bytes())?.as_deref(), Some(&c3[..]));
+        assert_eq!(log.get(0u64.to_be_bytes())?.as_deref(), Some(&c0[..]));
+        assert_eq!((log.file_len()?, log.layout_fault()?), (n0 + n3 + 2, None));
         log.sync()?;
-        assert_eq!(std::fs::read(dir.path().join(FILE))?, b"abcdefzz");
+        let mut torn = c3.clone();
+        torn[..4].fill(0);
+        assert_eq!(
+            std::fs::read(dir.path().join(FILE))?,
+            [&c0[..], &torn[..], b"zz"].concat()
+        );
         assert_eq!(std::fs::read(scratch.path().join(FILE))?, b"gh");
         // A pointer reaching past the cut reads only up to it.
-        assert_eq!(log.read(&encode_pointer(4, 4))?.as_ref(), b"ef");
+        assert_eq!(
+            log.read(&encode_pointer(n0 + n3 - 2, 4))?.as_ref(),
+            &c3[c3.len() - 2..]
+        );
         // Nothing of the data dir's file to write back, however much is
         // appended.
         let big = vec![1u8; WRITEBACK_BYTES as usize + 1];
         log.apply(&[(8u64.to_be_bytes(), &big[..])])?;
-        assert_eq!(log.written_back.load(Ordering::Relaxed), 6);
+        assert_eq!(log.written_back.load(Ordering::Relaxed), n0 + n3);
         Ok(())
     }
 

@@ -1222,6 +1222,47 @@ mod tests {
         Ok(())
     }
 
+    /// Groups 0 to 2 in the log; the write-ahead file holds 1 (0 was
+    /// checkpointed), and group 2's record never became durable (it was
+    /// not acknowledged). A power loss then leaves zeros where the file
+    /// kept its length and lost its bytes: in group 2 alone, or in groups 1
+    /// and 2. The open drops group 2, as it drops one whose bytes lie past
+    /// the file's end, and the replay writes group 1 again: the log ends
+    /// with group 1, whole, and opens.
+    #[test]
+    fn an_unacknowledged_last_group_whose_bytes_read_as_zeros_is_dropped() -> Result<()> {
+        for zeroed in [&[2usize][..], &[1, 2]] {
+            let tmp = tempfile::tempdir()?;
+            let dir = tmp.path().join("v");
+            let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
+            let groups: Vec<GroupWrite> = (0..3).map(|s| group_at(s, &[])).collect();
+            for g in &groups {
+                g.batches[0].clone().apply(&store)?;
+            }
+            let whole = chunks(&store)?;
+            let mut wal = Wal::new(&dir, SEGMENT_BYTES);
+            wal.append(1, &encode_record(&groups[1])?, |f| Ok(f.sync_data()?))?;
+            store.sync()?;
+            drop(store);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(crate::logfile::FILE))?;
+            for &g in zeroed {
+                let at: usize = whole[..g].iter().map(Vec::len).sum();
+                std::os::unix::fs::FileExt::write_all_at(
+                    &file,
+                    &vec![0; whole[g].len()],
+                    at as u64,
+                )?;
+            }
+            drop(file);
+            let store = Store::open_existing(&dir)?;
+            assert_eq!(chunks(&store)?, whole[..2].to_vec(), "{zeroed:?}");
+            assert_eq!(store.log.layout_fault()?, None, "{zeroed:?}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn replay_writes_again_a_group_s_last_chunks_whose_pointers_open_dropped() -> Result<()> {
         // Group 0 of one chunk, group 1 of three (seqs 1, 2 and 3), all in
