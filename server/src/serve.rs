@@ -118,6 +118,14 @@ pub struct ServeConfig {
     /// hold 10,000 of the largest. A reader asks again from the seq after
     /// the last entry it got.
     pub max_entries_bytes: usize,
+    /// Bytes of `Entries` answers the server holds at once across its
+    /// connections, from the read of the log until the answer is written
+    /// (default 256 MiB): each `Entries` request takes `max_entries_bytes`
+    /// of it first and waits while it is spent. A client that asks and
+    /// does not read keeps its share until it is closed for it (after
+    /// `idle_timeout`), so that readers who never read cannot make the
+    /// server hold 8 MiB for each of their connections.
+    pub entries_budget: EntriesBudget,
     /// Name sent in `HelloOk`.
     pub server_name: String,
     /// Lifetime of a token minted with `ttl_secs = 0` (default 5 minutes).
@@ -218,12 +226,50 @@ impl Default for ServeConfig {
             max_frame_len: protocol::MAX_FRAME_LEN,
             max_entries: 10_000,
             max_entries_bytes: 8 * 1024 * 1024,
+            entries_budget: EntriesBudget::bytes(256 << 20),
             server_name: format!("vaultd/{}", env!("CARGO_PKG_VERSION")),
             default_token_ttl: Duration::from_secs(300),
             max_token_ttl: Duration::from_secs(3600),
             rotation: RotationPolicy::default(),
             proxy_protocol_from: crate::proxied::TrustedProxies::default(),
         }
+    }
+}
+
+/// The bytes of `Entries` answers a server holds at once
+/// ([`ServeConfig::entries_budget`]), counted in units of 64 KiB. Clones
+/// share the budget.
+#[derive(Debug, Clone)]
+pub struct EntriesBudget {
+    units: Arc<Semaphore>,
+    total: u32,
+}
+
+impl EntriesBudget {
+    const UNIT: usize = 64 * 1024;
+
+    /// A budget of `bytes` (at least one unit).
+    pub fn bytes(bytes: usize) -> EntriesBudget {
+        let total = (bytes / Self::UNIT).clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let total = u32::try_from(total).unwrap_or(u32::MAX);
+        EntriesBudget {
+            units: Arc::new(Semaphore::new(total as usize)),
+            total,
+        }
+    }
+
+    /// Takes room for an answer of up to `bytes` (all of the budget at
+    /// most), waiting while it is spent.
+    async fn take(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let want = u32::try_from(bytes.div_ceil(Self::UNIT))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total);
+        self.units.clone().acquire_many_owned(want).await.ok()
+    }
+
+    /// Bytes of the budget not taken now.
+    pub fn available(&self) -> usize {
+        self.units.available_permits() * Self::UNIT
     }
 }
 
@@ -1574,6 +1620,7 @@ where
         sink,
         dirty: false,
         failed: false,
+        budget: Vec::new(),
     };
     // A frame read while gathering appends that is not one of them.
     let mut carried = None;
@@ -1586,9 +1633,10 @@ where
         // Back-pressure: read the next frame only when a slot is free.
         if in_flight >= max_in_flight {
             out.flush().await;
-            if let Some((n, answers, _turn)) = pending.next().await {
+            if let Some((n, answers, held)) = pending.next().await {
                 in_flight -= n;
                 out.feed_all(answers).await;
+                out.hold(held);
             }
             continue;
         }
@@ -1600,9 +1648,10 @@ where
                 // flush: what it did not write stays in the buffer).
                 let next = tokio::select! {
                     biased;
-                    Some((n, answers, _turn)) = pending.next(), if !pending.is_empty() => {
+                    Some((n, answers, held)) = pending.next(), if !pending.is_empty() => {
                         in_flight -= n;
                         out.feed_all(answers).await;
+                        out.hold(held);
                         continue;
                     }
                     () = out.flush(), if out.dirty => continue,
@@ -1623,7 +1672,7 @@ where
                     in_flight += weight;
                     pending.push(Either::Left(async move {
                         let answers = handle_appends(appends, current).await;
-                        (weight, answers, None)
+                        (weight, answers, AnswerHold::default())
                     }));
                     continue;
                 }
@@ -1646,20 +1695,26 @@ where
         let weight = weight(&message);
         in_flight += weight;
         pending.push(Either::Right(async move {
-            let turn = if is_scan(&message) {
-                turn_ref.acquire().await.ok()
-            } else {
-                None
-            };
+            let mut held = AnswerHold::default();
+            if is_scan(&message) {
+                held.turn = turn_ref.acquire().await.ok();
+            }
+            if matches!(message, Message::Entries { .. }) {
+                held.budget = config_ref
+                    .entries_budget
+                    .take(config_ref.max_entries_bytes)
+                    .await;
+            }
             let answers = handle(id, message, &current, config_ref, caller_ref).await;
-            (weight, answers, turn)
+            (weight, answers, held)
         }));
     };
     // Requests already read are answered, even when reading has ended;
     // then what ended it (a frame that cannot be read), so that its error
     // is the connection's last answer.
-    while let Some((_, answers, _turn)) = pending.next().await {
+    while let Some((_, answers, held)) = pending.next().await {
         out.feed_all(answers).await;
+        out.hold(held);
     }
     drop(pending);
     if let Some((id, reply)) = last {
@@ -1671,6 +1726,16 @@ where
     unread_or(&sink, result)
 }
 
+/// What an answer holds until it is out: the connection's turn to read
+/// the log ([`scan`]), given back once the answer is fed to the sink, and
+/// its share of [`ServeConfig::entries_budget`], given back once a flush
+/// has written it.
+#[derive(Default)]
+struct AnswerHold<'a> {
+    turn: Option<tokio::sync::SemaphorePermit<'a>>,
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// The answers of a pipelined connection on their way out: fed into the
 /// sink's buffer, flushed when none is ready. Once a write has failed,
 /// nothing more is written.
@@ -1679,6 +1744,9 @@ struct Answers<W: AsyncWrite + Unpin> {
     /// Fed since the last flush.
     dirty: bool,
     failed: bool,
+    /// The budget of answers fed and not yet written (all of it given
+    /// back by the flush that writes them, or when the connection ends).
+    budget: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<W: AsyncWrite + Unpin> Answers<W> {
@@ -1702,6 +1770,16 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
             self.failed = SinkExt::<Frame>::flush(&mut self.sink).await.is_err();
         }
         self.dirty = false;
+        self.budget.clear();
+    }
+
+    /// Keeps `held`'s budget until the next flush; its turn ends here.
+    fn hold(&mut self, held: AnswerHold<'_>) {
+        if let Some(b) = held.budget {
+            if self.dirty {
+                self.budget.push(b);
+            }
+        }
     }
 }
 

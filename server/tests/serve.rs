@@ -1731,6 +1731,86 @@ async fn certificate_holders_come_from_each_credentials_creation_entry() {
     );
 }
 
+/// `Entries` answers left unread keep their share of the server's
+/// `entries_budget` until their connection is closed for it: another
+/// auditor's `Entries` waits meanwhile (no more memory is spent on
+/// answers), and is answered once the unread connection is closed; the
+/// budget is whole again after.
+#[tokio::test]
+async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
+    let budget = server::serve::EntriesBudget::bytes(64 * 1024);
+    let s = start(ServeConfig {
+        max_entries_bytes: 64 * 1024,
+        entries_budget: budget.clone(),
+        idle_timeout: Duration::from_secs(2),
+        ..ServeConfig::default()
+    })
+    .await;
+    // Answers of 64 KiB: a log of about 200 KiB.
+    let (mut writer, _) = connect(&s, &s.writer).await;
+    for i in 0..400u32 {
+        let append = Message::Append {
+            subject: format!("s{i}"),
+            fields: vec![("k".into(), "v".repeat(400))],
+        };
+        assert!(matches!(
+            request(&mut writer, i + 2, &append).await,
+            Message::Receipt { .. }
+        ));
+    }
+    let entries = Message::Entries {
+        from_seq: 0,
+        max: 10_000,
+    };
+    // Asks again and again, and never reads.
+    let (flooder, _) = connect(&s, &s.auditor).await;
+    let mut tcp = flooder.into_inner();
+    let ask = protocol::encode_frame(2, &entries, 0).expect("frame");
+    let burst: Vec<u8> = ask
+        .iter()
+        .copied()
+        .cycle()
+        .take(ask.len() * 2_000)
+        .collect();
+    let flood = tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} });
+    // Bounded, so that a budget never spent fails the test rather than
+    // hangs it: spent once the unread answers fill the socket's buffers.
+    let bound = Duration::from_secs(60);
+    tokio::time::timeout(bound, async {
+        while budget.available() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the unread answers spend the budget");
+    let (mut other, _) = connect(&s, &s.auditor).await;
+    other
+        .send(entries.to_frame(3, 0).expect("frame"))
+        .await
+        .expect("send");
+    let first = tokio::time::timeout(bound, recv(&mut other))
+        .await
+        .expect("answered once the unread connection is closed")
+        .expect("a batch");
+    assert!(matches!(first.1, Message::EntryBatch { .. }), "{first:?}");
+    tokio::time::timeout(bound, flood)
+        .await
+        .expect("the unread connection is closed")
+        .expect("flood task");
+    // Once every answer is read or dropped, the budget is whole again.
+    let mut last = first.2;
+    while !last {
+        last = recv(&mut other).await.expect("a batch").2;
+    }
+    tokio::time::timeout(bound, async {
+        while budget.available() < 64 * 1024 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the budget given back");
+}
+
 /// Connects with `key`, then floods pings and never reads an answer.
 /// The task ends when a write fails: the server closed the connection.
 async fn flood_unread(s: &Server, key: &str) -> tokio::task::JoinHandle<()> {
