@@ -210,7 +210,11 @@ fn init_starts_over_a_creation_that_did_not_finish() {
     let first = s.init("v");
     let dir = s.path("v");
     wait_unlocked(&dir);
-    std::fs::write(dir.join("creating"), b"").expect("the marker a crash leaves");
+    std::fs::write(
+        dir.join("creating"),
+        "fintrust-vault: the creation of this vault has not finished\n",
+    )
+    .expect("the marker a crash leaves");
     // Nothing to verify: the check cannot run (exit 2).
     let v = verify_dir(&dir, str_field(&first, "public_key"), &["--json"]);
     assert_eq!(v.code, 2, "{v:?}");

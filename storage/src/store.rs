@@ -112,32 +112,156 @@ pub(crate) struct Store {
     read_only: Option<File>,
 }
 
-/// The marker of a vault's creation that has not finished: made (empty,
-/// durable) before anything else of the vault, removed once its first
-/// group (genesis and the initial admin credential) is durable. A vault
-/// whose dir holds it was never handed to anyone: no admin key of it was
-/// shown, and nothing was written to it but what its creation wrote.
+/// The marker of a vault's creation that has not finished: made (with
+/// [`MARKER`] in it, durable, and locked while its creation runs) before
+/// anything else of the vault, removed once its first group (genesis and
+/// the initial admin credential) is durable. A vault whose dir holds it
+/// was never handed to anyone: no admin key of it was shown, and nothing
+/// was written to it but what its creation wrote.
 pub(crate) const CREATING: &str = "creating";
+
+/// What the marker holds: a file of that name with anything else in it is
+/// not this marker, and is never taken for one.
+const MARKER: &[u8] = b"fintrust-vault: the creation of this vault has not finished\n";
+
+/// Most bytes of chunks a creation writes (its first group is two
+/// entries): a dir whose chunks file holds more was in use, and is not
+/// started over whatever marker it holds.
+const CREATION_CHUNKS_BYTES: u64 = 64 * 1024;
+
+/// The marker of `dir`, when it is one ([`MARKER`] in a regular file).
+fn marker(dir: &Path) -> Option<File> {
+    let path = dir.join(CREATING);
+    if !std::fs::symlink_metadata(&path).ok()?.is_file() {
+        return None;
+    }
+    let mut f = File::open(&path).ok()?;
+    let mut held = Vec::with_capacity(MARKER.len() + 1);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut f, MARKER.len() as u64 + 1),
+        &mut held,
+    )
+    .ok()?;
+    (held == MARKER).then_some(f)
+}
 
 /// Whether the vault in `dir` is a creation that did not finish.
 pub(crate) fn is_unfinished(dir: &Path) -> bool {
-    std::fs::symlink_metadata(dir.join(CREATING)).is_ok()
+    marker(dir).is_some()
+}
+
+/// Refuses to open a vault whose creation did not finish: `Locked` while
+/// that creation still runs (its process holds the marker's lock),
+/// [`Error::Unfinished`] once it ended.
+fn refuse_unfinished(dir: &Path) -> Result<()> {
+    let Some(f) = marker(dir) else {
+        return Ok(());
+    };
+    match f.try_lock_shared() {
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked),
+        _ => Err(Error::Unfinished(dir.display().to_string())),
+    }
+}
+
+/// A creation under way: its marker, locked, until [`Creating::finish`]
+/// (or, dropped before, the marker stays, unlocked: a creation that did
+/// not finish).
+pub(crate) struct Creating {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Creating {
+    /// Makes the marker of a creation in `dir`, locked: written and synced
+    /// under a name of its own, locked, then linked as [`CREATING`], which
+    /// fails if another creation's marker is there already (`Locked`).
+    fn begin(dir: &Path) -> Result<Creating> {
+        let mut tag = [0u8; 8];
+        crate::crypto::random_bytes(&mut tag);
+        let tmp = dir.join(format!("{CREATING}.{}.tmp", hex::encode(tag)));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let made = (|| -> Result<()> {
+            std::io::Write::write_all(&mut f, MARKER)?;
+            f.sync_all()?;
+            f.try_lock().map_err(|_| Error::Locked)?;
+            match std::fs::hard_link(&tmp, dir.join(CREATING)) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Locked),
+                other => Ok(other?),
+            }
+        })();
+        let removed = std::fs::remove_file(&tmp);
+        made?;
+        removed?;
+        sync_dir(dir)?;
+        Ok(Creating {
+            dir: dir.to_path_buf(),
+            _lock: f,
+        })
+    }
+
+    /// Marks the creation finished (its first group is durable): the
+    /// marker is removed, durably, then unlocked.
+    pub(crate) fn finish(self) -> Result<()> {
+        std::fs::remove_file(self.dir.join(CREATING))?;
+        sync_dir(&self.dir)
+    }
 }
 
 /// Removes what a creation that did not finish left in `dir` (its
 /// database, chunks, write-ahead file and verified record, then the
-/// marker), holding the database's lock so that a creation still under
-/// way in another process is refused as [`Error::Locked`], not undone.
+/// marker). Under the marker's lock, and only if it is still there: a
+/// creation still under way in another process holds that lock, and is
+/// refused as [`Error::Locked`], not undone; one that finished meanwhile
+/// removed it, and is left alone. Refused when the chunks file holds more
+/// than a creation writes (a vault in use with a marker put back).
 fn start_over(dir: &Path) -> Result<()> {
+    let Some(f) = marker(dir) else {
+        return Ok(());
+    };
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+    }
+    // Still the marker in place (not removed by a creation that finished
+    // between the look and the lock).
+    {
+        use std::os::unix::fs::MetadataExt;
+        let held = f.metadata()?;
+        match std::fs::symlink_metadata(dir.join(CREATING)) {
+            Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => {}
+            _ => return Ok(()),
+        }
+    }
+    let chunks = std::fs::symlink_metadata(dir.join(crate::logfile::FILE)).map_or(0, |m| m.len());
+    if chunks > CREATION_CHUNKS_BYTES {
+        return Err(Error::Invalid(format!(
+            "{} holds a marker of a creation that did not finish, and a log of {chunks} bytes, \
+             more than a creation writes: it is not started over (remove {} if the vault was in \
+             use)",
+            dir.display(),
+            dir.join(CREATING).display()
+        )));
+    }
     let db_file = db_dir(dir).join("db");
-    let _lock = match File::open(&db_file) {
-        Ok(f) => {
-            match f.try_lock() {
+    let _db_lock = match std::fs::symlink_metadata(&db_file) {
+        Ok(m) if !m.is_file() => {
+            return Err(Error::Invalid(format!(
+                "{} is not a regular file",
+                db_file.display()
+            )))
+        }
+        Ok(_) => {
+            let db = File::open(&db_file)?;
+            match db.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => return Err(Error::Locked),
                 Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
             }
-            Some(f)
+            Some(db)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e.into()),
@@ -162,13 +286,6 @@ fn start_over(dir: &Path) -> Result<()> {
     gone(std::fs::remove_file(dir.join(CREATING)))?;
     sync_dir(dir)?;
     Ok(())
-}
-
-/// Marks the creation of the vault in `dir` finished (its first group is
-/// durable): the marker is removed, durably.
-pub(crate) fn finished_creation(dir: &Path) -> Result<()> {
-    std::fs::remove_file(dir.join(CREATING))?;
-    sync_dir(dir)
 }
 
 /// Warns when `dir` is shared ([`sharing`]).
@@ -309,9 +426,7 @@ impl Store {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
         }
-        if is_unfinished(dir) {
-            return Err(Error::Unfinished(dir.display().to_string()));
-        }
+        refuse_unfinished(dir)?;
         // A regular file only: opening a pipe put in its place would wait
         // for a writer forever.
         let db_file = db_dir(dir).join("db");
@@ -400,10 +515,12 @@ impl Store {
     /// The marker is made before anything else of the vault, and
     /// removed by [`finished_creation`] once the vault's first group is
     /// durable.
-    pub(crate) fn create(dir: &Path, cache_bytes: u64, flusher: Flusher) -> Result<Store> {
-        if is_unfinished(dir) {
-            start_over(dir)?;
-        }
+    pub(crate) fn create(
+        dir: &Path,
+        cache_bytes: u64,
+        flusher: Flusher,
+    ) -> Result<(Store, Creating)> {
+        start_over(dir)?;
         if db_dir(dir).exists() {
             return Err(Error::AlreadyExists(dir.display().to_string()));
         }
@@ -416,7 +533,7 @@ impl Store {
             for e in entries {
                 let e = e?;
                 let name = e.file_name();
-                let leftover = [crate::logfile::FILE, "wal", crate::verified::FILE]
+                let leftover = [crate::logfile::FILE, "wal", crate::verified::FILE, CREATING]
                     .iter()
                     .any(|n| name == *n);
                 if leftover || !e.file_type()?.is_file() {
@@ -464,17 +581,11 @@ impl Store {
         }
         // The marker, durable before the database: a crash from here on
         // leaves a dir that says its creation did not finish.
-        let marker = dir.join(CREATING);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&marker)?;
-        f.sync_all()?;
-        sync_dir(dir)?;
+        let creating = Creating::begin(dir)?;
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         sync_dir(&db_dir(dir))?;
         sync_dir(dir)?;
-        Ok(store)
+        Ok((store, creating))
     }
 
     /// [`Store::create`] with metadata, as a vault's store has before its
@@ -485,10 +596,10 @@ impl Store {
         cache_bytes: u64,
         flusher: Flusher,
     ) -> Result<Store> {
-        let store = Self::create(dir, cache_bytes, flusher)?;
+        let (store, creating) = Self::create(dir, cache_bytes, flusher)?;
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key();
         store.write_meta(&[7; 16], &key)?;
-        finished_creation(dir)?;
+        creating.finish()?;
         Ok(store)
     }
 
@@ -501,9 +612,7 @@ impl Store {
         if !db_dir(dir).join("conf").exists() {
             return Err(Error::NotFound(dir.display().to_string()));
         }
-        if is_unfinished(dir) {
-            return Err(Error::Unfinished(dir.display().to_string()));
-        }
+        refuse_unfinished(dir)?;
         warn_if_shared(dir);
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         crate::wal::replay(&store)?;

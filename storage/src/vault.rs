@@ -1026,7 +1026,7 @@ impl Vault {
     /// `dir` that did not finish is started over ([`Error::Unfinished`]);
     /// an existing vault is refused.
     pub fn create(dir: &Path, unlock: &Unlock, opts: Options) -> Result<Created> {
-        let store = Store::create(dir, opts.cache_bytes, Flusher::Running)?;
+        let (store, creating) = Store::create(dir, opts.cache_bytes, Flusher::Running)?;
         let mut vault_id = [0u8; 16];
         crypto::random_bytes(&mut vault_id);
         let master = SecretKey::generate();
@@ -1090,7 +1090,7 @@ impl Vault {
             KeyUses::default(),
         )?;
         // Genesis and the admin credential are durable: the vault exists.
-        crate::store::finished_creation(dir)?;
+        creating.finish()?;
         Ok(Created {
             vault,
             admin_api_key,

@@ -576,6 +576,9 @@ fn a_vault_is_created_only_in_a_dir_meant_for_it() {
     created.vault.close().expect("close");
 }
 
+/// What a creation's marker holds (docs/storage.md, section 2).
+const MARKER: &str = "fintrust-vault: the creation of this vault has not finished\n";
+
 /// A creation that did not finish (its `creating` marker still in the
 /// dir) is not opened nor verified, but named; creating again starts
 /// over, unless another process holds the dir (a creation under way).
@@ -590,9 +593,9 @@ fn an_unfinished_creation_is_refused_by_open_and_started_over_by_create() {
     );
     let first_key = first.vault.public_key();
     // The marker, as a crash before its removal leaves it.
-    std::fs::write(dir.join("creating"), b"").expect("marker");
+    std::fs::write(dir.join("creating"), MARKER).expect("marker");
     assert!(Vault::is_unfinished(&dir));
-    // Held by the vault still open: a creation under way, not undone.
+    // Held by the vault still open: not undone.
     let r = Vault::create(&dir, &unlock(), Options::default());
     assert!(matches!(r, Err(Error::Locked)), "{:?}", r.map(|_| ()));
     assert!(dir.join("db").exists() && dir.join("creating").exists());
@@ -605,6 +608,16 @@ fn an_unfinished_creation_is_refused_by_open_and_started_over_by_create() {
     }
     let v = verify(&dir, &VerifyOptions::default());
     assert!(matches!(v, Err(Error::Unfinished(_))), "{v:?}");
+    // While the creation runs (its process holds the marker's lock), the
+    // open and another creation are refused as locked.
+    {
+        let held = std::fs::File::open(dir.join("creating")).expect("marker");
+        held.lock().expect("lock");
+        let r = Vault::open(&dir, &unlock(), Options::default());
+        assert!(matches!(r, Err(Error::Locked)), "{:?}", r.map(|_| ()));
+        let r = Vault::create(&dir, &unlock(), Options::default());
+        assert!(matches!(r, Err(Error::Locked)), "{:?}", r.map(|_| ()));
+    }
     let again = Vault::create(&dir, &unlock(), Options::default()).expect("started over");
     assert_ne!(again.vault.public_key(), first_key, "a new vault");
     assert!(!Vault::is_unfinished(&dir));
@@ -616,10 +629,55 @@ fn an_unfinished_creation_is_refused_by_open_and_started_over_by_create() {
     // A marker alone (a crash before the database was made): the same.
     let bare = tmp.path().join("bare");
     std::fs::create_dir_all(&bare).expect("dir");
-    std::fs::write(bare.join("creating"), b"").expect("marker");
+    std::fs::write(bare.join("creating"), MARKER).expect("marker");
     let made = Vault::create(&bare, &unlock(), Options::default()).expect("create");
     made.vault.close().expect("close");
     assert!(!bare.join("creating").exists());
+}
+
+/// A file named `creating` that is not a creation's marker is never taken
+/// for one: the vault beside it opens, and a new vault is not made there.
+/// A marker beside a log longer than a creation writes (a vault in use)
+/// is not started over: nothing is removed.
+#[test]
+fn only_a_creations_own_marker_starts_it_over() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        for i in 0..200 {
+            created
+                .vault
+                .append(Append::record(format!("s{i}"), vec![7u8; 512]))
+                .await
+                .expect("append");
+        }
+    });
+    created.vault.close().expect("close");
+    wait_unlocked(&dir);
+    std::fs::write(dir.join("creating"), "my notes\n").expect("a file");
+    Vault::open(&dir, &unlock(), Options::default())
+        .expect("opens: not a marker")
+        .close()
+        .expect("close");
+    wait_unlocked(&dir);
+    let r = Vault::create(&tmp.path().join("v"), &unlock(), Options::default());
+    assert!(
+        matches!(r, Err(Error::AlreadyExists(_))),
+        "{:?}",
+        r.map(|_| ())
+    );
+    std::fs::write(dir.join("creating"), MARKER).expect("a marker");
+    let r = Vault::create(&dir, &unlock(), Options::default());
+    match r {
+        Err(Error::Invalid(m)) => assert!(m.contains("not started over"), "{m}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(
+        dir.join("db").exists() && dir.join("chunks").exists(),
+        "nothing removed"
+    );
 }
 
 /// The cached pages of a closed vault's files can be dropped (as `vaultd`
