@@ -194,16 +194,20 @@ pub fn read_secret(
 }
 
 /// Largest private key file read: an RSA key of 16,384 bits is about
-/// 13 KiB of PEM.
-const MAX_PRIVATE_KEY_FILE: usize = 64 * 1024;
+/// 13 KiB of PEM, and the rest of the file (a certificate chain beside
+/// the key) is allowed for.
+const MAX_PRIVATE_KEY_FILE: usize = 1 << 20;
 
 /// The first private key of the PEM file `path` (PKCS#8 `PRIVATE KEY`,
 /// PKCS#1 `RSA PRIVATE KEY` or SEC1 `EC PRIVATE KEY`; other sections, such
-/// as certificates or `EC PARAMETERS`, are passed over), for a TLS
-/// certificate's key at either end.
+/// as certificates or `EC PARAMETERS`, and text between sections are
+/// passed over), for a TLS certificate's key at either end. Lines may end
+/// in LF, CRLF or CR, and the Base64 may be wrapped at any width, with
+/// blanks around it, as rustls's own reader takes it.
 ///
-/// The file is read into one buffer and decoded into another, both wiped
-/// when dropped, as the key returned is: a key handed to rustls is a copy
+/// The file is read into one buffer, its Base64 gathered into another and
+/// decoded (in constant time, `base64ct`) into a third, all wiped when
+/// dropped, as the key returned is: a key handed to rustls is a copy
 /// (`clone_key`), which rustls's aws-lc-rs provider wipes once it has
 /// loaded it. (`PrivateKeyDer::from_pem_file` reads through buffers that
 /// grow and are freed unwiped.) `Err` is what went wrong, without the
@@ -211,64 +215,68 @@ const MAX_PRIVATE_KEY_FILE: usize = 64 * 1024;
 pub fn private_key_file(
     path: &Path,
 ) -> std::result::Result<Zeroizing<PrivateKeyDer<'static>>, String> {
+    use base64ct::Encoding;
     let pem = read_secret(path, MAX_PRIVATE_KEY_FILE)
         .map_err(|e| format!("cannot read the private key: {e}"))?
-        .ok_or("the private key file is over 64 KiB")?;
-    let section = private_key_section(&pem)
-        .ok_or("no private key in it (PEM: PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)")?;
-    let mut der = Zeroizing::new(vec![0u8; section.len()]);
-    let (label, decoded) = pem_rfc7468::decode(section, &mut der)
-        .map_err(|e| format!("cannot decode the private key: {e}"))?;
-    let owned = decoded.to_vec();
-    Ok(Zeroizing::new(match label {
-        "PRIVATE KEY" => PrivatePkcs8KeyDer::from(owned).into(),
-        "RSA PRIVATE KEY" => PrivatePkcs1KeyDer::from(owned).into(),
-        "EC PRIVATE KEY" => PrivateSec1KeyDer::from(owned).into(),
-        _ => {
-            let mut owned = owned;
-            zeroize::Zeroize::zeroize(&mut owned);
-            return Err(format!("a PEM {label} is not a key TLS here can use"));
-        }
-    }))
-}
-
-/// The first `-----BEGIN … PRIVATE KEY-----` section of `pem`, through
-/// its end line and line break: what [`pem_rfc7468::decode`] takes.
-fn private_key_section(pem: &[u8]) -> Option<&[u8]> {
-    const BEGIN: &[u8] = b"-----BEGIN ";
-    let mut from = 0;
-    while let Some(at) = find(&pem[from..], BEGIN).map(|i| from + i) {
-        let line_end = find(&pem[at..], b"\n").map_or(pem.len(), |i| at + i);
-        let line = pem[at..line_end]
-            .strip_suffix(b"\r")
-            .unwrap_or(&pem[at..line_end]);
-        from = line_end;
+        .ok_or("the private key file is over 1 MiB")?;
+    // A private key of a kind this cannot use, named if no other is found.
+    let mut unusable: Option<String> = None;
+    let mut lines = pem
+        .split(|b| *b == b'\n' || *b == b'\r')
+        .map(<[u8]>::trim_ascii);
+    while let Some(line) = lines.next() {
         let Some(label) = line
-            .strip_prefix(BEGIN)
+            .strip_prefix(b"-----BEGIN ")
             .and_then(|l| l.strip_suffix(b"-----"))
         else {
             continue;
         };
-        if !label.ends_with(b"PRIVATE KEY") {
-            continue;
+        let end = [&b"-----END "[..], label, b"-----"].concat();
+        let mut base64 = Zeroizing::new(Vec::with_capacity(pem.len()));
+        let (mut closed, mut headers) = (false, false);
+        for body in lines.by_ref() {
+            if body == end.as_slice() {
+                closed = true;
+                break;
+            }
+            // RFC 1421 headers (`Proc-Type: 4,ENCRYPTED`): an encrypted key.
+            headers |= body.contains(&b':');
+            base64.extend(body.iter().filter(|b| !b.is_ascii_whitespace()));
         }
-        let mut end = b"-----END ".to_vec();
-        end.extend_from_slice(label);
-        end.extend_from_slice(b"-----");
-        let close = find(&pem[at..], &end)? + at + end.len();
-        let close = match pem.get(close..) {
-            Some([b'\r', b'\n', ..]) => close + 2,
-            Some([b'\n', ..]) => close + 1,
-            _ => close,
+        if !closed {
+            break;
+        }
+        let label = String::from_utf8_lossy(label).into_owned();
+        let kind = match label.as_str() {
+            "PRIVATE KEY" => 8,
+            "RSA PRIVATE KEY" => 1,
+            "EC PRIVATE KEY" => 2,
+            other => {
+                if other.ends_with("PRIVATE KEY") && unusable.is_none() {
+                    unusable = Some(label);
+                }
+                continue;
+            }
         };
-        return Some(&pem[at..close]);
+        if headers {
+            return Err(format!(
+                "the PEM {label} is encrypted (it has headers): decrypt it first"
+            ));
+        }
+        let mut der = Zeroizing::new(vec![0u8; base64.len() / 4 * 3 + 3]);
+        let decoded = base64ct::Base64::decode(&base64[..], &mut der)
+            .map_err(|e| format!("cannot decode the private key: {e}"))?;
+        let owned = decoded.to_vec();
+        return Ok(Zeroizing::new(match kind {
+            8 => PrivatePkcs8KeyDer::from(owned).into(),
+            1 => PrivatePkcs1KeyDer::from(owned).into(),
+            _ => PrivateSec1KeyDer::from(owned).into(),
+        }));
     }
-    None
-}
-
-/// Where `needle` first occurs in `hay`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    Err(match unusable {
+        Some(label) => format!("a PEM {label} is not a key TLS here can use"),
+        None => "no private key in it (PEM: PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)".into(),
+    })
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
@@ -373,18 +381,55 @@ mod tests {
     }
 
     /// The first private key section is found among others (text before,
-    /// a certificate, `EC PARAMETERS`), with LF or CRLF line ends, and its
-    /// label says its kind; a file without one, with a body that is not
-    /// Base64, an encrypted key or over 64 KiB is a clear error.
+    /// a certificate, `EC PARAMETERS`, a key of a kind TLS here cannot
+    /// use), with LF, CRLF or CR line ends, Base64 wrapped at any width or
+    /// not at all and blanks around lines, and its label says its kind; a
+    /// file without one, with a body that is not Base64, an encrypted key
+    /// or over 1 MiB is a clear error.
     #[test]
     fn a_private_key_is_read_from_its_pem_section() {
         let pkcs8 = "-----BEGIN PRIVATE KEY-----\nAAEC\n-----END PRIVATE KEY-----\n";
         assert_eq!(key_of(pkcs8), Ok(vec![0, 1, 2]));
         let mixed = "Bag Attributes\n-----BEGIN CERTIFICATE-----\nBwgJ\n-----END CERTIFICATE-----\n\
+                     -----BEGIN ENCRYPTED PRIVATE KEY-----\nBwgJ\n-----END ENCRYPTED PRIVATE KEY-----\n\
                      -----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\r\n\
                      -----BEGIN EC PRIVATE KEY-----\r\nAwQF\r\n-----END EC PRIVATE KEY-----\r\n\
                      -----BEGIN CERTIFICATE-----\nBwgJ\n-----END CERTIFICATE-----\n";
         assert_eq!(key_of(mixed), Ok(vec![3, 4, 5]));
+        // 300 bytes, as openssl (64 columns), Java (76) and `base64 -w0`
+        // write them, with CR line ends, and blanks around lines.
+        let der: Vec<u8> = (0..300u32).map(|i| (i * 7 % 256) as u8).collect();
+        let b64 = {
+            use base64ct::Encoding;
+            let mut buf = [0u8; 512];
+            base64ct::Base64::encode(&der, &mut buf)
+                .expect("room")
+                .to_string()
+        };
+        let wrapped = |width: usize, eol: &str, pad: &str| {
+            let body: Vec<String> = b64
+                .as_bytes()
+                .chunks(width)
+                .map(|c| format!("{pad}{}{pad}", String::from_utf8_lossy(c)))
+                .collect();
+            format!(
+                "-----BEGIN PRIVATE KEY-----{pad}{eol}{}{eol}-----END PRIVATE KEY-----{eol}",
+                body.join(eol)
+            )
+        };
+        for (width, eol, pad) in [
+            (64, "\n", ""),
+            (76, "\r\n", ""),
+            (b64.len(), "\n", ""),
+            (64, "\r", ""),
+            (64, "\n", " \t"),
+        ] {
+            assert_eq!(
+                key_of(&wrapped(width, eol, pad)).as_deref(),
+                Ok(&der[..]),
+                "{width} {eol:?} {pad:?}"
+            );
+        }
         let dir = std::env::temp_dir().join(format!("fintrust-key-kind-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         for (label, kind) in [
@@ -414,15 +459,18 @@ mod tests {
                 "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAEC\n-----END ENCRYPTED PRIVATE KEY-----\n",
                 "ENCRYPTED PRIVATE KEY is not",
             ),
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\n\
+                 AAEC\n-----END RSA PRIVATE KEY-----\n",
+                "encrypted",
+            ),
         ];
         for (pem, says) in refused {
             let e = key_of(pem).expect_err(pem);
             assert!(e.contains(says), "{pem:?}: {e}");
         }
         let huge = format!("{pkcs8}{}", " ".repeat(MAX_PRIVATE_KEY_FILE));
-        assert!(key_of(&huge)
-            .expect_err("too large")
-            .contains("over 64 KiB"));
+        assert!(key_of(&huge).expect_err("too large").contains("over 1 MiB"));
     }
 
     #[test]
