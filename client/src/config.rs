@@ -71,7 +71,12 @@ pub struct ClientConfig {
     /// request to be answered (default [`DEFAULT_TIMEOUT`], 30 s; at most
     /// [`MAX_TIMEOUT`], a day). A request
     /// on a [`Client`](crate::Client)'s connection fails with `Timeout`
-    /// within an eighth of this after its deadline.
+    /// within an eighth of this after its deadline; and when nothing at
+    /// all came from the server during a timed-out request's wait, the
+    /// connection is taken for stalled and closed, its other requests
+    /// failing with `Timeout` then, before their own deadlines. So set it
+    /// above the longest a single request may take when nothing else is
+    /// answered meanwhile (an online reindex of a large log, say).
     pub timeout: Duration,
 }
 

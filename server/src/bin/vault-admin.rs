@@ -1004,6 +1004,19 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<D
             };
             let closed = vault.close();
             let done = created?;
+            if closed.is_err() {
+                eprintln!(
+                    "note: the credential was created (its entry is durable{}) before closing \
+                     the vault failed; `vault-admin audit --data-dir {} --kind credential_created` \
+                     shows it",
+                    if matches!(done, Done::Printed) {
+                        ", its key printed above"
+                    } else {
+                        ""
+                    },
+                    dir.display()
+                );
+            }
             closed.with_context(|| format!("closing the vault in {}", dir.display()))?;
             Ok(Some(done))
         }
@@ -1023,6 +1036,13 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<D
                 }
                 .into());
             };
+            if closed.is_err() {
+                eprintln!(
+                    "note: credential {id} was revoked (seq {}, durable) before closing the vault \
+                     failed",
+                    receipt.seq
+                );
+            }
             closed.with_context(|| format!("closing the vault in {}", dir.display()))?;
             Ok(Some(Done::Print(
                 json!({"id": id, "revoked": true, "seq": receipt.seq}),

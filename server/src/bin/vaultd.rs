@@ -291,7 +291,7 @@ impl LimitArgs {
 #[derive(clap::Args)]
 struct MetricsArgs {
     /// File holding the key `GET /metrics` asks for as `Authorization:
-    /// Bearer <key>` (32 to 256 printable characters, e.g. `openssl rand
+    /// Bearer <key>` (32 to 256 printable ASCII characters, no spaces, e.g. `openssl rand
     /// -hex 32`; Prometheus sends it with `authorization: {credentials_file:
     /// FILE}`); only its hash is kept. Without it, the metrics are served to
     /// whoever reaches the HTTP port.
