@@ -979,6 +979,19 @@ async fn logs_page_filter_and_hash_as_documented() {
         }
     }
     assert_eq!(seqs(&paged), seqs(&all), "every event once, in order");
+    // `after` as far as JSON carries seqs exactly: the end of the log; past
+    // it, a 400 naming the bound.
+    let far = logs("/v1/logs?after=9007199254740990").await;
+    assert_eq!((far.0, events(&far.1).len()), (200, 0), "{}", far.1);
+    let past = logs("/v1/logs?after=9007199254740991").await;
+    assert_eq!(past.0, 400, "{}", past.1);
+    assert!(
+        past.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2^53")),
+        "{}",
+        past.1
+    );
 
     let only = logs(&format!("/v1/logs?limit=1000&subject={SUBJECT}")).await;
     let want: Vec<&Value> = all.iter().filter(|e| e["subject"] == SUBJECT).collect();
