@@ -121,7 +121,8 @@ pub struct ServeConfig {
     /// Bytes of `Entries` answers the server holds at once across its
     /// connections, from the read of the log until the answer is written
     /// (default 256 MiB): each `Entries` request takes `max_entries_bytes`
-    /// of it first and waits while it is spent. A client that asks and
+    /// of it first, waiting while it is spent, and gives back what its
+    /// answer does not hold once read. A client that asks and
     /// does not read keeps its share until it is closed for it (after
     /// `idle_timeout`), so that readers who never read cannot make the
     /// server hold 8 MiB for each of their connections.
@@ -258,13 +259,26 @@ impl EntriesBudget {
         }
     }
 
-    /// Takes room for an answer of up to `bytes` (all of the budget at
-    /// most), waiting while it is spent.
-    async fn take(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let want = u32::try_from(bytes.div_ceil(Self::UNIT))
+    /// The units an answer of `bytes` takes (all of the budget at most).
+    fn units_for(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(Self::UNIT))
             .unwrap_or(u32::MAX)
-            .clamp(1, self.total);
+            .clamp(1, self.total)
+    }
+
+    /// Takes room for an answer of up to `bytes`, waiting while the budget
+    /// is spent.
+    async fn take(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let want = self.units_for(bytes);
         self.units.clone().acquire_many_owned(want).await.ok()
+    }
+
+    /// Gives back what `held` took beyond an answer of `bytes`.
+    fn keep_only(&self, held: &mut tokio::sync::OwnedSemaphorePermit, bytes: usize) {
+        let keep = self.units_for(bytes) as usize;
+        if let Some(extra) = held.num_permits().checked_sub(keep).filter(|n| *n > 0) {
+            drop(held.split(extra));
+        }
     }
 
     /// Bytes of the budget not taken now.
@@ -1706,15 +1720,37 @@ where
                     .await;
             }
             let answers = handle(id, message, &current, config_ref, caller_ref).await;
+            if let Some(b) = held.budget.as_mut() {
+                // What the answer holds: its entries.
+                let bytes = answers
+                    .iter()
+                    .map(|(_, m, _)| match m {
+                        Message::EntryBatch { entries } => entries.iter().map(Vec::len).sum(),
+                        _ => 0,
+                    })
+                    .sum();
+                config_ref.entries_budget.keep_only(b, bytes);
+            }
             (weight, answers, held)
         }));
     };
     // Requests already read are answered, even when reading has ended;
     // then what ended it (a frame that cannot be read), so that its error
-    // is the connection's last answer.
-    while let Some((_, answers, held)) = pending.next().await {
-        out.feed_all(answers).await;
-        out.hold(held);
+    // is the connection's last answer. Answers are flushed while others
+    // are awaited, as above: an `Entries` still to come may wait for the
+    // budget that answers fed and not yet written hold.
+    loop {
+        tokio::select! {
+            biased;
+            next = pending.next() => match next {
+                Some((_, answers, held)) => {
+                    out.feed_all(answers).await;
+                    out.hold(held);
+                }
+                None => break,
+            },
+            () = out.flush(), if out.dirty => {}
+        }
     }
     drop(pending);
     if let Some((id, reply)) = last {

@@ -1811,6 +1811,52 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
     .expect("the budget given back");
 }
 
+/// Requests read before a client ends its side are answered, `Entries`
+/// ones too when each waits for the budget the answer before it holds
+/// until written: the answers are written while the last ones wait.
+#[tokio::test]
+async fn entries_sent_before_the_end_are_answered_within_the_budget() {
+    let s = start(ServeConfig {
+        max_entries_bytes: 64 * 1024,
+        entries_budget: server::serve::EntriesBudget::bytes(64 * 1024),
+        ..ServeConfig::default()
+    })
+    .await;
+    let (mut writer, _) = connect(&s, &s.writer).await;
+    let append = Message::Append {
+        subject: "s".into(),
+        fields: vec![("k".into(), "v".into())],
+    };
+    assert!(matches!(
+        request(&mut writer, 2, &append).await,
+        Message::Receipt { .. }
+    ));
+    let (auditor, _) = connect(&s, &s.auditor).await;
+    let mut tcp = auditor.into_inner();
+    let mut asks = Vec::new();
+    for id in 2..6u32 {
+        let entries = Message::Entries {
+            from_seq: 0,
+            max: 1,
+        };
+        asks.extend(protocol::encode_frame(id, &entries, 0).expect("frame"));
+    }
+    tcp.write_all(&asks).await.expect("send");
+    tcp.shutdown().await.expect("end of our side");
+    // Bounded, so that a connection stuck on its own budget fails the
+    // test rather than hangs it.
+    let mut answered = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), tcp.read_to_end(&mut answered))
+        .await
+        .expect("every answer, then the end")
+        .expect("read");
+    let batches = frames(&answered)
+        .into_iter()
+        .filter(|m| matches!(m, Message::EntryBatch { .. }))
+        .count();
+    assert_eq!(batches, 4, "one batch for each Entries");
+}
+
 /// Connects with `key`, then floods pings and never reads an answer.
 /// The task ends when a write fails: the server closed the connection.
 async fn flood_unread(s: &Server, key: &str) -> tokio::task::JoinHandle<()> {
