@@ -48,8 +48,8 @@
 //! replay writes the chunk again (`LogTree::repair`, or appended anew).
 //! If it is not, the group was never acknowledged: the next open drops the
 //! pointers at the end of the log whose bytes lie past the end of the file,
-//! or (from a seq the write-ahead file can hold) do not read back as their
-//! chunks, zeros where the file's length survived its bytes, and those of
+//! or (from a seq the write-ahead file can hold) read as zeros, where the
+//! file's length survived its bytes, and those of
 //! the first chunks of their group, which one write put out with them
 //! (`LogTree::open`), as a torn write-ahead record is dropped. No other
 //! sled write may rest on such a group: whatever the vault writes to sled
@@ -285,13 +285,14 @@ fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
     with_chunk_at(file, offset, n, |c| c.is_none_or(|c| c.head.is_some()))
 }
 
-/// Whether the `n` bytes at `offset` of `file` decode whole (their CRC
-/// included) as a chunk whose first seq is `key`.
-fn reads_as_its_chunk(file: &File, key: &[u8], offset: u64, n: u64) -> Result<bool> {
-    let Ok(first) = <[u8; 8]>::try_from(key).map(u64::from_be_bytes) else {
+/// Whether the `n` bytes at `offset` of `file` are all zeros (what a file
+/// whose length survived a power loss holds where its bytes did not). A
+/// length over any chunk's is not read, and counts as not.
+fn all_zeros(file: &File, offset: u64, n: u64) -> Result<bool> {
+    if n > MAX_CHUNK_BYTES {
         return Ok(false);
-    };
-    with_chunk_at(file, offset, n, |c| c.is_some_and(|c| c.first_seq == first))
+    }
+    Ok(read_file_at(file, offset, n)?.iter().all(|b| *b == 0))
 }
 
 /// The seq that follows the chunk of first seq `key` at `offset`, `n`
@@ -434,8 +435,12 @@ impl LogTree {
     }
 
     /// Drops the pointers at the end of `index` whose bytes lie past the
-    /// end of `file`, and with them the rest of their commit group, and
-    /// returns where the last chunk left then ends.
+    /// end of `file` or (from a seq the write-ahead file can hold) read as
+    /// zeros, and with them the rest of their commit group, and returns
+    /// where the last chunk left then ends. Only a run at the end of the
+    /// log is dropped: a group whose first chunks are zeros and whose last
+    /// one (its head) is whole is kept, and the replay or verify deals
+    /// with it.
     ///
     /// A group's chunks go out in one write and their pointers in one sled
     /// batch, so a file that lost a group's last chunks may still hold its
@@ -470,14 +475,12 @@ impl LogTree {
                 // took (see the module doc).
                 Some((offset, n)) if offset.saturating_add(n) > len => dropped.push(k),
                 // The same where the file's length survived and its bytes
-                // did not (zeros in their place, or older bytes of a
-                // group cut off before): dropped only from a seq the
-                // write-ahead file can hold, whose replay writes an
-                // acknowledged group again. A checkpointed group's chunk
-                // is kept, and verify names the damage.
-                Some((offset, n))
-                    if written_ahead(&k) && !reads_as_its_chunk(file, &k, offset, n)? =>
-                {
+                // did not (zeros in their place): dropped only from a seq
+                // the write-ahead file can hold, whose replay writes an
+                // acknowledged group again. A checkpointed group's chunk,
+                // and bytes that are not all zeros (damage, not a loss),
+                // are kept, and verify names them.
+                Some((offset, n)) if written_ahead(&k) && all_zeros(file, offset, n)? => {
                     dropped.push(k)
                 }
                 // The first chunks of a group that lost its last ones.
@@ -518,7 +521,8 @@ impl LogTree {
             index.flush()?;
             tracing::warn!(
                 chunks = dropped.len(),
-                "dropped the log's last chunks: the chunks file ends before them"
+                "dropped the log's last chunks: the chunks file ends before them, or holds zeros \
+                 where they should be (a power loss after sled made their pointers durable)"
             );
         }
         Ok(end)
@@ -970,12 +974,12 @@ mod tests {
         crate::chunk::encode_chunk(first, &[b"an entry"], Some(&head))
     }
 
-    /// Chunks at the end of the log whose bytes the file holds but that do
-    /// not read as their chunks (zeros where a power loss took the bytes
-    /// and the file's length survived) are dropped at open from a seq the
-    /// write-ahead file can hold (a group never acknowledged when it does
-    /// not hold it: gone, as a torn record is), and kept, for verify to
-    /// name, below it (a checkpoint made them durable).
+    /// Chunks at the end of the log whose bytes the file holds as zeros
+    /// (where a power loss took the bytes and the file's length survived)
+    /// are dropped at open from a seq the write-ahead file can hold (a
+    /// group never acknowledged when it does not hold it: gone, as a torn
+    /// record is), and kept, for verify to name, below it (a checkpoint
+    /// made them durable), or when they are not all zeros.
     #[test]
     fn chunks_that_read_as_zeros_at_the_end_are_dropped_when_written_ahead() -> Result<()> {
         let (c0, c1, c2) = (whole_chunk(0), whole_chunk(1), whole_chunk(2));
@@ -1000,7 +1004,17 @@ mod tests {
             assert_eq!(keys(&log)?.len(), 3);
             assert_eq!(*log.end()?, (c0.len() + c1.len() + c2.len()) as u64);
         }
+        // Bytes that are not zeros there are damage, not a loss: kept,
+        // for verify to name, even where the write-ahead file could hold
+        // the group.
         segment(dir.path(), 1)?;
+        {
+            let file = OpenOptions::new().write(true).open(dir.path().join(FILE))?;
+            file.write_all_at(&[0xff], (c0.len() + c1.len()) as u64)?;
+            let (_db, log) = open(dir.path())?;
+            assert_eq!(keys(&log)?.len(), 3);
+            file.write_all_at(&[0], (c0.len() + c1.len()) as u64)?;
+        }
         let (_db, log) = open(dir.path())?;
         assert_eq!(keys(&log)?, [0u64.to_be_bytes().to_vec()]);
         assert_eq!(*log.end()?, c0.len() as u64);
