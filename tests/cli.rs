@@ -243,6 +243,20 @@ fn init_starts_over_a_creation_that_did_not_finish() {
     wait_unlocked(&dir);
     let v = verify_dir(&dir, str_field(&again, "public_key"), &["--json"]);
     assert_eq!(v.code, 0, "{v:?}");
+
+    // A marker put back beside a vault an open has verified (its record
+    // there): init refuses to start it over, and removes nothing.
+    std::fs::write(
+        dir.join("creating"),
+        "fintrust-vault: the creation of this vault has not finished\n",
+    )
+    .expect("marker");
+    std::fs::write(dir.join("verified"), b"a record").expect("record");
+    let before = support::dir_contents(&dir);
+    let refused = s.init_run("v");
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("not started over"), "{refused:?}");
+    assert_eq!(support::dir_contents(&dir), before, "nothing removed");
 }
 
 /// `vaultd serve --metrics-key-file`: a key too short is refused at

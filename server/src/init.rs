@@ -33,6 +33,12 @@ pub fn create_and_show(
     opts: Options,
     show: impl FnOnce(&InitOutput) -> std::io::Result<()>,
 ) -> Result<()> {
+    // What a creation that did not finish left is removed first (or the
+    // init refused, nothing removed), so that what is there next is what
+    // a failure leaves alone.
+    if Vault::is_unfinished(&data_dir) {
+        Vault::start_over(&data_dir)?;
+    }
     let before = Before::look(&data_dir);
     let done = init(data_dir.clone(), unlock, opts).and_then(|(vault, out)| {
         vault.close()?;
@@ -65,27 +71,10 @@ enum Before {
 }
 
 impl Before {
-    /// A creation that did not finish is started over by this one, so
-    /// what it left counts as this call's: a failure removes it too (it
-    /// holds a vault whose admin key nobody was shown).
     fn look(dir: &std::path::Path) -> Before {
-        let unfinished = Vault::is_unfinished(dir);
-        let vault_files = [
-            "db",
-            "chunks",
-            "wal",
-            "verified",
-            "verified.tmp",
-            "creating",
-        ];
         match std::fs::read_dir(dir) {
             Ok(entries) => entries
                 .map(|e| e.map(|e| e.file_name()))
-                .filter(|n| {
-                    !unfinished
-                        || n.as_ref()
-                            .map_or(true, |n| !vault_files.iter().any(|v| n == *v))
-                })
                 .collect::<std::io::Result<_>>()
                 .map_or(Before::Unknown, Before::Names),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Before::Absent,

@@ -216,10 +216,11 @@ impl Creating {
 /// creation still under way in another process holds that lock, and is
 /// refused as [`Error::Locked`], not undone; one that finished meanwhile
 /// removed it, and is left alone. Refused when the chunks file holds more
-/// than a creation writes (a vault in use with a marker put back).
-fn start_over(dir: &Path) -> Result<()> {
+/// than a creation writes, or an open left its verified record (a vault
+/// in use with a marker put back). `Ok(true)` when it started over.
+pub(crate) fn start_over(dir: &Path) -> Result<bool> {
     let Some(f) = marker(dir) else {
-        return Ok(());
+        return Ok(false);
     };
     match f.try_lock() {
         Ok(()) => {}
@@ -233,18 +234,8 @@ fn start_over(dir: &Path) -> Result<()> {
         let held = f.metadata()?;
         match std::fs::symlink_metadata(dir.join(CREATING)) {
             Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => {}
-            _ => return Ok(()),
+            _ => return Ok(false),
         }
-    }
-    let chunks = std::fs::symlink_metadata(dir.join(crate::logfile::FILE)).map_or(0, |m| m.len());
-    if chunks > CREATION_CHUNKS_BYTES {
-        return Err(Error::Invalid(format!(
-            "{} holds a marker of a creation that did not finish, and a log of {chunks} bytes, \
-             more than a creation writes: it is not started over (remove {} if the vault was in \
-             use)",
-            dir.display(),
-            dir.join(CREATING).display()
-        )));
     }
     let db_file = db_dir(dir).join("db");
     let _db_lock = match std::fs::symlink_metadata(&db_file) {
@@ -266,6 +257,18 @@ fn start_over(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e.into()),
     };
+    // A vault in use with a marker put back: more log than a creation
+    // writes, or the record an open of it left.
+    let chunks = std::fs::symlink_metadata(dir.join(crate::logfile::FILE)).map_or(0, |m| m.len());
+    if chunks > CREATION_CHUNKS_BYTES || dir.join(crate::verified::FILE).exists() {
+        return Err(Error::Invalid(format!(
+            "{} holds a marker of a creation that did not finish, beside a log that was opened \
+             or holds more than a creation writes: it is not started over, and nothing was \
+             removed (remove {} if that vault is in use)",
+            dir.display(),
+            dir.join(CREATING).display()
+        )));
+    }
     tracing::warn!(
         dir = %dir.display(),
         "a creation of a vault here did not finish: starting over"
@@ -285,7 +288,7 @@ fn start_over(dir: &Path) -> Result<()> {
     // starts over again.
     gone(std::fs::remove_file(dir.join(CREATING)))?;
     sync_dir(dir)?;
-    Ok(())
+    Ok(true)
 }
 
 /// Warns when `dir` is shared ([`sharing`]).
@@ -306,9 +309,8 @@ fn sharing(dir: &Path) -> Option<String> {
     let m = std::fs::metadata(dir).ok()?;
     let mode = m.permissions().mode() & 0o777;
     let me = rustix::process::geteuid().as_raw();
-    // Root may change any dir whoever owns it, and root's dirs are no
-    // one else's to change: neither is shared this way.
-    if m.uid() != me && me != 0 && m.uid() != 0 {
+    // Root's dirs are no one else's to change.
+    if m.uid() != me && m.uid() != 0 {
         Some(format!(
             "the data dir belongs to uid {}, not to this process's ({me}): that user may change \
              its mode and write in it; let the vault's own user own it",
@@ -538,6 +540,11 @@ impl Store {
                 let leftover = [crate::logfile::FILE, "wal", crate::verified::FILE, CREATING]
                     .iter()
                     .any(|n| name == *n);
+                // Another creation's marker, made since the look above: a
+                // creation under way (not a dir given by mistake).
+                if name == CREATING && marker(dir).is_some() {
+                    return Err(Error::Locked);
+                }
                 if leftover || !e.file_type()?.is_file() {
                     return Err(Error::Invalid(format!(
                         "{} holds {:?}: a new vault goes in a dir that is new, empty or holds \
@@ -996,16 +1003,11 @@ mod tests {
         chmod(0o770);
         assert!(super::sharing(dir).is_some_and(|w| w.contains("group may write")));
         chmod(0o700);
-        // As root, a dir of another user's is not named (root may change
-        // any); as another user, one that is not its own is.
+        // Given to another user (where this process may: as root), the
+        // dir is that user's to change, whoever serves it.
         if std::os::unix::fs::chown(dir, Some(4242), None).is_ok() {
-            let me = rustix::process::geteuid().as_raw();
-            let why = super::sharing(dir);
-            if me == 0 {
-                assert_eq!(why, None);
-            } else {
-                assert!(why.is_some_and(|w| w.contains("belongs to uid 4242")));
-            }
+            let why = super::sharing(dir).expect("owned by another user");
+            assert!(why.contains("belongs to uid 4242"), "{why}");
         }
     }
 

@@ -1105,6 +1105,14 @@ impl Vault {
         crate::store::is_unfinished(dir)
     }
 
+    /// Removes what a creation in `dir` that did not finish left there, as
+    /// [`Vault::create`] does first; `Ok(false)` when there is none. Refused
+    /// (`Locked`) while that creation still runs, and (`Invalid`, nothing
+    /// removed) when the dir holds more than a creation writes.
+    pub fn start_over(dir: &Path) -> Result<bool> {
+        crate::store::start_over(dir)
+    }
+
     /// Opens an existing vault. Fails with `WrongSecret` when `unlock` is
     /// wrong: after the recovery every open makes first (the write-ahead
     /// replay, which a master rotation's staged keys may need before the
