@@ -226,30 +226,41 @@ pub fn private_key_file(
         .ok_or("the private key file is over 1 MiB")?;
     // A private key of a kind this cannot use, named if no other is found.
     let mut unusable: Option<String> = None;
-    let mut lines = pem
+    // The section being read (its label, and whether it has RFC 1421
+    // headers such as `Proc-Type: 4,ENCRYPTED`: an encrypted key), and its
+    // Base64 without blanks, in one buffer that never grows.
+    let mut section: Option<(&[u8], bool)> = None;
+    let mut base64 = Zeroizing::new(Vec::with_capacity(pem.len()));
+    for line in pem
         .split(|b| *b == b'\n' || *b == b'\r')
-        .map(<[u8]>::trim_ascii);
-    while let Some(line) = lines.next() {
-        let Some(label) = line
+        .map(<[u8]>::trim_ascii)
+    {
+        // A BEGIN line starts a section, also within one never ended.
+        if let Some(label) = line
             .strip_prefix(b"-----BEGIN ")
             .and_then(|l| l.strip_suffix(b"-----"))
-        else {
+        {
+            section = Some((label, false));
+            base64.clear();
+            continue;
+        }
+        let Some((label, headers)) = section.as_mut() else {
             continue;
         };
-        let end = [&b"-----END "[..], label, b"-----"].concat();
-        let mut base64 = Zeroizing::new(Vec::with_capacity(pem.len()));
-        let (mut closed, mut headers) = (false, false);
-        for body in lines.by_ref() {
-            if body == end.as_slice() {
-                closed = true;
-                break;
-            }
-            // RFC 1421 headers (`Proc-Type: 4,ENCRYPTED`): an encrypted key.
-            headers |= body.contains(&b':');
-            base64.extend(body.iter().filter(|b| !b.is_ascii_whitespace()));
-        }
-        if !closed {
-            break;
+        let Some(end) = line.strip_prefix(b"-----END ") else {
+            *headers |= line.contains(&b':');
+            base64.extend(line.iter().filter(|b| !b.is_ascii_whitespace()));
+            continue;
+        };
+        let (label, headers) = (*label, *headers);
+        section = None;
+        // Anything may follow `-----END <label>-----`; another label's
+        // end leaves the section unread.
+        if !end
+            .strip_prefix(label)
+            .is_some_and(|r| r.starts_with(b"-----"))
+        {
+            continue;
         }
         let label = String::from_utf8_lossy(label).into_owned();
         let kind = match label.as_str() {
@@ -268,8 +279,13 @@ pub fn private_key_file(
                 "the PEM {label} is encrypted (it has headers): decrypt it first"
             ));
         }
-        let mut der = Zeroizing::new(vec![0u8; base64.len() / 4 * 3 + 3]);
-        let decoded = base64ct::Base64::decode(&base64[..], &mut der)
+        // With or without its padding.
+        let digits = base64
+            .strip_suffix(b"==")
+            .or_else(|| base64.strip_suffix(b"="))
+            .unwrap_or(&base64);
+        let mut der = Zeroizing::new(vec![0u8; digits.len() / 4 * 3 + 3]);
+        let decoded = base64ct::Base64Unpadded::decode(digits, &mut der)
             .map_err(|e| format!("cannot decode the private key: {e}"))?;
         let owned = decoded.to_vec();
         return Ok(Zeroizing::new(match kind {
@@ -422,6 +438,11 @@ mod tests {
                 body.join(eol)
             )
         };
+        let unpadded = "-----BEGIN PRIVATE KEY-----\nAAECAw\n-----END PRIVATE KEY----- trailing\n";
+        assert_eq!(key_of(unpadded), Ok(vec![0, 1, 2, 3]));
+        let unclosed = "-----BEGIN CERTIFICATE-----\nBwgJ\n-----BEGIN PRIVATE KEY-----\nAAEC\n\
+                        -----END PRIVATE KEY-----\n";
+        assert_eq!(key_of(unclosed), Ok(vec![0, 1, 2]));
         for (width, eol, pad) in [
             (64, "\n", ""),
             (76, "\r\n", ""),
