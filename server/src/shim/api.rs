@@ -23,7 +23,7 @@ use super::Shim;
 use crate::metrics::{DecisionLabels, OpLabels, RouteLabels, RouteOnly};
 
 /// An error answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
@@ -1151,8 +1151,28 @@ pub async fn logs(
     Ok(axum::Json(Page { events, next_after }).into_response())
 }
 
+/// The vault's health, asked once for every request that arrived while
+/// the previous ask was under way: under a flood of `/v1/health` or
+/// `/metrics` requests (which need no key), the vault is asked at most
+/// once at a time, and the gateway connection that `/v1/authorize` uses
+/// is not filled with them. An answer is reused only by requests that
+/// arrived before its ask began, so none is older than its request.
+async fn vault_health(shim: &Shim) -> Result<client::Health, ApiError> {
+    let arrived = Instant::now();
+    let mut last = shim.health.lock().await;
+    if let Some((asked, answer)) = last.as_ref() {
+        if *asked >= arrived {
+            return answer.clone();
+        }
+    }
+    let asked = Instant::now();
+    let answer = shim.gw("health", |c| async move { c.health().await }).await;
+    *last = Some((asked, answer.clone()));
+    answer
+}
+
 pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
-    match shim.gw("health", |c| async move { c.health().await }).await {
+    match vault_health(&shim).await {
         Ok(h) => {
             if h.status != "recovering" {
                 shim.metrics.log_entries.set(h.entries as i64);
@@ -1226,7 +1246,7 @@ pub async fn metrics(State(shim): State<Arc<Shim>>, headers: HeaderMap) -> Respo
             .into_response();
         }
     }
-    let asked = shim.gw("health", |c| async move { c.health().await });
+    let asked = vault_health(&shim);
     let up = match tokio::time::timeout(SCRAPE_VAULT_WAIT, asked).await {
         Ok(Ok(h)) => {
             if h.status != "recovering" {

@@ -213,6 +213,9 @@ pub struct Shim {
     metrics: &'static Metrics,
     /// What `/v1/openapi.json` serves ([`openapi_for`]).
     openapi: axum::body::Bytes,
+    /// The vault's last health answer and when it was asked for, held
+    /// while the next is asked (`api::vault_health`).
+    health: tokio::sync::Mutex<Option<(std::time::Instant, Result<client::Health, api::ApiError>)>>,
 }
 
 impl Shim {
@@ -224,6 +227,7 @@ impl Shim {
             limiter: policy::RateLimiter::default(),
             denials: policy::DenialBudget::default(),
             metrics: crate::metrics::global(),
+            health: tokio::sync::Mutex::new(None),
         })
     }
 }
@@ -736,6 +740,77 @@ mod tests {
             ttl["default"] = 300.into();
             assert_eq!(served, doc());
         }
+    }
+
+    /// Health requests that arrive while the vault is being asked share
+    /// the next answer: twenty at once ask a slow vault a few times, not
+    /// twenty, and every one is answered.
+    #[tokio::test]
+    async fn health_requests_at_once_ask_the_vault_once_at_a_time() {
+        use futures_util::{SinkExt, StreamExt};
+        use protocol::{Message, MessageCodec};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let asked = std::sync::Arc::new(AtomicUsize::new(0));
+        // A vault that takes 100 ms to answer each `Health`.
+        let vault = tokio::spawn({
+            let asked = asked.clone();
+            async move {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let mut conn = tokio_util::codec::Framed::new(tcp, MessageCodec::new());
+                while let Some(Ok(req)) = conn.next().await {
+                    let answer = match req.message {
+                        Message::Hello { .. } => Message::HelloOk {
+                            role: "gateway".into(),
+                            server: "slow".into(),
+                        },
+                        Message::Health => {
+                            asked.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            Message::HealthInfo {
+                                status: "ok".into(),
+                                entries: 0,
+                                signed_head: Vec::new(),
+                            }
+                        }
+                        _ => Message::Pong,
+                    };
+                    if conn.send((req.request_id, answer)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let link = super::VaultLink::new(client::ClientConfig {
+            addr: addr.to_string(),
+            tls: client::Tls::Plaintext,
+            api_key: zeroize::Zeroizing::new("fvk_gateway".into()),
+            client_name: "test".into(),
+            timeout: std::time::Duration::from_secs(30),
+        });
+        let app = super::router(super::Shim::new(link, super::ShimConfig::default()));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let app = app.clone();
+            calls.spawn(async move {
+                let req = axum::http::Request::get("/v1/health")
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                tower::ServiceExt::oneshot(app, req)
+                    .await
+                    .expect("answered")
+                    .status()
+            });
+        }
+        while let Some(status) = calls.join_next().await {
+            assert_eq!(status.expect("join"), axum::http::StatusCode::OK);
+        }
+        let n = asked.load(Ordering::SeqCst);
+        assert!((1..=10).contains(&n), "the vault was asked {n} times");
+        vault.abort();
     }
 
     /// With a metrics key, `/metrics` answers 401 (and `WWW-Authenticate:
