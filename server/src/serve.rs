@@ -1259,6 +1259,9 @@ pub const MAX_HELLO_LEN: usize = 4 * 1024;
 /// Read buffer of any other role's connection, which may pipeline, and
 /// the write buffer's flush mark for all.
 const PIPELINE_BUFFER: usize = 8 * 1024;
+/// Most room a connection's write buffer keeps once it has written
+/// everything (a larger one, left by a large answer, is given back).
+const MAX_IDLE_WRITE_BUFFER: usize = 64 * 1024;
 
 /// The write half of a connection's byte stream.
 pub trait Outgoing: AsyncWrite + Unpin + Send + 'static {
@@ -1793,6 +1796,10 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
         let fed = feed(&mut self.sink, id, m, flags).await;
         self.failed = !fed;
         self.dirty = fed;
+        if !fed {
+            // Nothing more is written: what the answers held is free.
+            self.budget.clear();
+        }
     }
 
     async fn feed_all(&mut self, answers: Vec<(u32, Message, u16)>) {
@@ -1807,12 +1814,20 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
         }
         self.dirty = false;
         self.budget.clear();
+        // The buffer grows to the largest answer written (an `Entries`
+        // answer: megabytes) and keeps that room: given back once
+        // written, so that what a connection holds between answers stays
+        // small.
+        let buffer = self.sink.write_buffer_mut();
+        if buffer.is_empty() && buffer.capacity() > MAX_IDLE_WRITE_BUFFER {
+            drop(std::mem::take(buffer));
+        }
     }
 
     /// Keeps `held`'s budget until the next flush; its turn ends here.
     fn hold(&mut self, held: AnswerHold<'_>) {
         if let Some(b) = held.budget {
-            if self.dirty {
+            if self.dirty && !self.failed {
                 self.budget.push(b);
             }
         }
