@@ -48,8 +48,8 @@
 //! replay writes the chunk again (`LogTree::repair`, or appended anew).
 //! If it is not, the group was never acknowledged: the next open drops the
 //! pointers at the end of the log whose bytes lie past the end of the file,
-//! or (from a seq the write-ahead file can hold) read as zeros, where the
-//! file's length survived its bytes, and those of
+//! or (from a seq the write-ahead file can hold) read as zeros from a page
+//! boundary on, where the file's length survived its bytes, and those of
 //! the first chunks of their group, which one write put out with them
 //! (`LogTree::open`), as a torn write-ahead record is dropped. No other
 //! sled write may rest on such a group: whatever the vault writes to sled
@@ -285,14 +285,26 @@ fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
     with_chunk_at(file, offset, n, |c| c.is_none_or(|c| c.head.is_some()))
 }
 
-/// Whether the `n` bytes at `offset` of `file` are all zeros (what a file
-/// whose length survived a power loss holds where its bytes did not). A
-/// length over any chunk's is not read, and counts as not.
-fn all_zeros(file: &File, offset: u64, n: u64) -> Result<bool> {
+/// Whether the `n` bytes at `offset` of `file` are what a power loss
+/// leaves of a chunk the file's length kept: all zeros, or (a write of
+/// several pages cut short) a chunk that does not decode and whose bytes
+/// are zeros from a page boundary within it to its end. A length over any
+/// chunk's is not read, and counts as not.
+fn lost_to_power(file: &File, offset: u64, n: u64) -> Result<bool> {
+    const PAGE: u64 = 4096;
     if n > MAX_CHUNK_BYTES {
         return Ok(false);
     }
-    Ok(read_file_at(file, offset, n)?.iter().all(|b| *b == 0))
+    let bytes = read_file_at(file, offset, n)?;
+    let Some(last) = bytes.iter().rposition(|b| *b != 0) else {
+        return Ok(true);
+    };
+    if crate::chunk::Chunk::decode(&bytes).is_ok() {
+        return Ok(false);
+    }
+    // The first page boundary at or after the last byte that is not zero.
+    let boundary = (offset + last as u64 + 1).div_ceil(PAGE) * PAGE;
+    Ok(boundary < offset + bytes.len() as u64)
 }
 
 /// The seq that follows the chunk of first seq `key` at `offset`, `n`
@@ -435,8 +447,8 @@ impl LogTree {
     }
 
     /// Drops the pointers at the end of `index` whose bytes lie past the
-    /// end of `file` or (from a seq the write-ahead file can hold) read as
-    /// zeros, and with them the rest of their commit group, and returns
+    /// end of `file` or (from a seq the write-ahead file can hold) are
+    /// zeros from a page boundary on ([`lost_to_power`]), and with them the rest of their commit group, and returns
     /// where the last chunk left then ends. Only a run at the end of the
     /// log is dropped: a group whose first chunks are zeros and whose last
     /// one (its head) is whole is kept, and the replay or verify deals
@@ -475,12 +487,12 @@ impl LogTree {
                 // took (see the module doc).
                 Some((offset, n)) if offset.saturating_add(n) > len => dropped.push(k),
                 // The same where the file's length survived and its bytes
-                // did not (zeros in their place): dropped only from a seq
-                // the write-ahead file can hold, whose replay writes an
-                // acknowledged group again. A checkpointed group's chunk,
-                // and bytes that are not all zeros (damage, not a loss),
-                // are kept, and verify names them.
-                Some((offset, n)) if written_ahead(&k) && all_zeros(file, offset, n)? => {
+                // did not (zeros in their place, from a page boundary on):
+                // dropped only from a seq the write-ahead file can hold,
+                // whose replay writes an acknowledged group again. A
+                // checkpointed group's chunk, and other bytes (damage, not
+                // a loss), are kept, and verify names them.
+                Some((offset, n)) if written_ahead(&k) && lost_to_power(file, offset, n)? => {
                     dropped.push(k)
                 }
                 // The first chunks of a group that lost its last ones.
@@ -1020,6 +1032,38 @@ mod tests {
         assert_eq!(*log.end()?, c0.len() as u64);
         assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
         assert_eq!(log.layout_fault()?, None);
+        Ok(())
+    }
+
+    /// A chunk of several pages whose write a power loss cut short (its
+    /// first page there, zeros from a page boundary on) is dropped at the
+    /// end of the log from a seq the write-ahead file can hold; one with a
+    /// byte that is not zero after its last page boundary is damage, kept.
+    #[test]
+    fn a_chunk_cut_short_at_a_page_is_dropped_when_written_ahead() -> Result<()> {
+        let c0 = whole_chunk(0);
+        let big = crate::chunk::encode_chunk(1, &[&[7u8; 10_000][..]], None);
+        for last_byte_kept in [false, true] {
+            let dir = tempfile::tempdir()?;
+            {
+                let (db, log) = open(dir.path())?;
+                log.apply(&[(0u64.to_be_bytes(), &c0[..])])?;
+                log.apply(&[(1u64.to_be_bytes(), &big[..])])?;
+                db.flush()?;
+                let start = c0.len() as u64;
+                let end = start + big.len() as u64;
+                let boundary = start.div_ceil(4096) * 4096;
+                log.file
+                    .write_all_at(&vec![0u8; (end - boundary) as usize], boundary)?;
+                if last_byte_kept {
+                    log.file.write_all_at(&[1], end - 1)?;
+                }
+            }
+            segment(dir.path(), 1)?;
+            let (_db, log) = open(dir.path())?;
+            let kept = log.index.len();
+            assert_eq!(kept, if last_byte_kept { 2 } else { 1 });
+        }
         Ok(())
     }
 
