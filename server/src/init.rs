@@ -47,12 +47,13 @@ pub fn create_and_show(
             error,
         })
     });
-    // A vault there already, or another process creating one (the lock):
-    // nothing of it is this call's to remove.
+    // A vault there already, another process creating one (the lock), or
+    // a dir refused before anything was made in it: nothing there is this
+    // call's to remove (what another process made meanwhile included).
     let not_ours = matches!(
         &done,
         Err(crate::Error::Storage(
-            storage::Error::AlreadyExists(_) | storage::Error::Locked
+            storage::Error::AlreadyExists(_) | storage::Error::Locked | storage::Error::Invalid(_)
         ))
     );
     if done.is_err() && !not_ours {

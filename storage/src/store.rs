@@ -208,6 +208,12 @@ impl Creating {
         std::fs::remove_file(self.dir.join(CREATING))?;
         sync_dir(&self.dir)
     }
+
+    /// Gives up a creation before anything of it was made: the marker is
+    /// removed, as by [`Creating::finish`].
+    fn abandon(self) -> Result<()> {
+        self.finish()
+    }
 }
 
 /// Removes what a creation that did not finish left in `dir` (its
@@ -540,12 +546,16 @@ impl Store {
                 let leftover = [crate::logfile::FILE, "wal", crate::verified::FILE, CREATING]
                     .iter()
                     .any(|n| name == *n);
-                // Another creation's marker, made since the look above: a
-                // creation under way (not a dir given by mistake).
-                if name == CREATING && marker(dir).is_some() {
-                    return Err(Error::Locked);
+                // Another creation, begun since the look above: under way
+                // (its marker) or done (its database), not a dir given by
+                // mistake.
+                if name == "db" {
+                    return Err(Error::AlreadyExists(dir.display().to_string()));
                 }
                 if leftover || !e.file_type()?.is_file() {
+                    if marker(dir).is_some() {
+                        return Err(Error::Locked);
+                    }
                     return Err(Error::Invalid(format!(
                         "{} holds {:?}: a new vault goes in a dir that is new, empty or holds \
                          files only, none of another vault",
@@ -591,6 +601,12 @@ impl Store {
         // The marker, durable before the database: a crash from here on
         // leaves a dir that says its creation did not finish.
         let creating = Creating::begin(dir)?;
+        // A creation that began and finished since the look above (its
+        // marker gone again): its vault is there, and stays as it is.
+        if db_dir(dir).exists() {
+            creating.abandon()?;
+            return Err(Error::AlreadyExists(dir.display().to_string()));
+        }
         let store = Self::open_at(dir, cache_bytes, flusher)?;
         sync_dir(&db_dir(dir))?;
         sync_dir(dir)?;

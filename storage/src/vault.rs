@@ -1107,8 +1107,9 @@ impl Vault {
 
     /// Removes what a creation in `dir` that did not finish left there, as
     /// [`Vault::create`] does first; `Ok(false)` when there is none. Refused
-    /// (`Locked`) while that creation still runs, and (`Invalid`, nothing
-    /// removed) when the dir holds more than a creation writes.
+    /// (`Locked`) while that creation still runs or a process holds the
+    /// vault's database, and (`Invalid`, nothing removed) when the dir
+    /// holds more log than a creation writes, or the record an open left.
     pub fn start_over(dir: &Path) -> Result<bool> {
         crate::store::start_over(dir)
     }
