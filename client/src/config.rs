@@ -208,7 +208,10 @@ const MAX_PRIVATE_KEY_FILE: usize = 1 << 20;
 /// as certificates or `EC PARAMETERS`, and text between sections are
 /// passed over), for a TLS certificate's key at either end. Lines may end
 /// in LF, CRLF or CR, and the Base64 may be wrapped at any width, with
-/// blanks around it, as rustls's own reader takes it.
+/// blanks around it, padded or not, as rustls's own reader takes them; a
+/// section never ended is dropped at the next BEGIN line, and Base64
+/// whose last digit carries bits past the data is refused (rustls
+/// ignores them).
 ///
 /// The file is read into one buffer, its Base64 gathered into another and
 /// decoded (in constant time, `base64ct`) into a third, all wiped when
@@ -279,7 +282,10 @@ pub fn private_key_file(
                 "the PEM {label} is encrypted (it has headers): decrypt it first"
             ));
         }
-        // With or without its padding.
+        // With its padding (whole groups of four) or without it.
+        if base64.last() == Some(&b'=') && base64.len() % 4 != 0 {
+            return Err("cannot decode the private key: Base64 padding out of place".into());
+        }
         let digits = base64
             .strip_suffix(b"==")
             .or_else(|| base64.strip_suffix(b"="))
@@ -440,6 +446,12 @@ mod tests {
         };
         let unpadded = "-----BEGIN PRIVATE KEY-----\nAAECAw\n-----END PRIVATE KEY----- trailing\n";
         assert_eq!(key_of(unpadded), Ok(vec![0, 1, 2, 3]));
+        let padded = "-----BEGIN PRIVATE KEY-----\nAAECAw==\n-----END PRIVATE KEY-----\n";
+        assert_eq!(key_of(padded), Ok(vec![0, 1, 2, 3]));
+        for bad in ["AAEC=", "AAEC==", "AAECAw=", "AA=EC", "AAEC==="] {
+            let pem = format!("-----BEGIN PRIVATE KEY-----\n{bad}\n-----END PRIVATE KEY-----\n");
+            assert!(key_of(&pem).is_err(), "{bad}");
+        }
         let unclosed = "-----BEGIN CERTIFICATE-----\nBwgJ\n-----BEGIN PRIVATE KEY-----\nAAEC\n\
                         -----END PRIVATE KEY-----\n";
         assert_eq!(key_of(unclosed), Ok(vec![0, 1, 2]));
