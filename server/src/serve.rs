@@ -1818,8 +1818,11 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
         // answer: megabytes) and keeps that room: given back once
         // written, so that what a connection holds between answers stays
         // small.
+        // (`capacity` counts only the room past what was written: whether
+        // the whole allocation is larger is what `try_reclaim` says.) Once
+        // a write failed, nothing more is written: all of it goes.
         let buffer = self.sink.write_buffer_mut();
-        if buffer.is_empty() && buffer.capacity() > MAX_IDLE_WRITE_BUFFER {
+        if self.failed || (buffer.is_empty() && buffer.try_reclaim(MAX_IDLE_WRITE_BUFFER + 1)) {
             drop(std::mem::take(buffer));
         }
     }
@@ -4224,6 +4227,49 @@ mod tests {
         let (_t5, _) = a.arrive();
         let (_t6, _) = a.arrive();
         assert!(!e2.is_cancelled(), "a connection holding its slot stays");
+    }
+
+    /// A connection's write buffer, grown by a large answer, is given back
+    /// once that answer is written; a small one is kept.
+    #[tokio::test]
+    async fn the_write_buffer_a_large_answer_grew_is_given_back() {
+        use tokio::io::AsyncReadExt;
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = far.read_to_end(&mut sink).await;
+        });
+        let mut sink = FramedWrite::new(
+            Unread::new(near, Duration::from_secs(30)),
+            FrameCodec::new(),
+        );
+        sink.set_backpressure_boundary(PIPELINE_BUFFER);
+        let mut out = Answers {
+            sink,
+            dirty: false,
+            failed: false,
+            budget: Vec::new(),
+        };
+        let batch = |n: usize| Message::EntryBatch {
+            entries: vec![vec![7u8; n]],
+        };
+        out.feed(2, &batch(100), 0).await;
+        out.flush().await;
+        assert!(
+            out.sink.write_buffer_mut().try_reclaim(100),
+            "a small buffer kept"
+        );
+        out.feed(3, &batch(512 * 1024), 0).await;
+        out.flush().await;
+        assert!(!out.failed);
+        assert!(
+            !out.sink
+                .write_buffer_mut()
+                .try_reclaim(MAX_IDLE_WRITE_BUFFER + 1),
+            "given back"
+        );
+        drop(out);
+        reader.await.expect("reader");
     }
 
     #[tokio::test(start_paused = true)]
