@@ -5,7 +5,7 @@
 //! types (axum's rejections are mapped here), unknown routes and methods.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -1151,28 +1151,64 @@ pub async fn logs(
     Ok(axum::Json(Page { events, next_after }).into_response())
 }
 
-/// The vault's health, asked once for every request that arrived while
-/// the previous ask was under way: under a flood of `/v1/health` or
-/// `/metrics` requests (which need no key), the vault is asked at most
-/// once at a time, and the gateway connection that `/v1/authorize` uses
-/// is not filled with them. An answer is reused only by requests that
-/// arrived before its ask began, so none is older than its request.
-async fn vault_health(shim: &Shim) -> Result<client::Health, ApiError> {
-    let arrived = Instant::now();
-    let mut last = shim.health.lock().await;
-    if let Some((asked, answer)) = last.as_ref() {
-        if *asked >= arrived {
-            return answer.clone();
+/// The vault's health answers: the last one with when it was asked for,
+/// and the ask under way, if any ([`vault_health`]).
+#[derive(Debug, Default)]
+pub struct HealthAsks {
+    last: Option<(Instant, Result<client::Health, ApiError>)>,
+    /// Turns `true` when the ask under way has ended.
+    asking: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// The vault's health, asked at most once at a time: under a flood of
+/// `/v1/health` or `/metrics` requests (which need no key), the gateway
+/// connection that `/v1/authorize` uses is not filled with them. The ask
+/// runs in a task of its own, so that requests that give up waiting do
+/// not cut it short; an answer is used only by requests that arrived
+/// before it was asked for (`not_before`), and requests that arrived
+/// during an ask wait for it to end, then for the next.
+async fn vault_health(shim: &Arc<Shim>, not_before: Instant) -> Result<client::Health, ApiError> {
+    loop {
+        let mut ended = {
+            let mut asks = shim.health.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((asked, answer)) = &asks.last {
+                if *asked > not_before {
+                    return answer.clone();
+                }
+            }
+            match &asks.asking {
+                Some(ended) => ended.clone(),
+                None => {
+                    let (tx, ended) = tokio::sync::watch::channel(false);
+                    asks.asking = Some(ended.clone());
+                    let shim = Arc::clone(shim);
+                    tokio::spawn(async move {
+                        let asked = Instant::now();
+                        let answer = shim.gw("health", |c| async move { c.health().await }).await;
+                        let mut asks = shim.health.lock().unwrap_or_else(PoisonError::into_inner);
+                        asks.last = Some((asked, answer));
+                        asks.asking = None;
+                        drop(asks);
+                        let _ = tx.send(true);
+                    });
+                    ended
+                }
+            }
+        };
+        if ended.wait_for(|done| *done).await.is_err() {
+            // The ask's task ended without a word (the runtime stopping):
+            // forget it, so that the next look asks again.
+            let mut asks = shim.health.lock().unwrap_or_else(PoisonError::into_inner);
+            if asks.asking.as_ref().is_some_and(|a| a.same_channel(&ended)) {
+                asks.asking = None;
+            }
+            return Err(ApiError::unavailable());
         }
     }
-    let asked = Instant::now();
-    let answer = shim.gw("health", |c| async move { c.health().await }).await;
-    *last = Some((asked, answer.clone()));
-    answer
 }
 
 pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
-    match vault_health(&shim).await {
+    match vault_health(&shim, Instant::now()).await {
         Ok(h) => {
             if h.status != "recovering" {
                 shim.metrics.log_entries.set(h.entries as i64);
@@ -1246,7 +1282,14 @@ pub async fn metrics(State(shim): State<Arc<Shim>>, headers: HeaderMap) -> Respo
             .into_response();
         }
     }
-    let asked = vault_health(&shim);
+    // An answer asked for up to the wait before the scrape will do: a
+    // scrape that came during another request's ask does not wait for
+    // two of them.
+    let arrived = Instant::now();
+    let asked = vault_health(
+        &shim,
+        arrived.checked_sub(SCRAPE_VAULT_WAIT).unwrap_or(arrived),
+    );
     let up = match tokio::time::timeout(SCRAPE_VAULT_WAIT, asked).await {
         Ok(Ok(h)) => {
             if h.status != "recovering" {

@@ -213,9 +213,9 @@ pub struct Shim {
     metrics: &'static Metrics,
     /// What `/v1/openapi.json` serves ([`openapi_for`]).
     openapi: axum::body::Bytes,
-    /// The vault's last health answer and when it was asked for, held
-    /// while the next is asked (`api::vault_health`).
-    health: tokio::sync::Mutex<Option<(std::time::Instant, Result<client::Health, api::ApiError>)>>,
+    /// The vault's last health answer and the ask under way
+    /// (`api::vault_health`).
+    health: std::sync::Mutex<api::HealthAsks>,
 }
 
 impl Shim {
@@ -227,7 +227,7 @@ impl Shim {
             limiter: policy::RateLimiter::default(),
             denials: policy::DenialBudget::default(),
             metrics: crate::metrics::global(),
-            health: tokio::sync::Mutex::new(None),
+            health: std::sync::Mutex::new(api::HealthAsks::default()),
         })
     }
 }
@@ -744,7 +744,8 @@ mod tests {
 
     /// Health requests that arrive while the vault is being asked share
     /// the next answer: twenty at once ask a slow vault a few times, not
-    /// twenty, and every one is answered.
+    /// twenty, and every one is answered; twenty more that gave up while
+    /// it was asked do not make it asked again.
     #[tokio::test]
     async fn health_requests_at_once_ask_the_vault_once_at_a_time() {
         use futures_util::{SinkExt, StreamExt};
@@ -792,6 +793,20 @@ mod tests {
             timeout: std::time::Duration::from_secs(30),
         });
         let app = super::router(super::Shim::new(link, super::ShimConfig::default()));
+        // Requests that give up while the vault is asked do not make it
+        // asked again.
+        let mut gone = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let app = app.clone();
+            gone.spawn(async move {
+                let req = axum::http::Request::get("/v1/health")
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                let _ = tower::ServiceExt::oneshot(app, req).await;
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        gone.abort_all();
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..20 {
             let app = app.clone();
