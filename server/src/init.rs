@@ -53,7 +53,9 @@ pub fn create_and_show(
     let not_ours = matches!(
         &done,
         Err(crate::Error::Storage(
-            storage::Error::AlreadyExists(_) | storage::Error::Locked | storage::Error::Invalid(_)
+            storage::Error::AlreadyExists(_)
+                | storage::Error::Locked
+                | storage::Error::DirRefused(_)
         ))
     );
     if done.is_err() && !not_ours {

@@ -119,6 +119,11 @@ pub enum Error {
          nothing was stored in it: create it again (`vaultd init` starts over)"
     )]
     Unfinished(String),
+    /// `create` was given a dir that is not for a new vault (a dir of
+    /// other things, or another vault's leftovers), refused before
+    /// anything was made or changed in it.
+    #[error("{0}")]
+    DirRefused(String),
     /// `create` was asked to overwrite an existing vault.
     #[error("a vault already exists at {0}")]
     AlreadyExists(String),

@@ -203,13 +203,25 @@ impl Creating {
     }
 
     /// Marks the creation finished (its first group is durable): the
-    /// marker is removed, durably, then unlocked.
+    /// marker is removed, durably, then unlocked. Only this creation's own
+    /// marker: one put in its place since (after something removed this
+    /// one) is another's, and stays.
     pub(crate) fn finish(self) -> Result<()> {
-        std::fs::remove_file(self.dir.join(CREATING))?;
-        sync_dir(&self.dir)
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(CREATING);
+        let held = self._lock.metadata()?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.ino() == held.ino() && m.dev() == held.dev() => {
+                std::fs::remove_file(&path)?;
+                sync_dir(&self.dir)
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Gives up a creation before anything of it was made: the marker is
+    /// Gives up a creation before anything of it was made: its marker is
     /// removed, as by [`Creating::finish`].
     fn abandon(self) -> Result<()> {
         self.finish()
@@ -541,7 +553,12 @@ impl Store {
         // mistake, which would be made its owner's alone).
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries {
-                let e = e?;
+                // An entry gone since the listing (another creation's
+                // marker under its own name, linked and removed) is none.
+                let e = match e {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    e => e?,
+                };
                 let name = e.file_name();
                 let leftover = [crate::logfile::FILE, "wal", crate::verified::FILE, CREATING]
                     .iter()
@@ -552,11 +569,16 @@ impl Store {
                 if name == "db" {
                     return Err(Error::AlreadyExists(dir.display().to_string()));
                 }
-                if leftover || !e.file_type()?.is_file() {
+                let is_file = match e.file_type() {
+                    Ok(t) => t.is_file(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if leftover || !is_file {
                     if marker(dir).is_some() {
                         return Err(Error::Locked);
                     }
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::DirRefused(format!(
                         "{} holds {:?}: a new vault goes in a dir that is new, empty or holds \
                          files only, none of another vault",
                         dir.display(),
@@ -604,7 +626,16 @@ impl Store {
         // A creation that began and finished since the look above (its
         // marker gone again): its vault is there, and stays as it is.
         if db_dir(dir).exists() {
-            creating.abandon()?;
+            // A marker left by a failure here would make that vault look
+            // unfinished; the refusal stands either way.
+            if let Err(e) = creating.abandon() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    error = %e,
+                    "cannot remove the marker of a creation given up: remove {} by hand",
+                    dir.join(CREATING).display()
+                );
+            }
             return Err(Error::AlreadyExists(dir.display().to_string()));
         }
         let store = Self::open_at(dir, cache_bytes, flusher)?;

@@ -566,7 +566,7 @@ fn a_vault_is_created_only_in_a_dir_meant_for_it() {
     std::fs::write(leftover.join("chunks"), b"old").expect("chunks");
     for dir in [&busy, &leftover] {
         let r = Vault::create(dir, &unlock(), Options::default());
-        assert!(matches!(r, Err(Error::Invalid(_))), "{:?}", r.map(|_| ()));
+        assert!(matches!(r, Err(Error::DirRefused(_))), "{:?}", r.map(|_| ()));
         assert!(!dir.join("db").exists(), "nothing made");
     }
     let files = tmp.path().join("files");
