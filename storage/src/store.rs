@@ -258,7 +258,7 @@ pub(crate) fn start_over(dir: &Path) -> Result<bool> {
     let db_file = db_dir(dir).join("db");
     let _db_lock = match std::fs::symlink_metadata(&db_file) {
         Ok(m) if !m.is_file() => {
-            return Err(Error::Invalid(format!(
+            return Err(Error::DirRefused(format!(
                 "{} is not a regular file",
                 db_file.display()
             )))
@@ -279,7 +279,7 @@ pub(crate) fn start_over(dir: &Path) -> Result<bool> {
     // writes, or the record an open of it left.
     let chunks = std::fs::symlink_metadata(dir.join(crate::logfile::FILE)).map_or(0, |m| m.len());
     if chunks > CREATION_CHUNKS_BYTES || dir.join(crate::verified::FILE).exists() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::DirRefused(format!(
             "{} holds a marker of a creation that did not finish, beside a log that was opened \
              or holds more than a creation writes: it is not started over, and nothing was \
              removed (remove {} if that vault is in use)",
@@ -577,6 +577,14 @@ impl Store {
                 if leftover || !is_file {
                     if marker(dir).is_some() {
                         return Err(Error::Locked);
+                    }
+                    if db_dir(dir).exists() {
+                        return Err(Error::AlreadyExists(dir.display().to_string()));
+                    }
+                    if std::fs::symlink_metadata(e.path())
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                    {
+                        continue;
                     }
                     return Err(Error::DirRefused(format!(
                         "{} holds {:?}: a new vault goes in a dir that is new, empty or holds \

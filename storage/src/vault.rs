@@ -1108,7 +1108,7 @@ impl Vault {
     /// Removes what a creation in `dir` that did not finish left there, as
     /// [`Vault::create`] does first; `Ok(false)` when there is none. Refused
     /// (`Locked`) while that creation still runs or a process holds the
-    /// vault's database, and (`Invalid`, nothing removed) when the dir
+    /// vault's database, and (`DirRefused`, nothing removed) when the dir
     /// holds more log than a creation writes, or the record an open left.
     pub fn start_over(dir: &Path) -> Result<bool> {
         crate::store::start_over(dir)

@@ -566,7 +566,11 @@ fn a_vault_is_created_only_in_a_dir_meant_for_it() {
     std::fs::write(leftover.join("chunks"), b"old").expect("chunks");
     for dir in [&busy, &leftover] {
         let r = Vault::create(dir, &unlock(), Options::default());
-        assert!(matches!(r, Err(Error::DirRefused(_))), "{:?}", r.map(|_| ()));
+        assert!(
+            matches!(r, Err(Error::DirRefused(_))),
+            "{:?}",
+            r.map(|_| ())
+        );
         assert!(!dir.join("db").exists(), "nothing made");
     }
     let files = tmp.path().join("files");
@@ -671,7 +675,7 @@ fn only_a_creations_own_marker_starts_it_over() {
     std::fs::write(dir.join("creating"), MARKER).expect("a marker");
     let r = Vault::create(&dir, &unlock(), Options::default());
     match r {
-        Err(Error::Invalid(m)) => assert!(m.contains("not started over"), "{m}"),
+        Err(Error::DirRefused(m)) => assert!(m.contains("not started over"), "{m}"),
         other => panic!("{:?}", other.map(|_| ())),
     }
     assert!(
