@@ -1152,7 +1152,7 @@ pub async fn logs(
 }
 
 /// The vault's health answers: the last one with when it was asked for,
-/// and the ask under way, if any ([`vault_health`]).
+/// and the ask under way, if any (`vault_health`).
 #[derive(Debug, Default)]
 pub struct HealthAsks {
     last: Option<(Instant, Result<client::Health, ApiError>)>,
