@@ -199,22 +199,22 @@ fn init_prints_one_json_object_and_refuses_a_second_init() {
     assert_eq!(v.code, 0, "{v:?}");
 }
 
+/// What a creation's marker holds (docs/storage.md, section 2).
+const MARKER: &str = "fintrust-vault: the creation of this vault has not finished\n";
+
 /// A vault whose creation did not finish (its `creating` marker left by
 /// a crash) is refused by `vault-verify` (which could not check it, exit
-/// 2) and `vaultd serve`, which say so; `vaultd init` starts it over, and when that init fails too (its
-/// output lost), what the unfinished creation left is removed with what
-/// it made, so that no vault without a shown admin key is left.
+/// 2) and `vaultd serve`, which say so; `vaultd init` starts it over, and
+/// when that init fails too (its output lost), what the unfinished
+/// creation left is removed with what it made, so that no vault without a
+/// shown admin key is left.
 #[test]
 fn init_starts_over_a_creation_that_did_not_finish() {
     let s = Scratch::new();
     let first = s.init("v");
     let dir = s.path("v");
     wait_unlocked(&dir);
-    std::fs::write(
-        dir.join("creating"),
-        "fintrust-vault: the creation of this vault has not finished\n",
-    )
-    .expect("the marker a crash leaves");
+    std::fs::write(dir.join("creating"), MARKER).expect("the marker a crash leaves");
     // Nothing to verify: the check cannot run (exit 2).
     let v = verify_dir(&dir, str_field(&first, "public_key"), &["--json"]);
     assert_eq!(v.code, 2, "{v:?}");
@@ -246,11 +246,7 @@ fn init_starts_over_a_creation_that_did_not_finish() {
 
     // A marker put back beside a vault an open has verified (its record
     // there): init refuses to start it over, and removes nothing.
-    std::fs::write(
-        dir.join("creating"),
-        "fintrust-vault: the creation of this vault has not finished\n",
-    )
-    .expect("marker");
+    std::fs::write(dir.join("creating"), MARKER).expect("marker");
     std::fs::write(dir.join("verified"), b"a record").expect("record");
     let before = support::dir_contents(&dir);
     let refused = s.init_run("v");
