@@ -841,24 +841,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                          if it was made, to revoke it",
                     )
                 })?;
-            let json = json!({"id": id, "role": role, "name": name, "api_key": key.as_str()});
-            let text = zeroize::Zeroizing::new(format!(
-                "id: {id}\nrole: {role}\napi_key: {} (shown once; store it now)",
-                key.as_str()
-            ));
-            // The key exists only in this output: a credential whose key
-            // could not be shown is revoked again, so that none is left
-            // live that nobody can use or knows of.
-            if let Err(e) = cli.format.print(&json, &text) {
-                let undone = match client.revoke_credential(id.as_str()).await {
-                    Ok(_) => format!("credential {id} was revoked again"),
-                    Err(r) => format!(
-                        "credential {id} could not be revoked again ({r}): revoke it with \
-                         `vault-admin credentials revoke --id {id}`"
-                    ),
-                };
-                anyhow::bail!("{e:#}; its API key was not shown, so {undone}");
-            }
+            show_new_key(cli.format, (&id, role, name), &key, async || {
+                client.revoke_credential(id.as_str()).await.map(|_| ())
+            })
+            .await?;
             return Ok(());
         }
         Command::Credentials {
@@ -1106,14 +1092,30 @@ async fn offline_key_credential(
     name: &str,
 ) -> anyhow::Result<Done> {
     let (id, key) = vault.create_credential(role, name).await?;
-    let json = json!({"id": id, "role": role, "name": name, "api_key": key.as_str()});
+    show_new_key(cli.format, (&id, role, name), &key, async || {
+        vault.revoke_credential(&id).await.map(|_| ())
+    })
+    .await?;
+    Ok(Done::Printed)
+}
+
+/// Prints a new credential (`id`, role, name) and its API key, this once.
+/// The key exists only in this output: a credential whose key could not be
+/// shown is taken back by `revoke`, so that none is left live that nobody
+/// can use or knows of.
+async fn show_new_key<E: std::fmt::Display>(
+    format: Format,
+    (id, role, name): (&str, &str, &str),
+    key: &str,
+    revoke: impl AsyncFnOnce() -> Result<(), E>,
+) -> anyhow::Result<()> {
+    let json = json!({"id": id, "role": role, "name": name, "api_key": key});
     let text = zeroize::Zeroizing::new(format!(
-        "id: {id}\nrole: {role}\napi_key: {} (shown once; store it now)",
-        key.as_str()
+        "id: {id}\nrole: {role}\napi_key: {key} (shown once; store it now)"
     ));
-    if let Err(e) = cli.format.print(&json, &text) {
-        let undone = match vault.revoke_credential(&id).await {
-            Ok(_) => format!("credential {id} was revoked again"),
+    if let Err(e) = format.print(&json, &text) {
+        let undone = match revoke().await {
+            Ok(()) => format!("credential {id} was revoked again"),
             Err(r) => format!(
                 "credential {id} could not be revoked again ({r}): revoke it with \
                  `vault-admin credentials revoke --id {id}`"
@@ -1121,7 +1123,7 @@ async fn offline_key_credential(
         };
         anyhow::bail!("{e:#}; its API key was not shown, so {undone}");
     }
-    Ok(Done::Printed)
+    Ok(())
 }
 
 /// A credential held by a client certificate, made on a stopped vault.
