@@ -1086,8 +1086,20 @@ async fn concurrent_redemptions_of_one_token_deliver_once() {
 
 /// `n` `Ping` frames in a row.
 fn pings(n: usize) -> Vec<u8> {
-    let ping = protocol::encode_frame(2, &Message::Ping, 0).expect("frame");
-    ping.iter().copied().cycle().take(ping.len() * n).collect()
+    repeated(
+        &protocol::encode_frame(2, &Message::Ping, 0).expect("frame"),
+        n,
+    )
+}
+
+/// `frame`, `n` times in a row.
+fn repeated(frame: &[u8], n: usize) -> Vec<u8> {
+    frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * n)
+        .collect()
 }
 
 #[tokio::test]
@@ -1765,13 +1777,10 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
     // Asks again and again, and never reads.
     let (flooder, _) = connect(&s, &s.auditor).await;
     let mut tcp = flooder.into_inner();
-    let ask = protocol::encode_frame(2, &entries, 0).expect("frame");
-    let burst: Vec<u8> = ask
-        .iter()
-        .copied()
-        .cycle()
-        .take(ask.len() * 2_000)
-        .collect();
+    let burst = repeated(
+        &protocol::encode_frame(2, &entries, 0).expect("frame"),
+        2_000,
+    );
     let flood = tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} });
     // Bounded, so that a budget never spent fails the test rather than
     // hangs it: spent once the unread answers fill the socket's buffers.

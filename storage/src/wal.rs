@@ -1185,6 +1185,25 @@ mod tests {
         Ok(store.keys.get(k)?.map(|v| v.to_vec()))
     }
 
+    /// A store in `dir` whose log holds groups 0 to 2, made durable, and
+    /// a write-ahead file holding the records of the groups `written_ahead`
+    /// names; the log's chunks.
+    fn three_groups(dir: &Path, written_ahead: &[usize]) -> Result<Vec<Vec<u8>>> {
+        let store = Store::create_for_tests(dir, 8 << 20, crate::store::Flusher::Off)?;
+        let groups: Vec<GroupWrite> = (0..3).map(|s| group_at(s, &[])).collect();
+        for g in &groups {
+            g.batches[0].clone().apply(&store)?;
+        }
+        let whole = chunks(&store)?;
+        let mut wal = Wal::new(dir, SEGMENT_BYTES);
+        for &i in written_ahead {
+            let g = &groups[i];
+            wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
+        }
+        store.sync()?;
+        Ok(whole)
+    }
+
     #[test]
     fn replay_writes_again_the_chunks_a_power_loss_took() -> Result<()> {
         // Groups 0 to 2 in the log; the write-ahead file still holds 1 and
@@ -1193,18 +1212,7 @@ mod tests {
         for lost in ["the file's tail", "bytes in place"] {
             let tmp = tempfile::tempdir()?;
             let dir = tmp.path().join("v");
-            let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
-            let groups: Vec<GroupWrite> = (0..3).map(|s| group_at(s, &[])).collect();
-            for g in &groups {
-                g.batches[0].clone().apply(&store)?;
-            }
-            let whole = chunks(&store)?;
-            let mut wal = Wal::new(&dir, SEGMENT_BYTES);
-            for g in &groups[1..] {
-                wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
-            }
-            store.sync()?;
-            drop(store);
+            let whole = three_groups(&dir, &[1, 2])?;
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(dir.join(crate::logfile::FILE))?;
@@ -1234,16 +1242,7 @@ mod tests {
         for zeroed in [&[2usize][..], &[1, 2]] {
             let tmp = tempfile::tempdir()?;
             let dir = tmp.path().join("v");
-            let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
-            let groups: Vec<GroupWrite> = (0..3).map(|s| group_at(s, &[])).collect();
-            for g in &groups {
-                g.batches[0].clone().apply(&store)?;
-            }
-            let whole = chunks(&store)?;
-            let mut wal = Wal::new(&dir, SEGMENT_BYTES);
-            wal.append(1, &encode_record(&groups[1])?, |f| Ok(f.sync_data()?))?;
-            store.sync()?;
-            drop(store);
+            let whole = three_groups(&dir, &[1])?;
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(dir.join(crate::logfile::FILE))?;
