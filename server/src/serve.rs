@@ -405,10 +405,7 @@ impl FailureThrottle {
     const MAX_WAIT: Duration = Duration::from_secs(10);
     const FORGET_AFTER: Duration = Duration::from_secs(3600);
     /// Peers tracked at most (a flood of addresses must not grow memory
-    /// without bound). Past it, the peers not slowed down yet and those
-    /// forgiven by time make room, so that a flood of new addresses does
-    /// not forgive the peers it is slowing down; only a flood of that
-    /// many peers each slowed down clears the table.
+    /// without bound). Past it, room is made ([`FailureThrottle::make_room`]).
     const MAX_PEERS: usize = 100_000;
 
     /// The wait between two redemptions from `ip`, by its refusals (what
@@ -463,6 +460,32 @@ impl FailureThrottle {
         Some(wait)
     }
 
+    /// Makes room in a table of `max_peers` or more for an eighth of
+    /// them: the peers not slowed down yet and those forgiven by time go
+    /// first, so that a flood of new addresses does not forgive the peers
+    /// it is slowing down; then, while the table is still fuller than that,
+    /// the slowed peers refused longest ago. Each call looks through the
+    /// whole table, and leaves room for an eighth of it, so a flood of new
+    /// peers costs a bounded amount of work per refusal, however many of
+    /// the peers held are slowed down.
+    fn make_room(
+        peers: &mut std::collections::HashMap<std::net::IpAddr, Refusals>,
+        max_peers: usize,
+    ) {
+        let keep = max_peers - max_peers.div_ceil(8);
+        peers.retain(|_, r| !Self::step(r).is_zero());
+        if peers.len() <= keep {
+            return;
+        }
+        let mut lasts: Vec<std::time::Instant> = peers.values().map(|r| r.last).collect();
+        let drop = peers.len() - keep;
+        let (_, cutoff, _) = lasts.select_nth_unstable(drop - 1);
+        let cutoff = *cutoff;
+        // Refused no later than the cutoff: at least `drop` peers, more
+        // only for refusals of the same instant.
+        peers.retain(|_, r| r.last > cutoff);
+    }
+
     /// Records the outcome of a redemption from `ip`.
     pub fn record(&self, ip: std::net::IpAddr, refused: bool) {
         self.record_within(ip, refused, Self::MAX_PEERS);
@@ -478,10 +501,7 @@ impl FailureThrottle {
             return;
         }
         if peers.len() >= max_peers && !peers.contains_key(&ip) {
-            peers.retain(|_, r| !Self::step(r).is_zero());
-            if peers.len() >= max_peers {
-                peers.clear();
-            }
+            Self::make_room(&mut peers, max_peers);
         }
         let now = std::time::Instant::now();
         let r = peers.entry(ip).or_insert(Refusals {
@@ -3624,6 +3644,33 @@ mod tests {
         assert_eq!(t.delay(slowed), before, "still slowed down");
         let held = t.peers.lock().map(|p| p.len()).unwrap_or(usize::MAX);
         assert!(held <= 8, "{held} peers held");
+    }
+
+    /// A table full of slowed peers makes room for an eighth of it at
+    /// once, by the peers refused longest ago, so that a flood of new
+    /// peers does not look through the whole table at every refusal; the
+    /// peers refused last stay slowed down.
+    #[test]
+    fn a_table_of_slowed_peers_makes_room_for_an_eighth_by_the_oldest() {
+        let t = FailureThrottle::default();
+        let peer = |i: u8| std::net::IpAddr::from([10, 2, 0, i]);
+        for i in 0..16 {
+            for _ in 0..=FailureThrottle::FREE_FAILURES {
+                t.record_within(peer(i), true, 16);
+            }
+        }
+        assert!((0..16).all(|i| t.delay(peer(i)) > Duration::ZERO));
+        let held = || t.peers.lock().map(|p| p.len()).unwrap_or(usize::MAX);
+        assert_eq!(held(), 16);
+        t.record_within([10, 3, 0, 0].into(), true, 16);
+        assert!(held() <= 15, "{} peers held", held());
+        assert_eq!(t.delay(peer(0)), Duration::ZERO, "refused first, forgiven");
+        assert_eq!(t.delay(peer(1)), Duration::ZERO, "refused second, forgiven");
+        assert!((2..16).all(|i| t.delay(peer(i)) > Duration::ZERO));
+        // Room was made for the next one without another look.
+        let before = held();
+        t.record_within([10, 3, 0, 1].into(), true, 16);
+        assert_eq!(held(), before + 1);
     }
 
     /// A redemption refused while the vault is reopened is counted, as
