@@ -25,6 +25,14 @@ use crate::sessions::{SessionCache, SERVERS, TICKETS_PER_SERVER};
 /// Default time allowed for connecting and for each request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the requests that work through the whole vault wait for
+/// their answer at least, whatever the config's timeout:
+/// [`Client::reindex`](crate::Client::reindex) and
+/// [`Client::rotate_master_key`](crate::Client::rotate_master_key), which
+/// take minutes on a large vault where every other request takes
+/// milliseconds. An hour.
+pub const LONG_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Longest timeout [`ClientConfig::validate`] accepts: a day. Deadlines
 /// are instants this far ahead, which must not overflow.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
@@ -76,7 +84,9 @@ pub struct ClientConfig {
     /// connection is taken for stalled and closed, its other requests
     /// failing with `Timeout` then, before their own deadlines. So set it
     /// above the longest a single request may take when nothing else is
-    /// answered meanwhile (an online reindex of a large log, say).
+    /// answered meanwhile; the requests that work through the whole vault
+    /// (an online reindex, a master key's rotation) wait
+    /// [`LONG_REQUEST_TIMEOUT`] at least.
     pub timeout: Duration,
 }
 

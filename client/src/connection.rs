@@ -31,7 +31,9 @@
 //! without a reset, a server that stopped answering): the connection is
 //! closed then, its other requests fail with the same `Timeout`, and
 //! later calls fail at once with `Closed` instead of each waiting out its
-//! own timeout on a connection that answers nothing.
+//! own timeout on a connection that answers nothing. The requests that
+//! work through the whole vault (a reindex, a master key's rotation) have
+//! a deadline of [`LONG_REQUEST_TIMEOUT`] at least.
 //!
 //! A server in the same process can be reached without a stream
 //! ([`Client::direct`]): the caller hands its encoded frame to an
@@ -62,7 +64,7 @@ use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::either::Either;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::config::{rustls_config, server_name_of, ClientConfig, Tls};
+use crate::config::{rustls_config, server_name_of, ClientConfig, Tls, LONG_REQUEST_TIMEOUT};
 use crate::error::{ClientError, Result};
 use crate::verify::verifying_key;
 
@@ -946,9 +948,10 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         let stream = Some(Vec::new());
         let max_len = usize::try_from(max).unwrap_or(usize::MAX);
-        let id = self.shared.register(tx, stream, max_len)?;
+        let timeout = self.shared.timeout;
+        let id = self.shared.register(tx, stream, max_len, timeout)?;
         match self
-            .exchange(id, rx, Message::Entries { from_seq, max })
+            .exchange(id, rx, Message::Entries { from_seq, max }, timeout)
             .await?
         {
             Reply::Entries(entries) => Ok(entries),
@@ -1165,12 +1168,17 @@ impl Client {
     /// passphrase, or a key file's contents); returns the receipt of the
     /// rotation's `master` entry. From then on only the new secret opens
     /// the vault. The secret crosses the connection: use TLS. Admin role.
+    ///
+    /// The vault seals the new key (a passphrase's key derivation takes
+    /// seconds) and wraps every subject's data key under it, so this waits
+    /// for its answer up to [`LONG_REQUEST_TIMEOUT`] (or the config's
+    /// timeout when longer): a rotation answered late is still told.
     pub async fn rotate_master_key(&self, kind: SecretKind, secret: &[u8]) -> Result<Receipt> {
         let m = Message::RotateMasterKey {
             kind,
             secret: secret.to_vec(),
         };
-        let reply = self.call(m).await;
+        let reply = self.call_within(m, self.long_timeout()).await;
         match reply? {
             Message::Receipt { receipt } => Ok(Receipt::decode(&receipt)?),
             other => Err(refusal(other, "Receipt")),
@@ -1370,8 +1378,15 @@ impl Client {
 
     /// Asks the server to rebuild its derived state from the log and
     /// compare it with the stored state; it changes nothing. Admin role.
+    ///
+    /// The vault reads its whole log for it, so this waits for its answer
+    /// up to [`LONG_REQUEST_TIMEOUT`] (or the config's timeout when
+    /// longer).
     pub async fn reindex(&self) -> Result<ReindexReport> {
-        match self.call(Message::Reindex).await? {
+        match self
+            .call_within(Message::Reindex, self.long_timeout())
+            .await?
+        {
             Message::ReindexReport {
                 entries,
                 keys_compared,
@@ -1385,6 +1400,12 @@ impl Client {
             }),
             other => Err(refusal(other, "ReindexReport")),
         }
+    }
+
+    /// The deadline of the requests that work through the whole vault:
+    /// [`LONG_REQUEST_TIMEOUT`], or the config's timeout when longer.
+    fn long_timeout(&self) -> Duration {
+        self.shared.timeout.max(LONG_REQUEST_TIMEOUT)
     }
 
     /// Round trip to the server.
@@ -1477,9 +1498,15 @@ impl Client {
     /// Sends a request answered by one frame and returns that frame's
     /// message (an `Error` included).
     async fn call(&self, message: Message) -> Result<Message> {
+        self.call_within(message, self.shared.timeout).await
+    }
+
+    /// [`Client::call`] of a request that may take up to `timeout`, for
+    /// the long ones ([`LONG_REQUEST_TIMEOUT`]).
+    async fn call_within(&self, message: Message, timeout: Duration) -> Result<Message> {
         let (tx, rx) = oneshot::channel();
-        let id = self.shared.register(tx, None, 0)?;
-        match self.exchange(id, rx, message).await? {
+        let id = self.shared.register(tx, None, 0, timeout)?;
+        match self.exchange(id, rx, message, timeout).await? {
             Reply::Message(m) => Ok(m),
             Reply::Entries(_) => Err(ClientError::UnexpectedResponse("one response frame")),
         }
@@ -1487,13 +1514,14 @@ impl Client {
 
     /// Encodes and queues the request registered under `id`, then waits
     /// for its answer, until its deadline (see the module doc; a direct
-    /// exchange has a timer of its own). On any early return the id is
-    /// unregistered.
+    /// exchange has a timer of its own, of `timeout`). On any early return
+    /// the id is unregistered.
     async fn exchange(
         &self,
         id: u32,
         mut rx: oneshot::Receiver<Result<Reply>>,
         mut message: Message,
+        timeout: Duration,
     ) -> Result<Reply> {
         let mut registered = Registered {
             shared: &self.shared,
@@ -1530,7 +1558,7 @@ impl Client {
                     self.shared.deliver_all(answer);
                     rx.await.map_err(|_| ClientError::Closed)?
                 };
-                tokio::time::timeout(self.shared.timeout, answered)
+                tokio::time::timeout(timeout, answered)
                     .await
                     .map_err(|_| ClientError::Timeout)?
             }
@@ -1689,12 +1717,13 @@ impl Shared {
     }
 
     /// Allocates a request id and registers a caller waiting on `reply`
-    /// under it, with its deadline.
+    /// under it, with its deadline `timeout` from now.
     fn register(
         &self,
         reply: oneshot::Sender<Result<Reply>>,
         stream: Option<Vec<Vec<u8>>>,
         max: usize,
+        timeout: Duration,
     ) -> Result<u32> {
         let sent = Instant::now();
         let pending = Pending {
@@ -1705,7 +1734,7 @@ impl Shared {
             // A config that skipped `validate` may hold any timeout: one
             // past what an instant holds is taken as ten years.
             deadline: sent
-                .checked_add(self.timeout)
+                .checked_add(timeout)
                 .unwrap_or_else(|| sent + TEN_YEARS),
             sent,
         };
@@ -2637,6 +2666,49 @@ mod tests {
         let later = client.ping().await;
         assert!(matches!(later, Err(ClientError::Closed)), "{later:?}");
         assert_eq!(client.shared.lock().pending.len(), 0);
+    }
+
+    /// A reindex answered long after the config's timeout, with nothing
+    /// else heard meanwhile, is still told: the requests that work through
+    /// the whole vault wait `LONG_REQUEST_TIMEOUT`, and the connection is
+    /// not taken for stalled. Past that it times out as others do.
+    #[tokio::test(start_paused = true)]
+    async fn a_reindex_waits_longer_than_the_timeout() {
+        let timeout = Duration::from_secs(8);
+        let (client, mut peer) = pair(timeout).await;
+        let client = Arc::new(client);
+        let asked = tokio::spawn({
+            let c = client.clone();
+            async move { c.reindex().await }
+        });
+        let req = next_request(&mut peer).await;
+        assert!(matches!(req.message, Message::Reindex));
+        tokio::time::sleep(timeout * 20).await;
+        assert!(!client.is_closed());
+        let report = Message::ReindexReport {
+            entries: 7,
+            keys_compared: 3,
+            differences: 0,
+            sample: Vec::new(),
+        };
+        peer.send((req.request_id, report)).await.expect("send");
+        let got = asked.await.expect("join").expect("a report");
+        assert_eq!((got.entries, got.differences), (7, 0));
+
+        let start = Instant::now();
+        let asked = tokio::spawn({
+            let c = client.clone();
+            async move { c.reindex().await }
+        });
+        let _unanswered = next_request(&mut peer).await;
+        let outcome = asked.await.expect("join");
+        assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
+        let waited = start.elapsed();
+        assert!(
+            waited >= LONG_REQUEST_TIMEOUT
+                && waited <= LONG_REQUEST_TIMEOUT + timeout / SWEEPS_PER_TIMEOUT,
+            "{waited:?}"
+        );
     }
 
     /// An `Entries` answer whose entries pass `MAX_ENTRIES_BYTES` is

@@ -70,7 +70,7 @@ pub mod error;
 pub mod sessions;
 pub mod verify;
 
-pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT, MAX_TIMEOUT};
+pub use config::{ClientConfig, Tls, DEFAULT_TIMEOUT, LONG_REQUEST_TIMEOUT, MAX_TIMEOUT};
 pub use connection::{
     AuthorizeContext, Client, Connector, Exchange, Exchanged, HeadInfo, Health, Identity,
     KeyStatus, Redeemed, Redemption, ReindexReport, Rotated, SigningRotated, StateValue, TlsLink,
