@@ -125,7 +125,9 @@ pub struct ServeConfig {
     /// answer does not hold once read. A client that asks and
     /// does not read keeps its share until it is closed for it (after
     /// `idle_timeout`), so that readers who never read cannot make the
-    /// server hold 8 MiB for each of their connections.
+    /// server hold 8 MiB for each of their connections; and one
+    /// credential holds a quarter of the budget at most, so that a key's
+    /// connections that never read leave the rest to other keys.
     pub entries_budget: EntriesBudget,
     /// Name sent in `HelloOk`.
     pub server_name: String,
@@ -240,10 +242,27 @@ impl Default for ServeConfig {
 /// The bytes of `Entries` answers a server holds at once
 /// ([`ServeConfig::entries_budget`]), counted in units of 64 KiB. Clones
 /// share the budget.
+///
+/// One credential holds at most a quarter of it (its share, one unit at
+/// least), however many connections it has: the connections of a key
+/// that ask and never read wait for their own share, not for the answers
+/// of every other auditor.
 #[derive(Debug, Clone)]
 pub struct EntriesBudget {
     units: Arc<Semaphore>,
     total: u32,
+    /// Each credential's share, by credential id, as it is taken. A
+    /// credential's entry stays once made: the credentials that read
+    /// entries (auditors and admins) are few, and created by admins.
+    shares: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>>,
+}
+
+/// What an `Entries` answer holds of the budget: of its credential's
+/// share and of the whole, the same units.
+#[derive(Debug)]
+pub struct EntriesHold {
+    mine: tokio::sync::OwnedSemaphorePermit,
+    all: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl EntriesBudget {
@@ -256,28 +275,45 @@ impl EntriesBudget {
         EntriesBudget {
             units: Arc::new(Semaphore::new(total as usize)),
             total,
+            shares: Arc::default(),
         }
     }
 
-    /// The units an answer of `bytes` takes (all of the budget at most).
+    /// The units a credential holds at most: a quarter of the budget,
+    /// one unit at least.
+    fn share(&self) -> u32 {
+        (self.total / 4).max(1)
+    }
+
+    /// The units an answer of `bytes` takes (a credential's share at most).
     fn units_for(&self, bytes: usize) -> u32 {
         u32::try_from(bytes.div_ceil(Self::UNIT))
             .unwrap_or(u32::MAX)
-            .clamp(1, self.total)
+            .clamp(1, self.share())
     }
 
-    /// Takes room for an answer of up to `bytes`, waiting while the budget
-    /// is spent.
-    async fn take(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// Takes room for an answer of up to `bytes` for `credential`,
+    /// waiting while its share, then the budget, is spent.
+    async fn take(&self, credential: &str, bytes: usize) -> Option<EntriesHold> {
         let want = self.units_for(bytes);
-        self.units.clone().acquire_many_owned(want).await.ok()
+        let share = {
+            let mut shares = self.shares.lock().ok()?;
+            shares
+                .entry(credential.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.share() as usize)))
+                .clone()
+        };
+        let mine = share.acquire_many_owned(want).await.ok()?;
+        let all = self.units.clone().acquire_many_owned(want).await.ok()?;
+        Some(EntriesHold { mine, all })
     }
 
     /// Gives back what `held` took beyond an answer of `bytes`.
-    fn keep_only(&self, held: &mut tokio::sync::OwnedSemaphorePermit, bytes: usize) {
+    fn keep_only(&self, held: &mut EntriesHold, bytes: usize) {
         let keep = self.units_for(bytes) as usize;
-        if let Some(extra) = held.num_permits().checked_sub(keep).filter(|n| *n > 0) {
-            drop(held.split(extra));
+        if let Some(extra) = held.all.num_permits().checked_sub(keep).filter(|n| *n > 0) {
+            drop(held.all.split(extra));
+            drop(held.mine.split(extra));
         }
     }
 
@@ -1739,7 +1775,7 @@ where
             if matches!(message, Message::Entries { .. }) {
                 held.budget = config_ref
                     .entries_budget
-                    .take(config_ref.max_entries_bytes)
+                    .take(&caller_ref.id, config_ref.max_entries_bytes)
                     .await;
             }
             let answers = handle(id, message, &current, config_ref, caller_ref).await;
@@ -1792,7 +1828,7 @@ where
 #[derive(Default)]
 struct AnswerHold<'a> {
     turn: Option<tokio::sync::SemaphorePermit<'a>>,
-    budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    budget: Option<EntriesHold>,
 }
 
 /// The answers of a pipelined connection on their way out: fed into the
@@ -1805,7 +1841,7 @@ struct Answers<W: AsyncWrite + Unpin> {
     failed: bool,
     /// The budget of answers fed and not yet written (all of it given
     /// back by the flush that writes them, or when the connection ends).
-    budget: Vec<tokio::sync::OwnedSemaphorePermit>,
+    budget: Vec<EntriesHold>,
 }
 
 impl<W: AsyncWrite + Unpin> Answers<W> {

@@ -1820,6 +1820,95 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
     .expect("the budget given back");
 }
 
+/// One key holds a quarter of the `entries_budget` at most: while its
+/// connections ask and never read, another auditor's key is answered from
+/// the rest, before they are closed; the same key's other connections
+/// wait for its own share.
+#[tokio::test]
+async fn a_key_that_never_reads_holds_a_quarter_of_the_budget() {
+    let budget = server::serve::EntriesBudget::bytes(4 * 64 * 1024);
+    let s = start(ServeConfig {
+        max_entries_bytes: 64 * 1024,
+        entries_budget: budget.clone(),
+        idle_timeout: Duration::from_secs(600),
+        ..ServeConfig::default()
+    })
+    .await;
+    let (mut writer, _) = connect(&s, &s.writer).await;
+    for i in 0..400u32 {
+        let append = Message::Append {
+            subject: format!("s{i}"),
+            fields: vec![("k".into(), "v".repeat(400))],
+        };
+        assert!(matches!(
+            request(&mut writer, i + 2, &append).await,
+            Message::Receipt { .. }
+        ));
+    }
+    let entries = Message::Entries {
+        from_seq: 0,
+        max: 10_000,
+    };
+    let burst = repeated(
+        &protocol::encode_frame(2, &entries, 0).expect("frame"),
+        2_000,
+    );
+    let mut floods = Vec::new();
+    for _ in 0..2 {
+        let (flooder, _) = connect(&s, &s.auditor).await;
+        let mut tcp = flooder.into_inner();
+        let burst = burst.clone();
+        floods.push(tokio::spawn(async move {
+            while tcp.write_all(&burst).await.is_ok() {}
+        }));
+    }
+    // Bounded, so that a share never spent fails the test rather than
+    // hangs it: spent once the unread answers fill the sockets' buffers.
+    let bound = Duration::from_secs(60);
+    tokio::time::timeout(bound, async {
+        while budget.available() > 3 * 64 * 1024 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the unread answers spend the key's share");
+    let (_, other_key) = s
+        .vault
+        .create_credential("auditor", "second-auditor")
+        .await
+        .expect("a second auditor");
+    let (mut other, _) = connect(&s, &other_key).await;
+    other
+        .send(entries.to_frame(3, 0).expect("frame"))
+        .await
+        .expect("send");
+    let mut last = false;
+    while !last {
+        let batch = tokio::time::timeout(bound, recv(&mut other))
+            .await
+            .expect("answered from the rest of the budget")
+            .expect("a batch");
+        assert!(matches!(batch.1, Message::EntryBatch { .. }), "{batch:?}");
+        last = batch.2;
+    }
+    assert!(
+        floods.iter().all(|f| !f.is_finished()),
+        "answered while the unread connections are open"
+    );
+    // The flooding key goes on asking: it holds its share, no more.
+    for _ in 0..50 {
+        assert!(
+            budget.available() >= 3 * 64 * 1024,
+            "{}",
+            budget.available()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for f in floods {
+        f.abort();
+    }
+}
+
 /// Requests read before a client ends its side are answered, `Entries`
 /// ones too when each waits for the budget the answer before it holds
 /// until written: the answers are written while the last ones wait.
