@@ -449,10 +449,12 @@ impl LogTree {
     /// Drops the pointers at the end of `index` whose bytes lie past the
     /// end of `file` or (from a seq the write-ahead file can hold) are
     /// zeros from a page boundary on ([`lost_to_power`]), and with them the rest of their commit group, and returns
-    /// where the last chunk left then ends. Only a run at the end of the
-    /// log is dropped: a group whose first chunks are zeros and whose last
-    /// one (its head) is whole is kept, and the replay or verify deals
-    /// with it.
+    /// where the last chunk left then ends. Only groups at the end of the
+    /// log are dropped: a last group whose head is whole and whose first
+    /// chunks are zeros (the file's pages written back out of order before
+    /// the power went) is dropped whole from a seq the write-ahead file can
+    /// hold ([`LogTree::lost_before`]); chunks with other bytes than
+    /// zeros where they do not decode are damage, kept for verify to name.
     ///
     /// A group's chunks go out in one write and their pointers in one sled
     /// batch, so a file that lost a group's last chunks may still hold its
@@ -479,8 +481,17 @@ impl LogTree {
             let seq = <[u8; 8]>::try_from(k).map(u64::from_be_bytes);
             oldest.is_some_and(|o| seq.is_ok_and(|s| s >= o))
         };
-        for kv in index.iter().rev() {
-            let (k, p) = kv?;
+        // The keys not looked at yet are those before this one.
+        let mut before: Option<sled::IVec> = None;
+        loop {
+            let last = match &before {
+                None => index.last()?,
+                Some(b) => index.range(..b.clone()).next_back().transpose()?,
+            };
+            let Some((k, p)) = last else {
+                break;
+            };
+            before = Some(k.clone());
             match decode_pointer(&p) {
                 // Pointers whose bytes the file never held: a batch whose
                 // pointers sled made durable and whose bytes a power loss
@@ -499,7 +510,19 @@ impl LogTree {
                 Some((offset, n)) if !dropped.is_empty() && !closes_group(file, offset, n)? => {
                     dropped.push(k)
                 }
+                // A whole chunk: it ends the log, unless it closes a group
+                // whose first chunks a power loss took.
                 Some((offset, n)) => {
+                    let whole_head =
+                        || with_chunk_at(file, offset, n, |c| c.is_some_and(|c| c.head.is_some()));
+                    if written_ahead(&k) && whole_head()? {
+                        if let Some(first) = Self::lost_before(file, index, &k, &written_ahead)? {
+                            before = first.last().cloned();
+                            dropped.push(k);
+                            dropped.extend(first);
+                            continue;
+                        }
+                    }
                     end = offset + n;
                     next = seq_after(file, &k, offset, n)?;
                     break;
@@ -538,6 +561,42 @@ impl LogTree {
             );
         }
         Ok(end)
+    }
+
+    /// The keys of the chunks before `key` in its commit group, last
+    /// first, when a power loss took some of them: those back to the
+    /// previous chunk that decodes whole and closes a group (or the log's
+    /// start), all from a seq the write-ahead file can hold, each one
+    /// decoding whole or being zeros from a page boundary on
+    /// ([`lost_to_power`]), and one of them at least the latter. `None`
+    /// otherwise: nothing lost, or bytes that are damage rather than a
+    /// loss, which stay for verify to name.
+    fn lost_before(
+        file: &File,
+        index: &sled::Tree,
+        key: &[u8],
+        written_ahead: &impl Fn(&[u8]) -> bool,
+    ) -> Result<Option<Vec<sled::IVec>>> {
+        let mut keys = Vec::new();
+        let mut lost = false;
+        for kv in index.range(..key).rev() {
+            let (k, p) = kv?;
+            let Some((offset, n)) = decode_pointer(&p) else {
+                return Ok(None);
+            };
+            let closes = with_chunk_at(file, offset, n, |c| c.map(|c| c.head.is_some()))?;
+            match closes {
+                Some(true) => break,
+                Some(false) => {}
+                None if lost_to_power(file, offset, n)? => lost = true,
+                None => return Ok(None),
+            }
+            if !written_ahead(&k) {
+                return Ok(None);
+            }
+            keys.push(k);
+        }
+        Ok(lost.then_some(keys))
     }
 
     /// Writes `bytes` at `offset` of the log's file, or where a read-only
@@ -1029,6 +1088,57 @@ mod tests {
         }
         let (_db, log) = open(dir.path())?;
         assert_eq!(keys(&log)?, [0u64.to_be_bytes().to_vec()]);
+        assert_eq!(*log.end()?, c0.len() as u64);
+        assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
+        assert_eq!(log.layout_fault()?, None);
+        Ok(())
+    }
+
+    /// The last group's head whole and its first chunk zeros (pages
+    /// written back out of order before a power loss): the whole group is
+    /// dropped at open from a seq the write-ahead file can hold, and kept
+    /// below it, or when the chunk holds other bytes than zeros (damage).
+    #[test]
+    fn a_last_group_whose_first_chunks_read_as_zeros_is_dropped_when_written_ahead() -> Result<()> {
+        let c0 = whole_chunk(0);
+        let c1 = crate::chunk::encode_chunk(1, &[b"an entry"], None);
+        let c2 = whole_chunk(2);
+        let dir = tempfile::tempdir()?;
+        {
+            let (db, log) = open(dir.path())?;
+            log.apply(&[(0u64.to_be_bytes(), &c0[..])])?;
+            log.apply(&[(1u64.to_be_bytes(), &c1[..]), (2u64.to_be_bytes(), &c2[..])])?;
+            db.flush()?;
+            log.file
+                .write_all_at(&vec![0u8; c1.len()], c0.len() as u64)?;
+        }
+        let whole = (c0.len() + c1.len() + c2.len()) as u64;
+        // No segment, or only one from after the group: kept as it is.
+        for later in [None, Some(3)] {
+            if let Some(seq) = later {
+                segment(dir.path(), seq)?;
+            }
+            let (_db, log) = open(dir.path())?;
+            assert_eq!(log.index.len(), 3);
+            assert_eq!(*log.end()?, whole);
+        }
+        segment(dir.path(), 1)?;
+        {
+            // Damage, not a loss: kept.
+            let file = OpenOptions::new().write(true).open(dir.path().join(FILE))?;
+            file.write_all_at(&[0xff], c0.len() as u64 + 3)?;
+            let (_db, log) = open(dir.path())?;
+            assert_eq!(log.index.len(), 3);
+            file.write_all_at(&[0], c0.len() as u64 + 3)?;
+        }
+        let (_db, log) = open(dir.path())?;
+        let keys: Vec<Vec<u8>> = log
+            .index
+            .iter()
+            .keys()
+            .map(|k| Ok(k?.to_vec()))
+            .collect::<Result<_>>()?;
+        assert_eq!(keys, [0u64.to_be_bytes().to_vec()]);
         assert_eq!(*log.end()?, c0.len() as u64);
         assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
         assert_eq!(log.layout_fault()?, None);

@@ -1302,6 +1302,59 @@ mod tests {
         Ok(())
     }
 
+    /// Group 0 of one chunk, group 1 of three (seqs 1 to 3, its head in
+    /// the last), all in the log; a power loss then leaves zeros in group
+    /// 1's first chunk and its head whole (pages written back out of
+    /// order). Acknowledged (its record in the write-ahead file), the
+    /// replay writes the group again; never acknowledged, it is dropped
+    /// whole. Either way the log ends with a whole group, and opens.
+    #[test]
+    fn a_last_group_whose_first_chunk_reads_as_zeros_is_written_again_or_dropped() -> Result<()> {
+        for acknowledged in [true, false] {
+            let tmp = tempfile::tempdir()?;
+            let dir = tmp.path().join("v");
+            let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
+            let g0 = group_at(0, &[]);
+            let mut log = Batch::new(TreeId::Log);
+            for seq in 1..=3u64 {
+                let closes = (seq == 3).then_some(1);
+                log.insert(seq.to_be_bytes().to_vec(), chain_chunk(seq, closes));
+            }
+            let g1 = GroupWrite {
+                first_seq: 1,
+                batches: vec![log],
+            };
+            let mut wal = Wal::new(&dir, SEGMENT_BYTES);
+            for g in [&g0, &g1] {
+                if g.first_seq == 0 || acknowledged {
+                    wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
+                }
+                g.batches[0].clone().apply(&store)?;
+            }
+            let whole = chunks(&store)?;
+            store.sync()?;
+            drop(store);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(crate::logfile::FILE))?;
+            std::os::unix::fs::FileExt::write_all_at(
+                &file,
+                &vec![0; whole[1].len()],
+                whole[0].len() as u64,
+            )?;
+            drop(file);
+            let store = Store::open_existing(&dir)?;
+            let kept = if acknowledged {
+                &whole[..]
+            } else {
+                &whole[..1]
+            };
+            assert_eq!(chunks(&store)?, kept, "acknowledged: {acknowledged}");
+            assert_eq!(store.log.layout_fault()?, None);
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_last_held_group_s_last_steps_go_before_the_groups_sled_lacks() -> Result<()> {
         // Held: sled has group 1's log batch but not the batch after it
