@@ -1743,22 +1743,18 @@ async fn certificate_holders_come_from_each_credentials_creation_entry() {
     );
 }
 
-/// `Entries` answers left unread keep their share of the server's
-/// `entries_budget` until their connection is closed for it: another
-/// auditor's `Entries` waits meanwhile (no more memory is spent on
-/// answers), and is answered once the unread connection is closed; the
-/// budget is whole again after.
-#[tokio::test]
-async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
-    let budget = server::serve::EntriesBudget::bytes(64 * 1024);
+/// A server whose `Entries` answers hold 64 KiB at most and share a
+/// budget of `bytes`, its connections closed after `idle`, and a log of
+/// about 200 KiB (answers of 64 KiB); the budget.
+async fn budgeted(bytes: usize, idle: Duration) -> (Server, server::serve::EntriesBudget) {
+    let budget = server::serve::EntriesBudget::bytes(bytes);
     let s = start(ServeConfig {
         max_entries_bytes: 64 * 1024,
         entries_budget: budget.clone(),
-        idle_timeout: Duration::from_secs(2),
+        idle_timeout: idle,
         ..ServeConfig::default()
     })
     .await;
-    // Answers of 64 KiB: a log of about 200 KiB.
     let (mut writer, _) = connect(&s, &s.writer).await;
     for i in 0..400u32 {
         let append = Message::Append {
@@ -1770,6 +1766,17 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
             Message::Receipt { .. }
         ));
     }
+    (s, budget)
+}
+
+/// `Entries` answers left unread keep their share of the server's
+/// `entries_budget` until their connection is closed for it: another
+/// auditor's `Entries` waits meanwhile (no more memory is spent on
+/// answers), and is answered once the unread connection is closed; the
+/// budget is whole again after.
+#[tokio::test]
+async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
+    let (s, budget) = budgeted(64 * 1024, Duration::from_secs(2)).await;
     let entries = Message::Entries {
         from_seq: 0,
         max: 10_000,
@@ -1826,25 +1833,7 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
 /// wait for its own share.
 #[tokio::test]
 async fn a_key_that_never_reads_holds_a_quarter_of_the_budget() {
-    let budget = server::serve::EntriesBudget::bytes(4 * 64 * 1024);
-    let s = start(ServeConfig {
-        max_entries_bytes: 64 * 1024,
-        entries_budget: budget.clone(),
-        idle_timeout: Duration::from_secs(600),
-        ..ServeConfig::default()
-    })
-    .await;
-    let (mut writer, _) = connect(&s, &s.writer).await;
-    for i in 0..400u32 {
-        let append = Message::Append {
-            subject: format!("s{i}"),
-            fields: vec![("k".into(), "v".repeat(400))],
-        };
-        assert!(matches!(
-            request(&mut writer, i + 2, &append).await,
-            Message::Receipt { .. }
-        ));
-    }
+    let (s, budget) = budgeted(4 * 64 * 1024, Duration::from_secs(600)).await;
     let entries = Message::Entries {
         from_seq: 0,
         max: 10_000,

@@ -1176,6 +1176,34 @@ mod tests {
         }
     }
 
+    /// A store in `dir` whose log holds group 0 of one chunk and group 1
+    /// of three (seqs 1, 2 and 3, its head in the last), made durable, and
+    /// a write-ahead file holding group 0's record and, when
+    /// `acknowledged`, group 1's; the log's chunks.
+    fn groups_of_one_and_three(dir: &Path, acknowledged: bool) -> Result<Vec<Vec<u8>>> {
+        let store = Store::create_for_tests(dir, 8 << 20, crate::store::Flusher::Off)?;
+        let g0 = group_at(0, &[]);
+        let mut log = Batch::new(TreeId::Log);
+        for seq in 1..=3u64 {
+            let closes = (seq == 3).then_some(1);
+            log.insert(seq.to_be_bytes().to_vec(), chain_chunk(seq, closes));
+        }
+        let g1 = GroupWrite {
+            first_seq: 1,
+            batches: vec![log],
+        };
+        let mut wal = Wal::new(dir, SEGMENT_BYTES);
+        for g in [&g0, &g1] {
+            if g.first_seq == 0 || acknowledged {
+                wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
+            }
+            g.batches[0].clone().apply(&store)?;
+        }
+        let whole = chunks(&store)?;
+        store.sync()?;
+        Ok(whole)
+    }
+
     /// The log's chunks, in seq order.
     fn chunks(store: &Store) -> Result<Vec<Vec<u8>>> {
         store.log.iter().map(|kv| Ok(kv?.1.to_vec())).collect()
@@ -1271,25 +1299,7 @@ mod tests {
         // end), keeps its first, and replay must write the two again.
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("v");
-        let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
-        let g0 = group_at(0, &[]);
-        let mut log = Batch::new(TreeId::Log);
-        for seq in 1..=3u64 {
-            let closes = (seq == 3).then_some(1);
-            log.insert(seq.to_be_bytes().to_vec(), chain_chunk(seq, closes));
-        }
-        let g1 = GroupWrite {
-            first_seq: 1,
-            batches: vec![log],
-        };
-        let mut wal = Wal::new(&dir, SEGMENT_BYTES);
-        for g in [&g0, &g1] {
-            wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
-            g.batches[0].clone().apply(&store)?;
-        }
-        let whole = chunks(&store)?;
-        store.sync()?;
-        drop(store);
+        let whole = groups_of_one_and_three(&dir, true)?;
         // Cut 2 bytes into group 1's second chunk.
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -1313,27 +1323,7 @@ mod tests {
         for acknowledged in [true, false] {
             let tmp = tempfile::tempdir()?;
             let dir = tmp.path().join("v");
-            let store = Store::create_for_tests(&dir, 8 << 20, crate::store::Flusher::Off)?;
-            let g0 = group_at(0, &[]);
-            let mut log = Batch::new(TreeId::Log);
-            for seq in 1..=3u64 {
-                let closes = (seq == 3).then_some(1);
-                log.insert(seq.to_be_bytes().to_vec(), chain_chunk(seq, closes));
-            }
-            let g1 = GroupWrite {
-                first_seq: 1,
-                batches: vec![log],
-            };
-            let mut wal = Wal::new(&dir, SEGMENT_BYTES);
-            for g in [&g0, &g1] {
-                if g.first_seq == 0 || acknowledged {
-                    wal.append(g.first_seq, &encode_record(g)?, |f| Ok(f.sync_data()?))?;
-                }
-                g.batches[0].clone().apply(&store)?;
-            }
-            let whole = chunks(&store)?;
-            store.sync()?;
-            drop(store);
+            let whole = groups_of_one_and_three(&dir, acknowledged)?;
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(dir.join(crate::logfile::FILE))?;
