@@ -86,7 +86,8 @@ pub struct ClientConfig {
     /// above the longest a single request may take when nothing else is
     /// answered meanwhile; the requests that work through the whole vault
     /// (an online reindex, a master key's rotation) wait
-    /// [`LONG_REQUEST_TIMEOUT`] at least.
+    /// [`LONG_REQUEST_TIMEOUT`] at least, and while one waits the
+    /// connection is not taken for stalled.
     pub timeout: Duration,
 }
 

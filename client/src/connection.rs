@@ -33,7 +33,8 @@
 //! later calls fail at once with `Closed` instead of each waiting out its
 //! own timeout on a connection that answers nothing. The requests that
 //! work through the whole vault (a reindex, a master key's rotation) have
-//! a deadline of [`LONG_REQUEST_TIMEOUT`] at least.
+//! a deadline of [`LONG_REQUEST_TIMEOUT`] at least, and while one waits
+//! the connection is not taken for stalled: others time out alone.
 //!
 //! A server in the same process can be reached without a stream
 //! ([`Client::direct`]): the caller hands its encoded frame to an
@@ -1650,6 +1651,10 @@ struct Pending {
     /// When it was registered, to tell whether the server was heard from
     /// since.
     sent: Instant,
+    /// A request that may take longer than the connection's timeout
+    /// ([`LONG_REQUEST_TIMEOUT`]): while one waits, a server that answers
+    /// nothing else may be busy with it, not stalled.
+    long: bool,
 }
 
 /// State shared by callers and the reader task.
@@ -1737,6 +1742,7 @@ impl Shared {
                 .checked_add(timeout)
                 .unwrap_or_else(|| sent + TEN_YEARS),
             sent,
+            long: timeout > self.timeout,
         };
         let mut state = self.lock();
         if state.closed {
@@ -1804,8 +1810,9 @@ impl Shared {
 
     /// Fails every request whose deadline is `now` or earlier with
     /// [`ClientError::Timeout`]; and when nothing was heard from the
-    /// server since one of them was sent, closes the connection, failing
-    /// the others with `Timeout` too (see the module docs).
+    /// server since one of them was sent, and no long request is waiting,
+    /// closes the connection, failing the others with `Timeout` too (see
+    /// the module docs).
     fn expire(&self, now: Instant) {
         let (expired, stalled) = {
             let mut state = self.lock();
@@ -1815,7 +1822,10 @@ impl Shared {
                 .extract_if(|_, p| p.deadline <= now)
                 .map(|(_, p)| p)
                 .collect();
-            let stalled = expired.iter().any(|p| p.sent >= heard);
+            // Not while a long request waits: the server may be busy with
+            // it (appends wait for a master rotation's group, say).
+            let stalled =
+                expired.iter().any(|p| p.sent >= heard) && !state.pending.values().any(|p| p.long);
             (expired, stalled)
         };
         for p in expired {
@@ -2671,7 +2681,8 @@ mod tests {
     /// A reindex answered long after the config's timeout, with nothing
     /// else heard meanwhile, is still told: the requests that work through
     /// the whole vault wait `LONG_REQUEST_TIMEOUT`, and the connection is
-    /// not taken for stalled. Past that it times out as others do.
+    /// not taken for stalled, also when a request sent meanwhile times
+    /// out. Past that it times out as others do.
     #[tokio::test(start_paused = true)]
     async fn a_reindex_waits_longer_than_the_timeout() {
         let timeout = Duration::from_secs(8);
@@ -2683,6 +2694,12 @@ mod tests {
         });
         let req = next_request(&mut peer).await;
         assert!(matches!(req.message, Message::Reindex));
+        // A ping meanwhile, unanswered (the server busy with the
+        // reindex), times out alone.
+        let ping = spawn_ping(&client);
+        let _unanswered = next_request(&mut peer).await;
+        let outcome = ping.await.expect("join");
+        assert!(matches!(outcome, Err(ClientError::Timeout)), "{outcome:?}");
         tokio::time::sleep(timeout * 20).await;
         assert!(!client.is_closed());
         let report = Message::ReindexReport {

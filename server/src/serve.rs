@@ -285,35 +285,51 @@ impl EntriesBudget {
         (self.total / 4).max(1)
     }
 
-    /// The units an answer of `bytes` takes (a credential's share at most).
+    /// The units an answer of `bytes` takes (all of the budget at most).
     fn units_for(&self, bytes: usize) -> u32 {
         u32::try_from(bytes.div_ceil(Self::UNIT))
             .unwrap_or(u32::MAX)
-            .clamp(1, self.share())
+            .clamp(1, self.total)
     }
 
     /// Takes room for an answer of up to `bytes` for `credential`,
-    /// waiting while its share, then the budget, is spent.
+    /// waiting while its share, then the budget, is spent: of the budget
+    /// the answer's units, of the share as many (the whole share at most).
     async fn take(&self, credential: &str, bytes: usize) -> Option<EntriesHold> {
         let want = self.units_for(bytes);
         let share = {
-            let mut shares = self.shares.lock().ok()?;
+            // Only ever inserted into: whole after a panic under the lock.
+            let mut shares = self
+                .shares
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             shares
                 .entry(credential.to_owned())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.share() as usize)))
                 .clone()
         };
-        let mine = share.acquire_many_owned(want).await.ok()?;
+        let mine = share
+            .acquire_many_owned(want.min(self.share()))
+            .await
+            .ok()?;
         let all = self.units.clone().acquire_many_owned(want).await.ok()?;
         Some(EntriesHold { mine, all })
     }
 
     /// Gives back what `held` took beyond an answer of `bytes`.
     fn keep_only(&self, held: &mut EntriesHold, bytes: usize) {
-        let keep = self.units_for(bytes) as usize;
-        if let Some(extra) = held.all.num_permits().checked_sub(keep).filter(|n| *n > 0) {
-            drop(held.all.split(extra));
-            drop(held.mine.split(extra));
+        let keep = self.units_for(bytes);
+        for (permit, keep) in [
+            (&mut held.all, keep),
+            (&mut held.mine, keep.min(self.share())),
+        ] {
+            if let Some(extra) = permit
+                .num_permits()
+                .checked_sub(keep as usize)
+                .filter(|n| *n > 0)
+            {
+                drop(permit.split(extra));
+            }
         }
     }
 
@@ -3694,6 +3710,8 @@ mod tests {
             for _ in 0..=FailureThrottle::FREE_FAILURES {
                 t.record_within(peer(i), true, 16);
             }
+            // Each peer's last refusal at an instant of its own.
+            std::thread::sleep(Duration::from_millis(1));
         }
         assert!((0..16).all(|i| t.delay(peer(i)) > Duration::ZERO));
         let held = || t.peers.lock().map(|p| p.len()).unwrap_or(usize::MAX);

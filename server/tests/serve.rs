@@ -1799,7 +1799,13 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
     })
     .await
     .expect("the unread answers spend the budget");
-    let (mut other, _) = connect(&s, &s.auditor).await;
+    // Another auditor's key: its share is free, the budget is not.
+    let (_, other_key) = s
+        .vault
+        .create_credential("auditor", "second-auditor")
+        .await
+        .expect("a second auditor");
+    let (mut other, _) = connect(&s, &other_key).await;
     other
         .send(entries.to_frame(3, 0).expect("frame"))
         .await

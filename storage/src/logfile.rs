@@ -51,7 +51,9 @@
 //! or (from a seq the write-ahead file can hold) read as zeros from a page
 //! boundary on, where the file's length survived its bytes, and those of
 //! the first chunks of their group, which one write put out with them
-//! (`LogTree::open`), as a torn write-ahead record is dropped. No other
+//! (`LogTree::open`), as a torn write-ahead record is dropped; and a last
+//! group whose head chunk is whole and whose first chunks read so, pages
+//! written back out of order, whole. No other
 //! sled write may rest on such a group: whatever the vault writes to sled
 //! because a chunk is in the log (a pending marker's removal, a shred's
 //! last batch, derived state) waits for `LogTree::sync` after the
@@ -307,6 +309,11 @@ fn lost_to_power(file: &File, offset: u64, n: u64) -> Result<bool> {
     Ok(boundary < offset + bytes.len() as u64)
 }
 
+/// Whether `key` is the index key of `chunk`: its first seq.
+fn is_key_of(key: &[u8], chunk: &crate::chunk::Chunk<'_>) -> bool {
+    key == chunk.first_seq.to_be_bytes()
+}
+
 /// The seq that follows the chunk of first seq `key` at `offset`, `n`
 /// bytes long: the seq after its entries when it decodes whole, as that
 /// seq, and `key` itself when it does not, so that a pointer or chunk
@@ -513,11 +520,16 @@ impl LogTree {
                 // A whole chunk: it ends the log, unless it closes a group
                 // whose first chunks a power loss took.
                 Some((offset, n)) => {
-                    let whole_head =
-                        || with_chunk_at(file, offset, n, |c| c.is_some_and(|c| c.head.is_some()));
+                    let whole_head = || {
+                        with_chunk_at(file, offset, n, |c| {
+                            c.is_some_and(|c| c.head.is_some() && is_key_of(&k, &c))
+                        })
+                    };
                     if written_ahead(&k) && whole_head()? {
                         if let Some(first) = Self::lost_before(file, index, &k, &written_ahead)? {
-                            before = first.last().cloned();
+                            // Before the group's first chunk (never empty:
+                            // one of them at least was lost).
+                            before = Some(first.last().cloned().unwrap_or_else(|| k.clone()));
                             dropped.push(k);
                             dropped.extend(first);
                             continue;
@@ -557,7 +569,8 @@ impl LogTree {
             tracing::warn!(
                 chunks = dropped.len(),
                 "dropped the log's last chunks: the chunks file ends before them, or holds zeros \
-                 where they should be (a power loss after sled made their pointers durable)"
+                 where they or the first chunks of their commit group should be (a power loss \
+                 after sled made their pointers durable)"
             );
         }
         Ok(end)
@@ -584,7 +597,16 @@ impl LogTree {
             let Some((offset, n)) = decode_pointer(&p) else {
                 return Ok(None);
             };
-            let closes = with_chunk_at(file, offset, n, |c| c.map(|c| c.head.is_some()))?;
+            // A chunk that decodes but is not the one its key names is
+            // damage.
+            let closes = with_chunk_at(file, offset, n, |c| {
+                c.map(|c| is_key_of(&k, &c).then_some(c.head.is_some()))
+            })?;
+            let closes = match closes {
+                Some(None) => return Ok(None),
+                Some(Some(closes)) => Some(closes),
+                None => None,
+            };
             match closes {
                 Some(true) => break,
                 Some(false) => {}
