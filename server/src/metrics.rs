@@ -58,7 +58,8 @@ pub struct TurnedAwayLabels {
     /// a slot, to make room for a newer one; `busy`: authenticated, but
     /// no slot came free within the handshake's window;
     /// `credential_limit` (protocol port): the credential already held
-    /// its most connections.
+    /// its most connections; `peer_limit` (HTTP port): the client
+    /// address already held its most connections.
     pub reason: &'static str,
 }
 
@@ -206,7 +207,7 @@ impl Metrics {
         );
         registry.register(
             "connections_turned_away",
-            "Connections closed before they held a slot, by port and reason (evicted: to make room for a newer handshake; busy: no slot free within the handshake's window; credential_limit: the credential already held its most connections)",
+            "Connections closed before they held a slot, by port and reason (evicted: to make room for a newer handshake; busy: no slot free within the handshake's window; credential_limit: the credential already held its most connections; peer_limit, on the HTTP port: the client address already held its most connections)",
             m.turned_away.clone(),
         );
         registry.register(

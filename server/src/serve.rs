@@ -572,7 +572,7 @@ impl FailureThrottle {
 /// The peer [`FailureThrottle`] counts an address as: an IPv4 address
 /// (IPv4-mapped IPv6 ones included) as itself, an IPv6 address as its /64
 /// network.
-fn peer_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+pub(crate) fn peer_of(ip: std::net::IpAddr) -> std::net::IpAddr {
     match storage::state::canonical_ip(ip) {
         std::net::IpAddr::V6(v6) => {
             let network = u128::from(v6) & !((1u128 << 64) - 1);
@@ -1060,7 +1060,8 @@ impl Admission {
         }
     }
 
-    /// At most `max` connections per credential ([`Admission::hold`]).
+    /// At most `max` connections per credential ([`Admission::hold`]; the
+    /// HTTP shim holds them by client address).
     pub fn per_credential(mut self, max: usize) -> Self {
         self.per_credential = max.max(1);
         self
@@ -1224,7 +1225,8 @@ pub enum Refused {
     /// It was the oldest of the connections without a slot when one more
     /// arrived past `max_handshakes`.
     Evicted,
-    /// Its credential holds its maximum of connections already.
+    /// Its credential (on the HTTP port, its address) holds its maximum of
+    /// connections already.
     CredentialLimit,
 }
 

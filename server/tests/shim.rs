@@ -1491,6 +1491,71 @@ async fn a_request_that_finds_no_slot_within_its_window_is_told_and_closed() {
     r.stop().await;
 }
 
+/// One client address holds `max_connections_per_peer` slots at most:
+/// a request on one more of its connections is answered 503 `busy` at
+/// once (not after the handshake's window) and counted, and the slot it
+/// would have taken stays free for others; once one of its connections
+/// closes, it is served again. A trusted proxy's connections are not
+/// limited so.
+#[tokio::test]
+async fn one_address_holds_its_limit_of_slots_and_no_more() {
+    let ask = b"GET /v1/health HTTP/1.1\r\nHost: t\r\n\r\n";
+    let ask_once = b"GET /v1/health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    // A connection holding its slot: one request answered, kept alive.
+    let hold = |addr| async move {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(ask).await.expect("write");
+        let mut got = [0u8; 12];
+        tcp.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"HTTP/1.1 200");
+        tcp
+    };
+    for trusted in [false, true] {
+        let r = start(ShimConfig {
+            max_connections_per_peer: 2,
+            // A refusal after the window would fail the exchange's bound.
+            header_timeout: Duration::from_secs(600),
+            trusted_proxies: if trusted {
+                server::proxied::TrustedProxies::parse(&["127.0.0.1"]).expect("networks")
+            } else {
+                server::proxied::TrustedProxies::default()
+            },
+            ..ShimConfig::default()
+        })
+        .await;
+        let first = hold(r.http).await;
+        let _second = hold(r.http).await;
+        if trusted {
+            let _third = hold(r.http).await;
+            r.stop().await;
+            continue;
+        }
+        let before = server::metrics::turned_away_count("http", "peer_limit");
+        let (status, body) = exchange(r.http, ask_once).await;
+        assert_error(&(status, body.clone()), 503, "busy");
+        assert!(
+            body.to_string().contains("address holds its limit of 2"),
+            "{body}"
+        );
+        assert!(server::metrics::turned_away_count("http", "peer_limit") > before);
+        drop(first);
+        // Its slot comes back once the shim sees the connection closed.
+        let bound = Duration::from_secs(60);
+        tokio::time::timeout(bound, async {
+            loop {
+                let (status, _) = exchange(r.http, ask_once).await;
+                if status == 200 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("served again");
+        r.stop().await;
+    }
+}
+
 /// A route of the API, with the path pieces and query it is sent with.
 #[derive(Debug, Clone)]
 enum Route {

@@ -265,6 +265,13 @@ struct LimitArgs {
     #[arg(long, env = "FINTRUST_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
+    /// Connections one client address (an IPv4 address, an IPv6 /64)
+    /// holds slots with at once on the HTTP port, --trusted-proxy
+    /// addresses excepted: a request on one more is answered 503 `busy`,
+    /// so that one host cannot take every slot of --max-connections.
+    #[arg(long, env = "FINTRUST_HTTP_MAX_CONNECTIONS_PER_PEER", value_name = "N",
+          default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    http_max_connections_per_peer: u32,
     /// Longest lifetime of a one-time token, in seconds (1 to 86,400): a
     /// `Mint` asking for more is refused (`invalid`), the default of 300 s
     /// is cut to it, and the shim grants no more and accepts no policy
@@ -285,6 +292,10 @@ struct LimitArgs {
 impl LimitArgs {
     fn max_connections(&self) -> usize {
         usize::try_from(self.max_connections).unwrap_or(usize::MAX)
+    }
+
+    fn http_max_connections_per_peer(&self) -> usize {
+        usize::try_from(self.http_max_connections_per_peer).unwrap_or(usize::MAX)
     }
 }
 
@@ -567,6 +578,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     trusted_proxies,
                     forwarded_header,
                     max_connections: limits.max_connections(),
+                    max_connections_per_peer: limits.http_max_connections_per_peer(),
                     max_token_ttl_secs: limits.max_token_ttl_secs,
                     recorded_denials_per_minute: limits.recorded_denials_per_minute,
                     metrics_key,
@@ -656,6 +668,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     trusted_proxies,
                     forwarded_header,
                     max_connections: limits.max_connections(),
+                    max_connections_per_peer: limits.http_max_connections_per_peer(),
                     max_token_ttl_secs: limits.max_token_ttl_secs,
                     recorded_denials_per_minute: limits.recorded_denials_per_minute,
                     metrics_key,

@@ -121,6 +121,13 @@ pub struct ShimConfig {
     /// `busy`), so that clients that never finish (slowloris) cannot keep
     /// others out.
     pub max_handshakes: usize,
+    /// Connections one client address holds slots with at once (default
+    /// 256): an IPv4 address, or an IPv6 /64 network, as the protocol
+    /// port's throttle counts peers; `trusted_proxies` are not limited so
+    /// (their connections carry many clients). One more is answered 503
+    /// `busy` and closed, so that one host cannot take every slot of
+    /// `max_connections` by sending whole requests that need no key.
+    pub max_connections_per_peer: usize,
     /// Reverse proxies in front of the shim (default none), whose
     /// `forwarded_header` names the client that `source_ips` is checked
     /// against ([`crate::proxied::forwarded`]).
@@ -195,6 +202,7 @@ impl Default for ShimConfig {
             request_timeout: Duration::from_secs(15),
             max_connections: 1024,
             max_handshakes: 1024,
+            max_connections_per_peer: 256,
             trusted_proxies: crate::proxied::TrustedProxies::default(),
             forwarded_header: Default::default(),
             recorded_denials_per_minute: 600,
@@ -275,11 +283,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let app = router(shim.clone());
-    let admission = Arc::new(crate::serve::Admission::new(
-        shim.config.max_connections,
-        shim.config.max_handshakes,
-        "http",
-    ));
+    let admission = Arc::new(
+        crate::serve::Admission::new(
+            shim.config.max_connections,
+            shim.config.max_handshakes,
+            "http",
+        )
+        .per_credential(shim.config.max_connections_per_peer),
+    );
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // The counts of denials not recorded one by one, recorded once a
     // minute, and once more when the shim stops.
@@ -326,8 +337,12 @@ pub async fn serve(
             evicted,
             stopping: stopping.clone(),
             peer,
+            // Counted by address unless a trusted proxy's.
+            peer_key: (!shim.config.trusted_proxies.trusts(peer.ip()))
+                .then(|| crate::serve::peer_of(peer.ip()).to_string()),
             arrived: tokio::time::Instant::now(),
             max_connections: shim.config.max_connections,
+            max_per_peer: shim.config.max_connections_per_peer,
         };
         tokio::spawn(conn.serve(tcp, graceful.watcher()));
     }
@@ -366,10 +381,15 @@ struct Connection {
     /// Cancelled when the shim stops.
     stopping: tokio_util::sync::CancellationToken,
     peer: SocketAddr,
+    /// What its address counts as against `max_per_peer`
+    /// ([`crate::serve::peer_of`]); `None` for a trusted proxy's.
+    peer_key: Option<String>,
     /// When it was accepted.
     arrived: tokio::time::Instant,
     /// The limit it takes a slot of, named when it finds none free.
     max_connections: usize,
+    /// The most slots one address holds ([`ShimConfig::max_connections_per_peer`]).
+    max_per_peer: usize,
 }
 
 impl Connection {
@@ -394,8 +414,10 @@ impl Connection {
             evicted,
             stopping,
             peer,
+            peer_key,
             arrived,
             max_connections,
+            max_per_peer,
         } = self;
         let deadline = arrived + header_timeout;
         // The connection's slot, taken when its first request's headers
@@ -411,12 +433,36 @@ impl Connection {
                     req.extensions_mut()
                         .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
                     let (app, admission, slot) = (app.clone(), admission.clone(), slot.clone());
+                    let peer_key = peer_key.clone();
                     async move {
-                        let admitted =
-                            slot.get_or_try_init(|| admission.admitted(ticket, deadline));
+                        let admitted = slot.get_or_try_init(|| async {
+                            // The address's count first: one past its
+                            // limit takes no slot.
+                            let held = match peer_key.as_deref().map(|k| admission.hold(k)) {
+                                Some(None) => {
+                                    admission.leave(ticket);
+                                    return Err(crate::serve::Refused::CredentialLimit);
+                                }
+                                Some(held) => held,
+                                None => None,
+                            };
+                            let slot = admission.admitted(ticket, deadline).await?;
+                            Ok((held, slot))
+                        });
                         if let Err(refused) = admitted.await {
-                            crate::metrics::turned_away("http", refused.reason());
-                            return Ok(busy(max_connections));
+                            let (reason, why) = match refused {
+                                crate::serve::Refused::CredentialLimit => (
+                                    "peer_limit",
+                                    format!(
+                                        "this address holds its limit of {max_per_peer} \
+                                         connections: close one, or use the ones it has \
+                                         (keep-alive)"
+                                    ),
+                                ),
+                                other => (other.reason(), crate::serve::busy(max_connections)),
+                            };
+                            crate::metrics::turned_away("http", reason);
+                            return Ok(busy(why));
                         }
                         tower::ServiceExt::oneshot(app, req).await
                     }
@@ -469,15 +515,12 @@ impl Connection {
 }
 
 /// The answer to a request whose connection found no slot free within
-/// its handshake's window: 503, and the connection closes.
-fn busy(max_connections: usize) -> axum::response::Response {
+/// its handshake's window, or whose address holds its limit of them
+/// (`why`): 503, and the connection closes.
+fn busy(why: String) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let mut r = api::ApiError::new(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "busy",
-        crate::serve::busy(max_connections),
-    )
-    .into_response();
+    let mut r = api::ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "busy", why)
+        .into_response();
     let headers = r.headers_mut();
     headers.insert(
         axum::http::header::CONNECTION,
@@ -604,8 +647,10 @@ mod tests {
                 evicted,
                 stopping: tokio_util::sync::CancellationToken::new(),
                 peer: "127.0.0.1:40000".parse().expect("an address"),
+                peer_key: Some("127.0.0.1".into()),
                 arrived,
                 max_connections: 4,
+                max_per_peer: 4,
             }
             .serve(io, graceful.watcher())
             .await;
