@@ -1699,12 +1699,14 @@ where
     // ([`Unread`]), which ends the connection.
     let max_in_flight = config.max_in_flight.max(1);
     let (config_ref, caller_ref) = (&config, &caller);
-    // This connection's reads of a stretch of the log ([`scan`]) take
-    // turns, and each keeps its turn until its answers are fed to the
-    // sink: what a connection holds of them is one answer, however many
-    // it has in flight and whether or not it reads what it is sent.
-    let scan_turn = Semaphore::new(1);
-    let turn_ref = &scan_turn;
+    // The reads of a stretch of the log ([`scan`]) of this connection's
+    // credential, all its connections' together, take turns
+    // ([`scan_turn`]), and each keeps its turn until its answers are fed
+    // to the sink: what a credential holds of them is one answer, however
+    // many it has in flight on however many connections, and whether or
+    // not it reads what it is sent. Taken at the connection's first read.
+    let turn = std::sync::OnceLock::new();
+    let turn_ref = &turn;
     let mut pending = FuturesUnordered::new();
     let mut in_flight = 0;
     let mut out = Answers {
@@ -1788,7 +1790,8 @@ where
         pending.push(Either::Right(async move {
             let mut held = AnswerHold::default();
             if is_scan(&message) {
-                held.turn = turn_ref.acquire().await.ok();
+                let turn: &Arc<Semaphore> = turn_ref.get_or_init(|| scan_turn(&caller_ref.id));
+                held.turn = turn.clone().acquire_owned().await.ok();
             }
             if matches!(message, Message::Entries { .. }) {
                 held.budget = config_ref
@@ -1839,13 +1842,13 @@ where
     unread_or(&sink, result)
 }
 
-/// What an answer holds until it is out: the connection's turn to read
-/// the log ([`scan`]), given back once the answer is fed to the sink, and
-/// its share of [`ServeConfig::entries_budget`], given back once a flush
-/// has written it.
+/// What an answer holds until it is out: its credential's turn to read
+/// the log ([`scan_turn`]), given back once the answer is fed to the
+/// sink, and its share of [`ServeConfig::entries_budget`], given back
+/// once a flush has written it.
 #[derive(Default)]
-struct AnswerHold<'a> {
-    turn: Option<tokio::sync::SemaphorePermit<'a>>,
+struct AnswerHold {
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
     budget: Option<EntriesHold>,
 }
 
@@ -1902,7 +1905,7 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
     }
 
     /// Keeps `held`'s budget until the next flush; its turn ends here.
-    fn hold(&mut self, held: AnswerHold<'_>) {
+    fn hold(&mut self, held: AnswerHold) {
         if let Some(b) = held.budget {
             if self.dirty && !self.failed {
                 self.budget.push(b);
@@ -2961,6 +2964,45 @@ const SCAN_SLOTS: usize = 2;
 /// The slots of [`scan`], shared by every connection of the process.
 static SCANS: Semaphore = Semaphore::const_new(SCAN_SLOTS);
 
+/// Each credential's turn to read a stretch of the log ([`scan`]), by
+/// credential id, shared by its connections while one of them holds it:
+/// so that the slots go round the credentials that read (the slots'
+/// queue is first come, first served, and holds one read of each), not
+/// to whichever has the most connections asking. Dropped with the last
+/// connection that took it; the map is swept of those as it grows.
+static TURNS: std::sync::Mutex<Turns> = std::sync::Mutex::new(Turns {
+    by_credential: None,
+    sweep_at: 64,
+});
+
+struct Turns {
+    by_credential: Option<std::collections::HashMap<String, std::sync::Weak<Semaphore>>>,
+    /// The map's size at which the turns no connection holds are swept.
+    sweep_at: usize,
+}
+
+/// The turn of the credential `id` ([`TURNS`]).
+fn scan_turn(id: &str) -> Arc<Semaphore> {
+    let mut turns = TURNS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Turns {
+        by_credential,
+        sweep_at,
+    } = &mut *turns;
+    let map = by_credential.get_or_insert_with(std::collections::HashMap::new);
+    if let Some(turn) = map.get(id).and_then(std::sync::Weak::upgrade) {
+        return turn;
+    }
+    if map.len() >= *sweep_at {
+        map.retain(|_, t| t.strong_count() > 0);
+        *sweep_at = (map.len() * 2).max(64);
+    }
+    let turn = Arc::new(Semaphore::new(1));
+    map.insert(id.to_owned(), Arc::downgrade(&turn));
+    turn
+}
+
 /// Whether `message` reads a stretch of the log ([`scan`]): `Entries`
 /// (up to `max_entries_bytes`), `Heads` (up to [`MAX_HEADS_SCAN_BYTES`])
 /// and `Proof` (a whole commit group, rehashed).
@@ -3698,6 +3740,31 @@ mod tests {
         assert_eq!(t.delay(slowed), before, "still slowed down");
         let held = t.peers.lock().map(|p| p.len()).unwrap_or(usize::MAX);
         assert!(held <= 8, "{held} peers held");
+    }
+
+    /// A credential's connections share one turn to read the log while
+    /// one of them holds it, other credentials have turns of their own,
+    /// and a turn no connection holds is dropped (and swept from the map
+    /// as it grows).
+    #[test]
+    fn a_credential_s_connections_share_one_turn_to_read() {
+        let a = scan_turn("auditor:turns-a");
+        assert!(Arc::ptr_eq(&a, &scan_turn("auditor:turns-a")));
+        let b = scan_turn("auditor:turns-b");
+        assert!(!Arc::ptr_eq(&a, &b));
+        let weak = Arc::downgrade(&a);
+        drop(a);
+        assert!(weak.upgrade().is_none(), "dropped with its last holder");
+        // Many credentials come and go: the map holds about the live ones.
+        for i in 0..1000 {
+            drop(scan_turn(&format!("auditor:turns-gone-{i}")));
+        }
+        let held = TURNS
+            .lock()
+            .map(|t| t.by_credential.as_ref().map_or(0, |m| m.len()))
+            .unwrap_or(usize::MAX);
+        assert!(held < 200, "{held} turns in the map");
+        drop(b);
     }
 
     /// A table full of slowed peers makes room for an eighth of it at
