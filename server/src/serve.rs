@@ -126,7 +126,8 @@ pub struct ServeConfig {
     /// does not read keeps its share until it is closed for it (after
     /// `idle_timeout`), so that readers who never read cannot make the
     /// server hold 8 MiB for each of their connections; and one
-    /// credential holds a quarter of the budget at most, so that a key's
+    /// credential holds a quarter of the budget at most (or one answer's
+    /// `max_entries_bytes` where that is more), so that a key's
     /// connections that never read leave the rest to other keys.
     pub entries_budget: EntriesBudget,
     /// Name sent in `HelloOk`.
@@ -244,9 +245,9 @@ impl Default for ServeConfig {
 /// share the budget.
 ///
 /// One credential holds at most a quarter of it (its share, one unit at
-/// least), however many connections it has: the connections of a key
-/// that ask and never read wait for their own share, not for the answers
-/// of every other auditor.
+/// least; or one answer's units where those are more), however many
+/// connections it has: the connections of a key that ask and never read
+/// wait for their own share, not for the answers of every other auditor.
 #[derive(Debug, Clone)]
 pub struct EntriesBudget {
     units: Arc<Semaphore>,
@@ -257,8 +258,8 @@ pub struct EntriesBudget {
     shares: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>>,
 }
 
-/// What an `Entries` answer holds of the budget: of its credential's
-/// share and of the whole, the same units.
+/// What an `Entries` answer holds of the budget: of the whole, its units;
+/// of its credential's share, as many (the whole share at most).
 #[derive(Debug)]
 pub struct EntriesHold {
     mine: tokio::sync::OwnedSemaphorePermit,

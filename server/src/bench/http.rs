@@ -94,7 +94,9 @@ impl AuthorizeParams {
         check((1..=MAX_HTTP_CLIENTS).contains(&self.clients), || {
             format!(
                 "--clients must be between 1 and {MAX_HTTP_CLIENTS} (the shim serves 1,024 \
-                 connections, and the run opens one beside its clients')"
+                 connections, and the run opens one beside its clients'; against --addr, a \
+                 vaultd serves one address 256 of them unless --http-max-connections-per-peer \
+                 says more)"
             )
         })?;
         check((1..=MAX_REQUESTS).contains(&self.requests), || {

@@ -111,12 +111,18 @@ impl InProcess {
                     ..ServeConfig::default()
                 }
             },
-            shim: ShimConfig {
-                vault_addr: addr.to_string(),
-                max_connections: opts
+            shim: {
+                let max_connections = opts
                     .max_connections
-                    .unwrap_or(ShimConfig::default().max_connections),
-                ..ShimConfig::default()
+                    .unwrap_or(ShimConfig::default().max_connections);
+                ShimConfig {
+                    vault_addr: addr.to_string(),
+                    max_connections,
+                    // The benchmark's clients share one address: as many
+                    // as it opens, up to the connection limit.
+                    max_connections_per_peer: max_connections,
+                    ..ShimConfig::default()
+                }
             },
             policies: opts.policies,
             reopen: None,
