@@ -416,6 +416,23 @@ impl Connector {
         Ok(Connector { config, tls })
     }
 
+    /// The same connector, TLS configuration and session cache included,
+    /// authenticating with another API key and client name: for a
+    /// service that acts for many callers with their own keys (the HTTP
+    /// shim), whose connections then resume each other's TLS sessions
+    /// instead of each reading the TLS files and making a full handshake.
+    /// A client certificate in the configuration is presented as before.
+    pub fn with_key(&self, api_key: Zeroizing<String>, client_name: String) -> Connector {
+        Connector {
+            config: ClientConfig {
+                api_key,
+                client_name,
+                ..self.config.clone()
+            },
+            tls: self.tls.clone(),
+        }
+    }
+
     /// The same connector with TLS session resumption turned off: every
     /// connection makes a full handshake (for measuring what resumption
     /// saves). The session cache is not shared with `self`.

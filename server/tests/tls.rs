@@ -1078,3 +1078,63 @@ fn bench_partner_cleaned_up(dir: &Path) -> (Vault, storage::CredentialInfo) {
     assert_eq!(shredded, std::slice::from_ref(&partner.name));
     (vault, partner)
 }
+
+/// The shim's link to a vault elsewhere reads its TLS files once, at its
+/// first connection, and the connections it opens with its callers' own
+/// keys resume TLS sessions (the gateway's handshake left a ticket)
+/// instead of each reading the CA file and making a full handshake.
+#[tokio::test]
+async fn the_shim_s_connections_for_its_callers_resume_tls_sessions() {
+    let s = start(false).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = write(dir.path(), "ca.pem", &s.pki.ca.pem());
+    let (_, gateway) = s
+        .vault
+        .create_credential("gateway", "shim")
+        .await
+        .expect("a gateway");
+    let (_, admin) = s
+        .vault
+        .create_credential("admin", "ops")
+        .await
+        .expect("an admin");
+    let link = server::shim::VaultLink::new(client::ClientConfig {
+        addr: s.addr.to_string(),
+        tls: client::Tls::Ca {
+            ca_pem_file: ca.clone(),
+            server_name: "localhost".into(),
+            client_cert: None,
+        },
+        api_key: client::Zeroizing::new(gateway.to_string()),
+        client_name: "test-shim".into(),
+        timeout: std::time::Duration::from_secs(10),
+    });
+    let g = link.gateway().await.expect("the gateway's connection");
+    assert_eq!(g.role(), "gateway");
+    for _ in 0..2 {
+        let c = link.as_caller(&admin).await.expect("a caller's connection");
+        assert_eq!(c.role(), "admin");
+        assert!(c.tls_resumed(), "resumed");
+    }
+    // A CA file changed since is read again: another CA's is not trusted
+    // (no session resumed past it), the right one again is.
+    let set = |pem: String, at: u64| {
+        std::fs::write(&ca, pem).expect("write the CA file");
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at);
+        std::fs::File::options()
+            .write(true)
+            .open(&ca)
+            .and_then(|f| f.set_modified(when))
+            .expect("its time");
+    };
+    set(ca_pem("another CA"), 1_000_000);
+    assert!(link.as_caller(&admin).await.is_err(), "another CA's file");
+    set(s.pki.ca.pem(), 2_000_000);
+    let c = link.as_caller(&admin).await.expect("the right CA again");
+    assert_eq!(c.role(), "admin");
+}
+
+/// The PEM of a new CA named `name`.
+fn ca_pem(name: &str) -> String {
+    ca(name).pem()
+}

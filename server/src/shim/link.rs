@@ -5,7 +5,11 @@
 //! it is re-opened after a transport failure. Requests an HTTP caller makes
 //! with its own authority (policies, consents, credentials, logs) go over
 //! a short connection opened with the caller's own API key, so that the
-//! vault itself checks the caller's role and records who acted.
+//! vault itself checks the caller's role and records who acted. Both go
+//! through one [`client::Connector`], so that the callers' connections
+//! resume TLS sessions instead of each reading the TLS files and making a
+//! full handshake; it is made again, the files read again, when one of
+//! them changed (a renewed client certificate, say) since it was made.
 
 use std::sync::Arc;
 
@@ -22,6 +26,37 @@ pub struct VaultLink {
     /// `gateway.addr`.
     local: Option<Local>,
     current: Mutex<Gateway>,
+    /// The connector of `gateway`, made at the first connection to a vault
+    /// elsewhere (not `local`), with the modification times of the TLS
+    /// files it read.
+    connector: std::sync::Mutex<Option<(Arc<client::Connector>, Vec<FileStamp>)>>,
+}
+
+/// A file's inode, modification time and length (a file renamed over it
+/// or written in place changes one), `None` when it cannot be read.
+type FileStamp = Option<(u64, std::time::SystemTime, u64)>;
+
+/// The stamps of the TLS files of `tls`, in a fixed order.
+fn stamps(tls: &client::Tls) -> Vec<FileStamp> {
+    let stamp = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((
+            std::os::unix::fs::MetadataExt::ino(&m),
+            m.modified().ok()?,
+            m.len(),
+        ))
+    };
+    match tls {
+        client::Tls::Plaintext => Vec::new(),
+        client::Tls::Ca {
+            ca_pem_file,
+            client_cert,
+            ..
+        } => std::iter::once(ca_pem_file)
+            .chain(client_cert.iter().flat_map(|(c, k)| [c, k]))
+            .map(|p| stamp(p))
+            .collect(),
+    }
 }
 
 /// The gateway connection, or when the last attempt to open one failed.
@@ -45,6 +80,7 @@ impl VaultLink {
             gateway,
             local: None,
             current: Mutex::new(Gateway::default()),
+            connector: std::sync::Mutex::new(None),
         }
     }
 
@@ -57,13 +93,38 @@ impl VaultLink {
             gateway,
             local: Some(local),
             current: Mutex::new(Gateway::default()),
+            connector: std::sync::Mutex::new(None),
         }
     }
 
+    /// The connector of `gateway`, made (its TLS files read) the first
+    /// time and whenever one of the files changed since; a failure is the
+    /// next call's to try again.
+    fn connector(&self) -> Result<Arc<client::Connector>, ClientError> {
+        let now = stamps(&self.gateway.tls);
+        let mut made = self
+            .connector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((c, _)) = made.as_ref().filter(|(_, then)| *then == now) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(client::Connector::new(self.gateway.clone())?);
+        *made = Some((c.clone(), now));
+        Ok(c)
+    }
+
+    /// A connection with `config`'s key: `gateway` itself, or a caller's
+    /// ([`VaultLink::as_caller`]).
     async fn connect(&self, config: &ClientConfig) -> Result<Client, ClientError> {
         match &self.local {
             Some(local) => Client::direct(local.direct(), config).await,
-            None => Client::connect(config.clone()).await,
+            None => {
+                self.connector()?
+                    .with_key(config.api_key.clone(), config.client_name.clone())
+                    .connect()
+                    .await
+            }
         }
     }
 
