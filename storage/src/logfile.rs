@@ -279,12 +279,14 @@ fn with_chunk_at<T>(
     Ok(f(crate::chunk::Chunk::decode(&bytes).ok()))
 }
 
-/// Whether the chunk of `n` bytes at `offset` of `file` closes its commit
-/// group (carries the group's signed head). A chunk that cannot be read
-/// whole or does not decode counts as closing one: it is kept, and verify
-/// names it.
-fn closes_group(file: &File, offset: u64, n: u64) -> Result<bool> {
-    with_chunk_at(file, offset, n, |c| c.is_none_or(|c| c.head.is_some()))
+/// Whether the chunk of `n` bytes at `offset` of `file`, under the key
+/// `key`, closes its commit group (carries the group's signed head). A
+/// chunk that cannot be read whole, does not decode, or is not the one its
+/// key names counts as closing one: it is kept, and verify names it.
+fn closes_group(file: &File, key: &[u8], offset: u64, n: u64) -> Result<bool> {
+    with_chunk_at(file, offset, n, |c| {
+        c.is_none_or(|c| c.head.is_some() || !is_key_of(key, &c))
+    })
 }
 
 /// Whether the `n` bytes at `offset` of `file` are what a power loss
@@ -514,7 +516,7 @@ impl LogTree {
                     dropped.push(k)
                 }
                 // The first chunks of a group that lost its last ones.
-                Some((offset, n)) if !dropped.is_empty() && !closes_group(file, offset, n)? => {
+                Some((offset, n)) if !dropped.is_empty() && !closes_group(file, &k, offset, n)? => {
                     dropped.push(k)
                 }
                 // A whole chunk: it ends the log, unless it closes a group
@@ -1164,6 +1166,32 @@ mod tests {
         assert_eq!(*log.end()?, c0.len() as u64);
         assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
         assert_eq!(log.layout_fault()?, None);
+        Ok(())
+    }
+
+    /// The first chunks of a group whose last ones the file lost are
+    /// dropped with them, but not a chunk that is not the one its key
+    /// names (damage, not a loss): the drop stops there, for verify to
+    /// name it.
+    #[test]
+    fn a_chunk_under_another_key_stops_the_drop_of_a_group_s_first_chunks() -> Result<()> {
+        let c0 = whole_chunk(0);
+        for (first, kept) in [(1u64, 1), (7, 2)] {
+            let c1 = crate::chunk::encode_chunk(first, &[b"an entry"], None);
+            let c2 = whole_chunk(2);
+            let dir = tempfile::tempdir()?;
+            {
+                let (db, log) = open(dir.path())?;
+                log.apply(&[(0u64.to_be_bytes(), &c0[..])])?;
+                log.apply(&[(1u64.to_be_bytes(), &c1[..]), (2u64.to_be_bytes(), &c2[..])])?;
+                db.flush()?;
+                // The group's last chunk past the file's end.
+                log.file.set_len((c0.len() + c1.len() + 2) as u64)?;
+            }
+            segment(dir.path(), 1)?;
+            let (_db, log) = open(dir.path())?;
+            assert_eq!(log.index.len(), kept, "chunk 1 of first seq {first}");
+        }
         Ok(())
     }
 
