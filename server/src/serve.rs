@@ -1700,14 +1700,14 @@ where
     // ([`Unread`]), which ends the connection.
     let max_in_flight = config.max_in_flight.max(1);
     let (config_ref, caller_ref) = (&config, &caller);
-    // The reads of a stretch of the log ([`scan`]) of this connection's
-    // credential, all its connections' together, take turns
-    // ([`scan_turn`]), and each keeps its turn until its answers are fed
-    // to the sink: what a credential holds of them is one answer, however
-    // many it has in flight on however many connections, and whether or
-    // not it reads what it is sent. Taken at the connection's first read.
-    let turn = std::sync::OnceLock::new();
-    let turn_ref = &turn;
+    // This connection's reads of a stretch of the log ([`scan`]) take
+    // turns, and each keeps its turn until its answers are fed to the
+    // sink: what a connection holds of them is one answer, however many
+    // it has in flight and whether or not it reads what it is sent. (The
+    // reads of its credential, on all its connections together, take
+    // turns for the read itself: [`scan`].)
+    let scan_turn = Semaphore::new(1);
+    let turn_ref = &scan_turn;
     let mut pending = FuturesUnordered::new();
     let mut in_flight = 0;
     let mut out = Answers {
@@ -1791,8 +1791,7 @@ where
         pending.push(Either::Right(async move {
             let mut held = AnswerHold::default();
             if is_scan(&message) {
-                let turn: &Arc<Semaphore> = turn_ref.get_or_init(|| scan_turn(&caller_ref.id));
-                held.turn = turn.clone().acquire_owned().await.ok();
+                held.turn = turn_ref.acquire().await.ok();
             }
             if matches!(message, Message::Entries { .. }) {
                 held.budget = config_ref
@@ -1819,8 +1818,13 @@ where
     // then what ended it (a frame that cannot be read), so that its error
     // is the connection's last answer. Answers are flushed while others
     // are awaited, as above: an `Entries` still to come may wait for the
-    // budget that answers fed and not yet written hold.
+    // budget that answers fed and not yet written hold. Once a write has
+    // failed, nothing more is written: the reads still to come are not
+    // made.
     loop {
+        if out.failed {
+            break;
+        }
         tokio::select! {
             biased;
             next = pending.next() => match next {
@@ -1843,13 +1847,13 @@ where
     unread_or(&sink, result)
 }
 
-/// What an answer holds until it is out: its credential's turn to read
-/// the log ([`scan_turn`]), given back once the answer is fed to the
-/// sink, and its share of [`ServeConfig::entries_budget`], given back
-/// once a flush has written it.
+/// What an answer holds until it is out: the connection's turn to read
+/// the log ([`scan`]), given back once the answer is fed to the sink, and
+/// its share of [`ServeConfig::entries_budget`], given back once a flush
+/// has written it.
 #[derive(Default)]
-struct AnswerHold {
-    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+struct AnswerHold<'a> {
+    turn: Option<tokio::sync::SemaphorePermit<'a>>,
     budget: Option<EntriesHold>,
 }
 
@@ -1906,7 +1910,7 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
     }
 
     /// Keeps `held`'s budget until the next flush; its turn ends here.
-    fn hold(&mut self, held: AnswerHold) {
+    fn hold(&mut self, held: AnswerHold<'_>) {
         if let Some(b) = held.budget {
             if self.dirty && !self.failed {
                 self.budget.push(b);
@@ -2750,7 +2754,11 @@ async fn respond(
         Message::Entries { from_seq, max } => {
             let max = max.min(config.max_entries) as usize;
             let max_bytes = config.max_entries_bytes;
-            match scan(vault, move |v| v.entries_within(from_seq, max, max_bytes)).await {
+            match scan(vault, &caller.id, move |v| {
+                v.entries_within(from_seq, max, max_bytes)
+            })
+            .await
+            {
                 Err(refused) => refused,
                 Ok(entries) => {
                     // Batches that stay well inside the frame limit.
@@ -2781,7 +2789,7 @@ async fn respond(
                 }
             }
         }
-        Message::Proof { seq } => match scan(vault, move |v| v.receipt(seq)).await {
+        Message::Proof { seq } => match scan(vault, &caller.id, move |v| v.receipt(seq)).await {
             Ok(Some(r)) => Message::ProofInfo {
                 receipt: r.encode(),
             },
@@ -2792,7 +2800,11 @@ async fn respond(
             // At most a thousand, and a frame well inside the limit.
             let fit = config.max_frame_len / 2 / (protocol::receipt::HEAD_LEN + 4);
             let max = (max as usize).min(MAX_HEADS_PER_REQUEST).min(fit.max(1));
-            match scan(vault, move |v| v.heads(from_seq, max, MAX_HEADS_SCAN_BYTES)).await {
+            match scan(vault, &caller.id, move |v| {
+                v.heads(from_seq, max, MAX_HEADS_SCAN_BYTES)
+            })
+            .await
+            {
                 Ok(heads) => Message::HeadList {
                     heads: heads.iter().map(storage::SignedHead::encode).collect(),
                 },
@@ -2965,8 +2977,9 @@ const SCAN_SLOTS: usize = 2;
 /// The slots of [`scan`], shared by every connection of the process.
 static SCANS: Semaphore = Semaphore::const_new(SCAN_SLOTS);
 
-/// Each credential's turn to read a stretch of the log ([`scan`]), by
-/// credential id, shared by its connections while one of them holds it:
+/// Each credential's turn to read a stretch of the log ([`scan`]), held
+/// for the read alone, by credential id, shared by its connections while
+/// one of them holds it:
 /// so that the slots go round the credentials that read (the slots'
 /// queue is first come, first served, and holds one read of each), not
 /// to whichever has the most connections asking. Dropped with the last
@@ -3017,25 +3030,49 @@ fn is_scan(message: &Message) -> bool {
 /// `read` of the log, on one of tokio's blocking threads: a read of
 /// megabytes would otherwise hold up, for its whole length, one of the
 /// few worker threads (one per core) that every connection's requests
-/// run on. At most [`SCAN_SLOTS`] run at once, and a read keeps its slot
-/// until it ends, even when the request that started it is dropped.
-async fn scan<T, F>(vault: &Arc<Vault>, read: F) -> Result<T, Message>
+/// run on. At most [`SCAN_SLOTS`] run at once, one per credential at a
+/// time ([`scan_turn`]), and a read keeps its slot until it ends, even
+/// when the request that started it is dropped.
+///
+/// The turn and the slot are waited for in a task of its own, and given
+/// back by the read's end, not by the request's future: a connection
+/// whose task is held up writing answers its client does not read polls
+/// none of its requests' futures, and a future that is not polled would
+/// keep a permit the semaphore handed it, for as long as the client
+/// stalls. A request dropped while its task waits ends the wait.
+async fn scan<T, F>(vault: &Arc<Vault>, credential: &str, read: F) -> Result<T, Message>
 where
     T: Send + 'static,
     F: FnOnce(&Vault) -> storage::Result<T> + Send + 'static,
 {
-    let Ok(slot) = SCANS.acquire().await else {
-        return Err(error(ErrorCode::Unavailable, "the log cannot be read now"));
-    };
+    let turn = scan_turn(credential);
     let vault = Arc::clone(vault);
-    let read = tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        read(&vault)
+    let task = tokio::spawn(async move {
+        let turn = turn.acquire_owned().await.ok()?;
+        let slot = SCANS.acquire().await.ok()?;
+        let read = tokio::task::spawn_blocking(move || {
+            let _held = (turn, slot);
+            read(&vault)
+        });
+        Some(read.await)
     });
-    match read.await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(storage_error(&e)),
-        Err(_) => Err(error(ErrorCode::Internal, "the read of the log failed")),
+    let waiting = AbortOnDrop(task.abort_handle());
+    let outcome = task.await;
+    drop(waiting);
+    match outcome {
+        Ok(Some(Ok(Ok(value)))) => Ok(value),
+        Ok(Some(Ok(Err(e)))) => Err(storage_error(&e)),
+        Ok(None) => Err(error(ErrorCode::Unavailable, "the log cannot be read now")),
+        Ok(Some(Err(_))) | Err(_) => Err(error(ErrorCode::Internal, "the read of the log failed")),
+    }
+}
+
+/// Aborts a task when dropped: a request's wait in [`scan`] ends with it.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -3447,16 +3484,18 @@ mod tests {
             .expect("create")
             .vault,
         );
-        let entries = scan(&vault, |v| v.entries_within(0, 10, 1 << 20))
-            .await
-            .expect("entries");
+        let entries = scan(&vault, "auditor:scan-test", |v| {
+            v.entries_within(0, 10, 1 << 20)
+        })
+        .await
+        .expect("entries");
         assert_eq!(entries, vault.entries_from(0, 10).expect("in place"));
-        let closed = scan(&vault, |_| -> storage::Result<()> {
+        let closed = scan(&vault, "auditor:scan-test", |_| -> storage::Result<()> {
             Err(storage::Error::Closed)
         })
         .await;
         assert_eq!(closed, Err(storage_error(&storage::Error::Closed)));
-        let panicked = scan(&vault, |_| -> storage::Result<()> {
+        let panicked = scan(&vault, "auditor:scan-test", |_| -> storage::Result<()> {
             panic!("a read that panics");
         })
         .await;

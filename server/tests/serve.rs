@@ -1904,6 +1904,44 @@ async fn a_key_that_never_reads_holds_a_quarter_of_the_budget() {
     }
 }
 
+/// A connection that asks for entries and never reads them holds up no
+/// other connection of its key: the key's reads take turns for the read
+/// alone, and the connection's own turn, which it keeps while its answer
+/// waits to be written, is its own.
+#[tokio::test]
+async fn a_connection_that_never_reads_holds_up_none_of_its_key_s_others() {
+    let (s, _budget) = budgeted(64 * 64 * 1024, Duration::from_secs(600)).await;
+    let entries = Message::Entries {
+        from_seq: 0,
+        max: 10_000,
+    };
+    let (flooder, _) = connect(&s, &s.auditor).await;
+    let mut tcp = flooder.into_inner();
+    let burst = repeated(
+        &protocol::encode_frame(2, &entries, 0).expect("frame"),
+        2_000,
+    );
+    let flood = tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} });
+    // Time for its answers to fill the sockets' buffers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut other, _) = connect(&s, &s.auditor).await;
+    other
+        .send(entries.to_frame(3, 0).expect("frame"))
+        .await
+        .expect("send");
+    let mut last = false;
+    while !last {
+        let batch = tokio::time::timeout(Duration::from_secs(60), recv(&mut other))
+            .await
+            .expect("answered while the other connection does not read")
+            .expect("a batch");
+        assert!(matches!(batch.1, Message::EntryBatch { .. }), "{batch:?}");
+        last = batch.2;
+    }
+    assert!(!flood.is_finished(), "the unread connection is still open");
+    flood.abort();
+}
+
 /// Requests read before a client ends its side are answered, `Entries`
 /// ones too when each waits for the budget the answer before it holds
 /// until written: the answers are written while the last ones wait.
