@@ -98,8 +98,9 @@ impl VaultLink {
     }
 
     /// The connector of `gateway`, made (its TLS files read) the first
-    /// time and whenever one of the files changed since; a failure is the
-    /// next call's to try again.
+    /// time and whenever one of the files changed since. When the files
+    /// changed and do not read (a renewal half done), the connector made
+    /// before serves meanwhile, with a warning; the next call tries again.
     fn connector(&self) -> Result<Arc<client::Connector>, ClientError> {
         let now = stamps(&self.gateway.tls);
         let mut made = self
@@ -109,9 +110,23 @@ impl VaultLink {
         if let Some((c, _)) = made.as_ref().filter(|(_, then)| *then == now) {
             return Ok(c.clone());
         }
-        let c = Arc::new(client::Connector::new(self.gateway.clone())?);
-        *made = Some((c.clone(), now));
-        Ok(c)
+        match client::Connector::new(self.gateway.clone()) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *made = Some((c.clone(), now));
+                Ok(c)
+            }
+            Err(e) => match made.as_ref() {
+                Some((c, _)) => {
+                    tracing::warn!(
+                        error = %crate::error_chain(&e),
+                        "the vault's TLS files changed and do not read; connecting with those read before"
+                    );
+                    Ok(c.clone())
+                }
+                None => Err(e),
+            },
+        }
     }
 
     /// A connection with `config`'s key: `gateway` itself, or a caller's
