@@ -1769,6 +1769,63 @@ async fn budgeted(bytes: usize, idle: Duration) -> (Server, server::serve::Entri
     (s, budget)
 }
 
+/// `Entries` of the whole log (up to 10,000 entries).
+const ALL_ENTRIES: Message = Message::Entries {
+    from_seq: 0,
+    max: 10_000,
+};
+
+/// A burst of `Entries` of the whole log.
+fn entries_burst() -> Vec<u8> {
+    repeated(
+        &protocol::encode_frame(2, &ALL_ENTRIES, 0).expect("frame"),
+        2_000,
+    )
+}
+
+/// Waits until `budget` has `at_most` bytes left, bounded so that a
+/// budget never spent fails the test rather than hangs it.
+async fn until_spent(budget: &server::serve::EntriesBudget, at_most: usize, what: &str) {
+    tokio::time::timeout(HANG_BOUND, async {
+        while budget.available() > at_most {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
+}
+
+/// A connection of a second auditor's key.
+async fn second_auditor(s: &Server) -> Conn {
+    let (_, key) = s
+        .vault
+        .create_credential("auditor", "second-auditor")
+        .await
+        .expect("a second auditor");
+    connect(s, &key).await.0
+}
+
+/// Asks `conn` for the log's entries and reads every batch of the answer,
+/// each within `HANG_BOUND` (`what` says what a hang means).
+async fn all_entries(conn: &mut Conn, what: &str) {
+    conn.send(ALL_ENTRIES.to_frame(3, 0).expect("frame"))
+        .await
+        .expect("send");
+    let mut last = false;
+    while !last {
+        let batch = tokio::time::timeout(HANG_BOUND, recv(conn))
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("a batch");
+        assert!(matches!(batch.1, Message::EntryBatch { .. }), "{batch:?}");
+        last = batch.2;
+    }
+}
+
+/// How long a test waits for what must come, so that it fails rather
+/// than hangs when it does not.
+const HANG_BOUND: Duration = Duration::from_secs(60);
+
 /// `Entries` answers left unread keep their share of the server's
 /// `entries_budget` until their connection is closed for it: another
 /// auditor's `Entries` waits meanwhile (no more memory is spent on
@@ -1777,54 +1834,17 @@ async fn budgeted(bytes: usize, idle: Duration) -> (Server, server::serve::Entri
 #[tokio::test]
 async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
     let (s, budget) = budgeted(64 * 1024, Duration::from_secs(2)).await;
-    let entries = Message::Entries {
-        from_seq: 0,
-        max: 10_000,
-    };
-    // Asks again and again, and never reads.
-    let (flooder, _) = connect(&s, &s.auditor).await;
-    let mut tcp = flooder.into_inner();
-    let burst = repeated(
-        &protocol::encode_frame(2, &entries, 0).expect("frame"),
-        2_000,
-    );
-    let flood = tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} });
-    // Bounded, so that a budget never spent fails the test rather than
-    // hangs it: spent once the unread answers fill the socket's buffers.
-    let bound = Duration::from_secs(60);
-    tokio::time::timeout(bound, async {
-        while budget.available() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the unread answers spend the budget");
+    let flood = flood_unread(&s, &s.auditor, entries_burst()).await;
+    until_spent(&budget, 0, "the unread answers spend the budget").await;
     // Another auditor's key: its share is free, the budget is not.
-    let (_, other_key) = s
-        .vault
-        .create_credential("auditor", "second-auditor")
-        .await
-        .expect("a second auditor");
-    let (mut other, _) = connect(&s, &other_key).await;
-    other
-        .send(entries.to_frame(3, 0).expect("frame"))
-        .await
-        .expect("send");
-    let first = tokio::time::timeout(bound, recv(&mut other))
-        .await
-        .expect("answered once the unread connection is closed")
-        .expect("a batch");
-    assert!(matches!(first.1, Message::EntryBatch { .. }), "{first:?}");
-    tokio::time::timeout(bound, flood)
+    let mut other = second_auditor(&s).await;
+    all_entries(&mut other, "answered once the unread connection is closed").await;
+    tokio::time::timeout(HANG_BOUND, flood)
         .await
         .expect("the unread connection is closed")
         .expect("flood task");
     // Once every answer is read or dropped, the budget is whole again.
-    let mut last = first.2;
-    while !last {
-        last = recv(&mut other).await.expect("a batch").2;
-    }
-    tokio::time::timeout(bound, async {
+    tokio::time::timeout(HANG_BOUND, async {
         while budget.available() < 64 * 1024 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1840,52 +1860,18 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
 #[tokio::test]
 async fn a_key_that_never_reads_holds_a_quarter_of_the_budget() {
     let (s, budget) = budgeted(4 * 64 * 1024, Duration::from_secs(600)).await;
-    let entries = Message::Entries {
-        from_seq: 0,
-        max: 10_000,
-    };
-    let burst = repeated(
-        &protocol::encode_frame(2, &entries, 0).expect("frame"),
-        2_000,
-    );
-    let mut floods = Vec::new();
-    for _ in 0..2 {
-        let (flooder, _) = connect(&s, &s.auditor).await;
-        let mut tcp = flooder.into_inner();
-        let burst = burst.clone();
-        floods.push(tokio::spawn(async move {
-            while tcp.write_all(&burst).await.is_ok() {}
-        }));
-    }
-    // Bounded, so that a share never spent fails the test rather than
-    // hangs it: spent once the unread answers fill the sockets' buffers.
-    let bound = Duration::from_secs(60);
-    tokio::time::timeout(bound, async {
-        while budget.available() > 3 * 64 * 1024 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the unread answers spend the key's share");
-    let (_, other_key) = s
-        .vault
-        .create_credential("auditor", "second-auditor")
-        .await
-        .expect("a second auditor");
-    let (mut other, _) = connect(&s, &other_key).await;
-    other
-        .send(entries.to_frame(3, 0).expect("frame"))
-        .await
-        .expect("send");
-    let mut last = false;
-    while !last {
-        let batch = tokio::time::timeout(bound, recv(&mut other))
-            .await
-            .expect("answered from the rest of the budget")
-            .expect("a batch");
-        assert!(matches!(batch.1, Message::EntryBatch { .. }), "{batch:?}");
-        last = batch.2;
-    }
+    let floods = [
+        flood_unread(&s, &s.auditor, entries_burst()).await,
+        flood_unread(&s, &s.auditor, entries_burst()).await,
+    ];
+    until_spent(
+        &budget,
+        3 * 64 * 1024,
+        "the unread answers spend the key's share",
+    )
+    .await;
+    let mut other = second_auditor(&s).await;
+    all_entries(&mut other, "answered from the rest of the budget").await;
     assert!(
         floods.iter().all(|f| !f.is_finished()),
         "answered while the unread connections are open"
@@ -1911,33 +1897,15 @@ async fn a_key_that_never_reads_holds_a_quarter_of_the_budget() {
 #[tokio::test]
 async fn a_connection_that_never_reads_holds_up_none_of_its_key_s_others() {
     let (s, _budget) = budgeted(64 * 64 * 1024, Duration::from_secs(600)).await;
-    let entries = Message::Entries {
-        from_seq: 0,
-        max: 10_000,
-    };
-    let (flooder, _) = connect(&s, &s.auditor).await;
-    let mut tcp = flooder.into_inner();
-    let burst = repeated(
-        &protocol::encode_frame(2, &entries, 0).expect("frame"),
-        2_000,
-    );
-    let flood = tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} });
+    let flood = flood_unread(&s, &s.auditor, entries_burst()).await;
     // Time for its answers to fill the sockets' buffers.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (mut other, _) = connect(&s, &s.auditor).await;
-    other
-        .send(entries.to_frame(3, 0).expect("frame"))
-        .await
-        .expect("send");
-    let mut last = false;
-    while !last {
-        let batch = tokio::time::timeout(Duration::from_secs(60), recv(&mut other))
-            .await
-            .expect("answered while the other connection does not read")
-            .expect("a batch");
-        assert!(matches!(batch.1, Message::EntryBatch { .. }), "{batch:?}");
-        last = batch.2;
-    }
+    all_entries(
+        &mut other,
+        "answered while the other connection does not read",
+    )
+    .await;
     assert!(!flood.is_finished(), "the unread connection is still open");
     flood.abort();
 }
@@ -1988,13 +1956,13 @@ async fn entries_sent_before_the_end_are_answered_within_the_budget() {
     assert_eq!(batches, 4, "one batch for each Entries");
 }
 
-/// Connects with `key`, then floods pings and never reads an answer.
-/// The task ends when a write fails: the server closed the connection.
-async fn flood_unread(s: &Server, key: &str) -> tokio::task::JoinHandle<()> {
+/// Connects with `key`, then sends `burst` (pings, say) again and again
+/// and never reads an answer. The task ends when a write fails: the
+/// server closed the connection.
+async fn flood_unread(s: &Server, key: &str, burst: Vec<u8>) -> tokio::task::JoinHandle<()> {
     let (conn, hello) = connect(s, key).await;
     assert!(matches!(hello, Message::HelloOk { .. }), "{hello:?}");
     let mut tcp = conn.into_inner();
-    let burst = pings(10_000);
     tokio::spawn(async move { while tcp.write_all(&burst).await.is_ok() {} })
 }
 
@@ -2014,7 +1982,7 @@ async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() 
         } else {
             &s.partner
         };
-        let flood = flood_unread(&s, key).await;
+        let flood = flood_unread(&s, key, pings(10_000)).await;
         // The one slot is free again once the server gives up writing to
         // a client that does not read (bounded so that the test fails
         // rather than hangs).
@@ -2046,7 +2014,7 @@ async fn a_stop_cuts_off_a_client_still_unread_after_the_grace() {
         ..ServeConfig::default()
     })
     .await;
-    let flood = flood_unread(&s, &s.writer).await;
+    let flood = flood_unread(&s, &s.writer, pings(10_000)).await;
     // Until its answers fill the sockets' buffers, so that the answers
     // to what the server read before the stop cannot all be written.
     tokio::time::sleep(Duration::from_secs(3)).await;

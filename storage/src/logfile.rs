@@ -1077,45 +1077,9 @@ mod tests {
     /// made them durable), or when they are not all zeros.
     #[test]
     fn chunks_that_read_as_zeros_at_the_end_are_dropped_when_written_ahead() -> Result<()> {
-        let (c0, c1, c2) = (whole_chunk(0), whole_chunk(1), whole_chunk(2));
-        let dir = tempfile::tempdir()?;
-        {
-            let (db, log) = open(dir.path())?;
-            log.apply(&[(0u64.to_be_bytes(), &c0[..])])?;
-            log.apply(&[(1u64.to_be_bytes(), &c1[..]), (2u64.to_be_bytes(), &c2[..])])?;
-            db.flush()?;
-            let zeros = vec![0u8; c1.len() + c2.len()];
-            log.file.write_all_at(&zeros, c0.len() as u64)?;
-        }
-        let keys = |log: &LogTree| -> Result<Vec<Vec<u8>>> {
-            log.index.iter().keys().map(|k| Ok(k?.to_vec())).collect()
-        };
-        // No segment, or only one from after them: kept as they are.
-        for later in [None, Some(3)] {
-            if let Some(seq) = later {
-                segment(dir.path(), seq)?;
-            }
-            let (_db, log) = open(dir.path())?;
-            assert_eq!(keys(&log)?.len(), 3);
-            assert_eq!(*log.end()?, (c0.len() + c1.len() + c2.len()) as u64);
-        }
-        // Bytes that are not zeros there are damage, not a loss: kept,
-        // for verify to name, even where the write-ahead file could hold
-        // the group.
-        segment(dir.path(), 1)?;
-        {
-            let file = OpenOptions::new().write(true).open(dir.path().join(FILE))?;
-            file.write_all_at(&[0xff], (c0.len() + c1.len()) as u64)?;
-            let (_db, log) = open(dir.path())?;
-            assert_eq!(keys(&log)?.len(), 3);
-            file.write_all_at(&[0], (c0.len() + c1.len()) as u64)?;
-        }
-        let (_db, log) = open(dir.path())?;
-        assert_eq!(keys(&log)?, [0u64.to_be_bytes().to_vec()]);
-        assert_eq!(*log.end()?, c0.len() as u64);
-        assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
-        assert_eq!(log.layout_fault()?, None);
-        Ok(())
+        let (c1, c2) = (whole_chunk(1), whole_chunk(2));
+        let c0 = whole_chunk(0).len() as u64;
+        zeros_after_the_first_chunk(&c1, &c2, c1.len() + c2.len(), c0 + c1.len() as u64)
     }
 
     /// The last group's head whole and its first chunk zeros (pages
@@ -1124,45 +1088,53 @@ mod tests {
     /// below it, or when the chunk holds other bytes than zeros (damage).
     #[test]
     fn a_last_group_whose_first_chunks_read_as_zeros_is_dropped_when_written_ahead() -> Result<()> {
-        let c0 = whole_chunk(0);
         let c1 = crate::chunk::encode_chunk(1, &[b"an entry"], None);
-        let c2 = whole_chunk(2);
+        let c0 = whole_chunk(0).len() as u64;
+        zeros_after_the_first_chunk(&c1, &whole_chunk(2), c1.len(), c0 + 3)
+    }
+
+    /// A log of chunk 0 (a group of its own), then `c1` and `c2` (seqs 1
+    /// and 2) in one write, and `zeroed` bytes of zeros after chunk 0 in
+    /// the file: kept as they are with no write-ahead segment, or only one
+    /// from after them; with one from seq 1, kept while the byte at
+    /// `damage_at` is not zero (damage, not a loss), and dropped down to
+    /// chunk 0 once it is.
+    fn zeros_after_the_first_chunk(
+        c1: &[u8],
+        c2: &[u8],
+        zeroed: usize,
+        damage_at: u64,
+    ) -> Result<()> {
+        let c0 = whole_chunk(0);
         let dir = tempfile::tempdir()?;
         {
             let (db, log) = open(dir.path())?;
             log.apply(&[(0u64.to_be_bytes(), &c0[..])])?;
-            log.apply(&[(1u64.to_be_bytes(), &c1[..]), (2u64.to_be_bytes(), &c2[..])])?;
+            log.apply(&[(1u64.to_be_bytes(), c1), (2u64.to_be_bytes(), c2)])?;
             db.flush()?;
-            log.file
-                .write_all_at(&vec![0u8; c1.len()], c0.len() as u64)?;
+            log.file.write_all_at(&vec![0u8; zeroed], c0.len() as u64)?;
         }
-        let whole = (c0.len() + c1.len() + c2.len()) as u64;
-        // No segment, or only one from after the group: kept as it is.
+        let keys = |log: &LogTree| -> Result<Vec<Vec<u8>>> {
+            log.index.iter().keys().map(|k| Ok(k?.to_vec())).collect()
+        };
         for later in [None, Some(3)] {
             if let Some(seq) = later {
                 segment(dir.path(), seq)?;
             }
             let (_db, log) = open(dir.path())?;
-            assert_eq!(log.index.len(), 3);
-            assert_eq!(*log.end()?, whole);
+            assert_eq!(keys(&log)?.len(), 3);
+            assert_eq!(*log.end()?, (c0.len() + c1.len() + c2.len()) as u64);
         }
         segment(dir.path(), 1)?;
         {
-            // Damage, not a loss: kept.
             let file = OpenOptions::new().write(true).open(dir.path().join(FILE))?;
-            file.write_all_at(&[0xff], c0.len() as u64 + 3)?;
+            file.write_all_at(&[0xff], damage_at)?;
             let (_db, log) = open(dir.path())?;
-            assert_eq!(log.index.len(), 3);
-            file.write_all_at(&[0], c0.len() as u64 + 3)?;
+            assert_eq!(keys(&log)?.len(), 3);
+            file.write_all_at(&[0], damage_at)?;
         }
         let (_db, log) = open(dir.path())?;
-        let keys: Vec<Vec<u8>> = log
-            .index
-            .iter()
-            .keys()
-            .map(|k| Ok(k?.to_vec()))
-            .collect::<Result<_>>()?;
-        assert_eq!(keys, [0u64.to_be_bytes().to_vec()]);
+        assert_eq!(keys(&log)?, [0u64.to_be_bytes().to_vec()]);
         assert_eq!(*log.end()?, c0.len() as u64);
         assert_eq!(std::fs::read(dir.path().join(FILE))?, c0);
         assert_eq!(log.layout_fault()?, None);
