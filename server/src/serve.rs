@@ -2978,12 +2978,12 @@ const SCAN_SLOTS: usize = 2;
 static SCANS: Semaphore = Semaphore::const_new(SCAN_SLOTS);
 
 /// Each credential's turn to read a stretch of the log ([`scan`]), held
-/// for the read alone, by credential id, shared by its connections while
-/// one of them holds it:
-/// so that the slots go round the credentials that read (the slots'
-/// queue is first come, first served, and holds one read of each), not
-/// to whichever has the most connections asking. Dropped with the last
-/// connection that took it; the map is swept of those as it grows.
+/// for the read alone, by credential id, shared by the reads of all its
+/// connections: so that the slots go round the credentials that read (the
+/// slots' queue is first come, first served, and holds one read of each),
+/// not to whichever has the most connections asking. Dropped with the
+/// last read that waits for it or holds it; the map is swept of those as
+/// it grows.
 static TURNS: std::sync::Mutex<Turns> = std::sync::Mutex::new(Turns {
     by_credential: None,
     sweep_at: 64,
