@@ -252,10 +252,68 @@ impl Default for ServeConfig {
 pub struct EntriesBudget {
     units: Arc<Semaphore>,
     total: u32,
-    /// Each credential's share, by credential id, as it is taken. A
-    /// credential's entry stays once made: the credentials that read
-    /// entries (auditors and admins) are few, and created by admins.
-    shares: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>>,
+    /// Each credential's share ([`EntriesBudget::share`] units).
+    shares: Arc<PerCredential>,
+}
+
+/// Semaphores of `permits` each, one per credential id, made when first
+/// asked for and dropped once nothing holds or waits for one (its permits
+/// all given back, so a new one is the same); the map is swept of those
+/// as it grows. A credential's share of what the server's connections
+/// share: the `Entries` budget's, and the turn to read the log
+/// ([`scan_turn`]).
+#[derive(Debug)]
+struct PerCredential {
+    permits: usize,
+    map: std::sync::Mutex<PerCredentialMap>,
+}
+
+#[derive(Debug)]
+struct PerCredentialMap {
+    by_id: std::collections::HashMap<String, std::sync::Weak<Semaphore>>,
+    /// The map's size at which the semaphores nothing holds are swept.
+    sweep_at: usize,
+}
+
+impl PerCredential {
+    fn new(permits: usize) -> PerCredential {
+        PerCredential {
+            permits,
+            map: std::sync::Mutex::new(PerCredentialMap {
+                by_id: std::collections::HashMap::new(),
+                sweep_at: 64,
+            }),
+        }
+    }
+
+    /// The semaphore of the credential `id`.
+    fn of(&self, id: &str) -> Arc<Semaphore> {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let PerCredentialMap { by_id, sweep_at } = &mut *map;
+        if let Some(s) = by_id.get(id).and_then(std::sync::Weak::upgrade) {
+            return s;
+        }
+        if by_id.len() >= *sweep_at {
+            by_id.retain(|_, s| s.strong_count() > 0);
+            *sweep_at = (by_id.len() * 2).max(64);
+        }
+        let s = Arc::new(Semaphore::new(self.permits));
+        by_id.insert(id.to_owned(), Arc::downgrade(&s));
+        s
+    }
+
+    /// Credentials in the map, swept or not.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .by_id
+            .len()
+    }
 }
 
 /// What an `Entries` answer holds of the budget: of the whole, its units;
@@ -276,14 +334,15 @@ impl EntriesBudget {
         EntriesBudget {
             units: Arc::new(Semaphore::new(total as usize)),
             total,
-            shares: Arc::default(),
+            // A quarter of the budget, one unit at least.
+            shares: Arc::new(PerCredential::new((total / 4).max(1) as usize)),
         }
     }
 
     /// The units a credential holds at most: a quarter of the budget,
-    /// one unit at least.
+    /// one unit at least (as [`EntriesBudget::bytes`] made its shares).
     fn share(&self) -> u32 {
-        (self.total / 4).max(1)
+        u32::try_from(self.shares.permits).unwrap_or(self.total)
     }
 
     /// The units an answer of `bytes` takes (all of the budget at most).
@@ -298,18 +357,9 @@ impl EntriesBudget {
     /// the answer's units, of the share as many (the whole share at most).
     async fn take(&self, credential: &str, bytes: usize) -> Option<EntriesHold> {
         let want = self.units_for(bytes);
-        let share = {
-            // Only ever inserted into: whole after a panic under the lock.
-            let mut shares = self
-                .shares
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shares
-                .entry(credential.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.share() as usize)))
-                .clone()
-        };
-        let mine = share
+        let mine = self
+            .shares
+            .of(credential)
             .acquire_many_owned(want.min(self.share()))
             .await
             .ok()?;
@@ -2984,37 +3034,12 @@ static SCANS: Semaphore = Semaphore::const_new(SCAN_SLOTS);
 /// not to whichever has the most connections asking. Dropped with the
 /// last read that waits for it or holds it; the map is swept of those as
 /// it grows.
-static TURNS: std::sync::Mutex<Turns> = std::sync::Mutex::new(Turns {
-    by_credential: None,
-    sweep_at: 64,
-});
-
-struct Turns {
-    by_credential: Option<std::collections::HashMap<String, std::sync::Weak<Semaphore>>>,
-    /// The map's size at which the turns no connection holds are swept.
-    sweep_at: usize,
-}
+static TURNS: std::sync::LazyLock<PerCredential> =
+    std::sync::LazyLock::new(|| PerCredential::new(1));
 
 /// The turn of the credential `id` ([`TURNS`]).
 fn scan_turn(id: &str) -> Arc<Semaphore> {
-    let mut turns = TURNS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Turns {
-        by_credential,
-        sweep_at,
-    } = &mut *turns;
-    let map = by_credential.get_or_insert_with(std::collections::HashMap::new);
-    if let Some(turn) = map.get(id).and_then(std::sync::Weak::upgrade) {
-        return turn;
-    }
-    if map.len() >= *sweep_at {
-        map.retain(|_, t| t.strong_count() > 0);
-        *sweep_at = (map.len() * 2).max(64);
-    }
-    let turn = Arc::new(Semaphore::new(1));
-    map.insert(id.to_owned(), Arc::downgrade(&turn));
-    turn
+    TURNS.of(id)
 }
 
 /// Whether `message` reads a stretch of the log ([`scan`]): `Entries`
@@ -3799,10 +3824,7 @@ mod tests {
         for i in 0..1000 {
             drop(scan_turn(&format!("auditor:turns-gone-{i}")));
         }
-        let held = TURNS
-            .lock()
-            .map(|t| t.by_credential.as_ref().map_or(0, |m| m.len()))
-            .unwrap_or(usize::MAX);
+        let held = TURNS.len();
         assert!(held < 200, "{held} turns in the map");
         drop(b);
     }
