@@ -35,10 +35,8 @@ pub fn create_and_show(
 ) -> Result<()> {
     // What a creation that did not finish left is removed first (or the
     // init refused, nothing removed), so that what is there next is what
-    // a failure leaves alone.
-    if Vault::is_unfinished(&data_dir) {
-        Vault::start_over(&data_dir)?;
-    }
+    // a failure leaves alone. Nothing is done where there is none.
+    Vault::start_over(&data_dir)?;
     let before = Before::look(&data_dir);
     let done = init(data_dir.clone(), unlock, opts).and_then(|(vault, out)| {
         vault.close()?;
