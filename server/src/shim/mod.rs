@@ -838,15 +838,18 @@ mod tests {
             timeout: std::time::Duration::from_secs(30),
         });
         let app = super::router(super::Shim::new(link, super::ShimConfig::default()));
+        let health = || {
+            axum::http::Request::get("/v1/health")
+                .body(axum::body::Body::empty())
+                .expect("request")
+        };
         // Requests that give up while the vault is asked do not make it
         // asked again.
         let mut gone = tokio::task::JoinSet::new();
         for _ in 0..20 {
             let app = app.clone();
+            let req = health();
             gone.spawn(async move {
-                let req = axum::http::Request::get("/v1/health")
-                    .body(axum::body::Body::empty())
-                    .expect("request");
                 let _ = tower::ServiceExt::oneshot(app, req).await;
             });
         }
@@ -855,10 +858,8 @@ mod tests {
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..20 {
             let app = app.clone();
+            let req = health();
             calls.spawn(async move {
-                let req = axum::http::Request::get("/v1/health")
-                    .body(axum::body::Body::empty())
-                    .expect("request");
                 tower::ServiceExt::oneshot(app, req)
                     .await
                     .expect("answered")
