@@ -3232,10 +3232,6 @@ async fn reindex(vault: Arc<Vault>) -> Message {
                 .take(protocol::MAX_REINDEX_SAMPLE)
                 .collect(),
         },
-        Ok(Err(storage::Error::Closed)) => error(
-            ErrorCode::Unavailable,
-            "the derived state kept changing during the comparison; retry",
-        ),
         Ok(Err(e)) => storage_error(&e),
         Err(_) => error(ErrorCode::Internal, "the comparison failed"),
     }

@@ -13,7 +13,9 @@
 //!   It reads only, and never blocks the committer: if the indexer writes
 //!   during the comparison (its indexing marker is there, or the applied
 //!   marker moved), the rebuild is extended to the new marker and the
-//!   comparison run again.
+//!   comparison run again, at last with the indexer held off until it is
+//!   done (the derived state published meanwhile waits in the overlay,
+//!   which every reader consults first).
 //! - [`reindex`] (a stopped vault, `vault-admin reindex --data-dir`)
 //!   checks the chain first (a rebuild from a log that does not verify
 //!   would launder it), rebuilds the state of the whole log, compares, and
@@ -22,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use ed25519_dalek::VerifyingKey;
 
@@ -33,8 +36,9 @@ use crate::state;
 use crate::store::Store;
 use crate::verify::{diff_tree, replay_entry, scan_chain, sorted, Diff, Model};
 
-/// Comparisons [`check_live`] runs before giving up on a stable view.
-const LIVE_ATTEMPTS: usize = 5;
+/// Comparisons [`check_live`] runs while the indexer may write, before
+/// it holds the indexer off for one more.
+const FREE_ATTEMPTS: usize = 2;
 
 /// What a reindex found (and did).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,13 +127,34 @@ fn replay_range(store: &Store, model: &mut Model, from: u64, to: u64) -> Result<
     Err(Error::integrity(next, Reason::Truncated))
 }
 
+/// Replays the entries after `replayed` up to `applied` into `model`, and
+/// notes how far the model now goes.
+fn catch_up(
+    store: &Store,
+    model: &mut Model,
+    replayed: &mut Option<u64>,
+    applied: Option<u64>,
+) -> Result<()> {
+    if let Some(a) = applied {
+        let from = replayed.map_or(0, |r| r + 1);
+        if a + 1 > from {
+            replay_range(store, model, from, a)?;
+        }
+        *replayed = Some(a.max(replayed.unwrap_or(0)));
+    }
+    Ok(())
+}
+
 /// Compares the state tree of a running vault with the log replayed up to
-/// the tree's `applied` marker. Reads only; `Closed` when the indexer kept
-/// moving the marker through every attempt (retry later).
-pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
+/// the tree's `applied` marker. Reads only. The first attempts leave the
+/// indexer alone; if it wrote during each of them, the last holds it off
+/// (`indexer`, which each of its writes takes) for the comparison's time,
+/// so that a vault under a steady load is compared too. The committer
+/// never waits: the state it publishes meanwhile stays in the overlay.
+pub(crate) fn check_live(store: &Store, indexer: &Mutex<()>) -> Result<ReindexReport> {
     let mut model = Model::new();
     let mut replayed: Option<u64> = None;
-    for _ in 0..LIVE_ATTEMPTS {
+    for _ in 0..FREE_ATTEMPTS {
         // The indexer writes key by key between its two markers: while the
         // indexing marker is there, the tree is moving.
         if store.indexing()?.is_some() {
@@ -137,13 +162,7 @@ pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
             continue;
         }
         let applied = store.applied()?;
-        if let Some(a) = applied {
-            let from = replayed.map_or(0, |r| r + 1);
-            if a + 1 > from {
-                replay_range(store, &mut model, from, a)?;
-            }
-            replayed = Some(a.max(replayed.unwrap_or(0)));
-        }
+        catch_up(store, &mut model, &mut replayed, applied)?;
         let diff = diff_tree(&store.state, expected(&sorted(&model), applied), u64::MAX)?;
         // The indexer sets its indexing marker before its first key and
         // removes it with the move of the applied marker, which only grows:
@@ -153,7 +172,17 @@ pub(crate) fn check_live(store: &Store) -> Result<ReindexReport> {
             return Ok(ReindexReport::from_diff(applied.map_or(0, |a| a + 1), diff));
         }
     }
-    Err(Error::Closed)
+    let _held = indexer.lock().unwrap_or_else(PoisonError::into_inner);
+    // Between two writes: an indexing marker now was left by a write that
+    // failed, after which the vault refuses writes until it is reopened
+    // (which replays from `applied`).
+    if store.indexing()?.is_some() {
+        return Err(Error::Poisoned);
+    }
+    let applied = store.applied()?;
+    catch_up(store, &mut model, &mut replayed, applied)?;
+    let diff = diff_tree(&store.state, expected(&sorted(&model), applied), u64::MAX)?;
+    Ok(ReindexReport::from_diff(applied.map_or(0, |a| a + 1), diff))
 }
 
 /// Reindexes the stopped vault in `dir`: checks that `unlock` opens it

@@ -709,6 +709,10 @@ struct Shared {
     /// ([`sync_segments`]).
     wal_sync: Mutex<()>,
     overlay: Mutex<Overlay>,
+    /// Held by each write of the derived state ([`write_index`]), and by a
+    /// live reindex that needs the state tree to stand still while it
+    /// compares it ([`crate::reindex`]).
+    index_gate: Mutex<()>,
     /// Wakes the indexer early when the overlay is large.
     overlay_full: std::sync::Condvar,
     /// Tells the indexer to write everything and stop.
@@ -1293,6 +1297,7 @@ impl Vault {
                 last_seq: pos.next_seq.checked_sub(1),
                 ..Overlay::default()
             }),
+            index_gate: Mutex::new(()),
             overlay_full: std::sync::Condvar::new(),
             stopping: AtomicBool::new(false),
             key_uses: Mutex::new(uses),
@@ -2416,7 +2421,7 @@ impl Vault {
     /// tree's `applied` marker and compares it with the tree, key by key;
     /// changes nothing (see [`crate::reindex`]).
     pub fn check_derived_state(&self) -> Result<crate::reindex::ReindexReport> {
-        crate::reindex::check_live(&self.inner.store)
+        crate::reindex::check_live(&self.inner.store, &self.inner.shared.index_gate)
     }
 
     /// Revokes the credential `id`: a `credential_revoked` entry, after
@@ -4666,6 +4671,10 @@ const INDEX_PACE_EVERY: usize = 256;
 /// 10,000 authorizations/s needed 1.2, and the requests queued behind it
 /// (docs/benchmarks.md, "The indexer at half a core").
 fn write_index(store: &Store, shared: &Shared) -> Result<()> {
+    let _gate = shared
+        .index_gate
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let (snapshot, applied) = {
         let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
         if o.waiting == 0 {

@@ -2330,6 +2330,67 @@ async fn derived_state_of_thousands_of_keys_reaches_the_tree() {
     vault.close().expect("close");
 }
 
+/// A live comparison of the derived state finishes while appends go on
+/// and the indexer writes after every group: after its first attempts it
+/// holds the indexer off for one, and it finds the tree whole each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_reindex_finishes_under_a_steady_load() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let opts = Options {
+        index_batch: 1,
+        ..Options::default()
+    };
+    let vault = Arc::new(Vault::create(&dir, &unlock(), opts).expect("create").vault);
+    // A state tree large enough that comparing it takes longer than the
+    // indexer's writes come.
+    let subjects: Vec<String> = (0..20_000).map(|i| format!("cust-{i:05}")).collect();
+    for part in subjects.chunks(1000) {
+        let items = part
+            .iter()
+            .map(|s| Append::record(s, b"{}".to_vec()))
+            .collect();
+        vault.append_batch(items).await.expect("append");
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (vault, stop) = (vault.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let s = format!("cust-{:05}", (n * 4 + w) % 20_000);
+                    vault
+                        .append(Append::record(&s, format!("{{\"n\":{n}}}").into_bytes()))
+                        .await
+                        .expect("append");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        let v = vault.clone();
+        let report = tokio::task::spawn_blocking(move || v.check_derived_state())
+            .await
+            .expect("join")
+            .expect("a comparison under load");
+        assert_eq!(report.differences, 0, "{report:?}");
+        assert!(report.keys_compared >= 20_000, "{report:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut appended = 0;
+    for w in writers {
+        appended += w.await.expect("writer");
+    }
+    assert!(appended > 0);
+    let vault = Arc::into_inner(vault).expect("the one vault");
+    let key = vault.public_key();
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
 /// The commit pipeline's counters: one group per lone append, each made
 /// durable by an `fdatasync` that lands in one bucket, and the indexer's
 /// write of the derived state those appends made.
