@@ -35,6 +35,10 @@
 //! work through the whole vault (a reindex, a master key's rotation) have
 //! a deadline of [`LONG_REQUEST_TIMEOUT`] at least, and while one waits
 //! the connection is not taken for stalled: others time out alone.
+//! A connection the client keeps sends TCP keepalive probes after 30 s
+//! without traffic, three of them 10 s apart, so that a peer gone without
+//! a reset is found within a minute even then: the connection fails with
+//! an I/O error, and the long request with it.
 //!
 //! A server in the same process can be reached without a stream
 //! ([`Client::direct`]): the caller hands its encoded frame to an
@@ -396,6 +400,25 @@ impl fmt::Debug for Connector {
     }
 }
 
+/// Time without traffic after which a kept connection sends its first
+/// TCP keepalive probe.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between keepalive probes that go unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the kernel fails the connection.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Turns TCP keepalive on for a connection the client keeps: the only
+/// way it learns of a peer gone without a reset while it waits for a long
+/// request's answer (the stall check leaves those alone).
+fn keep_alive(tcp: &TcpStream) -> std::io::Result<()> {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&probes)
+}
+
 impl Connector {
     /// Validates `config` and reads its TLS files; touches no network.
     pub fn new(config: ClientConfig) -> Result<Connector> {
@@ -467,6 +490,9 @@ impl Connector {
     /// `TCP_NODELAY` is not set; a TLS handshake writes more than once.
     async fn stream(&self, one_write: bool) -> Result<(Stream, bool)> {
         let tcp = TcpStream::connect(self.config.addr.as_str()).await?;
+        if !one_write {
+            keep_alive(&tcp)?;
+        }
         let Some((tls, name)) = &self.tls else {
             if !one_write {
                 // Requests are small and latency matters more than packet count.
@@ -2053,6 +2079,43 @@ mod tests {
     use tokio_util::codec::Framed;
 
     type Peer = Framed<DuplexStream, MessageCodec>;
+
+    /// A connection the client keeps probes an idle peer, so that one gone
+    /// without a reset fails it even while a long request waits; a
+    /// redemption's connection of one write does not.
+    #[tokio::test]
+    async fn a_kept_connection_sends_keepalive_probes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let connector = Connector::new(ClientConfig {
+            addr: listener.local_addr().expect("addr").to_string(),
+            tls: Tls::Plaintext,
+            api_key: Zeroizing::new("fvk_test".into()),
+            ..ClientConfig::default()
+        })
+        .expect("connector");
+        for (one_write, probes) in [(false, true), (true, false)] {
+            let (stream, resumed) = connector.stream(one_write).await.expect("connect");
+            assert!(!resumed);
+            let Either::Left(tcp) = stream else {
+                panic!("a plaintext stream");
+            };
+            let sock = socket2::SockRef::from(&tcp);
+            assert_eq!(sock.keepalive().expect("SO_KEEPALIVE"), probes);
+            if probes {
+                assert_eq!(sock.tcp_keepalive_time().expect("idle"), KEEPALIVE_IDLE);
+                assert_eq!(
+                    sock.tcp_keepalive_interval().expect("interval"),
+                    KEEPALIVE_INTERVAL
+                );
+                assert_eq!(
+                    sock.tcp_keepalive_retries().expect("probes"),
+                    KEEPALIVE_PROBES
+                );
+            }
+        }
+    }
 
     /// A client over an in-memory pipe, and the server's end of it, past
     /// a `HelloOk` for role `admin`.
