@@ -445,15 +445,20 @@ impl Connector {
     /// shim), whose connections then resume each other's TLS sessions
     /// instead of each reading the TLS files and making a full handshake.
     /// A client certificate in the configuration is presented as before.
-    pub fn with_key(&self, api_key: Zeroizing<String>, client_name: String) -> Connector {
-        Connector {
-            config: ClientConfig {
-                api_key,
-                client_name,
-                ..self.config.clone()
-            },
+    /// The key and name are checked as [`Connector::new`] checks them
+    /// (`Config` for an empty key without a client certificate, or one
+    /// over 64 KiB).
+    pub fn with_key(&self, api_key: Zeroizing<String>, client_name: String) -> Result<Connector> {
+        let config = ClientConfig {
+            api_key,
+            client_name,
+            ..self.config.clone()
+        };
+        config.validate()?;
+        Ok(Connector {
+            config,
             tls: self.tls.clone(),
-        }
+        })
     }
 
     /// The same connector with TLS session resumption turned off: every
@@ -2114,6 +2119,34 @@ mod tests {
                     KEEPALIVE_PROBES
                 );
             }
+        }
+    }
+
+    /// Another key on the same connector is checked as a new connector's
+    /// is: none at all, or one too long to send, is a `Config` error.
+    #[test]
+    fn another_key_is_checked_as_the_first() {
+        let connector = Connector::new(ClientConfig {
+            addr: "127.0.0.1:9999".into(),
+            tls: Tls::Plaintext,
+            api_key: Zeroizing::new("fvk_first".into()),
+            ..ClientConfig::default()
+        })
+        .expect("connector");
+        let other = connector
+            .with_key(Zeroizing::new("fvk_second".into()), "caller".into())
+            .expect("another key");
+        assert_eq!(other.config.api_key.as_str(), "fvk_second");
+        assert_eq!(other.config.addr, "127.0.0.1:9999");
+        for (key, name) in [
+            (String::new(), String::new()),
+            ("k".repeat(1 << 16), String::new()),
+            ("fvk_third".into(), "n".repeat(1 << 16)),
+        ] {
+            assert!(matches!(
+                connector.with_key(Zeroizing::new(key), name),
+                Err(ClientError::Config(_))
+            ));
         }
     }
 

@@ -136,7 +136,7 @@ impl VaultLink {
             Some(local) => Client::direct(local.direct(), config).await,
             None => {
                 self.connector()?
-                    .with_key(config.api_key.clone(), config.client_name.clone())
+                    .with_key(config.api_key.clone(), config.client_name.clone())?
                     .connect()
                     .await
             }
