@@ -29,7 +29,7 @@ pub struct VaultLink {
     /// The connector of `gateway`, made at the first connection to a vault
     /// elsewhere (not `local`), with the modification times of the TLS
     /// files it read.
-    connector: std::sync::Mutex<Option<(Arc<client::Connector>, Vec<FileStamp>)>>,
+    connector: Mutex<Option<(Arc<client::Connector>, Vec<FileStamp>)>>,
 }
 
 /// A file's inode, modification time and length (a file renamed over it
@@ -80,7 +80,7 @@ impl VaultLink {
             gateway,
             local: None,
             current: Mutex::new(Gateway::default()),
-            connector: std::sync::Mutex::new(None),
+            connector: Mutex::new(None),
         }
     }
 
@@ -93,7 +93,7 @@ impl VaultLink {
             gateway,
             local: Some(local),
             current: Mutex::new(Gateway::default()),
-            connector: std::sync::Mutex::new(None),
+            connector: Mutex::new(None),
         }
     }
 
@@ -101,18 +101,24 @@ impl VaultLink {
     /// time and whenever one of the files changed since. When the files
     /// changed and do not read (a renewal half done), the connector made
     /// before serves meanwhile, with a warning; the next call tries again.
-    fn connector(&self) -> Result<Arc<client::Connector>, ClientError> {
-        let now = stamps(&self.gateway.tls);
-        let mut made = self
-            .connector
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((c, _)) = made.as_ref().filter(|(_, then)| *then == now) {
-            return Ok(c.clone());
-        }
-        match client::Connector::new(self.gateway.clone()) {
-            Ok(c) => {
-                let c = Arc::new(c);
+    /// The files are looked at on a blocking thread, one call at a time:
+    /// a file system that hangs holds up the callers' connections, never a
+    /// thread of the runtime.
+    async fn connector(&self) -> Result<Arc<client::Connector>, ClientError> {
+        let mut made = self.connector.lock().await;
+        let before = made.clone();
+        let gateway = self.gateway.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let now = stamps(&gateway.tls);
+            match before {
+                Some((c, then)) if then == now => Ok((c, now)),
+                _ => client::Connector::new(gateway).map(|c| (Arc::new(c), now)),
+            }
+        })
+        .await
+        .map_err(|e| ClientError::Io(std::io::Error::other(e)))?;
+        match checked {
+            Ok((c, now)) => {
                 *made = Some((c.clone(), now));
                 Ok(c)
             }
@@ -135,7 +141,8 @@ impl VaultLink {
         match &self.local {
             Some(local) => Client::direct(local.direct(), config).await,
             None => {
-                self.connector()?
+                self.connector()
+                    .await?
                     .with_key(config.api_key.clone(), config.client_name.clone())?
                     .connect()
                     .await
