@@ -3,9 +3,11 @@
 //!
 //! The rebuild is the replay `verify` does ([`crate::verify`](mod@crate::verify)'s
 //! `replay_entry` over every entry, `state::mutations` underneath), held
-//! in memory as a sorted map (as verify holds it when a vault opens); the
-//! comparison is verify's too (`diff_tree`), counting every difference
-//! instead of stopping at the first.
+//! in memory once (verify's `Model`, a hash map), and compared in the
+//! tree's order through a sorted list of references to it, each key and
+//! value copied only as the comparison reaches it; the comparison is
+//! verify's too (`diff_tree`), counting every difference instead of
+//! stopping at the first.
 //!
 //! - `check_live` (a running vault, `Reindex` on the wire) compares the
 //!   tree with the log replayed up to the tree's `applied` marker: entries
@@ -22,7 +24,6 @@
 //!   with `repair` replaces the tree's content in one sled batch: a crash
 //!   leaves either the old state or the new one, never a mix.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
@@ -34,7 +35,7 @@ use crate::entry::EntryRef;
 use crate::error::{Error, Reason, Result};
 use crate::state;
 use crate::store::Store;
-use crate::verify::{diff_tree, replay_entry, scan_chain, sorted, Diff, Model};
+use crate::verify::{diff_tree, replay_entry, scan_chain, Diff, Model};
 
 /// Comparisons [`check_live`] runs while the indexer may write, before
 /// it holds the indexer off for one more.
@@ -80,18 +81,32 @@ pub struct ReindexOptions {
     pub public_key: Option<VerifyingKey>,
 }
 
-/// The expected content of the state tree: the model and its marker.
-fn expected(
-    model: &BTreeMap<Vec<u8>, Vec<u8>>,
+/// The model's keys and values in the state tree's order, borrowed: the
+/// rebuilt state is held once, however often it is compared.
+fn in_order(model: &Model) -> Vec<(&[u8], &[u8])> {
+    let mut kvs: Vec<(&[u8], &[u8])> = model
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    kvs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    kvs
+}
+
+/// The expected content of the state tree: the model (`in_order`) and its
+/// marker, each key and value copied only as the comparison takes it.
+fn expected<'a>(
+    model: &'a [(&'a [u8], &'a [u8])],
     applied: Option<u64>,
-) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
+) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + 'a {
     // "applied" sorts among the model's keys: merge it in its place.
     let marker = applied.map(|a| (state::APPLIED.to_vec(), a.to_be_bytes().to_vec()));
-    let (before, after): (Vec<_>, Vec<_>) = model
+    let at = model.partition_point(|(k, _)| *k < state::APPLIED);
+    let owned = |(k, v): &(&[u8], &[u8])| (k.to_vec(), v.to_vec());
+    model[..at]
         .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .partition(|(k, _)| k.as_slice() < state::APPLIED);
-    before.into_iter().chain(marker).chain(after)
+        .map(owned)
+        .chain(marker)
+        .chain(model[at..].iter().map(owned))
 }
 
 /// Replays entries `from..=to` of the log into `model`. The log of a
@@ -163,7 +178,7 @@ pub(crate) fn check_live(store: &Store, indexer: &Mutex<()>) -> Result<ReindexRe
         }
         let applied = store.applied()?;
         catch_up(store, &mut model, &mut replayed, applied)?;
-        let diff = diff_tree(&store.state, expected(&sorted(&model), applied), u64::MAX)?;
+        let diff = diff_tree(&store.state, expected(&in_order(&model), applied), u64::MAX)?;
         // The indexer sets its indexing marker before its first key and
         // removes it with the move of the applied marker, which only grows:
         // no indexing marker and an unchanged applied marker mean the tree
@@ -181,7 +196,7 @@ pub(crate) fn check_live(store: &Store, indexer: &Mutex<()>) -> Result<ReindexRe
     }
     let applied = store.applied()?;
     catch_up(store, &mut model, &mut replayed, applied)?;
-    let diff = diff_tree(&store.state, expected(&sorted(&model), applied), u64::MAX)?;
+    let diff = diff_tree(&store.state, expected(&in_order(&model), applied), u64::MAX)?;
     Ok(ReindexReport::from_diff(applied.map_or(0, |a| a + 1), diff))
 }
 
@@ -216,12 +231,12 @@ pub fn reindex(dir: &Path, unlock: &Unlock, opts: &ReindexOptions) -> Result<Rei
     if past_the_end(store.applied()?) || past_the_end(store.indexing()?) {
         return Err(Error::integrity(last.unwrap_or(0), Reason::Truncated));
     }
-    let model = sorted(&model);
-    let diff = diff_tree(&store.state, expected(&model, last), u64::MAX)?;
+    let ordered = in_order(&model);
+    let diff = diff_tree(&store.state, expected(&ordered, last), u64::MAX)?;
     let mut report = ReindexReport::from_diff(tip.entries, diff);
     if opts.repair && report.differences > 0 {
-        replace_state(&store, &model, last)?;
-        let after = diff_tree(&store.state, expected(&model, last), 1)?;
+        replace_state(&store, &model, &ordered, last)?;
+        let after = diff_tree(&store.state, expected(&ordered, last), 1)?;
         if after.differences > 0 {
             return Err(Error::integrity(
                 last.unwrap_or(0),
@@ -233,11 +248,13 @@ pub fn reindex(dir: &Path, unlock: &Unlock, opts: &ReindexOptions) -> Result<Rei
     Ok(report)
 }
 
-/// Makes the state tree exactly `model` plus the marker, in one sled batch
-/// (atomic across a crash), then makes it durable.
+/// Makes the state tree exactly `model` (`ordered`: the same, in order)
+/// plus the marker, in one sled batch (atomic across a crash), then makes
+/// it durable.
 fn replace_state(
     store: &Store,
-    model: &BTreeMap<Vec<u8>, Vec<u8>>,
+    model: &Model,
+    ordered: &[(&[u8], &[u8])],
     applied: Option<u64>,
 ) -> Result<()> {
     let mut batch = sled::Batch::default();
@@ -248,7 +265,7 @@ fn replace_state(
             batch.remove(k);
         }
     }
-    for (k, v) in expected(model, applied) {
+    for (k, v) in expected(ordered, applied) {
         if store.state.get(&k)?.as_deref() != Some(v.as_slice()) {
             batch.insert(k, v);
         }
@@ -257,4 +274,40 @@ fn replace_state(
     store.sync()?;
     tracing::warn!("replaced the derived state with the one rebuilt from the log");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rebuilt state comes out in the tree's order, the `applied`
+    /// marker merged in its place among the keys, and without it when
+    /// there is none.
+    #[test]
+    fn the_expected_state_is_in_the_tree_s_order_with_its_marker() {
+        let model: Model = [&b"s/b"[..], b"apple", b"applies", b"ab", b"g/x"]
+            .iter()
+            .map(|k| (k.to_vec(), k.to_ascii_uppercase()))
+            .collect();
+        let ordered = in_order(&model);
+        let keys = |applied| -> Vec<Vec<u8>> {
+            expected(&ordered, applied)
+                .map(|(k, v)| {
+                    if k != state::APPLIED {
+                        assert_eq!(v, k.to_ascii_uppercase());
+                    }
+                    k
+                })
+                .collect()
+        };
+        let with: Vec<&[u8]> = vec![b"ab", b"apple", b"applied", b"applies", b"g/x", b"s/b"];
+        assert_eq!(keys(Some(7)), with);
+        let without: Vec<&[u8]> = vec![b"ab", b"apple", b"applies", b"g/x", b"s/b"];
+        assert_eq!(keys(None), without);
+        let marker = expected(&ordered, Some(7)).find(|(k, _)| k == state::APPLIED);
+        assert_eq!(
+            marker,
+            Some((state::APPLIED.to_vec(), 7u64.to_be_bytes().to_vec()))
+        );
+    }
 }
