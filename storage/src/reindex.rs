@@ -25,7 +25,9 @@
 //!   leaves either the old state or the new one, never a mix.
 
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 
@@ -40,6 +42,38 @@ use crate::verify::{diff_tree, replay_entry, scan_chain, Diff, Model};
 /// Comparisons [`check_live`] runs while the indexer may write, before
 /// it holds the indexer off for one more.
 const FREE_ATTEMPTS: usize = 2;
+
+/// The lock each write of the derived state holds ([`IndexGate::for_indexer`]),
+/// and a live comparison takes to hold the indexer off
+/// ([`IndexGate::hold_off`]).
+#[derive(Debug, Default)]
+pub(crate) struct IndexGate {
+    lock: Mutex<()>,
+    /// Comparisons waiting for `lock`. A std mutex is not fair: under a
+    /// steady load the indexer takes it again a moment after each write,
+    /// before a waiter is woken, so it leaves it to them first.
+    waiting: AtomicUsize,
+}
+
+impl IndexGate {
+    /// For the indexer, before a write: waits while a comparison waits
+    /// for the gate, then takes it.
+    pub(crate) fn for_indexer(&self) -> MutexGuard<'_, ()> {
+        while self.waiting.load(Ordering::Acquire) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// For a comparison: takes the gate once the indexer's write in
+    /// progress, if any, is done, ahead of its next one.
+    pub(crate) fn hold_off(&self) -> MutexGuard<'_, ()> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        held
+    }
+}
 
 /// What a reindex found (and did).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -163,21 +197,23 @@ fn catch_up(
 /// Compares the state tree of a running vault with the log replayed up to
 /// the tree's `applied` marker. Reads only. The first attempts leave the
 /// indexer alone; if it wrote during each of them, the last holds it off
-/// (`indexer`, which each of its writes takes) for the comparison's time,
-/// so that a vault under a steady load is compared too. The committer
-/// never waits: the state it publishes meanwhile stays in the overlay.
-pub(crate) fn check_live(store: &Store, indexer: &Mutex<()>) -> Result<ReindexReport> {
+/// (`gate`) for the comparison's time, so that a vault under a steady load
+/// is compared too. Only the entries the indexer covered since the last
+/// replay are replayed then, and the committer never waits: the state it
+/// publishes meanwhile stays in the overlay.
+pub(crate) fn check_live(store: &Store, gate: &IndexGate) -> Result<ReindexReport> {
     let mut model = Model::new();
     let mut replayed: Option<u64> = None;
     for _ in 0..FREE_ATTEMPTS {
+        // The log up to the marker is there whatever the indexer does.
+        let applied = store.applied()?;
+        catch_up(store, &mut model, &mut replayed, applied)?;
         // The indexer writes key by key between its two markers: while the
         // indexing marker is there, the tree is moving.
         if store.indexing()?.is_some() {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(50));
             continue;
         }
-        let applied = store.applied()?;
-        catch_up(store, &mut model, &mut replayed, applied)?;
         let diff = diff_tree(&store.state, expected(&in_order(&model), applied), u64::MAX)?;
         // The indexer sets its indexing marker before its first key and
         // removes it with the move of the applied marker, which only grows:
@@ -187,7 +223,8 @@ pub(crate) fn check_live(store: &Store, indexer: &Mutex<()>) -> Result<ReindexRe
             return Ok(ReindexReport::from_diff(applied.map_or(0, |a| a + 1), diff));
         }
     }
-    let _held = indexer.lock().unwrap_or_else(PoisonError::into_inner);
+    catch_up(store, &mut model, &mut replayed, store.applied()?)?;
+    let _held = gate.hold_off();
     // Between two writes: an indexing marker now was left by a write that
     // failed, after which the vault refuses writes until it is reopened
     // (which replays from `applied`).

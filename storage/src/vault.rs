@@ -712,7 +712,7 @@ struct Shared {
     /// Held by each write of the derived state ([`write_index`]), and by a
     /// live reindex that needs the state tree to stand still while it
     /// compares it ([`crate::reindex`]).
-    index_gate: Mutex<()>,
+    index_gate: crate::reindex::IndexGate,
     /// Wakes the indexer early when the overlay is large.
     overlay_full: std::sync::Condvar,
     /// Tells the indexer to write everything and stop.
@@ -1297,7 +1297,7 @@ impl Vault {
                 last_seq: pos.next_seq.checked_sub(1),
                 ..Overlay::default()
             }),
-            index_gate: Mutex::new(()),
+            index_gate: crate::reindex::IndexGate::default(),
             overlay_full: std::sync::Condvar::new(),
             stopping: AtomicBool::new(false),
             key_uses: Mutex::new(uses),
@@ -4671,10 +4671,7 @@ const INDEX_PACE_EVERY: usize = 256;
 /// 10,000 authorizations/s needed 1.2, and the requests queued behind it
 /// (docs/benchmarks.md, "The indexer at half a core").
 fn write_index(store: &Store, shared: &Shared) -> Result<()> {
-    let _gate = shared
-        .index_gate
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    let _gate = shared.index_gate.for_indexer();
     let (snapshot, applied) = {
         let mut o = shared.overlay.lock().map_err(|_| Error::Poisoned)?;
         if o.waiting == 0 {

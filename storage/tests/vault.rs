@@ -2353,13 +2353,13 @@ async fn a_live_reindex_finishes_under_a_steady_load() {
         vault.append_batch(items).await.expect("append");
     }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writers: Vec<_> = (0..4)
+    let writers: Vec<_> = (0..16)
         .map(|w| {
             let (vault, stop) = (vault.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let s = format!("cust-{:05}", (n * 4 + w) % 20_000);
+                    let s = format!("cust-{:05}", (n * 16 + w) % 20_000);
                     vault
                         .append(Append::record(&s, format!("{{\"n\":{n}}}").into_bytes()))
                         .await
