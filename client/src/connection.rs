@@ -36,9 +36,11 @@
 //! a deadline of [`LONG_REQUEST_TIMEOUT`] at least, and while one waits
 //! the connection is not taken for stalled: others time out alone.
 //! A connection the client keeps sends TCP keepalive probes after 30 s
-//! without traffic, three of them 10 s apart, so that a peer gone without
-//! a reset is found within a minute even then: the connection fails with
-//! an I/O error, and the long request with it.
+//! without traffic, three of them 10 s apart, and gives up on bytes the
+//! peer has not acknowledged for a minute (`TCP_USER_TIMEOUT`: the probes
+//! are not sent while any are in flight), so that a peer gone without a
+//! reset is found within a minute or so even then: the connection fails
+//! with an I/O error, and the long request with it.
 //!
 //! A server in the same process can be reached without a stream
 //! ([`Client::direct`]): the caller hands its encoded frame to an
@@ -408,15 +410,24 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes after which the kernel fails the connection.
 const KEEPALIVE_PROBES: u32 = 3;
 
-/// Turns TCP keepalive on for a connection the client keeps: the only
-/// way it learns of a peer gone without a reset while it waits for a long
+/// How long bytes sent on a kept connection may go unacknowledged before
+/// the kernel fails it: the time the keepalive probes take.
+const UNACKNOWLEDGED_LIMIT: Duration =
+    KEEPALIVE_IDLE.saturating_add(KEEPALIVE_INTERVAL.saturating_mul(KEEPALIVE_PROBES));
+
+/// Turns TCP keepalive on for a connection the client keeps, with a
+/// limit on unacknowledged bytes (the kernel sends no probe while any are
+/// in flight, and retransmits them for about 15 minutes): the only way it
+/// learns of a peer gone without a reset while it waits for a long
 /// request's answer (the stall check leaves those alone).
 fn keep_alive(tcp: &TcpStream) -> std::io::Result<()> {
     let probes = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    socket2::SockRef::from(tcp).set_tcp_keepalive(&probes)
+    let socket = socket2::SockRef::from(tcp);
+    socket.set_tcp_keepalive(&probes)?;
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT))
 }
 
 impl Connector {
@@ -2119,6 +2130,8 @@ mod tests {
                     KEEPALIVE_PROBES
                 );
             }
+            let limit = sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT");
+            assert_eq!(limit, probes.then_some(Duration::from_secs(60)));
         }
     }
 

@@ -29,8 +29,11 @@ pub struct VaultLink {
     /// The connector of `gateway`, made at the first connection to a vault
     /// elsewhere (not `local`), with the modification times of the TLS
     /// files it read.
-    connector: Mutex<Option<(Arc<client::Connector>, Vec<FileStamp>)>>,
+    connector: Arc<Mutex<Made>>,
 }
+
+/// The connector made last, with the stamps of the files it read.
+type Made = Option<(Arc<client::Connector>, Vec<FileStamp>)>;
 
 /// A file's inode, modification time and length (a file renamed over it
 /// or written in place changes one), `None` when it cannot be read.
@@ -80,7 +83,7 @@ impl VaultLink {
             gateway,
             local: None,
             current: Mutex::new(Gateway::default()),
-            connector: Mutex::new(None),
+            connector: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -93,7 +96,7 @@ impl VaultLink {
             gateway,
             local: Some(local),
             current: Mutex::new(Gateway::default()),
-            connector: Mutex::new(None),
+            connector: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -101,38 +104,39 @@ impl VaultLink {
     /// time and whenever one of the files changed since. When the files
     /// changed and do not read (a renewal half done), the connector made
     /// before serves meanwhile, with a warning; the next call tries again.
-    /// The files are looked at on a blocking thread, one call at a time:
-    /// a file system that hangs holds up the callers' connections, never a
-    /// thread of the runtime.
+    /// The files are looked at on a blocking thread that holds the lock
+    /// until it is done, also when its caller gave up: a file system that
+    /// hangs holds up the callers' connections and one thread of the
+    /// blocking pool, never a thread of the runtime, nor one more for
+    /// each caller that times out.
     async fn connector(&self) -> Result<Arc<client::Connector>, ClientError> {
-        let mut made = self.connector.lock().await;
-        let before = made.clone();
+        let mut made = self.connector.clone().lock_owned().await;
         let gateway = self.gateway.clone();
-        let checked = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let now = stamps(&gateway.tls);
-            match before {
-                Some((c, then)) if then == now => Ok((c, now)),
-                _ => client::Connector::new(gateway).map(|c| (Arc::new(c), now)),
+            if let Some((c, _)) = made.as_ref().filter(|(_, then)| *then == now) {
+                return Ok(c.clone());
+            }
+            match client::Connector::new(gateway) {
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    *made = Some((c.clone(), now));
+                    Ok(c)
+                }
+                Err(e) => match made.as_ref() {
+                    Some((c, _)) => {
+                        tracing::warn!(
+                            error = %crate::error_chain(&e),
+                            "the vault's TLS files changed and do not read; connecting with those read before"
+                        );
+                        Ok(c.clone())
+                    }
+                    None => Err(e),
+                },
             }
         })
         .await
-        .map_err(|e| ClientError::Io(std::io::Error::other(e)))?;
-        match checked {
-            Ok((c, now)) => {
-                *made = Some((c.clone(), now));
-                Ok(c)
-            }
-            Err(e) => match made.as_ref() {
-                Some((c, _)) => {
-                    tracing::warn!(
-                        error = %crate::error_chain(&e),
-                        "the vault's TLS files changed and do not read; connecting with those read before"
-                    );
-                    Ok(c.clone())
-                }
-                None => Err(e),
-            },
-        }
+        .map_err(|e| ClientError::Io(std::io::Error::other(e)))?
     }
 
     /// A connection with `config`'s key: `gateway` itself, or a caller's
