@@ -537,11 +537,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Ok(())
             };
-            chained.await.inspect_err(|_| {
+            chained.await.map_err(|e| {
                 eprintln!(
                     "note: the signing key was rotated (seq {}); what failed is the check of its key chain",
                     r.receipt.seq
-                )
+                );
+                done_anyway(e)
             })?;
             signing_rotated(&r.receipt, &r.endorsement)
         }
@@ -561,7 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "note: {}",
                     server::init::rotated_but(r.seq, "the check of the rotation's receipt")
                 );
-                return Err(e);
+                return Err(done_anyway(e));
             }
             master_rotated(r.seq, &r.entry_hash)
         }
@@ -1016,6 +1017,10 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<D
             let revoked = vault.revoke_credential(id).await;
             let closed = vault.close();
             let Some(receipt) = revoked? else {
+                // Nothing was written. The vault's own refusal, exit 2 as
+                // the server's would be online, once the close is known
+                // to have gone well.
+                closed.with_context(|| format!("closing the vault in {}", dir.display()))?;
                 return Err(ClientError::Server {
                     code: ErrorCode::NotFound,
                     message: "no such credential".into(),
@@ -1239,10 +1244,15 @@ async fn check_done(
             "note: {done} (seq {}); what failed is the check of its receipt",
             receipt.seq
         );
-        // A local error (exit 1) even when the server refused the check's
-        // request: the change itself was done, not refused (exit 2).
-        anyhow::anyhow!("{e:#}")
+        done_anyway(e)
     })
+}
+
+/// The failure of a check that followed a change the server made: a
+/// local error (exit 1) even when the server refused the check's request,
+/// since the change itself was done, not refused (exit 2).
+fn done_anyway(e: anyhow::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}")
 }
 
 /// The commands whose change cannot be undone.
@@ -1315,5 +1325,23 @@ mod tests {
         assert!(!outcome_unknown(&refused(ErrorCode::Forbidden)));
         assert!(!outcome_unknown(&refused(ErrorCode::Invalid)));
         assert!(!outcome_unknown(&ClientError::Config("bad".into())));
+    }
+
+    /// A check that the server refused after the change it checks was
+    /// made exits 1, a local error, with the refusal's words kept; only a
+    /// refused change exits 2 (`cli::main` looks for a `ClientError`).
+    #[test]
+    fn a_refused_check_after_a_change_is_not_a_refused_change() {
+        let refused = anyhow::Error::from(ClientError::Server {
+            code: ErrorCode::Unavailable,
+            message: "busy".into(),
+        })
+        .context("the receipt does not verify");
+        assert!(refused.downcast_ref::<ClientError>().is_some());
+        let done = done_anyway(refused);
+        assert!(done.downcast_ref::<ClientError>().is_none());
+        let words = format!("{done:#}");
+        assert!(words.contains("the receipt does not verify"), "{words}");
+        assert!(words.contains("unavailable"), "{words}");
     }
 }
