@@ -1285,6 +1285,42 @@ fn serve_refuses_plaintext_it_was_not_asked_for() {
     assert!(out.stderr.contains("excludes"), "{out:?}");
 }
 
+/// A `--policies` file is checked against `--max-token-ttl-secs`, as a
+/// policy set over HTTP is: a policy whose tokens would live longer than
+/// the ceiling is refused before the vault is opened.
+#[test]
+fn a_policies_file_is_held_to_the_token_lifetime_ceiling() {
+    let s = Scratch::new();
+    s.init("v");
+    let (dir, pass) = (s.path("v"), s.path("passphrase"));
+    let policies = s.path("policies.toml");
+    std::fs::write(
+        &policies,
+        "[partners.p-1]\nmax_token_ttl_secs = 120\n\n[partners.p-1.purposes.credit_check.fields]\nname = \"partial\"\n",
+    )
+    .expect("write policies");
+    let out = run(
+        "vaultd",
+        [
+            OsStr::new("serve"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--passphrase-file"),
+            pass.as_os_str(),
+            OsStr::new("--insecure-plaintext"),
+            OsStr::new("--max-token-ttl-secs"),
+            OsStr::new("60"),
+            OsStr::new("--policies"),
+            policies.as_os_str(),
+        ],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("policies.toml") && out.stderr.contains("between 1 and 60"),
+        "{out:?}"
+    );
+}
+
 /// `vaultd serve --max-token-ttl-secs` sets the longest token: a mint
 /// asking for more is refused as invalid, and one asking for the default
 /// gets the maximum where it is below the default's 300 s.

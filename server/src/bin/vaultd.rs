@@ -386,11 +386,16 @@ impl TlsArgs {
     }
 }
 
-fn read_policies(path: Option<PathBuf>) -> anyhow::Result<Option<server::shim::PoliciesFile>> {
+/// The `--policies` file, each policy checked against the token lifetime
+/// ceiling (`--max-token-ttl-secs`), as a policy set over HTTP is.
+fn read_policies(
+    path: Option<PathBuf>,
+    max_token_ttl_secs: u32,
+) -> anyhow::Result<Option<server::shim::PoliciesFile>> {
     let Some(path) = path else { return Ok(None) };
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let file = server::shim::PoliciesFile::parse(&text, 3600)
+    let file = server::shim::PoliciesFile::parse(&text, max_token_ttl_secs)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(Some(file))
 }
@@ -532,7 +537,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server::tls::Hangups::listen()
             };
             let tls = tls.config()?;
-            let policies = read_policies(policies)?;
+            let policies = read_policies(policies, limits.max_token_ttl_secs)?;
             let metrics_key = metrics.key()?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
@@ -635,7 +640,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let plaintext = tls.insecure_plaintext;
             let http_tls = tls.config()?;
-            let policies = read_policies(policies)?;
+            let policies = read_policies(policies, limits.max_token_ttl_secs)?;
             let metrics_key = metrics.key()?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let key = server::secrets::read_secret_file(&api_key_file)?;
