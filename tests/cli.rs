@@ -767,6 +767,35 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
     wait_unlocked(&dev);
     let again = vaultd_dev(&dev);
     assert!(verified_entries(&dev, str_field(&again, "public_key")) > 5);
+
+    // A master key rotation is durable before its output is lost: it
+    // says so, in either format.
+    let new_pass = s.path("new-passphrase");
+    std::fs::write(&new_pass, "the new passphrase of d\n").expect("write");
+    let d = s.path("d");
+    for (format, from, to) in [("text", &pass, &new_pass), ("json", &new_pass, &pass)] {
+        let rotated = closed(
+            "vaultd",
+            &[
+                OsStr::new("rotate-master-key"),
+                OsStr::new("--data-dir"),
+                d.as_os_str(),
+                OsStr::new("--passphrase-file"),
+                from.as_os_str(),
+                OsStr::new("--new-passphrase-file"),
+                to.as_os_str(),
+                OsStr::new("--format"),
+                OsStr::new(format),
+            ],
+        );
+        assert_eq!(rotated.code, 1, "{format}: {rotated:?}");
+        assert!(
+            rotated.stderr.contains("the master key was rotated")
+                && rotated.stderr.contains("new secret only"),
+            "{format}: {rotated:?}"
+        );
+        wait_unlocked(&d);
+    }
 }
 
 #[test]

@@ -88,7 +88,9 @@ pub struct DevOutput {
     pub vault_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub public_key: String,
+    #[serde(serialize_with = "crate::path_text")]
     pub data_dir: PathBuf,
+    #[serde(serialize_with = "crate::path_text")]
     pub passphrase_file: PathBuf,
     pub admin_api_key: ShownOnce,
     pub writer_api_key: ShownOnce,
@@ -99,7 +101,10 @@ pub struct DevOutput {
     pub demo_purpose: String,
     pub tls: bool,
     /// The dev CA certificate (PEM) clients trust, when `tls` is on.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::optional_path_text"
+    )]
     pub ca_cert: Option<PathBuf>,
 }
 

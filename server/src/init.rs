@@ -12,6 +12,7 @@ use crate::Result;
 /// ([`ShownOnce`]: `Debug` leaves it out, and it is zeroized when dropped).
 #[derive(Debug, Serialize)]
 pub struct InitOutput {
+    #[serde(serialize_with = "crate::path_text")]
     pub data_dir: PathBuf,
     /// Hex of the ed25519 verifying key: pin it for `vault-verify`.
     pub public_key: String,
@@ -136,6 +137,7 @@ pub fn init(data_dir: PathBuf, unlock: &Unlock, opts: Options) -> Result<(Vault,
 /// What `vaultd rotate-master-key` prints.
 #[derive(Debug, Serialize)]
 pub struct RotateMasterOutput {
+    #[serde(serialize_with = "crate::path_text")]
     pub data_dir: PathBuf,
     /// Seq of the `key_rotated` entry `{"key":"master",…}`.
     pub seq: u64,
@@ -202,10 +204,29 @@ pub fn rotate_master_key(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A data dir whose path is not UTF-8 is shown with its odd bytes
+    /// replaced: the JSON of a rotation that was done (or of a new vault's
+    /// admin key) is still printed.
+    #[test]
+    fn a_path_that_is_not_utf8_is_shown_not_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = std::path::Path::new(std::ffi::OsStr::from_bytes(b"/srv/v\xff1"));
+        let out = RotateMasterOutput {
+            data_dir: dir.to_path_buf(),
+            seq: 7,
+            entry_hash: "ab".into(),
+        };
+        let json = serde_json::to_value(&out).expect("serializes");
+        assert_eq!(json["data_dir"], "/srv/v\u{fffd}1");
+        assert_eq!(json["seq"], 7);
+    }
+
     /// The admin key is printed once, by the command, never by `Debug`.
     #[test]
     fn debug_prints_no_key() {
-        let out = super::InitOutput {
+        let out = InitOutput {
             data_dir: "d".into(),
             public_key: "pk".into(),
             vault_id: "v".into(),

@@ -82,6 +82,28 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Serializes a path as text, its bytes that are not UTF-8 replaced
+/// (U+FFFD), for `#[serde(serialize_with)]`: serde_json refuses such a
+/// path as it is, which would lose the whole output it is part of (a
+/// new admin key, the word that a rotation was done).
+pub fn path_text<P: AsRef<std::path::Path>, S: serde::Serializer>(
+    p: &P,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&p.as_ref().to_string_lossy())
+}
+
+/// [`path_text`] of a path that may be absent.
+pub fn optional_path_text<P: AsRef<std::path::Path>, S: serde::Serializer>(
+    p: &Option<P>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.serialize_some(&p.as_ref().to_string_lossy()),
+        None => s.serialize_none(),
+    }
+}
+
 /// Errors of the server crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

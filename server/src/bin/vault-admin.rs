@@ -313,7 +313,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
     match offline(&cli, pinned).await? {
         Some(Done::Print(json, text)) => {
-            cli.format.print(&json, &text)?;
+            // An offline change is durable by now: say so when its output
+            // is lost (stdout closed), rather than leave it unknown.
+            cli.format.print(&json, &text).inspect_err(|_| {
+                if irreversible(&cli.command) {
+                    eprintln!("note: the change was made; what failed is printing its result");
+                }
+            })?;
             return Ok(());
         }
         Some(Done::Printed) => return Ok(()),

@@ -499,15 +499,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &new,
                 storage::Options::default(),
             )?;
-            if format == "json" {
-                print_line(&serde_json::to_string(&out)?)?;
+            let printed = if format == "json" {
+                serde_json::to_string(&out)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|line| print_line(&line))
             } else {
                 print_line(&format!(
                     "Rotated the master key of {} (key_rotated entry at seq {}); only the new secret opens it now",
                     out.data_dir.display(),
                     out.seq
-                ))?;
-            }
+                ))
+            };
+            // The rotation is durable: a lost output must not leave the
+            // operator thinking the old secret still opens the vault.
+            printed.inspect_err(|_| {
+                eprintln!(
+                    "note: {}",
+                    server::init::rotated_but(out.seq, "printing its result")
+                )
+            })?;
         }
         Command::Serve {
             vault,
