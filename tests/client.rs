@@ -873,6 +873,25 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
     let r = vault_client(&[&plain[..], &["--token-file", file]].concat(), &unknown).await;
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.starts_with("error: token_spent: "), "{r:?}");
+    // A device, or a file far larger than any token or record, given by
+    // mistake: refused as a local error, not read whole.
+    let r = vault_client(&[&plain[..], &["--token-file", "/dev/zero"]].concat(), &env).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not a token"), "{r:?}");
+    let writer = [("FINTRUST_API_KEY", s.writer.as_str())];
+    let append = [
+        "append",
+        "--subject",
+        "cust-9",
+        "--record-file",
+        "/dev/zero",
+        "--addr",
+        &addr,
+        "--insecure-plaintext",
+    ];
+    let r = vault_client(&append, &writer).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("larger than a record can be"), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -316,6 +316,9 @@ enum Fake {
     GarbageAfterHello,
     /// Answers `Heads` with more heads than asked for.
     TooManyHeads,
+    /// Answers `Hello` properly, then refuses with a message that would
+    /// clear the terminal.
+    Hostile,
 }
 
 /// A server speaking the protocol codec that serves `log` to anyone.
@@ -345,6 +348,10 @@ async fn serve_fake(mut tcp: TcpStream, log: Arc<Recorded>, how: Fake) {
             Message::Hello { .. } => Message::HelloOk {
                 role: "auditor".into(),
                 server: "fake".into(),
+            },
+            _ if matches!(how, Fake::Hostile) => Message::Error {
+                code: ErrorCode::Unavailable,
+                message: "\u{1b}[2J\u{1b}[Hall good".into(),
             },
             _ if matches!(how, Fake::GarbageAfterHello) => {
                 let mut tcp = conn.into_inner();
@@ -547,4 +554,16 @@ async fn a_server_sending_garbage_cannot_be_verified() {
         assert!(r.stderr.contains("could not verify"), "{r:?}");
         assert!(r.stdout.is_empty(), "{r:?}");
     }
+    // A server's message reaches the terminal escaped.
+    let addr = fake_server(log.clone(), Fake::Hostile).await;
+    let r = verify(
+        &addr,
+        &["--public-key", &key, "--timeout-secs", "5"],
+        &[("FINTRUST_API_KEY", "fvk_fake")],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("could not verify"), "{r:?}");
+    assert!(!r.stderr.contains('\u{1b}'), "{r:?}");
+    assert!(r.stderr.contains("all good"), "{r:?}");
 }

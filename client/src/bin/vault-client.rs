@@ -312,19 +312,31 @@ fn read_token(
     token: Option<&str>,
     file: Option<&std::path::Path>,
 ) -> anyhow::Result<Zeroizing<String>> {
+    // Far more than any token: a device or a wrong file given by mistake
+    // is refused, not read whole.
+    const MAX: usize = 64 * 1024;
+    let too_long = || anyhow::anyhow!("more than {MAX} bytes: not a token");
     let text = match (token, file) {
         (_, Some(path)) if path.as_os_str() == "-" => {
-            // Room for any token at once: a string that grows leaves a
-            // copy of what it held in memory it frees.
-            let mut text = Zeroizing::new(String::with_capacity(4096));
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("cannot read the token from stdin")?;
-            text
+            // Room for the most read at once: a buffer that grows leaves
+            // a copy of what it held in memory it frees.
+            let mut bytes = Zeroizing::new(Vec::with_capacity(MAX + 1));
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(std::io::stdin(), MAX as u64 + 1),
+                &mut bytes,
+            )
+            .context("cannot read the token from stdin")?;
+            if bytes.len() > MAX {
+                return Err(too_long().context("stdin"));
+            }
+            utf8(bytes).context("the token on stdin")?
         }
-        (_, Some(path)) => Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read the token", path.display()))?,
-        ),
+        (_, Some(path)) => {
+            let bytes = client::cli::read_secret(path, MAX)
+                .with_context(|| format!("{}: cannot read the token", path.display()))?
+                .ok_or_else(|| too_long().context(format!("{}", path.display())))?;
+            utf8(bytes).with_context(|| format!("{}: the token", path.display()))?
+        }
         (Some(t), None) => Zeroizing::new(t.to_string()),
         (None, None) => bail!("no token: pass --token, --token-file or FINTRUST_TOKEN"),
     };
@@ -335,11 +347,31 @@ fn read_token(
     Ok(token)
 }
 
+/// `bytes` as text, in a buffer wiped when dropped (the copy checked is
+/// the one returned).
+fn utf8(bytes: Zeroizing<Vec<u8>>) -> anyhow::Result<Zeroizing<String>> {
+    let text = std::str::from_utf8(&bytes).map_err(|_| anyhow::anyhow!("not UTF-8"))?;
+    Ok(Zeroizing::new(text.to_string()))
+}
+
 /// The fields of a JSON object whose values are all strings, each name
-/// once, in the order of their names.
+/// once, in the order of their names. A record is sent in one frame, so
+/// a file four times a frame's size (room for JSON's quotes and escapes)
+/// is refused unread past that.
 fn read_record(path: &PathBuf) -> anyhow::Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let max = 4 * protocol::MAX_FRAME_LEN;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| {
+            std::io::Read::read_to_string(&mut std::io::Read::take(f, max as u64 + 1), &mut text)
+        })
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if text.len() > max {
+        bail!(
+            "{}: more than {max} bytes, larger than a record can be",
+            path.display()
+        );
+    }
     let RecordFields(mut fields) =
         serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
     fields.sort();

@@ -326,9 +326,11 @@ fn remote(
     let report = match outcome {
         Ok(r) => r,
         Err(e) => {
+            // The server's words, escaped: a message it sends must not
+            // move the terminal's cursor or hide what precedes it.
             eprintln!(
                 "error: could not verify {addr}: {}",
-                server::error_chain(&e)
+                client::cli::printable(&server::error_chain(&e))
             );
             return ExitCode::from(EXIT_ERROR as u8);
         }
