@@ -992,6 +992,17 @@ async fn logs_page_filter_and_hash_as_documented() {
         "{}",
         past.1
     );
+    // Checked before the key, as every bad query is: the same 400 for a
+    // key the vault does not know.
+    let unknown = call(
+        r.http,
+        "GET",
+        "/v1/logs?after=9007199254740991",
+        Some("fvk_0000000000000000000000000000000000000000000"),
+        None,
+    )
+    .await;
+    assert_eq!(unknown.0, 400, "{}", unknown.1);
 
     let only = logs(&format!("/v1/logs?limit=1000&subject={SUBJECT}")).await;
     let want: Vec<&Value> = all.iter().filter(|e| e["subject"] == SUBJECT).collect();

@@ -1045,8 +1045,6 @@ pub async fn logs(
         Some("jsonl") => true,
         Some(_) => return Err(ApiError::bad_request("format: json or jsonl")),
     };
-    let c = shim.caller(&key).await?;
-    require_role(&c, &["admin", "auditor"])?;
     // A seq JSON carries exactly to every client (JavaScript's integers
     // stop at 2^53): a log never grows near it.
     let start = match q.after {
@@ -1058,6 +1056,9 @@ pub async fn logs(
             ))
         }
     };
+    // The key last, once the request is otherwise valid (as on every route).
+    let c = shim.caller(&key).await?;
+    require_role(&c, &["admin", "auditor"])?;
     let mut from = start;
     let mut events: Vec<LogEvent> = Vec::new();
     let mut payload_bytes = 0;
@@ -1238,8 +1239,8 @@ pub async fn health(State(shim): State<Arc<Shim>>) -> Response {
             (status, axum::Json(body)).into_response()
         }
         // A vault that answered and refused the shim (its gateway key
-        // revoked, say), or whose head failed the shim's check, is not out
-        // of reach: an operator looks elsewhere.
+        // revoked, say) is not out of reach: an operator looks elsewhere.
+        // An answer that does not decode is a broken connection.
         Err(e) => {
             let vault = if e.status == StatusCode::SERVICE_UNAVAILABLE {
                 "unreachable"

@@ -5,7 +5,7 @@
 //! partner ──HTTP──> shim ──(gateway key, one pipelined connection)──> vault
 //!                          (inside vaultd: direct calls; else :9999)
 //!                     │   Context (whois key, policy, consent: one request)
-//!                     │   → policy → fields → consent → hours/IP → rate
+//!                     │   → policy → fields → hours/IP → rate → consent
 //!                     │   granted: Mint (token_minted is durable first)
 //!                     │   denied:  Event access_denied (durable first), then 403
 //!                     │            (429 for the rate limit)
