@@ -848,6 +848,26 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     )
     .ok_json();
     assert_eq!(again["differences"], 0, "{again}");
+    // A --passphrase-file on the command line wins over a key file from
+    // the environment (`vaultd`'s, say), as a flag wins everywhere;
+    // both on the command line are refused.
+    let stray_key = tmp.path().join("stray.key");
+    std::fs::write(&stray_key, "00".repeat(32)).expect("write");
+    let stray_key = stray_key.to_str().expect("utf-8");
+    let reindex = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["reindex", "--data-dir", &dir_s, "--format", "json"];
+        all.extend(args);
+        run_bin("fintrust-server", "vault-admin", all, env)
+    };
+    let flag_wins = reindex(
+        &["--passphrase-file", pass_s],
+        &[("FINTRUST_KEY_FILE", stray_key)],
+    )
+    .ok_json();
+    assert_eq!(flag_wins["differences"], 0, "{flag_wins}");
+    let both = reindex(&["--passphrase-file", pass_s, "--key-file", stray_key], &[]);
+    assert_eq!(both.code, 1, "{both:?}");
+    assert!(both.stderr.contains("not both"), "{both:?}");
     let v = verify_dir(&dir, &public_key).ok_json();
     assert_eq!(v["ok"], true, "{v}");
 }

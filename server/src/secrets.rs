@@ -49,6 +49,26 @@ pub fn unlock_from(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> R
     }
 }
 
+/// [`unlock_from`] of a command's `--passphrase-file` and `--key-file`,
+/// each of which may also come from its variable (`FINTRUST_PASSPHRASE_FILE`,
+/// `FINTRUST_KEY_FILE`): one given on the command line wins over the
+/// other's variable, as a flag wins over the environment everywhere
+/// else. Both on the command line, or both from the environment, are
+/// refused. (A value is taken as the environment's when it is the
+/// variable's: clap hands over the value, not where it came from.)
+pub fn unlock_from_args(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> Result<Unlock> {
+    let from_env = |value: Option<&Path>, var: &str| {
+        value.is_some() && value == std::env::var_os(var).as_deref().map(Path::new)
+    };
+    let passphrase_env = from_env(passphrase_file, "FINTRUST_PASSPHRASE_FILE");
+    let key_env = from_env(key_file, "FINTRUST_KEY_FILE");
+    match (passphrase_file, key_file) {
+        (Some(_), Some(_)) if key_env && !passphrase_env => unlock_from(passphrase_file, None),
+        (Some(_), Some(_)) if passphrase_env && !key_env => unlock_from(None, key_file),
+        _ => unlock_from(passphrase_file, key_file),
+    }
+}
+
 /// The [`Unlock`] of a passphrase given as bytes (a trailing newline is
 /// ignored); `None` when nothing is left.
 pub fn passphrase(bytes: &[u8]) -> Option<Unlock> {

@@ -238,7 +238,7 @@ impl Offline {
 
     /// The stopped vault, opened with its current secret.
     fn open(&self, dir: &Path) -> anyhow::Result<storage::Vault> {
-        let unlock = server::secrets::unlock_from(
+        let unlock = server::secrets::unlock_from_args(
             self.passphrase_file.as_deref(),
             self.key_file.as_deref(),
         )?;
@@ -426,7 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let (r, mode) = match &offline.data_dir {
                 Some(dir) => {
-                    let unlock = server::secrets::unlock_from(
+                    let unlock = server::secrets::unlock_from_args(
                         offline.passphrase_file.as_deref(),
                         offline.key_file.as_deref(),
                     )?;

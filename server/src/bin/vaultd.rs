@@ -40,7 +40,7 @@ struct VaultArgs {
 
 impl VaultArgs {
     fn unlock(&self) -> server::Result<storage::Unlock> {
-        server::secrets::unlock_from(self.passphrase_file.as_deref(), self.key_file.as_deref())
+        server::secrets::unlock_from_args(self.passphrase_file.as_deref(), self.key_file.as_deref())
     }
 }
 
