@@ -2168,6 +2168,19 @@ enum Screened {
     End(Ending),
 }
 
+/// A request decoded but not (yet) handed on to be served: wiped when
+/// dropped ([`Message::wipe`]), so that one refused leaves none of the
+/// secrets or personal data it carried in freed memory.
+struct Unserved(Option<Message>);
+
+impl Drop for Unserved {
+    fn drop(&mut self) {
+        if let Some(m) = &mut self.0 {
+            m.wipe();
+        }
+    }
+}
+
 fn screen(
     next: Result<Option<Frame>, ConnectionError>,
     caller: &Caller,
@@ -2180,13 +2193,16 @@ fn screen(
         Err(e) => return Screened::End(unreadable(0, e)),
     };
     let id = frame.request_id;
-    let message = match Message::from_frame(&frame) {
-        Ok(m) => m,
+    // Wiped when dropped: a request refused here (a new master secret, a
+    // token) leaves no copy of its secret behind; one served is taken out.
+    let mut message = match Message::from_frame(&frame) {
+        Ok(m) => Unserved(Some(m)),
         Err(e) => {
             let code = e.wire_code().unwrap_or(ErrorCode::Malformed);
             return Screened::End((Some((id, error(code, &e.to_string()))), Err(e.into())));
         }
     };
+    let message_ref = message.0.as_ref();
     // A response type decodes, but no client may send one: the peer is
     // out of step, and the stream cannot be trusted past it (rule 8).
     if !frame.msg_type.is_request() {
@@ -2209,14 +2225,14 @@ fn screen(
         );
         return Screened::End((Some((id, m)), Err(ConnectionError::Unauthenticated)));
     }
-    if !role.may(&message) {
+    if message_ref.is_some_and(|m| !role.may(m)) {
         let m = error(
             ErrorCode::Forbidden,
             &format!("the {} role may not send this request", role.name()),
         );
         return Screened::Answer(id, m);
     }
-    if matches!(message, Message::RotateMasterKey { .. }) && !caller.confidential {
+    if matches!(message_ref, Some(Message::RotateMasterKey { .. })) && !caller.confidential {
         let m = error(
             ErrorCode::Forbidden,
             "a new master secret is taken only over TLS or from a loopback address: this one \
@@ -2225,10 +2241,9 @@ fn screen(
         return Screened::Answer(id, m);
     }
     // Out of service while a failed write is recovered from.
-    match current {
-        Some(current) => Screened::Request(id, message, current),
-        None => match message {
-            Message::Health => Screened::Answer(
+    let Some(current) = current else {
+        return match message_ref {
+            Some(Message::Health) => Screened::Answer(
                 id,
                 Message::HealthInfo {
                     status: Status::Recovering.name().into(),
@@ -2237,12 +2252,16 @@ fn screen(
                 },
             ),
             // Terminal, as its answer would be.
-            Message::Redeem { .. } => {
+            Some(Message::Redeem { .. }) => {
                 count_redemption(ErrorCode::Unavailable.name());
                 Screened::End((Some((id, recovering())), Ok(())))
             }
             _ => Screened::Answer(id, recovering()),
-        },
+        };
+    };
+    match message.0.take() {
+        Some(message) => Screened::Request(id, message, current),
+        None => Screened::End((None, Ok(()))),
     }
 }
 
