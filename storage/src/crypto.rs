@@ -293,9 +293,13 @@ impl KdfParams {
         self.check_floor()?;
         let params = argon2::Params::new(self.m_kib, self.t, self.p, Some(32))
             .map_err(|e| Error::WeakKdf(e.to_string()))?;
+        // The working memory, wiped when dropped: its last block is all
+        // the KEK takes to recompute (with p = 1), and `hash_password_into`
+        // frees its own unwiped.
+        let mut memory = Zeroizing::new(vec![argon2::Block::default(); params.block_count()]);
         let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut out = [0u8; 32];
-        a.hash_password_into(passphrase, salt, &mut out)
+        a.hash_password_into_with_memory(passphrase, salt, &mut out, memory.as_mut_slice())
             .map_err(|e| Error::WeakKdf(e.to_string()))?;
         let k = SecretKey::from_bytes(out);
         out.zeroize();
