@@ -3398,7 +3398,7 @@ async fn redeem(
     (peer, proxy): (std::net::IpAddr, Option<std::net::IpAddr>),
 ) -> Message {
     let (terms, _) = match vault
-        .redeem_via(token, partner_id, now_ms(), Some(peer), proxy)
+        .redeem_via(token, partner_id, None, Some(peer), proxy)
         .await
     {
         Ok(t) => t,

@@ -219,7 +219,10 @@ pub enum Append {
     Redeem {
         token_hash: String,
         partner_id: String,
-        now_ms: u64,
+        /// The time the token is checked at (expiry, consent, policy age,
+        /// allowed hours); `None`: the committer's clock as it takes the
+        /// redemption, never before the log's last entry.
+        now_ms: Option<u64>,
         source: Option<std::net::IpAddr>,
         /// The trusted proxy that named `source`, for the audit entry.
         proxy: Option<std::net::IpAddr>,
@@ -2051,18 +2054,23 @@ impl Vault {
         now_ms: u64,
         source: Option<std::net::IpAddr>,
     ) -> Result<(state::TokenMinted, Receipt)> {
-        self.redeem_via(token, partner_id, now_ms, source, None)
+        self.redeem_via(token, partner_id, Some(now_ms), source, None)
             .await
     }
 
     /// [`Vault::redeem`] for a partner whose address `source` a trusted
     /// `proxy` named (a PROXY protocol header): a refusal's
-    /// `access_denied` entry holds both (`source_ip`, `proxy_ip`).
+    /// `access_denied` entry holds both (`source_ip`, `proxy_ip`). With
+    /// `now_ms` `None`, the token is checked at the time the committer
+    /// decides, by the clock the log's timestamps come from (never before
+    /// the last entry's): a redemption that waited in the queue past its
+    /// token's expiry is refused, and a clock set back cannot bring an
+    /// expired token back.
     pub async fn redeem_via(
         &self,
         token: &str,
         partner_id: &str,
-        now_ms: u64,
+        now_ms: Option<u64>,
         source: Option<std::net::IpAddr>,
         proxy: Option<std::net::IpAddr>,
     ) -> Result<(state::TokenMinted, Receipt)> {
@@ -3979,9 +3987,10 @@ impl Committer {
         g: &mut Group,
         token_hash: &str,
         partner_id: &str,
-        now_ms: u64,
+        at_ms: Option<u64>,
         (source, proxy): (Option<std::net::IpAddr>, Option<std::net::IpAddr>),
     ) -> Result<usize> {
+        let now_ms = at_ms.unwrap_or_else(|| now_ms().max(self.pos.last_ts));
         let minted: Option<state::TokenMinted> =
             match self.state_now(g, &state::key("t/", token_hash))? {
                 Some(v) => {

@@ -1589,6 +1589,39 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         ),
         "{expired:?}"
     );
+    // Without a time of the caller's, the token is checked by the log's
+    // clock as the committer takes it: one that expired before, whatever
+    // the caller's clock said when it asked, is refused.
+    let wall_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let lapsed = vault
+        .mint("p1", "s1", "credit_check", fields.clone(), wall_ms - 1)
+        .await
+        .expect("mint");
+    let by_the_log = vault.redeem_via(&lapsed, "p1", None, None, None).await;
+    assert!(
+        matches!(
+            by_the_log,
+            Err(Error::TokenRefused(storage::TokenRefusal::Expired))
+        ),
+        "{by_the_log:?}"
+    );
+    let live = vault
+        .mint(
+            "p1",
+            "s1",
+            "credit_check",
+            fields.clone(),
+            wall_ms + 3_600_000,
+        )
+        .await
+        .expect("mint");
+    vault
+        .redeem_via(&live, "p1", None, None, None)
+        .await
+        .expect("a live token, by the log's clock");
     let token = vault
         .mint("p1", "s1", "credit_check", fields, u64::MAX)
         .await
@@ -1612,7 +1645,7 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         .append(Append::Redeem {
             token_hash: storage::api_key_hash(&token),
             partner_id: "p1".into(),
-            now_ms: 0,
+            now_ms: Some(0),
             source: None,
             proxy: None,
         })
