@@ -409,6 +409,14 @@ fn wait_unlocked(dir: &Path) {
 /// A vault in `dir` whose next commit fails its fsync: poisoned by one
 /// append, which is refused.
 async fn poisoned(dir: &Path) -> std::sync::Arc<storage::Vault> {
+    poisoned_after(dir, async |_| {}).await
+}
+
+/// [`poisoned`], with `first` done to the vault before its failed append.
+async fn poisoned_after(
+    dir: &Path,
+    first: impl AsyncFnOnce(&storage::Vault),
+) -> std::sync::Arc<storage::Vault> {
     use storage::{Append, Options, Unlock, Vault};
     let vault = Vault::create(
         dir,
@@ -417,6 +425,7 @@ async fn poisoned(dir: &Path) -> std::sync::Arc<storage::Vault> {
     )
     .expect("create")
     .vault;
+    first(&vault).await;
     vault
         .append(Append::record(SUBJECT, b"{}".to_vec()))
         .await
@@ -431,14 +440,11 @@ async fn poisoned(dir: &Path) -> std::sync::Arc<storage::Vault> {
 
 fn reopen(dir: &Path) -> server::live::Reopen {
     let dir = dir.to_path_buf();
-    server::live::Reopen::new(dir.clone(), move || {
-        let unlock = storage::Unlock::passphrase(PASSPHRASE.to_vec());
-        Ok(storage::Vault::open(
-            &dir,
-            &unlock,
-            storage::Options::default(),
-        )?)
-    })
+    server::live::Reopen::new(
+        dir,
+        || Ok(storage::Unlock::passphrase(PASSPHRASE.to_vec())),
+        storage::Options::default,
+    )
 }
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
@@ -499,4 +505,36 @@ async fn a_poisoned_vault_is_opened_again_once_idle_or_left_to_the_shutdown() {
     drop(held);
     let vault = std::sync::Arc::into_inner(back).expect("last handle");
     assert!(matches!(vault.close(), Err(storage::Error::Poisoned)));
+
+    // Its master key rotated online, its secret file not yet changed: the
+    // reopen refused by the file's secret opens with the new one.
+    let dir = tmp.path().join("c");
+    let vault = poisoned_after(&dir, async |vault| {
+        let new = storage::Unlock::passphrase(b"the rotated passphrase".to_vec());
+        vault.rotate_master_key(&new).await.expect("rotate");
+        server::live::rotated_to(
+            vault.vault_id(),
+            protocol::SecretKind::Passphrase,
+            b"the rotated passphrase",
+        );
+    })
+    .await;
+    let live = LiveVault::from(vault);
+    let stop = CancellationToken::new();
+    let watcher = tokio::spawn(watch(live.clone(), reopen(&dir), stop.clone()));
+    until("open again", || live.status() == Status::Ok).await;
+    stop.cancel();
+    watcher.await.expect("watcher");
+    let vault = std::sync::Arc::into_inner(live.take().expect("the vault")).expect("last handle");
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+    // The old secret opens it no more: the new one did.
+    assert!(matches!(
+        storage::Vault::open(
+            &dir,
+            &storage::Unlock::passphrase(PASSPHRASE.to_vec()),
+            storage::Options::default()
+        ),
+        Err(storage::Error::WrongSecret)
+    ));
 }

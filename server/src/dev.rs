@@ -238,14 +238,11 @@ pub async fn run(
 /// Opens the dev vault again after a failed write, as `vaultd dev` does
 /// when it starts on an existing data dir.
 fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
-    crate::live::Reopen::new(data_dir.clone(), move || {
-        let unlock = crate::secrets::unlock_from(Some(&passphrase_file), None)?;
-        Ok(storage::Vault::open(
-            &data_dir,
-            &unlock,
-            Options::default(),
-        )?)
-    })
+    crate::live::Reopen::new(
+        data_dir,
+        move || crate::secrets::unlock_from(Some(&passphrase_file), None),
+        Options::default,
+    )
 }
 
 /// The dev CA, and a certificate for `localhost` and `127.0.0.1` it

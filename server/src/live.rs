@@ -20,7 +20,9 @@
 //!    and let go of it; it is closed, which releases the data dir.
 //! 3. The data dir is opened again as at a restart: the secret is read
 //!    again from its file (so a master key rotated meanwhile still opens
-//!    it), and the log's tail is recovered. First the kernel's cached
+//!    it once the file holds the new secret, and before that the secret
+//!    this process rotated it to does, [`rotated_to`]), and the log's
+//!    tail is recovered. First the kernel's cached
 //!    pages of sled's files are dropped: after a failed fsync, Linux keeps
 //!    the pages it could not write there, marked clean, and an open that
 //!    read them would take writes the disk lacks for durable. An open that fails (the disk
@@ -33,40 +35,87 @@
 //! service); at most one vault is open on
 //! the data dir at a time (sled's lock would refuse a second).
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use storage::Vault;
+use protocol::SecretKind;
+use storage::{Unlock, Vault};
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
 
 /// Opens the data dir again, as `vaultd` does at start.
 #[derive(Clone)]
 pub struct Reopen {
     dir: std::path::PathBuf,
-    open: Arc<dyn Fn() -> crate::Result<Vault> + Send + Sync>,
+    secret: Arc<dyn Fn() -> crate::Result<Unlock> + Send + Sync>,
+    options: Arc<dyn Fn() -> storage::Options + Send + Sync>,
+}
+
+/// The master secrets that vaults of this process were rotated to online
+/// (`RotateMasterKey`), by vault id: the one their secret file held at
+/// start opens them no more until the operator replaces it, and a reopen
+/// after a failed write must not be stopped by that. Wiped when replaced
+/// or at exit.
+static ROTATED: Mutex<Vec<Rotated>> = Mutex::new(Vec::new());
+
+/// A vault's id, and the kind and bytes of the secret it was rotated to.
+type Rotated = ([u8; 16], SecretKind, Zeroizing<Vec<u8>>);
+
+/// Notes that the vault `vault_id` was rotated online to the master
+/// secret `secret` of `kind` (see [`Reopen`]).
+pub fn rotated_to(vault_id: [u8; 16], kind: SecretKind, secret: &[u8]) {
+    let mut rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
+    rotated.retain(|(id, _, _)| *id != vault_id);
+    rotated.push((vault_id, kind, Zeroizing::new(secret.to_vec())));
+}
+
+/// The master secret the vault `vault_id` was last rotated to online.
+fn rotated_secret(vault_id: [u8; 16]) -> Option<crate::Result<Unlock>> {
+    let rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
+    let (_, kind, secret) = rotated.iter().find(|(id, _, _)| *id == vault_id)?;
+    Some(crate::secrets::unlock_of(*kind, secret).map_err(crate::Error::Usage))
 }
 
 impl Reopen {
-    /// `open` opens the data dir `dir`.
+    /// Opens the data dir `dir` with `options`, unsealed by `secret` (read
+    /// again each time, from its file); when that secret is refused and
+    /// this process rotated the vault's master key online
+    /// ([`rotated_to`]), by the secret it was rotated to.
     pub fn new(
         dir: impl Into<std::path::PathBuf>,
-        open: impl Fn() -> crate::Result<Vault> + Send + Sync + 'static,
+        secret: impl Fn() -> crate::Result<Unlock> + Send + Sync + 'static,
+        options: impl Fn() -> storage::Options + Send + Sync + 'static,
     ) -> Self {
         Reopen {
             dir: dir.into(),
-            open: Arc::new(open),
+            secret: Arc::new(secret),
+            options: Arc::new(options),
         }
     }
 
-    /// Opens it, having dropped the kernel's cached pages of sled's files
-    /// ([`storage::forget_cached_pages`]): after a failed fsync, the cache
-    /// may hold writes the disk lacks, which the open must not take for
-    /// durable.
-    fn attempt(&self) -> crate::Result<Vault> {
+    /// Opens the vault `vault_id` again, having dropped the kernel's
+    /// cached pages of sled's files ([`storage::forget_cached_pages`]):
+    /// after a failed fsync, the cache may hold writes the disk lacks,
+    /// which the open must not take for durable.
+    fn attempt(&self, vault_id: [u8; 16]) -> crate::Result<Vault> {
         if let Err(e) = storage::forget_cached_pages(&self.dir) {
             tracing::warn!(error = %e, "could not drop the cached pages of the vault's files");
         }
-        (self.open)()
+        let open = |unlock: &Unlock| Vault::open(&self.dir, unlock, (self.options)());
+        match (self.secret)().and_then(|unlock| Ok(open(&unlock)?)) {
+            Err(crate::Error::Storage(storage::Error::WrongSecret)) => {
+                let Some(rotated) = rotated_secret(vault_id) else {
+                    return Err(storage::Error::WrongSecret.into());
+                };
+                tracing::warn!(
+                    "the secret file no longer opens the vault, whose master key was rotated \
+                     while it served: opening it with the new secret; put that secret in the \
+                     file before the next start"
+                );
+                Ok(open(&rotated?)?)
+            }
+            opened => opened,
+        }
     }
 }
 
@@ -209,6 +258,7 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
                 return;
             }
         };
+        let vault_id = old.vault_id();
         // Dropping joins the vault's threads: off the runtime's workers.
         let _ = tokio::task::spawn_blocking(move || drop(old)).await;
         // Poisoned again soon after a reopen (the disk is still full):
@@ -225,7 +275,7 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
         }
         loop {
             let attempt = reopen.clone();
-            match tokio::task::spawn_blocking(move || attempt.attempt()).await {
+            match tokio::task::spawn_blocking(move || attempt.attempt(vault_id)).await {
                 Ok(Ok(vault)) => {
                     tracing::info!(
                         entries = vault.durable_len(),

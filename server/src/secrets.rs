@@ -69,6 +69,18 @@ pub fn unlock_from_args(passphrase_file: Option<&Path>, key_file: Option<&Path>)
     }
 }
 
+/// The [`Unlock`] of a master secret sent over the wire (`RotateMasterKey`):
+/// a passphrase, or a key file's content; the reason when it cannot be
+/// one.
+pub fn unlock_of(kind: protocol::SecretKind, secret: &[u8]) -> std::result::Result<Unlock, String> {
+    match kind {
+        protocol::SecretKind::Passphrase => {
+            passphrase(secret).ok_or_else(|| "the passphrase is empty".to_string())
+        }
+        protocol::SecretKind::KeyFile => Unlock::key_file(secret).map_err(|e| e.to_string()),
+    }
+}
+
 /// The [`Unlock`] of a passphrase given as bytes (a trailing newline is
 /// ignored); `None` when nothing is left.
 pub fn passphrase(bytes: &[u8]) -> Option<Unlock> {

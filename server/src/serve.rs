@@ -3005,16 +3005,15 @@ async fn respond(
         },
         Message::RotateMasterKey { kind, secret } => {
             let secret = zeroize::Zeroizing::new(secret);
-            let unlock = match kind {
-                protocol::SecretKind::Passphrase => crate::secrets::passphrase(&secret)
-                    .ok_or_else(|| error(ErrorCode::Invalid, "the passphrase is empty")),
-                protocol::SecretKind::KeyFile => storage::Unlock::key_file(&secret)
-                    .map_err(|e| error(ErrorCode::Invalid, &e.to_string())),
-            };
+            let unlock = crate::secrets::unlock_of(kind, &secret)
+                .map_err(|why| error(ErrorCode::Invalid, &why));
             match unlock {
                 Err(m) => m,
                 Ok(unlock) => match vault.acting_as(&caller.id).rotate_master_key(&unlock).await {
                     Ok(r) => {
+                        // A reopen after a failed write opens with it until
+                        // the secret file holds it.
+                        crate::live::rotated_to(vault.vault_id(), kind, &secret);
                         tracing::warn!(
                             admin = %caller.id,
                             "master key rotated: the next start of vaultd needs the new secret"

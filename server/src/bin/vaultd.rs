@@ -569,10 +569,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             drop(unlock);
             // After a failed write or fsync: the same open, the secret read again.
-            let reopen = server::live::Reopen::new(vault.data_dir.clone(), move || {
-                let unlock = vault.unlock()?;
-                Ok(storage::Vault::open(&vault.data_dir, &unlock, options())?)
-            });
+            let reopen =
+                server::live::Reopen::new(vault.data_dir.clone(), move || vault.unlock(), options);
             rt.block_on(async {
                 server::tls::reload_on(hangups, tls.clone());
                 server::tls::warn_before_expiry(tls.clone());
