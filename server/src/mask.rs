@@ -341,14 +341,46 @@ fn partial(value: &str) -> String {
 /// two characters: there the first character would be half of it or more.
 /// Characters as a reader sees them: the value without its surrounding
 /// whitespace, in grapheme clusters (`E` and a combining accent are one
-/// `É`; a Hangul syllable written as jamo is one syllable).
+/// `É`; a Hangul syllable written as jamo is one syllable), and without
+/// those that show nothing (a zero-width space, a soft hyphen: `J`, a
+/// zero-width space and `o` are two characters, not three).
 fn first_char_and_stars(value: &str) -> String {
     use unicode_segmentation::UnicodeSegmentation as _;
-    let mut graphemes = value.trim().graphemes(true);
+    let mut graphemes = value
+        .trim()
+        .graphemes(true)
+        .filter(|g| !g.chars().all(shows_nothing));
     match (graphemes.next(), graphemes.next(), graphemes.next()) {
         (Some(first), Some(_), Some(_)) => format!("{first}***"),
         _ => "***".to_owned(),
     }
+}
+
+/// Whether `c` is a default-ignorable code point (Unicode's
+/// `Default_Ignorable_Code_Point`, DerivedCoreProperties.txt): a format
+/// or filler character that a text shows nothing for, such as U+200B
+/// ZERO WIDTH SPACE, U+00AD SOFT HYPHEN or U+2060 WORD JOINER.
+fn shows_nothing(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 /// `j***@example.com` for `jane.doe@example.com`; `None` when the value is
@@ -808,6 +840,12 @@ mod tests {
             ("jo\u{308}@example.com", "***@example.com"),
             ("\u{1100}\u{1175}\u{11B7}", "***"),
             ("E\u{301}dith", "E\u{301}***"),
+            // Characters that show nothing are not counted, nor shown.
+            ("J\u{200B}o", "***"),
+            ("J\u{AD}o", "***"),
+            ("\u{2060}J\u{2060}o\u{2060}", "***"),
+            ("\u{FEFF}Jane", "J***"),
+            ("\u{200B}\u{200B}\u{200B}", "***"),
         ] {
             assert_eq!(
                 mask(MaskOp::Partial, "f", value),
