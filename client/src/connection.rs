@@ -932,6 +932,10 @@ impl Client {
     /// auditor and admin roles: another role gets `forbidden` for a head
     /// newer than the one kept, and keeps
     /// [`HeadTracker::observe`](crate::HeadTracker::observe)'s check alone.
+    /// A head signed by a key older than the kept head's is refused, and
+    /// so is a key chain that no longer verifies the kept head (a fork
+    /// signed with a stolen retired key, whose rotation the server leaves
+    /// out of the chain it sends: [`ClientError::Rollback`]).
     pub async fn observe_head(
         &self,
         tracker: &mut crate::HeadTracker,
@@ -944,6 +948,25 @@ impl Client {
             return Err(protocol::receipt::ReceiptError::BadSignature.into());
         }
         tracker.check_not_rolled_back(head)?;
+        if let Some(kept) = tracker.newest().copied() {
+            // Key ids grow with the seq: a head signed by a key retired
+            // before the kept head's (a stolen one, with bounds of its
+            // choosing) does not follow it.
+            if head.key_id < kept.key_id {
+                return Err(
+                    protocol::receipt::ReceiptError::OutsideKeyLifetime(head.key_id).into(),
+                );
+            }
+            // A chain served short of the kept head's key (its rotation
+            // left out, so that a retired key seems current) is the
+            // server's key chain rolled back.
+            if !chain.verify_head(&kept) {
+                return Err(ClientError::Rollback {
+                    kept: kept.last_seq,
+                    got: head.last_seq,
+                });
+            }
+        }
         if let Some(kept) = tracker
             .newest()
             .copied()
@@ -1268,8 +1291,12 @@ impl Client {
     /// (one `KeyChain` request): signed by the key its head names, and
     /// for a group within the seqs that key signed, so that a key rotated
     /// away cannot vouch for a later group ([`KeyChain::key_for`]). The
-    /// offline [`verify_receipt`](crate::verify_receipt) has no chain and
-    /// checks key 0's signature alone.
+    /// chain is the server's word past `pinned`: one that leaves a
+    /// rotation out makes the retired key current again, so against a
+    /// server holding a stolen retired key this check needs the chain
+    /// checked against a head kept from before ([`Client::observe_head`]
+    /// does). The offline [`verify_receipt`](crate::verify_receipt) has
+    /// no chain and checks key 0's signature alone.
     pub async fn verify_receipt(&self, receipt: &Receipt, pinned: &[u8; 32]) -> Result<()> {
         receipt.verify_chain(&self.key_chain(pinned).await?)?;
         Ok(())
@@ -2132,6 +2159,64 @@ mod tests {
             }
             let limit = sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT");
             assert_eq!(limit, probes.then_some(Duration::from_secs(60)));
+        }
+    }
+
+    /// A fork signed by a retired key: a head of the old key past the
+    /// kept head of the new one is refused, whether the server sends the
+    /// rotation in its key chain or leaves it out, and so is one of a key
+    /// the old one endorsed in the new one's place (a forked chain); the
+    /// tracker keeps its head.
+    #[tokio::test]
+    async fn a_head_of_a_retired_key_does_not_follow_the_kept_one() {
+        use ed25519_dalek::SigningKey;
+        let (old, new, other) = (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+            SigningKey::from_bytes(&[9; 32]),
+        );
+        let rotation = KeyEndorsement::sign(&old, 1, &new.verifying_key(), 10);
+        let forked = KeyEndorsement::sign(&old, 1, &other.verifying_key(), 10);
+        let kept = SignedHead::sign(&new, 1, 11, 20, [3; 32], [4; 32], 1_000);
+        let retired = |first| SignedHead::sign(&old, 0, first, 30, [5; 32], [6; 32], 2_000);
+        let cases = [
+            // The rotation left out: the old key seems current.
+            (vec![], retired(21), false),
+            // The whole chain, and bounds inside the old key's lifetime.
+            (vec![rotation.encode()], retired(5), false),
+            // Another key endorsed by the old one as key 1.
+            (
+                vec![forked.encode()],
+                SignedHead::sign(&other, 1, 21, 30, [5; 32], [6; 32], 2_000),
+                true,
+            ),
+        ];
+        for (served, head, rolled_back) in cases {
+            let (client, mut peer) = pair(Duration::from_secs(5)).await;
+            let mut tracker = crate::HeadTracker::new();
+            tracker.observe(&kept).expect("the kept head");
+            let server = tokio::spawn(async move {
+                let req = next_request(&mut peer).await;
+                assert!(matches!(req.message, Message::KeyChain), "{req:?}");
+                let answer = Message::KeyChainInfo {
+                    endorsements: served,
+                };
+                peer.send((req.request_id, answer)).await.expect("send");
+                peer
+            });
+            let r = client
+                .observe_head(&mut tracker, &head, &old.verifying_key().to_bytes())
+                .await;
+            if rolled_back {
+                assert!(
+                    matches!(r, Err(ClientError::Rollback { kept: 20, got: 30 })),
+                    "{r:?}"
+                );
+            } else {
+                assert!(matches!(r, Err(ClientError::BadReceipt(_))), "{r:?}");
+            }
+            assert_eq!(tracker.newest(), Some(&kept));
+            drop(server.await.expect("join"));
         }
     }
 
