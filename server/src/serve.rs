@@ -2314,7 +2314,7 @@ async fn redeem_request(
         }
     }
     let started = std::time::Instant::now();
-    let reply = redeem(&current, token, &caller.name, (conn.peer, conn.proxy)).await;
+    let reply = redeem(&current, token, caller, (conn.peer, conn.proxy)).await;
     drop(current);
     // Only refusals of the token count as guesses; a vault that cannot
     // answer (`unavailable`) neither slows nor forgives.
@@ -2561,6 +2561,10 @@ pub fn storage_error(e: &storage::Error) -> Message {
         E::Conflict(m) => error(ErrorCode::Conflict, m),
         E::SubjectShredded(_) => error(ErrorCode::SubjectShredded, "the subject has been shredded"),
         E::NoSuchSubject(_) => error(ErrorCode::NotFound, "no such subject"),
+        E::CredentialRevoked(_) => error(
+            ErrorCode::Unauthenticated,
+            "this connection's credential was revoked",
+        ),
         E::Poisoned | E::Closed | E::Locked => {
             error(ErrorCode::Unavailable, "the vault is not accepting writes")
         }
@@ -3393,11 +3397,12 @@ async fn mint(
 async fn redeem(
     vault: &Vault,
     token: &str,
-    partner_id: &str,
+    caller: &Caller,
     (peer, proxy): (std::net::IpAddr, Option<std::net::IpAddr>),
 ) -> Message {
+    let partner_id = caller.name.as_str();
     let (terms, _) = match vault
-        .redeem_via(token, partner_id, None, Some(peer), proxy)
+        .redeem_via(token, partner_id, None, Some(peer), proxy, Some(&caller.id))
         .await
     {
         Ok(t) => t,

@@ -130,6 +130,10 @@ pub enum Error {
     /// A token redemption was refused (and the refusal is in the log).
     #[error("token refused: {}", .0.code())]
     TokenRefused(TokenRefusal),
+    /// The credential a redemption was made with was revoked before it,
+    /// in log order: nothing was written, the token is not spent.
+    #[error("credential {0} was revoked")]
+    CredentialRevoked(String),
     /// The subject's data key was destroyed by a shred entry.
     #[error("subject {0} has been shredded")]
     SubjectShredded(String),

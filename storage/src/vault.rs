@@ -226,6 +226,10 @@ pub enum Append {
         source: Option<std::net::IpAddr>,
         /// The trusted proxy that named `source`, for the audit entry.
         proxy: Option<std::net::IpAddr>,
+        /// The id of the credential the partner redeems with: one revoked
+        /// before the redemption, in log order, fails it
+        /// (`CredentialRevoked`), nothing written.
+        credential: Option<String>,
     },
     /// Destroy every data key of a subject: a `subject_shredded` entry,
     /// then the wrapped keys are deleted. Made by [`Vault::shred`] only.
@@ -2054,7 +2058,7 @@ impl Vault {
         now_ms: u64,
         source: Option<std::net::IpAddr>,
     ) -> Result<(state::TokenMinted, Receipt)> {
-        self.redeem_via(token, partner_id, Some(now_ms), source, None)
+        self.redeem_via(token, partner_id, Some(now_ms), source, None, None)
             .await
     }
 
@@ -2065,7 +2069,10 @@ impl Vault {
     /// decides, by the clock the log's timestamps come from (never before
     /// the last entry's): a redemption that waited in the queue past its
     /// token's expiry is refused, and a clock set back cannot bring an
-    /// expired token back.
+    /// expired token back. With `credential`, the id of the credential the
+    /// partner redeems with, a revocation of it that the log holds before
+    /// the redemption fails it (`CredentialRevoked`), nothing written: a
+    /// revocation acknowledged while the redemption waited stops it.
     pub async fn redeem_via(
         &self,
         token: &str,
@@ -2073,6 +2080,7 @@ impl Vault {
         now_ms: Option<u64>,
         source: Option<std::net::IpAddr>,
         proxy: Option<std::net::IpAddr>,
+        credential: Option<&str>,
     ) -> Result<(state::TokenMinted, Receipt)> {
         if partner_id.is_empty() || partner_id.len() > MAX_SUBJECT_LEN {
             return Err(Error::Invalid(format!(
@@ -2086,6 +2094,7 @@ impl Vault {
             now_ms,
             source,
             proxy,
+            credential: credential.map(str::to_string),
         }];
         let receipt = self.request(items).await?.pop().ok_or(Error::Closed)?;
         let (st, sh) = (&self.inner.store.state, &self.inner.shared);
@@ -3552,7 +3561,15 @@ impl Committer {
                     now_ms,
                     source,
                     proxy,
-                } => idx.push(self.redeem(g, &token_hash, &partner_id, now_ms, (source, proxy))?),
+                    credential,
+                } => {
+                    if let Some(id) = credential {
+                        if !self.credential_live_now(g, &id)? {
+                            return Err(Error::CredentialRevoked(id));
+                        }
+                    }
+                    idx.push(self.redeem(g, &token_hash, &partner_id, now_ms, (source, proxy))?)
+                }
                 Append::Shred { subject, by } => idx.push(self.shred(g, subject, by)?),
                 Append::Rotate {
                     subject,
@@ -3976,6 +3993,20 @@ impl Committer {
             .shared
             .state_get(&self.store.state, key)?
             .map(|v| v.to_vec()))
+    }
+
+    /// Whether the credential `id` is live as of this point of the group
+    /// being built: the group's own changes, then the committer's record
+    /// of the changes not yet published, then the overlay and the tree.
+    fn credential_live_now(&self, g: &Group, id: &str) -> Result<bool> {
+        let key = state::key(state::CREDENTIAL_PREFIX, id);
+        if let Some(v) = changed_in(g, &key) {
+            return Ok(v.is_some());
+        }
+        if let Some((_, live)) = self.credentials.get(&key) {
+            return Ok(*live);
+        }
+        Ok(self.shared.state_get(&self.store.state, &key)?.is_some())
     }
 
     /// Checks a token and burns it (a `token_redeemed` entry), or records

@@ -1561,6 +1561,49 @@ async fn a_redemption_meets_the_policys_hours_and_source_networks() {
     verify_ok(&dir, key);
 }
 
+/// A redemption made with a credential that the log revoked before it
+/// fails, nothing written and the token not spent; the same with a live
+/// credential redeems.
+#[tokio::test]
+async fn a_redemption_after_its_credential_s_revocation_fails_and_spends_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = new_vault(&dir);
+    vault
+        .append(Append::record("s1", b"{\"name\":\"x\"}".to_vec()))
+        .await
+        .expect("append");
+    let fields = vec![("name".to_string(), "reveal".to_string())];
+    let token = vault
+        .mint("p1", "s1", "credit_check", fields, u64::MAX)
+        .await
+        .expect("mint");
+    let (revoked, _) = vault.create_credential("partner", "p1").await.expect("one");
+    let (live, _) = vault.create_credential("partner", "p1").await.expect("two");
+    vault
+        .revoke_credential(&revoked)
+        .await
+        .expect("revoke")
+        .expect("a receipt");
+    let before = vault.durable_len();
+    let r = vault
+        .redeem_via(&token, "p1", Some(5), None, None, Some(&revoked))
+        .await;
+    assert!(
+        matches!(&r, Err(Error::CredentialRevoked(id)) if *id == revoked),
+        "{r:?}"
+    );
+    assert_eq!(vault.durable_len(), before, "nothing written");
+    let (terms, _) = vault
+        .redeem_via(&token, "p1", Some(5), None, None, Some(&live))
+        .await
+        .expect("the token, not spent, with a live credential");
+    assert_eq!(terms.subject, "s1");
+    let key = vault.public_key();
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -1600,7 +1643,9 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         .mint("p1", "s1", "credit_check", fields.clone(), wall_ms - 1)
         .await
         .expect("mint");
-    let by_the_log = vault.redeem_via(&lapsed, "p1", None, None, None).await;
+    let by_the_log = vault
+        .redeem_via(&lapsed, "p1", None, None, None, None)
+        .await;
     assert!(
         matches!(
             by_the_log,
@@ -1619,7 +1664,7 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         .await
         .expect("mint");
     vault
-        .redeem_via(&live, "p1", None, None, None)
+        .redeem_via(&live, "p1", None, None, None, None)
         .await
         .expect("a live token, by the log's clock");
     let token = vault
@@ -1648,6 +1693,7 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
             now_ms: Some(0),
             source: None,
             proxy: None,
+            credential: None,
         })
         .await;
     assert!(matches!(forged, Err(Error::Invalid(_))));
