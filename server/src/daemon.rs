@@ -144,6 +144,9 @@ pub async fn run(
         }
         None => (None, None),
     };
+    // A master secret the vault is rotated to online is kept for its
+    // reopens until the server stops.
+    let _forget = live::Forget(vault.vault_id());
     let live = LiveVault::from(vault);
     crate::metrics::global().watch_vault(live.clone());
     let stop = CancellationToken::new();

@@ -54,8 +54,9 @@ pub struct Reopen {
 /// The master secrets that vaults of this process were rotated to online
 /// (`RotateMasterKey`), by vault id: the one their secret file held at
 /// start opens them no more until the operator replaces it, and a reopen
-/// after a failed write must not be stopped by that. Wiped when replaced
-/// or at exit.
+/// after a failed write must not be stopped by that. Each is wiped once
+/// the file's secret opens its vault again, when it is replaced, and when
+/// the server of its vault stops ([`Forget`]).
 static ROTATED: Mutex<Vec<Rotated>> = Mutex::new(Vec::new());
 
 /// A vault's id, and the kind and bytes of the secret it was rotated to.
@@ -67,6 +68,24 @@ pub fn rotated_to(vault_id: [u8; 16], kind: SecretKind, secret: &[u8]) {
     let mut rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
     rotated.retain(|(id, _, _)| *id != vault_id);
     rotated.push((vault_id, kind, Zeroizing::new(secret.to_vec())));
+}
+
+/// Wipes what [`rotated_to`] holds of the vault `vault_id`.
+pub fn forget_rotated(vault_id: [u8; 16]) {
+    let mut rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
+    rotated.retain(|(id, _, _)| *id != vault_id);
+}
+
+/// [`forget_rotated`] of a vault when dropped: held by the server of the
+/// vault for as long as it serves it (a static is never dropped, so
+/// nothing else would wipe it at exit).
+#[derive(Debug)]
+pub struct Forget(pub [u8; 16]);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        forget_rotated(self.0);
+    }
 }
 
 /// The master secret the vault `vault_id` was last rotated to online.
@@ -103,6 +122,11 @@ impl Reopen {
         }
         let open = |unlock: &Unlock| Vault::open(&self.dir, unlock, (self.options)());
         match (self.secret)().and_then(|unlock| Ok(open(&unlock)?)) {
+            Ok(vault) => {
+                // The file holds the secret now: the copy kept can go.
+                forget_rotated(vault_id);
+                Ok(vault)
+            }
             Err(crate::Error::Storage(storage::Error::WrongSecret)) => {
                 let Some(rotated) = rotated_secret(vault_id) else {
                     return Err(storage::Error::WrongSecret.into());
@@ -298,5 +322,36 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
             }
             delay = (delay * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A secret rotated to is kept per vault, replaced by the next one,
+    /// and wiped when its vault's server stops; another vault's stays.
+    #[test]
+    fn a_rotated_secret_is_kept_per_vault_until_its_server_stops() {
+        let (a, b) = ([0xa1; 16], [0xb2; 16]);
+        let held = |id| rotated_secret(id).map(|u| u.is_ok());
+        rotated_to(a, SecretKind::Passphrase, b"first");
+        rotated_to(a, SecretKind::Passphrase, b"second");
+        rotated_to(b, SecretKind::Passphrase, b"other");
+        {
+            let rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
+            let of_a: Vec<&[u8]> = rotated
+                .iter()
+                .filter(|(id, _, _)| *id == a)
+                .map(|(_, _, s)| s.as_slice())
+                .collect();
+            assert_eq!(of_a, [b"second".as_slice()]);
+        }
+        assert_eq!(held(a), Some(true));
+        drop(Forget(a));
+        assert_eq!(held(a), None);
+        assert_eq!(held(b), Some(true));
+        forget_rotated(b);
+        assert_eq!(held(b), None);
     }
 }

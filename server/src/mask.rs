@@ -346,10 +346,19 @@ fn partial(value: &str) -> String {
 /// zero-width space and `o` are two characters, not three).
 fn first_char_and_stars(value: &str) -> String {
     use unicode_segmentation::UnicodeSegmentation as _;
-    let mut graphemes = value
-        .trim()
+    // Those that show nothing go first, so that one beside the
+    // surrounding whitespace does not keep it from being trimmed.
+    let shown: Vec<&str> = value
         .graphemes(true)
-        .filter(|g| !g.chars().all(shows_nothing));
+        .filter(|g| !g.chars().all(shows_nothing))
+        .collect();
+    let blank = |g: &&str| g.chars().all(char::is_whitespace);
+    let start = shown.iter().position(|g| !blank(g)).unwrap_or(shown.len());
+    let end = shown
+        .iter()
+        .rposition(|g| !blank(g))
+        .map_or(start, |i| i + 1);
+    let mut graphemes = shown[start..end].iter();
     match (graphemes.next(), graphemes.next(), graphemes.next()) {
         (Some(first), Some(_), Some(_)) => format!("{first}***"),
         _ => "***".to_owned(),
@@ -846,6 +855,9 @@ mod tests {
             ("\u{2060}J\u{2060}o\u{2060}", "***"),
             ("\u{FEFF}Jane", "J***"),
             ("\u{200B}\u{200B}\u{200B}", "***"),
+            ("Jo \u{200B}", "***"),
+            ("\u{AD} J  \u{AD}", "***"),
+            ("\u{200B} Jane\t\u{2060}", "J***"),
         ] {
             assert_eq!(
                 mask(MaskOp::Partial, "f", value),

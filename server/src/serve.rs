@@ -753,6 +753,8 @@ impl Direct {
         };
         match screen(next, &caller, &self.conn.vault) {
             Screened::Request(id, Message::Redeem { token }, current) => {
+                // Wiped once served, whatever the answer.
+                let token = zeroize::Zeroizing::new(token);
                 let reply = redeem_request(current, &token, &caller, &self.conn).await;
                 self.end(Some((id, reply)))
             }
@@ -2022,6 +2024,8 @@ where
             }
         };
         if let Message::Redeem { token } = message {
+            // Wiped once served, whatever the answer.
+            let token = zeroize::Zeroizing::new(token);
             answer = Some((id, redeem_request(current, &token, caller, conn).await));
             break Ok(());
         }
@@ -3026,7 +3030,15 @@ async fn respond(
                             receipt: r.encode(),
                         }
                     }
-                    Err(e) => storage_error(&e),
+                    Err(e) => {
+                        // It may have reached the disk (a failed write or
+                        // sync poisons the vault, which is reopened): the
+                        // reopen may need the new secret then.
+                        if crate::init::rotation_outcome_unknown(&e) {
+                            crate::live::rotated_to(vault.vault_id(), kind, &secret);
+                        }
+                        storage_error(&e)
+                    }
                 },
             }
         }

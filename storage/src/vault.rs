@@ -220,8 +220,8 @@ pub enum Append {
         token_hash: String,
         partner_id: String,
         /// The time the token is checked at (expiry, consent, policy age,
-        /// allowed hours); `None`: the committer's clock as it takes the
-        /// redemption, never before the log's last entry.
+        /// allowed hours); `None`: the clock as the committer decides the
+        /// redemption.
         now_ms: Option<u64>,
         source: Option<std::net::IpAddr>,
         /// The trusted proxy that named `source`, for the audit entry.
@@ -2065,11 +2065,9 @@ impl Vault {
     /// [`Vault::redeem`] for a partner whose address `source` a trusted
     /// `proxy` named (a PROXY protocol header): a refusal's
     /// `access_denied` entry holds both (`source_ip`, `proxy_ip`). With
-    /// `now_ms` `None`, the token is checked at the time the committer
-    /// decides, by the clock the log's timestamps come from (never before
-    /// the last entry's): a redemption that waited in the queue past its
-    /// token's expiry is refused, and a clock set back cannot bring an
-    /// expired token back. With `credential`, the id of the credential the
+    /// `now_ms` `None`, the token is checked by the clock at the time the
+    /// committer decides, not when it was asked: a redemption that waited
+    /// in the queue past its token's expiry is refused. With `credential`, the id of the credential the
     /// partner redeems with, a revocation of it that the log holds before
     /// the redemption fails it (`CredentialRevoked`), nothing written: a
     /// revocation acknowledged while the redemption waited stops it.
@@ -4021,7 +4019,9 @@ impl Committer {
         at_ms: Option<u64>,
         (source, proxy): (Option<std::net::IpAddr>, Option<std::net::IpAddr>),
     ) -> Result<usize> {
-        let now_ms = at_ms.unwrap_or_else(|| now_ms().max(self.pos.last_ts));
+        // The wall clock the token's expiry and mint time were set by, read
+        // as the redemption is decided, not when it was asked.
+        let now_ms = at_ms.unwrap_or_else(now_ms);
         let minted: Option<state::TokenMinted> =
             match self.state_now(g, &state::key("t/", token_hash))? {
                 Some(v) => {

@@ -1632,9 +1632,8 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         ),
         "{expired:?}"
     );
-    // Without a time of the caller's, the token is checked by the log's
-    // clock as the committer takes it: one that expired before, whatever
-    // the caller's clock said when it asked, is refused.
+    // Without a time of the caller's, the token is checked by the clock
+    // as the committer takes it: one that expired before is refused.
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -1666,7 +1665,7 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
     vault
         .redeem_via(&live, "p1", None, None, None, None)
         .await
-        .expect("a live token, by the log's clock");
+        .expect("a live token, by the clock");
     let token = vault
         .mint("p1", "s1", "credit_check", fields, u64::MAX)
         .await

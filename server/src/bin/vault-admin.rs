@@ -316,7 +316,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // An offline change is durable by now: say so when its output
             // is lost (stdout closed), rather than leave it unknown.
             cli.format.print(&json, &text).inspect_err(|_| {
-                if irreversible(&cli.command) {
+                let created = matches!(
+                    cli.command,
+                    Command::Credentials {
+                        command: Credentials::Create { .. }
+                    }
+                );
+                if created || irreversible(&cli.command) {
                     eprintln!("note: the change was made; what failed is printing its result");
                 }
             })?;
