@@ -2472,19 +2472,23 @@ impl Caller {
     /// Whether the credential is still live in `vault`: looked up again
     /// only when a credential was revoked since the last look (one atomic
     /// read per request otherwise). A revoked credential's connections
-    /// are refused from their next request on, not only its new ones. A
-    /// lookup that fails counts as revoked (fail closed).
+    /// are refused from their next request on, not only its new ones; so
+    /// are those of a certificate's credential made again under another
+    /// role or name. A lookup that fails counts as revoked (fail closed).
     fn still_live(&self, vault: &Vault) -> bool {
         let now = vault.revocations();
         if self.checked.0.load(Ordering::Acquire) == now {
             return true;
         }
         match vault.credential(&self.id) {
-            Ok(Some(_)) => {
+            // A certificate's credential revoked and made again has the
+            // same id: it stands for this caller only with its role and
+            // name (a partner's id).
+            Ok(Some(c)) if c.role == self.role.name() && c.name == self.name => {
                 self.checked.0.store(now, Ordering::Release);
                 true
             }
-            Ok(None) | Err(_) => false,
+            Ok(_) | Err(_) => false,
         }
     }
 }

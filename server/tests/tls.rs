@@ -526,6 +526,27 @@ async fn a_client_certificate_can_hold_a_credential() {
         tls_hello_as(&s, holder, "").await.is_err(),
         "the certificate after its credential was revoked"
     );
+    // Made again for the certificate under another name: the same id, but
+    // not the caller the open connection authenticated as.
+    let remade = s
+        .vault
+        .create_cert_credential("auditor", "svc-2", &sha256)
+        .await
+        .expect("a new credential");
+    assert_eq!(remade, id);
+    conn.send(Message::Head.to_frame(3, 0).expect("frame"))
+        .await
+        .expect("send");
+    assert!(
+        matches!(
+            next(&mut conn).await,
+            Ok(Message::Error {
+                code: protocol::ErrorCode::Unauthenticated,
+                ..
+            })
+        ),
+        "the old connection after its credential was made again"
+    );
 }
 
 /// Whether `conn`'s handshake resumed a session.
