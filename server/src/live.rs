@@ -62,12 +62,25 @@ static ROTATED: Mutex<Vec<Rotated>> = Mutex::new(Vec::new());
 /// A vault's id, and the kind and bytes of the secret it was rotated to.
 type Rotated = ([u8; 16], SecretKind, Zeroizing<Vec<u8>>);
 
-/// Notes that the vault `vault_id` was rotated online to the master
-/// secret `secret` of `kind` (see [`Reopen`]).
+/// Secrets kept per vault at most: the last ones it may have been
+/// rotated to.
+const MAX_ROTATED: usize = 4;
+
+/// Notes that the vault `vault_id` was, or may have been, rotated online
+/// to the master secret `secret` of `kind` (see [`Reopen`]). The secrets
+/// noted before are kept beside it: a rotation whose outcome is unknown
+/// may have done nothing, and the one before it is then the one that
+/// opens the vault.
 pub fn rotated_to(vault_id: [u8; 16], kind: SecretKind, secret: &[u8]) {
     let mut rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
-    rotated.retain(|(id, _, _)| *id != vault_id);
+    rotated.retain(|(id, k, s)| !(*id == vault_id && *k == kind && s.as_slice() == secret));
     rotated.push((vault_id, kind, Zeroizing::new(secret.to_vec())));
+    let of_vault = rotated.iter().filter(|(id, _, _)| *id == vault_id).count();
+    if of_vault > MAX_ROTATED {
+        if let Some(oldest) = rotated.iter().position(|(id, _, _)| *id == vault_id) {
+            rotated.remove(oldest);
+        }
+    }
 }
 
 /// Wipes what [`rotated_to`] holds of the vault `vault_id`.
@@ -88,11 +101,18 @@ impl Drop for Forget {
     }
 }
 
-/// The master secret the vault `vault_id` was last rotated to online.
-fn rotated_secret(vault_id: [u8; 16]) -> Option<crate::Result<Unlock>> {
+/// The master secrets the vault `vault_id` was, or may have been,
+/// rotated to online, the latest first.
+fn rotated_secrets(vault_id: [u8; 16]) -> Vec<crate::Result<Unlock>> {
     let rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
-    let (_, kind, secret) = rotated.iter().find(|(id, _, _)| *id == vault_id)?;
-    Some(crate::secrets::unlock_of(*kind, secret).map_err(crate::Error::Usage))
+    rotated
+        .iter()
+        .rev()
+        .filter(|(id, _, _)| *id == vault_id)
+        .map(|(_, kind, secret)| {
+            crate::secrets::unlock_of(*kind, secret).map_err(crate::Error::Usage)
+        })
+        .collect()
 }
 
 impl Reopen {
@@ -128,15 +148,20 @@ impl Reopen {
                 Ok(vault)
             }
             Err(crate::Error::Storage(storage::Error::WrongSecret)) => {
-                let Some(rotated) = rotated_secret(vault_id) else {
-                    return Err(storage::Error::WrongSecret.into());
-                };
-                tracing::warn!(
-                    "the secret file no longer opens the vault, whose master key was rotated \
-                     while it served: opening it with the new secret; put that secret in the \
-                     file before the next start"
-                );
-                Ok(open(&rotated?)?)
+                for rotated in rotated_secrets(vault_id) {
+                    match open(&rotated?) {
+                        Err(storage::Error::WrongSecret) => continue,
+                        opened => {
+                            tracing::warn!(
+                                "the secret file no longer opens the vault, whose master key \
+                                 was rotated while it served: opened with the new secret; put \
+                                 that secret in the file before the next start"
+                            );
+                            return Ok(opened?);
+                        }
+                    }
+                }
+                Err(storage::Error::WrongSecret.into())
             }
             opened => opened,
         }
@@ -329,29 +354,31 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
 mod tests {
     use super::*;
 
-    /// A secret rotated to is kept per vault, replaced by the next one,
-    /// and wiped when its vault's server stops; another vault's stays.
+    /// The secrets rotated to are kept per vault, the latest four, and
+    /// wiped when its vault's server stops; another vault's stay.
     #[test]
     fn a_rotated_secret_is_kept_per_vault_until_its_server_stops() {
         let (a, b) = ([0xa1; 16], [0xb2; 16]);
-        let held = |id| rotated_secret(id).map(|u| u.is_ok());
-        rotated_to(a, SecretKind::Passphrase, b"first");
-        rotated_to(a, SecretKind::Passphrase, b"second");
-        rotated_to(b, SecretKind::Passphrase, b"other");
-        {
+        let held = |id| rotated_secrets(id).len();
+        let of_a = || -> Vec<Vec<u8>> {
             let rotated = ROTATED.lock().unwrap_or_else(PoisonError::into_inner);
-            let of_a: Vec<&[u8]> = rotated
+            rotated
                 .iter()
                 .filter(|(id, _, _)| *id == a)
-                .map(|(_, _, s)| s.as_slice())
-                .collect();
-            assert_eq!(of_a, [b"second".as_slice()]);
+                .map(|(_, _, s)| s.to_vec())
+                .collect()
+        };
+        for secret in [&b"first"[..], b"second", b"first", b"3", b"4", b"5"] {
+            rotated_to(a, SecretKind::Passphrase, secret);
         }
-        assert_eq!(held(a), Some(true));
+        rotated_to(b, SecretKind::Passphrase, b"other");
+        // The latest four, each once, the one noted again moved last.
+        assert_eq!(of_a(), [&b"first"[..], b"3", b"4", b"5"]);
+        assert_eq!(held(a), 4);
         drop(Forget(a));
-        assert_eq!(held(a), None);
-        assert_eq!(held(b), Some(true));
+        assert_eq!(held(a), 0);
+        assert_eq!(held(b), 1);
         forget_rotated(b);
-        assert_eq!(held(b), None);
+        assert_eq!(held(b), 0);
     }
 }

@@ -352,7 +352,9 @@ fn first_char_and_stars(value: &str) -> String {
         .graphemes(true)
         .filter(|g| !g.chars().all(shows_nothing))
         .collect();
-    let blank = |g: &&str| g.chars().all(char::is_whitespace);
+    // A space with a joiner or variation selector after it is one
+    // grapheme, and as blank.
+    let blank = |g: &&str| g.chars().all(|c| c.is_whitespace() || shows_nothing(c));
     let start = shown.iter().position(|g| !blank(g)).unwrap_or(shown.len());
     let end = shown
         .iter()
@@ -858,6 +860,9 @@ mod tests {
             ("Jo \u{200B}", "***"),
             ("\u{AD} J  \u{AD}", "***"),
             ("\u{200B} Jane\t\u{2060}", "J***"),
+            ("Jo \u{200C}", "***"),
+            (" \u{200D}Jane", "J***"),
+            ("Jo\u{FE0F} ", "***"),
         ] {
             assert_eq!(
                 mask(MaskOp::Partial, "f", value),

@@ -2954,7 +2954,7 @@ struct Committer {
     /// committer changed, with the seq of the change and whether a
     /// credential holds the key after it: like burns, the overlay learns of them only when the
     /// writer publishes their group. Trimmed of what is published.
-    credentials: HashMap<Vec<u8>, (u64, bool)>,
+    credentials: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
     /// Consents and policies (their `g/` and `p/` keys) this committer
     /// changed, with the seq of the change and the value after it: a
     /// redemption decided in a later group must find a revocation or a
@@ -3562,7 +3562,7 @@ impl Committer {
                     credential,
                 } => {
                     if let Some(id) = credential {
-                        if !self.credential_live_now(g, &id)? {
+                        if !self.credential_live_now(g, &id, &partner_id)? {
                             return Err(Error::CredentialRevoked(id));
                         }
                     }
@@ -3627,7 +3627,7 @@ impl Committer {
             Ok(match changed_in(g, key) {
                 Some(v) => v.is_some(),
                 None => match self.credentials.get(key) {
-                    Some(&(_, held)) => held,
+                    Some((_, v)) => v.is_some(),
                     None => self.shared.state_get(&self.store.state, key)?.is_some(),
                 },
             })
@@ -3657,7 +3657,7 @@ impl Committer {
         let seq = self.pos.next_seq.saturating_sub(1);
         for (k, v) in changes {
             if k.starts_with(b"h/") || k.starts_with(state::CREDENTIAL_PREFIX.as_bytes()) {
-                self.credentials.insert(k.clone(), (seq, v.is_some()));
+                self.credentials.insert(k.clone(), (seq, v.clone()));
             } else if is_terms_key(k) {
                 self.terms.insert(k.clone(), (seq, v.clone()));
             }
@@ -3993,18 +3993,33 @@ impl Committer {
             .map(|v| v.to_vec()))
     }
 
-    /// Whether the credential `id` is live as of this point of the group
-    /// being built: the group's own changes, then the committer's record
-    /// of the changes not yet published, then the overlay and the tree.
-    fn credential_live_now(&self, g: &Group, id: &str) -> Result<bool> {
+    /// Whether the credential `id` is live, under the name `name`, as of
+    /// this point of the group being built: the group's own changes, then
+    /// the committer's record of the changes not yet published, then the
+    /// overlay and the tree. (A certificate's credential revoked and made
+    /// again has the same id, maybe under another name.)
+    fn credential_live_now(&self, g: &Group, id: &str, name: &str) -> Result<bool> {
         let key = state::key(state::CREDENTIAL_PREFIX, id);
-        if let Some(v) = changed_in(g, &key) {
-            return Ok(v.is_some());
+        let value = match changed_in(g, &key) {
+            Some(v) => v.clone(),
+            None => match self.credentials.get(&key) {
+                Some((_, v)) => v.clone(),
+                None => self
+                    .shared
+                    .state_get(&self.store.state, &key)?
+                    .map(|v| v.to_vec()),
+            },
+        };
+        let Some(value) = value else {
+            return Ok(false);
+        };
+        #[derive(serde::Deserialize)]
+        struct Named {
+            name: String,
         }
-        if let Some((_, live)) = self.credentials.get(&key) {
-            return Ok(*live);
-        }
-        Ok(self.shared.state_get(&self.store.state, &key)?.is_some())
+        let held: Named =
+            serde_json::from_slice(&value).map_err(|_| Error::Malformed("credential state"))?;
+        Ok(held.name == name)
     }
 
     /// Checks a token and burns it (a `token_redeemed` entry), or records

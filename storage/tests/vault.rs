@@ -1594,6 +1594,18 @@ async fn a_redemption_after_its_credential_s_revocation_fails_and_spends_nothing
         "{r:?}"
     );
     assert_eq!(vault.durable_len(), before, "nothing written");
+    // A live credential of another name (a certificate's, made again
+    // under it, keeps its id) does not stand for this partner either.
+    let (renamed, _) = vault
+        .create_credential("partner", "p2")
+        .await
+        .expect("three");
+    let before = vault.durable_len();
+    let r = vault
+        .redeem_via(&token, "p1", Some(5), None, None, Some(&renamed))
+        .await;
+    assert!(matches!(&r, Err(Error::CredentialRevoked(_))), "{r:?}");
+    assert_eq!(vault.durable_len(), before, "nothing written");
     let (terms, _) = vault
         .redeem_via(&token, "p1", Some(5), None, None, Some(&live))
         .await
@@ -1642,15 +1654,15 @@ async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
         .mint("p1", "s1", "credit_check", fields.clone(), wall_ms - 1)
         .await
         .expect("mint");
-    let by_the_log = vault
+    let by_the_clock = vault
         .redeem_via(&lapsed, "p1", None, None, None, None)
         .await;
     assert!(
         matches!(
-            by_the_log,
+            by_the_clock,
             Err(Error::TokenRefused(storage::TokenRefusal::Expired))
         ),
-        "{by_the_log:?}"
+        "{by_the_clock:?}"
     );
     let live = vault
         .mint(
