@@ -227,8 +227,9 @@ pub enum Append {
         /// The trusted proxy that named `source`, for the audit entry.
         proxy: Option<std::net::IpAddr>,
         /// The id of the credential the partner redeems with: one revoked
-        /// before the redemption, in log order, fails it
-        /// (`CredentialRevoked`), nothing written.
+        /// before the redemption, in log order, or live under another
+        /// name than `partner_id`, fails it (`CredentialRevoked`), nothing
+        /// written.
         credential: Option<String>,
     },
     /// Destroy every data key of a subject: a `subject_shredded` entry,
@@ -2067,10 +2068,12 @@ impl Vault {
     /// `access_denied` entry holds both (`source_ip`, `proxy_ip`). With
     /// `now_ms` `None`, the token is checked by the clock at the time the
     /// committer decides, not when it was asked: a redemption that waited
-    /// in the queue past its token's expiry is refused. With `credential`, the id of the credential the
-    /// partner redeems with, a revocation of it that the log holds before
-    /// the redemption fails it (`CredentialRevoked`), nothing written: a
-    /// revocation acknowledged while the redemption waited stops it.
+    /// in the queue past its token's expiry is refused. With `credential`,
+    /// the id of the credential the partner redeems with, a revocation of
+    /// it that the log holds before the redemption (or a credential of
+    /// that id under another name than `partner_id`) fails it
+    /// (`CredentialRevoked`), nothing written: a revocation acknowledged
+    /// while the redemption waited stops it.
     pub async fn redeem_via(
         &self,
         token: &str,
@@ -2951,9 +2954,10 @@ struct Committer {
     /// one that would have pruned it).
     burned: HashMap<String, u64>,
     /// Credentials' key hashes and ids (their `h/` and `c/` keys) this
-    /// committer changed, with the seq of the change and whether a
-    /// credential holds the key after it: like burns, the overlay learns of them only when the
-    /// writer publishes their group. Trimmed of what is published.
+    /// committer changed, with the seq of the change and the value after
+    /// it (`None` once revoked): like burns, the overlay learns of them
+    /// only when the writer publishes their group. Trimmed of what is
+    /// published.
     credentials: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
     /// Consents and policies (their `g/` and `p/` keys) this committer
     /// changed, with the seq of the change and the value after it: a
