@@ -3627,15 +3627,7 @@ impl Committer {
     fn check_credential_free(&self, g: &Group, payload: &[u8]) -> Result<()> {
         let c: CredentialCreated =
             serde_json::from_slice(payload).map_err(|_| Error::Malformed("credential_created"))?;
-        let held = |key: &[u8]| -> Result<bool> {
-            Ok(match changed_in(g, key) {
-                Some(v) => v.is_some(),
-                None => match self.credentials.get(key) {
-                    Some((_, v)) => v.is_some(),
-                    None => self.shared.state_get(&self.store.state, key)?.is_some(),
-                },
-            })
-        };
+        let held = |key: &[u8]| -> Result<bool> { Ok(self.state_now(g, key)?.is_some()) };
         if held(&state::key("h/", &c.key_hash))? {
             return Err(Error::Conflict(match c.client_cert_sha256 {
                 Some(_) => "an active credential already holds this client certificate".into(),
@@ -3979,17 +3971,16 @@ impl Committer {
     }
 
     /// A derived-state value as of this point of the group being built:
-    /// the group's own mutations first, then (for consents and policies)
-    /// those of the groups on their way to the writer, then the overlay
-    /// and the tree.
+    /// the group's own mutations first, then (for consents, policies and
+    /// credentials) those of the groups on their way to the writer, then
+    /// the overlay and the tree.
     fn state_now(&self, g: &Group, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if let Some(v) = changed_in(g, key) {
             return Ok(v.clone());
         }
-        if is_terms_key(key) {
-            if let Some((_, v)) = self.terms.get(key) {
-                return Ok(v.clone());
-            }
+        // The two records hold keys of their own prefixes (`note_changes`).
+        if let Some((_, v)) = self.terms.get(key).or_else(|| self.credentials.get(key)) {
+            return Ok(v.clone());
         }
         Ok(self
             .shared
@@ -4004,17 +3995,7 @@ impl Committer {
     /// again has the same id, maybe under another name.)
     fn credential_live_now(&self, g: &Group, id: &str, name: &str) -> Result<bool> {
         let key = state::key(state::CREDENTIAL_PREFIX, id);
-        let value = match changed_in(g, &key) {
-            Some(v) => v.clone(),
-            None => match self.credentials.get(&key) {
-                Some((_, v)) => v.clone(),
-                None => self
-                    .shared
-                    .state_get(&self.store.state, &key)?
-                    .map(|v| v.to_vec()),
-            },
-        };
-        let Some(value) = value else {
+        let Some(value) = self.state_now(g, &key)? else {
             return Ok(false);
         };
         #[derive(serde::Deserialize)]
