@@ -32,6 +32,17 @@ fn verify_ok(dir: &std::path::Path, key: ed25519_dalek::VerifyingKey) -> storage
     r
 }
 
+/// A new vault in `dir` holding one record of subject `s1`,
+/// `{"name":"x"}`, for the tokens minted in the tests.
+async fn vault_holding_s1(dir: &std::path::Path) -> Vault {
+    let vault = new_vault(dir);
+    vault
+        .append(Append::record("s1", b"{\"name\":\"x\"}".to_vec()))
+        .await
+        .expect("append");
+    vault
+}
+
 /// What one round of appends reads back right away: the record, its
 /// entry, its receipt, the entries from it on.
 async fn read_back(vault: &Vault, receipts: &[storage::Receipt], subjects: &[String]) {
@@ -1437,12 +1448,8 @@ async fn a_redemption_meets_the_policys_hours_and_source_networks() {
     const H: u64 = 3_600_000;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("v");
-    let vault = new_vault(&dir);
+    let vault = vault_holding_s1(&dir).await;
     let key = vault.public_key();
-    vault
-        .append(Append::record("s1", b"{\"name\":\"x\"}".to_vec()))
-        .await
-        .expect("append");
     let set = |conditions: serde_json::Value| {
         let vault = &vault;
         let mut policy = serde_json::json!({"purposes": {"kyc": {"fields": {"name": "reveal"}}}});
@@ -1568,11 +1575,7 @@ async fn a_redemption_meets_the_policys_hours_and_source_networks() {
 async fn a_redemption_after_its_credential_s_revocation_fails_and_spends_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("v");
-    let vault = new_vault(&dir);
-    vault
-        .append(Append::record("s1", b"{\"name\":\"x\"}".to_vec()))
-        .await
-        .expect("append");
+    let vault = vault_holding_s1(&dir).await;
     let fields = vec![("name".to_string(), "reveal".to_string())];
     let token = vault
         .mint("p1", "s1", "credit_check", fields, u64::MAX)
@@ -1624,12 +1627,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 async fn tokens_expire_burn_once_and_stay_burned_across_restart() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("v");
-    let vault = new_vault(&dir);
+    let vault = vault_holding_s1(&dir).await;
     let key = vault.public_key();
-    vault
-        .append(Append::record("s1", b"{\"name\":\"x\"}".to_vec()))
-        .await
-        .expect("append");
     let fields = vec![("name".to_string(), "reveal".to_string())];
     let token = vault
         .mint("p1", "s1", "credit_check", fields.clone(), 1_000_000)
