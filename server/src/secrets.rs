@@ -49,17 +49,20 @@ pub fn unlock_from(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> R
     }
 }
 
+/// Whether a path flag's value came from the environment variable `var`
+/// rather than the command line: it is the variable's (clap hands over
+/// the value, not where it came from).
+pub fn from_env(value: Option<&Path>, var: &str) -> bool {
+    value.is_some() && value == std::env::var_os(var).as_deref().map(Path::new)
+}
+
 /// [`unlock_from`] of a command's `--passphrase-file` and `--key-file`,
 /// each of which may also come from its variable (`FINTRUST_PASSPHRASE_FILE`,
 /// `FINTRUST_KEY_FILE`): one given on the command line wins over the
 /// other's variable, as a flag wins over the environment everywhere
 /// else. Both on the command line, or both from the environment, are
-/// refused. (A value is taken as the environment's when it is the
-/// variable's: clap hands over the value, not where it came from.)
+/// refused; [`from_env`] tells where each came from.
 pub fn unlock_from_args(passphrase_file: Option<&Path>, key_file: Option<&Path>) -> Result<Unlock> {
-    let from_env = |value: Option<&Path>, var: &str| {
-        value.is_some() && value == std::env::var_os(var).as_deref().map(Path::new)
-    };
     let passphrase_env = from_env(passphrase_file, "FINTRUST_PASSPHRASE_FILE");
     let key_env = from_env(key_file, "FINTRUST_KEY_FILE");
     match (passphrase_file, key_file) {

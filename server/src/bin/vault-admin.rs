@@ -225,7 +225,7 @@ impl Offline {
             return None;
         }
         let given = |value: &Option<PathBuf>, env: &str| {
-            value.is_some() && value.as_deref() != std::env::var_os(env).as_deref().map(Path::new)
+            value.is_some() && !server::secrets::from_env(value.as_deref(), env)
         };
         if given(&self.passphrase_file, "FINTRUST_PASSPHRASE_FILE") {
             Some("--passphrase-file")
