@@ -4062,6 +4062,8 @@ impl Committer {
                 let payload = serde_json::to_vec(&state::TokenRedeemed {
                     token_hash: token_hash.to_string(),
                     partner_id: partner_id.to_string(),
+                    // The entry is stamped no earlier than the last one.
+                    checked_at_ms: (now_ms < self.pos.last_ts).then_some(now_ms),
                 })
                 .map_err(|e| Error::Invalid(e.to_string()))?;
                 let i = self.push(g, Kind::TokenRedeemed, &subject, 0, [0; 12], &payload)?;

@@ -1619,6 +1619,41 @@ async fn a_redemption_after_its_credential_s_revocation_fails_and_spends_nothing
     verify_ok(&dir, key);
 }
 
+/// A redemption checked by a clock behind the log's last timestamp (the
+/// wall clock stepped back) says so in its `token_redeemed` entry, which
+/// the log stamps no earlier than the entry before it; one checked by a
+/// clock ahead of the log does not.
+#[tokio::test]
+async fn a_redemption_checked_by_a_clock_behind_the_log_records_that_clock() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = vault_holding_s1(&dir).await;
+    let fields = vec![("name".to_string(), "reveal".to_string())];
+    let mut burns = Vec::new();
+    for at in [5, u64::MAX / 2] {
+        let token = vault
+            .mint("p1", "s1", "credit_check", fields.clone(), u64::MAX)
+            .await
+            .expect("mint");
+        let (_, receipt) = vault.redeem(&token, "p1", at, None).await.expect("redeem");
+        let e = vault
+            .entry(receipt.seq)
+            .expect("entry")
+            .expect("entry present");
+        assert_eq!(e.kind, Kind::TokenRedeemed);
+        let payload: serde_json::Value = serde_json::from_slice(&e.payload).expect("json");
+        burns.push((e.timestamp_ms, payload));
+    }
+    let (stamped, behind) = &burns[0];
+    assert!(*stamped > 5);
+    assert_eq!(behind["checked_at_ms"], 5, "{behind}");
+    let (_, ahead) = &burns[1];
+    assert!(ahead.get("checked_at_ms").is_none(), "{ahead}");
+    let key = vault.public_key();
+    vault.close().expect("close");
+    verify_ok(&dir, key);
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
