@@ -105,13 +105,30 @@ pub trait Exchange: Send + Sync + 'static {
     fn exchange(&self, frame: Vec<u8>) -> futures_util::future::BoxFuture<'_, Exchanged>;
 }
 
-/// What one [`Exchange::exchange`] returns.
-#[derive(Debug, Default)]
+/// What one [`Exchange::exchange`] returns. The frames may hold a token,
+/// an API key or personal data: they are wiped when it is dropped, and
+/// `Debug` shows only their length.
+#[derive(Default)]
 pub struct Exchanged {
     /// Encoded frames, concatenated.
     pub frames: Vec<u8>,
     /// The server ended the connection after these frames.
     pub closed: bool,
+}
+
+impl Drop for Exchanged {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.frames);
+    }
+}
+
+impl std::fmt::Debug for Exchanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchanged")
+            .field("frames_len", &self.frames.len())
+            .field("closed", &self.closed)
+            .finish()
+    }
 }
 
 /// How a [`Client`]'s requests reach the server.

@@ -704,7 +704,7 @@ impl Direct {
         self.set(DirectState::Closed);
         client::Exchanged {
             frames: answer
-                .map(|(id, m)| encode(&[(id, m, 0)]))
+                .map(|(id, m)| encode(vec![(id, m, 0)]))
                 .unwrap_or_default(),
             closed: true,
         }
@@ -744,7 +744,7 @@ impl Direct {
                             server: config.server_name.clone(),
                         };
                         self.set(DirectState::Open(Arc::new(caller)));
-                        answered(&[(id, ok, 0)])
+                        answered(vec![(id, ok, 0)])
                     }
                     Err(ending) => self.end(ending.0),
                 };
@@ -761,9 +761,9 @@ impl Direct {
             Screened::Request(id, message, current) => {
                 let answers = respond(message, &current, config, &caller).await;
                 let frames: Vec<_> = answers.into_iter().map(|(m, f)| (id, m, f)).collect();
-                answered(&frames)
+                answered(frames)
             }
-            Screened::Answer(id, reply) => answered(&[(id, reply, 0)]),
+            Screened::Answer(id, reply) => answered(vec![(id, reply, 0)]),
             Screened::End((reply, _)) => self.end(reply),
         }
     }
@@ -776,20 +776,35 @@ impl client::Exchange for Direct {
 }
 
 /// Answers on a direct connection that stays open.
-fn answered(answers: &[(u32, Message, u16)]) -> client::Exchanged {
+fn answered(answers: Vec<(u32, Message, u16)>) -> client::Exchanged {
     client::Exchanged {
         frames: encode(answers),
         closed: false,
     }
 }
 
-/// Answers encoded as frames, one after the other.
-fn encode(answers: &[(u32, Message, u16)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (id, m, flags) in answers {
-        if let Some(f) = answer_frame(*id, m, *flags) {
-            let _ = f.encode_into(&mut out, usize::MAX);
-        }
+/// Answers encoded as frames, one after the other, into a buffer sized
+/// for them: one that grows leaves copies of what it held (a token, an API
+/// key, personal data) in memory it frees. The answers and their frames'
+/// payloads are wiped once encoded; the client wipes the buffer
+/// ([`client::Exchanged`]).
+fn encode(answers: Vec<(u32, Message, u16)>) -> Vec<u8> {
+    let frames: Vec<Frame> = answers
+        .into_iter()
+        .filter_map(|(id, mut m, flags)| {
+            let f = answer_frame(id, &m, flags);
+            m.wipe();
+            f
+        })
+        .collect();
+    let len = frames
+        .iter()
+        .map(|f| protocol::frame::HEADER_LEN + f.payload.len())
+        .sum();
+    let mut out = Vec::with_capacity(len);
+    for mut f in frames {
+        let _ = f.encode_into(&mut out, usize::MAX);
+        zeroize::Zeroize::zeroize(&mut f.payload);
     }
     out
 }
@@ -1936,9 +1951,11 @@ impl<W: AsyncWrite + Unpin> Answers<W> {
         }
     }
 
+    /// Each answer is wiped once fed (a token, an API key, personal data).
     async fn feed_all(&mut self, answers: Vec<(u32, Message, u16)>) {
-        for (id, m, flags) in answers {
+        for (id, mut m, flags) in answers {
             self.feed(id, &m, flags).await;
+            m.wipe();
         }
     }
 
@@ -2037,8 +2054,9 @@ where
     // (what is still in the sink's buffer, `HelloOk` too, is written by
     // the close).
     sink.get_ref().hold_until_close();
-    if let Some((id, m)) = answer {
+    if let Some((id, mut m)) = answer {
         feed(&mut sink, id, &m, 0).await;
+        m.wipe();
     }
     let _ = SinkExt::<Frame>::close(&mut sink).await;
     unread_or(&sink, result)

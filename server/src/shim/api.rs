@@ -381,13 +381,32 @@ pub struct AuthorizeRequest {
     pub fields: Option<Vec<String>>,
 }
 
-/// Answer of a granted authorization.
-#[derive(Debug, Serialize)]
+/// Answer of a granted authorization. Its token is wiped as it is dropped
+/// (once serialized into the response's body), and `Debug` leaves it out.
+#[derive(Serialize)]
 pub struct AuthorizeResponse {
-    pub token: String,
+    #[serde(serialize_with = "secret_str")]
+    pub token: zeroize::Zeroizing<String>,
     pub vault_addr: String,
     pub expires_at: String,
     pub fields: serde_json::Map<String, Value>,
+}
+
+impl std::fmt::Debug for AuthorizeResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorizeResponse")
+            .field("vault_addr", &self.vault_addr)
+            .field("expires_at", &self.expires_at)
+            .field("fields", &self.fields)
+            .finish_non_exhaustive()
+    }
+}
+
+fn secret_str<S: serde::Serializer>(
+    s: &zeroize::Zeroizing<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(s)
 }
 
 /// Where a request comes from: the TCP peer, or behind a trusted reverse
@@ -519,7 +538,7 @@ pub async fn authorize(
             crate::failpoints::before_reply("authorize");
             return Ok(axum::Json(AuthorizeResponse {
                 // Into the answer, which is the token's way to the partner.
-                token: std::mem::take(&mut *token),
+                token: zeroize::Zeroizing::new(std::mem::take(&mut *token)),
                 vault_addr: shim.config.vault_addr.clone(),
                 expires_at: rfc3339(expires_at_ms),
                 fields: fields
