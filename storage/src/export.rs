@@ -535,6 +535,9 @@ mod tests {
             docs.contains(GOLDEN),
             "docs/storage.md lacks the export vector"
         );
+        // Its spaced-out form shows HEAD by its first and last bytes.
+        let spaced = format!("02 0000009d {}…{}", &HEAD[..50], &HEAD[HEAD.len() - 6..]);
+        assert!(docs.contains(&spaced), "docs/storage.md lacks {spaced}");
     }
 
     #[test]

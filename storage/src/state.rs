@@ -231,7 +231,12 @@ pub struct PolicyTerms {
     pub active: bool,
     #[serde(default)]
     pub purposes: std::collections::BTreeMap<String, PurposeTerms>,
-    #[serde(default = "PolicyTerms::default_ttl")]
+    /// Absent or `null` (which the shim's schema reads as absent), the
+    /// default.
+    #[serde(
+        default = "PolicyTerms::default_ttl",
+        deserialize_with = "PolicyTerms::ttl_or_default"
+    )]
     pub max_token_ttl_secs: u32,
     /// `[from, to)`, hours of the day in UTC ([`within_hours`]).
     #[serde(default)]
@@ -328,6 +333,10 @@ impl PolicyTerms {
 
     fn default_ttl() -> u32 {
         DEFAULT_TOKEN_TTL_SECS
+    }
+
+    fn ttl_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        Ok(Option::<u32>::deserialize(d)?.unwrap_or(DEFAULT_TOKEN_TTL_SECS))
     }
 
     /// Whether a token minted at `minted_at_ms` is still young enough at
@@ -917,5 +926,24 @@ mod tests {
         let mut bad = v.clone();
         bad["policy"]["allowed_hours_utc"] = serde_json::json!([300, 2]);
         assert_eq!(PolicyTerms::decode(bad.to_string().as_bytes()), None);
+    }
+
+    /// A lifetime given as `null`, which the shim's schema accepts as
+    /// absent, is the default here too, not a policy the vault cannot read
+    /// (which refused every token of the partner as `policy_changed`).
+    #[test]
+    fn policy_terms_read_a_null_lifetime_as_the_default() {
+        for ttl in [serde_json::Value::Null, serde_json::json!(60)] {
+            let v = serde_json::json!({
+                "partner_id": "p",
+                "policy": {
+                    "purposes": {"kyc": {"fields": {"name": "reveal"}}},
+                    "max_token_ttl_secs": ttl
+                }
+            });
+            let t = PolicyTerms::decode(v.to_string().as_bytes()).expect("terms");
+            let want = ttl.as_u64().map_or(DEFAULT_TOKEN_TTL_SECS, |s| s as u32);
+            assert_eq!(t.max_token_ttl_secs, want, "{v}");
+        }
     }
 }
