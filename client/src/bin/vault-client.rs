@@ -372,6 +372,15 @@ fn read_record(path: &PathBuf) -> anyhow::Result<Vec<(String, String)>> {
             path.display()
         );
     }
+    // serde_json names the value of the wrong type it found (a bare
+    // string or number, which may be the personal data itself): a record
+    // that is not an object is refused before it is parsed.
+    if !text.trim_start().starts_with('{') {
+        bail!(
+            "{}: one JSON object whose values are strings is expected",
+            path.display()
+        );
+    }
     let RecordFields(mut fields) =
         serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
     fields.sort();
@@ -452,10 +461,17 @@ mod tests {
             (r#"{"age": 3}"#, "\"age\" is not a string"),
             (r#"["a"]"#, "one JSON object"),
             (r#"{"a": "b""#, "EOF"),
+            (r#" "4111111111111111""#, "one JSON object"),
+            ("4111111111111111", "one JSON object"),
         ] {
             let got = read(text);
             assert!(
                 got.as_ref().is_err_and(|e| e.contains(says)),
+                "{text}: {got:?}"
+            );
+            // Nor is a value of the wrong type repeated.
+            assert!(
+                got.as_ref().is_err_and(|e| !e.contains("4111")),
                 "{text}: {got:?}"
             );
         }
