@@ -281,10 +281,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// RFC 3339 (UTC, milliseconds) of unix milliseconds.
+/// RFC 3339 (UTC, milliseconds) of unix milliseconds. RFC 3339 has four
+/// digits for the year: a later time is shown as the last millisecond of
+/// 9999, never earlier than it is.
 pub fn rfc3339(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    /// 9999-12-31T23:59:59.999Z.
+    const LAST_MS: u64 = 253_402_300_799_999;
+    let t =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms.min(LAST_MS)) * 1_000_000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -1449,6 +1454,16 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Times past RFC 3339's last year are shown at its end, not at 1970.
+    #[test]
+    fn rfc3339_shows_a_time_past_9999_at_its_end() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_500), "1970-01-01T00:00:01.5Z");
+        for ms in [253_402_300_799_999, 253_402_300_800_000, u64::MAX] {
+            assert_eq!(rfc3339(ms), "9999-12-31T23:59:59.999Z", "{ms}");
+        }
+    }
 
     /// `Bearer` in any case, the key trimmed; any other scheme, or none,
     /// is `unauthenticated`.
