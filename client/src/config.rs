@@ -318,12 +318,31 @@ pub fn private_key_file(
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, &format!("cannot read certificates: {e}")))?
+    certificate_file(path).map_err(|e| file_error(path, &e))
+}
+
+/// Largest certificate file read: a bundle of every public CA is about
+/// 200 KiB of PEM.
+const MAX_CERTIFICATE_FILE: u64 = 16 << 20;
+
+/// The certificates of the PEM file `path` (at least one), for either end
+/// of port 9999 and the HTTP shim. The file is read up to 16 MiB: a device
+/// or a wrong file given by mistake is refused, not read whole (rustls's
+/// own reader grows its line without bound until it meets a newline).
+pub fn certificate_file(path: &Path) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    use std::io::Read;
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CERTIFICATE_FILE + 1).read_to_end(&mut pem))
+        .map_err(|e| format!("cannot read certificates: {e}"))?;
+    if pem.len() as u64 > MAX_CERTIFICATE_FILE {
+        return Err("the certificate file is over 16 MiB".into());
+    }
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, &format!("bad certificate: {e}")))?;
+        .map_err(|e| format!("bad certificate: {e}"))?;
     if certs.is_empty() {
-        return Err(file_error(path, "no certificate in the file"));
+        return Err("no certificate in the file".into());
     }
     Ok(certs)
 }
@@ -402,6 +421,16 @@ pub(crate) fn rustls_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A certificate path that names a device is read up to the bound and
+    /// refused, not read until memory runs out.
+    #[test]
+    fn a_certificate_file_is_read_up_to_16_mib() {
+        let zeros = certificate_file(Path::new("/dev/zero"));
+        assert_eq!(zeros, Err("the certificate file is over 16 MiB".into()));
+        let missing = certificate_file(Path::new("/nonexistent/ca.pem"));
+        assert!(missing.is_err_and(|e| e.starts_with("cannot read certificates")));
+    }
 
     /// Writes `pem` to a file and reads its key.
     fn key_of(pem: &str) -> std::result::Result<Vec<u8>, String> {

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 use crate::{Error, Result};
@@ -34,14 +33,7 @@ fn pem_error(path: &Path, what: &str) -> Error {
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_error(path, &format!("cannot read certificates: {e}")))?
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, &format!("bad certificate: {e}")))?;
-    if certs.is_empty() {
-        return Err(pem_error(path, "no certificate in the file"));
-    }
-    Ok(certs)
+    client::config::certificate_file(path).map_err(|e| pem_error(path, &e))
 }
 
 /// TLS 1.3 session tickets that carry the session themselves, sealed
