@@ -939,9 +939,11 @@ impl Shared {
 
     /// Every derived-state value whose key starts with `prefix`, in key
     /// order: [`Shared::state_get`] for a range, the overlay over the tree.
-    /// The overlay is read first, so that a value the indexer moves to the
-    /// tree meanwhile is then found in the tree.
+    /// The indexer is held off meanwhile: a write of it between the copy of
+    /// the overlay and the scan of the tree could put a newer value in the
+    /// tree (a revocation) that the older copy then hid.
     fn state_scan(&self, tree: &sled::Tree, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let _gate = self.index_gate.hold_off();
         let mut newer: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         {
             let o = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
@@ -2959,11 +2961,12 @@ struct Committer {
     /// only when the writer publishes their group. Trimmed of what is
     /// published.
     credentials: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
-    /// Consents and policies (their `g/` and `p/` keys) this committer
-    /// changed, with the seq of the change and the value after it: a
-    /// redemption decided in a later group must find a revocation or a
-    /// narrowed policy that the writer has not published yet, as it finds
-    /// burns and credentials. Trimmed of what is published.
+    /// Consents, policies and minted tokens (their `g/`, `p/` and `t/`
+    /// keys) this committer changed, with the seq of the change and the
+    /// value after it: a redemption decided in a later group must find a
+    /// revocation, a narrowed policy or a token minted by a caller's own
+    /// `token_minted` event that the writer has not published yet, as it
+    /// finds burns and credentials. Trimmed of what is published.
     terms: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
     shared: Arc<Shared>,
     /// The write-ahead file, which the committer appends each group's
@@ -4839,7 +4842,7 @@ pub const FAILPOINTS: &[&str] = &[
 
 /// A consent's or a policy's key in the derived state (`g/`, `p/`).
 fn is_terms_key(key: &[u8]) -> bool {
-    key.starts_with(b"g/") || key.starts_with(b"p/")
+    key.starts_with(b"g/") || key.starts_with(b"p/") || key.starts_with(b"t/")
 }
 
 /// A failpoint of the commit path, evaluated only in builds with the

@@ -4,9 +4,10 @@
 //! The committer builds and signs a group, hands it to the writer, and
 //! goes on with the next one; readers see a group's derived state only
 //! once the writer publishes it. A redemption decided in the next group
-//! must still find a consent revoked in the one before. The writer is held
-//! between its apply and its publish by a failpoint callback (process
-//! wide, so this test has a binary of its own).
+//! must still find a consent revoked in the one before, and a token minted
+//! there. The writer is held between its apply and its publish by a
+//! failpoint callback (process wide, so this file has a binary of its own
+//! and its cases run one after the other in one test).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -14,7 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use storage::{Append, Error, Kind, Options, TokenRefusal, Unlock, Vault};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redemption_finds_a_revocation_the_writer_has_not_published() {
+async fn a_redemption_finds_the_changes_the_writer_has_not_published() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let vault = Arc::new(
         Vault::create(
@@ -40,8 +41,61 @@ async fn a_redemption_finds_a_revocation_the_writer_has_not_published() {
         .await
         .expect("mint");
 
-    // The writer stops after applying the next group (the revocation's),
-    // before publishing it, until told to go on.
+    // A revocation stops the token.
+    let revoke = serde_json::json!({"partner_id": "p1"});
+    let (revoked, redeemed) = redeem_behind(
+        &vault,
+        Append::event(Kind::ConsentRevoked, "s1", &revoke),
+        token.to_string(),
+    )
+    .await;
+    revoked.expect("revoked");
+    match redeemed {
+        Err(Error::TokenRefused(TokenRefusal::ConsentRevoked)) => {}
+        other => panic!("{:?}", other.map(|_| "redeemed")),
+    }
+
+    // A token its caller minted with an event of its own (its hash, and
+    // the terms) is found, not refused as unknown.
+    let grant = serde_json::json!({"partner_id": "p1", "purposes": ["kyc"]});
+    vault
+        .append(Append::event(Kind::ConsentGranted, "s1", &grant))
+        .await
+        .expect("granted again");
+    let token = "fvt_minted_by_an_event_of_its_caller".to_string();
+    let minted = serde_json::json!({
+        "token_hash": storage::api_key_hash(&token),
+        "partner_id": "p1",
+        "subject": "s1",
+        "purpose": "kyc",
+        "fields": [["name", "reveal"]],
+        "expires_at_ms": u64::MAX,
+    });
+    let (minted, redeemed) = redeem_behind(
+        &vault,
+        Append::event(Kind::TokenMinted, "s1", &minted),
+        token,
+    )
+    .await;
+    minted.expect("minted");
+    let (terms, _) = redeemed.expect("redeemed");
+    assert_eq!(terms.subject, "s1");
+}
+
+/// Appends `first` and holds the writer after it applied the group of
+/// `first`, before it publishes it, while `token` is redeemed (by p1) in
+/// the group after it; then lets the writer go on, and returns both
+/// outcomes.
+async fn redeem_behind(
+    vault: &Arc<Vault>,
+    first: Append,
+    token: String,
+) -> (
+    storage::Result<Vec<storage::Receipt>>,
+    storage::Result<(storage::state::TokenMinted, storage::Receipt)>,
+) {
+    // The writer stops after applying the next group (`first`'s), before
+    // publishing it, until told to go on.
     let (held_tx, held_rx) = mpsc::channel::<()>();
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let (held_tx, go_rx) = (Mutex::new(held_tx), Mutex::new(go_rx));
@@ -64,22 +118,17 @@ async fn a_redemption_finds_a_revocation_the_writer_has_not_published() {
     })
     .expect("arm");
 
-    let revoke = serde_json::json!({"partner_id": "p1"});
-    let revoking = {
+    let appending = {
         let vault = vault.clone();
-        tokio::spawn(async move {
-            vault
-                .append(Append::event(Kind::ConsentRevoked, "s1", &revoke))
-                .await
-        })
+        tokio::spawn(async move { vault.append_batch(vec![first]).await })
     };
     let held_rx = tokio::task::spawn_blocking(move || {
-        held_rx.recv().expect("the writer holds the revocation");
+        held_rx.recv().expect("the writer holds the first group");
         held_rx
     })
     .await
     .expect("join");
-    // The revocation's group is built, applied and not published; the
+    // The first group is built, applied and not published; the
     // redemption comes in the group after it.
     let before = built.load(Ordering::Acquire);
     let redeeming = {
@@ -97,10 +146,8 @@ async fn a_redemption_finds_a_revocation_the_writer_has_not_published() {
     fail::remove("commit::after_write");
     fail::remove("commit::before_write");
     drop(held_rx);
-
-    revoking.await.expect("join").expect("revoked");
-    match redeeming.await.expect("join") {
-        Err(Error::TokenRefused(TokenRefusal::ConsentRevoked)) => {}
-        other => panic!("{:?}", other.map(|_| "redeemed")),
-    }
+    (
+        appending.await.expect("join"),
+        redeeming.await.expect("join"),
+    )
 }
