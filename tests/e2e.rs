@@ -1321,3 +1321,109 @@ fn a_client_certificate_holds_a_credential_through_vault_admin_and_vault_client(
     assert_eq!(revoked.code, 2, "{revoked:?}");
     assert!(vaultd.stop().success());
 }
+
+/// The commands `vaultd dev` prints, pasted into bash in its order (with
+/// `cargo run ... --bin NAME --` standing for the test build's binary):
+/// the partner's authorization and redemption, the redemption again
+/// (`token_spent`, exit 2), the audit trail, and after the stop the
+/// verification of the data dir.
+#[test]
+fn the_commands_vaultd_dev_prints_work_when_pasted() {
+    use std::io::BufRead;
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("curl is not installed: the printed commands need it; skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(support::binary("fintrust-server", "vaultd"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("dev dir"))
+        .env("FINTRUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start vaultd dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut text = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("a line");
+        let last = line.contains("--bin vault-verify");
+        text.push(line);
+        if last {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    // Step N: the indented lines after the line that starts with "N. ",
+    // with the binaries of this build.
+    let step = |n: usize| -> String {
+        let start = text
+            .iter()
+            .position(|l| l.starts_with(&format!("{n}. ")))
+            .unwrap_or_else(|| panic!("no step {n} in {text:#?}"));
+        let mut cmd = text[start + 1..]
+            .iter()
+            .take_while(|l| l.starts_with("   "))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        for (package, bin) in [
+            ("fintrust-client", "vault-client"),
+            ("fintrust-server", "vault-verify"),
+        ] {
+            let path = support::binary(package, bin);
+            cmd = cmd.replace(
+                &format!("cargo run --release -q --bin {bin} --"),
+                &format!("'{}'", path.display()),
+            );
+        }
+        assert!(!cmd.contains("cargo "), "{cmd}");
+        cmd
+    };
+    let bash = |script: &str| {
+        let out = Command::new("bash")
+            .args(["-c", script])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .output()
+            .expect("run bash");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = bash(&format!("set -e\n{}\n{}", step(1), step(2)));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let redeemed: Value = out
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("the record as JSON last: {out}\n{err}"));
+    assert_eq!(redeemed["subject"], "cust-0001", "{redeemed}");
+    assert!(redeemed["fields"].is_object(), "{redeemed}");
+    // The same token again, with a new authorization's answer dropped.
+    let (code, out, err) = bash(&format!("{}\n{}\n{}", step(1), step(2), step(2)));
+    assert_eq!(code, Some(2), "{out}\n{err}");
+    assert!(err.contains("token_spent"), "{err}");
+    let (code, out, err) = bash(&step(3));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("token_redeemed"), "{out}");
+
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(stopped.success());
+    assert!(child.wait().expect("wait").success());
+    let (code, out, err) = bash(&step(4));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+}

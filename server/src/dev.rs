@@ -5,8 +5,8 @@
 //! auditor roles (the gateway's is the daemon's own, for its shim, and
 //! never printed), and serves the protocol and
 //! the HTTP shim on loopback until interrupted: in plaintext (with a
-//! warning), or with `tls` over a certificate for `localhost` and
-//! `127.0.0.1` issued by a dev CA generated into the data dir
+//! warning), or with `tls` over a certificate for `localhost`,
+//! `127.0.0.1` and `::1` issued by a dev CA generated into the data dir
 //! (`dev-ca.pem`, which clients trust with `--cacert`). The data dir stays
 //! after exit so that `vault-verify` can check it; a run on it again
 //! revokes the keys the runs before printed and prints new ones. Both
@@ -245,8 +245,8 @@ fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
     )
 }
 
-/// The dev CA, and a certificate for `localhost` and `127.0.0.1` it
-/// issued, in `data_dir` (made on first use, reused after): the server's
+/// The dev CA, and a certificate for `localhost`, `127.0.0.1` and `::1`
+/// it issued, in `data_dir` (made on first use, reused after): the server's
 /// TLS configuration and the CA file clients trust.
 /// How long `vaultd dev`'s certificates are valid.
 const DEV_CERT_LIFETIME: time::Duration = time::Duration::days(90);
@@ -303,7 +303,7 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
             .map_err(tls_err)?;
         let key = KeyPair::generate().map_err(tls_err)?;
         let mut leaf =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            CertificateParams::new(["localhost", "127.0.0.1", "::1"].map(String::from).to_vec())
                 .map_err(tls_err)?;
         leaf.distinguished_name = named("localhost");
         (leaf.not_before, leaf.not_after) = (not_before, not_after);
@@ -420,13 +420,16 @@ pub fn demo_policies() -> Result<PoliciesFile> {
     PoliciesFile::parse(DEMO_POLICIES, 3600).map_err(Error::Usage)
 }
 
-/// Copy-paste commands for the whole flow, for the text output.
+/// Copy-paste commands for the whole flow, for the text output: bash or
+/// zsh, pasted in order (the first keeps the answer that the second takes
+/// the token from), paths quoted; the binaries built by the README's
+/// `cargo run --release` (another profile would build everything again).
 pub fn walkthrough(o: &DevOutput) -> String {
-    let (scheme, curl_tls, client_tls, mode) = match &o.ca_cert {
+    let (scheme, mut curl_tls, client_tls, mode) = match &o.ca_cert {
         Some(ca) => (
             "https",
-            format!(" --cacert {}", ca.display()),
-            format!("--cacert {}", ca.display()),
+            format!(" --cacert {}", shell_quote(&ca.to_string_lossy())),
+            format!("--cacert {}", shell_quote(&ca.to_string_lossy())),
             "TLS with a dev certificate",
         ),
         None => (
@@ -436,6 +439,10 @@ pub fn walkthrough(o: &DevOutput) -> String {
             "plaintext, loopback only",
         ),
     };
+    if o.http_addr.is_ipv6() {
+        // An IPv6 address: brackets in a URL are a range to curl's globbing.
+        curl_tls.insert(0, 'g');
+    }
     format!(
         r#"fintrust-vault dev server ({mode})
   protocol:   {vault}   HTTP shim: {scheme}://{http}
@@ -447,24 +454,26 @@ pub fn walkthrough(o: &DevOutput) -> String {
     partner  {partner}   (partner id {partner_id})
     auditor  {auditor}
 
-1. A partner asks for {subject}'s data for {purpose}:
-   curl -s{curl_tls} -X POST {scheme}://{http}/v1/authorize \
+1. A partner asks for {subject}'s data for {purpose}; the answer holds a one-time token:
+   ANSWER=$(curl -s{curl_tls} -X POST '{scheme}://{http}/v1/authorize' \
      -H 'Authorization: Bearer {partner}' -H 'Content-Type: application/json' \
-     -d '{{"subject_id": "{subject}", "purpose": "{purpose}"}}'
+     -d '{{"subject_id": "{subject}", "purpose": "{purpose}"}}'); echo "$ANSWER"
 
-2. It redeems the token from the answer, once:
-   cargo run -q --bin vault-client -- redeem --addr {vault} {client_tls} \
-     --api-key {partner} --token <token>
+2. It redeems the token, once (again, the answer is token_spent):
+   FINTRUST_API_KEY={partner} FINTRUST_TOKEN="$(echo "$ANSWER" | sed -E 's/.*"token":"([^"]+)".*/\1/')" \
+     cargo run --release -q --bin vault-client -- redeem --addr {qvault} {client_tls}
 
 3. Without consent (cust-0003) the answer is 403 consent_missing; the audit trail:
    curl -s{curl_tls} '{scheme}://{http}/v1/logs?partner={partner_id}' -H 'Authorization: Bearer {auditor}'
 
 4. After Ctrl-C, check the whole log with the public key alone:
-   cargo run -q --bin vault-verify -- --data-dir {dir} --public-key {pk}
+   cargo run --release -q --bin vault-verify -- --data-dir {qdir} --public-key {pk}
 "#,
         vault = o.vault_addr,
+        qvault = shell_quote(&o.vault_addr.to_string()),
         http = o.http_addr,
         dir = o.data_dir.display(),
+        qdir = shell_quote(&o.data_dir.to_string_lossy()),
         pk = o.public_key,
         admin = o.admin_api_key.expose(),
         writer = o.writer_api_key.expose(),
@@ -474,6 +483,19 @@ pub fn walkthrough(o: &DevOutput) -> String {
         subject = o.demo_subject_id,
         purpose = o.demo_purpose,
     )
+}
+
+/// `s` as one word for a POSIX shell: as it is when it holds only
+/// characters no shell treats specially, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@%,=".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 /// Removes the file at `path`, if there is one.
@@ -511,6 +533,21 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// A word a shell would split or expand is quoted, a quote in it too.
+    #[test]
+    fn shell_quote_keeps_a_path_one_word() {
+        use super::shell_quote;
+        assert_eq!(
+            shell_quote("/tmp/fintrust-dev.x1/dev-ca.pem"),
+            "/tmp/fintrust-dev.x1/dev-ca.pem"
+        );
+        assert_eq!(shell_quote("127.0.0.1:9999"), "127.0.0.1:9999");
+        assert_eq!(shell_quote("[::1]:9999"), "'[::1]:9999'");
+        assert_eq!(shell_quote("/tmp/a dir/$x"), "'/tmp/a dir/$x'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
     /// The dev certificate lives 90 days, is kept by the next run while
     /// it has more than a week left, and a client that trusts the dev CA
     /// reaches `localhost` with it (the CA's name constraints allow it).
