@@ -255,6 +255,52 @@ fn init_starts_over_a_creation_that_did_not_finish() {
     assert_eq!(support::dir_contents(&dir), before, "nothing removed");
 }
 
+/// `vaultd serve` with a port in use says so before it opens the vault
+/// (whose whole log it verifies first), naming the flag that chooses
+/// another; `vaultd shim` before it writes its policies to the vault.
+#[test]
+fn a_port_in_use_is_refused_before_the_vault_is_opened() {
+    let s = Scratch::new();
+    s.init("v");
+    wait_unlocked(&s.path("v"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = taken.local_addr().expect("address").to_string();
+    for (flag, other) in [("--listen", "--http-listen"), ("--http-listen", "--listen")] {
+        let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(s.path("v"))
+            .arg("--passphrase-file")
+            .arg(s.path("passphrase"))
+            .args(["--insecure-plaintext", flag, &port, other, "127.0.0.1:0"]);
+        support::clean_env(&mut cmd);
+        let refused = support::Vaultd::spawn(cmd).expect_err("not started");
+        assert!(
+            refused.contains(&format!("choose another with {flag}")),
+            "{refused}"
+        );
+        assert!(!refused.contains("opening the vault"), "{refused}");
+    }
+    let policies = s.path("policies.toml");
+    std::fs::write(&policies, support::POLICIES).expect("write");
+    std::fs::write(s.path("key"), "fvk_not_used_before_the_port\n").expect("write");
+    let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
+    cmd.arg("shim")
+        .args(["--vault", "127.0.0.1:1", "--insecure-plaintext"])
+        .arg("--api-key-file")
+        .arg(s.path("key"))
+        .arg("--policies")
+        .arg(&policies)
+        .args(["--http-listen", &port]);
+    support::clean_env(&mut cmd);
+    let refused = support::Vaultd::spawn(cmd).expect_err("not started");
+    assert!(
+        refused.contains("choose another with --http-listen"),
+        "{refused}"
+    );
+    drop(taken);
+}
+
 /// `vaultd serve --metrics-key-file`: a key too short is refused at
 /// start (exit 1, naming the file); with a good one, `/metrics` answers
 /// 401 without it and serves the metrics with it, and `/v1/health` still

@@ -65,6 +65,46 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
 }
 
+/// A port taken for a server before it is ready to serve: bound, so that
+/// an address in use is known at once (before a long open of the vault),
+/// but not listening, so that no client's connection waits in its
+/// backlog meanwhile. [`Reserved::listen`] starts listening.
+#[derive(Debug)]
+pub struct Reserved(tokio::net::TcpSocket);
+
+impl Reserved {
+    /// Binds the first of `addr`'s addresses that binds (a name may stand
+    /// for several), as `TcpListener::bind` does.
+    pub async fn bind(addr: &str) -> std::io::Result<Reserved> {
+        let mut last = None;
+        for a in tokio::net::lookup_host(addr).await? {
+            let socket = if a.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // As `TcpListener::bind`: a restart need not wait out the
+            // previous process's connections in TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            match socket.bind(a) {
+                Ok(()) => return Ok(Reserved(socket)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the address resolves to nothing",
+            )
+        }))
+    }
+
+    /// Listens, with the backlog of `TcpListener::bind`.
+    pub fn listen(self) -> std::io::Result<TcpListener> {
+        self.0.listen(1024)
+    }
+}
+
 /// Raises the process's soft limit of open files to its hard limit (a
 /// server's connections each take one or two, and the default soft limit
 /// is often 1,024), and returns the soft limit now in force (`None`: no

@@ -551,6 +551,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let metrics_key = metrics.key()?;
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
+            // The ports first: one in use is said now, not after the open.
+            let (protocol, http) = rt.block_on(async {
+                let protocol = server::daemon::Reserved::bind(&listen)
+                    .await
+                    .with_context(|| format!("listening on {listen} (choose another with --listen)"))?;
+                let http = if no_http {
+                    None
+                } else {
+                    Some(
+                        server::daemon::Reserved::bind(&http_listen)
+                            .await
+                            .with_context(|| {
+                                format!("listening on {http_listen} (choose another with --http-listen)")
+                            })?,
+                    )
+                };
+                anyhow::Ok((protocol, http))
+            })?;
             let unlock = vault.unlock()?;
             let options = move || storage::Options {
                 index_batch,
@@ -574,17 +592,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async {
                 server::tls::reload_on(hangups, tls.clone());
                 server::tls::warn_before_expiry(tls.clone());
-                let protocol = tokio::net::TcpListener::bind(&listen)
-                    .await
+                let protocol = protocol
+                    .listen()
                     .with_context(|| format!("listening on {listen}"))?;
-                let http = if no_http {
-                    None
-                } else {
-                    Some(
-                        tokio::net::TcpListener::bind(&http_listen)
-                            .await
+                let http = match http {
+                    Some(h) => Some(
+                        h.listen()
                             .with_context(|| format!("listening on {http_listen}"))?,
-                    )
+                    ),
+                    None => None,
                 };
                 let shim = server::shim::ShimConfig {
                     vault_addr: public_vault_addr.unwrap_or(listen),
@@ -692,13 +708,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async {
                 server::tls::reload_on_hangup(http_tls.clone());
                 server::tls::warn_before_expiry(http_tls.clone());
+                // The port first: one in use is said before the policies
+                // are written to the vault's log.
+                let reserved = server::daemon::Reserved::bind(&http_listen)
+                    .await
+                    .with_context(|| {
+                        format!("listening on {http_listen} (choose another with --http-listen)")
+                    })?;
                 if let Some(file) = &policies {
                     server::shim::apply_policies(&shim, file)
                         .await
                         .context("loading the policies file")?;
                 }
-                let listener = tokio::net::TcpListener::bind(&http_listen)
-                    .await
+                let listener = reserved
+                    .listen()
                     .with_context(|| format!("listening on {http_listen}"))?;
                 let bound = listener.local_addr()?;
                 let shutdown = server::daemon::signal_then_hurry();
