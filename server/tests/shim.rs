@@ -1353,9 +1353,11 @@ async fn behind_a_trusted_proxy_the_forwarded_client_is_checked() {
 
 #[tokio::test]
 async fn slow_idle_and_unfinished_http_clients_are_cut_off() {
+    // Long enough that the requests that must be answered (reads of the
+    // log, a health check) are on a machine that stalls for a while.
     let r = start(ShimConfig {
-        header_timeout: Duration::from_millis(300),
-        request_timeout: Duration::from_millis(600),
+        header_timeout: Duration::from_millis(1500),
+        request_timeout: Duration::from_millis(3000),
         ..ShimConfig::default()
     })
     .await;
@@ -1437,7 +1439,7 @@ async fn request_heads_past_the_limit_are_refused_and_bodies_still_read() {
 async fn a_client_that_leaves_its_answers_unread_is_closed_and_frees_its_slot() {
     let r = start(ShimConfig {
         max_connections: 1,
-        header_timeout: Duration::from_secs(5),
+        header_timeout: Duration::from_secs(30),
         request_timeout: Duration::from_millis(600),
         ..ShimConfig::default()
     })
@@ -1900,9 +1902,10 @@ async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
         put_policy(&r, policy(grants.clone())).await;
         grant_consent(&r).await;
         let acked = Arc::new(std::sync::OnceLock::<Instant>::new());
+        let granted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let loops: Vec<_> = (0..4)
             .map(|_| {
-                let (r, acked) = (r.clone(), acked.clone());
+                let (r, acked, granted) = (r.clone(), acked.clone(), granted.clone());
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     // Until 20 requests have started after the change.
@@ -1919,13 +1922,22 @@ async fn no_grant_starts_after_a_revocation_or_policy_change_is_acknowledged() {
                         )
                         .await;
                         after += usize::from(late);
+                        if got.0 == 200 {
+                            granted.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        }
                         seen.push((late, got));
                     }
                     seen
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Once grants have been made (bounded so that the test fails
+        // rather than hangs).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while granted.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "{change}: no grant before it");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let got = match change {
             "revoke" => {
                 call(
