@@ -2146,6 +2146,7 @@ fn hello(
         Err(e) => return Err(Box::new(unreadable(0, e))),
     };
     let id = frame.request_id;
+    let hello = frame.msg_type == protocol::MessageType::Hello;
     let identity = match Message::from_frame(&frame) {
         Ok(Message::Hello { api_key, .. }) => {
             let api_key = zeroize::Zeroizing::new(api_key);
@@ -2170,7 +2171,14 @@ fn hello(
         None => {
             let m = error(
                 ErrorCode::Unauthenticated,
-                "the first frame must be Hello with a valid API key (or, over mutual TLS, an empty one and a client certificate a credential holds)",
+                if hello {
+                    "the API key is not one of the vault's live credentials: unknown, or revoked \
+                     (a `vaultd dev` run revokes the keys an earlier run printed); over mutual \
+                     TLS, no live credential holds the client certificate"
+                } else {
+                    "the first frame must be Hello with a valid API key (or, over mutual TLS, an \
+                     empty one and a client certificate a credential holds)"
+                },
             );
             let ending = (Some((id, m)), Err(ConnectionError::Unauthenticated));
             Err(Box::new(ending))

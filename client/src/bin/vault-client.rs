@@ -63,7 +63,8 @@ enum Command {
     /// Print the vault's public key, entry count and signed head, checked
     /// against --public-key when it is given.
     Head,
-    /// Spend a token and print the masked record as one JSON object.
+    /// Spend a token and print the masked record as one JSON object
+    /// (whatever --format says: the record is data for another program).
     Redeem {
         /// The one-time token; prefer the environment variable or
         /// --token-file, which `ps` does not show.
