@@ -353,7 +353,31 @@ pub async fn redeem(config: ClientConfig, token: &str) -> anyhow::Result<Redeeme
 fn unless_refused(e: ClientError, context: impl FnOnce() -> String) -> anyhow::Error {
     match e {
         e @ ClientError::Server { .. } => e.into(),
-        e => anyhow::Error::new(e).context(context()),
+        e => {
+            let hint = next_step(&e);
+            anyhow::Error::new(e).context(format!("{}{hint}", context()))
+        }
+    }
+}
+
+/// What to check after the failures a user meets most, as a sentence to
+/// follow the context (empty for the others).
+fn next_step(e: &ClientError) -> &'static str {
+    match e {
+        ClientError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            " (is vaultd running and listening there? --addr, FINTRUST_ADDR)"
+        }
+        ClientError::Tls(t) if t.contains("UnknownIssuer") || t.contains("unknown issuer") => {
+            " (is --cacert the CA that signed the server's certificate? each data dir of \
+             `vaultd dev --tls` has a CA of its own, dev-ca.pem)"
+        }
+        ClientError::Tls(t)
+            if t.contains("NotValidForName") || t.contains("not valid for name") =>
+        {
+            " (the certificate does not name the host of --addr: give the name it holds with \
+             --server-name)"
+        }
+        _ => "",
     }
 }
 
@@ -372,6 +396,36 @@ mod tests {
         Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
             .expect("parses")
             .connect
+    }
+
+    /// A refused connection and a certificate that does not check say
+    /// what to look at; a server's refusal keeps its own words.
+    #[test]
+    fn the_common_failures_say_what_to_check() {
+        let refused = ClientError::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(next_step(&refused).contains("is vaultd running"));
+        let issuer = ClientError::from(std::io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        )));
+        assert!(next_step(&issuer).contains("--cacert"), "{issuer}");
+        let name = ClientError::from(std::io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName,
+        )));
+        assert!(next_step(&name).contains("--server-name"), "{name}");
+        let other = ClientError::Io(std::io::ErrorKind::TimedOut.into());
+        assert_eq!(next_step(&other), "");
+        let server = ClientError::Server {
+            code: protocol::ErrorCode::Unauthenticated,
+            message: "m".into(),
+        };
+        assert_eq!(
+            unless_refused(server, || "context".into()).to_string(),
+            ClientError::Server {
+                code: protocol::ErrorCode::Unauthenticated,
+                message: "m".into(),
+            }
+            .to_string()
+        );
     }
 
     #[test]
