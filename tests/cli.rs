@@ -255,6 +255,44 @@ fn init_starts_over_a_creation_that_did_not_finish() {
     assert_eq!(support::dir_contents(&dir), before, "nothing removed");
 }
 
+/// `vaultd dev --data-dir` given a vault `vaultd init` made (it has no
+/// dev passphrase) says so and what to run instead, exit 1.
+#[test]
+fn vaultd_dev_refuses_a_vault_it_did_not_make() {
+    let s = Scratch::new();
+    s.init("v");
+    wait_unlocked(&s.path("v"));
+    let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
+    cmd.arg("dev")
+        .arg("--data-dir")
+        .arg(s.path("v"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    support::clean_env(&mut cmd);
+    let mut child = cmd.spawn().expect("start vaultd dev");
+    // Bounded, so that a dev server that starts fails the test, not hangs it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("vaultd dev served a vault it did not make");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("did not make") && err.contains("vaultd serve"),
+        "{err}"
+    );
+}
+
 /// `vaultd serve` with a port in use says so before it opens the vault
 /// (whose whole log it verifies first), naming the flag that chooses
 /// another; `vaultd shim` before it writes its policies to the vault.

@@ -154,6 +154,14 @@ pub async fn run(
         let created = storage::Vault::create(&data_dir, &unlock, Options::default())?;
         (created.vault, created.admin_api_key.to_string())
     } else {
+        if std::fs::symlink_metadata(&passphrase_file).is_err() {
+            return Err(Error::Usage(format!(
+                "{} holds a vault that `vaultd dev` did not make (it has no dev-passphrase): \
+                 serve it with `vaultd serve --data-dir DIR --passphrase-file FILE`, or give \
+                 `vaultd dev` another --data-dir",
+                data_dir.display()
+            )));
+        }
         let unlock = crate::secrets::unlock_from(Some(&passphrase_file), None)?;
         let dir = data_dir.clone();
         let vault = tokio::task::spawn_blocking(move || {
