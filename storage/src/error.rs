@@ -105,7 +105,7 @@ pub enum Error {
     #[error("key derivation parameters below the floor: {0}")]
     WeakKdf(String),
     /// There is no vault in the directory.
-    #[error("no vault at {0}")]
+    #[error("no vault at {0} (`vaultd init --data-dir DIR` creates one)")]
     NotFound(String),
     /// The data dir was written in another format than this build's;
     /// refused before anything is written to it.

@@ -55,7 +55,7 @@ struct Cli {
     #[arg(long, default_value_t = DEFAULT_SAMPLE_RECEIPTS)]
     sample_receipts: usize,
     /// Hex of the vault's ed25519 public key, as `vaultd init` printed it
-    /// (required with --remote).
+    /// (required with --remote and --file).
     #[arg(long, env = "FINTRUST_PUBLIC_KEY")]
     public_key: Option<String>,
     /// Print one JSON object on stdout.

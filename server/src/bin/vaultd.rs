@@ -158,7 +158,7 @@ enum Command {
         #[arg(long, env = "FINTRUST_CACERT")]
         cacert: Option<PathBuf>,
         /// Name the vault's certificate carries (default: the host of --vault).
-        #[arg(long, env = "FINTRUST_SERVER_NAME")]
+        #[arg(long, env = "FINTRUST_SERVER_NAME", visible_alias = "server-name")]
         tls_server_name: Option<String>,
         /// PEM client certificate chain the shim presents to a vault that
         /// requires mutual TLS (`vaultd serve --tls-client-ca`).
@@ -181,7 +181,8 @@ enum Command {
         limits: LimitArgs,
         #[command(flatten)]
         metrics: MetricsArgs,
-        /// TLS of the HTTP port (and, with --insecure-plaintext, plaintext to the vault too).
+        /// TLS of the HTTP port (and, with --insecure-plaintext and no --cacert, plaintext
+        /// to the vault too).
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -190,10 +191,14 @@ enum Command {
     Dev {
         /// Data dir (default: a new folder under the system temp dir).
         /// Not taken from FINTRUST_DATA_DIR, which names a real vault's.
+        /// A dev vault given again is reopened, with new API keys: the
+        /// ones an earlier run printed are revoked.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Address of the wire protocol.
         #[arg(long, default_value = "127.0.0.1:9999")]
         listen: String,
+        /// Address of the HTTP shim.
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_listen: String,
         /// Serve both ports over TLS with a generated dev certificate
@@ -602,6 +607,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
+                let unspecified = listen
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| a.ip().is_unspecified());
+                if public_vault_addr.is_none() && unspecified && !no_http {
+                    tracing::warn!(
+                        listen = %listen,
+                        "/v1/authorize tells partners to redeem at --listen, which names every \
+                         interface and none they can reach: give theirs with --public-vault-addr"
+                    );
+                }
                 let shim = server::shim::ShimConfig {
                     vault_addr: public_vault_addr.unwrap_or(listen),
                     trusted_proxies,
