@@ -319,6 +319,31 @@ fn a_port_in_use_is_refused_before_the_vault_is_opened() {
         );
         assert!(!refused.contains("opening the vault"), "{refused}");
     }
+    // One free port given to both.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port")
+        .to_string();
+    let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(s.path("v"))
+        .arg("--passphrase-file")
+        .arg(s.path("passphrase"))
+        .args([
+            "--insecure-plaintext",
+            "--listen",
+            &free,
+            "--http-listen",
+            &free,
+        ]);
+    support::clean_env(&mut cmd);
+    let refused = support::Vaultd::spawn(cmd).expect_err("not started");
+    assert!(
+        refused.contains("choose another with --http-listen"),
+        "{refused}"
+    );
+    assert!(!refused.contains("opening the vault"), "{refused}");
     let policies = s.path("policies.toml");
     std::fs::write(&policies, support::POLICIES).expect("write");
     std::fs::write(s.path("key"), "fvk_not_used_before_the_port\n").expect("write");

@@ -65,44 +65,20 @@ pub struct Bound {
     pub http: Option<SocketAddr>,
 }
 
-/// A port taken for a server before it is ready to serve: bound, so that
-/// an address in use is known at once (before a long open of the vault),
-/// but not listening, so that no client's connection waits in its
-/// backlog meanwhile. [`Reserved::listen`] starts listening.
-#[derive(Debug)]
-pub struct Reserved(tokio::net::TcpSocket);
-
-impl Reserved {
-    /// Binds the first of `addr`'s addresses that binds (a name may stand
-    /// for several), as `TcpListener::bind` does.
-    pub async fn bind(addr: &str) -> std::io::Result<Reserved> {
-        let mut last = None;
-        for a in tokio::net::lookup_host(addr).await? {
-            let socket = if a.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            // As `TcpListener::bind`: a restart need not wait out the
-            // previous process's connections in TIME_WAIT.
-            socket.set_reuseaddr(true)?;
-            match socket.bind(a) {
-                Ok(()) => return Ok(Reserved(socket)),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the address resolves to nothing",
-            )
-        }))
+/// Whether every one of `addrs` can be listened on now, all at once (the
+/// same port given twice is not): a server whose start takes long (the
+/// open of a vault verifies its whole log) says at once that an address
+/// is taken, rather than after it. The listeners are closed again, and
+/// the server binds its addresses once it is ready to serve, so that no
+/// client waits unanswered in a backlog meanwhile (another program may
+/// take an address in between: that bind then says so). On failure, the
+/// index in `addrs` of the address that could not be listened on.
+pub async fn check_listenable(addrs: &[&str]) -> Result<(), (usize, std::io::Error)> {
+    let mut held = Vec::with_capacity(addrs.len());
+    for (i, addr) in addrs.iter().enumerate() {
+        held.push(TcpListener::bind(addr).await.map_err(|e| (i, e))?);
     }
-
-    /// Listens, with the backlog of `TcpListener::bind`.
-    pub fn listen(self) -> std::io::Result<TcpListener> {
-        self.0.listen(1024)
-    }
+    Ok(())
 }
 
 /// Raises the process's soft limit of open files to its hard limit (a

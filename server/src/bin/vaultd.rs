@@ -557,23 +557,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (trusted_proxies, forwarded_header) = http_proxies.config()?;
             let proxy_protocol_from = trusted(&tcp_proxies.proxy_protocol_from)?;
             // The ports first: one in use is said now, not after the open.
-            let (protocol, http) = rt.block_on(async {
-                let protocol = server::daemon::Reserved::bind(&listen)
-                    .await
-                    .with_context(|| format!("listening on {listen} (choose another with --listen)"))?;
-                let http = if no_http {
-                    None
-                } else {
-                    Some(
-                        server::daemon::Reserved::bind(&http_listen)
-                            .await
-                            .with_context(|| {
-                                format!("listening on {http_listen} (choose another with --http-listen)")
-                            })?,
-                    )
-                };
-                anyhow::Ok((protocol, http))
-            })?;
+            let (listen_hint, http_hint) = (
+                format!("listening on {listen} (choose another with --listen)"),
+                format!("listening on {http_listen} (choose another with --http-listen)"),
+            );
+            let mut addrs = vec![listen.as_str()];
+            if !no_http {
+                addrs.push(http_listen.as_str());
+            }
+            rt.block_on(server::daemon::check_listenable(&addrs))
+                .map_err(|(i, e)| {
+                    anyhow::Error::new(e).context(if i == 0 {
+                        listen_hint.clone()
+                    } else {
+                        http_hint.clone()
+                    })
+                })?;
             let unlock = vault.unlock()?;
             let options = move || storage::Options {
                 index_batch,
@@ -597,15 +596,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(async {
                 server::tls::reload_on(hangups, tls.clone());
                 server::tls::warn_before_expiry(tls.clone());
-                let protocol = protocol
-                    .listen()
-                    .with_context(|| format!("listening on {listen}"))?;
-                let http = match http {
-                    Some(h) => Some(
-                        h.listen()
-                            .with_context(|| format!("listening on {http_listen}"))?,
-                    ),
-                    None => None,
+                let protocol = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .context(listen_hint)?;
+                let http = if no_http {
+                    None
+                } else {
+                    Some(
+                        tokio::net::TcpListener::bind(&http_listen)
+                            .await
+                            .context(http_hint)?,
+                    )
                 };
                 let unspecified = listen
                     .parse::<std::net::SocketAddr>()
@@ -725,7 +726,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server::tls::warn_before_expiry(http_tls.clone());
                 // The port first: one in use is said before the policies
                 // are written to the vault's log.
-                let reserved = server::daemon::Reserved::bind(&http_listen)
+                let listener = tokio::net::TcpListener::bind(&http_listen)
                     .await
                     .with_context(|| {
                         format!("listening on {http_listen} (choose another with --http-listen)")
@@ -735,9 +736,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .context("loading the policies file")?;
                 }
-                let listener = reserved
-                    .listen()
-                    .with_context(|| format!("listening on {http_listen}"))?;
                 let bound = listener.local_addr()?;
                 let shutdown = server::daemon::signal_then_hurry();
                 let open_files = server::daemon::raise_open_files_limit();
