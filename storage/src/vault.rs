@@ -1336,6 +1336,8 @@ impl Vault {
             burned: HashMap::new(),
             credentials: HashMap::new(),
             terms: HashMap::new(),
+            minted: HashMap::new(),
+            minted_trim_at: MINTED_TRIM,
             shared: shared.clone(),
             wal: Wal::new(&store.dir, opts.wal_segment_bytes),
             record: Vec::new(),
@@ -2961,13 +2963,21 @@ struct Committer {
     /// only when the writer publishes their group. Trimmed of what is
     /// published.
     credentials: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
-    /// Consents, policies and minted tokens (their `g/`, `p/` and `t/`
-    /// keys) this committer changed, with the seq of the change and the
-    /// value after it: a redemption decided in a later group must find a
-    /// revocation, a narrowed policy or a token minted by a caller's own
-    /// `token_minted` event that the writer has not published yet, as it
-    /// finds burns and credentials. Trimmed of what is published.
+    /// Consents and policies (their `g/` and `p/` keys) this committer
+    /// changed, with the seq of the change and the value after it: a
+    /// redemption decided in a later group must find a revocation or a
+    /// narrowed policy that the writer has not published yet, as it finds
+    /// burns and credentials. Trimmed of what is published.
     terms: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    /// Tokens minted (their `t/` keys), likewise: a token a caller minted
+    /// with a `token_minted` event of its own may be redeemed in a group
+    /// after the one that mints it, before the writer publishes that. One
+    /// per authorization: trimmed of what is published once it holds twice
+    /// what the last trim left (at least [`MINTED_TRIM`]), so that the
+    /// trims cost a constant per mint however far the writer lags.
+    minted: HashMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    /// The size of `minted` at which it is trimmed next.
+    minted_trim_at: usize,
     shared: Arc<Shared>,
     /// The write-ahead file, which the committer appends each group's
     /// record to before handing the group to the writer.
@@ -3659,7 +3669,15 @@ impl Committer {
                 self.credentials.insert(k.clone(), (seq, v.clone()));
             } else if is_terms_key(k) {
                 self.terms.insert(k.clone(), (seq, v.clone()));
+            } else if k.starts_with(b"t/") {
+                self.minted.insert(k.clone(), (seq, v.clone()));
             }
+        }
+        if self.minted.len() > self.minted_trim_at {
+            if let Ok(Some(published)) = self.published_seq() {
+                self.minted.retain(|_, (seq, _)| *seq > published);
+            }
+            self.minted_trim_at = MINTED_TRIM.max(2 * self.minted.len());
         }
         if self.credentials.len() > 256 || self.terms.len() > 256 {
             if let Ok(Some(published)) = self.published_seq() {
@@ -3981,8 +3999,12 @@ impl Committer {
         if let Some(v) = changed_in(g, key) {
             return Ok(v.clone());
         }
-        // The two records hold keys of their own prefixes (`note_changes`).
-        if let Some((_, v)) = self.terms.get(key).or_else(|| self.credentials.get(key)) {
+        // The three records hold keys of their own prefixes (`note_changes`).
+        let recorded = self.terms.get(key);
+        if let Some((_, v)) = recorded
+            .or_else(|| self.credentials.get(key))
+            .or_else(|| self.minted.get(key))
+        {
             return Ok(v.clone());
         }
         Ok(self
@@ -4842,8 +4864,12 @@ pub const FAILPOINTS: &[&str] = &[
 
 /// A consent's or a policy's key in the derived state (`g/`, `p/`).
 fn is_terms_key(key: &[u8]) -> bool {
-    key.starts_with(b"g/") || key.starts_with(b"p/") || key.starts_with(b"t/")
+    key.starts_with(b"g/") || key.starts_with(b"p/")
 }
+
+/// The least size at which the committer's record of minted tokens is
+/// trimmed of what is published (`Committer::minted`).
+const MINTED_TRIM: usize = 4096;
 
 /// A failpoint of the commit path, evaluated only in builds with the
 /// `failpoints` feature (tests): storage/tests/failpoints.rs makes it
