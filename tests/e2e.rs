@@ -1351,17 +1351,36 @@ fn the_commands_vaultd_dev_prints_work_when_pasted() {
         .spawn()
         .expect("start vaultd dev");
     let stdout = child.stdout.take().expect("stdout");
-    let mut lines = std::io::BufReader::new(stdout).lines();
+    // Killed if the test fails before it stops it.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // Drained to the end, read or not.
+            let _ = tx.send(line);
+        }
+    });
     let mut text = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.expect("a line");
+    loop {
+        // Bounded, so that a server that never prints them fails the test.
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("the commands, printed whole: {e}: {text:#?}"));
         let last = line.contains("--bin vault-verify");
         text.push(line);
         if last {
             break;
         }
     }
-    std::thread::spawn(move || for _ in lines {});
+    drop(rx);
     // Step N: the indented lines after the line that starts with "N. ",
     // with the binaries of this build.
     let step = |n: usize| -> String {
@@ -1419,11 +1438,11 @@ fn the_commands_vaultd_dev_prints_work_when_pasted() {
     assert!(out.contains("token_redeemed"), "{out}");
 
     let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .expect("run kill");
     assert!(stopped.success());
-    assert!(child.wait().expect("wait").success());
+    assert!(child.0.wait().expect("wait").success());
     let (code, out, err) = bash(&step(4));
     assert_eq!(code, Some(0), "{out}\n{err}");
 }

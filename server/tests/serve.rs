@@ -72,6 +72,15 @@ async fn hello_authenticates_with_the_role_of_the_key() {
     );
     let (mut conn, reply) = connect(&s, "fvk_not-a-key").await;
     assert_eq!(code(&reply), Some(ErrorCode::Unauthenticated));
+    // Its message says what was wrong: the key, not the frame.
+    let said = |m: &Message| match m {
+        Message::Error { message, .. } => message.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        said(&reply).contains("not one of the vault's live credentials"),
+        "{reply:?}"
+    );
     assert!(
         recv(&mut conn).await.is_none(),
         "the server closes after a failed Hello"
@@ -81,6 +90,7 @@ async fn hello_authenticates_with_the_role_of_the_key() {
     let mut conn = Framed::new(tcp, FrameCodec::new());
     let reply = request(&mut conn, 3, &Message::Ping).await;
     assert_eq!(code(&reply), Some(ErrorCode::Unauthenticated));
+    assert!(said(&reply).contains("must be Hello"), "{reply:?}");
 }
 
 #[tokio::test]

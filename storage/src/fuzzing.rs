@@ -467,6 +467,7 @@ mod tests {
         "fields",
         "expires_at_ms",
         "minted_at_ms",
+        "checked_at_ms",
         "purposes",
         "unknown",
     ];

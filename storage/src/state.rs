@@ -135,9 +135,9 @@ pub struct TokenRedeemed {
     pub token_hash: String,
     pub partner_id: String,
     /// The clock the token was checked by (its expiry, the consent's, the
-    /// policy's hours), present only where it is earlier than the entry's
-    /// timestamp: the log's timestamps never go back, so after the wall
-    /// clock stepped back the entry is stamped later than the check.
+    /// policy's hours), present only where it is earlier than the previous
+    /// entry's timestamp: the log's timestamps never go back, so after the
+    /// wall clock stepped back the entry is stamped later than the check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked_at_ms: Option<u64>,
 }
