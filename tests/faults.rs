@@ -506,6 +506,36 @@ async fn a_poisoned_vault_is_opened_again_once_idle_or_left_to_the_shutdown() {
     let vault = std::sync::Arc::into_inner(back).expect("last handle");
     assert!(matches!(vault.close(), Err(storage::Error::Poisoned)));
 
+    // A request that holds the poisoned vault and does not let go (its
+    // connection waits to write to a client that reads slowly): after the
+    // grace, the connections opened before the failure are cut off, and
+    // the vault opens again; those opened after it are not.
+    let dir = tmp.path().join("held");
+    let live = LiveVault::from(poisoned(&dir).await);
+    let held = live.get().expect("in service");
+    let opened_before = live.retiring();
+    let holder = tokio::spawn(async move {
+        opened_before.cancelled().await;
+        drop(held);
+    });
+    let stop = CancellationToken::new();
+    let grace = std::time::Duration::from_millis(500);
+    let watcher = tokio::spawn(server::live::watch_with(
+        live.clone(),
+        reopen(&dir),
+        stop.clone(),
+        grace,
+    ));
+    until("out of service", || live.status() == Status::Recovering).await;
+    let opened_after = live.retiring();
+    until("open again", || live.status() == Status::Ok).await;
+    holder.await.expect("the holder was cut off");
+    assert!(!opened_after.is_cancelled());
+    stop.cancel();
+    watcher.await.expect("watcher");
+    let vault = std::sync::Arc::into_inner(live.take().expect("the vault")).expect("last handle");
+    vault.close().expect("close");
+
     // Its master key rotated online, its secret file not yet changed: the
     // reopen refused by the file's secret opens with the new one.
     let dir = tmp.path().join("c");

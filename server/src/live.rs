@@ -17,7 +17,12 @@
 //! 1. The vault is taken out of service: requests that arrive get
 //!    `unavailable` ("recovering") at once.
 //! 2. Requests in flight finish (a poisoned vault refuses their writes)
-//!    and let go of it; it is closed, which releases the data dir.
+//!    and let go of it; it is closed, which releases the data dir. A
+//!    request whose connection's client reads its answers slowly is not
+//!    polled while its connection waits to write, and would hold the vault
+//!    as long as that client likes: after [`RETIRE_GRACE`], the
+//!    connections opened before the failure that are still going are cut
+//!    off ([`LiveVault::retiring`]), and what they held goes with them.
 //! 3. The data dir is opened again as at a restart: the secret is read
 //!    again from its file (so a master key rotated meanwhile still opens
 //!    it once the file holds the new secret, and before that the secret
@@ -178,7 +183,15 @@ impl std::fmt::Debug for Reopen {
 #[derive(Debug, Clone)]
 pub struct LiveVault {
     current: Arc<RwLock<Option<Arc<Vault>>>>,
+    /// Cancelled to cut off the connections opened before the vault in
+    /// service was taken out of it, when they still hold it after
+    /// [`RETIRE_GRACE`]; replaced as it is taken.
+    retiring: Arc<Mutex<CancellationToken>>,
 }
+
+/// How long the requests in flight when a vault is taken out of service
+/// may hold it before their connections are cut off ([`watch`]).
+pub const RETIRE_GRACE: Duration = Duration::from_secs(30);
 
 /// What [`LiveVault::status`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +219,7 @@ impl From<Arc<Vault>> for LiveVault {
     fn from(vault: Arc<Vault>) -> Self {
         LiveVault {
             current: Arc::new(RwLock::new(Some(vault))),
+            retiring: Arc::new(Mutex::new(CancellationToken::new())),
         }
     }
 }
@@ -240,6 +254,26 @@ impl LiveVault {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// What a connection opened now listens to, to be cut off should the
+    /// vault it was served from be taken out of service and still be held
+    /// after [`RETIRE_GRACE`].
+    pub fn retiring(&self) -> CancellationToken {
+        self.retiring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes the vault out of service ([`LiveVault::take`]), with the token
+    /// of the connections opened until now, which is replaced by a new one
+    /// for those opened from now on (one step: a connection that asks for
+    /// its token meanwhile waits for it).
+    fn take_retiring(&self) -> Option<(Arc<Vault>, CancellationToken)> {
+        let mut retiring = self.retiring.lock().unwrap_or_else(PoisonError::into_inner);
+        let vault = self.take()?;
+        Some((vault, std::mem::take(&mut *retiring)))
     }
 
     fn put(&self, vault: Arc<Vault>) {
@@ -279,6 +313,12 @@ pub async fn close_when_idle(
 /// Replaces the vault of `live` whenever a failed write poisons it, until
 /// `stop` is cancelled. See the module docs for the steps.
 pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
+    watch_with(live, reopen, stop, RETIRE_GRACE).await;
+}
+
+/// [`watch`], with the connections that still hold a vault taken out of
+/// service cut off after `grace`.
+pub async fn watch_with(live: LiveVault, reopen: Reopen, stop: CancellationToken, grace: Duration) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut delay = Duration::from_secs(1);
@@ -291,13 +331,24 @@ pub async fn watch(live: LiveVault, reopen: Reopen, stop: CancellationToken) {
         if live.status() != Status::Poisoned {
             continue;
         }
-        let Some(poisoned) = live.take() else {
+        let Some((poisoned, opened_before)) = live.take_retiring() else {
             continue;
         };
         tracing::error!(
             "a write or fsync failed: the vault is out of service and is opened again from disk"
         );
-        let old = match close_when_idle(poisoned, stop.cancelled()).await {
+        let cut_off = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "requests still hold the vault taken out of service: the connections opened \
+                 before it was are cut off"
+            );
+            opened_before.cancel();
+        });
+        let closed = close_when_idle(poisoned, stop.cancelled()).await;
+        cut_off.abort();
+        let old = match closed {
             Ok(old) => old,
             Err(poisoned) => {
                 // Stopped first: the server's shutdown closes it (and

@@ -880,6 +880,9 @@ pub async fn run(
         let arrived = tokio::time::Instant::now();
         let stopping = stopping.clone();
         let cut_off = cut_off.clone();
+        // Cut off should the vault be taken out of service (a failed
+        // write) while this connection's requests still hold it.
+        let retiring = vault.retiring();
         connections.spawn(async move {
             let mut conn = Conn {
                 vault,
@@ -920,6 +923,7 @@ pub async fn run(
                     Err(ConnectionError::Evicted)
                 }
                 () = cut_off.cancelled() => Err(ConnectionError::CutOff),
+                () = retiring.cancelled() => Err(ConnectionError::CutOff),
             };
             admission.leave(ticket);
             match result {
