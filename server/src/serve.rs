@@ -121,7 +121,9 @@ pub struct ServeConfig {
     /// Bytes of `Entries` answers the server holds at once across its
     /// connections, from the read of the log until the answer is written
     /// (default 256 MiB): each `Entries` request takes `max_entries_bytes`
-    /// of it first, waiting while it is spent, and gives back what its
+    /// of it first, waiting while it is spent (`entries_wait` at most,
+    /// then answered `unavailable`: clients that read a little now and
+    /// then may hold it longer), and gives back what its
     /// answer does not hold once read. A client that asks and
     /// does not read keeps its share until it is closed for it (after
     /// `idle_timeout`), so that readers who never read cannot make the
@@ -130,6 +132,9 @@ pub struct ServeConfig {
     /// `max_entries_bytes` where that is more), so that a key's
     /// connections that never read leave the rest to other keys.
     pub entries_budget: EntriesBudget,
+    /// The longest an `Entries` request waits for room in
+    /// `entries_budget` (default a minute).
+    pub entries_wait: Duration,
     /// Name sent in `HelloOk`.
     pub server_name: String,
     /// Lifetime of a token minted with `ttl_secs = 0` (default 5 minutes).
@@ -231,6 +236,7 @@ impl Default for ServeConfig {
             max_entries: 10_000,
             max_entries_bytes: 8 * 1024 * 1024,
             entries_budget: EntriesBudget::bytes(256 << 20),
+            entries_wait: Duration::from_secs(60),
             server_name: format!("vaultd/{}", env!("CARGO_PKG_VERSION")),
             default_token_ttl: Duration::from_secs(300),
             max_token_ttl: Duration::from_secs(3600),
@@ -1865,10 +1871,27 @@ where
                 held.turn = turn_ref.acquire().await.ok();
             }
             if matches!(message, Message::Entries { .. }) {
-                held.budget = config_ref
+                // Bounded: answers that other connections hold unread may
+                // keep the budget as long as their clients read a little
+                // now and then, and a wait without end would keep this
+                // connection's slot with it (and, once its client gave
+                // up, the slot of a connection that only drains what it
+                // had read).
+                let wait = config_ref.entries_wait;
+                let taking = config_ref
                     .entries_budget
-                    .take(&caller_ref.id, config_ref.max_entries_bytes)
-                    .await;
+                    .take(&caller_ref.id, config_ref.max_entries_bytes);
+                match tokio::time::timeout(wait, taking).await {
+                    Ok(budget) => held.budget = budget,
+                    Err(_) => {
+                        let busy = error(
+                            ErrorCode::Unavailable,
+                            "the server holds as many entries as it may in answers not yet \
+                             read by their clients: try again later",
+                        );
+                        return (weight, vec![(id, busy, 0)], held);
+                    }
+                }
             }
             let answers = handle(id, message, &current, config_ref, caller_ref).await;
             if let Some(b) = held.budget.as_mut() {

@@ -1870,6 +1870,57 @@ async fn entries_left_unread_hold_the_budget_until_their_connection_closes() {
     .expect("the budget given back");
 }
 
+/// An `Entries` that waits for a budget that answers left unread hold
+/// waits `entries_wait` at most, then is answered `unavailable`: a client
+/// that reads a little now and then could hold the budget for ever.
+#[tokio::test]
+async fn an_entries_request_waits_for_the_budget_within_a_bound() {
+    let budget = server::serve::EntriesBudget::bytes(64 * 1024);
+    let s = start(ServeConfig {
+        max_entries_bytes: 64 * 1024,
+        entries_budget: budget.clone(),
+        entries_wait: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(600),
+        ..ServeConfig::default()
+    })
+    .await;
+    let (mut writer, _) = connect(&s, &s.writer).await;
+    for i in 0..400u32 {
+        let append = Message::Append {
+            subject: format!("s{i}"),
+            fields: vec![("k".into(), "v".repeat(400))],
+        };
+        assert!(matches!(
+            request(&mut writer, i + 2, &append).await,
+            Message::Receipt { .. }
+        ));
+    }
+    let flood = flood_unread(&s, &s.auditor, entries_burst()).await;
+    // Until its answers fill the sockets' buffers: it holds the budget
+    // from then on.
+    tokio::time::timeout(HANG_BOUND, async {
+        let mut spent_since = None;
+        loop {
+            let spent = budget.available() == 0;
+            let since = *spent_since.get_or_insert_with(std::time::Instant::now);
+            if !spent {
+                spent_since = None;
+            } else if since.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the unread answers spend the budget");
+    let mut other = second_auditor(&s).await;
+    let reply = tokio::time::timeout(HANG_BOUND, request(&mut other, 3, &ALL_ENTRIES))
+        .await
+        .expect("answered within the bound");
+    assert_eq!(code(&reply), Some(ErrorCode::Unavailable), "{reply:?}");
+    flood.abort();
+}
+
 /// One key holds a quarter of the `entries_budget` at most: while its
 /// connections ask and never read, another auditor's key is answered from
 /// the rest, before they are closed; the same key's other connections
