@@ -890,6 +890,7 @@ pub async fn run(
         // write) while this connection's requests still hold it.
         let retiring = vault.retiring();
         connections.spawn(async move {
+            let _departure = admission.departure(ticket);
             let mut conn = Conn {
                 vault,
                 config,
@@ -971,6 +972,17 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(1), connections.wait()).await;
     }
     Ok(())
+}
+
+/// Leaves a ticket's place among the connections in their handshake when
+/// dropped ([`Admission::departure`]).
+#[derive(Debug)]
+pub struct Departure(Arc<Admission>, u64);
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        self.0.leave(self.1);
+    }
 }
 
 /// After an accept that failed: out of file descriptors, the oldest
@@ -1255,6 +1267,13 @@ impl Admission {
                 self.in_handshake.dec();
             }
         }
+    }
+
+    /// A guard that leaves `ticket`'s place when it is dropped, however
+    /// the connection's task ends (a panic included): [`Admission::leave`]
+    /// of a ticket that left already does nothing.
+    pub fn departure(self: &Arc<Self>, ticket: u64) -> Departure {
+        Departure(self.clone(), ticket)
     }
 }
 
@@ -4489,6 +4508,9 @@ mod tests {
             Err(Refused::Evicted)
         ));
         assert_eq!(now(), (2, 1));
+        // A departure leaves its place when dropped (a connection's task
+        // that panics drops it too), and leaving again does nothing.
+        drop(a.departure(t2));
         a.leave(t2);
         drop(slot);
         assert_eq!(now(), (1, 0));

@@ -420,6 +420,9 @@ impl Connection {
             max_per_peer,
         } = self;
         let deadline = arrived + header_timeout;
+        // Its place among the connections in their handshake is left as
+        // the connection ends, however it ends.
+        let _departure = admission.departure(ticket);
         // The connection's slot, taken when its first request's headers
         // are in, and held until it closes.
         let slot = Arc::new(tokio::sync::OnceCell::new());
