@@ -506,18 +506,14 @@ async fn a_poisoned_vault_is_opened_again_once_idle_or_left_to_the_shutdown() {
     let vault = std::sync::Arc::into_inner(back).expect("last handle");
     assert!(matches!(vault.close(), Err(storage::Error::Poisoned)));
 
-    // A request that holds the poisoned vault and does not let go (its
-    // connection waits to write to a client that reads slowly): after the
+    // Requests that hold the poisoned vault and do not let go (their
+    // connections wait to write to clients that read slowly): after the
     // grace, the connections opened before the failure are cut off, and
-    // the vault opens again; those opened after it are not.
+    // the vault opens again; those opened after it are not. A connection
+    // that lived through an earlier recovery is cut off too.
     let dir = tmp.path().join("held");
     let live = LiveVault::from(poisoned(&dir).await);
-    let held = live.get().expect("in service");
-    let opened_before = live.retiring();
-    let holder = tokio::spawn(async move {
-        opened_before.cancelled().await;
-        drop(held);
-    });
+    let before_first = live.retiring();
     let stop = CancellationToken::new();
     let grace = std::time::Duration::from_millis(500);
     let watcher = tokio::spawn(server::live::watch_with(
@@ -526,10 +522,36 @@ async fn a_poisoned_vault_is_opened_again_once_idle_or_left_to_the_shutdown() {
         stop.clone(),
         grace,
     ));
+    // The first failure: nothing holds the vault, which opens again.
+    until("open again", || live.status() == Status::Ok).await;
+    assert!(!before_first.is_cancelled());
+    let before_second = live.retiring();
+    let holders: Vec<_> = [before_first, before_second]
+        .into_iter()
+        .map(|opened_before| {
+            let held = live.get().expect("in service");
+            tokio::spawn(async move {
+                opened_before.cancelled().await;
+                drop(held);
+            })
+        })
+        .collect();
+    // The second failure, of the vault opened again.
+    let vault = live.get().expect("in service");
+    fail::cfg("commit::before_flush", "return").expect("arm");
+    let r = vault
+        .append(storage::Append::record(SUBJECT, b"{}".to_vec()))
+        .await;
+    fail::remove("commit::before_flush");
+    assert!(r.is_err(), "{r:?}");
+    drop(vault);
+    until("out of service", || live.status() != Status::Ok).await;
     until("out of service", || live.status() == Status::Recovering).await;
     let opened_after = live.retiring();
     until("open again", || live.status() == Status::Ok).await;
-    holder.await.expect("the holder was cut off");
+    for h in holders {
+        h.await.expect("the holder was cut off");
+    }
     assert!(!opened_after.is_cancelled());
     stop.cancel();
     watcher.await.expect("watcher");

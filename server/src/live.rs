@@ -22,7 +22,8 @@
 //!    polled while its connection waits to write, and would hold the vault
 //!    as long as that client likes: after [`RETIRE_GRACE`], the
 //!    connections opened before the failure that are still going are cut
-//!    off ([`LiveVault::retiring`]), and what they held goes with them.
+//!    off ([`LiveVault::retiring`]), those that lived through an earlier
+//!    recovery included, and what they held goes with them.
 //! 3. The data dir is opened again as at a restart: the secret is read
 //!    again from its file (so a master key rotated meanwhile still opens
 //!    it once the file holds the new secret, and before that the secret
@@ -323,6 +324,7 @@ pub async fn watch_with(live: LiveVault, reopen: Reopen, stop: CancellationToken
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut delay = Duration::from_secs(1);
     let mut reopened_at: Option<Instant> = None;
+    let mut uncut: Vec<CancellationToken> = Vec::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -337,17 +339,32 @@ pub async fn watch_with(live: LiveVault, reopen: Reopen, stop: CancellationToken
         tracing::error!(
             "a write or fsync failed: the vault is out of service and is opened again from disk"
         );
-        let cut_off = tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            tracing::warn!(
-                grace_secs = grace.as_secs(),
-                "requests still hold the vault taken out of service: the connections opened \
-                 before it was are cut off"
-            );
-            opened_before.cancel();
-        });
-        let closed = close_when_idle(poisoned, stop.cancelled()).await;
-        cut_off.abort();
+        // The connections opened before this failure, and those opened
+        // before earlier ones that were not cut (their vault was let go of
+        // in time): served since from the vault opened again, they may
+        // hold this one.
+        uncut.push(opened_before);
+        let closing = close_when_idle(poisoned, stop.cancelled());
+        tokio::pin!(closing);
+        let cut_at = tokio::time::sleep(grace);
+        tokio::pin!(cut_at);
+        let mut cut = false;
+        let closed = loop {
+            tokio::select! {
+                closed = &mut closing => break closed,
+                () = &mut cut_at, if !cut => {
+                    tracing::warn!(
+                        grace_secs = grace.as_secs(),
+                        "requests still hold the vault taken out of service: the connections \
+                         opened before it was are cut off"
+                    );
+                    for token in uncut.drain(..) {
+                        token.cancel();
+                    }
+                    cut = true;
+                }
+            }
+        };
         let old = match closed {
             Ok(old) => old,
             Err(poisoned) => {
