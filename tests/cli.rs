@@ -301,49 +301,40 @@ fn a_port_in_use_is_refused_before_the_vault_is_opened() {
     let s = Scratch::new();
     s.init("v");
     wait_unlocked(&s.path("v"));
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
-    let port = taken.local_addr().expect("address").to_string();
-    for (flag, other) in [("--listen", "--http-listen"), ("--http-listen", "--listen")] {
+    // `vaultd serve` on `listen` and `http`: what it wrote before it
+    // exited, and that it did not open the vault first.
+    let refused = |listen: &str, http: &str| {
         let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(s.path("v"))
             .arg("--passphrase-file")
             .arg(s.path("passphrase"))
-            .args(["--insecure-plaintext", flag, &port, other, "127.0.0.1:0"]);
+            .args([
+                "--insecure-plaintext",
+                "--listen",
+                listen,
+                "--http-listen",
+                http,
+            ]);
         support::clean_env(&mut cmd);
         let refused = support::Vaultd::spawn(cmd).expect_err("not started");
-        assert!(
-            refused.contains(&format!("choose another with {flag}")),
-            "{refused}"
-        );
         assert!(!refused.contains("opening the vault"), "{refused}");
-    }
+        refused
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = taken.local_addr().expect("address").to_string();
+    let said = refused(&port, "127.0.0.1:0");
+    assert!(said.contains("choose another with --listen"), "{said}");
+    let said = refused("127.0.0.1:0", &port);
+    assert!(said.contains("choose another with --http-listen"), "{said}");
     // One free port given to both.
     let free = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a port")
         .to_string();
-    let mut cmd = std::process::Command::new(support::binary("fintrust-server", "vaultd"));
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(s.path("v"))
-        .arg("--passphrase-file")
-        .arg(s.path("passphrase"))
-        .args([
-            "--insecure-plaintext",
-            "--listen",
-            &free,
-            "--http-listen",
-            &free,
-        ]);
-    support::clean_env(&mut cmd);
-    let refused = support::Vaultd::spawn(cmd).expect_err("not started");
-    assert!(
-        refused.contains("choose another with --http-listen"),
-        "{refused}"
-    );
-    assert!(!refused.contains("opening the vault"), "{refused}");
+    let said = refused(&free, &free);
+    assert!(said.contains("choose another with --http-listen"), "{said}");
     let policies = s.path("policies.toml");
     std::fs::write(&policies, support::POLICIES).expect("write");
     std::fs::write(s.path("key"), "fvk_not_used_before_the_port\n").expect("write");
