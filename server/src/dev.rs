@@ -253,14 +253,15 @@ fn reopen(data_dir: PathBuf, passphrase_file: PathBuf) -> crate::live::Reopen {
     )
 }
 
-/// The dev CA, and a certificate for `localhost`, `127.0.0.1` and `::1`
-/// it issued, in `data_dir` (made on first use, reused after): the server's
-/// TLS configuration and the CA file clients trust.
 /// How long `vaultd dev`'s certificates are valid.
 const DEV_CERT_LIFETIME: time::Duration = time::Duration::days(90);
 /// An earlier run's certificate is made again when it expires within this.
 const DEV_CERT_RENEWED_BEFORE: time::Duration = time::Duration::days(7);
 
+/// The dev CA, and a certificate for `localhost`, `127.0.0.1` and `::1`
+/// it issued, in `data_dir` (made on first use, reused after): the server's
+/// TLS configuration and the CA file clients trust. (A certificate an
+/// earlier build made names no `::1`, until it is made again.)
 pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf)> {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, CidrSubnet, DistinguishedName,
