@@ -1796,17 +1796,31 @@ impl Shared {
     /// Routes the frames of a direct exchange as the reader task routes
     /// those of a stream, and closes when they do not decode or the server
     /// ended the connection.
+    /// The frames are decoded where they lie (a copy would keep a
+    /// redemption's fields in memory freed unwiped), each frame's payload
+    /// wiped once its message is decoded; [`Exchanged`] wipes the rest.
     fn deliver_all(&self, answer: Exchanged) {
-        let mut codec = MessageCodec::new();
-        let mut frames = bytes::BytesMut::from(&answer.frames[..]);
-        loop {
-            match codec.decode(&mut frames) {
-                Ok(Some(envelope)) => self.deliver(envelope),
-                Ok(None) if frames.is_empty() => break,
+        let mut rest = &answer.frames[..];
+        while !rest.is_empty() {
+            let decoded = match protocol::frame::decode_with_max(rest, protocol::MAX_FRAME_LEN) {
+                Ok(Some((mut frame, used))) => {
+                    rest = rest.get(used..).unwrap_or_default();
+                    let envelope = Message::from_frame(&frame).map(|message| Envelope {
+                        request_id: frame.request_id,
+                        last: frame.is_last(),
+                        message,
+                    });
+                    frame.payload.zeroize();
+                    envelope
+                }
                 Ok(None) => {
                     self.close(&ClientError::UnexpectedResponse("whole frames"));
                     return;
                 }
+                Err(e) => Err(e),
+            };
+            match decoded {
+                Ok(envelope) => self.deliver(envelope),
                 Err(e) => {
                     self.close(&ClientError::from(e));
                     return;
