@@ -351,6 +351,8 @@ pub async fn watch_with(live: LiveVault, reopen: Reopen, stop: CancellationToken
         let mut cut = false;
         let closed = loop {
             tokio::select! {
+                // A vault let go of as the grace ends is not cut off for.
+                biased;
                 closed = &mut closing => break closed,
                 () = &mut cut_at, if !cut => {
                     tracing::warn!(
