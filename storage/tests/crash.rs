@@ -41,7 +41,12 @@ fn crash_child() {
                         .append(Append::record(subject.clone(), body.into_bytes()))
                         .await
                         .expect("append");
-                    println!("ack {} {} {}", r.seq, hex::encode(r.entry_hash), subject);
+                    println!(
+                        "ack {} {} {} t{t}i{i}",
+                        r.seq,
+                        hex::encode(r.entry_hash),
+                        subject
+                    );
                 }
             }));
         }
@@ -62,7 +67,8 @@ fn acknowledged_appends_survive_sigkill() {
     let key = created.vault.public_key();
     created.vault.close().expect("close");
     let exe = std::env::current_exe().expect("test binary");
-    let mut acked: Vec<(u64, String, String)> = Vec::new();
+    // (seq, entry hash, subject, record) of each acknowledged append.
+    let mut acked: Vec<(u64, String, String, String)> = Vec::new();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     for cycle in 0..5 {
         rng ^= rng << 13;
@@ -87,12 +93,8 @@ fn acknowledged_appends_survive_sigkill() {
         let mut seen = 0;
         while seen < kill_after {
             let Some(Ok(line)) = lines.next() else { break };
-            if let Some(rest) = line.strip_prefix("ack ") {
-                let mut parts = rest.split(' ');
-                let seq = parts.next().and_then(|s| s.parse().ok()).expect("seq");
-                let hash = parts.next().expect("hash").to_string();
-                let subject = parts.next().expect("subject").to_string();
-                acked.push((seq, hash, subject));
+            if line.starts_with("ack ") {
+                acked.push(parse_ack(&line).unwrap_or_else(|| panic!("a whole line: {line}")));
                 seen += 1;
             }
         }
@@ -100,22 +102,11 @@ fn acknowledged_appends_survive_sigkill() {
         child.kill().expect("kill");
         let _ = child.wait();
         // Lines printed before the kill but not yet read are acknowledged too.
-        for line in lines.map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("ack ") {
-                let mut parts = rest.split(' ');
-                if let (Some(seq), Some(hash), Some(subject)) =
-                    (parts.next(), parts.next(), parts.next())
-                {
-                    if let Ok(seq) = seq.parse() {
-                        acked.push((seq, hash.to_string(), subject.to_string()));
-                    }
-                }
-            }
-        }
+        acked.extend(lines.map_while(Result::ok).filter_map(|l| parse_ack(&l)));
         assert!(seen > 0, "cycle {cycle}: child acknowledged nothing");
 
         let vault = Vault::open(&dir, &unlock(), Options::default()).expect("reopen after kill");
-        for (seq, hash, subject) in &acked {
+        for (seq, hash, subject, body) in &acked {
             let e = vault
                 .entry(*seq)
                 .expect("read")
@@ -126,7 +117,22 @@ fn acknowledged_appends_survive_sigkill() {
                 "cycle {cycle}: seq {seq} changed"
             );
             assert_eq!(&e.subject, subject);
-            assert!(vault.latest_record(subject).expect("decrypts").is_some());
+            // It decrypts to what was appended, and the subject's latest
+            // record is it or a later one.
+            let record = vault.record_at(*seq).expect("decrypts").expect("a record");
+            assert_eq!(
+                record.plaintext.as_slice(),
+                body.as_bytes(),
+                "cycle {cycle}: seq {seq}"
+            );
+            let latest = vault
+                .latest_record(subject)
+                .expect("decrypts")
+                .expect("a latest record");
+            assert!(
+                latest.seq >= *seq,
+                "cycle {cycle}: {subject}'s latest went back"
+            );
         }
         vault.close().expect("close");
         let report = verify(
@@ -144,4 +150,13 @@ fn acknowledged_appends_survive_sigkill() {
     let n = seqs.len();
     seqs.dedup();
     assert_eq!(seqs.len(), n, "a seq was acknowledged twice");
+}
+
+/// An `ack SEQ HASH SUBJECT BODY` line of the child: what it was told
+/// is durable.
+fn parse_ack(line: &str) -> Option<(u64, String, String, String)> {
+    let mut parts = line.strip_prefix("ack ")?.split(' ');
+    let seq = parts.next()?.parse().ok()?;
+    let (hash, subject, body) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((seq, hash.to_string(), subject.to_string(), body.to_string()))
 }

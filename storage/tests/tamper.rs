@@ -1333,6 +1333,23 @@ fn key_store_altered_is_key_mismatch() {
             .insert(data_key_name("mallory", 1), v)
             .expect("write keys");
     });
+    // Two subjects' wrapped keys exchanged: each is committed to under
+    // its own name (and bound to its subject as associated data).
+    let swapped_dk = fx.tampered(|raw| {
+        let key = |subject: &str| {
+            raw.keys
+                .get(data_key_name(subject, 1))
+                .expect("read keys")
+                .expect("a key")
+        };
+        let (alice, bob) = (key("alice"), key("bob"));
+        raw.keys
+            .insert(data_key_name("alice", 1), bob)
+            .expect("write keys");
+        raw.keys
+            .insert(data_key_name("bob", 1), alice)
+            .expect("write keys");
+    });
     // A forged crash marker that names a committed key as left over by a
     // group that never reached the log, so that it would be deleted.
     let forged = || pending_value(LAST + 1, &[data_key_name("alice", 1)]);
@@ -1350,6 +1367,7 @@ fn key_store_altered_is_key_mismatch() {
         &altered_master,
         &deleted_dk,
         &extra_dk,
+        &swapped_dk,
         &forged_pending,
         &forged_group_marker,
     ] {

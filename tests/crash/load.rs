@@ -59,6 +59,19 @@ impl Flags {
         self.judge(what, e)
     }
 
+    /// [`Flags::after_kill`] for a client's error: a typed answer other
+    /// than `unavailable` came from a server alive to give it (a
+    /// `token_spent` on a token's first redemption, an `internal`), which
+    /// no kill explains.
+    async fn after_kill_client(&self, what: &str, e: ClientError) -> Result<(), String> {
+        match e.server_code() {
+            Some(code) if code != ErrorCode::Unavailable => {
+                Err(format!("{what} was refused by the server: {e}"))
+            }
+            _ => self.after_kill(what, e).await,
+        }
+    }
+
     /// [`Flags::after_kill`] on a blocking thread.
     fn after_kill_blocking(&self, what: &str, e: impl fmt::Display) -> Result<(), String> {
         if self.may_crash {
@@ -104,7 +117,7 @@ async fn connect(
             Err(e) if flags.tolerated(&e) && !flags.killed() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => return flags.after_kill(what, e).await.map(|()| None),
+            Err(e) => return flags.after_kill_client(what, e).await.map(|()| None),
         }
     }
 }
@@ -375,7 +388,12 @@ async fn writer(
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
-            Err(e) => return flags.after_kill("an append", e).await.map(|()| acked),
+            Err(e) => {
+                return flags
+                    .after_kill_client("an append", e)
+                    .await
+                    .map(|()| acked)
+            }
         };
         if std::mem::take(&mut refused) {
             flags.resumed.fetch_add(1, Ordering::SeqCst);
@@ -442,7 +460,12 @@ async fn rotator(
         match result {
             Ok(entries) => acked.extend(entries),
             Err(e) if flags.tolerated(&e) => {}
-            Err(e) => return flags.after_kill("a key rotation", e).await.map(|()| acked),
+            Err(e) => {
+                return flags
+                    .after_kill_client("a key rotation", e)
+                    .await
+                    .map(|()| acked)
+            }
         }
     }
     Ok(acked)
@@ -486,7 +509,7 @@ async fn minter(
             Err(e) if flags.tolerated(&e) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(e) => return flags.after_kill("a mint", e).await.map(|()| n),
+            Err(e) => return flags.after_kill_client("a mint", e).await.map(|()| n),
         }
     }
     Ok(n)
@@ -597,7 +620,7 @@ async fn redeemer(
             // may not be spent (at most once, like a cut-off redemption).
             Err(e) if flags.tolerated(&e) => cut_off.push(t),
             Err(e) => {
-                flags.after_kill("a redemption", e).await?;
+                flags.after_kill_client("a redemption", e).await?;
                 cut_off.push(t);
             }
         }
