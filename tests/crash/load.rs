@@ -244,6 +244,21 @@ pub async fn drive(
             if matches!(ending, Ending::Crash(_)) && status.signal() != Some(6) {
                 return Err(format!("vaultd exited, not at its failpoint: {status}"));
             }
+            // And its last words name the failpoint: any other panic of
+            // an armed vaultd aborts it too.
+            if let Ending::Crash(name) = ending {
+                let said = format!("failpoint {name} panic");
+                // The process is gone: its log ends once its pipe is read.
+                let log: Vec<String> =
+                    std::iter::from_fn(|| server.log.recv_timeout(Duration::from_secs(10)).ok())
+                        .collect();
+                if !log.iter().any(|l| l.contains(&said)) {
+                    return Err(format!(
+                        "vaultd aborted, not at its failpoint {name}: {}",
+                        log.join("\n")
+                    ));
+                }
+            }
             crashed = Some(status);
             break;
         }
