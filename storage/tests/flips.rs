@@ -6,7 +6,12 @@
 //! Each flip damages a fresh copy of the data dir, and then:
 //!
 //! - nothing panics: `verify`, `Vault::open`, reads and the derived-state
-//!   check either succeed or return a typed error;
+//!   check either succeed or return a typed error that names damage
+//!   (integrity, decryption, an undecodable value, sled's or the file
+//!   system's error), never one of the harness or of the vault's use (a
+//!   lock still held, a closed vault), which would count an unnoticed
+//!   flip as noticed; a record refused as shredded is a detection only
+//!   when the derived-state check finds the state it came from damaged;
 //! - no read gives a wrong plaintext: every record that reads is the one
 //!   written;
 //! - every flip that changes stored content is detected: by `verify`
@@ -233,6 +238,29 @@ enum Outcome {
     Unchanged,
 }
 
+/// Whether `e` is an error a damaged data dir may give: the damage named
+/// (integrity, decryption, a value that does not decode, sled's or the
+/// file system's error, a sealed key or its parameters that no longer
+/// open), not an error of the harness or of the vault's use (a lock still
+/// held, a closed or poisoned vault, a refused request), which would pass
+/// an undetected flip off as a detection.
+fn names_damage(e: &storage::Error) -> bool {
+    use storage::Error as E;
+    matches!(
+        e,
+        E::Integrity { .. }
+            | E::Decrypt(_)
+            | E::Malformed(_)
+            | E::Sled(_)
+            | E::Io(_)
+            | E::WrongSecret
+            | E::WeakKdf(_)
+            | E::UnsupportedFormat { .. }
+            | E::NotFound(_)
+            | E::Unfinished(_)
+    )
+}
+
 /// A flip (file index, offset) and how it ended.
 type Flipped = (usize, u64, Result<Outcome, String>);
 
@@ -257,7 +285,12 @@ fn check(dir: &Path, x: &Expected) -> Result<Outcome, String> {
         verified_prefix: None,
     };
     let report = match verify(dir, &opts) {
-        Err(_) => return Ok(Outcome::VerifyError),
+        Err(e) if names_damage(&e) => return Ok(Outcome::VerifyError),
+        Err(e) => {
+            return Err(format!(
+                "verify failed with an error that names no damage: {e}"
+            ))
+        }
         Ok(r) => r,
     };
     if !report.ok() {
@@ -267,7 +300,12 @@ fn check(dir: &Path, x: &Expected) -> Result<Outcome, String> {
         return Ok(Outcome::HeldHead);
     }
     let vault = match Vault::open(dir, &unlock(), options()) {
-        Err(_) => return Ok(Outcome::OpenError),
+        Err(e) if names_damage(&e) => return Ok(Outcome::OpenError),
+        Err(e) => {
+            return Err(format!(
+                "open failed with an error that names no damage: {e}"
+            ))
+        }
         Ok(v) => v,
     };
     let mut outcome = None;
@@ -276,15 +314,30 @@ fn check(dir: &Path, x: &Expected) -> Result<Outcome, String> {
             Ok(Some(r)) if r.plaintext.as_slice() == plaintext.as_slice() => {}
             Ok(Some(_)) => return Err(format!("record {seq} read a wrong plaintext")),
             Ok(None) => return Err(format!("record {seq} vanished without an error")),
-            Err(_) => {
+            Err(e) if names_damage(&e) => {
                 outcome.get_or_insert(Outcome::ReadError);
+            }
+            // A record refused as shredded or of no subject is a lie about
+            // the vault unless the derived state it came from is found
+            // damaged below.
+            Err(storage::Error::SubjectShredded(_) | storage::Error::NoSuchSubject(_)) => {}
+            Err(e) => {
+                return Err(format!(
+                    "record {seq} failed with an error that names no damage: {e}"
+                ))
             }
         }
     }
     if outcome.is_none() {
         match vault.check_derived_state() {
             Ok(r) if r.differences == 0 => {}
-            _ => outcome = Some(Outcome::DerivedState),
+            Ok(_) => outcome = Some(Outcome::DerivedState),
+            Err(e) if names_damage(&e) => outcome = Some(Outcome::DerivedState),
+            Err(e) => {
+                return Err(format!(
+                    "the derived-state check failed with an error that names no damage: {e}"
+                ))
+            }
         }
     }
     vault.close().map_err(|e| format!("close failed: {e}"))?;
