@@ -222,7 +222,7 @@ impl Metrics {
         );
         registry.register(
             "proxy_headers",
-            "PROXY protocol headers from trusted TCP proxies by outcome (proxied, local, refused, timeout)",
+            "PROXY protocol headers from trusted TCP proxies by outcome (proxied, local, refused, timeout, closed: the connection ended before its first byte)",
             m.proxy_headers.clone(),
         );
         registry.register(

@@ -2269,12 +2269,21 @@ fn screen(
         Err(e) => return Screened::End(unreadable(0, e)),
     };
     let id = frame.request_id;
+    // A redemption refused here is counted under its code, as one
+    // refused where it is served is.
+    let redemption = frame.msg_type == protocol::MessageType::Redeem;
+    let refused = |code: ErrorCode| {
+        if redemption {
+            count_redemption(code.name());
+        }
+    };
     // Wiped when dropped: a request refused here (a new master secret, a
     // token) leaves no copy of its secret behind; one served is taken out.
     let mut message = match Message::from_frame(&frame) {
         Ok(m) => Unserved(Some(m)),
         Err(e) => {
             let code = e.wire_code().unwrap_or(ErrorCode::Malformed);
+            refused(code);
             return Screened::End((Some((id, error(code, &e.to_string()))), Err(e.into())));
         }
     };
@@ -2299,9 +2308,11 @@ fn screen(
             ErrorCode::Unauthenticated,
             "this connection's credential was revoked",
         );
+        refused(ErrorCode::Unauthenticated);
         return Screened::End((Some((id, m)), Err(ConnectionError::Unauthenticated)));
     }
     if message_ref.is_some_and(|m| !role.may(m)) {
+        refused(ErrorCode::Forbidden);
         let m = error(
             ErrorCode::Forbidden,
             &format!("the {} role may not send this request", role.name()),
@@ -2329,7 +2340,7 @@ fn screen(
             ),
             // Terminal, as its answer would be.
             Some(Message::Redeem { .. }) => {
-                count_redemption(ErrorCode::Unavailable.name());
+                refused(ErrorCode::Unavailable);
                 Screened::End((Some((id, recovering())), Ok(())))
             }
             _ => Screened::Answer(id, recovering()),
@@ -3993,6 +4004,55 @@ mod tests {
         }
         // Other tests of this binary may count too: never fewer.
         assert!(counted() > before);
+    }
+
+    /// A redemption refused before it is served (a revoked credential's,
+    /// one a role other than a partner's sends, one that does not decode)
+    /// is counted under its code too.
+    #[tokio::test]
+    async fn a_redemption_refused_before_it_is_served_is_counted() {
+        let counted = |code: ErrorCode| {
+            crate::metrics::global()
+                .redemptions
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: code.name(),
+                })
+                .get()
+        };
+        let redeem = || {
+            Message::Redeem { token: "x".into() }
+                .to_frame(1, 0)
+                .expect("a frame")
+        };
+        let refused = |screened: Screened| match screened {
+            Screened::End((Some((1, Message::Error { code, .. })), _))
+            | Screened::Answer(1, Message::Error { code, .. }) => code,
+            _ => panic!("a refusal"),
+        };
+        // A writer may not redeem.
+        let (_dir, vault, key) = vault_with("writer", "w").await;
+        let caller = authenticate(&vault, &key).expect("a writer");
+        let live = LiveVault::from(vault);
+        let before = counted(ErrorCode::Forbidden);
+        let code = refused(screen(Ok(Some(redeem())), &caller, &live));
+        assert_eq!(code, ErrorCode::Forbidden);
+        assert!(counted(ErrorCode::Forbidden) > before);
+        // A partner whose credential is revoked once it is connected.
+        let (_dir, vault, key) = vault_with("partner", "p").await;
+        let caller = authenticate(&vault, &key).expect("a partner");
+        vault.revoke_credential(&caller.id).await.expect("revoked");
+        let live = LiveVault::from(vault);
+        let before = counted(ErrorCode::Unauthenticated);
+        let code = refused(screen(Ok(Some(redeem())), &caller, &live));
+        assert_eq!(code, ErrorCode::Unauthenticated);
+        assert!(counted(ErrorCode::Unauthenticated) > before);
+        // A redemption whose payload does not decode.
+        let mut frame = redeem();
+        frame.payload = vec![0xff];
+        let before = counted(ErrorCode::Malformed);
+        let code = refused(screen(Ok(Some(frame)), &caller, &live));
+        assert_eq!(code, ErrorCode::Malformed);
+        assert!(counted(ErrorCode::Malformed) > before);
     }
 
     /// A new vault in a scratch dir (kept while the guard lives), and the

@@ -1316,10 +1316,11 @@ pub async fn metrics(State(shim): State<Arc<Shim>>, headers: HeaderMap) -> Respo
         arrived.checked_sub(SCRAPE_VAULT_WAIT).unwrap_or(arrived),
     );
     let up = match tokio::time::timeout(SCRAPE_VAULT_WAIT, asked).await {
+        // A vault recovering from a failed write answers, but refuses
+        // requests: not up (and its size, 0 meanwhile, is not taken).
+        Ok(Ok(h)) if h.status == "recovering" => 0,
         Ok(Ok(h)) => {
-            if h.status != "recovering" {
-                shim.metrics.log_entries.set(h.entries as i64);
-            }
+            shim.metrics.log_entries.set(h.entries as i64);
             1
         }
         Ok(Err(_)) | Err(_) => 0,
