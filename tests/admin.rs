@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 
 use serde_json::Value;
-use support::{run_bin, Run};
+use support::{run_bin, run_bin_with_stdin, Run};
 
 /// `vault-admin` with the connection flags after the subcommand (they
 /// are global), JSON output.
@@ -316,14 +316,25 @@ fn vault_admin_rotates_the_signing_and_master_keys_online_and_offline() {
         far.stderr.contains("would cross the network in plaintext"),
         "{far:?}"
     );
-    let r = admin(
-        &addr,
-        &key,
-        &[
+    // From a pipe, as `--new-passphrase-file <(gpg -d …)` gives it: read
+    // once.
+    let r = run_bin_with_stdin(
+        "fintrust-server",
+        "vault-admin",
+        [
             "rotate-master-key",
             "--new-passphrase-file",
-            new_pass.to_str().expect("utf-8"),
+            "/dev/stdin",
+            "--addr",
+            &addr,
+            "--api-key",
+            &key,
+            "--insecure-plaintext",
+            "--format",
+            "json",
         ],
+        &[],
+        &std::fs::read(&new_pass).expect("read"),
     )
     .ok_json();
     assert_eq!(r["rotated"], "master", "{r}");
@@ -702,6 +713,27 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
         .collect();
     assert_eq!(never.len(), 1, "{list}");
     assert_eq!(never[0]["revoked"], true, "{list}");
+    // A rotation made whose answer cannot be printed says it was made: a
+    // script that ran it again would rotate twice.
+    let before = admin(&addr, &key, &["keys"]).ok_json();
+    let r = support::run_bin_into_closed_pipe(
+        "fintrust-server",
+        "vault-admin",
+        [
+            "rotate-signing-key",
+            "--addr",
+            &addr,
+            "--api-key",
+            &key,
+            "--insecure-plaintext",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("the change was made"), "{r:?}");
+    let after = admin(&addr, &key, &["keys"]).ok_json();
+    let id = |k: &Value| k["signing"]["key_id"].as_u64().expect("a key id");
+    assert_eq!(id(&after), id(&before) + 1, "{after}");
 
     // Offline, on the stopped vault.
     let status = dev.stop();

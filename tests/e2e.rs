@@ -1320,6 +1320,37 @@ fn a_client_certificate_holds_a_credential_through_vault_admin_and_vault_client(
     let revoked = as_service(&svc_cert, &svc_key, &["ping"]);
     assert_eq!(revoked.code, 2, "{revoked:?}");
     assert!(vaultd.stop().success());
+
+    // On the stopped vault, the same refusal of a second credential for a
+    // certificate is the vault's (exit 2, `conflict`), as it is online.
+    let offline = || {
+        let dev_pass = dir.join("dev-passphrase");
+        support::run_bin(
+            "fintrust-server",
+            "vault-admin",
+            [
+                "credentials",
+                "create",
+                "--role",
+                "writer",
+                "--name",
+                "svc",
+                "--holder-cert",
+                &svc_cert,
+                "--data-dir",
+                dir.to_str().expect("utf-8"),
+                "--passphrase-file",
+                dev_pass.to_str().expect("utf-8"),
+                "--format",
+                "json",
+            ],
+            &[],
+        )
+    };
+    offline().ok_json();
+    let twice = offline();
+    assert_eq!(twice.code, 2, "{twice:?}");
+    assert!(twice.stderr.contains("conflict"), "{twice:?}");
 }
 
 /// The commands `vaultd dev` prints, pasted into bash in its order (with

@@ -72,6 +72,29 @@ pub fn unlock_from_args(passphrase_file: Option<&Path>, key_file: Option<&Path>)
     }
 }
 
+/// A new master secret to send over the wire (`RotateMasterKey`): the
+/// bytes of exactly one of a passphrase file or a key file, read once
+/// (a pipe, `<(…)`, can be read only once) and checked as the server will
+/// check them ([`unlock_of`]), so that a bad file fails before anything is
+/// sent.
+pub fn master_secret_from(
+    passphrase_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> Result<(protocol::SecretKind, Zeroizing<Vec<u8>>)> {
+    let (kind, path) = match (passphrase_file, key_file) {
+        (Some(p), None) => (protocol::SecretKind::Passphrase, p),
+        (None, Some(k)) => (protocol::SecretKind::KeyFile, k),
+        _ => {
+            return Err(Error::Usage(
+                "give one of --new-passphrase-file or --new-key-file".into(),
+            ))
+        }
+    };
+    let bytes = read(path)?;
+    unlock_of(kind, &bytes).map_err(|why| Error::Usage(format!("{}: {why}", path.display())))?;
+    Ok((kind, bytes))
+}
+
 /// The [`Unlock`] of a master secret sent over the wire (`RotateMasterKey`):
 /// a passphrase, or a key file's content; the reason when it cannot be
 /// one.

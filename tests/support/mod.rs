@@ -475,6 +475,35 @@ fn finished(bin: &str, output: std::io::Result<std::process::Output>) -> Run {
     }
 }
 
+/// [`run_bin`] with `input` on stdin, a pipe (as in `printf … | bin`,
+/// or a `<(…)` file): it can be read once.
+#[allow(dead_code)]
+pub fn run_bin_with_stdin<I, S>(
+    package: &str,
+    bin: &str,
+    args: I,
+    env: &[(&str, &str)],
+    input: &[u8],
+) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    use std::io::Write;
+    let mut child = tool(package, bin, args, env)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {bin}: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A tool that does not read it all gets EPIPE here: not this run's
+    // failure, which its exit tells.
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    finished(bin, child.wait_with_output())
+}
+
 /// [`run_bin`] with stdout a pipe whose reading end is already closed, as
 /// in `bin … | head -0`: every write to it fails (`EPIPE`).
 #[allow(dead_code)]

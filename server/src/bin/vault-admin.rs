@@ -312,22 +312,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let pinned = cli.public_key.as_deref().map(parse_key).transpose()?;
     match offline(&cli, pinned).await? {
-        Some(Done::Print(json, text)) => {
-            // An offline change is durable by now: say so when its output
-            // is lost (stdout closed), rather than leave it unknown.
-            cli.format.print(&json, &text).inspect_err(|_| {
-                let created = matches!(
-                    cli.command,
-                    Command::Credentials {
-                        command: Credentials::Create { .. }
-                    }
-                );
-                if created || irreversible(&cli.command) {
-                    eprintln!("note: the change was made; what failed is printing its result");
-                }
-            })?;
-            return Ok(());
-        }
+        Some(Done::Print(json, text)) => return print_done(&cli, &json, &text),
         Some(Done::Printed) => return Ok(()),
         None => {}
     }
@@ -932,8 +917,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     };
-    cli.format.print(&json, &text)?;
-    Ok(())
+    print_done(&cli, &json, &text)
+}
+
+/// Prints a command's result. A change is durable by the time it is
+/// printed: when the output is lost (stdout closed, as in `… | head -0`),
+/// say so on stderr rather than leave the operator to guess, and perhaps
+/// to run it again (a second rotation) or to keep a secret the vault no
+/// longer takes.
+fn print_done(cli: &Cli, json: &Value, text: &str) -> anyhow::Result<()> {
+    cli.format.print(json, text).inspect_err(|_| {
+        let created = matches!(
+            cli.command,
+            Command::Credentials {
+                command: Credentials::Create { .. }
+            }
+        );
+        if created || irreversible(&cli.command) {
+            eprintln!("note: the change was made; what failed is printing its result");
+        }
+    })
 }
 
 /// What a subcommand run on a stopped vault has left to do.
@@ -1057,8 +1060,27 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<D
                 return Ok(None);
             };
             let vault = open(offline, dir)?;
-            let (receipt, endorsement) = vault.rotate_signing_key().await?;
-            vault.close()?;
+            let (receipt, endorsement) = match vault.rotate_signing_key().await {
+                Ok(r) => r,
+                Err(e) => {
+                    if server::init::rotation_outcome_unknown(&e) {
+                        eprintln!(
+                            "note: the signing key's rotation may have taken effect before this \
+                             failure: `vault-admin keys` shows which key signs now; run it again \
+                             only if the key is the old one"
+                        );
+                    }
+                    return Err(e.into());
+                }
+            };
+            if let Err(e) = vault.close() {
+                eprintln!(
+                    "note: the signing key was rotated (key {}, key_rotated entry at seq {}, \
+                     durable); what failed is closing the vault",
+                    endorsement.key_id, receipt.seq
+                );
+                return Err(e.into());
+            }
             let (json, text) = signing_rotated(&receipt, &endorsement);
             Ok(Some(Done::Print(json, text)))
         }
@@ -1102,13 +1124,35 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<D
 /// An API-key credential made on a stopped vault, its key printed here
 /// (the caller prints nothing more). A key that cannot be shown is
 /// revoked again, as online.
+/// A storage error of a change made on a stopped vault: a refusal of the
+/// request (a conflict with a live credential, a value out of range) as
+/// the server would answer it online, so that it exits 2 there too
+/// (README, "Exit codes"); any other error as it is, a local one.
+fn refused_offline(e: storage::Error) -> anyhow::Error {
+    let code = match &e {
+        storage::Error::Conflict(_) => ErrorCode::Conflict,
+        storage::Error::Invalid(_) => ErrorCode::Invalid,
+        storage::Error::SubjectShredded(_) => ErrorCode::SubjectShredded,
+        storage::Error::NoSuchSubject(_) => ErrorCode::NotFound,
+        _ => return e.into(),
+    };
+    ClientError::Server {
+        code,
+        message: e.to_string(),
+    }
+    .into()
+}
+
 async fn offline_key_credential(
     cli: &Cli,
     vault: &storage::Vault,
     role: &str,
     name: &str,
 ) -> anyhow::Result<Done> {
-    let (id, key) = vault.create_credential(role, name).await?;
+    let (id, key) = vault
+        .create_credential(role, name)
+        .await
+        .map_err(refused_offline)?;
     show_new_key(cli.format, (&id, role, name), &key, async || {
         vault.revoke_credential(&id).await.map(|_| ())
     })
@@ -1150,7 +1194,10 @@ async fn offline_cert_credential(
     name: &str,
     sha256: &[u8; 32],
 ) -> anyhow::Result<Done> {
-    let id = vault.create_cert_credential(role, name, sha256).await?;
+    let id = vault
+        .create_cert_credential(role, name, sha256)
+        .await
+        .map_err(refused_offline)?;
     let fingerprint = hex::encode(sha256);
     Ok(Done::Print(
         json!({"id": id, "role": role, "name": name, "client_cert_sha256": fingerprint}),
@@ -1209,24 +1256,14 @@ fn master_rotated(seq: u64, entry_hash: &[u8; 32]) -> (Value, String) {
     )
 }
 
-/// The new master secret, as the protocol carries it.
+/// The new master secret, as the protocol carries it: the file read once
+/// and checked as the server will check it.
 fn new_secret(
     passphrase_file: Option<&Path>,
     key_file: Option<&Path>,
 ) -> anyhow::Result<(client::SecretKind, client::Zeroizing<Vec<u8>>)> {
-    let read = |p: &Path| {
-        std::fs::read(p)
-            .map(client::Zeroizing::new)
-            .with_context(|| format!("reading {}", p.display()))
-    };
-    // The same checks as the server's, so that a bad file fails here.
-    server::secrets::unlock_from(passphrase_file, key_file)
-        .context("the new secret (--new-passphrase-file or --new-key-file)")?;
-    match (passphrase_file, key_file) {
-        (Some(p), None) => Ok((client::SecretKind::Passphrase, read(p)?)),
-        (None, Some(k)) => Ok((client::SecretKind::KeyFile, read(k)?)),
-        _ => anyhow::bail!("give --new-passphrase-file or --new-key-file"),
-    }
+    server::secrets::master_secret_from(passphrase_file, key_file)
+        .context("the new secret (--new-passphrase-file or --new-key-file)")
 }
 
 /// Checks a receipt with the pinned key, or else the key the server
