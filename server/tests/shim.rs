@@ -979,10 +979,22 @@ async fn logs_page_filter_and_hash_as_documented() {
         }
     }
     assert_eq!(seqs(&paged), seqs(&all), "every event once, in order");
-    // `after` as far as JSON carries seqs exactly: the end of the log; past
-    // it, a 400 naming the bound.
+    // `after` the log's last seq: its end; past it (a typo, another
+    // vault's cursor), a 400 naming that seq rather than an end; past
+    // what JSON carries exactly, a 400 naming the bound.
+    let last = seqs(&all).last().copied().expect("a last seq");
+    let end = logs(&format!("/v1/logs?after={last}")).await;
+    assert_eq!(end.0, 200, "{}", end.1);
+    assert_eq!(end.1["next_after"], Value::Null, "{}", end.1);
     let far = logs("/v1/logs?after=9007199254740990").await;
-    assert_eq!((far.0, events(&far.1).len()), (200, 0), "{}", far.1);
+    assert_eq!(far.0, 400, "{}", far.1);
+    assert!(
+        far.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("past the log's last seq")),
+        "{}",
+        far.1
+    );
     let past = logs("/v1/logs?after=9007199254740991").await;
     assert_eq!(past.0, 400, "{}", past.1);
     assert!(
@@ -1025,6 +1037,33 @@ async fn logs_page_filter_and_hash_as_documented() {
         .cloned()
         .collect();
     assert_eq!(seqs(&events(&before.1)), seqs(&want));
+    // Bounds finer than the entries' milliseconds: `[since, until)` holds
+    // exactly (half a millisecond after an event's time, `until` keeps
+    // it and `since` leaves it out).
+    let t = at(all[3]["time"].as_str().expect("a time"));
+    let half = (t + time::Duration::microseconds(500))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("formatted");
+    let by = |keep: &dyn Fn(time::OffsetDateTime) -> bool| {
+        all.iter()
+            .filter(|e| e["time"].as_str().is_some_and(|x| keep(at(x))))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let upto = logs(&format!("/v1/logs?limit=1000&until={half}")).await;
+    assert_eq!(seqs(&events(&upto.1)), seqs(&by(&|x| x <= t)), "{half}");
+    let from = logs(&format!("/v1/logs?limit=1000&since={half}")).await;
+    assert_eq!(seqs(&events(&from.1)), seqs(&by(&|x| x > t)), "{half}");
+    // Nothing at or past `until` can match: the scan ends there, with no
+    // cursor to follow through the rest of the log.
+    let first = all[0]["time"].as_str().expect("a time");
+    let none = logs(&format!("/v1/logs?limit=1&until={first}")).await;
+    assert_eq!(none.0, 200, "{}", none.1);
+    assert_eq!(events(&none.1).len(), 0, "{}", none.1);
+    assert_eq!(none.1["next_after"], Value::Null, "{}", none.1);
+    // `since` after `until`: a 400, not pages of nothing.
+    let backwards = logs("/v1/logs?since=2030-01-01T00:00:00Z&until=2020-01-01T00:00:00Z").await;
+    assert_eq!(backwards.0, 400, "{}", backwards.1);
 
     let admin = client::Client::connect(client::ClientConfig {
         addr: r.protocol.to_string(),

@@ -298,9 +298,33 @@ pub fn rfc3339(ms: u64) -> String {
 /// every time the vault keeps is later (a consent that expired then has
 /// expired, a range that starts then starts at the log's beginning).
 fn parse_rfc3339(what: &str, s: &str) -> Result<u64, ApiError> {
+    Ok(u64::try_from(rfc3339_nanos(what, s)? / 1_000_000).unwrap_or(0))
+}
+
+/// [`parse_rfc3339`] rounded up to the next millisecond: a bound of
+/// `/v1/logs`, whose entries are stamped in milliseconds, so that
+/// `[since, until)` holds exactly for a bound finer than that.
+fn parse_rfc3339_ceil(what: &str, s: &str) -> Result<u64, ApiError> {
+    let nanos = rfc3339_nanos(what, s)?;
+    Ok(
+        u64::try_from(nanos.div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0))
+            .unwrap_or(0),
+    )
+}
+
+fn rfc3339_nanos(what: &str, s: &str) -> Result<i128, ApiError> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map_err(|_| ApiError::bad_request(format!("{what}: not an RFC 3339 time")))?;
-    Ok(u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+        .map_err(|_| {
+            // A `+` of an offset arrives as a space unless it is
+            // percent-encoded (`%2B`), as in any query string.
+            let hint = if s.contains(' ') {
+                " (write the `+` of an offset as %2B)"
+            } else {
+                ""
+            };
+            ApiError::bad_request(format!("{what}: not an RFC 3339 time{hint}"))
+        })?;
+    Ok(t.unix_timestamp_nanos())
 }
 
 impl Shim {
@@ -1009,6 +1033,20 @@ pub struct LogQuery {
 /// than `limit` events, and `next_after` says where to continue.
 const MAX_SCAN: u64 = 100_000;
 
+/// Bytes of entries one `/v1/logs` request reads at most: 100,000 entries
+/// of large records would be gigabytes. The page ends there, as at
+/// [`MAX_SCAN`].
+const MAX_SCAN_BYTES: usize = 64 * 1024 * 1024;
+
+/// The most of its `request_timeout` a `/v1/logs` request spends reading
+/// (half of it, at most 5 s): a scan that would outlast the timeout ends
+/// its page early with a `next_after`, so that a long stretch of entries
+/// that match nothing is crossed page by page instead of answered `408`
+/// again and again.
+fn scan_budget(request_timeout: Duration) -> Duration {
+    (request_timeout / 2).min(Duration::from_secs(5))
+}
+
 /// Bytes of payloads one `/v1/logs` page holds at most (at least one
 /// event): a payload may take 48 KiB, so 1,000 of them would otherwise
 /// make a page of ~48 MiB. The page ends before the event that would pass
@@ -1038,6 +1076,19 @@ struct NamedIn<'a> {
     recorded_by: Option<std::borrow::Cow<'a, str>>,
 }
 
+/// An audit payload as one line of JSON, or `None` when it is not JSON.
+/// The vault writes payloads compactly; one with a line break (from a
+/// vault a separate shim cannot vouch for) is written again without it,
+/// so that `format=jsonl` stays one event per line.
+fn one_line(payload: &[u8]) -> Option<Box<serde_json::value::RawValue>> {
+    let raw = serde_json::from_slice::<Box<serde_json::value::RawValue>>(payload).ok()?;
+    if !raw.get().contains(['\n', '\r']) {
+        return Some(raw);
+    }
+    let tree: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
+    serde_json::value::to_raw_value(&tree).ok()
+}
+
 pub async fn logs(
     State(shim): State<Arc<Shim>>,
     key: Bearer,
@@ -1053,13 +1104,18 @@ pub async fn logs(
     let since = q
         .since
         .as_deref()
-        .map(|s| parse_rfc3339("since", s))
+        .map(|s| parse_rfc3339_ceil("since", s))
         .transpose()?;
     let until = q
         .until
         .as_deref()
-        .map(|s| parse_rfc3339("until", s))
+        .map(|s| parse_rfc3339_ceil("until", s))
         .transpose()?;
+    if let (Some(since), Some(until)) = (since, until) {
+        if since > until {
+            return Err(ApiError::bad_request("since: after until"));
+        }
+    }
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad_request("limit: 1 to 1000"));
@@ -1086,11 +1142,28 @@ pub async fn logs(
     let mut from = start;
     let mut events: Vec<LogEvent> = Vec::new();
     let mut payload_bytes = 0;
+    let mut scanned_bytes = 0;
     let mut last_scanned = None;
     let mut at_end = false;
-    'scan: while from - start < MAX_SCAN {
-        let batch = c.entries(from, 1000).await.map_err(|e| vault_error(&e))?;
+    let deadline = Instant::now() + scan_budget(shim.config.request_timeout);
+    'scan: while from - start < MAX_SCAN && scanned_bytes < MAX_SCAN_BYTES {
+        if from > start && Instant::now() >= deadline {
+            break;
+        }
+        let ask = (MAX_SCAN - (from - start)).min(1000) as u32;
+        let batch = c.entries(from, ask).await.map_err(|e| vault_error(&e))?;
         if batch.is_empty() {
+            // A cursor past the log's end (a typo, another vault's) is
+            // not the end of this one.
+            if from == start && start > 0 {
+                let head = c.head().await.map_err(|e| vault_error(&e))?;
+                if start > head.entries {
+                    return Err(ApiError::bad_request(format!(
+                        "after: past the log's last seq ({})",
+                        head.entries.saturating_sub(1)
+                    )));
+                }
+            }
             at_end = true;
             break;
         }
@@ -1103,11 +1176,22 @@ pub async fn logs(
             let Some(next) = next else {
                 return Err(ApiError::internal("the vault sent entries out of order"));
             };
+            // Timestamps never decrease along the log (storage.md, and
+            // verify checks it): nothing from here on is before `until`.
+            if until.is_some_and(|t| e.timestamp_ms >= t) {
+                at_end = true;
+                break 'scan;
+            }
+            // The cheap checks first: a payload is read only for an entry
+            // they keep.
+            let mut wanted = kind.is_none_or(|k| k == e.kind)
+                && q.subject.as_deref().is_none_or(|s| s == e.subject)
+                && since.is_none_or(|t| e.timestamp_ms >= t);
             // Records are ciphertext: only their metadata is shown.
-            let payload = (e.kind != Kind::Record && e.key_version == 0)
-                .then(|| serde_json::from_slice::<Box<serde_json::value::RawValue>>(e.payload).ok())
+            let payload = (wanted && e.kind != Kind::Record && e.key_version == 0)
+                .then(|| one_line(e.payload))
                 .flatten();
-            let names_wanted = || {
+            if wanted && (q.partner.is_some() || q.recorded_by.is_some()) {
                 let names: NamedIn = payload
                     .as_deref()
                     .and_then(|p| serde_json::from_str(p.get()).ok())
@@ -1115,13 +1199,9 @@ pub async fn logs(
                 let is = |want: &Option<String>, has: &Option<std::borrow::Cow<str>>| {
                     want.as_deref().is_none_or(|w| has.as_deref() == Some(w))
                 };
-                is(&q.partner, &names.partner_id) && is(&q.recorded_by, &names.recorded_by)
-            };
-            let wanted = kind.is_none_or(|k| k == e.kind)
-                && q.subject.as_deref().is_none_or(|s| s == e.subject)
-                && since.is_none_or(|t| e.timestamp_ms >= t)
-                && until.is_none_or(|t| e.timestamp_ms < t)
-                && ((q.partner.is_none() && q.recorded_by.is_none()) || names_wanted());
+                wanted =
+                    is(&q.partner, &names.partner_id) && is(&q.recorded_by, &names.recorded_by);
+            }
             let size = payload.as_ref().map_or(0, |p| p.get().len());
             if wanted && !events.is_empty() && payload_bytes + size > MAX_PAGE_PAYLOAD_BYTES {
                 // Not scanned: the next page starts with it.
@@ -1129,6 +1209,7 @@ pub async fn logs(
             }
             last_scanned = Some(e.seq);
             from = next;
+            scanned_bytes += bytes.len();
             if !wanted {
                 continue;
             }
