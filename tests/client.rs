@@ -313,6 +313,7 @@ async fn a_silent_server_times_out() {
         addr: addr.to_string(),
         api_key: Zeroizing::new("fvk_x".into()),
         timeout: Duration::from_millis(300),
+        tls: client::Tls::Plaintext,
         ..ClientConfig::default()
     };
     assert!(matches!(

@@ -43,7 +43,8 @@ pub enum Tls {
     /// No TLS: API keys and personal data cross the network in the clear.
     /// Only for a server on the loopback interface during development; it
     /// has to be chosen by name, so that it is never the result of a
-    /// forgotten setting.
+    /// forgotten setting ([`ClientConfig::default`] chooses no TLS at all,
+    /// which [`ClientConfig::validate`] refuses).
     Plaintext,
     /// TLS 1.3 or 1.2 with the server's certificate checked against this
     /// CA only (not the system's roots: a vault's certificate comes from
@@ -92,12 +93,19 @@ pub struct ClientConfig {
 }
 
 impl Default for ClientConfig {
-    /// `127.0.0.1:9999` in plaintext with no key: [`ClientConfig::validate`]
-    /// refuses it until a key is set.
+    /// `127.0.0.1:9999` with no key and no TLS chosen (a [`Tls::Ca`] with
+    /// no CA file): [`ClientConfig::validate`] refuses it until a key is
+    /// set and `tls` is chosen, the vault's CA or, by name,
+    /// [`Tls::Plaintext`]. A config that only changes the address of the
+    /// default so never sends a key in the clear.
     fn default() -> Self {
         ClientConfig {
             addr: format!("127.0.0.1:{}", protocol::DEFAULT_PORT),
-            tls: Tls::Plaintext,
+            tls: Tls::Ca {
+                ca_pem_file: PathBuf::new(),
+                server_name: String::new(),
+                client_cert: None,
+            },
             api_key: Zeroizing::new(String::new()),
             client_name: format!("fintrust-client/{}", env!("CARGO_PKG_VERSION")),
             timeout: DEFAULT_TIMEOUT,
@@ -122,13 +130,21 @@ const MAX_STR: usize = u16::MAX as usize;
 
 impl ClientConfig {
     /// Checks what can be checked without touching the network or the
-    /// files: a non-empty address; a non-empty key, unless a client
+    /// files: a non-empty address; TLS chosen (a CA file named, or
+    /// [`Tls::Plaintext`]); a non-empty key, unless a client
     /// certificate stands for it; a timeout of more than zero and at most
     /// [`MAX_TIMEOUT`]; strings the protocol can carry; and a valid TLS
     /// server name.
     pub fn validate(&self) -> Result<()> {
         if self.addr.trim().is_empty() {
             return Err(ClientError::Config("the server address is empty".into()));
+        }
+        if matches!(&self.tls, Tls::Ca { ca_pem_file, .. } if ca_pem_file.as_os_str().is_empty()) {
+            return Err(ClientError::Config(
+                "no TLS chosen: set `tls` to `Tls::Ca` with the vault's CA file and server name \
+                 (or to `Tls::Plaintext`, by name, for a development server on loopback)"
+                    .into(),
+            ));
         }
         // Without a key, only a client certificate can stand for the
         // caller (a credential the vault binds to it).
@@ -566,6 +582,7 @@ mod tests {
     fn valid() -> ClientConfig {
         ClientConfig {
             api_key: Zeroizing::new("fvk_test".into()),
+            tls: Tls::Plaintext,
             ..ClientConfig::default()
         }
     }
@@ -616,7 +633,26 @@ mod tests {
         let c = ClientConfig::default();
         assert_eq!(c.addr, "127.0.0.1:9999");
         assert_eq!(c.timeout, Duration::from_secs(30));
-        assert_eq!(c.tls, Tls::Plaintext);
+    }
+
+    /// The default chooses no TLS, and a config that changes only its
+    /// address and key is refused, naming what to choose: never a key
+    /// sent in the clear by a forgotten setting.
+    #[test]
+    fn the_default_leaves_tls_to_be_chosen() {
+        let c = ClientConfig {
+            addr: "vault.prod.example:9999".into(),
+            api_key: Zeroizing::new("fvk_test".into()),
+            ..ClientConfig::default()
+        };
+        match c.validate() {
+            Err(ClientError::Config(m)) => assert!(m.contains("no TLS chosen"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            crate::connection::Connector::new(c),
+            Err(ClientError::Config(m)) if m.contains("no TLS chosen")
+        ));
     }
 
     #[test]

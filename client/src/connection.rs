@@ -37,8 +37,8 @@
 //! the connection is not taken for stalled: others time out alone.
 //! A connection the client keeps sends TCP keepalive probes after 30 s
 //! without traffic, three of them 10 s apart, and gives up on bytes the
-//! peer has not acknowledged for a minute (`TCP_USER_TIMEOUT`: the probes
-//! are not sent while any are in flight), so that a peer gone without a
+//! peer has not acknowledged for a minute (`TCP_USER_TIMEOUT`, on Linux:
+//! the probes are not sent while any are in flight), so that a peer gone without a
 //! reset is found within a minute or so even then: the connection fails
 //! with an I/O error, and the long request with it.
 //!
@@ -444,7 +444,16 @@ fn keep_alive(tcp: &TcpStream) -> std::io::Result<()> {
         .with_retries(KEEPALIVE_PROBES);
     let socket = socket2::SockRef::from(tcp);
     socket.set_tcp_keepalive(&probes)?;
-    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT))
+    // Linux's (and its kin's) alone; elsewhere the probes still find a
+    // dead peer once nothing is in flight.
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "fuchsia",
+        target_os = "cygwin"
+    ))]
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_LIMIT))?;
+    Ok(())
 }
 
 impl Connector {
@@ -2157,6 +2166,7 @@ mod tests {
     /// A connection the client keeps probes an idle peer, so that one gone
     /// without a reset fails it even while a long request waits; a
     /// redemption's connection of one write does not.
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_kept_connection_sends_keepalive_probes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -2287,6 +2297,7 @@ mod tests {
         let config = ClientConfig {
             api_key: Zeroizing::new("fvk_test".into()),
             timeout,
+            tls: Tls::Plaintext,
             ..ClientConfig::default()
         };
         let (r, w) = tokio::io::split(near);
@@ -2355,6 +2366,7 @@ mod tests {
     {
         let config = ClientConfig {
             api_key: Zeroizing::new("fvk_test".into()),
+            tls: Tls::Plaintext,
             ..ClientConfig::default()
         };
         Client::direct(Arc::new(Scripted(answer)), &config)
@@ -2768,6 +2780,7 @@ mod tests {
         let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
         let config = ClientConfig {
             api_key: Zeroizing::new("fvk_test".into()),
+            tls: Tls::Plaintext,
             ..ClientConfig::default()
         };
         for (answer, names) in [(&http[..], "in HTTP"), (&alert[..], "in TLS")] {
@@ -3076,6 +3089,7 @@ mod tests {
         let config = ClientConfig {
             api_key: Zeroizing::new("fvk_test".into()),
             timeout: crate::MAX_TIMEOUT + Duration::from_secs(1),
+            tls: Tls::Plaintext,
             ..ClientConfig::default()
         };
         assert!(
@@ -3119,6 +3133,7 @@ mod tests {
         let mut peer = Framed::new(far, MessageCodec::new());
         let config = ClientConfig {
             api_key: Zeroizing::new("fvk_wrong".into()),
+            tls: Tls::Plaintext,
             ..ClientConfig::default()
         };
         let (r, w) = tokio::io::split(near);

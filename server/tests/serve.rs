@@ -1478,6 +1478,7 @@ async fn a_client_over_a_direct_connection_gets_what_a_socket_gets() {
     let local = server::serve::Local::new(s.vault.clone().into(), ServeConfig::default());
     let config = |key: &str| client::ClientConfig {
         api_key: client::Zeroizing::new(key.to_owned()),
+        tls: client::Tls::Plaintext,
         ..client::ClientConfig::default()
     };
     let refused = client::Client::direct(local.direct(), &config("fvk_wrong")).await;
@@ -1727,6 +1728,7 @@ async fn certificate_holders_come_from_each_credentials_creation_entry() {
     let local = server::serve::Local::new(s.vault.clone().into(), ServeConfig::default());
     let config = client::ClientConfig {
         api_key: client::Zeroizing::new(s.admin.clone()),
+        tls: client::Tls::Plaintext,
         ..client::ClientConfig::default()
     };
     let admin = client::Client::direct(local.direct(), &config)

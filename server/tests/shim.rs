@@ -226,6 +226,7 @@ async fn a_start_revokes_the_shim_keys_earlier_runs_left_active() {
     let client = client::Client::connect(client::ClientConfig {
         addr: r.protocol.to_string(),
         api_key: client::Zeroizing::new(r.admin.clone()),
+        tls: client::Tls::Plaintext,
         ..client::ClientConfig::default()
     })
     .await
@@ -274,6 +275,7 @@ async fn health_tells_a_refused_shim_from_an_unreachable_vault() {
     let client = client::Client::connect(client::ClientConfig {
         addr: r.protocol.to_string(),
         api_key: client::Zeroizing::new(r.admin.clone()),
+        tls: client::Tls::Plaintext,
         ..client::ClientConfig::default()
     })
     .await
@@ -2218,6 +2220,7 @@ async fn a_request_its_client_abandoned_is_counted_as_499() {
             addr: vault_addr.to_string(),
             api_key: client::Zeroizing::new("fvk_gateway_of_nowhere".into()),
             timeout: Duration::from_secs(600),
+            tls: client::Tls::Plaintext,
             ..client::ClientConfig::default()
         }),
         ShimConfig::default(),
