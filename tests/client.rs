@@ -893,6 +893,94 @@ async fn vault_client_redeems_a_token_as_one_json_object() {
     let r = vault_client(&append, &writer).await;
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("larger than a record can be"), "{r:?}");
+
+    // Data or a receipt that cannot be written (stdout closed, `| head
+    // -0`): what was done is said on stderr, the token spent, the record
+    // appended with its seq, so that nobody appends it again.
+    let record = dir.path().join("record.json");
+    std::fs::write(&record, r#"{"name": "Grace"}"#).expect("record");
+    let token = mint().await;
+    let runs = [
+        (
+            vec!["redeem", "--token", token.as_str()],
+            s.partner.clone(),
+            "the token was redeemed and is spent",
+        ),
+        (
+            vec![
+                "append",
+                "--subject",
+                "cust-9",
+                "--record-file",
+                record.to_str().expect("utf-8"),
+            ],
+            s.writer.clone(),
+            "the record was appended (seq ",
+        ),
+    ];
+    for (command, key, said) in runs {
+        let mut args: Vec<String> = command.into_iter().map(String::from).collect();
+        args.extend(["--addr", &addr, "--insecure-plaintext"].map(String::from));
+        let r = tokio::task::spawn_blocking(move || {
+            support::run_bin_into_closed_pipe(
+                "fintrust-client",
+                "vault-client",
+                args,
+                &[("FINTRUST_API_KEY", &key)],
+            )
+        })
+        .await
+        .expect("run");
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(r.stderr.contains(said), "{r:?}");
+    }
+}
+
+/// A redemption whose connection closes before its answer says the token
+/// may be spent (the vault burns it before the data leaves); one whose
+/// connection is never made does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_client_says_a_redemption_cut_off_may_have_spent_its_token() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    // Reads what the client sends (its Hello and Redeem), then closes
+    // without an answer, as a vault that crashed after the burn would.
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+        }
+    });
+    let args = [
+        "redeem",
+        "--token",
+        "fvt_cut_off",
+        "--addr",
+        &addr,
+        "--insecure-plaintext",
+        "--api-key",
+        "fvk_partner",
+    ];
+    let r = vault_client(&args, &[]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("the token may be spent"), "{r:?}");
+    // Nothing listens on port 1: never reached, nothing said of the token.
+    let args = [
+        "redeem",
+        "--token",
+        "fvt_cut_off",
+        "--addr",
+        "127.0.0.1:1",
+        "--insecure-plaintext",
+        "--api-key",
+        "fvk_partner",
+    ];
+    let r = vault_client(&args, &[]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(!r.stderr.contains("may be spent"), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

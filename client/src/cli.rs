@@ -344,7 +344,38 @@ pub async fn redeem(config: ClientConfig, token: &str) -> anyhow::Result<Redeeme
     let addr = config.addr.clone();
     match Connector::new(config)?.redeem(token).await {
         Ok(r) => Ok(r.data),
-        Err(e) => Err(unless_refused(e, || format!("cannot redeem at {addr}"))),
+        Err(e) => {
+            let spent = if maybe_spent(&e) {
+                "; the token may be spent: the vault burns a token before its data leaves, \
+                 so a redemption cut off once it reached the vault loses the data (another \
+                 redemption answers token_spent then)"
+            } else {
+                ""
+            };
+            Err(unless_refused(e, || {
+                format!("cannot redeem at {addr}{spent}")
+            }))
+        }
+    }
+}
+
+/// Whether a redemption that failed with `e` may have reached the vault,
+/// which then burnt the token: the connection closed or reset, no answer
+/// in time, an answer that does not read. Not a refusal, a local error or
+/// a connection never made.
+fn maybe_spent(e: &ClientError) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        ClientError::Closed
+        | ClientError::Timeout
+        | ClientError::UnexpectedResponse(_)
+        | ClientError::WrongProtocol(_)
+        | ClientError::Protocol(_) => true,
+        ClientError::Io(io) => matches!(
+            io.kind(),
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof
+        ),
+        _ => false,
     }
 }
 

@@ -117,18 +117,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(verified) => (verified, None),
                 Err(e) => (false, Some(e)),
             };
-            cli.format.print(
-                &json!({
-                    "seq": receipt.seq,
-                    "entry_hash": hex::encode(receipt.entry_hash),
-                    "verified": verified,
-                }),
-                &format!(
-                    "seq: {}\nentry_hash: {}\nverified: {verified}",
-                    receipt.seq,
-                    hex::encode(receipt.entry_hash)
-                ),
-            )?;
+            cli.format
+                .print(
+                    &json!({
+                        "seq": receipt.seq,
+                        "entry_hash": hex::encode(receipt.entry_hash),
+                        "verified": verified,
+                    }),
+                    &format!(
+                        "seq: {}\nentry_hash: {}\nverified: {verified}",
+                        receipt.seq,
+                        hex::encode(receipt.entry_hash)
+                    ),
+                )
+                .inspect_err(|_| {
+                    // Appended all the same: said where it can be seen,
+                    // so that nobody appends it again.
+                    eprintln!(
+                        "note: the record was appended (seq {}, entry_hash {}); what failed is \
+                         printing its receipt",
+                        receipt.seq,
+                        hex::encode(receipt.entry_hash)
+                    );
+                })?;
             if let Some(e) = failed {
                 return Err(e);
             }
@@ -187,7 +198,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Always JSON: the record is data for another program.
             client::cli::print_line(
                 &json!({ "subject": r.subject, "seq": r.seq, "fields": fields }).to_string(),
-            )?;
+            )
+            .inspect_err(|_| {
+                eprintln!(
+                    "note: the token was redeemed and is spent; what failed is writing its data"
+                );
+            })?;
         }
         Command::Ping => {
             let client = connect(&cli).await?;
