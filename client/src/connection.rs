@@ -73,6 +73,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{rustls_config, server_name_of, ClientConfig, Tls, LONG_REQUEST_TIMEOUT};
 use crate::error::{ClientError, Result};
+use crate::secret::Secret;
 use crate::verify::verifying_key;
 
 /// A connection: plain TCP, or TLS over it.
@@ -1162,13 +1163,13 @@ impl Client {
         &self,
         role: impl Into<String>,
         name: impl Into<String>,
-    ) -> Result<(String, Zeroizing<String>)> {
+    ) -> Result<(String, Secret)> {
         let m = Message::CreateCredential {
             role: role.into(),
             name: name.into(),
         };
         match self.call(m).await? {
-            Message::CredentialKey { id, api_key } => Ok((id, Zeroizing::new(api_key))),
+            Message::CredentialKey { id, api_key } => Ok((id, Secret::from(api_key))),
             other => Err(refusal(other, "CredentialKey")),
         }
     }
@@ -1581,7 +1582,7 @@ impl Client {
         purpose: impl Into<String>,
         fields: Vec<(String, MaskOp)>,
         ttl_secs: u32,
-    ) -> Result<(Zeroizing<String>, u64)> {
+    ) -> Result<(Secret, u64)> {
         let m = Message::Mint {
             partner_id: partner_id.into(),
             subject: subject.into(),
@@ -1593,7 +1594,7 @@ impl Client {
             Message::Minted {
                 token,
                 expires_at_ms,
-            } => Ok((Zeroizing::new(token), expires_at_ms)),
+            } => Ok((Secret::from(token), expires_at_ms)),
             other => Err(refusal(other, "Minted")),
         }
     }

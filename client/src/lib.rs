@@ -67,6 +67,7 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod secret;
 pub mod sessions;
 pub mod verify;
 
@@ -77,6 +78,7 @@ pub use connection::{
     MAX_LISTED,
 };
 pub use error::{ClientError, Result};
+pub use secret::Secret;
 pub use verify::{verify_receipt, HeadTracker};
 
 pub use protocol::receipt::{

@@ -313,7 +313,7 @@ async fn prepare_remote(
         .create_credential("gateway", super::remote::CREDENTIAL_NAME)
         .await?;
     made.push(id);
-    Ok((partner_key, gateway_key))
+    Ok((partner_key, gateway_key.into_inner()))
 }
 
 /// The partner's side of [`prepare_remote`]: its credential (the API key
@@ -325,6 +325,7 @@ pub(super) async fn prepare_partner(
     made: &mut Vec<String>,
 ) -> Result<client::Zeroizing<String>> {
     let (id, partner_key) = admin.create_credential("partner", names.partner).await?;
+    let partner_key = partner_key.into_inner();
     made.push(id);
     let record: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(crate::dev::DEMO_RECORDS[0].1)
@@ -410,7 +411,7 @@ pub(super) async fn mint_one(gw: &Client) -> Result<String> {
 
 async fn mint_for(gw: &Client, names: &Names<'_>) -> Result<String> {
     let fields = FIELDS.iter().map(|(f, op)| (f.to_string(), *op)).collect();
-    let (mut token, _) = gw
+    let (token, _) = gw
         .mint(
             names.partner,
             names.subject,
@@ -420,6 +421,7 @@ async fn mint_for(gw: &Client, names: &Names<'_>) -> Result<String> {
         )
         .await?;
     // The benchmark keeps its tokens until it redeems them.
+    let mut token = token.into_inner();
     Ok(std::mem::take(&mut *token))
 }
 

@@ -545,7 +545,7 @@ pub async fn authorize(
             let minted = shim
                 .gw("mint", |c| async move { c.mint(p, s, pur, f, ttl).await })
                 .await;
-            let (mut token, expires_at_ms) = match minted {
+            let (token, expires_at_ms) = match minted {
                 Ok(m) => m,
                 Err(e) if e.code == ErrorCode::SubjectShredded.name() => {
                     return deny(&shim, &partner, &req, &source, Denial::SubjectShredded).await;
@@ -567,7 +567,7 @@ pub async fn authorize(
             crate::failpoints::before_reply("authorize");
             return Ok(axum::Json(AuthorizeResponse {
                 // Into the answer, which is the token's way to the partner.
-                token: zeroize::Zeroizing::new(std::mem::take(&mut *token)),
+                token: token.into_inner(),
                 vault_addr: shim.config.vault_addr.clone(),
                 expires_at: rfc3339(expires_at_ms),
                 fields: fields
