@@ -15,9 +15,11 @@
 //! task decodes each response and hands it to the sender registered under
 //! its request id; an `Entries` answer is collected there until the frame
 //! flagged `LAST`. When the connection fails or closes, every waiting
-//! caller gets the error and later calls fail at once with
-//! [`ClientError::Closed`]; there is no automatic reconnect, because which
-//! requests took effect is the caller's decision to make.
+//! caller gets the error (a request in flight that may have been done:
+//! [`ClientError::Closed`] when the connection ended) and later calls
+//! fail at once with [`ClientError::NotSent`], which was not; there is no
+//! automatic reconnect, because which requests took effect is the
+//! caller's decision to make.
 //!
 //! Timeouts cost no timer per request: a sweeper task of the connection
 //! looks through the map every eighth of the timeout (at least every
@@ -848,7 +850,7 @@ impl Client {
     }
 
     /// True once the connection has failed or been closed; every request
-    /// then fails with [`ClientError::Closed`].
+    /// then fails with [`ClientError::NotSent`].
     pub fn is_closed(&self) -> bool {
         self.shared.lock().closed
     }
@@ -1651,14 +1653,18 @@ impl Client {
             Transport::Stream { outgoing, .. } => {
                 match outgoing.try_send(frame) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(ClientError::Closed),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(ClientError::NotSent),
                     // Waiting for room in the queue ends too when the
                     // request is failed at its deadline.
                     Err(mpsc::error::TrySendError::Full(frame)) => tokio::select! {
-                        sent = outgoing.send(frame) => sent.map_err(|_| ClientError::Closed)?,
+                        sent = outgoing.send(frame) => sent.map_err(|_| ClientError::NotSent)?,
+                        // Failed while it waited for room: never queued.
                         answer = &mut rx => {
                             registered.answered = true;
-                            return answer.map_err(|_| ClientError::Closed)?;
+                            return match answer {
+                                Ok(Err(ClientError::Closed)) | Err(_) => Err(ClientError::NotSent),
+                                Ok(answer) => answer,
+                            };
                         }
                     },
                 }
@@ -1873,7 +1879,7 @@ impl Shared {
         };
         let mut state = self.lock();
         if state.closed {
-            return Err(ClientError::Closed);
+            return Err(ClientError::NotSent);
         }
         let mut id = state.last_id;
         loop {
@@ -2025,6 +2031,7 @@ fn replicate(e: &ClientError) -> ClientError {
         ClientError::WrongProtocol(s) => ClientError::WrongProtocol(s),
         ClientError::Timeout => ClientError::Timeout,
         ClientError::Closed => ClientError::Closed,
+        ClientError::NotSent => ClientError::NotSent,
         ClientError::BadReceipt(r) => ClientError::BadReceipt(*r),
         ClientError::BadKeyChain(c) => ClientError::BadKeyChain(*c),
         ClientError::Rollback { kept, got } => ClientError::Rollback {
@@ -2425,7 +2432,7 @@ mod tests {
             .await;
             assert!(client.ping().await.is_err());
             assert!(client.is_closed());
-            assert!(matches!(client.ping().await, Err(ClientError::Closed)));
+            assert!(matches!(client.ping().await, Err(ClientError::NotSent)));
         }
 
         // The server ends the connection: the answer first, then closed.
@@ -2436,7 +2443,18 @@ mod tests {
         .await;
         client.ping().await.expect("the last answer");
         assert!(client.is_closed());
-        assert!(matches!(client.ping().await, Err(ClientError::Closed)));
+        assert!(matches!(client.ping().await, Err(ClientError::NotSent)));
+
+        // The server ends the connection with a request in flight, which
+        // it may have done: `Closed`; the next is never sent: `NotSent`.
+        let client = direct(|_| Exchanged {
+            frames: Vec::new(),
+            closed: true,
+        })
+        .await;
+        let in_flight = client.ping().await;
+        assert!(matches!(in_flight, Err(ClientError::Closed)), "{in_flight:?}");
+        assert!(matches!(client.ping().await, Err(ClientError::NotSent)));
     }
 
     #[tokio::test]
@@ -2930,7 +2948,7 @@ mod tests {
         );
         assert!(client.is_closed());
         let later = client.ping().await;
-        assert!(matches!(later, Err(ClientError::Closed)), "{later:?}");
+        assert!(matches!(later, Err(ClientError::NotSent)), "{later:?}");
         assert_eq!(client.shared.lock().pending.len(), 0);
     }
 
@@ -3125,7 +3143,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(client.is_closed());
-        assert!(matches!(client.ping().await, Err(ClientError::Closed)));
+        assert!(matches!(client.ping().await, Err(ClientError::NotSent)));
     }
 
     #[tokio::test]

@@ -51,10 +51,17 @@ pub enum ClientError {
     /// with nothing heard from the server since it was sent.
     #[error("timed out")]
     Timeout,
-    /// The connection is closed (by the server, after an error, or after a
-    /// redemption); connect again.
+    /// The connection closed (by the server, after an error, or after a
+    /// redemption) while the request was in flight: it may have been
+    /// done (a record appended, a token burnt). Connect again, and find
+    /// out (a receipt, the log) before sending it again.
     #[error("connection closed")]
     Closed,
+    /// The connection was already closed when the request was made (by
+    /// the server, after an error, a redemption or a stall): the request
+    /// was not sent, so sending it again on a new connection is safe.
+    #[error("connection closed before the request was sent")]
+    NotSent,
     /// A receipt or signed head does not verify with the vault's public key.
     #[error("receipt does not verify")]
     BadReceipt(#[from] ReceiptError),

@@ -246,7 +246,8 @@ async fn verify(
                 e @ (ClientError::Io(_)
                 | ClientError::Tls(_)
                 | ClientError::Timeout
-                | ClientError::Closed),
+                | ClientError::Closed
+                | ClientError::NotSent),
             ) => {
                 match client::verify_receipt(receipt, &key) {
                     Ok(()) => Ok(true),
@@ -310,7 +311,8 @@ fn unverified(e: ClientError, what: &str) -> anyhow::Result<bool> {
         e @ (ClientError::Io(_)
         | ClientError::Tls(_)
         | ClientError::Timeout
-        | ClientError::Closed) => {
+        | ClientError::Closed
+        | ClientError::NotSent) => {
             eprintln!("note: receipt not verified: {e}");
             Ok(false)
         }

@@ -1230,7 +1230,7 @@ fn outcome_unknown(e: &client::ClientError) -> bool {
         ClientError::Server { code, .. } => {
             matches!(code, ErrorCode::Unavailable | ErrorCode::Internal)
         }
-        ClientError::Config(_) => false,
+        ClientError::Config(_) | ClientError::NotSent => false,
         _ => true,
     }
 }

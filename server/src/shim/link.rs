@@ -229,6 +229,7 @@ pub fn is_transport(e: &ClientError) -> bool {
             | ClientError::Protocol(_)
             | ClientError::Timeout
             | ClientError::Closed
+            | ClientError::NotSent
             | ClientError::UnexpectedResponse(_)
     )
 }
