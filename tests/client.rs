@@ -528,7 +528,15 @@ async fn vault_client_binary_exit_codes() {
     assert_eq!(r.code, 0, "{r:?}");
     let v = r.json();
     assert_eq!(v["verified"], true, "{r:?}");
+    assert_eq!(v["verified_with"], "server_reported_key", "{r:?}");
     let seq = v["seq"].as_u64().expect("seq");
+    // The receipt itself, to keep: it decodes, and verifies offline.
+    let receipt = client::Receipt::decode(
+        &hex::decode(v["receipt"].as_str().expect("a receipt")).expect("hex"),
+    )
+    .expect("a receipt");
+    assert_eq!(receipt.seq, seq);
+    client::verify_receipt(&receipt, &s.public_key()).expect("verifies");
 
     // A writer with the pinned key verifies too.
     let append_pinned = |key: String| {
@@ -558,6 +566,7 @@ async fn vault_client_binary_exit_codes() {
     let r = append_pinned(key.clone()).await;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["verified"], true);
+    assert_eq!(r.json()["verified_with"], "public_key");
     // Pinned to another key: the receipt does not verify (exit 1), and
     // is printed all the same, since the record is in the log.
     let r = append_pinned(hex::encode([7u8; 32])).await;
@@ -568,6 +577,7 @@ async fn vault_client_binary_exit_codes() {
     );
     let v = r.json();
     assert_eq!(v["verified"], false, "{r:?}");
+    assert_eq!(v["verified_with"], serde_json::Value::Null, "{r:?}");
     assert!(v["seq"].as_u64() > Some(seq), "{r:?}");
 
     let r = vault_client(
@@ -581,6 +591,15 @@ async fn vault_client_binary_exit_codes() {
     let entries = v["entries"].as_u64().expect("entries");
     assert!(entries >= seq + 2, "{v}");
     assert_eq!(v["signed_head"]["last_seq"].as_u64(), Some(entries - 1));
+    // The head as signed, to keep (`HeadTracker::starting_from`,
+    // `vault-verify --head-file`): it decodes and verifies.
+    let head = client::SignedHead::decode(
+        &hex::decode(v["signed_head"]["encoded"].as_str().expect("encoded")).expect("hex"),
+    )
+    .expect("a signed head");
+    assert_eq!(Some(head.last_seq), Some(entries - 1));
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&s.public_key()).expect("a key");
+    assert!(head.verify(&vk));
     // The pinned key is checked: the vault's own passes, another is a
     // local failure with nothing on stdout, and so is one that is not a
     // key, whatever the subcommand.

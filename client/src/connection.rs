@@ -2453,7 +2453,10 @@ mod tests {
         })
         .await;
         let in_flight = client.ping().await;
-        assert!(matches!(in_flight, Err(ClientError::Closed)), "{in_flight:?}");
+        assert!(
+            matches!(in_flight, Err(ClientError::Closed)),
+            "{in_flight:?}"
+        );
         assert!(matches!(client.ping().await, Err(ClientError::NotSent)));
     }
 

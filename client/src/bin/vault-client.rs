@@ -113,16 +113,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // The record is in the log whatever the check finds: its
             // receipt is printed either way, so that nobody appends it
             // again, and a receipt that does not verify then exits 1.
-            let (verified, failed) = match verify(&client, &receipt, pinned).await {
-                Ok(verified) => (verified, None),
-                Err(e) => (false, Some(e)),
+            let (with, failed) = match verify(&client, &receipt, pinned).await {
+                Ok(with) => (with, None),
+                Err(e) => (None, Some(e)),
             };
+            let verified = with.is_some();
             cli.format
                 .print(
                     &json!({
                         "seq": receipt.seq,
                         "entry_hash": hex::encode(receipt.entry_hash),
                         "verified": verified,
+                        "verified_with": with,
+                        "receipt": hex::encode(receipt.encode()),
                     }),
                     &format!(
                         "seq: {}\nentry_hash: {}\nverified: {verified}",
@@ -162,6 +165,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "last_hash": hex::encode(h.last_hash),
                     "group_root": hex::encode(h.group_root),
                     "timestamp_ms": h.timestamp_ms,
+                    "encoded": hex::encode(h.encode()),
                 })
             });
             let mut text = format!(
@@ -228,17 +232,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a receipt was verified with: the key given with `--public-key`,
+/// or the one the server reports (which a server that lies also would).
+const PINNED: &str = "public_key";
+const REPORTED: &str = "server_reported_key";
+
 /// Verifies `receipt` with the pinned key, or else with the key the
-/// server reports when the role may read the head. `Ok(false)` when no key
-/// could be had; an `Err` when a check fails.
+/// server reports when the role may read the head: `Ok(Some(`[`PINNED`]
+/// or [`REPORTED`]`))`, `Ok(None)` when no key could be had; an `Err`
+/// when a check fails.
 async fn verify(
     client: &Client,
     receipt: &Receipt,
     pinned: Option<[u8; 32]>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<&'static str>> {
     if let Some(key) = pinned {
         return match client.verify_receipt(receipt, &key).await {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(Some(PINNED)),
             // The connection ended before the key chain came: a pinned key
             // is a check that must be made, so the receipt is checked
             // without the chain, which a head of key 0 needs none of.
@@ -250,7 +260,7 @@ async fn verify(
                 | ClientError::NotSent),
             ) => {
                 match client::verify_receipt(receipt, &key) {
-                    Ok(()) => Ok(true),
+                    Ok(()) => Ok(Some(PINNED)),
                     Err(_) if receipt.head.key_id != 0 => bail!(
                     "the receipt could not be checked against --public-key: its head is signed \
                      by key {}, which only the vault's key chain vouches for, and the connection \
@@ -275,7 +285,7 @@ async fn verify(
                  pass --public-key to verify",
                 client::cli::printable(client.role())
             );
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return unverified(e, "the server's signed head does not check out"),
     };
@@ -297,7 +307,7 @@ async fn verify(
             receipt.seq
         ),
     }
-    Ok(true)
+    Ok(Some(REPORTED))
 }
 
 /// A check that could not be made because the connection failed before
@@ -306,7 +316,7 @@ async fn verify(
 /// verify, and as much an answer that does not decode, or a refusal
 /// (`KeyChain` is open to every role, and `Head` refused as `forbidden`
 /// is handled before).
-fn unverified(e: ClientError, what: &str) -> anyhow::Result<bool> {
+fn unverified(e: ClientError, what: &str) -> anyhow::Result<Option<&'static str>> {
     match e {
         e @ (ClientError::Io(_)
         | ClientError::Tls(_)
@@ -314,7 +324,7 @@ fn unverified(e: ClientError, what: &str) -> anyhow::Result<bool> {
         | ClientError::Closed
         | ClientError::NotSent) => {
             eprintln!("note: receipt not verified: {e}");
-            Ok(false)
+            Ok(None)
         }
         // Not as a refusal of the request (exit 2): the append was done.
         ClientError::Server { code, message } => bail!(
@@ -510,7 +520,7 @@ mod tests {
         ];
         for e in notes {
             let shown = e.to_string();
-            assert!(matches!(unverified(e, "check"), Ok(false)), "{shown}");
+            assert!(matches!(unverified(e, "check"), Ok(None)), "{shown}");
         }
         let failures = [
             ClientError::Server {
