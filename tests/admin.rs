@@ -140,6 +140,7 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
         })
         .collect();
     assert_eq!(versions, vec![(1, "retired"), (2, "active")], "{dry}");
+    assert_eq!(dry["would"], "shred", "{dry}");
 
     // Shred, then every refusal exits 2 with its code.
     let shred = admin(&addr, &key, &["shred", "--subject", &subject]).ok_json();
@@ -148,6 +149,16 @@ fn vault_admin_shreds_rotates_and_reports_keys_with_exit_codes() {
         &admin(&addr, &key, &["shred", "--subject", &subject]),
         "subject_shredded",
     );
+    // A dry run says so beforehand.
+    let dry = admin(&addr, &key, &["shred", "--subject", &subject, "--dry-run"]).ok_json();
+    assert_eq!(dry["would"], "refused: subject_shredded", "{dry}");
+    let dry = admin(
+        &addr,
+        &key,
+        &["shred", "--subject", "nobody-at-all", "--dry-run"],
+    )
+    .ok_json();
+    assert_eq!(dry["would"], "refused: not_found", "{dry}");
     refused(
         &admin(&addr, &key, &["rotate-subject-key", "--subject", &subject]),
         "subject_shredded",

@@ -151,15 +151,13 @@ enum Transport {
 /// `cursor` and after the one before it: what a paging loop needs to end.
 fn ascending_after<T: Ord>(cursor: T, items: impl IntoIterator<Item = T>) -> bool {
     let mut last = cursor;
-    let mut any = false;
     for item in items {
         if item <= last {
             return false;
         }
         last = item;
-        any = true;
     }
-    any
+    true
 }
 
 /// What `Head` answers: the vault's public key, how many entries are
@@ -1475,8 +1473,11 @@ impl Client {
             };
             let (page, next) = self.credentials_page(Some(last.clone()), 0).await?;
             // Each page must hold credentials after the last one's, in
-            // order, or paging might never end.
-            if !ascending_after(last.as_str(), page.iter().map(|c| c.id.as_str())) {
+            // order, and an empty one must be the last, or paging might
+            // never end.
+            if !ascending_after(last.as_str(), page.iter().map(|c| c.id.as_str()))
+                || (page.is_empty() && next)
+            {
                 return Err(ClientError::UnexpectedResponse(
                     "a page of credentials in order after the previous one",
                 ));
@@ -2157,7 +2158,10 @@ mod tests {
     #[test]
     fn a_page_must_hold_items_in_order_after_the_cursor() {
         assert!(ascending_after(3, [4, 5, 9]));
-        assert!(!ascending_after(3, []));
+        // Nothing after the cursor (a cursor past the last item, or items
+        // removed since the page before): the end, unless the page says
+        // more follow, which its caller refuses.
+        assert!(ascending_after(3, []));
         assert!(!ascending_after(3, [3, 4]));
         assert!(!ascending_after(3, [5, 4]));
         assert!(!ascending_after(3, [4, 4]));

@@ -592,9 +592,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 hex::encode(key),
                 client::cli::printable(subject)
             );
-            if keys.is_empty() {
+            // What a shred would do: refused without a key, or once the
+            // subject is shredded; otherwise destroy the keys listed.
+            let shredded = !keys.is_empty() && keys.iter().all(|k| k.life == KeyLife::Shredded);
+            let would = if keys.is_empty() {
                 text.push_str("no data key: a shred would be refused (not_found)");
-            }
+                "refused: not_found"
+            } else if shredded {
+                text.push_str("already shredded: a shred would be refused (subject_shredded)\n");
+                "refused: subject_shredded"
+            } else {
+                "shred"
+            };
             for k in &keys {
                 text.push_str(&format!(
                     "data key version {}: {}, {} records encrypted\n",
@@ -605,7 +614,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             (
                 json!({"dry_run": true, "addr": cli.addr, "public_key": hex::encode(key),
-                       "subject": subject, "keys": list}),
+                       "subject": subject, "keys": list, "would": would}),
                 text.trim_end().to_string(),
             )
         }
