@@ -59,7 +59,8 @@
 //!
 //! Recovery (`replay`, run by every open of a data dir before anything
 //! reads sled): the segments are read in the order of their names, and the
-//! records in file order. sled recovers a prefix of its own writes, and
+//! records in file order, one at a time (`SegmentReader`: the memory an
+//! open takes does not grow with the segment's size). sled recovers a prefix of its own writes, and
 //! receives a group's batches in the record's order, after every earlier
 //! record's; so a group whose log chunk sled holds is wholly in sled up to
 //! its log batch, and it is skipped. What follows that batch in a group
@@ -299,62 +300,133 @@ pub struct Segment {
     pub torn: bool,
 }
 
-/// Reads a segment's bytes. Never trusts a length: a record's claimed
-/// length is checked against the bytes left before anything is copied.
-/// A record whose CRC holds but whose body does not decode is an error
-/// (`Malformed`): that is not a torn write.
+/// Reads a segment's bytes whole ([`SegmentReader`] over them). Never
+/// trusts a length: a record's claimed length is checked against the bytes
+/// left before anything is copied. A record whose CRC holds but whose body
+/// does not decode is an error (`Malformed`): that is not a torn write.
 pub fn read_segment(bytes: &[u8]) -> Result<Segment> {
-    // Shorter than a header, or zeros only: a segment whose first sync a
-    // power loss cut off, after its name and size reached the disk but
-    // before its content did (a file system that updates the size first
-    // reads the rest back as zeros). No record was written before that
-    // sync, so it holds none. A zeroed header before records is damage.
-    if bytes.len() < HEADER_LEN || bytes.iter().all(|&b| b == 0) {
-        return Ok(Segment {
-            groups: Vec::new(),
-            torn: true,
-        });
-    }
-    if &bytes[..6] != SEGMENT_MAGIC {
-        return Err(Error::Malformed("write-ahead segment has a bad magic"));
-    }
-    if !matches!(
-        u16::from_be_bytes([bytes[6], bytes[7]]),
-        1 | SEGMENT_VERSION
-    ) {
-        return Err(Error::Malformed(
-            "write-ahead segment has an unknown version",
-        ));
-    }
-    let mut rest = &bytes[HEADER_LEN..];
+    let mut reader = SegmentReader::new(bytes, bytes.len() as u64)?;
     let mut groups = Vec::new();
-    while !rest.is_empty() {
-        if rest.len() < 8 || rest[..8] == [0; 8] {
-            // The zeros after the records (no record is empty), eight of
-            // them or the fewer a segment closed before its zeros ran
-            // further ends with. Anything else after or among them is a
-            // record cut short, or one whose start did not reach the
-            // disk: torn.
-            return Ok(Segment {
-                groups,
-                torn: rest.iter().any(|&b| b != 0),
-            });
-        }
-        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let crc = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
-        let Some(body) = rest.get(8..8 + len) else {
-            return Ok(Segment { groups, torn: true });
-        };
-        if crc32fast::hash(body) != crc {
-            return Ok(Segment { groups, torn: true });
-        }
-        groups.push(decode_body(body)?);
-        rest = &rest[8 + len..];
+    while let Some(g) = reader.next_group()? {
+        groups.push(g);
     }
     Ok(Segment {
         groups,
-        torn: false,
+        torn: reader.torn(),
     })
+}
+
+/// A segment's records read one at a time from `src`, a segment of `len`
+/// bytes, so that an open after a crash holds one commit group at a time
+/// rather than the segment (up to `Options::wal_segment_bytes`, 64 MiB by
+/// default) and every group decoded from it. Never trusts a length: a
+/// record's claimed length is checked against the bytes left before
+/// anything is allocated for it.
+#[derive(Debug)]
+pub struct SegmentReader<R> {
+    src: R,
+    /// Bytes of the segment not read yet.
+    left: u64,
+    /// Set once the records ended: whether they ended torn.
+    ended: Option<bool>,
+}
+
+impl<R: std::io::Read> SegmentReader<R> {
+    /// Reads the segment's header. Shorter than a header, or zeros only:
+    /// a segment whose first sync a power loss cut off, after its name
+    /// and size reached the disk but before its content did (a file
+    /// system that updates the size first reads the rest back as zeros).
+    /// No record was written before that sync, so it holds none: torn. A
+    /// zeroed header before records is damage.
+    pub fn new(src: R, len: u64) -> Result<Self> {
+        let mut r = SegmentReader {
+            src,
+            left: len,
+            ended: None,
+        };
+        if len < HEADER_LEN as u64 {
+            r.ended = Some(true);
+            return Ok(r);
+        }
+        let mut header = [0u8; HEADER_LEN];
+        r.read(&mut header)?;
+        if header == [0; HEADER_LEN] && r.zeros_to_end()? {
+            r.ended = Some(true);
+            return Ok(r);
+        }
+        if &header[..6] != SEGMENT_MAGIC {
+            return Err(Error::Malformed("write-ahead segment has a bad magic"));
+        }
+        if !matches!(
+            u16::from_be_bytes([header[6], header[7]]),
+            1 | SEGMENT_VERSION
+        ) {
+            return Err(Error::Malformed(
+                "write-ahead segment has an unknown version",
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The next record's group, or `None` once the records end
+    /// ([`SegmentReader::torn`] then says how they ended).
+    pub fn next_group(&mut self) -> Result<Option<GroupWrite>> {
+        if self.ended.is_some() {
+            return Ok(None);
+        }
+        // The zeros after the records (no record is empty), eight of them
+        // or the fewer a segment closed before its zeros ran further ends
+        // with. Anything else after or among them is a record cut short,
+        // or one whose start did not reach the disk: torn.
+        if self.left < 8 {
+            self.ended = Some(!self.zeros_to_end()?);
+            return Ok(None);
+        }
+        let mut head = [0u8; 8];
+        self.read(&mut head)?;
+        if head == [0; 8] {
+            self.ended = Some(!self.zeros_to_end()?);
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let crc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if u64::from(len) > self.left {
+            self.ended = Some(true);
+            return Ok(None);
+        }
+        let mut body = vec![0u8; len as usize];
+        self.read(&mut body)?;
+        if crc32fast::hash(&body) != crc {
+            self.ended = Some(true);
+            return Ok(None);
+        }
+        decode_body(&body).map(Some)
+    }
+
+    /// Whether bytes after the records read were cut short or failed
+    /// their CRC (or the header itself was): meaningful once
+    /// [`SegmentReader::next_group`] returned `None`.
+    pub fn torn(&self) -> bool {
+        self.ended == Some(true)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.src.read_exact(buf)?;
+        self.left -= buf.len() as u64;
+        Ok(())
+    }
+
+    /// Reads the rest of the segment: whether it is zeros only.
+    fn zeros_to_end(&mut self) -> Result<bool> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut zeros = true;
+        while self.left > 0 {
+            let n = self.left.min(buf.len() as u64) as usize;
+            self.read(&mut buf[..n])?;
+            zeros &= buf[..n].iter().all(|&b| b == 0);
+        }
+        Ok(zeros)
+    }
 }
 
 fn wal_dir(dir: &Path) -> PathBuf {
@@ -442,17 +514,16 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
                 "a write-ahead segment is not a regular file",
             )));
         }
-        let bytes = std::fs::read(&segment.1)?;
-        let seg = read_segment(&bytes).map_err(&damaged)?;
-        if seg.torn {
-            if i + 1 != found.len() {
-                return Err(damaged(Error::Malformed(
-                    "a write-ahead segment before the last one is cut short or fails its CRC",
-                )));
-            }
-            done.torn = true;
-        }
-        for g in seg.groups {
+        // One group at a time (`SegmentReader`): a segment may be as
+        // large as `Options::wal_segment_bytes`. The groups before a tear
+        // in a segment that is not the last are applied before the tear
+        // is found and the open refused: each is checked to follow the
+        // log, and a group applied again changes nothing.
+        let file = File::open(&segment.1)?;
+        let len = file.metadata()?.len();
+        let mut seg = SegmentReader::new(std::io::BufReader::with_capacity(1 << 20, file), len)
+            .map_err(&damaged)?;
+        while let Some(g) = seg.next_group().map_err(&damaged)? {
             if store.log.contains_key(g.first_seq.to_be_bytes())? {
                 // sled may have made the pointers durable before the
                 // chunks file held their bytes (`logfile`).
@@ -475,6 +546,14 @@ pub(crate) fn replay(store: &Store) -> Result<Replayed> {
                 b.apply(store).map_err(&damaged)?;
             }
             done.applied += 1;
+        }
+        if seg.torn() {
+            if i + 1 != found.len() {
+                return Err(damaged(Error::Malformed(
+                    "a write-ahead segment before the last one is cut short or fails its CRC",
+                )));
+            }
+            done.torn = true;
         }
     }
     finish(&mut held)?;
@@ -1427,6 +1506,43 @@ mod tests {
             assert_eq!(key(&store, "master")?, None, "nothing of it applied");
             remove_all(&dir)?;
         }
+        Ok(())
+    }
+
+    /// A segment is read a record at a time: when the first group is
+    /// handed out, nothing past its record has been read, and the groups
+    /// and the tear are those `read_segment` finds in the whole bytes.
+    #[test]
+    fn a_segment_is_read_one_record_at_a_time() -> Result<()> {
+        struct Counted<'a>(&'a [u8], std::rc::Rc<std::cell::Cell<usize>>);
+        impl std::io::Read for Counted<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.read(buf)?;
+                self.1.set(self.1.get() + n);
+                Ok(n)
+            }
+        }
+        let mut g = group();
+        let mut records = Vec::new();
+        for seq in 0..3u64 {
+            g.first_seq = seq;
+            records.push(encode_record(&g)?);
+        }
+        let mut bytes = segment(&records);
+        bytes.extend_from_slice(b"torn tail");
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut reader = SegmentReader::new(Counted(&bytes, read.clone()), bytes.len() as u64)?;
+        let first = reader.next_group()?.expect("a first group");
+        assert_eq!(read.get(), HEADER_LEN + records[0].len());
+        let mut groups = vec![first];
+        while let Some(g) = reader.next_group()? {
+            groups.push(g);
+        }
+        assert!(reader.torn());
+        let whole = read_segment(&bytes)?;
+        assert_eq!(groups, whole.groups);
+        assert!(whole.torn);
+        assert_eq!(groups.len(), 3);
         Ok(())
     }
 
