@@ -299,6 +299,16 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// The network `s` names when it is written as a CIDR network with bits
+/// set past its prefix (`10.1.2.3/8`): the network it stands for
+/// (`10.0.0.0/8`), which holds far more than the address written. A
+/// writer of one most likely meant the host; it is refused where
+/// networks are given ([`parse_network`] reads it as the network).
+pub fn host_bits_set(s: &str) -> Option<ipnet::IpNet> {
+    let net = s.trim().parse::<ipnet::IpNet>().ok()?;
+    (net != net.trunc()).then(|| net.trunc())
+}
+
 /// A CIDR network, or a bare address as its host network. An
 /// IPv4-mapped network (`::ffff:10.0.0.0/104`, `::ffff:192.0.2.7`) is the
 /// IPv4 network it maps (`10.0.0.0/8`, `192.0.2.7/32`), since every source

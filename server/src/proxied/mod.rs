@@ -53,6 +53,12 @@ impl TrustedProxies {
             .iter()
             .map(|s| {
                 let s = s.as_ref().trim();
+                if let Some(net) = storage::state::host_bits_set(s) {
+                    return Err(format!(
+                        "{s:?} has bits set past its prefix, and stands for all of {net}: write \
+                         {net} for the network, or the address alone for the host"
+                    ));
+                }
                 let net = storage::state::parse_network(s)
                     .ok_or_else(|| format!("{s:?} is not an address or CIDR network"))?;
                 if net.prefix_len() == 0 {
@@ -94,6 +100,9 @@ mod tests {
         let err = TrustedProxies::parse(&["10.0.0.0/33"]).expect_err("bad");
         assert!(err.contains("10.0.0.0/33"), "{err}");
         assert!(TrustedProxies::parse(&["proxy.internal"]).is_err());
+        // A host written with a prefix: far more trusted than meant.
+        let err = TrustedProxies::parse(&["10.1.2.3/8"]).expect_err("host bits");
+        assert!(err.contains("10.0.0.0/8"), "{err}");
         // Every address trusted would let every client name its own.
         for all in ["0.0.0.0/0", "::/0", "::ffff:0:0/96"] {
             let err = TrustedProxies::parse(&[all]).expect_err(all);

@@ -119,6 +119,12 @@ impl Policy {
         self.source_ips
             .iter()
             .map(|s| {
+                if let Some(net) = storage::state::host_bits_set(s) {
+                    return Err(format!(
+                        "source_ips: {s:?} has bits set past its prefix, and stands for all of \
+                         {net}: write {net} for the network, or the address alone for the host"
+                    ));
+                }
                 storage::state::parse_network(s)
                     .ok_or_else(|| format!("source_ips: {s:?} is not an address or CIDR network"))
             })
@@ -494,6 +500,14 @@ mod tests {
         let mut q = p.clone();
         q.source_ips.push("not-an-ip".into());
         assert!(q.validate(3600).is_err());
+        // Bits past the prefix: the network is far wider than the address
+        // written (all of 10/8, or every address), so not taken.
+        for wide in ["10.1.2.3/8", "1.2.3.4/0", "2001:db8::1/32"] {
+            let mut q = p.clone();
+            q.source_ips.push(wide.into());
+            let e = q.validate(3600).expect_err(wide);
+            assert!(e.contains("bits set past its prefix"), "{e}");
+        }
         let mut q = p.clone();
         q.max_token_ttl_secs = Some(7200);
         assert!(q.validate(3600).is_err());
