@@ -177,6 +177,29 @@ fn plaintext_with_a_client_ca_is_refused() {
     }
 }
 
+/// A policies file is applied through the HTTP shim: with `--no-http`
+/// it would be read and never written, so the two are refused together.
+#[test]
+fn a_policies_file_without_the_shim_is_refused() {
+    let s = Scratch::new();
+    let (dir, pass, policies) = (s.path("v"), s.path("passphrase"), s.path("p.toml"));
+    let out = run(
+        "vaultd",
+        [
+            OsStr::new("serve"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--passphrase-file"),
+            pass.as_os_str(),
+            OsStr::new("--no-http"),
+            OsStr::new("--policies"),
+            policies.as_os_str(),
+        ],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("--no-http"), "{out:?}");
+}
+
 #[test]
 fn init_prints_one_json_object_and_refuses_a_second_init() {
     let s = Scratch::new();

@@ -2163,7 +2163,15 @@ async fn a_policies_file_the_vault_refuses_stops_the_daemon_before_it_serves() {
             text.push_str(&format!("field_{f:04}_{:x<29} = \"reveal\"\n", ""));
         }
     }
-    let file = server::shim::PoliciesFile::parse(&text, 3600).expect("a valid file");
+    // Refused as the file is read, before the vault is asked anything.
+    let e = server::shim::PoliciesFile::parse(&text, 3600).expect_err("too large");
+    assert!(
+        e.contains("partner \"big\"") && e.contains("log entry"),
+        "{e}"
+    );
+    // Past that check (a vault whose refusal it cannot foresee), the
+    // daemon stops when the vault refuses it.
+    let file: server::shim::PoliciesFile = toml::from_str(&text).expect("TOML");
     let bind = || async {
         tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -96,8 +96,9 @@ enum Command {
         /// The vault address `/v1/authorize` tells partners (default: --listen).
         #[arg(long, env = "FINTRUST_PUBLIC_VAULT_ADDR")]
         public_vault_addr: Option<String>,
-        /// TOML file of partner policies, written to the log at start where they differ.
-        #[arg(long, env = "FINTRUST_POLICIES")]
+        /// TOML file of partner policies, written to the log at start where they differ
+        /// (through the HTTP shim: not with --no-http).
+        #[arg(long, env = "FINTRUST_POLICIES", conflicts_with = "no_http")]
         policies: Option<PathBuf>,
         #[command(flatten)]
         http_proxies: HttpProxyArgs,

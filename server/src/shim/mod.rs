@@ -563,9 +563,30 @@ impl PoliciesFile {
                 .map_err(|e| format!("partner {partner:?}: {e}"))?;
             p.validate(max_ttl_secs)
                 .map_err(|e| format!("partner {partner:?}: {e}"))?;
+            // Checked here for every partner, before any is written: the
+            // vault would refuse one too large only once those before it
+            // were in the log.
+            let len = policy_payload(partner, p).len() + RECORDED_BY_ROOM;
+            if len > storage::entry::MAX_PAYLOAD_LEN {
+                return Err(format!(
+                    "partner {partner:?}: its policy takes about {len} bytes as a log entry, over \
+                     the {} an entry's payload may take",
+                    storage::entry::MAX_PAYLOAD_LEN
+                ));
+            }
         }
         Ok(f)
     }
+}
+
+/// Room left in a `policy_changed` payload for the `recorded_by` member the
+/// vault adds (a credential id is far shorter).
+const RECORDED_BY_ROOM: usize = 256;
+
+/// The payload of the `policy_changed` entry of a policies file's policy.
+fn policy_payload(partner: &str, policy: &Policy) -> String {
+    serde_json::json!({"partner_id": partner, "policy": policy, "source": "policies file"})
+        .to_string()
 }
 
 /// Writes the file's policies that differ from the vault's current ones
@@ -579,6 +600,7 @@ pub async fn apply_policies(
     let mut changed = 0;
     for (partner, policy) in &file.partners {
         let current = c.policy(partner.clone()).await?;
+        let current_held = current.is_some();
         let same = current
             .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.value).ok())
             .and_then(|v| v.get("policy").cloned())
@@ -587,12 +609,19 @@ pub async fn apply_policies(
         if same {
             continue;
         }
-        let payload =
-            serde_json::json!({"partner_id": partner, "policy": policy, "source": "policies file"});
+        // What the log held is replaced, a change made over HTTP since the
+        // last start included (a partner made inactive): said, by name.
+        if current_held {
+            tracing::warn!(
+                partner = %partner,
+                "the policies file replaces the partner's policy in the log, which differs from \
+                 it (a change made with PUT /v1/policies since is undone: make it in the file)"
+            );
+        }
         c.event(
             storage::Kind::PolicyChanged as u8,
             "",
-            payload.to_string().into_bytes(),
+            policy_payload(partner, policy).into_bytes(),
         )
         .await?;
         changed += 1;
