@@ -2104,6 +2104,32 @@ async fn a_credential_cannot_revoke_itself() {
     r.stop().await;
 }
 
+/// A consent never granted cannot be revoked: `404`, nothing written, and
+/// the subject's authorization is still denied as `consent_missing`, not
+/// as a revocation it never made. One granted is revoked (`200`).
+#[tokio::test]
+async fn revoking_a_consent_never_granted_is_not_found() {
+    let r = start_with_policy().await;
+    let never = format!("/v1/subjects/cust-never/consents/{PARTNER}");
+    let before = entries(&r).await;
+    let got = call(r.http, "DELETE", &never, Some(&r.writer), None).await;
+    assert_error(&got, 404, "not_found");
+    assert_eq!(entries(&r).await, before, "nothing written");
+    let denied = call(
+        r.http,
+        "POST",
+        "/v1/authorize",
+        Some(&r.partner),
+        Some(&json!({"subject_id": "cust-never", "purpose": "credit_check"}).to_string()),
+    )
+    .await;
+    assert_error(&denied, 403, "consent_missing");
+    let held = format!("/v1/subjects/{SUBJECT}/consents/{PARTNER}");
+    let (status, body) = call(r.http, "DELETE", &held, Some(&r.writer), None).await;
+    assert_eq!(status, 200, "{body}");
+    r.stop().await;
+}
+
 #[tokio::test]
 async fn a_credential_can_be_held_by_a_client_certificate() {
     let r = start(ShimConfig::default()).await;

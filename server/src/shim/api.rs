@@ -895,6 +895,20 @@ pub async fn delete_consent(
     check_id("partner_id", &partner)?;
     let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "writer"])?;
+    // A revocation of a consent never granted would make later denials
+    // say the subject revoked one (`consent_revoked`, in the answer and
+    // the log), where it never consented: refused, nothing written.
+    let held = c
+        .consent(subject.clone(), partner.clone())
+        .await
+        .map_err(|e| vault_error(&e))?;
+    if held.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no consent of this subject for this partner was ever granted: nothing to revoke",
+        ));
+    }
     let payload = json!({"partner_id": partner});
     write_event(
         &c,
