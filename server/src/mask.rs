@@ -30,12 +30,16 @@
 //!      hyphens, in any script, ending in a top-level domain of letters; no
 //!      whitespace):
 //!      the first character of the local part, `***`, and the domain
-//!      unchanged. Anything else with an `@` (`x@4111-1111-1111-1234`)
-//!      goes to the next rules, never shown after its `@`. A local part of one or two characters becomes
+//!      unchanged, unless the domain holds 8 ASCII digits or more (a
+//!      number written as a host, `x@4111-1111-1111-1234.io`). Anything
+//!      else with an `@` (`x@4111-1111-1111-1234`) goes to the next rules,
+//!      never shown after its `@`. A local part of one or two characters becomes
 //!      just `***`, since its first character would be most of it:
 //!      `jo@example.com` → `***@example.com`.
 //!   2. A value with at least 8 ASCII digits (card, IBAN, phone, account
-//!      number): every letter and digit except the last four becomes `*`;
+//!      number): every letter and digit except the last four ASCII digits
+//!      becomes `*` (letters after them too: `4111 1111 1111 1234 Jane`
+//!      → `**** **** **** 1234 ****`);
 //!      ASCII spaces and punctuation (the ` `, `-`, `/`, `(`, `+` of
 //!      formatted numbers) are kept, since they carry layout, not content;
 //!      any other character (an emoji, a mark) becomes `*` too.
@@ -403,6 +407,11 @@ fn partial_email(value: &str) -> Option<String> {
     if local.is_empty() || value.chars().any(char::is_whitespace) || !is_host_name(domain) {
         return None;
     }
+    // A number written as a host name (`4111-1111-1111-1234.io`) is a
+    // number: rule 2 shows its last four digits, not all of them.
+    if domain.chars().filter(char::is_ascii_digit).count() >= PARTIAL_MIN_DIGITS {
+        return None;
+    }
     Some(format!("{}@{domain}", first_char_and_stars(local)))
 }
 
@@ -427,22 +436,25 @@ fn is_host_name(domain: &str) -> bool {
 }
 
 /// Every letter, digit or non-ASCII character becomes `*`, except the last
-/// [`PARTIAL_KEEP_LAST`] letters and digits; ASCII spaces and punctuation
-/// stay, so `4111 1111 1111 1234` keeps its grouping.
+/// [`PARTIAL_KEEP_LAST`] ASCII digits; ASCII spaces and punctuation stay,
+/// so `4111 1111 1111 1234` keeps its grouping. Letters are never kept: a
+/// name after a card number (`… 1234 Jane`) is masked with the rest.
 fn partial_number(value: &str) -> String {
-    let alphanumerics = value.chars().filter(|c| c.is_alphanumeric()).count();
-    let keep_after = alphanumerics.saturating_sub(PARTIAL_KEEP_LAST);
+    let digits = value.chars().filter(char::is_ascii_digit).count();
+    let keep_after = digits.saturating_sub(PARTIAL_KEEP_LAST);
     let mut seen = 0usize;
     value
         .chars()
         .map(|c| {
-            if c.is_alphanumeric() {
+            if c.is_ascii_digit() {
                 seen += 1;
                 if seen > keep_after {
                     c
                 } else {
                     '*'
                 }
+            } else if c.is_alphanumeric() {
+                '*'
             } else if c.is_ascii_whitespace() || c.is_ascii_punctuation() {
                 c
             } else {
@@ -885,7 +897,22 @@ mod tests {
         }
         assert_eq!(
             mask(MaskOp::Partial, "f", "ABCD-12345678-ÉFGH"),
-            Ok("****-********-ÉFGH".into())
+            Ok("****-****5678-****".into())
+        );
+        // Text after the number is masked, not shown as its last four.
+        assert_eq!(
+            mask(MaskOp::Partial, "card", "4111 1111 1111 1234 Jane"),
+            Ok("**** **** **** 1234 ****".into())
+        );
+        // A number written as an e-mail's host is a number.
+        let out = mask(MaskOp::Partial, "f", "x@4111-1111-1111-1234.io")?;
+        assert!(
+            out.chars().filter(char::is_ascii_digit).count() <= 4,
+            "{out}"
+        );
+        assert_eq!(
+            mask(MaskOp::Partial, "f", "jane@163.com"),
+            Ok("j***@163.com".into())
         );
         Ok(())
     }
