@@ -659,6 +659,21 @@ fn verify_keeps_the_newest_head_and_names_a_rollback() {
     let bad = verify(&dir);
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("does not hold a head"), "{bad:?}");
+
+    // A head file whose directory does not exist: said before the scan,
+    // nothing verified or printed.
+    let nowhere = s.path("no-such-dir").join("kept-head");
+    let lost = vault_verify([
+        OsStr::new("--data-dir"),
+        dir.as_os_str(),
+        OsStr::new("--public-key"),
+        OsStr::new(&key),
+        OsStr::new("--head-file"),
+        nowhere.as_os_str(),
+    ]);
+    assert_eq!(lost.code, 2, "{lost:?}");
+    assert!(lost.stderr.contains("cannot keep a head in"), "{lost:?}");
+    assert!(lost.stdout.is_empty(), "{lost:?}");
 }
 
 /// A write-ahead segment that is not what the vault wrote (here, bytes

@@ -23,8 +23,9 @@
 //! (`Proof`) are asked for a few random seqs only, after the walk, to
 //! check that the server's proofs agree with the log it served.
 //!
-//! Memory is bounded by two pages of entries, 1,024 heads and one answer
-//! of `Heads`, and the entry hashes of one commit group (32 bytes per
+//! Memory is bounded by four pages of entries at most (two waiting in the
+//! channel, one being received, one being checked), 1,024 heads and one
+//! answer of `Heads`, and the entry hashes of one commit group (32 bytes per
 //! entry; a group holds up to `max_group_entries`, 1,024 by default, and
 //! more only when one request alone is larger). The whole log is never
 //! held.

@@ -279,14 +279,40 @@ pub fn read_head_file(path: &Path) -> Result<Option<SignedHead>, String> {
         .map_err(|e| format!("{} does not hold a signed head: {e}", path.display()))
 }
 
+/// Checks, before a run's scan, that a head can be kept at `path`: its
+/// directory takes a new file (the one [`write_head_file`] writes and
+/// renames). A path that cannot is said at once, not after the scan of a
+/// whole log.
+pub fn check_head_file_dir(path: &Path) -> Result<(), String> {
+    let dir = crate::admin::dir_of(path);
+    if path.file_name().is_none() {
+        return Err(format!(
+            "{}: the head file needs a file name",
+            path.display()
+        ));
+    }
+    tempfile::Builder::new()
+        .prefix(".vault-verify-head-")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| format!("cannot keep a head in {}: {e}", dir.display()))
+}
+
 /// Keeps `head` in the head file at `path`, and returns the head the file
 /// holds after: `head`, or a later one that another run kept meanwhile (a
 /// cron run that overlapped this one), which is never replaced by an
-/// earlier one. Under an exclusive lock on the file's directory, written
-/// to a temporary file of a random name beside it, synced, renamed over
-/// it, and the directory synced, so that a crash leaves the old head or
-/// the new one.
-pub fn write_head_file(path: &Path, head: &SignedHead) -> std::io::Result<SignedHead> {
+/// earlier one. `checked` is the head the file held when this run read it,
+/// which the run checked its log against: a head another run kept since,
+/// no later than `head` and not `head` itself, was not checked, so it is
+/// not replaced (an error says to run again). Under an exclusive lock on
+/// the file's directory, written to a temporary file of a random name
+/// beside it, synced, renamed over it, and the directory synced, so that
+/// a crash leaves the old head or the new one.
+pub fn write_head_file(
+    path: &Path,
+    head: &SignedHead,
+    checked: Option<&SignedHead>,
+) -> std::io::Result<SignedHead> {
     use std::io::Write;
     let dir = crate::admin::dir_of(path);
     if path.file_name().is_none() {
@@ -296,8 +322,15 @@ pub fn write_head_file(path: &Path, head: &SignedHead) -> std::io::Result<Signed
     let lock = std::fs::File::open(dir)?;
     lock.lock()?;
     if let Ok(Some(kept)) = read_head_file(path) {
-        if kept.last_seq > head.last_seq {
+        if kept.last_seq > head.last_seq || kept == *head {
             return Ok(kept);
+        }
+        if Some(&kept) != checked {
+            return Err(std::io::Error::other(format!(
+                "the head file changed during this run: another run kept the head of seq {}, \
+                 which this run did not check its log against; run it again to check that",
+                kept.last_seq
+            )));
         }
     }
     let mut tmp = tempfile::Builder::new()
@@ -434,7 +467,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("kept-head");
         assert_eq!(read_head_file(&path), Ok(None), "no file yet");
-        write_head_file(&path, &head).expect("write");
+        check_head_file_dir(&path).expect("a dir that takes it");
+        write_head_file(&path, &head, None).expect("write");
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, format!("{hex_line}\n"));
         assert_eq!(text.len(), 315);
@@ -465,18 +499,28 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("kept-head");
         assert_eq!(
-            write_head_file(&path, &head(150)).expect("write"),
+            write_head_file(&path, &head(150), None).expect("write"),
             head(150)
         );
         assert_eq!(
-            write_head_file(&path, &head(100)).expect("write"),
+            write_head_file(&path, &head(100), None).expect("write"),
             head(150)
         );
         assert_eq!(read_head_file(&path), Ok(Some(head(150))));
         assert_eq!(
-            write_head_file(&path, &head(151)).expect("write"),
+            write_head_file(&path, &head(151), Some(&head(150))).expect("write"),
             head(151)
         );
         assert_eq!(read_head_file(&path), Ok(Some(head(151))));
+        // A run that checked its log against 100 while another kept 151:
+        // its later head is not put over one it never checked.
+        let e = write_head_file(&path, &head(160), Some(&head(100))).expect_err("unchecked");
+        assert!(e.to_string().contains("changed during this run"), "{e}");
+        assert_eq!(read_head_file(&path), Ok(Some(head(151))));
+        // Nor is a head of the same seq that is another (a fork's).
+        let fork = SignedHead::sign(&key, 0, 151, 151, [9; 32], [2; 32], 3);
+        assert!(write_head_file(&path, &fork, Some(&head(150))).is_err());
+        // A directory that cannot take the file is said before a scan.
+        assert!(check_head_file_dir(&dir.path().join("no-such-dir").join("head")).is_err());
     }
 }

@@ -142,6 +142,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR as u8);
         }
     };
+    if let Some(Err(msg)) = cli
+        .head_file
+        .as_deref()
+        .map(server::verify::check_head_file_dir)
+    {
+        eprintln!("error: {msg}");
+        return ExitCode::from(EXIT_ERROR as u8);
+    }
     if let (Some(path), None) = (&cli.head_file, kept_head) {
         // A first run, or a file lost (a wrong path, a temp dir emptied):
         // either way this run has nothing to check a rollback against.
@@ -219,7 +227,12 @@ fn main() -> ExitCode {
                 kept_head_seq: kept_head.map(|k| k.last_seq),
                 ..VerifyJson::from(&r)
             });
-            finish(&r, as_json, || summary(&r), cli.head_file.as_deref())
+            finish(
+                &r,
+                as_json,
+                || summary(&r),
+                cli.head_file.as_deref().map(|p| (p, kept_head.as_ref())),
+            )
         }
         Err(e) => {
             eprintln!("error: could not verify {}: {e}", data_dir.display());
@@ -343,21 +356,23 @@ fn remote(
         &report.report,
         as_json,
         || remote_summary(&report),
-        cli.head_file.as_deref(),
+        cli.head_file.as_deref().map(|p| (p, kept_head.as_ref())),
     )
 }
 
-/// Keeps the head of a log that verified in `head_file`, then prints the
+/// Keeps the head of a log that verified in `head_file` (with the head it
+/// held when read, which the log was checked against), then prints the
 /// run, as one JSON object (`as_json`) or its one-line summary, and
 /// returns the run's exit code.
 fn finish(
     report: &storage::Report,
     as_json: Option<VerifyJson>,
     summary: impl FnOnce() -> String,
-    head_file: Option<&std::path::Path>,
+    head_file: Option<(&std::path::Path, Option<&storage::SignedHead>)>,
 ) -> ExitCode {
-    if let (true, Some(path), Some(head)) = (report.ok(), head_file, &report.signed_head) {
-        match write_head_file(path, head) {
+    if let (true, Some((path, checked)), Some(head)) = (report.ok(), head_file, &report.signed_head)
+    {
+        match write_head_file(path, head, checked) {
             Ok(kept) => eprintln!("kept head: seq {} in {}", kept.last_seq, path.display()),
             Err(e) => {
                 eprintln!("error: cannot keep the head in {}: {e}", path.display());
