@@ -50,10 +50,10 @@ struct Cli {
     /// Remote mode: entries asked for per request.
     #[arg(long, default_value_t = DEFAULT_PAGE_ENTRIES, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     page_size: u32,
-    /// Remote mode: receipts of random entries to check, besides one per
-    /// commit group.
-    #[arg(long, default_value_t = DEFAULT_SAMPLE_RECEIPTS)]
-    sample_receipts: usize,
+    /// Remote mode: receipts of random entries to check (one `Proof`
+    /// request each), besides every group's signed head.
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_RECEIPTS as u32, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    sample_receipts: u32,
     /// Hex of the vault's ed25519 public key, as `vaultd init` printed it
     /// (required with --remote and --file).
     #[arg(long, env = "FINTRUST_PUBLIC_KEY")]
@@ -327,7 +327,7 @@ fn remote(
         client: config,
         public_key,
         page_entries: cli.page_size,
-        sample_receipts: cli.sample_receipts,
+        sample_receipts: cli.sample_receipts as usize,
         progress: Some(&progress),
         total_hint: Some(&total),
         kept_head,
