@@ -21,6 +21,7 @@ pub struct Policy {
     #[serde(default = "yes")]
     pub active: bool,
     /// Purpose → the fields it may reveal and the masking of each.
+    #[serde(deserialize_with = "unique_keys")]
     pub purposes: BTreeMap<String, Purpose>,
     /// Longest token lifetime, in seconds; absent, 300 or the server's
     /// ceiling if that is lower ([`Policy::token_ttl_secs`]).
@@ -46,11 +47,46 @@ pub struct Policy {
 pub struct Purpose {
     /// Field name → masking operator name (`reveal`, `redact`, `partial`,
     /// `tokenize`, `hash`, `generalize`).
+    #[serde(deserialize_with = "unique_keys")]
     pub fields: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// A map whose keys are each given once: a JSON object that names a
+/// purpose or a field twice (`{"iban": "reveal", "iban": "redact"}`) is
+/// refused, where a `BTreeMap` would keep the last one without a word.
+/// (TOML's parser refuses a key given twice itself.)
+fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = BTreeMap<String, V>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of distinct names")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = m.next_entry::<String, V>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!("{k:?} is given twice")));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 /// A token's lifetime under a policy that names none, unless the
@@ -433,6 +469,27 @@ mod tests {
     }
 
     const H: u64 = 3_600_000;
+
+    /// A purpose or a field named twice in a JSON body is refused, not
+    /// taken as its last value.
+    #[test]
+    fn a_name_given_twice_is_refused() {
+        for body in [
+            r#"{"purposes": {"kyc": {"fields": {"iban": "reveal", "iban": "redact"}}}}"#,
+            r#"{"purposes": {"kyc": {"fields": {}}, "kyc": {"fields": {"iban": "reveal"}}}}"#,
+        ] {
+            let e = serde_json::from_str::<Policy>(body).expect_err(body);
+            assert!(e.to_string().contains("given twice"), "{e}");
+        }
+        let once = r#"{"purposes": {"kyc": {"fields": {"iban": "redact", "name": "partial"}}}}"#;
+        assert!(serde_json::from_str::<Policy>(once).is_ok());
+        // Through a JSON tree too (as the log's payloads are read).
+        assert_eq!(
+            serde_json::from_value::<Policy>(serde_json::to_value(policy()).expect("json"))
+                .expect("policy"),
+            policy()
+        );
+    }
 
     #[test]
     fn denials_past_the_budget_are_counted_and_handed_over_once() {
