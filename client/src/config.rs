@@ -674,6 +674,10 @@ mod tests {
         let cases = [
             ClientConfig::default(),
             ClientConfig {
+                api_key: Zeroizing::new(String::new()),
+                ..valid()
+            },
+            ClientConfig {
                 addr: " ".into(),
                 ..valid()
             },

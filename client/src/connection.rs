@@ -147,8 +147,9 @@ enum Transport {
     Direct(Arc<dyn Exchange>),
 }
 
-/// Whether a page of a listing holds at least one item, each after
-/// `cursor` and after the one before it: what a paging loop needs to end.
+/// Whether each item of a page of a listing is after `cursor` and after
+/// the one before it: what a paging loop needs to end (an empty page is
+/// the end, unless it says more follow, which the loops refuse).
 fn ascending_after<T: Ord>(cursor: T, items: impl IntoIterator<Item = T>) -> bool {
     let mut last = cursor;
     for item in items {
@@ -430,6 +431,15 @@ const KEEPALIVE_PROBES: u32 = 3;
 
 /// How long bytes sent on a kept connection may go unacknowledged before
 /// the kernel fails it: the time the keepalive probes take.
+#[cfg_attr(
+    not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "fuchsia",
+        target_os = "cygwin"
+    )),
+    allow(dead_code)
+)]
 const UNACKNOWLEDGED_LIMIT: Duration =
     KEEPALIVE_IDLE.saturating_add(KEEPALIVE_INTERVAL.saturating_mul(KEEPALIVE_PROBES));
 
@@ -441,8 +451,10 @@ const UNACKNOWLEDGED_LIMIT: Duration =
 fn keep_alive(tcp: &TcpStream) -> std::io::Result<()> {
     let probes = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
+        .with_interval(KEEPALIVE_INTERVAL);
+    // Not on Windows, where the system's count (10) holds.
+    #[cfg(not(windows))]
+    let probes = probes.with_retries(KEEPALIVE_PROBES);
     let socket = socket2::SockRef::from(tcp);
     socket.set_tcp_keepalive(&probes)?;
     // Linux's (and its kin's) alone; elsewhere the probes still find a
@@ -1659,12 +1671,13 @@ impl Client {
                     // request is failed at its deadline.
                     Err(mpsc::error::TrySendError::Full(frame)) => tokio::select! {
                         sent = outgoing.send(frame) => sent.map_err(|_| ClientError::NotSent)?,
-                        // Failed while it waited for room: never queued.
+                        // Failed while it waited for room (the connection
+                        // failed, or its deadline passed): never queued.
                         answer = &mut rx => {
                             registered.answered = true;
                             return match answer {
-                                Ok(Err(ClientError::Closed)) | Err(_) => Err(ClientError::NotSent),
-                                Ok(answer) => answer,
+                                Ok(Ok(reply)) => Ok(reply),
+                                Ok(Err(_)) | Err(_) => Err(ClientError::NotSent),
                             };
                         }
                     },

@@ -1130,9 +1130,6 @@ async fn offline(cli: &Cli, pinned: Option<[u8; 32]>) -> anyhow::Result<Option<D
     }
 }
 
-/// An API-key credential made on a stopped vault, its key printed here
-/// (the caller prints nothing more). A key that cannot be shown is
-/// revoked again, as online.
 /// A storage error of a change made on a stopped vault: a refusal of the
 /// request (a conflict with a live credential, a value out of range) as
 /// the server would answer it online, so that it exits 2 there too
@@ -1152,6 +1149,9 @@ fn refused_offline(e: storage::Error) -> anyhow::Error {
     .into()
 }
 
+/// An API-key credential made on a stopped vault, its key printed here
+/// (the caller prints nothing more). A key that cannot be shown is
+/// revoked again, as online.
 async fn offline_key_credential(
     cli: &Cli,
     vault: &storage::Vault,

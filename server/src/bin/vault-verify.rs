@@ -370,13 +370,16 @@ fn finish(
     summary: impl FnOnce() -> String,
     head_file: Option<(&std::path::Path, Option<&storage::SignedHead>)>,
 ) -> ExitCode {
+    let mut unkept = false;
     if let (true, Some((path, checked)), Some(head)) = (report.ok(), head_file, &report.signed_head)
     {
         match write_head_file(path, head, checked) {
             Ok(kept) => eprintln!("kept head: seq {} in {}", kept.last_seq, path.display()),
+            // The run's result is printed all the same; the exit says the
+            // head was not kept.
             Err(e) => {
                 eprintln!("error: cannot keep the head in {}: {e}", path.display());
-                return ExitCode::from(EXIT_ERROR as u8);
+                unkept = true;
             }
         }
     }
@@ -394,6 +397,9 @@ fn finish(
         if report.ok() {
             return ExitCode::from(EXIT_ERROR as u8);
         }
+    }
+    if unkept {
+        return ExitCode::from(EXIT_ERROR as u8);
     }
     ExitCode::from(exit_code(report) as u8)
 }

@@ -126,7 +126,8 @@ fn vault_error(e: &ClientError) -> ApiError {
 /// the request, and the vault may have written what it was asked to, so
 /// the 503 does not say that nothing was done.
 fn written_error(e: &ClientError) -> ApiError {
-    if !is_transport(e) {
+    // Never sent: nothing was written.
+    if !is_transport(e) || matches!(e, ClientError::NotSent) {
         return vault_error(e);
     }
     ApiError::new(
@@ -1172,10 +1173,10 @@ pub async fn logs(
             if from == start && start > 0 {
                 let head = c.head().await.map_err(|e| vault_error(&e))?;
                 if start > head.entries {
-                    return Err(ApiError::bad_request(format!(
-                        "after: past the log's last seq ({})",
-                        head.entries.saturating_sub(1)
-                    )));
+                    return Err(ApiError::bad_request(match head.entries {
+                        0 => "after: past the log's end (the log is empty)".to_string(),
+                        n => format!("after: past the log's last seq ({})", n - 1),
+                    }));
                 }
             }
             at_end = true;

@@ -599,19 +599,25 @@ pub async fn apply_policies(
     let c = shim.link.gateway().await?;
     let mut changed = 0;
     for (partner, policy) in &file.partners {
-        let current = c.policy(partner.clone()).await?;
-        let current_held = current.is_some();
+        let current = c
+            .policy(partner.clone())
+            .await?
+            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.value).ok());
         let same = current
-            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.value).ok())
+            .as_ref()
             .and_then(|v| v.get("policy").cloned())
             .and_then(|v| serde_json::from_value::<Policy>(v).ok())
             .is_some_and(|p| &p == policy);
         if same {
             continue;
         }
-        // What the log held is replaced, a change made over HTTP since the
-        // last start included (a partner made inactive): said, by name.
-        if current_held {
+        // A policy the log holds from elsewhere than the file (a change
+        // made with PUT since the last start, a partner made inactive) is
+        // replaced: said, by name. One the file wrote, now edited, is not.
+        let from_elsewhere = current
+            .as_ref()
+            .is_some_and(|v| v.get("source").and_then(|s| s.as_str()) != Some("policies file"));
+        if from_elsewhere {
             tracing::warn!(
                 partner = %partner,
                 "the policies file replaces the partner's policy in the log, which differs from \
