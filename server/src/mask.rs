@@ -352,23 +352,38 @@ fn first_char_and_stars(value: &str) -> String {
     use unicode_segmentation::UnicodeSegmentation as _;
     // Those that show nothing go first, so that one beside the
     // surrounding whitespace does not keep it from being trimmed.
-    let shown: Vec<&str> = value
-        .graphemes(true)
-        .filter(|g| !g.chars().all(shows_nothing))
-        .collect();
     // A space with a joiner or variation selector after it is one
     // grapheme, and as blank.
     let blank = |g: &&str| g.chars().all(|c| c.is_whitespace() || shows_nothing(c));
-    let start = shown.iter().position(|g| !blank(g)).unwrap_or(shown.len());
-    let end = shown
-        .iter()
-        .rposition(|g| !blank(g))
-        .map_or(start, |i| i + 1);
-    let mut graphemes = shown[start..end].iter();
-    match (graphemes.next(), graphemes.next(), graphemes.next()) {
-        (Some(first), Some(_), Some(_)) => format!("{first}***"),
-        _ => "***".to_owned(),
+    let mut shown = value
+        .graphemes(true)
+        .filter(|g| !g.chars().all(shows_nothing))
+        .skip_while(blank);
+    let Some(first) = shown.next() else {
+        return "***".to_owned();
+    };
+    // Two more up to the last one that is not blank (blanks between count,
+    // trailing ones do not), read only as far as needed.
+    let (mut counted, mut blanks) = (0usize, 0usize);
+    for g in shown {
+        if blank(&g) {
+            blanks += 1;
+            continue;
+        }
+        counted += blanks + 1;
+        blanks = 0;
+        if counted >= 2 {
+            // A cluster of one letter and a run of combining marks shows
+            // its letter: the marks could be as long as the value.
+            let first = if first.len() > 32 {
+                &first[..first.chars().next().map_or(0, char::len_utf8)]
+            } else {
+                first
+            };
+            return format!("{first}***");
+        }
     }
+    "***".to_owned()
 }
 
 /// Whether `c` is a default-ignorable code point (Unicode's
@@ -885,6 +900,17 @@ mod tests {
         // Digits and emoji alike are masked; only the last four digits stay.
         let out = mask(MaskOp::Partial, "f", &"1😀".repeat(mib / 5))?;
         assert!(out.starts_with("****") && out.ends_with("**1*1*1*1*"));
+        Ok(())
+    }
+
+    /// A first character of one letter and a long run of combining marks
+    /// shows the letter, not the run.
+    #[test]
+    fn partial_shows_a_bounded_first_character() -> Result<(), MaskError> {
+        let long = format!("a{}bc", "\u{301}".repeat(100_000));
+        assert_eq!(mask(MaskOp::Partial, "f", &long), Ok("a***".into()));
+        assert_eq!(mask(MaskOp::Partial, "f", "É d"), Ok("É***".into()));
+        assert_eq!(mask(MaskOp::Partial, "f", " Jo  "), Ok("***".into()));
         Ok(())
     }
 
