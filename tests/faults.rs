@@ -589,3 +589,40 @@ async fn a_poisoned_vault_is_opened_again_once_idle_or_left_to_the_shutdown() {
         Err(storage::Error::WrongSecret)
     ));
 }
+
+/// A stop while the vault is out of service (a failed write, then a
+/// reopen that cannot succeed: here a wrong passphrase) is not a clean
+/// stop, and `run` says so with an error (the process exits 1), whether
+/// the stop comes before the watcher took the vault (its close reports
+/// the poisoning) or while it tries to open it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_vault_is_out_of_service_is_not_clean() {
+    let _alone = ALONE.lock().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let vault = std::sync::Arc::into_inner(poisoned(&dir).await).expect("one holder");
+    let wrong = server::live::Reopen::new(
+        dir.clone(),
+        || Ok(storage::Unlock::passphrase(b"not the passphrase".to_vec())),
+        storage::Options::default,
+    );
+    let d = server::daemon::Daemon {
+        protocol: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        http: None,
+        tls: None,
+        serve: server::serve::ServeConfig::default(),
+        shim: server::shim::ShimConfig::default(),
+        policies: None,
+        reopen: Some(wrong),
+    };
+    let stop = async { tokio::time::sleep(std::time::Duration::from_millis(500)).await };
+    let ended = server::daemon::run(vault, d, |_| Ok(()), stop).await;
+    let e = ended.expect_err("not a clean stop");
+    let said = e.to_string();
+    assert!(
+        said.contains("out of service") || said.contains("poisoned"),
+        "{said}"
+    );
+}

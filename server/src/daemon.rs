@@ -236,8 +236,15 @@ pub async fn run(
     }
     let announced = announced.and(failed.map_or(Ok(()), Err));
     let Some(vault) = live.take() else {
+        // Out of service since a failed write: the stop is not clean, and
+        // the exit says so. Nothing acknowledged is lost.
         tracing::warn!("stopped while the vault was being opened again");
-        return announced;
+        return announced.and(Err(Error::Usage(
+            "stopped while the vault was out of service after a failed write (not open again \
+             yet): every acknowledged write is durable, and the next start replays the \
+             write-ahead file; see the failure logged above"
+                .into(),
+        )));
     };
     if let Some(id) = gateway_id {
         if let Err(e) = vault.revoke_credential(&id).await {
@@ -248,9 +255,19 @@ pub async fn run(
     let closed = live::close_when_idle(vault, tokio::time::sleep(Duration::from_secs(5))).await;
     match closed {
         Ok(v) => v.close()?,
-        Err(_) => tracing::warn!(
-            "requests still running at shutdown; the log is flushed as the process exits"
-        ),
+        // Not a clean stop either: the vault's close (its checkpoint, a
+        // failure it would report) is left to the process's exit.
+        Err(_) => {
+            tracing::warn!(
+                "requests still running at shutdown; the log is flushed as the process exits"
+            );
+            return announced.and(Err(Error::Usage(
+                "requests were still running when the shutdown's wait ended, so the vault was \
+                 not closed: every acknowledged write is durable, and the next start replays \
+                 the write-ahead file"
+                    .into(),
+            )));
+        }
     }
     announced
 }
