@@ -109,12 +109,18 @@ pub struct DevOutput {
 }
 
 /// Creates (or reopens) the dev vault, loads the demo data, and serves it
-/// until `shutdown`; `ready` gets what to print once both ports listen.
-pub async fn run(
+/// until the future that `shutdown` makes resolves; `ready` gets what to print
+/// once both ports listen. `shutdown` is called only once the vault is
+/// ready to serve, so that a signal handler it installs does not keep a
+/// signal from ending a start that takes long (a large vault's open).
+pub async fn run<Fut>(
     opts: DevOptions,
     ready: impl FnOnce(DevOutput) -> Result<()>,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+    shutdown: impl FnOnce() -> Fut,
+) -> Result<()>
+where
+    Fut: std::future::Future<Output = ()>,
+{
     // Both ports are bound before anything is made (a port in use leaves
     // no vault behind), each to the addresses its name resolved to once;
     // in plaintext, only where nothing but this machine can listen in.
@@ -240,7 +246,11 @@ pub async fn run(
         shim: shim_config,
         ..d
     };
-    daemon::run(vault, d, |b| ready(output(b)), shutdown).await
+    // Made only now: until the daemon runs (while the vault is made or
+    // opened and seeded), SIGINT and SIGTERM keep their default action
+    // and end the process at once, as a crash would, which the vault
+    // recovers from; once made, they ask for a clean stop.
+    daemon::run(vault, d, |b| ready(output(b)), shutdown()).await
 }
 
 /// Opens the dev vault again after a failed write, as `vaultd dev` does

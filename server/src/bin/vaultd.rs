@@ -785,7 +785,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             error,
                         })
                 },
-                server::daemon::signal_then_hurry(),
+                server::daemon::signal_then_hurry,
             ))?;
         }
     }
