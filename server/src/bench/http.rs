@@ -366,6 +366,17 @@ async fn measure(
     drop(conns);
     let after = entries(target).await?;
     tracing::debug!(before, after, "authorize phase");
+    // Each grant is answered only once its `token_minted` entry is
+    // durable: fewer entries than grants is a grant without its audit
+    // entry, which fails the run rather than count as a throughput.
+    let audit_entries = after.saturating_sub(before);
+    if audit_entries < auth_run.requests {
+        return Err(Error::Usage(format!(
+            "{} authorizations granted but the log grew by {audit_entries} entries: a grant was \
+             answered without its audit entry",
+            auth_run.requests
+        )));
+    }
     let vault_mean_us = ops_after
         .iter()
         // A server's `GET /metrics` asks the vault for its health first:
@@ -379,7 +390,7 @@ async fn measure(
     Ok(Measured {
         health: health_run,
         authorize: auth_run,
-        audit_entries: after.saturating_sub(before),
+        audit_entries,
         vault_mean_us,
         pipeline,
     })

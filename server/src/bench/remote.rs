@@ -206,17 +206,22 @@ struct Presses {
 }
 
 impl Interrupts {
-    /// Presses of Ctrl-C from now on, for the rest of the process. Where
-    /// its handler cannot be installed, none come.
+    /// Presses of Ctrl-C (SIGINT), and SIGTERM (a `kill`, a CI job's
+    /// timeout, systemd), from now on, for the rest of the process: each
+    /// is an interrupt, so that a run stopped either way still revokes
+    /// what it made on the server. Where a handler cannot be installed,
+    /// none come of it.
     fn ctrl_c() -> Interrupts {
         let interrupts = Interrupts::none();
-        if let Ok(mut sigint) = signal(SignalKind::interrupt()) {
-            let presses = interrupts.clone();
-            tokio::spawn(async move {
-                while sigint.recv().await.is_some() {
-                    presses.press();
-                }
-            });
+        for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
+            if let Ok(mut signals) = signal(kind) {
+                let presses = interrupts.clone();
+                tokio::spawn(async move {
+                    while signals.recv().await.is_some() {
+                        presses.press();
+                    }
+                });
+            }
         }
         interrupts
     }
