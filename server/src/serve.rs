@@ -2068,12 +2068,15 @@ where
         if !next_is_here && SinkExt::<Frame>::flush(&mut sink).await.is_err() {
             return unread_or(&sink, Ok(()));
         }
+        // The stop first: a request already in the buffer is not served
+        // once the server is stopping (protocol.md, "Shutdown").
         let next = tokio::select! {
-            next = next_frame(&mut frames, conn.config.idle_timeout) => next,
+            biased;
             () = conn.stopping.cancelled() => {
                 answer = Some((0, shutting_down()));
                 break Ok(());
             }
+            next = next_frame(&mut frames, conn.config.idle_timeout) => next,
         };
         let (id, message, current) = match screen(next, caller, &conn.vault) {
             Screened::Request(id, message, current) => (id, message, current),
@@ -2380,9 +2383,18 @@ async fn redeem_request(
         );
     };
     if !wait.is_zero() {
-        // Not holding the vault meanwhile: it may be reopened.
+        // Not holding the vault meanwhile: it may be reopened. A stop
+        // ends the wait, the token not looked at, so that a burn does not
+        // begin as the grace ends, with its answer cut off.
         drop(current);
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            biased;
+            () = conn.stopping.cancelled() => {
+                count_redemption(ErrorCode::Unavailable.name());
+                return shutting_down();
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
         current = match conn.vault.get() {
             Some(v) => v,
             None => {

@@ -155,7 +155,11 @@ pub enum Error {
     #[error("decryption failed at seq {0}")]
     Decrypt(u64),
     /// The vault stopped accepting writes after a durability failure; reopen it.
-    #[error("vault is poisoned after a failed commit; reopen it")]
+    #[error(
+        "vault is poisoned after a failed commit: it takes no more writes until it is opened \
+         again; every acknowledged write is durable, and the next open replays the write-ahead \
+         file (then vault-verify the data dir)"
+    )]
     Poisoned,
     /// The vault is shutting down.
     #[error("vault is closed")]
