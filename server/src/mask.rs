@@ -86,7 +86,9 @@
 //!   A bare four-digit `YYYY` is read as an amount, not as a year: by shape
 //!   `2024` the year and `2024` the monthly income are the same string, and
 //!   returning it unchanged would reveal the income exactly. A year alone
-//!   therefore comes out as `1000-9999`.
+//!   therefore comes out as `1000-9999`. Likewise a date written without
+//!   its dashes (`19900101`) is an amount by shape, `>=1000000`: dates
+//!   are to be stored as `YYYY-MM-DD` for `generalize` to give their year.
 //!
 //! # Keys
 //!
