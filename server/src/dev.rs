@@ -271,7 +271,7 @@ const DEV_CERT_RENEWED_BEFORE: time::Duration = time::Duration::days(7);
 /// The dev CA, and a certificate for `localhost`, `127.0.0.1` and `::1`
 /// it issued, in `data_dir` (made on first use, reused after): the server's
 /// TLS configuration and the CA file clients trust. (A certificate an
-/// earlier build made names no `::1`, until it is made again.)
+/// earlier build made names no `::1`: it is made again.)
 pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf)> {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, CidrSubnet, DistinguishedName,
@@ -295,6 +295,7 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
     let reusable = ca_file.exists()
         && crate::tls::ServerTls::open(&files)
             .is_ok_and(|t| t.expires_at() > (now + DEV_CERT_RENEWED_BEFORE).unix_timestamp())
+        && names_ipv6_loopback(&files.cert)
         && std::fs::read_to_string(&ca_file)
             .is_ok_and(|pem| pem.contains("-----END CERTIFICATE-----"));
     if !reusable {
@@ -335,6 +336,27 @@ pub(crate) fn dev_tls(data_dir: &Path) -> Result<(crate::tls::ServerTls, PathBuf
         write_private(&ca_file, ca.pem().as_bytes())?;
     }
     Ok((crate::tls::ServerTls::open(&files)?, ca_file))
+}
+
+/// Whether the first certificate of the PEM file `path` names `::1`, as
+/// the dev certificates of this build do (an earlier build's did not).
+fn names_ipv6_loopback(path: &Path) -> bool {
+    use rustls_pki_types::pem::PemObject as _;
+    use x509_parser::extensions::GeneralName;
+    let Ok(cert) = rustls_pki_types::CertificateDer::from_pem_file(path) else {
+        return false;
+    };
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return false;
+    };
+    let Ok(Some(san)) = x.subject_alternative_name() else {
+        return false;
+    };
+    let loopback = std::net::Ipv6Addr::LOCALHOST.octets();
+    san.value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, GeneralName::IPAddress(ip) if *ip == loopback))
 }
 
 /// The role and name of each credential whose key `vaultd dev` prints:
@@ -584,6 +606,24 @@ mod tests {
             std::fs::read(dir.path().join("dev-cert.pem")).expect("cert"),
             cert
         );
+        assert!(super::names_ipv6_loopback(&dir.path().join("dev-cert.pem")));
+        // One that names no `::1` (as an earlier build made them), still
+        // valid for months, is made again.
+        let old = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+                .expect("params");
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(60);
+        let stale = params.self_signed(&key).expect("a certificate");
+        std::fs::write(old.path().join("dev-cert.pem"), stale.pem()).expect("cert");
+        std::fs::write(old.path().join("dev-key.pem"), key.serialize_pem()).expect("key");
+        std::fs::write(old.path().join("dev-ca.pem"), stale.pem()).expect("CA");
+        assert!(!super::names_ipv6_loopback(
+            &old.path().join("dev-cert.pem")
+        ));
+        super::dev_tls(old.path()).expect("made again");
+        assert!(super::names_ipv6_loopback(&old.path().join("dev-cert.pem")));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
