@@ -32,7 +32,9 @@ pub const EXIT_REFUSED: u8 = 2;
 /// Output format of the tools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// Plain text for a person to read.
     Text,
+    /// One JSON object on a single line, for a program to read.
     Json,
 }
 

@@ -69,6 +69,11 @@ pub enum Tls {
 pub struct ClientConfig {
     /// `host:port` of the vault (its port is 9999 by default).
     pub addr: String,
+    /// How the stream is protected: [`Tls::Ca`], the vault's CA (with a
+    /// client certificate for mutual TLS), or, by name, [`Tls::Plaintext`]
+    /// for a server on loopback. It must be chosen: the default's
+    /// `Tls::Ca` names no CA file, which [`ClientConfig::validate`]
+    /// refuses. [`Client::direct`](crate::Client::direct) does not use it.
     pub tls: Tls,
     /// The API key that authenticates the connection and fixes its role.
     /// Empty with a client certificate in `tls`: the certificate

@@ -105,6 +105,18 @@ const OUTGOING_QUEUE: usize = 256;
 /// key: zeroize it once read) and returns the frames that answer it, as
 /// they would arrive on a connection.
 pub trait Exchange: Send + Sync + 'static {
+    /// Serves one request. `frame` is one whole frame as on the wire
+    /// (header and payload, under the request id the client chose); the
+    /// answer holds every frame that answers it, encoded and concatenated
+    /// in order (all of an `Entries` stream, through the frame flagged
+    /// `LAST`), and [`Exchanged::closed`] when the server ends the
+    /// connection after them (after a redemption, or an error about the
+    /// connection): the requests still waiting then fail with
+    /// [`ClientError::Closed`], later ones with [`ClientError::NotSent`].
+    /// Called from the task of each request, concurrently when tasks share
+    /// the [`Client`]; a call not done within the request's timeout is
+    /// dropped and the request fails with [`ClientError::Timeout`], as
+    /// does one whose answer holds no frame for it.
     fn exchange(&self, frame: Vec<u8>) -> futures_util::future::BoxFuture<'_, Exchanged>;
 }
 
@@ -168,6 +180,9 @@ pub struct HeadInfo {
     /// The key the server says signs its heads. Compare it with a key
     /// pinned out of band before trusting receipts checked with it.
     pub public_key: [u8; 32],
+    /// How many entries the log holds durably: the signed head's
+    /// `last_seq` + 1, 0 for an empty log. The server's word, not checked
+    /// against `signed_head` here.
     pub entries: u64,
     /// Checked against `public_key` by [`Client::head`].
     pub signed_head: Option<SignedHead>,
@@ -217,8 +232,12 @@ pub struct KeyStatus {
     pub more: bool,
     /// The current signing key's id.
     pub signing_key_id: u32,
-    /// The server's rotation policy: maximum key ages in seconds (0: none).
+    /// The server's rotation policy for the signing key: the age in
+    /// seconds past which it should be rotated (0: no maximum). The vault
+    /// does not rotate by itself: `vaultd` and `vault-admin status` warn.
     pub max_signing_key_age_secs: u64,
+    /// The same for subject data keys: the age in seconds past which an
+    /// active subject key should be rotated (0: no maximum).
     pub max_subject_key_age_secs: u64,
 }
 
@@ -226,7 +245,13 @@ pub struct KeyStatus {
 /// entry (signed by the old key) and the new key's endorsement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SigningRotated {
+    /// Receipt of the `key_rotated` entry, decoded but not verified:
+    /// check it with [`Client::verify_receipt`] against the pinned key.
     pub receipt: Receipt,
+    /// The old key's endorsement of the new signing key: its id (the old
+    /// one's + 1), its public key, and the seq of the `key_rotated` entry
+    /// (checked to be the receipt's). Heads after that entry's commit
+    /// group are signed by the new key.
     pub endorsement: KeyEndorsement,
 }
 
@@ -248,6 +273,9 @@ pub struct ReindexReport {
 /// A credential as `Whois` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The credential's id (its role, a dash and the start of its key
+    /// hash): what [`Client::revoke_credential`] takes, and what the log's
+    /// `recorded_by` members name.
     pub id: String,
     /// admin, writer, gateway, partner or auditor.
     pub role: String,
@@ -259,7 +287,13 @@ pub struct Identity {
 /// `docs/storage.md`) and its JSON payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateValue {
+    /// The kind byte of that entry: 5 (`policy_changed`) for a policy;
+    /// 3 (`consent_granted`) or 4 (`consent_revoked`) for a consent.
     pub kind: u8,
+    /// The entry's payload as written, a JSON object in UTF-8: for a
+    /// policy `{"partner_id", "policy"}`, for a consent `{"partner_id",
+    /// "purposes", "expires_at_ms"?}`; and, when a server recorded it,
+    /// `recorded_by`, the id of the credential that sent it.
     pub value: Vec<u8>,
 }
 
@@ -268,6 +302,8 @@ pub struct StateValue {
 /// subject's consent for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthorizeContext {
+    /// Who holds the key, as [`Client::whois`] names it: the credential's
+    /// id, its role and, for a partner, the partner id.
     pub identity: Identity,
     /// The partner's current policy (`None`: none set, or not a partner).
     pub policy: Option<StateValue>,
@@ -279,7 +315,10 @@ pub struct AuthorizeContext {
 /// the values are personal data.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Redeemed {
+    /// The data subject the token was minted for (e.g. a customer id).
     pub subject: String,
+    /// Seq of the record entry the values were read from: the subject's
+    /// latest record when the token was redeemed.
     pub seq: u64,
     /// (name, masked value), in the order the server sent them.
     pub fields: Vec<(String, String)>,
@@ -589,6 +628,8 @@ impl Connector {
 /// A redemption on a connection of its own ([`Connector::redeem`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redemption {
+    /// What the token revealed: the subject, the seq of the record read,
+    /// and the masked fields.
     pub data: Redeemed,
     /// Whether the TLS handshake resumed an earlier session.
     pub tls_resumed: bool,

@@ -37,7 +37,16 @@ pub enum ClientError {
     Protocol(#[source] protocol::Error),
     /// The server answered with an `Error` frame.
     #[error("{code}: {message}")]
-    Server { code: ErrorCode, message: String },
+    Server {
+        /// What the refusal means for the caller (see the module doc):
+        /// `rate_limited` and `unavailable` are worth a retry later,
+        /// `invalid` needs the request fixed, `forbidden` and
+        /// `unauthenticated` will not change by retrying.
+        code: ErrorCode,
+        /// The server's explanation, for a person or a log; match on
+        /// `code`, not on this.
+        message: String,
+    },
     /// The server's first answer is in another protocol: HTTP (the shim's
     /// port, or another service) or TLS (a plaintext connection to a TLS
     /// port). Says which, and what to change.
@@ -76,7 +85,16 @@ pub enum ClientError {
         "the vault presented a signed head at seq {got} that does not extend the head \
          already seen at seq {kept}: rolled back or forked"
     )]
-    Rollback { kept: u64, got: u64 },
+    Rollback {
+        /// `last_seq` of the head already seen (the tracker's newest).
+        kept: u64,
+        /// `last_seq` of the head presented: lower than `kept`, or equal
+        /// with another hash; with
+        /// [`Client::observe_head`](crate::Client::observe_head), also
+        /// higher, when the vault's entry at `kept` is not the one seen
+        /// there or its key chain no longer verifies the kept head.
+        got: u64,
+    },
     /// The configuration is not usable (empty key, unreadable PEM file, ...).
     #[error("configuration: {0}")]
     Config(String),

@@ -62,6 +62,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
