@@ -313,3 +313,43 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
         r.failure
     );
 }
+
+/// A copy from before a signing key's rotation, given a head kept after it
+/// (signed by the new key, which the copy's key chain lacks): a rollback,
+/// as a restored backup is, not a fork.
+#[tokio::test]
+async fn a_copy_from_before_a_signing_rotation_is_a_rollback() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("v");
+    let old = tmp.path().join("old");
+    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
+    let pinned = created.vault.public_key();
+    append(&created.vault, 3, "a").await;
+    created.vault.close().expect("close");
+    wait_unlocked(&dir);
+    copy_dir(&dir, &old);
+    let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
+    vault.rotate_signing_key().await.expect("rotate");
+    append(&vault, 3, "b").await;
+    vault.close().expect("close");
+    wait_unlocked(&dir);
+    let grown = verify_kept(
+        &dir,
+        pinned,
+        verify(
+            &dir,
+            &VerifyOptions {
+                public_key: Some(pinned),
+                ..Default::default()
+            },
+        )
+        .expect("verify runs")
+        .signed_head
+        .expect("a head"),
+    );
+    assert!(grown.ok(), "{:?}", grown.failure);
+    let kept = grown.signed_head.expect("a head");
+    assert_eq!(kept.key_id, 1, "signed by the rotated key");
+    let r = verify_kept(&old, pinned, kept);
+    assert_eq!(r.failure, Some((kept.last_seq, Reason::RolledBack)));
+}

@@ -1341,6 +1341,12 @@ pub fn check_kept_head(
     hash_at_kept: Option<Hash>,
 ) -> Option<Reason> {
     if !chain.verify_head(kept) {
+        // Signed by a key this log never rotated to, past this log's end:
+        // the log ends before that rotation (a backup from before it), a
+        // rollback rather than a fork.
+        if chain.key(kept.key_id).is_none() && kept.last_seq > last_seq {
+            return Some(Reason::RolledBack);
+        }
         return Some(Reason::Forked(
             "the kept head is not signed by a key of this log's chain".into(),
         ));
