@@ -1053,6 +1053,12 @@ const MAX_SCAN: u64 = 100_000;
 /// [`MAX_SCAN`].
 const MAX_SCAN_BYTES: usize = 64 * 1024 * 1024;
 
+/// `/v1/logs` requests that scan at once; the others wait their turn
+/// (within their request timeout: the scan's time budget counts from the
+/// request's arrival, so one that waited long scans less, one batch at
+/// least, and answers in time with a cursor).
+pub(crate) const LOG_SCANS: usize = 4;
+
 /// The most of its `request_timeout` a `/v1/logs` request spends reading
 /// (half of it, at most 5 s): a scan that would outlast the timeout ends
 /// its page early with a `next_after`, so that a long stretch of entries
@@ -1151,16 +1157,22 @@ pub async fn logs(
             ))
         }
     };
+    let arrived = Instant::now();
     // The key last, once the request is otherwise valid (as on every route).
     let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "auditor"])?;
+    let _turn = shim
+        .log_scans
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable())?;
     let mut from = start;
     let mut events: Vec<LogEvent> = Vec::new();
     let mut payload_bytes = 0;
     let mut scanned_bytes = 0;
     let mut last_scanned = None;
     let mut at_end = false;
-    let deadline = Instant::now() + scan_budget(shim.config.request_timeout);
+    let deadline = arrived + scan_budget(shim.config.request_timeout);
     'scan: while from - start < MAX_SCAN && scanned_bytes < MAX_SCAN_BYTES {
         if from > start && Instant::now() >= deadline {
             break;
