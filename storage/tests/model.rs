@@ -544,8 +544,12 @@ impl Unknown<'_> {
 /// After a round with a fault: closes the vault (which may fail), disarms
 /// the failpoint, opens the vault with the one secret that opens it, and
 /// checks that what the log holds beyond the acknowledged writes is what
-/// requests of unknown outcome may have written, a batch all or nothing.
-/// `acked` then takes the log's writes. Returns the vault and the secret.
+/// requests of unknown outcome may have written, a batch all or nothing,
+/// and a consent or policy change one such request asked for (its
+/// subject, its grant or revocation and its purpose). `acked` then takes
+/// the log's writes, and `events` the seqs of its consent and policy
+/// changes. Returns the vault and the secret.
+#[allow(clippy::too_many_arguments)]
 fn recover(
     vault: Arc<Vault>,
     dir: &std::path::Path,
@@ -553,6 +557,7 @@ fn recover(
     master: Option<(u64, u8)>,
     opts: &dyn Fn() -> Options,
     acked: &mut Acked,
+    events: &mut std::collections::BTreeSet<u64>,
     round: &Unknown<'_>,
 ) -> Result<(Vault, Option<(u64, u8)>), TestCaseError> {
     let vault = Arc::into_inner(vault).ok_or_else(|| fail("the vault is still shared"))?;
@@ -655,6 +660,43 @@ fn recover(
                 }
                 other => return Err(fail(format!("record at {seq}: {other:?}"))),
             },
+            Kind::ConsentGranted | Kind::ConsentRevoked if !events.contains(&seq) => {
+                // Granted for `x` (Some(true)), for `y` (Some(false)), or
+                // revoked (None), as `Op::Consent` asks.
+                let grant = (e.kind == Kind::ConsentGranted).then(|| {
+                    serde_json::from_slice::<serde_json::Value>(&e.payload)
+                        .ok()
+                        .and_then(|p| p["purposes"].as_array().cloned())
+                        .is_some_and(|ps| ps.iter().any(|p| p == "x"))
+                });
+                let asked = round.failed().any(
+                    |op| matches!(op, Op::Consent(n, g) if subject(*n) == e.subject && *g == grant),
+                );
+                prop_assert!(
+                    asked,
+                    "seq {}: a consent change of {} ({:?}) that no request of unknown outcome asked for",
+                    seq,
+                    e.subject,
+                    grant
+                );
+                events.insert(seq);
+                continue;
+            }
+            Kind::PolicyChanged if !events.contains(&seq) => {
+                let written: Option<serde_json::Value> = serde_json::from_slice(&e.payload).ok();
+                let asked = round.failed().any(|op| {
+                    matches!(op, Op::Policy(n) if written.as_ref().is_some_and(|w| {
+                        w["policy"] == policy(*n)["policy"]
+                    }))
+                });
+                prop_assert!(
+                    asked,
+                    "seq {}: a policy change that no request of unknown outcome asked for",
+                    seq
+                );
+                events.insert(seq);
+                continue;
+            }
             _ => continue,
         };
         rebuilt.insert(seq, (e.subject.clone(), wrote, e.hash));
@@ -797,6 +839,9 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
         );
         let r = vault.shred("gone").await.map_err(fail)?;
         acked.insert(r.seq, ("gone".into(), Wrote::Shred, r.entry_hash));
+        // The seqs of the consent and policy changes in the log: each one
+        // acknowledged, or found after a fault and traced to a request.
+        let mut events = std::collections::BTreeSet::new();
         for (i, (round, reopen, fault)) in c.rounds.iter().enumerate() {
             if let Some(f) = fault {
                 let times = if f.sticky { "" } else { "1*" };
@@ -860,11 +905,13 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                 }
                 cut_off.extend(done.cut_off);
                 if let Some((seq, s, allows)) = done.consent {
+                    events.insert(seq);
                     if latest.get(&s).is_none_or(|(q, _)| *q < seq) {
                         latest.insert(s, (seq, allows));
                     }
                 }
                 if let Some((seq, refusal)) = done.policy {
+                    events.insert(seq);
                     if latest_policy.is_none_or(|(q, _)| q < seq) {
                         latest_policy = Some((seq, refusal));
                     }
@@ -876,7 +923,16 @@ fn run_case(n: u32, c: &Case) -> Result<(), TestCaseError> {
                     ops: round,
                     failed: unknown,
                 };
-                let (v, m) = recover(vault, &dir, f, master, &opts, &mut acked, &round)?;
+                let (v, m) = recover(
+                    vault,
+                    &dir,
+                    f,
+                    master,
+                    &opts,
+                    &mut acked,
+                    &mut events,
+                    &round,
+                )?;
                 master = m;
                 vault = Arc::new(v);
                 check_tokens(&vault, cut_off).await?;
