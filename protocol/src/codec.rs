@@ -95,6 +95,7 @@ pub struct Envelope {
     pub request_id: u32,
     /// [`FLAG_LAST`]: this `EntryBatch` ends its stream. False elsewhere.
     pub last: bool,
+    /// The message the frame carries.
     pub message: Message,
 }
 

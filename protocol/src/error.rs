@@ -17,7 +17,13 @@ pub enum Error {
     /// A payload length over the maximum: rejected from the header alone,
     /// before the payload is read or any memory is reserved for it.
     #[error("frame payload of {len} bytes exceeds the maximum of {max}")]
-    FrameTooLarge { len: usize, max: usize },
+    FrameTooLarge {
+        /// The payload length, in bytes: the one the header claims, or the
+        /// one a message to send would take.
+        len: usize,
+        /// The maximum payload length in force, in bytes.
+        max: usize,
+    },
     /// The first two bytes are not `FV`: not this protocol at all.
     #[error("bad magic: not a fintrust-vault frame")]
     BadMagic,

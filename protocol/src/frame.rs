@@ -58,54 +58,131 @@ const CRC_COVERED: usize = 14;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum MessageType {
+    /// Request (any credential): the first frame of every connection,
+    /// presenting an API key; answered by `HelloOk`, or by `Error
+    /// unauthenticated` and the connection closed. Carries a secret.
     Hello = 0x01,
+    /// Request (any role): is the server there; answered by `Pong`.
     Ping = 0x02,
+    /// Request (writer, admin): append one record; answered by `Receipt` once
+    /// durable.
     Append = 0x03,
+    /// Request (writer, admin): append several records in one commit, all or
+    /// none; answered by `Receipts` once durable.
     AppendBatch = 0x04,
+    /// Request (gateway, admin): a one-time token for a partner; answered by
+    /// `Minted`.
     Mint = 0x05,
+    /// Request (partner): spend a token; answered by `Data` or `Error`, after
+    /// which the server closes the connection. Carries a secret.
     Redeem = 0x06,
+    /// Request (auditor, admin): the latest durable signed head; answered by
+    /// `HeadInfo`.
     Head = 0x07,
+    /// Request (auditor, admin): encoded entries from a seq on; answered by a
+    /// stream of `EntryBatch` frames, the last flagged [`FLAG_LAST`].
     Entries = 0x08,
+    /// Request (auditor, admin): the receipt of one entry; answered by
+    /// `ProofInfo`.
     Proof = 0x09,
+    /// Request (any role): the vault's state and durable head; answered by
+    /// `HealthInfo`.
     Health = 0x0A,
+    /// Request: append a consent (writer, gateway, admin), policy or
+    /// `access_denied` entry (gateway, admin); answered by `Receipt` once
+    /// durable.
     Event = 0x0B,
+    /// Request (gateway, admin): who holds an API key, by its BLAKE3 hash;
+    /// answered by `Identity`.
     Whois = 0x0C,
+    /// Request (gateway, admin, auditor): a partner's current policy; answered
+    /// by `StateValue`.
     GetPolicy = 0x0D,
+    /// Request (writer, gateway, admin, auditor): a subject's current consent
+    /// for a partner; answered by `StateValue`.
     GetConsent = 0x0E,
+    /// Request (admin): a new credential with an API key; answered by
+    /// `CredentialKey`.
     CreateCredential = 0x0F,
+    /// Request (admin): revoke a credential; answered by `Receipt`.
     RevokeCredential = 0x10,
+    /// Request (admin): crypto-shred a subject; answered by `Receipt`.
     Shred = 0x11,
+    /// Request (admin): a new data key version for a subject; answered by
+    /// `Rotated`.
     RotateSubjectKey = 0x12,
+    /// Request (admin): a page of the vault's key status; answered by
+    /// `KeyStatusInfo`.
     KeyStatus = 0x13,
+    /// Request (admin): a new signing key; answered by `SigningRotated`.
     RotateSigningKey = 0x14,
+    /// Request (any role): the endorsements of signing keys 1..; answered by
+    /// `KeyChainInfo`.
     KeyChain = 0x15,
+    /// Request (admin, over TLS or from a loopback address): re-wrap every key
+    /// under a new master key; answered by `Receipt`. Carries a secret.
     RotateMasterKey = 0x16,
+    /// Request (admin): a page of the vault's credentials; answered by
+    /// `CredentialList`.
     ListCredentials = 0x17,
+    /// Request (admin): compare the stored derived state with the log's;
+    /// answered by `ReindexReport`.
     Reindex = 0x18,
+    /// Request (gateway, admin): a caller's credential, and the policy and
+    /// consent that apply to it, in one round trip; answered by `ContextInfo`.
     Context = 0x19,
+    /// Request (auditor, admin): the signed heads of the commit groups from a
+    /// seq on; answered by `HeadList`.
     Heads = 0x1A,
+    /// Request (admin): a new credential held by a client certificate; answered
+    /// by `Identity`.
     CreateCertCredential = 0x1B,
+    /// Response to `Hello`: authenticated, with the credential's role.
     HelloOk = 0x81,
+    /// Response to `Ping`.
     Pong = 0x82,
+    /// Response to `Append`, `Event`, `RevokeCredential`, `Shred` and
+    /// `RotateMasterKey`: one receipt.
     Receipt = 0x83,
+    /// Response to `AppendBatch`: a receipt per record.
     Receipts = 0x84,
+    /// Response to `Mint`: the token and when it expires. Carries a secret.
     Minted = 0x85,
+    /// Response to `Redeem`: the masked fields, personal data.
     Data = 0x86,
+    /// Response to `Head`.
     HeadInfo = 0x87,
+    /// Response to `Entries`: one frame of its stream.
     EntryBatch = 0x88,
+    /// Response to `Proof`.
     ProofInfo = 0x89,
+    /// Response to `Health`.
     HealthInfo = 0x8A,
+    /// Response to `Whois` and `CreateCertCredential`: a credential.
     Identity = 0x8B,
+    /// Response to `GetPolicy` and `GetConsent`: a derived-state value.
     StateValue = 0x8C,
+    /// Response to `CreateCredential`: the new API key, shown once. Carries a
+    /// secret.
     CredentialKey = 0x8D,
+    /// Response to `RotateSubjectKey`.
     Rotated = 0x8E,
+    /// Response to `KeyStatus`.
     KeyStatusInfo = 0x8F,
+    /// Response to `RotateSigningKey`.
     SigningRotated = 0x90,
+    /// Response to `KeyChain`.
     KeyChainInfo = 0x91,
+    /// Response to `ListCredentials`.
     CredentialList = 0x92,
+    /// Response to `Reindex`.
     ReindexReport = 0x93,
+    /// Response to `Context`.
     ContextInfo = 0x94,
+    /// Response to `Heads`.
     HeadList = 0x95,
+    /// Response to any request that failed, with an error code; under request
+    /// id 0 when the server cannot tie it to a request.
     Error = 0xFF,
 }
 
@@ -258,10 +335,14 @@ impl fmt::Display for MessageType {
 /// has no reserved bit set and `payload.len() <= max_frame_len`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The type byte, a known [`MessageType`] once decoded.
     pub msg_type: MessageType,
     /// Only [`FLAG_LAST`] may be set; it means something only on `EntryBatch`.
     pub flags: u16,
+    /// Chosen by the client, echoed in every frame answering it; 0 in an error
+    /// the server cannot tie to a request.
     pub request_id: u32,
+    /// The message, not yet decoded; at most the maximum frame length.
     pub payload: Vec<u8>,
 }
 

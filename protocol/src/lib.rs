@@ -44,6 +44,8 @@
 //! # Ok::<(), protocol::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod error;
 pub mod frame;

@@ -21,11 +21,17 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum MaskOp {
+    /// The value as stored.
     Reveal = 1,
+    /// Nothing of the value (a fixed placeholder).
     Redact = 2,
+    /// Part of the value, e.g. the last four digits.
     Partial = 3,
+    /// A stable pseudonym of the value.
     Tokenize = 4,
+    /// A keyed hash of the value.
     Hash = 5,
+    /// A coarser value: a date's year, an amount's band.
     Generalize = 6,
 }
 

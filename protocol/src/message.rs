@@ -78,7 +78,7 @@
 //!                  str role, str name, [u8; 32] cert_sha256
 //!                  0007 706172746e6572 0002 7031 abab..ab (32 bytes)
 //! 0x81 HelloOk     str role, str server
-//!                  0007 73657276696365 000a 7661756c74642f302e31
+//!                  0007 61756469746f72 000a 7661756c74642f302e31
 //! 0x82 Pong        empty
 //! 0x83 Receipt     blob receipt
 //!                  00000003 010203
@@ -180,9 +180,11 @@ pub enum ErrorCode {
     FrameTooLarge = 2,
     /// The frame's version is not one the server speaks.
     UnsupportedVersion = 3,
-    /// No `Hello` yet, or its API key is not valid.
+    /// No `Hello` yet, its API key is not valid, or the connection's
+    /// credential was revoked since.
     Unauthenticated = 4,
-    /// The credential's role may not make this request.
+    /// The credential's role may not make this request (or a new master
+    /// secret came in plaintext from another host: `RotateMasterKey`).
     Forbidden = 5,
     /// No such token.
     TokenUnknown = 6,
@@ -194,7 +196,7 @@ pub enum ErrorCode {
     WrongPartner = 9,
     /// The subject's data key was destroyed.
     SubjectShredded = 10,
-    /// No such subject, entry or seq.
+    /// No such subject, entry, seq, credential, policy or consent.
     NotFound = 11,
     /// Too many requests; retry later.
     RateLimited = 12,
@@ -211,7 +213,8 @@ pub enum ErrorCode {
     ConsentExpired = 17,
     /// The partner's policy no longer allows the token: the partner is
     /// inactive, or the token's purpose, or one of its fields with its
-    /// masking, was taken out since the token was minted.
+    /// masking, was taken out since the token was minted, or the token is
+    /// older than the policy's `max_token_ttl_secs`.
     PolicyChanged = 18,
     /// The partner's policy does not allow redemptions at this hour.
     OutsideAllowedHours = 19,
@@ -315,6 +318,7 @@ impl FromStr for ErrorCode {
 /// personal data, so `Debug` shows the field names only.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Record {
+    /// The subject (data owner) the record is about, e.g. `cust-42`.
     pub subject: String,
     /// (name, value) in the order given; names are not checked for duplicates here.
     pub fields: Vec<(String, String)>,
@@ -336,30 +340,54 @@ pub enum Message {
     // Requests.
     /// The first frame of every connection.
     Hello {
+        /// The API key (`fvk_` and 64 hex digits). Over mutual TLS, empty to
+        /// authenticate as the credential that holds the client certificate. A
+        /// secret: zeroized with its frame.
         api_key: String,
+        /// The client's name and version (e.g. `fintrust-client/0.1`); for
+        /// information only, it decides nothing.
         client: String,
     },
+    /// Is the server there (any role); answered by `Pong`. Carries nothing.
     Ping,
     /// Appends one record.
     Append {
+        /// The subject the record is about.
         subject: String,
+        /// (name, value) in the order given; the server makes them a JSON
+        /// object and refuses a name given twice (`invalid`). Values are
+        /// personal data.
         fields: Vec<(String, String)>,
     },
     /// Appends several records in one commit.
     AppendBatch {
+        /// The records, appended all or none; answered by `Receipts`, in item
+        /// order.
         items: Vec<Record>,
     },
     /// Asks the gateway for a one-time token that reveals `fields` of
     /// `subject`, masked as given, to `partner_id` for `purpose`.
     Mint {
+        /// The partner that may redeem the token: a partner credential whose
+        /// name is this id (another is refused `wrong_partner`).
         partner_id: String,
+        /// The subject whose latest record the token reveals.
         subject: String,
+        /// What the partner will use the data for. Where the vault holds a
+        /// consent of the subject, or a policy, for the partner, it must still
+        /// name this purpose when the token is redeemed.
         purpose: String,
+        /// Each field to reveal, with the masking operator applied to it; a
+        /// name given twice is `invalid`.
         fields: Vec<(String, MaskOp)>,
+        /// Time to live, in seconds: 0 means 5 minutes (or the server's
+        /// maximum, where that is lower); more than the maximum (1 hour by
+        /// default) is `invalid`.
         ttl_secs: u32,
     },
     /// Spends a token; answered by `Data` or `Error`, then the server closes.
     Redeem {
+        /// The token a `Minted` carried. A secret: zeroized with its frame.
         token: String,
     },
     /// The current signed head.
@@ -367,76 +395,114 @@ pub enum Message {
     /// Up to `max` encoded entries from `from_seq` on, as a stream of
     /// `EntryBatch` frames ending with one flagged LAST.
     Entries {
+        /// Seq of the first entry to send.
         from_seq: u64,
+        /// Most entries to send. The server sends at most 10,000 and 8 MiB of
+        /// them per request, and fewer than asked is not the end of the log; 0
+        /// asks for nothing.
         max: u32,
     },
     /// The receipt proving the entry at `seq`.
     Proof {
+        /// Seq of the entry; `not_found` past the end of the log.
         seq: u64,
     },
     /// The signed heads of the commit groups from the one holding
     /// `from_seq` on, in order, at most `max` (the server may answer
     /// fewer), answered by `HeadList`.
     Heads {
+        /// A seq in the first commit group to send.
         from_seq: u64,
+        /// Most heads to send (the server sends at most 1,000); 0 asks for
+        /// nothing.
         max: u32,
     },
+    /// The vault's state and latest durable signed head (any role); answered
+    /// by `HealthInfo`. Carries nothing.
     Health,
     /// Appends an audit or admin event: `kind` is the storage layer's
     /// entry kind byte, `payload` its JSON. Which kinds a role may append
     /// is the server's rule.
     Event {
+        /// The entry kind (`docs/storage.md`): 3 `consent_granted`, 4
+        /// `consent_revoked` (writer, gateway, admin), 5 `policy_changed`, 8
+        /// `access_denied` (gateway, admin); any other is `forbidden`.
         kind: u8,
+        /// The entry's subject: the consenting subject for a consent
+        /// (required); may be empty for the other kinds.
         subject: String,
+        /// The entry's payload, a JSON object; the server sets its
+        /// `recorded_by` member to the caller's credential id.
         payload: Vec<u8>,
     },
     /// Who holds the API key whose BLAKE3 hash this is (a gateway checking
     /// the key a caller presented to it); answered by `Identity`.
     Whois {
+        /// BLAKE3 of the API key presented.
         key_hash: [u8; 32],
     },
     /// The current policy of a partner; answered by `StateValue`.
     GetPolicy {
+        /// The partner whose latest `policy_changed` entry is asked for.
         partner_id: String,
     },
     /// The subject's current consent for a partner; answered by `StateValue`.
     GetConsent {
+        /// The subject who gave or revoked the consent.
         subject: String,
+        /// The partner the consent is for.
         partner_id: String,
     },
     /// Creates an API key with a role; answered by `CredentialKey`.
     CreateCredential {
+        /// The role: admin, writer, gateway, partner or auditor (another is
+        /// `invalid`).
         role: String,
+        /// A label; for a partner, the partner id its tokens name.
         name: String,
     },
     /// Creates a credential with a role whose holder authenticates with
     /// a client certificate over mutual TLS instead of an API key: the
     /// SHA-256 of that certificate's DER; answered by `Identity`.
     CreateCertCredential {
+        /// The role: admin, writer, gateway, partner or auditor.
         role: String,
+        /// A label; for a partner, the partner id its tokens name.
         name: String,
+        /// SHA-256 of the DER of the client certificate that authenticates as
+        /// the credential; `conflict` while an active credential holds it.
         cert_sha256: [u8; 32],
     },
     /// Revokes a credential by id; answered by `Receipt`.
     RevokeCredential {
+        /// The credential's id; `not_found` for an unknown one, `conflict` for
+        /// the caller's own.
         id: String,
     },
     /// Crypto-shreds a subject (destroys its data keys); answered by the
     /// `Receipt` of the `subject_shredded` entry.
     Shred {
+        /// The subject to shred; `not_found` if it never had a record,
+        /// `subject_shredded` if it already was shredded.
         subject: String,
     },
     /// Gives a subject a new data key version, and with `reencrypt`
     /// appends its latest record again under it; answered by `Rotated`.
     RotateSubjectKey {
+        /// The subject whose key is rotated.
         subject: String,
+        /// Also append the subject's latest record again under the new key. On
+        /// the wire 0 or 1; another value is malformed.
         reencrypt: bool,
     },
     /// A page of the vault's key status: at most `max` subject keys after
     /// (`after_subject`, `after_version`); answered by `KeyStatusInfo`.
     KeyStatus {
+        /// Subject of the last key of the previous page; `""` from the start.
         after_subject: String,
+        /// Version of that key; 0 from the start.
         after_version: u32,
+        /// Most subject keys in the page: 1 to 1,000; 0 means 1,000.
         max: u16,
     },
     /// Rotates the signing key; answered by `SigningRotated`.
@@ -445,17 +511,23 @@ pub enum Message {
     /// `KeyChainInfo`.
     KeyChain,
     /// Rotates the master key to one sealed under `secret` (a passphrase,
-    /// or a 32-byte key file's contents); answered by the `Receipt` of the
+    /// or a key file's contents: 32 raw bytes or 64 hex digits); answered
+    /// by the `Receipt` of the
     /// rotation's `master` entry.
     RotateMasterKey {
+        /// Whether `secret` is a passphrase or a key file's content.
         kind: SecretKind,
+        /// The new passphrase, or the key file's content (32 raw bytes or 64
+        /// hex digits). A secret: zeroized after use, never logged.
         secret: Vec<u8>,
     },
     /// A page of the vault's credentials, revoked ones included: at most
     /// `max` after `after_id` in id order (`""` from the start); answered
     /// by `CredentialList`.
     ListCredentials {
+        /// Id of the last credential of the previous page; `""` from the start.
         after_id: String,
+        /// Most credentials in the page: 1 to 1,000; 0 means 1,000.
         max: u16,
     },
     /// Rebuild derived state from the log and compare it with the stored
@@ -466,94 +538,147 @@ pub enum Message {
     /// partner's `GetPolicy` and the subject's `GetConsent` for it;
     /// answered by `ContextInfo`.
     Context {
+        /// BLAKE3 of the API key presented; `not_found` when no credential has
+        /// it.
         key_hash: [u8; 32],
+        /// The subject whose consent for the partner is asked for; `invalid` if
+        /// it is not a valid subject id.
         subject: String,
     },
 
     // Responses.
     /// Authentication succeeded; `role` names what this key may do.
     HelloOk {
+        /// The credential's role: admin, writer, gateway, partner or auditor.
         role: String,
+        /// The server's name and version, e.g. `vaultd/0.1`.
         server: String,
     },
+    /// The answer to `Ping`. Carries nothing.
     Pong,
     /// Receipt for one appended record, in the storage layer's format.
     Receipt {
+        /// The encoded receipt ([`crate::receipt::Receipt`]).
         receipt: Vec<u8>,
     },
     /// Receipts for an `AppendBatch`, in item order.
     Receipts {
+        /// One encoded receipt per record.
         receipts: Vec<Vec<u8>>,
     },
     /// A minted token and when it expires (unix milliseconds).
     Minted {
+        /// The one-time token, for the partner to redeem. A secret: zeroized
+        /// with its frame.
         token: String,
+        /// When the token expires, in ms since the Unix epoch.
         expires_at_ms: u64,
     },
     /// The one masked segment a token reveals: personal data.
     Data {
+        /// The subject the record is about.
         subject: String,
+        /// Seq of the record entry the values come from: the subject's latest.
         seq: u64,
+        /// (name, masked value) for each field the token names that the record
+        /// holds; the others are left out.
         fields: Vec<(String, String)>,
     },
     /// The vault's public key, the number of entries, and the signed head
     /// in the storage layer's format (empty for an empty log).
     HeadInfo {
+        /// The vault's ed25519 public key: signing key 0, which clients pin.
         public_key: [u8; 32],
+        /// How many entries the log holds up to the signed head (its
+        /// `last_seq + 1`), 0 for an empty log.
         entries: u64,
+        /// The latest durable signed head ([`crate::receipt::HEAD_LEN`] bytes),
+        /// or empty.
         signed_head: Vec<u8>,
     },
     /// Entries in the storage layer's encoding, in seq order.
     EntryBatch {
+        /// The encoded entries (`docs/storage.md`), in seq order.
         entries: Vec<Vec<u8>>,
     },
     /// Receipt for a `Proof` request.
     ProofInfo {
+        /// The encoded receipt ([`crate::receipt::Receipt`]).
         receipt: Vec<u8>,
     },
     /// Signed heads in the storage layer's format, in seq order: the
     /// answer to `Heads` (empty past the end of the log).
     HeadList {
+        /// The encoded signed heads, [`crate::receipt::HEAD_LEN`] bytes each.
         heads: Vec<Vec<u8>>,
     },
     /// The vault's state, and the latest durable signed head in the
     /// storage layer's format (empty while there is none: a vault being
     /// opened again), which anyone holding the public key can check.
     HealthInfo {
+        /// `ok`; `degraded` when a failed write or fsync has poisoned the vault
+        /// (writes refused); `recovering` while the data dir is opened again.
         status: String,
+        /// How many entries the log holds up to `signed_head` (its
+        /// `last_seq + 1`); 0 while recovering.
         entries: u64,
+        /// The latest durable signed head ([`crate::receipt::HEAD_LEN`] bytes),
+        /// the one `Head` answers; empty while recovering.
         signed_head: Vec<u8>,
     },
     /// A credential: its id, role and name (for a partner, the partner id).
     Identity {
+        /// The credential's id.
         id: String,
+        /// Its role: admin, writer, gateway, partner or auditor.
         role: String,
+        /// Its label; for a partner, the partner id.
         name: String,
     },
     /// A derived-state value: the kind of the entry that set it and its
     /// JSON payload.
     StateValue {
+        /// Kind of the entry that set the value: 3 `consent_granted`, 4
+        /// `consent_revoked`, 5 `policy_changed`.
         kind: u8,
+        /// That entry's payload as written (JSON).
         value: Vec<u8>,
     },
     /// A new credential: its id and its API key, shown this once.
     CredentialKey {
+        /// The new credential's id.
         id: String,
+        /// The API key, shown this once: the vault keeps only its hash. A
+        /// secret: zeroized with its frame.
         api_key: String,
     },
     /// A subject's new key version, the receipt of its `key_rotated`
     /// entry, and the receipt of the re-encrypted record (empty if none).
     Rotated {
+        /// The subject's new data key version.
         version: u32,
+        /// Receipt of the `key_rotated` entry.
         receipt: Vec<u8>,
+        /// Receipt of the record appended again under the new key; empty if
+        /// none.
         reencrypted: Vec<u8>,
     },
     /// The master and signing keys, and a page of subject data keys.
     KeyStatusInfo {
+        /// When genesis or the latest master rotation committed to the master
+        /// key, in ms since the Unix epoch.
         master_created_ms: u64,
+        /// How many keys the master key wraps: the signing key and every
+        /// subject key ever created.
         master_wraps: u64,
+        /// When genesis or the latest signing rotation committed to the current
+        /// signing key, in ms since the Unix epoch.
         signing_created_ms: u64,
+        /// Most records one subject key encrypts; one that reaches it is
+        /// rotated by the vault itself.
         encryption_limit: u64,
+        /// The page: at most `max` subject keys after the one asked for, in
+        /// (subject, version) order.
         keys: Vec<SubjectKey>,
         /// More keys follow the page's last.
         more: bool,
@@ -561,20 +686,30 @@ pub enum Message {
         signing_key_id: u32,
         /// The rotation policy: maximum ages, 0 for none.
         max_signing_key_age_secs: u64,
+        /// The rotation policy's maximum age of a subject key, in seconds; 0
+        /// for none.
         max_subject_key_age_secs: u64,
     },
     /// The receipt of a signing rotation's `key_rotated` entry (signed by
     /// the old key) and the new key's endorsement.
     SigningRotated {
+        /// Receipt of the rotation's `key_rotated` entry, signed by the old
+        /// key.
         receipt: Vec<u8>,
+        /// The new key's endorsement ([`crate::receipt::KeyEndorsement`], 108
+        /// bytes).
         endorsement: Vec<u8>,
     },
     /// Endorsements of signing keys 1.., in order (receipt formats).
     KeyChainInfo {
+        /// The encoded endorsements ([`crate::receipt::KeyEndorsement`]); empty
+        /// while key 0 signs.
         endorsements: Vec<Vec<u8>>,
     },
     /// A page of credentials in id order. Never carries key hashes.
     CredentialList {
+        /// The page: at most `max` credentials after `after_id`, revoked ones
+        /// included.
         credentials: Vec<CredentialInfo>,
         /// More credentials follow the page's last.
         more: bool,
@@ -583,16 +718,24 @@ pub enum Message {
     /// many differ, and a description of the first few (at most
     /// [`MAX_REINDEX_SAMPLE`]).
     ReindexReport {
+        /// How many entries were replayed.
         entries: u64,
+        /// How many state keys were compared.
         keys_compared: u64,
+        /// How many keys differ; 0 when the stored state is the log's.
         differences: u64,
+        /// Descriptions of the first differences, such as
+        /// `value of "s/cust-1" differs`.
         sample: Vec<String>,
     },
     /// The answer to `Context` (boxed: the largest message).
     ContextInfo(Box<ContextReply>),
     /// Any request can be answered by an error.
     Error {
+        /// Why the request failed.
         code: ErrorCode,
+        /// The sender's explanation, for people and logs; for a code this build
+        /// does not know, with its number before it (`code 22: busy`).
         message: String,
     },
 }
@@ -641,6 +784,7 @@ pub enum SecretKind {
 }
 
 impl SecretKind {
+    /// Decodes the wire byte: `None` for a value no kind has.
     pub fn from_u8(b: u8) -> Option<SecretKind> {
         match b {
             1 => Some(SecretKind::Passphrase),
@@ -653,7 +797,9 @@ impl SecretKind {
 /// One subject data key version in a `KeyStatusInfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubjectKey {
+    /// The subject the key belongs to.
     pub subject: String,
+    /// The key's version: 1 for the subject's first, one more per rotation.
     pub version: u32,
     /// Seq of the entry that committed to the key.
     pub created_seq: u64,
@@ -661,6 +807,7 @@ pub struct SubjectKey {
     pub created_ms: u64,
     /// Records encrypted under the key.
     pub encryptions: u64,
+    /// Whether the key is active, retired or shredded.
     pub life: KeyLife,
 }
 
@@ -670,10 +817,17 @@ pub struct SubjectKey {
 /// not a partner's). `Debug` shows the values' first bytes only.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ContextReply {
+    /// The credential's id.
     pub id: String,
+    /// Its role: admin, writer, gateway, partner or auditor.
     pub role: String,
+    /// Its label; for a partner, the partner id.
     pub name: String,
+    /// The payload of the partner's latest `policy_changed` entry, with its
+    /// kind (5).
     pub policy: Option<(u8, Vec<u8>)>,
+    /// The payload of the subject's latest consent entry for the partner,
+    /// with its kind (3 granted, 4 revoked).
     pub consent: Option<(u8, Vec<u8>)>,
 }
 
@@ -696,6 +850,7 @@ impl fmt::Debug for ContextReply {
 /// its key hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialInfo {
+    /// The credential's id, as `RevokeCredential` names it.
     pub id: String,
     /// admin, writer, gateway, partner or auditor.
     pub role: String,

@@ -60,12 +60,23 @@ pub const HEAD_DOMAIN: &[u8] = b"fintrust-vault/head/v1\0";
 /// `group_first_seq..=last_seq` by its Merkle root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignedHead {
+    /// Id of the signing key that signed the head: 0 until the first signing
+    /// rotation, then the id of the key in force.
     pub key_id: u32,
+    /// Seq of the first entry of the commit group.
     pub group_first_seq: u64,
+    /// Seq of the group's last entry (at least `group_first_seq`): the log
+    /// holds `last_seq + 1` entries as of this head.
     pub last_seq: u64,
+    /// `entry_hash` of entry `last_seq`, which commits to the whole chain
+    /// through the entries' `prev_hash` links.
     pub last_hash: Hash,
+    /// Merkle root of the entry hashes of `group_first_seq..=last_seq`.
     pub group_root: Hash,
+    /// The timestamp of entry `last_seq`, in ms since the Unix epoch.
     pub timestamp_ms: u64,
+    /// ed25519 signature (R ‖ S) over [`HEAD_DOMAIN`] followed by the
+    /// encoding's first 93 bytes.
     pub signature: [u8; 64],
 }
 
@@ -115,17 +126,22 @@ impl SignedHead {
             .is_ok()
     }
 
+    /// Appends the [`HEAD_LEN`]-byte encoding to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.signed_bytes());
         out.extend_from_slice(&self.signature);
     }
 
+    /// The [`HEAD_LEN`]-byte encoding.
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(HEAD_LEN);
         self.encode_into(&mut v);
         v
     }
 
+    /// Decodes exactly one head: another version, a group whose first seq is
+    /// past its last, or a byte too few or too many is `Malformed`. The
+    /// signature is not checked ([`SignedHead::verify`]).
     pub fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf);
         let h = Self::read(&mut r)?;
@@ -271,9 +287,14 @@ pub const ENDORSEMENT_DOMAIN: &[u8] = b"fintrust-vault/key-endorsement/v1\0";
 /// signed by the new key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyEndorsement {
+    /// The endorsed key's id, one above the endorsing key's.
     pub key_id: u32,
+    /// The endorsed key: its ed25519 verifying key bytes.
     pub public_key: [u8; 32],
+    /// Seq of the `key_rotated` entry that carries the endorsement.
     pub seq: u64,
+    /// ed25519 signature by key `key_id - 1` over [`ENDORSEMENT_DOMAIN`]
+    /// followed by the encoding's first 44 bytes.
     pub signature: [u8; 64],
 }
 
@@ -309,6 +330,7 @@ impl KeyEndorsement {
             .is_ok()
     }
 
+    /// The [`ENDORSEMENT_LEN`]-byte encoding.
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(ENDORSEMENT_LEN);
         v.extend_from_slice(&self.signed_bytes());
@@ -316,6 +338,9 @@ impl KeyEndorsement {
         v
     }
 
+    /// Decodes exactly [`ENDORSEMENT_LEN`] bytes (fewer or more are
+    /// `Malformed`). Neither the signature nor the key is checked
+    /// ([`KeyChain::push`] does).
     pub fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf);
         let e = KeyEndorsement {
@@ -346,17 +371,34 @@ pub struct KeyChain {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
     #[error("endorsement {index} names key id {found}, not {expected}")]
+    /// The endorsement does not name the key after the chain's newest.
     OutOfOrder {
+        /// Position of the endorsement in those checked, from 0.
         index: usize,
+        /// The key id it names.
         found: u32,
+        /// The id of the next key: the chain's newest plus one.
         expected: u32,
     },
     #[error("endorsement of key {key_id} is not signed by the key before it")]
-    BadSignature { key_id: u32 },
+    /// The endorsement's signature does not verify with the chain's newest key.
+    BadSignature {
+        /// The key id the endorsement names.
+        key_id: u32,
+    },
     #[error("endorsement of key {key_id} holds no valid public key")]
-    BadKey { key_id: u32 },
+    /// The endorsed public key is not a valid ed25519 key, or is a weak
+    /// (small-order) one.
+    BadKey {
+        /// The key id the endorsement names.
+        key_id: u32,
+    },
     #[error("endorsement of key {key_id} does not follow the previous one in the log")]
-    SeqOrder { key_id: u32 },
+    /// The endorsement's seq is not after the previous endorsement's.
+    SeqOrder {
+        /// The key id the endorsement names.
+        key_id: u32,
+    },
 }
 
 impl KeyChain {
@@ -482,9 +524,14 @@ impl KeyChain {
 /// Proof that an acknowledged entry is in the signed log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
+    /// Seq of the entry proven.
     pub seq: u64,
+    /// `entry_hash` of that entry (`docs/storage.md`).
     pub entry_hash: Hash,
+    /// Merkle audit path from the entry's leaf to the group root, leaf to
+    /// root; at most 32 hashes.
     pub path: Vec<Hash>,
+    /// The signed head of the commit group that holds the entry.
     pub head: SignedHead,
 }
 
@@ -497,14 +544,25 @@ pub const MAX_GROUP_ENTRIES: u64 = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ReceiptError {
     #[error("the head's signature does not verify")]
+    /// The head's signature does not verify with the key given, or with the
+    /// one the key chain names.
     BadSignature,
     #[error("the entry is not in the group the head covers")]
+    /// The receipt's seq is outside the head's `group_first_seq..=last_seq`.
     NotCovered,
     #[error("the Merkle path does not lead to the signed root")]
+    /// The audit path does not lead from the entry hash to the head's group
+    /// root, the group is larger than [`MAX_GROUP_ENTRIES`], or the group's
+    /// last entry's hash is not the head's `last_hash`.
     BadPath,
     #[error("the head is signed by key {0}, which the key chain does not reach")]
+    /// The head names a signing key (this id) past the newest the key chain
+    /// reaches.
     UnknownKey(u32),
     #[error("the head is signed by key {0}, for a group outside the seqs that key signed")]
+    /// The head names a signing key (this id) that did not sign its group's
+    /// seqs: endorsed after the group began, or retired before
+    /// ([`KeyChain::key_for`]).
     OutsideKeyLifetime(u32),
 }
 
@@ -557,6 +615,8 @@ impl Receipt {
         Ok(())
     }
 
+    /// The encoding: version 1, seq, entry hash, path length and path, then
+    /// the signed head.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(42 + 32 * self.path.len() + HEAD_LEN);
         out.push(1);
@@ -570,6 +630,9 @@ impl Receipt {
         out
     }
 
+    /// Decodes exactly one receipt: another version, a path over 32 hashes, a
+    /// head that does not decode, or a byte too few or too many is
+    /// `Malformed`. Nothing is verified ([`Receipt::verify`]).
     pub fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = Reader::new(buf);
         if r.u8()? != 1 {

@@ -18,18 +18,22 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
         Reader { buf }
     }
 
+    /// How many bytes are left to read.
     pub fn remaining(&self) -> usize {
         self.buf.len()
     }
 
+    /// True once every byte has been read.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
 
+    /// The next `n` bytes, borrowed from the input.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.buf.len() {
             return Err(Error::Malformed("truncated"));
@@ -39,24 +43,29 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// The next `N` bytes, copied into an array (a hash, a key, a signature).
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
+    /// The next byte.
     pub fn u8(&mut self) -> Result<u8> {
         Ok(self.array::<1>()?[0])
     }
 
+    /// The next 2 bytes, as a big-endian integer.
     pub fn u16(&mut self) -> Result<u16> {
         Ok(u16::from_be_bytes(self.array()?))
     }
 
+    /// The next 4 bytes, as a big-endian integer.
     pub fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_be_bytes(self.array()?))
     }
 
+    /// The next 8 bytes, as a big-endian integer.
     pub fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_be_bytes(self.array()?))
     }
