@@ -121,7 +121,10 @@ fn check_open_files(limit: Option<u64>, serve: &ServeConfig, shim: Option<&ShimC
 /// Serves until `shutdown` resolves, then stops cleanly and closes the
 /// vault. `ready` is called once everything listens; when it fails (it
 /// could not hand out the addresses and keys, say), the daemon stops as
-/// cleanly and returns its error.
+/// cleanly and returns its error. A stop that cannot close the vault is
+/// an error too: the vault out of service after a failed write (not open
+/// again yet), or requests still holding it when the shutdown's wait
+/// ends; every acknowledged write is durable either way.
 pub async fn run(
     vault: Vault,
     d: Daemon,

@@ -110,9 +110,11 @@ pub struct DevOutput {
 
 /// Creates (or reopens) the dev vault, loads the demo data, and serves it
 /// until the future that `shutdown` makes resolves; `ready` gets what to print
-/// once both ports listen. `shutdown` is called only once the vault is
-/// ready to serve, so that a signal handler it installs does not keep a
-/// signal from ending a start that takes long (a large vault's open).
+/// once both ports listen. `shutdown` is called before a new vault is made
+/// (its seeding is then finished before a stop), and for an existing one
+/// only once it is ready to serve, so that a signal handler it installs
+/// does not keep a signal from ending a start that takes long (a large
+/// vault's open).
 pub async fn run<Fut>(
     opts: DevOptions,
     ready: impl FnOnce(DevOutput) -> Result<()>,
@@ -138,6 +140,25 @@ where
     // A vault whose creation did not finish is made again (the create
     // starts over), with the passphrase of the run that began it.
     let fresh = !data_dir.join("db").exists() || storage::Vault::is_unfinished(&data_dir);
+    // A new vault is made and seeded quickly, and a signal then must wait
+    // for the seeding (cut short, the vault would be left without its demo
+    // data, which only a first run writes): the stop is asked for from
+    // here. An existing vault's open may take long (it verifies the whole
+    // log): until it is ready, SIGINT and SIGTERM keep their default
+    // action and end the process at once, as a crash would, which the
+    // vault recovers from.
+    let (early, later) = if fresh {
+        (Some(shutdown()), None)
+    } else {
+        (None, Some(shutdown))
+    };
+    let stop = async move {
+        match (early, later) {
+            (Some(stop), _) => stop.await,
+            (None, Some(make)) => make().await,
+            (None, None) => {}
+        }
+    };
     let (vault, admin_api_key) = if fresh {
         std::fs::create_dir_all(&data_dir).map_err(|source| Error::File {
             path: data_dir.display().to_string(),
@@ -246,11 +267,7 @@ where
         shim: shim_config,
         ..d
     };
-    // Made only now: until the daemon runs (while the vault is made or
-    // opened and seeded), SIGINT and SIGTERM keep their default action
-    // and end the process at once, as a crash would, which the vault
-    // recovers from; once made, they ask for a clean stop.
-    daemon::run(vault, d, |b| ready(output(b)), shutdown()).await
+    daemon::run(vault, d, |b| ready(output(b)), stop).await
 }
 
 /// Opens the dev vault again after a failed write, as `vaultd dev` does

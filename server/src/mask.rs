@@ -47,7 +47,9 @@
 //!      `+44 20 7946 0958` → `+** ** **** 0958`. The output has as many
 //!      characters as the input, so the length stays visible: for an IBAN
 //!      it tells the country even though the country code is masked.
-//!   3. Anything else: the first character and `***`, or just `***` for
+//!   3. Anything else: the first character and `***` (of a first character
+//!      over 32 bytes, a letter with a long run of combining marks, its
+//!      first code point), or just `***` for
 //!      values of at most two characters (empty included), so the output
 //!      tells only "at most two" or "at least three" characters.
 //!

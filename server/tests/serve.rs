@@ -919,6 +919,47 @@ async fn a_partner_revoked_while_its_redemption_waits_spends_no_token() {
     assert!(matches!(reply, Message::Data { .. }), "{reply:?}");
 }
 
+/// A server that stops while a redemption waits out the brute-force
+/// delay answers it `unavailable` at once, the token not looked at: a burn
+/// that began as the shutdown's grace ended would have its answer cut off.
+#[tokio::test]
+async fn a_stop_ends_a_redemption_waiting_its_turn_with_its_token_unspent() {
+    let mut s = start(ServeConfig::default()).await;
+    seed(&s, "cust-7").await;
+    let token = mint(&s, "demo-lender", "cust-7", 0).await;
+    let guess = |i: u32| format!("fvt_{:064x}", i);
+    // Nine refusals: the next redemption waits 800 ms.
+    for i in 0..9 {
+        let reply = redeem(&s, &s.partner, &guess(i)).await;
+        assert_eq!(code(&reply), Some(ErrorCode::TokenUnknown), "{reply:?}");
+    }
+    let (mut p, _) = connect(&s, &s.partner).await;
+    p.send(
+        Message::Redeem {
+            token: token.clone(),
+        }
+        .to_frame(7, 0)
+        .expect("frame"),
+    )
+    .await
+    .expect("send");
+    // Read by now, and waiting out its 800 ms.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.shut_down().await;
+    let reply = recv(&mut p).await.expect("an answer");
+    assert_eq!(reply.0, 7, "{reply:?}");
+    assert_eq!(code(&reply.1), Some(ErrorCode::Unavailable), "{reply:?}");
+    // Not spent: it redeems now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    s.vault
+        .redeem(&token, "demo-lender", now, None)
+        .await
+        .expect("the token is still there");
+}
+
 #[tokio::test]
 async fn a_token_reveals_one_masked_segment_once() {
     let s = start(ServeConfig::default()).await;

@@ -1054,9 +1054,9 @@ const MAX_SCAN: u64 = 100_000;
 const MAX_SCAN_BYTES: usize = 64 * 1024 * 1024;
 
 /// `/v1/logs` requests that scan at once; the others wait their turn
-/// (within their request timeout: the scan's time budget counts from the
-/// request's arrival, so one that waited long scans less, one batch at
-/// least, and answers in time with a cursor).
+/// within the scan's time budget, which counts from the request's arrival
+/// (one that waited long scans less, one batch at least, and answers in
+/// time with a cursor), and are answered `503` past it.
 pub(crate) const LOG_SCANS: usize = 4;
 
 /// The most of its `request_timeout` a `/v1/logs` request spends reading
@@ -1161,18 +1161,25 @@ pub async fn logs(
     // The key last, once the request is otherwise valid (as on every route).
     let c = shim.caller(&key).await?;
     require_role(&c, &["admin", "auditor"])?;
-    let _turn = shim
-        .log_scans
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable())?;
+    let deadline = arrived + scan_budget(shim.config.request_timeout);
+    // A turn within the scan's budget, or a 503 to try again: a request
+    // that waited past it would scan past its request timeout.
+    let _turn = match tokio::time::timeout_at(deadline.into(), shim.log_scans.acquire()).await {
+        Ok(Ok(turn)) => turn,
+        Ok(Err(_)) | Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "too many audit log reads at once: try again shortly",
+            ))
+        }
+    };
     let mut from = start;
     let mut events: Vec<LogEvent> = Vec::new();
     let mut payload_bytes = 0;
     let mut scanned_bytes = 0;
     let mut last_scanned = None;
     let mut at_end = false;
-    let deadline = arrived + scan_budget(shim.config.request_timeout);
     'scan: while from - start < MAX_SCAN && scanned_bytes < MAX_SCAN_BYTES {
         if from > start && Instant::now() >= deadline {
             break;

@@ -224,11 +224,12 @@ pub struct Shim {
     /// The vault's last health answer and the ask under way
     /// (`api::vault_health`).
     health: std::sync::Mutex<api::HealthAsks>,
-    /// Turns of `/v1/logs` scans ([`api::LOG_SCANS`] at once): each
-    /// holds up to an `Entries` answer (8 MiB) and a page's payloads
-    /// (4 MiB), so the requests of many connections do not each hold that
-    /// much at once (the in-process shim's reads are not bounded by the
-    /// protocol port's `Entries` budget).
+    /// Turns of `/v1/logs` scans ([`api::LOG_SCANS`] at once): a scan
+    /// holds up to an `Entries` answer (8 MiB) while it builds its page,
+    /// so the requests of many connections do not each hold that much at
+    /// once (the in-process shim's reads are not bounded by the protocol
+    /// port's `Entries` budget). A page written to a slow client is held
+    /// by its connection, not by a turn.
     log_scans: tokio::sync::Semaphore,
 }
 
