@@ -177,6 +177,33 @@ fn plaintext_with_a_client_ca_is_refused() {
     }
 }
 
+/// A separate shim whose vault TLS files do not read says so at start
+/// (exit 1), before it listens, not at each request.
+#[test]
+fn a_shim_with_a_missing_vault_ca_is_refused_at_start() {
+    let s = Scratch::new();
+    let key = s.path("gateway.key");
+    std::fs::write(&key, "fvk_0000000000000000000000000000000000000000000\n").expect("key");
+    let missing = s.path("no-such-ca.pem");
+    let out = run(
+        "vaultd",
+        [
+            OsStr::new("shim"),
+            OsStr::new("--vault"),
+            OsStr::new("127.0.0.1:9"),
+            OsStr::new("--api-key-file"),
+            key.as_os_str(),
+            OsStr::new("--cacert"),
+            missing.as_os_str(),
+            OsStr::new("--http-listen"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--insecure-plaintext"),
+        ],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("the vault's TLS"), "{out:?}");
+}
+
 /// A policies file is applied through the HTTP shim: with `--no-http`
 /// it would be read and never written, so the two are refused together.
 #[test]

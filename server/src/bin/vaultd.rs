@@ -700,13 +700,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("give --cacert for the vault's TLS (or --insecure-plaintext)")
                 }
             };
-            let link = server::shim::VaultLink::new(client::ClientConfig {
+            if vault_tls == client::Tls::Plaintext && !client::config::is_loopback(&vault) {
+                tracing::warn!(
+                    vault = %vault,
+                    "--insecure-plaintext to a vault that is not on this machine: the shim's key \
+                     and every admin's and auditor's key it passes on cross the network in the clear"
+                );
+            }
+            let link_config = client::ClientConfig {
                 addr: vault.clone(),
                 tls: vault_tls,
                 api_key: key,
                 client_name: "vaultd-shim".into(),
                 timeout: std::time::Duration::from_secs(10),
-            });
+            };
+            // Its TLS files read now: a wrong --cacert or client
+            // certificate is said at start, not at every request.
+            client::Connector::new(link_config.clone())
+                .context("the vault's TLS (--cacert, --client-cert, --client-key)")?;
+            let link = server::shim::VaultLink::new(link_config);
             let shim = server::shim::Shim::new(
                 link,
                 server::shim::ShimConfig {

@@ -76,6 +76,10 @@ struct Gateway {
 /// must not each make one in turn, and time out, `/v1/health` with them.
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a request waits for an attempt to reach the vault that
+/// another request made (a connect that succeeds takes milliseconds).
+const ATTEMPT_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl VaultLink {
     /// `gateway` names the vault, its TLS and the gateway's API key.
     pub fn new(gateway: ClientConfig) -> Self {
@@ -156,9 +160,24 @@ impl VaultLink {
 
     /// The gateway connection, opened (again) if needed: one attempt at
     /// a time, and none within `RETRY_AFTER` (a second) of one that failed (the
-    /// requests meanwhile fail at once, naming that failure).
+    /// requests meanwhile fail at once, naming that failure). A request
+    /// that finds an attempt under way waits for it [`ATTEMPT_WAIT`] at
+    /// most, then fails: a vault that takes the connect's whole timeout to
+    /// fail (packets dropped) does not hold every request up that long.
     pub async fn gateway(&self) -> Result<Arc<Client>, ClientError> {
-        let mut cur = self.current.lock().await;
+        // Without a timer where the lock is free, as it is but for the
+        // moment another request looks at it.
+        let mut cur = match self.current.try_lock() {
+            Ok(cur) => cur,
+            Err(_) => match tokio::time::timeout(ATTEMPT_WAIT, self.current.lock()).await {
+                Ok(cur) => cur,
+                Err(_) => {
+                    return Err(ClientError::Io(std::io::Error::other(
+                        "an attempt to reach the vault is under way",
+                    )))
+                }
+            },
+        };
         if let Some(c) = cur.client.as_ref() {
             if !c.is_closed() {
                 return Ok(c.clone());
@@ -189,6 +208,15 @@ impl VaultLink {
                 "the shim's vault key has role {}, not gateway",
                 c.role()
             )));
+        }
+        // Taken, but more than the shim needs: every decision is recorded
+        // under an admin, and the host that faces partners holds a key
+        // that can shred and make credentials.
+        if c.role() == "admin" && self.local.is_none() {
+            tracing::warn!(
+                "the shim's vault key is an admin's: give it a gateway key (vault-admin \
+                 credentials create --role gateway), which is all it needs"
+            );
         }
         cur.client = Some(c.clone());
         Ok(c)
@@ -266,5 +294,44 @@ mod tests {
         tokio::time::sleep(RETRY_AFTER).await;
         let third = link.gateway().await.expect_err("nothing listens");
         assert!(!said(third).contains("last attempt"), "tried again");
+    }
+
+    /// A vault that takes a connect's whole timeout to fail (it accepts
+    /// and never answers `Hello`) holds up the request that tries, not the
+    /// others: they fail once they have waited [`ATTEMPT_WAIT`], naming
+    /// the attempt under way.
+    #[tokio::test]
+    async fn a_slow_attempt_holds_up_only_the_request_that_makes_it() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                open.push(c);
+            }
+        });
+        let link = std::sync::Arc::new(VaultLink::new(ClientConfig {
+            addr: addr.to_string(),
+            tls: client::Tls::Plaintext,
+            api_key: Zeroizing::new("fvk_gateway".into()),
+            client_name: "link test".into(),
+            timeout: std::time::Duration::from_secs(60),
+        }));
+        let trying = {
+            let link = link.clone();
+            tokio::spawn(async move { link.gateway().await.map(|_| ()) })
+        };
+        // The first request holds the attempt by now.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let other = link.gateway().await.expect_err("an attempt is under way");
+        assert!(
+            crate::error_chain(&other).contains("under way"),
+            "{}",
+            crate::error_chain(&other)
+        );
+        trying.abort();
+        held.abort();
     }
 }
