@@ -12,7 +12,7 @@
 //! | 3    | `partial`    | part of the value, e.g. the last four digits    |
 //! | 4    | `tokenize`   | a stable pseudonym of the value                 |
 //! | 5    | `hash`       | a keyed hash of the value                       |
-//! | 6    | `generalize` | a coarser value: a date's year, an amount's band |
+//! | 6    | `generalize` | a coarser value: a date's year, an amount's band; `[redacted]` for anything else |
 
 use std::fmt;
 use std::str::FromStr;

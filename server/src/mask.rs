@@ -83,7 +83,10 @@
 //!     separators in groups of three, optional `.` and decimals) → its band:
 //!     `0-999`, `1000-9999`, `10000-49999`, `50000-99999`, `100000-249999`,
 //!     `250000-999999`, `>=1000000`, or `<0` for any negative amount;
-//!   - anything else → [`MaskError::NotGeneralizable`].
+//!   - anything else → [`REDACTED`], as `redact` gives: the partner
+//!     learns only that the value is neither a date nor an amount, and gets
+//!     the record's other fields (an error would spend the token for none
+//!     of them, at every redemption of that record).
 //!
 //!   A bare four-digit `YYYY` is read as an amount, not as a year: by shape
 //!   `2024` the year and `2024` the monthly income are the same string, and
@@ -172,10 +175,6 @@ pub enum MaskError {
     /// the record, so which value to mask is ambiguous.
     #[error("field {0:?} appears more than once")]
     DuplicateField(String),
-    /// `generalize` was asked of a value that is neither a date nor an
-    /// amount.
-    #[error("field {field:?} is neither a date nor an amount and cannot be generalized")]
-    NotGeneralizable { field: String },
     /// A field name contains a NUL byte. `tokenize` and `hash` separate the
     /// name from the value with a NUL, so such a name would make two
     /// different (field, value) pairs hash alike.
@@ -247,9 +246,8 @@ impl fmt::Debug for MaskKeys {
 
 /// Masks one field's `value` with `op`, for the partner `partner_id`.
 ///
-/// Never panics, whatever the strings. Fails only for `generalize` of a value
-/// that is neither a date nor an amount, and for `tokenize` or `hash` of a
-/// field whose name contains a NUL byte.
+/// Never panics, whatever the strings. Fails only for `tokenize` or `hash`
+/// of a field whose name contains a NUL byte.
 pub fn apply(
     op: MaskOp,
     field: &str,
@@ -270,9 +268,7 @@ pub fn apply(
             let digest = keyed_digest(&keys.hash_key(), field, value)?;
             Ok(digest.to_hex().to_string())
         }
-        MaskOp::Generalize => generalize(value).ok_or_else(|| MaskError::NotGeneralizable {
-            field: field.to_owned(),
-        }),
+        MaskOp::Generalize => Ok(generalize(value).unwrap_or_else(|| REDACTED.to_owned())),
     }
 }
 
@@ -948,7 +944,7 @@ mod tests {
     }
 
     #[test]
-    fn generalize_refuses_what_is_neither_date_nor_amount() {
+    fn generalize_redacts_what_is_neither_date_nor_amount() {
         for value in [
             "abc",
             "",
@@ -980,9 +976,7 @@ mod tests {
         ] {
             assert_eq!(
                 mask(MaskOp::Generalize, "income", value),
-                Err(MaskError::NotGeneralizable {
-                    field: "income".into()
-                }),
+                Ok(REDACTED.to_owned()),
                 "{value:?}"
             );
         }
@@ -1079,22 +1073,21 @@ mod tests {
         let email = request(&[("email", MaskOp::Reveal)]);
         assert!(apply_all(&email, &doubled, &keys, PARTNER).is_ok());
 
-        let name_generalized = request(&[("name", MaskOp::Generalize)]);
-        assert_eq!(
-            apply_all(&name_generalized, &record(), &keys, PARTNER),
-            Err(MaskError::NotGeneralizable {
-                field: "name".into()
-            })
-        );
+        // A value `generalize` cannot take is redacted, the other fields
+        // given: the token is not spent for nothing.
+        let name_generalized = request(&[("name", MaskOp::Generalize), ("email", MaskOp::Reveal)]);
+        let masked = apply_all(&name_generalized, &record(), &keys, PARTNER).expect("masked");
+        assert_eq!(masked[0], ("name".to_string(), REDACTED.to_string()));
+        assert_eq!(masked.len(), 2);
     }
 
     #[test]
     fn errors_name_the_field_but_never_the_value() {
-        let shown = match mask(MaskOp::Generalize, "income", "secret-value") {
+        let shown = match mask(MaskOp::Tokenize, "in\0come", "secret-value") {
             Err(err) => err.to_string(),
-            Ok(out) => panic!("generalize accepted a non-amount: {out:?}"),
+            Ok(out) => panic!("a field name with a NUL was taken: {out:?}"),
         };
-        assert!(shown.contains("income") && !shown.contains("secret-value"));
+        assert!(shown.contains("come") && !shown.contains("secret-value"));
     }
 
     /// Strings that reach every branch more often than uniform ones do.
