@@ -161,7 +161,7 @@ impl VaultLink {
     /// The gateway connection, opened (again) if needed: one attempt at
     /// a time, and none within `RETRY_AFTER` (a second) of one that failed (the
     /// requests meanwhile fail at once, naming that failure). A request
-    /// that finds an attempt under way waits for it [`ATTEMPT_WAIT`] at
+    /// that finds an attempt under way waits for it `ATTEMPT_WAIT` (a quarter of a second) at
     /// most, then fails: a vault that takes the connect's whole timeout to
     /// fail (packets dropped) does not hold every request up that long.
     pub async fn gateway(&self) -> Result<Arc<Client>, ClientError> {
