@@ -695,24 +695,20 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
 
     // A credential whose key cannot be shown (stdout closed) is revoked
     // again: none is left live that nobody holds the key of.
-    let r = support::run_bin_into_closed_pipe(
-        "fintrust-server",
-        "vault-admin",
-        [
-            "credentials",
-            "create",
-            "--role",
-            "writer",
-            "--name",
-            "never-shown",
-            "--addr",
-            &addr,
-            "--api-key",
-            &key,
-            "--insecure-plaintext",
-        ],
-        &[],
-    );
+    // `vault-admin ARGS` online with stdout a closed pipe (`| head -0`).
+    let into_closed_pipe = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--addr", &addr, "--api-key", &key, "--insecure-plaintext"]);
+        support::run_bin_into_closed_pipe("fintrust-server", "vault-admin", all, &[])
+    };
+    let r = into_closed_pipe(&[
+        "credentials",
+        "create",
+        "--role",
+        "writer",
+        "--name",
+        "never-shown",
+    ]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("was revoked again"), "{r:?}");
     let list = admin(&addr, &key, &["credentials", "list"]).ok_json();
@@ -727,19 +723,7 @@ fn vault_admin_lists_credentials_audits_exports_and_reindexes() {
     // A rotation made whose answer cannot be printed says it was made: a
     // script that ran it again would rotate twice.
     let before = admin(&addr, &key, &["keys"]).ok_json();
-    let r = support::run_bin_into_closed_pipe(
-        "fintrust-server",
-        "vault-admin",
-        [
-            "rotate-signing-key",
-            "--addr",
-            &addr,
-            "--api-key",
-            &key,
-            "--insecure-plaintext",
-        ],
-        &[],
-    );
+    let r = into_closed_pipe(&["rotate-signing-key"]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("the change was made"), "{r:?}");
     let after = admin(&addr, &key, &["keys"]).ok_json();
