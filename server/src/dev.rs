@@ -112,9 +112,9 @@ pub struct DevOutput {
 /// until the future that `shutdown` makes resolves; `ready` gets what to print
 /// once both ports listen. `shutdown` is called before a new vault is made
 /// (its seeding is then finished before a stop), and for an existing one
-/// only once it is ready to serve, so that a signal handler it installs
-/// does not keep a signal from ending a start that takes long (a large
-/// vault's open).
+/// only once it is open, so that a signal handler it installs does not
+/// keep a signal from ending a start that takes long (a large vault's
+/// open).
 pub async fn run<Fut>(
     opts: DevOptions,
     ready: impl FnOnce(DevOutput) -> Result<()>,
@@ -142,24 +142,15 @@ where
     let fresh = !data_dir.join("db").exists() || storage::Vault::is_unfinished(&data_dir);
     // A new vault is made and seeded quickly, and a signal then must wait
     // for the seeding (cut short, the vault would be left without its demo
-    // data, which only a first run writes): the stop is asked for from
-    // here. An existing vault's open may take long (it verifies the whole
-    // log): until it is ready, SIGINT and SIGTERM keep their default
+    // data, which only a first run writes): the stop is asked for before
+    // it is made. An existing vault's open may take long (it verifies the
+    // whole log): until it is open, SIGINT and SIGTERM keep their default
     // action and end the process at once, as a crash would, which the
-    // vault recovers from.
-    let (early, later) = if fresh {
-        (Some(shutdown()), None)
-    } else {
-        (None, Some(shutdown))
-    };
-    let stop = async move {
-        match (early, later) {
-            (Some(stop), _) => stop.await,
-            (None, Some(make)) => make().await,
-            (None, None) => {}
-        }
-    };
-    let (vault, admin_api_key) = if fresh {
+    // vault recovers from; the stop is asked for once it is open, well
+    // before the addresses are printed (a signal sent once they are is a
+    // stop, not the default action).
+    let (vault, admin_api_key, stop) = if fresh {
+        let stop = shutdown();
         std::fs::create_dir_all(&data_dir).map_err(|source| Error::File {
             path: data_dir.display().to_string(),
             error: source,
@@ -179,7 +170,7 @@ where
             Unlock::passphrase(pass.as_bytes().to_vec())
         };
         let created = storage::Vault::create(&data_dir, &unlock, Options::default())?;
-        (created.vault, created.admin_api_key.to_string())
+        (created.vault, created.admin_api_key.to_string(), stop)
     } else {
         if std::fs::symlink_metadata(&passphrase_file).is_err() {
             return Err(Error::Usage(format!(
@@ -196,12 +187,13 @@ where
         })
         .await
         .map_err(|e| Error::Usage(e.to_string()))??;
+        let stop = shutdown();
         let revoked = revoke_earlier_demo_keys(&vault).await?;
         if revoked > 0 {
             tracing::info!(revoked, "revoked the demo keys that earlier runs printed");
         }
         let (_, key) = vault.create_credential("admin", "dev-admin").await?;
-        (vault, key.to_string())
+        (vault, key.to_string(), stop)
     };
     let DemoKeys {
         writer,
