@@ -750,6 +750,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .context("loading the policies file")?;
                 }
                 let bound = listener.local_addr()?;
+                // The vault's idle timeout would close the gateway's
+                // connection between requests.
+                let _kept = shim.link.keep_alive(server::shim::link::KEEP_ALIVE_EVERY);
                 let shutdown = server::daemon::signal_then_hurry();
                 let open_files = server::daemon::raise_open_files_limit();
                 tracing::info!(http = %bound, vault = %shim.config.vault_addr, ?open_files, "shim ready");

@@ -76,6 +76,13 @@ struct Gateway {
 /// must not each make one in turn, and time out, `/v1/health` with them.
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often a separate shim pings its gateway connection
+/// ([`VaultLink::keep_alive`]): well under the vault's idle timeout (30 s
+/// by default), so that the vault does not close the connection between
+/// two requests, where a request sent as it closes would be answered 503
+/// "may have been written" for nothing done.
+pub const KEEP_ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long a request waits for an attempt to reach the vault that
 /// another request made (a connect that succeeds takes milliseconds).
 const ATTEMPT_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
@@ -231,6 +238,35 @@ impl VaultLink {
         }
     }
 
+    /// Pings the gateway connection, when one is open, every `every`, for
+    /// as long as the link lives (a separate shim's: an in-process link
+    /// has no connection to keep). One that is not open is left to the
+    /// next request to open: a vault out of reach is not tried from here.
+    pub fn keep_alive(self: &Arc<Self>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let link = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(link) = link.upgrade() else {
+                    return;
+                };
+                let open = link
+                    .current
+                    .try_lock()
+                    .ok()
+                    .and_then(|g| g.client.clone())
+                    .filter(|c| !c.is_closed());
+                drop(link);
+                if let Some(c) = open {
+                    let _ = c.ping().await;
+                }
+            }
+        })
+    }
+
     /// Whether the vault is this process's (direct calls, no connection).
     pub fn is_local(&self) -> bool {
         self.local.is_some()
@@ -333,5 +369,58 @@ mod tests {
         );
         trying.abort();
         held.abort();
+    }
+
+    /// The gateway connection is pinged while it is idle, so that the
+    /// vault's idle timeout does not close it between requests.
+    #[tokio::test]
+    async fn an_idle_gateway_connection_is_pinged() {
+        use futures_util::{SinkExt, StreamExt};
+        use protocol::{FrameCodec, Message};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (pinged, mut pings) = tokio::sync::mpsc::unbounded_channel();
+        // A vault that takes any key as a gateway's and answers pings.
+        let vault = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut frames = tokio_util::codec::Framed::new(tcp, FrameCodec::default());
+            while let Some(Ok(frame)) = frames.next().await {
+                let answer = match Message::from_frame(&frame) {
+                    Ok(Message::Hello { .. }) => Message::HelloOk {
+                        role: "gateway".into(),
+                        server: "a test vault".into(),
+                    },
+                    Ok(Message::Ping) => {
+                        let _ = pinged.send(());
+                        Message::Pong
+                    }
+                    _ => return,
+                };
+                let frame = answer.to_frame(frame.request_id, 0).expect("a frame");
+                if frames.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let link = Arc::new(VaultLink::new(ClientConfig {
+            addr: addr.to_string(),
+            tls: client::Tls::Plaintext,
+            api_key: Zeroizing::new("fvk_gateway".into()),
+            client_name: "link test".into(),
+            timeout: std::time::Duration::from_secs(60),
+        }));
+        link.gateway().await.expect("connected");
+        let kept = link.keep_alive(std::time::Duration::from_millis(20));
+        for _ in 0..2 {
+            // A guard, not a measure: pings that never come would hang.
+            tokio::time::timeout(std::time::Duration::from_secs(60), pings.recv())
+                .await
+                .expect("pinged")
+                .expect("the vault runs");
+        }
+        kept.abort();
+        vault.abort();
     }
 }
