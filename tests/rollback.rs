@@ -127,6 +127,18 @@ async fn append(vault: &Vault, n: usize, tag: &str) {
     }
 }
 
+/// A vault of three records in `dir`, closed, and a copy of it in `old`
+/// (the older copy a rollback restores); returns its public key.
+async fn a_vault_and_its_copy(dir: &Path, old: &Path) -> ed25519_dalek::VerifyingKey {
+    let created = Vault::create(dir, &unlock(), Options::default()).expect("create");
+    let pinned = created.vault.public_key();
+    append(&created.vault, 3, "a").await;
+    created.vault.close().expect("close");
+    wait_unlocked(dir);
+    copy_dir(dir, old);
+    pinned
+}
+
 /// Stops a served vault and closes it.
 async fn shut(client: Client, stop: tokio::sync::oneshot::Sender<()>, vault: Arc<Vault>) {
     drop(client);
@@ -148,14 +160,8 @@ async fn shut(client: Client, stop: tokio::sync::oneshot::Sender<()>, vault: Arc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
-    let old = tmp.path().join("old");
-    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
-    let pinned = created.vault.public_key();
-    append(&created.vault, 3, "a").await;
-    created.vault.close().expect("close");
-    wait_unlocked(&dir);
-    copy_dir(&dir, &old);
+    let (dir, old) = (tmp.path().join("v"), tmp.path().join("old"));
+    let pinned = a_vault_and_its_copy(&dir, &old).await;
 
     // The client sees the vault grow, and keeps the newest head.
     let mut tracker = HeadTracker::new();
@@ -320,14 +326,8 @@ async fn a_directory_rolled_back_or_forked_is_caught_by_the_held_head() {
 #[tokio::test]
 async fn a_copy_from_before_a_signing_rotation_is_a_rollback() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("v");
-    let old = tmp.path().join("old");
-    let created = Vault::create(&dir, &unlock(), Options::default()).expect("create");
-    let pinned = created.vault.public_key();
-    append(&created.vault, 3, "a").await;
-    created.vault.close().expect("close");
-    wait_unlocked(&dir);
-    copy_dir(&dir, &old);
+    let (dir, old) = (tmp.path().join("v"), tmp.path().join("old"));
+    let pinned = a_vault_and_its_copy(&dir, &old).await;
     let vault = Vault::open(&dir, &unlock(), Options::default()).expect("open");
     vault.rotate_signing_key().await.expect("rotate");
     append(&vault, 3, "b").await;

@@ -302,6 +302,18 @@ pub fn is_transport(e: &ClientError) -> bool {
 mod tests {
     use super::*;
 
+    /// A gateway config for a test vault at `addr`, in plaintext, each
+    /// request allowed `timeout_secs`.
+    fn plaintext_to(addr: std::net::SocketAddr, timeout_secs: u64) -> ClientConfig {
+        ClientConfig {
+            addr: addr.to_string(),
+            tls: client::Tls::Plaintext,
+            api_key: Zeroizing::new("fvk_gateway".into()),
+            client_name: "link test".into(),
+            timeout: std::time::Duration::from_secs(timeout_secs),
+        }
+    }
+
     /// A vault that cannot be reached is tried at most once per
     /// [`RETRY_AFTER`]: the requests in between fail at once, as a
     /// transport failure naming the attempt's.
@@ -311,13 +323,7 @@ mod tests {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
-        let link = VaultLink::new(ClientConfig {
-            addr: addr.to_string(),
-            tls: client::Tls::Plaintext,
-            api_key: Zeroizing::new("fvk_gateway".into()),
-            client_name: "link test".into(),
-            timeout: std::time::Duration::from_secs(5),
-        });
+        let link = VaultLink::new(plaintext_to(addr, 5));
         let said = |e: ClientError| crate::error_chain(&e);
         let first = link.gateway().await.expect_err("nothing listens");
         assert!(is_transport(&first) && !said(first).contains("last attempt"));
@@ -348,13 +354,7 @@ mod tests {
                 open.push(c);
             }
         });
-        let link = std::sync::Arc::new(VaultLink::new(ClientConfig {
-            addr: addr.to_string(),
-            tls: client::Tls::Plaintext,
-            api_key: Zeroizing::new("fvk_gateway".into()),
-            client_name: "link test".into(),
-            timeout: std::time::Duration::from_secs(60),
-        }));
+        let link = std::sync::Arc::new(VaultLink::new(plaintext_to(addr, 60)));
         let trying = {
             let link = link.clone();
             tokio::spawn(async move { link.gateway().await.map(|_| ()) })
@@ -404,13 +404,7 @@ mod tests {
                 }
             }
         });
-        let link = Arc::new(VaultLink::new(ClientConfig {
-            addr: addr.to_string(),
-            tls: client::Tls::Plaintext,
-            api_key: Zeroizing::new("fvk_gateway".into()),
-            client_name: "link test".into(),
-            timeout: std::time::Duration::from_secs(60),
-        }));
+        let link = Arc::new(VaultLink::new(plaintext_to(addr, 60)));
         link.gateway().await.expect("connected");
         let kept = link.keep_alive(std::time::Duration::from_millis(20));
         for _ in 0..2 {
